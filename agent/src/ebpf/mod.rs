@@ -1,0 +1,11 @@
+//! The agent's side of the eBPF data path: loading and attaching the programs,
+//! keeping their maps current, and reading back what they recorded.
+
+mod cgroup;
+mod logs;
+mod redirector;
+mod socket;
+
+pub use cgroup::{cgroup2_mount, cgroup_id, CgroupError};
+pub use redirector::{OriginalDst, RedirectCounters, Redirector, RedirectorError};
+pub use socket::netns_cookie;

@@ -1,0 +1,10 @@
+//! weft-agent: the node agent of the weft service mesh.
+//!
+//! One privileged agent runs per node. It loads eBPF programs that bring the
+//! connections of local mesh workloads to itself, and (as later parts land)
+//! carries them over mutual TLS to the destination node's agent, enforcing
+//! intentions on the way. This crate is both the `weft-agent` binary and a
+//! library, so that tests drive the same code the binary runs.
+
+pub mod ebpf;
+pub mod telemetry;

@@ -1,0 +1,88 @@
+//! `weft-agent redirect`: the data path on its own. It attaches the redirect
+//! programs to a cgroup subtree, takes over the given destinations for the
+//! given workload cgroups, and answers every connection it receives with what
+//! the programs recorded about it. The demo uses it to show the redirect.
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use tokio::io::AsyncWriteExt;
+use weft_agent::ebpf::{cgroup_id, Redirector};
+
+#[derive(clap::Args)]
+pub struct RedirectArgs {
+    /// cgroup-v2 directory to attach the programs to.
+    #[arg(long)]
+    cgroup_root: PathBuf,
+    /// A workload's cgroup-v2 directory (repeat for several); workload ids
+    /// count from 1 in the order given.
+    #[arg(long = "workload-cgroup", required = true)]
+    workload_cgroups: Vec<PathBuf>,
+    /// A destination to take over, `IP` (any port) or `IP:PORT` (repeatable).
+    #[arg(long = "take-over", required = true, value_parser = parse_destination)]
+    destinations: Vec<(IpAddr, Option<u16>)>,
+    /// Where taken-over connections go (this command listens there).
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    listen: SocketAddr,
+    /// Exit after this many connections (default: run until interrupted).
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+fn parse_destination(s: &str) -> Result<(IpAddr, Option<u16>), String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok((addr.ip(), Some(addr.port())));
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| (ip, None))
+        .map_err(|_| format!("`{s}` is neither IP nor IP:PORT"))
+}
+
+pub async fn run(args: RedirectArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let mut redirector = Redirector::load()?;
+    for (i, dir) in args.workload_cgroups.iter().enumerate() {
+        let id = cgroup_id(dir)?;
+        redirector.add_workload(id, i as u32 + 1)?;
+        tracing::info!(cgroup = %dir.display(), cgroup_id = id, workload = i + 1, "workload");
+    }
+    for (ip, port) in &args.destinations {
+        redirector.add_destination(*ip, *port, args.listen)?;
+    }
+    redirector.attach(&args.cgroup_root)?;
+    println!(
+        "listening on {}; redirect attached to {}",
+        args.listen,
+        args.cgroup_root.display()
+    );
+
+    let mut served = 0u64;
+    loop {
+        if args.count.is_some_and(|n| served >= n) {
+            return Ok(());
+        }
+        let (mut stream, peer) = tokio::select! {
+            r = listener.accept() => r.context("accept")?,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        served += 1;
+        let local = stream.local_addr()?;
+        let reply = match redirector.original_dst(&stream, peer, local)? {
+            Some(orig) => format!(
+                "redirected: {peer} asked for {} (cgroup {}, workload {})\n",
+                orig.addr, orig.cgroup_id, orig.workload_id
+            ),
+            None => format!("direct: {peer} connected to {local} itself\n"),
+        };
+        print!("{reply}");
+        if let Err(e) = stream.write_all(reply.as_bytes()).await {
+            tracing::warn!(%peer, "reply failed: {e}");
+        }
+        let counters = redirector.counters()?;
+        if counters.redirected == 0 && served > 0 && args.count == Some(served) {
+            bail!("no connection was redirected");
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! weft's API: protobuf definitions (`weft.v1`) and shared domain types.

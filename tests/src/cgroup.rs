@@ -1,0 +1,66 @@
+//! cgroup-v2 directories for tests, removed (with every process in them
+//! killed) on drop.
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+pub struct TestCgroup {
+    path: PathBuf,
+}
+
+impl TestCgroup {
+    /// Creates `parent/name`, replacing a leftover of the same name.
+    pub fn create(parent: &Path, name: &str) -> anyhow::Result<Self> {
+        let path = parent.join(name);
+        if path.exists() {
+            remove_tree(&path);
+        }
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path })
+    }
+
+    /// A test cgroup under the machine's cgroup2 mount.
+    pub fn under_root(name: &str) -> anyhow::Result<Self> {
+        let root = weft_agent::ebpf::cgroup2_mount()?;
+        Self::create(&root, name)
+    }
+
+    pub fn child(&self, name: &str) -> anyhow::Result<Self> {
+        Self::create(&self.path, name)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn id(&self) -> anyhow::Result<u64> {
+        Ok(weft_agent::ebpf::cgroup_id(&self.path)?)
+    }
+}
+
+/// Kills everything in `dir` and below, then removes the directories.
+fn remove_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(e) = std::fs::remove_dir(dir) {
+        if Instant::now() > deadline {
+            eprintln!("cleanup: removing cgroup {}: {e}", dir.display());
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        remove_tree(&self.path);
+    }
+}
