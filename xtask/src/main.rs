@@ -1,1 +1,57 @@
-fn main() {}
+//! `cargo xtask`: weft's developer commands.
+//!
+//! * `setup`      makes this machine able to build and test weft (idempotent)
+//! * `build-ebpf` builds the eBPF programs that the agent embeds
+//! * `test`       format check, clippy, unit tests, privileged integration tests
+//! * `demo`       shows weft working, in network namespaces, and cleans up
+//!
+//! Every command that needs the toolchain runs `setup` first.
+use clap::{Parser, Subcommand};
+
+mod build;
+mod demo;
+mod run;
+mod setup;
+mod test;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "weft's developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check and install what building and testing weft needs.
+    Setup,
+    /// Build the eBPF programs (through the agent, which embeds them).
+    BuildEbpf {
+        /// Build the agent in release mode too.
+        #[arg(long)]
+        release: bool,
+    },
+    /// fmt, clippy, unit tests and the privileged integration tests (root).
+    Test,
+    /// Run the demo in network namespaces, then clean up (root).
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Setup => setup::run(),
+        Command::BuildEbpf { release } => {
+            setup::run()?;
+            build::ebpf(release)
+        }
+        Command::Test => {
+            setup::run()?;
+            test::run()
+        }
+        Command::Demo => {
+            setup::run()?;
+            demo::run()
+        }
+    }
+}

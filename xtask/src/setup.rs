@@ -1,0 +1,184 @@
+//! `cargo xtask setup`: checks what building and testing weft needs and
+//! installs what is missing, one line per step: present / installed / failed.
+//!
+//! * the nightly toolchain and its rust-src component (eBPF is built with
+//!   `-Z build-std=core`);
+//! * Debian packages: LLVM 22 (for bpf-linker), and the tools the tests and
+//!   benchmarks drive (iproute2, openssl, tcpdump, curl, iperf3, haproxy, wrk);
+//! * bpf-linker, built against Debian's LLVM 22.
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::bail;
+
+use crate::run::{output, succeeds};
+
+/// Debian packages weft's build, tests and benchmarks use, with why.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("llvm-22-dev", "LLVM for bpf-linker"),
+    ("libpolly-22-dev", "LLVM's Polly, linked by bpf-linker"),
+    ("zlib1g-dev", "linked by bpf-linker"),
+    ("libzstd-dev", "linked by bpf-linker"),
+    ("iproute2", "network namespaces and veth in tests"),
+    ("util-linux", "nsenter in the demo"),
+    ("openssl", "certificate checks in tests"),
+    ("tcpdump", "packet captures in tests"),
+    ("curl", "HTTP clients in tests and the demo"),
+    ("iperf3", "bulk throughput in benchmarks"),
+    ("haproxy", "the mTLS proxy baseline in benchmarks"),
+    ("wrk", "HTTP load in benchmarks"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+enum Step {
+    Present(String),
+    Installed(String),
+}
+
+fn report(name: &str, result: anyhow::Result<Step>) -> bool {
+    match result {
+        Ok(Step::Present(what)) => {
+            println!("setup: {name:<24} present ({what})");
+            true
+        }
+        Ok(Step::Installed(what)) => {
+            println!("setup: {name:<24} installed ({what})");
+            true
+        }
+        Err(e) => {
+            println!("setup: {name:<24} FAILED: {e:#}");
+            false
+        }
+    }
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let mut ok = true;
+    ok &= report("nightly toolchain", nightly());
+    ok &= report("nightly rust-src", rust_src());
+    ok &= report("debian packages", debian_packages());
+    ok &= report("bpf-linker", bpf_linker());
+    if !ok {
+        bail!("setup failed: see the FAILED lines above");
+    }
+    Ok(())
+}
+
+fn nightly() -> anyhow::Result<Step> {
+    if let Ok(out) = output(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        if out.status.success() {
+            return Ok(Step::Present(
+                String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            ));
+        }
+    }
+    println!("setup: installing the nightly toolchain with rustup");
+    if !succeeds(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        "nightly",
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ])) {
+        bail!("`rustup toolchain install nightly` failed");
+    }
+    Ok(Step::Installed("rustup toolchain install nightly".into()))
+}
+
+fn rust_src() -> anyhow::Result<Step> {
+    let out =
+        output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
+    let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let core = Path::new(&sysroot).join("lib/rustlib/src/rust/library/core");
+    if core.exists() {
+        return Ok(Step::Present(core.display().to_string()));
+    }
+    println!("setup: installing rust-src for nightly with rustup");
+    if !succeeds(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ])) {
+        bail!("`rustup component add rust-src --toolchain nightly` failed");
+    }
+    Ok(Step::Installed("rustup component add rust-src".into()))
+}
+
+fn debian_installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .map(|o| String::from_utf8_lossy(&o.stdout).ends_with("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn debian_packages() -> anyhow::Result<Step> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| !debian_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(Step::Present(format!("{} packages", DEBIAN_PACKAGES.len())));
+    }
+    for (p, why) in DEBIAN_PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+        println!("setup: installing {p} ({why})");
+    }
+    if !crate::run::is_root() {
+        bail!("installing {} needs root (apt-get)", missing.join(" "));
+    }
+    let update = output(Command::new("apt-get").args(["update", "-q"]))?;
+    if !update.status.success() {
+        bail!(
+            "apt-get update: {}",
+            String::from_utf8_lossy(&update.stderr).trim()
+        );
+    }
+    let install = output(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing),
+    )?;
+    if !install.status.success() {
+        let stderr = String::from_utf8_lossy(&install.stderr);
+        bail!("apt-get install {}: {}", missing.join(" "), stderr.trim());
+    }
+    Ok(Step::Installed(missing.join(" ")))
+}
+
+fn bpf_linker() -> anyhow::Result<Step> {
+    if let Ok(out) = output(Command::new("bpf-linker").arg("--version")) {
+        if out.status.success() {
+            return Ok(Step::Present(
+                String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            ));
+        }
+    }
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (cargo install, a few minutes)"
+    );
+    let out = output(
+        Command::new("cargo")
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .args([
+                "install",
+                "--locked",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"]),
+    )?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
+        bail!(
+            "cargo install bpf-linker failed:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    Ok(Step::Installed(format!("bpf-linker {BPF_LINKER_VERSION}")))
+}
