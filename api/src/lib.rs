@@ -1,1 +1,19 @@
-//! weft's API: protobuf definitions (`weft.v1`) and shared domain types.
+//! weft's API: the domain types that servers, agents and the CLI share, with the
+//! validation and decision logic that goes with them (protobuf definitions,
+//! `weft.v1`, will join them here).
+//!
+//! - [`names`]: service, node and datacenter names (DNS labels), the `*` wildcard.
+//! - [`catalog`]: nodes, service instances, health; [`vip`]: virtual-IP allocation.
+//! - [`intention`]: intentions, Consul's precedence and L4/L7 evaluation.
+//! - [`config_entry`]: `service-defaults`, `service-router`, `service-splitter`,
+//!   `service-resolver` entries, their files and write-time validation;
+//!   [`filter`]: resolver subset filters; [`duration`]: `"5s"`-style durations.
+//! - [`kv`]: key/value entries and key rules.
+//! - [`spiffe`]: SPIFFE ids of services.
+//!
+//! Everything here is pure: no I/O, no clocks, no global state.
+
+pub mod catalog;
+pub mod duration;
+pub mod names;
+pub mod vip;
