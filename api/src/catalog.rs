@@ -259,7 +259,9 @@ pub fn validate_tags(field: &str, tags: &[String]) -> Result<(), CatalogError> {
         if let Some(ch) = tag.chars().find(|c| c.is_whitespace() || c.is_control()) {
             return Err(CatalogError::invalid(
                 f,
-                format!("{tag:?} contains {ch:?}; whitespace and control characters are not allowed"),
+                format!(
+                    "{tag:?} contains {ch:?}; whitespace and control characters are not allowed"
+                ),
             ));
         }
         if tags[..i].contains(tag) {
@@ -308,7 +310,10 @@ pub fn validate_meta(field: &str, meta: &BTreeMap<String, String>) -> Result<(),
         if value.len() > MAX_META_VALUE_LEN {
             return Err(CatalogError::invalid(
                 f,
-                format!("value too long ({} > {MAX_META_VALUE_LEN} bytes)", value.len()),
+                format!(
+                    "value too long ({} > {MAX_META_VALUE_LEN} bytes)",
+                    value.len()
+                ),
             ));
         }
         if value.chars().any(char::is_control) {
@@ -372,7 +377,10 @@ mod tests {
         n.name = "Node".into();
         let (f, msg) = err_field(validate_node(&n));
         assert_eq!(f, "name");
-        assert!(msg.starts_with("name: bad character 'N' at position 1"), "{msg}");
+        assert!(
+            msg.starts_with("name: bad character 'N' at position 1"),
+            "{msg}"
+        );
         let mut n = node();
         n.address = "node-a.local".into();
         let (f, msg) = err_field(validate_node(&n));
@@ -380,7 +388,10 @@ mod tests {
         assert!(msg.contains("is not an IP address"), "{msg}");
         let mut n = node();
         n.datacenter = String::new();
-        assert_eq!(err_field(validate_node(&n)).1, "datacenter: must not be empty");
+        assert_eq!(
+            err_field(validate_node(&n)).1,
+            "datacenter: must not be empty"
+        );
     }
 
     #[test]
@@ -396,7 +407,10 @@ mod tests {
         assert_eq!(err_field(validate_service_instance(&i)).0, "address");
         let mut i = instance();
         i.address = String::new();
-        assert_eq!(err_field(validate_service_instance(&i)).1, "address: must not be empty");
+        assert_eq!(
+            err_field(validate_service_instance(&i)).1,
+            "address: must not be empty"
+        );
         let mut i = instance();
         i.id = "api/1".into();
         let (f, msg) = err_field(validate_service_instance(&i));
@@ -404,13 +418,21 @@ mod tests {
         assert!(msg.contains("bad character '/' at position 4"), "{msg}");
         let mut i = instance();
         i.id = String::new();
-        assert_eq!(err_field(validate_service_instance(&i)).1, "id: must not be empty");
+        assert_eq!(
+            err_field(validate_service_instance(&i)).1,
+            "id: must not be empty"
+        );
         let mut i = instance();
         i.id = "a".repeat(129);
-        assert!(err_field(validate_service_instance(&i)).1.contains("too long (129 > 128"));
+        assert!(err_field(validate_service_instance(&i))
+            .1
+            .contains("too long (129 > 128"));
         let mut i = instance();
         i.service = "api-".into();
-        assert_eq!(err_field(validate_service_instance(&i)).1, "service: must not end with '-'");
+        assert_eq!(
+            err_field(validate_service_instance(&i)).1,
+            "service: must not end with '-'"
+        );
         let mut i = instance();
         i.node = "-n".into();
         assert_eq!(err_field(validate_service_instance(&i)).0, "node");
@@ -421,15 +443,25 @@ mod tests {
 
     #[test]
     fn tags_rules() {
-        let t = |v: &[&str]| validate_tags("tags", &v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let t = |v: &[&str]| {
+            validate_tags("tags", &v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
         assert_eq!(t(&["v1", "canary", "Zone=A"]), Ok(()));
         assert_eq!(err_field(t(&["v1", ""])).1, "tags[1]: must not be empty");
         assert_eq!(err_field(t(&["a b"])).0, "tags[0]");
-        assert_eq!(err_field(t(&["a", "b", "a"])).1, "tags[2]: duplicate tag \"a\"");
+        assert_eq!(
+            err_field(t(&["a", "b", "a"])).1,
+            "tags[2]: duplicate tag \"a\""
+        );
         let long = "x".repeat(129);
-        assert!(err_field(t(&[&long])).1.contains("too long (129 > 128 bytes)"));
+        assert!(err_field(t(&[&long]))
+            .1
+            .contains("too long (129 > 128 bytes)"));
         let many: Vec<String> = (0..65).map(|i| format!("t{i}")).collect();
-        assert_eq!(err_field(validate_tags("tags", &many)).1, "tags: too many tags (65 > 64)");
+        assert_eq!(
+            err_field(validate_tags("tags", &many)).1,
+            "tags: too many tags (65 > 64)"
+        );
     }
 
     #[test]
@@ -442,14 +474,23 @@ mod tests {
         assert_eq!(f, "meta.ver.sion");
         assert!(msg.contains("bad character '.' in key"), "{msg}");
         assert!(err_field(m("weft-internal", "x")).1.contains("reserved"));
-        assert!(err_field(m(&"k".repeat(129), "x")).1.contains("key too long (129 > 128 bytes)"));
+        assert!(err_field(m(&"k".repeat(129), "x"))
+            .1
+            .contains("key too long (129 > 128 bytes)"));
         assert_eq!(
             err_field(m("k", &"v".repeat(513))).1,
             "meta.k: value too long (513 > 512 bytes)"
         );
-        assert_eq!(err_field(m("k", "a\nb")).1, "meta.k: value contains control characters");
-        let many: BTreeMap<String, String> = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
-        assert_eq!(err_field(validate_meta("meta", &many)).1, "meta: too many pairs (65 > 64)");
+        assert_eq!(
+            err_field(m("k", "a\nb")).1,
+            "meta.k: value contains control characters"
+        );
+        let many: BTreeMap<String, String> =
+            (0..65).map(|i| (format!("k{i}"), String::new())).collect();
+        assert_eq!(
+            err_field(validate_meta("meta", &many)).1,
+            "meta: too many pairs (65 > 64)"
+        );
         let mut n = node();
         n.meta.insert("bad key".into(), "x".into());
         assert_eq!(err_field(validate_node(&n)).0, "meta.bad key");
@@ -460,7 +501,10 @@ mod tests {
         assert_eq!(HealthStatus::Passing.to_string(), "passing");
         assert_eq!(HealthStatus::Warning.to_string(), "warning");
         assert_eq!(HealthStatus::Critical.to_string(), "critical");
-        assert_eq!(serde_json::to_string(&HealthStatus::Warning).unwrap(), "\"warning\"");
+        assert_eq!(
+            serde_json::to_string(&HealthStatus::Warning).unwrap(),
+            "\"warning\""
+        );
         assert_eq!(
             serde_json::from_str::<HealthStatus>("\"critical\"").unwrap(),
             HealthStatus::Critical
@@ -468,8 +512,14 @@ mod tests {
         assert!(serde_json::from_str::<HealthStatus>("\"Passing\"").is_err());
         assert_eq!("passing".parse::<HealthStatus>(), Ok(HealthStatus::Passing));
         assert_eq!("ok".parse::<HealthStatus>().unwrap_err().field(), "health");
-        assert_eq!(HealthStatus::Passing.worst(HealthStatus::Warning), HealthStatus::Warning);
-        assert_eq!(HealthStatus::Critical.worst(HealthStatus::Passing), HealthStatus::Critical);
+        assert_eq!(
+            HealthStatus::Passing.worst(HealthStatus::Warning),
+            HealthStatus::Warning
+        );
+        assert_eq!(
+            HealthStatus::Critical.worst(HealthStatus::Passing),
+            HealthStatus::Critical
+        );
     }
 
     #[test]

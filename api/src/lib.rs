@@ -15,5 +15,9 @@
 
 pub mod catalog;
 pub mod duration;
+pub mod file_format;
+pub mod http_match;
+pub mod intention;
 pub mod names;
+pub mod proto;
 pub mod vip;

@@ -158,7 +158,10 @@ mod tests {
     #[test]
     fn rejects_empty() {
         assert_eq!(validate_name(""), Err(NameError::Empty));
-        assert_eq!(validate_name("").unwrap_err().to_string(), "must not be empty");
+        assert_eq!(
+            validate_name("").unwrap_err().to_string(),
+            "must not be empty"
+        );
     }
 
     #[test]
@@ -171,27 +174,50 @@ mod tests {
     #[test]
     fn rejects_bad_characters_with_position() {
         let err = validate_name("Api").unwrap_err();
-        assert_eq!(err, NameError::BadCharacter { ch: 'A', position: 1 });
-        assert!(err.to_string().starts_with("bad character 'A' at position 1"));
+        assert_eq!(
+            err,
+            NameError::BadCharacter {
+                ch: 'A',
+                position: 1
+            }
+        );
+        assert!(err
+            .to_string()
+            .starts_with("bad character 'A' at position 1"));
         assert_eq!(
             validate_name("my_svc"),
-            Err(NameError::BadCharacter { ch: '_', position: 3 })
+            Err(NameError::BadCharacter {
+                ch: '_',
+                position: 3
+            })
         );
         assert_eq!(
             validate_name("a.b"),
-            Err(NameError::BadCharacter { ch: '.', position: 2 })
+            Err(NameError::BadCharacter {
+                ch: '.',
+                position: 2
+            })
         );
         assert_eq!(
             validate_name("héllo"),
-            Err(NameError::BadCharacter { ch: 'é', position: 2 })
+            Err(NameError::BadCharacter {
+                ch: 'é',
+                position: 2
+            })
         );
         assert_eq!(
             validate_name("a b"),
-            Err(NameError::BadCharacter { ch: ' ', position: 2 })
+            Err(NameError::BadCharacter {
+                ch: ' ',
+                position: 2
+            })
         );
         assert_eq!(
             validate_name("*"),
-            Err(NameError::BadCharacter { ch: '*', position: 1 })
+            Err(NameError::BadCharacter {
+                ch: '*',
+                position: 1
+            })
         );
     }
 
@@ -208,11 +234,17 @@ mod tests {
         assert_eq!(validate_name_or_wildcard("api"), Ok(()));
         assert_eq!(
             validate_name_or_wildcard("**"),
-            Err(NameError::BadCharacter { ch: '*', position: 1 })
+            Err(NameError::BadCharacter {
+                ch: '*',
+                position: 1
+            })
         );
         assert_eq!(
             validate_name_or_wildcard("api*"),
-            Err(NameError::BadCharacter { ch: '*', position: 4 })
+            Err(NameError::BadCharacter {
+                ch: '*',
+                position: 4
+            })
         );
         assert_eq!(validate_name_or_wildcard(""), Err(NameError::Empty));
     }

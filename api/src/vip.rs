@@ -96,9 +96,11 @@ impl FromStr for Cidr {
     type Err = VipError;
 
     fn from_str(text: &str) -> Result<Self, VipError> {
-        let (address, prefix) = text.split_once('/').ok_or_else(|| VipError::MissingPrefix {
-            text: text.to_string(),
-        })?;
+        let (address, prefix) = text
+            .split_once('/')
+            .ok_or_else(|| VipError::MissingPrefix {
+                text: text.to_string(),
+            })?;
         let network: Ipv4Addr = address.parse().map_err(|_| VipError::BadAddress {
             text: text.to_string(),
             address: address.to_string(),
@@ -193,22 +195,31 @@ mod tests {
         assert!(!c.contains(ip("239.255.255.255")));
         let all: Cidr = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains(ip("1.2.3.4")));
-        assert_eq!(Cidr::new(ip("10.0.0.0"), 8).unwrap().to_string(), "10.0.0.0/8");
         assert_eq!(
-            serde_json::to_string(&c).unwrap(),
-            "\"240.0.0.0/4\""
+            Cidr::new(ip("10.0.0.0"), 8).unwrap().to_string(),
+            "10.0.0.0/8"
         );
+        assert_eq!(serde_json::to_string(&c).unwrap(), "\"240.0.0.0/4\"");
         let back: Cidr = serde_json::from_str("\"10.1.0.0/16\"").unwrap();
         assert_eq!(back.prefix_len(), 16);
     }
 
     #[test]
     fn parse_errors_say_what_is_wrong() {
-        assert!(matches!("240.0.0.0".parse::<Cidr>(), Err(VipError::MissingPrefix { .. })));
+        assert!(matches!(
+            "240.0.0.0".parse::<Cidr>(),
+            Err(VipError::MissingPrefix { .. })
+        ));
         let err = "240.0.0/4".parse::<Cidr>().unwrap_err();
         assert!(matches!(&err, VipError::BadAddress { address, .. } if address == "240.0.0"));
         assert!(err.to_string().contains("is not an IPv4 address"));
-        for bad in ["10.0.0.0/33", "10.0.0.0/", "10.0.0.0/x", "10.0.0.0/+8", "10.0.0.0/-1"] {
+        for bad in [
+            "10.0.0.0/33",
+            "10.0.0.0/",
+            "10.0.0.0/x",
+            "10.0.0.0/+8",
+            "10.0.0.0/-1",
+        ] {
             assert!(
                 matches!(bad.parse::<Cidr>(), Err(VipError::BadPrefix { .. })),
                 "{bad}"
@@ -256,14 +267,11 @@ mod tests {
         assert_eq!(next_free_vip(&c, &used), Ok(ip("10.0.0.2")));
         used.insert(ip("10.0.0.2"));
         let err = next_free_vip(&c, &used).unwrap_err();
+        assert_eq!(err, VipError::Exhausted { cidr: c, in_use: 2 });
         assert_eq!(
-            err,
-            VipError::Exhausted {
-                cidr: c,
-                in_use: 2
-            }
+            err.to_string(),
+            "no free virtual IP left in 10.0.0.0/30 (2 in use)"
         );
-        assert_eq!(err.to_string(), "no free virtual IP left in 10.0.0.0/30 (2 in use)");
         // The broadcast address being "in use" changes nothing.
         used.insert(ip("10.0.0.3"));
         assert!(next_free_vip(&c, &used).is_err());

@@ -1,0 +1,192 @@
+//! Reading JSON or TOML documents that users write (config entries, L7 intention
+//! files) into typed values, with errors that carry the line and column when the
+//! parser knows them.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+
+/// The two file formats users may write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FileFormat {
+    Json,
+    Toml,
+}
+
+impl FileFormat {
+    /// Picks the format from a file name: `.json` is JSON, `.toml` is TOML.
+    pub fn from_path(path: impl AsRef<Path>) -> Option<FileFormat> {
+        match path
+            .as_ref()
+            .extension()?
+            .to_str()?
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "json" => Some(FileFormat::Json),
+            "toml" => Some(FileFormat::Toml),
+            _ => None,
+        }
+    }
+
+    /// Guesses the format from the text: a JSON document starts with `{`.
+    pub fn sniff(text: &str) -> FileFormat {
+        if text.trim_start().starts_with('{') {
+            FileFormat::Json
+        } else {
+            FileFormat::Toml
+        }
+    }
+}
+
+impl fmt::Display for FileFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FileFormat::Json => "JSON",
+            FileFormat::Toml => "TOML",
+        })
+    }
+}
+
+/// A document that did not parse or did not fit the expected shape.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{format}{}: {message}", location(*.line, *.column))]
+pub struct ParseError {
+    pub format: FileFormat,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+fn location(line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!(" at line {l}, column {c}"),
+        (Some(l), None) => format!(" at line {l}"),
+        _ => String::new(),
+    }
+}
+
+/// Parses `text` as `format` into a `T`.
+pub fn parse_document<T: DeserializeOwned>(
+    text: &str,
+    format: FileFormat,
+) -> Result<T, ParseError> {
+    match format {
+        FileFormat::Json => serde_json::from_str(text).map_err(|e| {
+            let known = e.line() > 0;
+            // serde_json's Display appends " at line L column C"; keep the message only.
+            let full = e.to_string();
+            let message = match full.rfind(" at line ") {
+                Some(i) if known => full[..i].to_string(),
+                _ => full,
+            };
+            ParseError {
+                format,
+                line: known.then(|| e.line()),
+                column: known.then(|| e.column()),
+                message,
+            }
+        }),
+        FileFormat::Toml => toml::from_str(text).map_err(|e| {
+            let (line, column) = match e.span() {
+                Some(span) => {
+                    let (l, c) = line_column(text, span.start);
+                    (Some(l), Some(c))
+                }
+                None => (None, None),
+            };
+            ParseError {
+                format,
+                line,
+                column,
+                message: e.message().trim().to_string(),
+            }
+        }),
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..floor_char_boundary(text, offset)];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    (line, column)
+}
+
+fn floor_char_boundary(text: &str, mut i: usize) -> usize {
+    while !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Doc {
+        #[serde(rename = "Name")]
+        name: String,
+        #[serde(rename = "Port", default)]
+        port: u16,
+    }
+
+    #[test]
+    fn formats_from_paths() {
+        assert_eq!(FileFormat::from_path("a/b.json"), Some(FileFormat::Json));
+        assert_eq!(FileFormat::from_path("b.TOML"), Some(FileFormat::Toml));
+        assert_eq!(FileFormat::from_path("b.yaml"), None);
+        assert_eq!(FileFormat::from_path("b"), None);
+        assert_eq!(FileFormat::sniff("  {\"a\":1}"), FileFormat::Json);
+        assert_eq!(FileFormat::sniff("[[Routes]]\n"), FileFormat::Toml);
+        assert_eq!(FileFormat::sniff("[x]\n"), FileFormat::Toml);
+        assert_eq!(FileFormat::sniff("Kind = \"x\""), FileFormat::Toml);
+    }
+
+    #[test]
+    fn parses_both() {
+        let j: Doc = parse_document(r#"{"Name":"a","Port":1}"#, FileFormat::Json).unwrap();
+        let t: Doc = parse_document("Name = \"a\"\nPort = 1\n", FileFormat::Toml).unwrap();
+        assert_eq!(j, t);
+    }
+
+    #[test]
+    fn json_errors_have_positions() {
+        let e = parse_document::<Doc>("{\n  \"Name\": \"a\",\n  \"Prt\": 1\n}", FileFormat::Json)
+            .unwrap_err();
+        assert_eq!(e.line, Some(3));
+        assert!(e.message.contains("unknown field `Prt`"), "{e}");
+        assert!(e.to_string().starts_with("JSON at line 3, column"), "{e}");
+        let e = parse_document::<Doc>("{", FileFormat::Json).unwrap_err();
+        assert_eq!(e.line, Some(1));
+    }
+
+    #[test]
+    fn toml_errors_have_positions() {
+        let e =
+            parse_document::<Doc>("Name = \"a\"\nPort = \"x\"\n", FileFormat::Toml).unwrap_err();
+        assert_eq!((e.line, e.column), (Some(2), Some(8)), "{e}");
+        assert!(
+            e.to_string().starts_with("TOML at line 2, column 8: "),
+            "{e}"
+        );
+        let e = parse_document::<Doc>("Name = \"a\"\nColour = 1\n", FileFormat::Toml).unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("Colour"), "{e}");
+        let e = parse_document::<Doc>("Name = \n", FileFormat::Toml).unwrap_err();
+        assert_eq!(e.line, Some(1), "{e}");
+    }
+
+    #[test]
+    fn line_column_counts_chars() {
+        assert_eq!(line_column("ab\ncé d", 7), (2, 4));
+        assert_eq!(line_column("", 0), (1, 1));
+    }
+}

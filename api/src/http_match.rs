@@ -1,0 +1,614 @@
+//! HTTP request matching shared by L7 intention permissions and service-router
+//! routes: path (exact, prefix or regex), methods and header rules, with Consul's
+//! field names (`PathExact`, `Methods`, `Header`, ...) and Envoy's semantics.
+//!
+//! - Regexes (RE2-like syntax of the `regex` crate) must match the whole path or
+//!   header value, as Envoy's `safe_regex` does.
+//! - Header names compare case-insensitively; several values of one header are
+//!   joined with `,` before matching.
+//! - A header rule has exactly one of `Present`, `Exact`, `Prefix`, `Suffix`,
+//!   `Regex`. `Invert` negates the rule, but a missing header only ever matches a
+//!   `Present` rule with `Invert` (Envoy: an absent header never matches a value
+//!   rule, inverted or not).
+//! - An empty method list matches every method.
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+/// HTTP methods accepted in `Methods`, uppercase.
+pub const HTTP_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// An HTTP request as far as matching needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Request {
+    /// Uppercase method, e.g. `GET`.
+    pub method: String,
+    /// The path without the query string, e.g. `/v1/users`.
+    pub path: String,
+    /// Header names and values in arrival order; a name may repeat.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+}
+
+impl Request {
+    /// A request with no headers.
+    pub fn new(method: impl Into<String>, path: impl Into<String>) -> Self {
+        Request {
+            method: method.into(),
+            path: path.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// Adds a header (builder style).
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// All values of header `name` (case-insensitive) joined with `,`; `None` if absent.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let values: Vec<&str> = self
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        if values.is_empty() {
+            None
+        } else {
+            Some(values.join(","))
+        }
+    }
+}
+
+/// One header rule.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct HeaderMatch {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub present: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suffix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub invert: bool,
+}
+
+/// The HTTP part of a permission or route match. Every rule that is set must match.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct HttpMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_regex: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(rename = "Header", default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Why a match rule is invalid (at write time) or could not be applied (a regex
+/// that does not compile). The message starts with the field path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct HttpMatchError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn err(field: impl Into<String>, reason: impl Into<String>) -> HttpMatchError {
+    HttpMatchError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Compiles `pattern` so that it must match a whole string.
+pub fn compile_full_match(field: &str, pattern: &str) -> Result<Regex, HttpMatchError> {
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+        err(
+            field,
+            format!("invalid regex: {}", one_line(&e.to_string())),
+        )
+    })
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl HttpMatch {
+    /// True when no rule is set (matches every request).
+    pub fn is_empty(&self) -> bool {
+        self.path_exact.is_none()
+            && self.path_prefix.is_none()
+            && self.path_regex.is_none()
+            && self.methods.is_empty()
+            && self.headers.is_empty()
+    }
+
+    /// Whether `request` satisfies every rule. Errors only for a regex that does
+    /// not compile (which [`validate_http_match`] refuses at write time).
+    pub fn matches(&self, request: &Request) -> Result<bool, HttpMatchError> {
+        if let Some(exact) = &self.path_exact {
+            if request.path != *exact {
+                return Ok(false);
+            }
+        }
+        if let Some(prefix) = &self.path_prefix {
+            if !request.path.starts_with(prefix.as_str()) {
+                return Ok(false);
+            }
+        }
+        if let Some(pattern) = &self.path_regex {
+            if !compile_full_match("PathRegex", pattern)?.is_match(&request.path) {
+                return Ok(false);
+            }
+        }
+        if !self.methods.is_empty() && !self.methods.iter().any(|m| *m == request.method) {
+            return Ok(false);
+        }
+        for (i, header) in self.headers.iter().enumerate() {
+            if !header
+                .matches(request)
+                .map_err(|e| err(format!("Header[{i}].{}", e.field), e.reason))?
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl HeaderMatch {
+    /// Whether `request` satisfies this header rule (see the module doc).
+    pub fn matches(&self, request: &Request) -> Result<bool, HttpMatchError> {
+        let Some(value) = request.header(&self.name) else {
+            return Ok(self.present && self.invert);
+        };
+        let hit = if self.present {
+            true
+        } else if let Some(exact) = &self.exact {
+            value == *exact
+        } else if let Some(prefix) = &self.prefix {
+            value.starts_with(prefix.as_str())
+        } else if let Some(suffix) = &self.suffix {
+            value.ends_with(suffix.as_str())
+        } else if let Some(pattern) = &self.regex {
+            compile_full_match("Regex", pattern)?.is_match(&value)
+        } else {
+            // No rule: refused at write time; never a match.
+            return Ok(false);
+        };
+        Ok(hit != self.invert)
+    }
+}
+
+/// Checks a match at write time. `field` is the path of the match itself (e.g.
+/// `Permissions[0].HTTP`); errors name the sub-field, e.g.
+/// `Permissions[0].HTTP.PathRegex: invalid regex: ...`.
+pub fn validate_http_match(field: &str, m: &HttpMatch) -> Result<(), HttpMatchError> {
+    let paths = [
+        ("PathExact", &m.path_exact),
+        ("PathPrefix", &m.path_prefix),
+        ("PathRegex", &m.path_regex),
+    ];
+    let set: Vec<&str> = paths
+        .iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(n, _)| *n)
+        .collect();
+    if set.len() > 1 {
+        return Err(err(
+            field,
+            format!(
+                "at most one of PathExact, PathPrefix, PathRegex may be set (found {})",
+                set.join(", ")
+            ),
+        ));
+    }
+    for (name, value) in [("PathExact", &m.path_exact), ("PathPrefix", &m.path_prefix)] {
+        if let Some(path) = value {
+            if !path.starts_with('/') {
+                return Err(err(
+                    format!("{field}.{name}"),
+                    format!("{path:?} must start with '/'"),
+                ));
+            }
+        }
+    }
+    if let Some(pattern) = &m.path_regex {
+        compile_full_match(&format!("{field}.PathRegex"), pattern)?;
+    }
+    for (i, method) in m.methods.iter().enumerate() {
+        let f = format!("{field}.Methods[{i}]");
+        if !HTTP_METHODS.contains(&method.as_str()) {
+            return Err(err(
+                f,
+                format!(
+                    "{method:?} is not an HTTP method (use one of {})",
+                    HTTP_METHODS.join(", ")
+                ),
+            ));
+        }
+        if m.methods[..i].contains(method) {
+            return Err(err(f, format!("duplicate method {method:?}")));
+        }
+    }
+    for (i, header) in m.headers.iter().enumerate() {
+        validate_header_match(&format!("{field}.Header[{i}]"), header)?;
+    }
+    Ok(())
+}
+
+/// Checks one header rule: a valid name and exactly one of Present (true), Exact,
+/// Prefix, Suffix, Regex.
+pub fn validate_header_match(field: &str, h: &HeaderMatch) -> Result<(), HttpMatchError> {
+    if h.name.is_empty() {
+        return Err(err(format!("{field}.Name"), "must not be empty"));
+    }
+    if let Some(ch) = h.name.chars().find(|c| !is_token_char(*c)) {
+        return Err(err(
+            format!("{field}.Name"),
+            format!(
+                "{:?} is not a valid header name (bad character {ch:?})",
+                h.name
+            ),
+        ));
+    }
+    let kinds: Vec<&str> = [
+        ("Present", h.present),
+        ("Exact", h.exact.is_some()),
+        ("Prefix", h.prefix.is_some()),
+        ("Suffix", h.suffix.is_some()),
+        ("Regex", h.regex.is_some()),
+    ]
+    .iter()
+    .filter(|(_, set)| *set)
+    .map(|(n, _)| *n)
+    .collect();
+    match kinds.len() {
+        0 => Err(err(
+            field,
+            "one of Present, Exact, Prefix, Suffix or Regex is required",
+        )),
+        1 => {
+            if let Some(pattern) = &h.regex {
+                compile_full_match(&format!("{field}.Regex"), pattern)?;
+            }
+            Ok(())
+        }
+        _ => Err(err(
+            field,
+            format!(
+                "only one of Present, Exact, Prefix, Suffix or Regex may be set (found {})",
+                kinds.join(", ")
+            ),
+        )),
+    }
+}
+
+fn is_token_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(name: &str) -> HeaderMatch {
+        HeaderMatch {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn request_header_lookup() {
+        let r = Request::new("GET", "/")
+            .with_header("X-A", "1")
+            .with_header("x-a", "2")
+            .with_header("B", "3");
+        assert_eq!(r.header("x-A"), Some("1,2".into()));
+        assert_eq!(r.header("b"), Some("3".into()));
+        assert_eq!(r.header("c"), None);
+    }
+
+    #[test]
+    fn paths() {
+        let r = Request::new("GET", "/api/v1/users");
+        let m = |f: fn(&mut HttpMatch)| {
+            let mut h = HttpMatch::default();
+            f(&mut h);
+            h.matches(&r).unwrap()
+        };
+        assert!(m(|_| {}));
+        assert!(m(|h| h.path_exact = Some("/api/v1/users".into())));
+        assert!(!m(|h| h.path_exact = Some("/api/v1".into())));
+        assert!(m(|h| h.path_prefix = Some("/api/".into())));
+        assert!(!m(|h| h.path_prefix = Some("/admin".into())));
+        assert!(m(|h| h.path_regex = Some("/api/v[0-9]+/.*".into())));
+        // The regex must match the whole path.
+        assert!(!m(|h| h.path_regex = Some("/api".into())));
+        assert!(!m(|h| h.path_regex = Some("users".into())));
+    }
+
+    #[test]
+    fn methods() {
+        let mut h = HttpMatch {
+            methods: vec!["GET".into(), "HEAD".into()],
+            ..Default::default()
+        };
+        assert!(h.matches(&Request::new("GET", "/")).unwrap());
+        assert!(h.matches(&Request::new("HEAD", "/")).unwrap());
+        assert!(!h.matches(&Request::new("POST", "/")).unwrap());
+        assert!(!h.matches(&Request::new("get", "/")).unwrap());
+        h.path_prefix = Some("/x".into());
+        assert!(!h.matches(&Request::new("GET", "/")).unwrap());
+        assert!(h.matches(&Request::new("GET", "/xy")).unwrap());
+    }
+
+    #[test]
+    fn header_rules() {
+        let r = Request::new("GET", "/")
+            .with_header("X-Env", "prod-eu")
+            .with_header("Authorization", "Bearer abc");
+        let check = |h: HeaderMatch| h.matches(&r).unwrap();
+        assert!(check(HeaderMatch {
+            present: true,
+            ..header("x-env")
+        }));
+        assert!(!check(HeaderMatch {
+            present: true,
+            ..header("x-missing")
+        }));
+        assert!(check(HeaderMatch {
+            exact: Some("prod-eu".into()),
+            ..header("X-Env")
+        }));
+        assert!(!check(HeaderMatch {
+            exact: Some("prod".into()),
+            ..header("X-Env")
+        }));
+        assert!(check(HeaderMatch {
+            prefix: Some("prod".into()),
+            ..header("X-Env")
+        }));
+        assert!(check(HeaderMatch {
+            suffix: Some("-eu".into()),
+            ..header("X-Env")
+        }));
+        assert!(!check(HeaderMatch {
+            suffix: Some("-us".into()),
+            ..header("X-Env")
+        }));
+        assert!(check(HeaderMatch {
+            regex: Some("prod-(eu|us)".into()),
+            ..header("X-Env")
+        }));
+        assert!(!check(HeaderMatch {
+            regex: Some("prod".into()),
+            ..header("X-Env")
+        }));
+        // Invert.
+        assert!(!check(HeaderMatch {
+            exact: Some("prod-eu".into()),
+            invert: true,
+            ..header("X-Env")
+        }));
+        assert!(check(HeaderMatch {
+            exact: Some("dev".into()),
+            invert: true,
+            ..header("X-Env")
+        }));
+        assert!(!check(HeaderMatch {
+            present: true,
+            invert: true,
+            ..header("X-Env")
+        }));
+        // A missing header only matches an inverted Present rule.
+        assert!(check(HeaderMatch {
+            present: true,
+            invert: true,
+            ..header("X-None")
+        }));
+        assert!(!check(HeaderMatch {
+            exact: Some("a".into()),
+            invert: true,
+            ..header("X-None")
+        }));
+        assert!(!check(HeaderMatch {
+            regex: Some(".*".into()),
+            ..header("X-None")
+        }));
+        assert!(!check(HeaderMatch {
+            regex: Some(".*".into()),
+            invert: true,
+            ..header("X-None")
+        }));
+        // A rule with nothing set never matches.
+        assert!(!check(header("X-Env")));
+    }
+
+    #[test]
+    fn all_rules_must_match() {
+        let h = HttpMatch {
+            path_prefix: Some("/a".into()),
+            methods: vec!["POST".into()],
+            headers: vec![
+                HeaderMatch {
+                    present: true,
+                    ..header("x-1")
+                },
+                HeaderMatch {
+                    exact: Some("y".into()),
+                    ..header("x-2")
+                },
+            ],
+            ..Default::default()
+        };
+        let ok = Request::new("POST", "/a/b")
+            .with_header("x-1", "")
+            .with_header("x-2", "y");
+        assert!(h.matches(&ok).unwrap());
+        let bad = Request::new("POST", "/a/b")
+            .with_header("x-1", "")
+            .with_header("x-2", "n");
+        assert!(!h.matches(&bad).unwrap());
+    }
+
+    #[test]
+    fn bad_regex_at_match_time_is_an_error() {
+        let h = HttpMatch {
+            path_regex: Some("(".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            h.matches(&Request::new("GET", "/")).unwrap_err().field,
+            "PathRegex"
+        );
+        let h = HttpMatch {
+            headers: vec![HeaderMatch {
+                regex: Some("[".into()),
+                ..header("a")
+            }],
+            ..Default::default()
+        };
+        let e = h
+            .matches(&Request::new("GET", "/").with_header("a", "b"))
+            .unwrap_err();
+        assert_eq!(e.field, "Header[0].Regex");
+    }
+
+    #[test]
+    fn validation_names_fields() {
+        let v = |h: HttpMatch| validate_http_match("HTTP", &h).map_err(|e| e.to_string());
+        assert_eq!(v(HttpMatch::default()), Ok(()));
+        let e = v(HttpMatch {
+            path_exact: Some("/a".into()),
+            path_prefix: Some("/b".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e, "HTTP: at most one of PathExact, PathPrefix, PathRegex may be set (found PathExact, PathPrefix)");
+        assert_eq!(
+            v(HttpMatch {
+                path_prefix: Some("api".into()),
+                ..Default::default()
+            })
+            .unwrap_err(),
+            "HTTP.PathPrefix: \"api\" must start with '/'"
+        );
+        assert_eq!(
+            v(HttpMatch {
+                path_exact: Some("".into()),
+                ..Default::default()
+            })
+            .unwrap_err(),
+            "HTTP.PathExact: \"\" must start with '/'"
+        );
+        let e = v(HttpMatch {
+            path_regex: Some("(".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.starts_with("HTTP.PathRegex: invalid regex: "), "{e}");
+        assert!(!e.contains('\n'));
+        let e = v(HttpMatch {
+            methods: vec!["get".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            e.starts_with("HTTP.Methods[0]: \"get\" is not an HTTP method"),
+            "{e}"
+        );
+        let e = v(HttpMatch {
+            methods: vec!["GET".into(), "GET".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e, "HTTP.Methods[1]: duplicate method \"GET\"");
+        let hv = |h: HeaderMatch| {
+            v(HttpMatch {
+                headers: vec![
+                    HeaderMatch {
+                        present: true,
+                        ..header("ok")
+                    },
+                    h,
+                ],
+                ..Default::default()
+            })
+        };
+        assert_eq!(
+            hv(HeaderMatch {
+                exact: Some("x".into()),
+                ..header("")
+            })
+            .unwrap_err(),
+            "HTTP.Header[1].Name: must not be empty"
+        );
+        assert!(hv(HeaderMatch {
+            exact: Some("x".into()),
+            ..header("a b")
+        })
+        .unwrap_err()
+        .starts_with("HTTP.Header[1].Name: \"a b\" is not a valid header name"));
+        assert_eq!(
+            hv(header("x")).unwrap_err(),
+            "HTTP.Header[1]: one of Present, Exact, Prefix, Suffix or Regex is required"
+        );
+        assert_eq!(
+            hv(HeaderMatch { present: true, exact: Some("x".into()), ..header("x") }).unwrap_err(),
+            "HTTP.Header[1]: only one of Present, Exact, Prefix, Suffix or Regex may be set (found Present, Exact)"
+        );
+        assert!(hv(HeaderMatch {
+            regex: Some("*".into()),
+            ..header("x")
+        })
+        .unwrap_err()
+        .starts_with("HTTP.Header[1].Regex: invalid regex"));
+        assert_eq!(
+            hv(HeaderMatch {
+                suffix: Some("x".into()),
+                invert: true,
+                ..header("x")
+            }),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn serde_uses_consul_field_names() {
+        let h: HttpMatch = serde_json::from_str(
+            r#"{"PathPrefix":"/a","Methods":["GET"],"Header":[{"Name":"x","Exact":"1","Invert":true}]}"#,
+        )
+        .unwrap();
+        assert_eq!(h.path_prefix.as_deref(), Some("/a"));
+        assert!(h.headers[0].invert);
+        let json = serde_json::to_string(&h).unwrap();
+        assert_eq!(
+            json,
+            r#"{"PathPrefix":"/a","Methods":["GET"],"Header":[{"Name":"x","Exact":"1","Invert":true}]}"#
+        );
+        let e = serde_json::from_str::<HttpMatch>(r#"{"Path":"/a"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `Path`"), "{e}");
+    }
+}
