@@ -14,10 +14,14 @@
 //! Everything here is pure: no I/O, no clocks, no global state.
 
 pub mod catalog;
+pub mod config_entry;
+pub mod convert;
 pub mod duration;
 pub mod file_format;
+pub mod filter;
 pub mod http_match;
 pub mod intention;
+pub mod kv;
 pub mod names;
 pub mod proto;
 pub mod vip;

@@ -1,5 +1,95 @@
-//! `weft`: the operator CLI. (Commands land with the control-plane issue.)
-fn main() {
-    eprintln!("weft: not built yet");
-    std::process::exit(2);
+//! `weft`: the operator CLI. A gRPC client of the weft servers: members,
+//! catalog, intentions, config entries, KV and snapshots. Tables by default,
+//! `--format json` for scripts; one-line errors on stderr.
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod client;
+mod commands;
+mod output;
+
+#[derive(Parser)]
+#[command(name = "weft", version, about = "Operate a weft service mesh")]
+pub struct Cli {
+    /// Server gRPC addresses, tried in order when one is down.
+    #[arg(
+        long,
+        env = "WEFT_ADDR",
+        default_value = "127.0.0.1:8502",
+        value_delimiter = ',',
+        global = true
+    )]
+    addr: Vec<String>,
+    /// Access token sent to the servers.
+    #[arg(long, env = "WEFT_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table, global = true)]
+    format: Format,
+    /// Read from the contacted server's state without a linearizable barrier.
+    #[arg(long, global = true)]
+    stale: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The servers: id, address, role, indexes.
+    Members,
+    /// Nodes, services and instances.
+    #[command(subcommand)]
+    Catalog(commands::catalog::CatalogCmd),
+    /// Who may talk to whom.
+    #[command(subcommand)]
+    Intention(commands::intention::IntentionCmd),
+    /// Config entries (service-defaults, -router, -splitter, -resolver).
+    #[command(subcommand)]
+    Config(commands::config::ConfigCmd),
+    /// The key/value store.
+    #[command(subcommand)]
+    Kv(commands::kv::KvCmd),
+    /// Save or restore the whole state.
+    #[command(subcommand)]
+    Snapshot(commands::snapshot::SnapshotCmd),
+}
+
+/// What a command ended with: success, or a "no" that is not an error
+/// (`intention check` on a denied pair).
+pub enum Outcome {
+    Ok,
+    No,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let is_check = matches!(
+        cli.command,
+        Command::Intention(commands::intention::IntentionCmd::Check { .. })
+    );
+    let ctx = client::Ctx::new(&cli);
+    let result = match cli.command {
+        Command::Members => commands::members::run(&ctx).await,
+        Command::Catalog(c) => commands::catalog::run(&ctx, c).await,
+        Command::Intention(c) => commands::intention::run(&ctx, c).await,
+        Command::Config(c) => commands::config::run(&ctx, c).await,
+        Command::Kv(c) => commands::kv::run(&ctx, c).await,
+        Command::Snapshot(c) => commands::snapshot::run(&ctx, c).await,
+    };
+    match result {
+        Ok(Outcome::Ok) => ExitCode::SUCCESS,
+        Ok(Outcome::No) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("weft: {e:#}");
+            ExitCode::from(if is_check { 2 } else { 1 })
+        }
+    }
 }

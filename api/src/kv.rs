@@ -1,0 +1,85 @@
+//! The key/value store's entries and the rules for keys and values.
+use serde::{Deserialize, Serialize};
+
+/// Longest key, in bytes.
+pub const MAX_KEY_BYTES: usize = 512;
+/// Largest value, in bytes.
+pub const MAX_VALUE_BYTES: usize = 512 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvEntry {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub create_index: u64,
+    pub modify_index: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KvError {
+    #[error("key: empty")]
+    Empty,
+    #[error("key: {0} bytes is longer than {MAX_KEY_BYTES}")]
+    TooLong(usize),
+    #[error("key {0:?}: must not start with '/'")]
+    LeadingSlash(String),
+    #[error("key {0:?}: must not contain an empty segment (\"//\")")]
+    EmptySegment(String),
+    #[error("key {key:?}: character {ch:?} at byte {at} is not printable")]
+    BadChar { key: String, ch: char, at: usize },
+}
+
+/// Checks a key: 1 to 512 bytes of printable characters, no leading '/',
+/// no "//".
+pub fn validate_key(key: &str) -> Result<(), KvError> {
+    if key.is_empty() {
+        return Err(KvError::Empty);
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(KvError::TooLong(key.len()));
+    }
+    if key.starts_with('/') {
+        return Err(KvError::LeadingSlash(key.to_string()));
+    }
+    if key.contains("//") {
+        return Err(KvError::EmptySegment(key.to_string()));
+    }
+    if let Some((at, ch)) = key
+        .char_indices()
+        .find(|(_, c)| c.is_control() || c.is_whitespace())
+    {
+        return Err(KvError::BadChar {
+            key: key.to_string(),
+            ch,
+            at,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn good_keys_pass() {
+        for key in ["a", "config/web/timeout", "x-y_z.1", "trailing/"] {
+            assert_eq!(validate_key(key), Ok(()), "{key}");
+        }
+    }
+
+    #[test]
+    fn bad_keys_say_why() {
+        assert_eq!(validate_key(""), Err(KvError::Empty));
+        assert_eq!(validate_key(&"k".repeat(513)), Err(KvError::TooLong(513)));
+        assert!(matches!(validate_key("/a"), Err(KvError::LeadingSlash(_))));
+        assert!(matches!(
+            validate_key("a//b"),
+            Err(KvError::EmptySegment(_))
+        ));
+        assert!(matches!(
+            validate_key("a b"),
+            Err(KvError::BadChar { ch: ' ', at: 1, .. })
+        ));
+        assert!(matches!(validate_key("a\nb"), Err(KvError::BadChar { .. })));
+    }
+}

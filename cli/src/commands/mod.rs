@@ -1,0 +1,22 @@
+//! One module per `weft` command group.
+
+pub mod catalog;
+pub mod config;
+pub mod intention;
+pub mod kv;
+pub mod members;
+pub mod snapshot;
+
+use serde_json::json;
+
+use crate::client::Ctx;
+use crate::output;
+
+/// Reports a write's index.
+pub fn written(ctx: &Ctx, what: &str, index: u64) {
+    output::message(
+        ctx,
+        &format!("{what} (index {index})"),
+        json!({ "index": index }),
+    );
+}

@@ -1,0 +1,96 @@
+//! `weft.v1.Config`: config entries, as JSON documents with Consul's fields.
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use weft_api::config_entry::{parse_entry_file, EntryKind, StoredEntry};
+use weft_api::file_format::FileFormat;
+use weft_api::proto::{self, config_server::Config};
+
+use super::{invalid, read};
+use crate::node::ServerNode;
+use crate::state::Command;
+
+pub struct ConfigApi(pub Arc<ServerNode>);
+
+/// A stored entry as its protobuf message (the entry as JSON).
+pub fn entry_to_proto(e: &StoredEntry) -> proto::ConfigEntry {
+    proto::ConfigEntry {
+        kind: e.entry.kind().as_str().to_string(),
+        name: e.entry.name().to_string(),
+        json: serde_json::to_string(&e.entry).unwrap_or_default(),
+        create_index: e.create_index,
+        modify_index: e.modify_index,
+    }
+}
+
+fn check_kind(kind: &str) -> Result<(), Status> {
+    kind.parse::<EntryKind>().map(|_| ()).map_err(invalid)
+}
+
+#[tonic::async_trait]
+impl Config for ConfigApi {
+    async fn write(
+        &self,
+        req: Request<proto::WriteConfigRequest>,
+    ) -> Result<Response<proto::WriteResult>, Status> {
+        let entry = parse_entry_file(&req.into_inner().json, FileFormat::Json).map_err(invalid)?;
+        let index = self.0.write(Command::WriteConfig(entry)).await?;
+        Ok(Response::new(proto::WriteResult { index }))
+    }
+
+    async fn read(
+        &self,
+        req: Request<proto::ReadConfigRequest>,
+    ) -> Result<Response<proto::ConfigEntry>, Status> {
+        let r = req.into_inner();
+        let key = r.r#ref.ok_or_else(|| invalid("ref: missing"))?;
+        check_kind(&key.kind)?;
+        let found = read(&self.0, r.read, |s| {
+            s.config
+                .get(&key.kind)
+                .and_then(|m| m.get(&key.name))
+                .map(entry_to_proto)
+        })
+        .await?;
+        found
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no config entry {}/{}", key.kind, key.name)))
+    }
+
+    async fn list(
+        &self,
+        req: Request<proto::ListConfigRequest>,
+    ) -> Result<Response<proto::ConfigList>, Status> {
+        let r = req.into_inner();
+        if !r.kind.is_empty() {
+            check_kind(&r.kind)?;
+        }
+        let list = read(&self.0, r.read, |s| proto::ConfigList {
+            entries: s
+                .config
+                .iter()
+                .filter(|(kind, _)| r.kind.is_empty() || **kind == r.kind)
+                .flat_map(|(_, m)| m.values().map(entry_to_proto))
+                .collect(),
+            index: s.index,
+        })
+        .await?;
+        Ok(Response::new(list))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<proto::ConfigRef>,
+    ) -> Result<Response<proto::WriteResult>, Status> {
+        let r = req.into_inner();
+        check_kind(&r.kind)?;
+        let index = self
+            .0
+            .write(Command::DeleteConfig {
+                kind: r.kind,
+                name: r.name,
+            })
+            .await?;
+        Ok(Response::new(proto::WriteResult { index }))
+    }
+}

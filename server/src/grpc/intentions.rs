@@ -1,0 +1,173 @@
+//! `weft.v1.Intentions`: who may talk to whom, and checks against the rules.
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use weft_api::convert::{intention_from_proto, intention_to_proto};
+use weft_api::intention::{
+    evaluate, validate_intention, DecidedBy, Intention, IntentionAction, Request as HttpRequest,
+};
+use weft_api::names::validate_name_or_wildcard;
+use weft_api::proto::{self, intentions_server::Intentions};
+
+use super::{invalid, read};
+use crate::node::ServerNode;
+use crate::state::Command;
+
+pub struct IntentionsApi(pub Arc<ServerNode>);
+
+fn check_ref(r: &proto::IntentionRef) -> Result<(), Status> {
+    validate_name_or_wildcard(&r.source).map_err(|e| invalid(format!("source: {e}")))?;
+    validate_name_or_wildcard(&r.destination).map_err(|e| invalid(format!("destination: {e}")))
+}
+
+#[tonic::async_trait]
+impl Intentions for IntentionsApi {
+    async fn upsert(
+        &self,
+        req: Request<proto::UpsertIntentionRequest>,
+    ) -> Result<Response<proto::WriteResult>, Status> {
+        let intention = req
+            .into_inner()
+            .intention
+            .ok_or_else(|| invalid("intention: missing"))?;
+        let intention = intention_from_proto(intention).map_err(invalid)?;
+        validate_intention(&intention).map_err(invalid)?;
+        let index = self.0.write(Command::UpsertIntention(intention)).await?;
+        Ok(Response::new(proto::WriteResult { index }))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<proto::IntentionRef>,
+    ) -> Result<Response<proto::WriteResult>, Status> {
+        let r = req.into_inner();
+        check_ref(&r)?;
+        let cmd = Command::DeleteIntention {
+            source: r.source,
+            destination: r.destination,
+        };
+        let index = self.0.write(cmd).await?;
+        Ok(Response::new(proto::WriteResult { index }))
+    }
+
+    async fn get(
+        &self,
+        req: Request<proto::GetIntentionRequest>,
+    ) -> Result<Response<proto::Intention>, Status> {
+        let r = req.into_inner();
+        let key = r.r#ref.ok_or_else(|| invalid("ref: missing"))?;
+        check_ref(&key)?;
+        let found = read(&self.0, r.read, |s| {
+            s.intentions
+                .get(&key.source)
+                .and_then(|m| m.get(&key.destination))
+                .map(intention_to_proto)
+        })
+        .await?;
+        found.map(Response::new).ok_or_else(|| {
+            Status::not_found(format!(
+                "no intention {} => {}",
+                key.source, key.destination
+            ))
+        })
+    }
+
+    async fn list(
+        &self,
+        req: Request<proto::ReadOptions>,
+    ) -> Result<Response<proto::IntentionList>, Status> {
+        let list = read(&self.0, Some(req.into_inner()), |s| proto::IntentionList {
+            intentions: s.all_intentions().map(intention_to_proto).collect(),
+            index: s.index,
+        })
+        .await?;
+        Ok(Response::new(list))
+    }
+
+    async fn check(
+        &self,
+        req: Request<proto::CheckRequest>,
+    ) -> Result<Response<proto::CheckResponse>, Status> {
+        let r = req.into_inner();
+        weft_api::names::validate_name(&r.source).map_err(|e| invalid(format!("source: {e}")))?;
+        weft_api::names::validate_name(&r.destination)
+            .map_err(|e| invalid(format!("destination: {e}")))?;
+        let request = (!r.method.is_empty()).then(|| HttpRequest {
+            method: r.method.to_ascii_uppercase(),
+            path: if r.path.is_empty() {
+                "/".into()
+            } else {
+                r.path.clone()
+            },
+            headers: r.headers.clone().into_iter().collect(),
+        });
+        let default = if self.0.default_allow {
+            IntentionAction::Allow
+        } else {
+            IntentionAction::Deny
+        };
+        let intentions: Vec<Intention> =
+            read(&self.0, r.read, |s| s.all_intentions().cloned().collect()).await?;
+        let decision = evaluate(
+            &intentions,
+            &r.source,
+            &r.destination,
+            request.as_ref(),
+            default,
+        );
+        let verdict = if decision.allowed {
+            "allowed"
+        } else {
+            "denied"
+        };
+        let (decided_by, permission_index, reason) = match decision.by {
+            DecidedBy::Intention {
+                source,
+                destination,
+                permission_index,
+            } => {
+                let reason = match permission_index {
+                    Some(p) => {
+                        format!("{verdict} by intention {source} => {destination}, permission {p}")
+                    }
+                    None => format!("{verdict} by intention {source} => {destination}"),
+                };
+                (
+                    Some(proto::IntentionRef {
+                        source,
+                        destination,
+                    }),
+                    permission_index.map(|p| p as u32),
+                    reason,
+                )
+            }
+            DecidedBy::NoPermissionMatched {
+                source,
+                destination,
+            } => {
+                let reason = format!(
+                    "{verdict} by the default ({default}): no permission of intention {source} => {destination} matched"
+                );
+                (
+                    Some(proto::IntentionRef {
+                        source,
+                        destination,
+                    }),
+                    None,
+                    reason,
+                )
+            }
+            DecidedBy::Default => (
+                None,
+                None,
+                format!("{verdict} by the default ({default}): no intention matched"),
+            ),
+        };
+        Ok(Response::new(proto::CheckResponse {
+            allowed: decision.allowed,
+            decided_by,
+            permission_index,
+            reason,
+        }))
+    }
+}

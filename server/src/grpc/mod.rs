@@ -1,0 +1,59 @@
+//! The public gRPC API (`weft.v1`) of a server: catalog, intentions, config
+//! entries, KV, operator commands and watch streams. Each service checks its
+//! input, turns writes into Raft commands (`ServerNode::write`) and serves
+//! reads from the replicated state after the read barrier.
+
+pub mod catalog;
+pub mod config;
+pub mod intentions;
+pub mod kv;
+pub mod operator;
+pub mod watch;
+
+use std::sync::Arc;
+
+use tonic::Status;
+use weft_api::proto;
+
+use crate::node::ServerNode;
+use crate::state::State;
+
+/// Refuses bad input with the message naming what is wrong.
+pub(crate) fn invalid(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// Waits for the read barrier (unless stale) and runs `f` on the state.
+pub(crate) async fn read<T>(
+    node: &ServerNode,
+    options: Option<proto::ReadOptions>,
+    f: impl FnOnce(&State) -> T,
+) -> Result<T, Status> {
+    let stale = options.is_some_and(|o| o.stale);
+    node.read_barrier(stale).await.map_err(Status::from)?;
+    let state = node.shared.state.read().expect("state lock");
+    Ok(f(&state))
+}
+
+/// Every API service of one server, ready to be added to a tonic router.
+pub fn services(
+    node: Arc<ServerNode>,
+) -> (
+    proto::catalog_server::CatalogServer<catalog::CatalogApi>,
+    proto::intentions_server::IntentionsServer<intentions::IntentionsApi>,
+    proto::config_server::ConfigServer<config::ConfigApi>,
+    proto::kv_server::KvServer<kv::KvApi>,
+    proto::operator_server::OperatorServer<operator::OperatorApi>,
+    proto::watch_server::WatchServer<watch::WatchApi>,
+) {
+    (
+        proto::catalog_server::CatalogServer::new(catalog::CatalogApi(node.clone())),
+        proto::intentions_server::IntentionsServer::new(intentions::IntentionsApi(node.clone())),
+        proto::config_server::ConfigServer::new(config::ConfigApi(node.clone())),
+        proto::kv_server::KvServer::new(kv::KvApi(node.clone())),
+        proto::operator_server::OperatorServer::new(operator::OperatorApi(node.clone()))
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20),
+        proto::watch_server::WatchServer::new(watch::WatchApi(node)),
+    )
+}

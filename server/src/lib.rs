@@ -1,0 +1,15 @@
+//! weft-server: the control plane of the weft service mesh.
+//!
+//! A cluster of 1, 3 or 5 servers replicates, with openraft over sled, the
+//! mesh's state: nodes, services and instances with health, intentions,
+//! config entries and KV. Servers serve the `weft.v1` gRPC API to agents and
+//! the CLI; agents hold a watch stream that delivers a snapshot and then
+//! every change in index order.
+
+pub mod cluster;
+pub mod grpc;
+pub mod node;
+pub mod raft;
+pub mod settings;
+pub mod state;
+pub mod watch;

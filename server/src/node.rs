@@ -1,0 +1,194 @@
+//! A running server's Raft node and what the API needs from it: writes (on
+//! the leader, or forwarded to it), linearizable or stale reads, and the
+//! shared state.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use serde::{Deserialize, Serialize};
+use weft_api::proto::raft_client::RaftClient;
+use weft_api::proto::{Empty, RaftPayload};
+
+use crate::raft::network::channel;
+use crate::raft::service::{ForwardedResult, PeerStatus};
+use crate::raft::sm_store::Shared;
+use crate::raft::{NodeId, Raft};
+use crate::state::{Command, CommandResult};
+
+/// How long a write or a read waits for a leader before giving up.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize, PartialEq)]
+pub enum WriteError {
+    /// The state machine refused the command; nothing changed.
+    #[error("{0}")]
+    Refused(String),
+    #[error("no leader: {0}")]
+    NoLeader(String),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+impl From<WriteError> for tonic::Status {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Refused(m) => tonic::Status::failed_precondition(m),
+            WriteError::NoLeader(m) => tonic::Status::unavailable(format!("no leader: {m}")),
+            WriteError::Raft(m) => tonic::Status::internal(m),
+        }
+    }
+}
+
+pub struct ServerNode {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub shared: Arc<Shared>,
+    /// Peers' Raft addresses by id.
+    pub peers: BTreeMap<NodeId, String>,
+    /// The intention default this server applies ("allow" in dev mode).
+    pub default_allow: bool,
+}
+
+impl ServerNode {
+    /// Applies `cmd` through Raft: here if this server leads, otherwise on
+    /// the leader. Waits for a leader (up to a limit) during elections.
+    pub async fn write(&self, cmd: Command) -> Result<u64, WriteError> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            let attempt = match self.raft.current_leader().await {
+                Some(leader) if leader == self.id => self.write_as_leader(cmd.clone()).await,
+                Some(leader) => self.forward(leader, &cmd).await,
+                None => Err(WriteError::NoLeader("election in progress".into())),
+            };
+            match attempt {
+                Err(WriteError::NoLeader(why)) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!("write waits for a leader: {why}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Writes on this server, which must be the leader.
+    pub async fn write_as_leader(&self, cmd: Command) -> ForwardedResult {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => match resp.data {
+                CommandResult::Applied { index } => Ok(index),
+                CommandResult::Refused { reason } => Err(WriteError::Refused(reason)),
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(WriteError::NoLeader(format!(
+                    "server {} is not the leader (leader: {:?})",
+                    self.id, f.leader_id
+                )))
+            }
+            Err(e) => Err(WriteError::Raft(e.to_string())),
+        }
+    }
+
+    async fn forward(&self, leader: NodeId, cmd: &Command) -> ForwardedResult {
+        let mut client = self.peer_client(leader)?;
+        let json = serde_json::to_vec(cmd).map_err(|e| WriteError::Raft(e.to_string()))?;
+        let reply = client
+            .forward_write(RaftPayload { json })
+            .await
+            .map_err(|s| {
+                WriteError::NoLeader(format!("forwarding to {leader}: {}", s.message()))
+            })?;
+        serde_json::from_slice(&reply.into_inner().json)
+            .map_err(|e| WriteError::Raft(e.to_string()))?
+    }
+
+    fn peer_client(&self, id: NodeId) -> Result<RaftClient<tonic::transport::Channel>, WriteError> {
+        let addr = self
+            .peers
+            .get(&id)
+            .ok_or_else(|| WriteError::NoLeader(format!("leader {id} is not in the peer list")))?;
+        let channel = channel(addr).map_err(|e| WriteError::NoLeader(e.to_string()))?;
+        Ok(RaftClient::new(channel))
+    }
+
+    /// This server's view of Raft, for `weft members` and cluster formation.
+    pub async fn local_status(&self) -> PeerStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let role = match m.state {
+            openraft::ServerState::Leader => "leader",
+            openraft::ServerState::Follower => "follower",
+            openraft::ServerState::Candidate => "candidate",
+            openraft::ServerState::Learner => "learner",
+            openraft::ServerState::Shutdown => "shutdown",
+        };
+        PeerStatus {
+            id: self.id,
+            initialized: self.raft.is_initialized().await.unwrap_or(false),
+            leader: m.current_leader,
+            role: role.to_string(),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            last_applied: m.last_applied.map_or(0, |id| id.index),
+        }
+    }
+
+    /// Asks peer `id` for its status (None when it does not answer in time).
+    pub async fn peer_status(&self, id: NodeId) -> Option<PeerStatus> {
+        if id == self.id {
+            return Some(self.local_status().await);
+        }
+        let mut client = self.peer_client(id).ok()?;
+        let mut req = tonic::Request::new(Empty {});
+        req.set_timeout(Duration::from_millis(800));
+        let reply = client.status(req).await.ok()?;
+        serde_json::from_slice(&reply.into_inner().json).ok()
+    }
+
+    /// On the leader: the index a linearizable read must wait for.
+    pub async fn read_index_as_leader(&self) -> Result<u64, WriteError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(read_log_id) => Ok(read_log_id.map_or(0, |id| id.index)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => Err(
+                WriteError::NoLeader(format!("server {} is not the leader", self.id)),
+            ),
+            Err(e) => Err(WriteError::NoLeader(e.to_string())),
+        }
+    }
+
+    /// Makes a following read linearizable: waits until this server has
+    /// applied everything the leader had committed when the read began.
+    /// A stale read skips this.
+    pub async fn read_barrier(&self, stale: bool) -> Result<(), WriteError> {
+        if stale {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            let attempt = match self.raft.current_leader().await {
+                Some(leader) if leader == self.id => self.read_index_as_leader().await,
+                Some(leader) => match self.peer_client(leader) {
+                    Ok(mut client) => client
+                        .read_index(Empty {})
+                        .await
+                        .map(|r| r.into_inner().index)
+                        .map_err(|s| WriteError::NoLeader(s.message().to_string())),
+                    Err(e) => Err(e),
+                },
+                None => Err(WriteError::NoLeader("election in progress".into())),
+            };
+            match attempt {
+                Ok(index) => {
+                    self.raft
+                        .wait(Some(LEADER_WAIT))
+                        .applied_index_at_least(Some(index), "linearizable read")
+                        .await
+                        .map_err(|e| WriteError::NoLeader(e.to_string()))?;
+                    return Ok(());
+                }
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

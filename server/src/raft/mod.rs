@@ -1,0 +1,28 @@
+//! Raft for weft-server: openraft's type configuration, the sled-backed log
+//! and state-machine stores, and the gRPC transport between servers.
+
+pub mod log_store;
+pub mod network;
+pub mod service;
+pub mod sm_store;
+
+use std::io::Cursor;
+
+use crate::state::{Command, CommandResult};
+
+openraft::declare_raft_types!(
+    /// weft's Raft types: commands on the replicated state, u64 node ids.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type NodeId = u64;
+pub type StorageError = openraft::StorageError<NodeId>;
+pub type LogId = openraft::LogId<NodeId>;

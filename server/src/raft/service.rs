@@ -1,0 +1,96 @@
+//! Raft's transport, server side: the `weft.v1.Raft` gRPC service that peers
+//! call. Besides openraft's three RPCs it takes writes forwarded by followers,
+//! answers read-index requests, and tells whether this server's cluster is
+//! initialized (used while servers form a cluster).
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use tonic::{Request, Response, Status};
+use weft_api::proto::raft_server::Raft as RaftRpc;
+use weft_api::proto::{Empty, RaftPayload, WriteResult};
+
+use crate::node::ServerNode;
+use crate::state::Command;
+
+pub struct RaftService {
+    node: Arc<ServerNode>,
+}
+
+impl RaftService {
+    pub fn new(node: Arc<ServerNode>) -> Self {
+        Self { node }
+    }
+}
+
+/// What `Status` answers: this server's view of Raft.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub id: u64,
+    pub initialized: bool,
+    pub leader: Option<u64>,
+    /// "leader", "follower", "candidate", "learner" or "shutdown".
+    pub role: String,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub last_applied: u64,
+}
+
+/// The outcome of a forwarded write: the index, or an error message.
+pub type ForwardedResult = Result<u64, crate::node::WriteError>;
+
+fn decode<T: serde::de::DeserializeOwned>(req: Request<RaftPayload>) -> Result<T, Status> {
+    serde_json::from_slice(&req.into_inner().json)
+        .map_err(|e| Status::invalid_argument(format!("bad raft payload: {e}")))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
+    let json = serde_json::to_vec(value).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(RaftPayload { json }))
+}
+
+#[tonic::async_trait]
+impl RaftRpc for RaftService {
+    async fn append_entries(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let result = self.node.raft.append_entries(decode(req)?).await;
+        encode(&result)
+    }
+
+    async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let result = self.node.raft.vote(decode(req)?).await;
+        encode(&result)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let result = self.node.raft.install_snapshot(decode(req)?).await;
+        encode(&result)
+    }
+
+    async fn forward_write(
+        &self,
+        req: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let cmd: Command = decode(req)?;
+        let result: ForwardedResult = self.node.write_as_leader(cmd).await;
+        encode(&result)
+    }
+
+    async fn read_index(&self, _req: Request<Empty>) -> Result<Response<WriteResult>, Status> {
+        let index = self
+            .node
+            .read_index_as_leader()
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(WriteResult { index }))
+    }
+
+    async fn status(&self, _req: Request<Empty>) -> Result<Response<RaftPayload>, Status> {
+        encode(&self.node.local_status().await)
+    }
+}

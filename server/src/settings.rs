@@ -1,0 +1,254 @@
+//! Server settings: command-line flags, optionally from a TOML file
+//! (`--config server.toml`, same names with underscores); flags win.
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "weft-server", version, about = "weft's control-plane server")]
+pub struct Args {
+    /// One server with its data in a temporary directory and the default
+    /// intention `allow`, for trying weft out.
+    #[arg(long)]
+    pub dev: bool,
+    /// This server's id (unique in the cluster, > 0).
+    #[arg(long)]
+    pub node_id: Option<u64>,
+    /// Where the Raft log, vote and snapshots are kept.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Address for Raft traffic between servers.
+    #[arg(long)]
+    pub raft_addr: Option<SocketAddr>,
+    /// Address of the gRPC API (agents, CLI).
+    #[arg(long)]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Address of the HTTP endpoint (health).
+    #[arg(long)]
+    pub http_addr: Option<SocketAddr>,
+    /// A cluster member as ID=HOST:PORT (its Raft address); repeat for each.
+    #[arg(long = "peer", value_parser = parse_peer)]
+    pub peers: Vec<(u64, SocketAddr)>,
+    /// What happens when no intention matches.
+    #[arg(long, value_parser = ["allow", "deny"])]
+    pub default_intention: Option<String>,
+    /// Build a Raft snapshot after this many log entries.
+    #[arg(long)]
+    pub snapshot_threshold: Option<u64>,
+    /// The range virtual IPs come from.
+    #[arg(long)]
+    pub vip_cidr: Option<String>,
+    /// A TOML file with the same settings.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// The settings file: the flags' names with underscores.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileSettings {
+    pub node_id: Option<u64>,
+    pub data_dir: Option<PathBuf>,
+    pub raft_addr: Option<SocketAddr>,
+    pub grpc_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
+    #[serde(default)]
+    pub peers: BTreeMap<String, SocketAddr>,
+    pub default_intention: Option<String>,
+    pub snapshot_threshold: Option<u64>,
+    pub vip_cidr: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn parse_peer(s: &str) -> Result<(u64, SocketAddr), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: a peer is ID=HOST:PORT"))?;
+    let id: u64 = id
+        .parse()
+        .map_err(|_| format!("`{s}`: the id `{id}` is not a number"))?;
+    if id == 0 {
+        return Err(format!("`{s}`: server ids start at 1"));
+    }
+    let addr = addr
+        .parse()
+        .map_err(|_| format!("`{s}`: `{addr}` is not HOST:PORT"))?;
+    Ok((id, addr))
+}
+
+/// Settings after flags, file and defaults are combined and checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub dev: bool,
+    pub node_id: u64,
+    /// None: a temporary directory (dev mode).
+    pub data_dir: Option<PathBuf>,
+    pub raft_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub peers: BTreeMap<u64, SocketAddr>,
+    pub default_allow: bool,
+    pub snapshot_threshold: u64,
+    pub vip_cidr: Option<String>,
+}
+
+fn read_file(path: &Path) -> Result<FileSettings, SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| SettingsError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+impl Settings {
+    pub fn resolve(args: Args) -> Result<Self, SettingsError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileSettings::default(),
+        };
+        let mut file_peers = BTreeMap::new();
+        for (id, addr) in file.peers {
+            let id: u64 = id.parse().ok().filter(|id| *id > 0).ok_or_else(|| {
+                SettingsError::Invalid(format!("peers: `{id}` is not a server id (> 0)"))
+            })?;
+            file_peers.insert(id, addr);
+        }
+        let node_id = args.node_id.or(file.node_id).unwrap_or(1);
+        if node_id == 0 {
+            return Err(SettingsError::Invalid(
+                "node_id: server ids start at 1".into(),
+            ));
+        }
+        let raft_addr = args
+            .raft_addr
+            .or(file.raft_addr)
+            .unwrap_or(([127, 0, 0, 1], 8300).into());
+        let mut peers: BTreeMap<u64, SocketAddr> = if args.peers.is_empty() {
+            file_peers
+        } else {
+            args.peers.iter().copied().collect()
+        };
+        if peers.is_empty() {
+            peers.insert(node_id, raft_addr);
+        }
+        match peers.get(&node_id) {
+            Some(addr) if *addr == raft_addr => {}
+            Some(addr) => {
+                return Err(SettingsError::Invalid(format!(
+                    "peer {node_id} is {addr} but --raft-addr is {raft_addr}"
+                )))
+            }
+            None => {
+                return Err(SettingsError::Invalid(format!(
+                    "this server's id {node_id} is not in the peer list"
+                )))
+            }
+        }
+        let data_dir = args.data_dir.or(file.data_dir);
+        if data_dir.is_none() && !args.dev {
+            return Err(SettingsError::Invalid(
+                "--data-dir is required (or --dev)".into(),
+            ));
+        }
+        let default_intention = args
+            .default_intention
+            .or(file.default_intention)
+            .unwrap_or_else(|| if args.dev { "allow" } else { "deny" }.to_string());
+        let default_allow = match default_intention.as_str() {
+            "allow" => true,
+            "deny" => false,
+            other => {
+                return Err(SettingsError::Invalid(format!(
+                    "default_intention: `{other}` is not allow or deny"
+                )))
+            }
+        };
+        Ok(Settings {
+            dev: args.dev,
+            node_id,
+            data_dir,
+            raft_addr,
+            grpc_addr: args
+                .grpc_addr
+                .or(file.grpc_addr)
+                .unwrap_or(([127, 0, 0, 1], 8502).into()),
+            http_addr: args
+                .http_addr
+                .or(file.http_addr)
+                .unwrap_or(([127, 0, 0, 1], 8500).into()),
+            peers,
+            default_allow,
+            snapshot_threshold: args
+                .snapshot_threshold
+                .or(file.snapshot_threshold)
+                .unwrap_or(1000)
+                .max(1),
+            vip_cidr: args.vip_cidr.or(file.vip_cidr),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("weft-server").chain(list.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn dev_defaults_to_allow_and_one_peer() {
+        let s = Settings::resolve(args(&["--dev"])).unwrap();
+        assert!(s.default_allow);
+        assert_eq!(s.peers.len(), 1);
+        assert!(s.data_dir.is_none());
+    }
+
+    #[test]
+    fn production_defaults_to_deny_and_needs_a_data_dir() {
+        let e = Settings::resolve(args(&["--node-id", "1"])).unwrap_err();
+        assert!(e.to_string().contains("--data-dir"), "{e}");
+        let s = Settings::resolve(args(&["--data-dir", "/tmp/x"])).unwrap();
+        assert!(!s.default_allow);
+    }
+
+    #[test]
+    fn peer_list_must_hold_this_server() {
+        let e = Settings::resolve(args(&[
+            "--data-dir",
+            "/tmp/x",
+            "--node-id",
+            "4",
+            "--peer",
+            "1=127.0.0.1:8300",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("not in the peer list"), "{e}");
+    }
+
+    #[test]
+    fn bad_peers_are_named() {
+        assert!(Args::try_parse_from(["weft-server", "--peer", "x=1.2.3.4:5"]).is_err());
+        assert!(Args::try_parse_from(["weft-server", "--peer", "0=1.2.3.4:5"]).is_err());
+        assert!(Args::try_parse_from(["weft-server", "--peer", "1=nowhere"]).is_err());
+    }
+}

@@ -1,0 +1,241 @@
+//! `State::apply`: the deterministic effect of each command.
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use weft_api::catalog::{validate_node, validate_service_instance, ServiceInstance};
+use weft_api::config_entry::{validate_entry, validate_intention_protocol};
+use weft_api::intention::validate_intention;
+use weft_api::kv::{validate_key, KvEntry, MAX_VALUE_BYTES};
+use weft_api::vip::{next_free_vip, Cidr};
+
+use super::{Change, Command, CommandResult, State, StoredEntry};
+
+/// Why a command was refused. The state is unchanged.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ApplyError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("node {0:?} is not registered")]
+    UnknownNode(String),
+    #[error("service instance {id:?} is not registered on node {node:?}")]
+    UnknownInstance { node: String, id: String },
+    #[error("check-and-set failed for {key:?}: index is {actual}, not {expected}")]
+    CasMismatch {
+        key: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error("no free virtual IP: {0}")]
+    VipExhausted(String),
+}
+
+fn invalid(e: impl std::fmt::Display) -> ApplyError {
+    ApplyError::Invalid(e.to_string())
+}
+
+impl State {
+    /// Applies `cmd` as Raft entry `index`. Returns the result for the client
+    /// and the changes for watchers (none when refused).
+    pub fn apply(&mut self, cmd: Command, index: u64) -> (CommandResult, Vec<Change>) {
+        self.index = index;
+        match self.try_apply(cmd, index) {
+            Ok(changes) => (CommandResult::Applied { index }, changes),
+            Err(e) => (
+                CommandResult::Refused {
+                    reason: e.to_string(),
+                },
+                Vec::new(),
+            ),
+        }
+    }
+
+    fn try_apply(&mut self, cmd: Command, index: u64) -> Result<Vec<Change>, ApplyError> {
+        match cmd {
+            Command::RegisterNode(mut node) => {
+                validate_node(&node).map_err(invalid)?;
+                node.create_index = self.nodes.get(&node.name).map_or(index, |n| n.create_index);
+                node.modify_index = index;
+                self.nodes.insert(node.name.clone(), node.clone());
+                Ok(vec![Change::NodeUpsert(node)])
+            }
+            Command::DeregisterNode { name } => {
+                if self.nodes.remove(&name).is_none() {
+                    return Err(ApplyError::UnknownNode(name));
+                }
+                let mut changes: Vec<Change> = self
+                    .instances
+                    .remove(&name)
+                    .unwrap_or_default()
+                    .into_keys()
+                    .map(|id| Change::InstanceDelete {
+                        node: name.clone(),
+                        id,
+                    })
+                    .collect();
+                changes.push(Change::NodeDelete(name));
+                Ok(changes)
+            }
+            Command::RegisterService(instance) => self.register_service(instance, index),
+            Command::DeregisterService { node, id } => {
+                let removed = self.instances.get_mut(&node).and_then(|m| m.remove(&id));
+                if removed.is_none() {
+                    return Err(ApplyError::UnknownInstance { node, id });
+                }
+                Ok(vec![Change::InstanceDelete { node, id }])
+            }
+            Command::UpdateHealth {
+                node,
+                id,
+                health,
+                output,
+            } => {
+                let Some(instance) = self.instances.get_mut(&node).and_then(|m| m.get_mut(&id))
+                else {
+                    return Err(ApplyError::UnknownInstance { node, id });
+                };
+                instance.health = health;
+                instance.check_output =
+                    weft_api::catalog::truncate_check_output(&output).to_string();
+                instance.modify_index = index;
+                Ok(vec![Change::InstanceUpsert(instance.clone())])
+            }
+            Command::UpsertIntention(mut intention) => {
+                validate_intention(&intention).map_err(invalid)?;
+                validate_intention_protocol(&intention, &*self).map_err(invalid)?;
+                let by_dest = self.intentions.entry(intention.source.clone()).or_default();
+                intention.create_index = by_dest
+                    .get(&intention.destination)
+                    .map_or(index, |i| i.create_index);
+                intention.modify_index = index;
+                by_dest.insert(intention.destination.clone(), intention.clone());
+                Ok(vec![Change::IntentionUpsert(intention)])
+            }
+            Command::DeleteIntention {
+                source,
+                destination,
+            } => {
+                let removed = self
+                    .intentions
+                    .get_mut(&source)
+                    .and_then(|m| m.remove(&destination));
+                if removed.is_none() {
+                    return Err(ApplyError::NotFound {
+                        what: format!("intention {source} => {destination}"),
+                    });
+                }
+                if self.intentions.get(&source).is_some_and(|m| m.is_empty()) {
+                    self.intentions.remove(&source);
+                }
+                Ok(vec![Change::IntentionDelete {
+                    source,
+                    destination,
+                }])
+            }
+            Command::WriteConfig(entry) => {
+                validate_entry(&entry, &*self).map_err(invalid)?;
+                let (kind, name) = (entry.kind().as_str().to_string(), entry.name().to_string());
+                let by_name = self.config.entry(kind).or_default();
+                let create_index = by_name.get(&name).map_or(index, |e| e.create_index);
+                let stored = StoredEntry {
+                    entry,
+                    create_index,
+                    modify_index: index,
+                };
+                by_name.insert(name, stored.clone());
+                Ok(vec![Change::ConfigUpsert(stored)])
+            }
+            Command::DeleteConfig { kind, name } => {
+                let removed = self.config.get_mut(&kind).and_then(|m| m.remove(&name));
+                if removed.is_none() {
+                    return Err(ApplyError::NotFound {
+                        what: format!("config entry {kind}/{name}"),
+                    });
+                }
+                Ok(vec![Change::ConfigDelete { kind, name }])
+            }
+            Command::KvPut { key, value, cas } => {
+                validate_key(&key).map_err(invalid)?;
+                if value.len() > MAX_VALUE_BYTES {
+                    return Err(ApplyError::Invalid(format!(
+                        "value of {key:?} is {} bytes, more than the limit of {MAX_VALUE_BYTES}",
+                        value.len()
+                    )));
+                }
+                let existing = self.kv.get(&key);
+                check_cas(&key, cas, existing.map(|e| e.modify_index))?;
+                let entry = KvEntry {
+                    key: key.clone(),
+                    value,
+                    create_index: existing.map_or(index, |e| e.create_index),
+                    modify_index: index,
+                };
+                self.kv.insert(key, entry.clone());
+                Ok(vec![Change::KvUpsert(entry)])
+            }
+            Command::KvDelete { key, cas } => {
+                let Some(existing) = self.kv.get(&key) else {
+                    return Err(ApplyError::NotFound {
+                        what: format!("key {key:?}"),
+                    });
+                };
+                check_cas(&key, cas, Some(existing.modify_index))?;
+                self.kv.remove(&key);
+                Ok(vec![Change::KvDelete(key)])
+            }
+            Command::Restore(state) => {
+                *self = *state;
+                self.index = index;
+                Ok(vec![Change::Replaced])
+            }
+        }
+    }
+
+    fn register_service(
+        &mut self,
+        mut instance: ServiceInstance,
+        index: u64,
+    ) -> Result<Vec<Change>, ApplyError> {
+        validate_service_instance(&instance).map_err(invalid)?;
+        if !self.nodes.contains_key(&instance.node) {
+            return Err(ApplyError::UnknownNode(instance.node));
+        }
+        let mut changes = Vec::new();
+        if !self.vips.contains_key(&instance.service) {
+            let vip = self.allocate_vip()?;
+            self.vips.insert(instance.service.clone(), vip);
+            changes.push(Change::VipAssigned {
+                service: instance.service.clone(),
+                vip,
+            });
+        }
+        let by_id = self.instances.entry(instance.node.clone()).or_default();
+        instance.create_index = by_id.get(&instance.id).map_or(index, |i| i.create_index);
+        instance.modify_index = index;
+        by_id.insert(instance.id.clone(), instance.clone());
+        changes.push(Change::InstanceUpsert(instance));
+        Ok(changes)
+    }
+
+    fn allocate_vip(&self) -> Result<Ipv4Addr, ApplyError> {
+        let cidr = match &self.vip_cidr {
+            Some(text) => text.parse::<Cidr>().map_err(invalid)?,
+            None => Cidr::default_vip(),
+        };
+        let in_use: BTreeSet<Ipv4Addr> = self.vips.values().copied().collect();
+        next_free_vip(&cidr, &in_use).map_err(|e| ApplyError::VipExhausted(e.to_string()))
+    }
+}
+
+fn check_cas(key: &str, cas: Option<u64>, actual: Option<u64>) -> Result<(), ApplyError> {
+    match cas {
+        None => Ok(()),
+        Some(expected) if actual.unwrap_or(0) == expected => Ok(()),
+        Some(expected) => Err(ApplyError::CasMismatch {
+            key: key.to_string(),
+            expected,
+            actual: actual.unwrap_or(0),
+        }),
+    }
+}

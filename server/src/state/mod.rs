@@ -1,0 +1,175 @@
+//! The replicated state of a weft cluster and the commands that change it.
+//!
+//! `State` is what every server holds after applying the Raft log: nodes,
+//! service instances with health, one virtual IP per service, intentions,
+//! config entries and KV. `State::apply` is deterministic and pure (no I/O,
+//! no clock): every server computes the same result from the same log. A
+//! command is checked completely before anything changes, so a refused
+//! command leaves the state as it was.
+
+mod apply;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+use weft_api::catalog::{HealthStatus, Node, ServiceInstance};
+pub use weft_api::config_entry::StoredEntry;
+use weft_api::config_entry::{ConfigEntry, EntryContext, Protocol, ServiceResolver};
+use weft_api::intention::Intention;
+use weft_api::kv::KvEntry;
+
+pub use apply::ApplyError;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Index of the last applied Raft entry.
+    pub index: u64,
+    /// The virtual-IP range services get their address from.
+    pub vip_cidr: Option<String>,
+    pub nodes: BTreeMap<String, Node>,
+    /// node name -> instance id -> instance
+    pub instances: BTreeMap<String, BTreeMap<String, ServiceInstance>>,
+    /// service name -> virtual IP, allocated once and kept.
+    pub vips: BTreeMap<String, Ipv4Addr>,
+    /// source -> destination -> intention
+    pub intentions: BTreeMap<String, BTreeMap<String, Intention>>,
+    /// kind -> name -> entry
+    pub config: BTreeMap<String, BTreeMap<String, StoredEntry>>,
+    pub kv: BTreeMap<String, KvEntry>,
+}
+
+/// A change to the state, as written through Raft.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    RegisterNode(Node),
+    DeregisterNode {
+        name: String,
+    },
+    RegisterService(ServiceInstance),
+    DeregisterService {
+        node: String,
+        id: String,
+    },
+    UpdateHealth {
+        node: String,
+        id: String,
+        health: HealthStatus,
+        output: String,
+    },
+    UpsertIntention(Intention),
+    DeleteIntention {
+        source: String,
+        destination: String,
+    },
+    WriteConfig(ConfigEntry),
+    DeleteConfig {
+        kind: String,
+        name: String,
+    },
+    KvPut {
+        key: String,
+        value: Vec<u8>,
+        /// Write only if the key's modify index is this; 0: only if absent.
+        cas: Option<u64>,
+    },
+    KvDelete {
+        key: String,
+        cas: Option<u64>,
+    },
+    /// Replace the whole state (snapshot restore).
+    Restore(Box<State>),
+}
+
+/// What applying a command gave: its index, or why it was refused.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum CommandResult {
+    Applied { index: u64 },
+    Refused { reason: String },
+}
+
+/// One observable change, for watchers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    NodeUpsert(Node),
+    NodeDelete(String),
+    InstanceUpsert(ServiceInstance),
+    InstanceDelete {
+        node: String,
+        id: String,
+    },
+    VipAssigned {
+        service: String,
+        vip: Ipv4Addr,
+    },
+    IntentionUpsert(Intention),
+    IntentionDelete {
+        source: String,
+        destination: String,
+    },
+    ConfigUpsert(StoredEntry),
+    ConfigDelete {
+        kind: String,
+        name: String,
+    },
+    KvUpsert(KvEntry),
+    KvDelete(String),
+    /// The whole state was replaced; watchers need a new snapshot.
+    Replaced,
+}
+
+impl State {
+    /// All intentions, in no particular order.
+    pub fn all_intentions(&self) -> impl Iterator<Item = &Intention> {
+        self.intentions.values().flat_map(|m| m.values())
+    }
+
+    /// All instances of `service`, on every node.
+    pub fn instances_of<'a>(
+        &'a self,
+        service: &'a str,
+    ) -> impl Iterator<Item = &'a ServiceInstance> {
+        self.instances
+            .values()
+            .flat_map(|m| m.values())
+            .filter(move |i| i.service == service)
+    }
+
+    /// Every service name with an instance or a virtual IP.
+    pub fn service_names(&self) -> std::collections::BTreeSet<String> {
+        let mut names: std::collections::BTreeSet<String> = self.vips.keys().cloned().collect();
+        names.extend(
+            self.instances
+                .values()
+                .flat_map(|m| m.values())
+                .map(|i| i.service.clone()),
+        );
+        names
+    }
+}
+
+impl EntryContext for State {
+    fn protocol(&self, service: &str) -> Protocol {
+        match self
+            .config
+            .get("service-defaults")
+            .and_then(|m| m.get(service))
+            .map(|e| &e.entry)
+        {
+            Some(ConfigEntry::ServiceDefaults(d)) => d.protocol,
+            _ => Protocol::default(),
+        }
+    }
+
+    fn resolver(&self, service: &str) -> Option<&ServiceResolver> {
+        match self
+            .config
+            .get("service-resolver")
+            .and_then(|m| m.get(service))
+            .map(|e| &e.entry)
+        {
+            Some(ConfigEntry::ServiceResolver(r)) => Some(r),
+            _ => None,
+        }
+    }
+}
