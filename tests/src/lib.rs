@@ -1,5 +1,6 @@
-//! Helpers for weft's end-to-end tests: network namespaces, cgroups, processes
-//! placed in both, and a capture of the tracing logs.
+//! Helpers for weft's end-to-end tests: weft-server clusters as processes,
+//! network namespaces, cgroups, processes placed in both, and a capture of
+//! the tracing logs.
 //!
 //! Tests that use them need root. They call [`require_root`] first, which fails
 //! the test with a message saying so: a privileged test never passes without
@@ -8,6 +9,7 @@
 pub mod cgroup;
 pub mod logs;
 pub mod netns;
+pub mod servers;
 
 /// Fails the calling test unless it runs as root.
 pub fn require_root() {

@@ -17,6 +17,8 @@ pub fn run() -> anyhow::Result<()> {
         "warnings",
     ]))?;
     status(cargo().args(["test", "--workspace", "--exclude", "weft-tests"]))?;
+    // The end-to-end tests run the binaries as processes.
+    status(cargo().args(["build", "--workspace", "--bins"]))?;
     if !is_root() {
         bail!(
             "the privileged integration tests (eBPF, network namespaces) need root and were NOT run; \

@@ -1,0 +1,236 @@
+//! The control plane as real processes: weft-server clusters on loopback with
+//! their data on disk, driven through the `weft` CLI and the watch API.
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use weft_api::proto::watch_client::WatchClient;
+use weft_api::proto::{change, watch_event, WatchRequest};
+use weft_tests::servers::Cluster;
+
+/// Keys listed by `weft kv list` on server `id` alone, from its own state.
+fn keys_on(cluster: &Cluster, id: u64) -> BTreeSet<String> {
+    let out = cluster.cli_at(
+        cluster.grpc_addr(id),
+        &["--stale", "--format", "json", "kv", "list"],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["key"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until server `id` holds every key in `want`.
+fn wait_for_keys(
+    cluster: &Cluster,
+    id: u64,
+    want: &BTreeSet<String>,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let have = keys_on(cluster, id);
+        if want.is_subset(&have) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let missing: Vec<_> = want.difference(&have).take(5).collect();
+            bail!(
+                "server {id} is missing {} keys, e.g. {missing:?}",
+                want.len() - want.intersection(&have).count()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Writes `key` through the CLI, retrying while the cluster has no leader.
+fn put_retrying(cluster: &Cluster, key: &str, limit: Duration) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        match cluster.cli(&["kv", "put", key, "v"]) {
+            Ok(_) => return Ok(start.elapsed()),
+            Err(e) if start.elapsed() < limit => {
+                eprintln!("retrying {key}: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[test]
+fn three_servers_survive_a_leader_kill_and_lose_no_acknowledged_write() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, &[])?;
+    let mut acked = BTreeSet::new();
+    for i in 0..10 {
+        let key = format!("before/{i}");
+        cluster.cli(&["kv", "put", &key, "v"])?;
+        acked.insert(key);
+    }
+
+    let leader = cluster.wait_for_leader(Duration::from_secs(10))?;
+    cluster.kill(leader);
+    let took = put_retrying(&cluster, "after/0", Duration::from_secs(20))?;
+    eprintln!("first write after killing leader {leader} succeeded after {took:?}");
+    acked.insert("after/0".into());
+    let new_leader = cluster.wait_for_leader(Duration::from_secs(10))?;
+    assert_ne!(new_leader, leader, "the killed server cannot lead");
+    for i in 1..10 {
+        let key = format!("after/{i}");
+        cluster.cli(&["kv", "put", &key, "v"])?;
+        acked.insert(key);
+    }
+
+    cluster.start_server(leader)?;
+    for id in 1..=3 {
+        wait_for_keys(&cluster, id, &acked, Duration::from_secs(30))
+            .with_context(|| format!("server {id}:\n{}", cluster.log(id)))?;
+    }
+    // The restarted server is a member again, with the same log.
+    let members = cluster.cli(&["members"])?;
+    assert_eq!(
+        members
+            .lines()
+            .filter(|l| l.contains("leader") || l.contains("follower"))
+            .count(),
+        3,
+        "{members}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_wiped_server_catches_up_through_a_snapshot() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, &["--snapshot-threshold", "10"])?;
+    let mut acked = BTreeSet::new();
+    for i in 0..40 {
+        let key = format!("k/{i}");
+        cluster.cli(&["kv", "put", &key, "v"])?;
+        acked.insert(key);
+    }
+    let leader = cluster.wait_for_leader(Duration::from_secs(10))?;
+    let victim = (1..=3).find(|id| *id != leader).expect("a follower");
+    cluster.kill(victim);
+    cluster.wipe(victim)?;
+    for i in 40..50 {
+        let key = format!("k/{i}");
+        cluster.cli(&["kv", "put", &key, "v"])?;
+        acked.insert(key);
+    }
+    cluster.start_server(victim)?;
+    wait_for_keys(&cluster, victim, &acked, Duration::from_secs(30))
+        .with_context(|| cluster.log(victim))?;
+    assert!(
+        cluster.log(victim).contains("snapshot installed"),
+        "the wiped server should have caught up through a snapshot:\n{}",
+        cluster.log(victim)
+    );
+    Ok(())
+}
+
+/// What a watcher has seen: keys, and the index of every event in order.
+#[derive(Default)]
+struct Seen {
+    keys: BTreeSet<String>,
+    indexes: Vec<u64>,
+}
+
+/// Follows the watch stream of the servers at `addrs` (the first one first),
+/// moving to the next one when a stream breaks and resuming from the last
+/// index seen, until `want` keys have been seen or `limit` passes.
+async fn watch_until(
+    addrs: Vec<String>,
+    want: usize,
+    limit: Duration,
+) -> anyhow::Result<(Seen, usize)> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut seen = Seen::default();
+    let mut last = 0u64;
+    let mut reconnects = 0;
+    for addr in addrs.iter().cycle() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("saw {} of {want} keys before the deadline", seen.keys.len());
+        }
+        let Ok(mut client) = WatchClient::connect(format!("http://{addr}")).await else {
+            continue;
+        };
+        let Ok(stream) = client.subscribe(WatchRequest { from_index: last }).await else {
+            continue;
+        };
+        let mut stream = stream.into_inner();
+        loop {
+            let next = tokio::time::timeout_at(deadline, stream.message()).await;
+            let event = match next {
+                Ok(Ok(Some(event))) => event,
+                Ok(_) => break, // stream broke: the server went away
+                Err(_) => bail!("saw {} of {want} keys before the deadline", seen.keys.len()),
+            };
+            assert!(
+                event.index >= last,
+                "event {} after {last}: out of order",
+                event.index
+            );
+            last = event.index;
+            seen.indexes.push(event.index);
+            match event.event {
+                Some(watch_event::Event::Snapshot(s)) => {
+                    seen.keys.extend(s.kv.into_iter().map(|e| e.key))
+                }
+                Some(watch_event::Event::Changes(c)) => {
+                    for ch in c.changes {
+                        if let Some(change::Change::KvUpsert(e)) = ch.change {
+                            assert!(seen.keys.insert(e.key.clone()), "{} delivered twice", e.key);
+                        }
+                    }
+                }
+                None => {}
+            }
+            if seen.keys.len() >= want {
+                return Ok((seen, reconnects));
+            }
+        }
+        reconnects += 1;
+    }
+    unreachable!("cycle never ends")
+}
+
+#[test]
+fn a_watcher_sees_every_change_in_order_and_resumes_after_its_server_dies() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, &[])?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(10))?;
+    let watched = (1..=3).find(|id| *id != leader).expect("a follower");
+    let mut addrs = vec![cluster.grpc_addr(watched).to_string()];
+    addrs.extend(
+        (1..=3)
+            .filter(|id| *id != watched)
+            .map(|id| cluster.grpc_addr(id).to_string()),
+    );
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    let watcher = runtime.spawn(watch_until(addrs, 30, Duration::from_secs(60)));
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..30 {
+        if i == 15 {
+            cluster.kill(watched);
+        }
+        put_retrying(&cluster, &format!("w/{i:02}"), Duration::from_secs(20))?;
+    }
+    let (seen, reconnects) = runtime.block_on(watcher)??;
+    assert!(
+        reconnects >= 1,
+        "the watcher should have moved to another server"
+    );
+    let expected: BTreeSet<String> = (0..30).map(|i| format!("w/{i:02}")).collect();
+    assert_eq!(seen.keys, expected);
+    assert!(
+        seen.indexes.windows(2).all(|w| w[0] <= w[1]),
+        "{:?}",
+        seen.indexes
+    );
+    Ok(())
+}
