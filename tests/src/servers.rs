@@ -2,7 +2,7 @@
 //! its own data dir, started, killed (SIGKILL), wiped and restarted at will,
 //! and the `weft` CLI pointed at them. Processes are killed on drop.
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,8 +11,12 @@ use anyhow::{bail, Context};
 /// A binary of the workspace, built by `cargo build --bins` (which
 /// `cargo xtask test` runs before the tests).
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let exe = std::env::current_exe().expect("executable path");
+    // Tests run from target/PROFILE/deps, other binaries from target/PROFILE.
+    let mut dir = exe.parent().expect("target dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target dir");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),

@@ -1,1 +1,0 @@
-//! weft's benchmarks: per-node overhead next to direct and next to a plain mTLS proxy.
