@@ -6,6 +6,7 @@
 //! the CLI; agents hold a watch stream that delivers a snapshot and then
 //! every change in index order.
 
+pub mod ca;
 pub mod cluster;
 pub mod grpc;
 pub mod node;
