@@ -70,10 +70,47 @@ fn location(line: Option<usize>, column: Option<usize>) -> String {
 }
 
 /// Parses `text` as `format` into a `T`.
+///
+/// Errors raised inside buffered values (such as a config entry, whose `Kind` tag
+/// must be read first) come without a position from serde; for unknown fields and
+/// variants the position is then that of the first whole-word occurrence of the
+/// offending name in the text.
 pub fn parse_document<T: DeserializeOwned>(
     text: &str,
     format: FileFormat,
 ) -> Result<T, ParseError> {
+    parse_raw(text, format).map_err(|mut e| {
+        if e.line.is_none() {
+            if let Some(offset) = offending_name(&e.message).and_then(|n| find_word(text, n)) {
+                let (l, c) = line_column(text, offset);
+                e.line = Some(l);
+                e.column = Some(c);
+            }
+        }
+        e
+    })
+}
+
+/// The name in "unknown field `X`" or "unknown variant `X`".
+fn offending_name(message: &str) -> Option<&str> {
+    let rest = ["unknown field `", "unknown variant `"]
+        .iter()
+        .find_map(|p| message.find(p).map(|i| &message[i + p.len()..]))?;
+    let name = &rest[..rest.find('`')?];
+    (!name.is_empty()).then_some(name)
+}
+
+/// Byte offset of the first occurrence of `word` not inside a longer identifier.
+fn find_word(text: &str, word: &str) -> Option<usize> {
+    let is_ident = |c: char| c.is_alphanumeric() || c == '_' || c == '-';
+    text.match_indices(word).map(|(i, _)| i).find(|&i| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + word.len()..].chars().next();
+        !before.is_some_and(is_ident) && !after.is_some_and(is_ident)
+    })
+}
+
+fn parse_raw<T: DeserializeOwned>(text: &str, format: FileFormat) -> Result<T, ParseError> {
     match format {
         FileFormat::Json => serde_json::from_str(text).map_err(|e| {
             let known = e.line() > 0;
@@ -182,6 +219,22 @@ mod tests {
         assert!(e.message.contains("Colour"), "{e}");
         let e = parse_document::<Doc>("Name = \n", FileFormat::Toml).unwrap_err();
         assert_eq!(e.line, Some(1), "{e}");
+    }
+
+    #[test]
+    fn finds_offending_names() {
+        assert_eq!(
+            offending_name("unknown field `Prt`, expected `Name`"),
+            Some("Prt")
+        );
+        assert_eq!(
+            offending_name("unknown variant `udp`, expected"),
+            Some("udp")
+        );
+        assert_eq!(offending_name("missing field `Kind`"), None);
+        assert_eq!(find_word("Portal = 1\nPort = 2", "Port"), Some(11));
+        assert_eq!(find_word("\"Port\": 1", "Port"), Some(1));
+        assert_eq!(find_word("Ports", "Port"), None);
     }
 
     #[test]

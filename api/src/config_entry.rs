@@ -1,0 +1,790 @@
+//! Config entries, with Consul's kinds and PascalCase field names:
+//! `service-defaults`, `service-router`, `service-splitter`, `service-resolver`.
+//! Reading them from JSON or TOML files, validating them on write against the rest
+//! of the configuration, and the pure choices they drive (which route, which split,
+//! which instances form a subset).
+//!
+//! A file names its kind in `Kind`; unknown kinds and unknown fields are errors:
+//!
+//! ```toml
+//! Kind = "service-splitter"
+//! Name = "api"
+//! Splits = [ { Weight = 90, ServiceSubset = "v1" }, { Weight = 10, ServiceSubset = "v2" } ]
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{HealthStatus, ServiceInstance};
+use crate::duration::parse_duration;
+use crate::file_format::{parse_document, FileFormat, ParseError};
+use crate::filter::parse_filter;
+use crate::http_match::{validate_http_match, HttpMatch, HttpMatchError, Request};
+use crate::intention::Intention;
+use crate::names::{validate_name, NameError, WILDCARD};
+
+/// The protocol a service speaks, set by its `service-defaults` (default `tcp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Http,
+    Http2,
+    Grpc,
+}
+
+impl Protocol {
+    /// Whether L7 features (routers, splitters, L7 intentions) apply.
+    pub fn is_http(self) -> bool {
+        !matches!(self, Protocol::Tcp)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = ConfigEntryError;
+    fn from_str(s: &str) -> Result<Self, ConfigEntryError> {
+        match s {
+            "tcp" => Ok(Protocol::Tcp),
+            "http" => Ok(Protocol::Http),
+            "http2" => Ok(Protocol::Http2),
+            "grpc" => Ok(Protocol::Grpc),
+            _ => Err(invalid(
+                "Protocol",
+                format!("{s:?} is not one of tcp, http, http2, grpc"),
+            )),
+        }
+    }
+}
+
+/// `service-defaults`: per-service settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ServiceDefaults {
+    pub name: String,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// `service-router`: ordered HTTP routes; the first matching route decides.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ServiceRouter {
+    pub name: String,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+/// One route: a match (none = every request) and where matching requests go.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct Route {
+    #[serde(rename = "Match", default, skip_serializing_if = "Option::is_none")]
+    pub route_match: Option<RouteMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<RouteDestination>,
+}
+
+/// The match of a route.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    #[serde(rename = "HTTP", default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpMatch>,
+}
+
+/// Where a route sends requests. `Service` defaults to the router's service.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct RouteDestination {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_subset: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_rewrite: Option<String>,
+    /// A duration such as `"5s"` (see [`crate::duration`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_retries: Option<u32>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub retry_on_connect_failure: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_on_status_codes: Vec<u16>,
+}
+
+/// `service-splitter`: weighted traffic split; weights add up to 100.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ServiceSplitter {
+    pub name: String,
+    pub splits: Vec<Split>,
+}
+
+/// One share of a split. `Service` defaults to the splitter's service.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct Split {
+    pub weight: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_subset: Option<String>,
+}
+
+/// `service-resolver`: subsets of a service's instances, redirect and failover.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ServiceResolver {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_subset: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub subsets: BTreeMap<String, ResolverSubset>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<ResolverRedirect>,
+    /// Keyed by subset name, or `*` for any subset.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failover: BTreeMap<String, ResolverFailover>,
+    /// A duration such as `"5s"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+}
+
+/// A named subset: instances matching `Filter` (see [`crate::filter`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ResolverSubset {
+    #[serde(default)]
+    pub filter: String,
+    /// Only `passing` instances (otherwise `passing` and `warning`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub only_passing: bool,
+}
+
+/// Send all traffic for the service elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ResolverRedirect {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_subset: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datacenter: Option<String>,
+}
+
+/// Where to go when no healthy instance is left.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ResolverFailover {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_subset: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub datacenters: Vec<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// A config entry, tagged by `Kind`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "Kind")]
+pub enum ConfigEntry {
+    #[serde(rename = "service-defaults")]
+    ServiceDefaults(ServiceDefaults),
+    #[serde(rename = "service-router")]
+    ServiceRouter(ServiceRouter),
+    #[serde(rename = "service-splitter")]
+    ServiceSplitter(ServiceSplitter),
+    #[serde(rename = "service-resolver")]
+    ServiceResolver(ServiceResolver),
+}
+
+/// The kinds of config entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum EntryKind {
+    #[serde(rename = "service-defaults")]
+    ServiceDefaults,
+    #[serde(rename = "service-router")]
+    ServiceRouter,
+    #[serde(rename = "service-splitter")]
+    ServiceSplitter,
+    #[serde(rename = "service-resolver")]
+    ServiceResolver,
+}
+
+impl EntryKind {
+    pub const ALL: [EntryKind; 4] = [
+        EntryKind::ServiceDefaults,
+        EntryKind::ServiceRouter,
+        EntryKind::ServiceSplitter,
+        EntryKind::ServiceResolver,
+    ];
+
+    /// The `Kind` string, e.g. `service-router`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::ServiceDefaults => "service-defaults",
+            EntryKind::ServiceRouter => "service-router",
+            EntryKind::ServiceSplitter => "service-splitter",
+            EntryKind::ServiceResolver => "service-resolver",
+        }
+    }
+}
+
+impl fmt::Display for EntryKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EntryKind {
+    type Err = ConfigEntryError;
+    fn from_str(s: &str) -> Result<Self, ConfigEntryError> {
+        EntryKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                invalid(
+                    "Kind",
+                    format!(
+                        "unknown kind {s:?} (one of service-defaults, service-router, \
+                         service-splitter, service-resolver)"
+                    ),
+                )
+            })
+    }
+}
+
+impl ConfigEntry {
+    pub fn kind(&self) -> EntryKind {
+        match self {
+            ConfigEntry::ServiceDefaults(_) => EntryKind::ServiceDefaults,
+            ConfigEntry::ServiceRouter(_) => EntryKind::ServiceRouter,
+            ConfigEntry::ServiceSplitter(_) => EntryKind::ServiceSplitter,
+            ConfigEntry::ServiceResolver(_) => EntryKind::ServiceResolver,
+        }
+    }
+
+    /// The service the entry is about.
+    pub fn name(&self) -> &str {
+        match self {
+            ConfigEntry::ServiceDefaults(e) => &e.name,
+            ConfigEntry::ServiceRouter(e) => &e.name,
+            ConfigEntry::ServiceSplitter(e) => &e.name,
+            ConfigEntry::ServiceResolver(e) => &e.name,
+        }
+    }
+}
+
+/// An entry as stored, with its Raft indexes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredEntry {
+    pub entry: ConfigEntry,
+    pub create_index: u64,
+    pub modify_index: u64,
+}
+
+/// Why an entry (or an L7 intention) was refused. The message starts with the
+/// field path, e.g. `Splits[1].ServiceSubset: ...`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigEntryError {
+    #[error("{field}: {source}")]
+    Name {
+        field: String,
+        #[source]
+        source: NameError,
+    },
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("{0}")]
+    Parse(#[from] ParseError),
+}
+
+impl ConfigEntryError {
+    /// The field the error is about (empty for a file that did not parse).
+    pub fn field(&self) -> &str {
+        match self {
+            ConfigEntryError::Name { field, .. } | ConfigEntryError::Invalid { field, .. } => field,
+            ConfigEntryError::Parse(_) => "",
+        }
+    }
+}
+
+impl From<HttpMatchError> for ConfigEntryError {
+    fn from(e: HttpMatchError) -> Self {
+        invalid(e.field, e.reason)
+    }
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigEntryError {
+    ConfigEntryError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+fn check_name(field: impl Into<String>, name: &str) -> Result<(), ConfigEntryError> {
+    validate_name(name).map_err(|source| ConfigEntryError::Name {
+        field: field.into(),
+        source,
+    })
+}
+
+fn check_duration(field: &str, text: &str) -> Result<(), ConfigEntryError> {
+    parse_duration(text)
+        .map(|_| ())
+        .map_err(|e| invalid(field, e.to_string()))
+}
+
+/// Parses a config entry file. Errors carry line and column where the parser
+/// knows them. Does not validate: call [`validate_entry`] before writing.
+pub fn parse_entry_file(text: &str, format: FileFormat) -> Result<ConfigEntry, ConfigEntryError> {
+    Ok(parse_document(text, format)?)
+}
+
+/// What validation needs to know about the rest of the configuration.
+pub trait EntryContext {
+    /// The protocol of `service` from its `service-defaults` (tcp without one).
+    fn protocol(&self, service: &str) -> Protocol;
+    /// The `service-resolver` of `service`, if there is one.
+    fn resolver(&self, service: &str) -> Option<&ServiceResolver>;
+}
+
+/// A set of entries keyed by (kind, name): a ready-made [`EntryContext`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EntrySet {
+    entries: BTreeMap<(EntryKind, String), ConfigEntry>,
+}
+
+impl EntrySet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces the entry of the same kind and name; returns the old one.
+    pub fn insert(&mut self, entry: ConfigEntry) -> Option<ConfigEntry> {
+        self.entries
+            .insert((entry.kind(), entry.name().to_string()), entry)
+    }
+
+    pub fn get(&self, kind: EntryKind, name: &str) -> Option<&ConfigEntry> {
+        self.entries.get(&(kind, name.to_string()))
+    }
+
+    pub fn remove(&mut self, kind: EntryKind, name: &str) -> Option<ConfigEntry> {
+        self.entries.remove(&(kind, name.to_string()))
+    }
+
+    /// All entries, ordered by kind then name.
+    pub fn iter(&self) -> impl Iterator<Item = &ConfigEntry> {
+        self.entries.values()
+    }
+}
+
+impl FromIterator<ConfigEntry> for EntrySet {
+    fn from_iter<I: IntoIterator<Item = ConfigEntry>>(iter: I) -> Self {
+        let mut set = EntrySet::new();
+        for e in iter {
+            set.insert(e);
+        }
+        set
+    }
+}
+
+impl EntryContext for EntrySet {
+    fn protocol(&self, service: &str) -> Protocol {
+        match self.get(EntryKind::ServiceDefaults, service) {
+            Some(ConfigEntry::ServiceDefaults(d)) => d.protocol,
+            _ => Protocol::Tcp,
+        }
+    }
+
+    fn resolver(&self, service: &str) -> Option<&ServiceResolver> {
+        match self.get(EntryKind::ServiceResolver, service) {
+            Some(ConfigEntry::ServiceResolver(r)) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// Checks an entry before it is written, against the rest of the configuration.
+pub fn validate_entry(
+    entry: &ConfigEntry,
+    ctx: &impl EntryContext,
+) -> Result<(), ConfigEntryError> {
+    check_name("Name", entry.name())?;
+    match entry {
+        ConfigEntry::ServiceDefaults(_) => Ok(()),
+        ConfigEntry::ServiceRouter(r) => validate_router(r, ctx),
+        ConfigEntry::ServiceSplitter(s) => validate_splitter(s, ctx),
+        ConfigEntry::ServiceResolver(r) => validate_resolver(r, ctx),
+    }
+}
+
+fn require_http(
+    field: &str,
+    kind: EntryKind,
+    service: &str,
+    ctx: &impl EntryContext,
+) -> Result<(), ConfigEntryError> {
+    let protocol = ctx.protocol(service);
+    if protocol.is_http() {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!(
+                "a {kind} needs service {service:?} to speak http, http2 or grpc, but its protocol is \
+                 {protocol} (set Protocol in its service-defaults first)"
+            ),
+        ))
+    }
+}
+
+/// Checks that `subset` exists in the resolver of `service`. `own` is the resolver
+/// being validated, which stands in for `service`'s stored one when names agree.
+fn check_subset(
+    field: &str,
+    service: &str,
+    subset: &str,
+    ctx: &impl EntryContext,
+    own: Option<&ServiceResolver>,
+) -> Result<(), ConfigEntryError> {
+    let resolver = match own {
+        Some(r) if r.name == service => Some(r),
+        _ => ctx.resolver(service),
+    };
+    let Some(resolver) = resolver else {
+        return Err(invalid(
+            field,
+            format!("service {service:?} has no service-resolver, so it has no subset {subset:?}"),
+        ));
+    };
+    if resolver.subsets.contains_key(subset) {
+        Ok(())
+    } else {
+        let defined: Vec<&str> = resolver.subsets.keys().map(String::as_str).collect();
+        Err(invalid(
+            field,
+            format!(
+                "subset {subset:?} is not defined in the service-resolver of {service:?} (defined: {})",
+                if defined.is_empty() { "none".to_string() } else { defined.join(", ") }
+            ),
+        ))
+    }
+}
+
+fn validate_router(r: &ServiceRouter, ctx: &impl EntryContext) -> Result<(), ConfigEntryError> {
+    require_http("Kind", EntryKind::ServiceRouter, &r.name, ctx)?;
+    for (i, route) in r.routes.iter().enumerate() {
+        let base = format!("Routes[{i}]");
+        let http = route.route_match.as_ref().and_then(|m| m.http.as_ref());
+        if let Some(http) = http {
+            validate_http_match(&format!("{base}.Match.HTTP"), http)?;
+        }
+        let Some(dest) = &route.destination else {
+            continue;
+        };
+        let df = format!("{base}.Destination");
+        let service = dest.service.as_deref().unwrap_or(&r.name);
+        if let Some(s) = &dest.service {
+            check_name(format!("{df}.Service"), s)?;
+            require_http(&format!("{df}.Service"), EntryKind::ServiceRouter, s, ctx)?;
+        }
+        if let Some(subset) = &dest.service_subset {
+            check_subset(&format!("{df}.ServiceSubset"), service, subset, ctx, None)?;
+        }
+        if let Some(rewrite) = &dest.prefix_rewrite {
+            if !http.is_some_and(|h| h.path_exact.is_some() || h.path_prefix.is_some()) {
+                return Err(invalid(
+                    format!("{df}.PrefixRewrite"),
+                    "needs Match.HTTP.PathExact or Match.HTTP.PathPrefix on the route",
+                ));
+            }
+            if !rewrite.starts_with('/') {
+                return Err(invalid(
+                    format!("{df}.PrefixRewrite"),
+                    format!("{rewrite:?} must start with '/'"),
+                ));
+            }
+        }
+        if let Some(t) = &dest.request_timeout {
+            check_duration(&format!("{df}.RequestTimeout"), t)?;
+        }
+        for (j, code) in dest.retry_on_status_codes.iter().enumerate() {
+            if !(100..=599).contains(code) {
+                return Err(invalid(
+                    format!("{df}.RetryOnStatusCodes[{j}]"),
+                    format!("{code} is not an HTTP status code (100 to 599)"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How far the weights of a splitter may be from 100 in total.
+pub const SPLIT_WEIGHT_TOLERANCE: f32 = 0.01;
+
+fn validate_splitter(s: &ServiceSplitter, ctx: &impl EntryContext) -> Result<(), ConfigEntryError> {
+    require_http("Kind", EntryKind::ServiceSplitter, &s.name, ctx)?;
+    if s.splits.is_empty() {
+        return Err(invalid("Splits", "at least one split is required"));
+    }
+    let mut total = 0.0f64;
+    let mut seen: Vec<(&str, Option<&str>)> = Vec::new();
+    for (i, split) in s.splits.iter().enumerate() {
+        let base = format!("Splits[{i}]");
+        if !split.weight.is_finite() || !(0.0..=100.0).contains(&split.weight) {
+            return Err(invalid(
+                format!("{base}.Weight"),
+                format!("must be between 0 and 100, not {}", split.weight),
+            ));
+        }
+        total += f64::from(split.weight);
+        let service = split.service.as_deref().unwrap_or(&s.name);
+        if let Some(svc) = &split.service {
+            check_name(format!("{base}.Service"), svc)?;
+            require_http(
+                &format!("{base}.Service"),
+                EntryKind::ServiceSplitter,
+                svc,
+                ctx,
+            )?;
+        }
+        if let Some(subset) = &split.service_subset {
+            check_subset(&format!("{base}.ServiceSubset"), service, subset, ctx, None)?;
+        }
+        let target = (service, split.service_subset.as_deref());
+        if seen.contains(&target) {
+            return Err(invalid(
+                base,
+                format!(
+                    "service {service:?}{} appears in more than one split",
+                    target
+                        .1
+                        .map(|s| format!(" subset {s:?}"))
+                        .unwrap_or_default()
+                ),
+            ));
+        }
+        seen.push(target);
+    }
+    if (total - 100.0).abs() > f64::from(SPLIT_WEIGHT_TOLERANCE) {
+        return Err(invalid(
+            "Splits",
+            format!(
+                "weights add up to {}, not 100",
+                (total * 1000.0).round() / 1000.0
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_resolver(r: &ServiceResolver, ctx: &impl EntryContext) -> Result<(), ConfigEntryError> {
+    for (name, subset) in &r.subsets {
+        check_name(format!("Subsets.{name}"), name)?;
+        parse_filter(&subset.filter)
+            .map_err(|e| invalid(format!("Subsets.{name}.Filter"), e.to_string()))?;
+    }
+    let defined = || {
+        let names: Vec<&str> = r.subsets.keys().map(String::as_str).collect();
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        }
+    };
+    if let Some(default) = &r.default_subset {
+        if !r.subsets.contains_key(default) {
+            return Err(invalid(
+                "DefaultSubset",
+                format!(
+                    "subset {default:?} is not defined in Subsets (defined: {})",
+                    defined()
+                ),
+            ));
+        }
+    }
+    if let Some(redirect) = &r.redirect {
+        if !r.subsets.is_empty() || r.default_subset.is_some() || !r.failover.is_empty() {
+            return Err(invalid(
+                "Redirect",
+                "cannot be combined with Subsets, DefaultSubset or Failover",
+            ));
+        }
+        if redirect.service.is_none()
+            && redirect.service_subset.is_none()
+            && redirect.datacenter.is_none()
+        {
+            return Err(invalid(
+                "Redirect",
+                "one of Service, ServiceSubset or Datacenter is required",
+            ));
+        }
+        if let Some(s) = &redirect.service {
+            check_name("Redirect.Service", s)?;
+        }
+        if let Some(dc) = &redirect.datacenter {
+            check_name("Redirect.Datacenter", dc)?;
+        }
+        let target = redirect.service.as_deref().unwrap_or(&r.name);
+        if target == r.name && redirect.datacenter.is_none() {
+            return Err(invalid(
+                "Redirect",
+                format!("redirects {:?} to itself", r.name),
+            ));
+        }
+        if let Some(subset) = &redirect.service_subset {
+            check_subset("Redirect.ServiceSubset", target, subset, ctx, Some(r))?;
+        }
+    }
+    for (key, failover) in &r.failover {
+        let base = format!("Failover.{key}");
+        if key != WILDCARD && !r.subsets.contains_key(key) {
+            return Err(invalid(
+                base,
+                format!(
+                    "no subset {key:?} in Subsets (use \"*\" or one of: {})",
+                    defined()
+                ),
+            ));
+        }
+        if failover.service.is_none()
+            && failover.service_subset.is_none()
+            && failover.datacenters.is_empty()
+        {
+            return Err(invalid(
+                base,
+                "one of Service, ServiceSubset or Datacenters is required",
+            ));
+        }
+        if let Some(s) = &failover.service {
+            check_name(format!("{base}.Service"), s)?;
+        }
+        for (i, dc) in failover.datacenters.iter().enumerate() {
+            check_name(format!("{base}.Datacenters[{i}]"), dc)?;
+        }
+        if let Some(subset) = &failover.service_subset {
+            let target = failover.service.as_deref().unwrap_or(&r.name);
+            check_subset(
+                &format!("{base}.ServiceSubset"),
+                target,
+                subset,
+                ctx,
+                Some(r),
+            )?;
+        }
+    }
+    if let Some(t) = &r.connect_timeout {
+        check_duration("ConnectTimeout", t)?;
+    }
+    Ok(())
+}
+
+/// Checks that an L7 intention (one with permissions) targets a service that
+/// speaks HTTP. L4 intentions always pass. A `*` destination cannot carry
+/// permissions: there is no single protocol to check against.
+pub fn validate_intention_protocol(
+    intention: &Intention,
+    ctx: &impl EntryContext,
+) -> Result<(), ConfigEntryError> {
+    if intention.permissions.is_empty() {
+        return Ok(());
+    }
+    if intention.destination == WILDCARD {
+        return Err(invalid(
+            "Permissions",
+            "L7 permissions need a specific destination service, not \"*\"",
+        ));
+    }
+    let protocol = ctx.protocol(&intention.destination);
+    if protocol.is_http() {
+        Ok(())
+    } else {
+        Err(invalid(
+            "Permissions",
+            format!(
+                "L7 permissions need destination {:?} to speak http, http2 or grpc, but its protocol is \
+                 {protocol} (set Protocol in its service-defaults, or use Action for an L4 intention)",
+                intention.destination
+            ),
+        ))
+    }
+}
+
+/// The first route of `router` that matches `request`, with its index. A route
+/// without a match matches everything; a route whose rules cannot be applied
+/// (a regex that does not compile) is skipped.
+pub fn select_route<'a>(
+    router: &'a ServiceRouter,
+    request: &Request,
+) -> Option<(usize, &'a Route)> {
+    router.routes.iter().enumerate().find(|(_, route)| {
+        match route.route_match.as_ref().and_then(|m| m.http.as_ref()) {
+            None => true,
+            Some(http) => http.matches(request).unwrap_or(false),
+        }
+    })
+}
+
+/// The split that a roll in `[0, 100)` lands on: splits take consecutive ranges
+/// of their weight, in order. A roll past the total lands on the last split with a
+/// non-zero weight. `None` only when there is no split with weight.
+pub fn pick_split(splitter: &ServiceSplitter, roll: f32) -> Option<&Split> {
+    let mut upper = 0.0f32;
+    let mut last = None;
+    for split in &splitter.splits {
+        if split.weight <= 0.0 {
+            continue;
+        }
+        upper += split.weight;
+        last = Some(split);
+        if roll < upper {
+            return Some(split);
+        }
+    }
+    last
+}
+
+impl ResolverSubset {
+    /// Whether `instance` belongs to this subset: the filter matches and its health
+    /// is `passing` (or `warning`, unless `OnlyPassing`). Critical instances never
+    /// belong; an unparsable filter matches nothing.
+    pub fn contains(&self, instance: &ServiceInstance) -> bool {
+        let healthy = match instance.health {
+            HealthStatus::Passing => true,
+            HealthStatus::Warning => !self.only_passing,
+            HealthStatus::Critical => false,
+        };
+        healthy && parse_filter(&self.filter).is_ok_and(|f| f.matches(instance))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,784 @@
+//! Tests of config entries: parsing files, validation with named fields, and the
+//! route/split/subset choices.
+
+use super::*;
+use crate::intention::{IntentionAction, Permission};
+
+fn defaults(name: &str, protocol: Protocol) -> ConfigEntry {
+    ConfigEntry::ServiceDefaults(ServiceDefaults {
+        name: name.into(),
+        protocol,
+    })
+}
+
+fn resolver(name: &str, subsets: &[&str]) -> ServiceResolver {
+    ServiceResolver {
+        name: name.into(),
+        subsets: subsets
+            .iter()
+            .map(|s| {
+                (
+                    s.to_string(),
+                    ResolverSubset {
+                        filter: format!("Service.Meta.version == {s}"),
+                        only_passing: false,
+                    },
+                )
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// api and web speak http, db is tcp; api has subsets v1 and v2.
+fn ctx() -> EntrySet {
+    [
+        defaults("api", Protocol::Http),
+        defaults("web", Protocol::Grpc),
+        defaults("db", Protocol::Tcp),
+        ConfigEntry::ServiceResolver(resolver("api", &["v1", "v2"])),
+        ConfigEntry::ServiceResolver(resolver("web", &[])),
+    ]
+    .into_iter()
+    .collect()
+}
+
+fn err(entry: ConfigEntry) -> String {
+    validate_entry(&entry, &ctx()).unwrap_err().to_string()
+}
+
+fn splitter(splits: Vec<Split>) -> ConfigEntry {
+    ConfigEntry::ServiceSplitter(ServiceSplitter {
+        name: "api".into(),
+        splits,
+    })
+}
+
+fn split(weight: f32, subset: Option<&str>) -> Split {
+    Split {
+        weight,
+        service: None,
+        service_subset: subset.map(Into::into),
+    }
+}
+
+fn router(routes: Vec<Route>) -> ConfigEntry {
+    ConfigEntry::ServiceRouter(ServiceRouter {
+        name: "api".into(),
+        routes,
+    })
+}
+
+fn route(http: Option<HttpMatch>, dest: RouteDestination) -> Route {
+    Route {
+        route_match: http.map(|h| RouteMatch { http: Some(h) }),
+        destination: Some(dest),
+    }
+}
+
+#[test]
+fn parses_toml_and_json_files() {
+    let toml = r#"
+Kind = "service-splitter"
+Name = "api"
+Splits = [
+  { Weight = 90, ServiceSubset = "v1" },
+  { Weight = 10.0, ServiceSubset = "v2" },
+]
+"#;
+    let e = parse_entry_file(toml, FileFormat::Toml).unwrap();
+    assert_eq!(e.kind(), EntryKind::ServiceSplitter);
+    assert_eq!(e.name(), "api");
+    assert_eq!(validate_entry(&e, &ctx()), Ok(()));
+    let json = serde_json::to_string(&e).unwrap();
+    assert!(json.starts_with(r#"{"Kind":"service-splitter","Name":"api","Splits":[{"Weight":90.0,"ServiceSubset":"v1"}"#), "{json}");
+    assert_eq!(parse_entry_file(&json, FileFormat::Json).unwrap(), e);
+
+    let router_toml = r#"
+Kind = "service-router"
+Name = "api"
+
+[[Routes]]
+[Routes.Match.HTTP]
+PathPrefix = "/admin"
+Methods = ["GET", "POST"]
+Header = [ { Name = "x-debug", Present = true } ]
+[Routes.Destination]
+ServiceSubset = "v2"
+PrefixRewrite = "/"
+RequestTimeout = "5s"
+NumRetries = 3
+RetryOnConnectFailure = true
+RetryOnStatusCodes = [503]
+
+[[Routes]]
+Destination = { Service = "web" }
+"#;
+    let e = parse_entry_file(router_toml, FileFormat::Toml).unwrap();
+    assert_eq!(validate_entry(&e, &ctx()), Ok(()));
+    let ConfigEntry::ServiceRouter(r) = &e else {
+        panic!()
+    };
+    assert_eq!(r.routes.len(), 2);
+    let d = r.routes[0].destination.as_ref().unwrap();
+    assert_eq!(d.num_retries, Some(3));
+    assert_eq!(d.retry_on_status_codes, vec![503]);
+    assert!(r.routes[1].route_match.is_none());
+
+    let resolver_json = r#"{
+  "Kind": "service-resolver",
+  "Name": "api",
+  "DefaultSubset": "v1",
+  "Subsets": {
+    "v1": { "Filter": "Service.Meta.version == v1" },
+    "v2": { "Filter": "Service.Meta.version == v2", "OnlyPassing": true }
+  },
+  "Failover": { "*": { "Datacenters": ["dc2"] }, "v2": { "ServiceSubset": "v1" } },
+  "ConnectTimeout": "3s"
+}"#;
+    let e = parse_entry_file(resolver_json, FileFormat::Json).unwrap();
+    assert_eq!(validate_entry(&e, &ctx()), Ok(()));
+    let e = parse_entry_file(
+        "Kind = \"service-defaults\"\nName = \"db\"\n",
+        FileFormat::Toml,
+    )
+    .unwrap();
+    assert_eq!(e, defaults("db", Protocol::Tcp));
+}
+
+#[test]
+fn file_errors_are_clear() {
+    let e = parse_entry_file(
+        "Kind = \"service-frobber\"\nName = \"api\"\n",
+        FileFormat::Toml,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("unknown variant `service-frobber`"),
+        "{e}"
+    );
+    let e = parse_entry_file("Name = \"api\"\n", FileFormat::Toml).unwrap_err();
+    assert!(e.to_string().contains("missing field `Kind`"), "{e}");
+    let e = parse_entry_file(
+        "Kind = \"service-defaults\"\nName = \"api\"\nProtocl = \"http\"\n",
+        FileFormat::Toml,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("unknown field `Protocl`"), "{e}");
+    let e = parse_entry_file(
+        "Kind = \"service-defaults\"\nName = \"api\"\nProtocol = \"udp\"\n",
+        FileFormat::Toml,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("unknown variant `udp`"), "{e}");
+    let e = parse_entry_file(
+        "{\n \"Kind\": \"service-router\",\n \"Name\": \"api\",\n \"Routes\": [ { \"Match\": { \"HTTP\": { \"PathPrefx\": \"/\" } } } ]\n}",
+        FileFormat::Json,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("unknown field `PathPrefx`"), "{e}");
+    let ConfigEntryError::Parse(p) = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!((p.line, p.column), (Some(4), Some(38)), "{e}");
+    let e = parse_entry_file(
+        "Kind = \"service-defaults\"\nName = \"api\"\nProtocl = \"http\"\n",
+        FileFormat::Toml,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().starts_with("TOML at line 3, column 1: "),
+        "{e}"
+    );
+    // Syntax errors point at the spot.
+    let e = parse_entry_file(
+        "Kind = \"service-defaults\"\nName = api\n",
+        FileFormat::Toml,
+    )
+    .unwrap_err();
+    let ConfigEntryError::Parse(p) = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(p.line, Some(2), "{e}");
+    let e = parse_entry_file(
+        "{\"Kind\": \"service-defaults\",\n\"Name\": }",
+        FileFormat::Json,
+    )
+    .unwrap_err();
+    assert!(e.to_string().starts_with("JSON at line 2, column 9"), "{e}");
+}
+
+#[test]
+fn kinds_and_protocols_as_text() {
+    for k in EntryKind::ALL {
+        assert_eq!(k.to_string().parse::<EntryKind>(), Ok(k));
+    }
+    let e = "service-intentions".parse::<EntryKind>().unwrap_err();
+    assert_eq!(e.field(), "Kind");
+    assert!(e
+        .to_string()
+        .contains("unknown kind \"service-intentions\""));
+    for p in [
+        Protocol::Tcp,
+        Protocol::Http,
+        Protocol::Http2,
+        Protocol::Grpc,
+    ] {
+        assert_eq!(p.to_string().parse::<Protocol>(), Ok(p));
+        assert_eq!(p.is_http(), p != Protocol::Tcp);
+    }
+    assert_eq!("HTTP".parse::<Protocol>().unwrap_err().field(), "Protocol");
+    assert_eq!(Protocol::default(), Protocol::Tcp);
+}
+
+#[test]
+fn names_are_checked() {
+    assert!(
+        err(defaults("Api", Protocol::Http)).starts_with("Name: bad character 'A' at position 1")
+    );
+    assert_eq!(err(defaults("", Protocol::Http)), "Name: must not be empty");
+}
+
+#[test]
+fn splitter_rules() {
+    let ok = splitter(vec![split(50.0, Some("v1")), split(50.0, Some("v2"))]);
+    assert_eq!(validate_entry(&ok, &ctx()), Ok(()));
+    // Float weights that round to 100 within 0.01.
+    let thirds = splitter(vec![
+        split(33.33, Some("v1")),
+        split(33.33, Some("v2")),
+        split(33.34, None),
+    ]);
+    assert_eq!(validate_entry(&thirds, &ctx()), Ok(()));
+    assert_eq!(
+        err(splitter(vec![
+            split(50.0, Some("v1")),
+            split(40.0, Some("v2"))
+        ])),
+        "Splits: weights add up to 90, not 100"
+    );
+    assert_eq!(
+        err(splitter(vec![split(99.98, Some("v1"))])),
+        "Splits: weights add up to 99.98, not 100"
+    );
+    assert_eq!(
+        err(splitter(vec![
+            split(120.0, Some("v1")),
+            split(-20.0, Some("v2"))
+        ])),
+        "Splits[0].Weight: must be between 0 and 100, not 120"
+    );
+    assert_eq!(
+        err(splitter(vec![
+            split(100.0, Some("v1")),
+            split(-0.5, Some("v2"))
+        ])),
+        "Splits[1].Weight: must be between 0 and 100, not -0.5"
+    );
+    assert_eq!(
+        err(splitter(vec![split(f32::NAN, None)])),
+        "Splits[0].Weight: must be between 0 and 100, not NaN"
+    );
+    assert_eq!(
+        err(splitter(vec![])),
+        "Splits: at least one split is required"
+    );
+    assert_eq!(
+        err(splitter(vec![split(50.0, Some("v1")), split(50.0, Some("v3"))])),
+        "Splits[1].ServiceSubset: subset \"v3\" is not defined in the service-resolver of \"api\" (defined: v1, v2)"
+    );
+    let mut other = split(50.0, Some("v1"));
+    other.service = Some("web".into());
+    assert_eq!(
+        err(splitter(vec![split(50.0, Some("v1")), other])),
+        "Splits[1].ServiceSubset: subset \"v1\" is not defined in the service-resolver of \"web\" (defined: none)"
+    );
+    let mut nores = split(50.0, Some("v1"));
+    nores.service = Some("cache".into());
+    let mut c = ctx();
+    c.insert(defaults("cache", Protocol::Http));
+    let e = validate_entry(&splitter(vec![split(50.0, None), nores]), &c).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Splits[1].ServiceSubset: service \"cache\" has no service-resolver, so it has no subset \"v1\""
+    );
+    let mut tcp = split(50.0, None);
+    tcp.service = Some("db".into());
+    let e = err(splitter(vec![split(50.0, None), tcp]));
+    assert!(
+        e.starts_with("Splits[1].Service: a service-splitter needs service \"db\" to speak http"),
+        "{e}"
+    );
+    let mut bad = split(50.0, None);
+    bad.service = Some("DB".into());
+    assert!(err(splitter(vec![split(50.0, None), bad]))
+        .starts_with("Splits[1].Service: bad character 'D'"));
+    assert_eq!(
+        err(splitter(vec![
+            split(50.0, Some("v1")),
+            split(50.0, Some("v1"))
+        ])),
+        "Splits[1]: service \"api\" subset \"v1\" appears in more than one split"
+    );
+}
+
+#[test]
+fn router_and_splitter_need_http() {
+    let mut c = ctx();
+    c.insert(defaults("api", Protocol::Tcp));
+    let e = validate_entry(&splitter(vec![split(100.0, None)]), &c).unwrap_err();
+    assert_eq!(e.field(), "Kind");
+    assert!(
+        e.to_string().contains(
+            "needs service \"api\" to speak http, http2 or grpc, but its protocol is tcp"
+        ),
+        "{e}"
+    );
+    let e = validate_entry(&router(vec![]), &c).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("Kind: a service-router needs service \"api\""),
+        "{e}"
+    );
+    // No service-defaults at all: tcp.
+    let e = validate_entry(&router(vec![]), &EntrySet::new()).unwrap_err();
+    assert!(e.to_string().contains("its protocol is tcp"));
+    for p in [Protocol::Http, Protocol::Http2, Protocol::Grpc] {
+        c.insert(defaults("api", p));
+        assert_eq!(validate_entry(&router(vec![]), &c), Ok(()));
+    }
+}
+
+#[test]
+fn router_rules() {
+    let prefix = |p: &str| HttpMatch {
+        path_prefix: Some(p.into()),
+        ..Default::default()
+    };
+    let dest = RouteDestination::default;
+    assert_eq!(
+        validate_entry(&router(vec![route(None, dest())]), &ctx()),
+        Ok(())
+    );
+    let e = err(router(vec![
+        route(Some(prefix("/")), dest()),
+        route(
+            Some(HttpMatch {
+                path_regex: Some("(".into()),
+                ..Default::default()
+            }),
+            dest(),
+        ),
+    ]));
+    assert!(
+        e.starts_with("Routes[1].Match.HTTP.PathRegex: invalid regex: "),
+        "{e}"
+    );
+    let e = err(router(vec![route(
+        Some(HttpMatch {
+            path_exact: Some("/a".into()),
+            path_prefix: Some("/b".into()),
+            ..Default::default()
+        }),
+        dest(),
+    )]));
+    assert!(
+        e.starts_with("Routes[0].Match.HTTP: at most one of PathExact"),
+        "{e}"
+    );
+    let e = err(router(vec![route(
+        Some(HttpMatch {
+            methods: vec!["get".into()],
+            ..Default::default()
+        }),
+        dest(),
+    )]));
+    assert!(e.starts_with("Routes[0].Match.HTTP.Methods[0]"), "{e}");
+    let e = err(router(vec![route(
+        Some(HttpMatch {
+            headers: vec![crate::http_match::HeaderMatch {
+                name: "x".into(),
+                regex: Some("[".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        dest(),
+    )]));
+    assert!(
+        e.starts_with("Routes[0].Match.HTTP.Header[0].Regex: invalid regex"),
+        "{e}"
+    );
+    let e = err(router(vec![route(
+        Some(prefix("/")),
+        RouteDestination {
+            request_timeout: Some("5 seconds".into()),
+            ..dest()
+        },
+    )]));
+    assert!(
+        e.starts_with("Routes[0].Destination.RequestTimeout: invalid duration \"5 seconds\""),
+        "{e}"
+    );
+    assert_eq!(
+        err(router(vec![route(Some(prefix("/")), RouteDestination { service_subset: Some("v9".into()), ..dest() })])),
+        "Routes[0].Destination.ServiceSubset: subset \"v9\" is not defined in the service-resolver of \"api\" (defined: v1, v2)"
+    );
+    assert_eq!(
+        err(router(vec![route(
+            Some(HttpMatch { path_regex: Some("/x.*".into()), ..Default::default() }),
+            RouteDestination { prefix_rewrite: Some("/".into()), ..dest() }
+        )])),
+        "Routes[0].Destination.PrefixRewrite: needs Match.HTTP.PathExact or Match.HTTP.PathPrefix on the route"
+    );
+    assert_eq!(
+        err(router(vec![route(
+            Some(prefix("/a")),
+            RouteDestination {
+                prefix_rewrite: Some("b".into()),
+                ..dest()
+            }
+        )])),
+        "Routes[0].Destination.PrefixRewrite: \"b\" must start with '/'"
+    );
+    assert_eq!(
+        err(router(vec![route(
+            None,
+            RouteDestination {
+                retry_on_status_codes: vec![503, 99],
+                ..dest()
+            }
+        )])),
+        "Routes[0].Destination.RetryOnStatusCodes[1]: 99 is not an HTTP status code (100 to 599)"
+    );
+    let e = err(router(vec![route(
+        None,
+        RouteDestination {
+            service: Some("db".into()),
+            ..dest()
+        },
+    )]));
+    assert!(
+        e.starts_with("Routes[0].Destination.Service: a service-router needs service \"db\""),
+        "{e}"
+    );
+    let e = err(router(vec![route(
+        None,
+        RouteDestination {
+            service: Some("db_".into()),
+            ..dest()
+        },
+    )]));
+    assert!(
+        e.starts_with("Routes[0].Destination.Service: bad character '_' at position 3"),
+        "{e}"
+    );
+}
+
+#[test]
+fn resolver_rules() {
+    let ok = |r: ServiceResolver| validate_entry(&ConfigEntry::ServiceResolver(r), &ctx());
+    let e = |r: ServiceResolver| ok(r).unwrap_err().to_string();
+    assert_eq!(ok(resolver("api", &["v1"])), Ok(()));
+    // Resolvers do not need http.
+    assert_eq!(ok(resolver("db", &["v1"])), Ok(()));
+    let mut r = resolver("api", &["v1"]);
+    r.default_subset = Some("v2".into());
+    assert_eq!(
+        e(r),
+        "DefaultSubset: subset \"v2\" is not defined in Subsets (defined: v1)"
+    );
+    let mut r = resolver("api", &["v1"]);
+    r.subsets.get_mut("v1").unwrap().filter = "Service.Meta.version = v1".into();
+    assert_eq!(
+        e(r),
+        "Subsets.v1.Filter: at position 22: expected '==' or '!=', found '='"
+    );
+    let r = resolver("api", &["V1"]);
+    assert!(e(r).starts_with("Subsets.V1: bad character 'V'"));
+    let mut r = resolver("api", &["v1"]);
+    r.connect_timeout = Some("soon".into());
+    assert!(e(r).starts_with("ConnectTimeout: invalid duration \"soon\""));
+    // Failover.
+    let mut r = resolver("api", &["v1", "v2"]);
+    r.failover.insert(
+        "v3".into(),
+        ResolverFailover {
+            datacenters: vec!["dc2".into()],
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        e(r),
+        "Failover.v3: no subset \"v3\" in Subsets (use \"*\" or one of: v1, v2)"
+    );
+    let mut r = resolver("api", &["v1"]);
+    r.failover.insert("*".into(), ResolverFailover::default());
+    assert_eq!(
+        e(r),
+        "Failover.*: one of Service, ServiceSubset or Datacenters is required"
+    );
+    let mut r = resolver("api", &["v1"]);
+    r.failover.insert(
+        "*".into(),
+        ResolverFailover {
+            datacenters: vec!["DC2".into()],
+            ..Default::default()
+        },
+    );
+    assert!(e(r).starts_with("Failover.*.Datacenters[0]: bad character 'D'"));
+    let mut r = resolver("api", &["v1"]);
+    r.failover.insert(
+        "v1".into(),
+        ResolverFailover {
+            service_subset: Some("v2".into()),
+            ..Default::default()
+        },
+    );
+    // Own subsets come from the entry being written, not the stored one (which has v2).
+    assert_eq!(
+        e(r),
+        "Failover.v1.ServiceSubset: subset \"v2\" is not defined in the service-resolver of \"api\" (defined: v1)"
+    );
+    let mut r = resolver("web", &[]);
+    r.failover.insert(
+        "*".into(),
+        ResolverFailover {
+            service: Some("api".into()),
+            service_subset: Some("v2".into()),
+            ..Default::default()
+        },
+    );
+    assert_eq!(ok(r), Ok(()));
+    // Redirect.
+    let mut r = resolver("web", &[]);
+    r.redirect = Some(ResolverRedirect {
+        service: Some("api".into()),
+        service_subset: Some("v1".into()),
+        ..Default::default()
+    });
+    assert_eq!(ok(r), Ok(()));
+    let mut r = resolver("web", &[]);
+    r.redirect = Some(ResolverRedirect {
+        service: Some("api".into()),
+        service_subset: Some("v7".into()),
+        ..Default::default()
+    });
+    assert!(e(r).starts_with("Redirect.ServiceSubset: subset \"v7\""));
+    let mut r = resolver("web", &["v1"]);
+    r.redirect = Some(ResolverRedirect {
+        service: Some("api".into()),
+        ..Default::default()
+    });
+    assert_eq!(
+        e(r),
+        "Redirect: cannot be combined with Subsets, DefaultSubset or Failover"
+    );
+    let mut r = resolver("web", &[]);
+    r.redirect = Some(ResolverRedirect::default());
+    assert_eq!(
+        e(r),
+        "Redirect: one of Service, ServiceSubset or Datacenter is required"
+    );
+    let mut r = resolver("web", &[]);
+    r.redirect = Some(ResolverRedirect {
+        service: Some("web".into()),
+        ..Default::default()
+    });
+    assert_eq!(e(r), "Redirect: redirects \"web\" to itself");
+    let mut r = resolver("web", &[]);
+    r.redirect = Some(ResolverRedirect {
+        datacenter: Some("dc2".into()),
+        ..Default::default()
+    });
+    assert_eq!(ok(r), Ok(()));
+    let mut r = resolver("web", &[]);
+    r.redirect = Some(ResolverRedirect {
+        datacenter: Some("Dc2".into()),
+        ..Default::default()
+    });
+    assert!(e(r).starts_with("Redirect.Datacenter: bad character"));
+}
+
+#[test]
+fn l7_intentions_need_http_destinations() {
+    let perm = Permission {
+        action: IntentionAction::Allow,
+        http: HttpMatch {
+            path_prefix: Some("/".into()),
+            ..Default::default()
+        },
+    };
+    let c = ctx();
+    assert_eq!(
+        validate_intention_protocol(&Intention::l7("web", "api", vec![perm.clone()]), &c),
+        Ok(())
+    );
+    assert_eq!(
+        validate_intention_protocol(&Intention::l4("web", "db", IntentionAction::Allow), &c),
+        Ok(())
+    );
+    let e = validate_intention_protocol(&Intention::l7("web", "db", vec![perm.clone()]), &c)
+        .unwrap_err();
+    assert_eq!(e.field(), "Permissions");
+    assert!(
+        e.to_string().contains(
+            "need destination \"db\" to speak http, http2 or grpc, but its protocol is tcp"
+        ),
+        "{e}"
+    );
+    let e = validate_intention_protocol(&Intention::l7("web", "unknown", vec![perm.clone()]), &c)
+        .unwrap_err();
+    assert!(e.to_string().contains("protocol is tcp"));
+    let e = validate_intention_protocol(&Intention::l7("web", "*", vec![perm]), &c).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Permissions: L7 permissions need a specific destination service, not \"*\""
+    );
+}
+
+#[test]
+fn entry_set_context() {
+    let mut c = ctx();
+    assert_eq!(c.protocol("api"), Protocol::Http);
+    assert_eq!(c.protocol("nobody"), Protocol::Tcp);
+    assert!(c.resolver("api").is_some());
+    assert!(c.resolver("db").is_none());
+    let old = c.insert(defaults("api", Protocol::Http2));
+    assert_eq!(old, Some(defaults("api", Protocol::Http)));
+    assert_eq!(c.protocol("api"), Protocol::Http2);
+    assert!(c.remove(EntryKind::ServiceResolver, "api").is_some());
+    assert!(c.resolver("api").is_none());
+    assert_eq!(c.iter().count(), 4);
+    assert_eq!(c.iter().next().unwrap().kind(), EntryKind::ServiceDefaults);
+}
+
+#[test]
+fn stored_entry_round_trips() {
+    let s = StoredEntry {
+        entry: defaults("api", Protocol::Http),
+        create_index: 5,
+        modify_index: 7,
+    };
+    let json = serde_json::to_string(&s).unwrap();
+    assert_eq!(
+        json,
+        r#"{"entry":{"Kind":"service-defaults","Name":"api","Protocol":"http"},"create_index":5,"modify_index":7}"#
+    );
+    assert_eq!(serde_json::from_str::<StoredEntry>(&json).unwrap(), s);
+}
+
+#[test]
+fn route_selection() {
+    let r = ServiceRouter {
+        name: "api".into(),
+        routes: vec![
+            route(
+                Some(HttpMatch {
+                    path_prefix: Some("/admin".into()),
+                    ..Default::default()
+                }),
+                RouteDestination {
+                    service_subset: Some("v2".into()),
+                    ..Default::default()
+                },
+            ),
+            route(
+                Some(HttpMatch {
+                    path_regex: Some("(".into()),
+                    ..Default::default()
+                }),
+                RouteDestination::default(),
+            ),
+            route(
+                Some(HttpMatch {
+                    methods: vec!["POST".into()],
+                    ..Default::default()
+                }),
+                RouteDestination {
+                    service: Some("web".into()),
+                    ..Default::default()
+                },
+            ),
+        ],
+    };
+    assert_eq!(
+        select_route(&r, &Request::new("GET", "/admin/x"))
+            .unwrap()
+            .0,
+        0
+    );
+    assert_eq!(select_route(&r, &Request::new("POST", "/x")).unwrap().0, 2);
+    assert!(select_route(&r, &Request::new("GET", "/x")).is_none());
+    let mut catch_all = r.clone();
+    catch_all.routes.push(Route::default());
+    assert_eq!(
+        select_route(&catch_all, &Request::new("GET", "/x"))
+            .unwrap()
+            .0,
+        3
+    );
+}
+
+#[test]
+fn split_picking() {
+    let s = ServiceSplitter {
+        name: "api".into(),
+        splits: vec![
+            split(90.0, Some("v1")),
+            split(0.0, Some("v3")),
+            split(10.0, Some("v2")),
+        ],
+    };
+    let pick = |roll: f32| {
+        pick_split(&s, roll)
+            .unwrap()
+            .service_subset
+            .clone()
+            .unwrap()
+    };
+    assert_eq!(pick(0.0), "v1");
+    assert_eq!(pick(89.99), "v1");
+    assert_eq!(pick(90.0), "v2");
+    assert_eq!(pick(99.999), "v2");
+    assert_eq!(pick(100.0), "v2");
+    assert!(pick_split(&ServiceSplitter::default(), 1.0).is_none());
+}
+
+#[test]
+fn subset_membership() {
+    let inst = |version: &str, health: HealthStatus| ServiceInstance {
+        id: "i".into(),
+        service: "api".into(),
+        node: "n".into(),
+        address: "10.0.0.1".into(),
+        port: 80,
+        tags: vec![],
+        meta: [("version".to_string(), version.to_string())].into(),
+        health,
+        check_output: String::new(),
+        create_index: 0,
+        modify_index: 0,
+    };
+    let v1 = ResolverSubset {
+        filter: "Service.Meta.version == v1".into(),
+        only_passing: false,
+    };
+    assert!(v1.contains(&inst("v1", HealthStatus::Passing)));
+    assert!(v1.contains(&inst("v1", HealthStatus::Warning)));
+    assert!(!v1.contains(&inst("v1", HealthStatus::Critical)));
+    assert!(!v1.contains(&inst("v2", HealthStatus::Passing)));
+    let strict = ResolverSubset {
+        only_passing: true,
+        ..v1.clone()
+    };
+    assert!(!strict.contains(&inst("v1", HealthStatus::Warning)));
+    assert!(strict.contains(&inst("v1", HealthStatus::Passing)));
+    let all = ResolverSubset::default();
+    assert!(all.contains(&inst("v9", HealthStatus::Passing)));
+    let broken = ResolverSubset {
+        filter: "nonsense".into(),
+        only_passing: false,
+    };
+    assert!(!broken.contains(&inst("v1", HealthStatus::Passing)));
+}
