@@ -56,6 +56,9 @@ enum Command {
     /// The key/value store.
     #[command(subcommand)]
     Kv(commands::kv::KvCmd),
+    /// The certificate authority: trust bundle, leaves, rotation.
+    #[command(subcommand)]
+    Ca(commands::ca::CaCmd),
     /// Save or restore the whole state.
     #[command(subcommand)]
     Snapshot(commands::snapshot::SnapshotCmd),
@@ -83,6 +86,7 @@ async fn main() -> ExitCode {
         Command::Config(c) => commands::config::run(&ctx, c).await,
         Command::Kv(c) => commands::kv::run(&ctx, c).await,
         Command::Snapshot(c) => commands::snapshot::run(&ctx, c).await,
+        Command::Ca(c) => commands::ca::run(&ctx, c).await,
     };
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,

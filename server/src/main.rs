@@ -79,6 +79,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             .map(|(id, a)| (*id, a.to_string()))
             .collect(),
         default_allow: settings.default_allow,
+        leaf_ttl_secs: settings.leaf_ttl_secs,
     });
 
     let raft_listener = TcpListener::bind(settings.raft_addr)
@@ -101,7 +102,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let (catalog, intentions, config_api, kv, operator, watch) =
+    let (catalog, intentions, config_api, kv, operator, watch, ca) =
         weft_server::grpc::services(node.clone());
     let api_server = tonic::transport::Server::builder()
         .add_service(health_service)
@@ -111,9 +112,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .add_service(kv)
         .add_service(operator)
         .add_service(watch)
+        .add_service(ca)
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown_signal());
 
     tokio::spawn(weft_server::cluster::form(node.clone()));
+    tokio::spawn(weft_server::grpc::ca::maintain(node.clone()));
     let raft_task = tokio::spawn(raft_server);
 
     if settings.dev {

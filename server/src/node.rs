@@ -48,6 +48,8 @@ pub struct ServerNode {
     pub peers: BTreeMap<NodeId, String>,
     /// The intention default this server applies ("allow" in dev mode).
     pub default_allow: bool,
+    /// Lifetime of leaf certificates, fixed when the CA is created.
+    pub leaf_ttl_secs: u64,
 }
 
 impl ServerNode {

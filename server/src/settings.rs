@@ -41,6 +41,9 @@ pub struct Args {
     /// The range virtual IPs come from.
     #[arg(long)]
     pub vip_cidr: Option<String>,
+    /// Lifetime of leaf certificates (e.g. "72h"), fixed when the CA is created.
+    #[arg(long)]
+    pub leaf_ttl: Option<String>,
     /// A TOML file with the same settings.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -60,6 +63,7 @@ pub struct FileSettings {
     pub default_intention: Option<String>,
     pub snapshot_threshold: Option<u64>,
     pub vip_cidr: Option<String>,
+    pub leaf_ttl: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +110,7 @@ pub struct Settings {
     pub default_allow: bool,
     pub snapshot_threshold: u64,
     pub vip_cidr: Option<String>,
+    pub leaf_ttl_secs: u64,
 }
 
 fn read_file(path: &Path) -> Result<FileSettings, SettingsError> {
@@ -182,7 +187,15 @@ impl Settings {
                 )))
             }
         };
+        let leaf_ttl_secs = match args.leaf_ttl.or(file.leaf_ttl) {
+            Some(text) => weft_api::duration::parse_duration(&text)
+                .map_err(|e| SettingsError::Invalid(format!("leaf_ttl: {e}")))?
+                .as_secs()
+                .max(60),
+            None => crate::ca::DEFAULT_LEAF_TTL_SECS,
+        };
         Ok(Settings {
+            leaf_ttl_secs,
             dev: args.dev,
             node_id,
             data_dir,

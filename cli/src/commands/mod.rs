@@ -1,5 +1,6 @@
 //! One module per `weft` command group.
 
+pub mod ca;
 pub mod catalog;
 pub mod config;
 pub mod intention;

@@ -3,6 +3,7 @@
 //! input, turns writes into Raft commands (`ServerNode::write`) and serves
 //! reads from the replicated state after the read barrier.
 
+pub mod ca;
 pub mod catalog;
 pub mod config;
 pub mod intentions;
@@ -45,6 +46,7 @@ pub fn services(
     proto::kv_server::KvServer<kv::KvApi>,
     proto::operator_server::OperatorServer<operator::OperatorApi>,
     proto::watch_server::WatchServer<watch::WatchApi>,
+    proto::ca_server::CaServer<ca::CaApi>,
 ) {
     (
         proto::catalog_server::CatalogServer::new(catalog::CatalogApi(node.clone())),
@@ -54,6 +56,7 @@ pub fn services(
         proto::operator_server::OperatorServer::new(operator::OperatorApi(node.clone()))
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20),
-        proto::watch_server::WatchServer::new(watch::WatchApi(node)),
+        proto::watch_server::WatchServer::new(watch::WatchApi(node.clone())),
+        proto::ca_server::CaServer::new(ca::CaApi(node)),
     )
 }

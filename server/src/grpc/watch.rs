@@ -38,7 +38,7 @@ impl Watch for WatchApi {
 }
 
 /// The whole state as a watch snapshot.
-pub fn snapshot_of(state: &State) -> proto::StateSnapshot {
+pub fn snapshot_of(state: &State, default_allow: bool) -> proto::StateSnapshot {
     proto::StateSnapshot {
         nodes: state.nodes.values().map(node_to_proto).collect(),
         instances: state
@@ -63,6 +63,11 @@ pub fn snapshot_of(state: &State) -> proto::StateSnapshot {
             .map(entry_to_proto)
             .collect(),
         kv: state.kv.values().map(kv_to_proto).collect(),
+        ca: state.ca.as_ref().map(|ca| proto::CaBundle {
+            trust_domain: ca.trust_domain.clone(),
+            roots_pem: ca.roots.iter().map(|r| r.cert_pem.clone()).collect(),
+        }),
+        default_allow,
     }
 }
 
@@ -94,6 +99,13 @@ fn change_to_proto(change: &Change) -> Option<proto::Change> {
         }),
         Change::KvUpsert(e) => P::KvUpsert(kv_to_proto(e)),
         Change::KvDelete(key) => P::KvDelete(key.clone()),
+        Change::CaBundle {
+            trust_domain,
+            roots_pem,
+        } => P::CaBundle(proto::CaBundle {
+            trust_domain: trust_domain.clone(),
+            roots_pem: roots_pem.clone(),
+        }),
         Change::Replaced => return None,
     };
     Some(proto::Change { change: Some(c) })
@@ -108,10 +120,10 @@ fn changes_event(index: u64, changes: &[Change]) -> proto::WatchEvent {
     }
 }
 
-fn snapshot_event(state: &State) -> proto::WatchEvent {
+fn snapshot_event(state: &State, default_allow: bool) -> proto::WatchEvent {
     proto::WatchEvent {
         index: state.index,
-        event: Some(Event::Snapshot(snapshot_of(state))),
+        event: Some(Event::Snapshot(snapshot_of(state, default_allow))),
     }
 }
 
@@ -131,7 +143,7 @@ fn start(
             .iter()
             .map(|(index, changes)| changes_event(*index, changes))
             .collect(),
-        _ => vec![snapshot_event(&state)],
+        _ => vec![snapshot_event(&state, node.default_allow)],
     };
     (rx, first, state.index)
 }
@@ -166,7 +178,7 @@ async fn stream_changes(node: Arc<ServerNode>, from: u64, tx: EventSender) {
             Ok(HubEvent::Reset(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {
                 let state = node.shared.state.read().expect("state lock");
                 last = state.index;
-                snapshot_event(&state)
+                snapshot_event(&state, node.default_allow)
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };

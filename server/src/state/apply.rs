@@ -184,11 +184,57 @@ impl State {
                 self.kv.remove(&key);
                 Ok(vec![Change::KvDelete(key)])
             }
+            Command::CaInit(ca) => {
+                if self.ca.is_some() {
+                    return Err(ApplyError::Invalid(
+                        "the certificate authority exists already".into(),
+                    ));
+                }
+                self.ca = Some(ca);
+                Ok(vec![self.ca_bundle_change()])
+            }
+            Command::CaRotate { root, now } => {
+                let Some(ca) = &self.ca else {
+                    return Err(ApplyError::Invalid(
+                        "no certificate authority to rotate".into(),
+                    ));
+                };
+                let active = ca.roots.last().map_or(0, |r| r.serial);
+                if root.serial != active + 1 {
+                    return Err(ApplyError::Invalid(format!(
+                        "root {} does not follow the active root {active} (another rotation came first)",
+                        root.serial
+                    )));
+                }
+                self.ca = Some(ca.rotated(root, now));
+                Ok(vec![self.ca_bundle_change()])
+            }
+            Command::CaPrune { now } => {
+                let Some(ca) = &mut self.ca else {
+                    return Ok(Vec::new());
+                };
+                let before = ca.roots.len();
+                ca.prune(now);
+                if ca.roots.len() == before {
+                    return Ok(Vec::new());
+                }
+                Ok(vec![self.ca_bundle_change()])
+            }
             Command::Restore(state) => {
                 *self = *state;
                 self.index = index;
                 Ok(vec![Change::Replaced])
             }
+        }
+    }
+
+    fn ca_bundle_change(&self) -> Change {
+        let ca = self.ca.as_ref();
+        Change::CaBundle {
+            trust_domain: ca.map(|c| c.trust_domain.clone()).unwrap_or_default(),
+            roots_pem: ca
+                .map(|c| c.roots.iter().map(|r| r.cert_pem.clone()).collect())
+                .unwrap_or_default(),
         }
     }
 

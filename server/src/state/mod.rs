@@ -19,6 +19,8 @@ use weft_api::config_entry::{ConfigEntry, EntryContext, Protocol, ServiceResolve
 use weft_api::intention::Intention;
 use weft_api::kv::KvEntry;
 
+use crate::ca::{CaRoot, CaState};
+
 pub use apply::ApplyError;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -37,6 +39,9 @@ pub struct State {
     /// kind -> name -> entry
     pub config: BTreeMap<String, BTreeMap<String, StoredEntry>>,
     pub kv: BTreeMap<String, KvEntry>,
+    /// The certificate authority, once the leader has created it.
+    #[serde(default)]
+    pub ca: Option<CaState>,
 }
 
 /// A change to the state, as written through Raft.
@@ -79,6 +84,17 @@ pub enum Command {
     },
     /// Replace the whole state (snapshot restore).
     Restore(Box<State>),
+    /// Create the CA (refused if there is one).
+    CaInit(CaState),
+    /// Make `root` (cross-signed by the active root) the active root.
+    CaRotate {
+        root: CaRoot,
+        now: i64,
+    },
+    /// Drop roots whose last leaf has expired by `now`.
+    CaPrune {
+        now: i64,
+    },
 }
 
 /// What applying a command gave: its index, or why it was refused.
@@ -114,6 +130,11 @@ pub enum Change {
     },
     KvUpsert(KvEntry),
     KvDelete(String),
+    /// The trust bundle changed.
+    CaBundle {
+        trust_domain: String,
+        roots_pem: Vec<String>,
+    },
     /// The whole state was replaced; watchers need a new snapshot.
     Replaced,
 }

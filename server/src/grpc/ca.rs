@@ -1,0 +1,194 @@
+//! `weft.v1.Ca`: the trust bundle, signing agents' CSRs, operator leaves,
+//! and root rotation.
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use weft_api::names::validate_name;
+use weft_api::proto::{self, ca_server::Ca};
+
+use super::{invalid, read};
+use crate::ca::{CaError, CaState, Leaf};
+use crate::node::ServerNode;
+use crate::state::Command;
+
+pub struct CaApi(pub Arc<ServerNode>);
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn ca_status(e: CaError) -> Status {
+    match e {
+        CaError::NotInitialized => Status::unavailable(e.to_string()),
+        CaError::Crypto(_) => Status::internal(e.to_string()),
+        _ => Status::invalid_argument(e.to_string()),
+    }
+}
+
+fn signed(ca: &CaState, spiffe_id: String, leaf: Leaf, key_pem: String) -> proto::SignedLeaf {
+    proto::SignedLeaf {
+        spiffe_id,
+        cert_pem: leaf.cert_pem,
+        chain_pem: leaf.chain_pem,
+        bundle_pem: ca.bundle_pem(),
+        not_after: leaf.not_after,
+        key_pem,
+    }
+}
+
+#[tonic::async_trait]
+impl Ca for CaApi {
+    async fn roots(
+        &self,
+        req: Request<proto::ReadOptions>,
+    ) -> Result<Response<proto::CaRoots>, Status> {
+        let ca = read(&self.0, Some(req.into_inner()), |s| s.ca.clone()).await?;
+        let ca = ca.ok_or_else(|| ca_status(CaError::NotInitialized))?;
+        let active = ca.roots.last().map(|r| r.serial);
+        Ok(Response::new(proto::CaRoots {
+            trust_domain: ca.trust_domain.clone(),
+            bundle_pem: ca.bundle_pem(),
+            roots: ca
+                .roots
+                .iter()
+                .map(|r| proto::CaRootInfo {
+                    serial: r.serial,
+                    not_after: r.not_after,
+                    active: Some(r.serial) == active,
+                    retire_after: r.retire_after.unwrap_or(0),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn sign(
+        &self,
+        req: Request<proto::SignRequest>,
+    ) -> Result<Response<proto::SignedLeaf>, Status> {
+        let r = req.into_inner();
+        validate_name(&r.node).map_err(|e| invalid(format!("node: {e}")))?;
+        if !r.service.is_empty() {
+            validate_name(&r.service).map_err(|e| invalid(format!("service: {e}")))?;
+        }
+        let found = read(&self.0, None, |s| {
+            let node = s.nodes.get(&r.node)?;
+            let on_node = r.service.is_empty()
+                || s.instances
+                    .get(&r.node)
+                    .is_some_and(|m| m.values().any(|i| i.service == r.service));
+            Some((s.ca.clone(), node.datacenter.clone(), on_node))
+        })
+        .await?;
+        let Some((ca, dc, on_node)) = found else {
+            return Err(Status::permission_denied(format!(
+                "node {:?} is not registered",
+                r.node
+            )));
+        };
+        if !on_node {
+            return Err(Status::permission_denied(format!(
+                "service {:?} is not registered on node {:?}: no certificate for it",
+                r.service, r.node
+            )));
+        }
+        let ca = ca.ok_or_else(|| ca_status(CaError::NotInitialized))?;
+        let (spiffe_id, cn) = if r.service.is_empty() {
+            (ca.node_id(&dc, &r.node), r.node.clone())
+        } else {
+            (ca.service_id(&dc, &r.service), r.service.clone())
+        };
+        let leaf = ca
+            .sign_csr(&r.csr_pem, &spiffe_id, &cn, unix_now())
+            .map_err(ca_status)?;
+        tracing::info!(node = %r.node, %spiffe_id, "signed a leaf certificate");
+        Ok(Response::new(signed(&ca, spiffe_id, leaf, String::new())))
+    }
+
+    async fn issue_leaf(
+        &self,
+        req: Request<proto::IssueLeafRequest>,
+    ) -> Result<Response<proto::SignedLeaf>, Status> {
+        let r = req.into_inner();
+        validate_name(&r.service).map_err(|e| invalid(format!("service: {e}")))?;
+        let dc = if r.datacenter.is_empty() {
+            "dc1".to_string()
+        } else {
+            r.datacenter
+        };
+        validate_name(&dc).map_err(|e| invalid(format!("datacenter: {e}")))?;
+        let ca = read(&self.0, None, |s| s.ca.clone())
+            .await?
+            .ok_or_else(|| ca_status(CaError::NotInitialized))?;
+        let spiffe_id = ca.service_id(&dc, &r.service);
+        let (leaf, key) = ca
+            .issue_leaf(&spiffe_id, &r.service, unix_now())
+            .map_err(ca_status)?;
+        tracing::info!(%spiffe_id, "issued an operator leaf certificate");
+        Ok(Response::new(signed(
+            &ca,
+            spiffe_id,
+            leaf,
+            key.expose().to_string(),
+        )))
+    }
+
+    async fn rotate(
+        &self,
+        _req: Request<proto::Empty>,
+    ) -> Result<Response<proto::WriteResult>, Status> {
+        let ca = read(&self.0, None, |s| s.ca.clone())
+            .await?
+            .ok_or_else(|| ca_status(CaError::NotInitialized))?;
+        let now = unix_now();
+        let root = ca.next_root(now).map_err(ca_status)?;
+        let serial = root.serial;
+        let index = self.0.write(Command::CaRotate { root, now }).await?;
+        tracing::info!(serial, "CA root rotated");
+        Ok(Response::new(proto::WriteResult { index }))
+    }
+}
+
+/// Runs on every server: whichever leads creates the CA when there is none
+/// and drops retired roots from the bundle.
+pub async fn maintain(node: Arc<ServerNode>) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        if node.raft.current_leader().await != Some(node.id) {
+            continue;
+        }
+        let (has_ca, expired) = {
+            let state = node.shared.state.read().expect("state lock");
+            let now = unix_now();
+            (
+                state.ca.is_some(),
+                state.ca.as_ref().is_some_and(|c| c.has_expired_roots(now)),
+            )
+        };
+        let cmd = if !has_ca {
+            let cluster_id = format!("{:08x}", rand::random::<u32>());
+            match CaState::init(
+                &format!("{cluster_id}.weft"),
+                node.leaf_ttl_secs,
+                unix_now(),
+            ) {
+                Ok(ca) => Command::CaInit(ca),
+                Err(e) => {
+                    tracing::error!("creating the CA failed: {e}");
+                    continue;
+                }
+            }
+        } else if expired {
+            Command::CaPrune { now: unix_now() }
+        } else {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            continue;
+        };
+        match node.write(cmd).await {
+            Ok(index) if !has_ca => tracing::info!(index, "certificate authority created"),
+            Ok(_) => tracing::info!("retired CA roots removed from the bundle"),
+            Err(e) => tracing::debug!("CA maintenance: {e}"),
+        }
+    }
+}
