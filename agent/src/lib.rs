@@ -6,5 +6,6 @@
 //! intentions on the way. This crate is both the `weft-agent` binary and a
 //! library, so that tests drive the same code the binary runs.
 
+pub mod config;
 pub mod ebpf;
 pub mod telemetry;

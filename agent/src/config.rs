@@ -1,0 +1,1280 @@
+//! The agent's configuration file, `agent.toml`: its fields and defaults, parsing with
+//! errors that name the file, line, column and field, and the semantic checks that run
+//! after parsing (names, ports, addresses, durations, uniqueness).
+//!
+//! Parsing happens in two steps. Serde reads the TOML into private "raw" structs that
+//! mirror the file (`deny_unknown_fields`, strings for durations and addresses). Then
+//! [`validate`] turns them into the public, typed [`AgentConfig`], reporting the first
+//! problem with its field path (`service[1].check[0]`) and, where the field can be found
+//! in the text, its line.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use weft_api::duration::parse_duration;
+use weft_api::names::validate_name;
+
+/// Default address of a service's workload.
+pub const DEFAULT_SERVICE_ADDRESS: &str = "127.0.0.1";
+/// Default inbound mTLS / HBONE listener.
+pub const DEFAULT_INBOUND_ADDR: &str = "0.0.0.0:15008";
+/// Default outbound listener for redirected connections.
+pub const DEFAULT_OUTBOUND_ADDR: &str = "127.0.0.1:15001";
+/// Default admin listener (`/healthz`, `/metrics`, `/config`).
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15020";
+/// Default DNS listener.
+pub const DEFAULT_DNS_ADDR: &str = "127.0.0.1:8600";
+/// Default time given to open connections to finish at shutdown.
+pub const DEFAULT_DRAIN_TIMEOUT: &str = "5s";
+/// Default interval between two runs of a check.
+pub const DEFAULT_CHECK_INTERVAL: &str = "10s";
+/// Default timeout of one run of a check.
+pub const DEFAULT_CHECK_TIMEOUT: &str = "2s";
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read the agent configuration: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax error, unknown field, missing field or wrong type.
+    #[error("{file}:{line}:{column}: {}{message}", field_prefix(field))]
+    Syntax {
+        file: String,
+        /// 1-based.
+        line: usize,
+        /// 1-based, in characters.
+        column: usize,
+        /// Field path such as `service[0].port`; empty when not known.
+        field: String,
+        message: String,
+    },
+    /// The file parsed but a value is not acceptable.
+    #[error("{file}{}: {field}: {message}", line_suffix(*line))]
+    Invalid {
+        file: String,
+        /// 1-based line of the field, when it appears in the file.
+        line: Option<usize>,
+        /// Field path such as `service[1].check[0]`.
+        field: String,
+        message: String,
+    },
+}
+
+fn field_prefix(field: &str) -> String {
+    if field.is_empty() {
+        String::new()
+    } else {
+        format!("{field}: ")
+    }
+}
+
+fn line_suffix(line: Option<usize>) -> String {
+    line.map(|l| format!(":{l}")).unwrap_or_default()
+}
+
+/// The whole agent configuration, validated.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub datacenter: String,
+    /// gRPC addresses of the servers, `HOST:PORT` each.
+    pub servers: Vec<String>,
+    /// Where other agents reach this node (on the inbound port).
+    pub advertise_addr: IpAddr,
+    pub data_dir: PathBuf,
+    /// `None`: the cgroup2 mount, found at start-up.
+    pub cgroup_root: Option<PathBuf>,
+    /// `false`: explicit upstreams only, no interception.
+    pub ebpf: bool,
+    pub inbound_addr: SocketAddr,
+    pub outbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub dns_addr: SocketAddr,
+    #[serde(with = "duration_text")]
+    pub drain_timeout: Duration,
+    pub services: Vec<ServiceConfig>,
+}
+
+/// One `[[service]]`: a workload on this node.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServiceConfig {
+    /// Unique on the node; defaults to the name.
+    pub id: String,
+    pub name: String,
+    /// Where the workload listens.
+    pub port: u16,
+    pub address: IpAddr,
+    /// The workload's cgroup, relative to the cgroup root.
+    pub cgroup: Option<PathBuf>,
+    pub tags: Vec<String>,
+    pub meta: BTreeMap<String, String>,
+    pub checks: Vec<CheckConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// One `[[service.check]]`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckConfig {
+    pub kind: CheckKind,
+    #[serde(with = "duration_text")]
+    pub interval: Duration,
+    #[serde(with = "duration_text")]
+    pub timeout: Duration,
+}
+
+/// What a check probes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// `GET url`; only `http://` URLs.
+    Http { url: String },
+    /// TCP connect to `HOST:PORT`.
+    Tcp { addr: String },
+    /// gRPC health protocol at `HOST:PORT`, for `service` (empty: the whole server).
+    Grpc { addr: String, service: String },
+    /// Passing while refreshed within `ttl`.
+    Ttl {
+        #[serde(with = "duration_text")]
+        ttl: Duration,
+    },
+}
+
+/// One `[[service.upstream]]`: a local port that reaches a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub local_port: u16,
+}
+
+mod duration_text {
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{d:?}"))
+    }
+}
+
+impl AgentConfig {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: impl AsRef<Path>) -> Result<AgentConfig, ConfigError> {
+        let path = path.as_ref();
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::parse(&text, &file)
+    }
+
+    /// Parses and validates `text`; `file` names it in error messages.
+    pub fn parse(text: &str, file: &str) -> Result<AgentConfig, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map(|s| s.start).unwrap_or(0);
+            let (line, column) = line_column(text, offset);
+            ConfigError::Syntax {
+                file: file.to_string(),
+                line,
+                column,
+                field: if e.span().is_some() {
+                    field_path_at(text, offset)
+                } else {
+                    String::new()
+                },
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        validate(raw).map_err(|invalid| ConfigError::Invalid {
+            file: file.to_string(),
+            line: line_of_field(text, &invalid.field),
+            field: invalid.field,
+            message: invalid.message,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The file as serde reads it.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node_name: String,
+    datacenter: String,
+    servers: Vec<String>,
+    advertise_addr: String,
+    data_dir: PathBuf,
+    #[serde(default)]
+    cgroup_root: Option<PathBuf>,
+    #[serde(default = "default_true")]
+    ebpf: bool,
+    #[serde(default = "default_inbound")]
+    inbound_addr: String,
+    #[serde(default = "default_outbound")]
+    outbound_addr: String,
+    #[serde(default = "default_admin")]
+    admin_addr: String,
+    #[serde(default = "default_dns")]
+    dns_addr: String,
+    #[serde(default = "default_drain")]
+    drain_timeout: String,
+    #[serde(default)]
+    service: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    #[serde(default)]
+    id: Option<String>,
+    name: String,
+    port: u16,
+    #[serde(default = "default_service_address")]
+    address: String,
+    #[serde(default)]
+    cgroup: Option<PathBuf>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    meta: BTreeMap<String, String>,
+    #[serde(default)]
+    check: Vec<RawCheck>,
+    #[serde(default)]
+    upstream: Vec<RawUpstream>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    #[serde(default)]
+    http: Option<String>,
+    #[serde(default)]
+    tcp: Option<String>,
+    #[serde(default)]
+    grpc: Option<String>,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default = "default_interval")]
+    interval: String,
+    #[serde(default = "default_timeout")]
+    timeout: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: String,
+    local_port: u16,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_inbound() -> String {
+    DEFAULT_INBOUND_ADDR.to_string()
+}
+fn default_outbound() -> String {
+    DEFAULT_OUTBOUND_ADDR.to_string()
+}
+fn default_admin() -> String {
+    DEFAULT_ADMIN_ADDR.to_string()
+}
+fn default_dns() -> String {
+    DEFAULT_DNS_ADDR.to_string()
+}
+fn default_drain() -> String {
+    DEFAULT_DRAIN_TIMEOUT.to_string()
+}
+fn default_service_address() -> String {
+    DEFAULT_SERVICE_ADDRESS.to_string()
+}
+fn default_interval() -> String {
+    DEFAULT_CHECK_INTERVAL.to_string()
+}
+fn default_timeout() -> String {
+    DEFAULT_CHECK_TIMEOUT.to_string()
+}
+
+// ---------------------------------------------------------------------------------
+// Semantic validation (pure).
+
+/// A semantic problem: the field path and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Invalid {
+    field: String,
+    message: String,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+    Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+fn name(field: &str, value: &str) -> Result<String, Invalid> {
+    validate_name(value)
+        .map(|()| value.to_string())
+        .map_err(|e| invalid(field, format!("invalid name {value:?}: {e}")))
+}
+
+fn duration(field: &str, value: &str, allow_zero: bool) -> Result<Duration, Invalid> {
+    let d = parse_duration(value).map_err(|e| invalid(field, e.to_string()))?;
+    if d.is_zero() && !allow_zero {
+        return Err(invalid(
+            field,
+            format!("{value:?} must be greater than zero"),
+        ));
+    }
+    Ok(d)
+}
+
+fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, Invalid> {
+    value.parse().map_err(|_| {
+        invalid(
+            field,
+            format!("{value:?} is not an IP:PORT address (e.g. \"127.0.0.1:15020\")"),
+        )
+    })
+}
+
+fn ip_addr(field: &str, value: &str) -> Result<IpAddr, Invalid> {
+    value.parse().map_err(|_| {
+        invalid(
+            field,
+            format!("{value:?} is not an IP address (e.g. \"10.0.0.2\")"),
+        )
+    })
+}
+
+fn port(field: &str, value: u16) -> Result<u16, Invalid> {
+    if value == 0 {
+        Err(invalid(field, "port must not be 0"))
+    } else {
+        Ok(value)
+    }
+}
+
+/// Checks `HOST:PORT` (IPv6 hosts in brackets) and returns it unchanged.
+fn host_port(field: &str, value: &str) -> Result<String, Invalid> {
+    let bad = |why: &str| {
+        invalid(
+            field,
+            format!("{value:?} is not HOST:PORT ({why}; e.g. \"10.0.0.1:8502\")"),
+        )
+    };
+    let (host, port_text) = value.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    let host_ok = if let Some(inner) = host.strip_prefix('[') {
+        inner
+            .strip_suffix(']')
+            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+    } else {
+        !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
+    };
+    if !host_ok {
+        return Err(bad("bad host"));
+    }
+    match port_text.parse::<u16>() {
+        Ok(0) => Err(bad("port must not be 0")),
+        Ok(_) => Ok(value.to_string()),
+        Err(_) => Err(bad("port must be a number from 1 to 65535")),
+    }
+}
+
+fn check_kind(field: &str, raw: &RawCheck) -> Result<CheckKind, Invalid> {
+    let set = [
+        raw.http.is_some(),
+        raw.tcp.is_some(),
+        raw.grpc.is_some(),
+        raw.ttl.is_some(),
+    ];
+    if set.iter().filter(|s| **s).count() != 1 {
+        return Err(invalid(field, "exactly one of http, tcp, grpc, ttl"));
+    }
+    if let Some(url) = &raw.http {
+        let f = format!("{field}.http");
+        if url.starts_with("https://") {
+            return Err(invalid(
+                f,
+                format!("{url:?}: https checks are not supported (use http://)"),
+            ));
+        }
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| invalid(&f, format!("{url:?} is not a URL: {e}")))?;
+        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            return Err(invalid(
+                f,
+                format!("{url:?} must be an http:// URL with a host"),
+            ));
+        }
+        return Ok(CheckKind::Http { url: url.clone() });
+    }
+    if let Some(addr) = &raw.tcp {
+        let addr = host_port(&format!("{field}.tcp"), addr)?;
+        return Ok(CheckKind::Tcp { addr });
+    }
+    if let Some(target) = &raw.grpc {
+        let f = format!("{field}.grpc");
+        let (addr, service) = target.split_once('/').unwrap_or((target, ""));
+        let addr = host_port(&f, addr)?;
+        if target.contains('/') && service.is_empty() {
+            return Err(invalid(
+                f,
+                format!("{target:?}: empty service name after '/' (write HOST:PORT or HOST:PORT/SERVICE)"),
+            ));
+        }
+        return Ok(CheckKind::Grpc {
+            addr,
+            service: service.to_string(),
+        });
+    }
+    let ttl = raw.ttl.as_deref().unwrap_or_default();
+    Ok(CheckKind::Ttl {
+        ttl: duration(&format!("{field}.ttl"), ttl, false)?,
+    })
+}
+
+fn check(field: &str, raw: &RawCheck) -> Result<CheckConfig, Invalid> {
+    Ok(CheckConfig {
+        kind: check_kind(field, raw)?,
+        interval: duration(&format!("{field}.interval"), &raw.interval, false)?,
+        timeout: duration(&format!("{field}.timeout"), &raw.timeout, false)?,
+    })
+}
+
+fn cgroup(field: &str, path: &Path) -> Result<PathBuf, Invalid> {
+    let ok = !path.as_os_str().is_empty()
+        && path.components().all(|c| matches!(c, Component::Normal(_)));
+    if ok {
+        Ok(path.to_path_buf())
+    } else {
+        Err(invalid(
+            field,
+            format!(
+                "{:?} must be a relative path below cgroup_root, without '..' (e.g. \"weft/api\")",
+                path.display().to_string()
+            ),
+        ))
+    }
+}
+
+fn service_id(field: &str, id: &str) -> Result<String, Invalid> {
+    if id.is_empty()
+        || id.len() > 128
+        || !id.chars().all(|c| c.is_ascii_graphic())
+        || id.contains('/')
+    {
+        return Err(invalid(
+            field,
+            format!("{id:?}: an id is 1 to 128 printable ASCII characters without spaces or '/'"),
+        ));
+    }
+    Ok(id.to_string())
+}
+
+fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
+    let node_name = name("node_name", &raw.node_name)?;
+    let datacenter = name("datacenter", &raw.datacenter)?;
+    if raw.servers.is_empty() {
+        return Err(invalid(
+            "servers",
+            "must list at least one server (e.g. [\"10.0.0.1:8502\"])",
+        ));
+    }
+    let servers = raw
+        .servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| host_port(&format!("servers[{i}]"), s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let advertise_addr = ip_addr("advertise_addr", &raw.advertise_addr)?;
+    if raw.data_dir.as_os_str().is_empty() {
+        return Err(invalid("data_dir", "must not be empty"));
+    }
+    if let Some(root) = &raw.cgroup_root {
+        if !root.is_absolute() {
+            return Err(invalid(
+                "cgroup_root",
+                format!("{:?} must be an absolute path", root.display().to_string()),
+            ));
+        }
+    }
+    let inbound_addr = socket_addr("inbound_addr", &raw.inbound_addr)?;
+    let outbound_addr = socket_addr("outbound_addr", &raw.outbound_addr)?;
+    let admin_addr = socket_addr("admin_addr", &raw.admin_addr)?;
+    let dns_addr = socket_addr("dns_addr", &raw.dns_addr)?;
+    let drain_timeout = duration("drain_timeout", &raw.drain_timeout, true)?;
+
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    let mut local_ports: HashMap<u16, String> = HashMap::new();
+    let mut services = Vec::with_capacity(raw.service.len());
+    for (i, s) in raw.service.iter().enumerate() {
+        let field = format!("service[{i}]");
+        let svc_name = name(&format!("{field}.name"), &s.name)?;
+        if let Some(first) = names.insert(svc_name.clone(), i) {
+            return Err(invalid(
+                format!("{field}.name"),
+                format!("service {svc_name:?} is already defined by service[{first}]"),
+            ));
+        }
+        let id = service_id(&format!("{field}.id"), s.id.as_deref().unwrap_or(&svc_name))?;
+        if let Some(first) = ids.insert(id.clone(), i) {
+            return Err(invalid(
+                format!("{field}.id"),
+                format!("id {id:?} is already used by service[{first}]"),
+            ));
+        }
+        let svc_port = port(&format!("{field}.port"), s.port)?;
+        let address = ip_addr(&format!("{field}.address"), &s.address)?;
+        let cg = match &s.cgroup {
+            Some(p) => Some(cgroup(&format!("{field}.cgroup"), p)?),
+            None => None,
+        };
+        for (t, tag) in s.tags.iter().enumerate() {
+            if tag.is_empty() || tag.chars().any(char::is_whitespace) {
+                return Err(invalid(
+                    format!("{field}.tags[{t}]"),
+                    format!("{tag:?}: a tag must be non-empty and without spaces"),
+                ));
+            }
+        }
+        for key in s.meta.keys() {
+            if key.is_empty() {
+                return Err(invalid(format!("{field}.meta"), "empty meta key"));
+            }
+        }
+        let checks = s
+            .check
+            .iter()
+            .enumerate()
+            .map(|(c, raw)| check(&format!("{field}.check[{c}]"), raw))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut upstreams = Vec::with_capacity(s.upstream.len());
+        for (u, up) in s.upstream.iter().enumerate() {
+            let uf = format!("{field}.upstream[{u}]");
+            let up_name = name(&format!("{uf}.name"), &up.name)?;
+            let local_port = port(&format!("{uf}.local_port"), up.local_port)?;
+            if let Some(first) = local_ports.insert(local_port, uf.clone()) {
+                return Err(invalid(
+                    format!("{uf}.local_port"),
+                    format!("local_port {local_port} is already used by {first}"),
+                ));
+            }
+            upstreams.push(UpstreamConfig {
+                name: up_name,
+                local_port,
+            });
+        }
+        services.push(ServiceConfig {
+            id,
+            name: svc_name,
+            port: svc_port,
+            address,
+            cgroup: cg,
+            tags: s.tags.clone(),
+            meta: s.meta.clone(),
+            checks,
+            upstreams,
+        });
+    }
+    Ok(AgentConfig {
+        node_name,
+        datacenter,
+        servers,
+        advertise_addr,
+        data_dir: raw.data_dir,
+        cgroup_root: raw.cgroup_root,
+        ebpf: raw.ebpf,
+        inbound_addr,
+        outbound_addr,
+        admin_addr,
+        dns_addr,
+        drain_timeout,
+        services,
+    })
+}
+
+// ---------------------------------------------------------------------------------
+// Positions and field paths in the text (pure).
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// What one line of the file defines, as far as a line-based scan can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LineInfo {
+    /// The table the line belongs to, e.g. `service[1].check[0]` (empty: top level).
+    table: String,
+    /// The key this line (or a multi-line value it continues) sets, if any.
+    key: Option<String>,
+    /// The line is a `[table]` or `[[array]]` header.
+    header: bool,
+}
+
+impl LineInfo {
+    fn path(&self) -> String {
+        match (&self.key, self.table.is_empty()) {
+            (Some(k), true) => k.clone(),
+            (Some(k), false) => format!("{}.{k}", self.table),
+            (None, _) => self.table.clone(),
+        }
+    }
+}
+
+/// Scans the file line by line and tells, for each line, which table and key it
+/// belongs to. This is a heuristic good enough for error messages in a hand-written
+/// file: headers, `key = value` lines and continuation lines of multi-line values.
+fn scan_lines(text: &str) -> Vec<LineInfo> {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut table = String::new();
+    let mut key: Option<String> = None;
+    let mut out = Vec::new();
+    for line in text.split('\n') {
+        let t = line.trim();
+        if let Some(inner) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let (prefix, last) = resolve_prefix(inner, &counts);
+            let array = join(&prefix, &last);
+            let idx = counts
+                .entry(array.clone())
+                .and_modify(|n| *n += 1)
+                .or_insert(0);
+            table = format!("{array}[{idx}]");
+            key = None;
+            out.push(LineInfo {
+                table: table.clone(),
+                key: None,
+                header: true,
+            });
+        } else if let Some(inner) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            let (prefix, last) = resolve_prefix(inner, &counts);
+            table = join(&prefix, &last);
+            key = None;
+            out.push(LineInfo {
+                table: table.clone(),
+                key: None,
+                header: true,
+            });
+        } else {
+            if !t.starts_with('#') {
+                if let Some((k, _)) = t.split_once('=') {
+                    let k = k.trim();
+                    let plain = k
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_-.\"' ".contains(c));
+                    if plain && !k.is_empty() {
+                        key = Some(unquote_key(k));
+                    }
+                }
+            }
+            out.push(LineInfo {
+                table: table.clone(),
+                key: key.clone(),
+                header: false,
+            });
+        }
+    }
+    out
+}
+
+/// Resolves all but the last segment of a dotted header name against the arrays seen
+/// so far (`service.check` → (`service[1]`, `check`)).
+fn resolve_prefix(header: &str, counts: &HashMap<String, usize>) -> (String, String) {
+    let segments: Vec<String> = header.split('.').map(unquote_key).collect();
+    let mut prefix = String::new();
+    for seg in &segments[..segments.len() - 1] {
+        let candidate = join(&prefix, seg);
+        prefix = match counts.get(&candidate) {
+            Some(i) => format!("{candidate}[{i}]"),
+            None => candidate,
+        };
+    }
+    (prefix, segments[segments.len() - 1].clone())
+}
+
+fn join(prefix: &str, seg: &str) -> String {
+    if prefix.is_empty() {
+        seg.to_string()
+    } else {
+        format!("{prefix}.{seg}")
+    }
+}
+
+fn unquote_key(k: &str) -> String {
+    k.split('.')
+        .map(|s| s.trim().trim_matches(|c| c == '"' || c == '\'').to_string())
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// The field path (`service[0].check[1].interval`) at a byte offset of the file.
+fn field_path_at(text: &str, offset: usize) -> String {
+    let (line, _) = line_column(text, offset);
+    scan_lines(text)
+        .get(line - 1)
+        .map(LineInfo::path)
+        .unwrap_or_default()
+}
+
+/// The 1-based line where a field path is set, or failing that where its closest
+/// enclosing field or table is; `None` when nothing of it appears in the file.
+fn line_of_field(text: &str, field: &str) -> Option<usize> {
+    let lines = scan_lines(text);
+    let mut path = field.to_string();
+    loop {
+        let hit = lines.iter().position(|l| {
+            (l.key.is_some() && !l.header && l.path() == path) || (l.header && l.table == path)
+        });
+        if let Some(i) = hit {
+            return Some(i + 1);
+        }
+        // Drop the last `[n]` or `.key` and try the enclosing field.
+        let cut = path.rfind(['.', '['])?;
+        path.truncate(cut);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+node_name = "node-a"
+datacenter = "dc1"
+servers = ["10.77.0.1:8502", "server-2.example:8502", "[fd00::1]:8502"]
+advertise_addr = "10.77.0.2"
+data_dir = "/var/lib/weft-agent"
+cgroup_root = "/sys/fs/cgroup/unified"
+ebpf = true
+drain_timeout = "10s"
+
+[[service]]
+name = "api"
+port = 8080
+address = "127.0.0.1"
+cgroup = "weft/api"
+tags = ["v1"]
+meta = { version = "v1" }
+  [[service.check]]
+  http = "http://127.0.0.1:8080/healthz"
+  interval = "2s"
+  timeout = "1s"
+  [[service.check]]
+  ttl = "30s"
+  [[service.upstream]]
+  name = "db"
+  local_port = 9191
+
+[[service]]
+id = "web-1"
+name = "web"
+port = 9000
+  [[service.check]]
+  tcp = "127.0.0.1:9000"
+  [[service.check]]
+  grpc = "127.0.0.1:9001/web.Health"
+  [[service.check]]
+  grpc = "localhost:9001"
+  [[service.upstream]]
+  name = "api"
+  local_port = 9192
+"#;
+
+    const MINIMAL: &str = r#"
+node_name = "node-a"
+datacenter = "dc1"
+servers = ["10.77.0.1:8502"]
+advertise_addr = "10.77.0.2"
+data_dir = "/var/lib/weft-agent"
+"#;
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::parse(text, "agent.toml")
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    /// MINIMAL plus `extra` appended.
+    fn with(extra: &str) -> String {
+        format!("{MINIMAL}{extra}")
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = parse(FULL).unwrap();
+        assert_eq!(c.node_name, "node-a");
+        assert_eq!(c.datacenter, "dc1");
+        assert_eq!(c.servers.len(), 3);
+        assert_eq!(c.advertise_addr, "10.77.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/weft-agent"));
+        assert_eq!(c.cgroup_root, Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert!(c.ebpf);
+        assert_eq!(c.drain_timeout, Duration::from_secs(10));
+        assert_eq!(c.inbound_addr, "0.0.0.0:15008".parse().unwrap());
+        assert_eq!(c.services.len(), 2);
+
+        let api = &c.services[0];
+        assert_eq!(api.id, "api");
+        assert_eq!(api.name, "api");
+        assert_eq!(api.port, 8080);
+        assert_eq!(api.cgroup, Some(PathBuf::from("weft/api")));
+        assert_eq!(api.tags, vec!["v1"]);
+        assert_eq!(api.meta.get("version").map(String::as_str), Some("v1"));
+        assert_eq!(
+            api.checks[0],
+            CheckConfig {
+                kind: CheckKind::Http {
+                    url: "http://127.0.0.1:8080/healthz".into()
+                },
+                interval: Duration::from_secs(2),
+                timeout: Duration::from_secs(1),
+            }
+        );
+        assert_eq!(
+            api.checks[1].kind,
+            CheckKind::Ttl {
+                ttl: Duration::from_secs(30)
+            }
+        );
+        assert_eq!(api.checks[1].interval, Duration::from_secs(10));
+        assert_eq!(api.checks[1].timeout, Duration::from_secs(2));
+        assert_eq!(
+            api.upstreams,
+            vec![UpstreamConfig {
+                name: "db".into(),
+                local_port: 9191
+            }]
+        );
+
+        let web = &c.services[1];
+        assert_eq!(web.id, "web-1");
+        assert_eq!(web.address, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(web.cgroup, None);
+        assert_eq!(
+            web.checks[0].kind,
+            CheckKind::Tcp {
+                addr: "127.0.0.1:9000".into()
+            }
+        );
+        assert_eq!(
+            web.checks[1].kind,
+            CheckKind::Grpc {
+                addr: "127.0.0.1:9001".into(),
+                service: "web.Health".into()
+            }
+        );
+        assert_eq!(
+            web.checks[2].kind,
+            CheckKind::Grpc {
+                addr: "localhost:9001".into(),
+                service: String::new()
+            }
+        );
+        // Serializes for the admin /config dump.
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["services"][0]["checks"][0]["interval"], "2s");
+        assert_eq!(
+            json["services"][0]["checks"][1]["kind"]["ttl"]["ttl"],
+            "30s"
+        );
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&with("[[service]]\nname = \"api\"\nport = 1\n")).unwrap();
+        assert_eq!(c.cgroup_root, None);
+        assert!(c.ebpf);
+        assert_eq!(c.inbound_addr, "0.0.0.0:15008".parse().unwrap());
+        assert_eq!(c.outbound_addr, "127.0.0.1:15001".parse().unwrap());
+        assert_eq!(c.admin_addr, "127.0.0.1:15020".parse().unwrap());
+        assert_eq!(c.dns_addr, "127.0.0.1:8600".parse().unwrap());
+        assert_eq!(c.drain_timeout, Duration::from_secs(5));
+        let s = &c.services[0];
+        assert_eq!(s.id, "api");
+        assert_eq!(s.address, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert!(s.tags.is_empty() && s.meta.is_empty());
+        assert!(s.checks.is_empty() && s.upstreams.is_empty());
+    }
+
+    #[test]
+    fn load_reads_a_file_and_names_it_when_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, FULL).unwrap();
+        assert_eq!(AgentConfig::load(&path).unwrap().node_name, "node-a");
+        let missing = dir.path().join("nope.toml");
+        let e = AgentConfig::load(&missing).unwrap_err().to_string();
+        assert!(e.starts_with(&missing.display().to_string()), "{e}");
+        assert!(e.contains("cannot read"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_has_line_and_column() {
+        let e = parse("node_name = \"a\"\ndatacenter = = \"x\"\n").unwrap_err();
+        match &e {
+            ConfigError::Syntax { line, column, .. } => {
+                assert_eq!((*line, *column), (2, 14), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(e.to_string().starts_with("agent.toml:2:14: "), "{e}");
+    }
+
+    #[test]
+    fn unknown_top_level_field() {
+        let e = err(&with("colour = \"blue\"\n"));
+        assert!(
+            e.starts_with("agent.toml:7:1: colour: unknown field `colour`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_field_in_check_names_the_path() {
+        let e = err(&with(
+            "[[service]]\nname = \"a\"\nport = 1\n[[service]]\nname = \"b\"\nport = 2\n  [[service.check]]\n  tcp = \"h:1\"\n  [[service.check]]\n  tcp = \"h:1\"\n  intervall = \"1s\"\n",
+        ));
+        assert!(
+            e.starts_with(
+                "agent.toml:17:3: service[1].check[1].intervall: unknown field `intervall`"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_field_line_and_column() {
+        let e = err(&with("[[service]]\nname = \"a\"\nport = \"80\"\n"));
+        assert!(
+            e.starts_with("agent.toml:9:8: service[0].port: invalid type"),
+            "{e}"
+        );
+        let e = err(&with("[[service]]\nname = \"a\"\nport = 70000\n"));
+        assert!(e.starts_with("agent.toml:9:8: service[0].port: "), "{e}");
+        let e = err(&with("ebpf = \"yes\"\n"));
+        assert!(e.starts_with("agent.toml:7:8: ebpf: invalid type"), "{e}");
+    }
+
+    #[test]
+    fn missing_field() {
+        let e = err("node_name = \"a\"\n");
+        assert!(e.contains("missing field `datacenter`"), "{e}");
+        assert!(e.starts_with("agent.toml:"), "{e}");
+        let e = err(&with("[[service]]\nport = 1\n"));
+        assert!(e.contains("missing field `name`"), "{e}");
+        assert!(e.contains("service[0]"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_key_is_a_syntax_error() {
+        let e = err(&with("ebpf = true\nebpf = false\n"));
+        assert!(e.starts_with("agent.toml:8:1: ebpf: "), "{e}");
+    }
+
+    #[test]
+    fn bad_names() {
+        let e = err(&MINIMAL.replace("node-a", "Node_A"));
+        assert!(
+            e.starts_with("agent.toml:2: node_name: invalid name \"Node_A\": bad character 'N'"),
+            "{e}"
+        );
+        let e = err(&MINIMAL.replace("dc1", "-dc"));
+        assert!(
+            e.starts_with("agent.toml:3: datacenter: invalid name \"-dc\""),
+            "{e}"
+        );
+        let e = err(&with("[[service]]\nname = \"API\"\nport = 1\n"));
+        assert!(
+            e.starts_with("agent.toml:8: service[0].name: invalid name \"API\""),
+            "{e}"
+        );
+        let e = err(&with(
+            "[[service]]\nname = \"a\"\nport = 1\n[[service.upstream]]\nname = \"\"\nlocal_port = 1\n",
+        ));
+        assert!(
+            e.starts_with(
+                "agent.toml:11: service[0].upstream[0].name: invalid name \"\": must not be empty"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn servers() {
+        let e = err(&MINIMAL.replace("[\"10.77.0.1:8502\"]", "[]"));
+        assert!(
+            e.starts_with("agent.toml:4: servers: must list at least one server"),
+            "{e}"
+        );
+        let e = err(&MINIMAL.replace("[\"10.77.0.1:8502\"]", "[\"a:1\", \"10.77.0.1\"]"));
+        assert!(
+            e.starts_with("agent.toml:4: servers[1]: \"10.77.0.1\" is not HOST:PORT (no port"),
+            "{e}"
+        );
+        let e = err(&MINIMAL.replace("10.77.0.1:8502", "h:0"));
+        assert!(
+            e.contains("servers[0]: \"h:0\" is not HOST:PORT (port must not be 0"),
+            "{e}"
+        );
+        let e = err(&MINIMAL.replace("10.77.0.1:8502", "h:http"));
+        assert!(
+            e.contains("servers[0]: \"h:http\" is not HOST:PORT (port must be a number"),
+            "{e}"
+        );
+        let e = err(&MINIMAL.replace("10.77.0.1:8502", ":8502"));
+        assert!(
+            e.contains("servers[0]: \":8502\" is not HOST:PORT (bad host"),
+            "{e}"
+        );
+        let e = err(&MINIMAL.replace("10.77.0.1:8502", "[zz]:8502"));
+        assert!(e.contains("(bad host"), "{e}");
+    }
+
+    #[test]
+    fn addresses() {
+        let e = err(&MINIMAL.replace("\"10.77.0.2\"", "\"node-a.local\""));
+        assert!(
+            e.starts_with("agent.toml:5: advertise_addr: \"node-a.local\" is not an IP address"),
+            "{e}"
+        );
+        for field in ["inbound_addr", "outbound_addr", "admin_addr", "dns_addr"] {
+            let e = err(&with(&format!("{field} = \"localhost:1\"\n")));
+            assert!(
+                e.starts_with(&format!(
+                    "agent.toml:7: {field}: \"localhost:1\" is not an IP:PORT address"
+                )),
+                "{e}"
+            );
+        }
+        let e = err(&with(
+            "[[service]]\nname = \"a\"\nport = 1\naddress = \"x\"\n",
+        ));
+        assert!(
+            e.starts_with("agent.toml:10: service[0].address: \"x\" is not an IP address"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn paths() {
+        let e = err(&with("cgroup_root = \"sys/fs/cgroup\"\n"));
+        assert!(
+            e.starts_with("agent.toml:7: cgroup_root: \"sys/fs/cgroup\" must be an absolute path"),
+            "{e}"
+        );
+        let e = err(&MINIMAL.replace("/var/lib/weft-agent", ""));
+        assert!(
+            e.starts_with("agent.toml:6: data_dir: must not be empty"),
+            "{e}"
+        );
+        for bad in ["/weft/api", "../x", ""] {
+            let e = err(&with(&format!(
+                "[[service]]\nname = \"a\"\nport = 1\ncgroup = \"{bad}\"\n"
+            )));
+            assert!(e.starts_with("agent.toml:10: service[0].cgroup: "), "{e}");
+            assert!(
+                e.contains("must be a relative path below cgroup_root"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn ports() {
+        let e = err(&with("[[service]]\nname = \"a\"\nport = 0\n"));
+        assert!(
+            e.starts_with("agent.toml:9: service[0].port: port must not be 0"),
+            "{e}"
+        );
+        let e = err(&with(
+            "[[service]]\nname = \"a\"\nport = 1\n[[service.upstream]]\nname = \"b\"\nlocal_port = 0\n",
+        ));
+        assert!(
+            e.starts_with("agent.toml:12: service[0].upstream[0].local_port: port must not be 0"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn local_ports_unique_across_the_file() {
+        let e = err(&with(
+            "[[service]]\nname = \"a\"\nport = 1\n[[service.upstream]]\nname = \"b\"\nlocal_port = 9000\n\
+             [[service]]\nname = \"c\"\nport = 2\n[[service.upstream]]\nname = \"d\"\nlocal_port = 9001\n\
+             [[service.upstream]]\nname = \"e\"\nlocal_port = 9000\n",
+        ));
+        assert!(
+            e.starts_with("agent.toml:21: service[1].upstream[1].local_port: local_port 9000 is already used by service[0].upstream[0]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn service_names_and_ids_unique() {
+        let e = err(&with(
+            "[[service]]\nname = \"a\"\nport = 1\n[[service]]\nname = \"a\"\nport = 2\n",
+        ));
+        assert!(
+            e.starts_with(
+                "agent.toml:11: service[1].name: service \"a\" is already defined by service[0]"
+            ),
+            "{e}"
+        );
+        let e = err(&with(
+            "[[service]]\nname = \"a\"\nport = 1\n[[service]]\nid = \"a\"\nname = \"b\"\nport = 2\n",
+        ));
+        assert!(
+            e.starts_with("agent.toml:11: service[1].id: id \"a\" is already used by service[0]"),
+            "{e}"
+        );
+        let e = err(&with("[[service]]\nid = \"a b\"\nname = \"a\"\nport = 1\n"));
+        assert!(
+            e.starts_with("agent.toml:8: service[0].id: \"a b\": an id is"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tags_and_meta() {
+        let e = err(&with(
+            "[[service]]\nname = \"a\"\nport = 1\ntags = [\"ok\", \"\"]\n",
+        ));
+        assert!(
+            e.starts_with("agent.toml:10: service[0].tags[1]: \"\": a tag must be non-empty"),
+            "{e}"
+        );
+        let e = err(&with(
+            "[[service]]\nname = \"a\"\nport = 1\nmeta = { \"\" = \"x\" }\n",
+        ));
+        assert!(
+            e.starts_with("agent.toml:10: service[0].meta: empty meta key"),
+            "{e}"
+        );
+    }
+
+    fn check_err(check: &str) -> String {
+        err(&with(&format!(
+            "[[service]]\nname = \"a\"\nport = 1\n[[service]]\nname = \"b\"\nport = 2\n[[service.check]]\ntcp = \"h:1\"\n[[service.check]]\n{check}\n"
+        )))
+    }
+
+    #[test]
+    fn check_needs_exactly_one_kind() {
+        let e = check_err("interval = \"1s\"");
+        assert_eq!(
+            e,
+            "agent.toml:15: service[1].check[1]: exactly one of http, tcp, grpc, ttl"
+        );
+        let e = check_err("tcp = \"h:1\"\nttl = \"5s\"");
+        assert_eq!(
+            e,
+            "agent.toml:15: service[1].check[1]: exactly one of http, tcp, grpc, ttl"
+        );
+    }
+
+    #[test]
+    fn check_values() {
+        let e = check_err("http = \"https://h/x\"");
+        assert!(e.starts_with("agent.toml:16: service[1].check[1].http: \"https://h/x\": https checks are not supported"), "{e}");
+        let e = check_err("http = \"h:80/x\"");
+        assert!(e.contains("service[1].check[1].http: \"h:80/x\""), "{e}");
+        let e = check_err("http = \"/healthz\"");
+        assert!(e.contains("must be an http:// URL with a host"), "{e}");
+        let e = check_err("tcp = \"localhost\"");
+        assert!(
+            e.starts_with("agent.toml:16: service[1].check[1].tcp: \"localhost\" is not HOST:PORT"),
+            "{e}"
+        );
+        let e = check_err("grpc = \"h:1/\"");
+        assert!(
+            e.starts_with("agent.toml:16: service[1].check[1].grpc: \"h:1/\": empty service name"),
+            "{e}"
+        );
+        let e = check_err("grpc = \"h/svc\"");
+        assert!(
+            e.contains("service[1].check[1].grpc: \"h\" is not HOST:PORT"),
+            "{e}"
+        );
+        let e = check_err("ttl = \"soon\"");
+        assert!(
+            e.starts_with("agent.toml:16: service[1].check[1].ttl: invalid duration \"soon\""),
+            "{e}"
+        );
+        let e = check_err("ttl = \"0\"");
+        assert!(
+            e.starts_with(
+                "agent.toml:16: service[1].check[1].ttl: \"0\" must be greater than zero"
+            ),
+            "{e}"
+        );
+        let e = check_err("tcp = \"h:1\"\ninterval = \"5\"");
+        assert!(
+            e.starts_with(
+                "agent.toml:17: service[1].check[1].interval: invalid duration \"5\": missing unit"
+            ),
+            "{e}"
+        );
+        let e = check_err("tcp = \"h:1\"\ntimeout = \"0s\"");
+        assert!(
+            e.starts_with(
+                "agent.toml:17: service[1].check[1].timeout: \"0s\" must be greater than zero"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn drain_timeout() {
+        let e = err(&with("drain_timeout = \"5 s\"\n"));
+        assert!(
+            e.starts_with("agent.toml:7: drain_timeout: invalid duration \"5 s\""),
+            "{e}"
+        );
+        let c = parse(&with("drain_timeout = \"0\"\n")).unwrap();
+        assert_eq!(c.drain_timeout, Duration::ZERO);
+    }
+
+    #[test]
+    fn line_column_counts_characters() {
+        let text = "a\nµb = 1\n";
+        assert_eq!(line_column(text, 0), (1, 1));
+        assert_eq!(line_column(text, 2), (2, 1));
+        assert_eq!(line_column(text, 4), (2, 2)); // after the two-byte µ
+        assert_eq!(line_column(text, 1000), (3, 1));
+    }
+
+    #[test]
+    fn scan_resolves_nested_arrays_and_multiline_values() {
+        let text = "servers = [\n  \"a\",\n]\n[[service]]\n[[service]]\nname = 1\n[[service.check]]\n[[service.check]]\nhttp = 2\n[[service]]\n[[service.check]]\n";
+        let paths: Vec<String> = scan_lines(text).iter().map(LineInfo::path).collect();
+        assert_eq!(paths[1], "servers");
+        assert_eq!(paths[5], "service[1].name");
+        assert_eq!(paths[8], "service[1].check[1].http");
+        assert_eq!(paths[10], "service[2].check[0]");
+        assert_eq!(line_of_field(text, "service[1].check[1].http"), Some(9));
+        assert_eq!(line_of_field(text, "service[1].check[1].tcp"), Some(8));
+        assert_eq!(line_of_field(text, "servers[3]"), Some(1));
+        assert_eq!(line_of_field(text, "nothing"), None);
+    }
+}
