@@ -8,4 +8,5 @@
 
 pub mod config;
 pub mod ebpf;
+pub mod metrics;
 pub mod telemetry;

@@ -1,0 +1,379 @@
+//! The agent's Prometheus metrics: connection, byte, denial and TLS-failure counters
+//! labelled by source and destination service, an active-connection gauge, and
+//! counters mirrored from the eBPF programs' maps. The admin server serves
+//! [`AgentMetrics::encode`] on `/metrics`.
+//!
+//! Families (all prefixed `weft_agent_`):
+//! - `connections_opened_total{source,destination}`
+//! - `connections_closed_total{source,destination}`
+//! - `connections_active{source,destination}` (gauge)
+//! - `bytes_total{source,destination,direction="sent"|"received"}`
+//! - `intention_denials_total{source,destination}`
+//! - `tls_handshake_failures_total{side="inbound"|"outbound",reason}`
+//! - `ebpf_events_total{event="redirected"|"rekeyed"|"closed"|"fast_path"}`
+
+use std::fmt;
+use std::str::FromStr;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// The content type of [`AgentMetrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Metric errors.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetricsError {
+    /// A name that is not one of the eBPF counters.
+    #[error("unknown eBPF counter {0:?} (known: redirected, rekeyed, closed, fast_path)")]
+    UnknownEbpfCounter(String),
+}
+
+/// Which way bytes went, seen from the source workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// From source to destination.
+    Sent,
+    /// From destination back to source.
+    Received,
+}
+
+/// Which proxy a TLS handshake failed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The `:15008` listener, as TLS server.
+    Inbound,
+    /// Connections to other agents, as TLS client.
+    Outbound,
+}
+
+/// Counters the eBPF programs keep in their maps, mirrored by the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EbpfCounter {
+    /// Connections the connect hook redirected to the agent.
+    Redirected,
+    /// Records sockops moved to the 4-tuple map.
+    Rekeyed,
+    /// Records removed when sockets closed.
+    Closed,
+    /// Same-node connections sent straight to the instance.
+    FastPath,
+}
+
+impl EbpfCounter {
+    /// All counters, in a fixed order.
+    pub const ALL: [EbpfCounter; 4] = [
+        EbpfCounter::Redirected,
+        EbpfCounter::Rekeyed,
+        EbpfCounter::Closed,
+        EbpfCounter::FastPath,
+    ];
+}
+
+impl fmt::Display for EbpfCounter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EbpfCounter {
+    type Err = MetricsError;
+    fn from_str(s: &str) -> Result<Self, MetricsError> {
+        EbpfCounter::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| MetricsError::UnknownEbpfCounter(s.to_string()))
+    }
+}
+
+/// Encodes an enum as a label value with the given lowercase names.
+macro_rules! label_value {
+    ($ty:ident { $($variant:ident => $name:literal),* $(,)? }) => {
+        impl $ty {
+            /// The label value.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name,)*
+                }
+            }
+        }
+
+        impl EncodeLabelValue for $ty {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+                fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    };
+}
+
+label_value!(Direction { Sent => "sent", Received => "received" });
+label_value!(Side { Inbound => "inbound", Outbound => "outbound" });
+label_value!(EbpfCounter {
+    Redirected => "redirected",
+    Rekeyed => "rekeyed",
+    Closed => "closed",
+    FastPath => "fast_path",
+});
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ConnLabels {
+    source: String,
+    destination: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ByteLabels {
+    source: String,
+    destination: String,
+    direction: Direction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TlsLabels {
+    side: Side,
+    reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EbpfLabels {
+    event: EbpfCounter,
+}
+
+fn conn(src: &str, dst: &str) -> ConnLabels {
+    ConnLabels {
+        source: src.to_string(),
+        destination: dst.to_string(),
+    }
+}
+
+/// The agent's metrics and the registry that encodes them. Cheap to share behind an
+/// `Arc`; every method takes `&self`.
+#[derive(Debug)]
+pub struct AgentMetrics {
+    registry: Registry,
+    opened: Family<ConnLabels, Counter>,
+    closed: Family<ConnLabels, Counter>,
+    active: Family<ConnLabels, Gauge>,
+    bytes: Family<ByteLabels, Counter>,
+    denied: Family<ConnLabels, Counter>,
+    tls_failures: Family<TlsLabels, Counter>,
+    ebpf: Family<EbpfLabels, Counter>,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AgentMetrics {
+    /// Creates the metrics in a fresh registry prefixed `weft_agent`.
+    pub fn new() -> Self {
+        Self::with_registry(Registry::with_prefix("weft_agent"))
+    }
+
+    /// Creates the metrics in `registry`, which may already hold other metrics.
+    pub fn with_registry(mut registry: Registry) -> Self {
+        let m = AgentMetricsParts::default();
+        registry.register(
+            "connections_opened",
+            "Connections the proxy accepted, by source and destination service",
+            m.opened.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections the proxy finished, by source and destination service",
+            m.closed.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Connections open now, by source and destination service",
+            m.active.clone(),
+        );
+        registry.register(
+            "bytes",
+            "Bytes proxied, by source and destination service and direction",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "intention_denials",
+            "Connections or requests refused by intentions",
+            m.denied.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "Failed mTLS handshakes, by side and reason",
+            m.tls_failures.clone(),
+        );
+        registry.register(
+            "ebpf_events",
+            "Counters read from the eBPF programs' maps",
+            m.ebpf.clone(),
+        );
+        AgentMetrics {
+            registry,
+            opened: m.opened,
+            closed: m.closed,
+            active: m.active,
+            bytes: m.bytes,
+            denied: m.denied,
+            tls_failures: m.tls_failures,
+            ebpf: m.ebpf,
+        }
+    }
+
+    /// A connection from `src` to `dst` was accepted.
+    pub fn conn_opened(&self, src: &str, dst: &str) {
+        let l = conn(src, dst);
+        self.opened.get_or_create(&l).inc();
+        self.active.get_or_create(&l).inc();
+    }
+
+    /// A connection from `src` to `dst` finished (call once per [`Self::conn_opened`]).
+    pub fn conn_closed(&self, src: &str, dst: &str) {
+        let l = conn(src, dst);
+        self.closed.get_or_create(&l).inc();
+        self.active.get_or_create(&l).dec();
+    }
+
+    /// `n` bytes went `direction` on a connection from `src` to `dst`.
+    pub fn bytes(&self, src: &str, dst: &str, direction: Direction, n: u64) {
+        self.bytes
+            .get_or_create(&ByteLabels {
+                source: src.to_string(),
+                destination: dst.to_string(),
+                direction,
+            })
+            .inc_by(n);
+    }
+
+    /// Intentions refused a connection or request from `src` to `dst`.
+    pub fn denied(&self, src: &str, dst: &str) {
+        self.denied.get_or_create(&conn(src, dst)).inc();
+    }
+
+    /// A TLS handshake failed; `reason` should come from a small fixed set
+    /// (e.g. `bad_certificate`, `unknown_ca`, `timeout`) to bound cardinality.
+    pub fn tls_failure(&self, side: Side, reason: &str) {
+        self.tls_failures
+            .get_or_create(&TlsLabels {
+                side,
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Sets an eBPF counter to the value read from its map (the kernel's counter is
+    /// the source of truth; a lower value reads as a counter reset).
+    pub fn set_ebpf_counter(&self, counter: EbpfCounter, value: u64) {
+        self.ebpf
+            .get_or_create(&EbpfLabels { event: counter })
+            .inner()
+            .store(value, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// [`Self::set_ebpf_counter`] by name: `redirected`, `rekeyed`, `closed`, `fast_path`.
+    pub fn set_ebpf_counter_by_name(&self, name: &str, value: u64) -> Result<(), MetricsError> {
+        self.set_ebpf_counter(name.parse()?, value);
+        Ok(())
+    }
+
+    /// Connections open now from `src` to `dst`.
+    pub fn active(&self, src: &str, dst: &str) -> i64 {
+        self.active.get_or_create(&conn(src, dst)).get()
+    }
+
+    /// The registry, for encoding elsewhere.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// All metrics in the OpenMetrics text format (see [`CONTENT_TYPE`]).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[derive(Default)]
+struct AgentMetricsParts {
+    opened: Family<ConnLabels, Counter>,
+    closed: Family<ConnLabels, Counter>,
+    active: Family<ConnLabels, Gauge>,
+    bytes: Family<ByteLabels, Counter>,
+    denied: Family<ConnLabels, Counter>,
+    tls_failures: Family<TlsLabels, Counter>,
+    ebpf: Family<EbpfLabels, Counter>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_and_labels() {
+        let m = AgentMetrics::new();
+        m.conn_opened("web", "api");
+        m.conn_opened("web", "api");
+        m.conn_closed("web", "api");
+        m.bytes("web", "api", Direction::Sent, 100);
+        m.bytes("web", "api", Direction::Received, 7);
+        m.bytes("web", "api", Direction::Sent, 23);
+        m.denied("web", "db");
+        m.tls_failure(Side::Inbound, "unknown_ca");
+        m.set_ebpf_counter(EbpfCounter::Redirected, 42);
+        m.set_ebpf_counter(EbpfCounter::Redirected, 50);
+        m.set_ebpf_counter_by_name("fast_path", 3).unwrap();
+        assert_eq!(m.active("web", "api"), 1);
+
+        let text = m.encode();
+        for line in [
+            "# TYPE weft_agent_connections_opened counter",
+            "weft_agent_connections_opened_total{source=\"web\",destination=\"api\"} 2",
+            "weft_agent_connections_closed_total{source=\"web\",destination=\"api\"} 1",
+            "# TYPE weft_agent_connections_active gauge",
+            "weft_agent_connections_active{source=\"web\",destination=\"api\"} 1",
+            "weft_agent_bytes_total{source=\"web\",destination=\"api\",direction=\"sent\"} 123",
+            "weft_agent_bytes_total{source=\"web\",destination=\"api\",direction=\"received\"} 7",
+            "weft_agent_intention_denials_total{source=\"web\",destination=\"db\"} 1",
+            "weft_agent_tls_handshake_failures_total{side=\"inbound\",reason=\"unknown_ca\"} 1",
+            "weft_agent_ebpf_events_total{event=\"redirected\"} 50",
+            "weft_agent_ebpf_events_total{event=\"fast_path\"} 3",
+            "# EOF",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_ebpf_counter_is_an_error() {
+        let m = AgentMetrics::new();
+        let e = m.set_ebpf_counter_by_name("dropped", 1).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown eBPF counter \"dropped\" (known: redirected, rekeyed, closed, fast_path)"
+        );
+        for c in EbpfCounter::ALL {
+            assert_eq!(c.as_str().parse::<EbpfCounter>().unwrap(), c);
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let m = AgentMetrics::new();
+        m.tls_failure(Side::Outbound, "bad \"cert\"");
+        let text = m.encode();
+        assert!(
+            text.contains("side=\"outbound\",reason=\"bad \\\"cert\\\"\""),
+            "{text}"
+        );
+    }
+}
