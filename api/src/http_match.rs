@@ -161,7 +161,7 @@ impl HttpMatch {
                 return Ok(false);
             }
         }
-        if !self.methods.is_empty() && !self.methods.iter().any(|m| *m == request.method) {
+        if !self.methods.is_empty() && !self.methods.contains(&request.method) {
             return Ok(false);
         }
         for (i, header) in self.headers.iter().enumerate() {

@@ -56,6 +56,22 @@ pub fn validate_key(key: &str) -> Result<(), KvError> {
     Ok(())
 }
 
+/// Why a value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("value: {len} bytes is larger than {MAX_VALUE_BYTES} (512 KiB)")]
+pub struct ValueTooLarge {
+    pub len: usize,
+}
+
+/// Checks a value's size: at most [`MAX_VALUE_BYTES`].
+pub fn validate_value(value: &[u8]) -> Result<(), ValueTooLarge> {
+    if value.len() > MAX_VALUE_BYTES {
+        Err(ValueTooLarge { len: value.len() })
+    } else {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +97,16 @@ mod tests {
             Err(KvError::BadChar { ch: ' ', at: 1, .. })
         ));
         assert!(matches!(validate_key("a\nb"), Err(KvError::BadChar { .. })));
+    }
+
+    #[test]
+    fn value_size_limit() {
+        assert_eq!(validate_value(&[]), Ok(()));
+        assert_eq!(validate_value(&vec![0; MAX_VALUE_BYTES]), Ok(()));
+        let err = validate_value(&vec![0; MAX_VALUE_BYTES + 1]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "value: 524289 bytes is larger than 524288 (512 KiB)"
+        );
     }
 }

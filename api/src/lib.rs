@@ -1,6 +1,6 @@
-//! weft's API: the domain types that servers, agents and the CLI share, with the
-//! validation and decision logic that goes with them (protobuf definitions,
-//! `weft.v1`, will join them here).
+//! weft's API: the `weft.v1` protobuf/gRPC definitions ([`proto`], with
+//! conversions in [`convert`]) and the domain types that servers, agents and the
+//! CLI share, with the validation and decision logic that goes with them.
 //!
 //! - [`names`]: service, node and datacenter names (DNS labels), the `*` wildcard.
 //! - [`catalog`]: nodes, service instances, health; [`vip`]: virtual-IP allocation.
@@ -10,8 +10,10 @@
 //!   [`filter`]: resolver subset filters; [`duration`]: `"5s"`-style durations.
 //! - [`kv`]: key/value entries and key rules.
 //! - [`spiffe`]: SPIFFE ids of services.
+//! - [`file_format`]: JSON/TOML documents with positioned errors;
+//!   [`http_match`]: HTTP path/method/header rules shared by intentions and routers.
 //!
-//! Everything here is pure: no I/O, no clocks, no global state.
+//! The domain modules are pure: no I/O, no clocks, no global state.
 
 pub mod catalog;
 pub mod config_entry;
@@ -24,4 +26,5 @@ pub mod intention;
 pub mod kv;
 pub mod names;
 pub mod proto;
+pub mod spiffe;
 pub mod vip;
