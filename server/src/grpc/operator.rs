@@ -61,6 +61,9 @@ impl Operator for OperatorApi {
         let data = req.into_inner();
         let state: State = serde_json::from_slice(&data.state)
             .map_err(|e| invalid(format!("snapshot: not a weft state document: {e}")))?;
+        state
+            .check()
+            .map_err(|e| invalid(format!("snapshot: {e}")))?;
         let index = self.0.write(Command::Restore(Box::new(state))).await?;
         Ok(Response::new(proto::WriteResult { index }))
     }

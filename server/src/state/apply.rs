@@ -285,3 +285,224 @@ fn check_cas(key: &str, cas: Option<u64>, actual: Option<u64>) -> Result<(), App
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use weft_api::catalog::{HealthStatus, Node, ServiceInstance};
+    use weft_api::intention::{Intention, IntentionAction};
+
+    use super::*;
+
+    fn node(name: &str) -> Node {
+        Node {
+            name: name.into(),
+            address: "10.0.0.1".into(),
+            datacenter: "dc1".into(),
+            meta: BTreeMap::new(),
+            create_index: 0,
+            modify_index: 0,
+        }
+    }
+
+    fn instance(node: &str, id: &str, service: &str) -> ServiceInstance {
+        ServiceInstance {
+            id: id.into(),
+            service: service.into(),
+            node: node.into(),
+            address: "10.0.0.1".into(),
+            port: 8080,
+            tags: vec![],
+            meta: BTreeMap::new(),
+            health: HealthStatus::Critical,
+            check_output: String::new(),
+            create_index: 0,
+            modify_index: 0,
+        }
+    }
+
+    fn refused(result: CommandResult) -> String {
+        match result {
+            CommandResult::Refused { reason } => reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn indexes_track_creation_and_modification() {
+        let mut s = State::default();
+        s.apply(Command::RegisterNode(node("a")), 3);
+        s.apply(Command::RegisterNode(node("a")), 7);
+        assert_eq!(s.nodes["a"].create_index, 3);
+        assert_eq!(s.nodes["a"].modify_index, 7);
+        assert_eq!(s.index, 7);
+    }
+
+    #[test]
+    fn a_service_needs_its_node_and_keeps_its_vip() {
+        let mut s = State::default();
+        let r = s
+            .apply(Command::RegisterService(instance("a", "web-1", "web")), 1)
+            .0;
+        assert!(refused(r).contains("node \"a\" is not registered"));
+        assert!(
+            s.instances.is_empty() && s.vips.is_empty(),
+            "nothing partial"
+        );
+
+        s.apply(Command::RegisterNode(node("a")), 2);
+        let (_, changes) = s.apply(Command::RegisterService(instance("a", "web-1", "web")), 3);
+        let vip = s.vips["web"];
+        assert!(changes.contains(&Change::VipAssigned {
+            service: "web".into(),
+            vip
+        }));
+        s.apply(
+            Command::DeregisterService {
+                node: "a".into(),
+                id: "web-1".into(),
+            },
+            4,
+        );
+        s.apply(Command::RegisterService(instance("a", "web-2", "web")), 5);
+        assert_eq!(s.vips["web"], vip, "the VIP is kept");
+        s.apply(Command::RegisterService(instance("a", "api-1", "api")), 6);
+        assert_ne!(s.vips["api"], vip);
+    }
+
+    #[test]
+    fn deregistering_a_node_removes_its_instances() {
+        let mut s = State::default();
+        s.apply(Command::RegisterNode(node("a")), 1);
+        s.apply(Command::RegisterService(instance("a", "web-1", "web")), 2);
+        let (_, changes) = s.apply(Command::DeregisterNode { name: "a".into() }, 3);
+        assert!(s.instances.get("a").is_none());
+        assert_eq!(changes.len(), 2);
+    }
+
+    #[test]
+    fn health_updates_need_the_instance() {
+        let mut s = State::default();
+        let r = s.apply(
+            Command::UpdateHealth {
+                node: "a".into(),
+                id: "x".into(),
+                health: HealthStatus::Passing,
+                output: String::new(),
+            },
+            1,
+        );
+        assert!(refused(r.0).contains("not registered"));
+    }
+
+    #[test]
+    fn kv_check_and_set() {
+        let mut s = State::default();
+        let put = |cas| Command::KvPut {
+            key: "k".into(),
+            value: b"v".to_vec(),
+            cas,
+        };
+        assert_eq!(
+            s.apply(put(Some(0)), 1).0,
+            CommandResult::Applied { index: 1 }
+        );
+        assert!(refused(s.apply(put(Some(0)), 2).0).contains("check-and-set failed"));
+        assert!(refused(s.apply(put(Some(5)), 3).0).contains("index is 1, not 5"));
+        assert_eq!(
+            s.apply(put(Some(1)), 4).0,
+            CommandResult::Applied { index: 4 }
+        );
+        assert_eq!(s.kv["k"].create_index, 1);
+        assert_eq!(s.kv["k"].modify_index, 4);
+        let del = |cas| Command::KvDelete {
+            key: "k".into(),
+            cas,
+        };
+        assert!(refused(s.apply(del(Some(1)), 5).0).contains("check-and-set"));
+        assert_eq!(
+            s.apply(del(Some(4)), 6).0,
+            CommandResult::Applied { index: 6 }
+        );
+        assert!(refused(s.apply(del(None), 7).0).contains("not found"));
+    }
+
+    #[test]
+    fn bad_keys_and_oversized_values_change_nothing() {
+        let mut s = State::default();
+        let r = s.apply(
+            Command::KvPut {
+                key: "/x".into(),
+                value: vec![],
+                cas: None,
+            },
+            1,
+        );
+        assert!(refused(r.0).contains("must not start with '/'"));
+        let big = vec![0u8; MAX_VALUE_BYTES + 1];
+        let r = s.apply(
+            Command::KvPut {
+                key: "x".into(),
+                value: big,
+                cas: None,
+            },
+            2,
+        );
+        assert!(refused(r.0).contains("more than the limit"));
+        assert!(s.kv.is_empty());
+    }
+
+    #[test]
+    fn l7_intentions_need_an_http_destination() {
+        let mut s = State::default();
+        let l7 = Intention {
+            source: "web".into(),
+            destination: "api".into(),
+            action: None,
+            permissions: vec![weft_api::intention::Permission {
+                action: IntentionAction::Allow,
+                http: weft_api::intention::HttpMatch {
+                    path_prefix: Some("/".into()),
+                    ..Default::default()
+                },
+            }],
+            description: String::new(),
+            create_index: 0,
+            modify_index: 0,
+        };
+        let r = s.apply(Command::UpsertIntention(l7.clone()), 1);
+        refused(r.0);
+        assert!(s.intentions.is_empty());
+        let defaults: weft_api::config_entry::ConfigEntry =
+            serde_json::from_str(r#"{"Kind":"service-defaults","Name":"api","Protocol":"http"}"#)
+                .unwrap();
+        assert_eq!(
+            s.apply(Command::WriteConfig(defaults), 2).0,
+            CommandResult::Applied { index: 2 }
+        );
+        assert_eq!(
+            s.apply(Command::UpsertIntention(l7), 3).0,
+            CommandResult::Applied { index: 3 }
+        );
+    }
+
+    #[test]
+    fn ca_rotation_must_follow_the_active_root() {
+        let mut s = State::default();
+        let ca = crate::ca::CaState::init("t.weft", 3600, 1_790_000_000).unwrap();
+        let root = ca.next_root(1_790_000_100).unwrap();
+        s.apply(Command::CaInit(ca.clone()), 1);
+        assert!(refused(s.apply(Command::CaInit(ca), 2).0).contains("exists already"));
+        let rotate = Command::CaRotate {
+            root,
+            now: 1_790_000_100,
+        };
+        assert_eq!(
+            s.apply(rotate.clone(), 3).0,
+            CommandResult::Applied { index: 3 }
+        );
+        assert!(refused(s.apply(rotate, 4).0).contains("another rotation came first"));
+        assert_eq!(s.ca.as_ref().unwrap().roots.len(), 2);
+    }
+}

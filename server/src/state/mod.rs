@@ -169,6 +169,42 @@ impl State {
     }
 }
 
+impl State {
+    /// Checks a whole state document (a snapshot to restore) object by
+    /// object, so that a bad file is refused before anything changes.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, node) in &self.nodes {
+            weft_api::catalog::validate_node(node).map_err(|e| format!("nodes.{name}: {e}"))?;
+        }
+        for (node, instances) in &self.instances {
+            if !self.nodes.contains_key(node) {
+                return Err(format!("instances.{node}: node {node:?} is not in nodes"));
+            }
+            for (id, i) in instances {
+                weft_api::catalog::validate_service_instance(i)
+                    .map_err(|e| format!("instances.{node}.{id}: {e}"))?;
+            }
+        }
+        for i in self.all_intentions() {
+            weft_api::intention::validate_intention(i)
+                .map_err(|e| format!("intentions.{}.{}: {e}", i.source, i.destination))?;
+        }
+        for (kind, entries) in &self.config {
+            for (name, e) in entries {
+                weft_api::config_entry::validate_entry(&e.entry, self)
+                    .map_err(|e| format!("config.{kind}.{name}: {e}"))?;
+            }
+        }
+        for (key, e) in &self.kv {
+            weft_api::kv::validate_key(key).map_err(|e| format!("kv: {e}"))?;
+            if e.value.len() > weft_api::kv::MAX_VALUE_BYTES {
+                return Err(format!("kv.{key}: value too large"));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl EntryContext for State {
     fn protocol(&self, service: &str) -> Protocol {
         match self

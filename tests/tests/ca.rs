@@ -1,0 +1,193 @@
+//! The certificate authority through a real server: what `weft ca leaf`
+//! prints, the node/service check on CSRs, tampered CSRs, and a rotation
+//! reaching a watcher.
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rcgen::{CertificateParams, KeyPair, SanType};
+use tonic::Code;
+use weft_api::proto::ca_client::CaClient;
+use weft_api::proto::catalog_client::CatalogClient;
+use weft_api::proto::watch_client::WatchClient;
+use weft_api::proto::{
+    change, watch_event, Node, RegisterNodeRequest, RegisterServiceRequest, ServiceInstance,
+    SignRequest, WatchRequest,
+};
+use weft_tests::servers::Cluster;
+
+fn wait_for_ca(cluster: &Cluster) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match cluster.cli(&["ca", "roots"]) {
+            Ok(pem) if pem.contains("BEGIN CERTIFICATE") => return Ok(pem),
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            other => bail!("no CA: {other:?}"),
+        }
+    }
+}
+
+fn csr_for(uri: Option<&str>) -> String {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    if let Some(uri) = uri {
+        params.subject_alt_names = vec![SanType::URI(uri.to_string().try_into().unwrap())];
+    }
+    params.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+#[test]
+fn operator_leaf_shows_spiffe_id_usages_and_validity() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    let roots = wait_for_ca(&cluster)?;
+    let out = cluster.cli(&["ca", "leaf", "web"])?;
+    assert!(
+        out.contains("PRIVATE KEY"),
+        "the operator leaf comes with its key"
+    );
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("leaf.pem"), &out)?;
+    std::fs::write(dir.path().join("roots.pem"), &roots)?;
+    let text = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(dir.path().join("leaf.pem"))
+        .output()?;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(".weft/ns/default/dc/dc1/svc/web"), "{text}");
+    assert!(text.contains("URI:spiffe://"), "{text}");
+    assert!(
+        text.contains("Digital Signature, Key Encipherment"),
+        "{text}"
+    );
+    assert!(
+        text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
+        "{text}"
+    );
+    assert!(text.contains("CA:FALSE"), "{text}");
+    let verify = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(dir.path().join("roots.pem"))
+        .arg(dir.path().join("leaf.pem"))
+        .output()?;
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    // The server never logs private keys.
+    assert!(!cluster.log(1).contains("PRIVATE KEY"));
+    Ok(())
+}
+
+#[test]
+fn csrs_are_signed_only_for_services_on_the_requesting_node() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    wait_for_ca(&cluster)?;
+    let addr = format!("http://{}", cluster.grpc_addr(1));
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut catalog = CatalogClient::connect(addr.clone()).await?;
+        catalog
+            .register_node(RegisterNodeRequest {
+                node: Some(Node {
+                    name: "node-a".into(),
+                    address: "10.0.0.1".into(),
+                    datacenter: "dc1".into(),
+                    ..Default::default()
+                }),
+            })
+            .await?;
+        catalog
+            .register_service(RegisterServiceRequest {
+                instance: Some(ServiceInstance {
+                    id: "web-1".into(),
+                    service: "web".into(),
+                    node: "node-a".into(),
+                    address: "10.0.0.1".into(),
+                    port: 8080,
+                    ..Default::default()
+                }),
+            })
+            .await?;
+        let mut ca = CaClient::connect(addr).await?;
+        let sign = |csr: String, service: &str| SignRequest {
+            csr_pem: csr,
+            node: "node-a".into(),
+            service: service.into(),
+        };
+
+        let leaf = ca.sign(sign(csr_for(None), "web")).await?.into_inner();
+        assert!(
+            leaf.spiffe_id.ends_with("/ns/default/dc/dc1/svc/web"),
+            "{}",
+            leaf.spiffe_id
+        );
+        assert!(leaf.key_pem.is_empty(), "the agent keeps its own key");
+
+        let refused = ca.sign(sign(csr_for(None), "api")).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        assert!(
+            refused.message().contains("not registered on node"),
+            "{}",
+            refused.message()
+        );
+
+        let wrong_name = csr_for(Some(&leaf.spiffe_id.replace("/svc/web", "/svc/api")));
+        let refused = ca.sign(sign(wrong_name, "web")).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+
+        let good = csr_for(None);
+        let tampered = good.replacen("MII", "MIJ", 1);
+        let refused = ca.sign(sign(tampered, "web")).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+
+        let node_leaf = ca.sign(sign(csr_for(None), "")).await?.into_inner();
+        assert!(
+            node_leaf.spiffe_id.ends_with("/node/node-a"),
+            "{}",
+            node_leaf.spiffe_id
+        );
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+#[test]
+fn a_rotation_reaches_watchers_with_both_roots() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    wait_for_ca(&cluster)?;
+    let addr = format!("http://{}", cluster.grpc_addr(1));
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut stream = rt.block_on(async {
+        let mut watch = WatchClient::connect(addr).await?;
+        let mut stream = watch
+            .subscribe(WatchRequest { from_index: 0 })
+            .await?
+            .into_inner();
+        let first = stream.message().await?.context("no snapshot")?;
+        match first.event {
+            Some(watch_event::Event::Snapshot(s)) => {
+                assert_eq!(s.ca.context("snapshot without CA")?.roots_pem.len(), 1)
+            }
+            other => bail!("expected a snapshot, got {other:?}"),
+        }
+        Ok::<_, anyhow::Error>(stream)
+    })?;
+    cluster.cli(&["ca", "rotate"])?;
+    rt.block_on(async {
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .context("no rotation event")??
+                .context("stream ended")?;
+            if let Some(watch_event::Event::Changes(set)) = event.event {
+                for c in set.changes {
+                    if let Some(change::Change::CaBundle(b)) = c.change {
+                        assert_eq!(b.roots_pem.len(), 2, "old and new root during the overlap");
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    })
+}
