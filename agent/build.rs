@@ -29,6 +29,9 @@ fn main() {
         root_dir: ebpf_dir.to_str().expect("utf-8 path"),
         ..Default::default()
     };
+    // aya-build replays everything the nested cargo prints as a warning (and
+    // cargo repeats those on every build): keep it to errors.
+    std::env::set_var("CARGO_TERM_QUIET", "true");
     if let Err(e) = aya_build::build_ebpf([package], aya_build::Toolchain::default()) {
         eprintln!("error: building the eBPF programs failed: {e:#}");
         eprintln!("`cargo xtask build-ebpf` shows the full compiler output.");

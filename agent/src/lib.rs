@@ -8,5 +8,6 @@
 
 pub mod config;
 pub mod ebpf;
+pub mod hbone;
 pub mod metrics;
 pub mod telemetry;
