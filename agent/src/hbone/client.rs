@@ -1,0 +1,297 @@
+//! The outbound side of HBONE: a pool of mutual-TLS HTTP/2 connections to
+//! other nodes' agents, and CONNECT tunnels over them.
+//!
+//! Connections are pooled per (source SPIFFE id, destination node address):
+//! the TLS session presents the source workload's certificate, so two
+//! workloads never share one. Each connection carries many CONNECT streams.
+//! Concurrent callers for the same key wait for one dial instead of racing.
+//! A connection whose driver has ended (peer closed, GOAWAY, I/O error) is
+//! evicted, and the next call dials anew; a reused connection that fails
+//! before the CONNECT was sent is redialed once within the same call.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tracing::debug;
+
+use super::stream::HboneStream;
+use super::tls::{self, Identity, TlsError, TrustBundle, ALPN_H2};
+use super::{INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, REASON_HEADER};
+
+/// Errors of opening a tunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("connecting to {node}: {source}")]
+    Dial { node: SocketAddr, source: io::Error },
+    #[error("TLS handshake with {node}: {source}")]
+    Handshake { node: SocketAddr, source: io::Error },
+    #[error("{node} did not negotiate ALPN h2")]
+    NoH2Alpn { node: SocketAddr },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] TlsError),
+    #[error("HTTP/2 with {node}: {source}")]
+    H2 { node: SocketAddr, source: h2::Error },
+    #[error("building CONNECT request: {0}")]
+    Request(#[from] http::Error),
+    #[error("tunnel refused with status {status}: {reason}")]
+    Refused { status: u16, reason: String },
+    #[error("tunnel not established within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A CONNECT response's verdict: pure, from status and `x-weft-reason`.
+pub(crate) fn check_response(status: StatusCode, reason: Option<&[u8]>) -> Result<(), HboneError> {
+    if status == StatusCode::OK {
+        return Ok(());
+    }
+    let reason = reason
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .unwrap_or_else(|| status.canonical_reason().unwrap_or("").to_string());
+    Err(HboneError::Refused {
+        status: status.as_u16(),
+        reason,
+    })
+}
+
+type PoolKey = (String, SocketAddr);
+
+/// One pooled TLS+h2 connection.
+#[derive(Clone)]
+struct PooledConn {
+    id: u64,
+    send: h2::client::SendRequest<Bytes>,
+    /// Set when the connection's driver task ends.
+    closed: Arc<AtomicBool>,
+}
+
+impl PooledConn {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// A slot per key; its async lock makes concurrent callers share one dial.
+type Slot = Arc<tokio::sync::Mutex<Option<PooledConn>>>;
+
+struct PoolInner {
+    bundle: TrustBundle,
+    slots: Mutex<HashMap<PoolKey, Slot>>,
+    next_id: AtomicU64,
+    dials: AtomicU64,
+}
+
+/// Pooled HBONE connections to other nodes. Cloning shares the pool.
+#[derive(Clone)]
+pub struct HbonePool {
+    inner: Arc<PoolInner>,
+}
+
+impl std::fmt::Debug for HbonePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HbonePool")
+            .field("dials", &self.dials())
+            .finish_non_exhaustive()
+    }
+}
+
+impl HbonePool {
+    /// A pool whose connections verify servers against `bundle` (rotations
+    /// apply to later dials).
+    pub fn new(bundle: TrustBundle) -> Self {
+        HbonePool {
+            inner: Arc::new(PoolInner {
+                bundle,
+                slots: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                dials: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// How many TLS connections this pool has dialed successfully.
+    pub fn dials(&self) -> u64 {
+        self.inner.dials.load(Ordering::Relaxed)
+    }
+
+    /// Opens a tunnel from `source` to `target` through the agent at `node`,
+    /// reusing a pooled connection when there is a live one. The whole
+    /// operation (dial, handshake, CONNECT, response) is bounded by `timeout`.
+    pub async fn connect(
+        &self,
+        source: &Identity,
+        node: SocketAddr,
+        target: SocketAddr,
+        timeout: Duration,
+    ) -> Result<HboneStream, HboneError> {
+        tokio::time::timeout(timeout, self.connect_inner(source, node, target))
+            .await
+            .map_err(|_| HboneError::Timeout(timeout))?
+    }
+
+    async fn connect_inner(
+        &self,
+        source: &Identity,
+        node: SocketAddr,
+        target: SocketAddr,
+    ) -> Result<HboneStream, HboneError> {
+        let key: PoolKey = (source.spiffe_id.clone(), node);
+        let mut retried = false;
+        loop {
+            let (conn, fresh) = self.checkout(&key, source).await?;
+            let h2_err = |source| HboneError::H2 { node, source };
+            // Failures before the request is sent are safe to retry on a new
+            // connection once, when the pooled one turned out to be dead.
+            let sent = match conn.send.clone().ready().await {
+                Ok(mut send) => {
+                    let request = Request::builder()
+                        .method(Method::CONNECT)
+                        .uri(target.to_string())
+                        .body(())?;
+                    send.send_request(request, false)
+                }
+                Err(e) => Err(e),
+            };
+            let (response, send_stream) = match sent {
+                Ok(pair) => pair,
+                Err(e) => {
+                    self.evict(&key, conn.id).await;
+                    if fresh || retried {
+                        return Err(h2_err(e));
+                    }
+                    debug!(%node, error = %e, "pooled hbone connection dead, redialing");
+                    retried = true;
+                    continue;
+                }
+            };
+            let response = match response.await {
+                Ok(response) => response,
+                Err(e) => {
+                    if conn.is_closed() || e.is_go_away() || e.is_io() {
+                        self.evict(&key, conn.id).await;
+                    }
+                    return Err(h2_err(e));
+                }
+            };
+            check_response(
+                response.status(),
+                response.headers().get(REASON_HEADER).map(|v| v.as_bytes()),
+            )?;
+            return Ok(HboneStream::new(send_stream, response.into_body()));
+        }
+    }
+
+    /// The live connection for `key`, dialing one if needed. `true` when it
+    /// was dialed by this call.
+    async fn checkout(
+        &self,
+        key: &PoolKey,
+        source: &Identity,
+    ) -> Result<(PooledConn, bool), HboneError> {
+        let slot = self.slot(key);
+        let mut guard = slot.lock().await;
+        if let Some(conn) = guard.as_ref() {
+            if !conn.is_closed() {
+                return Ok((conn.clone(), false));
+            }
+        }
+        *guard = None;
+        self.prune();
+        let conn = self.dial(source, key.1).await?;
+        *guard = Some(conn.clone());
+        Ok((conn, true))
+    }
+
+    fn slot(&self, key: &PoolKey) -> Slot {
+        let mut slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry(key.clone()).or_default().clone()
+    }
+
+    /// Forgets slots whose connections are gone and that nobody is using.
+    fn prune(&self) {
+        let mut slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.retain(|_, slot| {
+            Arc::strong_count(slot) > 1
+                || slot
+                    .try_lock()
+                    .map(|c| c.as_ref().is_some_and(|c| !c.is_closed()))
+                    .unwrap_or(true)
+        });
+    }
+
+    async fn evict(&self, key: &PoolKey, id: u64) {
+        let slot = self.slot(key);
+        let mut guard = slot.lock().await;
+        if guard.as_ref().is_some_and(|c| c.id == id) {
+            *guard = None;
+        }
+    }
+
+    async fn dial(&self, source: &Identity, node: SocketAddr) -> Result<PooledConn, HboneError> {
+        let tcp = TcpStream::connect(node)
+            .await
+            .map_err(|source| HboneError::Dial { node, source })?;
+        let _ = tcp.set_nodelay(true);
+        let connector = TlsConnector::from(tls::client_config(source, &self.inner.bundle)?);
+        // The name is not checked (SPIFFE ids are); rustls sends no SNI for IPs.
+        let tls = connector
+            .connect(ServerName::IpAddress(node.ip().into()), tcp)
+            .await
+            .map_err(|source| HboneError::Handshake { node, source })?;
+        if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+            return Err(HboneError::NoH2Alpn { node });
+        }
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(INITIAL_STREAM_WINDOW)
+            .initial_connection_window_size(INITIAL_CONNECTION_WINDOW)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| HboneError::H2 { node, source })?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let closed = Arc::new(AtomicBool::new(false));
+        let closed_by_driver = closed.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(%node, error = %e, "hbone connection closed with error");
+            }
+            closed_by_driver.store(true, Ordering::Release);
+        });
+        self.inner.dials.fetch_add(1, Ordering::Relaxed);
+        debug!(%node, source = %source.spiffe_id, id, "hbone connection established");
+        Ok(PooledConn { id, send, closed })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ok_is_the_only_success() {
+        assert!(check_response(StatusCode::OK, None).is_ok());
+        match check_response(StatusCode::FORBIDDEN, Some(b"denied by intention")) {
+            Err(HboneError::Refused { status, reason }) => {
+                assert_eq!(status, 403);
+                assert_eq!(reason, "denied by intention");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match check_response(StatusCode::METHOD_NOT_ALLOWED, None) {
+            Err(HboneError::Refused { status, reason }) => {
+                assert_eq!(status, 405);
+                assert_eq!(reason, "Method Not Allowed");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(check_response(StatusCode::NO_CONTENT, None).is_err());
+    }
+}

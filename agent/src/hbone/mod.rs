@@ -1,0 +1,30 @@
+//! HBONE: weft's node-to-node transport, HTTP/2 CONNECT tunnels over mutual
+//! TLS (as Istio's ztunnel does it).
+//!
+//! - [`tls`]: identities, the rotating trust bundle, rustls configs, SPIFFE ids.
+//! - [`server`]: the inbound `:15008` server handing CONNECT streams to a handler.
+//! - [`client`]: the outbound connection pool opening tunnels.
+//! - [`stream`]: [`HboneStream`], a tunnel as `AsyncRead + AsyncWrite`.
+
+pub mod client;
+pub mod server;
+pub mod stream;
+pub mod tls;
+
+#[cfg(test)]
+mod tests;
+
+pub use client::{HboneError, HbonePool};
+pub use server::{ConnectHandler, ConnectRequest, HboneServer, Refusal, ServerError, TlsFailure};
+pub use stream::HboneStream;
+pub use tls::{peer_spiffe_id, Identity, SpiffeId, TlsError, TrustBundle};
+
+/// Response header carrying why a tunnel was refused.
+pub const REASON_HEADER: &str = "x-weft-reason";
+
+/// HTTP/2 stream window: how much one tunnel may have in flight.
+pub(crate) const INITIAL_STREAM_WINDOW: u32 = 1024 * 1024;
+/// HTTP/2 connection window, shared by all tunnels of a connection.
+pub(crate) const INITIAL_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// Concurrent tunnels one inbound connection may carry.
+pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 1000;

@@ -1,0 +1,422 @@
+//! The inbound HBONE server (`:15008`): mutual TLS, then HTTP/2 CONNECT.
+//!
+//! For each accepted TCP connection the server completes a TLS 1.3 handshake
+//! that requires a client certificate chaining to the trust bundle, reads the
+//! peer's SPIFFE id, and serves HTTP/2 on it. Every CONNECT stream names a
+//! target `IP:PORT` on this node in `:authority`; a [`ConnectHandler`] decides
+//! (policy) and connects to it. On success the server answers 200 and splices
+//! the stream to the upstream, half-closes included; on refusal it answers the
+//! refusal's status with the reason in `x-weft-reason`. Other methods get 405.
+//!
+//! Handshake failures never panic: they are logged and reported through the
+//! `on_tls_failure` hook (for metrics).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::stream::HboneStream;
+use super::tls::{self, Identity, TlsError, TrustBundle, ALPN_H2};
+use super::{
+    INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, MAX_CONCURRENT_STREAMS, REASON_HEADER,
+};
+
+/// Default time a peer gets to complete the TLS handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of one inbound connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+    #[error("TLS handshake timed out after {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("peer did not negotiate ALPN h2")]
+    NoH2Alpn,
+    #[error("peer identity: {0}")]
+    PeerIdentity(#[from] TlsError),
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+}
+
+/// One CONNECT request, as the handler sees it.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    /// The client's SPIFFE id, from its verified certificate.
+    pub peer_id: String,
+    /// The `:authority` of the request: where on this node to connect.
+    pub target: SocketAddr,
+    /// The request's headers (not the pseudo-headers).
+    pub headers: HeaderMap,
+}
+
+/// A handler's "no": the HTTP status to answer and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: String,
+}
+
+impl Refusal {
+    pub fn new(status: u16, reason: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            reason: reason.into(),
+        }
+    }
+
+    /// 403: policy (intentions) denies the connection.
+    pub fn forbidden(reason: impl Into<String>) -> Self {
+        Refusal::new(403, reason)
+    }
+
+    /// 503: the target cannot be reached.
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        Refusal::new(503, reason)
+    }
+}
+
+/// Decides on and opens the upstream of each CONNECT stream.
+///
+/// Implemented for every `Fn(ConnectRequest) -> Future<Output =
+/// Result<Upstream, Refusal>>` closure.
+pub trait ConnectHandler: Send + Sync + 'static {
+    type Upstream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    fn connect(
+        &self,
+        request: ConnectRequest,
+    ) -> impl Future<Output = Result<Self::Upstream, Refusal>> + Send;
+}
+
+impl<F, Fut, U> ConnectHandler for F
+where
+    F: Fn(ConnectRequest) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<U, Refusal>> + Send,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Upstream = U;
+
+    fn connect(
+        &self,
+        request: ConnectRequest,
+    ) -> impl Future<Output = Result<Self::Upstream, Refusal>> + Send {
+        self(request)
+    }
+}
+
+/// A failed inbound handshake, as reported to the `on_tls_failure` hook.
+#[derive(Debug, Clone)]
+pub struct TlsFailure {
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// Why the connection was dropped.
+    pub reason: String,
+}
+
+type FailureHook = Arc<dyn Fn(&TlsFailure) + Send + Sync>;
+type AcceptHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+struct Inner<H> {
+    acceptor: TlsAcceptor,
+    local_id: String,
+    handler: H,
+    handshake_timeout: Duration,
+    on_tls_failure: Option<FailureHook>,
+    on_tls_accept: Option<AcceptHook>,
+}
+
+/// The inbound HBONE server: configure it, then [`serve`](Self::serve) a
+/// listener.
+pub struct HboneServer<H> {
+    inner: Inner<H>,
+}
+
+/// What the server answers to a request before any handler runs.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Classified {
+    Connect(SocketAddr),
+    Reject(Refusal),
+}
+
+/// Pure request checks: CONNECT only, and `:authority` must be `IP:PORT`.
+pub(crate) fn classify(method: &Method, authority: Option<&str>) -> Classified {
+    if method != Method::CONNECT {
+        return Classified::Reject(Refusal::new(405, "only CONNECT is served"));
+    }
+    let Some(authority) = authority else {
+        return Classified::Reject(Refusal::new(400, "CONNECT without :authority"));
+    };
+    match authority.parse::<SocketAddr>() {
+        Ok(addr) if addr.port() != 0 => Classified::Connect(addr),
+        _ => Classified::Reject(Refusal::new(
+            400,
+            format!("CONNECT target {authority:?} is not IP:PORT"),
+        )),
+    }
+}
+
+/// A refusal's status, never a success: a bad or 2xx status becomes 500.
+pub(crate) fn refusal_status(status: u16) -> StatusCode {
+    match StatusCode::from_u16(status) {
+        Ok(code) if !code.is_success() && !code.is_informational() => code,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The reason as a header value: non-printable bytes become `?`, capped in
+/// length.
+pub(crate) fn reason_header_value(reason: &str) -> HeaderValue {
+    let cleaned: String = reason
+        .chars()
+        .take(256)
+        .map(|c| if (' '..='~').contains(&c) { c } else { '?' })
+        .collect();
+    HeaderValue::from_str(&cleaned).unwrap_or_else(|_| HeaderValue::from_static("refused"))
+}
+
+impl<H: ConnectHandler> HboneServer<H> {
+    /// A server presenting `identity` and accepting clients that chain to
+    /// `bundle` (rotations of the bundle apply to later handshakes).
+    pub fn new(identity: &Identity, bundle: &TrustBundle, handler: H) -> Result<Self, TlsError> {
+        let config = tls::server_config(identity, bundle)?;
+        Ok(HboneServer {
+            inner: Inner {
+                acceptor: TlsAcceptor::from(config),
+                local_id: identity.spiffe_id.clone(),
+                handler,
+                handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+                on_tls_failure: None,
+                on_tls_accept: None,
+            },
+        })
+    }
+
+    /// Called for every failed handshake (no or bad client certificate,
+    /// wrong ALPN, timeout).
+    pub fn on_tls_failure(mut self, hook: impl Fn(&TlsFailure) + Send + Sync + 'static) -> Self {
+        self.inner.on_tls_failure = Some(Arc::new(hook));
+        self
+    }
+
+    /// Called with the peer's SPIFFE id for every completed handshake.
+    pub fn on_tls_accept(mut self, hook: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.inner.on_tls_accept = Some(Arc::new(hook));
+        self
+    }
+
+    /// How long a peer gets to complete the handshake.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.inner.handshake_timeout = timeout;
+        self
+    }
+
+    /// Accepts connections forever, each served on its own task. Connections
+    /// outlive this future if it is dropped.
+    pub async fn serve(self, listener: TcpListener) {
+        let inner = Arc::new(self.inner);
+        loop {
+            match listener.accept().await {
+                Ok((tcp, peer)) => {
+                    let inner = inner.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = inner.serve_connection(tcp, peer).await {
+                            debug!(%peer, error = %e, "hbone connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // E.g. out of file descriptors: back off instead of spinning.
+                    warn!(error = %e, "hbone accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+impl<H: ConnectHandler> Inner<H> {
+    fn tls_failure(&self, peer: SocketAddr, err: &ServerError) {
+        warn!(%peer, local = %self.local_id, error = %err, "hbone TLS handshake rejected");
+        if let Some(hook) = &self.on_tls_failure {
+            hook(&TlsFailure {
+                peer,
+                reason: err.to_string(),
+            });
+        }
+    }
+
+    /// Serves one accepted TCP connection to its end.
+    async fn serve_connection(
+        self: &Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+    ) -> Result<(), ServerError> {
+        let _ = tcp.set_nodelay(true);
+        let (tls, peer_id) = match self.handshake(tcp).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                self.tls_failure(peer, &e);
+                return Err(e);
+            }
+        };
+        debug!(%peer, peer_id = %peer_id, "hbone connection accepted");
+        if let Some(hook) = &self.on_tls_accept {
+            hook(&peer_id);
+        }
+        let peer_id: Arc<str> = Arc::from(peer_id);
+
+        let mut conn = h2::server::Builder::new()
+            .initial_window_size(INITIAL_STREAM_WINDOW)
+            .initial_connection_window_size(INITIAL_CONNECTION_WINDOW)
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .handshake::<_, Bytes>(tls)
+            .await?;
+        while let Some(next) = conn.accept().await {
+            let (request, respond) = match next {
+                Ok(pair) => pair,
+                Err(e) => {
+                    debug!(%peer, error = %e, "hbone connection error");
+                    return Err(e.into());
+                }
+            };
+            let inner = self.clone();
+            let peer_id = peer_id.clone();
+            tokio::spawn(async move {
+                inner.serve_stream(request, respond, &peer_id).await;
+            });
+        }
+        Ok(())
+    }
+
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, String), ServerError> {
+        let timeout = self.handshake_timeout;
+        let tls = tokio::time::timeout(timeout, self.acceptor.accept(tcp))
+            .await
+            .map_err(|_| ServerError::HandshakeTimeout(timeout))?
+            .map_err(ServerError::Handshake)?;
+        let (_, session) = tls.get_ref();
+        if session.alpn_protocol() != Some(ALPN_H2) {
+            return Err(ServerError::NoH2Alpn);
+        }
+        let peer_id = tls::peer_spiffe_id(session.peer_certificates().unwrap_or_default())?;
+        Ok((tls, peer_id))
+    }
+
+    async fn serve_stream(
+        &self,
+        request: Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
+        peer_id: &str,
+    ) {
+        let local = &self.local_id;
+        let authority = request.uri().authority().map(|a| a.as_str());
+        let target = match classify(request.method(), authority) {
+            Classified::Connect(target) => target,
+            Classified::Reject(refusal) => {
+                debug!(peer = peer_id, method = %request.method(), reason = %refusal.reason,
+                    "hbone request rejected");
+                send_refusal(&mut respond, &refusal);
+                return;
+            }
+        };
+        let (parts, body) = request.into_parts();
+        let connect = ConnectRequest {
+            peer_id: peer_id.to_string(),
+            target,
+            headers: parts.headers,
+        };
+        let mut upstream = match self.handler.connect(connect).await {
+            Ok(upstream) => upstream,
+            Err(refusal) => {
+                info!(src = peer_id, dst = %local, %target, status = refusal.status,
+                    reason = %refusal.reason, "hbone tunnel refused");
+                send_refusal(&mut respond, &refusal);
+                return;
+            }
+        };
+        let send = match respond.send_response(Response::new(()), false) {
+            Ok(send) => send,
+            Err(e) => {
+                debug!(src = peer_id, %target, error = %e, "hbone stream gone before 200");
+                return;
+            }
+        };
+        let mut tunnel = HboneStream::new(send, body);
+        match tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await {
+            Ok((up, down)) => {
+                debug!(src = peer_id, %target, bytes_in = up, bytes_out = down, "hbone tunnel closed")
+            }
+            Err(e) => debug!(src = peer_id, %target, error = %e, "hbone tunnel broken"),
+        }
+    }
+}
+
+fn send_refusal(respond: &mut h2::server::SendResponse<Bytes>, refusal: &Refusal) {
+    let mut response = Response::new(());
+    *response.status_mut() = refusal_status(refusal.status);
+    response
+        .headers_mut()
+        .insert(REASON_HEADER, reason_header_value(&refusal.reason));
+    // The peer may already have reset the stream; nothing more to do then.
+    let _ = respond.send_response(response, true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_accepts_connect_to_ip_port() {
+        assert_eq!(
+            classify(&Method::CONNECT, Some("10.0.0.1:8080")),
+            Classified::Connect("10.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            classify(&Method::CONNECT, Some("[::1]:80")),
+            Classified::Connect("[::1]:80".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn classify_rejects_other_methods_and_targets() {
+        assert!(matches!(
+            classify(&Method::GET, Some("10.0.0.1:80")),
+            Classified::Reject(Refusal { status: 405, .. })
+        ));
+        for bad in [None, Some("web:80"), Some("10.0.0.1"), Some("10.0.0.1:0")] {
+            assert!(matches!(
+                classify(&Method::CONNECT, bad),
+                Classified::Reject(Refusal { status: 400, .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn refusal_status_is_never_success() {
+        assert_eq!(refusal_status(403), StatusCode::FORBIDDEN);
+        assert_eq!(refusal_status(200), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(refusal_status(101), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(refusal_status(7), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn reason_header_is_sanitized() {
+        assert_eq!(
+            reason_header_value("denied by intention"),
+            "denied by intention"
+        );
+        assert_eq!(reason_header_value("a\nb\u{e9}"), "a?b?");
+    }
+}

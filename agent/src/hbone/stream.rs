@@ -1,0 +1,146 @@
+//! [`HboneStream`]: one HTTP/2 CONNECT tunnel as a byte stream.
+//!
+//! Wraps an h2 `SendStream`/`RecvStream` pair in tokio's `AsyncRead` and
+//! `AsyncWrite`, so that a tunnel can be spliced to a TCP socket with
+//! `tokio::io::copy_bidirectional`. Writes wait for HTTP/2 flow-control
+//! capacity; received data is handed back to the peer's window as it is
+//! read. `shutdown` sends END_STREAM (a TCP half-close) and reading returns
+//! EOF when the peer's END_STREAM arrives.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Largest single DATA write requested at once (bytes).
+const MAX_WRITE: usize = 64 * 1024;
+
+/// An established HBONE tunnel, readable and writable like a TCP stream.
+#[derive(Debug)]
+pub struct HboneStream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Data received but not yet read.
+    pending: Bytes,
+    /// END_STREAM has been received (reads return EOF).
+    read_closed: bool,
+    /// END_STREAM has been sent.
+    write_closed: bool,
+}
+
+impl HboneStream {
+    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        HboneStream {
+            send,
+            recv,
+            pending: Bytes::new(),
+            read_closed: false,
+            write_closed: false,
+        }
+    }
+}
+
+/// Maps an h2 error to an io error of the kind a TCP socket would give.
+pub(crate) fn h2_to_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("h2 io error"));
+    }
+    let kind = if e.is_reset() || e.is_go_away() {
+        io::ErrorKind::ConnectionReset
+    } else {
+        io::ErrorKind::Other
+    };
+    io::Error::new(kind, e)
+}
+
+impl AsyncRead for HboneStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        while this.pending.is_empty() {
+            if this.read_closed {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Give the window back now: at most one frame is held here.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    this.pending = data;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => this.read_closed = true,
+            }
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for HboneStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let want = buf.len().min(MAX_WRITE);
+        this.send.reserve_capacity(want);
+        loop {
+            let capacity = this.send.capacity();
+            if capacity > 0 {
+                let n = capacity.min(want);
+                this.send
+                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                    .map_err(h2_to_io)?;
+                return Poll::Ready(Ok(n));
+            }
+            match ready!(this.send.poll_capacity(cx)) {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => {
+                    // The stream can no longer send: report why if the peer reset it.
+                    return Poll::Ready(Err(match this.send.poll_reset(cx) {
+                        Poll::Ready(Ok(reason)) => io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            format!("stream reset by peer: {reason}"),
+                        ),
+                        Poll::Ready(Err(e)) => h2_to_io(e),
+                        Poll::Pending => io::ErrorKind::BrokenPipe.into(),
+                    }));
+                }
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The h2 connection task writes frames out as soon as they are queued.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        this.write_closed = true;
+        this.send.reserve_capacity(0);
+        this.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+        Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,488 @@
+//! End-to-end tests of HBONE on loopback: real TLS with rcgen-made CAs and
+//! leaves, a real HboneServer in front of an echo server, the real pool.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use super::*;
+
+const TD: &str = "test.weft";
+const WEB: &str = "spiffe://test.weft/ns/default/dc/dc1/svc/web";
+const API: &str = "spiffe://test.weft/ns/default/dc/dc1/svc/api";
+const NODE_B: &str = "spiffe://test.weft/ns/default/dc/dc1/svc/node-b";
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+struct TestCa {
+    params: CertificateParams,
+    key: KeyPair,
+    pem: String,
+}
+
+impl TestCa {
+    fn new(name: &str) -> Self {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let pem = params.self_signed(&key).unwrap().pem();
+        TestCa { params, key, pem }
+    }
+
+    fn leaf_with_uris(&self, uris: &[&str]) -> (String, String) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "leaf");
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI(u.to_string().try_into().unwrap()))
+            .collect();
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn identity(&self, spiffe_id: &str) -> Identity {
+        let (cert, key) = self.leaf_with_uris(&[spiffe_id]);
+        Identity::from_pem(&cert, &key).unwrap()
+    }
+
+    fn bundle(&self) -> TrustBundle {
+        TrustBundle::from_pem(TD, &self.pem).unwrap()
+    }
+}
+
+/// Echoes every byte back; half-closes its write side after reading EOF.
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Port that the test handler refuses with 403.
+const DENIED_PORT: u16 = 9;
+
+struct Node {
+    addr: SocketAddr,
+    bundle: TrustBundle,
+    echo: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<TlsFailure>>>,
+    peers: Arc<Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn start_node(ca: &TestCa) -> Node {
+    let echo = echo_server().await;
+    let bundle = ca.bundle();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let seen = peers.clone();
+    let handler = move |req: ConnectRequest| {
+        seen.lock().unwrap().push(req.peer_id.clone());
+        async move {
+            if req.target.port() == DENIED_PORT {
+                return Err(Refusal::forbidden(format!(
+                    "intention denies {} -> {}",
+                    req.peer_id, req.target
+                )));
+            }
+            TcpStream::connect(req.target)
+                .await
+                .map_err(|e| Refusal::unavailable(e.to_string()))
+        }
+    };
+    let (acc, fail) = (accepted.clone(), failures.clone());
+    let server = HboneServer::new(&ca.identity(NODE_B), &bundle, handler)
+        .unwrap()
+        .on_tls_accept(move |_| {
+            acc.fetch_add(1, Ordering::SeqCst);
+        })
+        .on_tls_failure(move |f| fail.lock().unwrap().push(f.clone()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(server.serve(listener));
+    Node {
+        addr,
+        bundle,
+        echo,
+        accepted,
+        failures,
+        peers,
+        task,
+    }
+}
+
+async fn round_trip(stream: &mut HboneStream, data: &[u8]) -> Vec<u8> {
+    stream.write_all(data).await.unwrap();
+    let mut back = vec![0; data.len()];
+    stream.read_exact(&mut back).await.unwrap();
+    back
+}
+
+/// Waits (briefly) until `cond` holds: server-side hooks run on other tasks.
+async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    for _ in 0..200 {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[test]
+fn peer_spiffe_id_requires_exactly_one_spiffe_uri() {
+    let ca = TestCa::new("ca");
+    let der = |pem: &str| Identity::from_pem(pem, &ca.leaf_with_uris(&[WEB]).1);
+    let (one, _) = ca.leaf_with_uris(&[WEB, "https://example.com/x"]);
+    assert_eq!(der(&one).unwrap().spiffe_id, WEB);
+    let (none, _) = ca.leaf_with_uris(&["https://example.com/x"]);
+    assert!(matches!(der(&none), Err(TlsError::NoSpiffeId)));
+    let (two, _) = ca.leaf_with_uris(&[WEB, API]);
+    assert!(matches!(der(&two), Err(TlsError::MultipleSpiffeIds(2))));
+    let (no_san, _) = ca.leaf_with_uris(&[]);
+    assert!(matches!(der(&no_san), Err(TlsError::NoSpiffeId)));
+}
+
+#[tokio::test]
+async fn tunnel_echoes_bytes() {
+    let ca = TestCa::new("ca");
+    let node = start_node(&ca).await;
+    let pool = HbonePool::new(ca.bundle());
+    let web = ca.identity(WEB);
+    let mut stream = pool
+        .connect(&web, node.addr, node.echo, TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(
+        round_trip(&mut stream, b"hello hbone").await,
+        b"hello hbone"
+    );
+    // More than one stream window's worth, so flow control must turn over.
+    let big: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| i as u8).collect();
+    let (mut r, mut w) = tokio::io::split(stream);
+    let sent = big.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), big.len());
+    assert!(back == big);
+}
+
+#[tokio::test]
+async fn server_sees_client_spiffe_id() {
+    let ca = TestCa::new("ca");
+    let node = start_node(&ca).await;
+    let pool = HbonePool::new(ca.bundle());
+    let mut stream = pool
+        .connect(&ca.identity(API), node.addr, node.echo, TIMEOUT)
+        .await
+        .unwrap();
+    round_trip(&mut stream, b"x").await;
+    assert_eq!(*node.peers.lock().unwrap(), vec![API.to_string()]);
+}
+
+#[tokio::test]
+async fn fifty_concurrent_streams_share_one_tls_connection() {
+    let ca = TestCa::new("ca");
+    let node = start_node(&ca).await;
+    let pool = HbonePool::new(ca.bundle());
+    let web = Arc::new(ca.identity(WEB));
+    let mut tasks = Vec::new();
+    for i in 0..50u32 {
+        let (pool, web, addr, echo) = (pool.clone(), web.clone(), node.addr, node.echo);
+        tasks.push(tokio::spawn(async move {
+            let mut stream = pool.connect(&web, addr, echo, TIMEOUT).await.unwrap();
+            let msg = format!("stream {i}").into_bytes();
+            assert_eq!(round_trip(&mut stream, &msg).await, msg);
+            stream
+        }));
+    }
+    let mut open = Vec::new();
+    for task in tasks {
+        open.push(task.await.unwrap());
+    }
+    assert_eq!(open.len(), 50);
+    assert_eq!(node.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(pool.dials(), 1);
+    // Another identity to the same node gets its own connection.
+    let mut other = pool
+        .connect(&ca.identity(API), node.addr, node.echo, TIMEOUT)
+        .await
+        .unwrap();
+    round_trip(&mut other, b"y").await;
+    assert_eq!(node.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn handler_refusal_arrives_as_refused_403() {
+    let ca = TestCa::new("ca");
+    let node = start_node(&ca).await;
+    let pool = HbonePool::new(ca.bundle());
+    let target: SocketAddr = ([127, 0, 0, 1], DENIED_PORT).into();
+    let err = pool
+        .connect(&ca.identity(WEB), node.addr, target, TIMEOUT)
+        .await
+        .unwrap_err();
+    match err {
+        HboneError::Refused { status, reason } => {
+            assert_eq!(status, 403);
+            assert_eq!(reason, format!("intention denies {WEB} -> {target}"));
+        }
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    // The connection survives a refused stream.
+    let mut ok = pool
+        .connect(&ca.identity(WEB), node.addr, node.echo, TIMEOUT)
+        .await
+        .unwrap();
+    round_trip(&mut ok, b"still here").await;
+    assert_eq!(pool.dials(), 1);
+}
+
+#[tokio::test]
+async fn client_from_another_ca_fails_handshake() {
+    let ca = TestCa::new("ca");
+    let node = start_node(&ca).await;
+    let rogue = TestCa::new("rogue");
+    // The client trusts the real CA (it would accept the server) but presents
+    // a certificate from another CA.
+    let pool = HbonePool::new(ca.bundle());
+    let err = pool
+        .connect(&rogue.identity(WEB), node.addr, node.echo, TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, HboneError::Handshake { .. } | HboneError::H2 { .. }),
+        "{err:?}"
+    );
+    assert!(eventually(|| node.failures.lock().unwrap().len() == 1).await);
+    assert_eq!(node.accepted.load(Ordering::SeqCst), 0);
+    assert!(node.peers.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn client_without_certificate_fails_handshake() {
+    let ca = TestCa::new("ca");
+    let node = start_node(&ca).await;
+    let config = tls::client_config_without_cert(&ca.bundle()).unwrap();
+    let tcp = TcpStream::connect(node.addr).await.unwrap();
+    let result = async {
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::IpAddress(node.addr.ip().into()), tcp)
+            .await?;
+        // TLS 1.3: the server's verdict on the client arrives after the
+        // client finished; a read surfaces it.
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+        let mut buf = [0u8; 1];
+        tls.read(&mut buf).await
+    }
+    .await;
+    assert!(!matches!(result, Ok(n) if n > 0), "{result:?}");
+    assert!(eventually(|| node.failures.lock().unwrap().len() == 1).await);
+    let failure = node.failures.lock().unwrap()[0].clone();
+    assert!(failure.reason.contains("handshake"), "{failure:?}");
+    assert_eq!(node.accepted.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn client_in_another_trust_domain_is_rejected() {
+    let ca = TestCa::new("ca");
+    let node = start_node(&ca).await;
+    let pool = HbonePool::new(ca.bundle());
+    let stranger = ca.identity("spiffe://other.weft/ns/default/dc/dc1/svc/web");
+    assert!(pool
+        .connect(&stranger, node.addr, node.echo, TIMEOUT)
+        .await
+        .is_err());
+    assert!(eventually(|| node.failures.lock().unwrap().len() == 1).await);
+    assert_eq!(node.accepted.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn client_rejects_server_outside_its_bundle() {
+    let ca = TestCa::new("ca");
+    let node = start_node(&ca).await;
+    let other = TestCa::new("other");
+    let pool = HbonePool::new(other.bundle());
+    let err = pool
+        .connect(&other.identity(WEB), node.addr, node.echo, TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HboneError::Handshake { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn rotated_bundle_rejects_old_ca_and_keeps_open_tunnels() {
+    let old = TestCa::new("old");
+    let node = start_node(&old).await;
+    let pool = HbonePool::new(old.bundle());
+    let web = old.identity(WEB);
+    let mut open = pool
+        .connect(&web, node.addr, node.echo, TIMEOUT)
+        .await
+        .unwrap();
+    round_trip(&mut open, b"before").await;
+
+    let new = TestCa::new("new");
+    node.bundle.replace_pem(&new.pem).unwrap();
+    assert!(node.bundle.replace_pem("garbage").is_err());
+
+    // A new handshake with an old-CA certificate now fails...
+    let fresh_pool = HbonePool::new(old.bundle());
+    assert!(fresh_pool
+        .connect(&web, node.addr, node.echo, TIMEOUT)
+        .await
+        .is_err());
+    assert!(eventually(|| node.failures.lock().unwrap().len() == 1).await);
+    // ...while the tunnel opened before keeps working, and so does its
+    // connection for new streams.
+    assert_eq!(round_trip(&mut open, b"after").await, b"after");
+    let mut again = pool
+        .connect(&web, node.addr, node.echo, TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut again, b"again").await, b"again");
+    assert_eq!(node.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn half_close_keeps_the_read_side_open() {
+    let ca = TestCa::new("ca");
+    let node = start_node(&ca).await;
+    let pool = HbonePool::new(ca.bundle());
+    let mut stream = pool
+        .connect(&ca.identity(WEB), node.addr, node.echo, TIMEOUT)
+        .await
+        .unwrap();
+    stream.write_all(b"request body").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    stream.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"request body");
+}
+
+#[tokio::test]
+async fn non_connect_methods_get_405() {
+    let ca = TestCa::new("ca");
+    let node = start_node(&ca).await;
+    let config = tls::client_config(&ca.identity(WEB), &ca.bundle()).unwrap();
+    let tcp = TcpStream::connect(node.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::IpAddress(node.addr.ip().into()), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::get("https://node-b/").body(()).unwrap();
+    let (response, _) = send.send_request(request, true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 405);
+    assert!(response.headers().contains_key(REASON_HEADER));
+}
+
+/// A TCP relay in front of a node whose live connections can be cut.
+async fn relay(to: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<JoinHandle<()>>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(Mutex::new(Vec::new()));
+    let tracked = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut down, _)) = listener.accept().await {
+            let task = tokio::spawn(async move {
+                if let Ok(mut up) = TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                }
+            });
+            tracked.lock().unwrap().push(task);
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test]
+async fn broken_connection_is_evicted_and_redialed() {
+    let ca = TestCa::new("ca");
+    let node = start_node(&ca).await;
+    let (via, conns) = relay(node.addr).await;
+    let pool = HbonePool::new(ca.bundle());
+    let web = ca.identity(WEB);
+    let mut first = pool.connect(&web, via, node.echo, TIMEOUT).await.unwrap();
+    round_trip(&mut first, b"one").await;
+    for task in conns.lock().unwrap().drain(..) {
+        task.abort();
+    }
+    // The open tunnel breaks with the connection...
+    let mut buf = [0u8; 1];
+    assert!(!matches!(first.read(&mut buf).await, Ok(1)));
+    // ...and the next tunnel gets a new connection.
+    let mut second = pool.connect(&web, via, node.echo, TIMEOUT).await.unwrap();
+    assert_eq!(round_trip(&mut second, b"two").await, b"two");
+    assert_eq!(pool.dials(), 2);
+    assert_eq!(node.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn connect_times_out_against_a_silent_node() {
+    let ca = TestCa::new("ca");
+    // Accepts TCP, never speaks TLS.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent = listener.local_addr().unwrap();
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    let pool = HbonePool::new(ca.bundle());
+    let timeout = Duration::from_millis(200);
+    let err = pool
+        .connect(&ca.identity(WEB), silent, silent, timeout)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, HboneError::Timeout(t) if t == timeout),
+        "{err:?}"
+    );
+}
