@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod ebpf;
+pub mod health;
 pub mod hbone;
 pub mod metrics;
 pub mod telemetry;
