@@ -1,0 +1,386 @@
+//! The agent's admin HTTP server (default `127.0.0.1:15020`): `/healthz` for liveness
+//! and readiness probes, `/metrics` for Prometheus, `/config` for a JSON dump of what
+//! the agent is running with. Plain HTTP/1.1 on hyper 1, meant for localhost only.
+//!
+//! [`respond`] decides the answer to a request from the [`AdminState`] alone (pure and
+//! unit-tested); [`AdminServer`] accepts connections and stops gracefully when the
+//! shutdown future given to [`AdminServer::serve`] completes.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::metrics::{AgentMetrics, CONTENT_TYPE as METRICS_CONTENT_TYPE};
+
+/// How long open admin connections get to finish once shutdown starts.
+pub const ADMIN_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Admin server errors.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The listening socket could not be bound (field `admin_addr`).
+    #[error("admin_addr {addr}: cannot listen: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound socket's address could not be read.
+    #[error("admin listener: {0}")]
+    LocalAddr(#[source] std::io::Error),
+}
+
+/// Produces the `/config` document on each request.
+pub type ConfigDump = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// What the admin server reports; the agent keeps the other ends.
+#[derive(Clone)]
+pub struct AdminState {
+    /// `true` once the agent is ready to serve (then `/healthz` answers 200).
+    pub ready: watch::Receiver<bool>,
+    /// Encoded on `/metrics`.
+    pub metrics: Arc<AgentMetrics>,
+    /// Called on `/config`.
+    pub config: ConfigDump,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState")
+            .field("ready", &*self.ready.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_str(content_type)
+            .unwrap_or(header::HeaderValue::from_static("text/plain")),
+    );
+    resp
+}
+
+/// The response to `method path` (the query string already removed).
+pub fn respond(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    let known = matches!(path, "/healthz" | "/metrics" | "/config");
+    if !known {
+        return text(StatusCode::NOT_FOUND, PLAIN, "not found\n");
+    }
+    if method != Method::GET && method != Method::HEAD {
+        let mut resp = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            PLAIN,
+            "method not allowed\n",
+        );
+        resp.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return resp;
+    }
+    match path {
+        "/healthz" => {
+            if *state.ready.borrow() {
+                text(StatusCode::OK, PLAIN, "ok")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "not ready")
+            }
+        }
+        "/metrics" => text(StatusCode::OK, METRICS_CONTENT_TYPE, state.metrics.encode()),
+        _ => {
+            let doc = (state.config)();
+            match serde_json::to_vec_pretty(&doc) {
+                Ok(body) => text(StatusCode::OK, "application/json", body),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    PLAIN,
+                    format!("cannot encode the configuration: {e}\n"),
+                ),
+            }
+        }
+    }
+}
+
+/// A bound admin server; [`AdminServer::serve`] runs it.
+#[derive(Debug)]
+pub struct AdminServer {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    state: AdminState,
+}
+
+impl AdminServer {
+    /// Binds `addr` (port 0 picks a free port; see [`Self::local_addr`]).
+    pub async fn bind(addr: SocketAddr, state: AdminState) -> Result<AdminServer, AdminError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| AdminError::Bind { addr, source })?;
+        Self::from_listener(listener, state)
+    }
+
+    /// Uses an already bound listener.
+    pub fn from_listener(
+        listener: TcpListener,
+        state: AdminState,
+    ) -> Result<AdminServer, AdminError> {
+        let local_addr = listener.local_addr().map_err(AdminError::LocalAddr)?;
+        Ok(AdminServer {
+            listener,
+            local_addr,
+            state,
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets open connections
+    /// finish their current request (at most [`ADMIN_DRAIN_TIMEOUT`]) and returns.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut conns = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let state = self.state.clone();
+                        let stop = stop_rx.clone();
+                        conns.spawn(serve_conn(stream, peer, state, stop));
+                    }
+                    Err(e) => {
+                        // Usually out of file descriptors: back off instead of spinning.
+                        tracing::warn!(error = %e, "admin: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        drop(self.listener);
+        let _ = stop_tx.send(true);
+        let drain = async { while conns.join_next().await.is_some() {} };
+        if tokio::time::timeout(ADMIN_DRAIN_TIMEOUT, drain)
+            .await
+            .is_err()
+        {
+            conns.abort_all();
+        }
+    }
+}
+
+async fn serve_conn(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    state: AdminState,
+    mut stop: watch::Receiver<bool>,
+) {
+    let service = service_fn(move |req: Request<Incoming>| {
+        let resp = respond(&state, req.method(), req.uri().path());
+        async move { Ok::<_, Infallible>(resp) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let stopping = async move {
+        // Dropping the borrow before returning keeps the future `Send`.
+        let _ = stop.wait_for(|s| *s).await.map(|_| ());
+    };
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stopping => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "admin: connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty};
+
+    fn state(ready: bool) -> (AdminState, watch::Sender<bool>) {
+        let (tx, rx) = watch::channel(ready);
+        let metrics = Arc::new(AgentMetrics::new());
+        let st = AdminState {
+            ready: rx,
+            metrics,
+            config: Arc::new(|| serde_json::json!({"node_name": "node-a", "services": []})),
+        };
+        (st, tx)
+    }
+
+    async fn body(resp: Response<Full<Bytes>>) -> String {
+        let b = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(b.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn respond_routes() {
+        let (st, tx) = state(false);
+        let r = respond(&st, &Method::GET, "/healthz");
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        tx.send(true).unwrap();
+        let r = respond(&st, &Method::GET, "/healthz");
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(body(r).await, "ok");
+        let r = respond(&st, &Method::POST, "/healthz");
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()[header::ALLOW], "GET, HEAD");
+        let r = respond(&st, &Method::GET, "/nope");
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let r = respond(&st, &Method::GET, "/config");
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+        let v: serde_json::Value = serde_json::from_str(&body(r).await).unwrap();
+        assert_eq!(v["node_name"], "node-a");
+    }
+
+    /// GET `path` from `addr` with a hyper client; returns status and body.
+    async fn get(addr: SocketAddr, path: &str) -> (StatusCode, String, String) {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header(header::HOST, addr.to_string())
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status();
+        let ct = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let b = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, ct, String::from_utf8(b.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn serves_every_path_and_shuts_down() {
+        let (st, ready) = state(false);
+        let metrics = st.metrics.clone();
+        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap(), st)
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async {
+            let _ = stop_rx.await;
+        }));
+
+        let (s, _, b) = get(addr, "/healthz").await;
+        assert_eq!(
+            (s, b.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+        );
+        ready.send(true).unwrap();
+        let (s, _, b) = get(addr, "/healthz").await;
+        assert_eq!((s, b.as_str()), (StatusCode::OK, "ok"));
+
+        metrics.conn_opened("web", "api");
+        metrics.bytes("web", "api", crate::metrics::Direction::Sent, 10);
+        metrics.denied("web", "db");
+        metrics.tls_failure(crate::metrics::Side::Outbound, "timeout");
+        metrics.set_ebpf_counter(crate::metrics::EbpfCounter::Rekeyed, 9);
+        let (s, ct, b) = get(addr, "/metrics?x=1").await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+        for want in [
+            "weft_agent_connections_opened_total{source=\"web\",destination=\"api\"} 1",
+            "weft_agent_connections_active{source=\"web\",destination=\"api\"} 1",
+            "weft_agent_bytes_total{source=\"web\",destination=\"api\",direction=\"sent\"} 10",
+            "weft_agent_intention_denials_total{source=\"web\",destination=\"db\"} 1",
+            "weft_agent_tls_handshake_failures_total{side=\"outbound\",reason=\"timeout\"} 1",
+            "weft_agent_ebpf_events_total{event=\"rekeyed\"} 9",
+        ] {
+            assert!(b.contains(want), "missing {want:?} in\n{b}");
+        }
+
+        let (s, ct, b) = get(addr, "/config").await;
+        assert_eq!((s, ct.as_str()), (StatusCode::OK, "application/json"));
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["node_name"], "node-a");
+
+        let (s, _, _) = get(addr, "/").await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("server stops")
+            .unwrap();
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn shutdown_with_an_idle_keepalive_connection_is_prompt() {
+        let (st, _ready) = state(true);
+        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap(), st)
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async {
+            let _ = stop_rx.await;
+        }));
+        // An idle keep-alive connection left open by a client.
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("/healthz")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(
+            sender.send_request(req).await.unwrap().status(),
+            StatusCode::OK
+        );
+
+        let started = std::time::Instant::now();
+        stop_tx.send(()).unwrap();
+        task.await.unwrap();
+        assert!(
+            started.elapsed() < ADMIN_DRAIN_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn bind_error_names_the_field() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        let (st, _ready) = state(true);
+        let e = AdminServer::bind(addr, st).await.unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("admin_addr {addr}: cannot listen")),
+            "{e}"
+        );
+    }
+}
