@@ -1,15 +1,21 @@
 //! weft-agent: the node agent of the weft service mesh.
 //!
 //! One privileged agent runs per node. It loads eBPF programs that bring the
-//! connections of local mesh workloads to itself, and (as later parts land)
-//! carries them over mutual TLS to the destination node's agent, enforcing
+//! connections of local mesh workloads to itself (or takes them on explicit
+//! upstream ports), carries them over mutual TLS to the destination node's agent, enforcing
 //! intentions on the way. This crate is both the `weft-agent` binary and a
 //! library, so that tests drive the same code the binary runs.
 
 pub mod admin;
 pub mod config;
+pub mod control;
 pub mod ebpf;
-pub mod health;
 pub mod hbone;
+pub mod health;
+pub mod identity;
+pub mod lb;
 pub mod metrics;
+pub mod proxy;
+pub mod run;
 pub mod telemetry;
+pub mod view;

@@ -1,0 +1,254 @@
+//! The agent's link to the servers: registering the node and its services,
+//! writing health changes, signing certificates, and following the watch
+//! stream into the agent's [`View`]. Every call goes to the first server that
+//! answers; a broken watch stream is resumed from the last index on the next
+//! server, and the node is registered again after such a reconnect (a server
+//! restart or a leader change must not lose it).
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+use weft_api::catalog::HealthStatus;
+use weft_api::convert::health_to_proto;
+use weft_api::proto::{
+    self, ca_client::CaClient, catalog_client::CatalogClient, watch_client::WatchClient,
+};
+
+use crate::config::AgentConfig;
+use crate::view::View;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no server answered: {0}")]
+    Unreachable(String),
+    #[error("server refused {what}: {status}")]
+    Refused { what: String, status: tonic::Status },
+}
+
+/// The servers, and the node's registration as this agent knows it.
+pub struct Control {
+    addrs: Vec<String>,
+    config: Arc<AgentConfig>,
+    /// Last known health of each local service instance (by id).
+    health: Mutex<BTreeMap<String, (HealthStatus, String)>>,
+}
+
+impl Control {
+    pub fn new(config: Arc<AgentConfig>) -> Self {
+        Self {
+            addrs: config.servers.clone(),
+            config,
+            health: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// A channel to the first server that accepts a connection.
+    pub async fn channel(&self) -> Result<Channel, ControlError> {
+        let mut last = String::from("no servers configured");
+        for addr in &self.addrs {
+            let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
+                Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
+                Err(e) => {
+                    last = format!("{addr}: {e}");
+                    continue;
+                }
+            };
+            match endpoint.connect().await {
+                Ok(ch) => return Ok(ch),
+                Err(e) => last = format!("{addr}: {e}"),
+            }
+        }
+        Err(ControlError::Unreachable(last))
+    }
+
+    fn refused(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> ControlError {
+        let what = what.into();
+        move |status| ControlError::Refused { what, status }
+    }
+
+    /// Registers the node and every local service, with their last known health.
+    pub async fn register(&self) -> Result<(), ControlError> {
+        let cfg = &self.config;
+        let mut catalog = CatalogClient::new(self.channel().await?);
+        let node = proto::Node {
+            name: cfg.node_name.clone(),
+            address: cfg.advertise_addr.to_string(),
+            datacenter: cfg.datacenter.clone(),
+            ..Default::default()
+        };
+        catalog
+            .register_node(proto::RegisterNodeRequest { node: Some(node) })
+            .await
+            .map_err(Self::refused(format!("registering node {}", cfg.node_name)))?;
+        let health = self.health.lock().expect("health lock").clone();
+        for s in &cfg.services {
+            let (status, output) = health
+                .get(&s.id)
+                .cloned()
+                .unwrap_or((HealthStatus::Critical, "no check has run yet".into()));
+            let instance = proto::ServiceInstance {
+                id: s.id.clone(),
+                service: s.name.clone(),
+                node: cfg.node_name.clone(),
+                address: s.address.to_string(),
+                port: u32::from(s.port),
+                tags: s.tags.clone(),
+                meta: s.meta.clone().into_iter().collect(),
+                health: health_to_proto(status) as i32,
+                check_output: output,
+                ..Default::default()
+            };
+            catalog
+                .register_service(proto::RegisterServiceRequest {
+                    instance: Some(instance),
+                })
+                .await
+                .map_err(Self::refused(format!("registering service {}", s.id)))?;
+        }
+        tracing::info!(node = %cfg.node_name, services = cfg.services.len(), "registered");
+        Ok(())
+    }
+
+    /// Registers, retrying until a server takes it or `limit` passes.
+    pub async fn register_retrying(&self, limit: Duration) -> Result<(), ControlError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match self.register().await {
+                Ok(()) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!("registration failed, retrying: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Removes the node (and with it its services) from the catalog.
+    pub async fn deregister(&self) -> Result<(), ControlError> {
+        let mut catalog = CatalogClient::new(self.channel().await?);
+        catalog
+            .deregister_node(proto::DeregisterNodeRequest {
+                name: self.config.node_name.clone(),
+            })
+            .await
+            .map_err(Self::refused("deregistering"))?;
+        tracing::info!(node = %self.config.node_name, "deregistered");
+        Ok(())
+    }
+
+    /// Writes a service's new health (called only when it changed).
+    pub async fn update_health(
+        &self,
+        id: &str,
+        status: HealthStatus,
+        output: &str,
+    ) -> Result<(), ControlError> {
+        self.health
+            .lock()
+            .expect("health lock")
+            .insert(id.to_string(), (status, output.to_string()));
+        let mut catalog = CatalogClient::new(self.channel().await?);
+        catalog
+            .update_health(proto::UpdateHealthRequest {
+                node: self.config.node_name.clone(),
+                id: id.to_string(),
+                health: health_to_proto(status) as i32,
+                output: output.to_string(),
+            })
+            .await
+            .map_err(Self::refused(format!("health of {id}")))?;
+        Ok(())
+    }
+
+    /// Asks the CA to sign `csr_pem` for `service` (None: this node).
+    pub async fn sign(
+        &self,
+        csr_pem: String,
+        service: Option<&str>,
+    ) -> Result<proto::SignedLeaf, ControlError> {
+        let mut ca = CaClient::new(self.channel().await?);
+        let req = proto::SignRequest {
+            csr_pem,
+            node: self.config.node_name.clone(),
+            service: service.unwrap_or_default().to_string(),
+        };
+        let what = format!("a certificate for {}", service.unwrap_or("this node"));
+        Ok(ca
+            .sign(req)
+            .await
+            .map_err(Self::refused(what))?
+            .into_inner())
+    }
+
+    /// Follows the watch stream forever, applying events to `view` and
+    /// publishing the index after each. Reconnects (and re-registers) when a
+    /// stream breaks; while no server answers, the view stays as it was.
+    pub async fn follow(self: Arc<Self>, view: Arc<RwLock<View>>, index_tx: watch::Sender<u64>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut first = true;
+        loop {
+            let from = view.read().expect("view lock").index;
+            match self.stream_once(&view, &index_tx, from, first).await {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!("watch stream: {e}; reconnecting");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+            first = false;
+        }
+    }
+
+    async fn stream_once(
+        &self,
+        view: &RwLock<View>,
+        index_tx: &watch::Sender<u64>,
+        from: u64,
+        first: bool,
+    ) -> Result<(), ControlError> {
+        let channel = self.channel().await?;
+        if !first {
+            // Whatever broke the stream (a server restart, a leader change, a
+            // restore) may have lost this node: register again.
+            self.register().await?;
+        }
+        let mut stream = WatchClient::new(channel)
+            .subscribe(proto::WatchRequest { from_index: from })
+            .await
+            .map_err(Self::refused("a watch stream"))?
+            .into_inner();
+        loop {
+            let event = match stream.message().await {
+                Ok(Some(event)) => event,
+                Ok(None) => return Ok(()),
+                Err(status) => {
+                    return Err(ControlError::Refused {
+                        what: "the watch stream".into(),
+                        status,
+                    })
+                }
+            };
+            let index = event.index;
+            if let Err(e) = view.write().expect("view lock").apply(event) {
+                tracing::error!("ignoring a bad watch event: {e}");
+                continue;
+            }
+            let registered = view
+                .read()
+                .expect("view lock")
+                .nodes
+                .contains_key(&self.config.node_name);
+            if !registered {
+                tracing::warn!("this node is missing from the catalog; registering again");
+                if let Err(e) = self.register().await {
+                    tracing::warn!("re-registration failed: {e}");
+                }
+            }
+            index_tx.send_replace(index);
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! A stream that counts the bytes through it and reports them, with the
+//! connection's close, to the agent's metrics when it is dropped.
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::metrics::{AgentMetrics, Direction};
+
+pub struct Counted<S> {
+    inner: S,
+    metrics: Arc<AgentMetrics>,
+    source: String,
+    destination: String,
+    written: u64,
+    read: u64,
+}
+
+impl<S> Counted<S> {
+    /// Wraps `inner` (the connection to the destination) and counts it open.
+    pub fn new(inner: S, metrics: Arc<AgentMetrics>, source: &str, destination: &str) -> Self {
+        metrics.conn_opened(source, destination);
+        Self {
+            inner,
+            metrics,
+            source: source.to_string(),
+            destination: destination.to_string(),
+            written: 0,
+            read: 0,
+        }
+    }
+}
+
+impl<S> Drop for Counted<S> {
+    fn drop(&mut self) {
+        let (m, s, d) = (&self.metrics, &self.source, &self.destination);
+        m.bytes(s, d, Direction::Sent, self.written);
+        m.bytes(s, d, Direction::Received, self.read);
+        m.conn_closed(s, d);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = result {
+            self.written += n as u64;
+        }
+        result
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,64 @@
+//! The proxy: outbound (a local workload's connection to a service) and
+//! inbound (a tunnel from another node's agent to a local workload). Both
+//! work on "an accepted connection with a known source service and
+//! destination"; where that connection came from (an explicit upstream port
+//! or an eBPF redirect) does not matter here.
+
+pub mod counted;
+pub mod inbound;
+pub mod outbound;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use crate::hbone::HbonePool;
+use crate::identity::Identities;
+use crate::metrics::AgentMetrics;
+use crate::view::View;
+
+/// How long opening a connection or tunnel may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What both directions share.
+pub struct ProxyContext {
+    pub node_name: String,
+    /// The port other agents take tunnels on (ours, and theirs).
+    pub inbound_port: u16,
+    pub view: Arc<RwLock<View>>,
+    pub identities: Arc<Identities>,
+    pub pool: HbonePool,
+    pub metrics: Arc<AgentMetrics>,
+    /// Open connections per destination instance, for load balancing.
+    pub in_flight: Mutex<HashMap<SocketAddr, u64>>,
+}
+
+/// Counts one open connection to an instance for as long as it lives.
+pub struct InFlight<'a> {
+    ctx: &'a ProxyContext,
+    addr: SocketAddr,
+}
+
+impl<'a> InFlight<'a> {
+    pub fn new(ctx: &'a ProxyContext, addr: SocketAddr) -> Self {
+        *ctx.in_flight
+            .lock()
+            .expect("in-flight lock")
+            .entry(addr)
+            .or_default() += 1;
+        Self { ctx, addr }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut map = self.ctx.in_flight.lock().expect("in-flight lock");
+        if let Some(n) = map.get_mut(&self.addr) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.addr);
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! Outbound: a local workload's connection to a service. Picks a passing
+//! instance (power of two choices over open connections), then either
+//! connects straight to it (same node: no TLS, but intentions are checked
+//! here) or opens an HBONE tunnel to the instance's node, presenting the
+//! source service's certificate. With no passing instance, or a refusal, the
+//! workload's connection is reset at once.
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::copy_bidirectional;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{InFlight, ProxyContext, CONNECT_TIMEOUT};
+use crate::hbone::HboneError;
+use crate::lb::p2c;
+use crate::metrics::Direction;
+
+/// Where a connection goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// An instance on this node.
+    Local(SocketAddr),
+    /// An instance behind another node's agent.
+    Tunnel {
+        node: SocketAddr,
+        target: SocketAddr,
+    },
+}
+
+/// Why a connection could not be carried.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    #[error("no passing instance of {0}")]
+    NoInstance(String),
+    #[error("denied: {0}")]
+    Denied(String),
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("tunnel: {0}")]
+    Tunnel(#[from] HboneError),
+    #[error("no certificate for {0}")]
+    Identity(String),
+}
+
+/// Picks the route for a connection to `service`.
+pub fn route(ctx: &ProxyContext, service: &str) -> Result<Route, OutboundError> {
+    let view = ctx.view.read().expect("view lock");
+    let candidates: Vec<(SocketAddr, &str)> = view
+        .passing(service)
+        .into_iter()
+        .filter_map(|i| {
+            Some((
+                SocketAddr::new(i.address.parse().ok()?, i.port),
+                i.node.as_str(),
+            ))
+        })
+        .collect();
+    let loads: Vec<u64> = {
+        let in_flight = ctx.in_flight.lock().expect("in-flight lock");
+        candidates
+            .iter()
+            .map(|(a, _)| in_flight.get(a).copied().unwrap_or(0))
+            .collect()
+    };
+    let pick = p2c(
+        &loads,
+        rand::random::<u32>() as usize,
+        rand::random::<u32>() as usize,
+    )
+    .ok_or_else(|| OutboundError::NoInstance(service.to_string()))?;
+    let (target, node) = candidates[pick];
+    if node == ctx.node_name {
+        return Ok(Route::Local(target));
+    }
+    let node_ip = view.node_addr(node).ok_or_else(|| {
+        OutboundError::NoInstance(format!("{service} (node {node} has no address)"))
+    })?;
+    Ok(Route::Tunnel {
+        node: SocketAddr::new(node_ip, ctx.inbound_port),
+        target,
+    })
+}
+
+/// Carries one accepted connection from `source` to `destination`.
+pub async fn carry(
+    ctx: &ProxyContext,
+    client: &mut TcpStream,
+    source: &str,
+    destination: &str,
+) -> Result<(), OutboundError> {
+    let route = route(ctx, destination)?;
+    let target = match &route {
+        Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
+    };
+    let _in_flight = InFlight::new(ctx, target);
+    let (sent, received) = match route {
+        Route::Local(addr) => {
+            let decision = ctx
+                .view
+                .read()
+                .expect("view lock")
+                .decide(source, destination, None);
+            if !decision.allowed {
+                ctx.metrics.denied(source, destination);
+                return Err(OutboundError::Denied(decision.to_string()));
+            }
+            let mut upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+                .await
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+                .map_err(|source| OutboundError::Connect { addr, source })?;
+            ctx.metrics.conn_opened(source, destination);
+            let copied = copy_bidirectional(client, &mut upstream).await;
+            ctx.metrics.conn_closed(source, destination);
+            copied.unwrap_or_default()
+        }
+        Route::Tunnel { node, target } => {
+            let identity = ctx
+                .identities
+                .service(source)
+                .map_err(|_| OutboundError::Identity(source.to_string()))?;
+            let mut tunnel = ctx
+                .pool
+                .connect(&identity, node, target, CONNECT_TIMEOUT)
+                .await?;
+            ctx.metrics.conn_opened(source, destination);
+            let copied = copy_bidirectional(client, &mut tunnel).await;
+            ctx.metrics.conn_closed(source, destination);
+            copied.unwrap_or_default()
+        }
+    };
+    ctx.metrics
+        .bytes(source, destination, Direction::Sent, sent);
+    ctx.metrics
+        .bytes(source, destination, Direction::Received, received);
+    Ok(())
+}
+
+/// Resets a connection (RST rather than FIN), so the workload sees a prompt,
+/// clear failure.
+pub fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+/// Serves an explicit upstream: every connection to `listener` belongs to
+/// `source` and goes to `destination`.
+pub async fn serve_upstream(
+    ctx: Arc<ProxyContext>,
+    listener: TcpListener,
+    source: String,
+    destination: String,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!("upstream {destination}: accept: {e}");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (ctx, source, destination) = (ctx.clone(), source.clone(), destination.clone());
+        tokio::spawn(async move {
+            let mut stream = stream;
+            if let Err(e) = carry(&ctx, &mut stream, &source, &destination).await {
+                tracing::info!(%peer, "{source} -> {destination}: {e}");
+                reset(stream);
+            }
+        });
+    }
+}

@@ -1,0 +1,264 @@
+//! The agent's main loop: registers with the servers, follows their watch
+//! stream, runs health checks, gets certificates, serves the inbound tunnel
+//! port, the explicit upstream ports and the admin port, and on shutdown
+//! stops accepting, drains open connections up to a deadline and
+//! deregisters.
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::admin::{AdminServer, AdminState};
+use crate::config::AgentConfig;
+use crate::control::{Control, ControlError};
+use crate::hbone::{HbonePool, HboneServer, TlsError, TrustBundle};
+use crate::health::runner::{HealthChecks, HealthUpdate};
+use crate::identity::{Identities, IdentityError};
+use crate::metrics::{AgentMetrics, Side};
+use crate::proxy::{inbound, outbound, ProxyContext};
+use crate::view::View;
+
+/// How long the agent waits for the servers at start-up.
+const STARTUP_LIMIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("trust bundle: {0}")]
+    Tls(#[from] TlsError),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin: {0}")]
+    Admin(#[from] crate::admin::AdminError),
+    #[error("no trust bundle from the servers within {0:?} (is their CA up?)")]
+    NoBundle(Duration),
+    #[error("ebpf = true: transparent interception is not available in this build yet; set ebpf = false and use [[service.upstream]]")]
+    EbpfNotYet,
+}
+
+async fn listen(addr: std::net::SocketAddr) -> Result<TcpListener, RunError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Listen { addr, source })
+}
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    if config.ebpf {
+        return Err(RunError::EbpfNotYet);
+    }
+    let config = Arc::new(config);
+    let metrics = Arc::new(AgentMetrics::new());
+    let view = Arc::new(RwLock::new(View::default()));
+    let control = Arc::new(Control::new(config.clone()));
+    let (ready_tx, ready_rx) = watch::channel(false);
+
+    // Admin first, so that /healthz answers (503) while the rest starts.
+    let admin_state = AdminState {
+        ready: ready_rx,
+        metrics: metrics.clone(),
+        config: {
+            let (config, view) = (config.clone(), view.clone());
+            Arc::new(move || {
+                serde_json::json!({
+                    "config": &*config,
+                    "view": &*view.read().expect("view lock"),
+                })
+            })
+        },
+    };
+    let admin = AdminServer::bind(config.admin_addr, admin_state).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let admin_task = tokio::spawn(admin.serve(wait_for(stop_rx.clone())));
+
+    control.register_retrying(STARTUP_LIMIT).await?;
+
+    let (index_tx, mut index_rx) = watch::channel(0u64);
+    let follow_task = tokio::spawn(control.clone().follow(view.clone(), index_tx));
+    let bundle = wait_for_bundle(&view, &mut index_rx).await?;
+
+    // Health: write changes to the servers.
+    let (health_tx, health_rx) = mpsc::unbounded_channel();
+    let checks = HealthChecks::new(health_tx);
+    for s in &config.services {
+        checks.add(&s.id, s.checks.clone());
+    }
+    let health_task = tokio::spawn(report_health(control.clone(), health_rx));
+
+    // Certificates.
+    let identities = Arc::new(Identities::new(control.clone()));
+    let names: Vec<String> = config
+        .services
+        .iter()
+        .map(|s| s.name.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    identities.init(&names).await?;
+    let renew_task = tokio::spawn(identities.clone().renew_forever());
+    let bundle_task = tokio::spawn(follow_bundle(
+        view.clone(),
+        index_rx.clone(),
+        bundle.clone(),
+    ));
+
+    let ctx = Arc::new(ProxyContext {
+        node_name: config.node_name.clone(),
+        inbound_port: config.inbound_addr.port(),
+        view: view.clone(),
+        identities: identities.clone(),
+        pool: HbonePool::new(bundle.clone()),
+        metrics: metrics.clone(),
+        in_flight: Mutex::new(HashMap::new()),
+    });
+
+    // Inbound tunnels.
+    let node_identity = identities
+        .node()
+        .ok_or(IdentityError::Unknown("node".into()))?;
+    let inbound_ctx = ctx.clone();
+    let failure_metrics = metrics.clone();
+    let server = HboneServer::new(&node_identity, &bundle, move |req| {
+        inbound::accept(inbound_ctx.clone(), req)
+    })?
+    .on_tls_failure(move |f| {
+        tracing::info!(peer = %f.peer, "inbound TLS handshake failed: {}", f.reason);
+        failure_metrics.tls_failure(Side::Inbound, short_reason(&f.reason));
+    });
+    let inbound_listener = listen(config.inbound_addr).await?;
+    let mut accept_tasks = vec![tokio::spawn(server.serve(inbound_listener))];
+
+    // Explicit upstreams.
+    for s in &config.services {
+        for up in &s.upstreams {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], up.local_port));
+            let listener = listen(addr).await?;
+            tracing::info!(%addr, source = %s.name, destination = %up.name, "upstream listening");
+            accept_tasks.push(tokio::spawn(outbound::serve_upstream(
+                ctx.clone(),
+                listener,
+                s.name.clone(),
+                up.name.clone(),
+            )));
+        }
+    }
+
+    ready_tx.send_replace(true);
+    tracing::info!(node = %config.node_name, inbound = %config.inbound_addr, "agent ready");
+    println!(
+        "weft-agent {} ready: inbound {}, admin {}",
+        config.node_name, config.inbound_addr, config.admin_addr
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down: no new connections, draining");
+    ready_tx.send_replace(false);
+    for task in accept_tasks {
+        task.abort();
+    }
+    drain(&ctx, config.drain_timeout).await;
+    follow_task.abort();
+    checks.stop_all();
+    for task in [health_task, renew_task, bundle_task] {
+        task.abort();
+    }
+    if let Err(e) = control.deregister().await {
+        tracing::warn!("deregistration failed: {e}");
+    }
+    let _ = stop_tx.send(true);
+    let _ = admin_task.await;
+    Ok(())
+}
+
+async fn wait_for(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// The first trust bundle from the watch stream.
+async fn wait_for_bundle(
+    view: &RwLock<View>,
+    index_rx: &mut watch::Receiver<u64>,
+) -> Result<TrustBundle, RunError> {
+    let deadline = tokio::time::Instant::now() + STARTUP_LIMIT;
+    loop {
+        {
+            let v = view.read().expect("view lock");
+            if !v.trust_domain.is_empty() && !v.roots_pem.is_empty() {
+                return Ok(TrustBundle::from_pem(&v.trust_domain, &v.bundle_pem())?);
+            }
+        }
+        match tokio::time::timeout_at(deadline, index_rx.changed()).await {
+            Ok(Ok(())) => {}
+            _ => return Err(RunError::NoBundle(STARTUP_LIMIT)),
+        }
+    }
+}
+
+/// Keeps `bundle` equal to the servers' (root rotation): new handshakes use
+/// the new roots, open connections stay.
+async fn follow_bundle(
+    view: Arc<RwLock<View>>,
+    mut index_rx: watch::Receiver<u64>,
+    bundle: TrustBundle,
+) {
+    let mut current = view.read().expect("view lock").bundle_pem();
+    while index_rx.changed().await.is_ok() {
+        let latest = view.read().expect("view lock").bundle_pem();
+        if latest != current && !latest.is_empty() {
+            match bundle.replace_pem(&latest) {
+                Ok(()) => tracing::info!("trust bundle updated"),
+                Err(e) => tracing::error!("new trust bundle refused: {e}"),
+            }
+            current = latest;
+        }
+    }
+}
+
+async fn report_health(control: Arc<Control>, mut updates: mpsc::UnboundedReceiver<HealthUpdate>) {
+    while let Some(u) = updates.recv().await {
+        tracing::info!(service = %u.service_id, status = %u.status, "health changed: {}", u.output);
+        if let Err(e) = control
+            .update_health(&u.service_id, u.status, &u.output)
+            .await
+        {
+            // Kept in `control`; the next registration carries it.
+            tracing::warn!(service = %u.service_id, "writing health failed: {e}");
+        }
+    }
+}
+
+/// Waits until no outbound connection is open, or `limit`.
+async fn drain(ctx: &ProxyContext, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if ctx.in_flight.lock().expect("in-flight lock").is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::warn!("drain deadline reached with connections still open");
+}
+
+/// A low-cardinality label for a handshake failure.
+fn short_reason(reason: &str) -> &'static str {
+    let r = reason.to_ascii_lowercase();
+    if r.contains("certificate") && (r.contains("no ") || r.contains("required")) {
+        "no_client_certificate"
+    } else if r.contains("unknown") || r.contains("issuer") || r.contains("certificate") {
+        "bad_certificate"
+    } else if r.contains("timed out") || r.contains("timeout") {
+        "timeout"
+    } else {
+        "handshake"
+    }
+}

@@ -1,0 +1,317 @@
+//! The agent's view of the mesh, built from the servers' watch stream: a
+//! snapshot, then changes in index order. Pure data and lookups, no I/O:
+//! which instances of a service are passing, which local service listens on
+//! an address, what the intentions decide, and the trust bundle.
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Serialize;
+use weft_api::catalog::{HealthStatus, Node, ServiceInstance};
+use weft_api::convert::{instance_from_proto, intention_from_proto, node_from_proto};
+use weft_api::intention::{evaluate, Decision, Intention, IntentionAction, Request};
+use weft_api::proto::{self, change::Change as P, watch_event::Event};
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct View {
+    /// Index of the last event applied.
+    pub index: u64,
+    pub nodes: BTreeMap<String, Node>,
+    /// (node, instance id) -> instance
+    pub instances: BTreeMap<(String, String), ServiceInstance>,
+    pub vips: BTreeMap<String, IpAddr>,
+    pub intentions: BTreeMap<(String, String), Intention>,
+    pub trust_domain: String,
+    pub roots_pem: Vec<String>,
+    pub default_allow: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ViewError {
+    #[error("watch event {index} has no body")]
+    Empty { index: u64 },
+    #[error("watch event {index}: {message}")]
+    Bad { index: u64, message: String },
+}
+
+impl View {
+    /// Applies one watch event. A snapshot replaces everything.
+    pub fn apply(&mut self, event: proto::WatchEvent) -> Result<(), ViewError> {
+        let index = event.index;
+        let bad = |message: String| ViewError::Bad { index, message };
+        match event.event.ok_or(ViewError::Empty { index })? {
+            Event::Snapshot(s) => {
+                let mut next = View {
+                    index,
+                    default_allow: s.default_allow,
+                    ..View::default()
+                };
+                for n in s.nodes {
+                    let n = node_from_proto(n);
+                    next.nodes.insert(n.name.clone(), n);
+                }
+                for i in s.instances {
+                    let i = instance_from_proto(i).map_err(|e| bad(e.to_string()))?;
+                    next.instances.insert((i.node.clone(), i.id.clone()), i);
+                }
+                for v in s.vips {
+                    next.vips.insert(
+                        v.service,
+                        v.vip.parse().map_err(|_| bad(format!("vip {:?}", v.vip)))?,
+                    );
+                }
+                for i in s.intentions {
+                    let i = intention_from_proto(i).map_err(|e| bad(e.to_string()))?;
+                    next.intentions
+                        .insert((i.source.clone(), i.destination.clone()), i);
+                }
+                if let Some(ca) = s.ca {
+                    next.trust_domain = ca.trust_domain;
+                    next.roots_pem = ca.roots_pem;
+                }
+                *self = next;
+            }
+            Event::Changes(set) => {
+                for change in set.changes.into_iter().filter_map(|c| c.change) {
+                    self.apply_change(change).map_err(bad)?;
+                }
+                self.index = index;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_change(&mut self, change: P) -> Result<(), String> {
+        match change {
+            P::NodeUpsert(n) => {
+                let n = node_from_proto(n);
+                self.nodes.insert(n.name.clone(), n);
+            }
+            P::NodeDelete(name) => {
+                self.nodes.remove(&name);
+                self.instances.retain(|(node, _), _| *node != name);
+            }
+            P::InstanceUpsert(i) => {
+                let i = instance_from_proto(i).map_err(|e| e.to_string())?;
+                self.instances.insert((i.node.clone(), i.id.clone()), i);
+            }
+            P::InstanceDelete(r) => {
+                self.instances.remove(&(r.node, r.id));
+            }
+            P::VipAssigned(v) => {
+                let vip = v.vip.parse().map_err(|_| format!("vip {:?}", v.vip))?;
+                self.vips.insert(v.service, vip);
+            }
+            P::IntentionUpsert(i) => {
+                let i = intention_from_proto(i).map_err(|e| e.to_string())?;
+                self.intentions
+                    .insert((i.source.clone(), i.destination.clone()), i);
+            }
+            P::IntentionDelete(r) => {
+                self.intentions.remove(&(r.source, r.destination));
+            }
+            P::CaBundle(b) => {
+                self.trust_domain = b.trust_domain;
+                self.roots_pem = b.roots_pem;
+            }
+            P::ConfigUpsert(_) | P::ConfigDelete(_) | P::KvUpsert(_) | P::KvDelete(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Passing instances of `service`, in a stable order.
+    pub fn passing(&self, service: &str) -> Vec<&ServiceInstance> {
+        self.instances
+            .values()
+            .filter(|i| i.service == service && i.health == HealthStatus::Passing)
+            .collect()
+    }
+
+    /// Where another node's agent takes tunnels: its address, port 15008.
+    pub fn node_addr(&self, node: &str) -> Option<IpAddr> {
+        self.nodes.get(node).and_then(|n| n.address.parse().ok())
+    }
+
+    /// The instance on `node` that listens on `target`.
+    pub fn local_instance(&self, node: &str, target: SocketAddr) -> Option<&ServiceInstance> {
+        self.instances.values().find(|i| {
+            i.node == node
+                && i.port == target.port()
+                && i.address.parse::<IpAddr>().ok() == Some(target.ip())
+        })
+    }
+
+    /// The intentions' decision for `source` calling `destination`.
+    pub fn decide(&self, source: &str, destination: &str, request: Option<&Request>) -> Decision {
+        let default = if self.default_allow {
+            IntentionAction::Allow
+        } else {
+            IntentionAction::Deny
+        };
+        let intentions: Vec<Intention> = self.intentions.values().cloned().collect();
+        evaluate(&intentions, source, destination, request, default)
+    }
+
+    /// The trust bundle as one PEM text.
+    pub fn bundle_pem(&self) -> String {
+        self.roots_pem.concat()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(
+        node: &str,
+        id: &str,
+        service: &str,
+        port: u32,
+        health: proto::Health,
+    ) -> proto::ServiceInstance {
+        proto::ServiceInstance {
+            id: id.into(),
+            service: service.into(),
+            node: node.into(),
+            address: "10.0.0.2".into(),
+            port,
+            health: health as i32,
+            ..Default::default()
+        }
+    }
+
+    fn snapshot(index: u64) -> proto::WatchEvent {
+        proto::WatchEvent {
+            index,
+            event: Some(Event::Snapshot(proto::StateSnapshot {
+                nodes: vec![proto::Node {
+                    name: "b".into(),
+                    address: "10.0.0.2".into(),
+                    datacenter: "dc1".into(),
+                    ..Default::default()
+                }],
+                instances: vec![
+                    instance("b", "api-1", "api", 8080, proto::Health::Passing),
+                    instance("b", "api-2", "api", 8081, proto::Health::Critical),
+                ],
+                default_allow: false,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn changes(index: u64, changes: Vec<P>) -> proto::WatchEvent {
+        proto::WatchEvent {
+            index,
+            event: Some(Event::Changes(proto::ChangeSet {
+                changes: changes
+                    .into_iter()
+                    .map(|c| proto::Change { change: Some(c) })
+                    .collect(),
+            })),
+        }
+    }
+
+    #[test]
+    fn only_passing_instances_receive_traffic() {
+        let mut v = View::default();
+        v.apply(snapshot(5)).unwrap();
+        let ids: Vec<_> = v.passing("api").iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, vec!["api-1"]);
+        v.apply(changes(
+            6,
+            vec![P::InstanceUpsert(instance(
+                "b",
+                "api-2",
+                "api",
+                8081,
+                proto::Health::Passing,
+            ))],
+        ))
+        .unwrap();
+        assert_eq!(v.passing("api").len(), 2);
+        v.apply(changes(
+            7,
+            vec![P::InstanceUpsert(instance(
+                "b",
+                "api-1",
+                "api",
+                8080,
+                proto::Health::Warning,
+            ))],
+        ))
+        .unwrap();
+        let ids: Vec<_> = v.passing("api").iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, vec!["api-2"]);
+        assert_eq!(v.index, 7);
+    }
+
+    #[test]
+    fn deleting_a_node_drops_its_instances() {
+        let mut v = View::default();
+        v.apply(snapshot(5)).unwrap();
+        v.apply(changes(6, vec![P::NodeDelete("b".into())]))
+            .unwrap();
+        assert!(v.passing("api").is_empty());
+    }
+
+    #[test]
+    fn intentions_and_the_default_decide() {
+        let mut v = View::default();
+        v.apply(snapshot(1)).unwrap();
+        assert!(!v.decide("web", "api", None).allowed, "default deny");
+        let allow = proto::Intention {
+            source: "web".into(),
+            destination: "api".into(),
+            action: "allow".into(),
+            ..Default::default()
+        };
+        v.apply(changes(2, vec![P::IntentionUpsert(allow)]))
+            .unwrap();
+        assert!(v.decide("web", "api", None).allowed);
+        v.apply(changes(
+            3,
+            vec![P::IntentionDelete(proto::IntentionRef {
+                source: "web".into(),
+                destination: "api".into(),
+            })],
+        ))
+        .unwrap();
+        assert!(!v.decide("web", "api", None).allowed);
+    }
+
+    #[test]
+    fn local_instance_is_found_by_address() {
+        let mut v = View::default();
+        v.apply(snapshot(1)).unwrap();
+        let i = v
+            .local_instance("b", "10.0.0.2:8080".parse().unwrap())
+            .unwrap();
+        assert_eq!(i.id, "api-1");
+        assert!(v
+            .local_instance("a", "10.0.0.2:8080".parse().unwrap())
+            .is_none());
+        assert!(v
+            .local_instance("b", "10.0.0.2:9999".parse().unwrap())
+            .is_none());
+    }
+
+    #[test]
+    fn a_bad_event_is_an_error_and_changes_nothing_after_it() {
+        let mut v = View::default();
+        assert_eq!(
+            v.apply(proto::WatchEvent {
+                index: 3,
+                event: None
+            }),
+            Err(ViewError::Empty { index: 3 })
+        );
+        let bad = changes(
+            4,
+            vec![P::VipAssigned(proto::ServiceVip {
+                service: "x".into(),
+                vip: "nope".into(),
+            })],
+        );
+        assert!(v.apply(bad).is_err());
+    }
+}
