@@ -8,10 +8,10 @@ use clap::{Parser, Subcommand};
 mod redirect_cmd;
 
 #[derive(Parser)]
-#[command(name = "weft-agent", version, about = "weft's node agent")]
+#[command(name = "weft-agent", version, about = "weft's node agent", subcommand_negates_reqs = true)]
 struct Cli {
     /// The agent's configuration file.
-    #[arg(long, required_unless_present = "command")]
+    #[arg(long, required = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
