@@ -102,17 +102,16 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let (catalog, intentions, config_api, kv, operator, watch, ca) =
-        weft_server::grpc::services(node.clone());
+    let api = weft_server::grpc::services(node.clone());
     let api_server = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(catalog)
-        .add_service(intentions)
-        .add_service(config_api)
-        .add_service(kv)
-        .add_service(operator)
-        .add_service(watch)
-        .add_service(ca)
+        .add_service(api.catalog)
+        .add_service(api.intentions)
+        .add_service(api.config)
+        .add_service(api.kv)
+        .add_service(api.operator)
+        .add_service(api.watch)
+        .add_service(api.ca)
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown_signal());
 
     tokio::spawn(weft_server::cluster::form(node.clone()));

@@ -37,26 +37,28 @@ pub(crate) async fn read<T>(
 }
 
 /// Every API service of one server, ready to be added to a tonic router.
-pub fn services(
-    node: Arc<ServerNode>,
-) -> (
-    proto::catalog_server::CatalogServer<catalog::CatalogApi>,
-    proto::intentions_server::IntentionsServer<intentions::IntentionsApi>,
-    proto::config_server::ConfigServer<config::ConfigApi>,
-    proto::kv_server::KvServer<kv::KvApi>,
-    proto::operator_server::OperatorServer<operator::OperatorApi>,
-    proto::watch_server::WatchServer<watch::WatchApi>,
-    proto::ca_server::CaServer<ca::CaApi>,
-) {
-    (
-        proto::catalog_server::CatalogServer::new(catalog::CatalogApi(node.clone())),
-        proto::intentions_server::IntentionsServer::new(intentions::IntentionsApi(node.clone())),
-        proto::config_server::ConfigServer::new(config::ConfigApi(node.clone())),
-        proto::kv_server::KvServer::new(kv::KvApi(node.clone())),
-        proto::operator_server::OperatorServer::new(operator::OperatorApi(node.clone()))
+pub struct ApiServices {
+    pub catalog: proto::catalog_server::CatalogServer<catalog::CatalogApi>,
+    pub intentions: proto::intentions_server::IntentionsServer<intentions::IntentionsApi>,
+    pub config: proto::config_server::ConfigServer<config::ConfigApi>,
+    pub kv: proto::kv_server::KvServer<kv::KvApi>,
+    pub operator: proto::operator_server::OperatorServer<operator::OperatorApi>,
+    pub watch: proto::watch_server::WatchServer<watch::WatchApi>,
+    pub ca: proto::ca_server::CaServer<ca::CaApi>,
+}
+
+pub fn services(node: Arc<ServerNode>) -> ApiServices {
+    ApiServices {
+        catalog: proto::catalog_server::CatalogServer::new(catalog::CatalogApi(node.clone())),
+        intentions: proto::intentions_server::IntentionsServer::new(intentions::IntentionsApi(
+            node.clone(),
+        )),
+        config: proto::config_server::ConfigServer::new(config::ConfigApi(node.clone())),
+        kv: proto::kv_server::KvServer::new(kv::KvApi(node.clone())),
+        operator: proto::operator_server::OperatorServer::new(operator::OperatorApi(node.clone()))
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20),
-        proto::watch_server::WatchServer::new(watch::WatchApi(node.clone())),
-        proto::ca_server::CaServer::new(ca::CaApi(node)),
-    )
+        watch: proto::watch_server::WatchServer::new(watch::WatchApi(node.clone())),
+        ca: proto::ca_server::CaServer::new(ca::CaApi(node)),
+    }
 }

@@ -377,7 +377,7 @@ mod tests {
         s.apply(Command::RegisterNode(node("a")), 1);
         s.apply(Command::RegisterService(instance("a", "web-1", "web")), 2);
         let (_, changes) = s.apply(Command::DeregisterNode { name: "a".into() }, 3);
-        assert!(s.instances.get("a").is_none());
+        assert!(!s.instances.contains_key("a"));
         assert_eq!(changes.len(), 2);
     }
 
