@@ -8,7 +8,12 @@ use clap::{Parser, Subcommand};
 mod redirect_cmd;
 
 #[derive(Parser)]
-#[command(name = "weft-agent", version, about = "weft's node agent", subcommand_negates_reqs = true)]
+#[command(
+    name = "weft-agent",
+    version,
+    about = "weft's node agent",
+    subcommand_negates_reqs = true
+)]
 struct Cli {
     /// The agent's configuration file.
     #[arg(long, required = true)]
