@@ -8,6 +8,7 @@
 
 pub mod cgroup;
 pub mod logs;
+pub mod mesh;
 pub mod netns;
 pub mod servers;
 

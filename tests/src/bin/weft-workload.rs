@@ -1,0 +1,114 @@
+//! `weft-workload LISTEN_ADDR NAME`: a tiny HTTP/1.1 server standing in for a
+//! mesh workload in tests and benchmarks (std only, a thread per connection,
+//! keep-alive).
+//!
+//! - `GET /healthz`: 200 `ok`, or 503 `failing` after `/fail`;
+//! - `GET /fail`, `GET /recover`: make `/healthz` fail, or pass again;
+//! - anything else: 200 with the body `instance NAME\n`.
+//!
+//! It prints `listening on ADDR` to stdout once it accepts connections.
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (Some(addr), Some(name)) = (args.first(), args.get(1)) else {
+        eprintln!("usage: weft-workload LISTEN_ADDR NAME");
+        std::process::exit(2);
+    };
+    let listener = match TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("weft-workload: binding {addr}: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!(
+        "listening on {}",
+        listener.local_addr().expect("local addr")
+    );
+    let _ = std::io::stdout().flush();
+    let failing = Arc::new(AtomicBool::new(false));
+    let name: Arc<str> = Arc::from(name.as_str());
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let failing = failing.clone();
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let _ = serve(stream, &name, &failing);
+        });
+    }
+}
+
+fn serve(stream: TcpStream, name: &str, failing: &AtomicBool) -> std::io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = request_line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let path = parts.next().unwrap_or("/").to_string();
+        let version = parts.next().unwrap_or("HTTP/1.1").to_string();
+        let mut content_length = 0usize;
+        let mut close = version == "HTTP/1.0";
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_ascii_lowercase());
+                if k == "content-length" {
+                    content_length = v.parse().unwrap_or(0);
+                } else if k == "connection" {
+                    close = v == "close";
+                }
+            }
+        }
+        if content_length > 0 {
+            std::io::copy(
+                &mut (&mut reader).take(content_length as u64),
+                &mut std::io::sink(),
+            )?;
+        }
+        let route = path.split('?').next().unwrap_or("/");
+        let (status, body) = match route {
+            "/healthz" if failing.load(Ordering::SeqCst) => {
+                ("503 Service Unavailable", "failing\n".to_string())
+            }
+            "/healthz" => ("200 OK", "ok\n".to_string()),
+            "/fail" => {
+                failing.store(true, Ordering::SeqCst);
+                ("200 OK", "failing now\n".to_string())
+            }
+            "/recover" => {
+                failing.store(false, Ordering::SeqCst);
+                ("200 OK", "passing now\n".to_string())
+            }
+            _ => ("200 OK", format!("instance {name}\n")),
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n",
+            body.len(),
+            if close { "connection: close\r\n" } else { "" }
+        );
+        let mut out = head.into_bytes();
+        if method != "HEAD" {
+            out.extend_from_slice(body.as_bytes());
+        }
+        writer.write_all(&out)?;
+        if close {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,805 @@
+//! A two-node mesh for end-to-end tests and benchmarks: two network
+//! namespaces, "node A" (`10.77.X.2/24`) and "node B" (`10.77.X.3/24`), joined
+//! by one veth pair, loopback up and no default route. One `weft-server` runs
+//! in node A on `10.77.X.2`, and a `weft-agent` (explicit mode, `ebpf =
+//! false`) in each node, with its admin on `127.0.0.1:15020` of its own
+//! namespace. Workloads (`weft-workload`), `curl`, `tcpdump` and the `weft`
+//! CLI run inside either namespace.
+//!
+//! Everything is torn down on drop, also when a test fails: processes are
+//! killed (and also die with the thread that started them), namespaces are
+//! deleted, and the temporary directory with configs and logs is removed
+//! (after the tails of the logs are printed when the thread is panicking).
+//!
+//! ```ignore
+//! let mesh = Mesh::start(MeshSpec::new("allow")
+//!     .node_a(Service::new("web", 8000).upstream("api", 9191))
+//!     .node_b(Service::new("api", 8080).address(MeshSpec::B_ADDR)))?;
+//! mesh.workload(Node::B, "api", "0.0.0.0:8080")?;
+//! let body = mesh.curl(Node::A, "http://127.0.0.1:9191/")?;
+//! ```
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::netns::Netns;
+use crate::servers::bin;
+
+/// One of the two nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Node {
+    A,
+    B,
+}
+
+pub use Node::{A as NodeA, B as NodeB};
+
+impl Node {
+    fn index(self) -> usize {
+        match self {
+            Node::A => 0,
+            Node::B => 1,
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Node::A => "a",
+            Node::B => "b",
+        }
+    }
+    /// The node's name in the catalog: `node-a`, `node-b`.
+    pub fn node_name(self) -> &'static str {
+        match self {
+            Node::A => "node-a",
+            Node::B => "node-b",
+        }
+    }
+}
+
+/// The name of the veth end inside each namespace.
+pub const VETH: &str = "weft0";
+/// The agents' admin address inside their namespaces.
+pub const ADMIN: &str = "127.0.0.1:15020";
+/// The agents' inbound (HBONE) port.
+pub const INBOUND_PORT: u16 = 15008;
+/// The server's gRPC port on node A.
+pub const GRPC_PORT: u16 = 8502;
+
+/// A `[[service]]` block of an agent's configuration.
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub id: Option<String>,
+    pub name: String,
+    pub port: u16,
+    /// `None`: the agent's default (127.0.0.1). `"NODE"` is replaced by the
+    /// node's own address.
+    pub address: Option<String>,
+    /// An HTTP check URL (`NODE` replaced as in `address`).
+    pub http_check: Option<String>,
+    pub check_interval: String,
+    pub upstreams: Vec<(String, u16)>,
+}
+
+impl Service {
+    pub fn new(name: &str, port: u16) -> Self {
+        Service {
+            id: None,
+            name: name.to_string(),
+            port,
+            address: None,
+            http_check: None,
+            check_interval: "1s".into(),
+            upstreams: Vec::new(),
+        }
+    }
+    pub fn id(mut self, id: &str) -> Self {
+        self.id = Some(id.to_string());
+        self
+    }
+    /// The workload's address; `"NODE"` stands for the node's veth address.
+    pub fn address(mut self, address: &str) -> Self {
+        self.address = Some(address.to_string());
+        self
+    }
+    /// An HTTP check of `http://ADDRESS:PORT/healthz` every `interval`.
+    pub fn healthz_check(mut self, interval: &str) -> Self {
+        let host = self.address.clone().unwrap_or_else(|| "127.0.0.1".into());
+        self.http_check = Some(format!("http://{host}:{}/healthz", self.port));
+        self.check_interval = interval.to_string();
+        self
+    }
+    pub fn upstream(mut self, name: &str, local_port: u16) -> Self {
+        self.upstreams.push((name.to_string(), local_port));
+        self
+    }
+
+    fn toml(&self, node_ip: &str) -> String {
+        let subst = |s: &str| s.replace("NODE", node_ip);
+        let mut t = String::from("\n[[service]]\n");
+        if let Some(id) = &self.id {
+            t += &format!("id = {id:?}\n");
+        }
+        t += &format!("name = {:?}\nport = {}\n", self.name, self.port);
+        if let Some(a) = &self.address {
+            t += &format!("address = {:?}\n", subst(a));
+        }
+        if let Some(url) = &self.http_check {
+            t += &format!(
+                "  [[service.check]]\n  http = {:?}\n  interval = {:?}\n  timeout = \"500ms\"\n",
+                subst(url),
+                self.check_interval
+            );
+        }
+        for (name, port) in &self.upstreams {
+            t += &format!("  [[service.upstream]]\n  name = {name:?}\n  local_port = {port}\n");
+        }
+        t
+    }
+}
+
+/// What to run: the services each agent registers, the server's default
+/// intention, and whether to start the agents at once.
+#[derive(Debug, Clone)]
+pub struct MeshSpec {
+    pub a: Vec<Service>,
+    pub b: Vec<Service>,
+    pub default_intention: String,
+    pub start_agents: bool,
+    /// Extra lines for both agents' TOML (top-level fields).
+    pub agent_extra: String,
+}
+
+impl MeshSpec {
+    /// Stands for the node's own veth address in [`Service::address`].
+    pub const NODE_ADDR: &'static str = "NODE";
+
+    pub fn new(default_intention: &str) -> Self {
+        MeshSpec {
+            a: Vec::new(),
+            b: Vec::new(),
+            default_intention: default_intention.to_string(),
+            start_agents: true,
+            agent_extra: String::new(),
+        }
+    }
+    pub fn node_a(mut self, s: Service) -> Self {
+        self.a.push(s);
+        self
+    }
+    pub fn node_b(mut self, s: Service) -> Self {
+        self.b.push(s);
+        self
+    }
+    pub fn without_agents(mut self) -> Self {
+        self.start_agents = false;
+        self
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// `Some(status)` once it has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Sends `signal` and waits up to `limit` for the exit; SIGKILLs after that.
+    /// Returns the exit status, or `None` if it had to be killed.
+    pub fn stop(&mut self, signal: i32, limit: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Makes `cmd` start inside `netns`, and die with the thread that spawns it.
+pub fn in_netns(cmd: &mut Command, netns: &Netns) -> anyhow::Result<std::fs::File> {
+    let file = std::fs::File::open(netns.path()).context("opening netns")?;
+    let fd = file.as_raw_fd();
+    // SAFETY: only async-signal-safe calls on an fd the caller keeps open
+    // until the spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(file)
+}
+
+/// What a bounded command produced.
+#[derive(Debug)]
+pub struct Output {
+    /// `None`: killed at the time limit.
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+    pub fn code(&self) -> Option<i32> {
+        self.status.and_then(|s| s.code())
+    }
+}
+
+/// Runs `cmd` to completion, killing it after `limit`.
+pub fn run_bounded(cmd: &mut Command, limit: Duration) -> anyhow::Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    let pipe = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut s);
+            }
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let out = pipe(child.stdout.take().map(|r| Box::new(r) as _));
+    let err = pipe(child.stderr.take().map(|r| Box::new(r) as _));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Ok(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// Calls `f` until it returns `Some`, at most for `limit` (and at most 10 000
+/// times, 50 ms apart); the error names `what` and `f`'s last error.
+pub fn wait_until<T>(
+    limit: Duration,
+    what: &str,
+    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + limit;
+    let mut last = String::from("no attempt");
+    for _ in 0..10_000 {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => last = "not yet".into(),
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{what}: not within {limit:?} (last: {last})")
+}
+
+/// The sum of every sample of metric `name` (all label sets) in a Prometheus
+/// text exposition; 0 when absent.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            (metric == name).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+static NEXT_MESH: AtomicU32 = AtomicU32::new(0);
+
+pub struct Mesh {
+    subnet: u8,
+    // Field order is drop order: processes first, then namespaces, then files.
+    agents: [Option<Proc>; 2],
+    workloads: Vec<Proc>,
+    server: Option<Proc>,
+    netns: [Netns; 2],
+    dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    /// Builds the two nodes, starts the server (waiting for it to lead) and,
+    /// unless told otherwise, both agents (waiting for their `/healthz`).
+    pub fn start(spec: MeshSpec) -> anyhow::Result<Mesh> {
+        let n = NEXT_MESH.fetch_add(1, Ordering::SeqCst);
+        let subnet = ((std::process::id() + n * 37) % 250 + 1) as u8;
+        let base = crate::unique_name(&format!("m{n}"));
+        let netns = [
+            Netns::new(&format!("{base}a"))?,
+            Netns::new(&format!("{base}b"))?,
+        ];
+        let dir = tempfile::Builder::new().prefix("weft-mesh-").tempdir()?;
+        let mut mesh = Mesh {
+            subnet,
+            agents: [None, None],
+            workloads: Vec::new(),
+            server: None,
+            netns,
+            dir,
+        };
+        mesh.netns[0].ip(&[
+            "link",
+            "add",
+            VETH,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            VETH,
+            "netns",
+            &mesh.netns[1].path().display().to_string(),
+        ])?;
+        for node in [Node::A, Node::B] {
+            let ns = mesh.netns(node);
+            ns.ip(&["addr", "add", &format!("{}/24", mesh.ip(node)), "dev", VETH])?;
+            ns.ip(&["link", "set", VETH, "up"])?;
+        }
+        mesh.start_server(&spec.default_intention)?;
+        for (node, services) in [(Node::A, &spec.a), (Node::B, &spec.b)] {
+            let ip = mesh.ip(node);
+            let mut toml = format!(
+                "node_name = {:?}\ndatacenter = \"dc1\"\nservers = [\"{}:{GRPC_PORT}\"]\n\
+                 advertise_addr = {ip:?}\ndata_dir = {:?}\nebpf = false\n\
+                 admin_addr = {ADMIN:?}\n{}\n",
+                node.node_name(),
+                mesh.ip(Node::A),
+                mesh.path(&format!("agent-{}-data", node.label())),
+                spec.agent_extra,
+            );
+            for s in services {
+                toml += &s.toml(&ip);
+            }
+            std::fs::write(mesh.agent_config(node), toml)?;
+        }
+        if spec.start_agents {
+            mesh.start_agent(Node::A)?;
+            mesh.start_agent(Node::B)?;
+            mesh.wait_agent_ready(Node::A, Duration::from_secs(20))?;
+            mesh.wait_agent_ready(Node::B, Duration::from_secs(20))?;
+        }
+        Ok(mesh)
+    }
+
+    /// The node's veth address, `10.77.X.2` or `10.77.X.3`.
+    pub fn ip(&self, node: Node) -> String {
+        format!("10.77.{}.{}", self.subnet, node.index() + 2)
+    }
+
+    pub fn netns(&self, node: Node) -> &Netns {
+        &self.netns[node.index()]
+    }
+
+    /// A path in the mesh's temporary directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn agent_config(&self, node: Node) -> PathBuf {
+        self.path(&format!("agent-{}.toml", node.label()))
+    }
+
+    /// The server's gRPC address (reachable from both nodes).
+    pub fn server_addr(&self) -> String {
+        format!("{}:{GRPC_PORT}", self.ip(Node::A))
+    }
+
+    /// Starts `cmd` in `node`, its stdout and stderr appended to `log_name` in
+    /// the mesh's directory.
+    pub fn spawn(&self, node: Node, cmd: &mut Command, log_name: &str) -> anyhow::Result<Proc> {
+        let log = self.path(log_name);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let _ns = in_netns(cmd, self.netns(node))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {:?} in node {node:?}", cmd.get_program()))?;
+        Ok(Proc {
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// Runs `program args…` in `node`, bounded by `limit`.
+    pub fn run(
+        &self,
+        node: Node,
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+        limit: Duration,
+    ) -> anyhow::Result<Output> {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        let _ns = in_netns(&mut cmd, self.netns(node))?;
+        run_bounded(&mut cmd, limit)
+    }
+
+    fn start_server(&mut self, default_intention: &str) -> anyhow::Result<()> {
+        let ip = self.ip(Node::A);
+        let mut cmd = Command::new(bin("weft-server"));
+        cmd.arg("--node-id=1")
+            .arg("--data-dir")
+            .arg(self.path("server-data"))
+            .arg(format!("--raft-addr={ip}:8300"))
+            .arg(format!("--grpc-addr={ip}:{GRPC_PORT}"))
+            .arg(format!("--http-addr={ip}:8500"))
+            .arg(format!("--peer=1={ip}:8300"))
+            .arg(format!("--default-intention={default_intention}"))
+            .env("RUST_LOG", "info,openraft=warn");
+        self.server = Some(self.spawn(Node::A, &mut cmd, "server.log")?);
+        wait_until(Duration::from_secs(20), "weft-server leader", || {
+            let out = self.weft_raw(&["--format", "json", "members"])?;
+            if !out.success() {
+                bail!("{}", out.stderr.trim());
+            }
+            let v: serde_json::Value = serde_json::from_str(&out.stdout)?;
+            Ok(v["leader_id"].as_u64().filter(|id| *id > 0))
+        })
+        .map_err(|e| {
+            e.context(format!(
+                "server log:\n{}",
+                tail(&self.log("server.log"), 30)
+            ))
+        })?;
+        Ok(())
+    }
+
+    /// Runs the `weft` CLI (inside node A) against the server.
+    pub fn weft_raw(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let addr = format!("--addr={}", self.server_addr());
+        let mut full = vec![addr.as_str()];
+        full.extend_from_slice(args);
+        self.run(Node::A, bin("weft"), &full, Duration::from_secs(10))
+    }
+
+    /// Runs the `weft` CLI and requires success; returns its stdout.
+    pub fn weft(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.weft_raw(args)?;
+        if !out.success() {
+            bail!(
+                "weft {}: {:?}: {}",
+                args.join(" "),
+                out.status,
+                out.stderr.trim()
+            );
+        }
+        Ok(out.stdout)
+    }
+
+    /// `weft --format json ARGS…`, parsed.
+    pub fn weft_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut full = vec!["--format", "json"];
+        full.extend_from_slice(args);
+        let out = self.weft(&full)?;
+        serde_json::from_str(&out)
+            .with_context(|| format!("weft {}: output {out:?}", args.join(" ")))
+    }
+
+    /// The names of the nodes in the catalog.
+    pub fn catalog_nodes(&self) -> anyhow::Result<Vec<String>> {
+        let v = self.weft_json(&["catalog", "nodes"])?;
+        Ok(v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|n| n["name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// `(instance id, node, health)` of every instance of `service`.
+    pub fn catalog_instances(
+        &self,
+        service: &str,
+    ) -> anyhow::Result<Vec<(String, String, String)>> {
+        let v = self.weft_json(&["catalog", "service", service])?;
+        Ok(v["instances"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|i| {
+                        let s = |k: &str| i[k].as_str().unwrap_or_default().to_string();
+                        (s("id"), s("node"), s("health"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Starts node's agent with its generated configuration (not waiting).
+    pub fn start_agent(&mut self, node: Node) -> anyhow::Result<()> {
+        if self.agents[node.index()].is_some() {
+            bail!("the agent of node {node:?} is already running");
+        }
+        let mut cmd = Command::new(bin("weft-agent"));
+        cmd.arg("--config")
+            .arg(self.agent_config(node))
+            .env("RUST_LOG", "info,weft_agent=debug");
+        let proc = self.spawn(node, &mut cmd, &format!("agent-{}.log", node.label()))?;
+        self.agents[node.index()] = Some(proc);
+        Ok(())
+    }
+
+    /// SIGTERMs node's agent and waits (10 s at most) for it to exit; the
+    /// exit status, or `None` when it had to be SIGKILLed.
+    pub fn stop_agent(&mut self, node: Node) -> anyhow::Result<Option<ExitStatus>> {
+        let Some(mut proc) = self.agents[node.index()].take() else {
+            bail!("the agent of node {node:?} is not running");
+        };
+        Ok(proc.stop(libc::SIGTERM, Duration::from_secs(10)))
+    }
+
+    /// SIGKILLs node's agent.
+    pub fn kill_agent(&mut self, node: Node) {
+        if let Some(mut proc) = self.agents[node.index()].take() {
+            proc.stop(libc::SIGKILL, Duration::from_secs(5));
+        }
+    }
+
+    /// Stops (SIGTERM), starts, and waits for the agent's `/healthz`.
+    pub fn restart_agent(&mut self, node: Node) -> anyhow::Result<()> {
+        self.stop_agent(node)?;
+        self.start_agent(node)?;
+        self.wait_agent_ready(node, Duration::from_secs(20))
+    }
+
+    /// Waits until node's agent answers `/healthz` with 200.
+    pub fn wait_agent_ready(&mut self, node: Node, limit: Duration) -> anyhow::Result<()> {
+        let url = format!("http://{ADMIN}/healthz");
+        let result = wait_until(limit, &format!("agent {node:?} /healthz 200"), || {
+            if let Some(status) = self.agents[node.index()]
+                .as_mut()
+                .and_then(|p| p.try_wait())
+            {
+                bail!("the agent exited: {status}");
+            }
+            let out =
+                self.curl_raw(node, &["-s", "-o", "/dev/null", "-w", "%{http_code}", &url])?;
+            Ok((out.stdout.trim() == "200").then_some(()))
+        });
+        result.map_err(|e| e.context(format!("agent log:\n{}", self.agent_log_tail(node, 40))))
+    }
+
+    /// What node's agent has logged (all its runs).
+    pub fn agent_log(&self, node: Node) -> String {
+        self.log(&format!("agent-{}.log", node.label()))
+    }
+
+    pub fn agent_log_tail(&self, node: Node, lines: usize) -> String {
+        tail(&self.agent_log(node), lines)
+    }
+
+    /// A log file of the mesh's directory.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(name)).unwrap_or_default()
+    }
+
+    /// Starts `weft-workload ADDR NAME` in `node` and waits until it answers.
+    pub fn workload(&mut self, node: Node, name: &str, addr: &str) -> anyhow::Result<()> {
+        let mut cmd = Command::new(bin("weft-workload"));
+        cmd.args([addr, name]);
+        let proc = self.spawn(node, &mut cmd, &format!("workload-{name}.log"))?;
+        self.workloads.push(proc);
+        let port = addr.rsplit(':').next().unwrap_or_default();
+        let host = match addr.rsplit_once(':').map(|(h, _)| h) {
+            Some("0.0.0.0") | None => "127.0.0.1".to_string(),
+            Some(h) => h.to_string(),
+        };
+        let url = format!("http://{host}:{port}/healthz");
+        wait_until(
+            Duration::from_secs(10),
+            &format!("workload {name} at {addr}"),
+            || Ok(self.curl(node, &url).ok().map(|_| ())),
+        )
+    }
+
+    /// `curl ARGS…` in `node` (15 s at most).
+    pub fn curl_raw(&self, node: Node, args: &[&str]) -> anyhow::Result<Output> {
+        self.run(node, "curl", args, Duration::from_secs(15))
+    }
+
+    /// `GET url` from `node` with curl (5 s limit): the body of a 2xx
+    /// response, or an error with curl's exit code and message.
+    pub fn curl(&self, node: Node, url: &str) -> anyhow::Result<String> {
+        self.curl_with(node, url, &[])
+    }
+
+    /// [`Mesh::curl`] with extra curl arguments (headers, timeouts…).
+    pub fn curl_with(&self, node: Node, url: &str, extra: &[&str]) -> anyhow::Result<String> {
+        let mut args = vec!["-sS", "--fail", "-m", "5"];
+        args.extend_from_slice(extra);
+        args.push(url);
+        let out = self.curl_raw(node, &args)?;
+        if !out.success() {
+            bail!(
+                "curl {url} from node {node:?}: exit {:?}: {}",
+                out.code(),
+                out.stderr.trim()
+            );
+        }
+        Ok(out.stdout)
+    }
+
+    /// The agent's `/metrics` text.
+    pub fn metrics(&self, node: Node) -> anyhow::Result<String> {
+        self.curl(node, &format!("http://{ADMIN}/metrics"))
+    }
+
+    /// The sum of metric `name` over its label sets on node's agent.
+    pub fn metric(&self, node: Node, name: &str) -> anyhow::Result<f64> {
+        Ok(metric_sum(&self.metrics(node)?, name))
+    }
+
+    /// Starts tcpdump on node's veth, writing to a file in the mesh's
+    /// directory; waits until it listens.
+    pub fn capture(&self, node: Node) -> anyhow::Result<Capture> {
+        let file = self.path(&format!("capture-{}.pcap", node.label()));
+        let mut cmd = Command::new("tcpdump");
+        cmd.args(["-i", VETH, "-n", "-U", "--immediate-mode", "-s", "0", "-w"])
+            .arg(&file);
+        let _ns = in_netns(&mut cmd, self.netns(node))?;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tcpdump")?;
+        let stderr = child.stderr.take().context("tcpdump stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut seen = String::new();
+            for line in lines.by_ref().map_while(Result::ok) {
+                seen += &line;
+                seen.push('\n');
+                if line.contains("listening on") {
+                    let _ = tx.send(Ok(()));
+                    break;
+                }
+            }
+            let _ = tx.send(Err(seen));
+            for l in lines.map_while(Result::ok) {
+                eprintln!("tcpdump: {l}");
+            }
+        });
+        let capture = Capture {
+            proc: Proc {
+                child: Some(child),
+                log: PathBuf::new(),
+            },
+            file,
+        };
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => Ok(capture),
+            Ok(Err(seen)) => bail!("tcpdump did not start: {seen}"),
+            Err(_) => bail!("tcpdump did not say it listens within 10 s"),
+        }
+    }
+}
+
+/// A running tcpdump; [`Capture::finish`] stops it and returns the file.
+pub struct Capture {
+    proc: Proc,
+    file: PathBuf,
+}
+
+impl Capture {
+    /// Stops tcpdump (SIGINT, so that it flushes) and returns the capture's bytes.
+    pub fn finish(mut self) -> anyhow::Result<CaptureFile> {
+        // Let the last packets reach the capture buffer.
+        std::thread::sleep(Duration::from_millis(300));
+        self.proc.stop(libc::SIGINT, Duration::from_secs(5));
+        let bytes = std::fs::read(&self.file).context("reading the capture")?;
+        Ok(CaptureFile {
+            path: self.file.clone(),
+            bytes,
+        })
+    }
+}
+
+pub struct CaptureFile {
+    pub path: PathBuf,
+    pub bytes: Vec<u8>,
+}
+
+impl CaptureFile {
+    /// Whether `needle` appears anywhere in the raw capture.
+    pub fn contains(&self, needle: &[u8]) -> bool {
+        !needle.is_empty() && self.bytes.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// How many captured packets match the tcpdump `filter`.
+    pub fn count(&self, filter: &str) -> anyhow::Result<usize> {
+        let mut cmd = Command::new("tcpdump");
+        cmd.arg("-nn")
+            .arg("-r")
+            .arg(&self.path)
+            .args(filter.split_whitespace());
+        let out = run_bounded(&mut cmd, Duration::from_secs(10))?;
+        if !out.success() {
+            bail!("tcpdump -r: {}", out.stderr.trim());
+        }
+        Ok(out.stdout.lines().filter(|l| !l.trim().is_empty()).count())
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for name in ["server.log", "agent-a.log", "agent-b.log"] {
+                let text = self.log(name);
+                if !text.is_empty() {
+                    eprintln!("---- {name} (last 40 lines) ----\n{}", tail(&text, 40));
+                }
+            }
+        }
+        if std::env::var_os("WEFT_KEEP_MESH").is_some() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+            eprintln!("mesh files kept in {}", dir.keep().display());
+        }
+    }
+}
