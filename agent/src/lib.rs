@@ -13,6 +13,7 @@ pub mod ebpf;
 pub mod hbone;
 pub mod health;
 pub mod identity;
+pub mod intercept;
 pub mod lb;
 pub mod metrics;
 pub mod proxy;

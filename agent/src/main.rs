@@ -27,6 +27,17 @@ enum Command {
     /// Attach the redirect programs to a cgroup subtree and report every
     /// connection they bring to a listener (a look at the data path).
     Redirect(redirect_cmd::RedirectArgs),
+    /// Run a command inside a service's cgroup, so that the agent treats it
+    /// as that service's workload: `weft-agent exec --config agent.toml
+    /// --service web -- curl http://api.service.weft/`.
+    Exec {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        service: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[tokio::main]
@@ -37,6 +48,14 @@ async fn main() -> anyhow::Result<()> {
         (Some(Command::Redirect(args)), _) => {
             redirect_cmd::run(args).await.context("weft-agent redirect")
         }
+        (
+            Some(Command::Exec {
+                config,
+                service,
+                command,
+            }),
+            _,
+        ) => exec(&config, &service, &command),
         (None, Some(path)) => {
             let config = weft_agent::config::AgentConfig::load(&path)?;
             weft_agent::run::run(config, shutdown_signal()).await?;
@@ -44,6 +63,20 @@ async fn main() -> anyhow::Result<()> {
         }
         (None, None) => unreachable!("clap requires --config without a subcommand"),
     }
+}
+
+/// Moves this process into the service's cgroup, then becomes `command`.
+fn exec(config: &std::path::Path, service: &str, command: &[String]) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let config = weft_agent::config::AgentConfig::load(config)?;
+    let cgroup = weft_agent::intercept::service_cgroup(&config, service)?;
+    std::fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+    let procs = cgroup.join("cgroup.procs");
+    std::fs::write(&procs, std::process::id().to_string())
+        .with_context(|| format!("joining {}", procs.display()))?;
+    let (program, args) = command.split_first().context("no command given")?;
+    let err = std::process::Command::new(program).args(args).exec();
+    Err(anyhow::anyhow!("running {program}: {err}"))
 }
 
 async fn shutdown_signal() {

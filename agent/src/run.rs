@@ -17,7 +17,8 @@ use crate::control::{Control, ControlError};
 use crate::hbone::{HbonePool, HboneServer, TlsError, TrustBundle};
 use crate::health::runner::{HealthChecks, HealthUpdate};
 use crate::identity::{Identities, IdentityError};
-use crate::metrics::{AgentMetrics, Side};
+use crate::intercept::{InterceptError, Interception};
+use crate::metrics::{AgentMetrics, EbpfCounter, Side};
 use crate::proxy::{inbound, outbound, ProxyContext};
 use crate::view::View;
 
@@ -42,8 +43,8 @@ pub enum RunError {
     Admin(#[from] crate::admin::AdminError),
     #[error("no trust bundle from the servers within {0:?} (is their CA up?)")]
     NoBundle(Duration),
-    #[error("ebpf = true: transparent interception is not available in this build yet; set ebpf = false and use [[service.upstream]]")]
-    EbpfNotYet,
+    #[error("transparent interception: {0}")]
+    Intercept(#[from] InterceptError),
 }
 
 async fn listen(addr: std::net::SocketAddr) -> Result<TcpListener, RunError> {
@@ -54,9 +55,6 @@ async fn listen(addr: std::net::SocketAddr) -> Result<TcpListener, RunError> {
 
 /// Runs the agent until `shutdown` completes.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-    if config.ebpf {
-        return Err(RunError::EbpfNotYet);
-    }
     let config = Arc::new(config);
     let metrics = Arc::new(AgentMetrics::new());
     let view = Arc::new(RwLock::new(View::default()));
@@ -153,6 +151,28 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         }
     }
 
+    // Transparent interception.
+    if config.ebpf {
+        let interception = Arc::new(Interception::start(&config)?);
+        interception.sync(&view.read().expect("view lock"))?;
+        let listener = listen(config.outbound_addr).await?;
+        accept_tasks.push(tokio::spawn(outbound::serve_redirected(
+            ctx.clone(),
+            listener,
+            interception.clone(),
+        )));
+        accept_tasks.push(tokio::spawn(follow_destinations(
+            view.clone(),
+            index_rx.clone(),
+            interception.clone(),
+        )));
+        accept_tasks.push(tokio::spawn(export_ebpf_counters(
+            interception,
+            metrics.clone(),
+        )));
+        tracing::info!(outbound = %config.outbound_addr, "transparent interception on");
+    }
+
     ready_tx.send_replace(true);
     tracing::info!(node = %config.node_name, inbound = %config.inbound_addr, "agent ready");
     println!(
@@ -221,6 +241,32 @@ async fn follow_bundle(
             }
             current = latest;
         }
+    }
+}
+
+/// Keeps the programs' destinations in step with the view.
+async fn follow_destinations(
+    view: Arc<RwLock<View>>,
+    mut index_rx: watch::Receiver<u64>,
+    interception: Arc<Interception>,
+) {
+    while index_rx.changed().await.is_ok() {
+        let result = interception.sync(&view.read().expect("view lock"));
+        if let Err(e) = result {
+            tracing::error!("updating the eBPF destinations: {e}");
+        }
+    }
+}
+
+/// Copies the programs' counters into the metrics every second.
+async fn export_ebpf_counters(interception: Arc<Interception>, metrics: Arc<AgentMetrics>) {
+    loop {
+        if let Ok(c) = interception.counters() {
+            metrics.set_ebpf_counter(EbpfCounter::Redirected, c.redirected);
+            metrics.set_ebpf_counter(EbpfCounter::Rekeyed, c.rekeyed);
+            metrics.set_ebpf_counter(EbpfCounter::Closed, c.closed);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

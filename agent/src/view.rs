@@ -140,6 +140,26 @@ impl View {
         })
     }
 
+    /// The service a workload reaches at `addr`: by virtual IP (any port) or
+    /// by an instance's address and port.
+    pub fn service_at(&self, addr: SocketAddr) -> Option<&str> {
+        if let Some((name, _)) = self.vips.iter().find(|(_, vip)| **vip == addr.ip()) {
+            return Some(name);
+        }
+        self.instances
+            .values()
+            .find(|i| i.port == addr.port() && i.address.parse::<IpAddr>().ok() == Some(addr.ip()))
+            .map(|i| i.service.as_str())
+    }
+
+    /// The service whose virtual IP is `ip`.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&str> {
+        self.vips
+            .iter()
+            .find(|(_, vip)| **vip == ip)
+            .map(|(name, _)| name.as_str())
+    }
+
     /// The intentions' decision for `source` calling `destination`.
     pub fn decide(&self, source: &str, destination: &str, request: Option<&Request>) -> Decision {
         let default = if self.default_allow {
@@ -277,6 +297,29 @@ mod tests {
         ))
         .unwrap();
         assert!(!v.decide("web", "api", None).allowed);
+    }
+
+    #[test]
+    fn a_destination_address_names_its_service() {
+        let mut v = View::default();
+        v.apply(snapshot(1)).unwrap();
+        v.apply(changes(
+            2,
+            vec![P::VipAssigned(proto::ServiceVip {
+                service: "api".into(),
+                vip: "240.0.0.7".into(),
+            })],
+        ))
+        .unwrap();
+        assert_eq!(v.service_at("240.0.0.7:80".parse().unwrap()), Some("api"));
+        assert_eq!(
+            v.service_at("240.0.0.7:9999".parse().unwrap()),
+            Some("api"),
+            "a VIP takes any port"
+        );
+        assert_eq!(v.service_at("10.0.0.2:8081".parse().unwrap()), Some("api"));
+        assert_eq!(v.service_at("10.0.0.2:1".parse().unwrap()), None);
+        assert_eq!(v.service_at("240.0.0.8:80".parse().unwrap()), None);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{InFlight, ProxyContext, CONNECT_TIMEOUT};
 use crate::hbone::HboneError;
+use crate::intercept::Interception;
 use crate::lb::p2c;
 use crate::metrics::Direction;
 
@@ -168,6 +169,55 @@ pub async fn serve_upstream(
             let mut stream = stream;
             if let Err(e) = carry(&ctx, &mut stream, &source, &destination).await {
                 tracing::info!(%peer, "{source} -> {destination}: {e}");
+                reset(stream);
+            }
+        });
+    }
+}
+
+/// Serves the outbound listener that the eBPF programs redirect mesh
+/// workloads' connections to: the source service and the original
+/// destination come from the programs' records.
+pub async fn serve_redirected(
+    ctx: Arc<ProxyContext>,
+    listener: TcpListener,
+    interception: Arc<Interception>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!("outbound: accept: {e}");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (ctx, interception) = (ctx.clone(), interception.clone());
+        tokio::spawn(async move {
+            let mut stream = stream;
+            let found = match interception.lookup(&stream) {
+                Ok(Some(found)) => found,
+                Ok(None) => {
+                    tracing::info!(%peer, "outbound: not a redirected mesh connection; reset");
+                    return reset(stream);
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, "outbound: reading the redirect record: {e}");
+                    return reset(stream);
+                }
+            };
+            let destination = ctx
+                .view
+                .read()
+                .expect("view lock")
+                .service_at(found.original)
+                .map(str::to_string);
+            let Some(destination) = destination else {
+                tracing::info!(%peer, original = %found.original, "outbound: no service there any more; reset");
+                return reset(stream);
+            };
+            if let Err(e) = carry(&ctx, &mut stream, &found.source, &destination).await {
+                tracing::info!(%peer, original = %found.original, "{} -> {destination}: {e}", found.source);
                 reset(stream);
             }
         });
