@@ -77,6 +77,13 @@ impl Netns {
         result.context("setns")
     }
 
+    /// A tokio listener bound to `addr` inside this namespace.
+    pub fn listen(&self, addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+        let listener = self.run(move || std::net::TcpListener::bind(addr))??;
+        listener.set_nonblocking(true)?;
+        Ok(tokio::net::TcpListener::from_std(listener)?)
+    }
+
     /// Starts `cmd` inside this namespace and, when given, inside the cgroup-v2
     /// directory `cgroup`. The child is killed if its handle is dropped.
     pub fn spawn(

@@ -3,7 +3,7 @@
 //! namespace connects to a destination that is taken over and lands on the
 //! agent's listener, which learns the original destination and the client's
 //! cgroup; a client outside the workload cgroup reaches the real destination.
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -45,12 +45,6 @@ async fn answer(mut stream: tokio::net::TcpStream, reply: &str) -> anyhow::Resul
     Ok(())
 }
 
-fn listen_in(netns: &Netns, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    let std_listener = netns.run(move || TcpListener::bind(addr))??;
-    std_listener.set_nonblocking(true)?;
-    Ok(tokio::net::TcpListener::from_std(std_listener)?)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect4_redirects_workload_and_records_original_destination() -> anyhow::Result<()> {
     require_root();
@@ -61,9 +55,9 @@ async fn connect4_redirects_workload_and_records_original_destination() -> anyho
     let workload = root.child("web")?;
     let outsider = root.child("other")?;
 
-    let proxy = listen_in(&netns, "127.0.0.1:0".parse()?)?;
+    let proxy = netns.listen("127.0.0.1:0".parse()?)?;
     let proxy_addr = proxy.local_addr()?;
-    let real = listen_in(&netns, REAL_DEST.parse()?)?;
+    let real = netns.listen(REAL_DEST.parse()?)?;
 
     let mut redirector = Redirector::load()?;
     redirector.add_workload(workload.id()?, 7)?;

@@ -1,0 +1,78 @@
+//! The eBPF programs' connection records are bounded: each goes when its
+//! connection closes, so many short connections leave the maps as they were.
+//! (A test binary of its own: its 100,000 connections would otherwise fill
+//! the log capture of the other eBPF tests.)
+use std::net::Ipv4Addr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use weft_agent::ebpf::Redirector;
+use weft_tests::cgroup::TestCgroup;
+use weft_tests::netns::Netns;
+use weft_tests::{require_root, unique_name};
+
+/// 100,000 short redirected connections leave the programs' record maps at
+/// their steady size: each record goes when its connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_do_not_outlive_their_connections() -> anyhow::Result<()> {
+    const CONNECTIONS: u64 = 100_000;
+    require_root();
+    let netns = Netns::new(&unique_name("bound"))?;
+    let root = TestCgroup::under_root(&unique_name("bound"))?;
+    let workload = root.child("web")?;
+    let proxy = netns.listen("127.0.0.1:0".parse()?)?;
+    let proxy_addr = proxy.local_addr()?;
+
+    let mut redirector = Redirector::load()?;
+    redirector.add_workload(workload.id()?, 1)?;
+    redirector.add_destination(Ipv4Addr::new(10, 99, 0, 9).into(), None, proxy_addr)?;
+    redirector.attach(root.path())?;
+
+    // The listener closes every connection at once.
+    let acceptor = tokio::spawn(async move {
+        let mut accepted = 0u64;
+        while accepted < CONNECTIONS {
+            match tokio::time::timeout(Duration::from_secs(30), proxy.accept()).await {
+                Ok(Ok((stream, _))) => {
+                    drop(stream);
+                    accepted += 1;
+                }
+                _ => break,
+            }
+        }
+        accepted
+    });
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_weft-probe"));
+    cmd.args(["connect-many", "10.99.0.9:80", &CONNECTIONS.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = tokio::time::timeout(
+        Duration::from_secs(300),
+        netns
+            .spawn(&mut cmd, Some(workload.path()))?
+            .wait_with_output(),
+    )
+    .await
+    .context("100k connections took more than 5 minutes")??;
+    assert!(
+        out.status.success(),
+        "connections failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(acceptor.await?, CONNECTIONS);
+
+    let counters = redirector.counters()?;
+    assert_eq!(counters.redirected, CONNECTIONS, "{counters:?}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while redirector.records_held() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} records left after every connection closed ({counters:?})",
+            redirector.records_held()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(redirector.counters()?.closed, CONNECTIONS);
+    Ok(())
+}
