@@ -337,7 +337,8 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
             let metric = series.split('{').next()?;
             (metric == name).then(|| value.parse::<f64>().ok())?
         })
-        .sum()
+        .sum::<f64>()
+        + 0.0 // an empty sum is -0.0
 }
 
 static NEXT_MESH: AtomicU32 = AtomicU32::new(0);
@@ -573,7 +574,8 @@ impl Mesh {
         let mut cmd = Command::new(bin("weft-agent"));
         cmd.arg("--config")
             .arg(self.agent_config(node))
-            .env("RUST_LOG", "info,weft_agent=debug");
+            .env("RUST_LOG", "info,weft_agent=debug")
+            .env("RUST_LIB_BACKTRACE", "0");
         let proc = self.spawn(node, &mut cmd, &format!("agent-{}.log", node.label()))?;
         self.agents[node.index()] = Some(proc);
         Ok(())

@@ -1,0 +1,487 @@
+//! Two agents in explicit mode (`ebpf = false`) and one server, as processes
+//! in two network namespaces joined by a veth: `web` on node A reaches `api`
+//! on node B through its upstream port 127.0.0.1:9191, carried over HBONE
+//! (HTTP/2 CONNECT in mutual TLS) to node B's agent on :15008.
+//!
+//! Every test builds its own mesh (own namespaces and subnet), so they run in
+//! parallel.
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use weft_tests::mesh::{wait_until, Mesh, MeshSpec, NodeA, NodeB, Service};
+use weft_tests::require_root;
+
+const UPSTREAM: &str = "http://127.0.0.1:9191/";
+
+/// A random-enough marker for this run.
+fn marker(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!("{tag}{:x}{nanos:08x}", std::process::id())
+}
+
+/// An `api` instance at `NODE:port` with an HTTP check every second.
+fn api(id: &str, port: u16) -> Service {
+    Service::new("api", port)
+        .id(id)
+        .address(MeshSpec::NODE_ADDR)
+        .healthz_check("1s")
+}
+
+/// web on node A with an upstream to api (local port 9191).
+fn spec() -> MeshSpec {
+    MeshSpec::new("allow").node_a(Service::new("web", 8000).upstream("api", 9191))
+}
+
+/// The standard mesh: one `api` instance, `api-1` (workload named `name`).
+fn one_api_mesh(name: &str) -> anyhow::Result<Mesh> {
+    let mut mesh = Mesh::start(spec().node_b(api("api-1", 8080)))?;
+    let b = mesh.ip(NodeB);
+    mesh.workload(NodeB, name, &format!("{b}:8080"))?;
+    wait_for_body(&mesh, name, Duration::from_secs(30))?;
+    Ok(mesh)
+}
+
+/// Waits until a request through the upstream port answers with `instance NAME`.
+fn wait_for_body(mesh: &Mesh, name: &str, limit: Duration) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let want = format!("instance {name}\n");
+    wait_until(
+        limit,
+        &format!("web -> api answers `{}`", want.trim()),
+        || {
+            let body = mesh.curl_with(NodeA, UPSTREAM, &["-m", "2"])?;
+            ensure!(body == want, "unexpected body {body:?}");
+            Ok(Some(()))
+        },
+    )
+    .map_err(|e| e.context(agent_logs(mesh)))?;
+    Ok(start.elapsed())
+}
+
+fn agent_logs(mesh: &Mesh) -> String {
+    format!(
+        "agent A log tail:\n{}\nagent B log tail:\n{}",
+        mesh.agent_log_tail(NodeA, 20),
+        mesh.agent_log_tail(NodeB, 20)
+    )
+}
+
+/// The instance named in a response body.
+fn instance_of(body: &str) -> Option<&str> {
+    body.trim().strip_prefix("instance ")
+}
+
+fn denials(mesh: &Mesh) -> anyhow::Result<f64> {
+    Ok(mesh.metric(NodeA, "weft_agent_intention_denials_total")?
+        + mesh.metric(NodeB, "weft_agent_intention_denials_total")?)
+}
+
+#[test]
+fn intention_deny_refuses_within_a_second_and_delete_restores() -> anyhow::Result<()> {
+    require_root();
+    let mesh = one_api_mesh("api-1")?;
+    assert!(mesh.metric(NodeA, "weft_agent_connections_opened_total")? >= 1.0);
+    let denied_before = denials(&mesh)?;
+
+    mesh.weft(&["intention", "create", "web", "api", "--deny"])?;
+    let written = Instant::now();
+    let mut last = String::new();
+    let mut refused = None;
+    for _ in 0..100 {
+        if written.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        match mesh.curl_with(NodeA, UPSTREAM, &["-m", "0.5"]) {
+            Ok(body) => last = body,
+            Err(e) => {
+                refused = Some((written.elapsed(), e));
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let Some((after, error)) = refused else {
+        bail!(
+            "web -> api still answered ({last:?}) 1 s after the deny intention was written\n{}",
+            agent_logs(&mesh)
+        );
+    };
+    eprintln!("refused {after:?} after the deny was written: {error:#}");
+    // And it stays refused.
+    for _ in 0..3 {
+        assert!(
+            mesh.curl_with(NodeA, UPSTREAM, &["-m", "2"]).is_err(),
+            "a request was let through after the deny"
+        );
+    }
+    let denied_after = denials(&mesh)?;
+    assert!(
+        denied_after >= denied_before + 4.0,
+        "intention denial counters went from {denied_before} to {denied_after}"
+    );
+
+    mesh.weft(&["intention", "delete", "web", "api"])?;
+    let back = wait_for_body(&mesh, "api-1", Duration::from_secs(5))?;
+    eprintln!("answering again {back:?} after the intention was deleted");
+    Ok(())
+}
+
+#[test]
+fn tunnel_carries_no_plaintext_on_the_wire() -> anyhow::Result<()> {
+    require_root();
+    let response_marker = marker("RESPMARK");
+    let name = format!("api-{}", response_marker.to_lowercase());
+    let mut mesh = one_api_mesh(&name)?;
+    let control_addr = format!("{}:8090", mesh.ip(NodeB));
+    mesh.workload(NodeB, "control", &control_addr)?;
+    let request_marker = marker("REQMARK");
+    let control_marker = marker("DIRECTMARK");
+
+    let capture = mesh.capture(NodeA)?;
+    let body = mesh.curl_with(
+        NodeA,
+        &format!("{UPSTREAM}{request_marker}"),
+        &["-H", &format!("x-marker: {request_marker}")],
+    )?;
+    assert_eq!(body, format!("instance {name}\n"));
+    // A control: a workload outside the mesh on node B, reached directly
+    // in plaintext during the same capture.
+    let control = mesh.curl(
+        NodeA,
+        &format!("http://{}:8090/{control_marker}", mesh.ip(NodeB)),
+    )?;
+    assert_eq!(control, "instance control\n");
+    let file = capture.finish()?;
+
+    let tunnel_packets = file.count("tcp port 15008")?;
+    eprintln!(
+        "capture: {} bytes, {tunnel_packets} packets on port 15008, {} in all",
+        file.bytes.len(),
+        file.count("")?
+    );
+    assert!(
+        tunnel_packets > 0,
+        "the capture saw no traffic on port 15008"
+    );
+    assert!(
+        file.contains(control_marker.as_bytes()),
+        "the capture missed the plaintext control request: it could not have seen a leak"
+    );
+    assert!(
+        !file.contains(request_marker.as_bytes()),
+        "the request's marker crossed the wire in plaintext"
+    );
+    assert!(
+        !file.contains(name.as_bytes()),
+        "the response body crossed the wire in plaintext"
+    );
+    Ok(())
+}
+
+/// Writes a CA and a leaf for `spiffe_id` signed by it (openssl), returns
+/// (chain PEM, key PEM).
+fn foreign_identity(mesh: &Mesh, spiffe_id: &str) -> anyhow::Result<(String, String)> {
+    let p = |n: &str| mesh.path(n).display().to_string();
+    std::fs::write(
+        mesh.path("foreign-ext.cnf"),
+        format!("subjectAltName=URI:{spiffe_id}\n"),
+    )?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let steps: Vec<Vec<String>> = vec![
+        [
+            &["req", "-x509"][..],
+            &ec[..],
+            &["-days", "1", "-subj", "/CN=foreign-ca"],
+        ]
+        .concat()
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            "-keyout".into(),
+            p("foreign-ca.key"),
+            "-out".into(),
+            p("foreign-ca.pem"),
+        ])
+        .collect(),
+        [&["req"][..], &ec[..], &["-subj", "/CN=web"]]
+            .concat()
+            .iter()
+            .map(|s| s.to_string())
+            .chain([
+                "-keyout".into(),
+                p("foreign.key"),
+                "-out".into(),
+                p("foreign.csr"),
+            ])
+            .collect(),
+        vec![
+            "x509".into(),
+            "-req".into(),
+            "-days".into(),
+            "1".into(),
+            "-in".into(),
+            p("foreign.csr"),
+            "-CA".into(),
+            p("foreign-ca.pem"),
+            "-CAkey".into(),
+            p("foreign-ca.key"),
+            "-CAcreateserial".into(),
+            "-extfile".into(),
+            p("foreign-ext.cnf"),
+            "-out".into(),
+            p("foreign.pem"),
+        ],
+    ];
+    for args in steps {
+        let out = std::process::Command::new("openssl").args(&args).output()?;
+        ensure!(
+            out.status.success(),
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let chain = std::fs::read_to_string(mesh.path("foreign.pem"))?
+        + &std::fs::read_to_string(mesh.path("foreign-ca.pem"))?;
+    Ok((chain, std::fs::read_to_string(mesh.path("foreign.key"))?))
+}
+
+/// Opens an HBONE tunnel from node A to `target` through node B's agent as
+/// `identity`, sends `GET /` and returns the response.
+fn hbone_get(
+    mesh: &Mesh,
+    identity: weft_agent::hbone::Identity,
+    bundle: weft_agent::hbone::TrustBundle,
+    target: SocketAddr,
+) -> anyhow::Result<String> {
+    let node: SocketAddr = format!("{}:15008", mesh.ip(NodeB)).parse()?;
+    mesh.netns(NodeA).run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let pool = weft_agent::hbone::HbonePool::new(bundle);
+            let mut stream = pool
+                .connect(&identity, node, target, Duration::from_secs(5))
+                .await?;
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n")
+                .await?;
+            let mut response = String::new();
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+                .await
+                .context("reading the tunnel")??;
+            Ok(response)
+        })
+    })?
+}
+
+#[test]
+fn inbound_refuses_foreign_and_missing_client_certificates() -> anyhow::Result<()> {
+    require_root();
+    let mesh = one_api_mesh("api-1")?;
+    let target: SocketAddr = format!("{}:8080", mesh.ip(NodeB)).parse()?;
+
+    // The mesh's own CA: a leaf for web gets through (the control).
+    let leaf = mesh.weft_json(&["ca", "leaf", "web"])?;
+    let roots = mesh.weft(&["ca", "roots"])?;
+    let spiffe_id = leaf["spiffe_id"]
+        .as_str()
+        .context("leaf spiffe_id")?
+        .to_string();
+    let trust_domain = spiffe_id
+        .strip_prefix("spiffe://")
+        .and_then(|s| s.split('/').next())
+        .context("trust domain")?
+        .to_string();
+    let bundle = weft_agent::hbone::TrustBundle::from_pem(&trust_domain, &roots)?;
+    let chain = format!(
+        "{}{}",
+        leaf["cert_pem"].as_str().unwrap_or_default(),
+        leaf["chain_pem"].as_str().unwrap_or_default()
+    );
+    let good = weft_agent::hbone::Identity::from_pem(
+        &chain,
+        leaf["key_pem"].as_str().unwrap_or_default(),
+    )?;
+    let response = hbone_get(&mesh, good, bundle.clone(), target)
+        .context("a tunnel with the mesh CA's certificate")?;
+    assert!(response.contains("instance api-1"), "{response}");
+
+    let failures_before = mesh.metric(NodeB, "weft_agent_tls_handshake_failures_total")?;
+
+    // Another CA, same SPIFFE id: refused.
+    let (foreign_chain, foreign_key) = foreign_identity(&mesh, &spiffe_id)?;
+    let foreign = weft_agent::hbone::Identity::from_pem(&foreign_chain, &foreign_key)?;
+    match hbone_get(&mesh, foreign, bundle, target) {
+        Ok(response) => bail!("a foreign CA's certificate got a tunnel: {response:?}"),
+        Err(e) => eprintln!("foreign certificate refused: {e:#}"),
+    }
+
+    // No client certificate at all: refused (curl, TLS 1.3 with ALPN h2).
+    let url = format!("https://{}:15008/", mesh.ip(NodeB));
+    let out = mesh.curl_raw(NodeA, &["-sS", "-k", "--http2", "-m", "5", &url])?;
+    assert!(
+        !out.success(),
+        "no client certificate and yet an answer: {}",
+        out.stdout
+    );
+    eprintln!(
+        "no certificate: curl exit {:?}: {}",
+        out.code(),
+        out.stderr.trim()
+    );
+
+    let failures = wait_until(Duration::from_secs(3), "tls failure counter +2", || {
+        let now = mesh.metric(NodeB, "weft_agent_tls_handshake_failures_total")?;
+        Ok((now >= failures_before + 2.0).then_some(now))
+    })
+    .map_err(|e| {
+        let metrics = mesh.metrics(NodeB).unwrap_or_default();
+        e.context(format!(
+            "before: {failures_before}; node B metrics:\n{}",
+            metrics
+                .lines()
+                .filter(|l| l.contains("tls"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ))
+    })?;
+    eprintln!("tls handshake failures on node B: {failures_before} -> {failures}");
+    Ok(())
+}
+
+/// Two `api` instances: api-1 on node B (reached over HBONE), api-2 on node
+/// A (same node). The agent refuses two `[[service]]` blocks with one name on
+/// a node, so the second instance cannot sit on node B as well.
+#[test]
+fn instance_failing_its_check_leaves_rotation() -> anyhow::Result<()> {
+    require_root();
+    let mut mesh = Mesh::start(spec().node_b(api("api-1", 8080)).node_a(api("api-2", 8081)))?;
+    let (a, b) = (mesh.ip(NodeA), mesh.ip(NodeB));
+    mesh.workload(NodeB, "api-1", &format!("{b}:8080"))?;
+    mesh.workload(NodeA, "api-2", &format!("{a}:8081"))?;
+
+    let health = |mesh: &Mesh, id: &str| -> anyhow::Result<String> {
+        let all = mesh.catalog_instances("api")?;
+        Ok(all
+            .into_iter()
+            .find(|(i, _, _)| i == id)
+            .map(|(_, _, h)| h)
+            .unwrap_or_default())
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "both api instances passing",
+        || {
+            Ok(
+                (health(&mesh, "api-1")? == "passing" && health(&mesh, "api-2")? == "passing")
+                    .then_some(()),
+            )
+        },
+    )?;
+
+    // Both take traffic.
+    let mut seen = std::collections::BTreeMap::new();
+    wait_until(
+        Duration::from_secs(30),
+        "requests reach both instances",
+        || {
+            if let Ok(body) = mesh.curl_with(NodeA, UPSTREAM, &["-m", "2"]) {
+                *seen
+                    .entry(instance_of(&body).unwrap_or_default().to_string())
+                    .or_insert(0) += 1;
+            }
+            Ok((seen.contains_key("api-1") && seen.contains_key("api-2")).then_some(()))
+        },
+    )
+    .map_err(|e| e.context(format!("seen {seen:?}\n{}", agent_logs(&mesh))))?;
+    eprintln!("before the failure: {seen:?}");
+
+    // api-1, on node B, fails its check.
+    mesh.curl(NodeB, &format!("http://{b}:8080/fail"))?;
+    let failed_at = Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        "api-1 critical in the catalog",
+        || Ok((health(&mesh, "api-1")? == "critical").then_some(())),
+    )?;
+    eprintln!(
+        "api-1 critical in the catalog after {:?}",
+        failed_at.elapsed()
+    );
+
+    // Once node A's agent has heard, every request lands on api-2.
+    let mut run = 0;
+    wait_until(
+        Duration::from_secs(5),
+        "10 requests in a row on api-2",
+        || {
+            let body = mesh.curl_with(NodeA, UPSTREAM, &["-m", "2"])?;
+            run = if instance_of(&body) == Some("api-2") {
+                run + 1
+            } else {
+                0
+            };
+            Ok((run >= 10).then_some(()))
+        },
+    )?;
+    for i in 0..30 {
+        let body = mesh.curl_with(NodeA, UPSTREAM, &["-m", "2"])?;
+        assert_eq!(
+            instance_of(&body),
+            Some("api-2"),
+            "request {i} after api-1 failed its check"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn agent_restart_reregisters_node_and_traffic_resumes() -> anyhow::Result<()> {
+    require_root();
+    let mut mesh = one_api_mesh("api-1")?;
+    assert!(mesh.catalog_nodes()?.contains(&"node-b".to_string()));
+
+    let status = mesh.stop_agent(NodeB)?;
+    eprintln!("node B's agent exited on SIGTERM with {status:?}");
+    assert!(
+        status.is_some(),
+        "node B's agent did not exit within 10 s of SIGTERM\n{}",
+        mesh.agent_log_tail(NodeB, 20)
+    );
+    wait_until(Duration::from_secs(5), "node-b deregistered", || {
+        Ok((!mesh.catalog_nodes()?.contains(&"node-b".to_string())).then_some(()))
+    })?;
+    let down = mesh.curl_with(NodeA, UPSTREAM, &["-m", "2"]);
+    assert!(
+        down.is_err(),
+        "api answered with node B's agent down: {down:?}"
+    );
+
+    mesh.start_agent(NodeB)?;
+    mesh.wait_agent_ready(NodeB, Duration::from_secs(20))?;
+    wait_until(Duration::from_secs(10), "node-b registered again", || {
+        let nodes = mesh.catalog_nodes()?;
+        let instances = mesh.catalog_instances("api")?;
+        Ok((nodes.contains(&"node-b".to_string())
+            && instances
+                .iter()
+                .any(|(id, node, _)| id == "api-1" && node == "node-b"))
+        .then_some(()))
+    })?;
+    let took = wait_for_body(&mesh, "api-1", Duration::from_secs(20))?;
+    eprintln!("traffic resumed {took:?} after node B's agent was ready again");
+    Ok(())
+}
