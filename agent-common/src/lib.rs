@@ -23,6 +23,9 @@ pub mod maps {
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
     /// Per-CPU counters, indexed by the `counter` constants.
     pub const COUNTERS: &str = "COUNTERS";
+    /// `FastKey -> RedirectTarget`: same-node connections that intentions
+    /// allow and that need no proxying go straight to the local instance.
+    pub const FAST_PATH: &str = "FAST_PATH";
 }
 
 /// Program names (the Rust function names in `agent-ebpf`).
@@ -41,8 +44,10 @@ pub mod counter {
     pub const REKEYED: u32 = 2;
     /// Tuple records removed when their connection closed.
     pub const CLOSED: u32 = 3;
+    /// connect() calls sent straight to a local instance.
+    pub const FAST_PATH: u32 = 4;
     /// Number of counters.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// A mesh workload's cgroup, as the agent registered it.
@@ -63,6 +68,15 @@ pub struct DestKey {
     pub addr: [u32; 4],
     pub port: u16,
     pub family: u16,
+}
+
+/// A (source workload, destination) pair for the same-node fast path.
+/// `dest.port == 0` matches any port (a virtual IP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FastKey {
+    pub workload_id: u32,
+    pub dest: DestKey,
 }
 
 /// Where a taken-over connection goes instead.
@@ -111,4 +125,5 @@ mod pod {
     unsafe impl aya::Pod for super::RedirectTarget {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::SockTuple {}
+    unsafe impl aya::Pod for super::FastKey {}
 }

@@ -30,7 +30,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, info};
 use weft_agent_common::{
-    counter, DestKey, OrigDst, RedirectTarget, SockTuple, WorkloadInfo, AF_INET,
+    counter, DestKey, FastKey, OrigDst, RedirectTarget, SockTuple, WorkloadInfo, AF_INET,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -48,6 +48,9 @@ static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(6
 
 #[map(name = "ORIG_BY_TUPLE")]
 static ORIG_BY_TUPLE: LruHashMap<SockTuple, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+
+#[map(name = "FAST_PATH")]
+static FAST_PATH: HashMap<FastKey, RedirectTarget> = HashMap::with_max_entries(16384, 0);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -88,6 +91,30 @@ fn connect4(ctx: &SockAddrContext) {
         port,
         family: AF_INET,
     };
+
+    // Same-node fast path: the agent put this pair here because intentions
+    // allow it and the service is plain TCP; go straight to the instance.
+    let mut fast = FastKey {
+        workload_id: workload.workload_id,
+        dest: key,
+    };
+    // SAFETY: values in this map are plain data written by the agent.
+    let direct = match unsafe { FAST_PATH.get(fast) } {
+        Some(t) => Some(*t),
+        None => {
+            fast.dest.port = 0;
+            unsafe { FAST_PATH.get(fast) }.copied()
+        }
+    };
+    if let Some(target) = direct {
+        // SAFETY: writable fields of bpf_sock_addr for connect4.
+        unsafe {
+            core::ptr::write_volatile(&mut sa.user_ip4, target.addr[0]);
+            core::ptr::write_volatile(&mut sa.user_port, u32::from(target.port.to_be()));
+        }
+        count(counter::FAST_PATH);
+        return;
+    }
     // SAFETY: as above.
     let target = match unsafe { DESTINATIONS.get(key) } {
         Some(t) => *t,

@@ -5,7 +5,7 @@
 //! service's virtual IP, on any port, and every registered instance address
 //! are taken over), and tells, for an accepted socket, which local service
 //! called and where it wanted to go.
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -79,7 +79,44 @@ pub struct Interception {
     /// Service name of each workload id (id = index + 1).
     workloads: Vec<String>,
     installed: Mutex<BTreeSet<(IpAddr, Option<u16>)>>,
+    fast_installed: Mutex<BTreeMap<FastEntry, SocketAddr>>,
+    node_name: String,
     outbound: SocketAddr,
+}
+
+/// (source workload id, destination ip, port or None for any port)
+pub type FastEntry = (u32, IpAddr, Option<u16>);
+
+/// The same-node fast path: pairs whose connections may go straight to a
+/// local instance: the source is a local workload, the destination service
+/// has a passing instance on this node, speaks plain TCP, and intentions
+/// allow the pair. Everything else goes through the agent.
+pub fn fast_paths(
+    view: &View,
+    node: &str,
+    workloads: &[(u32, String)],
+) -> BTreeMap<FastEntry, SocketAddr> {
+    let mut entries = BTreeMap::new();
+    for (service, vip) in &view.vips {
+        if view.protocol(service) != "tcp" || !vip.is_ipv4() {
+            continue;
+        }
+        let Some(local) = view
+            .passing(service)
+            .into_iter()
+            .find(|i| i.node == node)
+            .and_then(|i| Some(SocketAddr::new(i.address.parse().ok()?, i.port)))
+        else {
+            continue;
+        };
+        for (workload_id, source) in workloads {
+            if view.decide(source, service, None).allowed {
+                entries.insert((*workload_id, *vip, None), local);
+                entries.insert((*workload_id, local.ip(), Some(local.port())), local);
+            }
+        }
+    }
+    entries
 }
 
 impl Interception {
@@ -107,6 +144,8 @@ impl Interception {
             redirector: Mutex::new(redirector),
             workloads,
             installed: Mutex::new(BTreeSet::new()),
+            fast_installed: Mutex::new(BTreeMap::new()),
+            node_name: config.node_name.clone(),
             outbound: config.outbound_addr,
         })
     }
@@ -136,6 +175,26 @@ impl Interception {
             redirector.add_destination(*ip, *port, self.outbound)?;
         }
         *installed = wanted;
+
+        let workloads: Vec<(u32, String)> = self
+            .workloads
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (i as u32 + 1, name.clone()))
+            .collect();
+        let fast = fast_paths(view, &self.node_name, &workloads);
+        let mut fast_installed = self.fast_installed.lock().expect("fast path lock");
+        for (key, target) in fast_installed.iter() {
+            if fast.get(key) != Some(target) {
+                redirector.remove_fast_path(key.0, key.1, key.2)?;
+            }
+        }
+        for (key, target) in &fast {
+            if fast_installed.get(key) != Some(target) {
+                redirector.add_fast_path(key.0, key.1, key.2, *target)?;
+            }
+        }
+        *fast_installed = fast;
         Ok(())
     }
 
@@ -169,5 +228,109 @@ impl Interception {
             .lock()
             .expect("redirector lock")
             .counters()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_api::proto::{self, change::Change as P, watch_event::Event};
+
+    use super::*;
+
+    fn view(intention: Option<&str>, protocol: Option<&str>, api_node: &str) -> View {
+        let mut v = View::default();
+        let mut snapshot = proto::StateSnapshot {
+            nodes: vec![proto::Node {
+                name: "a".into(),
+                address: "10.0.0.1".into(),
+                ..Default::default()
+            }],
+            instances: vec![proto::ServiceInstance {
+                id: "api-1".into(),
+                service: "api".into(),
+                node: api_node.into(),
+                address: "127.0.0.1".into(),
+                port: 8080,
+                health: proto::Health::Passing as i32,
+                ..Default::default()
+            }],
+            vips: vec![proto::ServiceVip {
+                service: "api".into(),
+                vip: "240.0.0.2".into(),
+            }],
+            ..Default::default()
+        };
+        if let Some(action) = intention {
+            snapshot.intentions.push(proto::Intention {
+                source: "web".into(),
+                destination: "api".into(),
+                action: action.into(),
+                ..Default::default()
+            });
+        }
+        if let Some(p) = protocol {
+            snapshot.config_entries.push(proto::ConfigEntry {
+                kind: "service-defaults".into(),
+                name: "api".into(),
+                json: format!(r#"{{"Kind":"service-defaults","Name":"api","Protocol":"{p}"}}"#),
+                ..Default::default()
+            });
+        }
+        v.apply(proto::WatchEvent {
+            index: 1,
+            event: Some(Event::Snapshot(snapshot)),
+        })
+        .unwrap();
+        v
+    }
+
+    const WEB: &[(u32, &str)] = &[(1, "web")];
+
+    fn workloads() -> Vec<(u32, String)> {
+        WEB.iter().map(|(i, n)| (*i, n.to_string())).collect()
+    }
+
+    #[test]
+    fn allowed_local_tcp_pairs_take_the_fast_path() {
+        let entries = fast_paths(&view(Some("allow"), None, "a"), "a", &workloads());
+        let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(
+            entries.get(&(1, "240.0.0.2".parse().unwrap(), None)),
+            Some(&local)
+        );
+        assert_eq!(entries.get(&(1, local.ip(), Some(8080))), Some(&local));
+    }
+
+    #[test]
+    fn denied_remote_or_http_pairs_do_not() {
+        assert!(fast_paths(&view(Some("deny"), None, "a"), "a", &workloads()).is_empty());
+        assert!(
+            fast_paths(&view(None, None, "a"), "a", &workloads()).is_empty(),
+            "default deny"
+        );
+        assert!(fast_paths(&view(Some("allow"), None, "b"), "a", &workloads()).is_empty());
+        assert!(fast_paths(&view(Some("allow"), Some("http"), "a"), "a", &workloads()).is_empty());
+    }
+
+    #[test]
+    fn an_intention_change_takes_the_pair_off_the_fast_path() {
+        let mut v = view(Some("allow"), None, "a");
+        assert!(!fast_paths(&v, "a", &workloads()).is_empty());
+        let deny = proto::Intention {
+            source: "web".into(),
+            destination: "api".into(),
+            action: "deny".into(),
+            ..Default::default()
+        };
+        v.apply(proto::WatchEvent {
+            index: 2,
+            event: Some(Event::Changes(proto::ChangeSet {
+                changes: vec![proto::Change {
+                    change: Some(P::IntentionUpsert(deny)),
+                }],
+            })),
+        })
+        .unwrap();
+        assert!(fast_paths(&v, "a", &workloads()).is_empty());
     }
 }

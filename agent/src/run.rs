@@ -265,6 +265,7 @@ async fn export_ebpf_counters(interception: Arc<Interception>, metrics: Arc<Agen
             metrics.set_ebpf_counter(EbpfCounter::Redirected, c.redirected);
             metrics.set_ebpf_counter(EbpfCounter::Rekeyed, c.rekeyed);
             metrics.set_ebpf_counter(EbpfCounter::Closed, c.closed);
+            metrics.set_ebpf_counter(EbpfCounter::FastPath, c.fast_path);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -20,6 +20,8 @@ pub struct View {
     pub instances: BTreeMap<(String, String), ServiceInstance>,
     pub vips: BTreeMap<String, IpAddr>,
     pub intentions: BTreeMap<(String, String), Intention>,
+    /// Protocols set by service-defaults entries (absent: tcp).
+    pub protocols: BTreeMap<String, String>,
     pub trust_domain: String,
     pub roots_pem: Vec<String>,
     pub default_allow: bool,
@@ -63,6 +65,9 @@ impl View {
                     let i = intention_from_proto(i).map_err(|e| bad(e.to_string()))?;
                     next.intentions
                         .insert((i.source.clone(), i.destination.clone()), i);
+                }
+                for e in s.config_entries {
+                    next.apply_config(&e);
                 }
                 if let Some(ca) = s.ca {
                     next.trust_domain = ca.trust_domain;
@@ -113,9 +118,35 @@ impl View {
                 self.trust_domain = b.trust_domain;
                 self.roots_pem = b.roots_pem;
             }
-            P::ConfigUpsert(_) | P::ConfigDelete(_) | P::KvUpsert(_) | P::KvDelete(_) => {}
+            P::ConfigUpsert(e) => self.apply_config(&e),
+            P::ConfigDelete(r) => {
+                if r.kind == "service-defaults" {
+                    self.protocols.remove(&r.name);
+                }
+            }
+            P::KvUpsert(_) | P::KvDelete(_) => {}
         }
         Ok(())
+    }
+
+    fn apply_config(&mut self, e: &proto::ConfigEntry) {
+        if e.kind != "service-defaults" {
+            return;
+        }
+        let protocol = serde_json::from_str::<serde_json::Value>(&e.json)
+            .ok()
+            .and_then(|v| {
+                v.get("Protocol")
+                    .and_then(|p| p.as_str())
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "tcp".to_string());
+        self.protocols.insert(e.name.clone(), protocol);
+    }
+
+    /// The protocol of `service` ("tcp" unless a service-defaults says otherwise).
+    pub fn protocol(&self, service: &str) -> &str {
+        self.protocols.get(service).map_or("tcp", String::as_str)
     }
 
     /// Passing instances of `service`, in a stable order.

@@ -13,7 +13,8 @@ use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
 use aya::Ebpf;
 use weft_agent_common::{
-    counter, maps, programs, DestKey, OrigDst, RedirectTarget, SockTuple, WorkloadInfo, AF_INET,
+    counter, maps, programs, DestKey, FastKey, OrigDst, RedirectTarget, SockTuple, WorkloadInfo,
+    AF_INET,
 };
 
 /// The programs, built by build.rs from `agent-ebpf` for this very build.
@@ -70,6 +71,8 @@ pub struct RedirectCounters {
     pub redirected: u64,
     pub rekeyed: u64,
     pub closed: u64,
+    /// Connections sent straight to a local instance (same-node fast path).
+    pub fast_path: u64,
 }
 
 /// weft's loaded eBPF programs and their maps.
@@ -77,6 +80,7 @@ pub struct Redirector {
     ebpf: Ebpf,
     workloads: HashMap<MapData, u64, WorkloadInfo>,
     destinations: HashMap<MapData, DestKey, RedirectTarget>,
+    fast_path: HashMap<MapData, FastKey, RedirectTarget>,
     by_tuple: HashMap<MapData, SockTuple, OrigDst>,
     by_cookie: HashMap<MapData, u64, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
@@ -112,6 +116,7 @@ impl Redirector {
         let log_task = super::logs::spawn_forwarder(&mut ebpf);
         let workloads = take_map(&mut ebpf, maps::WORKLOADS)?;
         let destinations = take_map(&mut ebpf, maps::DESTINATIONS)?;
+        let fast_path = take_map(&mut ebpf, maps::FAST_PATH)?;
         let by_tuple = take_map(&mut ebpf, maps::ORIG_BY_TUPLE)?;
         let by_cookie = take_map(&mut ebpf, maps::ORIG_BY_COOKIE)?;
         let counters = take_map(&mut ebpf, maps::COUNTERS)?;
@@ -119,6 +124,7 @@ impl Redirector {
             ebpf,
             workloads,
             destinations,
+            fast_path,
             by_tuple,
             by_cookie,
             counters,
@@ -237,6 +243,52 @@ impl Redirector {
             })
     }
 
+    /// Sends `workload_id`'s connections to `ip:port` (`port` None: any port)
+    /// straight to `target`, without the agent: the same-node fast path.
+    pub fn add_fast_path(
+        &mut self,
+        workload_id: u32,
+        ip: IpAddr,
+        port: Option<u16>,
+        target: SocketAddr,
+    ) -> Result<(), RedirectorError> {
+        let key = FastKey {
+            workload_id,
+            dest: dest_key(ip, port)?,
+        };
+        let target = v4_of(target)?;
+        let value = RedirectTarget {
+            addr: [v4_word(*target.ip()), 0, 0, 0],
+            port: target.port(),
+            family: AF_INET,
+        };
+        self.fast_path
+            .insert(key, value, 0)
+            .map_err(|source| RedirectorError::Map {
+                name: maps::FAST_PATH,
+                source,
+            })
+    }
+
+    /// Ends the fast path for `workload_id` to `ip:port`.
+    pub fn remove_fast_path(
+        &mut self,
+        workload_id: u32,
+        ip: IpAddr,
+        port: Option<u16>,
+    ) -> Result<(), RedirectorError> {
+        let key = FastKey {
+            workload_id,
+            dest: dest_key(ip, port)?,
+        };
+        self.fast_path
+            .remove(&key)
+            .map_err(|source| RedirectorError::Map {
+                name: maps::FAST_PATH,
+                source,
+            })
+    }
+
     /// The record of an accepted, redirected connection: looked up by the
     /// workload's end (our peer), our end, and the socket's network namespace.
     /// `None` when the connection was not redirected by these programs.
@@ -296,6 +348,7 @@ impl Redirector {
             redirected: read(counter::REDIRECTED)?,
             rekeyed: read(counter::REKEYED)?,
             closed: read(counter::CLOSED)?,
+            fast_path: read(counter::FAST_PATH)?,
         })
     }
 }
