@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod control_plane;
 mod report;
+mod tunnel;
 
 #[derive(Parser)]
 #[command(name = "weft-bench")]
@@ -25,6 +26,12 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Request latency web -> api through weft's HBONE tunnel vs direct (two nodes as netns).
+    Tunnel {
+        /// Fewer rounds and requests.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +40,6 @@ fn main() -> anyhow::Result<()> {
             let results = control_plane::run(quick)?;
             report::write("control-plane", &results)
         }
+        Command::Tunnel { quick } => report::write("tunnel", &tunnel::run(quick)?),
     }
 }

@@ -47,7 +47,12 @@ fn two_nodes_server_workload_and_cleanup() -> anyhow::Result<()> {
     let capture = mesh.capture(NodeA)?;
     mesh.curl(NodeA, &format!("http://{b}:8080/harness-marker"))?;
     let file = capture.finish()?;
-    assert!(file.contains(b"harness-marker"), "{} bytes, {} packets", file.bytes.len(), file.count("")?);
+    assert!(
+        file.contains(b"harness-marker"),
+        "{} bytes, {} packets",
+        file.bytes.len(),
+        file.count("")?
+    );
     assert!(file.count("tcp port 8080")? > 0);
 
     drop(mesh);
