@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod ebpf;
 pub mod hbone;
 pub mod health;

@@ -1,0 +1,915 @@
+//! The agent's DNS server (default `127.0.0.1:8600`, UDP and TCP on the same address):
+//! `NAME.service.weft` answers an A record with the service's virtual IP.
+//!
+//! The agent is not a general resolver. It answers:
+//! - `NAME.service.weft` of a known service: `A` (and `ANY`) → one A record, TTL
+//!   [`TTL_SECS`]; any other type (`AAAA` …) → NOERROR with an empty answer;
+//! - `weft` and `service.weft` themselves: NOERROR with an empty answer (they exist as
+//!   the parents of the service names; an NXDOMAIN there would tell resolvers that
+//!   follow RFC 8020 that no name below them exists either);
+//! - any other name inside `weft.` (unknown services, `a.b.service.weft`, …): NXDOMAIN;
+//! - names outside `weft.`: REFUSED;
+//! - undecodable queries: FORMERR; a request that is not even a DNS header (under 12
+//!   bytes) or that is itself a response gets no reply.
+//!
+//! Names are matched case-insensitively, with or without the trailing dot. Which
+//! service has which virtual IP is injected as a [`ServiceResolver`].
+//!
+//! [`decide`] (name and type → [`Decision`]) and [`respond`] (request bytes → response
+//! bytes) are pure and unit-tested; [`DnsServer`] owns the sockets and serves until the
+//! shutdown future given to [`DnsServer::serve`] completes. No input packet can make it
+//! panic or stop.
+
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::{A, SOA};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+/// The default listening address (field `dns_addr`).
+pub const DEFAULT_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 8600);
+
+/// Time to live of the A records, and of negative answers (through the SOA minimum).
+pub const TTL_SECS: u32 = 5;
+
+/// The zone the agent answers for, and the sub-domain of services inside it.
+pub const ZONE: &str = "weft";
+/// The suffix of service names: `NAME.service.weft`.
+pub const SERVICE_SUFFIX: &str = "service.weft";
+
+/// Largest UDP response without EDNS (RFC 1035).
+const UDP_MIN_PAYLOAD: usize = 512;
+/// Largest UDP response the server sends even when a client offers more (the
+/// fragmentation-safe size recommended by DNS Flag Day 2020).
+const UDP_MAX_PAYLOAD: u16 = 1232;
+/// Receive buffer for one UDP datagram.
+const UDP_RECV_BUF: usize = 4096;
+/// The smallest DNS message: its header.
+const HEADER_LEN: usize = 12;
+/// Open TCP connections beyond this are closed at once.
+pub const MAX_TCP_CONNECTIONS: usize = 128;
+/// A TCP connection that sends nothing for this long is closed.
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// DNS server errors.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    /// A listening socket could not be bound (field `dns_addr`).
+    #[error("dns_addr {addr}: cannot listen on {transport}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        transport: Transport,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound socket's address could not be read.
+    #[error("dns socket: {0}")]
+    LocalAddr(#[source] std::io::Error),
+}
+
+/// Maps a service name (lowercase, as registered: `api`) to its virtual IP.
+pub type ServiceResolver = Arc<dyn Fn(&str) -> Option<Ipv4Addr> + Send + Sync>;
+
+/// The transport a request came on: it bounds the size of the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        })
+    }
+}
+
+/// What to answer for one question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// NOERROR with one A record holding this address.
+    Address(Ipv4Addr),
+    /// NOERROR with no answer: the name exists, without records of the asked type.
+    NoData,
+    /// NXDOMAIN: a name inside `weft.` that does not exist.
+    NxDomain,
+    /// REFUSED: a name outside `weft.`, which the agent does not resolve.
+    Refused,
+}
+
+/// Decides the answer to a question for `name` (presentation format, any case, with or
+/// without the trailing dot) of type `query_type`. `lookup` is asked only for a name of
+/// the form `NAME.service.weft` where `NAME` is a valid service name, and gets `NAME` in
+/// lowercase.
+pub fn decide(
+    name: &str,
+    query_type: RecordType,
+    lookup: &dyn Fn(&str) -> Option<Ipv4Addr>,
+) -> Decision {
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    if name == ZONE || name == SERVICE_SUFFIX {
+        return Decision::NoData;
+    }
+    if !name.ends_with(&format!(".{ZONE}")) {
+        return Decision::Refused;
+    }
+    let Some(service) = name.strip_suffix(&format!(".{SERVICE_SUFFIX}")) else {
+        return Decision::NxDomain;
+    };
+    // A service name is one DNS label; `a.b.service.weft` names no service.
+    if weft_api::names::validate_name(service).is_err() {
+        return Decision::NxDomain;
+    }
+    match lookup(service) {
+        None => Decision::NxDomain,
+        Some(ip) => match query_type {
+            RecordType::A | RecordType::ANY => Decision::Address(ip),
+            _ => Decision::NoData,
+        },
+    }
+}
+
+/// Builds the response to one request received on `transport`, or `None` when the
+/// request gets no reply (shorter than a DNS header, or itself a response). Never
+/// panics, whatever the bytes.
+pub fn respond(
+    request: &[u8],
+    transport: Transport,
+    lookup: &dyn Fn(&str) -> Option<Ipv4Addr>,
+) -> Option<Vec<u8>> {
+    if request.len() < HEADER_LEN {
+        return None;
+    }
+    let id = u16::from_be_bytes([request[0], request[1]]);
+    // QR bit set: a response; answering it could start a loop between two servers.
+    if request[2] & 0x80 != 0 {
+        return None;
+    }
+    let op_code = OpCode::from_u8((request[2] >> 3) & 0x0f);
+    let response = match Message::from_vec(request) {
+        Err(_) => Message::error_msg(id, op_code, ResponseCode::FormErr),
+        Ok(query) => answer(&query, lookup),
+    };
+    encode(response, transport)
+}
+
+/// The response to a decoded request.
+fn answer(request: &Message, lookup: &dyn Fn(&str) -> Option<Ipv4Addr>) -> Message {
+    let meta = &request.metadata;
+    let mut response = Message::response(meta.id, meta.op_code);
+    response.metadata.recursion_desired = meta.recursion_desired;
+    response.metadata.checking_disabled = meta.checking_disabled;
+    if let Some(edns) = &request.edns {
+        let mut ours = Edns::new();
+        ours.set_max_payload(edns.max_payload().clamp(512, UDP_MAX_PAYLOAD));
+        response.edns = Some(ours);
+    }
+    if meta.message_type != MessageType::Query {
+        response.metadata.response_code = ResponseCode::FormErr;
+        return response;
+    }
+    if meta.op_code != OpCode::Query {
+        response.metadata.response_code = ResponseCode::NotImp;
+        return response;
+    }
+    let [query] = request.queries.as_slice() else {
+        response.metadata.response_code = ResponseCode::FormErr;
+        return response;
+    };
+    response.add_query(query.clone());
+    if !matches!(query.query_class, DNSClass::IN | DNSClass::ANY) {
+        response.metadata.response_code = ResponseCode::Refused;
+        return response;
+    }
+    let decision = decide(&query.name.to_ascii(), query.query_type, lookup);
+    apply(&mut response, query, decision);
+    response
+}
+
+/// Writes `decision` for `query` into `response`.
+fn apply(response: &mut Message, query: &Query, decision: Decision) {
+    let meta = &mut response.metadata;
+    meta.authoritative = decision != Decision::Refused;
+    match decision {
+        Decision::Address(ip) => {
+            let record = Record::from_rdata(query.name.clone(), TTL_SECS, RData::A(A(ip)));
+            response.add_answer(record);
+        }
+        Decision::NoData => {
+            response.add_authority(zone_soa());
+        }
+        Decision::NxDomain => {
+            meta.response_code = ResponseCode::NXDomain;
+            response.add_authority(zone_soa());
+        }
+        Decision::Refused => meta.response_code = ResponseCode::Refused,
+    }
+}
+
+/// The SOA of `weft.` that negative answers carry, so that resolvers cache them for
+/// [`TTL_SECS`] at most (RFC 2308).
+fn zone_soa() -> Record {
+    let zone = Name::from_ascii("weft.").unwrap_or_else(|_| Name::root());
+    let mname = Name::from_ascii("agent.weft.").unwrap_or_else(|_| Name::root());
+    let rname = Name::from_ascii("hostmaster.weft.").unwrap_or_else(|_| Name::root());
+    let soa = SOA::new(mname, rname, 1, 3600, 600, 86400, TTL_SECS);
+    Record::from_rdata(zone, TTL_SECS, RData::SOA(soa))
+}
+
+/// Serializes `response`, truncating it (TC bit) if it does not fit the transport; a
+/// response that cannot be serialized becomes a bare SERVFAIL.
+fn encode(response: Message, transport: Transport) -> Option<Vec<u8>> {
+    let limit = match transport {
+        Transport::Tcp => usize::from(u16::MAX),
+        Transport::Udp => response
+            .edns
+            .as_ref()
+            .map_or(UDP_MIN_PAYLOAD, |e| usize::from(e.max_payload())),
+    };
+    let meta = response.metadata;
+    match response.to_vec() {
+        Ok(bytes) if bytes.len() <= limit => Some(bytes),
+        Ok(_) => response.truncate().to_vec().ok(),
+        Err(e) => {
+            tracing::debug!(error = %e, "dns: cannot encode response");
+            Message::error_msg(meta.id, meta.op_code, ResponseCode::ServFail)
+                .to_vec()
+                .ok()
+        }
+    }
+}
+
+/// The bound DNS server: one UDP socket and one TCP listener on the same address.
+pub struct DnsServer {
+    udp: UdpSocket,
+    tcp: TcpListener,
+    resolver: ServiceResolver,
+}
+
+impl std::fmt::Debug for DnsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsServer")
+            .field("udp", &self.udp)
+            .field("tcp", &self.tcp)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DnsServer {
+    /// Binds UDP on `addr`, then TCP on the address UDP got (so port 0 gives one port
+    /// for both).
+    pub async fn bind(addr: SocketAddr, resolver: ServiceResolver) -> Result<Self, DnsError> {
+        let udp = UdpSocket::bind(addr)
+            .await
+            .map_err(|source| DnsError::Bind {
+                addr,
+                transport: Transport::Udp,
+                source,
+            })?;
+        let bound = udp.local_addr().map_err(DnsError::LocalAddr)?;
+        let tcp = TcpListener::bind(bound)
+            .await
+            .map_err(|source| DnsError::Bind {
+                addr: bound,
+                transport: Transport::Tcp,
+                source,
+            })?;
+        Ok(Self { udp, tcp, resolver })
+    }
+
+    /// The address both sockets are bound to.
+    pub fn local_addr(&self) -> Result<SocketAddr, DnsError> {
+        self.udp.local_addr().map_err(DnsError::LocalAddr)
+    }
+
+    /// Serves until `shutdown` completes, then closes the sockets and any open TCP
+    /// connection. Socket errors are logged and the loop goes on.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut buf = vec![0u8; UDP_RECV_BUF];
+        let mut conns = JoinSet::new();
+        let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                received = self.udp.recv_from(&mut buf) => match received {
+                    Ok((len, peer)) => {
+                        let request = buf.get(..len).unwrap_or_default();
+                        let Some(reply) = respond(request, Transport::Udp, &*self.resolver) else {
+                            continue;
+                        };
+                        if let Err(e) = self.udp.send_to(&reply, peer).await {
+                            tracing::debug!(%peer, error = %e, "dns: udp send failed");
+                        }
+                    }
+                    // E.g. ICMP port unreachable from an earlier reply's peer.
+                    Err(e) => tracing::debug!(error = %e, "dns: udp receive failed"),
+                },
+                accepted = self.tcp.accept() => match accepted {
+                    Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
+                        Ok(slot) => {
+                            conns.spawn(serve_tcp(stream, self.resolver.clone(), slot));
+                        }
+                        Err(_) => tracing::debug!(%peer, "dns: too many tcp connections"),
+                    },
+                    Err(e) => {
+                        // E.g. out of file descriptors: back off instead of spinning.
+                        tracing::warn!(error = %e, "dns: tcp accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        conns.shutdown().await;
+    }
+}
+
+/// Answers the length-prefixed queries of one TCP connection (RFC 1035 4.2.2) until
+/// the client closes it, goes idle, or sends something unreadable.
+async fn serve_tcp(mut stream: TcpStream, resolver: ServiceResolver, _slot: OwnedSemaphorePermit) {
+    let mut request = Vec::new();
+    loop {
+        let read = async {
+            let len = stream.read_u16().await?;
+            request.resize(usize::from(len), 0);
+            stream.read_exact(&mut request).await?;
+            Ok::<_, std::io::Error>(())
+        };
+        match tokio::time::timeout(TCP_IDLE_TIMEOUT, read).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return,
+        }
+        let Some(reply) = respond(&request, Transport::Tcp, &*resolver) else {
+            continue;
+        };
+        // `encode` keeps TCP replies under 64 KiB, so the length fits.
+        let Ok(len) = u16::try_from(reply.len()) else {
+            return;
+        };
+        let mut framed = Vec::with_capacity(reply.len() + 2);
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(&reply);
+        if stream.write_all(&framed).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const API_IP: Ipv4Addr = Ipv4Addr::new(240, 0, 0, 7);
+    const WEB_IP: Ipv4Addr = Ipv4Addr::new(240, 0, 0, 9);
+
+    fn lookup(service: &str) -> Option<Ipv4Addr> {
+        match service {
+            "api" => Some(API_IP),
+            "web-2" => Some(WEB_IP),
+            _ => None,
+        }
+    }
+
+    fn d(name: &str, query_type: RecordType) -> Decision {
+        decide(name, query_type, &lookup)
+    }
+
+    #[test]
+    fn known_service_answers_its_address() {
+        assert_eq!(
+            d("api.service.weft", RecordType::A),
+            Decision::Address(API_IP)
+        );
+        assert_eq!(
+            d("web-2.service.weft", RecordType::A),
+            Decision::Address(WEB_IP)
+        );
+    }
+
+    #[test]
+    fn trailing_dot_and_case_do_not_matter() {
+        for name in [
+            "api.service.weft.",
+            "API.service.weft",
+            "Api.Service.WEFT.",
+            "api.SERVICE.weft",
+        ] {
+            assert_eq!(d(name, RecordType::A), Decision::Address(API_IP), "{name}");
+        }
+    }
+
+    #[test]
+    fn lookup_gets_the_lowercase_service_label() {
+        let seen = std::sync::Mutex::new(Vec::new());
+        let record = |s: &str| {
+            seen.lock().unwrap().push(s.to_string());
+            None
+        };
+        decide("WEB-2.Service.Weft.", RecordType::A, &record);
+        assert_eq!(*seen.lock().unwrap(), ["web-2"]);
+    }
+
+    #[test]
+    fn any_query_of_a_known_service_answers_the_address() {
+        assert_eq!(
+            d("api.service.weft", RecordType::ANY),
+            Decision::Address(API_IP)
+        );
+    }
+
+    #[test]
+    fn other_types_of_a_known_service_are_empty_noerror() {
+        for t in [
+            RecordType::AAAA,
+            RecordType::TXT,
+            RecordType::MX,
+            RecordType::SRV,
+        ] {
+            assert_eq!(d("api.service.weft", t), Decision::NoData, "{t}");
+        }
+    }
+
+    #[test]
+    fn unknown_service_is_nxdomain_for_every_type() {
+        for t in [RecordType::A, RecordType::AAAA, RecordType::ANY] {
+            assert_eq!(d("nope.service.weft", t), Decision::NxDomain, "{t}");
+        }
+    }
+
+    #[test]
+    fn names_with_more_labels_under_service_weft_are_nxdomain() {
+        let never = |_: &str| -> Option<Ipv4Addr> { panic!("lookup must not be asked") };
+        for name in [
+            "a.b.service.weft",
+            "x.api.service.weft",
+            "api.service.service.weft.",
+        ] {
+            assert_eq!(
+                decide(name, RecordType::A, &never),
+                Decision::NxDomain,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_service_labels_are_nxdomain_without_lookup() {
+        let never = |_: &str| -> Option<Ipv4Addr> { panic!("lookup must not be asked") };
+        let long = format!("{}.service.weft", "a".repeat(64));
+        for name in [
+            ".service.weft",
+            "-api.service.weft",
+            "api-.service.weft",
+            "a_b.service.weft",
+            "a\\.b.service.weft",
+            "ápi.service.weft",
+            long.as_str(),
+        ] {
+            assert_eq!(
+                decide(name, RecordType::A, &never),
+                Decision::NxDomain,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn zone_apex_and_service_parent_exist_without_records() {
+        for name in ["weft", "weft.", "WEFT", "service.weft", "Service.Weft."] {
+            for t in [RecordType::A, RecordType::AAAA, RecordType::ANY] {
+                assert_eq!(d(name, t), Decision::NoData, "{name} {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn other_names_inside_weft_are_nxdomain() {
+        for name in [
+            "api.weft",
+            "api.node.weft.",
+            "service.service.weft.x.weft",
+            "api.service.weft.weft",
+            "a.b.c.weft",
+        ] {
+            assert_eq!(d(name, RecordType::A), Decision::NxDomain, "{name}");
+        }
+    }
+
+    #[test]
+    fn names_outside_weft_are_refused() {
+        for name in [
+            "example.com",
+            "example.com.",
+            "api.service.weft.example.com",
+            "api.service.weftx",
+            "xweft",
+            "weft.com",
+            "",
+            ".",
+            "localhost",
+        ] {
+            for t in [RecordType::A, RecordType::AAAA, RecordType::ANY] {
+                assert_eq!(d(name, t), Decision::Refused, "{name:?} {t}");
+            }
+        }
+    }
+
+    fn query_bytes(name: &str, query_type: RecordType) -> Vec<u8> {
+        let mut msg = Message::query();
+        msg.metadata.id = 0x4242;
+        msg.metadata.recursion_desired = true;
+        msg.add_query(Query::query(Name::from_ascii(name).unwrap(), query_type));
+        msg.to_vec().unwrap()
+    }
+
+    fn parse(bytes: &[u8]) -> Message {
+        Message::from_vec(bytes).unwrap()
+    }
+
+    fn answer_ips(msg: &Message) -> Vec<Ipv4Addr> {
+        msg.answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn respond_answers_a_with_ttl_and_echoes_the_question() {
+        let reply = respond(
+            &query_bytes("Api.Service.Weft.", RecordType::A),
+            Transport::Udp,
+            &lookup,
+        );
+        let msg = parse(&reply.unwrap());
+        assert_eq!(msg.metadata.id, 0x4242);
+        assert_eq!(msg.metadata.message_type, MessageType::Response);
+        assert_eq!(msg.metadata.response_code, ResponseCode::NoError);
+        assert!(msg.metadata.authoritative);
+        assert!(msg.metadata.recursion_desired);
+        assert!(!msg.metadata.recursion_available);
+        assert_eq!(msg.queries.len(), 1);
+        assert_eq!(msg.queries[0].name.to_ascii(), "Api.Service.Weft.");
+        assert_eq!(answer_ips(&msg), [API_IP]);
+        assert_eq!(msg.answers[0].ttl, TTL_SECS);
+        assert_eq!(msg.answers[0].name.to_ascii(), "Api.Service.Weft.");
+    }
+
+    #[test]
+    fn respond_gives_empty_noerror_for_aaaa() {
+        let reply = respond(
+            &query_bytes("api.service.weft.", RecordType::AAAA),
+            Transport::Udp,
+            &lookup,
+        );
+        let msg = parse(&reply.unwrap());
+        assert_eq!(msg.metadata.response_code, ResponseCode::NoError);
+        assert!(msg.answers.is_empty());
+        assert_eq!(msg.authorities.len(), 1, "SOA for negative caching");
+        assert_eq!(msg.authorities[0].record_type(), RecordType::SOA);
+    }
+
+    #[test]
+    fn respond_gives_nxdomain_with_soa_and_refused_without() {
+        let nx = parse(
+            &respond(
+                &query_bytes("nope.service.weft.", RecordType::A),
+                Transport::Tcp,
+                &lookup,
+            )
+            .unwrap(),
+        );
+        assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
+        assert!(nx.metadata.authoritative);
+        assert_eq!(nx.authorities.len(), 1);
+        assert_eq!(nx.authorities[0].ttl, TTL_SECS);
+        let refused = parse(
+            &respond(
+                &query_bytes("example.com.", RecordType::A),
+                Transport::Udp,
+                &lookup,
+            )
+            .unwrap(),
+        );
+        assert_eq!(refused.metadata.response_code, ResponseCode::Refused);
+        assert!(!refused.metadata.authoritative);
+        assert!(refused.answers.is_empty() && refused.authorities.is_empty());
+    }
+
+    #[test]
+    fn respond_echoes_edns() {
+        let mut msg = Message::query();
+        msg.add_query(Query::query(
+            Name::from_ascii("api.service.weft.").unwrap(),
+            RecordType::A,
+        ));
+        let mut edns = Edns::new();
+        edns.set_max_payload(4096);
+        msg.edns = Some(edns);
+        let reply = parse(&respond(&msg.to_vec().unwrap(), Transport::Udp, &lookup).unwrap());
+        assert_eq!(answer_ips(&reply), [API_IP]);
+        assert_eq!(reply.edns.map(|e| e.max_payload()), Some(UDP_MAX_PAYLOAD));
+    }
+
+    #[test]
+    fn respond_ignores_runts_and_responses() {
+        for runt in [&[][..], &[0x12], &[0u8; 11]] {
+            assert_eq!(respond(runt, Transport::Udp, &lookup), None);
+        }
+        let mut response = query_bytes("api.service.weft.", RecordType::A);
+        response[2] |= 0x80;
+        assert_eq!(respond(&response, Transport::Udp, &lookup), None);
+    }
+
+    #[test]
+    fn respond_gives_formerr_for_garbage_after_a_header() {
+        let mut garbage = vec![0xab, 0xcd, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0];
+        garbage.extend_from_slice(&[0xff; 20]);
+        let msg = parse(&respond(&garbage, Transport::Udp, &lookup).unwrap());
+        assert_eq!(msg.metadata.id, 0xabcd);
+        assert_eq!(msg.metadata.response_code, ResponseCode::FormErr);
+        // A header that promises a question and has none.
+        let mut cut = query_bytes("api.service.weft.", RecordType::A);
+        cut.truncate(HEADER_LEN + 3);
+        let msg = parse(&respond(&cut, Transport::Tcp, &lookup).unwrap());
+        assert_eq!(msg.metadata.response_code, ResponseCode::FormErr);
+    }
+
+    #[test]
+    fn respond_gives_formerr_without_exactly_one_question() {
+        let mut none = Message::query();
+        none.metadata.id = 7;
+        let msg = parse(&respond(&none.to_vec().unwrap(), Transport::Udp, &lookup).unwrap());
+        assert_eq!(msg.metadata.response_code, ResponseCode::FormErr);
+        let mut two = Message::query();
+        for n in ["api.service.weft.", "web-2.service.weft."] {
+            two.add_query(Query::query(Name::from_ascii(n).unwrap(), RecordType::A));
+        }
+        let msg = parse(&respond(&two.to_vec().unwrap(), Transport::Udp, &lookup).unwrap());
+        assert_eq!(msg.metadata.response_code, ResponseCode::FormErr);
+        assert!(msg.answers.is_empty());
+    }
+
+    #[test]
+    fn respond_gives_notimp_for_other_opcodes_and_refused_for_other_classes() {
+        let mut update = Message::new(9, MessageType::Query, OpCode::Update);
+        update.add_query(Query::query(
+            Name::from_ascii("weft.").unwrap(),
+            RecordType::SOA,
+        ));
+        let msg = parse(&respond(&update.to_vec().unwrap(), Transport::Udp, &lookup).unwrap());
+        assert_eq!(msg.metadata.response_code, ResponseCode::NotImp);
+        let mut chaos = Query::query(
+            Name::from_ascii("api.service.weft.").unwrap(),
+            RecordType::A,
+        );
+        chaos.set_query_class(DNSClass::CH);
+        let mut msg = Message::query();
+        msg.add_query(chaos);
+        let reply = parse(&respond(&msg.to_vec().unwrap(), Transport::Udp, &lookup).unwrap());
+        assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+    }
+
+    #[test]
+    fn respond_never_panics_on_arbitrary_bytes() {
+        // A small deterministic generator: every length up to 64, many patterns, and
+        // every single-byte corruption of a valid query.
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        };
+        for len in 0..64 {
+            for _ in 0..200 {
+                let bytes: Vec<u8> = (0..len).map(|_| next()).collect();
+                let _ = respond(&bytes, Transport::Udp, &lookup);
+            }
+        }
+        let valid = query_bytes("api.service.weft.", RecordType::A);
+        for i in 0..valid.len() {
+            for v in [0x00, 0x3f, 0x40, 0xc0, 0xff] {
+                let mut bytes = valid.clone();
+                bytes[i] = v;
+                let _ = respond(&bytes, Transport::Tcp, &lookup);
+            }
+        }
+    }
+
+    // --- the server over real sockets ---
+
+    async fn start() -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let resolver: ServiceResolver = Arc::new(lookup);
+        let server = DnsServer::bind("127.0.0.1:0".parse().unwrap(), resolver)
+            .await
+            .unwrap();
+        let addr = server.local_addr().unwrap();
+        assert_ne!(addr.port(), 0);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async {
+            let _ = stopped.await;
+        }));
+        (addr, stop, task)
+    }
+
+    async fn udp_exchange(addr: SocketAddr, request: &[u8]) -> Option<Message> {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.send_to(request, addr).await.unwrap();
+        let mut buf = [0u8; 2048];
+        let got = tokio::time::timeout(Duration::from_millis(500), sock.recv(&mut buf)).await;
+        let len = got.ok()?.unwrap();
+        Some(parse(&buf[..len]))
+    }
+
+    async fn tcp_send(stream: &mut TcpStream, request: &[u8]) {
+        let len = u16::try_from(request.len()).unwrap();
+        stream.write_all(&len.to_be_bytes()).await.unwrap();
+        stream.write_all(request).await.unwrap();
+    }
+
+    async fn tcp_recv(stream: &mut TcpStream) -> Message {
+        let read = async {
+            let len = stream.read_u16().await.unwrap();
+            let mut buf = vec![0u8; usize::from(len)];
+            stream.read_exact(&mut buf).await.unwrap();
+            buf
+        };
+        parse(
+            &tokio::time::timeout(Duration::from_secs(5), read)
+                .await
+                .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn udp_answers_nxdomain_refused_and_formerr() {
+        let (addr, stop, task) = start().await;
+
+        let msg = udp_exchange(addr, &query_bytes("API.service.weft", RecordType::A))
+            .await
+            .unwrap();
+        assert_eq!(msg.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(answer_ips(&msg), [API_IP]);
+        assert_eq!(msg.answers[0].ttl, TTL_SECS);
+
+        let msg = udp_exchange(addr, &query_bytes("api.service.weft.", RecordType::AAAA))
+            .await
+            .unwrap();
+        assert_eq!(msg.metadata.response_code, ResponseCode::NoError);
+        assert!(msg.answers.is_empty());
+
+        let msg = udp_exchange(addr, &query_bytes("nope.service.weft.", RecordType::A))
+            .await
+            .unwrap();
+        assert_eq!(msg.metadata.response_code, ResponseCode::NXDomain);
+
+        let msg = udp_exchange(addr, &query_bytes("example.com.", RecordType::A))
+            .await
+            .unwrap();
+        assert_eq!(msg.metadata.response_code, ResponseCode::Refused);
+
+        let mut garbage = vec![0x01, 0x02, 0x00, 0x00, 0x00, 0x05, 0, 0, 0, 0, 0, 0];
+        garbage.extend_from_slice(b"\xff\xfe not dns at all");
+        let msg = udp_exchange(addr, &garbage).await.unwrap();
+        assert_eq!(msg.metadata.id, 0x0102);
+        assert_eq!(msg.metadata.response_code, ResponseCode::FormErr);
+
+        // Runts get no reply, and the server goes on.
+        assert!(udp_exchange(addr, b"hi").await.is_none());
+        let msg = udp_exchange(addr, &query_bytes("web-2.service.weft.", RecordType::A))
+            .await
+            .unwrap();
+        assert_eq!(answer_ips(&msg), [WEB_IP]);
+
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn tcp_answers_several_queries_on_one_connection() {
+        let (addr, stop, task) = start().await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+
+        tcp_send(
+            &mut stream,
+            &query_bytes("api.service.weft.", RecordType::A),
+        )
+        .await;
+        tcp_send(
+            &mut stream,
+            &query_bytes("nope.service.weft.", RecordType::A),
+        )
+        .await;
+        let msg = tcp_recv(&mut stream).await;
+        assert_eq!(answer_ips(&msg), [API_IP]);
+        let msg = tcp_recv(&mut stream).await;
+        assert_eq!(msg.metadata.response_code, ResponseCode::NXDomain);
+
+        tcp_send(&mut stream, &query_bytes("example.org.", RecordType::A)).await;
+        assert_eq!(
+            tcp_recv(&mut stream).await.metadata.response_code,
+            ResponseCode::Refused
+        );
+
+        let mut garbage = vec![0x77, 0x66, 0x00, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0];
+        garbage.extend_from_slice(&[0xc0; 9]);
+        tcp_send(&mut stream, &garbage).await;
+        let msg = tcp_recv(&mut stream).await;
+        assert_eq!(
+            (msg.metadata.id, msg.metadata.response_code),
+            (0x7766, ResponseCode::FormErr)
+        );
+
+        tcp_send(
+            &mut stream,
+            &query_bytes("web-2.service.weft.", RecordType::ANY),
+        )
+        .await;
+        assert_eq!(answer_ips(&tcp_recv(&mut stream).await), [WEB_IP]);
+
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn broken_tcp_clients_do_not_stop_the_server() {
+        let (addr, stop, task) = start().await;
+
+        // A client that sends half a length prefix and leaves, one that promises more
+        // bytes than it sends and leaves, and one sending pure garbage.
+        let mut half = TcpStream::connect(addr).await.unwrap();
+        half.write_all(&[0x00]).await.unwrap();
+        drop(half);
+        let mut short = TcpStream::connect(addr).await.unwrap();
+        short.write_all(&[0x01, 0x00, 0xde, 0xad]).await.unwrap();
+        drop(short);
+        let mut noise = TcpStream::connect(addr).await.unwrap();
+        noise.write_all(&[0xff; 300]).await.unwrap();
+        drop(noise);
+        // A client left open while others are served.
+        let _idle = TcpStream::connect(addr).await.unwrap();
+
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        tcp_send(
+            &mut stream,
+            &query_bytes("api.service.weft.", RecordType::A),
+        )
+        .await;
+        assert_eq!(answer_ips(&tcp_recv(&mut stream).await), [API_IP]);
+        let msg = udp_exchange(addr, &query_bytes("api.service.weft.", RecordType::A))
+            .await
+            .unwrap();
+        assert_eq!(answer_ips(&msg), [API_IP]);
+
+        // Shutdown is prompt even with the idle connection open.
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn bind_reports_a_taken_address() {
+        let (addr, stop, task) = start().await;
+        let resolver: ServiceResolver = Arc::new(lookup);
+        let err = DnsServer::bind(addr, resolver).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DnsError::Bind {
+                    transport: Transport::Udp,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+        stop.send(()).unwrap();
+        task.await.unwrap();
+    }
+}
