@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use crate::admin::{AdminServer, AdminState};
 use crate::config::AgentConfig;
 use crate::control::{Control, ControlError};
+use crate::dns::{DnsError, DnsServer, ServiceResolver};
 use crate::hbone::{HbonePool, HboneServer, TlsError, TrustBundle};
 use crate::health::runner::{HealthChecks, HealthUpdate};
 use crate::identity::{Identities, IdentityError};
@@ -43,6 +44,8 @@ pub enum RunError {
     Admin(#[from] crate::admin::AdminError),
     #[error("no trust bundle from the servers within {0:?} (is their CA up?)")]
     NoBundle(Duration),
+    #[error("dns: {0}")]
+    Dns(#[from] DnsError),
     #[error("transparent interception: {0}")]
     Intercept(#[from] InterceptError),
 }
@@ -151,6 +154,17 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         }
     }
 
+    // DNS: NAME.service.weft -> the service's virtual IP.
+    let dns_view = view.clone();
+    let resolver: ServiceResolver = Arc::new(move |service: &str| {
+        match dns_view.read().expect("view lock").vips.get(service) {
+            Some(std::net::IpAddr::V4(ip)) => Some(*ip),
+            _ => None,
+        }
+    });
+    let dns = DnsServer::bind(config.dns_addr, resolver).await?;
+    let dns_task = tokio::spawn(dns.serve(wait_for(stop_rx.clone())));
+
     // Transparent interception.
     if config.ebpf {
         let interception = Arc::new(Interception::start(&config)?);
@@ -197,6 +211,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     }
     let _ = stop_tx.send(true);
     let _ = admin_task.await;
+    let _ = dns_task.await;
     Ok(())
 }
 
