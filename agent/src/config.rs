@@ -523,19 +523,19 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
     for (i, s) in raw.service.iter().enumerate() {
         let field = format!("service[{i}]");
         let svc_name = name(&format!("{field}.name"), &s.name)?;
-        if let Some(first) = names.insert(svc_name.clone(), i) {
-            return Err(invalid(
-                format!("{field}.name"),
-                format!("service {svc_name:?} is already defined by service[{first}]"),
-            ));
-        }
         let id = service_id(&format!("{field}.id"), s.id.as_deref().unwrap_or(&svc_name))?;
         if let Some(first) = ids.insert(id.clone(), i) {
+            let hint = if names.contains_key(&svc_name) {
+                format!("; two instances of {svc_name:?} on one node need distinct ids")
+            } else {
+                String::new()
+            };
             return Err(invalid(
                 format!("{field}.id"),
-                format!("id {id:?} is already used by service[{first}]"),
+                format!("id {id:?} is already used by service[{first}]{hint}"),
             ));
         }
+        names.entry(svc_name.clone()).or_insert(i);
         let svc_port = port(&format!("{field}.port"), s.port)?;
         let address = ip_addr(&format!("{field}.address"), &s.address)?;
         let cg = match &s.cgroup {
@@ -1131,16 +1131,22 @@ data_dir = "/var/lib/weft-agent"
     }
 
     #[test]
-    fn service_names_and_ids_unique() {
+    fn service_ids_unique_and_names_may_repeat_with_distinct_ids() {
         let e = err(&with(
             "[[service]]\nname = \"a\"\nport = 1\n[[service]]\nname = \"a\"\nport = 2\n",
         ));
         assert!(
             e.starts_with(
-                "agent.toml:11: service[1].name: service \"a\" is already defined by service[0]"
+                "agent.toml:10: service[1].id: id \"a\" is already used by service[0]; two instances of \"a\" on one node need distinct ids"
             ),
             "{e}"
         );
+        let two = AgentConfig::parse(
+            &with("[[service]]\nid = \"a-1\"\nname = \"a\"\nport = 1\n[[service]]\nid = \"a-2\"\nname = \"a\"\nport = 2\n"),
+            "agent.toml",
+        )
+        .unwrap();
+        assert_eq!(two.services.len(), 2);
         let e = err(&with(
             "[[service]]\nname = \"a\"\nport = 1\n[[service]]\nid = \"a\"\nname = \"b\"\nport = 2\n",
         ));
