@@ -39,8 +39,27 @@ impl TestCgroup {
     }
 }
 
-/// Kills everything in `dir` and below, then removes the directories.
-fn remove_tree(dir: &Path) {
+/// The cgroup2 mount point, from `/proc/mounts` (`/sys/fs/cgroup/unified`
+/// in the hybrid layout, `/sys/fs/cgroup` in the unified one).
+pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    mounts
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_dev, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .context("no cgroup2 mount in /proc/mounts: weft needs cgroup v2")
+}
+
+/// Kills everything in `dir` and below (`cgroup.kill`), then removes the
+/// directories bottom-up, retrying each for up to 5 s while the killed
+/// processes exit. A missing `dir` is fine.
+pub fn remove_tree(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
@@ -51,6 +70,9 @@ fn remove_tree(dir: &Path) {
     let _ = std::fs::write(dir.join("cgroup.kill"), "1");
     let deadline = Instant::now() + Duration::from_secs(5);
     while let Err(e) = std::fs::remove_dir(dir) {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            return;
+        }
         if Instant::now() > deadline {
             eprintln!("cleanup: removing cgroup {}: {e}", dir.display());
             return;

@@ -6,10 +6,18 @@
 //! namespace. Workloads (`weft-workload`), `curl`, `tcpdump` and the `weft`
 //! CLI run inside either namespace.
 //!
+//! With [`MeshSpec::ebpf`] the agents run in transparent mode instead: each
+//! gets its own `cgroup_root` (`<cgroup2 mount>/weft-<unique>/{a,b}`: two
+//! agents on one kernel must not share a subtree) and serves DNS on
+//! `127.0.0.1:53` of its node; services with a [`Service::cgroup`] are mesh
+//! workloads, and [`Mesh::exec_as`] runs a command as one (through
+//! `weft-agent exec`), resolving `NAME.service.weft` through the agent.
+//!
 //! Everything is torn down on drop, also when a test fails: processes are
-//! killed (and also die with the thread that started them), namespaces are
-//! deleted, and the temporary directory with configs and logs is removed
-//! (after the tails of the logs are printed when the thread is panicking).
+//! killed (and also die with the thread that started them), the cgroup
+//! subtree is emptied (`cgroup.kill`) and removed, namespaces are deleted,
+//! and the temporary directory with configs and logs is removed (after the
+//! tails of the logs are printed when the thread is panicking).
 //!
 //! ```ignore
 //! let mesh = Mesh::start(MeshSpec::new("allow")
@@ -17,6 +25,13 @@
 //!     .node_b(Service::new("api", 8080).address(MeshSpec::B_ADDR)))?;
 //! mesh.workload(Node::B, "api", "0.0.0.0:8080")?;
 //! let body = mesh.curl(Node::A, "http://127.0.0.1:9191/")?;
+//!
+//! // Transparent:
+//! let mut mesh = Mesh::start(MeshSpec::new("allow").ebpf()
+//!     .node_a(Service::new("web", 8000).cgroup("web"))
+//!     .node_b(Service::new("api", 8080).address(MeshSpec::NODE_ADDR)))?;
+//! mesh.workload(Node::B, "api", &format!("{}:8080", mesh.ip(Node::B)))?;
+//! let body = mesh.curl_as(Node::A, "web", "http://api.service.weft:8080/", &[])?;
 //! ```
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::AsRawFd;
@@ -84,6 +99,9 @@ pub struct Service {
     pub http_check: Option<String>,
     pub check_interval: String,
     pub upstreams: Vec<(String, u16)>,
+    /// The workload's cgroup, relative to the agent's `cgroup_root`
+    /// (transparent meshes, [`MeshSpec::ebpf`]).
+    pub cgroup: Option<String>,
 }
 
 impl Service {
@@ -96,6 +114,7 @@ impl Service {
             http_check: None,
             check_interval: "1s".into(),
             upstreams: Vec::new(),
+            cgroup: None,
         }
     }
     pub fn id(mut self, id: &str) -> Self {
@@ -118,6 +137,13 @@ impl Service {
         self.upstreams.push((name.to_string(), local_port));
         self
     }
+    /// The workload's cgroup (`"web"`), relative to the node's cgroup root:
+    /// in a transparent mesh the agent intercepts what processes there
+    /// connect to ([`Mesh::exec_as`] runs a command there).
+    pub fn cgroup(mut self, relative: &str) -> Self {
+        self.cgroup = Some(relative.to_string());
+        self
+    }
 
     fn toml(&self, node_ip: &str) -> String {
         let subst = |s: &str| s.replace("NODE", node_ip);
@@ -128,6 +154,9 @@ impl Service {
         t += &format!("name = {:?}\nport = {}\n", self.name, self.port);
         if let Some(a) = &self.address {
             t += &format!("address = {:?}\n", subst(a));
+        }
+        if let Some(cg) = &self.cgroup {
+            t += &format!("cgroup = {cg:?}\n");
         }
         if let Some(url) = &self.http_check {
             t += &format!(
@@ -153,6 +182,8 @@ pub struct MeshSpec {
     pub start_agents: bool,
     /// Extra lines for both agents' TOML (top-level fields).
     pub agent_extra: String,
+    /// Transparent interception ([`MeshSpec::ebpf`]).
+    pub ebpf: bool,
 }
 
 impl MeshSpec {
@@ -166,6 +197,7 @@ impl MeshSpec {
             default_intention: default_intention.to_string(),
             start_agents: true,
             agent_extra: String::new(),
+            ebpf: false,
         }
     }
     pub fn node_a(mut self, s: Service) -> Self {
@@ -180,7 +212,20 @@ impl MeshSpec {
         self.start_agents = false;
         self
     }
+    /// Transparent mode: both agents run with `ebpf = true`, each with its
+    /// own `cgroup_root` (a unique subtree of the cgroup2 mount, removed with
+    /// the mesh), and serve DNS on `127.0.0.1:53` of their node, which
+    /// [`Mesh::exec_as`] and [`Mesh::run_with_mesh_dns`] use as resolver.
+    /// Give services a [`Service::cgroup`] to make them mesh workloads.
+    pub fn ebpf(mut self) -> Self {
+        self.ebpf = true;
+        self
+    }
 }
+
+/// The agents' DNS address in transparent meshes (the resolver of commands
+/// run with [`Mesh::exec_as`]).
+pub const EBPF_DNS: &str = "127.0.0.1:53";
 
 /// A child process killed (SIGKILL) and reaped on drop.
 pub struct Proc {
@@ -341,14 +386,46 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         + 0.0 // an empty sum is -0.0
 }
 
+/// [`metric_sum`] over the samples whose labels include every `labels`
+/// pair (`key="value"`).
+pub fn metric_sum_with(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            let matches = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}={v:?}")));
+            (metric == name && matches).then(|| value.parse::<f64>().ok())?
+        })
+        .sum::<f64>()
+        + 0.0
+}
+
 static NEXT_MESH: AtomicU32 = AtomicU32::new(0);
+
+/// The cgroup subtree of a transparent mesh (`<cgroup2 mount>/<unique>`,
+/// one `a`/`b` below it per node): every process in it is killed and the
+/// directories are removed on drop.
+struct CgroupTree {
+    top: PathBuf,
+}
+
+impl Drop for CgroupTree {
+    fn drop(&mut self) {
+        crate::cgroup::remove_tree(&self.top);
+    }
+}
 
 pub struct Mesh {
     subnet: u8,
-    // Field order is drop order: processes first, then namespaces, then files.
+    // Field order is drop order: processes first, then cgroups, then
+    // namespaces, then files.
     agents: [Option<Proc>; 2],
     workloads: Vec<Proc>,
     server: Option<Proc>,
+    cgroups: Option<CgroupTree>,
     netns: [Netns; 2],
     dir: tempfile::TempDir,
 }
@@ -365,14 +442,27 @@ impl Mesh {
             Netns::new(&format!("{base}b"))?,
         ];
         let dir = tempfile::Builder::new().prefix("weft-mesh-").tempdir()?;
+        let cgroups = if spec.ebpf {
+            let top = crate::cgroup::cgroup2_mount()?.join(format!("weft-{base}"));
+            crate::cgroup::remove_tree(&top); // a leftover of an earlier run
+            std::fs::create_dir(&top).with_context(|| format!("creating {}", top.display()))?;
+            Some(CgroupTree { top })
+        } else {
+            None
+        };
         let mut mesh = Mesh {
             subnet,
             agents: [None, None],
             workloads: Vec::new(),
             server: None,
+            cgroups,
             netns,
             dir,
         };
+        std::fs::write(
+            mesh.resolv_conf(),
+            "nameserver 127.0.0.1\noptions timeout:1 attempts:2\n",
+        )?;
         mesh.netns[0].ip(&[
             "link",
             "add",
@@ -393,9 +483,16 @@ impl Mesh {
         mesh.start_server(&spec.default_intention)?;
         for (node, services) in [(Node::A, &spec.a), (Node::B, &spec.b)] {
             let ip = mesh.ip(node);
+            let transparent = match mesh.cgroup_root(node) {
+                Some(root) => format!(
+                    "ebpf = true\ncgroup_root = {:?}\ndns_addr = {EBPF_DNS:?}\n",
+                    root.display().to_string()
+                ),
+                None => "ebpf = false\n".to_string(),
+            };
             let mut toml = format!(
                 "node_name = {:?}\ndatacenter = \"dc1\"\nservers = [\"{}:{GRPC_PORT}\"]\n\
-                 advertise_addr = {ip:?}\ndata_dir = {:?}\nebpf = false\n\
+                 advertise_addr = {ip:?}\ndata_dir = {:?}\n{transparent}\
                  admin_addr = {ADMIN:?}\n{}\n",
                 node.node_name(),
                 mesh.ip(Node::A),
@@ -432,6 +529,138 @@ impl Mesh {
 
     pub fn agent_config(&self, node: Node) -> PathBuf {
         self.path(&format!("agent-{}.toml", node.label()))
+    }
+
+    /// Whether the agents run in transparent mode ([`MeshSpec::ebpf`]).
+    pub fn is_ebpf(&self) -> bool {
+        self.cgroups.is_some()
+    }
+
+    /// Node's `cgroup_root` in a transparent mesh (the agent creates it).
+    pub fn cgroup_root(&self, node: Node) -> Option<PathBuf> {
+        self.cgroups.as_ref().map(|c| c.top.join(node.label()))
+    }
+
+    /// The `resolv.conf` that commands run by [`Mesh::exec_as`] and
+    /// [`Mesh::run_with_mesh_dns`] see (`nameserver 127.0.0.1`: the node's
+    /// agent).
+    pub fn resolv_conf(&self) -> PathBuf {
+        self.path("resolv.conf")
+    }
+
+    /// The command that runs `args` in `node` with the agent's DNS as the
+    /// resolver (a private mount namespace where the mesh's `resolv.conf` is
+    /// bound over `/etc/resolv.conf`) and, with `service`, inside that
+    /// service's cgroup (`weft-agent exec`).
+    pub fn workload_command(
+        &self,
+        node: Node,
+        service: Option<&str>,
+        args: &[&str],
+    ) -> anyhow::Result<Command> {
+        let (program, rest) = args.split_first().context("no command given")?;
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(service) = service {
+            if !self.is_ebpf() {
+                bail!("running as service {service}: the mesh is not in eBPF mode");
+            }
+            argv.push(bin("weft-agent").into());
+            argv.extend(["exec".into(), "--config".into()]);
+            argv.push(self.agent_config(node).into());
+            argv.extend(["--service".into(), service.into(), "--".into()]);
+        }
+        let script = format!(
+            "mount --bind {} /etc/resolv.conf && exec \"$@\"",
+            self.resolv_conf().display()
+        );
+        argv.extend(["unshare", "-m", "sh", "-c", &script, "sh", program].map(Into::into));
+        argv.extend(rest.iter().map(Into::into));
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        Ok(cmd)
+    }
+
+    /// Runs `args` as a workload of `service` (in its cgroup, through
+    /// `weft-agent exec`) in `node`, resolving names through the node's agent
+    /// ([`Mesh::workload_command`]), bounded by `limit`.
+    pub fn exec_as_with(
+        &self,
+        node: Node,
+        service: &str,
+        args: &[&str],
+        limit: Duration,
+    ) -> anyhow::Result<Output> {
+        let mut cmd = self.workload_command(node, Some(service), args)?;
+        let _ns = in_netns(&mut cmd, self.netns(node))?;
+        run_bounded(&mut cmd, limit)
+    }
+
+    /// [`Mesh::exec_as_with`] with a 15 s limit:
+    /// `mesh.exec_as(NodeA, "web", &["curl", "-sS", "http://api.service.weft:8080/"])`.
+    pub fn exec_as(&self, node: Node, service: &str, args: &[&str]) -> anyhow::Result<Output> {
+        self.exec_as_with(node, service, args, Duration::from_secs(15))
+    }
+
+    /// Runs `args` in `node` outside every mesh cgroup, resolving names
+    /// through the node's agent, bounded by `limit`.
+    pub fn run_with_mesh_dns(
+        &self,
+        node: Node,
+        args: &[&str],
+        limit: Duration,
+    ) -> anyhow::Result<Output> {
+        let mut cmd = self.workload_command(node, None, args)?;
+        let _ns = in_netns(&mut cmd, self.netns(node))?;
+        run_bounded(&mut cmd, limit)
+    }
+
+    /// `GET url` with curl as a workload of `service` (5 s limit, names
+    /// resolved by the node's agent): the body of a 2xx response, or an error
+    /// with curl's exit code and message.
+    pub fn curl_as(
+        &self,
+        node: Node,
+        service: &str,
+        url: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<String> {
+        let mut args = vec!["curl", "-sS", "--fail", "-m", "5"];
+        args.extend_from_slice(extra);
+        args.push(url);
+        let out = self.exec_as(node, service, &args)?;
+        if !out.success() {
+            bail!(
+                "curl {url} as {service} in node {node:?}: exit {:?}: {}",
+                out.code(),
+                out.stderr.trim()
+            );
+        }
+        Ok(out.stdout)
+    }
+
+    /// Starts `args` as a long-running workload of `service` (in its cgroup)
+    /// in `node`, its output in `log_name`; killed with the mesh.
+    pub fn spawn_as(
+        &mut self,
+        node: Node,
+        service: &str,
+        args: &[&str],
+        log_name: &str,
+    ) -> anyhow::Result<()> {
+        let mut cmd = self.workload_command(node, Some(service), args)?;
+        let proc = self.spawn(node, &mut cmd, log_name)?;
+        self.workloads.push(proc);
+        Ok(())
+    }
+
+    /// The virtual IP of `service` (`weft catalog service`).
+    pub fn vip(&self, service: &str) -> anyhow::Result<String> {
+        let v = self.weft_json(&["catalog", "service", service])?;
+        v["vip"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .with_context(|| format!("no virtual IP for {service}: {v}"))
     }
 
     /// The server's gRPC address (reachable from both nodes).
@@ -689,6 +918,18 @@ impl Mesh {
     /// The sum of metric `name` over its label sets on node's agent.
     pub fn metric(&self, node: Node, name: &str) -> anyhow::Result<f64> {
         Ok(metric_sum(&self.metrics(node)?, name))
+    }
+
+    /// The sum of metric `name` over the label sets that carry every
+    /// `labels` pair, on node's agent:
+    /// `metric_with(NodeA, "weft_agent_ebpf_events_total", &[("event", "fast_path")])`.
+    pub fn metric_with(
+        &self,
+        node: Node,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<f64> {
+        Ok(metric_sum_with(&self.metrics(node)?, name, labels))
     }
 
     /// Starts tcpdump on node's veth, writing to a file in the mesh's
