@@ -1,0 +1,317 @@
+//! Two agents in transparent mode (`ebpf = true`), each with its own cgroup
+//! subtree, and one server, in two network namespaces joined by a veth:
+//! `web` (cgroup `web`) on node A reaches `api` on node B by name,
+//! `http://api.service.weft:8080/`: node A's agent answers the name with
+//! api's virtual IP, its connect hook brings the connection to the agent,
+//! which carries it over HBONE to node B's agent.
+//!
+//! Every test builds its own mesh (own namespaces, subnet and cgroups), so
+//! they run in parallel. Nothing is sent to a virtual IP from the host's
+//! namespace: only from inside the nodes, which have no default route.
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure};
+use weft_tests::mesh::{wait_until, Mesh, MeshSpec, NodeA, NodeB, Output, Service};
+use weft_tests::require_root;
+
+const API_URL: &str = "http://api.service.weft:8080/";
+const OPENED: &str = "weft_agent_connections_opened_total";
+const EBPF_EVENTS: &str = "weft_agent_ebpf_events_total";
+
+/// web on node A (cgroup web), api on node B at its node address, checked
+/// over HTTP every second.
+fn spec(default_intention: &str) -> MeshSpec {
+    MeshSpec::new(default_intention)
+        .ebpf()
+        .node_a(Service::new("web", 8000).cgroup("web"))
+        .node_b(
+            Service::new("api", 8080)
+                .id("api-1")
+                .address(MeshSpec::NODE_ADDR)
+                .healthz_check("1s"),
+        )
+}
+
+/// Starts the mesh and api's workload, and waits until web reaches api by
+/// name.
+fn start(spec: MeshSpec) -> anyhow::Result<Mesh> {
+    let mut mesh = Mesh::start(spec)?;
+    let b = mesh.ip(NodeB);
+    mesh.workload(NodeB, "api-1", &format!("{b}:8080"))?;
+    wait_for(&mesh, API_URL, "api-1", Duration::from_secs(30))?;
+    Ok(mesh)
+}
+
+/// Waits until `url`, fetched as web on node A, answers `instance NAME`.
+fn wait_for(mesh: &Mesh, url: &str, name: &str, limit: Duration) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let want = format!("instance {name}\n");
+    wait_until(limit, &format!("web -> {url} answers {want:?}"), || {
+        let body = mesh.curl_as(NodeA, "web", url, &["-m", "2"])?;
+        ensure!(body == want, "unexpected body {body:?}");
+        Ok(Some(()))
+    })
+    .map_err(|e| e.context(agent_logs(mesh)))?;
+    Ok(start.elapsed())
+}
+
+fn agent_logs(mesh: &Mesh) -> String {
+    format!(
+        "agent A log tail:\n{}\nagent B log tail:\n{}",
+        mesh.agent_log_tail(NodeA, 20),
+        mesh.agent_log_tail(NodeB, 20)
+    )
+}
+
+fn ebpf_event(mesh: &Mesh, event: &str) -> anyhow::Result<f64> {
+    mesh.metric_with(NodeA, EBPF_EVENTS, &[("event", event)])
+}
+
+/// A's eBPF counter `event` once it has caught up: the agent copies the
+/// programs' counters every second, so a value read at once may be stale.
+fn settled_event(mesh: &Mesh, event: &str) -> anyhow::Result<f64> {
+    std::thread::sleep(Duration::from_millis(1100));
+    ebpf_event(mesh, event)
+}
+
+fn opened(mesh: &Mesh, source: &str, destination: &str) -> anyhow::Result<f64> {
+    mesh.metric_with(
+        NodeA,
+        OPENED,
+        &[("source", source), ("destination", destination)],
+    )
+}
+
+/// Waits until A's eBPF counter `event` is above `before` (the agent copies
+/// the programs' counters every second).
+fn wait_event_above(mesh: &Mesh, event: &str, before: f64) -> anyhow::Result<f64> {
+    wait_until(
+        Duration::from_secs(5),
+        &format!("{event} counter above {before}"),
+        || {
+            let now = ebpf_event(mesh, event)?;
+            Ok((now > before).then_some(now))
+        },
+    )
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "exit {:?}, stdout {:?}, stderr {:?}",
+        out.code(),
+        out.stdout.trim(),
+        out.stderr.trim()
+    )
+}
+
+#[test]
+fn web_reaches_api_by_name_through_dns_vip_and_tunnel() -> anyhow::Result<()> {
+    require_root();
+    let mesh = start(spec("allow"))?;
+    let vip = mesh.vip("api")?;
+    ensure!(vip.starts_with("24"), "api's virtual IP {vip}");
+
+    // The name resolves, through node A's agent, to api's virtual IP.
+    let out = mesh.exec_as(NodeA, "web", &["getent", "ahostsv4", "api.service.weft"])?;
+    ensure!(
+        out.success() && out.stdout.split_whitespace().next() == Some(vip.as_str()),
+        "getent api.service.weft as web: {}",
+        describe(&out)
+    );
+    // And an unknown name does not resolve.
+    let out = mesh.exec_as(NodeA, "web", &["getent", "hosts", "nope.service.weft"])?;
+    ensure!(!out.success(), "nope.service.weft: {}", describe(&out));
+
+    let redirected = settled_event(&mesh, "redirected")?;
+    let opened_before = opened(&mesh, "web", "api")?;
+    for i in 0..5 {
+        let body = mesh.curl_as(NodeA, "web", API_URL, &[])?;
+        assert_eq!(body, "instance api-1\n", "request {i}");
+    }
+    let now = wait_event_above(&mesh, "redirected", redirected + 4.0)?;
+    let opened_after = opened(&mesh, "web", "api")?;
+    eprintln!(
+        "redirected {redirected} -> {now}, opened web->api {opened_before} -> {opened_after}"
+    );
+    ensure!(
+        opened_after >= opened_before + 5.0,
+        "node A's agent opened {opened_before} -> {opened_after} web->api connections"
+    );
+    // Carried to node B's agent (HBONE), which connected to the instance.
+    let inbound = mesh.metric_with(NodeB, OPENED, &[("source", "web"), ("destination", "api")])?;
+    ensure!(inbound >= 5.0, "node B saw {inbound} web->api connections");
+    Ok(())
+}
+
+#[test]
+fn processes_outside_mesh_cgroups_are_not_redirected() -> anyhow::Result<()> {
+    require_root();
+    let mesh = start(spec("allow"))?;
+    let vip = mesh.vip("api")?;
+    let direct = format!("http://{}:8080/", mesh.ip(NodeB));
+
+    let redirected = settled_event(&mesh, "redirected")?;
+    let opened_before = opened(&mesh, "web", "api")?;
+    // The name resolves for everyone in the node...
+    let out = mesh.run_with_mesh_dns(
+        NodeA,
+        &["getent", "ahostsv4", "api.service.weft"],
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        out.success() && out.stdout.contains(&vip),
+        "getent outside the mesh: {}",
+        describe(&out)
+    );
+    // ...but a process in no mesh cgroup is not taken over: no route to the VIP.
+    let out = mesh.run_with_mesh_dns(
+        NodeA,
+        &["curl", "-sS", "-m", "2", API_URL],
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        !out.success(),
+        "reached the VIP unredirected: {}",
+        describe(&out)
+    );
+    ensure!(
+        out.stderr.contains("unreachable") || out.stderr.contains("Couldn't connect"),
+        "{}",
+        describe(&out)
+    );
+    // It reaches api's real address directly, without the agent.
+    for _ in 0..3 {
+        assert_eq!(mesh.curl(NodeA, &direct)?, "instance api-1\n");
+    }
+    std::thread::sleep(Duration::from_millis(1500)); // counters are copied every second
+    assert_eq!(ebpf_event(&mesh, "redirected")?, redirected);
+    assert_eq!(opened(&mesh, "web", "api")?, opened_before);
+
+    // The control: the same address from web's cgroup is a registered
+    // instance, so it is taken over and counted.
+    assert_eq!(
+        mesh.curl_as(NodeA, "web", &direct, &[])?,
+        "instance api-1\n"
+    );
+    wait_event_above(&mesh, "redirected", redirected)?;
+    ensure!(opened(&mesh, "web", "api")? > opened_before);
+    Ok(())
+}
+
+#[test]
+fn deny_refuses_vip_connections_within_a_second_and_delete_restores() -> anyhow::Result<()> {
+    require_root();
+    let mesh = start(spec("allow"))?;
+    let url = format!("http://{}:8080/", mesh.vip("api")?);
+    let denials = |mesh: &Mesh| -> anyhow::Result<[f64; 2]> {
+        let name = "weft_agent_intention_denials_total";
+        Ok([mesh.metric(NodeA, name)?, mesh.metric(NodeB, name)?])
+    };
+    let denied_before = denials(&mesh)?;
+
+    mesh.weft(&["intention", "create", "web", "api", "--deny"])?;
+    let written = Instant::now();
+    let mut refused = None;
+    for _ in 0..50 {
+        if written.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        if let Err(e) = mesh.curl_as(NodeA, "web", &url, &["-m", "0.5"]) {
+            refused = Some((written.elapsed(), e));
+            break;
+        }
+    }
+    let Some((after, error)) = refused else {
+        bail!(
+            "web -> api's VIP still answered 1 s after the deny was written\n{}",
+            agent_logs(&mesh)
+        );
+    };
+    eprintln!("refused {after:?} after the deny was written: {error:#}");
+    for _ in 0..3 {
+        assert!(
+            mesh.curl_as(NodeA, "web", &url, &["-m", "2"]).is_err(),
+            "a request was let through after the deny"
+        );
+    }
+    // Counted as denials (by node A's agent when it refuses at the
+    // source, by node B's when the tunnel is refused there).
+    let denied_after = denials(&mesh)?;
+    eprintln!("denials [node A, node B]: {denied_before:?} -> {denied_after:?}");
+    ensure!(
+        denied_after.iter().sum::<f64>() >= denied_before.iter().sum::<f64>() + 4.0,
+        "denials [node A, node B] went from {denied_before:?} to {denied_after:?}"
+    );
+
+    mesh.weft(&["intention", "delete", "web", "api"])?;
+    let back = wait_for(&mesh, &url, "api-1", Duration::from_secs(5))?;
+    eprintln!("answering again {back:?} after the intention was deleted");
+    Ok(())
+}
+
+#[test]
+fn same_node_fast_path_skips_the_agent() -> anyhow::Result<()> {
+    require_root();
+    // db: a plain TCP service (no service-defaults) on node A itself.
+    let mut mesh = start(
+        spec("allow").node_a(
+            Service::new("db", 8090)
+                .id("db-1")
+                .address(MeshSpec::NODE_ADDR)
+                .healthz_check("1s"),
+        ),
+    )?;
+    let a = mesh.ip(NodeA);
+    mesh.workload(NodeA, "db-1", &format!("{a}:8090"))?;
+    let db_url = "http://db.service.weft:8090/";
+    wait_for(&mesh, db_url, "db-1", Duration::from_secs(20))?;
+
+    let fast = settled_event(&mesh, "fast_path")?;
+    let opened_before = opened(&mesh, "web", "db")?;
+    for i in 0..5 {
+        let body = mesh.curl_as(NodeA, "web", db_url, &[])?;
+        assert_eq!(body, "instance db-1\n", "request {i}");
+    }
+    let now = wait_event_above(&mesh, "fast_path", fast + 4.0)?;
+    let opened_after = opened(&mesh, "web", "db")?;
+    eprintln!("fast_path {fast} -> {now}; opened web->db {opened_before} -> {opened_after}");
+    assert_eq!(
+        opened_after, opened_before,
+        "fast-path connections went through node A's agent"
+    );
+
+    // A deny takes the pair off the fast path: refused by the agent.
+    mesh.weft(&["intention", "create", "web", "db", "--deny"])?;
+    wait_until(Duration::from_secs(2), "web -> db refused", || {
+        Ok(mesh
+            .curl_as(NodeA, "web", db_url, &["-m", "1"])
+            .is_err()
+            .then_some(()))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn stopping_the_agent_fails_closed_and_restart_restores() -> anyhow::Result<()> {
+    require_root();
+    let mut mesh = start(spec("allow"))?;
+    let url = format!("http://{}:8080/", mesh.vip("api")?);
+    wait_for(&mesh, &url, "api-1", Duration::from_secs(5))?;
+
+    let status = mesh.stop_agent(NodeA)?;
+    ensure!(status.is_some(), "node A's agent did not exit on SIGTERM");
+    let out = mesh.exec_as(NodeA, "web", &["curl", "-sS", "-m", "2", &url])?;
+    ensure!(
+        !out.success(),
+        "web reached api's VIP with its agent stopped: {}",
+        describe(&out)
+    );
+    eprintln!("agent A stopped: {}", out.stderr.trim());
+
+    mesh.start_agent(NodeA)?;
+    mesh.wait_agent_ready(NodeA, Duration::from_secs(20))?;
+    let back = wait_for(&mesh, &url, "api-1", Duration::from_secs(10))?;
+    eprintln!("web reaches api again {back:?} after node A's agent was ready");
+    wait_for(&mesh, API_URL, "api-1", Duration::from_secs(5))?;
+    Ok(())
+}
