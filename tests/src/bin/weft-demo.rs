@@ -1,0 +1,256 @@
+//! `weft-demo` (run by `cargo xtask demo`, as root): weft end to end on one
+//! machine. Two nodes as network namespaces joined by a veth, a dev server,
+//! two agents in transparent (eBPF) mode and two workloads: `web` on node A,
+//! `api` on node B. web calls `http://api.service.weft:8080/` by name; an
+//! intention then denies it; the agents' metrics show both. Every command is
+//! printed with its output. Everything is removed at the end, also when a
+//! step fails or on Ctrl-C.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use weft_tests::mesh::{wait_until, Mesh, MeshSpec, Node, Output, Service};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C and SIGTERM end the demo at the next step, with the cleanup.
+fn catch_signals() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+fn check_interrupted() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+fn step(title: &str) -> anyhow::Result<()> {
+    check_interrupted()?;
+    println!("\n== {title}");
+    Ok(())
+}
+
+fn say(text: &str) {
+    for line in text.lines() {
+        if line.is_empty() {
+            println!();
+        } else {
+            println!("   {line}");
+        }
+    }
+}
+
+/// Prints `where $ command` and what it printed, indented; a non-zero exit
+/// is shown with its code.
+fn show(place: &str, command: &str, out: &Output) {
+    println!("\n  {place} $ {command}");
+    for line in out.stdout.lines() {
+        println!("    {line}");
+    }
+    for line in out.stderr.lines().filter(|l| !l.trim().is_empty()) {
+        println!("    {line}");
+    }
+    match out.status {
+        Some(status) if status.success() => {}
+        Some(status) => println!("    [exit {}]", status.code().unwrap_or(-1)),
+        None => println!("    [killed at the time limit]"),
+    }
+}
+
+fn weft(mesh: &Mesh, args: &[&str]) -> anyhow::Result<Output> {
+    let out = mesh.weft_raw(args)?;
+    show("node-a", &format!("weft {}", args.join(" ")), &out);
+    Ok(out)
+}
+
+fn as_web(mesh: &Mesh, args: &[&str]) -> anyhow::Result<Output> {
+    let out = mesh.exec_as(Node::A, "web", args)?;
+    show("node-a (as web)", &args.join(" "), &out);
+    Ok(out)
+}
+
+/// The lines of node's /metrics about connections, denials and eBPF events.
+fn show_metrics(mesh: &Mesh, node: Node) -> anyhow::Result<()> {
+    check_interrupted()?;
+    let text = mesh.metrics(node)?;
+    println!(
+        "\n  {} $ curl -s http://127.0.0.1:15020/metrics | grep …",
+        node.node_name()
+    );
+    for line in text.lines().filter(|l| {
+        !l.starts_with('#')
+            && [
+                "weft_agent_connections_opened_total",
+                "weft_agent_intention_denials_total",
+                "weft_agent_ebpf_events_total",
+            ]
+            .iter()
+            .any(|m| l.starts_with(m))
+    }) {
+        println!("    {line}");
+    }
+    Ok(())
+}
+
+fn demo() -> anyhow::Result<()> {
+    step("starting the mesh: two nodes, a dev server, two agents in eBPF mode")?;
+    let spec = MeshSpec::new("allow")
+        .ebpf()
+        .node_a(
+            Service::new("web", 8000)
+                .id("web-1")
+                .address(MeshSpec::NODE_ADDR)
+                .healthz_check("1s")
+                .cgroup("web"),
+        )
+        .node_b(
+            Service::new("api", 8080)
+                .id("api-1")
+                .address(MeshSpec::NODE_ADDR)
+                .healthz_check("1s")
+                .cgroup("api"),
+        );
+    let mut mesh = Mesh::start(spec)?;
+    let (a, b) = (mesh.ip(Node::A), mesh.ip(Node::B));
+    say(&format!(
+        "node-a: network namespace {} at {a}/24; weft-server (default intention allow) on {a}:8502
+node-b: network namespace {} at {b}/24
+The namespaces are joined by one veth and have no default route.
+Each node runs weft-agent with ebpf = true: its programs are attached to its own
+cgroup subtree ({} and …/b), and it answers DNS for NAME.service.weft on 127.0.0.1:53.",
+        mesh.netns(Node::A).name(),
+        mesh.netns(Node::B).name(),
+        mesh.cgroup_root(Node::A).unwrap_or_default().display(),
+    ));
+    println!("\n  node-a's agent.toml:");
+    for line in std::fs::read_to_string(mesh.agent_config(Node::A))?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+    {
+        println!("    {line}");
+    }
+
+    step("two workloads: web on node-a, api on node-b, each in its service's cgroup")?;
+    let exec = format!(
+        "weft-agent exec --config {} --service web -- CMD",
+        mesh.agent_config(Node::A).display()
+    );
+    say(&format!(
+        "A command runs as a service's workload with\n  {exec}\n\
+         (inside the node's namespace; here also with a private /etc/resolv.conf\n\
+         that says `nameserver 127.0.0.1`, so that names resolve through the agent)."
+    ));
+    let workload = weft_tests::servers::bin("weft-workload");
+    let workload = workload.to_str().context("workload path")?;
+    mesh.spawn_as(
+        Node::B,
+        "api",
+        &[workload, &format!("{b}:8080"), "api-1"],
+        "workload-api-1.log",
+    )?;
+    mesh.spawn_as(
+        Node::A,
+        "web",
+        &[workload, &format!("{a}:8000"), "web-1"],
+        "workload-web-1.log",
+    )?;
+    wait_until(Duration::from_secs(30), "web and api passing", || {
+        check_interrupted()?;
+        let passing = |s: &str| -> anyhow::Result<bool> {
+            Ok(mesh
+                .catalog_instances(s)?
+                .iter()
+                .any(|(_, _, h)| h == "passing"))
+        };
+        Ok((passing("web")? && passing("api")?).then_some(()))
+    })?;
+    weft(&mesh, &["catalog", "services"])?;
+    weft(&mesh, &["catalog", "service", "api"])?;
+
+    step("web calls api by name")?;
+    let url = "http://api.service.weft:8080/hello";
+    // The agents learn of api's instance through their watch streams.
+    wait_until(Duration::from_secs(20), "web reaches api", || {
+        check_interrupted()?;
+        Ok(mesh.curl_as(Node::A, "web", url, &["-m", "2"]).ok())
+    })?;
+    as_web(&mesh, &["getent", "hosts", "api.service.weft"])?;
+    let out = as_web(&mesh, &["curl", "-sS", "-m", "5", url])?;
+    if !out.success() {
+        bail!("web could not reach api by name");
+    }
+    say(
+        "\nThe name resolved to api's virtual IP. Nothing in node-a routes there: the\n\
+         connect hook took the connection to node-a's agent, which carried it in\n\
+         an HTTP/2 CONNECT tunnel over mutual TLS (SPIFFE ids) to node-b's agent\n\
+         on :15008, which checked the intentions and handed it to api.",
+    );
+    let out = mesh.run_with_mesh_dns(
+        Node::A,
+        &["curl", "-sS", "-m", "2", url],
+        Duration::from_secs(10),
+    )?;
+    show(
+        "node-a (no mesh cgroup)",
+        &format!("curl -sS -m 2 {url}"),
+        &out,
+    );
+    say("A process outside the mesh's cgroups is left alone: no route to the virtual IP.");
+    std::thread::sleep(Duration::from_millis(1100)); // eBPF counters are copied every second
+    show_metrics(&mesh, Node::A)?;
+
+    step("an intention denies web -> api")?;
+    weft(&mesh, &["intention", "create", "web", "api", "--deny"])?;
+    weft(&mesh, &["intention", "check", "web", "api"])?;
+    std::thread::sleep(Duration::from_millis(500)); // the agents hear of it at once; be generous
+    let out = as_web(&mesh, &["curl", "-sS", "-m", "5", url])?;
+    if out.success() {
+        bail!("the deny intention did not stop web -> api");
+    }
+    say("Refused: the connection is reset instead of reaching api.");
+    std::thread::sleep(Duration::from_millis(1100)); // eBPF counters are copied every second
+    show_metrics(&mesh, Node::A)?;
+    show_metrics(&mesh, Node::B)?;
+    say(
+        "\nconnections_opened counts what the agents carried, intention_denials what they\n\
+         refused, ebpf_events what the kernel programs did (redirected to the agent,\n\
+         rekeyed once established, closed).",
+    );
+
+    step("deleting the intention lets web through again")?;
+    weft(&mesh, &["intention", "delete", "web", "api"])?;
+    wait_until(Duration::from_secs(5), "web reaches api again", || {
+        check_interrupted()?;
+        Ok(mesh.curl_as(Node::A, "web", url, &["-m", "2"]).ok())
+    })?;
+    as_web(&mesh, &["curl", "-sS", "-m", "5", url])?;
+
+    println!("\n== done; cleaning up: processes, cgroups, network namespaces, files");
+    drop(mesh);
+    Ok(())
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("weft-demo loads eBPF programs and makes network namespaces: run it as root");
+        std::process::exit(2);
+    }
+    catch_signals();
+    println!(
+        "weft demo: a service mesh without sidecars, two nodes on this machine.\n\
+         (It cleans up after itself, also on failure or Ctrl-C.)"
+    );
+    if let Err(e) = demo() {
+        eprintln!("\nweft demo failed: {e:#}");
+        std::process::exit(1);
+    }
+}
