@@ -403,6 +403,22 @@ pub fn metric_sum_with(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         + 0.0
 }
 
+/// Names resolve through the agent only when glibc asks DNS for hosts.
+fn warn_unless_hosts_use_dns() {
+    let Ok(nsswitch) = std::fs::read_to_string("/etc/nsswitch.conf") else {
+        return; // glibc's default includes dns
+    };
+    let hosts = nsswitch
+        .lines()
+        .find(|l| l.trim_start().starts_with("hosts:"));
+    if hosts.is_some_and(|l| !l.split_whitespace().any(|w| w == "dns")) {
+        eprintln!(
+            "warning: /etc/nsswitch.conf's hosts line has no `dns`: NAME.service.weft \
+             will not resolve through the agents"
+        );
+    }
+}
+
 static NEXT_MESH: AtomicU32 = AtomicU32::new(0);
 
 /// The cgroup subtree of a transparent mesh (`<cgroup2 mount>/<unique>`,
@@ -443,6 +459,7 @@ impl Mesh {
         ];
         let dir = tempfile::Builder::new().prefix("weft-mesh-").tempdir()?;
         let cgroups = if spec.ebpf {
+            warn_unless_hosts_use_dns();
             let top = crate::cgroup::cgroup2_mount()?.join(format!("weft-{base}"));
             crate::cgroup::remove_tree(&top); // a leftover of an earlier run
             std::fs::create_dir(&top).with_context(|| format!("creating {}", top.display()))?;
