@@ -67,14 +67,46 @@ fn machine() -> String {
     )
 }
 
+/// A titled Markdown section placed before the table of every figure.
+pub struct Section {
+    pub title: String,
+    pub markdown: String,
+}
+
+impl Section {
+    pub fn new(title: impl Into<String>, markdown: impl Into<String>) -> Self {
+        Self {
+            title: title.into(),
+            markdown: markdown.into(),
+        }
+    }
+}
+
 pub fn write(name: &str, figures: &[Figure]) -> anyhow::Result<()> {
+    write_doc(name, figures, &[], serde_json::Value::Null)
+}
+
+/// [`write`] with sections before the table (also in the JSON, as
+/// `sections`) and `extra` (under `extra` in the JSON).
+pub fn write_doc(
+    name: &str,
+    figures: &[Figure],
+    sections: &[Section],
+    extra: serde_json::Value,
+) -> anyhow::Result<()> {
     let date = command_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]);
     let kernel = command_line("uname", &["-r"]);
     let commit = command_line("git", &["rev-parse", "--short", "HEAD"]);
     let machine = machine();
-    let mut md = format!(
-        "# {name}\n\nMeasured {date} on {machine}, kernel {kernel}, commit {commit}.\n\n| figure | min | median | max | unit | runs |\n|---|---|---|---|---|---|\n"
-    );
+    let mut md =
+        format!("# {name}\n\nMeasured {date} on {machine}, kernel {kernel}, commit {commit}.\n\n");
+    for s in sections {
+        md.push_str(&format!("## {}\n\n{}\n", s.title, s.markdown));
+    }
+    if !sections.is_empty() {
+        md.push_str("## Every figure\n\n");
+    }
+    md.push_str("| figure | min | median | max | unit | runs |\n|---|---|---|---|---|---|\n");
     for f in figures {
         md.push_str(&format!(
             "| {} | {:.1} | {:.1} | {:.1} | {} | {} |\n",
@@ -92,6 +124,8 @@ pub fn write(name: &str, figures: &[Figure]) -> anyhow::Result<()> {
             "name": f.name, "unit": f.unit, "min": f.min(), "median": f.median(), "max": f.max(),
             "samples": f.samples,
         })).collect::<Vec<_>>(),
+        "sections": sections.iter().map(|s| json!({"title": s.title, "markdown": s.markdown})).collect::<Vec<_>>(),
+        "extra": extra,
     });
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results");
     std::fs::create_dir_all(&dir)?;
