@@ -5,9 +5,15 @@
 //! failover time, and how long a write takes to reach 1, 100 and 1000 watch
 //! streams. Every figure is measured several times and reported as
 //! min / median / max.
+//!
+//! `weft-bench node`: per-node overhead (issue 7; see bench/README.md), and
+//! the control-plane figures, in bench/results/node.{md,json}.
 use clap::{Parser, Subcommand};
 
 mod control_plane;
+mod haproxy;
+mod load;
+mod node;
 mod report;
 mod tunnel;
 
@@ -26,6 +32,14 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Per-node overhead: direct, weft explicit, weft eBPF and an HAProxy mTLS
+    /// baseline in the two-node harness, then the control plane; writes
+    /// bench/results/node.{md,json}.
+    Node {
+        /// Fewer and shorter rounds (the whole run in under five minutes).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Request latency web -> api through weft's HBONE tunnel vs direct (two nodes as netns).
     Tunnel {
         /// Fewer rounds and requests.
@@ -39,6 +53,22 @@ fn main() -> anyhow::Result<()> {
         Command::ControlPlane { quick } => {
             let results = control_plane::run(quick)?;
             report::write("control-plane", &results)
+        }
+        Command::Node { quick } => {
+            let node = node::run(quick)?;
+            let mut figures = node.figures;
+            let mut extra = node.extra;
+            match control_plane::run(quick) {
+                Ok(cp) => figures.extend(cp.into_iter().map(|mut f| {
+                    f.name = format!("control plane: {}", f.name);
+                    f
+                })),
+                Err(e) => {
+                    eprintln!("control plane: {e:#}");
+                    extra["control_plane_error"] = format!("{e:#}").into();
+                }
+            }
+            report::write_doc("node", &figures, &node.sections, extra)
         }
         Command::Tunnel { quick } => report::write("tunnel", &tunnel::run(quick)?),
     }

@@ -1,0 +1,801 @@
+//! Per-node overhead (issue 7): the two-node mesh of the tests (network
+//! namespaces joined by a veth, release binaries), a client in node A and
+//! the workloads on node B, through each configuration in turn:
+//!
+//! - `direct`: no mesh, the client connects to node B's address;
+//! - `weft explicit`: to web's upstream ports on 127.0.0.1 (agent A carries
+//!   each connection over HBONE, mutual TLS, to agent B);
+//! - `weft eBPF`: the client runs in web's cgroup and connects to the
+//!   service's virtual IP; the connect hook hands it to agent A (a second
+//!   mesh with `ebpf = true`, side by side with the first);
+//! - `haproxy mTLS`: two HAProxy instances doing mutual TLS between the nodes.
+//!
+//! In each round every configuration runs every load, the order rotating
+//! from round to round; every figure is min / median / max over rounds and
+//! each ratio or difference to `direct` is taken within a round. The
+//! proxies' CPU (utime + stime from /proc over the load window) and peak RSS
+//! (VmHWM, reset before the window) are read under each load.
+//!
+//! Same-node (eBPF mesh): a client in web's cgroup reaching a service on its
+//! own node through its virtual IP (the fast path: the connect hook sends it
+//! straight to the local instance) next to the same client outside the mesh
+//! connecting to the instance directly.
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use weft_tests::mesh::{wait_until, Mesh, MeshSpec, NodeA, NodeB, Output, Proc, Service};
+use weft_tests::servers::bin;
+
+use crate::haproxy::{self, Route};
+use crate::load::{self, Percentiles, Window};
+use crate::report::{Figure, Section};
+
+const BODY_BYTES: &str = "1024";
+const RATE: u32 = 1000;
+const CONNS: u32 = 4;
+const HTTP_PORT: u16 = 8080;
+const BULK_PORT: u16 = 5201;
+const LOCAL_HTTP_PORT: u16 = 8081;
+const LOCAL_BULK_PORT: u16 = 5202;
+const UP_HTTP: u16 = 9191;
+const UP_BULK: u16 = 9202;
+const HA_HTTP: u16 = 9301;
+const HA_BULK: u16 = 9302;
+
+const DIRECT: &str = "direct";
+const EXPLICIT: &str = "weft explicit";
+const EBPF: &str = "weft eBPF";
+const HAPROXY: &str = "haproxy mTLS";
+const SAME_DIRECT: &str = "same-node direct";
+const SAME_FAST: &str = "same-node fast path";
+
+struct Params {
+    rounds: usize,
+    rate_secs: u64,
+    max_secs: u64,
+    conn_secs: u64,
+    bulk_secs: u64,
+}
+
+/// One way from the client in node A to the workloads.
+struct Target<'a> {
+    name: &'static str,
+    mesh: &'a Mesh,
+    url: String,
+    bulk: (String, u16),
+    /// Run the client as web's workload (in its cgroup).
+    as_web: bool,
+    /// The proxies on node A and node B whose CPU and memory count.
+    proxies: Vec<u32>,
+}
+
+impl Target<'_> {
+    fn client(&self, program: &str, args: &[String], secs: u64) -> anyhow::Result<Output> {
+        let program = load::tool(program)?.display().to_string();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let limit = Duration::from_secs(secs + 20);
+        if self.as_web {
+            let mut full = vec![program.as_str()];
+            full.extend(args);
+            self.mesh.exec_as_with(NodeA, "web", &full, limit)
+        } else {
+            self.mesh.run(NodeA, &program, &args, limit)
+        }
+    }
+}
+
+/// What one round measured, by `configuration: figure`.
+type Round = BTreeMap<String, f64>;
+
+fn unit_of(metric: &str) -> &'static str {
+    if metric.contains("vCPU") {
+        "vCPU"
+    } else if metric.contains("RSS") {
+        "MB"
+    } else if metric.contains("bulk") {
+        "Gbit/s"
+    } else if metric.contains(" p") {
+        "µs"
+    } else if metric.contains("connections") {
+        "conn/s"
+    } else {
+        "req/s"
+    }
+}
+
+fn record_latency(out: &mut Round, prefix: &str, p: Percentiles) {
+    out.insert(format!("{prefix} p50"), p.p50);
+    out.insert(format!("{prefix} p90"), p.p90);
+    out.insert(format!("{prefix} p99"), p.p99);
+    out.insert(format!("{prefix} p99.9"), p.p999);
+}
+
+/// Runs `f` as load `label`, recording the proxies' CPU and peak RSS.
+fn under_load(
+    t: &Target,
+    out: &mut Round,
+    label: &str,
+    f: impl FnOnce(&mut Round) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let window = Window::start(&t.proxies)?;
+    f(out).with_context(|| format!("{}: {label}", t.name))?;
+    let usage = window.finish()?;
+    for ((cpu, rss), node) in usage.into_iter().zip(["A", "B"]) {
+        out.insert(format!("{label}: proxy vCPU node {node}"), cpu);
+        out.insert(format!("{label}: proxy peak RSS node {node}"), rss);
+    }
+    Ok(())
+}
+
+fn rate_load(t: &Target, p: &Params, out: &mut Round) -> anyhow::Result<()> {
+    under_load(t, out, "at 1000 rps", |out| {
+        let stdout = load::stdout_of(
+            "oha",
+            t.client(
+                "oha",
+                &load::oha_rate_args(&t.url, RATE, CONNS, p.rate_secs),
+                p.rate_secs,
+            )?,
+        )?;
+        let r = load::parse_oha(&stdout)?;
+        if r.success_rate < 0.999 {
+            bail!(
+                "only {:.1} % of {} requests succeeded",
+                r.success_rate * 100.0,
+                r.total
+            );
+        }
+        out.insert("1000 rps achieved".into(), r.rps);
+        record_latency(out, "1000 rps", r.latency);
+        Ok(())
+    })
+}
+
+fn max_load(
+    t: &Target,
+    p: &Params,
+    script: &std::path::Path,
+    out: &mut Round,
+) -> anyhow::Result<()> {
+    under_load(t, out, "at max rate", |out| {
+        let stdout = load::stdout_of(
+            "wrk",
+            t.client(
+                "wrk",
+                &load::wrk_args(&t.url, script, CONNS, p.max_secs),
+                p.max_secs,
+            )?,
+        )?;
+        let (rps, lat, errors) = load::parse_wrk(&stdout)?;
+        if errors > 0.0 {
+            bail!("wrk: {errors} errors");
+        }
+        out.insert("max rate".into(), rps);
+        record_latency(out, "max rate", lat);
+        Ok(())
+    })
+}
+
+fn conn_load(t: &Target, p: &Params, out: &mut Round) -> anyhow::Result<()> {
+    under_load(t, out, "new connections", |out| {
+        let stdout = load::stdout_of(
+            "oha",
+            t.client(
+                "oha",
+                &load::oha_connections_args(&t.url, CONNS, p.conn_secs),
+                p.conn_secs,
+            )?,
+        )?;
+        let r = load::parse_oha(&stdout)?;
+        if r.success_rate < 0.99 {
+            bail!(
+                "only {:.1} % of {} connections succeeded",
+                r.success_rate * 100.0,
+                r.total
+            );
+        }
+        out.insert("new connections".into(), r.rps);
+        Ok(())
+    })
+}
+
+fn bulk_load(t: &Target, p: &Params, streams: u32, out: &mut Round) -> anyhow::Result<()> {
+    let label = if streams == 1 {
+        "bulk 1 stream".to_string()
+    } else {
+        format!("bulk {streams} streams")
+    };
+    let key = label.clone();
+    under_load(t, out, &label, |out| {
+        let (host, port) = &t.bulk;
+        let stdout = load::stdout_of(
+            "iperf3",
+            t.client(
+                "iperf3",
+                &load::iperf_args(host, *port, streams, p.bulk_secs),
+                p.bulk_secs,
+            )?,
+        )?;
+        out.insert(key, load::parse_iperf(&stdout)?);
+        Ok(())
+    })
+}
+
+/// Every load against `t`, figures keyed `NAME: figure`.
+fn measure(
+    t: &Target,
+    p: &Params,
+    script: &std::path::Path,
+    same_node: bool,
+) -> anyhow::Result<Round> {
+    let mut out = Round::new();
+    rate_load(t, p, &mut out)?;
+    max_load(t, p, script, &mut out)?;
+    if !same_node {
+        conn_load(t, p, &mut out)?;
+    }
+    bulk_load(t, p, 1, &mut out)?;
+    if !same_node {
+        bulk_load(t, p, 8, &mut out)?;
+    }
+    Ok(out
+        .into_iter()
+        .map(|(k, v)| (format!("{}: {k}", t.name), v))
+        .collect())
+}
+
+fn http_workload(mesh: &Mesh, node: weft_tests::mesh::Node, addr: &str) -> anyhow::Result<Proc> {
+    let mut cmd = std::process::Command::new(bin("weft-bench-http"));
+    cmd.args([addr, BODY_BYTES]);
+    let proc = mesh.spawn(node, &mut cmd, &format!("http-{addr}.log"))?;
+    let url = format!("http://{addr}/healthz");
+    wait_until(
+        Duration::from_secs(10),
+        &format!("workload at {addr}"),
+        || Ok(mesh.curl_with(node, &url, &["-m", "2"]).ok().map(|_| ())),
+    )?;
+    Ok(proc)
+}
+
+fn iperf_server(
+    mesh: &Mesh,
+    node: weft_tests::mesh::Node,
+    ip: &str,
+    port: u16,
+) -> anyhow::Result<Proc> {
+    let mut cmd = std::process::Command::new("iperf3");
+    cmd.args(["-s", "-B", ip, "-p", &port.to_string()]);
+    mesh.spawn(node, &mut cmd, &format!("iperf-{ip}-{port}.log"))
+}
+
+/// The cross-node services: api (HTTP) and bulk (iperf3) on node B.
+fn node_b_services(spec: MeshSpec) -> MeshSpec {
+    spec.node_b(
+        Service::new("api", HTTP_PORT)
+            .address(MeshSpec::NODE_ADDR)
+            .healthz_check("1s"),
+    )
+    .node_b(Service::new("bulk", BULK_PORT).address(MeshSpec::NODE_ADDR))
+}
+
+fn wait_http(t: &Target) -> anyhow::Result<()> {
+    let url = format!("{}healthz", t.url);
+    wait_until(
+        Duration::from_secs(30),
+        &format!("{} reaches {url}", t.name),
+        || {
+            let out = t.client(
+                "curl",
+                &["-sS", "--fail", "-m", "2", "-o", "/dev/null", &url].map(String::from),
+                2,
+            )?;
+            Ok(out.success().then_some(()))
+        },
+    )
+}
+
+/// A short warm-up: pools, caches, first TLS handshakes.
+fn warm_up(t: &Target) -> anyhow::Result<()> {
+    let out = t.client("oha", &load::oha_rate_args(&t.url, 200, CONNS, 1), 1)?;
+    load::parse_oha(&load::stdout_of("oha", out)?).map(|_| ())
+}
+
+pub struct NodeResults {
+    pub figures: Vec<Figure>,
+    pub sections: Vec<Section>,
+    pub extra: Value,
+}
+
+pub fn run(quick: bool) -> anyhow::Result<NodeResults> {
+    let p = if quick {
+        Params {
+            rounds: 3,
+            rate_secs: 3,
+            max_secs: 2,
+            conn_secs: 2,
+            bulk_secs: 2,
+        }
+    } else {
+        Params {
+            rounds: 5,
+            rate_secs: 10,
+            max_secs: 5,
+            conn_secs: 5,
+            bulk_secs: 5,
+        }
+    };
+    let mut notes: Vec<String> = Vec::new();
+
+    // Mesh 1, explicit mode: direct, weft explicit and haproxy.
+    let m1 = Mesh::start(node_b_services(
+        MeshSpec::new("allow").node_a(
+            Service::new("web", 8000)
+                .upstream("api", UP_HTTP)
+                .upstream("bulk", UP_BULK),
+        ),
+    ))
+    .context("starting the explicit-mode mesh")?;
+    let b1 = m1.ip(NodeB);
+    let mut procs: Vec<Proc> = vec![
+        http_workload(&m1, NodeB, &format!("{b1}:{HTTP_PORT}"))?,
+        iperf_server(&m1, NodeB, &b1, BULK_PORT)?,
+    ];
+    let agents1 = vec![
+        load::agent_pid(&m1.agent_config(NodeA))?,
+        load::agent_pid(&m1.agent_config(NodeB))?,
+    ];
+    let ha = haproxy::start(
+        &m1,
+        &[
+            Route {
+                local_port: HA_HTTP,
+                tls_port: 9443,
+                target: format!("{b1}:{HTTP_PORT}"),
+            },
+            Route {
+                local_port: HA_BULK,
+                tls_port: 9444,
+                target: format!("{b1}:{BULK_PORT}"),
+            },
+        ],
+        HA_HTTP,
+    )?;
+    let mut targets = vec![
+        Target {
+            name: DIRECT,
+            mesh: &m1,
+            url: format!("http://{b1}:{HTTP_PORT}/"),
+            bulk: (b1.clone(), BULK_PORT),
+            as_web: false,
+            proxies: vec![],
+        },
+        Target {
+            name: EXPLICIT,
+            mesh: &m1,
+            url: format!("http://127.0.0.1:{UP_HTTP}/"),
+            bulk: ("127.0.0.1".into(), UP_BULK),
+            as_web: false,
+            proxies: agents1,
+        },
+        Target {
+            name: HAPROXY,
+            mesh: &m1,
+            url: format!("http://127.0.0.1:{HA_HTTP}/"),
+            bulk: ("127.0.0.1".into(), HA_BULK),
+            as_web: false,
+            proxies: ha.pids(),
+        },
+    ];
+
+    // Mesh 2, eBPF mode: weft eBPF and the same-node fast path.
+    let m2 = Mesh::start(node_b_services(
+        MeshSpec::new("allow")
+            .ebpf()
+            .node_a(Service::new("web", 8000).cgroup("web"))
+            .node_a(
+                Service::new("local", LOCAL_HTTP_PORT)
+                    .address(MeshSpec::NODE_ADDR)
+                    .healthz_check("1s"),
+            )
+            .node_a(Service::new("bulk-local", LOCAL_BULK_PORT).address(MeshSpec::NODE_ADDR)),
+    ));
+    let mut same_node = Vec::new();
+    let m2 = match m2 {
+        Ok(m) => Some(m),
+        Err(e) => {
+            let note = format!("weft eBPF and the same-node fast path were not measured: the eBPF mesh did not start: {e:#}");
+            eprintln!("{note}");
+            notes.push(note);
+            None
+        }
+    };
+    if let Some(m2) = &m2 {
+        let (a2, b2) = (m2.ip(NodeA), m2.ip(NodeB));
+        procs.push(http_workload(m2, NodeB, &format!("{b2}:{HTTP_PORT}"))?);
+        procs.push(iperf_server(m2, NodeB, &b2, BULK_PORT)?);
+        procs.push(http_workload(
+            m2,
+            NodeA,
+            &format!("{a2}:{LOCAL_HTTP_PORT}"),
+        )?);
+        procs.push(iperf_server(m2, NodeA, &a2, LOCAL_BULK_PORT)?);
+        let agents2 = vec![
+            load::agent_pid(&m2.agent_config(NodeA))?,
+            load::agent_pid(&m2.agent_config(NodeB))?,
+        ];
+        let (api, bulk) = (m2.vip("api")?, m2.vip("bulk")?);
+        let (local, bulk_local) = (m2.vip("local")?, m2.vip("bulk-local")?);
+        targets.push(Target {
+            name: EBPF,
+            mesh: m2,
+            url: format!("http://{api}:{HTTP_PORT}/"),
+            bulk: (bulk, BULK_PORT),
+            as_web: true,
+            proxies: agents2.clone(),
+        });
+        same_node.push(Target {
+            name: SAME_DIRECT,
+            mesh: m2,
+            url: format!("http://{a2}:{LOCAL_HTTP_PORT}/"),
+            bulk: (a2.clone(), LOCAL_BULK_PORT),
+            as_web: false,
+            proxies: agents2.clone(),
+        });
+        same_node.push(Target {
+            name: SAME_FAST,
+            mesh: m2,
+            url: format!("http://{local}:{LOCAL_HTTP_PORT}/"),
+            bulk: (bulk_local, LOCAL_BULK_PORT),
+            as_web: true,
+            proxies: agents2,
+        });
+    }
+    for t in targets.iter().chain(&same_node) {
+        wait_http(t)?;
+        warm_up(t).with_context(|| format!("warming up {}", t.name))?;
+    }
+    let script = m1.path("wrk-report.lua");
+    std::fs::write(&script, load::WRK_SCRIPT)?;
+
+    let counters = |m: &Mesh| -> (f64, f64) {
+        let get = |e: &str| {
+            m.metric_with(NodeA, "weft_agent_ebpf_events_total", &[("event", e)])
+                .unwrap_or(f64::NAN)
+        };
+        (get("redirected"), get("fast_path"))
+    };
+    let before = m2.as_ref().map(counters);
+
+    let mut rounds: Vec<Round> = Vec::new();
+    let mut failed: BTreeMap<&str, String> = BTreeMap::new();
+    for round in 0..p.rounds {
+        let mut r = Round::new();
+        let n = targets.len();
+        for i in 0..n {
+            let t = &targets[(i + round) % n];
+            if failed.contains_key(t.name) {
+                continue;
+            }
+            eprintln!("round {round}: {}", t.name);
+            match measure(t, &p, &script, false) {
+                Ok(m) => r.extend(m),
+                Err(e) => {
+                    eprintln!("{}: {e:#}", t.name);
+                    failed.insert(t.name, format!("{e:#}"));
+                }
+            }
+        }
+        for i in 0..same_node.len() {
+            let t = &same_node[(i + round) % same_node.len()];
+            if failed.contains_key(t.name) {
+                continue;
+            }
+            eprintln!("round {round}: {}", t.name);
+            match measure(t, &p, &script, true) {
+                Ok(m) => r.extend(m),
+                Err(e) => {
+                    eprintln!("{}: {e:#}", t.name);
+                    failed.insert(t.name, format!("{e:#}"));
+                }
+            }
+        }
+        eprintln!(
+            "round {round}: direct p50 {:.0} µs, explicit p50 {:.0} µs, haproxy p50 {:.0} µs, eBPF p50 {:.0} µs",
+            r.get("direct: 1000 rps p50").unwrap_or(&f64::NAN),
+            r.get("weft explicit: 1000 rps p50").unwrap_or(&f64::NAN),
+            r.get("haproxy mTLS: 1000 rps p50").unwrap_or(&f64::NAN),
+            r.get("weft eBPF: 1000 rps p50").unwrap_or(&f64::NAN),
+        );
+        rounds.push(r);
+    }
+    for (name, e) in &failed {
+        notes.push(format!(
+            "{name} failed and was left out of later rounds: {e}"
+        ));
+    }
+    if let (Some(m2), Some((red0, fast0))) = (&m2, before) {
+        let (red1, fast1) = counters(m2);
+        notes.push(format!(
+            "node A's eBPF counters over the rounds: {} connections redirected to the agent, {} took the same-node fast path",
+            red1 - red0,
+            fast1 - fast0
+        ));
+        if fast1 - fast0 <= 0.0 {
+            notes.push("the same-node client never took the fast path: its figures are the agent's same-node path".into());
+        }
+    }
+    drop(ha);
+    drop(procs);
+
+    // Derived per round: differences and ratios to direct.
+    for r in &mut rounds {
+        let mut derived = Round::new();
+        for (cfg, base) in [
+            (EXPLICIT, DIRECT),
+            (EBPF, DIRECT),
+            (HAPROXY, DIRECT),
+            (SAME_FAST, SAME_DIRECT),
+        ] {
+            for q in ["p50", "p90", "p99", "p99.9"] {
+                let k = format!("1000 rps {q}");
+                if let (Some(a), Some(b)) = (
+                    r.get(&format!("{cfg}: {k}")),
+                    r.get(&format!("{base}: {k}")),
+                ) {
+                    derived.insert(format!("{cfg}: added latency at 1000 rps {q}"), a - b);
+                }
+            }
+            for k in [
+                "max rate",
+                "new connections",
+                "bulk 1 stream",
+                "bulk 8 streams",
+            ] {
+                if let (Some(a), Some(b)) = (
+                    r.get(&format!("{cfg}: {k}")),
+                    r.get(&format!("{base}: {k}")),
+                ) {
+                    derived.insert(format!("{cfg}: {k} × {base}"), a / b);
+                }
+            }
+        }
+        r.extend(derived);
+    }
+    let mut names: Vec<String> = Vec::new();
+    for r in &rounds {
+        for k in r.keys() {
+            if !names.contains(k) {
+                names.push(k.clone());
+            }
+        }
+    }
+    let order = [DIRECT, EXPLICIT, EBPF, HAPROXY, SAME_DIRECT, SAME_FAST];
+    names.sort_by_key(|n| {
+        order
+            .iter()
+            .position(|o| n.starts_with(&format!("{o}:")))
+            .unwrap_or(9)
+    });
+    let figures: Vec<Figure> = names
+        .iter()
+        .map(|n| {
+            let samples: Vec<f64> = rounds.iter().filter_map(|r| r.get(n).copied()).collect();
+            let metric = n.split_once(": ").map_or(n.as_str(), |x| x.1);
+            let unit = if metric.contains('×') {
+                "×"
+            } else if metric.contains("added") {
+                "µs"
+            } else {
+                unit_of(metric)
+            };
+            Figure::new(n.clone(), unit, samples)
+        })
+        .collect();
+    let sections = summary(&figures, &targets, &notes);
+    let extra = json!({ "notes": notes, "configurations": order, "params": {
+        "rounds": p.rounds, "rate_rps": RATE, "connections": CONNS, "body_bytes": 1024,
+        "rate_secs": p.rate_secs, "max_rate_secs": p.max_secs, "connection_secs": p.conn_secs,
+        "bulk_secs": p.bulk_secs } });
+    Ok(NodeResults {
+        figures,
+        sections,
+        extra,
+    })
+}
+
+fn find<'f>(figures: &'f [Figure], name: &str) -> Option<&'f Figure> {
+    figures.iter().find(|f| f.name == name)
+}
+
+fn med(figures: &[Figure], name: &str, digits: usize) -> String {
+    find(figures, name).map_or("–".into(), |f| format!("{:.*}", digits, f.median()))
+}
+
+fn spread(figures: &[Figure], name: &str, digits: usize) -> String {
+    find(figures, name).map_or("not measured".into(), |f| {
+        format!(
+            "{:.*} ({:.*} – {:.*})",
+            digits,
+            f.median(),
+            digits,
+            f.min(),
+            digits,
+            f.max()
+        )
+    })
+}
+
+/// The headline tables: ratios to direct, the proxies' cost, the targets.
+fn summary(figures: &[Figure], targets: &[Target], notes: &[String]) -> Vec<Section> {
+    let mut head = String::from(
+        "Medians over the rounds; × is the ratio to direct within a round, + the latency added to direct's.\n\n\
+         | configuration | p50 @1000 rps µs | p99 @1000 rps µs | p99.9 @1000 rps µs | max rate req/s | new conn/s | bulk 1 stream Gbit/s | bulk 8 streams Gbit/s | proxy vCPU A / B @1000 rps | proxy peak RSS A / B @1000 rps MB |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut names: Vec<&str> = targets.iter().map(|t| t.name).collect();
+    if !names.contains(&EBPF) {
+        names.push(EBPF);
+    }
+    for cfg in names {
+        let f = |k: &str, d| med(figures, &format!("{cfg}: {k}"), d);
+        let with = |k: &str, d| {
+            if cfg == DIRECT {
+                f(k, d)
+            } else {
+                format!("{} (×{})", f(k, d), f(&format!("{k} × direct"), 2))
+            }
+        };
+        let lat = |q: &str| {
+            if cfg == DIRECT {
+                f(&format!("1000 rps {q}"), 0)
+            } else {
+                format!(
+                    "{} (+{})",
+                    f(&format!("1000 rps {q}"), 0),
+                    f(&format!("added latency at 1000 rps {q}"), 0)
+                )
+            }
+        };
+        head += &format!(
+            "| {cfg} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} / {} |\n",
+            lat("p50"),
+            lat("p99"),
+            lat("p99.9"),
+            with("max rate", 0),
+            with("new connections", 0),
+            with("bulk 1 stream", 2),
+            with("bulk 8 streams", 2),
+            f("at 1000 rps: proxy vCPU node A", 3),
+            f("at 1000 rps: proxy vCPU node B", 3),
+            f("at 1000 rps: proxy peak RSS node A", 1),
+            f("at 1000 rps: proxy peak RSS node B", 1),
+        );
+    }
+
+    let mut same =
+        String::from("| | direct | fast path | fast path × direct |\n|---|---|---|---|\n");
+    for (k, d) in [("max rate", 0), ("bulk 1 stream", 2)] {
+        same += &format!(
+            "| {k} | {} | {} | {} |\n",
+            med(figures, &format!("{SAME_DIRECT}: {k}"), d),
+            med(figures, &format!("{SAME_FAST}: {k}"), d),
+            med(figures, &format!("{SAME_FAST}: {k} × {SAME_DIRECT}"), 2),
+        );
+    }
+    same += &format!(
+        "| p50 / p99 @1000 rps µs | {} / {} | {} / {} | +{} / +{} µs |\n",
+        med(figures, &format!("{SAME_DIRECT}: 1000 rps p50"), 0),
+        med(figures, &format!("{SAME_DIRECT}: 1000 rps p99"), 0),
+        med(figures, &format!("{SAME_FAST}: 1000 rps p50"), 0),
+        med(figures, &format!("{SAME_FAST}: 1000 rps p99"), 0),
+        med(
+            figures,
+            &format!("{SAME_FAST}: added latency at 1000 rps p50"),
+            0
+        ),
+        med(
+            figures,
+            &format!("{SAME_FAST}: added latency at 1000 rps p99"),
+            0
+        ),
+    );
+
+    let mut tgt = String::from(
+        "Median (min – max) over the rounds. Agent figures: the larger of node A's and node B's agent.\n\n\
+         | target | configuration | measured | met |\n|---|---|---|---|\n",
+    );
+    let check = |f: Option<&Figure>, ok: &dyn Fn(f64) -> bool| match f {
+        Some(f) if !f.samples.is_empty() => {
+            if ok(f.median()) {
+                "yes"
+            } else {
+                "**no**"
+            }
+        }
+        _ => "not measured",
+    };
+    for cfg in [EXPLICIT, EBPF] {
+        for (q, limit) in [("p50", 40.0), ("p99", 120.0)] {
+            let name = format!("{cfg}: added latency at 1000 rps {q}");
+            tgt += &format!(
+                "| cross-node added latency at 1000 rps {q} ≤ {limit} µs | {cfg} | {} µs | {} |\n",
+                spread(figures, &name, 0),
+                check(find(figures, &name), &|v| v <= limit)
+            );
+        }
+        for (what, key, limit, unit) in [
+            (
+                "agent CPU at 1000 rps ≤ 0.03 vCPU",
+                "proxy vCPU",
+                0.03,
+                "vCPU",
+            ),
+            (
+                "agent peak RSS at 1000 rps ≤ 10 MB",
+                "proxy peak RSS",
+                10.0,
+                "MB",
+            ),
+        ] {
+            let worst = worst_of(
+                figures,
+                &format!("{cfg}: at 1000 rps: {key} node A"),
+                &format!("{cfg}: at 1000 rps: {key} node B"),
+            );
+            let digits = if unit == "MB" { 1 } else { 3 };
+            tgt += &format!(
+                "| {what} | {cfg} | {} {unit} | {} |\n",
+                worst.as_ref().map_or("not measured".into(), |f| format!(
+                    "{:.*} ({:.*} – {:.*})",
+                    digits,
+                    f.median(),
+                    digits,
+                    f.min(),
+                    digits,
+                    f.max()
+                )),
+                check(worst.as_ref(), &|v| v <= limit)
+            );
+        }
+        let name = format!("{cfg}: bulk 1 stream × direct");
+        tgt += &format!(
+            "| one-stream bulk ≥ 0.6 × direct | {cfg} | {} × | {} |\n",
+            spread(figures, &name, 2),
+            check(find(figures, &name), &|v| v >= 0.6)
+        );
+    }
+    for k in ["bulk 1 stream", "max rate"] {
+        let name = format!("{SAME_FAST}: {k} × {SAME_DIRECT}");
+        tgt += &format!(
+            "| same-node fast path ≥ 0.95 × direct ({k}) | {EBPF} | {} × | {} |\n",
+            spread(figures, &name, 2),
+            check(find(figures, &name), &|v| v >= 0.95)
+        );
+    }
+    let mut sections = vec![
+        Section::new("Headline: each configuration next to direct", head),
+        Section::new("Same node: fast path vs direct", same),
+        Section::new("Targets (issue 7)", tgt),
+    ];
+    if !notes.is_empty() {
+        sections.push(Section::new(
+            "Notes from this run",
+            notes.iter().map(|n| format!("- {n}\n")).collect::<String>(),
+        ));
+    }
+    sections
+}
+
+/// Per round, the larger of two figures.
+fn worst_of(figures: &[Figure], a: &str, b: &str) -> Option<Figure> {
+    let (a, b) = (find(figures, a)?, find(figures, b)?);
+    let samples = a
+        .samples
+        .iter()
+        .zip(&b.samples)
+        .map(|(x, y)| x.max(*y))
+        .collect();
+    Some(Figure::new("worst", a.unit, samples))
+}
