@@ -4,10 +4,12 @@
 //! * `build-ebpf` builds the eBPF programs that the agent embeds
 //! * `test`       format check, clippy, unit tests, privileged integration tests
 //! * `demo`       shows weft working, in network namespaces, and cleans up
+//! * `bench`      measures weft's per-node overhead and its control plane (root)
 //!
 //! Every command that needs the toolchain runs `setup` first.
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod build;
 mod demo;
 mod run;
@@ -35,6 +37,12 @@ enum Command {
     Test,
     /// Run the demo in network namespaces, then clean up (root).
     Demo,
+    /// Per-node overhead and control-plane benchmarks; results in bench/results/ (root).
+    Bench {
+        /// Fewer and shorter runs (under five minutes).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,6 +60,10 @@ fn main() -> anyhow::Result<()> {
         Command::Demo => {
             setup::run()?;
             demo::run()
+        }
+        Command::Bench { quick } => {
+            setup::run()?;
+            bench::run(quick)
         }
     }
 }
