@@ -315,9 +315,20 @@ fn inbound_refuses_foreign_and_missing_client_certificates() -> anyhow::Result<(
         &chain,
         leaf["key_pem"].as_str().unwrap_or_default(),
     )?;
-    let response = hbone_get(&mesh, good, bundle.clone(), target)
+    let response = hbone_get(&mesh, good.clone(), bundle.clone(), target)
         .context("a tunnel with the mesh CA's certificate")?;
     assert!(response.contains("instance api-1"), "{response}");
+
+    // The destination checks intentions itself: a tunnel that no source
+    // agent vetted is refused once web -> api is denied.
+    mesh.weft(&["intention", "create", "web", "api", "--deny"])?;
+    let denied_before = mesh.metric(NodeB, "weft_agent_intention_denials_total")?;
+    let refused = wait_until(Duration::from_secs(2), "node B refusing web", || {
+        Ok(hbone_get(&mesh, good.clone(), bundle.clone(), target).err())
+    })?;
+    assert!(format!("{refused:#}").contains("403"), "{refused:#}");
+    assert!(mesh.metric(NodeB, "weft_agent_intention_denials_total")? > denied_before);
+    mesh.weft(&["intention", "delete", "web", "api"])?;
 
     let failures_before = mesh.metric(NodeB, "weft_agent_tls_handshake_failures_total")?;
 

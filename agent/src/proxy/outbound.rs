@@ -93,6 +93,17 @@ pub async fn carry(
     source: &str,
     destination: &str,
 ) -> Result<(), OutboundError> {
+    // Early deny: refuse here at once rather than after a tunnel; the
+    // destination's agent checks again with its own view.
+    let decision = ctx
+        .view
+        .read()
+        .expect("view lock")
+        .decide(source, destination, None);
+    if !decision.allowed {
+        ctx.metrics.denied(source, destination);
+        return Err(OutboundError::Denied(decision.to_string()));
+    }
     let route = route(ctx, destination)?;
     let target = match &route {
         Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
@@ -100,19 +111,11 @@ pub async fn carry(
     let _in_flight = InFlight::new(ctx, target);
     let (sent, received) = match route {
         Route::Local(addr) => {
-            let decision = ctx
-                .view
-                .read()
-                .expect("view lock")
-                .decide(source, destination, None);
-            if !decision.allowed {
-                ctx.metrics.denied(source, destination);
-                return Err(OutboundError::Denied(decision.to_string()));
-            }
             let mut upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
                 .await
                 .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
                 .map_err(|source| OutboundError::Connect { addr, source })?;
+            let _ = upstream.set_nodelay(true);
             ctx.metrics.conn_opened(source, destination);
             let copied = copy_bidirectional(client, &mut upstream).await;
             ctx.metrics.conn_closed(source, destination);
