@@ -234,3 +234,140 @@ fn a_watcher_sees_every_change_in_order_and_resumes_after_its_server_dies() -> a
     );
     Ok(())
 }
+
+/// Runs the CLI expecting a refusal; returns its one-line error.
+fn refused(cluster: &Cluster, args: &[&str]) -> String {
+    let out = cluster.cli_at(&cluster.addrs(), args);
+    assert!(
+        !out.status.success(),
+        "weft {} should have been refused",
+        args.join(" ")
+    );
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(err.lines().count(), 1, "one-line errors: {err}");
+    err
+}
+
+#[test]
+fn bad_input_is_refused_by_name_and_changes_nothing() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    cluster.cli(&["kv", "put", "app/a", "1"])?;
+    let dir = tempfile::tempdir()?;
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("writing a test file");
+        path.display().to_string()
+    };
+
+    let e = refused(&cluster, &["kv", "put", "/app/b", "x"]);
+    assert!(e.contains("must not start with '/'"), "{e}");
+    let e = refused(&cluster, &["kv", "put", "app/a", "2", "--cas", "999"]);
+    assert!(e.contains("check-and-set failed"), "{e}");
+    // 600 KiB through stdin (`-`): more than the 512 KiB a value may hold.
+    let mut put = std::process::Command::new(weft_tests::servers::bin("weft"))
+        .args([
+            &format!("--addr={}", cluster.addrs()),
+            "kv",
+            "put",
+            "app/big",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(
+        &mut put.stdin.take().context("stdin")?,
+        &vec![b'x'; 600 * 1024],
+    )?;
+    let out = put.wait_with_output()?;
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("limit"), "{e}");
+    let e = refused(&cluster, &["intention", "create", "Web!", "api", "--allow"]);
+    assert!(e.contains("bad character 'W'"), "{e}");
+    let e = refused(
+        &cluster,
+        &["intention", "create", &"a".repeat(64), "api", "--allow"],
+    );
+    assert!(e.to_lowercase().contains("long"), "{e}");
+
+    // A splitter needs an HTTP service; then its weights must sum to 100.
+    let split = file(
+        "split.toml",
+        "Kind = \"service-splitter\"\nName = \"api\"\n[[Splits]]\nWeight = 90\n[[Splits]]\nWeight = 20\nService = \"api-v2\"\n",
+    );
+    let e = refused(&cluster, &["config", "write", &split]);
+    assert!(e.contains("protocol is tcp"), "{e}");
+    let defaults = file(
+        "defaults.toml",
+        "Kind = \"service-defaults\"\nName = \"api\"\nProtocol = \"http\"\n",
+    );
+    cluster.cli(&["config", "write", &defaults])?;
+    cluster
+        .cli(&["config", "write", &defaults.replace(".toml", "")])
+        .err()
+        .context("a missing file is an error")?;
+    let v2 = file(
+        "v2.toml",
+        "Kind = \"service-defaults\"\nName = \"api-v2\"\nProtocol = \"http\"\n",
+    );
+    cluster.cli(&["config", "write", &v2])?;
+    let e = refused(&cluster, &["config", "write", &split]);
+    assert!(e.contains("Splits") && e.contains("100"), "{e}");
+    let unknown = file("unknown.toml", "Kind = \"service-mesh\"\nName = \"api\"\n");
+    let e = refused(&cluster, &["config", "write", &unknown]);
+    assert!(e.contains("service-mesh"), "{e}");
+    let broken = file(
+        "broken.toml",
+        "Kind = \"service-defaults\"\nName = \"api\nProtocol = 1\n",
+    );
+    let e = refused(&cluster, &["config", "write", &broken]);
+    assert!(e.contains("line"), "{e}");
+    let garbage = file("state.json", "{\"nodes\": 7}");
+    let e = refused(&cluster, &["snapshot", "restore", &garbage]);
+    assert!(e.contains("snapshot"), "{e}");
+
+    // Nothing of the above was applied.
+    let kv: serde_json::Value =
+        serde_json::from_str(&cluster.cli(&["--format", "json", "kv", "list", "app/"])?)?;
+    assert_eq!(kv.as_array().map(Vec::len), Some(1), "{kv}");
+    assert_eq!(kv[0]["value"], "1");
+    assert_eq!(
+        cluster
+            .cli(&["intention", "list", "--format", "json"])?
+            .trim(),
+        "[]"
+    );
+    let entries: serde_json::Value =
+        serde_json::from_str(&cluster.cli(&["config", "list", "--format", "json"])?)?;
+    assert_eq!(
+        entries.as_array().map(Vec::len),
+        Some(2),
+        "only the two service-defaults: {entries}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_saved_snapshot_restores_the_state() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    cluster.cli(&["kv", "put", "keep", "me"])?;
+    cluster.cli(&["intention", "create", "web", "api", "--deny"])?;
+    let dir = tempfile::tempdir()?;
+    let saved = dir.path().join("state.json").display().to_string();
+    cluster.cli(&["snapshot", "save", &saved])?;
+
+    cluster.cli(&["kv", "delete", "keep"])?;
+    cluster.cli(&["kv", "put", "later", "x"])?;
+    cluster.cli(&["intention", "delete", "web", "api"])?;
+    cluster.cli(&["snapshot", "restore", &saved])?;
+
+    assert_eq!(cluster.cli(&["kv", "get", "keep"])?.trim(), "me");
+    let later = cluster.cli_at(&cluster.addrs(), &["kv", "get", "later"]);
+    assert!(
+        !later.status.success(),
+        "a key written after the save is gone"
+    );
+    let check = cluster.cli_at(&cluster.addrs(), &["intention", "check", "web", "api"]);
+    assert_eq!(check.status.code(), Some(1), "the saved deny is back");
+    Ok(())
+}
