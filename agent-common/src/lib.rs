@@ -31,6 +31,7 @@ pub mod maps {
 /// Program names (the Rust function names in `agent-ebpf`).
 pub mod programs {
     pub const CONNECT4: &str = "weft_connect4";
+    pub const CONNECT6: &str = "weft_connect6";
     pub const SOCKOPS: &str = "weft_sockops";
 }
 

@@ -82,6 +82,19 @@ async fn connect4_redirects_workload_and_records_original_destination() -> anyho
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "proxy:hello");
 
+    // An IPv6 socket reaching the same destination through its v4-mapped
+    // address (connect6) is taken over the same way.
+    let client = probe(&netns, &workload, "[::ffff:10.99.0.1]:8080")?;
+    let accepted = accept_one(&proxy).await?;
+    let orig = redirector
+        .original_dst(&accepted, accepted.peer_addr()?, accepted.local_addr()?)?
+        .context("the v4-mapped connection has no record")?;
+    assert_eq!(orig.addr, REAL_DEST.parse::<SocketAddr>()?);
+    assert_eq!(orig.cgroup_id, workload.id()?);
+    answer(accepted, "proxy6").await?;
+    let out = client.wait_with_output().await?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "proxy6:hello");
+
     // A process in a cgroup that is not a mesh workload is left alone.
     let client = probe(&netns, &outsider, REAL_DEST)?;
     let direct = accept_one(&real).await?;
@@ -95,8 +108,8 @@ async fn connect4_redirects_workload_and_records_original_destination() -> anyho
     assert_eq!(String::from_utf8_lossy(&out.stdout), "real:hello");
 
     let counters = redirector.counters()?;
-    assert_eq!(counters.redirected, 1, "{counters:?}");
-    assert_eq!(counters.rekeyed, 1, "{counters:?}");
+    assert_eq!(counters.redirected, 2, "{counters:?}");
+    assert_eq!(counters.rekeyed, 2, "{counters:?}");
 
     // Both ends have closed: the record went with the connection.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -108,7 +121,7 @@ async fn connect4_redirects_workload_and_records_original_destination() -> anyho
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(redirector.counters()?.closed, 1);
+    assert_eq!(redirector.counters()?.closed, 2);
 
     // The program's aya-log line reaches the agent's tracing output.
     let wanted = format!("redirect cgroup {} to 10.99.0.1:8080", workload.id()?);

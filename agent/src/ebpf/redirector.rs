@@ -132,7 +132,7 @@ impl Redirector {
         })
     }
 
-    /// Attaches connect4 and sockops to the cgroup-v2 directory `root`; they
+    /// Attaches connect4, connect6 and sockops to the cgroup-v2 directory `root`; they
     /// then see every socket of every process in its subtree.
     pub fn attach(&mut self, root: &Path) -> Result<(), RedirectorError> {
         let cgroup = std::fs::File::open(root).map_err(|source| RedirectorError::Cgroup {
@@ -144,21 +144,21 @@ impl Redirector {
         // other programs on the cgroup (links refuse explicit attach flags),
         // so `Single` here means "no flags", not "exclusive".
 
-        let connect4: &mut CgroupSockAddr = self
-            .ebpf
-            .program_mut(programs::CONNECT4)
-            .ok_or(RedirectorError::Missing {
-                kind: "program",
-                name: programs::CONNECT4,
-            })?
-            .try_into()
-            .map_err(|e| program(programs::CONNECT4, e))?;
-        connect4
-            .load()
-            .map_err(|e| program(programs::CONNECT4, e))?;
-        connect4
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|e| program(programs::CONNECT4, e))?;
+        for name in [programs::CONNECT4, programs::CONNECT6] {
+            let connect: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(RedirectorError::Missing {
+                    kind: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|e| program(name, e))?;
+            connect.load().map_err(|e| program(name, e))?;
+            connect
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|e| program(name, e))?;
+        }
 
         let sockops: &mut SockOps = self
             .ebpf
