@@ -116,9 +116,16 @@ pub fn parse_oha(stdout: &str) -> anyhow::Result<OhaRun> {
         .as_object()
         .map(|m| m.values().filter_map(Value::as_f64).sum())
         .unwrap_or(0.0);
+    // Requests still in flight when the duration ends are cut off by oha
+    // ("aborted due to deadline"): not failures.
     let errors: f64 = v["errorDistribution"]
         .as_object()
-        .map(|m| m.values().filter_map(Value::as_f64).sum())
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| !k.contains("aborted due to deadline"))
+                .filter_map(|(_, v)| v.as_f64())
+                .sum()
+        })
         .unwrap_or(0.0);
     let all = total + errors;
     Ok(OhaRun {
@@ -318,6 +325,17 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oha_json() {
+        let out = r#"{"summary":{"successRate":1.0,"requestsPerSec":200.6},
+            "latencyPercentiles":{"p50":0.000188,"p90":0.000327,"p99":0.00337,"p99.9":0.00343},
+            "statusCodeDistribution":{"200":200},"errorDistribution":{"aborted due to deadline":1}}"#;
+        let r = parse_oha(out).unwrap();
+        assert_eq!(r.success_rate, 1.0);
+        assert!((r.latency.p50 - 188.0).abs() < 1e-6);
+        assert_eq!(r.total, 200.0);
+    }
 
     #[test]
     fn wrk_line() {

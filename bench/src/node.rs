@@ -405,8 +405,19 @@ pub fn run(quick: bool) -> anyhow::Result<NodeResults> {
     let m2 = match m2 {
         Ok(m) => Some(m),
         Err(e) => {
-            let note = format!("weft eBPF and the same-node fast path were not measured: the eBPF mesh did not start: {e:#}");
-            eprintln!("{note}");
+            eprintln!("the eBPF mesh did not start: {e:#}");
+            let cause: String = e
+                .root_cause()
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or("")
+                .chars()
+                .take(300)
+                .collect();
+            let note = format!(
+                "weft eBPF and the same-node fast path were not measured: the eBPF mesh did not start ({cause})"
+            );
             notes.push(note);
             None
         }

@@ -82,6 +82,16 @@ impl Section {
     }
 }
 
+/// A figure with about three significant digits (at least the units).
+pub fn number(v: f64) -> String {
+    match v.abs() {
+        a if a >= 100.0 || a == 0.0 => format!("{v:.0}"),
+        a if a >= 10.0 => format!("{v:.1}"),
+        a if a >= 1.0 => format!("{v:.2}"),
+        _ => format!("{v:.3}"),
+    }
+}
+
 pub fn write(name: &str, figures: &[Figure]) -> anyhow::Result<()> {
     write_doc(name, figures, &[], serde_json::Value::Null)
 }
@@ -109,11 +119,11 @@ pub fn write_doc(
     md.push_str("| figure | min | median | max | unit | runs |\n|---|---|---|---|---|---|\n");
     for f in figures {
         md.push_str(&format!(
-            "| {} | {:.1} | {:.1} | {:.1} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} |\n",
             f.name,
-            f.min(),
-            f.median(),
-            f.max(),
+            number(f.min()),
+            number(f.median()),
+            number(f.max()),
             f.unit,
             f.samples.len()
         ));
