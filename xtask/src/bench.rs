@@ -27,7 +27,10 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         bail!("the node benchmark needs root (network namespaces, eBPF, cgroups)");
     }
     status(cargo().args(["build", "--release", "--bins"]))?;
-    let bench = workspace_root().join("target/release/weft-bench");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|d| workspace_root().join(d))
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let bench = target.join("release/weft-bench");
     let mut cmd = Command::new(bench);
     cmd.arg("node").current_dir(workspace_root());
     if quick {
