@@ -359,6 +359,36 @@ impl ClientCertVerifier for BundleClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        signature::tls12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        signature::tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        signature::schemes()
+    }
+}
+
+/// Handshake signature checks with the ring provider, shared by both
+/// verifiers.
+mod signature {
+    use rustls::pki_types::CertificateDer;
+    use rustls::{client::danger::HandshakeSignatureValid, DigitallySignedStruct, SignatureScheme};
+
+    use super::provider;
+
+    pub(super) fn tls12(
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(
             message,
             cert,
@@ -367,8 +397,7 @@ impl ClientCertVerifier for BundleClientVerifier {
         )
     }
 
-    fn verify_tls13_signature(
-        &self,
+    pub(super) fn tls13(
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
@@ -381,7 +410,7 @@ impl ClientCertVerifier for BundleClientVerifier {
         )
     }
 
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+    pub(super) fn schemes() -> Vec<SignatureScheme> {
         provider()
             .signature_verification_algorithms
             .supported_schemes()
@@ -423,12 +452,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &provider().signature_verification_algorithms,
-        )
+        signature::tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -437,18 +461,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &provider().signature_verification_algorithms,
-        )
+        signature::tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
+        signature::schemes()
     }
 }
 
