@@ -112,7 +112,9 @@ impl Redirector {
     /// Loads the embedded programs into the kernel (not yet attached). Call it
     /// inside a tokio runtime so that the programs' log records are forwarded.
     pub fn load() -> Result<Self, RedirectorError> {
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        // No kernel BTF: the programs use no CO-RE relocations, and parsing
+        // the kernel's BTF would triple the agent's peak memory.
+        let mut ebpf = aya::EbpfLoader::new().btf(None).load(OBJECT)?;
         let log_task = super::logs::spawn_forwarder(&mut ebpf);
         let workloads = take_map(&mut ebpf, maps::WORKLOADS)?;
         let destinations = take_map(&mut ebpf, maps::DESTINATIONS)?;
