@@ -29,6 +29,9 @@ pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15020";
 pub const DEFAULT_DNS_ADDR: &str = "127.0.0.1:8600";
 /// Default time given to open connections to finish at shutdown.
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "5s";
+/// One thread: every hop of a proxied message stays on it, which measured
+/// ~25 % lower request latency than two work-stealing threads (bench/).
+pub const DEFAULT_WORKER_THREADS: usize = 1;
 /// Default interval between two runs of a check.
 pub const DEFAULT_CHECK_INTERVAL: &str = "10s";
 /// Default timeout of one run of a check.
@@ -100,6 +103,9 @@ pub struct AgentConfig {
     pub dns_addr: SocketAddr,
     #[serde(with = "duration_text")]
     pub drain_timeout: Duration,
+    /// Runtime threads: 1 runs everything on one thread; more spread
+    /// connections over cores.
+    pub worker_threads: usize,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -225,8 +231,14 @@ struct RawConfig {
     dns_addr: String,
     #[serde(default = "default_drain")]
     drain_timeout: String,
+    #[serde(default = "default_worker_threads")]
+    worker_threads: usize,
     #[serde(default)]
     service: Vec<RawService>,
+}
+
+fn default_worker_threads() -> usize {
+    DEFAULT_WORKER_THREADS
 }
 
 #[derive(Debug, Deserialize)]
@@ -515,6 +527,12 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
     let admin_addr = socket_addr("admin_addr", &raw.admin_addr)?;
     let dns_addr = socket_addr("dns_addr", &raw.dns_addr)?;
     let drain_timeout = duration("drain_timeout", &raw.drain_timeout, true)?;
+    if !(1..=64).contains(&raw.worker_threads) {
+        return Err(invalid(
+            "worker_threads",
+            format!("{} is not between 1 and 64", raw.worker_threads),
+        ));
+    }
 
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut ids: HashMap<String, usize> = HashMap::new();
@@ -602,6 +620,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         admin_addr,
         dns_addr,
         drain_timeout,
+        worker_threads: raw.worker_threads,
         services,
     })
 }

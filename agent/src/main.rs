@@ -40,14 +40,13 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     weft_agent::telemetry::init();
     let cli = Cli::parse();
     match (cli.command, cli.config) {
-        (Some(Command::Redirect(args)), _) => {
-            redirect_cmd::run(args).await.context("weft-agent redirect")
-        }
+        (Some(Command::Redirect(args)), _) => runtime(1)?
+            .block_on(redirect_cmd::run(args))
+            .context("weft-agent redirect"),
         (
             Some(Command::Exec {
                 config,
@@ -58,11 +57,24 @@ async fn main() -> anyhow::Result<()> {
         ) => exec(&config, &service, &command),
         (None, Some(path)) => {
             let config = weft_agent::config::AgentConfig::load(&path)?;
-            weft_agent::run::run(config, shutdown_signal()).await?;
+            runtime(config.worker_threads)?
+                .block_on(weft_agent::run::run(config, shutdown_signal()))?;
             Ok(())
         }
         (None, None) => unreachable!("clap requires --config without a subcommand"),
     }
+}
+
+/// The tokio runtime: one thread, or `threads` work-stealing workers.
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    Ok(builder.enable_all().build()?)
 }
 
 /// Moves this process into the service's cgroup, then becomes `command`.
