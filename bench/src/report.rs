@@ -137,7 +137,14 @@ pub fn write_doc(
         "sections": sections.iter().map(|s| json!({"title": s.title, "markdown": s.markdown})).collect::<Vec<_>>(),
         "extra": extra,
     });
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results");
+    // bench/results of the checkout it runs in (`cargo xtask bench` runs it
+    // from the workspace root); the path compiled in is the fallback.
+    let here = std::env::current_dir()?.join("bench/results");
+    let dir = if here.parent().is_some_and(|b| b.exists()) {
+        here
+    } else {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results")
+    };
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join(format!("{name}.md")), &md)?;
     std::fs::write(

@@ -42,9 +42,15 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// The workspace root (xtask lives one level below it).
+/// The workspace root (xtask lives one level below it). `cargo run` tells
+/// the running xtask where its manifest is; the path compiled in is only a
+/// fallback, since a binary built in another checkout sharing the target
+/// directory would carry that checkout's path.
 pub fn workspace_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    manifest_dir
         .parent()
         .expect("xtask has a parent directory")
         .to_path_buf()
