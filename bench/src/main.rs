@@ -39,6 +39,12 @@ enum Command {
         /// Fewer and shorter rounds (the whole run in under five minutes).
         #[arg(long)]
         quick: bool,
+        /// Measure only these configurations (comma-separated names as in
+        /// the table, e.g. "direct,weft explicit"; "control plane" too), for
+        /// profiling; the results go to bench/results/node-partial.{md,json},
+        /// which git ignores.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Request latency web -> api through weft's HBONE tunnel vs direct (two nodes as netns).
     Tunnel {
@@ -54,11 +60,17 @@ fn main() -> anyhow::Result<()> {
             let results = control_plane::run(quick)?;
             report::write("control-plane", &results)
         }
-        Command::Node { quick } => {
-            let node = node::run(quick)?;
+        Command::Node { quick, only } => {
+            let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+            let node = node::run(quick, &wanted)?;
             let mut figures = node.figures;
             let mut extra = node.extra;
-            match control_plane::run(quick) {
+            let control_plane = if wanted("control plane") {
+                control_plane::run(quick)
+            } else {
+                Ok(Vec::new())
+            };
+            match control_plane {
                 Ok(cp) => figures.extend(cp.into_iter().map(|mut f| {
                     f.name = format!("control plane: {}", f.name);
                     f
@@ -68,7 +80,8 @@ fn main() -> anyhow::Result<()> {
                     extra["control_plane_error"] = format!("{e:#}").into();
                 }
             }
-            report::write_doc("node", &figures, &node.sections, extra)
+            let name = if only.is_empty() { "node" } else { "node-partial" };
+            report::write_doc(name, &figures, &node.sections, extra)
         }
         Command::Tunnel { quick } => report::write("tunnel", &tunnel::run(quick)?),
     }

@@ -308,7 +308,8 @@ pub struct NodeResults {
     pub extra: Value,
 }
 
-pub fn run(quick: bool) -> anyhow::Result<NodeResults> {
+/// Measures every configuration for which `wanted(name)` holds.
+pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeResults> {
     let p = if quick {
         Params {
             rounds: 3,
@@ -463,6 +464,8 @@ pub fn run(quick: bool) -> anyhow::Result<NodeResults> {
             proxies: agents2,
         });
     }
+    targets.retain(|t| wanted(t.name));
+    same_node.retain(|t| wanted(t.name));
     for t in targets.iter().chain(&same_node) {
         wait_http(t)?;
         warm_up(t).with_context(|| format!("warming up {}", t.name))?;
