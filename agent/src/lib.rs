@@ -19,5 +19,6 @@ pub mod lb;
 pub mod metrics;
 pub mod proxy;
 pub mod run;
+pub mod splice;
 pub mod telemetry;
 pub mod view;

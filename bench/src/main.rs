@@ -80,7 +80,11 @@ fn main() -> anyhow::Result<()> {
                     extra["control_plane_error"] = format!("{e:#}").into();
                 }
             }
-            let name = if only.is_empty() { "node" } else { "node-partial" };
+            let name = if only.is_empty() {
+                "node"
+            } else {
+                "node-partial"
+            };
             report::write_doc(name, &figures, &node.sections, extra)
         }
         Command::Tunnel { quick } => report::write("tunnel", &tunnel::run(quick)?),

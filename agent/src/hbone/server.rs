@@ -26,7 +26,8 @@ use tracing::{debug, info, warn};
 use super::stream::HboneStream;
 use super::tls::{self, Identity, TlsError, TrustBundle, ALPN_H2};
 use super::{
-    INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, MAX_CONCURRENT_STREAMS, REASON_HEADER,
+    INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE,
+    REASON_HEADER,
 };
 
 /// Default time a peer gets to complete the TLS handshake.
@@ -278,6 +279,7 @@ impl<H: ConnectHandler> Inner<H> {
             .initial_window_size(INITIAL_STREAM_WINDOW)
             .initial_connection_window_size(INITIAL_CONNECTION_WINDOW)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_frame_size(MAX_FRAME_SIZE)
             .handshake::<_, Bytes>(tls)
             .await?;
         while let Some(next) = conn.accept().await {
@@ -354,7 +356,7 @@ impl<H: ConnectHandler> Inner<H> {
             }
         };
         let mut tunnel = HboneStream::new(send, body);
-        match tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await {
+        match crate::splice::splice(&mut tunnel, &mut upstream).await {
             Ok((up, down)) => {
                 debug!(src = peer_id, %target, bytes_in = up, bytes_out = down, "hbone tunnel closed")
             }

@@ -2,7 +2,7 @@
 //!
 //! Wraps an h2 `SendStream`/`RecvStream` pair in tokio's `AsyncRead` and
 //! `AsyncWrite`, so that a tunnel can be spliced to a TCP socket with
-//! `tokio::io::copy_bidirectional`. Writes wait for HTTP/2 flow-control
+//! [`crate::splice::splice`]. Writes wait for HTTP/2 flow-control
 //! capacity; received data is handed back to the peer's window as it is
 //! read. `shutdown` sends END_STREAM (a TCP half-close) and reading returns
 //! EOF when the peer's END_STREAM arrives.
@@ -15,7 +15,9 @@ use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Largest single DATA write requested at once (bytes).
+/// Largest single DATA write requested at once (bytes). Each write is
+/// copied into a fresh buffer; glibc serves 128 KiB and more with mmap, and
+/// the page faults of a new mapping per write cost more than the copy.
 const MAX_WRITE: usize = 64 * 1024;
 
 /// An established HBONE tunnel, readable and writable like a TCP stream.
@@ -27,6 +29,8 @@ pub struct HboneStream {
     pending: Bytes,
     /// END_STREAM has been received (reads return EOF).
     read_closed: bool,
+    /// A receive error not yet returned (data read before it went first).
+    read_error: Option<io::Error>,
     /// END_STREAM has been sent.
     write_closed: bool,
 }
@@ -38,6 +42,7 @@ impl HboneStream {
             recv,
             pending: Bytes::new(),
             read_closed: false,
+            read_error: None,
             write_closed: false,
         }
     }
@@ -59,30 +64,46 @@ pub(crate) fn h2_to_io(e: h2::Error) -> io::Error {
 }
 
 impl AsyncRead for HboneStream {
+    /// Fills `buf` with as many received frames as are ready, so that a
+    /// burst of small frames becomes one write on the other side.
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        while this.pending.is_empty() {
-            if this.read_closed {
+        let mut filled = false;
+        loop {
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(buf.remaining());
+                buf.put_slice(&this.pending[..n]);
+                this.pending.advance(n);
+                filled |= n > 0;
+            }
+            if buf.remaining() == 0 || this.read_closed {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
+            if let Some(e) = this.read_error.take() {
+                return Poll::Ready(Err(e));
+            }
+            match this.recv.poll_data(cx) {
+                Poll::Ready(Some(Ok(data))) => {
                     // Give the window back now: at most one frame is held here.
                     let _ = this.recv.flow_control().release_capacity(data.len());
                     this.pending = data;
                 }
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-                None => this.read_closed = true,
+                Poll::Ready(Some(Err(e))) => {
+                    // Hand out what was read first; the error comes next.
+                    this.read_error = Some(h2_to_io(e));
+                    if filled {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(None) => this.read_closed = true,
+                Poll::Pending if filled => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
             }
         }
-        let n = this.pending.len().min(buf.remaining());
-        buf.put_slice(&this.pending[..n]);
-        this.pending.advance(n);
-        Poll::Ready(Ok(()))
     }
 }
 

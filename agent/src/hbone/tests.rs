@@ -486,3 +486,39 @@ async fn connect_times_out_against_a_silent_node() {
         "{err:?}"
     );
 }
+
+/// A server that sends `chunks` pieces of `size` bytes, pausing between them
+/// so that each crosses the tunnel as its own HTTP/2 DATA frame.
+async fn trickle_server(chunks: usize, size: usize) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        for i in 0..chunks {
+            tcp.write_all(&vec![i as u8; size]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tcp.shutdown().await.unwrap();
+    });
+    addr
+}
+
+#[tokio::test]
+async fn frames_that_arrived_together_are_read_in_one_call() {
+    let ca = TestCa::new("ca");
+    let node = start_node(&ca).await;
+    let pool = HbonePool::new(ca.bundle());
+    let target = trickle_server(10, 100).await;
+    let mut stream = pool
+        .connect(&ca.identity(WEB), node.addr, target, TIMEOUT)
+        .await
+        .unwrap();
+    // Let every frame and the end of the stream arrive before reading.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut buf = vec![0; 64 * 1024];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert_eq!(n, 1000, "one read returns all ten frames");
+    let expected: Vec<u8> = (0..10u8).flat_map(|i| vec![i; 100]).collect();
+    assert_eq!(&buf[..n], &expected[..]);
+    assert_eq!(stream.read(&mut buf).await.unwrap(), 0, "then EOF");
+}

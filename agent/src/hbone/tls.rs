@@ -65,7 +65,15 @@ pub enum TlsError {
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .get_or_init(|| {
+            let mut provider = rustls::crypto::ring::default_provider();
+            // Both ends are weft agents: prefer AES-128-GCM, the cheapest
+            // suite per byte with AES-NI (AES-256-GCM and ChaCha20 stay allowed).
+            provider
+                .cipher_suites
+                .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+            Arc::new(provider)
+        })
         .clone()
 }
 

@@ -7,7 +7,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::copy_bidirectional;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{InFlight, ProxyContext, CONNECT_TIMEOUT};
@@ -15,6 +14,7 @@ use crate::hbone::HboneError;
 use crate::intercept::Interception;
 use crate::lb::p2c;
 use crate::metrics::Direction;
+use crate::splice::splice;
 
 /// Where a connection goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,7 +117,7 @@ pub async fn carry(
                 .map_err(|source| OutboundError::Connect { addr, source })?;
             let _ = upstream.set_nodelay(true);
             ctx.metrics.conn_opened(source, destination);
-            let copied = copy_bidirectional(client, &mut upstream).await;
+            let copied = splice(client, &mut upstream).await;
             ctx.metrics.conn_closed(source, destination);
             copied.unwrap_or_default()
         }
@@ -131,7 +131,7 @@ pub async fn carry(
                 .connect(&identity, node, target, CONNECT_TIMEOUT)
                 .await?;
             ctx.metrics.conn_opened(source, destination);
-            let copied = copy_bidirectional(client, &mut tunnel).await;
+            let copied = splice(client, &mut tunnel).await;
             ctx.metrics.conn_closed(source, destination);
             copied.unwrap_or_default()
         }
