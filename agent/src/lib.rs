@@ -7,6 +7,7 @@
 //! library, so that tests drive the same code the binary runs.
 
 pub mod admin;
+pub mod allocator;
 pub mod config;
 pub mod control;
 pub mod dns;

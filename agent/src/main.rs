@@ -41,6 +41,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    weft_agent::allocator::tune();
     weft_agent::telemetry::init();
     let cli = Cli::parse();
     match (cli.command, cli.config) {

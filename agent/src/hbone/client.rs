@@ -25,7 +25,7 @@ use tracing::debug;
 
 use super::stream::HboneStream;
 use super::tls::{self, Identity, TlsError, TrustBundle, ALPN_H2};
-use super::{INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, MAX_FRAME_SIZE, REASON_HEADER};
+use super::{INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, REASON_HEADER};
 
 /// Errors of opening a tunnel.
 #[derive(Debug, thiserror::Error)]
@@ -252,7 +252,6 @@ impl HbonePool {
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(INITIAL_STREAM_WINDOW)
             .initial_connection_window_size(INITIAL_CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME_SIZE)
             .enable_push(false)
             .handshake::<_, Bytes>(tls)
             .await

@@ -26,8 +26,5 @@ pub const REASON_HEADER: &str = "x-weft-reason";
 pub(crate) const INITIAL_STREAM_WINDOW: u32 = 1024 * 1024;
 /// HTTP/2 connection window, shared by all tunnels of a connection.
 pub(crate) const INITIAL_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
-/// Largest HTTP/2 frame a peer may send us: bulk data moves in frames as
-/// large as the splice buffer instead of HTTP/2's default 16 KiB.
-pub(crate) const MAX_FRAME_SIZE: u32 = crate::splice::SPLICE_BUFFER as u32;
 /// Concurrent tunnels one inbound connection may carry.
 pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 1000;

@@ -26,8 +26,7 @@ use tracing::{debug, info, warn};
 use super::stream::HboneStream;
 use super::tls::{self, Identity, TlsError, TrustBundle, ALPN_H2};
 use super::{
-    INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE,
-    REASON_HEADER,
+    INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, MAX_CONCURRENT_STREAMS, REASON_HEADER,
 };
 
 /// Default time a peer gets to complete the TLS handshake.
@@ -279,7 +278,6 @@ impl<H: ConnectHandler> Inner<H> {
             .initial_window_size(INITIAL_STREAM_WINDOW)
             .initial_connection_window_size(INITIAL_CONNECTION_WINDOW)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .max_frame_size(MAX_FRAME_SIZE)
             .handshake::<_, Bytes>(tls)
             .await?;
         while let Some(next) = conn.accept().await {
