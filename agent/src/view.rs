@@ -198,8 +198,13 @@ impl View {
         } else {
             IntentionAction::Deny
         };
-        let intentions: Vec<Intention> = self.intentions.values().cloned().collect();
-        evaluate(&intentions, source, destination, request, default)
+        evaluate(
+            self.intentions.values(),
+            source,
+            destination,
+            request,
+            default,
+        )
     }
 
     /// The trust bundle as one PEM text.

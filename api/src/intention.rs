@@ -267,15 +267,15 @@ impl fmt::Display for Decision {
 
 /// Decides whether `source` may reach `destination`. `request` is the HTTP request
 /// for L7 checks, or `None` for an L4 connection. See the module doc for the rules.
-pub fn evaluate(
-    intentions: &[Intention],
+pub fn evaluate<'a>(
+    intentions: impl IntoIterator<Item = &'a Intention>,
     source: &str,
     destination: &str,
     request: Option<&Request>,
     default: IntentionAction,
 ) -> Decision {
     let matching: Vec<&Intention> = intentions
-        .iter()
+        .into_iter()
         .filter(|i| i.applies_to(source, destination))
         .collect();
     let Some(top) = matching.iter().map(|i| i.precedence()).max() else {
