@@ -269,22 +269,32 @@ impl DnsServer {
     /// Binds UDP on `addr`, then TCP on the address UDP got (so port 0 gives one port
     /// for both).
     pub async fn bind(addr: SocketAddr, resolver: ServiceResolver) -> Result<Self, DnsError> {
-        let udp = UdpSocket::bind(addr)
-            .await
-            .map_err(|source| DnsError::Bind {
-                addr,
-                transport: Transport::Udp,
-                source,
-            })?;
-        let bound = udp.local_addr().map_err(DnsError::LocalAddr)?;
-        let tcp = TcpListener::bind(bound)
-            .await
-            .map_err(|source| DnsError::Bind {
-                addr: bound,
-                transport: Transport::Tcp,
-                source,
-            })?;
-        Ok(Self { udp, tcp, resolver })
+        // With port 0 the kernel picks a UDP port that TCP may have in use
+        // (another socket's ephemeral port): then pick again.
+        let attempts = if addr.port() == 0 { 16 } else { 1 };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let udp = UdpSocket::bind(addr)
+                .await
+                .map_err(|source| DnsError::Bind {
+                    addr,
+                    transport: Transport::Udp,
+                    source,
+                })?;
+            let bound = udp.local_addr().map_err(DnsError::LocalAddr)?;
+            match TcpListener::bind(bound).await {
+                Ok(tcp) => return Ok(Self { udp, tcp, resolver }),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < attempts => {}
+                Err(source) => {
+                    return Err(DnsError::Bind {
+                        addr: bound,
+                        transport: Transport::Tcp,
+                        source,
+                    })
+                }
+            }
+        }
     }
 
     /// The address both sockets are bound to.
