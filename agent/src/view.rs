@@ -8,7 +8,10 @@ use std::net::{IpAddr, SocketAddr};
 use serde::Serialize;
 use weft_api::catalog::{HealthStatus, Node, ServiceInstance};
 use weft_api::convert::{instance_from_proto, intention_from_proto, node_from_proto};
-use weft_api::intention::{evaluate, Decision, Intention, IntentionAction, Request};
+use weft_api::intention::{
+    evaluate, evaluate_connection, ConnectionDecision, Decision, Intention, IntentionAction,
+    Request,
+};
 use weft_api::proto::{self, change::Change as P, watch_event::Event};
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -193,17 +196,31 @@ impl View {
 
     /// The intentions' decision for `source` calling `destination`.
     pub fn decide(&self, source: &str, destination: &str, request: Option<&Request>) -> Decision {
-        let default = if self.default_allow {
-            IntentionAction::Allow
-        } else {
-            IntentionAction::Deny
-        };
         evaluate(
             self.intentions.values(),
             source,
             destination,
             request,
-            default,
+            self.default_action(),
+        )
+    }
+
+    fn default_action(&self) -> IntentionAction {
+        if self.default_allow {
+            IntentionAction::Allow
+        } else {
+            IntentionAction::Deny
+        }
+    }
+
+    /// How a connection from `source` to `destination` is judged before any
+    /// request on it is seen: decided, or per HTTP request (an L7 intention).
+    pub fn decide_connection(&self, source: &str, destination: &str) -> ConnectionDecision {
+        evaluate_connection(
+            self.intentions.values(),
+            source,
+            destination,
+            self.default_action(),
         )
     }
 

@@ -299,6 +299,47 @@ pub fn evaluate<'a>(
     })
 }
 
+/// How a connection is judged before any request on it has been seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionDecision {
+    /// The intentions decide the whole connection.
+    Decided(Decision),
+    /// An L7 intention decides: each HTTP request on the connection must be
+    /// judged with [`evaluate`]. A connection that carries no HTTP is denied.
+    PerRequest,
+}
+
+/// Judges a connection from `source` to `destination`: [`evaluate`] without a
+/// request, except that where the deciding intention is an L7 one the answer
+/// is [`ConnectionDecision::PerRequest`] instead of a deny. An L4 deny at the
+/// same precedence still denies the connection outright.
+pub fn evaluate_connection<'a>(
+    intentions: impl IntoIterator<Item = &'a Intention>,
+    source: &str,
+    destination: &str,
+    default: IntentionAction,
+) -> ConnectionDecision {
+    let matching: Vec<&Intention> = intentions
+        .into_iter()
+        .filter(|i| i.applies_to(source, destination))
+        .collect();
+    if let Some(top) = matching.iter().map(|i| i.precedence()).max() {
+        let deciding = || matching.iter().filter(|i| i.precedence() == top);
+        let l7 = deciding().any(|i| !i.permissions.is_empty());
+        let l4_deny = deciding().any(|i| i.action == Some(IntentionAction::Deny));
+        if l7 && !l4_deny {
+            return ConnectionDecision::PerRequest;
+        }
+    }
+    ConnectionDecision::Decided(evaluate(
+        matching.iter().copied(),
+        source,
+        destination,
+        None,
+        default,
+    ))
+}
+
 fn decide_one(
     intention: &Intention,
     request: Option<&Request>,
@@ -622,6 +663,64 @@ mod tests {
             Intention::l4("web", "db", Allow),
         ];
         assert!(evaluate(&list, "web", "db", None, Deny).allowed);
+    }
+
+    #[test]
+    fn connection_with_an_l7_intention_is_judged_per_request() {
+        for default in [Allow, Deny] {
+            assert_eq!(
+                evaluate_connection(&l7_list(), "web", "db", default),
+                ConnectionDecision::PerRequest
+            );
+        }
+        // A more specific L4 intention decides the connection on its own.
+        let mut list = l7_list();
+        list.push(Intention::l7("*", "db", vec![perm(Allow, prefix("/"))]));
+        list[0] = Intention::l4("web", "db", Allow);
+        assert_eq!(
+            evaluate_connection(&list, "web", "db", Deny),
+            ConnectionDecision::Decided(Decision {
+                allowed: true,
+                by: by("web", "db", None)
+            })
+        );
+        // The L7 intention below it decides for other sources.
+        assert_eq!(
+            evaluate_connection(&list, "api", "db", Deny),
+            ConnectionDecision::PerRequest
+        );
+    }
+
+    #[test]
+    fn connection_without_l7_intentions_is_evaluate_without_a_request() {
+        for mask in 0u32..16 {
+            for default in [Allow, Deny] {
+                let list: Vec<Intention> = KINDS
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, _)| mask & (1 << k) != 0)
+                    .map(|(k, (s, d, _))| {
+                        Intention::l4(*s, *d, if k % 2 == 0 { Deny } else { Allow })
+                    })
+                    .collect();
+                assert_eq!(
+                    evaluate_connection(&list, "web", "db", default),
+                    ConnectionDecision::Decided(evaluate(&list, "web", "db", None, default))
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_l4_deny_at_the_same_precedence_denies_the_connection() {
+        let list = vec![
+            Intention::l7("web", "db", vec![perm(Allow, prefix("/"))]),
+            Intention::l4("web", "db", Deny),
+        ];
+        match evaluate_connection(&list, "web", "db", Allow) {
+            ConnectionDecision::Decided(d) => assert!(!d.allowed),
+            other => panic!("expected a deny, got {other:?}"),
+        }
     }
 
     fn l7_list() -> Vec<Intention> {

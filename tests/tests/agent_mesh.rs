@@ -496,3 +496,120 @@ fn agent_restart_reregisters_node_and_traffic_resumes() -> anyhow::Result<()> {
     eprintln!("traffic resumed {took:?} after node B's agent was ready again");
     Ok(())
 }
+
+/// The HTTP status of `METHOD url` from node A (curl's `%{http_code}`).
+fn status_of(mesh: &Mesh, method: &str, url: &str, header: Option<&str>) -> anyhow::Result<u16> {
+    let mut args = vec!["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-m", "2"];
+    args.extend(["-X", method]);
+    if let Some(h) = header {
+        args.extend(["-H", h]);
+    }
+    args.push(url);
+    let out = mesh.curl_raw(NodeA, &args)?;
+    ensure!(out.success(), "curl {method} {url}: {}", out.stderr.trim());
+    Ok(out.stdout.trim().parse()?)
+}
+
+#[test]
+fn l7_intention_judges_every_request_by_method_path_and_header() -> anyhow::Result<()> {
+    require_root();
+    let mesh = one_api_mesh("api-1")?;
+    let defaults = mesh.path("api-defaults.toml");
+    std::fs::write(
+        &defaults,
+        "Kind = \"service-defaults\"\nName = \"api\"\nProtocol = \"http\"\n",
+    )?;
+    mesh.weft(&["config", "write", &defaults.display().to_string()])?;
+    // web may GET under /public, and POST only with x-env: prod; nothing else.
+    let l7 = mesh.path("web-api-l7.toml");
+    std::fs::write(
+        &l7,
+        r#"
+[[Permissions]]
+Action = "allow"
+HTTP = { PathPrefix = "/public", Methods = ["GET"] }
+
+[[Permissions]]
+Action = "allow"
+[Permissions.HTTP]
+Methods = ["POST"]
+Header = [ { Name = "x-env", Exact = "prod" } ]
+
+[[Permissions]]
+Action = "deny"
+HTTP = { PathPrefix = "/" }
+"#,
+    )?;
+    mesh.weft(&[
+        "intention",
+        "create",
+        "web",
+        "api",
+        "--file",
+        &l7.display().to_string(),
+    ])?;
+    let private = format!("{UPSTREAM}private");
+    wait_until(
+        Duration::from_secs(5),
+        "GET /private is refused with 403",
+        || Ok((status_of(&mesh, "GET", &private, None)? == 403).then_some(())),
+    )
+    .map_err(|e| e.context(agent_logs(&mesh)))?;
+    let denied_before = denials(&mesh)?;
+
+    let public = format!("{UPSTREAM}public/page");
+    assert_eq!(
+        mesh.curl_with(NodeA, &public, &["-m", "2"])?,
+        "instance api-1\n",
+        "an allowed request reaches the instance"
+    );
+    assert_eq!(status_of(&mesh, "DELETE", &public, None)?, 403);
+    assert_eq!(status_of(&mesh, "POST", &private, None)?, 403);
+    assert_eq!(
+        status_of(&mesh, "POST", &private, Some("x-env: prod"))?,
+        200
+    );
+    assert_eq!(status_of(&mesh, "POST", &private, Some("x-env: dev"))?, 403);
+    assert_eq!(status_of(&mesh, "GET", &private, None)?, 403);
+    // The refusal names the deciding intention and permission.
+    let out = mesh.curl_raw(NodeA, &["-sS", "-m", "2", &private])?;
+    ensure!(
+        out.stdout.contains("intention web => api, permission 2"),
+        "unexpected refusal body {:?}",
+        out.stdout
+    );
+    let denied = denials(&mesh)? - denied_before;
+    ensure!(
+        denied >= 5.0,
+        "5 refused requests counted as {denied} denials"
+    );
+
+    // Several requests on one keep-alive connection are judged one by one.
+    let out = mesh.curl_raw(
+        NodeA,
+        &[
+            "-sS",
+            "-m",
+            "5",
+            "-w",
+            "%{http_code} ",
+            "-o",
+            "/dev/null",
+            &public,
+            "-o",
+            "/dev/null",
+            &private,
+            "-o",
+            "/dev/null",
+            &public,
+        ],
+    )?;
+    assert_eq!(out.stdout.trim(), "200 403 200");
+
+    // With the intention gone, the default (allow) applies to every path.
+    mesh.weft(&["intention", "delete", "web", "api"])?;
+    wait_until(Duration::from_secs(5), "GET /private answers 200", || {
+        Ok((status_of(&mesh, "GET", &private, None)? == 200).then_some(()))
+    })?;
+    Ok(())
+}

@@ -2,25 +2,35 @@
 //! been verified against the trust bundle by the HBONE server; here the
 //! source service comes from its SPIFFE id, the destination from the local
 //! instance at the tunnel's target address, and the intentions decide. A
-//! refusal is a 403 on the CONNECT, logged with both identities.
+//! refusal is a 403 on the CONNECT, logged with both identities. Where an
+//! L7 intention decides, the tunnel is spliced to the L7 proxy (through an
+//! in-memory pipe), which judges every HTTP request on it.
 use std::sync::Arc;
 
+use tokio::io::DuplexStream;
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
+use weft_api::config_entry::Protocol;
+use weft_api::intention::ConnectionDecision;
 
 use super::counted::Counted;
-use super::{ProxyContext, CONNECT_TIMEOUT};
+use super::{l7, ProxyContext, CONNECT_TIMEOUT};
 use crate::hbone::{ConnectRequest, Refusal, SpiffeId};
+use crate::splice::SPLICE_BUFFER;
+
+/// What a tunnel is spliced to: the instance, or the L7 proxy's pipe.
+pub type Upstream = Either<TcpStream, DuplexStream>;
 
 /// Decides a tunnel and, if allowed, connects it to the local instance.
 pub async fn accept(
     ctx: Arc<ProxyContext>,
     req: ConnectRequest,
-) -> Result<Counted<TcpStream>, Refusal> {
+) -> Result<Counted<Upstream>, Refusal> {
     let source = match SpiffeId::parse(&req.peer_id) {
         Ok(id) => id.service,
         Err(e) => return Err(Refusal::forbidden(format!("peer {}: {e}", req.peer_id))),
     };
-    let (destination, decision) = {
+    let (destination, decision, protocol) = {
         let view = ctx.view.read().expect("view lock");
         let Some(instance) = view.local_instance(&ctx.node_name, req.target) else {
             return Err(Refusal::new(
@@ -28,21 +38,45 @@ pub async fn accept(
                 format!("no local service instance at {}", req.target),
             ));
         };
-        let decision = view.decide(&source, &instance.service, None);
-        (instance.service.clone(), decision)
+        let decision = view.decide_connection(&source, &instance.service);
+        let protocol = view.protocol(&instance.service).parse().unwrap_or_default();
+        (instance.service.clone(), decision, protocol)
     };
-    if !decision.allowed {
-        ctx.metrics.denied(&source, &destination);
-        tracing::info!(peer = %req.peer_id, %source, %destination, "refused: {decision}");
-        return Err(Refusal::forbidden(format!(
-            "{source} -> {destination} {decision}"
-        )));
-    }
-    let upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(req.target))
+    let per_request = match decision {
+        ConnectionDecision::Decided(d) if !d.allowed => {
+            ctx.metrics.denied(&source, &destination);
+            tracing::info!(peer = %req.peer_id, %source, %destination, "refused: {d}");
+            return Err(Refusal::forbidden(format!("{source} -> {destination} {d}")));
+        }
+        ConnectionDecision::Decided(_) => false,
+        ConnectionDecision::PerRequest if protocol == Protocol::Tcp => {
+            ctx.metrics.denied(&source, &destination);
+            let reason = l7::L7Error::NotHttp(protocol);
+            tracing::info!(peer = %req.peer_id, %source, %destination, "refused: {reason}");
+            return Err(Refusal::forbidden(format!(
+                "{source} -> {destination}: {reason}"
+            )));
+        }
+        ConnectionDecision::PerRequest => true,
+    };
+    let instance = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(req.target))
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
         .map_err(|e| Refusal::unavailable(format!("{destination} at {}: {e}", req.target)))?;
-    let _ = upstream.set_nodelay(true);
+    let _ = instance.set_nodelay(true);
+    let upstream = if per_request {
+        let (tunnel_end, proxy_end) = tokio::io::duplex(SPLICE_BUFFER);
+        let (src, dst) = (source.clone(), destination.clone());
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = l7::serve(ctx, proxy_end, instance, protocol, src, dst).await {
+                tracing::debug!("L7 connection ended: {e}");
+            }
+        });
+        Either::Right(tunnel_end)
+    } else {
+        Either::Left(instance)
+    };
     Ok(Counted::new(
         upstream,
         ctx.metrics.clone(),

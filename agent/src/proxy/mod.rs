@@ -6,6 +6,7 @@
 
 pub mod counted;
 pub mod inbound;
+pub mod l7;
 pub mod outbound;
 
 use std::collections::HashMap;

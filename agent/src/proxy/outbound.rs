@@ -9,6 +9,11 @@ use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 
+use weft_api::config_entry::Protocol;
+use weft_api::intention::ConnectionDecision;
+
+use super::counted::Counted;
+use super::l7::{self, L7Error};
 use super::{InFlight, ProxyContext, CONNECT_TIMEOUT};
 use crate::hbone::HboneError;
 use crate::intercept::Interception;
@@ -88,22 +93,34 @@ pub fn route(ctx: &ProxyContext, service: &str) -> Result<Route, OutboundError> 
 
 /// Carries one accepted connection from `source` to `destination`.
 pub async fn carry(
-    ctx: &ProxyContext,
+    ctx: &Arc<ProxyContext>,
     client: &mut TcpStream,
     source: &str,
     destination: &str,
 ) -> Result<(), OutboundError> {
     // Early deny: refuse here at once rather than after a tunnel; the
-    // destination's agent checks again with its own view.
-    let decision = ctx
-        .view
-        .read()
-        .expect("view lock")
-        .decide(source, destination, None);
-    if !decision.allowed {
-        ctx.metrics.denied(source, destination);
-        return Err(OutboundError::Denied(decision.to_string()));
-    }
+    // destination's agent checks again with its own view. Where an L7
+    // intention decides, requests are judged where the instance is: by the
+    // destination's agent, or below for an instance on this node.
+    let (decision, protocol) = {
+        let view = ctx.view.read().expect("view lock");
+        let protocol: Protocol = view.protocol(destination).parse().unwrap_or_default();
+        (view.decide_connection(source, destination), protocol)
+    };
+    let per_request = match decision {
+        ConnectionDecision::Decided(d) if !d.allowed => {
+            ctx.metrics.denied(source, destination);
+            return Err(OutboundError::Denied(d.to_string()));
+        }
+        ConnectionDecision::Decided(_) => false,
+        ConnectionDecision::PerRequest if protocol == Protocol::Tcp => {
+            ctx.metrics.denied(source, destination);
+            return Err(OutboundError::Denied(
+                L7Error::NotHttp(protocol).to_string(),
+            ));
+        }
+        ConnectionDecision::PerRequest => true,
+    };
     let route = route(ctx, destination)?;
     let target = match &route {
         Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
@@ -116,6 +133,15 @@ pub async fn carry(
                 .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
                 .map_err(|source| OutboundError::Connect { addr, source })?;
             let _ = upstream.set_nodelay(true);
+            if per_request {
+                // Counted reports the connection and its bytes when dropped.
+                let upstream = Counted::new(upstream, ctx.metrics.clone(), source, destination);
+                let (src, dst) = (source.to_string(), destination.to_string());
+                if let Err(e) = l7::serve(ctx.clone(), client, upstream, protocol, src, dst).await {
+                    tracing::debug!("L7 connection ended: {e}");
+                }
+                return Ok(());
+            }
             ctx.metrics.conn_opened(source, destination);
             let copied = splice(client, &mut upstream).await;
             ctx.metrics.conn_closed(source, destination);

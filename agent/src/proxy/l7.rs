@@ -1,0 +1,231 @@
+//! L7 intentions in the data path. When the intention deciding a pair is an
+//! L7 one ([`ConnectionDecision::PerRequest`]), the proxy speaks HTTP on the
+//! connection instead of copying bytes: each request is judged on its
+//! method, path and headers with the same pure evaluation the servers use,
+//! and only an allowed request is forwarded to the instance, over one
+//! upstream connection per downstream connection. A denied request gets a
+//! 403 with the reason and never reaches the instance; the connection stays
+//! open for the next request.
+//!
+//! HTTP/1.1 for `http` services; HTTP/2 with prior knowledge for `http2` and
+//! `grpc`. A service whose protocol carries no HTTP cannot be judged per
+//! request, so such a connection is refused before it starts.
+//!
+//! [`ConnectionDecision::PerRequest`]: weft_api::intention::ConnectionDecision::PerRequest
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use weft_api::config_entry::Protocol;
+use weft_api::intention::Request as PolicyRequest;
+
+use super::ProxyContext;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Why an L7 connection ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum L7Error {
+    #[error("service protocol {0} carries no HTTP: an L7 intention cannot judge it")]
+    NotHttp(Protocol),
+    #[error("HTTP handshake with the instance: {0}")]
+    Upstream(hyper::Error),
+    #[error("HTTP from the caller: {0}")]
+    Downstream(hyper::Error),
+}
+
+/// The parts of a request that L7 permissions match on: the method in
+/// upper case, the path without its query, and every header (values that
+/// are not UTF-8 are matched in their lossy form).
+pub fn policy_request<B>(request: &Request<B>) -> PolicyRequest {
+    PolicyRequest {
+        method: request.method().as_str().to_ascii_uppercase(),
+        path: request.uri().path().to_string(),
+        headers: request
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_string(),
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// The connection to the instance that allowed requests go over.
+enum Upstream {
+    /// HTTP/1.1 carries one request at a time.
+    Http1(tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Incoming>>),
+    Http2(hyper::client::conn::http2::SendRequest<Incoming>),
+}
+
+impl Upstream {
+    async fn open<U>(stream: U, protocol: Protocol) -> Result<Self, L7Error>
+    where
+        U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(stream);
+        match protocol {
+            Protocol::Http => {
+                let (send, conn) = hyper::client::conn::http1::handshake(io)
+                    .await
+                    .map_err(L7Error::Upstream)?;
+                tokio::spawn(conn);
+                Ok(Upstream::Http1(tokio::sync::Mutex::new(send)))
+            }
+            Protocol::Http2 | Protocol::Grpc => {
+                let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(L7Error::Upstream)?;
+                tokio::spawn(conn);
+                Ok(Upstream::Http2(send))
+            }
+            Protocol::Tcp => Err(L7Error::NotHttp(protocol)),
+        }
+    }
+
+    async fn send(&self, request: Request<Incoming>) -> hyper::Result<Response<Incoming>> {
+        match self {
+            Upstream::Http1(send) => {
+                let mut send = send.lock().await;
+                send.ready().await?;
+                send.send_request(request).await
+            }
+            Upstream::Http2(send) => {
+                let mut send = send.clone();
+                send.ready().await?;
+                send.send_request(request).await
+            }
+        }
+    }
+}
+
+/// One L7 connection from `source` to `destination`.
+struct Judge {
+    ctx: Arc<ProxyContext>,
+    source: String,
+    destination: String,
+    upstream: Upstream,
+}
+
+impl Judge {
+    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let decision = self.ctx.view.read().expect("view lock").decide(
+            &self.source,
+            &self.destination,
+            Some(&policy_request(&request)),
+        );
+        if !decision.allowed {
+            self.ctx.metrics.denied(&self.source, &self.destination);
+            tracing::info!(source = %self.source, destination = %self.destination,
+                method = %request.method(), path = %request.uri().path(), "request refused: {decision}");
+            let reason = format!(
+                "{} -> {} {} {}: {decision}\n",
+                self.source,
+                self.destination,
+                request.method(),
+                request.uri().path()
+            );
+            return plain(StatusCode::FORBIDDEN, reason);
+        }
+        match self.upstream.send(request).await {
+            Ok(response) => response.map(BodyExt::boxed),
+            Err(e) => {
+                tracing::info!(destination = %self.destination, "request to the instance failed: {e}");
+                plain(
+                    StatusCode::BAD_GATEWAY,
+                    format!("{}: {e}\n", self.destination),
+                )
+            }
+        }
+    }
+}
+
+fn plain(status: StatusCode, text: String) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed());
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Serves `downstream` as HTTP of `protocol`, judging every request from
+/// `source` to `destination` and forwarding the allowed ones to `upstream`.
+pub async fn serve<D, U>(
+    ctx: Arc<ProxyContext>,
+    downstream: D,
+    upstream: U,
+    protocol: Protocol,
+    source: String,
+    destination: String,
+) -> Result<(), L7Error>
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let upstream = Upstream::open(upstream, protocol).await?;
+    let judge = Arc::new(Judge {
+        ctx,
+        source,
+        destination,
+        upstream,
+    });
+    let service = service_fn(move |request: Request<Incoming>| {
+        let judge = judge.clone();
+        async move { Ok::<_, Infallible>(judge.handle(request).await) }
+    });
+    let io = TokioIo::new(downstream);
+    match protocol {
+        Protocol::Http => hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .await
+            .map_err(L7Error::Downstream),
+        Protocol::Http2 | Protocol::Grpc => {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(io, service)
+                .await
+                .map_err(L7Error::Downstream)
+        }
+        Protocol::Tcp => Err(L7Error::NotHttp(protocol)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_request_takes_method_path_and_headers() {
+        let request = Request::builder()
+            .method("get")
+            .uri("http://api:8080/v1/users?id=7")
+            .header("x-user", "alice")
+            .header("x-user", "bob")
+            .header("x-raw", &b"\xff\xfe"[..])
+            .body(())
+            .unwrap();
+        let p = policy_request(&request);
+        assert_eq!(p.method, "GET");
+        assert_eq!(p.path, "/v1/users");
+        assert_eq!(
+            p.headers,
+            vec![
+                ("x-user".to_string(), "alice".to_string()),
+                ("x-user".to_string(), "bob".to_string()),
+                ("x-raw".to_string(), "\u{fffd}\u{fffd}".to_string()),
+            ]
+        );
+    }
+}
