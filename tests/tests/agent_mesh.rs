@@ -514,6 +514,24 @@ fn status_of(mesh: &Mesh, method: &str, url: &str, header: Option<&str>) -> anyh
 fn l7_intention_judges_every_request_by_method_path_and_header() -> anyhow::Result<()> {
     require_root();
     let mesh = one_api_mesh("api-1")?;
+    l7_intention_cycle(&mesh, "api-1")
+}
+
+#[test]
+fn l7_intention_is_enforced_for_a_same_node_instance_too() -> anyhow::Result<()> {
+    require_root();
+    // api's only instance is on web's node: the source agent judges requests.
+    let mut mesh = Mesh::start(spec().node_a(api("api-a", 8080)))?;
+    let a = mesh.ip(NodeA);
+    mesh.workload(NodeA, "api-a", &format!("{a}:8080"))?;
+    wait_for_body(&mesh, "api-a", Duration::from_secs(30))?;
+    l7_intention_cycle(&mesh, "api-a")
+}
+
+/// Makes api an HTTP service, writes an L7 intention web => api and checks
+/// request by request that only what its permissions allow reaches
+/// `instance`; then deletes it and checks that the default applies again.
+fn l7_intention_cycle(mesh: &Mesh, instance: &str) -> anyhow::Result<()> {
     let defaults = mesh.path("api-defaults.toml");
     std::fs::write(
         &defaults,
@@ -552,25 +570,22 @@ HTTP = { PathPrefix = "/" }
     wait_until(
         Duration::from_secs(5),
         "GET /private is refused with 403",
-        || Ok((status_of(&mesh, "GET", &private, None)? == 403).then_some(())),
+        || Ok((status_of(mesh, "GET", &private, None)? == 403).then_some(())),
     )
-    .map_err(|e| e.context(agent_logs(&mesh)))?;
-    let denied_before = denials(&mesh)?;
+    .map_err(|e| e.context(agent_logs(mesh)))?;
+    let denied_before = denials(mesh)?;
 
     let public = format!("{UPSTREAM}public/page");
     assert_eq!(
         mesh.curl_with(NodeA, &public, &["-m", "2"])?,
-        "instance api-1\n",
+        format!("instance {instance}\n"),
         "an allowed request reaches the instance"
     );
-    assert_eq!(status_of(&mesh, "DELETE", &public, None)?, 403);
-    assert_eq!(status_of(&mesh, "POST", &private, None)?, 403);
-    assert_eq!(
-        status_of(&mesh, "POST", &private, Some("x-env: prod"))?,
-        200
-    );
-    assert_eq!(status_of(&mesh, "POST", &private, Some("x-env: dev"))?, 403);
-    assert_eq!(status_of(&mesh, "GET", &private, None)?, 403);
+    assert_eq!(status_of(mesh, "DELETE", &public, None)?, 403);
+    assert_eq!(status_of(mesh, "POST", &private, None)?, 403);
+    assert_eq!(status_of(mesh, "POST", &private, Some("x-env: prod"))?, 200);
+    assert_eq!(status_of(mesh, "POST", &private, Some("x-env: dev"))?, 403);
+    assert_eq!(status_of(mesh, "GET", &private, None)?, 403);
     // The refusal names the deciding intention and permission.
     let out = mesh.curl_raw(NodeA, &["-sS", "-m", "2", &private])?;
     ensure!(
@@ -578,7 +593,7 @@ HTTP = { PathPrefix = "/" }
         "unexpected refusal body {:?}",
         out.stdout
     );
-    let denied = denials(&mesh)? - denied_before;
+    let denied = denials(mesh)? - denied_before;
     ensure!(
         denied >= 5.0,
         "5 refused requests counted as {denied} denials"
@@ -609,7 +624,7 @@ HTTP = { PathPrefix = "/" }
     // With the intention gone, the default (allow) applies to every path.
     mesh.weft(&["intention", "delete", "web", "api"])?;
     wait_until(Duration::from_secs(5), "GET /private answers 200", || {
-        Ok((status_of(&mesh, "GET", &private, None)? == 200).then_some(()))
+        Ok((status_of(mesh, "GET", &private, None)? == 200).then_some(()))
     })?;
     Ok(())
 }
