@@ -274,18 +274,15 @@ pub fn evaluate<'a>(
     request: Option<&Request>,
     default: IntentionAction,
 ) -> Decision {
-    let matching: Vec<&Intention> = intentions
-        .into_iter()
-        .filter(|i| i.applies_to(source, destination))
-        .collect();
-    let Some(top) = matching.iter().map(|i| i.precedence()).max() else {
+    let deciding = deciding(intentions, source, destination);
+    if deciding.is_empty() {
         return Decision {
             allowed: default.is_allow(),
             by: DecidedBy::Default,
         };
-    };
+    }
     let mut result: Option<Decision> = None;
-    for intention in matching.into_iter().filter(|i| i.precedence() == top) {
+    for intention in deciding {
         let decision = decide_one(intention, request, default);
         match &result {
             Some(current) if !current.allowed || decision.allowed => {}
@@ -319,25 +316,33 @@ pub fn evaluate_connection<'a>(
     destination: &str,
     default: IntentionAction,
 ) -> ConnectionDecision {
+    let deciding = deciding(intentions, source, destination);
+    let l7 = deciding.iter().any(|i| !i.permissions.is_empty());
+    let l4_deny = deciding
+        .iter()
+        .any(|i| i.action == Some(IntentionAction::Deny));
+    if l7 && !l4_deny {
+        return ConnectionDecision::PerRequest;
+    }
+    ConnectionDecision::Decided(evaluate(deciding, source, destination, None, default))
+}
+
+/// The intentions that decide for the pair: those that apply to it with the
+/// highest precedence among them (none when nothing applies).
+fn deciding<'a>(
+    intentions: impl IntoIterator<Item = &'a Intention>,
+    source: &str,
+    destination: &str,
+) -> Vec<&'a Intention> {
     let matching: Vec<&Intention> = intentions
         .into_iter()
         .filter(|i| i.applies_to(source, destination))
         .collect();
-    if let Some(top) = matching.iter().map(|i| i.precedence()).max() {
-        let deciding = || matching.iter().filter(|i| i.precedence() == top);
-        let l7 = deciding().any(|i| !i.permissions.is_empty());
-        let l4_deny = deciding().any(|i| i.action == Some(IntentionAction::Deny));
-        if l7 && !l4_deny {
-            return ConnectionDecision::PerRequest;
-        }
-    }
-    ConnectionDecision::Decided(evaluate(
-        matching.iter().copied(),
-        source,
-        destination,
-        None,
-        default,
-    ))
+    let top = matching.iter().map(|i| i.precedence()).max();
+    matching
+        .into_iter()
+        .filter(|i| Some(i.precedence()) == top)
+        .collect()
 }
 
 fn decide_one(
