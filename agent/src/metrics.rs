@@ -132,6 +132,13 @@ struct ByteLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    source: String,
+    destination: String,
+    code: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TlsLabels {
     side: Side,
     reason: String,
@@ -159,6 +166,7 @@ pub struct AgentMetrics {
     active: Family<ConnLabels, Gauge>,
     bytes: Family<ByteLabels, Counter>,
     denied: Family<ConnLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
     tls_failures: Family<TlsLabels, Counter>,
     ebpf: Family<EbpfLabels, Counter>,
 }
@@ -204,6 +212,11 @@ impl AgentMetrics {
             m.denied.clone(),
         );
         registry.register(
+            "http_requests",
+            "HTTP requests judged by L7 intentions, by source and destination service and response status",
+            m.requests.clone(),
+        );
+        registry.register(
             "tls_handshake_failures",
             "Failed mTLS handshakes, by side and reason",
             m.tls_failures.clone(),
@@ -220,6 +233,7 @@ impl AgentMetrics {
             active: m.active,
             bytes: m.bytes,
             denied: m.denied,
+            requests: m.requests,
             tls_failures: m.tls_failures,
             ebpf: m.ebpf,
         }
@@ -253,6 +267,18 @@ impl AgentMetrics {
     /// Intentions refused a connection or request from `src` to `dst`.
     pub fn denied(&self, src: &str, dst: &str) {
         self.denied.get_or_create(&conn(src, dst)).inc();
+    }
+
+    /// An HTTP request from `src` to `dst` was answered with `code` (a
+    /// refusal, the instance's answer, or a gateway error).
+    pub fn http_request(&self, src: &str, dst: &str, code: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                source: src.to_string(),
+                destination: dst.to_string(),
+                code: u32::from(code),
+            })
+            .inc();
     }
 
     /// A TLS handshake failed; `reason` should come from a small fixed set
@@ -307,6 +333,7 @@ struct AgentMetricsParts {
     active: Family<ConnLabels, Gauge>,
     bytes: Family<ByteLabels, Counter>,
     denied: Family<ConnLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
     tls_failures: Family<TlsLabels, Counter>,
     ebpf: Family<EbpfLabels, Counter>,
 }
@@ -325,6 +352,8 @@ mod tests {
         m.bytes("web", "api", Direction::Received, 7);
         m.bytes("web", "api", Direction::Sent, 23);
         m.denied("web", "db");
+        m.http_request("web", "api", 403);
+        m.http_request("web", "api", 403);
         m.tls_failure(Side::Inbound, "unknown_ca");
         m.set_ebpf_counter(EbpfCounter::Redirected, 42);
         m.set_ebpf_counter(EbpfCounter::Redirected, 50);
@@ -341,6 +370,7 @@ mod tests {
             "weft_agent_bytes_total{source=\"web\",destination=\"api\",direction=\"sent\"} 123",
             "weft_agent_bytes_total{source=\"web\",destination=\"api\",direction=\"received\"} 7",
             "weft_agent_intention_denials_total{source=\"web\",destination=\"db\"} 1",
+            "weft_agent_http_requests_total{source=\"web\",destination=\"api\",code=\"403\"} 2",
             "weft_agent_tls_handshake_failures_total{side=\"inbound\",reason=\"unknown_ca\"} 1",
             "weft_agent_ebpf_events_total{event=\"redirected\"} 50",
             "weft_agent_ebpf_events_total{event=\"fast_path\"} 3",

@@ -598,6 +598,21 @@ HTTP = { PathPrefix = "/" }
         denied >= 5.0,
         "5 refused requests counted as {denied} denials"
     );
+    let requests = |code| -> anyhow::Result<f64> {
+        let labels = [("source", "web"), ("destination", "api"), ("code", code)];
+        Ok(
+            mesh.metric_with(NodeA, "weft_agent_http_requests_total", &labels)?
+                + mesh.metric_with(NodeB, "weft_agent_http_requests_total", &labels)?,
+        )
+    };
+    ensure!(
+        requests("403")? >= 5.0,
+        "refused requests are counted by code"
+    );
+    ensure!(
+        requests("200")? >= 2.0,
+        "answered requests are counted by code"
+    );
 
     // Several requests on one keep-alive connection are judged one by one.
     let out = mesh.curl_raw(

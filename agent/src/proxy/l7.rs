@@ -120,6 +120,13 @@ struct Judge {
 
 impl Judge {
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let response = self.judge_and_forward(request).await;
+        let code = response.status().as_u16();
+        (self.ctx.metrics).http_request(&self.source, &self.destination, code);
+        response
+    }
+
+    async fn judge_and_forward(&self, request: Request<Incoming>) -> Response<Body> {
         let decision = self.ctx.view.read().expect("view lock").decide(
             &self.source,
             &self.destination,
