@@ -26,5 +26,6 @@ pub mod intention;
 pub mod kv;
 pub mod names;
 pub mod proto;
+pub mod routing;
 pub mod spiffe;
 pub mod vip;

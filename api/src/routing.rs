@@ -1,0 +1,343 @@
+//! Where an HTTP request to a service goes: Consul's discovery chain
+//! (`service-router`, then `service-splitter`, then `service-resolver`) as
+//! pure functions over the config entries and the catalog.
+//!
+//! 1. The router's first matching route may name another service and a
+//!    subset.
+//! 2. When no subset has been chosen, the splitter of the service reached so
+//!    far picks a share by weight (the caller rolls the dice).
+//! 3. The resolver of that service may redirect it (once), and gives the
+//!    default subset when none was chosen.
+//! 4. The instances are those of the resulting service that belong to the
+//!    subset (its filter and health rule), or its passing instances when
+//!    there is no subset. A subset that the resolver does not define has no
+//!    instances: traffic is refused rather than sent somewhere unintended.
+
+use crate::catalog::{HealthStatus, ServiceInstance};
+use crate::config_entry::{pick_split, select_route, ConfigEntry, EntryKind, EntrySet};
+use crate::http_match::Request;
+
+/// A service and, optionally, one of its resolver's subsets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub service: String,
+    pub subset: Option<String>,
+}
+
+impl Target {
+    fn service(service: &str) -> Self {
+        Target {
+            service: service.to_string(),
+            subset: None,
+        }
+    }
+}
+
+/// Whether requests to `service` need per-request routing: a router or a
+/// splitter for it, or a resolver with subsets or a redirect.
+pub fn has_routing(entries: &EntrySet, service: &str) -> bool {
+    entries.get(EntryKind::ServiceRouter, service).is_some()
+        || entries.get(EntryKind::ServiceSplitter, service).is_some()
+        || matches!(
+            entries.get(EntryKind::ServiceResolver, service),
+            Some(ConfigEntry::ServiceResolver(r))
+                if !r.subsets.is_empty() || r.redirect.is_some() || r.default_subset.is_some()
+        )
+}
+
+/// Where `request` to `service` goes. `roll` is a number in `[0, 100)` for
+/// the splitter.
+pub fn route_request(entries: &EntrySet, service: &str, request: &Request, roll: f32) -> Target {
+    let mut target = Target::service(service);
+    if let Some(ConfigEntry::ServiceRouter(router)) = entries.get(EntryKind::ServiceRouter, service)
+    {
+        if let Some(destination) =
+            select_route(router, request).and_then(|(_, r)| r.destination.as_ref())
+        {
+            target = Target {
+                service: destination
+                    .service
+                    .clone()
+                    .unwrap_or_else(|| service.to_string()),
+                subset: destination.service_subset.clone(),
+            };
+        }
+    }
+    if target.subset.is_none() {
+        if let Some(ConfigEntry::ServiceSplitter(splitter)) =
+            entries.get(EntryKind::ServiceSplitter, &target.service)
+        {
+            if let Some(split) = pick_split(splitter, roll) {
+                target = Target {
+                    service: split
+                        .service
+                        .clone()
+                        .unwrap_or_else(|| target.service.clone()),
+                    subset: split.service_subset.clone(),
+                };
+            }
+        }
+    }
+    resolve(entries, target)
+}
+
+/// Applies the resolver of `target.service`: a redirect (followed once), or
+/// the default subset when none was chosen.
+pub fn resolve(entries: &EntrySet, target: Target) -> Target {
+    let Some(ConfigEntry::ServiceResolver(resolver)) =
+        entries.get(EntryKind::ServiceResolver, &target.service)
+    else {
+        return target;
+    };
+    if let Some(redirect) = &resolver.redirect {
+        let service = redirect
+            .service
+            .clone()
+            .unwrap_or_else(|| target.service.clone());
+        let subset = redirect.service_subset.clone();
+        return match subset {
+            Some(subset) => Target {
+                service,
+                subset: Some(subset),
+            },
+            None => {
+                let default = match entries.get(EntryKind::ServiceResolver, &service) {
+                    Some(ConfigEntry::ServiceResolver(r)) => r.default_subset.clone(),
+                    _ => None,
+                };
+                Target {
+                    service,
+                    subset: default,
+                }
+            }
+        };
+    }
+    Target {
+        subset: target.subset.or_else(|| resolver.default_subset.clone()),
+        service: target.service,
+    }
+}
+
+/// The instances of `target`, from `instances` (any services, any health).
+pub fn instances_of<'a>(
+    entries: &EntrySet,
+    target: &Target,
+    instances: impl IntoIterator<Item = &'a ServiceInstance>,
+) -> Vec<&'a ServiceInstance> {
+    let of_service = instances
+        .into_iter()
+        .filter(|i| i.service == target.service);
+    let Some(name) = &target.subset else {
+        return of_service
+            .filter(|i| i.health == HealthStatus::Passing)
+            .collect();
+    };
+    let subset = match entries.get(EntryKind::ServiceResolver, &target.service) {
+        Some(ConfigEntry::ServiceResolver(r)) => r.subsets.get(name),
+        _ => None,
+    };
+    match subset {
+        Some(subset) => of_service.filter(|i| subset.contains(i)).collect(),
+        None => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::config_entry::{
+        ResolverRedirect, ResolverSubset, Route, RouteDestination, RouteMatch, ServiceResolver,
+        ServiceRouter, ServiceSplitter, Split,
+    };
+    use crate::http_match::{HeaderMatch, HttpMatch};
+
+    fn instance(id: &str, service: &str, version: &str, health: HealthStatus) -> ServiceInstance {
+        ServiceInstance {
+            id: id.into(),
+            service: service.into(),
+            node: "n".into(),
+            address: "10.0.0.1".into(),
+            port: 80,
+            tags: Vec::new(),
+            meta: BTreeMap::from([("version".to_string(), version.to_string())]),
+            health,
+            check_output: String::new(),
+            create_index: 1,
+            modify_index: 1,
+        }
+    }
+
+    fn resolver() -> ConfigEntry {
+        let subset = |v: &str| ResolverSubset {
+            filter: format!("Service.Meta.version == {v}"),
+            only_passing: false,
+        };
+        ConfigEntry::ServiceResolver(ServiceResolver {
+            name: "api".into(),
+            default_subset: Some("v1".into()),
+            subsets: BTreeMap::from([("v1".into(), subset("v1")), ("v2".into(), subset("v2"))]),
+            ..Default::default()
+        })
+    }
+
+    fn splitter(v1: f32, v2: f32) -> ConfigEntry {
+        let split = |w, s: &str| Split {
+            weight: w,
+            service: None,
+            service_subset: Some(s.into()),
+        };
+        ConfigEntry::ServiceSplitter(ServiceSplitter {
+            name: "api".into(),
+            splits: vec![split(v1, "v1"), split(v2, "v2")],
+        })
+    }
+
+    fn canary_router() -> ConfigEntry {
+        ConfigEntry::ServiceRouter(ServiceRouter {
+            name: "api".into(),
+            routes: vec![Route {
+                route_match: Some(RouteMatch {
+                    http: Some(HttpMatch {
+                        headers: vec![HeaderMatch {
+                            name: "x-canary".into(),
+                            exact: Some("1".into()),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }),
+                }),
+                destination: Some(RouteDestination {
+                    service_subset: Some("v2".into()),
+                    ..Default::default()
+                }),
+            }],
+        })
+    }
+
+    fn entries(list: Vec<ConfigEntry>) -> EntrySet {
+        let mut set = EntrySet::new();
+        for e in list {
+            set.insert(e);
+        }
+        set
+    }
+
+    fn get() -> Request {
+        Request::new("GET", "/")
+    }
+
+    fn target(service: &str, subset: Option<&str>) -> Target {
+        Target {
+            service: service.into(),
+            subset: subset.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn no_entries_means_the_service_itself() {
+        let set = EntrySet::new();
+        assert!(!has_routing(&set, "api"));
+        assert_eq!(
+            route_request(&set, "api", &get(), 50.0),
+            target("api", None)
+        );
+    }
+
+    #[test]
+    fn the_resolver_gives_the_default_subset() {
+        let set = entries(vec![resolver()]);
+        assert!(has_routing(&set, "api"));
+        assert_eq!(
+            route_request(&set, "api", &get(), 50.0),
+            target("api", Some("v1"))
+        );
+    }
+
+    #[test]
+    fn the_splitter_picks_by_weight() {
+        let set = entries(vec![resolver(), splitter(90.0, 10.0)]);
+        assert_eq!(
+            route_request(&set, "api", &get(), 0.0),
+            target("api", Some("v1"))
+        );
+        assert_eq!(
+            route_request(&set, "api", &get(), 89.9),
+            target("api", Some("v1"))
+        );
+        assert_eq!(
+            route_request(&set, "api", &get(), 90.0),
+            target("api", Some("v2"))
+        );
+        assert_eq!(
+            route_request(&set, "api", &get(), 99.9),
+            target("api", Some("v2"))
+        );
+    }
+
+    #[test]
+    fn a_matching_route_wins_over_the_splitter() {
+        let set = entries(vec![resolver(), splitter(100.0, 0.0), canary_router()]);
+        let mut canary = get();
+        canary.headers.push(("x-canary".into(), "1".into()));
+        assert_eq!(
+            route_request(&set, "api", &canary, 0.0),
+            target("api", Some("v2"))
+        );
+        // Without the header no route matches: the splitter decides.
+        assert_eq!(
+            route_request(&set, "api", &get(), 99.0),
+            target("api", Some("v1"))
+        );
+    }
+
+    #[test]
+    fn a_redirect_is_followed_once() {
+        let redirect = ConfigEntry::ServiceResolver(ServiceResolver {
+            name: "api".into(),
+            redirect: Some(ResolverRedirect {
+                service: Some("api-next".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let next = ConfigEntry::ServiceResolver(ServiceResolver {
+            name: "api-next".into(),
+            default_subset: Some("blue".into()),
+            redirect: Some(ResolverRedirect {
+                service: Some("elsewhere".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let set = entries(vec![redirect, next]);
+        assert_eq!(
+            route_request(&set, "api", &get(), 0.0),
+            target("api-next", Some("blue"))
+        );
+    }
+
+    #[test]
+    fn instances_follow_the_subset_and_health() {
+        let set = entries(vec![resolver()]);
+        let all = [
+            instance("a1", "api", "v1", HealthStatus::Passing),
+            instance("a2", "api", "v2", HealthStatus::Passing),
+            instance("a3", "api", "v2", HealthStatus::Warning),
+            instance("a4", "api", "v2", HealthStatus::Critical),
+            instance("o1", "other", "v2", HealthStatus::Passing),
+        ];
+        let ids = |t: &Target| -> Vec<String> {
+            instances_of(&set, t, &all)
+                .into_iter()
+                .map(|i| i.id.clone())
+                .collect()
+        };
+        assert_eq!(ids(&target("api", Some("v2"))), ["a2", "a3"]);
+        assert_eq!(ids(&target("api", Some("v1"))), ["a1"]);
+        assert_eq!(ids(&target("api", None)), ["a1", "a2"]);
+        assert!(ids(&target("api", Some("v3"))).is_empty(), "unknown subset");
+        assert!(ids(&target("other", Some("v2"))).is_empty(), "no resolver");
+    }
+}
