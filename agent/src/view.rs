@@ -7,12 +7,14 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
 use weft_api::catalog::{HealthStatus, Node, ServiceInstance};
+use weft_api::config_entry::{ConfigEntry, EntryKind, EntrySet};
 use weft_api::convert::{instance_from_proto, intention_from_proto, node_from_proto};
 use weft_api::intention::{
     evaluate, evaluate_connection, ConnectionDecision, Decision, Intention, IntentionAction,
     Request,
 };
 use weft_api::proto::{self, change::Change as P, watch_event::Event};
+use weft_api::routing;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct View {
@@ -25,9 +27,16 @@ pub struct View {
     pub intentions: BTreeMap<(String, String), Intention>,
     /// Protocols set by service-defaults entries (absent: tcp).
     pub protocols: BTreeMap<String, String>,
+    /// Every config entry (routers, splitters, resolvers, defaults).
+    #[serde(serialize_with = "entries_as_list")]
+    pub entries: EntrySet,
     pub trust_domain: String,
     pub roots_pem: Vec<String>,
     pub default_allow: bool,
+}
+
+fn entries_as_list<S: serde::Serializer>(entries: &EntrySet, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(entries.iter())
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -126,6 +135,9 @@ impl View {
                 if r.kind == "service-defaults" {
                     self.protocols.remove(&r.name);
                 }
+                if let Ok(kind) = r.kind.parse::<EntryKind>() {
+                    self.entries.remove(kind, &r.name);
+                }
             }
             P::KvUpsert(_) | P::KvDelete(_) => {}
         }
@@ -133,6 +145,16 @@ impl View {
     }
 
     fn apply_config(&mut self, e: &proto::ConfigEntry) {
+        match serde_json::from_str::<ConfigEntry>(&e.json) {
+            Ok(entry) => {
+                self.entries.insert(entry);
+            }
+            // Written through the servers' validation, so this is a bug or a
+            // newer server: the entry is left out (requests are not routed by it).
+            Err(err) => {
+                tracing::warn!(kind = %e.kind, name = %e.name, "config entry not understood: {err}")
+            }
+        }
         if e.kind != "service-defaults" {
             return;
         }
@@ -222,6 +244,25 @@ impl View {
             destination,
             self.default_action(),
         )
+    }
+
+    /// Whether requests to `service` are routed one by one (a router, a
+    /// splitter, or a resolver with subsets for it).
+    pub fn has_routing(&self, service: &str) -> bool {
+        routing::has_routing(&self.entries, service)
+    }
+
+    /// Where `request` to `service` goes and the instances that may serve
+    /// it (`roll` in `[0, 100)` for a splitter).
+    pub fn route_request(
+        &self,
+        service: &str,
+        request: &Request,
+        roll: f32,
+    ) -> (routing::Target, Vec<&ServiceInstance>) {
+        let target = routing::route_request(&self.entries, service, request, roll);
+        let instances = routing::instances_of(&self.entries, &target, self.instances.values());
+        (target, instances)
     }
 
     /// The trust bundle as one PEM text.

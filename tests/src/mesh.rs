@@ -102,6 +102,8 @@ pub struct Service {
     /// The workload's cgroup, relative to the agent's `cgroup_root`
     /// (transparent meshes, [`MeshSpec::ebpf`]).
     pub cgroup: Option<String>,
+    /// The instance's `meta` (resolver subsets filter on it).
+    pub meta: Vec<(String, String)>,
 }
 
 impl Service {
@@ -115,7 +117,13 @@ impl Service {
             check_interval: "1s".into(),
             upstreams: Vec::new(),
             cgroup: None,
+            meta: Vec::new(),
         }
+    }
+    /// One `meta` entry of the instance.
+    pub fn meta(mut self, key: &str, value: &str) -> Self {
+        self.meta.push((key.to_string(), value.to_string()));
+        self
     }
     pub fn id(mut self, id: &str) -> Self {
         self.id = Some(id.to_string());
@@ -157,6 +165,14 @@ impl Service {
         }
         if let Some(cg) = &self.cgroup {
             t += &format!("cgroup = {cg:?}\n");
+        }
+        if !self.meta.is_empty() {
+            let pairs: Vec<String> = self
+                .meta
+                .iter()
+                .map(|(k, v)| format!("{k} = {v:?}"))
+                .collect();
+            t += &format!("meta = {{ {} }}\n", pairs.join(", "));
         }
         if let Some(url) = &self.http_check {
             t += &format!(

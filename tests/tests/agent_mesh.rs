@@ -643,3 +643,151 @@ HTTP = { PathPrefix = "/" }
     })?;
     Ok(())
 }
+
+/// Writes a config entry (TOML) through the CLI.
+fn write_entry(mesh: &Mesh, file: &str, text: &str) -> anyhow::Result<()> {
+    let path = mesh.path(file);
+    std::fs::write(&path, text)?;
+    mesh.weft(&["config", "write", &path.display().to_string()])?;
+    Ok(())
+}
+
+/// Waits until `n` requests in a row (with `extra` curl arguments) answer
+/// from instance `want`, then checks `n` more.
+fn settles_on(mesh: &Mesh, extra: &[&str], want: &str, n: usize) -> anyhow::Result<()> {
+    let mut args = vec!["-m", "2"];
+    args.extend_from_slice(extra);
+    let mut run = 0;
+    wait_until(
+        Duration::from_secs(10),
+        &format!("{n} requests in a row ({extra:?}) on {want}"),
+        || {
+            let body = mesh.curl_with(NodeA, UPSTREAM, &args)?;
+            run = if instance_of(&body) == Some(want) {
+                run + 1
+            } else {
+                0
+            };
+            Ok((run >= n).then_some(()))
+        },
+    )
+    .map_err(|e| e.context(agent_logs(mesh)))?;
+    for i in 0..n {
+        let body = mesh.curl_with(NodeA, UPSTREAM, &args)?;
+        ensure!(
+            instance_of(&body) == Some(want),
+            "request {i} ({extra:?}) answered {body:?}, not from {want}"
+        );
+    }
+    Ok(())
+}
+
+/// api-1 (version v1) on node B, api-2 (v2) on web's own node A: a
+/// resolver's default subset, a splitter and a header route each decide,
+/// request by request, which one answers.
+#[test]
+fn resolver_splitter_and_router_pick_the_instance_of_every_request() -> anyhow::Result<()> {
+    require_root();
+    let mut mesh = Mesh::start(
+        spec()
+            .node_b(api("api-1", 8080).meta("version", "v1"))
+            .node_a(api("api-2", 8081).meta("version", "v2")),
+    )?;
+    let (a, b) = (mesh.ip(NodeA), mesh.ip(NodeB));
+    mesh.workload(NodeB, "api-1", &format!("{b}:8080"))?;
+    mesh.workload(NodeA, "api-2", &format!("{a}:8081"))?;
+    let mut seen = std::collections::BTreeSet::new();
+    wait_until(
+        Duration::from_secs(30),
+        "requests reach both instances",
+        || {
+            if let Ok(body) = mesh.curl_with(NodeA, UPSTREAM, &["-m", "2"]) {
+                seen.insert(instance_of(&body).unwrap_or_default().to_string());
+            }
+            Ok((seen.contains("api-1") && seen.contains("api-2")).then_some(()))
+        },
+    )?;
+
+    write_entry(
+        &mesh,
+        "defaults.toml",
+        "Kind = \"service-defaults\"\nName = \"api\"\nProtocol = \"http\"\n",
+    )?;
+    write_entry(
+        &mesh,
+        "resolver.toml",
+        r#"
+Kind = "service-resolver"
+Name = "api"
+DefaultSubset = "v1"
+[Subsets.v1]
+Filter = "Service.Meta.version == v1"
+[Subsets.v2]
+Filter = "Service.Meta.version == v2"
+"#,
+    )?;
+    // The default subset: every request to v1, across the tunnel.
+    settles_on(&mesh, &[], "api-1", 10)?;
+
+    write_entry(
+        &mesh,
+        "splitter.toml",
+        "Kind = \"service-splitter\"\nName = \"api\"\n[[Splits]]\nWeight = 100\nServiceSubset = \"v2\"\n",
+    )?;
+    // The splitter: every request to v2, on this node.
+    settles_on(&mesh, &[], "api-2", 10)?;
+
+    write_entry(
+        &mesh,
+        "router.toml",
+        r#"
+Kind = "service-router"
+Name = "api"
+[[Routes]]
+[Routes.Match.HTTP]
+Header = [ { Name = "x-canary", Exact = "1" } ]
+[Routes.Destination]
+ServiceSubset = "v1"
+"#,
+    )?;
+    // The route: requests with the header to v1, the others still split to v2.
+    settles_on(&mesh, &["-H", "x-canary: 1"], "api-1", 10)?;
+    settles_on(&mesh, &[], "api-2", 10)?;
+
+    // One keep-alive connection (curl reuses it: 0 new connects after the
+    // first), its requests routed one by one.
+    let one = |header: Option<&'static str>| {
+        let mut a = vec!["-sS", "-m", "5", "-w", "connects=%{num_connects}\n"];
+        if let Some(h) = header {
+            a.extend(["-H", h]);
+        }
+        a.push(UPSTREAM);
+        a
+    };
+    let mut args = one(None);
+    for header in [Some("x-canary: 1"), None] {
+        args.push("--next");
+        args.extend(one(header));
+    }
+    let out = mesh.curl_raw(NodeA, &args)?;
+    ensure!(out.success(), "curl: {}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        "instance api-2\nconnects=1\ninstance api-1\nconnects=0\ninstance api-2\nconnects=0\n"
+    );
+
+    // With v2's only instance failing its check, the split goes nowhere: 503,
+    // and no request is sent to v1 instead (no failover is configured).
+    mesh.curl(NodeA, &format!("http://{a}:8081/fail"))?;
+    wait_until(
+        Duration::from_secs(10),
+        "requests split to v2 get 503",
+        || Ok((status_of(&mesh, "GET", UPSTREAM, None)? == 503).then_some(())),
+    )?;
+    assert_eq!(
+        status_of(&mesh, "GET", UPSTREAM, Some("x-canary: 1"))?,
+        200,
+        "the v1 route still answers"
+    );
+    Ok(())
+}

@@ -69,7 +69,7 @@ pub async fn accept(
         let (src, dst) = (source.clone(), destination.clone());
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            if let Err(e) = l7::serve(ctx, proxy_end, instance, protocol, src, dst).await {
+            if let Err(e) = l7::serve_instance(ctx, proxy_end, instance, protocol, src, dst).await {
                 tracing::debug!("L7 connection ended: {e}");
             }
         });

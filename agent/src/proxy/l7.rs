@@ -7,13 +7,23 @@
 //! 403 with the reason and never reaches the instance; the connection stays
 //! open for the next request.
 //!
+//! The same HTTP serving carries traffic management: for a service with a
+//! router, a splitter or resolver subsets, the source agent routes each
+//! request on its own ([`serve_routed`]): the discovery chain in
+//! `weft_api::routing` picks the service and subset, power of two choices
+//! picks an instance, and the request goes over a connection to that
+//! instance (straight to it on this node, else through an HBONE tunnel),
+//! kept for the next request that lands there.
+//!
 //! HTTP/1.1 for `http` services; HTTP/2 with prior knowledge for `http2` and
 //! `grpc`. A service whose protocol carries no HTTP cannot be judged per
 //! request, so such a connection is refused before it starts.
 //!
 //! [`ConnectionDecision::PerRequest`]: weft_api::intention::ConnectionDecision::PerRequest
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -24,10 +34,12 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use weft_api::config_entry::Protocol;
 use weft_api::intention::Request as PolicyRequest;
 
-use super::ProxyContext;
+use super::outbound::{self, Route};
+use super::{InFlight, ProxyContext, CONNECT_TIMEOUT};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -94,6 +106,14 @@ impl Upstream {
         }
     }
 
+    /// Whether the connection can carry no more requests.
+    async fn is_closed(&self) -> bool {
+        match self {
+            Upstream::Http1(send) => send.lock().await.is_closed(),
+            Upstream::Http2(send) => send.is_closed(),
+        }
+    }
+
     async fn send(&self, request: Request<Incoming>) -> hyper::Result<Response<Incoming>> {
         match self {
             Upstream::Http1(send) => {
@@ -110,12 +130,23 @@ impl Upstream {
     }
 }
 
+/// Where allowed requests go.
+enum Forward {
+    /// The one instance the connection was opened to.
+    Instance(Upstream),
+    /// Each request routed on its own; connections by instance address.
+    Routed(tokio::sync::Mutex<HashMap<SocketAddr, Arc<Upstream>>>),
+}
+
 /// One L7 connection from `source` to `destination`.
 struct Judge {
     ctx: Arc<ProxyContext>,
     source: String,
     destination: String,
-    upstream: Upstream,
+    protocol: Protocol,
+    /// An L7 intention decides: judge each request here.
+    judge_requests: bool,
+    forward: Forward,
 }
 
 impl Judge {
@@ -127,25 +158,32 @@ impl Judge {
     }
 
     async fn judge_and_forward(&self, request: Request<Incoming>) -> Response<Body> {
-        let decision = self.ctx.view.read().expect("view lock").decide(
-            &self.source,
-            &self.destination,
-            Some(&policy_request(&request)),
-        );
-        if !decision.allowed {
-            self.ctx.metrics.denied(&self.source, &self.destination);
-            tracing::info!(source = %self.source, destination = %self.destination,
-                method = %request.method(), path = %request.uri().path(), "request refused: {decision}");
-            let reason = format!(
-                "{} -> {} {} {}: {decision}\n",
-                self.source,
-                self.destination,
-                request.method(),
-                request.uri().path()
+        let facts = policy_request(&request);
+        if self.judge_requests {
+            let decision = self.ctx.view.read().expect("view lock").decide(
+                &self.source,
+                &self.destination,
+                Some(&facts),
             );
-            return plain(StatusCode::FORBIDDEN, reason);
+            if !decision.allowed {
+                self.ctx.metrics.denied(&self.source, &self.destination);
+                tracing::info!(source = %self.source, destination = %self.destination,
+                    method = %facts.method, path = %facts.path, "request refused: {decision}");
+                let reason = format!(
+                    "{} -> {} {} {}: {decision}\n",
+                    self.source, self.destination, facts.method, facts.path
+                );
+                return plain(StatusCode::FORBIDDEN, reason);
+            }
         }
-        match self.upstream.send(request).await {
+        match &self.forward {
+            Forward::Instance(upstream) => self.send(upstream, request).await,
+            Forward::Routed(conns) => self.route(conns, &facts, request).await,
+        }
+    }
+
+    async fn send(&self, upstream: &Upstream, request: Request<Incoming>) -> Response<Body> {
+        match upstream.send(request).await {
             Ok(response) => response.map(BodyExt::boxed),
             Err(e) => {
                 tracing::info!(destination = %self.destination, "request to the instance failed: {e}");
@@ -155,6 +193,80 @@ impl Judge {
                 )
             }
         }
+    }
+
+    /// Routes one request: discovery chain, instance, connection, send.
+    async fn route(
+        &self,
+        conns: &tokio::sync::Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
+        facts: &PolicyRequest,
+        request: Request<Incoming>,
+    ) -> Response<Body> {
+        let picked = {
+            let view = self.ctx.view.read().expect("view lock");
+            let roll = rand::random::<f32>() * 100.0;
+            let (target, instances) = view.route_request(&self.destination, facts, roll);
+            outbound::pick(&self.ctx, &view, &instances, &target.service)
+        };
+        let route = match picked {
+            Ok(route) => route,
+            Err(e) => return plain(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+        };
+        let addr = match &route {
+            Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
+        };
+        let _in_flight = InFlight::new(&self.ctx, addr);
+        let upstream = {
+            let mut conns = conns.lock().await;
+            let live = match conns.get(&addr) {
+                Some(u) if !u.is_closed().await => Some(u.clone()),
+                _ => None,
+            };
+            match live {
+                Some(upstream) => upstream,
+                None => match self.open(&route).await {
+                    Ok(upstream) => {
+                        let upstream = Arc::new(upstream);
+                        conns.insert(addr, upstream.clone());
+                        upstream
+                    }
+                    Err(e) => {
+                        tracing::info!(destination = %self.destination, %addr, "{e}");
+                        return plain(StatusCode::BAD_GATEWAY, format!("{e}\n"));
+                    }
+                },
+            }
+        };
+        self.send(&upstream, request).await
+    }
+
+    /// A new connection for requests to the instance `route` leads to.
+    async fn open(&self, route: &Route) -> Result<Upstream, String> {
+        match route {
+            Route::Local(addr) => {
+                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+                    .map_err(|e| format!("connecting to {addr}: {e}"))?;
+                let _ = tcp.set_nodelay(true);
+                Upstream::open(tcp, self.protocol).await
+            }
+            Route::Tunnel { node, target } => {
+                let identity = self
+                    .ctx
+                    .identities
+                    .service(&self.source)
+                    .map_err(|_| format!("no certificate for {}", self.source))?;
+                let tunnel = self
+                    .ctx
+                    .pool
+                    .connect(&identity, *node, *target, CONNECT_TIMEOUT)
+                    .await
+                    .map_err(|e| format!("tunnel to {target} via {node}: {e}"))?;
+                Upstream::open(tunnel, self.protocol).await
+            }
+        }
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -169,8 +281,9 @@ fn plain(status: StatusCode, text: String) -> Response<Body> {
 }
 
 /// Serves `downstream` as HTTP of `protocol`, judging every request from
-/// `source` to `destination` and forwarding the allowed ones to `upstream`.
-pub async fn serve<D, U>(
+/// `source` to `destination` and forwarding the allowed ones to the instance
+/// at the other end of `upstream`.
+pub async fn serve_instance<D, U>(
     ctx: Arc<ProxyContext>,
     downstream: D,
     upstream: U,
@@ -183,12 +296,51 @@ where
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let upstream = Upstream::open(upstream, protocol).await?;
-    let judge = Arc::new(Judge {
+    let judge = Judge {
         ctx,
         source,
         destination,
-        upstream,
-    });
+        protocol,
+        judge_requests: true,
+        forward: Forward::Instance(upstream),
+    };
+    serve(downstream, judge).await
+}
+
+/// Serves `downstream` as HTTP of `protocol`, routing every request from
+/// `source` to `destination` on its own; `judge_requests` when an L7
+/// intention decides the pair.
+pub async fn serve_routed<D>(
+    ctx: Arc<ProxyContext>,
+    downstream: D,
+    protocol: Protocol,
+    source: String,
+    destination: String,
+    judge_requests: bool,
+) -> Result<(), L7Error>
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    if protocol == Protocol::Tcp {
+        return Err(L7Error::NotHttp(protocol));
+    }
+    let judge = Judge {
+        ctx,
+        source,
+        destination,
+        protocol,
+        judge_requests,
+        forward: Forward::Routed(Default::default()),
+    };
+    serve(downstream, judge).await
+}
+
+async fn serve<D>(downstream: D, judge: Judge) -> Result<(), L7Error>
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let protocol = judge.protocol;
+    let judge = Arc::new(judge);
     let service = service_fn(move |request: Request<Incoming>| {
         let judge = judge.clone();
         async move { Ok::<_, Infallible>(judge.handle(request).await) }

@@ -3,7 +3,9 @@
 //! connects straight to it (same node: no TLS, but intentions are checked
 //! here) or opens an HBONE tunnel to the instance's node, presenting the
 //! source service's certificate. With no passing instance, or a refusal, the
-//! workload's connection is reset at once.
+//! workload's connection is reset at once. HTTP services with a router,
+//! splitter or resolver subsets are routed request by request instead
+//! ([`l7::serve_routed`]).
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -20,6 +22,8 @@ use crate::intercept::Interception;
 use crate::lb::p2c;
 use crate::metrics::Direction;
 use crate::splice::splice;
+use crate::view::View;
+use weft_api::catalog::ServiceInstance;
 
 /// Where a connection goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,9 +59,19 @@ pub enum OutboundError {
 /// Picks the route for a connection to `service`.
 pub fn route(ctx: &ProxyContext, service: &str) -> Result<Route, OutboundError> {
     let view = ctx.view.read().expect("view lock");
-    let candidates: Vec<(SocketAddr, &str)> = view
-        .passing(service)
-        .into_iter()
+    pick(ctx, &view, &view.passing(service), service)
+}
+
+/// Picks one of `instances` (of `service`; power of two choices over open
+/// connections) and the way to it.
+pub fn pick(
+    ctx: &ProxyContext,
+    view: &View,
+    instances: &[&ServiceInstance],
+    service: &str,
+) -> Result<Route, OutboundError> {
+    let candidates: Vec<(SocketAddr, &str)> = instances
+        .iter()
         .filter_map(|i| {
             Some((
                 SocketAddr::new(i.address.parse().ok()?, i.port),
@@ -102,10 +116,15 @@ pub async fn carry(
     // destination's agent checks again with its own view. Where an L7
     // intention decides, requests are judged where the instance is: by the
     // destination's agent, or below for an instance on this node.
-    let (decision, protocol) = {
+    let (decision, protocol, routed) = {
         let view = ctx.view.read().expect("view lock");
         let protocol: Protocol = view.protocol(destination).parse().unwrap_or_default();
-        (view.decide_connection(source, destination), protocol)
+        let routed = protocol.is_http() && view.has_routing(destination);
+        (
+            view.decide_connection(source, destination),
+            protocol,
+            routed,
+        )
     };
     let per_request = match decision {
         ConnectionDecision::Decided(d) if !d.allowed => {
@@ -121,6 +140,17 @@ pub async fn carry(
         }
         ConnectionDecision::PerRequest => true,
     };
+    if routed {
+        // A router, splitter or subsets: every request finds its own instance.
+        ctx.metrics.conn_opened(source, destination);
+        let (src, dst) = (source.to_string(), destination.to_string());
+        let served = l7::serve_routed(ctx.clone(), client, protocol, src, dst, per_request).await;
+        ctx.metrics.conn_closed(source, destination);
+        if let Err(e) = served {
+            tracing::debug!("L7 connection ended: {e}");
+        }
+        return Ok(());
+    }
     let route = route(ctx, destination)?;
     let target = match &route {
         Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
@@ -137,7 +167,9 @@ pub async fn carry(
                 // Counted reports the connection and its bytes when dropped.
                 let upstream = Counted::new(upstream, ctx.metrics.clone(), source, destination);
                 let (src, dst) = (source.to_string(), destination.to_string());
-                if let Err(e) = l7::serve(ctx.clone(), client, upstream, protocol, src, dst).await {
+                if let Err(e) =
+                    l7::serve_instance(ctx.clone(), client, upstream, protocol, src, dst).await
+                {
                     tracing::debug!("L7 connection ended: {e}");
                 }
                 return Ok(());
