@@ -360,6 +360,32 @@ mod tests {
     }
 
     #[test]
+    fn config_entries_turn_routing_on_and_off() {
+        let mut v = View::default();
+        v.apply(snapshot(5)).unwrap();
+        assert!(!v.has_routing("api"));
+        let splitter = proto::ConfigEntry {
+            kind: "service-splitter".into(),
+            name: "api".into(),
+            json: r#"{"Kind":"service-splitter","Name":"api","Splits":[{"Weight":100.0}]}"#.into(),
+            ..Default::default()
+        };
+        v.apply(changes(6, vec![P::ConfigUpsert(splitter)]))
+            .unwrap();
+        assert!(v.has_routing("api"));
+        let (target, instances) = v.route_request("api", &Request::new("GET", "/"), 10.0);
+        assert_eq!(target.service, "api");
+        let ids: Vec<_> = instances.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, vec!["api-1"], "passing instances of the service");
+        let gone = proto::ConfigRef {
+            kind: "service-splitter".into(),
+            name: "api".into(),
+        };
+        v.apply(changes(7, vec![P::ConfigDelete(gone)])).unwrap();
+        assert!(!v.has_routing("api"));
+    }
+
+    #[test]
     fn deleting_a_node_drops_its_instances() {
         let mut v = View::default();
         v.apply(snapshot(5)).unwrap();
