@@ -317,7 +317,7 @@ pub fn evaluate_connection<'a>(
     default: IntentionAction,
 ) -> ConnectionDecision {
     let deciding = deciding(intentions, source, destination);
-    let l7 = deciding.iter().any(|i| !i.permissions.is_empty());
+    let l7 = deciding.iter().any(|i| i.is_l7());
     let l4_deny = deciding
         .iter()
         .any(|i| i.action == Some(IntentionAction::Deny));
