@@ -252,17 +252,15 @@ impl View {
         routing::has_routing(&self.entries, service)
     }
 
-    /// Where `request` to `service` goes and the instances that may serve
-    /// it (`roll` in `[0, 100)` for a splitter).
-    pub fn route_request(
-        &self,
-        service: &str,
-        request: &Request,
-        roll: f32,
-    ) -> (routing::Target, Vec<&ServiceInstance>) {
-        let target = routing::route_request(&self.entries, service, request, roll);
-        let instances = routing::instances_of(&self.entries, &target, self.instances.values());
-        (target, instances)
+    /// Where `request` to `service` goes (`roll` in `[0, 100)` for a
+    /// splitter), with the matched route's policy.
+    pub fn route_target(&self, service: &str, request: &Request, roll: f32) -> routing::Target {
+        routing::route_request(&self.entries, service, request, roll)
+    }
+
+    /// The instances that may serve requests routed to `target`.
+    pub fn instances_of(&self, target: &routing::Target) -> Vec<&ServiceInstance> {
+        routing::instances_of(&self.entries, target, self.instances.values())
     }
 
     /// The trust bundle as one PEM text.
@@ -373,9 +371,13 @@ mod tests {
         v.apply(changes(6, vec![P::ConfigUpsert(splitter)]))
             .unwrap();
         assert!(v.has_routing("api"));
-        let (target, instances) = v.route_request("api", &Request::new("GET", "/"), 10.0);
+        let target = v.route_target("api", &Request::new("GET", "/"), 10.0);
         assert_eq!(target.service, "api");
-        let ids: Vec<_> = instances.iter().map(|i| i.id.as_str()).collect();
+        let ids: Vec<_> = v
+            .instances_of(&target)
+            .iter()
+            .map(|i| i.id.as_str())
+            .collect();
         assert_eq!(ids, vec!["api-1"], "passing instances of the service");
         let gone = proto::ConfigRef {
             kind: "service-splitter".into(),

@@ -8,20 +8,30 @@
 //!    far picks a share by weight (the caller rolls the dice).
 //! 3. The resolver of that service may redirect it (once), and gives the
 //!    default subset when none was chosen.
-//! 4. The instances are those of the resulting service that belong to the
+//! 4. The matched route's destination also carries the request's policy:
+//!    a timeout for the whole request and how often to retry it
+//!    ([`RoutePolicy`]).
+//! 5. The instances are those of the resulting service that belong to the
 //!    subset (its filter and health rule), or its passing instances when
 //!    there is no subset. A subset that the resolver does not define has no
 //!    instances: traffic is refused rather than sent somewhere unintended.
 
+use std::time::Duration;
+
 use crate::catalog::{HealthStatus, ServiceInstance};
-use crate::config_entry::{pick_split, select_route, ConfigEntry, EntryKind, EntrySet};
+use crate::config_entry::{
+    pick_split, select_route, ConfigEntry, EntryKind, EntrySet, RouteDestination,
+};
+use crate::duration::parse_duration;
 use crate::http_match::Request;
 
-/// A service and, optionally, one of its resolver's subsets.
+/// A service and, optionally, one of its resolver's subsets, with the
+/// policy of the route that led there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub service: String,
     pub subset: Option<String>,
+    pub policy: RoutePolicy,
 }
 
 impl Target {
@@ -29,7 +39,61 @@ impl Target {
         Target {
             service: service.to_string(),
             subset: None,
+            policy: RoutePolicy::default(),
         }
+    }
+}
+
+/// How one request is carried: a route destination's `RequestTimeout`,
+/// `NumRetries`, `RetryOnConnectFailure` and `RetryOnStatusCodes`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutePolicy {
+    /// For the whole request, retries included.
+    pub timeout: Option<Duration>,
+    pub num_retries: u32,
+    pub retry_on_connect_failure: bool,
+    pub retry_on_status_codes: Vec<u16>,
+}
+
+/// What one attempt at a request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// No connection to the instance could be made (the request was not sent).
+    ConnectFailure,
+    /// The instance answered with this status.
+    Status(u16),
+}
+
+impl RoutePolicy {
+    fn of(destination: &RouteDestination) -> Self {
+        RoutePolicy {
+            // Validated on write; a bad one here means no timeout.
+            timeout: destination
+                .request_timeout
+                .as_deref()
+                .and_then(|t| parse_duration(t).ok()),
+            num_retries: destination.num_retries.unwrap_or(0),
+            retry_on_connect_failure: destination.retry_on_connect_failure,
+            retry_on_status_codes: destination.retry_on_status_codes.clone(),
+        }
+    }
+
+    /// Whether a request whose attempt came to `attempt`, after `retried`
+    /// retries already, is tried again.
+    pub fn retries(&self, retried: u32, attempt: Attempt) -> bool {
+        if retried >= self.num_retries {
+            return false;
+        }
+        match attempt {
+            Attempt::ConnectFailure => self.retry_on_connect_failure,
+            Attempt::Status(code) => self.retry_on_status_codes.contains(&code),
+        }
+    }
+
+    /// Whether anything here needs the request kept for another attempt or
+    /// a deadline.
+    pub fn is_plain(&self) -> bool {
+        self.timeout.is_none() && self.num_retries == 0
     }
 }
 
@@ -60,6 +124,7 @@ pub fn route_request(entries: &EntrySet, service: &str, request: &Request, roll:
                     .clone()
                     .unwrap_or_else(|| service.to_string()),
                 subset: destination.service_subset.clone(),
+                policy: RoutePolicy::of(destination),
             };
         }
     }
@@ -74,6 +139,7 @@ pub fn route_request(entries: &EntrySet, service: &str, request: &Request, roll:
                         .clone()
                         .unwrap_or_else(|| target.service.clone()),
                     subset: split.service_subset.clone(),
+                    policy: target.policy,
                 };
             }
         }
@@ -95,26 +161,19 @@ pub fn resolve(entries: &EntrySet, target: Target) -> Target {
             .clone()
             .unwrap_or_else(|| target.service.clone());
         let subset = redirect.service_subset.clone();
-        return match subset {
-            Some(subset) => Target {
-                service,
-                subset: Some(subset),
-            },
-            None => {
-                let default = match entries.get(EntryKind::ServiceResolver, &service) {
-                    Some(ConfigEntry::ServiceResolver(r)) => r.default_subset.clone(),
-                    _ => None,
-                };
-                Target {
-                    service,
-                    subset: default,
-                }
-            }
+        let subset = subset.or_else(|| match entries.get(EntryKind::ServiceResolver, &service) {
+            Some(ConfigEntry::ServiceResolver(r)) => r.default_subset.clone(),
+            _ => None,
+        });
+        return Target {
+            service,
+            subset,
+            policy: target.policy,
         };
     }
     Target {
         subset: target.subset.or_else(|| resolver.default_subset.clone()),
-        service: target.service,
+        ..target
     }
 }
 
@@ -232,6 +291,7 @@ mod tests {
         Target {
             service: service.into(),
             subset: subset.map(str::to_string),
+            policy: RoutePolicy::default(),
         }
     }
 
@@ -290,6 +350,51 @@ mod tests {
             route_request(&set, "api", &get(), 99.0),
             target("api", Some("v1"))
         );
+    }
+
+    #[test]
+    fn the_matched_route_carries_its_policy() {
+        let mut router = canary_router();
+        if let ConfigEntry::ServiceRouter(r) = &mut router {
+            let d = r.routes[0].destination.as_mut().unwrap();
+            d.request_timeout = Some("1500ms".into());
+            d.num_retries = Some(2);
+            d.retry_on_connect_failure = true;
+            d.retry_on_status_codes = vec![503];
+        }
+        let set = entries(vec![resolver(), splitter(100.0, 0.0), router]);
+        let mut canary = get();
+        canary.headers.push(("x-canary".into(), "1".into()));
+        let policy = route_request(&set, "api", &canary, 0.0).policy;
+        assert_eq!(policy.timeout, Some(Duration::from_millis(1500)));
+        assert!(!policy.is_plain());
+        assert_eq!(
+            route_request(&set, "api", &get(), 0.0).policy,
+            RoutePolicy::default(),
+            "no route matched: no policy"
+        );
+        assert!(RoutePolicy::default().is_plain());
+    }
+
+    #[test]
+    fn retries_follow_the_policy_and_stop_at_its_count() {
+        let p = RoutePolicy {
+            timeout: None,
+            num_retries: 2,
+            retry_on_connect_failure: true,
+            retry_on_status_codes: vec![502, 503],
+        };
+        assert!(p.retries(0, Attempt::ConnectFailure));
+        assert!(p.retries(1, Attempt::Status(503)));
+        assert!(!p.retries(2, Attempt::Status(503)), "two retries at most");
+        assert!(!p.retries(0, Attempt::Status(500)), "not a listed status");
+        assert!(!p.retries(0, Attempt::Status(200)));
+        let no_connect = RoutePolicy {
+            retry_on_connect_failure: false,
+            ..p.clone()
+        };
+        assert!(!no_connect.retries(0, Attempt::ConnectFailure));
+        assert!(!RoutePolicy::default().retries(0, Attempt::ConnectFailure));
     }
 
     #[test]

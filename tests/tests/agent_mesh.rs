@@ -791,3 +791,53 @@ ServiceSubset = "v1"
     );
     Ok(())
 }
+
+/// api-1 answers on node B; api-2 is registered on node A without a check
+/// and nothing listens there, so a connection to it is refused. A route
+/// with `RetryOnConnectFailure` sends every request that picked api-2 on to
+/// api-1.
+#[test]
+fn a_route_retries_requests_whose_instance_refuses_the_connection() -> anyhow::Result<()> {
+    require_root();
+    let dead = Service::new("api", 8081)
+        .id("api-2")
+        .address(MeshSpec::NODE_ADDR);
+    let mut mesh = Mesh::start(spec().node_b(api("api-1", 8080)).node_a(dead))?;
+    let b = mesh.ip(NodeB);
+    mesh.workload(NodeB, "api-1", &format!("{b}:8080"))?;
+    write_entry(
+        &mesh,
+        "defaults.toml",
+        "Kind = \"service-defaults\"\nName = \"api\"\nProtocol = \"http\"\n",
+    )?;
+    // Without retries some requests land on api-2 and fail.
+    let mut failed = 0;
+    let mut answered = 0;
+    wait_until(
+        Duration::from_secs(30),
+        "requests both answered and failed",
+        || {
+            match mesh.curl_with(NodeA, UPSTREAM, &["-m", "2"]) {
+                Ok(_) => answered += 1,
+                Err(_) => failed += 1,
+            }
+            Ok((answered > 0 && failed > 0).then_some(()))
+        },
+    )
+    .map_err(|e| e.context(format!("{answered} answered, {failed} failed")))?;
+
+    write_entry(
+        &mesh,
+        "router.toml",
+        r#"
+Kind = "service-router"
+Name = "api"
+[[Routes]]
+[Routes.Destination]
+NumRetries = 2
+RetryOnConnectFailure = true
+RequestTimeout = "3s"
+"#,
+    )?;
+    settles_on(&mesh, &[], "api-1", 30)
+}

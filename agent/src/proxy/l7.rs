@@ -29,14 +29,17 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tower::ServiceExt;
+use weft_api::catalog::ServiceInstance;
 use weft_api::config_entry::Protocol;
 use weft_api::intention::Request as PolicyRequest;
+use weft_api::routing::{Attempt, RoutePolicy, Target};
 
 use super::outbound::{self, Route};
 use super::{InFlight, ProxyContext, CONNECT_TIMEOUT};
@@ -77,8 +80,8 @@ pub fn policy_request<B>(request: &Request<B>) -> PolicyRequest {
 /// The connection to the instance that allowed requests go over.
 enum Upstream {
     /// HTTP/1.1 carries one request at a time.
-    Http1(tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Incoming>>),
-    Http2(hyper::client::conn::http2::SendRequest<Incoming>),
+    Http1(tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Body>>),
+    Http2(hyper::client::conn::http2::SendRequest<Body>),
 }
 
 impl Upstream {
@@ -114,7 +117,7 @@ impl Upstream {
         }
     }
 
-    async fn send(&self, request: Request<Incoming>) -> hyper::Result<Response<Incoming>> {
+    async fn send(&self, request: Request<Body>) -> hyper::Result<Response<Incoming>> {
         match self {
             Upstream::Http1(send) => {
                 let mut send = send.lock().await;
@@ -135,7 +138,86 @@ enum Forward {
     /// The one instance the connection was opened to.
     Instance(Upstream),
     /// Each request routed on its own; connections by instance address.
-    Routed(tokio::sync::Mutex<HashMap<SocketAddr, Arc<Upstream>>>),
+    Routed(Conns),
+}
+
+/// Kept connections to instances, by address.
+type Conns = tokio::sync::Mutex<HashMap<SocketAddr, Arc<Upstream>>>;
+
+/// Largest request body kept for retries (bytes); a larger one is refused
+/// with 413 on a route that retries or has a timeout.
+const MAX_RETRIED_BODY: usize = 1024 * 1024;
+
+/// Why one attempt at a routed request failed.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error("{0}")]
+    NoInstance(String),
+    #[error("{0}")]
+    Connect(String),
+    #[error("the instance's connection failed: {0}")]
+    Upstream(hyper::Error),
+}
+
+impl AttemptError {
+    fn response(&self, destination: &str) -> Response<Body> {
+        let status = match self {
+            AttemptError::NoInstance(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AttemptError::Connect(_) | AttemptError::Upstream(_) => StatusCode::BAD_GATEWAY,
+        };
+        tracing::info!(%destination, "routed request failed: {self}");
+        plain(status, format!("{destination}: {self}\n"))
+    }
+}
+
+/// tower's retry policy for one request: the route's [`RoutePolicy`].
+#[derive(Clone)]
+struct Retries {
+    policy: RoutePolicy,
+    retried: u32,
+}
+
+impl tower::retry::Policy<Request<Bytes>, Response<Body>, AttemptError> for Retries {
+    type Future = std::future::Ready<()>;
+
+    fn retry(
+        &mut self,
+        _request: &mut Request<Bytes>,
+        result: &mut Result<Response<Body>, AttemptError>,
+    ) -> Option<Self::Future> {
+        let attempt = match result {
+            Ok(response) => Attempt::Status(response.status().as_u16()),
+            Err(AttemptError::Connect(_)) => Attempt::ConnectFailure,
+            // Sent, or nowhere to send: not safe or not useful to repeat.
+            Err(_) => return None,
+        };
+        if !self.policy.retries(self.retried, attempt) {
+            return None;
+        }
+        self.retried += 1;
+        Some(std::future::ready(()))
+    }
+
+    fn clone_request(&mut self, request: &Request<Bytes>) -> Option<Request<Bytes>> {
+        let mut copy = Request::new(request.body().clone());
+        *copy.method_mut() = request.method().clone();
+        *copy.uri_mut() = request.uri().clone();
+        *copy.version_mut() = request.version();
+        *copy.headers_mut() = request.headers().clone();
+        Some(copy)
+    }
+}
+
+/// Where an instance listens.
+fn instance_addr(instance: &ServiceInstance) -> Option<SocketAddr> {
+    Some(SocketAddr::new(
+        instance.address.parse().ok()?,
+        instance.port,
+    ))
+}
+
+fn full(body: Bytes) -> Body {
+    Full::new(body).map_err(|never| match never {}).boxed()
 }
 
 /// One L7 connection from `source` to `destination`.
@@ -183,7 +265,7 @@ impl Judge {
     }
 
     async fn send(&self, upstream: &Upstream, request: Request<Incoming>) -> Response<Body> {
-        match upstream.send(request).await {
+        match upstream.send(request.map(BodyExt::boxed)).await {
             Ok(response) => response.map(BodyExt::boxed),
             Err(e) => {
                 tracing::info!(destination = %self.destination, "request to the instance failed: {e}");
@@ -195,23 +277,101 @@ impl Judge {
         }
     }
 
-    /// Routes one request: discovery chain, instance, connection, send.
+    /// Routes one request: the discovery chain picks the target; with a
+    /// route policy (retries, timeout) the body is kept so that tower's
+    /// retry and timeout layers can send it again, to a new pick.
     async fn route(
         &self,
-        conns: &tokio::sync::Mutex<HashMap<SocketAddr, Arc<Upstream>>>,
+        conns: &Conns,
         facts: &PolicyRequest,
         request: Request<Incoming>,
     ) -> Response<Body> {
+        let target = {
+            let view = self.ctx.view.read().expect("view lock");
+            view.route_target(&self.destination, facts, rand::random::<f32>() * 100.0)
+        };
+        if target.policy.is_plain() {
+            let tried = Default::default();
+            return match self
+                .attempt(conns, &target, &tried, request.map(BodyExt::boxed))
+                .await
+            {
+                Ok(response) => response,
+                Err(e) => e.response(&self.destination),
+            };
+        }
+        let (parts, body) = request.into_parts();
+        let body = match Limited::new(body, MAX_RETRIED_BODY).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                return plain(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body for a retried route: {e}\n"),
+                )
+            }
+        };
+        let request = Request::from_parts(parts, body);
+        let tried = Default::default();
+        let attempt = tower::service_fn(|request: Request<Bytes>| {
+            self.attempt(conns, &target, &tried, request.map(full))
+        });
+        let retries = Retries {
+            policy: target.policy.clone(),
+            retried: 0,
+        };
+        let service = tower::retry::Retry::new(retries, attempt);
+        let result = match target.policy.timeout {
+            Some(limit) => {
+                tower::timeout::Timeout::new(service, limit)
+                    .oneshot(request)
+                    .await
+            }
+            None => service
+                .oneshot(request)
+                .await
+                .map_err(tower::BoxError::from),
+        };
+        match result {
+            Ok(response) => response,
+            Err(e) => match e.downcast::<AttemptError>() {
+                Ok(e) => e.response(&self.destination),
+                Err(e) if e.is::<tower::timeout::error::Elapsed>() => plain(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "{}: no answer within the route's RequestTimeout\n",
+                        self.destination
+                    ),
+                ),
+                Err(e) => plain(StatusCode::BAD_GATEWAY, format!("{e}\n")),
+            },
+        }
+    }
+
+    /// One try at a request: an instance of `target` that earlier tries of
+    /// it could not connect to (`tried`) are passed over while others
+    /// remain; a connection to it (kept, or new); the request.
+    async fn attempt(
+        &self,
+        conns: &Conns,
+        target: &Target,
+        tried: &std::sync::Mutex<Vec<SocketAddr>>,
+        request: Request<Body>,
+    ) -> Result<Response<Body>, AttemptError> {
         let picked = {
             let view = self.ctx.view.read().expect("view lock");
-            let roll = rand::random::<f32>() * 100.0;
-            let (target, instances) = view.route_request(&self.destination, facts, roll);
+            let mut instances = view.instances_of(target);
+            let tried = tried.lock().expect("tried lock");
+            let untried: Vec<_> = instances
+                .iter()
+                .copied()
+                .filter(|i| !tried.iter().any(|t| instance_addr(i) == Some(*t)))
+                .collect();
+            if !untried.is_empty() {
+                instances = untried;
+            }
             outbound::pick(&self.ctx, &view, &instances, &target.service)
         };
-        let route = match picked {
-            Ok(route) => route,
-            Err(e) => return plain(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
-        };
+        let route = picked.map_err(|e| AttemptError::NoInstance(e.to_string()))?;
         let addr = match &route {
             Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
         };
@@ -231,13 +391,19 @@ impl Judge {
                         upstream
                     }
                     Err(e) => {
-                        tracing::info!(destination = %self.destination, %addr, "{e}");
-                        return plain(StatusCode::BAD_GATEWAY, format!("{e}\n"));
+                        tried.lock().expect("tried lock").push(addr);
+                        return Err(AttemptError::Connect(e));
                     }
                 },
             }
         };
-        self.send(&upstream, request).await
+        match upstream.send(request).await {
+            Ok(response) => Ok(response.map(BodyExt::boxed)),
+            Err(e) => {
+                conns.lock().await.remove(&addr);
+                Err(AttemptError::Upstream(e))
+            }
+        }
     }
 
     /// A new connection for requests to the instance `route` leads to.
@@ -271,7 +437,7 @@ impl Judge {
 }
 
 fn plain(status: StatusCode, text: String) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed());
+    let mut response = Response::new(full(Bytes::from(text)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
