@@ -258,9 +258,10 @@ impl View {
         routing::route_request(&self.entries, service, request, roll)
     }
 
-    /// The instances that may serve requests routed to `target`.
-    pub fn instances_of(&self, target: &routing::Target) -> Vec<&ServiceInstance> {
-        routing::instances_of(&self.entries, target, self.instances.values())
+    /// The instances that may serve requests routed to `target` (or to its
+    /// resolver's failover when it has none), and their service.
+    pub fn instances_of(&self, target: &routing::Target) -> (String, Vec<&ServiceInstance>) {
+        routing::instances_or_failover(&self.entries, target, self.instances.values())
     }
 
     /// The trust bundle as one PEM text.
@@ -373,11 +374,9 @@ mod tests {
         assert!(v.has_routing("api"));
         let target = v.route_target("api", &Request::new("GET", "/"), 10.0);
         assert_eq!(target.service, "api");
-        let ids: Vec<_> = v
-            .instances_of(&target)
-            .iter()
-            .map(|i| i.id.as_str())
-            .collect();
+        let (service, instances) = v.instances_of(&target);
+        assert_eq!(service, "api");
+        let ids: Vec<_> = instances.iter().map(|i| i.id.as_str()).collect();
         assert_eq!(ids, vec!["api-1"], "passing instances of the service");
         let gone = proto::ConfigRef {
             kind: "service-splitter".into(),

@@ -15,6 +15,9 @@
 //!    subset (its filter and health rule), or its passing instances when
 //!    there is no subset. A subset that the resolver does not define has no
 //!    instances: traffic is refused rather than sent somewhere unintended.
+//! 6. When that leaves no instance, the resolver's `Failover` for the subset
+//!    (or for `*`) names where to go instead, within this datacenter
+//!    ([`instances_or_failover`]).
 
 use std::time::Duration;
 
@@ -201,14 +204,62 @@ pub fn instances_of<'a>(
     }
 }
 
+/// The instances of `target` or, when it has none, of the failover target
+/// its resolver names for the subset (or `*`), with the service they belong
+/// to. Failover is one step; `Datacenters` are not followed (one datacenter).
+pub fn instances_or_failover<'a, I>(
+    entries: &EntrySet,
+    target: &Target,
+    instances: I,
+) -> (String, Vec<&'a ServiceInstance>)
+where
+    I: IntoIterator<Item = &'a ServiceInstance>,
+    I::IntoIter: Clone,
+{
+    let instances = instances.into_iter();
+    let found = instances_of(entries, target, instances.clone());
+    if !found.is_empty() {
+        return (target.service.clone(), found);
+    }
+    let Some(ConfigEntry::ServiceResolver(resolver)) =
+        entries.get(EntryKind::ServiceResolver, &target.service)
+    else {
+        return (target.service.clone(), found);
+    };
+    let key = target.subset.as_deref().unwrap_or("*");
+    let Some(failover) = resolver
+        .failover
+        .get(key)
+        .or_else(|| resolver.failover.get("*"))
+    else {
+        return (target.service.clone(), found);
+    };
+    if failover.service.is_none() && failover.service_subset.is_none() {
+        return (target.service.clone(), found);
+    }
+    let next = resolve(
+        entries,
+        Target {
+            service: failover
+                .service
+                .clone()
+                .unwrap_or_else(|| target.service.clone()),
+            subset: failover.service_subset.clone(),
+            policy: target.policy.clone(),
+        },
+    );
+    let found = instances_of(entries, &next, instances);
+    (next.service, found)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
     use crate::config_entry::{
-        ResolverRedirect, ResolverSubset, Route, RouteDestination, RouteMatch, ServiceResolver,
-        ServiceRouter, ServiceSplitter, Split,
+        ResolverFailover, ResolverRedirect, ResolverSubset, Route, RouteDestination, RouteMatch,
+        ServiceResolver, ServiceRouter, ServiceSplitter, Split,
     };
     use crate::http_match::{HeaderMatch, HttpMatch};
 
@@ -420,6 +471,52 @@ mod tests {
         assert_eq!(
             route_request(&set, "api", &get(), 0.0),
             target("api-next", Some("blue"))
+        );
+    }
+
+    #[test]
+    fn failover_takes_over_when_the_subset_has_no_instance() {
+        let mut r = resolver();
+        if let ConfigEntry::ServiceResolver(r) = &mut r {
+            r.failover.insert(
+                "v2".into(),
+                ResolverFailover {
+                    service_subset: Some("v1".into()),
+                    ..Default::default()
+                },
+            );
+            r.failover.insert(
+                "*".into(),
+                ResolverFailover {
+                    service: Some("backup".into()),
+                    ..Default::default()
+                },
+            );
+        }
+        let set = entries(vec![r]);
+        let all = [
+            instance("a1", "api", "v1", HealthStatus::Passing),
+            instance("a2", "api", "v2", HealthStatus::Critical),
+            instance("b1", "backup", "v1", HealthStatus::Passing),
+        ];
+        let pick = |t: Target| -> (String, Vec<String>) {
+            let (service, found) = instances_or_failover(&set, &t, &all);
+            (service, found.into_iter().map(|i| i.id.clone()).collect())
+        };
+        // v2 has no healthy instance: its failover, v1.
+        assert_eq!(
+            pick(target("api", Some("v2"))),
+            ("api".into(), vec!["a1".into()])
+        );
+        // v1 has one: no failover.
+        assert_eq!(
+            pick(target("api", Some("v1"))),
+            ("api".into(), vec!["a1".into()])
+        );
+        // An undefined subset falls to `*`: the backup service.
+        assert_eq!(
+            pick(target("api", Some("v9"))),
+            ("backup".into(), vec!["b1".into()])
         );
     }
 

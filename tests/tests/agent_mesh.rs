@@ -683,8 +683,8 @@ fn settles_on(mesh: &Mesh, extra: &[&str], want: &str, n: usize) -> anyhow::Resu
 }
 
 /// api-1 (version v1) on node B, api-2 (v2) on web's own node A: a
-/// resolver's default subset, a splitter and a header route each decide,
-/// request by request, which one answers.
+/// resolver's default subset, a splitter, a header route and a failover
+/// each decide, request by request, which one answers.
 #[test]
 fn resolver_splitter_and_router_pick_the_instance_of_every_request() -> anyhow::Result<()> {
     require_root();
@@ -789,6 +789,24 @@ ServiceSubset = "v1"
         200,
         "the v1 route still answers"
     );
+
+    // A failover for v2: its requests go to v1 while v2 has no instance.
+    write_entry(
+        &mesh,
+        "resolver.toml",
+        r#"
+Kind = "service-resolver"
+Name = "api"
+DefaultSubset = "v1"
+[Subsets.v1]
+Filter = "Service.Meta.version == v1"
+[Subsets.v2]
+Filter = "Service.Meta.version == v2"
+[Failover.v2]
+ServiceSubset = "v1"
+"#,
+    )?;
+    settles_on(&mesh, &[], "api-1", 10)?;
     Ok(())
 }
 

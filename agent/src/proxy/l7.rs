@@ -359,7 +359,7 @@ impl Judge {
     ) -> Result<Response<Body>, AttemptError> {
         let picked = {
             let view = self.ctx.view.read().expect("view lock");
-            let mut instances = view.instances_of(target);
+            let (service, mut instances) = view.instances_of(target);
             let tried = tried.lock().expect("tried lock");
             let untried: Vec<_> = instances
                 .iter()
@@ -369,7 +369,7 @@ impl Judge {
             if !untried.is_empty() {
                 instances = untried;
             }
-            outbound::pick(&self.ctx, &view, &instances, &target.service)
+            outbound::pick(&self.ctx, &view, &instances, &service)
         };
         let route = picked.map_err(|e| AttemptError::NoInstance(e.to_string()))?;
         let addr = match &route {
