@@ -22,9 +22,7 @@
 use std::time::Duration;
 
 use crate::catalog::{HealthStatus, ServiceInstance};
-use crate::config_entry::{
-    pick_split, select_route, ConfigEntry, EntryKind, EntrySet, RouteDestination,
-};
+use crate::config_entry::{pick_split, select_route, ConfigEntry, EntryKind, EntrySet, Route};
 use crate::duration::parse_duration;
 use crate::http_match::Request;
 
@@ -56,6 +54,9 @@ pub struct RoutePolicy {
     pub num_retries: u32,
     pub retry_on_connect_failure: bool,
     pub retry_on_status_codes: Vec<u16>,
+    /// `PrefixRewrite`: the path (prefix) the route matched, and what
+    /// replaces it before the request is sent.
+    pub rewrite: Option<(String, String)>,
 }
 
 /// What one attempt at a request came to.
@@ -68,8 +69,17 @@ pub enum Attempt {
 }
 
 impl RoutePolicy {
-    fn of(destination: &RouteDestination) -> Self {
+    fn of(route: &Route) -> Self {
+        let Some(destination) = &route.destination else {
+            return RoutePolicy::default();
+        };
+        let matched = route
+            .route_match
+            .as_ref()
+            .and_then(|m| m.http.as_ref())
+            .and_then(|h| h.path_prefix.clone().or_else(|| h.path_exact.clone()));
         RoutePolicy {
+            rewrite: matched.zip(destination.prefix_rewrite.clone()),
             // Validated on write; a bad one here means no timeout.
             timeout: destination
                 .request_timeout
@@ -91,6 +101,13 @@ impl RoutePolicy {
             Attempt::ConnectFailure => self.retry_on_connect_failure,
             Attempt::Status(code) => self.retry_on_status_codes.contains(&code),
         }
+    }
+
+    /// The path to send instead of `path`, when the route rewrites it.
+    pub fn rewritten(&self, path: &str) -> Option<String> {
+        let (matched, replacement) = self.rewrite.as_ref()?;
+        let rest = path.strip_prefix(matched.as_str())?;
+        Some(format!("{replacement}{rest}"))
     }
 
     /// Whether anything here needs the request kept for another attempt or
@@ -118,8 +135,8 @@ pub fn route_request(entries: &EntrySet, service: &str, request: &Request, roll:
     let mut target = Target::service(service);
     if let Some(ConfigEntry::ServiceRouter(router)) = entries.get(EntryKind::ServiceRouter, service)
     {
-        if let Some(destination) =
-            select_route(router, request).and_then(|(_, r)| r.destination.as_ref())
+        if let Some((route, destination)) =
+            select_route(router, request).and_then(|(_, r)| r.destination.as_ref().map(|d| (r, d)))
         {
             target = Target {
                 service: destination
@@ -127,7 +144,7 @@ pub fn route_request(entries: &EntrySet, service: &str, request: &Request, roll:
                     .clone()
                     .unwrap_or_else(|| service.to_string()),
                 subset: destination.service_subset.clone(),
-                policy: RoutePolicy::of(destination),
+                policy: RoutePolicy::of(route),
             };
         }
     }
@@ -428,12 +445,34 @@ mod tests {
     }
 
     #[test]
+    fn prefix_rewrite_replaces_the_matched_prefix() {
+        let route = Route {
+            route_match: Some(RouteMatch {
+                http: Some(HttpMatch {
+                    path_prefix: Some("/v2/".into()),
+                    ..Default::default()
+                }),
+            }),
+            destination: Some(RouteDestination {
+                prefix_rewrite: Some("/".into()),
+                ..Default::default()
+            }),
+        };
+        let policy = RoutePolicy::of(&route);
+        assert_eq!(policy.rewritten("/v2/users/7").as_deref(), Some("/users/7"));
+        assert_eq!(policy.rewritten("/other"), None);
+        assert!(policy.is_plain(), "a rewrite keeps no body");
+        assert_eq!(RoutePolicy::default().rewritten("/v2/x"), None);
+    }
+
+    #[test]
     fn retries_follow_the_policy_and_stop_at_its_count() {
         let p = RoutePolicy {
             timeout: None,
             num_retries: 2,
             retry_on_connect_failure: true,
             retry_on_status_codes: vec![502, 503],
+            rewrite: None,
         };
         assert!(p.retries(0, Attempt::ConnectFailure));
         assert!(p.retries(1, Attempt::Status(503)));

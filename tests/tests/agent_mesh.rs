@@ -813,9 +813,9 @@ ServiceSubset = "v1"
 /// api-1 answers on node B; api-2 is registered on node A without a check
 /// and nothing listens there, so a connection to it is refused. A route
 /// with `RetryOnConnectFailure` sends every request that picked api-2 on to
-/// api-1.
+/// api-1; a route with `PrefixRewrite` changes the path the instance sees.
 #[test]
-fn a_route_retries_requests_whose_instance_refuses_the_connection() -> anyhow::Result<()> {
+fn a_route_retries_refused_connections_and_rewrites_paths() -> anyhow::Result<()> {
     require_root();
     let dead = Service::new("api", 8081)
         .id("api-2")
@@ -857,5 +857,34 @@ RetryOnConnectFailure = true
 RequestTimeout = "3s"
 "#,
     )?;
-    settles_on(&mesh, &[], "api-1", 30)
+    settles_on(&mesh, &[], "api-1", 30)?;
+
+    // A route with PrefixRewrite: /v2/... arrives at the instance as /echo/...
+    write_entry(
+        &mesh,
+        "router.toml",
+        r#"
+Kind = "service-router"
+Name = "api"
+[[Routes]]
+[Routes.Match.HTTP]
+PathPrefix = "/v2/"
+[Routes.Destination]
+PrefixRewrite = "/echo/"
+NumRetries = 2
+RetryOnConnectFailure = true
+"#,
+    )?;
+    let url = format!("{UPSTREAM}v2/users?id=7");
+    wait_until(
+        Duration::from_secs(10),
+        "the rewritten path arrives",
+        || {
+            let body = mesh
+                .curl_with(NodeA, &url, &["-m", "2"])
+                .unwrap_or_default();
+            Ok((body == "instance api-1 got /echo/users?id=7\n").then_some(()))
+        },
+    )?;
+    Ok(())
 }

@@ -208,6 +208,17 @@ impl tower::retry::Policy<Request<Bytes>, Response<Body>, AttemptError> for Retr
     }
 }
 
+/// `uri` with its path replaced by `path` (the query kept).
+fn with_path(uri: &http::Uri, path: &str) -> Result<http::Uri, http::Error> {
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse()?);
+    Ok(http::Uri::from_parts(parts)?)
+}
+
 /// Where an instance listens.
 fn instance_addr(instance: &ServiceInstance) -> Option<SocketAddr> {
     Some(SocketAddr::new(
@@ -290,6 +301,18 @@ impl Judge {
             let view = self.ctx.view.read().expect("view lock");
             view.route_target(&self.destination, facts, rand::random::<f32>() * 100.0)
         };
+        let mut request = request;
+        if let Some(path) = target.policy.rewritten(request.uri().path()) {
+            match with_path(request.uri(), &path) {
+                Ok(uri) => *request.uri_mut() = uri,
+                Err(e) => {
+                    return plain(
+                        StatusCode::BAD_REQUEST,
+                        format!("PrefixRewrite gives a bad path {path:?}: {e}\n"),
+                    )
+                }
+            }
+        }
         if target.policy.is_plain() {
             let tried = Default::default();
             return match self
@@ -530,6 +553,18 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_path_keeps_the_query_and_the_authority() {
+        let uri: http::Uri = "http://api:8080/v2/users?id=7".parse().unwrap();
+        assert_eq!(
+            with_path(&uri, "/users").unwrap().to_string(),
+            "http://api:8080/users?id=7"
+        );
+        let origin: http::Uri = "/v2/x".parse().unwrap();
+        assert_eq!(with_path(&origin, "/x").unwrap().to_string(), "/x");
+        assert!(with_path(&origin, "/bad path").is_err());
+    }
 
     #[test]
     fn policy_request_takes_method_path_and_headers() {

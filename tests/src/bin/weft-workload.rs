@@ -4,6 +4,8 @@
 //!
 //! - `GET /healthz`: 200 `ok`, or 503 `failing` after `/fail`;
 //! - `GET /fail`, `GET /recover`: make `/healthz` fail, or pass again;
+//! - `/echo/...`: 200 with `instance NAME got PATH` (the path and query it
+//!   received, to see rewrites);
 //! - anything else: 200 with the body `instance NAME\n`.
 //!
 //! It prints `listening on ADDR` to stdout once it accepts connections.
@@ -94,6 +96,9 @@ fn serve(stream: TcpStream, name: &str, failing: &AtomicBool) -> std::io::Result
             "/recover" => {
                 failing.store(false, Ordering::SeqCst);
                 ("200 OK", "passing now\n".to_string())
+            }
+            echo if echo.starts_with("/echo/") => {
+                ("200 OK", format!("instance {name} got {path}\n"))
             }
             _ => ("200 OK", format!("instance {name}\n")),
         };
