@@ -71,6 +71,17 @@ fn weft(mesh: &Mesh, args: &[&str]) -> anyhow::Result<Output> {
     Ok(out)
 }
 
+/// Writes `text` to `name` in the mesh's directory and shows it.
+fn write_file(mesh: &Mesh, name: &str, text: &str) -> anyhow::Result<String> {
+    let path = mesh.path(name);
+    std::fs::write(&path, text)?;
+    println!("\n  {}:", path.display());
+    for line in text.lines() {
+        println!("    {line}");
+    }
+    Ok(path.display().to_string())
+}
+
 fn as_web(mesh: &Mesh, args: &[&str]) -> anyhow::Result<Output> {
     let out = mesh.exec_as(Node::A, "web", args)?;
     show("node-a (as web)", &args.join(" "), &out);
@@ -116,7 +127,16 @@ fn demo() -> anyhow::Result<()> {
                 .id("api-1")
                 .address(MeshSpec::NODE_ADDR)
                 .healthz_check("1s")
-                .cgroup("api"),
+                .cgroup("api")
+                .meta("version", "v1"),
+        )
+        .node_b(
+            Service::new("api", 8081)
+                .id("api-2")
+                .address(MeshSpec::NODE_ADDR)
+                .healthz_check("1s")
+                .cgroup("api")
+                .meta("version", "v2"),
         );
     let mut mesh = Mesh::start(spec)?;
     let (a, b) = (mesh.ip(Node::A), mesh.ip(Node::B));
@@ -138,7 +158,7 @@ cgroup subtree ({} and …/b), and it answers DNS for NAME.service.weft on 127.0
         println!("    {line}");
     }
 
-    step("two workloads: web on node-a, api on node-b, each in its service's cgroup")?;
+    step("workloads: web on node-a; api (v1 and v2) on node-b; each in its service's cgroup")?;
     let exec = format!(
         "weft-agent exec --config {} --service web -- CMD",
         mesh.agent_config(Node::A).display()
@@ -157,6 +177,12 @@ cgroup subtree ({} and …/b), and it answers DNS for NAME.service.weft on 127.0
         "workload-api-1.log",
     )?;
     mesh.spawn_as(
+        Node::B,
+        "api",
+        &[workload, &format!("{b}:8081"), "api-2"],
+        "workload-api-2.log",
+    )?;
+    mesh.spawn_as(
         Node::A,
         "web",
         &[workload, &format!("{a}:8000"), "web-1"],
@@ -170,7 +196,12 @@ cgroup subtree ({} and …/b), and it answers DNS for NAME.service.weft on 127.0
                 .iter()
                 .any(|(_, _, h)| h == "passing"))
         };
-        Ok((passing("web")? && passing("api")?).then_some(()))
+        let api_passing = mesh
+            .catalog_instances("api")?
+            .iter()
+            .filter(|(_, _, h)| h == "passing")
+            .count();
+        Ok((passing("web")? && api_passing == 2).then_some(()))
     })?;
     weft(&mesh, &["catalog", "services"])?;
     weft(&mesh, &["catalog", "service", "api"])?;
@@ -232,6 +263,85 @@ cgroup subtree ({} and …/b), and it answers DNS for NAME.service.weft on 127.0
         Ok(mesh.curl_as(Node::A, "web", url, &["-m", "2"]).ok())
     })?;
     as_web(&mesh, &["curl", "-sS", "-m", "5", url])?;
+
+    step("L7: api speaks HTTP, and web may only GET /hello on it")?;
+    let defaults = "Kind = \"service-defaults\"\nName = \"api\"\nProtocol = \"http\"\n";
+    let l7 = "[[Permissions]]\nAction = \"allow\"\nHTTP = { PathExact = \"/hello\", Methods = [\"GET\"] }\n\n\
+              [[Permissions]]\nAction = \"deny\"\nHTTP = { PathPrefix = \"/\" }\n";
+    let defaults_file = write_file(&mesh, "api-defaults.toml", defaults)?;
+    let l7_file = write_file(&mesh, "web-api-l7.toml", l7)?;
+    weft(&mesh, &["config", "write", &defaults_file])?;
+    weft(
+        &mesh,
+        &["intention", "create", "web", "api", "--file", &l7_file],
+    )?;
+    let admin = "http://api.service.weft:8080/admin";
+    wait_until(Duration::from_secs(5), "GET /admin refused", || {
+        check_interrupted()?;
+        let out = mesh.exec_as(
+            Node::A,
+            "web",
+            &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", admin],
+        )?;
+        Ok((out.stdout.trim() == "403").then_some(()))
+    })?;
+    as_web(&mesh, &["curl", "-sS", "-m", "5", url])?;
+    as_web(
+        &mesh,
+        &["curl", "-sS", "-m", "5", "-w", "[HTTP %{http_code}]", admin],
+    )?;
+    as_web(
+        &mesh,
+        &[
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            "-X",
+            "POST",
+            "-w",
+            "[HTTP %{http_code}]",
+            url,
+        ],
+    )?;
+    say(
+        "\nThe agents now speak HTTP on web -> api connections and judge every request on\n\
+         its method, path and headers; a refused one gets a 403 that names the deciding\n\
+         intention and permission, and never reaches api.",
+    );
+    weft(&mesh, &["intention", "delete", "web", "api"])?;
+
+    step("a canary: requests with x-canary: 1 go to api v2, the others to v1")?;
+    let resolver = "Kind = \"service-resolver\"\nName = \"api\"\nDefaultSubset = \"v1\"\n\
+                    [Subsets.v1]\nFilter = \"Service.Meta.version == v1\"\n\
+                    [Subsets.v2]\nFilter = \"Service.Meta.version == v2\"\n";
+    let router = "Kind = \"service-router\"\nName = \"api\"\n[[Routes]]\n\
+                  [Routes.Match.HTTP]\nHeader = [ { Name = \"x-canary\", Exact = \"1\" } ]\n\
+                  [Routes.Destination]\nServiceSubset = \"v2\"\n";
+    let resolver_file = write_file(&mesh, "api-resolver.toml", resolver)?;
+    let router_file = write_file(&mesh, "api-router.toml", router)?;
+    weft(&mesh, &["config", "write", &resolver_file])?;
+    weft(&mesh, &["config", "write", &router_file])?;
+    wait_until(Duration::from_secs(5), "the canary route applies", || {
+        check_interrupted()?;
+        let out = mesh.exec_as(
+            Node::A,
+            "web",
+            &["curl", "-s", "-m", "2", "-H", "x-canary: 1", url],
+        )?;
+        Ok((out.stdout.trim() == "instance api-2").then_some(()))
+    })?;
+    for _ in 0..3 {
+        as_web(&mesh, &["curl", "-sS", "-m", "5", url])?;
+    }
+    for _ in 0..3 {
+        as_web(&mesh, &["curl", "-sS", "-m", "5", "-H", "x-canary: 1", url])?;
+    }
+    say(
+        "\nnode-a's agent routes each request on its own: the router's header match picks\n\
+         subset v2, otherwise the resolver's default subset v1; subsets select instances\n\
+         by their meta. A service-splitter would split by weight the same way.",
+    );
 
     println!("\n== done; cleaning up: processes, cgroups, network namespaces, files");
     drop(mesh);
