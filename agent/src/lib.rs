@@ -18,6 +18,7 @@ pub mod identity;
 pub mod intercept;
 pub mod lb;
 pub mod metrics;
+pub mod outlier;
 pub mod proxy;
 pub mod run;
 pub mod splice;

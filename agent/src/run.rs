@@ -121,6 +121,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         pool: HbonePool::new(bundle.clone()),
         metrics: metrics.clone(),
         in_flight: Mutex::new(HashMap::new()),
+        outliers: Default::default(),
     });
 
     // Inbound tunnels.

@@ -9,12 +9,15 @@ use serde::Serialize;
 use weft_api::catalog::{HealthStatus, Node, ServiceInstance};
 use weft_api::config_entry::{ConfigEntry, EntryKind, EntrySet};
 use weft_api::convert::{instance_from_proto, intention_from_proto, node_from_proto};
+use weft_api::duration::parse_duration;
 use weft_api::intention::{
     evaluate, evaluate_connection, ConnectionDecision, Decision, Intention, IntentionAction,
     Request,
 };
 use weft_api::proto::{self, change::Change as P, watch_event::Event};
 use weft_api::routing;
+
+use crate::outlier::{EjectionPolicy, DEFAULT_EJECTION};
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct View {
@@ -262,6 +265,25 @@ impl View {
     /// resolver's failover when it has none), and their service.
     pub fn instances_of(&self, target: &routing::Target) -> (String, Vec<&ServiceInstance>) {
         routing::instances_or_failover(&self.entries, target, self.instances.values())
+    }
+
+    /// The circuit breaking that `source`'s service-defaults ask for on its
+    /// upstreams (`UpstreamConfig.Defaults.PassiveHealthCheck`).
+    pub fn ejection_policy(&self, source: &str) -> Option<EjectionPolicy> {
+        let Some(ConfigEntry::ServiceDefaults(d)) =
+            self.entries.get(EntryKind::ServiceDefaults, source)
+        else {
+            return None;
+        };
+        let check = d.passive_health_check()?;
+        Some(EjectionPolicy {
+            max_failures: check.max_failures,
+            ejection: check
+                .base_ejection_time
+                .as_deref()
+                .and_then(|t| parse_duration(t).ok())
+                .unwrap_or(DEFAULT_EJECTION),
+        })
     }
 
     /// The trust bundle as one PEM text.

@@ -82,6 +82,50 @@ pub struct ServiceDefaults {
     pub name: String,
     #[serde(default)]
     pub protocol: Protocol,
+    /// How this service's agents treat the services it calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_config: Option<UpstreamConfig>,
+}
+
+/// `UpstreamConfig` of a service-defaults entry.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// For every upstream of the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defaults: Option<UpstreamDefaults>,
+}
+
+/// `UpstreamConfig.Defaults`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct UpstreamDefaults {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passive_health_check: Option<PassiveHealthCheck>,
+}
+
+/// Circuit breaking by outlier detection: an instance that fails
+/// `MaxFailures` times in a row (connections refused, 5xx answers) is left
+/// out of balancing for `BaseEjectionTime`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct PassiveHealthCheck {
+    pub max_failures: u32,
+    /// A duration such as `"30s"`; 30 s when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection_time: Option<String>,
+}
+
+impl ServiceDefaults {
+    /// The passive health check for this service's upstreams, if any.
+    pub fn passive_health_check(&self) -> Option<&PassiveHealthCheck> {
+        self.upstream_config
+            .as_ref()?
+            .defaults
+            .as_ref()?
+            .passive_health_check
+            .as_ref()
+    }
 }
 
 /// `service-router`: ordered HTTP routes; the first matching route decides.
@@ -438,11 +482,28 @@ pub fn validate_entry(
 ) -> Result<(), ConfigEntryError> {
     check_name("Name", entry.name())?;
     match entry {
-        ConfigEntry::ServiceDefaults(_) => Ok(()),
+        ConfigEntry::ServiceDefaults(d) => validate_defaults(d),
         ConfigEntry::ServiceRouter(r) => validate_router(r, ctx),
         ConfigEntry::ServiceSplitter(s) => validate_splitter(s, ctx),
         ConfigEntry::ServiceResolver(r) => validate_resolver(r, ctx),
     }
+}
+
+fn validate_defaults(d: &ServiceDefaults) -> Result<(), ConfigEntryError> {
+    let Some(check) = d.passive_health_check() else {
+        return Ok(());
+    };
+    let field = "UpstreamConfig.Defaults.PassiveHealthCheck";
+    if check.max_failures == 0 {
+        return Err(invalid(
+            format!("{field}.MaxFailures"),
+            "must be at least 1",
+        ));
+    }
+    if let Some(t) = &check.base_ejection_time {
+        check_duration(&format!("{field}.BaseEjectionTime"), t)?;
+    }
+    Ok(())
 }
 
 fn require_http(

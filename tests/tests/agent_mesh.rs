@@ -888,3 +888,49 @@ RetryOnConnectFailure = true
     )?;
     Ok(())
 }
+
+/// api-2 refuses connections (nothing listens); with a passive health check
+/// in web's service-defaults, one failure ejects it and every later
+/// connection goes to api-1, even for plain TCP (no retries involved).
+#[test]
+fn a_passive_health_check_ejects_an_instance_that_refuses_connections() -> anyhow::Result<()> {
+    require_root();
+    let dead = Service::new("api", 8081)
+        .id("api-2")
+        .address(MeshSpec::NODE_ADDR);
+    let mut mesh = Mesh::start(spec().node_b(api("api-1", 8080)).node_a(dead))?;
+    let b = mesh.ip(NodeB);
+    mesh.workload(NodeB, "api-1", &format!("{b}:8080"))?;
+    let mut failed = 0;
+    let mut answered = 0;
+    wait_until(
+        Duration::from_secs(30),
+        "connections both answered and failed",
+        || {
+            match mesh.curl_with(NodeA, UPSTREAM, &["-m", "2"]) {
+                Ok(_) => answered += 1,
+                Err(_) => failed += 1,
+            }
+            Ok((answered > 0 && failed > 0).then_some(()))
+        },
+    )?;
+    write_entry(
+        &mesh,
+        "web-defaults.toml",
+        r#"
+Kind = "service-defaults"
+Name = "web"
+[UpstreamConfig.Defaults.PassiveHealthCheck]
+MaxFailures = 1
+BaseEjectionTime = "120s"
+"#,
+    )?;
+    // At most one more failure (the one that ejects), then only api-1.
+    settles_on(&mesh, &[], "api-1", 30)?;
+    let log = mesh.agent_log_tail(NodeA, 500);
+    ensure!(
+        log.contains("instance ejected"),
+        "the ejection is logged\n{log}"
+    );
+    Ok(())
+}

@@ -415,15 +415,21 @@ impl Judge {
                     }
                     Err(e) => {
                         tried.lock().expect("tried lock").push(addr);
+                        self.ctx.report(&self.source, addr, false);
                         return Err(AttemptError::Connect(e));
                     }
                 },
             }
         };
         match upstream.send(request).await {
-            Ok(response) => Ok(response.map(BodyExt::boxed)),
+            Ok(response) => {
+                let ok = !response.status().is_server_error();
+                self.ctx.report(&self.source, addr, ok);
+                Ok(response.map(BodyExt::boxed))
+            }
             Err(e) => {
                 conns.lock().await.remove(&addr);
+                self.ctx.report(&self.source, addr, false);
                 Err(AttemptError::Upstream(e))
             }
         }

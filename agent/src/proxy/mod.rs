@@ -12,11 +12,12 @@ pub mod outbound;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::hbone::HbonePool;
 use crate::identity::Identities;
 use crate::metrics::AgentMetrics;
+use crate::outlier::Outliers;
 use crate::view::View;
 
 /// How long opening a connection or tunnel may take.
@@ -33,6 +34,22 @@ pub struct ProxyContext {
     pub metrics: Arc<AgentMetrics>,
     /// Open connections per destination instance, for load balancing.
     pub in_flight: Mutex<HashMap<SocketAddr, u64>>,
+    /// Consecutive failures and ejections per instance (circuit breaking).
+    pub outliers: Outliers,
+}
+
+impl ProxyContext {
+    /// Reports how a connection or request from `source` to the instance at
+    /// `addr` went, when `source`'s defaults ask for passive health checks.
+    pub fn report(&self, source: &str, addr: SocketAddr, ok: bool) {
+        let policy = self.view.read().expect("view lock").ejection_policy(source);
+        if let Some(policy) = policy {
+            if self.outliers.record(addr, ok, policy, Instant::now()) {
+                tracing::info!(%source, instance = %addr, ejection = ?policy.ejection,
+                    "instance ejected after {} failures in a row", policy.max_failures);
+            }
+        }
+    }
 }
 
 /// Counts one open connection to an instance for as long as it lives.

@@ -70,7 +70,7 @@ pub fn pick(
     instances: &[&ServiceInstance],
     service: &str,
 ) -> Result<Route, OutboundError> {
-    let candidates: Vec<(SocketAddr, &str)> = instances
+    let all: Vec<(SocketAddr, &str)> = instances
         .iter()
         .filter_map(|i| {
             Some((
@@ -79,6 +79,7 @@ pub fn pick(
             ))
         })
         .collect();
+    let candidates = ctx.outliers.filter(&all, std::time::Instant::now());
     let loads: Vec<u64> = {
         let in_flight = ctx.in_flight.lock().expect("in-flight lock");
         candidates
@@ -158,10 +159,12 @@ pub async fn carry(
     let _in_flight = InFlight::new(ctx, target);
     let (sent, received) = match route {
         Route::Local(addr) => {
-            let mut upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
                 .await
-                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-                .map_err(|source| OutboundError::Connect { addr, source })?;
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+            ctx.report(source, addr, connected.is_ok());
+            let mut upstream =
+                connected.map_err(|source| OutboundError::Connect { addr, source })?;
             let _ = upstream.set_nodelay(true);
             if per_request {
                 // Counted reports the connection and its bytes when dropped.
@@ -184,10 +187,16 @@ pub async fn carry(
                 .identities
                 .service(source)
                 .map_err(|_| OutboundError::Identity(source.to_string()))?;
-            let mut tunnel = ctx
+            let tunnel = ctx
                 .pool
                 .connect(&identity, node, target, CONNECT_TIMEOUT)
-                .await?;
+                .await;
+            match &tunnel {
+                // A policy refusal says nothing of the instance's health.
+                Err(HboneError::Refused { status: 403, .. }) => {}
+                other => ctx.report(source, target, other.is_ok()),
+            }
+            let mut tunnel = tunnel?;
             ctx.metrics.conn_opened(source, destination);
             let copied = splice(client, &mut tunnel).await;
             ctx.metrics.conn_closed(source, destination);

@@ -8,7 +8,48 @@ fn defaults(name: &str, protocol: Protocol) -> ConfigEntry {
     ConfigEntry::ServiceDefaults(ServiceDefaults {
         name: name.into(),
         protocol,
+        upstream_config: None,
     })
+}
+
+#[test]
+fn passive_health_check_is_parsed_and_checked_by_field() {
+    let text = r#"
+Kind = "service-defaults"
+Name = "web"
+[UpstreamConfig.Defaults.PassiveHealthCheck]
+MaxFailures = 3
+BaseEjectionTime = "10s"
+"#;
+    let entry = parse_entry_file(text, FileFormat::Toml).unwrap();
+    let ConfigEntry::ServiceDefaults(d) = &entry else {
+        panic!("not service-defaults: {entry:?}")
+    };
+    let check = d.passive_health_check().unwrap();
+    assert_eq!(check.max_failures, 3);
+    assert_eq!(check.base_ejection_time.as_deref(), Some("10s"));
+    assert!(validate_entry(&entry, &EntrySet::new()).is_ok());
+
+    let zero = text.replace("MaxFailures = 3", "MaxFailures = 0");
+    let e = validate_entry(
+        &parse_entry_file(&zero, FileFormat::Toml).unwrap(),
+        &EntrySet::new(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.field(),
+        "UpstreamConfig.Defaults.PassiveHealthCheck.MaxFailures"
+    );
+    let bad = text.replace("\"10s\"", "\"soon\"");
+    let e = validate_entry(
+        &parse_entry_file(&bad, FileFormat::Toml).unwrap(),
+        &EntrySet::new(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.field(),
+        "UpstreamConfig.Defaults.PassiveHealthCheck.BaseEjectionTime"
+    );
 }
 
 fn resolver(name: &str, subsets: &[&str]) -> ServiceResolver {
