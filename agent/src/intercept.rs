@@ -105,7 +105,7 @@ pub fn fast_paths(
             .passing(service)
             .into_iter()
             .find(|i| i.node == node)
-            .and_then(|i| Some(SocketAddr::new(i.address.parse().ok()?, i.port)))
+            .and_then(|i| i.socket_addr())
         else {
             continue;
         };

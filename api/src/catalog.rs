@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -115,6 +115,14 @@ pub struct ServiceInstance {
     pub create_index: u64,
     #[serde(default)]
     pub modify_index: u64,
+}
+
+impl ServiceInstance {
+    /// Where the workload listens (`None` if its address is not an IP,
+    /// which validation refuses).
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        Some(SocketAddr::new(self.address.parse().ok()?, self.port))
+    }
 }
 
 /// Why a catalog record was refused. The message starts with the field.

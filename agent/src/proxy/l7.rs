@@ -36,7 +36,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tower::ServiceExt;
-use weft_api::catalog::ServiceInstance;
 use weft_api::config_entry::Protocol;
 use weft_api::intention::Request as PolicyRequest;
 use weft_api::routing::{Attempt, RoutePolicy, Target};
@@ -219,14 +218,6 @@ fn with_path(uri: &http::Uri, path: &str) -> Result<http::Uri, http::Error> {
     Ok(http::Uri::from_parts(parts)?)
 }
 
-/// Where an instance listens.
-fn instance_addr(instance: &ServiceInstance) -> Option<SocketAddr> {
-    Some(SocketAddr::new(
-        instance.address.parse().ok()?,
-        instance.port,
-    ))
-}
-
 fn full(body: Bytes) -> Body {
     Full::new(body).map_err(|never| match never {}).boxed()
 }
@@ -387,7 +378,7 @@ impl Judge {
             let untried: Vec<_> = instances
                 .iter()
                 .copied()
-                .filter(|i| !tried.iter().any(|t| instance_addr(i) == Some(*t)))
+                .filter(|i| !tried.iter().any(|t| i.socket_addr() == Some(*t)))
                 .collect();
             if !untried.is_empty() {
                 instances = untried;

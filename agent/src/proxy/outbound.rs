@@ -72,12 +72,7 @@ pub fn pick(
 ) -> Result<Route, OutboundError> {
     let all: Vec<(SocketAddr, &str)> = instances
         .iter()
-        .filter_map(|i| {
-            Some((
-                SocketAddr::new(i.address.parse().ok()?, i.port),
-                i.node.as_str(),
-            ))
-        })
+        .filter_map(|i| Some((i.socket_addr()?, i.node.as_str())))
         .collect();
     let candidates = ctx.outliers.filter(&all, std::time::Instant::now());
     let loads: Vec<u64> = {
