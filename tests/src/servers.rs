@@ -26,12 +26,27 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; tests use it at once).
+/// Ports handed to servers come from below Linux's ephemeral range
+/// (32768 and up), so that no client connection of another test can take
+/// one between the moment it is chosen and the moment a server binds it.
+const PORTS: std::ops::Range<u16> = 20000..32000;
+
+/// A free TCP port on 127.0.0.1, never handed out twice by this process.
+/// The walk starts at a point derived from the process id, so that test
+/// binaries run one after another do not meet ports still in TIME_WAIT.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding a free port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let span = PORTS.end - PORTS.start;
+    let offset = (std::process::id() % u32::from(span)) as u16;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = PORTS.start + (offset.wrapping_add(n) % span);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {PORTS:?} on 127.0.0.1");
 }
 
 pub struct Server {
@@ -181,7 +196,17 @@ impl Cluster {
                 return Ok(id);
             }
             if Instant::now() > deadline {
-                bail!("no leader within {limit:?}");
+                let logs: Vec<String> = self
+                    .servers
+                    .iter()
+                    .map(|s| {
+                        let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+                        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                        let tail: Vec<&str> = tail.into_iter().rev().collect();
+                        format!("server {} log tail:\n{}", s.id, tail.join("\n"))
+                    })
+                    .collect();
+                bail!("no leader within {limit:?}\n{}", logs.join("\n"));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
