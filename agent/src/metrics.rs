@@ -139,6 +139,12 @@ struct RequestLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EjectionLabels {
+    source: String,
+    instance: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TlsLabels {
     side: Side,
     reason: String,
@@ -167,6 +173,7 @@ pub struct AgentMetrics {
     bytes: Family<ByteLabels, Counter>,
     denied: Family<ConnLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
+    ejections: Family<EjectionLabels, Counter>,
     tls_failures: Family<TlsLabels, Counter>,
     ebpf: Family<EbpfLabels, Counter>,
 }
@@ -217,6 +224,11 @@ impl AgentMetrics {
             m.requests.clone(),
         );
         registry.register(
+            "outlier_ejections",
+            "Instances left out of balancing by passive health checks, by calling service and instance address",
+            m.ejections.clone(),
+        );
+        registry.register(
             "tls_handshake_failures",
             "Failed mTLS handshakes, by side and reason",
             m.tls_failures.clone(),
@@ -234,6 +246,7 @@ impl AgentMetrics {
             bytes: m.bytes,
             denied: m.denied,
             requests: m.requests,
+            ejections: m.ejections,
             tls_failures: m.tls_failures,
             ebpf: m.ebpf,
         }
@@ -277,6 +290,16 @@ impl AgentMetrics {
                 source: src.to_string(),
                 destination: dst.to_string(),
                 code: u32::from(code),
+            })
+            .inc();
+    }
+
+    /// `source`'s passive health check ejected the instance at `instance`.
+    pub fn ejected(&self, source: &str, instance: std::net::SocketAddr) {
+        self.ejections
+            .get_or_create(&EjectionLabels {
+                source: source.to_string(),
+                instance: instance.to_string(),
             })
             .inc();
     }
@@ -334,6 +357,7 @@ struct AgentMetricsParts {
     bytes: Family<ByteLabels, Counter>,
     denied: Family<ConnLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
+    ejections: Family<EjectionLabels, Counter>,
     tls_failures: Family<TlsLabels, Counter>,
     ebpf: Family<EbpfLabels, Counter>,
 }
@@ -354,6 +378,7 @@ mod tests {
         m.denied("web", "db");
         m.http_request("web", "api", 403);
         m.http_request("web", "api", 403);
+        m.ejected("web", "10.0.0.2:8080".parse().unwrap());
         m.tls_failure(Side::Inbound, "unknown_ca");
         m.set_ebpf_counter(EbpfCounter::Redirected, 42);
         m.set_ebpf_counter(EbpfCounter::Redirected, 50);
@@ -371,6 +396,7 @@ mod tests {
             "weft_agent_bytes_total{source=\"web\",destination=\"api\",direction=\"received\"} 7",
             "weft_agent_intention_denials_total{source=\"web\",destination=\"db\"} 1",
             "weft_agent_http_requests_total{source=\"web\",destination=\"api\",code=\"403\"} 2",
+            "weft_agent_outlier_ejections_total{source=\"web\",instance=\"10.0.0.2:8080\"} 1",
             "weft_agent_tls_handshake_failures_total{side=\"inbound\",reason=\"unknown_ca\"} 1",
             "weft_agent_ebpf_events_total{event=\"redirected\"} 50",
             "weft_agent_ebpf_events_total{event=\"fast_path\"} 3",

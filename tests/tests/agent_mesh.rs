@@ -921,5 +921,11 @@ BaseEjectionTime = "120s"
         log.contains("instance ejected"),
         "the ejection is logged\n{log}"
     );
+    let ejections = mesh.metric_with(
+        NodeA,
+        "weft_agent_outlier_ejections_total",
+        &[("source", "web")],
+    )?;
+    ensure!(ejections >= 1.0, "the ejection is counted ({ejections})");
     Ok(())
 }

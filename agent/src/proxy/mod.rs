@@ -45,6 +45,7 @@ impl ProxyContext {
         let policy = self.view.read().expect("view lock").ejection_policy(source);
         if let Some(policy) = policy {
             if self.outliers.record(addr, ok, policy, Instant::now()) {
+                self.metrics.ejected(source, addr);
                 tracing::info!(%source, instance = %addr, ejection = ?policy.ejection,
                     "instance ejected after {} failures in a row", policy.max_failures);
             }
