@@ -532,12 +532,7 @@ fn l7_intention_is_enforced_for_a_same_node_instance_too() -> anyhow::Result<()>
 /// request by request that only what its permissions allow reaches
 /// `instance`; then deletes it and checks that the default applies again.
 fn l7_intention_cycle(mesh: &Mesh, instance: &str) -> anyhow::Result<()> {
-    let defaults = mesh.path("api-defaults.toml");
-    std::fs::write(
-        &defaults,
-        "Kind = \"service-defaults\"\nName = \"api\"\nProtocol = \"http\"\n",
-    )?;
-    mesh.weft(&["config", "write", &defaults.display().to_string()])?;
+    write_entry(mesh, "api-defaults.toml", API_IS_HTTP)?;
     // web may GET under /public, and POST only with x-env: prod; nothing else.
     let l7 = mesh.path("web-api-l7.toml");
     std::fs::write(
@@ -644,6 +639,20 @@ HTTP = { PathPrefix = "/" }
     Ok(())
 }
 
+/// api speaks HTTP (L7 intentions, routers and splitters need it).
+const API_IS_HTTP: &str = "Kind = \"service-defaults\"\nName = \"api\"\nProtocol = \"http\"\n";
+
+/// api's subsets by `version` meta, v1 by default.
+const RESOLVER: &str = r#"
+Kind = "service-resolver"
+Name = "api"
+DefaultSubset = "v1"
+[Subsets.v1]
+Filter = "Service.Meta.version == v1"
+[Subsets.v2]
+Filter = "Service.Meta.version == v2"
+"#;
+
 /// Writes a config entry (TOML) through the CLI.
 fn write_entry(mesh: &Mesh, file: &str, text: &str) -> anyhow::Result<()> {
     let path = mesh.path(file);
@@ -708,24 +717,8 @@ fn resolver_splitter_and_router_pick_the_instance_of_every_request() -> anyhow::
         },
     )?;
 
-    write_entry(
-        &mesh,
-        "defaults.toml",
-        "Kind = \"service-defaults\"\nName = \"api\"\nProtocol = \"http\"\n",
-    )?;
-    write_entry(
-        &mesh,
-        "resolver.toml",
-        r#"
-Kind = "service-resolver"
-Name = "api"
-DefaultSubset = "v1"
-[Subsets.v1]
-Filter = "Service.Meta.version == v1"
-[Subsets.v2]
-Filter = "Service.Meta.version == v2"
-"#,
-    )?;
+    write_entry(&mesh, "defaults.toml", API_IS_HTTP)?;
+    write_entry(&mesh, "resolver.toml", RESOLVER)?;
     // The default subset: every request to v1, across the tunnel.
     settles_on(&mesh, &[], "api-1", 10)?;
 
@@ -794,17 +787,7 @@ ServiceSubset = "v1"
     write_entry(
         &mesh,
         "resolver.toml",
-        r#"
-Kind = "service-resolver"
-Name = "api"
-DefaultSubset = "v1"
-[Subsets.v1]
-Filter = "Service.Meta.version == v1"
-[Subsets.v2]
-Filter = "Service.Meta.version == v2"
-[Failover.v2]
-ServiceSubset = "v1"
-"#,
+        &format!("{RESOLVER}[Failover.v2]\nServiceSubset = \"v1\"\n"),
     )?;
     settles_on(&mesh, &[], "api-1", 10)?;
     Ok(())
@@ -844,11 +827,7 @@ fn mesh_with_a_refusing_instance() -> anyhow::Result<Mesh> {
 fn a_route_retries_refused_connections_and_rewrites_paths() -> anyhow::Result<()> {
     require_root();
     let mesh = mesh_with_a_refusing_instance()?;
-    write_entry(
-        &mesh,
-        "defaults.toml",
-        "Kind = \"service-defaults\"\nName = \"api\"\nProtocol = \"http\"\n",
-    )?;
+    write_entry(&mesh, "defaults.toml", API_IS_HTTP)?;
     // Without a route, some requests would still land on api-2 and fail.
 
     write_entry(
