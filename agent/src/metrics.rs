@@ -220,7 +220,7 @@ impl AgentMetrics {
         );
         registry.register(
             "http_requests",
-            "HTTP requests judged by L7 intentions, by source and destination service and response status",
+            "HTTP requests the proxy served at L7 (L7 intentions, routing), by source and destination service and response status",
             m.requests.clone(),
         );
         registry.register(
@@ -282,7 +282,7 @@ impl AgentMetrics {
         self.denied.get_or_create(&conn(src, dst)).inc();
     }
 
-    /// An HTTP request from `src` to `dst` was answered with `code` (a
+    /// An HTTP request from `src` to `dst` served at L7 was answered with `code` (a
     /// refusal, the instance's answer, or a gateway error).
     pub fn http_request(&self, src: &str, dst: &str, code: u16) {
         self.requests
