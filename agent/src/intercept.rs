@@ -98,7 +98,7 @@ pub fn fast_paths(
 ) -> BTreeMap<FastEntry, SocketAddr> {
     let mut entries = BTreeMap::new();
     for (service, vip) in &view.vips {
-        if view.protocol(service) != "tcp" || !vip.is_ipv4() {
+        if view.protocol(service).is_http() || !vip.is_ipv4() {
             continue;
         }
         let Some(local) = view

@@ -58,11 +58,7 @@ impl Outliers {
 
     /// Whether `addr` is ejected at `now`.
     pub fn is_ejected(&self, addr: SocketAddr, now: Instant) -> bool {
-        let instances = self.instances.lock().expect("outliers lock");
-        instances
-            .get(&addr)
-            .and_then(|s| s.ejected_until)
-            .is_some_and(|until| now < until)
+        ejected(&self.instances.lock().expect("outliers lock"), addr, now)
     }
 
     /// The candidates that are not ejected at `now`, or all of them when
@@ -72,10 +68,11 @@ impl Outliers {
         candidates: &[(SocketAddr, T)],
         now: Instant,
     ) -> Vec<(SocketAddr, T)> {
+        let instances = self.instances.lock().expect("outliers lock");
         let healthy: Vec<_> = candidates
             .iter()
             .copied()
-            .filter(|(addr, _)| !self.is_ejected(*addr, now))
+            .filter(|(addr, _)| !ejected(&instances, *addr, now))
             .collect();
         if healthy.is_empty() {
             candidates.to_vec()
@@ -83,6 +80,13 @@ impl Outliers {
             healthy
         }
     }
+}
+
+fn ejected(instances: &HashMap<SocketAddr, InstanceState>, addr: SocketAddr, now: Instant) -> bool {
+    instances
+        .get(&addr)
+        .and_then(|s| s.ejected_until)
+        .is_some_and(|until| now < until)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
 use weft_api::catalog::{HealthStatus, Node, ServiceInstance};
-use weft_api::config_entry::{ConfigEntry, EntryKind, EntrySet};
+use weft_api::config_entry::{ConfigEntry, EntryContext, EntryKind, EntrySet, Protocol};
 use weft_api::convert::{instance_from_proto, intention_from_proto, node_from_proto};
 use weft_api::duration::parse_duration;
 use weft_api::intention::{
@@ -28,8 +28,6 @@ pub struct View {
     pub instances: BTreeMap<(String, String), ServiceInstance>,
     pub vips: BTreeMap<String, IpAddr>,
     pub intentions: BTreeMap<(String, String), Intention>,
-    /// Protocols set by service-defaults entries (absent: tcp).
-    pub protocols: BTreeMap<String, String>,
     /// Every config entry (routers, splitters, resolvers, defaults).
     #[serde(serialize_with = "entries_as_list")]
     pub entries: EntrySet,
@@ -135,9 +133,6 @@ impl View {
             }
             P::ConfigUpsert(e) => self.apply_config(&e),
             P::ConfigDelete(r) => {
-                if r.kind == "service-defaults" {
-                    self.protocols.remove(&r.name);
-                }
                 if let Ok(kind) = r.kind.parse::<EntryKind>() {
                     self.entries.remove(kind, &r.name);
                 }
@@ -158,23 +153,11 @@ impl View {
                 tracing::warn!(kind = %e.kind, name = %e.name, "config entry not understood: {err}")
             }
         }
-        if e.kind != "service-defaults" {
-            return;
-        }
-        let protocol = serde_json::from_str::<serde_json::Value>(&e.json)
-            .ok()
-            .and_then(|v| {
-                v.get("Protocol")
-                    .and_then(|p| p.as_str())
-                    .map(str::to_string)
-            })
-            .unwrap_or_else(|| "tcp".to_string());
-        self.protocols.insert(e.name.clone(), protocol);
     }
 
-    /// The protocol of `service` ("tcp" unless a service-defaults says otherwise).
-    pub fn protocol(&self, service: &str) -> &str {
-        self.protocols.get(service).map_or("tcp", String::as_str)
+    /// The protocol of `service` (tcp unless a service-defaults says otherwise).
+    pub fn protocol(&self, service: &str) -> Protocol {
+        EntryContext::protocol(&self.entries, service)
     }
 
     /// Passing instances of `service`, in a stable order.

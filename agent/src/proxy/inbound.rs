@@ -39,7 +39,7 @@ pub async fn accept(
             ));
         };
         let decision = view.decide_connection(&source, &instance.service);
-        let protocol = view.protocol(&instance.service).parse().unwrap_or_default();
+        let protocol = view.protocol(&instance.service);
         (instance.service.clone(), decision, protocol)
     };
     let per_request = match decision {

@@ -114,7 +114,7 @@ pub async fn carry(
     // destination's agent, or below for an instance on this node.
     let (decision, protocol, routed) = {
         let view = ctx.view.read().expect("view lock");
-        let protocol: Protocol = view.protocol(destination).parse().unwrap_or_default();
+        let protocol = view.protocol(destination);
         let routed = protocol.is_http() && view.has_routing(destination);
         (
             view.decide_connection(source, destination),
