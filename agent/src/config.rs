@@ -106,7 +106,39 @@ pub struct AgentConfig {
     /// Runtime threads: 1 runs everything on one thread; more spread
     /// connections over cores.
     pub worker_threads: usize,
+    /// The ACL token, written in the file (`token_file` and `WEFT_TOKEN`
+    /// are read at start, see `control::Credentials`). Never serialized.
+    #[serde(skip)]
+    pub token: Option<SecretText>,
+    /// A file holding the ACL token.
+    pub token_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the servers' TLS certificates
+    /// (`WEFT_CACERT` when absent).
+    pub ca_file: Option<PathBuf>,
+    /// The name the servers' certificates must carry:
+    /// `server.<datacenter>.weft` unless set.
+    pub tls_server_name: String,
     pub services: Vec<ServiceConfig>,
+}
+
+/// A secret from the configuration: shows itself in no debug output.
+#[derive(Clone, PartialEq)]
+pub struct SecretText(String);
+
+impl SecretText {
+    pub fn new(text: impl Into<String>) -> Self {
+        Self(text.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// One `[[service]]`: a workload on this node.
@@ -233,6 +265,14 @@ struct RawConfig {
     drain_timeout: String,
     #[serde(default = "default_worker_threads")]
     worker_threads: usize,
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    tls_server_name: Option<String>,
     #[serde(default)]
     service: Vec<RawService>,
 }
@@ -527,6 +567,19 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
     let admin_addr = socket_addr("admin_addr", &raw.admin_addr)?;
     let dns_addr = socket_addr("dns_addr", &raw.dns_addr)?;
     let drain_timeout = duration("drain_timeout", &raw.drain_timeout, true)?;
+    if raw.token.is_some() && raw.token_file.is_some() {
+        return Err(invalid("token_file", "give token or token_file, not both"));
+    }
+    if raw.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        return Err(invalid("token", "must not be empty"));
+    }
+    let tls_server_name = match raw.tls_server_name {
+        Some(n) if n.trim().is_empty() => {
+            return Err(invalid("tls_server_name", "must not be empty"))
+        }
+        Some(n) => n,
+        None => weft_api::tls_certs::server_name(&datacenter),
+    };
     if !(1..=64).contains(&raw.worker_threads) {
         return Err(invalid(
             "worker_threads",
@@ -621,6 +674,10 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         dns_addr,
         drain_timeout,
         worker_threads: raw.worker_threads,
+        token: raw.token.map(SecretText::new),
+        token_file: raw.token_file,
+        ca_file: raw.ca_file,
+        tls_server_name,
         services,
     })
 }

@@ -4,12 +4,18 @@
 //! answers; a broken watch stream is resumed from the last index on the next
 //! server, and the node is registered again after such a reconnect (a server
 //! restart or a leader change must not lose it).
+//!
+//! Every call is TLS to a server whose certificate chains to the configured
+//! CA and names `tls_server_name`, and carries the agent's ACL token (a
+//! token with this node's identity and its services').
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use weft_api::catalog::HealthStatus;
 use weft_api::convert::health_to_proto;
 use weft_api::proto::{
@@ -21,34 +27,104 @@ use crate::view::View;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
+    #[error("{0}")]
+    Credentials(String),
     #[error("no server answered: {0}")]
     Unreachable(String),
     #[error("server refused {what}: {status}")]
     Refused { what: String, status: tonic::Status },
 }
 
+/// Adds the agent's token to every call.
+#[derive(Clone)]
+pub struct TokenInterceptor(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// What the agent proves itself and checks the servers with.
+pub struct Credentials {
+    tls: ClientTlsConfig,
+    token: TokenInterceptor,
+}
+
+impl Credentials {
+    /// The token from `token`, `token_file` or `WEFT_TOKEN`, and the CA from
+    /// `ca_file` or `WEFT_CACERT`, in that order. Both are required: an
+    /// agent neither talks to an unverified server nor anonymously.
+    pub fn load(config: &AgentConfig) -> Result<Self, ControlError> {
+        let fail = |m: String| ControlError::Credentials(m);
+        let token = match (&config.token, &config.token_file) {
+            (Some(t), _) => t.expose().trim().to_string(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| fail(format!("token_file {}: {e}", path.display())))?
+                .trim()
+                .to_string(),
+            (None, None) => std::env::var("WEFT_TOKEN")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        };
+        if token.is_empty() {
+            return Err(fail(
+                "no ACL token: set token or token_file in the agent's configuration, or WEFT_TOKEN"
+                    .into(),
+            ));
+        }
+        let token: MetadataValue<Ascii> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| fail("the ACL token has characters a token cannot have".into()))?;
+        let ca_file = config
+            .ca_file
+            .clone()
+            .or_else(|| std::env::var_os("WEFT_CACERT").map(Into::into))
+            .ok_or_else(|| {
+                fail("no CA to verify the servers with: set ca_file, or WEFT_CACERT".into())
+            })?;
+        let ca = std::fs::read(&ca_file)
+            .map_err(|e| fail(format!("ca_file {}: {e}", ca_file.display())))?;
+        Ok(Credentials {
+            tls: ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name(config.tls_server_name.clone()),
+            token: TokenInterceptor(token),
+        })
+    }
+}
+
+/// A channel to a server that adds the agent's token to every call.
+pub type ServerChannel = InterceptedService<Channel, TokenInterceptor>;
+
 /// The servers, and the node's registration as this agent knows it.
 pub struct Control {
     addrs: Vec<String>,
+    credentials: Credentials,
     config: Arc<AgentConfig>,
     /// Last known health of each local service instance (by id).
     health: Mutex<BTreeMap<String, (HealthStatus, String)>>,
 }
 
 impl Control {
-    pub fn new(config: Arc<AgentConfig>) -> Self {
-        Self {
+    pub fn new(config: Arc<AgentConfig>) -> Result<Self, ControlError> {
+        Ok(Self {
             addrs: config.servers.clone(),
+            credentials: Credentials::load(&config)?,
             config,
             health: Mutex::new(BTreeMap::new()),
-        }
+        })
     }
 
-    /// A channel to the first server that accepts a connection.
-    pub async fn channel(&self) -> Result<Channel, ControlError> {
+    /// A channel to the first server that accepts a TLS connection.
+    pub async fn channel(&self) -> Result<ServerChannel, ControlError> {
         let mut last = String::from("no servers configured");
         for addr in &self.addrs {
-            let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
+            let endpoint = match Endpoint::from_shared(format!("https://{addr}"))
+                .and_then(|e| e.tls_config(self.credentials.tls.clone()))
+            {
                 Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
                 Err(e) => {
                     last = format!("{addr}: {e}");
@@ -56,8 +132,8 @@ impl Control {
                 }
             };
             match endpoint.connect().await {
-                Ok(ch) => return Ok(ch),
-                Err(e) => last = format!("{addr}: {e}"),
+                Ok(ch) => return Ok(InterceptedService::new(ch, self.credentials.token.clone())),
+                Err(e) => last = format!("{addr}: {e:?}"),
             }
         }
         Err(ControlError::Unreachable(last))

@@ -61,7 +61,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let config = Arc::new(config);
     let metrics = Arc::new(AgentMetrics::new());
     let view = Arc::new(RwLock::new(View::default()));
-    let control = Arc::new(Control::new(config.clone()));
+    let control = Arc::new(Control::new(config.clone())?);
     let (ready_tx, ready_rx) = watch::channel(false);
 
     // Admin first, so that /healthz answers (503) while the rest starts.

@@ -9,12 +9,16 @@
 //!   `service-resolver` entries, their files and write-time validation;
 //!   [`filter`]: resolver subset filters; [`duration`]: `"5s"`-style durations.
 //! - [`kv`]: key/value entries and key rules.
+//! - [`acl`]: ACL rules (Consul's HCL/JSON language), policy merging and decisions.
 //! - [`spiffe`]: SPIFFE ids of services.
 //! - [`file_format`]: JSON/TOML documents with positioned errors;
 //!   [`http_match`]: HTTP path/method/header rules shared by intentions and routers.
+//! - [`tls_certs`]: the operator's CA and server/client certificates for TLS (`weft tls`).
 //!
-//! The domain modules are pure: no I/O, no clocks, no global state.
+//! The domain modules are pure: no I/O, no clocks, no global state ([`tls_certs`]
+//! does no I/O but reads the clock and generates keys).
 
+pub mod acl;
 pub mod catalog;
 pub mod config_entry;
 pub mod convert;
@@ -28,4 +32,5 @@ pub mod names;
 pub mod proto;
 pub mod routing;
 pub mod spiffe;
+pub mod tls_certs;
 pub mod vip;

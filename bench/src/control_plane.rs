@@ -1,9 +1,11 @@
 //! Control-plane benchmark: a 3-server cluster on loopback, release builds,
-//! every Raft append fsynced by sled.
+//! every Raft append fsynced by sled, TLS on every port and ACLs on (the
+//! clients hold the management token).
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tokio::sync::mpsc;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use weft_api::proto::intentions_client::IntentionsClient;
 use weft_api::proto::kv_client::KvClient;
@@ -11,26 +13,40 @@ use weft_api::proto::watch_client::WatchClient;
 use weft_api::proto::{
     change, watch_event, Intention, KvPutRequest, UpsertIntentionRequest, WatchRequest,
 };
-use weft_tests::servers::Cluster;
+use weft_tests::servers::{grpc_channel, Bearer, Cluster};
 
 use crate::report::Figure;
 
-async fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Ok(Channel::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_millis(300))
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await?)
+/// What the benchmark's clients connect with: the servers' CA (PEM) and
+/// the management token.
+#[derive(Clone)]
+struct Creds {
+    ca_pem: String,
+    token: String,
+}
+
+impl Creds {
+    fn of(cluster: &Cluster) -> Self {
+        Creds {
+            ca_pem: cluster.tls_ca.cert_pem.clone(),
+            token: cluster.token.clone(),
+        }
+    }
+}
+
+async fn channel(creds: &Creds, addr: &str) -> anyhow::Result<InterceptedService<Channel, Bearer>> {
+    grpc_channel(addr, &creds.ca_pem, Some(&creds.token)).await
 }
 
 /// `writes` KV puts from `concurrency` clients to `addr`: writes per second.
 async fn throughput(
+    creds: &Creds,
     addr: &str,
     writes: usize,
     concurrency: usize,
     round: usize,
 ) -> anyhow::Result<f64> {
-    let ch = channel(addr).await?;
+    let ch = channel(creds, addr).await?;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..concurrency {
@@ -62,11 +78,12 @@ async fn failover(cluster: &mut Cluster, round: usize) -> anyhow::Result<f64> {
         .map(|id| cluster.grpc_addr(id).to_string())
         .collect();
     cluster.kill(leader);
+    let creds = Creds::of(cluster);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(30);
     'outer: loop {
         for addr in &survivors {
-            let Ok(ch) = channel(addr).await else {
+            let Ok(ch) = channel(&creds, addr).await else {
                 continue;
             };
             let req = KvPutRequest {
@@ -95,13 +112,14 @@ async fn propagation(cluster: &Cluster, n: usize, writes: usize) -> anyhow::Resu
     let addrs: Vec<String> = (1..=3)
         .map(|id| cluster.grpc_addr(id).to_string())
         .collect();
+    let creds = Creds::of(cluster);
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(String, Instant)>();
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
     let mut channels = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
         // About 100 streams per connection.
         for _ in 0..n.div_ceil(300).max(1) {
-            channels.push((i, channel(addr).await?));
+            channels.push((i, channel(&creds, addr).await?));
         }
     }
     let mut tasks = Vec::new();
@@ -138,7 +156,7 @@ async fn propagation(cluster: &Cluster, n: usize, writes: usize) -> anyhow::Resu
             .context("a watch stream ended early")?;
     }
     let leader = cluster.wait_for_leader(Duration::from_secs(10))?;
-    let mut client = IntentionsClient::new(channel(cluster.grpc_addr(leader)).await?);
+    let mut client = IntentionsClient::new(channel(&creds, cluster.grpc_addr(leader)).await?);
     let mut samples = Vec::new();
     for w in 0..writes {
         let source = format!("bench-{n}-{w}");
@@ -178,13 +196,14 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
     let mut cluster = Cluster::start(3, &[])?;
     let leader = cluster.wait_for_leader(Duration::from_secs(10))?;
     let leader_addr = cluster.grpc_addr(leader).to_string();
+    let creds = Creds::of(&cluster);
     let rounds = if quick { 2 } else { 5 };
     let writes = if quick { 1000 } else { 4000 };
     let mut figures = Vec::new();
 
     let mut tput = Vec::new();
     for round in 0..rounds {
-        tput.push(runtime.block_on(throughput(&leader_addr, writes, 64, round))?);
+        tput.push(runtime.block_on(throughput(&creds, &leader_addr, writes, 64, round))?);
     }
     figures.push(Figure::new(
         "3-server commit throughput, fsync, 64 clients",
@@ -193,7 +212,13 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
     ));
     let mut serial = Vec::new();
     for round in 0..rounds {
-        serial.push(runtime.block_on(throughput(&leader_addr, writes / 10, 1, 100 + round))?);
+        serial.push(runtime.block_on(throughput(
+            &creds,
+            &leader_addr,
+            writes / 10,
+            1,
+            100 + round,
+        ))?);
     }
     figures.push(Figure::new(
         "3-server commit throughput, fsync, 1 client",

@@ -21,9 +21,20 @@ pub struct Cli {
         global = true
     )]
     addr: Vec<String>,
-    /// Access token sent to the servers.
+    /// ACL token sent to the servers.
     #[arg(long, env = "WEFT_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// PEM file of the CA that signed the servers' TLS certificates.
+    #[arg(long, env = "WEFT_CACERT", global = true)]
+    ca_file: Option<std::path::PathBuf>,
+    /// The name the servers' certificates must carry.
+    #[arg(
+        long,
+        env = "WEFT_TLS_SERVER_NAME",
+        default_value = "server.dc1.weft",
+        global = true
+    )]
+    tls_server_name: String,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table, global = true)]
     format: Format,
@@ -62,6 +73,12 @@ enum Command {
     /// Save or restore the whole state.
     #[command(subcommand)]
     Snapshot(commands::snapshot::SnapshotCmd),
+    /// ACLs: bootstrap, policies and tokens.
+    #[command(subcommand)]
+    Acl(commands::acl::AclCmd),
+    /// The servers' TLS: make a CA and server/client certificates (locally).
+    #[command(subcommand)]
+    Tls(commands::tls::TlsCmd),
 }
 
 /// What a command ended with: success, or a "no" that is not an error
@@ -74,12 +91,17 @@ pub enum Outcome {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Local commands: no server context, no network.
+    if let Command::Tls(c) = cli.command {
+        return exit_code(commands::tls::run(c, cli.format), false);
+    }
     let is_check = matches!(
         cli.command,
         Command::Intention(commands::intention::IntentionCmd::Check { .. })
     );
     let ctx = client::Ctx::new(&cli);
     let result = match cli.command {
+        Command::Tls(_) => unreachable!("handled above"),
         Command::Members => commands::members::run(&ctx).await,
         Command::Catalog(c) => commands::catalog::run(&ctx, c).await,
         Command::Intention(c) => commands::intention::run(&ctx, c).await,
@@ -87,7 +109,14 @@ async fn main() -> ExitCode {
         Command::Kv(c) => commands::kv::run(&ctx, c).await,
         Command::Snapshot(c) => commands::snapshot::run(&ctx, c).await,
         Command::Ca(c) => commands::ca::run(&ctx, c).await,
+        Command::Acl(c) => commands::acl::run(&ctx, c).await,
     };
+    exit_code(result, is_check)
+}
+
+/// The exit code for a command's result, printing its error: 0 on success, 1
+/// on a "no" or an error, 2 on an error of `intention check` (`is_check`).
+fn exit_code(result: anyhow::Result<Outcome>, is_check: bool) -> ExitCode {
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::No) => ExitCode::from(1),

@@ -6,6 +6,7 @@
 //! the CLI; agents hold a watch stream that delivers a snapshot and then
 //! every change in index order.
 
+pub mod acl;
 pub mod ca;
 pub mod cluster;
 pub mod grpc;
@@ -13,4 +14,5 @@ pub mod node;
 pub mod raft;
 pub mod settings;
 pub mod state;
+pub mod tls;
 pub mod watch;

@@ -5,15 +5,15 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing_subscriber::EnvFilter;
 use weft_api::proto::raft_server::RaftServer;
 use weft_server::node::ServerNode;
 use weft_server::raft::log_store::LogStore;
-use weft_server::raft::network::NetworkFactory;
+use weft_server::raft::network::{NetworkFactory, MAX_RAFT_MESSAGE};
 use weft_server::raft::service::RaftService;
 use weft_server::raft::sm_store::StateMachineStore;
 use weft_server::settings::{Args, Settings};
+use weft_server::tls::{self, ServerTls};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -40,8 +40,13 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         (None, Some(t)) => t.path().to_path_buf(),
         (None, None) => unreachable!("resolve() requires a data dir outside dev mode"),
     };
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
+    create_private_dir(&data_dir)?;
+    let tls_files = match &settings.tls {
+        Some(files) => files.clone(),
+        None => tls::dev_files(&data_dir, &settings.datacenter)
+            .context("making the dev server's TLS certificates")?,
+    };
+    let server_tls = ServerTls::load(&tls_files, &settings.datacenter)?;
     let db = sled::Config::new()
         .path(data_dir.join("raft.sled"))
         .open()
@@ -57,13 +62,19 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         election_timeout_max: 800,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(settings.snapshot_threshold),
         max_in_snapshot_log_to_keep: settings.snapshot_threshold / 2,
+        // Bounded appends: with values of up to 512 KiB (about 2 MB as
+        // JSON) 24 entries stay under the Raft message limit.
+        max_payload_entries: 24,
+        snapshot_max_chunk_size: 4 << 20,
         ..Default::default()
     };
     let config = Arc::new(config.validate().context("raft config")?);
     let raft = openraft::Raft::new(
         settings.node_id,
         config,
-        NetworkFactory,
+        NetworkFactory {
+            tls: server_tls.peer_client.clone(),
+        },
         log_store,
         sm_store,
     )
@@ -80,6 +91,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             .collect(),
         default_allow: settings.default_allow,
         leaf_ttl_secs: settings.leaf_ttl_secs,
+        peer_tls: server_tls.peer_client.clone(),
     });
 
     let raft_listener = TcpListener::bind(settings.raft_addr)
@@ -92,11 +104,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let grpc_addr = grpc_listener.local_addr()?;
 
     let raft_service = RaftServer::new(RaftService::new(node.clone()))
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20);
+        .max_decoding_message_size(MAX_RAFT_MESSAGE)
+        .max_encoding_message_size(MAX_RAFT_MESSAGE);
     let raft_server = tonic::transport::Server::builder()
         .add_service(raft_service)
-        .serve_with_incoming(TcpListenerStream::new(raft_listener));
+        .serve_with_incoming(tls::incoming(raft_listener, server_tls.raft.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -112,38 +124,97 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .add_service(api.operator)
         .add_service(api.watch)
         .add_service(api.ca)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown_signal());
+        .add_service(api.acl)
+        .serve_with_incoming_shutdown(
+            tls::incoming(grpc_listener, server_tls.api.clone()),
+            shutdown_signal(),
+        );
 
     tokio::spawn(weft_server::cluster::form(node.clone()));
     tokio::spawn(weft_server::grpc::ca::maintain(node.clone()));
+    tokio::spawn(exit_on_raft_failure(node.clone()));
     let raft_task = tokio::spawn(raft_server);
 
-    if settings.dev {
+    let dev_token = if settings.dev {
         // Ready means able to take writes: wait for this server to lead.
-        let _ = node
-            .raft
+        node.raft
             .wait(Some(Duration::from_secs(5)))
             .current_leader(settings.node_id, "dev leader")
-            .await;
-    }
+            .await
+            .context("the dev server did not become leader")?;
+        let (_, secret) = weft_server::grpc::acl::bootstrap(&node)
+            .await
+            .map_err(|s| anyhow::anyhow!("bootstrapping ACLs: {}", s.message()))?;
+        Some(secret)
+    } else {
+        None
+    };
     println!(
-        "weft-server {} ready in {} ms: grpc {grpc_addr}, raft {raft_addr}, data {}{}",
+        "weft-server {} ready in {} ms: grpc {grpc_addr} (TLS), raft {raft_addr} (mutual TLS), data {}{}",
         settings.node_id,
         started.elapsed().as_millis(),
         data_dir.display(),
         if settings.dev {
-            " (dev, default intention allow)"
+            format!(
+                " (dev, default intention {})",
+                if settings.default_allow { "allow" } else { "deny" }
+            )
         } else {
-            ""
+            String::new()
         }
     );
+    if let Some(token) = dev_token {
+        // Lines a shell can paste (the token is the management token of
+        // this throw-away server).
+        println!("export WEFT_ADDR={grpc_addr}");
+        println!("export WEFT_CACERT={}", tls_files.ca.display());
+        println!("export WEFT_TOKEN={}", token.expose());
+    }
 
     api_server.await.context("grpc server")?;
     tracing::info!("shutting down");
+    SHUTTING_DOWN.store(true, std::sync::atomic::Ordering::SeqCst);
     raft_task.abort();
     let _ = node.raft.shutdown().await;
     drop(db);
     Ok(())
+}
+
+/// Creates the data directory 0700 (and tightens an existing one): it
+/// holds the Raft log, with the CA's private keys.
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private (0700)", dir.display()))
+}
+
+/// Set once this server shuts Raft down on purpose.
+static SHUTTING_DOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A server whose Raft core failed cannot serve: it exits non-zero so that
+/// its supervisor restarts it, instead of answering "shutting down".
+async fn exit_on_raft_failure(node: Arc<ServerNode>) {
+    let mut metrics = node.raft.metrics();
+    loop {
+        if SHUTTING_DOWN.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        if let Err(fatal) = &metrics.borrow().running_state {
+            tracing::error!("raft stopped: {fatal}; exiting");
+            std::process::exit(70);
+        }
+        if metrics.changed().await.is_err()
+            && !SHUTTING_DOWN.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            tracing::error!("raft stopped; exiting");
+            std::process::exit(70);
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -50,6 +50,8 @@ pub struct ServerNode {
     pub default_allow: bool,
     /// Lifetime of leaf certificates, fixed when the CA is created.
     pub leaf_ttl_secs: u64,
+    /// Mutual TLS towards peers (forwarded writes, read index, status).
+    pub peer_tls: tonic::transport::ClientTlsConfig,
 }
 
 impl ServerNode {
@@ -108,7 +110,8 @@ impl ServerNode {
             .peers
             .get(&id)
             .ok_or_else(|| WriteError::NoLeader(format!("leader {id} is not in the peer list")))?;
-        let channel = channel(addr).map_err(|e| WriteError::NoLeader(e.to_string()))?;
+        let channel =
+            channel(addr, &self.peer_tls).map_err(|e| WriteError::NoLeader(e.to_string()))?;
         Ok(RaftClient::new(channel))
     }
 

@@ -11,9 +11,24 @@ use serde::Deserialize;
 #[command(name = "weft-server", version, about = "weft's control-plane server")]
 pub struct Args {
     /// One server with its data in a temporary directory and the default
-    /// intention `allow`, for trying weft out.
+    /// intention `allow`, for trying weft out. TLS and ACLs are on: the
+    /// certificates and the management token are made at start and printed
+    /// as `export` lines.
     #[arg(long)]
     pub dev: bool,
+    /// This server's datacenter; its TLS certificate must name
+    /// `server.<datacenter>.weft`.
+    #[arg(long)]
+    pub datacenter: Option<String>,
+    /// PEM file of the CA that signed the servers' TLS certificates.
+    #[arg(long)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM file of this server's TLS certificate (`weft tls cert create --server`).
+    #[arg(long)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM file of this server's TLS private key.
+    #[arg(long)]
+    pub tls_key_file: Option<PathBuf>,
     /// This server's id (unique in the cluster, > 0).
     #[arg(long)]
     pub node_id: Option<u64>,
@@ -54,6 +69,10 @@ pub struct Args {
 #[serde(deny_unknown_fields)]
 pub struct FileSettings {
     pub node_id: Option<u64>,
+    pub datacenter: Option<String>,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
     pub raft_addr: Option<SocketAddr>,
     pub grpc_addr: Option<SocketAddr>,
@@ -111,6 +130,9 @@ pub struct Settings {
     pub snapshot_threshold: u64,
     pub vip_cidr: Option<String>,
     pub leaf_ttl_secs: u64,
+    pub datacenter: String,
+    /// None only in dev mode, which makes its own.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 fn read_file(path: &Path) -> Result<FileSettings, SettingsError> {
@@ -194,7 +216,31 @@ impl Settings {
                 .max(60),
             None => crate::ca::DEFAULT_LEAF_TTL_SECS,
         };
+        let datacenter = args
+            .datacenter
+            .or(file.datacenter)
+            .unwrap_or_else(|| "dc1".into());
+        weft_api::names::validate_name(&datacenter)
+            .map_err(|e| SettingsError::Invalid(format!("datacenter: {e}")))?;
+        let tls = match (
+            args.tls_ca_file.or(file.tls_ca_file),
+            args.tls_cert_file.or(file.tls_cert_file),
+            args.tls_key_file.or(file.tls_key_file),
+        ) {
+            (Some(ca), Some(cert), Some(key)) => Some(crate::tls::TlsFiles { ca, cert, key }),
+            (None, None, None) if args.dev => None,
+            _ => {
+                return Err(SettingsError::Invalid(
+                    "--tls-ca-file, --tls-cert-file and --tls-key-file are required \
+                     (every port speaks TLS; make them with `weft tls ca create` and \
+                     `weft tls cert create --server`), or --dev"
+                        .into(),
+                ))
+            }
+        };
         Ok(Settings {
+            datacenter,
+            tls,
             leaf_ttl_secs,
             dev: args.dev,
             node_id,
@@ -236,12 +282,35 @@ mod tests {
         assert!(s.data_dir.is_none());
     }
 
+    const TLS: [&str; 6] = [
+        "--tls-ca-file",
+        "ca.pem",
+        "--tls-cert-file",
+        "s.pem",
+        "--tls-key-file",
+        "s-key.pem",
+    ];
+
     #[test]
     fn production_defaults_to_deny_and_needs_a_data_dir() {
         let e = Settings::resolve(args(&["--node-id", "1"])).unwrap_err();
         assert!(e.to_string().contains("--data-dir"), "{e}");
-        let s = Settings::resolve(args(&["--data-dir", "/tmp/x"])).unwrap();
+        let mut flags = vec!["--data-dir", "/tmp/x"];
+        flags.extend(TLS);
+        let s = Settings::resolve(args(&flags)).unwrap();
         assert!(!s.default_allow);
+        assert_eq!(s.datacenter, "dc1");
+    }
+
+    #[test]
+    fn production_needs_all_three_tls_files() {
+        let e = Settings::resolve(args(&["--data-dir", "/tmp/x"])).unwrap_err();
+        assert!(e.to_string().contains("--tls-ca-file"), "{e}");
+        let e = Settings::resolve(args(&["--data-dir", "/tmp/x", "--tls-ca-file", "ca.pem"]))
+            .unwrap_err();
+        assert!(e.to_string().contains("--tls-cert-file"), "{e}");
+        let e = Settings::resolve(args(&["--dev", "--tls-ca-file", "ca.pem"])).unwrap_err();
+        assert!(e.to_string().contains("--tls-key-file"), "{e}");
     }
 
     #[test]

@@ -437,6 +437,19 @@ fn warn_unless_hosts_use_dns() {
 
 static NEXT_MESH: AtomicU32 = AtomicU32::new(0);
 
+/// Writes `text` to a new file readable by its owner only.
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// The cgroup subtree of a transparent mesh (`<cgroup2 mount>/<unique>`,
 /// one `a`/`b` below it per node): every process in it is killed and the
 /// directories are removed on drop.
@@ -460,6 +473,9 @@ pub struct Mesh {
     cgroups: Option<CgroupTree>,
     netns: [Netns; 2],
     dir: tempfile::TempDir,
+    /// The management token's secret (the server's ACLs are bootstrapped
+    /// at start).
+    pub token: String,
 }
 
 impl Mesh {
@@ -491,6 +507,7 @@ impl Mesh {
             cgroups,
             netns,
             dir,
+            token: String::new(),
         };
         std::fs::write(
             mesh.resolv_conf(),
@@ -523,13 +540,16 @@ impl Mesh {
                 ),
                 None => "ebpf = false\n".to_string(),
             };
+            let token_file = mesh.agent_token(node, services)?;
             let mut toml = format!(
                 "node_name = {:?}\ndatacenter = \"dc1\"\nservers = [\"{}:{GRPC_PORT}\"]\n\
                  advertise_addr = {ip:?}\ndata_dir = {:?}\n{transparent}\
-                 admin_addr = {ADMIN:?}\n{}\n",
+                 admin_addr = {ADMIN:?}\ntoken_file = {:?}\nca_file = {:?}\n{}\n",
                 node.node_name(),
                 mesh.ip(Node::A),
                 mesh.path(&format!("agent-{}-data", node.label())),
+                token_file.display().to_string(),
+                mesh.path("ca.pem").display().to_string(),
                 spec.agent_extra,
             );
             for s in services {
@@ -558,6 +578,36 @@ impl Mesh {
     /// A path in the mesh's temporary directory.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// Makes node's agent token (its node identity and a service identity
+    /// per service it runs) and writes it to a 0600 file; returns the path.
+    fn agent_token(&self, node: Node, services: &[Service]) -> anyhow::Result<PathBuf> {
+        let identity = format!("{}:dc1", node.node_name());
+        let mut args = vec![
+            "--format",
+            "json",
+            "acl",
+            "token",
+            "create",
+            "--description",
+            "agent",
+            "--node-identity",
+            &identity,
+        ];
+        let mut names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        names.sort();
+        names.dedup();
+        for name in &names {
+            args.extend(["--service-identity", name]);
+        }
+        let v: serde_json::Value = serde_json::from_str(&self.weft(&args)?)?;
+        let secret = v["secret_id"]
+            .as_str()
+            .context("token create printed no secret_id")?;
+        let path = self.path(&format!("agent-{}.token", node.label()));
+        write_private(&path, secret)?;
+        Ok(path)
     }
 
     pub fn agent_config(&self, node: Node) -> PathBuf {
@@ -738,8 +788,10 @@ impl Mesh {
 
     fn start_server(&mut self, default_intention: &str) -> anyhow::Result<()> {
         let ip = self.ip(Node::A);
+        crate::servers::make_tls(self.dir.path(), &["server-tls".to_string()])?;
         let mut cmd = Command::new(bin("weft-server"));
-        cmd.arg("--node-id=1")
+        cmd.args(crate::servers::tls_args(self.dir.path(), "server-tls"))
+            .arg("--node-id=1")
             .arg("--data-dir")
             .arg(self.path("server-data"))
             .arg(format!("--raft-addr={ip}:8300"))
@@ -749,6 +801,16 @@ impl Mesh {
             .arg(format!("--default-intention={default_intention}"))
             .env("RUST_LOG", "info,openraft=warn");
         self.server = Some(self.spawn(Node::A, &mut cmd, "server.log")?);
+        self.token = crate::servers::bootstrap_acl(Duration::from_secs(20), |args| {
+            self.weft_raw(args)
+                .map(|o| (o.success(), o.stdout, o.stderr))
+        })
+        .map_err(|e| {
+            e.context(format!(
+                "server log:\n{}",
+                tail(&self.log("server.log"), 30)
+            ))
+        })?;
         wait_until(Duration::from_secs(20), "weft-server leader", || {
             let out = self.weft_raw(&["--format", "json", "members"])?;
             if !out.success() {
@@ -766,12 +828,35 @@ impl Mesh {
         Ok(())
     }
 
-    /// Runs the `weft` CLI (inside node A) against the server.
+    /// Runs the `weft` CLI (inside node A) against the server, with the
+    /// management token.
     pub fn weft_raw(&self, args: &[&str]) -> anyhow::Result<Output> {
         let addr = format!("--addr={}", self.server_addr());
-        let mut full = vec![addr.as_str()];
+        let ca = format!("--ca-file={}", self.path("ca.pem").display());
+        let mut full = vec![addr.as_str(), ca.as_str()];
+        if !self.token.is_empty() {
+            full.extend(["--token", self.token.as_str()]);
+        }
         full.extend_from_slice(args);
         self.run(Node::A, bin("weft"), &full, Duration::from_secs(10))
+    }
+
+    /// Runs the `weft` CLI in `node` against the server with `token` (None:
+    /// no token at all), as a process that holds only the public CA file.
+    pub fn weft_as(
+        &self,
+        node: Node,
+        token: Option<&str>,
+        args: &[&str],
+    ) -> anyhow::Result<Output> {
+        let addr = format!("--addr={}", self.server_addr());
+        let ca = format!("--ca-file={}", self.path("ca.pem").display());
+        let mut full = vec![addr.as_str(), ca.as_str()];
+        if let Some(token) = token {
+            full.extend(["--token", token]);
+        }
+        full.extend_from_slice(args);
+        self.run(node, bin("weft"), &full, Duration::from_secs(10))
     }
 
     /// Runs the `weft` CLI and requires success; returns its stdout.

@@ -1,8 +1,13 @@
 //! weft-server processes for tests: a cluster on loopback, each server with
 //! its own data dir, started, killed (SIGKILL), wiped and restarted at will,
 //! and the `weft` CLI pointed at them. Processes are killed on drop.
+//!
+//! Clusters run as in production: TLS on every port with certificates made
+//! for the test (a CA and one server certificate per server), ACLs
+//! bootstrapped at start; the CLI and gRPC clients get the CA and the
+//! management token.
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -62,12 +67,117 @@ pub struct Cluster {
     _dir: tempfile::TempDir,
     pub servers: Vec<Server>,
     extra_args: Vec<String>,
+    /// The TLS CA's certificate (PEM file) clients verify servers with.
+    pub ca_file: PathBuf,
+    /// The TLS CA itself, to make more certificates in a test.
+    pub tls_ca: weft_api::tls_certs::CertPair,
+    /// The management token's secret.
+    pub token: String,
+}
+
+/// A CA and one server certificate per name in `dir`: writes `ca.pem` and
+/// `<name>.pem` / `<name>-key.pem`; returns the CA.
+pub fn make_tls(dir: &Path, names: &[String]) -> anyhow::Result<weft_api::tls_certs::CertPair> {
+    use weft_api::tls_certs::{create_ca, create_server_cert};
+    let ca = create_ca("weft test CA", 2)?;
+    std::fs::write(dir.join("ca.pem"), &ca.cert_pem)?;
+    for name in names {
+        let cert = create_server_cert(&ca, "dc1", &[], &[], 2)?;
+        std::fs::write(dir.join(format!("{name}.pem")), &cert.cert_pem)?;
+        std::fs::write(dir.join(format!("{name}-key.pem")), &cert.key_pem)?;
+    }
+    Ok(ca)
+}
+
+/// The `--tls-*` flags of a server whose files `make_tls` wrote.
+pub fn tls_args(dir: &Path, name: &str) -> Vec<String> {
+    vec![
+        format!("--tls-ca-file={}", dir.join("ca.pem").display()),
+        format!(
+            "--tls-cert-file={}",
+            dir.join(format!("{name}.pem")).display()
+        ),
+        format!(
+            "--tls-key-file={}",
+            dir.join(format!("{name}-key.pem")).display()
+        ),
+    ]
+}
+
+/// A gRPC channel to a server's API over TLS (verified against `ca_pem`
+/// for `server.dc1.weft`), sending `token` (if any) with every call.
+pub async fn grpc_channel(
+    addr: &str,
+    ca_pem: &str,
+    token: Option<&str>,
+) -> anyhow::Result<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(weft_api::tls_certs::server_name("dc1"));
+    let channel = Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    let bearer = Bearer(
+        token
+            .map(|t| format!("Bearer {t}").parse())
+            .transpose()
+            .context("token")?,
+    );
+    Ok(tonic::service::interceptor::InterceptedService::new(
+        channel, bearer,
+    ))
+}
+
+/// Adds `authorization: Bearer <token>` to every call (none: no token).
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            req.metadata_mut().insert("authorization", token.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// Runs `weft acl bootstrap` until a leader takes it (or `limit` passes);
+/// returns the management token's secret.
+/// `weft` runs the CLI and gives (success, stdout, stderr).
+pub fn bootstrap_acl(
+    limit: Duration,
+    mut weft: impl FnMut(&[&str]) -> anyhow::Result<(bool, String, String)>,
+) -> anyhow::Result<String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (ok, stdout, stderr) = weft(&["--format", "json", "acl", "bootstrap"])?;
+        if ok {
+            let v: serde_json::Value = serde_json::from_str(&stdout)?;
+            return v["secret_id"]
+                .as_str()
+                .map(String::from)
+                .context("acl bootstrap printed no secret_id");
+        }
+        if Instant::now() > deadline {
+            bail!("acl bootstrap: {}", stderr.trim());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 impl Cluster {
     /// Starts `n` servers that form one cluster, and waits for a leader.
     pub fn start(n: u64, extra_args: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
+        let names: Vec<String> = (1..=n).map(|id| format!("server-{id}-tls")).collect();
+        let tls_ca = make_tls(dir.path(), &names)?;
+        let ca_file = dir.path().join("ca.pem");
         let servers = (1..=n)
             .map(|id| Server {
                 id,
@@ -82,10 +192,23 @@ impl Cluster {
             _dir: dir,
             servers,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            ca_file,
+            tls_ca,
+            token: String::new(),
         };
         for id in 1..=n {
             cluster.start_server(id)?;
         }
+        let token = bootstrap_acl(Duration::from_secs(15), |args| {
+            let out = cluster.cli_at(&cluster.addrs(), args);
+            Ok((
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ))
+        })
+        .map_err(|e| e.context(cluster.log_tails()))?;
+        cluster.token = token;
         cluster.wait_for_leader(Duration::from_secs(15))?;
         Ok(cluster)
     }
@@ -101,7 +224,8 @@ impl Cluster {
             .iter()
             .map(|s| format!("--peer={}={}", s.id, s.raft_addr))
             .collect();
-        let extra = self.extra_args.clone();
+        let mut extra = self.extra_args.clone();
+        extra.extend(tls_args(self._dir.path(), &format!("server-{id}-tls")));
         let s = &mut self.servers[(id - 1) as usize];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -160,13 +284,61 @@ impl Cluster {
             .join(",")
     }
 
-    /// Runs the `weft` CLI against `addr`.
+    /// Runs the `weft` CLI against `addr` with the management token.
     pub fn cli_at(&self, addr: &str, args: &[&str]) -> Output {
-        Command::new(bin("weft"))
-            .arg(format!("--addr={addr}"))
-            .args(args)
-            .output()
-            .expect("running weft")
+        self.cli_as(addr, &self.token, args)
+    }
+
+    /// Runs the `weft` CLI against `addr` with `token` (empty: none).
+    pub fn cli_as(&self, addr: &str, token: &str, args: &[&str]) -> Output {
+        let mut cmd = Command::new(bin("weft"));
+        cmd.arg(format!("--addr={addr}"))
+            .arg("--ca-file")
+            .arg(&self.ca_file)
+            .env_remove("WEFT_TOKEN")
+            .env_remove("WEFT_CACERT");
+        if !token.is_empty() {
+            cmd.env("WEFT_TOKEN", token);
+        }
+        cmd.args(args).output().expect("running weft")
+    }
+
+    /// A TLS gRPC channel to server `id` sending `token` (None: no token).
+    pub async fn channel_as(
+        &self,
+        id: u64,
+        token: Option<&str>,
+    ) -> anyhow::Result<
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+    > {
+        grpc_channel(self.grpc_addr(id), &self.tls_ca.cert_pem, token).await
+    }
+
+    /// A TLS gRPC channel to server `id` with the management token.
+    pub async fn channel(
+        &self,
+        id: u64,
+    ) -> anyhow::Result<
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+    > {
+        self.channel_as(id, Some(&self.token)).await
+    }
+
+    /// Creates a token linked to a new policy with `rules`; returns its secret.
+    pub fn token_with_rules(&self, name: &str, rules: &str) -> anyhow::Result<String> {
+        self.cli(&["acl", "policy", "create", "--name", name, "--rules", rules])?;
+        self.token_with(&["--policy", name])
+    }
+
+    /// `weft acl token create ARGS…`; returns the new token's secret.
+    pub fn token_with(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut full = vec!["--format", "json", "acl", "token", "create"];
+        full.extend_from_slice(args);
+        let v: serde_json::Value = serde_json::from_str(&self.cli(&full)?)?;
+        v["secret_id"]
+            .as_str()
+            .map(String::from)
+            .context("token create printed no secret_id")
     }
 
     /// Runs the CLI against every running server (failover) and requires success.
@@ -189,6 +361,21 @@ impl Cluster {
         v["leader_id"].as_u64().filter(|id| *id > 0)
     }
 
+    /// The last lines of every server's log.
+    pub fn log_tails(&self) -> String {
+        let logs: Vec<String> = self
+            .servers
+            .iter()
+            .map(|s| {
+                let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!("server {} log tail:\n{}", s.id, tail.join("\n"))
+            })
+            .collect();
+        logs.join("\n")
+    }
+
     pub fn wait_for_leader(&self, limit: Duration) -> anyhow::Result<u64> {
         let deadline = Instant::now() + limit;
         loop {
@@ -196,17 +383,7 @@ impl Cluster {
                 return Ok(id);
             }
             if Instant::now() > deadline {
-                let logs: Vec<String> = self
-                    .servers
-                    .iter()
-                    .map(|s| {
-                        let log = std::fs::read_to_string(&s.log).unwrap_or_default();
-                        let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                        let tail: Vec<&str> = tail.into_iter().rev().collect();
-                        format!("server {} log tail:\n{}", s.id, tail.join("\n"))
-                    })
-                    .collect();
-                bail!("no leader within {limit:?}\n{}", logs.join("\n"));
+                bail!("no leader within {limit:?}\n{}", self.log_tails());
             }
             std::thread::sleep(Duration::from_millis(100));
         }

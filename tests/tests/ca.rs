@@ -96,10 +96,11 @@ fn operator_leaf_shows_spiffe_id_usages_and_validity() -> anyhow::Result<()> {
 fn csrs_are_signed_only_for_services_on_the_requesting_node() -> anyhow::Result<()> {
     let cluster = Cluster::start(1, &[])?;
     wait_for_ca(&cluster)?;
-    let addr = format!("http://{}", cluster.grpc_addr(1));
+    let agent_token =
+        cluster.token_with(&["--node-identity", "node-a:dc1", "--service-identity", "web"])?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let mut catalog = CatalogClient::connect(addr.clone()).await?;
+        let mut catalog = CatalogClient::new(cluster.channel(1).await?);
         catalog
             .register_node(RegisterNodeRequest {
                 node: Some(Node {
@@ -122,12 +123,33 @@ fn csrs_are_signed_only_for_services_on_the_requesting_node() -> anyhow::Result<
                 }),
             })
             .await?;
-        let mut ca = CaClient::connect(addr).await?;
+        let mut ca = CaClient::new(cluster.channel(1).await?);
         let sign = |csr: String, service: &str| SignRequest {
             csr_pem: csr,
             node: "node-a".into(),
             service: service.into(),
         };
+
+        // node-a's own token: web's certificate and the node's, nothing else.
+        let mut as_agent = CaClient::new(cluster.channel_as(1, Some(&agent_token)).await?);
+        let leaf = as_agent
+            .sign(sign(csr_for(None), "web"))
+            .await?
+            .into_inner();
+        assert!(leaf.spiffe_id.ends_with("/svc/web"), "{}", leaf.spiffe_id);
+        let refused = as_agent.sign(sign(csr_for(None), "api")).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        assert!(refused.message().contains("service \"api\""), "{refused:?}");
+        let mut for_b = sign(csr_for(None), "");
+        for_b.node = "node-b".into();
+        let refused = as_agent.sign(for_b).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        let mut anonymous = CaClient::new(cluster.channel_as(1, None).await?);
+        let refused = anonymous
+            .sign(sign(csr_for(None), "web"))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
 
         let leaf = ca.sign(sign(csr_for(None), "web")).await?.into_inner();
         assert!(
@@ -167,10 +189,9 @@ fn csrs_are_signed_only_for_services_on_the_requesting_node() -> anyhow::Result<
 fn a_rotation_reaches_watchers_with_both_roots() -> anyhow::Result<()> {
     let cluster = Cluster::start(1, &[])?;
     wait_for_ca(&cluster)?;
-    let addr = format!("http://{}", cluster.grpc_addr(1));
     let rt = tokio::runtime::Runtime::new()?;
     let mut stream = rt.block_on(async {
-        let mut watch = WatchClient::connect(addr).await?;
+        let mut watch = WatchClient::new(cluster.channel(1).await?);
         let mut stream = watch
             .subscribe(WatchRequest { from_index: 0 })
             .await?

@@ -145,6 +145,7 @@ struct Seen {
 /// index seen, until `want` keys have been seen or `limit` passes.
 async fn watch_until(
     addrs: Vec<String>,
+    (ca_pem, token): (String, String),
     want: usize,
     limit: Duration,
 ) -> anyhow::Result<(Seen, usize)> {
@@ -156,9 +157,11 @@ async fn watch_until(
         if tokio::time::Instant::now() > deadline {
             bail!("saw {} of {want} keys before the deadline", seen.keys.len());
         }
-        let Ok(mut client) = WatchClient::connect(format!("http://{addr}")).await else {
+        let Ok(channel) = weft_tests::servers::grpc_channel(addr, &ca_pem, Some(&token)).await
+        else {
             continue;
         };
+        let mut client = WatchClient::new(channel);
         let Ok(stream) = client.subscribe(WatchRequest { from_index: last }).await else {
             continue;
         };
@@ -212,7 +215,8 @@ fn a_watcher_sees_every_change_in_order_and_resumes_after_its_server_dies() -> a
     );
 
     let runtime = tokio::runtime::Runtime::new()?;
-    let watcher = runtime.spawn(watch_until(addrs, 30, Duration::from_secs(60)));
+    let credentials = (cluster.tls_ca.cert_pem.clone(), cluster.token.clone());
+    let watcher = runtime.spawn(watch_until(addrs, credentials, 30, Duration::from_secs(60)));
     std::thread::sleep(Duration::from_millis(300));
     for i in 0..30 {
         if i == 15 {
@@ -267,11 +271,13 @@ fn bad_input_is_refused_by_name_and_changes_nothing() -> anyhow::Result<()> {
     let mut put = std::process::Command::new(weft_tests::servers::bin("weft"))
         .args([
             &format!("--addr={}", cluster.addrs()),
+            &format!("--ca-file={}", cluster.ca_file.display()),
             "kv",
             "put",
             "app/big",
             "-",
         ])
+        .env("WEFT_TOKEN", &cluster.token)
         .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;

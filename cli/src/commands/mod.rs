@@ -1,5 +1,6 @@
 //! One module per `weft` command group.
 
+pub mod acl;
 pub mod ca;
 pub mod catalog;
 pub mod config;
@@ -7,6 +8,7 @@ pub mod intention;
 pub mod kv;
 pub mod members;
 pub mod snapshot;
+pub mod tls;
 
 use serde_json::json;
 

@@ -12,7 +12,8 @@ use crate::Outcome;
 
 #[derive(Subcommand)]
 pub enum SnapshotCmd {
-    /// Write the state to FILE.
+    /// Write the state to FILE (mode 0600). Needs a management token; the
+    /// CA is not in it (a restore keeps the cluster's CA).
     Save { file: PathBuf },
     /// Replace the state with the one in FILE.
     Restore { file: PathBuf },
@@ -32,7 +33,7 @@ pub async fn run(ctx: &Ctx, cmd: SnapshotCmd) -> anyhow::Result<Outcome> {
                 })
                 .await?
                 .into_inner();
-            std::fs::write(&file, &data.state).with_context(|| format!("{}", file.display()))?;
+            write_private(&file, &data.state).with_context(|| format!("{}", file.display()))?;
             written(
                 ctx,
                 &format!("state saved to {}", file.display()),
@@ -65,4 +66,20 @@ pub async fn run(ctx: &Ctx, cmd: SnapshotCmd) -> anyhow::Result<Outcome> {
         }
     }
     Ok(Outcome::Ok)
+}
+
+/// Writes `data` to `path`, readable by its owner only, also when the file
+/// existed with wider permissions.
+fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(data)?;
+    file.sync_all()
 }

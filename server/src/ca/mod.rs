@@ -262,8 +262,8 @@ impl CaState {
     }
 
     /// Signs a CSR for `spiffe_id`. The CSR's signature must verify (a
-    /// tampered request fails), and if it names a URI SAN, that must be
-    /// exactly `spiffe_id`. The certificate's fields come from the CA, not
+    /// tampered request fails), and it may name at most one SAN, which must
+    /// be exactly `spiffe_id`. The certificate's fields come from the CA, not
     /// from the request.
     pub fn sign_csr(
         &self,
@@ -274,6 +274,14 @@ impl CaState {
     ) -> Result<Leaf, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::BadCsr(e.to_string()))?;
+        // One identity per certificate: a CSR naming more than one SAN is
+        // refused outright (Consul's CVE-2022-40716 was a second URI SAN).
+        if csr.params.subject_alt_names.len() > 1 {
+            return Err(CaError::BadCsr(format!(
+                "asks for {} subject alternative names; a leaf carries exactly one, {spiffe_id:?}",
+                csr.params.subject_alt_names.len()
+            )));
+        }
         for san in &csr.params.subject_alt_names {
             let asked = match san {
                 SanType::URI(uri) => uri.as_str().to_string(),

@@ -192,3 +192,27 @@ fn operator_leaf_comes_with_its_key_and_no_key_is_in_debug_output() {
     let debug = format!("{ca:?}");
     assert!(!debug.contains("PRIVATE KEY"), "{debug}");
 }
+
+/// Consul's CVE-2022-40716: a CSR with the requested SPIFFE id plus a second
+/// SAN (here the same id twice, and the id with a DNS name) is refused.
+#[test]
+fn a_csr_with_more_than_one_san_is_refused() {
+    let ca = ca();
+    let id = ca.service_id("dc1", "web");
+    let other = ca.service_id("dc1", "api");
+    for extra in [
+        SanType::URI(id.clone().try_into().unwrap()),
+        SanType::URI(other.try_into().unwrap()),
+        SanType::DnsName("api.service.weft".try_into().unwrap()),
+    ] {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.clone().try_into().unwrap()), extra];
+        let pem = params.serialize_request(&key).unwrap().pem().unwrap();
+        let err = ca.sign_csr(&pem, &id, "web", NOW).unwrap_err();
+        assert!(
+            matches!(&err, CaError::BadCsr(m) if m.contains("2 subject alternative names")),
+            "{err}"
+        );
+    }
+}

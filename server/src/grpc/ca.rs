@@ -1,12 +1,20 @@
 //! `weft.v1.Ca`: the trust bundle, signing agents' CSRs, operator leaves,
 //! and root rotation.
+//!
+//! Signing needs `node:write` on the requesting node and, for a service
+//! identity, `service:write` on the service, which must also be registered
+//! on that node: a node's token gets certificates for that node's services
+//! and nothing else. Operator leaves need `service:write`, rotation
+//! `operator:write`; the trust bundle is for tokens that read a service.
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use weft_api::acl::{Access, Resource, ResourceKind};
 use weft_api::names::validate_name;
 use weft_api::proto::{self, ca_server::Ca};
 
-use super::{invalid, read};
+use super::auth::caller;
+use super::{invalid, read, write};
 use crate::ca::{CaError, CaState, Leaf};
 use crate::node::ServerNode;
 use crate::state::Command;
@@ -44,6 +52,8 @@ impl Ca for CaApi {
         &self,
         req: Request<proto::ReadOptions>,
     ) -> Result<Response<proto::CaRoots>, Status> {
+        let caller = caller(&self.0, &req).await?;
+        caller.require_any_read(ResourceKind::Service)?;
         let ca = read(&self.0, Some(req.into_inner()), |s| s.ca.clone()).await?;
         let ca = ca.ok_or_else(|| ca_status(CaError::NotInitialized))?;
         let active = ca.roots.last().map(|r| r.serial);
@@ -67,7 +77,12 @@ impl Ca for CaApi {
         &self,
         req: Request<proto::SignRequest>,
     ) -> Result<Response<proto::SignedLeaf>, Status> {
+        let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
+        caller.require(Resource::Node(&r.node), Access::Write)?;
+        if !r.service.is_empty() {
+            caller.require(Resource::Service(&r.service), Access::Write)?;
+        }
         validate_name(&r.node).map_err(|e| invalid(format!("node: {e}")))?;
         if !r.service.is_empty() {
             validate_name(&r.service).map_err(|e| invalid(format!("service: {e}")))?;
@@ -102,7 +117,7 @@ impl Ca for CaApi {
         let leaf = ca
             .sign_csr(&r.csr_pem, &spiffe_id, &cn, unix_now())
             .map_err(ca_status)?;
-        tracing::info!(node = %r.node, %spiffe_id, "signed a leaf certificate");
+        tracing::info!(accessor = %caller.accessor, node = %r.node, %spiffe_id, "signed a leaf certificate");
         Ok(Response::new(signed(&ca, spiffe_id, leaf, String::new())))
     }
 
@@ -110,7 +125,9 @@ impl Ca for CaApi {
         &self,
         req: Request<proto::IssueLeafRequest>,
     ) -> Result<Response<proto::SignedLeaf>, Status> {
+        let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
+        caller.require(Resource::Service(&r.service), Access::Write)?;
         validate_name(&r.service).map_err(|e| invalid(format!("service: {e}")))?;
         let dc = if r.datacenter.is_empty() {
             "dc1".to_string()
@@ -125,7 +142,7 @@ impl Ca for CaApi {
         let (leaf, key) = ca
             .issue_leaf(&spiffe_id, &r.service, unix_now())
             .map_err(ca_status)?;
-        tracing::info!(%spiffe_id, "issued an operator leaf certificate");
+        tracing::info!(accessor = %caller.accessor, %spiffe_id, "issued an operator leaf certificate");
         Ok(Response::new(signed(
             &ca,
             spiffe_id,
@@ -136,17 +153,19 @@ impl Ca for CaApi {
 
     async fn rotate(
         &self,
-        _req: Request<proto::Empty>,
+        req: Request<proto::Empty>,
     ) -> Result<Response<proto::WriteResult>, Status> {
+        let caller = caller(&self.0, &req).await?;
+        caller.require(Resource::Operator, Access::Write)?;
         let ca = read(&self.0, None, |s| s.ca.clone())
             .await?
             .ok_or_else(|| ca_status(CaError::NotInitialized))?;
         let now = unix_now();
         let root = ca.next_root(now).map_err(ca_status)?;
         let serial = root.serial;
-        let index = self.0.write(Command::CaRotate { root, now }).await?;
-        tracing::info!(serial, "CA root rotated");
-        Ok(Response::new(proto::WriteResult { index }))
+        let what = format!("CA rotation to root {serial}");
+        let cmd = Command::CaRotate { root, now };
+        Ok(Response::new(write(&self.0, &caller, &what, cmd).await?))
     }
 }
 

@@ -1,22 +1,31 @@
 //! `weft.v1.Catalog`: nodes, service instances and their health.
+//!
+//! A node writes only itself: registering, deregistering and health need
+//! `node:write` on the node; registering an instance needs `service:write`
+//! on its service too. Lists are filtered to what the token may read
+//! (instances need read on their service and on their node).
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use weft_api::catalog::{validate_node, validate_service_instance};
+use weft_api::acl::{Access, Resource, ResourceKind};
+use weft_api::catalog::{validate_node, validate_service_instance, ServiceInstance};
 use weft_api::convert::{
     health_from_proto, instance_from_proto, instance_to_proto, node_from_proto, node_to_proto,
 };
 use weft_api::names::validate_name;
 use weft_api::proto::{self, catalog_server::Catalog};
 
-use super::{invalid, read};
+use super::auth::{caller, Caller};
+use super::{invalid, read, write};
 use crate::node::ServerNode;
 use crate::state::Command;
 
 pub struct CatalogApi(pub Arc<ServerNode>);
 
-fn written(index: u64) -> Response<proto::WriteResult> {
-    Response::new(proto::WriteResult { index })
+/// Whether `caller` may see `instance`.
+pub(crate) fn may_read_instance(caller: &Caller, instance: &ServiceInstance) -> bool {
+    caller.can(Resource::Service(&instance.service), Access::Read)
+        && caller.can(Resource::Node(&instance.node), Access::Read)
 }
 
 #[tonic::async_trait]
@@ -25,23 +34,28 @@ impl Catalog for CatalogApi {
         &self,
         req: Request<proto::RegisterNodeRequest>,
     ) -> Result<Response<proto::WriteResult>, Status> {
-        let node = req
-            .into_inner()
-            .node
-            .ok_or_else(|| invalid("node: missing"))?;
+        let caller = caller(&self.0, &req).await?;
+        let node = req.into_inner().node.unwrap_or_default();
+        caller.require(Resource::Node(&node.name), Access::Write)?;
         let node = node_from_proto(node);
         validate_node(&node).map_err(invalid)?;
-        Ok(written(self.0.write(Command::RegisterNode(node)).await?))
+        let what = format!("register node {}", node.name);
+        Ok(Response::new(
+            write(&self.0, &caller, &what, Command::RegisterNode(node)).await?,
+        ))
     }
 
     async fn deregister_node(
         &self,
         req: Request<proto::DeregisterNodeRequest>,
     ) -> Result<Response<proto::WriteResult>, Status> {
+        let caller = caller(&self.0, &req).await?;
         let name = req.into_inner().name;
+        caller.require(Resource::Node(&name), Access::Write)?;
         validate_name(&name).map_err(|e| invalid(format!("name: {e}")))?;
-        Ok(written(
-            self.0.write(Command::DeregisterNode { name }).await?,
+        let what = format!("deregister node {name}");
+        Ok(Response::new(
+            write(&self.0, &caller, &what, Command::DeregisterNode { name }).await?,
         ))
     }
 
@@ -49,14 +63,18 @@ impl Catalog for CatalogApi {
         &self,
         req: Request<proto::RegisterServiceRequest>,
     ) -> Result<Response<proto::WriteResult>, Status> {
-        let instance = req
-            .into_inner()
-            .instance
-            .ok_or_else(|| invalid("instance: missing"))?;
+        let caller = caller(&self.0, &req).await?;
+        let instance = req.into_inner().instance.unwrap_or_default();
+        caller.require(Resource::Node(&instance.node), Access::Write)?;
+        caller.require(Resource::Service(&instance.service), Access::Write)?;
         let instance = instance_from_proto(instance).map_err(invalid)?;
         validate_service_instance(&instance).map_err(invalid)?;
-        Ok(written(
-            self.0.write(Command::RegisterService(instance)).await?,
+        let what = format!(
+            "register service {} ({}) on node {}",
+            instance.service, instance.id, instance.node
+        );
+        Ok(Response::new(
+            write(&self.0, &caller, &what, Command::RegisterService(instance)).await?,
         ))
     }
 
@@ -64,38 +82,48 @@ impl Catalog for CatalogApi {
         &self,
         req: Request<proto::DeregisterServiceRequest>,
     ) -> Result<Response<proto::WriteResult>, Status> {
+        let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
-        Ok(written(
-            self.0
-                .write(Command::DeregisterService {
-                    node: r.node,
-                    id: r.id,
-                })
-                .await?,
-        ))
+        caller.require(Resource::Node(&r.node), Access::Write)?;
+        let what = format!("deregister instance {} on node {}", r.id, r.node);
+        let cmd = Command::DeregisterService {
+            node: r.node,
+            id: r.id,
+        };
+        Ok(Response::new(write(&self.0, &caller, &what, cmd).await?))
     }
 
     async fn update_health(
         &self,
         req: Request<proto::UpdateHealthRequest>,
     ) -> Result<Response<proto::WriteResult>, Status> {
+        let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
+        caller.require(Resource::Node(&r.node), Access::Write)?;
         let health = health_from_proto(r.health).map_err(invalid)?;
+        let what = format!("health of {} on node {}", r.id, r.node);
         let cmd = Command::UpdateHealth {
             node: r.node,
             id: r.id,
             health,
             output: r.output,
         };
-        Ok(written(self.0.write(cmd).await?))
+        Ok(Response::new(write(&self.0, &caller, &what, cmd).await?))
     }
 
     async fn list_nodes(
         &self,
         req: Request<proto::ReadOptions>,
     ) -> Result<Response<proto::NodeList>, Status> {
+        let caller = caller(&self.0, &req).await?;
+        caller.require_any_read(ResourceKind::Node)?;
         let list = read(&self.0, Some(req.into_inner()), |s| proto::NodeList {
-            nodes: s.nodes.values().map(node_to_proto).collect(),
+            nodes: s
+                .nodes
+                .values()
+                .filter(|n| caller.can(Resource::Node(&n.name), Access::Read))
+                .map(node_to_proto)
+                .collect(),
             index: s.index,
         })
         .await?;
@@ -106,12 +134,18 @@ impl Catalog for CatalogApi {
         &self,
         req: Request<proto::ReadOptions>,
     ) -> Result<Response<proto::ServiceList>, Status> {
+        let caller = caller(&self.0, &req).await?;
+        caller.require_any_read(ResourceKind::Service)?;
         let list = read(&self.0, Some(req.into_inner()), |s| proto::ServiceList {
             services: s
                 .service_names()
                 .into_iter()
+                .filter(|name| caller.can(Resource::Service(name), Access::Read))
                 .map(|name| {
-                    let instances: Vec<_> = s.instances_of(&name).collect();
+                    let instances: Vec<_> = s
+                        .instances_of(&name)
+                        .filter(|i| may_read_instance(&caller, i))
+                        .collect();
                     proto::ServiceSummary {
                         vip: s.vips.get(&name).map(|v| v.to_string()).unwrap_or_default(),
                         instances: instances.len() as u32,
@@ -133,14 +167,20 @@ impl Catalog for CatalogApi {
         &self,
         req: Request<proto::GetServiceRequest>,
     ) -> Result<Response<proto::Service>, Status> {
+        let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
         let name = r.name;
+        caller.require(Resource::Service(&name), Access::Read)?;
         let service = read(&self.0, r.read, |s| {
             let vip = s.vips.get(&name)?;
             Some(proto::Service {
                 name: name.clone(),
                 vip: vip.to_string(),
-                instances: s.instances_of(&name).map(instance_to_proto).collect(),
+                instances: s
+                    .instances_of(&name)
+                    .filter(|i| may_read_instance(&caller, i))
+                    .map(instance_to_proto)
+                    .collect(),
             })
         })
         .await?;

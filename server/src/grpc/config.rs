@@ -1,12 +1,17 @@
 //! `weft.v1.Config`: config entries, as JSON documents with Consul's fields.
+//!
+//! Every kind weft has is about one service, named by the entry: writing
+//! needs `service:write` on it, reading `service:read`; lists are filtered.
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use weft_api::acl::{Access, Resource, ResourceKind};
 use weft_api::config_entry::{parse_entry_file, EntryKind, StoredEntry};
 use weft_api::file_format::FileFormat;
 use weft_api::proto::{self, config_server::Config};
 
-use super::{invalid, read};
+use super::auth::caller;
+use super::{invalid, read, write};
 use crate::node::ServerNode;
 use crate::state::Command;
 
@@ -33,17 +38,29 @@ impl Config for ConfigApi {
         &self,
         req: Request<proto::WriteConfigRequest>,
     ) -> Result<Response<proto::WriteResult>, Status> {
-        let entry = parse_entry_file(&req.into_inner().json, FileFormat::Json).map_err(invalid)?;
-        let index = self.0.write(Command::WriteConfig(entry)).await?;
-        Ok(Response::new(proto::WriteResult { index }))
+        let caller = caller(&self.0, &req).await?;
+        let json = req.into_inner().json;
+        // The name is checked before the document is judged, so that a
+        // caller without the right learns nothing from validation errors.
+        let name = serde_json::from_str::<serde_json::Value>(&json)
+            .ok()
+            .and_then(|v| v.get("Name").and_then(|n| n.as_str()).map(String::from))
+            .unwrap_or_default();
+        caller.require(Resource::Service(&name), Access::Write)?;
+        let entry = parse_entry_file(&json, FileFormat::Json).map_err(invalid)?;
+        let what = format!("config {}/{}", entry.kind().as_str(), entry.name());
+        let cmd = Command::WriteConfig(entry);
+        Ok(Response::new(write(&self.0, &caller, &what, cmd).await?))
     }
 
     async fn read(
         &self,
         req: Request<proto::ReadConfigRequest>,
     ) -> Result<Response<proto::ConfigEntry>, Status> {
+        let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
-        let key = r.r#ref.ok_or_else(|| invalid("ref: missing"))?;
+        let key = r.r#ref.unwrap_or_default();
+        caller.require(Resource::Service(&key.name), Access::Read)?;
         check_kind(&key.kind)?;
         let found = read(&self.0, r.read, |s| {
             s.config
@@ -61,6 +78,8 @@ impl Config for ConfigApi {
         &self,
         req: Request<proto::ListConfigRequest>,
     ) -> Result<Response<proto::ConfigList>, Status> {
+        let caller = caller(&self.0, &req).await?;
+        caller.require_any_read(ResourceKind::Service)?;
         let r = req.into_inner();
         if !r.kind.is_empty() {
             check_kind(&r.kind)?;
@@ -70,7 +89,9 @@ impl Config for ConfigApi {
                 .config
                 .iter()
                 .filter(|(kind, _)| r.kind.is_empty() || **kind == r.kind)
-                .flat_map(|(_, m)| m.values().map(entry_to_proto))
+                .flat_map(|(_, m)| m.values())
+                .filter(|e| caller.can(Resource::Service(e.entry.name()), Access::Read))
+                .map(entry_to_proto)
                 .collect(),
             index: s.index,
         })
@@ -82,15 +103,15 @@ impl Config for ConfigApi {
         &self,
         req: Request<proto::ConfigRef>,
     ) -> Result<Response<proto::WriteResult>, Status> {
+        let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
+        caller.require(Resource::Service(&r.name), Access::Write)?;
         check_kind(&r.kind)?;
-        let index = self
-            .0
-            .write(Command::DeleteConfig {
-                kind: r.kind,
-                name: r.name,
-            })
-            .await?;
-        Ok(Response::new(proto::WriteResult { index }))
+        let what = format!("delete config {}/{}", r.kind, r.name);
+        let cmd = Command::DeleteConfig {
+            kind: r.kind,
+            name: r.name,
+        };
+        Ok(Response::new(write(&self.0, &caller, &what, cmd).await?))
     }
 }

@@ -1,7 +1,14 @@
 //! `weft.v1.Intentions`: who may talk to whom, and checks against the rules.
+//!
+//! Intentions belong to their destination: writing one needs `intentions`
+//! write on the destination service (`service "api" { policy = "write"
+//! intentions = "write" }`; as in Consul, `service:write` alone gives only
+//! intentions read), reading one needs read there; the `*` destination
+//! needs the right on every service. Lists are filtered by that rule.
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use weft_api::acl::{Access, Resource, ResourceKind};
 use weft_api::convert::{intention_from_proto, intention_to_proto};
 use weft_api::intention::{
     evaluate, validate_intention, DecidedBy, Intention, IntentionAction, Request as HttpRequest,
@@ -9,7 +16,8 @@ use weft_api::intention::{
 use weft_api::names::validate_name_or_wildcard;
 use weft_api::proto::{self, intentions_server::Intentions};
 
-use super::{invalid, read};
+use super::auth::{caller, Caller};
+use super::{invalid, read, write};
 use crate::node::ServerNode;
 use crate::state::Command;
 
@@ -20,42 +28,66 @@ fn check_ref(r: &proto::IntentionRef) -> Result<(), Status> {
     validate_name_or_wildcard(&r.destination).map_err(|e| invalid(format!("destination: {e}")))
 }
 
+/// Whether `caller` has `want` on the intentions of `destination`.
+pub(crate) fn may_access(caller: &Caller, destination: &str, want: Access) -> bool {
+    if destination == weft_api::names::WILDCARD {
+        caller.authz.allows_all(ResourceKind::Intentions, want)
+    } else {
+        caller.can(Resource::Intentions(destination), want)
+    }
+}
+
+fn require(caller: &Caller, destination: &str, want: Access) -> Result<(), Status> {
+    if destination == weft_api::names::WILDCARD {
+        caller.require_all(ResourceKind::Intentions, want)
+    } else {
+        caller.require(Resource::Intentions(destination), want)
+    }
+}
+
 #[tonic::async_trait]
 impl Intentions for IntentionsApi {
     async fn upsert(
         &self,
         req: Request<proto::UpsertIntentionRequest>,
     ) -> Result<Response<proto::WriteResult>, Status> {
-        let intention = req
-            .into_inner()
-            .intention
-            .ok_or_else(|| invalid("intention: missing"))?;
+        let caller = caller(&self.0, &req).await?;
+        let intention = req.into_inner().intention.unwrap_or_default();
+        require(&caller, &intention.destination, Access::Write)?;
         let intention = intention_from_proto(intention).map_err(invalid)?;
         validate_intention(&intention).map_err(invalid)?;
-        let index = self.0.write(Command::UpsertIntention(intention)).await?;
-        Ok(Response::new(proto::WriteResult { index }))
+        let what = format!(
+            "intention {} => {}",
+            intention.source, intention.destination
+        );
+        let cmd = Command::UpsertIntention(intention);
+        Ok(Response::new(write(&self.0, &caller, &what, cmd).await?))
     }
 
     async fn delete(
         &self,
         req: Request<proto::IntentionRef>,
     ) -> Result<Response<proto::WriteResult>, Status> {
+        let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
+        require(&caller, &r.destination, Access::Write)?;
         check_ref(&r)?;
+        let what = format!("delete intention {} => {}", r.source, r.destination);
         let cmd = Command::DeleteIntention {
             source: r.source,
             destination: r.destination,
         };
-        let index = self.0.write(cmd).await?;
-        Ok(Response::new(proto::WriteResult { index }))
+        Ok(Response::new(write(&self.0, &caller, &what, cmd).await?))
     }
 
     async fn get(
         &self,
         req: Request<proto::GetIntentionRequest>,
     ) -> Result<Response<proto::Intention>, Status> {
+        let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
-        let key = r.r#ref.ok_or_else(|| invalid("ref: missing"))?;
+        let key = r.r#ref.unwrap_or_default();
+        require(&caller, &key.destination, Access::Read)?;
         check_ref(&key)?;
         let found = read(&self.0, r.read, |s| {
             s.intentions
@@ -76,8 +108,14 @@ impl Intentions for IntentionsApi {
         &self,
         req: Request<proto::ReadOptions>,
     ) -> Result<Response<proto::IntentionList>, Status> {
+        let caller = caller(&self.0, &req).await?;
+        caller.require_any_read(ResourceKind::Intentions)?;
         let list = read(&self.0, Some(req.into_inner()), |s| proto::IntentionList {
-            intentions: s.all_intentions().map(intention_to_proto).collect(),
+            intentions: s
+                .all_intentions()
+                .filter(|i| may_access(&caller, &i.destination, Access::Read))
+                .map(intention_to_proto)
+                .collect(),
             index: s.index,
         })
         .await?;
@@ -88,7 +126,9 @@ impl Intentions for IntentionsApi {
         &self,
         req: Request<proto::CheckRequest>,
     ) -> Result<Response<proto::CheckResponse>, Status> {
+        let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
+        require(&caller, &r.destination, Access::Read)?;
         weft_api::names::validate_name(&r.source).map_err(|e| invalid(format!("source: {e}")))?;
         weft_api::names::validate_name(&r.destination)
             .map_err(|e| invalid(format!("destination: {e}")))?;

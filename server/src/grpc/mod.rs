@@ -3,6 +3,8 @@
 //! input, turns writes into Raft commands (`ServerNode::write`) and serves
 //! reads from the replicated state after the read barrier.
 
+pub mod acl;
+pub mod auth;
 pub mod ca;
 pub mod catalog;
 pub mod config;
@@ -17,7 +19,9 @@ use tonic::Status;
 use weft_api::proto;
 
 use crate::node::ServerNode;
-use crate::state::State;
+use crate::state::{Command, State};
+
+use auth::Caller;
 
 /// Refuses bad input with the message naming what is wrong.
 pub(crate) fn invalid(e: impl std::fmt::Display) -> Status {
@@ -36,6 +40,21 @@ pub(crate) async fn read<T>(
     Ok(f(&state))
 }
 
+/// Applies a write for `caller`, logging the accessor that made it.
+pub(crate) async fn write(
+    node: &ServerNode,
+    caller: &Caller,
+    what: &str,
+    cmd: Command,
+) -> Result<proto::WriteResult, Status> {
+    let index = node.write(cmd).await.map_err(|e| {
+        tracing::info!(accessor = %caller.accessor, what, "write refused: {e}");
+        Status::from(e)
+    })?;
+    tracing::info!(accessor = %caller.accessor, what, index, "write");
+    Ok(proto::WriteResult { index })
+}
+
 /// Every API service of one server, ready to be added to a tonic router.
 pub struct ApiServices {
     pub catalog: proto::catalog_server::CatalogServer<catalog::CatalogApi>,
@@ -45,6 +64,7 @@ pub struct ApiServices {
     pub operator: proto::operator_server::OperatorServer<operator::OperatorApi>,
     pub watch: proto::watch_server::WatchServer<watch::WatchApi>,
     pub ca: proto::ca_server::CaServer<ca::CaApi>,
+    pub acl: proto::acl_server::AclServer<acl::AclApi>,
 }
 
 pub fn services(node: Arc<ServerNode>) -> ApiServices {
@@ -59,6 +79,7 @@ pub fn services(node: Arc<ServerNode>) -> ApiServices {
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20),
         watch: proto::watch_server::WatchServer::new(watch::WatchApi(node.clone())),
-        ca: proto::ca_server::CaServer::new(ca::CaApi(node)),
+        ca: proto::ca_server::CaServer::new(ca::CaApi(node.clone())),
+        acl: proto::acl_server::AclServer::new(acl::AclApi(node)),
     }
 }

@@ -1,6 +1,7 @@
 //! Raft's transport, client side: openraft's messages as JSON in gRPC calls
-//! to the peer's `weft.v1.Raft` service. A peer that cannot be reached is
-//! reported as unreachable, so that openraft backs off.
+//! to the peer's `weft.v1.Raft` service, over mutual TLS (this server's
+//! certificate; the peer's must name the server role). A peer that cannot
+//! be reached is reported as unreachable, so that openraft backs off.
 use std::time::Duration;
 
 use openraft::error::{
@@ -14,22 +15,25 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use weft_api::proto::raft_client::RaftClient;
 use weft_api::proto::RaftPayload;
 
 use super::{NodeId, TypeConfig};
 
-/// Opens a gRPC channel (lazily) to a peer's Raft address.
-pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+/// Opens a mutual-TLS gRPC channel (lazily) to a peer's Raft address.
+pub fn channel(addr: &str, tls: &ClientTlsConfig) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls.clone())?
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
         .connect_lazy())
 }
 
-#[derive(Clone, Default)]
-pub struct NetworkFactory;
+#[derive(Clone)]
+pub struct NetworkFactory {
+    pub tls: ClientTlsConfig,
+}
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
@@ -37,10 +41,16 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         PeerClient {
             target,
-            client: channel(&node.addr).ok().map(RaftClient::new),
+            client: channel(&node.addr, &self.tls)
+                .ok()
+                .map(|c| RaftClient::new(c).max_decoding_message_size(MAX_RAFT_MESSAGE)),
         }
     }
 }
+
+/// The largest Raft message a server sends or accepts: a hostile or buggy
+/// peer cannot make a server buffer more than this for one call.
+pub const MAX_RAFT_MESSAGE: usize = 64 << 20;
 
 pub struct PeerClient {
     target: NodeId,

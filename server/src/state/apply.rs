@@ -221,9 +221,37 @@ impl State {
                 Ok(vec![self.ca_bundle_change()])
             }
             Command::Restore(state) => {
-                *self = *state;
+                // Checked here, in the state machine, so that a forwarded
+                // restore is held to exactly what a direct one is.
+                state.check().map_err(invalid)?;
+                let mut state = *state;
+                state.ca = self.ca.take();
+                if !state.acl.bootstrapped {
+                    state.acl = std::mem::take(&mut self.acl);
+                }
+                *self = state;
                 self.index = index;
                 Ok(vec![Change::Replaced])
+            }
+            Command::AclBootstrap(token) => {
+                self.acl.bootstrap(token, index).map_err(invalid)?;
+                Ok(vec![Change::Acl])
+            }
+            Command::AclPolicyUpsert(policy) => {
+                self.acl.upsert_policy(policy, index).map_err(invalid)?;
+                Ok(vec![Change::Acl])
+            }
+            Command::AclPolicyDelete { id } => {
+                self.acl.delete_policy(&id).map_err(invalid)?;
+                Ok(vec![Change::Acl])
+            }
+            Command::AclTokenUpsert(token) => {
+                self.acl.upsert_token(token, index).map_err(invalid)?;
+                Ok(vec![Change::Acl])
+            }
+            Command::AclTokenDelete { accessor } => {
+                self.acl.delete_token(&accessor).map_err(invalid)?;
+                Ok(vec![Change::Acl])
             }
         }
     }

@@ -19,6 +19,7 @@ use weft_api::config_entry::{ConfigEntry, EntryContext, Protocol, ServiceResolve
 use weft_api::intention::Intention;
 use weft_api::kv::KvEntry;
 
+use crate::acl::{AclPolicy, AclState, AclToken};
 use crate::ca::{CaRoot, CaState};
 
 pub use apply::ApplyError;
@@ -42,6 +43,9 @@ pub struct State {
     /// The certificate authority, once the leader has created it.
     #[serde(default)]
     pub ca: Option<CaState>,
+    /// ACL policies and tokens (secrets only as hashes).
+    #[serde(default)]
+    pub acl: AclState,
 }
 
 /// A change to the state, as written through Raft.
@@ -82,7 +86,9 @@ pub enum Command {
         key: String,
         cas: Option<u64>,
     },
-    /// Replace the whole state (snapshot restore).
+    /// Replace the whole state (snapshot restore). The running CA is kept
+    /// (snapshots never carry CA keys), and so are the running ACLs when
+    /// the snapshot's were never bootstrapped.
     Restore(Box<State>),
     /// Create the CA (refused if there is one).
     CaInit(CaState),
@@ -94,6 +100,16 @@ pub enum Command {
     /// Drop roots whose last leaf has expired by `now`.
     CaPrune {
         now: i64,
+    },
+    /// The first management token (refused once bootstrapped).
+    AclBootstrap(AclToken),
+    AclPolicyUpsert(AclPolicy),
+    AclPolicyDelete {
+        id: String,
+    },
+    AclTokenUpsert(AclToken),
+    AclTokenDelete {
+        accessor: String,
     },
 }
 
@@ -135,6 +151,9 @@ pub enum Change {
         trust_domain: String,
         roots_pem: Vec<String>,
     },
+    /// ACL policies or tokens changed: a watcher re-checks its token and
+    /// what it may see.
+    Acl,
     /// The whole state was replaced; watchers need a new snapshot.
     Replaced,
 }

@@ -1,0 +1,469 @@
+//! ACLs as the servers keep them: policies (named rules in Consul's rule
+//! language, see `weft_api::acl`), tokens that link policies and node or
+//! service identities, and the resolution of a presented secret to an
+//! [`Authorizer`].
+//!
+//! A token's secret is never stored: the replicated state holds its SHA-256,
+//! and the secret is shown once, in the answer that created it. Tokens are
+//! named everywhere else (logs, lists, reads) by their accessor id. Rules
+//! are parsed once, when a policy is written or the state is loaded, never
+//! per request.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use weft_api::acl::{node_identity_rules, parse_rules, service_identity_rules, Authorizer, Rules};
+use weft_api::names::validate_name;
+
+/// The id of the built-in policy that grants everything; bootstrap links it
+/// to the first token.
+pub const GLOBAL_MANAGEMENT_ID: &str = "00000000-0000-0000-0000-000000000001";
+pub const GLOBAL_MANAGEMENT_NAME: &str = "global-management";
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AclError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("ACLs are already bootstrapped")]
+    AlreadyBootstrapped,
+    #[error("policy {0:?} not found")]
+    PolicyNotFound(String),
+    #[error("token {0:?} not found")]
+    TokenNotFound(String),
+    #[error("the {GLOBAL_MANAGEMENT_NAME} policy cannot be changed or deleted")]
+    BuiltinPolicy,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AclPolicy {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// The rules as written (HCL or JSON); parsed into `compiled` on load.
+    pub rules: String,
+    #[serde(default)]
+    pub create_index: u64,
+    #[serde(default)]
+    pub modify_index: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeIdentity {
+    pub node_name: String,
+    pub datacenter: String,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct AclToken {
+    pub accessor_id: String,
+    /// Hex SHA-256 of the secret.
+    pub secret_hash: String,
+    #[serde(default)]
+    pub description: String,
+    /// Ids of linked policies.
+    #[serde(default)]
+    pub policies: Vec<String>,
+    #[serde(default)]
+    pub service_identities: Vec<String>,
+    #[serde(default)]
+    pub node_identities: Vec<NodeIdentity>,
+    #[serde(default)]
+    pub create_index: u64,
+    #[serde(default)]
+    pub modify_index: u64,
+}
+
+impl std::fmt::Debug for AclToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AclToken")
+            .field("accessor_id", &self.accessor_id)
+            .field("policies", &self.policies)
+            .field("service_identities", &self.service_identities)
+            .field("node_identities", &self.node_identities)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The stored form of [`AclState`] (what snapshots and the state carry).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct StoredAcl {
+    bootstrapped: bool,
+    policies: BTreeMap<String, AclPolicy>,
+    tokens: BTreeMap<String, AclToken>,
+}
+
+/// Policies and tokens, with the indexes built from them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "StoredAcl", into = "StoredAcl")]
+pub struct AclState {
+    pub bootstrapped: bool,
+    /// By id.
+    pub policies: BTreeMap<String, AclPolicy>,
+    /// By accessor id.
+    pub tokens: BTreeMap<String, AclToken>,
+    /// Parsed rules by policy id.
+    compiled: BTreeMap<String, Rules>,
+    /// Accessor id by secret hash.
+    by_hash: BTreeMap<String, String>,
+}
+
+impl From<StoredAcl> for AclState {
+    fn from(s: StoredAcl) -> Self {
+        let mut acl = AclState {
+            bootstrapped: s.bootstrapped,
+            policies: s.policies,
+            tokens: s.tokens,
+            ..Default::default()
+        };
+        acl.reindex();
+        acl
+    }
+}
+
+impl From<AclState> for StoredAcl {
+    fn from(a: AclState) -> Self {
+        StoredAcl {
+            bootstrapped: a.bootstrapped,
+            policies: a.policies,
+            tokens: a.tokens,
+        }
+    }
+}
+
+/// A token secret on its way to the one who asked for it; shows itself in
+/// no log or debug output.
+pub struct Secret(String);
+
+impl Secret {
+    /// A new random secret.
+    pub fn generate() -> Self {
+        Secret(new_id())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn hash(&self) -> String {
+        hash_secret(&self.0)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Hex SHA-256 of a token secret: what the state keeps instead of it.
+pub fn hash_secret(secret: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new random id (accessor ids, secrets, policy ids): a UUID v4.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// The built-in policy that grants everything.
+pub fn global_management_policy(index: u64) -> AclPolicy {
+    AclPolicy {
+        id: GLOBAL_MANAGEMENT_ID.into(),
+        name: GLOBAL_MANAGEMENT_NAME.into(),
+        description: "Builtin Policy that grants unlimited access".into(),
+        rules: r#"acl = "write"
+operator = "write"
+mesh = "write"
+service_prefix "" {
+  policy = "write"
+  intentions = "write"
+}
+node_prefix "" { policy = "write" }
+key_prefix "" { policy = "write" }
+"#
+        .into(),
+        create_index: index,
+        modify_index: index,
+    }
+}
+
+/// Checks a policy's name and rules; returns the parsed rules.
+pub fn validate_policy(p: &AclPolicy) -> Result<Rules, AclError> {
+    validate_policy_name(&p.name)?;
+    parse_rules(&p.rules).map_err(|e| AclError::Invalid(format!("policy {:?}: {e}", p.name)))
+}
+
+fn validate_policy_name(name: &str) -> Result<(), AclError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(AclError::Invalid(format!(
+            "policy name {name:?}: 1 to 128 letters, digits, '-' or '_'"
+        )))
+    }
+}
+
+impl AclState {
+    fn reindex(&mut self) {
+        self.compiled = self
+            .policies
+            .iter()
+            .filter_map(|(id, p)| match parse_rules(&p.rules) {
+                Ok(rules) => Some((id.clone(), rules)),
+                Err(e) => {
+                    // Written policies were checked; a stored one that no
+                    // longer parses grants nothing rather than everything.
+                    tracing::error!(policy = %p.name, "stored ACL policy does not parse: {e}");
+                    None
+                }
+            })
+            .collect();
+        self.by_hash = self
+            .tokens
+            .values()
+            .map(|t| (t.secret_hash.clone(), t.accessor_id.clone()))
+            .collect();
+    }
+
+    /// The token a secret stands for.
+    pub fn token_by_secret(&self, secret: &str) -> Option<&AclToken> {
+        let accessor = self.by_hash.get(&hash_secret(secret))?;
+        self.tokens.get(accessor)
+    }
+
+    /// A policy by id or by name.
+    pub fn policy(&self, id_or_name: &str) -> Option<&AclPolicy> {
+        self.policies
+            .get(id_or_name)
+            .or_else(|| self.policies.values().find(|p| p.name == id_or_name))
+    }
+
+    /// What `token` may do.
+    pub fn authorizer(&self, token: &AclToken) -> Authorizer {
+        if token
+            .policies
+            .iter()
+            .any(|p| p.as_str() == GLOBAL_MANAGEMENT_ID)
+        {
+            return Authorizer::management();
+        }
+        let identities: Vec<Rules> = token
+            .node_identities
+            .iter()
+            .map(|n| node_identity_rules(&n.node_name))
+            .chain(
+                token
+                    .service_identities
+                    .iter()
+                    .map(|s| service_identity_rules(s)),
+            )
+            .collect();
+        let linked = token.policies.iter().filter_map(|id| self.compiled.get(id));
+        Authorizer::from_rules(linked.chain(identities.iter()))
+    }
+
+    pub fn bootstrap(&mut self, token: AclToken, index: u64) -> Result<(), AclError> {
+        if self.bootstrapped {
+            return Err(AclError::AlreadyBootstrapped);
+        }
+        let policy = global_management_policy(index);
+        self.policies.insert(policy.id.clone(), policy);
+        self.bootstrapped = true;
+        self.insert_token(token, index)?;
+        Ok(())
+    }
+
+    pub fn upsert_policy(&mut self, mut p: AclPolicy, index: u64) -> Result<(), AclError> {
+        if p.id == GLOBAL_MANAGEMENT_ID {
+            return Err(AclError::BuiltinPolicy);
+        }
+        validate_policy(&p)?;
+        if let Some(other) = self
+            .policies
+            .values()
+            .find(|o| o.name == p.name && o.id != p.id)
+        {
+            return Err(AclError::Invalid(format!(
+                "a policy named {:?} exists already (id {})",
+                p.name, other.id
+            )));
+        }
+        p.create_index = self.policies.get(&p.id).map_or(index, |o| o.create_index);
+        p.modify_index = index;
+        self.policies.insert(p.id.clone(), p);
+        self.reindex();
+        Ok(())
+    }
+
+    pub fn delete_policy(&mut self, id: &str) -> Result<(), AclError> {
+        if id == GLOBAL_MANAGEMENT_ID {
+            return Err(AclError::BuiltinPolicy);
+        }
+        if self.policies.remove(id).is_none() {
+            return Err(AclError::PolicyNotFound(id.into()));
+        }
+        for t in self.tokens.values_mut() {
+            t.policies.retain(|p| p != id);
+        }
+        self.reindex();
+        Ok(())
+    }
+
+    /// Creates or replaces a token. Its policies must exist; identities
+    /// must name valid nodes, datacenters and services.
+    pub fn upsert_token(&mut self, token: AclToken, index: u64) -> Result<(), AclError> {
+        self.insert_token(token, index)
+    }
+
+    fn insert_token(&mut self, mut token: AclToken, index: u64) -> Result<(), AclError> {
+        for p in &token.policies {
+            if !self.policies.contains_key(p) {
+                return Err(AclError::PolicyNotFound(p.clone()));
+            }
+        }
+        for s in &token.service_identities {
+            validate_name(s)
+                .map_err(|e| AclError::Invalid(format!("service identity {s:?}: {e}")))?;
+        }
+        for n in &token.node_identities {
+            validate_name(&n.node_name)
+                .map_err(|e| AclError::Invalid(format!("node identity {:?}: {e}", n.node_name)))?;
+            validate_name(&n.datacenter).map_err(|e| {
+                AclError::Invalid(format!(
+                    "node identity {:?}: datacenter {:?}: {e}",
+                    n.node_name, n.datacenter
+                ))
+            })?;
+        }
+        if token.secret_hash.len() != 64 {
+            return Err(AclError::Invalid("token: missing secret hash".into()));
+        }
+        if let Some(owner) = self.by_hash.get(&token.secret_hash) {
+            if *owner != token.accessor_id {
+                return Err(AclError::Invalid("token: secret in use".into()));
+            }
+        }
+        token.create_index = self
+            .tokens
+            .get(&token.accessor_id)
+            .map_or(index, |t| t.create_index);
+        token.modify_index = index;
+        self.tokens.insert(token.accessor_id.clone(), token);
+        self.reindex();
+        Ok(())
+    }
+
+    pub fn delete_token(&mut self, accessor: &str) -> Result<(), AclError> {
+        if self.tokens.remove(accessor).is_none() {
+            return Err(AclError::TokenNotFound(accessor.into()));
+        }
+        self.reindex();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_api::acl::{Access, Resource};
+
+    fn token(accessor: &str, secret: &str, policies: &[&str]) -> AclToken {
+        AclToken {
+            accessor_id: accessor.into(),
+            secret_hash: hash_secret(secret),
+            description: String::new(),
+            policies: policies.iter().map(|p| p.to_string()).collect(),
+            service_identities: vec![],
+            node_identities: vec![],
+            create_index: 0,
+            modify_index: 0,
+        }
+    }
+
+    #[test]
+    fn bootstrap_once_and_resolve_by_secret_only() {
+        let mut acl = AclState::default();
+        acl.bootstrap(token("a1", "s3cret", &[GLOBAL_MANAGEMENT_ID]), 5)
+            .unwrap();
+        assert_eq!(
+            acl.bootstrap(token("a2", "other", &[GLOBAL_MANAGEMENT_ID]), 6),
+            Err(AclError::AlreadyBootstrapped)
+        );
+        let t = acl.token_by_secret("s3cret").expect("resolves");
+        assert_eq!(t.accessor_id, "a1");
+        assert!(acl.authorizer(t).is_management());
+        assert!(
+            acl.token_by_secret("a1").is_none(),
+            "the accessor is no secret"
+        );
+        assert!(acl.token_by_secret("s3cre").is_none());
+        let doc = serde_json::to_string(&acl).unwrap();
+        assert!(!doc.contains("s3cret"), "the secret is never stored");
+    }
+
+    #[test]
+    fn indexes_survive_serialization() {
+        let mut acl = AclState::default();
+        acl.bootstrap(token("a1", "root", &[GLOBAL_MANAGEMENT_ID]), 1)
+            .unwrap();
+        let p = AclPolicy {
+            id: "p1".into(),
+            name: "web-writer".into(),
+            description: String::new(),
+            rules: r#"service "web" { policy = "write" }"#.into(),
+            create_index: 0,
+            modify_index: 0,
+        };
+        acl.upsert_policy(p, 2).unwrap();
+        acl.upsert_token(token("a2", "web-secret", &["p1"]), 3)
+            .unwrap();
+        let back: AclState = serde_json::from_str(&serde_json::to_string(&acl).unwrap()).unwrap();
+        assert_eq!(back, acl);
+        let t = back.token_by_secret("web-secret").unwrap();
+        let authz = back.authorizer(t);
+        assert!(authz.allows(Resource::Service("web"), Access::Write));
+        assert!(!authz.allows(Resource::Service("api"), Access::Read));
+    }
+
+    #[test]
+    fn bad_policies_and_dangling_links_are_refused() {
+        let mut acl = AclState::default();
+        let bad = AclPolicy {
+            id: "p".into(),
+            name: "bad".into(),
+            description: String::new(),
+            rules: r#"service "web" { policy = "admin" }"#.into(),
+            create_index: 0,
+            modify_index: 0,
+        };
+        let e = acl.upsert_policy(bad, 1).unwrap_err();
+        assert!(e.to_string().contains("admin"), "{e}");
+        let e = acl.upsert_token(token("a", "s", &["nope"]), 2).unwrap_err();
+        assert_eq!(e, AclError::PolicyNotFound("nope".into()));
+        assert_eq!(
+            acl.delete_policy(GLOBAL_MANAGEMENT_ID),
+            Err(AclError::BuiltinPolicy)
+        );
+    }
+
+    #[test]
+    fn node_identity_writes_only_its_node() {
+        let mut acl = AclState::default();
+        let mut t = token("n", "node-secret", &[]);
+        t.node_identities.push(NodeIdentity {
+            node_name: "node-a".into(),
+            datacenter: "dc1".into(),
+        });
+        acl.upsert_token(t, 1).unwrap();
+        let authz = acl.authorizer(acl.token_by_secret("node-secret").unwrap());
+        assert!(authz.allows(Resource::Node("node-a"), Access::Write));
+        assert!(!authz.allows(Resource::Node("node-b"), Access::Write));
+        assert!(!authz.allows(Resource::Service("api"), Access::Write));
+    }
+}

@@ -1,0 +1,319 @@
+//! `weft.v1.Acl`: bootstrap, policies and tokens.
+//!
+//! Bootstrap needs no token and works once: it makes the first management
+//! token. Everything else needs `acl:read` or `acl:write`, except reading
+//! the calling token itself. A token's secret is made here, hashed into the
+//! Raft command, and shown only in the answer that created it.
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use weft_api::acl::{Access, Resource};
+use weft_api::proto::{self, acl_server::Acl};
+
+use super::auth::{caller, Caller};
+use super::{read, write};
+use crate::acl::{
+    new_id, AclPolicy, AclState, AclToken, NodeIdentity, Secret, GLOBAL_MANAGEMENT_ID,
+};
+use crate::node::{ServerNode, WriteError};
+use crate::state::Command;
+
+pub struct AclApi(pub Arc<ServerNode>);
+
+fn policy_to_proto(p: &AclPolicy) -> proto::AclPolicy {
+    proto::AclPolicy {
+        id: p.id.clone(),
+        name: p.name.clone(),
+        description: p.description.clone(),
+        rules: p.rules.clone(),
+        create_index: p.create_index,
+        modify_index: p.modify_index,
+    }
+}
+
+/// A token as answers show it: never the secret (`secret` is set only when
+/// the token was just made); linked policies by name.
+fn token_to_proto(acl: &AclState, t: &AclToken, secret: Option<String>) -> proto::AclToken {
+    proto::AclToken {
+        accessor_id: t.accessor_id.clone(),
+        secret_id: secret.unwrap_or_default(),
+        description: t.description.clone(),
+        policies: t
+            .policies
+            .iter()
+            .map(|id| acl.policies.get(id).map_or(id.clone(), |p| p.name.clone()))
+            .collect(),
+        service_identities: t.service_identities.clone(),
+        node_identities: t
+            .node_identities
+            .iter()
+            .map(|n| proto::AclNodeIdentity {
+                node_name: n.node_name.clone(),
+                datacenter: n.datacenter.clone(),
+            })
+            .collect(),
+        create_index: t.create_index,
+        modify_index: t.modify_index,
+    }
+}
+
+impl AclApi {
+    fn acl(&self) -> std::sync::RwLockReadGuard<'_, crate::state::State> {
+        self.0.shared.state.read().expect("state lock")
+    }
+
+    /// The written token, read back after the write.
+    async fn token_answer(
+        &self,
+        accessor: &str,
+        secret: Option<String>,
+    ) -> Result<Response<proto::AclToken>, Status> {
+        let token = read(&self.0, None, |s| {
+            s.acl
+                .tokens
+                .get(accessor)
+                .map(|t| token_to_proto(&s.acl, t, secret))
+        })
+        .await?;
+        token
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("token {accessor} not found")))
+    }
+
+    fn require(caller: &Caller, want: Access) -> Result<(), Status> {
+        caller.require(Resource::Acl, want)
+    }
+}
+
+/// Creates the first management token, once per cluster: its accessor id
+/// and its secret.
+pub async fn bootstrap(node: &ServerNode) -> Result<(String, Secret), Status> {
+    let refused =
+        |m: &str| Status::permission_denied(format!("ACL bootstrap no longer allowed: {m}"));
+    if node
+        .shared
+        .state
+        .read()
+        .expect("state lock")
+        .acl
+        .bootstrapped
+    {
+        return Err(refused("the cluster is bootstrapped"));
+    }
+    let secret = Secret::generate();
+    let token = AclToken {
+        accessor_id: new_id(),
+        secret_hash: secret.hash(),
+        description: "Bootstrap Token (Global Management)".into(),
+        policies: vec![GLOBAL_MANAGEMENT_ID.into()],
+        service_identities: vec![],
+        node_identities: vec![],
+        create_index: 0,
+        modify_index: 0,
+    };
+    let accessor = token.accessor_id.clone();
+    node.write(Command::AclBootstrap(token))
+        .await
+        .map_err(|e| match e {
+            WriteError::Refused(m) => refused(&m),
+            other => Status::from(other),
+        })?;
+    tracing::info!(%accessor, "ACLs bootstrapped: management token created");
+    Ok((accessor, secret))
+}
+
+#[tonic::async_trait]
+impl Acl for AclApi {
+    async fn bootstrap(
+        &self,
+        _req: Request<proto::Empty>,
+    ) -> Result<Response<proto::AclToken>, Status> {
+        let (accessor, secret) = bootstrap(&self.0).await?;
+        self.token_answer(&accessor, Some(secret.expose().to_string()))
+            .await
+    }
+
+    async fn policy_upsert(
+        &self,
+        req: Request<proto::AclPolicy>,
+    ) -> Result<Response<proto::AclPolicy>, Status> {
+        let caller = caller(&self.0, &req).await?;
+        Self::require(&caller, Access::Write)?;
+        let p = req.into_inner();
+        let id = if p.id.is_empty() { new_id() } else { p.id };
+        let policy = AclPolicy {
+            id: id.clone(),
+            name: p.name,
+            description: p.description,
+            rules: p.rules,
+            create_index: 0,
+            modify_index: 0,
+        };
+        let what = format!("acl policy {}", policy.name);
+        write(&self.0, &caller, &what, Command::AclPolicyUpsert(policy)).await?;
+        let written = read(&self.0, None, |s| {
+            s.acl.policies.get(&id).map(policy_to_proto)
+        })
+        .await?;
+        written
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("policy {id} not found")))
+    }
+
+    async fn policy_read(
+        &self,
+        req: Request<proto::AclRef>,
+    ) -> Result<Response<proto::AclPolicy>, Status> {
+        let caller = caller(&self.0, &req).await?;
+        Self::require(&caller, Access::Read)?;
+        let id = req.into_inner().id;
+        let found = read(&self.0, None, |s| s.acl.policy(&id).map(policy_to_proto)).await?;
+        found
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("policy {id:?} not found")))
+    }
+
+    async fn policy_list(
+        &self,
+        req: Request<proto::Empty>,
+    ) -> Result<Response<proto::AclPolicyList>, Status> {
+        let caller = caller(&self.0, &req).await?;
+        Self::require(&caller, Access::Read)?;
+        let policies = read(&self.0, None, |s| {
+            s.acl.policies.values().map(policy_to_proto).collect()
+        })
+        .await?;
+        Ok(Response::new(proto::AclPolicyList { policies }))
+    }
+
+    async fn policy_delete(
+        &self,
+        req: Request<proto::AclRef>,
+    ) -> Result<Response<proto::WriteResult>, Status> {
+        let caller = caller(&self.0, &req).await?;
+        Self::require(&caller, Access::Write)?;
+        let r = req.into_inner();
+        let id = self
+            .acl()
+            .acl
+            .policy(&r.id)
+            .map_or(r.id.clone(), |p| p.id.clone());
+        let what = format!("delete acl policy {}", r.id);
+        let cmd = Command::AclPolicyDelete { id };
+        Ok(Response::new(write(&self.0, &caller, &what, cmd).await?))
+    }
+
+    async fn token_upsert(
+        &self,
+        req: Request<proto::AclToken>,
+    ) -> Result<Response<proto::AclToken>, Status> {
+        let caller = caller(&self.0, &req).await?;
+        Self::require(&caller, Access::Write)?;
+        let t = req.into_inner();
+        if !t.secret_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "secret_id: servers make secrets; leave it empty",
+            ));
+        }
+        let (policies, existing_hash) = {
+            let state = self.acl();
+            let mut ids = Vec::new();
+            for p in &t.policies {
+                let policy = state
+                    .acl
+                    .policy(p)
+                    .ok_or_else(|| Status::invalid_argument(format!("policy {p:?} not found")))?;
+                ids.push(policy.id.clone());
+            }
+            let existing = if t.accessor_id.is_empty() {
+                None
+            } else {
+                let old = state.acl.tokens.get(&t.accessor_id).ok_or_else(|| {
+                    Status::not_found(format!("token {} not found", t.accessor_id))
+                })?;
+                Some(old.secret_hash.clone())
+            };
+            (ids, existing)
+        };
+        let (accessor, secret, secret_hash) = match existing_hash {
+            Some(hash) => (t.accessor_id.clone(), None, hash),
+            None => {
+                let secret = Secret::generate();
+                let hash = secret.hash();
+                (new_id(), Some(secret.expose().to_string()), hash)
+            }
+        };
+        let token = AclToken {
+            accessor_id: accessor.clone(),
+            secret_hash,
+            description: t.description,
+            policies,
+            service_identities: t.service_identities,
+            node_identities: t
+                .node_identities
+                .into_iter()
+                .map(|n| NodeIdentity {
+                    node_name: n.node_name,
+                    datacenter: n.datacenter,
+                })
+                .collect(),
+            create_index: 0,
+            modify_index: 0,
+        };
+        let what = format!("acl token {accessor}");
+        write(&self.0, &caller, &what, Command::AclTokenUpsert(token)).await?;
+        self.token_answer(&accessor, secret).await
+    }
+
+    async fn token_read(
+        &self,
+        req: Request<proto::AclRef>,
+    ) -> Result<Response<proto::AclToken>, Status> {
+        let caller = caller(&self.0, &req).await?;
+        Self::require(&caller, Access::Read)?;
+        let id = req.into_inner().id;
+        self.token_answer(&id, None).await
+    }
+
+    async fn token_list(
+        &self,
+        req: Request<proto::Empty>,
+    ) -> Result<Response<proto::AclTokenList>, Status> {
+        let caller = caller(&self.0, &req).await?;
+        Self::require(&caller, Access::Read)?;
+        let tokens = read(&self.0, None, |s| {
+            s.acl
+                .tokens
+                .values()
+                .map(|t| token_to_proto(&s.acl, t, None))
+                .collect()
+        })
+        .await?;
+        Ok(Response::new(proto::AclTokenList { tokens }))
+    }
+
+    async fn token_delete(
+        &self,
+        req: Request<proto::AclRef>,
+    ) -> Result<Response<proto::WriteResult>, Status> {
+        let caller = caller(&self.0, &req).await?;
+        Self::require(&caller, Access::Write)?;
+        let accessor = req.into_inner().id;
+        if accessor == caller.accessor {
+            return Err(Status::failed_precondition(
+                "a token cannot delete itself: use another acl:write token",
+            ));
+        }
+        let what = format!("delete acl token {accessor}");
+        let cmd = Command::AclTokenDelete { accessor };
+        Ok(Response::new(write(&self.0, &caller, &what, cmd).await?))
+    }
+
+    async fn token_self(
+        &self,
+        req: Request<proto::Empty>,
+    ) -> Result<Response<proto::AclToken>, Status> {
+        let caller = caller(&self.0, &req).await?;
+        self.token_answer(&caller.accessor, None).await
+    }
+}

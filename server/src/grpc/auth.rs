@@ -1,0 +1,125 @@
+//! Who is calling: the ACL token a request carries (gRPC metadata
+//! `authorization: Bearer <secret>`), resolved against the replicated ACL
+//! state into a [`Caller`] that each RPC asks before it acts.
+//!
+//! No token, or a token the state does not know, is UNAUTHENTICATED; a
+//! known token without the right is PERMISSION_DENIED with the accessor id
+//! and the missing permission named (never the secret). Default deny: a
+//! token may do only what its policies and identities grant.
+use tonic::{Request, Status};
+use weft_api::acl::{Access, Authorizer, Resource, ResourceKind};
+
+use crate::node::ServerNode;
+use crate::state::State;
+
+/// The metadata key that carries the token.
+pub const TOKEN_METADATA: &str = "authorization";
+
+/// An authenticated caller: the token's accessor id and what it may do.
+pub struct Caller {
+    pub accessor: String,
+    pub authz: Authorizer,
+}
+
+fn describe(resource: &Resource<'_>) -> String {
+    match resource {
+        Resource::Service(n) => format!("service {n:?}"),
+        Resource::Intentions(n) => format!("intentions of service {n:?}"),
+        Resource::Node(n) => format!("node {n:?}"),
+        Resource::Key(k) => format!("key {k:?}"),
+        Resource::Operator => "operator".into(),
+        Resource::Acl => "acl".into(),
+        Resource::Mesh => "mesh".into(),
+    }
+}
+
+fn access_name(want: Access) -> &'static str {
+    match want {
+        Access::Read => "read",
+        Access::Write => "write",
+    }
+}
+
+impl Caller {
+    pub fn can(&self, resource: Resource<'_>, want: Access) -> bool {
+        self.authz.allows(resource, want)
+    }
+
+    /// PERMISSION_DENIED unless the token grants `want` on `resource`.
+    pub fn require(&self, resource: Resource<'_>, want: Access) -> Result<(), Status> {
+        if self.authz.allows(resource, want) {
+            return Ok(());
+        }
+        Err(self.denied(format!("{} on {}", access_name(want), describe(&resource))))
+    }
+
+    /// For list calls: PERMISSION_DENIED when the token can read nothing of
+    /// `kind` (otherwise the list is filtered to what it may read).
+    pub fn require_any_read(&self, kind: ResourceKind) -> Result<(), Status> {
+        if self.authz.can_read_any(kind) {
+            return Ok(());
+        }
+        Err(self.denied(format!("read on any {kind:?}").to_lowercase()))
+    }
+
+    /// PERMISSION_DENIED unless `want` holds for every name of `kind`.
+    pub fn require_all(&self, kind: ResourceKind, want: Access) -> Result<(), Status> {
+        if self.authz.allows_all(kind, want) {
+            return Ok(());
+        }
+        Err(self.denied(format!("{} on every {kind:?}", access_name(want)).to_lowercase()))
+    }
+
+    /// PERMISSION_DENIED unless this is a management token.
+    pub fn require_management(&self) -> Result<(), Status> {
+        if self.authz.is_management() {
+            return Ok(());
+        }
+        Err(self.denied("a management token".into()))
+    }
+
+    fn denied(&self, what: String) -> Status {
+        tracing::info!(accessor = %self.accessor, "permission denied: lacks {what}");
+        Status::permission_denied(format!("token {} lacks {what}", self.accessor))
+    }
+}
+
+/// The secret a request carries, if any.
+pub fn secret_of<T>(req: &Request<T>) -> Option<&str> {
+    let value = req.metadata().get(TOKEN_METADATA)?.to_str().ok()?;
+    let secret = value.strip_prefix("Bearer ")?.trim();
+    (!secret.is_empty()).then_some(secret)
+}
+
+/// The caller a secret stands for in `state`.
+pub fn resolve_in(state: &State, secret: &str) -> Option<Caller> {
+    let token = state.acl.token_by_secret(secret)?;
+    Some(Caller {
+        accessor: token.accessor_id.clone(),
+        authz: state.acl.authorizer(token),
+    })
+}
+
+fn resolve(node: &ServerNode, secret: &str) -> Option<Caller> {
+    resolve_in(&node.shared.state.read().expect("state lock"), secret)
+}
+
+/// Authenticates a request. A token this server does not know yet may have
+/// been created through another server a moment ago: it is looked up once
+/// more after a linearizable read barrier before it is refused.
+pub async fn caller<T>(node: &ServerNode, req: &Request<T>) -> Result<Caller, Status> {
+    let Some(secret) = secret_of(req) else {
+        return Err(Status::unauthenticated(
+            "no ACL token: pass one with --token or WEFT_TOKEN",
+        ));
+    };
+    if let Some(caller) = resolve(node, secret) {
+        return Ok(caller);
+    }
+    if node.read_barrier(false).await.is_ok() {
+        if let Some(caller) = resolve(node, secret) {
+            return Ok(caller);
+        }
+    }
+    Err(Status::unauthenticated("ACL token not found"))
+}

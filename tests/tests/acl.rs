@@ -1,0 +1,459 @@
+//! The control plane refuses callers without credentials: every RPC of
+//! `weft.v1`, read from the proto itself (so a new RPC without a check fails
+//! here), called with no token, a bogus token and a token without the right;
+//! the Raft port to anyone without a server certificate; plaintext on both
+//! ports. Then what tokens do grant: a `service "web"` token writes web and
+//! nothing else, a node identity acts for its node only, snapshots need a
+//! management token and carry no CA key.
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::Context;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::Code;
+use weft_api::proto::{self, Empty};
+use weft_tests::servers::Cluster;
+
+const PROTO: &str = include_str!("../../api/proto/weft/v1/weft.proto");
+
+/// The calls a token without any right of the kind asked may still make:
+/// reading the calling token itself (`weft acl token self`), and, for a
+/// token that reads some keys, listing keys (filtered to what it reads).
+/// Everything else is refused to both weak tokens of the test.
+const EXEMPT: &[(&str, &str)] = &[
+    ("/weft.v1.Acl/TokenSelf", "key-reader"),
+    ("/weft.v1.Acl/TokenSelf", "operator-reader"),
+    ("/weft.v1.Kv/List", "key-reader"),
+    ("/weft.v1.Operator/Members", "operator-reader"),
+];
+
+/// Every `rpc` of every `service` in the proto, as gRPC paths.
+fn rpcs() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut service = None;
+    for line in PROTO.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("service ") {
+            service = rest.split_whitespace().next().map(String::from);
+        } else if let Some(rest) = line.strip_prefix("rpc ") {
+            let method = rest.split('(').next().unwrap_or_default().trim();
+            let service = service.clone().expect("rpc outside a service");
+            out.push((service.clone(), format!("/weft.v1.{service}/{method}")));
+        }
+    }
+    out
+}
+
+/// Calls `path` with an empty message (every request message decodes from
+/// zero bytes) and returns the status code.
+async fn call<T>(channel: T, path: &str) -> Code
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let mut grpc = tonic::client::Grpc::new(channel);
+    if grpc.ready().await.is_err() {
+        return Code::Unavailable;
+    }
+    let codec = tonic_prost::ProstCodec::<Empty, Empty>::default();
+    let path = path.parse().expect("rpc path");
+    let mut req = tonic::Request::new(Empty {});
+    req.set_timeout(Duration::from_secs(10));
+    match grpc.unary(req, path, codec).await {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+#[test]
+fn every_rpc_refuses_missing_bogus_and_insufficient_tokens() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    let key_reader =
+        cluster.token_with_rules("key-reader", r#"key_prefix "nothing/" { policy = "read" }"#)?;
+    let operator_reader = cluster.token_with_rules("operator-reader", r#"operator = "read""#)?;
+    let all = rpcs();
+    let api: Vec<_> = all.iter().filter(|(s, _)| s != "Raft").collect();
+    assert!(api.len() >= 39, "the proto parse found only {api:?}");
+    let services: BTreeSet<&str> = api.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(
+        services,
+        BTreeSet::from([
+            "Acl",
+            "Ca",
+            "Catalog",
+            "Config",
+            "Intentions",
+            "Kv",
+            "Operator",
+            "Watch"
+        ])
+    );
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut failures = Vec::new();
+        for (_, path) in &api {
+            for (who, token) in [
+                ("no token", None),
+                (
+                    "a bogus token",
+                    Some("00000000-0000-4000-8000-000000000000"),
+                ),
+                ("key-reader", Some(key_reader.as_str())),
+                ("operator-reader", Some(operator_reader.as_str())),
+            ] {
+                let code = call(cluster.channel_as(1, token).await?, path).await;
+                let refused = matches!(code, Code::Unauthenticated | Code::PermissionDenied);
+                let exempt = EXEMPT.contains(&(path.as_str(), who));
+                if refused == exempt {
+                    failures.push(format!("{path} with {who}: {code:?}"));
+                }
+            }
+        }
+        assert!(failures.is_empty(), "not refused:\n{}", failures.join("\n"));
+        // The same calls with the management token get past the check: the
+        // test can tell a refusal from a working RPC.
+        let code = call(cluster.channel(1).await?, "/weft.v1.Kv/List").await;
+        assert_eq!(code, Code::Ok);
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+/// The Raft port: no client certificate, a client certificate from the same
+/// CA without the server role, or plaintext get no answer to any Raft RPC;
+/// a server certificate does (the control).
+#[test]
+fn the_raft_port_answers_only_servers() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    let raft_addr = cluster.servers[0].raft_addr.clone();
+    let raft_rpcs: Vec<String> = rpcs()
+        .into_iter()
+        .filter(|(s, _)| s == "Raft")
+        .map(|(_, p)| p)
+        .collect();
+    assert!(raft_rpcs.iter().any(|p| p.ends_with("/AppendEntries")));
+    let ca = &cluster.tls_ca;
+    let client_cert = weft_api::tls_certs::create_client_cert(ca, "dc1", 1)?;
+    let server_cert = weft_api::tls_certs::create_server_cert(ca, "dc1", &[], &[], 1)?;
+    let tls = |identity: Option<&weft_api::tls_certs::CertPair>| {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&ca.cert_pem))
+            .domain_name("server.dc1.weft");
+        if let Some(id) = identity {
+            tls = tls.identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
+        }
+        tls
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let connect = |tls: Option<ClientTlsConfig>| {
+            let addr = raft_addr.clone();
+            async move {
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
+                    .connect_timeout(Duration::from_secs(2));
+                if let Some(tls) = tls {
+                    endpoint = endpoint.tls_config(tls)?;
+                }
+                Ok::<_, anyhow::Error>(endpoint.connect_lazy())
+            }
+        };
+        for (who, tls) in [
+            ("plaintext", None),
+            ("TLS without a client certificate", Some(tls(None))),
+            (
+                "a client certificate without the server role",
+                Some(tls(Some(&client_cert))),
+            ),
+        ] {
+            for path in &raft_rpcs {
+                let code = call(connect(tls.clone()).await?, path).await;
+                // Reaching the service would answer Ok or, for the empty
+                // payload, InvalidArgument: only transport failures pass.
+                assert!(
+                    matches!(
+                        code,
+                        Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+                    ),
+                    "{path} over {who}: {code:?} (it must not reach the service)"
+                );
+            }
+        }
+        let code = call(
+            connect(Some(tls(Some(&server_cert)))).await?,
+            "/weft.v1.Raft/Status",
+        )
+        .await;
+        assert_eq!(
+            code,
+            Code::Ok,
+            "a server certificate reaches the Raft service"
+        );
+        // The API port speaks no plaintext either.
+        let plain = Endpoint::from_shared(format!("http://{}", cluster.grpc_addr(1)))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        let code = call(plain, "/weft.v1.Kv/List").await;
+        assert!(
+            matches!(
+                code,
+                Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+            ),
+            "plaintext on the API port: {code:?}"
+        );
+        Ok::<_, anyhow::Error>(())
+    })?;
+    assert!(
+        cluster.cli(&["kv", "put", "still/alive", "1"]).is_ok(),
+        "the cluster serves after the attempts"
+    );
+    Ok(())
+}
+
+fn cli_error(out: std::process::Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected a refusal, got: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_service_token_writes_its_service_and_nothing_else() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    let web = cluster.token_with_rules(
+        "web-writer",
+        r#"service "web" {
+  policy = "write"
+  intentions = "write"
+}
+key_prefix "web/" { policy = "write" }"#,
+    )?;
+    let addr = cluster.addrs();
+    let as_web = |args: &[&str]| cluster.cli_as(&addr, &web, args);
+
+    // Its service and its keys.
+    wait_ca(&cluster)?;
+    let leaf = as_web(&["ca", "leaf", "web"]);
+    assert!(
+        leaf.status.success(),
+        "{}",
+        String::from_utf8_lossy(&leaf.stderr)
+    );
+    assert!(as_web(&["kv", "put", "web/x", "1"]).status.success());
+    assert!(as_web(&["intention", "create", "api", "web", "--deny"])
+        .status
+        .success());
+
+    // Nothing of api's.
+    let e = cli_error(as_web(&["ca", "leaf", "api"]));
+    assert!(
+        e.contains("permission denied") && e.contains("service \"api\""),
+        "{e}"
+    );
+    let e = cli_error(as_web(&["intention", "create", "web", "api", "--allow"]));
+    assert!(e.contains("permission denied"), "{e}");
+    let e = cli_error(as_web(&["intention", "create", "web", "*", "--allow"]));
+    assert!(e.contains("permission denied"), "{e}");
+    let e = cli_error(as_web(&["kv", "put", "api/x", "1"]));
+    assert!(
+        e.contains("permission denied") && e.contains("api/x"),
+        "{e}"
+    );
+    let e = cli_error(as_web(&["ca", "rotate"]));
+    assert!(e.contains("operator"), "{e}");
+    let e = cli_error(as_web(&["acl", "token", "list"]));
+    assert!(e.contains("acl"), "{e}");
+
+    // Lists show only what the token may read.
+    cluster.cli(&["kv", "put", "api/secret", "s"])?;
+    let listed = as_web(&["--format", "json", "kv", "list", "web/"]);
+    assert!(listed.status.success());
+    let api_keys = as_web(&["--format", "json", "kv", "list", "api/"]);
+    assert!(
+        !String::from_utf8_lossy(&api_keys.stdout).contains("secret"),
+        "api's keys leak: {}",
+        String::from_utf8_lossy(&api_keys.stdout)
+    );
+    let intentions = cluster.cli_as(&addr, &web, &["--format", "json", "intention", "list"]);
+    let text = String::from_utf8_lossy(&intentions.stdout);
+    assert!(text.contains("\"Destination\": \"web\""), "{text}");
+
+    // Every write names the accessor that made it; no secret is logged.
+    let me: serde_json::Value =
+        serde_json::from_slice(&as_web(&["--format", "json", "acl", "token", "self"]).stdout)?;
+    let accessor = me["accessor_id"].as_str().context("accessor_id")?;
+    let log = cluster.log(1);
+    assert!(
+        log.lines()
+            .any(|l| l.contains(accessor) && l.contains("kv put web/x")),
+        "the write of web/x names its accessor {accessor}:\n{log}"
+    );
+    assert!(!log.contains(&web), "a secret reached the log");
+    assert!(
+        !log.contains(&cluster.token),
+        "the management secret reached the log"
+    );
+    Ok(())
+}
+
+fn wait_ca(cluster: &Cluster) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while cluster.cli(&["ca", "roots"]).is_err() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no CA within 15 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_node_token_acts_for_its_own_node_only() -> anyhow::Result<()> {
+    use proto::catalog_client::CatalogClient;
+    let cluster = Cluster::start(1, &[])?;
+    let node_a =
+        cluster.token_with(&["--node-identity", "node-a:dc1", "--service-identity", "web"])?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut admin = CatalogClient::new(cluster.channel(1).await?);
+        let mut as_a = CatalogClient::new(cluster.channel_as(1, Some(&node_a)).await?);
+        let node = |name: &str| proto::RegisterNodeRequest {
+            node: Some(proto::Node {
+                name: name.into(),
+                address: "10.0.0.9".into(),
+                datacenter: "dc1".into(),
+                ..Default::default()
+            }),
+        };
+        let instance = |node: &str, service: &str| proto::RegisterServiceRequest {
+            instance: Some(proto::ServiceInstance {
+                id: service.into(),
+                service: service.into(),
+                node: node.into(),
+                address: "10.0.0.9".into(),
+                port: 8080,
+                ..Default::default()
+            }),
+        };
+        admin.register_node(node("node-b")).await?;
+        admin.register_service(instance("node-b", "web")).await?;
+
+        as_a.register_node(node("node-a")).await?;
+        as_a.register_service(instance("node-a", "web")).await?;
+        for (what, status) in [
+            (
+                "register node-b",
+                as_a.register_node(node("node-b")).await.err(),
+            ),
+            (
+                "register web on node-b",
+                as_a.register_service(instance("node-b", "web")).await.err(),
+            ),
+            (
+                "register api on node-a",
+                as_a.register_service(instance("node-a", "api")).await.err(),
+            ),
+            (
+                "health of node-b's web",
+                as_a.update_health(proto::UpdateHealthRequest {
+                    node: "node-b".into(),
+                    id: "web".into(),
+                    health: proto::Health::Critical as i32,
+                    output: "forged".into(),
+                })
+                .await
+                .err(),
+            ),
+            (
+                "deregister node-b",
+                as_a.deregister_node(proto::DeregisterNodeRequest {
+                    name: "node-b".into(),
+                })
+                .await
+                .err(),
+            ),
+        ] {
+            let status = status.with_context(|| format!("{what} was allowed"))?;
+            assert_eq!(status.code(), Code::PermissionDenied, "{what}: {status:?}");
+        }
+        let web = admin
+            .get_service(proto::GetServiceRequest {
+                name: "web".into(),
+                read: None,
+            })
+            .await?
+            .into_inner();
+        let on_b = web
+            .instances
+            .iter()
+            .find(|i| i.node == "node-b")
+            .context("web on node-b")?;
+        assert_ne!(on_b.check_output, "forged");
+        assert!(web.instances.iter().all(|i| i.service == "web"));
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+#[test]
+fn snapshots_need_a_management_token_and_carry_no_ca_key() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    wait_ca(&cluster)?;
+    let operator = cluster.token_with_rules(
+        "operator",
+        r#"operator = "write"
+acl = "read""#,
+    )?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("state.json");
+    let path = file.display().to_string();
+    let e = cli_error(cluster.cli_as(&cluster.addrs(), &operator, &["snapshot", "save", &path]));
+    assert!(e.contains("management"), "{e}");
+    let e = cli_error(cluster.cli_as(&cluster.addrs(), "", &["snapshot", "save", &path]));
+    assert!(e.contains("unauthenticated"), "{e}");
+    assert!(!file.exists());
+
+    cluster.cli(&["snapshot", "save", &path])?;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "snapshot file mode");
+    let text = std::fs::read_to_string(&file)?;
+    assert!(!text.contains("PRIVATE KEY"), "a CA key left the servers");
+    assert!(
+        !text.contains(&cluster.token),
+        "a token secret is in the snapshot"
+    );
+
+    let e = cli_error(cluster.cli_as(&cluster.addrs(), &operator, &["snapshot", "restore", &path]));
+    assert!(e.contains("management"), "{e}");
+    // A restore keeps the cluster's CA: leaves still verify with the roots.
+    let roots_before = cluster.cli(&["ca", "roots"])?;
+    cluster.cli(&["snapshot", "restore", &path])?;
+    assert_eq!(cluster.cli(&["ca", "roots"])?, roots_before);
+    assert!(cluster.cli(&["ca", "leaf", "web"]).is_ok());
+    Ok(())
+}
+
+#[test]
+fn bootstrap_works_once_and_secrets_are_shown_once() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    let e = cli_error(cluster.cli_as(&cluster.addrs(), "", &["acl", "bootstrap"]));
+    assert!(e.contains("no longer allowed"), "{e}");
+    let v: serde_json::Value =
+        serde_json::from_str(&cluster.cli(&["--format", "json", "acl", "token", "list"])?)?;
+    let tokens = v.as_array().context("a list")?;
+    assert!(!tokens.is_empty());
+    for t in tokens {
+        assert!(
+            t.get("secret_id").is_none(),
+            "a listed token shows its secret: {t}"
+        );
+    }
+    let me: serde_json::Value =
+        serde_json::from_str(&cluster.cli(&["--format", "json", "acl", "token", "self"])?)?;
+    assert!(me.get("secret_id").is_none());
+    assert!(
+        me["policies"].to_string().contains("global-management"),
+        "{me}"
+    );
+    Ok(())
+}
