@@ -10,6 +10,7 @@ pub mod acl;
 pub mod ca;
 pub mod cluster;
 pub mod grpc;
+pub mod http;
 pub mod node;
 pub mod raft;
 pub mod settings;

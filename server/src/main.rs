@@ -100,8 +100,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let grpc_listener = TcpListener::bind(settings.grpc_addr)
         .await
         .with_context(|| format!("listening for grpc on {}", settings.grpc_addr))?;
+    let http_listener = TcpListener::bind(settings.http_addr)
+        .await
+        .with_context(|| format!("listening for http on {}", settings.http_addr))?;
     let raft_addr = raft_listener.local_addr()?;
     let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
 
     let raft_service = RaftServer::new(RaftService::new(node.clone()))
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
@@ -133,6 +137,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     tokio::spawn(weft_server::cluster::form(node.clone()));
     tokio::spawn(weft_server::grpc::ca::maintain(node.clone()));
     tokio::spawn(exit_on_raft_failure(node.clone()));
+    tokio::spawn(weft_server::http::serve(
+        http_listener,
+        server_tls.http.clone(),
+        node.clone(),
+    ));
     let raft_task = tokio::spawn(raft_server);
 
     let dev_token = if settings.dev {
@@ -150,7 +159,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         None
     };
     println!(
-        "weft-server {} ready in {} ms: grpc {grpc_addr} (TLS), raft {raft_addr} (mutual TLS), data {}{}",
+        "weft-server {} ready in {} ms: grpc {grpc_addr} (TLS), http {http_addr} (TLS), raft {raft_addr} (mutual TLS), data {}{}",
         settings.node_id,
         started.elapsed().as_millis(),
         data_dir.display(),

@@ -1,6 +1,6 @@
 //! TLS on the server's ports. Every port speaks TLS 1.3 only (rustls with
-//! the ring provider): the gRPC API presents the server certificate to any
-//! client; the Raft port also requires a client certificate from the same
+//! the ring provider): the gRPC API and the HTTP port present the server
+//! certificate to any client; the Raft port also requires a client certificate from the same
 //! CA that names the server role, `server.<datacenter>.weft`, so a process
 //! without a server certificate cannot complete a handshake there, let
 //! alone vote, append or forward a write.
@@ -57,6 +57,8 @@ pub struct ServerTls {
     pub api: Arc<rustls::ServerConfig>,
     /// Raft: mutual TLS, the client must hold a server certificate.
     pub raft: Arc<rustls::ServerConfig>,
+    /// The HTTP port: as the API, speaking HTTP/1.1.
+    pub http: Arc<rustls::ServerConfig>,
     /// What this server presents and expects when it calls its peers.
     pub peer_client: tonic::transport::ClientTlsConfig,
 }
@@ -195,6 +197,8 @@ impl ServerTls {
                 path: files.key.clone(),
                 what: format!("does not go with {}: {e}", files.cert.display()),
             })?;
+        let mut http = api.clone();
+        http.alpn_protocols = vec![b"http/1.1".to_vec()];
         api.alpn_protocols = vec![b"h2".to_vec()];
 
         let inner = WebPkiClientVerifier::builder_with_provider(roots, provider())
@@ -214,6 +218,7 @@ impl ServerTls {
         Ok(ServerTls {
             api: Arc::new(api),
             raft: Arc::new(raft),
+            http: Arc::new(http),
             peer_client,
         })
     }

@@ -58,6 +58,7 @@ pub struct Server {
     pub id: u64,
     pub raft_addr: String,
     pub grpc_addr: String,
+    pub http_addr: String,
     pub data_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -183,6 +184,7 @@ impl Cluster {
                 id,
                 raft_addr: format!("127.0.0.1:{}", free_port()),
                 grpc_addr: format!("127.0.0.1:{}", free_port()),
+                http_addr: format!("127.0.0.1:{}", free_port()),
                 data_dir: dir.path().join(format!("server-{id}")),
                 log: dir.path().join(format!("server-{id}.log")),
                 child: None,
@@ -237,6 +239,7 @@ impl Cluster {
             .arg(&s.data_dir)
             .arg(format!("--raft-addr={}", s.raft_addr))
             .arg(format!("--grpc-addr={}", s.grpc_addr))
+            .arg(format!("--http-addr={}", s.http_addr))
             .args(&peers)
             .args(&extra)
             .env("RUST_LOG", "info,openraft=warn")

@@ -4,7 +4,8 @@
 //! * the nightly toolchain and its rust-src component (eBPF is built with
 //!   `-Z build-std=core`);
 //! * Debian packages: LLVM 22 (for bpf-linker), and the tools the tests and
-//!   benchmarks drive (iproute2, openssl, tcpdump, curl, iperf3, haproxy, wrk);
+//!   benchmarks drive (iproute2, openssl, tcpdump, curl, iperf3, haproxy, wrk,
+//!   sslscan);
 //! * bpf-linker, built against Debian's LLVM 22.
 use std::path::Path;
 use std::process::Command;
@@ -27,6 +28,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "bulk throughput in benchmarks"),
     ("haproxy", "the mTLS proxy baseline in benchmarks"),
     ("wrk", "HTTP load in benchmarks"),
+    (
+        "sslscan",
+        "checks the TLS versions and ciphers servers offer, in tests",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

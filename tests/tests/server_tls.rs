@@ -1,0 +1,90 @@
+//! Every server port speaks TLS 1.3 and nothing else: Debian's `sslscan`
+//! (installed by `cargo xtask setup`) against the gRPC, HTTP and Raft ports
+//! of a running server finds SSLv2 to TLS 1.2 disabled and only TLS 1.3
+//! suites accepted; plaintext HTTP gets no answer. The HTTP port serves
+//! Consul's status endpoints.
+use std::process::Command;
+
+use anyhow::Context;
+use weft_tests::servers::Cluster;
+
+fn sslscan(addr: &str) -> anyhow::Result<String> {
+    let out = Command::new("sslscan")
+        .args(["--no-colour", addr])
+        .output()
+        .context("running sslscan: is it installed? (`cargo xtask setup` installs it)")?;
+    anyhow::ensure!(out.status.success(), "sslscan {addr}: {:?}", out.status);
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn assert_tls13_only(port: &str, scan: &str) {
+    for old in ["SSLv2", "SSLv3", "TLSv1.0", "TLSv1.1", "TLSv1.2"] {
+        let line = scan
+            .lines()
+            .find(|l| l.starts_with(old))
+            .unwrap_or_else(|| panic!("{port}: sslscan did not test {old}:\n{scan}"));
+        assert!(line.contains("disabled"), "{port}: {line}\n{scan}");
+    }
+    assert!(
+        scan.lines()
+            .any(|l| l.starts_with("TLSv1.3") && l.contains("enabled")),
+        "{port}: TLS 1.3 is not enabled:\n{scan}"
+    );
+    let suites: Vec<&str> = scan
+        .lines()
+        .filter(|l| l.starts_with("Accepted") || l.starts_with("Preferred"))
+        .collect();
+    assert!(!suites.is_empty(), "{port}: no cipher suite found:\n{scan}");
+    for s in suites {
+        assert!(s.contains("TLSv1.3"), "{port}: {s}");
+    }
+}
+
+#[test]
+fn every_server_port_speaks_tls13_only() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    let server = &cluster.servers[0];
+    for (port, addr) in [
+        ("gRPC", &server.grpc_addr),
+        ("HTTP", &server.http_addr),
+        ("Raft", &server.raft_addr),
+    ] {
+        assert_tls13_only(port, &sslscan(addr)?);
+    }
+    Ok(())
+}
+
+#[test]
+fn the_http_port_answers_status_over_tls_only() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    let server = &cluster.servers[0];
+    let port = server.http_addr.rsplit(':').next().context("port")?;
+    let resolve = format!("server.dc1.weft:{port}:127.0.0.1");
+    let curl = |path: &str| {
+        Command::new("curl")
+            .args(["-sS", "-m", "5", "--cacert"])
+            .arg(&cluster.ca_file)
+            .args(["--resolve", &resolve])
+            .arg(format!("https://server.dc1.weft:{port}{path}"))
+            .output()
+    };
+    let leader = curl("/v1/status/leader")?;
+    assert!(leader.status.success(), "{leader:?}");
+    let leader: String = serde_json::from_slice(&leader.stdout)?;
+    assert_eq!(leader, server.raft_addr);
+    let peers: Vec<String> = serde_json::from_slice(&curl("/v1/status/peers")?.stdout)?;
+    assert_eq!(peers, vec![server.raft_addr.clone()]);
+    let other = curl("/v1/kv/anything")?;
+    assert!(String::from_utf8_lossy(&other.stdout).contains("not found"));
+
+    let plain = Command::new("curl")
+        .args(["-sS", "-m", "5"])
+        .arg(format!("http://{}/v1/status/leader", server.http_addr))
+        .output()?;
+    assert!(
+        !plain.status.success(),
+        "plaintext HTTP answered: {}",
+        String::from_utf8_lossy(&plain.stdout)
+    );
+    Ok(())
+}
