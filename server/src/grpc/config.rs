@@ -48,6 +48,8 @@ impl Config for ConfigApi {
             .unwrap_or_default();
         caller.require(Resource::Service(&name), Access::Write)?;
         let entry = parse_entry_file(&json, FileFormat::Json).map_err(invalid)?;
+        // And the entry as parsed, whatever the document's spelling.
+        caller.require(Resource::Service(entry.name()), Access::Write)?;
         let what = format!("config {}/{}", entry.kind().as_str(), entry.name());
         let cmd = Command::WriteConfig(entry);
         Ok(Response::new(write(&self.0, &caller, &what, cmd).await?))

@@ -533,4 +533,46 @@ mod tests {
         assert!(refused(s.apply(rotate, 4).0).contains("another rotation came first"));
         assert_eq!(s.ca.as_ref().unwrap().roots.len(), 2);
     }
+
+    /// A restore is checked by the state machine itself, so a restore that
+    /// reaches Raft by any path (a forwarded write included) is held to the
+    /// same rules; it keeps the running CA and, when the snapshot's ACLs were
+    /// never bootstrapped, the running ACLs.
+    #[test]
+    fn a_restore_is_validated_and_keeps_the_ca_and_acls() {
+        let mut state = State::default();
+        let ca = crate::ca::CaState::init("td.weft", 3600, 1_790_000_000).unwrap();
+        state.apply(Command::CaInit(ca.clone()), 1);
+        let token = crate::acl::AclToken {
+            accessor_id: "a".into(),
+            secret_hash: crate::acl::hash_secret("s"),
+            description: String::new(),
+            policies: vec![crate::acl::GLOBAL_MANAGEMENT_ID.into()],
+            service_identities: vec![],
+            node_identities: vec![],
+            create_index: 0,
+            modify_index: 0,
+        };
+        state.apply(Command::AclBootstrap(token), 2);
+
+        let mut bad = State::default();
+        bad.instances
+            .entry("ghost".into())
+            .or_default()
+            .insert("web".into(), instance("ghost", "web", "web"));
+        let reason = refused(state.apply(Command::Restore(Box::new(bad)), 3).0);
+        assert!(reason.contains("ghost"), "{reason}");
+        assert!(state.ca.is_some() && state.acl.bootstrapped);
+
+        let mut good = State::default();
+        good.nodes.insert("n1".into(), node("n1"));
+        let (result, _) = state.apply(Command::Restore(Box::new(good)), 4);
+        assert_eq!(result, CommandResult::Applied { index: 4 });
+        assert!(state.nodes.contains_key("n1"));
+        assert_eq!(state.ca, Some(ca), "the running CA is kept");
+        assert!(
+            state.acl.token_by_secret("s").is_some(),
+            "the running ACLs are kept"
+        );
+    }
 }

@@ -141,7 +141,9 @@ fn demo() -> anyhow::Result<()> {
     let mut mesh = Mesh::start(spec)?;
     let (a, b) = (mesh.ip(Node::A), mesh.ip(Node::B));
     say(&format!(
-        "node-a: network namespace {} at {a}/24; weft-server (default intention allow) on {a}:8502
+        "node-a: network namespace {} at {a}/24; weft-server (default intention allow) on {a}:8502,
+TLS 1.3 on every port, ACLs on: the CLI here holds the management token, each agent
+a token with its node's identity and its services' (token_file in its agent.toml)
 node-b: network namespace {} at {b}/24
 The namespaces are joined by one veth and have no default route.
 Each node runs weft-agent with ebpf = true: its programs are attached to its own
@@ -205,6 +207,18 @@ cgroup subtree ({} and …/b), and it answers DNS for NAME.service.weft on 127.0
     })?;
     weft(&mesh, &["catalog", "services"])?;
     weft(&mesh, &["catalog", "service", "api"])?;
+
+    step("the control plane refuses strangers and keeps identities to their nodes")?;
+    let command = "weft ca leaf api";
+    let out = mesh.weft_as(Node::B, None, &["ca", "leaf", "api"])?;
+    show("node-b (no token)", command, &out);
+    let web_token = std::fs::read_to_string(mesh.path("agent-a.token"))?;
+    let out = mesh.weft_as(Node::B, Some(web_token.trim()), &["ca", "leaf", "api"])?;
+    show("node-b (node-a's agent token)", command, &out);
+    say(
+        "A certificate for api goes only to a token that may write api: node-b's agent,\n\
+         for the api instances registered on node-b, or an operator.",
+    );
 
     step("web calls api by name")?;
     let url = "http://api.service.weft:8080/hello";
