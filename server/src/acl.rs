@@ -195,6 +195,11 @@ pub fn validate_policy(p: &AclPolicy) -> Result<Rules, AclError> {
 }
 
 fn validate_policy_name(name: &str) -> Result<(), AclError> {
+    if uuid::Uuid::parse_str(name).is_ok() {
+        return Err(AclError::Invalid(format!(
+            "policy name {name:?}: looks like a policy id; ids and names must not be confused"
+        )));
+    }
     let ok = !name.is_empty()
         && name.len() <= 128
         && name
@@ -244,8 +249,9 @@ impl AclState {
             .or_else(|| self.policies.values().find(|p| p.name == id_or_name))
     }
 
-    /// What `token` may do.
-    pub fn authorizer(&self, token: &AclToken) -> Authorizer {
+    /// What `token` may do in `datacenter` (node identities of other
+    /// datacenters grant nothing there).
+    pub fn authorizer(&self, token: &AclToken, datacenter: &str) -> Authorizer {
         if token
             .policies
             .iter()
@@ -256,6 +262,7 @@ impl AclState {
         let identities: Vec<Rules> = token
             .node_identities
             .iter()
+            .filter(|n| n.datacenter == datacenter)
             .map(|n| node_identity_rules(&n.node_name))
             .chain(
                 token
@@ -397,7 +404,7 @@ mod tests {
         );
         let t = acl.token_by_secret("s3cret").expect("resolves");
         assert_eq!(t.accessor_id, "a1");
-        assert!(acl.authorizer(t).is_management());
+        assert!(acl.authorizer(t, "dc1").is_management());
         assert!(
             acl.token_by_secret("a1").is_none(),
             "the accessor is no secret"
@@ -426,7 +433,7 @@ mod tests {
         let back: AclState = serde_json::from_str(&serde_json::to_string(&acl).unwrap()).unwrap();
         assert_eq!(back, acl);
         let t = back.token_by_secret("web-secret").unwrap();
-        let authz = back.authorizer(t);
+        let authz = back.authorizer(t, "dc1");
         assert!(authz.allows(Resource::Service("web"), Access::Write));
         assert!(!authz.allows(Resource::Service("api"), Access::Read));
     }
@@ -461,8 +468,11 @@ mod tests {
             datacenter: "dc1".into(),
         });
         acl.upsert_token(t, 1).unwrap();
-        let authz = acl.authorizer(acl.token_by_secret("node-secret").unwrap());
+        let token = acl.token_by_secret("node-secret").unwrap();
+        let authz = acl.authorizer(token, "dc1");
         assert!(authz.allows(Resource::Node("node-a"), Access::Write));
+        let elsewhere = acl.authorizer(token, "dc2");
+        assert!(!elsewhere.allows(Resource::Node("node-a"), Access::Write));
         assert!(!authz.allows(Resource::Node("node-b"), Access::Write));
         assert!(!authz.allows(Resource::Service("api"), Access::Write));
     }

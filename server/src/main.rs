@@ -9,7 +9,7 @@ use tracing_subscriber::EnvFilter;
 use weft_api::proto::raft_server::RaftServer;
 use weft_server::node::ServerNode;
 use weft_server::raft::log_store::LogStore;
-use weft_server::raft::network::{NetworkFactory, MAX_RAFT_MESSAGE};
+use weft_server::raft::network::{NetworkFactory, PeerChannels, MAX_RAFT_MESSAGE};
 use weft_server::raft::service::RaftService;
 use weft_server::raft::sm_store::StateMachineStore;
 use weft_server::settings::{Args, Settings};
@@ -47,6 +47,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             .context("making the dev server's TLS certificates")?,
     };
     let server_tls = ServerTls::load(&tls_files, &settings.datacenter)?;
+    let peer_channels = PeerChannels::new(server_tls.peer_client.clone());
     let db = sled::Config::new()
         .path(data_dir.join("raft.sled"))
         .open()
@@ -73,7 +74,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         settings.node_id,
         config,
         NetworkFactory {
-            tls: server_tls.peer_client.clone(),
+            peers: peer_channels.clone(),
         },
         log_store,
         sm_store,
@@ -91,7 +92,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             .collect(),
         default_allow: settings.default_allow,
         leaf_ttl_secs: settings.leaf_ttl_secs,
-        peer_tls: server_tls.peer_client.clone(),
+        peer_channels,
+        datacenter: settings.datacenter.clone(),
     });
 
     let raft_listener = TcpListener::bind(settings.raft_addr)

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use weft_api::proto::raft_client::RaftClient;
 use weft_api::proto::{Empty, RaftPayload};
 
-use crate::raft::network::channel;
+use crate::raft::network::PeerChannels;
 use crate::raft::service::{ForwardedResult, PeerStatus};
 use crate::raft::sm_store::Shared;
 use crate::raft::{NodeId, Raft};
@@ -50,8 +50,11 @@ pub struct ServerNode {
     pub default_allow: bool,
     /// Lifetime of leaf certificates, fixed when the CA is created.
     pub leaf_ttl_secs: u64,
-    /// Mutual TLS towards peers (forwarded writes, read index, status).
-    pub peer_tls: tonic::transport::ClientTlsConfig,
+    /// Mutual-TLS channels to peers (forwarded writes, read index, status).
+    pub peer_channels: PeerChannels,
+    /// This cluster's datacenter: nodes register in it, node identities of
+    /// other datacenters grant nothing here.
+    pub datacenter: String,
 }
 
 impl ServerNode {
@@ -110,8 +113,10 @@ impl ServerNode {
             .peers
             .get(&id)
             .ok_or_else(|| WriteError::NoLeader(format!("leader {id} is not in the peer list")))?;
-        let channel =
-            channel(addr, &self.peer_tls).map_err(|e| WriteError::NoLeader(e.to_string()))?;
+        let channel = self
+            .peer_channels
+            .get(addr)
+            .map_err(|e| WriteError::NoLeader(e.to_string()))?;
         Ok(RaftClient::new(channel))
     }
 

@@ -457,3 +457,87 @@ fn bootstrap_works_once_and_secrets_are_shown_once() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Found by attacking the first version: a config entry in serde's sequence
+/// form (`["service-defaults","db","http"]`) has no `Name` key, so a check
+/// on the document's `Name` alone saw "" and let a `service_prefix ""`
+/// writer past its own `service "db" deny`. The parsed entry's name is
+/// checked too.
+#[test]
+fn config_entries_are_authorized_on_the_entry_they_become() -> anyhow::Result<()> {
+    use proto::config_client::ConfigClient;
+    let cluster = Cluster::start(1, &[])?;
+    let token = cluster.token_with_rules(
+        "all-but-db",
+        r#"service_prefix "" { policy = "write" }
+service "db" { policy = "deny" }"#,
+    )?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut config = ConfigClient::new(cluster.channel_as(1, Some(&token)).await?);
+        for json in [
+            r#"{"Kind":"service-defaults","Name":"db","Protocol":"http"}"#,
+            r#"["service-defaults","db","http"]"#,
+        ] {
+            let status = config
+                .write(proto::WriteConfigRequest { json: json.into() })
+                .await
+                .err()
+                .with_context(|| format!("{json} was written"))?;
+            assert_eq!(status.code(), Code::PermissionDenied, "{json}: {status:?}");
+        }
+        config
+            .write(proto::WriteConfigRequest {
+                json: r#"{"Kind":"service-defaults","Name":"web","Protocol":"http"}"#.into(),
+            })
+            .await?;
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+/// Policy ids are the servers' to give, and a name cannot pose as an id;
+/// node identities hold in their own datacenter only.
+#[test]
+fn policy_ids_and_node_datacenters_cannot_be_chosen() -> anyhow::Result<()> {
+    use proto::acl_client::AclClient;
+    use proto::catalog_client::CatalogClient;
+    let cluster = Cluster::start(1, &[])?;
+    let elsewhere = cluster.token_with(&["--node-identity", "n1:dc9"])?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut acl = AclClient::new(cluster.channel(1).await?);
+        let rules = r#"key_prefix "" { policy = "read" }"#.to_string();
+        let chosen_id = proto::AclPolicy {
+            id: "global-management".into(),
+            name: "innocent".into(),
+            rules: rules.clone(),
+            ..Default::default()
+        };
+        let status = acl.policy_upsert(chosen_id).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        let id_as_name = proto::AclPolicy {
+            name: "00000000-0000-0000-0000-000000000001".into(),
+            rules,
+            ..Default::default()
+        };
+        let status = acl.policy_upsert(id_as_name).await.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains("looks like a policy id"), "{status:?}");
+
+        let node = |dc: &str| proto::RegisterNodeRequest {
+            node: Some(proto::Node {
+                name: "n1".into(),
+                address: "10.0.0.1".into(),
+                datacenter: dc.into(),
+                ..Default::default()
+            }),
+        };
+        let mut as_dc9 = CatalogClient::new(cluster.channel_as(1, Some(&elsewhere)).await?);
+        let status = as_dc9.register_node(node("dc1")).await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        let mut admin = CatalogClient::new(cluster.channel(1).await?);
+        let status = admin.register_node(node("dc7")).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        Ok::<_, anyhow::Error>(())
+    })
+}

@@ -140,7 +140,17 @@ impl Acl for AclApi {
         let caller = caller(&self.0, &req).await?;
         Self::require(&caller, Access::Write)?;
         let p = req.into_inner();
-        let id = if p.id.is_empty() { new_id() } else { p.id };
+        // Ids are the servers' to give: an update names an existing policy.
+        let id = if p.id.is_empty() {
+            new_id()
+        } else if self.acl().acl.policies.contains_key(&p.id) {
+            p.id
+        } else {
+            return Err(Status::not_found(format!(
+                "policy {:?} not found (leave the id empty to create one)",
+                p.id
+            )));
+        };
         let policy = AclPolicy {
             id: id.clone(),
             name: p.name,

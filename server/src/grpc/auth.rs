@@ -6,6 +6,9 @@
 //! known token without the right is PERMISSION_DENIED with the accessor id
 //! and the missing permission named (never the secret). Default deny: a
 //! token may do only what its policies and identities grant.
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use tonic::{Request, Status};
 use weft_api::acl::{Access, Authorizer, Resource, ResourceKind};
 
@@ -91,22 +94,61 @@ pub fn secret_of<T>(req: &Request<T>) -> Option<&str> {
     (!secret.is_empty()).then_some(secret)
 }
 
-/// The caller a secret stands for in `state`.
-pub fn resolve_in(state: &State, secret: &str) -> Option<Caller> {
+/// The caller a secret stands for in `state`, on a server of `datacenter`.
+pub fn resolve_in(state: &State, datacenter: &str, secret: &str) -> Option<Caller> {
     let token = state.acl.token_by_secret(secret)?;
     Some(Caller {
         accessor: token.accessor_id.clone(),
-        authz: state.acl.authorizer(token),
+        authz: state.acl.authorizer(token, datacenter),
     })
 }
 
 fn resolve(node: &ServerNode, secret: &str) -> Option<Caller> {
-    resolve_in(&node.shared.state.read().expect("state lock"), secret)
+    let state = node.shared.state.read().expect("state lock");
+    resolve_in(&state, &node.datacenter, secret)
+}
+
+/// Whether an unknown token may cost a read barrier now: at most one every
+/// `UNKNOWN_TOKEN_GAP` for the whole server, so that a stream of made-up
+/// tokens cannot turn into a stream of read-index rounds between servers.
+fn may_look_again() -> bool {
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    let mut last = LAST.lock().expect("unknown-token clock");
+    let now = Instant::now();
+    if last.is_some_and(|t| now.duration_since(t) < UNKNOWN_TOKEN_GAP) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
+
+const UNKNOWN_TOKEN_GAP: Duration = Duration::from_millis(200);
+
+/// A tonic interceptor that refuses, from the headers alone, a request
+/// whose token this server does not know: for services whose messages are
+/// large (snapshots), so that nobody without a token makes the server read
+/// and buffer one.
+#[derive(Clone)]
+pub struct KnownToken(pub Arc<ServerNode>);
+
+impl tonic::service::Interceptor for KnownToken {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(secret) = secret_of(&req) else {
+            return Err(Status::unauthenticated(
+                "no ACL token: pass one with --token or WEFT_TOKEN",
+            ));
+        };
+        match resolve(&self.0, secret) {
+            Some(_) => Ok(req),
+            None => Err(Status::unauthenticated("ACL token not found")),
+        }
+    }
 }
 
 /// Authenticates a request. A token this server does not know yet may have
 /// been created through another server a moment ago: it is looked up once
-/// more after a linearizable read barrier before it is refused.
+/// more after a linearizable read barrier before it is refused (one such
+/// barrier at a time per `UNKNOWN_TOKEN_GAP`).
 pub async fn caller<T>(node: &ServerNode, req: &Request<T>) -> Result<Caller, Status> {
     let Some(secret) = secret_of(req) else {
         return Err(Status::unauthenticated(
@@ -116,7 +158,7 @@ pub async fn caller<T>(node: &ServerNode, req: &Request<T>) -> Result<Caller, St
     if let Some(caller) = resolve(node, secret) {
         return Ok(caller);
     }
-    if node.read_barrier(false).await.is_ok() {
+    if may_look_again() && node.read_barrier(false).await.is_ok() {
         if let Some(caller) = resolve(node, secret) {
             return Ok(caller);
         }

@@ -130,11 +130,16 @@ impl Ca for CaApi {
         caller.require(Resource::Service(&r.service), Access::Write)?;
         validate_name(&r.service).map_err(|e| invalid(format!("service: {e}")))?;
         let dc = if r.datacenter.is_empty() {
-            "dc1".to_string()
+            self.0.datacenter.clone()
         } else {
             r.datacenter
         };
-        validate_name(&dc).map_err(|e| invalid(format!("datacenter: {e}")))?;
+        if dc != self.0.datacenter {
+            return Err(invalid(format!(
+                "datacenter: {dc:?} is not this cluster's ({:?})",
+                self.0.datacenter
+            )));
+        }
         let ca = read(&self.0, None, |s| s.ca.clone())
             .await?
             .ok_or_else(|| ca_status(CaError::NotInitialized))?;

@@ -39,6 +39,12 @@ impl Catalog for CatalogApi {
         caller.require(Resource::Node(&node.name), Access::Write)?;
         let node = node_from_proto(node);
         validate_node(&node).map_err(invalid)?;
+        if node.datacenter != self.0.datacenter {
+            return Err(invalid(format!(
+                "datacenter: {:?} is not this cluster's ({:?})",
+                node.datacenter, self.0.datacenter
+            )));
+        }
         let what = format!("register node {}", node.name);
         Ok(Response::new(
             write(&self.0, &caller, &what, Command::RegisterNode(node)).await?,

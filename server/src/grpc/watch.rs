@@ -110,8 +110,9 @@ fn may_see(caller: &Caller, change: &Change) -> bool {
         Change::NodeUpsert(n) => can(Resource::Node(&n.name)),
         Change::NodeDelete(name) => can(Resource::Node(name)),
         Change::InstanceUpsert(i) => may_read_instance(caller, i),
-        // A deletion names only the node and the id; the service is gone.
-        Change::InstanceDelete { node, .. } => can(Resource::Node(node)),
+        Change::InstanceDelete { node, service, .. } => {
+            can(Resource::Node(node)) && can(Resource::Service(service))
+        }
         Change::VipAssigned { service, .. } => can(Resource::Service(service)),
         Change::IntentionUpsert(i) => may_access(caller, &i.destination, Access::Read),
         Change::IntentionDelete { destination, .. } => {
@@ -131,7 +132,7 @@ fn change_to_proto(change: &Change) -> Option<proto::Change> {
         Change::NodeUpsert(n) => P::NodeUpsert(node_to_proto(n)),
         Change::NodeDelete(name) => P::NodeDelete(name.clone()),
         Change::InstanceUpsert(i) => P::InstanceUpsert(instance_to_proto(i)),
-        Change::InstanceDelete { node, id } => P::InstanceDelete(proto::InstanceRef {
+        Change::InstanceDelete { node, id, .. } => P::InstanceDelete(proto::InstanceRef {
             node: node.clone(),
             id: id.clone(),
         }),
@@ -166,17 +167,18 @@ fn change_to_proto(change: &Change) -> Option<proto::Change> {
     Some(proto::Change { change: Some(c) })
 }
 
-fn changes_event(index: u64, changes: &[Change], caller: &Caller) -> proto::WatchEvent {
-    proto::WatchEvent {
+/// The part of a write's changes that `caller` may see; None when that is
+/// nothing (the subscriber does not even learn that a write happened).
+fn changes_event(index: u64, changes: &[Change], caller: &Caller) -> Option<proto::WatchEvent> {
+    let visible: Vec<proto::Change> = changes
+        .iter()
+        .filter(|c| may_see(caller, c))
+        .filter_map(change_to_proto)
+        .collect();
+    (!visible.is_empty()).then_some(proto::WatchEvent {
         index,
-        event: Some(Event::Changes(proto::ChangeSet {
-            changes: changes
-                .iter()
-                .filter(|c| may_see(caller, c))
-                .filter_map(change_to_proto)
-                .collect(),
-        })),
-    }
+        event: Some(Event::Changes(proto::ChangeSet { changes: visible })),
+    })
 }
 
 fn snapshot_event(state: &State, default_allow: bool, caller: &Caller) -> proto::WatchEvent {
@@ -201,7 +203,7 @@ fn start(
     {
         Some(changes) if from <= state.index => changes
             .iter()
-            .map(|(index, changes)| changes_event(*index, changes, caller))
+            .filter_map(|(index, changes)| changes_event(*index, changes, caller))
             .collect(),
         _ => vec![snapshot_event(&state, node.default_allow, caller)],
     };
@@ -212,7 +214,7 @@ fn start(
 /// now allows (None: the token is gone): the caller, the index, the event.
 fn resnapshot(node: &ServerNode, secret: &str) -> Option<(Caller, u64, proto::WatchEvent)> {
     let state = node.shared.state.read().expect("state lock");
-    let caller = resolve_in(&state, secret)?;
+    let caller = resolve_in(&state, &node.datacenter, secret)?;
     let event = snapshot_event(&state, node.default_allow, &caller);
     Some((caller, state.index, event))
 }
@@ -265,7 +267,10 @@ async fn stream_changes(
             }
             Ok(HubEvent::Changes(index, changes)) if index > last => {
                 last = index;
-                changes_event(index, &changes, &caller)
+                match changes_event(index, &changes, &caller) {
+                    Some(event) => event,
+                    None => continue,
+                }
             }
             Ok(HubEvent::Changes(..)) => continue,
             Ok(HubEvent::Reset(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {

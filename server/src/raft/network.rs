@@ -2,6 +2,8 @@
 //! to the peer's `weft.v1.Raft` service, over mutual TLS (this server's
 //! certificate; the peer's must name the server role). A peer that cannot
 //! be reached is reported as unreachable, so that openraft backs off.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{
@@ -30,9 +32,39 @@ pub fn channel(addr: &str, tls: &ClientTlsConfig) -> Result<Channel, tonic::tran
         .connect_lazy())
 }
 
+/// One channel per peer address, shared by everything that calls peers
+/// (openraft's replication, forwarded writes, read-index requests): a
+/// channel keeps its connection (and TLS session) and reconnects when it
+/// breaks, so no call pays a new handshake.
+#[derive(Clone)]
+pub struct PeerChannels {
+    tls: ClientTlsConfig,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl PeerChannels {
+    pub fn new(tls: ClientTlsConfig) -> Self {
+        Self {
+            tls,
+            channels: Arc::default(),
+        }
+    }
+
+    /// The channel to `addr`, made on first use.
+    pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = self.channels.lock().expect("peer channels lock");
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = channel(addr, &self.tls)?;
+        channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+}
+
 #[derive(Clone)]
 pub struct NetworkFactory {
-    pub tls: ClientTlsConfig,
+    pub peers: PeerChannels,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -41,7 +73,9 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         PeerClient {
             target,
-            client: channel(&node.addr, &self.tls)
+            client: self
+                .peers
+                .get(&node.addr)
                 .ok()
                 .map(|c| RaftClient::new(c).max_decoding_message_size(MAX_RAFT_MESSAGE)),
         }

@@ -68,10 +68,11 @@ impl State {
                     .instances
                     .remove(&name)
                     .unwrap_or_default()
-                    .into_keys()
-                    .map(|id| Change::InstanceDelete {
+                    .into_iter()
+                    .map(|(id, instance)| Change::InstanceDelete {
                         node: name.clone(),
                         id,
+                        service: instance.service,
                     })
                     .collect();
                 changes.push(Change::NodeDelete(name));
@@ -80,10 +81,14 @@ impl State {
             Command::RegisterService(instance) => self.register_service(instance, index),
             Command::DeregisterService { node, id } => {
                 let removed = self.instances.get_mut(&node).and_then(|m| m.remove(&id));
-                if removed.is_none() {
+                let Some(removed) = removed else {
                     return Err(ApplyError::UnknownInstance { node, id });
-                }
-                Ok(vec![Change::InstanceDelete { node, id }])
+                };
+                Ok(vec![Change::InstanceDelete {
+                    node,
+                    id,
+                    service: removed.service,
+                }])
             }
             Command::UpdateHealth {
                 node,

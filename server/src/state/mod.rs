@@ -129,6 +129,8 @@ pub enum Change {
     InstanceDelete {
         node: String,
         id: String,
+        /// The deleted instance's service (for who may see the deletion).
+        service: String,
     },
     VipAssigned {
         service: String,
