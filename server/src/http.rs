@@ -23,8 +23,13 @@ use tokio_stream::StreamExt;
 use crate::node::ServerNode;
 
 /// Serves the HTTP port until the process ends.
-pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, node: Arc<ServerNode>) {
-    let mut incoming = crate::tls::incoming(listener, tls);
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    limits: Arc<crate::conn_limit::ClientLimits>,
+    node: Arc<ServerNode>,
+) {
+    let mut incoming = crate::tls::incoming(listener, tls, limits);
     while let Some(conn) = incoming.next().await {
         let Ok(stream) = conn else { continue };
         let node = node.clone();

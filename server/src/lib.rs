@@ -9,6 +9,7 @@
 pub mod acl;
 pub mod ca;
 pub mod cluster;
+pub mod conn_limit;
 pub mod grpc;
 pub mod http;
 pub mod node;

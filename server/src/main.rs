@@ -7,6 +7,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 use weft_api::proto::raft_server::RaftServer;
+use weft_server::conn_limit::ClientLimits;
 use weft_server::node::ServerNode;
 use weft_server::raft::log_store::LogStore;
 use weft_server::raft::network::{NetworkFactory, PeerChannels, MAX_RAFT_MESSAGE};
@@ -114,7 +115,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .max_encoding_message_size(MAX_RAFT_MESSAGE);
     let raft_server = tonic::transport::Server::builder()
         .add_service(raft_service)
-        .serve_with_incoming(tls::incoming(raft_listener, server_tls.raft.clone()));
+        .serve_with_incoming(tls::incoming(
+            raft_listener,
+            server_tls.raft.clone(),
+            ClientLimits::new(settings.max_conns_per_client),
+        ));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -132,7 +137,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .add_service(api.ca)
         .add_service(api.acl)
         .serve_with_incoming_shutdown(
-            tls::incoming(grpc_listener, server_tls.api.clone()),
+            tls::incoming(
+                grpc_listener,
+                server_tls.api.clone(),
+                ClientLimits::new(settings.max_conns_per_client),
+            ),
             shutdown_signal(),
         );
 
@@ -142,6 +151,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     tokio::spawn(weft_server::http::serve(
         http_listener,
         server_tls.http.clone(),
+        ClientLimits::new(settings.max_conns_per_client),
         node.clone(),
     ));
     let raft_task = tokio::spawn(raft_server);

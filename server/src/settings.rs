@@ -59,6 +59,9 @@ pub struct Args {
     /// Lifetime of leaf certificates (e.g. "72h"), fixed when the CA is created.
     #[arg(long)]
     pub leaf_ttl: Option<String>,
+    /// Connections one client address may hold at once on each port.
+    #[arg(long)]
+    pub max_conns_per_client: Option<usize>,
     /// A TOML file with the same settings.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -73,6 +76,7 @@ pub struct FileSettings {
     pub tls_ca_file: Option<PathBuf>,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    pub max_conns_per_client: Option<usize>,
     pub data_dir: Option<PathBuf>,
     pub raft_addr: Option<SocketAddr>,
     pub grpc_addr: Option<SocketAddr>,
@@ -133,6 +137,7 @@ pub struct Settings {
     pub datacenter: String,
     /// None only in dev mode, which makes its own.
     pub tls: Option<crate::tls::TlsFiles>,
+    pub max_conns_per_client: usize,
 }
 
 fn read_file(path: &Path) -> Result<FileSettings, SettingsError> {
@@ -238,9 +243,19 @@ impl Settings {
                 ))
             }
         };
+        let max_conns_per_client = args
+            .max_conns_per_client
+            .or(file.max_conns_per_client)
+            .unwrap_or(crate::conn_limit::DEFAULT_MAX_CONNS_PER_CLIENT);
+        if max_conns_per_client == 0 {
+            return Err(SettingsError::Invalid(
+                "max_conns_per_client: must be at least 1".into(),
+            ));
+        }
         Ok(Settings {
             datacenter,
             tls,
+            max_conns_per_client,
             leaf_ttl_secs,
             dev: args.dev,
             node_id,

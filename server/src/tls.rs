@@ -26,6 +26,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use weft_api::tls_certs::server_name;
 
+use crate::conn_limit::{ClientLimits, Limited, Throttled};
+
 /// How long a client may take to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -224,25 +226,37 @@ impl ServerTls {
     }
 }
 
-/// TLS connections accepted on `listener`. Handshakes run on their own
-/// tasks (bounded by a timeout), so a slow or silent client holds up no
-/// one; failed handshakes are logged at debug and dropped.
+/// TLS connections accepted on `listener`, at most `limits` at once per
+/// client address. Handshakes run on their own tasks (bounded by a
+/// timeout), so a slow or silent client holds up no one; failed handshakes
+/// are logged at debug and dropped. Accept errors (EMFILE and the like) back
+/// off and warn at most once a second.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+    limits: Arc<ClientLimits>,
+) -> ReceiverStream<Result<Limited<TlsStream<TcpStream>>, io::Error>> {
     let acceptor = TlsAcceptor::from(config);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
+        let accept_errors = Throttled::new();
+        let over_limit = Throttled::new();
         loop {
             let (tcp, peer): (TcpStream, SocketAddr) = match listener.accept().await {
                 Ok(conn) => conn,
                 Err(e) => {
-                    // EMFILE and the like: back off instead of spinning.
-                    tracing::warn!("accept: {e}");
+                    if accept_errors.ready() {
+                        tracing::warn!("accept: {e}; backing off");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
+            };
+            let Some(slot) = limits.admit(peer.ip()) else {
+                if over_limit.ready() {
+                    tracing::warn!(client = %peer.ip(), "connection refused: the client holds the most connections allowed (--max-conns-per-client)");
+                }
+                continue;
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
@@ -250,7 +264,7 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = conn_tx.send(Ok(tls)).await;
+                        let _ = conn_tx.send(Ok(Limited::new(tls, slot))).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, "tls handshake refused: {e}"),
                     Err(_) => tracing::debug!(%peer, "tls handshake timed out"),

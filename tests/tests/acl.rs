@@ -522,7 +522,10 @@ fn policy_ids_and_node_datacenters_cannot_be_chosen() -> anyhow::Result<()> {
         };
         let status = acl.policy_upsert(id_as_name).await.unwrap_err();
         assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-        assert!(status.message().contains("looks like a policy id"), "{status:?}");
+        assert!(
+            status.message().contains("looks like a policy id"),
+            "{status:?}"
+        );
 
         let node = |dc: &str| proto::RegisterNodeRequest {
             node: Some(proto::Node {

@@ -88,3 +88,40 @@ fn the_http_port_answers_status_over_tls_only() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// One client address holds at most `--max-conns-per-client` connections
+/// per port: idle sockets from one host cannot starve the server of file
+/// descriptors; closing them gives the places back.
+#[test]
+fn a_client_holds_at_most_max_conns_per_client() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &["--max-conns-per-client", "5"])?;
+    let addr = cluster.grpc_addr(1).to_string();
+    assert!(cluster.cli(&["kv", "put", "k", "v"]).is_ok());
+    let held: Vec<std::net::TcpStream> = (0..5)
+        .map(|_| std::net::TcpStream::connect(&addr))
+        .collect::<Result<_, _>>()?;
+    let refused = cluster.cli_at(&addr, &["kv", "get", "k"]);
+    assert!(
+        !refused.status.success(),
+        "a sixth connection was served: {}",
+        String::from_utf8_lossy(&refused.stdout)
+    );
+    drop(held);
+    // The server notices the closed sockets when it next reads them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = cluster.cli_at(&addr, &["kv", "get", "k"]);
+        if out.status.success() {
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "v");
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "still refused after the held connections closed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(cluster.log(1).contains("max-conns-per-client"));
+    Ok(())
+}
