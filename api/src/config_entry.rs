@@ -12,7 +12,7 @@
 //! Splits = [ { Weight = 90, ServiceSubset = "v1" }, { Weight = 10, ServiceSubset = "v2" } ]
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -341,6 +341,34 @@ impl ConfigEntry {
             ConfigEntry::ServiceSplitter(e) => &e.name,
             ConfigEntry::ServiceResolver(e) => &e.name,
         }
+    }
+
+    /// Other services the entry sends traffic to (route destinations,
+    /// splits, redirect, failover), each once, without the entry's own.
+    pub fn referenced_services(&self) -> BTreeSet<&str> {
+        let named: Vec<Option<&String>> = match self {
+            ConfigEntry::ServiceDefaults(_) => Vec::new(),
+            ConfigEntry::ServiceRouter(r) => r
+                .routes
+                .iter()
+                .map(|route| route.destination.as_ref().and_then(|d| d.service.as_ref()))
+                .collect(),
+            ConfigEntry::ServiceSplitter(s) => {
+                s.splits.iter().map(|x| x.service.as_ref()).collect()
+            }
+            ConfigEntry::ServiceResolver(r) => r
+                .redirect
+                .iter()
+                .map(|x| x.service.as_ref())
+                .chain(r.failover.values().map(|f| f.service.as_ref()))
+                .collect(),
+        };
+        named
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .filter(|s| *s != self.name())
+            .collect()
     }
 }
 

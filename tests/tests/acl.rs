@@ -478,6 +478,8 @@ service "db" { policy = "deny" }"#,
         for json in [
             r#"{"Kind":"service-defaults","Name":"db","Protocol":"http"}"#,
             r#"["service-defaults","db","http"]"#,
+            // Sending web's traffic to db needs read on db.
+            r#"{"Kind":"service-resolver","Name":"web","Redirect":{"Service":"db"}}"#,
         ] {
             let status = config
                 .write(proto::WriteConfigRequest { json: json.into() })

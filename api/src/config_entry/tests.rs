@@ -823,3 +823,23 @@ fn subset_membership() {
     };
     assert!(!broken.contains(&inst("v1", HealthStatus::Passing)));
 }
+
+#[test]
+fn referenced_services_are_every_other_target_once() {
+    let json = r#"{"Kind":"service-resolver","Name":"api",
+        "Redirect":{"Service":"db"},
+        "Failover":{"*":{"Service":"cache"},"v1":{"Service":"db"},"v2":{"ServiceSubset":"v1"}}}"#;
+    let entry = parse_entry_file(json, FileFormat::Json).unwrap();
+    let refs: Vec<&str> = entry.referenced_services().into_iter().collect();
+    assert_eq!(refs, vec!["cache", "db"]);
+    let splitter = r#"{"Kind":"service-splitter","Name":"web",
+        "Splits":[{"Weight":50},{"Weight":50,"Service":"web-next"}]}"#;
+    let entry = parse_entry_file(splitter, FileFormat::Json).unwrap();
+    assert_eq!(
+        entry.referenced_services().into_iter().collect::<Vec<_>>(),
+        vec!["web-next"]
+    );
+    assert!(defaults("web", Protocol::Http)
+        .referenced_services()
+        .is_empty());
+}

@@ -1,7 +1,9 @@
 //! `weft.v1.Config`: config entries, as JSON documents with Consul's fields.
 //!
 //! Every kind weft has is about one service, named by the entry: writing
-//! needs `service:write` on it, reading `service:read`; lists are filtered.
+//! needs `service:write` on it (and `service:read` on every service its
+//! routes, splits, redirect or failover send traffic to), reading
+//! `service:read`; lists are filtered.
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -48,8 +50,12 @@ impl Config for ConfigApi {
             .unwrap_or_default();
         caller.require(Resource::Service(&name), Access::Write)?;
         let entry = parse_entry_file(&json, FileFormat::Json).map_err(invalid)?;
-        // And the entry as parsed, whatever the document's spelling.
+        // And the entry as parsed, whatever the document's spelling; as in
+        // Consul, sending traffic to a service needs read on it.
         caller.require(Resource::Service(entry.name()), Access::Write)?;
+        for other in entry.referenced_services() {
+            caller.require(Resource::Service(other), Access::Read)?;
+        }
         let what = format!("config {}/{}", entry.kind().as_str(), entry.name());
         let cmd = Command::WriteConfig(entry);
         Ok(Response::new(write(&self.0, &caller, &what, cmd).await?))
