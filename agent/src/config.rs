@@ -1327,6 +1327,34 @@ data_dir = "/var/lib/weft-agent"
     }
 
     #[test]
+    fn credentials_fields() {
+        let e = err(&with("token = \"abc\"\ntoken_file = \"/etc/weft/token\"\n"));
+        assert!(
+            e.contains("token_file: give token or token_file, not both"),
+            "{e}"
+        );
+        let e = err(&with("token = \"  \"\n"));
+        assert!(e.contains("token: must not be empty"), "{e}");
+        let c = parse(&with(
+            "token = \"s3cret\"\nca_file = \"/etc/weft/ca.pem\"\n",
+        ))
+        .unwrap();
+        assert_eq!(c.token.as_ref().map(SecretText::expose), Some("s3cret"));
+        assert_eq!(c.tls_server_name, "server.dc1.weft");
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "the token shows in debug output"
+        );
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(
+            !json.contains("s3cret"),
+            "the token is serialized (as /config shows it)"
+        );
+        let c = parse(&with("tls_server_name = \"server.east.example\"\n")).unwrap();
+        assert_eq!(c.tls_server_name, "server.east.example");
+    }
+
+    #[test]
     fn drain_timeout() {
         let e = err(&with("drain_timeout = \"5 s\"\n"));
         assert!(
