@@ -12,7 +12,8 @@
 //! - [`acl`]: ACL rules (Consul's HCL/JSON language), policy merging and decisions.
 //! - [`spiffe`]: SPIFFE ids of services.
 //! - [`file_format`]: JSON/TOML documents with positioned errors;
-//!   [`http_match`]: HTTP path/method/header rules shared by intentions and routers.
+//!   [`http_match`]: HTTP path/method/header rules shared by intentions and routers;
+//!   [`path`]: request paths normalized before they are matched (Envoy's rules).
 //! - [`tls_certs`]: the operator's CA and server/client certificates for TLS (`weft tls`).
 //!
 //! The domain modules are pure: no I/O, no clocks, no global state ([`tls_certs`]
@@ -29,6 +30,7 @@ pub mod http_match;
 pub mod intention;
 pub mod kv;
 pub mod names;
+pub mod path;
 pub mod proto;
 pub mod routing;
 pub mod spiffe;

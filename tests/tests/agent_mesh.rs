@@ -908,3 +908,75 @@ BaseEjectionTime = "120s"
     ensure!(ejections >= 1.0, "the ejection is counted ({ejections})");
     Ok(())
 }
+
+/// A deny on the path prefix `/admin/` holds against every spelling that
+/// walked around the unnormalized match (Consul's CVE-2024-10005 class):
+/// dot segments, doubled slashes and escaped letters are normalized before
+/// the rules see the path, encoded slashes are refused with 400, and the
+/// workload gets the normalized path.
+#[test]
+fn l7_paths_are_normalized_before_they_are_judged_and_forwarded() -> anyhow::Result<()> {
+    require_root();
+    let mesh = one_api_mesh("api-1")?;
+    write_entry(&mesh, "api-defaults.toml", API_IS_HTTP)?;
+    let l7 = mesh.path("web-api-admin.toml");
+    std::fs::write(
+        &l7,
+        "[[Permissions]]\nAction = \"deny\"\nHTTP = { PathPrefix = \"/admin/\" }\n",
+    )?;
+    mesh.weft(&[
+        "intention",
+        "create",
+        "web",
+        "api",
+        "--file",
+        &l7.display().to_string(),
+    ])?;
+    let status = |path: &str| -> anyhow::Result<u16> {
+        let url = format!("{}{}", UPSTREAM.trim_end_matches('/'), path);
+        let out = mesh.curl_raw(
+            NodeA,
+            &[
+                "-sS",
+                "--path-as-is",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-m",
+                "2",
+                &url,
+            ],
+        )?;
+        ensure!(out.success(), "curl {path}: {}", out.stderr.trim());
+        Ok(out.stdout.trim().parse()?)
+    };
+    wait_until(Duration::from_secs(5), "GET /admin/ is refused", || {
+        Ok((status("/admin/")? == 403).then_some(()))
+    })
+    .map_err(|e| e.context(agent_logs(&mesh)))?;
+    for path in [
+        "/admin/x",
+        "//admin/",
+        "/./admin/",
+        "/x/../admin/",
+        "/%61dmin/",
+        "/%61%64%6D%69%6E/users",
+        "/.%2e/admin/",
+        "///admin//x",
+    ] {
+        assert_eq!(status(path)?, 403, "{path}");
+    }
+    for path in ["/%2fadmin/", "/%2Fadmin/", "/admin%2fx", "/%5cadmin/"] {
+        assert_eq!(status(path)?, 400, "{path}");
+    }
+    assert_eq!(status("/public")?, 200);
+    let url = format!("{}/echo/./a//b/../c", UPSTREAM.trim_end_matches('/'));
+    let body = mesh.curl_with(NodeA, &url, &["--path-as-is", "-m", "2"])?;
+    assert_eq!(
+        body.trim(),
+        "instance api-1 got /echo/a/c",
+        "the forwarded path"
+    );
+    Ok(())
+}

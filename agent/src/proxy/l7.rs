@@ -15,12 +15,18 @@
 //! instance (straight to it on this node, else through an HBONE tunnel),
 //! kept for the next request that lands there.
 //!
+//! Every request's path is normalized first (`weft_api::path`: dot
+//! segments, merged slashes, unreserved escapes decoded; encoded `/` and `\`
+//! refused with 400), and the normalized path is the one judged, routed and
+//! forwarded.
+//!
 //! HTTP/1.1 for `http` services; HTTP/2 with prior knowledge for `http2` and
 //! `grpc`. A service whose protocol carries no HTTP cannot be judged per
 //! request, so such a connection is refused before it starts.
 //!
 //! [`ConnectionDecision::PerRequest`]: weft_api::intention::ConnectionDecision::PerRequest
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -241,7 +247,20 @@ impl Judge {
         response
     }
 
-    async fn judge_and_forward(&self, request: Request<Incoming>) -> Response<Body> {
+    async fn judge_and_forward(&self, mut request: Request<Incoming>) -> Response<Body> {
+        // Rules and the workload see the same, normalized path.
+        match weft_api::path::normalize_path(request.uri().path()) {
+            Ok(Cow::Borrowed(_)) => {}
+            Ok(Cow::Owned(path)) => match with_path(request.uri(), &path) {
+                Ok(uri) => *request.uri_mut() = uri,
+                Err(e) => return plain(StatusCode::BAD_REQUEST, format!("path: {e}\n")),
+            },
+            Err(e) => {
+                tracing::info!(source = %self.source, destination = %self.destination,
+                    "request refused: {e}");
+                return plain(StatusCode::BAD_REQUEST, format!("{e}\n"));
+            }
+        }
         let facts = policy_request(&request);
         if self.judge_requests {
             let decision = self.ctx.view.read().expect("view lock").decide(
