@@ -130,7 +130,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         .ok_or(IdentityError::Unknown("node".into()))?;
     let inbound_ctx = ctx.clone();
     let failure_metrics = metrics.clone();
-    let server = HboneServer::new(&node_identity, &bundle, move |req| {
+    // The node certificate is looked up at every handshake: a renewed one
+    // is presented from the moment it is there.
+    let current_node: crate::hbone::tls::CurrentIdentity = {
+        let identities = identities.clone();
+        Arc::new(move || identities.node())
+    };
+    let server = HboneServer::renewing(&node_identity, current_node, &bundle, move |req| {
         inbound::accept(inbound_ctx.clone(), req)
     })?
     .on_tls_failure(move |f| {

@@ -103,6 +103,9 @@ pub enum SettingsError {
     Invalid(String),
 }
 
+/// The shortest leaf lifetime: agents renew at about half of it.
+pub const MIN_LEAF_TTL_SECS: u64 = 10;
+
 fn parse_peer(s: &str) -> Result<(u64, SocketAddr), String> {
     let (id, addr) = s
         .split_once('=')
@@ -215,10 +218,18 @@ impl Settings {
             }
         };
         let leaf_ttl_secs = match args.leaf_ttl.or(file.leaf_ttl) {
-            Some(text) => weft_api::duration::parse_duration(&text)
-                .map_err(|e| SettingsError::Invalid(format!("leaf_ttl: {e}")))?
-                .as_secs()
-                .max(60),
+            Some(text) => {
+                let secs = weft_api::duration::parse_duration(&text)
+                    .map_err(|e| SettingsError::Invalid(format!("leaf_ttl: {e}")))?
+                    .as_secs();
+                if secs < MIN_LEAF_TTL_SECS {
+                    return Err(SettingsError::Invalid(format!(
+                        "leaf_ttl: {text:?} is shorter than {MIN_LEAF_TTL_SECS} s \
+                         (agents renew at half the lifetime)"
+                    )));
+                }
+                secs
+            }
             None => crate::ca::DEFAULT_LEAF_TTL_SECS,
         };
         let datacenter = args

@@ -200,6 +200,8 @@ pub struct MeshSpec {
     pub agent_extra: String,
     /// Transparent interception ([`MeshSpec::ebpf`]).
     pub ebpf: bool,
+    /// Extra `weft-server` flags ([`MeshSpec::server_arg`]).
+    pub server_args: Vec<String>,
 }
 
 impl MeshSpec {
@@ -214,6 +216,7 @@ impl MeshSpec {
             start_agents: true,
             agent_extra: String::new(),
             ebpf: false,
+            server_args: Vec::new(),
         }
     }
     pub fn node_a(mut self, s: Service) -> Self {
@@ -222,6 +225,11 @@ impl MeshSpec {
     }
     pub fn node_b(mut self, s: Service) -> Self {
         self.b.push(s);
+        self
+    }
+    /// An extra `weft-server` flag, e.g. `--leaf-ttl=10s`.
+    pub fn server_arg(mut self, arg: &str) -> Self {
+        self.server_args.push(arg.to_string());
         self
     }
     pub fn without_agents(mut self) -> Self {
@@ -530,7 +538,7 @@ impl Mesh {
             ns.ip(&["addr", "add", &format!("{}/24", mesh.ip(node)), "dev", VETH])?;
             ns.ip(&["link", "set", VETH, "up"])?;
         }
-        mesh.start_server(&spec.default_intention)?;
+        mesh.start_server(&spec.default_intention, &spec.server_args)?;
         for (node, services) in [(Node::A, &spec.a), (Node::B, &spec.b)] {
             let ip = mesh.ip(node);
             let transparent = match mesh.cgroup_root(node) {
@@ -786,7 +794,7 @@ impl Mesh {
         run_bounded(&mut cmd, limit)
     }
 
-    fn start_server(&mut self, default_intention: &str) -> anyhow::Result<()> {
+    fn start_server(&mut self, default_intention: &str, extra: &[String]) -> anyhow::Result<()> {
         let ip = self.ip(Node::A);
         crate::servers::make_tls(self.dir.path(), &["server-tls".to_string()])?;
         let mut cmd = Command::new(bin("weft-server"));
@@ -799,6 +807,7 @@ impl Mesh {
             .arg(format!("--http-addr={ip}:8500"))
             .arg(format!("--peer=1={ip}:8300"))
             .arg(format!("--default-intention={default_intention}"))
+            .args(extra)
             .env("RUST_LOG", "info,openraft=warn");
         self.server = Some(self.spawn(Node::A, &mut cmd, "server.log")?);
         self.token = crate::servers::bootstrap_acl(Duration::from_secs(20), |args| {

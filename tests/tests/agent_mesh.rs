@@ -980,3 +980,47 @@ fn l7_paths_are_normalized_before_they_are_judged_and_forwarded() -> anyhow::Res
     );
     Ok(())
 }
+
+/// With 10 s leaves, node B's agent renews its node certificate every ~5 s.
+/// Once the certificate it started with has expired, a fresh TLS handshake
+/// (node A's agent restarted, so its pooled connection is gone) must meet
+/// the renewed certificate: inbound presents the current one, not the one
+/// of the start.
+#[test]
+fn inbound_presents_the_renewed_node_certificate() -> anyhow::Result<()> {
+    require_root();
+    let mut mesh = Mesh::start(
+        spec()
+            .node_b(api("api-1", 8080))
+            .server_arg("--leaf-ttl=10s"),
+    )?;
+    let b = mesh.ip(NodeB);
+    mesh.workload(NodeB, "api-1", &format!("{b}:8080"))?;
+    wait_for_body(&mesh, "api-1", Duration::from_secs(30))?;
+    let started = Instant::now();
+    // Three renewals of node B's certificate after the first one.
+    wait_until(
+        Duration::from_secs(40),
+        "three renewals of node-b's certificate",
+        || {
+            let issued = mesh
+                .agent_log(NodeB)
+                .lines()
+                .filter(|l| l.contains("certificate issued") && l.contains("/node/node-b"))
+                .count();
+            Ok((issued >= 4).then_some(()))
+        },
+    )?;
+    ensure!(
+        started.elapsed() > Duration::from_secs(10),
+        "the first certificate cannot have expired yet"
+    );
+    mesh.restart_agent(NodeA)?;
+    wait_for_body(&mesh, "api-1", Duration::from_secs(20))?;
+    ensure!(
+        !mesh.agent_log(NodeA).contains("expired"),
+        "node A met an expired certificate:\n{}",
+        agent_logs(&mesh)
+    );
+    Ok(())
+}

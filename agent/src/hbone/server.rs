@@ -187,7 +187,25 @@ impl<H: ConnectHandler> HboneServer<H> {
     /// A server presenting `identity` and accepting clients that chain to
     /// `bundle` (rotations of the bundle apply to later handshakes).
     pub fn new(identity: &Identity, bundle: &TrustBundle, handler: H) -> Result<Self, TlsError> {
-        let config = tls::server_config(identity, bundle)?;
+        let fixed = Arc::new(identity.clone());
+        Self::renewing(
+            identity,
+            Arc::new(move || Some(fixed.clone())),
+            bundle,
+            handler,
+        )
+    }
+
+    /// A server presenting, at every handshake, the certificate `current`
+    /// gives (a renewed one from the moment it is there); `identity` is the
+    /// one it starts with, for its SPIFFE id.
+    pub fn renewing(
+        identity: &Identity,
+        current: tls::CurrentIdentity,
+        bundle: &TrustBundle,
+        handler: H,
+    ) -> Result<Self, TlsError> {
+        let config = tls::server_config(current, bundle)?;
         Ok(HboneServer {
             inner: Inner {
                 acceptor: TlsAcceptor::from(config),

@@ -25,7 +25,8 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
     RootCertStore, ServerConfig, SignatureScheme,
@@ -192,12 +193,14 @@ fn to_rustls_error(e: TlsError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
-/// A workload's certificate chain (leaf first), private key and SPIFFE id.
+/// A workload's certificate chain (leaf first), private key and SPIFFE id,
+/// with the signing key rustls presents (loaded once).
 #[derive(Debug)]
 pub struct Identity {
     pub cert_chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
     pub spiffe_id: String,
+    certified: Arc<CertifiedKey>,
 }
 
 impl Clone for Identity {
@@ -206,7 +209,27 @@ impl Clone for Identity {
             cert_chain: self.cert_chain.clone(),
             key: self.key.clone_key(),
             spiffe_id: self.spiffe_id.clone(),
+            certified: self.certified.clone(),
         }
+    }
+}
+
+/// Where the inbound server's certificate comes from: asked at every
+/// handshake, so that a renewed certificate is presented from then on.
+pub type CurrentIdentity = Arc<dyn Fn() -> Option<Arc<Identity>> + Send + Sync>;
+
+/// Resolves the server certificate to the current identity's.
+struct CurrentCert(CurrentIdentity);
+
+impl fmt::Debug for CurrentCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CurrentCert")
+    }
+}
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        (self.0)().map(|identity| identity.certified.clone())
     }
 }
 
@@ -220,10 +243,19 @@ impl Identity {
             reason: e.to_string(),
         })?;
         let spiffe_id = peer_spiffe_id(&cert_chain)?;
+        let signing = provider()
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| TlsError::Pem {
+                what: "private key",
+                reason: e.to_string(),
+            })?;
+        let certified = Arc::new(CertifiedKey::new(cert_chain.clone(), signing));
         Ok(Identity {
             cert_chain,
             key,
             spiffe_id,
+            certified,
         })
     }
 }
@@ -477,10 +509,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-/// The inbound (`:15008`) config: TLS 1.3 only, ALPN `h2`, presents
-/// `identity`, requires a client certificate chaining to `bundle`.
+/// The inbound (`:15008`) config: TLS 1.3 only, ALPN `h2`, presents the
+/// certificate `current` gives at each handshake (the renewed one once
+/// renewed), requires a client certificate chaining to `bundle`.
 pub fn server_config(
-    identity: &Identity,
+    current: CurrentIdentity,
     bundle: &TrustBundle,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
@@ -488,7 +521,7 @@ pub fn server_config(
         .with_client_cert_verifier(Arc::new(BundleClientVerifier {
             bundle: bundle.clone(),
         }))
-        .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
+        .with_cert_resolver(Arc::new(CurrentCert(current)));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
