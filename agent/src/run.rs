@@ -115,6 +115,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
 
     let ctx = Arc::new(ProxyContext {
         node_name: config.node_name.clone(),
+        datacenter: config.datacenter.clone(),
         inbound_port: config.inbound_addr.port(),
         view: view.clone(),
         identities: identities.clone(),

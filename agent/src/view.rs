@@ -168,9 +168,11 @@ impl View {
             .collect()
     }
 
-    /// Where another node's agent takes tunnels: its address, port 15008.
-    pub fn node_addr(&self, node: &str) -> Option<IpAddr> {
-        self.nodes.get(node).and_then(|n| n.address.parse().ok())
+    /// Where another node's agent takes tunnels (its address; the port is
+    /// the inbound port), and the node's datacenter.
+    pub fn node_addr(&self, node: &str) -> Option<(IpAddr, &str)> {
+        let n = self.nodes.get(node)?;
+        Some((n.address.parse().ok()?, n.datacenter.as_str()))
     }
 
     /// The instance on `node` that listens on `target`.

@@ -72,6 +72,13 @@ impl fmt::Display for SpiffeId {
     }
 }
 
+/// The SPIFFE id of a node's agent, which its node certificate carries and
+/// which the agents tunnelling to it check:
+/// `spiffe://<trust-domain>/ns/default/dc/<dc>/node/<node>`.
+pub fn node_id(trust_domain: &str, datacenter: &str, node: &str) -> String {
+    format!("{SCHEME}{trust_domain}/ns/{DEFAULT_NAMESPACE}/dc/{datacenter}/node/{node}")
+}
+
 /// Checks a trust domain: 1 to 255 bytes of lowercase letters, digits, `.`, `-`, `_`.
 pub fn validate_trust_domain(td: &str) -> Result<(), String> {
     if td.is_empty() {

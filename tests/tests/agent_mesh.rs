@@ -264,7 +264,10 @@ fn hbone_get(
     bundle: weft_agent::hbone::TrustBundle,
     target: SocketAddr,
 ) -> anyhow::Result<String> {
-    let node: SocketAddr = format!("{}:15008", mesh.ip(NodeB)).parse()?;
+    let node = weft_agent::hbone::NodePeer {
+        addr: format!("{}:15008", mesh.ip(NodeB)).parse()?,
+        spiffe_id: weft_api::spiffe::node_id(bundle.trust_domain(), "dc1", "node-b").into(),
+    };
     mesh.netns(NodeA).run(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -273,7 +276,7 @@ fn hbone_get(
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let pool = weft_agent::hbone::HbonePool::new(bundle);
             let mut stream = pool
-                .connect(&identity, node, target, Duration::from_secs(5))
+                .connect(&identity, &node, target, Duration::from_secs(5))
                 .await?;
             stream
                 .write_all(b"GET / HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n")

@@ -62,7 +62,18 @@ pub(crate) fn check_response(status: StatusCode, reason: Option<&[u8]>) -> Resul
     })
 }
 
-type PoolKey = (String, SocketAddr);
+/// (source SPIFFE id, node address, the node's expected SPIFFE id).
+type PoolKey = (String, SocketAddr, Arc<str>);
+
+/// The agent a tunnel goes through: where it listens and the SPIFFE id its
+/// certificate must carry (`spiffe://<td>/ns/default/dc/<dc>/node/<node>`),
+/// so that only the node meant answers, not any holder of a certificate of
+/// the trust domain.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodePeer {
+    pub addr: SocketAddr,
+    pub spiffe_id: Arc<str>,
+}
 
 /// One pooled TLS+h2 connection.
 #[derive(Clone)]
@@ -128,7 +139,7 @@ impl HbonePool {
     pub async fn connect(
         &self,
         source: &Identity,
-        node: SocketAddr,
+        node: &NodePeer,
         target: SocketAddr,
         timeout: Duration,
     ) -> Result<HboneStream, HboneError> {
@@ -140,10 +151,11 @@ impl HbonePool {
     async fn connect_inner(
         &self,
         source: &Identity,
-        node: SocketAddr,
+        peer: &NodePeer,
         target: SocketAddr,
     ) -> Result<HboneStream, HboneError> {
-        let key: PoolKey = (source.spiffe_id.clone(), node);
+        let node = peer.addr;
+        let key: PoolKey = (source.spiffe_id.clone(), node, peer.spiffe_id.clone());
         let mut retried = false;
         loop {
             let (conn, fresh) = self.checkout(&key, source).await?;
@@ -205,7 +217,7 @@ impl HbonePool {
         }
         *guard = None;
         self.prune();
-        let conn = self.dial(source, key.1).await?;
+        let conn = self.dial(source, key.1, &key.2).await?;
         *guard = Some(conn.clone());
         Ok((conn, true))
     }
@@ -235,13 +247,19 @@ impl HbonePool {
         }
     }
 
-    async fn dial(&self, source: &Identity, node: SocketAddr) -> Result<PooledConn, HboneError> {
+    async fn dial(
+        &self,
+        source: &Identity,
+        node: SocketAddr,
+        expected: &str,
+    ) -> Result<PooledConn, HboneError> {
         let tcp = TcpStream::connect(node)
             .await
             .map_err(|source| HboneError::Dial { node, source })?;
         let _ = tcp.set_nodelay(true);
-        let connector = TlsConnector::from(tls::client_config(source, &self.inner.bundle)?);
-        // The name is not checked (SPIFFE ids are); rustls sends no SNI for IPs.
+        let connector =
+            TlsConnector::from(tls::client_config(source, &self.inner.bundle, expected)?);
+        // The name is not checked (the SPIFFE id is); no SNI for IPs.
         let tls = connector
             .connect(ServerName::IpAddress(node.ip().into()), tcp)
             .await

@@ -14,7 +14,7 @@ pub mod tls;
 #[cfg(test)]
 mod tests;
 
-pub use client::{HboneError, HbonePool};
+pub use client::{HboneError, HbonePool, NodePeer};
 pub use server::{ConnectHandler, ConnectRequest, HboneServer, Refusal, ServerError, TlsFailure};
 pub use stream::HboneStream;
 pub use tls::{peer_spiffe_id, Identity, SpiffeId, TlsError, TrustBundle};

@@ -20,7 +20,8 @@ use super::*;
 const TD: &str = "test.weft";
 const WEB: &str = "spiffe://test.weft/ns/default/dc/dc1/svc/web";
 const API: &str = "spiffe://test.weft/ns/default/dc/dc1/svc/api";
-const NODE_B: &str = "spiffe://test.weft/ns/default/dc/dc1/svc/node-b";
+const NODE_B: &str = "spiffe://test.weft/ns/default/dc/dc1/node/node-b";
+const NODE_C: &str = "spiffe://test.weft/ns/default/dc/dc1/node/node-c";
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 struct TestCa {
@@ -99,6 +100,16 @@ struct Node {
     failures: Arc<Mutex<Vec<TlsFailure>>>,
     peers: Arc<Mutex<Vec<String>>>,
     task: JoinHandle<()>,
+}
+
+impl Node {
+    /// node-b as a tunnel's peer.
+    fn peer(&self) -> NodePeer {
+        NodePeer {
+            addr: self.addr,
+            spiffe_id: NODE_B.into(),
+        }
+    }
 }
 
 impl Drop for Node {
@@ -188,7 +199,7 @@ async fn tunnel_echoes_bytes() {
     let pool = HbonePool::new(ca.bundle());
     let web = ca.identity(WEB);
     let mut stream = pool
-        .connect(&web, node.addr, node.echo, TIMEOUT)
+        .connect(&web, &node.peer(), node.echo, TIMEOUT)
         .await
         .unwrap();
     assert_eq!(
@@ -216,7 +227,7 @@ async fn server_sees_client_spiffe_id() {
     let node = start_node(&ca).await;
     let pool = HbonePool::new(ca.bundle());
     let mut stream = pool
-        .connect(&ca.identity(API), node.addr, node.echo, TIMEOUT)
+        .connect(&ca.identity(API), &node.peer(), node.echo, TIMEOUT)
         .await
         .unwrap();
     round_trip(&mut stream, b"x").await;
@@ -231,9 +242,9 @@ async fn fifty_concurrent_streams_share_one_tls_connection() {
     let web = Arc::new(ca.identity(WEB));
     let mut tasks = Vec::new();
     for i in 0..50u32 {
-        let (pool, web, addr, echo) = (pool.clone(), web.clone(), node.addr, node.echo);
+        let (pool, web, peer, echo) = (pool.clone(), web.clone(), node.peer(), node.echo);
         tasks.push(tokio::spawn(async move {
-            let mut stream = pool.connect(&web, addr, echo, TIMEOUT).await.unwrap();
+            let mut stream = pool.connect(&web, &peer, echo, TIMEOUT).await.unwrap();
             let msg = format!("stream {i}").into_bytes();
             assert_eq!(round_trip(&mut stream, &msg).await, msg);
             stream
@@ -248,7 +259,7 @@ async fn fifty_concurrent_streams_share_one_tls_connection() {
     assert_eq!(pool.dials(), 1);
     // Another identity to the same node gets its own connection.
     let mut other = pool
-        .connect(&ca.identity(API), node.addr, node.echo, TIMEOUT)
+        .connect(&ca.identity(API), &node.peer(), node.echo, TIMEOUT)
         .await
         .unwrap();
     round_trip(&mut other, b"y").await;
@@ -262,7 +273,7 @@ async fn handler_refusal_arrives_as_refused_403() {
     let pool = HbonePool::new(ca.bundle());
     let target: SocketAddr = ([127, 0, 0, 1], DENIED_PORT).into();
     let err = pool
-        .connect(&ca.identity(WEB), node.addr, target, TIMEOUT)
+        .connect(&ca.identity(WEB), &node.peer(), target, TIMEOUT)
         .await
         .unwrap_err();
     match err {
@@ -274,7 +285,7 @@ async fn handler_refusal_arrives_as_refused_403() {
     }
     // The connection survives a refused stream.
     let mut ok = pool
-        .connect(&ca.identity(WEB), node.addr, node.echo, TIMEOUT)
+        .connect(&ca.identity(WEB), &node.peer(), node.echo, TIMEOUT)
         .await
         .unwrap();
     round_trip(&mut ok, b"still here").await;
@@ -290,7 +301,7 @@ async fn client_from_another_ca_fails_handshake() {
     // a certificate from another CA.
     let pool = HbonePool::new(ca.bundle());
     let err = pool
-        .connect(&rogue.identity(WEB), node.addr, node.echo, TIMEOUT)
+        .connect(&rogue.identity(WEB), &node.peer(), node.echo, TIMEOUT)
         .await
         .unwrap_err();
     assert!(
@@ -333,7 +344,7 @@ async fn client_in_another_trust_domain_is_rejected() {
     let pool = HbonePool::new(ca.bundle());
     let stranger = ca.identity("spiffe://other.weft/ns/default/dc/dc1/svc/web");
     assert!(pool
-        .connect(&stranger, node.addr, node.echo, TIMEOUT)
+        .connect(&stranger, &node.peer(), node.echo, TIMEOUT)
         .await
         .is_err());
     assert!(eventually(|| node.failures.lock().unwrap().len() == 1).await);
@@ -347,7 +358,7 @@ async fn client_rejects_server_outside_its_bundle() {
     let other = TestCa::new("other");
     let pool = HbonePool::new(other.bundle());
     let err = pool
-        .connect(&other.identity(WEB), node.addr, node.echo, TIMEOUT)
+        .connect(&other.identity(WEB), &node.peer(), node.echo, TIMEOUT)
         .await
         .unwrap_err();
     assert!(matches!(err, HboneError::Handshake { .. }), "{err:?}");
@@ -360,7 +371,7 @@ async fn rotated_bundle_rejects_old_ca_and_keeps_open_tunnels() {
     let pool = HbonePool::new(old.bundle());
     let web = old.identity(WEB);
     let mut open = pool
-        .connect(&web, node.addr, node.echo, TIMEOUT)
+        .connect(&web, &node.peer(), node.echo, TIMEOUT)
         .await
         .unwrap();
     round_trip(&mut open, b"before").await;
@@ -372,7 +383,7 @@ async fn rotated_bundle_rejects_old_ca_and_keeps_open_tunnels() {
     // A new handshake with an old-CA certificate now fails...
     let fresh_pool = HbonePool::new(old.bundle());
     assert!(fresh_pool
-        .connect(&web, node.addr, node.echo, TIMEOUT)
+        .connect(&web, &node.peer(), node.echo, TIMEOUT)
         .await
         .is_err());
     assert!(eventually(|| node.failures.lock().unwrap().len() == 1).await);
@@ -380,7 +391,7 @@ async fn rotated_bundle_rejects_old_ca_and_keeps_open_tunnels() {
     // connection for new streams.
     assert_eq!(round_trip(&mut open, b"after").await, b"after");
     let mut again = pool
-        .connect(&web, node.addr, node.echo, TIMEOUT)
+        .connect(&web, &node.peer(), node.echo, TIMEOUT)
         .await
         .unwrap();
     assert_eq!(round_trip(&mut again, b"again").await, b"again");
@@ -393,7 +404,7 @@ async fn half_close_keeps_the_read_side_open() {
     let node = start_node(&ca).await;
     let pool = HbonePool::new(ca.bundle());
     let mut stream = pool
-        .connect(&ca.identity(WEB), node.addr, node.echo, TIMEOUT)
+        .connect(&ca.identity(WEB), &node.peer(), node.echo, TIMEOUT)
         .await
         .unwrap();
     stream.write_all(b"request body").await.unwrap();
@@ -407,7 +418,7 @@ async fn half_close_keeps_the_read_side_open() {
 async fn non_connect_methods_get_405() {
     let ca = TestCa::new("ca");
     let node = start_node(&ca).await;
-    let config = tls::client_config(&ca.identity(WEB), &ca.bundle()).unwrap();
+    let config = tls::client_config(&ca.identity(WEB), &ca.bundle(), NODE_B).unwrap();
     let tcp = TcpStream::connect(node.addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(config)
         .connect(ServerName::IpAddress(node.addr.ip().into()), tcp)
@@ -448,7 +459,11 @@ async fn broken_connection_is_evicted_and_redialed() {
     let (via, conns) = relay(node.addr).await;
     let pool = HbonePool::new(ca.bundle());
     let web = ca.identity(WEB);
-    let mut first = pool.connect(&web, via, node.echo, TIMEOUT).await.unwrap();
+    let via = NodePeer {
+        addr: via,
+        spiffe_id: NODE_B.into(),
+    };
+    let mut first = pool.connect(&web, &via, node.echo, TIMEOUT).await.unwrap();
     round_trip(&mut first, b"one").await;
     for task in conns.lock().unwrap().drain(..) {
         task.abort();
@@ -457,7 +472,7 @@ async fn broken_connection_is_evicted_and_redialed() {
     let mut buf = [0u8; 1];
     assert!(!matches!(first.read(&mut buf).await, Ok(1)));
     // ...and the next tunnel gets a new connection.
-    let mut second = pool.connect(&web, via, node.echo, TIMEOUT).await.unwrap();
+    let mut second = pool.connect(&web, &via, node.echo, TIMEOUT).await.unwrap();
     assert_eq!(round_trip(&mut second, b"two").await, b"two");
     assert_eq!(pool.dials(), 2);
     assert_eq!(node.accepted.load(Ordering::SeqCst), 2);
@@ -478,7 +493,15 @@ async fn connect_times_out_against_a_silent_node() {
     let pool = HbonePool::new(ca.bundle());
     let timeout = Duration::from_millis(200);
     let err = pool
-        .connect(&ca.identity(WEB), silent, silent, timeout)
+        .connect(
+            &ca.identity(WEB),
+            &NodePeer {
+                addr: silent,
+                spiffe_id: NODE_B.into(),
+            },
+            silent,
+            timeout,
+        )
         .await
         .unwrap_err();
     assert!(
@@ -510,7 +533,7 @@ async fn frames_that_arrived_together_are_read_in_one_call() {
     let pool = HbonePool::new(ca.bundle());
     let target = trickle_server(10, 100).await;
     let mut stream = pool
-        .connect(&ca.identity(WEB), node.addr, target, TIMEOUT)
+        .connect(&ca.identity(WEB), &node.peer(), target, TIMEOUT)
         .await
         .unwrap();
     // Let every frame and the end of the stream arrive before reading.
@@ -521,4 +544,32 @@ async fn frames_that_arrived_together_are_read_in_one_call() {
     let expected: Vec<u8> = (0..10u8).flat_map(|i| vec![i; 100]).collect();
     assert_eq!(&buf[..n], &expected[..]);
     assert_eq!(stream.read(&mut buf).await.unwrap(), 0, "then EOF");
+}
+
+/// A node presenting another node's certificate (valid, of the same trust
+/// domain) is refused by the source: the tunnel meant for node-c must not
+/// end at node-b.
+#[tokio::test]
+async fn a_node_presenting_another_nodes_certificate_is_refused() {
+    let ca = TestCa::new("ca");
+    let node = start_node(&ca).await;
+    let pool = HbonePool::new(ca.bundle());
+    let meant_c = NodePeer {
+        addr: node.addr,
+        spiffe_id: NODE_C.into(),
+    };
+    let Err(err) = pool
+        .connect(&ca.identity(WEB), &meant_c, node.echo, TIMEOUT)
+        .await
+    else {
+        panic!("the tunnel was opened to the wrong node");
+    };
+    let text = format!("{err}: {:?}", std::error::Error::source(&err));
+    assert!(text.contains("not the node meant"), "{text}");
+    // The same node, asked for by its own id, answers.
+    let mut ok = pool
+        .connect(&ca.identity(WEB), &node.peer(), node.echo, TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut ok, b"hi").await, b"hi");
 }

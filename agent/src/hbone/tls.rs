@@ -458,10 +458,12 @@ mod signature {
 }
 
 /// Verifies a server's chain against the bundle's current roots without a
-/// hostname check, then checks the server's SPIFFE trust domain.
+/// hostname check, then checks the server's SPIFFE trust domain and, when
+/// one is expected, that its SPIFFE id is exactly that one.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
     bundle: TrustBundle,
+    expected: Option<String>,
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -482,7 +484,15 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             provider().signature_verification_algorithms.all,
         )?;
-        check_trust_domain(end_entity, self.bundle.trust_domain()).map_err(to_rustls_error)?;
+        let id =
+            check_trust_domain(end_entity, self.bundle.trust_domain()).map_err(to_rustls_error)?;
+        if let Some(expected) = &self.expected {
+            if id != *expected {
+                return Err(rustls::Error::General(format!(
+                    "the peer is {id}, not the node meant ({expected})"
+                )));
+            }
+        }
         Ok(ServerCertVerified::assertion())
     }
 
@@ -526,18 +536,21 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// The outbound config for one source identity: TLS 1.3 only, ALPN `h2`,
-/// presents `identity`, verifies the server chain against `bundle` and the
-/// server's SPIFFE trust domain (no hostname check).
+/// The outbound config for one source identity towards one node: TLS 1.3
+/// only, ALPN `h2`, presents `identity`, verifies the server chain against
+/// `bundle` and that the server is `expected_node` (its SPIFFE id; no
+/// hostname check).
 pub fn client_config(
     identity: &Identity,
     bundle: &TrustBundle,
+    expected_node: &str,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier {
             bundle: bundle.clone(),
+            expected: Some(expected_node.to_string()),
         }))
         .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
@@ -555,6 +568,7 @@ pub(crate) fn client_config_without_cert(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier {
             bundle: bundle.clone(),
+            expected: None,
         }))
         .with_no_client_auth();
     config.alpn_protocols = vec![ALPN_H2.to_vec()];

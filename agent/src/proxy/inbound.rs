@@ -21,17 +21,46 @@ use crate::splice::SPLICE_BUFFER;
 /// What a tunnel is spliced to: the instance, or the L7 proxy's pipe.
 pub type Upstream = Either<TcpStream, DuplexStream>;
 
+/// The source service of a tunnel, from its peer's SPIFFE id: only a
+/// service identity of this trust domain, the default namespace and this
+/// datacenter speaks for a service here (a node's own identity, or one of
+/// another namespace or datacenter, does not), checked before intentions.
+pub fn source_service(
+    peer_id: &str,
+    trust_domain: &str,
+    datacenter: &str,
+) -> Result<String, String> {
+    let id = SpiffeId::parse(peer_id).map_err(|e| e.to_string())?;
+    if id.trust_domain != trust_domain {
+        return Err(format!(
+            "trust domain {:?} is not {trust_domain:?}",
+            id.trust_domain
+        ));
+    }
+    if id.namespace != weft_api::spiffe::DEFAULT_NAMESPACE {
+        return Err(format!("namespace {:?} is not \"default\"", id.namespace));
+    }
+    if id.datacenter != datacenter {
+        return Err(format!(
+            "datacenter {:?} is not {datacenter:?}",
+            id.datacenter
+        ));
+    }
+    Ok(id.service)
+}
+
 /// Decides a tunnel and, if allowed, connects it to the local instance.
 pub async fn accept(
     ctx: Arc<ProxyContext>,
     req: ConnectRequest,
 ) -> Result<Counted<Upstream>, Refusal> {
-    let source = match SpiffeId::parse(&req.peer_id) {
-        Ok(id) => id.service,
-        Err(e) => return Err(Refusal::forbidden(format!("peer {}: {e}", req.peer_id))),
-    };
-    let (destination, decision, protocol) = {
+    let (destination, decision, protocol, source) = {
         let view = ctx.view.read().expect("view lock");
+        let source =
+            source_service(&req.peer_id, &view.trust_domain, &ctx.datacenter).map_err(|e| {
+                tracing::info!(peer = %req.peer_id, "refused: {e}");
+                Refusal::forbidden(format!("peer {}: {e}", req.peer_id))
+            })?;
         let Some(instance) = view.local_instance(&ctx.node_name, req.target) else {
             return Err(Refusal::new(
                 404,
@@ -40,7 +69,7 @@ pub async fn accept(
         };
         let decision = view.decide_connection(&source, &instance.service);
         let protocol = view.protocol(&instance.service);
-        (instance.service.clone(), decision, protocol)
+        (instance.service.clone(), decision, protocol, source)
     };
     let per_request = match decision {
         ConnectionDecision::Decided(d) if !d.allowed => {
@@ -83,4 +112,33 @@ pub async fn accept(
         &source,
         &destination,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::source_service;
+
+    const TD: &str = "c0ffee.weft";
+
+    #[test]
+    fn only_a_service_of_this_trust_domain_namespace_and_datacenter_counts() {
+        let ok = "spiffe://c0ffee.weft/ns/default/dc/dc1/svc/web";
+        assert_eq!(source_service(ok, TD, "dc1").unwrap(), "web");
+        for (id, why) in [
+            (
+                "spiffe://other.weft/ns/default/dc/dc1/svc/web",
+                "trust domain",
+            ),
+            ("spiffe://c0ffee.weft/ns/prod/dc/dc1/svc/web", "namespace"),
+            (
+                "spiffe://c0ffee.weft/ns/default/dc/dc2/svc/web",
+                "datacenter",
+            ),
+            ("spiffe://c0ffee.weft/ns/default/dc/dc1/node/node-a", "svc"),
+            ("spiffe://c0ffee.weft/ns/default/dc/dc1/svc/", "empty"),
+        ] {
+            let e = source_service(id, TD, "dc1").unwrap_err();
+            assert!(e.contains(why), "{id}: {e}");
+        }
+    }
 }

@@ -465,9 +465,9 @@ impl Judge {
                 let tunnel = self
                     .ctx
                     .pool
-                    .connect(&identity, *node, *target, CONNECT_TIMEOUT)
+                    .connect(&identity, node, *target, CONNECT_TIMEOUT)
                     .await
-                    .map_err(|e| format!("tunnel to {target} via {node}: {e}"))?;
+                    .map_err(|e| format!("tunnel to {target} via {}: {e}", node.addr))?;
                 Upstream::open(tunnel, self.protocol).await
             }
         }

@@ -26,6 +26,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// What both directions share.
 pub struct ProxyContext {
     pub node_name: String,
+    /// This node's datacenter: inbound peers must be of it.
+    pub datacenter: String,
     /// The port other agents take tunnels on (ours, and theirs).
     pub inbound_port: u16,
     pub view: Arc<RwLock<View>>,

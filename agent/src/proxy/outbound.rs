@@ -17,7 +17,7 @@ use weft_api::intention::ConnectionDecision;
 use super::counted::Counted;
 use super::l7::{self, L7Error};
 use super::{InFlight, ProxyContext, CONNECT_TIMEOUT};
-use crate::hbone::HboneError;
+use crate::hbone::{HboneError, NodePeer};
 use crate::intercept::Interception;
 use crate::lb::p2c;
 use crate::metrics::Direction;
@@ -31,10 +31,7 @@ pub enum Route {
     /// An instance on this node.
     Local(SocketAddr),
     /// An instance behind another node's agent.
-    Tunnel {
-        node: SocketAddr,
-        target: SocketAddr,
-    },
+    Tunnel { node: NodePeer, target: SocketAddr },
 }
 
 /// Why a connection could not be carried.
@@ -92,11 +89,14 @@ pub fn pick(
     if node == ctx.node_name {
         return Ok(Route::Local(target));
     }
-    let node_ip = view.node_addr(node).ok_or_else(|| {
+    let (node_ip, datacenter) = view.node_addr(node).ok_or_else(|| {
         OutboundError::NoInstance(format!("{service} (node {node} has no address)"))
     })?;
     Ok(Route::Tunnel {
-        node: SocketAddr::new(node_ip, ctx.inbound_port),
+        node: NodePeer {
+            addr: SocketAddr::new(node_ip, ctx.inbound_port),
+            spiffe_id: weft_api::spiffe::node_id(&view.trust_domain, datacenter, node).into(),
+        },
         target,
     })
 }
@@ -184,7 +184,7 @@ pub async fn carry(
                 .map_err(|_| OutboundError::Identity(source.to_string()))?;
             let tunnel = ctx
                 .pool
-                .connect(&identity, node, target, CONNECT_TIMEOUT)
+                .connect(&identity, &node, target, CONNECT_TIMEOUT)
                 .await;
             match &tunnel {
                 // A policy refusal says nothing of the instance's health.
