@@ -155,6 +155,7 @@ impl AdminServer {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut conns = JoinSet::new();
+        let mut accept_errors = crate::accept::AcceptErrors::new("admin");
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -165,11 +166,7 @@ impl AdminServer {
                         let stop = stop_rx.clone();
                         conns.spawn(serve_conn(stream, peer, state, stop));
                     }
-                    Err(e) => {
-                        // Usually out of file descriptors: back off instead of spinning.
-                        tracing::warn!(error = %e, "admin: accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
+                    Err(e) => accept_errors.failed(&e).await,
                 },
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }

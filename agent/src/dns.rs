@@ -20,9 +20,10 @@
 //! shutdown future given to [`DnsServer::serve`] completes. No input packet can make it
 //! panic or stop.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
@@ -30,7 +31,7 @@ use hickory_proto::rr::rdata::{A, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 /// The default listening address (field `dns_addr`).
@@ -309,6 +310,8 @@ impl DnsServer {
         let mut buf = vec![0u8; UDP_RECV_BUF];
         let mut conns = JoinSet::new();
         let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+        let idle = IdleConns::default();
+        let mut accept_errors = crate::accept::AcceptErrors::new("dns");
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
@@ -326,17 +329,28 @@ impl DnsServer {
                     Err(e) => tracing::debug!(error = %e, "dns: udp receive failed"),
                 },
                 accepted = self.tcp.accept() => match accepted {
-                    Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
-                        Ok(slot) => {
-                            conns.spawn(serve_tcp(stream, self.resolver.clone(), slot));
+                    Ok((stream, peer)) => {
+                        let slot = match slots.clone().try_acquire_owned() {
+                            Ok(slot) => Some(slot),
+                            // Full: the connection idle longest makes room.
+                            Err(_) if idle.evict_oldest() => tokio::time::timeout(
+                                EVICTION_WAIT,
+                                slots.clone().acquire_owned(),
+                            )
+                            .await
+                            .ok()
+                            .and_then(Result::ok),
+                            Err(_) => None,
+                        };
+                        match slot {
+                            Some(slot) => {
+                                let conn = idle.register();
+                                conns.spawn(serve_tcp(stream, self.resolver.clone(), slot, conn));
+                            }
+                            None => tracing::debug!(%peer, "dns: too many busy tcp connections"),
                         }
-                        Err(_) => tracing::debug!(%peer, "dns: too many tcp connections"),
-                    },
-                    Err(e) => {
-                        // E.g. out of file descriptors: back off instead of spinning.
-                        tracing::warn!(error = %e, "dns: tcp accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
+                    Err(e) => accept_errors.failed(&e).await,
                 },
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }
@@ -345,21 +359,104 @@ impl DnsServer {
     }
 }
 
+/// How long a new connection waits for an evicted one to give up its slot.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
+/// The open TCP connections and since when each waits for its next query:
+/// when every slot is taken, the one waiting longest is closed for the
+/// newcomer (idle clients cannot lock TCP queries out).
+#[derive(Clone, Default)]
+struct IdleConns(Arc<Mutex<IdleState>>);
+
+#[derive(Default)]
+struct IdleState {
+    next: u64,
+    /// id -> (waiting for a query since, if it is; how to close it)
+    conns: HashMap<u64, (Option<tokio::time::Instant>, Arc<Notify>)>,
+}
+
+/// One connection's place in [`IdleConns`]; leaves it when dropped.
+struct IdleConn {
+    id: u64,
+    evict: Arc<Notify>,
+    all: IdleConns,
+}
+
+impl IdleConns {
+    fn register(&self) -> IdleConn {
+        let mut state = self.0.lock().expect("dns idle lock");
+        state.next += 1;
+        let id = state.next;
+        let evict = Arc::new(Notify::new());
+        state.conns.insert(id, (None, evict.clone()));
+        IdleConn {
+            id,
+            evict,
+            all: self.clone(),
+        }
+    }
+
+    /// Asks the connection waiting longest for a query to close; false if
+    /// none is waiting (all are busy answering).
+    fn evict_oldest(&self) -> bool {
+        let state = self.0.lock().expect("dns idle lock");
+        let oldest = state
+            .conns
+            .values()
+            .filter_map(|(since, evict)| since.map(|s| (s, evict)))
+            .min_by_key(|(since, _)| *since);
+        match oldest {
+            Some((_, evict)) => {
+                evict.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl IdleConn {
+    fn set_waiting(&self, waiting: bool) {
+        let mut state = self.all.0.lock().expect("dns idle lock");
+        if let Some(entry) = state.conns.get_mut(&self.id) {
+            entry.0 = waiting.then(tokio::time::Instant::now);
+        }
+    }
+}
+
+impl Drop for IdleConn {
+    fn drop(&mut self) {
+        let mut state = self.all.0.lock().expect("dns idle lock");
+        state.conns.remove(&self.id);
+    }
+}
+
 /// Answers the length-prefixed queries of one TCP connection (RFC 1035 4.2.2) until
-/// the client closes it, goes idle, or sends something unreadable.
-async fn serve_tcp(mut stream: TcpStream, resolver: ServiceResolver, _slot: OwnedSemaphorePermit) {
+/// the client closes it, goes idle, sends something unreadable, or is evicted
+/// while waiting because every slot is taken.
+async fn serve_tcp(
+    mut stream: TcpStream,
+    resolver: ServiceResolver,
+    _slot: OwnedSemaphorePermit,
+    conn: IdleConn,
+) {
     let mut request = Vec::new();
     loop {
+        conn.set_waiting(true);
         let read = async {
             let len = stream.read_u16().await?;
             request.resize(usize::from(len), 0);
             stream.read_exact(&mut request).await?;
             Ok::<_, std::io::Error>(())
         };
-        match tokio::time::timeout(TCP_IDLE_TIMEOUT, read).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => return,
+        tokio::select! {
+            result = tokio::time::timeout(TCP_IDLE_TIMEOUT, read) => match result {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return,
+            },
+            () = conn.evict.notified() => return,
         }
+        conn.set_waiting(false);
         let Some(reply) = respond(&request, Transport::Tcp, &*resolver) else {
             continue;
         };
@@ -898,6 +995,32 @@ mod tests {
         // Shutdown is prompt even with the idle connection open.
         stop.send(()).unwrap();
         tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    /// Idle TCP clients holding every slot do not lock out the next one:
+    /// the connection idle longest is closed for it.
+    #[tokio::test]
+    async fn a_full_tcp_table_evicts_the_connection_idle_longest() {
+        let (addr, stop, task) = start().await;
+        let mut idle = Vec::new();
+        for _ in 0..MAX_TCP_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // Every connection has been accepted and is waiting.
+        let mut probe = TcpStream::connect(addr).await.unwrap();
+        tcp_send(&mut probe, &query_bytes("api.service.weft.", RecordType::A)).await;
+        assert_eq!(answer_ips(&tcp_recv(&mut probe).await), [API_IP]);
+        // The first idle connection was the one closed.
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), idle[0].read(&mut buf))
+            .await
+            .expect("the oldest idle connection was not closed");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .unwrap()
             .unwrap();

@@ -6,6 +6,7 @@
 //! intentions on the way. This crate is both the `weft-agent` binary and a
 //! library, so that tests drive the same code the binary runs.
 
+pub mod accept;
 pub mod admin;
 pub mod allocator;
 pub mod config;

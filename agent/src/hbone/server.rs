@@ -241,6 +241,7 @@ impl<H: ConnectHandler> HboneServer<H> {
     /// outlive this future if it is dropped.
     pub async fn serve(self, listener: TcpListener) {
         let inner = Arc::new(self.inner);
+        let mut errors = crate::accept::AcceptErrors::new("hbone");
         loop {
             match listener.accept().await {
                 Ok((tcp, peer)) => {
@@ -251,11 +252,7 @@ impl<H: ConnectHandler> HboneServer<H> {
                         }
                     });
                 }
-                Err(e) => {
-                    // E.g. out of file descriptors: back off instead of spinning.
-                    warn!(error = %e, "hbone accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                Err(e) => errors.failed(&e).await,
             }
         }
     }

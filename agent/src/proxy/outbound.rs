@@ -17,6 +17,7 @@ use weft_api::intention::ConnectionDecision;
 use super::counted::Counted;
 use super::l7::{self, L7Error};
 use super::{InFlight, ProxyContext, CONNECT_TIMEOUT};
+use crate::accept::AcceptErrors;
 use crate::hbone::{HboneError, NodePeer};
 use crate::intercept::Interception;
 use crate::lb::p2c;
@@ -220,11 +221,12 @@ pub async fn serve_upstream(
     source: String,
     destination: String,
 ) {
+    let mut errors = AcceptErrors::new("upstream");
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                tracing::warn!("upstream {destination}: accept: {e}");
+                errors.failed(&e).await;
                 continue;
             }
         };
@@ -248,11 +250,12 @@ pub async fn serve_redirected(
     listener: TcpListener,
     interception: Arc<Interception>,
 ) {
+    let mut errors = AcceptErrors::new("outbound");
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                tracing::warn!("outbound: accept: {e}");
+                errors.failed(&e).await;
                 continue;
             }
         };
