@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,7 +25,9 @@ use tracing::debug;
 
 use super::stream::HboneStream;
 use super::tls::{self, Identity, TlsError, TrustBundle, ALPN_H2};
-use super::{INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, REASON_HEADER};
+use super::{
+    INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, MAX_CONCURRENT_STREAMS, REASON_HEADER,
+};
 
 /// Errors of opening a tunnel.
 #[derive(Debug, thiserror::Error)]
@@ -82,22 +84,49 @@ struct PooledConn {
     send: h2::client::SendRequest<Bytes>,
     /// Set when the connection's driver task ends.
     closed: Arc<AtomicBool>,
+    /// Tunnels open (or being opened) on it.
+    streams: Arc<AtomicUsize>,
 }
 
 impl PooledConn {
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
+
+    /// Takes a place for one more tunnel if the connection has one.
+    fn reserve(&self, limit: usize) -> Option<StreamPlace> {
+        self.streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| StreamPlace(self.streams.clone()))
+    }
 }
 
-/// A slot per key; its async lock makes concurrent callers share one dial.
-type Slot = Arc<tokio::sync::Mutex<Option<PooledConn>>>;
+/// A tunnel's place on its connection, given back when the tunnel (or the
+/// attempt to open it) ends.
+#[derive(Debug)]
+pub(crate) struct StreamPlace(Arc<AtomicUsize>);
+
+impl Drop for StreamPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The connections of one key; its async lock makes concurrent callers
+/// share a dial. A connection whose tunnels reach the streams limit gets a
+/// sibling, so there is no fixed cap of tunnels per source and node.
+type Slot = Arc<tokio::sync::Mutex<Vec<PooledConn>>>;
 
 struct PoolInner {
     bundle: TrustBundle,
     slots: Mutex<HashMap<PoolKey, Slot>>,
     next_id: AtomicU64,
     dials: AtomicU64,
+    /// Tunnels per connection: the servers' MAX_CONCURRENT_STREAMS.
+    streams_per_connection: usize,
 }
 
 /// Pooled HBONE connections to other nodes. Cloning shares the pool.
@@ -123,8 +152,21 @@ impl HbonePool {
                 bundle,
                 slots: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
+                streams_per_connection: MAX_CONCURRENT_STREAMS as usize,
                 dials: AtomicU64::new(0),
             }),
+        }
+    }
+
+    /// A pool that opens another connection once one carries `limit`
+    /// tunnels (tests; the default is the servers' stream limit).
+    #[cfg(test)]
+    pub(crate) fn with_streams_per_connection(bundle: TrustBundle, limit: usize) -> Self {
+        let pool = Self::new(bundle);
+        let mut inner = Arc::into_inner(pool.inner).expect("a new pool is not shared");
+        inner.streams_per_connection = limit;
+        HbonePool {
+            inner: Arc::new(inner),
         }
     }
 
@@ -158,7 +200,7 @@ impl HbonePool {
         let key: PoolKey = (source.spiffe_id.clone(), node, peer.spiffe_id.clone());
         let mut retried = false;
         loop {
-            let (conn, fresh) = self.checkout(&key, source).await?;
+            let (conn, place, fresh) = self.checkout(&key, source).await?;
             let h2_err = |source| HboneError::H2 { node, source };
             // Failures before the request is sent are safe to retry on a new
             // connection once, when the pooled one turned out to be dead.
@@ -197,29 +239,36 @@ impl HbonePool {
                 response.status(),
                 response.headers().get(REASON_HEADER).map(|v| v.as_bytes()),
             )?;
-            return Ok(HboneStream::new(send_stream, response.into_body()));
+            return Ok(HboneStream::new(send_stream, response.into_body()).holding(place));
         }
     }
 
-    /// The live connection for `key`, dialing one if needed. `true` when it
-    /// was dialed by this call.
+    /// A live connection for `key` with room for one more tunnel, and that
+    /// room; dials one if none has room. `true` when it was dialed by this
+    /// call.
     async fn checkout(
         &self,
         key: &PoolKey,
         source: &Identity,
-    ) -> Result<(PooledConn, bool), HboneError> {
+    ) -> Result<(PooledConn, StreamPlace, bool), HboneError> {
+        let limit = self.inner.streams_per_connection;
         let slot = self.slot(key);
-        let mut guard = slot.lock().await;
-        if let Some(conn) = guard.as_ref() {
-            if !conn.is_closed() {
-                return Ok((conn.clone(), false));
+        let mut conns = slot.lock().await;
+        conns.retain(|c| !c.is_closed());
+        for conn in conns.iter() {
+            if let Some(place) = conn.reserve(limit) {
+                return Ok((conn.clone(), place, false));
             }
         }
-        *guard = None;
-        self.prune();
+        if conns.is_empty() {
+            self.prune();
+        }
         let conn = self.dial(source, key.1, &key.2).await?;
-        *guard = Some(conn.clone());
-        Ok((conn, true))
+        let place = conn
+            .reserve(limit)
+            .expect("a new connection has room for a tunnel");
+        conns.push(conn.clone());
+        Ok((conn, place, true))
     }
 
     fn slot(&self, key: &PoolKey) -> Slot {
@@ -234,17 +283,14 @@ impl HbonePool {
             Arc::strong_count(slot) > 1
                 || slot
                     .try_lock()
-                    .map(|c| c.as_ref().is_some_and(|c| !c.is_closed()))
+                    .map(|conns| conns.iter().any(|c| !c.is_closed()))
                     .unwrap_or(true)
         });
     }
 
     async fn evict(&self, key: &PoolKey, id: u64) {
         let slot = self.slot(key);
-        let mut guard = slot.lock().await;
-        if guard.as_ref().is_some_and(|c| c.id == id) {
-            *guard = None;
-        }
+        slot.lock().await.retain(|c| c.id != id);
     }
 
     async fn dial(
@@ -285,7 +331,12 @@ impl HbonePool {
         });
         self.inner.dials.fetch_add(1, Ordering::Relaxed);
         debug!(%node, source = %source.spiffe_id, id, "hbone connection established");
-        Ok(PooledConn { id, send, closed })
+        Ok(PooledConn {
+            id,
+            send,
+            closed,
+            streams: Arc::new(AtomicUsize::new(0)),
+        })
     }
 }
 

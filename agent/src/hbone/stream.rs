@@ -33,6 +33,8 @@ pub struct HboneStream {
     read_error: Option<io::Error>,
     /// END_STREAM has been sent.
     write_closed: bool,
+    /// The tunnel's place on its pooled connection, if it has one.
+    _place: Option<super::client::StreamPlace>,
 }
 
 impl HboneStream {
@@ -44,7 +46,14 @@ impl HboneStream {
             read_closed: false,
             read_error: None,
             write_closed: false,
+            _place: None,
         }
+    }
+
+    /// Holds `place` on the pooled connection until the stream is dropped.
+    pub(crate) fn holding(mut self, place: super::client::StreamPlace) -> Self {
+        self._place = Some(place);
+        self
     }
 }
 

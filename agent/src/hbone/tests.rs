@@ -573,3 +573,32 @@ async fn a_node_presenting_another_nodes_certificate_is_refused() {
         .unwrap();
     assert_eq!(round_trip(&mut ok, b"hi").await, b"hi");
 }
+
+/// A connection full of tunnels gets a sibling: 25 tunnels held open at a
+/// limit of 10 per connection take 3 connections, all tunnels work, and a
+/// place freed by a closed tunnel is used again before dialing more.
+#[tokio::test]
+async fn a_full_connection_gets_a_sibling_instead_of_a_queue() {
+    let ca = TestCa::new("ca");
+    let node = start_node(&ca).await;
+    let pool = HbonePool::with_streams_per_connection(ca.bundle(), 10);
+    let web = ca.identity(WEB);
+    let mut open = Vec::new();
+    for i in 0..25u32 {
+        let mut stream = pool
+            .connect(&web, &node.peer(), node.echo, TIMEOUT)
+            .await
+            .unwrap();
+        let msg = format!("tunnel {i}").into_bytes();
+        assert_eq!(round_trip(&mut stream, &msg).await, msg);
+        open.push(stream);
+    }
+    assert_eq!(pool.dials(), 3);
+    drop(open.pop());
+    let mut again = pool
+        .connect(&web, &node.peer(), node.echo, TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut again, b"again").await, b"again");
+    assert_eq!(pool.dials(), 3, "the freed place was used");
+}
