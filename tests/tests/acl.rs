@@ -307,16 +307,21 @@ fn wait_ca(cluster: &Cluster) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A node's token (its node identity) writes only its node: it registers
+/// node-a and reports health of node-a's instances, and nothing of node-b;
+/// it registers no service. A service's token (`service "web" write`)
+/// registers, deregisters and reports web's instances, and nothing of api.
 #[test]
-fn a_node_token_acts_for_its_own_node_only() -> anyhow::Result<()> {
+fn node_and_service_tokens_write_only_their_own() -> anyhow::Result<()> {
     use proto::catalog_client::CatalogClient;
     let cluster = Cluster::start(1, &[])?;
-    let node_a =
-        cluster.token_with(&["--node-identity", "node-a:dc1", "--service-identity", "web"])?;
+    let node_a = cluster.token_with(&["--node-identity", "node-a:dc1"])?;
+    let web = cluster.token_with_rules("web-only", r#"service "web" { policy = "write" }"#)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let mut admin = CatalogClient::new(cluster.channel(1).await?);
         let mut as_a = CatalogClient::new(cluster.channel_as(1, Some(&node_a)).await?);
+        let mut as_web = CatalogClient::new(cluster.channel_as(1, Some(&web)).await?);
         let node = |name: &str| proto::RegisterNodeRequest {
             node: Some(proto::Node {
                 name: name.into(),
@@ -335,61 +340,88 @@ fn a_node_token_acts_for_its_own_node_only() -> anyhow::Result<()> {
                 ..Default::default()
             }),
         };
+        let health = |node: &str, id: &str| proto::UpdateHealthRequest {
+            node: node.into(),
+            id: id.into(),
+            health: proto::Health::Critical as i32,
+            output: "forged".into(),
+        };
         admin.register_node(node("node-b")).await?;
-        admin.register_service(instance("node-b", "web")).await?;
+        admin.register_service(instance("node-b", "api")).await?;
 
+        // The node's token: its node, its instances' health.
         as_a.register_node(node("node-a")).await?;
-        as_a.register_service(instance("node-a", "web")).await?;
+        admin.register_service(instance("node-a", "db")).await?;
+        as_a.update_health(health("node-a", "db")).await?;
+        // The service's token: its service, on any registered node.
+        as_web.register_service(instance("node-a", "web")).await?;
+        as_web.update_health(health("node-a", "web")).await?;
+
         for (what, status) in [
             (
-                "register node-b",
+                "node-a registers node-b",
                 as_a.register_node(node("node-b")).await.err(),
             ),
             (
-                "register web on node-b",
-                as_a.register_service(instance("node-b", "web")).await.err(),
+                "node-a registers a service",
+                as_a.register_service(instance("node-a", "web")).await.err(),
             ),
             (
-                "register api on node-a",
-                as_a.register_service(instance("node-a", "api")).await.err(),
+                "node-a reports node-b's api",
+                as_a.update_health(health("node-b", "api")).await.err(),
             ),
             (
-                "health of node-b's web",
-                as_a.update_health(proto::UpdateHealthRequest {
-                    node: "node-b".into(),
-                    id: "web".into(),
-                    health: proto::Health::Critical as i32,
-                    output: "forged".into(),
-                })
-                .await
-                .err(),
-            ),
-            (
-                "deregister node-b",
+                "node-a deregisters node-b",
                 as_a.deregister_node(proto::DeregisterNodeRequest {
                     name: "node-b".into(),
                 })
                 .await
                 .err(),
             ),
+            (
+                "web registers api",
+                as_web
+                    .register_service(instance("node-b", "api"))
+                    .await
+                    .err(),
+            ),
+            (
+                "web reports node-b's api",
+                as_web.update_health(health("node-b", "api")).await.err(),
+            ),
+            (
+                "web deregisters node-b's api",
+                as_web
+                    .deregister_service(proto::DeregisterServiceRequest {
+                        node: "node-b".into(),
+                        id: "api".into(),
+                    })
+                    .await
+                    .err(),
+            ),
+            (
+                "web registers a node",
+                as_web.register_node(node("node-c")).await.err(),
+            ),
         ] {
             let status = status.with_context(|| format!("{what} was allowed"))?;
             assert_eq!(status.code(), Code::PermissionDenied, "{what}: {status:?}");
         }
-        let web = admin
+        let api = admin
             .get_service(proto::GetServiceRequest {
-                name: "web".into(),
+                name: "api".into(),
                 read: None,
             })
             .await?
             .into_inner();
-        let on_b = web
-            .instances
-            .iter()
-            .find(|i| i.node == "node-b")
-            .context("web on node-b")?;
-        assert_ne!(on_b.check_output, "forged");
-        assert!(web.instances.iter().all(|i| i.service == "web"));
+        assert_eq!(api.instances.len(), 1);
+        assert_ne!(api.instances[0].check_output, "forged");
+        as_web
+            .deregister_service(proto::DeregisterServiceRequest {
+                node: "node-a".into(),
+                id: "web".into(),
+            })
+            .await?;
         Ok::<_, anyhow::Error>(())
     })
 }

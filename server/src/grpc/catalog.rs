@@ -1,9 +1,12 @@
 //! `weft.v1.Catalog`: nodes, service instances and their health.
 //!
-//! A node writes only itself: registering, deregistering and health need
-//! `node:write` on the node; registering an instance needs `service:write`
-//! on its service too. Lists are filtered to what the token may read
-//! (instances need read on their service and on their node).
+//! As in Consul: registering or deregistering a node needs `node:write` on
+//! it; registering an instance needs `service:write` on its service (on a
+//! node that is registered already); deregistering an instance or writing
+//! its health needs `node:write` on its node or `service:write` on its
+//! service. So a node's token (its node identity) writes only that node,
+//! and a service's token only that service. Lists are filtered to what the
+//! token may read (instances need read on their service and on their node).
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -26,6 +29,32 @@ pub struct CatalogApi(pub Arc<ServerNode>);
 pub(crate) fn may_read_instance(caller: &Caller, instance: &ServiceInstance) -> bool {
     caller.can(Resource::Service(&instance.service), Access::Read)
         && caller.can(Resource::Node(&instance.node), Access::Read)
+}
+
+/// `node:write` on `node`, or `service:write` on the service of instance
+/// `id` there (looked up in this server's state; an unknown instance needs
+/// the node right).
+fn require_instance_write(
+    node: &ServerNode,
+    caller: &Caller,
+    node_name: &str,
+    id: &str,
+) -> Result<(), Status> {
+    if caller.can(Resource::Node(node_name), Access::Write) {
+        return Ok(());
+    }
+    let service = {
+        let state = node.shared.state.read().expect("state lock");
+        state
+            .instances
+            .get(node_name)
+            .and_then(|m| m.get(id))
+            .map(|i| i.service.clone())
+    };
+    match service {
+        Some(service) => caller.require(Resource::Service(&service), Access::Write),
+        None => caller.require(Resource::Node(node_name), Access::Write),
+    }
 }
 
 #[tonic::async_trait]
@@ -71,7 +100,6 @@ impl Catalog for CatalogApi {
     ) -> Result<Response<proto::WriteResult>, Status> {
         let caller = caller(&self.0, &req).await?;
         let instance = req.into_inner().instance.unwrap_or_default();
-        caller.require(Resource::Node(&instance.node), Access::Write)?;
         caller.require(Resource::Service(&instance.service), Access::Write)?;
         let instance = instance_from_proto(instance).map_err(invalid)?;
         validate_service_instance(&instance).map_err(invalid)?;
@@ -90,7 +118,7 @@ impl Catalog for CatalogApi {
     ) -> Result<Response<proto::WriteResult>, Status> {
         let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
-        caller.require(Resource::Node(&r.node), Access::Write)?;
+        require_instance_write(&self.0, &caller, &r.node, &r.id)?;
         let what = format!("deregister instance {} on node {}", r.id, r.node);
         let cmd = Command::DeregisterService {
             node: r.node,
@@ -105,7 +133,7 @@ impl Catalog for CatalogApi {
     ) -> Result<Response<proto::WriteResult>, Status> {
         let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
-        caller.require(Resource::Node(&r.node), Access::Write)?;
+        require_instance_write(&self.0, &caller, &r.node, &r.id)?;
         let health = health_from_proto(r.health).map_err(invalid)?;
         let what = format!("health of {} on node {}", r.id, r.node);
         let cmd = Command::UpdateHealth {
