@@ -5,6 +5,7 @@
 //! * `test`       format check, clippy, unit tests, privileged integration tests
 //! * `demo`       shows weft working, in network namespaces, and cleans up
 //! * `bench`      measures weft's per-node overhead and its control plane (root)
+//! * `fuzz`       runs the fuzz targets of every parser of untrusted bytes
 //!
 //! Every command that needs the toolchain runs `setup` first.
 use clap::{Parser, Subcommand};
@@ -12,6 +13,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod build;
 mod demo;
+mod fuzz;
 mod run;
 mod setup;
 mod test;
@@ -43,6 +45,14 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Run the cargo-fuzz targets (nightly), each for --seconds.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +74,10 @@ fn main() -> anyhow::Result<()> {
         Command::Bench { quick } => {
             setup::run()?;
             bench::run(quick)
+        }
+        Command::Fuzz { seconds, targets } => {
+            setup::run()?;
+            fuzz::run(seconds, &targets)
         }
     }
 }

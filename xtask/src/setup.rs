@@ -6,7 +6,8 @@
 //! * Debian packages: LLVM 22 (for bpf-linker), and the tools the tests and
 //!   benchmarks drive (iproute2, openssl, tcpdump, curl, iperf3, haproxy, wrk,
 //!   sslscan);
-//! * bpf-linker, built against Debian's LLVM 22.
+//! * bpf-linker, built against Debian's LLVM 22;
+//! * cargo-fuzz, which runs the fuzz targets of `fuzz/` (`cargo install`).
 use std::path::Path;
 use std::process::Command;
 
@@ -35,6 +36,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 enum Step {
@@ -65,6 +67,7 @@ pub fn run() -> anyhow::Result<()> {
     ok &= report("nightly rust-src", rust_src());
     ok &= report("debian packages", debian_packages());
     ok &= report("bpf-linker", bpf_linker());
+    ok &= report("cargo-fuzz", cargo_fuzz());
     if !ok {
         bail!("setup failed: see the FAILED lines above");
     }
@@ -186,4 +189,29 @@ fn bpf_linker() -> anyhow::Result<Step> {
         );
     }
     Ok(Step::Installed(format!("bpf-linker {BPF_LINKER_VERSION}")))
+}
+
+fn cargo_fuzz() -> anyhow::Result<Step> {
+    if let Ok(out) = output(Command::new("cargo").args(["fuzz", "--version"])) {
+        if out.status.success() {
+            return Ok(Step::Present(
+                String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            ));
+        }
+    }
+    println!("setup: building cargo-fuzz {CARGO_FUZZ_VERSION} (cargo install, a minute or two)");
+    let out = output(Command::new("cargo").args([
+        "install",
+        "--locked",
+        &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+    ]))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
+        bail!(
+            "cargo install cargo-fuzz failed:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    Ok(Step::Installed(format!("cargo-fuzz {CARGO_FUZZ_VERSION}")))
 }

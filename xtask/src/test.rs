@@ -1,6 +1,7 @@
 //! `cargo xtask test`: the whole suite, in the order that fails fastest:
-//! format, clippy, unit tests, then the privileged integration tests (real
-//! eBPF, network namespaces, processes), which need root. Without root it
+//! format, clippy, unit tests, each fuzz target for a short bounded time,
+//! then the privileged integration tests (real eBPF, network namespaces,
+//! processes), which need root. Without root it
 //! stops before them and says so: it never reports them as passed.
 use anyhow::bail;
 
@@ -17,6 +18,7 @@ pub fn run() -> anyhow::Result<()> {
         "warnings",
     ]))?;
     status(cargo().args(["test", "--workspace", "--exclude", "weft-tests"]))?;
+    crate::fuzz::run(crate::fuzz::SECONDS_IN_TEST, &[])?;
     // The end-to-end tests run the binaries as processes.
     status(cargo().args(["build", "--workspace", "--bins"]))?;
     if !is_root() {

@@ -15,7 +15,10 @@ pub mod tls;
 mod tests;
 
 pub use client::{HboneError, HbonePool, NodePeer};
-pub use server::{ConnectHandler, ConnectRequest, HboneServer, Refusal, ServerError, TlsFailure};
+pub use server::{
+    classify, Classified, ConnectHandler, ConnectRequest, HboneServer, Refusal, ServerError,
+    TlsFailure,
+};
 pub use stream::HboneStream;
 pub use tls::{peer_spiffe_id, Identity, SpiffeId, TlsError, TrustBundle};
 

@@ -142,13 +142,14 @@ pub struct HboneServer<H> {
 
 /// What the server answers to a request before any handler runs.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Classified {
+pub enum Classified {
     Connect(SocketAddr),
     Reject(Refusal),
 }
 
-/// Pure request checks: CONNECT only, and `:authority` must be `IP:PORT`.
-pub(crate) fn classify(method: &Method, authority: Option<&str>) -> Classified {
+/// Pure request checks: CONNECT only, and `:authority` must be `IP:PORT`
+/// (public for the fuzz target `connect_request`).
+pub fn classify(method: &Method, authority: Option<&str>) -> Classified {
     if method != Method::CONNECT {
         return Classified::Reject(Refusal::new(405, "only CONNECT is served"));
     }

@@ -1,0 +1,6 @@
+service "web" {
+  policy = "write"
+  intentions = "read"
+}
+key_prefix "" { policy = "read" }
+operator = "read"
