@@ -46,9 +46,11 @@ impl tonic::service::Interceptor for TokenInterceptor {
     }
 }
 
-/// What the agent proves itself and checks the servers with.
+/// What the agent proves itself and checks the servers with: the token on
+/// every call and, once the agent has it, its node certificate as the TLS
+/// client certificate (the servers take it for the node's identity).
 pub struct Credentials {
-    tls: ClientTlsConfig,
+    tls: RwLock<ClientTlsConfig>,
     token: TokenInterceptor,
 }
 
@@ -88,9 +90,11 @@ impl Credentials {
         let ca = std::fs::read(&ca_file)
             .map_err(|e| fail(format!("ca_file {}: {e}", ca_file.display())))?;
         Ok(Credentials {
-            tls: ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(ca))
-                .domain_name(config.tls_server_name.clone()),
+            tls: RwLock::new(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .domain_name(config.tls_server_name.clone()),
+            ),
             token: TokenInterceptor(token),
         })
     }
@@ -122,8 +126,9 @@ impl Control {
     pub async fn channel(&self) -> Result<ServerChannel, ControlError> {
         let mut last = String::from("no servers configured");
         for addr in &self.addrs {
+            let tls = self.credentials.tls.read().expect("tls lock").clone();
             let endpoint = match Endpoint::from_shared(format!("https://{addr}"))
-                .and_then(|e| e.tls_config(self.credentials.tls.clone()))
+                .and_then(|e| e.tls_config(tls))
             {
                 Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
                 Err(e) => {
@@ -137,6 +142,16 @@ impl Control {
             }
         }
         Err(ControlError::Unreachable(last))
+    }
+
+    /// Presents `cert_chain_pem` (the node certificate, renewed or not) as
+    /// the TLS client certificate of later calls.
+    pub fn present_node_certificate(&self, cert_chain_pem: &str, key_pem: &str) {
+        let mut tls = self.credentials.tls.write().expect("tls lock");
+        *tls = tls.clone().identity(tonic::transport::Identity::from_pem(
+            cert_chain_pem,
+            key_pem,
+        ));
     }
 
     fn refused(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> ControlError {

@@ -69,7 +69,12 @@ impl Identities {
             .map_err(|e| IdentityError::Csr(e.to_string()))?;
         let leaf = self.control.sign(csr, service).await?;
         let chain = format!("{}{}", leaf.cert_pem, leaf.chain_pem);
-        let identity = Identity::from_pem(&chain, &key.serialize_pem())?;
+        let key_pem = key.serialize_pem();
+        let identity = Identity::from_pem(&chain, &key_pem)?;
+        if service.is_none() {
+            // The node certificate also authenticates the agent to the servers.
+            self.control.present_node_certificate(&chain, &key_pem);
+        }
         let delay = renewal_delay(leaf.not_after - unix_now(), rand::random::<f64>());
         tracing::info!(spiffe_id = %leaf.spiffe_id, renew_in_secs = delay.as_secs(), "certificate issued");
         Ok(Held {

@@ -47,8 +47,6 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         None => tls::dev_files(&data_dir, &settings.datacenter)
             .context("making the dev server's TLS certificates")?,
     };
-    let server_tls = ServerTls::load(&tls_files, &settings.datacenter)?;
-    let peer_channels = PeerChannels::new(server_tls.peer_client.clone());
     let db = sled::Config::new()
         .path(data_dir.join("raft.sled"))
         .open()
@@ -56,6 +54,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let log_store = LogStore::open(&db)?;
     let sm_store = StateMachineStore::open(&db, settings.vip_cidr.clone())?;
     let shared = sm_store.shared();
+    let mesh_roots: tls::MeshRoots = {
+        let shared = shared.clone();
+        Arc::new(move || shared.state.read().expect("state lock").ca_roots_der())
+    };
+    let server_tls = ServerTls::load(&tls_files, &settings.datacenter, mesh_roots)?;
+    let peer_channels = PeerChannels::new(server_tls.peer_client.clone());
 
     let config = openraft::Config {
         cluster_name: "weft".into(),

@@ -55,7 +55,8 @@ pub struct TlsFiles {
 
 /// The server's TLS configurations, built once at start.
 pub struct ServerTls {
-    /// The gRPC API: server certificate, no client certificate asked.
+    /// The gRPC API: server certificate; a client certificate of the mesh
+    /// CA (an agent's node certificate) is accepted, not required.
     pub api: Arc<rustls::ServerConfig>,
     /// Raft: mutual TLS, the client must hold a server certificate.
     pub raft: Arc<rustls::ServerConfig>,
@@ -152,9 +153,97 @@ impl ClientCertVerifier for ServerRoleVerifier {
     }
 }
 
+/// The mesh CA's current roots, for agents' node certificates.
+pub type MeshRoots = Arc<dyn Fn() -> Vec<CertificateDer<'static>> + Send + Sync>;
+
+/// Asks API clients for a certificate without requiring one; one that is
+/// given must chain to the mesh CA's current roots (agents present their
+/// node certificate; what it may do is `grpc::auth`'s business).
+struct MeshClientVerifier {
+    roots: MeshRoots,
+}
+
+impl std::fmt::Debug for MeshClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MeshClientVerifier")
+    }
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let mut roots = RootCertStore::empty();
+        for root in (self.roots)() {
+            let _ = roots.add(root);
+        }
+        if roots.is_empty() {
+            return Err(rustls::Error::General("no mesh CA yet".into()));
+        }
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 impl ServerTls {
     /// Loads the files and builds every configuration; errors name the file.
-    pub fn load(files: &TlsFiles, datacenter: &str) -> Result<Self, TlsError> {
+    /// `mesh_roots` gives the mesh CA's roots at each API handshake.
+    pub fn load(
+        files: &TlsFiles,
+        datacenter: &str,
+        mesh_roots: MeshRoots,
+    ) -> Result<Self, TlsError> {
         let ca_pem = read(&files.ca)?;
         let cert_pem = read(&files.cert)?;
         let key_pem = read(&files.key)?;
@@ -192,15 +281,18 @@ impl ServerTls {
                 .with_protocol_versions(&[&rustls::version::TLS13])
                 .map_err(config)
         };
-        let mut api = builder()?
+        let mut http = builder()?
             .with_no_client_auth()
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(|e| TlsError::Pem {
                 path: files.key.clone(),
                 what: format!("does not go with {}: {e}", files.cert.display()),
             })?;
-        let mut http = api.clone();
         http.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut api = builder()?
+            .with_client_cert_verifier(Arc::new(MeshClientVerifier { roots: mesh_roots }))
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(config)?;
         api.alpn_protocols = vec![b"h2".to_vec()];
 
         let inner = WebPkiClientVerifier::builder_with_provider(roots, provider())

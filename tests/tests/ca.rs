@@ -223,3 +223,87 @@ fn a_rotation_reaches_watchers_with_both_roots() -> anyhow::Result<()> {
         }
     })
 }
+
+/// An agent authenticates with its node's token, then with the node
+/// certificate it got with it: presented as the TLS client certificate
+/// without any token, the certificate is the node's identity (its node,
+/// read on services), nothing more; a service certificate counts for
+/// nothing.
+#[test]
+fn a_node_certificate_authenticates_its_node_and_nothing_more() -> anyhow::Result<()> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    use weft_api::proto::kv_client::KvClient;
+    use weft_api::proto::{KvGetRequest, ReadOptions};
+    let cluster = Cluster::start(1, &[])?;
+    wait_for_ca(&cluster)?;
+    let token = cluster.token_with(&["--node-identity", "node-a:dc1"])?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let node = |name: &str| RegisterNodeRequest {
+            node: Some(Node {
+                name: name.into(),
+                address: "10.0.0.1".into(),
+                datacenter: "dc1".into(),
+                ..Default::default()
+            }),
+        };
+        let mut with_token = CatalogClient::new(cluster.channel_as(1, Some(&token)).await?);
+        with_token.register_node(node("node-a")).await?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let csr = CertificateParams::default()
+            .serialize_request(&key)?
+            .pem()?;
+        let leaf = CaClient::new(cluster.channel_as(1, Some(&token)).await?)
+            .sign(SignRequest {
+                csr_pem: csr,
+                node: "node-a".into(),
+                service: String::new(),
+            })
+            .await?
+            .into_inner();
+        let connect = |cert: String, key: String| {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&cluster.tls_ca.cert_pem))
+                .domain_name("server.dc1.weft")
+                .identity(Identity::from_pem(cert, key));
+            let addr = cluster.grpc_addr(1).to_string();
+            async move {
+                Ok::<_, anyhow::Error>(
+                    Endpoint::from_shared(format!("https://{addr}"))?
+                        .tls_config(tls)?
+                        .connect()
+                        .await?,
+                )
+            }
+        };
+        let chain = format!("{}{}", leaf.cert_pem, leaf.chain_pem);
+        let as_node = connect(chain, key.serialize_pem()).await?;
+        let mut catalog = CatalogClient::new(as_node.clone());
+        catalog.register_node(node("node-a")).await?;
+        catalog.list_services(ReadOptions { stale: false }).await?;
+        let refused = catalog.register_node(node("node-b")).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        let refused = KvClient::new(as_node)
+            .get(KvGetRequest {
+                key: "secret".into(),
+                read: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
+        // A service certificate (an operator leaf) is no node's identity.
+        let out = cluster.cli(&["--format", "json", "ca", "leaf", "web"])?;
+        let web: serde_json::Value = serde_json::from_str(&out)?;
+        let web_cert = format!(
+            "{}{}",
+            web["cert_pem"].as_str().context("cert_pem")?,
+            web["chain_pem"].as_str().unwrap_or_default()
+        );
+        let web_key = web["key_pem"].as_str().context("key_pem")?.to_string();
+        let mut as_web = CatalogClient::new(connect(web_cert, web_key).await?);
+        let refused = as_web.register_node(node("node-a")).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+        Ok::<_, anyhow::Error>(())
+    })
+}

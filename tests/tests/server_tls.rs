@@ -100,6 +100,24 @@ fn a_client_holds_at_most_max_conns_per_client() -> anyhow::Result<()> {
     let held: Vec<std::net::TcpStream> = (0..5)
         .map(|_| std::net::TcpStream::connect(&addr))
         .collect::<Result<_, _>>()?;
+    // Once the server has counted the five, a sixth socket is closed at
+    // once: wait for that (a probe the server still admits holds a place
+    // only until it is dropped).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut probe = std::net::TcpStream::connect(&addr)?;
+        probe.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
+        let mut buf = [0u8; 1];
+        match std::io::Read::read(&mut probe, &mut buf) {
+            Ok(0) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            _ => {}
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the server never refused a sixth connection"
+        );
+    }
     let refused = cluster.cli_at(&addr, &["kv", "get", "k"]);
     assert!(
         !refused.status.success(),

@@ -108,6 +108,46 @@ fn resolve(node: &ServerNode, secret: &str) -> Option<Caller> {
     resolve_in(&state, &node.datacenter, secret)
 }
 
+/// The caller a request's TLS client certificate stands for: a node
+/// certificate of this cluster's mesh CA (the TLS layer checked the chain)
+/// whose SPIFFE id is `spiffe://<td>/ns/default/dc/<this dc>/node/<node>`
+/// gets that node's identity (write on the node, read on services and
+/// nodes), as the node's token would. Any other certificate counts for
+/// nothing.
+fn node_certificate<T>(node: &ServerNode, req: &Request<T>) -> Option<Caller> {
+    let certs = req.peer_certs()?;
+    let leaf = certs.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let mut uris = cert
+        .subject_alternative_name()
+        .ok()??
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        });
+    let uri = uris.next()?;
+    if uris.next().is_some() {
+        return None;
+    }
+    let trust_domain = {
+        let state = node.shared.state.read().expect("state lock");
+        state.ca.as_ref()?.trust_domain.clone()
+    };
+    let prefix = format!(
+        "spiffe://{trust_domain}/ns/default/dc/{}/node/",
+        node.datacenter
+    );
+    let name = uri.strip_prefix(&prefix)?;
+    weft_api::names::validate_name(name).ok()?;
+    Some(Caller {
+        accessor: format!("node certificate of {name}"),
+        authz: Authorizer::from_rules([&weft_api::acl::node_identity_rules(name)]),
+    })
+}
+
 /// Whether an unknown token may cost a read barrier now: at most one every
 /// `UNKNOWN_TOKEN_GAP` for the whole server, so that a stream of made-up
 /// tokens cannot turn into a stream of read-index rounds between servers.
@@ -151,6 +191,10 @@ impl tonic::service::Interceptor for KnownToken {
 /// barrier at a time per `UNKNOWN_TOKEN_GAP`).
 pub async fn caller<T>(node: &ServerNode, req: &Request<T>) -> Result<Caller, Status> {
     let Some(secret) = secret_of(req) else {
+        // No token: an agent's node certificate speaks for its node.
+        if let Some(caller) = node_certificate(node, req) {
+            return Ok(caller);
+        }
         return Err(Status::unauthenticated(
             "no ACL token: pass one with --token or WEFT_TOKEN",
         ));

@@ -161,6 +161,19 @@ pub enum Change {
 }
 
 impl State {
+    /// The mesh CA's roots (DER), for verifying agents' node certificates;
+    /// empty before the CA exists.
+    pub fn ca_roots_der(&self) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        use rustls::pki_types::pem::PemObject;
+        self.ca
+            .iter()
+            .flat_map(|ca| ca.roots.iter())
+            .filter_map(|r| {
+                rustls::pki_types::CertificateDer::from_pem_slice(r.cert_pem.as_bytes()).ok()
+            })
+            .collect()
+    }
+
     /// All intentions, in no particular order.
     pub fn all_intentions(&self) -> impl Iterator<Item = &Intention> {
         self.intentions.values().flat_map(|m| m.values())
