@@ -26,6 +26,43 @@ pub mod maps {
     /// `FastKey -> RedirectTarget`: same-node connections that intentions
     /// allow and that need no proxying go straight to the local instance.
     pub const FAST_PATH: &str = "FAST_PATH";
+    /// Array of `u64` settings, indexed by the `agent` constants: the
+    /// agent's liveness lease, the egress policy and the socket mark.
+    pub const AGENT: &str = "AGENT";
+    /// `port (u32) -> 1`: local instance ports of services in permissive
+    /// mode, whose plaintext connections from other hosts go to the agent.
+    pub const PERMISSIVE: &str = "PERMISSIVE";
+    /// Sockmap holding the agent's permissive listener at index 0.
+    pub const PERMISSIVE_LISTENER: &str = "PERMISSIVE_LISTENER";
+    /// Every map, in the order they are pinned.
+    pub const ALL: [&str; 9] = [
+        WORKLOADS,
+        DESTINATIONS,
+        ORIG_BY_COOKIE,
+        ORIG_BY_TUPLE,
+        COUNTERS,
+        FAST_PATH,
+        AGENT,
+        PERMISSIVE,
+        PERMISSIVE_LISTENER,
+    ];
+}
+
+/// Slots of the `AGENT` array.
+pub mod agent {
+    /// `CLOCK_MONOTONIC` nanoseconds until which the agent is known to be
+    /// alive and its maps current. Past it, mesh workloads' connections are
+    /// refused: the agent renews it while it runs.
+    pub const ALIVE_UNTIL: u32 = 0;
+    /// What happens to connections to destinations outside the mesh:
+    /// `EGRESS_ALLOW` or `EGRESS_DENY`.
+    pub const EGRESS: u32 = 1;
+    /// The socket mark (`SO_MARK`) that tells connections the agent checked.
+    pub const MARK: u32 = 2;
+    /// Number of slots.
+    pub const COUNT: u32 = 3;
+    pub const EGRESS_ALLOW: u64 = 0;
+    pub const EGRESS_DENY: u64 = 1;
 }
 
 /// Program names (the Rust function names in `agent-ebpf`).
@@ -33,6 +70,10 @@ pub mod programs {
     pub const CONNECT4: &str = "weft_connect4";
     pub const CONNECT6: &str = "weft_connect6";
     pub const SOCKOPS: &str = "weft_sockops";
+    pub const INGRESS: &str = "weft_ingress";
+    pub const SK_LOOKUP: &str = "weft_sk_lookup";
+    /// Every program, in the order they are attached.
+    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SOCKOPS, INGRESS, SK_LOOKUP];
 }
 
 /// Indexes into the `COUNTERS` per-CPU array.
@@ -47,8 +88,19 @@ pub mod counter {
     pub const CLOSED: u32 = 3;
     /// connect() calls sent straight to a local instance.
     pub const FAST_PATH: u32 = 4;
+    /// connect() calls to destinations outside the mesh let through.
+    pub const EGRESS_ALLOWED: u32 = 5;
+    /// connect() calls to destinations outside the mesh refused.
+    pub const EGRESS_DENIED: u32 = 6;
+    /// connect() calls refused because no live agent could check them.
+    pub const NO_AGENT: u32 = 7;
+    /// Connection attempts to mesh workloads refused because the agent had
+    /// not checked them (inbound capture).
+    pub const INBOUND_REFUSED: u32 = 8;
+    /// Plaintext connections to permissive services steered to the agent.
+    pub const PERMISSIVE_STEERED: u32 = 9;
     /// Number of counters.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 10;
 }
 
 /// A mesh workload's cgroup, as the agent registered it.
@@ -63,6 +115,7 @@ pub struct WorkloadInfo {
 /// A destination that mesh workloads' connections are taken over for.
 ///
 /// `port == 0` matches any port of `addr` (a service's virtual IP).
+/// `family` is `AF_INET` (address in the first word) or `AF_INET6`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DestKey {

@@ -1,16 +1,26 @@
-//! weft's eBPF programs: they bring mesh workloads' connections to the agent.
+//! weft's eBPF programs: they bring mesh workloads' connections to the agent,
+//! keep everything else from reaching them, and fail closed without it.
 //!
-//! * `weft_connect4` (cgroup/connect4), and `weft_connect6` for IPv6 sockets
-//!   connecting to v4-mapped addresses, run when a process in the attached
-//!   cgroup subtree calls `connect()`. If the process's cgroup is a mesh
-//!   workload (`WORKLOADS`) and the destination is taken over
-//!   (`DESTINATIONS`, exact port first, then port 0 = any port), it records
-//!   the original destination under the socket cookie and rewrites the
-//!   destination to the target from the map.
-//! * `weft_sockops` (sockops) moves that record to a map keyed by the
+//! * `weft_connect4` (cgroup/connect4) and `weft_connect6` (cgroup/connect6)
+//!   run when a process in the attached cgroup subtree calls `connect()`. For
+//!   a mesh workload (`WORKLOADS`) they decide with [`steer`]: the same-node
+//!   fast path, a redirect to the agent for mesh destinations (`DESTINATIONS`:
+//!   virtual IPs and registered instances, IPv4 and IPv6), the `egress`
+//!   policy for everything else, and a refusal when no live agent renews its
+//!   lease in `AGENT` (the mesh fails closed when the agent is gone).
+//! * `weft_sockops` (sockops) moves the redirect record to a map keyed by the
 //!   connection's 4-tuple and netns cookie once the connection is established,
 //!   so that the agent can look up each accepted socket, and removes it again
 //!   when the connection closes.
+//! * `weft_ingress` (cgroup_skb/ingress) is inbound capture: a connection
+//!   attempt (TCP SYN) to a mesh workload's socket is dropped unless it
+//!   carries the agent's socket mark (the agent's own connections, and
+//!   same-node fast-path ones the connect hook checked), or the workload's
+//!   own mark (a workload reaching itself over loopback).
+//! * `weft_sk_lookup` (sk_lookup, on the node's network namespace) steers
+//!   plaintext connections from other hosts to ports of services in
+//!   permissive mode to the agent's permissive listener; with no listener
+//!   (agent gone) they are refused.
 //!
 //! Every decision is made from maps the agent fills; nothing is hard-coded.
 // On the host (clippy, `cargo check --workspace`) this is an ordinary binary
@@ -23,22 +33,35 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{HashMap, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        bpf_ktime_get_ns, bpf_setsockopt, bpf_skb_cgroup_id,
+    },
+    macros::{cgroup_skb, cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
-use aya_log_ebpf::{debug, info};
+use aya_log_ebpf::debug;
 use weft_agent_common::{
-    counter, DestKey, FastKey, OrigDst, RedirectTarget, SockTuple, WorkloadInfo, AF_INET, AF_INET6,
+    agent, counter, DestKey, FastKey, OrigDst, RedirectTarget, SockTuple, WorkloadInfo, AF_INET,
+    AF_INET6,
 };
 
 const SOCK_STREAM: u32 = 1;
-/// Let the connect() go on.
+const IPPROTO_TCP: u32 = 6;
+/// Let the connect() go on; pass the packet.
 const ALLOW: i32 = 1;
-/// Fail the connect() with EPERM.
+/// Fail the connect() with EPERM; drop the packet.
 const REFUSE: i32 = 0;
+const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
+const SOL_SOCKET: i32 = 1;
+const SO_MARK: i32 = 36;
+/// The loopback device's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 #[map(name = "WORKLOADS")]
 static WORKLOADS: HashMap<u64, WorkloadInfo> = HashMap::with_max_entries(4096, 0);
@@ -58,11 +81,50 @@ static FAST_PATH: HashMap<FastKey, RedirectTarget> = HashMap::with_max_entries(1
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
+#[map(name = "AGENT")]
+static AGENT: Array<u64> = Array::with_max_entries(agent::COUNT, 0);
+
+#[map(name = "PERMISSIVE")]
+static PERMISSIVE: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+#[map(name = "PERMISSIVE_LISTENER")]
+static PERMISSIVE_LISTENER: SockMap = SockMap::with_max_entries(1, 0);
+
 #[inline(always)]
 fn count(index: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it while we run.
         unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn setting(slot: u32) -> u64 {
+    AGENT.get(slot).copied().unwrap_or(0)
+}
+
+/// Whether a live agent renewed its lease: its maps are current and it is
+/// there to take redirected connections.
+#[inline(always)]
+fn agent_alive() -> bool {
+    let until = setting(agent::ALIVE_UNTIL);
+    // SAFETY: helper without arguments.
+    until != 0 && unsafe { bpf_ktime_get_ns() } < until
+}
+
+/// Sets `SO_MARK` on the socket being connected.
+#[inline(always)]
+fn mark_socket(ctx: &SockAddrContext, mark: u32) {
+    let mut value = mark;
+    // SAFETY: a valid context and a 4-byte value of the advertised size.
+    unsafe {
+        bpf_setsockopt(
+            ctx.as_ptr(),
+            SOL_SOCKET,
+            SO_MARK,
+            (&mut value as *mut u32).cast(),
+            4,
+        );
     }
 }
 
@@ -73,8 +135,15 @@ pub fn weft_connect4(ctx: SockAddrContext) -> i32 {
     if sa.type_ != SOCK_STREAM {
         return ALLOW;
     }
-    let port = u16::from_be(sa.user_port as u16);
-    match steer(&ctx, sa.user_ip4, port) {
+    let ip = sa.user_ip4;
+    let key = DestKey {
+        addr: [ip, 0, 0, 0],
+        port: u16::from_be(sa.user_port as u16),
+        family: AF_INET,
+    };
+    // 127.0.0.0/8: the first byte in network order is the low byte here.
+    let loopback = ip & 0xff == 127;
+    match steer(&ctx, key, loopback) {
         Steer::Leave => ALLOW,
         Steer::Refuse => REFUSE,
         Steer::To(target) => {
@@ -93,10 +162,12 @@ pub fn weft_connect4(ctx: SockAddrContext) -> i32 {
 /// The third word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), as the
 /// network-order bytes 00 00 ff ff read on a little-endian host.
 const V4_MAPPED: u32 = 0xffff_0000;
+/// `::1` as read on a little-endian host.
+const V6_LOOPBACK_LAST: u32 = 0x0100_0000;
 
-/// IPv6 sockets reach IPv4 destinations through v4-mapped addresses; those
-/// are steered exactly like connect4. Other IPv6 destinations are not mesh
-/// addresses (virtual IPs are IPv4) and pass.
+/// IPv6 sockets: v4-mapped destinations are steered exactly like connect4;
+/// other IPv6 destinations (global, link-local, loopback) are looked up as
+/// IPv6, and redirected to the v4-mapped form of the agent's listener.
 #[cgroup_sock_addr(connect6)]
 pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the whole call.
@@ -104,18 +175,41 @@ pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
     if sa.type_ != SOCK_STREAM {
         return ALLOW;
     }
-    let ip6 = sa.user_ip6;
-    if ip6[0] != 0 || ip6[1] != 0 || ip6[2] != V4_MAPPED {
-        return ALLOW;
-    }
+    let ip6 = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
     let port = u16::from_be(sa.user_port as u16);
-    match steer(&ctx, ip6[3], port) {
+    let mapped = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED;
+    let (key, loopback) = if mapped {
+        let key = DestKey {
+            addr: [ip6[3], 0, 0, 0],
+            port,
+            family: AF_INET,
+        };
+        (key, ip6[3] & 0xff == 127)
+    } else {
+        let key = DestKey {
+            addr: ip6,
+            port,
+            family: AF_INET6,
+        };
+        let loopback = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == V6_LOOPBACK_LAST;
+        (key, loopback)
+    };
+    match steer(&ctx, key, loopback) {
         Steer::Leave => ALLOW,
         Steer::Refuse => REFUSE,
         Steer::To(target) => {
-            // SAFETY: writable fields of bpf_sock_addr for connect6; the
-            // address stays v4-mapped.
+            // Targets are IPv4: an IPv6 socket reaches them v4-mapped (a
+            // socket with IPV6_V6ONLY cannot, and its connect fails).
+            // SAFETY: writable fields of bpf_sock_addr for connect6.
             unsafe {
+                core::ptr::write_volatile(&mut sa.user_ip6[0], 0);
+                core::ptr::write_volatile(&mut sa.user_ip6[1], 0);
+                core::ptr::write_volatile(&mut sa.user_ip6[2], V4_MAPPED);
                 core::ptr::write_volatile(&mut sa.user_ip6[3], target.addr[0]);
                 core::ptr::write_volatile(&mut sa.user_port, u32::from(target.port.to_be()));
             }
@@ -126,7 +220,7 @@ pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
 
 /// What to do with a mesh workload's connect().
 enum Steer {
-    /// Not a mesh connection: leave it alone.
+    /// Not a mesh connection, and allowed out: leave it alone.
     Leave,
     /// Go to this address instead.
     To(RedirectTarget),
@@ -134,11 +228,23 @@ enum Steer {
     Refuse,
 }
 
-/// Decides a connect() to IPv4 `ip` (network order) and `port`: the
-/// same-node fast path, a redirect to the agent (recording the original
-/// destination under the socket cookie), or nothing.
+/// Looks `key` up exactly, then as "any port" (a virtual IP).
 #[inline(always)]
-fn steer<C: EbpfContext>(ctx: &C, ip: u32, port: u16) -> Steer {
+fn destination(mut key: DestKey) -> Option<RedirectTarget> {
+    // SAFETY: values in this map are plain data written by the agent.
+    if let Some(t) = unsafe { DESTINATIONS.get(key) } {
+        return Some(*t);
+    }
+    key.port = 0;
+    unsafe { DESTINATIONS.get(key) }.copied()
+}
+
+/// Decides a mesh workload's connect() to `key`: the same-node fast path, a
+/// redirect to the agent (recording the original destination under the
+/// socket cookie), the egress policy, or a refusal when no live agent can
+/// check it. `loopback`: the destination is on the loopback network.
+#[inline(always)]
+fn steer(ctx: &SockAddrContext, key: DestKey, loopback: bool) -> Steer {
     // SAFETY: helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: values in this map are plain data written by the agent.
@@ -147,48 +253,63 @@ fn steer<C: EbpfContext>(ctx: &C, ip: u32, port: u16) -> Steer {
     };
     let workload_id = workload.workload_id;
     count(counter::CONNECT_SEEN);
-    let mut key = DestKey {
-        addr: [ip, 0, 0, 0],
-        port,
-        family: AF_INET,
-    };
+    let alive = agent_alive();
+    let mark = setting(agent::MARK) as u32;
 
     // Same-node fast path: the agent put this pair here because intentions
-    // allow it and the service is plain TCP; go straight to the instance.
-    let mut fast = FastKey {
-        workload_id,
-        dest: key,
-    };
-    // SAFETY: values in this map are plain data written by the agent.
-    let direct = match unsafe { FAST_PATH.get(fast) } {
-        Some(t) => Some(*t),
-        None => {
-            fast.dest.port = 0;
-            unsafe { FAST_PATH.get(fast) }.copied()
-        }
-    };
-    if let Some(target) = direct {
-        count(counter::FAST_PATH);
-        return Steer::To(target);
-    }
-    // SAFETY: as above.
-    let target = match unsafe { DESTINATIONS.get(key) } {
-        Some(t) => *t,
-        None => {
-            key.port = 0;
-            match unsafe { DESTINATIONS.get(key) } {
-                Some(t) => *t,
-                None => return Steer::Leave,
+    // allow it and the service is plain TCP; go straight to the instance,
+    // with the mark that lets the connection past inbound capture. Only
+    // while the agent is alive: a deny written since must not be bypassed.
+    if alive {
+        let mut fast = FastKey {
+            workload_id,
+            dest: key,
+        };
+        // SAFETY: values in this map are plain data written by the agent.
+        let direct = match unsafe { FAST_PATH.get(fast) } {
+            Some(t) => Some(*t),
+            None => {
+                fast.dest.port = 0;
+                unsafe { FAST_PATH.get(fast) }.copied()
             }
+        };
+        if let Some(target) = direct {
+            mark_socket(ctx, mark);
+            count(counter::FAST_PATH);
+            return Steer::To(target);
         }
+    }
+
+    let Some(target) = destination(key) else {
+        // Not a mesh destination.
+        if loopback {
+            // The workload's own loopback traffic; marked so that it may
+            // reach the workload itself, and nothing else of the mesh.
+            mark_socket(ctx, mark | workload_id);
+            return Steer::Leave;
+        }
+        if !alive {
+            count(counter::NO_AGENT);
+            return Steer::Refuse;
+        }
+        if setting(agent::EGRESS) == agent::EGRESS_DENY {
+            count(counter::EGRESS_DENIED);
+            return Steer::Refuse;
+        }
+        count(counter::EGRESS_ALLOWED);
+        return Steer::Leave;
     };
+    if !alive {
+        count(counter::NO_AGENT);
+        return Steer::Refuse;
+    }
 
     // SAFETY: the context pointer is valid for this program type.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = OrigDst {
-        addr: [ip, 0, 0, 0],
-        port,
-        family: AF_INET,
+        addr: key.addr,
+        port: key.port,
+        family: key.family,
         workload_id,
         cgroup_id,
     };
@@ -198,16 +319,82 @@ fn steer<C: EbpfContext>(ctx: &C, ip: u32, port: u16) -> Steer {
         return Steer::Refuse;
     }
     count(counter::REDIRECTED);
-    info!(
-        ctx,
-        "redirect cgroup {} to {:i}:{} -> {:i}:{}",
-        cgroup_id,
-        u32::from_be(ip),
-        port,
-        u32::from_be(target.addr[0]),
-        target.port
-    );
+    debug!(ctx, "redirect cgroup {} port {}", cgroup_id, key.port);
     Steer::To(target)
+}
+
+/// Inbound capture: drops a connection attempt (TCP SYN without ACK) to a
+/// mesh workload's socket unless the connecting socket carried the agent's
+/// mark, or the workload's own mark. Other packets pass: established
+/// connections got in through a checked SYN, replies to the workload's own
+/// connections are not attempts.
+#[cgroup_skb(ingress)]
+pub fn weft_ingress(ctx: SkBuffContext) -> i32 {
+    // SAFETY: the context's skb pointer is valid for this program type.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    // SAFETY: values in this map are plain data written by the agent.
+    let Some(workload) = (unsafe { WORKLOADS.get(cgroup_id) }) else {
+        return ALLOW;
+    };
+    let workload_id = workload.workload_id;
+    match tcp_flags(&ctx) {
+        Some(flags) if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 => {}
+        _ => return ALLOW,
+    }
+    // SAFETY: a readable field of __sk_buff.
+    let packet_mark = unsafe { (*ctx.skb.skb).mark };
+    let mark = setting(agent::MARK) as u32;
+    if mark != 0 && (packet_mark == mark || packet_mark == mark | workload_id) {
+        return ALLOW;
+    }
+    count(counter::INBOUND_REFUSED);
+    REFUSE
+}
+
+/// The TCP flags byte of the packet (which starts at its IP header), or
+/// None if it is not TCP.
+#[inline(always)]
+fn tcp_flags(ctx: &SkBuffContext) -> Option<u8> {
+    let first: u8 = ctx.load(0).ok()?;
+    let (protocol, header_len) = match first >> 4 {
+        4 => (ctx.load::<u8>(9).ok()?, usize::from(first & 0x0f) * 4),
+        // Extension headers before TCP are not followed: such a SYN is not
+        // seen as one and passes, which no TCP stack sends on its own.
+        6 => (ctx.load::<u8>(6).ok()?, 40),
+        _ => return None,
+    };
+    if u32::from(protocol) != IPPROTO_TCP {
+        return None;
+    }
+    ctx.load::<u8>(header_len + 13).ok()
+}
+
+/// Permissive mode: a connection from another host to a local port of a
+/// permissive service goes to the agent's permissive listener; with no
+/// listener (agent gone) it is refused. Connections arriving on loopback
+/// (the agent's own, local processes) go on to inbound capture.
+#[sk_lookup]
+pub fn weft_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the kernel hands us a valid bpf_sk_lookup for the whole call.
+    let lookup = unsafe { &*ctx.lookup };
+    if lookup.protocol != IPPROTO_TCP || lookup.ingress_ifindex == LOOPBACK_IFINDEX {
+        return SK_PASS;
+    }
+    let port = lookup.local_port;
+    // SAFETY: values in this map are plain data written by the agent.
+    if unsafe { PERMISSIVE.get(&port) }.is_none() {
+        return SK_PASS;
+    }
+    match PERMISSIVE_LISTENER.redirect_sk_lookup(&ctx, 0, 0) {
+        Ok(()) => {
+            count(counter::PERMISSIVE_STEERED);
+            SK_PASS
+        }
+        Err(_) => {
+            count(counter::INBOUND_REFUSED);
+            SK_DROP
+        }
+    }
 }
 
 #[sock_ops]

@@ -23,6 +23,12 @@ pub const DEFAULT_SERVICE_ADDRESS: &str = "127.0.0.1";
 pub const DEFAULT_INBOUND_ADDR: &str = "0.0.0.0:15008";
 /// Default outbound listener for redirected connections.
 pub const DEFAULT_OUTBOUND_ADDR: &str = "127.0.0.1:15001";
+/// Default listener for plaintext connections to permissive services.
+pub const DEFAULT_PERMISSIVE_ADDR: &str = "127.0.0.1:15006";
+/// Default socket mark of the connections the agent checked. Its low 12 bits
+/// are zero (they carry a workload id); it avoids the bits kube-proxy
+/// (0x4000, 0x8000), Istio (0x539), Cilium (0xf00) and Calico (upper 16) use.
+pub const DEFAULT_SOCKET_MARK: u32 = 0x3000;
 /// Default admin listener (`/healthz`, `/metrics`, `/config`).
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15020";
 /// Default DNS listener.
@@ -97,8 +103,18 @@ pub struct AgentConfig {
     pub cgroup_root: Option<PathBuf>,
     /// `false`: explicit upstreams only, no interception.
     pub ebpf: bool,
+    /// Where the eBPF programs' links and maps are pinned (`None`: under
+    /// /sys/fs/bpf/weft/, named after the cgroup root).
+    pub bpf_pin_dir: Option<PathBuf>,
+    /// Mesh workloads' connections to destinations outside the mesh.
+    pub egress: EgressPolicy,
+    /// `SO_MARK` of the connections the agent checked: inbound capture lets
+    /// only those reach mesh workloads.
+    pub socket_mark: u32,
     pub inbound_addr: SocketAddr,
     pub outbound_addr: SocketAddr,
+    /// Plaintext connections to permissive services arrive here.
+    pub permissive_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub dns_addr: SocketAddr,
     #[serde(with = "duration_text")]
@@ -119,6 +135,18 @@ pub struct AgentConfig {
     /// `server.<datacenter>.weft` unless set.
     pub tls_server_name: String,
     pub services: Vec<ServiceConfig>,
+}
+
+/// What happens to a mesh workload's connection to a destination outside
+/// the mesh (neither a virtual IP nor a registered instance).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EgressPolicy {
+    /// Passthrough, counted (`weft_agent_ebpf_total{event="egress_allowed"}`).
+    #[default]
+    Allow,
+    /// Refused in the kernel (the connect fails with EPERM), counted.
+    Deny,
 }
 
 /// A secret from the configuration: shows itself in no debug output.
@@ -253,10 +281,18 @@ struct RawConfig {
     cgroup_root: Option<PathBuf>,
     #[serde(default = "default_true")]
     ebpf: bool,
+    #[serde(default)]
+    bpf_pin_dir: Option<PathBuf>,
+    #[serde(default)]
+    egress: EgressPolicy,
+    #[serde(default = "default_socket_mark")]
+    socket_mark: u32,
     #[serde(default = "default_inbound")]
     inbound_addr: String,
     #[serde(default = "default_outbound")]
     outbound_addr: String,
+    #[serde(default = "default_permissive")]
+    permissive_addr: String,
     #[serde(default = "default_admin")]
     admin_addr: String,
     #[serde(default = "default_dns")]
@@ -334,6 +370,12 @@ fn default_inbound() -> String {
 }
 fn default_outbound() -> String {
     DEFAULT_OUTBOUND_ADDR.to_string()
+}
+fn default_permissive() -> String {
+    DEFAULT_PERMISSIVE_ADDR.to_string()
+}
+fn default_socket_mark() -> u32 {
+    DEFAULT_SOCKET_MARK
 }
 fn default_admin() -> String {
     DEFAULT_ADMIN_ADDR.to_string()
@@ -564,6 +606,24 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
     }
     let inbound_addr = socket_addr("inbound_addr", &raw.inbound_addr)?;
     let outbound_addr = socket_addr("outbound_addr", &raw.outbound_addr)?;
+    let permissive_addr = socket_addr("permissive_addr", &raw.permissive_addr)?;
+    if raw.socket_mark == 0 || raw.socket_mark & 0xfff != 0 {
+        return Err(invalid(
+            "socket_mark",
+            format!(
+                "{:#x} must be non-zero with its low 12 bits clear (they carry a workload id), e.g. {DEFAULT_SOCKET_MARK:#x}",
+                raw.socket_mark
+            ),
+        ));
+    }
+    if let Some(dir) = &raw.bpf_pin_dir {
+        if !dir.is_absolute() {
+            return Err(invalid(
+                "bpf_pin_dir",
+                format!("{:?} must be an absolute path on bpffs", dir.display().to_string()),
+            ));
+        }
+    }
     let admin_addr = socket_addr("admin_addr", &raw.admin_addr)?;
     let dns_addr = socket_addr("dns_addr", &raw.dns_addr)?;
     let drain_timeout = duration("drain_timeout", &raw.drain_timeout, true)?;
@@ -668,8 +728,12 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         data_dir: raw.data_dir,
         cgroup_root: raw.cgroup_root,
         ebpf: raw.ebpf,
+        bpf_pin_dir: raw.bpf_pin_dir,
+        egress: raw.egress,
+        socket_mark: raw.socket_mark,
         inbound_addr,
         outbound_addr,
+        permissive_addr,
         admin_addr,
         dns_addr,
         drain_timeout,

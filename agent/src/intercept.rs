@@ -1,10 +1,19 @@
 //! Transparent interception (`ebpf = true`): the agent's eBPF programs,
 //! attached to the cgroup subtree it manages, bring mesh workloads'
-//! connections to the outbound listener. This module places each service's
-//! cgroup, keeps the programs' maps in step with the agent's view (every
-//! service's virtual IP, on any port, and every registered instance address
-//! are taken over), and tells, for an accepted socket, which local service
-//! called and where it wanted to go.
+//! connections to the outbound listener and keep unchecked connections from
+//! reaching them. This module places each service's cgroup, keeps the
+//! programs' maps in step with the agent's view (every service's virtual IP,
+//! on any port, and every registered instance address are taken over; the
+//! same-node fast path; the ports of permissive services), renews the
+//! agent's liveness lease, and tells, for an accepted socket, which local
+//! service called and where it wanted to go.
+//!
+//! Start-up order matters for failing closed: [`Interception::start`] runs
+//! before anything else in the agent. It adopts the pinned maps of an earlier
+//! agent, fills the workload map and attaches its programs (removing the
+//! earlier links); until [`Interception::renew_lease`] is first called,
+//! after the view is loaded and synced, the programs refuse mesh workloads'
+//! connections.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -12,9 +21,12 @@ use std::sync::Mutex;
 
 use tokio::net::TcpStream;
 
-use crate::config::AgentConfig;
+use weft_api::config_entry::MutualTlsMode;
+
+use crate::config::{AgentConfig, EgressPolicy};
 use crate::ebpf::{
-    cgroup2_mount, cgroup_id, CgroupError, RedirectCounters, Redirector, RedirectorError,
+    cgroup2_mount, cgroup_id, pins, CgroupError, Egress, Pins, RedirectCounters, Redirector,
+    RedirectorError,
 };
 use crate::view::View;
 
@@ -34,6 +46,22 @@ pub enum InterceptError {
     NoCgroup(String),
     #[error("no service {0:?} in the configuration")]
     UnknownService(String),
+    #[error(transparent)]
+    Pins(#[from] pins::PinError),
+}
+
+/// Where the agent pins its programs and maps.
+pub fn pin_dir(config: &AgentConfig) -> Result<PathBuf, InterceptError> {
+    match &config.bpf_pin_dir {
+        Some(dir) => Ok(dir.clone()),
+        None => Ok(pins::default_dir(&cgroup_root(config)?)),
+    }
+}
+
+/// `weft-agent uninstall`: removes the pinned programs and maps of the
+/// agent `config` describes. Ok(false) if nothing was pinned.
+pub fn uninstall(config: &AgentConfig) -> Result<bool, InterceptError> {
+    Ok(Pins::uninstall(&pin_dir(config)?)?)
 }
 
 /// Where the agent's cgroup subtree is: `cgroup_root` or the cgroup2 mount.
@@ -80,8 +108,27 @@ pub struct Interception {
     workloads: Vec<String>,
     installed: Mutex<BTreeSet<(IpAddr, Option<u16>)>>,
     fast_installed: Mutex<BTreeMap<FastEntry, SocketAddr>>,
+    permissive_installed: Mutex<BTreeSet<u16>>,
+    /// (service name, port) of every local service.
+    local_services: Vec<(String, u16)>,
     node_name: String,
     outbound: SocketAddr,
+}
+
+/// The liveness lease the agent renews: past it, with no renewal, the
+/// programs refuse mesh workloads' connections.
+pub const LEASE: std::time::Duration = std::time::Duration::from_secs(3);
+/// How often the lease is renewed.
+pub const LEASE_RENEWAL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Local ports of permissive services: plaintext from other hosts to them is
+/// steered to the agent.
+pub fn permissive_ports(view: &View, local_services: &[(String, u16)]) -> BTreeSet<u16> {
+    local_services
+        .iter()
+        .filter(|(name, _)| view.mutual_tls_mode(name) == MutualTlsMode::Permissive)
+        .map(|(_, port)| *port)
+        .collect()
 }
 
 /// (source workload id, destination ip, port or None for any port)
@@ -120,14 +167,24 @@ pub fn fast_paths(
 }
 
 impl Interception {
-    /// Loads the programs, places every service's cgroup (creating it when
-    /// missing) in the workload map and attaches at the cgroup root. Call
-    /// inside the tokio runtime.
+    /// Adopts what an earlier agent pinned, loads the programs, places every
+    /// service's cgroup (creating it when missing) in the workload map and
+    /// attaches at the cgroup root. Mesh workloads' connections are refused
+    /// until the first [`Interception::renew_lease`]. Call inside the tokio
+    /// runtime.
     pub fn start(config: &AgentConfig) -> Result<Self, InterceptError> {
         let root = cgroup_root(config)?;
         ensure_dir(&root)?;
-        let mut redirector = Redirector::load()?;
+        let pins = Pins::open(&pin_dir(config)?)?;
+        let mut redirector = Redirector::load(pins)?;
+        let egress = match config.egress {
+            EgressPolicy::Allow => Egress::Allow,
+            EgressPolicy::Deny => Egress::Deny,
+        };
+        redirector.configure(egress, config.socket_mark)?;
+        crate::mark::set(config.socket_mark);
         let mut workloads = Vec::new();
+        let mut cgroups = BTreeSet::new();
         for (i, service) in config.services.iter().enumerate() {
             workloads.push(service.name.clone());
             let Some(relative) = &service.cgroup else {
@@ -137,17 +194,67 @@ impl Interception {
             ensure_dir(&path)?;
             let id = cgroup_id(&path)?;
             redirector.add_workload(id, i as u32 + 1)?;
+            cgroups.insert(id);
             tracing::info!(service = %service.name, cgroup = %path.display(), cgroup_id = id, "workload cgroup");
         }
+        for stale in redirector.installed_workloads() {
+            if !cgroups.contains(&stale) {
+                redirector.remove_workload(stale)?;
+            }
+        }
         redirector.attach(&root)?;
+        // What an earlier agent left in reused maps is known as installed,
+        // so that the first sync removes what the view no longer wants.
+        let installed = redirector.installed_destinations().into_iter().collect();
+        let unknown_target = SocketAddr::from(([0, 0, 0, 0], 0));
+        let fast_installed = redirector
+            .installed_fast_paths()
+            .into_iter()
+            .map(|key| (key, unknown_target))
+            .collect();
+        let permissive_installed = redirector.permissive_ports().into_iter().collect();
         Ok(Self {
             redirector: Mutex::new(redirector),
             workloads,
-            installed: Mutex::new(BTreeSet::new()),
-            fast_installed: Mutex::new(BTreeMap::new()),
+            installed: Mutex::new(installed),
+            fast_installed: Mutex::new(fast_installed),
+            permissive_installed: Mutex::new(permissive_installed),
+            local_services: config
+                .services
+                .iter()
+                .map(|s| (s.name.clone(), s.port))
+                .collect(),
             node_name: config.node_name.clone(),
             outbound: config.outbound_addr,
         })
+    }
+
+    /// Renews the liveness lease: call every [`LEASE_RENEWAL`] once the view
+    /// is loaded and synced and the outbound listener is up.
+    pub fn renew_lease(&self) -> Result<(), InterceptError> {
+        Ok(self
+            .redirector
+            .lock()
+            .expect("redirector lock")
+            .renew_lease(LEASE)?)
+    }
+
+    /// Ends the lease: mesh workloads' connections are refused from now on
+    /// (shutdown).
+    pub fn end_lease(&self) -> Result<(), InterceptError> {
+        Ok(self.redirector.lock().expect("redirector lock").end_lease()?)
+    }
+
+    /// Puts the permissive listener where the sk_lookup program finds it.
+    pub fn set_permissive_listener<S: std::os::fd::AsRawFd>(
+        &self,
+        listener: &S,
+    ) -> Result<(), InterceptError> {
+        Ok(self
+            .redirector
+            .lock()
+            .expect("redirector lock")
+            .set_permissive_listener(listener)?)
     }
 
     /// What should be taken over: virtual IPs on any port, instances exactly.
@@ -159,7 +266,6 @@ impl Interception {
                 wanted.insert((ip, Some(instance.port)));
             }
         }
-        wanted.retain(|(ip, _)| ip.is_ipv4());
         wanted
     }
 
@@ -195,6 +301,17 @@ impl Interception {
             }
         }
         *fast_installed = fast;
+
+        let permissive = permissive_ports(view, &self.local_services);
+        let mut permissive_installed = self.permissive_installed.lock().expect("permissive lock");
+        for port in permissive_installed.difference(&permissive) {
+            redirector.set_permissive_port(*port, false)?;
+        }
+        for port in permissive.difference(&permissive_installed) {
+            redirector.set_permissive_port(*port, true)?;
+            tracing::info!(port, "permissive: plaintext from other hosts goes through the agent");
+        }
+        *permissive_installed = permissive;
         Ok(())
     }
 

@@ -38,6 +38,14 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Remove the eBPF programs and maps the agent pinned (they outlive the
+    /// agent so that the mesh fails closed). Afterwards mesh workloads'
+    /// connections are no longer redirected, checked or refused: run it only
+    /// to take weft off the node, with the agent stopped.
+    Uninstall {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +64,16 @@ fn main() -> anyhow::Result<()> {
             }),
             _,
         ) => exec(&config, &service, &command),
+        (Some(Command::Uninstall { config }), _) => {
+            let config = weft_agent::config::AgentConfig::load(&config)?;
+            let dir = weft_agent::intercept::pin_dir(&config)?;
+            if weft_agent::intercept::uninstall(&config)? {
+                println!("removed the eBPF pins in {}: the programs are detached", dir.display());
+            } else {
+                println!("nothing pinned in {}", dir.display());
+            }
+            Ok(())
+        }
         (None, Some(path)) => {
             let config = weft_agent::config::AgentConfig::load(&path)?;
             runtime(config.worker_threads)?

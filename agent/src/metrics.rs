@@ -10,7 +10,8 @@
 //! - `bytes_total{source,destination,direction="sent"|"received"}`
 //! - `intention_denials_total{source,destination}`
 //! - `tls_handshake_failures_total{side="inbound"|"outbound",reason}`
-//! - `ebpf_events_total{event="redirected"|"rekeyed"|"closed"|"fast_path"}`
+//! - `ebpf_events_total{event="redirected"|"rekeyed"|"closed"|"fast_path"|
+//!   "egress_allowed"|"egress_denied"|"no_agent"|"inbound_refused"|"permissive_steered"}`
 
 use std::fmt;
 use std::str::FromStr;
@@ -61,15 +62,30 @@ pub enum EbpfCounter {
     Closed,
     /// Same-node connections sent straight to the instance.
     FastPath,
+    /// Connections to destinations outside the mesh let through (`egress = "allow"`).
+    EgressAllowed,
+    /// Connections to destinations outside the mesh refused (`egress = "deny"`).
+    EgressDenied,
+    /// Connections refused because no live agent could check them.
+    NoAgent,
+    /// Unchecked connection attempts to mesh workloads refused (inbound capture).
+    InboundRefused,
+    /// Plaintext connections to permissive services steered to the agent.
+    PermissiveSteered,
 }
 
 impl EbpfCounter {
     /// All counters, in a fixed order.
-    pub const ALL: [EbpfCounter; 4] = [
+    pub const ALL: [EbpfCounter; 9] = [
         EbpfCounter::Redirected,
         EbpfCounter::Rekeyed,
         EbpfCounter::Closed,
         EbpfCounter::FastPath,
+        EbpfCounter::EgressAllowed,
+        EbpfCounter::EgressDenied,
+        EbpfCounter::NoAgent,
+        EbpfCounter::InboundRefused,
+        EbpfCounter::PermissiveSteered,
     ];
 }
 
@@ -116,6 +132,11 @@ label_value!(EbpfCounter {
     Rekeyed => "rekeyed",
     Closed => "closed",
     FastPath => "fast_path",
+    EgressAllowed => "egress_allowed",
+    EgressDenied => "egress_denied",
+    NoAgent => "no_agent",
+    InboundRefused => "inbound_refused",
+    PermissiveSteered => "permissive_steered",
 });
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

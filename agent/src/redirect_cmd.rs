@@ -7,7 +7,21 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weft_agent::ebpf::{cgroup_id, Redirector};
+use weft_agent::ebpf::{cgroup_id, Egress, Pins, Redirector};
+
+/// The liveness lease this command holds while it runs.
+const LEASE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Removes the command's pins when it ends: its programs detach.
+struct Unpin(PathBuf);
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        if let Err(e) = Pins::uninstall(&self.0) {
+            tracing::warn!("removing the pins at {}: {e}", self.0.display());
+        }
+    }
+}
 
 #[derive(clap::Args)]
 pub struct RedirectArgs {
@@ -27,6 +41,9 @@ pub struct RedirectArgs {
     /// Exit after this many connections (default: run until interrupted).
     #[arg(long)]
     count: Option<u64>,
+    /// Where to pin the programs while the command runs (removed at exit).
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
 }
 
 fn parse_destination(s: &str) -> Result<(IpAddr, Option<u16>), String> {
@@ -42,7 +59,13 @@ pub async fn run(args: RedirectArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    let mut redirector = Redirector::load()?;
+    let pin_dir = args
+        .pin_dir
+        .clone()
+        .unwrap_or_else(|| weft_agent::ebpf::pins::default_dir(&args.cgroup_root));
+    let _unpin = Unpin(pin_dir.clone());
+    let mut redirector = Redirector::load(Pins::open(&pin_dir)?)?;
+    redirector.configure(Egress::Allow, weft_agent::config::DEFAULT_SOCKET_MARK)?;
     for (i, dir) in args.workload_cgroups.iter().enumerate() {
         let id = cgroup_id(dir)?;
         redirector.add_workload(id, i as u32 + 1)?;
@@ -52,6 +75,8 @@ pub async fn run(args: RedirectArgs) -> anyhow::Result<()> {
         redirector.add_destination(*ip, *port, args.listen)?;
     }
     redirector.attach(&args.cgroup_root)?;
+    redirector.renew_lease(LEASE)?;
+    let mut renew = tokio::time::interval(LEASE / 4);
     println!(
         "listening on {}; redirect attached to {}",
         args.listen,
@@ -65,6 +90,10 @@ pub async fn run(args: RedirectArgs) -> anyhow::Result<()> {
         }
         let (mut stream, peer) = tokio::select! {
             r = listener.accept() => r.context("accept")?,
+            _ = renew.tick() => {
+                redirector.renew_lease(LEASE)?;
+                continue;
+            }
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
         served += 1;

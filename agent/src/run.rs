@@ -20,7 +20,7 @@ use crate::health::runner::{HealthChecks, HealthUpdate};
 use crate::identity::{Identities, IdentityError};
 use crate::intercept::{InterceptError, Interception};
 use crate::metrics::{AgentMetrics, EbpfCounter, Side};
-use crate::proxy::{inbound, outbound, ProxyContext};
+use crate::proxy::{inbound, outbound, permissive, ProxyContext};
 use crate::view::View;
 
 /// How long the agent waits for the servers at start-up.
@@ -81,6 +81,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let admin = AdminServer::bind(config.admin_addr, admin_state).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin_task = tokio::spawn(admin.serve(wait_for(stop_rx.clone())));
+
+    // Interception before anything else: adopt what an earlier agent pinned
+    // and keep failing closed (no lease) until the view is loaded.
+    let interception = if config.ebpf {
+        Some(Arc::new(Interception::start(&config)?))
+    } else {
+        None
+    };
 
     control.register_retrying(STARTUP_LIMIT).await?;
 
@@ -173,9 +181,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let dns = DnsServer::bind(config.dns_addr, resolver).await?;
     let dns_task = tokio::spawn(dns.serve(wait_for(stop_rx.clone())));
 
-    // Transparent interception.
-    if config.ebpf {
-        let interception = Arc::new(Interception::start(&config)?);
+    // Transparent interception: the maps follow the view, the listeners are
+    // up, and only then does the lease admit mesh connections.
+    if let Some(interception) = &interception {
         interception.sync(&view.read().expect("view lock"))?;
         let listener = listen(config.outbound_addr).await?;
         accept_tasks.push(tokio::spawn(outbound::serve_redirected(
@@ -183,16 +191,21 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             listener,
             interception.clone(),
         )));
+        let permissive = listen(config.permissive_addr).await?;
+        interception.set_permissive_listener(&permissive)?;
+        accept_tasks.push(tokio::spawn(permissive::serve(ctx.clone(), permissive)));
         accept_tasks.push(tokio::spawn(follow_destinations(
             view.clone(),
             index_rx.clone(),
             interception.clone(),
         )));
         accept_tasks.push(tokio::spawn(export_ebpf_counters(
-            interception,
+            interception.clone(),
             metrics.clone(),
         )));
-        tracing::info!(outbound = %config.outbound_addr, "transparent interception on");
+        interception.renew_lease()?;
+        accept_tasks.push(tokio::spawn(renew_lease(interception.clone())));
+        tracing::info!(outbound = %config.outbound_addr, permissive = %config.permissive_addr, "transparent interception on");
     }
 
     ready_tx.send_replace(true);
@@ -207,6 +220,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     ready_tx.send_replace(false);
     for task in accept_tasks {
         task.abort();
+    }
+    if let Some(interception) = &interception {
+        // New mesh connections are refused from here on; the programs stay.
+        if let Err(e) = interception.end_lease() {
+            tracing::error!("ending the eBPF lease: {e}");
+        }
     }
     drain(&ctx, config.drain_timeout).await;
     follow_task.abort();
@@ -281,6 +300,19 @@ async fn follow_destinations(
     }
 }
 
+/// Renews the programs' liveness lease for as long as the agent runs. If the
+/// agent stops (crash, hang), the lease runs out and mesh connections are
+/// refused.
+async fn renew_lease(interception: Arc<Interception>) {
+    let mut tick = tokio::time::interval(crate::intercept::LEASE_RENEWAL);
+    loop {
+        tick.tick().await;
+        if let Err(e) = interception.renew_lease() {
+            tracing::error!("renewing the eBPF lease: {e}");
+        }
+    }
+}
+
 /// Copies the programs' counters into the metrics every second.
 async fn export_ebpf_counters(interception: Arc<Interception>, metrics: Arc<AgentMetrics>) {
     loop {
@@ -289,6 +321,11 @@ async fn export_ebpf_counters(interception: Arc<Interception>, metrics: Arc<Agen
             metrics.set_ebpf_counter(EbpfCounter::Rekeyed, c.rekeyed);
             metrics.set_ebpf_counter(EbpfCounter::Closed, c.closed);
             metrics.set_ebpf_counter(EbpfCounter::FastPath, c.fast_path);
+            metrics.set_ebpf_counter(EbpfCounter::EgressAllowed, c.egress_allowed);
+            metrics.set_ebpf_counter(EbpfCounter::EgressDenied, c.egress_denied);
+            metrics.set_ebpf_counter(EbpfCounter::NoAgent, c.no_agent);
+            metrics.set_ebpf_counter(EbpfCounter::InboundRefused, c.inbound_refused);
+            metrics.set_ebpf_counter(EbpfCounter::PermissiveSteered, c.permissive_steered);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -160,6 +160,11 @@ impl View {
         EntryContext::protocol(&self.entries, service)
     }
 
+    /// Whether `service` admits plaintext through its agent (permissive).
+    pub fn mutual_tls_mode(&self, service: &str) -> weft_api::config_entry::MutualTlsMode {
+        self.entries.mutual_tls_mode(service)
+    }
+
     /// Passing instances of `service`, in a stable order.
     pub fn passing(&self, service: &str) -> Vec<&ServiceInstance> {
         self.instances

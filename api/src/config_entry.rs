@@ -85,6 +85,37 @@ pub struct ServiceDefaults {
     /// How this service's agents treat the services it calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_config: Option<UpstreamConfig>,
+    /// Consul's `MutualTLSMode`: whether the service's instances accept only
+    /// mutual-TLS tunnels from the mesh (`strict`, the default) or also
+    /// plaintext through their agent (`permissive`, for migrations).
+    #[serde(
+        default,
+        rename = "MutualTLSMode",
+        skip_serializing_if = "MutualTlsMode::is_default"
+    )]
+    pub mutual_tls_mode: MutualTlsMode,
+}
+
+/// How a service's instances take connections that do not come over the
+/// mesh (`MutualTLSMode` of service-defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum MutualTlsMode {
+    /// Only mutual-TLS tunnels from the mesh; everything else is refused in
+    /// the kernel. Consul's `""` (default) means strict here.
+    #[default]
+    #[serde(rename = "strict", alias = "")]
+    Strict,
+    /// Plaintext connections from other hosts are also admitted, through the
+    /// agent: their source is unauthenticated, so only intentions from `*`
+    /// can allow them.
+    #[serde(rename = "permissive")]
+    Permissive,
+}
+
+impl MutualTlsMode {
+    fn is_default(&self) -> bool {
+        *self == MutualTlsMode::Strict
+    }
 }
 
 /// `UpstreamConfig` of a service-defaults entry.
@@ -484,6 +515,16 @@ impl FromIterator<ConfigEntry> for EntrySet {
             set.insert(e);
         }
         set
+    }
+}
+
+impl EntrySet {
+    /// The `MutualTLSMode` of `service` (strict without a service-defaults).
+    pub fn mutual_tls_mode(&self, service: &str) -> MutualTlsMode {
+        match self.get(EntryKind::ServiceDefaults, service) {
+            Some(ConfigEntry::ServiceDefaults(d)) => d.mutual_tls_mode,
+            _ => MutualTlsMode::Strict,
+        }
     }
 }
 

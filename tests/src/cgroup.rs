@@ -53,6 +53,27 @@ pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
         .context("no cgroup2 mount in /proc/mounts: weft needs cgroup v2")
 }
 
+/// Removes the bpffs pins an agent (or a test's loader) made for `root` and
+/// for each cgroup directly below it (agents of a mesh test have one root per
+/// node): their programs detach.
+pub fn remove_pins(root: &Path) {
+    let mut roots = vec![root.to_path_buf()];
+    if let Ok(entries) = std::fs::read_dir(root) {
+        roots.extend(
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    for dir in roots {
+        let pins = weft_agent::ebpf::pins::default_dir(&dir);
+        if let Err(e) = weft_agent::ebpf::Pins::uninstall(&pins) {
+            eprintln!("removing eBPF pins {}: {e}", pins.display());
+        }
+    }
+}
+
 /// Kills everything in `dir` and below (`cgroup.kill`), then removes the
 /// directories bottom-up, retrying each for up to 5 s while the killed
 /// processes exit. A missing `dir` is fine.
@@ -83,6 +104,7 @@ pub fn remove_tree(dir: &Path) {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
+        remove_pins(&self.path);
         remove_tree(&self.path);
     }
 }

@@ -459,14 +459,15 @@ fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
 }
 
 /// The cgroup subtree of a transparent mesh (`<cgroup2 mount>/<unique>`,
-/// one `a`/`b` below it per node): every process in it is killed and the
-/// directories are removed on drop.
+/// one `a`/`b` below it per node): on drop the agents' eBPF pins are removed,
+/// every process in it is killed and the directories are removed.
 struct CgroupTree {
     top: PathBuf,
 }
 
 impl Drop for CgroupTree {
     fn drop(&mut self) {
+        crate::cgroup::remove_pins(&self.top);
         crate::cgroup::remove_tree(&self.top);
     }
 }

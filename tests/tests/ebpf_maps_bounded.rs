@@ -24,10 +24,16 @@ async fn records_do_not_outlive_their_connections() -> anyhow::Result<()> {
     let proxy = netns.listen("127.0.0.1:0".parse()?)?;
     let proxy_addr = proxy.local_addr()?;
 
-    let mut redirector = Redirector::load()?;
+    let mut redirector = Redirector::load(weft_agent::ebpf::Pins::open(&weft_agent::ebpf::pins::default_dir(root.path()))?)?;
     redirector.add_workload(workload.id()?, 1)?;
     redirector.add_destination(Ipv4Addr::new(10, 99, 0, 9).into(), None, proxy_addr)?;
     redirector.attach(root.path())?;
+    // The test stands in for the agent: it configures and holds the lease.
+    redirector.configure(
+        weft_agent::ebpf::Egress::Allow,
+        weft_agent::config::DEFAULT_SOCKET_MARK,
+    )?;
+    redirector.renew_lease(Duration::from_secs(600))?;
 
     // The listener closes every connection at once.
     let acceptor = tokio::spawn(async move {

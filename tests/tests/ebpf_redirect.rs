@@ -59,10 +59,16 @@ async fn connect4_redirects_workload_and_records_original_destination() -> anyho
     let proxy_addr = proxy.local_addr()?;
     let real = netns.listen(REAL_DEST.parse()?)?;
 
-    let mut redirector = Redirector::load()?;
+    let mut redirector = Redirector::load(weft_agent::ebpf::Pins::open(&weft_agent::ebpf::pins::default_dir(root.path()))?)?;
     redirector.add_workload(workload.id()?, 7)?;
     redirector.add_destination(Ipv4Addr::new(10, 99, 0, 1).into(), Some(8080), proxy_addr)?;
     redirector.attach(root.path())?;
+    // The test stands in for the agent: it configures and holds the lease.
+    redirector.configure(
+        weft_agent::ebpf::Egress::Allow,
+        weft_agent::config::DEFAULT_SOCKET_MARK,
+    )?;
+    redirector.renew_lease(Duration::from_secs(600))?;
 
     // A workload's connection lands on the proxy, which learns where it was going.
     let client = probe(&netns, &workload, REAL_DEST)?;
@@ -124,7 +130,7 @@ async fn connect4_redirects_workload_and_records_original_destination() -> anyho
     assert_eq!(redirector.counters()?.closed, 2);
 
     // The program's aya-log line reaches the agent's tracing output.
-    let wanted = format!("redirect cgroup {} to 10.99.0.1:8080", workload.id()?);
+    let wanted = format!("redirect cgroup {} port 8080", workload.id()?);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !logs.contents().contains(&wanted) {
         assert!(

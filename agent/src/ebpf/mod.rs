@@ -3,9 +3,11 @@
 
 mod cgroup;
 mod logs;
+pub mod pins;
 mod redirector;
 mod socket;
 
 pub use cgroup::{cgroup2_mount, cgroup_id, CgroupError};
-pub use redirector::{OriginalDst, RedirectCounters, Redirector, RedirectorError};
+pub use pins::Pins;
+pub use redirector::{Egress, OriginalDst, RedirectCounters, Redirector, RedirectorError};
 pub use socket::netns_cookie;

@@ -3,19 +3,28 @@
 //! which destinations are taken over and where they go, and what the programs
 //! recorded about each redirected connection.
 //!
-//! The programs are attached with bpf links owned by this value: dropping the
-//! `Redirector` (or the agent dying) detaches them.
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+//! Programs, links and maps are pinned in bpffs (see [`super::pins`]), so
+//! they outlive the agent process: with no agent the programs go on refusing
+//! mesh workloads' connections (the liveness lease in `AGENT` runs out) and
+//! dropping unchecked connection attempts to them. A new agent reuses the
+//! pinned maps of the same program build, attaches its programs, and only
+//! then removes the links of its predecessor.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, MapData, PerCpuArray};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, SockMap};
+use aya::programs::{
+    links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkLookup,
+    SockOps,
+};
 use aya::Ebpf;
 use weft_agent_common::{
-    counter, maps, programs, DestKey, FastKey, OrigDst, RedirectTarget, SockTuple, WorkloadInfo,
-    AF_INET,
+    agent, counter, maps, programs, DestKey, FastKey, OrigDst, RedirectTarget, SockTuple,
+    WorkloadInfo, AF_INET, AF_INET6,
 };
+
+use super::pins::{PinError, Pins};
 
 /// The programs, built by build.rs from `agent-ebpf` for this very build.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft-agent-ebpf"));
@@ -49,8 +58,24 @@ pub enum RedirectorError {
     },
     #[error("reading socket addresses: {0}")]
     Socket(#[source] std::io::Error),
-    #[error("only IPv4 destinations are supported so far, not {0}")]
+    #[error("redirect targets are IPv4 (the agent's listeners), not {0}")]
     NotIpv4(IpAddr),
+    #[error("opening the network namespace: {0}")]
+    Netns(#[source] std::io::Error),
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error("pinning the link of {name}: {source}")]
+    PinLink {
+        name: &'static str,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("the link of {name} cannot be pinned: {source}")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
 }
 
 /// What the programs recorded about a redirected connection.
@@ -73,11 +98,24 @@ pub struct RedirectCounters {
     pub closed: u64,
     /// Connections sent straight to a local instance (same-node fast path).
     pub fast_path: u64,
+    /// Connections to destinations outside the mesh let through / refused.
+    pub egress_allowed: u64,
+    pub egress_denied: u64,
+    /// Connections refused because no live agent could check them.
+    pub no_agent: u64,
+    /// Unchecked connection attempts to mesh workloads refused.
+    pub inbound_refused: u64,
+    /// Plaintext connections to permissive services steered to the agent.
+    pub permissive_steered: u64,
 }
 
 /// weft's loaded eBPF programs and their maps.
 pub struct Redirector {
     ebpf: Ebpf,
+    pins: Pins,
+    settings: Array<MapData, u64>,
+    permissive: HashMap<MapData, u32, u32>,
+    permissive_listener: SockMap<MapData>,
     workloads: HashMap<MapData, u64, WorkloadInfo>,
     destinations: HashMap<MapData, DestKey, RedirectTarget>,
     fast_path: HashMap<MapData, FastKey, RedirectTarget>,
@@ -101,6 +139,46 @@ fn v4_word(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
+fn v6_words(ip: Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    [word(0), word(4), word(8), word(12)]
+}
+
+/// The address a program recorded: IPv4 in the first word, or IPv6.
+fn addr_of(words: [u32; 4], family: u16) -> IpAddr {
+    if family == AF_INET6 {
+        let mut octets = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            octets[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(octets))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes()))
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// What happens to mesh workloads' connections to destinations outside the
+/// mesh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Egress {
+    /// Let through, counted.
+    Allow,
+    /// Refused in the kernel (EPERM), counted.
+    Deny,
+}
+
 fn v4_of(addr: SocketAddr) -> Result<SocketAddrV4, RedirectorError> {
     match addr {
         SocketAddr::V4(v4) => Ok(v4),
@@ -109,12 +187,24 @@ fn v4_of(addr: SocketAddr) -> Result<SocketAddrV4, RedirectorError> {
 }
 
 impl Redirector {
-    /// Loads the embedded programs into the kernel (not yet attached). Call it
-    /// inside a tokio runtime so that the programs' log records are forwarded.
-    pub fn load() -> Result<Self, RedirectorError> {
+    /// Loads the embedded programs into the kernel (not yet attached), with
+    /// their maps pinned under `pins`: the maps a previous agent of the same
+    /// build pinned there are reused as they are. Call it inside a tokio
+    /// runtime so that the programs' log records are forwarded.
+    pub fn load(pins: Pins) -> Result<Self, RedirectorError> {
+        let map_dir = pins.map_dir(OBJECT)?;
+        let paths: Vec<(&str, PathBuf)> = maps::ALL
+            .iter()
+            .map(|name| (*name, map_dir.join(name)))
+            .collect();
+        let mut loader = aya::EbpfLoader::new();
         // No kernel BTF: the programs use no CO-RE relocations, and parsing
         // the kernel's BTF would triple the agent's peak memory.
-        let mut ebpf = aya::EbpfLoader::new().btf(None).load(OBJECT)?;
+        loader.btf(None);
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         let log_task = super::logs::spawn_forwarder(&mut ebpf);
         let workloads = take_map(&mut ebpf, maps::WORKLOADS)?;
         let destinations = take_map(&mut ebpf, maps::DESTINATIONS)?;
@@ -122,8 +212,15 @@ impl Redirector {
         let by_tuple = take_map(&mut ebpf, maps::ORIG_BY_TUPLE)?;
         let by_cookie = take_map(&mut ebpf, maps::ORIG_BY_COOKIE)?;
         let counters = take_map(&mut ebpf, maps::COUNTERS)?;
+        let settings = take_map(&mut ebpf, maps::AGENT)?;
+        let permissive = take_map(&mut ebpf, maps::PERMISSIVE)?;
+        let permissive_listener = take_map(&mut ebpf, maps::PERMISSIVE_LISTENER)?;
         Ok(Self {
             ebpf,
+            pins,
+            settings,
+            permissive,
+            permissive_listener,
             workloads,
             destinations,
             fast_path,
@@ -134,49 +231,194 @@ impl Redirector {
         })
     }
 
-    /// Attaches connect4, connect6 and sockops to the cgroup-v2 directory `root`; they
-    /// then see every socket of every process in its subtree.
+    /// Attaches the programs: connect4, connect6, sockops and the inbound
+    /// capture to the cgroup-v2 directory `root` (they then see every socket
+    /// of every process in its subtree), sk_lookup to this process's network
+    /// namespace. Each link is pinned, and only then are the links of an
+    /// earlier agent removed: there is no moment without programs.
     pub fn attach(&mut self, root: &Path) -> Result<(), RedirectorError> {
         let cgroup = std::fs::File::open(root).map_err(|source| RedirectorError::Cgroup {
             path: root.to_path_buf(),
             source,
         })?;
+        let netns = std::fs::File::open("/proc/self/ns/net").map_err(RedirectorError::Netns)?;
+        let links = self.pins.new_link_dir()?;
         let program = |name: &'static str, e| RedirectorError::Program { name, source: e };
+        let missing = |name: &'static str| RedirectorError::Missing {
+            kind: "program",
+            name,
+        };
         // aya attaches with a bpf link, which the kernel always stacks with
         // other programs on the cgroup (links refuse explicit attach flags),
         // so `Single` here means "no flags", not "exclusive".
-
+        let mut attached: Vec<(&'static str, FdLink)> = Vec::new();
         for name in [programs::CONNECT4, programs::CONNECT6] {
             let connect: &mut CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)
-                .ok_or(RedirectorError::Missing {
-                    kind: "program",
-                    name,
-                })?
+                .ok_or(missing(name))?
                 .try_into()
                 .map_err(|e| program(name, e))?;
             connect.load().map_err(|e| program(name, e))?;
-            connect
+            let id = connect
                 .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|e| program(name, e))?;
+            let link = connect.take_link(id).map_err(|e| program(name, e))?;
+            let link = FdLink::try_from(link).map_err(|source| RedirectorError::Link { name, source })?;
+            attached.push((name, link));
         }
 
+        let name = programs::SOCKOPS;
         let sockops: &mut SockOps = self
             .ebpf
-            .program_mut(programs::SOCKOPS)
-            .ok_or(RedirectorError::Missing {
-                kind: "program",
-                name: programs::SOCKOPS,
-            })?
+            .program_mut(name)
+            .ok_or(missing(name))?
             .try_into()
-            .map_err(|e| program(programs::SOCKOPS, e))?;
-        sockops.load().map_err(|e| program(programs::SOCKOPS, e))?;
-        sockops
+            .map_err(|e| program(name, e))?;
+        sockops.load().map_err(|e| program(name, e))?;
+        let id = sockops
             .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|e| program(programs::SOCKOPS, e))?;
-        tracing::info!(cgroup = %root.display(), "eBPF redirect attached");
+            .map_err(|e| program(name, e))?;
+        let link = sockops.take_link(id).map_err(|e| program(name, e))?;
+        let link = FdLink::try_from(link).map_err(|source| RedirectorError::Link { name, source })?;
+        attached.push((name, link));
+
+        let name = programs::INGRESS;
+        let ingress: &mut CgroupSkb = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(missing(name))?
+            .try_into()
+            .map_err(|e| program(name, e))?;
+        ingress.load().map_err(|e| program(name, e))?;
+        let id = ingress
+            .attach(&cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+            .map_err(|e| program(name, e))?;
+        let link = ingress.take_link(id).map_err(|e| program(name, e))?;
+        let link = FdLink::try_from(link).map_err(|source| RedirectorError::Link { name, source })?;
+        attached.push((name, link));
+
+        let name = programs::SK_LOOKUP;
+        let lookup: &mut SkLookup = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(missing(name))?
+            .try_into()
+            .map_err(|e| program(name, e))?;
+        lookup.load().map_err(|e| program(name, e))?;
+        let id = lookup.attach(&netns).map_err(|e| program(name, e))?;
+        let link: FdLink = lookup.take_link(id).map_err(|e| program(name, e))?.into();
+        attached.push((name, link));
+
+        for (name, link) in attached {
+            // The pinned file holds the link; our descriptor may close.
+            link.pin(links.join(name))
+                .map_err(|source| RedirectorError::PinLink { name, source })?;
+        }
+        self.pins.remove_other_links(&links)?;
+        self.pins.remove_other_maps(OBJECT)?;
+        tracing::info!(cgroup = %root.display(), pins = %self.pins.base().display(), "eBPF programs attached and pinned");
         Ok(())
+    }
+
+    /// Renews the agent's liveness lease for `lease`: until then the programs
+    /// send mesh connections to the agent and take the fast path.
+    pub fn renew_lease(&mut self, lease: std::time::Duration) -> Result<(), RedirectorError> {
+        let until = monotonic_ns().saturating_add(lease.as_nanos() as u64);
+        self.set(agent::ALIVE_UNTIL, until)
+    }
+
+    /// Ends the lease at once: from now on mesh connections are refused.
+    pub fn end_lease(&mut self) -> Result<(), RedirectorError> {
+        self.set(agent::ALIVE_UNTIL, 0)
+    }
+
+    /// Sets the egress policy and the socket mark of checked connections.
+    pub fn configure(&mut self, egress: Egress, mark: u32) -> Result<(), RedirectorError> {
+        let egress = match egress {
+            Egress::Allow => agent::EGRESS_ALLOW,
+            Egress::Deny => agent::EGRESS_DENY,
+        };
+        self.set(agent::EGRESS, egress)?;
+        self.set(agent::MARK, u64::from(mark))
+    }
+
+    fn set(&mut self, slot: u32, value: u64) -> Result<(), RedirectorError> {
+        self.settings
+            .set(slot, value, 0)
+            .map_err(|source| RedirectorError::Map {
+                name: maps::AGENT,
+                source,
+            })
+    }
+
+    /// Puts the agent's permissive listener where sk_lookup finds it.
+    pub fn set_permissive_listener<S: AsRawFd>(
+        &mut self,
+        listener: &S,
+    ) -> Result<(), RedirectorError> {
+        self.permissive_listener
+            .set(0, listener, 0)
+            .map_err(|source| RedirectorError::Map {
+                name: maps::PERMISSIVE_LISTENER,
+                source,
+            })
+    }
+
+    /// Steers plaintext connections from other hosts to local `port` to the
+    /// permissive listener (`on`), or stops doing so.
+    pub fn set_permissive_port(&mut self, port: u16, on: bool) -> Result<(), RedirectorError> {
+        let key = u32::from(port);
+        let result = if on {
+            self.permissive.insert(key, 1, 0)
+        } else {
+            self.permissive.remove(&key)
+        };
+        result.map_err(|source| RedirectorError::Map {
+            name: maps::PERMISSIVE,
+            source,
+        })
+    }
+
+    /// The permissive ports in the map now (a restarted agent finds its
+    /// predecessor's).
+    pub fn permissive_ports(&self) -> Vec<u16> {
+        self.permissive
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter_map(|k| u16::try_from(k).ok())
+            .collect()
+    }
+
+    /// Every entry of the destination and fast-path maps, as keys, so that
+    /// a restarted agent knows what its predecessor left there.
+    pub fn installed_destinations(&self) -> Vec<(IpAddr, Option<u16>)> {
+        self.destinations
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| (addr_of(k.addr, k.family), (k.port != 0).then_some(k.port)))
+            .collect()
+    }
+
+    /// The fast-path entries in the map now.
+    pub fn installed_fast_paths(&self) -> Vec<(u32, IpAddr, Option<u16>)> {
+        self.fast_path
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| {
+                let d = k.dest;
+                (
+                    k.workload_id,
+                    addr_of(d.addr, d.family),
+                    (d.port != 0).then_some(d.port),
+                )
+            })
+            .collect()
+    }
+
+    /// The workload cgroups in the map now.
+    pub fn installed_workloads(&self) -> Vec<u64> {
+        self.workloads.keys().filter_map(|k| k.ok()).collect()
     }
 
     /// Marks the cgroup `cgroup_id` as holding mesh workload `workload_id`.
@@ -313,10 +555,7 @@ impl Redirector {
         };
         match self.by_tuple.get(&key, 0) {
             Ok(orig) => Ok(Some(OriginalDst {
-                addr: SocketAddr::V4(SocketAddrV4::new(
-                    Ipv4Addr::from(orig.addr[0].to_ne_bytes()),
-                    orig.port,
-                )),
+                addr: SocketAddr::new(addr_of(orig.addr, orig.family), orig.port),
                 workload_id: orig.workload_id,
                 cgroup_id: orig.cgroup_id,
             })),
@@ -351,6 +590,11 @@ impl Redirector {
             rekeyed: read(counter::REKEYED)?,
             closed: read(counter::CLOSED)?,
             fast_path: read(counter::FAST_PATH)?,
+            egress_allowed: read(counter::EGRESS_ALLOWED)?,
+            egress_denied: read(counter::EGRESS_DENIED)?,
+            no_agent: read(counter::NO_AGENT)?,
+            inbound_refused: read(counter::INBOUND_REFUSED)?,
+            permissive_steered: read(counter::PERMISSIVE_STEERED)?,
         })
     }
 }
@@ -364,12 +608,37 @@ impl Drop for Redirector {
 }
 
 fn dest_key(ip: IpAddr, port: Option<u16>) -> Result<DestKey, RedirectorError> {
-    let IpAddr::V4(ip) = ip else {
-        return Err(RedirectorError::NotIpv4(ip));
+    // A v4-mapped IPv6 address is the IPv4 address (connect6 looks it up so).
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    let (addr, family) = match ip {
+        IpAddr::V4(v4) => ([v4_word(v4), 0, 0, 0], AF_INET),
+        IpAddr::V6(v6) => (v6_words(v6), AF_INET6),
     };
     Ok(DestKey {
-        addr: [v4_word(ip), 0, 0, 0],
+        addr,
         port: port.unwrap_or(0),
-        family: AF_INET,
+        family,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_carry_ipv4_ipv6_and_mapped_addresses_as_the_programs_read_them() {
+        let v4 = dest_key("10.0.0.1".parse().unwrap(), Some(80)).unwrap();
+        assert_eq!(v4.family, AF_INET);
+        assert_eq!(v4.addr[0].to_ne_bytes(), [10, 0, 0, 1]);
+        let mapped = dest_key("::ffff:10.0.0.1".parse().unwrap(), Some(80)).unwrap();
+        assert_eq!(mapped, v4);
+        let v6: IpAddr = "fe80::1".parse().unwrap();
+        let key = dest_key(v6, None).unwrap();
+        assert_eq!((key.family, key.port), (AF_INET6, 0));
+        assert_eq!(addr_of(key.addr, key.family), v6);
+        assert_eq!(addr_of(v4.addr, v4.family), "10.0.0.1".parse::<IpAddr>().unwrap());
+    }
 }

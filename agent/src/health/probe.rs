@@ -65,7 +65,7 @@ pub async fn http_get(url: &str) -> Result<StatusCode, String> {
         .trim_start_matches('[')
         .trim_end_matches(']');
     let port = authority.port_u16().unwrap_or(80);
-    let stream = TcpStream::connect((host, port))
+    let stream = connect_marked(host, port)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
@@ -95,18 +95,50 @@ pub async fn http_get(url: &str) -> Result<StatusCode, String> {
 
 /// Opens and closes a TCP connection to `addr` (`HOST:PORT`).
 pub async fn tcp_connect(addr: &str) -> Result<(), String> {
-    TcpStream::connect(addr)
+    let (host, port) = host_port(addr)?;
+    connect_marked(host, port)
         .await
         .map(drop)
         .map_err(|e| e.to_string())
+}
+
+/// `HOST:PORT` (or `[V6]:PORT`) split.
+fn host_port(addr: &str) -> Result<(&str, u16), String> {
+    addr.rsplit_once(':')
+        .and_then(|(h, p)| {
+            let host = h.trim_start_matches('[').trim_end_matches(']');
+            Some((host, p.parse().ok()?))
+        })
+        .ok_or_else(|| format!("{addr:?} is not HOST:PORT"))
+}
+
+/// Connects to the first address `host` resolves to, with the agent's
+/// socket mark, so that the check passes inbound capture as the agent's
+/// own connections do.
+async fn connect_marked(host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let addr = tokio::net::lookup_host((host, port))
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
+    crate::mark::connect(addr).await
 }
 
 /// `grpc.health.v1.Health/Check` for `service` at `addr`; the serving status name.
 pub async fn grpc_check(addr: &str, service: &str) -> Result<&'static str, String> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| format!("invalid address: {e}"))?;
+    let (host, port) = host_port(addr)?;
+    let host = host.to_string();
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let host = host.clone();
+        async move {
+            connect_marked(&host, port)
+                .await
+                .map(hyper_util::rt::TokioIo::new)
+        }
+    });
     let channel = endpoint
-        .connect()
+        .connect_with_connector(connector)
         .await
         .map_err(|e| format!("connect: {}", error_chain(&e)))?;
     let resp = HealthClient::new(channel)

@@ -49,49 +49,74 @@ pub fn source_service(
     Ok(id.service)
 }
 
+/// The source name a plaintext (permissive) connection is judged as: no
+/// service is called so, so only intentions from `*` (and the default)
+/// decide it.
+pub const UNAUTHENTICATED: &str = "";
+
 /// Decides a tunnel and, if allowed, connects it to the local instance.
 pub async fn accept(
     ctx: Arc<ProxyContext>,
     req: ConnectRequest,
 ) -> Result<Counted<Upstream>, Refusal> {
-    let (destination, decision, protocol, source) = {
+    let source = {
         let view = ctx.view.read().expect("view lock");
-        let source =
-            source_service(&req.peer_id, &view.trust_domain, &ctx.datacenter).map_err(|e| {
-                tracing::info!(peer = %req.peer_id, "refused: {e}");
-                Refusal::forbidden(format!("peer {}: {e}", req.peer_id))
-            })?;
-        let Some(instance) = view.local_instance(&ctx.node_name, req.target) else {
+        source_service(&req.peer_id, &view.trust_domain, &ctx.datacenter).map_err(|e| {
+            tracing::info!(peer = %req.peer_id, "refused: {e}");
+            Refusal::forbidden(format!("peer {}: {e}", req.peer_id))
+        })?
+    };
+    admit(ctx, source, &req.peer_id, req.target).await
+}
+
+/// Decides a connection from `source` (`peer` names it in logs) to the
+/// local instance at `target` and, if allowed, connects to the instance
+/// with the agent's mark. `source` is [`UNAUTHENTICATED`] for plaintext.
+pub async fn admit(
+    ctx: Arc<ProxyContext>,
+    source: String,
+    peer: &str,
+    target: std::net::SocketAddr,
+) -> Result<Counted<Upstream>, Refusal> {
+    // Metrics and logs name an unauthenticated source so.
+    let label = if source == UNAUTHENTICATED {
+        "unauthenticated"
+    } else {
+        source.as_str()
+    };
+    let (destination, decision, protocol) = {
+        let view = ctx.view.read().expect("view lock");
+        let Some(instance) = view.local_instance(&ctx.node_name, target) else {
             return Err(Refusal::new(
                 404,
-                format!("no local service instance at {}", req.target),
+                format!("no local service instance at {target}"),
             ));
         };
         let decision = view.decide_connection(&source, &instance.service);
         let protocol = view.protocol(&instance.service);
-        (instance.service.clone(), decision, protocol, source)
+        (instance.service.clone(), decision, protocol)
     };
     let per_request = match decision {
         ConnectionDecision::Decided(d) if !d.allowed => {
-            ctx.metrics.denied(&source, &destination);
-            tracing::info!(peer = %req.peer_id, %source, %destination, "refused: {d}");
-            return Err(Refusal::forbidden(format!("{source} -> {destination} {d}")));
+            ctx.metrics.denied(label, &destination);
+            tracing::info!(%peer, source = label, %destination, "refused: {d}");
+            return Err(Refusal::forbidden(format!("{label} -> {destination} {d}")));
         }
         ConnectionDecision::Decided(_) => false,
         ConnectionDecision::PerRequest if protocol == Protocol::Tcp => {
-            ctx.metrics.denied(&source, &destination);
+            ctx.metrics.denied(label, &destination);
             let reason = l7::L7Error::NotHttp(protocol);
-            tracing::info!(peer = %req.peer_id, %source, %destination, "refused: {reason}");
+            tracing::info!(%peer, source = label, %destination, "refused: {reason}");
             return Err(Refusal::forbidden(format!(
-                "{source} -> {destination}: {reason}"
+                "{label} -> {destination}: {reason}"
             )));
         }
         ConnectionDecision::PerRequest => true,
     };
-    let instance = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(req.target))
+    let instance = tokio::time::timeout(CONNECT_TIMEOUT, crate::mark::connect(target))
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-        .map_err(|e| Refusal::unavailable(format!("{destination} at {}: {e}", req.target)))?;
+        .map_err(|e| Refusal::unavailable(format!("{destination} at {target}: {e}")))?;
     let _ = instance.set_nodelay(true);
     let upstream = if per_request {
         let (tunnel_end, proxy_end) = tokio::io::duplex(SPLICE_BUFFER);
@@ -106,12 +131,7 @@ pub async fn accept(
     } else {
         Either::Left(instance)
     };
-    Ok(Counted::new(
-        upstream,
-        ctx.metrics.clone(),
-        &source,
-        &destination,
-    ))
+    Ok(Counted::new(upstream, ctx.metrics.clone(), label, &destination))
 }
 
 #[cfg(test)]

@@ -40,7 +40,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tower::ServiceExt;
 use weft_api::config_entry::Protocol;
 use weft_api::intention::Request as PolicyRequest;
@@ -449,7 +448,7 @@ impl Judge {
     async fn open(&self, route: &Route) -> Result<Upstream, String> {
         match route {
             Route::Local(addr) => {
-                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, crate::mark::connect(*addr))
                     .await
                     .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
                     .map_err(|e| format!("connecting to {addr}: {e}"))?;

@@ -8,6 +8,7 @@ pub mod counted;
 pub mod inbound;
 pub mod l7;
 pub mod outbound;
+pub mod permissive;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -155,7 +155,7 @@ pub async fn carry(
     let _in_flight = InFlight::new(ctx, target);
     let (sent, received) = match route {
         Route::Local(addr) => {
-            let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            let connected = tokio::time::timeout(CONNECT_TIMEOUT, crate::mark::connect(addr))
                 .await
                 .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
             ctx.report(source, addr, connected.is_ok());

@@ -9,7 +9,31 @@ fn defaults(name: &str, protocol: Protocol) -> ConfigEntry {
         name: name.into(),
         protocol,
         upstream_config: None,
+        mutual_tls_mode: MutualTlsMode::Strict,
     })
+}
+
+#[test]
+fn mutual_tls_mode_is_strict_unless_set_to_permissive() {
+    let parse = |extra: &str| {
+        parse_entry_file(
+            &format!("Kind = \"service-defaults\"\nName = \"api\"\n{extra}"),
+            FileFormat::Toml,
+        )
+    };
+    let mut set = EntrySet::new();
+    assert_eq!(set.mutual_tls_mode("api"), MutualTlsMode::Strict);
+    for (text, want) in [
+        ("", MutualTlsMode::Strict),
+        ("MutualTLSMode = \"\"", MutualTlsMode::Strict),
+        ("MutualTLSMode = \"strict\"", MutualTlsMode::Strict),
+        ("MutualTLSMode = \"permissive\"", MutualTlsMode::Permissive),
+    ] {
+        set.insert(parse(text).unwrap());
+        assert_eq!(set.mutual_tls_mode("api"), want, "{text}");
+    }
+    let e = parse("MutualTLSMode = \"open\"").unwrap_err().to_string();
+    assert!(e.contains("MutualTLSMode"), "{e}");
 }
 
 #[test]

@@ -1,0 +1,79 @@
+//! Permissive mode (`MutualTLSMode = "permissive"` in a service's
+//! service-defaults): plaintext connections from other hosts to a local
+//! instance's port are steered by the eBPF sk_lookup program to this
+//! listener instead of the workload. The accepted socket's local address is
+//! the one the client dialled; the connection is judged with an
+//! unauthenticated source (only intentions from `*`, and the default, can
+//! allow it), counted, and carried to the instance with the agent's mark.
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+use super::outbound::reset;
+use super::{inbound, ProxyContext};
+use crate::accept::AcceptErrors;
+use crate::splice::splice;
+
+/// The local instance a plaintext connection to `dialled` is for: the one
+/// registered at that address, or else the one on this node at that port
+/// (a workload bound to every address, registered at another).
+pub fn instance_for(ctx: &ProxyContext, dialled: SocketAddr) -> Option<SocketAddr> {
+    let view = ctx.view.read().expect("view lock");
+    if view.local_instance(&ctx.node_name, dialled).is_some() {
+        return Some(dialled);
+    }
+    view.instances
+        .values()
+        .filter(|i| i.node == ctx.node_name && i.port == dialled.port())
+        .find_map(|i| i.socket_addr())
+}
+
+/// Serves the permissive listener until the task is dropped.
+pub async fn serve(ctx: Arc<ProxyContext>, listener: TcpListener) {
+    let mut errors = AcceptErrors::new("permissive");
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                errors.failed(&e).await;
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        let Ok(dialled) = stream.local_addr() else {
+            reset(stream);
+            continue;
+        };
+        let span = tracing::info_span!("permissive", %peer, %dialled);
+        let conn = async move {
+            let mut stream = stream;
+            let _ = stream.set_nodelay(true);
+            let Some(target) = instance_for(&ctx, dialled) else {
+                tracing::info!("no local instance there; reset");
+                return reset(stream);
+            };
+            let peer_label = format!("plaintext {peer}");
+            let admitted = inbound::admit(
+                ctx.clone(),
+                inbound::UNAUTHENTICATED.to_string(),
+                &peer_label,
+                target,
+            )
+            .await;
+            match admitted {
+                Ok(mut upstream) => {
+                    if let Err(e) = splice(&mut stream, &mut upstream).await {
+                        tracing::debug!("permissive connection ended: {e}");
+                    }
+                }
+                Err(refusal) => {
+                    tracing::info!("permissive connection refused: {}", refusal.reason);
+                    reset(stream);
+                }
+            }
+        };
+        tokio::spawn(conn.instrument(span));
+    }
+}
