@@ -1011,6 +1011,80 @@ impl Mesh {
         )
     }
 
+    /// Starts `weft-workload ADDR NAME` as a workload of `service` (in its
+    /// cgroup) in `node` and waits until it listens. Inbound capture keeps
+    /// plain connections from reaching it, so readiness is its own report.
+    pub fn workload_as(
+        &mut self,
+        node: Node,
+        service: &str,
+        name: &str,
+        addr: &str,
+    ) -> anyhow::Result<()> {
+        let log = format!("workload-{name}.log");
+        let program = bin("weft-workload").display().to_string();
+        let mut cmd = self.workload_command(node, Some(service), &[&program, addr, name])?;
+        let proc = self.spawn(node, &mut cmd, &log)?;
+        self.workloads.push(proc);
+        wait_until(
+            Duration::from_secs(10),
+            &format!("workload {name} listening at {addr}"),
+            || Ok(self.log(&log).contains("listening on").then_some(())),
+        )
+    }
+
+    /// A third network namespace, outside the mesh, linked to node B only
+    /// (by a veth of its own): returns it and node B's address on that link.
+    pub fn outsider(&self) -> anyhow::Result<(Netns, String)> {
+        let ns = Netns::new(&crate::unique_name(&format!("o{}", self.subnet)))?;
+        ns.ip(&[
+            "link",
+            "add",
+            "weftout",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "weftout",
+            "netns",
+            &self.netns(Node::B).path().display().to_string(),
+        ])?;
+        let (b, outsider) = (
+            format!("10.78.{}.1", self.subnet),
+            format!("10.78.{}.2", self.subnet),
+        );
+        for (side, addr) in [(self.netns(Node::B), &b), (&ns, &outsider)] {
+            side.ip(&["addr", "add", &format!("{addr}/24"), "dev", "weftout"])?;
+            side.ip(&["link", "set", "weftout", "up"])?;
+        }
+        Ok((ns, b))
+    }
+
+    /// The IPv6 link-local address of `node`'s veth, once duplicate address
+    /// detection has finished with it (`fe80::…`, without the scope).
+    pub fn ipv6_link_local(&self, node: Node) -> anyhow::Result<String> {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("an IPv6 link-local address on node {node:?}"),
+            || {
+                let out = Command::new("ip")
+                    .args(["-n", self.netns(node).name(), "-6", "-o", "addr", "show"])
+                    .args(["dev", VETH, "scope", "link"])
+                    .output()?;
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                if text.contains("tentative") {
+                    return Ok(None);
+                }
+                Ok(text
+                    .split_whitespace()
+                    .skip_while(|w| *w != "inet6")
+                    .nth(1)
+                    .and_then(|a| a.split('/').next())
+                    .map(str::to_string))
+            },
+        )
+    }
+
     /// `curl ARGS…` in `node` (15 s at most).
     pub fn curl_raw(&self, node: Node, args: &[&str]) -> anyhow::Result<Output> {
         self.run(node, "curl", args, Duration::from_secs(15))

@@ -1,0 +1,296 @@
+//! Data-plane enforcement, tried as an attacker would: every way around the
+//! agent to a mesh workload, and out of one, is refused in the kernel, and
+//! the mesh fails closed when its agent dies.
+//!
+//! Two nodes in transparent mode (`ebpf = true`): `web` (cgroup `web`) on
+//! node A, `api` (cgroup `api`) on node B, its workload bound to every
+//! address, IPv4 and IPv6 (`[::]:8080`). Intentions default to deny; web ->
+//! api is allowed unless a test says otherwise.
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use weft_tests::mesh::{wait_until, Mesh, MeshSpec, NodeA, NodeB, Output, Service};
+use weft_tests::require_root;
+
+const API_URL: &str = "http://api.service.weft:8080/";
+const EBPF_EVENTS: &str = "weft_agent_ebpf_events_total";
+
+fn spec() -> MeshSpec {
+    MeshSpec::new("deny")
+        .ebpf()
+        .node_a(Service::new("web", 8000).cgroup("web"))
+        .node_b(
+            Service::new("api", 8080)
+                .id("api-1")
+                .cgroup("api")
+                .address(MeshSpec::NODE_ADDR)
+                .healthz_check("1s"),
+        )
+}
+
+/// Starts the mesh with `spec`, api's workload in api's cgroup on
+/// `[::]:8080`, allows web -> api, and waits until web reaches api by name
+/// (which needs node B's health check, itself a connection to the
+/// workload, to pass).
+fn start(spec: MeshSpec) -> anyhow::Result<Mesh> {
+    let mut mesh = Mesh::start(spec)?;
+    mesh.workload_as(NodeB, "api", "api-1", "[::]:8080")?;
+    mesh.weft(&["intention", "create", "web", "api", "--allow"])?;
+    wait_for_api(&mesh, API_URL)?;
+    Ok(mesh)
+}
+
+fn wait_for_api(mesh: &Mesh, url: &str) -> anyhow::Result<()> {
+    wait_until(Duration::from_secs(30), &format!("web -> {url}"), || {
+        Ok(mesh
+            .curl_as(NodeA, "web", url, &["-m", "2"])
+            .ok()
+            .filter(|body| body == "instance api-1\n")
+            .map(|_| ()))
+    })
+    .map_err(|e| e.context(agent_logs(mesh)))
+}
+
+fn agent_logs(mesh: &Mesh) -> String {
+    format!(
+        "agent A log tail:\n{}\nagent B log tail:\n{}",
+        mesh.agent_log_tail(NodeA, 30),
+        mesh.agent_log_tail(NodeB, 30)
+    )
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "exit {:?}, stdout {:?}, stderr {:?}",
+        out.code(),
+        out.stdout.trim(),
+        out.stderr.trim()
+    )
+}
+
+/// The attempt must fail and must not have got an answer from the workload.
+fn refused(what: &str, out: &Output) -> anyhow::Result<()> {
+    ensure!(
+        !out.success() && !out.stdout.contains("instance"),
+        "{what} reached api: {}",
+        describe(out)
+    );
+    eprintln!("refused as it should be: {what}: {}", out.stderr.trim());
+    Ok(())
+}
+
+fn curl_args(url: &str) -> Vec<&str> {
+    vec!["curl", "-sS", "-g", "--fail", "-m", "2", url]
+}
+
+/// `node`'s eBPF counter `event`, once above `before` (copied every second).
+fn wait_event_above(mesh: &Mesh, node: weft_tests::mesh::Node, event: &str, before: f64) -> anyhow::Result<f64> {
+    wait_until(
+        Duration::from_secs(5),
+        &format!("{event} counter of node {node:?} above {before}"),
+        || {
+            let now = mesh.metric_with(node, EBPF_EVENTS, &[("event", event)])?;
+            Ok((now > before).then_some(now))
+        },
+    )
+}
+
+#[test]
+fn inbound_capture_refuses_every_way_around_the_agent() -> anyhow::Result<()> {
+    require_root();
+    let mesh = start(spec())?;
+    let b = mesh.ip(NodeB);
+    let direct = format!("http://{b}:8080/");
+    let refused_before = mesh.metric_with(NodeB, EBPF_EVENTS, &[("event", "inbound_refused")])?;
+
+    // From node A, a process outside the mesh.
+    refused("node A outside the mesh", &mesh.run_with_mesh_dns(NodeA, &curl_args(&direct), Duration::from_secs(10))?)?;
+    // From node B itself, outside the mesh: loopback and the node address.
+    for url in ["http://127.0.0.1:8080/", direct.as_str(), "http://[::1]:8080/"] {
+        refused(
+            &format!("node B outside the mesh to {url}"),
+            &mesh.run_with_mesh_dns(NodeB, &curl_args(url), Duration::from_secs(10))?,
+        )?;
+    }
+    // From a namespace outside the mesh, linked to node B only.
+    let (outsider, b_outside) = mesh.outsider()?;
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(&curl_args(&format!("http://{b_outside}:8080/"))[1..]);
+    let _ns = weft_tests::mesh::in_netns(&mut cmd, &outsider)?;
+    refused("the outsider namespace", &weft_tests::mesh::run_bounded(&mut cmd, Duration::from_secs(10))?)?;
+    // From web's own cgroup, over IPv6 link-local: not a mesh address, so
+    // not redirected, and refused at api's socket.
+    let link_local = mesh.ipv6_link_local(NodeB)?;
+    let v6 = format!("http://[{link_local}%25{}]:8080/", weft_tests::mesh::VETH);
+    refused("web over IPv6 link-local", &mesh.exec_as(NodeA, "web", &curl_args(&v6))?)?;
+    let refused_now = wait_event_above(&mesh, NodeB, "inbound_refused", refused_before)?;
+    eprintln!("node B refused {refused_now} unchecked connection attempts (SYNs, retries included)");
+
+    // Through the mesh it works, and a deny refuses web by VIP and by
+    // api's real address: both are taken over and judged.
+    wait_for_api(&mesh, &direct)?;
+    mesh.weft(&["intention", "delete", "web", "api"])?;
+    mesh.weft(&["intention", "create", "web", "api", "--deny"])?;
+    wait_until(Duration::from_secs(5), "web -> api refused under the deny", || {
+        Ok((!mesh.exec_as(NodeA, "web", &curl_args(API_URL))?.success()).then_some(()))
+    })?;
+    refused("web by its real address under a deny", &mesh.exec_as(NodeA, "web", &curl_args(&direct))?)?;
+    refused("web by VIP under a deny", &mesh.exec_as(NodeA, "web", &curl_args(API_URL))?)?;
+    Ok(())
+}
+
+#[test]
+fn permissive_mode_admits_plaintext_only_through_the_agent() -> anyhow::Result<()> {
+    require_root();
+    let mesh = start(spec())?;
+    let direct = format!("http://{}:8080/", mesh.ip(NodeB));
+    let path = mesh.path("api-defaults.toml");
+    std::fs::write(
+        &path,
+        "Kind = \"service-defaults\"\nName = \"api\"\nMutualTLSMode = \"permissive\"\n",
+    )?;
+    mesh.weft(&["config", "write", &path.display().to_string()])?;
+    let steered_before = mesh.metric_with(NodeB, EBPF_EVENTS, &[("event", "permissive_steered")])?;
+
+    // Plaintext from node A now reaches node B's agent, but only an
+    // intention from `*` can allow it: web -> api does not, the default
+    // denies.
+    wait_event_above(&mesh, NodeB, "permissive_steered", steered_before).or_else(|_| {
+        // Counters move only once a connection has been steered: make one.
+        let _ = mesh.run_with_mesh_dns(NodeA, &curl_args(&direct), Duration::from_secs(10));
+        wait_event_above(&mesh, NodeB, "permissive_steered", steered_before)
+    })?;
+    refused(
+        "plaintext with only web -> api allowed",
+        &mesh.run_with_mesh_dns(NodeA, &curl_args(&direct), Duration::from_secs(10))?,
+    )?;
+    ensure!(
+        mesh.agent_log(NodeB).contains("permissive connection refused"),
+        "node B's agent did not judge the plaintext connection:\n{}",
+        agent_logs(&mesh)
+    );
+
+    mesh.weft(&["intention", "create", "*", "api", "--allow"])?;
+    let answered = wait_until(Duration::from_secs(10), "plaintext allowed by * -> api", || {
+        let out = mesh.run_with_mesh_dns(NodeA, &curl_args(&direct), Duration::from_secs(10))?;
+        Ok(out.success().then_some(out.stdout))
+    })?;
+    ensure!(answered == "instance api-1\n", "{answered:?}");
+    let opened = mesh.metric_with(
+        NodeB,
+        "weft_agent_connections_opened_total",
+        &[("source", "unauthenticated"), ("destination", "api")],
+    )?;
+    ensure!(opened >= 1.0, "plaintext connections are not counted: {opened}");
+    // Local processes outside the mesh are still refused: permissive is for
+    // other hosts, through the agent.
+    refused(
+        "node B outside the mesh, permissive",
+        &mesh.run_with_mesh_dns(NodeB, &curl_args("http://127.0.0.1:8080/"), Duration::from_secs(10))?,
+    )?;
+    // And the mesh path is unchanged.
+    wait_for_api(&mesh, API_URL)?;
+    Ok(())
+}
+
+#[test]
+fn a_killed_agent_fails_closed_and_a_restarted_one_admits_nothing_before_its_view() -> anyhow::Result<()> {
+    require_root();
+    let mut mesh = start(spec())?;
+    let vip_url = format!("http://{}:8080/", mesh.vip("api")?);
+    let direct = format!("http://{}:8080/", mesh.ip(NodeB));
+    wait_for_api(&mesh, &vip_url)?;
+    wait_for_api(&mesh, &direct)?;
+
+    mesh.kill_agent(NodeA);
+    for (what, url) in [("VIP", &vip_url), ("real address", &direct)] {
+        let out = mesh.exec_as(NodeA, "web", &curl_args(url))?;
+        refused(&format!("web to api's {what} after kill -9 of its agent"), &out)?;
+    }
+    // Past the lease the programs refuse by themselves, whatever the maps say.
+    std::thread::sleep(weft_agent::intercept::LEASE + Duration::from_millis(500));
+    for (what, url) in [("VIP", &vip_url), ("real address", &direct)] {
+        let out = mesh.exec_as(NodeA, "web", &curl_args(url))?;
+        refused(&format!("web to api's {what} past the lease"), &out)?;
+    }
+
+    // A deny written while the agent is down, then the agent starts while
+    // web probes every 50 ms: no probe may get through, before or after
+    // the agent is ready.
+    mesh.weft(&["intention", "delete", "web", "api"])?;
+    mesh.weft(&["intention", "create", "web", "api", "--deny"])?;
+    let probes = mesh.path("probes.log");
+    let script = format!(
+        "i=0; while [ $i -lt 300 ]; do i=$((i+1)); \
+         curl -s -m 1 {vip_url}; curl -s -m 1 {direct}; echo \" probe $i\"; \
+         [ -e {stop} ] && break; sleep 0.05; done",
+        stop = mesh.path("stop-probing").display()
+    );
+    mesh.spawn_as(NodeA, "web", &["sh", "-c", &script], "probes.log")?;
+    wait_until(Duration::from_secs(10), "probes running", || {
+        Ok(std::fs::read_to_string(&probes).unwrap_or_default().contains("probe 3").then_some(()))
+    })?;
+    let started = Instant::now();
+    mesh.start_agent(NodeA)?;
+    mesh.wait_agent_ready(NodeA, Duration::from_secs(30))?;
+    eprintln!("node A's agent ready {:?} after start", started.elapsed());
+    let ready_probes = std::fs::read_to_string(&probes)?.matches("probe").count();
+    wait_until(Duration::from_secs(20), "20 probes after the agent is ready", || {
+        let n = std::fs::read_to_string(&probes)?.matches("probe").count();
+        Ok((n >= ready_probes + 20).then_some(()))
+    })?;
+    std::fs::write(mesh.path("stop-probing"), "")?;
+    let log = std::fs::read_to_string(&probes)?;
+    let count = log.matches("probe").count();
+    ensure!(
+        !log.contains("instance api-1"),
+        "a probe got through around the agent's start:\n{log}"
+    );
+    eprintln!("{count} probes (every 50 ms, VIP and real address) through the agent start: none answered");
+
+    // The deny is what refuses now: deleting it restores web -> api.
+    mesh.weft(&["intention", "delete", "web", "api"])?;
+    mesh.weft(&["intention", "create", "web", "api", "--allow"])?;
+    wait_for_api(&mesh, &vip_url)?;
+    Ok(())
+}
+
+#[test]
+fn egress_deny_refuses_destinations_outside_the_mesh_and_uninstall_detaches() -> anyhow::Result<()> {
+    require_root();
+    let mut spec = spec();
+    spec.agent_extra.push_str("egress = \"deny\"\n");
+    let mut mesh = start(spec)?;
+    // A listener on node A that is no mesh service.
+    let outside = format!("{}:9099", mesh.ip(NodeA));
+    mesh.workload(NodeA, "outside", &outside)?;
+    let url = format!("http://{outside}/");
+    let denied_before = mesh.metric_with(NodeA, EBPF_EVENTS, &[("event", "egress_denied")])?;
+    let out = mesh.exec_as(NodeA, "web", &curl_args(&url))?;
+    ensure!(
+        !out.success() && !out.stdout.contains("instance"),
+        "web reached a destination outside the mesh: {}",
+        describe(&out)
+    );
+    wait_event_above(&mesh, NodeA, "egress_denied", denied_before)?;
+    // Processes outside the mesh are not concerned, and the mesh works.
+    ensure!(mesh.curl(NodeA, &url)? == "instance outside\n");
+    wait_for_api(&mesh, API_URL)?;
+
+    // `weft-agent uninstall` with the agent stopped removes the pins: the
+    // programs detach and web's connections are no longer checked.
+    mesh.stop_agent(NodeA)?;
+    let pins = weft_agent::ebpf::pins::default_dir(&mesh.cgroup_root(NodeA).context("ebpf mesh")?);
+    ensure!(pins.exists(), "no pins at {}", pins.display());
+    let config = mesh.agent_config(NodeA).display().to_string();
+    let out = mesh.run(NodeA, weft_tests::servers::bin("weft-agent"), &["uninstall", "--config", &config], Duration::from_secs(10))?;
+    ensure!(out.success(), "uninstall: {}", describe(&out));
+    ensure!(!pins.exists(), "{} is still there", pins.display());
+    let out = mesh.exec_as(NodeA, "web", &curl_args(&url))?;
+    ensure!(
+        out.success() && out.stdout == "instance outside\n",
+        "after uninstall web's connection is still steered: {}",
+        describe(&out)
+    );
+    Ok(())
+}
