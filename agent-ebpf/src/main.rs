@@ -18,9 +18,10 @@
 //!   same-node fast-path ones the connect hook checked), or the workload's
 //!   own mark (a workload reaching itself over loopback).
 //! * `weft_sk_lookup` (sk_lookup, on the node's network namespace) steers
-//!   plaintext connections from other hosts to ports of services in
-//!   permissive mode to the agent's permissive listener; with no listener
-//!   (agent gone) they are refused.
+//!   plaintext connections from other hosts (not on loopback, not from the
+//!   address they dial) to ports of services in permissive mode to the
+//!   agent's permissive listener; with no listener (agent gone) they are
+//!   refused.
 //!
 //! Every decision is made from maps the agent fills; nothing is hard-coded.
 // On the host (clippy, `cargo check --workspace`) this is an ordinary binary
@@ -34,8 +35,8 @@ use aya_ebpf::{
         BPF_TCP_CLOSE,
     },
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-        bpf_ktime_get_ns, bpf_setsockopt, bpf_skb_cgroup_id,
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_setsockopt, bpf_skb_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
@@ -380,9 +381,22 @@ pub fn weft_sk_lookup(ctx: SkLookupContext) -> u32 {
     if lookup.protocol != IPPROTO_TCP || lookup.ingress_ifindex == LOOPBACK_IFINDEX {
         return SK_PASS;
     }
+    // A connection from this host to one of its own addresses (its source
+    // is the address it dials; the agent's own connections to instances
+    // and health checks are such) is not from another host: it goes on to
+    // inbound capture, which admits it only with the agent's mark.
+    let from_this_host = if lookup.family == u32::from(AF_INET) {
+        lookup.remote_ip4 == lookup.local_ip4
+    } else {
+        let (r, l) = (lookup.remote_ip6, lookup.local_ip6);
+        r[0] == l[0] && r[1] == l[1] && r[2] == l[2] && r[3] == l[3]
+    };
+    if from_this_host {
+        return SK_PASS;
+    }
     let port = lookup.local_port;
     // SAFETY: values in this map are plain data written by the agent.
-    if unsafe { PERMISSIVE.get(&port) }.is_none() {
+    if unsafe { PERMISSIVE.get(port) }.is_none() {
         return SK_PASS;
     }
     match PERMISSIVE_LISTENER.redirect_sk_lookup(&ctx, 0, 0) {

@@ -620,7 +620,10 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         if !dir.is_absolute() {
             return Err(invalid(
                 "bpf_pin_dir",
-                format!("{:?} must be an absolute path on bpffs", dir.display().to_string()),
+                format!(
+                    "{:?} must be an absolute path on bpffs",
+                    dir.display().to_string()
+                ),
             ));
         }
     }

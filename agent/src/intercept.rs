@@ -242,7 +242,11 @@ impl Interception {
     /// Ends the lease: mesh workloads' connections are refused from now on
     /// (shutdown).
     pub fn end_lease(&self) -> Result<(), InterceptError> {
-        Ok(self.redirector.lock().expect("redirector lock").end_lease()?)
+        Ok(self
+            .redirector
+            .lock()
+            .expect("redirector lock")
+            .end_lease()?)
     }
 
     /// Puts the permissive listener where the sk_lookup program finds it.
@@ -309,7 +313,10 @@ impl Interception {
         }
         for port in permissive.difference(&permissive_installed) {
             redirector.set_permissive_port(*port, true)?;
-            tracing::info!(port, "permissive: plaintext from other hosts goes through the agent");
+            tracing::info!(
+                port,
+                "permissive: plaintext from other hosts goes through the agent"
+            );
         }
         *permissive_installed = permissive;
         Ok(())

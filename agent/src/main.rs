@@ -68,7 +68,10 @@ fn main() -> anyhow::Result<()> {
             let config = weft_agent::config::AgentConfig::load(&config)?;
             let dir = weft_agent::intercept::pin_dir(&config)?;
             if weft_agent::intercept::uninstall(&config)? {
-                println!("removed the eBPF pins in {}: the programs are detached", dir.display());
+                println!(
+                    "removed the eBPF pins in {}: the programs are detached",
+                    dir.display()
+                );
             } else {
                 println!("nothing pinned in {}", dir.display());
             }

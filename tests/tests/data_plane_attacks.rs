@@ -84,7 +84,12 @@ fn curl_args(url: &str) -> Vec<&str> {
 }
 
 /// `node`'s eBPF counter `event`, once above `before` (copied every second).
-fn wait_event_above(mesh: &Mesh, node: weft_tests::mesh::Node, event: &str, before: f64) -> anyhow::Result<f64> {
+fn wait_event_above(
+    mesh: &Mesh,
+    node: weft_tests::mesh::Node,
+    event: &str,
+    before: f64,
+) -> anyhow::Result<f64> {
     wait_until(
         Duration::from_secs(5),
         &format!("{event} counter of node {node:?} above {before}"),
@@ -104,9 +109,16 @@ fn inbound_capture_refuses_every_way_around_the_agent() -> anyhow::Result<()> {
     let refused_before = mesh.metric_with(NodeB, EBPF_EVENTS, &[("event", "inbound_refused")])?;
 
     // From node A, a process outside the mesh.
-    refused("node A outside the mesh", &mesh.run_with_mesh_dns(NodeA, &curl_args(&direct), Duration::from_secs(10))?)?;
+    refused(
+        "node A outside the mesh",
+        &mesh.run_with_mesh_dns(NodeA, &curl_args(&direct), Duration::from_secs(10))?,
+    )?;
     // From node B itself, outside the mesh: loopback and the node address.
-    for url in ["http://127.0.0.1:8080/", direct.as_str(), "http://[::1]:8080/"] {
+    for url in [
+        "http://127.0.0.1:8080/",
+        direct.as_str(),
+        "http://[::1]:8080/",
+    ] {
         refused(
             &format!("node B outside the mesh to {url}"),
             &mesh.run_with_mesh_dns(NodeB, &curl_args(url), Duration::from_secs(10))?,
@@ -117,25 +129,41 @@ fn inbound_capture_refuses_every_way_around_the_agent() -> anyhow::Result<()> {
     let mut cmd = std::process::Command::new("curl");
     cmd.args(&curl_args(&format!("http://{b_outside}:8080/"))[1..]);
     let _ns = weft_tests::mesh::in_netns(&mut cmd, &outsider)?;
-    refused("the outsider namespace", &weft_tests::mesh::run_bounded(&mut cmd, Duration::from_secs(10))?)?;
+    refused(
+        "the outsider namespace",
+        &weft_tests::mesh::run_bounded(&mut cmd, Duration::from_secs(10))?,
+    )?;
     // From web's own cgroup, over IPv6 link-local: not a mesh address, so
     // not redirected, and refused at api's socket.
     let link_local = mesh.ipv6_link_local(NodeB)?;
     let v6 = format!("http://[{link_local}%25{}]:8080/", weft_tests::mesh::VETH);
-    refused("web over IPv6 link-local", &mesh.exec_as(NodeA, "web", &curl_args(&v6))?)?;
+    refused(
+        "web over IPv6 link-local",
+        &mesh.exec_as(NodeA, "web", &curl_args(&v6))?,
+    )?;
     let refused_now = wait_event_above(&mesh, NodeB, "inbound_refused", refused_before)?;
-    eprintln!("node B refused {refused_now} unchecked connection attempts (SYNs, retries included)");
+    eprintln!(
+        "node B refused {refused_now} unchecked connection attempts (SYNs, retries included)"
+    );
 
     // Through the mesh it works, and a deny refuses web by VIP and by
     // api's real address: both are taken over and judged.
     wait_for_api(&mesh, &direct)?;
     mesh.weft(&["intention", "delete", "web", "api"])?;
     mesh.weft(&["intention", "create", "web", "api", "--deny"])?;
-    wait_until(Duration::from_secs(5), "web -> api refused under the deny", || {
-        Ok((!mesh.exec_as(NodeA, "web", &curl_args(API_URL))?.success()).then_some(()))
-    })?;
-    refused("web by its real address under a deny", &mesh.exec_as(NodeA, "web", &curl_args(&direct))?)?;
-    refused("web by VIP under a deny", &mesh.exec_as(NodeA, "web", &curl_args(API_URL))?)?;
+    wait_until(
+        Duration::from_secs(5),
+        "web -> api refused under the deny",
+        || Ok((!mesh.exec_as(NodeA, "web", &curl_args(API_URL))?.success()).then_some(())),
+    )?;
+    refused(
+        "web by its real address under a deny",
+        &mesh.exec_as(NodeA, "web", &curl_args(&direct))?,
+    )?;
+    refused(
+        "web by VIP under a deny",
+        &mesh.exec_as(NodeA, "web", &curl_args(API_URL))?,
+    )?;
     Ok(())
 }
 
@@ -150,7 +178,8 @@ fn permissive_mode_admits_plaintext_only_through_the_agent() -> anyhow::Result<(
         "Kind = \"service-defaults\"\nName = \"api\"\nMutualTLSMode = \"permissive\"\n",
     )?;
     mesh.weft(&["config", "write", &path.display().to_string()])?;
-    let steered_before = mesh.metric_with(NodeB, EBPF_EVENTS, &[("event", "permissive_steered")])?;
+    let steered_before =
+        mesh.metric_with(NodeB, EBPF_EVENTS, &[("event", "permissive_steered")])?;
 
     // Plaintext from node A now reaches node B's agent, but only an
     // intention from `*` can allow it: web -> api does not, the default
@@ -165,28 +194,42 @@ fn permissive_mode_admits_plaintext_only_through_the_agent() -> anyhow::Result<(
         &mesh.run_with_mesh_dns(NodeA, &curl_args(&direct), Duration::from_secs(10))?,
     )?;
     ensure!(
-        mesh.agent_log(NodeB).contains("permissive connection refused"),
+        mesh.agent_log(NodeB)
+            .contains("permissive connection refused"),
         "node B's agent did not judge the plaintext connection:\n{}",
         agent_logs(&mesh)
     );
 
     mesh.weft(&["intention", "create", "*", "api", "--allow"])?;
-    let answered = wait_until(Duration::from_secs(10), "plaintext allowed by * -> api", || {
-        let out = mesh.run_with_mesh_dns(NodeA, &curl_args(&direct), Duration::from_secs(10))?;
-        Ok(out.success().then_some(out.stdout))
-    })?;
+    let answered = wait_until(
+        Duration::from_secs(10),
+        "plaintext allowed by * -> api",
+        || {
+            let out =
+                mesh.run_with_mesh_dns(NodeA, &curl_args(&direct), Duration::from_secs(10))?;
+            Ok(out.success().then_some(out.stdout))
+        },
+    )
+    .map_err(|e| e.context(agent_logs(&mesh)))?;
     ensure!(answered == "instance api-1\n", "{answered:?}");
     let opened = mesh.metric_with(
         NodeB,
         "weft_agent_connections_opened_total",
         &[("source", "unauthenticated"), ("destination", "api")],
     )?;
-    ensure!(opened >= 1.0, "plaintext connections are not counted: {opened}");
+    ensure!(
+        opened >= 1.0,
+        "plaintext connections are not counted: {opened}"
+    );
     // Local processes outside the mesh are still refused: permissive is for
     // other hosts, through the agent.
     refused(
         "node B outside the mesh, permissive",
-        &mesh.run_with_mesh_dns(NodeB, &curl_args("http://127.0.0.1:8080/"), Duration::from_secs(10))?,
+        &mesh.run_with_mesh_dns(
+            NodeB,
+            &curl_args("http://127.0.0.1:8080/"),
+            Duration::from_secs(10),
+        )?,
     )?;
     // And the mesh path is unchanged.
     wait_for_api(&mesh, API_URL)?;
@@ -194,7 +237,8 @@ fn permissive_mode_admits_plaintext_only_through_the_agent() -> anyhow::Result<(
 }
 
 #[test]
-fn a_killed_agent_fails_closed_and_a_restarted_one_admits_nothing_before_its_view() -> anyhow::Result<()> {
+fn a_killed_agent_fails_closed_and_a_restarted_one_admits_nothing_before_its_view(
+) -> anyhow::Result<()> {
     require_root();
     let mut mesh = start(spec())?;
     let vip_url = format!("http://{}:8080/", mesh.vip("api")?);
@@ -205,7 +249,10 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_admits_nothing_before_its_vie
     mesh.kill_agent(NodeA);
     for (what, url) in [("VIP", &vip_url), ("real address", &direct)] {
         let out = mesh.exec_as(NodeA, "web", &curl_args(url))?;
-        refused(&format!("web to api's {what} after kill -9 of its agent"), &out)?;
+        refused(
+            &format!("web to api's {what} after kill -9 of its agent"),
+            &out,
+        )?;
     }
     // Past the lease the programs refuse by themselves, whatever the maps say.
     std::thread::sleep(weft_agent::intercept::LEASE + Duration::from_millis(500));
@@ -228,17 +275,24 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_admits_nothing_before_its_vie
     );
     mesh.spawn_as(NodeA, "web", &["sh", "-c", &script], "probes.log")?;
     wait_until(Duration::from_secs(10), "probes running", || {
-        Ok(std::fs::read_to_string(&probes).unwrap_or_default().contains("probe 3").then_some(()))
+        Ok(std::fs::read_to_string(&probes)
+            .unwrap_or_default()
+            .contains("probe 3")
+            .then_some(()))
     })?;
     let started = Instant::now();
     mesh.start_agent(NodeA)?;
     mesh.wait_agent_ready(NodeA, Duration::from_secs(30))?;
     eprintln!("node A's agent ready {:?} after start", started.elapsed());
     let ready_probes = std::fs::read_to_string(&probes)?.matches("probe").count();
-    wait_until(Duration::from_secs(20), "20 probes after the agent is ready", || {
-        let n = std::fs::read_to_string(&probes)?.matches("probe").count();
-        Ok((n >= ready_probes + 20).then_some(()))
-    })?;
+    wait_until(
+        Duration::from_secs(20),
+        "20 probes after the agent is ready",
+        || {
+            let n = std::fs::read_to_string(&probes)?.matches("probe").count();
+            Ok((n >= ready_probes + 20).then_some(()))
+        },
+    )?;
     std::fs::write(mesh.path("stop-probing"), "")?;
     let log = std::fs::read_to_string(&probes)?;
     let count = log.matches("probe").count();
@@ -246,7 +300,9 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_admits_nothing_before_its_vie
         !log.contains("instance api-1"),
         "a probe got through around the agent's start:\n{log}"
     );
-    eprintln!("{count} probes (every 50 ms, VIP and real address) through the agent start: none answered");
+    eprintln!(
+        "{count} probes (every 50 ms, VIP and real address) through the agent start: none answered"
+    );
 
     // The deny is what refuses now: deleting it restores web -> api.
     mesh.weft(&["intention", "delete", "web", "api"])?;
@@ -256,7 +312,8 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_admits_nothing_before_its_vie
 }
 
 #[test]
-fn egress_deny_refuses_destinations_outside_the_mesh_and_uninstall_detaches() -> anyhow::Result<()> {
+fn egress_deny_refuses_destinations_outside_the_mesh_and_uninstall_detaches() -> anyhow::Result<()>
+{
     require_root();
     let mut spec = spec();
     spec.agent_extra.push_str("egress = \"deny\"\n");
@@ -283,7 +340,12 @@ fn egress_deny_refuses_destinations_outside_the_mesh_and_uninstall_detaches() ->
     let pins = weft_agent::ebpf::pins::default_dir(&mesh.cgroup_root(NodeA).context("ebpf mesh")?);
     ensure!(pins.exists(), "no pins at {}", pins.display());
     let config = mesh.agent_config(NodeA).display().to_string();
-    let out = mesh.run(NodeA, weft_tests::servers::bin("weft-agent"), &["uninstall", "--config", &config], Duration::from_secs(10))?;
+    let out = mesh.run(
+        NodeA,
+        weft_tests::servers::bin("weft-agent"),
+        &["uninstall", "--config", &config],
+        Duration::from_secs(10),
+    )?;
     ensure!(out.success(), "uninstall: {}", describe(&out));
     ensure!(!pins.exists(), "{} is still there", pins.display());
     let out = mesh.exec_as(NodeA, "web", &curl_args(&url))?;

@@ -24,7 +24,9 @@ async fn records_do_not_outlive_their_connections() -> anyhow::Result<()> {
     let proxy = netns.listen("127.0.0.1:0".parse()?)?;
     let proxy_addr = proxy.local_addr()?;
 
-    let mut redirector = Redirector::load(weft_agent::ebpf::Pins::open(&weft_agent::ebpf::pins::default_dir(root.path()))?)?;
+    let mut redirector = Redirector::load(weft_agent::ebpf::Pins::open(
+        &weft_agent::ebpf::pins::default_dir(root.path()),
+    )?)?;
     redirector.add_workload(workload.id()?, 1)?;
     redirector.add_destination(Ipv4Addr::new(10, 99, 0, 9).into(), None, proxy_addr)?;
     redirector.attach(root.path())?;

@@ -59,7 +59,9 @@ async fn connect4_redirects_workload_and_records_original_destination() -> anyho
     let proxy_addr = proxy.local_addr()?;
     let real = netns.listen(REAL_DEST.parse()?)?;
 
-    let mut redirector = Redirector::load(weft_agent::ebpf::Pins::open(&weft_agent::ebpf::pins::default_dir(root.path()))?)?;
+    let mut redirector = Redirector::load(weft_agent::ebpf::Pins::open(
+        &weft_agent::ebpf::pins::default_dir(root.path()),
+    )?)?;
     redirector.add_workload(workload.id()?, 7)?;
     redirector.add_destination(Ipv4Addr::new(10, 99, 0, 1).into(), Some(8080), proxy_addr)?;
     redirector.attach(root.path())?;

@@ -214,7 +214,10 @@ mod tests {
             default_dir(Path::new("/sys/fs/cgroup/weft-t1/node a/")),
             Path::new("/sys/fs/bpf/weft/sys_fs_cgroup_weft-t1_node_a")
         );
-        assert_eq!(default_dir(Path::new("/")), Path::new("/sys/fs/bpf/weft/root"));
+        assert_eq!(
+            default_dir(Path::new("/")),
+            Path::new("/sys/fs/bpf/weft/root")
+        );
     }
 
     #[test]

@@ -264,7 +264,8 @@ impl Redirector {
                 .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|e| program(name, e))?;
             let link = connect.take_link(id).map_err(|e| program(name, e))?;
-            let link = FdLink::try_from(link).map_err(|source| RedirectorError::Link { name, source })?;
+            let link =
+                FdLink::try_from(link).map_err(|source| RedirectorError::Link { name, source })?;
             attached.push((name, link));
         }
 
@@ -280,7 +281,8 @@ impl Redirector {
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(|e| program(name, e))?;
         let link = sockops.take_link(id).map_err(|e| program(name, e))?;
-        let link = FdLink::try_from(link).map_err(|source| RedirectorError::Link { name, source })?;
+        let link =
+            FdLink::try_from(link).map_err(|source| RedirectorError::Link { name, source })?;
         attached.push((name, link));
 
         let name = programs::INGRESS;
@@ -292,10 +294,15 @@ impl Redirector {
             .map_err(|e| program(name, e))?;
         ingress.load().map_err(|e| program(name, e))?;
         let id = ingress
-            .attach(&cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+            .attach(
+                &cgroup,
+                CgroupSkbAttachType::Ingress,
+                CgroupAttachMode::Single,
+            )
             .map_err(|e| program(name, e))?;
         let link = ingress.take_link(id).map_err(|e| program(name, e))?;
-        let link = FdLink::try_from(link).map_err(|source| RedirectorError::Link { name, source })?;
+        let link =
+            FdLink::try_from(link).map_err(|source| RedirectorError::Link { name, source })?;
         attached.push((name, link));
 
         let name = programs::SK_LOOKUP;
@@ -639,6 +646,9 @@ mod tests {
         let key = dest_key(v6, None).unwrap();
         assert_eq!((key.family, key.port), (AF_INET6, 0));
         assert_eq!(addr_of(key.addr, key.family), v6);
-        assert_eq!(addr_of(v4.addr, v4.family), "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            addr_of(v4.addr, v4.family),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
     }
 }

@@ -131,7 +131,12 @@ pub async fn admit(
     } else {
         Either::Left(instance)
     };
-    Ok(Counted::new(upstream, ctx.metrics.clone(), label, &destination))
+    Ok(Counted::new(
+        upstream,
+        ctx.metrics.clone(),
+        label,
+        &destination,
+    ))
 }
 
 #[cfg(test)]
