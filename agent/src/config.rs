@@ -965,6 +965,35 @@ data_dir = "/var/lib/weft-agent"
     }
 
     #[test]
+    fn data_path_settings_default_to_allow_and_the_weft_mark() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.egress, EgressPolicy::Allow);
+        assert_eq!(c.socket_mark, DEFAULT_SOCKET_MARK);
+        assert_eq!(c.bpf_pin_dir, None);
+        assert_eq!(c.permissive_addr, DEFAULT_PERMISSIVE_ADDR.parse().unwrap());
+        let c = parse(&with(
+            "egress = \"deny\"\nsocket_mark = 0x7000\nbpf_pin_dir = \"/sys/fs/bpf/w\"\n",
+        ))
+        .unwrap();
+        assert_eq!(c.egress, EgressPolicy::Deny);
+        assert_eq!(c.socket_mark, 0x7000);
+    }
+
+    #[test]
+    fn bad_data_path_settings_name_their_field() {
+        assert!(err(&with("egress = \"open\"\n")).contains("egress"));
+        for mark in ["0", "0x3001"] {
+            let e = err(&with(&format!("socket_mark = {mark}\n")));
+            assert!(
+                e.contains("socket_mark") && e.contains("low 12 bits"),
+                "{e}"
+            );
+        }
+        let e = err(&with("bpf_pin_dir = \"weft\"\n"));
+        assert!(e.contains("bpf_pin_dir"), "{e}");
+    }
+
+    #[test]
     fn full_example_parses() {
         let c = parse(FULL).unwrap();
         assert_eq!(c.node_name, "node-a");

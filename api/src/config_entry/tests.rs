@@ -33,7 +33,10 @@ fn mutual_tls_mode_is_strict_unless_set_to_permissive() {
         assert_eq!(set.mutual_tls_mode("api"), want, "{text}");
     }
     let e = parse("MutualTLSMode = \"open\"").unwrap_err().to_string();
-    assert!(e.contains("MutualTLSMode"), "{e}");
+    assert!(
+        e.contains("line 3") && e.contains("`open`") && e.contains("`permissive`"),
+        "{e}"
+    );
 }
 
 #[test]
