@@ -249,6 +249,40 @@ cgroup subtree ({} and …/b), and it answers DNS for NAME.service.weft on 127.0
         &out,
     );
     say("A process outside the mesh's cgroups is left alone: no route to the virtual IP.");
+
+    step("a bypass attempt: api's real address, from outside the mesh")?;
+    let direct = format!("http://{b}:8080/hello");
+    let out = mesh.run_with_mesh_dns(
+        Node::A,
+        &["curl", "-sS", "-m", "2", &direct],
+        Duration::from_secs(10),
+    )?;
+    show(
+        "node-a (no mesh cgroup)",
+        &format!("curl -sS -m 2 {direct}"),
+        &out,
+    );
+    if out.success() {
+        bail!("a process outside the mesh reached api around the agents");
+    }
+    let out = mesh.run_with_mesh_dns(
+        Node::B,
+        &["curl", "-sS", "-m", "2", &direct],
+        Duration::from_secs(10),
+    )?;
+    show(
+        "node-b (no mesh cgroup)",
+        &format!("curl -sS -m 2 {direct}"),
+        &out,
+    );
+    if out.success() {
+        bail!("a local process outside the mesh reached api around its agent");
+    }
+    say(
+        "Refused in the kernel: api's sockets take only connection attempts that carry\n\
+         the agent's socket mark (inbound capture, strict by default). The one way in\n\
+         is through node-b's agent, which checks who is calling.",
+    );
     std::thread::sleep(Duration::from_millis(1100)); // eBPF counters are copied every second
     show_metrics(&mesh, Node::A)?;
 
