@@ -415,6 +415,58 @@ mod tests {
     }
 
     #[test]
+    fn every_instance_address_and_vip_is_taken_over_ipv4_and_ipv6() {
+        let mut v = view(None, None, "b");
+        v.apply(proto::WatchEvent {
+            index: 2,
+            event: Some(Event::Changes(proto::ChangeSet {
+                changes: vec![proto::Change {
+                    change: Some(P::InstanceUpsert(proto::ServiceInstance {
+                        id: "api-2".into(),
+                        service: "api".into(),
+                        node: "b".into(),
+                        address: "fd00::2".into(),
+                        port: 8080,
+                        ..Default::default()
+                    })),
+                }],
+            })),
+        })
+        .unwrap();
+        let wanted = Interception::wanted(&v);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(wanted.contains(&(ip("240.0.0.2"), None)), "{wanted:?}");
+        assert!(
+            wanted.contains(&(ip("127.0.0.1"), Some(8080))),
+            "{wanted:?}"
+        );
+        assert!(wanted.contains(&(ip("fd00::2"), Some(8080))), "{wanted:?}");
+    }
+
+    #[test]
+    fn only_local_permissive_services_have_their_ports_steered() {
+        let mut v = view(None, None, "a");
+        let local = vec![("api".to_string(), 8080), ("web".to_string(), 9000)];
+        assert!(permissive_ports(&v, &local).is_empty(), "strict by default");
+        v.apply(proto::WatchEvent {
+            index: 2,
+            event: Some(Event::Changes(proto::ChangeSet {
+                changes: vec![proto::Change {
+                    change: Some(P::ConfigUpsert(proto::ConfigEntry {
+                        kind: "service-defaults".into(),
+                        name: "api".into(),
+                        json: r#"{"Kind":"service-defaults","Name":"api","MutualTLSMode":"permissive"}"#.into(),
+                        ..Default::default()
+                    })),
+                }],
+            })),
+        })
+        .unwrap();
+        assert_eq!(permissive_ports(&v, &local), BTreeSet::from([8080]));
+        assert!(permissive_ports(&v, &local[1..]).is_empty());
+    }
+
+    #[test]
     fn allowed_local_tcp_pairs_take_the_fast_path() {
         let entries = fast_paths(&view(Some("allow"), None, "a"), "a", &workloads());
         let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
