@@ -13,8 +13,8 @@
 //!   so that the agent can look up each accepted socket, and removes it again
 //!   when the connection closes.
 //! * `weft_ingress` (cgroup_skb/ingress) is inbound capture: a connection
-//!   attempt (TCP SYN) to a mesh workload's socket is dropped unless it
-//!   carries the agent's socket mark (the agent's own connections, and
+//!   attempt (a packet for a listening socket) to a mesh workload is dropped
+//!   unless it carries the agent's socket mark (the agent's own connections, and
 //!   same-node fast-path ones the connect hook checked), or the workload's
 //!   own mark (a workload reaching itself over loopback).
 //! * `weft_sk_lookup` (sk_lookup, on the node's network namespace) steers
@@ -32,7 +32,7 @@
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE,
+        BPF_TCP_CLOSE, BPF_TCP_LISTEN,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
@@ -61,8 +61,6 @@ const SOL_SOCKET: i32 = 1;
 const SO_MARK: i32 = 36;
 /// The loopback device's index, the same in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
 
 #[map(name = "WORKLOADS")]
 static WORKLOADS: HashMap<u64, WorkloadInfo> = HashMap::with_max_entries(4096, 0);
@@ -324,50 +322,40 @@ fn steer(ctx: &SockAddrContext, key: DestKey, loopback: bool) -> Steer {
     Steer::To(target)
 }
 
-/// Inbound capture: drops a connection attempt (TCP SYN without ACK) to a
-/// mesh workload's socket unless the connecting socket carried the agent's
-/// mark, or the workload's own mark. Other packets pass: established
-/// connections got in through a checked SYN, replies to the workload's own
-/// connections are not attempts.
+/// Inbound capture: drops every packet for a listening socket of a mesh
+/// workload (a connection attempt: the SYN, and the ACK that would complete
+/// a handshake) unless the connecting socket carried the agent's mark, or
+/// the workload's own mark. Packets for established sockets pass: they got
+/// in through a checked handshake, or are replies to the workload's own
+/// connections. The decision reads the socket's state, not the packet, so
+/// no header layout (IPv6 extension headers, TCP options) can hide a SYN.
 #[cgroup_skb(ingress)]
 pub fn weft_ingress(ctx: SkBuffContext) -> i32 {
     // SAFETY: the context's skb pointer is valid for this program type.
+    let skb = unsafe { &*ctx.skb.skb };
+    // SAFETY: reading the socket pointer of the __sk_buff.
+    let sk = unsafe { skb.__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: checked non-null; `state` is in the common part of a socket.
+    if unsafe { (*sk).state } != BPF_TCP_LISTEN {
+        return ALLOW;
+    }
+    // SAFETY: helper on the valid skb of this program.
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     // SAFETY: values in this map are plain data written by the agent.
     let Some(workload) = (unsafe { WORKLOADS.get(cgroup_id) }) else {
         return ALLOW;
     };
     let workload_id = workload.workload_id;
-    match tcp_flags(&ctx) {
-        Some(flags) if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 => {}
-        _ => return ALLOW,
-    }
-    // SAFETY: a readable field of __sk_buff.
-    let packet_mark = unsafe { (*ctx.skb.skb).mark };
+    let packet_mark = skb.mark;
     let mark = setting(agent::MARK) as u32;
     if mark != 0 && (packet_mark == mark || packet_mark == mark | workload_id) {
         return ALLOW;
     }
     count(counter::INBOUND_REFUSED);
     REFUSE
-}
-
-/// The TCP flags byte of the packet (which starts at its IP header), or
-/// None if it is not TCP.
-#[inline(always)]
-fn tcp_flags(ctx: &SkBuffContext) -> Option<u8> {
-    let first: u8 = ctx.load(0).ok()?;
-    let (protocol, header_len) = match first >> 4 {
-        4 => (ctx.load::<u8>(9).ok()?, usize::from(first & 0x0f) * 4),
-        // Extension headers before TCP are not followed: such a SYN is not
-        // seen as one and passes, which no TCP stack sends on its own.
-        6 => (ctx.load::<u8>(6).ok()?, 40),
-        _ => return None,
-    };
-    if u32::from(protocol) != IPPROTO_TCP {
-        return None;
-    }
-    ctx.load::<u8>(header_len + 13).ok()
 }
 
 /// Permissive mode: a connection from another host to a local port of a

@@ -103,7 +103,7 @@ fn wait_event_above(
 #[test]
 fn inbound_capture_refuses_every_way_around_the_agent() -> anyhow::Result<()> {
     require_root();
-    let mesh = start(spec())?;
+    let mut mesh = start(spec())?;
     let b = mesh.ip(NodeB);
     let direct = format!("http://{b}:8080/");
     let refused_before = mesh.metric_with(NodeB, EBPF_EVENTS, &[("event", "inbound_refused")])?;
@@ -141,6 +141,28 @@ fn inbound_capture_refuses_every_way_around_the_agent() -> anyhow::Result<()> {
         "web over IPv6 link-local",
         &mesh.exec_as(NodeA, "web", &curl_args(&v6))?,
     )?;
+    // The same with an IPv6 extension header before TCP, which a filter
+    // parsing headers might take for something else than a SYN...
+    let probe = |mesh: &Mesh, port: &str| {
+        mesh.run(
+            NodeA,
+            weft_tests::servers::bin("weft-probe"),
+            &["connect-dstopts", &link_local, weft_tests::mesh::VETH, port],
+            Duration::from_secs(10),
+        )
+    };
+    refused(
+        "IPv6 with a Destination Options header",
+        &probe(&mesh, "8080")?,
+    )?;
+    // ...while the same probe reaches a workload outside the mesh.
+    mesh.workload(NodeB, "plain", "[::]:8090")?;
+    let out = probe(&mesh, "8090")?;
+    ensure!(
+        out.success() && out.stdout.contains("instance plain"),
+        "the extension-header probe does not work at all: {}",
+        describe(&out)
+    );
     let refused_now = wait_event_above(&mesh, NodeB, "inbound_refused", refused_before)?;
     eprintln!(
         "node B refused {refused_now} unchecked connection attempts (SYNs, retries included)"

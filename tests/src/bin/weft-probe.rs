@@ -6,6 +6,9 @@
 //! * `weft-probe connect-many ADDR N` makes N short connections one after
 //!   another (each waits for the peer to close first, so no TIME_WAIT piles
 //!   up on this side) and prints how many succeeded.
+//! * `weft-probe connect-dstopts IPV6 IFNAME PORT` connects over IPv6 with a
+//!   Destination Options extension header on every packet (root only), sends
+//!   an HTTP/1.0 GET and prints the answer: a SYN a header parser might miss.
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
@@ -19,6 +22,21 @@ fn main() {
         let ok = (0..n).filter(|_| short_connection(addr).is_ok()).count();
         println!("{ok}");
         std::process::exit(if ok as u64 == n { 0 } else { 1 });
+    }
+    if let (Some("connect-dstopts"), Some(ip), Some(ifname), Some(port)) = (
+        args.first().map(String::as_str),
+        args.get(1),
+        args.get(2),
+        args.get(3),
+    ) {
+        match connect_dstopts(ip, ifname, port) {
+            Ok(reply) => print!("{reply}"),
+            Err(e) => {
+                eprintln!("weft-probe: [{ip}%{ifname}]:{port}: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
     }
     let (Some("connect"), Some(addr)) = (args.first().map(String::as_str), args.get(1)) else {
         eprintln!("usage: weft-probe connect ADDR [TEXT] | connect-many ADDR N");
@@ -57,4 +75,69 @@ fn short_connection(addr: &str) -> std::io::Result<()> {
     let mut sink = Vec::new();
     stream.read_to_end(&mut sink)?;
     Ok(())
+}
+
+/// An IPv6 connection whose packets carry a Destination Options header
+/// (PadN only), bounded by a 2 s connect and read timeout.
+fn connect_dstopts(ip: &str, ifname: &str, port: &str) -> std::io::Result<String> {
+    use std::os::fd::FromRawFd;
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    let ip: std::net::Ipv6Addr = ip.parse().map_err(|e| invalid(format!("{e}")))?;
+    let port: u16 = port.parse().map_err(|e| invalid(format!("{e}")))?;
+    let name = std::ffi::CString::new(ifname).map_err(|e| invalid(format!("{e}")))?;
+    // SAFETY: a valid C string.
+    let scope = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if scope == 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: plain socket creation; the fd is owned by the TcpStream below.
+    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    // Next header (filled in by the kernel), length 0 (8 bytes), PadN of 4.
+    let dstopts: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+    // SAFETY: valid fd and buffer of the advertised length.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_DSTOPTS,
+            dstopts.as_ptr().cast(),
+            dstopts.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // connect() honours the send timeout.
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let addr = libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+        sin6_port: port.to_be(),
+        sin6_flowinfo: 0,
+        sin6_addr: libc::in6_addr {
+            s6_addr: ip.octets(),
+        },
+        sin6_scope_id: scope,
+    };
+    // SAFETY: a valid sockaddr_in6 of the advertised length.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut stream = stream;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(reply)
 }
