@@ -35,8 +35,9 @@ use aya_ebpf::{
         BPF_TCP_CLOSE, BPF_TCP_LISTEN,
     },
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_setsockopt, bpf_skb_cgroup_id,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt, bpf_skb_ancestor_cgroup_id,
+        bpf_skb_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
@@ -95,6 +96,33 @@ fn count(index: u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while we run.
         unsafe { *slot += 1 };
     }
+}
+
+/// How deep below the cgroup root a workload's cgroup is looked for.
+const MAX_CGROUP_DEPTH: i32 = 16;
+
+/// The mesh workload a cgroup belongs to: its own entry, or else the
+/// deepest ancestor's (`ancestor(level)` gives the ancestor at `level`, 0
+/// when the cgroup is not that deep). A process that makes a cgroup below
+/// its workload's stays that workload.
+#[inline(always)]
+fn workload_of(cgroup_id: u64, ancestor: impl Fn(i32) -> u64) -> Option<WorkloadInfo> {
+    // SAFETY: values in this map are plain data written by the agent.
+    if let Some(w) = unsafe { WORKLOADS.get(cgroup_id) } {
+        return Some(*w);
+    }
+    let mut found = None;
+    for level in 0..MAX_CGROUP_DEPTH {
+        let id = ancestor(level);
+        if id == 0 || id == cgroup_id {
+            break;
+        }
+        // SAFETY: as above.
+        if let Some(w) = unsafe { WORKLOADS.get(id) } {
+            found = Some(*w);
+        }
+    }
+    found
 }
 
 #[inline(always)]
@@ -246,8 +274,9 @@ fn destination(mut key: DestKey) -> Option<RedirectTarget> {
 fn steer(ctx: &SockAddrContext, key: DestKey, loopback: bool) -> Steer {
     // SAFETY: helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: values in this map are plain data written by the agent.
-    let Some(workload) = (unsafe { WORKLOADS.get(cgroup_id) }) else {
+    // SAFETY: helper with a plain integer argument.
+    let ancestor = |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+    let Some(workload) = workload_of(cgroup_id, ancestor) else {
         return Steer::Leave;
     };
     let workload_id = workload.workload_id;
@@ -344,8 +373,9 @@ pub fn weft_ingress(ctx: SkBuffContext) -> i32 {
     }
     // SAFETY: helper on the valid skb of this program.
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    // SAFETY: values in this map are plain data written by the agent.
-    let Some(workload) = (unsafe { WORKLOADS.get(cgroup_id) }) else {
+    // SAFETY: helper on the valid skb of this program.
+    let ancestor = |level| unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level) };
+    let Some(workload) = workload_of(cgroup_id, ancestor) else {
         return ALLOW;
     };
     let workload_id = workload.workload_id;

@@ -23,6 +23,9 @@ pub const DEFAULT_SERVICE_ADDRESS: &str = "127.0.0.1";
 pub const DEFAULT_INBOUND_ADDR: &str = "0.0.0.0:15008";
 /// Default outbound listener for redirected connections.
 pub const DEFAULT_OUTBOUND_ADDR: &str = "127.0.0.1:15001";
+/// Services one agent takes: workload ids (1..=4095) fit in the low 12
+/// bits of the socket mark.
+pub const MAX_SERVICES: usize = 4095;
 /// Default listener for plaintext connections to permissive services.
 pub const DEFAULT_PERMISSIVE_ADDR: &str = "127.0.0.1:15006";
 /// Default socket mark of the connections the agent checked. Its low 12 bits
@@ -650,6 +653,15 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         ));
     }
 
+    if raw.service.len() > MAX_SERVICES {
+        return Err(invalid(
+            "service",
+            format!(
+                "{} services; an agent takes at most {MAX_SERVICES} (a workload id fits in the socket mark's low 12 bits)",
+                raw.service.len()
+            ),
+        ));
+    }
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut ids: HashMap<String, usize> = HashMap::new();
     let mut local_ports: HashMap<u16, String> = HashMap::new();

@@ -352,6 +352,32 @@ fn egress_deny_refuses_destinations_outside_the_mesh_and_uninstall_detaches() ->
         describe(&out)
     );
     wait_event_above(&mesh, NodeA, "egress_denied", denied_before)?;
+    // A workload that makes a cgroup below its own and moves into it is
+    // still that workload: refused outside the mesh, carried inside it.
+    let web = mesh.cgroup_root(NodeA).context("ebpf mesh")?.join("web");
+    let escape = web.join("escape");
+    std::fs::create_dir(&escape)?;
+    let moved = |cmd: &str| format!("echo $$ > {}/cgroup.procs && exec {cmd}", escape.display());
+    let out = mesh.exec_as(
+        NodeA,
+        "web",
+        &["sh", "-c", &moved(&format!("curl -sS -m 2 {url}"))],
+    )?;
+    ensure!(
+        !out.success() && !out.stdout.contains("instance"),
+        "a process in a cgroup below web's escaped the egress policy: {}",
+        describe(&out)
+    );
+    let out = mesh.exec_as(
+        NodeA,
+        "web",
+        &["sh", "-c", &moved(&format!("curl -sS -m 2 {API_URL}"))],
+    )?;
+    ensure!(
+        out.success() && out.stdout == "instance api-1\n",
+        "a process in a cgroup below web's is not carried by the mesh: {}",
+        describe(&out)
+    );
     // Processes outside the mesh are not concerned, and the mesh works.
     ensure!(mesh.curl(NodeA, &url)? == "instance outside\n");
     wait_for_api(&mesh, API_URL)?;
