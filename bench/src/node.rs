@@ -270,14 +270,32 @@ fn iperf_server(
     mesh.spawn(node, &mut cmd, &format!("iperf-{ip}-{port}.log"))
 }
 
-/// The cross-node services: api (HTTP) and bulk (iperf3) on node B.
-fn node_b_services(spec: MeshSpec) -> MeshSpec {
-    spec.node_b(
-        Service::new("api", HTTP_PORT)
-            .address(MeshSpec::NODE_ADDR)
-            .healthz_check("1s"),
-    )
-    .node_b(Service::new("bulk", BULK_PORT).address(MeshSpec::NODE_ADDR))
+/// A workload of `service` in its cgroup (eBPF mesh: inbound capture guards
+/// it, so its readiness is checked through the mesh, by `wait_http`).
+fn workload_as(
+    mesh: &Mesh,
+    node: weft_tests::mesh::Node,
+    service: &str,
+    args: &[&str],
+) -> anyhow::Result<Proc> {
+    let mut cmd = mesh.workload_command(node, Some(service), args)?;
+    mesh.spawn(node, &mut cmd, &format!("{service}-workload.log"))
+}
+
+/// The cross-node services: api (HTTP) and bulk (iperf3) on node B; in the
+/// eBPF mesh (`cgroups`) each in its own cgroup, so that its workload is a
+/// mesh workload (inbound capture on).
+fn node_b_services(spec: MeshSpec, cgroups: bool) -> MeshSpec {
+    let service = |name: &str, port: u16| {
+        let s = Service::new(name, port).address(MeshSpec::NODE_ADDR);
+        if cgroups {
+            s.cgroup(name)
+        } else {
+            s
+        }
+    };
+    spec.node_b(service("api", HTTP_PORT).healthz_check("1s"))
+        .node_b(service("bulk", BULK_PORT))
 }
 
 fn wait_http(t: &Target) -> anyhow::Result<()> {
@@ -336,6 +354,7 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
                 .upstream("api", UP_HTTP)
                 .upstream("bulk", UP_BULK),
         ),
+        false,
     ))
     .context("starting the explicit-mode mesh")?;
     let b1 = m1.ip(NodeB);
@@ -401,6 +420,7 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
                     .healthz_check("1s"),
             )
             .node_a(Service::new("bulk-local", LOCAL_BULK_PORT).address(MeshSpec::NODE_ADDR)),
+        true,
     ));
     let mut same_node = Vec::new();
     let m2 = match m2 {
@@ -425,8 +445,24 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
     };
     if let Some(m2) = &m2 {
         let (a2, b2) = (m2.ip(NodeA), m2.ip(NodeB));
-        procs.push(http_workload(m2, NodeB, &format!("{b2}:{HTTP_PORT}"))?);
-        procs.push(iperf_server(m2, NodeB, &b2, BULK_PORT)?);
+        // api and bulk are mesh workloads (inbound capture guards them); the
+        // same-node services stay outside the mesh's cgroups, so that the
+        // client outside the mesh can reach them directly for comparison.
+        let http = bin("weft-bench-http").display().to_string();
+        let api_addr = format!("{b2}:{HTTP_PORT}");
+        let bulk_port = BULK_PORT.to_string();
+        procs.push(workload_as(
+            m2,
+            NodeB,
+            "api",
+            &[&http, &api_addr, BODY_BYTES],
+        )?);
+        procs.push(workload_as(
+            m2,
+            NodeB,
+            "bulk",
+            &["iperf3", "-s", "-B", &b2, "-p", &bulk_port],
+        )?);
         procs.push(http_workload(
             m2,
             NodeA,
