@@ -946,6 +946,11 @@ impl Mesh {
         Ok(proc.stop(libc::SIGTERM, Duration::from_secs(10)))
     }
 
+    /// The process id of node's agent, while it runs.
+    pub fn agent_pid(&self, node: Node) -> Option<u32> {
+        self.agents[node.index()].as_ref().and_then(Proc::pid)
+    }
+
     /// SIGKILLs node's agent.
     pub fn kill_agent(&mut self, node: Node) {
         if let Some(mut proc) = self.agents[node.index()].take() {

@@ -1,0 +1,354 @@
+//! Capacity: many connections held through the mesh at once. Explicit mode:
+//! `web` on node A reaches `api` on node B through its upstream port
+//! 127.0.0.1:9191; `api` is `weft-holder`, an echo server that holds every
+//! connection until its client closes. The client is this test's own tokio
+//! runtime, with sockets made inside node A.
+//!
+//! The agents' resident memory (VmRSS) is printed at 0 connections, while
+//! they are held and after they closed: figures for reading, not asserted.
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use weft_tests::mesh::{wait_until, Mesh, MeshSpec, NodeA, NodeB, Service, ADMIN, INBOUND_PORT};
+use weft_tests::require_root;
+use weft_tests::servers::bin;
+
+/// Connections held at once.
+const CONNECTIONS: usize = 10_000;
+/// Connections being opened at any moment.
+const IN_FLIGHT: usize = 200;
+/// New connections probed while the others are held.
+const PROBES: usize = 20;
+/// No single connection's exchange may take longer than this.
+const EXCHANGE_LIMIT: Duration = Duration::from_secs(10);
+/// The whole opening (or any other phase over all connections) at most.
+const PHASE_LIMIT: Duration = Duration::from_secs(45);
+/// Open files each process needs at least: the client's sockets in this
+/// process, one per connection in agent A and the holder, one per
+/// connection in agent B, plus their own few.
+const OPEN_FILES: u64 = CONNECTIONS as u64 + 1024;
+
+/// Raises this process's open-files soft limit to the hard limit, and the
+/// hard limit to `min` if it is lower and the process may (the agents and
+/// the holder inherit both); the soft limit now.
+fn raise_open_files(min: u64) -> anyhow::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    ensure!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0,
+        "getrlimit: {}",
+        std::io::Error::last_os_error()
+    );
+    let hard = limit.rlim_max.max(min as libc::rlim_t);
+    let raised = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    ensure!(
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0,
+        "the open-files limit is {} (hard {}) and could not be raised to {hard}: {}; \
+         this test needs {min} per process",
+        limit.rlim_cur,
+        limit.rlim_max,
+        std::io::Error::last_os_error()
+    );
+    Ok(hard as u64)
+}
+
+/// A process's resident set (VmRSS), in KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// A process's soft open-files limit, from /proc/PID/limits.
+fn open_files_limit(pid: u32) -> anyhow::Result<String> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("no open-files line")?;
+    Ok(line.split_whitespace().nth(3).unwrap_or("?").to_string())
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// Sends one byte on `stream` and waits for it to come back.
+async fn echo_byte(stream: &mut TcpStream, byte: u8) -> anyhow::Result<()> {
+    tokio::time::timeout(EXCHANGE_LIMIT, async {
+        stream.write_all(&[byte]).await?;
+        let mut back = [0u8; 1];
+        stream.read_exact(&mut back).await?;
+        ensure!(back[0] == byte, "sent {byte}, got {} back", back[0]);
+        Ok(())
+    })
+    .await
+    .context("no echo in time")?
+}
+
+/// Connects `socket` (made in node A) to `addr` and exchanges one byte.
+async fn open_one(socket: TcpSocket, addr: SocketAddr, byte: u8) -> anyhow::Result<TcpStream> {
+    let mut stream = tokio::time::timeout(EXCHANGE_LIMIT, socket.connect(addr))
+        .await
+        .context("connect timed out")??;
+    echo_byte(&mut stream, byte).await?;
+    Ok(stream)
+}
+
+/// `n` TCP sockets made inside node A, not yet connected.
+fn sockets_in_node_a(mesh: &Mesh, n: usize) -> anyhow::Result<Vec<TcpSocket>> {
+    mesh.netns(NodeA)
+        .run(move || {
+            (0..n)
+                .map(|_| TcpSocket::new_v4())
+                .collect::<std::io::Result<Vec<_>>>()
+        })?
+        .context("making sockets in node A")
+}
+
+/// Opens every socket to `addr`, `IN_FLIGHT` at a time, each carrying a
+/// byte both ways; all of them, or the first error.
+async fn open_all(sockets: Vec<TcpSocket>, addr: SocketAddr) -> anyhow::Result<Vec<TcpStream>> {
+    let started = Instant::now();
+    let total = sockets.len();
+    let mut streams = Vec::with_capacity(total);
+    let mut pending = tokio::task::JoinSet::new();
+    let mut sockets = sockets.into_iter().enumerate();
+    // Each pass starts one connection or collects one: bounded by 2 per socket.
+    for _ in 0..2 * total + 1 {
+        if streams.len() == total {
+            break;
+        }
+        ensure!(
+            started.elapsed() < PHASE_LIMIT,
+            "{} of {total} connections open after {PHASE_LIMIT:?}",
+            streams.len()
+        );
+        if pending.len() < IN_FLIGHT {
+            if let Some((i, socket)) = sockets.next() {
+                pending.spawn(async move {
+                    open_one(socket, addr, i as u8)
+                        .await
+                        .with_context(|| format!("connection {i}"))
+                });
+                continue;
+            }
+        }
+        match pending.join_next().await {
+            Some(opened) => streams.push(opened??),
+            None => bail!("no connection left to wait for"),
+        }
+    }
+    ensure!(
+        streams.len() == total,
+        "only {} connections opened",
+        streams.len()
+    );
+    Ok(streams)
+}
+
+/// One more byte both ways on every held connection: all writes first,
+/// then all reads, so the exchanges overlap.
+async fn echo_on_all(streams: &mut [TcpStream], byte: u8) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + PHASE_LIMIT;
+    for (i, s) in streams.iter_mut().enumerate() {
+        tokio::time::timeout_at(deadline, s.write_all(&[byte]))
+            .await
+            .with_context(|| format!("writing to connection {i}: out of time"))?
+            .with_context(|| format!("writing to connection {i}"))?;
+    }
+    for (i, s) in streams.iter_mut().enumerate() {
+        let mut back = [0u8; 1];
+        tokio::time::timeout_at(deadline, s.read_exact(&mut back))
+            .await
+            .with_context(|| format!("reading connection {i}: out of time"))?
+            .with_context(|| format!("reading connection {i}"))?;
+        ensure!(
+            back[0] == byte,
+            "connection {i}: sent {byte}, got {}",
+            back[0]
+        );
+    }
+    Ok(())
+}
+
+/// HBONE connections from node A to node B's agent (`ss`), if `ss` runs.
+fn hbone_connections(mesh: &Mesh) -> Option<usize> {
+    let dst = format!("dst {}:{INBOUND_PORT}", mesh.ip(NodeB));
+    let out = mesh
+        .run(
+            NodeA,
+            "ss",
+            &["-Htn", "state", "established", &dst],
+            Duration::from_secs(10),
+        )
+        .ok()?;
+    out.success()
+        .then(|| out.stdout.lines().filter(|l| !l.trim().is_empty()).count())
+}
+
+/// Both agents' active connections (web -> api), summed per agent.
+fn active(mesh: &Mesh) -> anyhow::Result<(f64, f64)> {
+    Ok((
+        mesh.metric(NodeA, "weft_agent_connections_active")?,
+        mesh.metric(NodeB, "weft_agent_connections_active")?,
+    ))
+}
+
+#[test]
+fn ten_thousand_connections_are_held_and_new_ones_still_answered() -> anyhow::Result<()> {
+    require_root();
+    let test_started = Instant::now();
+    let limit = raise_open_files(OPEN_FILES)?;
+    let mesh = Mesh::start(
+        MeshSpec::new("allow")
+            .node_a(Service::new("web", 8000).upstream("api", 9191))
+            .node_b(Service::new("api", 8080).address(MeshSpec::NODE_ADDR)),
+    )?;
+    let b = mesh.ip(NodeB);
+    let mut holder_cmd = Command::new(bin("weft-holder"));
+    holder_cmd.arg(format!("{b}:8080"));
+    let holder = mesh.spawn(NodeB, &mut holder_cmd, "holder.log")?;
+    wait_until(Duration::from_secs(10), "weft-holder listening", || {
+        Ok(mesh
+            .log("holder.log")
+            .contains("listening on")
+            .then_some(()))
+    })?;
+    let upstream: SocketAddr = "127.0.0.1:9191".parse()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    wait_until(Duration::from_secs(30), "web -> api echoes", || {
+        let socket = sockets_in_node_a(&mesh, 1)?.pop().context("no socket")?;
+        rt.block_on(open_one(socket, upstream, 7))?;
+        Ok(Some(()))
+    })
+    .map_err(|e| e.context(format!("agent A log:\n{}", mesh.agent_log_tail(NodeA, 20))))?;
+
+    let pids = [
+        mesh.agent_pid(NodeA).context("agent A pid")?,
+        mesh.agent_pid(NodeB).context("agent B pid")?,
+    ];
+    let holder_pid = holder.pid().context("holder pid")?;
+    eprintln!(
+        "open files: this test {limit}, agent A {}, agent B {}, holder {}",
+        open_files_limit(pids[0])?,
+        open_files_limit(pids[1])?,
+        open_files_limit(holder_pid)?
+    );
+    for node in [NodeA, NodeB] {
+        let log = mesh.agent_log(node);
+        let line = log
+            .lines()
+            .find(|l| l.contains("open files limit"))
+            .context("the agent did not log its open files limit")?;
+        let said = line.find("open files limit").map_or(line, |at| &line[at..]);
+        eprintln!("agent {node:?}: {said}");
+    }
+    let rss_idle = [rss_kib(pids[0])?, rss_kib(pids[1])?];
+
+    // Open and hold them all.
+    let sockets = sockets_in_node_a(&mesh, CONNECTIONS)?;
+    let opening = Instant::now();
+    let mut streams = rt.block_on(open_all(sockets, upstream)).map_err(|e| {
+        e.context(format!(
+            "agent A log:\n{}\nagent B log:\n{}",
+            mesh.agent_log_tail(NodeA, 20),
+            mesh.agent_log_tail(NodeB, 20)
+        ))
+    })?;
+    let opened_in = opening.elapsed();
+    // All held at once: each carries one more byte both ways.
+    let echoing = Instant::now();
+    rt.block_on(echo_on_all(&mut streams, 0xa5))?;
+    let echoed_in = echoing.elapsed();
+    let (active_a, active_b) = active(&mesh)?;
+    ensure!(
+        active_a >= CONNECTIONS as f64 && active_b >= CONNECTIONS as f64,
+        "agents count {active_a} (A) and {active_b} (B) active connections, not {CONNECTIONS}"
+    );
+    let tunnels = hbone_connections(&mesh);
+    if let Some(n) = tunnels {
+        ensure!(
+            n >= CONNECTIONS / 1000,
+            "{n} HBONE connections carry {CONNECTIONS} tunnels: more than 1,000 streams each"
+        );
+    }
+    let rss_held = [rss_kib(pids[0])?, rss_kib(pids[1])?];
+    let holder_rss = rss_kib(holder_pid)?;
+
+    // New connections still get through while the others are held.
+    let probe_sockets = sockets_in_node_a(&mesh, PROBES)?;
+    let mut probe_times = Vec::with_capacity(PROBES);
+    for (i, socket) in probe_sockets.into_iter().enumerate() {
+        let t = Instant::now();
+        let mut probe = rt
+            .block_on(open_one(socket, upstream, i as u8))
+            .with_context(|| format!("probe {i} with {CONNECTIONS} connections held"))?;
+        probe_times.push(t.elapsed());
+        rt.block_on(probe.shutdown())?;
+    }
+    probe_times.sort();
+    // The held ones still work after the probes.
+    rt.block_on(echo_on_all(&mut streams, 0x5a))?;
+
+    // Close them all; the agents must see every one end.
+    let closing = Instant::now();
+    drop(streams);
+    wait_until(
+        Duration::from_secs(30),
+        "both agents count no active connection",
+        || Ok((active(&mesh)? == (0.0, 0.0)).then_some(())),
+    )?;
+    let closed_in = closing.elapsed();
+    let rss_after = [rss_kib(pids[0])?, rss_kib(pids[1])?];
+    for node in [NodeA, NodeB] {
+        let health = mesh.curl(node, &format!("http://{ADMIN}/healthz"))?;
+        eprintln!("agent {node:?} /healthz after closing: {}", health.trim());
+    }
+    let socket = sockets_in_node_a(&mesh, 1)?.pop().context("no socket")?;
+    rt.block_on(open_one(socket, upstream, 9))
+        .context("a connection after closing them all")?;
+
+    eprintln!(
+        "{CONNECTIONS} connections opened in {opened_in:?} ({IN_FLIGHT} at a time), \
+         one more byte on each in {echoed_in:?}, all closed in {closed_in:?}; \
+         HBONE connections A -> B: {}",
+        tunnels.map_or("unknown (no ss)".to_string(), |n| n.to_string())
+    );
+    eprintln!(
+        "new connections while held: min {:?}, median {:?}, max {:?}",
+        probe_times[0],
+        probe_times[PROBES / 2],
+        probe_times[PROBES - 1]
+    );
+    for (i, node) in ["A", "B"].iter().enumerate() {
+        eprintln!(
+            "agent {node} VmRSS: {} at 0 connections, {} with {CONNECTIONS} held \
+             ({:.1} KiB per connection), {} after closing",
+            mib(rss_idle[i]),
+            mib(rss_held[i]),
+            (rss_held[i].saturating_sub(rss_idle[i])) as f64 / CONNECTIONS as f64,
+            mib(rss_after[i]),
+        );
+    }
+    eprintln!("holder VmRSS with {CONNECTIONS} held: {}", mib(holder_rss));
+    eprintln!("whole test: {:?}", test_started.elapsed());
+    drop(holder);
+    Ok(())
+}
