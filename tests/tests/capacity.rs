@@ -83,6 +83,21 @@ fn open_files_limit(pid: u32) -> anyhow::Result<String> {
     Ok(line.split_whitespace().nth(3).unwrap_or("?").to_string())
 }
 
+/// `text` without its terminal color sequences (`ESC [ … m`).
+fn without_colors(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_escape = false;
+    for c in text.chars() {
+        match (in_escape, c) {
+            (false, '\x1b') => in_escape = true,
+            (false, c) => out.push(c),
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+        }
+    }
+    out
+}
+
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
@@ -258,7 +273,7 @@ fn ten_thousand_connections_are_held_and_new_ones_still_answered() -> anyhow::Re
             .find(|l| l.contains("open files limit"))
             .context("the agent did not log its open files limit")?;
         let said = line.find("open files limit").map_or(line, |at| &line[at..]);
-        eprintln!("agent {node:?}: {said}");
+        eprintln!("agent {node:?}: {}", without_colors(said));
     }
     let rss_idle = [rss_kib(pids[0])?, rss_kib(pids[1])?];
 
@@ -308,6 +323,8 @@ fn ten_thousand_connections_are_held_and_new_ones_still_answered() -> anyhow::Re
     rt.block_on(echo_on_all(&mut streams, 0x5a))?;
 
     // Close them all; the agents must see every one end.
+    let trims = |node| mesh.agent_log(node).matches("heap trimmed").count();
+    let trims_held = [trims(NodeA), trims(NodeB)];
     let closing = Instant::now();
     drop(streams);
     wait_until(
@@ -316,6 +333,25 @@ fn ten_thousand_connections_are_held_and_new_ones_still_answered() -> anyhow::Re
         || Ok((active(&mesh)? == (0.0, 0.0)).then_some(())),
     )?;
     let closed_in = closing.elapsed();
+    let rss_closed = [rss_kib(pids[0])?, rss_kib(pids[1])?];
+    // The freed heap goes back to the kernel at the agents' trims: at least
+    // one since closing began (the agents look every 5 s)...
+    wait_until(
+        Duration::from_secs(15),
+        "both agents trim their heap after the connections closed",
+        || Ok((trims(NodeA) > trims_held[0] && trims(NodeB) > trims_held[1]).then_some(())),
+    )?;
+    // ... and, for the figures, one after the last close if more was freed
+    // after the one during the closing (none is due otherwise).
+    let trims_closed = [trims(NodeA), trims(NodeB)];
+    let trimmed_after = wait_until(
+        Duration::from_secs(12),
+        "a heap trim after every connection closed",
+        || Ok((trims(NodeA) > trims_closed[0] && trims(NodeB) > trims_closed[1]).then_some(())),
+    );
+    if let Err(e) = trimmed_after {
+        eprintln!("(figures below without a further trim: {e:#})");
+    }
     let rss_after = [rss_kib(pids[0])?, rss_kib(pids[1])?];
     for node in [NodeA, NodeB] {
         let health = mesh.curl(node, &format!("http://{ADMIN}/healthz"))?;
@@ -340,10 +376,11 @@ fn ten_thousand_connections_are_held_and_new_ones_still_answered() -> anyhow::Re
     for (i, node) in ["A", "B"].iter().enumerate() {
         eprintln!(
             "agent {node} VmRSS: {} at 0 connections, {} with {CONNECTIONS} held \
-             ({:.1} KiB per connection), {} after closing",
+             ({:.1} KiB per connection), {} once closed, {} after the heap trim",
             mib(rss_idle[i]),
             mib(rss_held[i]),
             (rss_held[i].saturating_sub(rss_idle[i])) as f64 / CONNECTIONS as f64,
+            mib(rss_closed[i]),
             mib(rss_after[i]),
         );
     }
