@@ -1015,6 +1015,24 @@ impl Mesh {
         )
     }
 
+    /// Starts `weft-holder ADDR` (an echo server holding every connection
+    /// until its client closes) in `node`, waits until it listens, and
+    /// returns its process id.
+    pub fn holder(&mut self, node: Node, addr: &str) -> anyhow::Result<u32> {
+        let mut cmd = Command::new(bin("weft-holder"));
+        cmd.arg(addr);
+        let log = format!("holder-{}.log", node.label());
+        let proc = self.spawn(node, &mut cmd, &log)?;
+        let pid = proc.pid().context("the holder's pid")?;
+        self.workloads.push(proc);
+        wait_until(
+            Duration::from_secs(10),
+            &format!("weft-holder at {addr}"),
+            || Ok(self.log(&log).contains("listening on").then_some(())),
+        )?;
+        Ok(pid)
+    }
+
     /// `curl ARGS…` in `node` (15 s at most).
     pub fn curl_raw(&self, node: Node, args: &[&str]) -> anyhow::Result<Output> {
         self.run(node, "curl", args, Duration::from_secs(15))

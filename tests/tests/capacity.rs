@@ -7,15 +7,14 @@
 //! The agents' resident memory (VmRSS) is printed at 0 connections, while
 //! they are held and after they closed: figures for reading, not asserted.
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use weft_tests::echo::{open_echo, sockets_in, EXCHANGE_LIMIT};
 use weft_tests::mesh::{wait_until, Mesh, MeshSpec, NodeA, NodeB, Service, ADMIN, INBOUND_PORT};
 use weft_tests::require_root;
-use weft_tests::servers::bin;
 
 /// Connections held at once.
 const CONNECTIONS: usize = 10_000;
@@ -23,8 +22,6 @@ const CONNECTIONS: usize = 10_000;
 const IN_FLIGHT: usize = 200;
 /// New connections probed while the others are held.
 const PROBES: usize = 20;
-/// No single connection's exchange may take longer than this.
-const EXCHANGE_LIMIT: Duration = Duration::from_secs(10);
 /// The whole opening (or any other phase over all connections) at most.
 const PHASE_LIMIT: Duration = Duration::from_secs(45);
 /// Open files each process needs at least: the client's sockets in this
@@ -102,39 +99,6 @@ fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
-/// Sends one byte on `stream` and waits for it to come back.
-async fn echo_byte(stream: &mut TcpStream, byte: u8) -> anyhow::Result<()> {
-    tokio::time::timeout(EXCHANGE_LIMIT, async {
-        stream.write_all(&[byte]).await?;
-        let mut back = [0u8; 1];
-        stream.read_exact(&mut back).await?;
-        ensure!(back[0] == byte, "sent {byte}, got {} back", back[0]);
-        Ok(())
-    })
-    .await
-    .context("no echo in time")?
-}
-
-/// Connects `socket` (made in node A) to `addr` and exchanges one byte.
-async fn open_one(socket: TcpSocket, addr: SocketAddr, byte: u8) -> anyhow::Result<TcpStream> {
-    let mut stream = tokio::time::timeout(EXCHANGE_LIMIT, socket.connect(addr))
-        .await
-        .context("connect timed out")??;
-    echo_byte(&mut stream, byte).await?;
-    Ok(stream)
-}
-
-/// `n` TCP sockets made inside node A, not yet connected.
-fn sockets_in_node_a(mesh: &Mesh, n: usize) -> anyhow::Result<Vec<TcpSocket>> {
-    mesh.netns(NodeA)
-        .run(move || {
-            (0..n)
-                .map(|_| TcpSocket::new_v4())
-                .collect::<std::io::Result<Vec<_>>>()
-        })?
-        .context("making sockets in node A")
-}
-
 /// Opens every socket to `addr`, `IN_FLIGHT` at a time, each carrying a
 /// byte both ways; all of them, or the first error.
 async fn open_all(sockets: Vec<TcpSocket>, addr: SocketAddr) -> anyhow::Result<Vec<TcpStream>> {
@@ -156,7 +120,7 @@ async fn open_all(sockets: Vec<TcpSocket>, addr: SocketAddr) -> anyhow::Result<V
         if pending.len() < IN_FLIGHT {
             if let Some((i, socket)) = sockets.next() {
                 pending.spawn(async move {
-                    open_one(socket, addr, i as u8)
+                    open_echo(socket, addr, i as u8)
                         .await
                         .with_context(|| format!("connection {i}"))
                 });
@@ -229,7 +193,7 @@ fn ten_thousand_connections_are_held_and_new_ones_still_answered() -> anyhow::Re
     require_root();
     let test_started = Instant::now();
     let limit = raise_open_files(OPEN_FILES)?;
-    let mesh = Mesh::start(
+    let mut mesh = Mesh::start(
         MeshSpec::new("allow")
             .node_a(Service::new("web", 8000).upstream("api", 9191))
             .node_b(Service::new("api", 8080).address(MeshSpec::NODE_ADDR)),
@@ -249,8 +213,10 @@ fn ten_thousand_connections_are_held_and_new_ones_still_answered() -> anyhow::Re
         .enable_all()
         .build()?;
     wait_until(Duration::from_secs(30), "web -> api echoes", || {
-        let socket = sockets_in_node_a(&mesh, 1)?.pop().context("no socket")?;
-        rt.block_on(open_one(socket, upstream, 7))?;
+        let socket = sockets_in(mesh.netns(NodeA), 1)?
+            .pop()
+            .context("no socket")?;
+        rt.block_on(open_echo(socket, upstream, 7))?;
         Ok(Some(()))
     })
     .map_err(|e| e.context(format!("agent A log:\n{}", mesh.agent_log_tail(NodeA, 20))))?;
@@ -259,7 +225,6 @@ fn ten_thousand_connections_are_held_and_new_ones_still_answered() -> anyhow::Re
         mesh.agent_pid(NodeA).context("agent A pid")?,
         mesh.agent_pid(NodeB).context("agent B pid")?,
     ];
-    let holder_pid = holder.pid().context("holder pid")?;
     eprintln!(
         "open files: this test {limit}, agent A {}, agent B {}, holder {}",
         open_files_limit(pids[0])?,
@@ -278,7 +243,7 @@ fn ten_thousand_connections_are_held_and_new_ones_still_answered() -> anyhow::Re
     let rss_idle = [rss_kib(pids[0])?, rss_kib(pids[1])?];
 
     // Open and hold them all.
-    let sockets = sockets_in_node_a(&mesh, CONNECTIONS)?;
+    let sockets = sockets_in(mesh.netns(NodeA), CONNECTIONS)?;
     let opening = Instant::now();
     let mut streams = rt.block_on(open_all(sockets, upstream)).map_err(|e| {
         e.context(format!(
@@ -308,12 +273,12 @@ fn ten_thousand_connections_are_held_and_new_ones_still_answered() -> anyhow::Re
     let holder_rss = rss_kib(holder_pid)?;
 
     // New connections still get through while the others are held.
-    let probe_sockets = sockets_in_node_a(&mesh, PROBES)?;
+    let probe_sockets = sockets_in(mesh.netns(NodeA), PROBES)?;
     let mut probe_times = Vec::with_capacity(PROBES);
     for (i, socket) in probe_sockets.into_iter().enumerate() {
         let t = Instant::now();
         let mut probe = rt
-            .block_on(open_one(socket, upstream, i as u8))
+            .block_on(open_echo(socket, upstream, i as u8))
             .with_context(|| format!("probe {i} with {CONNECTIONS} connections held"))?;
         probe_times.push(t.elapsed());
         rt.block_on(probe.shutdown())?;
@@ -357,8 +322,10 @@ fn ten_thousand_connections_are_held_and_new_ones_still_answered() -> anyhow::Re
         let health = mesh.curl(node, &format!("http://{ADMIN}/healthz"))?;
         eprintln!("agent {node:?} /healthz after closing: {}", health.trim());
     }
-    let socket = sockets_in_node_a(&mesh, 1)?.pop().context("no socket")?;
-    rt.block_on(open_one(socket, upstream, 9))
+    let socket = sockets_in(mesh.netns(NodeA), 1)?
+        .pop()
+        .context("no socket")?;
+    rt.block_on(open_echo(socket, upstream, 9))
         .context("a connection after closing them all")?;
 
     eprintln!(
@@ -386,6 +353,5 @@ fn ten_thousand_connections_are_held_and_new_ones_still_answered() -> anyhow::Re
     }
     eprintln!("holder VmRSS with {CONNECTIONS} held: {}", mib(holder_rss));
     eprintln!("whole test: {:?}", test_started.elapsed());
-    drop(holder);
     Ok(())
 }
