@@ -8,11 +8,11 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NofileLimit {
     /// The soft limit found at start.
-    pub before: u64,
+    pub before: libc::rlim_t,
     /// The soft limit now (the hard limit, unless raising failed).
-    pub soft: u64,
+    pub soft: libc::rlim_t,
     /// The hard limit.
-    pub hard: u64,
+    pub hard: libc::rlim_t,
 }
 
 /// Raises `RLIMIT_NOFILE`'s soft limit to its hard limit.
@@ -25,7 +25,7 @@ pub fn raise_nofile() -> std::io::Result<NofileLimit> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let before = limit.rlim_cur as u64;
+    let before = limit.rlim_cur;
     if limit.rlim_cur < limit.rlim_max {
         let raised = libc::rlimit {
             rlim_cur: limit.rlim_max,
@@ -39,8 +39,8 @@ pub fn raise_nofile() -> std::io::Result<NofileLimit> {
     }
     Ok(NofileLimit {
         before,
-        soft: limit.rlim_cur as u64,
-        hard: limit.rlim_max as u64,
+        soft: limit.rlim_cur,
+        hard: limit.rlim_max,
     })
 }
 

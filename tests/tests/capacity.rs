@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use weft_tests::echo::{open_echo, sockets_in, EXCHANGE_LIMIT};
+use weft_tests::echo::{open_echo, sockets_in};
 use weft_tests::mesh::{wait_until, Mesh, MeshSpec, NodeA, NodeB, Service, ADMIN, INBOUND_PORT};
 use weft_tests::require_root;
 
@@ -27,12 +27,12 @@ const PHASE_LIMIT: Duration = Duration::from_secs(45);
 /// Open files each process needs at least: the client's sockets in this
 /// process, one per connection in agent A and the holder, one per
 /// connection in agent B, plus their own few.
-const OPEN_FILES: u64 = CONNECTIONS as u64 + 1024;
+const OPEN_FILES: libc::rlim_t = CONNECTIONS as libc::rlim_t + 1024;
 
 /// Raises this process's open-files soft limit to the hard limit, and the
 /// hard limit to `min` if it is lower and the process may (the agents and
 /// the holder inherit both); the soft limit now.
-fn raise_open_files(min: u64) -> anyhow::Result<u64> {
+fn raise_open_files(min: libc::rlim_t) -> anyhow::Result<libc::rlim_t> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -43,7 +43,7 @@ fn raise_open_files(min: u64) -> anyhow::Result<u64> {
         "getrlimit: {}",
         std::io::Error::last_os_error()
     );
-    let hard = limit.rlim_max.max(min as libc::rlim_t);
+    let hard = limit.rlim_max.max(min);
     let raised = libc::rlimit {
         rlim_cur: hard,
         rlim_max: hard,
@@ -57,7 +57,7 @@ fn raise_open_files(min: u64) -> anyhow::Result<u64> {
         limit.rlim_max,
         std::io::Error::last_os_error()
     );
-    Ok(hard as u64)
+    Ok(hard)
 }
 
 /// A process's resident set (VmRSS), in KiB.
@@ -199,15 +199,7 @@ fn ten_thousand_connections_are_held_and_new_ones_still_answered() -> anyhow::Re
             .node_b(Service::new("api", 8080).address(MeshSpec::NODE_ADDR)),
     )?;
     let b = mesh.ip(NodeB);
-    let mut holder_cmd = Command::new(bin("weft-holder"));
-    holder_cmd.arg(format!("{b}:8080"));
-    let holder = mesh.spawn(NodeB, &mut holder_cmd, "holder.log")?;
-    wait_until(Duration::from_secs(10), "weft-holder listening", || {
-        Ok(mesh
-            .log("holder.log")
-            .contains("listening on")
-            .then_some(()))
-    })?;
+    let holder_pid = mesh.holder(NodeB, &format!("{b}:8080"))?;
     let upstream: SocketAddr = "127.0.0.1:9191".parse()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
