@@ -70,6 +70,17 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
 }
 
+/// A process's minor page faults so far (`/proc/PID/stat`, field 10).
+fn minor_faults(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_name = stat.rsplit_once(") ").context("no ) in stat")?.1;
+    after_name
+        .split_whitespace()
+        .nth(7)
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no minflt in /proc/{pid}/stat"))
+}
+
 /// A process's soft open-files limit, from /proc/PID/limits.
 fn open_files_limit(pid: u32) -> anyhow::Result<String> {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
@@ -236,6 +247,7 @@ fn ten_thousand_connections_are_held_and_new_ones_still_answered() -> anyhow::Re
 
     // Open and hold them all.
     let sockets = sockets_in(mesh.netns(NodeA), CONNECTIONS)?;
+    let faults_idle = [minor_faults(pids[0])?, minor_faults(pids[1])?];
     let opening = Instant::now();
     let mut streams = rt.block_on(open_all(sockets, upstream)).map_err(|e| {
         e.context(format!(
@@ -245,10 +257,12 @@ fn ten_thousand_connections_are_held_and_new_ones_still_answered() -> anyhow::Re
         ))
     })?;
     let opened_in = opening.elapsed();
+    let faults_opened = [minor_faults(pids[0])?, minor_faults(pids[1])?];
     // All held at once: each carries one more byte both ways.
     let echoing = Instant::now();
     rt.block_on(echo_on_all(&mut streams, 0xa5))?;
     let echoed_in = echoing.elapsed();
+    let faults_echoed = [minor_faults(pids[0])?, minor_faults(pids[1])?];
     let (active_a, active_b) = active(&mesh)?;
     ensure!(
         active_a >= CONNECTIONS as f64 && active_b >= CONNECTIONS as f64,
@@ -341,6 +355,15 @@ fn ten_thousand_connections_are_held_and_new_ones_still_answered() -> anyhow::Re
             (rss_held[i].saturating_sub(rss_idle[i])) as f64 / CONNECTIONS as f64,
             mib(rss_closed[i]),
             mib(rss_after[i]),
+        );
+    }
+    for (i, node) in ["A", "B"].iter().enumerate() {
+        let per = |from: u64, to: u64| to.saturating_sub(from) as f64 / CONNECTIONS as f64;
+        eprintln!(
+            "agent {node} minor page faults per connection: {:.2} opening it, {:.2} for one \
+             more byte both ways on all held",
+            per(faults_idle[i], faults_opened[i]),
+            per(faults_opened[i], faults_echoed[i]),
         );
     }
     eprintln!("holder VmRSS with {CONNECTIONS} held: {}", mib(holder_rss));
