@@ -18,6 +18,7 @@ pub mod health;
 pub mod identity;
 pub mod intercept;
 pub mod lb;
+pub mod limits;
 pub mod mark;
 pub mod metrics;
 pub mod outlier;

@@ -78,6 +78,15 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         (None, Some(path)) => {
+            match weft_agent::limits::raise_nofile() {
+                Ok(l) => tracing::info!(
+                    before = l.before,
+                    soft = l.soft,
+                    hard = l.hard,
+                    "open files limit: soft limit set to the hard limit"
+                ),
+                Err(e) => tracing::warn!("raising the open files limit: {e}"),
+            }
             let config = weft_agent::config::AgentConfig::load(&path)?;
             runtime(config.worker_threads)?
                 .block_on(weft_agent::run::run(config, shutdown_signal()))?;

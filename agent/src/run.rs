@@ -115,6 +115,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         .collect();
     identities.init(&names).await?;
     let renew_task = tokio::spawn(identities.clone().renew_forever());
+    let trim_task = tokio::spawn(crate::allocator::trim_after_bursts());
     let bundle_task = tokio::spawn(follow_bundle(
         view.clone(),
         index_rx.clone(),
@@ -230,7 +231,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     drain(&ctx, config.drain_timeout).await;
     follow_task.abort();
     checks.stop_all();
-    for task in [health_task, renew_task, bundle_task] {
+    for task in [health_task, renew_task, bundle_task, trim_task] {
         task.abort();
     }
     if let Err(e) = control.deregister().await {

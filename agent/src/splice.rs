@@ -1,13 +1,76 @@
 //! Splicing two byte streams: both directions copied until each side has
-//! half-closed, with buffers large enough that bulk transfers move in few
-//! reads, writes and HTTP/2 frames (tokio's default is 8 KiB a direction).
+//! half-closed, as `tokio::io::copy_bidirectional` does, with buffers that
+//! exist only while data flows.
+//!
+//! A direction starts with no heap buffer at all: a read goes into an
+//! 8 KiB scratch area on the stack, and what the writer takes at once
+//! never touches the heap (request/response traffic usually allocates
+//! nothing). Only bytes the writer could not take yet are kept on the heap.
+//! Each read that fills its whole buffer doubles the next one, up to
+//! 256 KiB, so a bulk transfer soon moves in large reads, writes and HTTP/2
+//! frames; a run of reads that fill less than half of it halves it again.
+//! When a direction has read nothing for [`Sizes::idle`] its buffer is
+//! freed and it starts small again: an idle tunnel holds no buffer, only
+//! the few words of state below.
+//!
+//! Half-closes are carried as by `copy_bidirectional`: when one side's reads
+//! end, everything read is written and flushed and the other side's write
+//! half is shut down; the other direction keeps going until its own end.
+//! The first error of either direction ends the splice with that error.
 
+use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
-/// Bytes buffered per direction of a spliced connection.
+/// The most an in-memory pipe between a tunnel and the L7 proxy buffers per
+/// direction (`tokio::io::duplex`; it grows to it only while data waits).
 pub const SPLICE_BUFFER: usize = 128 * 1024;
+
+/// The stack scratch area a direction without a heap buffer reads into.
+const SCRATCH: usize = 8 * 1024;
+
+/// Reads that fill less than half of the buffer, one after another, before
+/// it is halved.
+const SMALL_READS_TO_SHRINK: u32 = 8;
+
+/// At most this many reads per direction in one poll; then the task yields
+/// so that one busy connection cannot hold the thread.
+const ROUNDS_PER_POLL: usize = 32;
+
+/// A direction's buffer sizes and how soon an idle one is freed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    /// The first read's size (on the stack; at most 8 KiB).
+    pub initial: usize,
+    /// The largest buffer a direction grows to.
+    pub max: usize,
+    /// A direction that read nothing for this long (at most twice this)
+    /// frees its buffer.
+    pub idle: Duration,
+}
+
+impl Sizes {
+    /// 8 KiB growing to 256 KiB, freed after 1 s without data.
+    pub const DEFAULT: Sizes = Sizes {
+        initial: SCRATCH,
+        max: 256 * 1024,
+        idle: Duration::from_secs(1),
+    };
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        Sizes::DEFAULT
+    }
+}
 
 /// Copies `a` to `b` and `b` to `a` until both directions are done; returns
 /// the bytes carried `a -> b` and `b -> a`.
@@ -16,5 +79,345 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    tokio::io::copy_bidirectional_with_sizes(a, b, SPLICE_BUFFER, SPLICE_BUFFER).await
+    Splice::new(a, b, Sizes::DEFAULT, None).await
 }
+
+/// What the buffers of a splice hold, for tests and measurements: per
+/// direction (`0`: `a -> b`, `1`: `b -> a`) the heap bytes held now and at
+/// most, and how many times an idle buffer was freed.
+#[derive(Debug, Default)]
+pub struct BufferProbe {
+    held: [AtomicUsize; 2],
+    peak: [AtomicUsize; 2],
+    idle_releases: AtomicUsize,
+}
+
+impl BufferProbe {
+    /// Heap bytes direction `dir` holds now.
+    pub fn held(&self, dir: usize) -> usize {
+        self.held[dir].load(Ordering::Relaxed)
+    }
+    /// The largest heap buffer direction `dir` has held.
+    pub fn peak(&self, dir: usize) -> usize {
+        self.peak[dir].load(Ordering::Relaxed)
+    }
+    /// How many times a buffer was freed because its direction was idle.
+    pub fn idle_releases(&self) -> usize {
+        self.idle_releases.load(Ordering::Relaxed)
+    }
+}
+
+/// The future of [`splice`], with its sizes and an optional probe.
+pub struct Splice<'a, A: ?Sized, B: ?Sized> {
+    a: &'a mut A,
+    b: &'a mut B,
+    sizes: Sizes,
+    a_to_b: Direction,
+    b_to_a: Direction,
+}
+
+impl<'a, A, B> Splice<'a, A, B>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    /// A splice of `a` and `b`; `sizes.initial` is capped at 8 KiB.
+    pub fn new(a: &'a mut A, b: &'a mut B, sizes: Sizes, probe: Option<Arc<BufferProbe>>) -> Self {
+        let initial = sizes.initial.clamp(1, SCRATCH);
+        let sizes = Sizes {
+            initial,
+            max: sizes.max.max(initial),
+            idle: sizes.idle,
+        };
+        Splice {
+            a,
+            b,
+            sizes,
+            a_to_b: Direction::new(sizes.initial, probe.clone().map(|p| (p, 0))),
+            b_to_a: Direction::new(sizes.initial, probe.map(|p| (p, 1))),
+        }
+    }
+}
+
+impl<A, B> Future for Splice<'_, A, B>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    type Output = io::Result<(u64, u64)>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let sizes = this.sizes;
+        let a_to_b =
+            this.a_to_b
+                .poll_copy(cx, &sizes, Pin::new(&mut *this.a), Pin::new(&mut *this.b))?;
+        let b_to_a =
+            this.b_to_a
+                .poll_copy(cx, &sizes, Pin::new(&mut *this.b), Pin::new(&mut *this.a))?;
+        let a_to_b = ready!(a_to_b);
+        let b_to_a = ready!(b_to_a);
+        Poll::Ready(Ok((a_to_b, b_to_a)))
+    }
+}
+
+/// One direction: a reader's bytes to a writer.
+struct Direction {
+    /// The heap buffer (empty: none); `buf[pos..end]` waits to be written.
+    buf: Box<[u8]>,
+    pos: usize,
+    end: usize,
+    /// The next read's size.
+    size: usize,
+    /// Reads in a row that filled less than half of `size`.
+    small_reads: u32,
+    /// Fires when the direction may have been idle for `Sizes::idle`.
+    idle: Option<Pin<Box<Sleep>>>,
+    /// Some read completed since the idle timer was (re)armed.
+    read_since_armed: bool,
+    read_done: bool,
+    need_flush: bool,
+    done: bool,
+    carried: u64,
+    probe: Option<(Arc<BufferProbe>, usize)>,
+}
+
+impl Direction {
+    fn new(initial: usize, probe: Option<(Arc<BufferProbe>, usize)>) -> Self {
+        Direction {
+            buf: Box::default(),
+            pos: 0,
+            end: 0,
+            size: initial,
+            small_reads: 0,
+            idle: None,
+            read_since_armed: false,
+            read_done: false,
+            need_flush: false,
+            done: false,
+            carried: 0,
+            probe,
+        }
+    }
+
+    /// Replaces the heap buffer (an empty one frees it).
+    fn set_buffer(&mut self, buf: Box<[u8]>) {
+        self.buf = buf;
+        if let Some((probe, dir)) = &self.probe {
+            probe.held[*dir].store(self.buf.len(), Ordering::Relaxed);
+            probe.peak[*dir].fetch_max(self.buf.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// Copies until the reader ends and the writer is shut down: the bytes
+    /// carried.
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        sizes: &Sizes,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+    ) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        if self.done {
+            return Poll::Ready(Ok(self.carried));
+        }
+        for _ in 0..ROUNDS_PER_POLL {
+            while self.pos < self.end {
+                let n = ready!(writer
+                    .as_mut()
+                    .poll_write(cx, &self.buf[self.pos..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(write_zero()));
+                }
+                self.pos += n;
+                self.carried += n as u64;
+                self.need_flush = true;
+            }
+            self.pos = 0;
+            self.end = 0;
+            if self.read_done {
+                if self.need_flush {
+                    ready!(writer.as_mut().poll_flush(cx))?;
+                    self.need_flush = false;
+                }
+                ready!(writer.as_mut().poll_shutdown(cx))?;
+                self.set_buffer(Box::default());
+                self.idle = None;
+                self.done = true;
+                return Poll::Ready(Ok(self.carried));
+            }
+            match self.poll_read_some(cx, sizes, reader.as_mut(), writer.as_mut()) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Nothing to read and nothing buffered: flush what was
+                    // written, and free the buffer if this lasts.
+                    if self.need_flush {
+                        ready!(writer.as_mut().poll_flush(cx))?;
+                        self.need_flush = false;
+                    }
+                    self.poll_idle(cx, sizes);
+                    return Poll::Pending;
+                }
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// One read, into the stack scratch area or the heap buffer (the buffer
+    /// is empty when this is called). Pending when the reader has nothing.
+    fn poll_read_some<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        sizes: &Sizes,
+        reader: Pin<&mut R>,
+        writer: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        let size = self.size;
+        if size <= sizes.initial {
+            if !self.buf.is_empty() {
+                self.set_buffer(Box::default());
+            }
+            return self.poll_read_scratch(cx, sizes, reader, writer);
+        }
+        if self.buf.len() != size {
+            self.set_buffer(vec![0; size].into_boxed_slice());
+        }
+        let mut read = ReadBuf::new(&mut self.buf[..size]);
+        ready!(reader.poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        if n == 0 {
+            self.read_done = true;
+        } else {
+            self.end = n;
+            self.note_read(n, sizes);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// A read into the stack: written on at once, and only what the writer
+    /// does not take is copied to the heap.
+    fn poll_read_scratch<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        sizes: &Sizes,
+        reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        let mut scratch = [MaybeUninit::<u8>::uninit(); SCRATCH];
+        let mut read = ReadBuf::uninit(&mut scratch[..self.size]);
+        ready!(reader.poll_read(cx, &mut read))?;
+        let data = read.filled();
+        if data.is_empty() {
+            self.read_done = true;
+            return Poll::Ready(Ok(()));
+        }
+        self.note_read(data.len(), sizes);
+        let mut written = 0;
+        while written < data.len() {
+            match writer.as_mut().poll_write(cx, &data[written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(write_zero())),
+                Poll::Ready(Ok(n)) => {
+                    written += n;
+                    self.carried += n as u64;
+                    self.need_flush = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => break,
+            }
+        }
+        let rest = data.len() - written;
+        if rest > 0 {
+            // The writer is full: keep the rest (its waker is registered),
+            // in a buffer the next read can use if it is to be larger.
+            let len = if self.size > sizes.initial {
+                self.size
+            } else {
+                rest
+            };
+            let mut buf = vec![0; len].into_boxed_slice();
+            buf[..rest].copy_from_slice(&data[written..]);
+            self.set_buffer(buf);
+            self.pos = 0;
+            self.end = rest;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Grows the next read after a full one; shrinks it after a run of
+    /// small ones.
+    fn note_read(&mut self, n: usize, sizes: &Sizes) {
+        self.read_since_armed = true;
+        let size = self.size;
+        if n == size {
+            self.small_reads = 0;
+            self.size = (size * 2).min(sizes.max);
+        } else if n < size / 2 {
+            self.small_reads += 1;
+            if self.small_reads >= SMALL_READS_TO_SHRINK {
+                self.small_reads = 0;
+                self.size = (size / 2).max(sizes.initial);
+            }
+        } else {
+            self.small_reads = 0;
+        }
+    }
+
+    /// The reader has nothing and nothing is buffered: a direction holding
+    /// more than the initial size arms its idle timer, and frees its buffer
+    /// when a whole idle period passed without a read.
+    fn poll_idle(&mut self, cx: &mut Context<'_>, sizes: &Sizes) {
+        if self.buf.is_empty() && self.size <= sizes.initial {
+            self.idle = None;
+            return;
+        }
+        let timer = match &mut self.idle {
+            Some(timer) => timer,
+            None => {
+                self.read_since_armed = false;
+                self.idle.insert(Box::pin(tokio::time::sleep(sizes.idle)))
+            }
+        };
+        // At most: the timer fired, is re-armed, and is pending again.
+        for _ in 0..2 {
+            if timer.as_mut().poll(cx).is_pending() {
+                return;
+            }
+            if self.read_since_armed {
+                self.read_since_armed = false;
+                timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + sizes.idle);
+                continue;
+            }
+            self.idle = None;
+            self.size = sizes.initial;
+            self.small_reads = 0;
+            self.set_buffer(Box::default());
+            if let Some((probe, _)) = &self.probe {
+                probe.idle_releases.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+    }
+}
+
+fn write_zero() -> io::Error {
+    io::Error::new(io::ErrorKind::WriteZero, "write zero bytes into writer")
+}
+
+#[cfg(test)]
+mod tests;

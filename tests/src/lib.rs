@@ -7,6 +7,7 @@
 //! running.
 
 pub mod cgroup;
+pub mod echo;
 pub mod logs;
 pub mod mesh;
 pub mod netns;

@@ -947,6 +947,11 @@ impl Mesh {
         Ok(proc.stop(libc::SIGTERM, Duration::from_secs(10)))
     }
 
+    /// The process id of node's agent, while it runs.
+    pub fn agent_pid(&self, node: Node) -> Option<u32> {
+        self.agents[node.index()].as_ref().and_then(Proc::pid)
+    }
+
     /// SIGKILLs node's agent.
     pub fn kill_agent(&mut self, node: Node) {
         if let Some(mut proc) = self.agents[node.index()].take() {
@@ -1083,6 +1088,24 @@ impl Mesh {
                     .map(str::to_string))
             },
         )
+    }
+
+    /// Starts `weft-holder ADDR` (an echo server holding every connection
+    /// until its client closes) in `node`, waits until it listens, and
+    /// returns its process id.
+    pub fn holder(&mut self, node: Node, addr: &str) -> anyhow::Result<u32> {
+        let mut cmd = Command::new(bin("weft-holder"));
+        cmd.arg(addr);
+        let log = format!("holder-{}.log", node.label());
+        let proc = self.spawn(node, &mut cmd, &log)?;
+        let pid = proc.pid().context("the holder's pid")?;
+        self.workloads.push(proc);
+        wait_until(
+            Duration::from_secs(10),
+            &format!("weft-holder at {addr}"),
+            || Ok(self.log(&log).contains("listening on").then_some(())),
+        )?;
+        Ok(pid)
     }
 
     /// `curl ARGS…` in `node` (15 s at most).

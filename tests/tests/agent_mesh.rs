@@ -1027,3 +1027,165 @@ fn inbound_presents_the_renewed_node_certificate() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A node certificate of this mesh for `node_name`, got as that node's
+/// agent gets it: a token with the node's identity registers the node
+/// (at node B's address) and has the CA sign a CSR for it.
+fn node_identity(
+    mesh: &Mesh,
+    node_name: &str,
+) -> anyhow::Result<std::sync::Arc<weft_agent::hbone::Identity>> {
+    let token = mesh.weft_json(&[
+        "acl",
+        "token",
+        "create",
+        "--description",
+        node_name,
+        "--node-identity",
+        &format!("{node_name}:dc1"),
+    ])?;
+    let token_file = mesh.path(&format!("{node_name}.token"));
+    std::fs::write(
+        &token_file,
+        token["secret_id"].as_str().context("no secret_id")?,
+    )?;
+    // Node B's agent configuration, without its services, for node_name.
+    let b_config = std::fs::read_to_string(mesh.agent_config(NodeB))?;
+    let head = b_config.split("\n[[service]]").next().unwrap_or_default();
+    let text = head
+        .lines()
+        .map(|l| {
+            if l.starts_with("node_name") {
+                format!("node_name = {node_name:?}")
+            } else if l.starts_with("token_file") {
+                format!("token_file = {:?}", token_file.display().to_string())
+            } else if l.starts_with("data_dir") {
+                let dir = mesh.path(&format!("{node_name}-data"));
+                format!("data_dir = {:?}", dir.display().to_string())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let config = weft_agent::config::AgentConfig::parse(&text, &format!("{node_name}.toml"))?;
+    mesh.netns(NodeB).run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let control = std::sync::Arc::new(weft_agent::control::Control::new(
+                std::sync::Arc::new(config),
+            )?);
+            control.register().await?;
+            let identities = weft_agent::identity::Identities::new(control);
+            identities.init(&[]).await?;
+            identities.node().context("no node certificate")
+        })
+    })?
+}
+
+/// Node B's address answered by an impostor holding a genuine certificate
+/// of the mesh's CA, but node-c's: the source agent refuses to open web's
+/// tunnel there (the certificate is not node-b's), logs and counts why, and
+/// no CONNECT reaches the impostor.
+#[test]
+fn the_source_refuses_a_destination_presenting_another_nodes_certificate() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    require_root();
+    let mut mesh = one_api_mesh("api-1")?;
+    let identity = node_identity(&mesh, "node-c")?;
+    ensure!(
+        identity.spiffe_id.ends_with("/node/node-c"),
+        "got {}",
+        identity.spiffe_id
+    );
+    let trust_domain = identity
+        .spiffe_id
+        .strip_prefix("spiffe://")
+        .and_then(|s| s.split('/').next())
+        .context("trust domain")?
+        .to_string();
+    let bundle =
+        weft_agent::hbone::TrustBundle::from_pem(&trust_domain, &mesh.weft(&["ca", "roots"])?)?;
+
+    // Node B's agent dies (SIGKILL: api-1 stays in the catalog, passing)
+    // and the impostor takes its port.
+    mesh.kill_agent(NodeB);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let _entered = rt.enter();
+    let listener = mesh
+        .netns(NodeB)
+        .listen(format!("{}:{}", mesh.ip(NodeB), weft_tests::mesh::INBOUND_PORT).parse()?)?;
+    let connects = Arc::new(AtomicUsize::new(0));
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let (c, h) = (connects.clone(), handshakes.clone());
+    let impostor = weft_agent::hbone::HboneServer::new(&identity, &bundle, move |_req| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async {
+            Err::<tokio::net::TcpStream, _>(weft_agent::hbone::Refusal::unavailable("impostor"))
+        }
+    })?
+    .on_tls_accept(move |_| {
+        h.fetch_add(1, Ordering::SeqCst);
+    });
+    rt.spawn(impostor.serve(listener));
+
+    let wrong_node = |mesh: &Mesh| {
+        mesh.metric_with(
+            NodeA,
+            "weft_agent_tls_handshake_failures_total",
+            &[("side", "outbound"), ("reason", "wrong_node")],
+        )
+    };
+    ensure!(
+        wrong_node(&mesh)? == 0.0,
+        "wrong_node counted before the impostor"
+    );
+    let refusal = wait_until(
+        Duration::from_secs(15),
+        "agent A refusing node-c's certificate for node-b",
+        || {
+            if let Ok(body) = mesh.curl_with(NodeA, UPSTREAM, &["-m", "2"]) {
+                bail!("web -> api answered through the impostor: {body:?}");
+            }
+            Ok(mesh
+                .agent_log(NodeA)
+                .lines()
+                .find(|l| l.contains("not the node meant"))
+                .map(String::from))
+        },
+    )
+    .map_err(|e| e.context(mesh.agent_log_tail(NodeA, 20)))?;
+    eprintln!("agent A: {}", refusal.trim());
+    ensure!(
+        refusal.contains("/node/node-c") && refusal.contains("/node/node-b"),
+        "the refusal names neither the node presented nor the one meant: {refusal}"
+    );
+    // Again and again: refused every time, counted every time.
+    let counted = wrong_node(&mesh)?;
+    ensure!(counted >= 1.0, "agent A did not count the refusal");
+    for _ in 0..3 {
+        ensure!(
+            mesh.curl_with(NodeA, UPSTREAM, &["-m", "2"]).is_err(),
+            "web -> api answered through the impostor"
+        );
+    }
+    ensure!(
+        wrong_node(&mesh)? >= counted + 3.0,
+        "not every refusal was counted"
+    );
+    ensure!(
+        connects.load(Ordering::SeqCst) == 0,
+        "a CONNECT reached the impostor"
+    );
+    ensure!(
+        handshakes.load(Ordering::SeqCst) == 0,
+        "a handshake with the impostor completed"
+    );
+    Ok(())
+}

@@ -50,6 +50,25 @@ pub enum HboneError {
     Timeout(Duration),
 }
 
+impl HboneError {
+    /// For a failed TLS handshake, a short reason for metrics:
+    /// `wrong_node` (a valid certificate, but not of the node meant),
+    /// `bad_certificate`, or `handshake`; `None` for other errors.
+    pub fn handshake_failure(&self) -> Option<&'static str> {
+        let HboneError::Handshake { source, .. } = self else {
+            return None;
+        };
+        let text = source.to_string();
+        Some(if text.contains(tls::WRONG_NODE) {
+            "wrong_node"
+        } else if text.to_ascii_lowercase().contains("certificate") {
+            "bad_certificate"
+        } else {
+            "handshake"
+        })
+    }
+}
+
 /// A CONNECT response's verdict: pure, from status and `x-weft-reason`.
 pub(crate) fn check_response(status: StatusCode, reason: Option<&[u8]>) -> Result<(), HboneError> {
     if status == StatusCode::OK {

@@ -566,6 +566,7 @@ async fn a_node_presenting_another_nodes_certificate_is_refused() {
     };
     let text = format!("{err}: {:?}", std::error::Error::source(&err));
     assert!(text.contains("not the node meant"), "{text}");
+    assert_eq!(err.handshake_failure(), Some("wrong_node"));
     // The same node, asked for by its own id, answers.
     let mut ok = pool
         .connect(&ca.identity(WEB), &node.peer(), node.echo, TIMEOUT)

@@ -457,6 +457,10 @@ mod signature {
     }
 }
 
+/// What a source's handshake error says when the destination presented
+/// a valid certificate of another identity than the node meant.
+pub const WRONG_NODE: &str = "not the node meant";
+
 /// Verifies a server's chain against the bundle's current roots without a
 /// hostname check, then checks the server's SPIFFE trust domain and, when
 /// one is expected, that its SPIFFE id is exactly that one.
@@ -489,7 +493,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         if let Some(expected) = &self.expected {
             if id != *expected {
                 return Err(rustls::Error::General(format!(
-                    "the peer is {id}, not the node meant ({expected})"
+                    "the peer is {id}, {WRONG_NODE} ({expected})"
                 )));
             }
         }

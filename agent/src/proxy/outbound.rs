@@ -21,7 +21,7 @@ use crate::accept::AcceptErrors;
 use crate::hbone::{HboneError, NodePeer};
 use crate::intercept::Interception;
 use crate::lb::p2c;
-use crate::metrics::Direction;
+use crate::metrics::{Direction, Side};
 use crate::splice::splice;
 use crate::view::View;
 use weft_api::catalog::ServiceInstance;
@@ -191,6 +191,9 @@ pub async fn carry(
                 // A policy refusal says nothing of the instance's health.
                 Err(HboneError::Refused { status: 403, .. }) => {}
                 other => ctx.report(source, target, other.is_ok()),
+            }
+            if let Some(reason) = tunnel.as_ref().err().and_then(|e| e.handshake_failure()) {
+                ctx.metrics.tls_failure(Side::Outbound, reason);
             }
             let mut tunnel = tunnel?;
             ctx.metrics.conn_opened(source, destination);
