@@ -137,6 +137,12 @@ impl Service {
     /// An HTTP check of `http://ADDRESS:PORT/healthz` every `interval`.
     pub fn healthz_check(mut self, interval: &str) -> Self {
         let host = self.address.clone().unwrap_or_else(|| "127.0.0.1".into());
+        // An IPv6 address goes in brackets in a URL.
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
         self.http_check = Some(format!("http://{host}:{}/healthz", self.port));
         self.check_interval = interval.to_string();
         self

@@ -404,3 +404,62 @@ fn egress_deny_refuses_destinations_outside_the_mesh_and_uninstall_detaches() ->
     );
     Ok(())
 }
+
+#[test]
+fn ipv6_instance_addresses_are_taken_over_like_ipv4_ones() -> anyhow::Result<()> {
+    require_root();
+    const A6: &str = "fd00:77::2";
+    const B6: &str = "fd00:77::3";
+    let spec = MeshSpec::new("deny")
+        .ebpf()
+        .node_a(Service::new("web", 8000).cgroup("web"))
+        .node_b(
+            Service::new("api", 8080)
+                .id("api-1")
+                .cgroup("api")
+                .address(B6)
+                .healthz_check("1s"),
+        );
+    let mut mesh = Mesh::start(spec)?;
+    for (node, addr) in [(NodeA, A6), (NodeB, B6)] {
+        mesh.netns(node).ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/64"),
+            "dev",
+            weft_tests::mesh::VETH,
+            "nodad",
+        ])?;
+    }
+    mesh.workload_as(NodeB, "api", "api-1", "[::]:8080")?;
+    mesh.weft(&["intention", "create", "web", "api", "--allow"])?;
+    let url = format!("http://[{B6}]:8080/");
+    wait_for_api(&mesh, &url)?;
+    // It went through both agents, not straight over IPv6.
+    let carried = mesh.metric_with(
+        NodeB,
+        "weft_agent_connections_opened_total",
+        &[("source", "web"), ("destination", "api")],
+    )?;
+    ensure!(carried >= 1.0, "node B's agent carried nothing: {carried}");
+    wait_for_api(&mesh, API_URL)?;
+
+    mesh.weft(&["intention", "delete", "web", "api"])?;
+    mesh.weft(&["intention", "create", "web", "api", "--deny"])?;
+    wait_until(
+        Duration::from_secs(5),
+        "web -> api over IPv6 refused under the deny",
+        || Ok((!mesh.exec_as(NodeA, "web", &curl_args(&url))?.success()).then_some(())),
+    )?;
+    refused(
+        "web over IPv6 under a deny",
+        &mesh.exec_as(NodeA, "web", &curl_args(&url))?,
+    )?;
+    // And outside the mesh, plain IPv6 to api is refused by inbound capture.
+    refused(
+        "node A outside the mesh over IPv6",
+        &mesh.run_with_mesh_dns(NodeA, &curl_args(&url), Duration::from_secs(10))?,
+    )?;
+    Ok(())
+}

@@ -14,7 +14,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -105,11 +105,24 @@ struct PooledConn {
     closed: Arc<AtomicBool>,
     /// Tunnels open (or being opened) on it.
     streams: Arc<AtomicUsize>,
+    /// The leaf certificate this side presented.
+    local_cert: rustls::pki_types::CertificateDer<'static>,
+    /// When the first of the two leaves expires: no new tunnels after it.
+    deadline: Option<SystemTime>,
 }
 
 impl PooledConn {
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether new tunnels from `source` may use this connection: it was
+    /// authenticated with `source`'s current certificate (a renewed one
+    /// gets a new connection) and neither side's certificate has expired.
+    /// Tunnels already on a retired connection run to their end.
+    fn current_for(&self, source: &Identity, now: SystemTime) -> bool {
+        source.cert_chain.first() == Some(&self.local_cert)
+            && self.deadline.is_some_and(|d| now < d)
     }
 
     /// Takes a place for one more tunnel if the connection has one.
@@ -273,7 +286,8 @@ impl HbonePool {
         let limit = self.inner.streams_per_connection;
         let slot = self.slot(key);
         let mut conns = slot.lock().await;
-        conns.retain(|c| !c.is_closed());
+        let now = SystemTime::now();
+        conns.retain(|c| !c.is_closed() && c.current_for(source, now));
         for conn in conns.iter() {
             if let Some(place) = conn.reserve(limit) {
                 return Ok((conn.clone(), place, false));
@@ -329,9 +343,17 @@ impl HbonePool {
             .connect(ServerName::IpAddress(node.ip().into()), tcp)
             .await
             .map_err(|source| HboneError::Handshake { node, source })?;
-        if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+        let session = tls.get_ref().1;
+        if session.alpn_protocol() != Some(ALPN_H2) {
             return Err(HboneError::NoH2Alpn { node });
         }
+        let local_cert = source
+            .cert_chain
+            .first()
+            .cloned()
+            .unwrap_or_else(|| rustls::pki_types::CertificateDer::from(Vec::new()));
+        let peer_leaf = session.peer_certificates().and_then(|c| c.first());
+        let deadline = tls::session_deadline(Some(&local_cert), peer_leaf);
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(INITIAL_STREAM_WINDOW)
             .initial_connection_window_size(INITIAL_CONNECTION_WINDOW)
@@ -355,6 +377,8 @@ impl HbonePool {
             send,
             closed,
             streams: Arc::new(AtomicUsize::new(0)),
+            local_cert,
+            deadline,
         })
     }
 }

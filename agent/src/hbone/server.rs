@@ -284,6 +284,16 @@ impl<H: ConnectHandler> Inner<H> {
                 return Err(e);
             }
         };
+        // No new tunnels once the peer's certificate has expired: the
+        // connection is told to go away (open tunnels run to their end).
+        let (_, session) = tls.get_ref();
+        let peer_leaf = session.peer_certificates().and_then(|c| c.first());
+        let deadline = tls::session_deadline(None, peer_leaf)
+            .and_then(|d| d.duration_since(std::time::SystemTime::now()).ok())
+            .unwrap_or_default();
+        let expiry = tokio::time::sleep(deadline);
+        tokio::pin!(expiry);
+        let mut going_away = false;
         debug!(%peer, peer_id = %peer_id, "hbone connection accepted");
         if let Some(hook) = &self.on_tls_accept {
             hook(&peer_id);
@@ -296,7 +306,17 @@ impl<H: ConnectHandler> Inner<H> {
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .handshake::<_, Bytes>(tls)
             .await?;
-        while let Some(next) = conn.accept().await {
+        loop {
+            let next = tokio::select! {
+                next = conn.accept() => next,
+                () = &mut expiry, if !going_away => {
+                    debug!(%peer, peer_id = %peer_id, "a certificate of the connection expired: no new tunnels");
+                    conn.graceful_shutdown();
+                    going_away = true;
+                    continue;
+                }
+            };
+            let Some(next) = next else { break };
             let (request, respond) = match next {
                 Ok(pair) => pair,
                 Err(e) => {

@@ -272,8 +272,9 @@ async fn handler_refusal_arrives_as_refused_403() {
     let node = start_node(&ca).await;
     let pool = HbonePool::new(ca.bundle());
     let target: SocketAddr = ([127, 0, 0, 1], DENIED_PORT).into();
+    let web = ca.identity(WEB);
     let err = pool
-        .connect(&ca.identity(WEB), &node.peer(), target, TIMEOUT)
+        .connect(&web, &node.peer(), target, TIMEOUT)
         .await
         .unwrap_err();
     match err {
@@ -285,7 +286,7 @@ async fn handler_refusal_arrives_as_refused_403() {
     }
     // The connection survives a refused stream.
     let mut ok = pool
-        .connect(&ca.identity(WEB), &node.peer(), node.echo, TIMEOUT)
+        .connect(&web, &node.peer(), node.echo, TIMEOUT)
         .await
         .unwrap();
     round_trip(&mut ok, b"still here").await;
@@ -602,4 +603,53 @@ async fn a_full_connection_gets_a_sibling_instead_of_a_queue() {
         .unwrap();
     assert_eq!(round_trip(&mut again, b"again").await, b"again");
     assert_eq!(pool.dials(), 3, "the freed place was used");
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_gets_a_new_connection_and_old_tunnels_run_on() {
+    let ca = TestCa::new("ca");
+    let node = start_node(&ca).await;
+    let pool = HbonePool::new(ca.bundle());
+    let first = ca.identity(WEB);
+    let mut old = pool
+        .connect(&first, &node.peer(), node.echo, TIMEOUT)
+        .await
+        .unwrap();
+    let mut again = pool
+        .connect(&first, &node.peer(), node.echo, TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(
+        pool.dials(),
+        1,
+        "the same certificate shares its connection"
+    );
+    // The renewed certificate: same identity, new leaf. New tunnels must
+    // present it, so they cannot ride the connection made with the old one.
+    let renewed = ca.identity(WEB);
+    let mut new = pool
+        .connect(&renewed, &node.peer(), node.echo, TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(pool.dials(), 2, "a renewed certificate dials anew");
+    assert_eq!(node.accepted.load(Ordering::SeqCst), 2);
+    for stream in [&mut old, &mut again, &mut new] {
+        assert_eq!(round_trip(stream, b"still here").await, b"still here");
+    }
+}
+
+#[test]
+fn a_session_lasts_until_the_first_of_its_certificates_expires() {
+    let ca = TestCa::new("ca");
+    let leaf = ca.identity(WEB).cert_chain[0].clone();
+    let expires = tls::not_after(&leaf).expect("a parsable leaf");
+    assert!(expires > std::time::SystemTime::now());
+    assert_eq!(tls::session_deadline(Some(&leaf), None), Some(expires));
+    assert_eq!(
+        tls::session_deadline(Some(&leaf), Some(&leaf)),
+        Some(expires)
+    );
+    let garbage = rustls::pki_types::CertificateDer::from(vec![1u8, 2, 3]);
+    assert_eq!(tls::not_after(&garbage), None);
+    assert_eq!(tls::session_deadline(Some(&garbage), None), None);
 }

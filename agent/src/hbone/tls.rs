@@ -149,6 +149,28 @@ pub fn trust_domain_of(id: &str) -> Result<&str, TlsError> {
 
 /// The SPIFFE id of the leaf (first) certificate of a peer's chain: its one
 /// `spiffe://` URI SAN. Zero or several such SANs are errors.
+/// When a certificate stops being valid (its notAfter); None if it cannot
+/// be parsed (then it could not have passed verification either).
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let secs = u64::try_from(parsed.validity().not_after.timestamp()).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
+/// How long a mutual-TLS connection may be used for new tunnels: until the
+/// first of the two leaf certificates it was authenticated with expires.
+/// Streams already open are not cut.
+pub fn session_deadline(
+    local: Option<&CertificateDer<'_>>,
+    peer: Option<&CertificateDer<'_>>,
+) -> Option<std::time::SystemTime> {
+    [local, peer]
+        .into_iter()
+        .flatten()
+        .filter_map(not_after)
+        .min()
+}
+
 pub fn peer_spiffe_id(certs: &[CertificateDer<'_>]) -> Result<String, TlsError> {
     let leaf = certs.first().ok_or(TlsError::NoPeerCertificate)?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
