@@ -184,8 +184,9 @@ fn traffic_flows_across_three_renewals_of_service_and_node_certificates() -> any
         );
     }
 
-    // Every tunnel so far may have ridden the TLS connection agent A opened
-    // at the start. Cut it (`ss -K`; the long-lived connection goes with
+    // Agent A opens a new TLS connection for new tunnels once web's
+    // certificate is renewed; older ones carry the tunnels already on them.
+    // Cut them all (`ss -K`; the long-lived connection goes with
     // it): the next connection needs a new handshake, with web's renewed
     // certificate on one side and node-b's on the other.
     let dials = |mesh: &Mesh| {
@@ -194,6 +195,11 @@ fn traffic_flows_across_three_renewals_of_service_and_node_certificates() -> any
             .count()
     };
     let dials_before = dials(&mesh);
+    ensure!(
+        dials_before >= 4,
+        "agent A opened {dials_before} HBONE connections across three renewals of web's \
+         certificate: new tunnels must not ride a connection made with an old one"
+    );
     let hbone = format!("dst {}:{INBOUND_PORT}", mesh.ip(NodeB));
     let cut = mesh.run(
         NodeA,

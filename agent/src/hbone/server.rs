@@ -310,7 +310,7 @@ impl<H: ConnectHandler> Inner<H> {
             let next = tokio::select! {
                 next = conn.accept() => next,
                 () = &mut expiry, if !going_away => {
-                    debug!(%peer, peer_id = %peer_id, "a certificate of the connection expired: no new tunnels");
+                    debug!(%peer, peer_id = %peer_id, "the peer certificate is past its notAfter: GOAWAY, no new tunnels on this connection");
                     conn.graceful_shutdown();
                     going_away = true;
                     continue;
