@@ -333,6 +333,15 @@ pub struct Output {
 }
 
 impl Output {
+    /// Exit code, stdout and stderr in one line, for failure messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "exit {:?}, stdout {:?}, stderr {:?}",
+            self.code(),
+            self.stdout.trim(),
+            self.stderr.trim()
+        )
+    }
     pub fn success(&self) -> bool {
         self.status.is_some_and(|s| s.success())
     }

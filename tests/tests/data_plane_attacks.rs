@@ -16,6 +16,11 @@ const API_URL: &str = "http://api.service.weft:8080/";
 const EBPF_EVENTS: &str = "weft_agent_ebpf_events_total";
 
 fn spec() -> MeshSpec {
+    spec_with_api_at(MeshSpec::NODE_ADDR)
+}
+
+/// The mesh with api registered at `address`.
+fn spec_with_api_at(address: &str) -> MeshSpec {
     MeshSpec::new("deny")
         .ebpf()
         .node_a(Service::new("web", 8000).cgroup("web"))
@@ -23,7 +28,7 @@ fn spec() -> MeshSpec {
             Service::new("api", 8080)
                 .id("api-1")
                 .cgroup("api")
-                .address(MeshSpec::NODE_ADDR)
+                .address(address)
                 .healthz_check("1s"),
         )
 }
@@ -59,21 +64,12 @@ fn agent_logs(mesh: &Mesh) -> String {
     )
 }
 
-fn describe(out: &Output) -> String {
-    format!(
-        "exit {:?}, stdout {:?}, stderr {:?}",
-        out.code(),
-        out.stdout.trim(),
-        out.stderr.trim()
-    )
-}
-
 /// The attempt must fail and must not have got an answer from the workload.
 fn refused(what: &str, out: &Output) -> anyhow::Result<()> {
     ensure!(
         !out.success() && !out.stdout.contains("instance"),
         "{what} reached api: {}",
-        describe(out)
+        out.describe()
     );
     eprintln!("refused as it should be: {what}: {}", out.stderr.trim());
     Ok(())
@@ -161,7 +157,7 @@ fn inbound_capture_refuses_every_way_around_the_agent() -> anyhow::Result<()> {
     ensure!(
         out.success() && out.stdout.contains("instance plain"),
         "the extension-header probe does not work at all: {}",
-        describe(&out)
+        out.describe()
     );
     let refused_now = wait_event_above(&mesh, NodeB, "inbound_refused", refused_before)?;
     eprintln!(
@@ -349,7 +345,7 @@ fn egress_deny_refuses_destinations_outside_the_mesh_and_uninstall_detaches() ->
     ensure!(
         !out.success() && !out.stdout.contains("instance"),
         "web reached a destination outside the mesh: {}",
-        describe(&out)
+        out.describe()
     );
     wait_event_above(&mesh, NodeA, "egress_denied", denied_before)?;
     // A workload that makes a cgroup below its own and moves into it is
@@ -366,7 +362,7 @@ fn egress_deny_refuses_destinations_outside_the_mesh_and_uninstall_detaches() ->
     ensure!(
         !out.success() && !out.stdout.contains("instance"),
         "a process in a cgroup below web's escaped the egress policy: {}",
-        describe(&out)
+        out.describe()
     );
     let out = mesh.exec_as(
         NodeA,
@@ -376,7 +372,7 @@ fn egress_deny_refuses_destinations_outside_the_mesh_and_uninstall_detaches() ->
     ensure!(
         out.success() && out.stdout == "instance api-1\n",
         "a process in a cgroup below web's is not carried by the mesh: {}",
-        describe(&out)
+        out.describe()
     );
     // Processes outside the mesh are not concerned, and the mesh works.
     ensure!(mesh.curl(NodeA, &url)? == "instance outside\n");
@@ -394,13 +390,13 @@ fn egress_deny_refuses_destinations_outside_the_mesh_and_uninstall_detaches() ->
         &["uninstall", "--config", &config],
         Duration::from_secs(10),
     )?;
-    ensure!(out.success(), "uninstall: {}", describe(&out));
+    ensure!(out.success(), "uninstall: {}", out.describe());
     ensure!(!pins.exists(), "{} is still there", pins.display());
     let out = mesh.exec_as(NodeA, "web", &curl_args(&url))?;
     ensure!(
         out.success() && out.stdout == "instance outside\n",
         "after uninstall web's connection is still steered: {}",
-        describe(&out)
+        out.describe()
     );
     Ok(())
 }
@@ -410,16 +406,7 @@ fn ipv6_instance_addresses_are_taken_over_like_ipv4_ones() -> anyhow::Result<()>
     require_root();
     const A6: &str = "fd00:77::2";
     const B6: &str = "fd00:77::3";
-    let spec = MeshSpec::new("deny")
-        .ebpf()
-        .node_a(Service::new("web", 8000).cgroup("web"))
-        .node_b(
-            Service::new("api", 8080)
-                .id("api-1")
-                .cgroup("api")
-                .address(B6)
-                .healthz_check("1s"),
-        );
+    let spec = spec_with_api_at(B6);
     let mut mesh = Mesh::start(spec)?;
     for (node, addr) in [(NodeA, A6), (NodeB, B6)] {
         mesh.netns(node).ip(&[

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure};
-use weft_tests::mesh::{wait_until, Mesh, MeshSpec, NodeA, NodeB, Output, Service};
+use weft_tests::mesh::{wait_until, Mesh, MeshSpec, NodeA, NodeB, Service};
 use weft_tests::require_root;
 
 const API_URL: &str = "http://api.service.weft:8080/";
@@ -95,15 +95,6 @@ fn wait_event_above(mesh: &Mesh, event: &str, before: f64) -> anyhow::Result<f64
     )
 }
 
-fn describe(out: &Output) -> String {
-    format!(
-        "exit {:?}, stdout {:?}, stderr {:?}",
-        out.code(),
-        out.stdout.trim(),
-        out.stderr.trim()
-    )
-}
-
 #[test]
 fn web_reaches_api_by_name_through_dns_vip_and_tunnel() -> anyhow::Result<()> {
     require_root();
@@ -116,11 +107,11 @@ fn web_reaches_api_by_name_through_dns_vip_and_tunnel() -> anyhow::Result<()> {
     ensure!(
         out.success() && out.stdout.split_whitespace().next() == Some(vip.as_str()),
         "getent api.service.weft as web: {}",
-        describe(&out)
+        out.describe()
     );
     // And an unknown name does not resolve.
     let out = mesh.exec_as(NodeA, "web", &["getent", "hosts", "nope.service.weft"])?;
-    ensure!(!out.success(), "nope.service.weft: {}", describe(&out));
+    ensure!(!out.success(), "nope.service.weft: {}", out.describe());
 
     let redirected = settled_event(&mesh, "redirected")?;
     let opened_before = opened(&mesh, "web", "api")?;
@@ -161,7 +152,7 @@ fn processes_outside_mesh_cgroups_are_not_redirected() -> anyhow::Result<()> {
     ensure!(
         out.success() && out.stdout.contains(&vip),
         "getent outside the mesh: {}",
-        describe(&out)
+        out.describe()
     );
     // ...but a process in no mesh cgroup is not taken over: no route to the VIP.
     let out = mesh.run_with_mesh_dns(
@@ -172,12 +163,12 @@ fn processes_outside_mesh_cgroups_are_not_redirected() -> anyhow::Result<()> {
     ensure!(
         !out.success(),
         "reached the VIP unredirected: {}",
-        describe(&out)
+        out.describe()
     );
     ensure!(
         out.stderr.contains("unreachable") || out.stderr.contains("Couldn't connect"),
         "{}",
-        describe(&out)
+        out.describe()
     );
     // It reaches api's real address directly, without the agent.
     for _ in 0..3 {
@@ -303,7 +294,7 @@ fn stopping_the_agent_fails_closed_and_restart_restores() -> anyhow::Result<()> 
     ensure!(
         !out.success(),
         "web reached api's VIP with its agent stopped: {}",
-        describe(&out)
+        out.describe()
     );
     eprintln!("agent A stopped: {}", out.stderr.trim());
 

@@ -125,6 +125,53 @@ pub struct Redirector {
     log_task: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// Loads program `name` of type `P` and attaches it with `attach`, which
+/// returns its link as an `FdLink` (so that it can be pinned).
+fn attach_program<P>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    attach: impl FnOnce(
+        &mut P,
+    ) -> Result<
+        Result<FdLink, aya::programs::links::LinkError>,
+        aya::programs::ProgramError,
+    >,
+) -> Result<FdLink, RedirectorError>
+where
+    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    P: LoadProgram,
+{
+    let program = |source| RedirectorError::Program { name, source };
+    let p: &mut P = ebpf
+        .program_mut(name)
+        .ok_or(RedirectorError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(program)?;
+    p.load_program().map_err(program)?;
+    attach(p)
+        .map_err(program)?
+        .map_err(|source| RedirectorError::Link { name, source })
+}
+
+/// The programs' `load()`, which aya defines on each type, not in a trait.
+trait LoadProgram {
+    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError>;
+}
+
+macro_rules! load_program {
+    ($($ty:ty),*) => {$(
+        impl LoadProgram for $ty {
+            fn load_program(&mut self) -> Result<(), aya::programs::ProgramError> {
+                self.load()
+            }
+        }
+    )*};
+}
+load_program!(CgroupSockAddr, SockOps, CgroupSkb, SkLookup);
+
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, RedirectorError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -243,78 +290,35 @@ impl Redirector {
         })?;
         let netns = std::fs::File::open("/proc/self/ns/net").map_err(RedirectorError::Netns)?;
         let links = self.pins.new_link_dir()?;
-        let program = |name: &'static str, e| RedirectorError::Program { name, source: e };
-        let missing = |name: &'static str| RedirectorError::Missing {
-            kind: "program",
-            name,
-        };
         // aya attaches with a bpf link, which the kernel always stacks with
         // other programs on the cgroup (links refuse explicit attach flags),
         // so `Single` here means "no flags", not "exclusive".
+        let single = CgroupAttachMode::Single;
         let mut attached: Vec<(&'static str, FdLink)> = Vec::new();
         for name in [programs::CONNECT4, programs::CONNECT6] {
-            let connect: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(missing(name))?
-                .try_into()
-                .map_err(|e| program(name, e))?;
-            connect.load().map_err(|e| program(name, e))?;
-            let id = connect
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| program(name, e))?;
-            let link = connect.take_link(id).map_err(|e| program(name, e))?;
-            let link =
-                FdLink::try_from(link).map_err(|source| RedirectorError::Link { name, source })?;
+            let link = attach_program(&mut self.ebpf, name, |p: &mut CgroupSockAddr| {
+                let id = p.attach(&cgroup, single)?;
+                Ok(p.take_link(id)?.try_into())
+            })?;
             attached.push((name, link));
         }
-
         let name = programs::SOCKOPS;
-        let sockops: &mut SockOps = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(missing(name))?
-            .try_into()
-            .map_err(|e| program(name, e))?;
-        sockops.load().map_err(|e| program(name, e))?;
-        let id = sockops
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|e| program(name, e))?;
-        let link = sockops.take_link(id).map_err(|e| program(name, e))?;
-        let link =
-            FdLink::try_from(link).map_err(|source| RedirectorError::Link { name, source })?;
+        let link = attach_program(&mut self.ebpf, name, |p: &mut SockOps| {
+            let id = p.attach(&cgroup, single)?;
+            Ok(p.take_link(id)?.try_into())
+        })?;
         attached.push((name, link));
-
         let name = programs::INGRESS;
-        let ingress: &mut CgroupSkb = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(missing(name))?
-            .try_into()
-            .map_err(|e| program(name, e))?;
-        ingress.load().map_err(|e| program(name, e))?;
-        let id = ingress
-            .attach(
-                &cgroup,
-                CgroupSkbAttachType::Ingress,
-                CgroupAttachMode::Single,
-            )
-            .map_err(|e| program(name, e))?;
-        let link = ingress.take_link(id).map_err(|e| program(name, e))?;
-        let link =
-            FdLink::try_from(link).map_err(|source| RedirectorError::Link { name, source })?;
+        let link = attach_program(&mut self.ebpf, name, |p: &mut CgroupSkb| {
+            let id = p.attach(&cgroup, CgroupSkbAttachType::Ingress, single)?;
+            Ok(p.take_link(id)?.try_into())
+        })?;
         attached.push((name, link));
-
         let name = programs::SK_LOOKUP;
-        let lookup: &mut SkLookup = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(missing(name))?
-            .try_into()
-            .map_err(|e| program(name, e))?;
-        lookup.load().map_err(|e| program(name, e))?;
-        let id = lookup.attach(&netns).map_err(|e| program(name, e))?;
-        let link: FdLink = lookup.take_link(id).map_err(|e| program(name, e))?.into();
+        let link = attach_program(&mut self.ebpf, name, |p: &mut SkLookup| {
+            let id = p.attach(&netns)?;
+            Ok(Ok(p.take_link(id)?.into()))
+        })?;
         attached.push((name, link));
 
         for (name, link) in attached {
