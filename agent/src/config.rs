@@ -26,6 +26,9 @@ pub const DEFAULT_OUTBOUND_ADDR: &str = "127.0.0.1:15001";
 /// Services one agent takes: workload ids (1..=4095) fit in the low 12
 /// bits of the socket mark.
 pub const MAX_SERVICES: usize = 4095;
+/// Shortest `deregister_critical_service_after` (Consul's minimum is a
+/// minute; shorter values are for tests and demos).
+pub const MIN_DEREGISTER_CRITICAL_AFTER: Duration = Duration::from_secs(1);
 /// Default listener for plaintext connections to permissive services.
 pub const DEFAULT_PERMISSIVE_ADDR: &str = "127.0.0.1:15006";
 /// Default socket mark of the connections the agent checked. Its low 12 bits
@@ -197,6 +200,13 @@ pub struct CheckConfig {
     pub interval: Duration,
     #[serde(with = "duration_text")]
     pub timeout: Duration,
+    /// Consul's `DeregisterCriticalServiceAfter`: the servers remove the
+    /// instance once it has been critical this long.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "duration_text::serialize_some"
+    )]
+    pub deregister_critical_service_after: Option<Duration>,
 }
 
 /// What a check probes.
@@ -228,6 +238,16 @@ mod duration_text {
 
     pub(super) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format!("{d:?}"))
+    }
+
+    pub(super) fn serialize_some<S: serde::Serializer>(
+        d: &Option<Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => serialize(d, s),
+            None => s.serialize_none(),
+        }
     }
 }
 
@@ -356,6 +376,8 @@ struct RawCheck {
     interval: String,
     #[serde(default = "default_timeout")]
     timeout: String,
+    #[serde(default)]
+    deregister_critical_service_after: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -543,10 +565,25 @@ fn check_kind(field: &str, raw: &RawCheck) -> Result<CheckKind, Invalid> {
 }
 
 fn check(field: &str, raw: &RawCheck) -> Result<CheckConfig, Invalid> {
+    let deregister_field = format!("{field}.deregister_critical_service_after");
+    let deregister_critical_service_after = match &raw.deregister_critical_service_after {
+        Some(text) => {
+            let after = duration(&deregister_field, text, false)?;
+            if after < MIN_DEREGISTER_CRITICAL_AFTER {
+                return Err(invalid(
+                    deregister_field,
+                    format!("{text:?} is shorter than {MIN_DEREGISTER_CRITICAL_AFTER:?}"),
+                ));
+            }
+            Some(after)
+        }
+        None => None,
+    };
     Ok(CheckConfig {
         kind: check_kind(field, raw)?,
         interval: duration(&format!("{field}.interval"), &raw.interval, false)?,
         timeout: duration(&format!("{field}.timeout"), &raw.timeout, false)?,
+        deregister_critical_service_after,
     })
 }
 

@@ -189,6 +189,13 @@ impl Control {
                 meta: s.meta.clone().into_iter().collect(),
                 health: health_to_proto(status) as i32,
                 check_output: output,
+                // The shortest of the service's checks', as Consul does.
+                deregister_critical_after_ms: s
+                    .checks
+                    .iter()
+                    .filter_map(|c| c.deregister_critical_service_after)
+                    .min()
+                    .map_or(0, |d| d.as_millis() as u64),
                 ..Default::default()
             };
             catalog
@@ -252,6 +259,46 @@ impl Control {
             .await
             .map_err(Self::refused(format!("health of {id}")))?;
         Ok(())
+    }
+
+    /// Tells the servers this node's agent is alive; returns how long to
+    /// wait before the next heartbeat.
+    pub async fn heartbeat(&self) -> Result<Duration, ControlError> {
+        let mut catalog = CatalogClient::new(self.channel().await?);
+        let reply = catalog
+            .heartbeat(proto::HeartbeatRequest {
+                node: self.config.node_name.clone(),
+            })
+            .await
+            .map_err(Self::refused("heartbeat".to_string()))?;
+        let ms = reply.into_inner().interval_ms.clamp(200, 30_000);
+        Ok(Duration::from_millis(ms))
+    }
+
+    /// Sends heartbeats for as long as the agent runs: the servers mark the
+    /// node critical when they stop. A failed one is retried after a second
+    /// and logged once per failure streak.
+    pub async fn heartbeat_forever(self: Arc<Self>) {
+        let mut failing = false;
+        loop {
+            let wait = match self.heartbeat().await {
+                Ok(next) => {
+                    if failing {
+                        tracing::info!("heartbeats reach the servers again");
+                    }
+                    failing = false;
+                    next
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!("heartbeat failed: {e}; retrying every second");
+                    }
+                    failing = true;
+                    Duration::from_secs(1)
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// Asks the CA to sign `csr_pem` for `service` (None: this node).

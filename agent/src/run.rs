@@ -91,6 +91,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     };
 
     control.register_retrying(STARTUP_LIMIT).await?;
+    let heartbeat_task = tokio::spawn(control.clone().heartbeat_forever());
 
     let (index_tx, mut index_rx) = watch::channel(0u64);
     let follow_task = tokio::spawn(control.clone().follow(view.clone(), index_tx));

@@ -169,8 +169,19 @@ impl View {
     pub fn passing(&self, service: &str) -> Vec<&ServiceInstance> {
         self.instances
             .values()
-            .filter(|i| i.service == service && i.health == HealthStatus::Passing)
+            .filter(|i| {
+                i.service == service && i.health == HealthStatus::Passing && self.node_up(&i.node)
+            })
             .collect()
+    }
+
+    /// Whether `node` is not critical at node level: its agent is heard
+    /// from (the servers' failure detection). Instances on a critical node
+    /// count as critical, whatever their own checks last said.
+    pub fn node_up(&self, node: &str) -> bool {
+        self.nodes
+            .get(node)
+            .is_none_or(|n| n.health != HealthStatus::Critical)
     }
 
     /// Where another node's agent takes tunnels (its address; the port is
@@ -254,7 +265,8 @@ impl View {
     /// The instances that may serve requests routed to `target` (or to its
     /// resolver's failover when it has none), and their service.
     pub fn instances_of(&self, target: &routing::Target) -> (String, Vec<&ServiceInstance>) {
-        routing::instances_or_failover(&self.entries, target, self.instances.values())
+        let live = self.instances.values().filter(|i| self.node_up(&i.node));
+        routing::instances_or_failover(&self.entries, target, live)
     }
 
     /// The circuit breaking that `source`'s service-defaults ask for on its

@@ -32,7 +32,7 @@ pub const MAX_INSTANCE_ID_LEN: usize = 128;
 pub const MAX_CHECK_OUTPUT_BYTES: usize = 4096;
 
 /// A machine running an agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Node {
     pub name: String,
@@ -45,12 +45,22 @@ pub struct Node {
     pub create_index: u64,
     #[serde(default)]
     pub modify_index: u64,
+    /// The node-level check: critical when the servers have not heard from
+    /// the node's agent in time (Consul's `serfHealth`). Every instance on
+    /// a critical node counts as critical.
+    #[serde(default)]
+    pub health: HealthStatus,
+    #[serde(default)]
+    pub health_output: String,
 }
 
 /// Health of a service instance, from its checks. Ordered from best to worst.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthStatus {
+    #[default]
     Passing,
     Warning,
     Critical,
@@ -94,7 +104,7 @@ impl FromStr for HealthStatus {
 }
 
 /// One running instance of a service on a node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceInstance {
     /// Unique in the catalog.
@@ -115,6 +125,11 @@ pub struct ServiceInstance {
     pub create_index: u64,
     #[serde(default)]
     pub modify_index: u64,
+    /// Consul's `DeregisterCriticalServiceAfter`: the servers deregister the
+    /// instance once it has been critical (its own checks, or its node) for
+    /// this many milliseconds; 0: never.
+    #[serde(default)]
+    pub deregister_critical_after_ms: u64,
 }
 
 impl ServiceInstance {
@@ -346,6 +361,7 @@ mod tests {
             meta: BTreeMap::new(),
             create_index: 0,
             modify_index: 0,
+            ..Default::default()
         }
     }
 

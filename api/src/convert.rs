@@ -31,9 +31,13 @@ pub fn node_to_proto(n: &Node) -> proto::Node {
         meta: n.meta.clone().into_iter().collect(),
         create_index: n.create_index,
         modify_index: n.modify_index,
+        health: health_to_proto(n.health) as i32,
+        health_output: n.health_output.clone(),
     }
 }
 
+/// A node from the wire; an unspecified (or unknown) node health reads as
+/// passing: only the servers set it, and they always do.
 pub fn node_from_proto(n: proto::Node) -> Node {
     Node {
         name: n.name,
@@ -42,6 +46,8 @@ pub fn node_from_proto(n: proto::Node) -> Node {
         meta: n.meta.into_iter().collect::<BTreeMap<_, _>>(),
         create_index: n.create_index,
         modify_index: n.modify_index,
+        health: health_from_proto(n.health).unwrap_or_default(),
+        health_output: n.health_output,
     }
 }
 
@@ -78,6 +84,7 @@ pub fn instance_to_proto(i: &ServiceInstance) -> proto::ServiceInstance {
         check_output: i.check_output.clone(),
         create_index: i.create_index,
         modify_index: i.modify_index,
+        deregister_critical_after_ms: i.deregister_critical_after_ms,
     }
 }
 
@@ -103,6 +110,7 @@ pub fn instance_from_proto(i: proto::ServiceInstance) -> Result<ServiceInstance,
         check_output: i.check_output,
         create_index: i.create_index,
         modify_index: i.modify_index,
+        deregister_critical_after_ms: i.deregister_critical_after_ms,
     })
 }
 

@@ -99,6 +99,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         leaf_ttl_secs: settings.leaf_ttl_secs,
         peer_channels,
         datacenter: settings.datacenter.clone(),
+        liveness: weft_server::liveness::Liveness::new(settings.node_timeout),
     });
 
     let raft_listener = TcpListener::bind(settings.raft_addr)
@@ -152,6 +153,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     tokio::spawn(weft_server::cluster::form(node.clone()));
     tokio::spawn(weft_server::grpc::ca::maintain(node.clone()));
     tokio::spawn(exit_on_raft_failure(node.clone()));
+    tokio::spawn(weft_server::liveness::monitor(node.clone()));
     tokio::spawn(weft_server::http::serve(
         http_listener,
         server_tls.http.clone(),

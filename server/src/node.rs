@@ -55,6 +55,8 @@ pub struct ServerNode {
     /// This cluster's datacenter: nodes register in it, node identities of
     /// other datacenters grant nothing here.
     pub datacenter: String,
+    /// Agents' heartbeats, as the leader heard them.
+    pub liveness: crate::liveness::Liveness,
 }
 
 impl ServerNode {
@@ -106,6 +108,42 @@ impl ServerNode {
             })?;
         serde_json::from_slice(&reply.into_inner().json)
             .map_err(|e| WriteError::Raft(e.to_string()))?
+    }
+
+    /// Records a heartbeat of `node`'s agent: here if this server leads,
+    /// otherwise on the leader.
+    pub async fn heartbeat(&self, node: &str) -> Result<(), WriteError> {
+        match self.raft.current_leader().await {
+            Some(leader) if leader == self.id => {
+                self.liveness.heard(node, std::time::Instant::now());
+                Ok(())
+            }
+            Some(leader) => {
+                let mut client = self.peer_client(leader)?;
+                client
+                    .forward_heartbeat(weft_api::proto::HeartbeatRequest {
+                        node: node.to_string(),
+                    })
+                    .await
+                    .map_err(|s| {
+                        WriteError::NoLeader(format!("forwarding to {leader}: {}", s.message()))
+                    })?;
+                Ok(())
+            }
+            None => Err(WriteError::NoLeader("election in progress".into())),
+        }
+    }
+
+    /// A heartbeat handed over by a follower: taken only by the leader.
+    pub async fn heartbeat_as_leader(&self, node: &str) -> Result<(), WriteError> {
+        if self.raft.current_leader().await != Some(self.id) {
+            return Err(WriteError::NoLeader(format!(
+                "server {} is not the leader",
+                self.id
+            )));
+        }
+        self.liveness.heard(node, std::time::Instant::now());
+        Ok(())
     }
 
     fn peer_client(&self, id: NodeId) -> Result<RaftClient<tonic::transport::Channel>, WriteError> {

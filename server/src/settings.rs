@@ -59,6 +59,10 @@ pub struct Args {
     /// Lifetime of leaf certificates (e.g. "72h"), fixed when the CA is created.
     #[arg(long)]
     pub leaf_ttl: Option<String>,
+    /// How long a node's agent may stay silent before its node and every
+    /// instance on it count as critical (e.g. "10s", the default).
+    #[arg(long)]
+    pub node_timeout: Option<String>,
     /// Connections one client address may hold at once on each port.
     #[arg(long)]
     pub max_conns_per_client: Option<usize>,
@@ -87,6 +91,7 @@ pub struct FileSettings {
     pub snapshot_threshold: Option<u64>,
     pub vip_cidr: Option<String>,
     pub leaf_ttl: Option<String>,
+    pub node_timeout: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +110,10 @@ pub enum SettingsError {
 
 /// The shortest leaf lifetime: agents renew at about half of it.
 pub const MIN_LEAF_TTL_SECS: u64 = 10;
+/// Default silence after which a node goes critical.
+pub const DEFAULT_NODE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Shortest node timeout: heartbeats every 200 ms at most.
+pub const MIN_NODE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn parse_peer(s: &str) -> Result<(u64, SocketAddr), String> {
     let (id, addr) = s
@@ -137,6 +146,8 @@ pub struct Settings {
     pub snapshot_threshold: u64,
     pub vip_cidr: Option<String>,
     pub leaf_ttl_secs: u64,
+    /// Silence after which a node goes critical.
+    pub node_timeout: std::time::Duration,
     pub datacenter: String,
     /// None only in dev mode, which makes its own.
     pub tls: Option<crate::tls::TlsFiles>,
@@ -232,6 +243,20 @@ impl Settings {
             }
             None => crate::ca::DEFAULT_LEAF_TTL_SECS,
         };
+        let node_timeout = match args.node_timeout.or(file.node_timeout) {
+            Some(text) => {
+                let timeout = weft_api::duration::parse_duration(&text)
+                    .map_err(|e| SettingsError::Invalid(format!("node_timeout: {e}")))?;
+                if timeout < MIN_NODE_TIMEOUT {
+                    return Err(SettingsError::Invalid(format!(
+                        "node_timeout: {text:?} is shorter than {MIN_NODE_TIMEOUT:?} \
+                         (agents send five heartbeats per timeout)"
+                    )));
+                }
+                timeout
+            }
+            None => DEFAULT_NODE_TIMEOUT,
+        };
         let datacenter = args
             .datacenter
             .or(file.datacenter)
@@ -268,6 +293,7 @@ impl Settings {
             tls,
             max_conns_per_client,
             leaf_ttl_secs,
+            node_timeout,
             dev: args.dev,
             node_id,
             data_dir,

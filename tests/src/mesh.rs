@@ -98,6 +98,8 @@ pub struct Service {
     /// An HTTP check URL (`NODE` replaced as in `address`).
     pub http_check: Option<String>,
     pub check_interval: String,
+    /// The check's `deregister_critical_service_after`.
+    pub deregister_after: Option<String>,
     pub upstreams: Vec<(String, u16)>,
     /// The workload's cgroup, relative to the agent's `cgroup_root`
     /// (transparent meshes, [`MeshSpec::ebpf`]).
@@ -115,10 +117,17 @@ impl Service {
             address: None,
             http_check: None,
             check_interval: "1s".into(),
+            deregister_after: None,
             upstreams: Vec::new(),
             cgroup: None,
             meta: Vec::new(),
         }
+    }
+    /// The HTTP check's `deregister_critical_service_after` (with
+    /// [`Service::healthz_check`]).
+    pub fn deregister_critical_after(mut self, after: &str) -> Self {
+        self.deregister_after = Some(after.to_string());
+        self
     }
     /// One `meta` entry of the instance.
     pub fn meta(mut self, key: &str, value: &str) -> Self {
@@ -186,6 +195,9 @@ impl Service {
                 subst(url),
                 self.check_interval
             );
+            if let Some(after) = &self.deregister_after {
+                t += &format!("  deregister_critical_service_after = {after:?}\n");
+            }
         }
         for (name, port) in &self.upstreams {
             t += &format!("  [[service.upstream]]\n  name = {name:?}\n  local_port = {port}\n");

@@ -32,6 +32,13 @@ fn pairs(map: &std::collections::HashMap<String, String>) -> String {
     v.join(",")
 }
 
+/// A node's node-level check, by name (unspecified reads as passing).
+fn node_health(n: &weft_api::proto::Node) -> &'static str {
+    weft_api::convert::health_from_proto(n.health)
+        .unwrap_or_default()
+        .as_str()
+}
+
 pub async fn run(ctx: &Ctx, cmd: CatalogCmd) -> anyhow::Result<Outcome> {
     let read = ctx.read_options().unwrap_or_default();
     match cmd {
@@ -50,15 +57,17 @@ pub async fn run(ctx: &Ctx, cmd: CatalogCmd) -> anyhow::Result<Outcome> {
                         n.name.clone(),
                         n.address.clone(),
                         n.datacenter.clone(),
+                        node_health(n).to_string(),
                         pairs(&n.meta),
                     ]
                 })
                 .collect();
             let json = json!(list.nodes.iter().map(|n| json!({
                 "name": n.name, "address": n.address, "datacenter": n.datacenter, "meta": n.meta,
+                "health": node_health(n), "health_output": n.health_output,
                 "create_index": n.create_index, "modify_index": n.modify_index,
             })).collect::<Vec<_>>());
-            output::print(ctx, &["NODE", "ADDRESS", "DC", "META"], rows, json);
+            output::print(ctx, &["NODE", "ADDRESS", "DC", "HEALTH", "META"], rows, json);
         }
         CatalogCmd::Services => {
             let list = ctx

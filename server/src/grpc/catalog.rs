@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use weft_api::acl::{Access, Resource, ResourceKind};
-use weft_api::catalog::{validate_node, validate_service_instance, ServiceInstance};
+use weft_api::catalog::{validate_node, validate_service_instance, HealthStatus, ServiceInstance};
 use weft_api::convert::{
     health_from_proto, instance_from_proto, instance_to_proto, node_from_proto, node_to_proto,
 };
@@ -21,7 +21,7 @@ use weft_api::proto::{self, catalog_server::Catalog};
 use super::auth::{caller, Caller};
 use super::{invalid, read, write};
 use crate::node::ServerNode;
-use crate::state::Command;
+use crate::state::{Command, State};
 
 pub struct CatalogApi(pub Arc<ServerNode>);
 
@@ -57,8 +57,45 @@ fn require_instance_write(
     }
 }
 
+/// An instance's health as clients see it: critical, whatever its own
+/// checks said, while its node is critical (its agent is not heard from).
+fn effective_health(state: &State, instance: &ServiceInstance) -> HealthStatus {
+    match state.nodes.get(&instance.node) {
+        Some(n) if n.health == HealthStatus::Critical => HealthStatus::Critical,
+        _ => instance.health,
+    }
+}
+
+/// [`instance_to_proto`] with the node's health folded in.
+fn effective_instance(state: &State, instance: &ServiceInstance) -> proto::ServiceInstance {
+    let mut p = instance_to_proto(instance);
+    if let Some(n) = state.nodes.get(&instance.node) {
+        if n.health == HealthStatus::Critical {
+            p.health = proto::Health::Critical as i32;
+            p.check_output = format!("node {} is critical: {}", n.name, n.health_output);
+        }
+    }
+    p
+}
+
 #[tonic::async_trait]
 impl Catalog for CatalogApi {
+    /// An agent's sign of life for its node: `node:write` on it. Answers how
+    /// often to send the next.
+    async fn heartbeat(
+        &self,
+        req: Request<proto::HeartbeatRequest>,
+    ) -> Result<Response<proto::HeartbeatReply>, Status> {
+        let caller = caller(&self.0, &req).await?;
+        let node = req.into_inner().node;
+        validate_name(&node).map_err(|e| invalid(format!("node: {e}")))?;
+        caller.require(Resource::Node(&node), Access::Write)?;
+        self.0.heartbeat(&node).await.map_err(Status::from)?;
+        Ok(Response::new(proto::HeartbeatReply {
+            interval_ms: self.0.liveness.interval().as_millis() as u64,
+        }))
+    }
+
     async fn register_node(
         &self,
         req: Request<proto::RegisterNodeRequest>,
@@ -185,7 +222,7 @@ impl Catalog for CatalogApi {
                         instances: instances.len() as u32,
                         passing: instances
                             .iter()
-                            .filter(|i| i.health == weft_api::catalog::HealthStatus::Passing)
+                            .filter(|i| effective_health(s, i) == HealthStatus::Passing)
                             .count() as u32,
                         name,
                     }
@@ -213,7 +250,7 @@ impl Catalog for CatalogApi {
                 instances: s
                     .instances_of(&name)
                     .filter(|i| may_read_instance(&caller, i))
-                    .map(instance_to_proto)
+                    .map(|i| effective_instance(s, i))
                     .collect(),
             })
         })

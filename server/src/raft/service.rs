@@ -81,6 +81,18 @@ impl RaftRpc for RaftService {
         encode(&result)
     }
 
+    async fn forward_heartbeat(
+        &self,
+        req: Request<weft_api::proto::HeartbeatRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let node = req.into_inner().node;
+        self.node
+            .heartbeat_as_leader(&node)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(Empty {}))
+    }
+
     async fn read_index(&self, _req: Request<Empty>) -> Result<Response<WriteResult>, Status> {
         let index = self
             .node

@@ -2,7 +2,7 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use weft_api::catalog::{validate_node, validate_service_instance, ServiceInstance};
+use weft_api::catalog::{validate_node, validate_service_instance, HealthStatus, ServiceInstance};
 use weft_api::config_entry::{validate_entry, validate_intention_protocol};
 use weft_api::intention::validate_intention;
 use weft_api::kv::{validate_key, KvEntry, MAX_VALUE_BYTES};
@@ -57,6 +57,10 @@ impl State {
                 validate_node(&node).map_err(invalid)?;
                 node.create_index = self.nodes.get(&node.name).map_or(index, |n| n.create_index);
                 node.modify_index = index;
+                // The node's agent is registering it: it is alive. Only the
+                // servers set the node-level check.
+                node.health = HealthStatus::Passing;
+                node.health_output = String::new();
                 self.nodes.insert(node.name.clone(), node.clone());
                 Ok(vec![Change::NodeUpsert(node)])
             }
@@ -105,6 +109,19 @@ impl State {
                     weft_api::catalog::truncate_check_output(&output).to_string();
                 instance.modify_index = index;
                 Ok(vec![Change::InstanceUpsert(instance.clone())])
+            }
+            Command::SetNodeHealth {
+                node,
+                health,
+                output,
+            } => {
+                let Some(n) = self.nodes.get_mut(&node) else {
+                    return Err(ApplyError::UnknownNode(node));
+                };
+                n.health = health;
+                n.health_output = weft_api::catalog::truncate_check_output(&output).to_string();
+                n.modify_index = index;
+                Ok(vec![Change::NodeUpsert(n.clone())])
             }
             Command::UpsertIntention(mut intention) => {
                 validate_intention(&intention).map_err(invalid)?;
@@ -336,6 +353,7 @@ mod tests {
             meta: BTreeMap::new(),
             create_index: 0,
             modify_index: 0,
+            ..Default::default()
         }
     }
 

@@ -66,6 +66,12 @@ pub enum Command {
         health: HealthStatus,
         output: String,
     },
+    /// The node-level check, written by the leader's liveness monitor.
+    SetNodeHealth {
+        node: String,
+        health: HealthStatus,
+        output: String,
+    },
     UpsertIntention(Intention),
     DeleteIntention {
         source: String,
