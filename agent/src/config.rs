@@ -1029,6 +1029,26 @@ data_dir = "/var/lib/weft-agent"
     }
 
     #[test]
+    fn a_check_may_deregister_its_service_after_being_critical() {
+        let service = "[[service]]\nname = \"api\"\nport = 8080\n  [[service.check]]\n  tcp = \"127.0.0.1:8080\"\n";
+        let c = parse(&with(&format!(
+            "{service}  deregister_critical_service_after = \"90s\"\n"
+        )))
+        .unwrap();
+        assert_eq!(
+            c.services[0].checks[0].deregister_critical_service_after,
+            Some(Duration::from_secs(90))
+        );
+        let e = err(&with(&format!(
+            "{service}  deregister_critical_service_after = \"10ms\"\n"
+        )));
+        assert!(
+            e.contains("service[0].check[0].deregister_critical_service_after"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn bad_data_path_settings_name_their_field() {
         assert!(err(&with("egress = \"open\"\n")).contains("egress"));
         for mark in ["0", "0x3001"] {
@@ -1071,6 +1091,7 @@ data_dir = "/var/lib/weft-agent"
                 },
                 interval: Duration::from_secs(2),
                 timeout: Duration::from_secs(1),
+                deregister_critical_service_after: None,
             }
         );
         assert_eq!(

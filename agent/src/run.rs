@@ -232,7 +232,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     drain(&ctx, config.drain_timeout).await;
     follow_task.abort();
     checks.stop_all();
-    for task in [health_task, renew_task, bundle_task, trim_task] {
+    for task in [
+        health_task,
+        renew_task,
+        bundle_task,
+        trim_task,
+        heartbeat_task,
+    ] {
         task.abort();
     }
     if let Err(e) = control.deregister().await {

@@ -378,6 +378,7 @@ mod tests {
             check_output: String::new(),
             create_index: 3,
             modify_index: 4,
+            ..Default::default()
         }
     }
 

@@ -246,6 +246,7 @@ mod tests {
             check_output: "429".into(),
             create_index: 3,
             modify_index: 7,
+            ..Default::default()
         };
         assert_eq!(instance_from_proto(instance_to_proto(&i)).unwrap(), i);
     }

@@ -314,6 +314,7 @@ mod tests {
             check_output: String::new(),
             create_index: 0,
             modify_index: 0,
+            ..Default::default()
         }
     }
 

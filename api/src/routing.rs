@@ -293,6 +293,7 @@ mod tests {
             check_output: String::new(),
             create_index: 1,
             modify_index: 1,
+            ..Default::default()
         }
     }
 

@@ -99,7 +99,12 @@ impl Liveness {
 impl Liveness {
     /// The instances due for deregistration: critical for longer than their
     /// `deregister_critical_after_ms`, as this leader saw them.
-    fn expired(&self, nodes: &[Node], instances: &[ServiceInstance], now: Instant) -> Vec<(String, String)> {
+    fn expired(
+        &self,
+        nodes: &[Node],
+        instances: &[ServiceInstance],
+        now: Instant,
+    ) -> Vec<(String, String)> {
         if self.leading_since.lock().expect("liveness lock").is_none() {
             return Vec::new();
         }
@@ -125,7 +130,10 @@ pub fn expired(
     };
     let mut due = Vec::new();
     let mut watched = std::collections::HashSet::new();
-    for i in instances.iter().filter(|i| i.deregister_critical_after_ms > 0) {
+    for i in instances
+        .iter()
+        .filter(|i| i.deregister_critical_after_ms > 0)
+    {
         let key = (i.node.clone(), i.id.clone());
         if i.health != HealthStatus::Critical && !node_critical(&i.node) {
             continue;
@@ -270,7 +278,13 @@ mod tests {
         // At 10 s nobody is late yet.
         assert!(verdicts(&nodes, &seen, t0, t0 + TIMEOUT, TIMEOUT).is_empty());
         // At 11.5 s, b (last heard at 1 s) is; a (at 9 s) is not.
-        let due = verdicts(&nodes, &seen, t0, t0 + Duration::from_millis(11_500), TIMEOUT);
+        let due = verdicts(
+            &nodes,
+            &seen,
+            t0,
+            t0 + Duration::from_millis(11_500),
+            TIMEOUT,
+        );
         assert_eq!(due.len(), 1, "{due:?}");
         assert_eq!((due[0].0.as_str(), due[0].1), ("b", HealthStatus::Critical));
         assert!(due[0].2.starts_with(SILENT), "{}", due[0].2);
@@ -285,7 +299,10 @@ mod tests {
         let empty = HashMap::new();
         let at = |s| leading_since + Duration::from_secs(s);
         assert!(verdicts(&nodes, &empty, leading_since, at(9), TIMEOUT).is_empty());
-        assert_eq!(verdicts(&nodes, &empty, leading_since, at(11), TIMEOUT).len(), 1);
+        assert_eq!(
+            verdicts(&nodes, &empty, leading_since, at(11), TIMEOUT).len(),
+            1
+        );
         // A heartbeat from before the election counts from the election.
         let mut old = HashMap::new();
         old.insert("a".to_string(), t0);
@@ -306,7 +323,10 @@ mod tests {
         let due = verdicts(&nodes, &seen, t0, t0 + Duration::from_secs(21), TIMEOUT);
         // a is back; b's critical is not the monitor's; c is still silent
         // (and critical already: nothing to write).
-        assert_eq!(due, vec![("a".to_string(), HealthStatus::Passing, String::new())]);
+        assert_eq!(
+            due,
+            vec![("a".to_string(), HealthStatus::Passing, String::new())]
+        );
     }
 
     fn instance(id: &str, node: &str, health: HealthStatus, after_ms: u64) -> ServiceInstance {

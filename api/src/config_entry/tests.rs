@@ -827,6 +827,7 @@ fn subset_membership() {
         check_output: String::new(),
         create_index: 0,
         modify_index: 0,
+        ..Default::default()
     };
     let v1 = ResolverSubset {
         filter: "Service.Meta.version == v1".into(),

@@ -67,7 +67,12 @@ pub async fn run(ctx: &Ctx, cmd: CatalogCmd) -> anyhow::Result<Outcome> {
                 "health": node_health(n), "health_output": n.health_output,
                 "create_index": n.create_index, "modify_index": n.modify_index,
             })).collect::<Vec<_>>());
-            output::print(ctx, &["NODE", "ADDRESS", "DC", "HEALTH", "META"], rows, json);
+            output::print(
+                ctx,
+                &["NODE", "ADDRESS", "DC", "HEALTH", "META"],
+                rows,
+                json,
+            );
         }
         CatalogCmd::Services => {
             let list = ctx

@@ -370,6 +370,7 @@ mod tests {
             check_output: String::new(),
             create_index: 0,
             modify_index: 0,
+            ..Default::default()
         }
     }
 

@@ -23,6 +23,7 @@ fn check(kind: CheckKind, interval_ms: u64, timeout_ms: u64) -> CheckConfig {
         kind,
         interval: Duration::from_millis(interval_ms),
         timeout: Duration::from_millis(timeout_ms),
+        deregister_critical_service_after: None,
     }
 }
 
