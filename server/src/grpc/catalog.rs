@@ -88,8 +88,8 @@ impl Catalog for CatalogApi {
     ) -> Result<Response<proto::HeartbeatReply>, Status> {
         let caller = caller(&self.0, &req).await?;
         let node = req.into_inner().node;
-        validate_name(&node).map_err(|e| invalid(format!("node: {e}")))?;
         caller.require(Resource::Node(&node), Access::Write)?;
+        validate_name(&node).map_err(|e| invalid(format!("node: {e}")))?;
         self.0.heartbeat(&node).await.map_err(Status::from)?;
         Ok(Response::new(proto::HeartbeatReply {
             interval_ms: self.0.liveness.interval().as_millis() as u64,
