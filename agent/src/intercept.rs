@@ -181,6 +181,9 @@ impl Interception {
             EgressPolicy::Allow => Egress::Allow,
             EgressPolicy::Deny => Egress::Deny,
         };
+        // A predecessor's lease may still run (a crash a moment ago): this
+        // agent has no view yet, so nothing is admitted until it renews.
+        redirector.end_lease()?;
         redirector.configure(egress, config.socket_mark)?;
         crate::mark::set(config.socket_mark);
         let mut workloads = Vec::new();
