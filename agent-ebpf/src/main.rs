@@ -308,6 +308,10 @@ fn steer(ctx: &SockAddrContext, key: DestKey, loopback: bool) -> Steer {
         }
     }
 
+    // Every other outcome clears the socket's mark: a socket reused after
+    // `connect(AF_UNSPEC)` must not keep a mark this hook gave it for an
+    // earlier, checked destination.
+    mark_socket(ctx, 0);
     let Some(target) = destination(key) else {
         // Not a mesh destination.
         if loopback {

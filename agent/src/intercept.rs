@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use tokio::net::TcpStream;
@@ -109,6 +110,8 @@ pub struct Interception {
     installed: Mutex<BTreeSet<(IpAddr, Option<u16>)>>,
     fast_installed: Mutex<BTreeMap<FastEntry, SocketAddr>>,
     permissive_installed: Mutex<BTreeSet<u16>>,
+    /// Whether the last sync brought every map in step with the view.
+    synced: AtomicBool,
     /// (service name, port) of every local service.
     local_services: Vec<(String, u16)>,
     node_name: String,
@@ -222,6 +225,7 @@ impl Interception {
             installed: Mutex::new(installed),
             fast_installed: Mutex::new(fast_installed),
             permissive_installed: Mutex::new(permissive_installed),
+            synced: AtomicBool::new(false),
             local_services: config
                 .services
                 .iter()
@@ -235,11 +239,12 @@ impl Interception {
     /// Renews the liveness lease: call every [`LEASE_RENEWAL`] once the view
     /// is loaded and synced and the outbound listener is up.
     pub fn renew_lease(&self) -> Result<(), InterceptError> {
-        Ok(self
-            .redirector
-            .lock()
-            .expect("redirector lock")
-            .renew_lease(LEASE)?)
+        let mut redirector = self.redirector.lock().expect("redirector lock");
+        if !self.synced.load(Ordering::Acquire) {
+            // The last sync failed: keep refusing until one succeeds.
+            return Ok(redirector.end_lease()?);
+        }
+        Ok(redirector.renew_lease(LEASE)?)
     }
 
     /// Ends the lease: mesh workloads' connections are refused from now on
@@ -264,13 +269,18 @@ impl Interception {
             .set_permissive_listener(listener)?)
     }
 
-    /// What should be taken over: virtual IPs on any port, instances exactly.
-    pub fn wanted(view: &View) -> BTreeSet<(IpAddr, Option<u16>)> {
+    /// What should be taken over on node `node`: virtual IPs on any port,
+    /// instances exactly. Another node's instance at a node-local address
+    /// (loopback, link-local such as 169.254.169.254) is not taken over:
+    /// that address here is this node's, not the instance's.
+    pub fn wanted(view: &View, node: &str) -> BTreeSet<(IpAddr, Option<u16>)> {
         let mut wanted: BTreeSet<(IpAddr, Option<u16>)> =
             view.vips.values().map(|vip| (*vip, None)).collect();
         for instance in view.instances.values() {
             if let Ok(ip) = instance.address.parse::<IpAddr>() {
-                wanted.insert((ip, Some(instance.port)));
+                if instance.node == node || !weft_api::catalog::is_node_local(ip) {
+                    wanted.insert((ip, Some(instance.port)));
+                }
             }
         }
         wanted
@@ -278,17 +288,20 @@ impl Interception {
 
     /// Brings the destinations map in step with `view`.
     pub fn sync(&self, view: &View) -> Result<(), InterceptError> {
-        let wanted = Self::wanted(view);
-        let mut installed = self.installed.lock().expect("installed lock");
-        let mut redirector = self.redirector.lock().expect("redirector lock");
-        for (ip, port) in installed.difference(&wanted) {
-            redirector.remove_destination(*ip, *port)?;
+        let result = self.sync_maps(view);
+        // Until the maps are in step with the view again, the lease is not
+        // renewed: the programs refuse rather than act on stale maps.
+        self.synced.store(result.is_ok(), Ordering::Release);
+        if result.is_err() {
+            let _ = self.end_lease();
         }
-        for (ip, port) in wanted.difference(&installed) {
-            redirector.add_destination(*ip, *port, self.outbound)?;
-        }
-        *installed = wanted;
+        result
+    }
 
+    fn sync_maps(&self, view: &View) -> Result<(), InterceptError> {
+        let mut redirector = self.redirector.lock().expect("redirector lock");
+        // Fast-path removals first: a deny must take effect even if a later
+        // step fails.
         let workloads: Vec<(u32, String)> = self
             .workloads
             .iter()
@@ -297,31 +310,58 @@ impl Interception {
             .collect();
         let fast = fast_paths(view, &self.node_name, &workloads);
         let mut fast_installed = self.fast_installed.lock().expect("fast path lock");
-        for (key, target) in fast_installed.iter() {
-            if fast.get(key) != Some(target) {
-                redirector.remove_fast_path(key.0, key.1, key.2)?;
-            }
+        let stale: Vec<FastEntry> = fast_installed
+            .iter()
+            .filter(|(key, target)| fast.get(key) != Some(target))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in stale {
+            redirector.remove_fast_path(key.0, key.1, key.2)?;
+            fast_installed.remove(&key);
         }
+
+        let wanted = Self::wanted(view, &self.node_name);
+        let mut installed = self.installed.lock().expect("installed lock");
+        let gone: Vec<_> = installed.difference(&wanted).copied().collect();
+        for (ip, port) in gone {
+            redirector.remove_destination(ip, port)?;
+            installed.remove(&(ip, port));
+        }
+        let new: Vec<_> = wanted.difference(&installed).copied().collect();
+        for (ip, port) in new {
+            redirector.add_destination(ip, port, self.outbound)?;
+            installed.insert((ip, port));
+        }
+
         for (key, target) in &fast {
             if fast_installed.get(key) != Some(target) {
                 redirector.add_fast_path(key.0, key.1, key.2, *target)?;
+                fast_installed.insert(*key, *target);
             }
         }
-        *fast_installed = fast;
 
         let permissive = permissive_ports(view, &self.local_services);
         let mut permissive_installed = self.permissive_installed.lock().expect("permissive lock");
-        for port in permissive_installed.difference(&permissive) {
-            redirector.set_permissive_port(*port, false)?;
+        let off: Vec<u16> = permissive_installed
+            .difference(&permissive)
+            .copied()
+            .collect();
+        for port in off {
+            redirector.set_permissive_port(port, false)?;
+            permissive_installed.remove(&port);
         }
-        for port in permissive.difference(&permissive_installed) {
-            redirector.set_permissive_port(*port, true)?;
+        let on: Vec<u16> = permissive
+            .difference(&permissive_installed)
+            .copied()
+            .collect();
+        for port in on {
+            redirector.set_permissive_port(port, true)?;
+            permissive_installed.insert(port);
             tracing::info!(
                 port,
                 "permissive: plaintext from other hosts goes through the agent"
             );
         }
-        *permissive_installed = permissive;
         Ok(())
     }
 
@@ -436,7 +476,7 @@ mod tests {
             })),
         })
         .unwrap();
-        let wanted = Interception::wanted(&v);
+        let wanted = Interception::wanted(&v, "b");
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert!(wanted.contains(&(ip("240.0.0.2"), None)), "{wanted:?}");
         assert!(

@@ -202,14 +202,22 @@ impl View {
 
     /// The service a workload reaches at `addr`: by virtual IP (any port) or
     /// by an instance's address and port.
-    pub fn service_at(&self, addr: SocketAddr) -> Option<&str> {
+    pub fn service_at(&self, addr: SocketAddr, node: &str) -> Option<&str> {
         if let Some((name, _)) = self.vips.iter().find(|(_, vip)| **vip == addr.ip()) {
             return Some(name);
         }
-        self.instances
+        // Only instances this node's connect hook takes over (see
+        // `Interception::wanted`), and only when one service is there.
+        let mut services = self
+            .instances
             .values()
-            .find(|i| i.port == addr.port() && i.address.parse::<IpAddr>().ok() == Some(addr.ip()))
-            .map(|i| i.service.as_str())
+            .filter(|i| {
+                i.port == addr.port() && i.address.parse::<IpAddr>().ok() == Some(addr.ip())
+            })
+            .filter(|i| i.node == node || !weft_api::catalog::is_node_local(addr.ip()))
+            .map(|i| i.service.as_str());
+        let first = services.next()?;
+        services.all(|s| s == first).then_some(first)
     }
 
     /// The service whose virtual IP is `ip`.
@@ -456,15 +464,21 @@ mod tests {
             })],
         ))
         .unwrap();
-        assert_eq!(v.service_at("240.0.0.7:80".parse().unwrap()), Some("api"));
         assert_eq!(
-            v.service_at("240.0.0.7:9999".parse().unwrap()),
+            v.service_at("240.0.0.7:80".parse().unwrap(), "a"),
+            Some("api")
+        );
+        assert_eq!(
+            v.service_at("240.0.0.7:9999".parse().unwrap(), "a"),
             Some("api"),
             "a VIP takes any port"
         );
-        assert_eq!(v.service_at("10.0.0.2:8081".parse().unwrap()), Some("api"));
-        assert_eq!(v.service_at("10.0.0.2:1".parse().unwrap()), None);
-        assert_eq!(v.service_at("240.0.0.8:80".parse().unwrap()), None);
+        assert_eq!(
+            v.service_at("10.0.0.2:8081".parse().unwrap(), "a"),
+            Some("api")
+        );
+        assert_eq!(v.service_at("10.0.0.2:1".parse().unwrap(), "a"), None);
+        assert_eq!(v.service_at("240.0.0.8:80".parse().unwrap(), "a"), None);
     }
 
     #[test]

@@ -132,6 +132,23 @@ pub struct ServiceInstance {
     pub deregister_critical_after_ms: u64,
 }
 
+/// Whether `ip` means something only on its own node (loopback, link-local,
+/// unspecified): an instance there is reachable from its node alone, and
+/// two nodes may each have one at the same address.
+pub fn is_node_local(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_unicast_link_local()
+                || v6
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| v4.is_loopback() || v4.is_link_local() || v4.is_unspecified())
+        }
+    }
+}
+
 impl ServiceInstance {
     /// Where the workload listens (`None` if its address is not an IP,
     /// which validation refuses).

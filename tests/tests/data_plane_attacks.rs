@@ -68,7 +68,7 @@ fn agent_logs(mesh: &Mesh) -> String {
 fn refused(what: &str, out: &Output) -> anyhow::Result<()> {
     ensure!(
         !out.success() && !out.stdout.contains("instance"),
-        "{what} reached api: {}",
+        "{what} reached the workload: {}",
         out.describe()
     );
     eprintln!("refused as it should be: {what}: {}", out.stderr.trim());
@@ -448,5 +448,61 @@ fn ipv6_instance_addresses_are_taken_over_like_ipv4_ones() -> anyhow::Result<()>
         "node A outside the mesh over IPv6",
         &mesh.run_with_mesh_dns(NodeA, &curl_args(&url), Duration::from_secs(10))?,
     )?;
+    Ok(())
+}
+
+#[test]
+fn a_socket_reused_after_the_fast_path_keeps_no_mark() -> anyhow::Result<()> {
+    require_root();
+    // web may reach `local` (plain TCP, same node: the fast path); nothing
+    // allows web -> victim, a mesh workload on the same node.
+    let spec = MeshSpec::new("deny")
+        .ebpf()
+        .node_a(Service::new("web", 8000).cgroup("web"))
+        .node_a(
+            Service::new("local", 8070)
+                .address(MeshSpec::NODE_ADDR)
+                .healthz_check("1s"),
+        )
+        .node_a(
+            Service::new("victim", 8060)
+                .cgroup("victim")
+                .address(MeshSpec::NODE_ADDR)
+                .healthz_check("1s"),
+        );
+    let mut mesh = Mesh::start(spec)?;
+    let a = mesh.ip(NodeA);
+    mesh.workload(NodeA, "local", &format!("{a}:8070"))?;
+    mesh.workload_as(NodeA, "victim", "victim", "0.0.0.0:8060")?;
+    mesh.weft(&["intention", "create", "web", "local", "--allow"])?;
+    let local = format!("{}:8070", mesh.vip("local")?);
+    let fast_before = mesh.metric_with(NodeA, EBPF_EVENTS, &[("event", "fast_path")])?;
+    wait_until(
+        Duration::from_secs(30),
+        "web -> local on the fast path",
+        || {
+            let ok = mesh
+                .curl_as(NodeA, "web", &format!("http://{local}/"), &["-m", "2"])
+                .is_ok_and(|body| body == "instance local\n");
+            Ok(ok.then_some(()))
+        },
+    )?;
+    wait_event_above(&mesh, NodeA, "fast_path", fast_before)?;
+
+    let probe = weft_tests::servers::bin("weft-probe").display().to_string();
+    // The control: the reused socket works, to an allowed destination.
+    let out = mesh.exec_as(NodeA, "web", &[&probe, "connect-reuse", &local, &local])?;
+    ensure!(
+        out.success() && out.stdout.contains("instance local"),
+        "the reuse probe does not work at all: {}",
+        out.describe()
+    );
+    // The attack: a socket that took the fast path (and its mark) is
+    // dissolved and pointed at the victim, by an address that is no mesh
+    // destination. It must not carry the mark there.
+    for victim in ["0.0.0.0:8060".to_string(), format!("{a}:8060")] {
+        let out = mesh.exec_as(NodeA, "web", &[&probe, "connect-reuse", &local, &victim])?;
+        refused(&format!("a reused fast-path socket to {victim}"), &out)?;
+    }
     Ok(())
 }

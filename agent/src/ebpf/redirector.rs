@@ -490,12 +490,10 @@ impl Redirector {
         port: Option<u16>,
     ) -> Result<(), RedirectorError> {
         let key = dest_key(ip, port)?;
-        self.destinations
-            .remove(&key)
-            .map_err(|source| RedirectorError::Map {
-                name: maps::DESTINATIONS,
-                source,
-            })
+        absent_is_removed(self.destinations.remove(&key)).map_err(|source| RedirectorError::Map {
+            name: maps::DESTINATIONS,
+            source,
+        })
     }
 
     /// Sends `workload_id`'s connections to `ip:port` (`port` None: any port)
@@ -536,12 +534,10 @@ impl Redirector {
             workload_id,
             dest: dest_key(ip, port)?,
         };
-        self.fast_path
-            .remove(&key)
-            .map_err(|source| RedirectorError::Map {
-                name: maps::FAST_PATH,
-                source,
-            })
+        absent_is_removed(self.fast_path.remove(&key)).map_err(|source| RedirectorError::Map {
+            name: maps::FAST_PATH,
+            source,
+        })
     }
 
     /// The record of an accepted, redirected connection: looked up by the
@@ -615,6 +611,19 @@ impl Drop for Redirector {
         if let Some(task) = self.log_task.take() {
             task.abort();
         }
+    }
+}
+
+/// A removal of a key that is not there has done what it was for.
+fn absent_is_removed(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
     }
 }
 

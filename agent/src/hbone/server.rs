@@ -324,6 +324,13 @@ impl<H: ConnectHandler> Inner<H> {
                     return Err(e.into());
                 }
             };
+            if going_away {
+                // A peer that ignores the GOAWAY gets no new tunnel.
+                let mut respond = respond;
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                drop(request);
+                continue;
+            }
             let inner = self.clone();
             let peer_id = peer_id.clone();
             tokio::spawn(async move {

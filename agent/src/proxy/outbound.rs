@@ -281,7 +281,7 @@ pub async fn serve_redirected(
                 .view
                 .read()
                 .expect("view lock")
-                .service_at(found.original)
+                .service_at(found.original, &ctx.node_name)
                 .map(str::to_string);
             let Some(destination) = destination else {
                 tracing::info!(%peer, original = %found.original, "outbound: no service there any more; reset");

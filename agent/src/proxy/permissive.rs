@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tracing::Instrument;
+use weft_api::config_entry::MutualTlsMode;
 
 use super::outbound::reset;
 use super::{inbound, ProxyContext};
@@ -18,16 +19,24 @@ use crate::splice::splice;
 
 /// The local instance a plaintext connection to `dialled` is for: the one
 /// registered at that address, or else the one on this node at that port
-/// (a workload bound to every address, registered at another).
+/// (a workload bound to every address, registered at another) — and only
+/// if its service is in permissive mode: the steering map is keyed by port,
+/// and a strict service must never take plaintext.
 pub fn instance_for(ctx: &ProxyContext, dialled: SocketAddr) -> Option<SocketAddr> {
     let view = ctx.view.read().expect("view lock");
-    if view.local_instance(&ctx.node_name, dialled).is_some() {
-        return Some(dialled);
+    let instance = view.local_instance(&ctx.node_name, dialled).or_else(|| {
+        let mut on_port = view
+            .instances
+            .values()
+            .filter(|i| i.node == ctx.node_name && i.port == dialled.port());
+        // More than one local instance on that port: not ours to guess.
+        let first = on_port.next()?;
+        on_port.next().is_none().then_some(first)
+    })?;
+    if view.mutual_tls_mode(&instance.service) != MutualTlsMode::Permissive {
+        return None;
     }
-    view.instances
-        .values()
-        .filter(|i| i.node == ctx.node_name && i.port == dialled.port())
-        .find_map(|i| i.socket_addr())
+    instance.socket_addr()
 }
 
 /// Serves the permissive listener until the task is dropped.
@@ -51,7 +60,7 @@ pub async fn serve(ctx: Arc<ProxyContext>, listener: TcpListener) {
             let mut stream = stream;
             let _ = stream.set_nodelay(true);
             let Some(target) = instance_for(&ctx, dialled) else {
-                tracing::info!("no local instance there; reset");
+                tracing::info!("no local instance of a permissive service there; reset");
                 return reset(stream);
             };
             let peer_label = format!("plaintext {peer}");

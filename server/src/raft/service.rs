@@ -86,6 +86,8 @@ impl RaftRpc for RaftService {
         req: Request<weft_api::proto::HeartbeatRequest>,
     ) -> Result<Response<Empty>, Status> {
         let node = req.into_inner().node;
+        weft_api::names::validate_name(&node)
+            .map_err(|e| Status::invalid_argument(format!("node: {e}")))?;
         self.node
             .heartbeat_as_leader(&node)
             .await

@@ -297,6 +297,29 @@ impl State {
         if !self.nodes.contains_key(&instance.node) {
             return Err(ApplyError::UnknownNode(instance.node));
         }
+        // One address:port is one service: another service's instance there
+        // would take its traffic. A node-local address (loopback,
+        // link-local) clashes only on the same node.
+        let node_local = instance
+            .address
+            .parse()
+            .is_ok_and(weft_api::catalog::is_node_local);
+        let clash = self
+            .instances
+            .iter()
+            .filter(|(node, _)| !node_local || **node == instance.node)
+            .flat_map(|(_, by_id)| by_id.values())
+            .find(|other| {
+                other.address == instance.address
+                    && other.port == instance.port
+                    && other.service != instance.service
+            });
+        if let Some(other) = clash {
+            return Err(invalid(format!(
+                "address: {}:{} is already service {:?}'s (instance {:?} on node {:?})",
+                instance.address, instance.port, other.service, other.id, other.node
+            )));
+        }
         let mut changes = Vec::new();
         if !self.vips.contains_key(&instance.service) {
             let vip = self.allocate_vip()?;
@@ -372,6 +395,48 @@ mod tests {
             modify_index: 0,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn an_address_belongs_to_one_service() {
+        let mut s = State::default();
+        s.apply(Command::RegisterNode(node("a")), 1);
+        s.apply(Command::RegisterNode(node("b")), 2);
+        s.apply(Command::RegisterService(instance("a", "db-1", "db")), 3);
+        // Another service at db's address, on any node: refused.
+        for (i, on) in ["a", "b"].into_iter().enumerate() {
+            let evil = instance(on, "0", "evil");
+            let reason = refused(s.apply(Command::RegisterService(evil), 4 + i as u64).0);
+            assert!(reason.contains("already service \"db\"'s"), "{reason}");
+        }
+        // Another instance of db there, or evil elsewhere: fine.
+        assert!(matches!(
+            s.apply(Command::RegisterService(instance("b", "db-2", "db")), 6)
+                .0,
+            CommandResult::Applied { .. }
+        ));
+        let mut elsewhere = instance("a", "evil-1", "evil");
+        elsewhere.port = 9090;
+        assert!(matches!(
+            s.apply(Command::RegisterService(elsewhere), 7).0,
+            CommandResult::Applied { .. }
+        ));
+        // Loopback is per node: each node may have its own 127.0.0.1:8080.
+        let mut local_a = instance("a", "cache-a", "cache");
+        local_a.address = "127.0.0.1".into();
+        let mut local_b = instance("b", "other-b", "other");
+        local_b.address = "127.0.0.1".into();
+        s.apply(Command::RegisterService(local_a), 8);
+        assert!(matches!(
+            s.apply(Command::RegisterService(local_b.clone()), 9).0,
+            CommandResult::Applied { .. }
+        ));
+        local_b.node = "a".into();
+        local_b.id = "other-a".into();
+        assert!(!matches!(
+            s.apply(Command::RegisterService(local_b), 10).0,
+            CommandResult::Applied { .. }
+        ));
     }
 
     fn refused(result: CommandResult) -> String {

@@ -6,6 +6,10 @@
 //! * `weft-probe connect-many ADDR N` makes N short connections one after
 //!   another (each waits for the peer to close first, so no TIME_WAIT piles
 //!   up on this side) and prints how many succeeded.
+//! * `weft-probe connect-reuse FIRST SECOND` connects to FIRST, dissolves
+//!   the connection with `connect(AF_UNSPEC)`, then connects the same socket
+//!   to SECOND, sends an HTTP/1.0 GET and prints the answer: whatever the
+//!   socket kept from the first connect goes with it.
 //! * `weft-probe connect-dstopts IPV6 IFNAME PORT` connects over IPv6 with a
 //!   Destination Options extension header on every packet (root only), sends
 //!   an HTTP/1.0 GET and prints the answer: a SYN a header parser might miss.
@@ -23,6 +27,18 @@ fn main() {
         println!("{ok}");
         std::process::exit(if ok as u64 == n { 0 } else { 1 });
     }
+    if let (Some("connect-reuse"), Some(first), Some(second)) =
+        (args.first().map(String::as_str), args.get(1), args.get(2))
+    {
+        match connect_reuse(first, second) {
+            Ok(reply) => print!("{reply}"),
+            Err(e) => {
+                eprintln!("weft-probe: {first} then {second}: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if let (Some("connect-dstopts"), Some(ip), Some(ifname), Some(port)) = (
         args.first().map(String::as_str),
         args.get(1),
@@ -39,7 +55,10 @@ fn main() {
         return;
     }
     let (Some("connect"), Some(addr)) = (args.first().map(String::as_str), args.get(1)) else {
-        eprintln!("usage: weft-probe connect ADDR [TEXT] | connect-many ADDR N");
+        eprintln!(
+            "usage: weft-probe connect ADDR [TEXT] | connect-many ADDR N | \
+             connect-reuse FIRST SECOND | connect-dstopts IPV6 IFNAME PORT"
+        );
         std::process::exit(2);
     };
     let text = args.get(2).map(String::as_str).unwrap_or("ping");
@@ -136,6 +155,77 @@ fn connect_dstopts(ip: &str, ifname: &str, port: &str) -> std::io::Result<String
         return Err(std::io::Error::last_os_error());
     }
     let mut stream = stream;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(reply)
+}
+
+fn sockaddr_in(addr: std::net::SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// `connect()` on a raw fd; EINPROGRESS/EISCONN count as started.
+fn raw_connect(fd: libc::c_int, addr: &libc::sockaddr_in) -> std::io::Result<()> {
+    // SAFETY: a valid sockaddr_in of the advertised length.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// One IPv4 socket: connected to `first` (and that connection waited for),
+/// dissolved with `connect(AF_UNSPEC)`, connected to `second`; 2 s limits.
+fn connect_reuse(first: &str, second: &str) -> std::io::Result<String> {
+    use std::os::fd::FromRawFd;
+    let parse = |a: &str| -> std::io::Result<std::net::SocketAddrV4> {
+        a.parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{a}: {e}")))
+    };
+    let (first, second) = (parse(first)?, parse(second)?);
+    // SAFETY: plain socket creation; the fd is owned by the TcpStream below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let mut stream = unsafe { TcpStream::from_raw_fd(fd) };
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    raw_connect(fd, &sockaddr_in(first))?;
+    let unspec = libc::sockaddr {
+        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+        sa_data: [0; 14],
+    };
+    // SAFETY: a valid sockaddr of the advertised length.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            &unspec,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    raw_connect(fd, &sockaddr_in(second))?;
     stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
     let mut reply = String::new();
     stream.read_to_string(&mut reply)?;
