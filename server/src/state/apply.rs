@@ -484,7 +484,9 @@ mod tests {
         );
         s.apply(Command::RegisterService(instance("a", "web-2", "web")), 5);
         assert_eq!(s.vips["web"], vip, "the VIP is kept");
-        s.apply(Command::RegisterService(instance("a", "api-1", "api")), 6);
+        let mut api = instance("a", "api-1", "api");
+        api.port = 9090;
+        s.apply(Command::RegisterService(api), 6);
         assert_ne!(s.vips["api"], vip);
     }
 
