@@ -330,13 +330,19 @@ fn node_and_service_tokens_write_only_their_own() -> anyhow::Result<()> {
                 ..Default::default()
             }),
         };
+        // Each service at a port of its own: an address:port is one service's.
+        let port = |service: &str| match service {
+            "api" => 8080,
+            "db" => 8081,
+            _ => 8082,
+        };
         let instance = |node: &str, service: &str| proto::RegisterServiceRequest {
             instance: Some(proto::ServiceInstance {
                 id: service.into(),
                 service: service.into(),
                 node: node.into(),
                 address: "10.0.0.9".into(),
-                port: 8080,
+                port: port(service),
                 ..Default::default()
             }),
         };
