@@ -24,6 +24,20 @@ impl AcceptErrors {
         }
     }
 
+    /// Accepts the next connection on `listener`, backing off and warning
+    /// through [`Self::failed`] on every failure until one succeeds.
+    pub async fn accept(
+        &mut self,
+        listener: &tokio::net::TcpListener,
+    ) -> (tokio::net::TcpStream, std::net::SocketAddr) {
+        loop {
+            match listener.accept().await {
+                Ok(accepted) => return accepted,
+                Err(e) => self.failed(&e).await,
+            }
+        }
+    }
+
     /// Notes a failed accept: warns if none was logged in the last second
     /// (with the count of those not logged), then waits before the loop
     /// accepts again.

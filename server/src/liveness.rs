@@ -18,7 +18,7 @@
 //! `DeregisterCriticalServiceAfter` once they have been critical (by their
 //! own checks, or because their node is) for that long, as the leader saw
 //! it: a new leader starts those clocks anew.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -75,8 +75,9 @@ impl Liveness {
         let Some(since) = *self.leading_since.lock().expect("liveness lock") else {
             return Vec::new();
         };
+        let registered: HashSet<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
         let mut seen = self.seen.lock().expect("liveness lock");
-        seen.retain(|name, _| nodes.iter().any(|n| &n.name == name));
+        seen.retain(|name, _| registered.contains(name.as_str()));
         verdicts(nodes, &seen, since, now, self.timeout)
     }
 
@@ -123,13 +124,14 @@ pub fn expired(
     since: &mut HashMap<(String, String), Instant>,
     now: Instant,
 ) -> Vec<(String, String)> {
-    let node_critical = |name: &str| {
-        nodes
-            .iter()
-            .any(|n| n.name == name && n.health == HealthStatus::Critical)
-    };
+    let critical_nodes: HashSet<&str> = nodes
+        .iter()
+        .filter(|n| n.health == HealthStatus::Critical)
+        .map(|n| n.name.as_str())
+        .collect();
+    let node_critical = |name: &str| critical_nodes.contains(name);
     let mut due = Vec::new();
-    let mut watched = std::collections::HashSet::new();
+    let mut watched = HashSet::new();
     for i in instances
         .iter()
         .filter(|i| i.deregister_critical_after_ms > 0)

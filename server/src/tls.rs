@@ -161,6 +161,44 @@ pub type MeshRoots = Arc<dyn Fn() -> Vec<CertificateDer<'static>> + Send + Sync>
 /// node certificate; what it may do is `grpc::auth`'s business).
 struct MeshClientVerifier {
     roots: MeshRoots,
+    /// The verifier built for the roots last seen: rebuilt only when the
+    /// roots change (a rotation), not per handshake.
+    built: std::sync::Mutex<Option<BuiltVerifier>>,
+}
+
+/// Roots, and the verifier built from them.
+type BuiltVerifier = (Vec<CertificateDer<'static>>, Arc<dyn ClientCertVerifier>);
+
+impl MeshClientVerifier {
+    fn new(roots: MeshRoots) -> Self {
+        Self {
+            roots,
+            built: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// A verifier for the current roots.
+    fn current(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+        let roots = (self.roots)();
+        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((seen, verifier)) = built.as_ref() {
+            if *seen == roots {
+                return Ok(verifier.clone());
+            }
+        }
+        let mut store = RootCertStore::empty();
+        for root in &roots {
+            let _ = store.add(root.clone());
+        }
+        if store.is_empty() {
+            return Err(rustls::Error::General("no mesh CA yet".into()));
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        *built = Some((roots, verifier.clone()));
+        Ok(verifier)
+    }
 }
 
 impl std::fmt::Debug for MeshClientVerifier {
@@ -188,16 +226,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let mut roots = RootCertStore::empty();
-        for root in (self.roots)() {
-            let _ = roots.add(root);
-        }
-        if roots.is_empty() {
-            return Err(rustls::Error::General("no mesh CA yet".into()));
-        }
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?
+        self.current()?
             .verify_client_cert(end_entity, intermediates, now)
     }
 
@@ -290,7 +319,7 @@ impl ServerTls {
             })?;
         http.alpn_protocols = vec![b"http/1.1".to_vec()];
         let mut api = builder()?
-            .with_client_cert_verifier(Arc::new(MeshClientVerifier { roots: mesh_roots }))
+            .with_client_cert_verifier(Arc::new(MeshClientVerifier::new(mesh_roots)))
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(config)?;
         api.alpn_protocols = vec![b"h2".to_vec()];

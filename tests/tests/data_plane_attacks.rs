@@ -202,11 +202,15 @@ fn permissive_mode_admits_plaintext_only_through_the_agent() -> anyhow::Result<(
     // Plaintext from node A now reaches node B's agent, but only an
     // intention from `*` can allow it: web -> api does not, the default
     // denies.
-    wait_event_above(&mesh, NodeB, "permissive_steered", steered_before).or_else(|_| {
-        // Counters move only once a connection has been steered: make one.
-        let _ = mesh.run_with_mesh_dns(NodeA, &curl_args(&direct), Duration::from_secs(10));
-        wait_event_above(&mesh, NodeB, "permissive_steered", steered_before)
-    })?;
+    wait_until(
+        Duration::from_secs(20),
+        "plaintext to api steered to node B's agent",
+        || {
+            let _ = mesh.run_with_mesh_dns(NodeA, &curl_args(&direct), Duration::from_secs(10));
+            let now = mesh.metric_with(NodeB, EBPF_EVENTS, &[("event", "permissive_steered")])?;
+            Ok((now > steered_before).then_some(()))
+        },
+    )?;
     refused(
         "plaintext with only web -> api allowed",
         &mesh.run_with_mesh_dns(NodeA, &curl_args(&direct), Duration::from_secs(10))?,
@@ -239,6 +243,16 @@ fn permissive_mode_admits_plaintext_only_through_the_agent() -> anyhow::Result<(
         opened >= 1.0,
         "plaintext connections are not counted: {opened}"
     );
+    // Even with `*` allowed, the permissive listener itself serves only
+    // what sk_lookup steered to it: a direct connection names no instance.
+    refused(
+        "a local process straight to the permissive listener",
+        &mesh.run_with_mesh_dns(
+            NodeB,
+            &curl_args("http://127.0.0.1:15006/"),
+            Duration::from_secs(10),
+        )?,
+    )?;
     // Local processes outside the mesh are still refused: permissive is for
     // other hosts, through the agent.
     refused(

@@ -133,17 +133,6 @@ impl Pins {
         &self.base
     }
 
-    /// Whether an agent pinned programs here (links of some generation).
-    pub fn has_links(dir: &Path) -> bool {
-        std::fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .filter_map(Result::ok)
-                    .any(|e| e.file_name().to_string_lossy().starts_with("links-"))
-            })
-            .unwrap_or(false)
-    }
-
     /// The map directory of this build of the programs (created).
     pub fn map_dir(&self, object: &[u8]) -> Result<PathBuf, PinError> {
         let dir = self.base.join(format!("maps-{}", build_tag(object)));

@@ -244,17 +244,13 @@ impl<H: ConnectHandler> HboneServer<H> {
         let inner = Arc::new(self.inner);
         let mut errors = crate::accept::AcceptErrors::new("hbone");
         loop {
-            match listener.accept().await {
-                Ok((tcp, peer)) => {
-                    let inner = inner.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = inner.serve_connection(tcp, peer).await {
-                            debug!(%peer, error = %e, "hbone connection ended");
-                        }
-                    });
+            let (tcp, peer) = errors.accept(&listener).await;
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                if let Err(e) = inner.serve_connection(tcp, peer).await {
+                    debug!(%peer, error = %e, "hbone connection ended");
                 }
-                Err(e) => errors.failed(&e).await,
-            }
+            });
         }
     }
 }

@@ -226,13 +226,7 @@ pub async fn serve_upstream(
 ) {
     let mut errors = AcceptErrors::new("upstream");
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                errors.failed(&e).await;
-                continue;
-            }
-        };
+        let (stream, peer) = errors.accept(&listener).await;
         let _ = stream.set_nodelay(true);
         let (ctx, source, destination) = (ctx.clone(), source.clone(), destination.clone());
         tokio::spawn(async move {
@@ -255,13 +249,7 @@ pub async fn serve_redirected(
 ) {
     let mut errors = AcceptErrors::new("outbound");
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                errors.failed(&e).await;
-                continue;
-            }
-        };
+        let (stream, peer) = errors.accept(&listener).await;
         let _ = stream.set_nodelay(true);
         let (ctx, interception) = (ctx.clone(), interception.clone());
         tokio::spawn(async move {

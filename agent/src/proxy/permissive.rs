@@ -43,13 +43,7 @@ pub fn instance_for(ctx: &ProxyContext, dialled: SocketAddr) -> Option<SocketAdd
 pub async fn serve(ctx: Arc<ProxyContext>, listener: TcpListener) {
     let mut errors = AcceptErrors::new("permissive");
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                errors.failed(&e).await;
-                continue;
-            }
-        };
+        let (stream, peer) = errors.accept(&listener).await;
         let ctx = ctx.clone();
         let Ok(dialled) = stream.local_addr() else {
             reset(stream);
