@@ -261,6 +261,32 @@ impl Control {
         Ok(())
     }
 
+    /// Starts from the health a predecessor last reported (an upgrade): the
+    /// node's instances are registered as they are, not critical.
+    pub fn seed_health(&self, health: BTreeMap<String, (HealthStatus, String)>) {
+        self.health.lock().expect("health lock").extend(health);
+    }
+
+    /// The health last reported per local instance id.
+    pub fn last_health(&self) -> BTreeMap<String, (HealthStatus, String)> {
+        self.health.lock().expect("health lock").clone()
+    }
+
+    /// Puts the node in maintenance (critical: sources stop choosing its
+    /// instances) or takes it out.
+    pub async fn set_maintenance(&self, enable: bool, reason: &str) -> Result<(), ControlError> {
+        let mut catalog = CatalogClient::new(self.channel().await?);
+        catalog
+            .set_node_maintenance(proto::NodeMaintenanceRequest {
+                node: self.config.node_name.clone(),
+                enable,
+                reason: reason.to_string(),
+            })
+            .await
+            .map_err(Self::refused("maintenance mode"))?;
+        Ok(())
+    }
+
     /// Tells the servers this node's agent is alive; returns how long to
     /// wait before the next heartbeat.
     pub async fn heartbeat(&self) -> Result<Duration, ControlError> {

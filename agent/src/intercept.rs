@@ -173,9 +173,10 @@ impl Interception {
     /// Adopts what an earlier agent pinned, loads the programs, places every
     /// service's cgroup (creating it when missing) in the workload map and
     /// attaches at the cgroup root. Mesh workloads' connections are refused
-    /// until the first [`Interception::renew_lease`]. Call inside the tokio
-    /// runtime.
-    pub fn start(config: &AgentConfig) -> Result<Self, InterceptError> {
+    /// until the first [`Interception::renew_lease`], unless `taking_over`:
+    /// then the predecessor's lease runs on (it serves until this agent
+    /// does, see `handover`). Call inside the tokio runtime.
+    pub fn start(config: &AgentConfig, taking_over: bool) -> Result<Self, InterceptError> {
         let root = cgroup_root(config)?;
         ensure_dir(&root)?;
         let pins = Pins::open(&pin_dir(config)?)?;
@@ -185,8 +186,11 @@ impl Interception {
             EgressPolicy::Deny => Egress::Deny,
         };
         // A predecessor's lease may still run (a crash a moment ago): this
-        // agent has no view yet, so nothing is admitted until it renews.
-        redirector.end_lease()?;
+        // agent has no view yet, so nothing is admitted until it renews. A
+        // predecessor that hands over renews it until this agent serves.
+        if !taking_over {
+            redirector.end_lease()?;
+        }
         redirector.configure(egress, config.socket_mark)?;
         crate::mark::set(config.socket_mark);
         let mut workloads = Vec::new();
