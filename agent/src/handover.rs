@@ -34,8 +34,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sys::socket::{
-    self, sockopt, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType, UnixAddr,
+    self, sockopt, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
+    SockType, UnixAddr,
 };
 use serde::{Deserialize, Serialize};
 use weft_api::catalog::HealthStatus;
@@ -120,10 +120,7 @@ fn check_peer(fd: &OwnedFd) -> Result<(), HandoverError> {
 }
 
 fn set_timeout(fd: &OwnedFd, limit: Duration) -> Result<(), HandoverError> {
-    let tv = nix::sys::time::TimeVal::new(
-        limit.as_secs() as _,
-        limit.subsec_micros() as _,
-    );
+    let tv = nix::sys::time::TimeVal::new(limit.as_secs() as _, limit.subsec_micros() as _);
     socket::setsockopt(fd, sockopt::ReceiveTimeout, &tv)?;
     socket::setsockopt(fd, sockopt::SendTimeout, &tv)?;
     Ok(())
@@ -177,8 +174,8 @@ pub fn receive(fd: &OwnedFd) -> Result<(Message, Vec<OwnedFd>), HandoverError> {
     if truncated {
         return Err(HandoverError::Message("message too large".into()));
     }
-    let message = serde_json::from_slice(&buf[..bytes])
-        .map_err(|e| HandoverError::Message(e.to_string()))?;
+    let message =
+        serde_json::from_slice(&buf[..bytes]).map_err(|e| HandoverError::Message(e.to_string()))?;
     Ok((message, fds))
 }
 
@@ -407,7 +404,13 @@ fn converse(fd: &OwnedFd, host: &dyn Host) -> Result<bool, HandoverError> {
                     "this agent runs node {own:?} (control protocol {VERSION}); \
                      the successor is for node {node:?} (protocol {version})"
                 );
-                send(fd, &Message::Refused { reason: reason.clone() }, &[])?;
+                send(
+                    fd,
+                    &Message::Refused {
+                        reason: reason.clone(),
+                    },
+                    &[],
+                )?;
                 return Err(HandoverError::Refused(reason));
             }
             tracing::info!("a successor agent is starting: handing over once it is ready");
@@ -422,7 +425,10 @@ fn converse(fd: &OwnedFd, host: &dyn Host) -> Result<bool, HandoverError> {
             }
             let listeners = host.listeners();
             let names = listeners.iter().map(|(n, _)| n.clone()).collect();
-            let raw: Vec<RawFd> = listeners.iter().map(|(_, fd)| fd.as_fd().as_raw_fd()).collect();
+            let raw: Vec<RawFd> = listeners
+                .iter()
+                .map(|(_, fd)| fd.as_fd().as_raw_fd())
+                .collect();
             send(fd, &Message::Listeners { names }, &raw)?;
             drop(listeners);
             match receive(fd) {
@@ -467,7 +473,11 @@ mod tests {
             "node-a".into()
         }
         fn health(&self) -> BTreeMap<String, (HealthStatus, String)> {
-            [("api-1".to_string(), (HealthStatus::Passing, "ok".to_string()))].into()
+            [(
+                "api-1".to_string(),
+                (HealthStatus::Passing, "ok".to_string()),
+            )]
+            .into()
         }
         fn listeners(&self) -> Vec<(String, OwnedFd)> {
             vec![(

@@ -220,7 +220,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     // Interception before anything else: adopt what an earlier agent pinned
     // and keep failing closed (no lease) until the view is loaded.
     let interception = if config.ebpf {
-        Some(Arc::new(Interception::start(&config, predecessor.is_some())?))
+        Some(Arc::new(Interception::start(
+            &config,
+            predecessor.is_some(),
+        )?))
     } else {
         None
     };
@@ -381,7 +384,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     }
     let unused = sockets.inherited.unused();
     if !unused.is_empty() {
-        tracing::info!(?unused, "the predecessor's listeners this configuration has no use for are closed");
+        tracing::info!(
+            ?unused,
+            "the predecessor's listeners this configuration has no use for are closed"
+        );
     }
     sockets.inherited = Inherited::default();
 

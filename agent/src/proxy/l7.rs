@@ -568,10 +568,10 @@ where
         }};
     }
     match protocol {
-        Protocol::Http => until_drained!(
-            hyper::server::conn::http1::Builder::new().serve_connection(io, service)
-        )
-        .map_err(L7Error::Downstream),
+        Protocol::Http => {
+            until_drained!(hyper::server::conn::http1::Builder::new().serve_connection(io, service))
+                .map_err(L7Error::Downstream)
+        }
         Protocol::Http2 | Protocol::Grpc => until_drained!(
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(io, service)

@@ -108,12 +108,19 @@ impl Catalog for CatalogApi {
         validate_name(&r.node).map_err(|e| invalid(format!("node: {e}")))?;
         let current = {
             let state = self.0.shared.state.read().expect("state lock");
-            state.nodes.get(&r.node).map(|n| (n.health, n.health_output.clone()))
+            state
+                .nodes
+                .get(&r.node)
+                .map(|n| (n.health, n.health_output.clone()))
         };
         let Some((health, output)) = current else {
-            return Err(Status::not_found(format!("node {} is not registered", r.node)));
+            return Err(Status::not_found(format!(
+                "node {} is not registered",
+                r.node
+            )));
         };
-        let in_maintenance = health == HealthStatus::Critical && output.starts_with(NODE_MAINTENANCE);
+        let in_maintenance =
+            health == HealthStatus::Critical && output.starts_with(NODE_MAINTENANCE);
         let (health, output) = match (r.enable, in_maintenance) {
             (true, _) => {
                 let reason = if r.reason.trim().is_empty() {
@@ -121,7 +128,10 @@ impl Catalog for CatalogApi {
                 } else {
                     r.reason.trim().to_string()
                 };
-                (HealthStatus::Critical, format!("{NODE_MAINTENANCE}: {reason}"))
+                (
+                    HealthStatus::Critical,
+                    format!("{NODE_MAINTENANCE}: {reason}"),
+                )
             }
             (false, true) => (HealthStatus::Passing, String::new()),
             // Off, and not in maintenance: whatever else made the node
