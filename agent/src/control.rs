@@ -22,7 +22,7 @@ use weft_api::proto::{
     self, ca_client::CaClient, catalog_client::CatalogClient, watch_client::WatchClient,
 };
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, ServiceConfig};
 use crate::view::View;
 
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +107,8 @@ pub type ServerChannel = InterceptedService<Channel, TokenInterceptor>;
 pub struct Control {
     addrs: Vec<String>,
     credentials: Credentials,
-    config: Arc<AgentConfig>,
+    /// The running configuration (services change on reload).
+    config: RwLock<Arc<AgentConfig>>,
     /// Last known health of each local service instance (by id).
     health: Mutex<BTreeMap<String, (HealthStatus, String)>>,
 }
@@ -117,9 +118,19 @@ impl Control {
         Ok(Self {
             addrs: config.servers.clone(),
             credentials: Credentials::load(&config)?,
-            config,
+            config: RwLock::new(config),
             health: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// The running configuration.
+    pub fn config(&self) -> Arc<AgentConfig> {
+        self.config.read().expect("config lock").clone()
+    }
+
+    /// Takes a reloaded configuration: later registrations use its services.
+    pub fn set_config(&self, config: Arc<AgentConfig>) {
+        *self.config.write().expect("config lock") = config;
     }
 
     /// A channel to the first server that accepts a TLS connection.
@@ -161,7 +172,7 @@ impl Control {
 
     /// Registers the node and every local service, with their last known health.
     pub async fn register(&self) -> Result<(), ControlError> {
-        let cfg = &self.config;
+        let cfg = self.config();
         let mut catalog = CatalogClient::new(self.channel().await?);
         let node = proto::Node {
             name: cfg.node_name.clone(),
@@ -173,39 +184,70 @@ impl Control {
             .register_node(proto::RegisterNodeRequest { node: Some(node) })
             .await
             .map_err(Self::refused(format!("registering node {}", cfg.node_name)))?;
-        let health = self.health.lock().expect("health lock").clone();
         for s in &cfg.services {
-            let (status, output) = health
-                .get(&s.id)
-                .cloned()
-                .unwrap_or((HealthStatus::Critical, "no check has run yet".into()));
-            let instance = proto::ServiceInstance {
-                id: s.id.clone(),
-                service: s.name.clone(),
-                node: cfg.node_name.clone(),
-                address: s.address.to_string(),
-                port: u32::from(s.port),
-                tags: s.tags.clone(),
-                meta: s.meta.clone().into_iter().collect(),
-                health: health_to_proto(status) as i32,
-                check_output: output,
-                // The shortest of the service's checks', as Consul does.
-                deregister_critical_after_ms: s
-                    .checks
-                    .iter()
-                    .filter_map(|c| c.deregister_critical_service_after)
-                    .min()
-                    .map_or(0, |d| d.as_millis() as u64),
-                ..Default::default()
-            };
-            catalog
-                .register_service(proto::RegisterServiceRequest {
-                    instance: Some(instance),
-                })
-                .await
-                .map_err(Self::refused(format!("registering service {}", s.id)))?;
+            self.register_on(&mut catalog, s).await?;
         }
         tracing::info!(node = %cfg.node_name, services = cfg.services.len(), "registered");
+        Ok(())
+    }
+
+    /// Registers one local service (added or changed by a reload).
+    pub async fn register_service(&self, s: &ServiceConfig) -> Result<(), ControlError> {
+        let mut catalog = CatalogClient::new(self.channel().await?);
+        self.register_on(&mut catalog, s).await
+    }
+
+    async fn register_on(
+        &self,
+        catalog: &mut CatalogClient<ServerChannel>,
+        s: &ServiceConfig,
+    ) -> Result<(), ControlError> {
+        let (status, output) = self
+            .health
+            .lock()
+            .expect("health lock")
+            .get(&s.id)
+            .cloned()
+            .unwrap_or((HealthStatus::Critical, "no check has run yet".into()));
+        let instance = proto::ServiceInstance {
+            id: s.id.clone(),
+            service: s.name.clone(),
+            node: self.config().node_name.clone(),
+            address: s.address.to_string(),
+            port: u32::from(s.port),
+            tags: s.tags.clone(),
+            meta: s.meta.clone().into_iter().collect(),
+            health: health_to_proto(status) as i32,
+            check_output: output,
+            // The shortest of the service's checks', as Consul does.
+            deregister_critical_after_ms: s
+                .checks
+                .iter()
+                .filter_map(|c| c.deregister_critical_service_after)
+                .min()
+                .map_or(0, |d| d.as_millis() as u64),
+            ..Default::default()
+        };
+        catalog
+            .register_service(proto::RegisterServiceRequest {
+                instance: Some(instance),
+            })
+            .await
+            .map_err(Self::refused(format!("registering service {}", s.id)))?;
+        Ok(())
+    }
+
+    /// Removes one local service instance (gone from the file on reload).
+    pub async fn deregister_service(&self, id: &str) -> Result<(), ControlError> {
+        let mut catalog = CatalogClient::new(self.channel().await?);
+        catalog
+            .deregister_service(proto::DeregisterServiceRequest {
+                node: self.config().node_name.clone(),
+                id: id.to_string(),
+            })
+            .await
+            .map_err(Self::refused(format!("deregistering service {id}")))?;
+        self.health.lock().expect("health lock").remove(id);
         Ok(())
     }
 
@@ -229,11 +271,11 @@ impl Control {
         let mut catalog = CatalogClient::new(self.channel().await?);
         catalog
             .deregister_node(proto::DeregisterNodeRequest {
-                name: self.config.node_name.clone(),
+                name: self.config().node_name.clone(),
             })
             .await
             .map_err(Self::refused("deregistering"))?;
-        tracing::info!(node = %self.config.node_name, "deregistered");
+        tracing::info!(node = %self.config().node_name, "deregistered");
         Ok(())
     }
 
@@ -251,7 +293,7 @@ impl Control {
         let mut catalog = CatalogClient::new(self.channel().await?);
         catalog
             .update_health(proto::UpdateHealthRequest {
-                node: self.config.node_name.clone(),
+                node: self.config().node_name.clone(),
                 id: id.to_string(),
                 health: health_to_proto(status) as i32,
                 output: output.to_string(),
@@ -278,7 +320,7 @@ impl Control {
         let mut catalog = CatalogClient::new(self.channel().await?);
         catalog
             .set_node_maintenance(proto::NodeMaintenanceRequest {
-                node: self.config.node_name.clone(),
+                node: self.config().node_name.clone(),
                 enable,
                 reason: reason.to_string(),
             })
@@ -293,7 +335,7 @@ impl Control {
         let mut catalog = CatalogClient::new(self.channel().await?);
         let reply = catalog
             .heartbeat(proto::HeartbeatRequest {
-                node: self.config.node_name.clone(),
+                node: self.config().node_name.clone(),
             })
             .await
             .map_err(Self::refused("heartbeat".to_string()))?;
@@ -336,7 +378,7 @@ impl Control {
         let mut ca = CaClient::new(self.channel().await?);
         let req = proto::SignRequest {
             csr_pem,
-            node: self.config.node_name.clone(),
+            node: self.config().node_name.clone(),
             service: service.unwrap_or_default().to_string(),
         };
         let what = format!("a certificate for {}", service.unwrap_or("this node"));
@@ -405,7 +447,7 @@ impl Control {
                 .read()
                 .expect("view lock")
                 .nodes
-                .contains_key(&self.config.node_name);
+                .contains_key(&self.config().node_name);
             if !registered {
                 tracing::warn!("this node is missing from the catalog; registering again");
                 if let Err(e) = self.register().await {

@@ -84,6 +84,8 @@ pub enum Message {
     State {
         pid: u32,
         health: BTreeMap<String, (HealthStatus, String)>,
+        /// Workload id by service id (the eBPF programs' numbering).
+        workloads: BTreeMap<String, u32>,
     },
     /// Successor → predecessor: ready, send the listeners.
     SendListeners,
@@ -233,6 +235,10 @@ pub fn request_reload(path: &Path) -> Result<String, HandoverError> {
 pub struct Predecessor {
     fd: OwnedFd,
     pid: u32,
+    /// The health it last reported per instance id.
+    pub health: BTreeMap<String, (HealthStatus, String)>,
+    /// Its workload ids by service id.
+    pub workloads: BTreeMap<String, u32>,
 }
 
 /// Listening sockets received from the predecessor, by name.
@@ -257,12 +263,9 @@ impl Inherited {
 }
 
 impl Predecessor {
-    /// Says hello to the agent at `path`, if one runs there: its health
-    /// state, for the successor to start from.
-    pub fn find(
-        path: &Path,
-        node: &str,
-    ) -> Result<Option<(Self, BTreeMap<String, (HealthStatus, String)>)>, HandoverError> {
+    /// Says hello to the agent at `path`, if one runs there, and gets the
+    /// state the successor starts from.
+    pub fn find(path: &Path, node: &str) -> Result<Option<Self>, HandoverError> {
         let Some(fd) = connect(path)? else {
             return Ok(None);
         };
@@ -271,7 +274,19 @@ impl Predecessor {
             node: node.to_string(),
         };
         match ask(&fd, &hello)? {
-            (Message::State { pid, health }, _) => Ok(Some((Self { fd, pid }, health))),
+            (
+                Message::State {
+                    pid,
+                    health,
+                    workloads,
+                },
+                _,
+            ) => Ok(Some(Self {
+                fd,
+                pid,
+                health,
+                workloads,
+            })),
             (other, _) => Err(HandoverError::Message(format!("unexpected {other:?}"))),
         }
     }
@@ -306,6 +321,8 @@ pub trait Host: Send + Sync + 'static {
     fn node_name(&self) -> String;
     /// The health last reported per instance id.
     fn health(&self) -> BTreeMap<String, (HealthStatus, String)>;
+    /// The eBPF workload id of each service id (empty without eBPF).
+    fn workload_ids(&self) -> BTreeMap<String, u32>;
     /// Duplicates of the listening sockets, by name.
     fn listeners(&self) -> Vec<(String, OwnedFd)>;
     /// The successor serves: stop accepting and drain.
@@ -417,6 +434,7 @@ fn converse(fd: &OwnedFd, host: &dyn Host) -> Result<bool, HandoverError> {
             let state = Message::State {
                 pid: std::process::id(),
                 health: host.health(),
+                workloads: host.workload_ids(),
             };
             send(fd, &state, &[])?;
             match receive(fd)? {
@@ -513,8 +531,9 @@ mod tests {
         );
         control.serve(host.clone());
 
-        let (pred, health) = Predecessor::find(&path, "node-a").unwrap().unwrap();
-        assert_eq!(health["api-1"].0, HealthStatus::Passing);
+        let pred = Predecessor::find(&path, "node-a").unwrap().unwrap();
+        assert_eq!(pred.health["api-1"].0, HealthStatus::Passing);
+        assert_eq!(pred.workloads["web-1"], 7);
         let mut inherited = pred.take_listeners().unwrap();
         let listener = inherited.tcp("inbound").unwrap();
         assert_eq!(listener.local_addr().unwrap(), addr);

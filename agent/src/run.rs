@@ -16,12 +16,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use weft_api::catalog::HealthStatus;
 
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
 use crate::admin::{AdminServer, AdminState};
@@ -36,6 +38,7 @@ use crate::identity::{Identities, IdentityError};
 use crate::intercept::{InterceptError, Interception};
 use crate::metrics::{AgentMetrics, EbpfCounter, Side};
 use crate::proxy::{inbound, outbound, permissive, ProxyContext};
+use crate::running::{upstream_name, Running};
 use crate::view::View;
 
 /// How long the agent waits for the servers at start-up.
@@ -65,6 +68,8 @@ pub enum RunError {
     Intercept(#[from] InterceptError),
     #[error("in-place upgrade: {0}")]
     Handover(#[from] HandoverError),
+    #[error("SIGHUP handler: {0}")]
+    Signal(#[source] std::io::Error),
 }
 
 async fn listen(addr: SocketAddr) -> Result<TcpListener, RunError> {
@@ -118,13 +123,12 @@ fn same_place(bound: Option<SocketAddr>, addr: SocketAddr) -> bool {
 }
 
 /// What this agent offers a successor or `weft-agent reload` on its control
-/// socket.
+/// socket (called on the socket's own thread).
 struct AgentHost {
     node: String,
-    control: Arc<Control>,
-    offered: Arc<Mutex<Vec<(String, OwnedFd)>>>,
+    running: Arc<Running>,
+    runtime: tokio::runtime::Handle,
     handed_over: watch::Sender<bool>,
-    reload: Arc<dyn Fn() -> Result<String, String> + Send + Sync>,
 }
 
 impl handover::Host for AgentHost {
@@ -133,11 +137,20 @@ impl handover::Host for AgentHost {
     }
 
     fn health(&self) -> BTreeMap<String, (HealthStatus, String)> {
-        self.control.last_health()
+        self.running.control.last_health()
+    }
+
+    fn workload_ids(&self) -> BTreeMap<String, u32> {
+        self.running
+            .interception
+            .as_ref()
+            .map(|i| i.workload_ids())
+            .unwrap_or_default()
     }
 
     fn listeners(&self) -> Vec<(String, OwnedFd)> {
-        self.offered
+        self.running
+            .offered
             .lock()
             .expect("sockets lock")
             .iter()
@@ -146,12 +159,12 @@ impl handover::Host for AgentHost {
     }
 
     fn handed_over(&self) {
-        self.offered.lock().expect("sockets lock").clear();
+        self.running.offered.lock().expect("sockets lock").clear();
         self.handed_over.send_replace(true);
     }
 
     fn reload(&self) -> Result<String, String> {
-        (self.reload)()
+        self.runtime.block_on(self.running.reload())
     }
 }
 
@@ -164,9 +177,16 @@ enum Stop {
 }
 
 /// Runs the agent until `shutdown` completes or a successor takes over.
-pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+pub async fn run(
+    config: AgentConfig,
+    path: PathBuf,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     let config = Arc::new(config);
     tokio::pin!(shutdown);
+    // From now on SIGHUP reloads (its default would end the process).
+    let mut hangups = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
+    let current = Arc::new(RwLock::new(config.clone()));
     let metrics = Arc::new(AgentMetrics::new());
     let view = Arc::new(RwLock::new(View::default()));
     let control = Arc::new(Control::new(config.clone())?);
@@ -181,14 +201,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             .await
             .expect("handover task")?
     };
-    let predecessor = predecessor.map(|(predecessor, health)| {
+    if let Some(predecessor) = &predecessor {
         tracing::info!(
-            instances = health.len(),
+            pid = predecessor.pid(),
             "an agent runs with this configuration: taking over from it once ready"
         );
-        control.seed_health(health);
-        predecessor
-    });
+        control.seed_health(predecessor.health.clone());
+    }
     let mut sockets = Sockets {
         inherited: Inherited::default(),
         offered: Arc::new(Mutex::new(Vec::new())),
@@ -200,10 +219,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         ready: ready_rx,
         metrics: metrics.clone(),
         config: {
-            let (config, view) = (config.clone(), view.clone());
+            let (current, view) = (current.clone(), view.clone());
             Arc::new(move || {
                 serde_json::json!({
-                    "config": &*config,
+                    "config": &**current.read().expect("config lock"),
                     "view": &*view.read().expect("view lock"),
                 })
             })
@@ -222,7 +241,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let interception = if config.ebpf {
         Some(Arc::new(Interception::start(
             &config,
-            predecessor.is_some(),
+            predecessor.as_ref().map(|p| &p.workloads),
         )?))
     } else {
         None
@@ -319,18 +338,23 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let inbound_listener = sockets.tcp("inbound", config.inbound_addr).await?;
     let mut accept_tasks = vec![tokio::spawn(server.serve(inbound_listener))];
 
+    let running = Arc::new(Running::new(
+        path,
+        current.clone(),
+        control.clone(),
+        checks.clone(),
+        identities.clone(),
+        ctx.clone(),
+        interception.clone(),
+        sockets.offered.clone(),
+    ));
+
     // Explicit upstreams.
     for s in &config.services {
         for up in &s.upstreams {
             let addr = SocketAddr::from(([127, 0, 0, 1], up.local_port));
-            let listener = sockets.tcp(&format!("upstream:{addr}"), addr).await?;
-            tracing::info!(%addr, source = %s.name, destination = %up.name, "upstream listening");
-            accept_tasks.push(tokio::spawn(outbound::serve_upstream(
-                ctx.clone(),
-                listener,
-                s.name.clone(),
-                up.name.clone(),
-            )));
+            let listener = sockets.tcp(&upstream_name(addr), addr).await?;
+            running.serve_upstream(listener, &s.name, &up.name);
         }
     }
 
@@ -407,11 +431,23 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let control_socket = ControlSocket::bind(&config.data_dir)?;
     control_socket.serve(Arc::new(AgentHost {
         node: config.node_name.clone(),
-        control: control.clone(),
-        offered: sockets.offered.clone(),
+        running: running.clone(),
+        runtime: tokio::runtime::Handle::current(),
         handed_over: handed_over_tx,
-        reload: Arc::new(|| Err("reloading the configuration is not supported yet".to_string())),
     }));
+    let reload_task = {
+        let running = running.clone();
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                match running.reload().await {
+                    Ok(what) => tracing::info!("SIGHUP: reloaded: {what}"),
+                    Err(why) => tracing::error!(
+                        "SIGHUP: reload refused, the running configuration stays: {why}"
+                    ),
+                }
+            }
+        })
+    };
 
     ready_tx.send_replace(true);
     tracing::info!(node = %config.node_name, inbound = %config.inbound_addr, "agent ready");
@@ -442,6 +478,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             config.upgrade_drain_timeout
         }
     };
+    reload_task.abort();
+    running.stop_upstreams();
     for task in accept_tasks {
         task.abort();
     }

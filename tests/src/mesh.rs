@@ -168,7 +168,8 @@ impl Service {
         self
     }
 
-    fn toml(&self, node_ip: &str) -> String {
+    /// The block as written into an agent configuration on `node_ip`.
+    pub fn toml(&self, node_ip: &str) -> String {
         let subst = |s: &str| s.replace("NODE", node_ip);
         let mut t = String::from("\n[[service]]\n");
         if let Some(id) = &self.id {
@@ -658,7 +659,45 @@ impl Mesh {
             .context("token create printed no secret_id")?;
         let path = self.path(&format!("agent-{}.token", node.label()));
         write_private(&path, secret)?;
+        let accessor = v["accessor_id"]
+            .as_str()
+            .context("token create printed no accessor_id")?;
+        std::fs::write(
+            self.path(&format!("agent-{}.accessor", node.label())),
+            accessor,
+        )?;
         Ok(path)
+    }
+
+    /// Lets node's agent token act for `services` too (its secret stays),
+    /// as an operator does before adding services to an agent's file.
+    pub fn grant_agent_services(&self, node: Node, services: &[&str]) -> anyhow::Result<()> {
+        let accessor =
+            std::fs::read_to_string(self.path(&format!("agent-{}.accessor", node.label())))?;
+        let token = self.weft_json(&["acl", "token", "read", &accessor])?;
+        let mut names: Vec<String> = token["service_identities"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.extend(services.iter().map(|s| s.to_string()));
+        let identity = format!("{}:dc1", node.node_name());
+        let mut args = vec![
+            "acl",
+            "token",
+            "update",
+            &accessor,
+            "--node-identity",
+            &identity,
+        ];
+        for name in &names {
+            args.extend(["--service-identity", name.as_str()]);
+        }
+        self.weft(&args)?;
+        Ok(())
     }
 
     pub fn agent_config(&self, node: Node) -> PathBuf {
