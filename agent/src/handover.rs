@@ -497,6 +497,9 @@ mod tests {
             )]
             .into()
         }
+        fn workload_ids(&self) -> BTreeMap<String, u32> {
+            [("web-1".to_string(), 7)].into()
+        }
         fn listeners(&self) -> Vec<(String, OwnedFd)> {
             vec![(
                 "inbound".into(),

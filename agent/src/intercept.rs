@@ -405,10 +405,10 @@ impl Interception {
         let mut redirector = self.redirector.lock().expect("redirector lock");
         // Fast-path removals first: a deny must take effect even if a later
         // step fails.
-        let (workloads, local_services): (Vec<(u32, String)>, Vec<(String, u16)>) = {
+        let (workloads, local_services) = {
             let w = self.workloads.lock().expect("workloads lock");
-            let ids = w.names.iter().map(|(id, name)| (*id, name.clone()));
-            (ids.collect(), w.local_services.clone())
+            let ids: Vec<(u32, String)> = w.names.iter().map(|(id, n)| (*id, n.clone())).collect();
+            (ids, w.local_services.clone())
         };
         let fast = fast_paths(view, &self.node_name, &workloads);
         let mut fast_installed = self.fast_installed.lock().expect("fast path lock");
