@@ -112,6 +112,7 @@ mod tests {
 
     const BASE: &str = r#"
 node_name = "node-a"
+datacenter = "dc1"
 servers = ["127.0.0.1:8502"]
 advertise_addr = "10.0.0.1"
 data_dir = "/var/lib/weft-agent"
