@@ -58,7 +58,8 @@ impl State {
                 ),
                 cmd => self.apply(cmd, index),
             };
-            self.sessions.record(&client, &request, result.clone(), index);
+            self.sessions
+                .record(&client, &request, result.clone(), index);
             return (result, changes);
         }
         match self.try_apply(cmd, index) {
@@ -743,7 +744,10 @@ mod once_tests {
         assert!(matches!(first, CommandResult::Refused { .. }));
         assert_eq!(s.apply(once("a", "r", put("x", None)), 2).0, first);
         let nested = once("a", "n", once("a", "m", put("y", None)));
-        assert!(matches!(s.apply(nested, 3).0, CommandResult::Refused { .. }));
+        assert!(matches!(
+            s.apply(nested, 3).0,
+            CommandResult::Refused { .. }
+        ));
         assert!(!s.kv.contains_key("counter") || s.kv["counter"].value != b"y");
     }
 }

@@ -97,14 +97,19 @@ mod tests {
             s.record("alice", &format!("r{i}"), applied(i), i);
         }
         assert_eq!(s.result("alice", "r0"), None);
-        assert!(s.result("alice", &format!("r{}", RESULTS_PER_CLIENT + 4)).is_some());
+        assert!(s
+            .result("alice", &format!("r{}", RESULTS_PER_CLIENT + 4))
+            .is_some());
         let base = 1000;
         for c in 0..(CLIENTS as u64 + 1) {
             s.record(&format!("c{c}"), "r", applied(base + c), base + c);
         }
         assert_eq!(s.clients(), CLIENTS);
         // alice wrote longest ago: evicted first.
-        assert_eq!(s.result("alice", &format!("r{}", RESULTS_PER_CLIENT + 4)), None);
+        assert_eq!(
+            s.result("alice", &format!("r{}", RESULTS_PER_CLIENT + 4)),
+            None
+        );
         assert!(s.result(&format!("c{CLIENTS}"), "r").is_some());
     }
 }
