@@ -416,6 +416,8 @@ impl Control {
         from: u64,
         first: bool,
     ) -> Result<(), ControlError> {
+        // A snapshot half received on a stream that broke is of no use.
+        view.write().expect("view lock").drop_partial();
         let channel = self.channel().await?;
         if !first {
             // Whatever broke the stream (a server restart, a leader change, a
@@ -423,7 +425,10 @@ impl Control {
             self.register().await?;
         }
         let mut stream = WatchClient::new(channel)
-            .subscribe(proto::WatchRequest { from_index: from })
+            .subscribe(proto::WatchRequest {
+                from_index: from,
+                include_kv: false,
+            })
             .await
             .map_err(Self::refused("a watch stream"))?
             .into_inner();
@@ -439,8 +444,16 @@ impl Control {
                 }
             };
             let index = event.index;
-            if let Err(e) = view.write().expect("view lock").apply(event) {
-                tracing::error!("ignoring a bad watch event: {e}");
+            let partial = {
+                let mut v = view.write().expect("view lock");
+                if let Err(e) = v.apply(event) {
+                    tracing::error!("ignoring a bad watch event: {e}");
+                    continue;
+                }
+                v.is_partial()
+            };
+            if partial {
+                // More parts of a snapshot follow; nothing changed yet.
                 continue;
             }
             let registered = view

@@ -162,7 +162,13 @@ async fn watch_until(
             continue;
         };
         let mut client = WatchClient::new(channel);
-        let Ok(stream) = client.subscribe(WatchRequest { from_index: last }).await else {
+        let Ok(stream) = client
+            .subscribe(WatchRequest {
+                from_index: last,
+                include_kv: true,
+            })
+            .await
+        else {
             continue;
         };
         let mut stream = stream.into_inner();
