@@ -48,6 +48,10 @@ const VERSION: u32 = 1;
 const MAX_MESSAGE: usize = 256 * 1024;
 /// The most descriptors one message carries.
 const MAX_FDS: usize = 64;
+/// The most descriptors the kernel passes in one message (`SCM_MAX_FD`):
+/// room is made for all of them, since those that do not fit would be
+/// installed in this process and then lost (MSG_CTRUNC), leaking them.
+const SCM_MAX_FD: usize = 253;
 /// How long either side waits for the other's next message. The successor's
 /// start-up (registration, watch, certificates) happens between two
 /// messages, so this is generous.
@@ -153,7 +157,7 @@ pub fn send(fd: &OwnedFd, message: &Message, fds: &[RawFd]) -> Result<(), Handov
 /// Receives one message and the descriptors attached to it.
 pub fn receive(fd: &OwnedFd) -> Result<(Message, Vec<OwnedFd>), HandoverError> {
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     let mut iov = [IoSliceMut::new(&mut buf)];
     let msg = socket::recvmsg::<()>(
         fd.as_raw_fd(),
@@ -170,6 +174,13 @@ pub fn receive(fd: &OwnedFd) -> Result<(Message, Vec<OwnedFd>), HandoverError> {
         }
     }
     let (bytes, truncated) = (msg.bytes, msg.flags.contains(MsgFlags::MSG_TRUNC));
+    if fds.len() > MAX_FDS {
+        // Closed as they are dropped.
+        return Err(HandoverError::Message(format!(
+            "{} descriptors attached, {MAX_FDS} at most",
+            fds.len()
+        )));
+    }
     if bytes == 0 {
         return Err(HandoverError::Closed);
     }
@@ -331,6 +342,38 @@ pub trait Host: Send + Sync + 'static {
     fn reload(&self) -> Result<String, String>;
 }
 
+/// Refuses a data directory that another user owns (or reaches through a
+/// symbolic link of theirs): they could swap the socket for a link before
+/// it is made 0600, or make the agent chmod a directory of their choosing.
+fn check_owned(data_dir: &Path) -> Result<(), HandoverError> {
+    use std::os::unix::fs::MetadataExt;
+    let own = own_uid();
+    let io = |source| HandoverError::Io {
+        path: data_dir.to_path_buf(),
+        source,
+    };
+    let link = std::fs::symlink_metadata(data_dir).map_err(io)?;
+    let dir = std::fs::metadata(data_dir).map_err(io)?;
+    for (what, meta) in [("symbolic link", &link), ("directory", &dir)] {
+        if meta.uid() != own {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "the data {what} belongs to uid {}, not this agent's {own}: refused",
+                    meta.uid()
+                ),
+            )));
+        }
+    }
+    if !dir.is_dir() {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a directory",
+        )));
+    }
+    Ok(())
+}
+
 /// The listening control socket of a running agent.
 pub struct ControlSocket {
     fd: OwnedFd,
@@ -347,6 +390,7 @@ impl ControlSocket {
             move |source| HandoverError::Io { path, source }
         };
         std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+        check_owned(data_dir)?;
         std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
             .map_err(io(data_dir))?;
         let path = socket_path(data_dir);
@@ -578,6 +622,71 @@ mod tests {
         assert!(connect(&path).unwrap().is_none());
         let again = ControlSocket::bind(dir.path()).unwrap();
         assert!(connect(again.path()).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_flood_of_descriptors_is_refused_and_none_is_kept() {
+        let (a, b) = socket::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let many = vec![w.as_raw_fd(); 200];
+        let body = serde_json::to_vec(&Message::Serving).unwrap();
+        socket::sendmsg::<()>(
+            a.as_raw_fd(),
+            &[IoSlice::new(&body)],
+            &[ControlMessage::ScmRights(&many)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        drop(w);
+        let err = receive(&b).unwrap_err();
+        assert!(err.to_string().contains("200 descriptors"), "{err}");
+        // Every copy of the write end is closed: the pipe reads end-of-file
+        // (a leaked copy would leave it open, and the read would block).
+        let reader = std::fs::File::from(r);
+        nix::fcntl::fcntl(
+            &reader,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .unwrap();
+        let mut byte = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &reader, &mut byte).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_data_directory_of_another_user_is_refused() {
+        use std::os::unix::fs::{chown, lchown, symlink};
+        if own_uid() != 0 {
+            return; // chown to another user takes root
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        chown(&theirs, Some(65534), None).unwrap();
+        let err = ControlSocket::bind(&theirs).err().unwrap();
+        assert!(err.to_string().contains("uid 65534"), "{err}");
+        assert!(!socket_path(&theirs).exists());
+        // A link of theirs to a directory of ours is refused too, and the
+        // directory it names is not touched.
+        let ours = dir.path().join("ours");
+        std::fs::create_dir(&ours).unwrap();
+        std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = dir.path().join("link");
+        symlink(&ours, &link).unwrap();
+        lchown(&link, Some(65534), None).unwrap();
+        assert!(ControlSocket::bind(&link).is_err());
+        assert_eq!(
+            std::fs::metadata(&ours).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        // Ours is fine.
+        ControlSocket::bind(&ours).unwrap();
     }
 
     #[test]
