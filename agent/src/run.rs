@@ -428,13 +428,22 @@ pub async fn run(
         None => None,
     };
     let (handed_over_tx, mut handed_over_rx) = watch::channel(false);
-    let control_socket = ControlSocket::bind(&config.data_dir)?;
-    control_socket.serve(Arc::new(AgentHost {
+    let host = Arc::new(AgentHost {
         node: config.node_name.clone(),
         running: running.clone(),
         runtime: tokio::runtime::Handle::current(),
         handed_over: handed_over_tx,
-    }));
+    });
+    match ControlSocket::bind(&config.data_dir) {
+        Ok(control_socket) => control_socket.serve(host),
+        // The predecessor stopped accepting when told this agent serves:
+        // giving up now would leave the node with no agent at all.
+        Err(e) if took_over.is_some() => tracing::error!(
+            "control socket: {e}; serving without one (no reload by `weft-agent reload`, \
+             no in-place upgrade of this agent: SIGHUP reloads, a restart upgrades)"
+        ),
+        Err(e) => return Err(e.into()),
+    }
     let reload_task = {
         let running = running.clone();
         tokio::spawn(async move {
