@@ -56,6 +56,14 @@ const SCM_MAX_FD: usize = 253;
 /// start-up (registration, watch, certificates) happens between two
 /// messages, so this is generous.
 const REPLY_LIMIT: Duration = Duration::from_secs(90);
+/// How long `weft-agent reload` is answered within. A reload waits on the
+/// servers (registration, certificates); one that takes longer goes on by
+/// itself, so that a stuck server never holds the control socket (and with
+/// it every later reload and upgrade).
+#[cfg(not(test))]
+const RELOAD_ANSWER: Duration = Duration::from_secs(60);
+#[cfg(test)]
+const RELOAD_ANSWER: Duration = Duration::from_millis(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
@@ -428,7 +436,7 @@ impl ControlSocket {
                         continue;
                     }
                 };
-                match converse(&conn, &*host) {
+                match converse(&conn, &host) {
                     Ok(true) => return,
                     Ok(false) => {}
                     Err(e) => tracing::warn!("control socket: {e}"),
@@ -439,7 +447,7 @@ impl ControlSocket {
 }
 
 /// One conversation; `true` once the agent has handed over.
-fn converse(fd: &OwnedFd, host: &dyn Host) -> Result<bool, HandoverError> {
+fn converse(fd: &OwnedFd, host: &std::sync::Arc<dyn Host>) -> Result<bool, HandoverError> {
     if let Err(e) = check_peer(fd) {
         let _ = send(
             fd,
@@ -454,7 +462,30 @@ fn converse(fd: &OwnedFd, host: &dyn Host) -> Result<bool, HandoverError> {
     let (first, _) = receive(fd)?;
     match first {
         Message::Reload => {
-            let result = host.reload();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let reloading = host.clone();
+            std::thread::Builder::new()
+                .name("weft-reload".into())
+                .spawn(move || {
+                    let result = reloading.reload();
+                    if tx.send(result.clone()).is_err() {
+                        // Answered already: its outcome goes to the log.
+                        match result {
+                            Ok(what) => tracing::info!("late reload done: {what}"),
+                            Err(why) => tracing::error!("late reload refused: {why}"),
+                        }
+                    }
+                })
+                .map_err(|source| HandoverError::Io {
+                    path: PathBuf::from("weft-reload thread"),
+                    source,
+                })?;
+            let result = rx.recv_timeout(RELOAD_ANSWER).unwrap_or_else(|_| {
+                Err(format!(
+                    "still reloading after {RELOAD_ANSWER:?} (are the servers answering?); \
+                     it goes on, and the agent's log tells how it ends"
+                ))
+            });
             send(fd, &Message::Reloaded { result }, &[])?;
             Ok(false)
         }
@@ -528,6 +559,8 @@ mod tests {
     struct FakeHost {
         listener: std::net::TcpListener,
         handed_over: AtomicBool,
+        /// The reload hangs (a server that never answers).
+        reload_hangs: AtomicBool,
     }
 
     impl Host for FakeHost {
@@ -554,6 +587,9 @@ mod tests {
             self.handed_over.store(true, Ordering::SeqCst);
         }
         fn reload(&self) -> Result<String, String> {
+            if self.reload_hangs.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
             Err("agent.toml:3: nope".into())
         }
     }
@@ -562,6 +598,7 @@ mod tests {
         Arc::new(FakeHost {
             listener: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
             handed_over: AtomicBool::new(false),
+            reload_hangs: AtomicBool::new(false),
         })
     }
 
@@ -610,6 +647,21 @@ mod tests {
         let err = request_reload(&path).unwrap_err();
         assert!(err.to_string().contains("agent.toml:3: nope"), "{err}");
         assert!(!host.handed_over.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_hanging_reload_does_not_hold_the_control_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let control = ControlSocket::bind(dir.path()).unwrap();
+        let path = control.path().to_path_buf();
+        let host = host();
+        host.reload_hangs.store(true, Ordering::SeqCst);
+        control.serve(host.clone());
+        let err = request_reload(&path).unwrap_err();
+        assert!(err.to_string().contains("still reloading"), "{err}");
+        // The next conversation is served at once: an upgrade goes ahead.
+        let pred = Predecessor::find(&path, "node-a").unwrap().unwrap();
+        assert_eq!(pred.workloads["web-1"], 7);
     }
 
     #[test]
