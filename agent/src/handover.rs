@@ -342,10 +342,13 @@ pub trait Host: Send + Sync + 'static {
     fn health(&self) -> BTreeMap<String, (HealthStatus, String)>;
     /// The eBPF workload id of each service id (empty without eBPF).
     fn workload_ids(&self) -> BTreeMap<String, u32>;
-    /// Duplicates of the listening sockets, by name.
-    fn listeners(&self) -> Vec<(String, OwnedFd)>;
+    /// Duplicates of the listening sockets, by name, or why not (the agent
+    /// is stopping).
+    fn listeners(&self) -> Result<Vec<(String, OwnedFd)>, String>;
     /// The successor serves: stop accepting and drain.
     fn handed_over(&self);
+    /// The successor that got the listeners went away before serving.
+    fn handover_abandoned(&self);
     /// Re-reads the configuration file: what changed, or why not.
     fn reload(&self) -> Result<String, String>;
 }
@@ -380,6 +383,95 @@ fn check_owned(data_dir: &Path) -> Result<(), HandoverError> {
         )));
     }
     Ok(())
+}
+
+/// Where a running agent stands with respect to handing over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Serving; a successor may take over.
+    Idle,
+    /// The listeners went to a successor, which has not said `Serving` yet.
+    Sent,
+    /// Handed over.
+    Done,
+    /// Stopping (SIGTERM): no successor may take over any more.
+    Stopping,
+}
+
+/// Keeps a stopping agent and a handover apart. An agent stopping on
+/// SIGTERM deregisters its node, ends the eBPF lease and removes the
+/// control socket: a successor that took over meanwhile would be left
+/// serving a node the servers no longer know, behind a lease nobody asked
+/// to end, unreachable for the next upgrade. So once stopping, no handover
+/// starts, and one under way is waited for: if it completes, the agent
+/// leaves as after a handover.
+#[derive(Debug)]
+pub struct Gate(tokio::sync::watch::Sender<Phase>);
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self(tokio::sync::watch::channel(Phase::Idle).0)
+    }
+}
+
+impl Gate {
+    /// The listeners are about to go to a successor: `false` if stopping.
+    pub fn sending(&self) -> bool {
+        let mut may = false;
+        self.0.send_modify(|p| {
+            if *p == Phase::Idle {
+                *p = Phase::Sent;
+                may = true;
+            }
+        });
+        may
+    }
+
+    /// The successor went away before serving.
+    pub fn abandoned(&self) {
+        self.0.send_if_modified(|p| {
+            let was_sent = *p == Phase::Sent;
+            if was_sent {
+                *p = Phase::Idle;
+            }
+            was_sent
+        });
+    }
+
+    /// The successor serves.
+    pub fn done(&self) {
+        self.0.send_replace(Phase::Done);
+    }
+
+    /// Resolves once handed over.
+    pub async fn handed_over(&self) {
+        let _ = self.0.subscribe().wait_for(|p| *p == Phase::Done).await;
+    }
+
+    /// The agent stops: no handover from now on. One under way is waited
+    /// for (the conversation bounds it); `true` if it completed.
+    pub async fn stop(&self) -> bool {
+        let mut phases = self.0.subscribe();
+        loop {
+            let mut now = Phase::Idle;
+            self.0.send_modify(|p| {
+                if *p == Phase::Idle {
+                    *p = Phase::Stopping;
+                }
+                now = *p;
+            });
+            match now {
+                Phase::Done => return true,
+                Phase::Stopping | Phase::Idle => return false,
+                Phase::Sent => {
+                    tracing::info!("stopping during a handover: waiting for the successor");
+                    if phases.wait_for(|p| *p != Phase::Sent).await.is_err() {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The listening control socket of a running agent.
@@ -516,23 +608,43 @@ fn converse(fd: &OwnedFd, host: &std::sync::Arc<dyn Host>) -> Result<bool, Hando
                 (Message::SendListeners, _) => {}
                 (other, _) => return Err(HandoverError::Message(format!("unexpected {other:?}"))),
             }
-            let listeners = host.listeners();
+            let listeners = match host.listeners() {
+                Ok(listeners) => listeners,
+                Err(reason) => {
+                    send(
+                        fd,
+                        &Message::Refused {
+                            reason: reason.clone(),
+                        },
+                        &[],
+                    )?;
+                    return Err(HandoverError::Refused(reason));
+                }
+            };
             let names = listeners.iter().map(|(n, _)| n.clone()).collect();
             let raw: Vec<RawFd> = listeners
                 .iter()
                 .map(|(_, fd)| fd.as_fd().as_raw_fd())
                 .collect();
-            send(fd, &Message::Listeners { names }, &raw)?;
+            let sent = send(fd, &Message::Listeners { names }, &raw);
             drop(listeners);
+            if let Err(e) = sent {
+                host.handover_abandoned();
+                return Err(e);
+            }
             match receive(fd) {
                 Ok((Message::Serving, _)) => {
                     tracing::info!("the successor serves: no longer accepting, draining");
                     host.handed_over();
                     Ok(true)
                 }
-                Ok((other, _)) => Err(HandoverError::Message(format!("unexpected {other:?}"))),
+                Ok((other, _)) => {
+                    host.handover_abandoned();
+                    Err(HandoverError::Message(format!("unexpected {other:?}")))
+                }
                 Err(e) => {
                     tracing::warn!("the successor went away before serving ({e}); still serving");
+                    host.handover_abandoned();
                     Ok(false)
                 }
             }
@@ -561,6 +673,7 @@ mod tests {
         handed_over: AtomicBool,
         /// The reload hangs (a server that never answers).
         reload_hangs: AtomicBool,
+        gate: Gate,
     }
 
     impl Host for FakeHost {
@@ -577,14 +690,21 @@ mod tests {
         fn workload_ids(&self) -> BTreeMap<String, u32> {
             [("web-1".to_string(), 7)].into()
         }
-        fn listeners(&self) -> Vec<(String, OwnedFd)> {
-            vec![(
+        fn listeners(&self) -> Result<Vec<(String, OwnedFd)>, String> {
+            if !self.gate.sending() {
+                return Err("this agent is stopping".into());
+            }
+            Ok(vec![(
                 "inbound".into(),
                 self.listener.as_fd().try_clone_to_owned().unwrap(),
-            )]
+            )])
         }
         fn handed_over(&self) {
+            self.gate.done();
             self.handed_over.store(true, Ordering::SeqCst);
+        }
+        fn handover_abandoned(&self) {
+            self.gate.abandoned();
         }
         fn reload(&self) -> Result<String, String> {
             if self.reload_hangs.load(Ordering::SeqCst) {
@@ -599,6 +719,7 @@ mod tests {
             listener: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
             handed_over: AtomicBool::new(false),
             reload_hangs: AtomicBool::new(false),
+            gate: Gate::default(),
         })
     }
 
@@ -662,6 +783,50 @@ mod tests {
         // The next conversation is served at once: an upgrade goes ahead.
         let pred = Predecessor::find(&path, "node-a").unwrap().unwrap();
         assert_eq!(pred.workloads["web-1"], 7);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_stopping_agent_waits_for_a_handover_under_way_and_starts_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let control = ControlSocket::bind(dir.path()).unwrap();
+        let path = control.path().to_path_buf();
+        let host = host();
+        control.serve(host.clone());
+        let blocking = |path: PathBuf| {
+            tokio::task::spawn_blocking(move || {
+                let pred = Predecessor::find(&path, "node-a")?.unwrap();
+                let listeners = pred.take_listeners()?;
+                Ok::<_, HandoverError>((pred, listeners))
+            })
+        };
+
+        // A successor has the listeners; SIGTERM now waits for it, and its
+        // serving makes this a handover.
+        let (pred, _listeners) = blocking(path.clone()).await.unwrap().unwrap();
+        let stopping = tokio::spawn({
+            let host = host.clone();
+            async move { host.gate.stop().await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!stopping.is_finished(), "stopped under a handover");
+        tokio::task::spawn_blocking(move || pred.serving().unwrap())
+            .await
+            .unwrap();
+        assert!(stopping.await.unwrap(), "not counted as handed over");
+
+        // A successor that goes away: the stop goes ahead as a stop.
+        let host = super::tests::host();
+        let dir = tempfile::tempdir().unwrap();
+        let control = ControlSocket::bind(dir.path()).unwrap();
+        let path = control.path().to_path_buf();
+        control.serve(host.clone());
+        let (pred, _listeners) = blocking(path.clone()).await.unwrap().unwrap();
+        drop(pred);
+        assert!(!host.gate.stop().await);
+        // Stopping: the next successor is refused before any listener.
+        let err = blocking(path).await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("stopping"), "{err}");
+        assert!(!host.handed_over.load(Ordering::SeqCst));
     }
 
     #[test]
