@@ -512,6 +512,11 @@ pub async fn run(
     for task in accept_tasks {
         task.abort();
     }
+    // The duplicates kept for a successor held the listening sockets open:
+    // connections to them were queued and never accepted (a client hung
+    // until its own timeout) rather than refused at once. No successor
+    // comes any more (see `Gate::stop`); after a handover this is done.
+    running.offered.lock().expect("sockets lock").clear();
     if let (Stop::Signal, Some(interception)) = (&stop, &interception) {
         // New mesh connections are refused from here on; the programs stay.
         if let Err(e) = interception.end_lease() {
