@@ -111,6 +111,11 @@ pub struct Control {
     config: RwLock<Arc<AgentConfig>>,
     /// Last known health of each local service instance (by id).
     health: Mutex<BTreeMap<String, (HealthStatus, String)>>,
+    /// The reason this agent put its node in maintenance, while it is: a
+    /// registration (which the servers take as "alive, passing") puts it
+    /// back, so that a watch reconnecting while the agent drains does not
+    /// send sources to it again.
+    maintenance: Mutex<Option<String>>,
 }
 
 impl Control {
@@ -120,6 +125,7 @@ impl Control {
             credentials: Credentials::load(&config)?,
             config: RwLock::new(config),
             health: Mutex::new(BTreeMap::new()),
+            maintenance: Mutex::new(None),
         })
     }
 
@@ -184,6 +190,10 @@ impl Control {
             .register_node(proto::RegisterNodeRequest { node: Some(node) })
             .await
             .map_err(Self::refused(format!("registering node {}", cfg.node_name)))?;
+        let maintenance = self.maintenance.lock().expect("maintenance lock").clone();
+        if let Some(reason) = maintenance {
+            self.maintenance_on(&mut catalog, true, &reason).await?;
+        }
         for s in &cfg.services {
             self.register_on(&mut catalog, s).await?;
         }
@@ -317,7 +327,17 @@ impl Control {
     /// Puts the node in maintenance (critical: sources stop choosing its
     /// instances) or takes it out.
     pub async fn set_maintenance(&self, enable: bool, reason: &str) -> Result<(), ControlError> {
+        *self.maintenance.lock().expect("maintenance lock") = enable.then(|| reason.to_string());
         let mut catalog = CatalogClient::new(self.channel().await?);
+        self.maintenance_on(&mut catalog, enable, reason).await
+    }
+
+    async fn maintenance_on(
+        &self,
+        catalog: &mut CatalogClient<ServerChannel>,
+        enable: bool,
+        reason: &str,
+    ) -> Result<(), ControlError> {
         catalog
             .set_node_maintenance(proto::NodeMaintenanceRequest {
                 node: self.config().node_name.clone(),

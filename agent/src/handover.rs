@@ -48,10 +48,22 @@ const VERSION: u32 = 1;
 const MAX_MESSAGE: usize = 256 * 1024;
 /// The most descriptors one message carries.
 const MAX_FDS: usize = 64;
+/// The most descriptors the kernel passes in one message (`SCM_MAX_FD`):
+/// room is made for all of them, since those that do not fit would be
+/// installed in this process and then lost (MSG_CTRUNC), leaking them.
+const SCM_MAX_FD: usize = 253;
 /// How long either side waits for the other's next message. The successor's
 /// start-up (registration, watch, certificates) happens between two
 /// messages, so this is generous.
 const REPLY_LIMIT: Duration = Duration::from_secs(90);
+/// How long `weft-agent reload` is answered within. A reload waits on the
+/// servers (registration, certificates); one that takes longer goes on by
+/// itself, so that a stuck server never holds the control socket (and with
+/// it every later reload and upgrade).
+#[cfg(not(test))]
+const RELOAD_ANSWER: Duration = Duration::from_secs(60);
+#[cfg(test)]
+const RELOAD_ANSWER: Duration = Duration::from_millis(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
@@ -153,7 +165,7 @@ pub fn send(fd: &OwnedFd, message: &Message, fds: &[RawFd]) -> Result<(), Handov
 /// Receives one message and the descriptors attached to it.
 pub fn receive(fd: &OwnedFd) -> Result<(Message, Vec<OwnedFd>), HandoverError> {
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     let mut iov = [IoSliceMut::new(&mut buf)];
     let msg = socket::recvmsg::<()>(
         fd.as_raw_fd(),
@@ -170,6 +182,13 @@ pub fn receive(fd: &OwnedFd) -> Result<(Message, Vec<OwnedFd>), HandoverError> {
         }
     }
     let (bytes, truncated) = (msg.bytes, msg.flags.contains(MsgFlags::MSG_TRUNC));
+    if fds.len() > MAX_FDS {
+        // Closed as they are dropped.
+        return Err(HandoverError::Message(format!(
+            "{} descriptors attached, {MAX_FDS} at most",
+            fds.len()
+        )));
+    }
     if bytes == 0 {
         return Err(HandoverError::Closed);
     }
@@ -323,12 +342,136 @@ pub trait Host: Send + Sync + 'static {
     fn health(&self) -> BTreeMap<String, (HealthStatus, String)>;
     /// The eBPF workload id of each service id (empty without eBPF).
     fn workload_ids(&self) -> BTreeMap<String, u32>;
-    /// Duplicates of the listening sockets, by name.
-    fn listeners(&self) -> Vec<(String, OwnedFd)>;
+    /// Duplicates of the listening sockets, by name, or why not (the agent
+    /// is stopping).
+    fn listeners(&self) -> Result<Vec<(String, OwnedFd)>, String>;
     /// The successor serves: stop accepting and drain.
     fn handed_over(&self);
+    /// The successor that got the listeners went away before serving.
+    fn handover_abandoned(&self);
     /// Re-reads the configuration file: what changed, or why not.
     fn reload(&self) -> Result<String, String>;
+}
+
+/// Refuses a data directory that another user owns (or reaches through a
+/// symbolic link of theirs): they could swap the socket for a link before
+/// it is made 0600, or make the agent chmod a directory of their choosing.
+fn check_owned(data_dir: &Path) -> Result<(), HandoverError> {
+    use std::os::unix::fs::MetadataExt;
+    let own = own_uid();
+    let io = |source| HandoverError::Io {
+        path: data_dir.to_path_buf(),
+        source,
+    };
+    let link = std::fs::symlink_metadata(data_dir).map_err(io)?;
+    let dir = std::fs::metadata(data_dir).map_err(io)?;
+    for (what, meta) in [("symbolic link", &link), ("directory", &dir)] {
+        if meta.uid() != own {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "the data {what} belongs to uid {}, not this agent's {own}: refused",
+                    meta.uid()
+                ),
+            )));
+        }
+    }
+    if !dir.is_dir() {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a directory",
+        )));
+    }
+    Ok(())
+}
+
+/// Where a running agent stands with respect to handing over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Serving; a successor may take over.
+    Idle,
+    /// The listeners went to a successor, which has not said `Serving` yet.
+    Sent,
+    /// Handed over.
+    Done,
+    /// Stopping (SIGTERM): no successor may take over any more.
+    Stopping,
+}
+
+/// Keeps a stopping agent and a handover apart. An agent stopping on
+/// SIGTERM deregisters its node, ends the eBPF lease and removes the
+/// control socket: a successor that took over meanwhile would be left
+/// serving a node the servers no longer know, behind a lease nobody asked
+/// to end, unreachable for the next upgrade. So once stopping, no handover
+/// starts, and one under way is waited for: if it completes, the agent
+/// leaves as after a handover.
+#[derive(Debug)]
+pub struct Gate(tokio::sync::watch::Sender<Phase>);
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self(tokio::sync::watch::channel(Phase::Idle).0)
+    }
+}
+
+impl Gate {
+    /// The listeners are about to go to a successor: `false` if stopping.
+    pub fn sending(&self) -> bool {
+        let mut may = false;
+        self.0.send_modify(|p| {
+            if *p == Phase::Idle {
+                *p = Phase::Sent;
+                may = true;
+            }
+        });
+        may
+    }
+
+    /// The successor went away before serving.
+    pub fn abandoned(&self) {
+        self.0.send_if_modified(|p| {
+            let was_sent = *p == Phase::Sent;
+            if was_sent {
+                *p = Phase::Idle;
+            }
+            was_sent
+        });
+    }
+
+    /// The successor serves.
+    pub fn done(&self) {
+        self.0.send_replace(Phase::Done);
+    }
+
+    /// Resolves once handed over.
+    pub async fn handed_over(&self) {
+        let _ = self.0.subscribe().wait_for(|p| *p == Phase::Done).await;
+    }
+
+    /// The agent stops: no handover from now on. One under way is waited
+    /// for (the conversation bounds it); `true` if it completed.
+    pub async fn stop(&self) -> bool {
+        let mut phases = self.0.subscribe();
+        loop {
+            let mut now = Phase::Idle;
+            self.0.send_modify(|p| {
+                if *p == Phase::Idle {
+                    *p = Phase::Stopping;
+                }
+                now = *p;
+            });
+            match now {
+                Phase::Done => return true,
+                Phase::Stopping | Phase::Idle => return false,
+                Phase::Sent => {
+                    tracing::info!("stopping during a handover: waiting for the successor");
+                    if phases.wait_for(|p| *p != Phase::Sent).await.is_err() {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The listening control socket of a running agent.
@@ -347,6 +490,7 @@ impl ControlSocket {
             move |source| HandoverError::Io { path, source }
         };
         std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+        check_owned(data_dir)?;
         std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
             .map_err(io(data_dir))?;
         let path = socket_path(data_dir);
@@ -384,7 +528,7 @@ impl ControlSocket {
                         continue;
                     }
                 };
-                match converse(&conn, &*host) {
+                match converse(&conn, &host) {
                     Ok(true) => return,
                     Ok(false) => {}
                     Err(e) => tracing::warn!("control socket: {e}"),
@@ -395,7 +539,7 @@ impl ControlSocket {
 }
 
 /// One conversation; `true` once the agent has handed over.
-fn converse(fd: &OwnedFd, host: &dyn Host) -> Result<bool, HandoverError> {
+fn converse(fd: &OwnedFd, host: &std::sync::Arc<dyn Host>) -> Result<bool, HandoverError> {
     if let Err(e) = check_peer(fd) {
         let _ = send(
             fd,
@@ -410,7 +554,30 @@ fn converse(fd: &OwnedFd, host: &dyn Host) -> Result<bool, HandoverError> {
     let (first, _) = receive(fd)?;
     match first {
         Message::Reload => {
-            let result = host.reload();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let reloading = host.clone();
+            std::thread::Builder::new()
+                .name("weft-reload".into())
+                .spawn(move || {
+                    let result = reloading.reload();
+                    if tx.send(result.clone()).is_err() {
+                        // Answered already: its outcome goes to the log.
+                        match result {
+                            Ok(what) => tracing::info!("late reload done: {what}"),
+                            Err(why) => tracing::error!("late reload refused: {why}"),
+                        }
+                    }
+                })
+                .map_err(|source| HandoverError::Io {
+                    path: PathBuf::from("weft-reload thread"),
+                    source,
+                })?;
+            let result = rx.recv_timeout(RELOAD_ANSWER).unwrap_or_else(|_| {
+                Err(format!(
+                    "still reloading after {RELOAD_ANSWER:?} (are the servers answering?); \
+                     it goes on, and the agent's log tells how it ends"
+                ))
+            });
             send(fd, &Message::Reloaded { result }, &[])?;
             Ok(false)
         }
@@ -441,23 +608,43 @@ fn converse(fd: &OwnedFd, host: &dyn Host) -> Result<bool, HandoverError> {
                 (Message::SendListeners, _) => {}
                 (other, _) => return Err(HandoverError::Message(format!("unexpected {other:?}"))),
             }
-            let listeners = host.listeners();
+            let listeners = match host.listeners() {
+                Ok(listeners) => listeners,
+                Err(reason) => {
+                    send(
+                        fd,
+                        &Message::Refused {
+                            reason: reason.clone(),
+                        },
+                        &[],
+                    )?;
+                    return Err(HandoverError::Refused(reason));
+                }
+            };
             let names = listeners.iter().map(|(n, _)| n.clone()).collect();
             let raw: Vec<RawFd> = listeners
                 .iter()
                 .map(|(_, fd)| fd.as_fd().as_raw_fd())
                 .collect();
-            send(fd, &Message::Listeners { names }, &raw)?;
+            let sent = send(fd, &Message::Listeners { names }, &raw);
             drop(listeners);
+            if let Err(e) = sent {
+                host.handover_abandoned();
+                return Err(e);
+            }
             match receive(fd) {
                 Ok((Message::Serving, _)) => {
                     tracing::info!("the successor serves: no longer accepting, draining");
                     host.handed_over();
                     Ok(true)
                 }
-                Ok((other, _)) => Err(HandoverError::Message(format!("unexpected {other:?}"))),
+                Ok((other, _)) => {
+                    host.handover_abandoned();
+                    Err(HandoverError::Message(format!("unexpected {other:?}")))
+                }
                 Err(e) => {
                     tracing::warn!("the successor went away before serving ({e}); still serving");
+                    host.handover_abandoned();
                     Ok(false)
                 }
             }
@@ -484,6 +671,9 @@ mod tests {
     struct FakeHost {
         listener: std::net::TcpListener,
         handed_over: AtomicBool,
+        /// The reload hangs (a server that never answers).
+        reload_hangs: AtomicBool,
+        gate: Gate,
     }
 
     impl Host for FakeHost {
@@ -500,16 +690,26 @@ mod tests {
         fn workload_ids(&self) -> BTreeMap<String, u32> {
             [("web-1".to_string(), 7)].into()
         }
-        fn listeners(&self) -> Vec<(String, OwnedFd)> {
-            vec![(
+        fn listeners(&self) -> Result<Vec<(String, OwnedFd)>, String> {
+            if !self.gate.sending() {
+                return Err("this agent is stopping".into());
+            }
+            Ok(vec![(
                 "inbound".into(),
                 self.listener.as_fd().try_clone_to_owned().unwrap(),
-            )]
+            )])
         }
         fn handed_over(&self) {
+            self.gate.done();
             self.handed_over.store(true, Ordering::SeqCst);
         }
+        fn handover_abandoned(&self) {
+            self.gate.abandoned();
+        }
         fn reload(&self) -> Result<String, String> {
+            if self.reload_hangs.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
             Err("agent.toml:3: nope".into())
         }
     }
@@ -518,6 +718,8 @@ mod tests {
         Arc::new(FakeHost {
             listener: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
             handed_over: AtomicBool::new(false),
+            reload_hangs: AtomicBool::new(false),
+            gate: Gate::default(),
         })
     }
 
@@ -569,6 +771,65 @@ mod tests {
     }
 
     #[test]
+    fn a_hanging_reload_does_not_hold_the_control_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let control = ControlSocket::bind(dir.path()).unwrap();
+        let path = control.path().to_path_buf();
+        let host = host();
+        host.reload_hangs.store(true, Ordering::SeqCst);
+        control.serve(host.clone());
+        let err = request_reload(&path).unwrap_err();
+        assert!(err.to_string().contains("still reloading"), "{err}");
+        // The next conversation is served at once: an upgrade goes ahead.
+        let pred = Predecessor::find(&path, "node-a").unwrap().unwrap();
+        assert_eq!(pred.workloads["web-1"], 7);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_stopping_agent_waits_for_a_handover_under_way_and_starts_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let control = ControlSocket::bind(dir.path()).unwrap();
+        let path = control.path().to_path_buf();
+        let host = host();
+        control.serve(host.clone());
+        let blocking = |path: PathBuf| {
+            tokio::task::spawn_blocking(move || {
+                let pred = Predecessor::find(&path, "node-a")?.unwrap();
+                let listeners = pred.take_listeners()?;
+                Ok::<_, HandoverError>((pred, listeners))
+            })
+        };
+
+        // A successor has the listeners; SIGTERM now waits for it, and its
+        // serving makes this a handover.
+        let (pred, _listeners) = blocking(path.clone()).await.unwrap().unwrap();
+        let stopping = tokio::spawn({
+            let host = host.clone();
+            async move { host.gate.stop().await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!stopping.is_finished(), "stopped under a handover");
+        tokio::task::spawn_blocking(move || pred.serving().unwrap())
+            .await
+            .unwrap();
+        assert!(stopping.await.unwrap(), "not counted as handed over");
+
+        // A successor that goes away: the stop goes ahead as a stop.
+        let host = super::tests::host();
+        let dir = tempfile::tempdir().unwrap();
+        let control = ControlSocket::bind(dir.path()).unwrap();
+        let path = control.path().to_path_buf();
+        control.serve(host.clone());
+        let (pred, _listeners) = blocking(path.clone()).await.unwrap().unwrap();
+        drop(pred);
+        assert!(!host.gate.stop().await);
+        // Stopping: the next successor is refused before any listener.
+        let err = blocking(path).await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("stopping"), "{err}");
+        assert!(!host.handed_over.load(Ordering::SeqCst));
+    }
+
+    #[test]
     fn no_agent_is_none_and_a_stale_socket_is_replaced() {
         let dir = tempfile::tempdir().unwrap();
         let path = socket_path(dir.path());
@@ -578,6 +839,71 @@ mod tests {
         assert!(connect(&path).unwrap().is_none());
         let again = ControlSocket::bind(dir.path()).unwrap();
         assert!(connect(again.path()).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_flood_of_descriptors_is_refused_and_none_is_kept() {
+        let (a, b) = socket::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let many = vec![w.as_raw_fd(); 200];
+        let body = serde_json::to_vec(&Message::Serving).unwrap();
+        socket::sendmsg::<()>(
+            a.as_raw_fd(),
+            &[IoSlice::new(&body)],
+            &[ControlMessage::ScmRights(&many)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        drop(w);
+        let err = receive(&b).unwrap_err();
+        assert!(err.to_string().contains("200 descriptors"), "{err}");
+        // Every copy of the write end is closed: the pipe reads end-of-file
+        // (a leaked copy would leave it open, and the read would block).
+        let reader = std::fs::File::from(r);
+        nix::fcntl::fcntl(
+            &reader,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .unwrap();
+        let mut byte = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &reader, &mut byte).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_data_directory_of_another_user_is_refused() {
+        use std::os::unix::fs::{chown, lchown, symlink};
+        if own_uid() != 0 {
+            return; // chown to another user takes root
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        chown(&theirs, Some(65534), None).unwrap();
+        let err = ControlSocket::bind(&theirs).err().unwrap();
+        assert!(err.to_string().contains("uid 65534"), "{err}");
+        assert!(!socket_path(&theirs).exists());
+        // A link of theirs to a directory of ours is refused too, and the
+        // directory it names is not touched.
+        let ours = dir.path().join("ours");
+        std::fs::create_dir(&ours).unwrap();
+        std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = dir.path().join("link");
+        symlink(&ours, &link).unwrap();
+        lchown(&link, Some(65534), None).unwrap();
+        assert!(ControlSocket::bind(&link).is_err());
+        assert_eq!(
+            std::fs::metadata(&ours).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        // Ours is fine.
+        ControlSocket::bind(&ours).unwrap();
     }
 
     #[test]

@@ -107,26 +107,38 @@ pub struct Intercepted {
 /// local service, by service id.
 pub type WorkloadIds = BTreeMap<String, u32>;
 
+/// The largest workload id (the low 12 bits of the socket mark).
+pub const MAX_WORKLOAD_ID: u32 = crate::config::MAX_SERVICES as u32;
+
 /// Pure: workload ids for `service_ids`: those in `previous` kept, new ones
-/// given the lowest free id.
-pub fn assign_ids(previous: &WorkloadIds, service_ids: &[&str]) -> WorkloadIds {
+/// given the first free id after `last` (the highest given so far), wrapping
+/// to 1 after [`MAX_WORKLOAD_ID`]. An id is not given again soon after its
+/// service goes: the programs' records of connections the old service made
+/// (waiting in the outbound accept queue), its fast-path entries until the
+/// next sync and its loopback socket marks all name it by id, and would
+/// otherwise be taken for the new service's.
+pub fn assign_ids(previous: &WorkloadIds, service_ids: &[&str], last: u32) -> (WorkloadIds, u32) {
     let mut ids: WorkloadIds = service_ids
         .iter()
         .filter_map(|s| Some((s.to_string(), *previous.get(*s)?)))
         .collect();
     let mut taken: BTreeSet<u32> = ids.values().copied().collect();
-    let mut next = 1u32;
+    let mut next = last;
     for service in service_ids {
         if ids.contains_key(*service) {
             continue;
         }
-        while taken.contains(&next) {
-            next += 1;
+        // At most MAX_SERVICES services: a free id exists.
+        loop {
+            next = if next >= MAX_WORKLOAD_ID { 1 } else { next + 1 };
+            if !taken.contains(&next) {
+                break;
+            }
         }
         ids.insert(service.to_string(), next);
         taken.insert(next);
     }
-    ids
+    (ids, next)
 }
 
 /// The local services as the programs know them.
@@ -140,6 +152,8 @@ struct Workloads {
     cgroups: BTreeMap<u64, u32>,
     /// (service name, port) of every local service.
     local_services: Vec<(String, u16)>,
+    /// The last workload id given (see [`assign_ids`]).
+    last: u32,
 }
 
 impl Workloads {
@@ -153,7 +167,7 @@ impl Workloads {
         redirector: &mut Redirector,
     ) -> Result<(), InterceptError> {
         let service_ids: Vec<&str> = config.services.iter().map(|s| s.id.as_str()).collect();
-        let ids = assign_ids(&previous, &service_ids);
+        let (ids, last) = assign_ids(&previous, &service_ids, self.last);
         let mut cgroups = BTreeMap::new();
         for service in &config.services {
             let id = ids[&service.id];
@@ -175,6 +189,7 @@ impl Workloads {
             .map(|s| (ids[&s.id], s.name.clone()))
             .collect();
         self.ids = ids;
+        self.last = last;
         self.cgroups = cgroups;
         self.local_services = config
             .services
@@ -279,13 +294,13 @@ impl Interception {
         crate::mark::set(config.socket_mark);
         // A successor keeps its predecessor's workload ids: the records of
         // connections made meanwhile name their source by id.
-        let mut workloads = Workloads::default();
-        workloads.place(
-            config,
-            &root,
-            taking_over.cloned().unwrap_or_default(),
-            &mut redirector,
-        )?;
+        let previous = taking_over.cloned().unwrap_or_default();
+        let mut workloads = Workloads {
+            // New services after the predecessor's highest id.
+            last: previous.values().copied().max().unwrap_or(0),
+            ..Workloads::default()
+        };
+        workloads.place(config, &root, previous, &mut redirector)?;
         let wanted: BTreeSet<u64> = workloads.cgroups.keys().copied().collect();
         for stale in redirector.installed_workloads() {
             if !wanted.contains(&stale) {
@@ -557,21 +572,31 @@ mod tests {
     }
 
     #[test]
-    fn workload_ids_are_kept_and_new_services_take_the_lowest_free_one() {
-        let first = assign_ids(&WorkloadIds::new(), &["web", "api", "db"]);
+    fn workload_ids_are_kept_and_a_removed_services_id_is_not_given_again() {
+        let (first, last) = assign_ids(&WorkloadIds::new(), &["web", "api", "db"], 0);
         assert_eq!(
             first,
             [("web".into(), 1), ("api".into(), 2), ("db".into(), 3)].into()
         );
-        // api removed, cache added: web and db keep theirs, cache takes 2.
-        let second = assign_ids(&first, &["web", "db", "cache"]);
+        assert_eq!(last, 3);
+        // api removed, cache added: web and db keep theirs; cache does not
+        // take api's 2, which connection records, fast-path entries and
+        // loopback marks made for api may still carry.
+        let (second, last) = assign_ids(&first, &["web", "db", "cache"], last);
         assert_eq!(
             second,
-            [("web".into(), 1), ("db".into(), 3), ("cache".into(), 2)].into()
+            [("web".into(), 1), ("db".into(), 3), ("cache".into(), 4)].into()
         );
         // A successor given its predecessor's ids keeps them, whatever the
         // order of its file.
-        assert_eq!(assign_ids(&second, &["cache", "db", "web"]), second);
+        assert_eq!(assign_ids(&second, &["cache", "db", "web"], last).0, second);
+        // Past the last id, numbering wraps around to the free ones.
+        let (wrapped, last) = assign_ids(
+            &[("a".to_string(), 1), ("z".to_string(), MAX_WORKLOAD_ID)].into(),
+            &["a", "z", "b", "c"],
+            MAX_WORKLOAD_ID - 1,
+        );
+        assert_eq!((wrapped["b"], wrapped["c"], last), (2, 3, 3));
     }
 
     const WEB: &[(u32, &str)] = &[(1, "web")];

@@ -128,7 +128,7 @@ struct AgentHost {
     node: String,
     running: Arc<Running>,
     runtime: tokio::runtime::Handle,
-    handed_over: watch::Sender<bool>,
+    gate: Arc<handover::Gate>,
 }
 
 impl handover::Host for AgentHost {
@@ -148,19 +148,27 @@ impl handover::Host for AgentHost {
             .unwrap_or_default()
     }
 
-    fn listeners(&self) -> Vec<(String, OwnedFd)> {
-        self.running
+    fn listeners(&self) -> Result<Vec<(String, OwnedFd)>, String> {
+        if !self.gate.sending() {
+            return Err("this agent is stopping (SIGTERM): start the new one after it".into());
+        }
+        Ok(self
+            .running
             .offered
             .lock()
             .expect("sockets lock")
             .iter()
             .filter_map(|(name, fd)| Some((name.clone(), fd.try_clone().ok()?)))
-            .collect()
+            .collect())
     }
 
     fn handed_over(&self) {
         self.running.offered.lock().expect("sockets lock").clear();
-        self.handed_over.send_replace(true);
+        self.gate.done();
+    }
+
+    fn handover_abandoned(&self) {
+        self.gate.abandoned();
     }
 
     fn reload(&self) -> Result<String, String> {
@@ -427,14 +435,23 @@ pub async fn run(
         }
         None => None,
     };
-    let (handed_over_tx, mut handed_over_rx) = watch::channel(false);
-    let control_socket = ControlSocket::bind(&config.data_dir)?;
-    control_socket.serve(Arc::new(AgentHost {
+    let gate = Arc::new(handover::Gate::default());
+    let host = Arc::new(AgentHost {
         node: config.node_name.clone(),
         running: running.clone(),
         runtime: tokio::runtime::Handle::current(),
-        handed_over: handed_over_tx,
-    }));
+        gate: gate.clone(),
+    });
+    match ControlSocket::bind(&config.data_dir) {
+        Ok(control_socket) => control_socket.serve(host),
+        // The predecessor stopped accepting when told this agent serves:
+        // giving up now would leave the node with no agent at all.
+        Err(e) if took_over.is_some() => tracing::error!(
+            "control socket: {e}; serving without one (no reload by `weft-agent reload`, \
+             no in-place upgrade of this agent: SIGHUP reloads, a restart upgrades)"
+        ),
+        Err(e) => return Err(e.into()),
+    }
     let reload_task = {
         let running = running.clone();
         tokio::spawn(async move {
@@ -464,7 +481,15 @@ pub async fn run(
 
     let stop = tokio::select! {
         () = &mut shutdown => Stop::Signal,
-        _ = handed_over_rx.wait_for(|h| *h) => Stop::HandedOver,
+        () = gate.handed_over() => Stop::HandedOver,
+    };
+    // SIGTERM: no successor from now on; one that has the listeners is
+    // waited for, and if it serves this agent leaves as after a handover
+    // (not deregistering the node it now serves).
+    let signalled = matches!(stop, Stop::Signal);
+    let stop = match stop {
+        Stop::Signal if gate.stop().await => Stop::HandedOver,
+        stop => stop,
     };
     ready_tx.send_replace(false);
     let limit = match stop {
@@ -472,6 +497,10 @@ pub async fn run(
             tracing::info!("shutting down: maintenance on, then no new connections, draining");
             enter_maintenance(&control, &view, index_rx.clone(), &config.node_name).await;
             config.drain_timeout
+        }
+        Stop::HandedOver if signalled => {
+            tracing::info!("handed over while stopping: no new connections here, draining");
+            config.drain_timeout.min(config.upgrade_drain_timeout)
         }
         Stop::HandedOver => {
             tracing::info!("handed over: no new connections here, serving the open ones");
@@ -483,6 +512,11 @@ pub async fn run(
     for task in accept_tasks {
         task.abort();
     }
+    // The duplicates kept for a successor held the listening sockets open:
+    // connections to them were queued and never accepted (a client hung
+    // until its own timeout) rather than refused at once. No successor
+    // comes any more (see `Gate::stop`); after a handover this is done.
+    running.offered.lock().expect("sockets lock").clear();
     if let (Stop::Signal, Some(interception)) = (&stop, &interception) {
         // New mesh connections are refused from here on; the programs stay.
         if let Err(e) = interception.end_lease() {
@@ -506,7 +540,7 @@ pub async fn run(
                 tracing::info!(drained = open, "every connection ended");
             }
         }
-        () = &mut shutdown, if matches!(stop, Stop::HandedOver) => {
+        () = &mut shutdown, if matches!(stop, Stop::HandedOver) && !signalled => {
             tracing::info!(left = drain.open(), "stopped while draining after a handover");
         }
     }

@@ -32,6 +32,14 @@ struct Upstream {
     task: JoinHandle<()>,
 }
 
+/// Why a reload failed: before anything was changed (the running
+/// configuration stays), or after the point of no return (the new one runs,
+/// but a last step failed).
+enum Failed {
+    Before(String),
+    After(String),
+}
+
 /// What a reload changes.
 pub struct Running {
     pub path: PathBuf,
@@ -150,9 +158,19 @@ impl Running {
             return Ok(plan.summary());
         }
         let new = Arc::new(new);
-        self.apply(&old, &new, &plan).await?;
+        let applied = self.apply(&old, &new, &plan).await;
+        if let Err(Failed::Before(why)) = applied {
+            return Err(why);
+        }
+        // Past the point of no return the new configuration is the running
+        // one, even if a last step failed: the next reload starts from what
+        // runs (its upstream ports are bound, its services registered).
         *self.config.write().expect("config lock") = new;
         let summary = plan.summary();
+        if let Err(Failed::After(why)) = applied {
+            tracing::error!(%summary, "configuration reloaded, but {why}");
+            return Err(format!("{summary} applied, but {why}"));
+        }
         tracing::info!(%summary, "configuration reloaded");
         Ok(summary)
     }
@@ -162,7 +180,7 @@ impl Running {
         old: &AgentConfig,
         new: &Arc<AgentConfig>,
         plan: &Plan,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failed> {
         // What can fail, first.
         let (before, after) = (upstreams_of(old), upstreams_of(new));
         let mut bound = Vec::new();
@@ -173,18 +191,24 @@ impl Running {
             }
             let listener = TcpListener::bind(addr)
                 .await
-                .map_err(|e| format!("upstream port {addr}: {e}"))?;
+                .map_err(|e| Failed::Before(format!("upstream port {addr}: {e}")))?;
             bound.push((*addr, listener));
         }
         // Registered first: the CA signs only for services on this node.
         self.control.set_config(new.clone());
-        let registering = plan.added.iter().chain(plan.changed.iter().map(|(_, s)| s));
+        let registering = plan
+            .added
+            .iter()
+            .map(|s| (None, s))
+            .chain(plan.changed.iter().map(|(was, s)| (Some(was), s)));
         let mut failed = None;
-        for s in registering {
+        let mut registered = Vec::new();
+        for (was, s) in registering {
             if let Err(e) = self.control.register_service(s).await {
                 failed = Some(format!("registering {}: {e}", s.id));
                 break;
             }
+            registered.push((was, s));
         }
         let names: Vec<String> = new.services.iter().map(|s| s.name.clone()).collect();
         if failed.is_none() {
@@ -193,12 +217,19 @@ impl Running {
             }
         }
         if let Some(why) = failed {
-            // Back to the running configuration: what was added goes.
+            // Back to the running configuration: what was added goes, what
+            // was changed is registered as it was.
             self.control.set_config(Arc::new(old.clone()));
-            for s in &plan.added {
-                let _ = self.control.deregister_service(&s.id).await;
+            for (was, s) in registered {
+                let undone = match was {
+                    None => self.control.deregister_service(&s.id).await,
+                    Some(was) => self.control.register_service(was).await,
+                };
+                if let Err(e) = undone {
+                    tracing::warn!(service = %s.id, "undoing a refused reload: {e}");
+                }
             }
-            return Err(why);
+            return Err(Failed::Before(why));
         }
 
         // From here on, the new configuration is the running one.
@@ -253,13 +284,13 @@ impl Running {
             }
             self.serve_upstream(listener, source, destination);
         }
+        self.identities.retain_services(&names);
         if let Some(interception) = &self.interception {
             let view = self.ctx.view.read().expect("view lock");
             interception
                 .reconfigure(new, &view)
-                .map_err(|e| format!("eBPF workloads: {e}"))?;
+                .map_err(|e| Failed::After(format!("eBPF workloads: {e}")))?;
         }
-        self.identities.retain_services(&names);
         Ok(())
     }
 
