@@ -100,6 +100,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         peer_channels,
         datacenter: settings.datacenter.clone(),
         liveness: weft_server::liveness::Liveness::new(settings.node_timeout),
+        limits: settings.limits,
     });
 
     let raft_listener = TcpListener::bind(settings.raft_addr)

@@ -65,6 +65,8 @@ pub struct ServerNode {
     pub datacenter: String,
     /// Agents' heartbeats, as the leader heard them.
     pub liveness: crate::liveness::Liveness,
+    /// What a write may add (checked where it is received).
+    pub limits: crate::limits::Limits,
 }
 
 impl ServerNode {

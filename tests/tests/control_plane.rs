@@ -383,3 +383,62 @@ fn a_saved_snapshot_restores_the_state() -> anyhow::Result<()> {
     assert_eq!(check.status.code(), Some(1), "the saved deny is back");
     Ok(())
 }
+
+#[test]
+fn writes_past_a_limit_are_refused_naming_it() -> anyhow::Result<()> {
+    let cluster = Cluster::start(
+        1,
+        &[
+            "--max-kv-keys",
+            "3",
+            "--max-kv-bytes",
+            "100",
+            "--max-config-entry-bytes",
+            "300",
+            "--max-routes-per-router",
+            "1",
+        ],
+    )?;
+    for key in ["a", "b", "c"] {
+        cluster.cli(&["kv", "put", key, "x"])?;
+    }
+    let err = refused(&cluster, &["kv", "put", "d", "x"]);
+    assert!(err.contains("--max-kv-keys"), "{err}");
+    // Overwriting is not a new key; but the bytes are bounded too.
+    cluster.cli(&["kv", "put", "a", &"y".repeat(90)])?;
+    let err = refused(&cluster, &["kv", "put", "b", &"z".repeat(20)]);
+    assert!(err.contains("--max-kv-bytes"), "{err}");
+    assert_eq!(
+        cluster.cli(&["kv", "get", "b"])?.trim(),
+        "x",
+        "a refused write changed nothing"
+    );
+
+    let dir = tempfile::tempdir()?;
+    let router = |routes: usize| -> anyhow::Result<String> {
+        let routes: Vec<String> = (0..routes)
+            .map(|i| format!(r#"{{"Match":{{"HTTP":{{"PathPrefix":"/{i}"}}}},"Destination":{{"Service":"api"}}}}"#))
+            .collect();
+        let path = dir.path().join(format!("router-{}.json", routes.len()));
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"Kind":"service-router","Name":"api","Routes":[{}]}}"#,
+                routes.join(",")
+            ),
+        )?;
+        Ok(path.display().to_string())
+    };
+    let defaults = dir.path().join("defaults.json");
+    std::fs::write(
+        &defaults,
+        r#"{"Kind":"service-defaults","Name":"api","Protocol":"http"}"#,
+    )?;
+    cluster.cli(&["config", "write", &defaults.display().to_string()])?;
+    cluster.cli(&["config", "write", &router(1)?])?;
+    let err = refused(&cluster, &["config", "write", &router(2)?]);
+    assert!(err.contains("--max-routes-per-router"), "{err}");
+    let err = refused(&cluster, &["config", "write", &router(5)?]);
+    assert!(err.contains("--max-config-entry-bytes"), "{err}");
+    Ok(())
+}

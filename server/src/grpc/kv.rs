@@ -31,6 +31,10 @@ impl Kv for KvApi {
                 r.value.len()
             )));
         }
+        {
+            let state = self.0.shared.state.read().expect("state lock");
+            self.0.limits.check_kv_put(&state, &r.key, r.value.len())?;
+        }
         let what = format!("kv put {}", r.key);
         let cmd = Command::KvPut {
             key: r.key,
