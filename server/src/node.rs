@@ -113,12 +113,12 @@ impl ServerNode {
 
     async fn forward(&self, leader: NodeId, cmd: &Command) -> ForwardedResult {
         let mut client = self.peer_client(leader)?;
-        let json = serde_json::to_vec(cmd).map_err(|e| WriteError::Raft(e.to_string()))?;
+        let json = crate::raft::codec::encode(cmd).map_err(|e| WriteError::Raft(e.to_string()))?;
         let reply = client
             .forward_write(RaftPayload { json })
             .await
             .map_err(|s| WriteError::Unknown(format!("forwarded to {leader}: {}", s.message())))?;
-        serde_json::from_slice(&reply.into_inner().json)
+        crate::raft::codec::decode(&reply.into_inner().json)
             .map_err(|e| WriteError::Raft(e.to_string()))?
     }
 
@@ -200,7 +200,7 @@ impl ServerNode {
         let mut req = tonic::Request::new(Empty {});
         req.set_timeout(Duration::from_millis(800));
         let reply = client.status(req).await.ok()?;
-        serde_json::from_slice(&reply.into_inner().json).ok()
+        crate::raft::codec::decode(&reply.into_inner().json).ok()
     }
 
     /// On the leader: the index a linearizable read must wait for.

@@ -88,6 +88,7 @@ pub enum Command {
     },
     KvPut {
         key: String,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         /// Write only if the key's modify index is this; 0: only if absent.
         cas: Option<u64>,
