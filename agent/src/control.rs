@@ -20,6 +20,7 @@
 //! CA and names `tls_server_name`, and carries the agent's ACL token (a
 //! token with this node's identity and its services').
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -135,6 +136,9 @@ pub struct Control {
     health_writes: tokio::sync::Mutex<()>,
     /// Registrations the servers took.
     registrations: Counter,
+    /// The index of the last registration's last write: the view is not
+    /// judged before it has caught up with it.
+    registered_at: AtomicU64,
 }
 
 impl Control {
@@ -147,6 +151,7 @@ impl Control {
             unsent_health: Mutex::new(BTreeSet::new()),
             health_writes: tokio::sync::Mutex::new(()),
             registrations: Counter::default(),
+            registered_at: AtomicU64::new(0),
         })
     }
 
@@ -250,6 +255,7 @@ impl Control {
                 .index;
         }
         self.registrations.inc();
+        self.registered_at.fetch_max(index, Ordering::SeqCst);
         tracing::info!(node = %cfg.node_name, services = cfg.services.len(), index, "registered");
         Ok(index)
     }
@@ -441,7 +447,6 @@ impl Control {
     pub async fn follow(self: Arc<Self>, view: Arc<RwLock<View>>, index_tx: watch::Sender<u64>) {
         let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_CAP);
         let mut streak = Streak::default();
-        let mut registered_at = 0;
         loop {
             let from = view.read().expect("view lock").index;
             let mut subscribed = || {
@@ -455,7 +460,7 @@ impl Control {
                 }
             };
             let result = self
-                .stream_once(&view, &index_tx, from, &mut registered_at, &mut subscribed)
+                .stream_once(&view, &index_tx, from, &mut subscribed)
                 .await;
             let e = match result {
                 Ok(()) => ControlError::Unreachable("the server ended the watch stream".into()),
@@ -471,14 +476,12 @@ impl Control {
     }
 
     /// One watch stream, from subscribing to its end. `subscribed` is called
-    /// once a server took the subscription; `registered_at` is the index of
-    /// the agent's last registration (kept across streams).
+    /// once a server took the subscription.
     async fn stream_once(
         &self,
         view: &RwLock<View>,
         index_tx: &watch::Sender<u64>,
         from: u64,
-        registered_at: &mut u64,
         subscribed: &mut impl FnMut(),
     ) -> Result<(), ControlError> {
         let channel = self.channel().await?;
@@ -491,7 +494,7 @@ impl Control {
         // A registration that failed before the stream broke is retried
         // here; otherwise the view is as the servers' catalog was, and there
         // is nothing to do.
-        *registered_at = self.reconcile(view, *registered_at).await?;
+        self.reconcile(view).await?;
         loop {
             let event = match stream.message().await {
                 Ok(Some(event)) => event,
@@ -508,33 +511,28 @@ impl Control {
                 tracing::error!("ignoring a bad watch event: {e}");
                 continue;
             }
-            *registered_at = self.reconcile(view, *registered_at).await?;
+            self.reconcile(view).await?;
             index_tx.send_replace(index);
         }
     }
 
     /// Registers again if `view` shows the registration lost or changed
     /// (a wiped or restored server, an operator's deregistration); not
-    /// before the view has caught up with the agent's own last registration
-    /// (index `registered_at`), whose writes arrive one event at a time.
-    /// Returns the index of the last registration.
-    async fn reconcile(
-        &self,
-        view: &RwLock<View>,
-        registered_at: u64,
-    ) -> Result<u64, ControlError> {
+    /// before the view has caught up with the agent's own last registration,
+    /// whose writes arrive one event at a time.
+    async fn reconcile(&self, view: &RwLock<View>) -> Result<(), ControlError> {
         let gap = {
             let view = view.read().expect("view lock");
-            if view.index < registered_at {
-                return Ok(registered_at);
+            if view.index < self.registered_at.load(Ordering::SeqCst) {
+                return Ok(());
             }
             self.registration_gap(&view)
         };
-        let Some(gap) = gap else {
-            return Ok(registered_at);
-        };
-        tracing::warn!("{gap} in the catalog; registering again");
-        self.register().await
+        if let Some(gap) = gap {
+            tracing::warn!("{gap} in the catalog; registering again");
+            self.register().await?;
+        }
+        Ok(())
     }
 }
 

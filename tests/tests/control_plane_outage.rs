@@ -3,15 +3,17 @@
 //! node B on the agents' last view, without one failed request; after the
 //! server restarts with its data, the agents resume their watch (a change
 //! made after the restart reaches both), register nothing again, are not
-//! judged critical by the new leader, and renew the certificates whose
-//! renewal fell due while no server answered.
+//! judged critical by the new leader, write the health change the servers
+//! missed (db on node B comes up during the outage), and renew the
+//! certificates whose renewal fell due while no server answered.
 //!
 //! "Nothing is re-registered twice", precisely: the servers kept their data,
 //! so the agents' registrations are intact and each agent registers exactly
 //! once over the whole test, at its start (`weft_agent_registrations_total`
 //! stays 1), and every node and instance in the catalog keeps its create
 //! and modify index across the outage (no write touched them: no
-//! re-registration, no health flap, no liveness verdict).
+//! re-registration, no health flap, no liveness verdict), but for db's
+//! one health write.
 //!
 //! One test per mode (explicit upstream, transparent eBPF); they run in
 //! parallel, each with its own mesh, so the file takes about four minutes.
@@ -57,6 +59,12 @@ fn spec(mode: Mode) -> MeshSpec {
         .node_b(
             Service::new("api", 8080)
                 .id("api-1")
+                .address(MeshSpec::NODE_ADDR)
+                .healthz_check("1s"),
+        )
+        .node_b(
+            Service::new("db", 8090)
+                .id("db-1")
                 .address(MeshSpec::NODE_ADDR)
                 .healthz_check("1s"),
         );
@@ -142,7 +150,7 @@ fn catalog(mesh: &Mesh) -> anyhow::Result<BTreeMap<String, (u64, u64, String)>> 
         let name = format!("node {}", n["name"].as_str().unwrap_or_default());
         ensure!(all.insert(name.clone(), entry(n)).is_none(), "{name} twice");
     }
-    for service in ["web", "api"] {
+    for service in ["web", "api", "db"] {
         let s = mesh.weft_json(&["catalog", "service", service])?;
         for i in s["instances"].as_array().context("instances")? {
             let name = format!(
@@ -183,16 +191,28 @@ fn survives_a_control_plane_outage(mode: Mode) -> anyhow::Result<()> {
     wait_until(Duration::from_secs(30), "web reaches api", || {
         Ok(ask(&mesh, mode).ok())
     })?;
-    let before = catalog(&mesh)?;
-    ensure!(before.len() == 4, "two nodes, web and api: {before:?}");
+    let db = "instance db-1 on node-b";
+    // db's workload is not up yet.
+    let before = wait_until(Duration::from_secs(10), "db-1 critical", || {
+        let now = catalog(&mesh)?;
+        Ok(now
+            .get(db)
+            .is_some_and(|(_, _, h)| h == "critical")
+            .then_some(now))
+    })?;
+    ensure!(before.len() == 5, "two nodes, web, api and db: {before:?}");
     ensure!(
-        before.values().all(|(_, _, health)| health == "passing"),
+        before
+            .iter()
+            .all(|(name, (_, _, health))| name == db || health == "passing"),
         "{before:?}"
     );
     for node in [NodeA, NodeB] {
+        let n = registrations(&mesh, node)?;
         ensure!(
-            registrations(&mesh, node)? == 1.0,
-            "{node:?} registered once at start"
+            n == 1.0,
+            "{node:?} registered {n} times at start:\n{}",
+            mesh.metrics(node)?
         );
     }
 
@@ -212,8 +232,21 @@ fn survives_a_control_plane_outage(mode: Mode) -> anyhow::Result<()> {
         let counts_at_kill = tally.counts();
         mesh.kill_server();
         let killed = Instant::now();
+        // db comes up while no server answers: its agent sees it pass and
+        // cannot write that.
+        let mut db_workload = std::process::Command::new(weft_tests::servers::bin("weft-workload"));
+        db_workload.args([format!("{}:8090", mesh.ip(NodeB)), "db-1".to_string()]);
+        let _db = mesh.spawn(NodeB, &mut db_workload, "workload-db-1.log")?;
+        wait_until(
+            Duration::from_secs(20),
+            "node B's agent sees db-1 pass and fails to write it",
+            || {
+                let log = logged_since(mesh, NodeB, log_at_kill[1]);
+                Ok(log.contains("writing health failed").then_some(()))
+            },
+        )?;
         // The scenario itself: three minutes without a server, traffic on.
-        std::thread::sleep(OUTAGE);
+        std::thread::sleep(OUTAGE.saturating_sub(killed.elapsed()));
         let counts_at_restart = tally.counts();
         ensure!(
             mesh.weft_raw(&["members"])?.code() != Some(0),
@@ -237,6 +270,17 @@ fn survives_a_control_plane_outage(mode: Mode) -> anyhow::Result<()> {
             )?;
         }
         let resumed_in = restarted.elapsed();
+        // The health change the servers missed reaches them.
+        wait_until(
+            Duration::from_secs(10),
+            "db-1 passing in the catalog",
+            || {
+                Ok(catalog(mesh)?
+                    .get(db)
+                    .is_some_and(|(_, _, h)| h == "passing")
+                    .then_some(()))
+            },
+        )?;
         // A change made after the restart reaches both agents' views.
         mesh.weft(&["intention", "create", "db", "api", "--deny"])?;
         for node in [NodeA, NodeB] {
@@ -247,9 +291,10 @@ fn survives_a_control_plane_outage(mode: Mode) -> anyhow::Result<()> {
                     let dump = mesh.agent_config_dump(node)?;
                     let seen = dump["view"]["intentions"].as_array().is_some_and(|all| {
                         all.iter()
-                            .any(|i| i["source"] == "db" && i["destination"] == "api")
+                            .any(|i| i["Source"] == "db" && i["Destination"] == "api")
                     });
-                    Ok(seen.then_some(()))
+                    ensure!(seen, "intentions {}", dump["view"]["intentions"]);
+                    Ok(Some(()))
                 },
             )?;
         }
@@ -304,7 +349,9 @@ fn survives_a_control_plane_outage(mode: Mode) -> anyhow::Result<()> {
             during.0
         );
         for (i, node) in [NodeA, NodeB].into_iter().enumerate() {
-            // Logged once per outage, not at every attempt.
+            // Logged once per outage, not at every attempt: one warning
+            // for each retry loop that failed (the watch, heartbeats, each
+            // certificate due, each health write), at most 8 here.
             let log = logged_since(mesh, node, log_at_kill[i]);
             let warned = warnings(&log);
             eprintln!(
@@ -313,7 +360,7 @@ fn survives_a_control_plane_outage(mode: Mode) -> anyhow::Result<()> {
                 warned.join("\n")
             );
             ensure!(
-                warned.len() <= 6,
+                warned.len() <= 8,
                 "{node:?}'s agent warned {} times over the outage",
                 warned.len()
             );
@@ -328,7 +375,15 @@ fn survives_a_control_plane_outage(mode: Mode) -> anyhow::Result<()> {
         eprintln!("{node:?}'s agent registered {n} times in all");
         ensure!(n == 1.0, "{node:?}'s agent registered {n} times");
     }
-    let after = catalog(&mesh)?;
+    let mut after = catalog(&mesh)?;
+    let db_after = after.get_mut(db).context("db-1 after")?;
+    let db_before = &before[db];
+    ensure!(
+        db_after.0 == db_before.0 && db_after.1 > db_before.1,
+        "db-1 before {db_before:?}, after {db_after:?}"
+    );
+    // db's health write aside, not one write touched the catalog.
+    *db_after = db_before.clone();
     ensure!(
         after == before,
         "the catalog changed across the outage:\nbefore {before:?}\nafter  {after:?}"
