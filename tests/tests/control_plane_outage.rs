@@ -46,7 +46,7 @@ const EXPLICIT_URL: &str = "http://127.0.0.1:9191/";
 const EBPF_URL: &str = "http://api.service.weft:8080/";
 const ANSWER: &str = "instance api-1\n";
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Mode {
     Explicit,
     Ebpf,
@@ -330,7 +330,7 @@ fn survives_a_control_plane_outage(mode: Mode) -> anyhow::Result<()> {
             counts_at_restart.1 - counts_at_kill.1,
         );
         eprintln!(
-            "outage of {:?} (server down {:?}): {} requests during it, {} failed; {sent} in all, \
+            "{mode:?} mode: outage of {:?} (server down {:?}): {} requests during it, {} failed; {sent} in all, \
              {failed} failed; agents resumed {resumed_in:?} after the restart, a new intention \
              reached both {change_seen_in:?} after it",
             OUTAGE,
@@ -355,7 +355,7 @@ fn survives_a_control_plane_outage(mode: Mode) -> anyhow::Result<()> {
             let log = logged_since(mesh, node, log_at_kill[i]);
             let warned = warnings(&log);
             eprintln!(
-                "{node:?}'s agent warned {} times over the outage:\n{}",
+                "{mode:?} mode: {node:?}'s agent warned {} times over the outage:\n{}",
                 warned.len(),
                 warned.join("\n")
             );
@@ -372,7 +372,7 @@ fn survives_a_control_plane_outage(mode: Mode) -> anyhow::Result<()> {
     // catalog as it was, to the indexes.
     for node in [NodeA, NodeB] {
         let n = registrations(&mesh, node)?;
-        eprintln!("{node:?}'s agent registered {n} times in all");
+        eprintln!("{mode:?} mode: {node:?}'s agent registered {n} times in all");
         ensure!(n == 1.0, "{node:?}'s agent registered {n} times");
     }
     let mut after = catalog(&mesh)?;
