@@ -37,7 +37,7 @@ use weft_api::proto::{
 };
 
 use crate::backoff::{Backoff, Streak};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, ServiceConfig};
 use crate::view::View;
 
 /// The first and the longest wait between attempts to reach the servers.
@@ -126,7 +126,8 @@ pub type ServerChannel = InterceptedService<Channel, TokenInterceptor>;
 pub struct Control {
     addrs: Vec<String>,
     credentials: Credentials,
-    config: Arc<AgentConfig>,
+    /// The running configuration (services change on reload).
+    config: RwLock<Arc<AgentConfig>>,
     /// Last known health of each local service instance (by id).
     health: Mutex<BTreeMap<String, (HealthStatus, String)>>,
     /// Instances whose last known health the servers may not have yet.
@@ -146,7 +147,7 @@ impl Control {
         Ok(Self {
             addrs: config.servers.clone(),
             credentials: Credentials::load(&config)?,
-            config,
+            config: RwLock::new(config),
             health: Mutex::new(BTreeMap::new()),
             unsent_health: Mutex::new(BTreeSet::new()),
             health_writes: tokio::sync::Mutex::new(()),
@@ -164,6 +165,16 @@ impl Control {
     /// How many registrations the servers took from this agent.
     pub fn registrations(&self) -> u64 {
         self.registrations.get()
+    }
+
+    /// The running configuration.
+    pub fn config(&self) -> Arc<AgentConfig> {
+        self.config.read().expect("config lock").clone()
+    }
+
+    /// Takes a reloaded configuration: later registrations use its services.
+    pub fn set_config(&self, config: Arc<AgentConfig>) {
+        *self.config.write().expect("config lock") = config;
     }
 
     /// A channel to the first server that accepts a TLS connection.
@@ -206,7 +217,7 @@ impl Control {
     /// Registers the node and every local service, with their last known
     /// health; returns the index of the last write.
     pub async fn register(&self) -> Result<u64, ControlError> {
-        let cfg = &self.config;
+        let cfg = self.config();
         let mut catalog = CatalogClient::new(self.channel().await?);
         let node = proto::Node {
             name: cfg.node_name.clone(),
@@ -220,39 +231,8 @@ impl Control {
             .map_err(Self::refused(format!("registering node {}", cfg.node_name)))?
             .into_inner()
             .index;
-        let health = self.health.lock().expect("health lock").clone();
         for s in &cfg.services {
-            let (status, output) = health
-                .get(&s.id)
-                .cloned()
-                .unwrap_or((HealthStatus::Critical, "no check has run yet".into()));
-            let instance = proto::ServiceInstance {
-                id: s.id.clone(),
-                service: s.name.clone(),
-                node: cfg.node_name.clone(),
-                address: s.address.to_string(),
-                port: u32::from(s.port),
-                tags: s.tags.clone(),
-                meta: s.meta.clone().into_iter().collect(),
-                health: health_to_proto(status) as i32,
-                check_output: output,
-                // The shortest of the service's checks', as Consul does.
-                deregister_critical_after_ms: s
-                    .checks
-                    .iter()
-                    .filter_map(|c| c.deregister_critical_service_after)
-                    .min()
-                    .map_or(0, |d| d.as_millis() as u64),
-                ..Default::default()
-            };
-            index = catalog
-                .register_service(proto::RegisterServiceRequest {
-                    instance: Some(instance),
-                })
-                .await
-                .map_err(Self::refused(format!("registering service {}", s.id)))?
-                .into_inner()
-                .index;
+            index = self.register_on(&mut catalog, s).await?;
         }
         self.registrations.inc();
         self.registered_at.fetch_max(index, Ordering::SeqCst);
@@ -260,14 +240,79 @@ impl Control {
         Ok(index)
     }
 
+    /// Registers one local service (added or changed by a reload).
+    pub async fn register_service(&self, s: &ServiceConfig) -> Result<(), ControlError> {
+        let mut catalog = CatalogClient::new(self.channel().await?);
+        let index = self.register_on(&mut catalog, s).await?;
+        // The view is not judged before it shows this registration.
+        self.registered_at.fetch_max(index, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn register_on(
+        &self,
+        catalog: &mut CatalogClient<ServerChannel>,
+        s: &ServiceConfig,
+    ) -> Result<u64, ControlError> {
+        let (status, output) = self
+            .health
+            .lock()
+            .expect("health lock")
+            .get(&s.id)
+            .cloned()
+            .unwrap_or((HealthStatus::Critical, "no check has run yet".into()));
+        let instance = proto::ServiceInstance {
+            id: s.id.clone(),
+            service: s.name.clone(),
+            node: self.config().node_name.clone(),
+            address: s.address.to_string(),
+            port: u32::from(s.port),
+            tags: s.tags.clone(),
+            meta: s.meta.clone().into_iter().collect(),
+            health: health_to_proto(status) as i32,
+            check_output: output,
+            // The shortest of the service's checks', as Consul does.
+            deregister_critical_after_ms: s
+                .checks
+                .iter()
+                .filter_map(|c| c.deregister_critical_service_after)
+                .min()
+                .map_or(0, |d| d.as_millis() as u64),
+            ..Default::default()
+        };
+        Ok(catalog
+            .register_service(proto::RegisterServiceRequest {
+                instance: Some(instance),
+            })
+            .await
+            .map_err(Self::refused(format!("registering service {}", s.id)))?
+            .into_inner()
+            .index)
+    }
+
     /// Why the node's registration in `view` is not what this agent would
     /// register, if it is not ([`registration_gap`]).
     pub fn registration_gap(&self, view: &View) -> Option<String> {
         registration_gap(
-            &self.config,
+            &self.config(),
             &self.health.lock().expect("health lock"),
             view,
         )
+    }
+
+    /// Removes one local service instance (gone from the file on reload).
+    pub async fn deregister_service(&self, id: &str) -> Result<(), ControlError> {
+        let mut catalog = CatalogClient::new(self.channel().await?);
+        catalog
+            .deregister_service(proto::DeregisterServiceRequest {
+                node: self.config().node_name.clone(),
+                id: id.to_string(),
+            })
+            .await
+            .map_err(Self::refused(format!("deregistering service {id}")))?;
+        self.health.lock().expect("health lock").remove(id);
+        self.unsent_health.lock().expect("health lock").remove(id);
+        Ok(())
     }
 
     /// Registers, retrying until a server takes it or `limit` passes.
@@ -290,11 +335,11 @@ impl Control {
         let mut catalog = CatalogClient::new(self.channel().await?);
         catalog
             .deregister_node(proto::DeregisterNodeRequest {
-                name: self.config.node_name.clone(),
+                name: self.config().node_name.clone(),
             })
             .await
             .map_err(Self::refused("deregistering"))?;
-        tracing::info!(node = %self.config.node_name, "deregistered");
+        tracing::info!(node = %self.config().node_name, "deregistered");
         Ok(())
     }
 
@@ -327,7 +372,7 @@ impl Control {
         let mut catalog = CatalogClient::new(self.channel().await?);
         let written = catalog
             .update_health(proto::UpdateHealthRequest {
-                node: self.config.node_name.clone(),
+                node: self.config().node_name.clone(),
                 id: id.to_string(),
                 health: health_to_proto(status) as i32,
                 output: output.clone(),
@@ -371,13 +416,39 @@ impl Control {
         Ok(())
     }
 
+    /// Starts from the health a predecessor last reported (an upgrade): the
+    /// node's instances are registered as they are, not critical.
+    pub fn seed_health(&self, health: BTreeMap<String, (HealthStatus, String)>) {
+        self.health.lock().expect("health lock").extend(health);
+    }
+
+    /// The health last reported per local instance id.
+    pub fn last_health(&self) -> BTreeMap<String, (HealthStatus, String)> {
+        self.health.lock().expect("health lock").clone()
+    }
+
+    /// Puts the node in maintenance (critical: sources stop choosing its
+    /// instances) or takes it out.
+    pub async fn set_maintenance(&self, enable: bool, reason: &str) -> Result<(), ControlError> {
+        let mut catalog = CatalogClient::new(self.channel().await?);
+        catalog
+            .set_node_maintenance(proto::NodeMaintenanceRequest {
+                node: self.config().node_name.clone(),
+                enable,
+                reason: reason.to_string(),
+            })
+            .await
+            .map_err(Self::refused("maintenance mode"))?;
+        Ok(())
+    }
+
     /// Tells the servers this node's agent is alive; returns how long to
     /// wait before the next heartbeat.
     pub async fn heartbeat(&self) -> Result<Duration, ControlError> {
         let mut catalog = CatalogClient::new(self.channel().await?);
         let reply = catalog
             .heartbeat(proto::HeartbeatRequest {
-                node: self.config.node_name.clone(),
+                node: self.config().node_name.clone(),
             })
             .await
             .map_err(Self::refused("heartbeat".to_string()))?;
@@ -428,7 +499,7 @@ impl Control {
         let mut ca = CaClient::new(self.channel().await?);
         let req = proto::SignRequest {
             csr_pem,
-            node: self.config.node_name.clone(),
+            node: self.config().node_name.clone(),
             service: service.unwrap_or_default().to_string(),
         };
         let what = format!("a certificate for {}", service.unwrap_or("this node"));

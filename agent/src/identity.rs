@@ -118,6 +118,31 @@ impl Identities {
         Ok(())
     }
 
+    /// Gets a certificate for each of `services` not held yet (a reload
+    /// added them).
+    pub async fn add_services(&self, services: &[String]) -> Result<(), IdentityError> {
+        for name in services {
+            if self.service(name).is_ok() {
+                continue;
+            }
+            let held = self.obtain(Some(name)).await?;
+            self.services
+                .write()
+                .expect("identity lock")
+                .insert(name.clone(), held);
+        }
+        Ok(())
+    }
+
+    /// Drops the certificates of services not in `services` (a reload
+    /// removed them): no new connection presents them.
+    pub fn retain_services(&self, services: &[String]) {
+        self.services
+            .write()
+            .expect("identity lock")
+            .retain(|name, _| services.contains(name));
+    }
+
     pub fn node(&self) -> Option<Arc<Identity>> {
         self.node
             .read()

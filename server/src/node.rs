@@ -26,6 +26,11 @@ pub enum WriteError {
     Refused(String),
     #[error("no leader: {0}")]
     NoLeader(String),
+    /// Forwarded to the leader, but no answer came back: it may or may not
+    /// have been applied. Retrying the same request (its request id) is
+    /// safe: a write is applied once.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
     #[error("raft: {0}")]
     Raft(String),
 }
@@ -35,6 +40,9 @@ impl From<WriteError> for tonic::Status {
         match e {
             WriteError::Refused(m) => tonic::Status::failed_precondition(m),
             WriteError::NoLeader(m) => tonic::Status::unavailable(format!("no leader: {m}")),
+            WriteError::Unknown(m) => tonic::Status::unavailable(format!(
+                "outcome unknown ({m}); retrying with the same request id is safe"
+            )),
             WriteError::Raft(m) => tonic::Status::internal(m),
         }
     }
@@ -70,8 +78,12 @@ impl ServerNode {
                 Some(leader) => self.forward(leader, &cmd).await,
                 None => Err(WriteError::NoLeader("election in progress".into())),
             };
+            // The command carries its request id (`Command::Once`): a retry
+            // after an unknown outcome is answered, not applied again.
             match attempt {
-                Err(WriteError::NoLeader(why)) if tokio::time::Instant::now() < deadline => {
+                Err(WriteError::NoLeader(why) | WriteError::Unknown(why))
+                    if tokio::time::Instant::now() < deadline =>
+                {
                     tracing::debug!("write waits for a leader: {why}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -103,9 +115,7 @@ impl ServerNode {
         let reply = client
             .forward_write(RaftPayload { json })
             .await
-            .map_err(|s| {
-                WriteError::NoLeader(format!("forwarding to {leader}: {}", s.message()))
-            })?;
+            .map_err(|s| WriteError::Unknown(format!("forwarded to {leader}: {}", s.message())))?;
         serde_json::from_slice(&reply.into_inner().json)
             .map_err(|e| WriteError::Raft(e.to_string()))?
     }

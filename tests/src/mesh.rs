@@ -41,7 +41,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 
 use crate::netns::Netns;
 use crate::servers::bin;
@@ -168,7 +168,8 @@ impl Service {
         self
     }
 
-    fn toml(&self, node_ip: &str) -> String {
+    /// The block as written into an agent configuration on `node_ip`.
+    pub fn toml(&self, node_ip: &str) -> String {
         let subst = |s: &str| s.replace("NODE", node_ip);
         let mut t = String::from("\n[[service]]\n");
         if let Some(id) = &self.id {
@@ -285,6 +286,21 @@ impl Proc {
         self.child
             .as_mut()
             .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits up to `limit` for the process to exit by itself: its status,
+    /// or `None` if it still runs.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Sends `signal` and waits up to `limit` for the exit; SIGKILLs after that.
@@ -648,7 +664,45 @@ impl Mesh {
             .context("token create printed no secret_id")?;
         let path = self.path(&format!("agent-{}.token", node.label()));
         write_private(&path, secret)?;
+        let accessor = v["accessor_id"]
+            .as_str()
+            .context("token create printed no accessor_id")?;
+        std::fs::write(
+            self.path(&format!("agent-{}.accessor", node.label())),
+            accessor,
+        )?;
         Ok(path)
+    }
+
+    /// Lets node's agent token act for `services` too (its secret stays),
+    /// as an operator does before adding services to an agent's file.
+    pub fn grant_agent_services(&self, node: Node, services: &[&str]) -> anyhow::Result<()> {
+        let accessor =
+            std::fs::read_to_string(self.path(&format!("agent-{}.accessor", node.label())))?;
+        let token = self.weft_json(&["acl", "token", "read", &accessor])?;
+        let mut names: Vec<String> = token["service_identities"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.extend(services.iter().map(|s| s.to_string()));
+        let identity = format!("{}:dc1", node.node_name());
+        let mut args = vec![
+            "acl",
+            "token",
+            "update",
+            &accessor,
+            "--node-identity",
+            &identity,
+        ];
+        for name in &names {
+            args.extend(["--service-identity", name.as_str()]);
+        }
+        self.weft(&args)?;
+        Ok(())
     }
 
     pub fn agent_config(&self, node: Node) -> PathBuf {
@@ -1019,6 +1073,70 @@ impl Mesh {
     /// The process id of node's agent, while it runs.
     pub fn agent_pid(&self, node: Node) -> Option<u32> {
         self.agents[node.index()].as_ref().and_then(Proc::pid)
+    }
+
+    /// Upgrades node's agent in place: starts a second `weft-agent` with the
+    /// same configuration while the first runs, and waits (`limit`) until it
+    /// says it took over. Returns the predecessor, which drains and exits
+    /// by itself.
+    pub fn upgrade_agent(&mut self, node: Node, limit: Duration) -> anyhow::Result<Proc> {
+        let old_pid = self
+            .agent_pid(node)
+            .with_context(|| format!("the agent of node {node:?} is not running"))?;
+        let old = self.agents[node.index()].take().expect("running agent");
+        self.start_agent(node)?;
+        let said = format!("took over from pid {old_pid}");
+        let result = wait_until(
+            limit,
+            &format!("node {node:?}'s successor agent serving"),
+            || {
+                if let Some(status) = self.agents[node.index()]
+                    .as_mut()
+                    .and_then(|p| p.try_wait())
+                {
+                    bail!("the successor exited: {status}");
+                }
+                Ok(self.agent_log(node).contains(&said).then_some(()))
+            },
+        );
+        result.map_err(|e| e.context(format!("agent log:\n{}", self.agent_log_tail(node, 40))))?;
+        Ok(old)
+    }
+
+    /// Starts `weft-load ARGS…` in `node`: as a workload of `service` in a
+    /// transparent mesh, as a plain process otherwise. Its summary is
+    /// [`Mesh::load_summary`] once it exited.
+    pub fn spawn_load(
+        &self,
+        node: Node,
+        service: Option<&str>,
+        args: &[&str],
+        log_name: &str,
+    ) -> anyhow::Result<Proc> {
+        let program = bin("weft-load").display().to_string();
+        let mut argv = vec![program.as_str()];
+        argv.extend_from_slice(args);
+        let mut cmd = self.workload_command(node, service, &argv)?;
+        self.spawn(node, &mut cmd, log_name)
+    }
+
+    /// Waits (`limit`) for a `weft-load` to finish and reads its summary.
+    pub fn load_summary(
+        &self,
+        load: &mut Proc,
+        limit: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        let status = load
+            .wait_exit(limit)
+            .with_context(|| format!("weft-load still running after {limit:?}"))?;
+        let log = std::fs::read_to_string(&load.log).unwrap_or_default();
+        ensure!(status.success(), "weft-load failed ({status}): {log}");
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .with_context(|| format!("no summary from weft-load: {log}"))?;
+        Ok(serde_json::from_str(line)?)
     }
 
     /// SIGKILLs node's agent.
