@@ -9,6 +9,7 @@
 pub mod accept;
 pub mod admin;
 pub mod allocator;
+pub mod backoff;
 pub mod config;
 pub mod control;
 pub mod dns;

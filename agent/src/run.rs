@@ -197,7 +197,8 @@ pub async fn run(
     let current = Arc::new(RwLock::new(config.clone()));
     let metrics = Arc::new(AgentMetrics::new());
     let view = Arc::new(RwLock::new(View::default()));
-    let control = Arc::new(Control::new(config.clone())?);
+    let control =
+        Arc::new(Control::new(config.clone())?.counting_registrations(metrics.registrations()));
     let (ready_tx, ready_rx) = watch::channel(false);
 
     // An agent with this configuration running already: this is an
@@ -692,8 +693,8 @@ async fn report_health(control: Arc<Control>, mut updates: mpsc::UnboundedReceiv
             .update_health(&u.service_id, u.status, &u.output)
             .await
         {
-            // Kept in `control`; the next registration carries it.
-            tracing::warn!(service = %u.service_id, "writing health failed: {e}");
+            // Kept in `control`, and written once heartbeats get through.
+            tracing::warn!(service = %u.service_id, "writing health failed, will retry: {e}");
         }
     }
 }

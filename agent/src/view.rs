@@ -25,8 +25,10 @@ pub struct View {
     pub index: u64,
     pub nodes: BTreeMap<String, Node>,
     /// (node, instance id) -> instance
+    #[serde(serialize_with = "values_as_list")]
     pub instances: BTreeMap<(String, String), ServiceInstance>,
     pub vips: BTreeMap<String, IpAddr>,
+    #[serde(serialize_with = "values_as_list")]
     pub intentions: BTreeMap<(String, String), Intention>,
     /// Every config entry (routers, splitters, resolvers, defaults).
     #[serde(serialize_with = "entries_as_list")]
@@ -38,6 +40,14 @@ pub struct View {
     /// send a large snapshot in parts, applied once the last is in.
     #[serde(skip)]
     partial: Option<(u64, proto::StateSnapshot)>,
+}
+
+/// A map keyed by pairs as the list of its values (JSON keys are strings).
+fn values_as_list<K, V: Serialize, S: serde::Serializer>(
+    map: &BTreeMap<K, V>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(map.values())
 }
 
 fn entries_as_list<S: serde::Serializer>(entries: &EntrySet, s: S) -> Result<S::Ok, S::Error> {
@@ -341,6 +351,19 @@ impl View {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_view_encodes_as_json() {
+        let mut view = View::default();
+        view.apply(snapshot(3)).unwrap();
+        let json = serde_json::to_value(&view).expect("JSON");
+        assert_eq!(
+            json["instances"].as_array().map(Vec::len),
+            Some(2),
+            "{json}"
+        );
+        assert!(json["intentions"].is_array(), "{json}");
+    }
 
     fn instance(
         node: &str,

@@ -521,7 +521,11 @@ pub struct Mesh {
     // namespaces, then files.
     agents: [Option<Proc>; 2],
     workloads: Vec<Proc>,
-    server: Option<Proc>,
+    /// Behind a lock so that a test can kill and restart the server while
+    /// other threads send requests through the mesh.
+    server: std::sync::Mutex<Option<Proc>>,
+    /// The server's arguments, to restart it as it was.
+    server_args: Vec<String>,
     cgroups: Option<CgroupTree>,
     netns: [Netns; 2],
     dir: tempfile::TempDir,
@@ -555,7 +559,8 @@ impl Mesh {
             subnet,
             agents: [None, None],
             workloads: Vec::new(),
-            server: None,
+            server: std::sync::Mutex::new(None),
+            server_args: Vec::new(),
             cgroups,
             netns,
             dir,
@@ -879,19 +884,19 @@ impl Mesh {
     fn start_server(&mut self, default_intention: &str, extra: &[String]) -> anyhow::Result<()> {
         let ip = self.ip(Node::A);
         crate::servers::make_tls(self.dir.path(), &["server-tls".to_string()])?;
-        let mut cmd = Command::new(bin("weft-server"));
-        cmd.args(crate::servers::tls_args(self.dir.path(), "server-tls"))
-            .arg("--node-id=1")
-            .arg("--data-dir")
-            .arg(self.path("server-data"))
-            .arg(format!("--raft-addr={ip}:8300"))
-            .arg(format!("--grpc-addr={ip}:{GRPC_PORT}"))
-            .arg(format!("--http-addr={ip}:8500"))
-            .arg(format!("--peer=1={ip}:8300"))
-            .arg(format!("--default-intention={default_intention}"))
-            .args(extra)
-            .env("RUST_LOG", "info,openraft=warn");
-        self.server = Some(self.spawn(Node::A, &mut cmd, "server.log")?);
+        let mut args = crate::servers::tls_args(self.dir.path(), "server-tls");
+        args.extend([
+            "--node-id=1".to_string(),
+            format!("--data-dir={}", self.path("server-data").display()),
+            format!("--raft-addr={ip}:8300"),
+            format!("--grpc-addr={ip}:{GRPC_PORT}"),
+            format!("--http-addr={ip}:8500"),
+            format!("--peer=1={ip}:8300"),
+            format!("--default-intention={default_intention}"),
+        ]);
+        args.extend(extra.iter().cloned());
+        self.server_args = args;
+        self.spawn_server()?;
         self.token = crate::servers::bootstrap_acl(Duration::from_secs(20), |args| {
             self.weft_raw(args)
                 .map(|o| (o.success(), o.stdout, o.stderr))
@@ -902,21 +907,58 @@ impl Mesh {
                 tail(&self.log("server.log"), 30)
             ))
         })?;
-        wait_until(Duration::from_secs(20), "weft-server leader", || {
+        self.wait_for_leader(Duration::from_secs(20))
+    }
+
+    fn spawn_server(&self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(bin("weft-server"));
+        cmd.args(&self.server_args)
+            .env("RUST_LOG", "info,openraft=warn");
+        let proc = self.spawn(Node::A, &mut cmd, "server.log")?;
+        *self.server.lock().expect("server lock") = Some(proc);
+        Ok(())
+    }
+
+    /// SIGKILLs the server; its data dir stays.
+    pub fn kill_server(&self) {
+        if let Some(mut proc) = self.server.lock().expect("server lock").take() {
+            proc.stop(libc::SIGKILL, Duration::from_secs(5));
+        }
+    }
+
+    /// Starts the server again, at the same addresses with the same data
+    /// dir and arguments, and waits until it leads.
+    pub fn restart_server(&self, limit: Duration) -> anyhow::Result<()> {
+        if self.server.lock().expect("server lock").is_some() {
+            bail!("the server is running");
+        }
+        self.spawn_server()?;
+        self.wait_for_leader(limit)
+    }
+
+    /// Waits until the server answers `weft members` with a leader.
+    pub fn wait_for_leader(&self, limit: Duration) -> anyhow::Result<()> {
+        wait_until(limit, "weft-server leader", || {
             let out = self.weft_raw(&["--format", "json", "members"])?;
             if !out.success() {
                 bail!("{}", out.stderr.trim());
             }
             let v: serde_json::Value = serde_json::from_str(&out.stdout)?;
-            Ok(v["leader_id"].as_u64().filter(|id| *id > 0))
+            Ok(v["leader_id"].as_u64().filter(|id| *id > 0).map(|_| ()))
         })
         .map_err(|e| {
             e.context(format!(
                 "server log:\n{}",
                 tail(&self.log("server.log"), 30)
             ))
-        })?;
-        Ok(())
+        })
+    }
+
+    /// Node's agent's `/config` document: its configuration and its view
+    /// (`view.nodes`, `view.instances`, `view.intentions`, `view.index`…).
+    pub fn agent_config_dump(&self, node: Node) -> anyhow::Result<serde_json::Value> {
+        let text = self.curl(node, &format!("http://{ADMIN}/config"))?;
+        serde_json::from_str(&text).with_context(|| format!("agent /config: {text:?}"))
     }
 
     /// Runs the `weft` CLI (inside node A) against the server, with the

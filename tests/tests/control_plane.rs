@@ -442,3 +442,69 @@ fn writes_past_a_limit_are_refused_naming_it() -> anyhow::Result<()> {
     assert!(err.contains("--max-config-entry-bytes"), "{err}");
     Ok(())
 }
+
+/// The first event of a watch stream from `from_index` on server 1, within
+/// `limit`: its index.
+fn first_event(cluster: &Cluster, from_index: u64, limit: Duration) -> anyhow::Result<u64> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let channel = cluster.channel(1).await?;
+        let mut stream = WatchClient::new(channel)
+            .subscribe(WatchRequest { from_index })
+            .await?
+            .into_inner();
+        let event = tokio::time::timeout(limit, stream.message())
+            .await
+            .context("no event")??
+            .context("stream ended")?;
+        Ok(event.index)
+    })
+}
+
+#[test]
+fn a_watcher_resumes_on_a_server_restarted_with_its_data() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(1, &[])?;
+    put_retrying(&cluster, "before", Duration::from_secs(10))?;
+    let last = first_event(&cluster, 0, Duration::from_secs(5))?;
+    cluster.kill(1);
+    cluster.start_server(1)?;
+    // Resuming from the last index as soon as the server takes it (as
+    // agents do): the next write arrives.
+    let watcher = {
+        let (ca, token, addr) = (
+            cluster.tls_ca.cert_pem.clone(),
+            cluster.token.clone(),
+            cluster.grpc_addr(1).to_string(),
+        );
+        std::thread::spawn(move || -> anyhow::Result<u64> {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                let mut stream = loop {
+                    let Ok(channel) =
+                        weft_tests::servers::grpc_channel(&addr, &ca, Some(&token)).await
+                    else {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    };
+                    match WatchClient::new(channel)
+                        .subscribe(WatchRequest { from_index: last })
+                        .await
+                    {
+                        Ok(stream) => break stream.into_inner(),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                };
+                let event = tokio::time::timeout(Duration::from_secs(15), stream.message())
+                    .await
+                    .context("no event within 15 s of resuming")??
+                    .context("stream ended")?;
+                Ok(event.index)
+            })
+        })
+    };
+    cluster.wait_for_leader(Duration::from_secs(20))?;
+    put_retrying(&cluster, "after", Duration::from_secs(10))?;
+    let index = watcher.join().expect("watcher thread")?;
+    anyhow::ensure!(index > last, "resumed at {last}, got {index}");
+    Ok(())
+}

@@ -66,6 +66,11 @@ impl StateMachineStore {
         if let Some(stored) = store.load_snapshot()? {
             let state: State = super::codec::decode(&stored.data).map_err(sm_read)?;
             *store.shared.state.write().expect("state lock") = state;
+            // The changes up to the snapshot are not in the hub: a watcher
+            // resuming from before it needs a snapshot, not the changes
+            // re-applied after it alone.
+            let index = stored.meta.last_log_id.map_or(0, |id| id.index);
+            store.shared.hub.reset(index);
             store.applied = stored.meta.last_log_id;
             store.membership = stored.meta.last_membership;
         }
