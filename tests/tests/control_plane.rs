@@ -450,7 +450,10 @@ fn first_event(cluster: &Cluster, from_index: u64, limit: Duration) -> anyhow::R
     runtime.block_on(async {
         let channel = cluster.channel(1).await?;
         let mut stream = WatchClient::new(channel)
-            .subscribe(WatchRequest { from_index })
+            .subscribe(WatchRequest {
+                from_index,
+                include_kv: true,
+            })
             .await?
             .into_inner();
         let event = tokio::time::timeout(limit, stream.message())
@@ -487,7 +490,10 @@ fn a_watcher_resumes_on_a_server_restarted_with_its_data() -> anyhow::Result<()>
                         continue;
                     };
                     match WatchClient::new(channel)
-                        .subscribe(WatchRequest { from_index: last })
+                        .subscribe(WatchRequest {
+                            from_index: last,
+                            include_kv: true,
+                        })
                         .await
                     {
                         Ok(stream) => break stream.into_inner(),
