@@ -39,6 +39,9 @@ pub const DEFAULT_SOCKET_MARK: u32 = 0x3000;
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15020";
 /// Default DNS listener.
 pub const DEFAULT_DNS_ADDR: &str = "127.0.0.1:8600";
+/// Default local HTTP API listener (Consul's agent port): workloads report
+/// their TTL checks here.
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8500";
 /// Default time given to open connections to finish at shutdown.
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "5s";
 /// One thread: every hop of a proxied message stays on it, which measured
@@ -123,6 +126,8 @@ pub struct AgentConfig {
     pub permissive_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub dns_addr: SocketAddr,
+    /// The local HTTP API (`/v1/agent/check/...`); a loopback address.
+    pub http_addr: SocketAddr,
     #[serde(with = "duration_text")]
     pub drain_timeout: Duration,
     /// Runtime threads: 1 runs everything on one thread; more spread
@@ -195,6 +200,10 @@ pub struct ServiceConfig {
 /// One `[[service.check]]`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CheckConfig {
+    /// Unique on the agent: the file's `id`, or Consul's default
+    /// `service:<service id>` (`service:<service id>:<n>`, n from 1, when
+    /// the service has several checks). The local API names checks by it.
+    pub id: String,
     pub kind: CheckKind,
     #[serde(with = "duration_text")]
     pub interval: Duration,
@@ -224,6 +233,18 @@ pub enum CheckKind {
         #[serde(with = "duration_text")]
         ttl: Duration,
     },
+}
+
+impl CheckKind {
+    /// `http`, `tcp`, `grpc` or `ttl`, as in the file.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CheckKind::Http { .. } => "http",
+            CheckKind::Tcp { .. } => "tcp",
+            CheckKind::Grpc { .. } => "grpc",
+            CheckKind::Ttl { .. } => "ttl",
+        }
+    }
 }
 
 /// One `[[service.upstream]]`: a local port that reaches a service.
@@ -320,6 +341,8 @@ struct RawConfig {
     admin_addr: String,
     #[serde(default = "default_dns")]
     dns_addr: String,
+    #[serde(default = "default_http")]
+    http_addr: String,
     #[serde(default = "default_drain")]
     drain_timeout: String,
     #[serde(default = "default_worker_threads")]
@@ -365,6 +388,8 @@ struct RawService {
 #[serde(deny_unknown_fields)]
 struct RawCheck {
     #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
     http: Option<String>,
     #[serde(default)]
     tcp: Option<String>,
@@ -407,6 +432,9 @@ fn default_admin() -> String {
 }
 fn default_dns() -> String {
     DEFAULT_DNS_ADDR.to_string()
+}
+fn default_http() -> String {
+    DEFAULT_HTTP_ADDR.to_string()
 }
 fn default_drain() -> String {
     DEFAULT_DRAIN_TIMEOUT.to_string()
@@ -564,7 +592,36 @@ fn check_kind(field: &str, raw: &RawCheck) -> Result<CheckKind, Invalid> {
     })
 }
 
-fn check(field: &str, raw: &RawCheck) -> Result<CheckConfig, Invalid> {
+/// A check's id: the file's, or Consul's default for check `index` of
+/// `count` of service `service_id`.
+fn check_id(
+    field: &str,
+    raw: Option<&str>,
+    service_id: &str,
+    index: usize,
+    count: usize,
+) -> Result<String, Invalid> {
+    let Some(id) = raw else {
+        return Ok(if count == 1 {
+            format!("service:{service_id}")
+        } else {
+            format!("service:{service_id}:{}", index + 1)
+        });
+    };
+    if id.is_empty()
+        || id.len() > 128
+        || !id.chars().all(|c| c.is_ascii_graphic())
+        || id.contains(['/', '?', '#', '%'])
+    {
+        return Err(invalid(
+            field,
+            format!("{id:?}: a check id is 1 to 128 printable ASCII characters without spaces, '/', '?', '#' or '%'"),
+        ));
+    }
+    Ok(id.to_string())
+}
+
+fn check(field: &str, raw: &RawCheck, id: String) -> Result<CheckConfig, Invalid> {
     let deregister_field = format!("{field}.deregister_critical_service_after");
     let deregister_critical_service_after = match &raw.deregister_critical_service_after {
         Some(text) => {
@@ -580,6 +637,7 @@ fn check(field: &str, raw: &RawCheck) -> Result<CheckConfig, Invalid> {
         None => None,
     };
     Ok(CheckConfig {
+        id,
         kind: check_kind(field, raw)?,
         interval: duration(&format!("{field}.interval"), &raw.interval, false)?,
         timeout: duration(&format!("{field}.timeout"), &raw.timeout, false)?,
@@ -669,6 +727,18 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
     }
     let admin_addr = socket_addr("admin_addr", &raw.admin_addr)?;
     let dns_addr = socket_addr("dns_addr", &raw.dns_addr)?;
+    let http_addr = socket_addr("http_addr", &raw.http_addr)?;
+    if !http_addr.ip().is_loopback() {
+        // Workloads send their tokens to this API in clear text: it must
+        // not be reachable from the network (Consul's agent, too, listens
+        // on 127.0.0.1 by default).
+        return Err(invalid(
+            "http_addr",
+            format!(
+                "{http_addr} is not a loopback address: the local API takes ACL tokens over plain HTTP (e.g. {DEFAULT_HTTP_ADDR:?})"
+            ),
+        ));
+    }
     let drain_timeout = duration("drain_timeout", &raw.drain_timeout, true)?;
     if raw.token.is_some() && raw.token_file.is_some() {
         return Err(invalid("token_file", "give token or token_file, not both"));
@@ -702,6 +772,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut ids: HashMap<String, usize> = HashMap::new();
     let mut local_ports: HashMap<u16, String> = HashMap::new();
+    let mut check_ids: HashMap<String, String> = HashMap::new();
     let mut services = Vec::with_capacity(raw.service.len());
     for (i, s) in raw.service.iter().enumerate() {
         let field = format!("service[{i}]");
@@ -738,12 +809,19 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
                 return Err(invalid(format!("{field}.meta"), "empty meta key"));
             }
         }
-        let checks = s
-            .check
-            .iter()
-            .enumerate()
-            .map(|(c, raw)| check(&format!("{field}.check[{c}]"), raw))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut checks = Vec::with_capacity(s.check.len());
+        for (c, raw) in s.check.iter().enumerate() {
+            let cf = format!("{field}.check[{c}]");
+            let id_field = format!("{cf}.id");
+            let check_id = check_id(&id_field, raw.id.as_deref(), &id, c, s.check.len())?;
+            if let Some(first) = check_ids.insert(check_id.clone(), cf.clone()) {
+                return Err(invalid(
+                    if raw.id.is_some() { id_field } else { cf },
+                    format!("check id {check_id:?} is already used by {first}"),
+                ));
+            }
+            checks.push(check(&cf, raw, check_id)?);
+        }
         let mut upstreams = Vec::with_capacity(s.upstream.len());
         for (u, up) in s.upstream.iter().enumerate() {
             let uf = format!("{field}.upstream[{u}]");
@@ -788,6 +866,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         permissive_addr,
         admin_addr,
         dns_addr,
+        http_addr,
         drain_timeout,
         worker_threads: raw.worker_threads,
         token: raw.token.map(SecretText::new),
@@ -1086,6 +1165,7 @@ data_dir = "/var/lib/weft-agent"
         assert_eq!(
             api.checks[0],
             CheckConfig {
+                id: "service:api:1".into(),
                 kind: CheckKind::Http {
                     url: "http://127.0.0.1:8080/healthz".into()
                 },
@@ -1152,6 +1232,7 @@ data_dir = "/var/lib/weft-agent"
         assert_eq!(c.outbound_addr, "127.0.0.1:15001".parse().unwrap());
         assert_eq!(c.admin_addr, "127.0.0.1:15020".parse().unwrap());
         assert_eq!(c.dns_addr, "127.0.0.1:8600".parse().unwrap());
+        assert_eq!(c.http_addr, "127.0.0.1:8500".parse().unwrap());
         assert_eq!(c.drain_timeout, Duration::from_secs(5));
         let s = &c.services[0];
         assert_eq!(s.id, "api");
@@ -1301,7 +1382,13 @@ data_dir = "/var/lib/weft-agent"
             e.starts_with("agent.toml:5: advertise_addr: \"node-a.local\" is not an IP address"),
             "{e}"
         );
-        for field in ["inbound_addr", "outbound_addr", "admin_addr", "dns_addr"] {
+        for field in [
+            "inbound_addr",
+            "outbound_addr",
+            "admin_addr",
+            "dns_addr",
+            "http_addr",
+        ] {
             let e = err(&with(&format!("{field} = \"localhost:1\"\n")));
             assert!(
                 e.starts_with(&format!(
@@ -1317,6 +1404,72 @@ data_dir = "/var/lib/weft-agent"
             e.starts_with("agent.toml:10: service[0].address: \"x\" is not an IP address"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn http_addr_is_loopback_only() {
+        let c = parse(&with("http_addr = \"127.0.0.2:8501\"\n")).unwrap();
+        assert_eq!(c.http_addr, "127.0.0.2:8501".parse().unwrap());
+        let c = parse(&with("http_addr = \"[::1]:8500\"\n")).unwrap();
+        assert_eq!(c.http_addr, "[::1]:8500".parse().unwrap());
+        for addr in ["0.0.0.0:8500", "10.77.0.2:8500", "[::]:8500"] {
+            let e = err(&with(&format!("http_addr = {addr:?}\n")));
+            assert!(
+                e.starts_with(&format!(
+                    "agent.toml:7: http_addr: {} is not a loopback address",
+                    addr.parse::<SocketAddr>().unwrap()
+                )),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn check_ids_default_to_consuls_scheme_and_are_unique() {
+        let c = parse(FULL).unwrap();
+        let ids: Vec<&str> = c
+            .services
+            .iter()
+            .flat_map(|s| s.checks.iter().map(|c| c.id.as_str()))
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "service:api:1",
+                "service:api:2",
+                "service:web-1:1",
+                "service:web-1:2",
+                "service:web-1:3"
+            ]
+        );
+        let one = "[[service]]\nname = \"a\"\nport = 1\n[[service.check]]\nttl = \"5s\"\n";
+        assert_eq!(
+            parse(&with(one)).unwrap().services[0].checks[0].id,
+            "service:a"
+        );
+        let named = format!("{one}id = \"a-ttl\"\n");
+        assert_eq!(
+            parse(&with(&named)).unwrap().services[0].checks[0].id,
+            "a-ttl"
+        );
+        let e = err(&with(&format!("{one}id = \"a/ttl\"\n")));
+        assert!(
+            e.starts_with("agent.toml:12: service[0].check[0].id: \"a/ttl\": a check id is"),
+            "{e}"
+        );
+        // An explicit id may not take another check's (default) id.
+        let e = err(&with(&format!(
+            "{one}[[service]]\nname = \"b\"\nport = 2\n[[service.check]]\nttl = \"5s\"\nid = \"service:a\"\n"
+        )));
+        assert!(
+            e.contains(
+                "service[1].check[0].id: check id \"service:a\" is already used by service[0].check[0]"
+            ),
+            "{e}"
+        );
+        // Serialized for /config.
+        let json = serde_json::to_value(parse(&with(&named)).unwrap()).unwrap();
+        assert_eq!(json["services"][0]["checks"][0]["id"], "a-ttl");
     }
 
     #[test]

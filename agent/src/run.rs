@@ -101,7 +101,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let (health_tx, health_rx) = mpsc::unbounded_channel();
     let checks = HealthChecks::new(health_tx);
     for s in &config.services {
-        checks.add(&s.id, s.checks.clone());
+        checks.add(&s.id, &s.name, s.checks.clone());
     }
     let health_task = tokio::spawn(report_health(control.clone(), health_rx));
 
