@@ -19,6 +19,7 @@ pub mod identity;
 pub mod intercept;
 pub mod lb;
 pub mod limits;
+pub mod local_api;
 pub mod mark;
 pub mod metrics;
 pub mod outlier;
