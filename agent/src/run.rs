@@ -42,6 +42,8 @@ pub enum RunError {
     },
     #[error("admin: {0}")]
     Admin(#[from] crate::admin::AdminError),
+    #[error("local API: {0}")]
+    LocalApi(#[from] crate::local_api::LocalApiError),
     #[error("no trust bundle from the servers within {0:?} (is their CA up?)")]
     NoBundle(Duration),
     #[error("dns: {0}")]
@@ -104,6 +106,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         checks.add(&s.id, &s.name, s.checks.clone());
     }
     let health_task = tokio::spawn(report_health(control.clone(), health_rx));
+    // Local HTTP API: workloads update their TTL checks (crate::local_api).
+    let judge = Arc::new(crate::local_api::authz::ServerJudge::new(control.clone()));
+    let api_state = crate::local_api::LocalApiState::new(checks.clone(), judge);
+    let local_api = crate::local_api::LocalApi::bind(config.http_addr, api_state).await?;
+    let local_api_task = tokio::spawn(local_api.serve(wait_for(stop_rx.clone())));
 
     // Certificates.
     let identities = Arc::new(Identities::new(control.clone()));
@@ -247,6 +254,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let _ = stop_tx.send(true);
     let _ = admin_task.await;
     let _ = dns_task.await;
+    let _ = local_api_task.await;
     Ok(())
 }
 
