@@ -899,6 +899,15 @@ impl Mesh {
         Ok(())
     }
 
+    /// SIGKILLs the server (the agents find no server to ask from then on).
+    pub fn kill_server(&mut self) -> anyhow::Result<()> {
+        let Some(mut proc) = self.server.take() else {
+            bail!("the server is not running");
+        };
+        proc.stop(libc::SIGKILL, Duration::from_secs(5));
+        Ok(())
+    }
+
     /// Runs the `weft` CLI (inside node A) against the server, with the
     /// management token.
     pub fn weft_raw(&self, args: &[&str]) -> anyhow::Result<Output> {

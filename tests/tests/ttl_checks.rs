@@ -3,7 +3,8 @@
 //! node) and through `weft check`, judged by the servers (`Acl.Authorize`):
 //! the catalog follows pass, warn and fail; a TTL not renewed in time goes
 //! critical; refused attempts (no token, unknown token, another service's
-//! token, a non-TTL check, an unknown check) change nothing.
+//! token, a non-TTL check, an unknown check) change nothing, and with the
+//! servers down an update that cannot be judged is refused (503).
 //!
 //! One server and two agents in explicit mode; node A runs `api` (TTL check
 //! of [`TTL`], default id `service:api`), `web` (TTL check of a minute, id
@@ -75,7 +76,7 @@ fn weft_check(
 fn ttl_checks_follow_pass_warn_fail_and_expire_and_refuse_strangers() -> anyhow::Result<()> {
     require_root();
     let ttl = format!("{}s", TTL.as_secs());
-    let mesh = Mesh::start(
+    let mut mesh = Mesh::start(
         MeshSpec::new("allow")
             .node_a(Service::new("api", 8080).ttl_check(&ttl, None))
             .node_a(Service::new("web", 8000).ttl_check("1m", Some("web-ttl")))
@@ -238,5 +239,21 @@ fn ttl_checks_follow_pass_warn_fail_and_expire_and_refuse_strangers() -> anyhow:
         ],
     )?;
     ensure!(out.stdout.trim() == "405", "GET: {}", out.describe());
+
+    // Servers unreachable: a token the agent has not seen allowed cannot be
+    // judged, so nothing changes (503), also through the CLI.
+    let fresh = mesh.service_token(&["web"])?;
+    mesh.kill_server()?;
+    let (code, body) = put(&mesh, fail_web, &[&format!("X-Consul-Token: {fresh}")])?;
+    ensure!(
+        code == 503 && body.contains("cannot reach the servers") && body.contains("unchanged"),
+        "servers down: {code} {body}"
+    );
+    let out = weft_check(&mesh, Some(&fresh), &["fail", "web-ttl"])?;
+    ensure!(
+        out.code() == Some(1) && out.stderr.contains("unavailable"),
+        "weft check with the servers down: {}",
+        out.describe()
+    );
     Ok(())
 }
