@@ -2,15 +2,29 @@
 //! writing health changes, signing certificates, and following the watch
 //! stream into the agent's [`View`]. Every call goes to the first server that
 //! answers; a broken watch stream is resumed from the last index on the next
-//! server, and the node is registered again after such a reconnect (a server
-//! restart or a leader change must not lose it).
+//! server, with exponential backoff and jitter (capped at 2 s) while none
+//! answers, logged once per outage.
+//!
+//! Registration is anti-entropy, not a ritual: the agent registers at start,
+//! and again only when its view of the catalog (which the watch stream keeps
+//! current, also across reconnects) lacks its node, shows the node or one of
+//! its instances other than configured, or lacks an instance whose last
+//! known health is not critical (a critical one may have been deregistered
+//! on purpose, by `deregister_critical_service_after`). Servers that come
+//! back with their data therefore see no writes from the agents at all; a
+//! server that lost the data gets exactly one registration per agent. Health
+//! changes that could not be written while no server answered are written
+//! once heartbeats get through again.
 //!
 //! Every call is TLS to a server whose certificate chains to the configured
 //! CA and names `tls_server_name`, and carries the agent's ACL token (a
 //! token with this node's identity and its services').
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
 
 use tokio::sync::watch;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -23,8 +37,13 @@ use weft_api::proto::{
     watch_client::WatchClient,
 };
 
-use crate::config::AgentConfig;
+use crate::backoff::{Backoff, Streak};
+use crate::config::{AgentConfig, ServiceConfig};
 use crate::view::View;
+
+/// The first and the longest wait between attempts to reach the servers.
+const RECONNECT_BASE: Duration = Duration::from_millis(100);
+const RECONNECT_CAP: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -108,9 +127,25 @@ pub type ServerChannel = InterceptedService<Channel, TokenInterceptor>;
 pub struct Control {
     addrs: Vec<String>,
     credentials: Credentials,
-    config: Arc<AgentConfig>,
+    /// The running configuration (services change on reload).
+    config: RwLock<Arc<AgentConfig>>,
     /// Last known health of each local service instance (by id).
     health: Mutex<BTreeMap<String, (HealthStatus, String)>>,
+    /// The reason this agent put its node in maintenance, while it is: a
+    /// registration (which the servers take as "alive, passing") puts it
+    /// back, so that a watch reconnecting while the agent drains does not
+    /// send sources to it again.
+    maintenance: Mutex<Option<String>>,
+    /// Instances whose last known health the servers may not have yet.
+    unsent_health: Mutex<BTreeSet<String>>,
+    /// Held while a health write is sent, so that writes of one instance's
+    /// health reach the servers in order (the last one carries the latest).
+    health_writes: tokio::sync::Mutex<()>,
+    /// Registrations the servers took.
+    registrations: Counter,
+    /// The index of the last registration's last write: the view is not
+    /// judged before it has caught up with it.
+    registered_at: AtomicU64,
 }
 
 impl Control {
@@ -118,9 +153,35 @@ impl Control {
         Ok(Self {
             addrs: config.servers.clone(),
             credentials: Credentials::load(&config)?,
-            config,
+            config: RwLock::new(config),
             health: Mutex::new(BTreeMap::new()),
+            maintenance: Mutex::new(None),
+            unsent_health: Mutex::new(BTreeSet::new()),
+            health_writes: tokio::sync::Mutex::new(()),
+            registrations: Counter::default(),
+            registered_at: AtomicU64::new(0),
         })
+    }
+
+    /// Counts registrations in `counter` (the agent's metrics).
+    pub fn counting_registrations(mut self, counter: Counter) -> Self {
+        self.registrations = counter;
+        self
+    }
+
+    /// How many registrations the servers took from this agent.
+    pub fn registrations(&self) -> u64 {
+        self.registrations.get()
+    }
+
+    /// The running configuration.
+    pub fn config(&self) -> Arc<AgentConfig> {
+        self.config.read().expect("config lock").clone()
+    }
+
+    /// Takes a reloaded configuration: later registrations use its services.
+    pub fn set_config(&self, config: Arc<AgentConfig>) {
+        *self.config.write().expect("config lock") = config;
     }
 
     /// A channel to the first server that accepts a TLS connection.
@@ -204,9 +265,10 @@ impl Control {
         move |status| ControlError::Refused { what, status }
     }
 
-    /// Registers the node and every local service, with their last known health.
-    pub async fn register(&self) -> Result<(), ControlError> {
-        let cfg = &self.config;
+    /// Registers the node and every local service, with their last known
+    /// health; returns the index of the last write.
+    pub async fn register(&self) -> Result<u64, ControlError> {
+        let cfg = self.config();
         let mut catalog = CatalogClient::new(self.channel().await?);
         let node = proto::Node {
             name: cfg.node_name.clone(),
@@ -214,43 +276,97 @@ impl Control {
             datacenter: cfg.datacenter.clone(),
             ..Default::default()
         };
-        catalog
+        let mut index = catalog
             .register_node(proto::RegisterNodeRequest { node: Some(node) })
             .await
-            .map_err(Self::refused(format!("registering node {}", cfg.node_name)))?;
-        let health = self.health.lock().expect("health lock").clone();
-        for s in &cfg.services {
-            let (status, output) = health
-                .get(&s.id)
-                .cloned()
-                .unwrap_or((HealthStatus::Critical, "no check has run yet".into()));
-            let instance = proto::ServiceInstance {
-                id: s.id.clone(),
-                service: s.name.clone(),
-                node: cfg.node_name.clone(),
-                address: s.address.to_string(),
-                port: u32::from(s.port),
-                tags: s.tags.clone(),
-                meta: s.meta.clone().into_iter().collect(),
-                health: health_to_proto(status) as i32,
-                check_output: output,
-                // The shortest of the service's checks', as Consul does.
-                deregister_critical_after_ms: s
-                    .checks
-                    .iter()
-                    .filter_map(|c| c.deregister_critical_service_after)
-                    .min()
-                    .map_or(0, |d| d.as_millis() as u64),
-                ..Default::default()
-            };
-            catalog
-                .register_service(proto::RegisterServiceRequest {
-                    instance: Some(instance),
-                })
-                .await
-                .map_err(Self::refused(format!("registering service {}", s.id)))?;
+            .map_err(Self::refused(format!("registering node {}", cfg.node_name)))?
+            .into_inner()
+            .index;
+        let maintenance = self.maintenance.lock().expect("maintenance lock").clone();
+        if let Some(reason) = maintenance {
+            self.maintenance_on(&mut catalog, true, &reason).await?;
         }
-        tracing::info!(node = %cfg.node_name, services = cfg.services.len(), "registered");
+        for s in &cfg.services {
+            index = self.register_on(&mut catalog, s).await?;
+        }
+        self.registrations.inc();
+        self.registered_at.fetch_max(index, Ordering::SeqCst);
+        tracing::info!(node = %cfg.node_name, services = cfg.services.len(), index, "registered");
+        Ok(index)
+    }
+
+    /// Registers one local service (added or changed by a reload).
+    pub async fn register_service(&self, s: &ServiceConfig) -> Result<(), ControlError> {
+        let mut catalog = CatalogClient::new(self.channel().await?);
+        let index = self.register_on(&mut catalog, s).await?;
+        // The view is not judged before it shows this registration.
+        self.registered_at.fetch_max(index, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn register_on(
+        &self,
+        catalog: &mut CatalogClient<ServerChannel>,
+        s: &ServiceConfig,
+    ) -> Result<u64, ControlError> {
+        let (status, output) = self
+            .health
+            .lock()
+            .expect("health lock")
+            .get(&s.id)
+            .cloned()
+            .unwrap_or((HealthStatus::Critical, "no check has run yet".into()));
+        let instance = proto::ServiceInstance {
+            id: s.id.clone(),
+            service: s.name.clone(),
+            node: self.config().node_name.clone(),
+            address: s.address.to_string(),
+            port: u32::from(s.port),
+            tags: s.tags.clone(),
+            meta: s.meta.clone().into_iter().collect(),
+            health: health_to_proto(status) as i32,
+            check_output: output,
+            // The shortest of the service's checks', as Consul does.
+            deregister_critical_after_ms: s
+                .checks
+                .iter()
+                .filter_map(|c| c.deregister_critical_service_after)
+                .min()
+                .map_or(0, |d| d.as_millis() as u64),
+            ..Default::default()
+        };
+        Ok(catalog
+            .register_service(proto::RegisterServiceRequest {
+                instance: Some(instance),
+            })
+            .await
+            .map_err(Self::refused(format!("registering service {}", s.id)))?
+            .into_inner()
+            .index)
+    }
+
+    /// Why the node's registration in `view` is not what this agent would
+    /// register, if it is not ([`registration_gap`]).
+    pub fn registration_gap(&self, view: &View) -> Option<String> {
+        registration_gap(
+            &self.config(),
+            &self.health.lock().expect("health lock"),
+            view,
+        )
+    }
+
+    /// Removes one local service instance (gone from the file on reload).
+    pub async fn deregister_service(&self, id: &str) -> Result<(), ControlError> {
+        let mut catalog = CatalogClient::new(self.channel().await?);
+        catalog
+            .deregister_service(proto::DeregisterServiceRequest {
+                node: self.config().node_name.clone(),
+                id: id.to_string(),
+            })
+            .await
+            .map_err(Self::refused(format!("deregistering service {id}")))?;
+        self.health.lock().expect("health lock").remove(id);
+        self.unsent_health.lock().expect("health lock").remove(id);
         Ok(())
     }
 
@@ -259,7 +375,7 @@ impl Control {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             match self.register().await {
-                Ok(()) => return Ok(()),
+                Ok(_) => return Ok(()),
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::warn!("registration failed, retrying: {e}");
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -274,15 +390,16 @@ impl Control {
         let mut catalog = CatalogClient::new(self.channel().await?);
         catalog
             .deregister_node(proto::DeregisterNodeRequest {
-                name: self.config.node_name.clone(),
+                name: self.config().node_name.clone(),
             })
             .await
             .map_err(Self::refused("deregistering"))?;
-        tracing::info!(node = %self.config.node_name, "deregistered");
+        tracing::info!(node = %self.config().node_name, "deregistered");
         Ok(())
     }
 
-    /// Writes a service's new health (called only when it changed).
+    /// Writes a service's new health (called only when it changed). If it
+    /// cannot be written now, it is written once heartbeats get through.
     pub async fn update_health(
         &self,
         id: &str,
@@ -293,16 +410,100 @@ impl Control {
             .lock()
             .expect("health lock")
             .insert(id.to_string(), (status, output.to_string()));
+        self.unsent_health
+            .lock()
+            .expect("health lock")
+            .insert(id.to_string());
+        self.send_health(id).await
+    }
+
+    /// Sends the last known health of instance `id`.
+    async fn send_health(&self, id: &str) -> Result<(), ControlError> {
+        let _order = self.health_writes.lock().await;
+        let Some((status, output)) = self.health.lock().expect("health lock").get(id).cloned()
+        else {
+            return Ok(());
+        };
         let mut catalog = CatalogClient::new(self.channel().await?);
-        catalog
+        let written = catalog
             .update_health(proto::UpdateHealthRequest {
-                node: self.config.node_name.clone(),
+                node: self.config().node_name.clone(),
                 id: id.to_string(),
                 health: health_to_proto(status) as i32,
-                output: output.to_string(),
+                output: output.clone(),
+            })
+            .await;
+        if let Err(status) = written {
+            use tonic::Code;
+            if matches!(
+                status.code(),
+                Code::FailedPrecondition | Code::InvalidArgument | Code::PermissionDenied
+            ) {
+                // A server answered and will not take it (the instance is
+                // gone, say): sending it again would not help; the next
+                // registration carries it.
+                self.unsent_health.lock().expect("health lock").remove(id);
+            }
+            return Err(Self::refused(format!("health of {id}"))(status));
+        }
+        // Sent under `health_writes`: a newer state marks it unsent again
+        // only after this write, and is then sent after it.
+        let latest = self.health.lock().expect("health lock").get(id).cloned();
+        if latest == Some((status, output)) {
+            self.unsent_health.lock().expect("health lock").remove(id);
+        }
+        Ok(())
+    }
+
+    /// Writes every health state the servers may have missed.
+    async fn send_unsent_health(&self) -> Result<(), ControlError> {
+        let unsent: Vec<String> = self
+            .unsent_health
+            .lock()
+            .expect("health lock")
+            .iter()
+            .cloned()
+            .collect();
+        for id in unsent {
+            self.send_health(&id).await?;
+            tracing::info!(service = %id, "health written after the servers came back");
+        }
+        Ok(())
+    }
+
+    /// Starts from the health a predecessor last reported (an upgrade): the
+    /// node's instances are registered as they are, not critical.
+    pub fn seed_health(&self, health: BTreeMap<String, (HealthStatus, String)>) {
+        self.health.lock().expect("health lock").extend(health);
+    }
+
+    /// The health last reported per local instance id.
+    pub fn last_health(&self) -> BTreeMap<String, (HealthStatus, String)> {
+        self.health.lock().expect("health lock").clone()
+    }
+
+    /// Puts the node in maintenance (critical: sources stop choosing its
+    /// instances) or takes it out.
+    pub async fn set_maintenance(&self, enable: bool, reason: &str) -> Result<(), ControlError> {
+        *self.maintenance.lock().expect("maintenance lock") = enable.then(|| reason.to_string());
+        let mut catalog = CatalogClient::new(self.channel().await?);
+        self.maintenance_on(&mut catalog, enable, reason).await
+    }
+
+    async fn maintenance_on(
+        &self,
+        catalog: &mut CatalogClient<ServerChannel>,
+        enable: bool,
+        reason: &str,
+    ) -> Result<(), ControlError> {
+        catalog
+            .set_node_maintenance(proto::NodeMaintenanceRequest {
+                node: self.config().node_name.clone(),
+                enable,
+                reason: reason.to_string(),
             })
             .await
-            .map_err(Self::refused(format!("health of {id}")))?;
+            .map_err(Self::refused("maintenance mode"))?;
         Ok(())
     }
 
@@ -312,7 +513,7 @@ impl Control {
         let mut catalog = CatalogClient::new(self.channel().await?);
         let reply = catalog
             .heartbeat(proto::HeartbeatRequest {
-                node: self.config.node_name.clone(),
+                node: self.config().node_name.clone(),
             })
             .await
             .map_err(Self::refused("heartbeat".to_string()))?;
@@ -322,23 +523,31 @@ impl Control {
 
     /// Sends heartbeats for as long as the agent runs: the servers mark the
     /// node critical when they stop. A failed one is retried after a second
-    /// and logged once per failure streak.
+    /// and logged once per failure streak. After a heartbeat got through,
+    /// health changes the servers missed are written.
     pub async fn heartbeat_forever(self: Arc<Self>) {
-        let mut failing = false;
+        let mut streak = Streak::default();
         loop {
             let wait = match self.heartbeat().await {
                 Ok(next) => {
-                    if failing {
-                        tracing::info!("heartbeats reach the servers again");
+                    if let Some((lasted, failures)) = streak.succeeded() {
+                        tracing::info!(
+                            "heartbeats reach the servers again after {:.1}s ({failures} failed)",
+                            lasted.as_secs_f64()
+                        );
                     }
-                    failing = false;
+                    let unsent = !self.unsent_health.lock().expect("health lock").is_empty();
+                    if unsent {
+                        if let Err(e) = self.send_unsent_health().await {
+                            tracing::warn!("writing the health the servers missed: {e}");
+                        }
+                    }
                     next
                 }
                 Err(e) => {
-                    if !failing {
+                    if streak.failed() {
                         tracing::warn!("heartbeat failed: {e}; retrying every second");
                     }
-                    failing = true;
                     Duration::from_secs(1)
                 }
             };
@@ -355,7 +564,7 @@ impl Control {
         let mut ca = CaClient::new(self.channel().await?);
         let req = proto::SignRequest {
             csr_pem,
-            node: self.config.node_name.clone(),
+            node: self.config().node_name.clone(),
             service: service.unwrap_or_default().to_string(),
         };
         let what = format!("a certificate for {}", service.unwrap_or("this node"));
@@ -367,43 +576,66 @@ impl Control {
     }
 
     /// Follows the watch stream forever, applying events to `view` and
-    /// publishing the index after each. Reconnects (and re-registers) when a
-    /// stream breaks; while no server answers, the view stays as it was.
+    /// publishing the index after each. Reconnects with backoff when a stream
+    /// breaks, resuming from the view's index; while no server answers, the
+    /// view stays as it was. An outage is logged when it starts and when the
+    /// stream resumes, not at every attempt.
     pub async fn follow(self: Arc<Self>, view: Arc<RwLock<View>>, index_tx: watch::Sender<u64>) {
-        let mut backoff = Duration::from_millis(100);
-        let mut first = true;
+        let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_CAP);
+        let mut streak = Streak::default();
         loop {
             let from = view.read().expect("view lock").index;
-            match self.stream_once(&view, &index_tx, from, first).await {
-                Ok(()) => backoff = Duration::from_millis(100),
-                Err(e) => {
-                    tracing::warn!("watch stream: {e}; reconnecting");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+            let mut subscribed = || {
+                backoff.reset();
+                if let Some((lasted, failures)) = streak.succeeded() {
+                    tracing::info!(
+                        from_index = from,
+                        "watch stream resumed after {:.1}s ({failures} attempts failed)",
+                        lasted.as_secs_f64()
+                    );
                 }
+            };
+            let result = self
+                .stream_once(&view, &index_tx, from, &mut subscribed)
+                .await;
+            let e = match result {
+                Ok(()) => ControlError::Unreachable("the server ended the watch stream".into()),
+                Err(e) => e,
+            };
+            if streak.failed() {
+                tracing::warn!("watch stream: {e}; reconnecting with backoff (up to {RECONNECT_CAP:?}), the view stays as it is");
+            } else {
+                tracing::debug!(attempt = streak.failures(), "watch stream: {e}");
             }
-            first = false;
+            tokio::time::sleep(backoff.next_wait()).await;
         }
     }
 
+    /// One watch stream, from subscribing to its end. `subscribed` is called
+    /// once a server took the subscription.
     async fn stream_once(
         &self,
         view: &RwLock<View>,
         index_tx: &watch::Sender<u64>,
         from: u64,
-        first: bool,
+        subscribed: &mut impl FnMut(),
     ) -> Result<(), ControlError> {
+        // A snapshot half received on a stream that broke is of no use.
+        view.write().expect("view lock").drop_partial();
         let channel = self.channel().await?;
-        if !first {
-            // Whatever broke the stream (a server restart, a leader change, a
-            // restore) may have lost this node: register again.
-            self.register().await?;
-        }
         let mut stream = WatchClient::new(channel)
-            .subscribe(proto::WatchRequest { from_index: from })
+            .subscribe(proto::WatchRequest {
+                from_index: from,
+                include_kv: false,
+            })
             .await
             .map_err(Self::refused("a watch stream"))?
             .into_inner();
+        subscribed();
+        // A registration that failed before the stream broke is retried
+        // here; otherwise the view is as the servers' catalog was, and there
+        // is nothing to do.
+        self.reconcile(view).await?;
         loop {
             let event = match stream.message().await {
                 Ok(Some(event)) => event,
@@ -416,22 +648,190 @@ impl Control {
                 }
             };
             let index = event.index;
-            if let Err(e) = view.write().expect("view lock").apply(event) {
-                tracing::error!("ignoring a bad watch event: {e}");
+            let partial = {
+                let mut v = view.write().expect("view lock");
+                if let Err(e) = v.apply(event) {
+                    tracing::error!("ignoring a bad watch event: {e}");
+                    continue;
+                }
+                v.is_partial()
+            };
+            if partial {
+                // More parts of a snapshot follow; nothing changed yet.
                 continue;
             }
-            let registered = view
-                .read()
-                .expect("view lock")
-                .nodes
-                .contains_key(&self.config.node_name);
-            if !registered {
-                tracing::warn!("this node is missing from the catalog; registering again");
-                if let Err(e) = self.register().await {
-                    tracing::warn!("re-registration failed: {e}");
-                }
-            }
+            self.reconcile(view).await?;
             index_tx.send_replace(index);
         }
+    }
+
+    /// Registers again if `view` shows the registration lost or changed
+    /// (a wiped or restored server, an operator's deregistration); not
+    /// before the view has caught up with the agent's own last registration,
+    /// whose writes arrive one event at a time.
+    async fn reconcile(&self, view: &RwLock<View>) -> Result<(), ControlError> {
+        let gap = {
+            let view = view.read().expect("view lock");
+            if view.index < self.registered_at.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            self.registration_gap(&view)
+        };
+        if let Some(gap) = gap {
+            tracing::warn!("{gap} in the catalog; registering again");
+            self.register().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Pure: why the registration of `cfg`'s node in `view` is not what the
+/// agent would register, if it is not: the node is missing or differs, an
+/// instance differs, or one is missing whose last known health (`health`,
+/// by instance id) is not critical.
+pub fn registration_gap(
+    cfg: &AgentConfig,
+    health: &BTreeMap<String, (HealthStatus, String)>,
+    view: &View,
+) -> Option<String> {
+    let Some(node) = view.nodes.get(&cfg.node_name) else {
+        return Some(format!("node {} is missing", cfg.node_name));
+    };
+    if node.address.parse().ok() != Some(cfg.advertise_addr) || node.datacenter != cfg.datacenter {
+        return Some(format!(
+            "node {} is registered at {} in {}",
+            cfg.node_name, node.address, node.datacenter
+        ));
+    }
+    for s in &cfg.services {
+        let key = (cfg.node_name.clone(), s.id.clone());
+        let Some(i) = view.instances.get(&key) else {
+            let critical = health
+                .get(&s.id)
+                .is_some_and(|(status, _)| *status == HealthStatus::Critical);
+            if critical {
+                // Perhaps deregistered for being critical: it comes back
+                // with the next registration, not by itself.
+                continue;
+            }
+            return Some(format!("instance {} is missing", s.id));
+        };
+        let deregister_after = s
+            .checks
+            .iter()
+            .filter_map(|c| c.deregister_critical_service_after)
+            .min()
+            .map_or(0, |d| d.as_millis() as u64);
+        if i.service != s.name
+            || i.address.parse().ok() != Some(s.address)
+            || i.port != s.port
+            || i.tags != s.tags
+            || i.meta != s.meta
+            || i.deregister_critical_after_ms != deregister_after
+        {
+            return Some(format!("instance {} differs from its configuration", s.id));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_api::catalog::{Node, ServiceInstance};
+
+    fn config() -> AgentConfig {
+        AgentConfig::parse(
+            r#"
+node_name = "node-b"
+datacenter = "dc1"
+servers = ["10.0.0.1:8502"]
+advertise_addr = "10.0.0.3"
+data_dir = "/var/lib/weft"
+
+[[service]]
+id = "api-1"
+name = "api"
+port = 8080
+address = "10.0.0.3"
+tags = ["v1"]
+"#,
+            "test.toml",
+        )
+        .expect("config")
+    }
+
+    /// The view of a catalog holding exactly what `config()` registers.
+    fn registered() -> View {
+        let mut view = View::default();
+        view.nodes.insert(
+            "node-b".into(),
+            Node {
+                name: "node-b".into(),
+                address: "10.0.0.3".into(),
+                datacenter: "dc1".into(),
+                ..Default::default()
+            },
+        );
+        view.instances.insert(
+            ("node-b".into(), "api-1".into()),
+            ServiceInstance {
+                id: "api-1".into(),
+                service: "api".into(),
+                node: "node-b".into(),
+                address: "10.0.0.3".into(),
+                port: 8080,
+                tags: vec!["v1".into()],
+                health: HealthStatus::Passing,
+                create_index: 7,
+                modify_index: 9,
+                ..Default::default()
+            },
+        );
+        view
+    }
+
+    #[test]
+    fn an_intact_registration_needs_no_write_whatever_the_health() {
+        let (cfg, mut view) = (config(), registered());
+        let mut health = BTreeMap::new();
+        assert_eq!(registration_gap(&cfg, &health, &view), None);
+        // Health differences are written as health, not as registrations.
+        health.insert("api-1".into(), (HealthStatus::Critical, "down".into()));
+        view.nodes.get_mut("node-b").unwrap().health = HealthStatus::Critical;
+        assert_eq!(registration_gap(&cfg, &health, &view), None);
+    }
+
+    #[test]
+    fn a_lost_or_changed_registration_is_written_again() {
+        let (cfg, health) = (config(), BTreeMap::new());
+        let mut view = registered();
+        view.nodes.clear();
+        view.instances.clear();
+        let gap = registration_gap(&cfg, &health, &view).expect("a gap");
+        assert!(gap.contains("node node-b is missing"), "{gap}");
+
+        let mut view = registered();
+        view.instances.clear();
+        let gap = registration_gap(&cfg, &health, &view).expect("a gap");
+        assert!(gap.contains("instance api-1 is missing"), "{gap}");
+
+        let mut view = registered();
+        view.instances.values_mut().next().unwrap().port = 9090;
+        assert!(registration_gap(&cfg, &health, &view).is_some());
+
+        let mut view = registered();
+        view.nodes.get_mut("node-b").unwrap().address = "10.0.0.9".into();
+        assert!(registration_gap(&cfg, &health, &view).is_some());
+    }
+
+    #[test]
+    fn a_missing_instance_last_known_critical_is_left_out() {
+        let cfg = config();
+        let mut view = registered();
+        view.instances.clear();
+        let mut health = BTreeMap::new();
+        health.insert("api-1".into(), (HealthStatus::Critical, "down".into()));
+        assert_eq!(registration_gap(&cfg, &health, &view), None);
     }
 }

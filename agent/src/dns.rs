@@ -298,6 +298,27 @@ impl DnsServer {
         }
     }
 
+    /// Serves already bound sockets (handed over by a predecessor).
+    pub fn from_sockets(
+        udp: std::net::UdpSocket,
+        tcp: std::net::TcpListener,
+        resolver: ServiceResolver,
+    ) -> Result<Self, DnsError> {
+        udp.set_nonblocking(true).map_err(DnsError::LocalAddr)?;
+        tcp.set_nonblocking(true).map_err(DnsError::LocalAddr)?;
+        Ok(Self {
+            udp: UdpSocket::from_std(udp).map_err(DnsError::LocalAddr)?,
+            tcp: TcpListener::from_std(tcp).map_err(DnsError::LocalAddr)?,
+            resolver,
+        })
+    }
+
+    /// The sockets, to hand over to a successor.
+    pub fn sockets(&self) -> (std::os::fd::BorrowedFd<'_>, std::os::fd::BorrowedFd<'_>) {
+        use std::os::fd::AsFd;
+        (self.udp.as_fd(), self.tcp.as_fd())
+    }
+
     /// The address both sockets are bound to.
     pub fn local_addr(&self) -> Result<SocketAddr, DnsError> {
         self.udp.local_addr().map_err(DnsError::LocalAddr)

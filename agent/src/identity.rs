@@ -2,13 +2,16 @@
 //! port) and one per local service (presented when that service calls out).
 //! Keys are made here and never leave the agent; the servers' CA signs CSRs.
 //! Each certificate is renewed at about half its lifetime, with jitter so
-//! that agents do not all renew at once.
+//! that agents do not all renew at once. A renewal that fails (no server
+//! answers) keeps the certificate in use and is retried with backoff (up to
+//! [`RETRY_CAP`]), logged when the failures start and when they end.
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rcgen::{CertificateParams, KeyPair};
 
+use crate::backoff::{Backoff, Streak};
 use crate::control::{Control, ControlError};
 use crate::hbone::{Identity, TlsError};
 
@@ -24,10 +27,28 @@ pub enum IdentityError {
     Unknown(String),
 }
 
+/// The longest wait between attempts to renew a certificate.
+pub const RETRY_CAP: Duration = Duration::from_secs(10);
+
 /// A certificate and when to renew it.
 struct Held {
     identity: Arc<Identity>,
     renew_at: tokio::time::Instant,
+}
+
+/// Failed renewals of one certificate, until one succeeds.
+struct Retry {
+    backoff: Backoff,
+    streak: Streak,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            backoff: Backoff::new(Duration::from_secs(1), RETRY_CAP),
+            streak: Streak::default(),
+        }
+    }
 }
 
 /// The node's and the local services' certificates.
@@ -97,6 +118,31 @@ impl Identities {
         Ok(())
     }
 
+    /// Gets a certificate for each of `services` not held yet (a reload
+    /// added them).
+    pub async fn add_services(&self, services: &[String]) -> Result<(), IdentityError> {
+        for name in services {
+            if self.service(name).is_ok() {
+                continue;
+            }
+            let held = self.obtain(Some(name)).await?;
+            self.services
+                .write()
+                .expect("identity lock")
+                .insert(name.clone(), held);
+        }
+        Ok(())
+    }
+
+    /// Drops the certificates of services not in `services` (a reload
+    /// removed them): no new connection presents them.
+    pub fn retain_services(&self, services: &[String]) {
+        self.services
+            .write()
+            .expect("identity lock")
+            .retain(|name, _| services.contains(name));
+    }
+
     pub fn node(&self) -> Option<Arc<Identity>> {
         self.node
             .read()
@@ -116,28 +162,19 @@ impl Identities {
 
     /// Renews certificates that are due; runs until dropped.
     pub async fn renew_forever(self: Arc<Self>) {
+        // By service name; `None`: the node's.
+        let mut retries: BTreeMap<Option<String>, Retry> = BTreeMap::new();
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let now = tokio::time::Instant::now();
-            let due: Vec<String> = self
+            let mut due: Vec<Option<String>> = self
                 .services
                 .read()
                 .expect("identity lock")
                 .iter()
                 .filter(|(_, h)| h.renew_at <= now)
-                .map(|(n, _)| n.clone())
+                .map(|(n, _)| Some(n.clone()))
                 .collect();
-            for name in due {
-                match self.obtain(Some(&name)).await {
-                    Ok(held) => {
-                        self.services
-                            .write()
-                            .expect("identity lock")
-                            .insert(name, held);
-                    }
-                    Err(e) => tracing::warn!(service = %name, "renewal failed, retrying soon: {e}"),
-                }
-            }
             let node_due = self
                 .node
                 .read()
@@ -145,9 +182,66 @@ impl Identities {
                 .as_ref()
                 .is_some_and(|h| h.renew_at <= now);
             if node_due {
-                match self.obtain(None).await {
-                    Ok(held) => *self.node.write().expect("identity lock") = Some(held),
-                    Err(e) => tracing::warn!("node certificate renewal failed, retrying soon: {e}"),
+                due.push(None);
+            }
+            for which in due {
+                let result = self.renew(which.as_deref()).await;
+                let retry = retries.entry(which.clone()).or_default();
+                let what = which.as_deref().unwrap_or("the node");
+                match result {
+                    Ok(()) => {
+                        if let Some((lasted, failures)) = retry.streak.succeeded() {
+                            tracing::info!(
+                                "certificate of {what} renewed after {failures} failed attempts over {:.1}s",
+                                lasted.as_secs_f64()
+                            );
+                        }
+                        retries.remove(&which);
+                    }
+                    Err(e) => {
+                        // The certificate in use stays until a renewal succeeds.
+                        let wait = retry.backoff.next_wait();
+                        if retry.streak.failed() {
+                            tracing::warn!("renewing the certificate of {what} failed, keeping the current one and retrying with backoff: {e}");
+                        } else {
+                            tracing::debug!(
+                                attempt = retry.streak.failures(),
+                                "renewing the certificate of {what}: {e}"
+                            );
+                        }
+                        self.postpone(which.as_deref(), now + wait);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gets a new certificate for `service` (None: the node) and uses it.
+    async fn renew(&self, service: Option<&str>) -> Result<(), IdentityError> {
+        let held = self.obtain(service).await?;
+        match service {
+            Some(name) => {
+                self.services
+                    .write()
+                    .expect("identity lock")
+                    .insert(name.to_string(), held);
+            }
+            None => *self.node.write().expect("identity lock") = Some(held),
+        }
+        Ok(())
+    }
+
+    /// Next attempt to renew `service`'s certificate (None: the node's) at `at`.
+    fn postpone(&self, service: Option<&str>, at: tokio::time::Instant) {
+        match service {
+            Some(name) => {
+                if let Some(h) = self.services.write().expect("identity lock").get_mut(name) {
+                    h.renew_at = at;
+                }
+            }
+            None => {
+                if let Some(h) = self.node.write().expect("identity lock").as_mut() {
+                    h.renew_at = at;
                 }
             }
         }

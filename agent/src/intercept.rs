@@ -103,17 +103,113 @@ pub struct Intercepted {
     pub original: SocketAddr,
 }
 
+/// The workload id (1..=4095, the low bits of the socket mark) of each
+/// local service, by service id.
+pub type WorkloadIds = BTreeMap<String, u32>;
+
+/// The largest workload id (the low 12 bits of the socket mark).
+pub const MAX_WORKLOAD_ID: u32 = crate::config::MAX_SERVICES as u32;
+
+/// Pure: workload ids for `service_ids`: those in `previous` kept, new ones
+/// given the first free id after `last` (the highest given so far), wrapping
+/// to 1 after [`MAX_WORKLOAD_ID`]. An id is not given again soon after its
+/// service goes: the programs' records of connections the old service made
+/// (waiting in the outbound accept queue), its fast-path entries until the
+/// next sync and its loopback socket marks all name it by id, and would
+/// otherwise be taken for the new service's.
+pub fn assign_ids(previous: &WorkloadIds, service_ids: &[&str], last: u32) -> (WorkloadIds, u32) {
+    let mut ids: WorkloadIds = service_ids
+        .iter()
+        .filter_map(|s| Some((s.to_string(), *previous.get(*s)?)))
+        .collect();
+    let mut taken: BTreeSet<u32> = ids.values().copied().collect();
+    let mut next = last;
+    for service in service_ids {
+        if ids.contains_key(*service) {
+            continue;
+        }
+        // At most MAX_SERVICES services: a free id exists.
+        loop {
+            next = if next >= MAX_WORKLOAD_ID { 1 } else { next + 1 };
+            if !taken.contains(&next) {
+                break;
+            }
+        }
+        ids.insert(service.to_string(), next);
+        taken.insert(next);
+    }
+    (ids, next)
+}
+
+/// The local services as the programs know them.
+#[derive(Debug, Default)]
+struct Workloads {
+    /// Workload id by service id.
+    ids: WorkloadIds,
+    /// Service name by workload id.
+    names: BTreeMap<u32, String>,
+    /// Workload id by cgroup id, as in the programs' map.
+    cgroups: BTreeMap<u64, u32>,
+    /// (service name, port) of every local service.
+    local_services: Vec<(String, u16)>,
+    /// The last workload id given (see [`assign_ids`]).
+    last: u32,
+}
+
+impl Workloads {
+    /// Places `config`'s services (ids from `previous` kept): their cgroups
+    /// (created when missing) go in the programs' workload map.
+    fn place(
+        &mut self,
+        config: &AgentConfig,
+        root: &Path,
+        previous: WorkloadIds,
+        redirector: &mut Redirector,
+    ) -> Result<(), InterceptError> {
+        let service_ids: Vec<&str> = config.services.iter().map(|s| s.id.as_str()).collect();
+        let (ids, last) = assign_ids(&previous, &service_ids, self.last);
+        let mut cgroups = BTreeMap::new();
+        for service in &config.services {
+            let id = ids[&service.id];
+            let Some(relative) = &service.cgroup else {
+                continue;
+            };
+            let path = root.join(relative);
+            ensure_dir(&path)?;
+            let cgroup = cgroup_id(&path)?;
+            if self.cgroups.get(&cgroup) != Some(&id) {
+                redirector.add_workload(cgroup, id)?;
+                tracing::info!(service = %service.name, cgroup = %path.display(), cgroup_id = cgroup, workload_id = id, "workload cgroup");
+            }
+            cgroups.insert(cgroup, id);
+        }
+        self.names = config
+            .services
+            .iter()
+            .map(|s| (ids[&s.id], s.name.clone()))
+            .collect();
+        self.ids = ids;
+        self.last = last;
+        self.cgroups = cgroups;
+        self.local_services = config
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), s.port))
+            .collect();
+        Ok(())
+    }
+}
+
 pub struct Interception {
     redirector: Mutex<Redirector>,
-    /// Service name of each workload id (id = index + 1).
-    workloads: Vec<String>,
+    workloads: Mutex<Workloads>,
+    /// The cgroup subtree the agent manages.
+    root: PathBuf,
     installed: Mutex<BTreeSet<(IpAddr, Option<u16>)>>,
     fast_installed: Mutex<BTreeMap<FastEntry, SocketAddr>>,
     permissive_installed: Mutex<BTreeSet<u16>>,
     /// Whether the last sync brought every map in step with the view.
     synced: AtomicBool,
-    /// (service name, port) of every local service.
-    local_services: Vec<(String, u16)>,
     node_name: String,
     outbound: SocketAddr,
 }
@@ -173,9 +269,13 @@ impl Interception {
     /// Adopts what an earlier agent pinned, loads the programs, places every
     /// service's cgroup (creating it when missing) in the workload map and
     /// attaches at the cgroup root. Mesh workloads' connections are refused
-    /// until the first [`Interception::renew_lease`]. Call inside the tokio
-    /// runtime.
-    pub fn start(config: &AgentConfig) -> Result<Self, InterceptError> {
+    /// until the first [`Interception::renew_lease`], unless `taking_over`:
+    /// then the predecessor's lease runs on (it serves until this agent
+    /// does, see `handover`). Call inside the tokio runtime.
+    pub fn start(
+        config: &AgentConfig,
+        taking_over: Option<&WorkloadIds>,
+    ) -> Result<Self, InterceptError> {
         let root = cgroup_root(config)?;
         ensure_dir(&root)?;
         let pins = Pins::open(&pin_dir(config)?)?;
@@ -185,26 +285,25 @@ impl Interception {
             EgressPolicy::Deny => Egress::Deny,
         };
         // A predecessor's lease may still run (a crash a moment ago): this
-        // agent has no view yet, so nothing is admitted until it renews.
-        redirector.end_lease()?;
+        // agent has no view yet, so nothing is admitted until it renews. A
+        // predecessor that hands over renews it until this agent serves.
+        if taking_over.is_none() {
+            redirector.end_lease()?;
+        }
         redirector.configure(egress, config.socket_mark)?;
         crate::mark::set(config.socket_mark);
-        let mut workloads = Vec::new();
-        let mut cgroups = BTreeSet::new();
-        for (i, service) in config.services.iter().enumerate() {
-            workloads.push(service.name.clone());
-            let Some(relative) = &service.cgroup else {
-                continue;
-            };
-            let path = root.join(relative);
-            ensure_dir(&path)?;
-            let id = cgroup_id(&path)?;
-            redirector.add_workload(id, i as u32 + 1)?;
-            cgroups.insert(id);
-            tracing::info!(service = %service.name, cgroup = %path.display(), cgroup_id = id, "workload cgroup");
-        }
+        // A successor keeps its predecessor's workload ids: the records of
+        // connections made meanwhile name their source by id.
+        let previous = taking_over.cloned().unwrap_or_default();
+        let mut workloads = Workloads {
+            // New services after the predecessor's highest id.
+            last: previous.values().copied().max().unwrap_or(0),
+            ..Workloads::default()
+        };
+        workloads.place(config, &root, previous, &mut redirector)?;
+        let wanted: BTreeSet<u64> = workloads.cgroups.keys().copied().collect();
         for stale in redirector.installed_workloads() {
-            if !cgroups.contains(&stale) {
+            if !wanted.contains(&stale) {
                 redirector.remove_workload(stale)?;
             }
         }
@@ -221,19 +320,38 @@ impl Interception {
         let permissive_installed = redirector.permissive_ports().into_iter().collect();
         Ok(Self {
             redirector: Mutex::new(redirector),
-            workloads,
+            workloads: Mutex::new(workloads),
+            root,
             installed: Mutex::new(installed),
             fast_installed: Mutex::new(fast_installed),
             permissive_installed: Mutex::new(permissive_installed),
             synced: AtomicBool::new(false),
-            local_services: config
-                .services
-                .iter()
-                .map(|s| (s.name.clone(), s.port))
-                .collect(),
             node_name: config.node_name.clone(),
             outbound: config.outbound_addr,
         })
+    }
+
+    /// The workload id of each local service (by service id), for a
+    /// successor to keep.
+    pub fn workload_ids(&self) -> WorkloadIds {
+        self.workloads.lock().expect("workloads lock").ids.clone()
+    }
+
+    /// Takes a reloaded configuration's services: cgroups of new services
+    /// placed (ids of the others kept), those of removed ones taken out,
+    /// then the maps synced with `view`.
+    pub fn reconfigure(&self, config: &AgentConfig, view: &View) -> Result<(), InterceptError> {
+        {
+            let mut redirector = self.redirector.lock().expect("redirector lock");
+            let mut workloads = self.workloads.lock().expect("workloads lock");
+            let before: BTreeSet<u64> = workloads.cgroups.keys().copied().collect();
+            let previous = workloads.ids.clone();
+            workloads.place(config, &self.root, previous, &mut redirector)?;
+            for gone in before.difference(&workloads.cgroups.keys().copied().collect()) {
+                redirector.remove_workload(*gone)?;
+            }
+        }
+        self.sync(view)
     }
 
     /// Renews the liveness lease: call every [`LEASE_RENEWAL`] once the view
@@ -302,12 +420,11 @@ impl Interception {
         let mut redirector = self.redirector.lock().expect("redirector lock");
         // Fast-path removals first: a deny must take effect even if a later
         // step fails.
-        let workloads: Vec<(u32, String)> = self
-            .workloads
-            .iter()
-            .enumerate()
-            .map(|(i, name)| (i as u32 + 1, name.clone()))
-            .collect();
+        let (workloads, local_services) = {
+            let w = self.workloads.lock().expect("workloads lock");
+            let ids: Vec<(u32, String)> = w.names.iter().map(|(id, n)| (*id, n.clone())).collect();
+            (ids, w.local_services.clone())
+        };
         let fast = fast_paths(view, &self.node_name, &workloads);
         let mut fast_installed = self.fast_installed.lock().expect("fast path lock");
         let stale: Vec<FastEntry> = fast_installed
@@ -340,7 +457,7 @@ impl Interception {
             }
         }
 
-        let permissive = permissive_ports(view, &self.local_services);
+        let permissive = permissive_ports(view, &local_services);
         let mut permissive_installed = self.permissive_installed.lock().expect("permissive lock");
         let off: Vec<u16> = permissive_installed
             .difference(&permissive)
@@ -380,7 +497,10 @@ impl Interception {
         Ok(orig.and_then(|o| {
             let source = self
                 .workloads
-                .get((o.workload_id as usize).checked_sub(1)?)?
+                .lock()
+                .expect("workloads lock")
+                .names
+                .get(&o.workload_id)?
                 .clone();
             Some(Intercepted {
                 source,
@@ -449,6 +569,34 @@ mod tests {
         })
         .unwrap();
         v
+    }
+
+    #[test]
+    fn workload_ids_are_kept_and_a_removed_services_id_is_not_given_again() {
+        let (first, last) = assign_ids(&WorkloadIds::new(), &["web", "api", "db"], 0);
+        assert_eq!(
+            first,
+            [("web".into(), 1), ("api".into(), 2), ("db".into(), 3)].into()
+        );
+        assert_eq!(last, 3);
+        // api removed, cache added: web and db keep theirs; cache does not
+        // take api's 2, which connection records, fast-path entries and
+        // loopback marks made for api may still carry.
+        let (second, last) = assign_ids(&first, &["web", "db", "cache"], last);
+        assert_eq!(
+            second,
+            [("web".into(), 1), ("db".into(), 3), ("cache".into(), 4)].into()
+        );
+        // A successor given its predecessor's ids keeps them, whatever the
+        // order of its file.
+        assert_eq!(assign_ids(&second, &["cache", "db", "web"], last).0, second);
+        // Past the last id, numbering wraps around to the free ones.
+        let (wrapped, last) = assign_ids(
+            &[("a".to_string(), 1), ("z".to_string(), MAX_WORKLOAD_ID)].into(),
+            &["a", "z", "b", "c"],
+            MAX_WORKLOAD_ID - 1,
+        );
+        assert_eq!((wrapped["b"], wrapped["c"], last), (2, 3, 3));
     }
 
     const WEB: &[(u32, &str)] = &[(1, "web")];

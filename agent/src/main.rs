@@ -46,6 +46,14 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Make the agent running with this configuration re-read it (as
+    /// SIGHUP does) and print what changed, or why nothing did: services,
+    /// their checks and upstreams may change; a broken file is refused and
+    /// the running configuration keeps serving.
+    Reload {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,6 +85,14 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        (Some(Command::Reload { config }), _) => {
+            let loaded = weft_agent::config::AgentConfig::load(&config)?;
+            let socket = weft_agent::handover::socket_path(&loaded.data_dir);
+            let what = weft_agent::handover::request_reload(&socket)
+                .with_context(|| format!("reloading {}", config.display()))?;
+            println!("reloaded {}: {what}", config.display());
+            Ok(())
+        }
         (None, Some(path)) => {
             match weft_agent::limits::raise_nofile() {
                 Ok(l) => tracing::info!(
@@ -88,8 +104,11 @@ fn main() -> anyhow::Result<()> {
                 Err(e) => tracing::warn!("raising the open files limit: {e}"),
             }
             let config = weft_agent::config::AgentConfig::load(&path)?;
-            runtime(config.worker_threads)?
-                .block_on(weft_agent::run::run(config, shutdown_signal()))?;
+            runtime(config.worker_threads)?.block_on(weft_agent::run::run(
+                config,
+                path,
+                shutdown_signal(),
+            ))?;
             Ok(())
         }
         (None, None) => unreachable!("clap requires --config without a subcommand"),

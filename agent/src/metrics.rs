@@ -12,6 +12,8 @@
 //! - `tls_handshake_failures_total{side="inbound"|"outbound",reason}`
 //! - `ebpf_events_total{event="redirected"|"rekeyed"|"closed"|"fast_path"|
 //!   "egress_allowed"|"egress_denied"|"no_agent"|"inbound_refused"|"permissive_steered"}`
+//! - `registrations_total`: registrations of the node and its services the
+//!   servers took (one at start; again only when the catalog lost them)
 
 use std::fmt;
 use std::str::FromStr;
@@ -197,6 +199,7 @@ pub struct AgentMetrics {
     ejections: Family<EjectionLabels, Counter>,
     tls_failures: Family<TlsLabels, Counter>,
     ebpf: Family<EbpfLabels, Counter>,
+    registrations: Counter,
 }
 
 impl Default for AgentMetrics {
@@ -259,6 +262,11 @@ impl AgentMetrics {
             "Counters read from the eBPF programs' maps",
             m.ebpf.clone(),
         );
+        registry.register(
+            "registrations",
+            "Registrations of the node and its services that the servers took",
+            m.registrations.clone(),
+        );
         AgentMetrics {
             registry,
             opened: m.opened,
@@ -270,7 +278,13 @@ impl AgentMetrics {
             ejections: m.ejections,
             tls_failures: m.tls_failures,
             ebpf: m.ebpf,
+            registrations: m.registrations,
         }
+    }
+
+    /// The registrations counter, for [`crate::control::Control`] to count with.
+    pub fn registrations(&self) -> Counter {
+        self.registrations.clone()
     }
 
     /// A connection from `src` to `dst` was accepted.
@@ -381,6 +395,7 @@ struct AgentMetricsParts {
     ejections: Family<EjectionLabels, Counter>,
     tls_failures: Family<TlsLabels, Counter>,
     ebpf: Family<EbpfLabels, Counter>,
+    registrations: Counter,
 }
 
 #[cfg(test)]

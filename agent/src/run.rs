@@ -1,26 +1,44 @@
 //! The agent's main loop: registers with the servers, follows their watch
 //! stream, runs health checks, gets certificates, serves the inbound tunnel
-//! port, the explicit upstream ports and the admin port, and on shutdown
-//! stops accepting, drains open connections up to a deadline and
-//! deregisters.
-use std::collections::{BTreeSet, HashMap};
+//! port, the explicit upstream ports and the admin port.
+//!
+//! It ends one of two ways:
+//! - SIGTERM: the node goes into maintenance on the servers (sources stop
+//!   choosing it), then the agent stops accepting, tells open connections to
+//!   wind down, waits for them up to `drain_timeout` and deregisters.
+//! - An in-place upgrade: a successor started with the same configuration
+//!   takes the listening sockets over the control socket (see
+//!   [`crate::handover`]); this agent stops accepting, serves its open
+//!   connections until they end or `upgrade_drain_timeout`, and exits with
+//!   the node registered and the eBPF lease running (the successor renews
+//!   it).
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use weft_api::catalog::HealthStatus;
+
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
 use crate::admin::{AdminServer, AdminState};
 use crate::config::AgentConfig;
 use crate::control::{Control, ControlError};
 use crate::dns::{DnsError, DnsServer, ServiceResolver};
+use crate::drain::Drain;
+use crate::handover::{self, ControlSocket, HandoverError, Inherited, Predecessor};
 use crate::hbone::{HbonePool, HboneServer, TlsError, TrustBundle};
 use crate::health::runner::{HealthChecks, HealthUpdate};
 use crate::identity::{Identities, IdentityError};
 use crate::intercept::{InterceptError, Interception};
 use crate::metrics::{AgentMetrics, EbpfCounter, Side};
 use crate::proxy::{inbound, outbound, permissive, ProxyContext};
+use crate::running::{upstream_name, Running};
 use crate::view::View;
 
 /// How long the agent waits for the servers at start-up.
@@ -50,44 +68,192 @@ pub enum RunError {
     Dns(#[from] DnsError),
     #[error("transparent interception: {0}")]
     Intercept(#[from] InterceptError),
+    #[error("in-place upgrade: {0}")]
+    Handover(#[from] HandoverError),
+    #[error("SIGHUP handler: {0}")]
+    Signal(#[source] std::io::Error),
 }
 
-async fn listen(addr: std::net::SocketAddr) -> Result<TcpListener, RunError> {
+async fn listen(addr: SocketAddr) -> Result<TcpListener, RunError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| RunError::Listen { addr, source })
 }
 
-/// Runs the agent until `shutdown` completes.
-pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+/// The agent's listening sockets: the predecessor's when it hands them over,
+/// bound here otherwise. Each is also kept, duplicated, to hand over to a
+/// successor in turn.
+struct Sockets {
+    inherited: Inherited,
+    offered: Arc<Mutex<Vec<(String, OwnedFd)>>>,
+}
+
+impl Sockets {
+    /// The TCP listener `name` on `addr`.
+    async fn tcp(&mut self, name: &str, addr: SocketAddr) -> Result<TcpListener, RunError> {
+        let listen_err = |source| RunError::Listen { addr, source };
+        let listener = match self.inherited.tcp(name) {
+            Some(l) if same_place(l.local_addr().ok(), addr) => {
+                l.set_nonblocking(true).map_err(listen_err)?;
+                TcpListener::from_std(l).map_err(listen_err)?
+            }
+            // The configuration moved it: the old one closes with the
+            // predecessor.
+            _ => listen(addr).await?,
+        };
+        self.offer(name, listener.as_fd(), addr)?;
+        Ok(listener)
+    }
+
+    /// Keeps a duplicate of `fd` to hand over.
+    fn offer(&self, name: &str, fd: BorrowedFd<'_>, addr: SocketAddr) -> Result<(), RunError> {
+        let dup = fd
+            .try_clone_to_owned()
+            .map_err(|source| RunError::Listen { addr, source })?;
+        self.offered
+            .lock()
+            .expect("sockets lock")
+            .push((name.to_string(), dup));
+        Ok(())
+    }
+}
+
+/// Whether a socket bound at `bound` serves the configured `addr` (port 0:
+/// any port).
+fn same_place(bound: Option<SocketAddr>, addr: SocketAddr) -> bool {
+    bound.is_some_and(|b| b == addr || (addr.port() == 0 && b.ip() == addr.ip()))
+}
+
+/// What this agent offers a successor or `weft-agent reload` on its control
+/// socket (called on the socket's own thread).
+struct AgentHost {
+    node: String,
+    running: Arc<Running>,
+    runtime: tokio::runtime::Handle,
+    gate: Arc<handover::Gate>,
+}
+
+impl handover::Host for AgentHost {
+    fn node_name(&self) -> String {
+        self.node.clone()
+    }
+
+    fn health(&self) -> BTreeMap<String, (HealthStatus, String)> {
+        self.running.control.last_health()
+    }
+
+    fn workload_ids(&self) -> BTreeMap<String, u32> {
+        self.running
+            .interception
+            .as_ref()
+            .map(|i| i.workload_ids())
+            .unwrap_or_default()
+    }
+
+    fn listeners(&self) -> Result<Vec<(String, OwnedFd)>, String> {
+        if !self.gate.sending() {
+            return Err("this agent is stopping (SIGTERM): start the new one after it".into());
+        }
+        Ok(self
+            .running
+            .offered
+            .lock()
+            .expect("sockets lock")
+            .iter()
+            .filter_map(|(name, fd)| Some((name.clone(), fd.try_clone().ok()?)))
+            .collect())
+    }
+
+    fn handed_over(&self) {
+        self.running.offered.lock().expect("sockets lock").clear();
+        self.gate.done();
+    }
+
+    fn handover_abandoned(&self) {
+        self.gate.abandoned();
+    }
+
+    fn reload(&self) -> Result<String, String> {
+        self.runtime.block_on(self.running.reload())
+    }
+}
+
+/// Why the main loop ended.
+enum Stop {
+    /// SIGTERM or Ctrl-C.
+    Signal,
+    /// A successor took the listeners.
+    HandedOver,
+}
+
+/// Runs the agent until `shutdown` completes or a successor takes over.
+pub async fn run(
+    config: AgentConfig,
+    path: PathBuf,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     let config = Arc::new(config);
+    tokio::pin!(shutdown);
+    // From now on SIGHUP reloads (its default would end the process).
+    let mut hangups = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
+    let current = Arc::new(RwLock::new(config.clone()));
     let metrics = Arc::new(AgentMetrics::new());
     let view = Arc::new(RwLock::new(View::default()));
-    let control = Arc::new(Control::new(config.clone())?);
+    let control =
+        Arc::new(Control::new(config.clone())?.counting_registrations(metrics.registrations()));
     let (ready_tx, ready_rx) = watch::channel(false);
 
-    // Admin first, so that /healthz answers (503) while the rest starts.
-    let admin_state = AdminState {
+    // An agent with this configuration running already: this is an
+    // upgrade, and it serves until this one is ready.
+    let control_path = handover::socket_path(&config.data_dir);
+    let predecessor = {
+        let (path, node) = (control_path.clone(), config.node_name.clone());
+        tokio::task::spawn_blocking(move || Predecessor::find(&path, &node))
+            .await
+            .expect("handover task")?
+    };
+    if let Some(predecessor) = &predecessor {
+        tracing::info!(
+            pid = predecessor.pid(),
+            "an agent runs with this configuration: taking over from it once ready"
+        );
+        control.seed_health(predecessor.health.clone());
+    }
+    let mut sockets = Sockets {
+        inherited: Inherited::default(),
+        offered: Arc::new(Mutex::new(Vec::new())),
+    };
+
+    // Admin first, so that /healthz answers (503) while the rest starts;
+    // after the predecessor's when taking over (it answers meanwhile).
+    let mut admin_state = Some(AdminState {
         ready: ready_rx,
         metrics: metrics.clone(),
         config: {
-            let (config, view) = (config.clone(), view.clone());
+            let (current, view) = (current.clone(), view.clone());
             Arc::new(move || {
                 serde_json::json!({
-                    "config": &*config,
+                    "config": &**current.read().expect("config lock"),
                     "view": &*view.read().expect("view lock"),
                 })
             })
         },
-    };
-    let admin = AdminServer::bind(config.admin_addr, admin_state).await?;
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let admin_task = tokio::spawn(admin.serve(wait_for(stop_rx.clone())));
+    let mut admin_task = None;
+    if let (None, Some(state)) = (&predecessor, admin_state.take()) {
+        let listener = sockets.tcp("admin", config.admin_addr).await?;
+        let admin = AdminServer::from_listener(listener, state)?;
+        admin_task = Some(tokio::spawn(admin.serve(wait_for(stop_rx.clone()))));
+    }
 
     // Interception before anything else: adopt what an earlier agent pinned
     // and keep failing closed (no lease) until the view is loaded.
     let interception = if config.ebpf {
-        Some(Arc::new(Interception::start(&config)?))
+        Some(Arc::new(Interception::start(
+            &config,
+            predecessor.as_ref().map(|p| &p.workloads),
+        )?))
     } else {
         None
     };
@@ -130,6 +296,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         bundle.clone(),
     ));
 
+    let drain = Drain::new();
     let ctx = Arc::new(ProxyContext {
         node_name: config.node_name.clone(),
         datacenter: config.datacenter.clone(),
@@ -140,6 +307,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         metrics: metrics.clone(),
         in_flight: Mutex::new(HashMap::new()),
         outliers: Default::default(),
+        drain: drain.clone(),
     });
 
     // Inbound tunnels.
@@ -160,22 +328,49 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     .on_tls_failure(move |f| {
         tracing::info!(peer = %f.peer, "inbound TLS handshake failed: {}", f.reason);
         failure_metrics.tls_failure(Side::Inbound, short_reason(&f.reason));
-    });
-    let inbound_listener = listen(config.inbound_addr).await?;
+    })
+    .draining(drain.clone());
+
+    // Everything but the listeners is ready: take the predecessor's.
+    let predecessor = match predecessor {
+        Some(predecessor) => {
+            let (predecessor, inherited) = tokio::task::spawn_blocking(move || {
+                let inherited = predecessor.take_listeners()?;
+                Ok::<_, HandoverError>((predecessor, inherited))
+            })
+            .await
+            .expect("handover task")?;
+            sockets.inherited = inherited;
+            Some(predecessor)
+        }
+        None => None,
+    };
+    if let Some(state) = admin_state.take() {
+        let listener = sockets.tcp("admin", config.admin_addr).await?;
+        let admin = AdminServer::from_listener(listener, state)?;
+        admin_task = Some(tokio::spawn(admin.serve(wait_for(stop_rx.clone()))));
+    }
+
+    let inbound_listener = sockets.tcp("inbound", config.inbound_addr).await?;
     let mut accept_tasks = vec![tokio::spawn(server.serve(inbound_listener))];
+
+    let running = Arc::new(Running::new(
+        path,
+        current.clone(),
+        control.clone(),
+        checks.clone(),
+        identities.clone(),
+        ctx.clone(),
+        interception.clone(),
+        sockets.offered.clone(),
+    ));
 
     // Explicit upstreams.
     for s in &config.services {
         for up in &s.upstreams {
-            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], up.local_port));
-            let listener = listen(addr).await?;
-            tracing::info!(%addr, source = %s.name, destination = %up.name, "upstream listening");
-            accept_tasks.push(tokio::spawn(outbound::serve_upstream(
-                ctx.clone(),
-                listener,
-                s.name.clone(),
-                up.name.clone(),
-            )));
+            let addr = SocketAddr::from(([127, 0, 0, 1], up.local_port));
+            let listener = sockets.tcp(&upstream_name(addr), addr).await?;
+            running.serve_upstream(listener, &s.name, &up.name);
         }
     }
 
@@ -187,20 +382,31 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
             _ => None,
         }
     });
-    let dns = DnsServer::bind(config.dns_addr, resolver).await?;
+    let dns = match (
+        sockets.inherited.udp("dns-udp"),
+        sockets.inherited.tcp("dns-tcp"),
+    ) {
+        (Some(udp), Some(tcp)) if same_place(udp.local_addr().ok(), config.dns_addr) => {
+            DnsServer::from_sockets(udp, tcp, resolver)?
+        }
+        _ => DnsServer::bind(config.dns_addr, resolver).await?,
+    };
+    let (udp, tcp) = dns.sockets();
+    sockets.offer("dns-udp", udp, config.dns_addr)?;
+    sockets.offer("dns-tcp", tcp, config.dns_addr)?;
     let dns_task = tokio::spawn(dns.serve(wait_for(stop_rx.clone())));
 
     // Transparent interception: the maps follow the view, the listeners are
     // up, and only then does the lease admit mesh connections.
     if let Some(interception) = &interception {
         interception.sync(&view.read().expect("view lock"))?;
-        let listener = listen(config.outbound_addr).await?;
+        let listener = sockets.tcp("outbound", config.outbound_addr).await?;
         accept_tasks.push(tokio::spawn(outbound::serve_redirected(
             ctx.clone(),
             listener,
             interception.clone(),
         )));
-        let permissive = listen(config.permissive_addr).await?;
+        let permissive = sockets.tcp("permissive", config.permissive_addr).await?;
         interception.set_permissive_listener(&permissive)?;
         accept_tasks.push(tokio::spawn(permissive::serve(ctx.clone(), permissive)));
         accept_tasks.push(tokio::spawn(follow_destinations(
@@ -216,27 +422,136 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         accept_tasks.push(tokio::spawn(renew_lease(interception.clone())));
         tracing::info!(outbound = %config.outbound_addr, permissive = %config.permissive_addr, "transparent interception on");
     }
+    let unused = sockets.inherited.unused();
+    if !unused.is_empty() {
+        tracing::info!(
+            ?unused,
+            "the predecessor's listeners this configuration has no use for are closed"
+        );
+    }
+    sockets.inherited = Inherited::default();
+
+    // Serving: the predecessor stops accepting and drains; this agent takes
+    // the control socket for the next upgrade.
+    let took_over = match predecessor {
+        Some(predecessor) => {
+            let pid = predecessor.pid();
+            tokio::task::spawn_blocking(move || predecessor.serving())
+                .await
+                .expect("handover task")?;
+            Some(pid)
+        }
+        None => None,
+    };
+    let gate = Arc::new(handover::Gate::default());
+    let host = Arc::new(AgentHost {
+        node: config.node_name.clone(),
+        running: running.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        gate: gate.clone(),
+    });
+    match ControlSocket::bind(&config.data_dir) {
+        Ok(control_socket) => control_socket.serve(host),
+        // The predecessor stopped accepting when told this agent serves:
+        // giving up now would leave the node with no agent at all.
+        Err(e) if took_over.is_some() => tracing::error!(
+            "control socket: {e}; serving without one (no reload by `weft-agent reload`, \
+             no in-place upgrade of this agent: SIGHUP reloads, a restart upgrades)"
+        ),
+        Err(e) => return Err(e.into()),
+    }
+    let reload_task = {
+        let running = running.clone();
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                match running.reload().await {
+                    Ok(what) => tracing::info!("SIGHUP: reloaded: {what}"),
+                    Err(why) => tracing::error!(
+                        "SIGHUP: reload refused, the running configuration stays: {why}"
+                    ),
+                }
+            }
+        })
+    };
 
     ready_tx.send_replace(true);
     tracing::info!(node = %config.node_name, inbound = %config.inbound_addr, "agent ready");
-    println!(
-        "weft-agent {} ready: inbound {}, admin {}",
-        config.node_name, config.inbound_addr, config.admin_addr
-    );
+    match took_over {
+        Some(pid) => println!(
+            "weft-agent {} ready: inbound {}, admin {}; took over from pid {pid}",
+            config.node_name, config.inbound_addr, config.admin_addr
+        ),
+        None => println!(
+            "weft-agent {} ready: inbound {}, admin {}",
+            config.node_name, config.inbound_addr, config.admin_addr
+        ),
+    }
 
-    shutdown.await;
-    tracing::info!("shutting down: no new connections, draining");
+    let stop = tokio::select! {
+        () = &mut shutdown => Stop::Signal,
+        () = gate.handed_over() => Stop::HandedOver,
+    };
+    // SIGTERM: no successor from now on; one that has the listeners is
+    // waited for, and if it serves this agent leaves as after a handover
+    // (not deregistering the node it now serves).
+    let signalled = matches!(stop, Stop::Signal);
+    let stop = match stop {
+        Stop::Signal if gate.stop().await => Stop::HandedOver,
+        stop => stop,
+    };
     ready_tx.send_replace(false);
+    let limit = match stop {
+        Stop::Signal => {
+            tracing::info!("shutting down: maintenance on, then no new connections, draining");
+            enter_maintenance(&control, &view, index_rx.clone(), &config.node_name).await;
+            config.drain_timeout
+        }
+        Stop::HandedOver if signalled => {
+            tracing::info!("handed over while stopping: no new connections here, draining");
+            config.drain_timeout.min(config.upgrade_drain_timeout)
+        }
+        Stop::HandedOver => {
+            tracing::info!("handed over: no new connections here, serving the open ones");
+            config.upgrade_drain_timeout
+        }
+    };
+    reload_task.abort();
+    running.stop_upstreams();
     for task in accept_tasks {
         task.abort();
     }
-    if let Some(interception) = &interception {
+    // The duplicates kept for a successor held the listening sockets open:
+    // connections to them were queued and never accepted (a client hung
+    // until its own timeout) rather than refused at once. No successor
+    // comes any more (see `Gate::stop`); after a handover this is done.
+    running.offered.lock().expect("sockets lock").clear();
+    if let (Stop::Signal, Some(interception)) = (&stop, &interception) {
         // New mesh connections are refused from here on; the programs stay.
         if let Err(e) = interception.end_lease() {
             tracing::error!("ending the eBPF lease: {e}");
         }
     }
-    drain(&ctx, config.drain_timeout).await;
+    if matches!(stop, Stop::HandedOver) {
+        // The successor runs these now.
+        let _ = stop_tx.send(true);
+        checks.stop_all();
+        follow_task.abort();
+        heartbeat_task.abort();
+    }
+    drain.start();
+    let open = drain.open();
+    tokio::select! {
+        left = drain.wait_idle(limit) => {
+            if left > 0 {
+                tracing::warn!(left, "drain limit {limit:?} reached with connections still open");
+            } else {
+                tracing::info!(drained = open, "every connection ended");
+            }
+        }
+        () = &mut shutdown, if matches!(stop, Stop::HandedOver) && !signalled => {
+            tracing::info!(left = drain.open(), "stopped while draining after a handover");
+        }
+    }
     follow_task.abort();
     checks.stop_all();
     for task in [
@@ -248,14 +563,46 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     ] {
         task.abort();
     }
-    if let Err(e) = control.deregister().await {
-        tracing::warn!("deregistration failed: {e}");
+    if matches!(stop, Stop::Signal) {
+        if let Err(e) = control.deregister().await {
+            tracing::warn!("deregistration failed: {e}");
+        }
+        let _ = std::fs::remove_file(&control_path);
     }
     let _ = stop_tx.send(true);
-    let _ = admin_task.await;
+    if let Some(admin_task) = admin_task {
+        let _ = admin_task.await;
+    }
     let _ = dns_task.await;
     let _ = local_api_task.await;
     Ok(())
+}
+
+/// Puts the node in maintenance and waits (2 s at most) until this agent's
+/// own watch shows it, as the sources' watches then do too.
+async fn enter_maintenance(
+    control: &Control,
+    view: &RwLock<View>,
+    mut index_rx: watch::Receiver<u64>,
+    node: &str,
+) {
+    const SEEN_LIMIT: Duration = Duration::from_secs(2);
+    if let Err(e) = control.set_maintenance(true, "agent shutting down").await {
+        tracing::warn!("maintenance mode: {e}; draining without it");
+        return;
+    }
+    let seen = tokio::time::timeout(SEEN_LIMIT, async {
+        while view.read().expect("view lock").node_up(node) {
+            if index_rx.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    match seen {
+        Ok(()) => tracing::info!("node in maintenance: sources no longer choose it"),
+        Err(_) => tracing::warn!("maintenance not seen on the watch within {SEEN_LIMIT:?}"),
+    }
 }
 
 async fn wait_for(mut stop: watch::Receiver<bool>) {
@@ -354,22 +701,10 @@ async fn report_health(control: Arc<Control>, mut updates: mpsc::UnboundedReceiv
             .update_health(&u.service_id, u.status, &u.output)
             .await
         {
-            // Kept in `control`; the next registration carries it.
-            tracing::warn!(service = %u.service_id, "writing health failed: {e}");
+            // Kept in `control`, and written once heartbeats get through.
+            tracing::warn!(service = %u.service_id, "writing health failed, will retry: {e}");
         }
     }
-}
-
-/// Waits until no outbound connection is open, or `limit`.
-async fn drain(ctx: &ProxyContext, limit: Duration) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if ctx.in_flight.lock().expect("in-flight lock").is_empty() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tracing::warn!("drain deadline reached with connections still open");
 }
 
 /// A low-cardinality label for a handshake failure.

@@ -25,8 +25,10 @@ pub struct View {
     pub index: u64,
     pub nodes: BTreeMap<String, Node>,
     /// (node, instance id) -> instance
+    #[serde(serialize_with = "values_as_list")]
     pub instances: BTreeMap<(String, String), ServiceInstance>,
     pub vips: BTreeMap<String, IpAddr>,
+    #[serde(serialize_with = "values_as_list")]
     pub intentions: BTreeMap<(String, String), Intention>,
     /// Every config entry (routers, splitters, resolvers, defaults).
     #[serde(serialize_with = "entries_as_list")]
@@ -34,6 +36,18 @@ pub struct View {
     pub trust_domain: String,
     pub roots_pem: Vec<String>,
     pub default_allow: bool,
+    /// The parts of a snapshot received so far, and its index: the servers
+    /// send a large snapshot in parts, applied once the last is in.
+    #[serde(skip)]
+    partial: Option<(u64, proto::StateSnapshot)>,
+}
+
+/// A map keyed by pairs as the list of its values (JSON keys are strings).
+fn values_as_list<K, V: Serialize, S: serde::Serializer>(
+    map: &BTreeMap<K, V>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(map.values())
 }
 
 fn entries_as_list<S: serde::Serializer>(entries: &EntrySet, s: S) -> Result<S::Ok, S::Error> {
@@ -54,7 +68,27 @@ impl View {
         let index = event.index;
         let bad = |message: String| ViewError::Bad { index, message };
         match event.event.ok_or(ViewError::Empty { index })? {
-            Event::Snapshot(s) => {
+            Event::Snapshot(part) => {
+                // Parts of one snapshot share its index; a part of another
+                // starts over.
+                let mut s = match self.partial.take() {
+                    Some((at, mut earlier)) if at == index => {
+                        earlier.nodes.extend(part.nodes);
+                        earlier.instances.extend(part.instances);
+                        earlier.vips.extend(part.vips);
+                        earlier.intentions.extend(part.intentions);
+                        earlier.config_entries.extend(part.config_entries);
+                        earlier.kv.extend(part.kv);
+                        earlier.more = part.more;
+                        earlier
+                    }
+                    _ => part,
+                };
+                if s.more {
+                    s.more = false;
+                    self.partial = Some((index, s));
+                    return Ok(());
+                }
                 let mut next = View {
                     index,
                     default_allow: s.default_allow,
@@ -89,6 +123,7 @@ impl View {
                 *self = next;
             }
             Event::Changes(set) => {
+                self.partial = None;
                 for change in set.changes.into_iter().filter_map(|c| c.change) {
                     self.apply_change(change).map_err(bad)?;
                 }
@@ -96,6 +131,17 @@ impl View {
             }
         }
         Ok(())
+    }
+
+    /// Whether a snapshot is half received: the view is still the one
+    /// before it.
+    pub fn is_partial(&self) -> bool {
+        self.partial.is_some()
+    }
+
+    /// Forgets a half-received snapshot (its stream broke).
+    pub fn drop_partial(&mut self) {
+        self.partial = None;
     }
 
     fn apply_change(&mut self, change: P) -> Result<(), String> {
@@ -306,6 +352,19 @@ impl View {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_view_encodes_as_json() {
+        let mut view = View::default();
+        view.apply(snapshot(3)).unwrap();
+        let json = serde_json::to_value(&view).expect("JSON");
+        assert_eq!(
+            json["instances"].as_array().map(Vec::len),
+            Some(2),
+            "{json}"
+        );
+        assert!(json["intentions"].is_array(), "{json}");
+    }
+
     fn instance(
         node: &str,
         id: &str,
@@ -354,6 +413,49 @@ mod tests {
                     .collect(),
             })),
         }
+    }
+
+    #[test]
+    fn a_snapshot_in_parts_applies_once_the_last_is_in() {
+        let mut v = View::default();
+        v.apply(snapshot(5)).unwrap();
+        let before = v.instances.len();
+        assert!(before > 0);
+        let whole = match snapshot(9).event {
+            Some(Event::Snapshot(s)) => s,
+            _ => unreachable!(),
+        };
+        let mut first = whole.clone();
+        first.instances.clear();
+        first.more = true;
+        first.ca = Some(proto::CaBundle {
+            trust_domain: "td".into(),
+            roots_pem: Vec::new(),
+        });
+        let second = proto::StateSnapshot {
+            instances: whole.instances.clone(),
+            ..Default::default()
+        };
+        let event = |s: proto::StateSnapshot| proto::WatchEvent {
+            index: 9,
+            event: Some(Event::Snapshot(s)),
+        };
+        v.apply(event(first.clone())).unwrap();
+        assert!(v.is_partial());
+        assert_eq!(v.index, 5, "the view is the old one until the last part");
+        assert_eq!(v.instances.len(), before);
+        v.apply(event(second.clone())).unwrap();
+        assert!(!v.is_partial());
+        assert_eq!(v.index, 9);
+        assert_eq!(v.instances.len(), whole.instances.len());
+        assert_eq!(v.trust_domain, "td");
+        // A stream that broke mid-snapshot leaves nothing behind.
+        v.apply(event(first)).unwrap();
+        v.drop_partial();
+        v.apply(event(second)).unwrap();
+        assert!(v.trust_domain.is_empty(), "the dropped part was kept");
+        assert!(v.nodes.is_empty());
+        assert_eq!(v.instances.len(), whole.instances.len());
     }
 
     #[test]

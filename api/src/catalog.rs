@@ -55,6 +55,10 @@ pub struct Node {
 }
 
 /// Health of a service instance, from its checks. Ordered from best to worst.
+/// The start of a node's health output while it is in maintenance mode
+/// (critical; only turning maintenance off lifts it).
+pub const NODE_MAINTENANCE: &str = "node under maintenance";
+
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
 )]

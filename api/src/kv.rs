@@ -9,6 +9,8 @@ pub const MAX_VALUE_BYTES: usize = 512 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvEntry {
     pub key: String,
+    /// Binary in compact encodings; a list of numbers in JSON.
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     pub create_index: u64,
     pub modify_index: u64,

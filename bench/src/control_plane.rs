@@ -128,14 +128,19 @@ async fn propagation(cluster: &Cluster, n: usize, writes: usize) -> anyhow::Resu
         let (seen_tx, ready_tx) = (seen_tx.clone(), ready_tx.clone());
         tasks.push(tokio::spawn(async move {
             let mut stream = WatchClient::new(ch)
-                .subscribe(WatchRequest { from_index: 0 })
+                .subscribe(WatchRequest {
+                    from_index: 0,
+                    include_kv: false,
+                })
                 .await?
                 .into_inner();
             while let Some(event) = stream.message().await? {
                 match event.event {
-                    Some(watch_event::Event::Snapshot(_)) => {
+                    // Ready once the snapshot's last part is in.
+                    Some(watch_event::Event::Snapshot(s)) if !s.more => {
                         let _ = ready_tx.send(());
                     }
+                    Some(watch_event::Event::Snapshot(_)) => {}
                     Some(watch_event::Event::Changes(set)) => {
                         for c in set.changes {
                             if let Some(change::Change::IntentionUpsert(i)) = c.change {

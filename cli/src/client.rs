@@ -22,6 +22,9 @@ pub struct Ctx {
     server_name: String,
     pub format: Format,
     pub stale: bool,
+    /// The id of the call under way: the same on every attempt, so that a
+    /// write the servers applied before a failover is not applied again.
+    request_id: std::sync::Mutex<String>,
 }
 
 /// A request with the token attached, if any.
@@ -32,6 +35,10 @@ pub fn request<T>(ctx: &Ctx, message: T) -> tonic::Request<T> {
         if let Ok(value) = format!("Bearer {token}").parse() {
             req.metadata_mut().insert("authorization", value);
         }
+    }
+    let id = ctx.request_id.lock().expect("request id lock").clone();
+    if let (false, Ok(value)) = (id.is_empty(), id.parse()) {
+        req.metadata_mut().insert("x-weft-request-id", value);
     }
     req
 }
@@ -50,6 +57,7 @@ impl Ctx {
             server_name: cli.tls_server_name.clone(),
             format: cli.format,
             stale: cli.stale,
+            request_id: std::sync::Mutex::new(String::new()),
         }
     }
 
@@ -80,6 +88,7 @@ impl Ctx {
             bail!("--addr: no server address given");
         }
         let tls = self.tls()?;
+        *self.request_id.lock().expect("request id lock") = uuid::Uuid::new_v4().to_string();
         let mut last = String::new();
         for addr in &self.addrs {
             let endpoint = Endpoint::from_shared(format!("https://{addr}"))

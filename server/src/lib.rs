@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod conn_limit;
 pub mod grpc;
 pub mod http;
+pub mod limits;
 pub mod liveness;
 pub mod node;
 pub mod raft;

@@ -68,9 +68,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         election_timeout_max: 800,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(settings.snapshot_threshold),
         max_in_snapshot_log_to_keep: settings.snapshot_threshold / 2,
-        // Bounded appends: with values of up to 512 KiB (about 2 MB as
-        // JSON) 24 entries stay under the Raft message limit.
-        max_payload_entries: 24,
+        // Bounded appends: openraft bounds them in entries, and an entry is
+        // at most a config entry (2 MiB by default) or a 512 KiB value, so
+        // one append carries at most 16 MiB (binary encoded) and travels
+        // well within the heartbeat interval that openraft allows it.
+        max_payload_entries: 8,
         snapshot_max_chunk_size: 4 << 20,
         ..Default::default()
     };
@@ -100,6 +102,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         peer_channels,
         datacenter: settings.datacenter.clone(),
         liveness: weft_server::liveness::Liveness::new(settings.node_timeout),
+        limits: settings.limits,
     });
 
     let raft_listener = TcpListener::bind(settings.raft_addr)

@@ -26,6 +26,11 @@ pub enum WriteError {
     Refused(String),
     #[error("no leader: {0}")]
     NoLeader(String),
+    /// Forwarded to the leader, but no answer came back: it may or may not
+    /// have been applied. Retrying the same request (its request id) is
+    /// safe: a write is applied once.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
     #[error("raft: {0}")]
     Raft(String),
 }
@@ -35,6 +40,9 @@ impl From<WriteError> for tonic::Status {
         match e {
             WriteError::Refused(m) => tonic::Status::failed_precondition(m),
             WriteError::NoLeader(m) => tonic::Status::unavailable(format!("no leader: {m}")),
+            WriteError::Unknown(m) => tonic::Status::unavailable(format!(
+                "outcome unknown ({m}); retrying with the same request id is safe"
+            )),
             WriteError::Raft(m) => tonic::Status::internal(m),
         }
     }
@@ -57,6 +65,8 @@ pub struct ServerNode {
     pub datacenter: String,
     /// Agents' heartbeats, as the leader heard them.
     pub liveness: crate::liveness::Liveness,
+    /// What a write may add (checked where it is received).
+    pub limits: crate::limits::Limits,
 }
 
 impl ServerNode {
@@ -70,8 +80,12 @@ impl ServerNode {
                 Some(leader) => self.forward(leader, &cmd).await,
                 None => Err(WriteError::NoLeader("election in progress".into())),
             };
+            // The command carries its request id (`Command::Once`): a retry
+            // after an unknown outcome is answered, not applied again.
             match attempt {
-                Err(WriteError::NoLeader(why)) if tokio::time::Instant::now() < deadline => {
+                Err(WriteError::NoLeader(why) | WriteError::Unknown(why))
+                    if tokio::time::Instant::now() < deadline =>
+                {
                     tracing::debug!("write waits for a leader: {why}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -99,14 +113,12 @@ impl ServerNode {
 
     async fn forward(&self, leader: NodeId, cmd: &Command) -> ForwardedResult {
         let mut client = self.peer_client(leader)?;
-        let json = serde_json::to_vec(cmd).map_err(|e| WriteError::Raft(e.to_string()))?;
+        let json = crate::raft::codec::encode(cmd).map_err(|e| WriteError::Raft(e.to_string()))?;
         let reply = client
             .forward_write(RaftPayload { json })
             .await
-            .map_err(|s| {
-                WriteError::NoLeader(format!("forwarding to {leader}: {}", s.message()))
-            })?;
-        serde_json::from_slice(&reply.into_inner().json)
+            .map_err(|s| WriteError::Unknown(format!("forwarded to {leader}: {}", s.message())))?;
+        crate::raft::codec::decode(&reply.into_inner().json)
             .map_err(|e| WriteError::Raft(e.to_string()))?
     }
 
@@ -188,7 +200,7 @@ impl ServerNode {
         let mut req = tonic::Request::new(Empty {});
         req.set_timeout(Duration::from_millis(800));
         let reply = client.status(req).await.ok()?;
-        serde_json::from_slice(&reply.into_inner().json).ok()
+        crate::raft::codec::decode(&reply.into_inner().json).ok()
     }
 
     /// On the leader: the index a linearizable read must wait for.

@@ -66,6 +66,18 @@ pub struct Args {
     /// Connections one client address may hold at once on each port.
     #[arg(long)]
     pub max_conns_per_client: Option<usize>,
+    /// KV keys at most (100000).
+    #[arg(long)]
+    pub max_kv_keys: Option<usize>,
+    /// KV bytes (all values) at most (268435456, 256 MiB).
+    #[arg(long)]
+    pub max_kv_bytes: Option<u64>,
+    /// Bytes of one config entry document at most (2097152, 2 MiB).
+    #[arg(long)]
+    pub max_config_entry_bytes: Option<usize>,
+    /// Routes of one service-router at most (1000).
+    #[arg(long)]
+    pub max_routes_per_router: Option<usize>,
     /// A TOML file with the same settings.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -81,6 +93,10 @@ pub struct FileSettings {
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
     pub max_conns_per_client: Option<usize>,
+    pub max_kv_keys: Option<usize>,
+    pub max_kv_bytes: Option<u64>,
+    pub max_config_entry_bytes: Option<usize>,
+    pub max_routes_per_router: Option<usize>,
     pub data_dir: Option<PathBuf>,
     pub raft_addr: Option<SocketAddr>,
     pub grpc_addr: Option<SocketAddr>,
@@ -152,6 +168,7 @@ pub struct Settings {
     /// None only in dev mode, which makes its own.
     pub tls: Option<crate::tls::TlsFiles>,
     pub max_conns_per_client: usize,
+    pub limits: crate::limits::Limits,
 }
 
 fn read_file(path: &Path) -> Result<FileSettings, SettingsError> {
@@ -288,10 +305,42 @@ impl Settings {
                 "max_conns_per_client: must be at least 1".into(),
             ));
         }
+        let defaults = crate::limits::Limits::default();
+        let limits = crate::limits::Limits {
+            kv_keys: args
+                .max_kv_keys
+                .or(file.max_kv_keys)
+                .unwrap_or(defaults.kv_keys),
+            kv_bytes: args
+                .max_kv_bytes
+                .or(file.max_kv_bytes)
+                .unwrap_or(defaults.kv_bytes),
+            config_entry_bytes: args
+                .max_config_entry_bytes
+                .or(file.max_config_entry_bytes)
+                .unwrap_or(defaults.config_entry_bytes),
+            routes_per_router: args
+                .max_routes_per_router
+                .or(file.max_routes_per_router)
+                .unwrap_or(defaults.routes_per_router),
+        };
+        for (name, value) in [
+            ("max_kv_keys", limits.kv_keys as u64),
+            ("max_kv_bytes", limits.kv_bytes),
+            ("max_config_entry_bytes", limits.config_entry_bytes as u64),
+            ("max_routes_per_router", limits.routes_per_router as u64),
+        ] {
+            if value == 0 {
+                return Err(SettingsError::Invalid(format!(
+                    "{name}: must be at least 1"
+                )));
+            }
+        }
         Ok(Settings {
             datacenter,
             tls,
             max_conns_per_client,
+            limits,
             leaf_ttl_secs,
             node_timeout,
             dev: args.dev,

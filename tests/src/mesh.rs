@@ -41,7 +41,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 
 use crate::netns::Netns;
 use crate::servers::bin;
@@ -181,7 +181,8 @@ impl Service {
         self
     }
 
-    fn toml(&self, node_ip: &str) -> String {
+    /// The block as written into an agent configuration on `node_ip`.
+    pub fn toml(&self, node_ip: &str) -> String {
         let subst = |s: &str| s.replace("NODE", node_ip);
         let mut t = String::from("\n[[service]]\n");
         if let Some(id) = &self.id {
@@ -304,6 +305,21 @@ impl Proc {
         self.child
             .as_mut()
             .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits up to `limit` for the process to exit by itself: its status,
+    /// or `None` if it still runs.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Sends `signal` and waits up to `limit` for the exit; SIGKILLs after that.
@@ -524,7 +540,11 @@ pub struct Mesh {
     // namespaces, then files.
     agents: [Option<Proc>; 2],
     workloads: Vec<Proc>,
-    server: Option<Proc>,
+    /// Behind a lock so that a test can kill and restart the server while
+    /// other threads send requests through the mesh.
+    server: std::sync::Mutex<Option<Proc>>,
+    /// The server's arguments, to restart it as it was.
+    server_args: Vec<String>,
     cgroups: Option<CgroupTree>,
     netns: [Netns; 2],
     dir: tempfile::TempDir,
@@ -558,7 +578,8 @@ impl Mesh {
             subnet,
             agents: [None, None],
             workloads: Vec::new(),
-            server: None,
+            server: std::sync::Mutex::new(None),
+            server_args: Vec::new(),
             cgroups,
             netns,
             dir,
@@ -662,6 +683,13 @@ impl Mesh {
             .context("token create printed no secret_id")?;
         let path = self.path(&format!("agent-{}.token", node.label()));
         write_private(&path, secret)?;
+        let accessor = v["accessor_id"]
+            .as_str()
+            .context("token create printed no accessor_id")?;
+        std::fs::write(
+            self.path(&format!("agent-{}.accessor", node.label())),
+            accessor,
+        )?;
         Ok(path)
     }
 
@@ -678,6 +706,37 @@ impl Mesh {
             .as_str()
             .map(String::from)
             .context("token create printed no secret_id")
+    }
+
+    /// Lets node's agent token act for `services` too (its secret stays),
+    /// as an operator does before adding services to an agent's file.
+    pub fn grant_agent_services(&self, node: Node, services: &[&str]) -> anyhow::Result<()> {
+        let accessor =
+            std::fs::read_to_string(self.path(&format!("agent-{}.accessor", node.label())))?;
+        let token = self.weft_json(&["acl", "token", "read", &accessor])?;
+        let mut names: Vec<String> = token["service_identities"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.extend(services.iter().map(|s| s.to_string()));
+        let identity = format!("{}:dc1", node.node_name());
+        let mut args = vec![
+            "acl",
+            "token",
+            "update",
+            &accessor,
+            "--node-identity",
+            &identity,
+        ];
+        for name in &names {
+            args.extend(["--service-identity", name.as_str()]);
+        }
+        self.weft(&args)?;
+        Ok(())
     }
 
     pub fn agent_config(&self, node: Node) -> PathBuf {
@@ -859,19 +918,19 @@ impl Mesh {
     fn start_server(&mut self, default_intention: &str, extra: &[String]) -> anyhow::Result<()> {
         let ip = self.ip(Node::A);
         crate::servers::make_tls(self.dir.path(), &["server-tls".to_string()])?;
-        let mut cmd = Command::new(bin("weft-server"));
-        cmd.args(crate::servers::tls_args(self.dir.path(), "server-tls"))
-            .arg("--node-id=1")
-            .arg("--data-dir")
-            .arg(self.path("server-data"))
-            .arg(format!("--raft-addr={ip}:8300"))
-            .arg(format!("--grpc-addr={ip}:{GRPC_PORT}"))
-            .arg(format!("--http-addr={ip}:8500"))
-            .arg(format!("--peer=1={ip}:8300"))
-            .arg(format!("--default-intention={default_intention}"))
-            .args(extra)
-            .env("RUST_LOG", "info,openraft=warn");
-        self.server = Some(self.spawn(Node::A, &mut cmd, "server.log")?);
+        let mut args = crate::servers::tls_args(self.dir.path(), "server-tls");
+        args.extend([
+            "--node-id=1".to_string(),
+            format!("--data-dir={}", self.path("server-data").display()),
+            format!("--raft-addr={ip}:8300"),
+            format!("--grpc-addr={ip}:{GRPC_PORT}"),
+            format!("--http-addr={ip}:8500"),
+            format!("--peer=1={ip}:8300"),
+            format!("--default-intention={default_intention}"),
+        ]);
+        args.extend(extra.iter().cloned());
+        self.server_args = args;
+        self.spawn_server()?;
         self.token = crate::servers::bootstrap_acl(Duration::from_secs(20), |args| {
             self.weft_raw(args)
                 .map(|o| (o.success(), o.stdout, o.stderr))
@@ -882,30 +941,58 @@ impl Mesh {
                 tail(&self.log("server.log"), 30)
             ))
         })?;
-        wait_until(Duration::from_secs(20), "weft-server leader", || {
+        self.wait_for_leader(Duration::from_secs(20))
+    }
+
+    fn spawn_server(&self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(bin("weft-server"));
+        cmd.args(&self.server_args)
+            .env("RUST_LOG", "info,openraft=warn");
+        let proc = self.spawn(Node::A, &mut cmd, "server.log")?;
+        *self.server.lock().expect("server lock") = Some(proc);
+        Ok(())
+    }
+
+    /// SIGKILLs the server; its data dir stays.
+    pub fn kill_server(&self) {
+        if let Some(mut proc) = self.server.lock().expect("server lock").take() {
+            proc.stop(libc::SIGKILL, Duration::from_secs(5));
+        }
+    }
+
+    /// Starts the server again, at the same addresses with the same data
+    /// dir and arguments, and waits until it leads.
+    pub fn restart_server(&self, limit: Duration) -> anyhow::Result<()> {
+        if self.server.lock().expect("server lock").is_some() {
+            bail!("the server is running");
+        }
+        self.spawn_server()?;
+        self.wait_for_leader(limit)
+    }
+
+    /// Waits until the server answers `weft members` with a leader.
+    pub fn wait_for_leader(&self, limit: Duration) -> anyhow::Result<()> {
+        wait_until(limit, "weft-server leader", || {
             let out = self.weft_raw(&["--format", "json", "members"])?;
             if !out.success() {
                 bail!("{}", out.stderr.trim());
             }
             let v: serde_json::Value = serde_json::from_str(&out.stdout)?;
-            Ok(v["leader_id"].as_u64().filter(|id| *id > 0))
+            Ok(v["leader_id"].as_u64().filter(|id| *id > 0).map(|_| ()))
         })
         .map_err(|e| {
             e.context(format!(
                 "server log:\n{}",
                 tail(&self.log("server.log"), 30)
             ))
-        })?;
-        Ok(())
+        })
     }
 
-    /// SIGKILLs the server (the agents find no server to ask from then on).
-    pub fn kill_server(&mut self) -> anyhow::Result<()> {
-        let Some(mut proc) = self.server.take() else {
-            bail!("the server is not running");
-        };
-        proc.stop(libc::SIGKILL, Duration::from_secs(5));
-        Ok(())
+    /// Node's agent's `/config` document: its configuration and its view
+    /// (`view.nodes`, `view.instances`, `view.intentions`, `view.index`…).
+    pub fn agent_config_dump(&self, node: Node) -> anyhow::Result<serde_json::Value> {
+        let text = self.curl(node, &format!("http://{ADMIN}/config"))?;
+        serde_json::from_str(&text).with_context(|| format!("agent /config: {text:?}"))
     }
 
     /// Runs the `weft` CLI (inside node A) against the server, with the
@@ -1020,6 +1107,70 @@ impl Mesh {
     /// The process id of node's agent, while it runs.
     pub fn agent_pid(&self, node: Node) -> Option<u32> {
         self.agents[node.index()].as_ref().and_then(Proc::pid)
+    }
+
+    /// Upgrades node's agent in place: starts a second `weft-agent` with the
+    /// same configuration while the first runs, and waits (`limit`) until it
+    /// says it took over. Returns the predecessor, which drains and exits
+    /// by itself.
+    pub fn upgrade_agent(&mut self, node: Node, limit: Duration) -> anyhow::Result<Proc> {
+        let old_pid = self
+            .agent_pid(node)
+            .with_context(|| format!("the agent of node {node:?} is not running"))?;
+        let old = self.agents[node.index()].take().expect("running agent");
+        self.start_agent(node)?;
+        let said = format!("took over from pid {old_pid}");
+        let result = wait_until(
+            limit,
+            &format!("node {node:?}'s successor agent serving"),
+            || {
+                if let Some(status) = self.agents[node.index()]
+                    .as_mut()
+                    .and_then(|p| p.try_wait())
+                {
+                    bail!("the successor exited: {status}");
+                }
+                Ok(self.agent_log(node).contains(&said).then_some(()))
+            },
+        );
+        result.map_err(|e| e.context(format!("agent log:\n{}", self.agent_log_tail(node, 40))))?;
+        Ok(old)
+    }
+
+    /// Starts `weft-load ARGS…` in `node`: as a workload of `service` in a
+    /// transparent mesh, as a plain process otherwise. Its summary is
+    /// [`Mesh::load_summary`] once it exited.
+    pub fn spawn_load(
+        &self,
+        node: Node,
+        service: Option<&str>,
+        args: &[&str],
+        log_name: &str,
+    ) -> anyhow::Result<Proc> {
+        let program = bin("weft-load").display().to_string();
+        let mut argv = vec![program.as_str()];
+        argv.extend_from_slice(args);
+        let mut cmd = self.workload_command(node, service, &argv)?;
+        self.spawn(node, &mut cmd, log_name)
+    }
+
+    /// Waits (`limit`) for a `weft-load` to finish and reads its summary.
+    pub fn load_summary(
+        &self,
+        load: &mut Proc,
+        limit: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        let status = load
+            .wait_exit(limit)
+            .with_context(|| format!("weft-load still running after {limit:?}"))?;
+        let log = std::fs::read_to_string(&load.log).unwrap_or_default();
+        ensure!(status.success(), "weft-load failed ({status}): {log}");
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .with_context(|| format!("no summary from weft-load: {log}"))?;
+        Ok(serde_json::from_str(line)?)
     }
 
     /// SIGKILLs node's agent.

@@ -193,7 +193,10 @@ fn a_rotation_reaches_watchers_with_both_roots() -> anyhow::Result<()> {
     let mut stream = rt.block_on(async {
         let mut watch = WatchClient::new(cluster.channel(1).await?);
         let mut stream = watch
-            .subscribe(WatchRequest { from_index: 0 })
+            .subscribe(WatchRequest {
+                from_index: 0,
+                include_kv: false,
+            })
             .await?
             .into_inner();
         let first = stream.message().await?.context("no snapshot")?;

@@ -162,7 +162,13 @@ async fn watch_until(
             continue;
         };
         let mut client = WatchClient::new(channel);
-        let Ok(stream) = client.subscribe(WatchRequest { from_index: last }).await else {
+        let Ok(stream) = client
+            .subscribe(WatchRequest {
+                from_index: last,
+                include_kv: true,
+            })
+            .await
+        else {
             continue;
         };
         let mut stream = stream.into_inner();
@@ -375,5 +381,136 @@ fn a_saved_snapshot_restores_the_state() -> anyhow::Result<()> {
     );
     let check = cluster.cli_at(&cluster.addrs(), &["intention", "check", "web", "api"]);
     assert_eq!(check.status.code(), Some(1), "the saved deny is back");
+    Ok(())
+}
+
+#[test]
+fn writes_past_a_limit_are_refused_naming_it() -> anyhow::Result<()> {
+    let cluster = Cluster::start(
+        1,
+        &[
+            "--max-kv-keys",
+            "3",
+            "--max-kv-bytes",
+            "100",
+            "--max-config-entry-bytes",
+            "300",
+            "--max-routes-per-router",
+            "1",
+        ],
+    )?;
+    for key in ["a", "b", "c"] {
+        cluster.cli(&["kv", "put", key, "x"])?;
+    }
+    let err = refused(&cluster, &["kv", "put", "d", "x"]);
+    assert!(err.contains("--max-kv-keys"), "{err}");
+    // Overwriting is not a new key; but the bytes are bounded too.
+    cluster.cli(&["kv", "put", "a", &"y".repeat(90)])?;
+    let err = refused(&cluster, &["kv", "put", "b", &"z".repeat(20)]);
+    assert!(err.contains("--max-kv-bytes"), "{err}");
+    assert_eq!(
+        cluster.cli(&["kv", "get", "b"])?.trim(),
+        "x",
+        "a refused write changed nothing"
+    );
+
+    let dir = tempfile::tempdir()?;
+    let router = |routes: usize| -> anyhow::Result<String> {
+        let routes: Vec<String> = (0..routes)
+            .map(|i| format!(r#"{{"Match":{{"HTTP":{{"PathPrefix":"/{i}"}}}},"Destination":{{"Service":"api"}}}}"#))
+            .collect();
+        let path = dir.path().join(format!("router-{}.json", routes.len()));
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"Kind":"service-router","Name":"api","Routes":[{}]}}"#,
+                routes.join(",")
+            ),
+        )?;
+        Ok(path.display().to_string())
+    };
+    let defaults = dir.path().join("defaults.json");
+    std::fs::write(
+        &defaults,
+        r#"{"Kind":"service-defaults","Name":"api","Protocol":"http"}"#,
+    )?;
+    cluster.cli(&["config", "write", &defaults.display().to_string()])?;
+    cluster.cli(&["config", "write", &router(1)?])?;
+    let err = refused(&cluster, &["config", "write", &router(2)?]);
+    assert!(err.contains("--max-routes-per-router"), "{err}");
+    let err = refused(&cluster, &["config", "write", &router(5)?]);
+    assert!(err.contains("--max-config-entry-bytes"), "{err}");
+    Ok(())
+}
+
+/// The first event of a watch stream from `from_index` on server 1, within
+/// `limit`: its index.
+fn first_event(cluster: &Cluster, from_index: u64, limit: Duration) -> anyhow::Result<u64> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let channel = cluster.channel(1).await?;
+        let mut stream = WatchClient::new(channel)
+            .subscribe(WatchRequest {
+                from_index,
+                include_kv: true,
+            })
+            .await?
+            .into_inner();
+        let event = tokio::time::timeout(limit, stream.message())
+            .await
+            .context("no event")??
+            .context("stream ended")?;
+        Ok(event.index)
+    })
+}
+
+#[test]
+fn a_watcher_resumes_on_a_server_restarted_with_its_data() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(1, &[])?;
+    put_retrying(&cluster, "before", Duration::from_secs(10))?;
+    let last = first_event(&cluster, 0, Duration::from_secs(5))?;
+    cluster.kill(1);
+    cluster.start_server(1)?;
+    // Resuming from the last index as soon as the server takes it (as
+    // agents do): the next write arrives.
+    let watcher = {
+        let (ca, token, addr) = (
+            cluster.tls_ca.cert_pem.clone(),
+            cluster.token.clone(),
+            cluster.grpc_addr(1).to_string(),
+        );
+        std::thread::spawn(move || -> anyhow::Result<u64> {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                let mut stream = loop {
+                    let Ok(channel) =
+                        weft_tests::servers::grpc_channel(&addr, &ca, Some(&token)).await
+                    else {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    };
+                    match WatchClient::new(channel)
+                        .subscribe(WatchRequest {
+                            from_index: last,
+                            include_kv: true,
+                        })
+                        .await
+                    {
+                        Ok(stream) => break stream.into_inner(),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                };
+                let event = tokio::time::timeout(Duration::from_secs(15), stream.message())
+                    .await
+                    .context("no event within 15 s of resuming")??
+                    .context("stream ended")?;
+                Ok(event.index)
+            })
+        })
+    };
+    cluster.wait_for_leader(Duration::from_secs(20))?;
+    put_retrying(&cluster, "after", Duration::from_secs(10))?;
+    let index = watcher.join().expect("watcher thread")?;
+    anyhow::ensure!(index > last, "resumed at {last}, got {index}");
     Ok(())
 }

@@ -189,3 +189,82 @@ fn an_instance_critical_past_its_deregister_delay_leaves_the_catalog() -> anyhow
     )?;
     Ok(())
 }
+
+#[test]
+fn maintenance_takes_a_node_out_of_rotation_until_lifted() -> anyhow::Result<()> {
+    require_root();
+    let spec = MeshSpec::new("allow")
+        .server_arg(&format!("--node-timeout={}s", NODE_TIMEOUT.as_secs()))
+        .node_a(Service::new("web", 8000).upstream("api", 9191))
+        .node_a(
+            Service::new("api", 8081)
+                .id("api-a")
+                .address(MeshSpec::NODE_ADDR),
+        )
+        .node_b(
+            Service::new("api", 8080)
+                .id("api-b")
+                .address(MeshSpec::NODE_ADDR),
+        );
+    let mut mesh = Mesh::start(spec)?;
+    let (a, b) = (mesh.ip(NodeA), mesh.ip(NodeB));
+    mesh.workload(NodeA, "api-a", &format!("{a}:8081"))?;
+    mesh.workload(NodeB, "api-b", &format!("{b}:8080"))?;
+    wait_until(Duration::from_secs(30), "api-b answers", || {
+        Ok((ask(&mesh).as_deref() == Some("api-b")).then_some(()))
+    })?;
+
+    // Node A's agent token (node A, and the api service) may not put
+    // node B in maintenance.
+    let token_a = std::fs::read_to_string(mesh.path("agent-a.token"))?;
+    let out = mesh.weft_as(
+        NodeA,
+        Some(token_a.trim()),
+        &["catalog", "maintenance", "node-b"],
+    )?;
+    ensure!(
+        !out.success() && out.describe().contains("lacks write on node"),
+        "another node's token put node B in maintenance: {}",
+        out.describe()
+    );
+    ensure!(node_health(&mesh, "node-b")? == "passing");
+
+    mesh.weft(&[
+        "catalog",
+        "maintenance",
+        "node-b",
+        "--reason",
+        "kernel upgrade",
+    ])?;
+    let nodes = mesh.weft_json(&["catalog", "nodes"])?;
+    let output = nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["name"] == "node-b"))
+        .map(|n| n["health_output"].to_string())
+        .unwrap_or_default();
+    ensure!(
+        output.contains("node under maintenance: kernel upgrade"),
+        "node-b's output: {output}"
+    );
+    // Agents stop choosing api-b, and node B's own heartbeats (several node
+    // timeouts' worth) do not lift it.
+    let until = Instant::now() + 2 * NODE_TIMEOUT;
+    wait_until(Duration::from_secs(10), "api-a alone answers", || {
+        Ok((ask(&mesh).as_deref() == Some("api-a")).then_some(()))
+    })?;
+    while Instant::now() < until {
+        ensure!(
+            ask(&mesh).as_deref() == Some("api-a"),
+            "api-b chosen in maintenance"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(node_health(&mesh, "node-b")? == "critical");
+
+    mesh.weft(&["catalog", "maintenance", "node-b", "--disable"])?;
+    wait_until(Duration::from_secs(15), "api-b answers again", || {
+        Ok((ask(&mesh).as_deref() == Some("api-b")).then_some(()))
+    })?;
+    ensure!(node_health(&mesh, "node-b")? == "passing");
+    Ok(())
+}

@@ -83,6 +83,12 @@ pub(crate) fn check_response(status: StatusCode, reason: Option<&[u8]>) -> Resul
     })
 }
 
+/// Whether a stream failed without the peer processing it: refused
+/// (REFUSED_STREAM), or beyond a GOAWAY's last stream id.
+fn not_processed(e: &h2::Error) -> bool {
+    e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
+}
+
 /// (source SPIFFE id, node address, the node's expected SPIFFE id).
 type PoolKey = (String, SocketAddr, Arc<str>);
 
@@ -263,6 +269,14 @@ impl HbonePool {
                 Err(e) => {
                     if conn.is_closed() || e.is_go_away() || e.is_io() {
                         self.evict(&key, conn.id).await;
+                    }
+                    // The peer did not take the stream (it is going away:
+                    // an agent draining or handing over): nothing was
+                    // processed, so a new connection may carry it.
+                    if not_processed(&e) && !retried {
+                        debug!(%node, error = %e, "tunnel not taken by a departing peer, redialing");
+                        retried = true;
+                        continue;
                     }
                     return Err(h2_err(e));
                 }

@@ -132,6 +132,7 @@ struct Inner<H> {
     handshake_timeout: Duration,
     on_tls_failure: Option<FailureHook>,
     on_tls_accept: Option<AcceptHook>,
+    drain: Option<Arc<crate::drain::Drain>>,
 }
 
 /// The inbound HBONE server: configure it, then [`serve`](Self::serve) a
@@ -215,6 +216,7 @@ impl<H: ConnectHandler> HboneServer<H> {
                 handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
                 on_tls_failure: None,
                 on_tls_accept: None,
+                drain: None,
             },
         })
     }
@@ -229,6 +231,14 @@ impl<H: ConnectHandler> HboneServer<H> {
     /// Called with the peer's SPIFFE id for every completed handshake.
     pub fn on_tls_accept(mut self, hook: impl Fn(&str) + Send + Sync + 'static) -> Self {
         self.inner.on_tls_accept = Some(Arc::new(hook));
+        self
+    }
+
+    /// Counts every connection in `drain`, and when it starts draining tells
+    /// each to go away (GOAWAY): peers open new tunnels elsewhere, open ones
+    /// run to their end.
+    pub fn draining(mut self, drain: Arc<crate::drain::Drain>) -> Self {
+        self.inner.drain = Some(drain);
         self
     }
 
@@ -273,6 +283,13 @@ impl<H: ConnectHandler> Inner<H> {
         peer: SocketAddr,
     ) -> Result<(), ServerError> {
         let _ = tcp.set_nodelay(true);
+        let _tracked = self.drain.as_ref().map(|d| d.track());
+        let draining = match &self.drain {
+            Some(d) => futures::future::Either::Left(crate::drain::started(d.signal())),
+            None => futures::future::Either::Right(std::future::pending::<()>()),
+        };
+        tokio::pin!(draining);
+        let mut winding_down = false;
         let (tls, peer_id) = match self.handshake(tcp).await {
             Ok(ok) => ok,
             Err(e) => {
@@ -307,8 +324,21 @@ impl<H: ConnectHandler> Inner<H> {
                 next = conn.accept() => next,
                 () = &mut expiry, if !going_away => {
                     debug!(%peer, peer_id = %peer_id, "the peer certificate is past its notAfter: GOAWAY, no new tunnels on this connection");
-                    conn.graceful_shutdown();
+                    if !winding_down {
+                        conn.graceful_shutdown();
+                    }
                     going_away = true;
+                    continue;
+                }
+                // The agent stops or hands over: the peer takes new tunnels
+                // elsewhere; streams h2 still delivers (sent before the peer
+                // saw the GOAWAY) are served.
+                () = &mut draining, if !winding_down => {
+                    debug!(%peer, peer_id = %peer_id, "draining: GOAWAY");
+                    if !going_away {
+                        conn.graceful_shutdown();
+                    }
+                    winding_down = true;
                     continue;
                 }
             };

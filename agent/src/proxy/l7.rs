@@ -544,23 +544,39 @@ where
     D: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let protocol = judge.protocol;
+    let draining = crate::drain::started(judge.ctx.drain.signal());
     let judge = Arc::new(judge);
     let service = service_fn(move |request: Request<Incoming>| {
         let judge = judge.clone();
         async move { Ok::<_, Infallible>(judge.handle(request).await) }
     });
     let io = TokioIo::new(downstream);
+    // When the agent drains, a kept-alive connection ends after its current
+    // request (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY): the client's
+    // next one opens a new connection, to the successor or elsewhere.
+    macro_rules! until_drained {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            tokio::select! {
+                served = conn.as_mut() => served,
+                () = draining => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }};
+    }
     match protocol {
-        Protocol::Http => hyper::server::conn::http1::Builder::new()
-            .serve_connection(io, service)
-            .await
-            .map_err(L7Error::Downstream),
-        Protocol::Http2 | Protocol::Grpc => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(io, service)
-                .await
+        Protocol::Http => {
+            until_drained!(hyper::server::conn::http1::Builder::new().serve_connection(io, service))
                 .map_err(L7Error::Downstream)
         }
+        Protocol::Http2 | Protocol::Grpc => until_drained!(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(io, service)
+        )
+        .map_err(L7Error::Downstream),
         Protocol::Tcp => Err(L7Error::NotHttp(protocol)),
     }
 }

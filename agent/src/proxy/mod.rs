@@ -39,6 +39,8 @@ pub struct ProxyContext {
     pub in_flight: Mutex<HashMap<SocketAddr, u64>>,
     /// Consecutive failures and ejections per instance (circuit breaking).
     pub outliers: Outliers,
+    /// The connections served, and the signal to wind them down.
+    pub drain: Arc<crate::drain::Drain>,
 }
 
 impl ProxyContext {

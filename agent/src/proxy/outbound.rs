@@ -56,8 +56,41 @@ pub enum OutboundError {
 
 /// Picks the route for a connection to `service`.
 pub fn route(ctx: &ProxyContext, service: &str) -> Result<Route, OutboundError> {
+    route_avoiding(ctx, service, &[])
+}
+
+/// Picks the route for a connection to `service`, avoiding the instances at
+/// `failed` (tried already for this connection).
+pub fn route_avoiding(
+    ctx: &ProxyContext,
+    service: &str,
+    failed: &[SocketAddr],
+) -> Result<Route, OutboundError> {
     let view = ctx.view.read().expect("view lock");
-    pick(ctx, &view, &view.passing(service), service)
+    let instances: Vec<&ServiceInstance> = view
+        .passing(service)
+        .into_iter()
+        .filter(|i| i.socket_addr().is_none_or(|a| !failed.contains(&a)))
+        .collect();
+    pick(ctx, &view, &instances, service)
+}
+
+/// How many instances one connection is tried on when opening it fails
+/// (nothing has been sent then): an instance whose agent stops or whose
+/// node just died costs a retry, not a failed connection.
+pub const CONNECT_ATTEMPTS: usize = 3;
+
+impl OutboundError {
+    /// Whether another instance may succeed where this failed: the instance
+    /// or its node could not be reached. A policy refusal is final.
+    pub fn worth_another_instance(&self) -> bool {
+        match self {
+            OutboundError::Connect { .. } => true,
+            OutboundError::Tunnel(HboneError::Refused { status, .. }) => *status == 503,
+            OutboundError::Tunnel(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// Picks one of `instances` (of `service`; power of two choices over open
@@ -148,19 +181,33 @@ pub async fn carry(
         }
         return Ok(());
     }
-    let route = route(ctx, destination)?;
-    let target = match &route {
-        Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
+    let mut failed: Vec<SocketAddr> = Vec::new();
+    let (opened, _in_flight) = loop {
+        let route = match route_avoiding(ctx, destination, &failed) {
+            Ok(route) => route,
+            Err(e) if failed.is_empty() => return Err(e),
+            Err(_) => {
+                return Err(OutboundError::NoInstance(format!(
+                    "{destination} (tried {} instances)",
+                    failed.len()
+                )))
+            }
+        };
+        let target = match &route {
+            Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
+        };
+        let in_flight = InFlight::new(ctx, target);
+        match open(ctx, source, route).await {
+            Ok(opened) => break (opened, in_flight),
+            Err(e) if e.worth_another_instance() && failed.len() + 1 < CONNECT_ATTEMPTS => {
+                tracing::debug!(%target, "{source} -> {destination}: {e}; trying another instance");
+                failed.push(target);
+            }
+            Err(e) => return Err(e),
+        }
     };
-    let _in_flight = InFlight::new(ctx, target);
-    let (sent, received) = match route {
-        Route::Local(addr) => {
-            let connected = tokio::time::timeout(CONNECT_TIMEOUT, crate::mark::connect(addr))
-                .await
-                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
-            ctx.report(source, addr, connected.is_ok());
-            let mut upstream =
-                connected.map_err(|source| OutboundError::Connect { addr, source })?;
+    let (sent, received) = match opened {
+        Opened::Local(mut upstream) => {
             let _ = upstream.set_nodelay(true);
             if per_request {
                 // Counted reports the connection and its bytes when dropped.
@@ -177,6 +224,38 @@ pub async fn carry(
             let copied = splice(client, &mut upstream).await;
             ctx.metrics.conn_closed(source, destination);
             copied.unwrap_or_default()
+        }
+        Opened::Tunnel(mut tunnel) => {
+            ctx.metrics.conn_opened(source, destination);
+            let copied = splice(client, &mut tunnel).await;
+            ctx.metrics.conn_closed(source, destination);
+            copied.unwrap_or_default()
+        }
+    };
+    ctx.metrics
+        .bytes(source, destination, Direction::Sent, sent);
+    ctx.metrics
+        .bytes(source, destination, Direction::Received, received);
+    Ok(())
+}
+
+/// An upstream connection, opened.
+enum Opened {
+    Local(TcpStream),
+    Tunnel(crate::hbone::HboneStream),
+}
+
+/// Opens the connection `route` names: to the local instance, or a tunnel
+/// to the instance's node. Reports the outcome for outlier detection.
+async fn open(ctx: &ProxyContext, source: &str, route: Route) -> Result<Opened, OutboundError> {
+    match route {
+        Route::Local(addr) => {
+            let connected = tokio::time::timeout(CONNECT_TIMEOUT, crate::mark::connect(addr))
+                .await
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+            ctx.report(source, addr, connected.is_ok());
+            let stream = connected.map_err(|source| OutboundError::Connect { addr, source })?;
+            Ok(Opened::Local(stream))
         }
         Route::Tunnel { node, target } => {
             let identity = ctx
@@ -195,18 +274,9 @@ pub async fn carry(
             if let Some(reason) = tunnel.as_ref().err().and_then(|e| e.handshake_failure()) {
                 ctx.metrics.tls_failure(Side::Outbound, reason);
             }
-            let mut tunnel = tunnel?;
-            ctx.metrics.conn_opened(source, destination);
-            let copied = splice(client, &mut tunnel).await;
-            ctx.metrics.conn_closed(source, destination);
-            copied.unwrap_or_default()
+            Ok(Opened::Tunnel(tunnel?))
         }
-    };
-    ctx.metrics
-        .bytes(source, destination, Direction::Sent, sent);
-    ctx.metrics
-        .bytes(source, destination, Direction::Received, received);
-    Ok(())
+    }
 }
 
 /// Resets a connection (RST rather than FIN), so the workload sees a prompt,
@@ -230,6 +300,7 @@ pub async fn serve_upstream(
         let _ = stream.set_nodelay(true);
         let (ctx, source, destination) = (ctx.clone(), source.clone(), destination.clone());
         tokio::spawn(async move {
+            let _tracked = ctx.drain.track();
             let mut stream = stream;
             if let Err(e) = carry(&ctx, &mut stream, &source, &destination).await {
                 tracing::info!(%peer, "{source} -> {destination}: {e}");
@@ -253,6 +324,7 @@ pub async fn serve_redirected(
         let _ = stream.set_nodelay(true);
         let (ctx, interception) = (ctx.clone(), interception.clone());
         tokio::spawn(async move {
+            let _tracked = ctx.drain.track();
             let mut stream = stream;
             let found = match interception.lookup(&stream) {
                 Ok(Some(found)) => found,

@@ -51,6 +51,7 @@ pub async fn serve(ctx: Arc<ProxyContext>, listener: TcpListener) {
         };
         let span = tracing::info_span!("permissive", %peer, %dialled);
         let conn = async move {
+            let _tracked = ctx.drain.track();
             let mut stream = stream;
             let _ = stream.set_nodelay(true);
             let Some(target) = instance_for(&ctx, dialled) else {

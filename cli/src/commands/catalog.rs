@@ -1,4 +1,4 @@
-//! `weft catalog nodes | services | service NAME`.
+//! `weft catalog nodes | services | service NAME | maintenance NODE`.
 use clap::Subcommand;
 use serde_json::json;
 use weft_api::proto::catalog_client::CatalogClient;
@@ -15,6 +15,17 @@ pub enum CatalogCmd {
     Services,
     /// One service's instances.
     Service { name: String },
+    /// Put a node in maintenance mode (critical: agents stop choosing its
+    /// instances) or take it out (Consul's `maint`). Needs node:write.
+    Maintenance {
+        node: String,
+        /// On (default) or off.
+        #[arg(long, conflicts_with = "reason")]
+        disable: bool,
+        /// Shown as the node's health output.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 fn health_name(h: i32) -> &'static str {
@@ -42,6 +53,31 @@ fn node_health(n: &weft_api::proto::Node) -> &'static str {
 pub async fn run(ctx: &Ctx, cmd: CatalogCmd) -> anyhow::Result<Outcome> {
     let read = ctx.read_options().unwrap_or_default();
     match cmd {
+        CatalogCmd::Maintenance {
+            node,
+            disable,
+            reason,
+        } => {
+            let req = weft_api::proto::NodeMaintenanceRequest {
+                node: node.clone(),
+                enable: !disable,
+                reason,
+            };
+            let index = ctx
+                .call(|ch| {
+                    let req = req.clone();
+                    async move {
+                        CatalogClient::new(ch)
+                            .set_node_maintenance(request(ctx, req))
+                            .await
+                    }
+                })
+                .await?
+                .into_inner()
+                .index;
+            let what = if disable { "out of" } else { "in" };
+            crate::commands::written(ctx, &format!("node {node} {what} maintenance"), index);
+        }
         CatalogCmd::Nodes => {
             let list = ctx
                 .call(

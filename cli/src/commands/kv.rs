@@ -82,17 +82,32 @@ pub async fn run(ctx: &Ctx, cmd: KvCmd) -> anyhow::Result<Outcome> {
             }
         }
         KvCmd::List { prefix } => {
-            let req = KvListRequest {
-                prefix,
-                read: ctx.read_options(),
-            };
-            let list = ctx
-                .call(|ch| {
-                    let req = req.clone();
-                    async move { KvClient::new(ch).list(request(ctx, req)).await }
-                })
-                .await?
-                .into_inner();
+            // Page after page: a large store never comes in one message.
+            let mut list = weft_api::proto::KvList::default();
+            loop {
+                let req = KvListRequest {
+                    prefix: prefix.clone(),
+                    read: ctx.read_options(),
+                    after: list
+                        .entries
+                        .last()
+                        .map(|e| e.key.clone())
+                        .unwrap_or_default(),
+                    limit: 0,
+                };
+                let page = ctx
+                    .call(|ch| {
+                        let req = req.clone();
+                        async move { KvClient::new(ch).list(request(ctx, req)).await }
+                    })
+                    .await?
+                    .into_inner();
+                list.entries.extend(page.entries);
+                list.index = page.index;
+                if page.next.is_empty() {
+                    break;
+                }
+            }
             let rows = list
                 .entries
                 .iter()

@@ -22,6 +22,30 @@ pub const TOKEN_METADATA: &str = "authorization";
 pub struct Caller {
     pub accessor: String,
     pub authz: Authorizer,
+    /// The client's id of this request (`x-weft-request-id`): a write
+    /// retried with it is applied once (see `state::sessions`).
+    pub request: Option<String>,
+}
+
+/// The metadata key that names a request for exactly-once writes.
+pub const REQUEST_ID_METADATA: &str = "x-weft-request-id";
+
+/// The request id a client sent, if any: 1 to 64 of `A-Z a-z 0-9 . _ -`.
+pub fn request_id<T>(req: &Request<T>) -> Result<Option<String>, Status> {
+    let Some(value) = req.metadata().get(REQUEST_ID_METADATA) else {
+        return Ok(None);
+    };
+    let id = value.to_str().unwrap_or_default();
+    let ok = (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !ok {
+        return Err(Status::invalid_argument(format!(
+            "{REQUEST_ID_METADATA}: 1 to 64 letters, digits, '.', '_' or '-'"
+        )));
+    }
+    Ok(Some(id.to_string()))
 }
 
 fn describe(resource: &Resource<'_>) -> String {
@@ -100,6 +124,7 @@ pub fn resolve_in(state: &State, datacenter: &str, secret: &str) -> Option<Calle
     Some(Caller {
         accessor: token.accessor_id.clone(),
         authz: state.acl.authorizer(token, datacenter),
+        request: None,
     })
 }
 
@@ -145,6 +170,7 @@ fn node_certificate<T>(node: &ServerNode, req: &Request<T>) -> Option<Caller> {
     Some(Caller {
         accessor: format!("node certificate of {name}"),
         authz: Authorizer::from_rules([&weft_api::acl::node_identity_rules(name)]),
+        request: None,
     })
 }
 
@@ -190,6 +216,13 @@ impl tonic::service::Interceptor for KnownToken {
 /// more after a linearizable read barrier before it is refused (one such
 /// barrier at a time per `UNKNOWN_TOKEN_GAP`).
 pub async fn caller<T>(node: &ServerNode, req: &Request<T>) -> Result<Caller, Status> {
+    let request = request_id(req)?;
+    let mut caller = authenticate(node, req).await?;
+    caller.request = request;
+    Ok(caller)
+}
+
+async fn authenticate<T>(node: &ServerNode, req: &Request<T>) -> Result<Caller, Status> {
     let Some(secret) = secret_of(req) else {
         // No token: an agent's node certificate speaks for its node.
         if let Some(caller) = node_certificate(node, req) {

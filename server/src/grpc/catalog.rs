@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use weft_api::acl::{Access, Resource, ResourceKind};
-use weft_api::catalog::{validate_node, validate_service_instance, HealthStatus, ServiceInstance};
+use weft_api::catalog::{
+    validate_node, validate_service_instance, HealthStatus, ServiceInstance, NODE_MAINTENANCE,
+};
 use weft_api::convert::{
     health_from_proto, instance_from_proto, instance_to_proto, node_from_proto, node_to_proto,
 };
@@ -94,6 +96,62 @@ impl Catalog for CatalogApi {
         Ok(Response::new(proto::HeartbeatReply {
             interval_ms: self.0.liveness.interval().as_millis() as u64,
         }))
+    }
+
+    async fn set_node_maintenance(
+        &self,
+        req: Request<proto::NodeMaintenanceRequest>,
+    ) -> Result<Response<proto::WriteResult>, Status> {
+        let caller = caller(&self.0, &req).await?;
+        let r = req.into_inner();
+        caller.require(Resource::Node(&r.node), Access::Write)?;
+        validate_name(&r.node).map_err(|e| invalid(format!("node: {e}")))?;
+        let current = {
+            let state = self.0.shared.state.read().expect("state lock");
+            state
+                .nodes
+                .get(&r.node)
+                .map(|n| (n.health, n.health_output.clone()))
+        };
+        let Some((health, output)) = current else {
+            return Err(Status::not_found(format!(
+                "node {} is not registered",
+                r.node
+            )));
+        };
+        let in_maintenance =
+            health == HealthStatus::Critical && output.starts_with(NODE_MAINTENANCE);
+        let (health, output) = match (r.enable, in_maintenance) {
+            (true, _) => {
+                let reason = if r.reason.trim().is_empty() {
+                    "no reason given".to_string()
+                } else {
+                    r.reason.trim().to_string()
+                };
+                (
+                    HealthStatus::Critical,
+                    format!("{NODE_MAINTENANCE}: {reason}"),
+                )
+            }
+            (false, true) => (HealthStatus::Passing, String::new()),
+            // Off, and not in maintenance: whatever else made the node
+            // critical (a silent agent) is not lifted here.
+            (false, false) => {
+                let index = self.0.shared.state.read().expect("state lock").index;
+                return Ok(Response::new(proto::WriteResult { index }));
+            }
+        };
+        let what = format!(
+            "maintenance {} on node {}",
+            if r.enable { "on" } else { "off" },
+            r.node
+        );
+        let cmd = Command::SetNodeHealth {
+            node: r.node,
+            health,
+            output,
+        };
+        Ok(Response::new(write(&self.0, &caller, &what, cmd).await?))
     }
 
     async fn register_node(

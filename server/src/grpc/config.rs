@@ -42,6 +42,7 @@ impl Config for ConfigApi {
     ) -> Result<Response<proto::WriteResult>, Status> {
         let caller = caller(&self.0, &req).await?;
         let json = req.into_inner().json;
+        self.0.limits.check_entry_size(json.len())?;
         // The name is checked before the document is judged, so that a
         // caller without the right learns nothing from validation errors.
         let name = serde_json::from_str::<serde_json::Value>(&json)
@@ -50,6 +51,7 @@ impl Config for ConfigApi {
             .unwrap_or_default();
         caller.require(Resource::Service(&name), Access::Write)?;
         let entry = parse_entry_file(&json, FileFormat::Json).map_err(invalid)?;
+        self.0.limits.check_entry(&entry)?;
         // And the entry as parsed, whatever the document's spelling; as in
         // Consul, sending traffic to a service needs read on it.
         caller.require(Resource::Service(entry.name()), Access::Write)?;

@@ -47,6 +47,17 @@ pub(crate) async fn write(
     what: &str,
     cmd: Command,
 ) -> Result<proto::WriteResult, Status> {
+    // Applied once, however often it is retried: by the client with its
+    // request id, or by this server (forwarding, elections) with one made
+    // here.
+    let cmd = Command::Once {
+        client: caller.accessor.clone(),
+        request: caller
+            .request
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        cmd: Box::new(cmd),
+    };
     let index = node.write(cmd).await.map_err(|e| {
         tracing::info!(accessor = %caller.accessor, what, "write refused: {e}");
         Status::from(e)

@@ -7,8 +7,11 @@
 //!
 //! A stream shows only what its token may read: nodes, instances (service
 //! and node read), virtual IPs and config entries (service read),
-//! intentions (intentions read on the destination), KV (key read); the
-//! trust bundle goes to every authenticated subscriber. When ACLs change,
+//! intentions (intentions read on the destination), KV (key read, and only
+//! when the subscriber asks for it: agents do not); the trust bundle goes
+//! to every authenticated subscriber. A snapshot comes in parts of at most
+//! about [`SNAPSHOT_PART_BYTES`], all at its index, the last with
+//! `more = false`. When ACLs change,
 //! the stream looks its token up again: a deleted token ends the stream,
 //! otherwise a new snapshot filtered by the new rights follows.
 use std::sync::Arc;
@@ -45,68 +48,127 @@ impl Watch for WatchApi {
         let caller = caller(&self.0, &req).await?;
         caller.require_any_read(ResourceKind::Service)?;
         let secret = secret_of(&req).unwrap_or_default().to_string();
-        let from = req.into_inner().from_index;
+        let r = req.into_inner();
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(stream_changes(self.0.clone(), from, tx, caller, secret));
+        tokio::spawn(stream_changes(
+            self.0.clone(),
+            r.from_index,
+            r.include_kv,
+            tx,
+            caller,
+            secret,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
-/// The state as a watch snapshot, as far as `caller` may read it.
-pub fn snapshot_of(state: &State, default_allow: bool, caller: &Caller) -> proto::StateSnapshot {
-    proto::StateSnapshot {
-        nodes: state
-            .nodes
-            .values()
-            .filter(|n| caller.can(Resource::Node(&n.name), Access::Read))
-            .map(node_to_proto)
-            .collect(),
-        instances: state
-            .instances
-            .values()
-            .flat_map(|m| m.values())
-            .filter(|i| may_read_instance(caller, i))
-            .map(instance_to_proto)
-            .collect(),
-        vips: state
-            .vips
-            .iter()
-            .filter(|(service, _)| caller.can(Resource::Service(service), Access::Read))
-            .map(|(service, vip)| proto::ServiceVip {
-                service: service.clone(),
-                vip: vip.to_string(),
-            })
-            .collect(),
-        intentions: state
-            .all_intentions()
-            .filter(|i| may_access(caller, &i.destination, Access::Read))
-            .map(intention_to_proto)
-            .collect(),
-        config_entries: state
-            .config
-            .values()
-            .flat_map(|m| m.values())
-            .filter(|e| caller.can(Resource::Service(e.entry.name()), Access::Read))
-            .map(entry_to_proto)
-            .collect(),
-        kv: state
-            .kv
-            .values()
-            .filter(|e| caller.can(Resource::Key(&e.key), Access::Read))
-            .map(kv_to_proto)
-            .collect(),
-        ca: state.ca.as_ref().map(|ca| proto::CaBundle {
-            trust_domain: ca.trust_domain.clone(),
-            roots_pem: ca.roots.iter().map(|r| r.cert_pem.clone()).collect(),
-        }),
-        default_allow,
+/// Bytes of one snapshot part at most (an item larger than that gets a
+/// part of its own): a snapshot of any size reaches a client in messages
+/// well under gRPC's 4 MiB default.
+pub const SNAPSHOT_PART_BYTES: usize = 1 << 20;
+
+/// A snapshot cut into parts of bounded size.
+struct Parts {
+    done: Vec<proto::StateSnapshot>,
+    current: proto::StateSnapshot,
+    size: usize,
+    limit: usize,
+}
+
+impl Parts {
+    fn new(limit: usize) -> Self {
+        Self {
+            done: Vec::new(),
+            current: proto::StateSnapshot::default(),
+            size: 0,
+            limit,
+        }
+    }
+
+    /// Adds one item of `size` encoded bytes with `put`.
+    fn add(&mut self, size: usize, put: impl FnOnce(&mut proto::StateSnapshot)) {
+        if self.size > 0 && self.size + size > self.limit {
+            self.done.push(std::mem::take(&mut self.current));
+            self.size = 0;
+        }
+        put(&mut self.current);
+        // Field tag and length prefix.
+        self.size += size + 6;
+    }
+
+    /// The parts, every one but the last marked `more`.
+    fn finish(mut self) -> Vec<proto::StateSnapshot> {
+        self.done.push(self.current);
+        let last = self.done.len() - 1;
+        for part in &mut self.done[..last] {
+            part.more = true;
+        }
+        self.done
     }
 }
 
-/// Whether `caller` may see `change`.
-fn may_see(caller: &Caller, change: &Change) -> bool {
+/// The state as a watch snapshot, as far as `caller` may read it (KV only
+/// if asked for), in parts of at most about `limit` bytes.
+pub fn snapshot_parts(
+    state: &State,
+    default_allow: bool,
+    caller: &Caller,
+    include_kv: bool,
+    limit: usize,
+) -> Vec<proto::StateSnapshot> {
+    use prost::Message;
+    let mut parts = Parts::new(limit);
+    parts.current.default_allow = default_allow;
+    parts.current.ca = state.ca.as_ref().map(|ca| proto::CaBundle {
+        trust_domain: ca.trust_domain.clone(),
+        roots_pem: ca.roots.iter().map(|r| r.cert_pem.clone()).collect(),
+    });
+    let readable = |n: &&weft_api::catalog::Node| caller.can(Resource::Node(&n.name), Access::Read);
+    for n in state.nodes.values().filter(readable).map(node_to_proto) {
+        parts.add(n.encoded_len(), |s| s.nodes.push(n));
+    }
+    let instances = state.instances.values().flat_map(|m| m.values());
+    for i in instances
+        .filter(|i| may_read_instance(caller, i))
+        .map(instance_to_proto)
+    {
+        parts.add(i.encoded_len(), |s| s.instances.push(i));
+    }
+    for (service, vip) in &state.vips {
+        if caller.can(Resource::Service(service), Access::Read) {
+            let v = proto::ServiceVip {
+                service: service.clone(),
+                vip: vip.to_string(),
+            };
+            parts.add(v.encoded_len(), |s| s.vips.push(v));
+        }
+    }
+    let intentions = state.all_intentions();
+    for i in intentions.filter(|i| may_access(caller, &i.destination, Access::Read)) {
+        let i = intention_to_proto(i);
+        parts.add(i.encoded_len(), |s| s.intentions.push(i));
+    }
+    let entries = state.config.values().flat_map(|m| m.values());
+    for e in entries.filter(|e| caller.can(Resource::Service(e.entry.name()), Access::Read)) {
+        let e = entry_to_proto(e);
+        parts.add(e.encoded_len(), |s| s.config_entries.push(e));
+    }
+    if include_kv {
+        for e in state.kv.values() {
+            if caller.can(Resource::Key(&e.key), Access::Read) {
+                let e = kv_to_proto(e);
+                parts.add(e.encoded_len(), |s| s.kv.push(e));
+            }
+        }
+    }
+    parts.finish()
+}
+
+/// Whether `caller` may see `change` (KV changes only with `include_kv`).
+fn may_see(caller: &Caller, change: &Change, include_kv: bool) -> bool {
     let can = |r| caller.can(r, Access::Read);
     match change {
+        Change::KvUpsert(_) | Change::KvDelete(_) if !include_kv => false,
         Change::NodeUpsert(n) => can(Resource::Node(&n.name)),
         Change::NodeDelete(name) => can(Resource::Node(name)),
         Change::InstanceUpsert(i) => may_read_instance(caller, i),
@@ -169,10 +231,15 @@ fn change_to_proto(change: &Change) -> Option<proto::Change> {
 
 /// The part of a write's changes that `caller` may see; None when that is
 /// nothing (the subscriber does not even learn that a write happened).
-fn changes_event(index: u64, changes: &[Change], caller: &Caller) -> Option<proto::WatchEvent> {
+fn changes_event(
+    index: u64,
+    changes: &[Change],
+    caller: &Caller,
+    include_kv: bool,
+) -> Option<proto::WatchEvent> {
     let visible: Vec<proto::Change> = changes
         .iter()
-        .filter(|c| may_see(caller, c))
+        .filter(|c| may_see(caller, c, include_kv))
         .filter_map(change_to_proto)
         .collect();
     (!visible.is_empty()).then_some(proto::WatchEvent {
@@ -181,11 +248,25 @@ fn changes_event(index: u64, changes: &[Change], caller: &Caller) -> Option<prot
     })
 }
 
-fn snapshot_event(state: &State, default_allow: bool, caller: &Caller) -> proto::WatchEvent {
-    proto::WatchEvent {
+fn snapshot_events(
+    state: &State,
+    default_allow: bool,
+    caller: &Caller,
+    include_kv: bool,
+) -> Vec<proto::WatchEvent> {
+    snapshot_parts(
+        state,
+        default_allow,
+        caller,
+        include_kv,
+        SNAPSHOT_PART_BYTES,
+    )
+    .into_iter()
+    .map(|part| proto::WatchEvent {
         index: state.index,
-        event: Some(Event::Snapshot(snapshot_of(state, default_allow, caller))),
-    }
+        event: Some(Event::Snapshot(part)),
+    })
+    .collect()
 }
 
 /// What a subscriber gets first, taken under the state's read lock together
@@ -194,6 +275,7 @@ fn start(
     node: &ServerNode,
     from: u64,
     caller: &Caller,
+    include_kv: bool,
 ) -> (broadcast::Receiver<HubEvent>, Vec<proto::WatchEvent>, u64) {
     let state = node.shared.state.read().expect("state lock");
     let rx = node.shared.hub.subscribe();
@@ -203,20 +285,24 @@ fn start(
     {
         Some(changes) if from <= state.index => changes
             .iter()
-            .filter_map(|(index, changes)| changes_event(*index, changes, caller))
+            .filter_map(|(index, changes)| changes_event(*index, changes, caller, include_kv))
             .collect(),
-        _ => vec![snapshot_event(&state, node.default_allow, caller)],
+        _ => snapshot_events(&state, node.default_allow, caller, include_kv),
     };
     (rx, first, state.index)
 }
 
 /// A new snapshot for the subscriber whose token is `secret`, as its token
-/// now allows (None: the token is gone): the caller, the index, the event.
-fn resnapshot(node: &ServerNode, secret: &str) -> Option<(Caller, u64, proto::WatchEvent)> {
+/// now allows (None: the token is gone): the caller, the index, the events.
+fn resnapshot(
+    node: &ServerNode,
+    secret: &str,
+    include_kv: bool,
+) -> Option<(Caller, u64, Vec<proto::WatchEvent>)> {
     let state = node.shared.state.read().expect("state lock");
     let caller = resolve_in(&state, &node.datacenter, secret)?;
-    let event = snapshot_event(&state, node.default_allow, &caller);
-    Some((caller, state.index, event))
+    let events = snapshot_events(&state, node.default_allow, &caller, include_kv);
+    Some((caller, state.index, events))
 }
 
 /// Ends a stream whose token was deleted.
@@ -229,6 +315,7 @@ async fn token_gone(tx: &EventSender) {
 async fn stream_changes(
     node: Arc<ServerNode>,
     from: u64,
+    include_kv: bool,
     tx: EventSender,
     mut caller: Caller,
     secret: String,
@@ -242,7 +329,7 @@ async fn stream_changes(
             .applied_index_at_least(Some(from), "watch resume")
             .await;
     }
-    let (mut rx, first, mut last) = start(&node, from, &caller);
+    let (mut rx, first, mut last) = start(&node, from, &caller, include_kv);
     for event in first {
         if tx.send(Ok(event)).await.is_err() {
             return;
@@ -257,35 +344,73 @@ async fn stream_changes(
             Ok(HubEvent::Changes(index, changes))
                 if index > last && changes.iter().any(|c| matches!(c, Change::Acl)) =>
             {
-                match resnapshot(&node, &secret) {
-                    Some((again, index, event)) => {
+                match resnapshot(&node, &secret, include_kv) {
+                    Some((again, index, events)) => {
                         (caller, last) = (again, index);
-                        event
+                        events
                     }
                     None => return token_gone(&tx).await,
                 }
             }
             Ok(HubEvent::Changes(index, changes)) if index > last => {
                 last = index;
-                match changes_event(index, &changes, &caller) {
-                    Some(event) => event,
+                match changes_event(index, &changes, &caller, include_kv) {
+                    Some(event) => vec![event],
                     None => continue,
                 }
             }
             Ok(HubEvent::Changes(..)) => continue,
             Ok(HubEvent::Reset(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                match resnapshot(&node, &secret) {
-                    Some((again, index, event)) => {
+                match resnapshot(&node, &secret, include_kv) {
+                    Some((again, index, events)) => {
                         (caller, last) = (again, index);
-                        event
+                        events
                     }
                     None => return token_gone(&tx).await,
                 }
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        if tx.send(Ok(out)).await.is_err() {
-            return;
+        for event in out {
+            if tx.send(Ok(event)).await.is_err() {
+                return;
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_stay_under_the_bound_and_only_the_last_says_done() {
+        let mut parts = Parts::new(100);
+        for i in 0..10 {
+            parts.add(30, |s| {
+                s.kv.push(proto::KvEntry {
+                    key: format!("k{i}"),
+                    ..Default::default()
+                })
+            });
+        }
+        // One item larger than the bound gets a part of its own.
+        parts.add(500, |s| {
+            s.kv.push(proto::KvEntry {
+                key: "big".into(),
+                ..Default::default()
+            })
+        });
+        let parts = parts.finish();
+        let keys: Vec<String> = parts
+            .iter()
+            .flat_map(|p| p.kv.iter().map(|e| e.key.clone()))
+            .collect();
+        assert_eq!(keys.len(), 11);
+        assert!(parts.iter().all(|p| p.kv.len() <= 3), "{parts:?}");
+        assert_eq!(parts.last().unwrap().kv[0].key, "big");
+        assert!(parts[..parts.len() - 1].iter().all(|p| p.more));
+        assert!(!parts.last().unwrap().more);
+        assert_eq!(Parts::new(10).finish().len(), 1);
     }
 }

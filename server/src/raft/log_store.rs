@@ -44,7 +44,7 @@ impl LogStore {
         key: &str,
     ) -> Result<Option<T>, StorageError> {
         match self.meta.get(key).map_err(read_err)? {
-            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(read_err)?)),
+            Some(bytes) => Ok(Some(super::codec::decode(&bytes).map_err(read_err)?)),
             None => Ok(None),
         }
     }
@@ -54,7 +54,7 @@ impl LogStore {
         key: &str,
         value: &T,
     ) -> Result<(), StorageError> {
-        let bytes = serde_json::to_vec(value).map_err(write_err)?;
+        let bytes = super::codec::encode(value).map_err(write_err)?;
         self.meta.insert(key, bytes).map_err(write_err)?;
         self.db.flush_async().await.map_err(write_err)?;
         Ok(())
@@ -90,7 +90,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             .range::<[u8; 8], _>((start, end))
             .map(|item| {
                 let (_, bytes) = item.map_err(read_err)?;
-                serde_json::from_slice(&bytes).map_err(read_err)
+                super::codec::decode(&bytes).map_err(read_err)
             })
             .collect()
     }
@@ -103,7 +103,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged_log_id: Option<LogId> = self.get_meta(LAST_PURGED)?;
         let last_log_id = match self.logs.last().map_err(read_err)? {
             Some((_, bytes)) => {
-                let entry: Entry = serde_json::from_slice(&bytes).map_err(read_err)?;
+                let entry: Entry = super::codec::decode(&bytes).map_err(read_err)?;
                 Some(entry.log_id)
             }
             None => last_purged_log_id,
@@ -130,7 +130,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         // Not flushed on its own: losing it only means re-applying entries.
-        let bytes = serde_json::to_vec(&committed).map_err(write_err)?;
+        let bytes = super::codec::encode(&committed).map_err(write_err)?;
         self.meta.insert(COMMITTED, bytes).map_err(write_err)?;
         Ok(())
     }
@@ -150,7 +150,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = sled::Batch::default();
         for entry in entries {
-            let bytes = serde_json::to_vec(&entry).map_err(write_err)?;
+            let bytes = super::codec::encode(&entry).map_err(write_err)?;
             batch.insert(&index_key(entry.log_id.index), bytes);
         }
         self.logs.apply_batch(batch).map_err(write_err)?;

@@ -5,6 +5,7 @@
 // feed them return the same type rather than boxing and unboxing it.
 #![allow(clippy::result_large_err)]
 
+pub mod codec;
 pub mod log_store;
 pub mod network;
 pub mod service;

@@ -40,12 +40,12 @@ pub struct PeerStatus {
 pub type ForwardedResult = Result<u64, crate::node::WriteError>;
 
 fn decode<T: serde::de::DeserializeOwned>(req: Request<RaftPayload>) -> Result<T, Status> {
-    serde_json::from_slice(&req.into_inner().json)
+    super::codec::decode(&req.into_inner().json)
         .map_err(|e| Status::invalid_argument(format!("bad raft payload: {e}")))
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
-    let json = serde_json::to_vec(value).map_err(|e| Status::internal(e.to_string()))?;
+    let json = super::codec::encode(value).map_err(|e| Status::internal(e.to_string()))?;
     Ok(Response::new(RaftPayload { json }))
 }
 

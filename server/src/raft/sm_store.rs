@@ -64,8 +64,13 @@ impl StateMachineStore {
             snapshot_seq: 0,
         };
         if let Some(stored) = store.load_snapshot()? {
-            let state: State = serde_json::from_slice(&stored.data).map_err(sm_read)?;
+            let state: State = super::codec::decode(&stored.data).map_err(sm_read)?;
             *store.shared.state.write().expect("state lock") = state;
+            // The changes up to the snapshot are not in the hub: a watcher
+            // resuming from before it needs a snapshot, not the changes
+            // re-applied after it alone.
+            let index = stored.meta.last_log_id.map_or(0, |id| id.index);
+            store.shared.hub.reset(index);
             store.applied = stored.meta.last_log_id;
             store.membership = stored.meta.last_membership;
         }
@@ -78,13 +83,13 @@ impl StateMachineStore {
 
     fn load_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
         match self.snapshots.get(CURRENT).map_err(sm_read)? {
-            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(sm_read)?)),
+            Some(bytes) => Ok(Some(super::codec::decode(&bytes).map_err(sm_read)?)),
             None => Ok(None),
         }
     }
 
     async fn save_snapshot(&self, stored: &StoredSnapshot) -> Result<(), StorageError> {
-        let bytes = serde_json::to_vec(stored).map_err(snap_write)?;
+        let bytes = super::codec::encode(stored).map_err(snap_write)?;
         self.snapshots.insert(CURRENT, bytes).map_err(snap_write)?;
         self.snapshots.flush_async().await.map_err(snap_write)?;
         Ok(())
@@ -95,7 +100,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let data = {
             let state = self.shared.state.read().expect("state lock");
-            serde_json::to_vec(&*state).map_err(sm_read)?
+            super::codec::encode(&*state).map_err(sm_read)?
         };
         self.snapshot_seq += 1;
         let snapshot_id = match self.applied {
@@ -170,7 +175,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let new_state: State = serde_json::from_slice(&data)
+        let new_state: State = super::codec::decode(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         let index = meta.last_log_id.map_or(0, |id| id.index);
         {

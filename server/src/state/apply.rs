@@ -40,6 +40,28 @@ impl State {
     /// and the changes for watchers (none when refused).
     pub fn apply(&mut self, cmd: Command, index: u64) -> (CommandResult, Vec<Change>) {
         self.index = index;
+        if let Command::Once {
+            client,
+            request,
+            cmd,
+        } = cmd
+        {
+            if let Some(first) = self.sessions.result(&client, &request) {
+                return (first.clone(), Vec::new());
+            }
+            let (result, changes) = match *cmd {
+                Command::Once { .. } => (
+                    CommandResult::Refused {
+                        reason: "a request inside a request".into(),
+                    },
+                    Vec::new(),
+                ),
+                cmd => self.apply(cmd, index),
+            };
+            self.sessions
+                .record(&client, &request, result.clone(), index);
+            return (result, changes);
+        }
         match self.try_apply(cmd, index) {
             Ok(changes) => (CommandResult::Applied { index }, changes),
             Err(e) => (
@@ -53,6 +75,8 @@ impl State {
 
     fn try_apply(&mut self, cmd: Command, index: u64) -> Result<Vec<Change>, ApplyError> {
         match cmd {
+            // Taken apart by `apply`.
+            Command::Once { .. } => Err(invalid("a request inside a request")),
             Command::RegisterNode(mut node) => {
                 validate_node(&node).map_err(invalid)?;
                 node.create_index = self.nodes.get(&node.name).map_or(index, |n| n.create_index);
@@ -665,5 +689,65 @@ mod tests {
             state.acl.token_by_secret("s").is_some(),
             "the running ACLs are kept"
         );
+    }
+}
+
+#[cfg(test)]
+mod once_tests {
+    use super::*;
+
+    fn put(value: &str, cas: Option<u64>) -> Command {
+        Command::KvPut {
+            key: "counter".into(),
+            value: value.as_bytes().to_vec(),
+            cas,
+        }
+    }
+
+    fn once(client: &str, request: &str, cmd: Command) -> Command {
+        Command::Once {
+            client: client.into(),
+            request: request.into(),
+            cmd: Box::new(cmd),
+        }
+    }
+
+    #[test]
+    fn a_retried_cas_gets_its_first_result_not_a_mismatch() {
+        let mut s = State::default();
+        assert_eq!(
+            s.apply(once("alice", "r1", put("1", Some(0))), 5).0,
+            CommandResult::Applied { index: 5 }
+        );
+        // The same request again (a client retry after a failover): the
+        // first answer, nothing applied, no changes for watchers.
+        let (result, changes) = s.apply(once("alice", "r1", put("1", Some(0))), 6);
+        assert_eq!(result, CommandResult::Applied { index: 5 });
+        assert!(changes.is_empty());
+        assert_eq!(s.kv["counter"].modify_index, 5);
+        // Without the id it is a new CAS, and it fails as it should.
+        assert!(matches!(
+            s.apply(put("1", Some(0)), 7).0,
+            CommandResult::Refused { .. }
+        ));
+        // Another client reusing alice's id is its own request.
+        assert!(matches!(
+            s.apply(once("mallory", "r1", put("2", Some(5))), 8).0,
+            CommandResult::Applied { index: 8 }
+        ));
+    }
+
+    #[test]
+    fn a_refusal_is_remembered_too_and_nesting_is_refused() {
+        let mut s = State::default();
+        let first = s.apply(once("a", "r", put("x", Some(9))), 1).0;
+        assert!(matches!(first, CommandResult::Refused { .. }));
+        assert_eq!(s.apply(once("a", "r", put("x", None)), 2).0, first);
+        let nested = once("a", "n", once("a", "m", put("y", None)));
+        assert!(matches!(
+            s.apply(nested, 3).0,
+            CommandResult::Refused { .. }
+        ));
+        assert!(!s.kv.contains_key("counter") || s.kv["counter"].value != b"y");
     }
 }

@@ -8,6 +8,7 @@
 //! command leaves the state as it was.
 
 mod apply;
+pub mod sessions;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -46,6 +47,9 @@ pub struct State {
     /// ACL policies and tokens (secrets only as hashes).
     #[serde(default)]
     pub acl: AclState,
+    /// Results of recent client requests, for exactly-once writes.
+    #[serde(default)]
+    pub sessions: sessions::Sessions,
 }
 
 /// A change to the state, as written through Raft.
@@ -84,6 +88,7 @@ pub enum Command {
     },
     KvPut {
         key: String,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         /// Write only if the key's modify index is this; 0: only if absent.
         cas: Option<u64>,
@@ -116,6 +121,13 @@ pub enum Command {
     AclTokenUpsert(AclToken),
     AclTokenDelete {
         accessor: String,
+    },
+    /// `cmd` as request `request` of `client` (a token accessor): applied
+    /// once; a retry gets the first application's result.
+    Once {
+        client: String,
+        request: String,
+        cmd: Box<Command>,
     },
 }
 

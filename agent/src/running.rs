@@ -1,0 +1,317 @@
+//! The parts of a running agent that follow its configuration file: local
+//! services with their registrations, checks, certificates, explicit
+//! upstream listeners and workload cgroups. [`Running::reload`] re-reads
+//! the file and applies a [`crate::reload::Plan`] to them, touching nothing
+//! the plan does not name: connections of unchanged services go on.
+//!
+//! A reload does what can fail first (read and check the file, bind new
+//! upstream ports, get certificates, register with the servers); a failure
+//! there leaves the running configuration serving and is reported with its
+//! cause (a bad file with its file:line).
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::config::AgentConfig;
+use crate::control::Control;
+use crate::health::runner::HealthChecks;
+use crate::identity::Identities;
+use crate::intercept::Interception;
+use crate::proxy::{outbound, ProxyContext};
+use crate::reload::{plan, Plan};
+
+/// One explicit upstream's accept loop.
+struct Upstream {
+    source: String,
+    destination: String,
+    task: JoinHandle<()>,
+}
+
+/// Why a reload failed: before anything was changed (the running
+/// configuration stays), or after the point of no return (the new one runs,
+/// but a last step failed).
+enum Failed {
+    Before(String),
+    After(String),
+}
+
+/// What a reload changes.
+pub struct Running {
+    pub path: PathBuf,
+    pub config: Arc<RwLock<Arc<AgentConfig>>>,
+    pub control: Arc<Control>,
+    pub checks: HealthChecks,
+    pub identities: Arc<Identities>,
+    pub ctx: Arc<ProxyContext>,
+    pub interception: Option<Arc<Interception>>,
+    /// Duplicates of the listening sockets, by name, to hand to a successor.
+    pub offered: Arc<Mutex<Vec<(String, OwnedFd)>>>,
+    upstreams: Mutex<BTreeMap<SocketAddr, Upstream>>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+/// The listener name of an explicit upstream on `addr`.
+pub fn upstream_name(addr: SocketAddr) -> String {
+    format!("upstream:{addr}")
+}
+
+/// Where `upstream`'s local port listens.
+fn upstream_addr(local_port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], local_port))
+}
+
+/// (local address, source service, destination service) of every explicit
+/// upstream in `config`.
+fn upstreams_of(config: &AgentConfig) -> BTreeMap<SocketAddr, (String, String)> {
+    config
+        .services
+        .iter()
+        .flat_map(|s| {
+            s.upstreams.iter().map(|u| {
+                (
+                    upstream_addr(u.local_port),
+                    (s.name.clone(), u.name.clone()),
+                )
+            })
+        })
+        .collect()
+}
+
+impl Running {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        path: PathBuf,
+        config: Arc<RwLock<Arc<AgentConfig>>>,
+        control: Arc<Control>,
+        checks: HealthChecks,
+        identities: Arc<Identities>,
+        ctx: Arc<ProxyContext>,
+        interception: Option<Arc<Interception>>,
+        offered: Arc<Mutex<Vec<(String, OwnedFd)>>>,
+    ) -> Self {
+        Self {
+            path,
+            config,
+            control,
+            checks,
+            identities,
+            ctx,
+            interception,
+            offered,
+            upstreams: Mutex::new(BTreeMap::new()),
+            reloading: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The running configuration.
+    pub fn config(&self) -> Arc<AgentConfig> {
+        self.config.read().expect("config lock").clone()
+    }
+
+    /// Serves `listener` as the upstream from `source` to `destination`.
+    pub fn serve_upstream(&self, listener: TcpListener, source: &str, destination: &str) {
+        let Ok(addr) = listener.local_addr() else {
+            return;
+        };
+        tracing::info!(%addr, %source, %destination, "upstream listening");
+        let task = tokio::spawn(outbound::serve_upstream(
+            self.ctx.clone(),
+            listener,
+            source.to_string(),
+            destination.to_string(),
+        ));
+        let old = self.upstreams.lock().expect("upstreams lock").insert(
+            addr,
+            Upstream {
+                source: source.to_string(),
+                destination: destination.to_string(),
+                task,
+            },
+        );
+        if let Some(old) = old {
+            old.task.abort();
+        }
+    }
+
+    /// Stops accepting on every upstream (shutdown, handover); open
+    /// connections go on.
+    pub fn stop_upstreams(&self) {
+        for (_, u) in std::mem::take(&mut *self.upstreams.lock().expect("upstreams lock")) {
+            u.task.abort();
+        }
+    }
+
+    /// Re-reads the configuration file and applies what changed: a line
+    /// for the operator, or why nothing was applied.
+    pub async fn reload(&self) -> Result<String, String> {
+        let _one = self.reloading.lock().await;
+        let new = AgentConfig::load(&self.path).map_err(|e| e.to_string())?;
+        let old = self.config();
+        let plan = plan(&old, &new).map_err(|e| format!("{}: {e}", self.path.display()))?;
+        if plan.is_empty() {
+            return Ok(plan.summary());
+        }
+        let new = Arc::new(new);
+        let applied = self.apply(&old, &new, &plan).await;
+        if let Err(Failed::Before(why)) = applied {
+            return Err(why);
+        }
+        // Past the point of no return the new configuration is the running
+        // one, even if a last step failed: the next reload starts from what
+        // runs (its upstream ports are bound, its services registered).
+        *self.config.write().expect("config lock") = new;
+        let summary = plan.summary();
+        if let Err(Failed::After(why)) = applied {
+            tracing::error!(%summary, "configuration reloaded, but {why}");
+            return Err(format!("{summary} applied, but {why}"));
+        }
+        tracing::info!(%summary, "configuration reloaded");
+        Ok(summary)
+    }
+
+    async fn apply(
+        &self,
+        old: &AgentConfig,
+        new: &Arc<AgentConfig>,
+        plan: &Plan,
+    ) -> Result<(), Failed> {
+        // What can fail, first.
+        let (before, after) = (upstreams_of(old), upstreams_of(new));
+        let mut bound = Vec::new();
+        for addr in after.keys() {
+            if before.contains_key(addr) {
+                // Running already (for this pair or, below, another).
+                continue;
+            }
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| Failed::Before(format!("upstream port {addr}: {e}")))?;
+            bound.push((*addr, listener));
+        }
+        // Registered first: the CA signs only for services on this node.
+        self.control.set_config(new.clone());
+        let registering = plan
+            .added
+            .iter()
+            .map(|s| (None, s))
+            .chain(plan.changed.iter().map(|(was, s)| (Some(was), s)));
+        let mut failed = None;
+        let mut registered = Vec::new();
+        for (was, s) in registering {
+            if let Err(e) = self.control.register_service(s).await {
+                failed = Some(format!("registering {}: {e}", s.id));
+                break;
+            }
+            registered.push((was, s));
+        }
+        let names: Vec<String> = new.services.iter().map(|s| s.name.clone()).collect();
+        if failed.is_none() {
+            if let Err(e) = self.identities.add_services(&names).await {
+                failed = Some(format!("certificates: {e}"));
+            }
+        }
+        if let Some(why) = failed {
+            // Back to the running configuration: what was added goes, what
+            // was changed is registered as it was.
+            self.control.set_config(Arc::new(old.clone()));
+            for (was, s) in registered {
+                let undone = match was {
+                    None => self.control.deregister_service(&s.id).await,
+                    Some(was) => self.control.register_service(was).await,
+                };
+                if let Err(e) = undone {
+                    tracing::warn!(service = %s.id, "undoing a refused reload: {e}");
+                }
+            }
+            return Err(Failed::Before(why));
+        }
+
+        // From here on, the new configuration is the running one.
+        for s in &plan.removed {
+            self.checks.remove(&s.id);
+            if let Err(e) = self.control.deregister_service(&s.id).await {
+                // The next registration after a reconnect does not bring it
+                // back; the servers' own reaper or an operator removes it.
+                tracing::warn!(service = %s.id, "deregistering a removed service: {e}");
+            }
+        }
+        for (was, s) in &plan.changed {
+            if was.checks != s.checks {
+                self.checks.remove(&s.id);
+                self.checks.add(&s.id, &s.name, s.checks.clone());
+            }
+        }
+        for s in &plan.added {
+            self.checks.add(&s.id, &s.name, s.checks.clone());
+        }
+        // Upstreams: gone ones stop accepting (their connections go on),
+        // moved pairs take the running listener, new ones serve.
+        for (addr, (source, destination)) in after.iter().filter(|(a, _)| before.contains_key(*a)) {
+            let mut upstreams = self.upstreams.lock().expect("upstreams lock");
+            if let Some(u) = upstreams.get_mut(addr) {
+                if (&u.source, &u.destination) != (source, destination) {
+                    tracing::info!(%addr, %source, %destination, "upstream now carries another pair");
+                    u.task.abort();
+                    drop(upstreams);
+                    self.restart_upstream(*addr, source, destination);
+                }
+            }
+        }
+        for (addr, _) in before.iter().filter(|(a, _)| !after.contains_key(a)) {
+            if let Some(u) = self.upstreams.lock().expect("upstreams lock").remove(addr) {
+                u.task.abort();
+                tracing::info!(%addr, "upstream removed");
+            }
+            let name = upstream_name(*addr);
+            self.offered
+                .lock()
+                .expect("sockets lock")
+                .retain(|(n, _)| *n != name);
+        }
+        for (addr, listener) in bound {
+            let (source, destination) = &after[&addr];
+            if let Ok(dup) = listener.as_fd().try_clone_to_owned() {
+                self.offered
+                    .lock()
+                    .expect("sockets lock")
+                    .push((upstream_name(addr), dup));
+            }
+            self.serve_upstream(listener, source, destination);
+        }
+        self.identities.retain_services(&names);
+        if let Some(interception) = &self.interception {
+            let view = self.ctx.view.read().expect("view lock");
+            interception
+                .reconfigure(new, &view)
+                .map_err(|e| Failed::After(format!("eBPF workloads: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Serves an upstream's running listener (kept among the offered
+    /// sockets) for another pair.
+    fn restart_upstream(&self, addr: SocketAddr, source: &str, destination: &str) {
+        let name = upstream_name(addr);
+        let dup = self
+            .offered
+            .lock()
+            .expect("sockets lock")
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, fd)| fd.try_clone().ok());
+        let listener = dup
+            .map(std::net::TcpListener::from)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l).ok())
+            .and_then(|l| TcpListener::from_std(l).ok());
+        match listener {
+            Some(listener) => self.serve_upstream(listener, source, destination),
+            None => tracing::error!(%addr, "upstream listener lost; reload again to bind it"),
+        }
+    }
+}
