@@ -291,6 +291,21 @@ impl AgentConfig {
         Self::parse(&text, &file)
     }
 
+    /// Reads and validates the file at `path` with `registered` (services
+    /// registered through the local API) as `[[service]]` blocks after it.
+    pub fn load_with_registered(
+        path: impl AsRef<Path>,
+        registered: &[crate::registered::RegisteredService],
+    ) -> Result<AgentConfig, ConfigError> {
+        let path = path.as_ref();
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::parse(&(text + &crate::registered::as_toml(registered)), &file)
+    }
+
     /// Parses and validates `text`; `file` names it in error messages.
     pub fn parse(text: &str, file: &str) -> Result<AgentConfig, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {

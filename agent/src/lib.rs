@@ -27,6 +27,7 @@ pub mod mark;
 pub mod metrics;
 pub mod outlier;
 pub mod proxy;
+pub mod registered;
 pub mod reload;
 pub mod run;
 pub mod running;

@@ -189,6 +189,7 @@ enum Stop {
 /// Runs the agent until `shutdown` completes or a successor takes over.
 pub async fn run(
     config: AgentConfig,
+    registered: Vec<crate::registered::RegisteredService>,
     path: PathBuf,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
@@ -272,11 +273,6 @@ pub async fn run(
         checks.add(&s.id, &s.name, s.checks.clone());
     }
     let health_task = tokio::spawn(report_health(control.clone(), health_rx));
-    // Local HTTP API: workloads update their TTL checks (crate::local_api).
-    let judge = Arc::new(crate::local_api::authz::ServerJudge::new(control.clone()));
-    let api_state = crate::local_api::LocalApiState::new(checks.clone(), judge);
-    let local_api = crate::local_api::LocalApi::bind(config.http_addr, api_state).await?;
-    let local_api_task = tokio::spawn(local_api.serve(wait_for(stop_rx.clone())));
 
     // Certificates.
     let identities = Arc::new(Identities::new(control.clone()));
@@ -373,6 +369,16 @@ pub async fn run(
             running.serve_upstream(listener, &s.name, &up.name);
         }
     }
+
+    // Local HTTP API: workloads update their TTL checks and register
+    // services (crate::local_api).
+    running.set_registered(registered);
+    let judge = Arc::new(crate::local_api::authz::ServerJudge::new(control.clone()));
+    let api_state =
+        crate::local_api::LocalApiState::new(checks.clone(), judge).with_registrar(running.clone());
+    let listener = sockets.tcp("http", config.http_addr).await?;
+    let local_api = crate::local_api::LocalApi::from_listener(listener, api_state)?;
+    let local_api_task = tokio::spawn(local_api.serve(wait_for(stop_rx.clone())));
 
     // DNS: NAME.service.weft -> the service's virtual IP.
     let dns_view = view.clone();

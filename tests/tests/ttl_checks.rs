@@ -257,3 +257,137 @@ fn ttl_checks_follow_pass_warn_fail_and_expire_and_refuse_strangers() -> anyhow:
     );
     Ok(())
 }
+
+/// `PUT http://127.0.0.1:8500{path}` with a JSON `body`: code and body.
+fn put_json(
+    mesh: &Mesh,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> anyhow::Result<(u16, String)> {
+    let header = token.map(|t| format!("X-Consul-Token: {t}"));
+    let mut headers = vec!["Content-Type: application/json"];
+    headers.extend(header.as_deref());
+    let url = format!("http://{AGENT_HTTP}{path}");
+    let mut args = vec![
+        "-sS",
+        "-m",
+        "15",
+        "-X",
+        "PUT",
+        "-w",
+        "\n%{http_code}",
+        "--data-binary",
+        body,
+    ];
+    for h in &headers {
+        args.extend(["-H", h]);
+    }
+    args.push(&url);
+    let out = mesh.curl_raw(NodeA, &args)?;
+    ensure!(out.success(), "curl {url}: {}", out.describe());
+    let (body, code) = out
+        .stdout
+        .rsplit_once('\n')
+        .with_context(|| format!("curl output {:?}", out.stdout))?;
+    Ok((code.trim().parse()?, body.to_string()))
+}
+
+#[test]
+fn services_register_and_deregister_through_the_local_api() -> anyhow::Result<()> {
+    require_root();
+    let mut mesh = Mesh::start(MeshSpec::new("allow").node_a(Service::new("web", 8000)))?;
+    // The operator lets node A's agent carry db (it registers it and gets
+    // its certificate); workloads prove their own right with their token.
+    mesh.grant_agent_services(NodeA, &["db"])?;
+    let db_token = mesh.service_token(&["db"])?;
+    let web_token = mesh.service_token(&["web"])?;
+    let db = r#"{"ID":"db-1","Name":"db","Port":5432,"Tags":["primary"],"Check":{"TTL":"30s"}}"#;
+    let registered = |mesh: &Mesh| -> anyhow::Result<Vec<(String, String, String)>> {
+        mesh.catalog_instances("db").or_else(|_| Ok(Vec::new()))
+    };
+
+    // Refused: no token, a token of another service, an unknown field.
+    let (code, body) = put_json(&mesh, "/v1/agent/service/register", None, db)?;
+    ensure!(code == 403, "no token: {code} {body}");
+    let (code, body) = put_json(&mesh, "/v1/agent/service/register", Some(&web_token), db)?;
+    ensure!(
+        code == 403 && body.contains("service:write"),
+        "web's token: {code} {body}"
+    );
+    let connect = r#"{"Name":"db","Port":5432,"Connect":{"SidecarService":{}}}"#;
+    let (code, body) = put_json(
+        &mesh,
+        "/v1/agent/service/register",
+        Some(&db_token),
+        connect,
+    )?;
+    ensure!(
+        code == 400 && body.contains("Connect"),
+        "unknown field: {code} {body}"
+    );
+    ensure!(
+        registered(&mesh)?.is_empty(),
+        "a refused registration left {:?}",
+        registered(&mesh)?
+    );
+
+    // Registered, with its TTL check reachable through the API.
+    let (code, body) = put_json(&mesh, "/v1/agent/service/register", Some(&db_token), db)?;
+    ensure!(code == 200, "register: {code} {body}");
+    ensure!(
+        registered(&mesh)?
+            .iter()
+            .any(|(id, node, _)| id == "db-1" && node == "node-a"),
+        "db-1 not in the catalog: {:?}",
+        registered(&mesh)?
+    );
+    let (code, body) = put(
+        &mesh,
+        "/v1/agent/check/pass/service:db-1?note=up",
+        &[&format!("X-Consul-Token: {db_token}")],
+    )?;
+    ensure!(code == 200, "pass: {code} {body}");
+    wait_health(&mesh, "db", "passing", "up")?;
+
+    // Kept across a restart of the agent.
+    mesh.restart_agent(NodeA)?;
+    wait_until(STEP, "db-1 registered again after the restart", || {
+        Ok(registered(&mesh)?
+            .iter()
+            .any(|(id, _, _)| id == "db-1")
+            .then_some(()))
+    })?;
+
+    // A file service is not the API's to remove; a stranger may not remove db.
+    let (code, body) = put_json(
+        &mesh,
+        "/v1/agent/service/deregister/web",
+        Some(&web_token),
+        "",
+    )?;
+    ensure!(
+        code == 400 && body.contains("configuration file"),
+        "web: {code} {body}"
+    );
+    let (code, body) = put_json(
+        &mesh,
+        "/v1/agent/service/deregister/db-1",
+        Some(&web_token),
+        "",
+    )?;
+    ensure!(code == 403, "web's token removing db: {code} {body}");
+    let (code, body) = put_json(
+        &mesh,
+        "/v1/agent/service/deregister/db-1",
+        Some(&db_token),
+        "",
+    )?;
+    ensure!(code == 200, "deregister: {code} {body}");
+    ensure!(
+        registered(&mesh)?.is_empty(),
+        "db-1 still registered: {:?}",
+        registered(&mesh)?
+    );
+    Ok(())
+}

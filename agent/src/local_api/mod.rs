@@ -42,6 +42,7 @@ use tokio::task::JoinSet;
 use weft_api::catalog::HealthStatus;
 
 use crate::health::{HealthChecks, HealthError};
+use crate::registered::RegisteredService;
 use authz::{AllowCache, Judge, JudgeError};
 use route::{CheckOp, Route, RouteError};
 
@@ -71,12 +72,39 @@ pub enum LocalApiError {
     LocalAddr(#[source] std::io::Error),
 }
 
-/// What the API acts on: the local checks, and who judges tokens.
+/// A future the [`Registrar`] returns.
+pub type RegistrarFuture<'a> = std::pin::Pin<
+    Box<dyn Future<Output = Result<String, crate::running::RegistrationError>> + Send + 'a>,
+>;
+
+/// Who adds and removes local services (the running agent).
+pub trait Registrar: Send + Sync {
+    fn register(&self, service: RegisteredService) -> RegistrarFuture<'_>;
+    fn deregister(&self, id: String) -> RegistrarFuture<'_>;
+    /// The service name of an instance registered through this API.
+    fn registered_name(&self, id: &str) -> Option<String>;
+}
+
+impl Registrar for crate::running::Running {
+    fn register(&self, service: RegisteredService) -> RegistrarFuture<'_> {
+        Box::pin(crate::running::Running::register(self, service))
+    }
+    fn deregister(&self, id: String) -> RegistrarFuture<'_> {
+        Box::pin(async move { crate::running::Running::deregister(self, &id).await })
+    }
+    fn registered_name(&self, id: &str) -> Option<String> {
+        crate::running::Running::registered_name(self, id)
+    }
+}
+
+/// What the API acts on: the local checks, who judges tokens, and who
+/// registers services.
 #[derive(Clone)]
 pub struct LocalApiState {
     checks: HealthChecks,
     judge: Arc<dyn Judge>,
     allowed: Arc<Mutex<AllowCache>>,
+    registrar: Option<Arc<dyn Registrar>>,
 }
 
 impl std::fmt::Debug for LocalApiState {
@@ -93,7 +121,14 @@ impl LocalApiState {
             checks,
             judge,
             allowed: Arc::default(),
+            registrar: None,
         }
+    }
+
+    /// Serves service registration too, through `registrar`.
+    pub fn with_registrar(mut self, registrar: Arc<dyn Registrar>) -> LocalApiState {
+        self.registrar = Some(registrar);
+        self
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, AllowCache> {
@@ -160,7 +195,131 @@ where
         Ok(Route::CheckUpdate { check_id, op }) => check_update(state, &parts, body, check_id, op)
             .await
             .unwrap_or_else(|resp| resp),
+        Ok(Route::ServiceRegister) => service_register(state, &parts, body)
+            .await
+            .unwrap_or_else(|resp| resp),
+        Ok(Route::ServiceDeregister { service_id }) => {
+            service_deregister(state, &parts, service_id)
+                .await
+                .unwrap_or_else(|resp| resp)
+        }
     }
+}
+
+/// The caller's token, or the 403 for its absence.
+fn token_of(parts: &Parts, what: &str) -> Result<String, Response<Full<Bytes>>> {
+    match route::token(&parts.headers, parts.uri.query()) {
+        Ok(Some(token)) => Ok(token),
+        Ok(None) => Err(text(
+            StatusCode::FORBIDDEN,
+            format!("Permission denied: no ACL token for {what} (send X-Consul-Token, Authorization: Bearer, or ?token=)"),
+        )),
+        Err(_) => Err(text(StatusCode::FORBIDDEN, "ACL not found")),
+    }
+}
+
+/// Passes when `token` may write `service`; the answer otherwise.
+async fn require_write(
+    state: &LocalApiState,
+    token: &str,
+    service: &str,
+    what: &str,
+) -> Result<(), Response<Full<Bytes>>> {
+    let refused = |status: StatusCode, why: String| {
+        tracing::info!(%service, status = status.as_u16(), "{what} refused: {why}");
+        text(status, why)
+    };
+    match state.may_write(token, service).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(refused(
+            StatusCode::FORBIDDEN,
+            format!("Permission denied: the token lacks service:write on {service:?}"),
+        )),
+        Err(e @ JudgeError::UnknownToken) => Err(refused(StatusCode::FORBIDDEN, e.to_string())),
+        Err(e @ JudgeError::Unreachable(_)) => Err(refused(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{e}; nothing changed"),
+        )),
+        Err(e @ JudgeError::Failed(_)) => Err(refused(
+            StatusCode::BAD_GATEWAY,
+            format!("{e}; nothing changed"),
+        )),
+    }
+}
+
+fn registrar(state: &LocalApiState) -> Result<&Arc<dyn Registrar>, Response<Full<Bytes>>> {
+    state.registrar.as_ref().ok_or_else(|| {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service registration is not served by this agent",
+        )
+    })
+}
+
+fn registration_error(e: crate::running::RegistrationError) -> Response<Full<Bytes>> {
+    use crate::running::RegistrationError as E;
+    let status = match &e {
+        E::Invalid(_) | E::InFile(_) => StatusCode::BAD_REQUEST,
+        E::NotFound(_) => StatusCode::NOT_FOUND,
+        E::Failed(_) => StatusCode::BAD_GATEWAY,
+    };
+    text(status, e.to_string())
+}
+
+/// `PUT /v1/agent/service/register`: the caller needs `service:write` on
+/// the service; the agent's own token must allow it too (it registers it).
+async fn service_register<B>(
+    state: &LocalApiState,
+    parts: &Parts,
+    body: B,
+) -> Result<Response<Full<Bytes>>, Response<Full<Bytes>>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let registrar = registrar(state)?;
+    let token = token_of(parts, "registering a service")?;
+    let body = read_body(parts, body).await?;
+    let service = RegisteredService::from_json(&body).map_err(|e| {
+        text(
+            StatusCode::BAD_REQUEST,
+            format!("Request decode failed: {e}"),
+        )
+    })?;
+    require_write(state, &token, &service.name, "service registration").await?;
+    let id = service.id().to_string();
+    let done = registrar
+        .register(service)
+        .await
+        .map_err(registration_error)?;
+    tracing::info!(service = %id, "registered through the local API: {done}");
+    Ok(text(StatusCode::OK, ""))
+}
+
+/// `PUT /v1/agent/service/deregister/:id`: only services registered through
+/// this API; `service:write` on the service.
+async fn service_deregister(
+    state: &LocalApiState,
+    parts: &Parts,
+    id: String,
+) -> Result<Response<Full<Bytes>>, Response<Full<Bytes>>> {
+    let registrar = registrar(state)?;
+    let token = token_of(parts, "deregistering a service")?;
+    let Some(name) = registrar.registered_name(&id) else {
+        // Found in the file, or nowhere: the registrar says which.
+        return Err(registration_error(
+            registrar.deregister(id).await.err().unwrap_or_else(|| {
+                crate::running::RegistrationError::Failed("deregistered meanwhile".into())
+            }),
+        ));
+    };
+    require_write(state, &token, &name, "service deregistration").await?;
+    let done = registrar
+        .deregister(id.clone())
+        .await
+        .map_err(registration_error)?;
+    tracing::info!(service = %id, "deregistered through the local API: {done}");
+    Ok(text(StatusCode::OK, ""))
 }
 
 /// The body, at most [`MAX_BODY_BYTES`] within [`READ_TIMEOUT`].
@@ -291,6 +450,14 @@ impl LocalApi {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| LocalApiError::Bind { addr, source })?;
+        Self::from_listener(listener, state)
+    }
+
+    /// Serves an already bound listener (a predecessor's, after an upgrade).
+    pub fn from_listener(
+        listener: TcpListener,
+        state: LocalApiState,
+    ) -> Result<LocalApi, LocalApiError> {
         let local_addr = listener.local_addr().map_err(LocalApiError::LocalAddr)?;
         Ok(LocalApi {
             listener,

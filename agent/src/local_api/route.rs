@@ -15,6 +15,10 @@ pub const MAX_TOKEN_BYTES: usize = 256;
 pub enum Route {
     /// `PUT /v1/agent/check/{pass,warn,fail,update}/:check_id`.
     CheckUpdate { check_id: String, op: CheckOp },
+    /// `PUT /v1/agent/service/register` (the service in the JSON body).
+    ServiceRegister,
+    /// `PUT /v1/agent/service/deregister/:service_id`.
+    ServiceDeregister { service_id: String },
 }
 
 /// How a TTL check is updated.
@@ -57,6 +61,9 @@ pub enum RouteError {
 
 /// The route of `method path` (the path without its query).
 pub fn route(method: &Method, path: &str) -> Result<Route, RouteError> {
+    if let Some(rest) = path.strip_prefix("/v1/agent/service/") {
+        return service_route(method, path, rest);
+    }
     let Some(rest) = path.strip_prefix("/v1/agent/check/") else {
         return Err(RouteError::NotFound(path.to_string()));
     };
@@ -86,6 +93,28 @@ pub fn route(method: &Method, path: &str) -> Result<Route, RouteError> {
         .filter(|id| !id.contains('/'))
         .ok_or_else(|| RouteError::BadRequest(format!("{raw_id:?}: not a check id")))?;
     Ok(Route::CheckUpdate { check_id, op })
+}
+
+/// `/v1/agent/service/register` and `/v1/agent/service/deregister/:id`.
+fn service_route(method: &Method, path: &str, rest: &str) -> Result<Route, RouteError> {
+    let route = match rest.split_once('/') {
+        None if rest == "register" => Route::ServiceRegister,
+        Some(("deregister", raw_id)) => {
+            let service_id = percent_decode(raw_id, false)
+                .filter(|id| !id.is_empty() && !id.contains('/'))
+                .ok_or_else(|| RouteError::BadRequest(format!("{raw_id:?}: not a service id")))?;
+            Route::ServiceDeregister { service_id }
+        }
+        _ => return Err(RouteError::NotFound(path.to_string())),
+    };
+    if method != Method::PUT {
+        return Err(RouteError::MethodNotAllowed {
+            method: method.clone(),
+            path: path.to_string(),
+            allow: "PUT",
+        });
+    }
+    Ok(route)
 }
 
 /// Decodes `%XX` escapes (and `+` as a space when `plus_is_space`, as in a
@@ -198,6 +227,37 @@ pub fn update_body(body: &[u8]) -> Result<(HealthStatus, String), RouteError> {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn service_registration_routes() {
+        assert_eq!(
+            route(&Method::PUT, "/v1/agent/service/register"),
+            Ok(Route::ServiceRegister)
+        );
+        assert_eq!(
+            route(&Method::PUT, "/v1/agent/service/deregister/db%2D1"),
+            Ok(Route::ServiceDeregister {
+                service_id: "db-1".into()
+            })
+        );
+        assert!(matches!(
+            route(&Method::GET, "/v1/agent/service/register"),
+            Err(RouteError::MethodNotAllowed { .. })
+        ));
+        for bad in [
+            "/v1/agent/service/deregister/",
+            "/v1/agent/service/deregister/a%2Fb",
+        ] {
+            assert!(
+                matches!(route(&Method::PUT, bad), Err(RouteError::BadRequest(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            route(&Method::PUT, "/v1/agent/service/registerx"),
+            Err(RouteError::NotFound(_))
+        ));
+    }
 
     #[test]
     fn routes() {
