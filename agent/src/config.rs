@@ -39,6 +39,9 @@ pub const DEFAULT_SOCKET_MARK: u32 = 0x3000;
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15020";
 /// Default DNS listener.
 pub const DEFAULT_DNS_ADDR: &str = "127.0.0.1:8600";
+/// Default local HTTP API listener (Consul's agent port): workloads report
+/// their TTL checks here.
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8500";
 /// Default time given to open connections to finish at shutdown.
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "5s";
 /// Default time a predecessor serves its open connections after an
@@ -126,6 +129,8 @@ pub struct AgentConfig {
     pub permissive_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub dns_addr: SocketAddr,
+    /// The local HTTP API (`/v1/agent/check/...`); a loopback address.
+    pub http_addr: SocketAddr,
     #[serde(with = "duration_text")]
     pub drain_timeout: Duration,
     /// How long a predecessor keeps serving its open connections after an
@@ -202,6 +207,10 @@ pub struct ServiceConfig {
 /// One `[[service.check]]`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CheckConfig {
+    /// Unique on the agent: the file's `id`, or Consul's default
+    /// `service:<service id>` (`service:<service id>:<n>`, n from 1, when
+    /// the service has several checks). The local API names checks by it.
+    pub id: String,
     pub kind: CheckKind,
     #[serde(with = "duration_text")]
     pub interval: Duration,
@@ -231,6 +240,18 @@ pub enum CheckKind {
         #[serde(with = "duration_text")]
         ttl: Duration,
     },
+}
+
+impl CheckKind {
+    /// `http`, `tcp`, `grpc` or `ttl`, as in the file.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CheckKind::Http { .. } => "http",
+            CheckKind::Tcp { .. } => "tcp",
+            CheckKind::Grpc { .. } => "grpc",
+            CheckKind::Ttl { .. } => "ttl",
+        }
+    }
 }
 
 /// One `[[service.upstream]]`: a local port that reaches a service.
@@ -268,6 +289,21 @@ impl AgentConfig {
             source,
         })?;
         Self::parse(&text, &file)
+    }
+
+    /// Reads and validates the file at `path` with `registered` (services
+    /// registered through the local API) as `[[service]]` blocks after it.
+    pub fn load_with_registered(
+        path: impl AsRef<Path>,
+        registered: &[crate::registered::RegisteredService],
+    ) -> Result<AgentConfig, ConfigError> {
+        let path = path.as_ref();
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::parse(&(text + &crate::registered::as_toml(registered)), &file)
     }
 
     /// Parses and validates `text`; `file` names it in error messages.
@@ -327,6 +363,8 @@ struct RawConfig {
     admin_addr: String,
     #[serde(default = "default_dns")]
     dns_addr: String,
+    #[serde(default = "default_http")]
+    http_addr: String,
     #[serde(default = "default_drain")]
     drain_timeout: String,
     #[serde(default = "default_upgrade_drain")]
@@ -374,6 +412,8 @@ struct RawService {
 #[serde(deny_unknown_fields)]
 struct RawCheck {
     #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
     http: Option<String>,
     #[serde(default)]
     tcp: Option<String>,
@@ -416,6 +456,9 @@ fn default_admin() -> String {
 }
 fn default_dns() -> String {
     DEFAULT_DNS_ADDR.to_string()
+}
+fn default_http() -> String {
+    DEFAULT_HTTP_ADDR.to_string()
 }
 fn default_upgrade_drain() -> String {
     DEFAULT_UPGRADE_DRAIN_TIMEOUT.into()
@@ -576,7 +619,36 @@ fn check_kind(field: &str, raw: &RawCheck) -> Result<CheckKind, Invalid> {
     })
 }
 
-fn check(field: &str, raw: &RawCheck) -> Result<CheckConfig, Invalid> {
+/// A check's id: the file's, or Consul's default for check `index` of
+/// `count` of service `service_id`.
+fn check_id(
+    field: &str,
+    raw: Option<&str>,
+    service_id: &str,
+    index: usize,
+    count: usize,
+) -> Result<String, Invalid> {
+    let Some(id) = raw else {
+        return Ok(if count == 1 {
+            format!("service:{service_id}")
+        } else {
+            format!("service:{service_id}:{}", index + 1)
+        });
+    };
+    if id.is_empty()
+        || id.len() > 128
+        || !id.chars().all(|c| c.is_ascii_graphic())
+        || id.contains(['/', '?', '#', '%'])
+    {
+        return Err(invalid(
+            field,
+            format!("{id:?}: a check id is 1 to 128 printable ASCII characters without spaces, '/', '?', '#' or '%'"),
+        ));
+    }
+    Ok(id.to_string())
+}
+
+fn check(field: &str, raw: &RawCheck, id: String) -> Result<CheckConfig, Invalid> {
     let deregister_field = format!("{field}.deregister_critical_service_after");
     let deregister_critical_service_after = match &raw.deregister_critical_service_after {
         Some(text) => {
@@ -592,6 +664,7 @@ fn check(field: &str, raw: &RawCheck) -> Result<CheckConfig, Invalid> {
         None => None,
     };
     Ok(CheckConfig {
+        id,
         kind: check_kind(field, raw)?,
         interval: duration(&format!("{field}.interval"), &raw.interval, false)?,
         timeout: duration(&format!("{field}.timeout"), &raw.timeout, false)?,
@@ -681,6 +754,18 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
     }
     let admin_addr = socket_addr("admin_addr", &raw.admin_addr)?;
     let dns_addr = socket_addr("dns_addr", &raw.dns_addr)?;
+    let http_addr = socket_addr("http_addr", &raw.http_addr)?;
+    if !http_addr.ip().is_loopback() {
+        // Workloads send their tokens to this API in clear text: it must
+        // not be reachable from the network (Consul's agent, too, listens
+        // on 127.0.0.1 by default).
+        return Err(invalid(
+            "http_addr",
+            format!(
+                "{http_addr} is not a loopback address: the local API takes ACL tokens over plain HTTP (e.g. {DEFAULT_HTTP_ADDR:?})"
+            ),
+        ));
+    }
     let drain_timeout = duration("drain_timeout", &raw.drain_timeout, true)?;
     let upgrade_drain_timeout =
         duration("upgrade_drain_timeout", &raw.upgrade_drain_timeout, true)?;
@@ -716,6 +801,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut ids: HashMap<String, usize> = HashMap::new();
     let mut local_ports: HashMap<u16, String> = HashMap::new();
+    let mut check_ids: HashMap<String, String> = HashMap::new();
     let mut services = Vec::with_capacity(raw.service.len());
     for (i, s) in raw.service.iter().enumerate() {
         let field = format!("service[{i}]");
@@ -752,12 +838,19 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
                 return Err(invalid(format!("{field}.meta"), "empty meta key"));
             }
         }
-        let checks = s
-            .check
-            .iter()
-            .enumerate()
-            .map(|(c, raw)| check(&format!("{field}.check[{c}]"), raw))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut checks = Vec::with_capacity(s.check.len());
+        for (c, raw) in s.check.iter().enumerate() {
+            let cf = format!("{field}.check[{c}]");
+            let id_field = format!("{cf}.id");
+            let check_id = check_id(&id_field, raw.id.as_deref(), &id, c, s.check.len())?;
+            if let Some(first) = check_ids.insert(check_id.clone(), cf.clone()) {
+                return Err(invalid(
+                    if raw.id.is_some() { id_field } else { cf },
+                    format!("check id {check_id:?} is already used by {first}"),
+                ));
+            }
+            checks.push(check(&cf, raw, check_id)?);
+        }
         let mut upstreams = Vec::with_capacity(s.upstream.len());
         for (u, up) in s.upstream.iter().enumerate() {
             let uf = format!("{field}.upstream[{u}]");
@@ -802,6 +895,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         permissive_addr,
         admin_addr,
         dns_addr,
+        http_addr,
         drain_timeout,
         upgrade_drain_timeout,
         worker_threads: raw.worker_threads,
@@ -1101,6 +1195,7 @@ data_dir = "/var/lib/weft-agent"
         assert_eq!(
             api.checks[0],
             CheckConfig {
+                id: "service:api:1".into(),
                 kind: CheckKind::Http {
                     url: "http://127.0.0.1:8080/healthz".into()
                 },
@@ -1167,6 +1262,7 @@ data_dir = "/var/lib/weft-agent"
         assert_eq!(c.outbound_addr, "127.0.0.1:15001".parse().unwrap());
         assert_eq!(c.admin_addr, "127.0.0.1:15020".parse().unwrap());
         assert_eq!(c.dns_addr, "127.0.0.1:8600".parse().unwrap());
+        assert_eq!(c.http_addr, "127.0.0.1:8500".parse().unwrap());
         assert_eq!(c.drain_timeout, Duration::from_secs(5));
         assert_eq!(c.upgrade_drain_timeout, Duration::from_secs(600));
         let s = &c.services[0];
@@ -1317,7 +1413,13 @@ data_dir = "/var/lib/weft-agent"
             e.starts_with("agent.toml:5: advertise_addr: \"node-a.local\" is not an IP address"),
             "{e}"
         );
-        for field in ["inbound_addr", "outbound_addr", "admin_addr", "dns_addr"] {
+        for field in [
+            "inbound_addr",
+            "outbound_addr",
+            "admin_addr",
+            "dns_addr",
+            "http_addr",
+        ] {
             let e = err(&with(&format!("{field} = \"localhost:1\"\n")));
             assert!(
                 e.starts_with(&format!(
@@ -1333,6 +1435,72 @@ data_dir = "/var/lib/weft-agent"
             e.starts_with("agent.toml:10: service[0].address: \"x\" is not an IP address"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn http_addr_is_loopback_only() {
+        let c = parse(&with("http_addr = \"127.0.0.2:8501\"\n")).unwrap();
+        assert_eq!(c.http_addr, "127.0.0.2:8501".parse().unwrap());
+        let c = parse(&with("http_addr = \"[::1]:8500\"\n")).unwrap();
+        assert_eq!(c.http_addr, "[::1]:8500".parse().unwrap());
+        for addr in ["0.0.0.0:8500", "10.77.0.2:8500", "[::]:8500"] {
+            let e = err(&with(&format!("http_addr = {addr:?}\n")));
+            assert!(
+                e.starts_with(&format!(
+                    "agent.toml:7: http_addr: {} is not a loopback address",
+                    addr.parse::<SocketAddr>().unwrap()
+                )),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn check_ids_default_to_consuls_scheme_and_are_unique() {
+        let c = parse(FULL).unwrap();
+        let ids: Vec<&str> = c
+            .services
+            .iter()
+            .flat_map(|s| s.checks.iter().map(|c| c.id.as_str()))
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "service:api:1",
+                "service:api:2",
+                "service:web-1:1",
+                "service:web-1:2",
+                "service:web-1:3"
+            ]
+        );
+        let one = "[[service]]\nname = \"a\"\nport = 1\n[[service.check]]\nttl = \"5s\"\n";
+        assert_eq!(
+            parse(&with(one)).unwrap().services[0].checks[0].id,
+            "service:a"
+        );
+        let named = format!("{one}id = \"a-ttl\"\n");
+        assert_eq!(
+            parse(&with(&named)).unwrap().services[0].checks[0].id,
+            "a-ttl"
+        );
+        let e = err(&with(&format!("{one}id = \"a/ttl\"\n")));
+        assert!(
+            e.starts_with("agent.toml:12: service[0].check[0].id: \"a/ttl\": a check id is"),
+            "{e}"
+        );
+        // An explicit id may not take another check's (default) id.
+        let e = err(&with(&format!(
+            "{one}[[service]]\nname = \"b\"\nport = 2\n[[service.check]]\nttl = \"5s\"\nid = \"service:a\"\n"
+        )));
+        assert!(
+            e.contains(
+                "service[1].check[0].id: check id \"service:a\" is already used by service[0].check[0]"
+            ),
+            "{e}"
+        );
+        // Serialized for /config.
+        let json = serde_json::to_value(parse(&with(&named)).unwrap()).unwrap();
+        assert_eq!(json["services"][0]["checks"][0]["id"], "a-ttl");
     }
 
     #[test]

@@ -33,7 +33,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use weft_api::catalog::HealthStatus;
 use weft_api::convert::health_to_proto;
 use weft_api::proto::{
-    self, ca_client::CaClient, catalog_client::CatalogClient, watch_client::WatchClient,
+    self, acl_client::AclClient, ca_client::CaClient, catalog_client::CatalogClient,
+    watch_client::WatchClient,
 };
 
 use crate::backoff::{Backoff, Streak};
@@ -185,6 +186,50 @@ impl Control {
 
     /// A channel to the first server that accepts a TLS connection.
     pub async fn channel(&self) -> Result<ServerChannel, ControlError> {
+        let ch = self.connect().await?;
+        Ok(InterceptedService::new(ch, self.credentials.token.clone()))
+    }
+
+    /// Asks the servers whether `token` (a workload's, not the agent's: the
+    /// call carries it instead of the agent's) may do each of `checks`; one
+    /// answer per check, in order. The token is never logged.
+    pub async fn authorize(
+        &self,
+        token: &str,
+        checks: Vec<proto::AuthorizeCheck>,
+    ) -> Result<Vec<bool>, ControlError> {
+        let what = "an authorization".to_string();
+        let value: MetadataValue<Ascii> =
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| ControlError::Refused {
+                    what: what.clone(),
+                    status: tonic::Status::unauthenticated("ACL token not found"),
+                })?;
+        let asked = checks.len();
+        let mut req = tonic::Request::new(proto::AuthorizeRequest { checks });
+        req.set_timeout(Duration::from_secs(5));
+        req.metadata_mut().insert("authorization", value);
+        let answer = AclClient::new(self.connect().await?)
+            .authorize(req)
+            .await
+            .map_err(Self::refused(what))?
+            .into_inner();
+        if answer.results.len() != asked {
+            return Err(ControlError::Refused {
+                what: "an authorization".into(),
+                status: tonic::Status::internal(format!(
+                    "{} answers to {asked} questions",
+                    answer.results.len()
+                )),
+            });
+        }
+        Ok(answer.results.iter().map(|r| r.allowed).collect())
+    }
+
+    /// A plain channel (no token added) to the first server that accepts a
+    /// TLS connection.
+    async fn connect(&self) -> Result<Channel, ControlError> {
         let mut last = String::from("no servers configured");
         for addr in &self.addrs {
             let tls = self.credentials.tls.read().expect("tls lock").clone();
@@ -198,7 +243,7 @@ impl Control {
                 }
             };
             match endpoint.connect().await {
-                Ok(ch) => return Ok(InterceptedService::new(ch, self.credentials.token.clone())),
+                Ok(ch) => return Ok(ch),
                 Err(e) => last = format!("{addr}: {e:?}"),
             }
         }

@@ -104,8 +104,16 @@ fn main() -> anyhow::Result<()> {
                 Err(e) => tracing::warn!("raising the open files limit: {e}"),
             }
             let config = weft_agent::config::AgentConfig::load(&path)?;
+            // Services registered through the local API before a restart.
+            let registered = weft_agent::registered::load(&config.data_dir)?;
+            let config = if registered.is_empty() {
+                config
+            } else {
+                weft_agent::config::AgentConfig::load_with_registered(&path, &registered)?
+            };
             runtime(config.worker_threads)?.block_on(weft_agent::run::run(
                 config,
+                registered,
                 path,
                 shutdown_signal(),
             ))?;

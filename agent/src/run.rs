@@ -60,6 +60,8 @@ pub enum RunError {
     },
     #[error("admin: {0}")]
     Admin(#[from] crate::admin::AdminError),
+    #[error("local API: {0}")]
+    LocalApi(#[from] crate::local_api::LocalApiError),
     #[error("no trust bundle from the servers within {0:?} (is their CA up?)")]
     NoBundle(Duration),
     #[error("dns: {0}")]
@@ -187,6 +189,7 @@ enum Stop {
 /// Runs the agent until `shutdown` completes or a successor takes over.
 pub async fn run(
     config: AgentConfig,
+    registered: Vec<crate::registered::RegisteredService>,
     path: PathBuf,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
@@ -267,7 +270,7 @@ pub async fn run(
     let (health_tx, health_rx) = mpsc::unbounded_channel();
     let checks = HealthChecks::new(health_tx);
     for s in &config.services {
-        checks.add(&s.id, s.checks.clone());
+        checks.add(&s.id, &s.name, s.checks.clone());
     }
     let health_task = tokio::spawn(report_health(control.clone(), health_rx));
 
@@ -366,6 +369,16 @@ pub async fn run(
             running.serve_upstream(listener, &s.name, &up.name);
         }
     }
+
+    // Local HTTP API: workloads update their TTL checks and register
+    // services (crate::local_api).
+    running.set_registered(registered);
+    let judge = Arc::new(crate::local_api::authz::ServerJudge::new(control.clone()));
+    let api_state =
+        crate::local_api::LocalApiState::new(checks.clone(), judge).with_registrar(running.clone());
+    let listener = sockets.tcp("http", config.http_addr).await?;
+    let local_api = crate::local_api::LocalApi::from_listener(listener, api_state)?;
+    let local_api_task = tokio::spawn(local_api.serve(wait_for(stop_rx.clone())));
 
     // DNS: NAME.service.weft -> the service's virtual IP.
     let dns_view = view.clone();
@@ -567,6 +580,7 @@ pub async fn run(
         let _ = admin_task.await;
     }
     let _ = dns_task.await;
+    let _ = local_api_task.await;
     Ok(())
 }
 

@@ -23,6 +23,7 @@ use crate::health::runner::HealthChecks;
 use crate::identity::Identities;
 use crate::intercept::Interception;
 use crate::proxy::{outbound, ProxyContext};
+use crate::registered::RegisteredService;
 use crate::reload::{plan, Plan};
 
 /// One explicit upstream's accept loop.
@@ -52,8 +53,27 @@ pub struct Running {
     /// Duplicates of the listening sockets, by name, to hand to a successor.
     pub offered: Arc<Mutex<Vec<(String, OwnedFd)>>>,
     upstreams: Mutex<BTreeMap<SocketAddr, Upstream>>,
-    /// One reload at a time.
+    /// Services registered through the local API (kept in the data dir).
+    registered: Mutex<Vec<RegisteredService>>,
+    /// One reload or registration at a time.
     reloading: tokio::sync::Mutex<()>,
+}
+
+/// Why a local registration or deregistration was not done.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistrationError {
+    /// The request does not make a valid configuration.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no service {0:?} was registered through the local API")]
+    NotFound(String),
+    #[error(
+        "service {0:?} is defined in the agent's configuration file: remove it there and reload"
+    )]
+    InFile(String),
+    /// Valid, but the servers refused it or could not be reached.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// The listener name of an explicit upstream on `addr`.
@@ -105,6 +125,7 @@ impl Running {
             interception,
             offered,
             upstreams: Mutex::new(BTreeMap::new()),
+            registered: Mutex::new(Vec::new()),
             reloading: tokio::sync::Mutex::new(()),
         }
     }
@@ -151,7 +172,69 @@ impl Running {
     /// for the operator, or why nothing was applied.
     pub async fn reload(&self) -> Result<String, String> {
         let _one = self.reloading.lock().await;
-        let new = AgentConfig::load(&self.path).map_err(|e| e.to_string())?;
+        let registered = self.registered.lock().expect("registered lock").clone();
+        let new = AgentConfig::load_with_registered(&self.path, &registered)
+            .map_err(|e| e.to_string())?;
+        self.switch(new).await
+    }
+
+    /// Starts from the services registered through the local API that were
+    /// kept (the configuration already includes them).
+    pub fn set_registered(&self, registered: Vec<RegisteredService>) {
+        *self.registered.lock().expect("registered lock") = registered;
+    }
+
+    /// The name of the service registered through the local API as `id`.
+    pub fn registered_name(&self, id: &str) -> Option<String> {
+        let registered = self.registered.lock().expect("registered lock");
+        registered
+            .iter()
+            .find(|r| r.id() == id)
+            .map(|r| r.name.clone())
+    }
+
+    /// Registers `service` on this node (replacing one of the same id that
+    /// was registered the same way), and keeps it in the data dir.
+    pub async fn register(&self, service: RegisteredService) -> Result<String, RegistrationError> {
+        let _one = self.reloading.lock().await;
+        let mut registered = self.registered.lock().expect("registered lock").clone();
+        registered.retain(|r| r.id() != service.id());
+        registered.push(service);
+        self.switch_registered(registered).await
+    }
+
+    /// Deregisters the service registered through the local API as `id`.
+    pub async fn deregister(&self, id: &str) -> Result<String, RegistrationError> {
+        let _one = self.reloading.lock().await;
+        let mut registered = self.registered.lock().expect("registered lock").clone();
+        let before = registered.len();
+        registered.retain(|r| r.id() != id);
+        if registered.len() == before {
+            return Err(if self.config().services.iter().any(|s| s.id == id) {
+                RegistrationError::InFile(id.to_string())
+            } else {
+                RegistrationError::NotFound(id.to_string())
+            });
+        }
+        self.switch_registered(registered).await
+    }
+
+    async fn switch_registered(
+        &self,
+        registered: Vec<RegisteredService>,
+    ) -> Result<String, RegistrationError> {
+        let new = AgentConfig::load_with_registered(&self.path, &registered)
+            .map_err(|e| RegistrationError::Invalid(e.to_string()))?;
+        let data_dir = new.data_dir.clone();
+        let summary = self.switch(new).await.map_err(RegistrationError::Failed)?;
+        *self.registered.lock().expect("registered lock") = registered.clone();
+        crate::registered::save(&data_dir, &registered)
+            .map_err(|e| RegistrationError::Failed(format!("{summary}, but keeping it: {e}")))?;
+        Ok(summary)
+    }
+
+    /// Makes `new` the running configuration.
+    async fn switch(&self, new: AgentConfig) -> Result<String, String> {
         let old = self.config();
         let plan = plan(&old, &new).map_err(|e| format!("{}: {e}", self.path.display()))?;
         if plan.is_empty() {
@@ -244,11 +327,11 @@ impl Running {
         for (was, s) in &plan.changed {
             if was.checks != s.checks {
                 self.checks.remove(&s.id);
-                self.checks.add(&s.id, s.checks.clone());
+                self.checks.add(&s.id, &s.name, s.checks.clone());
             }
         }
         for s in &plan.added {
-            self.checks.add(&s.id, s.checks.clone());
+            self.checks.add(&s.id, &s.name, s.checks.clone());
         }
         // Upstreams: gone ones stop accepting (their connections go on),
         // moved pairs take the running listener, new ones serve.

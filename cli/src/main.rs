@@ -1,6 +1,7 @@
 //! `weft`: the operator CLI. A gRPC client of the weft servers: members,
 //! catalog, intentions, config entries, KV and snapshots. Tables by default,
-//! `--format json` for scripts; one-line errors on stderr.
+//! `--format json` for scripts; one-line errors on stderr. `weft check`
+//! talks to the local agent's HTTP API instead.
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -79,6 +80,9 @@ enum Command {
     /// The servers' TLS: make a CA and server/client certificates (locally).
     #[command(subcommand)]
     Tls(commands::tls::TlsCmd),
+    /// Update a TTL check through the local agent (pass, warn, fail).
+    #[command(subcommand)]
+    Check(commands::check::CheckCmd),
 }
 
 /// What a command ended with: success, or a "no" that is not an error
@@ -95,13 +99,21 @@ async fn main() -> ExitCode {
     if let Command::Tls(c) = cli.command {
         return exit_code(commands::tls::run(c, cli.format), false);
     }
+    // The local agent's HTTP API, not the servers.
+    if let Command::Check(c) = cli.command {
+        let result = match commands::check::validate(&c) {
+            Ok(()) => commands::check::run(c, cli.token.as_deref(), cli.format).await,
+            Err(e) => Err(e),
+        };
+        return exit_code(result.map(|()| Outcome::Ok), false);
+    }
     let is_check = matches!(
         cli.command,
         Command::Intention(commands::intention::IntentionCmd::Check { .. })
     );
     let ctx = client::Ctx::new(&cli);
     let result = match cli.command {
-        Command::Tls(_) => unreachable!("handled above"),
+        Command::Tls(_) | Command::Check(_) => unreachable!("handled above"),
         Command::Members => commands::members::run(&ctx).await,
         Command::Catalog(c) => commands::catalog::run(&ctx, c).await,
         Command::Intention(c) => commands::intention::run(&ctx, c).await,

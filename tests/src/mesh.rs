@@ -2,8 +2,8 @@
 //! namespaces, "node A" (`10.77.X.2/24`) and "node B" (`10.77.X.3/24`), joined
 //! by one veth pair, loopback up and no default route. One `weft-server` runs
 //! in node A on `10.77.X.2`, and a `weft-agent` (explicit mode, `ebpf =
-//! false`) in each node, with its admin on `127.0.0.1:15020` of its own
-//! namespace. Workloads (`weft-workload`), `curl`, `tcpdump` and the `weft`
+//! false`) in each node, with its admin on `127.0.0.1:15020` and its local
+//! HTTP API on `127.0.0.1:8500` of its own namespace. Workloads (`weft-workload`), `curl`, `tcpdump` and the `weft`
 //! CLI run inside either namespace.
 //!
 //! With [`MeshSpec::ebpf`] the agents run in transparent mode instead: each
@@ -81,6 +81,8 @@ impl Node {
 pub const VETH: &str = "weft0";
 /// The agents' admin address inside their namespaces.
 pub const ADMIN: &str = "127.0.0.1:15020";
+/// The agents' local HTTP API (`http_addr`) inside their namespaces.
+pub const AGENT_HTTP: &str = "127.0.0.1:8500";
 /// The agents' inbound (HBONE) port.
 pub const INBOUND_PORT: u16 = 15008;
 /// The server's gRPC port on node A.
@@ -106,6 +108,8 @@ pub struct Service {
     pub cgroup: Option<String>,
     /// The instance's `meta` (resolver subsets filter on it).
     pub meta: Vec<(String, String)>,
+    /// TTL checks: `(ttl, id)` each ([`Service::ttl_check`]).
+    pub ttl_checks: Vec<(String, Option<String>)>,
 }
 
 impl Service {
@@ -121,7 +125,16 @@ impl Service {
             upstreams: Vec::new(),
             cgroup: None,
             meta: Vec::new(),
+            ttl_checks: Vec::new(),
         }
+    }
+    /// A TTL check of `ttl` (`"2s"`), with check id `id` (None: Consul's
+    /// default, `service:<service id>`, or `service:<service id>:<n>` when
+    /// the service has several checks).
+    pub fn ttl_check(mut self, ttl: &str, id: Option<&str>) -> Self {
+        self.ttl_checks
+            .push((ttl.to_string(), id.map(str::to_string)));
+        self
     }
     /// The HTTP check's `deregister_critical_service_after` (with
     /// [`Service::healthz_check`]).
@@ -198,6 +211,12 @@ impl Service {
             );
             if let Some(after) = &self.deregister_after {
                 t += &format!("  deregister_critical_service_after = {after:?}\n");
+            }
+        }
+        for (ttl, id) in &self.ttl_checks {
+            t += &format!("  [[service.check]]\n  ttl = {ttl:?}\n");
+            if let Some(id) = id {
+                t += &format!("  id = {id:?}\n");
             }
         }
         for (name, port) in &self.upstreams {
@@ -601,7 +620,7 @@ impl Mesh {
             let mut toml = format!(
                 "node_name = {:?}\ndatacenter = \"dc1\"\nservers = [\"{}:{GRPC_PORT}\"]\n\
                  advertise_addr = {ip:?}\ndata_dir = {:?}\n{transparent}\
-                 admin_addr = {ADMIN:?}\ntoken_file = {:?}\nca_file = {:?}\n{}\n",
+                 admin_addr = {ADMIN:?}\nhttp_addr = {AGENT_HTTP:?}\ntoken_file = {:?}\nca_file = {:?}\n{}\n",
                 node.node_name(),
                 mesh.ip(Node::A),
                 mesh.path(&format!("agent-{}-data", node.label())),
@@ -672,6 +691,21 @@ impl Mesh {
             accessor,
         )?;
         Ok(path)
+    }
+
+    /// Makes a token with a service identity for each of `services` (write
+    /// on them, read on all services and nodes); returns its secret.
+    pub fn service_token(&self, services: &[&str]) -> anyhow::Result<String> {
+        let mut args = vec!["--format", "json", "acl", "token", "create"];
+        args.extend(["--description", "workload"]);
+        for s in services {
+            args.extend(["--service-identity", s]);
+        }
+        let v: serde_json::Value = serde_json::from_str(&self.weft(&args)?)?;
+        v["secret_id"]
+            .as_str()
+            .map(String::from)
+            .context("token create printed no secret_id")
     }
 
     /// Lets node's agent token act for `services` too (its secret stays),

@@ -17,12 +17,17 @@ use weft_tests::servers::Cluster;
 const PROTO: &str = include_str!("../../api/proto/weft/v1/weft.proto");
 
 /// The calls a token without any right of the kind asked may still make:
-/// reading the calling token itself (`weft acl token self`), and, for a
+/// reading the calling token itself (`weft acl token self`), asking what it
+/// may do (`Authorize`), and, for a
 /// token that reads some keys, listing keys (filtered to what it reads).
 /// Everything else is refused to both weak tokens of the test.
 const EXEMPT: &[(&str, &str)] = &[
     ("/weft.v1.Acl/TokenSelf", "key-reader"),
     ("/weft.v1.Acl/TokenSelf", "operator-reader"),
+    // Any valid token may ask what it may do itself (an empty request asks
+    // nothing and gets an empty answer).
+    ("/weft.v1.Acl/Authorize", "key-reader"),
+    ("/weft.v1.Acl/Authorize", "operator-reader"),
     ("/weft.v1.Kv/List", "key-reader"),
     ("/weft.v1.Operator/Members", "operator-reader"),
 ];

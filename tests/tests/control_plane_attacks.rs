@@ -49,7 +49,7 @@ fn an_outsider_cannot_mint_register_or_snapshot_its_way_in() -> anyhow::Result<(
             "node_name = \"rogue\"\ndatacenter = \"dc1\"\nservers = [\"{}\"]\n\
              advertise_addr = \"{}\"\ndata_dir = {:?}\nebpf = false\n\
              inbound_addr = \"0.0.0.0:25008\"\noutbound_addr = \"127.0.0.1:25001\"\n\
-             admin_addr = \"127.0.0.1:25020\"\ndns_addr = \"127.0.0.1:25600\"\n\
+             admin_addr = \"127.0.0.1:25020\"\ndns_addr = \"127.0.0.1:25600\"\nhttp_addr = \"127.0.0.1:25500\"\n\
              token = \"9b5a3c1e-0000-4000-8000-000000000000\"\nca_file = {:?}\n\
              [[service]]\nname = \"api\"\nport = 9999\naddress = \"{}\"\n",
             mesh.server_addr(),

@@ -4,7 +4,10 @@
 //!
 //! Each HTTP/TCP/gRPC check has its own task probing on its interval (the first probe
 //! at once). One aggregating task per instance collects their results and TTL
-//! refreshes, expires TTLs, and decides with [`Aggregate`] whether to report.
+//! updates, expires TTLs, and decides with [`Aggregate`] whether to report.
+//!
+//! TTL checks are updated one at a time, by check id ([`HealthChecks::update_ttl`]):
+//! each update sets the check's status and output and restarts its TTL.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,14 +34,34 @@ pub struct HealthUpdate {
 
 enum Event {
     Result(usize, CheckResult),
-    Ttl(HealthStatus, String),
+    /// An update of the TTL check at this index.
+    Ttl(usize, HealthStatus, String),
+}
+
+/// What callers may know about one check of a local instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckInfo {
+    pub check_id: String,
+    pub service_id: String,
+    /// The service's name: ACL rules (`service:write`) name it.
+    pub service_name: String,
+    /// `http`, `tcp`, `grpc` or `ttl`.
+    pub kind: &'static str,
+}
+
+impl CheckInfo {
+    pub fn is_ttl(&self) -> bool {
+        self.kind == "ttl"
+    }
 }
 
 /// Runs the checks of one service instance until stopped or dropped.
 #[derive(Debug)]
 pub struct CheckRunner {
     service_id: String,
-    has_ttl: bool,
+    service_name: String,
+    /// Id and kind of each check, by index.
+    checks: Vec<(String, &'static str)>,
     events: mpsc::UnboundedSender<Event>,
     tasks: JoinSet<()>,
 }
@@ -47,7 +70,7 @@ impl std::fmt::Debug for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Event::Result(i, r) => write!(f, "Result({i}, {r:?})"),
-            Event::Ttl(s, o) => write!(f, "Ttl({s}, {o:?})"),
+            Event::Ttl(i, s, o) => write!(f, "Ttl({i}, {s}, {o:?})"),
         }
     }
 }
@@ -58,10 +81,15 @@ impl CheckRunner {
     /// critical); after that, one update per change of the combined status.
     pub fn start(
         service_id: impl Into<String>,
+        service_name: impl Into<String>,
         checks: Vec<CheckConfig>,
         updates: mpsc::UnboundedSender<HealthUpdate>,
     ) -> CheckRunner {
         let service_id = service_id.into();
+        let ids = checks
+            .iter()
+            .map(|c| (c.id.clone(), c.kind.name()))
+            .collect();
         let (events, rx) = mpsc::unbounded_channel();
         let mut tasks = JoinSet::new();
         let mut ttls = HashMap::new();
@@ -81,7 +109,6 @@ impl CheckRunner {
                 }
             }
         }
-        let has_ttl = !ttls.is_empty();
         tasks.spawn(aggregate_loop(
             service_id.clone(),
             Aggregate::new(checks.len()),
@@ -91,7 +118,8 @@ impl CheckRunner {
         ));
         CheckRunner {
             service_id,
-            has_ttl,
+            service_name: service_name.into(),
+            checks: ids,
             events,
             tasks,
         }
@@ -102,18 +130,41 @@ impl CheckRunner {
         &self.service_id
     }
 
-    /// Refreshes the instance's TTL check(s) with `status` and `output`.
-    pub fn refresh_ttl(
+    /// The check with id `check_id`, if this instance has it.
+    pub fn check(&self, check_id: &str) -> Option<CheckInfo> {
+        self.checks
+            .iter()
+            .find(|(id, _)| id == check_id)
+            .map(|(id, kind)| CheckInfo {
+                check_id: id.clone(),
+                service_id: self.service_id.clone(),
+                service_name: self.service_name.clone(),
+                kind,
+            })
+    }
+
+    /// Updates TTL check `check_id` with `status` and `output`, restarting its TTL.
+    pub fn update_ttl(
         &self,
+        check_id: &str,
         status: HealthStatus,
         output: impl Into<String>,
     ) -> Result<(), HealthError> {
-        if !self.has_ttl {
-            return Err(HealthError::NoTtlCheck(self.service_id.clone()));
+        let index = self
+            .checks
+            .iter()
+            .position(|(id, _)| id == check_id)
+            .ok_or_else(|| HealthError::UnknownCheck(check_id.to_string()))?;
+        let kind = self.checks[index].1;
+        if kind != "ttl" {
+            return Err(HealthError::NotTtl {
+                check: check_id.to_string(),
+                kind,
+            });
         }
         self.events
-            .send(Event::Ttl(status, output.into()))
-            .map_err(|_| HealthError::Stopped(self.service_id.clone()))
+            .send(Event::Ttl(index, status, output.into()))
+            .map_err(|_| HealthError::Stopped(check_id.to_string()))
     }
 
     /// Stops all checks (also done on drop).
@@ -186,14 +237,15 @@ async fn aggregate_loop(
             event = events.recv() => match event {
                 None => return,
                 Some(Event::Result(i, r)) => aggregate.set(i, r),
-                Some(Event::Ttl(status, output)) => {
+                Some(Event::Ttl(i, status, output)) => {
                     let now = Instant::now().into_std();
-                    let mut change = None;
-                    for (i, ttl) in ttls.iter_mut() {
-                        ttl.refresh(now, status, output.clone());
-                        change = aggregate.set(*i, ttl.result_at(now)).or(change);
+                    match ttls.get_mut(&i) {
+                        Some(ttl) => {
+                            ttl.refresh(now, status, output);
+                            aggregate.set(i, ttl.result_at(now))
+                        }
+                        None => None,
                     }
-                    change
                 }
             },
             () = expiry => {
@@ -232,9 +284,10 @@ impl HealthChecks {
         self.runners.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts the checks of `service_id`, replacing (and stopping) any it had.
-    pub fn add(&self, service_id: &str, checks: Vec<CheckConfig>) {
-        let runner = CheckRunner::start(service_id, checks, self.updates.clone());
+    /// Starts the checks of `service_id` (an instance of `service_name`),
+    /// replacing (and stopping) any it had.
+    pub fn add(&self, service_id: &str, service_name: &str, checks: Vec<CheckConfig>) {
+        let runner = CheckRunner::start(service_id, service_name, checks, self.updates.clone());
         if let Some(old) = self.lock().insert(service_id.to_string(), runner) {
             old.stop();
         }
@@ -255,17 +308,25 @@ impl HealthChecks {
         ids
     }
 
-    /// Refreshes the TTL check of `service_id`.
-    pub fn refresh_ttl(
+    /// The check with id `check_id`, of whichever local instance has it.
+    pub fn check(&self, check_id: &str) -> Option<CheckInfo> {
+        self.lock().values().find_map(|r| r.check(check_id))
+    }
+
+    /// Updates TTL check `check_id` (of whichever local instance has it) with
+    /// `status` and `output`, restarting its TTL.
+    pub fn update_ttl(
         &self,
-        service_id: &str,
+        check_id: &str,
         status: HealthStatus,
         output: impl Into<String>,
     ) -> Result<(), HealthError> {
-        match self.lock().get(service_id) {
-            Some(runner) => runner.refresh_ttl(status, output),
-            None => Err(HealthError::UnknownService(service_id.to_string())),
-        }
+        let runners = self.lock();
+        let runner = runners
+            .values()
+            .find(|r| r.checks.iter().any(|(id, _)| id == check_id))
+            .ok_or_else(|| HealthError::UnknownCheck(check_id.to_string()))?;
+        runner.update_ttl(check_id, status, output)
     }
 
     /// Stops every runner.

@@ -141,9 +141,9 @@ impl TtlState {
             Some((at, _)) => CheckResult::new(
                 HealthStatus::Critical,
                 format!(
-                    "TTL check ({:?}) expired: last refresh {:?} ago",
-                    self.ttl,
-                    now.duration_since(*at)
+                    "TTL expired: no update for {:.1?} (ttl {:?})",
+                    now.duration_since(*at),
+                    self.ttl
                 ),
             ),
         }
@@ -301,9 +301,22 @@ mod tests {
         assert_eq!(ttl.expires_at(), Some(t0 + Duration::from_secs(30)));
         let expired = ttl.result_at(t0 + Duration::from_secs(30));
         assert_eq!(expired.status, Critical);
-        assert!(expired.output.contains("expired"), "{}", expired.output);
-        ttl.refresh(t0 + Duration::from_secs(31), Warning, "slow");
-        assert_eq!(ttl.result_at(t0 + Duration::from_secs(32)).status, Warning);
+        assert_eq!(expired.output, "TTL expired: no update for 30.0s (ttl 30s)");
+        // An update restarts the TTL, whatever its status.
+        let t1 = t0 + Duration::from_secs(31);
+        ttl.refresh(t1, Warning, "slow");
+        assert_eq!(ttl.result_at(t1 + Duration::from_secs(29)).status, Warning);
+        assert_eq!(ttl.expires_at(), Some(t1 + Duration::from_secs(30)));
+        ttl.refresh(t1 + Duration::from_secs(29), Critical, "broken");
+        let r = ttl.result_at(t1 + Duration::from_secs(40));
+        assert_eq!((r.status, r.output.as_str()), (Critical, "broken"));
+        assert!(ttl
+            .result_at(t1 + Duration::from_secs(59))
+            .output
+            .starts_with("TTL expired"));
+        // Long notes are cut like any output.
+        ttl.refresh(t1, Passing, "n".repeat(10_000));
+        assert_eq!(ttl.result_at(t1).output.len(), MAX_OUTPUT_BYTES);
     }
 
     #[test]

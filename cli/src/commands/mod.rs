@@ -3,6 +3,7 @@
 pub mod acl;
 pub mod ca;
 pub mod catalog;
+pub mod check;
 pub mod config;
 pub mod intention;
 pub mod kv;

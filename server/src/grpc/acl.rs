@@ -2,7 +2,8 @@
 //!
 //! Bootstrap needs no token and works once: it makes the first management
 //! token. Everything else needs `acl:read` or `acl:write`, except reading
-//! the calling token itself. A token's secret is made here, hashed into the
+//! the calling token itself and asking what it may do (`Authorize`, which
+//! agents use to judge the tokens workloads present to their local API). A token's secret is made here, hashed into the
 //! Raft command, and shown only in the answer that created it.
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use tonic::{Request, Response, Status};
 use weft_api::acl::{Access, Resource};
 use weft_api::proto::{self, acl_server::Acl};
 
-use super::auth::{caller, Caller};
+use super::auth::{caller, secret_of, Caller};
 use super::{read, write};
 use crate::acl::{
     new_id, AclPolicy, AclState, AclToken, NodeIdentity, Secret, GLOBAL_MANAGEMENT_ID,
@@ -83,6 +84,72 @@ impl AclApi {
     fn require(caller: &Caller, want: Access) -> Result<(), Status> {
         caller.require(Resource::Acl, want)
     }
+}
+
+/// Most questions one `Authorize` request may ask (Consul's limit).
+pub const MAX_AUTHORIZE_CHECKS: usize = 64;
+
+/// One `Authorize` question as a resource and an access, or why it is not one.
+pub fn question(c: &proto::AuthorizeCheck) -> Result<(Resource<'_>, Access), String> {
+    let access = match c.access.as_str() {
+        "read" => Access::Read,
+        "write" => Access::Write,
+        other => return Err(format!("access {other:?}: want \"read\" or \"write\"")),
+    };
+    let segment = c.segment.as_str();
+    let (resource, needs_segment) = match c.resource.as_str() {
+        "service" => (Resource::Service(segment), Some(true)),
+        "intentions" => (Resource::Intentions(segment), Some(true)),
+        "node" => (Resource::Node(segment), Some(true)),
+        // Key rules are prefixes: the empty key is a key.
+        "key" => (Resource::Key(segment), None),
+        "operator" => (Resource::Operator, Some(false)),
+        "acl" => (Resource::Acl, Some(false)),
+        "mesh" => (Resource::Mesh, Some(false)),
+        other => {
+            return Err(format!(
+                "resource {other:?}: want service, intentions, node, key, operator, acl or mesh"
+            ))
+        }
+    };
+    match needs_segment {
+        Some(true) if segment.is_empty() => {
+            return Err(format!(
+                "resource {:?} needs a segment (a name)",
+                c.resource
+            ))
+        }
+        Some(false) if !segment.is_empty() => {
+            return Err(format!("resource {:?} takes no segment", c.resource))
+        }
+        _ => {}
+    }
+    Ok((resource, access))
+}
+
+/// The answers to `checks` for `caller`, in order; the first bad question
+/// refuses the whole request.
+pub fn authorize(
+    caller: &Caller,
+    checks: Vec<proto::AuthorizeCheck>,
+) -> Result<proto::AuthorizeResponse, Status> {
+    if checks.len() > MAX_AUTHORIZE_CHECKS {
+        return Err(Status::invalid_argument(format!(
+            "{} checks: at most {MAX_AUTHORIZE_CHECKS} per request",
+            checks.len()
+        )));
+    }
+    let mut results = Vec::with_capacity(checks.len());
+    for (i, check) in checks.into_iter().enumerate() {
+        let (resource, access) =
+            question(&check).map_err(|e| Status::invalid_argument(format!("checks[{i}]: {e}")))?;
+        let allowed = caller.can(resource, access);
+        results.push(proto::AuthorizeResult {
+            check: Some(check),
+            allowed,
+        });
+    }
+    Ok(proto::AuthorizeResponse { results })
 }
 
 /// Creates the first management token, once per cluster: its accessor id
@@ -325,5 +392,99 @@ impl Acl for AclApi {
     ) -> Result<Response<proto::AclToken>, Status> {
         let caller = caller(&self.0, &req).await?;
         self.token_answer(&caller.accessor, None).await
+    }
+
+    async fn authorize(
+        &self,
+        req: Request<proto::AuthorizeRequest>,
+    ) -> Result<Response<proto::AuthorizeResponse>, Status> {
+        // The token's own answer only: a node certificate without a token
+        // (an agent asking on a workload's behalf without its token) does
+        // not count.
+        if secret_of(&req).is_none() {
+            return Err(Status::unauthenticated(
+                "no ACL token: Authorize answers for the calling token",
+            ));
+        }
+        let caller = caller(&self.0, &req).await?;
+        authorize(&caller, req.into_inner().checks).map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_api::acl::Authorizer;
+
+    fn ask(resource: &str, segment: &str, access: &str) -> proto::AuthorizeCheck {
+        proto::AuthorizeCheck {
+            resource: resource.into(),
+            segment: segment.into(),
+            access: access.into(),
+        }
+    }
+
+    fn caller_with(rules: &str) -> Caller {
+        let policy = weft_api::acl::parse_rules(rules).unwrap();
+        Caller {
+            accessor: "a1".into(),
+            authz: Authorizer::from_rules([&policy]),
+        }
+    }
+
+    #[test]
+    fn questions_parse() {
+        assert_eq!(
+            question(&ask("service", "api", "write")).unwrap(),
+            (Resource::Service("api"), Access::Write)
+        );
+        assert_eq!(
+            question(&ask("operator", "", "read")).unwrap(),
+            (Resource::Operator, Access::Read)
+        );
+        assert_eq!(
+            question(&ask("key", "", "read")).unwrap(),
+            (Resource::Key(""), Access::Read)
+        );
+        for (r, s, a, want) in [
+            ("service", "", "write", "needs a segment"),
+            ("acl", "x", "read", "takes no segment"),
+            ("service", "api", "admin", "access \"admin\""),
+            ("services", "api", "read", "resource \"services\""),
+        ] {
+            let e = question(&ask(r, s, a)).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn answers_per_question_in_order() {
+        let caller = caller_with(r#"service "api" { policy = "write" }"#);
+        let answer = authorize(
+            &caller,
+            vec![
+                ask("service", "api", "write"),
+                ask("service", "web", "write"),
+                ask("service", "api", "read"),
+                ask("acl", "", "read"),
+            ],
+        )
+        .unwrap();
+        let allowed: Vec<bool> = answer.results.iter().map(|r| r.allowed).collect();
+        assert_eq!(allowed, [true, false, true, false]);
+        assert_eq!(answer.results[1].check.as_ref().unwrap().segment, "web");
+
+        let e = authorize(
+            &caller,
+            vec![ask("service", "api", "write"), ask("x", "", "read")],
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("checks[1]: "), "{}", e.message());
+        let many = vec![ask("service", "api", "read"); MAX_AUTHORIZE_CHECKS + 1];
+        assert_eq!(
+            authorize(&caller, many).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
     }
 }

@@ -18,8 +18,11 @@ use tonic_health::ServingStatus;
 
 use super::*;
 
+static NEXT_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
 fn check(kind: CheckKind, interval_ms: u64, timeout_ms: u64) -> CheckConfig {
     CheckConfig {
+        id: format!("check-{}", NEXT_ID.fetch_add(1, Ordering::SeqCst)),
         kind,
         interval: Duration::from_millis(interval_ms),
         timeout: Duration::from_millis(timeout_ms),
@@ -85,6 +88,7 @@ async fn http_check_reports_each_change_once() {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let _runner = CheckRunner::start(
         "api",
+        "svc",
         vec![check(CheckKind::Http { url: url.clone() }, 25, 1000)],
         tx,
     );
@@ -136,6 +140,7 @@ async fn http_check_times_out() {
     let url = format!("http://{addr}/");
     let _runner = CheckRunner::start(
         "api",
+        "svc",
         vec![check(CheckKind::Http { url: url.clone() }, 1000, 100)],
         tx,
     );
@@ -151,6 +156,7 @@ async fn http_check_connection_refused_is_critical() {
     let url = format!("http://{addr}/healthz");
     let _runner = CheckRunner::start(
         "api",
+        "svc",
         vec![check(CheckKind::Http { url: url.clone() }, 1000, 1000)],
         tx,
     );
@@ -169,6 +175,7 @@ async fn tcp_check_follows_the_port() {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let _runner = CheckRunner::start(
         "db",
+        "svc",
         vec![check(
             CheckKind::Tcp {
                 addr: addr.to_string(),
@@ -227,7 +234,7 @@ async fn grpc_check_uses_the_health_protocol() {
             1000,
         )
     };
-    let _web = CheckRunner::start("web", vec![grpc("web")], tx.clone());
+    let _web = CheckRunner::start("web", "svc", vec![grpc("web")], tx.clone());
     let u = next(&mut rx).await;
     assert_eq!(
         (u.status, u.output.as_str()),
@@ -251,7 +258,7 @@ async fn grpc_check_uses_the_health_protocol() {
     quiet(&mut rx, 150).await;
     drop(_web);
 
-    let _other = CheckRunner::start("other", vec![grpc("nope")], tx);
+    let _other = CheckRunner::start("other", "svc", vec![grpc("nope")], tx);
     let u = next(&mut rx).await;
     assert_eq!(u.service_id, "other");
     assert_eq!(u.status, HealthStatus::Critical);
@@ -269,6 +276,7 @@ async fn grpc_check_unreachable_is_critical() {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let _r = CheckRunner::start(
         "web",
+        "svc",
         vec![check(
             CheckKind::Grpc {
                 addr: addr.to_string(),
@@ -288,48 +296,92 @@ async fn grpc_check_unreachable_is_critical() {
     );
 }
 
-#[tokio::test]
-async fn ttl_check_starts_critical_and_expires() {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let checks = HealthChecks::new(tx);
-    checks.add(
-        "worker",
-        vec![check(
+fn ttl_check(id: &str, ttl_ms: u64) -> CheckConfig {
+    CheckConfig {
+        id: id.into(),
+        ..check(
             CheckKind::Ttl {
-                ttl: Duration::from_millis(300),
+                ttl: Duration::from_millis(ttl_ms),
             },
             10_000,
             2_000,
-        )],
+        )
+    }
+}
+
+#[tokio::test]
+async fn ttl_check_starts_critical_takes_updates_and_expires() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let checks = HealthChecks::new(tx);
+    checks.add(
+        "worker-1",
+        "worker",
+        vec![ttl_check("service:worker-1", 300)],
     );
     let u = next(&mut rx).await;
     assert_eq!(u.status, HealthStatus::Critical);
     assert!(u.output.contains("no refresh received yet"), "{}", u.output);
 
     checks
-        .refresh_ttl("worker", HealthStatus::Passing, "working")
+        .update_ttl("service:worker-1", HealthStatus::Passing, "working")
         .unwrap();
     let u = next(&mut rx).await;
     assert_eq!(
         (u.status, u.output.as_str()),
         (HealthStatus::Passing, "working")
     );
-    // Refreshes that keep the status are not reported.
+    // Updates that keep the status are not reported.
     checks
-        .refresh_ttl("worker", HealthStatus::Passing, "still working")
+        .update_ttl("service:worker-1", HealthStatus::Passing, "still working")
         .unwrap();
     quiet(&mut rx, 100).await;
 
     let started = std::time::Instant::now();
     let u = next(&mut rx).await;
     assert_eq!(u.status, HealthStatus::Critical);
-    assert!(u.output.contains("expired"), "{}", u.output);
+    assert!(u.output.starts_with("TTL expired"), "{}", u.output);
     assert!(started.elapsed() >= Duration::from_millis(150));
 
     checks
-        .refresh_ttl("worker", HealthStatus::Warning, "backlog")
+        .update_ttl("service:worker-1", HealthStatus::Warning, "backlog")
         .unwrap();
     assert_eq!(next(&mut rx).await.status, HealthStatus::Warning);
+    checks
+        .update_ttl("service:worker-1", HealthStatus::Critical, "down")
+        .unwrap();
+    let u = next(&mut rx).await;
+    assert_eq!(
+        (u.status, u.output.as_str()),
+        (HealthStatus::Critical, "down")
+    );
+}
+
+#[tokio::test]
+async fn ttl_updates_reach_only_the_check_they_name() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let checks = HealthChecks::new(tx);
+    checks.add(
+        "api",
+        "api",
+        vec![
+            ttl_check("service:api:1", 60_000),
+            ttl_check("api-2", 60_000),
+        ],
+    );
+    assert_eq!(next(&mut rx).await.status, HealthStatus::Critical);
+    checks
+        .update_ttl("service:api:1", HealthStatus::Passing, "one")
+        .unwrap();
+    // The other check has had no update: still critical.
+    quiet(&mut rx, 100).await;
+    checks
+        .update_ttl("api-2", HealthStatus::Warning, "two")
+        .unwrap();
+    let u = next(&mut rx).await;
+    assert_eq!(
+        (u.status, u.output.as_str()),
+        (HealthStatus::Warning, "two")
+    );
 }
 
 #[tokio::test]
@@ -340,6 +392,7 @@ async fn worst_check_wins() {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let _runner = CheckRunner::start(
         "api",
+        "svc",
         vec![
             check(
                 CheckKind::Http {
@@ -376,7 +429,7 @@ async fn worst_check_wins() {
 #[tokio::test]
 async fn no_checks_is_passing_once() {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let _runner = CheckRunner::start("plain", vec![], tx);
+    let _runner = CheckRunner::start("plain", "svc", vec![], tx);
     let u = next(&mut rx).await;
     assert_eq!(u.status, HealthStatus::Passing);
     quiet(&mut rx, 100).await;
@@ -387,30 +440,53 @@ async fn health_checks_registry_errors() {
     let (tx, _rx) = mpsc::unbounded_channel();
     let checks = HealthChecks::new(tx);
     assert_eq!(
-        checks.refresh_ttl("ghost", HealthStatus::Passing, ""),
-        Err(HealthError::UnknownService("ghost".into()))
+        checks.update_ttl("ghost", HealthStatus::Passing, ""),
+        Err(HealthError::UnknownCheck("ghost".into()))
     );
+    assert_eq!(checks.check("ghost"), None);
     let addr = free_addr().await;
-    checks.add(
-        "db",
-        vec![check(
+    let tcp = CheckConfig {
+        id: "service:db-1:1".into(),
+        ..check(
             CheckKind::Tcp {
                 addr: addr.to_string(),
             },
             1000,
             1000,
-        )],
+        )
+    };
+    checks.add("db-1", "db", vec![tcp, ttl_check("service:db-1:2", 60_000)]);
+    assert_eq!(
+        checks.update_ttl("service:db-1:1", HealthStatus::Passing, ""),
+        Err(HealthError::NotTtl {
+            check: "service:db-1:1".into(),
+            kind: "tcp"
+        })
     );
     assert_eq!(
-        checks.refresh_ttl("db", HealthStatus::Passing, ""),
-        Err(HealthError::NoTtlCheck("db".into()))
+        HealthError::NotTtl {
+            check: "service:db-1:1".into(),
+            kind: "tcp"
+        }
+        .to_string(),
+        "check \"service:db-1:1\" is a tcp check: only ttl checks take updates"
     );
     assert_eq!(
-        HealthError::NoTtlCheck("db".into()).to_string(),
-        "service \"db\": has no ttl check to refresh"
+        checks.check("service:db-1:2"),
+        Some(CheckInfo {
+            check_id: "service:db-1:2".into(),
+            service_id: "db-1".into(),
+            service_name: "db".into(),
+            kind: "ttl",
+        })
     );
-    assert_eq!(checks.service_ids(), vec!["db".to_string()]);
-    assert!(checks.remove("db"));
-    assert!(!checks.remove("db"));
+    assert!(!checks.check("service:db-1:1").unwrap().is_ttl());
+    assert_eq!(checks.service_ids(), vec!["db-1".to_string()]);
+    assert!(checks.remove("db-1"));
+    assert!(!checks.remove("db-1"));
     assert!(checks.service_ids().is_empty());
+    assert_eq!(
+        checks.update_ttl("service:db-1:2", HealthStatus::Passing, ""),
+        Err(HealthError::UnknownCheck("service:db-1:2".into()))
+    );
 }

@@ -1,0 +1,544 @@
+//! The agent's local HTTP API (`http_addr`, default `127.0.0.1:8500`, Consul's
+//! agent port), in Consul's shape, for the workloads on this node:
+//!
+//! - `PUT /v1/agent/check/pass/:check_id?note=TEXT`, `…/warn/…`, `…/fail/…`:
+//!   sets TTL check `check_id` passing, warning or critical with the note as
+//!   its output, and restarts its TTL;
+//! - `PUT /v1/agent/check/update/:check_id` with `{"Status": "passing|warning|critical",
+//!   "Output": "…"}`: the same with the status in the body.
+//!
+//! Check ids are the `[[service.check]]` ids (`id`, or Consul's default
+//! `service:<service id>`, `service:<service id>:<n>` with several checks).
+//! Only TTL checks take updates. The caller needs a token (`X-Consul-Token`,
+//! `Authorization: Bearer`, or `?token=`) with `service:write` on the check's
+//! service, which the servers judge ([`authz`]). Answers: 200 (empty body),
+//! 400 (bad request, or not a TTL check), 403 (no token, unknown token, no
+//! right), 404 (unknown endpoint or check), 405, 413 (body over
+//! [`MAX_BODY_BYTES`]), 503 (servers unreachable: nothing changed). Errors
+//! are one line of text; tokens never appear in answers or logs.
+//!
+//! [`route`] decodes requests (pure); [`handle`] answers one; [`LocalApi`]
+//! serves HTTP/1.1 on hyper and stops gracefully like the admin server. New
+//! endpoints are a [`route::Route`] variant and an arm in [`handle`].
+
+pub mod authz;
+pub mod route;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, request::Parts, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Body;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use weft_api::catalog::HealthStatus;
+
+use crate::health::{HealthChecks, HealthError};
+use crate::registered::RegisteredService;
+use authz::{AllowCache, Judge, JudgeError};
+use route::{CheckOp, Route, RouteError};
+
+/// Largest request body read.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Longest request target (path and query) taken.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// Most connections served at once; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client gets to send its headers, and then its body.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long open connections get to finish once shutdown starts.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Local API server errors.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalApiError {
+    /// The listening socket could not be bound (field `http_addr`).
+    #[error("http_addr {addr}: cannot listen: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound socket's address could not be read.
+    #[error("local API listener: {0}")]
+    LocalAddr(#[source] std::io::Error),
+}
+
+/// A future the [`Registrar`] returns.
+pub type RegistrarFuture<'a> = std::pin::Pin<
+    Box<dyn Future<Output = Result<String, crate::running::RegistrationError>> + Send + 'a>,
+>;
+
+/// Who adds and removes local services (the running agent).
+pub trait Registrar: Send + Sync {
+    fn register(&self, service: RegisteredService) -> RegistrarFuture<'_>;
+    fn deregister(&self, id: String) -> RegistrarFuture<'_>;
+    /// The service name of an instance registered through this API.
+    fn registered_name(&self, id: &str) -> Option<String>;
+}
+
+impl Registrar for crate::running::Running {
+    fn register(&self, service: RegisteredService) -> RegistrarFuture<'_> {
+        Box::pin(crate::running::Running::register(self, service))
+    }
+    fn deregister(&self, id: String) -> RegistrarFuture<'_> {
+        Box::pin(async move { crate::running::Running::deregister(self, &id).await })
+    }
+    fn registered_name(&self, id: &str) -> Option<String> {
+        crate::running::Running::registered_name(self, id)
+    }
+}
+
+/// What the API acts on: the local checks, who judges tokens, and who
+/// registers services.
+#[derive(Clone)]
+pub struct LocalApiState {
+    checks: HealthChecks,
+    judge: Arc<dyn Judge>,
+    allowed: Arc<Mutex<AllowCache>>,
+    registrar: Option<Arc<dyn Registrar>>,
+}
+
+impl std::fmt::Debug for LocalApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalApiState")
+            .field("checks", &self.checks.service_ids())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalApiState {
+    pub fn new(checks: HealthChecks, judge: Arc<dyn Judge>) -> LocalApiState {
+        LocalApiState {
+            checks,
+            judge,
+            allowed: Arc::default(),
+            registrar: None,
+        }
+    }
+
+    /// Serves service registration too, through `registrar`.
+    pub fn with_registrar(mut self, registrar: Arc<dyn Registrar>) -> LocalApiState {
+        self.registrar = Some(registrar);
+        self
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, AllowCache> {
+        self.allowed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `token` may write `service`: a remembered "yes", or the judge's.
+    async fn may_write(&self, token: &str, service: &str) -> Result<bool, JudgeError> {
+        if self.cache().allowed(Instant::now(), token, service) {
+            return Ok(true);
+        }
+        let allowed = self.judge.may_write_service(token, service).await?;
+        if allowed {
+            self.cache().remember(Instant::now(), token, service);
+        }
+        Ok(allowed)
+    }
+}
+
+/// A one-line text answer.
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
+    let mut body = body.into();
+    if !body.is_empty() && !body.ends_with('\n') {
+        body.push('\n');
+    }
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn route_error(e: RouteError) -> Response<Full<Bytes>> {
+    match &e {
+        RouteError::NotFound(_) => text(StatusCode::NOT_FOUND, e.to_string()),
+        RouteError::BadRequest(_) => text(StatusCode::BAD_REQUEST, e.to_string()),
+        RouteError::MethodNotAllowed { allow, .. } => {
+            let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, e.to_string());
+            resp.headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+            resp
+        }
+    }
+}
+
+/// The answer to one request.
+pub async fn handle<B>(state: &LocalApiState, req: Request<B>) -> Response<Full<Bytes>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (parts, body) = req.into_parts();
+    let target_len = parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
+    if target_len > MAX_URI_BYTES {
+        return text(
+            StatusCode::URI_TOO_LONG,
+            format!("request target over {MAX_URI_BYTES} bytes"),
+        );
+    }
+    match route::route(&parts.method, parts.uri.path()) {
+        Err(e) => route_error(e),
+        Ok(Route::CheckUpdate { check_id, op }) => check_update(state, &parts, body, check_id, op)
+            .await
+            .unwrap_or_else(|resp| resp),
+        Ok(Route::ServiceRegister) => service_register(state, &parts, body)
+            .await
+            .unwrap_or_else(|resp| resp),
+        Ok(Route::ServiceDeregister { service_id }) => {
+            service_deregister(state, &parts, service_id)
+                .await
+                .unwrap_or_else(|resp| resp)
+        }
+    }
+}
+
+/// The caller's token, or the 403 for its absence.
+fn token_of(parts: &Parts, what: &str) -> Result<String, Response<Full<Bytes>>> {
+    match route::token(&parts.headers, parts.uri.query()) {
+        Ok(Some(token)) => Ok(token),
+        Ok(None) => Err(text(
+            StatusCode::FORBIDDEN,
+            format!("Permission denied: no ACL token for {what} (send X-Consul-Token, Authorization: Bearer, or ?token=)"),
+        )),
+        Err(_) => Err(text(StatusCode::FORBIDDEN, "ACL not found")),
+    }
+}
+
+/// Passes when `token` may write `service`; the answer otherwise.
+async fn require_write(
+    state: &LocalApiState,
+    token: &str,
+    service: &str,
+    what: &str,
+) -> Result<(), Response<Full<Bytes>>> {
+    let refused = |status: StatusCode, why: String| {
+        tracing::info!(%service, status = status.as_u16(), "{what} refused: {why}");
+        text(status, why)
+    };
+    match state.may_write(token, service).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(refused(
+            StatusCode::FORBIDDEN,
+            format!("Permission denied: the token lacks service:write on {service:?}"),
+        )),
+        Err(e @ JudgeError::UnknownToken) => Err(refused(StatusCode::FORBIDDEN, e.to_string())),
+        Err(e @ JudgeError::Unreachable(_)) => Err(refused(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{e}; nothing changed"),
+        )),
+        Err(e @ JudgeError::Failed(_)) => Err(refused(
+            StatusCode::BAD_GATEWAY,
+            format!("{e}; nothing changed"),
+        )),
+    }
+}
+
+fn registrar(state: &LocalApiState) -> Result<&Arc<dyn Registrar>, Response<Full<Bytes>>> {
+    state.registrar.as_ref().ok_or_else(|| {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service registration is not served by this agent",
+        )
+    })
+}
+
+fn registration_error(e: crate::running::RegistrationError) -> Response<Full<Bytes>> {
+    use crate::running::RegistrationError as E;
+    let status = match &e {
+        E::Invalid(_) | E::InFile(_) => StatusCode::BAD_REQUEST,
+        E::NotFound(_) => StatusCode::NOT_FOUND,
+        E::Failed(_) => StatusCode::BAD_GATEWAY,
+    };
+    text(status, e.to_string())
+}
+
+/// `PUT /v1/agent/service/register`: the caller needs `service:write` on
+/// the service; the agent's own token must allow it too (it registers it).
+async fn service_register<B>(
+    state: &LocalApiState,
+    parts: &Parts,
+    body: B,
+) -> Result<Response<Full<Bytes>>, Response<Full<Bytes>>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let registrar = registrar(state)?;
+    let token = token_of(parts, "registering a service")?;
+    let body = read_body(parts, body).await?;
+    let service = RegisteredService::from_json(&body).map_err(|e| {
+        text(
+            StatusCode::BAD_REQUEST,
+            format!("Request decode failed: {e}"),
+        )
+    })?;
+    require_write(state, &token, &service.name, "service registration").await?;
+    let id = service.id().to_string();
+    let done = registrar
+        .register(service)
+        .await
+        .map_err(registration_error)?;
+    tracing::info!(service = %id, "registered through the local API: {done}");
+    Ok(text(StatusCode::OK, ""))
+}
+
+/// `PUT /v1/agent/service/deregister/:id`: only services registered through
+/// this API; `service:write` on the service.
+async fn service_deregister(
+    state: &LocalApiState,
+    parts: &Parts,
+    id: String,
+) -> Result<Response<Full<Bytes>>, Response<Full<Bytes>>> {
+    let registrar = registrar(state)?;
+    let token = token_of(parts, "deregistering a service")?;
+    let Some(name) = registrar.registered_name(&id) else {
+        // Found in the file, or nowhere: the registrar says which.
+        return Err(registration_error(
+            registrar.deregister(id).await.err().unwrap_or_else(|| {
+                crate::running::RegistrationError::Failed("deregistered meanwhile".into())
+            }),
+        ));
+    };
+    require_write(state, &token, &name, "service deregistration").await?;
+    let done = registrar
+        .deregister(id.clone())
+        .await
+        .map_err(registration_error)?;
+    tracing::info!(service = %id, "deregistered through the local API: {done}");
+    Ok(text(StatusCode::OK, ""))
+}
+
+/// The body, at most [`MAX_BODY_BYTES`] within [`READ_TIMEOUT`].
+async fn read_body<B>(parts: &Parts, body: B) -> Result<Bytes, Response<Full<Bytes>>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let too_large = || {
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body over {MAX_BODY_BYTES} bytes"),
+        )
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    let collect = Limited::new(body, MAX_BODY_BYTES).collect();
+    match tokio::time::timeout(READ_TIMEOUT, collect).await {
+        Err(_) => Err(text(StatusCode::REQUEST_TIMEOUT, "body not sent in time")),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(text(
+            StatusCode::BAD_REQUEST,
+            format!("reading the body: {e}"),
+        )),
+    }
+}
+
+async fn check_update<B>(
+    state: &LocalApiState,
+    parts: &Parts,
+    body: B,
+    check_id: String,
+    op: CheckOp,
+) -> Result<Response<Full<Bytes>>, Response<Full<Bytes>>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let query = parts.uri.query();
+    let refused = |status: StatusCode, why: String| {
+        tracing::info!(check = %check_id, status = status.as_u16(), "check update refused: {why}");
+        text(status, why)
+    };
+    let token = match route::token(&parts.headers, query) {
+        Ok(Some(token)) => token,
+        Ok(None) => {
+            return Err(refused(
+                StatusCode::FORBIDDEN,
+                "Permission denied: no ACL token (send X-Consul-Token, Authorization: Bearer, or ?token=)"
+                    .into(),
+            ))
+        }
+        Err(_) => return Err(refused(StatusCode::FORBIDDEN, "ACL not found".into())),
+    };
+    let (status, output): (HealthStatus, String) = match op.status() {
+        Some(status) => (
+            status,
+            route::query_param(query, "note")
+                .map_err(route_error)?
+                .unwrap_or_default(),
+        ),
+        None => route::update_body(&read_body(parts, body).await?).map_err(route_error)?,
+    };
+    let Some(check) = state.checks.check(&check_id) else {
+        return Err(refused(
+            StatusCode::NOT_FOUND,
+            format!("Unknown check ID {check_id:?}"),
+        ));
+    };
+    match state.may_write(&token, &check.service_name).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(refused(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "Permission denied: the token lacks service:write on {:?} (check {check_id:?})",
+                    check.service_name
+                ),
+            ))
+        }
+        Err(e @ JudgeError::UnknownToken) => {
+            return Err(refused(StatusCode::FORBIDDEN, e.to_string()))
+        }
+        Err(e @ JudgeError::Unreachable(_)) => {
+            return Err(refused(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{e}; check {check_id:?} unchanged"),
+            ))
+        }
+        Err(e @ JudgeError::Failed(_)) => {
+            return Err(refused(
+                StatusCode::BAD_GATEWAY,
+                format!("{e}; check {check_id:?} unchanged"),
+            ))
+        }
+    }
+    match state.checks.update_ttl(&check_id, status, output) {
+        Ok(()) => {
+            tracing::debug!(check = %check_id, service = %check.service_id, %status, "TTL check updated");
+            Ok(text(StatusCode::OK, ""))
+        }
+        Err(e @ HealthError::NotTtl { .. }) => Err(refused(StatusCode::BAD_REQUEST, e.to_string())),
+        Err(e @ HealthError::UnknownCheck(_)) => Err(refused(StatusCode::NOT_FOUND, e.to_string())),
+        Err(e @ HealthError::Stopped(_)) => {
+            Err(refused(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
+        }
+    }
+}
+
+/// A bound local API server; [`LocalApi::serve`] runs it.
+#[derive(Debug)]
+pub struct LocalApi {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    state: LocalApiState,
+}
+
+impl LocalApi {
+    /// Binds `addr` (port 0 picks a free port; see [`Self::local_addr`]).
+    pub async fn bind(addr: SocketAddr, state: LocalApiState) -> Result<LocalApi, LocalApiError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| LocalApiError::Bind { addr, source })?;
+        Self::from_listener(listener, state)
+    }
+
+    /// Serves an already bound listener (a predecessor's, after an upgrade).
+    pub fn from_listener(
+        listener: TcpListener,
+        state: LocalApiState,
+    ) -> Result<LocalApi, LocalApiError> {
+        let local_addr = listener.local_addr().map_err(LocalApiError::LocalAddr)?;
+        Ok(LocalApi {
+            listener,
+            local_addr,
+            state,
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets open
+    /// connections finish their request (at most [`DRAIN_TIMEOUT`]) and returns.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let mut conns = JoinSet::new();
+        let mut accept_errors = crate::accept::AcceptErrors::new("local API");
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            tracing::debug!(%peer, "local API: too many connections; closing");
+                            continue;
+                        };
+                        let state = self.state.clone();
+                        let stop = stop_rx.clone();
+                        conns.spawn(async move {
+                            serve_conn(stream, peer, state, stop).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(e) => accept_errors.failed(&e).await,
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        drop(self.listener);
+        let _ = stop_tx.send(true);
+        let drain = async { while conns.join_next().await.is_some() {} };
+        if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+            conns.abort_all();
+        }
+    }
+}
+
+async fn serve_conn(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    state: LocalApiState,
+    mut stop: watch::Receiver<bool>,
+) {
+    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(&state, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT)
+        .max_buf_size(MAX_URI_BYTES + 16 * 1024)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let stopping = async move {
+        let _ = stop.wait_for(|s| *s).await.map(|_| ());
+    };
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stopping => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "local API: connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests;

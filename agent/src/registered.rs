@@ -1,0 +1,304 @@
+//! Services registered through the agent's local HTTP API
+//! (`PUT /v1/agent/service/register`, Consul's shape) rather than written in
+//! agent.toml. They are kept in `<data_dir>/services.json` (0600, written
+//! whole and renamed into place), so that a restart or an upgrade keeps
+//! them, as Consul's agent keeps its registrations.
+//!
+//! The running configuration is agent.toml with these services added as
+//! `[[service]]` blocks after it: the file's own checks (names, ports,
+//! addresses, check kinds and durations, unique ids) judge them too, and a
+//! reload keeps them.
+//!
+//! Fields are Consul's (`ID`, `Name`, `Port`, `Address`, `Tags`, `Meta`,
+//! `Check`, `Checks` with `CheckID`, `HTTP`, `TCP`, `GRPC`, `TTL`,
+//! `Interval`, `Timeout`, `DeregisterCriticalServiceAfter`); any other is
+//! refused by name rather than ignored.
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The file, in the data directory.
+pub const FILE_NAME: &str = "services.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegisteredError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Bad { path: PathBuf, message: String },
+    #[error("{0}")]
+    Body(String),
+}
+
+/// One service as Consul's `agent/service/register` takes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "PascalCase")]
+pub struct RegisteredService {
+    #[serde(rename = "ID", default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub name: String,
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<RegisteredCheck>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<RegisteredCheck>,
+}
+
+/// One check of a registered service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "PascalCase")]
+pub struct RegisteredCheck {
+    #[serde(rename = "CheckID", default, skip_serializing_if = "Option::is_none")]
+    pub check_id: Option<String>,
+    #[serde(rename = "HTTP", default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
+    #[serde(rename = "TCP", default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<String>,
+    #[serde(rename = "GRPC", default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<String>,
+    #[serde(rename = "TTL", default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deregister_critical_service_after: Option<String>,
+}
+
+/// The agent.toml shape of a service block.
+#[derive(Serialize)]
+struct TomlService<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    name: &'a str,
+    port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    address: Option<&'a str>,
+    tags: &'a [String],
+    meta: &'a BTreeMap<String, String>,
+    check: Vec<TomlCheck<'a>>,
+}
+
+#[derive(Serialize)]
+struct TomlCheck<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grpc: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ttl: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    interval: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deregister_critical_service_after: Option<&'a str>,
+}
+
+impl RegisteredService {
+    /// Parses a request body; an unknown field is named.
+    pub fn from_json(body: &[u8]) -> Result<Self, RegisteredError> {
+        serde_json::from_slice(body).map_err(|e| RegisteredError::Body(e.to_string()))
+    }
+
+    /// The service id (Consul: the name when there is no ID).
+    pub fn id(&self) -> &str {
+        self.id.as_deref().unwrap_or(&self.name)
+    }
+
+    fn toml(&self) -> TomlService<'_> {
+        TomlService {
+            id: self.id.as_deref(),
+            name: &self.name,
+            port: self.port,
+            address: self.address.as_deref(),
+            tags: &self.tags,
+            meta: &self.meta,
+            check: self
+                .check
+                .iter()
+                .chain(&self.checks)
+                .map(toml_check)
+                .collect(),
+        }
+    }
+}
+
+fn toml_check(c: &RegisteredCheck) -> TomlCheck<'_> {
+    TomlCheck {
+        id: c.check_id.as_deref(),
+        http: c.http.as_deref(),
+        tcp: c.tcp.as_deref(),
+        grpc: c.grpc.as_deref(),
+        ttl: c.ttl.as_deref(),
+        interval: c.interval.as_deref(),
+        timeout: c.timeout.as_deref(),
+        deregister_critical_service_after: c.deregister_critical_service_after.as_deref(),
+    }
+}
+
+/// `services` as `[[service]]` blocks, to follow agent.toml's text.
+pub fn as_toml(services: &[RegisteredService]) -> String {
+    #[derive(Serialize)]
+    struct Blocks<'a> {
+        service: Vec<TomlService<'a>>,
+    }
+    if services.is_empty() {
+        return String::new();
+    }
+    let blocks = Blocks {
+        service: services.iter().map(RegisteredService::toml).collect(),
+    };
+    // Plain data of strings, numbers and tables: serializing cannot fail.
+    format!(
+        "\n# Registered through the local API ({FILE_NAME}).\n{}",
+        toml::to_string(&blocks).unwrap_or_default()
+    )
+}
+
+/// Where the registrations of the agent with `data_dir` are kept.
+pub fn path(data_dir: &Path) -> PathBuf {
+    data_dir.join(FILE_NAME)
+}
+
+/// The registrations kept in `data_dir` (none when there is no file).
+pub fn load(data_dir: &Path) -> Result<Vec<RegisteredService>, RegisteredError> {
+    let path = path(data_dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(RegisteredError::Io { path, source }),
+    };
+    serde_json::from_slice(&bytes).map_err(|e| RegisteredError::Bad {
+        path,
+        message: e.to_string(),
+    })
+}
+
+/// Keeps `services` in `data_dir`: written to a 0600 temporary file, synced,
+/// renamed over the old one.
+pub fn save(data_dir: &Path, services: &[RegisteredService]) -> Result<(), RegisteredError> {
+    let path = path(data_dir);
+    let tmp = data_dir.join(format!(".{FILE_NAME}.tmp"));
+    let io = |source| RegisteredError::Io {
+        path: path.clone(),
+        source,
+    };
+    let body =
+        serde_json::to_vec_pretty(services).map_err(|e| RegisteredError::Body(e.to_string()))?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    file.write_all(&body).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AgentConfig;
+
+    const BASE: &str = r#"
+node_name = "node-a"
+datacenter = "dc1"
+servers = ["127.0.0.1:8502"]
+advertise_addr = "10.0.0.1"
+data_dir = "/var/lib/weft-agent"
+ebpf = false
+
+[[service]]
+name = "web"
+port = 8000
+  [[service.upstream]]
+  name = "api"
+  local_port = 9191
+"#;
+
+    fn db() -> RegisteredService {
+        RegisteredService::from_json(
+            br#"{"ID":"db-1","Name":"db","Port":5432,"Tags":["primary"],
+                 "Meta":{"version":"15"},"Check":{"TTL":"10s"},
+                 "Checks":[{"CheckID":"db-tcp","TCP":"127.0.0.1:5432","Interval":"5s"}]}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_registration_becomes_a_service_of_the_running_configuration() {
+        let text = format!("{BASE}{}", as_toml(&[db()]));
+        let config = AgentConfig::parse(&text, "agent.toml").unwrap();
+        let s = &config.services[1];
+        assert_eq!(
+            (s.id.as_str(), s.name.as_str(), s.port),
+            ("db-1", "db", 5432)
+        );
+        assert_eq!(s.tags, vec!["primary".to_string()]);
+        assert_eq!(s.meta["version"], "15");
+        assert_eq!(s.checks.len(), 2);
+        assert_eq!(s.checks[1].id, "db-tcp");
+        // web's upstream stays web's.
+        assert_eq!(config.services[0].upstreams.len(), 1);
+        assert!(config.services[1].upstreams.is_empty());
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused_by_name() {
+        let e =
+            RegisteredService::from_json(br#"{"Name":"db","Port":1,"Connect":{}}"#).unwrap_err();
+        assert!(e.to_string().contains("Connect"), "{e}");
+        let e = RegisteredService::from_json(
+            br#"{"Name":"db","Port":1,"Check":{"Name":"x","TTL":"1s"}}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("Name"), "{e}");
+        let bad = RegisteredService::from_json(br#"{"Name":"Not a name","Port":1}"#).unwrap();
+        let e =
+            AgentConfig::parse(&format!("{BASE}{}", as_toml(&[bad])), "agent.toml").unwrap_err();
+        assert!(e.to_string().contains("name"), "{e}");
+        // An id the file uses already.
+        let clash = RegisteredService::from_json(br#"{"Name":"web","Port":8001}"#).unwrap();
+        let e =
+            AgentConfig::parse(&format!("{BASE}{}", as_toml(&[clash])), "agent.toml").unwrap_err();
+        assert!(e.to_string().contains("already used"), "{e}");
+    }
+
+    #[test]
+    fn registrations_are_kept_in_a_private_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load(dir.path()).unwrap().is_empty());
+        save(dir.path(), &[db()]).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), vec![db()]);
+        let mode = std::fs::metadata(path(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        save(dir.path(), &[]).unwrap();
+        assert!(load(dir.path()).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,393 @@
+//! TTL checks reported by workloads through the agent's local HTTP API
+//! (`PUT /v1/agent/check/{pass,warn,fail}/:id` on `127.0.0.1:8500` of the
+//! node) and through `weft check`, judged by the servers (`Acl.Authorize`):
+//! the catalog follows pass, warn and fail; a TTL not renewed in time goes
+//! critical; refused attempts (no token, unknown token, another service's
+//! token, a non-TTL check, an unknown check) change nothing, and with the
+//! servers down an update that cannot be judged is refused (503).
+//!
+//! One server and two agents in explicit mode; node A runs `api` (TTL check
+//! of [`TTL`], default id `service:api`), `web` (TTL check of a minute, id
+//! `web-ttl`) and `db` (an HTTP check, id `service:db`).
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use weft_tests::mesh::{wait_until, Mesh, MeshSpec, NodeA, Service, AGENT_HTTP};
+use weft_tests::require_root;
+use weft_tests::servers::bin;
+
+const TTL: Duration = Duration::from_secs(3);
+/// Long enough for every step between two updates, short of the TTL.
+const STEP: Duration = Duration::from_secs(20);
+
+/// `(health, check_output)` of the only instance of `service`.
+fn health(mesh: &Mesh, service: &str) -> anyhow::Result<(String, String)> {
+    let v = mesh.weft_json(&["catalog", "service", service])?;
+    let i = &v["instances"][0];
+    let s = |k: &str| i[k].as_str().map(String::from);
+    Ok((
+        s("health").with_context(|| format!("no instance of {service}: {v}"))?,
+        s("check_output").unwrap_or_default(),
+    ))
+}
+
+/// Waits until `service` is `want` with an output containing `output`.
+fn wait_health(mesh: &Mesh, service: &str, want: &str, output: &str) -> anyhow::Result<()> {
+    wait_until(STEP, &format!("{service} {want} ({output:?})"), || {
+        let (h, o) = health(mesh, service)?;
+        Ok((h == want && o.contains(output)).then_some(()))
+    })
+    .map_err(|e| e.context(format!("agent log:\n{}", mesh.agent_log_tail(NodeA, 30))))
+}
+
+/// `PUT http://127.0.0.1:8500{path}` in node A with curl: code and body.
+fn put(mesh: &Mesh, path: &str, headers: &[&str]) -> anyhow::Result<(u16, String)> {
+    let url = format!("http://{AGENT_HTTP}{path}");
+    let mut args = vec!["-sS", "-m", "5", "-X", "PUT", "-w", "\n%{http_code}"];
+    for h in headers {
+        args.extend(["-H", h]);
+    }
+    args.push(&url);
+    let out = mesh.curl_raw(NodeA, &args)?;
+    ensure!(out.success(), "curl {url}: {}", out.describe());
+    let (body, code) = out
+        .stdout
+        .rsplit_once('\n')
+        .with_context(|| format!("curl output {:?}", out.stdout))?;
+    Ok((code.trim().parse()?, body.to_string()))
+}
+
+/// `weft [--token T] check ARGS…` in node A (agent at its default address).
+fn weft_check(
+    mesh: &Mesh,
+    token: Option<&str>,
+    args: &[&str],
+) -> anyhow::Result<weft_tests::mesh::Output> {
+    let mut full = Vec::new();
+    if let Some(t) = token {
+        full.extend(["--token", t]);
+    }
+    full.push("check");
+    full.extend_from_slice(args);
+    mesh.run(NodeA, bin("weft"), &full, Duration::from_secs(15))
+}
+
+#[test]
+fn ttl_checks_follow_pass_warn_fail_and_expire_and_refuse_strangers() -> anyhow::Result<()> {
+    require_root();
+    let ttl = format!("{}s", TTL.as_secs());
+    let mesh = Mesh::start(
+        MeshSpec::new("allow")
+            .node_a(Service::new("api", 8080).ttl_check(&ttl, None))
+            .node_a(Service::new("web", 8000).ttl_check("1m", Some("web-ttl")))
+            .node_a(Service::new("db", 5432).healthz_check("1s")),
+    )?;
+    let api_token = mesh.service_token(&["api"])?;
+    let web_token = mesh.service_token(&["web"])?;
+    let db_token = mesh.service_token(&["db"])?;
+    let api_auth = format!("X-Consul-Token: {api_token}");
+
+    // Critical until the first update.
+    wait_health(&mesh, "api", "critical", "no refresh received yet")?;
+
+    // pass, warn, fail through the HTTP API (each restarts the TTL).
+    let (code, body) = put(
+        &mesh,
+        "/v1/agent/check/pass/service:api?note=all+good",
+        &[&api_auth],
+    )?;
+    ensure!(code == 200, "pass: {code} {body}");
+    wait_health(&mesh, "api", "passing", "all good")?;
+    let bearer = format!("Authorization: Bearer {api_token}");
+    let (code, body) = put(
+        &mesh,
+        "/v1/agent/check/warn/service:api?note=slow",
+        &[&bearer],
+    )?;
+    ensure!(code == 200, "warn: {code} {body}");
+    wait_health(&mesh, "api", "warning", "slow")?;
+    let path = format!("/v1/agent/check/fail/service%3Aapi?note=broken&token={api_token}");
+    let (code, body) = put(&mesh, &path, &[])?;
+    ensure!(code == 200, "fail: {code} {body}");
+    wait_health(&mesh, "api", "critical", "broken")?;
+
+    // pass through the CLI.
+    let out = weft_check(
+        &mesh,
+        Some(&api_token),
+        &["pass", "service:api", "--note", "via cli"],
+    )?;
+    ensure!(out.success(), "weft check pass: {}", out.describe());
+    ensure!(
+        out.stdout.trim() == "check service:api: passing",
+        "{}",
+        out.describe()
+    );
+    let passed = Instant::now();
+    wait_health(&mesh, "api", "passing", "via cli")?;
+
+    // No renewal: critical once the TTL has run out.
+    wait_health(&mesh, "api", "critical", "TTL expired")?;
+    ensure!(
+        passed.elapsed() >= TTL - Duration::from_millis(500),
+        "expired after {:?}, before the TTL of {TTL:?}",
+        passed.elapsed()
+    );
+
+    // Attacks on web's check, made passing first so that a change shows.
+    let web_auth = format!("X-Consul-Token: {web_token}");
+    let (code, body) = put(
+        &mesh,
+        "/v1/agent/check/pass/web-ttl?note=baseline",
+        &[&web_auth],
+    )?;
+    ensure!(code == 200, "web pass: {code} {body}");
+    wait_health(&mesh, "web", "passing", "baseline")?;
+    let unchanged = |what: &str| -> anyhow::Result<()> {
+        let now = health(&mesh, "web")?;
+        ensure!(
+            now == ("passing".to_string(), "baseline".to_string()),
+            "after {what}: web is {now:?}"
+        );
+        Ok(())
+    };
+    let fail_web = "/v1/agent/check/fail/web-ttl?note=owned";
+
+    let (code, body) = put(&mesh, fail_web, &[])?;
+    ensure!(
+        code == 403 && body.contains("Permission denied"),
+        "no token: {code} {body}"
+    );
+    unchanged("no token")?;
+
+    let (code, body) = put(&mesh, fail_web, &[&api_auth])?;
+    ensure!(
+        code == 403 && body.contains("lacks service:write on \"web\""),
+        "api's token on web: {code} {body}"
+    );
+    unchanged("another service's token")?;
+
+    let made_up = "X-Consul-Token: 5b8fa3a6-0000-4000-8000-000000000000";
+    let (code, body) = put(&mesh, fail_web, &[made_up])?;
+    ensure!(
+        code == 403 && body.contains("ACL not found"),
+        "unknown token: {code} {body}"
+    );
+    unchanged("an unknown token")?;
+
+    let db_auth = format!("X-Consul-Token: {db_token}");
+    let (code, body) = put(&mesh, "/v1/agent/check/pass/service:db", &[&db_auth])?;
+    ensure!(
+        code == 400 && body.contains("\"service:db\" is a http check"),
+        "non-TTL check: {code} {body}"
+    );
+    let (code, body) = put(&mesh, "/v1/agent/check/pass/service:db", &[&api_auth])?;
+    ensure!(code == 403, "non-TTL check, no right: {code} {body}");
+
+    let (code, body) = put(&mesh, "/v1/agent/check/fail/nope", &[&web_auth])?;
+    ensure!(
+        code == 404 && body.contains("Unknown check ID \"nope\""),
+        "unknown check: {code} {body}"
+    );
+    unchanged("an unknown check")?;
+
+    // The CLI is refused the same way, with a clear error and exit 1.
+    for (token, args, want) in [
+        (
+            Some(api_token.as_str()),
+            vec!["fail", "web-ttl"],
+            "permission denied",
+        ),
+        (None, vec!["fail", "web-ttl"], "--token"),
+        (Some(web_token.as_str()), vec!["fail", "nope"], "not found"),
+        (
+            Some(web_token.as_str()),
+            vec!["fail", "web-ttl", "--agent-addr", "127.0.0.1:1"],
+            "cannot reach the agent",
+        ),
+    ] {
+        let out = weft_check(&mesh, token, &args)?;
+        ensure!(
+            out.code() == Some(1) && out.stderr.contains(want),
+            "weft check {args:?}: want exit 1 and {want:?}: {}",
+            out.describe()
+        );
+        unchanged(&format!("weft check {args:?}"))?;
+    }
+
+    // A barrier: an accepted update after all refused ones shows in the
+    // catalog, and web is still as it was.
+    let (code, body) = put(
+        &mesh,
+        "/v1/agent/check/pass/service:api?note=barrier",
+        &[&api_auth],
+    )?;
+    ensure!(code == 200, "barrier: {code} {body}");
+    wait_health(&mesh, "api", "passing", "barrier")?;
+    unchanged("every refused attempt")?;
+
+    // Wrong method: 405.
+    let out = mesh.curl_raw(
+        NodeA,
+        &[
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{AGENT_HTTP}/v1/agent/check/pass/web-ttl"),
+        ],
+    )?;
+    ensure!(out.stdout.trim() == "405", "GET: {}", out.describe());
+
+    // Servers unreachable: a token the agent has not seen allowed cannot be
+    // judged, so nothing changes (503), also through the CLI.
+    let fresh = mesh.service_token(&["web"])?;
+    mesh.kill_server();
+    let (code, body) = put(&mesh, fail_web, &[&format!("X-Consul-Token: {fresh}")])?;
+    ensure!(
+        code == 503 && body.contains("cannot reach the servers") && body.contains("unchanged"),
+        "servers down: {code} {body}"
+    );
+    let out = weft_check(&mesh, Some(&fresh), &["fail", "web-ttl"])?;
+    ensure!(
+        out.code() == Some(1) && out.stderr.contains("unavailable"),
+        "weft check with the servers down: {}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// `PUT http://127.0.0.1:8500{path}` with a JSON `body`: code and body.
+fn put_json(
+    mesh: &Mesh,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> anyhow::Result<(u16, String)> {
+    let header = token.map(|t| format!("X-Consul-Token: {t}"));
+    let mut headers = vec!["Content-Type: application/json"];
+    headers.extend(header.as_deref());
+    let url = format!("http://{AGENT_HTTP}{path}");
+    let mut args = vec![
+        "-sS",
+        "-m",
+        "15",
+        "-X",
+        "PUT",
+        "-w",
+        "\n%{http_code}",
+        "--data-binary",
+        body,
+    ];
+    for h in &headers {
+        args.extend(["-H", h]);
+    }
+    args.push(&url);
+    let out = mesh.curl_raw(NodeA, &args)?;
+    ensure!(out.success(), "curl {url}: {}", out.describe());
+    let (body, code) = out
+        .stdout
+        .rsplit_once('\n')
+        .with_context(|| format!("curl output {:?}", out.stdout))?;
+    Ok((code.trim().parse()?, body.to_string()))
+}
+
+#[test]
+fn services_register_and_deregister_through_the_local_api() -> anyhow::Result<()> {
+    require_root();
+    let mut mesh = Mesh::start(MeshSpec::new("allow").node_a(Service::new("web", 8000)))?;
+    // The operator lets node A's agent carry db (it registers it and gets
+    // its certificate); workloads prove their own right with their token.
+    mesh.grant_agent_services(NodeA, &["db"])?;
+    let db_token = mesh.service_token(&["db"])?;
+    let web_token = mesh.service_token(&["web"])?;
+    let db = r#"{"ID":"db-1","Name":"db","Port":5432,"Tags":["primary"],"Check":{"TTL":"30s"}}"#;
+    let registered = |mesh: &Mesh| -> anyhow::Result<Vec<(String, String, String)>> {
+        mesh.catalog_instances("db").or_else(|_| Ok(Vec::new()))
+    };
+
+    // Refused: no token, a token of another service, an unknown field.
+    let (code, body) = put_json(&mesh, "/v1/agent/service/register", None, db)?;
+    ensure!(code == 403, "no token: {code} {body}");
+    let (code, body) = put_json(&mesh, "/v1/agent/service/register", Some(&web_token), db)?;
+    ensure!(
+        code == 403 && body.contains("service:write"),
+        "web's token: {code} {body}"
+    );
+    let connect = r#"{"Name":"db","Port":5432,"Connect":{"SidecarService":{}}}"#;
+    let (code, body) = put_json(
+        &mesh,
+        "/v1/agent/service/register",
+        Some(&db_token),
+        connect,
+    )?;
+    ensure!(
+        code == 400 && body.contains("Connect"),
+        "unknown field: {code} {body}"
+    );
+    ensure!(
+        registered(&mesh)?.is_empty(),
+        "a refused registration left {:?}",
+        registered(&mesh)?
+    );
+
+    // Registered, with its TTL check reachable through the API.
+    let (code, body) = put_json(&mesh, "/v1/agent/service/register", Some(&db_token), db)?;
+    ensure!(code == 200, "register: {code} {body}");
+    ensure!(
+        registered(&mesh)?
+            .iter()
+            .any(|(id, node, _)| id == "db-1" && node == "node-a"),
+        "db-1 not in the catalog: {:?}",
+        registered(&mesh)?
+    );
+    let (code, body) = put(
+        &mesh,
+        "/v1/agent/check/pass/service:db-1?note=up",
+        &[&format!("X-Consul-Token: {db_token}")],
+    )?;
+    ensure!(code == 200, "pass: {code} {body}");
+    wait_health(&mesh, "db", "passing", "up")?;
+
+    // Kept across a restart of the agent.
+    mesh.restart_agent(NodeA)?;
+    wait_until(STEP, "db-1 registered again after the restart", || {
+        Ok(registered(&mesh)?
+            .iter()
+            .any(|(id, _, _)| id == "db-1")
+            .then_some(()))
+    })?;
+
+    // A file service is not the API's to remove; a stranger may not remove db.
+    let (code, body) = put_json(
+        &mesh,
+        "/v1/agent/service/deregister/web",
+        Some(&web_token),
+        "",
+    )?;
+    ensure!(
+        code == 400 && body.contains("configuration file"),
+        "web: {code} {body}"
+    );
+    let (code, body) = put_json(
+        &mesh,
+        "/v1/agent/service/deregister/db-1",
+        Some(&web_token),
+        "",
+    )?;
+    ensure!(code == 403, "web's token removing db: {code} {body}");
+    let (code, body) = put_json(
+        &mesh,
+        "/v1/agent/service/deregister/db-1",
+        Some(&db_token),
+        "",
+    )?;
+    ensure!(code == 200, "deregister: {code} {body}");
+    ensure!(
+        registered(&mesh)?.is_empty(),
+        "db-1 still registered: {:?}",
+        registered(&mesh)?
+    );
+    Ok(())
+}
