@@ -429,6 +429,7 @@ mod tests {
         Caller {
             accessor: "a1".into(),
             authz: Authorizer::from_rules([&policy]),
+            request: None,
         }
     }
 
