@@ -287,7 +287,7 @@ mod tests {
             "/v1/agent/check",
             "/v1/agent/check/pass",
             "/v1/agent/check/ok/x",
-            "/v1/agent/service/register",
+            "/v1/agent/services",
         ] {
             assert!(
                 matches!(route(&Method::PUT, path), Err(RouteError::NotFound(_))),
