@@ -16,6 +16,28 @@ use crate::state::{Command, State};
 
 pub struct OperatorApi(pub Arc<ServerNode>);
 
+/// Role shown for a server that says it leads a term older than another
+/// server's: it has not yet learned that it was replaced (a restarted or
+/// cut-off ex-leader, for a moment).
+pub const STALE_LEADER: &str = "stale-leader";
+
+/// Pure: the leader of `members` as their statuses show it: the one saying
+/// it leads whose term is the highest any member knows (0: none, e.g. in an
+/// election). Any other server saying it leads is shown as
+/// [`STALE_LEADER`], so that the list never shows two leaders.
+pub fn settle_leader(members: &mut [proto::Member]) -> u64 {
+    let newest = members.iter().map(|m| m.term).max().unwrap_or(0);
+    let mut leader = 0;
+    for m in members.iter_mut().filter(|m| m.role == "leader") {
+        if m.term == newest && leader == 0 {
+            leader = m.id;
+        } else {
+            m.role = STALE_LEADER.into();
+        }
+    }
+    leader
+}
+
 #[tonic::async_trait]
 impl Operator for OperatorApi {
     async fn members(
@@ -26,22 +48,16 @@ impl Operator for OperatorApi {
             .await?
             .require(Resource::Operator, Access::Read)?;
         let mut members = Vec::new();
-        let mut leader_id = 0;
         for (id, addr) in &self.0.peers {
             let member = match self.0.peer_status(*id).await {
-                Some(status) => {
-                    if status.role == "leader" {
-                        leader_id = *id;
-                    }
-                    proto::Member {
-                        id: *id,
-                        raft_addr: addr.clone(),
-                        role: status.role,
-                        last_applied: status.last_applied,
-                        last_log_index: status.last_log_index,
-                        term: status.term,
-                    }
-                }
+                Some(status) => proto::Member {
+                    id: *id,
+                    raft_addr: addr.clone(),
+                    role: status.role,
+                    last_applied: status.last_applied,
+                    last_log_index: status.last_log_index,
+                    term: status.term,
+                },
                 None => proto::Member {
                     id: *id,
                     raft_addr: addr.clone(),
@@ -51,6 +67,7 @@ impl Operator for OperatorApi {
             };
             members.push(member);
         }
+        let leader_id = settle_leader(&mut members);
         Ok(Response::new(proto::MemberList { members, leader_id }))
     }
 
@@ -87,5 +104,48 @@ impl Operator for OperatorApi {
         Ok(Response::new(
             write(&self.0, &caller, "snapshot restore", cmd).await?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: u64, role: &str, term: u64) -> proto::Member {
+        proto::Member {
+            id,
+            role: role.into(),
+            term,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn one_leader_at_most_the_newest_terms() {
+        // A restarted ex-leader still says it leads term 3; server 2 leads 4.
+        let mut m = vec![
+            member(1, "leader", 3),
+            member(2, "leader", 4),
+            member(3, "follower", 4),
+        ];
+        assert_eq!(settle_leader(&mut m), 2);
+        assert_eq!(m[0].role, STALE_LEADER);
+        assert_eq!(m[1].role, "leader");
+        // An election under way (a candidate at term 5): nobody leads yet.
+        let mut m = vec![
+            member(1, "leader", 4),
+            member(2, "candidate", 5),
+            member(3, "follower", 4),
+        ];
+        assert_eq!(settle_leader(&mut m), 0);
+        assert_eq!(m[0].role, STALE_LEADER);
+        // The usual case, and an unreachable member (term 0) changing nothing.
+        let mut m = vec![
+            member(1, "follower", 7),
+            member(2, "leader", 7),
+            member(3, "unreachable", 0),
+        ];
+        assert_eq!(settle_leader(&mut m), 2);
+        assert_eq!(m[1].role, "leader");
     }
 }
