@@ -282,13 +282,7 @@ mod duration_text {
 impl AgentConfig {
     /// Reads and validates the file at `path`.
     pub fn load(path: impl AsRef<Path>) -> Result<AgentConfig, ConfigError> {
-        let path = path.as_ref();
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: file.clone(),
-            source,
-        })?;
-        Self::parse(&text, &file)
+        Self::load_with_registered(path, &[])
     }
 
     /// Reads and validates the file at `path` with `registered` (services

@@ -108,14 +108,7 @@ impl Identities {
     pub async fn init(&self, services: &[String]) -> Result<(), IdentityError> {
         let node = self.obtain(None).await?;
         *self.node.write().expect("identity lock") = Some(node);
-        for name in services {
-            let held = self.obtain(Some(name)).await?;
-            self.services
-                .write()
-                .expect("identity lock")
-                .insert(name.clone(), held);
-        }
-        Ok(())
+        self.add_services(services).await
     }
 
     /// Gets a certificate for each of `services` not held yet (a reload

@@ -42,8 +42,21 @@ fn wait_health(mesh: &Mesh, service: &str, want: &str, output: &str) -> anyhow::
 
 /// `PUT http://127.0.0.1:8500{path}` in node A with curl: code and body.
 fn put(mesh: &Mesh, path: &str, headers: &[&str]) -> anyhow::Result<(u16, String)> {
+    put_with(mesh, path, headers, None)
+}
+
+/// [`put`] with `body` sent, if any.
+fn put_with(
+    mesh: &Mesh,
+    path: &str,
+    headers: &[&str],
+    body: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
     let url = format!("http://{AGENT_HTTP}{path}");
-    let mut args = vec!["-sS", "-m", "5", "-X", "PUT", "-w", "\n%{http_code}"];
+    let mut args = vec!["-sS", "-m", "15", "-X", "PUT", "-w", "\n%{http_code}"];
+    if let Some(body) = body {
+        args.extend(["--data-binary", body]);
+    }
     for h in headers {
         args.extend(["-H", h]);
     }
@@ -258,7 +271,7 @@ fn ttl_checks_follow_pass_warn_fail_and_expire_and_refuse_strangers() -> anyhow:
     Ok(())
 }
 
-/// `PUT http://127.0.0.1:8500{path}` with a JSON `body`: code and body.
+/// `PUT http://127.0.0.1:8500{path}` with a JSON `body` and `token`.
 fn put_json(
     mesh: &Mesh,
     path: &str,
@@ -268,29 +281,7 @@ fn put_json(
     let header = token.map(|t| format!("X-Consul-Token: {t}"));
     let mut headers = vec!["Content-Type: application/json"];
     headers.extend(header.as_deref());
-    let url = format!("http://{AGENT_HTTP}{path}");
-    let mut args = vec![
-        "-sS",
-        "-m",
-        "15",
-        "-X",
-        "PUT",
-        "-w",
-        "\n%{http_code}",
-        "--data-binary",
-        body,
-    ];
-    for h in &headers {
-        args.extend(["-H", h]);
-    }
-    args.push(&url);
-    let out = mesh.curl_raw(NodeA, &args)?;
-    ensure!(out.success(), "curl {url}: {}", out.describe());
-    let (body, code) = out
-        .stdout
-        .rsplit_once('\n')
-        .with_context(|| format!("curl output {:?}", out.stdout))?;
-    Ok((code.trim().parse()?, body.to_string()))
+    put_with(mesh, path, &headers, Some(body))
 }
 
 #[test]
