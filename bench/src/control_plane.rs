@@ -1,10 +1,11 @@
 //! Control-plane benchmark: a 3-server cluster on loopback, release builds,
 //! every Raft append fsynced by sled, TLS on every port and ACLs on (the
 //! clients hold the management token).
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use weft_api::proto::intentions_client::IntentionsClient;
@@ -15,18 +16,19 @@ use weft_api::proto::{
 };
 use weft_tests::servers::{grpc_channel, Bearer, Cluster};
 
-use crate::report::Figure;
+use crate::report::{Figure, Section};
+use crate::{catalog, usage};
 
 /// What the benchmark's clients connect with: the servers' CA (PEM) and
 /// the management token.
 #[derive(Clone)]
-struct Creds {
+pub struct Creds {
     ca_pem: String,
     token: String,
 }
 
 impl Creds {
-    fn of(cluster: &Cluster) -> Self {
+    pub fn of(cluster: &Cluster) -> Self {
         Creds {
             ca_pem: cluster.tls_ca.cert_pem.clone(),
             token: cluster.token.clone(),
@@ -34,7 +36,10 @@ impl Creds {
     }
 }
 
-async fn channel(creds: &Creds, addr: &str) -> anyhow::Result<InterceptedService<Channel, Bearer>> {
+pub async fn channel(
+    creds: &Creds,
+    addr: &str,
+) -> anyhow::Result<InterceptedService<Channel, Bearer>> {
     grpc_channel(addr, &creds.ca_pem, Some(&creds.token)).await
 }
 
@@ -71,7 +76,7 @@ async fn throughput(
 }
 
 /// Kills the leader and measures until a write succeeds on a survivor (ms).
-async fn failover(cluster: &mut Cluster, round: usize) -> anyhow::Result<f64> {
+pub async fn failover(cluster: &mut Cluster, round: usize) -> anyhow::Result<f64> {
     let leader = cluster.wait_for_leader(Duration::from_secs(10))?;
     let survivors: Vec<String> = (1..=3)
         .filter(|id| *id != leader)
@@ -106,99 +111,183 @@ async fn failover(cluster: &mut Cluster, round: usize) -> anyhow::Result<f64> {
     Ok(took)
 }
 
-/// Opens `n` watch streams spread over the servers, then writes intentions
-/// and measures, for each, the time until every stream has it (ms).
-async fn propagation(cluster: &Cluster, n: usize, writes: usize) -> anyhow::Result<Vec<f64>> {
+/// How a fan-out measurement runs: streams, changes, and bounds.
+pub struct FanoutPlan<'a> {
+    /// Watch streams, spread over the servers, about 100 per connection.
+    pub streams: usize,
+    /// Intention writes made one at a time, each timed until every stream
+    /// has it.
+    pub changes: usize,
+    /// Streams taking their snapshot at once (the others wait their turn).
+    pub opening: usize,
+    /// How long every stream may take to have its snapshot.
+    pub open_limit: Duration,
+    /// Names the intentions written (sources `bench-{label}-{n}`).
+    pub label: &'a str,
+}
+
+/// What [`fanout`] measured.
+pub struct Fanout {
+    /// Seconds from the first subscribe until every stream had its snapshot.
+    pub open_secs: f64,
+    /// The first stream's snapshot: its parts and their encoded bytes.
+    pub snapshot_parts: usize,
+    pub snapshot_bytes: usize,
+    /// Each server's VmRSS (MB) with every stream open.
+    pub rss_open: Vec<f64>,
+    /// Per change, ms from the write until the last stream had it.
+    pub samples: Vec<f64>,
+}
+
+/// Opens watch streams spread over the servers (each ready once the last
+/// part of its snapshot is in), then writes intentions and measures, for
+/// each, the time until every stream has it.
+pub async fn fanout(cluster: &Cluster, plan: &FanoutPlan<'_>) -> anyhow::Result<Fanout> {
+    use prost::Message;
+    let n = plan.streams;
     let addrs: Vec<String> = (1..=3)
         .map(|id| cluster.grpc_addr(id).to_string())
         .collect();
     let creds = Creds::of(cluster);
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(String, Instant)>();
-    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<Result<(), String>>();
+    let opening = Arc::new(Semaphore::new(plan.opening.max(1)));
+    let first_snapshot = Arc::new(Mutex::new((0usize, 0usize)));
     let mut channels = Vec::new();
-    for (i, addr) in addrs.iter().enumerate() {
+    for addr in &addrs {
         // About 100 streams per connection.
         for _ in 0..n.div_ceil(300).max(1) {
-            channels.push((i, channel(&creds, addr).await?));
+            channels.push(channel(&creds, addr).await?);
         }
     }
+    let opened = Instant::now();
     let mut tasks = Vec::new();
     for s in 0..n {
-        let ch = channels[s % channels.len()].1.clone();
+        let ch = channels[s % channels.len()].clone();
         let (seen_tx, ready_tx) = (seen_tx.clone(), ready_tx.clone());
+        let (opening, first_snapshot) = (opening.clone(), first_snapshot.clone());
         tasks.push(tokio::spawn(async move {
-            let mut stream = WatchClient::new(ch)
-                .subscribe(WatchRequest {
-                    from_index: 0,
-                    include_kv: false,
-                })
-                .await?
-                .into_inner();
-            while let Some(event) = stream.message().await? {
-                match event.event {
-                    // Ready once the snapshot's last part is in.
-                    Some(watch_event::Event::Snapshot(s)) if !s.more => {
-                        let _ = ready_tx.send(());
-                    }
-                    Some(watch_event::Event::Snapshot(_)) => {}
-                    Some(watch_event::Event::Changes(set)) => {
-                        for c in set.changes {
-                            if let Some(change::Change::IntentionUpsert(i)) = c.change {
-                                let _ = seen_tx.send((i.source, Instant::now()));
+            let watch = async {
+                // Held until the snapshot is in.
+                let mut permit = Some(opening.acquire_owned().await);
+                let mut stream = WatchClient::new(ch)
+                    .subscribe(WatchRequest {
+                        from_index: 0,
+                        include_kv: false,
+                    })
+                    .await?
+                    .into_inner();
+                let (mut parts, mut bytes) = (0, 0);
+                while let Some(event) = stream.message().await? {
+                    match event.event {
+                        Some(watch_event::Event::Snapshot(snap)) => {
+                            parts += 1;
+                            bytes += snap.encoded_len();
+                            // Ready once the snapshot's last part is in.
+                            if !snap.more && permit.take().is_some() {
+                                if s == 0 {
+                                    *first_snapshot.lock().expect("lock") = (parts, bytes);
+                                }
+                                let _ = ready_tx.send(Ok(()));
                             }
                         }
+                        Some(watch_event::Event::Changes(set)) => {
+                            for c in set.changes {
+                                if let Some(change::Change::IntentionUpsert(i)) = c.change {
+                                    let _ = seen_tx.send((i.source, Instant::now()));
+                                }
+                            }
+                        }
+                        None => {}
                     }
-                    None => {}
                 }
-            }
-            Ok::<_, tonic::Status>(())
+                Ok::<_, tonic::Status>(())
+            };
+            let end = match watch.await {
+                Ok(()) => format!("watch stream {s} ended"),
+                Err(e) => format!("watch stream {s}: {e}"),
+            };
+            let _ = ready_tx.send(Err(end));
         }));
     }
-    for _ in 0..n {
-        ready_rx
-            .recv()
-            .await
-            .context("a watch stream ended early")?;
-    }
-    let leader = cluster.wait_for_leader(Duration::from_secs(10))?;
-    let mut client = IntentionsClient::new(channel(&creds, cluster.grpc_addr(leader)).await?);
-    let mut samples = Vec::new();
-    for w in 0..writes {
-        let source = format!("bench-{n}-{w}");
-        let start = Instant::now();
-        client
-            .upsert(UpsertIntentionRequest {
+    let measured = async {
+        let deadline = tokio::time::Instant::now() + plan.open_limit;
+        for got in 0..n {
+            tokio::time::timeout_at(deadline, ready_rx.recv())
+                .await
+                .with_context(|| {
+                    format!(
+                        "only {got} of {n} watch streams had their snapshot within {:?}",
+                        plan.open_limit
+                    )
+                })?
+                .context("watchers ended")?
+                .map_err(anyhow::Error::msg)?;
+        }
+        let open_secs = opened.elapsed().as_secs_f64();
+        let rss_open = usage::rss_mb(cluster);
+        let leader = cluster.wait_for_leader(Duration::from_secs(10))?;
+        let mut client = IntentionsClient::new(channel(&creds, cluster.grpc_addr(leader)).await?);
+        let mut samples = Vec::new();
+        for w in 0..plan.changes {
+            let source = format!("bench-{}-{w}", plan.label);
+            let start = Instant::now();
+            let write = client.upsert(UpsertIntentionRequest {
                 intention: Some(Intention {
                     source: source.clone(),
                     destination: "api".into(),
                     action: "allow".into(),
                     ..Default::default()
                 }),
-            })
-            .await?;
-        let mut got = 0;
-        let mut last = start;
-        while got < n {
-            let (s, at) = tokio::time::timeout(Duration::from_secs(30), seen_rx.recv())
+            });
+            tokio::time::timeout(Duration::from_secs(30), write)
                 .await
-                .context("watch streams did not all see the write")?
-                .context("watchers ended")?;
-            if s == source {
-                got += 1;
-                last = last.max(at);
+                .context("an intention write took over 30 s")??;
+            let mut got = 0;
+            let mut last = start;
+            while got < n {
+                let (s, at) = tokio::time::timeout(Duration::from_secs(30), seen_rx.recv())
+                    .await
+                    .context("watch streams did not all see the write within 30 s")?
+                    .context("watchers ended")?;
+                if s == source {
+                    got += 1;
+                    last = last.max(at);
+                }
             }
+            samples.push((last - start).as_secs_f64() * 1000.0);
         }
-        samples.push((last - start).as_secs_f64() * 1000.0);
+        let (snapshot_parts, snapshot_bytes) = *first_snapshot.lock().expect("lock");
+        Ok::<_, anyhow::Error>(Fanout {
+            open_secs,
+            snapshot_parts,
+            snapshot_bytes,
+            rss_open,
+            samples,
+        })
     }
+    .await;
     for t in tasks {
         t.abort();
     }
-    Ok(samples)
+    measured
 }
 
-pub fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
+/// The figures of a run, and a headline section when the catalog-at-size
+/// phase ran.
+pub struct Run {
+    pub figures: Vec<Figure>,
+    pub sections: Vec<Section>,
+}
+
+/// Throughput, fan-out on a small catalog and failover; with `at_size`,
+/// then the catalog at size ([`catalog`]) on the same cluster.
+pub fn run(quick: bool, at_size: bool) -> anyhow::Result<Run> {
     let runtime = tokio::runtime::Runtime::new()?;
-    let mut cluster = Cluster::start(3, &[])?;
+    // The benchmark's simulated agents send no heartbeats: a node timeout of
+    // an hour keeps the leader from marking every registered node critical
+    // (a write per node) in the middle of the measurements.
+    let mut cluster = Cluster::start(3, &["--node-timeout=1h"])?;
     let leader = cluster.wait_for_leader(Duration::from_secs(10))?;
     let leader_addr = cluster.grpc_addr(leader).to_string();
     let creds = Creds::of(&cluster);
@@ -232,11 +321,18 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
     ));
 
     for n in [1usize, 100, 1000] {
-        let samples = runtime.block_on(propagation(&cluster, n, rounds))?;
+        let plan = FanoutPlan {
+            streams: n,
+            changes: rounds,
+            opening: n,
+            open_limit: Duration::from_secs(60),
+            label: &format!("small-{n}"),
+        };
+        let fan = runtime.block_on(fanout(&cluster, &plan))?;
         figures.push(Figure::new(
             format!("intention write visible on all of {n} watch streams"),
             "ms",
-            samples,
+            fan.samples,
         ));
     }
 
@@ -249,5 +345,17 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
         "ms",
         fo,
     ));
-    Ok(figures)
+
+    let mut sections = Vec::new();
+    if at_size {
+        let size = if quick {
+            catalog::Size::quick()
+        } else {
+            catalog::Size::full()
+        };
+        let at = catalog::run(&runtime, &mut cluster, &size)?;
+        sections.push(catalog::headline(&size, &figures, &at));
+        figures.extend(at);
+    }
+    Ok(Run { figures, sections })
 }

@@ -4,18 +4,23 @@
 //! binaries, data on disk, every append fsynced): commit throughput, leader
 //! failover time, and how long a write takes to reach 1, 100 and 1000 watch
 //! streams. Every figure is measured several times and reported as
-//! min / median / max.
+//! min / median / max. Then the catalog at size (issue 13): 10,000 nodes
+//! and 100,000 instances registered, 1,000 watch streams, the time for one
+//! change to reach them all, server memory and disk (`--quick`: 1,000 and
+//! 10,000).
 //!
 //! `weft-bench node`: per-node overhead (issue 7; see bench/README.md), and
 //! the control-plane figures, in bench/results/node.{md,json}.
 use clap::{Parser, Subcommand};
 
+mod catalog;
 mod control_plane;
 mod haproxy;
 mod load;
 mod node;
 mod report;
 mod tunnel;
+mod usage;
 
 #[derive(Parser)]
 #[command(name = "weft-bench")]
@@ -28,9 +33,12 @@ struct Cli {
 enum Command {
     /// Raft commit throughput, failover time, watch propagation.
     ControlPlane {
-        /// Fewer repetitions and writes.
+        /// Fewer repetitions and writes, and a catalog a tenth the size.
         #[arg(long)]
         quick: bool,
+        /// Leave out the catalog at size.
+        #[arg(long)]
+        small: bool,
     },
     /// Per-node overhead: direct, weft explicit, weft eBPF and an HAProxy mTLS
     /// baseline in the two-node harness, then the control plane; writes
@@ -56,9 +64,14 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::ControlPlane { quick } => {
-            let results = control_plane::run(quick)?;
-            report::write("control-plane", &results)
+        Command::ControlPlane { quick, small } => {
+            let run = control_plane::run(quick, !small)?;
+            report::write_doc(
+                "control-plane",
+                &run.figures,
+                &run.sections,
+                serde_json::Value::Null,
+            )
         }
         Command::Node { quick, only } => {
             let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
@@ -66,7 +79,7 @@ fn main() -> anyhow::Result<()> {
             let mut figures = node.figures;
             let mut extra = node.extra;
             let control_plane = if wanted("control plane") {
-                control_plane::run(quick)
+                control_plane::run(quick, false).map(|run| run.figures)
             } else {
                 Ok(Vec::new())
             };

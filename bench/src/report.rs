@@ -38,6 +38,15 @@ impl Figure {
         }
         s[s.len() / 2]
     }
+    /// The nearest-rank percentile `p` (0 < p <= 100) of the samples.
+    pub fn percentile(&self, p: f64) -> f64 {
+        let s = self.sorted();
+        if s.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+        s[rank.clamp(1, s.len()) - 1]
+    }
     pub fn max(&self) -> f64 {
         self.sorted().last().copied().unwrap_or(f64::NAN)
     }

@@ -273,6 +273,16 @@ impl Cluster {
         std::fs::read_to_string(&self.server(id).log).unwrap_or_default()
     }
 
+    /// The process id of server `id`, while it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.server(id).child.as_ref().map(|c| c.id())
+    }
+
+    /// Server `id`'s data dir (Raft log, vote and snapshots).
+    pub fn data_dir(&self, id: u64) -> &Path {
+        &self.server(id).data_dir
+    }
+
     pub fn grpc_addr(&self, id: u64) -> &str {
         &self.server(id).grpc_addr
     }

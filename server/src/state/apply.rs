@@ -97,10 +97,13 @@ impl State {
                     .remove(&name)
                     .unwrap_or_default()
                     .into_iter()
-                    .map(|(id, instance)| Change::InstanceDelete {
-                        node: name.clone(),
-                        id,
-                        service: instance.service,
+                    .map(|(id, instance)| {
+                        self.endpoints.remove(&instance);
+                        Change::InstanceDelete {
+                            node: name.clone(),
+                            id,
+                            service: instance.service,
+                        }
                     })
                     .collect();
                 changes.push(Change::NodeDelete(name));
@@ -112,6 +115,7 @@ impl State {
                 let Some(removed) = removed else {
                     return Err(ApplyError::UnknownInstance { node, id });
                 };
+                self.endpoints.remove(&removed);
                 Ok(vec![Change::InstanceDelete {
                     node,
                     id,
@@ -328,13 +332,16 @@ impl State {
             .address
             .parse()
             .is_ok_and(weft_api::catalog::is_node_local);
+        let instances = &self.instances;
+        self.endpoints
+            .ensure(|| instances.values().flat_map(|m| m.values()).collect());
         let clash = self
-            .instances
-            .iter()
-            .filter(|(node, _)| !node_local || **node == instance.node)
-            .flat_map(|(_, by_id)| by_id.values())
+            .endpoints
+            .candidates(&instance)
+            .filter_map(|(node, id)| self.instances.get(node)?.get(id))
             .find(|other| {
-                other.address == instance.address
+                (!node_local || other.node == instance.node)
+                    && other.address == instance.address
                     && other.port == instance.port
                     && other.service != instance.service
             });
@@ -356,7 +363,10 @@ impl State {
         let by_id = self.instances.entry(instance.node.clone()).or_default();
         instance.create_index = by_id.get(&instance.id).map_or(index, |i| i.create_index);
         instance.modify_index = index;
-        by_id.insert(instance.id.clone(), instance.clone());
+        if let Some(old) = by_id.insert(instance.id.clone(), instance.clone()) {
+            self.endpoints.remove(&old);
+        }
+        self.endpoints.insert(&instance);
         changes.push(Change::InstanceUpsert(instance));
         Ok(changes)
     }
@@ -461,6 +471,54 @@ mod tests {
             s.apply(Command::RegisterService(local_b), 10).0,
             CommandResult::Applied { .. }
         ));
+    }
+
+    /// The address index follows deregistrations, moves and snapshots:
+    /// an address is free once its instance is gone or has moved, and a
+    /// state read back from a snapshot (no index) still refuses a clash.
+    #[test]
+    fn an_address_is_freed_and_kept_across_snapshots() {
+        let applied = |r: CommandResult| matches!(r, CommandResult::Applied { .. });
+        let mut s = State::default();
+        s.apply(Command::RegisterNode(node("a")), 1);
+        s.apply(Command::RegisterNode(node("b")), 2);
+        s.apply(Command::RegisterService(instance("a", "db-1", "db")), 3);
+        let evil = || instance("b", "evil-1", "evil");
+        assert!(!applied(s.apply(Command::RegisterService(evil()), 4).0));
+
+        // Read back as a snapshot would be: the index is rebuilt on use.
+        let json = serde_json::to_string(&s).unwrap();
+        let mut restored: State = serde_json::from_str(&json).unwrap();
+        assert_eq!(restored, s);
+        let reason = refused(restored.apply(Command::RegisterService(evil()), 5).0);
+        assert!(reason.contains("already service \"db\"'s"), "{reason}");
+
+        // db-1 moves to another port: its old address is free.
+        let mut moved = instance("a", "db-1", "db");
+        moved.port = 9000;
+        assert!(applied(s.apply(Command::RegisterService(moved), 6).0));
+        assert!(applied(s.apply(Command::RegisterService(evil()), 7).0));
+        // Deregistered, one by one or with its node: free too.
+        let mut at_9000 = instance("b", "evil-2", "evil");
+        at_9000.port = 9000;
+        assert!(!applied(
+            s.apply(Command::RegisterService(at_9000.clone()), 8).0
+        ));
+        let dereg = Command::DeregisterService {
+            node: "a".into(),
+            id: "db-1".into(),
+        };
+        assert!(applied(s.apply(dereg, 9).0));
+        assert!(applied(s.apply(Command::RegisterService(at_9000), 10).0));
+        let mut web = instance("a", "web-1", "web");
+        web.port = 7000;
+        assert!(applied(s.apply(Command::RegisterService(web), 11).0));
+        assert!(applied(
+            s.apply(Command::DeregisterNode { name: "a".into() }, 12).0
+        ));
+        let mut at_7000 = instance("b", "evil-3", "evil");
+        at_7000.port = 7000;
+        assert!(applied(s.apply(Command::RegisterService(at_7000), 13).0));
     }
 
     fn refused(result: CommandResult) -> String {

@@ -8,6 +8,7 @@
 //! command leaves the state as it was.
 
 mod apply;
+mod endpoints;
 pub mod sessions;
 
 use std::collections::BTreeMap;
@@ -50,6 +51,10 @@ pub struct State {
     /// Results of recent client requests, for exactly-once writes.
     #[serde(default)]
     pub sessions: sessions::Sessions,
+    /// Which instances hold each address:port: derived from `instances`,
+    /// never stored, built on first use.
+    #[serde(skip)]
+    pub endpoints: endpoints::Endpoints,
 }
 
 /// A change to the state, as written through Raft.
