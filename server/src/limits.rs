@@ -77,7 +77,7 @@ impl Limits {
                 limit: self.kv_keys,
             });
         }
-        let total: u64 = state.kv.values().map(|e| e.value.len() as u64).sum();
+        let total = state.kv_total.get(&state.kv);
         let would = total - old.unwrap_or(0) + value_len as u64;
         if would > self.kv_bytes && value_len as u64 > old.unwrap_or(0) {
             return Err(LimitError::KvBytes {

@@ -11,10 +11,18 @@ use weft_server::conn_limit::ClientLimits;
 use weft_server::node::ServerNode;
 use weft_server::raft::log_store::LogStore;
 use weft_server::raft::network::{NetworkFactory, PeerChannels, MAX_RAFT_MESSAGE};
+use weft_server::raft::prevote;
 use weft_server::raft::service::RaftService;
 use weft_server::raft::sm_store::StateMachineStore;
 use weft_server::settings::{Args, Settings};
 use weft_server::tls::{self, ServerTls};
+
+/// Election timing: a follower that hears no leader for 400 to 800 ms asks
+/// its peers (pre-vote) and then stands.
+const ELECTION: prevote::Timing = prevote::Timing {
+    min: Duration::from_millis(400),
+    max: Duration::from_millis(800),
+};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -49,6 +57,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let db = sled::Config::new()
         .path(data_dir.join("raft.sled"))
+        // sled caches up to 1 GiB by default; the state lives in memory
+        // anyway, and the log is read back mostly while it is fresh.
+        .cache_capacity(64 << 20)
         .open()
         .with_context(|| format!("opening the store in {}", data_dir.display()))?;
     let log_store = LogStore::open(&db)?;
@@ -64,15 +75,21 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let config = openraft::Config {
         cluster_name: "weft".into(),
         heartbeat_interval: 100,
-        election_timeout_min: 400,
-        election_timeout_max: 800,
+        election_timeout_min: ELECTION.min.as_millis() as u64,
+        election_timeout_max: ELECTION.max.as_millis() as u64,
+        // Elections start only through pre-vote (raft::prevote).
+        enable_elect: false,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(settings.snapshot_threshold),
-        max_in_snapshot_log_to_keep: settings.snapshot_threshold / 2,
-        // Bounded appends: openraft bounds them in entries, and an entry is
-        // at most a config entry (2 MiB by default) or a 512 KiB value, so
-        // one append carries at most 16 MiB (binary encoded) and travels
-        // well within the heartbeat interval that openraft allows it.
-        max_payload_entries: 8,
+        // Consul's defaults (16384 and 10240): a follower a few seconds
+        // behind under load catches up from the log, not by being sent the
+        // whole state again and again.
+        max_in_snapshot_log_to_keep: settings.raft_trailing_logs,
+        // Appends are bounded in entries here and in bytes by the transport
+        // (raft::network::APPEND_BYTES, 4 MiB, or one entry if larger: at
+        // most a 2 MiB config entry by default), so the largest append
+        // travels well within the heartbeat interval, which openraft also
+        // uses as the append timeout.
+        max_payload_entries: 512,
         snapshot_max_chunk_size: 4 << 20,
         ..Default::default()
     };
@@ -82,6 +99,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         config,
         NetworkFactory {
             peers: peer_channels.clone(),
+            addrs: settings
+                .peers
+                .iter()
+                .map(|(id, a)| (*id, a.to_string()))
+                .collect(),
         },
         log_store,
         sm_store,
@@ -90,7 +112,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     .context("starting raft")?;
     let node = Arc::new(ServerNode {
         id: settings.node_id,
-        raft,
+        raft: raft.clone(),
         shared,
         peers: settings
             .peers
@@ -103,7 +125,10 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         datacenter: settings.datacenter.clone(),
         liveness: weft_server::liveness::Liveness::new(settings.node_timeout),
         limits: settings.limits,
+        leader_contact: Default::default(),
+        batcher: weft_server::raft::batch::Batcher::start(raft.clone()),
     });
+    tokio::spawn(prevote::run(node.clone(), ELECTION));
 
     let raft_listener = TcpListener::bind(settings.raft_addr)
         .await

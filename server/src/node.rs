@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, RaftError};
 use serde::{Deserialize, Serialize};
 use weft_api::proto::raft_client::RaftClient;
 use weft_api::proto::{Empty, RaftPayload};
@@ -67,6 +67,10 @@ pub struct ServerNode {
     pub liveness: crate::liveness::Liveness,
     /// What a write may add (checked where it is received).
     pub limits: crate::limits::Limits,
+    /// Groups this leader's writes into Raft entries.
+    pub batcher: crate::raft::batch::Batcher,
+    /// When this server last heard from a leader (for pre-vote).
+    pub leader_contact: crate::raft::prevote::LeaderContact,
 }
 
 impl ServerNode {
@@ -94,20 +98,19 @@ impl ServerNode {
         }
     }
 
-    /// Writes on this server, which must be the leader.
+    /// Writes on this server, which must be the leader (grouped with
+    /// concurrent writes, see `raft::batch`).
     pub async fn write_as_leader(&self, cmd: Command) -> ForwardedResult {
-        match self.raft.client_write(cmd).await {
-            Ok(resp) => match resp.data {
-                CommandResult::Applied { index } => Ok(index),
-                CommandResult::Refused { reason } => Err(WriteError::Refused(reason)),
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(WriteError::NoLeader(format!(
-                    "server {} is not the leader (leader: {:?})",
-                    self.id, f.leader_id
-                )))
+        match self.batcher.write(cmd).await {
+            Ok(CommandResult::Applied { index }) => Ok(index),
+            Ok(CommandResult::Refused { reason }) => Err(WriteError::Refused(reason)),
+            Ok(CommandResult::Batch(_)) => {
+                Err(WriteError::Raft("a batch result for one write".into()))
             }
-            Err(e) => Err(WriteError::Raft(e.to_string())),
+            Err(WriteError::NoLeader(why)) => {
+                Err(WriteError::NoLeader(format!("server {}: {why}", self.id)))
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -180,14 +183,21 @@ impl ServerNode {
             openraft::ServerState::Learner => "learner",
             openraft::ServerState::Shutdown => "shutdown",
         };
+        let last_log = self.raft.data_metrics().borrow().last_log;
+        let leader_silence = match m.state {
+            openraft::ServerState::Leader => Duration::ZERO,
+            _ => self.leader_contact.silence(),
+        };
         PeerStatus {
             id: self.id,
             initialized: self.raft.is_initialized().await.unwrap_or(false),
             leader: m.current_leader,
             role: role.to_string(),
             term: m.current_term,
-            last_log_index: m.last_log_index.unwrap_or(0),
+            last_log_index: last_log.map_or(0, |id| id.index),
             last_applied: m.last_applied.map_or(0, |id| id.index),
+            last_log_term: last_log.map_or(0, |id| id.leader_id.term),
+            leader_silence_ms: leader_silence.as_millis() as u64,
         }
     }
 

@@ -50,9 +50,14 @@ pub struct Args {
     /// What happens when no intention matches.
     #[arg(long, value_parser = ["allow", "deny"])]
     pub default_intention: Option<String>,
-    /// Build a Raft snapshot after this many log entries.
+    /// Build a Raft snapshot after this many log entries (default 16384).
     #[arg(long)]
     pub snapshot_threshold: Option<u64>,
+    /// Log entries kept behind a snapshot (default 10240), so that a
+    /// follower that fell this far behind catches up from the log rather
+    /// than through a whole snapshot.
+    #[arg(long)]
+    pub raft_trailing_logs: Option<u64>,
     /// The range virtual IPs come from.
     #[arg(long)]
     pub vip_cidr: Option<String>,
@@ -105,6 +110,7 @@ pub struct FileSettings {
     pub peers: BTreeMap<String, SocketAddr>,
     pub default_intention: Option<String>,
     pub snapshot_threshold: Option<u64>,
+    pub raft_trailing_logs: Option<u64>,
     pub vip_cidr: Option<String>,
     pub leaf_ttl: Option<String>,
     pub node_timeout: Option<String>,
@@ -160,6 +166,7 @@ pub struct Settings {
     pub peers: BTreeMap<u64, SocketAddr>,
     pub default_allow: bool,
     pub snapshot_threshold: u64,
+    pub raft_trailing_logs: u64,
     pub vip_cidr: Option<String>,
     pub leaf_ttl_secs: u64,
     /// Silence after which a node goes critical.
@@ -360,8 +367,12 @@ impl Settings {
             snapshot_threshold: args
                 .snapshot_threshold
                 .or(file.snapshot_threshold)
-                .unwrap_or(1000)
+                .unwrap_or(16_384)
                 .max(1),
+            raft_trailing_logs: args
+                .raft_trailing_logs
+                .or(file.raft_trailing_logs)
+                .unwrap_or(10_240),
             vip_cidr: args.vip_cidr.or(file.vip_cidr),
         })
     }

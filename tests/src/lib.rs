@@ -11,6 +11,7 @@ pub mod echo;
 pub mod logs;
 pub mod mesh;
 pub mod netns;
+pub mod relay;
 pub mod servers;
 
 /// Fails the calling test unless it runs as root.

@@ -74,6 +74,8 @@ pub struct Cluster {
     pub tls_ca: weft_api::tls_certs::CertPair,
     /// The management token's secret.
     pub token: String,
+    /// Relays between servers by (from, to), when started linked.
+    links: std::collections::BTreeMap<(u64, u64), crate::relay::Relay>,
 }
 
 /// A CA and one server certificate per name in `dir`: writes `ca.pem` and
@@ -175,6 +177,17 @@ pub fn bootstrap_acl(
 impl Cluster {
     /// Starts `n` servers that form one cluster, and waits for a leader.
     pub fn start(n: u64, extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(n, extra_args, false)
+    }
+
+    /// As [`Cluster::start`], but servers reach each other through relays
+    /// (one per direction of every pair), so that a test can cut a server
+    /// off ([`Cluster::isolate`]) and bring it back ([`Cluster::rejoin`]).
+    pub fn start_linked(n: u64, extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(n, extra_args, true)
+    }
+
+    fn start_with(n: u64, extra_args: &[&str], linked: bool) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let names: Vec<String> = (1..=n).map(|id| format!("server-{id}-tls")).collect();
         let tls_ca = make_tls(dir.path(), &names)?;
@@ -189,10 +202,20 @@ impl Cluster {
                 log: dir.path().join(format!("server-{id}.log")),
                 child: None,
             })
-            .collect();
+            .collect::<Vec<Server>>();
+        let mut links = std::collections::BTreeMap::new();
+        if linked {
+            for from in &servers {
+                for to in servers.iter().filter(|s| s.id != from.id) {
+                    let relay = crate::relay::Relay::start(to.raft_addr.parse()?)?;
+                    links.insert((from.id, to.id), relay);
+                }
+            }
+        }
         let mut cluster = Cluster {
             _dir: dir,
             servers,
+            links,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             ca_file,
             tls_ca,
@@ -224,7 +247,10 @@ impl Cluster {
         let peers: Vec<String> = self
             .servers
             .iter()
-            .map(|s| format!("--peer={}={}", s.id, s.raft_addr))
+            .map(|s| match self.links.get(&(id, s.id)) {
+                Some(relay) => format!("--peer={}={}", s.id, relay.addr()),
+                None => format!("--peer={}={}", s.id, s.raft_addr),
+            })
             .collect();
         let mut extra = self.extra_args.clone();
         extra.extend(tls_args(self._dir.path(), &format!("server-{id}-tls")));
@@ -249,6 +275,30 @@ impl Cluster {
             .context("starting weft-server")?;
         s.child = Some(child);
         Ok(())
+    }
+
+    /// Cuts server `id` off from the other servers (a cluster started with
+    /// [`Cluster::start_linked`]): its Raft connections close and new ones
+    /// are refused both ways. Clients still reach it.
+    pub fn isolate(&self, id: u64) {
+        assert!(
+            !self.links.is_empty(),
+            "isolate needs Cluster::start_linked"
+        );
+        for ((from, to), relay) in &self.links {
+            if *from == id || *to == id {
+                relay.cut();
+            }
+        }
+    }
+
+    /// Ends [`Cluster::isolate`].
+    pub fn rejoin(&self, id: u64) {
+        for ((from, to), relay) in &self.links {
+            if *from == id || *to == id {
+                relay.mend();
+            }
+        }
     }
 
     /// SIGKILLs server `id`.

@@ -106,7 +106,10 @@ fn three_servers_survive_a_leader_kill_and_lose_no_acknowledged_write() -> anyho
 
 #[test]
 fn a_wiped_server_catches_up_through_a_snapshot() -> anyhow::Result<()> {
-    let mut cluster = Cluster::start(3, &["--snapshot-threshold", "10"])?;
+    let mut cluster = Cluster::start(
+        3,
+        &["--snapshot-threshold", "10", "--raft-trailing-logs", "5"],
+    )?;
     let mut acked = BTreeSet::new();
     for i in 0..40 {
         let key = format!("k/{i}");
@@ -512,5 +515,95 @@ fn a_watcher_resumes_on_a_server_restarted_with_its_data() -> anyhow::Result<()>
     put_retrying(&cluster, "after", Duration::from_secs(10))?;
     let index = watcher.join().expect("watcher thread")?;
     anyhow::ensure!(index > last, "resumed at {last}, got {index}");
+    Ok(())
+}
+
+/// A member as `weft members` shows it: id, role and term.
+type Member = (u64, String, u64);
+
+/// What server `at` says: the leader's id and every member.
+fn members_at(cluster: &Cluster, at: u64) -> anyhow::Result<(u64, Vec<Member>)> {
+    let out = cluster.cli_at(
+        cluster.grpc_addr(at),
+        &["--stale", "--format", "json", "members"],
+    );
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let members = v["members"]
+        .as_array()
+        .context("members")?
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_u64().unwrap_or(0),
+                m["role"].as_str().unwrap_or("").to_string(),
+                m["term"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    Ok((v["leader_id"].as_u64().unwrap_or(0), members))
+}
+
+/// Pre-vote: a follower cut off from the others for many election timeouts
+/// asks for votes, hears no majority and keeps its term; when it comes
+/// back it follows the leader instead of deposing it with a higher term.
+#[test]
+fn an_isolated_follower_returns_without_deposing_the_leader() -> anyhow::Result<()> {
+    let cluster = Cluster::start_linked(3, &[])?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(15))?;
+    let (_, before) = members_at(&cluster, leader)?;
+    let term = before.iter().find(|m| m.0 == leader).context("leader")?.2;
+    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+
+    cluster.isolate(follower);
+    // Ten election timeouts and more cut off, while the other two go on
+    // taking writes that the follower misses.
+    let cut_off = Instant::now();
+    let mut acked = BTreeSet::new();
+    while cut_off.elapsed() < Duration::from_secs(6) {
+        let key = format!("while-cut/{}", acked.len());
+        let out = cluster.cli_at(cluster.grpc_addr(leader), &["kv", "put", &key, "v"]);
+        anyhow::ensure!(
+            out.status.success(),
+            "the leader should take writes with one follower cut off: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        acked.insert(key);
+    }
+    let (_, seen_alone) = members_at(&cluster, follower)?;
+    let alone = seen_alone
+        .iter()
+        .find(|m| m.0 == follower)
+        .context("self")?;
+    assert_eq!(
+        alone.2,
+        term,
+        "the cut-off follower must not raise its term: {seen_alone:?}\n{}",
+        cluster.log(follower)
+    );
+
+    cluster.rejoin(follower);
+    wait_for_keys(&cluster, follower, &acked, Duration::from_secs(30))
+        .with_context(|| cluster.log(follower))?;
+    let (leader_after, after) = members_at(&cluster, leader)?;
+    assert_eq!(
+        leader_after, leader,
+        "the returning follower deposed the leader: {after:?}"
+    );
+    for (id, role, t) in &after {
+        assert_eq!(
+            *t, term,
+            "server {id} ({role}) is at term {t}, not {term}: {after:?}"
+        );
+    }
+    eprintln!(
+        "cut off for {:?}: {} writes meanwhile, leader {leader} kept term {term}",
+        cut_off.elapsed(),
+        acked.len()
+    );
     Ok(())
 }

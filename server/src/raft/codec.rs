@@ -24,6 +24,24 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
     Ok(rmp_serde::to_vec_named(value)?)
 }
 
+/// The length `encode` would give, counted without keeping the bytes.
+pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // A value that does not encode fails again, with its error, in `encode`.
+    let _ = rmp_serde::encode::write_named(&mut count, value);
+    count.0
+}
+
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     match bytes.first() {
         Some(b) if *b < 0x80 => Ok(serde_json::from_slice(bytes)?),
@@ -45,6 +63,7 @@ mod tests {
         };
         let bytes = encode(&cmd).unwrap();
         assert!(bytes.len() < 512 * 1024 + 64, "{} bytes", bytes.len());
+        assert_eq!(encoded_len(&cmd), bytes.len());
         assert_eq!(decode::<Command>(&bytes).unwrap(), cmd);
         let old = serde_json::to_vec(&cmd).unwrap();
         assert!(old.len() > 3 * bytes.len() / 2);

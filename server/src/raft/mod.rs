@@ -5,9 +5,11 @@
 // feed them return the same type rather than boxing and unboxing it.
 #![allow(clippy::result_large_err)]
 
+pub mod batch;
 pub mod codec;
 pub mod log_store;
 pub mod network;
+pub mod prevote;
 pub mod service;
 pub mod sm_store;
 

@@ -65,6 +65,10 @@ impl PeerChannels {
 #[derive(Clone)]
 pub struct NetworkFactory {
     pub peers: PeerChannels,
+    /// Peers' Raft addresses as this server's settings give them: they win
+    /// over the address in the membership, so a server reaches every peer
+    /// the way everything else on it does (forwarded writes, status).
+    pub addrs: std::collections::BTreeMap<NodeId, String>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -75,7 +79,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             client: self
                 .peers
-                .get(&node.addr)
+                .get(self.addrs.get(&target).unwrap_or(&node.addr))
                 .ok()
                 .map(|c| RaftClient::new(c).max_decoding_message_size(MAX_RAFT_MESSAGE)),
         }
@@ -139,13 +143,42 @@ impl PeerClient {
     }
 }
 
+/// The most entry bytes (encoded) one append carries, unless its first entry
+/// alone is larger: openraft bounds appends only in entries
+/// (`max_payload_entries`), so the transport sends the longest prefix
+/// within this bound and reports the rest as not yet sent.
+pub const APPEND_BYTES: usize = 4 << 20;
+
+/// How many of `entries` fit in one append of at most `budget` bytes: at
+/// least one (a single entry is never split), then as many more as fit.
+fn entries_within(entries: &[openraft::Entry<TypeConfig>], budget: usize) -> usize {
+    let mut total = 0;
+    for (i, entry) in entries.iter().enumerate() {
+        total += super::codec::encoded_len(entry);
+        if i > 0 && total > budget {
+            return i;
+        }
+    }
+    entries.len()
+}
+
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        self.call("append", &rpc, option.hard_ttl()).await
+        let fit = entries_within(&rpc.entries, APPEND_BYTES);
+        if fit == rpc.entries.len() {
+            return self.call("append", &rpc, option.hard_ttl()).await;
+        }
+        rpc.entries.truncate(fit);
+        let sent = rpc.entries.last().map(|e| e.log_id);
+        match self.call("append", &rpc, option.hard_ttl()).await? {
+            // openraft sends the rest next.
+            AppendEntriesResponse::Success => Ok(AppendEntriesResponse::PartialSuccess(sent)),
+            other => Ok(other),
+        }
     }
 
     async fn install_snapshot(
@@ -162,5 +195,36 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
         self.call("vote", &rpc, option.hard_ttl()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Command;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+
+    fn put(index: u64, bytes: usize) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Command::KvPut {
+                key: format!("k{index}"),
+                value: vec![1; bytes],
+                cas: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn an_append_is_cut_where_its_bytes_pass_the_bound() {
+        let small: Vec<_> = (1..=300).map(|i| put(i, 100)).collect();
+        assert_eq!(entries_within(&small, APPEND_BYTES), 300);
+        // 1 MiB values: four fit in 4 MiB only with no overhead, so three.
+        let large: Vec<_> = (1..=8).map(|i| put(i, 1 << 20)).collect();
+        assert_eq!(entries_within(&large, APPEND_BYTES), 3);
+        // A single entry over the bound still travels, alone.
+        let huge = vec![put(1, 5 << 20), put(2, 10)];
+        assert_eq!(entries_within(&huge, APPEND_BYTES), 1);
+        assert_eq!(entries_within(&[], APPEND_BYTES), 0);
     }
 }

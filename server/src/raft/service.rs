@@ -34,6 +34,24 @@ pub struct PeerStatus {
     pub term: u64,
     pub last_log_index: u64,
     pub last_applied: u64,
+    /// The term of the last log entry (for pre-vote).
+    #[serde(default)]
+    pub last_log_term: u64,
+    /// Milliseconds since this server last heard from a leader (zero when it
+    /// leads), for pre-vote. An earlier version that does not say grants
+    /// nothing.
+    #[serde(default)]
+    pub leader_silence_ms: u64,
+}
+
+impl PeerStatus {
+    /// What pre-vote needs of it.
+    pub fn view(&self) -> super::prevote::PeerView {
+        super::prevote::PeerView {
+            leader_silence: std::time::Duration::from_millis(self.leader_silence_ms),
+            last_log: (self.last_log_term, self.last_log_index),
+        }
+    }
 }
 
 /// The outcome of a forwarded write: the index, or an error message.
@@ -56,11 +74,18 @@ impl RaftRpc for RaftService {
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let result = self.node.raft.append_entries(decode(req)?).await;
+        if matches!(&result, Ok(r) if !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_)))
+        {
+            self.node.leader_contact.heard();
+        }
         encode(&result)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let result = self.node.raft.vote(decode(req)?).await;
+        if matches!(&result, Ok(r) if r.vote_granted) {
+            self.node.leader_contact.heard();
+        }
         encode(&result)
     }
 
@@ -69,6 +94,9 @@ impl RaftRpc for RaftService {
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let result = self.node.raft.install_snapshot(decode(req)?).await;
+        if result.is_ok() {
+            self.node.leader_contact.heard();
+        }
         encode(&result)
     }
 

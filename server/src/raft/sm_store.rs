@@ -22,6 +22,11 @@ const CURRENT: &str = "current";
 pub struct Shared {
     pub state: RwLock<State>,
     pub hub: WatchHub,
+    /// The last log id applied to `state` and the membership then: changed
+    /// only with `state`'s write lock held, so that a snapshot built under
+    /// its read lock says exactly what it holds (openraft builds snapshots
+    /// while it goes on applying).
+    applied: std::sync::Mutex<(Option<LogId>, StoredMembership<NodeId, BasicNode>)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -57,6 +62,7 @@ impl StateMachineStore {
                     ..State::default()
                 }),
                 hub: WatchHub::new(),
+                applied: Default::default(),
             }),
             applied: None,
             membership: StoredMembership::default(),
@@ -64,17 +70,27 @@ impl StateMachineStore {
             snapshot_seq: 0,
         };
         if let Some(stored) = store.load_snapshot()? {
-            let state: State = super::codec::decode(&stored.data).map_err(sm_read)?;
-            *store.shared.state.write().expect("state lock") = state;
+            let mut state: State = super::codec::decode(&stored.data).map_err(sm_read)?;
+            state.index = state
+                .index
+                .max(stored.meta.last_log_id.map_or(0, |id| id.index));
             // The changes up to the snapshot are not in the hub: a watcher
             // resuming from before it needs a snapshot, not the changes
             // re-applied after it alone.
-            let index = stored.meta.last_log_id.map_or(0, |id| id.index);
-            store.shared.hub.reset(index);
+            store.shared.hub.reset(state.index);
+            *store.shared.state.write().expect("state lock") = state;
             store.applied = stored.meta.last_log_id;
             store.membership = stored.meta.last_membership;
+            store.record_applied();
         }
         Ok(store)
+    }
+
+    /// Copies what was applied into `shared` (call it with the state's
+    /// write lock held).
+    fn record_applied(&self) {
+        *self.shared.applied.lock().expect("applied lock") =
+            (self.applied, self.membership.clone());
     }
 
     pub fn shared(&self) -> Arc<Shared> {
@@ -98,18 +114,19 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let data = {
+        let (data, (applied, membership)) = {
             let state = self.shared.state.read().expect("state lock");
-            super::codec::encode(&*state).map_err(sm_read)?
+            let applied = self.shared.applied.lock().expect("applied lock").clone();
+            (super::codec::encode(&*state).map_err(sm_read)?, applied)
         };
         self.snapshot_seq += 1;
-        let snapshot_id = match self.applied {
+        let snapshot_id = match applied {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, self.snapshot_seq),
             None => format!("empty-{}", self.snapshot_seq),
         };
         let meta = SnapshotMeta {
-            last_log_id: self.applied,
-            last_membership: self.membership.clone(),
+            last_log_id: applied,
+            last_membership: membership,
             snapshot_id,
         };
         let stored = StoredSnapshot { meta, data };
@@ -139,25 +156,28 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut results = Vec::new();
         let mut state = self.shared.state.write().expect("state lock");
         for entry in entries {
-            let index = entry.log_id.index;
+            let log_index = entry.log_id.index;
             self.applied = Some(entry.log_id);
             match entry.payload {
                 EntryPayload::Blank => {
-                    state.index = index;
-                    results.push(CommandResult::Applied { index });
+                    state.index = state.next_index(log_index);
+                    results.push(CommandResult::Applied { index: state.index });
                 }
                 EntryPayload::Normal(cmd) => {
-                    let (result, changes) = state.apply(cmd, index);
-                    self.shared.hub.publish(index, changes);
+                    let (result, published) = state.apply_entry(cmd, log_index);
+                    for (index, changes) in published {
+                        self.shared.hub.publish(index, changes);
+                    }
                     results.push(result);
                 }
                 EntryPayload::Membership(m) => {
-                    state.index = index;
+                    state.index = state.next_index(log_index);
                     self.membership = StoredMembership::new(Some(entry.log_id), m);
-                    results.push(CommandResult::Applied { index });
+                    results.push(CommandResult::Applied { index: state.index });
                 }
             }
         }
+        self.record_applied();
         Ok(results)
     }
 
@@ -177,15 +197,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let data = snapshot.into_inner();
         let new_state: State = super::codec::decode(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        let index = meta.last_log_id.map_or(0, |id| id.index);
-        {
+        let log_index = meta.last_log_id.map_or(0, |id| id.index);
+        let index = {
             let mut state = self.shared.state.write().expect("state lock");
             *state = new_state;
-            state.index = index;
-            self.shared.hub.reset(index);
-        }
-        self.applied = meta.last_log_id;
-        self.membership = meta.last_membership.clone();
+            // A snapshot of this version carries the index its state had
+            // (ahead of the log's after batches); one of before, the log's.
+            state.index = state.index.max(log_index);
+            self.shared.hub.reset(state.index);
+            self.applied = meta.last_log_id;
+            self.membership = meta.last_membership.clone();
+            self.record_applied();
+            state.index
+        };
         self.save_snapshot(&StoredSnapshot {
             meta: meta.clone(),
             data,

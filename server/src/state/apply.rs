@@ -35,7 +35,38 @@ fn invalid(e: impl std::fmt::Display) -> ApplyError {
     ApplyError::Invalid(e.to_string())
 }
 
+/// The changes each applied command made, by the command's index.
+pub type Published = Vec<(u64, Vec<Change>)>;
+
 impl State {
+    /// The index of the next command applied from the Raft entry at
+    /// `log_index`. It is the entry's index unless a batch before it used
+    /// that one already: indexes only grow, one per command, and every
+    /// server gives the same ones (they follow from the log alone).
+    pub fn next_index(&self, log_index: u64) -> u64 {
+        (self.index + 1).max(log_index)
+    }
+
+    /// Applies the Raft entry at `log_index`: one command, or each command
+    /// of a batch with an index of its own. Returns the result for the
+    /// client and, by index, the changes for watchers.
+    pub fn apply_entry(&mut self, cmd: Command, log_index: u64) -> (CommandResult, Published) {
+        let mut published = Vec::new();
+        let mut apply_one = |state: &mut State, cmd: Command| {
+            let index = state.next_index(log_index);
+            let (result, changes) = state.apply(cmd, index);
+            published.push((index, changes));
+            result
+        };
+        let result = match cmd {
+            Command::Batch(cmds) => {
+                CommandResult::Batch(cmds.into_iter().map(|c| apply_one(self, c)).collect())
+            }
+            cmd => apply_one(self, cmd),
+        };
+        (result, published)
+    }
+
     /// Applies `cmd` as Raft entry `index`. Returns the result for the client
     /// and the changes for watchers (none when refused).
     pub fn apply(&mut self, cmd: Command, index: u64) -> (CommandResult, Vec<Change>) {
@@ -77,6 +108,8 @@ impl State {
         match cmd {
             // Taken apart by `apply`.
             Command::Once { .. } => Err(invalid("a request inside a request")),
+            // Taken apart by `apply_entry`, once.
+            Command::Batch(_) => Err(invalid("a batch inside a batch or a request")),
             Command::RegisterNode(mut node) => {
                 validate_node(&node).map_err(invalid)?;
                 node.create_index = self.nodes.get(&node.name).map_or(index, |n| n.create_index);
@@ -221,6 +254,8 @@ impl State {
                     create_index: existing.map_or(index, |e| e.create_index),
                     modify_index: index,
                 };
+                let old = existing.map_or(0, |e| e.value.len() as u64);
+                self.kv_total.replace(old, entry.value.len() as u64);
                 self.kv.insert(key, entry.clone());
                 Ok(vec![Change::KvUpsert(entry)])
             }
@@ -231,6 +266,7 @@ impl State {
                     });
                 };
                 check_cas(&key, cas, Some(existing.modify_index))?;
+                self.kv_total.replace(existing.value.len() as u64, 0);
                 self.kv.remove(&key);
                 Ok(vec![Change::KvDelete(key)])
             }
@@ -807,5 +843,82 @@ mod once_tests {
             CommandResult::Refused { .. }
         ));
         assert!(!s.kv.contains_key("counter") || s.kv["counter"].value != b"y");
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+
+    fn put(key: &str, value: &str, cas: Option<u64>) -> Command {
+        Command::KvPut {
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+            cas,
+        }
+    }
+
+    fn indexes(result: &CommandResult) -> Vec<Option<u64>> {
+        match result {
+            CommandResult::Batch(results) => results
+                .iter()
+                .map(|r| match r {
+                    CommandResult::Applied { index } => Some(*index),
+                    _ => None,
+                })
+                .collect(),
+            other => panic!("not a batch result: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_command_of_a_batch_gets_its_own_index() {
+        let mut s = State::default();
+        s.apply_entry(put("k", "a", None), 5);
+        assert_eq!(s.kv["k"].modify_index, 5);
+        // Entry 6 holds three writes: indexes 6, 7 and 8.
+        let (result, published) = s.apply_entry(
+            Command::Batch(vec![
+                put("k", "b", Some(5)),
+                put("k", "c", None),
+                put("other", "x", None),
+            ]),
+            6,
+        );
+        assert_eq!(indexes(&result), vec![Some(6), Some(7), Some(8)]);
+        assert_eq!(
+            published.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![6, 7, 8]
+        );
+        // The check-and-set writer's index is not the plain writer's: a
+        // CAS based on what it wrote fails after the overwrite.
+        assert_eq!(s.kv["k"].modify_index, 7);
+        assert!(matches!(
+            s.apply_entry(put("k", "d", Some(6)), 7).0,
+            CommandResult::Refused { .. }
+        ));
+        // Entry 7 came after the batch: it took index 9, not 7.
+        assert_eq!(s.index, 9);
+        s.apply_entry(put("k", "e", Some(7)), 8);
+        assert_eq!(s.kv["k"].modify_index, 10);
+        // Once the log passes the indexes, they follow it again.
+        s.apply_entry(put("k", "f", None), 20);
+        assert_eq!(s.kv["k"].modify_index, 20);
+    }
+
+    #[test]
+    fn a_refused_command_refuses_only_itself_and_batches_do_not_nest() {
+        let mut s = State::default();
+        let (result, _) = s.apply_entry(
+            Command::Batch(vec![
+                put("k", "a", Some(99)),
+                Command::Batch(vec![put("n", "x", None)]),
+                put("k", "b", None),
+            ]),
+            1,
+        );
+        assert_eq!(indexes(&result), vec![None, None, Some(3)]);
+        assert!(!s.kv.contains_key("n"));
+        assert_eq!(s.kv["k"].value, b"b");
     }
 }

@@ -9,6 +9,7 @@
 
 mod apply;
 mod endpoints;
+mod kv_total;
 pub mod sessions;
 
 use std::collections::BTreeMap;
@@ -55,6 +56,9 @@ pub struct State {
     /// never stored, built on first use.
     #[serde(skip)]
     pub endpoints: endpoints::Endpoints,
+    /// Total bytes of KV values: derived from `kv`, never stored.
+    #[serde(skip)]
+    pub kv_total: kv_total::KvTotal,
 }
 
 /// A change to the state, as written through Raft.
@@ -134,13 +138,23 @@ pub enum Command {
         request: String,
         cmd: Box<Command>,
     },
+    /// Commands written together as one Raft entry (the leader groups
+    /// concurrent writes): each applied in order, with an index of its own,
+    /// as if each were its own entry.
+    Batch(Vec<Command>),
 }
 
 /// What applying a command gave: its index, or why it was refused.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum CommandResult {
-    Applied { index: u64 },
-    Refused { reason: String },
+    Applied {
+        index: u64,
+    },
+    Refused {
+        reason: String,
+    },
+    /// The result of each command of a `Command::Batch`, in order.
+    Batch(Vec<CommandResult>),
 }
 
 /// One observable change, for watchers.

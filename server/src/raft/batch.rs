@@ -1,0 +1,130 @@
+//! Writes on the leader go to Raft in groups: commands that arrive while
+//! earlier groups are being committed are written together as one entry
+//! (`Command::Batch`), so that many concurrent writes share one append, one
+//! fsync on each server and one replication round trip, as etcd batches
+//! proposals. A lone write still goes at once, as its own entry.
+//!
+//! Each command of a group keeps its own index and result (see
+//! `State::apply_entry`); a group fails as a whole only when Raft does (no
+//! longer leader, shutting down), and then every writer gets that error.
+use std::sync::Arc;
+
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::Raft;
+use crate::node::WriteError;
+use crate::state::{Command, CommandResult};
+
+/// Groups being committed at once: more arrive meanwhile and wait to form
+/// the next group.
+const IN_FLIGHT: usize = 2;
+/// At most this many commands in a group...
+const MAX_COMMANDS: usize = 512;
+/// ...and this many bytes (encoded); a larger command goes alone.
+const MAX_BYTES: usize = 1 << 20;
+
+struct Pending {
+    cmd: Command,
+    bytes: usize,
+    reply: oneshot::Sender<Result<CommandResult, WriteError>>,
+}
+
+/// The way into the grouping task (one per server).
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::UnboundedSender<Pending>,
+}
+
+impl Batcher {
+    /// Starts the grouping task for `raft` (inside a tokio runtime).
+    pub fn start(raft: Raft) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(raft, rx));
+        Self { tx }
+    }
+
+    /// Writes `cmd` (this server must lead) and returns its own result.
+    pub async fn write(&self, cmd: Command) -> Result<CommandResult, WriteError> {
+        let (reply, result) = oneshot::channel();
+        let bytes = super::codec::encoded_len(&cmd);
+        self.tx
+            .send(Pending { cmd, bytes, reply })
+            .map_err(|_| WriteError::Raft("the write batcher has stopped".into()))?;
+        result
+            .await
+            .map_err(|_| WriteError::Unknown("the write batcher dropped the write".into()))?
+    }
+}
+
+async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut carried: Option<Pending> = None;
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let first = match carried.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let mut bytes = first.bytes;
+        let mut group = vec![first];
+        while group.len() < MAX_COMMANDS {
+            let Ok(next) = rx.try_recv() else { break };
+            if bytes + next.bytes > MAX_BYTES {
+                carried = Some(next);
+                break;
+            }
+            bytes += next.bytes;
+            group.push(next);
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            commit(&raft, group).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Writes `group` as one entry and hands each writer its result.
+async fn commit(raft: &Raft, mut group: Vec<Pending>) {
+    if group.len() == 1 {
+        let Pending { cmd, reply, .. } = group.remove(0);
+        let _ = reply.send(client_write(raft, cmd).await);
+        return;
+    }
+    let (cmds, replies): (Vec<_>, Vec<_>) = group.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+    let count = cmds.len();
+    match client_write(raft, Command::Batch(cmds)).await {
+        Ok(CommandResult::Batch(results)) if results.len() == count => {
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(Ok(result));
+            }
+        }
+        Ok(other) => {
+            let e = WriteError::Raft(format!("a batch of {count} was answered {other:?}"));
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+async fn client_write(raft: &Raft, cmd: Command) -> Result<CommandResult, WriteError> {
+    match raft.client_write(cmd).await {
+        Ok(resp) => Ok(resp.data),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(
+            WriteError::NoLeader(format!("not the leader (leader: {:?})", f.leader_id)),
+        ),
+        Err(e) => Err(WriteError::Raft(e.to_string())),
+    }
+}
