@@ -17,8 +17,9 @@ use weft_server::raft::sm_store::StateMachineStore;
 use weft_server::settings::{Args, Settings};
 use weft_server::tls::{self, ServerTls};
 
-/// Election timing: a follower that hears no leader for 400 to 800 ms asks
-/// its peers (pre-vote) and then stands.
+/// Election timing: a follower that has heard no leader for 800 ms
+/// (openraft's leader lease) asks its peers, every 400 to 800 ms, whether
+/// they would vote for it (pre-vote), and stands if a majority would.
 const ELECTION: prevote::Timing = prevote::Timing {
     min: Duration::from_millis(400),
     max: Duration::from_millis(800),
@@ -85,7 +86,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         // whole state again and again.
         max_in_snapshot_log_to_keep: settings.raft_trailing_logs,
         // Appends are bounded in entries here and in bytes by the transport
-        // (raft::network::APPEND_BYTES, 4 MiB, or one entry if larger: at
+        // (raft::network::APPEND_BYTES, 1 MiB, or one entry if larger: at
         // most a 2 MiB config entry by default), so the largest append
         // travels well within the heartbeat interval, which openraft also
         // uses as the append timeout.
@@ -128,6 +129,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         leader_contact: Default::default(),
         batcher: weft_server::raft::batch::Batcher::start(raft.clone()),
     });
+    tokio::spawn(weft_server::raft::batch::enable_when_all_apply(
+        node.clone(),
+    ));
     tokio::spawn(prevote::run(node.clone(), ELECTION));
 
     let raft_listener = TcpListener::bind(settings.raft_addr)

@@ -198,6 +198,7 @@ impl ServerNode {
             last_applied: m.last_applied.map_or(0, |id| id.index),
             last_log_term: last_log.map_or(0, |id| id.leader_id.term),
             leader_silence_ms: leader_silence.as_millis() as u64,
+            applies_batches: true,
         }
     }
 

@@ -323,10 +323,9 @@ async fn stream_changes(
     if from > 0 {
         // A subscriber resuming from an index this server has not applied yet
         // waits for it rather than going back in time.
-        let _ = node
-            .raft
-            .wait(Some(Duration::from_secs(10)))
-            .applied_index_at_least(Some(from), "watch resume")
+        // (A command index, not Raft's: batches put it ahead of the log's.)
+        node.shared
+            .wait_for_index(from, Duration::from_secs(10))
             .await;
     }
     let (mut rx, first, mut last) = start(&node, from, &caller, include_kv);

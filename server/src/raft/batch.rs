@@ -7,7 +7,13 @@
 //! Each command of a group keeps its own index and result (see
 //! `State::apply_entry`); a group fails as a whole only when Raft does (no
 //! longer leader, shutting down), and then every writer gets that error.
+//!
+//! A leader groups writes only once every voter has said it applies
+//! batches ([`enable_when_all_apply`]): during a rolling upgrade a server of
+//! an earlier version would fail on a `Command::Batch` entry.
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -34,18 +40,31 @@ struct Pending {
 #[derive(Clone)]
 pub struct Batcher {
     tx: mpsc::UnboundedSender<Pending>,
+    /// Every voter applies batches (until then each write is its own entry).
+    enabled: Arc<AtomicBool>,
 }
 
 impl Batcher {
     /// Starts the grouping task for `raft` (inside a tokio runtime).
     pub fn start(raft: Raft) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(raft, rx));
-        Self { tx }
+        let enabled = Arc::new(AtomicBool::new(false));
+        tokio::spawn(run(raft, rx, enabled.clone()));
+        Self { tx, enabled }
+    }
+
+    /// Whether writes are grouped yet.
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
     }
 
     /// Writes `cmd` (this server must lead) and returns its own result.
     pub async fn write(&self, cmd: Command) -> Result<CommandResult, WriteError> {
+        if matches!(cmd, Command::Batch(_)) {
+            // Only the batcher makes batches: one handed in (a forwarded
+            // write) would be answered as a single write.
+            return Err(WriteError::Refused("a batch is not a write".into()));
+        }
         let (reply, result) = oneshot::channel();
         let bytes = super::codec::encoded_len(&cmd);
         self.tx
@@ -57,7 +76,34 @@ impl Batcher {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>) {
+/// Enables grouping on this server once every voter, asked as leader, says
+/// it applies batches. Asks every 500 ms until then; once enabled it stays so
+/// (servers are upgraded, not downgraded, past this version).
+pub async fn enable_when_all_apply(node: Arc<crate::node::ServerNode>) {
+    while !node.batcher.enabled() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let metrics = node.raft.metrics().borrow().clone();
+        if metrics.state != openraft::ServerState::Leader {
+            continue;
+        }
+        let voters: Vec<_> = metrics.membership_config.membership().voter_ids().collect();
+        let asked = voters.iter().map(|id| node.peer_status(*id));
+        let statuses = futures::future::join_all(asked).await;
+        let all = statuses
+            .iter()
+            .zip(&voters)
+            .all(|(s, id)| s.as_ref().is_some_and(|s| s.id == *id && s.applies_batches));
+        if all {
+            tracing::info!(
+                voters = voters.len(),
+                "every voter applies batches: grouping writes"
+            );
+            node.batcher.enabled.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>, enabled: Arc<AtomicBool>) {
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut carried: Option<Pending> = None;
     loop {
@@ -73,7 +119,12 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>) {
         };
         let mut bytes = first.bytes;
         let mut group = vec![first];
-        while group.len() < MAX_COMMANDS {
+        let most = if enabled.load(Ordering::Relaxed) {
+            MAX_COMMANDS
+        } else {
+            1
+        };
+        while group.len() < most {
             let Ok(next) = rx.try_recv() else { break };
             if bytes + next.bytes > MAX_BYTES {
                 carried = Some(next);

@@ -1,12 +1,9 @@
 //! The Raft log, vote and committed index in sled. Every append and vote is
 //! flushed (fsync) before openraft is told it is durable.
 //!
-//! Appends are committed as a group: `append` writes its entries and
-//! returns, and one flusher task fsyncs whatever has been appended since its
-//! last fsync, then tells openraft, in order, about every append that fsync
-//! covered. Under load one fsync serves many writes (as etcd's and
-//! PostgreSQL's group commit); an idle server still fsyncs each append at
-//! once.
+//! (openraft 0.9 waits for each append to be durable before it appends
+//! again, so fsyncs cannot be grouped here; the leader groups writes into
+//! entries instead, see `batch`.)
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 
@@ -28,33 +25,6 @@ pub struct LogStore {
     db: sled::Db,
     logs: sled::Tree,
     meta: sled::Tree,
-    /// Appends waiting for the flusher's next fsync.
-    flusher: tokio::sync::mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
-}
-
-/// Fsyncs `db` for every batch of waiting appends and reports each append
-/// durable (or the fsync's error) in the order they were made. Ends when
-/// every store clone is dropped.
-async fn flush_appends(
-    db: sled::Db,
-    mut waiting: tokio::sync::mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>,
-) {
-    let mut group = Vec::new();
-    while waiting.recv_many(&mut group, usize::MAX).await > 0 {
-        // Every append in `group` was written before it was queued, so this
-        // fsync covers them all.
-        let flushed = db
-            .flush_async()
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string());
-        if let Err(e) = &flushed {
-            tracing::error!("fsync of the raft log failed: {e}");
-        }
-        for callback in group.drain(..) {
-            callback.log_io_completed(flushed.clone().map_err(std::io::Error::other));
-        }
-    }
 }
 
 fn read_err(e: impl std::error::Error + 'static) -> StorageError {
@@ -65,16 +35,11 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl LogStore {
-    /// Opens the log's trees in `db` and starts its flusher task (so it must
-    /// be called inside a tokio runtime).
     pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
-        let (flusher, waiting) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(flush_appends(db.clone(), waiting));
         Ok(Self {
             db: db.clone(),
             logs: db.open_tree("raft_log")?,
             meta: db.open_tree("raft_meta")?,
-            flusher,
         })
     }
 
@@ -193,11 +158,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(&index_key(entry.log_id.index), bytes);
         }
         self.logs.apply_batch(batch).map_err(write_err)?;
-        // Readable now; durable when the flusher says so.
-        self.flusher.send(callback).map_err(|_| {
-            StorageIOError::write_logs(&std::io::Error::other("the log flusher has stopped"))
-        })?;
-        Ok(())
+        let flushed = self.db.flush_async().await.map(|_| ());
+        let result = flushed.map_err(|e| std::io::Error::other(e.to_string()));
+        let failed = result.as_ref().err().map(|e| e.to_string());
+        callback.log_io_completed(result);
+        match failed {
+            Some(e) => Err(StorageIOError::write_logs(&std::io::Error::other(e)).into()),
+            None => Ok(()),
+        }
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {

@@ -122,6 +122,10 @@ impl PeerClient {
             super::codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = tonic::Request::new(RaftPayload { json });
         request.set_timeout(timeout);
+        request.metadata_mut().insert(
+            super::service::RAFT_TARGET,
+            tonic::metadata::MetadataValue::from(self.target),
+        );
         let reply = match method {
             "append" => client.append_entries(request).await,
             "vote" => client.vote(request).await,
@@ -147,7 +151,7 @@ impl PeerClient {
 /// alone is larger: openraft bounds appends only in entries
 /// (`max_payload_entries`), so the transport sends the longest prefix
 /// within this bound and reports the rest as not yet sent.
-pub const APPEND_BYTES: usize = 4 << 20;
+pub const APPEND_BYTES: usize = 1 << 20;
 
 /// How many of `entries` fit in one append of at most `budget` bytes: at
 /// least one (a single entry is never split), then as many more as fit.
@@ -219,11 +223,11 @@ mod tests {
     fn an_append_is_cut_where_its_bytes_pass_the_bound() {
         let small: Vec<_> = (1..=300).map(|i| put(i, 100)).collect();
         assert_eq!(entries_within(&small, APPEND_BYTES), 300);
-        // 1 MiB values: four fit in 4 MiB only with no overhead, so three.
-        let large: Vec<_> = (1..=8).map(|i| put(i, 1 << 20)).collect();
+        // 256 KiB values: four fit in 1 MiB only with no overhead, so three.
+        let large: Vec<_> = (1..=8).map(|i| put(i, 256 << 10)).collect();
         assert_eq!(entries_within(&large, APPEND_BYTES), 3);
         // A single entry over the bound still travels, alone.
-        let huge = vec![put(1, 5 << 20), put(2, 10)];
+        let huge = vec![put(1, 2 << 20), put(2, 10)];
         assert_eq!(entries_within(&huge, APPEND_BYTES), 1);
         assert_eq!(entries_within(&[], APPEND_BYTES), 0);
     }

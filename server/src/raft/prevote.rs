@@ -52,7 +52,7 @@ pub struct PeerView {
 /// Whether a server whose last log entry is `own_log` would win an election
 /// among `voters` voters (itself one of them), given the answers of the
 /// peers that answered. A peer grants when it too has heard no leader for
-/// `timeout` and `own_log` is at least as up to date as its own (term
+/// `timeout` (the leader lease) and `own_log` is at least as up to date as its own (term
 /// first, then index: Raft's rule). Peers that did not answer grant nothing.
 pub fn would_win(
     voters: usize,
@@ -68,7 +68,8 @@ pub fn would_win(
 }
 
 /// Election timing, as openraft's: wait a random time in `min..max` between
-/// checks; a leader silent for `min` is presumed gone.
+/// checks; a leader silent for `max` (openraft's leader lease, during which
+/// it refuses to vote) is presumed gone.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
     pub min: Duration,
@@ -83,7 +84,9 @@ pub async fn run(node: std::sync::Arc<crate::node::ServerNode>, timing: Timing) 
         let spread = timing.max.saturating_sub(timing.min).as_millis() as u64;
         let wait = timing.min + Duration::from_millis(rand::random::<u64>() % spread.max(1));
         tokio::time::sleep(wait).await;
-        if node.leader_contact.silence() < timing.min {
+        // openraft refuses votes for a lease of `max` after it last heard a
+        // leader; asking sooner would win a pre-vote and lose the vote.
+        if node.leader_contact.silence() < timing.max {
             continue;
         }
         let metrics = node.raft.metrics().borrow().clone();
@@ -101,17 +104,18 @@ pub async fn run(node: std::sync::Arc<crate::node::ServerNode>, timing: Timing) 
             .borrow()
             .last_log
             .map_or((0, 0), |id| (id.leader_id.term, id.index));
-        let asked = voters
-            .iter()
-            .filter(|id| **id != node.id)
-            .map(|id| node.peer_status(*id));
+        let peers: Vec<NodeId> = voters.iter().copied().filter(|id| *id != node.id).collect();
+        let asked = peers.iter().map(|id| node.peer_status(*id));
         let answers: Vec<PeerView> = futures::future::join_all(asked)
             .await
             .into_iter()
-            .flatten()
+            .zip(&peers)
+            // An answer from another server than the one asked (a wrong
+            // --peer address) counts for nothing.
+            .filter_map(|(status, id)| status.filter(|s| s.id == *id))
             .map(|status| status.view())
             .collect();
-        if would_win(voters.len(), own_log, &answers, timing.min) {
+        if would_win(voters.len(), own_log, &answers, timing.max) {
             tracing::info!(
                 term = metrics.current_term,
                 answers = answers.len(),

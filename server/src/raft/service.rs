@@ -21,7 +21,27 @@ impl RaftService {
     pub fn new(node: Arc<ServerNode>) -> Self {
         Self { node }
     }
+
+    /// Refuses a Raft message meant for another server id: a `--peer` list
+    /// that gives one server's address for another must not let a server
+    /// answer (and be counted) twice. Peers of earlier versions name no
+    /// target and are taken as before.
+    fn check_addressed(&self, req: &Request<RaftPayload>) -> Result<(), Status> {
+        let Some(to) = req.metadata().get(RAFT_TARGET) else {
+            return Ok(());
+        };
+        match to.to_str().ok().and_then(|s| s.parse::<u64>().ok()) {
+            Some(id) if id == self.node.id => Ok(()),
+            _ => Err(Status::failed_precondition(format!(
+                "this is server {}, not {:?}: check the sender's --peer list",
+                self.node.id, to
+            ))),
+        }
+    }
 }
+
+/// The metadata key naming the server a Raft message is for.
+pub const RAFT_TARGET: &str = "x-weft-raft-to";
 
 /// What `Status` answers: this server's view of Raft.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,6 +62,11 @@ pub struct PeerStatus {
     /// nothing.
     #[serde(default)]
     pub leader_silence_ms: u64,
+    /// Whether this server applies `Command::Batch` entries: the leader
+    /// batches writes only once every voter says so (a server of an earlier
+    /// version would fail on one).
+    #[serde(default)]
+    pub applies_batches: bool,
 }
 
 impl PeerStatus {
@@ -73,6 +98,7 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        self.check_addressed(&req)?;
         let result = self.node.raft.append_entries(decode(req)?).await;
         if matches!(&result, Ok(r) if !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_)))
         {
@@ -82,6 +108,7 @@ impl RaftRpc for RaftService {
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.check_addressed(&req)?;
         let result = self.node.raft.vote(decode(req)?).await;
         if matches!(&result, Ok(r) if r.vote_granted) {
             self.node.leader_contact.heard();
@@ -93,8 +120,12 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let result = self.node.raft.install_snapshot(decode(req)?).await;
-        if result.is_ok() {
+        self.check_addressed(&req)?;
+        let rpc: openraft::raft::InstallSnapshotRequest<super::TypeConfig> = decode(req)?;
+        let vote = rpc.vote;
+        let result = self.node.raft.install_snapshot(rpc).await;
+        // openraft answers a stale leader's chunk Ok too, with its own vote.
+        if matches!(&result, Ok(r) if r.vote == vote) {
             self.node.leader_contact.heard();
         }
         encode(&result)

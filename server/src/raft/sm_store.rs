@@ -27,6 +27,19 @@ pub struct Shared {
     /// its read lock says exactly what it holds (openraft builds snapshots
     /// while it goes on applying).
     applied: std::sync::Mutex<(Option<LogId>, StoredMembership<NodeId, BasicNode>)>,
+    /// `state.index` as it grows, for those who wait for an index.
+    index: tokio::sync::watch::Sender<u64>,
+}
+
+impl Shared {
+    /// Waits (up to `limit`) until the state has applied index `index`;
+    /// false if it has not by then.
+    pub async fn wait_for_index(&self, index: u64, limit: std::time::Duration) -> bool {
+        let mut rx = self.index.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|i| *i >= index))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -63,6 +76,7 @@ impl StateMachineStore {
                 }),
                 hub: WatchHub::new(),
                 applied: Default::default(),
+                index: tokio::sync::watch::Sender::new(0),
             }),
             applied: None,
             membership: StoredMembership::default(),
@@ -71,9 +85,8 @@ impl StateMachineStore {
         };
         if let Some(stored) = store.load_snapshot()? {
             let mut state: State = super::codec::decode(&stored.data).map_err(sm_read)?;
-            state.index = state
-                .index
-                .max(stored.meta.last_log_id.map_or(0, |id| id.index));
+            state.index = stored.meta.last_log_id.map_or(0, |id| id.index) + state.index_ahead;
+            store.shared.index.send_replace(state.index);
             // The changes up to the snapshot are not in the hub: a watcher
             // resuming from before it needs a snapshot, not the changes
             // re-applied after it alone.
@@ -91,6 +104,12 @@ impl StateMachineStore {
     fn record_applied(&self) {
         *self.shared.applied.lock().expect("applied lock") =
             (self.applied, self.membership.clone());
+    }
+
+    /// Tells those waiting for an index (call it with the state's write
+    /// lock held).
+    fn record_index(&self, state: &State) {
+        self.shared.index.send_replace(state.index);
     }
 
     pub fn shared(&self) -> Arc<Shared> {
@@ -176,8 +195,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     results.push(CommandResult::Applied { index: state.index });
                 }
             }
+            state.index_ahead = state.index - log_index;
         }
         self.record_applied();
+        self.record_index(&state);
         Ok(results)
     }
 
@@ -201,9 +222,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let index = {
             let mut state = self.shared.state.write().expect("state lock");
             *state = new_state;
-            // A snapshot of this version carries the index its state had
-            // (ahead of the log's after batches); one of before, the log's.
-            state.index = state.index.max(log_index);
+            // Ahead of the log's by as much as on the server that built it
+            // (0 in a snapshot of an earlier version).
+            state.index = log_index + state.index_ahead;
+            self.record_index(&state);
             self.shared.hub.reset(state.index);
             self.applied = meta.last_log_id;
             self.membership = meta.last_membership.clone();
@@ -224,5 +246,88 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Command;
+    use openraft::{CommittedLeaderId, Entry};
+
+    fn entry(index: u64, cmd: Command) -> Entry<TypeConfig> {
+        Entry {
+            log_id: openraft::LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(cmd),
+        }
+    }
+
+    fn put(key: &str) -> Command {
+        Command::KvPut {
+            key: key.into(),
+            value: b"v".to_vec(),
+            cas: None,
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, StateMachineStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let store = StateMachineStore::open(&db, None).unwrap();
+        (dir, store)
+    }
+
+    /// A server that starts from a snapshot goes on with the same indexes as
+    /// the server that built it, after batches put them ahead of the log's.
+    #[tokio::test]
+    async fn indexes_ahead_of_the_log_survive_a_snapshot() {
+        let (_a, mut leader) = store();
+        leader
+            .apply([
+                entry(1, put("a")),
+                entry(2, Command::Batch(vec![put("b"), put("c"), put("d")])),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(leader.shared.state.read().unwrap().index, 4);
+        let snapshot = leader.build_snapshot().await.unwrap();
+        assert_eq!(snapshot.meta.last_log_id.unwrap().index, 2);
+
+        let (_b, mut follower) = store();
+        follower
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(follower.shared.state.read().unwrap().index, 4);
+        for s in [&mut leader, &mut follower] {
+            s.apply([entry(3, put("e"))]).await.unwrap();
+            let state = s.shared.state.read().unwrap();
+            assert_eq!((state.index, state.kv["e"].modify_index), (5, 5));
+        }
+        assert!(
+            follower
+                .shared
+                .wait_for_index(5, std::time::Duration::from_millis(10))
+                .await
+        );
+    }
+
+    /// A snapshot of an earlier version (no `index_ahead`) starts at its
+    /// log index, as that version did, even if its state said more.
+    #[tokio::test]
+    async fn a_snapshot_of_before_batches_starts_at_its_log_index() {
+        let (_a, mut leader) = store();
+        leader.apply([entry(1, put("a"))]).await.unwrap();
+        let mut snapshot = leader.build_snapshot().await.unwrap();
+        let mut old: State = super::super::codec::decode(snapshot.snapshot.get_ref()).unwrap();
+        old.index = 7; // built while later entries applied (the old race)
+        old.index_ahead = 0;
+        snapshot.snapshot = Box::new(Cursor::new(super::super::codec::encode(&old).unwrap()));
+        let (_b, mut follower) = store();
+        follower
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(follower.shared.state.read().unwrap().index, 1);
     }
 }

@@ -29,8 +29,14 @@ pub use apply::ApplyError;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
-    /// Index of the last applied Raft entry.
+    /// Index of the last applied command: the Raft entry's index, or past
+    /// it once batches have given each of their commands an index.
     pub index: u64,
+    /// How far `index` runs ahead of the last applied Raft entry's index,
+    /// so that a server loading this state from a snapshot goes on with the
+    /// same indexes as its peers. States of earlier versions have none (0).
+    #[serde(default)]
+    pub index_ahead: u64,
     /// The virtual-IP range services get their address from.
     pub vip_cidr: Option<String>,
     pub nodes: BTreeMap<String, Node>,
