@@ -22,7 +22,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::metrics::{AgentMetrics, CONTENT_TYPE as METRICS_CONTENT_TYPE};
+use crate::metrics::AgentMetrics;
+use weft_api::exposition;
 
 /// How long open admin connections get to finish once shutdown starts.
 pub const ADMIN_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
@@ -75,8 +76,14 @@ fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respo
     resp
 }
 
-/// The response to `method path` (the query string already removed).
-pub fn respond(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+/// The response to `method path` (the query string already removed);
+/// `accept` (the request's Accept header) picks the metrics format.
+pub fn respond(
+    state: &AdminState,
+    method: &Method,
+    path: &str,
+    accept: Option<&str>,
+) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     let known = matches!(path, "/healthz" | "/metrics" | "/config");
     if !known {
@@ -100,7 +107,11 @@ pub fn respond(state: &AdminState, method: &Method, path: &str) -> Response<Full
                 text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "not ready")
             }
         }
-        "/metrics" => text(StatusCode::OK, METRICS_CONTENT_TYPE, state.metrics.encode()),
+        "/metrics" => {
+            let format = exposition::negotiate(accept);
+            let body = format.render(state.metrics.encode());
+            text(StatusCode::OK, format.content_type(), body)
+        }
         _ => {
             let doc = (state.config)();
             match serde_json::to_vec_pretty(&doc) {
@@ -190,7 +201,11 @@ async fn serve_conn(
     mut stop: watch::Receiver<bool>,
 ) {
     let service = service_fn(move |req: Request<Incoming>| {
-        let resp = respond(&state, req.method(), req.uri().path());
+        let accept = req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok());
+        let resp = respond(&state, req.method(), req.uri().path(), accept);
         async move { Ok::<_, Infallible>(resp) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
@@ -236,20 +251,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn metrics_are_openmetrics_only_when_asked_for() {
+        let (st, _tx) = state(true);
+        st.metrics.conn_opened("web", "api");
+        let om = respond(
+            &st,
+            &Method::GET,
+            "/metrics",
+            Some("application/openmetrics-text;version=1.0.0;q=0.5,text/plain;q=0.3"),
+        );
+        assert_eq!(om.headers()[header::CONTENT_TYPE], exposition::OPENMETRICS);
+        let om = body(om).await;
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        assert!(om.contains("# TYPE weft_agent_connections_opened counter"));
+        let text = body(respond(&st, &Method::GET, "/metrics", Some("text/plain"))).await;
+        assert!(text.contains("# TYPE weft_agent_connections_opened_total counter"));
+        assert!(!text.contains("# EOF"));
+    }
+
+    #[tokio::test]
     async fn respond_routes() {
         let (st, tx) = state(false);
-        let r = respond(&st, &Method::GET, "/healthz");
+        let r = respond(&st, &Method::GET, "/healthz", None);
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         tx.send(true).unwrap();
-        let r = respond(&st, &Method::GET, "/healthz");
+        let r = respond(&st, &Method::GET, "/healthz", None);
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(body(r).await, "ok");
-        let r = respond(&st, &Method::POST, "/healthz");
+        let r = respond(&st, &Method::POST, "/healthz", None);
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(r.headers()[header::ALLOW], "GET, HEAD");
-        let r = respond(&st, &Method::GET, "/nope");
+        let r = respond(&st, &Method::GET, "/nope", None);
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
-        let r = respond(&st, &Method::GET, "/config");
+        let r = respond(&st, &Method::GET, "/config", None);
         assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
         let v: serde_json::Value = serde_json::from_str(&body(r).await).unwrap();
         assert_eq!(v["node_name"], "node-a");
@@ -306,7 +340,10 @@ mod tests {
         metrics.set_ebpf_counter(crate::metrics::EbpfCounter::Rekeyed, 9);
         let (s, ct, b) = get(addr, "/metrics?x=1").await;
         assert_eq!(s, StatusCode::OK);
-        assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+        // Prometheus text 0.0.4 unless OpenMetrics is asked for.
+        assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+        assert!(b.contains("# TYPE weft_agent_connections_opened_total counter"));
+        assert!(!b.contains("# EOF"));
         for want in [
             "weft_agent_connections_opened_total{source=\"web\",destination=\"api\"} 1",
             "weft_agent_connections_active{source=\"web\",destination=\"api\"} 1",

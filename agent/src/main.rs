@@ -18,6 +18,10 @@ struct Cli {
     /// The agent's configuration file.
     #[arg(long, required = true)]
     config: Option<PathBuf>,
+    /// How to log to stderr: `text` (colours only on a terminal) or `json`
+    /// (one object per line).
+    #[arg(long, global = true, default_value = "text")]
+    log_format: weft_api::logging::LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -58,8 +62,8 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     weft_agent::allocator::tune();
-    weft_agent::telemetry::init();
     let cli = Cli::parse();
+    weft_agent::telemetry::init(cli.log_format);
     match (cli.command, cli.config) {
         (Some(Command::Redirect(args)), _) => runtime(1)?
             .block_on(redirect_cmd::run(args))

@@ -24,9 +24,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-/// The content type of [`AgentMetrics::encode`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
 /// Metric errors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MetricsError {
@@ -375,7 +372,8 @@ impl AgentMetrics {
         &self.registry
     }
 
-    /// All metrics in the OpenMetrics text format (see [`CONTENT_TYPE`]).
+    /// All metrics in the OpenMetrics text format (`weft_api::exposition`
+    /// rewrites it for scrapers that want Prometheus text 0.0.4).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -4,7 +4,12 @@
 //!
 //! - `GET /v1/status/leader`: the leader's Raft address as a JSON string
 //!   (`""` while there is none);
-//! - `GET /v1/status/peers`: the Raft addresses of the members.
+//! - `GET /v1/status/peers`: the Raft addresses of the members;
+//!
+//! and `GET /metrics` for Prometheus, which needs a token with
+//! `operator:read` (`X-Consul-Token: <secret>` or `Authorization: Bearer
+//! <secret>`): Prometheus text 0.0.4, or OpenMetrics when the scraper asks
+//! for it (`weft_api::exposition`).
 //!
 //! Anything else is 404 (405 for another method on those paths).
 use std::convert::Infallible;
@@ -19,6 +24,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
+
+use weft_api::acl::{Access, Resource};
+use weft_api::exposition;
 
 use crate::node::ServerNode;
 
@@ -36,7 +44,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 let node = node.clone();
-                async move { Ok::<_, Infallible>(respond(&node, req.method(), req.uri().path()).await) }
+                async move { Ok::<_, Infallible>(respond(&node, &req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -55,8 +63,51 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
         .expect("a static response")
 }
 
-async fn respond(node: &ServerNode, method: &Method, path: &str) -> Response<Full<Bytes>> {
-    let known = matches!(path, "/v1/status/leader" | "/v1/status/peers");
+/// The token secret a request carries (Consul's header, or a bearer token).
+fn secret_of<B>(req: &Request<B>) -> Option<&str> {
+    let headers = req.headers();
+    let secret = match headers.get("x-consul-token") {
+        Some(v) => v.to_str().ok()?,
+        None => headers
+            .get(hyper::header::AUTHORIZATION)?
+            .to_str()
+            .ok()?
+            .strip_prefix("Bearer ")?,
+    };
+    let secret = secret.trim();
+    (!secret.is_empty()).then_some(secret)
+}
+
+/// `/metrics`, for a token with `operator:read`.
+fn metrics<B>(node: &ServerNode, req: &Request<B>) -> Response<Full<Bytes>> {
+    let allowed = secret_of(req).is_some_and(|secret| {
+        let state = node.shared.state.read().expect("state lock");
+        crate::grpc::auth::resolve_in(&state, &node.datacenter, secret)
+            .is_some_and(|c| c.authz.allows(Resource::Operator, Access::Read))
+    });
+    if !allowed {
+        return json(
+            StatusCode::FORBIDDEN,
+            serde_json::json!("Permission denied: /metrics needs a token with operator:read"),
+        );
+    }
+    let accept = req
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let format = exposition::negotiate(accept);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", format.content_type())
+        .body(Full::new(Bytes::from(
+            format.render(node.metrics.encode(&node.raft)),
+        )))
+        .expect("a static response")
+}
+
+async fn respond<B>(node: &ServerNode, req: &Request<B>) -> Response<Full<Bytes>> {
+    let (method, path) = (req.method(), req.uri().path());
+    let known = matches!(path, "/v1/status/leader" | "/v1/status/peers" | "/metrics");
     if !known {
         return json(StatusCode::NOT_FOUND, serde_json::json!("not found"));
     }
@@ -65,6 +116,9 @@ async fn respond(node: &ServerNode, method: &Method, path: &str) -> Response<Ful
             StatusCode::METHOD_NOT_ALLOWED,
             serde_json::json!("method not allowed"),
         );
+    }
+    if path == "/metrics" {
+        return metrics(node, req);
     }
     if path == "/v1/status/peers" {
         let peers: Vec<&String> = node.peers.values().collect();

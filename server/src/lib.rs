@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod http;
 pub mod limits;
 pub mod liveness;
+pub mod metrics;
 pub mod node;
 pub mod raft;
 pub mod settings;

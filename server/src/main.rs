@@ -5,7 +5,6 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
-use tracing_subscriber::EnvFilter;
 use weft_api::proto::raft_server::RaftServer;
 use weft_server::conn_limit::ClientLimits;
 use weft_server::node::ServerNode;
@@ -27,13 +26,9 @@ const ELECTION: prevote::Timing = prevote::Timing {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn,sled=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let settings = Settings::resolve(Args::parse())?;
+    let args = Args::parse();
+    weft_api::logging::init(args.log_format, "info,openraft=warn,sled=warn");
+    let settings = Settings::resolve(args)?;
     run(settings).await
 }
 
@@ -111,6 +106,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     )
     .await
     .context("starting raft")?;
+    let metrics = Arc::new(weft_server::metrics::ServerMetrics::new());
+    tokio::spawn(weft_server::metrics::count_leader_changes(
+        raft.clone(),
+        metrics.leader_changes.clone(),
+    ));
     let node = Arc::new(ServerNode {
         id: settings.node_id,
         raft: raft.clone(),
@@ -127,7 +127,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         liveness: weft_server::liveness::Liveness::new(settings.node_timeout),
         limits: settings.limits,
         leader_contact: Default::default(),
-        batcher: weft_server::raft::batch::Batcher::start(raft.clone()),
+        batcher: weft_server::raft::batch::Batcher::start(
+            raft.clone(),
+            metrics.commit_seconds.clone(),
+        ),
+        metrics,
     });
     tokio::spawn(weft_server::raft::batch::enable_when_all_apply(
         node.clone(),

@@ -67,6 +67,8 @@ pub struct ServerNode {
     pub liveness: crate::liveness::Liveness,
     /// What a write may add (checked where it is received).
     pub limits: crate::limits::Limits,
+    /// What Prometheus scrapes on the HTTP port.
+    pub metrics: Arc<crate::metrics::ServerMetrics>,
     /// Groups this leader's writes into Raft entries.
     pub batcher: crate::raft::batch::Batcher,
     /// When this server last heard from a leader (for pre-vote).
@@ -93,7 +95,16 @@ impl ServerNode {
                     tracing::debug!("write waits for a leader: {why}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                other => return other,
+                other => {
+                    self.metrics.write(match &other {
+                        Ok(_) => "applied",
+                        Err(WriteError::Refused(_)) => "refused",
+                        Err(WriteError::NoLeader(_)) => "no_leader",
+                        Err(WriteError::Unknown(_)) => "unknown",
+                        Err(WriteError::Raft(_)) => "error",
+                    });
+                    return other;
+                }
             }
         }
     }

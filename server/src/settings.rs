@@ -50,6 +50,10 @@ pub struct Args {
     /// What happens when no intention matches.
     #[arg(long, value_parser = ["allow", "deny"])]
     pub default_intention: Option<String>,
+    /// How to log to stderr: `text` (colours only on a terminal) or `json`
+    /// (one object per line).
+    #[arg(long, default_value = "text")]
+    pub log_format: weft_api::logging::LogFormat,
     /// Build a Raft snapshot after this many log entries (default 16384).
     #[arg(long)]
     pub snapshot_threshold: Option<u64>,

@@ -30,3 +30,30 @@ pub fn require_root() {
 pub fn unique_name(tag: &str) -> String {
     format!("wt{}{tag}", std::process::id() % 100_000)
 }
+
+/// Runs `promtool check metrics` (Debian's `prometheus` package, installed
+/// by `cargo xtask setup`) on `text`; an error carries what promtool said.
+pub fn promtool_check(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("promtool (run `cargo xtask setup`): {e}"))?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "promtool check metrics failed ({}):\n{}{}\n--- input:\n{text}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

@@ -85,6 +85,19 @@ fn intention_deny_refuses_within_a_second_and_delete_restores() -> anyhow::Resul
     require_root();
     let mesh = one_api_mesh("api-1")?;
     assert!(mesh.metric(NodeA, "weft_agent_connections_opened_total")? >= 1.0);
+    // What a scraper without OpenMetrics reads, with traffic counted.
+    weft_tests::promtool_check(&mesh.metrics(NodeA)?)?;
+    // `/config`: the running configuration and the view, as JSON.
+    let config = mesh.curl(NodeA, &format!("http://{}/config", weft_tests::mesh::ADMIN))?;
+    let config: serde_json::Value = serde_json::from_str(&config).context("/config")?;
+    ensure!(config["config"]["node_name"].is_string(), "{config}");
+    let instances = config["view"]["instances"]
+        .as_array()
+        .context("view instances")?;
+    ensure!(
+        instances.iter().any(|i| i["service"] == "api"),
+        "the view should hold api's instance: {config}"
+    );
     let denied_before = denials(&mesh)?;
 
     mesh.weft(&["intention", "create", "web", "api", "--deny"])?;

@@ -5,7 +5,7 @@
 //!   `-Z build-std=core`);
 //! * Debian packages: LLVM 22 (for bpf-linker), and the tools the tests and
 //!   benchmarks drive (iproute2, openssl, tcpdump, curl, iperf3, haproxy, wrk,
-//!   sslscan);
+//!   sslscan, prometheus for promtool);
 //! * bpf-linker, built against Debian's LLVM 22;
 //! * cargo-fuzz, which runs the fuzz targets of `fuzz/` (`cargo install`).
 use std::path::Path;
@@ -29,6 +29,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "bulk throughput in benchmarks"),
     ("haproxy", "the mTLS proxy baseline in benchmarks"),
     ("wrk", "HTTP load in benchmarks"),
+    (
+        "prometheus",
+        "promtool, which checks the metrics agents and servers expose, in tests",
+    ),
     (
         "sslscan",
         "checks the TLS versions and ciphers servers offer, in tests",

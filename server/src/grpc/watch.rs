@@ -320,6 +320,7 @@ async fn stream_changes(
     mut caller: Caller,
     secret: String,
 ) {
+    let _open = crate::metrics::StreamGuard::open(&node.metrics.watch_streams);
     if from > 0 {
         // A subscriber resuming from an index this server has not applied yet
         // waits for it rather than going back in time.

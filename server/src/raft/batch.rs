@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::Raft;
@@ -46,10 +47,11 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts the grouping task for `raft` (inside a tokio runtime).
-    pub fn start(raft: Raft) -> Self {
+    /// Each group's time to commit and apply goes into `commit_seconds`.
+    pub fn start(raft: Raft, commit_seconds: Histogram) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let enabled = Arc::new(AtomicBool::new(false));
-        tokio::spawn(run(raft, rx, enabled.clone()));
+        tokio::spawn(run(raft, rx, enabled.clone(), commit_seconds));
         Self { tx, enabled }
     }
 
@@ -103,7 +105,12 @@ pub async fn enable_when_all_apply(node: Arc<crate::node::ServerNode>) {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>, enabled: Arc<AtomicBool>) {
+async fn run(
+    raft: Raft,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    enabled: Arc<AtomicBool>,
+    commit_seconds: Histogram,
+) {
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut carried: Option<Pending> = None;
     loop {
@@ -133,9 +140,11 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>, enabled: Arc<
             bytes += next.bytes;
             group.push(next);
         }
-        let raft = raft.clone();
+        let (raft, commit_seconds) = (raft.clone(), commit_seconds.clone());
         tokio::spawn(async move {
+            let started = std::time::Instant::now();
             commit(&raft, group).await;
+            commit_seconds.observe(started.elapsed().as_secs_f64());
             drop(permit);
         });
     }

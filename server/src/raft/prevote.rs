@@ -121,6 +121,7 @@ pub async fn run(node: std::sync::Arc<crate::node::ServerNode>, timing: Timing) 
                 answers = answers.len(),
                 "no leader heard for an election timeout and a majority agrees: starting an election"
             );
+            node.metrics.elections.inc();
             if let Err(e) = node.raft.trigger().elect().await {
                 tracing::warn!("starting an election: {e}");
                 return;
