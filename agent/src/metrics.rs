@@ -14,6 +14,10 @@
 //!   "egress_allowed"|"egress_denied"|"no_agent"|"inbound_refused"|"permissive_steered"}`
 //! - `registrations_total`: registrations of the node and its services the
 //!   servers took (one at start; again only when the catalog lost them)
+//! - `http_request_duration_seconds{source,destination,code}` (histogram):
+//!   from a request's arrival at the L7 proxy to its response's headers
+//! - `connection_duration_seconds{source,destination}` (histogram): how long
+//!   proxied connections lived
 
 use std::fmt;
 use std::str::FromStr;
@@ -22,7 +26,20 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// 0.5 ms to about 16 s.
+fn request_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// 1 ms to about 4.7 h, by fours.
+fn connection_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 4.0, 12))
+}
 
 /// Metric errors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -197,6 +214,8 @@ pub struct AgentMetrics {
     tls_failures: Family<TlsLabels, Counter>,
     ebpf: Family<EbpfLabels, Counter>,
     registrations: Counter,
+    request_seconds: Histograms<RequestLabels>,
+    connection_seconds: Histograms<ConnLabels>,
 }
 
 impl Default for AgentMetrics {
@@ -260,6 +279,16 @@ impl AgentMetrics {
             m.ebpf.clone(),
         );
         registry.register(
+            "http_request_duration_seconds",
+            "Time from a request's arrival at the L7 proxy to its response's headers, by source and destination service and response status",
+            m.request_seconds.clone(),
+        );
+        registry.register(
+            "connection_duration_seconds",
+            "How long proxied connections lived, by source and destination service",
+            m.connection_seconds.clone(),
+        );
+        registry.register(
             "registrations",
             "Registrations of the node and its services that the servers took",
             m.registrations.clone(),
@@ -276,6 +305,8 @@ impl AgentMetrics {
             tls_failures: m.tls_failures,
             ebpf: m.ebpf,
             registrations: m.registrations,
+            request_seconds: m.request_seconds,
+            connection_seconds: m.connection_seconds,
         }
     }
 
@@ -291,11 +322,15 @@ impl AgentMetrics {
         self.active.get_or_create(&l).inc();
     }
 
-    /// A connection from `src` to `dst` finished (call once per [`Self::conn_opened`]).
-    pub fn conn_closed(&self, src: &str, dst: &str) {
+    /// A connection from `src` to `dst` finished after `lived` (call once
+    /// per [`Self::conn_opened`]).
+    pub fn conn_closed(&self, src: &str, dst: &str, lived: std::time::Duration) {
         let l = conn(src, dst);
         self.closed.get_or_create(&l).inc();
         self.active.get_or_create(&l).dec();
+        self.connection_seconds
+            .get_or_create(&l)
+            .observe(lived.as_secs_f64());
     }
 
     /// `n` bytes went `direction` on a connection from `src` to `dst`.
@@ -316,14 +351,17 @@ impl AgentMetrics {
 
     /// An HTTP request from `src` to `dst` served at L7 was answered with `code` (a
     /// refusal, the instance's answer, or a gateway error).
-    pub fn http_request(&self, src: &str, dst: &str, code: u16) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                source: src.to_string(),
-                destination: dst.to_string(),
-                code: u32::from(code),
-            })
-            .inc();
+    /// `took` is from the request's arrival to the response's headers.
+    pub fn http_request(&self, src: &str, dst: &str, code: u16, took: std::time::Duration) {
+        let labels = RequestLabels {
+            source: src.to_string(),
+            destination: dst.to_string(),
+            code: u32::from(code),
+        };
+        self.request_seconds
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        self.requests.get_or_create(&labels).inc();
     }
 
     /// `source`'s passive health check ejected the instance at `instance`.
@@ -382,7 +420,6 @@ impl AgentMetrics {
     }
 }
 
-#[derive(Default)]
 struct AgentMetricsParts {
     opened: Family<ConnLabels, Counter>,
     closed: Family<ConnLabels, Counter>,
@@ -394,6 +431,27 @@ struct AgentMetricsParts {
     tls_failures: Family<TlsLabels, Counter>,
     ebpf: Family<EbpfLabels, Counter>,
     registrations: Counter,
+    request_seconds: Histograms<RequestLabels>,
+    connection_seconds: Histograms<ConnLabels>,
+}
+
+impl Default for AgentMetricsParts {
+    fn default() -> Self {
+        Self {
+            opened: Family::default(),
+            closed: Family::default(),
+            active: Family::default(),
+            bytes: Family::default(),
+            denied: Family::default(),
+            requests: Family::default(),
+            ejections: Family::default(),
+            tls_failures: Family::default(),
+            ebpf: Family::default(),
+            registrations: Counter::default(),
+            request_seconds: Family::new_with_constructor(request_buckets),
+            connection_seconds: Family::new_with_constructor(connection_buckets),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -405,13 +463,13 @@ mod tests {
         let m = AgentMetrics::new();
         m.conn_opened("web", "api");
         m.conn_opened("web", "api");
-        m.conn_closed("web", "api");
+        m.conn_closed("web", "api", std::time::Duration::from_millis(1500));
         m.bytes("web", "api", Direction::Sent, 100);
         m.bytes("web", "api", Direction::Received, 7);
         m.bytes("web", "api", Direction::Sent, 23);
         m.denied("web", "db");
-        m.http_request("web", "api", 403);
-        m.http_request("web", "api", 403);
+        m.http_request("web", "api", 403, std::time::Duration::from_micros(700));
+        m.http_request("web", "api", 403, std::time::Duration::from_millis(3));
         m.ejected("web", "10.0.0.2:8080".parse().unwrap());
         m.tls_failure(Side::Inbound, "unknown_ca");
         m.set_ebpf_counter(EbpfCounter::Redirected, 42);
@@ -434,6 +492,11 @@ mod tests {
             "weft_agent_tls_handshake_failures_total{side=\"inbound\",reason=\"unknown_ca\"} 1",
             "weft_agent_ebpf_events_total{event=\"redirected\"} 50",
             "weft_agent_ebpf_events_total{event=\"fast_path\"} 3",
+            "# TYPE weft_agent_http_request_duration_seconds histogram",
+            "weft_agent_http_request_duration_seconds_count{source=\"web\",destination=\"api\",code=\"403\"} 2",
+            "weft_agent_http_request_duration_seconds_bucket{le=\"0.001\",source=\"web\",destination=\"api\",code=\"403\"} 1",
+            "weft_agent_connection_duration_seconds_count{source=\"web\",destination=\"api\"} 1",
+            "weft_agent_connection_duration_seconds_sum{source=\"web\",destination=\"api\"} 1.5",
             "# EOF",
         ] {
             assert!(

@@ -624,6 +624,13 @@ HTTP = { PathPrefix = "/" }
         requests("200")? >= 2.0,
         "answered requests are counted by code"
     );
+    // Each counted request is timed too, by the same labels.
+    let timed = |code| -> anyhow::Result<f64> {
+        let labels = [("source", "web"), ("destination", "api"), ("code", code)];
+        let name = "weft_agent_http_request_duration_seconds_count";
+        Ok(mesh.metric_with(NodeA, name, &labels)? + mesh.metric_with(NodeB, name, &labels)?)
+    };
+    ensure!(timed("200")? == requests("200")? && timed("403")? == requests("403")?);
 
     // Several requests on one keep-alive connection are judged one by one.
     let out = mesh.curl_raw(

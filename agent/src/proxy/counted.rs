@@ -15,6 +15,7 @@ pub struct Counted<S> {
     destination: String,
     written: u64,
     read: u64,
+    opened: std::time::Instant,
 }
 
 impl<S> Counted<S> {
@@ -28,6 +29,7 @@ impl<S> Counted<S> {
             destination: destination.to_string(),
             written: 0,
             read: 0,
+            opened: std::time::Instant::now(),
         }
     }
 }
@@ -37,7 +39,7 @@ impl<S> Drop for Counted<S> {
         let (m, s, d) = (&self.metrics, &self.source, &self.destination);
         m.bytes(s, d, Direction::Sent, self.written);
         m.bytes(s, d, Direction::Received, self.read);
-        m.conn_closed(s, d);
+        m.conn_closed(s, d, self.opened.elapsed());
     }
 }
 

@@ -240,9 +240,10 @@ struct Judge {
 
 impl Judge {
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let arrived = std::time::Instant::now();
         let response = self.judge_and_forward(request).await;
         let code = response.status().as_u16();
-        (self.ctx.metrics).http_request(&self.source, &self.destination, code);
+        (self.ctx.metrics).http_request(&self.source, &self.destination, code, arrived.elapsed());
         response
     }
 

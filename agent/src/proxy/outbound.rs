@@ -173,9 +173,11 @@ pub async fn carry(
     if routed {
         // A router, splitter or subsets: every request finds its own instance.
         ctx.metrics.conn_opened(source, destination);
+        let opened = std::time::Instant::now();
         let (src, dst) = (source.to_string(), destination.to_string());
         let served = l7::serve_routed(ctx.clone(), client, protocol, src, dst, per_request).await;
-        ctx.metrics.conn_closed(source, destination);
+        ctx.metrics
+            .conn_closed(source, destination, opened.elapsed());
         if let Err(e) = served {
             tracing::debug!("L7 connection ended: {e}");
         }
@@ -221,14 +223,18 @@ pub async fn carry(
                 return Ok(());
             }
             ctx.metrics.conn_opened(source, destination);
+            let started = std::time::Instant::now();
             let copied = splice(client, &mut upstream).await;
-            ctx.metrics.conn_closed(source, destination);
+            ctx.metrics
+                .conn_closed(source, destination, started.elapsed());
             copied.unwrap_or_default()
         }
         Opened::Tunnel(mut tunnel) => {
             ctx.metrics.conn_opened(source, destination);
+            let started = std::time::Instant::now();
             let copied = splice(client, &mut tunnel).await;
-            ctx.metrics.conn_closed(source, destination);
+            ctx.metrics
+                .conn_closed(source, destination, started.elapsed());
             copied.unwrap_or_default()
         }
     };
