@@ -136,6 +136,22 @@ fn intention_deny_refuses_within_a_second_and_delete_restores() -> anyhow::Resul
         denied_after >= denied_before + 4.0,
         "intention denial counters went from {denied_before} to {denied_after}"
     );
+    // Each refusal is logged inside its connection's span: a connection
+    // id, the source and the destination (and no terminal colours).
+    let refusal = mesh
+        .agent_log(NodeA)
+        .lines()
+        .rev()
+        .find(|l| l.contains("web -> api"))
+        .map(str::to_string)
+        .context("agent A logged no refusal of web -> api")?;
+    ensure!(
+        refusal.contains("conn{id=")
+            && refusal.contains("source=web")
+            && refusal.contains("destination=api")
+            && !refusal.contains('\u{1b}'),
+        "the refusal is not in a connection span: {refusal}"
+    );
 
     mesh.weft(&["intention", "delete", "web", "api"])?;
     let back = wait_for_body(&mesh, "api-1", Duration::from_secs(5))?;

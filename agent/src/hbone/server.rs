@@ -21,7 +21,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use super::stream::HboneStream;
 use super::tls::{self, Identity, TlsError, TrustBundle, ALPN_H2};
@@ -359,9 +359,18 @@ impl<H: ConnectHandler> Inner<H> {
             }
             let inner = self.clone();
             let peer_id = peer_id.clone();
-            tokio::spawn(async move {
-                inner.serve_stream(request, respond, &peer_id).await;
-            });
+            let span = tracing::info_span!(
+                "stream",
+                id = crate::proxy::next_conn_id(),
+                peer = %peer_id,
+                target = request.uri().authority().map_or("", |a| a.as_str()),
+            );
+            tokio::spawn(
+                async move {
+                    inner.serve_stream(request, respond, &peer_id).await;
+                }
+                .instrument(span),
+            );
         }
         Ok(())
     }

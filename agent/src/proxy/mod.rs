@@ -86,3 +86,12 @@ impl Drop for InFlight<'_> {
         }
     }
 }
+
+/// A number for each proxied connection and tunnel stream, unique for the
+/// agent's life: every log line of one connection carries it (the `conn`
+/// and `stream` spans, with source and destination).
+pub fn next_conn_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}

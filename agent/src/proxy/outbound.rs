@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
 
 use weft_api::config_entry::Protocol;
 use weft_api::intention::ConnectionDecision;
@@ -305,14 +306,24 @@ pub async fn serve_upstream(
         let (stream, peer) = errors.accept(&listener).await;
         let _ = stream.set_nodelay(true);
         let (ctx, source, destination) = (ctx.clone(), source.clone(), destination.clone());
-        tokio::spawn(async move {
-            let _tracked = ctx.drain.track();
-            let mut stream = stream;
-            if let Err(e) = carry(&ctx, &mut stream, &source, &destination).await {
-                tracing::info!(%peer, "{source} -> {destination}: {e}");
-                reset(stream);
+        let span = tracing::info_span!(
+            "conn",
+            id = super::next_conn_id(),
+            %peer,
+            source = %source,
+            destination = %destination
+        );
+        tokio::spawn(
+            async move {
+                let _tracked = ctx.drain.track();
+                let mut stream = stream;
+                if let Err(e) = carry(&ctx, &mut stream, &source, &destination).await {
+                    tracing::info!("{source} -> {destination}: {e}");
+                    reset(stream);
+                }
             }
-        });
+            .instrument(span),
+        );
     }
 }
 
@@ -329,6 +340,13 @@ pub async fn serve_redirected(
         let (stream, peer) = errors.accept(&listener).await;
         let _ = stream.set_nodelay(true);
         let (ctx, interception) = (ctx.clone(), interception.clone());
+        let span = tracing::info_span!(
+            "conn",
+            id = super::next_conn_id(),
+            %peer,
+            source = tracing::field::Empty,
+            destination = tracing::field::Empty
+        );
         tokio::spawn(async move {
             let _tracked = ctx.drain.track();
             let mut stream = stream;
@@ -349,14 +367,17 @@ pub async fn serve_redirected(
                 .expect("view lock")
                 .service_at(found.original, &ctx.node_name)
                 .map(str::to_string);
+            let span = tracing::Span::current();
+            span.record("source", found.source.as_str());
             let Some(destination) = destination else {
-                tracing::info!(%peer, original = %found.original, "outbound: no service there any more; reset");
+                tracing::info!(original = %found.original, "outbound: no service there any more; reset");
                 return reset(stream);
             };
+            span.record("destination", destination.as_str());
             if let Err(e) = carry(&ctx, &mut stream, &found.source, &destination).await {
-                tracing::info!(%peer, original = %found.original, "{} -> {destination}: {e}", found.source);
+                tracing::info!(original = %found.original, "{} -> {destination}: {e}", found.source);
                 reset(stream);
             }
-        });
+        }.instrument(span));
     }
 }
