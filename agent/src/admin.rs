@@ -253,7 +253,8 @@ mod tests {
     #[tokio::test]
     async fn metrics_are_openmetrics_only_when_asked_for() {
         let (st, _tx) = state(true);
-        st.metrics.conn_opened("web", "api");
+        st.metrics
+            .conn_opened(crate::metrics::Side::Outbound, "web", "api");
         let om = respond(
             &st,
             &Method::GET,
@@ -333,9 +334,15 @@ mod tests {
         let (s, _, b) = get(addr, "/healthz").await;
         assert_eq!((s, b.as_str()), (StatusCode::OK, "ok"));
 
-        metrics.conn_opened("web", "api");
-        metrics.bytes("web", "api", crate::metrics::Direction::Sent, 10);
-        metrics.denied("web", "db");
+        metrics.conn_opened(crate::metrics::Side::Outbound, "web", "api");
+        metrics.bytes(
+            crate::metrics::Side::Outbound,
+            "web",
+            "api",
+            crate::metrics::Direction::Sent,
+            10,
+        );
+        metrics.denied(crate::metrics::Side::Outbound, "web", "db");
         metrics.tls_failure(crate::metrics::Side::Outbound, "timeout");
         metrics.set_ebpf_counter(crate::metrics::EbpfCounter::Rekeyed, 9);
         let (s, ct, b) = get(addr, "/metrics?x=1").await;

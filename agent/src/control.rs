@@ -123,6 +123,9 @@ impl Credentials {
 /// A channel to a server that adds the agent's token to every call.
 pub type ServerChannel = InterceptedService<Channel, TokenInterceptor>;
 
+/// How often the agent sends the servers its per-pair traffic.
+pub const TRAFFIC_INTERVAL: Duration = Duration::from_secs(5);
+
 /// The servers, and the node's registration as this agent knows it.
 pub struct Control {
     addrs: Vec<String>,
@@ -552,6 +555,49 @@ impl Control {
                 }
             };
             tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Sends the servers what `metrics` counted per pair of services, every
+    /// [`TRAFFIC_INTERVAL`], for `weft top` and the UI. A report that fails
+    /// is dropped (the Prometheus counters still have it), logged once per
+    /// failure streak.
+    pub async fn report_traffic_forever(
+        self: Arc<Self>,
+        metrics: Arc<crate::metrics::AgentMetrics>,
+    ) {
+        let mut streak = Streak::default();
+        let mut tick = tokio::time::interval(TRAFFIC_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let pairs = metrics.take_traffic();
+            if pairs.is_empty() {
+                continue;
+            }
+            let sent = async {
+                let mut telemetry =
+                    proto::telemetry_client::TelemetryClient::new(self.channel().await?);
+                telemetry
+                    .report(proto::TrafficReport {
+                        node: self.config().node_name.clone(),
+                        interval_ms: TRAFFIC_INTERVAL.as_millis() as u32,
+                        pairs,
+                    })
+                    .await
+                    .map_err(Self::refused("traffic report".to_string()))?;
+                Ok::<_, ControlError>(())
+            };
+            match sent.await {
+                Ok(()) => {
+                    streak.succeeded();
+                }
+                Err(e) => {
+                    if streak.failed() {
+                        tracing::warn!("traffic report dropped: {e}");
+                    }
+                }
+            }
         }
     }
 

@@ -28,6 +28,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use weft_api::proto::PairTraffic;
+use weft_api::traffic;
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
@@ -216,6 +218,8 @@ pub struct AgentMetrics {
     registrations: Counter,
     request_seconds: Histograms<RequestLabels>,
     connection_seconds: Histograms<ConnLabels>,
+    /// Traffic per (side, source, destination) since the last report.
+    traffic: std::sync::Mutex<std::collections::HashMap<(Side, String, String), PairTraffic>>,
 }
 
 impl Default for AgentMetrics {
@@ -307,6 +311,7 @@ impl AgentMetrics {
             registrations: m.registrations,
             request_seconds: m.request_seconds,
             connection_seconds: m.connection_seconds,
+            traffic: Default::default(),
         }
     }
 
@@ -315,11 +320,32 @@ impl AgentMetrics {
         self.registrations.clone()
     }
 
-    /// A connection from `src` to `dst` was accepted.
-    pub fn conn_opened(&self, src: &str, dst: &str) {
+    /// Adds to the traffic of `src` -> `dst` seen on `side`, for the next
+    /// report to the servers ([`Self::take_traffic`]).
+    fn traffic(&self, side: Side, src: &str, dst: &str, add: impl FnOnce(&mut PairTraffic)) {
+        let mut pairs = self.traffic.lock().expect("traffic lock");
+        let key = (side, src.to_string(), dst.to_string());
+        let pair = pairs.entry(key).or_insert_with(|| {
+            let mut p = traffic::pair(src, dst);
+            p.side = side.as_str().to_string();
+            p
+        });
+        add(pair);
+    }
+
+    /// The traffic counted since the last call, per pair and side.
+    pub fn take_traffic(&self) -> Vec<PairTraffic> {
+        let mut pairs = self.traffic.lock().expect("traffic lock");
+        std::mem::take(&mut *pairs).into_values().collect()
+    }
+
+    /// A connection from `src` to `dst` was accepted on `side` (outbound:
+    /// at the source's agent; inbound: at the destination's).
+    pub fn conn_opened(&self, side: Side, src: &str, dst: &str) {
         let l = conn(src, dst);
         self.opened.get_or_create(&l).inc();
         self.active.get_or_create(&l).inc();
+        self.traffic(side, src, dst, |p| p.connections += 1);
     }
 
     /// A connection from `src` to `dst` finished after `lived` (call once
@@ -334,7 +360,11 @@ impl AgentMetrics {
     }
 
     /// `n` bytes went `direction` on a connection from `src` to `dst`.
-    pub fn bytes(&self, src: &str, dst: &str, direction: Direction, n: u64) {
+    pub fn bytes(&self, side: Side, src: &str, dst: &str, direction: Direction, n: u64) {
+        self.traffic(side, src, dst, |p| match direction {
+            Direction::Sent => p.bytes_sent += n,
+            Direction::Received => p.bytes_received += n,
+        });
         self.bytes
             .get_or_create(&ByteLabels {
                 source: src.to_string(),
@@ -345,14 +375,25 @@ impl AgentMetrics {
     }
 
     /// Intentions refused a connection or request from `src` to `dst`.
-    pub fn denied(&self, src: &str, dst: &str) {
+    pub fn denied(&self, side: Side, src: &str, dst: &str) {
         self.denied.get_or_create(&conn(src, dst)).inc();
+        self.traffic(side, src, dst, |p| p.denied += 1);
     }
 
     /// An HTTP request from `src` to `dst` served at L7 was answered with `code` (a
     /// refusal, the instance's answer, or a gateway error).
     /// `took` is from the request's arrival to the response's headers.
-    pub fn http_request(&self, src: &str, dst: &str, code: u16, took: std::time::Duration) {
+    pub fn http_request(
+        &self,
+        side: Side,
+        src: &str,
+        dst: &str,
+        code: u16,
+        took: std::time::Duration,
+    ) {
+        self.traffic(side, src, dst, |p| {
+            traffic::add_request(p, took.as_secs_f64() * 1000.0, code >= 500)
+        });
         let labels = RequestLabels {
             source: src.to_string(),
             destination: dst.to_string(),
@@ -461,15 +502,27 @@ mod tests {
     #[test]
     fn families_and_labels() {
         let m = AgentMetrics::new();
-        m.conn_opened("web", "api");
-        m.conn_opened("web", "api");
+        m.conn_opened(Side::Outbound, "web", "api");
+        m.conn_opened(Side::Outbound, "web", "api");
         m.conn_closed("web", "api", std::time::Duration::from_millis(1500));
-        m.bytes("web", "api", Direction::Sent, 100);
-        m.bytes("web", "api", Direction::Received, 7);
-        m.bytes("web", "api", Direction::Sent, 23);
-        m.denied("web", "db");
-        m.http_request("web", "api", 403, std::time::Duration::from_micros(700));
-        m.http_request("web", "api", 403, std::time::Duration::from_millis(3));
+        m.bytes(Side::Outbound, "web", "api", Direction::Sent, 100);
+        m.bytes(Side::Outbound, "web", "api", Direction::Received, 7);
+        m.bytes(Side::Outbound, "web", "api", Direction::Sent, 23);
+        m.denied(Side::Outbound, "web", "db");
+        m.http_request(
+            Side::Inbound,
+            "web",
+            "api",
+            403,
+            std::time::Duration::from_micros(700),
+        );
+        m.http_request(
+            Side::Inbound,
+            "web",
+            "api",
+            403,
+            std::time::Duration::from_millis(3),
+        );
         m.ejected("web", "10.0.0.2:8080".parse().unwrap());
         m.tls_failure(Side::Inbound, "unknown_ca");
         m.set_ebpf_counter(EbpfCounter::Redirected, 42);
@@ -528,5 +581,51 @@ mod tests {
             text.contains("side=\"outbound\",reason=\"bad \\\"cert\\\"\""),
             "{text}"
         );
+    }
+}
+
+#[cfg(test)]
+mod traffic_tests {
+    use super::*;
+
+    #[test]
+    fn traffic_is_kept_by_side_and_taken_once() {
+        let m = AgentMetrics::new();
+        m.conn_opened(Side::Outbound, "web", "api");
+        m.bytes(Side::Outbound, "web", "api", Direction::Sent, 10);
+        m.conn_opened(Side::Inbound, "web", "api");
+        m.http_request(
+            Side::Inbound,
+            "web",
+            "api",
+            503,
+            std::time::Duration::from_millis(4),
+        );
+        m.denied(Side::Inbound, "web", "db");
+        let mut taken = m.take_traffic();
+        taken.sort_by(|a, b| (&a.destination, &a.side).cmp(&(&b.destination, &b.side)));
+        let got: Vec<_> = taken
+            .iter()
+            .map(|p| {
+                (
+                    p.destination.as_str(),
+                    p.side.as_str(),
+                    p.connections,
+                    p.requests,
+                    p.errors,
+                    p.denied,
+                    p.bytes_sent,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("api", "inbound", 1, 1, 1, 0, 0),
+                ("api", "outbound", 1, 0, 0, 0, 10),
+                ("db", "inbound", 0, 0, 0, 1, 0),
+            ]
+        );
+        assert!(m.take_traffic().is_empty(), "taken once");
     }
 }

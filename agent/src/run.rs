@@ -261,6 +261,7 @@ pub async fn run(
 
     control.register_retrying(STARTUP_LIMIT).await?;
     let heartbeat_task = tokio::spawn(control.clone().heartbeat_forever());
+    let traffic_task = tokio::spawn(control.clone().report_traffic_forever(metrics.clone()));
 
     let (index_tx, mut index_rx) = watch::channel(0u64);
     let follow_task = tokio::spawn(control.clone().follow(view.clone(), index_tx));
@@ -543,6 +544,7 @@ pub async fn run(
         checks.stop_all();
         follow_task.abort();
         heartbeat_task.abort();
+        traffic_task.abort();
     }
     drain.start();
     let open = drain.open();
@@ -566,6 +568,7 @@ pub async fn run(
         bundle_task,
         trim_task,
         heartbeat_task,
+        traffic_task,
     ] {
         task.abort();
     }

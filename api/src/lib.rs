@@ -37,4 +37,5 @@ pub mod proto;
 pub mod routing;
 pub mod spiffe;
 pub mod tls_certs;
+pub mod traffic;
 pub mod vip;

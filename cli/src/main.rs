@@ -80,6 +80,8 @@ enum Command {
     /// The servers' TLS: make a CA and server/client certificates (locally).
     #[command(subcommand)]
     Tls(commands::tls::TlsCmd),
+    /// Live traffic between services: rates, success, latency, refusals.
+    Top(commands::top::TopArgs),
     /// Update a TTL check through the local agent (pass, warn, fail).
     #[command(subcommand)]
     Check(commands::check::CheckCmd),
@@ -122,6 +124,7 @@ async fn main() -> ExitCode {
         Command::Snapshot(c) => commands::snapshot::run(&ctx, c).await,
         Command::Ca(c) => commands::ca::run(&ctx, c).await,
         Command::Acl(c) => commands::acl::run(&ctx, c).await,
+        Command::Top(args) => commands::top::run(&ctx, args).await,
     };
     exit_code(result, is_check)
 }

@@ -20,4 +20,5 @@ pub mod raft;
 pub mod settings;
 pub mod state;
 pub mod tls;
+pub mod traffic;
 pub mod watch;

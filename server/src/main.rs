@@ -127,6 +127,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         liveness: weft_server::liveness::Liveness::new(settings.node_timeout),
         limits: settings.limits,
         leader_contact: Default::default(),
+        traffic: Default::default(),
         batcher: weft_server::raft::batch::Batcher::start(
             raft.clone(),
             metrics.commit_seconds.clone(),
@@ -177,6 +178,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .add_service(api.watch)
         .add_service(api.ca)
         .add_service(api.acl)
+        .add_service(api.telemetry)
         .serve_with_incoming_shutdown(
             tls::incoming(
                 grpc_listener,

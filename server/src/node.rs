@@ -67,6 +67,8 @@ pub struct ServerNode {
     pub liveness: crate::liveness::Liveness,
     /// What a write may add (checked where it is received).
     pub limits: crate::limits::Limits,
+    /// Agents' traffic reports sent to this server.
+    pub traffic: crate::traffic::TrafficStore,
     /// What Prometheus scrapes on the HTTP port.
     pub metrics: Arc<crate::metrics::ServerMetrics>,
     /// Groups this leader's writes into Raft entries.
@@ -210,6 +212,26 @@ impl ServerNode {
             last_log_term: last_log.map_or(0, |id| id.leader_id.term),
             leader_silence_ms: leader_silence.as_millis() as u64,
             applies_batches: true,
+        }
+    }
+
+    /// Peer `id`'s traffic reports over `window_secs` (None when it does not
+    /// answer within `limit`).
+    pub async fn peer_traffic(
+        &self,
+        id: NodeId,
+        window_secs: u32,
+        limit: Duration,
+    ) -> Option<Vec<weft_api::proto::PairTraffic>> {
+        let mut client = self.peer_client(id).ok()?;
+        let mut req = tonic::Request::new(weft_api::proto::TopRequest { window_secs });
+        req.set_timeout(limit);
+        match client.traffic(req).await {
+            Ok(reply) => Some(reply.into_inner().pairs),
+            Err(e) => {
+                tracing::debug!(peer = id, "traffic of a peer: {}", e.message());
+                None
+            }
         }
     }
 

@@ -1225,3 +1225,40 @@ fn the_source_refuses_a_destination_presenting_another_nodes_certificate() -> an
     );
     Ok(())
 }
+
+/// `weft top` on a running mesh: real agents report what they carried, and
+/// the pair web -> api shows with its connections and bytes.
+#[test]
+fn weft_top_shows_the_pairs_of_a_running_mesh() -> anyhow::Result<()> {
+    require_root();
+    let mesh = one_api_mesh("api-1")?;
+    for _ in 0..10 {
+        mesh.curl_with(NodeA, UPSTREAM, &["-m", "2"])?;
+    }
+    let line = wait_until(Duration::from_secs(20), "web -> api in weft top", || {
+        let top: serde_json::Value = serde_json::from_str(
+            &mesh.weft(&["--format", "json", "top", "--once", "--window", "1m"])?,
+        )?;
+        Ok(top["pairs"].as_array().and_then(|pairs| {
+            pairs
+                .iter()
+                .find(|p| {
+                    p["source"] == "web"
+                        && p["destination"] == "api"
+                        && p["connections_per_sec"].as_f64().unwrap_or(0.0) * 60.0 >= 10.0
+                })
+                .cloned()
+        }))
+    })?;
+    ensure!(line["bytes_received"].as_u64().unwrap_or(0) > 0, "{line}");
+    // And as a table, the way an operator reads it.
+    let table = mesh.weft(&["top", "--once", "--window", "1m"])?;
+    ensure!(
+        table
+            .lines()
+            .any(|l| l.starts_with("web") && l.contains("api")),
+        "{table}"
+    );
+    eprintln!("{table}");
+    Ok(())
+}

@@ -122,3 +122,124 @@ fn logs_carry_no_colours_into_files_and_json_is_one_object_a_line() -> anyhow::R
     );
     Ok(())
 }
+
+/// Traffic reports: an agent (its node's identity) reports pairs with one
+/// of its own services at an end, and no others; `weft top` merges what
+/// every server was sent, counting a connection seen at both ends once,
+/// and shows only pairs whose services the token may read.
+#[test]
+fn traffic_reports_reach_weft_top_from_every_server() -> anyhow::Result<()> {
+    use weft_api::proto::{self, catalog_client::CatalogClient, telemetry_client::TelemetryClient};
+    let cluster = Cluster::start(3, &[])?;
+    let node_a = cluster.token_with(&["--node-identity", "node-a:dc1"])?;
+    let node_b = cluster.token_with(&["--node-identity", "node-b:dc1"])?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let pair = |source: &str, destination: &str, side: &str, connections: u64, requests: u64| {
+        let mut p = weft_api::traffic::pair(source, destination);
+        p.side = side.into();
+        p.connections = connections;
+        for _ in 0..requests {
+            weft_api::traffic::add_request(&mut p, 3.0, false);
+        }
+        p
+    };
+    rt.block_on(async {
+        let mut admin = CatalogClient::new(cluster.channel(1).await?);
+        for (node, service, port) in [("node-a", "web", 8080u32), ("node-b", "api", 8081)] {
+            admin
+                .register_node(proto::RegisterNodeRequest {
+                    node: Some(proto::Node {
+                        name: node.into(),
+                        address: format!("10.0.0.{}", port - 8070),
+                        datacenter: "dc1".into(),
+                        ..Default::default()
+                    }),
+                })
+                .await?;
+            admin
+                .register_service(proto::RegisterServiceRequest {
+                    instance: Some(proto::ServiceInstance {
+                        id: service.into(),
+                        service: service.into(),
+                        node: node.into(),
+                        address: format!("10.0.0.{}", port - 8070),
+                        port,
+                        ..Default::default()
+                    }),
+                })
+                .await?;
+        }
+        // web's agent reports to server 2, api's to server 3: both ends of
+        // the same 7 connections, and api's end timed 40 requests.
+        let report = |node: &str, pairs| proto::TrafficReport {
+            node: node.into(),
+            interval_ms: 5000,
+            pairs,
+        };
+        let mut as_a = TelemetryClient::new(cluster.channel_as(2, Some(&node_a)).await?);
+        as_a.report(report("node-a", vec![pair("web", "api", "outbound", 7, 0)]))
+            .await?;
+        let mut as_b = TelemetryClient::new(cluster.channel_as(3, Some(&node_b)).await?);
+        as_b.report(report("node-b", vec![pair("web", "api", "inbound", 7, 40)]))
+            .await?;
+
+        // The attacks: another node's traffic, a node it is not, a bad side.
+        let lie = as_a
+            .report(report("node-a", vec![pair("db", "api", "outbound", 1, 0)]))
+            .await
+            .expect_err("node-a reported a pair of none of its services");
+        assert_eq!(lie.code(), tonic::Code::PermissionDenied, "{lie:?}");
+        let other = as_a
+            .report(report("node-b", vec![pair("web", "api", "inbound", 1, 0)]))
+            .await
+            .expect_err("node-a reported as node-b");
+        assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
+        let side = as_a
+            .report(report("node-a", vec![pair("web", "api", "sideways", 1, 0)]))
+            .await
+            .expect_err("an unknown side");
+        assert_eq!(side.code(), tonic::Code::InvalidArgument, "{side:?}");
+        Ok::<_, anyhow::Error>(())
+    })?;
+
+    // Asked on server 1, which was sent nothing itself.
+    let out = cluster.cli_at(
+        cluster.grpc_addr(1),
+        &["--format", "json", "top", "--once", "--window", "1m"],
+    );
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let top: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let pairs = top["pairs"].as_array().context("pairs")?;
+    assert_eq!(pairs.len(), 1, "{top}");
+    let p = &pairs[0];
+    assert_eq!(
+        (p["source"].as_str(), p["destination"].as_str()),
+        (Some("web"), Some("api"))
+    );
+    // 7 connections and 40 requests in a minute, counted once.
+    let per_min = |f: &str| p[f].as_f64().unwrap_or(-1.0) * 60.0;
+    assert!((per_min("connections_per_sec") - 7.0).abs() < 1e-6, "{top}");
+    assert!((per_min("requests_per_sec") - 40.0).abs() < 1e-6, "{top}");
+    assert_eq!(p["p50_ms"].as_f64(), Some(5.0), "{top}");
+
+    // A token that may read web but not api sees no pair.
+    let web_only =
+        cluster.token_with_rules("web-reader", r#"service "web" { policy = "read" }"#)?;
+    let out = cluster.cli_as(
+        cluster.grpc_addr(1),
+        &web_only,
+        &["--format", "json", "top", "--once"],
+    );
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let top: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(top["pairs"].as_array().map(Vec::len), Some(0), "{top}");
+    Ok(())
+}

@@ -1,12 +1,14 @@
 //! A stream that counts the bytes through it and reports them, with the
-//! connection's close, to the agent's metrics when it is dropped.
+//! connection's close, to the agent's metrics when it is dropped. It wraps
+//! the connection to an instance of this node, so it counts on the inbound
+//! side (the destination's agent).
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::metrics::{AgentMetrics, Direction};
+use crate::metrics::{AgentMetrics, Direction, Side};
 
 pub struct Counted<S> {
     inner: S,
@@ -21,7 +23,7 @@ pub struct Counted<S> {
 impl<S> Counted<S> {
     /// Wraps `inner` (the connection to the destination) and counts it open.
     pub fn new(inner: S, metrics: Arc<AgentMetrics>, source: &str, destination: &str) -> Self {
-        metrics.conn_opened(source, destination);
+        metrics.conn_opened(Side::Inbound, source, destination);
         Self {
             inner,
             metrics,
@@ -37,8 +39,8 @@ impl<S> Counted<S> {
 impl<S> Drop for Counted<S> {
     fn drop(&mut self) {
         let (m, s, d) = (&self.metrics, &self.source, &self.destination);
-        m.bytes(s, d, Direction::Sent, self.written);
-        m.bytes(s, d, Direction::Received, self.read);
+        m.bytes(Side::Inbound, s, d, Direction::Sent, self.written);
+        m.bytes(Side::Inbound, s, d, Direction::Received, self.read);
         m.conn_closed(s, d, self.opened.elapsed());
     }
 }

@@ -16,6 +16,7 @@ use weft_api::intention::ConnectionDecision;
 use super::counted::Counted;
 use super::{l7, ProxyContext, CONNECT_TIMEOUT};
 use crate::hbone::{ConnectRequest, Refusal, SpiffeId};
+use crate::metrics::Side;
 use crate::splice::SPLICE_BUFFER;
 
 /// What a tunnel is spliced to: the instance, or the L7 proxy's pipe.
@@ -98,13 +99,13 @@ pub async fn admit(
     };
     let per_request = match decision {
         ConnectionDecision::Decided(d) if !d.allowed => {
-            ctx.metrics.denied(label, &destination);
+            ctx.metrics.denied(Side::Inbound, label, &destination);
             tracing::info!(%peer, source = label, %destination, "refused: {d}");
             return Err(Refusal::forbidden(format!("{label} -> {destination} {d}")));
         }
         ConnectionDecision::Decided(_) => false,
         ConnectionDecision::PerRequest if protocol == Protocol::Tcp => {
-            ctx.metrics.denied(label, &destination);
+            ctx.metrics.denied(Side::Inbound, label, &destination);
             let reason = l7::L7Error::NotHttp(protocol);
             tracing::info!(%peer, source = label, %destination, "refused: {reason}");
             return Err(Refusal::forbidden(format!(

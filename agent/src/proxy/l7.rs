@@ -47,6 +47,7 @@ use weft_api::routing::{Attempt, RoutePolicy, Target};
 
 use super::outbound::{self, Route};
 use super::{InFlight, ProxyContext, CONNECT_TIMEOUT};
+use crate::metrics::Side;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -239,11 +240,22 @@ struct Judge {
 }
 
 impl Judge {
+    /// Where this judge's counts belong: next to the instance (the
+    /// destination's side, or the only agent for a local one), or routing at
+    /// the source.
+    fn side(&self) -> Side {
+        match self.forward {
+            Forward::Instance(_) => Side::Inbound,
+            Forward::Routed(_) => Side::Outbound,
+        }
+    }
+
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let arrived = std::time::Instant::now();
         let response = self.judge_and_forward(request).await;
         let code = response.status().as_u16();
-        (self.ctx.metrics).http_request(&self.source, &self.destination, code, arrived.elapsed());
+        let (src, dst) = (&self.source, &self.destination);
+        (self.ctx.metrics).http_request(self.side(), src, dst, code, arrived.elapsed());
         response
     }
 
@@ -269,7 +281,7 @@ impl Judge {
                 Some(&facts),
             );
             if !decision.allowed {
-                self.ctx.metrics.denied(&self.source, &self.destination);
+                (self.ctx.metrics).denied(self.side(), &self.source, &self.destination);
                 tracing::info!(source = %self.source, destination = %self.destination,
                     method = %facts.method, path = %facts.path, "request refused: {decision}");
                 let reason = format!(

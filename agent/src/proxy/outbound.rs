@@ -159,12 +159,12 @@ pub async fn carry(
     };
     let per_request = match decision {
         ConnectionDecision::Decided(d) if !d.allowed => {
-            ctx.metrics.denied(source, destination);
+            ctx.metrics.denied(Side::Outbound, source, destination);
             return Err(OutboundError::Denied(d.to_string()));
         }
         ConnectionDecision::Decided(_) => false,
         ConnectionDecision::PerRequest if protocol == Protocol::Tcp => {
-            ctx.metrics.denied(source, destination);
+            ctx.metrics.denied(Side::Outbound, source, destination);
             return Err(OutboundError::Denied(
                 L7Error::NotHttp(protocol).to_string(),
             ));
@@ -173,7 +173,7 @@ pub async fn carry(
     };
     if routed {
         // A router, splitter or subsets: every request finds its own instance.
-        ctx.metrics.conn_opened(source, destination);
+        ctx.metrics.conn_opened(Side::Outbound, source, destination);
         let opened = std::time::Instant::now();
         let (src, dst) = (source.to_string(), destination.to_string());
         let served = l7::serve_routed(ctx.clone(), client, protocol, src, dst, per_request).await;
@@ -223,7 +223,7 @@ pub async fn carry(
                 }
                 return Ok(());
             }
-            ctx.metrics.conn_opened(source, destination);
+            ctx.metrics.conn_opened(Side::Outbound, source, destination);
             let started = std::time::Instant::now();
             let copied = splice(client, &mut upstream).await;
             ctx.metrics
@@ -231,7 +231,7 @@ pub async fn carry(
             copied.unwrap_or_default()
         }
         Opened::Tunnel(mut tunnel) => {
-            ctx.metrics.conn_opened(source, destination);
+            ctx.metrics.conn_opened(Side::Outbound, source, destination);
             let started = std::time::Instant::now();
             let copied = splice(client, &mut tunnel).await;
             ctx.metrics
@@ -240,9 +240,14 @@ pub async fn carry(
         }
     };
     ctx.metrics
-        .bytes(source, destination, Direction::Sent, sent);
-    ctx.metrics
-        .bytes(source, destination, Direction::Received, received);
+        .bytes(Side::Outbound, source, destination, Direction::Sent, sent);
+    ctx.metrics.bytes(
+        Side::Outbound,
+        source,
+        destination,
+        Direction::Received,
+        received,
+    );
     Ok(())
 }
 

@@ -10,6 +10,7 @@ pub mod kv;
 pub mod members;
 pub mod snapshot;
 pub mod tls;
+pub mod top;
 
 use serde_json::json;
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod intentions;
 pub mod kv;
 pub mod operator;
+pub mod telemetry;
 pub mod watch;
 
 use std::sync::Arc;
@@ -81,6 +82,7 @@ pub struct ApiServices {
     pub watch: proto::watch_server::WatchServer<watch::WatchApi>,
     pub ca: proto::ca_server::CaServer<ca::CaApi>,
     pub acl: proto::acl_server::AclServer<acl::AclApi>,
+    pub telemetry: proto::telemetry_server::TelemetryServer<telemetry::TelemetryApi>,
 }
 
 pub fn services(node: Arc<ServerNode>) -> ApiServices {
@@ -99,6 +101,7 @@ pub fn services(node: Arc<ServerNode>) -> ApiServices {
         ),
         watch: proto::watch_server::WatchServer::new(watch::WatchApi(node.clone())),
         ca: proto::ca_server::CaServer::new(ca::CaApi(node.clone())),
-        acl: proto::acl_server::AclServer::new(acl::AclApi(node)),
+        acl: proto::acl_server::AclServer::new(acl::AclApi(node.clone())),
+        telemetry: proto::telemetry_server::TelemetryServer::new(telemetry::TelemetryApi(node)),
     }
 }

@@ -163,6 +163,19 @@ impl RaftRpc for RaftService {
         Ok(Response::new(WriteResult { index }))
     }
 
+    async fn traffic(
+        &self,
+        req: Request<weft_api::proto::TopRequest>,
+    ) -> Result<Response<weft_api::proto::TrafficReport>, Status> {
+        let window = crate::grpc::telemetry::window(req.get_ref())?;
+        let now = crate::grpc::telemetry::now_secs();
+        Ok(Response::new(weft_api::proto::TrafficReport {
+            node: String::new(),
+            interval_ms: window * 1000,
+            pairs: self.node.traffic.window(now, u64::from(window)),
+        }))
+    }
+
     async fn status(&self, _req: Request<Empty>) -> Result<Response<RaftPayload>, Status> {
         encode(&self.node.local_status().await)
     }
