@@ -110,7 +110,10 @@ pub fn respond(
         "/metrics" => {
             let format = exposition::negotiate(accept);
             let body = format.render(state.metrics.encode());
-            text(StatusCode::OK, format.content_type(), body)
+            let mut resp = text(StatusCode::OK, format.content_type(), body);
+            resp.headers_mut()
+                .insert(header::VARY, header::HeaderValue::from_static("accept"));
+            resp
         }
         _ => {
             let doc = (state.config)();

@@ -578,14 +578,17 @@ impl Control {
             let sent = async {
                 let mut telemetry =
                     proto::telemetry_client::TelemetryClient::new(self.channel().await?);
-                telemetry
-                    .report(proto::TrafficReport {
-                        node: self.config().node_name.clone(),
-                        interval_ms: TRAFFIC_INTERVAL.as_millis() as u32,
-                        pairs,
-                    })
-                    .await
-                    .map_err(Self::refused("traffic report".to_string()))?;
+                // The servers take at most 1,024 pairs a report.
+                for chunk in pairs.chunks(1024) {
+                    telemetry
+                        .report(proto::TrafficReport {
+                            node: self.config().node_name.clone(),
+                            interval_ms: TRAFFIC_INTERVAL.as_millis() as u32,
+                            pairs: chunk.to_vec(),
+                        })
+                        .await
+                        .map_err(Self::refused("traffic report".to_string()))?;
+                }
                 Ok::<_, ControlError>(())
             };
             match sent.await {

@@ -63,9 +63,31 @@ pub fn negotiate(accept: Option<&str>) -> Format {
     }
 }
 
+/// Where a sample line's label set ends (after its `}`, skipping quoted
+/// label values), or where its name ends when it has none.
+fn label_set_end(line: &str) -> usize {
+    let Some(open) = line.find(['{', ' ']) else {
+        return line.len();
+    };
+    if line.as_bytes()[open] == b' ' {
+        return open;
+    }
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, c) in line[open..].char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '}' if !quoted => return open + i + 1,
+            _ => {}
+        }
+    }
+    line.len()
+}
+
 /// Rewrites OpenMetrics text into Prometheus text 0.0.4: a counter's HELP
 /// and TYPE name its samples (`x_total`), an info metric becomes a gauge
-/// named `x_info`, `unknown` becomes `untyped`; `# UNIT` and `# EOF` lines
+/// named `x_info`, `unknown` and `gaugehistogram` become `untyped`; `# UNIT` and `# EOF` lines
 /// and exemplars go.
 pub fn to_text_004(openmetrics: &str) -> String {
     let types: HashMap<&str, &str> = openmetrics
@@ -83,7 +105,12 @@ pub fn to_text_004(openmetrics: &str) -> String {
             .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
         let Some((prefix, rest)) = meta else {
             // A sample: drop an exemplar (" # {...} value").
-            let sample = line.split_once(" # {").map_or(line, |(s, _)| s);
+            // An exemplar follows the value, after the label set.
+            let labels_end = label_set_end(line);
+            let sample = match line[labels_end..].find(" # {") {
+                Some(at) => &line[..labels_end + at],
+                None => line,
+            };
             out.push_str(sample);
             out.push('\n');
             continue;
@@ -98,7 +125,8 @@ pub fn to_text_004(openmetrics: &str) -> String {
         let text = match (prefix, text) {
             ("# TYPE ", "info" | "stateset") => "gauge",
             ("# TYPE ", "unknown") => "untyped",
-            ("# TYPE ", "gaugehistogram") => "histogram",
+            // Its samples (_gcount, _gsum) are no 0.0.4 histogram's.
+            ("# TYPE ", "gaugehistogram") => "untyped",
             (_, text) => text,
         };
         out.push_str(prefix);
@@ -141,7 +169,7 @@ mod tests {
         let om = "\
 # HELP weft_x_opened Connections opened.
 # TYPE weft_x_opened counter
-weft_x_opened_total{source=\"web\"} 3 # {trace_id=\"a\"} 1
+weft_x_opened_total{source=\"web # {x}\"} 3 # {trace_id=\"a\"} 1
 # HELP weft_x_active Open now.
 # TYPE weft_x_active gauge
 # UNIT weft_x_active connections
@@ -162,7 +190,7 @@ weft_x_seconds_count 2
             "\
 # HELP weft_x_opened_total Connections opened.
 # TYPE weft_x_opened_total counter
-weft_x_opened_total{source=\"web\"} 3
+weft_x_opened_total{source=\"web # {x}\"} 3
 # HELP weft_x_active Open now.
 # TYPE weft_x_active gauge
 weft_x_active 1

@@ -24,8 +24,8 @@ pub fn pair(source: &str, destination: &str) -> PairTraffic {
 
 /// Counts one answered request that took `ms`.
 pub fn add_request(p: &mut PairTraffic, ms: f64, server_error: bool) {
-    p.requests += 1;
-    p.errors += u64::from(server_error);
+    p.requests = p.requests.saturating_add(1);
+    p.errors = p.errors.saturating_add(u64::from(server_error));
     let bucket = LATENCY_BOUNDS_MS
         .iter()
         .position(|bound| ms <= *bound)
@@ -33,24 +33,26 @@ pub fn add_request(p: &mut PairTraffic, ms: f64, server_error: bool) {
     if p.latency_buckets.len() != BUCKETS {
         p.latency_buckets.resize(BUCKETS, 0);
     }
-    p.latency_buckets[bucket] += 1;
+    p.latency_buckets[bucket] = p.latency_buckets[bucket].saturating_add(1);
 }
 
 /// Adds `other`'s counts into `into` (same pair).
+/// Sums saturate: a report's figures come from an agent, not from us.
 pub fn merge(into: &mut PairTraffic, other: &PairTraffic) {
-    into.requests += other.requests;
-    into.errors += other.errors;
-    into.denied += other.denied;
-    into.connections += other.connections;
-    into.bytes_sent += other.bytes_sent;
-    into.bytes_received += other.bytes_received;
+    into.requests = into.requests.saturating_add(other.requests);
+    into.errors = into.errors.saturating_add(other.errors);
+    into.denied = into.denied.saturating_add(other.denied);
+    into.connections = into.connections.saturating_add(other.connections);
+    into.bytes_sent = into.bytes_sent.saturating_add(other.bytes_sent);
+    into.bytes_received = into.bytes_received.saturating_add(other.bytes_received);
     if into.latency_buckets.len() != BUCKETS {
         into.latency_buckets.resize(BUCKETS, 0);
     }
     // A report with more buckets than this version knows adds its extra
     // ones to the last (the rest).
     for (i, n) in other.latency_buckets.iter().enumerate() {
-        into.latency_buckets[i.min(BUCKETS - 1)] += n;
+        let b = &mut into.latency_buckets[i.min(BUCKETS - 1)];
+        *b = b.saturating_add(*n);
     }
 }
 
@@ -58,14 +60,14 @@ pub fn merge(into: &mut PairTraffic, other: &PairTraffic) {
 /// upper bound of its bucket (the largest bound for the last bucket); 0
 /// with no requests.
 pub fn quantile_ms(buckets: &[u64], q: f64) -> f64 {
-    let total: u64 = buckets.iter().sum();
+    let total = buckets.iter().fold(0u64, |t, n| t.saturating_add(*n));
     if total == 0 {
         return 0.0;
     }
     let want = (q * total as f64).ceil().max(1.0) as u64;
-    let mut seen = 0;
+    let mut seen = 0u64;
     for (i, n) in buckets.iter().enumerate() {
-        seen += n;
+        seen = seen.saturating_add(*n);
         if seen >= want {
             return LATENCY_BOUNDS_MS[i.min(LATENCY_BOUNDS_MS.len() - 1)];
         }
@@ -175,6 +177,17 @@ mod tests {
         // A pair seen on one side only keeps its figures.
         let only = combine_sides([side("outbound", 4, 0)]);
         assert_eq!(only[0].connections, 4);
+    }
+
+    #[test]
+    fn sums_saturate_rather_than_overflow() {
+        let mut a = pair("web", "api");
+        a.requests = u64::MAX;
+        a.latency_buckets[0] = u64::MAX;
+        let b = a.clone();
+        merge(&mut a, &b);
+        assert_eq!(a.requests, u64::MAX);
+        assert_eq!(quantile_ms(&a.latency_buckets, 0.99), 1.0);
     }
 
     #[test]

@@ -66,13 +66,18 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
 /// The token secret a request carries (Consul's header, or a bearer token).
 fn secret_of<B>(req: &Request<B>) -> Option<&str> {
     let headers = req.headers();
-    let secret = match headers.get("x-consul-token") {
-        Some(v) => v.to_str().ok()?,
-        None => headers
-            .get(hyper::header::AUTHORIZATION)?
-            .to_str()
-            .ok()?
-            .strip_prefix("Bearer ")?,
+    let consul = headers
+        .get("x-consul-token")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.trim().is_empty());
+    let secret = match consul {
+        Some(v) => v,
+        None => {
+            let auth = headers.get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
+            // The scheme is case-insensitive (RFC 9110).
+            let (scheme, secret) = auth.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(secret)?
+        }
     };
     let secret = secret.trim();
     (!secret.is_empty()).then_some(secret)
@@ -99,6 +104,7 @@ fn metrics<B>(node: &ServerNode, req: &Request<B>) -> Response<Full<Bytes>> {
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", format.content_type())
+        .header("vary", "accept")
         .body(Full::new(Bytes::from(
             format.render(node.metrics.encode(&node.raft)),
         )))

@@ -34,12 +34,12 @@ struct Slot {
 
 impl Slot {
     fn add(&mut self, p: &PairTraffic) {
-        self.requests += p.requests;
-        self.errors += p.errors;
-        self.denied += p.denied;
-        self.connections += p.connections;
-        self.bytes_sent += p.bytes_sent;
-        self.bytes_received += p.bytes_received;
+        self.requests = self.requests.saturating_add(p.requests);
+        self.errors = self.errors.saturating_add(p.errors);
+        self.denied = self.denied.saturating_add(p.denied);
+        self.connections = self.connections.saturating_add(p.connections);
+        self.bytes_sent = self.bytes_sent.saturating_add(p.bytes_sent);
+        self.bytes_received = self.bytes_received.saturating_add(p.bytes_received);
         for (i, n) in p.latency_buckets.iter().enumerate() {
             let b = &mut self.latency[i.min(traffic::BUCKETS - 1)];
             *b = b.saturating_add(u32::try_from(*n).unwrap_or(u32::MAX));
@@ -106,14 +106,16 @@ impl TrafficStore {
             .retain(|_, slots| slots.back().is_some_and(|s| s.slot >= oldest));
     }
 
-    /// Every pair's traffic over the last `window_secs` before `now`
-    /// (whole slots: the current one and as many before as the window
-    /// covers).
-    pub fn window(&self, now: u64, window_secs: u64) -> Vec<PairTraffic> {
+    /// Every pair's traffic in the slots from the one holding
+    /// `now - window_secs` to the current one, and the seconds those cover
+    /// (from the first slot's start to `now`: at least the window, so a rate
+    /// is never read off a slot that has only begun).
+    pub fn window(&self, now: u64, window_secs: u64) -> (Vec<PairTraffic>, u64) {
         let slot = now / SLOT_SECS;
-        let from = slot.saturating_sub(window_secs.div_ceil(SLOT_SECS).saturating_sub(1));
+        let from = now.saturating_sub(window_secs) / SLOT_SECS;
+        let covered = (now - from * SLOT_SECS).max(1);
         let inner = self.inner.lock().expect("traffic lock");
-        inner
+        let pairs = inner
             .pairs
             .iter()
             .filter_map(|((source, destination, side), slots)| {
@@ -126,7 +128,8 @@ impl TrafficStore {
                 }
                 any.then_some(sum)
             })
-            .collect()
+            .collect();
+        (pairs, covered)
     }
 
     /// (pairs kept, slots kept, pair reports dropped), for the closing
@@ -157,16 +160,20 @@ mod tests {
         store.record(t0, &[report("web", 5)]);
         store.record(t0 + 3, &[report("web", 5)]); // same slot
         store.record(t0 + 30, &[report("web", 1)]);
-        let last_10s = store.window(t0 + 30, 10);
-        assert_eq!(last_10s[0].requests, 1);
-        let last_min = store.window(t0 + 30, 60);
-        assert_eq!(last_min[0].requests, 11);
+        // t0 + 30 is the start of a slot: the last 10 s are the slot
+        // before it (empty) and the current one, 10 s covered.
+        let (last_10s, covered) = store.window(t0 + 30, 10);
+        assert_eq!((last_10s[0].requests, covered), (1, 10));
+        let (last_min, covered) = store.window(t0 + 30, 60);
+        assert_eq!((last_min[0].requests, covered), (11, 60));
+        // Five seconds into a slot, a 10 s window covers 15 s.
+        assert_eq!(store.window(t0 + 35, 10).1, 15);
         assert_eq!(store.size().1, 2, "two slots");
         // An hour later the old slots are gone, and so is a silent pair.
         store.record(t0 + 30 + KEEP_SECS + SLOT_SECS, &[report("db", 1)]);
         let (pairs, slots, _) = store.size();
         assert_eq!((pairs, slots), (1, 1));
-        assert!(store.window(t0 + 30 + KEEP_SECS + SLOT_SECS, KEEP_SECS)[0].source == "db");
+        assert!(store.window(t0 + 30 + KEEP_SECS + SLOT_SECS, KEEP_SECS).0[0].source == "db");
     }
 
     #[test]
@@ -195,6 +202,6 @@ mod tests {
         let mut inbound = report("web", 2);
         inbound.side = "inbound".into();
         store.record(1_000_000, &[report("web", 3), inbound]);
-        assert_eq!(store.window(1_000_000, 10).len(), 2);
+        assert_eq!(store.window(1_000_000, 10).0.len(), 2);
     }
 }

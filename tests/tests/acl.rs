@@ -19,7 +19,8 @@ const PROTO: &str = include_str!("../../api/proto/weft/v1/weft.proto");
 /// The calls a token without any right of the kind asked may still make:
 /// reading the calling token itself (`weft acl token self`), asking what it
 /// may do (`Authorize`), and, for a
-/// token that reads some keys, listing keys (filtered to what it reads).
+/// token that reads some keys, listing keys (filtered to what it reads), and
+/// `weft top` (filtered to the pairs whose services it reads).
 /// Everything else is refused to both weak tokens of the test.
 const EXEMPT: &[(&str, &str)] = &[
     ("/weft.v1.Acl/TokenSelf", "key-reader"),
@@ -30,6 +31,10 @@ const EXEMPT: &[(&str, &str)] = &[
     ("/weft.v1.Acl/Authorize", "operator-reader"),
     ("/weft.v1.Kv/List", "key-reader"),
     ("/weft.v1.Operator/Members", "operator-reader"),
+    // Traffic between services, filtered to the pairs whose two services
+    // the token reads: none for these tokens.
+    ("/weft.v1.Telemetry/Top", "key-reader"),
+    ("/weft.v1.Telemetry/Top", "operator-reader"),
 ];
 
 /// Every `rpc` of every `service` in the proto, as gRPC paths.
@@ -91,6 +96,7 @@ fn every_rpc_refuses_missing_bogus_and_insufficient_tokens() -> anyhow::Result<(
             "Intentions",
             "Kv",
             "Operator",
+            "Telemetry",
             "Watch"
         ])
     );

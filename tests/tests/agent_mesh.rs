@@ -1245,7 +1245,9 @@ fn weft_top_shows_the_pairs_of_a_running_mesh() -> anyhow::Result<()> {
                 .find(|p| {
                     p["source"] == "web"
                         && p["destination"] == "api"
-                        && p["connections_per_sec"].as_f64().unwrap_or(0.0) * 60.0 >= 10.0
+                        && p["connections_per_sec"].as_f64().unwrap_or(0.0)
+                            * top["window_secs"].as_f64().unwrap_or(0.0)
+                            >= 9.99
                 })
                 .cloned()
         }))

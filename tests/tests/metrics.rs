@@ -199,6 +199,38 @@ fn traffic_reports_reach_weft_top_from_every_server() -> anyhow::Result<()> {
             .await
             .expect_err("an unknown side");
         assert_eq!(side.code(), tonic::Code::InvalidArgument, "{side:?}");
+        // api's end of the pair is node-b's to report, and made-up pairs
+        // (to fill the store) are refused.
+        for (lie, code) in [
+            (
+                pair("web", "api", "inbound", 1, 0),
+                tonic::Code::PermissionDenied,
+            ),
+            (
+                pair("web", "ghost", "outbound", 1, 0),
+                tonic::Code::PermissionDenied,
+            ),
+        ] {
+            let e = as_a
+                .report(report("node-a", vec![lie.clone()]))
+                .await
+                .expect_err("refused");
+            assert_eq!(e.code(), code, "{lie:?}: {e:?}");
+        }
+        // Figures that cannot be real (and would overflow sums).
+        let mut huge = pair("web", "api", "outbound", 1, 0);
+        huge.bytes_sent = u64::MAX;
+        let mut more_errors = pair("web", "api", "outbound", 1, 2);
+        more_errors.errors = 3;
+        let mut untimed = pair("web", "api", "outbound", 1, 2);
+        untimed.requests = 5;
+        for bad in [huge, more_errors, untimed] {
+            let e = as_a
+                .report(report("node-a", vec![bad.clone()]))
+                .await
+                .expect_err("refused");
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}: {e:?}");
+        }
         Ok::<_, anyhow::Error>(())
     })?;
 
@@ -220,10 +252,13 @@ fn traffic_reports_reach_weft_top_from_every_server() -> anyhow::Result<()> {
         (p["source"].as_str(), p["destination"].as_str()),
         (Some("web"), Some("api"))
     );
-    // 7 connections and 40 requests in a minute, counted once.
-    let per_min = |f: &str| p[f].as_f64().unwrap_or(-1.0) * 60.0;
-    assert!((per_min("connections_per_sec") - 7.0).abs() < 1e-6, "{top}");
-    assert!((per_min("requests_per_sec") - 40.0).abs() < 1e-6, "{top}");
+    // 7 connections and 40 requests over the seconds covered (a minute
+    // and the part of a slot before it), counted once.
+    let covered = top["window_secs"].as_f64().context("window")?;
+    assert!((60.0..=70.0).contains(&covered), "{top}");
+    let total = |f: &str| p[f].as_f64().unwrap_or(-1.0) * covered;
+    assert!((total("connections_per_sec") - 7.0).abs() < 1e-6, "{top}");
+    assert!((total("requests_per_sec") - 40.0).abs() < 1e-6, "{top}");
     assert_eq!(p["p50_ms"].as_f64(), Some(5.0), "{top}");
 
     // A token that may read web but not api sees no pair.

@@ -1,8 +1,12 @@
 //! `Telemetry`: agents' traffic reports in, `weft top`'s summaries out.
 //!
 //! - `Report` needs `node:write` on the reporting node, and every pair must
-//!   have a service of that node at one end: an agent reports what its own
-//!   workloads sent or received, never other nodes' traffic.
+//!   have a service of that node at the end of its side (the source for
+//!   `outbound`, the destination for `inbound`) and a registered service (or
+//!   the permissive `unauthenticated` source) at the other: an agent reports
+//!   what its own workloads sent or received, never other nodes' traffic or
+//!   made-up pairs. Figures past [`MAX_COUNT`], more errors than requests or
+//!   latency buckets that do not add up to the requests are refused.
 //! - `Top` merges this server's reports with every peer's and shows the
 //!   pairs whose two services the caller may read.
 use std::sync::Arc;
@@ -22,6 +26,11 @@ use crate::node::ServerNode;
 const MAX_REPORT_PAIRS: usize = 1024;
 /// Latency buckets one pair may carry (this version uses 13).
 const MAX_BUCKETS: usize = 64;
+/// The largest figure one report may carry (a trillion; an agent reports
+/// every 5 s).
+pub const MAX_COUNT: u64 = 1 << 40;
+/// The name agents give sources they cannot identify (permissive mode).
+const UNAUTHENTICATED: &str = "unauthenticated";
 /// The widest window `Top` sums.
 const MAX_WINDOW_SECS: u32 = crate::traffic::KEEP_SECS as u32;
 
@@ -44,6 +53,70 @@ pub fn window(req: &proto::TopRequest) -> Result<u32, Status> {
     }
 }
 
+/// Whether node `node` may report `p` (see the module's doc).
+fn check_pair(
+    p: &proto::PairTraffic,
+    node: &str,
+    on_node: impl Fn(&str) -> bool,
+    registered: impl Fn(&str) -> bool,
+) -> Result<(), Status> {
+    let what = format!("{} -> {} ({})", p.source, p.destination, p.side);
+    for name in [&p.source, &p.destination] {
+        if name != UNAUTHENTICATED {
+            validate_name(name).map_err(|e| invalid(format!("{what}: {name:?}: {e}")))?;
+        }
+    }
+    let (local, other) = match p.side.as_str() {
+        "outbound" => (&p.source, &p.destination),
+        "inbound" => (&p.destination, &p.source),
+        side => {
+            return Err(invalid(format!(
+                "{what}: side {side:?}, not outbound or inbound"
+            )))
+        }
+    };
+    if !on_node(local) {
+        return Err(Status::permission_denied(format!(
+            "{what}: {local} has no instance on node {node:?}"
+        )));
+    }
+    let anonymous = other == UNAUTHENTICATED && p.side == "inbound";
+    if !anonymous && !registered(other) {
+        return Err(Status::permission_denied(format!(
+            "{what}: {other} is not a registered service"
+        )));
+    }
+    if p.latency_buckets.len() > MAX_BUCKETS {
+        return Err(invalid(format!(
+            "{what}: {} latency buckets, at most {MAX_BUCKETS}",
+            p.latency_buckets.len()
+        )));
+    }
+    let figures = [
+        p.requests,
+        p.errors,
+        p.denied,
+        p.connections,
+        p.bytes_sent,
+        p.bytes_received,
+    ];
+    if figures
+        .iter()
+        .chain(&p.latency_buckets)
+        .any(|n| *n > MAX_COUNT)
+    {
+        return Err(invalid(format!("{what}: a figure over {MAX_COUNT}")));
+    }
+    let timed: u64 = p.latency_buckets.iter().sum();
+    if p.errors > p.requests || timed != p.requests {
+        return Err(invalid(format!(
+            "{what}: {} requests, {} errors, {timed} timed: they do not add up",
+            p.requests, p.errors
+        )));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl Telemetry for TelemetryApi {
     async fn report(
@@ -61,39 +134,20 @@ impl Telemetry for TelemetryApi {
         }
         {
             let state = self.0.shared.state.read().expect("state lock");
-            let local = |service: &str| {
+            let on_node = |service: &str| {
                 state
                     .instances
                     .get(&report.node)
                     .is_some_and(|on| on.values().any(|i| i.service == service))
             };
+            let registered = |service: &str| {
+                state
+                    .instances
+                    .values()
+                    .any(|on| on.values().any(|i| i.service == service))
+            };
             for p in &report.pairs {
-                for name in [&p.source, &p.destination] {
-                    // The agent names sources it cannot identify so.
-                    if name != "unauthenticated" {
-                        validate_name(name).map_err(|e| invalid(format!("pair {name:?}: {e}")))?;
-                    }
-                }
-                if !matches!(p.side.as_str(), "outbound" | "inbound") {
-                    return Err(invalid(format!(
-                        "{} -> {}: side {:?}, not outbound or inbound",
-                        p.source, p.destination, p.side
-                    )));
-                }
-                if p.latency_buckets.len() > MAX_BUCKETS {
-                    return Err(invalid(format!(
-                        "{} -> {}: {} latency buckets, at most {MAX_BUCKETS}",
-                        p.source,
-                        p.destination,
-                        p.latency_buckets.len()
-                    )));
-                }
-                if !local(&p.source) && !local(&p.destination) {
-                    return Err(Status::permission_denied(format!(
-                        "{} -> {}: neither service has an instance on node {:?}",
-                        p.source, p.destination, report.node
-                    )));
-                }
+                check_pair(p, &report.node, on_node, registered)?;
             }
         }
         self.0.traffic.record(now_secs(), &report.pairs);
@@ -106,7 +160,7 @@ impl Telemetry for TelemetryApi {
     ) -> Result<Response<proto::TopReply>, Status> {
         let caller = caller(&self.0, &req).await?;
         let window_secs = window(req.get_ref())?;
-        let mut reports = self.0.traffic.window(now_secs(), u64::from(window_secs));
+        let (mut reports, covered) = self.0.traffic.window(now_secs(), u64::from(window_secs));
         let peers = self.0.peers.keys().filter(|id| **id != self.0.id);
         let asked = peers.map(|id| {
             self.0
@@ -118,15 +172,15 @@ impl Telemetry for TelemetryApi {
         let pairs = traffic::combine_sides(reports)
             .into_iter()
             .filter(|p| {
-                caller
-                    .authz
-                    .allows(Resource::Service(&p.source), Access::Read)
-                    && caller
-                        .authz
-                        .allows(Resource::Service(&p.destination), Access::Read)
+                let may_read = |s: &str| caller.authz.allows(Resource::Service(s), Access::Read);
+                // Anonymous (permissive) sources are the destination's to see.
+                (p.source == UNAUTHENTICATED || may_read(&p.source)) && may_read(&p.destination)
             })
-            .map(|p| traffic::summarize(&p, window_secs))
+            .map(|p| traffic::summarize(&p, covered as u32))
             .collect();
-        Ok(Response::new(proto::TopReply { window_secs, pairs }))
+        Ok(Response::new(proto::TopReply {
+            window_secs: covered as u32,
+            pairs,
+        }))
     }
 }
