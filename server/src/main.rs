@@ -169,6 +169,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .await;
     let api = weft_server::grpc::services(node.clone());
     let api_server = tonic::transport::Server::builder()
+        .layer(weft_server::grpc::rpc_metrics::RpcMetricsLayer(
+            node.metrics.clone(),
+        ))
         .add_service(health_service)
         .add_service(api.catalog)
         .add_service(api.intentions)

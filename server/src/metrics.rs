@@ -14,6 +14,13 @@ use prometheus_client::registry::Registry;
 
 use crate::raft::Raft;
 
+/// An API call's method and gRPC status code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    pub method: String,
+    pub code: String,
+}
+
 /// How a write ended, as a label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WriteLabels {
@@ -33,10 +40,17 @@ pub struct ServerMetrics {
     pub leader_changes: Counter,
     /// Watch streams open now.
     pub watch_streams: Gauge,
+    /// API calls by method and code, timed.
+    rpc_seconds: Family<RpcLabels, Histogram, fn() -> Histogram>,
     term: Gauge,
     last_log_index: Gauge,
     applied_index: Gauge,
     is_leader: Gauge,
+}
+
+/// 0.5 ms to about 16 s.
+fn rpc_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
 impl Default for ServerMetrics {
@@ -56,6 +70,7 @@ impl ServerMetrics {
             elections: Counter::default(),
             leader_changes: Counter::default(),
             watch_streams: Gauge::default(),
+            rpc_seconds: Family::new_with_constructor(rpc_buckets),
             term: Gauge::default(),
             last_log_index: Gauge::default(),
             applied_index: Gauge::default(),
@@ -86,6 +101,11 @@ impl ServerMetrics {
             "Watch streams open on this server",
             m.watch_streams.clone(),
         );
+        registry.register(
+            "rpc_seconds",
+            "API calls by method and gRPC status code, timed until the answer (or a stream) began",
+            m.rpc_seconds.clone(),
+        );
         registry.register("raft_term", "The current Raft term", m.term.clone());
         registry.register(
             "raft_last_log_index",
@@ -103,6 +123,13 @@ impl ServerMetrics {
             m.is_leader.clone(),
         );
         ServerMetrics { registry, ..m }
+    }
+
+    /// Times an API call.
+    pub fn rpc(&self, method: String, code: String, took: std::time::Duration) {
+        self.rpc_seconds
+            .get_or_create(&RpcLabels { method, code })
+            .observe(took.as_secs_f64());
     }
 
     /// Counts a write's outcome.

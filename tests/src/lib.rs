@@ -57,3 +57,56 @@ pub fn promtool_check(text: &str) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The metric names the Grafana dashboard in docs/ queries (as written in
+/// its expressions, `_bucket` taken off), and the expressions themselves.
+pub fn dashboard_queries() -> anyhow::Result<(std::collections::BTreeSet<String>, Vec<String>)> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/grafana-dashboard.json"
+    );
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("{path}: no panels"))?
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(String::from))
+        .collect();
+    let mut names = std::collections::BTreeSet::new();
+    for expr in &exprs {
+        for (at, _) in expr.match_indices("weft_") {
+            let name: String = expr[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            names.insert(name.strip_suffix("_bucket").unwrap_or(&name).to_string());
+        }
+    }
+    Ok((names, exprs))
+}
+
+/// Checks PromQL `exprs` with `promtool check rules` (as recording rules).
+pub fn promtool_check_queries(exprs: &[String]) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let rules = dir.path().join("rules.yml");
+    let mut text = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, expr) in exprs.iter().enumerate() {
+        text.push_str(&format!(
+            "      - record: weft:dashboard_{i}\n        expr: {}\n",
+            serde_json::to_string(expr)?
+        ));
+    }
+    std::fs::write(&rules, text)?;
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

@@ -73,6 +73,31 @@ fn server_metrics_need_operator_read_and_pass_promtool() -> anyhow::Result<()> {
         .parse()?;
     assert!(applied >= 1.0, "{text}");
     weft_tests::promtool_check(&text)?;
+    // API calls are timed by method and code (the kv put above, and the
+    // CLI's own calls).
+    assert!(
+        text.contains("weft_server_rpc_seconds_count{method=\"/weft.v1.Kv/Put\",code=\"Ok\"}"),
+        "{text}"
+    );
+    // What docs/ gives operators: the dashboard's server metrics exist,
+    // its queries parse, and the scrape configuration is valid.
+    let (names, exprs) = weft_tests::dashboard_queries()?;
+    for name in names.iter().filter(|n| n.starts_with("weft_server_")) {
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "the dashboard queries {name}, which the server does not expose"
+        );
+    }
+    weft_tests::promtool_check_queries(&exprs)?;
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/prometheus.yml");
+    let checked = std::process::Command::new("promtool")
+        .args(["check", "config", "--syntax-only", config])
+        .output()?;
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stdout)
+    );
 
     let (code, ctype, om) = get(
         &cluster,
@@ -276,5 +301,38 @@ fn traffic_reports_reach_weft_top_from_every_server() -> anyhow::Result<()> {
     );
     let top: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(top["pairs"].as_array().map(Vec::len), Some(0), "{top}");
+    Ok(())
+}
+
+/// Every agent metric the Grafana dashboard in docs/ queries is one the
+/// agent has (each family given a sample, as a busy agent would).
+#[test]
+fn the_dashboard_queries_metrics_the_agent_has() -> anyhow::Result<()> {
+    use std::time::Duration;
+    use weft_agent::metrics::{AgentMetrics, Direction, EbpfCounter, Side};
+    let m = AgentMetrics::new();
+    m.conn_opened(Side::Outbound, "web", "api");
+    m.conn_closed("web", "api", Duration::from_millis(5));
+    m.bytes(Side::Outbound, "web", "api", Direction::Sent, 1);
+    m.denied(Side::Inbound, "web", "db");
+    m.http_request(Side::Inbound, "web", "api", 200, Duration::from_millis(2));
+    m.ejected("web", "10.0.0.2:8080".parse()?);
+    m.tls_failure(Side::Inbound, "unknown_ca");
+    m.set_ebpf_counter(EbpfCounter::Redirected, 1);
+    m.registrations().inc();
+    let text = weft_api::exposition::to_text_004(&m.encode());
+    weft_tests::promtool_check(&text)?;
+    let (names, _) = weft_tests::dashboard_queries()?;
+    let agent: Vec<_> = names
+        .iter()
+        .filter(|n| n.starts_with("weft_agent_"))
+        .collect();
+    assert!(agent.len() >= 5, "{names:?}");
+    for name in agent {
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "the dashboard queries {name}, which the agent does not have:\n{text}"
+        );
+    }
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod intentions;
 pub mod kv;
 pub mod operator;
+pub mod rpc_metrics;
 pub mod telemetry;
 pub mod watch;
 
