@@ -1,7 +1,8 @@
 //! The traffic reports agents send this server, kept for an hour in
 //! 10-second slots per (source, destination, side) pair, at bounded memory: at
-//! most [`MAX_PAIRS`] pairs (reports of more are counted and dropped) and
-//! 360 slots each. Not replicated: `Telemetry.Top` merges every server's.
+//! most [`MAX_PAIRS`] pairs (reports of more are counted and dropped), of
+//! which one node's reports may start at most [`MAX_PAIRS_PER_NODE`] (so no
+//! node can fill the store for the others), and 360 slots each. Not replicated: `Telemetry.Top` merges every server's.
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
@@ -14,6 +15,8 @@ pub const SLOT_SECS: u64 = 10;
 pub const KEEP_SECS: u64 = 3600;
 /// Pairs kept at most.
 pub const MAX_PAIRS: usize = 4096;
+/// Pairs one node's reports may start (as many as one report may carry).
+pub const MAX_PAIRS_PER_NODE: usize = 1024;
 
 /// (source, destination, side).
 type Pair = (String, String, String);
@@ -59,12 +62,36 @@ impl Slot {
     }
 }
 
+/// A pair's slots, oldest first, and the node whose report started it.
+struct Kept {
+    started_by: String,
+    slots: VecDeque<Slot>,
+}
+
 #[derive(Default)]
 struct Inner {
-    /// Per pair: its slots, oldest first.
-    pairs: BTreeMap<Pair, VecDeque<Slot>>,
+    pairs: BTreeMap<Pair, Kept>,
+    /// Pairs each node started, of those kept.
+    started: BTreeMap<String, usize>,
+    /// The slot of the last walk for silent pairs.
+    pruned: u64,
     /// Pair reports dropped because the store was full.
     dropped: u64,
+}
+
+/// Drops pairs with no slot since `oldest`, and their places in `started`.
+fn prune(inner: &mut Inner, oldest: u64) {
+    let started = &mut inner.started;
+    inner.pairs.retain(|_, kept| {
+        let live = kept.slots.back().is_some_and(|s| s.slot >= oldest);
+        if !live {
+            if let Some(n) = started.get_mut(&kept.started_by) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        live
+    });
+    started.retain(|_, n| *n > 0);
 }
 
 #[derive(Default)]
@@ -73,18 +100,33 @@ pub struct TrafficStore {
 }
 
 impl TrafficStore {
-    /// Adds a report's pairs at `now` (unix seconds).
-    pub fn record(&self, now: u64, pairs: &[PairTraffic]) {
+    /// Adds `node`'s report of `pairs` at `now` (unix seconds).
+    pub fn record(&self, now: u64, node: &str, pairs: &[PairTraffic]) {
         let slot = now / SLOT_SECS;
         let oldest = slot.saturating_sub(KEEP_SECS / SLOT_SECS);
-        let mut inner = self.inner.lock().expect("traffic lock");
+        let mut guard = self.inner.lock().expect("traffic lock");
+        let inner = &mut *guard;
+        // Pairs silent for an hour go first, freeing their places (once a
+        // slot: the walk is over every pair).
+        if inner.pruned != slot {
+            inner.pruned = slot;
+            prune(inner, oldest);
+        }
         for p in pairs {
             let key = (p.source.clone(), p.destination.clone(), p.side.clone());
-            if !inner.pairs.contains_key(&key) && inner.pairs.len() >= MAX_PAIRS {
-                inner.dropped += 1;
-                continue;
+            if !inner.pairs.contains_key(&key) {
+                let by_node = inner.started.get(node).copied().unwrap_or(0);
+                if inner.pairs.len() >= MAX_PAIRS || by_node >= MAX_PAIRS_PER_NODE {
+                    inner.dropped += 1;
+                    continue;
+                }
+                *inner.started.entry(node.to_string()).or_default() += 1;
             }
-            let slots = inner.pairs.entry(key).or_default();
+            let kept = inner.pairs.entry(key).or_insert_with(|| Kept {
+                started_by: node.to_string(),
+                slots: VecDeque::new(),
+            });
+            let slots = &mut kept.slots;
             while slots.front().is_some_and(|s| s.slot < oldest) {
                 slots.pop_front();
             }
@@ -100,10 +142,6 @@ impl TrafficStore {
                 }
             }
         }
-        // Pairs silent for an hour go.
-        inner
-            .pairs
-            .retain(|_, slots| slots.back().is_some_and(|s| s.slot >= oldest));
     }
 
     /// Every pair's traffic in the slots from the one holding
@@ -118,11 +156,15 @@ impl TrafficStore {
         let pairs = inner
             .pairs
             .iter()
-            .filter_map(|((source, destination, side), slots)| {
+            .filter_map(|((source, destination, side), kept)| {
                 let mut sum = traffic::pair(source, destination);
                 sum.side = side.clone();
                 let mut any = false;
-                for s in slots.iter().filter(|s| s.slot >= from && s.slot <= slot) {
+                for s in kept
+                    .slots
+                    .iter()
+                    .filter(|s| s.slot >= from && s.slot <= slot)
+                {
                     s.add_to(&mut sum);
                     any = true;
                 }
@@ -136,7 +178,7 @@ impl TrafficStore {
     /// figures and tests.
     pub fn size(&self) -> (usize, usize, u64) {
         let inner = self.inner.lock().expect("traffic lock");
-        let slots = inner.pairs.values().map(VecDeque::len).sum();
+        let slots = inner.pairs.values().map(|k| k.slots.len()).sum();
         (inner.pairs.len(), slots, inner.dropped)
     }
 }
@@ -157,9 +199,9 @@ mod tests {
     fn windows_sum_whole_slots_and_an_hour_is_kept() {
         let store = TrafficStore::default();
         let t0 = 1_000_000;
-        store.record(t0, &[report("web", 5)]);
-        store.record(t0 + 3, &[report("web", 5)]); // same slot
-        store.record(t0 + 30, &[report("web", 1)]);
+        store.record(t0, "node-a", &[report("web", 5)]);
+        store.record(t0 + 3, "node-a", &[report("web", 5)]); // same slot
+        store.record(t0 + 30, "node-a", &[report("web", 1)]);
         // t0 + 30 is the start of a slot: the last 10 s are the slot
         // before it (empty) and the current one, 10 s covered.
         let (last_10s, covered) = store.window(t0 + 30, 10);
@@ -170,21 +212,48 @@ mod tests {
         assert_eq!(store.window(t0 + 35, 10).1, 15);
         assert_eq!(store.size().1, 2, "two slots");
         // An hour later the old slots are gone, and so is a silent pair.
-        store.record(t0 + 30 + KEEP_SECS + SLOT_SECS, &[report("db", 1)]);
+        store.record(
+            t0 + 30 + KEEP_SECS + SLOT_SECS,
+            "node-a",
+            &[report("db", 1)],
+        );
         let (pairs, slots, _) = store.size();
         assert_eq!((pairs, slots), (1, 1));
         assert!(store.window(t0 + 30 + KEEP_SECS + SLOT_SECS, KEEP_SECS).0[0].source == "db");
     }
 
     #[test]
-    fn the_number_of_pairs_is_bounded() {
+    fn the_number_of_pairs_is_bounded_in_all_and_per_node() {
         let store = TrafficStore::default();
         let many: Vec<_> = (0..MAX_PAIRS + 10)
             .map(|i| report(&format!("s{i}"), 1))
             .collect();
-        store.record(1_000_000, &many);
+        // One node starts at most its share; the others still get theirs.
+        store.record(1_000_000, "greedy", &many);
+        assert_eq!(store.size().0, MAX_PAIRS_PER_NODE);
+        for (n, chunk) in many.chunks(MAX_PAIRS_PER_NODE).enumerate() {
+            store.record(1_000_000, &format!("node-{n}"), chunk);
+        }
         let (pairs, _, dropped) = store.size();
-        assert_eq!((pairs, dropped), (MAX_PAIRS, 10));
+        assert_eq!(pairs, MAX_PAIRS);
+        assert!(
+            dropped >= (MAX_PAIRS + 10 - MAX_PAIRS_PER_NODE) as u64,
+            "{dropped}"
+        );
+        // Reports to pairs kept go on counting whoever sends them: greedy's
+        // share, node-0's report of the same pairs, the others', and one more.
+        store.record(1_000_001, "greedy", &many[..1]);
+        let counted: u64 = store
+            .window(1_000_001, 10)
+            .0
+            .iter()
+            .map(|p| p.requests)
+            .sum();
+        assert_eq!(counted, (MAX_PAIRS + MAX_PAIRS_PER_NODE + 1) as u64);
+        // A node's pairs that fall silent for an hour free its share.
+        let later = 1_000_000 + KEEP_SECS + 2 * SLOT_SECS;
+        store.record(later, "greedy", &many[MAX_PAIRS..]);
+        assert_eq!(store.size().0, 10);
     }
 
     #[test]
@@ -201,7 +270,7 @@ mod tests {
         let store = TrafficStore::default();
         let mut inbound = report("web", 2);
         inbound.side = "inbound".into();
-        store.record(1_000_000, &[report("web", 3), inbound]);
+        store.record(1_000_000, "node-a", &[report("web", 3), inbound]);
         assert_eq!(store.window(1_000_000, 10).0.len(), 2);
     }
 }

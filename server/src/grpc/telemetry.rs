@@ -150,7 +150,9 @@ impl Telemetry for TelemetryApi {
                 check_pair(p, &report.node, on_node, registered)?;
             }
         }
-        self.0.traffic.record(now_secs(), &report.pairs);
+        self.0
+            .traffic
+            .record(now_secs(), &report.node, &report.pairs);
         Ok(Response::new(proto::Empty {}))
     }
 
