@@ -583,7 +583,6 @@ impl Control {
                     telemetry
                         .report(proto::TrafficReport {
                             node: self.config().node_name.clone(),
-                            interval_ms: TRAFFIC_INTERVAL.as_millis() as u32,
                             pairs: chunk.to_vec(),
                         })
                         .await

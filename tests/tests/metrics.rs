@@ -198,7 +198,6 @@ fn traffic_reports_reach_weft_top_from_every_server() -> anyhow::Result<()> {
         // the same 7 connections, and api's end timed 40 requests.
         let report = |node: &str, pairs| proto::TrafficReport {
             node: node.into(),
-            interval_ms: 5000,
             pairs,
         };
         let mut as_a = TelemetryClient::new(cluster.channel_as(2, Some(&node_a)).await?);

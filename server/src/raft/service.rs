@@ -169,10 +169,9 @@ impl RaftRpc for RaftService {
     ) -> Result<Response<weft_api::proto::TrafficReport>, Status> {
         let window = crate::grpc::telemetry::window(req.get_ref())?;
         let now = crate::grpc::telemetry::now_secs();
-        let (pairs, covered) = self.node.traffic.window(now, u64::from(window));
+        let (pairs, _covered) = self.node.traffic.window(now, u64::from(window));
         Ok(Response::new(weft_api::proto::TrafficReport {
             node: String::new(),
-            interval_ms: u32::try_from(covered * 1000).unwrap_or(u32::MAX),
             pairs,
         }))
     }
