@@ -235,6 +235,26 @@ impl ServerNode {
         }
     }
 
+    /// Peer `id`'s slots of the traffic into a service (None when it does not
+    /// answer within `limit`).
+    pub async fn peer_traffic_series(
+        &self,
+        id: NodeId,
+        req: weft_api::proto::SeriesRequest,
+        limit: Duration,
+    ) -> Option<Vec<weft_api::proto::SlotTraffic>> {
+        let mut client = self.peer_client(id).ok()?;
+        let mut req = tonic::Request::new(req);
+        req.set_timeout(limit);
+        match client.traffic_series(req).await {
+            Ok(reply) => Some(reply.into_inner().slots),
+            Err(e) => {
+                tracing::debug!(peer = id, "traffic series of a peer: {}", e.message());
+                None
+            }
+        }
+    }
+
     /// Asks peer `id` for its status (None when it does not answer in time).
     pub async fn peer_status(&self, id: NodeId) -> Option<PeerStatus> {
         if id == self.id {

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
-use weft_api::proto::PairTraffic;
+use weft_api::proto::{PairTraffic, SeriesPoint, SlotTraffic};
 use weft_api::traffic;
 
 /// Seconds per slot.
@@ -174,6 +174,33 @@ impl TrafficStore {
         (pairs, covered)
     }
 
+    /// The slots from the one holding `now - window_secs` to the current
+    /// one of every pair into `service` (both sides), oldest first.
+    pub fn slots_into(&self, now: u64, window_secs: u64, service: &str) -> Vec<SlotTraffic> {
+        let (from, to) = (now.saturating_sub(window_secs) / SLOT_SECS, now / SLOT_SECS);
+        let inner = self.inner.lock().expect("traffic lock");
+        let mut by_slot: BTreeMap<u64, Vec<PairTraffic>> = BTreeMap::new();
+        let into = inner
+            .pairs
+            .iter()
+            .filter(|((_, destination, _), _)| destination == service);
+        for ((source, destination, side), kept) in into {
+            for s in kept.slots.iter().filter(|s| s.slot >= from && s.slot <= to) {
+                let mut p = traffic::pair(source, destination);
+                p.side = side.clone();
+                s.add_to(&mut p);
+                by_slot.entry(s.slot).or_default().push(p);
+            }
+        }
+        by_slot
+            .into_iter()
+            .map(|(slot, pairs)| SlotTraffic {
+                start_secs: slot * SLOT_SECS,
+                pairs,
+            })
+            .collect()
+    }
+
     /// (pairs kept, slots kept, pair reports dropped), for the closing
     /// figures and tests.
     pub fn size(&self) -> (usize, usize, u64) {
@@ -181,6 +208,59 @@ impl TrafficStore {
         let slots = inner.pairs.values().map(|k| k.slots.len()).sum();
         (inner.pairs.len(), slots, inner.dropped)
     }
+}
+
+/// A service's incoming traffic as `count` points of `step_secs` from
+/// `from_secs` on, out of the slots every server holds (a slot may come from
+/// several servers, and a pair from both its sides: within a slot the sides
+/// are combined as `weft top` does, then the slots of a step are summed).
+pub fn series(
+    slots: impl IntoIterator<Item = SlotTraffic>,
+    from_secs: u64,
+    step_secs: u64,
+    count: usize,
+) -> Vec<SeriesPoint> {
+    let step_secs = step_secs.max(1);
+    let mut per_slot: BTreeMap<u64, Vec<PairTraffic>> = BTreeMap::new();
+    for s in slots {
+        per_slot.entry(s.start_secs).or_default().extend(s.pairs);
+    }
+    let mut points: Vec<(SeriesPoint, Vec<u64>)> = (0..count)
+        .map(|i| {
+            let point = SeriesPoint {
+                start_secs: from_secs + i as u64 * step_secs,
+                ..SeriesPoint::default()
+            };
+            (point, vec![0; traffic::BUCKETS])
+        })
+        .collect();
+    for (start, pairs) in per_slot {
+        let Some(i) = start
+            .checked_sub(from_secs)
+            .map(|d| (d / step_secs) as usize)
+        else {
+            continue;
+        };
+        let Some((point, latency)) = points.get_mut(i) else {
+            continue;
+        };
+        for p in traffic::combine_sides(pairs) {
+            point.requests += p.requests;
+            point.errors += p.errors;
+            point.denied += p.denied;
+            point.connections += p.connections;
+            for (b, n) in latency.iter_mut().zip(&p.latency_buckets) {
+                *b += n;
+            }
+        }
+    }
+    points
+        .into_iter()
+        .map(|(mut point, latency)| {
+            point.p99_ms = traffic::quantile_ms(&latency, 0.99);
+            point
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -220,6 +300,51 @@ mod tests {
         let (pairs, slots, _) = store.size();
         assert_eq!((pairs, slots), (1, 1));
         assert!(store.window(t0 + 30 + KEEP_SECS + SLOT_SECS, KEEP_SECS).0[0].source == "db");
+    }
+
+    #[test]
+    fn a_series_combines_sides_per_slot_and_sums_slots_per_step() {
+        let store = TrafficStore::default();
+        let t0 = 1_000_000; // a slot's start
+        let mut outbound = report("web", 4);
+        outbound.side = "outbound".into();
+        let mut inbound = report("web", 3);
+        inbound.side = "inbound".into();
+        let mut to_db = traffic::pair("web", "db");
+        traffic::add_request(&mut to_db, 1.0, false);
+        to_db.side = "outbound".into();
+        // Both sides of web -> api in the first slot, one side later.
+        store.record(t0 + 1, "node-a", &[outbound.clone(), to_db]);
+        store.record(t0 + 2, "node-b", &[inbound]);
+        store.record(t0 + 15, "node-a", &[outbound.clone()]);
+        store.record(t0 + 65, "node-a", &[outbound]);
+        let slots = store.slots_into(t0 + 70, 70, "api");
+        assert_eq!(slots.len(), 3, "three slots hold pairs into api");
+        // A second server held the same first slot's report of another pair.
+        let mut other = SlotTraffic {
+            start_secs: t0,
+            pairs: vec![report("cli", 2)],
+        };
+        other.pairs[0].side = "inbound".into();
+        let points = series(slots.into_iter().chain([other]), t0, 60, 2);
+        assert_eq!(points.len(), 2);
+        // Step 1: slot t0 is max(4, 3) from web plus 2 from cli, slot
+        // t0 + 10 is 4 more.
+        assert_eq!(points[0].requests, 4 + 2 + 4);
+        assert_eq!(points[0].start_secs, t0);
+        assert_eq!(points[1].requests, 4);
+        assert_eq!(points[1].start_secs, t0 + 60);
+        assert!(points[0].p99_ms > 0.0);
+        // Slots before the first step or past the last are left out.
+        assert_eq!(
+            series(store.slots_into(t0 + 70, 70, "api"), t0 + 60, 60, 1)[0].requests,
+            4
+        );
+        assert_eq!(
+            series(Vec::new(), t0, 10, 3).len(),
+            3,
+            "empty steps are zeros"
+        );
     }
 
     #[test]

@@ -64,6 +64,29 @@ pub struct Server {
     child: Option<Child>,
 }
 
+/// What [`Cluster::http`] got back.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    /// Lower-case names.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_str(&self.body).with_context(|| format!("not JSON: {}", self.body))
+    }
+}
+
 pub struct Cluster {
     _dir: tempfile::TempDir,
     pub servers: Vec<Server>,
@@ -331,6 +354,55 @@ impl Cluster {
     /// Server `id`'s data dir (Raft log, vote and snapshots).
     pub fn data_dir(&self, id: u64) -> &Path {
         &self.server(id).data_dir
+    }
+
+    /// One HTTPS request to server `id`'s HTTP port with curl (verifying
+    /// the server's certificate), with `token` in `X-Consul-Token`.
+    pub fn http(
+        &self,
+        id: u64,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> anyhow::Result<HttpReply> {
+        let port = self.server(id).http_addr.rsplit(':').next().unwrap_or("");
+        let dir = tempfile::tempdir()?;
+        let (headers, data) = (dir.path().join("headers"), dir.path().join("body"));
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-m", "10", "-X", method, "--cacert"])
+            .arg(&self.ca_file)
+            .args(["--resolve", &format!("server.dc1.weft:{port}:127.0.0.1")])
+            .arg("-D")
+            .arg(&headers)
+            .args(["-o", "-", "-w", "\n%{http_code}"]);
+        if let Some(token) = token {
+            cmd.args(["-H", &format!("X-Consul-Token: {token}")]);
+        }
+        if let Some(body) = body {
+            std::fs::write(&data, body)?;
+            cmd.arg("--data-binary").arg(format!("@{}", data.display()));
+        }
+        let out = cmd
+            .arg(format!("https://server.dc1.weft:{port}{path}"))
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "curl {method} {path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').context("curl's -w line")?;
+        let headers = std::fs::read_to_string(&headers)?
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        Ok(HttpReply {
+            status: code.trim().parse()?,
+            headers,
+            body: body.to_string(),
+        })
     }
 
     pub fn grpc_addr(&self, id: u64) -> &str {

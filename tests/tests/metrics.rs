@@ -300,6 +300,69 @@ fn traffic_reports_reach_weft_top_from_every_server() -> anyhow::Result<()> {
     );
     let top: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(top["pairs"].as_array().map(Vec::len), Some(0), "{top}");
+
+    // The web UI's views of the same traffic, over HTTP on server 1: the
+    // graph's edge, and api's incoming traffic over time (both merged from
+    // servers 2 and 3).
+    let token = Some(cluster.token.as_str());
+    let topo = cluster
+        .http(1, "GET", "/v1/internal/ui/topology?window=60", token, None)?
+        .json()?;
+    let covered = topo["WindowSecs"].as_f64().context("WindowSecs")?;
+    let edges = topo["Edges"].as_array().context("Edges")?;
+    assert_eq!(edges.len(), 1, "{topo}");
+    let e = &edges[0];
+    assert_eq!(
+        (e["Source"].as_str(), e["Destination"].as_str()),
+        (Some("web"), Some("api"))
+    );
+    assert!(
+        (e["RequestsPerSec"].as_f64().unwrap_or(-1.0) * covered - 40.0).abs() < 1e-6,
+        "{topo}"
+    );
+    assert!(e["Allowed"].is_boolean(), "{topo}");
+    let reason = e["Reason"].as_str().unwrap_or("");
+    assert!(
+        reason.ends_with("by the default (allow): no intention matched")
+            || reason.ends_with("by the default (deny): no intention matched"),
+        "{topo}"
+    );
+    let names: Vec<_> = topo["Services"]
+        .as_array()
+        .context("Services")?
+        .iter()
+        .filter_map(|s| s["Name"].as_str())
+        .collect();
+    assert_eq!(names, ["api", "web"], "{topo}");
+
+    let series = cluster
+        .http(
+            1,
+            "GET",
+            "/v1/internal/ui/traffic/api?window=600&step=60",
+            token,
+            None,
+        )?
+        .json()?;
+    assert_eq!(series["StepSecs"], 60, "{series}");
+    let points = series["Points"].as_array().context("Points")?;
+    assert_eq!(points.len(), 10, "{series}");
+    let sum = |f: &str| points.iter().filter_map(|p| p[f].as_u64()).sum::<u64>();
+    assert_eq!((sum("Requests"), sum("Connections")), (40, 7), "{series}");
+    let starts: Vec<u64> = points.iter().filter_map(|p| p["Start"].as_u64()).collect();
+    assert!(starts.windows(2).all(|w| w[1] == w[0] + 60), "{series}");
+    // The token that reads web only may not read api's traffic.
+    let refused = cluster.http(
+        1,
+        "GET",
+        "/v1/internal/ui/traffic/api",
+        Some(&web_only),
+        None,
+    )?;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    let refused = cluster.http(1, "GET", "/v1/internal/ui/traffic/api?step=7", token, None)?;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(refused.body.contains("step_secs 7"), "{}", refused.body);
     Ok(())
 }
 

@@ -155,59 +155,68 @@ impl Intentions for IntentionsApi {
             request.as_ref(),
             default,
         );
-        let verdict = if decision.allowed {
-            "allowed"
-        } else {
-            "denied"
-        };
-        let (decided_by, permission_index, reason) = match decision.by {
-            DecidedBy::Intention {
-                source,
-                destination,
-                permission_index,
-            } => {
-                let reason = match permission_index {
-                    Some(p) => {
-                        format!("{verdict} by intention {source} => {destination}, permission {p}")
-                    }
-                    None => format!("{verdict} by intention {source} => {destination}"),
-                };
-                (
-                    Some(proto::IntentionRef {
-                        source,
-                        destination,
-                    }),
-                    permission_index.map(|p| p as u32),
-                    reason,
-                )
-            }
-            DecidedBy::NoPermissionMatched {
-                source,
-                destination,
-            } => {
-                let reason = format!(
-                    "{verdict} by the default ({default}): no permission of intention {source} => {destination} matched"
-                );
-                (
-                    Some(proto::IntentionRef {
-                        source,
-                        destination,
-                    }),
-                    None,
-                    reason,
-                )
-            }
-            DecidedBy::Default => (
-                None,
-                None,
-                format!("{verdict} by the default ({default}): no intention matched"),
-            ),
-        };
+        let (decided_by, permission_index, reason) = explain(&decision, default);
         Ok(Response::new(proto::CheckResponse {
             allowed: decision.allowed,
             decided_by,
             permission_index,
             reason,
         }))
+    }
+}
+
+/// What decided, as `weft intention check` and the UI explain it: the
+/// deciding intention, its permission and a sentence.
+pub fn explain(
+    decision: &weft_api::intention::Decision,
+    default: IntentionAction,
+) -> (Option<proto::IntentionRef>, Option<u32>, String) {
+    let verdict = if decision.allowed {
+        "allowed"
+    } else {
+        "denied"
+    };
+    match decision.by.clone() {
+        DecidedBy::Intention {
+            source,
+            destination,
+            permission_index,
+        } => {
+            let reason = match permission_index {
+                Some(p) => {
+                    format!("{verdict} by intention {source} => {destination}, permission {p}")
+                }
+                None => format!("{verdict} by intention {source} => {destination}"),
+            };
+            (
+                Some(proto::IntentionRef {
+                    source,
+                    destination,
+                }),
+                permission_index.map(|p| p as u32),
+                reason,
+            )
+        }
+        DecidedBy::NoPermissionMatched {
+            source,
+            destination,
+        } => {
+            let reason = format!(
+                "{verdict} by the default ({default}): no permission of intention {source} => {destination} matched"
+            );
+            (
+                Some(proto::IntentionRef {
+                    source,
+                    destination,
+                }),
+                None,
+                reason,
+            )
+        }
+        DecidedBy::Default => (
+            None,
+            None,
+            format!("{verdict} by the default ({default}): no intention matched"),
+        ),
     }
 }

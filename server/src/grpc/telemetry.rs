@@ -162,27 +162,98 @@ impl Telemetry for TelemetryApi {
     ) -> Result<Response<proto::TopReply>, Status> {
         let caller = caller(&self.0, &req).await?;
         let window_secs = window(req.get_ref())?;
-        let (mut reports, covered) = self.0.traffic.window(now_secs(), u64::from(window_secs));
-        let peers = self.0.peers.keys().filter(|id| **id != self.0.id);
-        let asked = peers.map(|id| {
-            self.0
-                .peer_traffic(*id, window_secs, Duration::from_secs(2))
-        });
-        for answer in futures::future::join_all(asked).await {
-            reports.extend(answer.into_iter().flatten());
-        }
-        let pairs = traffic::combine_sides(reports)
+        let (pairs, covered) = merged(&self.0, window_secs).await;
+        let pairs = pairs
             .into_iter()
-            .filter(|p| {
-                let may_read = |s: &str| caller.authz.allows(Resource::Service(s), Access::Read);
-                // Anonymous (permissive) sources are the destination's to see.
-                (p.source == UNAUTHENTICATED || may_read(&p.source)) && may_read(&p.destination)
-            })
-            .map(|p| traffic::summarize(&p, covered as u32))
+            .filter(|p| may_see(&caller, p))
+            .map(|p| traffic::summarize(&p, covered))
             .collect();
         Ok(Response::new(proto::TopReply {
-            window_secs: covered as u32,
+            window_secs: covered,
             pairs,
         }))
     }
+
+    async fn series(
+        &self,
+        req: Request<proto::SeriesRequest>,
+    ) -> Result<Response<proto::SeriesReply>, Status> {
+        let caller = caller(&self.0, &req).await?;
+        let r = req.into_inner();
+        caller.require(Resource::Service(&r.service), Access::Read)?;
+        validate_name(&r.service).map_err(|e| invalid(format!("service: {e}")))?;
+        let (window_secs, step_secs) = series_shape(&r)?;
+        let now = now_secs();
+        let mut slots = self
+            .0
+            .traffic
+            .slots_into(now, u64::from(window_secs), &r.service);
+        let peers = self.0.peers.keys().filter(|id| **id != self.0.id);
+        let asked = peers.map(|id| self.0.peer_traffic_series(*id, r.clone(), PEER_LIMIT));
+        for answer in futures::future::join_all(asked).await {
+            slots.extend(answer.into_iter().flatten());
+        }
+        // Points end with the step holding now.
+        let step = u64::from(step_secs);
+        let count = u64::from(window_secs).div_ceil(step);
+        let from = (now / step + 1).saturating_sub(count) * step;
+        Ok(Response::new(proto::SeriesReply {
+            step_secs,
+            points: crate::traffic::series(slots, from, step, count as usize),
+        }))
+    }
 }
+
+/// How long a peer has to answer for `Top` and `Series`.
+const PEER_LIMIT: Duration = Duration::from_secs(2);
+
+/// Whether `caller` may see pair `p`: read on both services (anonymous,
+/// permissive sources are the destination's to see).
+pub fn may_see(caller: &super::auth::Caller, p: &proto::PairTraffic) -> bool {
+    let may_read = |s: &str| caller.authz.allows(Resource::Service(s), Access::Read);
+    (p.source == UNAUTHENTICATED || may_read(&p.source)) && may_read(&p.destination)
+}
+
+/// Every pair's traffic over `window_secs`, this server's reports and every
+/// peer's merged, both sides combined; and the seconds they cover.
+pub async fn merged(node: &ServerNode, window_secs: u32) -> (Vec<proto::PairTraffic>, u32) {
+    let (mut reports, covered) = node.traffic.window(now_secs(), u64::from(window_secs));
+    let peers = node.peers.keys().filter(|id| **id != node.id);
+    let asked = peers.map(|id| node.peer_traffic(*id, window_secs, PEER_LIMIT));
+    for answer in futures::future::join_all(asked).await {
+        reports.extend(answer.into_iter().flatten());
+    }
+    (traffic::combine_sides(reports), covered as u32)
+}
+
+/// The window and step a series request asks for (see `SeriesRequest`).
+pub fn series_shape(r: &proto::SeriesRequest) -> Result<(u32, u32), Status> {
+    let slot = crate::traffic::SLOT_SECS as u32;
+    let window_secs = match r.window_secs {
+        0 => MAX_WINDOW_SECS,
+        w if (slot..=MAX_WINDOW_SECS).contains(&w) => w,
+        w => {
+            return Err(invalid(format!(
+                "window_secs {w}: from {slot} to {MAX_WINDOW_SECS}"
+            )))
+        }
+    };
+    let step_secs = match r.step_secs {
+        0 => 60,
+        s if s % slot == 0 && s <= window_secs => s,
+        s => {
+            return Err(invalid(format!(
+                "step_secs {s}: a multiple of {slot} s, at most the window ({window_secs} s)"
+            )))
+        }
+    };
+    if window_secs.div_ceil(step_secs) > MAX_POINTS {
+        return Err(invalid(format!(
+            "{window_secs} s in steps of {step_secs} s is more than {MAX_POINTS} points"
+        )));
+    }
+    Ok((window_secs, step_secs))
+}
+
+/// Points one series may have.
+const MAX_POINTS: u32 = 360;

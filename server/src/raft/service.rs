@@ -176,6 +176,19 @@ impl RaftRpc for RaftService {
         }))
     }
 
+    async fn traffic_series(
+        &self,
+        req: Request<weft_api::proto::SeriesRequest>,
+    ) -> Result<Response<weft_api::proto::SlotReports>, Status> {
+        let (window, _) = crate::grpc::telemetry::series_shape(req.get_ref())?;
+        let now = crate::grpc::telemetry::now_secs();
+        let slots = self
+            .node
+            .traffic
+            .slots_into(now, u64::from(window), &req.get_ref().service);
+        Ok(Response::new(weft_api::proto::SlotReports { slots }))
+    }
+
     async fn status(&self, _req: Request<Empty>) -> Result<Response<RaftPayload>, Status> {
         encode(&self.node.local_status().await)
     }

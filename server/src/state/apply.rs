@@ -19,6 +19,7 @@ pub enum ApplyError {
     UnknownNode(String),
     #[error("service instance {id:?} is not registered on node {node:?}")]
     UnknownInstance { node: String, id: String },
+    // Starts with CAS_MISMATCH: the HTTP API answers `false` for it.
     #[error("check-and-set failed for {key:?}: index is {actual}, not {expected}")]
     CasMismatch {
         key: String,
@@ -30,6 +31,9 @@ pub enum ApplyError {
     #[error("no free virtual IP: {0}")]
     VipExhausted(String),
 }
+
+/// How a check-and-set mismatch's message starts.
+pub const CAS_MISMATCH: &str = "check-and-set failed";
 
 fn invalid(e: impl std::fmt::Display) -> ApplyError {
     ApplyError::Invalid(e.to_string())
@@ -437,6 +441,12 @@ mod tests {
     use weft_api::intention::{Intention, IntentionAction};
 
     use super::*;
+
+    #[test]
+    fn a_cas_mismatch_says_so_first() {
+        let e = check_cas("k", Some(3), Some(4)).unwrap_err();
+        assert!(e.to_string().starts_with(CAS_MISMATCH), "{e}");
+    }
 
     fn node(name: &str) -> Node {
         Node {

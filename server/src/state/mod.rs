@@ -25,7 +25,7 @@ use weft_api::kv::KvEntry;
 use crate::acl::{AclPolicy, AclState, AclToken};
 use crate::ca::{CaRoot, CaState};
 
-pub use apply::ApplyError;
+pub use apply::{ApplyError, CAS_MISMATCH};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {

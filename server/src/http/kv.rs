@@ -1,0 +1,165 @@
+//! `/v1/kv/<key>`: Consul's KV endpoints over the gRPC `Kv` service.
+//! `GET` (one key, `?recurse`, `?keys[&separator=]`, `?raw`), `PUT` with
+//! the value as the body (`?cas`), `DELETE` (`?cas`). Consul's `?flags`,
+//! `?acquire`, `?release` and a recursive delete are refused as not
+//! supported yet rather than ignored.
+use std::sync::Arc;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Response, StatusCode};
+use serde_json::{json, Value};
+use weft_api::proto::{self, kv_server::Kv};
+
+use super::{json, json_at, Answer, Call, HttpError};
+use crate::grpc::kv::KvApi;
+use crate::node::ServerNode;
+
+/// The most bytes of values one recursive read gathers; a larger answer is
+/// refused (ask for a narrower prefix).
+const MAX_RECURSE_BYTES: usize = 64 << 20;
+
+fn entry_json(e: &proto::KvEntry) -> Value {
+    let value =
+        (!e.value.is_empty()).then(|| base64::engine::general_purpose::STANDARD.encode(&e.value));
+    json!({
+        "Key": e.key,
+        "Value": value,
+        "Flags": 0,
+        "CreateIndex": e.create_index,
+        "ModifyIndex": e.modify_index,
+        "LockIndex": 0,
+        "Session": "",
+    })
+}
+
+pub async fn kv(node: &Arc<ServerNode>, call: &Call, key: &str) -> Answer {
+    let api = KvApi(node.clone());
+    match call.method {
+        Method::GET => get(&api, call, key).await,
+        Method::PUT => {
+            call.only_params(&["cas"])?;
+            let cas = call.number::<u64>("cas")?;
+            let put = api
+                .put(call.grpc(proto::KvPutRequest {
+                    key: key.to_string(),
+                    value: call.body.to_vec(),
+                    cas,
+                }))
+                .await;
+            cas_answer(put.map(|_| ()), cas.is_some())
+        }
+        Method::DELETE => {
+            if call.flag("recurse") {
+                return Err(HttpError::bad_request(
+                    "a recursive delete is not supported yet: delete the keys one by one",
+                ));
+            }
+            call.only_params(&["cas"])?;
+            let cas = call.number::<u64>("cas")?;
+            let deleted = api
+                .delete(call.grpc(proto::KvDeleteRequest {
+                    key: key.to_string(),
+                    cas,
+                }))
+                .await;
+            cas_answer(deleted.map(|_| ()), cas.is_some())
+        }
+        _ => Err(HttpError::method_not_allowed()),
+    }
+}
+
+/// `true`, or `false` when a check-and-set did not match (Consul's answer).
+fn cas_answer(result: Result<(), tonic::Status>, cas: bool) -> Answer {
+    match result {
+        Ok(()) => Ok(json(StatusCode::OK, &true)),
+        Err(s)
+            if cas
+                && s.code() == tonic::Code::FailedPrecondition
+                && s.message().starts_with(crate::state::CAS_MISMATCH) =>
+        {
+            Ok(json(StatusCode::OK, &false))
+        }
+        Err(s) => Err(s.into()),
+    }
+}
+
+async fn get(api: &KvApi, call: &Call, key: &str) -> Answer {
+    call.only_params(&["recurse", "keys", "separator", "raw"])?;
+    if call.flag("keys") || call.flag("recurse") {
+        let (entries, index) = list(api, call, key).await?;
+        if entries.is_empty() {
+            return Err(HttpError::not_found());
+        }
+        if call.flag("keys") {
+            let separator = call.query("separator").unwrap_or("");
+            let mut keys: Vec<String> = Vec::new();
+            for e in &entries {
+                let folded = match e.key[key.len()..].find(separator) {
+                    Some(at) if !separator.is_empty() => &e.key[..key.len() + at + separator.len()],
+                    _ => e.key.as_str(),
+                };
+                if keys.last().map(String::as_str) != Some(folded) {
+                    keys.push(folded.to_string());
+                }
+            }
+            return Ok(json_at(index, &keys));
+        }
+        let out: Vec<Value> = entries.iter().map(entry_json).collect();
+        return Ok(json_at(index, &out));
+    }
+    let e = api
+        .get(call.grpc(proto::KvGetRequest {
+            key: key.to_string(),
+            read: None,
+        }))
+        .await?
+        .into_inner();
+    if call.flag("raw") {
+        return Ok(Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/octet-stream")
+            .header("content-disposition", "attachment")
+            .body(Full::new(Bytes::from(e.value)))
+            .expect("a static response"));
+    }
+    Ok(json_at(e.modify_index, &[entry_json(&e)]))
+}
+
+/// Every entry under `prefix` the token may read, page after page.
+async fn list(
+    api: &KvApi,
+    call: &Call,
+    prefix: &str,
+) -> Result<(Vec<proto::KvEntry>, u64), HttpError> {
+    let (mut entries, mut bytes, mut after, mut index) = (Vec::new(), 0usize, String::new(), 0);
+    loop {
+        let page = api
+            .list(call.grpc(proto::KvListRequest {
+                prefix: prefix.to_string(),
+                read: None,
+                after: after.clone(),
+                limit: 0,
+            }))
+            .await?
+            .into_inner();
+        index = index.max(page.index);
+        bytes += page
+            .entries
+            .iter()
+            .map(|e| e.key.len() + e.value.len())
+            .sum::<usize>();
+        if bytes > MAX_RECURSE_BYTES {
+            return Err(HttpError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("more than {MAX_RECURSE_BYTES} bytes under {prefix:?}: ask for a narrower prefix"),
+            ));
+        }
+        entries.extend(page.entries);
+        if page.next.is_empty() {
+            return Ok((entries, index));
+        }
+        after = page.next;
+    }
+}

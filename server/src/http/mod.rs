@@ -1,0 +1,355 @@
+//! The server's HTTP port (TLS 1.3, like every port): Consul's HTTP API
+//! where weft has the feature, the web UI's own endpoints and the UI itself.
+//! `docs/http-api.md` lists every endpoint and its JSON.
+//!
+//! Handlers call the gRPC services in process, with the caller's token in
+//! the request's metadata, so that the HTTP API authorizes, checks and
+//! writes exactly as the gRPC API does; views the gRPC API has no call for
+//! (the UI's summaries) read the state with the same ACL filters.
+//!
+//! - No token: `/v1/status/leader`, `/v1/status/peers` (no more than a
+//!   member list tells whoever can reach Raft) and the UI's static files.
+//! - Everything else needs a token: `X-Consul-Token: <secret>` or
+//!   `Authorization: Bearer <secret>`, never the URL (it would be logged).
+//!   Without one the gRPC layer refuses; the answer is 403 as in Consul.
+//! - Bodies are read only for writes and only up to [`MAX_BODY`].
+//! - Every answer says `X-Content-Type-Options: nosniff`,
+//!   `X-Frame-Options: DENY` and `Cache-Control: no-store`; no answer allows
+//!   another origin (no CORS), and since the token travels in a header a
+//!   page of another site cannot make a browser send it (no CSRF).
+mod acl;
+mod catalog;
+mod config;
+mod intentions;
+mod kv;
+mod status;
+mod ui;
+mod views;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+
+use crate::grpc::auth::{Caller, TOKEN_METADATA};
+use crate::node::ServerNode;
+
+/// The largest request body read (a KV value is at most 512 KiB, a config
+/// entry at most what one Raft entry carries).
+pub const MAX_BODY: usize = 2 << 20;
+
+/// Serves the HTTP port until the process ends.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    limits: Arc<crate::conn_limit::ClientLimits>,
+    node: Arc<ServerNode>,
+) {
+    let mut incoming = crate::tls::incoming(listener, tls, limits);
+    while let Some(conn) = incoming.next().await {
+        let Ok(stream) = conn else { continue };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let node = node.clone();
+                async move { Ok::<_, Infallible>(handle(&node, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// What a handler refuses with: an HTTP status and the reason, sent as a
+/// JSON string.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct HttpError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl HttpError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        HttpError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not found")
+    }
+
+    pub fn method_not_allowed() -> Self {
+        Self::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+    }
+}
+
+impl From<tonic::Status> for HttpError {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        let status = match s.code() {
+            Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
+            // Consul answers 403 for a missing or unknown token too.
+            Code::Unauthenticated | Code::PermissionDenied => StatusCode::FORBIDDEN,
+            Code::NotFound => StatusCode::NOT_FOUND,
+            Code::AlreadyExists | Code::FailedPrecondition | Code::Aborted => StatusCode::CONFLICT,
+            Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            Code::Unavailable | Code::DeadlineExceeded => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        HttpError::new(status, s.message())
+    }
+}
+
+pub type Reply = Response<Full<Bytes>>;
+pub type Answer = Result<Reply, HttpError>;
+
+/// One request, read: what every handler needs.
+pub struct Call {
+    pub method: Method,
+    /// The path, percent-decoded.
+    pub path: String,
+    query: Vec<(String, String)>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    secret: Option<String>,
+}
+
+impl Call {
+    /// The value of query parameter `name` (`Some("")` for a bare `?name`).
+    pub fn query(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether the query has parameter `name`, with any value.
+    pub fn flag(&self, name: &str) -> bool {
+        self.query(name).is_some()
+    }
+
+    /// Refuses query parameters other than `known`, so that one weft does
+    /// not implement yet is never silently ignored.
+    pub fn only_params(&self, known: &[&str]) -> Result<(), HttpError> {
+        match self
+            .query
+            .iter()
+            .find(|(k, _)| !known.contains(&k.as_str()))
+        {
+            Some((k, _)) => Err(HttpError::bad_request(format!(
+                "query parameter {k:?} is not supported here (known: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Query parameter `name` as a number, if given.
+    pub fn number<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>, HttpError> {
+        self.query(name)
+            .map(|v| {
+                v.parse().map_err(|_| {
+                    HttpError::bad_request(format!("query parameter {name}: {v:?} is not a number"))
+                })
+            })
+            .transpose()
+    }
+
+    /// A required query parameter.
+    pub fn required(&self, name: &str) -> Result<&str, HttpError> {
+        self.query(name)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| HttpError::bad_request(format!("query parameter {name} is required")))
+    }
+
+    /// `msg` as an in-process gRPC request carrying the caller's token.
+    pub fn grpc<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(secret) = &self.secret {
+            if let Ok(value) = format!("Bearer {secret}").parse() {
+                req.metadata_mut().insert(TOKEN_METADATA, value);
+            }
+        }
+        req
+    }
+
+    /// The caller the token stands for, as the gRPC API authenticates it.
+    pub async fn caller(&self, node: &ServerNode) -> Result<Caller, HttpError> {
+        Ok(crate::grpc::auth::caller(node, &self.grpc(())).await?)
+    }
+
+    /// The body as JSON of type `T`.
+    pub fn json_body<T: serde::de::DeserializeOwned>(&self) -> Result<T, HttpError> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| HttpError::bad_request(format!("request body: {e}")))
+    }
+}
+
+/// The token secret a request carries (Consul's header, or a bearer token).
+fn secret_of(headers: &HeaderMap) -> Option<String> {
+    let consul = headers
+        .get("x-consul-token")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.trim().is_empty());
+    let secret = match consul {
+        Some(v) => v,
+        None => {
+            let auth = headers.get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
+            // The scheme is case-insensitive (RFC 9110).
+            let (scheme, secret) = auth.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(secret)?
+        }
+    };
+    let secret = secret.trim();
+    (!secret.is_empty()).then(|| secret.to_string())
+}
+
+/// Reads `req` into a [`Call`]: the path decoded, the query parsed, the body
+/// of a write read up to [`MAX_BODY`].
+async fn read_call(req: Request<Incoming>) -> Result<Call, HttpError> {
+    let (parts, body) = req.into_parts();
+    let path = percent_encoding::percent_decode_str(parts.uri.path())
+        .decode_utf8()
+        .map_err(|_| HttpError::bad_request("the path is not UTF-8 once decoded"))?
+        .into_owned();
+    let query = form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+        .into_owned()
+        .collect();
+    let too_large = || {
+        HttpError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {MAX_BODY} bytes"),
+        )
+    };
+    // Refused from the header when it says so, before the client sends it.
+    let declared = parts
+        .headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    let body = if matches!(parts.method, Method::PUT | Method::POST | Method::DELETE) {
+        match Limited::new(body, MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+            Err(e) => return Err(HttpError::bad_request(format!("reading the body: {e}"))),
+        }
+    } else {
+        Bytes::new()
+    };
+    Ok(Call {
+        secret: secret_of(&parts.headers),
+        method: parts.method,
+        path,
+        query,
+        headers: parts.headers,
+        body,
+    })
+}
+
+async fn handle(node: &Arc<ServerNode>, req: Request<Incoming>) -> Reply {
+    let answer = match read_call(req).await {
+        Ok(call) => route(node, &call).await,
+        Err(e) => Err(e),
+    };
+    let mut reply = answer.unwrap_or_else(|e| json(e.status, &e.message));
+    let headers = reply.headers_mut();
+    for (name, value) in [
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        ("referrer-policy", "no-referrer"),
+    ] {
+        headers.insert(name, hyper::header::HeaderValue::from_static(value));
+    }
+    headers
+        .entry(hyper::header::CACHE_CONTROL)
+        .or_insert(hyper::header::HeaderValue::from_static("no-store"));
+    reply
+}
+
+/// Which handler a path goes to.
+async fn route(node: &Arc<ServerNode>, call: &Call) -> Answer {
+    let path = call.path.as_str();
+    if path == "/" || path == "/ui" || path.starts_with("/ui/") {
+        return ui::asset(call);
+    }
+    if path == "/metrics" {
+        return status::metrics(node, call);
+    }
+    if let Some(rest) = path.strip_prefix("/v1/status/") {
+        return status::status(node, call, rest).await;
+    }
+    if path == "/v1/acl/token/self" {
+        return acl::token_self(node, call).await;
+    }
+    if let Some(rest) = path.strip_prefix("/v1/kv/") {
+        return kv::kv(node, call, rest).await;
+    }
+    if let Some(rest) = path.strip_prefix("/v1/connect/intentions") {
+        return intentions::intentions(node, call, rest).await;
+    }
+    if path == "/v1/config" || path.starts_with("/v1/config/") {
+        return config::config(node, call, &path["/v1/config".len()..]).await;
+    }
+    if let Some(rest) = path.strip_prefix("/v1/internal/ui/") {
+        return views::route(node, call, rest).await;
+    }
+    if path.starts_with("/v1/catalog/") || path.starts_with("/v1/health/") {
+        return catalog::route(node, call, path).await;
+    }
+    Err(HttpError::not_found())
+}
+
+/// A JSON answer.
+pub fn json(status: StatusCode, body: &impl Serialize) -> Reply {
+    let body = serde_json::to_vec(body).expect("JSON of plain data");
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("a static response")
+}
+
+/// A JSON answer with Consul's `X-Consul-Index` (the state's index).
+pub fn json_at(index: u64, body: &impl Serialize) -> Reply {
+    let mut reply = json(StatusCode::OK, body);
+    reply.headers_mut().insert(
+        "x-consul-index",
+        hyper::header::HeaderValue::from(index.max(1)),
+    );
+    reply
+}
+
+/// Requires `method` (405 otherwise).
+pub fn only(call: &Call, method: Method) -> Result<(), HttpError> {
+    if call.method == method {
+        Ok(())
+    } else {
+        Err(HttpError::method_not_allowed())
+    }
+}

@@ -1,0 +1,466 @@
+//! The server's HTTP API (docs/http-api.md) against a real server over TLS
+//! with curl: every endpoint that needs a token refuses none, a made-up one
+//! and one without the right; what a token may do it does in Consul's JSON
+//! shapes (KV, intentions, config entries, catalog and health, the UI's
+//! views); bad input is refused with what is wrong; the UI's files come
+//! with a Content-Security-Policy and no secret.
+use anyhow::Context;
+use serde_json::Value;
+use weft_api::proto;
+use weft_tests::servers::Cluster;
+
+/// Every endpoint that needs a token, with a method it answers.
+const GUARDED: &[(&str, &str)] = &[
+    ("GET", "/metrics"),
+    ("GET", "/v1/acl/token/self"),
+    ("GET", "/v1/catalog/services"),
+    ("GET", "/v1/catalog/nodes"),
+    ("GET", "/v1/health/service/api"),
+    ("GET", "/v1/connect/intentions"),
+    (
+        "GET",
+        "/v1/connect/intentions/exact?source=web&destination=api",
+    ),
+    (
+        "PUT",
+        "/v1/connect/intentions/exact?source=web&destination=api",
+    ),
+    (
+        "DELETE",
+        "/v1/connect/intentions/exact?source=web&destination=api",
+    ),
+    (
+        "GET",
+        "/v1/connect/intentions/check?source=web&destination=api",
+    ),
+    ("GET", "/v1/config/service-defaults"),
+    ("GET", "/v1/config/service-defaults/api"),
+    ("PUT", "/v1/config"),
+    ("DELETE", "/v1/config/service-defaults/api"),
+    ("GET", "/v1/kv/app/a"),
+    ("GET", "/v1/kv/app/?recurse"),
+    ("PUT", "/v1/kv/app/a"),
+    ("DELETE", "/v1/kv/app/a"),
+    ("GET", "/v1/internal/ui/services"),
+    ("GET", "/v1/internal/ui/nodes"),
+    ("GET", "/v1/internal/ui/topology"),
+    ("GET", "/v1/internal/ui/service-topology/api"),
+    ("GET", "/v1/internal/ui/traffic/api"),
+];
+
+/// A body each write would accept from a token with the right.
+fn body_for(path: &str) -> Option<&'static [u8]> {
+    if path.starts_with("/v1/connect/intentions/exact") {
+        Some(br#"{"Action":"deny"}"#)
+    } else if path == "/v1/config" {
+        Some(br#"{"Kind":"service-defaults","Name":"api","Protocol":"http"}"#)
+    } else if path.starts_with("/v1/kv/") {
+        Some(b"value")
+    } else {
+        None
+    }
+}
+
+#[test]
+fn every_endpoint_refuses_missing_bogus_and_weak_tokens() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    // Reads keys under nothing/ only.
+    let weak = cluster.token_with_rules("weak", r#"key_prefix "nothing/" { policy = "read" }"#)?;
+    let mut failures = Vec::new();
+    for (method, path) in GUARDED {
+        for (who, token) in [
+            ("no token", None),
+            (
+                "a bogus token",
+                Some("00000000-0000-4000-8000-000000000000"),
+            ),
+            ("a weak token", Some(weak.as_str())),
+        ] {
+            // The weak token is a valid token: reading itself is its right.
+            if who == "a weak token" && *path == "/v1/acl/token/self" {
+                continue;
+            }
+            let reply = cluster.http(1, method, path, token, body_for(path))?;
+            // A key list is filtered to what the token reads, as in Consul:
+            // for this token, nothing, so no such keys.
+            let expected = if who == "a weak token" && path.ends_with("?recurse") {
+                404
+            } else {
+                403
+            };
+            if reply.status != expected {
+                failures.push(format!(
+                    "{method} {path} with {who}: {} {}",
+                    reply.status, reply.body
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "not refused:\n{}", failures.join("\n"));
+    // Nothing was written by those attempts.
+    let m = Some(cluster.token.as_str());
+    assert_eq!(cluster.http(1, "GET", "/v1/kv/app/a", m, None)?.status, 404);
+    let intentions = cluster.http(1, "GET", "/v1/connect/intentions", m, None)?;
+    assert_eq!(intentions.json()?, serde_json::json!([]));
+
+    // What needs no token: Consul's status endpoints and the UI's files.
+    let leader = cluster.http(1, "GET", "/v1/status/leader", None, None)?;
+    assert_eq!(leader.status, 200);
+    assert_eq!(
+        leader.json()?,
+        Value::String(cluster.servers[0].raft_addr.clone())
+    );
+    let page = cluster.http(1, "GET", "/ui/", None, None)?;
+    assert_eq!(page.status, 200);
+    let csp = page.header("content-security-policy").context("a CSP")?;
+    assert!(
+        csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    assert_eq!(page.header("x-frame-options"), Some("DENY"));
+    assert!(page.body.contains("/ui/app.js"), "{}", page.body);
+    let js = cluster.http(1, "GET", "/ui/app.js", None, None)?;
+    assert_eq!(js.status, 200);
+    assert!(js
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/javascript")));
+    assert_eq!(js.header("x-content-type-options"), Some("nosniff"));
+    let root = cluster.http(1, "GET", "/", None, None)?;
+    assert_eq!((root.status, root.header("location")), (302, Some("/ui/")));
+    assert_eq!(
+        cluster
+            .http(1, "GET", "/ui/../etc/passwd", None, None)?
+            .status,
+        404
+    );
+    assert_eq!(cluster.http(1, "GET", "/v1/nothing", m, None)?.status, 404);
+    // A cross-origin page gets no CORS allowance.
+    assert!(intentions.header("access-control-allow-origin").is_none());
+    Ok(())
+}
+
+#[test]
+fn kv_intentions_and_config_entries_in_consuls_shapes() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    let m = Some(cluster.token.as_str());
+    let http =
+        |method: &str, path: &str, body: Option<&[u8]>| cluster.http(1, method, path, m, body);
+
+    // The token itself, without its secret.
+    let me = http("GET", "/v1/acl/token/self", None)?;
+    assert_eq!(me.status, 200, "{}", me.body);
+    let me = me.json()?;
+    assert!(
+        me["AccessorID"].as_str().is_some_and(|a| !a.is_empty()),
+        "{me}"
+    );
+    assert!(me.get("SecretID").is_none(), "{me}");
+    assert!(
+        !me.to_string().contains(&cluster.token),
+        "the secret is in {me}"
+    );
+
+    // KV: put, get (base64), raw, check-and-set, keys, delete.
+    assert_eq!(http("PUT", "/v1/kv/app/a", Some(b"hello"))?.json()?, true);
+    assert_eq!(http("PUT", "/v1/kv/app/sub/b", Some(b"x"))?.json()?, true);
+    let got = http("GET", "/v1/kv/app/a", None)?;
+    let entry = &got.json()?[0];
+    assert_eq!(entry["Key"], "app/a");
+    assert_eq!(entry["Value"], "aGVsbG8=", "base64 of hello");
+    let index = entry["ModifyIndex"].as_u64().context("ModifyIndex")?;
+    assert!(got.header("x-consul-index").is_some());
+    assert_eq!(http("GET", "/v1/kv/app/a?raw", None)?.body, "hello");
+    // cas=0 means only if absent: refused with false, and nothing changed.
+    assert_eq!(
+        http("PUT", "/v1/kv/app/a?cas=0", Some(b"no"))?.json()?,
+        false
+    );
+    assert_eq!(
+        http("PUT", &format!("/v1/kv/app/a?cas={index}"), Some(b"yes"))?.json()?,
+        true
+    );
+    assert_eq!(http("GET", "/v1/kv/app/a?raw", None)?.body, "yes");
+    assert_eq!(
+        http("GET", "/v1/kv/app/?keys&separator=/", None)?.json()?,
+        serde_json::json!(["app/a", "app/sub/"])
+    );
+    assert_eq!(
+        http("GET", "/v1/kv/app/?recurse", None)?
+            .json()?
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(http("DELETE", "/v1/kv/app/a", None)?.json()?, true);
+    assert_eq!(http("GET", "/v1/kv/app/a", None)?.status, 404);
+    // What weft does not do yet is refused, not ignored.
+    let flags = http("PUT", "/v1/kv/app/c?flags=42", Some(b"v"))?;
+    assert_eq!(flags.status, 400, "{}", flags.body);
+    assert!(flags.body.contains("flags"), "{}", flags.body);
+    assert_eq!(
+        http("GET", "/v1/kv/app/c", None)?.status,
+        404,
+        "a refused put wrote nothing"
+    );
+    let recurse = http("DELETE", "/v1/kv/app/?recurse", None)?;
+    assert_eq!(recurse.status, 400, "{}", recurse.body);
+    let big = vec![b'x'; 3 << 20];
+    assert_eq!(http("PUT", "/v1/kv/app/big", Some(&big))?.status, 413);
+    let cas = http("PUT", "/v1/kv/app/c?cas=x", Some(b"v"))?;
+    assert_eq!(cas.status, 400);
+    assert!(cas.body.contains("cas"), "{}", cas.body);
+
+    // Intentions: write, list, explain, L7 permissions (api speaks HTTP),
+    // delete.
+    let http_api = br#"{"Kind":"service-defaults","Name":"api","Protocol":"http"}"#;
+    assert_eq!(http("PUT", "/v1/config", Some(http_api))?.json()?, true);
+    let put = http(
+        "PUT",
+        "/v1/connect/intentions/exact?source=web&destination=api",
+        Some(br#"{"Action":"deny","Description":"not yet"}"#),
+    )?;
+    assert_eq!((put.status, put.json()?), (200, Value::Bool(true)));
+    let list = http("GET", "/v1/connect/intentions", None)?.json()?;
+    assert_eq!(list[0]["SourceName"], "web", "{list}");
+    assert_eq!(list[0]["DestinationName"], "api", "{list}");
+    assert_eq!(list[0]["Action"], "deny", "{list}");
+    assert_eq!(list[0]["Description"], "not yet", "{list}");
+    let check = http(
+        "GET",
+        "/v1/connect/intentions/check?source=web&destination=api",
+        None,
+    )?
+    .json()?;
+    assert_eq!(check["Allowed"], false, "{check}");
+    assert_eq!(check["Reason"], "denied by intention web => api", "{check}");
+    assert_eq!(check["DecidedBy"]["SourceName"], "web", "{check}");
+    let l7 = br#"{"Permissions":[{"Action":"allow","HTTP":{"PathPrefix":"/public","Methods":["GET"]}}]}"#;
+    assert_eq!(
+        http(
+            "PUT",
+            "/v1/connect/intentions/exact?source=web&destination=api",
+            Some(l7)
+        )?
+        .json()?,
+        true
+    );
+    let check = |q: &str| -> anyhow::Result<Value> {
+        http(
+            "GET",
+            &format!("/v1/connect/intentions/check?source=web&destination=api{q}"),
+            None,
+        )?
+        .json()
+    };
+    let allowed = check("&method=GET&path=/public/x")?;
+    assert_eq!(allowed["Allowed"], true, "{allowed}");
+    assert_eq!(allowed["PermissionIndex"], 0, "{allowed}");
+    assert_eq!(check("&method=POST&path=/public/x")?["Allowed"], false);
+    for (body, names) in [
+        (&br#"{"Action":"maybe"}"#[..], "Action"),
+        (br#"{"Action":"allow","Meta":{"a":"b"}}"#, "Meta"),
+        (br#"{"SourceName":"db","Action":"allow"}"#, "SourceName"),
+        (
+            br#"{"Permissions":[{"Action":"allow","HTTP":{"PathRegex":"("}}]}"#,
+            "PathRegex",
+        ),
+    ] {
+        let bad = http(
+            "PUT",
+            "/v1/connect/intentions/exact?source=web&destination=api",
+            Some(body),
+        )?;
+        assert_eq!(
+            bad.status,
+            400,
+            "{}: {}",
+            String::from_utf8_lossy(body),
+            bad.body
+        );
+        assert!(bad.body.contains(names), "{names}: {}", bad.body);
+    }
+    let missing = http("GET", "/v1/connect/intentions/exact?source=web", None)?;
+    assert_eq!(missing.status, 400);
+    assert!(missing.body.contains("destination"), "{}", missing.body);
+    assert_eq!(
+        http(
+            "DELETE",
+            "/v1/connect/intentions/exact?source=web&destination=api",
+            None
+        )?
+        .json()?,
+        true
+    );
+    assert_eq!(
+        http(
+            "GET",
+            "/v1/connect/intentions/exact?source=web&destination=api",
+            None
+        )?
+        .status,
+        404
+    );
+    assert_eq!(http("POST", "/v1/connect/intentions", None)?.status, 405);
+
+    // Config entries.
+    let entry = br#"{"Kind":"service-defaults","Name":"api","Protocol":"http"}"#;
+    assert_eq!(http("PUT", "/v1/config", Some(entry))?.json()?, true);
+    let got = http("GET", "/v1/config/service-defaults/api", None)?.json()?;
+    assert_eq!(
+        (got["Kind"].as_str(), got["Protocol"].as_str()),
+        (Some("service-defaults"), Some("http")),
+        "{got}"
+    );
+    assert!(got["ModifyIndex"].as_u64().is_some_and(|i| i > 0), "{got}");
+    let all = http("GET", "/v1/config/service-defaults", None)?.json()?;
+    assert_eq!(all.as_array().map(Vec::len), Some(1), "{all}");
+    let bad = http(
+        "PUT",
+        "/v1/config",
+        Some(br#"{"Kind":"service-defaults","Name":"api","Protocol":"carrier-pigeon"}"#),
+    )?;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(bad.body.contains("carrier-pigeon"), "{}", bad.body);
+    assert_eq!(http("GET", "/v1/config/no-such-kind", None)?.status, 400);
+    assert_eq!(
+        http("DELETE", "/v1/config/service-defaults/api", None)?.json()?,
+        true
+    );
+    assert_eq!(
+        http("GET", "/v1/config/service-defaults/api", None)?.status,
+        404
+    );
+    Ok(())
+}
+
+/// Catalog and health in Consul's shapes, and the UI's summaries: an
+/// instance counts at its worst check, its node's included.
+#[test]
+fn catalog_health_and_the_uis_summaries() -> anyhow::Result<()> {
+    use proto::catalog_client::CatalogClient;
+    // No agent heartbeats here: nodes stay as registered for the test.
+    let cluster = Cluster::start(1, &["--node-timeout=5m"])?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut admin = CatalogClient::new(cluster.channel(1).await?);
+        for node in ["n1", "n2"] {
+            admin
+                .register_node(proto::RegisterNodeRequest {
+                    node: Some(proto::Node {
+                        name: node.into(),
+                        address: format!("10.0.0.{}", &node[1..]),
+                        datacenter: "dc1".into(),
+                        ..Default::default()
+                    }),
+                })
+                .await?;
+        }
+        for (id, node, port) in [
+            ("api-1", "n1", 8080),
+            ("api-2", "n2", 8080),
+            ("db-1", "n1", 5432),
+        ] {
+            admin
+                .register_service(proto::RegisterServiceRequest {
+                    instance: Some(proto::ServiceInstance {
+                        id: id.into(),
+                        service: id.split('-').next().unwrap_or_default().into(),
+                        node: node.into(),
+                        address: format!("10.0.0.{}", &node[1..]),
+                        port,
+                        tags: vec!["v1".into()],
+                        health: proto::Health::Passing as i32,
+                        ..Default::default()
+                    }),
+                })
+                .await?;
+        }
+        admin
+            .update_health(proto::UpdateHealthRequest {
+                node: "n2".into(),
+                id: "api-2".into(),
+                health: proto::Health::Critical as i32,
+                output: "HTTP GET /healthz: 503".into(),
+            })
+            .await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let m = Some(cluster.token.as_str());
+    let http = |path: &str| -> anyhow::Result<Value> {
+        let reply = cluster.http(1, "GET", path, m, None)?;
+        anyhow::ensure!(
+            reply.status == 200,
+            "{path}: {} {}",
+            reply.status,
+            reply.body
+        );
+        reply.json()
+    };
+    assert_eq!(
+        http("/v1/catalog/services")?,
+        serde_json::json!({"api": ["v1"], "db": ["v1"]})
+    );
+    let nodes = http("/v1/catalog/nodes")?;
+    assert_eq!(nodes[0]["Node"], "n1", "{nodes}");
+    let health = http("/v1/health/service/api")?;
+    assert_eq!(health.as_array().map(Vec::len), Some(2), "{health}");
+    let api2 = health
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["Service"]["ID"] == "api-2")
+        .context("api-2")?;
+    assert_eq!(api2["Node"]["Node"], "n2");
+    let checks = api2["Checks"].as_array().context("Checks")?;
+    assert_eq!(checks[0]["CheckID"], "serfHealth");
+    assert_eq!(checks[1]["CheckID"], "service:api-2");
+    assert_eq!(checks[1]["Status"], "critical");
+    assert_eq!(checks[1]["Output"], "HTTP GET /healthz: 503");
+    let passing = http("/v1/health/service/api?passing")?;
+    assert_eq!(passing.as_array().map(Vec::len), Some(1), "{passing}");
+    assert_eq!(passing[0]["Service"]["ID"], "api-1");
+
+    let services = http("/v1/internal/ui/services")?;
+    let api = &services[0];
+    assert_eq!(api["Name"], "api", "{services}");
+    assert_eq!(
+        (
+            &api["InstanceCount"],
+            &api["ChecksPassing"],
+            &api["ChecksCritical"]
+        ),
+        (&Value::from(2), &Value::from(1), &Value::from(1)),
+        "{services}"
+    );
+    let ui_nodes = http("/v1/internal/ui/nodes")?;
+    assert_eq!(
+        ui_nodes[0]["Services"],
+        serde_json::json!(["api", "db"]),
+        "{ui_nodes}"
+    );
+
+    // A token reading db only sees db, in every view.
+    let db = cluster.token_with_rules(
+        "db-reader",
+        r#"service "db" { policy = "read" } node_prefix "" { policy = "read" }"#,
+    )?;
+    let as_db = |path: &str| cluster.http(1, "GET", path, Some(&db), None);
+    assert_eq!(
+        as_db("/v1/catalog/services")?.json()?,
+        serde_json::json!({"db": ["v1"]})
+    );
+    let rows = as_db("/v1/internal/ui/services")?.json()?;
+    assert_eq!(rows.as_array().map(Vec::len), Some(1), "{rows}");
+    assert_eq!(as_db("/v1/health/service/api")?.status, 403);
+    let topo = as_db("/v1/internal/ui/topology")?.json()?;
+    assert_eq!(topo["Services"].as_array().map(Vec::len), Some(1), "{topo}");
+    let bad = cluster.http(1, "GET", "/v1/health/service/no%20such", m, None)?;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    let bad = cluster.http(1, "GET", "/v1/internal/ui/topology?window=0", m, None)?;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    let unknown = cluster.http(1, "GET", "/v1/catalog/services?filter=x", m, None)?;
+    assert_eq!(unknown.status, 400, "{}", unknown.body);
+    assert!(unknown.body.contains("filter"), "{}", unknown.body);
+    Ok(())
+}
