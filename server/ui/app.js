@@ -342,8 +342,8 @@
         state.token = token;
         sessionStorage.setItem(TOKEN_KEY, token);
         setWhoami(self);
-        if (!parseRoute()) location.replace('#/topology');
-        render();
+        if (!parseRoute()) location.replace('#/topology'); // hashchange renders it
+        else render();
       } catch (e) {
         error.textContent = e.message;
         error.classList.remove('hidden');

@@ -6,6 +6,7 @@
 //! the test with a message saying so: a privileged test never passes without
 //! running.
 
+pub mod browser;
 pub mod cgroup;
 pub mod echo;
 pub mod logs;

@@ -25,6 +25,10 @@ impl Shared {
     }
 }
 
+/// How the relay reaches its target: from this process's namespace, or
+/// from a thread that has entered another (see [`Relay::start_into`]).
+type Connect = Arc<dyn Fn() -> io::Result<TcpStream> + Send + Sync>;
+
 pub struct Relay {
     addr: SocketAddr,
     shared: Arc<Shared>,
@@ -34,12 +38,38 @@ pub struct Relay {
 impl Relay {
     /// Relays connections made to a new port on 127.0.0.1 to `to`.
     pub fn start(to: SocketAddr) -> io::Result<Relay> {
+        Self::start_with(Arc::new(move || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(1))
+        }))
+    }
+
+    /// Relays connections made to a new port on this process's 127.0.0.1
+    /// to `to` inside network namespace `netns` (its own loopback, say),
+    /// which nothing outside it can otherwise reach.
+    pub fn start_into(netns: &crate::netns::Netns, to: SocketAddr) -> io::Result<Relay> {
+        let path = netns.path();
+        Self::start_with(Arc::new(move || {
+            let ns = std::fs::File::open(&path)?;
+            std::thread::spawn(move || {
+                use std::os::fd::AsRawFd;
+                // SAFETY: a valid namespace fd; only this new thread moves.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                TcpStream::connect_timeout(&to, Duration::from_secs(1))
+            })
+            .join()
+            .map_err(|_| io::Error::other("netns thread panicked"))?
+        }))
+    }
+
+    fn start_with(connect: Connect) -> io::Result<Relay> {
         let listener = TcpListener::bind(("127.0.0.1", crate::servers::free_port()))?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::default());
         let accepting = {
             let shared = shared.clone();
-            std::thread::spawn(move || accept(listener, to, shared))
+            std::thread::spawn(move || accept(listener, connect, shared))
         };
         Ok(Relay {
             addr,
@@ -75,7 +105,7 @@ impl Drop for Relay {
     }
 }
 
-fn accept(listener: TcpListener, to: SocketAddr, shared: Arc<Shared>) {
+fn accept(listener: TcpListener, connect: Connect, shared: Arc<Shared>) {
     for client in listener.incoming() {
         if shared.stop.load(Ordering::SeqCst) {
             return;
@@ -84,7 +114,7 @@ fn accept(listener: TcpListener, to: SocketAddr, shared: Arc<Shared>) {
         if shared.cut.load(Ordering::SeqCst) {
             continue; // dropped: closed at once
         }
-        let Ok(server) = TcpStream::connect_timeout(&to, Duration::from_secs(1)) else {
+        let Ok(server) = connect() else {
             continue;
         };
         let _ = client.set_nodelay(true);
