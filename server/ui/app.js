@@ -96,7 +96,8 @@
   /**
    * One call to the server. The token goes in X-Consul-Token, never the URL.
    * opts.allow404: a 404 answers null. opts.token: use this token (login).
-   * opts.noRedirect: a 403 is thrown to the caller instead of showing login.
+   * opts.noRedirect: an unknown token's 403 is thrown to the caller instead
+   * of showing login.
    * A string body is sent as it is (KV values); anything else as JSON.
    */
   async function api(method, path, body, opts) {
@@ -126,7 +127,12 @@
     if (res.status === 404 && opts.allow404) return null;
     const msg = typeof data === 'string' && data !== '' ? data : res.status + ' ' + res.statusText;
     const err = new ApiError(res.status, msg);
-    if (res.status === 403 && !opts.noRedirect) forbidden(msg);
+    // Only a token the server does not know logs out; a token that lacks
+    // one right keeps its session and the page says what was refused.
+    if (res.status === 403 && !opts.noRedirect && /^(ACL token not found|no ACL token)/.test(msg)) {
+      err.loggedOut = true;
+      forbidden(msg);
+    }
     throw err;
   }
 
@@ -235,10 +241,10 @@
     $('#last-updated').textContent = 'updated ' + clock(new Date());
   }
 
-  /** Reports a failed call: 403 already went to the login page. */
+  /** Reports a failed call (one that logged out went to the login page). */
   function report(ctx, err) {
     if (ctx && !ctx.alive()) return;
-    if (err && err.status === 403) return;
+    if (err && err.loggedOut) return;
     showError(err && err.message ? err.message : String(err));
   }
 
@@ -602,6 +608,8 @@
       stats.textContent = g.nodes.size + ' services · ' + g.edges.size + ' edges · ' +
         (rebuilt ? 'drawn' : 'updated') + ' in ' + ms + ' ms';
       g.svg.setAttribute('data-render-ms', ms);
+      // Milliseconds since the page's navigation began (for the benchmark).
+      g.svg.setAttribute('data-drawn-at', Math.round(performance.now()));
     });
   }
 
@@ -977,7 +985,7 @@
         clear();
         saved();
       } catch (e) {
-        if (e.status !== 403) showErr(e.message);
+        if (!e.loggedOut) showErr(e.message);
       } finally {
         save.disabled = false;
       }
@@ -1056,7 +1064,7 @@
         result.replaceChildren(chip(ok ? 'passing' : 'critical', ok ? 'allowed' : 'denied'), ' ',
           h('span', { class: 'reason' }, (r && r.Reason) || ''));
       } catch (e) {
-        if (e.status !== 403) result.replaceChildren(h('span', { class: 'form-error' }, e.message));
+        if (!e.loggedOut) result.replaceChildren(h('span', { class: 'form-error' }, e.message));
       } finally {
         btn.disabled = false;
       }
@@ -1154,7 +1162,7 @@
     const value = h('textarea', { id: 'kv-value', rows: 14, spellcheck: 'false', readOnly: binary,
       value: binary ? 'binary value, ' + decoded.size + ' bytes' : decoded.text });
     const error = h('p', { id: 'kv-error', class: 'form-error hidden' });
-    const fail = (e) => { if (e.status !== 403) { error.textContent = e.message; error.classList.remove('hidden'); } };
+    const fail = (e) => { if (!e.loggedOut) { error.textContent = e.message; error.classList.remove('hidden'); } };
     const save = h('button', { id: 'kv-save', type: 'button', class: 'btn btn-primary', disabled: binary }, 'Save');
     const del = h('button', { id: 'kv-delete', type: 'button', class: 'btn btn-danger', disabled: isNew }, 'Delete');
     save.addEventListener('click', async () => {
@@ -1192,7 +1200,7 @@
     try {
       setWhoami(await api('GET', '/v1/acl/token/self'));
     } catch (e) {
-      if (e.status !== 403) showError(e.message);
+      if (!e.loggedOut) showError(e.message);
       if (!state.token) return; // 403: the login page is shown
     }
     render();

@@ -160,6 +160,20 @@ cgroup subtree ({} and …/b), and it answers DNS for NAME.service.weft on 127.0
         println!("    {line}");
     }
 
+    // The server's HTTP port is inside node-a's namespace: a relay brings
+    // it to this machine's loopback for a browser.
+    let ui =
+        weft_tests::relay::Relay::start_into(mesh.netns(Node::A), format!("{a}:8500").parse()?)?;
+    say(&format!(
+        "\nThe web UI (live topology, services, intentions, nodes, KV) while the demo runs:\n  \
+         https://{}/ui/\n\
+         log in with the management token {}\n\
+         (the server's certificate is signed by the demo's own CA, {}: the browser warns)",
+        ui.addr(),
+        mesh.token,
+        mesh.path("ca.pem").display()
+    ));
+
     step("workloads: web on node-a; api (v1 and v2) on node-b; each in its service's cgroup")?;
     let exec = format!(
         "weft-agent exec --config {} --service web -- CMD",
@@ -391,8 +405,41 @@ cgroup subtree ({} and …/b), and it answers DNS for NAME.service.weft on 127.0
          by their meta. A service-splitter would split by weight the same way.",
     );
 
+    hold_for_the_ui(&mesh, &ui.addr().to_string(), url)?;
     println!("\n== done; cleaning up: processes, cgroups, network namespaces, files");
+    drop(ui);
     drop(mesh);
+    Ok(())
+}
+
+/// On a terminal: keeps the mesh up for the UI until Enter or Ctrl-C,
+/// with web calling api about once a second so the graph stays live.
+fn hold_for_the_ui(mesh: &Mesh, addr: &str, url: &str) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        return Ok(());
+    }
+    println!(
+        "\n== the mesh stays up for the UI at https://{addr}/ui/: press Enter (or Ctrl-C) to end"
+    );
+    let mut fds = libc::pollfd {
+        fd: libc::STDIN_FILENO,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // At most an hour, checking for Ctrl-C every 200 ms.
+    for tick in 0..18_000 {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if tick % 5 == 0 {
+            let _ = mesh.exec_as(Node::A, "web", &["curl", "-s", "-m", "1", url]);
+        }
+        // SAFETY: one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut fds, 1, 200) } > 0 {
+            return Ok(());
+        }
+    }
     Ok(())
 }
 
