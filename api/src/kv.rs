@@ -26,6 +26,10 @@ pub enum KvError {
     LeadingSlash(String),
     #[error("key {0:?}: must not contain an empty segment (\"//\")")]
     EmptySegment(String),
+    /// A URL would resolve it to another key (browsers and HTTP clients
+    /// remove dot segments from paths).
+    #[error("key {0:?}: must not have a \".\" or \"..\" segment")]
+    DotSegment(String),
     #[error("key {key:?}: character {ch:?} at byte {at} is not printable")]
     BadChar { key: String, ch: char, at: usize },
 }
@@ -44,6 +48,12 @@ pub fn validate_key(key: &str) -> Result<(), KvError> {
     }
     if key.contains("//") {
         return Err(KvError::EmptySegment(key.to_string()));
+    }
+    if key
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return Err(KvError::DotSegment(key.to_string()));
     }
     if let Some((at, ch)) = key
         .char_indices()
@@ -94,6 +104,16 @@ mod tests {
             validate_key("a//b"),
             Err(KvError::EmptySegment(_))
         ));
+        for dotted in ["..", "a/../b", "a/./b", "a/..", "./a"] {
+            assert!(
+                matches!(validate_key(dotted), Err(KvError::DotSegment(_))),
+                "{dotted}"
+            );
+        }
+        assert!(
+            validate_key("a/..b/c.d/...").is_ok(),
+            "dots within a segment"
+        );
         assert!(matches!(
             validate_key("a b"),
             Err(KvError::BadChar { ch: ' ', at: 1, .. })

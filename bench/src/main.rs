@@ -9,6 +9,9 @@
 //! change to reach them all, server memory and disk (`--quick`: 1,000 and
 //! 10,000).
 //!
+//! `weft-bench ui`: the web UI and the traffic summaries with 1,000
+//! services (see `ui.rs`).
+//!
 //! `weft-bench node`: per-node overhead (issue 7; see bench/README.md), and
 //! the control-plane figures, in bench/results/node.{md,json}.
 use clap::{Parser, Subcommand};
@@ -20,6 +23,7 @@ mod load;
 mod node;
 mod report;
 mod tunnel;
+mod ui;
 mod usage;
 
 #[derive(Parser)]
@@ -53,6 +57,14 @@ enum Command {
         /// which git ignores.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+    },
+    /// The web UI and the traffic summaries with 1,000 services: summary
+    /// memory for an hour, the topology answer, page loads in headless
+    /// Chromium; writes bench/results/ui.{md,json}.
+    Ui {
+        /// Two rounds instead of five.
+        #[arg(long)]
+        quick: bool,
     },
     /// Request latency web -> api through weft's HBONE tunnel vs direct (two nodes as netns).
     Tunnel {
@@ -99,6 +111,10 @@ fn main() -> anyhow::Result<()> {
                 "node-partial"
             };
             report::write_doc(name, &figures, &node.sections, extra)
+        }
+        Command::Ui { quick } => {
+            let run = ui::run(quick)?;
+            report::write_doc("ui", &run.figures, &run.sections, serde_json::Value::Null)
         }
         Command::Tunnel { quick } => report::write("tunnel", &tunnel::run(quick)?),
     }

@@ -245,12 +245,12 @@ pub fn series(
             continue;
         };
         for p in traffic::combine_sides(pairs) {
-            point.requests += p.requests;
-            point.errors += p.errors;
-            point.denied += p.denied;
-            point.connections += p.connections;
+            point.requests = point.requests.saturating_add(p.requests);
+            point.errors = point.errors.saturating_add(p.errors);
+            point.denied = point.denied.saturating_add(p.denied);
+            point.connections = point.connections.saturating_add(p.connections);
             for (b, n) in latency.iter_mut().zip(&p.latency_buckets) {
-                *b += n;
+                *b = b.saturating_add(*n);
             }
         }
     }

@@ -141,7 +141,14 @@
     .filter(([, v]) => v !== undefined && v !== null && v !== '')
     .map(([k, v]) => enc(k) + '=' + enc(v)).join('&');
   /** KV keys keep their slashes in paths and routes; each segment is encoded. */
-  const encKey = (key) => key.split('/').map(enc).join('/');
+  const encKey = (key) => {
+    // A browser resolves "." and ".." in a URL's path (even encoded): such a
+    // key would name another resource. The server refuses them as keys.
+    if (key.split('/').some((seg) => seg === '.' || seg === '..')) {
+      throw new ApiError(400, 'key ' + JSON.stringify(key) + ': "." and ".." segments are not allowed');
+    }
+    return key.split('/').map(enc).join('/');
+  };
 
   // ─────────────────────────── formatting ───────────────────────────
 
@@ -418,6 +425,7 @@
       search.addEventListener('input', filter);
       filter();
       table.setAttribute('data-render-ms', Math.round(performance.now() - t0));
+      table.setAttribute('data-drawn-at', Math.round(performance.now()));
     });
     search.focus();
   }
@@ -493,11 +501,13 @@
     const sorted = edges.slice().sort((a, b) => byName(a[otherKey], b[otherKey]));
     const items = sorted.map((e) => {
       const other = e[otherKey];
+      // null: the token may not read the intentions that decide.
       const allowed = e.Allowed !== false;
+      const decided = e.Allowed === true || e.Allowed === false;
       return h('li', { 'data-service': other, class: edgeClass(e) },
         h('a', { href: serviceHref(other) }, other),
         h('span', { class: 'metrics' }, edgeMetrics(e) + (e.Denied > 0 ? ' · ' + e.Denied + ' denied' : '')),
-        chip(allowed ? 'passing' : 'critical', allowed ? 'allowed' : 'denied'),
+        decided ? chip(allowed ? 'passing' : 'critical', allowed ? 'allowed' : 'denied') : null,
         e.Reason ? h('span', { class: 'reason muted' }, e.Reason) : null);
     });
     if (!items.length) items.push(h('li', { class: 'muted empty' }, 'none'));
@@ -1016,6 +1026,15 @@
       h('input', { class: 'perm-header-value', type: 'text', placeholder: 'value', value: hdr[HEADER_FIELDS[hdrType]] || '' }),
       h('label', { class: 'inline' }, h('input', { class: 'perm-header-invert', type: 'checkbox', checked: !!hdr.Invert }), 'invert'),
       h('button', { type: 'button', class: 'btn btn-small perm-remove', title: 'remove', onclick: () => row.remove() }, '×'));
+    // The form edits one header match; any further ones are kept as they
+    // are (never dropped by an edit) and said to be there.
+    const extra = (http.Header || []).slice(1);
+    row.extraHeaders = extra;
+    if (extra.length) {
+      row.appendChild(h('span', { class: 'muted perm-extra' },
+        '+ ' + extra.length + ' more header match' + (extra.length > 1 ? 'es' : '') + ' (kept; edit them with the CLI): ' +
+        extra.map((m) => m.Name).join(', ')));
+    }
     return row;
   }
 
@@ -1032,6 +1051,9 @@
       else hm[HEADER_FIELDS[type]] = val('perm-header-value');
       if ($('.perm-header-invert', row).checked) hm.Invert = true;
       http.Header = [hm];
+    }
+    if (row.extraHeaders && row.extraHeaders.length) {
+      http.Header = (http.Header || []).concat(row.extraHeaders);
     }
     return { Action: val('perm-action'), HTTP: http };
   }
@@ -1119,6 +1141,11 @@
   function pageKV(ctx, path) {
     // A route ending in "/" (or empty) is a folder; anything else is a key
     // shown in the editor next to its folder.
+    if (path.split('/').some((seg) => seg === '.' || seg === '..')) {
+      ctx.mount(h('section', { class: 'page' }, h('h1', null, 'Key/Value'),
+        h('p', { class: 'form-error' }, 'A key with a "." or ".." segment is not allowed.')));
+      return;
+    }
     const isFolder = path === '' || path.endsWith('/');
     const folder = isFolder ? path : path.slice(0, path.lastIndexOf('/') + 1);
     const key = isFolder ? null : path;
@@ -1149,7 +1176,9 @@
       if (key !== null) {
         const entry = await api('GET', '/v1/kv/' + encKey(key), undefined, { allow404: true });
         if (!ctx.alive()) return;
-        editorBox.replaceChildren(kvEditor(ctx, folder, entry && entry[0] ? entry[0] : { Key: key, Value: null }, !entry));
+        // Only a KV answer (an array) is an entry.
+        const found = Array.isArray(entry) && entry[0] ? entry[0] : null;
+        editorBox.replaceChildren(kvEditor(ctx, folder, found || { Key: key, Value: null }, !found));
       }
     });
   }

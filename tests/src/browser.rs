@@ -1,8 +1,9 @@
 //! A real headless Chromium for UI tests, driven over WebDriver
-//! (fantoccini → Debian's chromedriver → Debian's chromium), both running
-//! inside a test node's network namespace so that the browser reaches the
-//! node's server as an operator on that network would. The test reaches
-//! chromedriver through a [`Relay`] from host loopback into the namespace.
+//! (fantoccini → Debian's chromedriver → Debian's chromium). For a mesh
+//! both run inside a test node's network namespace, so that the browser
+//! reaches the node's server as an operator on that network would, and the
+//! test reaches chromedriver through a [`Relay`] from host loopback into
+//! the namespace; for servers on loopback they run beside the test.
 //!
 //! chromedriver runs in a process group of its own: dropping the
 //! [`Browser`] kills the group (chromedriver and every Chromium process)
@@ -39,7 +40,7 @@ const CHROMIUM_ARGS: &[&str] = &[
 pub struct Browser {
     pub client: fantoccini::Client,
     driver: Child,
-    _relay: Relay,
+    _relay: Option<Relay>,
     _profile: tempfile::TempDir,
 }
 
@@ -55,24 +56,32 @@ pub fn installed() -> anyhow::Result<()> {
 }
 
 impl Browser {
-    /// Starts chromedriver in `netns` (its log at `log`) and opens a
-    /// session: a new Chromium with an empty profile that accepts the
-    /// test CA's certificates.
-    pub async fn start(netns: &Netns, log: &Path) -> anyhow::Result<Browser> {
+    /// Starts chromedriver in `netns` (this process's namespace if None; its
+    /// log at `log`) and opens a session: a new Chromium with an empty
+    /// profile that accepts the test CA's certificates.
+    pub async fn start(netns: Option<&Netns>, log: &Path) -> anyhow::Result<Browser> {
         installed()?;
         let profile = tempfile::Builder::new()
             .prefix("weft-chromium-")
             .tempdir()?;
         let log_file = std::fs::File::create(log)?;
+        let port = match netns {
+            Some(_) => DRIVER_PORT,
+            None => crate::servers::free_port(),
+        };
         let mut cmd = Command::new("/usr/bin/chromedriver");
-        cmd.arg(format!("--port={DRIVER_PORT}"))
+        cmd.arg(format!("--port={port}"))
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .process_group(0);
-        let _ns = crate::mesh::in_netns(&mut cmd, netns)?;
+        let _ns = netns
+            .map(|ns| crate::mesh::in_netns(&mut cmd, ns))
+            .transpose()?;
         let driver = cmd.spawn().context("starting chromedriver")?;
-        let relay = Relay::start_into(netns, ([127, 0, 0, 1], DRIVER_PORT).into())?;
+        let relay = netns
+            .map(|ns| Relay::start_into(ns, ([127, 0, 0, 1], port).into()))
+            .transpose()?;
         let mut browser_args: Vec<String> = CHROMIUM_ARGS.iter().map(|s| s.to_string()).collect();
         browser_args.push(format!("--user-data-dir={}", profile.path().display()));
         let caps = json!({
@@ -83,7 +92,10 @@ impl Browser {
         let Value::Object(caps) = caps else {
             unreachable!("an object")
         };
-        let url = format!("http://{}", relay.addr());
+        let url = match &relay {
+            Some(relay) => format!("http://{}", relay.addr()),
+            None => format!("http://127.0.0.1:{port}"),
+        };
         // chromedriver takes a moment to listen; a session, a few more.
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut builder = fantoccini::ClientBuilder::new(

@@ -210,6 +210,23 @@ fn kv_intentions_and_config_entries_in_consuls_shapes() -> anyhow::Result<()> {
     let cas = http("PUT", "/v1/kv/app/c?cas=x", Some(b"v"))?;
     assert_eq!(cas.status, 400);
     assert!(cas.body.contains("cas"), "{}", cas.body);
+    // Ambiguous queries are refused, not read one way or the other.
+    for (path, names) in [
+        ("/v1/kv/app/c?cas=5&cas=0", "more than once"),
+        ("/v1/kv/app/?recurse=false", "recurse"),
+        ("/v1/kv/app/?recurse&keys", "recurse with keys"),
+        ("/v1/kv/app/?keys&raw", "raw"),
+        ("/v1/kv/app/?separator=/", "separator"),
+    ] {
+        let method = if path.contains("cas") { "PUT" } else { "GET" };
+        let reply = http(method, path, Some(&b"v"[..]).filter(|_| method == "PUT"))?;
+        assert_eq!(reply.status, 400, "{path}: {}", reply.body);
+        assert!(reply.body.contains(names), "{path}: {}", reply.body);
+    }
+    // A key a URL would resolve to another one is refused.
+    let dotted = http("PUT", "/v1/kv/app/%2e%2e%2Fsecret", Some(b"v"))?;
+    assert_eq!(dotted.status, 400, "{}", dotted.body);
+    assert!(dotted.body.contains("segment"), "{}", dotted.body);
 
     // Intentions: write, list, explain, L7 permissions (api speaks HTTP),
     // delete.
@@ -280,6 +297,13 @@ fn kv_intentions_and_config_entries_in_consuls_shapes() -> anyhow::Result<()> {
         );
         assert!(bad.body.contains(names), "{names}: {}", bad.body);
     }
+    let no_method = http(
+        "GET",
+        "/v1/connect/intentions/check?source=web&destination=api&path=/x",
+        None,
+    )?;
+    assert_eq!(no_method.status, 400, "{}", no_method.body);
+    assert!(no_method.body.contains("method"), "{}", no_method.body);
     let missing = http("GET", "/v1/connect/intentions/exact?source=web", None)?;
     assert_eq!(missing.status, 400);
     assert!(missing.body.contains("destination"), "{}", missing.body);
@@ -455,6 +479,47 @@ fn catalog_health_and_the_uis_summaries() -> anyhow::Result<()> {
     assert_eq!(as_db("/v1/health/service/api")?.status, 403);
     let topo = as_db("/v1/internal/ui/topology")?.json()?;
     assert_eq!(topo["Services"].as_array().map(Vec::len), Some(1), "{topo}");
+    // An intention naming db, and a token that reads services but not
+    // their intentions: the neighbours view shows no intention of db.
+    let put = cluster.http(
+        1,
+        "PUT",
+        "/v1/connect/intentions/exact?source=api&destination=db",
+        m,
+        Some(br#"{"Action":"deny"}"#),
+    )?;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let neighbours = cluster
+        .http(1, "GET", "/v1/internal/ui/service-topology/db", m, None)?
+        .json()?;
+    assert_eq!(
+        neighbours["Downstreams"][0]["Source"], "api",
+        "{neighbours}"
+    );
+    assert_eq!(
+        neighbours["Downstreams"][0]["Allowed"], false,
+        "{neighbours}"
+    );
+    let blind = cluster.token_with_rules(
+        "blind",
+        r#"service_prefix "" { policy = "read" intentions = "deny" } node_prefix "" { policy = "read" }"#,
+    )?;
+    let seen = cluster
+        .http(
+            1,
+            "GET",
+            "/v1/internal/ui/service-topology/db",
+            Some(&blind),
+            None,
+        )?
+        .json()?;
+    assert_eq!(seen["Downstreams"], serde_json::json!([]), "{seen}");
+    assert_eq!(
+        cluster
+            .http(1, "GET", "/v1/connect/intentions", Some(&blind), None)?
+            .status,
+        403
+    );
     let bad = cluster.http(1, "GET", "/v1/health/service/no%20such", m, None)?;
     assert_eq!(bad.status, 400, "{}", bad.body);
     let bad = cluster.http(1, "GET", "/v1/internal/ui/topology?window=0", m, None)?;
@@ -462,5 +527,53 @@ fn catalog_health_and_the_uis_summaries() -> anyhow::Result<()> {
     let unknown = cluster.http(1, "GET", "/v1/catalog/services?filter=x", m, None)?;
     assert_eq!(unknown.status, 400, "{}", unknown.body);
     assert!(unknown.body.contains("filter"), "{}", unknown.body);
+    Ok(())
+}
+
+/// The body-pinning attack: a write whose body never comes, from someone
+/// without a token. The server answers 403 from the headers at once
+/// instead of waiting for (and holding) the body.
+#[test]
+fn a_body_is_not_awaited_from_a_caller_without_a_token() -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let cluster = Cluster::start(1, &[])?;
+    let port = cluster.servers[0]
+        .http_addr
+        .rsplit(':')
+        .next()
+        .context("port")?;
+    let mut client = Command::new("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["-servername", "server.dc1.weft", "-CAfile"])
+        .arg(&cluster.ca_file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut stdin = client.stdin.take().context("stdin")?;
+    // 2 MiB announced, none sent; stdin stays open so the body never ends.
+    stdin.write_all(
+        b"PUT /v1/kv/pinned HTTP/1.1\r\nHost: weft\r\nContent-Length: 2000000\r\n\r\n",
+    )?;
+    stdin.flush()?;
+    let stdout = client.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let status = rx.recv_timeout(std::time::Duration::from_secs(5));
+    let _ = client.kill();
+    let _ = client.wait();
+    drop(stdin);
+    let status = status.context("no answer within 5 s: the server waited for the body")?;
+    assert!(status.starts_with("HTTP/1.1 403"), "{status:?}");
     Ok(())
 }

@@ -114,7 +114,7 @@ fn an_operator_sees_traffic_denies_it_and_sees_health_in_the_ui() -> anyhow::Res
 }
 
 async fn drive(mesh: &Mesh) -> anyhow::Result<()> {
-    let browser = Browser::start(mesh.netns(NodeA), &mesh.path("chromedriver.log")).await?;
+    let browser = Browser::start(Some(mesh.netns(NodeA)), &mesh.path("chromedriver.log")).await?;
     let result = steps(mesh, &browser).await;
     if result.is_err() {
         let _ = browser.screenshot("failure").await;

@@ -193,6 +193,10 @@ impl Telemetry for TelemetryApi {
         for answer in futures::future::join_all(asked).await {
             slots.extend(answer.into_iter().flatten());
         }
+        // Sources the caller may not read stay out, as in Top.
+        for slot in &mut slots {
+            slot.pairs.retain(|p| may_see(&caller, p));
+        }
         // Points end with the step holding now.
         let step = u64::from(step_secs);
         let count = u64::from(window_secs).div_ceil(step);

@@ -30,9 +30,11 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str) -> Answer {
                 tags.entry(name.clone()).or_default();
             }
             for i in s.instances.values().flat_map(|m| m.values()) {
-                tags.entry(i.service.clone())
-                    .or_default()
-                    .extend(i.tags.iter().cloned());
+                let service = tags.entry(i.service.clone()).or_default();
+                // Tags of instances on nodes the token cannot read stay out.
+                if may_read_instance(&caller, i) {
+                    service.extend(i.tags.iter().cloned());
+                }
             }
             tags.retain(|name, _| caller.can(Resource::Service(name), Access::Read));
             (tags, s.index)
@@ -62,7 +64,7 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str) -> Answer {
             .map_err(|e| HttpError::bad_request(format!("service: {e}")))?;
         let caller = call.caller(node).await?;
         caller.require(Resource::Service(name), Access::Read)?;
-        let passing_only = call.flag("passing");
+        let passing_only = call.flag("passing")?;
         let (entries, index) = crate::grpc::read(node, None, |s| {
             let entries: Vec<Value> = s
                 .instances_of(name)

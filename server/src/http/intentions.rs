@@ -149,6 +149,11 @@ fn intention_of(call: &Call, key: proto::IntentionRef) -> Result<Intention, Http
 /// `GET /v1/connect/intentions/check?source=&destination=[&method=&path=]`.
 async fn check(api: &IntentionsApi, call: &Call) -> Answer {
     call.only_params(&["source", "destination", "method", "path"])?;
+    if call.query("path").is_some() && call.query("method").is_none() {
+        return Err(HttpError::bad_request(
+            "path without method: an HTTP request's check needs its method",
+        ));
+    }
     let answer = api
         .check(call.grpc(proto::CheckRequest {
             source: call.required("source")?.to_string(),

@@ -18,7 +18,7 @@ use crate::node::ServerNode;
 
 /// The most bytes of values one recursive read gathers; a larger answer is
 /// refused (ask for a narrower prefix).
-const MAX_RECURSE_BYTES: usize = 64 << 20;
+const MAX_RECURSE_BYTES: usize = 16 << 20;
 
 fn entry_json(e: &proto::KvEntry) -> Value {
     let value =
@@ -51,7 +51,7 @@ pub async fn kv(node: &Arc<ServerNode>, call: &Call, key: &str) -> Answer {
             cas_answer(put.map(|_| ()), cas.is_some())
         }
         Method::DELETE => {
-            if call.flag("recurse") {
+            if call.flag("recurse")? {
                 return Err(HttpError::bad_request(
                     "a recursive delete is not supported yet: delete the keys one by one",
                 ));
@@ -87,12 +87,24 @@ fn cas_answer(result: Result<(), tonic::Status>, cas: bool) -> Answer {
 
 async fn get(api: &KvApi, call: &Call, key: &str) -> Answer {
     call.only_params(&["recurse", "keys", "separator", "raw"])?;
-    if call.flag("keys") || call.flag("recurse") {
+    let (recurse, keys, raw) = (call.flag("recurse")?, call.flag("keys")?, call.flag("raw")?);
+    let combined = match (recurse, keys, raw, call.query("separator").is_some()) {
+        (true, true, ..) => Some("recurse with keys"),
+        (true, _, true, _) | (_, true, true, _) => Some("raw with a list"),
+        (_, false, _, true) => Some("separator without keys"),
+        _ => None,
+    };
+    if let Some(what) = combined {
+        return Err(HttpError::bad_request(format!(
+            "{what}: not both in one answer"
+        )));
+    }
+    if keys || recurse {
         let (entries, index) = list(api, call, key).await?;
         if entries.is_empty() {
             return Err(HttpError::not_found());
         }
-        if call.flag("keys") {
+        if keys {
             let separator = call.query("separator").unwrap_or("");
             let mut keys: Vec<String> = Vec::new();
             for e in &entries {
@@ -116,7 +128,7 @@ async fn get(api: &KvApi, call: &Call, key: &str) -> Answer {
         }))
         .await?
         .into_inner();
-    if call.flag("raw") {
+    if raw {
         return Ok(Response::builder()
             .status(StatusCode::OK)
             .header("content-type", "application/octet-stream")
@@ -145,10 +157,11 @@ async fn list(
             .await?
             .into_inner();
         index = index.max(page.index);
+        // Values go out in base64: 4 bytes for every 3.
         bytes += page
             .entries
             .iter()
-            .map(|e| e.key.len() + e.value.len())
+            .map(|e| e.key.len() + e.value.len() * 4 / 3)
             .sum::<usize>();
         if bytes > MAX_RECURSE_BYTES {
             return Err(HttpError::new(

@@ -12,7 +12,9 @@
 //! - Everything else needs a token: `X-Consul-Token: <secret>` or
 //!   `Authorization: Bearer <secret>`, never the URL (it would be logged).
 //!   Without one the gRPC layer refuses; the answer is 403 as in Consul.
-//! - Bodies are read only for writes and only up to [`MAX_BODY`].
+//! - Bodies are read only for PUT and POST, only from a token the cluster
+//!   knows, up to [`MAX_BODY`], within 30 s, and 64 MiB for all requests
+//!   together (more waits for a 503 and a retry).
 //! - Every answer says `X-Content-Type-Options: nosniff`,
 //!   `X-Frame-Options: DENY` and `Cache-Control: no-store`; no answer allows
 //!   another origin (no CORS), and since the token travels in a header a
@@ -131,6 +133,8 @@ pub struct Call {
     pub headers: HeaderMap,
     pub body: Bytes,
     secret: Option<String>,
+    /// The share of the body budget this request's body holds.
+    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Call {
@@ -142,9 +146,16 @@ impl Call {
             .map(|(_, v)| v.as_str())
     }
 
-    /// Whether the query has parameter `name`, with any value.
-    pub fn flag(&self, name: &str) -> bool {
-        self.query(name).is_some()
+    /// Whether the query has flag `name` (`?name` or `?name=true`; any
+    /// other value is refused rather than read one way or the other).
+    pub fn flag(&self, name: &str) -> Result<bool, HttpError> {
+        match self.query(name) {
+            None => Ok(false),
+            Some("" | "true") => Ok(true),
+            Some(v) => Err(HttpError::bad_request(format!(
+                "query parameter {name}={v:?}: a flag, given alone or as {name}=true"
+            ))),
+        }
     }
 
     /// Refuses query parameters other than `known`, so that one weft does
@@ -187,13 +198,7 @@ impl Call {
 
     /// `msg` as an in-process gRPC request carrying the caller's token.
     pub fn grpc<T>(&self, msg: T) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        if let Some(secret) = &self.secret {
-            if let Ok(value) = format!("Bearer {secret}").parse() {
-                req.metadata_mut().insert(TOKEN_METADATA, value);
-            }
-        }
-        req
+        grpc_request(self.secret.as_deref(), msg)
     }
 
     /// The caller the token stands for, as the gRPC API authenticates it.
@@ -227,17 +232,26 @@ fn secret_of(headers: &HeaderMap) -> Option<String> {
     (!secret.is_empty()).then(|| secret.to_string())
 }
 
-/// Reads `req` into a [`Call`]: the path decoded, the query parsed, the body
-/// of a write read up to [`MAX_BODY`].
-async fn read_call(req: Request<Incoming>) -> Result<Call, HttpError> {
+/// Reads `req` into a [`Call`]: the path decoded, the query parsed (a
+/// repeated parameter refused), and for a PUT or POST from a known token the
+/// body, up to [`MAX_BODY`], within [`BODY_TIMEOUT`] and the global budget.
+async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, HttpError> {
     let (parts, body) = req.into_parts();
     let path = percent_encoding::percent_decode_str(parts.uri.path())
         .decode_utf8()
         .map_err(|_| HttpError::bad_request("the path is not UTF-8 once decoded"))?
         .into_owned();
-    let query = form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
-        .into_owned()
-        .collect();
+    let query: Vec<(String, String)> =
+        form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    for (i, (k, _)) in query.iter().enumerate() {
+        if query[..i].iter().any(|(seen, _)| seen == k) {
+            return Err(HttpError::bad_request(format!(
+                "query parameter {k:?} is given more than once"
+            )));
+        }
+    }
     let too_large = || {
         HttpError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -253,27 +267,72 @@ async fn read_call(req: Request<Incoming>) -> Result<Call, HttpError> {
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(too_large());
     }
-    let body = if matches!(parts.method, Method::PUT | Method::POST | Method::DELETE) {
-        match Limited::new(body, MAX_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-            Err(e) => return Err(HttpError::bad_request(format!("reading the body: {e}"))),
+    let secret = secret_of(&parts.headers);
+    // Only writes that take a body read one, and only for a token this
+    // cluster knows: nobody without one makes the server buffer anything.
+    let (body, budget) = if matches!(parts.method, Method::PUT | Method::POST) {
+        crate::grpc::auth::caller(node, &grpc_request(secret.as_deref(), ())).await?;
+        let wanted = declared.map_or(MAX_BODY, |n| n as usize);
+        let budget = BODY_BUDGET
+            .clone()
+            .try_acquire_many_owned(kib(wanted))
+            .map_err(|_| {
+                HttpError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many request bodies in flight: retry shortly",
+                )
+            })?;
+        let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect());
+        match read.await {
+            Ok(Ok(b)) => (b.to_bytes(), Some(budget)),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+            Ok(Err(e)) => return Err(HttpError::bad_request(format!("reading the body: {e}"))),
+            Err(_) => {
+                return Err(HttpError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the body did not arrive within {BODY_TIMEOUT:?}"),
+                ))
+            }
         }
     } else {
-        Bytes::new()
+        (Bytes::new(), None)
     };
     Ok(Call {
-        secret: secret_of(&parts.headers),
+        secret,
         method: parts.method,
         path,
         query,
         headers: parts.headers,
         body,
+        _budget: budget,
     })
 }
 
+/// How long a request body may take to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Request bodies held at once, all connections together, in KiB (64 MiB):
+/// a write over it is refused with 503 until others are done.
+static BODY_BUDGET: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
+    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(64 * 1024)));
+
+fn kib(bytes: usize) -> u32 {
+    (bytes / 1024 + 1) as u32
+}
+
+/// `msg` as an in-process gRPC request carrying `secret`, if any.
+fn grpc_request<T>(secret: Option<&str>, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(secret) = secret {
+        if let Ok(value) = format!("Bearer {secret}").parse() {
+            req.metadata_mut().insert(TOKEN_METADATA, value);
+        }
+    }
+    req
+}
+
 async fn handle(node: &Arc<ServerNode>, req: Request<Incoming>) -> Reply {
-    let answer = match read_call(req).await {
+    let answer = match read_call(node, req).await {
         Ok(call) => route(node, &call).await,
         Err(e) => Err(e),
     };

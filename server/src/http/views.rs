@@ -24,8 +24,28 @@ use crate::grpc::telemetry::{self, TelemetryApi};
 use crate::node::ServerNode;
 use crate::state::State;
 
+/// The graph views at once, all callers together: each merges every
+/// server's traffic and judges every edge, so more wait their turn (and
+/// get 503 after [`VIEW_WAIT`]).
+static VIEWS_AT_ONCE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+const VIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn route(node: &Arc<ServerNode>, call: &Call, rest: &str) -> Answer {
     only(call, Method::GET)?;
+    let _turn = if matches!(rest, "services" | "nodes") {
+        None
+    } else {
+        let turn = tokio::time::timeout(VIEW_WAIT, VIEWS_AT_ONCE.acquire()).await;
+        match turn {
+            Ok(Ok(permit)) => Some(permit),
+            _ => {
+                return Err(HttpError::new(
+                    hyper::StatusCode::SERVICE_UNAVAILABLE,
+                    "the server is busy with other graph views: retry shortly",
+                ))
+            }
+        }
+    };
     match rest {
         "services" => {
             call.only_params(&[])?;
@@ -54,10 +74,11 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, rest: &str) -> Answer {
             })
             .await?;
             let (pairs, covered) = telemetry::merged(node, window).await;
+            let judge = Judge::new(&intentions, &caller, default(node));
             let edges: Vec<Edge> = pairs
                 .iter()
                 .filter(|p| telemetry::may_see(&caller, p))
-                .map(|p| edge(&traffic::summarize(p, covered), &intentions, default(node)))
+                .map(|p| judge.edge(&traffic::summarize(p, covered)))
                 .collect();
             Ok(json_at(
                 index,
@@ -81,6 +102,16 @@ fn default(node: &ServerNode) -> IntentionAction {
         IntentionAction::Allow
     } else {
         IntentionAction::Deny
+    }
+}
+
+/// Query parameter `name` as a number above 0, if given.
+fn positive(call: &Call, name: &str) -> Result<Option<u32>, HttpError> {
+    match call.number::<u32>(name)? {
+        Some(0) => Err(HttpError::bad_request(format!(
+            "query parameter {name}: 0 is not a number of seconds"
+        ))),
+        n => Ok(n),
     }
 }
 
@@ -183,7 +214,8 @@ fn node_rows(s: &State, caller: &Caller) -> Vec<NodeRow> {
 }
 
 /// A pair of services on the graph: its traffic over the window and what
-/// the intentions decide now for a new connection between them.
+/// the intentions decide now for a new connection between them (`None`
+/// when the token may not read the destination's intentions).
 #[derive(Debug, Serialize, PartialEq)]
 #[serde(rename_all = "PascalCase")]
 pub struct Edge {
@@ -197,37 +229,73 @@ pub struct Edge {
     pub denied: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
-    pub allowed: bool,
-    pub reason: String,
+    pub allowed: Option<bool>,
+    pub reason: Option<String>,
 }
 
-/// The edge of `p`, judged by `intentions` as an agent judges a new
-/// connection: allowed, denied, or (an L7 intention) judged per request.
-pub fn edge(p: &proto::PairSummary, intentions: &[Intention], default: IntentionAction) -> Edge {
-    let (allowed, reason) =
-        match evaluate_connection(intentions, &p.source, &p.destination, default) {
-            ConnectionDecision::PerRequest => (
-                true,
-                "judged per HTTP request by L7 intention permissions".to_string(),
-            ),
-            ConnectionDecision::Decided(d) => {
-                let reason = crate::grpc::intentions::explain(&d, default).2;
-                (d.allowed, reason)
-            }
-        };
-    Edge {
-        source: p.source.clone(),
-        destination: p.destination.clone(),
-        requests_per_sec: p.requests_per_sec,
-        connections_per_sec: p.connections_per_sec,
-        error_rate: p.error_rate,
-        p50_ms: p.p50_ms,
-        p99_ms: p.p99_ms,
-        denied: p.denied,
-        bytes_sent: p.bytes_sent,
-        bytes_received: p.bytes_received,
-        allowed,
-        reason,
+/// Judges edges as an agent judges a new connection (allowed, denied, or,
+/// with an L7 intention, per request), looking at the intentions of the
+/// destination and of `*` only; and only for a caller that may read them.
+pub struct Judge<'a> {
+    by_destination: BTreeMap<&'a str, Vec<&'a Intention>>,
+    caller: &'a Caller,
+    default: IntentionAction,
+}
+
+impl<'a> Judge<'a> {
+    pub fn new(intentions: &'a [Intention], caller: &'a Caller, default: IntentionAction) -> Self {
+        let mut by_destination: BTreeMap<&str, Vec<&Intention>> = BTreeMap::new();
+        for i in intentions {
+            by_destination.entry(&i.destination).or_default().push(i);
+        }
+        Judge {
+            by_destination,
+            caller,
+            default,
+        }
+    }
+
+    /// What decides `source` -> `destination`: (allowed, the reason).
+    fn decide(&self, source: &str, destination: &str) -> Option<(bool, String)> {
+        if !crate::grpc::intentions::may_access(self.caller, destination, Access::Read) {
+            return None;
+        }
+        let candidates = [destination, weft_api::names::WILDCARD]
+            .into_iter()
+            .filter_map(|d| self.by_destination.get(d))
+            .flatten()
+            .copied();
+        Some(
+            match evaluate_connection(candidates, source, destination, self.default) {
+                ConnectionDecision::PerRequest => (
+                    true,
+                    "judged per HTTP request by L7 intention permissions".to_string(),
+                ),
+                ConnectionDecision::Decided(d) => {
+                    let reason = crate::grpc::intentions::explain(&d, self.default).2;
+                    (d.allowed, reason)
+                }
+            },
+        )
+    }
+
+    /// The edge of `p`.
+    pub fn edge(&self, p: &proto::PairSummary) -> Edge {
+        let decided = self.decide(&p.source, &p.destination);
+        Edge {
+            source: p.source.clone(),
+            destination: p.destination.clone(),
+            requests_per_sec: p.requests_per_sec,
+            connections_per_sec: p.connections_per_sec,
+            error_rate: p.error_rate,
+            p50_ms: p.p50_ms,
+            p99_ms: p.p99_ms,
+            denied: p.denied,
+            bytes_sent: p.bytes_sent,
+            bytes_received: p.bytes_received,
+            allowed: decided.as_ref().map(|d| d.0),
+            reason: decided.map(|d| d.1),
+        }
     }
 }
 
@@ -246,44 +314,42 @@ async fn service_topology(node: &Arc<ServerNode>, call: &Call, name: &str) -> An
     })
     .await?;
     let (pairs, covered) = telemetry::merged(node, window).await;
-    let default = default(node);
-    let summaries: Vec<proto::PairSummary> = pairs
+    let judge = Judge::new(&intentions, &caller, default(node));
+    let (mut up, mut down): (Vec<Edge>, Vec<Edge>) = (Vec::new(), Vec::new());
+    for p in pairs
         .iter()
         .filter(|p| p.source == name || p.destination == name)
         .filter(|p| telemetry::may_see(&caller, p))
-        .map(|p| traffic::summarize(p, covered))
-        .collect();
-    let (mut up, mut down): (Vec<Edge>, Vec<Edge>) = (Vec::new(), Vec::new());
-    for p in &summaries {
-        let e = edge(p, &intentions, default);
+    {
+        let e = judge.edge(&traffic::summarize(p, covered));
         if p.source == name {
             up.push(e);
         } else {
             down.push(e);
         }
     }
+    // Services an intention names with this one, without traffic yet: only
+    // intentions the token may read, to services it may read.
+    let (mut ups, mut downs): (BTreeSet<String>, BTreeSet<String>) = (
+        up.iter().map(|e| e.destination.clone()).collect(),
+        down.iter().map(|e| e.source.clone()).collect(),
+    );
     let named = |other: &str| {
         other != weft_api::names::WILDCARD
             && other != name
             && caller.can(Resource::Service(other), Access::Read)
     };
     for i in &intentions {
-        if i.source == name
-            && named(&i.destination)
-            && !up.iter().any(|e| e.destination == i.destination)
-        {
-            up.push(edge(
-                &traffic::summarize(&traffic::pair(name, &i.destination), covered),
-                &intentions,
-                default,
-            ));
+        if !crate::grpc::intentions::may_access(&caller, &i.destination, Access::Read) {
+            continue;
         }
-        if i.destination == name && named(&i.source) && !down.iter().any(|e| e.source == i.source) {
-            down.push(edge(
-                &traffic::summarize(&traffic::pair(&i.source, name), covered),
-                &intentions,
-                default,
-            ));
+        if i.source == name && named(&i.destination) && ups.insert(i.destination.clone()) {
+            let quiet = traffic::summarize(&traffic::pair(name, &i.destination), covered);
+            up.push(judge.edge(&quiet));
+        }
+        if i.destination == name && named(&i.source) && downs.insert(i.source.clone()) {
+            let quiet = traffic::summarize(&traffic::pair(&i.source, name), covered);
+            down.push(judge.edge(&quiet));
         }
     }
     Ok(json_at(
@@ -298,8 +364,9 @@ async fn service_traffic(node: &Arc<ServerNode>, call: &Call, name: &str) -> Ans
     let reply = TelemetryApi(node.clone())
         .series(call.grpc(proto::SeriesRequest {
             service: name.to_string(),
-            window_secs: call.number("window")?.unwrap_or(3600),
-            step_secs: call.number("step")?.unwrap_or(60),
+            // 0 would mean "the default" to the RPC: refused here instead.
+            window_secs: positive(call, "window")?.unwrap_or(3600),
+            step_secs: positive(call, "step")?.unwrap_or(60),
         }))
         .await?
         .into_inner();
@@ -436,14 +503,35 @@ mod tests {
             r#"{"Source":"web","Destination":"api","Permissions":[{"Action":"allow","HTTP":{"PathPrefix":"/"}}]}"#,
         )
         .unwrap();
-        let e = edge(&summary, &[], IntentionAction::Allow);
-        assert!(e.allowed, "{e:?}");
-        assert!(e.reason.contains("default"), "{}", e.reason);
-        let e = edge(&summary, &[deny], IntentionAction::Allow);
-        assert!(!e.allowed);
-        assert_eq!(e.reason, "denied by intention web => api");
-        let e = edge(&summary, &[l7], IntentionAction::Deny);
-        assert!(e.allowed);
-        assert!(e.reason.contains("per HTTP request"));
+        let reader = caller(r#"service_prefix "" { policy = "read" }"#);
+        let e = Judge::new(&[], &reader, IntentionAction::Allow).edge(&summary);
+        assert_eq!(e.allowed, Some(true), "{e:?}");
+        assert!(
+            e.reason.as_deref().is_some_and(|r| r.contains("default")),
+            "{e:?}"
+        );
+        let deny = [deny];
+        let e = Judge::new(&deny, &reader, IntentionAction::Allow).edge(&summary);
+        assert_eq!(e.allowed, Some(false));
+        assert_eq!(e.reason.as_deref(), Some("denied by intention web => api"));
+        let e = Judge::new(&[l7], &reader, IntentionAction::Deny).edge(&summary);
+        assert_eq!(e.allowed, Some(true));
+        assert!(e
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("per HTTP request")));
+        // A wildcard deny decides too; another destination's does not.
+        let star: Intention =
+            serde_json::from_str(r#"{"Source":"*","Destination":"*","Action":"deny"}"#).unwrap();
+        let other: Intention =
+            serde_json::from_str(r#"{"Source":"web","Destination":"db","Action":"allow"}"#)
+                .unwrap();
+        let both = [star, other];
+        let e = Judge::new(&both, &reader, IntentionAction::Allow).edge(&summary);
+        assert_eq!(e.reason.as_deref(), Some("denied by intention * => *"));
+        // A token that may not read api's intentions learns nothing of them.
+        let blind = caller(r#"service_prefix "" { policy = "read" intentions = "deny" }"#);
+        let e = Judge::new(&deny, &blind, IntentionAction::Allow).edge(&summary);
+        assert_eq!((e.allowed, e.reason), (None, None));
     }
 }
