@@ -218,6 +218,7 @@ pub struct AgentMetrics {
     registrations: Counter,
     request_seconds: Histograms<RequestLabels>,
     connection_seconds: Histograms<ConnLabels>,
+    tunnel: crate::hbone::client::TunnelMetrics,
     /// Traffic per (side, source, destination) since the last report.
     traffic: std::sync::Mutex<std::collections::HashMap<(Side, String, String), PairTraffic>>,
 }
@@ -297,6 +298,27 @@ impl AgentMetrics {
             "Registrations of the node and its services that the servers took",
             m.registrations.clone(),
         );
+        let tunnel = crate::hbone::client::TunnelMetrics::default();
+        registry.register(
+            "tunnel_dials",
+            "mTLS connections dialed to other nodes' agents (tunnels then share them)",
+            tunnel.dials.clone(),
+        );
+        registry.register(
+            "tunnel_handshake_duration_seconds",
+            "Time to dial another node's agent: TCP connect, TLS and HTTP/2 handshakes",
+            tunnel.handshake_seconds.clone(),
+        );
+        registry.register(
+            "tunnel_connections_open",
+            "Pooled mTLS connections to other nodes' agents open now",
+            tunnel.connections.clone(),
+        );
+        registry.register(
+            "tunnel_streams_active",
+            "Tunnels (HTTP/2 CONNECT streams) open now on pooled connections",
+            tunnel.streams.clone(),
+        );
         AgentMetrics {
             registry,
             opened: m.opened,
@@ -311,8 +333,14 @@ impl AgentMetrics {
             registrations: m.registrations,
             request_seconds: m.request_seconds,
             connection_seconds: m.connection_seconds,
+            tunnel,
             traffic: Default::default(),
         }
+    }
+
+    /// What the tunnel pool counts into (see [`crate::hbone::HbonePool::with_metrics`]).
+    pub fn tunnel(&self) -> crate::hbone::client::TunnelMetrics {
+        self.tunnel.clone()
     }
 
     /// The registrations counter, for [`crate::control::Control`] to count with.

@@ -300,7 +300,7 @@ pub async fn run(
         inbound_port: config.inbound_addr.port(),
         view: view.clone(),
         identities: identities.clone(),
-        pool: HbonePool::new(bundle.clone()),
+        pool: HbonePool::with_metrics(bundle.clone(), metrics.tunnel()),
         metrics: metrics.clone(),
         in_flight: Mutex::new(HashMap::new()),
         outliers: Default::default(),

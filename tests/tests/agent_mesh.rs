@@ -1253,6 +1253,14 @@ fn weft_top_shows_the_pairs_of_a_running_mesh() -> anyhow::Result<()> {
         }))
     })?;
     ensure!(line["bytes_received"].as_u64().unwrap_or(0) > 0, "{line}");
+    // The tunnels went over pooled mTLS connections node A dialed, timed.
+    let dials = mesh.metric(NodeA, "weft_agent_tunnel_dials_total")?;
+    let timed = mesh.metric(NodeA, "weft_agent_tunnel_handshake_duration_seconds_count")?;
+    let open = mesh.metric(NodeA, "weft_agent_tunnel_connections_open")?;
+    ensure!(
+        dials >= 1.0 && timed == dials && open >= 1.0 && dials < 10.0,
+        "10 requests: {dials} dials, {timed} timed, {open} open (pooled: fewer dials than tunnels)"
+    );
     // And as a table, the way an operator reads it.
     let table = mesh.weft(&["top", "--once", "--window", "1m"])?;
     ensure!(

@@ -18,6 +18,9 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -111,6 +114,8 @@ struct PooledConn {
     closed: Arc<AtomicBool>,
     /// Tunnels open (or being opened) on it.
     streams: Arc<AtomicUsize>,
+    /// The pool's count of tunnels on all its connections.
+    streams_gauge: Gauge,
     /// The leaf certificate this side presented.
     local_cert: rustls::pki_types::CertificateDer<'static>,
     /// When the first of the two leaves expires: no new tunnels after it.
@@ -138,18 +143,48 @@ impl PooledConn {
                 (n < limit).then_some(n + 1)
             })
             .ok()
-            .map(|_| StreamPlace(self.streams.clone()))
+            .map(|_| {
+                self.streams_gauge.inc();
+                StreamPlace(self.streams.clone(), self.streams_gauge.clone())
+            })
     }
 }
 
 /// A tunnel's place on its connection, given back when the tunnel (or the
 /// attempt to open it) ends.
 #[derive(Debug)]
-pub(crate) struct StreamPlace(Arc<AtomicUsize>);
+pub(crate) struct StreamPlace(Arc<AtomicUsize>, Gauge);
 
 impl Drop for StreamPlace {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+        self.1.dec();
+    }
+}
+
+/// What the pool counts for `/metrics` (registered by
+/// [`crate::metrics::AgentMetrics`]; a pool made without it counts into
+/// metrics nobody reads).
+#[derive(Debug, Clone)]
+pub struct TunnelMetrics {
+    /// TLS connections dialed to other nodes' agents.
+    pub dials: Counter,
+    /// Dial to usable connection: TCP connect, TLS and h2 handshakes.
+    pub handshake_seconds: Histogram,
+    /// Pooled connections open now.
+    pub connections: Gauge,
+    /// Tunnels open now on pooled connections.
+    pub streams: Gauge,
+}
+
+impl Default for TunnelMetrics {
+    fn default() -> Self {
+        TunnelMetrics {
+            dials: Counter::default(),
+            handshake_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            connections: Gauge::default(),
+            streams: Gauge::default(),
+        }
     }
 }
 
@@ -165,6 +200,7 @@ struct PoolInner {
     dials: AtomicU64,
     /// Tunnels per connection: the servers' MAX_CONCURRENT_STREAMS.
     streams_per_connection: usize,
+    metrics: TunnelMetrics,
 }
 
 /// Pooled HBONE connections to other nodes. Cloning shares the pool.
@@ -185,6 +221,11 @@ impl HbonePool {
     /// A pool whose connections verify servers against `bundle` (rotations
     /// apply to later dials).
     pub fn new(bundle: TrustBundle) -> Self {
+        Self::with_metrics(bundle, TunnelMetrics::default())
+    }
+
+    /// [`HbonePool::new`], counting into `metrics`.
+    pub fn with_metrics(bundle: TrustBundle, metrics: TunnelMetrics) -> Self {
         HbonePool {
             inner: Arc::new(PoolInner {
                 bundle,
@@ -192,6 +233,7 @@ impl HbonePool {
                 next_id: AtomicU64::new(1),
                 streams_per_connection: MAX_CONCURRENT_STREAMS as usize,
                 dials: AtomicU64::new(0),
+                metrics,
             }),
         }
     }
@@ -346,6 +388,7 @@ impl HbonePool {
         node: SocketAddr,
         expected: &str,
     ) -> Result<PooledConn, HboneError> {
+        let started = std::time::Instant::now();
         let tcp = TcpStream::connect(node)
             .await
             .map_err(|source| HboneError::Dial { node, source })?;
@@ -378,11 +421,19 @@ impl HbonePool {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let closed = Arc::new(AtomicBool::new(false));
         let closed_by_driver = closed.clone();
+        let metrics = &self.inner.metrics;
+        metrics
+            .handshake_seconds
+            .observe(started.elapsed().as_secs_f64());
+        metrics.dials.inc();
+        metrics.connections.inc();
+        let open = metrics.connections.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 debug!(%node, error = %e, "hbone connection closed with error");
             }
             closed_by_driver.store(true, Ordering::Release);
+            open.dec();
         });
         self.inner.dials.fetch_add(1, Ordering::Relaxed);
         debug!(%node, source = %source.spiffe_id, id, "hbone connection established");
@@ -391,6 +442,7 @@ impl HbonePool {
             send,
             closed,
             streams: Arc::new(AtomicUsize::new(0)),
+            streams_gauge: metrics.streams.clone(),
             local_cert,
             deadline,
         })
