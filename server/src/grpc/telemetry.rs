@@ -162,6 +162,7 @@ impl Telemetry for TelemetryApi {
     ) -> Result<Response<proto::TopReply>, Status> {
         let caller = caller(&self.0, &req).await?;
         let window_secs = window(req.get_ref())?;
+        let _turn = turn().await?;
         let (pairs, covered) = merged(&self.0, window_secs).await;
         let pairs = pairs
             .into_iter()
@@ -183,6 +184,7 @@ impl Telemetry for TelemetryApi {
         caller.require(Resource::Service(&r.service), Access::Read)?;
         validate_name(&r.service).map_err(|e| invalid(format!("service: {e}")))?;
         let (window_secs, step_secs) = series_shape(&r)?;
+        let _turn = turn().await?;
         let now = now_secs();
         let mut slots = self
             .0
@@ -205,6 +207,22 @@ impl Telemetry for TelemetryApi {
             step_secs,
             points: crate::traffic::series(slots, from, step, count as usize),
         }))
+    }
+}
+
+/// Reads of the traffic summaries at once, all callers together (`Top`,
+/// `Series`, the UI's graph views): each merges every server's, so more
+/// wait their turn, and are refused after [`TURN_WAIT`].
+static AT_ONCE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+const TURN_WAIT: Duration = Duration::from_secs(10);
+
+/// A turn to read the traffic summaries (see [`AT_ONCE`]).
+pub async fn turn() -> Result<tokio::sync::SemaphorePermit<'static>, Status> {
+    match tokio::time::timeout(TURN_WAIT, AT_ONCE.acquire()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(Status::resource_exhausted(
+            "the server is busy with other traffic reads: retry shortly",
+        )),
     }
 }
 

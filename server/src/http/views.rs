@@ -24,27 +24,15 @@ use crate::grpc::telemetry::{self, TelemetryApi};
 use crate::node::ServerNode;
 use crate::state::State;
 
-/// The graph views at once, all callers together: each merges every
-/// server's traffic and judges every edge, so more wait their turn (and
-/// get 503 after [`VIEW_WAIT`]).
-static VIEWS_AT_ONCE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
-const VIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
 pub async fn route(node: &Arc<ServerNode>, call: &Call, rest: &str) -> Answer {
     only(call, Method::GET)?;
-    let _turn = if matches!(rest, "services" | "nodes") {
-        None
+    // The graph views merge every server's traffic: they take turns with
+    // weft top and each other.
+    // (Series takes its own turn.)
+    let _turn = if rest == "topology" || rest.starts_with("service-topology/") {
+        Some(telemetry::turn().await?)
     } else {
-        let turn = tokio::time::timeout(VIEW_WAIT, VIEWS_AT_ONCE.acquire()).await;
-        match turn {
-            Ok(Ok(permit)) => Some(permit),
-            _ => {
-                return Err(HttpError::new(
-                    hyper::StatusCode::SERVICE_UNAVAILABLE,
-                    "the server is busy with other graph views: retry shortly",
-                ))
-            }
-        }
+        None
     };
     match rest {
         "services" => {
