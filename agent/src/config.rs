@@ -106,6 +106,8 @@ fn line_suffix(line: Option<usize>) -> String {
 pub struct AgentConfig {
     pub node_name: String,
     pub datacenter: String,
+    /// Consul's `node_meta`: the node's meta in the catalog.
+    pub node_meta: BTreeMap<String, String>,
     /// gRPC addresses of the servers, `HOST:PORT` each.
     pub servers: Vec<String>,
     /// Where other agents reach this node (on the inbound port).
@@ -334,6 +336,8 @@ impl AgentConfig {
 struct RawConfig {
     node_name: String,
     datacenter: String,
+    #[serde(default)]
+    node_meta: BTreeMap<String, String>,
     servers: Vec<String>,
     advertise_addr: String,
     data_dir: PathBuf,
@@ -699,6 +703,13 @@ fn service_id(field: &str, id: &str) -> Result<String, Invalid> {
 fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
     let node_name = name("node_name", &raw.node_name)?;
     let datacenter = name("datacenter", &raw.datacenter)?;
+    weft_api::catalog::validate_meta("node_meta", &raw.node_meta).map_err(|e| {
+        let reason = e.to_string();
+        let reason = reason
+            .strip_prefix(&format!("{}: ", e.field()))
+            .unwrap_or(&reason);
+        invalid(e.field(), reason)
+    })?;
     if raw.servers.is_empty() {
         return Err(invalid(
             "servers",
@@ -876,6 +887,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
     Ok(AgentConfig {
         node_name,
         datacenter,
+        node_meta: raw.node_meta,
         servers,
         advertise_addr,
         data_dir: raw.data_dir,
@@ -1597,6 +1609,17 @@ data_dir = "/var/lib/weft-agent"
             e.starts_with("agent.toml:10: service[0].meta: empty meta key"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn node_meta_is_checked_as_the_catalog_checks_it() {
+        let c = parse(&format!(
+            "node_meta = {{ rack = \"r1\", \"zone-a\" = \"x\" }}\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.node_meta.get("rack").map(String::as_str), Some("r1"));
+        let e = err(&format!("node_meta = {{ \"bad key\" = \"x\" }}\n{MINIMAL}"));
+        assert!(e.contains("node_meta.bad key: bad character ' '"), "{e}");
     }
 
     fn check_err(check: &str) -> String {

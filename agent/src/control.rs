@@ -277,6 +277,7 @@ impl Control {
             name: cfg.node_name.clone(),
             address: cfg.advertise_addr.to_string(),
             datacenter: cfg.datacenter.clone(),
+            meta: cfg.node_meta.clone().into_iter().collect(),
             ..Default::default()
         };
         let mut index = catalog

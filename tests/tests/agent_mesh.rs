@@ -914,6 +914,108 @@ RetryOnConnectFailure = true
     Ok(())
 }
 
+/// `curl` with `n` copies of `url` on one kept-alive connection from node
+/// A: each transfer's status code, and how many connections it opened.
+fn on_one_connection(mesh: &Mesh, url: &str, n: usize) -> anyhow::Result<(Vec<u16>, u32, String)> {
+    let mut args = vec![
+        "-sS",
+        "-m",
+        "30",
+        "-w",
+        "\ncode=%{http_code} connects=%{num_connects}\n",
+    ];
+    args.extend(std::iter::repeat_n(url, n));
+    let out = mesh.curl_raw(NodeA, &args)?;
+    ensure!(out.success(), "curl: {}", out.describe());
+    let mut codes = Vec::new();
+    let mut connects = 0;
+    for line in out.stdout.lines() {
+        if let Some(rest) = line.strip_prefix("code=") {
+            let (code, n) = rest.split_once(" connects=").context("write-out line")?;
+            codes.push(code.parse()?);
+            connects += n.parse::<u32>()?;
+        }
+    }
+    Ok((codes, connects, out.stdout))
+}
+
+/// Issue 15's case: an instance answering 503 and 200 in turn, a route
+/// retrying 503 twice, 40 requests on one kept-alive connection: every one
+/// is answered 200 (a retry never finds the pooled connection closed under
+/// it after the 503's unread body was dropped).
+#[test]
+fn status_retries_on_a_kept_alive_connection_answer_every_request() -> anyhow::Result<()> {
+    require_root();
+    let mesh = one_api_mesh("api-1")?;
+    write_entry(&mesh, "defaults.toml", API_IS_HTTP)?;
+    write_entry(
+        &mesh,
+        "router.toml",
+        r#"
+Kind = "service-router"
+Name = "api"
+[[Routes]]
+[Routes.Destination]
+NumRetries = 2
+RetryOnStatusCodes = [503]
+"#,
+    )?;
+    let url = format!("{UPSTREAM}flaky");
+    // The route reaches node A's agent: a request no longer sees the 503.
+    wait_until(
+        Duration::from_secs(10),
+        "the retrying route applies",
+        || {
+            let (codes, _, _) = on_one_connection(&mesh, &url, 4)?;
+            Ok(codes.iter().all(|c| *c == 200).then_some(()))
+        },
+    )?;
+    let (codes, connects, out) = on_one_connection(&mesh, &url, 40)?;
+    let ok = codes.iter().filter(|c| **c == 200).count();
+    eprintln!("40 requests, one connection: {ok} answered 200, {connects} connection(s) opened");
+    ensure!(
+        codes.len() == 40 && ok == 40,
+        "{ok} of {} answered 200:\n{out}",
+        codes.len()
+    );
+    ensure!(connects == 1, "the client opened {connects} connections");
+    Ok(())
+}
+
+/// A service whose protocol is HTTP, with no router, splitter or resolver:
+/// 300 requests on one client connection are balanced request by request
+/// over its two instances.
+#[test]
+fn an_http_service_is_balanced_per_request_without_a_router() -> anyhow::Result<()> {
+    require_root();
+    let mut mesh = Mesh::start(spec().node_b(api("api-1", 8080)).node_b(api("api-2", 8081)))?;
+    let b = mesh.ip(NodeB);
+    mesh.workload(NodeB, "api-1", &format!("{b}:8080"))?;
+    mesh.workload(NodeB, "api-2", &format!("{b}:8081"))?;
+    write_entry(&mesh, "defaults.toml", API_IS_HTTP)?;
+    wait_until(Duration::from_secs(30), "both instances answer", || {
+        let (_, _, out) = on_one_connection(&mesh, UPSTREAM, 20)?;
+        Ok((out.contains("instance api-1") && out.contains("instance api-2")).then_some(()))
+    })
+    .map_err(|e| e.context(agent_logs(&mesh)))?;
+    let (codes, connects, out) = on_one_connection(&mesh, UPSTREAM, 300)?;
+    let (one, two) = (
+        out.matches("instance api-1\n").count(),
+        out.matches("instance api-2\n").count(),
+    );
+    eprintln!("300 requests, {connects} connection(s): api-1 {one}, api-2 {two}");
+    ensure!(
+        codes.iter().all(|c| *c == 200) && codes.len() == 300,
+        "{codes:?}"
+    );
+    ensure!(connects == 1, "the client opened {connects} connections");
+    ensure!(
+        one + two == 300 && one >= 60 && two >= 60,
+        "api-1 {one}, api-2 {two}"
+    );
+    Ok(())
+}
+
 /// api-2 refuses connections (nothing listens); with a passive health check
 /// in web's service-defaults, one failure ejects it and every later
 /// connection goes to api-1, even for plain TCP (no retries involved).

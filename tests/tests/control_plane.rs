@@ -387,6 +387,47 @@ fn a_saved_snapshot_restores_the_state() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// KV values are bytes: what `--base64` puts, `get` gives back unchanged
+/// (and in base64 on request, and in JSON without a lossy copy).
+#[test]
+fn kv_values_are_bytes_in_the_cli() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    // 00 ff 00 0a: not UTF-8.
+    cluster.cli(&["kv", "put", "bin", "AP8ACg==", "--base64"])?;
+    let raw = cluster.cli_at(&cluster.addrs(), &["kv", "get", "bin"]);
+    assert!(
+        raw.status.success(),
+        "{}",
+        String::from_utf8_lossy(&raw.stderr)
+    );
+    assert_eq!(
+        raw.stdout,
+        [0x00, 0xff, 0x00, 0x0a, b'\n'],
+        "the bytes, then a newline"
+    );
+    assert_eq!(
+        cluster.cli(&["kv", "get", "bin", "--base64"])?.trim(),
+        "AP8ACg=="
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&cluster.cli(&["--format", "json", "kv", "get", "bin"])?)?;
+    assert_eq!(json["value_base64"], "AP8ACg==", "{json}");
+    assert!(json.get("value").is_none(), "no lossy text: {json}");
+    let text: serde_json::Value = serde_json::from_str(
+        &cluster
+            .cli(&["--format", "json", "kv", "put", "t", "hi"])
+            .and_then(|_| cluster.cli(&["--format", "json", "kv", "get", "t"]))?,
+    )?;
+    assert_eq!(text["value"], "hi", "{text}");
+    let bad = cluster.cli_at(
+        &cluster.addrs(),
+        &["kv", "put", "x", "not base64!", "--base64"],
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not base64"));
+    Ok(())
+}
+
 #[test]
 fn writes_past_a_limit_are_refused_naming_it() -> anyhow::Result<()> {
     let cluster = Cluster::start(

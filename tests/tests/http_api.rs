@@ -13,9 +13,18 @@ use weft_tests::servers::Cluster;
 const GUARDED: &[(&str, &str)] = &[
     ("GET", "/metrics"),
     ("GET", "/v1/acl/token/self"),
+    ("GET", "/v1/acl/tokens"),
+    ("PUT", "/v1/acl/token"),
+    ("GET", "/v1/acl/policies"),
+    ("PUT", "/v1/acl/policy"),
     ("GET", "/v1/catalog/services"),
     ("GET", "/v1/catalog/nodes"),
     ("GET", "/v1/health/service/api"),
+    ("GET", "/v1/catalog/service/api"),
+    ("GET", "/v1/catalog/node/n1"),
+    ("GET", "/v1/health/checks/api"),
+    ("GET", "/v1/health/node/n1"),
+    ("GET", "/v1/connect/ca/roots"),
     ("GET", "/v1/connect/intentions"),
     (
         "GET",
@@ -54,6 +63,10 @@ fn body_for(path: &str) -> Option<&'static [u8]> {
         Some(br#"{"Action":"deny"}"#)
     } else if path == "/v1/config" {
         Some(br#"{"Kind":"service-defaults","Name":"api","Protocol":"http"}"#)
+    } else if path == "/v1/acl/token" {
+        Some(br#"{"Description":"x"}"#)
+    } else if path == "/v1/acl/policy" {
+        Some(br#"{"Name":"x","Rules":"key_prefix \"\" { policy = \"write\" }"}"#)
     } else if path.starts_with("/v1/kv/") {
         Some(b"value")
     } else {
@@ -160,6 +173,76 @@ fn kv_intentions_and_config_entries_in_consuls_shapes() -> anyhow::Result<()> {
         !me.to_string().contains(&cluster.token),
         "the secret is in {me}"
     );
+
+    // ACL: a policy and a token made over HTTP; the secret shows once, and
+    // the token works.
+    let policy = http(
+        "PUT",
+        "/v1/acl/policy",
+        Some(br#"{"Name":"kv-app","Rules":"key_prefix \"app/\" { policy = \"write\" }"}"#),
+    )?;
+    assert_eq!(policy.status, 200, "{}", policy.body);
+    let made = http(
+        "PUT",
+        "/v1/acl/token",
+        Some(br#"{"Description":"app","Policies":[{"Name":"kv-app"}]}"#),
+    )?;
+    assert_eq!(made.status, 200, "{}", made.body);
+    let made = made.json()?;
+    let (accessor, secret) = (
+        made["AccessorID"]
+            .as_str()
+            .context("AccessorID")?
+            .to_string(),
+        made["SecretID"]
+            .as_str()
+            .context("SecretID once")?
+            .to_string(),
+    );
+    let read = http("GET", &format!("/v1/acl/token/{accessor}"), None)?.json()?;
+    assert_eq!(read["Policies"][0]["Name"], "kv-app", "{read}");
+    assert!(
+        read.get("SecretID").is_none() && !read.to_string().contains(&secret),
+        "{read}"
+    );
+    let listed = http("GET", "/v1/acl/tokens", None)?;
+    assert!(!listed.body.contains(&secret), "a secret in the token list");
+    let as_app = cluster.http(1, "PUT", "/v1/kv/app/by-app", Some(&secret), Some(b"x"))?;
+    assert_eq!(as_app.status, 200, "{}", as_app.body);
+    let outside = cluster.http(1, "PUT", "/v1/kv/other", Some(&secret), Some(b"x"))?;
+    assert_eq!(outside.status, 403, "{}", outside.body);
+    for (body, names) in [
+        (
+            &br#"{"SecretID":"00000000-0000-4000-8000-000000000001"}"#[..],
+            "SecretID",
+        ),
+        (br#"{"ExpirationTTL":"1h"}"#, "ExpirationTTL"),
+        (br#"{"Policies":[{"Name":"no-such"}]}"#, "no-such"),
+    ] {
+        let bad = http("PUT", "/v1/acl/token", Some(body))?;
+        assert_eq!(
+            bad.status,
+            400,
+            "{}: {}",
+            String::from_utf8_lossy(body),
+            bad.body
+        );
+        assert!(bad.body.contains(names), "{names}: {}", bad.body);
+    }
+    assert_eq!(
+        http("DELETE", &format!("/v1/acl/token/{accessor}"), None)?.json()?,
+        true
+    );
+    let gone = cluster.http(1, "GET", "/v1/kv/app/by-app", Some(&secret), None)?;
+    assert_eq!(gone.status, 403, "a deleted token: {}", gone.body);
+    assert_eq!(
+        cluster
+            .http(1, "PUT", "/v1/acl/bootstrap", None, None)?
+            .status,
+        403,
+        "bootstrap is once"
+    );
+    assert_eq!(http("DELETE", "/v1/kv/app/by-app", None)?.json()?, true);
 
     // KV: put, get (base64), raw, check-and-set, keys, delete.
     assert_eq!(http("PUT", "/v1/kv/app/a", Some(b"hello"))?.json()?, true);
@@ -327,6 +410,24 @@ fn kv_intentions_and_config_entries_in_consuls_shapes() -> anyhow::Result<()> {
     );
     assert_eq!(http("POST", "/v1/connect/intentions", None)?.status, 405);
 
+    // The CA's roots: certificates, never a key.
+    let roots = http("GET", "/v1/connect/ca/roots", None)?;
+    assert_eq!(roots.status, 200, "{}", roots.body);
+    let roots = roots.json()?;
+    assert!(
+        roots["TrustDomain"].as_str().is_some_and(|t| !t.is_empty()),
+        "{roots}"
+    );
+    let first = &roots["Roots"][0];
+    assert_eq!(first["Active"], true, "{roots}");
+    assert!(
+        first["RootCert"]
+            .as_str()
+            .is_some_and(|c| c.contains("BEGIN CERTIFICATE")),
+        "{roots}"
+    );
+    assert!(!roots.to_string().contains("PRIVATE KEY"), "{roots}");
+
     // Config entries.
     let entry = br#"{"Kind":"service-defaults","Name":"api","Protocol":"http"}"#;
     assert_eq!(http("PUT", "/v1/config", Some(entry))?.json()?, true);
@@ -445,6 +546,57 @@ fn catalog_health_and_the_uis_summaries() -> anyhow::Result<()> {
     assert_eq!(passing.as_array().map(Vec::len), Some(1), "{passing}");
     assert_eq!(passing[0]["Service"]["ID"], "api-1");
 
+    let listed = http("/v1/catalog/service/api")?;
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    assert_eq!(
+        (
+            &listed[0]["ServiceID"],
+            &listed[0]["Node"],
+            &listed[0]["Address"],
+            &listed[0]["ServicePort"]
+        ),
+        (
+            &Value::from("api-1"),
+            &Value::from("n1"),
+            &Value::from("10.0.0.1"),
+            &Value::from(8080)
+        ),
+        "{listed}"
+    );
+    let n1 = http("/v1/catalog/node/n1")?;
+    assert_eq!(n1["Node"]["Address"], "10.0.0.1", "{n1}");
+    let ids: Vec<_> = n1["Services"]
+        .as_object()
+        .context("Services")?
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(ids, ["api-1", "db-1"], "{n1}");
+    assert_eq!(
+        http("/v1/catalog/node/n9")?,
+        Value::Null,
+        "an unknown node is null, as in Consul"
+    );
+    let checks = http("/v1/health/checks/api")?;
+    assert_eq!(checks.as_array().map(Vec::len), Some(2), "{checks}");
+    let on_n2 = http("/v1/health/node/n2")?;
+    let on_n2: Vec<_> = on_n2
+        .as_array()
+        .context("checks")?
+        .iter()
+        .map(|c| c["CheckID"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(on_n2, ["serfHealth", "service:api-2"]);
+    let critical = http("/v1/health/state/critical")?;
+    assert_eq!(critical.as_array().map(Vec::len), Some(1), "{critical}");
+    assert_eq!(critical[0]["ServiceID"], "api-2", "{critical}");
+    assert_eq!(
+        http("/v1/health/state/any")?.as_array().map(Vec::len),
+        Some(5),
+        "2 nodes, 3 instances"
+    );
+    let bad = cluster.http(1, "GET", "/v1/health/state/sad", m, None)?;
+    assert_eq!(bad.status, 400, "{}", bad.body);
     let services = http("/v1/internal/ui/services")?;
     let api = &services[0];
     assert_eq!(api["Name"], "api", "{services}");
@@ -575,5 +727,113 @@ fn a_body_is_not_awaited_from_a_caller_without_a_token() -> anyhow::Result<()> {
     drop(stdin);
     let status = status.context("no answer within 5 s: the server waited for the body")?;
     assert!(status.starts_with("HTTP/1.1 403"), "{status:?}");
+    Ok(())
+}
+
+/// Consul's blocking queries: `?index=` with the last `X-Consul-Index`
+/// waits for a write (or the `?wait=`); `?stale`, `?consistent` and `?dc`
+/// (this cluster's only) are understood; what cannot be is refused.
+#[test]
+fn blocking_queries_wait_for_a_write() -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    let cluster = std::sync::Arc::new(Cluster::start(1, &[])?);
+    let m = cluster.token.clone();
+    let put = cluster.http(1, "PUT", "/v1/kv/app/a", Some(&m), Some(b"one"))?;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let got = cluster.http(1, "GET", "/v1/kv/app/a", Some(&m), None)?;
+    let index: u64 = got.header("x-consul-index").context("index")?.parse()?;
+
+    // Nothing written: it answers when the wait is over, with the same
+    // index. (A write of the cluster's own in between wakes it early with a
+    // later index, which is right too: then it is asked again.)
+    let mut index = index;
+    let mut waited_out = None;
+    for _ in 0..20 {
+        let started = Instant::now();
+        let same = cluster.http(
+            1,
+            "GET",
+            &format!("/v1/kv/app/a?index={index}&wait=1s"),
+            Some(&m),
+            None,
+        )?;
+        let waited = started.elapsed();
+        assert_eq!(same.status, 200, "{}", same.body);
+        let now: u64 = same.header("x-consul-index").context("index")?.parse()?;
+        if now == index {
+            waited_out = Some(waited);
+            break;
+        }
+        assert!(now > index, "the index went back: {now} after {index}");
+        index = now;
+    }
+    let waited = waited_out.context("every wait was cut short by a write")?;
+    assert!(
+        waited >= Duration::from_millis(950),
+        "answered after {waited:?} with the same index, before the wait"
+    );
+
+    // A write wakes it with the new value, long before its wait.
+    let blocked = {
+        let (cluster, m) = (cluster.clone(), m.clone());
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let reply = cluster.http(
+                1,
+                "GET",
+                &format!("/v1/kv/app/a?index={index}&wait=60s"),
+                Some(&m),
+                None,
+            );
+            (reply, started.elapsed())
+        })
+    };
+    let put = cluster.http(1, "PUT", "/v1/kv/app/a", Some(&m), Some(b"two"))?;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let (reply, took) = blocked
+        .join()
+        .map_err(|_| anyhow::anyhow!("blocked thread"))?;
+    let reply = reply?;
+    assert!(took < Duration::from_secs(30), "woke after {took:?}");
+    assert_eq!(
+        reply.json()?[0]["Value"],
+        "dHdv",
+        "base64 of two: {}",
+        reply.body
+    );
+    let later: u64 = reply.header("x-consul-index").context("index")?.parse()?;
+    assert!(later > index, "{later} after {index}");
+
+    for ok in [
+        "/v1/kv/app/a?stale",
+        "/v1/kv/app/a?consistent",
+        "/v1/kv/app/a?dc=dc1",
+        "/v1/kv/app/a?index=0",
+    ] {
+        let reply = cluster.http(1, "GET", ok, Some(&m), None)?;
+        assert_eq!(reply.status, 200, "{ok}: {}", reply.body);
+    }
+    for (bad, names) in [
+        ("/v1/kv/app/a?dc=dc2", "dc2"),
+        ("/v1/kv/app/a?index=1&wait=11m", "wait"),
+        ("/v1/kv/app/a?index=x", "index"),
+        ("/v1/kv/app/a?stale&consistent", "stale and consistent"),
+        ("/v1/kv/app/a?stale=no", "stale"),
+    ] {
+        let reply = cluster.http(1, "GET", bad, Some(&m), None)?;
+        assert_eq!(reply.status, 400, "{bad}: {}", reply.body);
+        assert!(reply.body.contains(names), "{bad}: {}", reply.body);
+    }
+    // No token, no waiting: refused at once.
+    let started = Instant::now();
+    let anonymous = cluster.http(
+        1,
+        "GET",
+        &format!("/v1/kv/app/a?index={later}&wait=60s"),
+        None,
+        None,
+    )?;
+    assert_eq!(anonymous.status, 403);
+    assert!(started.elapsed() < Duration::from_secs(10));
     Ok(())
 }

@@ -74,8 +74,11 @@ fn the_http_port_answers_status_over_tls_only() -> anyhow::Result<()> {
     assert_eq!(leader, server.raft_addr);
     let peers: Vec<String> = serde_json::from_slice(&curl("/v1/status/peers")?.stdout)?;
     assert_eq!(peers, vec![server.raft_addr.clone()]);
+    // The rest of the API needs a token; an unknown path is not found.
     let other = curl("/v1/kv/anything")?;
-    assert!(String::from_utf8_lossy(&other.stdout).contains("not found"));
+    assert!(String::from_utf8_lossy(&other.stdout).contains("no ACL token"));
+    let nothing = curl("/v1/nothing")?;
+    assert!(String::from_utf8_lossy(&nothing.stdout).contains("not found"));
 
     let plain = Command::new("curl")
         .args(["-sS", "-m", "5"])

@@ -123,19 +123,42 @@ impl Upstream {
     }
 
     async fn send(&self, request: Request<Body>) -> hyper::Result<Response<Incoming>> {
+        self.try_send(request).await.map_err(|(e, _)| e)
+    }
+
+    /// Sends `request`; when the connection cannot take it (it closed: the
+    /// instance ended a kept-alive connection, or an unread response body
+    /// was dropped before a retry) the request comes back unsent, to go on
+    /// a new connection.
+    async fn try_send(
+        &self,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<Body>>)> {
         match self {
             Upstream::Http1(send) => {
                 let mut send = send.lock().await;
-                send.ready().await?;
-                send.send_request(request).await
+                if let Err(e) = send.ready().await {
+                    return Err((e, Some(request)));
+                }
+                send.try_send_request(request).await.map_err(unsent)
             }
             Upstream::Http2(send) => {
                 let mut send = send.clone();
-                send.ready().await?;
-                send.send_request(request).await
+                if let Err(e) = send.ready().await {
+                    return Err((e, Some(request)));
+                }
+                send.try_send_request(request).await.map_err(unsent)
             }
         }
     }
+}
+
+/// hyper's error, and the request when hyper never sent it.
+fn unsent(
+    mut e: hyper::client::conn::TrySendError<Request<Body>>,
+) -> (hyper::Error, Option<Request<Body>>) {
+    let request = e.take_message();
+    (e.into_error(), request)
 }
 
 /// Where allowed requests go.
@@ -421,40 +444,59 @@ impl Judge {
             Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
         };
         let _in_flight = InFlight::new(&self.ctx, addr);
-        let upstream = {
-            let mut conns = conns.lock().await;
-            let live = match conns.get(&addr) {
-                Some(u) if !u.is_closed().await => Some(u.clone()),
-                _ => None,
+        let mut request = request;
+        // A kept connection that turns out closed hands the request back
+        // unsent: it goes once more, on a new connection.
+        for fresh in [false, true] {
+            let (upstream, new) = match self.upstream(conns, &route, addr, fresh).await {
+                Ok(u) => u,
+                Err(e) => {
+                    tried.lock().expect("tried lock").push(addr);
+                    self.ctx.report(&self.source, addr, false);
+                    return Err(AttemptError::Connect(e));
+                }
             };
-            match live {
-                Some(upstream) => upstream,
-                None => match self.open(&route).await {
-                    Ok(upstream) => {
-                        let upstream = Arc::new(upstream);
-                        conns.insert(addr, upstream.clone());
-                        upstream
-                    }
-                    Err(e) => {
-                        tried.lock().expect("tried lock").push(addr);
-                        self.ctx.report(&self.source, addr, false);
-                        return Err(AttemptError::Connect(e));
-                    }
-                },
-            }
-        };
-        match upstream.send(request).await {
-            Ok(response) => {
-                let ok = !response.status().is_server_error();
-                self.ctx.report(&self.source, addr, ok);
-                Ok(response.map(BodyExt::boxed))
-            }
-            Err(e) => {
-                conns.lock().await.remove(&addr);
-                self.ctx.report(&self.source, addr, false);
-                Err(AttemptError::Upstream(e))
+            match upstream.try_send(request).await {
+                Ok(response) => {
+                    let ok = !response.status().is_server_error();
+                    self.ctx.report(&self.source, addr, ok);
+                    return Ok(response.map(BodyExt::boxed));
+                }
+                Err((e, Some(unsent))) if !new => {
+                    tracing::debug!(%addr, "kept connection closed ({e}): sending on a new one");
+                    conns.lock().await.remove(&addr);
+                    request = unsent;
+                }
+                Err((e, _)) => {
+                    conns.lock().await.remove(&addr);
+                    self.ctx.report(&self.source, addr, false);
+                    return Err(AttemptError::Upstream(e));
+                }
             }
         }
+        unreachable!("the second try is on a new connection, which returns")
+    }
+
+    /// The kept connection to `addr` (unless `fresh`, or it is closed), or
+    /// a new one, kept for the next requests; and whether it is new.
+    async fn upstream(
+        &self,
+        conns: &Conns,
+        route: &Route,
+        addr: SocketAddr,
+        fresh: bool,
+    ) -> Result<(Arc<Upstream>, bool), String> {
+        let mut conns = conns.lock().await;
+        if !fresh {
+            if let Some(u) = conns.get(&addr) {
+                if !u.is_closed().await {
+                    return Ok((u.clone(), false));
+                }
+            }
+        }
+        let upstream = Arc::new(self.open(route).await?);
+        conns.insert(addr, upstream.clone());
+        Ok((upstream, true))
     }
 
     /// A new connection for requests to the instance `route` leads to.

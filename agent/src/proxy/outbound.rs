@@ -150,7 +150,10 @@ pub async fn carry(
     let (decision, protocol, routed) = {
         let view = ctx.view.read().expect("view lock");
         let protocol = view.protocol(destination);
-        let routed = protocol.is_http() && view.has_routing(destination);
+        // Every HTTP service is served per request at the source: balanced
+        // request by request, retried and watched for 5xx by its resolver's
+        // and router's rules (or their defaults), as Consul's proxies do.
+        let routed = protocol.is_http();
         (
             view.decide_connection(source, destination),
             protocol,

@@ -1,4 +1,11 @@
-//! `weft kv put KEY VALUE [--cas INDEX] | get KEY | list PREFIX | delete KEY`.
+//! `weft kv put KEY VALUE [--cas INDEX] [--base64] | get KEY [--base64] |
+//! list PREFIX | delete KEY`. Values are bytes: `get` writes them to stdout
+//! as they are (then a newline, as Consul's CLI does), or in base64; JSON
+//! output carries `value_base64` always and `value` when the bytes are
+//! UTF-8.
+use std::io::Write;
+
+use base64::Engine;
 use clap::Subcommand;
 use serde_json::json;
 use weft_api::proto::kv_client::KvClient;
@@ -17,9 +24,17 @@ pub enum KvCmd {
         /// Write only if the key's modify index is this (0: only if absent).
         #[arg(long)]
         cas: Option<u64>,
+        /// VALUE (or stdin) is base64: the bytes it encodes are written.
+        #[arg(long)]
+        base64: bool,
     },
-    /// Print a key's value.
-    Get { key: String },
+    /// Print a key's value (its bytes as they are).
+    Get {
+        key: String,
+        /// Print the value in base64.
+        #[arg(long)]
+        base64: bool,
+    },
     /// Keys under a prefix.
     List {
         #[arg(default_value = "")]
@@ -33,15 +48,45 @@ pub enum KvCmd {
     },
 }
 
+const BASE64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// An entry as JSON: `value` only when the bytes are UTF-8 (never a lossy
+/// copy), `value_base64` always.
+fn entry_json(e: &weft_api::proto::KvEntry) -> serde_json::Value {
+    let mut v = json!({
+        "key": e.key,
+        "value_base64": BASE64.encode(&e.value),
+        "create_index": e.create_index,
+        "modify_index": e.modify_index,
+    });
+    if let Ok(text) = std::str::from_utf8(&e.value) {
+        v["value"] = text.into();
+    }
+    v
+}
+
 pub async fn run(ctx: &Ctx, cmd: KvCmd) -> anyhow::Result<Outcome> {
     match cmd {
-        KvCmd::Put { key, value, cas } => {
+        KvCmd::Put {
+            key,
+            value,
+            cas,
+            base64,
+        } => {
             let value = if value == "-" {
                 let mut buf = Vec::new();
                 std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
                 buf
             } else {
                 value.into_bytes()
+            };
+            let value = if base64 {
+                let text = String::from_utf8_lossy(&value);
+                BASE64
+                    .decode(text.trim())
+                    .map_err(|e| anyhow::anyhow!("--base64: the value is not base64: {e}"))?
+            } else {
+                value
             };
             let req = KvPutRequest {
                 key: key.clone(),
@@ -58,7 +103,7 @@ pub async fn run(ctx: &Ctx, cmd: KvCmd) -> anyhow::Result<Outcome> {
                 .index;
             written(ctx, &format!("{key} written"), index);
         }
-        KvCmd::Get { key } => {
+        KvCmd::Get { key, base64 } => {
             let req = KvGetRequest {
                 key,
                 read: ctx.read_options(),
@@ -71,14 +116,16 @@ pub async fn run(ctx: &Ctx, cmd: KvCmd) -> anyhow::Result<Outcome> {
                 .await?
                 .into_inner();
             match ctx.format {
-                crate::Format::Table => println!("{}", String::from_utf8_lossy(&e.value)),
-                crate::Format::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&json!({
-                        "key": e.key, "value": String::from_utf8_lossy(&e.value),
-                        "create_index": e.create_index, "modify_index": e.modify_index,
-                    }))?
-                ),
+                crate::Format::Table if base64 => println!("{}", BASE64.encode(&e.value)),
+                crate::Format::Table => {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&e.value)?;
+                    out.write_all(b"\n")?;
+                    out.flush()?;
+                }
+                crate::Format::Json => {
+                    println!("{}", serde_json::to_string_pretty(&entry_json(&e))?)
+                }
             }
         }
         KvCmd::List { prefix } => {
@@ -119,14 +166,7 @@ pub async fn run(ctx: &Ctx, cmd: KvCmd) -> anyhow::Result<Outcome> {
                     ]
                 })
                 .collect();
-            let json = json!(list
-                .entries
-                .iter()
-                .map(|e| json!({
-                    "key": e.key, "value": String::from_utf8_lossy(&e.value),
-                    "create_index": e.create_index, "modify_index": e.modify_index,
-                }))
-                .collect::<Vec<_>>());
+            let json = json!(list.entries.iter().map(entry_json).collect::<Vec<_>>());
             output::print(ctx, &["KEY", "BYTES", "INDEX"], rows, json);
         }
         KvCmd::Delete { key, cas } => {

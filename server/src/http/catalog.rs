@@ -1,7 +1,12 @@
 //! Consul's catalog and health reads: `/v1/catalog/services`,
-//! `/v1/catalog/nodes`, `/v1/health/service/<name>[?passing]`. They read
-//! the state after the read barrier with the gRPC API's ACL filters
-//! (instances need read on their service and their node).
+//! `/v1/catalog/service/<name>`, `/v1/catalog/nodes`,
+//! `/v1/catalog/node/<name>`, `/v1/health/service/<name>[?passing]`,
+//! `/v1/health/checks/<service>`, `/v1/health/node/<node>`,
+//! `/v1/health/state/<state>`. They read the state after the read barrier
+//! with the gRPC API's ACL filters (instances need read on their service
+//! and their node). Each instance has two checks, as Consul shows them:
+//! its node's `serfHealth` and its own `service:<id>` (weft keeps one
+//! health per instance, the worst of its agent's checks).
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -11,6 +16,7 @@ use weft_api::acl::{Access, Resource, ResourceKind};
 use weft_api::catalog::{HealthStatus, Node, ServiceInstance};
 
 use super::{json_at, only, Answer, Call, HttpError};
+use crate::grpc::auth::Caller;
 use crate::grpc::catalog::may_read_instance;
 use crate::node::ServerNode;
 use crate::state::State;
@@ -24,7 +30,7 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str) -> Answer {
         call.only_params(&[])?;
         let caller = call.caller(node).await?;
         caller.require_any_read(ResourceKind::Service)?;
-        let (services, index) = crate::grpc::read(node, None, |s| {
+        let (services, index) = crate::grpc::read(node, call.read(), |s| {
             let mut tags: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
             for name in s.vips.keys() {
                 tags.entry(name.clone()).or_default();
@@ -46,7 +52,7 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str) -> Answer {
         call.only_params(&[])?;
         let caller = call.caller(node).await?;
         caller.require_any_read(ResourceKind::Node)?;
-        let (nodes, index) = crate::grpc::read(node, None, |s| {
+        let (nodes, index) = crate::grpc::read(node, call.read(), |s| {
             let nodes: Vec<Value> = s
                 .nodes
                 .values()
@@ -58,14 +64,105 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str) -> Answer {
         .await?;
         return Ok(json_at(index, &nodes));
     }
+    if let Some(name) = path.strip_prefix("/v1/catalog/service/") {
+        call.only_params(&[])?;
+        let caller = service_reader(node, call, name).await?;
+        let (entries, index) = crate::grpc::read(node, call.read(), |s| {
+            let entries: Vec<Value> = s
+                .instances_of(name)
+                .filter(|i| may_read_instance(&caller, i))
+                .map(|i| catalog_entry(s, i))
+                .collect();
+            (entries, s.index)
+        })
+        .await?;
+        return Ok(json_at(index, &entries));
+    }
+    if let Some(name) = path.strip_prefix("/v1/catalog/node/") {
+        call.only_params(&[])?;
+        let caller = node_reader(node, call, name).await?;
+        let (found, index) = crate::grpc::read(node, call.read(), |s| {
+            let found = s.nodes.get(name).map(|n| {
+                let services: BTreeMap<&str, Value> = instances_on(s, name)
+                    .filter(|i| caller.can(Resource::Service(&i.service), Access::Read))
+                    .map(|i| (i.id.as_str(), service_json(i)))
+                    .collect();
+                json!({ "Node": node_json(n), "Services": services })
+            });
+            (found, s.index)
+        })
+        .await?;
+        // Consul answers null for a node it does not know.
+        return Ok(json_at(index, &found));
+    }
+    if let Some(service) = path.strip_prefix("/v1/health/checks/") {
+        call.only_params(&[])?;
+        let caller = service_reader(node, call, service).await?;
+        let (checks, index) = crate::grpc::read(node, call.read(), |s| {
+            let checks: Vec<Value> = s
+                .instances_of(service)
+                .filter(|i| may_read_instance(&caller, i))
+                .map(service_check)
+                .collect();
+            (checks, s.index)
+        })
+        .await?;
+        return Ok(json_at(index, &checks));
+    }
+    if let Some(name) = path.strip_prefix("/v1/health/node/") {
+        call.only_params(&[])?;
+        let caller = node_reader(node, call, name).await?;
+        let (checks, index) = crate::grpc::read(node, call.read(), |s| {
+            let mut checks: Vec<Value> = s.nodes.get(name).map(node_check).into_iter().collect();
+            checks.extend(
+                instances_on(s, name)
+                    .filter(|i| caller.can(Resource::Service(&i.service), Access::Read))
+                    .map(service_check),
+            );
+            (checks, s.index)
+        })
+        .await?;
+        return Ok(json_at(index, &checks));
+    }
+    if let Some(state) = path.strip_prefix("/v1/health/state/") {
+        call.only_params(&[])?;
+        let wanted = match state {
+            "any" => None,
+            "passing" => Some(HealthStatus::Passing),
+            "warning" => Some(HealthStatus::Warning),
+            "critical" => Some(HealthStatus::Critical),
+            other => {
+                return Err(HttpError::bad_request(format!(
+                    "state {other:?}: any, passing, warning or critical"
+                )))
+            }
+        };
+        let caller = call.caller(node).await?;
+        let (checks, index) = crate::grpc::read(node, call.read(), |s| {
+            let in_state = |h: HealthStatus| wanted.is_none_or(|w| w == h);
+            let nodes = s
+                .nodes
+                .values()
+                .filter(|n| in_state(n.health))
+                .filter(|n| caller.can(Resource::Node(&n.name), Access::Read))
+                .map(node_check);
+            let instances = s
+                .instances
+                .values()
+                .flat_map(|m| m.values())
+                .filter(|i| in_state(i.health))
+                .filter(|i| may_read_instance(&caller, i))
+                .map(service_check);
+            (nodes.chain(instances).collect::<Vec<Value>>(), s.index)
+        })
+        .await?;
+        return Ok(json_at(index, &checks));
+    }
     if let Some(name) = path.strip_prefix("/v1/health/service/") {
         call.only_params(&["passing"])?;
-        weft_api::names::validate_name(name)
-            .map_err(|e| HttpError::bad_request(format!("service: {e}")))?;
-        let caller = call.caller(node).await?;
-        caller.require(Resource::Service(name), Access::Read)?;
+        let caller = service_reader(node, call, name).await?;
         let passing_only = call.flag("passing")?;
-        let (entries, index) = crate::grpc::read(node, None, |s| {
+        let (entries, index) = crate::grpc::read(node, call.read(), |s| {
             let entries: Vec<Value> = s
                 .instances_of(name)
                 .filter(|i| may_read_instance(&caller, i))
@@ -91,20 +188,6 @@ fn node_json(n: &Node) -> Value {
     })
 }
 
-/// The worse of two statuses.
-pub fn worse(a: HealthStatus, b: HealthStatus) -> HealthStatus {
-    let rank = |h: HealthStatus| match h {
-        HealthStatus::Passing => 0,
-        HealthStatus::Warning => 1,
-        HealthStatus::Critical => 2,
-    };
-    if rank(b) > rank(a) {
-        b
-    } else {
-        a
-    }
-}
-
 /// An instance's worst check: its own, or its node's (a node the servers
 /// do not know counts as critical).
 pub fn worst_status(state: &State, i: &ServiceInstance) -> HealthStatus {
@@ -112,17 +195,104 @@ pub fn worst_status(state: &State, i: &ServiceInstance) -> HealthStatus {
         .nodes
         .get(&i.node)
         .map_or(HealthStatus::Critical, |n| n.health);
-    worse(i.health, node)
+    i.health.worst(node)
+}
+
+/// Read on service `name` (a valid name), for the caller of `call`.
+async fn service_reader(node: &ServerNode, call: &Call, name: &str) -> Result<Caller, HttpError> {
+    weft_api::names::validate_name(name)
+        .map_err(|e| HttpError::bad_request(format!("service: {e}")))?;
+    let caller = call.caller(node).await?;
+    caller.require(Resource::Service(name), Access::Read)?;
+    Ok(caller)
+}
+
+/// Read on node `name` (a valid name), for the caller of `call`.
+async fn node_reader(node: &ServerNode, call: &Call, name: &str) -> Result<Caller, HttpError> {
+    weft_api::names::validate_name(name)
+        .map_err(|e| HttpError::bad_request(format!("node: {e}")))?;
+    let caller = call.caller(node).await?;
+    caller.require(Resource::Node(name), Access::Read)?;
+    Ok(caller)
+}
+
+fn instances_on<'a>(s: &'a State, node: &str) -> impl Iterator<Item = &'a ServiceInstance> {
+    s.instances.get(node).into_iter().flat_map(|m| m.values())
+}
+
+/// An instance as Consul's agent and catalog node views show it.
+fn service_json(i: &ServiceInstance) -> Value {
+    json!({
+        "ID": i.id,
+        "Service": i.service,
+        "Tags": i.tags,
+        "Address": i.address,
+        "Port": i.port,
+        "Meta": i.meta,
+        "CreateIndex": i.create_index,
+        "ModifyIndex": i.modify_index,
+    })
+}
+
+/// A node's `serfHealth` check.
+fn node_check(n: &Node) -> Value {
+    json!({
+        "Node": n.name,
+        "CheckID": NODE_CHECK,
+        "Name": "Node health",
+        "Status": n.health.as_str(),
+        "Output": n.health_output,
+        "ServiceID": "",
+        "ServiceName": "",
+        "ServiceTags": [],
+    })
+}
+
+/// An instance's own check, `service:<id>`.
+fn service_check(i: &ServiceInstance) -> Value {
+    json!({
+        "Node": i.node,
+        "CheckID": format!("service:{}", i.id),
+        "Name": format!("Service '{}' check", i.service),
+        "Status": i.health.as_str(),
+        "Output": i.check_output,
+        "ServiceID": i.id,
+        "ServiceName": i.service,
+        "ServiceTags": i.tags,
+    })
+}
+
+/// One `/v1/catalog/service` entry: the node's fields and the instance's,
+/// flat, as Consul has them.
+fn catalog_entry(s: &State, i: &ServiceInstance) -> Value {
+    let node = s.nodes.get(&i.node);
+    json!({
+        "Node": i.node,
+        "Address": node.map(|n| n.address.as_str()).unwrap_or(""),
+        "Datacenter": node.map(|n| n.datacenter.as_str()).unwrap_or(""),
+        "NodeMeta": node.map(|n| &n.meta),
+        "ServiceID": i.id,
+        "ServiceName": i.service,
+        "ServiceTags": i.tags,
+        "ServiceAddress": i.address,
+        "ServicePort": i.port,
+        "ServiceMeta": i.meta,
+        "CreateIndex": i.create_index,
+        "ModifyIndex": i.modify_index,
+    })
 }
 
 /// One `/v1/health/service` entry: the node, the instance and its two
 /// checks (the node's `serfHealth` and the instance's `service:<id>`).
 fn health_entry(s: &State, i: &ServiceInstance) -> Value {
     let node = s.nodes.get(&i.node);
-    let (node_status, node_output) = node
-        .map_or((HealthStatus::Critical, "node not registered"), |n| {
-            (n.health, n.health_output.as_str())
-        });
+    let node_check = node.map(node_check).unwrap_or_else(|| {
+        json!({
+            "Node": i.node, "CheckID": NODE_CHECK, "Name": "Node health",
+            "Status": "critical", "Output": "node not registered",
+            "ServiceID": "", "ServiceName": "", "ServiceTags": [],
+        })
+    });
     json!({
         "Node": {
             "Node": i.node,
@@ -130,33 +300,7 @@ fn health_entry(s: &State, i: &ServiceInstance) -> Value {
             "Datacenter": node.map(|n| n.datacenter.as_str()).unwrap_or(""),
             "Meta": node.map(|n| &n.meta),
         },
-        "Service": {
-            "ID": i.id,
-            "Service": i.service,
-            "Tags": i.tags,
-            "Address": i.address,
-            "Port": i.port,
-            "Meta": i.meta,
-        },
-        "Checks": [
-            {
-                "Node": i.node,
-                "CheckID": NODE_CHECK,
-                "Name": "Node health",
-                "Status": node_status.as_str(),
-                "Output": node_output,
-                "ServiceID": "",
-                "ServiceName": "",
-            },
-            {
-                "Node": i.node,
-                "CheckID": format!("service:{}", i.id),
-                "Name": format!("Service '{}' check", i.service),
-                "Status": i.health.as_str(),
-                "Output": i.check_output,
-                "ServiceID": i.id,
-                "ServiceName": i.service,
-            },
-        ],
+        "Service": service_json(i),
+        "Checks": [node_check, service_check(i)],
     })
 }

@@ -41,7 +41,7 @@ pub async fn config(node: &Arc<ServerNode>, call: &Call, rest: &str) -> Answer {
             let list = api
                 .list(call.grpc(proto::ListConfigRequest {
                     kind: kind.to_string(),
-                    read: None,
+                    read: call.read(),
                 }))
                 .await?
                 .into_inner();
@@ -63,7 +63,7 @@ pub async fn config(node: &Arc<ServerNode>, call: &Call, rest: &str) -> Answer {
                     let e = api
                         .read(call.grpc(proto::ReadConfigRequest {
                             r#ref: Some(key),
-                            read: None,
+                            read: call.read(),
                         }))
                         .await?;
                     Ok(json(StatusCode::OK, &entry_json(&e.into_inner())?))

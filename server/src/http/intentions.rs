@@ -60,7 +60,7 @@ pub async fn intentions(node: &Arc<ServerNode>, call: &Call, rest: &str) -> Answ
     match (rest, &call.method) {
         ("", &Method::GET) => {
             call.only_params(&[])?;
-            let list = api.list(call.grpc(proto::ReadOptions::default())).await?;
+            let list = api.list(call.grpc(call.read().unwrap_or_default())).await?;
             let list = list.into_inner();
             let out = list
                 .intentions
@@ -80,7 +80,7 @@ pub async fn intentions(node: &Arc<ServerNode>, call: &Call, rest: &str) -> Answ
                     let i = api
                         .get(call.grpc(proto::GetIntentionRequest {
                             r#ref: Some(key),
-                            read: None,
+                            read: call.read(),
                         }))
                         .await?;
                     Ok(json(
@@ -161,7 +161,7 @@ async fn check(api: &IntentionsApi, call: &Call) -> Answer {
             method: call.query("method").unwrap_or("").to_string(),
             path: call.query("path").unwrap_or("").to_string(),
             headers: Default::default(),
-            read: None,
+            read: call.read(),
         }))
         .await?
         .into_inner();

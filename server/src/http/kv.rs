@@ -124,7 +124,7 @@ async fn get(api: &KvApi, call: &Call, key: &str) -> Answer {
     let e = api
         .get(call.grpc(proto::KvGetRequest {
             key: key.to_string(),
-            read: None,
+            read: call.read(),
         }))
         .await?
         .into_inner();
@@ -136,7 +136,10 @@ async fn get(api: &KvApi, call: &Call, key: &str) -> Answer {
             .body(Full::new(Bytes::from(e.value)))
             .expect("a static response"));
     }
-    Ok(json_at(e.modify_index, &[entry_json(&e)]))
+    // The state's index, as for every read: a blocking query on it waits
+    // for the next write (the key's own index is older than the state's).
+    let index = api.0.shared.state.read().expect("state lock").index;
+    Ok(json_at(index, &[entry_json(&e)]))
 }
 
 /// Every entry under `prefix` the token may read, page after page.
@@ -150,7 +153,7 @@ async fn list(
         let page = api
             .list(call.grpc(proto::KvListRequest {
                 prefix: prefix.to_string(),
-                read: None,
+                read: call.read(),
                 after: after.clone(),
                 limit: 0,
             }))

@@ -20,6 +20,7 @@
 //!   another origin (no CORS), and since the token travels in a header a
 //!   page of another site cannot make a browser send it (no CSRF).
 mod acl;
+mod ca;
 mod catalog;
 mod config;
 mod intentions;
@@ -133,6 +134,10 @@ pub struct Call {
     pub headers: HeaderMap,
     pub body: Bytes,
     secret: Option<String>,
+    /// Consul's read options, taken out of the query: `?stale`, and a
+    /// blocking query's `?index=` and `?wait=`.
+    stale: bool,
+    block: Option<(u64, Duration)>,
     /// The share of the body budget this request's body holds.
     _budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -196,6 +201,24 @@ impl Call {
             .ok_or_else(|| HttpError::bad_request(format!("query parameter {name} is required")))
     }
 
+    /// How to read: from this server's state with `?stale`, else
+    /// linearizable (Consul's `?consistent`, which is also the default).
+    pub fn read(&self) -> Option<weft_api::proto::ReadOptions> {
+        Some(weft_api::proto::ReadOptions { stale: self.stale })
+    }
+
+    /// A blocking query (`?index=N[&wait=5m]`): returns once the state's
+    /// index is past N, or when the wait is over (a jitter of up to a
+    /// sixteenth added, as Consul does, so that clients do not come back
+    /// together); the read that follows answers either way.
+    async fn block(&self, node: &ServerNode) {
+        let Some((index, wait)) = self.block else {
+            return;
+        };
+        let jitter = wait.mul_f64(rand::random::<f64>() / 16.0);
+        node.shared.wait_for_index(index + 1, wait + jitter).await;
+    }
+
     /// `msg` as an in-process gRPC request carrying the caller's token.
     pub fn grpc<T>(&self, msg: T) -> tonic::Request<T> {
         grpc_request(self.secret.as_deref(), msg)
@@ -252,6 +275,44 @@ async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, Ht
             )));
         }
     }
+    let (mut stale, mut consistent, mut index, mut wait, mut dc) = (false, false, None, None, None);
+    let mut query = query;
+    let mut refused = None;
+    query.retain(|(k, v)| {
+        let flag = |v: &str| v.is_empty() || v == "true";
+        match k.as_str() {
+            "stale" if flag(v) => stale = true,
+            "consistent" if flag(v) => consistent = true,
+            "index" => index = Some(v.clone()),
+            "wait" => wait = Some(v.clone()),
+            "dc" => dc = Some(v.clone()),
+            "stale" | "consistent" => {
+                refused = Some(format!(
+                    "query parameter {k}={v:?}: a flag, given alone or as {k}=true"
+                ))
+            }
+            _ => return true,
+        }
+        false
+    });
+    if let Some(message) = refused {
+        return Err(HttpError::bad_request(message));
+    }
+    if stale && consistent {
+        return Err(HttpError::bad_request(
+            "stale and consistent: one or the other",
+        ));
+    }
+    if let Some(dc) = dc.filter(|dc| *dc != node.datacenter) {
+        return Err(HttpError::bad_request(format!(
+            "dc {dc:?}: this cluster is datacenter {:?}, and weft does not federate datacenters yet",
+            node.datacenter
+        )));
+    }
+    let block = blocking(index.as_deref(), wait.as_deref())?;
+    if block.is_some() && parts.method != Method::GET {
+        return Err(HttpError::bad_request("index and wait are for reads (GET)"));
+    }
     let too_large = || {
         HttpError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -270,7 +331,10 @@ async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, Ht
     let secret = secret_of(&parts.headers);
     // Only writes that take a body read one, and only for a token this
     // cluster knows: nobody without one makes the server buffer anything.
-    let (body, budget) = if matches!(parts.method, Method::PUT | Method::POST) {
+    // Bootstrap has no token yet, and no body.
+    let takes_body =
+        matches!(parts.method, Method::PUT | Method::POST) && path != "/v1/acl/bootstrap";
+    let (body, budget) = if takes_body {
         crate::grpc::auth::caller(node, &grpc_request(secret.as_deref(), ())).await?;
         let wanted = declared.map_or(MAX_BODY, |n| n as usize);
         let budget = BODY_BUDGET
@@ -305,6 +369,40 @@ async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, Ht
         headers: parts.headers,
         body,
         _budget: budget,
+        stale,
+        block,
+    })
+}
+
+/// The longest a blocking query waits (Consul's limit), and its default.
+const MAX_WAIT: Duration = Duration::from_secs(600);
+const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+
+/// A blocking query's index and wait, from `?index=` and `?wait=` (`10s`,
+/// `5m`; at most ten minutes). `index=0` or none: no wait, as in Consul.
+fn blocking(index: Option<&str>, wait: Option<&str>) -> Result<Option<(u64, Duration)>, HttpError> {
+    let wait = wait
+        .map(|w| {
+            weft_api::duration::parse_duration(w)
+                .map_err(|e| HttpError::bad_request(format!("query parameter wait: {e}")))
+        })
+        .transpose()?;
+    if wait.is_some_and(|w| w > MAX_WAIT) {
+        return Err(HttpError::bad_request(format!(
+            "query parameter wait: at most {}s",
+            MAX_WAIT.as_secs()
+        )));
+    }
+    let index = index
+        .map(|i| {
+            i.parse::<u64>().map_err(|_| {
+                HttpError::bad_request(format!("query parameter index: {i:?} is not a number"))
+            })
+        })
+        .transpose()?;
+    Ok(match index {
+        Some(i) if i > 0 => Some((i, wait.unwrap_or(DEFAULT_WAIT))),
+        _ => None,
     })
 }
 
@@ -354,6 +452,11 @@ async fn handle(node: &Arc<ServerNode>, req: Request<Incoming>) -> Reply {
 /// Which handler a path goes to.
 async fn route(node: &Arc<ServerNode>, call: &Call) -> Answer {
     let path = call.path.as_str();
+    if call.block.is_some() {
+        // Only a known token may hold a request open.
+        call.caller(node).await?;
+        call.block(node).await;
+    }
     if path == "/" || path == "/ui" || path.starts_with("/ui/") {
         return ui::asset(call);
     }
@@ -363,11 +466,14 @@ async fn route(node: &Arc<ServerNode>, call: &Call) -> Answer {
     if let Some(rest) = path.strip_prefix("/v1/status/") {
         return status::status(node, call, rest).await;
     }
-    if path == "/v1/acl/token/self" {
-        return acl::token_self(node, call).await;
+    if let Some(rest) = path.strip_prefix("/v1/acl/") {
+        return acl::acl(node, call, rest).await;
     }
     if let Some(rest) = path.strip_prefix("/v1/kv/") {
         return kv::kv(node, call, rest).await;
+    }
+    if path == "/v1/connect/ca/roots" {
+        return ca::roots(node, call).await;
     }
     if let Some(rest) = path.strip_prefix("/v1/connect/intentions") {
         return intentions::intentions(node, call, rest).await;

@@ -40,7 +40,8 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, rest: &str) -> Answer {
             let caller = call.caller(node).await?;
             caller.require_any_read(ResourceKind::Service)?;
             let (rows, index) =
-                crate::grpc::read(node, None, |s| (service_rows(s, &caller), s.index)).await?;
+                crate::grpc::read(node, call.read(), |s| (service_rows(s, &caller), s.index))
+                    .await?;
             Ok(json_at(index, &rows))
         }
         "nodes" => {
@@ -48,7 +49,7 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, rest: &str) -> Answer {
             let caller = call.caller(node).await?;
             caller.require_any_read(ResourceKind::Node)?;
             let (rows, index) =
-                crate::grpc::read(node, None, |s| (node_rows(s, &caller), s.index)).await?;
+                crate::grpc::read(node, call.read(), |s| (node_rows(s, &caller), s.index)).await?;
             Ok(json_at(index, &rows))
         }
         "topology" => {
@@ -56,7 +57,7 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, rest: &str) -> Answer {
             let caller = call.caller(node).await?;
             caller.require_any_read(ResourceKind::Service)?;
             let window = window(call)?;
-            let (rows, intentions, index) = crate::grpc::read(node, None, |s| {
+            let (rows, intentions, index) = crate::grpc::read(node, call.read(), |s| {
                 let intentions: Vec<Intention> = s.all_intentions().cloned().collect();
                 (service_rows(s, &caller), intentions, s.index)
             })
@@ -297,7 +298,7 @@ async fn service_topology(node: &Arc<ServerNode>, call: &Call, name: &str) -> An
     let caller = call.caller(node).await?;
     caller.require(Resource::Service(name), Access::Read)?;
     let window = window(call)?;
-    let (intentions, index) = crate::grpc::read(node, None, |s| {
+    let (intentions, index) = crate::grpc::read(node, call.read(), |s| {
         (s.all_intentions().cloned().collect::<Vec<_>>(), s.index)
     })
     .await?;

@@ -6,12 +6,14 @@
 //! - `GET /fail`, `GET /recover`: make `/healthz` fail, or pass again;
 //! - `/echo/...`: 200 with `instance NAME got PATH` (the path and query it
 //!   received, to see rewrites);
+//! - `/flaky`: 503 (a 192 KiB body) and 200 `ok`, in turn (one count per
+//!   process);
 //! - anything else: 200 with the body `instance NAME\n`.
 //!
 //! It prints `listening on ADDR` to stdout once it accepts connections.
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 fn main() {
@@ -33,18 +35,24 @@ fn main() {
     );
     let _ = std::io::stdout().flush();
     let failing = Arc::new(AtomicBool::new(false));
+    let flaky = Arc::new(AtomicU64::new(0));
     let name: Arc<str> = Arc::from(name.as_str());
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let failing = failing.clone();
+        let (failing, flaky) = (failing.clone(), flaky.clone());
         let name = name.clone();
         std::thread::spawn(move || {
-            let _ = serve(stream, &name, &failing);
+            let _ = serve(stream, &name, &failing, &flaky);
         });
     }
 }
 
-fn serve(stream: TcpStream, name: &str, failing: &AtomicBool) -> std::io::Result<()> {
+fn serve(
+    stream: TcpStream,
+    name: &str,
+    failing: &AtomicBool,
+    flaky: &AtomicU64,
+) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = stream;
@@ -97,6 +105,12 @@ fn serve(stream: TcpStream, name: &str, failing: &AtomicBool) -> std::io::Result
                 failing.store(false, Ordering::SeqCst);
                 ("200 OK", "passing now\n".to_string())
             }
+            "/flaky" if flaky.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) => {
+                // A body larger than one read: a client that drops the
+                // response unread cannot reuse the connection.
+                ("503 Service Unavailable", "flaky\n".repeat(32 * 1024))
+            }
+            "/flaky" => ("200 OK", "ok\n".to_string()),
             echo if echo.starts_with("/echo/") => {
                 ("200 OK", format!("instance {name} got {path}\n"))
             }
