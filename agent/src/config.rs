@@ -131,6 +131,10 @@ pub struct AgentConfig {
     pub permissive_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub dns_addr: SocketAddr,
+    /// The DNS domain the agent answers for (`weft`), and a second one
+    /// (`consul`, as Consul users' tools expect; empty: none).
+    pub dns_domain: String,
+    pub dns_alt_domain: String,
     /// The local HTTP API (`/v1/agent/check/...`); a loopback address.
     pub http_addr: SocketAddr,
     #[serde(with = "duration_text")]
@@ -282,6 +286,15 @@ mod duration_text {
 }
 
 impl AgentConfig {
+    /// The DNS domains, the main one first.
+    pub fn dns_domains(&self) -> Vec<String> {
+        let mut domains = vec![self.dns_domain.clone()];
+        if !self.dns_alt_domain.is_empty() {
+            domains.push(self.dns_alt_domain.clone());
+        }
+        domains
+    }
+
     /// Reads and validates the file at `path`.
     pub fn load(path: impl AsRef<Path>) -> Result<AgentConfig, ConfigError> {
         Self::load_with_registered(path, &[])
@@ -361,6 +374,10 @@ struct RawConfig {
     admin_addr: String,
     #[serde(default = "default_dns")]
     dns_addr: String,
+    #[serde(default = "default_dns_domain")]
+    dns_domain: String,
+    #[serde(default = "default_dns_alt_domain")]
+    dns_alt_domain: String,
     #[serde(default = "default_http")]
     http_addr: String,
     #[serde(default = "default_drain")]
@@ -452,6 +469,32 @@ fn default_socket_mark() -> u32 {
 fn default_admin() -> String {
     DEFAULT_ADMIN_ADDR.to_string()
 }
+fn default_dns_domain() -> String {
+    "weft".into()
+}
+
+fn default_dns_alt_domain() -> String {
+    "consul".into()
+}
+
+/// A DNS domain of the agent: lowercase labels (names as services have),
+/// dot-separated; `empty_ok` for the optional second domain.
+fn domain_name(field: &str, text: &str, empty_ok: bool) -> Result<String, Invalid> {
+    let text = text.trim_end_matches('.').to_ascii_lowercase();
+    if text.is_empty() {
+        return if empty_ok {
+            Ok(text)
+        } else {
+            Err(invalid(field, "must not be empty"))
+        };
+    }
+    for label in text.split('.') {
+        weft_api::names::validate_name(label)
+            .map_err(|e| invalid(field, format!("{text:?}: label {label:?}: {e}")))?;
+    }
+    Ok(text)
+}
+
 fn default_dns() -> String {
     DEFAULT_DNS_ADDR.to_string()
 }
@@ -759,6 +802,14 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
     }
     let admin_addr = socket_addr("admin_addr", &raw.admin_addr)?;
     let dns_addr = socket_addr("dns_addr", &raw.dns_addr)?;
+    let dns_domain = domain_name("dns_domain", &raw.dns_domain, false)?;
+    let dns_alt_domain = domain_name("dns_alt_domain", &raw.dns_alt_domain, true)?;
+    if dns_alt_domain == dns_domain {
+        return Err(invalid(
+            "dns_alt_domain",
+            format!("{dns_alt_domain:?} is dns_domain already"),
+        ));
+    }
     let http_addr = socket_addr("http_addr", &raw.http_addr)?;
     if !http_addr.ip().is_loopback() {
         // Workloads send their tokens to this API in clear text: it must
@@ -901,6 +952,8 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         permissive_addr,
         admin_addr,
         dns_addr,
+        dns_domain,
+        dns_alt_domain,
         http_addr,
         drain_timeout,
         upgrade_drain_timeout,
@@ -1607,6 +1660,24 @@ data_dir = "/var/lib/weft-agent"
         ));
         assert!(
             e.starts_with("agent.toml:10: service[0].meta: empty meta key"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn dns_domains_default_to_weft_and_consul_and_are_checked() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.dns_domains(), ["weft", "consul"]);
+        let c = parse(&format!(
+            "dns_domain = \"Mesh.Example.\"\ndns_alt_domain = \"\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.dns_domains(), ["mesh.example"]);
+        let e = err(&format!("dns_domain = \"a..b\"\n{MINIMAL}"));
+        assert!(e.contains("dns_domain"), "{e}");
+        let e = err(&format!("dns_alt_domain = \"weft\"\n{MINIMAL}"));
+        assert!(
+            e.contains("dns_alt_domain: \"weft\" is dns_domain already"),
             "{e}"
         );
     }

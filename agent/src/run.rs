@@ -381,14 +381,14 @@ pub async fn run(
     let local_api = crate::local_api::LocalApi::from_listener(listener, api_state)?;
     let local_api_task = tokio::spawn(local_api.serve(wait_for(stop_rx.clone())));
 
-    // DNS: NAME.service.weft -> the service's virtual IP.
-    let dns_view = view.clone();
-    let resolver: ServiceResolver = Arc::new(move |service: &str| {
-        match dns_view.read().expect("view lock").vips.get(service) {
-            Some(std::net::IpAddr::V4(ip)) => Some(*ip),
-            _ => None,
-        }
-    });
+    // DNS: the mesh's names (NAME.service.weft and Consul's other forms).
+    let resolver = ServiceResolver {
+        catalog: Arc::new(crate::view::ViewCatalog(view.clone())),
+        zone: crate::dns::Zone {
+            domains: config.dns_domains(),
+            datacenter: config.datacenter.clone(),
+        },
+    };
     let dns = match (
         sockets.inherited.udp("dns-udp"),
         sockets.inherited.tcp("dns-tcp"),

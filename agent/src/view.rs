@@ -4,6 +4,7 @@
 //! an address, what the intentions decide, and the trust bundle.
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use serde::Serialize;
 use weft_api::catalog::{HealthStatus, Node, ServiceInstance};
@@ -345,6 +346,63 @@ impl View {
     /// The trust bundle as one PEM text.
     pub fn bundle_pem(&self) -> String {
         self.roots_pem.concat()
+    }
+}
+
+/// The agent's view as its DNS server sees it: read under the view's lock
+/// for each question.
+pub struct ViewCatalog(pub Arc<std::sync::RwLock<View>>);
+
+fn ipv4(ip: IpAddr) -> Option<std::net::Ipv4Addr> {
+    match ip {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
+    }
+}
+
+impl crate::dns::DnsCatalog for ViewCatalog {
+    fn vip(&self, service: &str) -> Option<std::net::Ipv4Addr> {
+        ipv4(*self.0.read().expect("view lock").vips.get(service)?)
+    }
+
+    fn passing(&self, service: &str) -> Vec<crate::dns::DnsInstance> {
+        let view = self.0.read().expect("view lock");
+        view.passing(service)
+            .into_iter()
+            .filter_map(|i| {
+                Some(crate::dns::DnsInstance {
+                    node: i.node.clone(),
+                    address: i.address.parse().ok()?,
+                    port: i.port,
+                    tags: i.tags.clone(),
+                })
+            })
+            .collect()
+    }
+
+    fn node(&self, node: &str) -> Option<std::net::Ipv4Addr> {
+        self.0
+            .read()
+            .expect("view lock")
+            .nodes
+            .get(node)?
+            .address
+            .parse()
+            .ok()
+    }
+
+    fn service_by_vip(&self, ip: std::net::Ipv4Addr) -> Option<String> {
+        let view = self.0.read().expect("view lock");
+        view.service_by_vip(IpAddr::V4(ip)).map(String::from)
+    }
+
+    fn node_by_addr(&self, ip: std::net::Ipv4Addr) -> Option<String> {
+        let view = self.0.read().expect("view lock");
+        let text = ip.to_string();
+        let mut nodes = view.nodes.values().filter(|n| n.address == text);
+        let first = nodes.next()?;
+        // Two nodes at one address: no single answer.
+        nodes.next().is_none().then(|| first.name.clone())
     }
 }
 

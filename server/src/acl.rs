@@ -356,6 +356,20 @@ impl AclState {
                 return Err(AclError::Invalid("token: secret in use".into()));
             }
         }
+        // An update (it names the creation index of the token it read)
+        // applies only to that token, still there with the same secret: a
+        // token deleted meanwhile stays deleted.
+        if token.create_index != 0 {
+            let same = self.tokens.get(&token.accessor_id).is_some_and(|t| {
+                t.create_index == token.create_index && t.secret_hash == token.secret_hash
+            });
+            if !same {
+                return Err(AclError::Invalid(format!(
+                    "token {}: deleted or replaced while it was being updated",
+                    token.accessor_id
+                )));
+            }
+        }
         token.create_index = self
             .tokens
             .get(&token.accessor_id)
@@ -412,6 +426,29 @@ mod tests {
         assert!(acl.token_by_secret("s3cre").is_none());
         let doc = serde_json::to_string(&acl).unwrap();
         assert!(!doc.contains("s3cret"), "the secret is never stored");
+    }
+
+    #[test]
+    fn an_update_racing_a_delete_does_not_bring_the_token_back() {
+        let mut acl = AclState::default();
+        acl.upsert_token(token("a", "s", &[]), 4).unwrap();
+        // An update as the API makes it: naming the creation index it read.
+        let mut update = token("a", "s", &[]);
+        update.description = "renamed".into();
+        update.create_index = 4;
+        acl.upsert_token(update.clone(), 5).unwrap();
+        assert_eq!(acl.tokens["a"].description, "renamed");
+        assert_eq!(acl.tokens["a"].create_index, 4);
+        // Deleted, then the same update arrives: refused, still deleted.
+        acl.delete_token("a").unwrap();
+        let e = acl.upsert_token(update.clone(), 7).unwrap_err();
+        assert!(e.to_string().contains("deleted or replaced"), "{e}");
+        assert!(acl.token_by_secret("s").is_none());
+        // Re-created under the same accessor: an update of the old one is
+        // refused too.
+        acl.upsert_token(token("a", "s2", &[]), 8).unwrap();
+        assert!(acl.upsert_token(update, 9).is_err());
+        assert!(acl.token_by_secret("s2").is_some());
     }
 
     #[test]

@@ -110,6 +110,8 @@ pub struct Service {
     pub meta: Vec<(String, String)>,
     /// TTL checks: `(ttl, id)` each ([`Service::ttl_check`]).
     pub ttl_checks: Vec<(String, Option<String>)>,
+    /// The instance's `tags`.
+    pub tags: Vec<String>,
 }
 
 impl Service {
@@ -126,6 +128,7 @@ impl Service {
             cgroup: None,
             meta: Vec::new(),
             ttl_checks: Vec::new(),
+            tags: Vec::new(),
         }
     }
     /// A TTL check of `ttl` (`"2s"`), with check id `id` (None: Consul's
@@ -140,6 +143,11 @@ impl Service {
     /// [`Service::healthz_check`]).
     pub fn deregister_critical_after(mut self, after: &str) -> Self {
         self.deregister_after = Some(after.to_string());
+        self
+    }
+    /// One tag of the instance.
+    pub fn tag(mut self, tag: &str) -> Self {
+        self.tags.push(tag.to_string());
         self
     }
     /// One `meta` entry of the instance.
@@ -194,6 +202,9 @@ impl Service {
         }
         if let Some(cg) = &self.cgroup {
             t += &format!("cgroup = {cg:?}\n");
+        }
+        if !self.tags.is_empty() {
+            t += &format!("tags = {:?}\n", self.tags);
         }
         if !self.meta.is_empty() {
             let pairs: Vec<String> = self

@@ -1016,6 +1016,140 @@ fn an_http_service_is_balanced_per_request_without_a_router() -> anyhow::Result<
     Ok(())
 }
 
+/// An HTTP service's connection upgrade (as WebSocket's) goes through the
+/// per-request proxy: the 101 comes back and then bytes flow both ways.
+#[test]
+fn an_upgrade_to_another_protocol_passes_through_an_http_service() -> anyhow::Result<()> {
+    require_root();
+    let mesh = one_api_mesh("api-1")?;
+    write_entry(&mesh, "defaults.toml", API_IS_HTTP)?;
+    // A raw client: the handshake, then a line echoed back.
+    let script = r#"
+import socket, sys
+crlf = b"\r\n"
+s = socket.create_connection(("127.0.0.1", 9191), timeout=5)
+s.sendall(crlf.join([b"GET /upgrade HTTP/1.1", b"Host: api", b"Connection: Upgrade", b"Upgrade: echo", b"", b""]))
+head = b""
+while crlf + crlf not in head:
+    chunk = s.recv(4096)
+    if not chunk:
+        sys.exit("closed during the handshake: %r" % head)
+    head += chunk
+status = head.split(crlf)[0]
+rest = head.split(crlf + crlf, 1)[1]
+s.sendall(b"ping over the upgraded connection\n")
+while not rest.endswith(b"\n"):
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    rest += chunk
+print(status.decode())
+print(rest.decode().strip())
+"#;
+    let out = wait_until(
+        Duration::from_secs(10),
+        "an upgraded connection echoes",
+        || {
+            let out = mesh.run(NodeA, "python3", &["-c", script], Duration::from_secs(10))?;
+            ensure!(
+                out.success() && out.stdout.contains("101"),
+                "{}",
+                out.describe()
+            );
+            Ok(Some(out))
+        },
+    )?;
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    ensure!(
+        lines.first().is_some_and(|l| l.starts_with("HTTP/1.1 101"))
+            && lines.get(1) == Some(&"ping over the upgraded connection"),
+        "{}",
+        out.describe()
+    );
+    Ok(())
+}
+
+/// `dig` in node A against its agent's DNS (127.0.0.1:8600): the answer
+/// section's records, one per line (`+short`).
+fn dig(mesh: &Mesh, args: &[&str]) -> anyhow::Result<Vec<String>> {
+    let mut full = vec!["@127.0.0.1", "-p", "8600", "+short", "+tries=1", "+time=2"];
+    full.extend_from_slice(args);
+    let out = mesh.run(NodeA, "dig", &full, Duration::from_secs(10))?;
+    ensure!(out.success(), "dig {args:?}: {}", out.describe());
+    Ok(out.stdout.lines().map(|l| l.trim().to_string()).collect())
+}
+
+/// The agent's DNS as Consul users query it, with `dig`: SRV with every
+/// passing instance's port and a target that resolves, a tag, a node, the
+/// `consul` domain and the datacenter form, and PTR for a virtual IP.
+#[test]
+fn dns_answers_srv_tags_nodes_and_reverse_lookups() -> anyhow::Result<()> {
+    require_root();
+    let mut mesh = Mesh::start(
+        spec()
+            .node_b(api("api-1", 8080).tag("canary"))
+            .node_b(api("api-2", 8081)),
+    )?;
+    let b = mesh.ip(NodeB);
+    mesh.workload(NodeB, "api-1", &format!("{b}:8080"))?;
+    mesh.workload(NodeB, "api-2", &format!("{b}:8081"))?;
+    let vip = mesh.vip("api")?;
+    // Both instances passing: SRV lists both ports, node-b as the target.
+    let srv = wait_until(Duration::from_secs(20), "SRV with both instances", || {
+        let mut lines = dig(&mesh, &["SRV", "api.service.weft"])?;
+        lines.sort();
+        Ok((lines.len() == 2).then_some(lines))
+    })?;
+    ensure!(
+        srv == [
+            "1 1 8080 node-b.node.dc1.weft.",
+            "1 1 8081 node-b.node.dc1.weft."
+        ],
+        "{srv:?}"
+    );
+    ensure!(dig(&mesh, &["A", "node-b.node.dc1.weft"])? == [b.as_str()]);
+    // The same names in Consul's domain and with the datacenter.
+    ensure!(dig(&mesh, &["A", "api.service.consul"])? == [vip.as_str()]);
+    ensure!(dig(&mesh, &["A", "api.service.dc1.weft"])? == [vip.as_str()]);
+    ensure!(
+        dig(&mesh, &["A", "api.service.dc9.weft"])?.is_empty(),
+        "another datacenter"
+    );
+    // PTR of the virtual IP.
+    ensure!(dig(&mesh, &["-x", &vip])? == ["api.service.weft."]);
+    // A tag: the tagged instance's address and port only; a tag nobody
+    // has: nothing.
+    ensure!(dig(&mesh, &["A", "canary.api.service.weft"])? == [b.as_str()]);
+    ensure!(dig(&mesh, &["SRV", "canary.api.service.weft"])? == ["1 1 8080 node-b.node.dc1.weft."]);
+    ensure!(dig(&mesh, &["A", "stable.api.service.weft"])?.is_empty());
+    // api-1 fails its check: SRV drops it.
+    mesh.curl(NodeB, &format!("http://{b}:8080/fail"))?;
+    wait_until(
+        Duration::from_secs(20),
+        "SRV without the failing api-1",
+        || {
+            let lines = dig(&mesh, &["SRV", "api.service.weft"])?;
+            Ok((lines == ["1 1 8081 node-b.node.dc1.weft."]).then_some(()))
+        },
+    )?;
+    // Names outside the mesh are refused, not answered.
+    let args = [
+        "@127.0.0.1",
+        "-p",
+        "8600",
+        "+tries=1",
+        "+time=2",
+        "example.com",
+    ];
+    let outside = mesh.run(NodeA, "dig", &args, Duration::from_secs(10))?;
+    ensure!(
+        outside.stdout.contains("status: REFUSED"),
+        "{}",
+        outside.describe()
+    );
+    Ok(())
+}
+
 /// api-2 refuses connections (nothing listens); with a passive health check
 /// in web's service-defaults, one failure ejects it and every later
 /// connection goes to api-1, even for plain TCP (no retries involved).

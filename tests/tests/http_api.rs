@@ -809,13 +809,15 @@ fn blocking_queries_wait_for_a_write() -> anyhow::Result<()> {
         "/v1/kv/app/a?consistent",
         "/v1/kv/app/a?dc=dc1",
         "/v1/kv/app/a?index=0",
+        "/v1/kv/app/a?index=",
+        "/v1/kv/app/a?index=1&wait=11m",
     ] {
         let reply = cluster.http(1, "GET", ok, Some(&m), None)?;
         assert_eq!(reply.status, 200, "{ok}: {}", reply.body);
     }
     for (bad, names) in [
         ("/v1/kv/app/a?dc=dc2", "dc2"),
-        ("/v1/kv/app/a?index=1&wait=11m", "wait"),
+        ("/v1/kv/app/a?index=1&wait=soon", "wait"),
         ("/v1/kv/app/a?index=x", "index"),
         ("/v1/kv/app/a?stale&consistent", "stale and consistent"),
         ("/v1/kv/app/a?stale=no", "stale"),
@@ -824,6 +826,16 @@ fn blocking_queries_wait_for_a_write() -> anyhow::Result<()> {
         assert_eq!(reply.status, 400, "{bad}: {}", reply.body);
         assert!(reply.body.contains(names), "{bad}: {}", reply.body);
     }
+    // A read that finds nothing carries the index too, so that a client
+    // waiting for a key to appear blocks instead of spinning.
+    let missing = cluster.http(1, "GET", "/v1/kv/not/yet", Some(&m), None)?;
+    assert_eq!(missing.status, 404);
+    let at: u64 = missing
+        .header("x-consul-index")
+        .context("a 404's index")?
+        .parse()?;
+    assert!(at >= later, "{at} before {later}");
+
     // No token, no waiting: refused at once.
     let started = Instant::now();
     let anonymous = cluster.http(

@@ -5,8 +5,8 @@
 //!   `-Z build-std=core`);
 //! * Debian packages: LLVM 22 (for bpf-linker), and the tools the tests and
 //!   benchmarks drive (iproute2, openssl, tcpdump, curl, iperf3, haproxy, wrk,
-//!   sslscan, prometheus for promtool, chromium and chromium-driver for the
-//!   web UI's browser test);
+//!   sslscan, prometheus for promtool, dig, chromium and chromium-driver for
+//!   the web UI's browser test);
 //! * bpf-linker, built against Debian's LLVM 22;
 //! * cargo-fuzz, which runs the fuzz targets of `fuzz/` (`cargo install`).
 use std::path::Path;
@@ -37,6 +37,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     (
         "sslscan",
         "checks the TLS versions and ciphers servers offer, in tests",
+    ),
+    (
+        "bind9-dnsutils",
+        "dig, which asks the agents' DNS for SRV, tags, nodes and PTR in tests",
     ),
     ("chromium", "the headless browser the web UI's test drives"),
     (

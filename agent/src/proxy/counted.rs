@@ -1,7 +1,7 @@
 //! A stream that counts the bytes through it and reports them, with the
 //! connection's close, to the agent's metrics when it is dropped. It wraps
-//! the connection to an instance of this node, so it counts on the inbound
-//! side (the destination's agent).
+//! the connection to an instance of this node (inbound side), or a source
+//! workload's connection served per request (outbound side).
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -13,6 +13,9 @@ use crate::metrics::{AgentMetrics, Direction, Side};
 pub struct Counted<S> {
     inner: S,
     metrics: Arc<AgentMetrics>,
+    /// Inbound: `inner` is the connection to the instance (written = sent
+    /// to it). Outbound: `inner` is the client's (read = sent onwards).
+    side: Side,
     source: String,
     destination: String,
     written: u64,
@@ -23,10 +26,26 @@ pub struct Counted<S> {
 impl<S> Counted<S> {
     /// Wraps `inner` (the connection to the destination) and counts it open.
     pub fn new(inner: S, metrics: Arc<AgentMetrics>, source: &str, destination: &str) -> Self {
-        metrics.conn_opened(Side::Inbound, source, destination);
+        Self::on(Side::Inbound, inner, metrics, source, destination)
+    }
+
+    /// Wraps `inner`, a source workload's connection, at the source's agent.
+    pub fn client(inner: S, metrics: Arc<AgentMetrics>, source: &str, destination: &str) -> Self {
+        Self::on(Side::Outbound, inner, metrics, source, destination)
+    }
+
+    fn on(
+        side: Side,
+        inner: S,
+        metrics: Arc<AgentMetrics>,
+        source: &str,
+        destination: &str,
+    ) -> Self {
+        metrics.conn_opened(side, source, destination);
         Self {
             inner,
             metrics,
+            side,
             source: source.to_string(),
             destination: destination.to_string(),
             written: 0,
@@ -39,8 +58,13 @@ impl<S> Counted<S> {
 impl<S> Drop for Counted<S> {
     fn drop(&mut self) {
         let (m, s, d) = (&self.metrics, &self.source, &self.destination);
-        m.bytes(Side::Inbound, s, d, Direction::Sent, self.written);
-        m.bytes(Side::Inbound, s, d, Direction::Received, self.read);
+        // Sent means towards the destination, whichever end `inner` is.
+        let (sent, received) = match self.side {
+            Side::Inbound => (self.written, self.read),
+            Side::Outbound => (self.read, self.written),
+        };
+        m.bytes(self.side, s, d, Direction::Sent, sent);
+        m.bytes(self.side, s, d, Direction::Received, received);
         m.conn_closed(s, d, self.opened.elapsed());
     }
 }

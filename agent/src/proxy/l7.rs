@@ -42,7 +42,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt;
 use weft_api::config_entry::Protocol;
-use weft_api::intention::Request as PolicyRequest;
+use weft_api::intention::{ConnectionDecision, Request as PolicyRequest};
 use weft_api::routing::{Attempt, RoutePolicy, Target};
 
 use super::outbound::{self, Route};
@@ -100,7 +100,8 @@ impl Upstream {
                 let (send, conn) = hyper::client::conn::http1::handshake(io)
                     .await
                     .map_err(L7Error::Upstream)?;
-                tokio::spawn(conn);
+                // An upgrade (WebSocket) takes the connection over.
+                tokio::spawn(conn.with_upgrades());
                 Ok(Upstream::Http1(tokio::sync::Mutex::new(send)))
             }
             Protocol::Http2 | Protocol::Grpc => {
@@ -185,6 +186,8 @@ enum AttemptError {
     Connect(String),
     #[error("the instance's connection failed: {0}")]
     Upstream(hyper::Error),
+    #[error("refused: {0}")]
+    Denied(String),
 }
 
 impl AttemptError {
@@ -192,6 +195,7 @@ impl AttemptError {
         let status = match self {
             AttemptError::NoInstance(_) => StatusCode::SERVICE_UNAVAILABLE,
             AttemptError::Connect(_) | AttemptError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            AttemptError::Denied(_) => StatusCode::FORBIDDEN,
         };
         tracing::info!(%destination, "routed request failed: {self}");
         plain(status, format!("{destination}: {self}\n"))
@@ -314,10 +318,20 @@ impl Judge {
                 return plain(StatusCode::FORBIDDEN, reason);
             }
         }
-        match &self.forward {
+        // An upgrade (WebSocket): once the instance answers 101, both
+        // connections are handed over and their bytes copied both ways.
+        let client_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+        let mut response = match &self.forward {
             Forward::Instance(upstream) => self.send(upstream, request).await,
             Forward::Routed(conns) => self.route(conns, &facts, request).await,
+        };
+        if let Some(client) = client_upgrade {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let upstream = hyper::upgrade::on(&mut response);
+                tokio::spawn(splice_upgraded(client, upstream));
+            }
         }
+        response
     }
 
     async fn send(&self, upstream: &Upstream, request: Request<Incoming>) -> Response<Body> {
@@ -358,7 +372,8 @@ impl Judge {
                 }
             }
         }
-        if target.policy.is_plain() {
+        // An upgrade goes once, as it is: it cannot be retried.
+        if target.policy.is_plain() || is_upgrade(&request) {
             let tried = Default::default();
             return match self
                 .attempt(conns, &target, &tried, request.map(BodyExt::boxed))
@@ -425,35 +440,102 @@ impl Judge {
         tried: &std::sync::Mutex<Vec<SocketAddr>>,
         request: Request<Body>,
     ) -> Result<Response<Body>, AttemptError> {
-        let picked = {
-            let view = self.ctx.view.read().expect("view lock");
-            let (service, mut instances) = view.instances_of(target);
-            let tried = tried.lock().expect("tried lock");
-            let untried: Vec<_> = instances
-                .iter()
-                .copied()
-                .filter(|i| !tried.iter().any(|t| i.socket_addr() == Some(*t)))
-                .collect();
-            if !untried.is_empty() {
-                instances = untried;
-            }
-            outbound::pick(&self.ctx, &view, &instances, &service)
-        };
-        let route = picked.map_err(|e| AttemptError::NoInstance(e.to_string()))?;
-        let addr = match &route {
-            Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
-        };
-        let _in_flight = InFlight::new(&self.ctx, addr);
         let mut request = request;
-        // A kept connection that turns out closed hands the request back
-        // unsent: it goes once more, on a new connection.
+        let mut failed = None;
+        // A connection refused (nothing was sent) tries another instance,
+        // as a plain TCP connection does, up to CONNECT_ATTEMPTS.
+        for n in 0..outbound::CONNECT_ATTEMPTS {
+            let (service, route, untried) = self.pick(target, tried)?;
+            if n > 0 && !untried {
+                break; // every instance failed to connect
+            }
+            if service != self.destination {
+                // A resolver's failover or redirect: the intentions decide
+                // for the service that answers, here as on its node.
+                self.allowed_to(&service, &request)?;
+            }
+            let addr = match &route {
+                Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
+            };
+            let _in_flight = InFlight::new(&self.ctx, addr);
+            match self.send_to(conns, &route, addr, request).await {
+                Ok(response) => return Ok(response),
+                Err((AttemptError::Connect(e), Some(unsent))) => {
+                    tracing::debug!(%addr, "{e}: trying another instance");
+                    tried.lock().expect("tried lock").push(addr);
+                    request = unsent;
+                    failed = Some(e);
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+        Err(AttemptError::Connect(failed.unwrap_or_else(|| {
+            format!("{}: no instance took a connection", target.service)
+        })))
+    }
+
+    /// An instance of `target` (one not in `tried` while others remain),
+    /// the service it belongs to, and whether it is one not tried yet.
+    fn pick(
+        &self,
+        target: &Target,
+        tried: &std::sync::Mutex<Vec<SocketAddr>>,
+    ) -> Result<(String, Route, bool), AttemptError> {
+        let view = self.ctx.view.read().expect("view lock");
+        let (service, mut instances) = view.instances_of(target);
+        let tried = tried.lock().expect("tried lock");
+        let untried: Vec<_> = instances
+            .iter()
+            .copied()
+            .filter(|i| !tried.iter().any(|t| i.socket_addr() == Some(*t)))
+            .collect();
+        let fresh = !untried.is_empty();
+        if fresh {
+            instances = untried;
+        }
+        let route = outbound::pick(&self.ctx, &view, &instances, &service)
+            .map_err(|e| AttemptError::NoInstance(e.to_string()))?;
+        Ok((service, route, fresh))
+    }
+
+    /// Refuses `request` unless the intentions let the source reach
+    /// `service` (another than the connection's destination).
+    fn allowed_to(&self, service: &str, request: &Request<Body>) -> Result<(), AttemptError> {
+        let view = self.ctx.view.read().expect("view lock");
+        let decision = match view.decide_connection(&self.source, service) {
+            ConnectionDecision::Decided(d) => d,
+            ConnectionDecision::PerRequest => {
+                view.decide(&self.source, service, Some(&policy_request(request)))
+            }
+        };
+        if decision.allowed {
+            return Ok(());
+        }
+        (self.ctx.metrics).denied(self.side(), &self.source, service);
+        Err(AttemptError::Denied(format!(
+            "{} -> {service} (failover of {}): {decision}",
+            self.source, self.destination
+        )))
+    }
+
+    /// Sends `request` to the instance at `addr`: on the kept connection,
+    /// or on a new one when the kept one turns out closed (hyper hands the
+    /// request back unsent). A connection that cannot be made gives the
+    /// request back too, for another instance.
+    async fn send_to(
+        &self,
+        conns: &Conns,
+        route: &Route,
+        addr: SocketAddr,
+        request: Request<Body>,
+    ) -> Result<Response<Body>, (AttemptError, Option<Request<Body>>)> {
+        let mut request = request;
         for fresh in [false, true] {
-            let (upstream, new) = match self.upstream(conns, &route, addr, fresh).await {
+            let (upstream, new) = match self.upstream(conns, route, addr, fresh).await {
                 Ok(u) => u,
                 Err(e) => {
-                    tried.lock().expect("tried lock").push(addr);
                     self.ctx.report(&self.source, addr, false);
-                    return Err(AttemptError::Connect(e));
+                    return Err((AttemptError::Connect(e), Some(request)));
                 }
             };
             match upstream.try_send(request).await {
@@ -470,7 +552,7 @@ impl Judge {
                 Err((e, _)) => {
                     conns.lock().await.remove(&addr);
                     self.ctx.report(&self.source, addr, false);
-                    return Err(AttemptError::Upstream(e));
+                    return Err((AttemptError::Upstream(e), None));
                 }
             }
         }
@@ -478,7 +560,9 @@ impl Judge {
     }
 
     /// The kept connection to `addr` (unless `fresh`, or it is closed), or
-    /// a new one, kept for the next requests; and whether it is new.
+    /// a new one, kept for the next requests; and whether it is new. The
+    /// map is not locked while connecting: one slow instance does not hold
+    /// up this connection's other requests.
     async fn upstream(
         &self,
         conns: &Conns,
@@ -486,16 +570,16 @@ impl Judge {
         addr: SocketAddr,
         fresh: bool,
     ) -> Result<(Arc<Upstream>, bool), String> {
-        let mut conns = conns.lock().await;
         if !fresh {
-            if let Some(u) = conns.get(&addr) {
+            let kept = conns.lock().await.get(&addr).cloned();
+            if let Some(u) = kept {
                 if !u.is_closed().await {
-                    return Ok((u.clone(), false));
+                    return Ok((u, false));
                 }
             }
         }
         let upstream = Arc::new(self.open(route).await?);
-        conns.insert(addr, upstream.clone());
+        conns.lock().await.insert(addr, upstream.clone());
         Ok((upstream, true))
     }
 
@@ -529,6 +613,35 @@ impl Judge {
     }
 }
 
+/// Whether `request` asks to upgrade the connection (HTTP/1.1 `Connection:
+/// upgrade` with an `Upgrade` protocol, as WebSocket does).
+fn is_upgrade<B>(request: &Request<B>) -> bool {
+    let headers = request.headers();
+    headers.contains_key(http::header::UPGRADE)
+        && headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Copies bytes both ways between an upgraded client connection and the
+/// upgraded connection to the instance, until either ends.
+async fn splice_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match (client.await, upstream.await) {
+        (Ok(c), Ok(u)) => (c, u),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::debug!("upgrade not completed: {e}");
+            return;
+        }
+    };
+    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!("upgraded connection ended: {e}");
+    }
+}
+
 fn plain(status: StatusCode, text: String) -> Response<Body> {
     let mut response = Response::new(full(Bytes::from(text)));
     *response.status_mut() = status;
@@ -551,7 +664,7 @@ pub async fn serve_instance<D, U>(
     destination: String,
 ) -> Result<(), L7Error>
 where
-    D: AsyncRead + AsyncWrite + Unpin + Send,
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let upstream = Upstream::open(upstream, protocol).await?;
@@ -578,7 +691,7 @@ pub async fn serve_routed<D>(
     judge_requests: bool,
 ) -> Result<(), L7Error>
 where
-    D: AsyncRead + AsyncWrite + Unpin + Send,
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     if protocol == Protocol::Tcp {
         return Err(L7Error::NotHttp(protocol));
@@ -596,7 +709,7 @@ where
 
 async fn serve<D>(downstream: D, judge: Judge) -> Result<(), L7Error>
 where
-    D: AsyncRead + AsyncWrite + Unpin + Send,
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let protocol = judge.protocol;
     let draining = crate::drain::started(judge.ctx.drain.signal());
@@ -623,10 +736,10 @@ where
         }};
     }
     match protocol {
-        Protocol::Http => {
-            until_drained!(hyper::server::conn::http1::Builder::new().serve_connection(io, service))
-                .map_err(L7Error::Downstream)
-        }
+        Protocol::Http => until_drained!(hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .with_upgrades())
+        .map_err(L7Error::Downstream),
         Protocol::Http2 | Protocol::Grpc => until_drained!(
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(io, service)

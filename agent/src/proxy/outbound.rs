@@ -136,57 +136,75 @@ pub fn pick(
     })
 }
 
-/// Carries one accepted connection from `source` to `destination`.
+/// A connection [`carry`] could not carry, and the client's stream when it
+/// still has it (to reset).
+pub struct NotCarried {
+    pub error: OutboundError,
+    pub stream: Option<TcpStream>,
+}
+
+/// Carries one accepted connection from `source` to `destination`: an HTTP
+/// service's requests one by one ([`l7::serve_routed`]), anything else as
+/// bytes to one instance.
 pub async fn carry(
     ctx: &Arc<ProxyContext>,
-    client: &mut TcpStream,
+    mut client: TcpStream,
     source: &str,
     destination: &str,
-) -> Result<(), OutboundError> {
+) -> Result<(), NotCarried> {
     // Early deny: refuse here at once rather than after a tunnel; the
     // destination's agent checks again with its own view. Where an L7
-    // intention decides, requests are judged where the instance is: by the
-    // destination's agent, or below for an instance on this node.
-    let (decision, protocol, routed) = {
+    // intention decides, every request is judged (here, and again by the
+    // destination's agent).
+    let (decision, protocol) = {
         let view = ctx.view.read().expect("view lock");
-        let protocol = view.protocol(destination);
-        // Every HTTP service is served per request at the source: balanced
-        // request by request, retried and watched for 5xx by its resolver's
-        // and router's rules (or their defaults), as Consul's proxies do.
-        let routed = protocol.is_http();
         (
             view.decide_connection(source, destination),
-            protocol,
-            routed,
+            view.protocol(destination),
         )
+    };
+    let refused = |error: OutboundError, client: TcpStream| NotCarried {
+        error,
+        stream: Some(client),
     };
     let per_request = match decision {
         ConnectionDecision::Decided(d) if !d.allowed => {
             ctx.metrics.denied(Side::Outbound, source, destination);
-            return Err(OutboundError::Denied(d.to_string()));
+            return Err(refused(OutboundError::Denied(d.to_string()), client));
         }
         ConnectionDecision::Decided(_) => false,
         ConnectionDecision::PerRequest if protocol == Protocol::Tcp => {
             ctx.metrics.denied(Side::Outbound, source, destination);
-            return Err(OutboundError::Denied(
-                L7Error::NotHttp(protocol).to_string(),
-            ));
+            let reason = L7Error::NotHttp(protocol).to_string();
+            return Err(refused(OutboundError::Denied(reason), client));
         }
         ConnectionDecision::PerRequest => true,
     };
-    if routed {
-        // A router, splitter or subsets: every request finds its own instance.
-        ctx.metrics.conn_opened(Side::Outbound, source, destination);
-        let opened = std::time::Instant::now();
+    if protocol.is_http() {
+        // Every HTTP service is served per request at the source: balanced
+        // request by request, retried and watched for 5xx by its resolver's
+        // and router's rules (or their defaults), as Consul's proxies do.
+        // The client's connection is counted (opened, bytes, closed) here.
+        let client = Counted::client(client, ctx.metrics.clone(), source, destination);
         let (src, dst) = (source.to_string(), destination.to_string());
         let served = l7::serve_routed(ctx.clone(), client, protocol, src, dst, per_request).await;
-        ctx.metrics
-            .conn_closed(source, destination, opened.elapsed());
         if let Err(e) = served {
             tracing::debug!("L7 connection ended: {e}");
         }
         return Ok(());
     }
+    let carried = splice_to_instance(ctx, &mut client, source, destination).await;
+    carried.map_err(|error| refused(error, client))
+}
+
+/// Carries a TCP connection's bytes to an instance of `destination`,
+/// trying another instance when one cannot be reached.
+async fn splice_to_instance(
+    ctx: &Arc<ProxyContext>,
+    client: &mut TcpStream,
+    source: &str,
+    destination: &str,
+) -> Result<(), OutboundError> {
     let mut failed: Vec<SocketAddr> = Vec::new();
     let (opened, _in_flight) = loop {
         let route = match route_avoiding(ctx, destination, &failed) {
@@ -215,17 +233,6 @@ pub async fn carry(
     let (sent, received) = match opened {
         Opened::Local(mut upstream) => {
             let _ = upstream.set_nodelay(true);
-            if per_request {
-                // Counted reports the connection and its bytes when dropped.
-                let upstream = Counted::new(upstream, ctx.metrics.clone(), source, destination);
-                let (src, dst) = (source.to_string(), destination.to_string());
-                if let Err(e) =
-                    l7::serve_instance(ctx.clone(), client, upstream, protocol, src, dst).await
-                {
-                    tracing::debug!("L7 connection ended: {e}");
-                }
-                return Ok(());
-            }
             ctx.metrics.conn_opened(Side::Outbound, source, destination);
             let started = std::time::Instant::now();
             let copied = splice(client, &mut upstream).await;
@@ -324,10 +331,11 @@ pub async fn serve_upstream(
         tokio::spawn(
             async move {
                 let _tracked = ctx.drain.track();
-                let mut stream = stream;
-                if let Err(e) = carry(&ctx, &mut stream, &source, &destination).await {
-                    tracing::info!("{source} -> {destination}: {e}");
-                    reset(stream);
+                if let Err(e) = carry(&ctx, stream, &source, &destination).await {
+                    tracing::info!("{source} -> {destination}: {}", e.error);
+                    if let Some(stream) = e.stream {
+                        reset(stream);
+                    }
                 }
             }
             .instrument(span),
@@ -357,7 +365,6 @@ pub async fn serve_redirected(
         );
         tokio::spawn(async move {
             let _tracked = ctx.drain.track();
-            let mut stream = stream;
             let found = match interception.lookup(&stream) {
                 Ok(Some(found)) => found,
                 Ok(None) => {
@@ -382,9 +389,11 @@ pub async fn serve_redirected(
                 return reset(stream);
             };
             span.record("destination", destination.as_str());
-            if let Err(e) = carry(&ctx, &mut stream, &found.source, &destination).await {
-                tracing::info!(original = %found.original, "{} -> {destination}: {e}", found.source);
-                reset(stream);
+            if let Err(e) = carry(&ctx, stream, &found.source, &destination).await {
+                tracing::info!(original = %found.original, "{} -> {destination}: {}", found.source, e.error);
+                if let Some(stream) = e.stream {
+                    reset(stream);
+                }
             }
         }.instrument(span));
     }

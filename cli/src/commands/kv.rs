@@ -81,9 +81,13 @@ pub async fn run(ctx: &Ctx, cmd: KvCmd) -> anyhow::Result<Outcome> {
                 value.into_bytes()
             };
             let value = if base64 {
-                let text = String::from_utf8_lossy(&value);
+                // Without the line breaks `base64` puts every 76 characters.
+                let text: String = String::from_utf8_lossy(&value)
+                    .chars()
+                    .filter(|c| !c.is_ascii_whitespace())
+                    .collect();
                 BASE64
-                    .decode(text.trim())
+                    .decode(text)
                     .map_err(|e| anyhow::anyhow!("--base64: the value is not base64: {e}"))?
             } else {
                 value

@@ -308,16 +308,19 @@ impl Acl for AclApi {
                 let old = state.acl.tokens.get(&t.accessor_id).ok_or_else(|| {
                     Status::not_found(format!("token {} not found", t.accessor_id))
                 })?;
-                Some(old.secret_hash.clone())
+                Some((old.secret_hash.clone(), old.create_index))
             };
             (ids, existing)
         };
-        let (accessor, secret, secret_hash) = match existing_hash {
-            Some(hash) => (t.accessor_id.clone(), None, hash),
+        // An update names the token it read (its creation index): applied
+        // only if that token is still there, so that an update racing a
+        // delete cannot bring the deleted secret back.
+        let (accessor, secret, secret_hash, created) = match existing_hash {
+            Some((hash, created)) => (t.accessor_id.clone(), None, hash, created),
             None => {
                 let secret = Secret::generate();
                 let hash = secret.hash();
-                (new_id(), Some(secret.expose().to_string()), hash)
+                (new_id(), Some(secret.expose().to_string()), hash, 0)
             }
         };
         let token = AclToken {
@@ -334,7 +337,7 @@ impl Acl for AclApi {
                     datacenter: n.datacenter,
                 })
                 .collect(),
-            create_index: 0,
+            create_index: created,
             modify_index: 0,
         };
         let what = format!("acl token {accessor}");

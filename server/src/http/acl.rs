@@ -176,7 +176,7 @@ fn policy_of(call: &Call, id: Option<&str>) -> Result<proto::AclPolicy, HttpErro
 pub async fn acl(node: &Arc<ServerNode>, call: &Call, rest: &str) -> Answer {
     call.only_params(&[])?;
     let api = AclApi(node.clone());
-    let index = || node.shared.state.read().expect("state lock").index;
+    let index = || call.index();
     let aref = |id: &str| proto::AclRef { id: id.to_string() };
     match (&call.method, rest) {
         (&Method::PUT, "bootstrap") => {
@@ -191,7 +191,7 @@ pub async fn acl(node: &Arc<ServerNode>, call: &Call, rest: &str) -> Answer {
                 .token_self(call.grpc(proto::Empty {}))
                 .await?
                 .into_inner();
-            Ok(json_at(t.modify_index, &token_json(&t)))
+            Ok(json_at(index(), &token_json(&t)))
         }
         (&Method::GET, "tokens") => {
             let list = api

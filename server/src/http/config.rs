@@ -66,7 +66,7 @@ pub async fn config(node: &Arc<ServerNode>, call: &Call, rest: &str) -> Answer {
                             read: call.read(),
                         }))
                         .await?;
-                    Ok(json(StatusCode::OK, &entry_json(&e.into_inner())?))
+                    Ok(json_at(call.index(), &entry_json(&e.into_inner())?))
                 }
                 Method::DELETE => {
                     api.delete(call.grpc(key)).await?;

@@ -83,8 +83,8 @@ pub async fn intentions(node: &Arc<ServerNode>, call: &Call, rest: &str) -> Answ
                             read: call.read(),
                         }))
                         .await?;
-                    Ok(json(
-                        StatusCode::OK,
+                    Ok(json_at(
+                        call.index(),
                         &intention_json(&from_proto(i.into_inner())?),
                     ))
                 }
@@ -168,8 +168,8 @@ async fn check(api: &IntentionsApi, call: &Call) -> Answer {
     let decided_by = answer
         .decided_by
         .map(|r| json!({ "SourceName": r.source, "DestinationName": r.destination }));
-    Ok(json(
-        StatusCode::OK,
+    Ok(json_at(
+        call.index(),
         &json!({
             "Allowed": answer.allowed,
             "Reason": answer.reason,

@@ -100,7 +100,8 @@ async fn get(api: &KvApi, call: &Call, key: &str) -> Answer {
         )));
     }
     if keys || recurse {
-        let (entries, index) = list(api, call, key).await?;
+        let (entries, _) = list(api, call, key).await?;
+        let index = call.index();
         if entries.is_empty() {
             return Err(HttpError::not_found());
         }
@@ -138,8 +139,7 @@ async fn get(api: &KvApi, call: &Call, key: &str) -> Answer {
     }
     // The state's index, as for every read: a blocking query on it waits
     // for the next write (the key's own index is older than the state's).
-    let index = api.0.shared.state.read().expect("state lock").index;
-    Ok(json_at(index, &[entry_json(&e)]))
+    Ok(json_at(call.index(), &[entry_json(&e)]))
 }
 
 /// Every entry under `prefix` the token may read, page after page.

@@ -138,6 +138,8 @@ pub struct Call {
     /// blocking query's `?index=` and `?wait=`.
     stale: bool,
     block: Option<(u64, Duration)>,
+    /// See [`Call::index`].
+    read_index: std::sync::atomic::AtomicU64,
     /// The share of the body budget this request's body holds.
     _budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -216,7 +218,17 @@ impl Call {
             return;
         };
         let jitter = wait.mul_f64(rand::random::<f64>() / 16.0);
-        node.shared.wait_for_index(index + 1, wait + jitter).await;
+        node.shared
+            .wait_for_index(index.saturating_add(1), wait + jitter)
+            .await;
+    }
+
+    /// The state's index when the read began (after any blocking wait):
+    /// what `X-Consul-Index` says. Read before the data, it may be lower
+    /// than the data's, which only wakes a blocking client early; never
+    /// higher, which could make it miss a write.
+    pub fn index(&self) -> u64 {
+        self.read_index.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// `msg` as an in-process gRPC request carrying the caller's token.
@@ -371,6 +383,7 @@ async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, Ht
         _budget: budget,
         stale,
         block,
+        read_index: Default::default(),
     })
 }
 
@@ -381,19 +394,18 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 /// A blocking query's index and wait, from `?index=` and `?wait=` (`10s`,
 /// `5m`; at most ten minutes). `index=0` or none: no wait, as in Consul.
 fn blocking(index: Option<&str>, wait: Option<&str>) -> Result<Option<(u64, Duration)>, HttpError> {
+    // As Consul: no wait (or 0) is the default, a longer one is capped.
     let wait = wait
+        .filter(|w| !w.is_empty())
         .map(|w| {
             weft_api::duration::parse_duration(w)
                 .map_err(|e| HttpError::bad_request(format!("query parameter wait: {e}")))
         })
-        .transpose()?;
-    if wait.is_some_and(|w| w > MAX_WAIT) {
-        return Err(HttpError::bad_request(format!(
-            "query parameter wait: at most {}s",
-            MAX_WAIT.as_secs()
-        )));
-    }
+        .transpose()?
+        .filter(|w| !w.is_zero())
+        .map(|w| w.min(MAX_WAIT));
     let index = index
+        .filter(|i| !i.is_empty())
         .map(|i| {
             i.parse::<u64>().map_err(|_| {
                 HttpError::bad_request(format!("query parameter index: {i:?} is not a number"))
@@ -430,11 +442,23 @@ fn grpc_request<T>(secret: Option<&str>, msg: T) -> tonic::Request<T> {
 }
 
 async fn handle(node: &Arc<ServerNode>, req: Request<Incoming>) -> Reply {
-    let answer = match read_call(node, req).await {
-        Ok(call) => route(node, &call).await,
-        Err(e) => Err(e),
+    let (answer, index) = match read_call(node, req).await {
+        Ok(call) => {
+            let answer = route(node, &call).await;
+            let index = (call.method == Method::GET).then(|| call.index());
+            (answer, index)
+        }
+        Err(e) => (Err(e), None),
     };
     let mut reply = answer.unwrap_or_else(|e| json(e.status, &e.message));
+    // Every read's answer, a 404 too, carries the index a blocking query
+    // waits on (as Consul's do).
+    if let Some(index) = index.filter(|i| *i > 0) {
+        reply
+            .headers_mut()
+            .entry("x-consul-index")
+            .or_insert(hyper::header::HeaderValue::from(index));
+    }
     let headers = reply.headers_mut();
     for (name, value) in [
         ("x-content-type-options", "nosniff"),
@@ -457,6 +481,9 @@ async fn route(node: &Arc<ServerNode>, call: &Call) -> Answer {
         call.caller(node).await?;
         call.block(node).await;
     }
+    let index = node.shared.state.read().expect("state lock").index;
+    call.read_index
+        .store(index, std::sync::atomic::Ordering::Release);
     if path == "/" || path == "/ui" || path.starts_with("/ui/") {
         return ui::asset(call);
     }

@@ -8,6 +8,8 @@
 //!   received, to see rewrites);
 //! - `/flaky`: 503 (a 192 KiB body) and 200 `ok`, in turn (one count per
 //!   process);
+//! - `/upgrade`: 101 to an echo protocol (as a WebSocket handshake), then
+//!   every byte comes back;
 //! - anything else: 200 with the body `instance NAME\n`.
 //!
 //! It prints `listening on ADDR` to stdout once it accepts connections.
@@ -92,6 +94,21 @@ fn serve(
             )?;
         }
         let route = path.split('?').next().unwrap_or("/");
+        if route == "/upgrade" {
+            // Switches to an echo protocol: every byte after the 101 comes
+            // back, until the client closes.
+            writer.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+            )?;
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = reader.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                writer.write_all(&buf[..n])?;
+            }
+        }
         let (status, body) = match route {
             "/healthz" if failing.load(Ordering::SeqCst) => {
                 ("503 Service Unavailable", "failing\n".to_string())

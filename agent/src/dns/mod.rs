@@ -1,24 +1,26 @@
-//! The agent's DNS server (default `127.0.0.1:8600`, UDP and TCP on the same address):
-//! `NAME.service.weft` answers an A record with the service's virtual IP.
+//! The agent's DNS server (default `127.0.0.1:8600`, UDP and TCP on the same
+//! address): the mesh's names in Consul's forms, in the `weft` and `consul`
+//! domains (see [`names`] for every form: services' virtual IPs, SRV with the
+//! passing instances, tags, nodes, reverse lookups of virtual IPs and nodes).
 //!
-//! The agent is not a general resolver. It answers:
-//! - `NAME.service.weft` of a known service: `A` (and `ANY`) → one A record, TTL
-//!   [`TTL_SECS`]; any other type (`AAAA` …) → NOERROR with an empty answer;
-//! - `weft` and `service.weft` themselves: NOERROR with an empty answer (they exist as
-//!   the parents of the service names; an NXDOMAIN there would tell resolvers that
-//!   follow RFC 8020 that no name below them exists either);
-//! - any other name inside `weft.` (unknown services, `a.b.service.weft`, …): NXDOMAIN;
-//! - names outside `weft.`: REFUSED;
+//! The agent is not a general resolver:
+//! - a domain itself and the parents of names (`service.weft`, `dc1.weft`…)
+//!   are NOERROR with an empty answer (an NXDOMAIN there would tell
+//!   resolvers that follow RFC 8020 that no name below them exists either);
+//! - any other name inside a domain that names nothing: NXDOMAIN;
+//! - names outside the domains: REFUSED;
 //! - undecodable queries: FORMERR; a request that is not even a DNS header (under 12
 //!   bytes) or that is itself a response gets no reply.
 //!
-//! Names are matched case-insensitively, with or without the trailing dot. Which
-//! service has which virtual IP is injected as a [`ServiceResolver`].
+//! Names are matched case-insensitively, with or without the trailing dot. What the
+//! mesh holds is injected as a [`Resolver`] (a [`DnsCatalog`] and the [`Zone`]).
 //!
-//! [`decide`] (name and type → [`Decision`]) and [`respond`] (request bytes → response
-//! bytes) are pure and unit-tested; [`DnsServer`] owns the sockets and serves until the
-//! shutdown future given to [`DnsServer::serve`] completes. No input packet can make it
-//! panic or stop.
+//! [`names::decide`] (name and type → [`Decision`]) and [`respond`] (request bytes →
+//! response bytes) are pure and unit-tested; [`DnsServer`] owns the sockets and serves
+//! until the shutdown future given to [`DnsServer::serve`] completes. No input packet
+//! can make it panic or stop.
+
+pub mod names;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -27,8 +29,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, SOA};
-use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::rr::rdata::{A, PTR, SOA, SRV};
+#[cfg(test)]
+use hickory_proto::rr::RecordType;
+use hickory_proto::rr::{DNSClass, Name, RData, Record};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -76,8 +80,18 @@ pub enum DnsError {
     LocalAddr(#[source] std::io::Error),
 }
 
-/// Maps a service name (lowercase, as registered: `api`) to its virtual IP.
-pub type ServiceResolver = Arc<dyn Fn(&str) -> Option<Ipv4Addr> + Send + Sync>;
+pub use names::{decide, Decision, DnsCatalog, DnsInstance, Srv, Zone};
+
+/// What the server answers from: the mesh as the agent sees it, and the
+/// domains and datacenter it answers for.
+#[derive(Clone)]
+pub struct Resolver {
+    pub catalog: Arc<dyn DnsCatalog>,
+    pub zone: Zone,
+}
+
+/// The server's [`Resolver`] (the name the agent's wiring uses).
+pub type ServiceResolver = Resolver;
 
 /// The transport a request came on: it bounds the size of the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,59 +109,10 @@ impl std::fmt::Display for Transport {
     }
 }
 
-/// What to answer for one question.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    /// NOERROR with one A record holding this address.
-    Address(Ipv4Addr),
-    /// NOERROR with no answer: the name exists, without records of the asked type.
-    NoData,
-    /// NXDOMAIN: a name inside `weft.` that does not exist.
-    NxDomain,
-    /// REFUSED: a name outside `weft.`, which the agent does not resolve.
-    Refused,
-}
-
-/// Decides the answer to a question for `name` (presentation format, any case, with or
-/// without the trailing dot) of type `query_type`. `lookup` is asked only for a name of
-/// the form `NAME.service.weft` where `NAME` is a valid service name, and gets `NAME` in
-/// lowercase.
-pub fn decide(
-    name: &str,
-    query_type: RecordType,
-    lookup: &dyn Fn(&str) -> Option<Ipv4Addr>,
-) -> Decision {
-    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
-    if name == ZONE || name == SERVICE_SUFFIX {
-        return Decision::NoData;
-    }
-    if !name.ends_with(&format!(".{ZONE}")) {
-        return Decision::Refused;
-    }
-    let Some(service) = name.strip_suffix(&format!(".{SERVICE_SUFFIX}")) else {
-        return Decision::NxDomain;
-    };
-    // A service name is one DNS label; `a.b.service.weft` names no service.
-    if weft_api::names::validate_name(service).is_err() {
-        return Decision::NxDomain;
-    }
-    match lookup(service) {
-        None => Decision::NxDomain,
-        Some(ip) => match query_type {
-            RecordType::A | RecordType::ANY => Decision::Address(ip),
-            _ => Decision::NoData,
-        },
-    }
-}
-
 /// Builds the response to one request received on `transport`, or `None` when the
 /// request gets no reply (shorter than a DNS header, or itself a response). Never
 /// panics, whatever the bytes.
-pub fn respond(
-    request: &[u8],
-    transport: Transport,
-    lookup: &dyn Fn(&str) -> Option<Ipv4Addr>,
-) -> Option<Vec<u8>> {
+pub fn respond(request: &[u8], transport: Transport, resolver: &Resolver) -> Option<Vec<u8>> {
     if request.len() < HEADER_LEN {
         return None;
     }
@@ -159,13 +124,13 @@ pub fn respond(
     let op_code = OpCode::from_u8((request[2] >> 3) & 0x0f);
     let response = match Message::from_vec(request) {
         Err(_) => Message::error_msg(id, op_code, ResponseCode::FormErr),
-        Ok(query) => answer(&query, lookup),
+        Ok(query) => answer(&query, resolver),
     };
     encode(response, transport)
 }
 
 /// The response to a decoded request.
-fn answer(request: &Message, lookup: &dyn Fn(&str) -> Option<Ipv4Addr>) -> Message {
+fn answer(request: &Message, resolver: &Resolver) -> Message {
     let meta = &request.metadata;
     let mut response = Message::response(meta.id, meta.op_code);
     response.metadata.recursion_desired = meta.recursion_desired;
@@ -192,39 +157,70 @@ fn answer(request: &Message, lookup: &dyn Fn(&str) -> Option<Ipv4Addr>) -> Messa
         response.metadata.response_code = ResponseCode::Refused;
         return response;
     }
-    let decision = decide(&query.name.to_ascii(), query.query_type, lookup);
-    apply(&mut response, query, decision);
+    let name = query.name.to_ascii();
+    let decision = decide(&name, query.query_type, &*resolver.catalog, &resolver.zone);
+    let zone = names::zone_of(&name, &resolver.zone).unwrap_or("weft");
+    apply(&mut response, query, decision, zone);
     response
 }
 
-/// Writes `decision` for `query` into `response`.
-fn apply(response: &mut Message, query: &Query, decision: Decision) {
+/// Writes `decision` for `query` into `response`; negative answers carry
+/// the SOA of `zone`.
+fn apply(response: &mut Message, query: &Query, decision: Decision, zone: &str) {
     let meta = &mut response.metadata;
     meta.authoritative = decision != Decision::Refused;
+    let a = |name: Name, ip| Record::from_rdata(name, TTL_SECS, RData::A(A(ip)));
+    let fqdn = |text: &str| Name::from_ascii(text).unwrap_or_else(|_| Name::root());
     match decision {
         Decision::Address(ip) => {
-            let record = Record::from_rdata(query.name.clone(), TTL_SECS, RData::A(A(ip)));
-            response.add_answer(record);
+            response.add_answer(a(query.name.clone(), ip));
+        }
+        Decision::Addresses(ips) => {
+            for ip in ips {
+                response.add_answer(a(query.name.clone(), ip));
+            }
+        }
+        Decision::Srv(records) => {
+            for r in records {
+                let target = fqdn(&r.target);
+                let srv = SRV::new(1, 1, r.port, target.clone());
+                response.add_answer(Record::from_rdata(
+                    query.name.clone(),
+                    TTL_SECS,
+                    RData::SRV(srv),
+                ));
+                response.add_additional(a(target, r.address));
+            }
+        }
+        Decision::Ptr(target) => {
+            let ptr = RData::PTR(PTR(fqdn(&target)));
+            response.add_answer(Record::from_rdata(query.name.clone(), TTL_SECS, ptr));
         }
         Decision::NoData => {
-            response.add_authority(zone_soa());
+            response.add_authority(zone_soa(zone));
         }
         Decision::NxDomain => {
             meta.response_code = ResponseCode::NXDomain;
-            response.add_authority(zone_soa());
+            response.add_authority(zone_soa(zone));
         }
         Decision::Refused => meta.response_code = ResponseCode::Refused,
     }
 }
 
-/// The SOA of `weft.` that negative answers carry, so that resolvers cache them for
+/// The SOA of `zone` that negative answers carry, so that resolvers cache them for
 /// [`TTL_SECS`] at most (RFC 2308).
-fn zone_soa() -> Record {
-    let zone = Name::from_ascii("weft.").unwrap_or_else(|_| Name::root());
-    let mname = Name::from_ascii("agent.weft.").unwrap_or_else(|_| Name::root());
-    let rname = Name::from_ascii("hostmaster.weft.").unwrap_or_else(|_| Name::root());
-    let soa = SOA::new(mname, rname, 1, 3600, 600, 86400, TTL_SECS);
-    Record::from_rdata(zone, TTL_SECS, RData::SOA(soa))
+fn zone_soa(zone: &str) -> Record {
+    let name = |text: String| Name::from_ascii(text).unwrap_or_else(|_| Name::root());
+    let soa = SOA::new(
+        name(format!("agent.{zone}.")),
+        name(format!("hostmaster.{zone}.")),
+        1,
+        3600,
+        600,
+        86400,
+        TTL_SECS,
+    );
+    Record::from_rdata(name(format!("{zone}.")), TTL_SECS, RData::SOA(soa))
 }
 
 /// Serializes `response`, truncating it (TC bit) if it does not fit the transport; a
@@ -339,7 +335,7 @@ impl DnsServer {
                 received = self.udp.recv_from(&mut buf) => match received {
                     Ok((len, peer)) => {
                         let request = buf.get(..len).unwrap_or_default();
-                        let Some(reply) = respond(request, Transport::Udp, &*self.resolver) else {
+                        let Some(reply) = respond(request, Transport::Udp, &self.resolver) else {
                             continue;
                         };
                         if let Err(e) = self.udp.send_to(&reply, peer).await {
@@ -478,7 +474,7 @@ async fn serve_tcp(
             () = conn.evict.notified() => return,
         }
         conn.set_waiting(false);
-        let Some(reply) = respond(&request, Transport::Tcp, &*resolver) else {
+        let Some(reply) = respond(&request, Transport::Tcp, &resolver) else {
             continue;
         };
         // `encode` keeps TCP replies under 64 KiB, so the length fits.
@@ -501,16 +497,40 @@ mod tests {
     const API_IP: Ipv4Addr = Ipv4Addr::new(240, 0, 0, 7);
     const WEB_IP: Ipv4Addr = Ipv4Addr::new(240, 0, 0, 9);
 
-    fn lookup(service: &str) -> Option<Ipv4Addr> {
-        match service {
-            "api" => Some(API_IP),
-            "web-2" => Some(WEB_IP),
-            _ => None,
+    /// Two services with virtual IPs and no instance, no node.
+    struct TwoServices;
+
+    impl DnsCatalog for TwoServices {
+        fn vip(&self, service: &str) -> Option<Ipv4Addr> {
+            match service {
+                "api" => Some(API_IP),
+                "web-2" => Some(WEB_IP),
+                _ => None,
+            }
+        }
+        fn passing(&self, _: &str) -> Vec<DnsInstance> {
+            Vec::new()
+        }
+        fn node(&self, _: &str) -> Option<Ipv4Addr> {
+            None
+        }
+        fn service_by_vip(&self, ip: Ipv4Addr) -> Option<String> {
+            (ip == API_IP).then(|| "api".into())
+        }
+        fn node_by_addr(&self, _: Ipv4Addr) -> Option<String> {
+            None
+        }
+    }
+
+    fn lookup() -> Resolver {
+        Resolver {
+            catalog: Arc::new(TwoServices),
+            zone: Zone::default(),
         }
     }
 
     fn d(name: &str, query_type: RecordType) -> Decision {
-        decide(name, query_type, &lookup)
+        decide(name, query_type, &TwoServices, &Zone::default())
     }
 
     #[test]
@@ -522,6 +542,10 @@ mod tests {
         assert_eq!(
             d("web-2.service.weft", RecordType::A),
             Decision::Address(WEB_IP)
+        );
+        assert_eq!(
+            d("api.service.weft", RecordType::ANY),
+            Decision::Address(API_IP)
         );
     }
 
@@ -538,26 +562,8 @@ mod tests {
     }
 
     #[test]
-    fn lookup_gets_the_lowercase_service_label() {
-        let seen = std::sync::Mutex::new(Vec::new());
-        let record = |s: &str| {
-            seen.lock().unwrap().push(s.to_string());
-            None
-        };
-        decide("WEB-2.Service.Weft.", RecordType::A, &record);
-        assert_eq!(*seen.lock().unwrap(), ["web-2"]);
-    }
-
-    #[test]
-    fn any_query_of_a_known_service_answers_the_address() {
-        assert_eq!(
-            d("api.service.weft", RecordType::ANY),
-            Decision::Address(API_IP)
-        );
-    }
-
-    #[test]
     fn other_types_of_a_known_service_are_empty_noerror() {
+        // SRV too: no instance passes.
         for t in [
             RecordType::AAAA,
             RecordType::TXT,
@@ -569,52 +575,41 @@ mod tests {
     }
 
     #[test]
-    fn unknown_service_is_nxdomain_for_every_type() {
-        for t in [RecordType::A, RecordType::AAAA, RecordType::ANY] {
-            assert_eq!(d("nope.service.weft", t), Decision::NxDomain, "{t}");
-        }
-    }
-
-    #[test]
-    fn names_with_more_labels_under_service_weft_are_nxdomain() {
-        let never = |_: &str| -> Option<Ipv4Addr> { panic!("lookup must not be asked") };
+    fn unknown_services_and_invalid_labels_are_nxdomain() {
+        let long = format!("{}.service.weft", "a".repeat(64));
         for name in [
+            "nope.service.weft",
             "a.b.service.weft",
             "x.api.service.weft",
             "api.service.service.weft.",
-        ] {
-            assert_eq!(
-                decide(name, RecordType::A, &never),
-                Decision::NxDomain,
-                "{name}"
-            );
-        }
-    }
-
-    #[test]
-    fn invalid_service_labels_are_nxdomain_without_lookup() {
-        let never = |_: &str| -> Option<Ipv4Addr> { panic!("lookup must not be asked") };
-        let long = format!("{}.service.weft", "a".repeat(64));
-        for name in [
             ".service.weft",
             "-api.service.weft",
             "api-.service.weft",
             "a_b.service.weft",
-            "a\\.b.service.weft",
             "ápi.service.weft",
             long.as_str(),
+            "api.weft",
+            "api.node.weft.",
+            "service.service.weft.x.weft",
+            "api.service.weft.weft",
+            "a.b.c.weft",
         ] {
-            assert_eq!(
-                decide(name, RecordType::A, &never),
-                Decision::NxDomain,
-                "{name}"
-            );
+            for t in [RecordType::A, RecordType::AAAA, RecordType::ANY] {
+                assert_eq!(d(name, t), Decision::NxDomain, "{name} {t}");
+            }
         }
     }
 
     #[test]
     fn zone_apex_and_service_parent_exist_without_records() {
-        for name in ["weft", "weft.", "WEFT", "service.weft", "Service.Weft."] {
+        for name in [
+            "weft",
+            "weft.",
+            "WEFT",
+            "service.weft",
+            "Service.Weft.",
+            "consul",
+        ] {
             for t in [RecordType::A, RecordType::AAAA, RecordType::ANY] {
                 assert_eq!(d(name, t), Decision::NoData, "{name} {t}");
             }
@@ -622,20 +617,7 @@ mod tests {
     }
 
     #[test]
-    fn other_names_inside_weft_are_nxdomain() {
-        for name in [
-            "api.weft",
-            "api.node.weft.",
-            "service.service.weft.x.weft",
-            "api.service.weft.weft",
-            "a.b.c.weft",
-        ] {
-            assert_eq!(d(name, RecordType::A), Decision::NxDomain, "{name}");
-        }
-    }
-
-    #[test]
-    fn names_outside_weft_are_refused() {
+    fn names_outside_the_domains_are_refused() {
         for name in [
             "example.com",
             "example.com.",
@@ -680,7 +662,7 @@ mod tests {
         let reply = respond(
             &query_bytes("Api.Service.Weft.", RecordType::A),
             Transport::Udp,
-            &lookup,
+            &lookup(),
         );
         let msg = parse(&reply.unwrap());
         assert_eq!(msg.metadata.id, 0x4242);
@@ -701,7 +683,7 @@ mod tests {
         let reply = respond(
             &query_bytes("api.service.weft.", RecordType::AAAA),
             Transport::Udp,
-            &lookup,
+            &lookup(),
         );
         let msg = parse(&reply.unwrap());
         assert_eq!(msg.metadata.response_code, ResponseCode::NoError);
@@ -716,7 +698,7 @@ mod tests {
             &respond(
                 &query_bytes("nope.service.weft.", RecordType::A),
                 Transport::Tcp,
-                &lookup,
+                &lookup(),
             )
             .unwrap(),
         );
@@ -728,7 +710,7 @@ mod tests {
             &respond(
                 &query_bytes("example.com.", RecordType::A),
                 Transport::Udp,
-                &lookup,
+                &lookup(),
             )
             .unwrap(),
         );
@@ -747,7 +729,7 @@ mod tests {
         let mut edns = Edns::new();
         edns.set_max_payload(4096);
         msg.edns = Some(edns);
-        let reply = parse(&respond(&msg.to_vec().unwrap(), Transport::Udp, &lookup).unwrap());
+        let reply = parse(&respond(&msg.to_vec().unwrap(), Transport::Udp, &lookup()).unwrap());
         assert_eq!(answer_ips(&reply), [API_IP]);
         assert_eq!(reply.edns.map(|e| e.max_payload()), Some(UDP_MAX_PAYLOAD));
     }
@@ -755,24 +737,24 @@ mod tests {
     #[test]
     fn respond_ignores_runts_and_responses() {
         for runt in [&[][..], &[0x12], &[0u8; 11]] {
-            assert_eq!(respond(runt, Transport::Udp, &lookup), None);
+            assert_eq!(respond(runt, Transport::Udp, &lookup()), None);
         }
         let mut response = query_bytes("api.service.weft.", RecordType::A);
         response[2] |= 0x80;
-        assert_eq!(respond(&response, Transport::Udp, &lookup), None);
+        assert_eq!(respond(&response, Transport::Udp, &lookup()), None);
     }
 
     #[test]
     fn respond_gives_formerr_for_garbage_after_a_header() {
         let mut garbage = vec![0xab, 0xcd, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0];
         garbage.extend_from_slice(&[0xff; 20]);
-        let msg = parse(&respond(&garbage, Transport::Udp, &lookup).unwrap());
+        let msg = parse(&respond(&garbage, Transport::Udp, &lookup()).unwrap());
         assert_eq!(msg.metadata.id, 0xabcd);
         assert_eq!(msg.metadata.response_code, ResponseCode::FormErr);
         // A header that promises a question and has none.
         let mut cut = query_bytes("api.service.weft.", RecordType::A);
         cut.truncate(HEADER_LEN + 3);
-        let msg = parse(&respond(&cut, Transport::Tcp, &lookup).unwrap());
+        let msg = parse(&respond(&cut, Transport::Tcp, &lookup()).unwrap());
         assert_eq!(msg.metadata.response_code, ResponseCode::FormErr);
     }
 
@@ -780,13 +762,13 @@ mod tests {
     fn respond_gives_formerr_without_exactly_one_question() {
         let mut none = Message::query();
         none.metadata.id = 7;
-        let msg = parse(&respond(&none.to_vec().unwrap(), Transport::Udp, &lookup).unwrap());
+        let msg = parse(&respond(&none.to_vec().unwrap(), Transport::Udp, &lookup()).unwrap());
         assert_eq!(msg.metadata.response_code, ResponseCode::FormErr);
         let mut two = Message::query();
         for n in ["api.service.weft.", "web-2.service.weft."] {
             two.add_query(Query::query(Name::from_ascii(n).unwrap(), RecordType::A));
         }
-        let msg = parse(&respond(&two.to_vec().unwrap(), Transport::Udp, &lookup).unwrap());
+        let msg = parse(&respond(&two.to_vec().unwrap(), Transport::Udp, &lookup()).unwrap());
         assert_eq!(msg.metadata.response_code, ResponseCode::FormErr);
         assert!(msg.answers.is_empty());
     }
@@ -798,7 +780,7 @@ mod tests {
             Name::from_ascii("weft.").unwrap(),
             RecordType::SOA,
         ));
-        let msg = parse(&respond(&update.to_vec().unwrap(), Transport::Udp, &lookup).unwrap());
+        let msg = parse(&respond(&update.to_vec().unwrap(), Transport::Udp, &lookup()).unwrap());
         assert_eq!(msg.metadata.response_code, ResponseCode::NotImp);
         let mut chaos = Query::query(
             Name::from_ascii("api.service.weft.").unwrap(),
@@ -807,7 +789,7 @@ mod tests {
         chaos.set_query_class(DNSClass::CH);
         let mut msg = Message::query();
         msg.add_query(chaos);
-        let reply = parse(&respond(&msg.to_vec().unwrap(), Transport::Udp, &lookup).unwrap());
+        let reply = parse(&respond(&msg.to_vec().unwrap(), Transport::Udp, &lookup()).unwrap());
         assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
     }
 
@@ -825,7 +807,7 @@ mod tests {
         for len in 0..64 {
             for _ in 0..200 {
                 let bytes: Vec<u8> = (0..len).map(|_| next()).collect();
-                let _ = respond(&bytes, Transport::Udp, &lookup);
+                let _ = respond(&bytes, Transport::Udp, &lookup());
             }
         }
         let valid = query_bytes("api.service.weft.", RecordType::A);
@@ -833,7 +815,7 @@ mod tests {
             for v in [0x00, 0x3f, 0x40, 0xc0, 0xff] {
                 let mut bytes = valid.clone();
                 bytes[i] = v;
-                let _ = respond(&bytes, Transport::Tcp, &lookup);
+                let _ = respond(&bytes, Transport::Tcp, &lookup());
             }
         }
     }
@@ -845,7 +827,7 @@ mod tests {
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
     ) {
-        let resolver: ServiceResolver = Arc::new(lookup);
+        let resolver: ServiceResolver = lookup();
         let server = DnsServer::bind("127.0.0.1:0".parse().unwrap(), resolver)
             .await
             .unwrap();
@@ -1050,7 +1032,7 @@ mod tests {
     #[tokio::test]
     async fn bind_reports_a_taken_address() {
         let (addr, stop, task) = start().await;
-        let resolver: ServiceResolver = Arc::new(lookup);
+        let resolver: ServiceResolver = lookup();
         let err = DnsServer::bind(addr, resolver).await.unwrap_err();
         assert!(
             matches!(
