@@ -466,8 +466,75 @@ fn check_duration(field: &str, text: &str) -> Result<(), ConfigEntryError> {
 /// Parses a config entry file. Errors carry line and column where the parser
 /// knows them. Does not validate: call [`validate_entry`] before writing.
 pub fn parse_entry_file(text: &str, format: FileFormat) -> Result<ConfigEntry, ConfigEntryError> {
-    Ok(parse_document(text, format)?)
+    parse_document(text, format).map_err(|mut e| {
+        // Consul's fields and kinds weft does not have yet say so, rather
+        // than "unknown".
+        let named = |prefix: &str| {
+            let rest = &e.message[e.message.find(prefix)? + prefix.len()..];
+            Some(rest[..rest.find('`')?].to_string())
+        };
+        if let Some(field) =
+            named("unknown field `").filter(|f| CONSUL_FIELDS.contains(&f.as_str()))
+        {
+            e.message = format!("{field}: Consul's field, not supported by weft yet");
+        } else if let Some(kind) =
+            named("unknown variant `").filter(|k| CONSUL_KINDS.contains(&k.as_str()))
+        {
+            e.message = format!("Kind {kind:?}: Consul's kind, not supported by weft yet");
+        }
+        ConfigEntryError::Parse(e)
+    })
 }
+
+/// Fields of Consul's config entries (the kinds weft has) that weft does not
+/// take anywhere yet: refused with a message that says so. (A field weft
+/// has in another place stays "unknown" where it does not belong.)
+const CONSUL_FIELDS: &[&str] = &[
+    "Namespace",
+    "Partition",
+    "Meta",
+    "LoadBalancer",
+    "Limits",
+    "RetryOn",
+    "QueryParam",
+    "RequestHeaders",
+    "ResponseHeaders",
+    "MaxConnections",
+    "MaxPendingRequests",
+    "MaxConcurrentRequests",
+    "TransparentProxy",
+    "MeshGateway",
+    "Expose",
+    "ExternalSNI",
+    "BalanceInboundConnections",
+    "RateLimits",
+    "EnvoyExtensions",
+    "LocalConnectTimeoutMs",
+    "LocalRequestTimeoutMs",
+    "MaxInboundConnections",
+    "IdleTimeout",
+    "Targets",
+    "SamenessGroup",
+    "Peer",
+    "PrioritizeByLocality",
+    "Interval",
+    "EnforcingConsecutive5xx",
+    "MaxEjectionPercent",
+];
+
+/// Consul's config entry kinds weft does not have yet.
+const CONSUL_KINDS: &[&str] = &[
+    "proxy-defaults",
+    "service-intentions",
+    "ingress-gateway",
+    "terminating-gateway",
+    "api-gateway",
+    "mesh",
+    "exported-services",
+    "sameness-group",
+    "jwt-provider",
+    "control-plane-request-limit",
+];
 
 /// What validation needs to know about the rest of the configuration.
 pub trait EntryContext {
@@ -782,6 +849,10 @@ fn validate_resolver(r: &ServiceResolver, ctx: &impl EntryContext) -> Result<(),
         }
         if let Some(dc) = &redirect.datacenter {
             check_name("Redirect.Datacenter", dc)?;
+            return Err(invalid(
+                "Redirect.Datacenter",
+                format!("{dc:?}: not supported yet (datacenters do not federate yet)"),
+            ));
         }
         let target = redirect.service.as_deref().unwrap_or(&r.name);
         if target == r.name && redirect.datacenter.is_none() {
@@ -820,6 +891,12 @@ fn validate_resolver(r: &ServiceResolver, ctx: &impl EntryContext) -> Result<(),
         for (i, dc) in failover.datacenters.iter().enumerate() {
             check_name(format!("{base}.Datacenters[{i}]"), dc)?;
         }
+        if let Some(dc) = failover.datacenters.first() {
+            return Err(invalid(
+                format!("{base}.Datacenters"),
+                format!("{dc:?}: not supported yet (datacenters do not federate yet)"),
+            ));
+        }
         if let Some(subset) = &failover.service_subset {
             let target = failover.service.as_deref().unwrap_or(&r.name);
             check_subset(
@@ -833,6 +910,12 @@ fn validate_resolver(r: &ServiceResolver, ctx: &impl EntryContext) -> Result<(),
     }
     if let Some(t) = &r.connect_timeout {
         check_duration("ConnectTimeout", t)?;
+        // Refused rather than kept and ignored: agents connect with their
+        // own fixed timeout today.
+        return Err(invalid(
+            "ConnectTimeout",
+            format!("{t:?}: not supported yet (agents connect within 5s)"),
+        ));
     }
     Ok(())
 }

@@ -104,17 +104,22 @@ fn a_client_holds_at_most_max_conns_per_client() -> anyhow::Result<()> {
         .map(|_| std::net::TcpStream::connect(&addr))
         .collect::<Result<_, _>>()?;
     // Once the server has counted the five, a sixth socket is closed at
-    // once: wait for that (a probe the server still admits holds a place
-    // only until it is dropped).
+    // once: wait for that. A probe the server still admits holds a place
+    // until the server sees it dropped, so three refusals in a row are
+    // wanted: then no earlier probe's place lingers.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut refusals = 0;
     loop {
         let mut probe = std::net::TcpStream::connect(&addr)?;
         probe.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
         let mut buf = [0u8; 1];
         match std::io::Read::read(&mut probe, &mut buf) {
-            Ok(0) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            _ => {}
+            Ok(0) => refusals += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => refusals += 1,
+            _ => refusals = 0,
+        }
+        if refusals == 3 {
+            break;
         }
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
