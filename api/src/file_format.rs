@@ -1,17 +1,20 @@
-//! Reading JSON or TOML documents that users write (config entries, L7 intention
-//! files) into typed values, with errors that carry the line and column when the
-//! parser knows them.
+//! Reading JSON, TOML or HCL documents that users write (config entries, L7
+//! intention files) into typed values, with errors that carry the line and
+//! column when the parser knows them. HCL is read as Consul's examples write
+//! it (attributes, blocks for nested objects, lists of objects) into a JSON
+//! value first, then into the type.
 
 use std::fmt;
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
 
-/// The two file formats users may write.
+/// The file formats users may write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FileFormat {
     Json,
     Toml,
+    Hcl,
 }
 
 impl FileFormat {
@@ -26,17 +29,42 @@ impl FileFormat {
         {
             "json" => Some(FileFormat::Json),
             "toml" => Some(FileFormat::Toml),
+            "hcl" => Some(FileFormat::Hcl),
             _ => None,
         }
     }
 
-    /// Guesses the format from the text: a JSON document starts with `{`.
+    /// Guesses the format from the text: a JSON document starts with `{`; a
+    /// line that opens a block (`Name {`), an object left open (`= {`) or a
+    /// list of objects (`= [` then `{`), which TOML has not, makes it HCL;
+    /// anything else is TOML.
     pub fn sniff(text: &str) -> FileFormat {
         if text.trim_start().starts_with('{') {
-            FileFormat::Json
-        } else {
-            FileFormat::Toml
+            return FileFormat::Json;
         }
+        let opens_block = |line: &str| {
+            let line = line.trim();
+            let Some(head) = line.strip_suffix('{') else {
+                return false;
+            };
+            let head = head.trim_end();
+            !head.is_empty()
+                && !head.ends_with('=')
+                && head
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ' ' || c == '"')
+        };
+        let mut lines = text.lines().map(str::trim).filter(|l| !l.starts_with('#'));
+        let mut previous_opens_list = false;
+        for line in lines.by_ref() {
+            // TOML's inline tables end on their line; HCL's objects need not.
+            let opens_object = line.ends_with("= {");
+            if opens_block(line) || opens_object || (previous_opens_list && line.starts_with('{')) {
+                return FileFormat::Hcl;
+            }
+            previous_opens_list = line.ends_with("= [");
+        }
+        FileFormat::Toml
     }
 }
 
@@ -45,6 +73,7 @@ impl fmt::Display for FileFormat {
         f.write_str(match self {
             FileFormat::Json => "JSON",
             FileFormat::Toml => "TOML",
+            FileFormat::Hcl => "HCL",
         })
     }
 }
@@ -110,8 +139,76 @@ fn find_word(text: &str, word: &str) -> Option<usize> {
     })
 }
 
+/// The deepest nesting of `{`, `[` and `(` an HCL document may have:
+/// hcl-rs's parser takes exponential time on deeply nested broken input,
+/// and Consul's deepest config entries (a route's header matches) need 6.
+const MAX_HCL_NESTING: usize = 10;
+
+fn parse_hcl<T: DeserializeOwned>(text: &str) -> Result<T, ParseError> {
+    let error = |message: String| ParseError {
+        format: FileFormat::Hcl,
+        line: None,
+        column: None,
+        message,
+    };
+    let mut depth = 0usize;
+    for c in text.bytes() {
+        match c {
+            b'{' | b'[' | b'(' => {
+                depth += 1;
+                if depth > MAX_HCL_NESTING {
+                    return Err(error(format!("nested more than {MAX_HCL_NESTING} deep")));
+                }
+            }
+            b'}' | b']' | b')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    let text = hcl1_blocks_as_objects(text);
+    let value: serde_json::Value = hcl::from_str(&text).map_err(|e| {
+        // hcl-rs's message carries its own position; keep it as it says it.
+        error(e.to_string().trim().to_string())
+    })?;
+    serde_json::from_value(value).map_err(|e| error(e.to_string()))
+}
+
+/// Consul reads HCL 1, whose examples write nested objects as blocks even
+/// inside a list's objects (`Routes = [ { Match { HTTP { … } } } ]`), which
+/// HCL 2 allows only at the top. A line that opens a block without labels,
+/// `Name {`, becomes `Name = {`: the same object, in HCL 2's syntax. (Line
+/// numbers stay as written.)
+fn hcl1_blocks_as_objects(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 64);
+    for line in text.split_inclusive('\n') {
+        let body = line.trim_end_matches(['\n', '\r']);
+        let ending = &line[body.len()..];
+        let trimmed = body.trim_end();
+        let opens = trimmed.strip_suffix('{').map(str::trim_end).filter(|head| {
+            let name = head.trim_start();
+            !name.is_empty()
+                && name
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        });
+        match opens {
+            Some(head) => {
+                out.push_str(head);
+                out.push_str(" = {");
+                out.push_str(ending);
+            }
+            None => out.push_str(line),
+        }
+    }
+    out
+}
+
 fn parse_raw<T: DeserializeOwned>(text: &str, format: FileFormat) -> Result<T, ParseError> {
     match format {
+        FileFormat::Hcl => parse_hcl(text),
         FileFormat::Json => serde_json::from_str(text).map_err(|e| {
             let known = e.line() > 0;
             // serde_json's Display appends " at line L column C"; keep the message only.

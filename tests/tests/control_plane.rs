@@ -387,6 +387,47 @@ fn a_saved_snapshot_restores_the_state() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Consul's HCL examples (tests/fixtures/consul/) written with `weft config
+/// write`, as a team moving from Consul would, and read back.
+#[test]
+fn consuls_hcl_config_entries_are_written_as_they_are() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/consul");
+    for file in [
+        "service-defaults.hcl",
+        "service-resolver.hcl",
+        "service-splitter.hcl",
+    ] {
+        cluster.cli(&["config", "write", &format!("{fixtures}/{file}")])?;
+    }
+    let split: serde_json::Value = serde_json::from_str(&cluster.cli(&[
+        "--format",
+        "json",
+        "config",
+        "read",
+        "service-splitter",
+        "web",
+    ])?)?;
+    let splits = &split["entry"]["Splits"];
+    assert_eq!(splits[0]["Weight"], 90.0, "{split}");
+    assert_eq!(splits[1]["ServiceSubset"], "v2", "{split}");
+    let refused = cluster.cli_at(
+        &cluster.addrs(),
+        &[
+            "config",
+            "write",
+            &format!("{fixtures}/service-resolver-load-balancer.hcl"),
+        ],
+    );
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("LoadBalancer: Consul's field, not supported by weft yet"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
 /// KV values are bytes: what `--base64` puts, `get` gives back unchanged
 /// (and in base64 on request, and in JSON without a lossy copy).
 #[test]
