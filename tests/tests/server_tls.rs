@@ -92,6 +92,47 @@ fn the_http_port_answers_status_over_tls_only() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A TLS connection held open by `openssl s_client` (killed on drop).
+struct Held(std::process::Child);
+
+impl Held {
+    /// Connects and waits for the handshake to complete.
+    fn open(addr: &str, ca: &std::path::Path) -> anyhow::Result<Held> {
+        use std::io::BufRead;
+        let mut child = Command::new("openssl")
+            .args(["s_client", "-brief", "-alpn", "h2", "-connect", addr])
+            .args(["-servername", "server.dc1.weft", "-CAfile"])
+            .arg(ca)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("CONNECTION ESTABLISHED") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let held = Held(child);
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .context("a held connection's TLS handshake did not complete")?;
+        Ok(held)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// One client address holds at most `--max-conns-per-client` connections
 /// per port: idle sockets from one host cannot starve the server of file
 /// descriptors; closing them gives the places back.
@@ -100,26 +141,24 @@ fn a_client_holds_at_most_max_conns_per_client() -> anyhow::Result<()> {
     let cluster = Cluster::start(1, &["--max-conns-per-client", "5"])?;
     let addr = cluster.grpc_addr(1).to_string();
     assert!(cluster.cli(&["kv", "put", "k", "v"]).is_ok());
-    let held: Vec<std::net::TcpStream> = (0..5)
-        .map(|_| std::net::TcpStream::connect(&addr))
-        .collect::<Result<_, _>>()?;
+    // Five connections that finish their TLS handshake and stay: an idle
+    // socket that never starts one would be closed after the handshake
+    // timeout (10 s), giving its place back in the middle of the test.
+    let held: Vec<Held> = (0..5)
+        .map(|_| Held::open(&addr, &cluster.ca_file))
+        .collect::<anyhow::Result<_>>()?;
     // Once the server has counted the five, a sixth socket is closed at
-    // once: wait for that. A probe the server still admits holds a place
-    // until the server sees it dropped, so three refusals in a row are
-    // wanted: then no earlier probe's place lingers.
+    // once: wait for that (a probe the server still admits holds a place
+    // only until it is dropped).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let mut refusals = 0;
     loop {
         let mut probe = std::net::TcpStream::connect(&addr)?;
         probe.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
         let mut buf = [0u8; 1];
         match std::io::Read::read(&mut probe, &mut buf) {
-            Ok(0) => refusals += 1,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => refusals += 1,
-            _ => refusals = 0,
-        }
-        if refusals == 3 {
-            break;
+            Ok(0) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            _ => {}
         }
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
