@@ -549,35 +549,12 @@ fn decode_level(
 // attribute where blocks belong and the reverse, label counts, nested blocks,
 // expressions), then mapped to a JSON value.
 
-/// The deepest nesting of `{`, `[` and `(` rules may have (they need 2):
-/// hcl-rs's parser takes exponential time on deeply nested broken input (a
-/// 405-byte text 27 deep took over 10 s in fuzzing), so deeper text is
-/// refused before it is parsed.
+/// The deepest nesting of `{`, `[` and `(` rules may have (they need 2);
+/// see [`crate::file_format::check_hcl_nesting`].
 const MAX_HCL_NESTING: usize = 8;
 
-/// Refuses text nested deeper than [`MAX_HCL_NESTING`] (brackets inside
-/// quoted strings count too: rules have no reason for them).
-fn check_nesting(text: &str) -> Result<(), AclError> {
-    let mut depth = 0usize;
-    for c in text.bytes() {
-        match c {
-            b'{' | b'[' | b'(' => {
-                depth += 1;
-                if depth > MAX_HCL_NESTING {
-                    return Err(AclError::Hcl(format!(
-                        "nested more than {MAX_HCL_NESTING} deep"
-                    )));
-                }
-            }
-            b'}' | b']' | b')' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
 fn hcl_to_value(text: &str) -> Result<Value, AclError> {
-    check_nesting(text)?;
+    crate::file_format::check_hcl_nesting(text, MAX_HCL_NESTING).map_err(AclError::Hcl)?;
     let hcl_error = |e: hcl::Error| AclError::Hcl(e.to_string().trim().to_owned());
     let body = match hcl::parse(text) {
         Ok(body) => body,
