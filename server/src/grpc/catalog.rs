@@ -61,7 +61,7 @@ fn require_instance_write(
 
 /// An instance's health as clients see it: critical, whatever its own
 /// checks said, while its node is critical (its agent is not heard from).
-fn effective_health(state: &State, instance: &ServiceInstance) -> HealthStatus {
+pub(crate) fn effective_health(state: &State, instance: &ServiceInstance) -> HealthStatus {
     match state.nodes.get(&instance.node) {
         Some(n) if n.health == HealthStatus::Critical => HealthStatus::Critical,
         _ => instance.health,

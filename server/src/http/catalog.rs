@@ -17,7 +17,7 @@ use weft_api::catalog::{HealthStatus, Node, ServiceInstance};
 
 use super::{json_at, only, Answer, Call, HttpError};
 use crate::grpc::auth::Caller;
-use crate::grpc::catalog::may_read_instance;
+use crate::grpc::catalog::{effective_health, may_read_instance};
 use crate::node::ServerNode;
 use crate::state::State;
 
@@ -166,7 +166,7 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str) -> Answer {
             let entries: Vec<Value> = s
                 .instances_of(name)
                 .filter(|i| may_read_instance(&caller, i))
-                .filter(|i| !passing_only || worst_status(s, i) == HealthStatus::Passing)
+                .filter(|i| !passing_only || effective_health(s, i) == HealthStatus::Passing)
                 .map(|i| health_entry(s, i))
                 .collect();
             (entries, s.index)
@@ -186,16 +186,6 @@ fn node_json(n: &Node) -> Value {
         "CreateIndex": n.create_index,
         "ModifyIndex": n.modify_index,
     })
-}
-
-/// An instance's worst check: its own, or its node's (a node the servers
-/// do not know counts as critical).
-pub fn worst_status(state: &State, i: &ServiceInstance) -> HealthStatus {
-    let node = state
-        .nodes
-        .get(&i.node)
-        .map_or(HealthStatus::Critical, |n| n.health);
-    i.health.worst(node)
 }
 
 /// Read on service `name` (a valid name), for the caller of `call`.

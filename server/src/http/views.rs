@@ -16,7 +16,6 @@ use weft_api::intention::{evaluate_connection, ConnectionDecision, Intention, In
 use weft_api::proto::{self, telemetry_server::Telemetry};
 use weft_api::traffic;
 
-use super::catalog::worst_status;
 use super::{json_at, only, Answer, Call, HttpError};
 use crate::grpc::auth::Caller;
 use crate::grpc::catalog::may_read_instance;
@@ -117,7 +116,7 @@ fn window(call: &Call) -> Result<u32, HttpError> {
 }
 
 /// A service as the UI lists it: instances counted once each, at their
-/// worst check (their own or their node's).
+/// health as clients see it (critical on a critical node).
 #[derive(Debug, Serialize, PartialEq)]
 #[serde(rename_all = "PascalCase")]
 pub struct ServiceRow {
@@ -154,7 +153,7 @@ pub fn service_rows(s: &State, caller: &Caller) -> Vec<ServiceRow> {
             continue;
         }
         r.instance_count += 1;
-        match worst_status(s, i) {
+        match crate::grpc::catalog::effective_health(s, i) {
             HealthStatus::Passing => r.checks_passing += 1,
             HealthStatus::Warning => r.checks_warning += 1,
             HealthStatus::Critical => r.checks_critical += 1,
