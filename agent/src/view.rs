@@ -305,12 +305,6 @@ impl View {
         )
     }
 
-    /// Whether requests to `service` are routed one by one (a router, a
-    /// splitter, or a resolver with subsets for it).
-    pub fn has_routing(&self, service: &str) -> bool {
-        routing::has_routing(&self.entries, service)
-    }
-
     /// Where `request` to `service` goes (`roll` in `[0, 100)` for a
     /// splitter), with the matched route's policy.
     pub fn route_target(&self, service: &str, request: &Request, roll: f32) -> routing::Target {
@@ -554,7 +548,8 @@ mod tests {
     fn config_entries_turn_routing_on_and_off() {
         let mut v = View::default();
         v.apply(snapshot(5)).unwrap();
-        assert!(!v.has_routing("api"));
+        let has_splitter = |v: &View| v.entries.get(EntryKind::ServiceSplitter, "api").is_some();
+        assert!(!has_splitter(&v));
         let splitter = proto::ConfigEntry {
             kind: "service-splitter".into(),
             name: "api".into(),
@@ -563,7 +558,7 @@ mod tests {
         };
         v.apply(changes(6, vec![P::ConfigUpsert(splitter)]))
             .unwrap();
-        assert!(v.has_routing("api"));
+        assert!(has_splitter(&v));
         let target = v.route_target("api", &Request::new("GET", "/"), 10.0);
         assert_eq!(target.service, "api");
         let (service, instances) = v.instances_of(&target);
@@ -575,7 +570,7 @@ mod tests {
             name: "api".into(),
         };
         v.apply(changes(7, vec![P::ConfigDelete(gone)])).unwrap();
-        assert!(!v.has_routing("api"));
+        assert!(!has_splitter(&v));
     }
 
     #[test]

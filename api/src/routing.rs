@@ -117,18 +117,6 @@ impl RoutePolicy {
     }
 }
 
-/// Whether requests to `service` need per-request routing: a router or a
-/// splitter for it, or a resolver with subsets or a redirect.
-pub fn has_routing(entries: &EntrySet, service: &str) -> bool {
-    entries.get(EntryKind::ServiceRouter, service).is_some()
-        || entries.get(EntryKind::ServiceSplitter, service).is_some()
-        || matches!(
-            entries.get(EntryKind::ServiceResolver, service),
-            Some(ConfigEntry::ServiceResolver(r))
-                if !r.subsets.is_empty() || r.redirect.is_some() || r.default_subset.is_some()
-        )
-}
-
 /// Where `request` to `service` goes. `roll` is a number in `[0, 100)` for
 /// the splitter.
 pub fn route_request(entries: &EntrySet, service: &str, request: &Request, roll: f32) -> Target {
@@ -367,7 +355,6 @@ mod tests {
     #[test]
     fn no_entries_means_the_service_itself() {
         let set = EntrySet::new();
-        assert!(!has_routing(&set, "api"));
         assert_eq!(
             route_request(&set, "api", &get(), 50.0),
             target("api", None)
@@ -377,7 +364,6 @@ mod tests {
     #[test]
     fn the_resolver_gives_the_default_subset() {
         let set = entries(vec![resolver()]);
-        assert!(has_routing(&set, "api"));
         assert_eq!(
             route_request(&set, "api", &get(), 50.0),
             target("api", Some("v1"))
