@@ -21,7 +21,8 @@
 //! ```
 //!
 //! The rule kinds are `service`, `service_prefix`, `node`, `node_prefix`,
-//! `key`, `key_prefix` (each a block named by its label, holding `policy`,
+//! `key`, `key_prefix`, `session`, `session_prefix` (sessions on the named
+//! nodes) (each a block named by its label, holding `policy`,
 //! and for the two service kinds also `intentions`), and the top-level
 //! attributes `operator`, `acl` and `mesh`. A level is `read`, `write` or
 //! `deny`. A service rule without `intentions` grants read on the service's
@@ -126,6 +127,8 @@ pub enum Resource<'a> {
     Intentions(&'a str),
     Node(&'a str),
     Key(&'a str),
+    /// The sessions of this node.
+    Session(&'a str),
     Operator,
     Acl,
     Mesh,
@@ -138,6 +141,7 @@ impl Resource<'_> {
             Resource::Intentions(_) => ResourceKind::Intentions,
             Resource::Node(_) => ResourceKind::Node,
             Resource::Key(_) => ResourceKind::Key,
+            Resource::Session(_) => ResourceKind::Session,
             Resource::Operator => ResourceKind::Operator,
             Resource::Acl => ResourceKind::Acl,
             Resource::Mesh => ResourceKind::Mesh,
@@ -152,6 +156,7 @@ pub enum ResourceKind {
     Intentions,
     Node,
     Key,
+    Session,
     Operator,
     Acl,
     Mesh,
@@ -168,7 +173,7 @@ pub enum AclError {
     Json(String),
     #[error(
         "unknown rule kind {0:?} (expected service, service_prefix, node, node_prefix, \
-         key, key_prefix, operator, acl or mesh)"
+         key, key_prefix, session, session_prefix, operator, acl or mesh)"
     )]
     UnknownKind(String),
     /// A problem in one rule: `kind` is the rule kind (`"service"`, ...),
@@ -252,19 +257,23 @@ enum Kind {
     NodePrefix,
     Key,
     KeyPrefix,
+    Session,
+    SessionPrefix,
     Operator,
     Acl,
     Mesh,
 }
 
 impl Kind {
-    const ALL: [Kind; 9] = [
+    const ALL: [Kind; 11] = [
         Kind::Service,
         Kind::ServicePrefix,
         Kind::Node,
         Kind::NodePrefix,
         Kind::Key,
         Kind::KeyPrefix,
+        Kind::Session,
+        Kind::SessionPrefix,
         Kind::Operator,
         Kind::Acl,
         Kind::Mesh,
@@ -282,6 +291,8 @@ impl Kind {
             Kind::NodePrefix => "node_prefix",
             Kind::Key => "key",
             Kind::KeyPrefix => "key_prefix",
+            Kind::Session => "session",
+            Kind::SessionPrefix => "session_prefix",
             Kind::Operator => "operator",
             Kind::Acl => "acl",
             Kind::Mesh => "mesh",
@@ -299,6 +310,7 @@ impl Kind {
             Kind::Service => Some(Kind::ServicePrefix),
             Kind::Node => Some(Kind::NodePrefix),
             Kind::Key => Some(Kind::KeyPrefix),
+            Kind::Session => Some(Kind::SessionPrefix),
             _ => None,
         }
     }
@@ -341,6 +353,8 @@ pub struct Rules {
     node_prefix: BTreeMap<String, Level>,
     key: BTreeMap<String, Level>,
     key_prefix: BTreeMap<String, Level>,
+    session: BTreeMap<String, Level>,
+    session_prefix: BTreeMap<String, Level>,
     operator: Option<Level>,
     acl: Option<Level>,
     mesh: Option<Level>,
@@ -452,6 +466,8 @@ fn decode_named(kind: Kind, value: &Value, rules: &mut Rules) -> Result<(), AclE
             Kind::NodePrefix => rules.node_prefix.insert(name, policy).is_some(),
             Kind::Key => rules.key.insert(name, policy).is_some(),
             Kind::KeyPrefix => rules.key_prefix.insert(name, policy).is_some(),
+            Kind::Session => rules.session.insert(name, policy).is_some(),
+            Kind::SessionPrefix => rules.session_prefix.insert(name, policy).is_some(),
             Kind::Operator | Kind::Acl | Kind::Mesh => unreachable!("not a named kind"),
         };
     }
@@ -963,6 +979,7 @@ pub struct Authorizer {
     intentions: Table,
     node: Table,
     key: Table,
+    session: Table,
     operator: Option<Level>,
     acl: Option<Level>,
     mesh: Option<Level>,
@@ -1000,11 +1017,23 @@ impl Authorizer {
             for (prefix, level) in &r.key_prefix {
                 a.key.prefix(prefix, *level);
             }
+            for (name, level) in &r.session {
+                a.session.exact(name, *level);
+            }
+            for (prefix, level) in &r.session_prefix {
+                a.session.prefix(prefix, *level);
+            }
             merge_global(&mut a.operator, r.operator);
             merge_global(&mut a.acl, r.acl);
             merge_global(&mut a.mesh, r.mesh);
         }
-        for table in [&mut a.service, &mut a.intentions, &mut a.node, &mut a.key] {
+        for table in [
+            &mut a.service,
+            &mut a.intentions,
+            &mut a.node,
+            &mut a.key,
+            &mut a.session,
+        ] {
             table.finish();
         }
         a
@@ -1019,7 +1048,8 @@ impl Authorizer {
             service: everything.clone(),
             intentions: everything.clone(),
             node: everything.clone(),
-            key: everything,
+            key: everything.clone(),
+            session: everything,
             operator: Some(Level::Write),
             acl: Some(Level::Write),
             mesh: Some(Level::Write),
@@ -1045,6 +1075,7 @@ impl Authorizer {
             Resource::Intentions(name) => self.intentions.lookup(name),
             Resource::Node(name) => self.node.lookup(name),
             Resource::Key(name) => self.key.lookup(name),
+            Resource::Session(node) => self.session.lookup(node),
             Resource::Operator => self.operator,
             Resource::Acl => self.acl,
             Resource::Mesh => self.mesh,
@@ -1091,6 +1122,7 @@ impl Authorizer {
             ResourceKind::Intentions => Ok(&self.intentions),
             ResourceKind::Node => Ok(&self.node),
             ResourceKind::Key => Ok(&self.key),
+            ResourceKind::Session => Ok(&self.session),
             ResourceKind::Operator => Err(self.operator),
             ResourceKind::Acl => Err(self.acl),
             ResourceKind::Mesh => Err(self.mesh),
@@ -1360,6 +1392,24 @@ mod tests {
         assert_eq!(a.key("éé"), Some(Level::Read));
         assert_eq!(a.key("e"), None);
         assert_eq!(a.key("日本"), None);
+    }
+
+    #[test]
+    fn session_rules_name_nodes() {
+        let a = authz(&[r#"
+            session_prefix "" { policy = "read" }
+            session "web-1" { policy = "write" }
+            session_prefix "db-" { policy = "deny" }
+        "#]);
+        assert!(a.allows(Resource::Session("web-1"), Access::Write));
+        assert!(a.allows(Resource::Session("web-2"), Access::Read));
+        assert!(!a.allows(Resource::Session("web-2"), Access::Write));
+        assert!(!a.allows(Resource::Session("db-1"), Access::Read));
+        // Session rules grant nothing on the node itself.
+        assert!(!a.allows(Resource::Node("web-1"), Access::Read));
+        assert!(Authorizer::management().allows(Resource::Session("any"), Access::Write));
+        assert!(!authz(&[r#"node_prefix "" { policy = "write" }"#])
+            .allows(Resource::Session("web-1"), Access::Read));
     }
 
     #[test]

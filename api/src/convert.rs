@@ -216,6 +216,9 @@ pub fn kv_to_proto(e: &KvEntry) -> proto::KvEntry {
         value: e.value.clone(),
         create_index: e.create_index,
         modify_index: e.modify_index,
+        flags: e.flags,
+        lock_index: e.lock_index,
+        session: e.session.clone().unwrap_or_default(),
     }
 }
 
@@ -225,6 +228,9 @@ pub fn kv_from_proto(e: proto::KvEntry) -> KvEntry {
         value: e.value,
         create_index: e.create_index,
         modify_index: e.modify_index,
+        flags: e.flags,
+        lock_index: e.lock_index,
+        session: (!e.session.is_empty()).then_some(e.session),
     }
 }
 

@@ -6,7 +6,7 @@ pub const MAX_KEY_BYTES: usize = 512;
 /// Largest value, in bytes.
 pub const MAX_VALUE_BYTES: usize = 512 * 1024;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvEntry {
     pub key: String,
     /// Binary in compact encodings; a list of numbers in JSON.
@@ -14,6 +14,15 @@ pub struct KvEntry {
     pub value: Vec<u8>,
     pub create_index: u64,
     pub modify_index: u64,
+    /// An opaque number the writer chose (Consul's `?flags=`).
+    #[serde(default)]
+    pub flags: u64,
+    /// How many times a lock on this key was acquired.
+    #[serde(default)]
+    pub lock_index: u64,
+    /// The session holding the key's lock, if any.
+    #[serde(default)]
+    pub session: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

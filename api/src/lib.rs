@@ -8,7 +8,7 @@
 //! - [`config_entry`]: `service-defaults`, `service-router`, `service-splitter`,
 //!   `service-resolver` entries, their files and write-time validation;
 //!   [`filter`]: resolver subset filters; [`duration`]: `"5s"`-style durations.
-//! - [`kv`]: key/value entries and key rules.
+//! - [`kv`]: key/value entries and key rules; [`session`]: Consul's sessions (locks).
 //! - [`acl`]: ACL rules (Consul's HCL/JSON language), policy merging and decisions.
 //! - [`spiffe`]: SPIFFE ids of services.
 //! - [`file_format`]: JSON/TOML documents with positioned errors;
@@ -35,6 +35,7 @@ pub mod names;
 pub mod path;
 pub mod proto;
 pub mod routing;
+pub mod session;
 pub mod spiffe;
 pub mod tls_certs;
 pub mod traffic;

@@ -63,6 +63,7 @@ async fn throughput(
                     key: format!("bench/{round}/{c}/{i}"),
                     value: b"0123456789abcdef".to_vec(),
                     cas: None,
+                    ..Default::default()
                 };
                 client.put(req).await?;
             }
@@ -95,6 +96,7 @@ pub async fn failover(cluster: &mut Cluster, round: usize) -> anyhow::Result<f64
                 key: format!("failover/{round}"),
                 value: b"x".to_vec(),
                 cas: None,
+                ..Default::default()
             };
             if KvClient::new(ch).put(req).await.is_ok() {
                 break 'outer;

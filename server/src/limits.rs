@@ -129,6 +129,7 @@ mod tests {
                     value: vec![0; *len],
                     create_index: 1,
                     modify_index: 1,
+                    ..Default::default()
                 },
             );
         }

@@ -242,6 +242,7 @@ pub async fn monitor(node: Arc<ServerNode>) {
                 node: name.clone(),
                 health,
                 output,
+                now_ms: crate::grpc::ca::unix_now_ms(),
             };
             if let Err(e) = node.write_as_leader(cmd).await {
                 tracing::warn!(node = %name, "writing node health failed: {e}");

@@ -177,6 +177,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .add_service(api.intentions)
         .add_service(api.config)
         .add_service(api.kv)
+        .add_service(api.session)
         .add_service(api.operator)
         .add_service(api.watch)
         .add_service(api.ca)
@@ -195,6 +196,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     tokio::spawn(weft_server::grpc::ca::maintain(node.clone()));
     tokio::spawn(exit_on_raft_failure(node.clone()));
     tokio::spawn(weft_server::liveness::monitor(node.clone()));
+    tokio::spawn(weft_server::grpc::session::reap(node.clone()));
     tokio::spawn(weft_server::http::serve(
         http_listener,
         server_tls.http.clone(),

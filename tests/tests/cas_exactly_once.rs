@@ -101,6 +101,7 @@ async fn write(target: &Target, attempt: &mut usize, value: u64, base: u64) -> O
                 key: KEY.into(),
                 value: value.to_string().into_bytes(),
                 cas: Some(base),
+                ..Default::default()
             });
             req.set_timeout(Duration::from_secs(5));
             req.metadata_mut()

@@ -47,6 +47,9 @@ const GUARDED: &[(&str, &str)] = &[
     ("PUT", "/v1/config"),
     ("DELETE", "/v1/config/service-defaults/api"),
     ("GET", "/v1/kv/app/a"),
+    ("PUT", "/v1/session/create"),
+    ("GET", "/v1/session/list"),
+    ("GET", "/v1/session/node/n1"),
     ("GET", "/v1/kv/app/?recurse"),
     ("PUT", "/v1/kv/app/a"),
     ("DELETE", "/v1/kv/app/a"),
@@ -67,6 +70,8 @@ fn body_for(path: &str) -> Option<&'static [u8]> {
         Some(br#"{"Description":"x"}"#)
     } else if path == "/v1/acl/policy" {
         Some(br#"{"Name":"x","Rules":"key_prefix \"\" { policy = \"write\" }"}"#)
+    } else if path == "/v1/session/create" {
+        Some(br#"{"Node":"n1"}"#)
     } else if path.starts_with("/v1/kv/") {
         Some(b"value")
     } else {
@@ -278,9 +283,9 @@ fn kv_intentions_and_config_entries_in_consuls_shapes() -> anyhow::Result<()> {
     assert_eq!(http("DELETE", "/v1/kv/app/a", None)?.json()?, true);
     assert_eq!(http("GET", "/v1/kv/app/a", None)?.status, 404);
     // What weft does not do yet is refused, not ignored.
-    let flags = http("PUT", "/v1/kv/app/c?flags=42", Some(b"v"))?;
-    assert_eq!(flags.status, 400, "{}", flags.body);
-    assert!(flags.body.contains("flags"), "{}", flags.body);
+    let unknown = http("PUT", "/v1/kv/app/c?fancy=1", Some(b"v"))?;
+    assert_eq!(unknown.status, 400, "{}", unknown.body);
+    assert!(unknown.body.contains("fancy"), "{}", unknown.body);
     assert_eq!(
         http("GET", "/v1/kv/app/c", None)?.status,
         404,
@@ -847,5 +852,297 @@ fn blocking_queries_wait_for_a_write() -> anyhow::Result<()> {
     )?;
     assert_eq!(anonymous.status, 403);
     assert!(started.elapsed() < Duration::from_secs(10));
+    Ok(())
+}
+
+#[test]
+fn sessions_and_locks_in_consuls_shapes() -> anyhow::Result<()> {
+    use proto::catalog_client::CatalogClient;
+    use std::time::{Duration, Instant};
+    // No agent heartbeats here: nodes stay as registered for the test.
+    let cluster = Cluster::start(1, &["--node-timeout=5m"])?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut admin = rt.block_on(async {
+        Ok::<_, anyhow::Error>(CatalogClient::new(cluster.channel(1).await?))
+    })?;
+    for node in ["n1", "n2"] {
+        rt.block_on(admin.register_node(proto::RegisterNodeRequest {
+            node: Some(proto::Node {
+                name: node.into(),
+                address: format!("10.0.0.{}", &node[1..]),
+                datacenter: "dc1".into(),
+                ..Default::default()
+            }),
+        }))?;
+    }
+    let m = Some(cluster.token.as_str());
+    let call = |method: &str, path: &str, body: Option<&[u8]>| -> anyhow::Result<(u16, Value)> {
+        let reply = cluster.http(1, method, path, m, body)?;
+        let json = if reply.body.is_empty() {
+            Value::Null
+        } else {
+            reply.json().unwrap_or(Value::String(reply.body.clone()))
+        };
+        Ok((reply.status, json))
+    };
+    let create = |body: &str| -> anyhow::Result<String> {
+        let (status, reply) = call("PUT", "/v1/session/create", Some(body.as_bytes()))?;
+        anyhow::ensure!(status == 200, "create {body}: {status} {reply}");
+        Ok(reply["ID"].as_str().context("an ID")?.to_string())
+    };
+
+    // A TTL session, left to expire while the rest runs.
+    let ttl = create(r#"{"Name":"ttl","Node":"n2","TTL":"10s","LockDelay":"0s"}"#)?;
+    let ttl_created = Instant::now();
+    assert_eq!(
+        call(
+            "PUT",
+            &format!("/v1/kv/locks/ttl?acquire={ttl}"),
+            Some(b"t")
+        )?
+        .1,
+        true
+    );
+
+    // Keys as py-consul sends them (lower-case); a short lock delay.
+    let a = create(r#"{"name":"a","node":"n1","lockdelay":"1s"}"#)?;
+    let b = create(r#"{"Name":"b","Node":"n1","Behavior":"delete","Checks":[]}"#)?;
+    let (status, info) = call("GET", &format!("/v1/session/info/{a}"), None)?;
+    assert_eq!(status, 200);
+    assert_eq!(info[0]["Name"], "a");
+    assert_eq!(info[0]["Node"], "n1");
+    assert_eq!(info[0]["LockDelay"], 1_000_000_000u64);
+    assert_eq!(info[0]["Behavior"], "release");
+    assert_eq!(info[0]["Checks"], serde_json::json!(["serfHealth"]));
+
+    // One holder at a time; the holder re-acquires; others cannot release.
+    let kv = |key: &str| -> anyhow::Result<Value> {
+        Ok(call("GET", &format!("/v1/kv/{key}"), None)?.1[0].clone())
+    };
+    assert_eq!(
+        call(
+            "PUT",
+            &format!("/v1/kv/locks/leader?acquire={a}"),
+            Some(b"a")
+        )?
+        .1,
+        true
+    );
+    assert_eq!(
+        call(
+            "PUT",
+            &format!("/v1/kv/locks/leader?acquire={b}"),
+            Some(b"b")
+        )?
+        .1,
+        false
+    );
+    assert_eq!(
+        call("PUT", &format!("/v1/kv/locks/leader?release={b}"), None)?.1,
+        false
+    );
+    assert_eq!(
+        call(
+            "PUT",
+            &format!("/v1/kv/locks/leader?acquire={a}"),
+            Some(b"a2")
+        )?
+        .1,
+        true
+    );
+    let held = kv("locks/leader")?;
+    assert_eq!(
+        (
+            held["Session"].as_str(),
+            held["LockIndex"].as_u64(),
+            held["Value"].as_str()
+        ),
+        (Some(a.as_str()), Some(1), Some("YTI="))
+    );
+    // An unknown session, or a malformed one, takes nothing.
+    let (status, reply) = call(
+        "PUT",
+        "/v1/kv/locks/x?acquire=00000000-0000-4000-8000-000000000000",
+        None,
+    )?;
+    assert!(
+        status == 409 && reply.to_string().contains("not found"),
+        "{status} {reply}"
+    );
+    assert_eq!(call("PUT", "/v1/kv/locks/x?acquire=", None)?.0, 400);
+    assert_eq!(call("GET", "/v1/kv/locks/x", None)?.0, 404);
+
+    // Destroying a releases its lock, and for its 1 s lock delay no one
+    // takes the key; then b does.
+    assert_eq!(
+        call("PUT", &format!("/v1/kv/locks/eph?acquire={b}"), Some(b"e"))?.1,
+        true
+    );
+    assert_eq!(
+        call("PUT", &format!("/v1/session/destroy/{a}"), None)?.1,
+        true
+    );
+    let destroyed = Instant::now();
+    assert_eq!(kv("locks/leader")?["Session"], "");
+    assert_eq!(
+        call("GET", &format!("/v1/session/info/{a}"), None)?.1,
+        serde_json::json!([])
+    );
+    assert_eq!(call("PUT", &format!("/v1/session/renew/{a}"), None)?.0, 404);
+    let mut refused_in_delay = 0;
+    loop {
+        let got = call(
+            "PUT",
+            &format!("/v1/kv/locks/leader?acquire={b}"),
+            Some(b"b"),
+        )?
+        .1;
+        if got == true {
+            break;
+        }
+        refused_in_delay += 1;
+        anyhow::ensure!(
+            destroyed.elapsed() < Duration::from_secs(10),
+            "never acquired after the lock delay"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        refused_in_delay > 0,
+        "acquired at once, inside the lock delay"
+    );
+    assert!(
+        destroyed.elapsed() >= Duration::from_millis(900),
+        "acquired after {:?}",
+        destroyed.elapsed()
+    );
+    assert_eq!(kv("locks/leader")?["LockIndex"], 2);
+    // b's behavior is delete: destroying it deletes its keys.
+    assert_eq!(
+        call("PUT", &format!("/v1/session/destroy/{b}"), None)?.1,
+        true
+    );
+    assert_eq!(call("GET", "/v1/kv/locks/eph", None)?.0, 404);
+    assert_eq!(call("GET", "/v1/kv/locks/leader", None)?.0, 404);
+
+    // A node turning critical takes its checked sessions.
+    let c = create(r#"{"Name":"c","Node":"n1"}"#)?;
+    assert_eq!(
+        call("PUT", &format!("/v1/kv/locks/c?acquire={c}"), Some(b"c"))?.1,
+        true
+    );
+    rt.block_on(admin.set_node_maintenance(proto::NodeMaintenanceRequest {
+        node: "n1".into(),
+        enable: true,
+        reason: "test".into(),
+    }))?;
+    assert_eq!(
+        call("GET", &format!("/v1/session/info/{c}"), None)?.1,
+        serde_json::json!([])
+    );
+    assert_eq!(kv("locks/c")?["Session"], "");
+    let (status, reply) = call("PUT", "/v1/session/create", Some(br#"{"Node":"n1"}"#))?;
+    assert!(
+        status == 409 && reply.to_string().contains("critical"),
+        "{status} {reply}"
+    );
+
+    // Flags are kept.
+    assert_eq!(call("PUT", "/v1/kv/flagged?flags=42", Some(b"f"))?.1, true);
+    assert_eq!(kv("flagged")?["Flags"], 42);
+
+    // Bad requests say what is wrong.
+    for (body, says) in [
+        (r#"{"Name":"x"}"#, "Node"),
+        (r#"{"Node":"n2","TTL":"5s"}"#, "TTL"),
+        (r#"{"Node":"n2","Behavior":"keep"}"#, "Behavior"),
+        (
+            r#"{"Node":"n2","ServiceChecks":[{"ID":"x"}]}"#,
+            "not supported by weft yet",
+        ),
+        (r#"{"Node":"n2","Nmae":"x"}"#, "Nmae"),
+        (r#"{"Node":"nowhere"}"#, "not registered"),
+    ] {
+        let (status, reply) = call("PUT", "/v1/session/create", Some(body.as_bytes()))?;
+        assert!(
+            (status == 400 || status == 409) && reply.to_string().contains(says),
+            "{body}: {status} {reply}"
+        );
+    }
+    assert_eq!(call("PUT", "/v1/session/destroy/not-a-uuid", None)?.0, 400);
+    assert_eq!(call("GET", "/v1/session/create", None)?.0, 405);
+
+    // Who may: session rules on the node.
+    let weak = cluster.token_with_rules("kv-only", r#"key_prefix "" { policy = "write" }"#)?;
+    let n2_only = cluster.token_with_rules(
+        "n2",
+        r#"session "n2" { policy = "write" } key_prefix "" { policy = "write" }"#,
+    )?;
+    let reply = cluster.http(
+        1,
+        "PUT",
+        "/v1/session/create",
+        Some(&weak),
+        Some(br#"{"Node":"n2"}"#),
+    )?;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    let reply = cluster.http(
+        1,
+        "PUT",
+        "/v1/session/create",
+        Some(&n2_only),
+        Some(br#"{"Node":"n1","Checks":[]}"#),
+    )?;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    let reply = cluster.http(
+        1,
+        "PUT",
+        "/v1/session/create",
+        Some(&n2_only),
+        Some(br#"{"Node":"n2"}"#),
+    )?;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let list = cluster
+        .http(1, "GET", "/v1/session/list", Some(&n2_only), None)?
+        .json()?;
+    assert!(
+        list.as_array()
+            .is_some_and(|l| l.iter().all(|s| s["Node"] == "n2") && l.len() == 2),
+        "{list}"
+    );
+    assert_eq!(
+        cluster
+            .http(1, "GET", "/v1/session/node/n1", Some(&n2_only), None)?
+            .status,
+        403
+    );
+    let reply = cluster.http(
+        1,
+        "PUT",
+        &format!("/v1/session/destroy/{ttl}"),
+        Some(&weak),
+        None,
+    )?;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+
+    // The TTL session, never renewed, is invalidated between one and two
+    // TTLs (plus the reaper's second) after its creation, and its lock goes.
+    loop {
+        let (_, info) = call("GET", &format!("/v1/session/info/{ttl}"), None)?;
+        if info == serde_json::json!([]) {
+            break;
+        }
+        anyhow::ensure!(
+            ttl_created.elapsed() < Duration::from_secs(30),
+            "the TTL session lives on: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let lived = ttl_created.elapsed();
+    assert!(
+        lived >= Duration::from_secs(10),
+        "expired after {lived:?}, before its TTL"
+    );
+    assert_eq!(kv("locks/ttl")?["Session"], "");
     Ok(())
 }

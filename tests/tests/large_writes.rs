@@ -82,6 +82,7 @@ fn large_values_and_entries_commit_and_a_far_behind_follower_catches_up() -> any
                 key: "big/one".into(),
                 value: vec![b'v'; VALUE],
                 cas: None,
+                ..Default::default()
             })
             .await?;
         anyhow::Ok(())
@@ -139,6 +140,7 @@ fn large_values_and_entries_commit_and_a_far_behind_follower_catches_up() -> any
                 key: format!("bulk/{i:03}"),
                 value: vec![b'b'; VALUE],
                 cas: None,
+                ..Default::default()
             })
             .await?;
         }

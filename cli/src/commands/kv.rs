@@ -96,6 +96,7 @@ pub async fn run(ctx: &Ctx, cmd: KvCmd) -> anyhow::Result<Outcome> {
                 key: key.clone(),
                 value,
                 cas,
+                ..Default::default()
             };
             let index = ctx
                 .call(|ch| {

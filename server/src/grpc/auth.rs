@@ -54,6 +54,7 @@ fn describe(resource: &Resource<'_>) -> String {
         Resource::Intentions(n) => format!("intentions of service {n:?}"),
         Resource::Node(n) => format!("node {n:?}"),
         Resource::Key(k) => format!("key {k:?}"),
+        Resource::Session(n) => format!("sessions of node {n:?}"),
         Resource::Operator => "operator".into(),
         Resource::Acl => "acl".into(),
         Resource::Mesh => "mesh".into(),

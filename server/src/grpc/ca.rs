@@ -22,9 +22,14 @@ use crate::state::Command;
 pub struct CaApi(pub Arc<ServerNode>);
 
 pub fn unix_now() -> i64 {
+    unix_now_ms() / 1000
+}
+
+/// This server's clock in unix milliseconds, for commands that carry a time.
+pub fn unix_now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn ca_status(e: CaError) -> Status {

@@ -150,6 +150,7 @@ impl Catalog for CatalogApi {
             node: r.node,
             health,
             output,
+            now_ms: super::ca::unix_now_ms(),
         };
         Ok(Response::new(write(&self.0, &caller, &what, cmd).await?))
     }
@@ -185,7 +186,16 @@ impl Catalog for CatalogApi {
         validate_name(&name).map_err(|e| invalid(format!("name: {e}")))?;
         let what = format!("deregister node {name}");
         Ok(Response::new(
-            write(&self.0, &caller, &what, Command::DeregisterNode { name }).await?,
+            write(
+                &self.0,
+                &caller,
+                &what,
+                Command::DeregisterNode {
+                    name,
+                    now_ms: super::ca::unix_now_ms(),
+                },
+            )
+            .await?,
         ))
     }
 

@@ -11,7 +11,7 @@ use weft_api::proto::{self, kv_server::Kv};
 use super::auth::caller;
 use super::{invalid, read, write};
 use crate::node::ServerNode;
-use crate::state::Command;
+use crate::state::{Command, KvLock};
 
 pub struct KvApi(pub Arc<ServerNode>);
 
@@ -35,11 +35,22 @@ impl Kv for KvApi {
             let state = self.0.shared.state.read().expect("state lock");
             self.0.limits.check_kv_put(&state, &r.key, r.value.len())?;
         }
+        let lock = match (r.acquire.is_empty(), r.release.is_empty()) {
+            (true, true) => None,
+            (false, true) => Some(KvLock::Acquire {
+                session: r.acquire,
+                now_ms: super::ca::unix_now_ms(),
+            }),
+            (true, false) => Some(KvLock::Release { session: r.release }),
+            (false, false) => return Err(invalid("acquire and release: not both in one write")),
+        };
         let what = format!("kv put {}", r.key);
         let cmd = Command::KvPut {
             key: r.key,
             value: r.value,
             cas: r.cas,
+            flags: r.flags,
+            lock,
         };
         Ok(Response::new(write(&self.0, &caller, &what, cmd).await?))
     }

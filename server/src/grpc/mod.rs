@@ -12,6 +12,7 @@ pub mod intentions;
 pub mod kv;
 pub mod operator;
 pub mod rpc_metrics;
+pub mod session;
 pub mod telemetry;
 pub mod watch;
 
@@ -74,6 +75,7 @@ pub struct ApiServices {
     pub intentions: proto::intentions_server::IntentionsServer<intentions::IntentionsApi>,
     pub config: proto::config_server::ConfigServer<config::ConfigApi>,
     pub kv: proto::kv_server::KvServer<kv::KvApi>,
+    pub session: proto::session_server::SessionServer<session::SessionApi>,
     /// Snapshots are large: unknown tokens are refused from the headers,
     /// before a message is read.
     pub operator: tonic::service::interceptor::InterceptedService<
@@ -94,6 +96,7 @@ pub fn services(node: Arc<ServerNode>) -> ApiServices {
         )),
         config: proto::config_server::ConfigServer::new(config::ConfigApi(node.clone())),
         kv: proto::kv_server::KvServer::new(kv::KvApi(node.clone())),
+        session: proto::session_server::SessionServer::new(session::SessionApi(node.clone())),
         operator: tonic::service::interceptor::InterceptedService::new(
             proto::operator_server::OperatorServer::new(operator::OperatorApi(node.clone()))
                 .max_decoding_message_size(64 << 20)

@@ -1,7 +1,8 @@
 //! `/v1/kv/<key>`: Consul's KV endpoints over the gRPC `Kv` service.
 //! `GET` (one key, `?recurse`, `?keys[&separator=]`, `?raw`), `PUT` with
-//! the value as the body (`?cas`), `DELETE` (`?cas`). Consul's `?flags`,
-//! `?acquire`, `?release` and a recursive delete are refused as not
+//! the value as the body (`?cas`, `?flags`, and `?acquire=SESSION` /
+//! `?release=SESSION` for locks, answered `true` or `false` as Consul
+//! does), `DELETE` (`?cas`). A recursive delete is refused as not
 //! supported yet rather than ignored.
 use std::sync::Arc;
 
@@ -26,11 +27,11 @@ fn entry_json(e: &proto::KvEntry) -> Value {
     json!({
         "Key": e.key,
         "Value": value,
-        "Flags": 0,
+        "Flags": e.flags,
         "CreateIndex": e.create_index,
         "ModifyIndex": e.modify_index,
-        "LockIndex": 0,
-        "Session": "",
+        "LockIndex": e.lock_index,
+        "Session": e.session,
     })
 }
 
@@ -39,16 +40,27 @@ pub async fn kv(node: &Arc<ServerNode>, call: &Call, key: &str) -> Answer {
     match call.method {
         Method::GET => get(&api, call, key).await,
         Method::PUT => {
-            call.only_params(&["cas"])?;
+            call.only_params(&["cas", "flags", "acquire", "release"])?;
             let cas = call.number::<u64>("cas")?;
+            let session = |name| match call.query(name) {
+                Some("") => Err(HttpError::bad_request(format!(
+                    "query parameter {name}: a session id"
+                ))),
+                v => Ok(v.unwrap_or_default().to_string()),
+            };
+            let (acquire, release) = (session("acquire")?, session("release")?);
+            let locking = !acquire.is_empty() || !release.is_empty();
             let put = api
                 .put(call.grpc(proto::KvPutRequest {
                     key: key.to_string(),
                     value: call.body.to_vec(),
                     cas,
+                    flags: call.number::<u64>("flags")?.unwrap_or(0),
+                    acquire,
+                    release,
                 }))
                 .await;
-            cas_answer(put.map(|_| ()), cas.is_some())
+            bool_answer(put.map(|_| ()), cas.is_some(), locking)
         }
         Method::DELETE => {
             if call.flag("recurse")? {
@@ -64,20 +76,21 @@ pub async fn kv(node: &Arc<ServerNode>, call: &Call, key: &str) -> Answer {
                     cas,
                 }))
                 .await;
-            cas_answer(deleted.map(|_| ()), cas.is_some())
+            bool_answer(deleted.map(|_| ()), cas.is_some(), false)
         }
         _ => Err(HttpError::method_not_allowed()),
     }
 }
 
-/// `true`, or `false` when a check-and-set did not match (Consul's answer).
-fn cas_answer(result: Result<(), tonic::Status>, cas: bool) -> Answer {
+/// `true`, or `false` when a check-and-set did not match or a lock was
+/// not taken or given back (Consul's answers).
+fn bool_answer(result: Result<(), tonic::Status>, cas: bool, locking: bool) -> Answer {
     match result {
         Ok(()) => Ok(json(StatusCode::OK, &true)),
         Err(s)
-            if cas
-                && s.code() == tonic::Code::FailedPrecondition
-                && s.message().starts_with(crate::state::CAS_MISMATCH) =>
+            if s.code() == tonic::Code::FailedPrecondition
+                && ((cas && s.message().starts_with(crate::state::CAS_MISMATCH))
+                    || (locking && s.message().starts_with(crate::state::LOCK_REFUSED))) =>
         {
             Ok(json(StatusCode::OK, &false))
         }

@@ -25,6 +25,7 @@ mod catalog;
 mod config;
 mod intentions;
 mod kv;
+mod session;
 mod status;
 mod ui;
 mod views;
@@ -498,6 +499,9 @@ async fn route(node: &Arc<ServerNode>, call: &Call) -> Answer {
     }
     if let Some(rest) = path.strip_prefix("/v1/kv/") {
         return kv::kv(node, call, rest).await;
+    }
+    if let Some(rest) = path.strip_prefix("/v1/session/") {
+        return session::route(node, call, rest).await;
     }
     if path == "/v1/connect/ca/roots" {
         return ca::roots(node, call).await;

@@ -60,6 +60,8 @@ mod tests {
             key: "k".into(),
             value: vec![7; 512 * 1024],
             cas: Some(3),
+            flags: 0,
+            lock: None,
         };
         let bytes = encode(&cmd).unwrap();
         assert!(bytes.len() < 512 * 1024 + 64, "{} bytes", bytes.len());
@@ -81,6 +83,8 @@ mod tests {
                     key: "a".into(),
                     value: b"x".to_vec(),
                     cas: None,
+                    flags: 0,
+                    lock: None,
                 }),
             },
             1,

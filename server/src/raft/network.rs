@@ -215,6 +215,8 @@ mod tests {
                 key: format!("k{index}"),
                 value: vec![1; bytes],
                 cas: None,
+                flags: 0,
+                lock: None,
             }),
         }
     }

@@ -267,6 +267,8 @@ mod tests {
             key: key.into(),
             value: b"v".to_vec(),
             cas: None,
+            flags: 0,
+            lock: None,
         }
     }
 

@@ -125,24 +125,27 @@ impl State {
                 self.nodes.insert(node.name.clone(), node.clone());
                 Ok(vec![Change::NodeUpsert(node)])
             }
-            Command::DeregisterNode { name } => {
+            Command::DeregisterNode { name, now_ms } => {
                 if self.nodes.remove(&name).is_none() {
                     return Err(ApplyError::UnknownNode(name));
                 }
-                let mut changes: Vec<Change> = self
-                    .instances
-                    .remove(&name)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(id, instance)| {
-                        self.endpoints.remove(&instance);
-                        Change::InstanceDelete {
-                            node: name.clone(),
-                            id,
-                            service: instance.service,
-                        }
-                    })
-                    .collect();
+                // A node that leaves takes all its sessions with it.
+                let mut changes = self.invalidate_node_sessions(&name, false, now_ms, index);
+                changes.extend(
+                    self.instances
+                        .remove(&name)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(id, instance)| {
+                            self.endpoints.remove(&instance);
+                            Change::InstanceDelete {
+                                node: name.clone(),
+                                id,
+                                service: instance.service,
+                            }
+                        })
+                        .collect::<Vec<Change>>(),
+                );
                 changes.push(Change::NodeDelete(name));
                 Ok(changes)
             }
@@ -179,6 +182,7 @@ impl State {
                 node,
                 health,
                 output,
+                now_ms,
             } => {
                 let Some(n) = self.nodes.get_mut(&node) else {
                     return Err(ApplyError::UnknownNode(node));
@@ -186,7 +190,11 @@ impl State {
                 n.health = health;
                 n.health_output = weft_api::catalog::truncate_check_output(&output).to_string();
                 n.modify_index = index;
-                Ok(vec![Change::NodeUpsert(n.clone())])
+                let mut changes = vec![Change::NodeUpsert(n.clone())];
+                if health == HealthStatus::Critical {
+                    changes.extend(self.invalidate_node_sessions(&node, true, now_ms, index));
+                }
+                Ok(changes)
             }
             Command::UpsertIntention(mut intention) => {
                 validate_intention(&intention).map_err(invalid)?;
@@ -242,7 +250,13 @@ impl State {
                 }
                 Ok(vec![Change::ConfigDelete { kind, name }])
             }
-            Command::KvPut { key, value, cas } => {
+            Command::KvPut {
+                key,
+                value,
+                cas,
+                flags,
+                lock,
+            } => {
                 validate_key(&key).map_err(invalid)?;
                 if value.len() > MAX_VALUE_BYTES {
                     return Err(ApplyError::Invalid(format!(
@@ -252,11 +266,15 @@ impl State {
                 }
                 let existing = self.kv.get(&key);
                 check_cas(&key, cas, existing.map(|e| e.modify_index))?;
+                let (lock_index, session) = self.lock_after_put(&key, existing, lock.as_ref())?;
                 let entry = KvEntry {
                     key: key.clone(),
                     value,
                     create_index: existing.map_or(index, |e| e.create_index),
                     modify_index: index,
+                    flags,
+                    lock_index,
+                    session,
                 };
                 let old = existing.map_or(0, |e| e.value.len() as u64);
                 self.kv_total.replace(old, entry.value.len() as u64);
@@ -309,6 +327,32 @@ impl State {
                     return Ok(Vec::new());
                 }
                 Ok(vec![self.ca_bundle_change()])
+            }
+            Command::SessionCreate(session) => self.create_session(session, index),
+            Command::SessionDestroy { id, now_ms } => {
+                if !self.lock_sessions.contains_key(&id) {
+                    return Err(ApplyError::NotFound {
+                        what: format!("session {id:?}"),
+                    });
+                }
+                Ok(self.invalidate_session(&id, now_ms, index))
+            }
+            Command::SessionExpire { id, now_ms } => match self.lock_sessions.get(&id) {
+                Some(s) if s.expired(now_ms) => Ok(self.invalidate_session(&id, now_ms, index)),
+                Some(_) => Err(invalid(format!("session {id:?} was renewed: not expired"))),
+                None => Err(ApplyError::NotFound {
+                    what: format!("session {id:?}"),
+                }),
+            },
+            Command::SessionRenew { id, now_ms } => {
+                let Some(s) = self.lock_sessions.get_mut(&id) else {
+                    return Err(ApplyError::NotFound {
+                        what: format!("session {id:?}"),
+                    });
+                };
+                s.expires_at_ms = s.deadline(now_ms);
+                s.modify_index = index;
+                Ok(Vec::new())
             }
             Command::Restore(state) => {
                 // Checked here, in the state machine, so that a forwarded
@@ -560,7 +604,14 @@ mod tests {
         web.port = 7000;
         assert!(applied(s.apply(Command::RegisterService(web), 11).0));
         assert!(applied(
-            s.apply(Command::DeregisterNode { name: "a".into() }, 12).0
+            s.apply(
+                Command::DeregisterNode {
+                    name: "a".into(),
+                    now_ms: 0,
+                },
+                12
+            )
+            .0
         ));
         let mut at_7000 = instance("b", "evil-3", "evil");
         at_7000.port = 7000;
@@ -623,7 +674,13 @@ mod tests {
         let mut s = State::default();
         s.apply(Command::RegisterNode(node("a")), 1);
         s.apply(Command::RegisterService(instance("a", "web-1", "web")), 2);
-        let (_, changes) = s.apply(Command::DeregisterNode { name: "a".into() }, 3);
+        let (_, changes) = s.apply(
+            Command::DeregisterNode {
+                name: "a".into(),
+                now_ms: 0,
+            },
+            3,
+        );
         assert!(!s.instances.contains_key("a"));
         assert_eq!(changes.len(), 2);
     }
@@ -650,6 +707,8 @@ mod tests {
             key: "k".into(),
             value: b"v".to_vec(),
             cas,
+            flags: 0,
+            lock: None,
         };
         assert_eq!(
             s.apply(put(Some(0)), 1).0,
@@ -683,6 +742,8 @@ mod tests {
                 key: "/x".into(),
                 value: vec![],
                 cas: None,
+                flags: 0,
+                lock: None,
             },
             1,
         );
@@ -693,6 +754,8 @@ mod tests {
                 key: "x".into(),
                 value: big,
                 cas: None,
+                flags: 0,
+                lock: None,
             },
             2,
         );
@@ -805,6 +868,8 @@ mod once_tests {
             key: "counter".into(),
             value: value.as_bytes().to_vec(),
             cas,
+            flags: 0,
+            lock: None,
         }
     }
 
@@ -865,6 +930,8 @@ mod batch_tests {
             key: key.into(),
             value: value.as_bytes().to_vec(),
             cas,
+            flags: 0,
+            lock: None,
         }
     }
 

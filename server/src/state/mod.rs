@@ -10,6 +10,7 @@
 mod apply;
 mod endpoints;
 mod kv_total;
+mod locks;
 pub mod sessions;
 
 use std::collections::BTreeMap;
@@ -21,11 +22,13 @@ pub use weft_api::config_entry::StoredEntry;
 use weft_api::config_entry::{ConfigEntry, EntryContext, Protocol, ServiceResolver};
 use weft_api::intention::Intention;
 use weft_api::kv::KvEntry;
+use weft_api::session::Session;
 
 use crate::acl::{AclPolicy, AclState, AclToken};
 use crate::ca::{CaRoot, CaState};
 
 pub use apply::{ApplyError, CAS_MISMATCH};
+pub use locks::LOCK_REFUSED;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
@@ -58,6 +61,13 @@ pub struct State {
     /// Results of recent client requests, for exactly-once writes.
     #[serde(default)]
     pub sessions: sessions::Sessions,
+    /// Consul's sessions (what KV locks belong to), by id.
+    #[serde(default)]
+    pub lock_sessions: BTreeMap<String, Session>,
+    /// Keys no session may lock before these unix milliseconds: the lock
+    /// delay after the session holding them was invalidated.
+    #[serde(default)]
+    pub lock_delays: BTreeMap<String, i64>,
     /// Which instances hold each address:port: derived from `instances`,
     /// never stored, built on first use.
     #[serde(skip)]
@@ -73,6 +83,10 @@ pub enum Command {
     RegisterNode(Node),
     DeregisterNode {
         name: String,
+        /// When (unix ms, the proposer's clock): starts the lock delay of
+        /// the node's sessions' keys.
+        #[serde(default)]
+        now_ms: i64,
     },
     RegisterService(ServiceInstance),
     DeregisterService {
@@ -90,6 +104,10 @@ pub enum Command {
         node: String,
         health: HealthStatus,
         output: String,
+        /// When (unix ms): a critical node's sessions are invalidated and
+        /// their keys' lock delay starts here.
+        #[serde(default)]
+        now_ms: i64,
     },
     UpsertIntention(Intention),
     DeleteIntention {
@@ -107,10 +125,34 @@ pub enum Command {
         value: Vec<u8>,
         /// Write only if the key's modify index is this; 0: only if absent.
         cas: Option<u64>,
+        #[serde(default)]
+        flags: u64,
+        /// Take or give back the key's lock with this write.
+        #[serde(default)]
+        lock: Option<KvLock>,
     },
     KvDelete {
         key: String,
         cas: Option<u64>,
+    },
+    /// A new session (its id chosen by the proposer).
+    SessionCreate(Session),
+    /// A client destroys a session: its locks are released or its keys
+    /// deleted, as its behavior says.
+    SessionDestroy {
+        id: String,
+        now_ms: i64,
+    },
+    /// The leader invalidates a TTL session not renewed in time; refused
+    /// when a renewal came first (it is not expired at `now_ms`).
+    SessionExpire {
+        id: String,
+        now_ms: i64,
+    },
+    /// Restarts a TTL session's clock.
+    SessionRenew {
+        id: String,
+        now_ms: i64,
     },
     /// Replace the whole state (snapshot restore). The running CA is kept
     /// (snapshots never carry CA keys), and so are the running ACLs when
@@ -148,6 +190,15 @@ pub enum Command {
     /// concurrent writes): each applied in order, with an index of its own,
     /// as if each were its own entry.
     Batch(Vec<Command>),
+}
+
+/// A lock taken or given back with a KV write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvLock {
+    /// Consul's `?acquire=SESSION`; `now_ms` checks the key's lock delay.
+    Acquire { session: String, now_ms: i64 },
+    /// Consul's `?release=SESSION`.
+    Release { session: String },
 }
 
 /// What applying a command gave: its index, or why it was refused.
@@ -272,10 +323,27 @@ impl State {
                     .map_err(|e| format!("config.{kind}.{name}: {e}"))?;
             }
         }
+        for (id, s) in &self.lock_sessions {
+            if s.id != *id || !self.nodes.contains_key(&s.node) {
+                return Err(format!(
+                    "lock_sessions.{id}: not filed under its id, or node {:?} is not in nodes",
+                    s.node
+                ));
+            }
+        }
         for (key, e) in &self.kv {
             weft_api::kv::validate_key(key).map_err(|e| format!("kv: {e}"))?;
             if e.value.len() > weft_api::kv::MAX_VALUE_BYTES {
                 return Err(format!("kv.{key}: value too large"));
+            }
+            if let Some(s) = e
+                .session
+                .as_ref()
+                .filter(|s| !self.lock_sessions.contains_key(*s))
+            {
+                return Err(format!(
+                    "kv.{key}: held by session {s:?}, which is not in lock_sessions"
+                ));
             }
         }
         Ok(())
