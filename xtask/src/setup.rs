@@ -8,7 +8,10 @@
 //!   sslscan, prometheus for promtool, dig, chromium and chromium-driver for
 //!   the web UI's browser test);
 //! * bpf-linker, built against Debian's LLVM 22;
-//! * cargo-fuzz, which runs the fuzz targets of `fuzz/` (`cargo install`).
+//! * cargo-fuzz, which runs the fuzz targets of `fuzz/` (`cargo install`);
+//! * Consul's client libraries the compatibility tests drive, pinned, under
+//!   `target/test-clients/`: the Python `py-consul` package in a virtualenv
+//!   (`py/`, from PyPI) and the npm `consul` package (`js/`, from npm).
 use std::path::Path;
 use std::process::Command;
 
@@ -50,6 +53,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const PY_CONSUL_VERSION: &str = "1.8.0";
+const NPM_CONSUL_VERSION: &str = "2.0.1";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
@@ -82,6 +87,8 @@ pub fn run() -> anyhow::Result<()> {
     ok &= report("debian packages", debian_packages());
     ok &= report("bpf-linker", bpf_linker());
     ok &= report("cargo-fuzz", cargo_fuzz());
+    ok &= report("py-consul", py_consul());
+    ok &= report("npm consul", npm_consul());
     if !ok {
         bail!("setup failed: see the FAILED lines above");
     }
@@ -195,12 +202,7 @@ fn bpf_linker() -> anyhow::Result<Step> {
             .args(["--no-default-features", "--features", "llvm-22"]),
     )?;
     if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
-        bail!(
-            "cargo install bpf-linker failed:\n{}",
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
+        bail!("cargo install bpf-linker failed:\n{}", stderr_tail(&out));
     }
     Ok(Step::Installed(format!("bpf-linker {BPF_LINKER_VERSION}")))
 }
@@ -220,12 +222,86 @@ fn cargo_fuzz() -> anyhow::Result<Step> {
         &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
     ]))?;
     if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
-        bail!(
-            "cargo install cargo-fuzz failed:\n{}",
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
+        bail!("cargo install cargo-fuzz failed:\n{}", stderr_tail(&out));
     }
     Ok(Step::Installed(format!("cargo-fuzz {CARGO_FUZZ_VERSION}")))
+}
+
+/// Where the client libraries of the compatibility tests live.
+pub fn test_clients() -> std::path::PathBuf {
+    crate::run::workspace_root().join("target/test-clients")
+}
+
+/// The tail of a failed command's stderr, for the FAILED line.
+fn stderr_tail(out: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+fn py_consul() -> anyhow::Result<Step> {
+    let venv = test_clients().join("py");
+    let python = venv.join("bin/python");
+    let check = format!(
+        "import importlib.metadata as m; assert m.version('py-consul') == '{PY_CONSUL_VERSION}'"
+    );
+    if succeeds(Command::new(&python).args(["-c", &check])) {
+        return Ok(Step::Present(format!(
+            "py-consul {PY_CONSUL_VERSION} in {}",
+            venv.display()
+        )));
+    }
+    println!(
+        "setup: installing py-consul {PY_CONSUL_VERSION} from PyPI into {}",
+        venv.display()
+    );
+    let out = output(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    if !out.status.success() {
+        bail!("python3 -m venv failed:\n{}", stderr_tail(&out));
+    }
+    let out = output(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("py-consul=={PY_CONSUL_VERSION}"),
+    ]))?;
+    if !out.status.success() {
+        bail!("pip install py-consul failed:\n{}", stderr_tail(&out));
+    }
+    Ok(Step::Installed(format!("py-consul {PY_CONSUL_VERSION}")))
+}
+
+fn npm_consul() -> anyhow::Result<Step> {
+    let prefix = test_clients().join("js");
+    let manifest = prefix.join("node_modules/consul/package.json");
+    let wanted = format!("\"version\": \"{NPM_CONSUL_VERSION}\"");
+    if std::fs::read_to_string(&manifest).is_ok_and(|m| m.contains(&wanted)) {
+        return Ok(Step::Present(format!(
+            "consul {NPM_CONSUL_VERSION} in {}",
+            prefix.display()
+        )));
+    }
+    println!(
+        "setup: installing the npm consul client {NPM_CONSUL_VERSION} into {}",
+        prefix.display()
+    );
+    std::fs::create_dir_all(&prefix)?;
+    let out = output(
+        Command::new("npm")
+            .arg("install")
+            .arg("--prefix")
+            .arg(&prefix)
+            .args([
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+                &format!("consul@{NPM_CONSUL_VERSION}"),
+            ]),
+    )?;
+    if !out.status.success() {
+        bail!("npm install consul failed:\n{}", stderr_tail(&out));
+    }
+    Ok(Step::Installed(format!(
+        "consul {NPM_CONSUL_VERSION} (npm)"
+    )))
 }
