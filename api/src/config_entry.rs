@@ -12,6 +12,8 @@
 //! Splits = [ { Weight = 90, ServiceSubset = "v1" }, { Weight = 10, ServiceSubset = "v2" } ]
 //! ```
 
+mod keys;
+pub use keys::name_of as document_name;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
@@ -80,6 +82,9 @@ impl FromStr for Protocol {
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 pub struct ServiceDefaults {
     pub name: String,
+    /// Consul's `Meta`: the operator's own key/value pairs, kept and shown.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, String>,
     #[serde(default)]
     pub protocol: Protocol,
     /// How this service's agents treat the services it calls.
@@ -164,6 +169,9 @@ impl ServiceDefaults {
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 pub struct ServiceRouter {
     pub name: String,
+    /// Consul's `Meta`: the operator's own key/value pairs, kept and shown.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, String>,
     #[serde(default)]
     pub routes: Vec<Route>,
 }
@@ -212,6 +220,9 @@ pub struct RouteDestination {
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 pub struct ServiceSplitter {
     pub name: String,
+    /// Consul's `Meta`: the operator's own key/value pairs, kept and shown.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, String>,
     pub splits: Vec<Split>,
 }
 
@@ -231,6 +242,9 @@ pub struct Split {
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 pub struct ServiceResolver {
     pub name: String,
+    /// Consul's `Meta`: the operator's own key/value pairs, kept and shown.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_subset: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -364,6 +378,16 @@ impl ConfigEntry {
         }
     }
 
+    /// The entry's `Meta`.
+    pub fn meta(&self) -> &BTreeMap<String, String> {
+        match self {
+            ConfigEntry::ServiceDefaults(e) => &e.meta,
+            ConfigEntry::ServiceRouter(e) => &e.meta,
+            ConfigEntry::ServiceSplitter(e) => &e.meta,
+            ConfigEntry::ServiceResolver(e) => &e.meta,
+        }
+    }
+
     /// The service the entry is about.
     pub fn name(&self) -> &str {
         match self {
@@ -425,6 +449,8 @@ pub enum ConfigEntryError {
     Invalid { field: String, reason: String },
     #[error("{0}")]
     Parse(#[from] ParseError),
+    #[error("{0}")]
+    Keys(#[from] keys::KeyError),
 }
 
 impl ConfigEntryError {
@@ -432,7 +458,7 @@ impl ConfigEntryError {
     pub fn field(&self) -> &str {
         match self {
             ConfigEntryError::Name { field, .. } | ConfigEntryError::Invalid { field, .. } => field,
-            ConfigEntryError::Parse(_) => "",
+            ConfigEntryError::Parse(_) | ConfigEntryError::Keys(_) => "",
         }
     }
 }
@@ -466,33 +492,44 @@ fn check_duration(field: &str, text: &str) -> Result<(), ConfigEntryError> {
 /// Parses a config entry file. Errors carry line and column where the parser
 /// knows them. Does not validate: call [`validate_entry`] before writing.
 pub fn parse_entry_file(text: &str, format: FileFormat) -> Result<ConfigEntry, ConfigEntryError> {
-    parse_document(text, format).map_err(|mut e| {
-        // Consul's fields and kinds weft does not have yet say so, rather
-        // than "unknown".
-        let named = |prefix: &str| {
-            let rest = &e.message[e.message.find(prefix)? + prefix.len()..];
-            Some(rest[..rest.find('`')?].to_string())
-        };
-        if let Some(field) =
-            named("unknown field `").filter(|f| CONSUL_FIELDS.contains(&f.as_str()))
-        {
-            e.message = format!("{field}: Consul's field, not supported by weft yet");
-        } else if let Some(kind) =
-            named("unknown variant `").filter(|k| CONSUL_KINDS.contains(&k.as_str()))
-        {
-            e.message = format!("Kind {kind:?}: Consul's kind, not supported by weft yet");
-        }
-        ConfigEntryError::Parse(e)
-    })
+    // Consul's spellings (keys in any case, snake_case, default tenancy)
+    // are rewritten first; a document already in weft's spelling is
+    // decoded from its text, where errors have positions.
+    let mut doc: serde_json::Value = parse_document(text, format)?;
+    if keys::normalize(&mut doc)? {
+        return serde_json::from_value(doc).map_err(|e| {
+            consul_names(ParseError {
+                format,
+                line: None,
+                column: None,
+                message: e.to_string(),
+            })
+        });
+    }
+    parse_document(text, format).map_err(consul_names)
+}
+
+/// Says so when a refused field or kind is one of Consul's that weft does
+/// not have yet, rather than "unknown".
+fn consul_names(mut e: ParseError) -> ConfigEntryError {
+    let named = |prefix: &str| {
+        let rest = &e.message[e.message.find(prefix)? + prefix.len()..];
+        Some(rest[..rest.find('`')?].to_string())
+    };
+    if let Some(field) = named("unknown field `").filter(|f| CONSUL_FIELDS.contains(&f.as_str())) {
+        e.message = format!("{field}: Consul's field, not supported by weft yet");
+    } else if let Some(kind) =
+        named("unknown variant `").filter(|k| CONSUL_KINDS.contains(&k.as_str()))
+    {
+        e.message = format!("Kind {kind:?}: Consul's kind, not supported by weft yet");
+    }
+    ConfigEntryError::Parse(e)
 }
 
 /// Fields of Consul's config entries (the kinds weft has) that weft does not
 /// take anywhere yet: refused with a message that says so. (A field weft
 /// has in another place stays "unknown" where it does not belong.)
 const CONSUL_FIELDS: &[&str] = &[
-    "Namespace",
-    "Partition",
-    "Meta",
     "LoadBalancer",
     "Limits",
     "RetryOn",
@@ -617,6 +654,8 @@ pub fn validate_entry(
     ctx: &impl EntryContext,
 ) -> Result<(), ConfigEntryError> {
     check_name("Name", entry.name())?;
+    crate::catalog::validate_meta("Meta", entry.meta())
+        .map_err(|e| invalid("Meta", e.to_string()))?;
     match entry {
         ConfigEntry::ServiceDefaults(d) => validate_defaults(d),
         ConfigEntry::ServiceRouter(r) => validate_router(r, ctx),

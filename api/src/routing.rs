@@ -292,6 +292,7 @@ mod tests {
         };
         ConfigEntry::ServiceResolver(ServiceResolver {
             name: "api".into(),
+            meta: Default::default(),
             default_subset: Some("v1".into()),
             subsets: BTreeMap::from([("v1".into(), subset("v1")), ("v2".into(), subset("v2"))]),
             ..Default::default()
@@ -306,6 +307,7 @@ mod tests {
         };
         ConfigEntry::ServiceSplitter(ServiceSplitter {
             name: "api".into(),
+            meta: Default::default(),
             splits: vec![split(v1, "v1"), split(v2, "v2")],
         })
     }
@@ -313,6 +315,7 @@ mod tests {
     fn canary_router() -> ConfigEntry {
         ConfigEntry::ServiceRouter(ServiceRouter {
             name: "api".into(),
+            meta: Default::default(),
             routes: vec![Route {
                 route_match: Some(RouteMatch {
                     http: Some(HttpMatch {
@@ -478,6 +481,7 @@ mod tests {
     fn a_redirect_is_followed_once() {
         let redirect = ConfigEntry::ServiceResolver(ServiceResolver {
             name: "api".into(),
+            meta: Default::default(),
             redirect: Some(ResolverRedirect {
                 service: Some("api-next".into()),
                 ..Default::default()
@@ -486,6 +490,7 @@ mod tests {
         });
         let next = ConfigEntry::ServiceResolver(ServiceResolver {
             name: "api-next".into(),
+            meta: Default::default(),
             default_subset: Some("blue".into()),
             redirect: Some(ResolverRedirect {
                 service: Some("elsewhere".into()),

@@ -7,6 +7,7 @@ use crate::intention::{IntentionAction, Permission};
 fn defaults(name: &str, protocol: Protocol) -> ConfigEntry {
     ConfigEntry::ServiceDefaults(ServiceDefaults {
         name: name.into(),
+        meta: Default::default(),
         protocol,
         upstream_config: None,
         mutual_tls_mode: MutualTlsMode::Strict,
@@ -82,6 +83,7 @@ BaseEjectionTime = "10s"
 fn resolver(name: &str, subsets: &[&str]) -> ServiceResolver {
     ServiceResolver {
         name: name.into(),
+        meta: Default::default(),
         subsets: subsets
             .iter()
             .map(|s| {
@@ -118,6 +120,7 @@ fn err(entry: ConfigEntry) -> String {
 fn splitter(splits: Vec<Split>) -> ConfigEntry {
     ConfigEntry::ServiceSplitter(ServiceSplitter {
         name: "api".into(),
+        meta: Default::default(),
         splits,
     })
 }
@@ -133,6 +136,7 @@ fn split(weight: f32, subset: Option<&str>) -> Split {
 fn router(routes: Vec<Route>) -> ConfigEntry {
     ConfigEntry::ServiceRouter(ServiceRouter {
         name: "api".into(),
+        meta: Default::default(),
         routes,
     })
 }
@@ -344,8 +348,12 @@ fn consuls_fields_and_kinds_weft_lacks_say_not_supported_yet() {
             "LoadBalancer: Consul's field, not supported by weft yet",
         ),
         (
-            "Kind = \"service-defaults\"\nName = \"api\"\nNamespace = \"default\"\n",
-            "Namespace: Consul's field, not supported by weft yet",
+            "Kind = \"service-defaults\"\nName = \"api\"\nNamespace = \"team-a\"\n",
+            "Namespace \"team-a\": not supported by weft yet (only \"default\")",
+        ),
+        (
+            "kind = \"service-resolver\"\nname = \"api\"\n[load_balancer]\npolicy = \"maglev\"\n",
+            "LoadBalancer: Consul's field, not supported by weft yet",
         ),
         (
             "Kind = \"proxy-defaults\"\nName = \"global\"\n",
@@ -365,6 +373,50 @@ fn consuls_fields_and_kinds_weft_lacks_say_not_supported_yet() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("unknown field `Protocl`"), "{e}");
+}
+
+#[test]
+fn consuls_spellings_and_meta_are_read_as_consul_reads_them() {
+    let written = parse_entry_file(
+        r#"{"kind": "service-router", "name": "api", "namespace": "default",
+            "meta": {"team": "payments"},
+            "routes": [{"match": {"http": {"path_prefix": "/v2", "header": [{"name": "x-canary", "exact": "1"}]}},
+                        "destination": {"service_subset": "v2", "num_retries": 2, "retry_on_status_codes": [503]}}]}"#,
+        FileFormat::Json,
+    )
+    .unwrap();
+    let canonical = parse_entry_file(
+        r#"{"Kind": "service-router", "Name": "api", "Meta": {"team": "payments"},
+            "Routes": [{"Match": {"HTTP": {"PathPrefix": "/v2", "Header": [{"Name": "x-canary", "Exact": "1"}]}},
+                        "Destination": {"ServiceSubset": "v2", "NumRetries": 2, "RetryOnStatusCodes": [503]}}]}"#,
+        FileFormat::Json,
+    )
+    .unwrap();
+    assert_eq!(written, canonical);
+    assert_eq!(written.meta()["team"], "payments");
+    // Meta is stored and shown, and checked like a service's.
+    let json = serde_json::to_value(&written).unwrap();
+    assert_eq!(json["Meta"]["team"], "payments");
+    let bad_meta = parse_entry_file(
+        r#"{"Kind": "service-defaults", "Name": "api", "Meta": {"": "x"}}"#,
+        FileFormat::Json,
+    )
+    .unwrap();
+    let e = validate_entry(&bad_meta, &EntrySet::new()).unwrap_err();
+    assert_eq!(e.field(), "Meta", "{e}");
+    // TOML and HCL too.
+    let toml = parse_entry_file(
+        "kind = \"service-defaults\"\nname = \"api\"\nprotocol = \"http\"\n",
+        FileFormat::Toml,
+    )
+    .unwrap();
+    let hcl = parse_entry_file(
+        "kind = \"service-defaults\"\nname = \"api\"\nprotocol = \"http\"\n",
+        FileFormat::Hcl,
+    )
+    .unwrap();
+    assert_eq!(toml, hcl);
+    assert_eq!(toml.name(), "api");
 }
 
 #[test]
@@ -887,6 +939,7 @@ fn stored_entry_round_trips() {
 fn route_selection() {
     let r = ServiceRouter {
         name: "api".into(),
+        meta: Default::default(),
         routes: vec![
             route(
                 Some(HttpMatch {
@@ -939,6 +992,7 @@ fn route_selection() {
 fn split_picking() {
     let s = ServiceSplitter {
         name: "api".into(),
+        meta: Default::default(),
         splits: vec![
             split(90.0, Some("v1")),
             split(0.0, Some("v3")),

@@ -47,7 +47,7 @@ impl Config for ConfigApi {
         // caller without the right learns nothing from validation errors.
         let name = serde_json::from_str::<serde_json::Value>(&json)
             .ok()
-            .and_then(|v| v.get("Name").and_then(|n| n.as_str()).map(String::from))
+            .and_then(|v| weft_api::config_entry::document_name(&v).map(String::from))
             .unwrap_or_default();
         caller.require(Resource::Service(&name), Access::Write)?;
         let entry = parse_entry_file(&json, FileFormat::Json).map_err(invalid)?;

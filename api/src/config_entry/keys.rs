@@ -1,0 +1,233 @@
+//! Config entry keys as Consul reads them: case-insensitively, and in
+//! snake_case too (`service_subset`, `mutual_tls_mode`, `http`). A parsed
+//! document's keys are rewritten to weft's PascalCase names before it is
+//! decoded, except the keys of maps whose keys are the user's own (subset
+//! names in `Subsets` and `Failover`, `Meta`). `Namespace` and `Partition`
+//! are accepted as `"default"` (or empty), the only ones weft has, and
+//! dropped; any other value is refused as not supported yet.
+
+use serde_json::{Map, Value};
+
+/// Every key weft's entries take, and Consul's keys weft refuses as not
+/// supported yet (so that `load_balancer` is refused by its name too).
+const KNOWN: &[&str] = &[
+    "Kind",
+    "Name",
+    "Meta",
+    "Protocol",
+    "UpstreamConfig",
+    "Defaults",
+    "PassiveHealthCheck",
+    "MaxFailures",
+    "BaseEjectionTime",
+    "MutualTLSMode",
+    "Routes",
+    "Match",
+    "HTTP",
+    "PathExact",
+    "PathPrefix",
+    "PathRegex",
+    "Methods",
+    "Header",
+    "Present",
+    "Exact",
+    "Prefix",
+    "Suffix",
+    "Regex",
+    "Invert",
+    "Destination",
+    "Service",
+    "ServiceSubset",
+    "PrefixRewrite",
+    "RequestTimeout",
+    "NumRetries",
+    "RetryOnConnectFailure",
+    "RetryOnStatusCodes",
+    "Splits",
+    "Weight",
+    "DefaultSubset",
+    "Subsets",
+    "Filter",
+    "OnlyPassing",
+    "Redirect",
+    "Datacenter",
+    "Failover",
+    "Datacenters",
+    "ConnectTimeout",
+];
+
+/// Maps whose keys are names the user chose: kept as written.
+const USER_KEYED: &[&str] = &["Subsets", "Failover", "Meta"];
+
+/// Keys naming a tenancy weft has one of.
+const TENANCY: &[&str] = &["Namespace", "Partition"];
+
+/// Why a document's keys were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("{0}: given twice (keys are read case-insensitively, as Consul reads them)")]
+    Twice(String),
+    #[error("{key} {value}: not supported by weft yet (only \"default\")")]
+    Tenancy { key: String, value: String },
+}
+
+/// The folded form keys are compared in: lower case, no underscores.
+fn fold(key: &str) -> String {
+    key.chars()
+        .filter(|c| *c != '_')
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
+}
+
+/// weft's spelling of `key`, if it is one weft knows.
+fn canonical(key: &str) -> Option<&'static str> {
+    let folded = fold(key);
+    KNOWN
+        .iter()
+        .chain(super::CONSUL_FIELDS)
+        .chain(TENANCY)
+        .find(|k| fold(k) == folded)
+        .copied()
+}
+
+/// Rewrites `doc`'s keys to weft's spelling and drops default tenancy
+/// fields. Returns whether anything changed.
+pub fn normalize(doc: &mut Value) -> Result<bool, KeyError> {
+    let mut changed = false;
+    walk(doc, false, &mut changed)?;
+    Ok(changed)
+}
+
+fn walk(value: &mut Value, user_keyed: bool, changed: &mut bool) -> Result<(), KeyError> {
+    match value {
+        Value::Array(items) => {
+            for item in items {
+                walk(item, false, changed)?;
+            }
+            Ok(())
+        }
+        Value::Object(map) if user_keyed => {
+            for v in map.values_mut() {
+                walk(v, false, changed)?;
+            }
+            Ok(())
+        }
+        Value::Object(map) => {
+            let old = std::mem::take(map);
+            let mut out = Map::with_capacity(old.len());
+            for (key, mut v) in old {
+                let name = canonical(&key);
+                let spelled = name.map_or(key.clone(), str::to_string);
+                *changed |= spelled != key;
+                if TENANCY.contains(&spelled.as_str()) {
+                    match v.as_str() {
+                        Some("" | "default") => {
+                            *changed = true;
+                            continue;
+                        }
+                        _ => {
+                            return Err(KeyError::Tenancy {
+                                key: spelled,
+                                value: v.to_string(),
+                            })
+                        }
+                    }
+                }
+                walk(&mut v, USER_KEYED.contains(&spelled.as_str()), changed)?;
+                if out.insert(spelled.clone(), v).is_some() {
+                    return Err(KeyError::Twice(spelled));
+                }
+            }
+            *map = out;
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The document's `Name`, however it is spelled.
+pub fn name_of(doc: &Value) -> Option<&str> {
+    doc.as_object()?
+        .iter()
+        .find(|(k, _)| fold(k) == "name")
+        .and_then(|(_, v)| v.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn snake_and_lower_case_keys_take_weft_s_spelling() {
+        let mut doc = json!({
+            "kind": "service-resolver",
+            "name": "api",
+            "connect_timeout": "5s",
+            "default_subset": "v1",
+            "subsets": {"v1": {"filter": "Service.Meta.version == v1", "only_passing": true}},
+            "failover": {"*": {"datacenters": ["dc2"]}},
+            "meta": {"owner_team": "payments"},
+        });
+        assert!(normalize(&mut doc).unwrap());
+        assert_eq!(
+            doc,
+            json!({
+                "Kind": "service-resolver",
+                "Name": "api",
+                "ConnectTimeout": "5s",
+                "DefaultSubset": "v1",
+                "Subsets": {"v1": {"Filter": "Service.Meta.version == v1", "OnlyPassing": true}},
+                "Failover": {"*": {"Datacenters": ["dc2"]}},
+                "Meta": {"owner_team": "payments"},
+            })
+        );
+        let mut mtls = json!({"mutual_tls_mode": "strict", "upstream_config": {"defaults": {}}});
+        normalize(&mut mtls).unwrap();
+        assert_eq!(
+            mtls,
+            json!({"MutualTLSMode": "strict", "UpstreamConfig": {"Defaults": {}}})
+        );
+    }
+
+    #[test]
+    fn user_keys_stay_as_written() {
+        // A subset named like a field, and meta keys in any case.
+        let mut doc = json!({"Subsets": {"name": {}, "Service_Subset": {}}, "Meta": {"NAME": "x"}});
+        assert!(!normalize(&mut doc).unwrap());
+        assert!(
+            doc["Subsets"].get("name").is_some() && doc["Subsets"].get("Service_Subset").is_some()
+        );
+        assert_eq!(doc["Meta"]["NAME"], "x");
+    }
+
+    #[test]
+    fn unknown_keys_are_left_for_the_decoder_to_refuse() {
+        let mut doc = json!({"Nmae": "x", "load_balancer": {}});
+        normalize(&mut doc).unwrap();
+        assert!(doc.get("Nmae").is_some());
+        assert!(doc.get("LoadBalancer").is_some(), "{doc}");
+    }
+
+    #[test]
+    fn default_tenancy_goes_and_any_other_is_refused() {
+        let mut doc = json!({"Name": "a", "Namespace": "default", "partition": "",
+            "Routes": [{"Destination": {"Namespace": "default"}}]});
+        assert!(normalize(&mut doc).unwrap());
+        assert_eq!(doc, json!({"Name": "a", "Routes": [{"Destination": {}}]}));
+        let e = normalize(&mut json!({"Namespace": "team"})).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Namespace \"team\": not supported by weft yet (only \"default\")"
+        );
+        assert!(normalize(&mut json!({"Partition": 3})).is_err());
+    }
+
+    #[test]
+    fn a_key_given_twice_in_two_spellings_is_refused() {
+        let e = normalize(&mut json!({"Name": "a", "name": "b"})).unwrap_err();
+        assert!(e.to_string().starts_with("Name: given twice"), "{e}");
+        assert_eq!(name_of(&json!({"NAME": "x"})), Some("x"));
+        assert_eq!(name_of(&json!({"Kind": "x"})), None);
+    }
+}
