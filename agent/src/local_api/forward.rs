@@ -50,6 +50,9 @@ pub enum ForwardError {
     /// The CA could not be read or used (at start).
     #[error("{0}")]
     Setup(String),
+    /// The request cannot be forwarded as it is (400): nothing was sent.
+    #[error("{0}")]
+    BadRequest(String),
     /// No server accepted a connection: nothing was sent (503).
     #[error("cannot reach the servers' HTTP API: {0}")]
     Unreachable(String),
@@ -156,11 +159,11 @@ impl Forwarder {
     ) -> Result<Response<Incoming>, ForwardError> {
         let timeout = timeout_for(parts.uri.query());
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut req = outgoing(parts, body).map_err(ForwardError::BadRequest)?;
         let (stream, addr) = self.connect().await?;
-        let req = outgoing(parts, body, &addr).map_err(|reason| ForwardError::Failed {
-            addr: addr.clone(),
-            reason,
-        })?;
+        if let Ok(host) = HeaderValue::from_str(&addr) {
+            req.headers_mut().insert(header::HOST, host);
+        }
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ForwardError::Failed {
@@ -271,14 +274,10 @@ pub fn take_query_token(query: Option<&str>) -> (Option<String>, Option<String>)
     (kept, token.filter(|t| !t.is_empty()))
 }
 
-/// The request sent to the server at `addr`: the caller's method, path,
-/// query (less `token`), headers (less hop-by-hop ones, `Host` and
-/// `Content-Length`) and body.
-pub fn outgoing(
-    parts: &http::request::Parts,
-    body: Bytes,
-    addr: &str,
-) -> Result<Request<Full<Bytes>>, String> {
+/// The request sent to a server: the caller's method, path, query (less
+/// `token`), headers (less hop-by-hop ones, `Host` and `Content-Length`) and
+/// body. The server's `Host` is added once it is known.
+pub fn outgoing(parts: &http::request::Parts, body: Bytes) -> Result<Request<Full<Bytes>>, String> {
     let (query, query_token) = take_query_token(parts.uri.query());
     let target = match query {
         Some(q) => format!("{}?{q}", parts.uri.path()),
@@ -295,10 +294,6 @@ pub fn outgoing(
         let value = HeaderValue::from_str(&token).map_err(|_| "malformed ACL token".to_string())?;
         headers.insert("x-consul-token", value);
     }
-    headers.insert(
-        header::HOST,
-        HeaderValue::from_str(addr).map_err(|e| format!("server address: {e}"))?,
-    );
     let mut req = Request::new(Full::new(body));
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
@@ -447,14 +442,14 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        let req = outgoing(&p, Bytes::from_static(b"abc"), "10.0.0.1:8500").unwrap();
+        let req = outgoing(&p, Bytes::from_static(b"abc")).unwrap();
         assert_eq!(req.method(), Method::PUT);
         assert_eq!(req.uri(), "/v1/kv/a?cas=3");
         let h = req.headers();
         assert_eq!(h["x-consul-token"], "caller");
         assert_eq!(h["content-type"], "application/json");
         assert_eq!(h["x-consul-namespace"], "default");
-        assert_eq!(h[header::HOST], "10.0.0.1:8500");
+        assert!(!h.contains_key(header::HOST));
         for gone in [
             "connection",
             "x-private",
@@ -473,7 +468,7 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        let req = outgoing(&p, Bytes::new(), "s:8500").unwrap();
+        let req = outgoing(&p, Bytes::new()).unwrap();
         assert_eq!(req.uri(), "/v1/catalog/nodes");
         assert_eq!(req.headers()["x-consul-token"], "q-1");
         let p = parts(
@@ -482,12 +477,15 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        let req = outgoing(&p, Bytes::new(), "s:8500").unwrap();
+        let req = outgoing(&p, Bytes::new()).unwrap();
         assert_eq!(req.headers()["authorization"], "Bearer b-1");
         assert!(!req.headers().contains_key("x-consul-token"));
+        // A query token that cannot be a header: refused before sending.
+        let p = parts(Request::get("/v1/kv/a?token=a%0Ab").body(()).unwrap());
+        assert!(outgoing(&p, Bytes::new()).is_err());
         // No token: none sent.
         let p = parts(Request::get("/v1/status/leader").body(()).unwrap());
-        let req = outgoing(&p, Bytes::new(), "s:8500").unwrap();
+        let req = outgoing(&p, Bytes::new()).unwrap();
         assert!(!req.headers().contains_key("x-consul-token"));
         assert!(!req.headers().contains_key("authorization"));
 

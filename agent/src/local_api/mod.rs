@@ -600,6 +600,7 @@ where
 
 fn forward_status(e: &ForwardError) -> StatusCode {
     match e {
+        ForwardError::BadRequest(_) => StatusCode::BAD_REQUEST,
         ForwardError::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
         ForwardError::TimedOut { .. } => StatusCode::GATEWAY_TIMEOUT,
         ForwardError::Failed { .. } | ForwardError::Setup(_) => StatusCode::BAD_GATEWAY,
