@@ -328,3 +328,42 @@ async fn a_server_with_another_name_is_refused() {
     assert!(b.contains("TLS"), "{b}");
     assert!(seen.try_recv().is_err());
 }
+
+#[tokio::test]
+async fn forwards_on_a_served_socket() {
+    let (ca, port, mut seen) = server().await;
+    let (state, _dir) = state(&ca, &["127.0.0.1:8502"], port);
+    let api = super::LocalApi::bind("127.0.0.1:0".parse().unwrap(), state)
+        .await
+        .unwrap();
+    let addr = api.local_addr();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(api.serve(async {
+        let _ = stop_rx.await;
+    }));
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // Two requests on one kept-alive connection.
+    for key in ["a", "b"] {
+        let req = Request::get(format!("/v1/kv/{key}?index=3&wait=2s"))
+            .header(http::header::HOST, addr.to_string())
+            .header("x-consul-token", "caller-tok")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["x-consul-index"], "42");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, r#"{"ok":true}"#);
+        let got = seen.recv().await.unwrap();
+        assert_eq!(got.target, format!("/v1/kv/{key}?index=3&wait=2s"));
+    }
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), task)
+        .await
+        .expect("server stops")
+        .unwrap();
+}
