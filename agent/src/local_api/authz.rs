@@ -27,6 +27,8 @@ pub const ALLOW_CACHE_TTL: Duration = Duration::from_secs(30);
 pub const ALLOW_CACHE_ENTRIES: usize = 4096;
 /// Most `Authorize` calls in flight at once from this agent.
 pub const MAX_CONCURRENT_AUTHORIZE: usize = 8;
+/// Most rights asked in one `Authorize` call (the servers' limit).
+pub const MAX_RIGHTS_PER_CALL: usize = 64;
 
 /// Why the servers gave no "allowed".
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,7 +88,8 @@ impl std::fmt::Display for Right {
 /// Asks whether a token has rights. The agent's implementation asks the
 /// servers ([`ServerJudge`]); unit tests put a fixed table here.
 pub trait Judge: Send + Sync {
-    /// One answer per right, in order: `true` when `token` has it.
+    /// One answer per right, in order: `true` when `token` has it. At most
+    /// [`MAX_RIGHTS_PER_CALL`] rights are asked at once.
     fn authorize<'a>(
         &'a self,
         token: &'a str,

@@ -203,13 +203,17 @@ impl LocalApiState {
         if ask.is_empty() {
             return Ok(answers);
         }
-        let got = self.judge.authorize(token, &ask).await?;
-        if got.len() != ask.len() {
-            return Err(JudgeError::Failed(format!(
-                "{} answers to {} questions",
-                got.len(),
-                ask.len()
-            )));
+        let mut got = Vec::with_capacity(ask.len());
+        for batch in ask.chunks(authz::MAX_RIGHTS_PER_CALL) {
+            let answers = self.judge.authorize(token, batch).await?;
+            if answers.len() != batch.len() {
+                return Err(JudgeError::Failed(format!(
+                    "{} answers to {} questions",
+                    answers.len(),
+                    batch.len()
+                )));
+            }
+            got.extend(answers);
         }
         let mut got = got.into_iter();
         let mut cache = self.cache();

@@ -21,6 +21,8 @@ struct Table {
     rights: HashMap<&'static str, Vec<&'static str>>,
     unreachable: AtomicBool,
     calls: AtomicUsize,
+    /// The most rights asked in one call.
+    largest: AtomicUsize,
 }
 
 impl Judge for Table {
@@ -30,6 +32,7 @@ impl Judge for Table {
         rights: &'a [Right],
     ) -> BoxFuture<'a, Result<Vec<bool>, JudgeError>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        self.largest.fetch_max(rights.len(), Ordering::SeqCst);
         let answer = if self.unreachable.load(Ordering::SeqCst) {
             Err(JudgeError::Unreachable("10.0.0.1:8502: refused".into()))
         } else if let Some(has) = self.rights.get(token) {
@@ -532,4 +535,29 @@ async fn other_agent_endpoints_and_paths() {
         get(&f.state, "/v1/catalog/nodes", Some("reader")).await.0,
         StatusCode::SERVICE_UNAVAILABLE
     );
+}
+
+#[tokio::test]
+async fn many_rights_are_asked_in_batches_the_servers_take() {
+    let f = read_fixture().await;
+    let names: Vec<String> = (0..130).map(|i| format!("svc-{i}")).collect();
+    let mut rights: Vec<Right> = names.iter().map(|n| Right::service_read(n)).collect();
+    rights.push(Right::service_read("api"));
+    let answers = f.state.rights("reader", &rights).await.unwrap();
+    assert_eq!(answers.len(), 131);
+    assert_eq!(answers.iter().filter(|a| **a).count(), 1);
+    assert!(answers[130]);
+    assert_eq!(f.table.calls.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        f.table.largest.load(Ordering::SeqCst),
+        authz::MAX_RIGHTS_PER_CALL
+    );
+    // The "yes" was remembered; only the rest is asked again.
+    let answers = f.state.rights("reader", &rights).await.unwrap();
+    assert!(answers[130]);
+    assert_eq!(
+        f.table.largest.load(Ordering::SeqCst),
+        authz::MAX_RIGHTS_PER_CALL
+    );
+    assert_eq!(f.table.calls.load(Ordering::SeqCst), 6);
 }
