@@ -24,7 +24,7 @@ use std::sync::Arc;
 type Answer = Result<Response<Full<Bytes>>, Response<Full<Bytes>>>;
 
 /// Largest server answer `members` reads (10,000 nodes take about 2 MB).
-const MAX_MEMBERS_BYTES: usize = 64 << 20;
+const MAX_MEMBERS_BYTES: usize = 32 << 20;
 
 fn json(value: &Value) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec(value).unwrap_or_default();
