@@ -11,19 +11,25 @@
 //! tokens from URLs, which they would log). Hop-by-hop headers are dropped
 //! both ways; the answer's status, headers and body stream back.
 //!
-//! A server that cannot be connected to is skipped; once a request is sent
-//! it is not sent again. Blocking queries (`?index=`, `?wait=`) get their
+//! Connections are pooled (hyper-util's client, at most
+//! [`POOL_IDLE_PER_SERVER`] idle per server). A server that cannot be
+//! connected to is skipped; once a request is sent it is not sent again. Blocking queries (`?index=`, `?wait=`) get their
 //! wait (Consul's default 5 min, at most 10 min) plus its jitter and
 //! [`BLOCKING_MARGIN`]; others [`DEFAULT_TIMEOUT`].
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
@@ -64,13 +70,17 @@ pub enum ForwardError {
     TimedOut { addr: String, timeout: Duration },
 }
 
-/// Sends requests to the servers' HTTPS API.
+/// Idle connections to one server kept for reuse, and for how long (the
+/// servers close connections idle for 10 s).
+pub const POOL_IDLE_PER_SERVER: usize = 8;
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends requests to the servers' HTTPS API over pooled connections.
 #[derive(Clone)]
 pub struct Forwarder {
     /// `HOST:PORT` of each server's HTTP API, in the order tried.
     addrs: Vec<String>,
-    server_name: ServerName<'static>,
-    tls: TlsConnector,
+    client: Client<Connect, Full<Bytes>>,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -142,79 +152,207 @@ impl Forwarder {
                 .with_no_client_auth();
         let server_name = ServerName::try_from(server_name.to_string())
             .map_err(|e| setup(format!("tls_server_name {server_name:?}: {e}")))?;
-        Ok(Forwarder {
-            addrs,
-            server_name,
+        let connect = Connect {
             tls: TlsConnector::from(Arc::new(config)),
-        })
+            server_name,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(POOL_IDLE_PER_SERVER)
+            .build(connect);
+        Ok(Forwarder { addrs, client })
     }
 
     /// Sends `parts` (the caller's request head) with `body` to the first
-    /// server that can be connected to; its answer, whose body streams
-    /// until the request's time is up.
+    /// server that can be connected to (over a pooled connection when one
+    /// is idle); its answer, whose body streams until the request's time is
+    /// up.
     pub async fn forward(
         &self,
         parts: &http::request::Parts,
         body: Bytes,
-    ) -> Result<Response<Incoming>, ForwardError> {
+    ) -> Result<Response<DeadlineBody>, ForwardError> {
         let timeout = timeout_for(parts.uri.query());
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut req = outgoing(parts, body).map_err(ForwardError::BadRequest)?;
-        let (stream, addr) = self.connect().await?;
-        if let Ok(host) = HeaderValue::from_str(&addr) {
-            req.headers_mut().insert(header::HOST, host);
-        }
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ForwardError::Failed {
-                addr: addr.clone(),
-                reason: e.to_string(),
-            })?;
-        // The connection lives until the answer's body is read, or the
-        // request's time is up.
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout_at(deadline, conn).await;
-        });
-        match tokio::time::timeout_at(deadline, sender.send_request(req)).await {
-            Err(_) => Err(ForwardError::TimedOut { addr, timeout }),
-            Ok(Err(e)) => Err(ForwardError::Failed {
-                addr,
-                reason: e.to_string(),
-            }),
-            Ok(Ok(resp)) => {
-                let (mut head, body) = resp.into_parts();
-                strip_hop_by_hop(&mut head.headers);
-                Ok(Response::from_parts(head, body))
-            }
-        }
-    }
-
-    /// A TLS connection to the first server that takes one.
-    async fn connect(
-        &self,
-    ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, String), ForwardError> {
+        let req = outgoing(parts, body).map_err(ForwardError::BadRequest)?;
+        let target = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
         let mut failed = Vec::new();
         for addr in &self.addrs {
-            let attempt = async {
-                let tcp = TcpStream::connect(addr.as_str())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let _ = tcp.set_nodelay(true);
-                self.tls
-                    .connect(self.server_name.clone(), tcp)
-                    .await
-                    .map_err(|e| format!("TLS: {e}"))
-            };
-            match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
-                Ok(Ok(stream)) => return Ok((stream, addr.clone())),
-                Ok(Err(e)) => failed.push(format!("{addr}: {e}")),
-                Err(_) => failed.push(format!("{addr}: no connection within {CONNECT_TIMEOUT:?}")),
+            let mut attempt = req.clone();
+            *attempt.uri_mut() = format!("https://{addr}{target}")
+                .parse()
+                .map_err(|e| ForwardError::BadRequest(format!("request target: {e}")))?;
+            match tokio::time::timeout_at(deadline, self.client.request(attempt)).await {
+                Err(_) => {
+                    return Err(ForwardError::TimedOut {
+                        addr: addr.clone(),
+                        timeout,
+                    })
+                }
+                // Nothing was sent: the next server.
+                Ok(Err(e)) if e.is_connect() => failed.push(format!("{addr}: {}", chain(&e))),
+                Ok(Err(e)) => {
+                    return Err(ForwardError::Failed {
+                        addr: addr.clone(),
+                        reason: chain(&e),
+                    })
+                }
+                Ok(Ok(resp)) => {
+                    let (mut head, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut head.headers);
+                    let body = DeadlineBody {
+                        body,
+                        deadline: Box::pin(tokio::time::sleep_until(deadline)),
+                        timeout,
+                    };
+                    return Ok(Response::from_parts(head, body));
+                }
             }
         }
         if failed.is_empty() {
             failed.push("no servers configured".into());
         }
         Err(ForwardError::Unreachable(failed.join("; ")))
+    }
+}
+
+/// An error and its sources, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text = format!("{text}: {next}");
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// Opens TLS connections to servers for the pooled client: TCP to the
+/// URI's `HOST:PORT`, then TLS naming `tls_server_name`, within
+/// [`CONNECT_TIMEOUT`].
+#[derive(Clone)]
+pub struct Connect {
+    tls: TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+impl tower::Service<Uri> for Connect {
+    type Response = TlsConn;
+    type Error = std::io::Error;
+    type Future = futures::future::BoxFuture<'static, Result<TlsConn, std::io::Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let addr = uri
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .ok_or_else(|| std::io::Error::other("no server address"))?;
+            let attempt = async {
+                let tcp = TcpStream::connect(addr.as_str()).await?;
+                let _ = tcp.set_nodelay(true);
+                this.tls
+                    .connect(this.server_name, tcp)
+                    .await
+                    .map_err(|e| std::io::Error::other(format!("TLS: {e}")))
+            };
+            match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+                Ok(Ok(stream)) => Ok(TlsConn(TokioIo::new(stream))),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {CONNECT_TIMEOUT:?}"),
+                )),
+            }
+        })
+    }
+}
+
+/// A TLS connection to a server, as hyper's pooled client takes it.
+pub struct TlsConn(TokioIo<tokio_rustls::client::TlsStream<TcpStream>>);
+
+impl Connection for TlsConn {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// A server's answer body that ends with an error once the request's time
+/// is up (a body that stalls does not hold the caller forever).
+pub struct DeadlineBody {
+    body: Incoming,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+}
+
+impl hyper::body::Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            let timeout = self.timeout;
+            return Poll::Ready(Some(Err(format!(
+                "the server's answer did not end within {timeout:?}"
+            )
+            .into())));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

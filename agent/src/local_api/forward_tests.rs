@@ -30,6 +30,8 @@ struct Seen {
     target: String,
     headers: http::HeaderMap,
     body: Bytes,
+    /// Which TLS connection it came on (counted from 0).
+    conn: usize,
 }
 
 /// Allows nothing: forwarding never asks the judge.
@@ -69,7 +71,7 @@ async fn server() -> (String, u16, mpsc::UnboundedReceiver<Seen>) {
     let port = listener.local_addr().unwrap().port();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        loop {
+        for conn in 0.. {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
@@ -99,6 +101,7 @@ async fn server() -> (String, u16, mpsc::UnboundedReceiver<Seen>) {
                             target,
                             headers: parts.headers,
                             body,
+                            conn,
                         });
                         let resp = Response::builder()
                             .status(StatusCode::OK)
@@ -214,10 +217,12 @@ async fn forwards_with_the_callers_token_only() {
     assert!(!got.headers.contains_key("authorization"));
     assert!(!has_agent_token(&got.headers), "{:?}", got.headers.keys());
 
-    // No token: none sent.
+    // No token: none sent. The connection is reused.
+    let first_conn = got.conn;
     let (s, _, _) = send(&state, Method::GET, "/v1/status/leader", &[], vec![]).await;
     assert_eq!(s, StatusCode::OK);
     let got = seen.recv().await.unwrap();
+    assert_eq!(got.conn, first_conn);
     assert!(!got.headers.contains_key("x-consul-token"));
     assert!(!got.headers.contains_key("authorization"));
     assert!(!has_agent_token(&got.headers));
