@@ -13,9 +13,11 @@
 //!
 //! Connections are pooled (hyper-util's client, at most
 //! [`POOL_IDLE_PER_SERVER`] idle per server). A server that cannot be
-//! connected to is skipped; once a request is sent it is not sent again. Blocking queries (`?index=`, `?wait=`) get their
-//! wait (Consul's default 5 min, at most 10 min) plus its jitter and
-//! [`BLOCKING_MARGIN`]; others [`DEFAULT_TIMEOUT`].
+//! connected to is skipped; once a request is sent it is not sent again.
+//! Blocking queries (`?index=`, `?wait=`) get their wait (Consul's default
+//! 5 min, at most 10 min) plus its jitter and [`BLOCKING_MARGIN`]; others
+//! [`DEFAULT_TIMEOUT`]. An answer body still streaming then ends in an
+//! error.
 
 use std::future::Future;
 use std::pin::Pin;
