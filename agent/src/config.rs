@@ -110,6 +110,9 @@ pub struct AgentConfig {
     pub node_meta: BTreeMap<String, String>,
     /// gRPC addresses of the servers, `HOST:PORT` each.
     pub servers: Vec<String>,
+    /// The servers' HTTPS API port (on the hosts of `servers`), where the
+    /// local API forwards what it does not answer itself.
+    pub server_http_port: u16,
     /// Where other agents reach this node (on the inbound port).
     pub advertise_addr: IpAddr,
     pub data_dir: PathBuf,
@@ -352,6 +355,8 @@ struct RawConfig {
     #[serde(default)]
     node_meta: BTreeMap<String, String>,
     servers: Vec<String>,
+    #[serde(default = "default_server_http_port")]
+    server_http_port: u16,
     advertise_addr: String,
     data_dir: PathBuf,
     #[serde(default)]
@@ -497,6 +502,9 @@ fn domain_name(field: &str, text: &str, empty_ok: bool) -> Result<String, Invali
 
 fn default_dns() -> String {
     DEFAULT_DNS_ADDR.to_string()
+}
+fn default_server_http_port() -> u16 {
+    8500
 }
 fn default_http() -> String {
     DEFAULT_HTTP_ADDR.to_string()
@@ -765,6 +773,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         .enumerate()
         .map(|(i, s)| host_port(&format!("servers[{i}]"), s))
         .collect::<Result<Vec<_>, _>>()?;
+    let server_http_port = port("server_http_port", raw.server_http_port)?;
     let advertise_addr = ip_addr("advertise_addr", &raw.advertise_addr)?;
     if raw.data_dir.as_os_str().is_empty() {
         return Err(invalid("data_dir", "must not be empty"));
@@ -940,6 +949,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         datacenter,
         node_meta: raw.node_meta,
         servers,
+        server_http_port,
         advertise_addr,
         data_dir: raw.data_dir,
         cgroup_root: raw.cgroup_root,
@@ -1790,6 +1800,16 @@ data_dir = "/var/lib/weft-agent"
         );
         let c = parse(&with("tls_server_name = \"server.east.example\"\n")).unwrap();
         assert_eq!(c.tls_server_name, "server.east.example");
+    }
+
+    #[test]
+    fn server_http_port() {
+        assert_eq!(parse(MINIMAL).unwrap().server_http_port, 8500);
+        let c = parse(&with("server_http_port = 8501\n")).unwrap();
+        assert_eq!(c.server_http_port, 8501);
+        let e = err(&with("server_http_port = 0\n"));
+        assert!(e.contains("server_http_port: port must not be 0"), "{e}");
+        assert!(err(&with("server_http_port = 70000\n")).contains("server_http_port"));
     }
 
     #[test]

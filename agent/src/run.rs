@@ -62,6 +62,8 @@ pub enum RunError {
     Admin(#[from] crate::admin::AdminError),
     #[error("local API: {0}")]
     LocalApi(#[from] crate::local_api::LocalApiError),
+    #[error("local API forwarding: {0}")]
+    Forward(#[from] crate::local_api::forward::ForwardError),
     #[error("no trust bundle from the servers within {0:?} (is their CA up?)")]
     NoBundle(Duration),
     #[error("dns: {0}")]
@@ -375,8 +377,12 @@ pub async fn run(
     // services (crate::local_api).
     running.set_registered(registered);
     let judge = Arc::new(crate::local_api::authz::ServerJudge::new(control.clone()));
-    let api_state =
-        crate::local_api::LocalApiState::new(checks.clone(), judge).with_registrar(running.clone());
+    // Other /v1/ requests go to the servers' HTTPS API with the caller's token.
+    let forwarder = Arc::new(crate::local_api::forward::Forwarder::from_config(&config)?);
+    let api_state = crate::local_api::LocalApiState::new(checks.clone(), judge)
+        .with_registrar(running.clone())
+        .with_config(current.clone())
+        .with_forwarder(forwarder);
     let listener = sockets.tcp("http", config.http_addr).await?;
     let local_api = crate::local_api::LocalApi::from_listener(listener, api_state)?;
     let local_api_task = tokio::spawn(local_api.serve(wait_for(stop_rx.clone())));

@@ -15,7 +15,7 @@ pub mod probe;
 pub mod runner;
 pub mod status;
 
-pub use runner::{CheckInfo, CheckRunner, HealthChecks, HealthUpdate};
+pub use runner::{CheckInfo, CheckRunner, CheckState, HealthChecks, HealthUpdate};
 pub use status::{CheckResult, MAX_OUTPUT_BYTES};
 pub use weft_api::catalog::HealthStatus;
 

@@ -55,6 +55,18 @@ impl CheckInfo {
     }
 }
 
+/// One check of a local instance with its latest result (Consul's
+/// `/v1/agent/checks`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckState {
+    pub info: CheckInfo,
+    /// `None`: not run yet (a TTL check without update reads critical).
+    pub result: Option<CheckResult>,
+}
+
+/// Each check's latest result, by index, as the aggregating task last saw.
+type Latest = Arc<Mutex<Vec<Option<CheckResult>>>>;
+
 /// Runs the checks of one service instance until stopped or dropped.
 #[derive(Debug)]
 pub struct CheckRunner {
@@ -62,6 +74,7 @@ pub struct CheckRunner {
     service_name: String,
     /// Id and kind of each check, by index.
     checks: Vec<(String, &'static str)>,
+    latest: Latest,
     events: mpsc::UnboundedSender<Event>,
     tasks: JoinSet<()>,
 }
@@ -109,20 +122,40 @@ impl CheckRunner {
                 }
             }
         }
+        let latest: Latest = Arc::new(Mutex::new(vec![None; checks.len()]));
         tasks.spawn(aggregate_loop(
             service_id.clone(),
             Aggregate::new(checks.len()),
             ttls,
             rx,
-            updates,
+            (updates, latest.clone()),
         ));
         CheckRunner {
             service_id,
             service_name: service_name.into(),
             checks: ids,
+            latest,
             events,
             tasks,
         }
+    }
+
+    /// Every check of this instance with its latest result.
+    pub fn states(&self) -> Vec<CheckState> {
+        let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        self.checks
+            .iter()
+            .enumerate()
+            .map(|(i, (id, kind))| CheckState {
+                info: CheckInfo {
+                    check_id: id.clone(),
+                    service_id: self.service_id.clone(),
+                    service_name: self.service_name.clone(),
+                    kind,
+                },
+                result: latest.get(i).cloned().flatten(),
+            })
+            .collect()
     }
 
     /// The instance's service id.
@@ -198,8 +231,14 @@ async fn aggregate_loop(
     mut aggregate: Aggregate,
     mut ttls: HashMap<usize, TtlState>,
     mut events: mpsc::UnboundedReceiver<Event>,
-    updates: mpsc::UnboundedSender<HealthUpdate>,
+    (updates, latest): (mpsc::UnboundedSender<HealthUpdate>, Latest),
 ) {
+    let keep = |aggregate: &Aggregate| {
+        latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone_from_slice(aggregate.results());
+    };
     let report = |change: Option<CheckResult>| -> bool {
         match change {
             Some(r) => updates
@@ -217,6 +256,7 @@ async fn aggregate_loop(
     for (i, ttl) in &ttls {
         change = aggregate.set(*i, ttl.result_at(now)).or(change);
     }
+    keep(&aggregate);
     if !report(change) {
         return;
     }
@@ -257,6 +297,7 @@ async fn aggregate_loop(
                 change
             }
         };
+        keep(&aggregate);
         if !report(change) {
             return;
         }
@@ -306,6 +347,17 @@ impl HealthChecks {
         let mut ids: Vec<String> = self.lock().keys().cloned().collect();
         ids.sort();
         ids
+    }
+
+    /// Every check of every local instance with its latest result, by
+    /// service id and then in configured order.
+    pub fn states(&self) -> Vec<CheckState> {
+        let runners = self.lock();
+        let mut ids: Vec<&String> = runners.keys().collect();
+        ids.sort();
+        ids.into_iter()
+            .flat_map(|id| runners[id].states())
+            .collect()
     }
 
     /// The check with id `check_id`, of whichever local instance has it.

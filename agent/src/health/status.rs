@@ -187,6 +187,11 @@ impl Aggregate {
         }
     }
 
+    /// Each check's latest result, by index (`None`: not run yet).
+    pub fn results(&self) -> &[Option<CheckResult>] {
+        &self.results
+    }
+
     /// The combined result once every check has a result.
     pub fn combined(&self) -> Option<CheckResult> {
         let all: Option<Vec<CheckResult>> = self.results.iter().cloned().collect();

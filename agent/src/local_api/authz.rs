@@ -1,9 +1,10 @@
-//! Whether a workload's token may change a check: the agent cannot judge tokens
-//! (ACLs live on the servers), so it asks them (`Acl.Authorize`, with the
-//! workload's token as the call's own) for `service:write` on the check's
-//! service, as Consul's agent requires.
+//! Whether a workload's token has a right ([`Right`]: `service:write` on the
+//! check's service, `service:read` on a listed service, `node:read` on this
+//! node): the agent cannot judge tokens (ACLs live on the servers), so it asks
+//! them (`Acl.Authorize`, with the workload's token as the call's own), as
+//! Consul's agent requires.
 //!
-//! Fail closed: only an explicit "allowed" lets an update through; no token,
+//! Fail closed: only an explicit "allowed" lets a request through; no token,
 //! an unknown token or a denial is 403, servers that cannot be asked are 503.
 //! A positive answer is remembered for [`ALLOW_CACHE_TTL`], keyed by the
 //! SHA-256 of the token (never the token itself), so a revoked token keeps
@@ -26,6 +27,8 @@ pub const ALLOW_CACHE_TTL: Duration = Duration::from_secs(30);
 pub const ALLOW_CACHE_ENTRIES: usize = 4096;
 /// Most `Authorize` calls in flight at once from this agent.
 pub const MAX_CONCURRENT_AUTHORIZE: usize = 8;
+/// Most rights asked in one `Authorize` call (the servers' limit).
+pub const MAX_RIGHTS_PER_CALL: usize = 64;
 
 /// Why the servers gave no "allowed".
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,15 +44,57 @@ pub enum JudgeError {
     Failed(String),
 }
 
-/// Asks whether a token may write a service. The agent's implementation asks
-/// the servers ([`ServerJudge`]); unit tests put a fixed table here.
+/// One right a token may have: Consul's `resource:access` on a segment
+/// (a service or node name), e.g. `service:write` on `web`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Right {
+    /// `service` or `node`.
+    pub resource: &'static str,
+    pub segment: String,
+    /// `read` or `write`.
+    pub access: &'static str,
+}
+
+impl Right {
+    pub fn service_write(service: &str) -> Right {
+        Right {
+            resource: "service",
+            segment: service.to_string(),
+            access: "write",
+        }
+    }
+    pub fn service_read(service: &str) -> Right {
+        Right {
+            resource: "service",
+            segment: service.to_string(),
+            access: "read",
+        }
+    }
+    pub fn node_read(node: &str) -> Right {
+        Right {
+            resource: "node",
+            segment: node.to_string(),
+            access: "read",
+        }
+    }
+}
+
+impl std::fmt::Display for Right {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{} on {:?}", self.resource, self.access, self.segment)
+    }
+}
+
+/// Asks whether a token has rights. The agent's implementation asks the
+/// servers ([`ServerJudge`]); unit tests put a fixed table here.
 pub trait Judge: Send + Sync {
-    /// `Ok(true)` when `token` has `service:write` on `service` (a name).
-    fn may_write_service<'a>(
+    /// One answer per right, in order: `true` when `token` has it. At most
+    /// [`MAX_RIGHTS_PER_CALL`] rights are asked at once.
+    fn authorize<'a>(
         &'a self,
         token: &'a str,
-        service: &'a str,
-    ) -> BoxFuture<'a, Result<bool, JudgeError>>;
+        rights: &'a [Right],
+    ) -> BoxFuture<'a, Result<Vec<bool>, JudgeError>>;
 }
 
 /// [`Judge`] by the servers' `Acl.Authorize`, at most
@@ -87,25 +132,32 @@ pub fn judge_error(e: ControlError) -> Result<bool, JudgeError> {
 }
 
 impl Judge for ServerJudge {
-    fn may_write_service<'a>(
+    fn authorize<'a>(
         &'a self,
         token: &'a str,
-        service: &'a str,
-    ) -> BoxFuture<'a, Result<bool, JudgeError>> {
+        rights: &'a [Right],
+    ) -> BoxFuture<'a, Result<Vec<bool>, JudgeError>> {
         Box::pin(async move {
+            if rights.is_empty() {
+                return Ok(Vec::new());
+            }
             let _permit = self
                 .in_flight
                 .acquire()
                 .await
                 .map_err(|_| JudgeError::Unreachable("shutting down".into()))?;
-            let ask = proto::AuthorizeCheck {
-                resource: "service".into(),
-                segment: service.to_string(),
-                access: "write".into(),
-            };
-            match self.control.authorize(token, vec![ask]).await {
-                Ok(answers) => Ok(answers == [true]),
-                Err(e) => judge_error(e),
+            let asks = rights
+                .iter()
+                .map(|r| proto::AuthorizeCheck {
+                    resource: r.resource.into(),
+                    segment: r.segment.clone(),
+                    access: r.access.into(),
+                })
+                .collect();
+            match self.control.authorize(token, asks).await {
+                Ok(answers) => Ok(answers),
+                // A denial of the whole call denies every right asked.
+                Err(e) => judge_error(e).map(|allowed| vec![allowed; rights.len()]),
             }
         })
     }
@@ -119,32 +171,30 @@ pub fn token_hash(token: &str) -> [u8; 32] {
     out
 }
 
-/// Positive answers by (token hash, service name), each until it expires.
+/// Positive answers by (token hash, right), each until it expires.
 #[derive(Debug, Default)]
 pub struct AllowCache {
-    until: HashMap<([u8; 32], String), Instant>,
+    until: HashMap<([u8; 32], Right), Instant>,
 }
 
 impl AllowCache {
-    /// Whether `token` was allowed to write `service` within the TTL before `now`.
-    pub fn allowed(&self, now: Instant, token: &str, service: &str) -> bool {
+    /// Whether `token` was found to have `right` within the TTL before `now`.
+    pub fn allowed(&self, now: Instant, token: &str, right: &Right) -> bool {
         self.until
-            .get(&(token_hash(token), service.to_string()))
+            .get(&(token_hash(token), right.clone()))
             .is_some_and(|until| now < *until)
     }
 
-    /// Remembers that `token` may write `service`, from `now`.
-    pub fn remember(&mut self, now: Instant, token: &str, service: &str) {
+    /// Remembers that `token` has `right`, from `now`.
+    pub fn remember(&mut self, now: Instant, token: &str, right: &Right) {
         if self.until.len() >= ALLOW_CACHE_ENTRIES {
             self.until.retain(|_, until| now < *until);
             if self.until.len() >= ALLOW_CACHE_ENTRIES {
                 self.until.clear();
             }
         }
-        self.until.insert(
-            (token_hash(token), service.to_string()),
-            now + ALLOW_CACHE_TTL,
-        );
+        self.until
+            .insert((token_hash(token), right.clone()), now + ALLOW_CACHE_TTL);
     }
 
     pub fn len(&self) -> usize {
@@ -164,17 +214,16 @@ mod tests {
     fn cache_remembers_per_token_and_service_until_expiry() {
         let t0 = Instant::now();
         let mut c = AllowCache::default();
-        assert!(!c.allowed(t0, "tok", "api"));
-        c.remember(t0, "tok", "api");
-        assert!(c.allowed(t0, "tok", "api"));
-        assert!(c.allowed(
-            t0 + ALLOW_CACHE_TTL - Duration::from_millis(1),
-            "tok",
-            "api"
-        ));
-        assert!(!c.allowed(t0 + ALLOW_CACHE_TTL, "tok", "api"));
-        assert!(!c.allowed(t0, "tok", "web"));
-        assert!(!c.allowed(t0, "tok2", "api"));
+        let api = Right::service_write("api");
+        assert!(!c.allowed(t0, "tok", &api));
+        c.remember(t0, "tok", &api);
+        assert!(c.allowed(t0, "tok", &api));
+        assert!(c.allowed(t0 + ALLOW_CACHE_TTL - Duration::from_millis(1), "tok", &api));
+        assert!(!c.allowed(t0 + ALLOW_CACHE_TTL, "tok", &api));
+        assert!(!c.allowed(t0, "tok", &Right::service_write("web")));
+        assert!(!c.allowed(t0, "tok", &Right::service_read("api")));
+        assert!(!c.allowed(t0, "tok2", &api));
+        assert_eq!(api.to_string(), "service:write on \"api\"");
         // Keys are hashes, never the token.
         let dump = format!("{c:?}");
         assert!(!dump.contains("tok"), "{dump}");
@@ -184,20 +233,21 @@ mod tests {
     fn cache_is_bounded() {
         let t0 = Instant::now();
         let mut c = AllowCache::default();
+        let api = Right::service_write("api");
         for i in 0..ALLOW_CACHE_ENTRIES {
-            c.remember(t0, &format!("t{i}"), "api");
+            c.remember(t0, &format!("t{i}"), &api);
         }
         assert_eq!(c.len(), ALLOW_CACHE_ENTRIES);
         // Full of live entries: cleared, then the new one.
-        c.remember(t0, "new", "api");
+        c.remember(t0, "new", &api);
         assert_eq!(c.len(), 1);
-        assert!(c.allowed(t0, "new", "api"));
+        assert!(c.allowed(t0, "new", &api));
         // Expired entries go first.
         for i in 0..ALLOW_CACHE_ENTRIES - 1 {
-            c.remember(t0, &format!("t{i}"), "api");
+            c.remember(t0, &format!("t{i}"), &api);
         }
         let later = t0 + ALLOW_CACHE_TTL + Duration::from_secs(1);
-        c.remember(later, "newer", "api");
+        c.remember(later, "newer", &api);
         assert_eq!(c.len(), 1);
     }
 

@@ -1,5 +1,6 @@
 //! The agent's local HTTP API (`http_addr`, default `127.0.0.1:8500`, Consul's
-//! agent port), in Consul's shape, for the workloads on this node:
+//! agent port), in Consul's shape, for the workloads on this node and the
+//! Consul client libraries they use:
 //!
 //! - `PUT /v1/agent/check/pass/:check_id?note=TEXT`, `…/warn/…`, `…/fail/…`:
 //!   sets TTL check `check_id` passing, warning or critical with the note as
@@ -17,21 +18,39 @@
 //! [`MAX_BODY_BYTES`]), 503 (servers unreachable: nothing changed). Errors
 //! are one line of text; tokens never appear in answers or logs.
 //!
+//! The other endpoints:
+//!
+//! - `PUT /v1/agent/service/register`, `PUT /v1/agent/service/deregister/:id`:
+//!   services of this node (`service:write` on the service).
+//! - `GET /v1/agent/self` (`node:read` on this node), `/v1/agent/services`,
+//!   `/v1/agent/service/:id`, `/v1/agent/checks` (only what the token has
+//!   `service:read` on), `/v1/agent/members` (the servers' catalog nodes,
+//!   read with the caller's token): Consul's JSON ([`agent_views`]).
+//! - Any other `/v1/agent/...`: 404, not supported by weft yet.
+//! - Every other `/v1/...` request is forwarded to the servers' HTTPS API
+//!   with the caller's own token, never the agent's ([`forward`]): catalog,
+//!   health, kv, session, connect, config, acl, status. Its answer streams
+//!   back; 503 when no server can be reached, 413 for a body over
+//!   [`forward::MAX_FORWARD_BODY_BYTES`]. Anything else: 404.
+//!
 //! [`route`] decodes requests (pure); [`handle`] answers one; [`LocalApi`]
 //! serves HTTP/1.1 on hyper and stops gracefully like the admin server. New
 //! endpoints are a [`route::Route`] variant and an arm in [`handle`].
 
+pub mod agent_views;
 pub mod authz;
+pub mod forward;
 pub mod route;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, request::Parts, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body;
 use hyper::service::service_fn;
@@ -41,10 +60,15 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use weft_api::catalog::HealthStatus;
 
+use crate::config::AgentConfig;
 use crate::health::{HealthChecks, HealthError};
 use crate::registered::RegisteredService;
-use authz::{AllowCache, Judge, JudgeError};
+use authz::{AllowCache, Judge, JudgeError, Right};
+use forward::{ForwardError, Forwarder, MAX_FORWARD_BODY_BYTES};
 use route::{CheckOp, Route, RouteError};
+
+/// The body of every answer: a local one, or a server's streamed through.
+pub type ApiBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Largest request body read.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -105,6 +129,10 @@ pub struct LocalApiState {
     judge: Arc<dyn Judge>,
     allowed: Arc<Mutex<AllowCache>>,
     registrar: Option<Arc<dyn Registrar>>,
+    /// The running configuration (services change on reload and
+    /// registration): what the agent read endpoints show.
+    config: Option<Arc<RwLock<Arc<AgentConfig>>>>,
+    forwarder: Option<Arc<Forwarder>>,
 }
 
 impl std::fmt::Debug for LocalApiState {
@@ -122,7 +150,27 @@ impl LocalApiState {
             judge,
             allowed: Arc::default(),
             registrar: None,
+            config: None,
+            forwarder: None,
         }
+    }
+
+    /// Serves the agent read endpoints from `config`.
+    pub fn with_config(mut self, config: Arc<RwLock<Arc<AgentConfig>>>) -> LocalApiState {
+        self.config = Some(config);
+        self
+    }
+
+    /// Forwards other `/v1/` requests through `forwarder`.
+    pub fn with_forwarder(mut self, forwarder: Arc<Forwarder>) -> LocalApiState {
+        self.forwarder = Some(forwarder);
+        self
+    }
+
+    fn current_config(&self) -> Option<Arc<AgentConfig>> {
+        self.config
+            .as_ref()
+            .map(|c| c.read().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
     /// Serves service registration too, through `registrar`.
@@ -135,16 +183,55 @@ impl LocalApiState {
         self.allowed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether `token` has each of `rights`: remembered "yes"es, and the
+    /// judge's answers for the rest (in one call).
+    async fn rights(&self, token: &str, rights: &[Right]) -> Result<Vec<bool>, JudgeError> {
+        let now = Instant::now();
+        let mut answers: Vec<bool> = {
+            let cache = self.cache();
+            rights
+                .iter()
+                .map(|r| cache.allowed(now, token, r))
+                .collect()
+        };
+        let ask: Vec<Right> = rights
+            .iter()
+            .zip(&answers)
+            .filter(|(_, known)| !**known)
+            .map(|(r, _)| r.clone())
+            .collect();
+        if ask.is_empty() {
+            return Ok(answers);
+        }
+        let mut got = Vec::with_capacity(ask.len());
+        for batch in ask.chunks(authz::MAX_RIGHTS_PER_CALL) {
+            let answers = self.judge.authorize(token, batch).await?;
+            if answers.len() != batch.len() {
+                return Err(JudgeError::Failed(format!(
+                    "{} answers to {} questions",
+                    answers.len(),
+                    batch.len()
+                )));
+            }
+            got.extend(answers);
+        }
+        let mut got = got.into_iter();
+        let mut cache = self.cache();
+        for (right, answer) in rights.iter().zip(answers.iter_mut()) {
+            if !*answer {
+                *answer = got.next().unwrap_or(false);
+                if *answer {
+                    cache.remember(Instant::now(), token, right);
+                }
+            }
+        }
+        Ok(answers)
+    }
+
     /// Whether `token` may write `service`: a remembered "yes", or the judge's.
     async fn may_write(&self, token: &str, service: &str) -> Result<bool, JudgeError> {
-        if self.cache().allowed(Instant::now(), token, service) {
-            return Ok(true);
-        }
-        let allowed = self.judge.may_write_service(token, service).await?;
-        if allowed {
-            self.cache().remember(Instant::now(), token, service);
-        }
-        Ok(allowed)
+        let answers = self.rights(token, &[Right::service_write(service)]).await?;
+        Ok(answers == [true])
     }
 }
 
@@ -165,7 +252,9 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
 
 fn route_error(e: RouteError) -> Response<Full<Bytes>> {
     match &e {
-        RouteError::NotFound(_) => text(StatusCode::NOT_FOUND, e.to_string()),
+        RouteError::NotFound(_) | RouteError::NotSupported(_) => {
+            text(StatusCode::NOT_FOUND, e.to_string())
+        }
         RouteError::BadRequest(_) => text(StatusCode::BAD_REQUEST, e.to_string()),
         RouteError::MethodNotAllowed { allow, .. } => {
             let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, e.to_string());
@@ -176,8 +265,12 @@ fn route_error(e: RouteError) -> Response<Full<Bytes>> {
     }
 }
 
+fn boxed(resp: Response<Full<Bytes>>) -> Response<ApiBody> {
+    resp.map(|b| b.map_err(|never| match never {}).boxed())
+}
+
 /// The answer to one request.
-pub async fn handle<B>(state: &LocalApiState, req: Request<B>) -> Response<Full<Bytes>>
+pub async fn handle<B>(state: &LocalApiState, req: Request<B>) -> Response<ApiBody>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -185,24 +278,49 @@ where
     let (parts, body) = req.into_parts();
     let target_len = parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
     if target_len > MAX_URI_BYTES {
-        return text(
+        return boxed(text(
             StatusCode::URI_TOO_LONG,
             format!("request target over {MAX_URI_BYTES} bytes"),
-        );
+        ));
     }
-    match route::route(&parts.method, parts.uri.path()) {
-        Err(e) => route_error(e),
-        Ok(Route::CheckUpdate { check_id, op }) => check_update(state, &parts, body, check_id, op)
-            .await
-            .unwrap_or_else(|resp| resp),
-        Ok(Route::ServiceRegister) => service_register(state, &parts, body)
-            .await
-            .unwrap_or_else(|resp| resp),
-        Ok(Route::ServiceDeregister { service_id }) => {
-            service_deregister(state, &parts, service_id)
-                .await
-                .unwrap_or_else(|resp| resp)
+    let route = route::route(&parts.method, parts.uri.path());
+    if let Ok(Route::Forward) = route {
+        return forward(state, &parts, body).await.unwrap_or_else(boxed);
+    }
+    boxed(handle_local(state, &parts, body, route).await)
+}
+
+/// The answer to a request the agent serves itself.
+async fn handle_local<B>(
+    state: &LocalApiState,
+    parts: &Parts,
+    body: B,
+    route: Result<Route, RouteError>,
+) -> Response<Full<Bytes>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let done = |r: Result<Response<Full<Bytes>>, Response<Full<Bytes>>>| r.unwrap_or_else(|e| e);
+    match route {
+        Ok(Route::Forward) => text(StatusCode::INTERNAL_SERVER_ERROR, "not a local route"),
+        Ok(Route::AgentSelf) => done(agent_read::agent_self(state, parts).await),
+        Ok(Route::AgentServices) => done(agent_read::agent_services(state, parts).await),
+        Ok(Route::AgentService { service_id }) => {
+            done(agent_read::agent_service(state, parts, &service_id).await)
         }
+        Ok(Route::AgentChecks) => done(agent_read::agent_checks(state, parts).await),
+        Ok(Route::AgentMembers) => done(agent_read::agent_members(state, parts).await),
+        Err(e) => route_error(e),
+        Ok(Route::CheckUpdate { check_id, op }) => check_update(state, parts, body, check_id, op)
+            .await
+            .unwrap_or_else(|resp| resp),
+        Ok(Route::ServiceRegister) => service_register(state, parts, body)
+            .await
+            .unwrap_or_else(|resp| resp),
+        Ok(Route::ServiceDeregister { service_id }) => service_deregister(state, parts, service_id)
+            .await
+            .unwrap_or_else(|resp| resp),
     }
 }
 
@@ -331,10 +449,23 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    read_body_up_to(parts, body, MAX_BODY_BYTES).await
+}
+
+/// The body, at most `limit` bytes within [`READ_TIMEOUT`].
+async fn read_body_up_to<B>(
+    parts: &Parts,
+    body: B,
+    limit: usize,
+) -> Result<Bytes, Response<Full<Bytes>>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let too_large = || {
         text(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("body over {MAX_BODY_BYTES} bytes"),
+            format!("body over {limit} bytes"),
         )
     };
     let declared = parts
@@ -342,10 +473,10 @@ where
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+    if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let collect = Limited::new(body, MAX_BODY_BYTES).collect();
+    let collect = Limited::new(body, limit).collect();
     match tokio::time::timeout(READ_TIMEOUT, collect).await {
         Err(_) => Err(text(StatusCode::REQUEST_TIMEOUT, "body not sent in time")),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
@@ -436,6 +567,47 @@ where
         Err(e @ HealthError::Stopped(_)) => {
             Err(refused(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
         }
+    }
+}
+
+/// Forwards a `/v1/` request to the servers ([`forward`]) and streams
+/// their answer back.
+async fn forward<B>(
+    state: &LocalApiState,
+    parts: &Parts,
+    body: B,
+) -> Result<Response<ApiBody>, Response<Full<Bytes>>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let Some(forwarder) = &state.forwarder else {
+        return Err(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this agent does not forward to the servers",
+        ));
+    };
+    let body = if forward::has_body(&parts.method) {
+        read_body_up_to(parts, body, MAX_FORWARD_BODY_BYTES).await?
+    } else {
+        Bytes::new()
+    };
+    match forwarder.forward(parts, body).await {
+        Ok(resp) => Ok(resp.map(|b| b.map_err(Into::into).boxed())),
+        Err(e) => {
+            let status = forward_status(&e);
+            tracing::info!(path = %parts.uri.path(), status = status.as_u16(), "forwarding failed: {e}");
+            Err(text(status, e.to_string()))
+        }
+    }
+}
+
+fn forward_status(e: &ForwardError) -> StatusCode {
+    match e {
+        ForwardError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        ForwardError::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ForwardError::TimedOut { .. } => StatusCode::GATEWAY_TIMEOUT,
+        ForwardError::Failed { .. } | ForwardError::Setup(_) => StatusCode::BAD_GATEWAY,
     }
 }
 
@@ -543,5 +715,9 @@ async fn serve_conn(
     }
 }
 
+mod agent_read;
+
+#[cfg(test)]
+mod forward_tests;
 #[cfg(test)]
 mod tests;

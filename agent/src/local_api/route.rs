@@ -1,6 +1,8 @@
 //! Pure request decoding for the local API: which [`Route`] a method and path
-//! name, the token a request carries, the query's `note`, and the JSON body of
-//! `/v1/agent/check/update/:id`. No I/O: unit-tested on strings and headers.
+//! name (an agent endpoint served here, or [`Route::Forward`] to the
+//! servers), the token a request carries, the query's `note`, and the JSON
+//! body of `/v1/agent/check/update/:id`. No I/O: unit-tested on strings and
+//! headers.
 
 use http::{HeaderMap, Method};
 use serde::Deserialize;
@@ -19,6 +21,19 @@ pub enum Route {
     ServiceRegister,
     /// `PUT /v1/agent/service/deregister/:service_id`.
     ServiceDeregister { service_id: String },
+    /// `GET /v1/agent/self`.
+    AgentSelf,
+    /// `GET /v1/agent/services`.
+    AgentServices,
+    /// `GET /v1/agent/service/:service_id`.
+    AgentService { service_id: String },
+    /// `GET /v1/agent/checks`.
+    AgentChecks,
+    /// `GET /v1/agent/members`.
+    AgentMembers,
+    /// Any other `/v1/` request that is not under `/v1/agent/`: the servers'
+    /// HTTPS API answers it.
+    Forward,
 }
 
 /// How a TTL check is updated.
@@ -48,6 +63,9 @@ impl CheckOp {
 pub enum RouteError {
     #[error("no such endpoint: {0}")]
     NotFound(String),
+    /// An agent endpoint of Consul's that weft's agent does not serve.
+    #[error("{0}: not supported by weft yet (weft's agent serves /v1/agent/self, services, service/:id, checks, members, service/register, service/deregister/:id and check/{{pass,warn,fail,update}}/:id)")]
+    NotSupported(String),
     /// The path exists; the method is not `allow`.
     #[error("method {method} not allowed on {path} (use {allow})")]
     MethodNotAllowed {
@@ -59,23 +77,60 @@ pub enum RouteError {
     BadRequest(String),
 }
 
+/// Only `GET` (and `HEAD`, which hyper answers without the body).
+fn get_only(method: &Method, path: &str, route: Route) -> Result<Route, RouteError> {
+    if method == Method::GET || method == Method::HEAD {
+        Ok(route)
+    } else {
+        Err(RouteError::MethodNotAllowed {
+            method: method.clone(),
+            path: path.to_string(),
+            allow: "GET",
+        })
+    }
+}
+
 /// The route of `method path` (the path without its query).
 pub fn route(method: &Method, path: &str) -> Result<Route, RouteError> {
+    if path == "/v1/agent" || path.starts_with("/v1/agent/") {
+        return agent_route(method, path);
+    }
+    if !path.starts_with("/v1/") {
+        return Err(RouteError::NotFound(path.to_string()));
+    }
+    // Dot segments would name another path on the servers than here.
+    if path.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err(RouteError::BadRequest(format!(
+            "{path}: dot segments are not forwarded"
+        )));
+    }
+    Ok(Route::Forward)
+}
+
+/// Everything under `/v1/agent/`: served here or not at all.
+fn agent_route(method: &Method, path: &str) -> Result<Route, RouteError> {
+    match path {
+        "/v1/agent/self" => return get_only(method, path, Route::AgentSelf),
+        "/v1/agent/services" => return get_only(method, path, Route::AgentServices),
+        "/v1/agent/checks" => return get_only(method, path, Route::AgentChecks),
+        "/v1/agent/members" => return get_only(method, path, Route::AgentMembers),
+        _ => {}
+    }
     if let Some(rest) = path.strip_prefix("/v1/agent/service/") {
         return service_route(method, path, rest);
     }
     let Some(rest) = path.strip_prefix("/v1/agent/check/") else {
-        return Err(RouteError::NotFound(path.to_string()));
+        return Err(RouteError::NotSupported(path.to_string()));
     };
     let (verb, raw_id) = rest
         .split_once('/')
-        .ok_or_else(|| RouteError::NotFound(path.to_string()))?;
+        .ok_or_else(|| RouteError::NotSupported(path.to_string()))?;
     let op = match verb {
         "pass" => CheckOp::Pass,
         "warn" => CheckOp::Warn,
         "fail" => CheckOp::Fail,
         "update" => CheckOp::Update,
-        _ => return Err(RouteError::NotFound(path.to_string())),
+        _ => return Err(RouteError::NotSupported(path.to_string())),
     };
     if raw_id.is_empty() {
         return Err(RouteError::BadRequest(format!(
@@ -95,17 +150,29 @@ pub fn route(method: &Method, path: &str) -> Result<Route, RouteError> {
     Ok(Route::CheckUpdate { check_id, op })
 }
 
-/// `/v1/agent/service/register` and `/v1/agent/service/deregister/:id`.
+/// `/v1/agent/service/register`, `/v1/agent/service/deregister/:id` and
+/// `GET /v1/agent/service/:id` (a service called `register` is not read).
 fn service_route(method: &Method, path: &str, rest: &str) -> Result<Route, RouteError> {
+    let service_id = |raw_id: &str| {
+        percent_decode(raw_id, false)
+            .filter(|id| !id.is_empty() && !id.contains('/'))
+            .ok_or_else(|| RouteError::BadRequest(format!("{raw_id:?}: not a service id")))
+    };
     let route = match rest.split_once('/') {
         None if rest == "register" => Route::ServiceRegister,
-        Some(("deregister", raw_id)) => {
-            let service_id = percent_decode(raw_id, false)
-                .filter(|id| !id.is_empty() && !id.contains('/'))
-                .ok_or_else(|| RouteError::BadRequest(format!("{raw_id:?}: not a service id")))?;
-            Route::ServiceDeregister { service_id }
+        Some(("deregister", raw_id)) => Route::ServiceDeregister {
+            service_id: service_id(raw_id)?,
+        },
+        None if !rest.is_empty() => {
+            return get_only(
+                method,
+                path,
+                Route::AgentService {
+                    service_id: service_id(rest)?,
+                },
+            )
         }
-        _ => return Err(RouteError::NotFound(path.to_string())),
+        _ => return Err(RouteError::NotSupported(path.to_string())),
     };
     if method != Method::PUT {
         return Err(RouteError::MethodNotAllowed {
@@ -255,8 +322,85 @@ mod tests {
         }
         assert!(matches!(
             route(&Method::PUT, "/v1/agent/service/registerx"),
-            Err(RouteError::NotFound(_))
+            Err(RouteError::MethodNotAllowed { allow: "GET", .. })
         ));
+        assert!(matches!(
+            route(&Method::PUT, "/v1/agent/service/maintenance/x"),
+            Err(RouteError::NotSupported(_))
+        ));
+    }
+
+    #[test]
+    fn agent_read_routes() {
+        for (path, want) in [
+            ("/v1/agent/self", Route::AgentSelf),
+            ("/v1/agent/services", Route::AgentServices),
+            ("/v1/agent/checks", Route::AgentChecks),
+            ("/v1/agent/members", Route::AgentMembers),
+            (
+                "/v1/agent/service/web%2D1",
+                Route::AgentService {
+                    service_id: "web-1".into(),
+                },
+            ),
+        ] {
+            assert_eq!(route(&Method::GET, path), Ok(want.clone()), "{path}");
+            assert_eq!(route(&Method::HEAD, path), Ok(want), "{path}");
+            assert!(
+                matches!(
+                    route(&Method::PUT, path),
+                    Err(RouteError::MethodNotAllowed { allow: "GET", .. })
+                ),
+                "{path}"
+            );
+        }
+        assert!(matches!(
+            route(&Method::GET, "/v1/agent/service/a%2Fb"),
+            Err(RouteError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn unserved_agent_endpoints_and_forwarding() {
+        for path in [
+            "/v1/agent",
+            "/v1/agent/",
+            "/v1/agent/join/10.0.0.1",
+            "/v1/agent/check/register",
+            "/v1/agent/check/deregister/x",
+            "/v1/agent/services/x",
+            "/v1/agent/connect/ca/roots",
+        ] {
+            let e = route(&Method::PUT, path).unwrap_err();
+            assert!(matches!(e, RouteError::NotSupported(_)), "{path}: {e:?}");
+            assert!(e.to_string().contains("not supported by weft yet"), "{e}");
+        }
+        for (method, path) in [
+            (Method::GET, "/v1/catalog/services"),
+            (Method::GET, "/v1/health/service/web"),
+            (Method::PUT, "/v1/kv/a/b"),
+            (Method::DELETE, "/v1/kv/a"),
+            (Method::PUT, "/v1/session/create"),
+            (Method::GET, "/v1/connect/ca/roots"),
+            (Method::GET, "/v1/config/service-defaults/web"),
+            (Method::GET, "/v1/acl/token/self"),
+            (Method::GET, "/v1/status/leader"),
+            (Method::GET, "/v1/agentx"),
+        ] {
+            assert_eq!(route(&method, path), Ok(Route::Forward), "{path}");
+        }
+        for path in ["/", "/ui/", "/metrics", "/v1", "/v2/catalog"] {
+            assert!(
+                matches!(route(&Method::GET, path), Err(RouteError::NotFound(_))),
+                "{path}"
+            );
+        }
+        for path in ["/v1/kv/../../metrics", "/v1/./catalog/nodes"] {
+            assert!(
+                matches!(route(&Method::GET, path), Err(RouteError::BadRequest(_))),
+                "{path}"
+            );
+        }
     }
 
     #[test]
@@ -282,15 +426,20 @@ mod tests {
                 op: CheckOp::Pass
             })
         );
+        assert!(matches!(
+            route(&Method::PUT, "/"),
+            Err(RouteError::NotFound(_))
+        ));
         for path in [
-            "/",
             "/v1/agent/check",
             "/v1/agent/check/pass",
             "/v1/agent/check/ok/x",
-            "/v1/agent/services",
         ] {
             assert!(
-                matches!(route(&Method::PUT, path), Err(RouteError::NotFound(_))),
+                matches!(
+                    route(&Method::PUT, path),
+                    Err(RouteError::NotFound(_) | RouteError::NotSupported(_))
+                ),
                 "{path}"
             );
         }

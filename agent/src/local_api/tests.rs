@@ -14,27 +14,36 @@ use super::*;
 use crate::config::{CheckConfig, CheckKind};
 use crate::health::HealthUpdate;
 
-/// Token rights by (token, service); unknown tokens are "ACL not found".
+/// Token rights by token: `resource:access:segment` each; unknown tokens
+/// are "ACL not found".
 #[derive(Default)]
 struct Table {
-    rights: HashMap<(&'static str, &'static str), bool>,
+    rights: HashMap<&'static str, Vec<&'static str>>,
     unreachable: AtomicBool,
     calls: AtomicUsize,
+    /// The most rights asked in one call.
+    largest: AtomicUsize,
 }
 
 impl Judge for Table {
-    fn may_write_service<'a>(
+    fn authorize<'a>(
         &'a self,
         token: &'a str,
-        service: &'a str,
-    ) -> BoxFuture<'a, Result<bool, JudgeError>> {
+        rights: &'a [Right],
+    ) -> BoxFuture<'a, Result<Vec<bool>, JudgeError>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        self.largest.fetch_max(rights.len(), Ordering::SeqCst);
         let answer = if self.unreachable.load(Ordering::SeqCst) {
             Err(JudgeError::Unreachable("10.0.0.1:8502: refused".into()))
-        } else if !self.rights.keys().any(|(t, _)| *t == token) {
-            Err(JudgeError::UnknownToken)
+        } else if let Some(has) = self.rights.get(token) {
+            Ok(rights
+                .iter()
+                .map(|r| {
+                    has.contains(&format!("{}:{}:{}", r.resource, r.access, r.segment).as_str())
+                })
+                .collect())
         } else {
-            Ok(self.rights.get(&(token, service)).copied().unwrap_or(false))
+            Err(JudgeError::UnknownToken)
         };
         Box::pin(async move { answer })
     }
@@ -78,9 +87,9 @@ async fn fixture() -> Fixture {
     }
     let table = Arc::new(Table {
         rights: HashMap::from([
-            (("api-w", "api"), true),
-            (("web-w", "web"), true),
-            (("db-w", "db"), true),
+            ("api-w", vec!["service:write:api"]),
+            ("web-w", vec!["service:write:web"]),
+            ("db-w", vec!["service:write:db"]),
         ]),
         ..Table::default()
     });
@@ -248,7 +257,7 @@ async fn unknown_and_non_ttl_checks_and_bad_requests() {
     assert_eq!(resp.headers()[header::ALLOW], "PUT");
     assert_eq!(
         put(&f.state, "/v1/agent/services", &auth, "").await.0,
-        StatusCode::NOT_FOUND
+        StatusCode::METHOD_NOT_ALLOWED
     );
     unchanged(&mut f.updates).await;
 
@@ -306,4 +315,249 @@ async fn bind_error_names_the_field() {
         e.starts_with(&format!("http_addr {addr}: cannot listen")),
         "{e}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Agent read endpoints.
+
+const CONFIG: &str = r#"
+node_name = "node-a"
+datacenter = "dc1"
+servers = ["127.0.0.2:8502", "127.0.0.1:8502"]
+advertise_addr = "10.77.0.2"
+data_dir = "/var/lib/weft-agent"
+ebpf = false
+token = "agent-secret"
+node_meta = { rack = "r1" }
+
+[[service]]
+id = "api-1"
+name = "api"
+port = 9001
+tags = ["v1"]
+meta = { version = "1" }
+
+[[service]]
+name = "web"
+port = 9000
+
+[[service]]
+name = "db"
+port = 5432
+"#;
+
+fn config_with(extra: &str) -> Arc<RwLock<Arc<AgentConfig>>> {
+    let text = format!("{extra}{CONFIG}");
+    Arc::new(RwLock::new(Arc::new(
+        AgentConfig::parse(&text, "agent.toml").unwrap(),
+    )))
+}
+
+/// The fixture with the configuration above; token `reader` reads api and
+/// node-a, `all` reads every service.
+async fn read_fixture() -> Fixture {
+    let mut f = fixture().await;
+    let table = Arc::new(Table {
+        rights: HashMap::from([
+            ("api-w", vec!["service:write:api"]),
+            ("reader", vec!["service:read:api", "node:read:node-a"]),
+            (
+                "all",
+                vec!["service:read:api", "service:read:web", "service:read:db"],
+            ),
+        ]),
+        ..Table::default()
+    });
+    f.state =
+        LocalApiState::new(f.state.checks.clone(), table.clone()).with_config(config_with(""));
+    f.table = table;
+    f
+}
+
+async fn get(state: &LocalApiState, uri: &str, token: Option<&str>) -> (StatusCode, String) {
+    let mut req = Request::get(uri);
+    if let Some(token) = token {
+        req = req.header("x-consul-token", token);
+    }
+    let resp = handle(state, req.body(Empty::<Bytes>::new()).unwrap()).await;
+    let status = resp.status();
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(b.to_vec()).unwrap())
+}
+
+fn parse_json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+#[tokio::test]
+async fn agent_self_needs_node_read() {
+    let f = read_fixture().await;
+    let (s, b) = get(&f.state, "/v1/agent/self", Some("reader")).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let v = parse_json(&b);
+    assert_eq!(v["Config"]["Datacenter"], "dc1");
+    assert_eq!(v["Config"]["NodeName"], "node-a");
+    assert_eq!(v["Config"]["Server"], false);
+    assert_eq!(v["Config"]["NodeID"].as_str().unwrap().len(), 36);
+    assert_eq!(v["Member"]["Name"], "node-a");
+    assert_eq!(v["Member"]["Addr"], "10.77.0.2");
+    assert_eq!(v["Member"]["Status"], 1);
+    assert_eq!(v["Meta"]["rack"], "r1");
+
+    let (s, b) = get(&f.state, "/v1/agent/self", Some("api-w")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(
+        b,
+        "Permission denied: the token lacks node:read on \"node-a\"\n"
+    );
+    assert_eq!(
+        get(&f.state, "/v1/agent/self", None).await.0,
+        StatusCode::FORBIDDEN
+    );
+    let (s, b) = get(&f.state, "/v1/agent/self", Some("made-up")).await;
+    assert_eq!((s, b.as_str()), (StatusCode::FORBIDDEN, "ACL not found\n"));
+    f.table.unreachable.store(true, Ordering::SeqCst);
+    // "reader" was remembered; another token cannot be asked.
+    assert_eq!(
+        get(&f.state, "/v1/agent/self", Some("reader")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&f.state, "/v1/agent/self", Some("all")).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+#[tokio::test]
+async fn agent_services_are_filtered_by_service_read() {
+    let f = read_fixture().await;
+    let (s, b) = get(&f.state, "/v1/agent/services", Some("reader")).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let v = parse_json(&b);
+    assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
+    let api = &v["api-1"];
+    assert_eq!(api["ID"], "api-1");
+    assert_eq!(api["Service"], "api");
+    assert_eq!(api["Tags"], serde_json::json!(["v1"]));
+    assert_eq!(api["Meta"]["version"], "1");
+    assert_eq!(api["Port"], 9001);
+    assert_eq!(api["Datacenter"], "dc1");
+    assert_eq!(
+        api["Weights"],
+        serde_json::json!({"Passing": 1, "Warning": 1})
+    );
+    assert_eq!(api["EnableTagOverride"], false);
+
+    let (_, b) = get(&f.state, "/v1/agent/services", Some("all")).await;
+    let mut ids: Vec<String> = parse_json(&b)
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["api-1", "db", "web"]);
+    // A token without reads sees nothing, one call for all three services.
+    let calls = f.table.calls.load(Ordering::SeqCst);
+    let (s, b) = get(&f.state, "/v1/agent/services", Some("api-w")).await;
+    assert_eq!((s, b.as_str()), (StatusCode::OK, "{}"));
+    assert_eq!(f.table.calls.load(Ordering::SeqCst), calls + 1);
+    assert_eq!(
+        get(&f.state, "/v1/agent/services", None).await.0,
+        StatusCode::FORBIDDEN
+    );
+
+    let (s, b) = get(&f.state, "/v1/agent/service/api-1", Some("reader")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(parse_json(&b)["Service"], "api");
+    let (s, b) = get(&f.state, "/v1/agent/service/web", Some("reader")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(b.contains("service:read on \"web\""), "{b}");
+    assert_eq!(
+        get(&f.state, "/v1/agent/service/nope", Some("reader"))
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn agent_checks_show_latest_results() {
+    let mut f = read_fixture().await;
+    let (s, b) = get(&f.state, "/v1/agent/checks", Some("reader")).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let v = parse_json(&b);
+    assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
+    let c = &v["service:api-1:1"];
+    assert_eq!(c["Node"], "node-a");
+    assert_eq!(c["CheckID"], "service:api-1:1");
+    assert_eq!(c["Status"], "critical");
+    assert_eq!(c["ServiceID"], "api-1");
+    assert_eq!(c["ServiceName"], "api");
+    assert_eq!(c["ServiceTags"], serde_json::json!(["v1"]));
+    assert_eq!(c["Type"], "ttl");
+
+    let auth = [("x-consul-token", "api-w")];
+    let (s, _) = put(&f.state, &format!("{API_TTL}?note=fine"), &auth, "").await;
+    assert_eq!(s, StatusCode::OK);
+    next(&mut f.updates).await;
+    let (_, b) = get(&f.state, "/v1/agent/checks", Some("reader")).await;
+    let c = &parse_json(&b)["service:api-1:1"];
+    assert_eq!(
+        (c["Status"].as_str(), c["Output"].as_str()),
+        (Some("passing"), Some("fine"))
+    );
+
+    let (_, b) = get(&f.state, "/v1/agent/checks", Some("all")).await;
+    let v = parse_json(&b);
+    assert_eq!(v.as_object().unwrap().len(), 3, "{v}");
+    assert_eq!(v["db-tcp"]["Type"], "tcp");
+}
+
+#[tokio::test]
+async fn other_agent_endpoints_and_paths() {
+    let f = read_fixture().await;
+    for path in [
+        "/v1/agent/check/register",
+        "/v1/agent/join/10.0.0.1",
+        "/v1/agent/metrics",
+    ] {
+        let (s, b) = get(&f.state, path, Some("reader")).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{path}");
+        assert!(b.contains("not supported by weft yet"), "{b}");
+    }
+    assert_eq!(
+        get(&f.state, "/metrics", None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    // Without a forwarder, nothing is forwarded.
+    assert_eq!(
+        get(&f.state, "/v1/catalog/nodes", Some("reader")).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+#[tokio::test]
+async fn many_rights_are_asked_in_batches_the_servers_take() {
+    let f = read_fixture().await;
+    let names: Vec<String> = (0..130).map(|i| format!("svc-{i}")).collect();
+    let mut rights: Vec<Right> = names.iter().map(|n| Right::service_read(n)).collect();
+    rights.push(Right::service_read("api"));
+    let answers = f.state.rights("reader", &rights).await.unwrap();
+    assert_eq!(answers.len(), 131);
+    assert_eq!(answers.iter().filter(|a| **a).count(), 1);
+    assert!(answers[130]);
+    assert_eq!(f.table.calls.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        f.table.largest.load(Ordering::SeqCst),
+        authz::MAX_RIGHTS_PER_CALL
+    );
+    // The "yes" was remembered; only the rest is asked again.
+    let answers = f.state.rights("reader", &rights).await.unwrap();
+    assert!(answers[130]);
+    assert_eq!(
+        f.table.largest.load(Ordering::SeqCst),
+        authz::MAX_RIGHTS_PER_CALL
+    );
+    assert_eq!(f.table.calls.load(Ordering::SeqCst), 6);
 }
