@@ -471,39 +471,30 @@ pub fn timeout_for(query: Option<&str>) -> Duration {
     wait + wait / 16 + BLOCKING_MARGIN
 }
 
-/// A duration in Go's syntax, as Consul's `wait` takes it: `10s`, `5m`,
-/// `1m30s`, `1.5h`, `250ms` (units ns, us, µs, ms, s, m, h), or `0`.
+/// A duration as Consul's `wait` takes it (`10s`, `5m`, `1m30s`, `250ms`).
 pub fn parse_duration(text: &str) -> Option<Duration> {
-    if text == "0" {
-        return Some(Duration::ZERO);
+    weft_api::duration::parse_duration(text).ok()
+}
+
+/// A session create body (Consul's JSON, or empty) with `Node` set to
+/// `node` when it names none.
+pub fn session_on_node(body: &[u8], node: &str) -> Result<Bytes, String> {
+    let mut doc: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::json!({})
+    } else {
+        serde_json::from_slice(body).map_err(|e| format!("request body: {e}"))?
+    };
+    let Some(map) = doc.as_object_mut() else {
+        return Err("request body: want a JSON object".into());
+    };
+    let named = map
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("node") && v.as_str().is_some_and(|n| !n.is_empty()));
+    if !named {
+        map.retain(|k, _| !k.eq_ignore_ascii_case("node"));
+        map.insert("Node".into(), node.into());
     }
-    if text.is_empty() {
-        return None;
-    }
-    let mut rest = text;
-    let mut total = 0f64;
-    while !rest.is_empty() {
-        let number_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let number: f64 = rest[..number_len].parse().ok()?;
-        rest = &rest[number_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let seconds = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        rest = &rest[unit_len..];
-        total += number * seconds;
-    }
-    Duration::try_from_secs_f64(total).ok()
+    Ok(Bytes::from(doc.to_string()))
 }
 
 /// Whether `method` may carry a body the servers read.
@@ -514,6 +505,24 @@ pub fn has_body(method: &Method) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sessions_default_to_this_node() {
+        let on = |b: &str| -> serde_json::Value {
+            serde_json::from_slice(&session_on_node(b.as_bytes(), "node-a").unwrap()).unwrap()
+        };
+        assert_eq!(on(""), serde_json::json!({"Node": "node-a"}));
+        assert_eq!(
+            on(r#"{"name":"x","node":null}"#),
+            serde_json::json!({"name": "x", "Node": "node-a"})
+        );
+        assert_eq!(
+            on(r#"{"node":"node-b"}"#),
+            serde_json::json!({"node": "node-b"})
+        );
+        assert!(session_on_node(b"[1]", "n").is_err());
+        assert!(session_on_node(b"{", "n").is_err());
+    }
 
     #[test]
     fn go_durations() {

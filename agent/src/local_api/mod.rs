@@ -587,11 +587,18 @@ where
             "this agent does not forward to the servers",
         ));
     };
-    let body = if forward::has_body(&parts.method) {
+    let mut body = if forward::has_body(&parts.method) {
         read_body_up_to(parts, body, MAX_FORWARD_BODY_BYTES).await?
     } else {
         Bytes::new()
     };
+    // As Consul's agent does: a session is this node's unless it names one.
+    if parts.method == http::Method::PUT && parts.uri.path() == "/v1/session/create" {
+        if let Some(config) = state.current_config() {
+            body = forward::session_on_node(&body, &config.node_name)
+                .map_err(|e| text(StatusCode::BAD_REQUEST, e))?;
+        }
+    }
     match forwarder.forward(parts, body).await {
         Ok(resp) => Ok(resp.map(|b| b.map_err(Into::into).boxed())),
         Err(e) => {
