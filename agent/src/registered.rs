@@ -37,6 +37,30 @@ pub enum RegisteredError {
     Body(String),
 }
 
+/// The keys a registration takes, in weft's spelling.
+const REGISTRATION_KEYS: weft_api::consul_keys::Schema = weft_api::consul_keys::Schema {
+    known: &[&[
+        "ID",
+        "Name",
+        "Port",
+        "Address",
+        "Tags",
+        "Meta",
+        "Check",
+        "Checks",
+        "CheckID",
+        "HTTP",
+        "TCP",
+        "GRPC",
+        "TTL",
+        "Interval",
+        "Timeout",
+        "DeregisterCriticalServiceAfter",
+    ]],
+    user_keyed: &["Meta"],
+    tenancy: &["Namespace", "Partition"],
+};
+
 /// One service as Consul's `agent/service/register` takes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "PascalCase")]
@@ -114,9 +138,13 @@ struct TomlCheck<'a> {
 }
 
 impl RegisteredService {
-    /// Parses a request body; an unknown field is named.
+    /// Parses a request body, its keys read as Consul's agent reads them
+    /// (any case, snake_case); an unknown field is named.
     pub fn from_json(body: &[u8]) -> Result<Self, RegisteredError> {
-        serde_json::from_slice(body).map_err(|e| RegisteredError::Body(e.to_string()))
+        let bad = |e: &dyn std::fmt::Display| RegisteredError::Body(e.to_string());
+        let mut doc: serde_json::Value = serde_json::from_slice(body).map_err(|e| bad(&e))?;
+        weft_api::consul_keys::normalize(&mut doc, &REGISTRATION_KEYS).map_err(|e| bad(&e))?;
+        serde_json::from_value(doc).map_err(|e| bad(&e))
     }
 
     /// The service id (Consul: the name when there is no ID).
@@ -263,6 +291,27 @@ port = 8000
         // web's upstream stays web's.
         assert_eq!(config.services[0].upstreams.len(), 1);
         assert!(config.services[1].upstreams.is_empty());
+    }
+
+    #[test]
+    fn keys_in_any_case_as_consuls_agent_reads_them() {
+        // What py-consul sends.
+        let lower = RegisteredService::from_json(
+            br#"{"name":"db","id":"db-1","port":5432,"meta":{"Team_Name":"x"},"checks":[{"ttl":"30s","check_id":"db-ttl"}]}"#,
+        )
+        .unwrap();
+        let pascal = RegisteredService::from_json(
+            br#"{"Name":"db","ID":"db-1","Port":5432,"Meta":{"Team_Name":"x"},"Checks":[{"TTL":"30s","CheckID":"db-ttl"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(lower, pascal);
+        assert!(RegisteredService::from_json(br#"{"Name":"db","name":"db","Port":1}"#).is_err());
+        assert!(
+            RegisteredService::from_json(br#"{"Name":"db","Port":1,"Namespace":"ns"}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("not supported by weft yet")
+        );
     }
 
     #[test]

@@ -450,7 +450,7 @@ pub enum ConfigEntryError {
     #[error("{0}")]
     Parse(#[from] ParseError),
     #[error("{0}")]
-    Keys(#[from] keys::KeyError),
+    Keys(#[from] crate::consul_keys::KeyError),
 }
 
 impl ConfigEntryError {

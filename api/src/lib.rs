@@ -22,6 +22,7 @@
 pub mod acl;
 pub mod catalog;
 pub mod config_entry;
+pub mod consul_keys;
 pub mod convert;
 pub mod duration;
 pub mod exposition;

@@ -6,7 +6,9 @@
 //! are accepted as `"default"` (or empty), the only ones weft has, and
 //! dropped; any other value is refused as not supported yet.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+use crate::consul_keys::{fold, normalize as normalize_with, KeyError, Schema};
 
 /// Every key weft's entries take, and Consul's keys weft refuses as not
 /// supported yet (so that `load_balancer` is refused by its name too).
@@ -62,87 +64,16 @@ const USER_KEYED: &[&str] = &["Subsets", "Failover", "Meta"];
 /// Keys naming a tenancy weft has one of.
 const TENANCY: &[&str] = &["Namespace", "Partition"];
 
-/// Why a document's keys were refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum KeyError {
-    #[error("{0}: given twice (keys are read case-insensitively, as Consul reads them)")]
-    Twice(String),
-    #[error("{key} {value}: not supported by weft yet (only \"default\")")]
-    Tenancy { key: String, value: String },
-}
-
-/// The folded form keys are compared in: lower case, no underscores.
-fn fold(key: &str) -> String {
-    key.chars()
-        .filter(|c| *c != '_')
-        .map(|c| c.to_ascii_lowercase())
-        .collect()
-}
-
-/// weft's spelling of `key`, if it is one weft knows.
-fn canonical(key: &str) -> Option<&'static str> {
-    let folded = fold(key);
-    KNOWN
-        .iter()
-        .chain(super::CONSUL_FIELDS)
-        .chain(TENANCY)
-        .find(|k| fold(k) == folded)
-        .copied()
-}
+const SCHEMA: Schema = Schema {
+    known: &[KNOWN, super::CONSUL_FIELDS],
+    user_keyed: USER_KEYED,
+    tenancy: TENANCY,
+};
 
 /// Rewrites `doc`'s keys to weft's spelling and drops default tenancy
 /// fields. Returns whether anything changed.
 pub fn normalize(doc: &mut Value) -> Result<bool, KeyError> {
-    let mut changed = false;
-    walk(doc, false, &mut changed)?;
-    Ok(changed)
-}
-
-fn walk(value: &mut Value, user_keyed: bool, changed: &mut bool) -> Result<(), KeyError> {
-    match value {
-        Value::Array(items) => {
-            for item in items {
-                walk(item, false, changed)?;
-            }
-            Ok(())
-        }
-        Value::Object(map) if user_keyed => {
-            for v in map.values_mut() {
-                walk(v, false, changed)?;
-            }
-            Ok(())
-        }
-        Value::Object(map) => {
-            let old = std::mem::take(map);
-            let mut out = Map::with_capacity(old.len());
-            for (key, mut v) in old {
-                let name = canonical(&key);
-                let spelled = name.map_or(key.clone(), str::to_string);
-                *changed |= spelled != key;
-                if TENANCY.contains(&spelled.as_str()) {
-                    match v.as_str() {
-                        Some("" | "default") => {
-                            *changed = true;
-                            continue;
-                        }
-                        _ => {
-                            return Err(KeyError::Tenancy {
-                                key: spelled,
-                                value: v.to_string(),
-                            })
-                        }
-                    }
-                }
-                walk(&mut v, USER_KEYED.contains(&spelled.as_str()), changed)?;
-                if out.insert(spelled.clone(), v).is_some() {
-                    return Err(KeyError::Twice(spelled));
-                }
-            }
-            *map = out;
-            Ok(())
-        }
-        _ => Ok(()),
-    }
+    normalize_with(doc, &SCHEMA)
 }
 
 /// The document's `Name`, however it is spelled.
