@@ -8,6 +8,7 @@
 
 pub mod browser;
 pub mod cgroup;
+pub mod clients;
 pub mod echo;
 pub mod logs;
 pub mod mesh;

@@ -154,14 +154,17 @@ impl Call {
             .map(|(_, v)| v.as_str())
     }
 
-    /// Whether the query has flag `name` (`?name` or `?name=true`; any
-    /// other value is refused rather than read one way or the other).
+    /// Whether the query has flag `name`: `?name` alone, or a value Go's
+    /// `strconv.ParseBool` reads (`1`, `t`, `true`, `0`, `f`, `false`, …),
+    /// as Consul takes it (py-consul sends `passing=1`). Any other value is
+    /// refused rather than read one way or the other.
     pub fn flag(&self, name: &str) -> Result<bool, HttpError> {
         match self.query(name) {
             None => Ok(false),
-            Some("" | "true") => Ok(true),
+            Some("" | "1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(true),
+            Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(false),
             Some(v) => Err(HttpError::bad_request(format!(
-                "query parameter {name}={v:?}: a flag, given alone or as {name}=true"
+                "query parameter {name}={v:?}: a flag, given alone or as {name}=true or {name}=false"
             ))),
         }
     }

@@ -1,0 +1,127 @@
+"""What a Python application using py-consul does against its node's agent.
+
+Run by tests/tests/consul_clients.rs inside a mesh node, with the agent's
+local API at 127.0.0.1:8500. Arguments: a management token, a token that may
+only read keys under "nothing/", and the node's name. Every step asserts;
+the last line printed is a JSON summary the Rust test checks again.
+"""
+import json
+import sys
+import threading
+import time
+
+import consul
+from consul.callback import CB
+
+token, weak_token, node = sys.argv[1:4]
+c = consul.Consul(host="127.0.0.1", port=8500, token=token)
+out = {}
+
+
+def until(what, seconds, probe):
+    """probe() until it returns something true, at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        got = probe()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"{what}: not within {seconds}s"
+        time.sleep(0.2)
+
+
+# The agent and its node. py-consul 1.8's agent.self() and members() send
+# no token (a Consul agent with default-deny ACLs refuses them too, unless
+# it has a default token), so they go through its HTTP layer with one.
+me = c.http.get(CB.json(), "/v1/agent/self", headers=c.prepare_headers())
+assert me["Config"]["NodeName"] == node, me
+out["datacenter"] = me["Config"]["Datacenter"]
+members = c.http.get(CB.json(), "/v1/agent/members", headers=c.prepare_headers())
+out["members"] = sorted(m["Name"] for m in members)
+try:
+    c.agent.self()
+    raise AssertionError("agent.self() without a token was answered")
+except consul.ACLPermissionDenied:
+    pass
+
+# A service with a TTL check, registered through the agent and reported on.
+c.agent.service.register(
+    "pyapp", service_id="pyapp-1", port=9100, tags=["py"], check=consul.Check.ttl("60s")
+)
+assert "pyapp-1" in c.agent.services(), c.agent.services()
+c.agent.check.ttl_pass("service:pyapp-1", "all good")
+_, passing = until(
+    "pyapp passing in the catalog", 30, lambda: (lambda r: r if r[1] else None)(c.health.service("pyapp", passing=True))
+)
+out["pyapp"] = {
+    "node": passing[0]["Node"]["Node"],
+    "port": passing[0]["Service"]["Port"],
+    "tags": passing[0]["Service"]["Tags"],
+    "checks": [(k["Status"], k["Output"]) for k in passing[0]["Checks"]],
+}
+_, services = c.catalog.services()
+assert "pyapp" in services, services
+assert c.agent.checks()["service:pyapp-1"]["Status"] == "passing"
+
+# KV: put, get, check-and-set, and a blocking query woken by a write.
+assert c.kv.put("py/config", "one") is True
+index, item = c.kv.get("py/config")
+assert item["Value"] == b"one", item
+assert c.kv.put("py/config", "two", cas=item["ModifyIndex"]) is True
+assert c.kv.put("py/config", "three", cas=item["ModifyIndex"]) is False
+index, item = c.kv.get("py/config")
+assert item["Value"] == b"two", item
+woken = {}
+
+
+def block():
+    woken["reply"] = c.kv.get("py/config", index=index, wait="30s")
+
+
+waiter = threading.Thread(target=block)
+waiter.start()
+assert c.kv.put("py/config", "four") is True
+waiter.join(40)
+assert not waiter.is_alive(), "the blocking query never came back"
+new_index, new_item = woken["reply"]
+assert new_index > index and new_item["Value"] == b"four", woken
+out["kv"] = new_item["Value"].decode()
+
+# Sessions and a lock (leader election): one holder at a time.
+first = c.session.create(name="py-leader", ttl=10, lock_delay=0)
+second = c.session.create(name="py-standby", lock_delay=0)
+assert c.kv.put("py/leader", "first", acquire=first) is True
+assert c.kv.put("py/leader", "second", acquire=second) is False
+_, info = c.session.info(first)
+assert info["Node"] == node and info["TTL"] == "10s", info
+c.session.renew(first)
+_, held = c.kv.get("py/leader")
+assert held["Session"] == first, held
+assert c.kv.put("py/leader", "", release=first) is True
+assert c.kv.put("py/leader", "second", acquire=second) is True
+c.session.destroy(first)
+_, gone = c.session.info(first)
+assert gone is None, gone
+_, listed = c.session.list()
+out["sessions"] = sorted(s["Name"] for s in listed)
+c.session.destroy(second)
+_, released = c.kv.get("py/leader")
+out["lock"] = {"value": released["Value"].decode(), "session": released.get("Session") or "", "lock_index": released["LockIndex"]}
+
+# Intentions.
+assert c.connect.intentions.upsert("web", "pyapp", action="deny") is True
+out["web_to_pyapp_allowed"] = c.connect.intentions.check("web", "pyapp")
+assert c.connect.intentions.delete("web", "pyapp") is True
+
+# ACL tokens: the client's own, and a weak one refused.
+out["token_self_policies"] = len(c.acl.token.read_self().get("Policies") or [])
+weak = consul.Consul(host="127.0.0.1", port=8500, token=weak_token)
+try:
+    weak.kv.put("py/config", "stolen")
+    raise AssertionError("a token without key write wrote a key")
+except consul.ACLPermissionDenied:
+    out["weak_write"] = "refused"
+assert c.kv.get("py/config")[1]["Value"] == b"four"
+
+c.agent.service.deregister("pyapp-1")
+until("pyapp gone from the catalog", 30, lambda: c.health.service("pyapp")[1] == [])
+print(json.dumps(out))
