@@ -6,10 +6,12 @@
 //! - py-consul (PyPI): agent, catalog, health, KV with check-and-set and a
 //!   blocking query, service and TTL-check registration, sessions and a
 //!   lock, intentions, ACL tokens (`tests/clients/py_consul.py`).
+//! - the npm `consul` package: KV with check-and-set, a watch (blocking
+//!   reads) and a delete, and the catalog (`tests/clients/npm_consul.js`).
 use std::time::Duration;
 
 use anyhow::Context;
-use weft_tests::mesh::{Mesh, MeshSpec, NodeA};
+use weft_tests::mesh::{Mesh, MeshSpec, NodeA, NodeB, Service};
 use weft_tests::{clients, require_root};
 
 /// A token that may read keys under `nothing/` only.
@@ -57,7 +59,7 @@ fn py_consul_through_the_agent() -> anyhow::Result<()> {
     assert_eq!(summary["datacenter"], "dc1");
     assert_eq!(
         summary["members"],
-        serde_json::json!([NodeA.node_name(), weft_tests::mesh::NodeB.node_name()])
+        serde_json::json!([NodeA.node_name(), NodeB.node_name()])
     );
     assert_eq!(summary["pyapp"]["node"], NodeA.node_name());
     assert_eq!(summary["pyapp"]["port"], 9100);
@@ -79,5 +81,42 @@ fn py_consul_through_the_agent() -> anyhow::Result<()> {
     // with it.
     let kv = mesh.weft(&["kv", "get", "py/config"])?;
     assert_eq!(kv.trim(), "four");
+    Ok(())
+}
+
+#[test]
+fn npm_consul_through_the_agent() -> anyhow::Result<()> {
+    require_root();
+    let mesh = Mesh::start(MeshSpec::new("deny").node_b(Service::new("api", 8080)))?;
+    let script = clients::script("npm_consul.js");
+    let mut cmd = std::process::Command::new("node");
+    cmd.arg(&script)
+        .args([mesh.token.as_str(), "api", NodeA.node_name()])
+        .env("NODE_PATH", clients::node_modules());
+    let _ns = weft_tests::mesh::in_netns(&mut cmd, mesh.netns(NodeA))?;
+    let out = weft_tests::mesh::run_bounded(&mut cmd, Duration::from_secs(60))?;
+    anyhow::ensure!(
+        out.success(),
+        "npm consul: {}\nagent log:\n{}",
+        out.describe(),
+        mesh.agent_log_tail(NodeA, 40)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(out.stdout.lines().last().context("no summary printed")?)
+            .with_context(|| format!("summary of {}", out.stdout))?;
+    assert_eq!(
+        summary["keys"],
+        serde_json::json!(["js/greeting", "js/other"])
+    );
+    assert_eq!(summary["watched"], serde_json::json!(["hi", "woken"]));
+    assert_eq!(
+        summary["instances"],
+        serde_json::json!([{"node": NodeB.node_name(), "service": "api", "port": 8080}])
+    );
+    assert_eq!(
+        summary["nodes"],
+        serde_json::json!([NodeA.node_name(), NodeB.node_name()])
+    );
+    assert_eq!(summary["anonymous"], "refused");
     Ok(())
 }

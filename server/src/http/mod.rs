@@ -154,19 +154,9 @@ impl Call {
             .map(|(_, v)| v.as_str())
     }
 
-    /// Whether the query has flag `name`: `?name` alone, or a value Go's
-    /// `strconv.ParseBool` reads (`1`, `t`, `true`, `0`, `f`, `false`, …),
-    /// as Consul takes it (py-consul sends `passing=1`). Any other value is
-    /// refused rather than read one way or the other.
+    /// Whether the query has flag `name` (see [`flag_value`]).
     pub fn flag(&self, name: &str) -> Result<bool, HttpError> {
-        match self.query(name) {
-            None => Ok(false),
-            Some("" | "1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(true),
-            Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(false),
-            Some(v) => Err(HttpError::bad_request(format!(
-                "query parameter {name}={v:?}: a flag, given alone or as {name}=true or {name}=false"
-            ))),
-        }
+        self.query(name).map_or(Ok(false), |v| flag_value(name, v))
     }
 
     /// Refuses query parameters other than `known`, so that one weft does
@@ -252,6 +242,20 @@ impl Call {
     }
 }
 
+/// A flag's value: given alone, or a value Go's `strconv.ParseBool` reads
+/// (`1`, `t`, `true`, `0`, `f`, `false`, …), as Consul takes it (py-consul
+/// sends `passing=1`, the npm client `stale=1`). Any other value is refused
+/// rather than read one way or the other.
+fn flag_value(name: &str, value: &str) -> Result<bool, HttpError> {
+    match value {
+        "" | "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        v => Err(HttpError::bad_request(format!(
+            "query parameter {name}={v:?}: a flag, given alone or as {name}=true or {name}=false"
+        ))),
+    }
+}
+
 /// The token secret a request carries (Consul's header, or a bearer token).
 fn secret_of(headers: &HeaderMap) -> Option<String> {
     let consul = headers
@@ -295,24 +299,22 @@ async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, Ht
     let mut query = query;
     let mut refused = None;
     query.retain(|(k, v)| {
-        let flag = |v: &str| v.is_empty() || v == "true";
+        let mut flag = |slot: &mut bool| match flag_value(k, v) {
+            Ok(set) => *slot = set,
+            Err(e) => refused = Some(e),
+        };
         match k.as_str() {
-            "stale" if flag(v) => stale = true,
-            "consistent" if flag(v) => consistent = true,
+            "stale" => flag(&mut stale),
+            "consistent" => flag(&mut consistent),
             "index" => index = Some(v.clone()),
             "wait" => wait = Some(v.clone()),
             "dc" => dc = Some(v.clone()),
-            "stale" | "consistent" => {
-                refused = Some(format!(
-                    "query parameter {k}={v:?}: a flag, given alone or as {k}=true"
-                ))
-            }
             _ => return true,
         }
         false
     });
-    if let Some(message) = refused {
-        return Err(HttpError::bad_request(message));
+    if let Some(e) = refused {
+        return Err(e);
     }
     if stale && consistent {
         return Err(HttpError::bad_request(
