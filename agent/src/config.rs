@@ -138,6 +138,9 @@ pub struct AgentConfig {
     /// (`consul`, as Consul users' tools expect; empty: none).
     pub dns_domain: String,
     pub dns_alt_domain: String,
+    /// Where the DNS server sends names outside its domains (Consul's
+    /// `recursors`; none: they are refused).
+    pub recursors: Vec<SocketAddr>,
     /// The local HTTP API (`/v1/agent/check/...`); a loopback address.
     pub http_addr: SocketAddr,
     #[serde(with = "duration_text")]
@@ -383,6 +386,8 @@ struct RawConfig {
     dns_domain: String,
     #[serde(default = "default_dns_alt_domain")]
     dns_alt_domain: String,
+    #[serde(default)]
+    recursors: Vec<String>,
     #[serde(default = "default_http")]
     http_addr: String,
     #[serde(default = "default_drain")]
@@ -566,6 +571,42 @@ fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, Invalid> {
             format!("{value:?} is not an IP:PORT address (e.g. \"127.0.0.1:15020\")"),
         )
     })
+}
+
+/// `recursors`: `IP` (port 53) or `IP:PORT` each, at most
+/// [`crate::dns::recurse::MAX_RECURSORS`], never the agent's own DNS address
+/// (it would forward to itself).
+fn recursors(values: &[String], dns_addr: SocketAddr) -> Result<Vec<SocketAddr>, Invalid> {
+    use crate::dns::recurse::MAX_RECURSORS;
+    if values.len() > MAX_RECURSORS {
+        return Err(invalid(
+            "recursors",
+            format!("{} given, at most {MAX_RECURSORS}", values.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(values.len());
+    for value in values {
+        let addr = match value.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, 53),
+            Err(_) => value.parse().map_err(|_| {
+                invalid(
+                    "recursors",
+                    format!("{value:?} is not an IP or IP:PORT address (e.g. \"10.0.0.53\")"),
+                )
+            })?,
+        };
+        let own = addr.port() == dns_addr.port()
+            && (addr.ip() == dns_addr.ip()
+                || (dns_addr.ip().is_unspecified() && addr.ip().is_loopback()));
+        if own || addr.port() == 0 || addr.ip().is_unspecified() {
+            return Err(invalid(
+                "recursors",
+                format!("{value:?}: the agent's own DNS address ({dns_addr}) or no address; it would ask itself"),
+            ));
+        }
+        out.push(addr);
+    }
+    Ok(out)
 }
 
 fn ip_addr(field: &str, value: &str) -> Result<IpAddr, Invalid> {
@@ -819,6 +860,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             format!("{dns_alt_domain:?} is dns_domain already"),
         ));
     }
+    let recursors = recursors(&raw.recursors, dns_addr)?;
     let http_addr = socket_addr("http_addr", &raw.http_addr)?;
     if !http_addr.ip().is_loopback() {
         // Workloads send their tokens to this API in clear text: it must
@@ -964,6 +1006,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         dns_addr,
         dns_domain,
         dns_alt_domain,
+        recursors,
         http_addr,
         drain_timeout,
         upgrade_drain_timeout,
@@ -1690,6 +1733,33 @@ data_dir = "/var/lib/weft-agent"
             e.contains("dns_alt_domain: \"weft\" is dns_domain already"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn recursors_take_ips_with_or_without_a_port_and_never_the_agent_itself() {
+        let c = parse(&format!(
+            "recursors = [\"10.0.0.53\", \"127.0.0.2:5353\"]\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.recursors,
+            [
+                "10.0.0.53:53".parse().unwrap(),
+                "127.0.0.2:5353".parse::<SocketAddr>().unwrap()
+            ]
+        );
+        assert!(parse(MINIMAL).unwrap().recursors.is_empty());
+        for (bad, says) in [
+            ("\"dns.example\"", "not an IP"),
+            ("\"127.0.0.1:8600\"", "own DNS address"),
+            ("\"0.0.0.0\"", "no address"),
+        ] {
+            let e = err(&format!("recursors = [{bad}]\n{MINIMAL}"));
+            assert!(e.contains("recursors") && e.contains(says), "{bad}: {e}");
+        }
+        let many = vec!["\"10.0.0.1\""; 9].join(", ");
+        let e = err(&format!("recursors = [{many}]\n{MINIMAL}"));
+        assert!(e.contains("at most 8"), "{e}");
     }
 
     #[test]

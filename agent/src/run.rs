@@ -394,6 +394,7 @@ pub async fn run(
             domains: config.dns_domains(),
             datacenter: config.datacenter.clone(),
         },
+        recursors: crate::dns::recurse::Recursors::new(config.recursors.clone()),
     };
     let dns = match (
         sockets.inherited.udp("dns-udp"),

@@ -48,7 +48,11 @@ fuzz_target!(|data: &[u8]| {
     let resolver = Resolver {
         catalog: Arc::new(Mesh),
         zone: Zone::default(),
+        recursors: weft_agent::dns::recurse::Recursors::new(Vec::new()),
     };
+    // Whatever the bytes, deciding whether to forward them neither panics
+    // nor forwards a mesh name.
+    let _ = weft_agent::dns::recurse::forwardable(data, &resolver);
     for transport in [Transport::Udp, Transport::Tcp] {
         if let Some(reply) = respond(data, transport, &resolver) {
             assert!(

@@ -1508,3 +1508,68 @@ fn weft_top_shows_the_pairs_of_a_running_mesh() -> anyhow::Result<()> {
     eprintln!("{table}");
     Ok(())
 }
+
+/// With `recursors`, names outside the mesh's domains go to them (UDP and
+/// TCP), so the agent can be a workload's only resolver; mesh names, known
+/// or not, never leave the agent; without "recursion desired" nothing is
+/// forwarded.
+#[test]
+fn dns_forwards_other_names_to_recursors_and_keeps_mesh_names() -> anyhow::Result<()> {
+    require_root();
+    let mut spec = spec().node_b(api("api-1", 8080));
+    spec.agent_extra = "recursors = [\"127.0.0.2:5353\"]\n".into();
+    let mesh = Mesh::start(spec)?;
+    let mut upstream = std::process::Command::new("python3");
+    upstream.args([
+        weft_tests::clients::script("fake_dns.py")
+            .to_str()
+            .context("script path")?,
+        "127.0.0.2",
+        "5353",
+    ]);
+    let upstream = mesh.spawn(NodeA, &mut upstream, "fake-dns.log")?;
+    let asked = || std::fs::read_to_string(mesh.path("fake-dns.log")).unwrap_or_default();
+    wait_until(
+        Duration::from_secs(10),
+        "the upstream resolver ready",
+        || Ok(asked().contains("ready").then_some(())),
+    )?;
+    assert_eq!(dig(&mesh, &["example.test"])?, ["192.0.2.44"]);
+    assert_eq!(dig(&mesh, &["+tcp", "www.example.test"])?, ["192.0.2.44"]);
+    // The mesh's own names are answered here, and unknown ones are NXDOMAIN
+    // here: neither reaches the upstream.
+    let vip = mesh.vip("api")?;
+    assert_eq!(dig(&mesh, &["api.service.weft"])?, [vip]);
+    let args = ["@127.0.0.1", "-p", "8600", "+tries=1", "+time=2"];
+    let unknown = mesh.run(
+        NodeA,
+        "dig",
+        &[&args[..], &["nothing.service.consul"]].concat(),
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        unknown.stdout.contains("status: NXDOMAIN"),
+        "{}",
+        unknown.describe()
+    );
+    let norecurse = mesh.run(
+        NodeA,
+        "dig",
+        &[&args[..], &["+norecurse", "plain.example.test"]].concat(),
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        norecurse.stdout.contains("status: REFUSED"),
+        "{}",
+        norecurse.describe()
+    );
+    let seen = asked();
+    let names: Vec<&str> = seen.lines().filter(|l| *l != "ready").collect();
+    assert_eq!(
+        names,
+        ["example.test", "www.example.test"],
+        "the upstream saw {seen:?}"
+    );
+    drop(upstream);
+    Ok(())
+}

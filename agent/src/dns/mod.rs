@@ -8,7 +8,8 @@
 //!   are NOERROR with an empty answer (an NXDOMAIN there would tell
 //!   resolvers that follow RFC 8020 that no name below them exists either);
 //! - any other name inside a domain that names nothing: NXDOMAIN;
-//! - names outside the domains: REFUSED;
+//! - names outside the domains: REFUSED, or, with `recursors` configured and
+//!   recursion desired, forwarded to them ([`recurse`]);
 //! - undecodable queries: FORMERR; a request that is not even a DNS header (under 12
 //!   bytes) or that is itself a response gets no reply.
 //!
@@ -21,6 +22,7 @@
 //! can make it panic or stop.
 
 pub mod names;
+pub mod recurse;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -88,6 +90,8 @@ pub use names::{decide, Decision, DnsCatalog, DnsInstance, Srv, Zone};
 pub struct Resolver {
     pub catalog: Arc<dyn DnsCatalog>,
     pub zone: Zone,
+    /// Where names outside the domains go (none: they are refused).
+    pub recursors: recurse::Recursors,
 }
 
 /// The server's [`Resolver`] (the name the agent's wiring uses).
@@ -248,7 +252,7 @@ fn encode(response: Message, transport: Transport) -> Option<Vec<u8>> {
 
 /// The bound DNS server: one UDP socket and one TCP listener on the same address.
 pub struct DnsServer {
-    udp: UdpSocket,
+    udp: Arc<UdpSocket>,
     tcp: TcpListener,
     resolver: ServiceResolver,
 }
@@ -281,7 +285,13 @@ impl DnsServer {
                 })?;
             let bound = udp.local_addr().map_err(DnsError::LocalAddr)?;
             match TcpListener::bind(bound).await {
-                Ok(tcp) => return Ok(Self { udp, tcp, resolver }),
+                Ok(tcp) => {
+                    return Ok(Self {
+                        udp: Arc::new(udp),
+                        tcp,
+                        resolver,
+                    })
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < attempts => {}
                 Err(source) => {
                     return Err(DnsError::Bind {
@@ -303,7 +313,7 @@ impl DnsServer {
         udp.set_nonblocking(true).map_err(DnsError::LocalAddr)?;
         tcp.set_nonblocking(true).map_err(DnsError::LocalAddr)?;
         Ok(Self {
-            udp: UdpSocket::from_std(udp).map_err(DnsError::LocalAddr)?,
+            udp: Arc::new(UdpSocket::from_std(udp).map_err(DnsError::LocalAddr)?),
             tcp: TcpListener::from_std(tcp).map_err(DnsError::LocalAddr)?,
             resolver,
         })
@@ -326,6 +336,7 @@ impl DnsServer {
         tokio::pin!(shutdown);
         let mut buf = vec![0u8; UDP_RECV_BUF];
         let mut conns = JoinSet::new();
+        let mut forwards = JoinSet::new();
         let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
         let idle = IdleConns::default();
         let mut accept_errors = crate::accept::AcceptErrors::new("dns");
@@ -335,6 +346,21 @@ impl DnsServer {
                 received = self.udp.recv_from(&mut buf) => match received {
                     Ok((len, peer)) => {
                         let request = buf.get(..len).unwrap_or_default();
+                        if !self.resolver.recursors.is_empty()
+                            && recurse::forwardable(request, &self.resolver)
+                        {
+                            let (udp, recursors) = (self.udp.clone(), self.resolver.recursors.clone());
+                            let request = request.to_vec();
+                            forwards.spawn(async move {
+                                let Some(reply) = recursors.forward(&request, Transport::Udp).await else {
+                                    return;
+                                };
+                                if let Err(e) = udp.send_to(&reply, peer).await {
+                                    tracing::debug!(%peer, error = %e, "dns: udp send failed");
+                                }
+                            });
+                            continue;
+                        }
                         let Some(reply) = respond(request, Transport::Udp, &self.resolver) else {
                             continue;
                         };
@@ -370,9 +396,11 @@ impl DnsServer {
                     Err(e) => accept_errors.failed(&e).await,
                 },
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                Some(_) = forwards.join_next(), if !forwards.is_empty() => {}
             }
         }
         conns.shutdown().await;
+        forwards.shutdown().await;
     }
 }
 
@@ -474,7 +502,12 @@ async fn serve_tcp(
             () = conn.evict.notified() => return,
         }
         conn.set_waiting(false);
-        let Some(reply) = respond(&request, Transport::Tcp, &resolver) else {
+        let reply = if !resolver.recursors.is_empty() && recurse::forwardable(&request, &resolver) {
+            resolver.recursors.forward(&request, Transport::Tcp).await
+        } else {
+            respond(&request, Transport::Tcp, &resolver)
+        };
+        let Some(reply) = reply else {
             continue;
         };
         // `encode` keeps TCP replies under 64 KiB, so the length fits.
@@ -522,10 +555,11 @@ mod tests {
         }
     }
 
-    fn lookup() -> Resolver {
+    pub(super) fn lookup() -> Resolver {
         Resolver {
             catalog: Arc::new(TwoServices),
             zone: Zone::default(),
+            recursors: recurse::Recursors::new(Vec::new()),
         }
     }
 
