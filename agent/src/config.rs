@@ -1757,7 +1757,7 @@ data_dir = "/var/lib/weft-agent"
             let e = err(&format!("recursors = [{bad}]\n{MINIMAL}"));
             assert!(e.contains("recursors") && e.contains(says), "{bad}: {e}");
         }
-        let many = vec!["\"10.0.0.1\""; 9].join(", ");
+        let many = ["\"10.0.0.1\""; 9].join(", ");
         let e = err(&format!("recursors = [{many}]\n{MINIMAL}"));
         assert!(e.contains("at most 8"), "{e}");
     }
