@@ -1,6 +1,8 @@
 //! The agent's admin HTTP server (default `127.0.0.1:15020`): `/healthz` for liveness
 //! and readiness probes, `/metrics` for Prometheus, `/config` for a JSON dump of what
-//! the agent is running with. Plain HTTP/1.1 on hyper 1, meant for localhost only.
+//! the agent is running with. Plain HTTP/1.1 on hyper 1. Bound to another
+//! address than loopback (e.g. `0.0.0.0:15020`, for Prometheus to scrape
+//! every agent), it still answers `/config` to loopback peers only.
 //!
 //! [`respond`] decides the answer to a request from the [`AdminState`] alone (pure and
 //! unit-tested); [`AdminServer`] accepts connections and stops gracefully when the
@@ -208,7 +210,15 @@ async fn serve_conn(
             .headers()
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok());
-        let resp = respond(&state, req.method(), req.uri().path(), accept);
+        let resp = if req.uri().path() == "/config" && !peer.ip().to_canonical().is_loopback() {
+            text(
+                StatusCode::FORBIDDEN,
+                "text/plain; charset=utf-8",
+                "/config is served to loopback peers only\n",
+            )
+        } else {
+            respond(&state, req.method(), req.uri().path(), accept)
+        };
         async move { Ok::<_, Infallible>(resp) }
     });
     let conn = hyper::server::conn::http1::Builder::new()

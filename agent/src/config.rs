@@ -595,9 +595,9 @@ fn recursors(values: &[String], dns_addr: SocketAddr) -> Result<Vec<SocketAddr>,
                 )
             })?,
         };
+        let (ip, own_ip) = (addr.ip().to_canonical(), dns_addr.ip().to_canonical());
         let own = addr.port() == dns_addr.port()
-            && (addr.ip() == dns_addr.ip()
-                || (dns_addr.ip().is_unspecified() && addr.ip().is_loopback()));
+            && (ip == own_ip || (own_ip.is_unspecified() && ip.is_loopback()));
         if own || addr.port() == 0 || addr.ip().is_unspecified() {
             return Err(invalid(
                 "recursors",
@@ -1753,6 +1753,7 @@ data_dir = "/var/lib/weft-agent"
             ("\"dns.example\"", "not an IP"),
             ("\"127.0.0.1:8600\"", "own DNS address"),
             ("\"0.0.0.0\"", "no address"),
+            ("\"[::ffff:127.0.0.1]:8600\"", "own DNS address"),
         ] {
             let e = err(&format!("recursors = [{bad}]\n{MINIMAL}"));
             assert!(e.contains("recursors") && e.contains(says), "{bad}: {e}");

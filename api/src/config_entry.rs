@@ -496,6 +496,16 @@ pub fn parse_entry_file(text: &str, format: FileFormat) -> Result<ConfigEntry, C
     // are rewritten first; a document already in weft's spelling is
     // decoded from its text, where errors have positions.
     let mut doc: serde_json::Value = parse_document(text, format)?;
+    if !doc.is_object() {
+        // serde would take a sequence of the fields in order, a form no
+        // one writes and that hides which field is which.
+        return Err(ConfigEntryError::Parse(ParseError {
+            format,
+            line: None,
+            column: None,
+            message: "a config entry is an object (Kind = ..., Name = ...)".into(),
+        }));
+    }
     if keys::normalize(&mut doc)? {
         return serde_json::from_value(doc).map_err(|e| {
             consul_names(ParseError {

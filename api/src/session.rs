@@ -89,6 +89,29 @@ impl Session {
     }
 }
 
+/// Checks a stored session (a snapshot's) as a create would have made it.
+pub fn validate_stored(s: &Session) -> Result<(), SessionError> {
+    uuid_like(&s.id)?;
+    crate::names::validate_name(&s.node).map_err(|e| field("Node", e.to_string()))?;
+    if s.name.len() > MAX_NAME_BYTES || s.name.chars().any(char::is_control) {
+        return Err(field("Name", "too long or not printable"));
+    }
+    if s.lock_delay_ms > MAX_LOCK_DELAY.as_millis() as u64 {
+        return Err(field("LockDelay", "longer than 60s"));
+    }
+    match (s.ttl_secs, s.expires_at_ms) {
+        (None, None) => Ok(()),
+        (Some(ttl), Some(_)) if (MIN_TTL.as_secs()..=MAX_TTL.as_secs()).contains(&ttl) => Ok(()),
+        _ => Err(field("TTL", "out of range, or a TTL without a deadline")),
+    }
+}
+
+/// A UUID's shape: 36 characters of hex digits and dashes.
+fn uuid_like(id: &str) -> Result<(), SessionError> {
+    let ok = id.len() == 36 && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+    ok.then_some(()).ok_or_else(|| field("ID", "not a UUID"))
+}
+
 /// Why a create request was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SessionError {
@@ -150,7 +173,10 @@ pub fn parse_create(body: &[u8]) -> Result<CreateRequest, SessionError> {
             "name" => req.name = string("Name", value)?,
             "node" => {
                 let node = string("Node", value)?;
-                req.node = (!node.is_empty()).then_some(node);
+                if !node.is_empty() {
+                    crate::names::validate_name(&node).map_err(|e| field("Node", e.to_string()))?;
+                    req.node = Some(node);
+                }
             }
             "lockdelay" => req.lock_delay = lock_delay(value)?,
             "behavior" => {
@@ -348,6 +374,11 @@ mod tests {
         assert!(err(r#"{"Namespace":"team"}"#).contains("not supported by weft yet"));
         assert!(err(r#"{"Nmae":"typo"}"#).contains("unknown field \"Nmae\""));
         assert!(err(r#"{"Name":"a","name":"b"}"#).contains("given twice"));
+        // A node name is checked before it goes anywhere (and is never
+        // quoted back at length).
+        let long = format!("{{\"Node\":\"{}\"}}", "\\u0001".repeat(100_000));
+        let e = err(&long);
+        assert!(e.starts_with("Node:") && e.len() < 200, "{} bytes", e.len());
         assert!(err("[1]").contains("object"));
         assert!(err("{").contains("request body"));
         assert!(err(&format!(
@@ -357,6 +388,51 @@ mod tests {
         .contains("Name"));
         // Accepted and meaning what they say.
         parse_create(br#"{"ServiceChecks":[],"Namespace":"default","Partition":""}"#).unwrap();
+    }
+
+    #[test]
+    fn stored_sessions_are_checked_as_a_create_makes_them() {
+        let good = Session {
+            id: "3f1b2c4d-0000-4000-8000-000000000001".into(),
+            name: "lock".into(),
+            node: "n1".into(),
+            lock_delay_ms: 15_000,
+            behavior: Behavior::Release,
+            ttl_secs: Some(10),
+            node_checks: true,
+            create_index: 1,
+            modify_index: 1,
+            expires_at_ms: Some(20_000),
+        };
+        validate_stored(&good).unwrap();
+        for bad in [
+            Session {
+                id: "x".into(),
+                ..good.clone()
+            },
+            Session {
+                node: "Not A Node".into(),
+                ..good.clone()
+            },
+            Session {
+                lock_delay_ms: 61_000,
+                ..good.clone()
+            },
+            Session {
+                ttl_secs: Some(5),
+                ..good.clone()
+            },
+            Session {
+                expires_at_ms: None,
+                ..good.clone()
+            },
+            Session {
+                ttl_secs: None,
+                ..good.clone()
+            },
+        ] {
+            assert!(validate_stored(&bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -81,6 +81,8 @@ impl Node {
 pub const VETH: &str = "weft0";
 /// The agents' admin address inside their namespaces.
 pub const ADMIN: &str = "127.0.0.1:15020";
+/// The same port on every address ([`MeshSpec::admin_on_every_address`]).
+pub const ADMIN_ANYWHERE: &str = "0.0.0.0:15020";
 /// The agents' local HTTP API (`http_addr`) inside their namespaces.
 pub const AGENT_HTTP: &str = "127.0.0.1:8500";
 /// The agents' inbound (HBONE) port.
@@ -251,6 +253,9 @@ pub struct MeshSpec {
     pub ebpf: bool,
     /// Extra `weft-server` flags ([`MeshSpec::server_arg`]).
     pub server_args: Vec<String>,
+    /// The agents' admin port on every address of their node, not only
+    /// loopback ([`MeshSpec::admin_on_every_address`]).
+    pub admin_anywhere: bool,
 }
 
 impl MeshSpec {
@@ -266,7 +271,15 @@ impl MeshSpec {
             agent_extra: String::new(),
             ebpf: false,
             server_args: Vec::new(),
+            admin_anywhere: false,
         }
+    }
+
+    /// Both agents serve their admin port (metrics) on `0.0.0.0:15020`, so
+    /// that the other node can scrape them.
+    pub fn admin_on_every_address(mut self) -> Self {
+        self.admin_anywhere = true;
+        self
     }
     pub fn node_a(mut self, s: Service) -> Self {
         self.a.push(s);
@@ -631,10 +644,11 @@ impl Mesh {
             let mut toml = format!(
                 "node_name = {:?}\ndatacenter = \"dc1\"\nservers = [\"{}:{GRPC_PORT}\"]\n\
                  advertise_addr = {ip:?}\ndata_dir = {:?}\n{transparent}\
-                 admin_addr = {ADMIN:?}\nhttp_addr = {AGENT_HTTP:?}\ntoken_file = {:?}\nca_file = {:?}\n{}\n",
+                 admin_addr = {:?}\nhttp_addr = {AGENT_HTTP:?}\ntoken_file = {:?}\nca_file = {:?}\n{}\n",
                 node.node_name(),
                 mesh.ip(Node::A),
                 mesh.path(&format!("agent-{}-data", node.label())),
+                if spec.admin_anywhere { ADMIN_ANYWHERE } else { ADMIN },
                 token_file.display().to_string(),
                 mesh.path("ca.pem").display().to_string(),
                 spec.agent_extra,

@@ -96,6 +96,7 @@ fn every_rpc_refuses_missing_bogus_and_insufficient_tokens() -> anyhow::Result<(
             "Intentions",
             "Kv",
             "Operator",
+            "Session",
             "Telemetry",
             "Watch"
         ])
@@ -511,7 +512,7 @@ fn bootstrap_works_once_and_secrets_are_shown_once() -> anyhow::Result<()> {
 /// form (`["service-defaults","db","http"]`) has no `Name` key, so a check
 /// on the document's `Name` alone saw "" and let a `service_prefix ""`
 /// writer past its own `service "db" deny`. The parsed entry's name is
-/// checked too.
+/// checked too, and a document that is not an object is refused.
 #[test]
 fn config_entries_are_authorized_on_the_entry_they_become() -> anyhow::Result<()> {
     use proto::config_client::ConfigClient;
@@ -524,9 +525,19 @@ service "db" { policy = "deny" }"#,
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let mut config = ConfigClient::new(cluster.channel_as(1, Some(&token)).await?);
+        let sequence = r#"["service-defaults","db","http"]"#;
+        let status = config
+            .write(proto::WriteConfigRequest {
+                json: sequence.into(),
+            })
+            .await
+            .err()
+            .context("the sequence form was written")?;
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("is an object"), "{status:?}");
         for json in [
             r#"{"Kind":"service-defaults","Name":"db","Protocol":"http"}"#,
-            r#"["service-defaults","db","http"]"#,
+            r#"{"kind":"service-defaults","name":"db","protocol":"http"}"#,
             // Sending web's traffic to db needs read on db.
             r#"{"Kind":"service-resolver","Name":"web","Redirect":{"Service":"db"}}"#,
         ] {

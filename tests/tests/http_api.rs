@@ -301,7 +301,7 @@ fn kv_intentions_and_config_entries_in_consuls_shapes() -> anyhow::Result<()> {
     // Ambiguous queries are refused, not read one way or the other.
     for (path, names) in [
         ("/v1/kv/app/c?cas=5&cas=0", "more than once"),
-        ("/v1/kv/app/?recurse=false", "recurse"),
+        ("/v1/kv/app/?recurse=maybe", "recurse"),
         ("/v1/kv/app/?recurse&keys", "recurse with keys"),
         ("/v1/kv/app/?keys&raw", "raw"),
         ("/v1/kv/app/?separator=/", "separator"),
@@ -311,6 +311,8 @@ fn kv_intentions_and_config_entries_in_consuls_shapes() -> anyhow::Result<()> {
         assert_eq!(reply.status, 400, "{path}: {}", reply.body);
         assert!(reply.body.contains(names), "{path}: {}", reply.body);
     }
+    // A flag reads as Go's ParseBool reads it: `recurse=false` is one key.
+    assert_eq!(http("GET", "/v1/kv/app/?recurse=false", None)?.status, 404);
     // A key a URL would resolve to another one is refused.
     let dotted = http("PUT", "/v1/kv/app/%2e%2e%2Fsecret", Some(b"v"))?;
     assert_eq!(dotted.status, 400, "{}", dotted.body);

@@ -53,10 +53,10 @@ pub const ZONE: &str = "weft";
 pub const SERVICE_SUFFIX: &str = "service.weft";
 
 /// Largest UDP response without EDNS (RFC 1035).
-const UDP_MIN_PAYLOAD: usize = 512;
+pub(crate) const UDP_MIN_PAYLOAD: usize = 512;
 /// Largest UDP response the server sends even when a client offers more (the
 /// fragmentation-safe size recommended by DNS Flag Day 2020).
-const UDP_MAX_PAYLOAD: u16 = 1232;
+pub(crate) const UDP_MAX_PAYLOAD: u16 = 1232;
 /// Receive buffer for one UDP datagram.
 const UDP_RECV_BUF: usize = 4096;
 /// The smallest DNS message: its header.

@@ -25,7 +25,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
-use super::{decide, encode, names, Decision, Resolver, Transport, HEADER_LEN};
+use super::{
+    decide, encode, names, Decision, Resolver, Transport, HEADER_LEN, UDP_MAX_PAYLOAD,
+    UDP_MIN_PAYLOAD,
+};
 
 /// How long one recursor gets to answer.
 pub const TIMEOUT: Duration = Duration::from_secs(2);
@@ -84,6 +87,12 @@ impl Recursors {
                 }
             };
             if matching(&answer, id, &original) {
+                if transport == Transport::Udp && answer.len() > udp_limit(&original) {
+                    // Larger than the client takes (or than this agent
+                    // sends over UDP at all): TC, and the client asks
+                    // again over TCP. No amplification through the agent.
+                    return truncated(&original);
+                }
                 let mut relayed = answer;
                 relayed[..2].copy_from_slice(&original.metadata.id.to_be_bytes());
                 return Some(relayed);
@@ -129,6 +138,28 @@ fn matching(answer: &[u8], ours: u16, original: &Message) -> bool {
             && parsed.metadata.message_type == MessageType::Response
             && parsed.queries == original.queries
     })
+}
+
+/// The largest UDP answer `request`'s client takes from this agent: 512
+/// bytes, or what its EDNS offers up to [`UDP_MAX_PAYLOAD`].
+fn udp_limit(request: &Message) -> usize {
+    request.edns.as_ref().map_or(UDP_MIN_PAYLOAD, |e| {
+        usize::from(
+            e.max_payload()
+                .clamp(UDP_MIN_PAYLOAD as u16, UDP_MAX_PAYLOAD),
+        )
+    })
+}
+
+/// An empty answer with TC set, for a client to ask again over TCP.
+fn truncated(original: &Message) -> Option<Vec<u8>> {
+    let mut response = Message::response(original.metadata.id, original.metadata.op_code);
+    response.metadata.recursion_desired = original.metadata.recursion_desired;
+    response.metadata.truncation = true;
+    for q in &original.queries {
+        response.add_query(q.clone());
+    }
+    response.to_vec().ok()
 }
 
 /// SERVFAIL for `request`, with its question.
@@ -276,6 +307,32 @@ mod tests {
                 vec![RData::A(A(Ipv4Addr::new(192, 0, 2, 7)))]
             )
         );
+    }
+
+    #[tokio::test]
+    async fn a_udp_answer_larger_than_the_client_takes_comes_back_truncated() {
+        // 60 A records: about 1 KiB, over the 512 bytes of a client
+        // without EDNS.
+        let big = fake_recursor(|r| {
+            let mut a = answer_with(Ipv4Addr::new(192, 0, 2, 1))(r)?;
+            for i in 0..60 {
+                a.add_answer(Record::from_rdata(
+                    r.queries[0].name.clone(),
+                    60,
+                    RData::A(A(Ipv4Addr::new(192, 0, 2, i))),
+                ));
+            }
+            Some(a)
+        })
+        .await;
+        let recursors = Recursors::new(vec![big]);
+        let reply = recursors
+            .forward(&query("example.org.", true), Transport::Udp)
+            .await
+            .unwrap();
+        let m = Message::from_vec(&reply).unwrap();
+        assert!(m.metadata.truncation && m.answers.is_empty() && reply.len() <= 512);
+        assert_eq!(m.metadata.id, 4242);
     }
 
     #[tokio::test]

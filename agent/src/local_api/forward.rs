@@ -17,7 +17,9 @@
 //! Blocking queries (`?index=`, `?wait=`) get their wait (Consul's default
 //! 5 min, at most 10 min) plus its jitter and [`BLOCKING_MARGIN`]; others
 //! [`DEFAULT_TIMEOUT`]. An answer body still streaming then ends in an
-//! error.
+//! error. At most [`MAX_BLOCKING`] blocking queries are forwarded at once
+//! (429 beyond), so that held-open queries cannot take every connection of
+//! the local API from the workloads' check updates.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -51,6 +53,9 @@ pub const MAX_WAIT: Duration = Duration::from_secs(10 * 60);
 pub const BLOCKING_MARGIN: Duration = Duration::from_secs(30);
 /// How long connecting (TCP and TLS) to one server may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Blocking queries forwarded at once, at most: half the local API's
+/// connections.
+pub const MAX_BLOCKING: usize = super::MAX_CONNECTIONS / 2;
 
 /// Why a request got no answer from the servers.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +75,9 @@ pub enum ForwardError {
     /// No answer within the request's time (504).
     #[error("the server {addr} did not answer within {timeout:?}")]
     TimedOut { addr: String, timeout: Duration },
+    /// As many blocking queries as allowed are open already (429).
+    #[error("{MAX_BLOCKING} blocking queries are open through this agent already; retry later")]
+    TooManyBlocking,
 }
 
 /// Idle connections to one server kept for reuse, and for how long (the
@@ -83,6 +91,8 @@ pub struct Forwarder {
     /// `HOST:PORT` of each server's HTTP API, in the order tried.
     addrs: Vec<String>,
     client: Client<Connect, Full<Bytes>>,
+    /// One permit per blocking query in flight.
+    blocking: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -164,7 +174,11 @@ impl Forwarder {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(POOL_IDLE_PER_SERVER)
             .build(connect);
-        Ok(Forwarder { addrs, client })
+        Ok(Forwarder {
+            addrs,
+            client,
+            blocking: Arc::new(tokio::sync::Semaphore::new(MAX_BLOCKING)),
+        })
     }
 
     /// Sends `parts` (the caller's request head) with `body` to the first
@@ -177,6 +191,15 @@ impl Forwarder {
         body: Bytes,
     ) -> Result<Response<DeadlineBody>, ForwardError> {
         let timeout = timeout_for(parts.uri.query());
+        let permit = match is_blocking(parts.uri.query()) {
+            true => Some(
+                self.blocking
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| ForwardError::TooManyBlocking)?,
+            ),
+            false => None,
+        };
         let deadline = tokio::time::Instant::now() + timeout;
         let req = outgoing(parts, body).map_err(ForwardError::BadRequest)?;
         let target = req
@@ -212,6 +235,7 @@ impl Forwarder {
                         body,
                         deadline: Box::pin(tokio::time::sleep_until(deadline)),
                         timeout,
+                        _permit: permit,
                     };
                     return Ok(Response::from_parts(head, body));
                 }
@@ -326,6 +350,8 @@ pub struct DeadlineBody {
     body: Incoming,
     deadline: Pin<Box<tokio::time::Sleep>>,
     timeout: Duration,
+    /// A blocking query's place, held until its answer has streamed.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl hyper::body::Body for DeadlineBody {
@@ -441,29 +467,27 @@ pub fn outgoing(parts: &http::request::Parts, body: Bytes) -> Result<Request<Ful
     Ok(req)
 }
 
+/// Whether `query` makes a blocking query (`index` or `wait` given).
+pub fn is_blocking(query: Option<&str>) -> bool {
+    query.unwrap_or_default().split('&').any(|pair| {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        key == "index" || key == "wait"
+    })
+}
+
 /// How long a request with `query` may take: a blocking query (`index` or
 /// `wait` given) its wait, capped at [`MAX_WAIT`], plus Consul's jitter
 /// (wait/16) and [`BLOCKING_MARGIN`]; others [`DEFAULT_TIMEOUT`].
 pub fn timeout_for(query: Option<&str>) -> Duration {
-    let mut blocking = false;
-    let mut wait = None;
-    for pair in query.unwrap_or_default().split('&') {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
-            "index" => blocking = true,
-            "wait" => {
-                blocking = true;
-                if wait.is_none() {
-                    wait =
-                        super::route::percent_decode(value, true).and_then(|v| parse_duration(&v));
-                }
-            }
-            _ => {}
-        }
-    }
-    if !blocking {
+    if !is_blocking(query) {
         return DEFAULT_TIMEOUT;
     }
+    let wait = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("wait="))
+        .and_then(|v| super::route::percent_decode(v, true))
+        .and_then(|v| parse_duration(&v));
     let wait = wait
         .filter(|w| !w.is_zero())
         .unwrap_or(DEFAULT_WAIT)
@@ -554,6 +578,8 @@ mod tests {
         );
         // A 10-minute wait is never cut.
         assert!(timeout_for(Some("index=1&wait=10m")) > Duration::from_secs(600));
+        assert!(is_blocking(Some("a=1&index")) && is_blocking(Some("wait=5s")));
+        assert!(!is_blocking(Some("indexes=1&waiting")) && !is_blocking(None));
     }
 
     #[test]

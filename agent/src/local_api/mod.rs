@@ -614,6 +614,7 @@ fn forward_status(e: &ForwardError) -> StatusCode {
         ForwardError::BadRequest(_) => StatusCode::BAD_REQUEST,
         ForwardError::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
         ForwardError::TimedOut { .. } => StatusCode::GATEWAY_TIMEOUT,
+        ForwardError::TooManyBlocking => StatusCode::TOO_MANY_REQUESTS,
         ForwardError::Failed { .. } | ForwardError::Setup(_) => StatusCode::BAD_GATEWAY,
     }
 }

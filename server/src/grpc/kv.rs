@@ -35,6 +35,11 @@ impl Kv for KvApi {
             let state = self.0.shared.state.read().expect("state lock");
             self.0.limits.check_kv_put(&state, &r.key, r.value.len())?;
         }
+        for id in [&r.acquire, &r.release] {
+            if !id.is_empty() {
+                super::session::check_id(id)?;
+            }
+        }
         let lock = match (r.acquire.is_empty(), r.release.is_empty()) {
             (true, true) => None,
             (false, true) => Some(KvLock::Acquire {

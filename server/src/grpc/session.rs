@@ -38,7 +38,7 @@ pub fn session_to_proto(s: &Session) -> proto::SessionEntry {
 
 /// A session id as the API takes it: a UUID (anything else cannot name a
 /// session, and is not echoed back at length).
-fn check_id(id: &str) -> Result<(), Status> {
+pub(crate) fn check_id(id: &str) -> Result<(), Status> {
     uuid::Uuid::parse_str(id)
         .map(|_| ())
         .map_err(|_| invalid(format!("session id {:?}: not a UUID", truncate(id))))
@@ -68,6 +68,9 @@ impl session_server::Session for SessionApi {
         req: Request<proto::SessionCreateRequest>,
     ) -> Result<Response<proto::SessionCreated>, Status> {
         let caller = caller(&self.0, &req).await?;
+        // Rights before input: a caller with no session rule at all learns
+        // nothing from validation.
+        caller.require_any_read(ResourceKind::Session)?;
         let r = parse_create(&req.into_inner().body).map_err(invalid)?;
         let Some(node) = r.node else {
             return Err(invalid(
@@ -103,6 +106,7 @@ impl session_server::Session for SessionApi {
         req: Request<proto::SessionRef>,
     ) -> Result<Response<proto::WriteResult>, Status> {
         let caller = caller(&self.0, &req).await?;
+        caller.require_any_read(ResourceKind::Session)?;
         let id = req.into_inner().id;
         check_id(&id)?;
         let node = node_of(&self.0, &id).ok_or_else(|| not_found(&id))?;
@@ -120,6 +124,7 @@ impl session_server::Session for SessionApi {
         req: Request<proto::SessionRef>,
     ) -> Result<Response<proto::SessionEntry>, Status> {
         let caller = caller(&self.0, &req).await?;
+        caller.require_any_read(ResourceKind::Session)?;
         let id = req.into_inner().id;
         check_id(&id)?;
         let node = node_of(&self.0, &id).ok_or_else(|| not_found(&id))?;
@@ -149,6 +154,7 @@ impl session_server::Session for SessionApi {
         req: Request<proto::SessionGetRequest>,
     ) -> Result<Response<proto::SessionEntry>, Status> {
         let caller = caller(&self.0, &req).await?;
+        caller.require_any_read(ResourceKind::Session)?;
         let r = req.into_inner();
         check_id(&r.id)?;
         let found = read(&self.0, r.read, |s| {

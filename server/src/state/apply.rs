@@ -267,6 +267,10 @@ impl State {
                 let existing = self.kv.get(&key);
                 check_cas(&key, cas, existing.map(|e| e.modify_index))?;
                 let (lock_index, session) = self.lock_after_put(&key, existing, lock.as_ref())?;
+                if matches!(lock, Some(super::KvLock::Acquire { .. })) {
+                    // Taken: its delay, if any, is over.
+                    self.lock_delays.remove(&key);
+                }
                 let entry = KvEntry {
                     key: key.clone(),
                     value,

@@ -8,6 +8,8 @@
 //! is deterministic: times come in the commands (`now_ms`), never from a
 //! clock.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use weft_api::kv::KvEntry;
 use weft_api::session::{Behavior, Session, MAX_SESSIONS, MAX_SESSIONS_PER_NODE};
 
@@ -18,6 +20,9 @@ use weft_api::catalog::HealthStatus;
 /// How a refused acquire or release's message starts: the HTTP API
 /// answers `false` for it, as Consul does.
 pub const LOCK_REFUSED: &str = "lock refused";
+
+/// Most keys in their lock delay at once (a bound on the state).
+pub const MAX_LOCK_DELAYS: usize = 65_536;
 
 fn refused(why: String) -> ApplyError {
     ApplyError::Invalid(format!("{LOCK_REFUSED}: {why}"))
@@ -111,20 +116,42 @@ impl State {
     /// Removes session `id` (which exists) and releases or deletes its
     /// keys; their lock delay runs from `now_ms`.
     pub(super) fn invalidate_session(&mut self, id: &str, now_ms: i64, index: u64) -> Vec<Change> {
-        let Some(session) = self.lock_sessions.remove(id) else {
+        self.invalidate_sessions(&BTreeSet::from([id.to_string()]), now_ms, index)
+    }
+
+    /// [`Self::invalidate_session`] for every session of `ids`, with one
+    /// pass over the keys for all of them.
+    fn invalidate_sessions(
+        &mut self,
+        ids: &BTreeSet<String>,
+        now_ms: i64,
+        index: u64,
+    ) -> Vec<Change> {
+        let gone: BTreeMap<String, Session> = ids
+            .iter()
+            .filter_map(|id| self.lock_sessions.remove_entry(id))
+            .collect();
+        if gone.is_empty() {
             return Vec::new();
-        };
+        }
         // Expired delays go; they would refuse nothing.
         self.lock_delays.retain(|_, until| *until > now_ms);
-        let held: Vec<String> = self
+        let held: Vec<(String, String)> = self
             .kv
             .values()
-            .filter(|e| e.session.as_deref() == Some(id))
-            .map(|e| e.key.clone())
+            .filter_map(|e| {
+                let holder = e.session.as_ref().filter(|s| gone.contains_key(*s))?;
+                Some((e.key.clone(), holder.clone()))
+            })
             .collect();
         let mut changes = Vec::with_capacity(held.len());
-        for key in held {
-            if session.lock_delay_ms > 0 {
+        for (key, holder) in held {
+            let session = &gone[&holder];
+            // Bounded: past the bound a key goes without its delay rather
+            // than the state growing.
+            if session.lock_delay_ms > 0
+                && (self.lock_delays.len() < MAX_LOCK_DELAYS || self.lock_delays.contains_key(&key))
+            {
                 self.lock_delays.insert(
                     key.clone(),
                     now_ms.saturating_add(session.lock_delay_ms as i64),
@@ -158,15 +185,13 @@ impl State {
         now_ms: i64,
         index: u64,
     ) -> Vec<Change> {
-        let ids: Vec<String> = self
+        let ids: BTreeSet<String> = self
             .lock_sessions
             .values()
             .filter(|s| s.node == node && (s.node_checks || !checked_only))
             .map(|s| s.id.clone())
             .collect();
-        ids.iter()
-            .flat_map(|id| self.invalidate_session(id, now_ms, index))
-            .collect()
+        self.invalidate_sessions(&ids, now_ms, index)
     }
 }
 
@@ -411,6 +436,59 @@ mod tests {
         assert_eq!(s.kv["b"].session, None);
         let r = run(&mut s, vec![session("x", "n1", Behavior::Release, None)]);
         assert!(r[0].as_ref().unwrap().contains("not registered"));
+    }
+
+    #[test]
+    fn lock_delays_are_bounded_and_an_acquire_clears_its_own() {
+        let mut s = State::default();
+        ok(
+            &mut s,
+            vec![
+                node("n1"),
+                session("a", "n1", Behavior::Release, None),
+                session("b", "n1", Behavior::Release, None),
+                acquire("k", "a", 0),
+                release("k", "a"),
+            ],
+        );
+        // Full of other keys' delays (far in the future).
+        for i in 0..MAX_LOCK_DELAYS {
+            s.lock_delays.insert(format!("other/{i}"), i64::MAX);
+        }
+        ok(
+            &mut s,
+            vec![
+                acquire("k", "a", 0),
+                Command::SessionDestroy {
+                    id: "a".into(),
+                    now_ms: 10,
+                },
+                // No room for k's delay: it is free at once.
+                acquire("k", "b", 11),
+            ],
+        );
+        assert_eq!(s.lock_delays.len(), MAX_LOCK_DELAYS);
+        assert!(!s.lock_delays.contains_key("k"));
+    }
+
+    #[test]
+    fn one_pass_releases_every_session_of_a_failing_node() {
+        let mut s = State::default();
+        let mut cmds = vec![node("n1")];
+        for i in 0..5 {
+            cmds.push(session(&format!("s{i}"), "n1", Behavior::Release, None));
+            cmds.push(acquire(&format!("k{i}"), &format!("s{i}"), 0));
+        }
+        cmds.push(Command::SetNodeHealth {
+            node: "n1".into(),
+            health: HealthStatus::Critical,
+            output: String::new(),
+            now_ms: 100,
+        });
+        ok(&mut s, cmds);
+        assert!(s.lock_sessions.is_empty());
+        assert!(s.kv.values().all(|e| e.session.is_none()));
+        assert_eq!(s.lock_delays.len(), 5);
     }
 
     #[test]

@@ -323,6 +323,10 @@ impl State {
                     .map_err(|e| format!("config.{kind}.{name}: {e}"))?;
             }
         }
+        if self.lock_sessions.len() > weft_api::session::MAX_SESSIONS {
+            return Err("lock_sessions: more than the cluster's limit".into());
+        }
+        let mut per_node: BTreeMap<&str, usize> = BTreeMap::new();
         for (id, s) in &self.lock_sessions {
             if s.id != *id || !self.nodes.contains_key(&s.node) {
                 return Err(format!(
@@ -330,6 +334,22 @@ impl State {
                     s.node
                 ));
             }
+            weft_api::session::validate_stored(s)
+                .map_err(|e| format!("lock_sessions.{id}: {e}"))?;
+            let count = per_node.entry(&s.node).or_default();
+            *count += 1;
+            if *count > weft_api::session::MAX_SESSIONS_PER_NODE {
+                return Err(format!(
+                    "lock_sessions: more than the limit on node {:?}",
+                    s.node
+                ));
+            }
+        }
+        if self.lock_delays.len() > locks::MAX_LOCK_DELAYS {
+            return Err("lock_delays: more than the limit".into());
+        }
+        for key in self.lock_delays.keys() {
+            weft_api::kv::validate_key(key).map_err(|e| format!("lock_delays: {e}"))?;
         }
         for (key, e) in &self.kv {
             weft_api::kv::validate_key(key).map_err(|e| format!("kv: {e}"))?;

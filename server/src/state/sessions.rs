@@ -51,7 +51,7 @@ impl Sessions {
     pub fn record(&mut self, client: &str, request: &str, result: CommandResult, index: u64) {
         let entry = self.clients.entry(client.to_string()).or_default();
         entry.last_index = index;
-        entry.results.push_back((request.to_string(), result));
+        entry.results.push_back((request.to_string(), kept(result)));
         while entry.results.len() > RESULTS_PER_CLIENT {
             entry.results.pop_front();
         }
@@ -73,12 +73,46 @@ impl Sessions {
     }
 }
 
+/// Longest refusal reason kept: what a retry needs to know, not an echo of
+/// whatever large input was refused.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// `result` as kept: refusal reasons cut to [`MAX_REASON_BYTES`].
+fn kept(result: CommandResult) -> CommandResult {
+    match result {
+        CommandResult::Refused { mut reason } if reason.len() > MAX_REASON_BYTES => {
+            let mut end = MAX_REASON_BYTES;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+            reason.push('…');
+            CommandResult::Refused { reason }
+        }
+        CommandResult::Batch(results) => {
+            CommandResult::Batch(results.into_iter().map(kept).collect())
+        }
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn applied(index: u64) -> CommandResult {
         CommandResult::Applied { index }
+    }
+
+    #[test]
+    fn long_refusals_are_kept_cut() {
+        let mut s = Sessions::default();
+        let reason = format!("key \"{}\" refused", "é".repeat(5_000));
+        s.record("alice", "r1", CommandResult::Refused { reason }, 1);
+        let Some(CommandResult::Refused { reason }) = s.result("alice", "r1") else {
+            panic!("no refusal kept");
+        };
+        assert!(reason.len() <= MAX_REASON_BYTES + '…'.len_utf8() && reason.ends_with('…'));
     }
 
     #[test]
