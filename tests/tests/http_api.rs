@@ -49,6 +49,8 @@ const GUARDED: &[(&str, &str)] = &[
     ("GET", "/v1/kv/app/a"),
     ("PUT", "/v1/session/create"),
     ("GET", "/v1/session/list"),
+    ("GET", "/v1/snapshot"),
+    ("PUT", "/v1/snapshot"),
     ("GET", "/v1/session/node/n1"),
     ("GET", "/v1/kv/app/?recurse"),
     ("PUT", "/v1/kv/app/a"),
@@ -1146,5 +1148,63 @@ fn sessions_and_locks_in_consuls_shapes() -> anyhow::Result<()> {
         "expired after {lived:?}, before its TTL"
     );
     assert_eq!(kv("locks/ttl")?["Session"], "");
+    Ok(())
+}
+
+#[test]
+fn snapshots_over_http_for_a_management_token_only() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    let m = Some(cluster.token.as_str());
+    let put = cluster.http(1, "PUT", "/v1/kv/app/kept", m, Some(b"before"))?;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let saved = cluster.http(1, "GET", "/v1/snapshot", m, None)?;
+    assert_eq!(saved.status, 200, "{}", saved.body);
+    assert!(saved.header("x-consul-index").is_some());
+    assert_eq!(
+        saved.header("content-type"),
+        Some("application/octet-stream")
+    );
+    assert!(
+        !saved.body.contains("BEGIN PRIVATE KEY"),
+        "a CA key in the snapshot"
+    );
+    // Changed after the snapshot, then restored to it.
+    cluster.http(1, "PUT", "/v1/kv/app/kept", m, Some(b"after"))?;
+    cluster.http(1, "PUT", "/v1/kv/app/new", m, Some(b"x"))?;
+    let restored = cluster.http(1, "PUT", "/v1/snapshot", m, Some(saved.body.as_bytes()))?;
+    assert_eq!(restored.status, 200, "{}", restored.body);
+    let kept = cluster.http(1, "GET", "/v1/kv/app/kept?raw", m, None)?;
+    assert_eq!(kept.body, "before");
+    assert_eq!(
+        cluster.http(1, "GET", "/v1/kv/app/new", m, None)?.status,
+        404
+    );
+    // Not a snapshot: refused whole, nothing changed.
+    let bad = cluster.http(1, "PUT", "/v1/snapshot", m, Some(b"{\"nodes\": 3}"))?;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(bad.body.contains("snapshot"), "{}", bad.body);
+    assert_eq!(
+        cluster.http(1, "GET", "/v1/kv/app/kept?raw", m, None)?.body,
+        "before"
+    );
+    // Anyone else, even with every other right, is refused (the server
+    // checks the token before it reads the body).
+    let everything = cluster.token_with_rules(
+        "almost-all",
+        r#"key_prefix "" { policy = "write" } operator = "write" acl = "write""#,
+    )?;
+    let big = vec![b'{'; 4 << 20];
+    let refused = cluster.http(1, "PUT", "/v1/snapshot", Some(&everything), Some(&big))?;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert_eq!(
+        cluster
+            .http(1, "GET", "/v1/snapshot", Some(&everything), None)?
+            .status,
+        403
+    );
+    assert_eq!(
+        cluster.http(1, "POST", "/v1/snapshot", m, None)?.status,
+        405
+    );
     Ok(())
 }

@@ -26,6 +26,7 @@ mod config;
 mod intentions;
 mod kv;
 mod session;
+mod snapshot;
 mod status;
 mod ui;
 mod views;
@@ -331,10 +332,18 @@ async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, Ht
     if block.is_some() && parts.method != Method::GET {
         return Err(HttpError::bad_request("index and wait are for reads (GET)"));
     }
+    // A snapshot to restore may be as large as the gRPC call takes; only a
+    // management token may send one (checked before it is read).
+    let snapshot = path == "/v1/snapshot";
+    let max_body = if snapshot {
+        snapshot::MAX_SNAPSHOT_BODY
+    } else {
+        MAX_BODY
+    };
     let too_large = || {
         HttpError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is larger than {MAX_BODY} bytes"),
+            format!("the body is larger than {max_body} bytes"),
         )
     };
     // Refused from the header when it says so, before the client sends it.
@@ -343,7 +352,7 @@ async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, Ht
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+    if declared.is_some_and(|n| n > max_body as u64) {
         return Err(too_large());
     }
     let secret = secret_of(&parts.headers);
@@ -353,8 +362,11 @@ async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, Ht
     let takes_body =
         matches!(parts.method, Method::PUT | Method::POST) && path != "/v1/acl/bootstrap";
     let (body, budget) = if takes_body {
-        crate::grpc::auth::caller(node, &grpc_request(secret.as_deref(), ())).await?;
-        let wanted = declared.map_or(MAX_BODY, |n| n as usize);
+        let caller = crate::grpc::auth::caller(node, &grpc_request(secret.as_deref(), ())).await?;
+        if snapshot {
+            caller.require_management()?;
+        }
+        let wanted = declared.map_or(max_body, |n| n as usize);
         let budget = BODY_BUDGET
             .clone()
             .try_acquire_many_owned(kib(wanted))
@@ -364,7 +376,7 @@ async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, Ht
                     "too many request bodies in flight: retry shortly",
                 )
             })?;
-        let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect());
+        let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, max_body).collect());
         match read.await {
             Ok(Ok(b)) => (b.to_bytes(), Some(budget)),
             Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
@@ -504,6 +516,9 @@ async fn route(node: &Arc<ServerNode>, call: &Call) -> Answer {
     }
     if let Some(rest) = path.strip_prefix("/v1/kv/") {
         return kv::kv(node, call, rest).await;
+    }
+    if path == "/v1/snapshot" {
+        return snapshot::snapshot(node, call).await;
     }
     if let Some(rest) = path.strip_prefix("/v1/session/") {
         return session::route(node, call, rest).await;
