@@ -572,7 +572,6 @@ const CONSUL_FIELDS: &[&str] = &[
 /// Consul's config entry kinds weft does not have yet.
 const CONSUL_KINDS: &[&str] = &[
     "proxy-defaults",
-    "service-intentions",
     "ingress-gateway",
     "terminating-gateway",
     "api-gateway",

@@ -7,6 +7,23 @@
 
 use serde_json::{Map, Value};
 
+/// The keys of an HTTP match (`HTTP` of routes and L7 intentions), which
+/// several kinds take.
+pub const HTTP_MATCH: &[&str] = &[
+    "HTTP",
+    "PathExact",
+    "PathPrefix",
+    "PathRegex",
+    "Methods",
+    "Header",
+    "Present",
+    "Exact",
+    "Prefix",
+    "Suffix",
+    "Regex",
+    "Invert",
+];
+
 /// Which keys a document kind takes.
 pub struct Schema {
     /// weft's spellings of every key the kind takes (several lists: a

@@ -36,6 +36,7 @@ pub mod names;
 pub mod path;
 pub mod proto;
 pub mod routing;
+pub mod service_intentions;
 pub mod session;
 pub mod spiffe;
 pub mod tls_certs;

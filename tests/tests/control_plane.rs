@@ -397,9 +397,32 @@ fn consuls_hcl_config_entries_are_written_as_they_are() -> anyhow::Result<()> {
         "service-defaults.hcl",
         "service-resolver.hcl",
         "service-splitter.hcl",
+        "service-intentions.hcl",
     ] {
         cluster.cli(&["config", "write", &format!("{fixtures}/{file}")])?;
     }
+    // service-intentions: the destination's intentions, one per source.
+    let intentions: serde_json::Value = serde_json::from_str(&cluster.cli(&[
+        "--format",
+        "json",
+        "config",
+        "read",
+        "service-intentions",
+        "web",
+    ])?)?;
+    let sources: Vec<&str> = intentions["entry"]["Sources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["Name"].as_str())
+        .collect();
+    assert_eq!(
+        sources,
+        ["admin-dashboard", "frontend", "*"],
+        "{intentions}"
+    );
+    let frontend = &intentions["entry"]["Sources"][1]["Permissions"];
+    assert_eq!(frontend[0]["HTTP"]["PathPrefix"], "/api", "{intentions}");
     let split: serde_json::Value = serde_json::from_str(&cluster.cli(&[
         "--format",
         "json",

@@ -1208,3 +1208,137 @@ fn snapshots_over_http_for_a_management_token_only() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn service_intentions_entries_are_the_intentions_of_their_destination() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    let m = Some(cluster.token.as_str());
+    let call = |method: &str, path: &str, body: Option<&str>| -> anyhow::Result<(u16, Value)> {
+        let reply = cluster.http(1, method, path, m, body.map(str::as_bytes))?;
+        let json = reply.json().unwrap_or(Value::String(reply.body.clone()));
+        Ok((reply.status, json))
+    };
+    let pairs = || -> anyhow::Result<Vec<(String, String, String)>> {
+        let (_, list) = call("GET", "/v1/connect/intentions", None)?;
+        let mut out: Vec<(String, String, String)> = list
+            .as_array()
+            .context("a list")?
+            .iter()
+            .map(|i| {
+                let s = |k: &str| i[k].as_str().unwrap_or_default().to_string();
+                (s("SourceName"), s("DestinationName"), s("Action"))
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    };
+    let t = |s: &str, d: &str, a: &str| (s.to_string(), d.to_string(), a.to_string());
+    // Consul's example, keys as some write them.
+    let entry = r#"{"kind": "service-intentions", "name": "db", "sources": [
+        {"name": "web", "action": "allow", "description": "the front end"},
+        {"name": "*", "action": "deny"}]}"#;
+    assert_eq!(
+        call("PUT", "/v1/config", Some(entry))?,
+        (200, Value::Bool(true))
+    );
+    assert_eq!(pairs()?, [t("*", "db", "deny"), t("web", "db", "allow")]);
+    let (_, allowed) = call(
+        "GET",
+        "/v1/connect/intentions/check?source=web&destination=db",
+        None,
+    )?;
+    assert_eq!(allowed["Allowed"], true);
+    let (_, denied) = call(
+        "GET",
+        "/v1/connect/intentions/check?source=api&destination=db",
+        None,
+    )?;
+    assert_eq!(denied["Allowed"], false);
+    // An intention written alone joins the entry.
+    let (status, _) = call(
+        "PUT",
+        "/v1/connect/intentions/exact?source=batch&destination=db",
+        Some(r#"{"Action":"allow"}"#),
+    )?;
+    assert_eq!(status, 200);
+    let (status, read) = call("GET", "/v1/config/service-intentions/db", None)?;
+    assert_eq!(status, 200, "{read}");
+    assert_eq!(read["Kind"], "service-intentions");
+    let sources: Vec<(&str, u64)> = read["Sources"]
+        .as_array()
+        .context("sources")?
+        .iter()
+        .map(|s| {
+            (
+                s["Name"].as_str().unwrap_or_default(),
+                s["Precedence"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(sources, [("batch", 9), ("web", 9), ("*", 8)], "{read}");
+    assert_eq!(read["Sources"][1]["Description"], "the front end");
+    assert!(read["ModifyIndex"].as_u64() >= read["CreateIndex"].as_u64());
+    let (_, listed) = call("GET", "/v1/config/service-intentions", None)?;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    // Writing it again replaces every intention of db, in one step.
+    let replaced = r#"{"Kind": "service-intentions", "Name": "db", "Sources": [{"Name": "api", "Action": "allow"}]}"#;
+    assert_eq!(call("PUT", "/v1/config", Some(replaced))?.0, 200);
+    assert_eq!(pairs()?, [t("api", "db", "allow")]);
+    // Bad sources are refused whole, naming what is wrong.
+    for (body, says) in [
+        (
+            r#"{"Kind":"service-intentions","Name":"db","Sources":[{"Name":"x","Action":"allow","Peer":"p"}]}"#,
+            "not supported by weft yet",
+        ),
+        (
+            r#"{"Kind":"service-intentions","Name":"db","Sources":[{"Name":"x"}]}"#,
+            "Sources[0] (x)",
+        ),
+        (
+            r#"{"Kind":"service-intentions","Name":"db","Sources":[{"Name":"x","Action":"allow"},{"Name":"x","Action":"deny"}]}"#,
+            "named twice",
+        ),
+    ] {
+        let (status, reply) = call("PUT", "/v1/config", Some(body))?;
+        assert!(
+            status == 400 && reply.to_string().contains(says),
+            "{body}: {status} {reply}"
+        );
+    }
+    assert_eq!(pairs()?, [t("api", "db", "allow")]);
+    // Who may: intentions write on the destination, not service write.
+    let service_only =
+        cluster.token_with_rules("db-service", r#"service "db" { policy = "write" }"#)?;
+    let reply = cluster.http(
+        1,
+        "PUT",
+        "/v1/config",
+        Some(&service_only),
+        Some(entry.as_bytes()),
+    )?;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    let reply = cluster.http(
+        1,
+        "DELETE",
+        "/v1/config/service-intentions/db",
+        Some(&service_only),
+        None,
+    )?;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    assert_eq!(pairs()?, [t("api", "db", "allow")]);
+    // Deleting it deletes them; a second delete finds nothing.
+    assert_eq!(
+        call("DELETE", "/v1/config/service-intentions/db", None)?.0,
+        200
+    );
+    assert_eq!(pairs()?, []);
+    assert_eq!(
+        call("DELETE", "/v1/config/service-intentions/db", None)?.0,
+        404
+    );
+    assert_eq!(
+        call("GET", "/v1/config/service-intentions/db", None)?.0,
+        404
+    );
+    Ok(())
+}

@@ -25,18 +25,6 @@ const KNOWN: &[&str] = &[
     "MutualTLSMode",
     "Routes",
     "Match",
-    "HTTP",
-    "PathExact",
-    "PathPrefix",
-    "PathRegex",
-    "Methods",
-    "Header",
-    "Present",
-    "Exact",
-    "Prefix",
-    "Suffix",
-    "Regex",
-    "Invert",
     "Destination",
     "Service",
     "ServiceSubset",
@@ -65,7 +53,7 @@ const USER_KEYED: &[&str] = &["Subsets", "Failover", "Meta"];
 const TENANCY: &[&str] = &["Namespace", "Partition"];
 
 const SCHEMA: Schema = Schema {
-    known: &[KNOWN, super::CONSUL_FIELDS],
+    known: &[KNOWN, crate::consul_keys::HTTP_MATCH, super::CONSUL_FIELDS],
     user_keyed: USER_KEYED,
     tenancy: TENANCY,
 };

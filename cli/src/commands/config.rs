@@ -10,6 +10,7 @@ use weft_api::proto::config_client::ConfigClient;
 use weft_api::proto::{
     ConfigEntry, ConfigRef, ListConfigRequest, ReadConfigRequest, WriteConfigRequest,
 };
+use weft_api::service_intentions;
 
 use super::written;
 use crate::client::{request, Ctx};
@@ -32,17 +33,32 @@ fn entry_json(e: &ConfigEntry) -> serde_json::Value {
     json!({ "entry": body, "create_index": e.create_index, "modify_index": e.modify_index })
 }
 
+/// A config file as the JSON document the servers take, checked here
+/// first (a `service-intentions` entry, or one of the other kinds), with
+/// its kind and name.
+fn entry_document(text: &str, format: FileFormat) -> anyhow::Result<(String, String, String)> {
+    let doc: serde_json::Value =
+        weft_api::file_format::parse_document(text, format).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if service_intentions::is_service_intentions(&doc) {
+        let entry = service_intentions::from_document(doc)?;
+        entry.to_intentions()?;
+        let json = serde_json::to_string(&entry)?;
+        return Ok((service_intentions::KIND.into(), entry.name, json));
+    }
+    let entry = parse_entry_file(text, format)?;
+    let json = serde_json::to_string(&entry)?;
+    Ok((entry.kind().as_str().into(), entry.name().into(), json))
+}
+
 pub async fn run(ctx: &Ctx, cmd: ConfigCmd) -> anyhow::Result<Outcome> {
     match cmd {
         ConfigCmd::Write { file } => {
             let text =
                 std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
             let format = FileFormat::from_path(&file).unwrap_or_else(|| FileFormat::sniff(&text));
-            let entry = parse_entry_file(&text, format)
+            let (kind, name, json) = entry_document(&text, format)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let req = WriteConfigRequest {
-                json: serde_json::to_string(&entry)?,
-            };
+            let req = WriteConfigRequest { json };
             let index = ctx
                 .call(|ch| {
                     let req = req.clone();
@@ -51,11 +67,7 @@ pub async fn run(ctx: &Ctx, cmd: ConfigCmd) -> anyhow::Result<Outcome> {
                 .await?
                 .into_inner()
                 .index;
-            written(
-                ctx,
-                &format!("{} {} written", entry.kind().as_str(), entry.name()),
-                index,
-            );
+            written(ctx, &format!("{kind} {name} written"), index);
         }
         ConfigCmd::Read { kind, name } => {
             let req = ReadConfigRequest {

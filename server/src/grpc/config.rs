@@ -3,7 +3,8 @@
 //! Every kind weft has is about one service, named by the entry: writing
 //! needs `service:write` on it (and `service:read` on every service its
 //! routes, splits, redirect or failover send traffic to), reading
-//! `service:read`; lists are filtered.
+//! `service:read`; lists are filtered. The `service-intentions` kind is a
+//! view of the intentions of one destination ([`super::config_intentions`]).
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -11,8 +12,10 @@ use weft_api::acl::{Access, Resource, ResourceKind};
 use weft_api::config_entry::{parse_entry_file, EntryKind, StoredEntry};
 use weft_api::file_format::FileFormat;
 use weft_api::proto::{self, config_server::Config};
+use weft_api::service_intentions::{self as si, is_service_intentions};
 
 use super::auth::caller;
+use super::config_intentions;
 use super::{invalid, read, write};
 use crate::node::ServerNode;
 use crate::state::Command;
@@ -43,6 +46,13 @@ impl Config for ConfigApi {
         let caller = caller(&self.0, &req).await?;
         let json = req.into_inner().json;
         self.0.limits.check_entry_size(json.len())?;
+        if let Some(doc) = serde_json::from_str::<serde_json::Value>(&json)
+            .ok()
+            .filter(is_service_intentions)
+        {
+            let done = config_intentions::write(&self.0, &caller, doc).await?;
+            return Ok(Response::new(done));
+        }
         // The name is checked before the document is judged, so that a
         // caller without the right learns nothing from validation errors.
         let name = serde_json::from_str::<serde_json::Value>(&json)
@@ -70,6 +80,13 @@ impl Config for ConfigApi {
         let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
         let key = r.r#ref.unwrap_or_default();
+        if key.kind == si::KIND {
+            super::intentions::require(&caller, &key.name, Access::Read)?;
+            let found = read(&self.0, r.read, |s| config_intentions::entry(s, &key.name)).await?;
+            return found.map(Response::new).ok_or_else(|| {
+                Status::not_found(format!("no config entry {}/{}", key.kind, key.name))
+            });
+        }
         caller.require(Resource::Service(&key.name), Access::Read)?;
         check_kind(&key.kind)?;
         let found = read(&self.0, r.read, |s| {
@@ -91,19 +108,25 @@ impl Config for ConfigApi {
         let caller = caller(&self.0, &req).await?;
         caller.require_any_read(ResourceKind::Service)?;
         let r = req.into_inner();
-        if !r.kind.is_empty() {
+        if !r.kind.is_empty() && r.kind != si::KIND {
             check_kind(&r.kind)?;
         }
-        let list = read(&self.0, r.read, |s| proto::ConfigList {
-            entries: s
+        let list = read(&self.0, r.read, |s| {
+            let mut entries: Vec<proto::ConfigEntry> = s
                 .config
                 .iter()
                 .filter(|(kind, _)| r.kind.is_empty() || **kind == r.kind)
                 .flat_map(|(_, m)| m.values())
                 .filter(|e| caller.can(Resource::Service(e.entry.name()), Access::Read))
                 .map(entry_to_proto)
-                .collect(),
-            index: s.index,
+                .collect();
+            if r.kind.is_empty() || r.kind == si::KIND {
+                entries.extend(config_intentions::entries(s, &caller));
+            }
+            proto::ConfigList {
+                entries,
+                index: s.index,
+            }
         })
         .await?;
         Ok(Response::new(list))
@@ -115,6 +138,10 @@ impl Config for ConfigApi {
     ) -> Result<Response<proto::WriteResult>, Status> {
         let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
+        if r.kind == si::KIND {
+            let done = config_intentions::delete(&self.0, &caller, r.name).await?;
+            return Ok(Response::new(done));
+        }
         caller.require(Resource::Service(&r.name), Access::Write)?;
         check_kind(&r.kind)?;
         let what = format!("delete config {}/{}", r.kind, r.name);

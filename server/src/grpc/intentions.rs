@@ -37,7 +37,7 @@ pub(crate) fn may_access(caller: &Caller, destination: &str, want: Access) -> bo
     }
 }
 
-fn require(caller: &Caller, destination: &str, want: Access) -> Result<(), Status> {
+pub(crate) fn require(caller: &Caller, destination: &str, want: Access) -> Result<(), Status> {
     if destination == weft_api::names::WILDCARD {
         caller.require_all(ResourceKind::Intentions, want)
     } else {

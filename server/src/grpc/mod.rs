@@ -8,6 +8,7 @@ pub mod auth;
 pub mod ca;
 pub mod catalog;
 pub mod config;
+mod config_intentions;
 pub mod intentions;
 pub mod kv;
 pub mod operator;

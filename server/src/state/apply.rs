@@ -4,7 +4,7 @@ use std::net::Ipv4Addr;
 
 use weft_api::catalog::{validate_node, validate_service_instance, HealthStatus, ServiceInstance};
 use weft_api::config_entry::{validate_entry, validate_intention_protocol};
-use weft_api::intention::validate_intention;
+use weft_api::intention::{validate_intention, Intention};
 use weft_api::kv::{validate_key, KvEntry, MAX_VALUE_BYTES};
 use weft_api::vip::{next_free_vip, Cidr};
 
@@ -196,38 +196,24 @@ impl State {
                 }
                 Ok(changes)
             }
-            Command::UpsertIntention(mut intention) => {
+            Command::UpsertIntention(intention) => {
                 validate_intention(&intention).map_err(invalid)?;
                 validate_intention_protocol(&intention, &*self).map_err(invalid)?;
-                let by_dest = self.intentions.entry(intention.source.clone()).or_default();
-                intention.create_index = by_dest
-                    .get(&intention.destination)
-                    .map_or(index, |i| i.create_index);
-                intention.modify_index = index;
-                by_dest.insert(intention.destination.clone(), intention.clone());
-                Ok(vec![Change::IntentionUpsert(intention)])
+                Ok(vec![self.upsert_intention(intention, index)])
             }
             Command::DeleteIntention {
                 source,
                 destination,
-            } => {
-                let removed = self
-                    .intentions
-                    .get_mut(&source)
-                    .and_then(|m| m.remove(&destination));
-                if removed.is_none() {
-                    return Err(ApplyError::NotFound {
-                        what: format!("intention {source} => {destination}"),
-                    });
-                }
-                if self.intentions.get(&source).is_some_and(|m| m.is_empty()) {
-                    self.intentions.remove(&source);
-                }
-                Ok(vec![Change::IntentionDelete {
-                    source,
-                    destination,
-                }])
-            }
+            } => match self.delete_intention(&source, &destination) {
+                Some(change) => Ok(vec![change]),
+                None => Err(ApplyError::NotFound {
+                    what: format!("intention {source} => {destination}"),
+                }),
+            },
+            Command::ReplaceIntentions {
+                destination,
+                intentions,
+            } => self.replace_intentions(destination, intentions, index),
             Command::WriteConfig(entry) => {
                 validate_entry(&entry, &*self).map_err(invalid)?;
                 let (kind, name) = (entry.kind().as_str().to_string(), entry.name().to_string());
@@ -392,6 +378,70 @@ impl State {
                 Ok(vec![Change::Acl])
             }
         }
+    }
+
+    /// Writes `intention` (its create index kept if it exists).
+    fn upsert_intention(&mut self, mut intention: Intention, index: u64) -> Change {
+        let by_dest = self.intentions.entry(intention.source.clone()).or_default();
+        intention.create_index = by_dest
+            .get(&intention.destination)
+            .map_or(index, |i| i.create_index);
+        intention.modify_index = index;
+        by_dest.insert(intention.destination.clone(), intention.clone());
+        Change::IntentionUpsert(intention)
+    }
+
+    /// Removes an intention; `None` when there is none.
+    fn delete_intention(&mut self, source: &str, destination: &str) -> Option<Change> {
+        self.intentions.get_mut(source)?.remove(destination)?;
+        if self.intentions.get(source).is_some_and(|m| m.is_empty()) {
+            self.intentions.remove(source);
+        }
+        Some(Change::IntentionDelete {
+            source: source.to_string(),
+            destination: destination.to_string(),
+        })
+    }
+
+    /// A `service-intentions` entry written (or, with none, deleted): the
+    /// intentions of `destination` become exactly `intentions`, each
+    /// checked first, in one step.
+    fn replace_intentions(
+        &mut self,
+        destination: String,
+        intentions: Vec<Intention>,
+        index: u64,
+    ) -> Result<Vec<Change>, ApplyError> {
+        for i in &intentions {
+            if i.destination != destination {
+                return Err(invalid(format!(
+                    "intention {} => {} is not of destination {destination}",
+                    i.source, i.destination
+                )));
+            }
+            validate_intention(i).map_err(invalid)?;
+            validate_intention_protocol(i, &*self).map_err(invalid)?;
+        }
+        let existing: Vec<String> = self
+            .all_intentions()
+            .filter(|i| i.destination == destination)
+            .map(|i| i.source.clone())
+            .collect();
+        if intentions.is_empty() && existing.is_empty() {
+            return Err(ApplyError::NotFound {
+                what: format!("config entry service-intentions/{destination}"),
+            });
+        }
+        let kept: BTreeSet<&str> = intentions.iter().map(|i| i.source.as_str()).collect();
+        let mut changes: Vec<Change> = existing
+            .iter()
+            .filter(|s| !kept.contains(s.as_str()))
+            .filter_map(|s| self.delete_intention(s, &destination))
+            .collect();
+        for i in intentions {
+            changes.push(self.upsert_intention(i, index));
+        }
+        Ok(changes)
     }
 
     fn ca_bundle_change(&self) -> Change {

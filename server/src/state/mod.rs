@@ -135,6 +135,12 @@ pub enum Command {
         key: String,
         cas: Option<u64>,
     },
+    /// Every intention of `destination` replaced by `intentions` (a
+    /// `service-intentions` entry written; none: deleted).
+    ReplaceIntentions {
+        destination: String,
+        intentions: Vec<Intention>,
+    },
     /// A new session (its id chosen by the proposer).
     SessionCreate(Session),
     /// A client destroys a session: its locks are released or its keys
