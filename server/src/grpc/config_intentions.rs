@@ -20,29 +20,32 @@ pub fn entry(state: &State, destination: &str) -> Option<proto::ConfigEntry> {
         .all_intentions()
         .filter(|i| i.destination == destination)
         .collect();
-    if of.is_empty() {
-        return None;
-    }
-    let view = ServiceIntentions::from_intentions(destination, &of);
-    Some(proto::ConfigEntry {
+    (!of.is_empty()).then(|| entry_of(destination, &of))
+}
+
+/// The entry `of` (the intentions of `destination`, at least one) make.
+fn entry_of(destination: &str, of: &[&Intention]) -> proto::ConfigEntry {
+    let view = ServiceIntentions::from_intentions(destination, of);
+    proto::ConfigEntry {
         kind: si::KIND.into(),
         name: destination.into(),
         json: serde_json::to_string(&view).unwrap_or_default(),
         create_index: of.iter().map(|i| i.create_index).min().unwrap_or(0),
         modify_index: of.iter().map(|i| i.modify_index).max().unwrap_or(0),
-    })
+    }
 }
 
-/// Every destination's entry the caller may read.
+/// Every destination's entry the caller may read, grouped in one pass.
 pub fn entries(state: &State, caller: &Caller) -> Vec<proto::ConfigEntry> {
-    let destinations: std::collections::BTreeSet<&str> = state
-        .all_intentions()
-        .map(|i| i.destination.as_str())
-        .collect();
-    destinations
+    let mut by_destination: std::collections::BTreeMap<&str, Vec<&Intention>> =
+        std::collections::BTreeMap::new();
+    for i in state.all_intentions() {
+        by_destination.entry(&i.destination).or_default().push(i);
+    }
+    by_destination
         .into_iter()
-        .filter(|d| require(caller, d, Access::Read).is_ok())
-        .filter_map(|d| entry(state, d))
+        .filter(|(d, _)| require(caller, d, Access::Read).is_ok())
+        .map(|(d, of)| entry_of(d, &of))
         .collect()
 }
 

@@ -367,15 +367,19 @@ async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, Ht
             caller.require_management()?;
         }
         let wanted = declared.map_or(max_body, |n| n as usize);
-        let budget = BODY_BUDGET
-            .clone()
-            .try_acquire_many_owned(kib(wanted))
-            .map_err(|_| {
-                HttpError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "too many request bodies in flight: retry shortly",
-                )
-            })?;
+        // A restore has a budget of its own (one at a time), so that other
+        // writers' bodies cannot starve an operator's restore.
+        let budget = if snapshot {
+            SNAPSHOT_BUDGET.clone().try_acquire_owned()
+        } else {
+            BODY_BUDGET.clone().try_acquire_many_owned(kib(wanted))
+        };
+        let budget = budget.map_err(|_| {
+            HttpError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many request bodies in flight: retry shortly",
+            )
+        })?;
         let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, max_body).collect());
         match read.await {
             Ok(Ok(b)) => (b.to_bytes(), Some(budget)),
@@ -443,6 +447,10 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// a write over it is refused with 503 until others are done.
 static BODY_BUDGET: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
     std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(64 * 1024)));
+
+/// Snapshot bodies held at once: one.
+static SNAPSHOT_BUDGET: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
+    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(1)));
 
 fn kib(bytes: usize) -> u32 {
     (bytes / 1024 + 1) as u32

@@ -15,8 +15,9 @@ use super::{Answer, Call, HttpError};
 use crate::grpc::operator::OperatorApi;
 use crate::node::ServerNode;
 
-/// The largest snapshot a `PUT` may send: within the 64 MiB all request
-/// bodies share (`weft snapshot restore` takes up to 64 MiB over gRPC).
+/// The largest snapshot a `PUT` may send, one at a time, outside the budget
+/// other request bodies share (`weft snapshot restore` takes up to 64 MiB
+/// over gRPC).
 pub const MAX_SNAPSHOT_BODY: usize = 48 << 20;
 
 pub async fn snapshot(node: &Arc<ServerNode>, call: &Call) -> Answer {

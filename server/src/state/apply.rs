@@ -433,9 +433,24 @@ impl State {
             });
         }
         let kept: BTreeSet<&str> = intentions.iter().map(|i| i.source.as_str()).collect();
-        let mut changes: Vec<Change> = existing
+        let gone: Vec<&String> = existing
             .iter()
             .filter(|s| !kept.contains(s.as_str()))
+            .collect();
+        // Found by their values above; each must be filed under its pair
+        // (State::check makes sure), or nothing changes.
+        if let Some(source) = gone.iter().find(|s| {
+            !self
+                .intentions
+                .get(s.as_str())
+                .is_some_and(|m| m.contains_key(&destination))
+        }) {
+            return Err(invalid(format!(
+                "intention {source} => {destination} is not filed under its pair"
+            )));
+        }
+        let mut changes: Vec<Change> = gone
+            .into_iter()
             .filter_map(|s| self.delete_intention(s, &destination))
             .collect();
         for i in intentions {
@@ -899,6 +914,15 @@ mod tests {
         let reason = refused(state.apply(Command::Restore(Box::new(bad)), 3).0);
         assert!(reason.contains("ghost"), "{reason}");
         assert!(state.ca.is_some() && state.acl.bootstrapped);
+        // An allow filed under another pair would outlive every delete of
+        // its own: refused.
+        let mut misfiled = State::default();
+        misfiled.intentions.entry("x".into()).or_default().insert(
+            "y".into(),
+            Intention::l4("web", "db", weft_api::intention::IntentionAction::Allow),
+        );
+        let reason = refused(state.apply(Command::Restore(Box::new(misfiled)), 3).0);
+        assert!(reason.contains("another pair"), "{reason}");
 
         let mut good = State::default();
         good.nodes.insert("n1".into(), node("n1"));

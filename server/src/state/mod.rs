@@ -319,12 +319,27 @@ impl State {
                     .map_err(|e| format!("instances.{node}.{id}: {e}"))?;
             }
         }
-        for i in self.all_intentions() {
-            weft_api::intention::validate_intention(i)
-                .map_err(|e| format!("intentions.{}.{}: {e}", i.source, i.destination))?;
+        for (source, by_destination) in &self.intentions {
+            for (destination, i) in by_destination {
+                if i.source != *source || i.destination != *destination {
+                    return Err(format!(
+                        "intentions.{source}.{destination}: filed under another pair than its own ({} => {})",
+                        i.source, i.destination
+                    ));
+                }
+                weft_api::intention::validate_intention(i)
+                    .map_err(|e| format!("intentions.{source}.{destination}: {e}"))?;
+                weft_api::config_entry::validate_intention_protocol(i, self)
+                    .map_err(|e| format!("intentions.{source}.{destination}: {e}"))?;
+            }
         }
         for (kind, entries) in &self.config {
             for (name, e) in entries {
+                if e.entry.kind().as_str() != kind || e.entry.name() != name {
+                    return Err(format!(
+                        "config.{kind}.{name}: filed under another kind or name than its own"
+                    ));
+                }
                 weft_api::config_entry::validate_entry(&e.entry, self)
                     .map_err(|e| format!("config.{kind}.{name}: {e}"))?;
             }
