@@ -8,7 +8,9 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use weft_agent::dns::{respond, DnsCatalog, DnsInstance, Resolver, Transport, Zone};
+use weft_agent::dns::{
+    respond, respond_or_forward, DnsCatalog, DnsInstance, Outcome, Resolver, Transport, Zone,
+};
 
 struct Mesh;
 
@@ -50,9 +52,18 @@ fuzz_target!(|data: &[u8]| {
         zone: Zone::default(),
         recursors: weft_agent::dns::recurse::Recursors::new(Vec::new()),
     };
-    // Whatever the bytes, deciding whether to forward them neither panics
-    // nor forwards a mesh name.
-    let _ = weft_agent::dns::recurse::forwardable(data, &resolver);
+    // With recursors, whatever the bytes, deciding neither panics nor
+    // forwards a name of the mesh's domains.
+    let recursing = Resolver {
+        recursors: weft_agent::dns::recurse::Recursors::new(vec!["127.0.0.1:5353".parse().unwrap()]),
+        ..resolver.clone()
+    };
+    if respond_or_forward(data, Transport::Udp, &recursing) == Outcome::Forward {
+        // Only what the agent alone would refuse (names outside its
+        // domains) goes out.
+        let alone = respond(data, Transport::Udp, &resolver).expect("a reply");
+        assert_eq!(alone[3] & 0x0f, 5, "forwarded a request the agent answers");
+    }
     for transport in [Transport::Udp, Transport::Tcp] {
         if let Some(reply) = respond(data, transport, &resolver) {
             assert!(

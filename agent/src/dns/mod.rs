@@ -113,28 +113,52 @@ impl std::fmt::Display for Transport {
     }
 }
 
-/// Builds the response to one request received on `transport`, or `None` when the
-/// request gets no reply (shorter than a DNS header, or itself a response). Never
+/// What the server does with one request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Send this response.
+    Reply(Vec<u8>),
+    /// Hand the request to the recursors ([`recurse`]).
+    Forward,
+    /// Send nothing (shorter than a DNS header, or itself a response).
+    NoReply,
+}
+
+/// Decides one request received on `transport`, decoding it once: the
+/// response, or that it goes to the recursors (only a name outside the
+/// domains, with recursion desired and recursors configured). Never
 /// panics, whatever the bytes.
-pub fn respond(request: &[u8], transport: Transport, resolver: &Resolver) -> Option<Vec<u8>> {
+pub fn respond_or_forward(request: &[u8], transport: Transport, resolver: &Resolver) -> Outcome {
     if request.len() < HEADER_LEN {
-        return None;
+        return Outcome::NoReply;
     }
     let id = u16::from_be_bytes([request[0], request[1]]);
     // QR bit set: a response; answering it could start a loop between two servers.
     if request[2] & 0x80 != 0 {
-        return None;
+        return Outcome::NoReply;
     }
     let op_code = OpCode::from_u8((request[2] >> 3) & 0x0f);
     let response = match Message::from_vec(request) {
         Err(_) => Message::error_msg(id, op_code, ResponseCode::FormErr),
-        Ok(query) => answer(&query, resolver),
+        Ok(query) => match answer(&query, resolver) {
+            Some(response) => response,
+            None => return Outcome::Forward,
+        },
     };
-    encode(response, transport)
+    encode(response, transport).map_or(Outcome::NoReply, Outcome::Reply)
 }
 
-/// The response to a decoded request.
-fn answer(request: &Message, resolver: &Resolver) -> Message {
+/// The response to one request, or `None` when it gets no reply; a
+/// request for the recursors gets none here ([`respond_or_forward`] tells).
+pub fn respond(request: &[u8], transport: Transport, resolver: &Resolver) -> Option<Vec<u8>> {
+    match respond_or_forward(request, transport, resolver) {
+        Outcome::Reply(reply) => Some(reply),
+        Outcome::Forward | Outcome::NoReply => None,
+    }
+}
+
+/// The response to a decoded request; `None`: it goes to the recursors.
+fn answer(request: &Message, resolver: &Resolver) -> Option<Message> {
     let meta = &request.metadata;
     let mut response = Message::response(meta.id, meta.op_code);
     response.metadata.recursion_desired = meta.recursion_desired;
@@ -146,26 +170,34 @@ fn answer(request: &Message, resolver: &Resolver) -> Message {
     }
     if meta.message_type != MessageType::Query {
         response.metadata.response_code = ResponseCode::FormErr;
-        return response;
+        return Some(response);
     }
     if meta.op_code != OpCode::Query {
         response.metadata.response_code = ResponseCode::NotImp;
-        return response;
+        return Some(response);
     }
     let [query] = request.queries.as_slice() else {
         response.metadata.response_code = ResponseCode::FormErr;
-        return response;
+        return Some(response);
     };
     response.add_query(query.clone());
     if !matches!(query.query_class, DNSClass::IN | DNSClass::ANY) {
         response.metadata.response_code = ResponseCode::Refused;
-        return response;
+        return Some(response);
     }
     let name = query.name.to_ascii();
     let decision = decide(&name, query.query_type, &*resolver.catalog, &resolver.zone);
-    let zone = names::zone_of(&name, &resolver.zone).unwrap_or("weft");
-    apply(&mut response, query, decision, zone);
-    response
+    let zone = names::zone_of(&name, &resolver.zone);
+    // Outside the domains (never a mesh name), asked to recurse.
+    if decision == Decision::Refused
+        && zone.is_none()
+        && meta.recursion_desired
+        && !resolver.recursors.is_empty()
+    {
+        return None;
+    }
+    apply(&mut response, query, decision, zone.unwrap_or("weft"));
+    Some(response)
 }
 
 /// Writes `decision` for `query` into `response`; negative answers carry
@@ -346,23 +378,22 @@ impl DnsServer {
                 received = self.udp.recv_from(&mut buf) => match received {
                     Ok((len, peer)) => {
                         let request = buf.get(..len).unwrap_or_default();
-                        if !self.resolver.recursors.is_empty()
-                            && recurse::forwardable(request, &self.resolver)
-                        {
-                            let (udp, recursors) = (self.udp.clone(), self.resolver.recursors.clone());
-                            let request = request.to_vec();
-                            forwards.spawn(async move {
-                                let Some(reply) = recursors.forward(&request, Transport::Udp).await else {
-                                    return;
-                                };
-                                if let Err(e) = udp.send_to(&reply, peer).await {
-                                    tracing::debug!(%peer, error = %e, "dns: udp send failed");
-                                }
-                            });
-                            continue;
-                        }
-                        let Some(reply) = respond(request, Transport::Udp, &self.resolver) else {
-                            continue;
+                        let reply = match respond_or_forward(request, Transport::Udp, &self.resolver) {
+                            Outcome::Reply(reply) => reply,
+                            Outcome::NoReply => continue,
+                            Outcome::Forward => {
+                                let (udp, recursors) = (self.udp.clone(), self.resolver.recursors.clone());
+                                let request = request.to_vec();
+                                forwards.spawn(async move {
+                                    let Some(reply) = recursors.forward(&request, Transport::Udp).await else {
+                                        return;
+                                    };
+                                    if let Err(e) = udp.send_to(&reply, peer).await {
+                                        tracing::debug!(%peer, error = %e, "dns: udp send failed");
+                                    }
+                                });
+                                continue;
+                            }
                         };
                         if let Err(e) = self.udp.send_to(&reply, peer).await {
                             tracing::debug!(%peer, error = %e, "dns: udp send failed");
@@ -502,10 +533,10 @@ async fn serve_tcp(
             () = conn.evict.notified() => return,
         }
         conn.set_waiting(false);
-        let reply = if !resolver.recursors.is_empty() && recurse::forwardable(&request, &resolver) {
-            resolver.recursors.forward(&request, Transport::Tcp).await
-        } else {
-            respond(&request, Transport::Tcp, &resolver)
+        let reply = match respond_or_forward(&request, Transport::Tcp, &resolver) {
+            Outcome::Reply(reply) => Some(reply),
+            Outcome::NoReply => None,
+            Outcome::Forward => resolver.recursors.forward(&request, Transport::Tcp).await,
         };
         let Some(reply) = reply else {
             continue;

@@ -13,22 +13,20 @@
 //! - At most [`MAX_IN_FLIGHT`] queries are forwarded at once; beyond that
 //!   the answer is SERVFAIL at once, so a flood cannot exhaust the agent.
 //!
-//! [`forwardable`] is pure; [`Recursors::forward`] does the I/O.
+//! Which requests go out is decided with the answer itself
+//! ([`super::respond_or_forward`], pure); [`Recursors::forward`] does the
+//! I/O.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::DNSClass;
+use hickory_proto::op::{Message, MessageType, ResponseCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
-use super::{
-    decide, encode, names, Decision, Resolver, Transport, HEADER_LEN, UDP_MAX_PAYLOAD,
-    UDP_MIN_PAYLOAD,
-};
+use super::{encode, Transport, UDP_MAX_PAYLOAD, UDP_MIN_PAYLOAD};
 
 /// How long one recursor gets to answer.
 pub const TIMEOUT: Duration = Duration::from_secs(2);
@@ -101,33 +99,6 @@ impl Recursors {
         }
         servfail(request, transport)
     }
-}
-
-/// Whether `request` is one to forward: a well-formed standard query for one
-/// name outside the mesh's domains, class IN or ANY, recursion desired.
-pub fn forwardable(request: &[u8], resolver: &Resolver) -> bool {
-    if request.len() < HEADER_LEN || request[2] & 0x80 != 0 {
-        return false;
-    }
-    let Ok(msg) = Message::from_vec(request) else {
-        return false;
-    };
-    let meta = &msg.metadata;
-    if meta.message_type != MessageType::Query
-        || meta.op_code != OpCode::Query
-        || !meta.recursion_desired
-    {
-        return false;
-    }
-    let [query] = msg.queries.as_slice() else {
-        return false;
-    };
-    if !matches!(query.query_class, DNSClass::IN | DNSClass::ANY) {
-        return false;
-    }
-    let name = query.name.to_ascii();
-    names::zone_of(&name, &resolver.zone).is_none()
-        && decide(&name, query.query_type, &*resolver.catalog, &resolver.zone) == Decision::Refused
 }
 
 /// Whether `answer` is the answer to our query `ours` of `original`'s
@@ -228,31 +199,41 @@ mod tests {
         msg.to_vec().unwrap()
     }
 
-    fn resolver() -> Resolver {
-        super::super::tests::lookup()
-    }
-
     #[test]
     fn only_names_outside_the_domains_with_recursion_desired_go_out() {
-        let r = resolver();
-        assert!(forwardable(&query("example.org.", true), &r));
-        assert!(!forwardable(&query("example.org.", false), &r));
+        use super::super::{respond_or_forward, Outcome, Resolver};
+        let decide = |r: &Resolver, q: &[u8]| respond_or_forward(q, Transport::Udp, r);
+        let mut r = super::super::tests::lookup();
+        // Without recursors, nothing goes out.
+        assert!(matches!(
+            decide(&r, &query("example.org.", true)),
+            Outcome::Reply(_)
+        ));
+        r.recursors = Recursors::new(vec!["127.0.0.1:5353".parse().unwrap()]);
+        assert_eq!(decide(&r, &query("example.org.", true)), Outcome::Forward);
+        assert!(matches!(
+            decide(&r, &query("example.org.", false)),
+            Outcome::Reply(_)
+        ));
         for mesh in [
             "api.service.weft.",
             "nothing.service.weft.",
             "weft.",
             "x.consul.",
         ] {
-            assert!(!forwardable(&query(mesh, true), &r), "{mesh}");
+            assert!(
+                matches!(decide(&r, &query(mesh, true)), Outcome::Reply(_)),
+                "{mesh}"
+            );
         }
-        assert!(!forwardable(b"short", &r));
+        assert_eq!(decide(&r, b"short"), Outcome::NoReply);
         let mut response = query("example.org.", true);
         response[2] |= 0x80;
-        assert!(!forwardable(&response, &r));
+        assert_eq!(decide(&r, &response), Outcome::NoReply);
     }
 
-    /// A recursor on loopback: answers `answers` queries, each with
-    /// `reply(request)`; returns its address.
+    /// A recursor on loopback that answers each query with `reply(request)`
+    /// (none: silence); returns its address.
     async fn fake_recursor(reply: fn(&Message) -> Option<Message>) -> SocketAddr {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();

@@ -46,19 +46,18 @@ impl Config for ConfigApi {
         let caller = caller(&self.0, &req).await?;
         let json = req.into_inner().json;
         self.0.limits.check_entry_size(json.len())?;
-        if let Some(doc) = serde_json::from_str::<serde_json::Value>(&json)
-            .ok()
-            .filter(is_service_intentions)
-        {
+        let doc = serde_json::from_str::<serde_json::Value>(&json).ok();
+        if let Some(doc) = doc.clone().filter(is_service_intentions) {
             let done = config_intentions::write(&self.0, &caller, doc).await?;
             return Ok(Response::new(done));
         }
         // The name is checked before the document is judged, so that a
         // caller without the right learns nothing from validation errors.
-        let name = serde_json::from_str::<serde_json::Value>(&json)
-            .ok()
-            .and_then(|v| weft_api::config_entry::document_name(&v).map(String::from))
-            .unwrap_or_default();
+        let name = doc
+            .as_ref()
+            .and_then(weft_api::config_entry::document_name)
+            .unwrap_or_default()
+            .to_string();
         caller.require(Resource::Service(&name), Access::Write)?;
         let entry = parse_entry_file(&json, FileFormat::Json).map_err(invalid)?;
         self.0.limits.check_entry(&entry)?;

@@ -13,7 +13,7 @@ use weft_api::acl::{Access, Resource, ResourceKind};
 use weft_api::proto::{self, session_server};
 use weft_api::session::{parse_create, Session};
 
-use super::auth::caller;
+use super::auth::{caller, Caller};
 use super::ca::unix_now_ms;
 use super::{invalid, read, write};
 use crate::node::ServerNode;
@@ -61,6 +61,20 @@ fn not_found(id: &str) -> Status {
     Status::not_found(format!("session {id:?} not found"))
 }
 
+impl SessionApi {
+    /// The caller of a call on one session, and the session's id, once the
+    /// caller may write that session's node (rights before input).
+    async fn writer(&self, req: Request<proto::SessionRef>) -> Result<(Caller, String), Status> {
+        let caller = caller(&self.0, &req).await?;
+        caller.require_any_read(ResourceKind::Session)?;
+        let id = req.into_inner().id;
+        check_id(&id)?;
+        let node = node_of(&self.0, &id).ok_or_else(|| not_found(&id))?;
+        caller.require(Resource::Session(&node), Access::Write)?;
+        Ok((caller, id))
+    }
+}
+
 #[tonic::async_trait]
 impl session_server::Session for SessionApi {
     async fn create(
@@ -105,12 +119,7 @@ impl session_server::Session for SessionApi {
         &self,
         req: Request<proto::SessionRef>,
     ) -> Result<Response<proto::WriteResult>, Status> {
-        let caller = caller(&self.0, &req).await?;
-        caller.require_any_read(ResourceKind::Session)?;
-        let id = req.into_inner().id;
-        check_id(&id)?;
-        let node = node_of(&self.0, &id).ok_or_else(|| not_found(&id))?;
-        caller.require(Resource::Session(&node), Access::Write)?;
+        let (caller, id) = self.writer(req).await?;
         let cmd = Command::SessionDestroy {
             id: id.clone(),
             now_ms: unix_now_ms(),
@@ -123,24 +132,13 @@ impl session_server::Session for SessionApi {
         &self,
         req: Request<proto::SessionRef>,
     ) -> Result<Response<proto::SessionEntry>, Status> {
-        let caller = caller(&self.0, &req).await?;
-        caller.require_any_read(ResourceKind::Session)?;
-        let id = req.into_inner().id;
-        check_id(&id)?;
-        let node = node_of(&self.0, &id).ok_or_else(|| not_found(&id))?;
-        caller.require(Resource::Session(&node), Access::Write)?;
+        let (caller, id) = self.writer(req).await?;
         let cmd = Command::SessionRenew {
             id: id.clone(),
             now_ms: unix_now_ms(),
         };
         let what = format!("session renew {id}");
-        write(&self.0, &caller, &what, cmd).await.map_err(|s| {
-            if s.code() == tonic::Code::NotFound {
-                not_found(&id)
-            } else {
-                s
-            }
-        })?;
+        write(&self.0, &caller, &what, cmd).await?;
         let state = self.0.shared.state.read().expect("state lock");
         state
             .lock_sessions
