@@ -24,6 +24,7 @@ use crate::catalog::{HealthStatus, ServiceInstance};
 use crate::duration::parse_duration;
 use crate::file_format::{parse_document, FileFormat, ParseError};
 use crate::filter::parse_filter;
+use crate::header_edits::{HeaderEditError, HeaderModifiers};
 use crate::http_match::{validate_http_match, HttpMatch, HttpMatchError, Request};
 use crate::intention::Intention;
 use crate::names::{validate_name, NameError, WILDCARD};
@@ -213,6 +214,46 @@ pub struct RouteDestination {
     pub retry_on_connect_failure: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retry_on_status_codes: Vec<u16>,
+    /// Consul's `RetryOn` conditions (Envoy's names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_on: Vec<RetryOn>,
+    #[serde(default, skip_serializing_if = "HeaderModifiers::is_empty")]
+    pub request_headers: HeaderModifiers,
+    #[serde(default, skip_serializing_if = "HeaderModifiers::is_empty")]
+    pub response_headers: HeaderModifiers,
+}
+
+/// A condition of `RetryOn`: when a request is tried again (see
+/// [`crate::routing::RoutePolicy::retries`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    /// Any 5xx answer, no answer (a reset), or no connection.
+    #[serde(rename = "5xx")]
+    FiveXx,
+    /// 502, 503 or 504, no answer, or no connection.
+    GatewayError,
+    /// No answer: the connection or stream was reset after the request
+    /// went out (or no connection could be made).
+    Reset,
+    ConnectFailure,
+    /// An answer carrying `x-envoy-ratelimited`.
+    EnvoyRatelimited,
+    /// 409.
+    #[serde(rename = "retriable-4xx")]
+    Retriable4xx,
+    /// An HTTP/2 stream refused (REFUSED_STREAM) by the instance.
+    RefusedStream,
+    /// gRPC status CANCELLED (1) in the answer's headers.
+    Cancelled,
+    /// gRPC status DEADLINE_EXCEEDED (4).
+    DeadlineExceeded,
+    /// gRPC status INTERNAL (13).
+    Internal,
+    /// gRPC status RESOURCE_EXHAUSTED (8).
+    ResourceExhausted,
+    /// gRPC status UNAVAILABLE (14).
+    Unavailable,
 }
 
 /// `service-splitter`: weighted traffic split; weights add up to 100.
@@ -235,6 +276,10 @@ pub struct Split {
     pub service: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_subset: Option<String>,
+    #[serde(default, skip_serializing_if = "HeaderModifiers::is_empty")]
+    pub request_headers: HeaderModifiers,
+    #[serde(default, skip_serializing_if = "HeaderModifiers::is_empty")]
+    pub response_headers: HeaderModifiers,
 }
 
 /// `service-resolver`: subsets of a service's instances, redirect and failover.
@@ -463,6 +508,12 @@ impl ConfigEntryError {
     }
 }
 
+impl From<HeaderEditError> for ConfigEntryError {
+    fn from(e: HeaderEditError) -> Self {
+        invalid(e.field, e.reason)
+    }
+}
+
 impl From<HttpMatchError> for ConfigEntryError {
     fn from(e: HttpMatchError) -> Self {
         invalid(e.field, e.reason)
@@ -542,10 +593,6 @@ fn consul_names(mut e: ParseError) -> ConfigEntryError {
 const CONSUL_FIELDS: &[&str] = &[
     "LoadBalancer",
     "Limits",
-    "RetryOn",
-    "QueryParam",
-    "RequestHeaders",
-    "ResponseHeaders",
     "MaxConnections",
     "MaxPendingRequests",
     "MaxConcurrentRequests",
@@ -788,6 +835,10 @@ fn validate_router(r: &ServiceRouter, ctx: &impl EntryContext) -> Result<(), Con
                 ));
             }
         }
+        dest.request_headers
+            .validate(&format!("{df}.RequestHeaders"))?;
+        dest.response_headers
+            .validate(&format!("{df}.ResponseHeaders"))?;
     }
     Ok(())
 }
@@ -824,6 +875,12 @@ fn validate_splitter(s: &ServiceSplitter, ctx: &impl EntryContext) -> Result<(),
         if let Some(subset) = &split.service_subset {
             check_subset(&format!("{base}.ServiceSubset"), service, subset, ctx, None)?;
         }
+        split
+            .request_headers
+            .validate(&format!("{base}.RequestHeaders"))?;
+        split
+            .response_headers
+            .validate(&format!("{base}.ResponseHeaders"))?;
         let target = (service, split.service_subset.as_deref());
         if seen.contains(&target) {
             return Err(invalid(

@@ -22,6 +22,7 @@ pub const HTTP_MATCH: &[&str] = &[
     "Suffix",
     "Regex",
     "Invert",
+    "QueryParam",
 ];
 
 /// Which keys a document kind takes.

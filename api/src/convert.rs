@@ -160,6 +160,8 @@ fn http_from_proto(m: proto::HttpMatch) -> HttpMatch {
         path_regex: m.path_regex,
         methods: m.methods,
         headers: m.headers.into_iter().map(header_from_proto).collect(),
+        // Intentions take no query rules (validate_intention refuses them).
+        query_param: Vec::new(),
     }
 }
 

@@ -11,6 +11,10 @@
 //!   `Present` rule with `Invert` (Envoy: an absent header never matches a value
 //!   rule, inverted or not).
 //! - An empty method list matches every method.
+//! - `QueryParam` rules (service-router routes only) match the request's
+//!   query parameters by name, after percent-decoding, with exactly one of
+//!   `Present`, `Exact`, `Regex`; a parameter given several times matches
+//!   when any of its values does, as Envoy's query matcher does.
 
 use regex::Regex;
 use serde::{Deserialize, Serialize};
@@ -30,6 +34,9 @@ pub struct Request {
     /// Header names and values in arrival order; a name may repeat.
     #[serde(default)]
     pub headers: Vec<(String, String)>,
+    /// Query parameters, percent-decoded, in order; a name may repeat.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query: Vec<(String, String)>,
 }
 
 impl Request {
@@ -39,7 +46,14 @@ impl Request {
             method: method.into(),
             path: path.into(),
             headers: Vec::new(),
+            query: Vec::new(),
         }
+    }
+
+    /// Adds the parameters of a raw query string (`a=1&b=x%20y`), decoded.
+    pub fn with_query(mut self, raw: &str) -> Self {
+        self.query = parse_query(raw);
+        self
     }
 
     /// Adds a header (builder style).
@@ -61,6 +75,52 @@ impl Request {
         } else {
             Some(values.join(","))
         }
+    }
+}
+
+/// The parameters of a raw query string, percent-decoded (`+` is a
+/// space, as forms write it); a parameter without `=` has an empty value.
+pub fn parse_query(raw: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(raw.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+/// One query parameter rule of a route (`QueryParam`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct QueryParamMatch {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub present: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+}
+
+impl QueryParamMatch {
+    /// Whether some value of the parameter satisfies the rule.
+    pub fn matches(&self, request: &Request) -> Result<bool, HttpMatchError> {
+        let regex = match &self.regex {
+            Some(pattern) => Some(compile_full_match("Regex", pattern)?),
+            None => None,
+        };
+        Ok(request
+            .query
+            .iter()
+            .filter(|(name, _)| *name == self.name)
+            .any(|(_, value)| {
+                if self.present {
+                    true
+                } else if let Some(exact) = &self.exact {
+                    value == exact
+                } else if let Some(regex) = &regex {
+                    regex.is_match(value)
+                } else {
+                    false
+                }
+            }))
     }
 }
 
@@ -97,6 +157,9 @@ pub struct HttpMatch {
     pub methods: Vec<String>,
     #[serde(rename = "Header", default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<HeaderMatch>,
+    /// Routes only: L7 intentions refuse it, as Consul's do.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_param: Vec<QueryParamMatch>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -141,6 +204,7 @@ impl HttpMatch {
             && self.path_regex.is_none()
             && self.methods.is_empty()
             && self.headers.is_empty()
+            && self.query_param.is_empty()
     }
 
     /// Whether `request` satisfies every rule. Errors only for a regex that does
@@ -168,6 +232,14 @@ impl HttpMatch {
             if !header
                 .matches(request)
                 .map_err(|e| err(format!("Header[{i}].{}", e.field), e.reason))?
+            {
+                return Ok(false);
+            }
+        }
+        for (i, param) in self.query_param.iter().enumerate() {
+            if !param
+                .matches(request)
+                .map_err(|e| err(format!("QueryParam[{i}].{}", e.field), e.reason))?
             {
                 return Ok(false);
             }
@@ -254,7 +326,43 @@ pub fn validate_http_match(field: &str, m: &HttpMatch) -> Result<(), HttpMatchEr
     for (i, header) in m.headers.iter().enumerate() {
         validate_header_match(&format!("{field}.Header[{i}]"), header)?;
     }
+    for (i, param) in m.query_param.iter().enumerate() {
+        validate_query_param(&format!("{field}.QueryParam[{i}]"), param)?;
+    }
     Ok(())
+}
+
+/// Checks one query parameter rule: a name and exactly one of Present
+/// (true), Exact, Regex.
+fn validate_query_param(field: &str, q: &QueryParamMatch) -> Result<(), HttpMatchError> {
+    if q.name.is_empty() {
+        return Err(err(format!("{field}.Name"), "must not be empty"));
+    }
+    let kinds: Vec<&str> = [
+        ("Present", q.present),
+        ("Exact", q.exact.is_some()),
+        ("Regex", q.regex.is_some()),
+    ]
+    .iter()
+    .filter(|(_, set)| *set)
+    .map(|(n, _)| *n)
+    .collect();
+    match kinds.len() {
+        0 => Err(err(field, "one of Present, Exact or Regex is required")),
+        1 => {
+            if let Some(pattern) = &q.regex {
+                compile_full_match(&format!("{field}.Regex"), pattern)?;
+            }
+            Ok(())
+        }
+        _ => Err(err(
+            field,
+            format!(
+                "only one of Present, Exact or Regex may be set (found {})",
+                kinds.join(", ")
+            ),
+        )),
+    }
 }
 
 /// Checks one header rule: a valid name and exactly one of Present (true), Exact,
@@ -610,5 +718,55 @@ mod tests {
         );
         let e = serde_json::from_str::<HttpMatch>(r#"{"Path":"/a"}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field `Path`"), "{e}");
+    }
+
+    #[test]
+    fn query_params_match_decoded_values_by_name() {
+        let m: HttpMatch = serde_json::from_str(
+            r#"{"QueryParam":[{"Name":"x-debug","Exact":"on now"},{"Name":"v","Regex":"[0-9]+"},
+                {"Name":"trace","Present":true}]}"#,
+        )
+        .unwrap();
+        validate_http_match("Routes[0].Match.HTTP", &m).unwrap();
+        let r = |q: &str| Request::new("GET", "/").with_query(q);
+        assert!(m.matches(&r("x-debug=on%20now&v=12&trace")).unwrap());
+        assert!(
+            m.matches(&r("trace=&v=x&v=7&x-debug=on+now")).unwrap(),
+            "any value"
+        );
+        assert!(
+            !m.matches(&r("x-debug=on%20now&v=12")).unwrap(),
+            "trace absent"
+        );
+        assert!(
+            !m.matches(&r("x-debug=on%20now&v=12a&trace")).unwrap(),
+            "whole value"
+        );
+        assert!(
+            !m.matches(&r("X-DEBUG=on%20now&v=1&trace")).unwrap(),
+            "names are exact"
+        );
+    }
+
+    #[test]
+    fn query_param_rules_need_one_kind_and_a_name() {
+        let bad = |json: &str| {
+            let m: HttpMatch = serde_json::from_str(json).unwrap();
+            validate_http_match("HTTP", &m).unwrap_err().to_string()
+        };
+        assert_eq!(
+            bad(r#"{"QueryParam":[{"Name":"a"}]}"#),
+            "HTTP.QueryParam[0]: one of Present, Exact or Regex is required"
+        );
+        assert!(
+            bad(r#"{"QueryParam":[{"Name":"a","Exact":"1","Present":true}]}"#)
+                .contains("only one of")
+        );
+        assert_eq!(
+            bad(r#"{"QueryParam":[{"Name":"","Present":true}]}"#),
+            "HTTP.QueryParam[0].Name: must not be empty"
+        );
+        assert!(bad(r#"{"QueryParam":[{"Name":"a","Regex":"("}]}"#)
+            .starts_with("HTTP.QueryParam[0].Regex: invalid regex"));
     }
 }

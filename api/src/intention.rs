@@ -489,6 +489,14 @@ pub fn validate_intention(intention: &Intention) -> Result<(), IntentionError> {
                 "must set at least one of PathExact, PathPrefix, PathRegex, Methods, Header",
             ));
         }
+        if !permission.http.query_param.is_empty() {
+            // As in Consul: intentions match path, method and headers.
+            return Err(IntentionError::invalid(
+                format!("{field}.QueryParam"),
+                "not a field of intention permissions (service-router routes match query \
+                 parameters)",
+            ));
+        }
         validate_http_match(&field, &permission.http)?;
     }
     if intention.description.len() > MAX_DESCRIPTION_LEN {
@@ -1124,6 +1132,22 @@ mod tests {
         );
         assert!(verr(&meth)
             .starts_with("Permissions[0].HTTP.Methods[0]: \"FETCH\" is not an HTTP method"));
+        let query = Intention::l7(
+            "web",
+            "db",
+            vec![perm(
+                Allow,
+                HttpMatch {
+                    query_param: vec![crate::http_match::QueryParamMatch {
+                        name: "admin".into(),
+                        present: true,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )],
+        );
+        assert!(verr(&query).starts_with("Permissions[0].HTTP.QueryParam: not a field"));
         let mut long = Intention::l4("web", "db", Allow);
         long.description = "x".repeat(513);
         assert_eq!(verr(&long), "Description: too long (513 > 512 bytes)");

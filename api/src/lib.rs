@@ -28,6 +28,7 @@ pub mod duration;
 pub mod exposition;
 pub mod file_format;
 pub mod filter;
+pub mod header_edits;
 pub mod http_match;
 pub mod intention;
 pub mod kv;

@@ -9,8 +9,9 @@
 //! 3. The resolver of that service may redirect it (once), and gives the
 //!    default subset when none was chosen.
 //! 4. The matched route's destination also carries the request's policy:
-//!    a timeout for the whole request and how often to retry it
-//!    ([`RoutePolicy`]).
+//!    a timeout for the whole request, when and how often to retry it, and
+//!    the headers to change on the request and its answer ([`RoutePolicy`]);
+//!    a split's header changes come after the route's.
 //! 5. The instances are those of the resulting service that belong to the
 //!    subset (its filter and health rule), or its passing instances when
 //!    there is no subset. A subset that the resolver does not define has no
@@ -22,8 +23,11 @@
 use std::time::Duration;
 
 use crate::catalog::{HealthStatus, ServiceInstance};
-use crate::config_entry::{pick_split, select_route, ConfigEntry, EntryKind, EntrySet, Route};
+use crate::config_entry::{
+    pick_split, select_route, ConfigEntry, EntryKind, EntrySet, RetryOn, Route,
+};
 use crate::duration::parse_duration;
+use crate::header_edits::HeaderModifiers;
 use crate::http_match::Request;
 
 /// A service and, optionally, one of its resolver's subsets, with the
@@ -46,17 +50,26 @@ impl Target {
 }
 
 /// How one request is carried: a route destination's `RequestTimeout`,
-/// `NumRetries`, `RetryOnConnectFailure` and `RetryOnStatusCodes`.
+/// `NumRetries`, `RetryOnConnectFailure`, `RetryOnStatusCodes`, `RetryOn`,
+/// `PrefixRewrite` and header changes (with the split's).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RoutePolicy {
     /// For the whole request, retries included.
     pub timeout: Option<Duration>,
+    /// How many times a request is tried again. As in Consul (which leaves
+    /// Envoy's default in place), a route with a retry condition and no
+    /// `NumRetries` (or 0) retries once.
     pub num_retries: u32,
     pub retry_on_connect_failure: bool,
     pub retry_on_status_codes: Vec<u16>,
+    pub retry_on: Vec<RetryOn>,
     /// `PrefixRewrite`: the path (prefix) the route matched, and what
     /// replaces it before the request is sent.
     pub rewrite: Option<(String, String)>,
+    /// `RequestHeaders` of the route, then of the split, applied in order.
+    pub request_headers: Vec<HeaderModifiers>,
+    /// `ResponseHeaders` of the route, then of the split.
+    pub response_headers: Vec<HeaderModifiers>,
 }
 
 /// What one attempt at a request came to.
@@ -64,8 +77,62 @@ pub struct RoutePolicy {
 pub enum Attempt {
     /// No connection to the instance could be made (the request was not sent).
     ConnectFailure,
-    /// The instance answered with this status.
-    Status(u16),
+    /// The request went out and no answer came: the connection or stream
+    /// was reset (`refused_stream`: an HTTP/2 REFUSED_STREAM).
+    Reset { refused_stream: bool },
+    /// The instance answered.
+    Answer(Answer),
+}
+
+/// What a retry decision needs of an answer: its status, the gRPC status
+/// in its headers (a trailers-only gRPC answer), whether it carries
+/// `x-envoy-ratelimited`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Answer {
+    pub status: u16,
+    pub grpc_status: Option<u32>,
+    pub ratelimited: bool,
+}
+
+impl Answer {
+    pub fn status(status: u16) -> Self {
+        Answer {
+            status,
+            ..Default::default()
+        }
+    }
+}
+
+impl RetryOn {
+    /// Whether this condition holds for `attempt`.
+    pub fn holds(self, attempt: Attempt) -> bool {
+        let grpc = |code: u32| matches!(attempt, Attempt::Answer(a) if a.grpc_status == Some(code));
+        match self {
+            RetryOn::FiveXx => match attempt {
+                Attempt::Answer(a) => (500..=599).contains(&a.status),
+                _ => true,
+            },
+            RetryOn::GatewayError => match attempt {
+                Attempt::Answer(a) => matches!(a.status, 502..=504),
+                _ => true,
+            },
+            RetryOn::Reset => !matches!(attempt, Attempt::Answer(_)),
+            RetryOn::ConnectFailure => attempt == Attempt::ConnectFailure,
+            RetryOn::RefusedStream => matches!(
+                attempt,
+                Attempt::Reset {
+                    refused_stream: true
+                }
+            ),
+            RetryOn::EnvoyRatelimited => matches!(attempt, Attempt::Answer(a) if a.ratelimited),
+            RetryOn::Retriable4xx => matches!(attempt, Attempt::Answer(a) if a.status == 409),
+            RetryOn::Cancelled => grpc(1),
+            RetryOn::DeadlineExceeded => grpc(4),
+            RetryOn::ResourceExhausted => grpc(8),
+            RetryOn::Internal => grpc(13),
+            RetryOn::Unavailable => grpc(14),
+        }
+    }
 }
 
 impl RoutePolicy {
@@ -78,6 +145,15 @@ impl RoutePolicy {
             .as_ref()
             .and_then(|m| m.http.as_ref())
             .and_then(|h| h.path_prefix.clone().or_else(|| h.path_exact.clone()));
+        let has_condition = destination.retry_on_connect_failure
+            || !destination.retry_on_status_codes.is_empty()
+            || !destination.retry_on.is_empty();
+        let num_retries = match destination.num_retries {
+            Some(n) if n > 0 => n,
+            _ if has_condition => 1,
+            _ => 0,
+        };
+        let edits = |m: &HeaderModifiers| (!m.is_empty()).then(|| m.clone());
         RoutePolicy {
             rewrite: matched.zip(destination.prefix_rewrite.clone()),
             // Validated on write; a bad one here means no timeout.
@@ -85,9 +161,12 @@ impl RoutePolicy {
                 .request_timeout
                 .as_deref()
                 .and_then(|t| parse_duration(t).ok()),
-            num_retries: destination.num_retries.unwrap_or(0),
+            num_retries,
             retry_on_connect_failure: destination.retry_on_connect_failure,
             retry_on_status_codes: destination.retry_on_status_codes.clone(),
+            retry_on: destination.retry_on.clone(),
+            request_headers: edits(&destination.request_headers).into_iter().collect(),
+            response_headers: edits(&destination.response_headers).into_iter().collect(),
         }
     }
 
@@ -97,10 +176,12 @@ impl RoutePolicy {
         if retried >= self.num_retries {
             return false;
         }
-        match attempt {
+        let listed = match attempt {
             Attempt::ConnectFailure => self.retry_on_connect_failure,
-            Attempt::Status(code) => self.retry_on_status_codes.contains(&code),
-        }
+            Attempt::Answer(a) => self.retry_on_status_codes.contains(&a.status),
+            Attempt::Reset { .. } => false,
+        };
+        listed || self.retry_on.iter().any(|c| c.holds(attempt))
     }
 
     /// The path to send instead of `path`, when the route rewrites it.
@@ -141,13 +222,20 @@ pub fn route_request(entries: &EntrySet, service: &str, request: &Request, roll:
             entries.get(EntryKind::ServiceSplitter, &target.service)
         {
             if let Some(split) = pick_split(splitter, roll) {
+                let mut policy = target.policy;
+                if !split.request_headers.is_empty() {
+                    policy.request_headers.push(split.request_headers.clone());
+                }
+                if !split.response_headers.is_empty() {
+                    policy.response_headers.push(split.response_headers.clone());
+                }
                 target = Target {
                     service: split
                         .service
                         .clone()
                         .unwrap_or_else(|| target.service.clone()),
                     subset: split.service_subset.clone(),
-                    policy: target.policy,
+                    policy,
                 };
             }
         }
@@ -304,6 +392,7 @@ mod tests {
             weight: w,
             service: None,
             service_subset: Some(s.into()),
+            ..Default::default()
         };
         ConfigEntry::ServiceSplitter(ServiceSplitter {
             name: "api".into(),
@@ -458,23 +547,155 @@ mod tests {
     #[test]
     fn retries_follow_the_policy_and_stop_at_its_count() {
         let p = RoutePolicy {
-            timeout: None,
             num_retries: 2,
             retry_on_connect_failure: true,
             retry_on_status_codes: vec![502, 503],
-            rewrite: None,
+            ..Default::default()
         };
+        let status = |code| Attempt::Answer(Answer::status(code));
         assert!(p.retries(0, Attempt::ConnectFailure));
-        assert!(p.retries(1, Attempt::Status(503)));
-        assert!(!p.retries(2, Attempt::Status(503)), "two retries at most");
-        assert!(!p.retries(0, Attempt::Status(500)), "not a listed status");
-        assert!(!p.retries(0, Attempt::Status(200)));
+        assert!(p.retries(1, status(503)));
+        assert!(!p.retries(2, status(503)), "two retries at most");
+        assert!(!p.retries(0, status(500)), "not a listed status");
+        assert!(!p.retries(0, status(200)));
+        let reset = Attempt::Reset {
+            refused_stream: false,
+        };
+        assert!(
+            !p.retries(0, reset),
+            "a reset only with a RetryOn condition"
+        );
         let no_connect = RoutePolicy {
             retry_on_connect_failure: false,
             ..p.clone()
         };
         assert!(!no_connect.retries(0, Attempt::ConnectFailure));
         assert!(!RoutePolicy::default().retries(0, Attempt::ConnectFailure));
+    }
+
+    #[test]
+    fn retry_on_conditions_as_envoy_reads_them() {
+        let status = |code| Attempt::Answer(Answer::status(code));
+        let grpc = |code| {
+            Attempt::Answer(Answer {
+                status: 200,
+                grpc_status: Some(code),
+                ratelimited: false,
+            })
+        };
+        let reset = Attempt::Reset {
+            refused_stream: false,
+        };
+        let refused = Attempt::Reset {
+            refused_stream: true,
+        };
+        let connect = Attempt::ConnectFailure;
+        let cases: &[(RetryOn, &[Attempt], &[Attempt])] = &[
+            (
+                RetryOn::FiveXx,
+                &[status(500), status(503), reset, refused, connect],
+                &[status(200), status(409), grpc(14)],
+            ),
+            (
+                RetryOn::GatewayError,
+                &[status(502), status(503), status(504), reset, connect],
+                &[status(500), status(501), status(200)],
+            ),
+            (RetryOn::Reset, &[reset, refused, connect], &[status(503)]),
+            (RetryOn::ConnectFailure, &[connect], &[reset, status(503)]),
+            (RetryOn::RefusedStream, &[refused], &[reset, connect]),
+            (
+                RetryOn::Retriable4xx,
+                &[status(409)],
+                &[status(400), status(429)],
+            ),
+            (RetryOn::Cancelled, &[grpc(1)], &[grpc(14), status(503)]),
+            (RetryOn::DeadlineExceeded, &[grpc(4)], &[grpc(1)]),
+            (RetryOn::ResourceExhausted, &[grpc(8)], &[grpc(4)]),
+            (RetryOn::Internal, &[grpc(13)], &[grpc(8)]),
+            (RetryOn::Unavailable, &[grpc(14)], &[grpc(13), status(503)]),
+            (
+                RetryOn::EnvoyRatelimited,
+                &[Attempt::Answer(Answer {
+                    status: 429,
+                    grpc_status: None,
+                    ratelimited: true,
+                })],
+                &[status(429)],
+            ),
+        ];
+        for (condition, hold, not) in cases {
+            for a in *hold {
+                assert!(condition.holds(*a), "{condition:?} should hold for {a:?}");
+            }
+            for a in *not {
+                assert!(
+                    !condition.holds(*a),
+                    "{condition:?} should not hold for {a:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_retry_condition_without_num_retries_retries_once_as_consul_does() {
+        let route = |num_retries, retry_on: Vec<RetryOn>| Route {
+            route_match: None,
+            destination: Some(RouteDestination {
+                num_retries,
+                retry_on,
+                ..Default::default()
+            }),
+        };
+        assert_eq!(
+            RoutePolicy::of(&route(None, vec![RetryOn::Reset])).num_retries,
+            1
+        );
+        assert_eq!(
+            RoutePolicy::of(&route(Some(0), vec![RetryOn::Reset])).num_retries,
+            1
+        );
+        assert_eq!(
+            RoutePolicy::of(&route(Some(3), vec![RetryOn::Reset])).num_retries,
+            3
+        );
+        assert_eq!(RoutePolicy::of(&route(Some(3), vec![])).num_retries, 3);
+        assert!(RoutePolicy::of(&route(None, vec![])).is_plain());
+        let p = RoutePolicy::of(&route(None, vec![RetryOn::GatewayError]));
+        let reset = Attempt::Reset {
+            refused_stream: false,
+        };
+        assert!(p.retries(0, reset) && !p.retries(1, reset));
+    }
+
+    #[test]
+    fn a_splits_header_changes_come_after_the_routes() {
+        let edit = |name: &str| HeaderModifiers {
+            set: BTreeMap::from([(name.to_string(), "1".to_string())]),
+            ..Default::default()
+        };
+        let mut router = canary_router();
+        if let ConfigEntry::ServiceRouter(r) = &mut router {
+            let d = r.routes[0].destination.as_mut().unwrap();
+            d.service_subset = None;
+            d.request_headers = edit("x-route");
+            d.response_headers = edit("x-route-answer");
+        }
+        let mut split = splitter(100.0, 0.0);
+        if let ConfigEntry::ServiceSplitter(s) = &mut split {
+            s.splits[0].request_headers = edit("x-split");
+        }
+        let set = entries(vec![resolver(), split, router]);
+        let mut canary = get();
+        canary.headers.push(("x-canary".into(), "1".into()));
+        let t = route_request(&set, "api", &canary, 0.0);
+        assert_eq!(t.subset.as_deref(), Some("v1"));
+        assert_eq!(
+            t.policy.request_headers,
+            vec![edit("x-route"), edit("x-split")]
+        );
+        assert_eq!(t.policy.response_headers, vec![edit("x-route-answer")]);
+        assert!(t.policy.is_plain(), "header changes keep no body");
     }
 
     #[test]

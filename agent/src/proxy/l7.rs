@@ -43,7 +43,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt;
 use weft_api::config_entry::Protocol;
 use weft_api::intention::{ConnectionDecision, Request as PolicyRequest};
-use weft_api::routing::{Attempt, RoutePolicy, Target};
+use weft_api::routing::{Answer, Attempt, RoutePolicy, Target};
 
 use super::outbound::{self, Route};
 use super::{InFlight, ProxyContext, CONNECT_TIMEOUT};
@@ -62,11 +62,13 @@ pub enum L7Error {
     Downstream(hyper::Error),
 }
 
-/// The parts of a request that L7 permissions match on: the method in
-/// upper case, the path without its query, and every header (values that
-/// are not UTF-8 are matched in their lossy form).
+/// The parts of a request that L7 permissions and routes match on: the
+/// method in upper case, the path without its query, every header (values
+/// that are not UTF-8 are matched in their lossy form) and the query's
+/// parameters, decoded.
 pub fn policy_request<B>(request: &Request<B>) -> PolicyRequest {
     PolicyRequest {
+        query: weft_api::http_match::parse_query(request.uri().query().unwrap_or("")),
         method: request.method().as_str().to_ascii_uppercase(),
         path: request.uri().path().to_string(),
         headers: request
@@ -173,6 +175,11 @@ enum Forward {
 /// Kept connections to instances, by address.
 type Conns = tokio::sync::Mutex<HashMap<SocketAddr, Arc<Upstream>>>;
 
+/// Marks a response that an instance gave (not one weft made up), so that
+/// a route's `ResponseHeaders` apply to it alone.
+#[derive(Debug, Clone, Copy)]
+struct FromInstance;
+
 /// Largest request body kept for retries (bytes); a larger one is refused
 /// with 413 on a route that retries or has a timeout.
 const MAX_RETRIED_BODY: usize = 1024 * 1024;
@@ -218,9 +225,12 @@ impl tower::retry::Policy<Request<Bytes>, Response<Body>, AttemptError> for Retr
         result: &mut Result<Response<Body>, AttemptError>,
     ) -> Option<Self::Future> {
         let attempt = match result {
-            Ok(response) => Attempt::Status(response.status().as_u16()),
+            Ok(response) => Attempt::Answer(answer_of(response)),
             Err(AttemptError::Connect(_)) => Attempt::ConnectFailure,
-            // Sent, or nowhere to send: not safe or not useful to repeat.
+            Err(AttemptError::Upstream(e)) => Attempt::Reset {
+                refused_stream: is_refused_stream(e),
+            },
+            // Nowhere to send, or not allowed: not useful to repeat.
             Err(_) => return None,
         };
         if !self.policy.retries(self.retried, attempt) {
@@ -238,6 +248,32 @@ impl tower::retry::Policy<Request<Bytes>, Response<Body>, AttemptError> for Retr
         *copy.headers_mut() = request.headers().clone();
         Some(copy)
     }
+}
+
+/// What a retry decision reads of an answer.
+fn answer_of<B>(response: &Response<B>) -> Answer {
+    let headers = response.headers();
+    Answer {
+        status: response.status().as_u16(),
+        grpc_status: headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok()),
+        ratelimited: headers.contains_key("x-envoy-ratelimited"),
+    }
+}
+
+/// Whether the instance refused the request's HTTP/2 stream
+/// (REFUSED_STREAM: it did no work on it).
+fn is_refused_stream(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// `uri` with its path replaced by `path` (the query kept).
@@ -361,6 +397,28 @@ impl Judge {
             view.route_target(&self.destination, facts, rand::random::<f32>() * 100.0)
         };
         let mut request = request;
+        for edits in &target.policy.request_headers {
+            edits.apply(request.headers_mut());
+        }
+        let mut response = self.route_to(conns, &target, request).await;
+        // Only an instance's answer: weft's own refusals stay as they are.
+        if response.extensions().get::<FromInstance>().is_some() {
+            for edits in &target.policy.response_headers {
+                edits.apply(response.headers_mut());
+            }
+        }
+        response
+    }
+
+    /// Sends a routed request to `target`, with its rewrite, retries and
+    /// timeout.
+    async fn route_to(
+        &self,
+        conns: &Conns,
+        target: &Target,
+        request: Request<Incoming>,
+    ) -> Response<Body> {
+        let mut request = request;
         if let Some(path) = target.policy.rewritten(request.uri().path()) {
             match with_path(request.uri(), &path) {
                 Ok(uri) => *request.uri_mut() = uri,
@@ -376,7 +434,7 @@ impl Judge {
         if target.policy.is_plain() || is_upgrade(&request) {
             let tried = Default::default();
             return match self
-                .attempt(conns, &target, &tried, request.map(BodyExt::boxed))
+                .attempt(conns, target, &tried, request.map(BodyExt::boxed))
                 .await
             {
                 Ok(response) => response,
@@ -396,7 +454,7 @@ impl Judge {
         let request = Request::from_parts(parts, body);
         let tried = Default::default();
         let attempt = tower::service_fn(|request: Request<Bytes>| {
-            self.attempt(conns, &target, &tried, request.map(full))
+            self.attempt(conns, target, &tried, request.map(full))
         });
         let retries = Retries {
             policy: target.policy.clone(),
@@ -539,9 +597,10 @@ impl Judge {
                 }
             };
             match upstream.try_send(request).await {
-                Ok(response) => {
+                Ok(mut response) => {
                     let ok = !response.status().is_server_error();
                     self.ctx.report(&self.source, addr, ok);
+                    response.extensions_mut().insert(FromInstance);
                     return Ok(response.map(BodyExt::boxed));
                 }
                 Err((e, Some(unsent))) if !new => {

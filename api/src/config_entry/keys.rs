@@ -44,10 +44,16 @@ const KNOWN: &[&str] = &[
     "Failover",
     "Datacenters",
     "ConnectTimeout",
+    "RetryOn",
+    "RequestHeaders",
+    "ResponseHeaders",
+    "Add",
+    "Set",
+    "Remove",
 ];
 
 /// Maps whose keys are names the user chose: kept as written.
-const USER_KEYED: &[&str] = &["Subsets", "Failover", "Meta"];
+const USER_KEYED: &[&str] = &["Subsets", "Failover", "Meta", "Add", "Set"];
 
 /// Keys naming a tenancy weft has one of.
 const TENANCY: &[&str] = &["Namespace", "Partition"];

@@ -130,6 +130,7 @@ fn split(weight: f32, subset: Option<&str>) -> Split {
         weight,
         service: None,
         service_subset: subset.map(Into::into),
+        ..Default::default()
     }
 }
 
