@@ -306,6 +306,7 @@ pub async fn run(
         metrics: metrics.clone(),
         in_flight: Mutex::new(HashMap::new()),
         outliers: Default::default(),
+        balancer: Default::default(),
         drain: drain.clone(),
     });
 

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use weft_api::catalog::{HealthStatus, Node, ServiceInstance};
@@ -15,6 +16,7 @@ use weft_api::intention::{
     evaluate, evaluate_connection, ConnectionDecision, Decision, Intention, IntentionAction,
     Request,
 };
+use weft_api::load_balancer::LoadBalancer;
 use weft_api::proto::{self, change::Change as P, watch_event::Event};
 use weft_api::routing;
 
@@ -335,6 +337,20 @@ impl View {
                 .and_then(|t| parse_duration(t).ok())
                 .unwrap_or(DEFAULT_EJECTION),
         })
+    }
+
+    /// The `LoadBalancer` of `service`'s resolver, if it has one.
+    pub fn load_balancer(&self, service: &str) -> Option<&LoadBalancer> {
+        self.entries.resolver(service)?.load_balancer.as_ref()
+    }
+
+    /// How long opening a connection to an instance of `service` may take:
+    /// its resolver's `ConnectTimeout`, or `default`.
+    pub fn connect_timeout(&self, service: &str, default: Duration) -> Duration {
+        self.entries
+            .resolver(service)
+            .and_then(|r| r.connect_timeout())
+            .unwrap_or(default)
     }
 
     /// The trust bundle as one PEM text.

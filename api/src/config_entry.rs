@@ -27,6 +27,7 @@ use crate::filter::parse_filter;
 use crate::header_edits::{HeaderEditError, HeaderModifiers};
 use crate::http_match::{validate_http_match, HttpMatch, HttpMatchError, Request};
 use crate::intention::Intention;
+use crate::load_balancer::LoadBalancer;
 use crate::names::{validate_name, NameError, WILDCARD};
 
 /// The protocol a service speaks, set by its `service-defaults` (default `tcp`).
@@ -299,9 +300,23 @@ pub struct ServiceResolver {
     /// Keyed by subset name, or `*` for any subset.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub failover: BTreeMap<String, ResolverFailover>,
-    /// A duration such as `"5s"`.
+    /// How long opening a connection to an instance may take: a duration
+    /// such as `"5s"` (5 s when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<String>,
+    /// Which instance each connection or request goes to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+/// The longest `ConnectTimeout`.
+pub const MAX_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+impl ServiceResolver {
+    /// `ConnectTimeout`, when it is set (and valid).
+    pub fn connect_timeout(&self) -> Option<std::time::Duration> {
+        parse_duration(self.connect_timeout.as_deref()?).ok()
+    }
 }
 
 /// A named subset: instances matching `Filter` (see [`crate::filter`]).
@@ -591,7 +606,6 @@ fn consul_names(mut e: ParseError) -> ConfigEntryError {
 /// take anywhere yet: refused with a message that says so. (A field weft
 /// has in another place stays "unknown" where it does not belong.)
 const CONSUL_FIELDS: &[&str] = &[
-    "LoadBalancer",
     "Limits",
     "MaxConnections",
     "MaxPendingRequests",
@@ -1015,12 +1029,17 @@ fn validate_resolver(r: &ServiceResolver, ctx: &impl EntryContext) -> Result<(),
     }
     if let Some(t) = &r.connect_timeout {
         check_duration("ConnectTimeout", t)?;
-        // Refused rather than kept and ignored: agents connect with their
-        // own fixed timeout today.
-        return Err(invalid(
-            "ConnectTimeout",
-            format!("{t:?}: not supported yet (agents connect within 5s)"),
-        ));
+        let limit = r.connect_timeout().unwrap_or_default();
+        if limit.is_zero() || limit > MAX_CONNECT_TIMEOUT {
+            return Err(invalid(
+                "ConnectTimeout",
+                format!("{t:?} is not above 0 and at most 5m"),
+            ));
+        }
+    }
+    if let Some(lb) = &r.load_balancer {
+        lb.validate(ctx.protocol(&r.name).is_http())
+            .map_err(|e| invalid(e.field, e.reason))?;
     }
     Ok(())
 }

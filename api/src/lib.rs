@@ -32,6 +32,7 @@ pub mod header_edits;
 pub mod http_match;
 pub mod intention;
 pub mod kv;
+pub mod load_balancer;
 pub mod logging;
 pub mod names;
 pub mod path;

@@ -29,8 +29,9 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -43,6 +44,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt;
 use weft_api::config_entry::Protocol;
 use weft_api::intention::{ConnectionDecision, Request as PolicyRequest};
+use weft_api::load_balancer::{hash_request, NewCookie};
 use weft_api::routing::{Answer, Attempt, RoutePolicy, Target};
 
 use super::outbound::{self, Route};
@@ -175,6 +177,29 @@ enum Forward {
 /// Kept connections to instances, by address.
 type Conns = tokio::sync::Mutex<HashMap<SocketAddr, Arc<Upstream>>>;
 
+/// One routed request's attempts: the instances that could not be reached,
+/// what its hash is computed from, and a cookie a hash policy made for it.
+struct Tries<'a> {
+    failed: std::sync::Mutex<Vec<SocketAddr>>,
+    facts: &'a PolicyRequest,
+    peer: Option<IpAddr>,
+    /// The value of a cookie made for this request.
+    fresh: u64,
+    cookie: std::sync::Mutex<Option<NewCookie>>,
+}
+
+impl<'a> Tries<'a> {
+    fn new(facts: &'a PolicyRequest, peer: Option<IpAddr>) -> Self {
+        Tries {
+            failed: Default::default(),
+            facts,
+            peer,
+            fresh: rand::random(),
+            cookie: Default::default(),
+        }
+    }
+}
+
 /// Marks a response that an instance gave (not one weft made up), so that
 /// a route's `ResponseHeaders` apply to it alone.
 #[derive(Debug, Clone, Copy)]
@@ -300,6 +325,8 @@ struct Judge {
     /// An L7 intention decides: judge each request here.
     judge_requests: bool,
     forward: Forward,
+    /// The caller's address, for `SourceIP` hash policies.
+    peer: Option<IpAddr>,
 }
 
 impl Judge {
@@ -400,11 +427,18 @@ impl Judge {
         for edits in &target.policy.request_headers {
             edits.apply(request.headers_mut());
         }
-        let mut response = self.route_to(conns, &target, request).await;
+        let tries = Tries::new(facts, self.peer);
+        let mut response = self.route_to(conns, &target, &tries, request).await;
         // Only an instance's answer: weft's own refusals stay as they are.
         if response.extensions().get::<FromInstance>().is_some() {
             for edits in &target.policy.response_headers {
                 edits.apply(response.headers_mut());
+            }
+            let made = tries.cookie.lock().expect("cookie lock").take();
+            if let Some(value) = made.and_then(|c| c.header_value().parse().ok()) {
+                response
+                    .headers_mut()
+                    .append(http::header::SET_COOKIE, value);
             }
         }
         response
@@ -416,6 +450,7 @@ impl Judge {
         &self,
         conns: &Conns,
         target: &Target,
+        tries: &Tries<'_>,
         request: Request<Incoming>,
     ) -> Response<Body> {
         let mut request = request;
@@ -432,9 +467,8 @@ impl Judge {
         }
         // An upgrade goes once, as it is: it cannot be retried.
         if target.policy.is_plain() || is_upgrade(&request) {
-            let tried = Default::default();
             return match self
-                .attempt(conns, target, &tried, request.map(BodyExt::boxed))
+                .attempt(conns, target, tries, request.map(BodyExt::boxed))
                 .await
             {
                 Ok(response) => response,
@@ -452,9 +486,8 @@ impl Judge {
             }
         };
         let request = Request::from_parts(parts, body);
-        let tried = Default::default();
         let attempt = tower::service_fn(|request: Request<Bytes>| {
-            self.attempt(conns, target, &tried, request.map(full))
+            self.attempt(conns, target, tries, request.map(full))
         });
         let retries = Retries {
             policy: target.policy.clone(),
@@ -489,13 +522,13 @@ impl Judge {
     }
 
     /// One try at a request: an instance of `target` that earlier tries of
-    /// it could not connect to (`tried`) are passed over while others
+    /// it could not connect to (`tries`) are passed over while others
     /// remain; a connection to it (kept, or new); the request.
     async fn attempt(
         &self,
         conns: &Conns,
         target: &Target,
-        tried: &std::sync::Mutex<Vec<SocketAddr>>,
+        tries: &Tries<'_>,
         request: Request<Body>,
     ) -> Result<Response<Body>, AttemptError> {
         let mut request = request;
@@ -503,7 +536,7 @@ impl Judge {
         // A connection refused (nothing was sent) tries another instance,
         // as a plain TCP connection does, up to CONNECT_ATTEMPTS.
         for n in 0..outbound::CONNECT_ATTEMPTS {
-            let (service, route, untried) = self.pick(target, tried)?;
+            let (service, route, untried, timeout) = self.pick(target, tries)?;
             if n > 0 && !untried {
                 break; // every instance failed to connect
             }
@@ -516,11 +549,11 @@ impl Judge {
                 Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
             };
             let _in_flight = InFlight::new(&self.ctx, addr);
-            match self.send_to(conns, &route, addr, request).await {
+            match self.send_to(conns, &route, addr, timeout, request).await {
                 Ok(response) => return Ok(response),
                 Err((AttemptError::Connect(e), Some(unsent))) => {
                     tracing::debug!(%addr, "{e}: trying another instance");
-                    tried.lock().expect("tried lock").push(addr);
+                    tries.failed.lock().expect("tried lock").push(addr);
                     request = unsent;
                     failed = Some(e);
                 }
@@ -532,16 +565,17 @@ impl Judge {
         })))
     }
 
-    /// An instance of `target` (one not in `tried` while others remain),
-    /// the service it belongs to, and whether it is one not tried yet.
+    /// An instance of `target` (one not in `tries` while others remain),
+    /// the service it belongs to, whether it is one not tried yet, and how
+    /// long connecting to it may take (the service's `ConnectTimeout`).
     fn pick(
         &self,
         target: &Target,
-        tried: &std::sync::Mutex<Vec<SocketAddr>>,
-    ) -> Result<(String, Route, bool), AttemptError> {
+        tries: &Tries<'_>,
+    ) -> Result<(String, Route, bool, Duration), AttemptError> {
         let view = self.ctx.view.read().expect("view lock");
         let (service, mut instances) = view.instances_of(target);
-        let tried = tried.lock().expect("tried lock");
+        let tried = tries.failed.lock().expect("tried lock");
         let untried: Vec<_> = instances
             .iter()
             .copied()
@@ -551,9 +585,24 @@ impl Judge {
         if fresh {
             instances = untried;
         }
-        let route = outbound::pick(&self.ctx, &view, &instances, &service)
+        // The hash under the answering service's own hash policies. A
+        // cookie one of them makes has the same value on every try.
+        let hash = view.load_balancer(&service).and_then(|lb| {
+            let hashed = hash_request(
+                &lb.hash_policies,
+                Some(tries.facts),
+                tries.peer,
+                tries.fresh,
+            );
+            if let Some(made) = hashed.new_cookie {
+                *tries.cookie.lock().expect("cookie lock") = Some(made);
+            }
+            hashed.hash
+        });
+        let route = outbound::pick(&self.ctx, &view, &instances, &service, hash)
             .map_err(|e| AttemptError::NoInstance(e.to_string()))?;
-        Ok((service, route, fresh))
+        let timeout = view.connect_timeout(&service, CONNECT_TIMEOUT);
+        Ok((service, route, fresh, timeout))
     }
 
     /// Refuses `request` unless the intentions let the source reach
@@ -585,11 +634,12 @@ impl Judge {
         conns: &Conns,
         route: &Route,
         addr: SocketAddr,
+        timeout: Duration,
         request: Request<Body>,
     ) -> Result<Response<Body>, (AttemptError, Option<Request<Body>>)> {
         let mut request = request;
         for fresh in [false, true] {
-            let (upstream, new) = match self.upstream(conns, route, addr, fresh).await {
+            let (upstream, new) = match self.upstream(conns, route, addr, fresh, timeout).await {
                 Ok(u) => u,
                 Err(e) => {
                     self.ctx.report(&self.source, addr, false);
@@ -628,6 +678,7 @@ impl Judge {
         route: &Route,
         addr: SocketAddr,
         fresh: bool,
+        timeout: Duration,
     ) -> Result<(Arc<Upstream>, bool), String> {
         if !fresh {
             let kept = conns.lock().await.get(&addr).cloned();
@@ -637,16 +688,17 @@ impl Judge {
                 }
             }
         }
-        let upstream = Arc::new(self.open(route).await?);
+        let upstream = Arc::new(self.open(route, timeout).await?);
         conns.lock().await.insert(addr, upstream.clone());
         Ok((upstream, true))
     }
 
-    /// A new connection for requests to the instance `route` leads to.
-    async fn open(&self, route: &Route) -> Result<Upstream, String> {
+    /// A new connection for requests to the instance `route` leads to,
+    /// opened within `timeout`.
+    async fn open(&self, route: &Route, timeout: Duration) -> Result<Upstream, String> {
         match route {
             Route::Local(addr) => {
-                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, crate::mark::connect(*addr))
+                let tcp = tokio::time::timeout(timeout, crate::mark::connect(*addr))
                     .await
                     .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
                     .map_err(|e| format!("connecting to {addr}: {e}"))?;
@@ -662,7 +714,7 @@ impl Judge {
                 let tunnel = self
                     .ctx
                     .pool
-                    .connect(&identity, node, *target, CONNECT_TIMEOUT)
+                    .connect(&identity, node, *target, timeout)
                     .await
                     .map_err(|e| format!("tunnel to {target} via {}: {e}", node.addr))?;
                 Upstream::open(tunnel, self.protocol).await
@@ -734,6 +786,7 @@ where
         protocol,
         judge_requests: true,
         forward: Forward::Instance(upstream),
+        peer: None,
     };
     serve(downstream, judge).await
 }
@@ -748,6 +801,7 @@ pub async fn serve_routed<D>(
     source: String,
     destination: String,
     judge_requests: bool,
+    peer: Option<IpAddr>,
 ) -> Result<(), L7Error>
 where
     D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -762,6 +816,7 @@ where
         protocol,
         judge_requests,
         forward: Forward::Routed(Default::default()),
+        peer,
     };
     serve(downstream, judge).await
 }

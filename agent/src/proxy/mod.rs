@@ -39,6 +39,9 @@ pub struct ProxyContext {
     pub in_flight: Mutex<HashMap<SocketAddr, u64>>,
     /// Consecutive failures and ejections per instance (circuit breaking).
     pub outliers: Outliers,
+    /// Round-robin turns and consistent-hash tables (resolvers'
+    /// `LoadBalancer`).
+    pub balancer: crate::lb::Balancer,
     /// The connections served, and the signal to wind them down.
     pub drain: Arc<crate::drain::Drain>,
 }

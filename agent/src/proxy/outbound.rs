@@ -1,13 +1,15 @@
 //! Outbound: a local workload's connection to a service. Picks a passing
-//! instance (power of two choices over open connections), then either
+//! instance (the resolver's `LoadBalancer`, or power of two choices over
+//! open connections), then either
 //! connects straight to it (same node: no TLS, but intentions are checked
 //! here) or opens an HBONE tunnel to the instance's node, presenting the
 //! source service's certificate. With no passing instance, or a refusal, the
 //! workload's connection is reset at once. HTTP services with a router,
 //! splitter or resolver subsets are routed request by request instead
 //! ([`l7::serve_routed`]).
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
@@ -21,7 +23,6 @@ use super::{InFlight, ProxyContext, CONNECT_TIMEOUT};
 use crate::accept::AcceptErrors;
 use crate::hbone::{HboneError, NodePeer};
 use crate::intercept::Interception;
-use crate::lb::p2c;
 use crate::metrics::{Direction, Side};
 use crate::splice::splice;
 use crate::view::View;
@@ -55,17 +56,14 @@ pub enum OutboundError {
     Identity(String),
 }
 
-/// Picks the route for a connection to `service`.
-pub fn route(ctx: &ProxyContext, service: &str) -> Result<Route, OutboundError> {
-    route_avoiding(ctx, service, &[])
-}
-
-/// Picks the route for a connection to `service`, avoiding the instances at
-/// `failed` (tried already for this connection).
+/// Picks the route for a connection from `peer` to `service`, avoiding the
+/// instances at `failed` (tried already for this connection). A resolver's
+/// hash policies hash a connection on its source address alone.
 pub fn route_avoiding(
     ctx: &ProxyContext,
     service: &str,
     failed: &[SocketAddr],
+    peer: Option<IpAddr>,
 ) -> Result<Route, OutboundError> {
     let view = ctx.view.read().expect("view lock");
     let instances: Vec<&ServiceInstance> = view
@@ -73,7 +71,10 @@ pub fn route_avoiding(
         .into_iter()
         .filter(|i| i.socket_addr().is_none_or(|a| !failed.contains(&a)))
         .collect();
-    pick(ctx, &view, &instances, service)
+    let hash = view.load_balancer(service).and_then(|lb| {
+        weft_api::load_balancer::hash_request(&lb.hash_policies, None, peer, 0).hash
+    });
+    pick(ctx, &view, &instances, service, hash)
 }
 
 /// How many instances one connection is tried on when opening it fails
@@ -94,13 +95,15 @@ impl OutboundError {
     }
 }
 
-/// Picks one of `instances` (of `service`; power of two choices over open
-/// connections) and the way to it.
+/// Picks one of `instances` (of `service`, by its resolver's `LoadBalancer`
+/// with the request's or connection's `hash`, or power of two choices over
+/// open connections) and the way to it.
 pub fn pick(
     ctx: &ProxyContext,
     view: &View,
     instances: &[&ServiceInstance],
     service: &str,
+    hash: Option<u64>,
 ) -> Result<Route, OutboundError> {
     let all: Vec<(SocketAddr, &str)> = instances
         .iter()
@@ -114,12 +117,12 @@ pub fn pick(
             .map(|(a, _)| in_flight.get(a).copied().unwrap_or(0))
             .collect()
     };
-    let pick = p2c(
-        &loads,
-        rand::random::<u32>() as usize,
-        rand::random::<u32>() as usize,
-    )
-    .ok_or_else(|| OutboundError::NoInstance(service.to_string()))?;
+    let addrs: Vec<SocketAddr> = candidates.iter().map(|(a, _)| *a).collect();
+    let policy = view.load_balancer(service);
+    let draw = || rand::random::<u32>() as usize;
+    let pick = (ctx.balancer)
+        .choose(service, policy, &addrs, &loads, hash, draw)
+        .ok_or_else(|| OutboundError::NoInstance(service.to_string()))?;
     let (target, node) = candidates[pick];
     if node == ctx.node_name {
         return Ok(Route::Local(target));
@@ -185,9 +188,11 @@ pub async fn carry(
         // request by request, retried and watched for 5xx by its resolver's
         // and router's rules (or their defaults), as Consul's proxies do.
         // The client's connection is counted (opened, bytes, closed) here.
+        let peer = client.peer_addr().ok().map(|a| a.ip());
         let client = Counted::client(client, ctx.metrics.clone(), source, destination);
         let (src, dst) = (source.to_string(), destination.to_string());
-        let served = l7::serve_routed(ctx.clone(), client, protocol, src, dst, per_request).await;
+        let served =
+            l7::serve_routed(ctx.clone(), client, protocol, src, dst, per_request, peer).await;
         if let Err(e) = served {
             tracing::debug!("L7 connection ended: {e}");
         }
@@ -206,8 +211,11 @@ async fn splice_to_instance(
     destination: &str,
 ) -> Result<(), OutboundError> {
     let mut failed: Vec<SocketAddr> = Vec::new();
+    let peer = client.peer_addr().ok().map(|a| a.ip());
+    let timeout =
+        (ctx.view.read().expect("view lock")).connect_timeout(destination, CONNECT_TIMEOUT);
     let (opened, _in_flight) = loop {
-        let route = match route_avoiding(ctx, destination, &failed) {
+        let route = match route_avoiding(ctx, destination, &failed, peer) {
             Ok(route) => route,
             Err(e) if failed.is_empty() => return Err(e),
             Err(_) => {
@@ -221,7 +229,7 @@ async fn splice_to_instance(
             Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
         };
         let in_flight = InFlight::new(ctx, target);
-        match open(ctx, source, route).await {
+        match open(ctx, source, route, timeout).await {
             Ok(opened) => break (opened, in_flight),
             Err(e) if e.worth_another_instance() && failed.len() + 1 < CONNECT_ATTEMPTS => {
                 tracing::debug!(%target, "{source} -> {destination}: {e}; trying another instance");
@@ -267,12 +275,18 @@ enum Opened {
     Tunnel(crate::hbone::HboneStream),
 }
 
-/// Opens the connection `route` names: to the local instance, or a tunnel
-/// to the instance's node. Reports the outcome for outlier detection.
-async fn open(ctx: &ProxyContext, source: &str, route: Route) -> Result<Opened, OutboundError> {
+/// Opens the connection `route` names, within `timeout`: to the local
+/// instance, or a tunnel to the instance's node. Reports the outcome for
+/// outlier detection.
+async fn open(
+    ctx: &ProxyContext,
+    source: &str,
+    route: Route,
+    timeout: Duration,
+) -> Result<Opened, OutboundError> {
     match route {
         Route::Local(addr) => {
-            let connected = tokio::time::timeout(CONNECT_TIMEOUT, crate::mark::connect(addr))
+            let connected = tokio::time::timeout(timeout, crate::mark::connect(addr))
                 .await
                 .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
             ctx.report(source, addr, connected.is_ok());
@@ -284,10 +298,7 @@ async fn open(ctx: &ProxyContext, source: &str, route: Route) -> Result<Opened, 
                 .identities
                 .service(source)
                 .map_err(|_| OutboundError::Identity(source.to_string()))?;
-            let tunnel = ctx
-                .pool
-                .connect(&identity, &node, target, CONNECT_TIMEOUT)
-                .await;
+            let tunnel = ctx.pool.connect(&identity, &node, target, timeout).await;
             match &tunnel {
                 // A policy refusal says nothing of the instance's health.
                 Err(HboneError::Refused { status: 403, .. }) => {}

@@ -211,7 +211,7 @@ Destination = { Service = "web" }
     let e = parse_entry_file(resolver_json, FileFormat::Json).unwrap();
     assert_eq!(validate_entry(&e, &ctx()), Ok(()));
     // What weft parses but does not do yet is refused, never kept and
-    // ignored: another datacenter, a connect timeout.
+    // ignored: another datacenter.
     for (field, text) in [
         (
             "Failover.*.Datacenters",
@@ -221,7 +221,6 @@ Destination = { Service = "web" }
             "Redirect.Datacenter",
             r#""Redirect": { "Datacenter": "dc2" }"#,
         ),
-        ("ConnectTimeout", r#""ConnectTimeout": "3s""#),
     ] {
         let json = format!(r#"{{ "Kind": "service-resolver", "Name": "web", {text} }}"#);
         let entry = parse_entry_file(&json, FileFormat::Json).unwrap();
@@ -230,6 +229,24 @@ Destination = { Service = "web" }
             err.starts_with(field) && err.contains("not supported yet"),
             "{err}"
         );
+    }
+    // A connect timeout is taken, within bounds.
+    let timeout = |t: &str| {
+        let json =
+            format!(r#"{{ "Kind": "service-resolver", "Name": "web", "ConnectTimeout": "{t}" }}"#);
+        let entry = parse_entry_file(&json, FileFormat::Json).unwrap();
+        validate_entry(&entry, &ctx()).map(|()| entry)
+    };
+    let ConfigEntry::ServiceResolver(r) = timeout("250ms").unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        r.connect_timeout(),
+        Some(std::time::Duration::from_millis(250))
+    );
+    for bad in ["0s", "6m", "soon"] {
+        let e = timeout(bad).unwrap_err().to_string();
+        assert!(e.starts_with("ConnectTimeout: "), "{bad}: {e}");
     }
     let e = parse_entry_file(
         "Kind = \"service-defaults\"\nName = \"db\"\n",
@@ -322,16 +339,13 @@ fn consuls_hcl_examples_parse_into_the_same_entries() {
     assert_eq!(validate_entry(&splitter, &set), Ok(()));
     assert_eq!(validate_entry(&resolver, &set), Ok(()));
 
-    let e = parse_entry_file(
-        &fixture("service-resolver-load-balancer.hcl"),
-        FileFormat::Hcl,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        e.contains("LoadBalancer: Consul's field, not supported by weft yet"),
-        "{e}"
-    );
+    let lb = parse("service-resolver-load-balancer.hcl");
+    let ConfigEntry::ServiceResolver(r) = &lb else {
+        panic!("{lb:?}")
+    };
+    let lb = r.load_balancer.as_ref().unwrap();
+    assert_eq!(lb.policy, Some(crate::load_balancer::Policy::RingHash));
+    assert_eq!(lb.ring_size(3), 1024);
     // Broken HCL says so; too deep is refused before parsing.
     let e =
         parse_entry_file("Kind = \"service-defaults\"\nName = \n", FileFormat::Hcl).unwrap_err();
@@ -345,16 +359,16 @@ fn consuls_hcl_examples_parse_into_the_same_entries() {
 fn consuls_fields_and_kinds_weft_lacks_say_not_supported_yet() {
     for (text, says) in [
         (
-            "Kind = \"service-resolver\"\nName = \"api\"\n[LoadBalancer]\nPolicy = \"maglev\"\n",
-            "LoadBalancer: Consul's field, not supported by weft yet",
+            "Kind = \"service-defaults\"\nName = \"api\"\n[UpstreamConfig.Defaults.Limits]\nMaxConnections = 5\n",
+            "Limits: Consul's field, not supported by weft yet",
         ),
         (
             "Kind = \"service-defaults\"\nName = \"api\"\nNamespace = \"team-a\"\n",
             "Namespace \"team-a\": not supported by weft yet (only \"default\")",
         ),
         (
-            "kind = \"service-resolver\"\nname = \"api\"\n[load_balancer]\npolicy = \"maglev\"\n",
-            "LoadBalancer: Consul's field, not supported by weft yet",
+            "kind = \"service-defaults\"\nname = \"api\"\n[upstream_config.defaults]\nlimits = {}\n",
+            "Limits: Consul's field, not supported by weft yet",
         ),
         (
             "Kind = \"proxy-defaults\"\nName = \"global\"\n",
