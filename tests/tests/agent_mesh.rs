@@ -1016,6 +1016,135 @@ fn an_http_service_is_balanced_per_request_without_a_router() -> anyhow::Result<
     Ok(())
 }
 
+/// Consul's route and balancing fields doing what its docs say, on two
+/// `api` instances (v1 on node B, v2 on node A): a `QueryParam` route to
+/// v2 that sets a request header and adds an answer header, a `RetryOn`
+/// route without `NumRetries` (one retry, as in Consul), and a `ring_hash`
+/// resolver hashing on `x-user`, which keeps each user on one instance.
+#[test]
+fn query_routes_header_changes_retry_on_and_ring_hash_do_what_consul_says() -> anyhow::Result<()> {
+    require_root();
+    let mut mesh = Mesh::start(
+        spec()
+            .node_b(api("api-1", 8080).meta("version", "v1"))
+            .node_a(api("api-2", 8081).meta("version", "v2")),
+    )?;
+    let (a, b) = (mesh.ip(NodeA), mesh.ip(NodeB));
+    mesh.workload(NodeB, "api-1", &format!("{b}:8080"))?;
+    mesh.workload(NodeA, "api-2", &format!("{a}:8081"))?;
+    write_entry(&mesh, "defaults.toml", API_IS_HTTP)?;
+    write_entry(
+        &mesh,
+        "resolver.hcl",
+        r#"
+Kind = "service-resolver"
+Name = "api"
+Subsets = {
+  v1 = { Filter = "Service.Meta.version == v1" }
+  v2 = { Filter = "Service.Meta.version == v2" }
+}
+LoadBalancer = {
+  Policy = "ring_hash"
+  HashPolicies = [ { Field = "header", FieldValue = "x-user" } ]
+}
+"#,
+    )?;
+    write_entry(
+        &mesh,
+        "router.json",
+        r#"{"Kind": "service-router", "Name": "api", "Routes": [
+  {"Match": {"HTTP": {"QueryParam": [{"Name": "canary", "Exact": "yes"}]}},
+   "Destination": {"ServiceSubset": "v2",
+     "RequestHeaders": {"Set": {"x-route": "canary"}, "Remove": ["x-secret"]},
+     "ResponseHeaders": {"Add": {"x-served-by": "canary-route"}}}},
+  {"Match": {"HTTP": {"PathPrefix": "/flaky"}},
+   "Destination": {"ServiceSubset": "v1", "RetryOn": ["gateway-error"]}}
+]}"#,
+    )?;
+
+    // The query route: v2 every time, with the request header set and the
+    // one to remove gone, and the answer carrying the added header.
+    let canary = format!("{UPSTREAM}headers?canary=yes");
+    let lines = |text: &str| -> std::collections::BTreeSet<String> {
+        text.lines()
+            .skip_while(|l| !l.starts_with("instance "))
+            .map(str::to_string)
+            .collect()
+    };
+    let want = lines("instance api-2\nx-route: canary\nx-user: ada\n");
+    wait_until(Duration::from_secs(20), "the canary route applies", || {
+        let out = mesh.curl_raw(
+            NodeA,
+            &[
+                "-sS",
+                "-m",
+                "2",
+                "-i",
+                "-H",
+                "x-user: ada",
+                "-H",
+                "x-secret: s",
+                &canary,
+            ],
+        )?;
+        ensure!(
+            lines(&out.stdout) == want && out.stdout.contains("x-served-by: canary-route"),
+            "{}",
+            out.describe()
+        );
+        Ok(Some(()))
+    })
+    .map_err(|e| e.context(agent_logs(&mesh)))?;
+    for _ in 0..10 {
+        let body = mesh.curl_with(NodeA, &canary, &["-m", "2", "-H", "x-route: forged"])?;
+        ensure!(
+            body == "instance api-2\nx-route: canary\n",
+            "set replaces: {body:?}"
+        );
+    }
+    // Another value of the parameter, or none, is not the route's.
+    let plain = format!("{UPSTREAM}headers?canary=no");
+    let body = mesh.curl_with(NodeA, &plain, &["-m", "2"])?;
+    ensure!(!body.contains("x-route"), "{body:?}");
+
+    // RetryOn gateway-error, no NumRetries: the 503 of every other answer
+    // of v1's one instance is retried once, so all 40 on one connection
+    // answer 200.
+    let flaky = format!("{UPSTREAM}flaky");
+    let (codes, connects, out) = on_one_connection(&mesh, &flaky, 40)?;
+    ensure!(
+        codes.len() == 40 && codes.iter().all(|c| *c == 200),
+        "{codes:?}\n{out}"
+    );
+    ensure!(connects == 1, "{connects} connections");
+
+    // ring_hash on x-user: each user's 10 requests on one instance; across
+    // 16 users both instances serve. (Balanced per request without it, a
+    // user's 10 would all land on one instance 1 time in 512.)
+    let mut instances = std::collections::BTreeSet::new();
+    for user in 0..16 {
+        let header = format!("x-user: user-{user}");
+        let mut seen = std::collections::BTreeSet::new();
+        let (_, _, out) = {
+            let mut args = vec!["-sS", "-m", "20"];
+            for _ in 0..10 {
+                args.extend(["-H", &header, UPSTREAM, "--next"]);
+            }
+            args.pop();
+            let out = mesh.curl_raw(NodeA, &args)?;
+            ensure!(out.success(), "{}", out.describe());
+            ((), (), out.stdout)
+        };
+        for line in out.lines() {
+            seen.insert(line.to_string());
+        }
+        ensure!(seen.len() == 1, "user-{user} was served by {seen:?}");
+        instances.extend(seen);
+    }
+    ensure!(instances.len() == 2, "16 users all on {instances:?}");
+    Ok(())
+}
+
 /// An HTTP service's connection upgrade (as WebSocket's) goes through the
 /// per-request proxy: the 101 comes back and then bytes flow both ways.
 #[test]

@@ -140,6 +140,8 @@ impl Intentions for IntentionsApi {
                 r.path.clone()
             },
             headers: r.headers.clone().into_iter().collect(),
+            // Intentions do not match query parameters.
+            query: Vec::new(),
         });
         let default = if self.0.default_allow {
             IntentionAction::Allow

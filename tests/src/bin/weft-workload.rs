@@ -8,6 +8,8 @@
 //!   received, to see rewrites);
 //! - `/flaky`: 503 (a 192 KiB body) and 200 `ok`, in turn (one count per
 //!   process);
+//! - `/headers`: 200 with `instance NAME` and then each `x-` header it
+//!   received as `name: value`, in arrival order (to see header changes);
 //! - `/upgrade`: 101 to an echo protocol (as a WebSocket handshake), then
 //!   every byte comes back;
 //! - anything else: 200 with the body `instance NAME\n`.
@@ -69,6 +71,7 @@ fn serve(
         let version = parts.next().unwrap_or("HTTP/1.1").to_string();
         let mut content_length = 0usize;
         let mut close = version == "HTTP/1.0";
+        let mut x_headers = String::new();
         loop {
             let mut line = String::new();
             if reader.read_line(&mut line)? == 0 {
@@ -79,6 +82,13 @@ fn serve(
                 break;
             }
             if let Some((k, v)) = line.split_once(':') {
+                if k.trim().to_ascii_lowercase().starts_with("x-") {
+                    x_headers.push_str(&format!(
+                        "{}: {}\n",
+                        k.trim().to_ascii_lowercase(),
+                        v.trim()
+                    ));
+                }
                 let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_ascii_lowercase());
                 if k == "content-length" {
                     content_length = v.parse().unwrap_or(0);
@@ -128,6 +138,7 @@ fn serve(
                 ("503 Service Unavailable", "flaky\n".repeat(32 * 1024))
             }
             "/flaky" => ("200 OK", "ok\n".to_string()),
+            "/headers" => ("200 OK", format!("instance {name}\n{x_headers}")),
             echo if echo.starts_with("/echo/") => {
                 ("200 OK", format!("instance {name} got {path}\n"))
             }
