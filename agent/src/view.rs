@@ -20,7 +20,9 @@ use weft_api::load_balancer::LoadBalancer;
 use weft_api::proto::{self, change::Change as P, watch_event::Event};
 use weft_api::routing;
 
-use crate::outlier::{EjectionPolicy, DEFAULT_EJECTION};
+use crate::outlier::{
+    EjectionPolicy, DEFAULT_EJECTION, DEFAULT_INTERVAL, DEFAULT_MAX_EJECTION_PERCENT,
+};
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct View {
@@ -322,21 +324,37 @@ impl View {
 
     /// The circuit breaking that `source`'s service-defaults ask for on its
     /// upstreams (`UpstreamConfig.Defaults.PassiveHealthCheck`).
-    pub fn ejection_policy(&self, source: &str) -> Option<EjectionPolicy> {
-        let Some(ConfigEntry::ServiceDefaults(d)) =
-            self.entries.get(EntryKind::ServiceDefaults, source)
-        else {
-            return None;
+    pub fn ejection_policy(&self, source: &str, upstream: &str) -> Option<EjectionPolicy> {
+        let check = self
+            .upstream_settings(source, upstream)?
+            .passive_health_check?;
+        let duration = |t: &Option<String>, default| {
+            t.as_deref()
+                .and_then(|t| parse_duration(t).ok())
+                .unwrap_or(default)
         };
-        let check = d.passive_health_check()?;
         Some(EjectionPolicy {
             max_failures: check.max_failures,
-            ejection: check
-                .base_ejection_time
-                .as_deref()
-                .and_then(|t| parse_duration(t).ok())
-                .unwrap_or(DEFAULT_EJECTION),
+            ejection: duration(&check.base_ejection_time, DEFAULT_EJECTION),
+            interval: duration(&check.interval, DEFAULT_INTERVAL),
+            enforcing: check.enforcing_consecutive_5xx.unwrap_or(100),
+            max_ejection_percent: check
+                .max_ejection_percent
+                .unwrap_or(DEFAULT_MAX_EJECTION_PERCENT),
         })
+    }
+
+    /// `source`'s `UpstreamConfig` for its calls to `upstream` (the
+    /// override for it, or the defaults).
+    pub fn upstream_settings(
+        &self,
+        source: &str,
+        upstream: &str,
+    ) -> Option<weft_api::config_entry::UpstreamSettings<'_>> {
+        match self.entries.get(EntryKind::ServiceDefaults, source) {
+            Some(ConfigEntry::ServiceDefaults(d)) => d.upstream(upstream),
+            _ => None,
+        }
     }
 
     /// The `LoadBalancer` of `service`'s resolver, if it has one.
@@ -344,12 +362,19 @@ impl View {
         self.entries.resolver(service)?.load_balancer.as_ref()
     }
 
-    /// How long opening a connection to an instance of `service` may take:
-    /// its resolver's `ConnectTimeout`, or `default`.
-    pub fn connect_timeout(&self, service: &str, default: Duration) -> Duration {
+    /// How long `source` may take to open a connection to an instance of
+    /// `service`: the service's resolver's `ConnectTimeout`, else `source`'s
+    /// `ConnectTimeoutMs` for it, else `default`.
+    pub fn connect_timeout(&self, source: &str, service: &str, default: Duration) -> Duration {
         self.entries
             .resolver(service)
             .and_then(|r| r.connect_timeout())
+            .or_else(|| {
+                let ms = self
+                    .upstream_settings(source, service)?
+                    .connect_timeout_ms?;
+                Some(Duration::from_millis(ms))
+            })
             .unwrap_or(default)
     }
 

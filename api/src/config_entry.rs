@@ -125,44 +125,123 @@ impl MutualTlsMode {
     }
 }
 
-/// `UpstreamConfig` of a service-defaults entry.
+/// `UpstreamConfig` of a service-defaults entry: how the service's agents
+/// treat the services it calls.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// For every upstream of the service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub defaults: Option<UpstreamDefaults>,
+    /// For the upstreams they name, instead of `Defaults`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<UpstreamOverride>,
 }
 
 /// `UpstreamConfig.Defaults`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 pub struct UpstreamDefaults {
+    /// How long opening a connection to an instance may take, in
+    /// milliseconds (the upstream's resolver `ConnectTimeout` wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub passive_health_check: Option<PassiveHealthCheck>,
 }
 
+/// One of `UpstreamConfig.Overrides`: the settings for the upstream `Name`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct UpstreamOverride {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passive_health_check: Option<PassiveHealthCheck>,
+}
+
+/// Circuit breaking by limits (Consul's `Limits`, Envoy's circuit breaker
+/// thresholds), counted per calling service on one agent, over all of the
+/// upstream's instances. A connection or request past a limit is refused at
+/// once (503 with `x-envoy-overloaded` for a request; a reset for a TCP
+/// connection). Absent: no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct Limits {
+    /// Open connections to the upstream's instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// HTTP requests waiting for a connection to an instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
+    /// HTTP requests in flight to the upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_requests: Option<u32>,
+}
+
 /// Circuit breaking by outlier detection: an instance that fails
 /// `MaxFailures` times in a row (connections refused, 5xx answers) is left
-/// out of balancing for `BaseEjectionTime`.
+/// out of balancing, with Envoy's semantics for the other fields.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 pub struct PassiveHealthCheck {
     pub max_failures: u32,
-    /// A duration such as `"30s"`; 30 s when absent.
+    /// How often ejections are reviewed: an ejected instance returns at the
+    /// first review after its ejection time, and an instance that stayed in
+    /// for a whole interval has one past ejection forgotten. 10 s when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// The base ejection time; the real one is it times the number of
+    /// times the instance was ejected, at most 300 s (or the base, if
+    /// longer). A duration such as `"30s"`; 30 s when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_ejection_time: Option<String>,
+    /// The chance, in percent, that reaching `MaxFailures` ejects (100 when
+    /// absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcing_consecutive_5xx: Option<u32>,
+    /// At most this percentage of the upstream's instances is left out at
+    /// once, but always at least one (10 when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_percent: Option<u32>,
+}
+
+impl UpstreamConfig {
+    /// The settings for upstream `service`: its override, else the defaults.
+    pub fn for_upstream(&self, service: &str) -> Option<UpstreamSettings<'_>> {
+        if let Some(o) = self.overrides.iter().find(|o| o.name == service) {
+            return Some(UpstreamSettings {
+                connect_timeout_ms: o.connect_timeout_ms,
+                limits: o.limits.as_ref(),
+                passive_health_check: o.passive_health_check.as_ref(),
+            });
+        }
+        self.defaults.as_ref().map(|d| UpstreamSettings {
+            connect_timeout_ms: d.connect_timeout_ms,
+            limits: d.limits.as_ref(),
+            passive_health_check: d.passive_health_check.as_ref(),
+        })
+    }
+}
+
+/// The upstream settings that apply to one (caller, upstream) pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamSettings<'a> {
+    pub connect_timeout_ms: Option<u64>,
+    pub limits: Option<&'a Limits>,
+    pub passive_health_check: Option<&'a PassiveHealthCheck>,
 }
 
 impl ServiceDefaults {
-    /// The passive health check for this service's upstreams, if any.
-    pub fn passive_health_check(&self) -> Option<&PassiveHealthCheck> {
-        self.upstream_config
-            .as_ref()?
-            .defaults
-            .as_ref()?
-            .passive_health_check
-            .as_ref()
+    /// The settings of this service's calls to `upstream`, if any.
+    pub fn upstream(&self, upstream: &str) -> Option<UpstreamSettings<'_>> {
+        self.upstream_config.as_ref()?.for_upstream(upstream)
     }
 }
 
@@ -606,10 +685,9 @@ fn consul_names(mut e: ParseError) -> ConfigEntryError {
 /// take anywhere yet: refused with a message that says so. (A field weft
 /// has in another place stays "unknown" where it does not belong.)
 const CONSUL_FIELDS: &[&str] = &[
-    "Limits",
-    "MaxConnections",
-    "MaxPendingRequests",
-    "MaxConcurrentRequests",
+    "BalanceOutboundConnections",
+    "EnvoyListenerJSON",
+    "EnvoyClusterJSON",
     "TransparentProxy",
     "MeshGateway",
     "Expose",
@@ -625,9 +703,6 @@ const CONSUL_FIELDS: &[&str] = &[
     "SamenessGroup",
     "Peer",
     "PrioritizeByLocality",
-    "Interval",
-    "EnforcingConsecutive5xx",
-    "MaxEjectionPercent",
 ];
 
 /// Consul's config entry kinds weft does not have yet.
@@ -734,11 +809,76 @@ pub fn validate_entry(
     }
 }
 
+/// At most this many `UpstreamConfig.Overrides`.
+pub const MAX_UPSTREAM_OVERRIDES: usize = 256;
+
 fn validate_defaults(d: &ServiceDefaults) -> Result<(), ConfigEntryError> {
-    let Some(check) = d.passive_health_check() else {
+    let Some(config) = &d.upstream_config else {
         return Ok(());
     };
-    let field = "UpstreamConfig.Defaults.PassiveHealthCheck";
+    if let Some(defaults) = &config.defaults {
+        let settings = UpstreamSettings {
+            connect_timeout_ms: defaults.connect_timeout_ms,
+            limits: defaults.limits.as_ref(),
+            passive_health_check: defaults.passive_health_check.as_ref(),
+        };
+        validate_upstream("UpstreamConfig.Defaults", settings)?;
+    }
+    if config.overrides.len() > MAX_UPSTREAM_OVERRIDES {
+        return Err(invalid(
+            "UpstreamConfig.Overrides",
+            format!("at most {MAX_UPSTREAM_OVERRIDES}"),
+        ));
+    }
+    for (i, o) in config.overrides.iter().enumerate() {
+        let field = format!("UpstreamConfig.Overrides[{i}]");
+        check_name(format!("{field}.Name"), &o.name)?;
+        if config.overrides[..i].iter().any(|x| x.name == o.name) {
+            return Err(invalid(
+                format!("{field}.Name"),
+                format!("{:?} is overridden twice", o.name),
+            ));
+        }
+        let settings = UpstreamSettings {
+            connect_timeout_ms: o.connect_timeout_ms,
+            limits: o.limits.as_ref(),
+            passive_health_check: o.passive_health_check.as_ref(),
+        };
+        validate_upstream(&field, settings)?;
+    }
+    Ok(())
+}
+
+fn validate_upstream(base: &str, s: UpstreamSettings<'_>) -> Result<(), ConfigEntryError> {
+    if let Some(ms) = s.connect_timeout_ms {
+        if ms == 0 || ms > MAX_CONNECT_TIMEOUT.as_millis() as u64 {
+            return Err(invalid(
+                format!("{base}.ConnectTimeoutMs"),
+                format!(
+                    "{ms} is not between 1 and {}",
+                    MAX_CONNECT_TIMEOUT.as_millis()
+                ),
+            ));
+        }
+    }
+    if let Some(limits) = s.limits {
+        for (name, value) in [
+            ("MaxConnections", limits.max_connections),
+            ("MaxPendingRequests", limits.max_pending_requests),
+            ("MaxConcurrentRequests", limits.max_concurrent_requests),
+        ] {
+            if value == Some(0) {
+                return Err(invalid(
+                    format!("{base}.Limits.{name}"),
+                    "must be at least 1 (leave it out for no limit)",
+                ));
+            }
+        }
+    }
+    let Some(check) = s.passive_health_check else {
+        return Ok(());
+    };
+    let field = format!("{base}.PassiveHealthCheck");
     if check.max_failures == 0 {
         return Err(invalid(
             format!("{field}.MaxFailures"),
@@ -747,6 +887,23 @@ fn validate_defaults(d: &ServiceDefaults) -> Result<(), ConfigEntryError> {
     }
     if let Some(t) = &check.base_ejection_time {
         check_duration(&format!("{field}.BaseEjectionTime"), t)?;
+    }
+    if let Some(t) = &check.interval {
+        check_duration(&format!("{field}.Interval"), t)?;
+        if parse_duration(t).is_ok_and(|d| d.is_zero()) {
+            return Err(invalid(format!("{field}.Interval"), "must be above 0"));
+        }
+    }
+    for (name, value) in [
+        ("EnforcingConsecutive5xx", check.enforcing_consecutive_5xx),
+        ("MaxEjectionPercent", check.max_ejection_percent),
+    ] {
+        if value.is_some_and(|v| v > 100) {
+            return Err(invalid(
+                format!("{field}.{name}"),
+                format!("{} is a percentage (0 to 100)", value.unwrap_or_default()),
+            ));
+        }
     }
     Ok(())
 }

@@ -200,6 +200,15 @@ impl<'a> Tries<'a> {
     }
 }
 
+/// The instance one try goes to: the service it belongs to (the target's,
+/// or its failover's), the way to it, and how long connecting may take.
+struct Picked {
+    service: String,
+    route: Route,
+    addr: SocketAddr,
+    timeout: Duration,
+}
+
 /// Marks a response that an instance gave (not one weft made up), so that
 /// a route's `ResponseHeaders` apply to it alone.
 #[derive(Debug, Clone, Copy)]
@@ -536,20 +545,18 @@ impl Judge {
         // A connection refused (nothing was sent) tries another instance,
         // as a plain TCP connection does, up to CONNECT_ATTEMPTS.
         for n in 0..outbound::CONNECT_ATTEMPTS {
-            let (service, route, untried, timeout) = self.pick(target, tries)?;
+            let (picked, untried) = self.pick(target, tries)?;
             if n > 0 && !untried {
                 break; // every instance failed to connect
             }
-            if service != self.destination {
+            if picked.service != self.destination {
                 // A resolver's failover or redirect: the intentions decide
                 // for the service that answers, here as on its node.
-                self.allowed_to(&service, &request)?;
+                self.allowed_to(&picked.service, &request)?;
             }
-            let addr = match &route {
-                Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
-            };
+            let addr = picked.addr;
             let _in_flight = InFlight::new(&self.ctx, addr);
-            match self.send_to(conns, &route, addr, timeout, request).await {
+            match self.send_to(conns, &picked, request).await {
                 Ok(response) => return Ok(response),
                 Err((AttemptError::Connect(e), Some(unsent))) => {
                     tracing::debug!(%addr, "{e}: trying another instance");
@@ -566,13 +573,8 @@ impl Judge {
     }
 
     /// An instance of `target` (one not in `tries` while others remain),
-    /// the service it belongs to, whether it is one not tried yet, and how
-    /// long connecting to it may take (the service's `ConnectTimeout`).
-    fn pick(
-        &self,
-        target: &Target,
-        tries: &Tries<'_>,
-    ) -> Result<(String, Route, bool, Duration), AttemptError> {
+    /// and whether it is one not tried yet.
+    fn pick(&self, target: &Target, tries: &Tries<'_>) -> Result<(Picked, bool), AttemptError> {
         let view = self.ctx.view.read().expect("view lock");
         let (service, mut instances) = view.instances_of(target);
         let tried = tries.failed.lock().expect("tried lock");
@@ -599,10 +601,20 @@ impl Judge {
             }
             hashed.hash
         });
-        let route = outbound::pick(&self.ctx, &view, &instances, &service, hash)
+        let pair = (self.source.as_str(), service.as_str());
+        let route = outbound::pick(&self.ctx, &view, &instances, pair, hash)
             .map_err(|e| AttemptError::NoInstance(e.to_string()))?;
-        let timeout = view.connect_timeout(&service, CONNECT_TIMEOUT);
-        Ok((service, route, fresh, timeout))
+        let timeout = view.connect_timeout(&self.source, &service, CONNECT_TIMEOUT);
+        let addr = match &route {
+            Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
+        };
+        let picked = Picked {
+            service,
+            route,
+            addr,
+            timeout,
+        };
+        Ok((picked, fresh))
     }
 
     /// Refuses `request` unless the intentions let the source reach
@@ -632,24 +644,23 @@ impl Judge {
     async fn send_to(
         &self,
         conns: &Conns,
-        route: &Route,
-        addr: SocketAddr,
-        timeout: Duration,
+        picked: &Picked,
         request: Request<Body>,
     ) -> Result<Response<Body>, (AttemptError, Option<Request<Body>>)> {
+        let (addr, service) = (picked.addr, picked.service.as_str());
         let mut request = request;
         for fresh in [false, true] {
-            let (upstream, new) = match self.upstream(conns, route, addr, fresh, timeout).await {
+            let (upstream, new) = match self.upstream(conns, picked, fresh).await {
                 Ok(u) => u,
                 Err(e) => {
-                    self.ctx.report(&self.source, addr, false);
+                    self.ctx.report(&self.source, service, addr, false);
                     return Err((AttemptError::Connect(e), Some(request)));
                 }
             };
             match upstream.try_send(request).await {
                 Ok(mut response) => {
                     let ok = !response.status().is_server_error();
-                    self.ctx.report(&self.source, addr, ok);
+                    self.ctx.report(&self.source, service, addr, ok);
                     response.extensions_mut().insert(FromInstance);
                     return Ok(response.map(BodyExt::boxed));
                 }
@@ -660,7 +671,7 @@ impl Judge {
                 }
                 Err((e, _)) => {
                     conns.lock().await.remove(&addr);
-                    self.ctx.report(&self.source, addr, false);
+                    self.ctx.report(&self.source, service, addr, false);
                     return Err((AttemptError::Upstream(e), None));
                 }
             }
@@ -675,11 +686,10 @@ impl Judge {
     async fn upstream(
         &self,
         conns: &Conns,
-        route: &Route,
-        addr: SocketAddr,
+        picked: &Picked,
         fresh: bool,
-        timeout: Duration,
     ) -> Result<(Arc<Upstream>, bool), String> {
+        let addr = picked.addr;
         if !fresh {
             let kept = conns.lock().await.get(&addr).cloned();
             if let Some(u) = kept {
@@ -688,7 +698,7 @@ impl Judge {
                 }
             }
         }
-        let upstream = Arc::new(self.open(route, timeout).await?);
+        let upstream = Arc::new(self.open(&picked.route, picked.timeout).await?);
         conns.lock().await.insert(addr, upstream.clone());
         Ok((upstream, true))
     }

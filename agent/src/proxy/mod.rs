@@ -48,11 +48,13 @@ pub struct ProxyContext {
 
 impl ProxyContext {
     /// Reports how a connection or request from `source` to the instance at
-    /// `addr` went, when `source`'s defaults ask for passive health checks.
-    pub fn report(&self, source: &str, addr: SocketAddr, ok: bool) {
-        let policy = self.view.read().expect("view lock").ejection_policy(source);
+    /// `addr` of `upstream` went, when `source`'s defaults ask for passive
+    /// health checks of it.
+    pub fn report(&self, source: &str, upstream: &str, addr: SocketAddr, ok: bool) {
+        let policy = (self.view.read().expect("view lock")).ejection_policy(source, upstream);
         if let Some(policy) = policy {
-            if self.outliers.record(addr, ok, policy, Instant::now()) {
+            let roll = rand::random::<u32>() % 100;
+            if (self.outliers).record(source, addr, ok, policy, Instant::now(), roll) {
                 self.metrics.ejected(source, addr);
                 tracing::info!(%source, instance = %addr, ejection = ?policy.ejection,
                     "instance ejected after {} failures in a row", policy.max_failures);

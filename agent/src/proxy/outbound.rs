@@ -56,14 +56,15 @@ pub enum OutboundError {
     Identity(String),
 }
 
-/// Picks the route for a connection from `peer` to `service`, avoiding the
-/// instances at `failed` (tried already for this connection). A resolver's
-/// hash policies hash a connection on its source address alone.
+/// Picks the route for a connection from `source` at `peer` to `service`,
+/// avoiding the instances at `failed` (tried already for this connection).
+/// A resolver's hash policies hash a connection on its source address
+/// alone.
 pub fn route_avoiding(
     ctx: &ProxyContext,
+    (source, peer): (&str, Option<IpAddr>),
     service: &str,
     failed: &[SocketAddr],
-    peer: Option<IpAddr>,
 ) -> Result<Route, OutboundError> {
     let view = ctx.view.read().expect("view lock");
     let instances: Vec<&ServiceInstance> = view
@@ -74,7 +75,7 @@ pub fn route_avoiding(
     let hash = view.load_balancer(service).and_then(|lb| {
         weft_api::load_balancer::hash_request(&lb.hash_policies, None, peer, 0).hash
     });
-    pick(ctx, &view, &instances, service, hash)
+    pick(ctx, &view, &instances, (source, service), hash)
 }
 
 /// How many instances one connection is tried on when opening it fails
@@ -95,21 +96,26 @@ impl OutboundError {
     }
 }
 
-/// Picks one of `instances` (of `service`, by its resolver's `LoadBalancer`
-/// with the request's or connection's `hash`, or power of two choices over
-/// open connections) and the way to it.
+/// Picks one of `instances` (of `service`, called by `source`: those its
+/// passive health check has not ejected, then by `service`'s resolver's
+/// `LoadBalancer` with the request's or connection's `hash`, or power of
+/// two choices over open connections) and the way to it.
 pub fn pick(
     ctx: &ProxyContext,
     view: &View,
     instances: &[&ServiceInstance],
-    service: &str,
+    (source, service): (&str, &str),
     hash: Option<u64>,
 ) -> Result<Route, OutboundError> {
     let all: Vec<(SocketAddr, &str)> = instances
         .iter()
         .filter_map(|i| Some((i.socket_addr()?, i.node.as_str())))
         .collect();
-    let candidates = ctx.outliers.filter(&all, std::time::Instant::now());
+    let max_percent = view
+        .ejection_policy(source, service)
+        .map_or(100, |p| p.max_ejection_percent);
+    let now = std::time::Instant::now();
+    let candidates = ctx.outliers.filter(source, &all, now, max_percent);
     let loads: Vec<u64> = {
         let in_flight = ctx.in_flight.lock().expect("in-flight lock");
         candidates
@@ -213,9 +219,9 @@ async fn splice_to_instance(
     let mut failed: Vec<SocketAddr> = Vec::new();
     let peer = client.peer_addr().ok().map(|a| a.ip());
     let timeout =
-        (ctx.view.read().expect("view lock")).connect_timeout(destination, CONNECT_TIMEOUT);
+        (ctx.view.read().expect("view lock")).connect_timeout(source, destination, CONNECT_TIMEOUT);
     let (opened, _in_flight) = loop {
-        let route = match route_avoiding(ctx, destination, &failed, peer) {
+        let route = match route_avoiding(ctx, (source, peer), destination, &failed) {
             Ok(route) => route,
             Err(e) if failed.is_empty() => return Err(e),
             Err(_) => {
@@ -229,7 +235,7 @@ async fn splice_to_instance(
             Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
         };
         let in_flight = InFlight::new(ctx, target);
-        match open(ctx, source, route, timeout).await {
+        match open(ctx, (source, destination), route, timeout).await {
             Ok(opened) => break (opened, in_flight),
             Err(e) if e.worth_another_instance() && failed.len() + 1 < CONNECT_ATTEMPTS => {
                 tracing::debug!(%target, "{source} -> {destination}: {e}; trying another instance");
@@ -280,7 +286,7 @@ enum Opened {
 /// outlier detection.
 async fn open(
     ctx: &ProxyContext,
-    source: &str,
+    (source, destination): (&str, &str),
     route: Route,
     timeout: Duration,
 ) -> Result<Opened, OutboundError> {
@@ -289,7 +295,7 @@ async fn open(
             let connected = tokio::time::timeout(timeout, crate::mark::connect(addr))
                 .await
                 .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
-            ctx.report(source, addr, connected.is_ok());
+            ctx.report(source, destination, addr, connected.is_ok());
             let stream = connected.map_err(|source| OutboundError::Connect { addr, source })?;
             Ok(Opened::Local(stream))
         }
@@ -302,7 +308,7 @@ async fn open(
             match &tunnel {
                 // A policy refusal says nothing of the instance's health.
                 Err(HboneError::Refused { status: 403, .. }) => {}
-                other => ctx.report(source, target, other.is_ok()),
+                other => ctx.report(source, destination, target, other.is_ok()),
             }
             if let Some(reason) = tunnel.as_ref().err().and_then(|e| e.handshake_failure()) {
                 ctx.metrics.tls_failure(Side::Outbound, reason);

@@ -53,7 +53,11 @@ BaseEjectionTime = "10s"
     let ConfigEntry::ServiceDefaults(d) = &entry else {
         panic!("not service-defaults: {entry:?}")
     };
-    let check = d.passive_health_check().unwrap();
+    let check = d
+        .upstream("anything")
+        .unwrap()
+        .passive_health_check
+        .unwrap();
     assert_eq!(check.max_failures, 3);
     assert_eq!(check.base_ejection_time.as_deref(), Some("10s"));
     assert!(validate_entry(&entry, &EntrySet::new()).is_ok());
@@ -359,16 +363,16 @@ fn consuls_hcl_examples_parse_into_the_same_entries() {
 fn consuls_fields_and_kinds_weft_lacks_say_not_supported_yet() {
     for (text, says) in [
         (
-            "Kind = \"service-defaults\"\nName = \"api\"\n[UpstreamConfig.Defaults.Limits]\nMaxConnections = 5\n",
-            "Limits: Consul's field, not supported by weft yet",
+            "Kind = \"service-defaults\"\nName = \"api\"\n[UpstreamConfig.Defaults.MeshGateway]\nMode = \"local\"\n",
+            "MeshGateway: Consul's field, not supported by weft yet",
         ),
         (
             "Kind = \"service-defaults\"\nName = \"api\"\nNamespace = \"team-a\"\n",
             "Namespace \"team-a\": not supported by weft yet (only \"default\")",
         ),
         (
-            "kind = \"service-defaults\"\nname = \"api\"\n[upstream_config.defaults]\nlimits = {}\n",
-            "Limits: Consul's field, not supported by weft yet",
+            "kind = \"service-defaults\"\nname = \"api\"\n[upstream_config.defaults]\nmesh_gateway = {}\n",
+            "MeshGateway: Consul's field, not supported by weft yet",
         ),
         (
             "Kind = \"proxy-defaults\"\nName = \"global\"\n",
@@ -1086,4 +1090,71 @@ fn referenced_services_are_every_other_target_once() {
     assert!(defaults("web", Protocol::Http)
         .referenced_services()
         .is_empty());
+}
+
+/// `UpstreamConfig.Overrides` take over from `Defaults` for the upstream
+/// they name; limits, connect timeouts and the passive health check's
+/// other fields are checked as Consul checks them.
+#[test]
+fn upstream_overrides_limits_and_outlier_fields() {
+    let text = r#"{"Kind": "service-defaults", "Name": "web",
+      "UpstreamConfig": {
+        "Defaults": {"ConnectTimeoutMs": 1500,
+          "Limits": {"MaxConnections": 10, "MaxPendingRequests": 5, "MaxConcurrentRequests": 20},
+          "PassiveHealthCheck": {"MaxFailures": 5, "Interval": "5s", "EnforcingConsecutive5xx": 50,
+                                 "MaxEjectionPercent": 30}},
+        "Overrides": [{"Name": "db", "Namespace": "default", "Limits": {"MaxConnections": 2}}]}}"#;
+    let entry = parse_entry_file(text, FileFormat::Json).unwrap();
+    validate_entry(&entry, &EntrySet::new()).unwrap();
+    let ConfigEntry::ServiceDefaults(d) = &entry else {
+        panic!()
+    };
+    let api = d.upstream("api").unwrap();
+    assert_eq!(api.connect_timeout_ms, Some(1500));
+    assert_eq!(api.limits.unwrap().max_pending_requests, Some(5));
+    assert_eq!(
+        api.passive_health_check.unwrap().max_ejection_percent,
+        Some(30)
+    );
+    let db = d.upstream("db").unwrap();
+    assert_eq!(db.limits.unwrap().max_connections, Some(2));
+    assert_eq!(db.passive_health_check, None, "an override stands alone");
+    assert_eq!(db.connect_timeout_ms, None);
+
+    let refused = |from: &str, to: &str| {
+        let bad = text.replace(from, to);
+        let entry = parse_entry_file(&bad, FileFormat::Json).unwrap();
+        validate_entry(&entry, &EntrySet::new())
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(refused("\"MaxConnections\": 2", "\"MaxConnections\": 0")
+        .starts_with("UpstreamConfig.Overrides[0].Limits.MaxConnections: must be at least 1"));
+    assert!(refused(
+        "\"EnforcingConsecutive5xx\": 50",
+        "\"EnforcingConsecutive5xx\": 101"
+    )
+    .contains("EnforcingConsecutive5xx: 101 is a percentage"));
+    assert!(refused("\"Interval\": \"5s\"", "\"Interval\": \"0s\"")
+        .contains("PassiveHealthCheck.Interval: must be above 0"));
+    assert!(refused("1500", "0").starts_with("UpstreamConfig.Defaults.ConnectTimeoutMs"));
+    assert!(refused("\"Name\": \"db\"", "\"Name\": \"d b\"")
+        .starts_with("UpstreamConfig.Overrides[0].Name"));
+    let twice = text.replace("\"Overrides\": [", "\"Overrides\": [{\"Name\": \"db\"}, ");
+    let entry = parse_entry_file(&twice, FileFormat::Json).unwrap();
+    assert!(validate_entry(&entry, &EntrySet::new())
+        .unwrap_err()
+        .to_string()
+        .contains("overridden twice"));
+    // What weft does not do yet is refused by name.
+    let e = parse_entry_file(
+        r#"{"Kind": "service-defaults", "Name": "web", "UpstreamConfig": {"Defaults": {"BalanceOutboundConnections": "exact_balance"}}}"#,
+        FileFormat::Json,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("BalanceOutboundConnections: Consul's field, not supported by weft yet"),
+        "{e}"
+    );
 }
