@@ -10,6 +10,7 @@ pub mod accept;
 pub mod admin;
 pub mod allocator;
 pub mod backoff;
+pub mod breaker;
 pub mod config;
 pub mod control;
 pub mod dns;

@@ -184,6 +184,13 @@ struct EjectionLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OverflowLabels {
+    source: String,
+    destination: String,
+    limit: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TlsLabels {
     side: Side,
     reason: String,
@@ -213,6 +220,7 @@ pub struct AgentMetrics {
     denied: Family<ConnLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     ejections: Family<EjectionLabels, Counter>,
+    overflows: Family<OverflowLabels, Counter>,
     tls_failures: Family<TlsLabels, Counter>,
     ebpf: Family<EbpfLabels, Counter>,
     registrations: Counter,
@@ -274,6 +282,11 @@ impl AgentMetrics {
             m.ejections.clone(),
         );
         registry.register(
+            "circuit_breaker_overflows",
+            "Connections and requests refused because a Limits of the caller's UpstreamConfig was reached, by source and destination service and limit",
+            m.overflows.clone(),
+        );
+        registry.register(
             "tls_handshake_failures",
             "Failed mTLS handshakes, by side and reason",
             m.tls_failures.clone(),
@@ -328,6 +341,7 @@ impl AgentMetrics {
             denied: m.denied,
             requests: m.requests,
             ejections: m.ejections,
+            overflows: m.overflows,
             tls_failures: m.tls_failures,
             ebpf: m.ebpf,
             registrations: m.registrations,
@@ -443,6 +457,17 @@ impl AgentMetrics {
             .inc();
     }
 
+    /// A connection or request was refused at a circuit breaker's limit.
+    pub fn overflow(&self, overflow: &crate::breaker::Overflow) {
+        self.overflows
+            .get_or_create(&OverflowLabels {
+                source: overflow.caller.clone(),
+                destination: overflow.upstream.clone(),
+                limit: overflow.gauge.limit_name().to_string(),
+            })
+            .inc();
+    }
+
     /// A TLS handshake failed; `reason` should come from a small fixed set
     /// (e.g. `bad_certificate`, `unknown_ca`, `timeout`) to bound cardinality.
     pub fn tls_failure(&self, side: Side, reason: &str) {
@@ -497,6 +522,7 @@ struct AgentMetricsParts {
     denied: Family<ConnLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     ejections: Family<EjectionLabels, Counter>,
+    overflows: Family<OverflowLabels, Counter>,
     tls_failures: Family<TlsLabels, Counter>,
     ebpf: Family<EbpfLabels, Counter>,
     registrations: Counter,
@@ -514,6 +540,7 @@ impl Default for AgentMetricsParts {
             denied: Family::default(),
             requests: Family::default(),
             ejections: Family::default(),
+            overflows: Family::default(),
             tls_failures: Family::default(),
             ebpf: Family::default(),
             registrations: Counter::default(),

@@ -307,6 +307,7 @@ pub async fn run(
         in_flight: Mutex::new(HashMap::new()),
         outliers: Default::default(),
         balancer: Default::default(),
+        breakers: Default::default(),
         drain: drain.clone(),
     });
 

@@ -1145,6 +1145,76 @@ LoadBalancer = {
     Ok(())
 }
 
+/// A caller's `Limits` for an upstream, as Envoy's circuit breakers: with
+/// `MaxConnections = 1`, a client holding one kept-alive connection to api
+/// through web's agent holds the only upstream connection, so another
+/// client's request is refused at once with 503 and `x-envoy-overloaded`,
+/// and counted; once the first client leaves, requests pass again.
+#[test]
+fn a_callers_limits_refuse_past_max_connections_and_free_up_after() -> anyhow::Result<()> {
+    require_root();
+    let mesh = one_api_mesh("api-1")?;
+    write_entry(&mesh, "defaults.toml", API_IS_HTTP)?;
+    write_entry(
+        &mesh,
+        "web.hcl",
+        r#"
+Kind = "service-defaults"
+Name = "web"
+UpstreamConfig = {
+  Overrides = [ { Name = "api", Limits = { MaxConnections = 1 } } ]
+}
+"#,
+    )?;
+    // A client that keeps its connection (and so web's agent keeps one to
+    // api-1) until it is killed; at most 60 s.
+    let hold = r#"
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", 9191), timeout=5)
+s.sendall(b"GET / HTTP/1.1\r\nHost: api\r\n\r\n")
+got = b""
+while b"instance" not in got:
+    got += s.recv(4096)
+print("held", flush=True)
+time.sleep(60)
+"#;
+    let overloaded = || -> anyhow::Result<bool> {
+        let out = mesh.curl_raw(NodeA, &["-sS", "-m", "5", "-i", UPSTREAM])?;
+        Ok(out.stdout.starts_with("HTTP/1.1 503")
+            && out.stdout.contains("x-envoy-overloaded: true"))
+    };
+    let mut holder = None;
+    // The limit reaches web's agent; then the held connection is the one.
+    wait_until(Duration::from_secs(20), "a second client refused", || {
+        if holder.is_none() {
+            let mut cmd = std::process::Command::new("python3");
+            cmd.args(["-c", hold]);
+            let proc = mesh.spawn(NodeA, &mut cmd, "holder.log")?;
+            wait_until(Duration::from_secs(10), "the holder's answer", || {
+                Ok(mesh.log("holder.log").contains("held").then_some(()))
+            })?;
+            holder = Some(proc);
+        }
+        Ok(overloaded()?.then_some(()))
+    })
+    .map_err(|e| e.context(agent_logs(&mesh)))?;
+    ensure!(overloaded()?, "still refused while the first client holds");
+    let refused = mesh.metric(NodeA, "weft_agent_circuit_breaker_overflows_total")?;
+    ensure!(refused >= 2.0, "overflows counted: {refused}");
+    drop(holder);
+    wait_until(
+        Duration::from_secs(10),
+        "requests pass once the holder left",
+        || {
+            let body = mesh
+                .curl_with(NodeA, UPSTREAM, &["-m", "2"])
+                .unwrap_or_default();
+            Ok((body == "instance api-1\n").then_some(()))
+        },
+    )?;
+    Ok(())
+}
+
 /// An HTTP service's connection upgrade (as WebSocket's) goes through the
 /// per-request proxy: the 101 comes back and then bytes flow both ways.
 #[test]

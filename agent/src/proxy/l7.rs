@@ -49,6 +49,7 @@ use weft_api::routing::{Answer, Attempt, RoutePolicy, Target};
 
 use super::outbound::{self, Route};
 use super::{InFlight, ProxyContext, CONNECT_TIMEOUT};
+use crate::breaker::{Gauge, Overflow, Slot};
 use crate::metrics::Side;
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -128,16 +129,18 @@ impl Upstream {
     }
 
     async fn send(&self, request: Request<Body>) -> hyper::Result<Response<Incoming>> {
-        self.try_send(request).await.map_err(|(e, _)| e)
+        self.try_send(request, None).await.map_err(|(e, _)| e)
     }
 
     /// Sends `request`; when the connection cannot take it (it closed: the
     /// instance ended a kept-alive connection, or an unread response body
     /// was dropped before a retry) the request comes back unsent, to go on
-    /// a new connection.
+    /// a new connection. `pending` counts the request as waiting for the
+    /// connection until it can take it.
     async fn try_send(
         &self,
         request: Request<Body>,
+        pending: Option<Slot>,
     ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<Body>>)> {
         match self {
             Upstream::Http1(send) => {
@@ -145,6 +148,7 @@ impl Upstream {
                 if let Err(e) = send.ready().await {
                     return Err((e, Some(request)));
                 }
+                drop(pending);
                 send.try_send_request(request).await.map_err(unsent)
             }
             Upstream::Http2(send) => {
@@ -152,6 +156,7 @@ impl Upstream {
                 if let Err(e) = send.ready().await {
                     return Err((e, Some(request)));
                 }
+                drop(pending);
                 send.try_send_request(request).await.map_err(unsent)
             }
         }
@@ -175,7 +180,14 @@ enum Forward {
 }
 
 /// Kept connections to instances, by address.
-type Conns = tokio::sync::Mutex<HashMap<SocketAddr, Arc<Upstream>>>;
+type Conns = tokio::sync::Mutex<HashMap<SocketAddr, Arc<Kept>>>;
+
+/// A kept connection to an instance, counted against the caller's
+/// `MaxConnections` for as long as it is kept or used.
+struct Kept {
+    upstream: Upstream,
+    _slot: Slot,
+}
 
 /// One routed request's attempts: the instances that could not be reached,
 /// what its hash is computed from, and a cookie a hash policy made for it.
@@ -198,6 +210,15 @@ impl<'a> Tries<'a> {
             cookie: Default::default(),
         }
     }
+}
+
+/// Why no connection to an instance was had.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("{0}")]
+    Connect(String),
+    #[error(transparent)]
+    Overflow(#[from] Overflow),
 }
 
 /// The instance one try goes to: the service it belongs to (the target's,
@@ -229,6 +250,8 @@ enum AttemptError {
     Upstream(hyper::Error),
     #[error("refused: {0}")]
     Denied(String),
+    #[error("circuit breaker: {0}")]
+    Overflow(#[from] Overflow),
 }
 
 impl AttemptError {
@@ -237,6 +260,7 @@ impl AttemptError {
             AttemptError::NoInstance(_) => StatusCode::SERVICE_UNAVAILABLE,
             AttemptError::Connect(_) | AttemptError::Upstream(_) => StatusCode::BAD_GATEWAY,
             AttemptError::Denied(_) => StatusCode::FORBIDDEN,
+            AttemptError::Overflow(_) => return overloaded(destination, self),
         };
         tracing::info!(%destination, "routed request failed: {self}");
         plain(status, format!("{destination}: {self}\n"))
@@ -436,6 +460,10 @@ impl Judge {
         for edits in &target.policy.request_headers {
             edits.apply(request.headers_mut());
         }
+        let _slot = match (self.ctx).take_slot(&self.source, &target.service, Gauge::Requests) {
+            Ok(slot) => slot,
+            Err(e) => return overloaded(&self.destination, &e),
+        };
         let tries = Tries::new(facts, self.peer);
         let mut response = self.route_to(conns, &target, &tries, request).await;
         // Only an instance's answer: weft's own refusals stay as they are.
@@ -650,14 +678,20 @@ impl Judge {
         let (addr, service) = (picked.addr, picked.service.as_str());
         let mut request = request;
         for fresh in [false, true] {
-            let (upstream, new) = match self.upstream(conns, picked, fresh).await {
+            let pending = match (self.ctx).take_slot(&self.source, service, Gauge::PendingRequests)
+            {
+                Ok(slot) => slot,
+                Err(e) => return Err((e.into(), None)),
+            };
+            let (kept, new) = match self.upstream(conns, picked, fresh).await {
                 Ok(u) => u,
-                Err(e) => {
+                Err(UpstreamError::Overflow(e)) => return Err((e.into(), None)),
+                Err(UpstreamError::Connect(e)) => {
                     self.ctx.report(&self.source, service, addr, false);
                     return Err((AttemptError::Connect(e), Some(request)));
                 }
             };
-            match upstream.try_send(request).await {
+            match kept.upstream.try_send(request, Some(pending)).await {
                 Ok(mut response) => {
                     let ok = !response.status().is_server_error();
                     self.ctx.report(&self.source, service, addr, ok);
@@ -688,19 +722,24 @@ impl Judge {
         conns: &Conns,
         picked: &Picked,
         fresh: bool,
-    ) -> Result<(Arc<Upstream>, bool), String> {
+    ) -> Result<(Arc<Kept>, bool), UpstreamError> {
         let addr = picked.addr;
         if !fresh {
             let kept = conns.lock().await.get(&addr).cloned();
-            if let Some(u) = kept {
-                if !u.is_closed().await {
-                    return Ok((u, false));
+            if let Some(k) = kept {
+                if !k.upstream.is_closed().await {
+                    return Ok((k, false));
                 }
             }
         }
-        let upstream = Arc::new(self.open(&picked.route, picked.timeout).await?);
-        conns.lock().await.insert(addr, upstream.clone());
-        Ok((upstream, true))
+        let slot = (self.ctx).take_slot(&self.source, &picked.service, Gauge::Connections)?;
+        let upstream = self.open(&picked.route, picked.timeout).await;
+        let kept = Arc::new(Kept {
+            upstream: upstream.map_err(UpstreamError::Connect)?,
+            _slot: slot,
+        });
+        conns.lock().await.insert(addr, kept.clone());
+        Ok((kept, true))
     }
 
     /// A new connection for requests to the instance `route` leads to,
@@ -761,6 +800,17 @@ async fn splice_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upg
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!("upgraded connection ended: {e}");
     }
+}
+
+/// 503 for a request refused at a circuit breaker's limit, marked as
+/// Envoy marks it (`x-envoy-overloaded: true`).
+fn overloaded(destination: &str, e: &dyn std::fmt::Display) -> Response<Body> {
+    let mut response = plain(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("{destination}: {e}\n"),
+    );
+    (response.headers_mut()).insert("x-envoy-overloaded", http::HeaderValue::from_static("true"));
+    response
 }
 
 fn plain(status: StatusCode, text: String) -> Response<Body> {

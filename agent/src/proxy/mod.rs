@@ -42,11 +42,42 @@ pub struct ProxyContext {
     /// Round-robin turns and consistent-hash tables (resolvers'
     /// `LoadBalancer`).
     pub balancer: crate::lb::Balancer,
+    /// Open connections and requests per (caller, upstream), against the
+    /// callers' `Limits`.
+    pub breakers: Arc<crate::breaker::Breakers>,
     /// The connections served, and the signal to wind them down.
     pub drain: Arc<crate::drain::Drain>,
 }
 
 impl ProxyContext {
+    /// Takes a slot of `gauge` for `source`'s calls to `upstream`, under
+    /// `source`'s `Limits` for it; a refusal is counted and logged.
+    pub fn take_slot(
+        &self,
+        source: &str,
+        upstream: &str,
+        gauge: crate::breaker::Gauge,
+    ) -> Result<crate::breaker::Slot, crate::breaker::Overflow> {
+        use crate::breaker::Gauge;
+        let limit = {
+            let view = self.view.read().expect("view lock");
+            let limits = view
+                .upstream_settings(source, upstream)
+                .and_then(|s| s.limits.copied());
+            limits.and_then(|l| match gauge {
+                Gauge::Connections => l.max_connections,
+                Gauge::PendingRequests => l.max_pending_requests,
+                Gauge::Requests => l.max_concurrent_requests,
+            })
+        };
+        self.breakers
+            .take(source, upstream, gauge, limit)
+            .inspect_err(|overflow| {
+                self.metrics.overflow(overflow);
+                tracing::info!("refused: {overflow}");
+            })
+    }
+
     /// Reports how a connection or request from `source` to the instance at
     /// `addr` of `upstream` went, when `source`'s defaults ask for passive
     /// health checks of it.

@@ -54,6 +54,8 @@ pub enum OutboundError {
     Tunnel(#[from] HboneError),
     #[error("no certificate for {0}")]
     Identity(String),
+    #[error("circuit breaker: {0}")]
+    Overflow(#[from] crate::breaker::Overflow),
 }
 
 /// Picks the route for a connection from `source` at `peer` to `service`,
@@ -216,6 +218,7 @@ async fn splice_to_instance(
     source: &str,
     destination: &str,
 ) -> Result<(), OutboundError> {
+    let _slot = ctx.take_slot(source, destination, crate::breaker::Gauge::Connections)?;
     let mut failed: Vec<SocketAddr> = Vec::new();
     let peer = client.peer_addr().ok().map(|a| a.ip());
     let timeout =
