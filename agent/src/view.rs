@@ -364,17 +364,17 @@ impl View {
 
     /// How long `source` may take to open a connection to an instance of
     /// `service`: the service's resolver's `ConnectTimeout`, else `source`'s
-    /// `ConnectTimeoutMs` for it, else `default`.
+    /// `ConnectTimeoutMs` for it, else proxy-defaults' `connect_timeout_ms`,
+    /// else `default`.
     pub fn connect_timeout(&self, source: &str, service: &str, default: Duration) -> Duration {
+        let ms = self
+            .upstream_settings(source, service)
+            .and_then(|s| s.connect_timeout_ms)
+            .or_else(|| self.entries.proxy_defaults()?.config.connect_timeout_ms);
         self.entries
             .resolver(service)
             .and_then(|r| r.connect_timeout())
-            .or_else(|| {
-                let ms = self
-                    .upstream_settings(source, service)?
-                    .connect_timeout_ms?;
-                Some(Duration::from_millis(ms))
-            })
+            .or(ms.map(Duration::from_millis))
             .unwrap_or(default)
     }
 

@@ -1,5 +1,6 @@
 //! Config entries, with Consul's kinds and PascalCase field names:
-//! `service-defaults`, `service-router`, `service-splitter`, `service-resolver`.
+//! `proxy-defaults`, `service-defaults`, `service-router`, `service-splitter`,
+//! `service-resolver`.
 //! Reading them from JSON or TOML files, validating them on write against the rest
 //! of the configuration, and the pure choices they drive (which route, which split,
 //! which instances form a subset).
@@ -13,7 +14,7 @@
 //! ```
 
 mod keys;
-pub use keys::name_of as document_name;
+pub use keys::{kind_of as document_kind, name_of as document_name};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
@@ -87,8 +88,9 @@ pub struct ServiceDefaults {
     /// Consul's `Meta`: the operator's own key/value pairs, kept and shown.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub meta: BTreeMap<String, String>,
-    #[serde(default)]
-    pub protocol: Protocol,
+    /// None: the `protocol` of `proxy-defaults`, else tcp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
     /// How this service's agents treat the services it calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_config: Option<UpstreamConfig>,
@@ -243,6 +245,58 @@ impl ServiceDefaults {
     pub fn upstream(&self, upstream: &str) -> Option<UpstreamSettings<'_>> {
         self.upstream_config.as_ref()?.for_upstream(upstream)
     }
+}
+
+/// `proxy-defaults`: the mesh's defaults, one entry named `global`. Of
+/// Consul's `Config` map weft takes `protocol` (the protocol of every
+/// service whose service-defaults set none) and `connect_timeout_ms` (how
+/// long opening a connection to an instance may take, unless the caller's
+/// `UpstreamConfig` or the upstream's resolver says otherwise); Consul's
+/// other keys are refused as not supported yet, any other as unknown.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ProxyDefaults {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "ProxyConfig::is_empty")]
+    pub config: ProxyConfig,
+    /// Read so that it can be refused by name: a mesh-wide default mode is
+    /// not supported yet (set it per service).
+    #[serde(
+        default,
+        rename = "MutualTLSMode",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mutual_tls_mode: Option<MutualTlsMode>,
+}
+
+/// The one name a `proxy-defaults` entry has.
+pub const PROXY_DEFAULTS_NAME: &str = "global";
+
+/// `Config` of proxy-defaults, with Consul's (Envoy proxy) key names.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_ms: Option<u64>,
+}
+
+impl ProxyConfig {
+    fn is_empty(&self) -> bool {
+        *self == ProxyConfig::default()
+    }
+}
+
+/// The protocol of a service: its service-defaults' `Protocol`, else the
+/// proxy-defaults' `protocol`, else tcp.
+pub fn protocol_of(defaults: Option<&ServiceDefaults>, proxy: Option<&ProxyDefaults>) -> Protocol {
+    defaults
+        .and_then(|d| d.protocol)
+        .or_else(|| proxy.and_then(|p| p.config.protocol))
+        .unwrap_or_default()
 }
 
 /// `service-router`: ordered HTTP routes; the first matching route decides.
@@ -441,6 +495,8 @@ fn is_false(b: &bool) -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "Kind")]
 pub enum ConfigEntry {
+    #[serde(rename = "proxy-defaults")]
+    ProxyDefaults(ProxyDefaults),
     #[serde(rename = "service-defaults")]
     ServiceDefaults(ServiceDefaults),
     #[serde(rename = "service-router")]
@@ -454,6 +510,8 @@ pub enum ConfigEntry {
 /// The kinds of config entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum EntryKind {
+    #[serde(rename = "proxy-defaults")]
+    ProxyDefaults,
     #[serde(rename = "service-defaults")]
     ServiceDefaults,
     #[serde(rename = "service-router")]
@@ -465,7 +523,8 @@ pub enum EntryKind {
 }
 
 impl EntryKind {
-    pub const ALL: [EntryKind; 4] = [
+    pub const ALL: [EntryKind; 5] = [
+        EntryKind::ProxyDefaults,
         EntryKind::ServiceDefaults,
         EntryKind::ServiceRouter,
         EntryKind::ServiceSplitter,
@@ -475,6 +534,7 @@ impl EntryKind {
     /// The `Kind` string, e.g. `service-router`.
     pub fn as_str(self) -> &'static str {
         match self {
+            EntryKind::ProxyDefaults => "proxy-defaults",
             EntryKind::ServiceDefaults => "service-defaults",
             EntryKind::ServiceRouter => "service-router",
             EntryKind::ServiceSplitter => "service-splitter",
@@ -499,8 +559,8 @@ impl FromStr for EntryKind {
                 invalid(
                     "Kind",
                     format!(
-                        "unknown kind {s:?} (one of service-defaults, service-router, \
-                         service-splitter, service-resolver)"
+                        "unknown kind {s:?} (one of proxy-defaults, service-defaults, \
+                         service-router, service-splitter, service-resolver)"
                     ),
                 )
             })
@@ -510,6 +570,7 @@ impl FromStr for EntryKind {
 impl ConfigEntry {
     pub fn kind(&self) -> EntryKind {
         match self {
+            ConfigEntry::ProxyDefaults(_) => EntryKind::ProxyDefaults,
             ConfigEntry::ServiceDefaults(_) => EntryKind::ServiceDefaults,
             ConfigEntry::ServiceRouter(_) => EntryKind::ServiceRouter,
             ConfigEntry::ServiceSplitter(_) => EntryKind::ServiceSplitter,
@@ -520,6 +581,7 @@ impl ConfigEntry {
     /// The entry's `Meta`.
     pub fn meta(&self) -> &BTreeMap<String, String> {
         match self {
+            ConfigEntry::ProxyDefaults(e) => &e.meta,
             ConfigEntry::ServiceDefaults(e) => &e.meta,
             ConfigEntry::ServiceRouter(e) => &e.meta,
             ConfigEntry::ServiceSplitter(e) => &e.meta,
@@ -530,6 +592,7 @@ impl ConfigEntry {
     /// The service the entry is about.
     pub fn name(&self) -> &str {
         match self {
+            ConfigEntry::ProxyDefaults(e) => &e.name,
             ConfigEntry::ServiceDefaults(e) => &e.name,
             ConfigEntry::ServiceRouter(e) => &e.name,
             ConfigEntry::ServiceSplitter(e) => &e.name,
@@ -541,7 +604,7 @@ impl ConfigEntry {
     /// splits, redirect, failover), each once, without the entry's own.
     pub fn referenced_services(&self) -> BTreeSet<&str> {
         let named: Vec<Option<&String>> = match self {
-            ConfigEntry::ServiceDefaults(_) => Vec::new(),
+            ConfigEntry::ProxyDefaults(_) | ConfigEntry::ServiceDefaults(_) => Vec::new(),
             ConfigEntry::ServiceRouter(r) => r
                 .routes
                 .iter()
@@ -703,11 +766,37 @@ const CONSUL_FIELDS: &[&str] = &[
     "SamenessGroup",
     "Peer",
     "PrioritizeByLocality",
+    // proxy-defaults
+    "Mode",
+    "AccessLogs",
+    "FailoverPolicy",
+    // proxy-defaults' Config: Envoy's keys
+    "local_connect_timeout_ms",
+    "local_request_timeout_ms",
+    "local_idle_timeout_ms",
+    "handshake_timeout_ms",
+    "bind_address",
+    "bind_port",
+    "balance_inbound_connections",
+    "max_inbound_connections",
+    "envoy_prometheus_bind_addr",
+    "envoy_stats_bind_addr",
+    "envoy_dogstatsd_url",
+    "envoy_statsd_url",
+    "envoy_stats_tags",
+    "envoy_stats_flush_interval",
+    "envoy_tracing_json",
+    "envoy_extra_static_clusters_json",
+    "envoy_extra_static_listeners_json",
+    "envoy_extra_stats_sinks_json",
+    "envoy_local_cluster_json",
+    "envoy_public_listener_json",
+    "envoy_listener_json",
+    "envoy_cluster_json",
 ];
 
 /// Consul's config entry kinds weft does not have yet.
 const CONSUL_KINDS: &[&str] = &[
-    "proxy-defaults",
     "ingress-gateway",
     "terminating-gateway",
     "api-gateway",
@@ -768,6 +857,14 @@ impl FromIterator<ConfigEntry> for EntrySet {
 }
 
 impl EntrySet {
+    /// The `proxy-defaults` entry, if there is one.
+    pub fn proxy_defaults(&self) -> Option<&ProxyDefaults> {
+        match self.get(EntryKind::ProxyDefaults, PROXY_DEFAULTS_NAME) {
+            Some(ConfigEntry::ProxyDefaults(p)) => Some(p),
+            _ => None,
+        }
+    }
+
     /// The `MutualTLSMode` of `service` (strict without a service-defaults).
     pub fn mutual_tls_mode(&self, service: &str) -> MutualTlsMode {
         match self.get(EntryKind::ServiceDefaults, service) {
@@ -779,10 +876,11 @@ impl EntrySet {
 
 impl EntryContext for EntrySet {
     fn protocol(&self, service: &str) -> Protocol {
-        match self.get(EntryKind::ServiceDefaults, service) {
-            Some(ConfigEntry::ServiceDefaults(d)) => d.protocol,
-            _ => Protocol::Tcp,
-        }
+        let defaults = match self.get(EntryKind::ServiceDefaults, service) {
+            Some(ConfigEntry::ServiceDefaults(d)) => Some(d),
+            _ => None,
+        };
+        protocol_of(defaults, self.proxy_defaults())
     }
 
     fn resolver(&self, service: &str) -> Option<&ServiceResolver> {
@@ -802,11 +900,39 @@ pub fn validate_entry(
     crate::catalog::validate_meta("Meta", entry.meta())
         .map_err(|e| invalid("Meta", e.to_string()))?;
     match entry {
+        ConfigEntry::ProxyDefaults(p) => validate_proxy_defaults(p),
         ConfigEntry::ServiceDefaults(d) => validate_defaults(d),
         ConfigEntry::ServiceRouter(r) => validate_router(r, ctx),
         ConfigEntry::ServiceSplitter(s) => validate_splitter(s, ctx),
         ConfigEntry::ServiceResolver(r) => validate_resolver(r, ctx),
     }
+}
+
+fn validate_proxy_defaults(p: &ProxyDefaults) -> Result<(), ConfigEntryError> {
+    if p.name != PROXY_DEFAULTS_NAME {
+        return Err(invalid(
+            "Name",
+            format!("{:?}: a proxy-defaults entry is named \"global\"", p.name),
+        ));
+    }
+    if p.mutual_tls_mode.is_some() {
+        return Err(invalid(
+            "MutualTLSMode",
+            "not supported by weft yet on proxy-defaults (set it in each service's service-defaults)",
+        ));
+    }
+    if let Some(ms) = p.config.connect_timeout_ms {
+        if ms == 0 || ms > MAX_CONNECT_TIMEOUT.as_millis() as u64 {
+            return Err(invalid(
+                "Config.connect_timeout_ms",
+                format!(
+                    "{ms} is not between 1 and {}",
+                    MAX_CONNECT_TIMEOUT.as_millis()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// At most this many `UpstreamConfig.Overrides`.

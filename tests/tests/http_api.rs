@@ -1342,3 +1342,77 @@ fn service_intentions_entries_are_the_intentions_of_their_destination() -> anyho
     );
     Ok(())
 }
+
+/// proxy-defaults, as Consul guards it: writing it takes `mesh` write (a
+/// service's write right is not enough, nor is any right on a service named
+/// `global`); reading takes read on the mesh or on any service, so every
+/// agent sees it; a token that can read nothing of either is refused. Its
+/// `protocol` makes a service without its own HTTP, which the servers then
+/// check routers against.
+#[test]
+fn proxy_defaults_need_mesh_rights_and_give_services_their_protocol() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, &[])?;
+    let m = cluster.token.as_str();
+    let put = |token: &str, body: &str| {
+        cluster.http(1, "PUT", "/v1/config", Some(token), Some(body.as_bytes()))
+    };
+    let get = |token: &str| {
+        cluster.http(
+            1,
+            "GET",
+            "/v1/config/proxy-defaults/global",
+            Some(token),
+            None,
+        )
+    };
+    let proxy = r#"{"Kind": "proxy-defaults", "Name": "global", "Config": {"protocol": "http"}}"#;
+    let router = r#"{"Kind": "service-router", "Name": "api",
+        "Routes": [{"Match": {"HTTP": {"PathPrefix": "/v2"}}}]}"#;
+    // No proxy-defaults yet: api is tcp, so a router is refused.
+    let refused = put(m, router)?;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert!(refused.body.contains("to speak http"), "{}", refused.body);
+
+    let services =
+        cluster.token_with_rules("all-services", r#"service_prefix "" { policy = "write" }"#)?;
+    let global =
+        cluster.token_with_rules("global-svc", r#"service "global" { policy = "write" }"#)?;
+    for token in [&services, &global] {
+        let reply = put(token, proxy)?;
+        assert_eq!(reply.status, 403, "{}", reply.body);
+    }
+    let mesh = cluster.token_with_rules("mesh-admin", r#"mesh = "write""#)?;
+    let reply = put(&mesh, proxy)?;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    // The service-writer reads it (as an agent does), the KV-only token not.
+    let read = get(&services)?;
+    assert_eq!(read.status, 200, "{}", read.body);
+    assert_eq!(read.json()?["Config"]["protocol"], "http");
+    let kv = cluster.token_with_rules("kv-only-pd", r#"key_prefix "" { policy = "read" }"#)?;
+    assert_eq!(get(&kv)?.status, 403);
+    let listed = cluster.http(1, "GET", "/v1/config/proxy-defaults", Some(&services), None)?;
+    assert_eq!(
+        listed.json()?.as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        listed.body
+    );
+
+    // Now api speaks HTTP by the mesh's default: its router is taken.
+    let taken = put(m, router)?;
+    assert_eq!(taken.status, 200, "{}", taken.body);
+    // Deleting it takes mesh write too.
+    let del = |token: &str| {
+        cluster.http(
+            1,
+            "DELETE",
+            "/v1/config/proxy-defaults/global",
+            Some(token),
+            None,
+        )
+    };
+    assert_eq!(del(&services)?.status, 403);
+    assert_eq!(del(&mesh)?.status, 200);
+    assert_eq!(get(m)?.status, 404);
+    Ok(())
+}

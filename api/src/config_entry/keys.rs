@@ -15,6 +15,7 @@ use crate::consul_keys::{fold, normalize as normalize_with, KeyError, Schema};
 const KNOWN: &[&str] = &[
     "Kind",
     "Name",
+    "Config",
     "Meta",
     "Protocol",
     "UpstreamConfig",
@@ -78,7 +79,8 @@ const KNOWN: &[&str] = &[
 ];
 
 /// Maps whose keys are names the user chose: kept as written.
-const USER_KEYED: &[&str] = &["Subsets", "Failover", "Meta", "Add", "Set"];
+/// (`Config` of proxy-defaults holds Envoy's keys, which are snake_case.)
+const USER_KEYED: &[&str] = &["Subsets", "Failover", "Meta", "Add", "Set", "Config"];
 
 /// Keys naming a tenancy weft has one of.
 const TENANCY: &[&str] = &["Namespace", "Partition"];
@@ -93,6 +95,14 @@ const SCHEMA: Schema = Schema {
 /// fields. Returns whether anything changed.
 pub fn normalize(doc: &mut Value) -> Result<bool, KeyError> {
     normalize_with(doc, &SCHEMA)
+}
+
+/// The document's `Kind`, however the key is spelled.
+pub fn kind_of(doc: &Value) -> Option<&str> {
+    doc.as_object()?
+        .iter()
+        .find(|(k, _)| fold(k) == "kind")
+        .and_then(|(_, v)| v.as_str())
 }
 
 /// The document's `Name`, however it is spelled.

@@ -8,7 +8,7 @@ fn defaults(name: &str, protocol: Protocol) -> ConfigEntry {
     ConfigEntry::ServiceDefaults(ServiceDefaults {
         name: name.into(),
         meta: Default::default(),
-        protocol,
+        protocol: Some(protocol),
         upstream_config: None,
         mutual_tls_mode: MutualTlsMode::Strict,
     })
@@ -257,7 +257,11 @@ Destination = { Service = "web" }
         FileFormat::Toml,
     )
     .unwrap();
-    assert_eq!(e, defaults("db", Protocol::Tcp));
+    let ConfigEntry::ServiceDefaults(d) = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(d.protocol, None, "no Protocol: proxy-defaults' or tcp");
+    assert_eq!(EntrySet::from_iter([e]).protocol("db"), Protocol::Tcp);
 }
 
 /// Consul's HCL examples (tests/fixtures/consul/, each naming the docs
@@ -375,8 +379,16 @@ fn consuls_fields_and_kinds_weft_lacks_say_not_supported_yet() {
             "MeshGateway: Consul's field, not supported by weft yet",
         ),
         (
-            "Kind = \"proxy-defaults\"\nName = \"global\"\n",
-            "Kind \"proxy-defaults\": Consul's kind, not supported by weft yet",
+            "Kind = \"mesh\"\n",
+            "Kind \"mesh\": Consul's kind, not supported by weft yet",
+        ),
+        (
+            "Kind = \"proxy-defaults\"\nName = \"global\"\n[Config]\nenvoy_prometheus_bind_addr = \"0.0.0.0:9102\"\n",
+            "envoy_prometheus_bind_addr: Consul's field, not supported by weft yet",
+        ),
+        (
+            "Kind = \"proxy-defaults\"\nName = \"global\"\nMode = \"transparent\"\n",
+            "Mode: Consul's field, not supported by weft yet",
         ),
     ] {
         let e = parse_entry_file(text, FileFormat::Toml)
@@ -1156,5 +1168,70 @@ fn upstream_overrides_limits_and_outlier_fields() {
     assert!(
         e.contains("BalanceOutboundConnections: Consul's field, not supported by weft yet"),
         "{e}"
+    );
+}
+
+/// proxy-defaults: one entry, `global`; its `Config.protocol` is the
+/// protocol of every service whose service-defaults set none.
+#[test]
+fn proxy_defaults_give_the_protocol_of_services_without_their_own() {
+    let proxy = parse_entry_file(
+        r#"Kind = "proxy-defaults"
+Name = "global"
+Meta = { owner = "platform" }
+Config {
+  protocol = "http"
+  connect_timeout_ms = 2500
+}
+"#,
+        FileFormat::Hcl,
+    )
+    .unwrap();
+    validate_entry(&proxy, &EntrySet::new()).unwrap();
+    let ConfigEntry::ProxyDefaults(p) = &proxy else {
+        panic!("{proxy:?}")
+    };
+    assert_eq!(p.config.connect_timeout_ms, Some(2500));
+    let tcp_db = parse_entry_file(
+        r#"{"Kind": "service-defaults", "Name": "db", "Protocol": "tcp"}"#,
+        FileFormat::Json,
+    )
+    .unwrap();
+    let set = EntrySet::from_iter([proxy.clone(), tcp_db]);
+    assert_eq!(set.protocol("api"), Protocol::Http, "inherited");
+    assert_eq!(set.protocol("db"), Protocol::Tcp, "its own wins");
+    // A router for a service that is HTTP by the proxy-defaults alone.
+    let router = parse_entry_file(
+        r#"{"Kind": "service-router", "Name": "api", "Routes": [{"Match": {"HTTP": {"PathPrefix": "/a"}}}]}"#,
+        FileFormat::Json,
+    )
+    .unwrap();
+    assert_eq!(validate_entry(&router, &set), Ok(()));
+    assert!(validate_entry(&router, &EntrySet::new()).is_err());
+
+    let bad = |text: &str| {
+        let e = parse_entry_file(text, FileFormat::Json).and_then(|e| validate_entry(&e, &set));
+        e.unwrap_err().to_string()
+    };
+    assert_eq!(
+        bad(r#"{"Kind": "proxy-defaults", "Name": "mesh"}"#),
+        "Name: \"mesh\": a proxy-defaults entry is named \"global\""
+    );
+    assert!(
+        bad(r#"{"Kind": "proxy-defaults", "Name": "global", "Config": {"protocol": "udp"}}"#)
+            .contains("unknown variant `udp`")
+    );
+    assert!(bad(
+        r#"{"Kind": "proxy-defaults", "Name": "global", "Config": {"connect_timeout_ms": 0}}"#
+    )
+    .starts_with("Config.connect_timeout_ms"));
+    assert!(
+        bad(r#"{"Kind": "proxy-defaults", "Name": "global", "Config": {"Protocol": "http"}}"#)
+            .contains("unknown field `Protocol`"),
+        "Config's keys are Envoy's, as written"
+    );
+    assert!(
+        bad(r#"{"Kind": "proxy-defaults", "Name": "global", "MutualTLSMode": "permissive"}"#)
+            .starts_with("MutualTLSMode: not supported by weft yet")
     );
 }

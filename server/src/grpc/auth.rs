@@ -81,6 +81,11 @@ impl Caller {
         Err(self.denied(format!("{} on {}", access_name(want), describe(&resource))))
     }
 
+    /// Whether the token grants read on some name of `kind`.
+    pub fn can_read_any(&self, kind: ResourceKind) -> bool {
+        self.authz.can_read_any(kind)
+    }
+
     /// For list calls: PERMISSION_DENIED when the token can read nothing of
     /// `kind` (otherwise the list is filtered to what it may read).
     pub fn require_any_read(&self, kind: ResourceKind) -> Result<(), Status> {

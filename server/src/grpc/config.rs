@@ -14,7 +14,7 @@ use weft_api::file_format::FileFormat;
 use weft_api::proto::{self, config_server::Config};
 use weft_api::service_intentions::{self as si, is_service_intentions};
 
-use super::auth::caller;
+use super::auth::{caller, Caller};
 use super::config_intentions;
 use super::{invalid, read, write};
 use crate::node::ServerNode;
@@ -30,6 +30,29 @@ pub fn entry_to_proto(e: &StoredEntry) -> proto::ConfigEntry {
         json: serde_json::to_string(&e.entry).unwrap_or_default(),
         create_index: e.create_index,
         modify_index: e.modify_index,
+    }
+}
+
+/// What an entry of `kind` named `name` is guarded by: the mesh for
+/// proxy-defaults (Consul's `mesh` rule), else the service it is about.
+fn entry_resource<'a>(kind: &str, name: &'a str) -> Resource<'a> {
+    if kind == EntryKind::ProxyDefaults.as_str() {
+        Resource::Mesh
+    } else {
+        Resource::Service(name)
+    }
+}
+
+/// Whether `caller` may read an entry of `kind` named `name`. proxy-defaults
+/// shapes every service's traffic and holds no secret: read on the mesh or
+/// on any service will do (Consul lets any token read it), so that every
+/// agent sees it. Another entry takes read on its service.
+pub(super) fn may_read_entry(caller: &Caller, kind: &str, name: &str) -> bool {
+    match entry_resource(kind, name) {
+        Resource::Mesh => {
+            caller.can(Resource::Mesh, Access::Read) || caller.can_read_any(ResourceKind::Service)
+        }
+        resource => caller.can(resource, Access::Read),
     }
 }
 
@@ -58,12 +81,20 @@ impl Config for ConfigApi {
             .and_then(weft_api::config_entry::document_name)
             .unwrap_or_default()
             .to_string();
-        caller.require(Resource::Service(&name), Access::Write)?;
+        let kind = doc
+            .as_ref()
+            .and_then(weft_api::config_entry::document_kind)
+            .unwrap_or_default()
+            .to_string();
+        caller.require(entry_resource(&kind, &name), Access::Write)?;
         let entry = parse_entry_file(&json, FileFormat::Json).map_err(invalid)?;
         self.0.limits.check_entry(&entry)?;
         // And the entry as parsed, whatever the document's spelling; as in
         // Consul, sending traffic to a service needs read on it.
-        caller.require(Resource::Service(entry.name()), Access::Write)?;
+        caller.require(
+            entry_resource(entry.kind().as_str(), entry.name()),
+            Access::Write,
+        )?;
         for other in entry.referenced_services() {
             caller.require(Resource::Service(other), Access::Read)?;
         }
@@ -86,7 +117,9 @@ impl Config for ConfigApi {
                 Status::not_found(format!("no config entry {}/{}", key.kind, key.name))
             });
         }
-        caller.require(Resource::Service(&key.name), Access::Read)?;
+        if !may_read_entry(&caller, &key.kind, &key.name) {
+            caller.require(entry_resource(&key.kind, &key.name), Access::Read)?;
+        }
         check_kind(&key.kind)?;
         let found = read(&self.0, r.read, |s| {
             s.config
@@ -116,7 +149,7 @@ impl Config for ConfigApi {
                 .iter()
                 .filter(|(kind, _)| r.kind.is_empty() || **kind == r.kind)
                 .flat_map(|(_, m)| m.values())
-                .filter(|e| caller.can(Resource::Service(e.entry.name()), Access::Read))
+                .filter(|e| may_read_entry(&caller, e.entry.kind().as_str(), e.entry.name()))
                 .map(entry_to_proto)
                 .collect();
             if r.kind.is_empty() || r.kind == si::KIND {
@@ -141,7 +174,7 @@ impl Config for ConfigApi {
             let done = config_intentions::delete(&self.0, &caller, r.name).await?;
             return Ok(Response::new(done));
         }
-        caller.require(Resource::Service(&r.name), Access::Write)?;
+        caller.require(entry_resource(&r.kind, &r.name), Access::Write)?;
         check_kind(&r.kind)?;
         let what = format!("delete config {}/{}", r.kind, r.name);
         let cmd = Command::DeleteConfig {

@@ -27,7 +27,7 @@ use weft_api::acl::{Access, Resource, ResourceKind};
 
 use super::auth::{caller, resolve_in, secret_of, Caller};
 use super::catalog::may_read_instance;
-use super::config::entry_to_proto;
+use super::config::{entry_to_proto, may_read_entry};
 use super::intentions::may_access;
 use crate::node::ServerNode;
 use crate::state::{Change, State};
@@ -149,7 +149,7 @@ pub fn snapshot_parts(
         parts.add(i.encoded_len(), |s| s.intentions.push(i));
     }
     let entries = state.config.values().flat_map(|m| m.values());
-    for e in entries.filter(|e| caller.can(Resource::Service(e.entry.name()), Access::Read)) {
+    for e in entries.filter(|e| may_read_entry(caller, e.entry.kind().as_str(), e.entry.name())) {
         let e = entry_to_proto(e);
         parts.add(e.encoded_len(), |s| s.config_entries.push(e));
     }
@@ -180,8 +180,8 @@ fn may_see(caller: &Caller, change: &Change, include_kv: bool) -> bool {
         Change::IntentionDelete { destination, .. } => {
             may_access(caller, destination, Access::Read)
         }
-        Change::ConfigUpsert(e) => can(Resource::Service(e.entry.name())),
-        Change::ConfigDelete { name, .. } => can(Resource::Service(name)),
+        Change::ConfigUpsert(e) => may_read_entry(caller, e.entry.kind().as_str(), e.entry.name()),
+        Change::ConfigDelete { kind, name } => may_read_entry(caller, kind, name),
         Change::KvUpsert(e) => can(Resource::Key(&e.key)),
         Change::KvDelete(key) => can(Resource::Key(key)),
         Change::CaBundle { .. } => true,

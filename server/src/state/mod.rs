@@ -19,7 +19,9 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 use weft_api::catalog::{HealthStatus, Node, ServiceInstance};
 pub use weft_api::config_entry::StoredEntry;
-use weft_api::config_entry::{ConfigEntry, EntryContext, Protocol, ServiceResolver};
+use weft_api::config_entry::{
+    protocol_of, ConfigEntry, EntryContext, Protocol, ServiceResolver, PROXY_DEFAULTS_NAME,
+};
 use weft_api::intention::Intention;
 use weft_api::kv::KvEntry;
 use weft_api::session::Session;
@@ -393,15 +395,21 @@ impl State {
 
 impl EntryContext for State {
     fn protocol(&self, service: &str) -> Protocol {
-        match self
-            .config
-            .get("service-defaults")
-            .and_then(|m| m.get(service))
-            .map(|e| &e.entry)
-        {
-            Some(ConfigEntry::ServiceDefaults(d)) => d.protocol,
-            _ => Protocol::default(),
-        }
+        let entry = |kind: &str, name: &str| {
+            self.config
+                .get(kind)
+                .and_then(|m| m.get(name))
+                .map(|e| &e.entry)
+        };
+        let defaults = match entry("service-defaults", service) {
+            Some(ConfigEntry::ServiceDefaults(d)) => Some(d),
+            _ => None,
+        };
+        let proxy = match entry("proxy-defaults", PROXY_DEFAULTS_NAME) {
+            Some(ConfigEntry::ProxyDefaults(p)) => Some(p),
+            _ => None,
+        };
+        protocol_of(defaults, proxy)
     }
 
     fn resolver(&self, service: &str) -> Option<&ServiceResolver> {
