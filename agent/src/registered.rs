@@ -11,7 +11,8 @@
 //!
 //! Fields are Consul's (`ID`, `Name`, `Port`, `Address`, `Tags`, `Meta`,
 //! `Check`, `Checks` with `CheckID`, `HTTP`, `TCP`, `GRPC`, `TTL`,
-//! `Interval`, `Timeout`, `DeregisterCriticalServiceAfter`); any other is
+//! `Interval`, `Timeout`, `DeregisterCriticalServiceAfter`, `Name`, `Notes`,
+//! `Status`); any other is
 //! refused by name rather than ignored.
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -56,6 +57,8 @@ const REGISTRATION_KEYS: weft_api::consul_keys::Schema = weft_api::consul_keys::
         "Interval",
         "Timeout",
         "DeregisterCriticalServiceAfter",
+        "Notes",
+        "Status",
     ]],
     user_keyed: &["Meta"],
     tenancy: &["Namespace", "Partition"],
@@ -101,6 +104,13 @@ pub struct RegisteredCheck {
     pub timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deregister_critical_service_after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
+    /// The initial status of a TTL check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
 }
 
 /// The agent.toml shape of a service block.
@@ -135,6 +145,12 @@ struct TomlCheck<'a> {
     timeout: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     deregister_critical_service_after: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notes: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<&'a str>,
 }
 
 impl RegisteredService {
@@ -180,6 +196,9 @@ fn toml_check(c: &RegisteredCheck) -> TomlCheck<'_> {
         interval: c.interval.as_deref(),
         timeout: c.timeout.as_deref(),
         deregister_critical_service_after: c.deregister_critical_service_after.as_deref(),
+        name: c.name.as_deref(),
+        notes: c.notes.as_deref(),
+        status: c.status.as_deref(),
     }
 }
 
@@ -320,10 +339,10 @@ port = 8000
             RegisteredService::from_json(br#"{"Name":"db","Port":1,"Connect":{}}"#).unwrap_err();
         assert!(e.to_string().contains("Connect"), "{e}");
         let e = RegisteredService::from_json(
-            br#"{"Name":"db","Port":1,"Check":{"Name":"x","TTL":"1s"}}"#,
+            br#"{"Name":"db","Port":1,"Check":{"Shell":"/bin/sh","TTL":"1s"}}"#,
         )
         .unwrap_err();
-        assert!(e.to_string().contains("Name"), "{e}");
+        assert!(e.to_string().contains("Shell"), "{e}");
         let bad = RegisteredService::from_json(br#"{"Name":"Not a name","Port":1}"#).unwrap();
         let e =
             AgentConfig::parse(&format!("{BASE}{}", as_toml(&[bad])), "agent.toml").unwrap_err();

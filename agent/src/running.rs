@@ -193,6 +193,12 @@ impl Running {
             .map(|r| r.name.clone())
     }
 
+    /// The registration made through the local API as `id`.
+    pub fn registration(&self, id: &str) -> Option<RegisteredService> {
+        let registered = self.registered.lock().expect("registered lock");
+        registered.iter().find(|r| r.id() == id).cloned()
+    }
+
     /// Registers `service` on this node (replacing one of the same id that
     /// was registered the same way), and keeps it in the data dir.
     pub async fn register(&self, service: RegisteredService) -> Result<String, RegistrationError> {

@@ -109,7 +109,12 @@ impl CheckRunner {
         for (i, check) in checks.iter().enumerate() {
             match &check.kind {
                 CheckKind::Ttl { ttl } => {
-                    ttls.insert(i, TtlState::new(*ttl));
+                    let mut state = TtlState::new(*ttl);
+                    if let Some(status) = check.status {
+                        // Consul's initial status: the TTL runs from now.
+                        state.refresh(Instant::now().into_std(), status, "initial status");
+                    }
+                    ttls.insert(i, state);
                 }
                 kind => {
                     tasks.spawn(probe_loop(

@@ -22,6 +22,10 @@
 //!
 //! - `PUT /v1/agent/service/register`, `PUT /v1/agent/service/deregister/:id`:
 //!   services of this node (`service:write` on the service).
+//! - `PUT /v1/agent/check/register`, `PUT /v1/agent/check/deregister/:id`:
+//!   checks of services registered here ([`check_register`]).
+//! - `GET /v1/agent/connect/ca/leaf/:service`: a leaf certificate, signed
+//!   with the caller's token ([`leaf`]).
 //! - `GET /v1/agent/self` (`node:read` on this node), `/v1/agent/services`,
 //!   `/v1/agent/service/:id`, `/v1/agent/checks` (only what the token has
 //!   `service:read` on), `/v1/agent/members` (the servers' catalog nodes,
@@ -39,7 +43,9 @@
 
 pub mod agent_views;
 pub mod authz;
+pub mod check_register;
 pub mod forward;
+pub mod leaf;
 pub mod route;
 
 use std::convert::Infallible;
@@ -107,6 +113,8 @@ pub trait Registrar: Send + Sync {
     fn deregister(&self, id: String) -> RegistrarFuture<'_>;
     /// The service name of an instance registered through this API.
     fn registered_name(&self, id: &str) -> Option<String>;
+    /// The registration of an instance registered through this API.
+    fn registration(&self, id: &str) -> Option<RegisteredService>;
 }
 
 impl Registrar for crate::running::Running {
@@ -118,6 +126,9 @@ impl Registrar for crate::running::Running {
     }
     fn registered_name(&self, id: &str) -> Option<String> {
         crate::running::Running::registered_name(self, id)
+    }
+    fn registration(&self, id: &str) -> Option<RegisteredService> {
+        crate::running::Running::registration(self, id)
     }
 }
 
@@ -133,6 +144,10 @@ pub struct LocalApiState {
     /// registration): what the agent read endpoints show.
     config: Option<Arc<RwLock<Arc<AgentConfig>>>>,
     forwarder: Option<Arc<Forwarder>>,
+    signer: Option<Arc<dyn leaf::LeafSigner>>,
+    /// One check registration or deregistration at a time (each rewrites
+    /// its service's registration).
+    check_edits: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for LocalApiState {
@@ -152,7 +167,15 @@ impl LocalApiState {
             registrar: None,
             config: None,
             forwarder: None,
+            signer: None,
+            check_edits: Arc::default(),
         }
+    }
+
+    /// Serves leaf certificates, signed through `signer`.
+    pub fn with_signer(mut self, signer: Arc<dyn leaf::LeafSigner>) -> LocalApiState {
+        self.signer = Some(signer);
+        self
     }
 
     /// Serves the agent read endpoints from `config`.
@@ -321,6 +344,11 @@ where
         Ok(Route::ServiceDeregister { service_id }) => service_deregister(state, parts, service_id)
             .await
             .unwrap_or_else(|resp| resp),
+        Ok(Route::CheckRegister) => done(check_register::register(state, parts, body).await),
+        Ok(Route::CheckDeregister { check_id }) => {
+            done(check_register::deregister(state, parts, check_id).await)
+        }
+        Ok(Route::ConnectLeaf { service }) => done(leaf::leaf(state, parts, &service).await),
     }
 }
 

@@ -62,6 +62,9 @@ fn check(id: &str, kind: CheckKind) -> CheckConfig {
         interval: Duration::from_secs(60),
         timeout: Duration::from_secs(1),
         deregister_critical_service_after: None,
+        name: None,
+        notes: None,
+        status: None,
     }
 }
 
@@ -518,7 +521,7 @@ async fn agent_checks_show_latest_results() {
 async fn other_agent_endpoints_and_paths() {
     let f = read_fixture().await;
     for path in [
-        "/v1/agent/check/register",
+        "/v1/agent/connect/ca/roots",
         "/v1/agent/join/10.0.0.1",
         "/v1/agent/metrics",
     ] {

@@ -27,6 +27,9 @@ fn check(kind: CheckKind, interval_ms: u64, timeout_ms: u64) -> CheckConfig {
         interval: Duration::from_millis(interval_ms),
         timeout: Duration::from_millis(timeout_ms),
         deregister_critical_service_after: None,
+        name: None,
+        notes: None,
+        status: None,
     }
 }
 
@@ -307,6 +310,25 @@ fn ttl_check(id: &str, ttl_ms: u64) -> CheckConfig {
             2_000,
         )
     }
+}
+
+#[tokio::test]
+async fn ttl_check_with_an_initial_status_starts_there_and_expires() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let checks = HealthChecks::new(tx);
+    let ttl = CheckConfig {
+        status: Some(HealthStatus::Passing),
+        ..ttl_check("service:worker-2", 300)
+    };
+    checks.add("worker-2", "worker", vec![ttl]);
+    let u = next(&mut rx).await;
+    assert_eq!(
+        (u.status, u.output.as_str()),
+        (HealthStatus::Passing, "initial status")
+    );
+    let u = next(&mut rx).await;
+    assert_eq!(u.status, HealthStatus::Critical);
+    assert!(u.output.starts_with("TTL expired"), "{}", u.output);
 }
 
 #[tokio::test]
