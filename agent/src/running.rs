@@ -332,7 +332,7 @@ impl Running {
         }
         for (was, s) in &plan.changed {
             if was.checks != s.checks {
-                self.checks.remove(&s.id);
+                // Replaces the running checks; TTL checks kept go on.
                 self.checks.add(&s.id, &s.name, s.checks.clone());
             }
         }

@@ -212,16 +212,29 @@ fn checks_register_run_and_deregister_through_the_agent() -> anyhow::Result<()> 
     ensure!(code == 200, "fail: {code} {body}");
     wait_server(&mesh, &db_token, "critical", "stuck")?;
 
+    let (code, body) = put(&mesh, pass, Some(&db_token), "")?;
+    ensure!(code == 200, "pass again: {code} {body}");
+    wait_server(&mesh, &db_token, "passing", "beating")?;
+
     // An HTTP check on the agent's admin port (passing) and a TCP check on
-    // a closed port (critical); the TTL one, started again, passes.
+    // a closed port (critical); the TTL check goes on passing.
     let http = r#"{"name":"admin","service_id":"db-1","http":"http://127.0.0.1:15020/healthz","interval":"1s","timeout":"1s"}"#;
     let (code, body) = put(&mesh, register, Some(&db_token), http)?;
     ensure!(code == 200, "register the HTTP check: {code} {body}");
+    wait_server(
+        &mesh,
+        &db_token,
+        "passing",
+        "HTTP GET http://127.0.0.1:15020/healthz: 200",
+    )?;
+    let (status, output) = server_check(&mesh, &db_token)?.context("db-1's check")?;
+    ensure!(
+        status == "passing" && output.contains("beating"),
+        "{status} {output}"
+    );
     let tcp = r#"{"Name":"closed","ID":"db-tcp","ServiceID":"db-1","TCP":"127.0.0.1:1","Interval":"1s","DeregisterCriticalServiceAfter":"10m"}"#;
     let (code, body) = put(&mesh, register, Some(&db_token), tcp)?;
     ensure!(code == 200, "register the TCP check: {code} {body}");
-    let (code, body) = put(&mesh, pass, Some(&db_token), "")?;
-    ensure!(code == 200, "pass again: {code} {body}");
     wait_server(&mesh, &db_token, "critical", "127.0.0.1:1")?;
     let listed = agent_checks(&mesh, &db_token)?;
     ensure!(
@@ -231,6 +244,10 @@ fn checks_register_run_and_deregister_through_the_agent() -> anyhow::Result<()> 
     ensure!(
         listed["db-tcp"]["Status"] == "critical",
         "the TCP check: {listed}"
+    );
+    ensure!(
+        listed["db-ttl"]["Status"] == "passing" && listed["db-ttl"]["Output"] == "beating",
+        "the TTL check: {listed}"
     );
 
     // Deregistered: gone from the agent, and the instance passes again.
@@ -254,9 +271,7 @@ fn checks_register_run_and_deregister_through_the_agent() -> anyhow::Result<()> 
     );
     let (code, body) = deregister("db-tcp", &db_token)?;
     ensure!(code == 200, "deregister db-tcp: {code} {body}");
-    let (code, body) = put(&mesh, pass, Some(&db_token), "")?;
-    ensure!(code == 200, "pass after the TCP check left: {code} {body}");
-    wait_server(&mesh, &db_token, "passing", "")?;
+    wait_server(&mesh, &db_token, "passing", "beating")?;
     for id in ["admin", "db-ttl"] {
         let (code, body) = deregister(id, &db_token)?;
         ensure!(code == 200, "deregister {id}: {code} {body}");

@@ -11,9 +11,10 @@
 //! `0`), which Go clients send for fields they leave unset, are absent.
 //!
 //! The check joins its service's registration (kept in `services.json`) and
-//! the service is registered again: its checks restart (a TTL check that was
-//! passing starts over, critical unless it has a `Status`), and its combined
-//! health reaches the servers as the instance's `service:<id>` check.
+//! the service is registered again: its checks are replaced (TTL checks
+//! kept go on from their last update, probes run again at once), and its
+//! combined health reaches the servers as the instance's `service:<id>`
+//! check.
 //! Services of agent.toml keep the checks the file gives them.
 
 use bytes::Bytes;

@@ -332,6 +332,40 @@ async fn ttl_check_with_an_initial_status_starts_there_and_expires() {
 }
 
 #[tokio::test]
+async fn replacing_checks_keeps_the_last_update_of_ttl_checks_kept() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let checks = HealthChecks::new(tx);
+    checks.add("jobs-1", "jobs", vec![ttl_check("beat", 60_000)]);
+    assert_eq!(next(&mut rx).await.status, HealthStatus::Critical);
+    checks
+        .update_ttl("beat", HealthStatus::Passing, "beating")
+        .unwrap();
+    assert_eq!(next(&mut rx).await.status, HealthStatus::Passing);
+
+    // A check added: "beat" goes on passing.
+    checks.add(
+        "jobs-1",
+        "jobs",
+        vec![ttl_check("beat", 60_000), ttl_check("other", 60_000)],
+    );
+    let u = next(&mut rx).await;
+    assert_eq!(u.status, HealthStatus::Critical);
+    assert!(!u.output.contains("beating"), "{}", u.output);
+    let states = checks.states();
+    let beat = states.iter().find(|s| s.info.check_id == "beat").unwrap();
+    assert_eq!(
+        beat.result,
+        Some(CheckResult::new(HealthStatus::Passing, "beating"))
+    );
+
+    // "other" removed, "beat" given another TTL: it starts over.
+    checks.add("jobs-1", "jobs", vec![ttl_check("beat", 30_000)]);
+    let u = next(&mut rx).await;
+    assert_eq!(u.status, HealthStatus::Critical);
+    assert!(u.output.contains("no refresh received yet"), "{}", u.output);
+}
+
+#[tokio::test]
 async fn ttl_check_starts_critical_takes_updates_and_expires() {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let checks = HealthChecks::new(tx);
