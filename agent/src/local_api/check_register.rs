@@ -188,6 +188,15 @@ pub fn parse(body: &[u8]) -> Result<CheckRequest, CheckBodyError> {
         (Some(id), _) | (None, Some(id)) => id,
         (None, None) => name.clone(),
     };
+    if id.len() > 128
+        || !id.chars().all(|c| c.is_ascii_graphic())
+        || id.contains(['/', '?', '#', '%'])
+    {
+        return Err(invalid(
+            "ID",
+            format!("{id:?}: a check id is 1 to 128 printable ASCII characters without spaces, '/', '?', '#' or '%' (without ID or CheckID it is the Name)"),
+        ));
+    }
     let service_id = string(&mut map, "ServiceID")?.ok_or_else(|| {
         CheckBodyError::NotSupported(
             "ServiceID missing: a node-level check (one without ServiceID)".into(),
@@ -470,6 +479,11 @@ mod tests {
             (
                 "ID",
                 r#"{"Name":"n","ID":"a","CheckID":"b","ServiceID":"s","TTL":"5s"}"#,
+            ),
+            ("ID", r#"{"Name":"has spaces","ServiceID":"s","TTL":"5s"}"#),
+            (
+                "ID",
+                r#"{"Name":"n","ID":"a/b","ServiceID":"s","TTL":"5s"}"#,
             ),
             (
                 "Bogus",
