@@ -320,14 +320,15 @@ impl AgentConfig {
 
     /// Reads and validates the file at `path`.
     pub fn load(path: impl AsRef<Path>) -> Result<AgentConfig, ConfigError> {
-        Self::load_with_registered(path, &[])
+        Self::load_with_registered(path, &crate::registered::Registered::default())
     }
 
     /// Reads and validates the file at `path` with `registered` (services
-    /// registered through the local API) as `[[service]]` blocks after it.
+    /// registered through the local API) as `[[service]]` blocks after it,
+    /// and the checks added through the API to the file's services.
     pub fn load_with_registered(
         path: impl AsRef<Path>,
-        registered: &[crate::registered::RegisteredService],
+        registered: &crate::registered::Registered,
     ) -> Result<AgentConfig, ConfigError> {
         let path = path.as_ref();
         let file = path.display().to_string();
@@ -335,7 +336,24 @@ impl AgentConfig {
             file: file.clone(),
             source,
         })?;
-        Self::parse(&(text + &crate::registered::as_toml(registered)), &file)
+        let text = text + &crate::registered::as_toml(&registered.services);
+        let config = Self::parse(&text, &file)?;
+        if registered.checks.is_empty() {
+            return Ok(config);
+        }
+        let merged =
+            crate::registered::merge_checks(&text, &config, &registered.checks).map_err(|e| {
+                ConfigError::Invalid {
+                    file: file.clone(),
+                    line: None,
+                    field: "service.check".into(),
+                    message: format!("checks added through the local API: {e}"),
+                }
+            })?;
+        Self::parse(
+            &merged,
+            &format!("{file} with the checks added through the local API"),
+        )
     }
 
     /// Parses and validates `text`; `file` names it in error messages.

@@ -191,7 +191,7 @@ enum Stop {
 /// Runs the agent until `shutdown` completes or a successor takes over.
 pub async fn run(
     config: AgentConfig,
-    registered: Vec<crate::registered::RegisteredService>,
+    registered: crate::registered::Registered,
     path: PathBuf,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {

@@ -9,10 +9,12 @@
 //! - A leaf for `db` with a token that has `service:write` on it: its URI
 //!   SAN is db's SPIFFE id, it verifies against `/v1/connect/ca/roots`, and
 //!   the private key returned is the certificate's.
+//! - A check added to a service of agent.toml is kept across a restart;
+//!   the file's own checks are not the API's to remove.
 //! - Refused: no token, a token with only `service:read`, another
-//!   service's token, a check for a service not on the agent (and one of
-//!   agent.toml), a node-level check, a field weft cannot honour, an
-//!   oversized body, a blocking leaf query.
+//!   service's token, a check for a service not on the agent, a
+//!   node-level check, a field weft cannot honour, an oversized body, a
+//!   blocking leaf query.
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -151,14 +153,6 @@ fn checks_register_run_and_deregister_through_the_agent() -> anyhow::Result<()> 
     ensure!(
         code == 400 && body.contains("does not exist"),
         "no such service: {code} {body}"
-    );
-    let on_web = r#"{"Name":"x","ServiceID":"web","TTL":"5m"}"#;
-    let (code, body) = put(&mesh, register, Some(&web_token), on_web)?;
-    ensure!(
-        code == 400
-            && body.contains("configuration file")
-            && body.contains("not supported by weft yet"),
-        "a file service: {code} {body}"
     );
     let node_level = r#"{"Name":"disk","TTL":"5m"}"#;
     let (code, body) = put(&mesh, register, Some(&db_token), node_level)?;
@@ -308,6 +302,70 @@ fn checks_register_run_and_deregister_through_the_agent() -> anyhow::Result<()> 
         "",
     )?;
     ensure!(code == 200, "deregister db-1: {code} {body}");
+    Ok(())
+}
+
+#[test]
+fn checks_on_services_of_the_agents_file_are_kept_apart() -> anyhow::Result<()> {
+    require_root();
+    let mut mesh = Mesh::start(
+        MeshSpec::new("allow").node_a(Service::new("web", 8000).ttl_check("10m", Some("web-file"))),
+    )?;
+    let web_token = mesh.service_token(&["web"])?;
+    let db_token = mesh.service_token(&["db"])?;
+    let register = "/v1/agent/check/register";
+    let beat = r#"{"Name":"web beat","CheckID":"web-beat","ServiceID":"web","TTL":"10m","Status":"passing"}"#;
+    let (code, body) = put(&mesh, register, Some(&db_token), beat)?;
+    ensure!(code == 403, "db's token on web: {code} {body}");
+    let (code, body) = put(&mesh, register, Some(&web_token), beat)?;
+    ensure!(code == 200, "register on web: {code} {body}");
+    let ids = |mesh: &Mesh| -> anyhow::Result<Vec<String>> {
+        let mut ids: Vec<String> = agent_checks(mesh, &web_token)?
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        ids.sort();
+        Ok(ids)
+    };
+    ensure!(ids(&mesh)? == ["web-beat", "web-file"], "{:?}", ids(&mesh)?);
+
+    // Kept across a restart of the agent (checks.json), with the file's.
+    mesh.restart_agent(NodeA)?;
+    ensure!(
+        ids(&mesh)? == ["web-beat", "web-file"],
+        "after a restart: {:?}",
+        ids(&mesh)?
+    );
+
+    // The file's check is the file's; the added one goes.
+    let (code, body) = put(
+        &mesh,
+        "/v1/agent/check/deregister/web-file",
+        Some(&web_token),
+        "",
+    )?;
+    ensure!(
+        code == 400 && body.contains("configuration file"),
+        "the file's check: {code} {body}"
+    );
+    let (code, body) = put(
+        &mesh,
+        "/v1/agent/check/deregister/web-beat",
+        Some(&db_token),
+        "",
+    )?;
+    ensure!(
+        code == 403,
+        "db's token removing web's check: {code} {body}"
+    );
+    let (code, body) = put(
+        &mesh,
+        "/v1/agent/check/deregister/web-beat",
+        Some(&web_token),
+        "",
+    )?;
+    ensure!(code == 200, "deregister web-beat: {code} {body}");
+    ensure!(ids(&mesh)? == ["web-file"], "{:?}", ids(&mesh)?);
     Ok(())
 }
 

@@ -10,12 +10,13 @@
 //! supported by weft yet, never ignored; zero values (`""`, `null`, `false`,
 //! `0`), which Go clients send for fields they leave unset, are absent.
 //!
-//! The check joins its service's registration (kept in `services.json`) and
-//! the service is registered again: its checks are replaced (TTL checks
-//! kept go on from their last update, probes run again at once), and its
-//! combined health reaches the servers as the instance's `service:<id>`
-//! check.
-//! Services of agent.toml keep the checks the file gives them.
+//! A check of a service registered through this API joins its
+//! registration (kept in `services.json`); one of a service of agent.toml
+//! is kept in `checks.json` and added to the file's checks (which the API
+//! does not remove). Either way the service's checks are replaced (TTL
+//! checks kept go on from their last update, probes run again at once),
+//! and its combined health reaches the servers as the instance's
+//! `service:<id>` check.
 
 use bytes::Bytes;
 use http::{request::Parts, Response, StatusCode};
@@ -268,6 +269,18 @@ fn pinned_checks(
 
 type Answer = Result<Response<Full<Bytes>>, Response<Full<Bytes>>>;
 
+/// The refusal of one more check on a service that has `count`.
+#[allow(clippy::result_large_err)]
+fn too_many(service_id: &str, count: usize) -> Result<(), Response<Full<Bytes>>> {
+    if count < MAX_CHECKS_PER_SERVICE {
+        return Ok(());
+    }
+    Err(text(
+        StatusCode::BAD_REQUEST,
+        format!("ServiceID {service_id:?} has {count} checks: at most {MAX_CHECKS_PER_SERVICE} per service"),
+    ))
+}
+
 /// `PUT /v1/agent/check/register`: `service:write` on the check's service,
 /// which must have been registered through this API.
 pub(super) async fn register<B>(state: &LocalApiState, parts: &Parts, body: B) -> Answer
@@ -285,35 +298,38 @@ where
         let in_file = config
             .as_ref()
             .and_then(|c| c.services.iter().find(|s| s.id == req.service_id));
-        if let Some(s) = in_file {
-            require_write(state, &token, &s.name, "check registration").await?;
+        let Some(in_file) = in_file else {
             return Err(text(
                 StatusCode::BAD_REQUEST,
-                format!("ServiceID {:?}: checks on a service of the agent's configuration file through the API are not supported by weft yet (add them to its [[service.check]] and reload)", req.service_id),
+                format!(
+                    "ServiceID {:?} does not exist on this agent",
+                    req.service_id
+                ),
             ));
-        }
-        return Err(text(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "ServiceID {:?} does not exist on this agent",
-                req.service_id
-            ),
-        ));
+        };
+        require_write(state, &token, &in_file.name, "check registration").await?;
+        // The file's checks and those added here, but for the one replaced.
+        let replaced = registrar
+            .api_checks(&req.service_id)
+            .iter()
+            .any(|c| c.check_id == req.check.check_id);
+        too_many(
+            &req.service_id,
+            in_file.checks.len() - usize::from(replaced),
+        )?;
+        let id = req.check.check_id.clone().unwrap_or_default();
+        let done = registrar
+            .register_check(req.service_id.clone(), req.check)
+            .await
+            .map_err(registration_error)?;
+        tracing::info!(check = %id, service = %req.service_id, "check registered through the local API: {done}");
+        return Ok(text(StatusCode::OK, ""));
     };
     require_write(state, &token, &service.name, "check registration").await?;
     let mut checks = pinned_checks(&mut service, config.as_deref());
     // Consul replaces a check registered again under its id.
     checks.retain(|c| c.check_id != req.check.check_id);
-    if checks.len() >= MAX_CHECKS_PER_SERVICE {
-        return Err(text(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "ServiceID {:?} has {} checks: at most {MAX_CHECKS_PER_SERVICE} per service",
-                req.service_id,
-                checks.len()
-            ),
-        ));
-    }
+    too_many(&req.service_id, checks.len())?;
     let id = req.check.check_id.clone().unwrap_or_default();
     checks.push(req.check);
     service.checks = checks;
@@ -326,7 +342,7 @@ where
 }
 
 /// `PUT /v1/agent/check/deregister/:id`: `service:write` on the check's
-/// service; checks of services in agent.toml stay.
+/// service; checks written in agent.toml stay.
 pub(super) async fn deregister(state: &LocalApiState, parts: &Parts, check_id: String) -> Answer {
     let registrar = registrar(state)?;
     let token = token_of(parts, "deregistering a check")?;
@@ -340,10 +356,22 @@ pub(super) async fn deregister(state: &LocalApiState, parts: &Parts, check_id: S
     let info = state.checks.check(&check_id).ok_or_else(unknown)?;
     require_write(state, &token, &info.service_name, "check deregistration").await?;
     let Some(mut service) = registrar.registration(&info.service_id) else {
-        return Err(text(
-            StatusCode::BAD_REQUEST,
-            format!("check {check_id:?} is defined in the agent's configuration file: remove it there and reload"),
-        ));
+        let added = registrar
+            .api_checks(&info.service_id)
+            .iter()
+            .any(|c| c.check_id.as_deref() == Some(check_id.as_str()));
+        if !added {
+            return Err(text(
+                StatusCode::BAD_REQUEST,
+                format!("check {check_id:?} is defined in the agent's configuration file: remove it there and reload"),
+            ));
+        }
+        let done = registrar
+            .deregister_check(check_id.clone())
+            .await
+            .map_err(registration_error)?;
+        tracing::info!(check = %check_id, service = %info.service_id, "check deregistered through the local API: {done}");
+        return Ok(text(StatusCode::OK, ""));
     };
     let config = state.current_config();
     let mut checks = pinned_checks(&mut service, config.as_deref());

@@ -115,6 +115,17 @@ pub trait Registrar: Send + Sync {
     fn registered_name(&self, id: &str) -> Option<String>;
     /// The registration of an instance registered through this API.
     fn registration(&self, id: &str) -> Option<RegisteredService>;
+    /// The checks added through this API to service `service_id` of the
+    /// configuration file.
+    fn api_checks(&self, service_id: &str) -> Vec<crate::registered::RegisteredCheck>;
+    /// Adds (or replaces, by id) a check of a service of the file.
+    fn register_check(
+        &self,
+        service_id: String,
+        check: crate::registered::RegisteredCheck,
+    ) -> RegistrarFuture<'_>;
+    /// Removes a check added through this API to a service of the file.
+    fn deregister_check(&self, check_id: String) -> RegistrarFuture<'_>;
 }
 
 impl Registrar for crate::running::Running {
@@ -129,6 +140,21 @@ impl Registrar for crate::running::Running {
     }
     fn registration(&self, id: &str) -> Option<RegisteredService> {
         crate::running::Running::registration(self, id)
+    }
+    fn api_checks(&self, service_id: &str) -> Vec<crate::registered::RegisteredCheck> {
+        crate::running::Running::api_checks(self, service_id)
+    }
+    fn register_check(
+        &self,
+        service_id: String,
+        check: crate::registered::RegisteredCheck,
+    ) -> RegistrarFuture<'_> {
+        Box::pin(
+            async move { crate::running::Running::register_check(self, &service_id, check).await },
+        )
+    }
+    fn deregister_check(&self, check_id: String) -> RegistrarFuture<'_> {
+        Box::pin(async move { crate::running::Running::deregister_check(self, &check_id).await })
     }
 }
 

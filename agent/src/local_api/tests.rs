@@ -668,6 +668,19 @@ impl Registrar for Registrations {
             .find(|r| r.id() == id)
             .cloned()
     }
+    fn api_checks(&self, _service_id: &str) -> Vec<crate::registered::RegisteredCheck> {
+        Vec::new()
+    }
+    fn register_check(
+        &self,
+        _service_id: String,
+        _check: crate::registered::RegisteredCheck,
+    ) -> RegistrarFuture<'_> {
+        Box::pin(async { Err(crate::running::RegistrationError::Invalid("no file".into())) })
+    }
+    fn deregister_check(&self, check_id: String) -> RegistrarFuture<'_> {
+        Box::pin(async { Err(crate::running::RegistrationError::NotFound(check_id)) })
+    }
 }
 
 #[tokio::test]
