@@ -69,6 +69,8 @@ pub enum RegistrationError {
     Invalid(String),
     #[error("no service {0:?} was registered through the local API")]
     NotFound(String),
+    #[error("Unknown check ID {0:?}: no such check was added through the local API")]
+    CheckNotFound(String),
     #[error(
         "service {0:?} is defined in the agent's configuration file: remove it there and reload"
     )]
@@ -252,7 +254,7 @@ impl Running {
         kept.checks
             .retain(|c| c.check.check_id.as_deref() != Some(check_id));
         if kept.checks.len() == before {
-            return Err(RegistrationError::NotFound(check_id.to_string()));
+            return Err(RegistrationError::CheckNotFound(check_id.to_string()));
         }
         self.switch_kept(kept).await
     }

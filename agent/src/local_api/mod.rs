@@ -435,7 +435,7 @@ fn registration_error(e: crate::running::RegistrationError) -> Response<Full<Byt
     use crate::running::RegistrationError as E;
     let status = match &e {
         E::Invalid(_) | E::InFile(_) => StatusCode::BAD_REQUEST,
-        E::NotFound(_) => StatusCode::NOT_FOUND,
+        E::NotFound(_) | E::CheckNotFound(_) => StatusCode::NOT_FOUND,
         E::Failed(_) => StatusCode::BAD_GATEWAY,
     };
     text(status, e.to_string())

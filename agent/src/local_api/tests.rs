@@ -679,7 +679,7 @@ impl Registrar for Registrations {
         Box::pin(async { Err(crate::running::RegistrationError::Invalid("no file".into())) })
     }
     fn deregister_check(&self, check_id: String) -> RegistrarFuture<'_> {
-        Box::pin(async { Err(crate::running::RegistrationError::NotFound(check_id)) })
+        Box::pin(async { Err(crate::running::RegistrationError::CheckNotFound(check_id)) })
     }
 }
 
