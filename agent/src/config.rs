@@ -14,6 +14,7 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use weft_api::catalog::HealthStatus;
 use weft_api::duration::parse_duration;
 use weft_api::names::validate_name;
 
@@ -52,6 +53,12 @@ pub const DEFAULT_UPGRADE_DRAIN_TIMEOUT: &str = "10m";
 pub const DEFAULT_WORKER_THREADS: usize = 1;
 /// Default interval between two runs of a check.
 pub const DEFAULT_CHECK_INTERVAL: &str = "10s";
+/// Most checks one service may have (the file's and the local API's).
+pub const MAX_CHECKS_PER_SERVICE: usize = 32;
+/// Longest check `name`.
+pub const MAX_CHECK_NAME_BYTES: usize = 256;
+/// Longest check `notes`.
+pub const MAX_CHECK_NOTES_BYTES: usize = 1024;
 /// Default timeout of one run of a check.
 pub const DEFAULT_CHECK_TIMEOUT: &str = "2s";
 
@@ -235,6 +242,16 @@ pub struct CheckConfig {
         serialize_with = "duration_text::serialize_some"
     )]
     pub deregister_critical_service_after: Option<Duration>,
+    /// Consul's check `Name` (shown by `/v1/agent/checks`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Consul's `Notes`: text for people, shown by `/v1/agent/checks`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
+    /// Consul's initial `Status` of a TTL check (the TTL runs from the
+    /// start); `None`: critical until the first update.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<HealthStatus>,
 }
 
 /// What a check probes.
@@ -303,14 +320,15 @@ impl AgentConfig {
 
     /// Reads and validates the file at `path`.
     pub fn load(path: impl AsRef<Path>) -> Result<AgentConfig, ConfigError> {
-        Self::load_with_registered(path, &[])
+        Self::load_with_registered(path, &crate::registered::Registered::default())
     }
 
     /// Reads and validates the file at `path` with `registered` (services
-    /// registered through the local API) as `[[service]]` blocks after it.
+    /// registered through the local API) as `[[service]]` blocks after it,
+    /// and the checks added through the API to the file's services.
     pub fn load_with_registered(
         path: impl AsRef<Path>,
-        registered: &[crate::registered::RegisteredService],
+        registered: &crate::registered::Registered,
     ) -> Result<AgentConfig, ConfigError> {
         let path = path.as_ref();
         let file = path.display().to_string();
@@ -318,7 +336,24 @@ impl AgentConfig {
             file: file.clone(),
             source,
         })?;
-        Self::parse(&(text + &crate::registered::as_toml(registered)), &file)
+        let text = text + &crate::registered::as_toml(&registered.services);
+        let config = Self::parse(&text, &file)?;
+        if registered.checks.is_empty() {
+            return Ok(config);
+        }
+        let merged =
+            crate::registered::merge_checks(&text, &config, &registered.checks).map_err(|e| {
+                ConfigError::Invalid {
+                    file: file.clone(),
+                    line: None,
+                    field: "service.check".into(),
+                    message: format!("checks added through the local API: {e}"),
+                }
+            })?;
+        Self::parse(
+            &merged,
+            &format!("{file} with the checks added through the local API"),
+        )
     }
 
     /// Parses and validates `text`; `file` names it in error messages.
@@ -452,6 +487,12 @@ struct RawCheck {
     timeout: String,
     #[serde(default)]
     deregister_critical_service_after: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    notes: Option<String>,
+    #[serde(default)]
+    status: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -753,12 +794,40 @@ fn check(field: &str, raw: &RawCheck, id: String) -> Result<CheckConfig, Invalid
         }
         None => None,
     };
+    let kind = check_kind(field, raw)?;
+    let text = |key: &str, value: &Option<String>, max: usize| match value {
+        Some(v) if v.len() > max || v.chars().any(char::is_control) => Err(invalid(
+            format!("{field}.{key}"),
+            format!("at most {max} bytes, without control characters"),
+        )),
+        v => Ok(v.clone()),
+    };
+    let name = text("name", &raw.name, MAX_CHECK_NAME_BYTES)?;
+    let notes = text("notes", &raw.notes, MAX_CHECK_NOTES_BYTES)?;
+    let status = match raw.status.as_deref() {
+        None => None,
+        Some(_) if !matches!(kind, CheckKind::Ttl { .. }) => {
+            return Err(invalid(
+                format!("{field}.status"),
+                "an initial status on an http, tcp or grpc check is not supported by weft yet (it probes at once); only ttl checks take one",
+            ))
+        }
+        Some(text) => Some(text.parse::<HealthStatus>().map_err(|_| {
+            invalid(
+                format!("{field}.status"),
+                format!("{text:?}: want \"passing\", \"warning\" or \"critical\""),
+            )
+        })?),
+    };
     Ok(CheckConfig {
         id,
-        kind: check_kind(field, raw)?,
+        kind,
         interval: duration(&format!("{field}.interval"), &raw.interval, false)?,
         timeout: duration(&format!("{field}.timeout"), &raw.timeout, false)?,
         deregister_critical_service_after,
+        name,
+        notes,
+        status,
     })
 }
 
@@ -944,6 +1013,15 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             if key.is_empty() {
                 return Err(invalid(format!("{field}.meta"), "empty meta key"));
             }
+        }
+        if s.check.len() > MAX_CHECKS_PER_SERVICE {
+            return Err(invalid(
+                format!("{field}.check"),
+                format!(
+                    "{} checks; at most {MAX_CHECKS_PER_SERVICE} per service",
+                    s.check.len()
+                ),
+            ));
         }
         let mut checks = Vec::with_capacity(s.check.len());
         for (c, raw) in s.check.iter().enumerate() {
@@ -1314,6 +1392,9 @@ data_dir = "/var/lib/weft-agent"
                 interval: Duration::from_secs(2),
                 timeout: Duration::from_secs(1),
                 deregister_critical_service_after: None,
+                name: None,
+                notes: None,
+                status: None,
             }
         );
         assert_eq!(

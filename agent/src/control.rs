@@ -624,6 +624,37 @@ impl Control {
             .into_inner())
     }
 
+    /// Asks the CA to sign `csr_pem` for `service` on this node with
+    /// `token` (a workload's, not the agent's: the servers judge that
+    /// caller's `service:write`). The token is never logged.
+    pub async fn sign_as(
+        &self,
+        token: &str,
+        csr_pem: String,
+        service: &str,
+    ) -> Result<proto::SignedLeaf, ControlError> {
+        let what = format!("a certificate for {service}");
+        let value: MetadataValue<Ascii> =
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| ControlError::Refused {
+                    what: what.clone(),
+                    status: tonic::Status::unauthenticated("ACL token not found"),
+                })?;
+        let mut req = tonic::Request::new(proto::SignRequest {
+            csr_pem,
+            node: self.config().node_name.clone(),
+            service: service.to_string(),
+        });
+        req.set_timeout(Duration::from_secs(5));
+        req.metadata_mut().insert("authorization", value);
+        Ok(CaClient::new(self.connect().await?)
+            .sign(req)
+            .await
+            .map_err(Self::refused(what))?
+            .into_inner())
+    }
+
     /// Follows the watch stream forever, applying events to `view` and
     /// publishing the index after each. Reconnects with backoff when a stream
     /// breaks, resuming from the view's index; while no server answers, the

@@ -108,9 +108,9 @@ fn main() -> anyhow::Result<()> {
                 Err(e) => tracing::warn!("raising the open files limit: {e}"),
             }
             let config = weft_agent::config::AgentConfig::load(&path)?;
-            // Services registered through the local API before a restart.
-            let registered = weft_agent::registered::load(&config.data_dir)?;
-            let config = if registered.is_empty() {
+            // Services and checks registered through the local API before a restart.
+            let registered = weft_agent::registered::load_all(&config.data_dir)?;
+            let config = if registered == Default::default() {
                 config
             } else {
                 weft_agent::config::AgentConfig::load_with_registered(&path, &registered)?

@@ -9,9 +9,16 @@
 //! addresses, check kinds and durations, unique ids) judge them too, and a
 //! reload keeps them.
 //!
+//! Checks added through `PUT /v1/agent/check/register` to services of
+//! agent.toml are kept apart, in `<data_dir>/checks.json` ([`ApiCheck`]),
+//! and joined to their service's `[[service.check]]` list
+//! ([`merge_checks`]); one whose service has left the file is dropped.
+//! Checks of services registered through the API join their registration.
+//!
 //! Fields are Consul's (`ID`, `Name`, `Port`, `Address`, `Tags`, `Meta`,
 //! `Check`, `Checks` with `CheckID`, `HTTP`, `TCP`, `GRPC`, `TTL`,
-//! `Interval`, `Timeout`, `DeregisterCriticalServiceAfter`); any other is
+//! `Interval`, `Timeout`, `DeregisterCriticalServiceAfter`, `Name`, `Notes`,
+//! `Status`); any other is
 //! refused by name rather than ignored.
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -22,6 +29,8 @@ use serde::{Deserialize, Serialize};
 
 /// The file, in the data directory.
 pub const FILE_NAME: &str = "services.json";
+/// The checks on agent.toml's services, in the data directory.
+pub const CHECKS_FILE_NAME: &str = "checks.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegisteredError {
@@ -56,6 +65,8 @@ const REGISTRATION_KEYS: weft_api::consul_keys::Schema = weft_api::consul_keys::
         "Interval",
         "Timeout",
         "DeregisterCriticalServiceAfter",
+        "Notes",
+        "Status",
     ]],
     user_keyed: &["Meta"],
     tenancy: &["Namespace", "Partition"],
@@ -101,6 +112,29 @@ pub struct RegisteredCheck {
     pub timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deregister_critical_service_after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
+    /// The initial status of a TTL check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+}
+
+/// A check added through the local API to a service of agent.toml.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "PascalCase")]
+pub struct ApiCheck {
+    #[serde(rename = "ServiceID")]
+    pub service_id: String,
+    pub check: RegisteredCheck,
+}
+
+/// Everything registered through the local API that is kept.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Registered {
+    pub services: Vec<RegisteredService>,
+    pub checks: Vec<ApiCheck>,
 }
 
 /// The agent.toml shape of a service block.
@@ -135,6 +169,12 @@ struct TomlCheck<'a> {
     timeout: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     deregister_critical_service_after: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notes: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<&'a str>,
 }
 
 impl RegisteredService {
@@ -180,6 +220,9 @@ fn toml_check(c: &RegisteredCheck) -> TomlCheck<'_> {
         interval: c.interval.as_deref(),
         timeout: c.timeout.as_deref(),
         deregister_critical_service_after: c.deregister_critical_service_after.as_deref(),
+        name: c.name.as_deref(),
+        notes: c.notes.as_deref(),
+        status: c.status.as_deref(),
     }
 }
 
@@ -202,6 +245,54 @@ pub fn as_toml(services: &[RegisteredService]) -> String {
     )
 }
 
+/// `text` (agent.toml with the registered services after it, which
+/// `config` is) with each of `checks` added to its service's
+/// `[[service.check]]` list. The service's checks without an id get the id
+/// they run under (Consul's default ids count the checks). Checks of
+/// services `config` does not have are left out.
+pub fn merge_checks(
+    text: &str,
+    config: &crate::config::AgentConfig,
+    checks: &[ApiCheck],
+) -> Result<String, RegisteredError> {
+    let bad = |e: &dyn std::fmt::Display| RegisteredError::Body(e.to_string());
+    let mut doc: toml::Table = toml::from_str(text).map_err(|e| bad(&e))?;
+    let Some(toml::Value::Array(services)) = doc.get_mut("service") else {
+        return Ok(text.to_string());
+    };
+    for table in services.iter_mut().filter_map(toml::Value::as_table_mut) {
+        let id = table
+            .get("id")
+            .or_else(|| table.get("name"))
+            .and_then(toml::Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let added: Vec<&ApiCheck> = checks.iter().filter(|c| c.service_id == id).collect();
+        let Some(running) = config.services.iter().find(|s| s.id == id) else {
+            continue;
+        };
+        if added.is_empty() {
+            continue;
+        }
+        let list = table
+            .entry("check")
+            .or_insert_with(|| toml::Value::Array(Vec::new()));
+        let toml::Value::Array(list) = list else {
+            return Err(bad(&format!("service {id:?}: check is not a list")));
+        };
+        for (check, now) in list.iter_mut().zip(&running.checks) {
+            if let Some(t) = check.as_table_mut() {
+                t.entry("id")
+                    .or_insert_with(|| toml::Value::String(now.id.clone()));
+            }
+        }
+        for c in added {
+            list.push(toml::Value::try_from(toml_check(&c.check)).map_err(|e| bad(&e))?);
+        }
+    }
+    toml::to_string(&doc).map_err(|e| bad(&e))
+}
+
 /// Where the registrations of the agent with `data_dir` are kept.
 pub fn path(data_dir: &Path) -> PathBuf {
     data_dir.join(FILE_NAME)
@@ -209,14 +300,30 @@ pub fn path(data_dir: &Path) -> PathBuf {
 
 /// The registrations kept in `data_dir` (none when there is no file).
 pub fn load(data_dir: &Path) -> Result<Vec<RegisteredService>, RegisteredError> {
-    let path = path(data_dir);
-    let bytes = match std::fs::read(&path) {
+    load_json(&path(data_dir))
+}
+
+/// The services and checks kept in `data_dir`.
+pub fn load_all(data_dir: &Path) -> Result<Registered, RegisteredError> {
+    Ok(Registered {
+        services: load(data_dir)?,
+        checks: load_json(&data_dir.join(CHECKS_FILE_NAME))?,
+    })
+}
+
+fn load_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, RegisteredError> {
+    let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(RegisteredError::Io { path, source }),
+        Err(source) => {
+            return Err(RegisteredError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
     };
     serde_json::from_slice(&bytes).map_err(|e| RegisteredError::Bad {
-        path,
+        path: path.to_path_buf(),
         message: e.to_string(),
     })
 }
@@ -224,14 +331,27 @@ pub fn load(data_dir: &Path) -> Result<Vec<RegisteredService>, RegisteredError> 
 /// Keeps `services` in `data_dir`: written to a 0600 temporary file, synced,
 /// renamed over the old one.
 pub fn save(data_dir: &Path, services: &[RegisteredService]) -> Result<(), RegisteredError> {
-    let path = path(data_dir);
-    let tmp = data_dir.join(format!(".{FILE_NAME}.tmp"));
+    save_json(data_dir, FILE_NAME, services)
+}
+
+/// Keeps `checks` in `data_dir` as [`save`] keeps services.
+pub fn save_checks(data_dir: &Path, checks: &[ApiCheck]) -> Result<(), RegisteredError> {
+    save_json(data_dir, CHECKS_FILE_NAME, checks)
+}
+
+fn save_json<T: Serialize>(
+    data_dir: &Path,
+    name: &str,
+    items: &[T],
+) -> Result<(), RegisteredError> {
+    let path = data_dir.join(name);
+    let tmp = data_dir.join(format!(".{name}.tmp"));
     let io = |source| RegisteredError::Io {
         path: path.clone(),
         source,
     };
     let body =
-        serde_json::to_vec_pretty(services).map_err(|e| RegisteredError::Body(e.to_string()))?;
+        serde_json::to_vec_pretty(items).map_err(|e| RegisteredError::Body(e.to_string()))?;
     let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -320,10 +440,10 @@ port = 8000
             RegisteredService::from_json(br#"{"Name":"db","Port":1,"Connect":{}}"#).unwrap_err();
         assert!(e.to_string().contains("Connect"), "{e}");
         let e = RegisteredService::from_json(
-            br#"{"Name":"db","Port":1,"Check":{"Name":"x","TTL":"1s"}}"#,
+            br#"{"Name":"db","Port":1,"Check":{"Shell":"/bin/sh","TTL":"1s"}}"#,
         )
         .unwrap_err();
-        assert!(e.to_string().contains("Name"), "{e}");
+        assert!(e.to_string().contains("Shell"), "{e}");
         let bad = RegisteredService::from_json(br#"{"Name":"Not a name","Port":1}"#).unwrap();
         let e =
             AgentConfig::parse(&format!("{BASE}{}", as_toml(&[bad])), "agent.toml").unwrap_err();
@@ -333,6 +453,51 @@ port = 8000
         let e =
             AgentConfig::parse(&format!("{BASE}{}", as_toml(&[clash])), "agent.toml").unwrap_err();
         assert!(e.to_string().contains("already used"), "{e}");
+    }
+
+    #[test]
+    fn checks_added_to_file_services_join_their_list_with_ids_pinned() {
+        let text = format!("{BASE}  [[service.check]]\n  ttl = \"30s\"\n");
+        let config = AgentConfig::parse(&text, "agent.toml").unwrap();
+        assert_eq!(config.services[0].checks[0].id, "service:web");
+        let added = |service: &str, json: &[u8]| ApiCheck {
+            service_id: service.into(),
+            check: serde_json::from_slice(json).unwrap(),
+        };
+        let checks = [
+            added(
+                "web",
+                br#"{"CheckID":"web-tcp","TCP":"127.0.0.1:8000","Name":"port"}"#,
+            ),
+            added("gone", br#"{"CheckID":"x","TTL":"5s"}"#),
+        ];
+        let merged = merge_checks(&text, &config, &checks).unwrap();
+        let config = AgentConfig::parse(&merged, "agent.toml").unwrap();
+        let ids: Vec<&str> = config.services[0]
+            .checks
+            .iter()
+            .map(|c| c.id.as_str())
+            .collect();
+        // The file's check keeps its id though the service has two now.
+        assert_eq!(ids, ["service:web", "web-tcp"]);
+        assert_eq!(config.services[0].checks[1].name.as_deref(), Some("port"));
+        assert_eq!(config.services[0].upstreams.len(), 1);
+        assert_eq!(config.services.len(), 1);
+    }
+
+    #[test]
+    fn kept_checks_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load_all(dir.path()).unwrap(), Registered::default());
+        let check = ApiCheck {
+            service_id: "web".into(),
+            check: serde_json::from_slice(br#"{"CheckID":"c","TTL":"5s","Status":"passing"}"#)
+                .unwrap(),
+        };
+        save_checks(dir.path(), std::slice::from_ref(&check)).unwrap();
+        save(dir.path(), &[db()]).unwrap();
+        let all = load_all(dir.path()).unwrap();
+        assert_eq!((all.services, all.checks), (vec![db()], vec![check]));
     }
 
     #[test]

@@ -191,7 +191,7 @@ enum Stop {
 /// Runs the agent until `shutdown` completes or a successor takes over.
 pub async fn run(
     config: AgentConfig,
-    registered: Vec<crate::registered::RegisteredService>,
+    registered: crate::registered::Registered,
     path: PathBuf,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
@@ -383,6 +383,7 @@ pub async fn run(
     let forwarder = Arc::new(crate::local_api::forward::Forwarder::from_config(&config)?);
     let api_state = crate::local_api::LocalApiState::new(checks.clone(), judge)
         .with_registrar(running.clone())
+        .with_signer(control.clone())
         .with_config(current.clone())
         .with_forwarder(forwarder);
     let listener = sockets.tcp("http", config.http_addr).await?;

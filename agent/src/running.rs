@@ -23,7 +23,7 @@ use crate::health::runner::HealthChecks;
 use crate::identity::Identities;
 use crate::intercept::Interception;
 use crate::proxy::{outbound, ProxyContext};
-use crate::registered::RegisteredService;
+use crate::registered::{ApiCheck, Registered, RegisteredCheck, RegisteredService};
 use crate::reload::{plan, Plan};
 
 /// One explicit upstream's accept loop.
@@ -55,6 +55,8 @@ pub struct Running {
     upstreams: Mutex<BTreeMap<SocketAddr, Upstream>>,
     /// Services registered through the local API (kept in the data dir).
     registered: Mutex<Vec<RegisteredService>>,
+    /// Checks added through the local API to services of the file.
+    api_checks: Mutex<Vec<ApiCheck>>,
     /// One reload or registration at a time.
     reloading: tokio::sync::Mutex<()>,
 }
@@ -67,6 +69,8 @@ pub enum RegistrationError {
     Invalid(String),
     #[error("no service {0:?} was registered through the local API")]
     NotFound(String),
+    #[error("Unknown check ID {0:?}: no such check was added through the local API")]
+    CheckNotFound(String),
     #[error(
         "service {0:?} is defined in the agent's configuration file: remove it there and reload"
     )]
@@ -126,6 +130,7 @@ impl Running {
             offered,
             upstreams: Mutex::new(BTreeMap::new()),
             registered: Mutex::new(Vec::new()),
+            api_checks: Mutex::new(Vec::new()),
             reloading: tokio::sync::Mutex::new(()),
         }
     }
@@ -172,16 +177,86 @@ impl Running {
     /// for the operator, or why nothing was applied.
     pub async fn reload(&self) -> Result<String, String> {
         let _one = self.reloading.lock().await;
-        let registered = self.registered.lock().expect("registered lock").clone();
-        let new = AgentConfig::load_with_registered(&self.path, &registered)
-            .map_err(|e| e.to_string())?;
-        self.switch(new).await
+        let kept = self.kept();
+        let new =
+            AgentConfig::load_with_registered(&self.path, &kept).map_err(|e| e.to_string())?;
+        let summary = self.switch(new).await?;
+        self.drop_orphan_checks(&kept)
+            .map_err(|e| format!("{summary}, but {e}"))?;
+        Ok(summary)
     }
 
-    /// Starts from the services registered through the local API that were
-    /// kept (the configuration already includes them).
-    pub fn set_registered(&self, registered: Vec<RegisteredService>) {
-        *self.registered.lock().expect("registered lock") = registered;
+    /// What is registered through the local API now.
+    fn kept(&self) -> Registered {
+        Registered {
+            services: self.registered.lock().expect("registered lock").clone(),
+            checks: self.api_checks.lock().expect("checks lock").clone(),
+        }
+    }
+
+    /// Forgets (and stops keeping) the checks added through the API to
+    /// services the running configuration no longer has.
+    fn drop_orphan_checks(&self, kept: &Registered) -> Result<(), String> {
+        let config = self.config();
+        let mut checks = kept.checks.clone();
+        checks.retain(|c| config.services.iter().any(|s| s.id == c.service_id));
+        if checks.len() == kept.checks.len() {
+            return Ok(());
+        }
+        tracing::info!(
+            dropped = kept.checks.len() - checks.len(),
+            "checks added through the local API to services that left the configuration dropped"
+        );
+        *self.api_checks.lock().expect("checks lock") = checks.clone();
+        crate::registered::save_checks(&config.data_dir, &checks)
+            .map_err(|e| format!("keeping the checks: {e}"))
+    }
+
+    /// Starts from the services and checks registered through the local
+    /// API that were kept (the configuration already includes them).
+    pub fn set_registered(&self, registered: Registered) {
+        *self.registered.lock().expect("registered lock") = registered.services;
+        *self.api_checks.lock().expect("checks lock") = registered.checks;
+    }
+
+    /// The checks added through the local API to file service `service_id`.
+    pub fn api_checks(&self, service_id: &str) -> Vec<RegisteredCheck> {
+        let checks = self.api_checks.lock().expect("checks lock");
+        checks
+            .iter()
+            .filter(|c| c.service_id == service_id)
+            .map(|c| c.check.clone())
+            .collect()
+    }
+
+    /// Adds `check` to file service `service_id` (replacing one of the
+    /// same id added the same way), and keeps it in the data dir.
+    pub async fn register_check(
+        &self,
+        service_id: &str,
+        check: RegisteredCheck,
+    ) -> Result<String, RegistrationError> {
+        let _one = self.reloading.lock().await;
+        let mut kept = self.kept();
+        kept.checks.retain(|c| c.check.check_id != check.check_id);
+        kept.checks.push(ApiCheck {
+            service_id: service_id.to_string(),
+            check,
+        });
+        self.switch_kept(kept).await
+    }
+
+    /// Removes the check added through the local API as `check_id`.
+    pub async fn deregister_check(&self, check_id: &str) -> Result<String, RegistrationError> {
+        let _one = self.reloading.lock().await;
+        let mut kept = self.kept();
+        let before = kept.checks.len();
+        kept.checks
+            .retain(|c| c.check.check_id.as_deref() != Some(check_id));
+        if kept.checks.len() == before {
+            return Err(RegistrationError::CheckNotFound(check_id.to_string()));
+        }
+        self.switch_kept(kept).await
     }
 
     /// The name of the service registered through the local API as `id`.
@@ -193,43 +268,53 @@ impl Running {
             .map(|r| r.name.clone())
     }
 
+    /// The registration made through the local API as `id`.
+    pub fn registration(&self, id: &str) -> Option<RegisteredService> {
+        let registered = self.registered.lock().expect("registered lock");
+        registered.iter().find(|r| r.id() == id).cloned()
+    }
+
     /// Registers `service` on this node (replacing one of the same id that
     /// was registered the same way), and keeps it in the data dir.
     pub async fn register(&self, service: RegisteredService) -> Result<String, RegistrationError> {
         let _one = self.reloading.lock().await;
-        let mut registered = self.registered.lock().expect("registered lock").clone();
-        registered.retain(|r| r.id() != service.id());
-        registered.push(service);
-        self.switch_registered(registered).await
+        let mut kept = self.kept();
+        kept.services.retain(|r| r.id() != service.id());
+        kept.services.push(service);
+        self.switch_kept(kept).await
     }
 
     /// Deregisters the service registered through the local API as `id`.
     pub async fn deregister(&self, id: &str) -> Result<String, RegistrationError> {
         let _one = self.reloading.lock().await;
-        let mut registered = self.registered.lock().expect("registered lock").clone();
-        let before = registered.len();
-        registered.retain(|r| r.id() != id);
-        if registered.len() == before {
+        let mut kept = self.kept();
+        let before = kept.services.len();
+        kept.services.retain(|r| r.id() != id);
+        if kept.services.len() == before {
             return Err(if self.config().services.iter().any(|s| s.id == id) {
                 RegistrationError::InFile(id.to_string())
             } else {
                 RegistrationError::NotFound(id.to_string())
             });
         }
-        self.switch_registered(registered).await
+        self.switch_kept(kept).await
     }
 
-    async fn switch_registered(
-        &self,
-        registered: Vec<RegisteredService>,
-    ) -> Result<String, RegistrationError> {
-        let new = AgentConfig::load_with_registered(&self.path, &registered)
+    /// Runs the file with `kept` and keeps it in the data dir.
+    async fn switch_kept(&self, kept: Registered) -> Result<String, RegistrationError> {
+        let new = AgentConfig::load_with_registered(&self.path, &kept)
             .map_err(|e| RegistrationError::Invalid(e.to_string()))?;
         let data_dir = new.data_dir.clone();
         let summary = self.switch(new).await.map_err(RegistrationError::Failed)?;
-        *self.registered.lock().expect("registered lock") = registered.clone();
-        crate::registered::save(&data_dir, &registered)
-            .map_err(|e| RegistrationError::Failed(format!("{summary}, but keeping it: {e}")))?;
+        *self.registered.lock().expect("registered lock") = kept.services.clone();
+        *self.api_checks.lock().expect("checks lock") = kept.checks.clone();
+        let keeping = |e: crate::registered::RegisteredError| {
+            RegistrationError::Failed(format!("{summary}, but keeping it: {e}"))
+        };
+        crate::registered::save(&data_dir, &kept.services).map_err(keeping)?;
+        crate::registered::save_checks(&data_dir, &kept.checks).map_err(keeping)?;
+        self.drop_orphan_checks(&kept)
+            .map_err(|e| RegistrationError::Failed(format!("{summary}, but {e}")))?;
         Ok(summary)
     }
 
@@ -326,7 +411,7 @@ impl Running {
         }
         for (was, s) in &plan.changed {
             if was.checks != s.checks {
-                self.checks.remove(&s.id);
+                // Replaces the running checks; TTL checks kept go on.
                 self.checks.add(&s.id, &s.name, s.checks.clone());
             }
         }

@@ -4,8 +4,9 @@
 //! rest to the servers with the caller's token.
 //!
 //! - py-consul (PyPI): agent, catalog, health, KV with check-and-set and a
-//!   blocking query, service and TTL-check registration, sessions and a
-//!   lock, intentions, ACL tokens (`tests/clients/py_consul.py`).
+//!   blocking query, service and TTL-check registration, a check registered
+//!   and deregistered on its own, a leaf certificate, sessions and a lock,
+//!   intentions, ACL tokens (`tests/clients/py_consul.py`).
 //! - the npm `consul` package: KV with check-and-set, a watch (blocking
 //!   reads) and a delete, and the catalog (`tests/clients/npm_consul.js`).
 use std::time::Duration;
@@ -69,6 +70,15 @@ fn py_consul_through_the_agent() -> anyhow::Result<()> {
             .iter()
             .any(|c| c == &serde_json::json!(["passing", "all good"]))),
         "{summary}"
+    );
+    assert_eq!(
+        summary["check"],
+        serde_json::json!({"name": "pyapp beat", "notes": "from python", "service": "pyapp-1"})
+    );
+    assert_eq!(summary["node_check"], true);
+    assert_eq!(
+        summary["leaf"],
+        serde_json::json!({"service": "pyapp", "uri": "ns/default/dc/dc1/svc/pyapp", "key": true, "cert": true})
     );
     assert_eq!(summary["kv"], "four");
     assert_eq!(summary["sessions"], serde_json::json!(["py-standby"]));

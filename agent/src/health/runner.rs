@@ -67,6 +67,13 @@ pub struct CheckState {
 /// Each check's latest result, by index, as the aggregating task last saw.
 type Latest = Arc<Mutex<Vec<Option<CheckResult>>>>;
 
+/// The last update of each TTL check, by index: when, and what it said.
+type Refreshed = Arc<Mutex<HashMap<usize, (std::time::Instant, CheckResult)>>>;
+
+/// TTL updates a new runner takes over from the one it replaces, by check
+/// id: the TTL, when the last update came, and what it said.
+pub type CarriedTtls = HashMap<String, (Duration, std::time::Instant, CheckResult)>;
+
 /// Runs the checks of one service instance until stopped or dropped.
 #[derive(Debug)]
 pub struct CheckRunner {
@@ -74,7 +81,10 @@ pub struct CheckRunner {
     service_name: String,
     /// Id and kind of each check, by index.
     checks: Vec<(String, &'static str)>,
+    /// The TTL of each TTL check, by index.
+    ttl_of: Vec<Option<Duration>>,
     latest: Latest,
+    refreshed: Refreshed,
     events: mpsc::UnboundedSender<Event>,
     tasks: JoinSet<()>,
 }
@@ -98,6 +108,25 @@ impl CheckRunner {
         checks: Vec<CheckConfig>,
         updates: mpsc::UnboundedSender<HealthUpdate>,
     ) -> CheckRunner {
+        Self::start_carrying(
+            service_id,
+            service_name,
+            checks,
+            updates,
+            &CarriedTtls::new(),
+        )
+    }
+
+    /// [`Self::start`], with the last updates of TTL checks that a
+    /// replaced runner had under the same id and TTL: they go on from
+    /// there (and expire when they would have) rather than start critical.
+    pub fn start_carrying(
+        service_id: impl Into<String>,
+        service_name: impl Into<String>,
+        checks: Vec<CheckConfig>,
+        updates: mpsc::UnboundedSender<HealthUpdate>,
+        carried: &CarriedTtls,
+    ) -> CheckRunner {
         let service_id = service_id.into();
         let ids = checks
             .iter()
@@ -106,10 +135,28 @@ impl CheckRunner {
         let (events, rx) = mpsc::unbounded_channel();
         let mut tasks = JoinSet::new();
         let mut ttls = HashMap::new();
+        let mut refreshed = HashMap::new();
+        let mut ttl_of = vec![None; checks.len()];
         for (i, check) in checks.iter().enumerate() {
             match &check.kind {
                 CheckKind::Ttl { ttl } => {
-                    ttls.insert(i, TtlState::new(*ttl));
+                    ttl_of[i] = Some(*ttl);
+                    let mut state = TtlState::new(*ttl);
+                    let last = match carried.get(&check.id) {
+                        Some((was, at, result)) if was == ttl => Some((*at, result.clone())),
+                        // Consul's initial status: the TTL runs from now.
+                        _ => check.status.map(|status| {
+                            (
+                                Instant::now().into_std(),
+                                CheckResult::new(status, "initial status"),
+                            )
+                        }),
+                    };
+                    if let Some((at, result)) = last {
+                        state.refresh(at, result.status, result.output.clone());
+                        refreshed.insert(i, (at, result));
+                    }
+                    ttls.insert(i, state);
                 }
                 kind => {
                     tasks.spawn(probe_loop(
@@ -123,18 +170,21 @@ impl CheckRunner {
             }
         }
         let latest: Latest = Arc::new(Mutex::new(vec![None; checks.len()]));
+        let refreshed: Refreshed = Arc::new(Mutex::new(refreshed));
         tasks.spawn(aggregate_loop(
             service_id.clone(),
             Aggregate::new(checks.len()),
             ttls,
             rx,
-            (updates, latest.clone()),
+            (updates, latest.clone(), refreshed.clone()),
         ));
         CheckRunner {
             service_id,
             service_name: service_name.into(),
             checks: ids,
+            ttl_of,
             latest,
+            refreshed,
             events,
             tasks,
         }
@@ -154,6 +204,20 @@ impl CheckRunner {
                     kind,
                 },
                 result: latest.get(i).cloned().flatten(),
+            })
+            .collect()
+    }
+
+    /// The last update of each TTL check that had one, by check id, for
+    /// a runner that replaces this one.
+    pub fn carried_ttls(&self) -> CarriedTtls {
+        let refreshed = self.refreshed.lock().unwrap_or_else(|p| p.into_inner());
+        refreshed
+            .iter()
+            .filter_map(|(i, (at, result))| {
+                let (id, _) = self.checks.get(*i)?;
+                let ttl = self.ttl_of.get(*i).copied().flatten()?;
+                Some((id.clone(), (ttl, *at, result.clone())))
             })
             .collect()
     }
@@ -231,7 +295,7 @@ async fn aggregate_loop(
     mut aggregate: Aggregate,
     mut ttls: HashMap<usize, TtlState>,
     mut events: mpsc::UnboundedReceiver<Event>,
-    (updates, latest): (mpsc::UnboundedSender<HealthUpdate>, Latest),
+    (updates, latest, refreshed): (mpsc::UnboundedSender<HealthUpdate>, Latest, Refreshed),
 ) {
     let keep = |aggregate: &Aggregate| {
         latest
@@ -281,6 +345,10 @@ async fn aggregate_loop(
                     let now = Instant::now().into_std();
                     match ttls.get_mut(&i) {
                         Some(ttl) => {
+                            refreshed
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(i, (now, CheckResult::new(status, output.clone())));
                             ttl.refresh(now, status, output);
                             aggregate.set(i, ttl.result_at(now))
                         }
@@ -326,10 +394,22 @@ impl HealthChecks {
     }
 
     /// Starts the checks of `service_id` (an instance of `service_name`),
-    /// replacing (and stopping) any it had.
+    /// replacing (and stopping) any it had: a TTL check it keeps (same id
+    /// and TTL) goes on from its last update.
     pub fn add(&self, service_id: &str, service_name: &str, checks: Vec<CheckConfig>) {
-        let runner = CheckRunner::start(service_id, service_name, checks, self.updates.clone());
-        if let Some(old) = self.lock().insert(service_id.to_string(), runner) {
+        let mut runners = self.lock();
+        let carried = runners
+            .get(service_id)
+            .map(CheckRunner::carried_ttls)
+            .unwrap_or_default();
+        let runner = CheckRunner::start_carrying(
+            service_id,
+            service_name,
+            checks,
+            self.updates.clone(),
+            &carried,
+        );
+        if let Some(old) = runners.insert(service_id.to_string(), runner) {
             old.stop();
         }
     }

@@ -103,12 +103,14 @@ pub fn checks(
         .iter()
         .filter(|c| visible(c))
         .map(|c| {
-            let tags = config
-                .services
-                .iter()
-                .find(|s| s.id == c.info.service_id)
-                .map(|s| s.tags.clone())
-                .unwrap_or_default();
+            let service = config.services.iter().find(|s| s.id == c.info.service_id);
+            let tags = service.map(|s| s.tags.clone()).unwrap_or_default();
+            let configured =
+                service.and_then(|s| s.checks.iter().find(|k| k.id == c.info.check_id));
+            let name = configured
+                .and_then(|k| k.name.clone())
+                .unwrap_or_else(|| format!("Service '{}' check", c.info.service_name));
+            let notes = configured.and_then(|k| k.notes.clone()).unwrap_or_default();
             let (status, output) = match &c.result {
                 Some(r) => (r.status.to_string(), r.output.clone()),
                 None => ("critical".to_string(), String::new()),
@@ -118,9 +120,9 @@ pub fn checks(
                 json!({
                     "Node": config.node_name,
                     "CheckID": c.info.check_id,
-                    "Name": format!("Service '{}' check", c.info.service_name),
+                    "Name": name,
                     "Status": status,
-                    "Notes": "",
+                    "Notes": notes,
                     "Output": output,
                     "ServiceID": c.info.service_id,
                     "ServiceName": c.info.service_name,

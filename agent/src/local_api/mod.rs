@@ -22,6 +22,10 @@
 //!
 //! - `PUT /v1/agent/service/register`, `PUT /v1/agent/service/deregister/:id`:
 //!   services of this node (`service:write` on the service).
+//! - `PUT /v1/agent/check/register`, `PUT /v1/agent/check/deregister/:id`:
+//!   checks of services registered here ([`check_register`]).
+//! - `GET /v1/agent/connect/ca/leaf/:service`: a leaf certificate, signed
+//!   with the caller's token ([`leaf`]).
 //! - `GET /v1/agent/self` (`node:read` on this node), `/v1/agent/services`,
 //!   `/v1/agent/service/:id`, `/v1/agent/checks` (only what the token has
 //!   `service:read` on), `/v1/agent/members` (the servers' catalog nodes,
@@ -39,7 +43,9 @@
 
 pub mod agent_views;
 pub mod authz;
+pub mod check_register;
 pub mod forward;
+pub mod leaf;
 pub mod route;
 
 use std::convert::Infallible;
@@ -107,6 +113,19 @@ pub trait Registrar: Send + Sync {
     fn deregister(&self, id: String) -> RegistrarFuture<'_>;
     /// The service name of an instance registered through this API.
     fn registered_name(&self, id: &str) -> Option<String>;
+    /// The registration of an instance registered through this API.
+    fn registration(&self, id: &str) -> Option<RegisteredService>;
+    /// The checks added through this API to service `service_id` of the
+    /// configuration file.
+    fn api_checks(&self, service_id: &str) -> Vec<crate::registered::RegisteredCheck>;
+    /// Adds (or replaces, by id) a check of a service of the file.
+    fn register_check(
+        &self,
+        service_id: String,
+        check: crate::registered::RegisteredCheck,
+    ) -> RegistrarFuture<'_>;
+    /// Removes a check added through this API to a service of the file.
+    fn deregister_check(&self, check_id: String) -> RegistrarFuture<'_>;
 }
 
 impl Registrar for crate::running::Running {
@@ -118,6 +137,24 @@ impl Registrar for crate::running::Running {
     }
     fn registered_name(&self, id: &str) -> Option<String> {
         crate::running::Running::registered_name(self, id)
+    }
+    fn registration(&self, id: &str) -> Option<RegisteredService> {
+        crate::running::Running::registration(self, id)
+    }
+    fn api_checks(&self, service_id: &str) -> Vec<crate::registered::RegisteredCheck> {
+        crate::running::Running::api_checks(self, service_id)
+    }
+    fn register_check(
+        &self,
+        service_id: String,
+        check: crate::registered::RegisteredCheck,
+    ) -> RegistrarFuture<'_> {
+        Box::pin(
+            async move { crate::running::Running::register_check(self, &service_id, check).await },
+        )
+    }
+    fn deregister_check(&self, check_id: String) -> RegistrarFuture<'_> {
+        Box::pin(async move { crate::running::Running::deregister_check(self, &check_id).await })
     }
 }
 
@@ -133,6 +170,10 @@ pub struct LocalApiState {
     /// registration): what the agent read endpoints show.
     config: Option<Arc<RwLock<Arc<AgentConfig>>>>,
     forwarder: Option<Arc<Forwarder>>,
+    signer: Option<Arc<dyn leaf::LeafSigner>>,
+    /// One check registration or deregistration at a time (each rewrites
+    /// its service's registration).
+    check_edits: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for LocalApiState {
@@ -152,7 +193,15 @@ impl LocalApiState {
             registrar: None,
             config: None,
             forwarder: None,
+            signer: None,
+            check_edits: Arc::default(),
         }
+    }
+
+    /// Serves leaf certificates, signed through `signer`.
+    pub fn with_signer(mut self, signer: Arc<dyn leaf::LeafSigner>) -> LocalApiState {
+        self.signer = Some(signer);
+        self
     }
 
     /// Serves the agent read endpoints from `config`.
@@ -321,6 +370,11 @@ where
         Ok(Route::ServiceDeregister { service_id }) => service_deregister(state, parts, service_id)
             .await
             .unwrap_or_else(|resp| resp),
+        Ok(Route::CheckRegister) => done(check_register::register(state, parts, body).await),
+        Ok(Route::CheckDeregister { check_id }) => {
+            done(check_register::deregister(state, parts, check_id).await)
+        }
+        Ok(Route::ConnectLeaf { service }) => done(leaf::leaf(state, parts, &service).await),
     }
 }
 
@@ -381,7 +435,7 @@ fn registration_error(e: crate::running::RegistrationError) -> Response<Full<Byt
     use crate::running::RegistrationError as E;
     let status = match &e {
         E::Invalid(_) | E::InFile(_) => StatusCode::BAD_REQUEST,
-        E::NotFound(_) => StatusCode::NOT_FOUND,
+        E::NotFound(_) | E::CheckNotFound(_) => StatusCode::NOT_FOUND,
         E::Failed(_) => StatusCode::BAD_GATEWAY,
     };
     text(status, e.to_string())

@@ -17,6 +17,12 @@ pub const MAX_TOKEN_BYTES: usize = 256;
 pub enum Route {
     /// `PUT /v1/agent/check/{pass,warn,fail,update}/:check_id`.
     CheckUpdate { check_id: String, op: CheckOp },
+    /// `PUT /v1/agent/check/register` (the check in the JSON body).
+    CheckRegister,
+    /// `PUT /v1/agent/check/deregister/:check_id`.
+    CheckDeregister { check_id: String },
+    /// `GET /v1/agent/connect/ca/leaf/:service`.
+    ConnectLeaf { service: String },
     /// `PUT /v1/agent/service/register` (the service in the JSON body).
     ServiceRegister,
     /// `PUT /v1/agent/service/deregister/:service_id`.
@@ -64,7 +70,7 @@ pub enum RouteError {
     #[error("no such endpoint: {0}")]
     NotFound(String),
     /// An agent endpoint of Consul's that weft's agent does not serve.
-    #[error("{0}: not supported by weft yet (weft's agent serves /v1/agent/self, services, service/:id, checks, members, service/register, service/deregister/:id and check/{{pass,warn,fail,update}}/:id)")]
+    #[error("{0}: not supported by weft yet (weft's agent serves /v1/agent/self, services, service/:id, checks, members, service/register, service/deregister/:id, check/register, check/deregister/:id, check/{{pass,warn,fail,update}}/:id and connect/ca/leaf/:service)")]
     NotSupported(String),
     /// The path exists; the method is not `allow`.
     #[error("method {method} not allowed on {path} (use {allow})")]
@@ -86,6 +92,19 @@ fn get_only(method: &Method, path: &str, route: Route) -> Result<Route, RouteErr
             method: method.clone(),
             path: path.to_string(),
             allow: "GET",
+        })
+    }
+}
+
+/// Only `PUT`.
+fn put_only(method: &Method, path: &str, route: Route) -> Result<Route, RouteError> {
+    if method == Method::PUT {
+        Ok(route)
+    } else {
+        Err(RouteError::MethodNotAllowed {
+            method: method.clone(),
+            path: path.to_string(),
+            allow: "PUT",
         })
     }
 }
@@ -119,13 +138,28 @@ fn agent_route(method: &Method, path: &str) -> Result<Route, RouteError> {
     if let Some(rest) = path.strip_prefix("/v1/agent/service/") {
         return service_route(method, path, rest);
     }
+    if let Some(raw) = path.strip_prefix("/v1/agent/connect/ca/leaf/") {
+        let service = percent_decode(raw, false)
+            .filter(|s| !s.is_empty() && !s.contains('/'))
+            .ok_or_else(|| RouteError::BadRequest(format!("{raw:?}: not a service name")))?;
+        return get_only(method, path, Route::ConnectLeaf { service });
+    }
     let Some(rest) = path.strip_prefix("/v1/agent/check/") else {
         return Err(RouteError::NotSupported(path.to_string()));
     };
+    if rest == "register" {
+        return put_only(method, path, Route::CheckRegister);
+    }
     let (verb, raw_id) = rest
         .split_once('/')
         .ok_or_else(|| RouteError::NotSupported(path.to_string()))?;
     let op = match verb {
+        "deregister" => {
+            let check_id = percent_decode(raw_id, false)
+                .filter(|id| !id.is_empty() && !id.contains('/'))
+                .ok_or_else(|| RouteError::BadRequest(format!("{raw_id:?}: not a check id")))?;
+            return put_only(method, path, Route::CheckDeregister { check_id });
+        }
         "pass" => CheckOp::Pass,
         "warn" => CheckOp::Warn,
         "fail" => CheckOp::Fail,
@@ -331,6 +365,52 @@ mod tests {
     }
 
     #[test]
+    fn check_registration_and_leaf_routes() {
+        assert_eq!(
+            route(&Method::PUT, "/v1/agent/check/register"),
+            Ok(Route::CheckRegister)
+        );
+        assert_eq!(
+            route(&Method::PUT, "/v1/agent/check/deregister/service%3Adb"),
+            Ok(Route::CheckDeregister {
+                check_id: "service:db".into()
+            })
+        );
+        assert_eq!(
+            route(&Method::GET, "/v1/agent/connect/ca/leaf/web"),
+            Ok(Route::ConnectLeaf {
+                service: "web".into()
+            })
+        );
+        for (method, path, allow) in [
+            (Method::GET, "/v1/agent/check/register", "PUT"),
+            (Method::DELETE, "/v1/agent/check/deregister/x", "PUT"),
+            (Method::PUT, "/v1/agent/connect/ca/leaf/web", "GET"),
+        ] {
+            match route(&method, path) {
+                Err(RouteError::MethodNotAllowed { allow: a, .. }) => assert_eq!(a, allow),
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+        for bad in [
+            "/v1/agent/check/deregister/",
+            "/v1/agent/check/deregister/a%2Fb",
+            "/v1/agent/connect/ca/leaf/",
+            "/v1/agent/connect/ca/leaf/a%2Fb",
+        ] {
+            let method = if bad.contains("leaf") {
+                Method::GET
+            } else {
+                Method::PUT
+            };
+            assert!(
+                matches!(route(&method, bad), Err(RouteError::BadRequest(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn agent_read_routes() {
         for (path, want) in [
             ("/v1/agent/self", Route::AgentSelf),
@@ -366,8 +446,7 @@ mod tests {
             "/v1/agent",
             "/v1/agent/",
             "/v1/agent/join/10.0.0.1",
-            "/v1/agent/check/register",
-            "/v1/agent/check/deregister/x",
+            "/v1/agent/check/maintenance/x",
             "/v1/agent/services/x",
             "/v1/agent/connect/ca/roots",
         ] {

@@ -62,6 +62,9 @@ fn check(id: &str, kind: CheckKind) -> CheckConfig {
         interval: Duration::from_secs(60),
         timeout: Duration::from_secs(1),
         deregister_critical_service_after: None,
+        name: None,
+        notes: None,
+        status: None,
     }
 }
 
@@ -518,7 +521,7 @@ async fn agent_checks_show_latest_results() {
 async fn other_agent_endpoints_and_paths() {
     let f = read_fixture().await;
     for path in [
-        "/v1/agent/check/register",
+        "/v1/agent/connect/ca/roots",
         "/v1/agent/join/10.0.0.1",
         "/v1/agent/metrics",
     ] {
@@ -560,4 +563,181 @@ async fn many_rights_are_asked_in_batches_the_servers_take() {
         authz::MAX_RIGHTS_PER_CALL
     );
     assert_eq!(f.table.calls.load(Ordering::SeqCst), 6);
+}
+
+/// Signs with a self-signed certificate for token `db-w` and service `db`;
+/// refuses other tokens as the servers would. Records the tokens it saw.
+#[derive(Default)]
+struct Signer {
+    seen: Mutex<Vec<String>>,
+}
+
+impl leaf::LeafSigner for Signer {
+    fn sign_as<'a>(
+        &'a self,
+        token: &'a str,
+        _csr_pem: String,
+        service: &'a str,
+    ) -> leaf::SignFuture<'a> {
+        self.seen.lock().unwrap().push(token.to_string());
+        let answer = match (token, service) {
+            ("db-w", "db") => {
+                let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+                let cert = rcgen::CertificateParams::default()
+                    .self_signed(&key)
+                    .unwrap();
+                Ok(weft_api::proto::SignedLeaf {
+                    spiffe_id: "spiffe://t.weft/ns/default/dc/dc1/svc/db".into(),
+                    cert_pem: cert.pem(),
+                    ..Default::default()
+                })
+            }
+            ("db-w" | "web-w", _) => Err(crate::control::ControlError::Refused {
+                what: "a certificate".into(),
+                status: tonic::Status::permission_denied("no service:write"),
+            }),
+            _ => Err(crate::control::ControlError::Refused {
+                what: "a certificate".into(),
+                status: tonic::Status::unauthenticated("ACL token not found"),
+            }),
+        };
+        Box::pin(async move { answer })
+    }
+}
+
+#[tokio::test]
+async fn leaves_are_signed_with_the_callers_token() {
+    let f = fixture().await;
+    let signer = Arc::new(Signer::default());
+    let state = f.state.clone().with_signer(signer.clone());
+    let (s, b) = get(&state, "/v1/agent/connect/ca/leaf/db", Some("db-w")).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let v = parse_json(&b);
+    assert_eq!(v["Service"], "db");
+    assert_eq!(v["ServiceURI"], "spiffe://t.weft/ns/default/dc/dc1/svc/db");
+    assert!(v["PrivateKeyPEM"]
+        .as_str()
+        .is_some_and(|k| k.contains("PRIVATE KEY")));
+    for (token, want) in [
+        (Some("web-w"), StatusCode::FORBIDDEN),
+        (Some("stranger"), StatusCode::FORBIDDEN),
+        (None, StatusCode::FORBIDDEN),
+    ] {
+        let (s, b) = get(&state, "/v1/agent/connect/ca/leaf/db", token).await;
+        assert_eq!(s, want, "{token:?}: {b}");
+    }
+    for uri in [
+        "/v1/agent/connect/ca/leaf/db?index=3",
+        "/v1/agent/connect/ca/leaf/db?cached",
+        "/v1/agent/connect/ca/leaf/db?nonsense=1",
+        "/v1/agent/connect/ca/leaf/Not_A_Name",
+    ] {
+        let (s, b) = get(&state, uri, Some("db-w")).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {b}");
+    }
+    // Only the caller's tokens reached the signer, and none of the refused
+    // requests above it.
+    assert_eq!(*signer.seen.lock().unwrap(), ["db-w", "web-w", "stranger"]);
+    // Without a signer: 503.
+    let (s, _) = get(&f.state, "/v1/agent/connect/ca/leaf/db", Some("db-w")).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+/// Keeps registrations in memory.
+#[derive(Default)]
+struct Registrations(Mutex<Vec<RegisteredService>>);
+
+impl Registrar for Registrations {
+    fn register(&self, service: RegisteredService) -> RegistrarFuture<'_> {
+        let mut all = self.0.lock().unwrap();
+        all.retain(|r| r.id() != service.id());
+        all.push(service);
+        Box::pin(async { Ok("registered".to_string()) })
+    }
+    fn deregister(&self, _id: String) -> RegistrarFuture<'_> {
+        Box::pin(async { Ok("deregistered".to_string()) })
+    }
+    fn registered_name(&self, id: &str) -> Option<String> {
+        self.registration(id).map(|r| r.name)
+    }
+    fn registration(&self, id: &str) -> Option<RegisteredService> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|r| r.id() == id)
+            .cloned()
+    }
+    fn api_checks(&self, _service_id: &str) -> Vec<crate::registered::RegisteredCheck> {
+        Vec::new()
+    }
+    fn register_check(
+        &self,
+        _service_id: String,
+        _check: crate::registered::RegisteredCheck,
+    ) -> RegistrarFuture<'_> {
+        Box::pin(async { Err(crate::running::RegistrationError::Invalid("no file".into())) })
+    }
+    fn deregister_check(&self, check_id: String) -> RegistrarFuture<'_> {
+        Box::pin(async { Err(crate::running::RegistrationError::CheckNotFound(check_id)) })
+    }
+}
+
+#[tokio::test]
+async fn checks_join_their_services_registration_up_to_the_limit() {
+    let f = fixture().await;
+    let registrations = Arc::new(Registrations::default());
+    registrations
+        .register(
+            RegisteredService::from_json(br#"{"ID":"db-1","Name":"db","Port":5432}"#).unwrap(),
+        )
+        .await
+        .unwrap();
+    let state = f.state.clone().with_registrar(registrations.clone());
+    let register = "/v1/agent/check/register";
+    let db_w = [("x-consul-token", "db-w")];
+    let ttl = r#"{"Name":"beat","ServiceID":"db-1","TTL":"30s"}"#;
+    let (s, b) = put(&state, register, &[("x-consul-token", "web-w")], ttl).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    let (s, b) = put(&state, register, &[], ttl).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    let ghost = r#"{"Name":"beat","ServiceID":"ghost","TTL":"30s"}"#;
+    let (s, b) = put(&state, register, &db_w, ghost).await;
+    assert!(
+        s == StatusCode::BAD_REQUEST && b.contains("does not exist"),
+        "{b}"
+    );
+    assert!(registrations
+        .registration("db-1")
+        .unwrap()
+        .checks
+        .is_empty());
+
+    let (s, b) = put(&state, register, &db_w, ttl).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    // Registered again under its id: replaced, not added.
+    let (s, b) = put(&state, register, &db_w, ttl).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let checks = registrations.registration("db-1").unwrap().checks;
+    assert_eq!(checks.len(), 1);
+    assert_eq!(checks[0].check_id.as_deref(), Some("beat"));
+    assert_eq!(checks[0].ttl.as_deref(), Some("30s"));
+
+    for n in 1..crate::config::MAX_CHECKS_PER_SERVICE {
+        let c = format!(r#"{{"Name":"c{n}","ServiceID":"db-1","TTL":"30s"}}"#);
+        let (s, b) = put(&state, register, &db_w, &c).await;
+        assert_eq!(s, StatusCode::OK, "{n}: {b}");
+    }
+    let c = r#"{"Name":"one-more","ServiceID":"db-1","TTL":"30s"}"#;
+    let (s, b) = put(&state, register, &db_w, c).await;
+    assert!(
+        s == StatusCode::BAD_REQUEST && b.contains("at most 32 per service"),
+        "{s}: {b}"
+    );
+    let huge = format!(
+        r#"{{"Name":"n","ServiceID":"db-1","TTL":"30s","Notes":"{}"}}"#,
+        "x".repeat(MAX_BODY_BYTES)
+    );
+    let (s, _) = put(&state, register, &db_w, &huge).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
 }

@@ -1,10 +1,11 @@
 //! `weft.v1.Ca`: the trust bundle, signing agents' CSRs, operator leaves,
 //! and root rotation.
 //!
-//! Signing needs `node:write` on the requesting node and, for a service
-//! identity, `service:write` on the service, which must also be registered
-//! on that node: a node's token gets certificates for that node's services
-//! and nothing else. Operator leaves need `service:write`, rotation
+//! Signing a node identity needs `node:write` on the node; a service
+//! identity needs `service:write` on the service (Consul's rule for a
+//! leaf, which agents ask with a workload's token), which must also be
+//! registered on the node named: a node's token gets certificates for that
+//! node's services and nothing else. Operator leaves need `service:write`, rotation
 //! `operator:write`; the trust bundle is for tokens that read a service.
 use std::sync::Arc;
 
@@ -84,8 +85,12 @@ impl Ca for CaApi {
     ) -> Result<Response<proto::SignedLeaf>, Status> {
         let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
-        caller.require(Resource::Node(&r.node), Access::Write)?;
-        if !r.service.is_empty() {
+        if r.service.is_empty() {
+            caller.require(Resource::Node(&r.node), Access::Write)?;
+        } else {
+            // A service identity is the service's, wherever it runs:
+            // service:write on it is what Consul asks and what IssueLeaf
+            // asks; the service must still be on the node named.
             caller.require(Resource::Service(&r.service), Access::Write)?;
         }
         validate_name(&r.node).map_err(|e| invalid(format!("node: {e}")))?;

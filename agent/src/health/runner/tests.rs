@@ -27,6 +27,9 @@ fn check(kind: CheckKind, interval_ms: u64, timeout_ms: u64) -> CheckConfig {
         interval: Duration::from_millis(interval_ms),
         timeout: Duration::from_millis(timeout_ms),
         deregister_critical_service_after: None,
+        name: None,
+        notes: None,
+        status: None,
     }
 }
 
@@ -307,6 +310,59 @@ fn ttl_check(id: &str, ttl_ms: u64) -> CheckConfig {
             2_000,
         )
     }
+}
+
+#[tokio::test]
+async fn ttl_check_with_an_initial_status_starts_there_and_expires() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let checks = HealthChecks::new(tx);
+    let ttl = CheckConfig {
+        status: Some(HealthStatus::Passing),
+        ..ttl_check("service:worker-2", 300)
+    };
+    checks.add("worker-2", "worker", vec![ttl]);
+    let u = next(&mut rx).await;
+    assert_eq!(
+        (u.status, u.output.as_str()),
+        (HealthStatus::Passing, "initial status")
+    );
+    let u = next(&mut rx).await;
+    assert_eq!(u.status, HealthStatus::Critical);
+    assert!(u.output.starts_with("TTL expired"), "{}", u.output);
+}
+
+#[tokio::test]
+async fn replacing_checks_keeps_the_last_update_of_ttl_checks_kept() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let checks = HealthChecks::new(tx);
+    checks.add("jobs-1", "jobs", vec![ttl_check("beat", 60_000)]);
+    assert_eq!(next(&mut rx).await.status, HealthStatus::Critical);
+    checks
+        .update_ttl("beat", HealthStatus::Passing, "beating")
+        .unwrap();
+    assert_eq!(next(&mut rx).await.status, HealthStatus::Passing);
+
+    // A check added: "beat" goes on passing.
+    checks.add(
+        "jobs-1",
+        "jobs",
+        vec![ttl_check("beat", 60_000), ttl_check("other", 60_000)],
+    );
+    let u = next(&mut rx).await;
+    assert_eq!(u.status, HealthStatus::Critical);
+    assert!(!u.output.contains("beating"), "{}", u.output);
+    let states = checks.states();
+    let beat = states.iter().find(|s| s.info.check_id == "beat").unwrap();
+    assert_eq!(
+        beat.result,
+        Some(CheckResult::new(HealthStatus::Passing, "beating"))
+    );
+
+    // "other" removed, "beat" given another TTL: it starts over.
+    checks.add("jobs-1", "jobs", vec![ttl_check("beat", 30_000)]);
+    let u = next(&mut rx).await;
+    assert_eq!(u.status, HealthStatus::Critical);
+    assert!(u.output.contains("no refresh received yet"), "{}", u.output);
 }
 
 #[tokio::test]
