@@ -714,7 +714,7 @@ pub fn parse_entry_file(text: &str, format: FileFormat) -> Result<ConfigEntry, C
             message: "a config entry is an object (Kind = ..., Name = ...)".into(),
         }));
     }
-    if keys::normalize(&mut doc)? {
+    if keys::normalize(&mut doc)? | keys::drop_read_only(&mut doc) {
         return serde_json::from_value(doc).map_err(|e| {
             consul_names(ParseError {
                 format,
@@ -766,6 +766,8 @@ const CONSUL_FIELDS: &[&str] = &[
     "SamenessGroup",
     "Peer",
     "PrioritizeByLocality",
+    "RateLimit",
+    "Destination",
     // proxy-defaults
     "Mode",
     "AccessLogs",

@@ -23,6 +23,7 @@ pub const HTTP_MATCH: &[&str] = &[
     "Regex",
     "Invert",
     "QueryParam",
+    "CaseInsensitive",
 ];
 
 /// Which keys a document kind takes.

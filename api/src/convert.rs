@@ -162,6 +162,7 @@ fn http_from_proto(m: proto::HttpMatch) -> HttpMatch {
         headers: m.headers.into_iter().map(header_from_proto).collect(),
         // Intentions take no query rules (validate_intention refuses them).
         query_param: Vec::new(),
+        case_insensitive: false,
     }
 }
 

@@ -160,6 +160,10 @@ pub struct HttpMatch {
     /// Routes only: L7 intentions refuse it, as Consul's do.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub query_param: Vec<QueryParamMatch>,
+    /// Routes only: `PathExact` and `PathPrefix` compare without regard to
+    /// ASCII case (Envoy's `case_sensitive: false`; regexes are as written).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub case_insensitive: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -205,18 +209,29 @@ impl HttpMatch {
             && self.methods.is_empty()
             && self.headers.is_empty()
             && self.query_param.is_empty()
+            && !self.case_insensitive
     }
 
     /// Whether `request` satisfies every rule. Errors only for a regex that does
     /// not compile (which [`validate_http_match`] refuses at write time).
     pub fn matches(&self, request: &Request) -> Result<bool, HttpMatchError> {
         if let Some(exact) = &self.path_exact {
-            if request.path != *exact {
+            let same = if self.case_insensitive {
+                request.path.eq_ignore_ascii_case(exact)
+            } else {
+                request.path == *exact
+            };
+            if !same {
                 return Ok(false);
             }
         }
         if let Some(prefix) = &self.path_prefix {
-            if !request.path.starts_with(prefix.as_str()) {
+            let starts = match request.path.get(..prefix.len()) {
+                Some(head) if self.case_insensitive => head.eq_ignore_ascii_case(prefix),
+                Some(head) => head == prefix,
+                None => false,
+            };
+            if !starts {
                 return Ok(false);
             }
         }

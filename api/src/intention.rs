@@ -489,6 +489,12 @@ pub fn validate_intention(intention: &Intention) -> Result<(), IntentionError> {
                 "must set at least one of PathExact, PathPrefix, PathRegex, Methods, Header",
             ));
         }
+        if permission.http.case_insensitive {
+            return Err(IntentionError::invalid(
+                format!("{field}.CaseInsensitive"),
+                "not a field of intention permissions (service-router routes take it)",
+            ));
+        }
         if !permission.http.query_param.is_empty() {
             // As in Consul: intentions match path, method and headers.
             return Err(IntentionError::invalid(

@@ -91,8 +91,25 @@ fn empty_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Policy
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 pub struct LeastRequestConfig {
-    #[serde(default)]
+    /// A number, or a string holding one (Consul decodes weakly, and its
+    /// docs write `ChoiceCount = "2"`).
+    #[serde(default, deserialize_with = "number_or_text")]
     pub choice_count: u32,
+}
+
+fn number_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Weak {
+        Number(u32),
+        Text(String),
+    }
+    match Weak::deserialize(d)? {
+        Weak::Number(n) => Ok(n),
+        Weak::Text(t) => t.trim().parse().map_err(|_| {
+            serde::de::Error::custom(format!("ChoiceCount: {t:?} is not a whole number"))
+        }),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

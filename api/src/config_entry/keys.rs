@@ -16,6 +16,8 @@ const KNOWN: &[&str] = &[
     "Kind",
     "Name",
     "Config",
+    "CreateIndex",
+    "ModifyIndex",
     "Meta",
     "Protocol",
     "UpstreamConfig",
@@ -95,6 +97,17 @@ const SCHEMA: Schema = Schema {
 /// fields. Returns whether anything changed.
 pub fn normalize(doc: &mut Value) -> Result<bool, KeyError> {
     normalize_with(doc, &SCHEMA)
+}
+
+/// Drops the indexes a document read back from Consul carries
+/// (`CreateIndex`, `ModifyIndex`): the servers set them, and Consul ignores
+/// them on write. Call after [`normalize`]. Returns whether any was there.
+pub fn drop_read_only(doc: &mut Value) -> bool {
+    let Some(object) = doc.as_object_mut() else {
+        return false;
+    };
+    let created = object.remove("CreateIndex").is_some();
+    object.remove("ModifyIndex").is_some() || created
 }
 
 /// The document's `Kind`, however the key is spelled.
