@@ -238,7 +238,9 @@ impl Running {
     ) -> Result<String, RegistrationError> {
         let _one = self.reloading.lock().await;
         let mut kept = self.kept();
-        kept.checks.retain(|c| c.check.check_id != check.check_id);
+        // Only this service's check of that id is replaced.
+        kept.checks
+            .retain(|c| c.service_id != service_id || c.check.check_id != check.check_id);
         kept.checks.push(ApiCheck {
             service_id: service_id.to_string(),
             check,

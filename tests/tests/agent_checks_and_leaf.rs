@@ -309,7 +309,9 @@ fn checks_register_run_and_deregister_through_the_agent() -> anyhow::Result<()> 
 fn checks_on_services_of_the_agents_file_are_kept_apart() -> anyhow::Result<()> {
     require_root();
     let mut mesh = Mesh::start(
-        MeshSpec::new("allow").node_a(Service::new("web", 8000).ttl_check("10m", Some("web-file"))),
+        MeshSpec::new("allow")
+            .node_a(Service::new("web", 8000).ttl_check("10m", Some("web-file")))
+            .node_a(Service::new("db", 8001)),
     )?;
     let web_token = mesh.service_token(&["web"])?;
     let db_token = mesh.service_token(&["db"])?;
@@ -327,6 +329,21 @@ fn checks_on_services_of_the_agents_file_are_kept_apart() -> anyhow::Result<()> 
         ids.sort();
         Ok(ids)
     };
+    ensure!(ids(&mesh)? == ["web-beat", "web-file"], "{:?}", ids(&mesh)?);
+    // db's owner cannot take web's check over by registering its id on db,
+    // nor the ids the agent gives services' own checks.
+    let takeover = r#"{"Name":"mine","CheckID":"web-beat","ServiceID":"db","TTL":"10m"}"#;
+    let (code, body) = put(&mesh, register, Some(&db_token), takeover)?;
+    ensure!(
+        code == 409 && body.contains("belongs to service"),
+        "takeover: {code} {body}"
+    );
+    let own = r#"{"Name":"mine","CheckID":"service:web:2","ServiceID":"db","TTL":"10m"}"#;
+    let (code, body) = put(&mesh, register, Some(&db_token), own)?;
+    ensure!(
+        code == 400 && body.contains("the agent's own"),
+        "agent's id: {code} {body}"
+    );
     ensure!(ids(&mesh)? == ["web-beat", "web-file"], "{:?}", ids(&mesh)?);
 
     // Kept across a restart of the agent (checks.json), with the file's.

@@ -32,6 +32,9 @@ use super::{
 use crate::config::{AgentConfig, MAX_CHECKS_PER_SERVICE};
 use crate::registered::{RegisteredCheck, RegisteredService};
 
+/// The shortest probe interval.
+const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The keys weft takes.
 const TAKEN: &[&str] = &[
     "Name",
@@ -198,6 +201,14 @@ pub fn parse(body: &[u8]) -> Result<CheckRequest, CheckBodyError> {
             format!("{id:?}: a check id is 1 to 128 printable ASCII characters without spaces, '/', '?', '#' or '%' (without ID or CheckID it is the Name)"),
         ));
     }
+    if id.starts_with("service:") {
+        // The agent names a service's own checks so (`service:<id>`,
+        // `service:<id>:<n>`): taking one would shadow them.
+        return Err(invalid(
+            "ID",
+            format!("{id:?}: ids beginning with \"service:\" are the agent's own"),
+        ));
+    }
     let service_id = string(&mut map, "ServiceID")?.ok_or_else(|| {
         CheckBodyError::NotSupported(
             "ServiceID missing: a node-level check (one without ServiceID)".into(),
@@ -234,6 +245,14 @@ pub fn parse(body: &[u8]) -> Result<CheckRequest, CheckBodyError> {
             "HTTP",
             format!("{kinds} of HTTP, TCP, GRPC, TTL given: a check is exactly one of them (Args, H2PING, UDP, OSService, AliasService, DockerContainerID: not supported by weft yet)"),
         ));
+    }
+    if let Some(interval) = &check.interval {
+        if weft_api::duration::parse_duration(interval).is_ok_and(|d| d < MIN_INTERVAL) {
+            return Err(invalid(
+                "Interval",
+                format!("{interval:?}: at least 1s, as Consul's agent probes"),
+            ));
+        }
     }
     if check.status.is_some() && check.ttl.is_none() {
         return Err(CheckBodyError::NotSupported(
@@ -293,6 +312,21 @@ where
     let body = read_body(parts, body).await?;
     let req = parse(&body).map_err(|e| text(StatusCode::BAD_REQUEST, e.to_string()))?;
     let _one = state.check_edits.lock().await;
+    // An id another service's check has stays that service's.
+    let id = req.check.check_id.as_deref().unwrap_or_default();
+    if let Some(other) = state
+        .checks
+        .check(id)
+        .filter(|c| c.service_id != req.service_id)
+    {
+        return Err(text(
+            StatusCode::CONFLICT,
+            format!(
+                "check id {id:?} belongs to service {:?}: choose another ID",
+                other.service_id
+            ),
+        ));
+    }
     let config = state.current_config();
     let Some(mut service) = registrar.registration(&req.service_id) else {
         let in_file = config
@@ -428,6 +462,15 @@ mod tests {
             http.check.deregister_critical_service_after.as_deref(),
             Some("1m")
         );
+    }
+
+    #[test]
+    fn the_agents_own_ids_and_busy_probes_are_refused() {
+        let e = err(r#"{"Name":"x","ID":"service:web:2","ServiceID":"web","TTL":"5s"}"#);
+        assert!(e.contains("are the agent's own"), "{e}");
+        let e = err(r#"{"Name":"x","ServiceID":"web","TCP":"127.0.0.1:1","Interval":"1ns"}"#);
+        assert!(e.contains("Interval") && e.contains("at least 1s"), "{e}");
+        parse(br#"{"Name":"x","ServiceID":"web","TCP":"127.0.0.1:1","Interval":"1s"}"#).unwrap();
     }
 
     #[test]
