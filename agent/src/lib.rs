@@ -16,6 +16,7 @@ pub mod control;
 pub mod dns;
 pub mod drain;
 pub mod ebpf;
+pub mod exec_dns;
 pub mod handover;
 pub mod hbone;
 pub mod health;

@@ -32,8 +32,10 @@ enum Command {
     /// connection they bring to a listener (a look at the data path).
     Redirect(redirect_cmd::RedirectArgs),
     /// Run a command inside a service's cgroup, so that the agent treats it
-    /// as that service's workload: `weft-agent exec --config agent.toml
-    /// --service web -- curl http://api.service.weft/`.
+    /// as that service's workload, resolving names through the agent's DNS
+    /// when `dns_addr` is on port 53 (in a private mount namespace, the
+    /// agent's resolver over /etc/resolv.conf): `weft-agent exec --config
+    /// agent.toml --service web -- curl http://api.service.weft/`.
     Exec {
         #[arg(long)]
         config: PathBuf,
@@ -139,10 +141,20 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(builder.enable_all().build()?)
 }
 
-/// Moves this process into the service's cgroup, then becomes `command`.
+/// Moves this process into the service's cgroup, gives it the agent's
+/// resolver, then becomes `command`.
 fn exec(config: &std::path::Path, service: &str, command: &[String]) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let config = weft_agent::config::AgentConfig::load(config)?;
+    match weft_agent::exec_dns::resolv_conf(config.dns_addr) {
+        Some(text) => weft_agent::exec_dns::use_resolver(&config.data_dir, &text)
+            .context("giving the command the agent's resolver")?,
+        None => eprintln!(
+            "weft-agent exec: dns_addr {} is not on port 53, which resolvers ask; \
+             names resolve as the host resolves them",
+            config.dns_addr
+        ),
+    }
     let cgroup = weft_agent::intercept::service_cgroup(&config, service)?;
     std::fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
     let procs = cgroup.join("cgroup.procs");

@@ -786,9 +786,10 @@ impl Mesh {
     }
 
     /// The command that runs `args` in `node` with the agent's DNS as the
-    /// resolver (a private mount namespace where the mesh's `resolv.conf` is
-    /// bound over `/etc/resolv.conf`) and, with `service`, inside that
-    /// service's cgroup (`weft-agent exec`).
+    /// resolver: with `service`, `weft-agent exec`, which puts it in that
+    /// service's cgroup and gives it the agent's resolver itself; without,
+    /// a private mount namespace where the mesh's `resolv.conf` is bound
+    /// over `/etc/resolv.conf`.
     pub fn workload_command(
         &self,
         node: Node,
@@ -805,12 +806,14 @@ impl Mesh {
             argv.extend(["exec".into(), "--config".into()]);
             argv.push(self.agent_config(node).into());
             argv.extend(["--service".into(), service.into(), "--".into()]);
+            argv.push(program.into());
+        } else {
+            let script = format!(
+                "mount --bind {} /etc/resolv.conf && exec \"$@\"",
+                self.resolv_conf().display()
+            );
+            argv.extend(["unshare", "-m", "sh", "-c", &script, "sh", program].map(Into::into));
         }
-        let script = format!(
-            "mount --bind {} /etc/resolv.conf && exec \"$@\"",
-            self.resolv_conf().display()
-        );
-        argv.extend(["unshare", "-m", "sh", "-c", &script, "sh", program].map(Into::into));
         argv.extend(rest.iter().map(Into::into));
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]);
