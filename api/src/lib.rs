@@ -21,6 +21,7 @@
 
 pub mod acl;
 pub mod catalog;
+pub mod catalog_register;
 pub mod config_entry;
 pub mod consul_keys;
 pub mod convert;

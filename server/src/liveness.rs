@@ -164,7 +164,12 @@ pub fn verdicts(
     timeout: Duration,
 ) -> Vec<(String, HealthStatus, String)> {
     let mut due = Vec::new();
-    for node in nodes {
+    // External nodes (registered through the catalog API) have no agent to
+    // send heartbeats: their health is what their registrations say.
+    for node in nodes
+        .iter()
+        .filter(|n| !weft_api::catalog_register::is_external(n))
+    {
         let last = seen
             .get(&node.name)
             .copied()
@@ -291,6 +296,26 @@ mod tests {
         assert_eq!(due.len(), 1, "{due:?}");
         assert_eq!((due[0].0.as_str(), due[0].1), ("b", HealthStatus::Critical));
         assert!(due[0].2.starts_with(SILENT), "{}", due[0].2);
+    }
+
+    #[test]
+    fn an_external_node_never_goes_critical_for_silence() {
+        let t0 = Instant::now();
+        let mut external = node("db-host", HealthStatus::Passing, "");
+        external.meta.insert(
+            weft_api::catalog_register::EXTERNAL_NODE_META.into(),
+            "true".into(),
+        );
+        let nodes = [external, node("a", HealthStatus::Passing, "")];
+        let due = verdicts(
+            &nodes,
+            &HashMap::new(),
+            t0,
+            t0 + Duration::from_secs(60),
+            TIMEOUT,
+        );
+        let names: Vec<&str> = due.iter().map(|(n, _, _)| n.as_str()).collect();
+        assert_eq!(names, ["a"], "only the agent's node is late");
     }
 
     #[test]

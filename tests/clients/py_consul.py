@@ -137,6 +137,31 @@ c.session.destroy(second)
 _, released = c.kv.get("py/leader")
 out["lock"] = {"value": released["Value"].decode(), "session": released.get("Session") or "", "lock_index": released["LockIndex"]}
 
+# An external node (no agent runs it), as consul-esm or Terraform register
+# one: its service found in the catalog and by health, then removed.
+assert c.catalog.register(
+    "db-host", "10.9.0.5",
+    service={"Service": "postgres", "ID": "pg-1", "Port": 5432, "Tags": ["primary"]},
+    check={"Name": "pg alive", "CheckID": "pg-alive", "ServiceID": "pg-1", "Status": "passing"},
+) is True
+# (py-consul sends node_meta as `?node-meta=` query parameters, which
+# Consul's register ignores; weft refuses them rather than ignore them.)
+_, pg = c.health.service("postgres", passing=True)
+out["external"] = {
+    "node": pg[0]["Node"]["Node"],
+    "address": pg[0]["Service"]["Address"] or pg[0]["Node"]["Address"],
+    "external": pg[0]["Node"]["Meta"].get("external-node"),
+}
+try:
+    c.catalog.register(node, "10.9.0.9")
+    raise AssertionError("an agent's node was taken over through the catalog API")
+except consul.ConsulException as e:
+    out["agent_node_register"] = "refused" if "run by a weft agent" in str(e) else str(e)
+assert c.catalog.deregister("db-host", service_id="pg-1") is True
+assert c.health.service("postgres")[1] == []
+assert c.catalog.deregister("db-host") is True
+assert "db-host" not in [n["Node"] for n in c.catalog.nodes()[1]]
+
 # Intentions.
 assert c.connect.intentions.upsert("web", "pyapp", action="deny") is True
 out["web_to_pyapp_allowed"] = c.connect.intentions.check("web", "pyapp")

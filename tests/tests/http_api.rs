@@ -1416,3 +1416,138 @@ fn proxy_defaults_need_mesh_rights_and_give_services_their_protocol() -> anyhow:
     assert_eq!(get(m)?.status, 404);
     Ok(())
 }
+
+/// `/v1/catalog/register` and `/deregister` for an external node: Consul's
+/// rights (node write, and service write for its service), the node marked
+/// external and never judged by heartbeats (a node an agent would run, kept
+/// as a control, goes critical when silent; the external one does not),
+/// and an agent-run node neither registered over nor removed.
+#[test]
+fn external_nodes_through_the_catalog_api() -> anyhow::Result<()> {
+    use proto::catalog_client::CatalogClient;
+    use std::time::Duration;
+    use weft_tests::mesh::wait_until;
+    let cluster = Cluster::start(1, &["--node-timeout=1s"])?;
+    let m = cluster.token.as_str();
+    let put = |token: &str, path: &str, body: &str| {
+        cluster.http(1, "PUT", path, Some(token), Some(body.as_bytes()))
+    };
+    let body = r#"{"Node": "db-host", "Address": "10.9.0.5", "NodeMeta": {"rack": "r1"},
+        "Service": {"ID": "pg-1", "Service": "postgres", "Port": 5432},
+        "Checks": [{"Name": "alive", "ServiceID": "pg-1", "Status": "passing"},
+                   {"Name": "lag", "ServiceID": "pg-1", "Status": "warning", "Output": "lag 2s"}]}"#;
+    let node_only =
+        cluster.token_with_rules("db-host-node", r#"node "db-host" { policy = "write" }"#)?;
+    let reply = put(&node_only, "/v1/catalog/register", body)?;
+    assert_eq!(reply.status, 403, "node write alone: {}", reply.body);
+    let both = cluster.token_with_rules(
+        "db-host-pg",
+        r#"node "db-host" { policy = "write" }
+service "postgres" { policy = "write" }"#,
+    )?;
+    let reply = put(&both, "/v1/catalog/register", body)?;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+
+    // An agent's node, as an agent registers it (no external marker).
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut admin = CatalogClient::new(cluster.channel(1).await?);
+        admin
+            .register_node(proto::RegisterNodeRequest {
+                node: Some(proto::Node {
+                    name: "agent-node".into(),
+                    address: "10.9.0.6".into(),
+                    datacenter: "dc1".into(),
+                    ..Default::default()
+                }),
+            })
+            .await?;
+        anyhow::Ok(())
+    })?;
+    let nodes = |m: &str| -> anyhow::Result<serde_json::Value> {
+        cluster
+            .http(1, "GET", "/v1/catalog/nodes", Some(m), None)?
+            .json()
+    };
+    let health_of = |v: &serde_json::Value, name: &str| {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["Node"] == name)
+            .map(|n| n["Meta"].clone())
+    };
+    // The control goes critical for its silence; then the external node,
+    // as silent, must still pass.
+    wait_until(
+        Duration::from_secs(15),
+        "the silent agent node critical",
+        || {
+            let reply = cluster.http(1, "GET", "/v1/health/node/agent-node", Some(m), None)?;
+            Ok(reply.body.contains("critical").then_some(()))
+        },
+    )?;
+    let ext = cluster.http(1, "GET", "/v1/health/node/db-host", Some(m), None)?;
+    assert!(!ext.body.contains("critical"), "{}", ext.body);
+    let meta = health_of(&nodes(m)?, "db-host").expect("db-host listed");
+    assert_eq!(meta["external-node"], "true");
+    assert_eq!(meta["rack"], "r1");
+    // Its instance, with the worst of its checks.
+    let pg = cluster
+        .http(1, "GET", "/v1/health/service/postgres", Some(m), None)?
+        .json()?;
+    assert_eq!(pg[0]["Service"]["ID"], "pg-1", "{pg}");
+    let statuses: Vec<&str> = pg[0]["Checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["Status"].as_str())
+        .collect();
+    assert!(statuses.contains(&"warning"), "{pg}");
+
+    // The agent's node is its agent's.
+    let takeover = r#"{"Node": "agent-node", "Address": "10.6.6.6"}"#;
+    let reply = put(m, "/v1/catalog/register", takeover)?;
+    assert_eq!(reply.status, 409, "{}", reply.body);
+    let reply = put(m, "/v1/catalog/deregister", r#"{"Node": "agent-node"}"#)?;
+    assert_eq!(reply.status, 409, "{}", reply.body);
+    // Refused by name, not ignored.
+    let reply = put(
+        m,
+        "/v1/catalog/register",
+        r#"{"Node": "x", "Address": "10.9.0.7", "TaggedAddresses": {"wan": "1.2.3.4"}}"#,
+    )?;
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    assert!(
+        reply
+            .body
+            .contains("TaggedAddresses: not supported by weft yet"),
+        "{}",
+        reply.body
+    );
+
+    // Deregistering: one instance, then the node; node write is needed.
+    let reply = put(
+        &node_only,
+        "/v1/catalog/deregister",
+        r#"{"Node": "db-host", "ServiceID": "pg-1"}"#,
+    )?;
+    assert_eq!(
+        reply.status, 403,
+        "service write is needed too: {}",
+        reply.body
+    );
+    let reply = put(
+        &both,
+        "/v1/catalog/deregister",
+        r#"{"Node": "db-host", "ServiceID": "pg-1"}"#,
+    )?;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let reply = put(
+        &node_only,
+        "/v1/catalog/deregister",
+        r#"{"Node": "db-host"}"#,
+    )?;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(health_of(&nodes(m)?, "db-host").is_none());
+    Ok(())
+}

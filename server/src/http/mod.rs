@@ -22,6 +22,7 @@
 mod acl;
 mod ca;
 mod catalog;
+mod catalog_write;
 mod config;
 mod intentions;
 mod kv;
@@ -224,6 +225,11 @@ impl Call {
     /// higher, which could make it miss a write.
     pub fn index(&self) -> u64 {
         self.read_index.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The token secret the request carries, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.secret.as_deref()
     }
 
     /// `msg` as an in-process gRPC request carrying the caller's token.
@@ -542,6 +548,9 @@ async fn route(node: &Arc<ServerNode>, call: &Call) -> Answer {
     }
     if let Some(rest) = path.strip_prefix("/v1/internal/ui/") {
         return views::route(node, call, rest).await;
+    }
+    if path == "/v1/catalog/register" || path == "/v1/catalog/deregister" {
+        return catalog_write::route(node, call, path).await;
     }
     if path.starts_with("/v1/catalog/") || path.starts_with("/v1/health/") {
         return catalog::route(node, call, path).await;
