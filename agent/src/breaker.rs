@@ -42,7 +42,7 @@ impl Gauge {
 
 /// A limit was reached.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{caller} -> {upstream}: {} of {limit} reached", gauge.limit_name())]
+#[error("{upstream}: circuit breaker open ({} reached)", gauge.limit_name())]
 pub struct Overflow {
     pub caller: String,
     pub upstream: String,
@@ -128,7 +128,7 @@ mod tests {
         let e = b.take("web", "api", Gauge::Requests, Some(2)).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "web -> api: MaxConcurrentRequests of 2 reached"
+            "api: circuit breaker open (MaxConcurrentRequests reached)"
         );
         // Other gauges, callers and upstreams count apart.
         b.take("web", "api", Gauge::Connections, Some(1)).unwrap();

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use weft_api::load_balancer::{LoadBalancer, Maglev, Policy, Ring};
 
 /// How many consistent-hash tables are kept (one per service and set of
-/// instances); past that the cache starts again.
-const MAX_TABLES: usize = 256;
+/// instances, at most 1 MiB each); past that the cache starts again.
+const MAX_TABLES: usize = 64;
 
 enum Table {
     Ring(Ring),
@@ -35,56 +35,63 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    /// Picks one of `candidates` (instances of `service`, each with its
-    /// in-flight count in `loads`) under `policy`; `hash` is the request's or
-    /// connection's hash under the policy's hash policies; `draw` gives
-    /// random numbers. None only when there is no candidate.
+    /// Picks one of `all` (instances of `service`, each with its in-flight
+    /// count in `loads`) that `allowed` takes (not ejected, not tried
+    /// already), under `policy`; `hash` is the request's or connection's
+    /// hash under the policy's hash policies; `draw` gives random numbers.
+    /// A consistent-hash table is laid over `all`, so that instances left
+    /// out for a while move only their own keys and build no new table.
+    /// None only when no instance is allowed.
     pub fn choose(
         &self,
         service: &str,
         policy: Option<&LoadBalancer>,
-        candidates: &[SocketAddr],
+        (all, allowed): (&[SocketAddr], &[bool]),
         loads: &[u64],
         hash: Option<u64>,
         mut draw: impl FnMut() -> usize,
     ) -> Option<usize> {
-        let n = candidates.len();
+        let mut ok: Vec<usize> = (0..all.len()).filter(|i| allowed[*i]).collect();
+        let n = ok.len();
         if n == 0 {
             return None;
         }
         let Some(lb) = policy.filter(|lb| lb.policy.is_some()) else {
-            return p2c(loads, draw(), draw());
+            let l: Vec<u64> = ok.iter().map(|i| loads[*i]).collect();
+            return p2c(&l, draw(), draw()).map(|k| ok[k]);
         };
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by_key(|i| candidates[*i]);
+        ok.sort_by_key(|i| all[*i]);
         let chosen = match lb.policy.expect("filtered") {
-            Policy::Random => draw() % n,
+            Policy::Random => ok[draw() % n],
             Policy::RoundRobin => {
                 let mut turns = self.turns.lock().expect("turns lock");
                 let turn = turns.entry(service.to_string()).or_default();
                 let at = *turn % n;
                 *turn = turn.wrapping_add(1);
-                at
+                ok[at]
             }
             Policy::LeastRequest => {
-                let sorted: Vec<u64> = order.iter().map(|i| loads[*i]).collect();
-                least_of(&sorted, lb.choice_count(), &mut draw)?
+                let sorted: Vec<u64> = ok.iter().map(|i| loads[*i]).collect();
+                ok[least_of(&sorted, lb.choice_count(), &mut draw)?]
             }
             policy @ (Policy::RingHash | Policy::Maglev) => match hash {
                 // No hash for this request: a random instance, as in Envoy.
-                None => draw() % n,
+                None => ok[draw() % n],
                 Some(hash) => {
-                    let sorted: Vec<SocketAddr> = order.iter().map(|i| candidates[*i]).collect();
+                    let mut every: Vec<usize> = (0..all.len()).collect();
+                    every.sort_by_key(|i| all[*i]);
+                    let sorted: Vec<SocketAddr> = every.iter().map(|i| all[*i]).collect();
                     let size = if policy == Policy::RingHash {
-                        lb.ring_size(n)
+                        lb.ring_size(all.len())
                     } else {
                         0
                     };
-                    self.table(policy, size, sorted).pick(hash)?
+                    let table = self.table(policy, size, sorted);
+                    every[table.pick_where(hash, |k| allowed[every[k]])?]
                 }
             },
         };
-        Some(order[chosen])
+        Some(chosen)
     }
 
     /// The table for `candidates` (in address order), built when new.
@@ -109,10 +116,10 @@ impl Balancer {
 }
 
 impl Table {
-    fn pick(&self, hash: u64) -> Option<usize> {
+    fn pick_where(&self, hash: u64, allowed: impl Fn(usize) -> bool) -> Option<usize> {
         match self {
-            Table::Ring(r) => r.pick(hash),
-            Table::Maglev(m) => m.pick(hash),
+            Table::Ring(r) => r.pick_where(hash, allowed),
+            Table::Maglev(m) => m.pick_where(hash, allowed),
         }
     }
 }
@@ -213,7 +220,7 @@ mod tests {
         c.reverse(); // the view's order does not matter
         let picks: Vec<_> = (0..6)
             .map(|_| {
-                c[b.choose("api", Some(&policy), &c, &[0; 3], None, || 0)
+                c[b.choose("api", Some(&policy), (&c, &[true; 3]), &[0; 3], None, || 0)
                     .unwrap()]
             })
             .collect();
@@ -221,7 +228,7 @@ mod tests {
         assert_eq!(picks, [a[0], a[1], a[2], a[0], a[1], a[2]]);
         // Another service has turns of its own.
         let other = b
-            .choose("db", Some(&policy), &c, &[0; 3], None, || 0)
+            .choose("db", Some(&policy), (&c, &[true; 3]), &[0; 3], None, || 0)
             .unwrap();
         assert_eq!(c[other], a[0]);
     }
@@ -246,7 +253,7 @@ mod tests {
         let b = Balancer::default();
         let loads = [4, 3, 0, 8];
         assert_eq!(
-            b.choose("api", Some(&policy), &c, &loads, None, || 1),
+            b.choose("api", Some(&policy), (&c, &[true; 4]), &loads, None, || 1),
             Some(2)
         );
     }
@@ -257,16 +264,37 @@ mod tests {
         let c = addrs(5);
         for json in [r#"{"Policy":"ring_hash"}"#, r#"{"Policy":"maglev"}"#] {
             let policy = lb(json);
-            let first = b.choose("api", Some(&policy), &c, &[0; 5], Some(42), || 0);
+            let first = b.choose(
+                "api",
+                Some(&policy),
+                (&c, &[true; 5]),
+                &[0; 5],
+                Some(42),
+                || 0,
+            );
             for _ in 0..20 {
-                let again = b.choose("api", Some(&policy), &c, &[9; 5], Some(42), || 3);
+                let again = b.choose(
+                    "api",
+                    Some(&policy),
+                    (&c, &[true; 5]),
+                    &[9; 5],
+                    Some(42),
+                    || 3,
+                );
                 assert_eq!(again, first, "{json}");
             }
             // Another agent, the instances listed in another order: the same.
             let mut shuffled = c.clone();
             shuffled.rotate_left(2);
             let other = Balancer::default()
-                .choose("api", Some(&policy), &shuffled, &[0; 5], Some(42), || 0)
+                .choose(
+                    "api",
+                    Some(&policy),
+                    (&shuffled, &[true; 5]),
+                    &[0; 5],
+                    Some(42),
+                    || 0,
+                )
                 .unwrap();
             assert_eq!(shuffled[other], c[first.unwrap()], "{json}");
             // Many keys spread over every instance.
@@ -274,11 +302,46 @@ mod tests {
             for h in 0..200u64 {
                 let key = xxhash_rust::xxh64::xxh64(&h.to_le_bytes(), 0);
                 hit[b
-                    .choose("api", Some(&policy), &c, &[0; 5], Some(key), || 0)
+                    .choose(
+                        "api",
+                        Some(&policy),
+                        (&c, &[true; 5]),
+                        &[0; 5],
+                        Some(key),
+                        || 0,
+                    )
                     .unwrap()] = true;
             }
             assert!(hit.iter().all(|h| *h), "{json}: {hit:?}");
         }
+    }
+
+    #[test]
+    fn an_instance_left_out_keeps_the_table_and_the_others_keys() {
+        let b = Balancer::default();
+        let c = addrs(5);
+        let policy = lb(r#"{"Policy":"maglev"}"#);
+        let pick = |allowed: &[bool], key: u64| {
+            b.choose(
+                "api",
+                Some(&policy),
+                (&c, allowed),
+                &[0; 5],
+                Some(key),
+                || 0,
+            )
+        };
+        for h in 0..300u64 {
+            let key = xxhash_rust::xxh64::xxh64(&h.to_le_bytes(), 0);
+            let all = pick(&[true; 5], key).unwrap();
+            let without = pick(&[true, true, false, true, true], key).unwrap();
+            assert_ne!(without, 2);
+            if all != 2 {
+                assert_eq!(all, without);
+            }
+        }
+        assert_eq!(b.tables.lock().unwrap().len(), 1, "one table for both");
+        assert_eq!(pick(&[false; 5], 1), None);
     }
 
     #[test]
@@ -287,7 +350,14 @@ mod tests {
         let policy = lb(r#"{"Policy":"ring_hash","RingHashConfig":{"MinimumRingSize":8}}"#);
         for n in 1..(MAX_TABLES as u16 + 10) {
             let c = addrs(n);
-            b.choose("api", Some(&policy), &c, &vec![0; c.len()], Some(1), || 0);
+            b.choose(
+                "api",
+                Some(&policy),
+                (&c, &vec![true; c.len()]),
+                &vec![0; c.len()],
+                Some(1),
+                || 0,
+            );
         }
         assert!(b.tables.lock().unwrap().len() <= MAX_TABLES);
     }

@@ -43,6 +43,9 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
 /// Envoy's `max_ejection_time`.
 pub const MAX_EJECTION: Duration = Duration::from_secs(300);
+/// At most this many (caller, instance) pairs are followed; past it, pairs
+/// that are neither ejected nor remembered as ejected are let go first.
+pub const MAX_TRACKED: usize = 16_384;
 
 impl EjectionPolicy {
     /// A policy with Envoy's defaults for all but `max_failures`.
@@ -113,6 +116,13 @@ impl Outliers {
     ) -> bool {
         let mut instances = self.instances.lock().expect("outliers lock");
         let key = (source.to_string(), addr);
+        if !ok && !instances.contains_key(&key) && instances.len() >= MAX_TRACKED {
+            instances
+                .retain(|_, s| s.times_ejected > 0 || s.ejected_until.is_some_and(|u| now < u));
+            if instances.len() >= MAX_TRACKED {
+                return false;
+            }
+        }
         let Some(state) = instances.get_mut(&key) else {
             if !ok {
                 let fresh = InstanceState {
@@ -157,7 +167,8 @@ impl Outliers {
         state.times_ejected += 1;
         let cap = MAX_EJECTION.max(policy.ejection);
         let ejection = policy.ejection.saturating_mul(state.times_ejected).min(cap);
-        let until = self.review_after(now + ejection, policy.interval);
+        let end = now.checked_add(ejection).unwrap_or(now + MAX_EJECTION);
+        let until = self.review_after(end, policy.interval);
         state.ejected_at = Some(now);
         state.ejected_until = Some(until);
         state.forget_from = until;

@@ -226,6 +226,14 @@ impl View {
             .collect()
     }
 
+    /// Whether `node` was registered through the catalog API: no agent
+    /// runs it, so the mesh has no tunnel to its instances.
+    pub fn node_is_external(&self, node: &str) -> bool {
+        self.nodes
+            .get(node)
+            .is_some_and(weft_api::catalog_register::is_external)
+    }
+
     /// Whether `node` is not critical at node level: its agent is heard
     /// from (the servers' failure detection). Instances on a critical node
     /// count as critical, whatever their own checks last said.
@@ -362,13 +370,18 @@ impl View {
         self.entries.resolver(service)?.load_balancer.as_ref()
     }
 
-    /// How long `source` may take to open a connection to an instance of
-    /// `service`: the service's resolver's `ConnectTimeout`, else `source`'s
-    /// `ConnectTimeoutMs` for it, else proxy-defaults' `connect_timeout_ms`,
-    /// else `default`.
-    pub fn connect_timeout(&self, source: &str, service: &str, default: Duration) -> Duration {
+    /// How long the caller may take to open a connection to an instance of
+    /// `call.service`: that service's resolver's `ConnectTimeout`, else the
+    /// caller's `ConnectTimeoutMs` for the upstream it dialed, else
+    /// proxy-defaults' `connect_timeout_ms`, else `default`.
+    pub fn connect_timeout(
+        &self,
+        call: crate::proxy::outbound::Call<'_>,
+        default: Duration,
+    ) -> Duration {
+        let service = call.service;
         let ms = self
-            .upstream_settings(source, service)
+            .upstream_settings(call.source, call.upstream)
             .and_then(|s| s.connect_timeout_ms)
             .or_else(|| self.entries.proxy_defaults()?.config.connect_timeout_ms);
         self.entries

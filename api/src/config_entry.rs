@@ -216,18 +216,29 @@ pub struct PassiveHealthCheck {
 
 impl UpstreamConfig {
     /// The settings for upstream `service`: its override, else the defaults.
+    /// (A field an override sets wins; the others come from the defaults,
+    /// as Consul merges them.)
     pub fn for_upstream(&self, service: &str) -> Option<UpstreamSettings<'_>> {
-        if let Some(o) = self.overrides.iter().find(|o| o.name == service) {
-            return Some(UpstreamSettings {
-                connect_timeout_ms: o.connect_timeout_ms,
-                limits: o.limits.as_ref(),
-                passive_health_check: o.passive_health_check.as_ref(),
-            });
-        }
-        self.defaults.as_ref().map(|d| UpstreamSettings {
+        let defaults = self.defaults.as_ref().map(|d| UpstreamSettings {
             connect_timeout_ms: d.connect_timeout_ms,
             limits: d.limits.as_ref(),
             passive_health_check: d.passive_health_check.as_ref(),
+        });
+        let Some(o) = self.overrides.iter().find(|o| o.name == service) else {
+            return defaults;
+        };
+        let base = defaults.unwrap_or(UpstreamSettings {
+            connect_timeout_ms: None,
+            limits: None,
+            passive_health_check: None,
+        });
+        Some(UpstreamSettings {
+            connect_timeout_ms: o.connect_timeout_ms.or(base.connect_timeout_ms),
+            limits: o.limits.as_ref().or(base.limits),
+            passive_health_check: o
+                .passive_health_check
+                .as_ref()
+                .or(base.passive_health_check),
         })
     }
 }
@@ -937,6 +948,12 @@ fn validate_proxy_defaults(p: &ProxyDefaults) -> Result<(), ConfigEntryError> {
     Ok(())
 }
 
+/// The longest `BaseEjectionTime` and `Interval`.
+pub const MAX_OUTLIER_DURATION: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The most `NumRetries` a route takes.
+pub const MAX_RETRIES: u32 = 10;
+
 /// At most this many `UpstreamConfig.Overrides`.
 pub const MAX_UPSTREAM_OVERRIDES: usize = 256;
 
@@ -1013,13 +1030,18 @@ fn validate_upstream(base: &str, s: UpstreamSettings<'_>) -> Result<(), ConfigEn
             "must be at least 1",
         ));
     }
-    if let Some(t) = &check.base_ejection_time {
-        check_duration(&format!("{field}.BaseEjectionTime"), t)?;
-    }
-    if let Some(t) = &check.interval {
-        check_duration(&format!("{field}.Interval"), t)?;
-        if parse_duration(t).is_ok_and(|d| d.is_zero()) {
-            return Err(invalid(format!("{field}.Interval"), "must be above 0"));
+    for (name, value) in [
+        ("BaseEjectionTime", &check.base_ejection_time),
+        ("Interval", &check.interval),
+    ] {
+        let Some(t) = value else { continue };
+        check_duration(&format!("{field}.{name}"), t)?;
+        let d = parse_duration(t).unwrap_or_default();
+        if d.is_zero() || d > MAX_OUTLIER_DURATION {
+            return Err(invalid(
+                format!("{field}.{name}"),
+                format!("{t:?} is not above 0 and at most 1h"),
+            ));
         }
     }
     for (name, value) in [
@@ -1125,6 +1147,12 @@ fn validate_router(r: &ServiceRouter, ctx: &impl EntryContext) -> Result<(), Con
         }
         if let Some(t) = &dest.request_timeout {
             check_duration(&format!("{df}.RequestTimeout"), t)?;
+        }
+        if let Some(n) = dest.num_retries.filter(|n| *n > MAX_RETRIES) {
+            return Err(invalid(
+                format!("{df}.NumRetries"),
+                format!("{n} is more than weft retries ({MAX_RETRIES})"),
+            ));
         }
         for (j, code) in dest.retry_on_status_codes.iter().enumerate() {
             if !(100..=599).contains(code) {

@@ -34,9 +34,10 @@ use crate::http_match::Request;
 pub const DEFAULT_MIN_RING: u64 = 1024;
 /// Envoy's default `MaximumRingSize`.
 pub const DEFAULT_MAX_RING: u64 = 8 * 1024 * 1024;
-/// The largest ring weft builds (entries); a `MinimumRingSize` above it is
-/// refused, a larger `MaximumRingSize` is only a bound that is never reached.
-pub const MAX_RING: u64 = 1 << 20;
+/// The largest ring weft builds (entries, 1 MiB of memory); a
+/// `MinimumRingSize` above it is refused, a larger `MaximumRingSize` is
+/// only a bound that is never reached.
+pub const MAX_RING: u64 = 1 << 16;
 /// Maglev's table size (a prime, Envoy's default).
 pub const MAGLEV_TABLE: usize = 65_537;
 /// The largest `ChoiceCount`.
@@ -327,14 +328,22 @@ impl HashPolicy {
                 return Err(refuse(cf, "either Session or TTL, not both"));
             }
             if let Some(ttl) = &c.ttl {
-                parse_duration(ttl).map_err(|e| refuse(format!("{cf}.TTL"), e.to_string()))?;
+                let d =
+                    parse_duration(ttl).map_err(|e| refuse(format!("{cf}.TTL"), e.to_string()))?;
+                if d.as_secs() == 0 {
+                    return Err(refuse(
+                        format!("{cf}.TTL"),
+                        format!("{ttl:?}: at least 1s (use Session for a cookie without expiry)"),
+                    ));
+                }
             }
             if let Some(path) = &c.path {
-                if !path.starts_with('/') || path.chars().any(|ch| ch.is_control() || ch == ';') {
+                let printable = |ch: char| ch.is_ascii_graphic() && ch != ';';
+                if !path.starts_with('/') || !path.chars().all(printable) {
                     return Err(refuse(
                         format!("{cf}.Path"),
                         format!(
-                            "{path:?} must start with '/' and hold no ';' or control character"
+                            "{path:?} must start with '/' and hold printable ASCII other than ';'"
                         ),
                     ));
                 }
@@ -488,12 +497,18 @@ impl Ring {
 
     /// The index of the instance `hash` goes to.
     pub fn pick(&self, hash: u64) -> Option<usize> {
-        if self.points.is_empty() {
-            return None;
-        }
+        self.pick_where(hash, |_| true)
+    }
+
+    /// The instance of the first point at or after `hash` that `allowed`
+    /// takes (the ring walked once round), so that leaving one instance out
+    /// moves only its keys.
+    pub fn pick_where(&self, hash: u64, allowed: impl Fn(usize) -> bool) -> Option<usize> {
+        let n = self.points.len();
         let at = self.points.partition_point(|(h, _)| *h < hash);
-        let (_, i) = self.points[at % self.points.len()];
-        Some(i as usize)
+        (0..n)
+            .map(|k| self.points[(at + k) % n].1 as usize)
+            .find(|i| allowed(*i))
     }
 }
 
@@ -546,10 +561,18 @@ impl Maglev {
     }
 
     pub fn pick(&self, hash: u64) -> Option<usize> {
-        if self.table.is_empty() {
-            return None;
-        }
-        Some(self.table[(hash % self.table.len() as u64) as usize] as usize)
+        self.pick_where(hash, |_| true)
+    }
+
+    /// The instance of `hash`'s slot, or when `allowed` does not take it,
+    /// of the next slots in turn, so that leaving one instance out moves
+    /// only its keys.
+    pub fn pick_where(&self, hash: u64, allowed: impl Fn(usize) -> bool) -> Option<usize> {
+        let n = self.table.len();
+        let at = (hash % n.max(1) as u64) as usize;
+        (0..n)
+            .map(|k| self.table[(at + k) % n] as usize)
+            .find(|i| allowed(*i))
     }
 }
 

@@ -184,11 +184,27 @@ impl RoutePolicy {
         listed || self.retry_on.iter().any(|c| c.holds(attempt))
     }
 
-    /// The path to send instead of `path`, when the route rewrites it.
+    /// The path to send instead of `path`, when the route rewrites it. The
+    /// matched prefix is cut by its length, in any case (the route matched
+    /// it already, case-insensitively if it says so).
     pub fn rewritten(&self, path: &str) -> Option<String> {
         let (matched, replacement) = self.rewrite.as_ref()?;
-        let rest = path.strip_prefix(matched.as_str())?;
-        Some(format!("{replacement}{rest}"))
+        let head = path.get(..matched.len())?;
+        if !head.eq_ignore_ascii_case(matched) {
+            return None;
+        }
+        Some(format!("{replacement}{}", &path[matched.len()..]))
+    }
+
+    /// How long to wait before retry number `retried` + 1, as Envoy waits:
+    /// fully jittered exponential back-off from 25 ms, at most 250 ms.
+    /// `roll` is a number in `[0, 1)`.
+    pub fn backoff(retried: u32, roll: f64) -> Duration {
+        let base = Duration::from_millis(25);
+        let ceiling = base
+            .saturating_mul(1u32 << retried.min(4))
+            .min(Duration::from_millis(250));
+        ceiling.mul_f64(roll.clamp(0.0, 1.0))
     }
 
     /// Whether anything here needs the request kept for another attempt or
@@ -539,6 +555,11 @@ mod tests {
         };
         let policy = RoutePolicy::of(&route);
         assert_eq!(policy.rewritten("/v2/users/7").as_deref(), Some("/users/7"));
+        assert_eq!(
+            policy.rewritten("/V2/users/7").as_deref(),
+            Some("/users/7"),
+            "a case-insensitive match is cut too"
+        );
         assert_eq!(policy.rewritten("/other"), None);
         assert!(policy.is_plain(), "a rewrite keeps no body");
         assert_eq!(RoutePolicy::default().rewritten("/v2/x"), None);
@@ -571,6 +592,19 @@ mod tests {
         };
         assert!(!no_connect.retries(0, Attempt::ConnectFailure));
         assert!(!RoutePolicy::default().retries(0, Attempt::ConnectFailure));
+    }
+
+    #[test]
+    fn retries_back_off_with_jitter_up_to_250ms() {
+        assert_eq!(RoutePolicy::backoff(0, 0.0), Duration::ZERO);
+        assert_eq!(RoutePolicy::backoff(0, 1.0), Duration::from_millis(25));
+        assert_eq!(RoutePolicy::backoff(1, 1.0), Duration::from_millis(50));
+        assert_eq!(RoutePolicy::backoff(3, 1.0), Duration::from_millis(200));
+        assert_eq!(RoutePolicy::backoff(9, 1.0), Duration::from_millis(250));
+        assert_eq!(
+            RoutePolicy::backoff(u32::MAX, 0.5),
+            Duration::from_millis(125)
+        );
     }
 
     #[test]

@@ -434,20 +434,23 @@ fn consuls_hcl_config_entries_are_written_as_they_are() -> anyhow::Result<()> {
     let splits = &split["entry"]["Splits"];
     assert_eq!(splits[0]["Weight"], 90.0, "{split}");
     assert_eq!(splits[1]["ServiceSubset"], "v2", "{split}");
-    let refused = cluster.cli_at(
-        &cluster.addrs(),
-        &[
-            "config",
-            "write",
-            &format!("{fixtures}/service-resolver-load-balancer.hcl"),
-        ],
-    );
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        stderr.contains("LoadBalancer: Consul's field, not supported by weft yet"),
-        "{stderr}"
-    );
+    // The ring hash example (once refused as not supported) is taken.
+    cluster.cli(&[
+        "config",
+        "write",
+        &format!("{fixtures}/service-resolver-load-balancer.hcl"),
+    ])?;
+    let resolver: serde_json::Value = serde_json::from_str(&cluster.cli(&[
+        "--format",
+        "json",
+        "config",
+        "read",
+        "service-resolver",
+        "web",
+    ])?)?;
+    let lb = &resolver["entry"]["LoadBalancer"];
+    assert_eq!(lb["Policy"], "ring_hash", "{resolver}");
+    assert_eq!(lb["RingHashConfig"]["MinimumRingSize"], 1024, "{resolver}");
     Ok(())
 }
 

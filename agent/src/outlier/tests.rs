@@ -151,3 +151,18 @@ fn at_most_max_ejection_percent_are_left_out_but_always_one() {
     let two = [(addr(1), 1), (addr(3), 3)];
     assert_eq!(o.filter("web", &two, now, 100), two.to_vec());
 }
+
+#[test]
+fn the_pairs_followed_are_bounded() {
+    let t0 = Instant::now();
+    let o = Outliers::new(t0);
+    let lenient = EjectionPolicy {
+        max_failures: 1000,
+        ..POLICY
+    };
+    for i in 0..(MAX_TRACKED + 10) {
+        let a = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 80));
+        o.record("web", a, false, lenient, t0, 0);
+    }
+    assert!(o.instances.lock().unwrap().len() <= MAX_TRACKED);
+}

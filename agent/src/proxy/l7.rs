@@ -275,7 +275,7 @@ struct Retries {
 }
 
 impl tower::retry::Policy<Request<Bytes>, Response<Body>, AttemptError> for Retries {
-    type Future = std::future::Ready<()>;
+    type Future = std::pin::Pin<Box<tokio::time::Sleep>>;
 
     fn retry(
         &mut self,
@@ -294,8 +294,9 @@ impl tower::retry::Policy<Request<Bytes>, Response<Body>, AttemptError> for Retr
         if !self.policy.retries(self.retried, attempt) {
             return None;
         }
+        let wait = RoutePolicy::backoff(self.retried, rand::random::<f64>());
         self.retried += 1;
-        Some(std::future::ready(()))
+        Some(Box::pin(tokio::time::sleep(wait)))
     }
 
     fn clone_request(&mut self, request: &Request<Bytes>) -> Option<Request<Bytes>> {
@@ -460,7 +461,7 @@ impl Judge {
         for edits in &target.policy.request_headers {
             edits.apply(request.headers_mut());
         }
-        let _slot = match (self.ctx).take_slot(&self.source, &target.service, Gauge::Requests) {
+        let _slot = match (self.ctx).take_slot(&self.source, &self.destination, Gauge::Requests) {
             Ok(slot) => slot,
             Err(e) => return overloaded(&self.destination, &e),
         };
@@ -629,10 +630,14 @@ impl Judge {
             }
             hashed.hash
         });
-        let pair = (self.source.as_str(), service.as_str());
-        let route = outbound::pick(&self.ctx, &view, &instances, pair, hash)
+        let call = outbound::Call {
+            source: &self.source,
+            upstream: &self.destination,
+            service: &service,
+        };
+        let route = outbound::pick(&self.ctx, &view, &instances, call, hash)
             .map_err(|e| AttemptError::NoInstance(e.to_string()))?;
-        let timeout = view.connect_timeout(&self.source, &service, CONNECT_TIMEOUT);
+        let timeout = view.connect_timeout(call, CONNECT_TIMEOUT);
         let addr = match &route {
             Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
         };
@@ -675,26 +680,28 @@ impl Judge {
         picked: &Picked,
         request: Request<Body>,
     ) -> Result<Response<Body>, (AttemptError, Option<Request<Body>>)> {
-        let (addr, service) = (picked.addr, picked.service.as_str());
+        let addr = picked.addr;
         let mut request = request;
         for fresh in [false, true] {
-            let pending = match (self.ctx).take_slot(&self.source, service, Gauge::PendingRequests)
-            {
-                Ok(slot) => slot,
-                Err(e) => return Err((e.into(), None)),
-            };
+            let pending =
+                match (self.ctx).take_slot(&self.source, &self.destination, Gauge::PendingRequests)
+                {
+                    Ok(slot) => slot,
+                    Err(e) => return Err((e.into(), None)),
+                };
             let (kept, new) = match self.upstream(conns, picked, fresh).await {
                 Ok(u) => u,
                 Err(UpstreamError::Overflow(e)) => return Err((e.into(), None)),
                 Err(UpstreamError::Connect(e)) => {
-                    self.ctx.report(&self.source, service, addr, false);
+                    self.ctx
+                        .report(&self.source, &self.destination, addr, false);
                     return Err((AttemptError::Connect(e), Some(request)));
                 }
             };
             match kept.upstream.try_send(request, Some(pending)).await {
                 Ok(mut response) => {
                     let ok = !response.status().is_server_error();
-                    self.ctx.report(&self.source, service, addr, ok);
+                    self.ctx.report(&self.source, &self.destination, addr, ok);
                     response.extensions_mut().insert(FromInstance);
                     return Ok(response.map(BodyExt::boxed));
                 }
@@ -705,7 +712,8 @@ impl Judge {
                 }
                 Err((e, _)) => {
                     conns.lock().await.remove(&addr);
-                    self.ctx.report(&self.source, service, addr, false);
+                    self.ctx
+                        .report(&self.source, &self.destination, addr, false);
                     return Err((AttemptError::Upstream(e), None));
                 }
             }
@@ -732,7 +740,11 @@ impl Judge {
                 }
             }
         }
-        let slot = (self.ctx).take_slot(&self.source, &picked.service, Gauge::Connections)?;
+        // A closed kept connection gives its slot back before a new one
+        // takes one.
+        let stale = conns.lock().await.remove(&addr);
+        drop(stale);
+        let slot = (self.ctx).take_slot(&self.source, &self.destination, Gauge::Connections)?;
         let upstream = self.open(&picked.route, picked.timeout).await;
         let kept = Arc::new(Kept {
             upstream: upstream.map_err(UpstreamError::Connect)?,

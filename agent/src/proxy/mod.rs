@@ -74,7 +74,8 @@ impl ProxyContext {
             .take(source, upstream, gauge, limit)
             .inspect_err(|overflow| {
                 self.metrics.overflow(overflow);
-                tracing::info!("refused: {overflow}");
+                tracing::info!(source = %overflow.caller, limit = overflow.limit,
+                    "refused: {overflow}");
             })
     }
 

@@ -77,7 +77,23 @@ pub fn route_avoiding(
     let hash = view.load_balancer(service).and_then(|lb| {
         weft_api::load_balancer::hash_request(&lb.hash_policies, None, peer, 0).hash
     });
-    pick(ctx, &view, &instances, (source, service), hash)
+    let call = Call {
+        source,
+        upstream: service,
+        service,
+    };
+    pick(ctx, &view, &instances, call, hash)
+}
+
+/// Who calls what: the calling service, the upstream it dialed (whose
+/// `UpstreamConfig` applies: limits, passive health check, connect timeout)
+/// and the service whose instance answers (the upstream, or where its
+/// routes, splits, redirects or failovers lead; its resolver balances).
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    pub source: &'a str,
+    pub upstream: &'a str,
+    pub service: &'a str,
 }
 
 /// How many instances one connection is tried on when opening it fails
@@ -98,40 +114,51 @@ impl OutboundError {
     }
 }
 
-/// Picks one of `instances` (of `service`, called by `source`: those its
-/// passive health check has not ejected, then by `service`'s resolver's
-/// `LoadBalancer` with the request's or connection's `hash`, or power of
-/// two choices over open connections) and the way to it.
+/// Picks one of `instances` (of `call.service`: those the caller's passive
+/// health check for the upstream has not ejected, then by the service's
+/// resolver's `LoadBalancer` with the request's or connection's `hash`, or
+/// power of two choices over open connections) and the way to it.
 pub fn pick(
     ctx: &ProxyContext,
     view: &View,
     instances: &[&ServiceInstance],
-    (source, service): (&str, &str),
+    call: Call<'_>,
     hash: Option<u64>,
 ) -> Result<Route, OutboundError> {
+    let Call {
+        source,
+        upstream,
+        service,
+    } = call;
+    // Instances of external nodes (no agent to tunnel to) are reached
+    // outside the mesh, not through it.
     let all: Vec<(SocketAddr, &str)> = instances
         .iter()
+        .filter(|i| !view.node_is_external(&i.node))
         .filter_map(|i| Some((i.socket_addr()?, i.node.as_str())))
         .collect();
-    let max_percent = view
-        .ejection_policy(source, service)
-        .map_or(100, |p| p.max_ejection_percent);
-    let now = std::time::Instant::now();
-    let candidates = ctx.outliers.filter(source, &all, now, max_percent);
+    // Ejections count only while the caller asks for them.
+    let allowed: Vec<bool> = match view.ejection_policy(source, upstream) {
+        Some(policy) => {
+            let now = std::time::Instant::now();
+            let kept = (ctx.outliers).filter(source, &all, now, policy.max_ejection_percent);
+            all.iter().map(|c| kept.contains(c)).collect()
+        }
+        None => vec![true; all.len()],
+    };
     let loads: Vec<u64> = {
         let in_flight = ctx.in_flight.lock().expect("in-flight lock");
-        candidates
-            .iter()
+        all.iter()
             .map(|(a, _)| in_flight.get(a).copied().unwrap_or(0))
             .collect()
     };
-    let addrs: Vec<SocketAddr> = candidates.iter().map(|(a, _)| *a).collect();
+    let addrs: Vec<SocketAddr> = all.iter().map(|(a, _)| *a).collect();
     let policy = view.load_balancer(service);
     let draw = || rand::random::<u32>() as usize;
     let pick = (ctx.balancer)
-        .choose(service, policy, &addrs, &loads, hash, draw)
+        .choose(service, policy, (&addrs, &allowed), &loads, hash, draw)
         .ok_or_else(|| OutboundError::NoInstance(service.to_string()))?;
-    let (target, node) = candidates[pick];
+    let (target, node) = all[pick];
     if node == ctx.node_name {
         return Ok(Route::Local(target));
     }
@@ -221,8 +248,14 @@ async fn splice_to_instance(
     let _slot = ctx.take_slot(source, destination, crate::breaker::Gauge::Connections)?;
     let mut failed: Vec<SocketAddr> = Vec::new();
     let peer = client.peer_addr().ok().map(|a| a.ip());
-    let timeout =
-        (ctx.view.read().expect("view lock")).connect_timeout(source, destination, CONNECT_TIMEOUT);
+    let timeout = (ctx.view.read().expect("view lock")).connect_timeout(
+        Call {
+            source,
+            upstream: destination,
+            service: destination,
+        },
+        CONNECT_TIMEOUT,
+    );
     let (opened, _in_flight) = loop {
         let route = match route_avoiding(ctx, (source, peer), destination, &failed) {
             Ok(route) => route,

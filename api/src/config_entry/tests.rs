@@ -1130,8 +1130,9 @@ fn upstream_overrides_limits_and_outlier_fields() {
     );
     let db = d.upstream("db").unwrap();
     assert_eq!(db.limits.unwrap().max_connections, Some(2));
-    assert_eq!(db.passive_health_check, None, "an override stands alone");
-    assert_eq!(db.connect_timeout_ms, None);
+    // What the override leaves out comes from the defaults, as in Consul.
+    assert_eq!(db.passive_health_check.unwrap().max_failures, 5);
+    assert_eq!(db.connect_timeout_ms, Some(1500));
 
     let refused = |from: &str, to: &str| {
         let bad = text.replace(from, to);
@@ -1148,8 +1149,15 @@ fn upstream_overrides_limits_and_outlier_fields() {
     )
     .contains("EnforcingConsecutive5xx: 101 is a percentage"));
     assert!(refused("\"Interval\": \"5s\"", "\"Interval\": \"0s\"")
-        .contains("PassiveHealthCheck.Interval: must be above 0"));
+        .contains("PassiveHealthCheck.Interval: \"0s\" is not above 0"));
     assert!(refused("1500", "0").starts_with("UpstreamConfig.Defaults.ConnectTimeoutMs"));
+    // An ejection time that would overflow the clock is refused.
+    assert!(refused(
+        "\"Interval\": \"5s\"",
+        "\"Interval\": \"5s\", \"BaseEjectionTime\": \"3000000000000000h\""
+    )
+    .contains("BaseEjectionTime"));
+    assert!(refused("\"Interval\": \"5s\"", "\"Interval\": \"2h\"").contains("at most 1h"));
     assert!(refused("\"Name\": \"db\"", "\"Name\": \"d b\"")
         .starts_with("UpstreamConfig.Overrides[0].Name"));
     let twice = text.replace("\"Overrides\": [", "\"Overrides\": [{\"Name\": \"db\"}, ");
@@ -1234,4 +1242,20 @@ Config {
         bad(r#"{"Kind": "proxy-defaults", "Name": "global", "MutualTLSMode": "permissive"}"#)
             .starts_with("MutualTLSMode: not supported by weft yet")
     );
+}
+
+#[test]
+fn num_retries_are_bounded() {
+    let router = |n: u32| {
+        parse_entry_file(
+            &format!(r#"{{"Kind": "service-router", "Name": "api", "Routes": [{{"Destination": {{"NumRetries": {n}}}}}]}}"#),
+            FileFormat::Json,
+        )
+        .unwrap()
+    };
+    let mut set = EntrySet::new();
+    set.insert(defaults("api", Protocol::Http));
+    assert_eq!(validate_entry(&router(MAX_RETRIES), &set), Ok(()));
+    let e = validate_entry(&router(MAX_RETRIES + 1), &set).unwrap_err();
+    assert_eq!(e.field(), "Routes[0].Destination.NumRetries", "{e}");
 }

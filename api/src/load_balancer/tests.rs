@@ -250,3 +250,24 @@ fn ring_size_follows_envoy_within_weft_s_bound() {
         5
     );
 }
+
+#[test]
+fn leaving_an_instance_out_moves_only_its_keys() {
+    let k = keys(5);
+    let ring = Ring::new(&k, 1024);
+    let maglev = Maglev::new(&k);
+    for h in hashes(2000) {
+        for (all, without) in [
+            (ring.pick(h), ring.pick_where(h, |i| i != 2)),
+            (maglev.pick(h), maglev.pick_where(h, |i| i != 2)),
+        ] {
+            if all == Some(2) {
+                assert!(without.is_some_and(|i| i != 2));
+            } else {
+                assert_eq!(all, without, "a key of another instance stays");
+            }
+        }
+    }
+    assert_eq!(ring.pick_where(1, |_| false), None);
+    assert_eq!(maglev.pick_where(1, |_| false), None);
+}
