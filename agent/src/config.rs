@@ -871,6 +871,13 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             .unwrap_or(&reason);
         invalid(e.field(), reason)
     })?;
+    let reserved = weft_api::catalog_register::EXTERNAL_NODE_META;
+    if raw.node_meta.contains_key(reserved) {
+        return Err(invalid(
+            format!("node_meta.{reserved}"),
+            "marks nodes no agent runs (set by /v1/catalog/register); an agent's node cannot carry it",
+        ));
+    }
     if raw.servers.is_empty() {
         return Err(invalid(
             "servers",

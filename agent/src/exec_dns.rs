@@ -2,13 +2,17 @@
 //! private mount namespace where a `resolv.conf` naming the agent's DNS is
 //! bound over `/etc/resolv.conf`, so plain names (`api.service.weft`, and
 //! with `recursors` every other name) resolve through the agent. Resolvers
-//! ask port 53 only, so this needs `dns_addr` there; the host's own
-//! `/etc/resolv.conf` is not touched.
+//! ask port 53 only, so this needs `dns_addr` there. The file is made new
+//! in the agent's data directory (never one that is there already, never
+//! through a link), bound by its open descriptor (so no path can be swapped
+//! under it) and unlinked at once: the mount keeps it, nothing else sees
+//! it, and the host's `/etc/resolv.conf` is not touched.
 
 use std::ffi::CString;
-use std::io;
+use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// The `resolv.conf` that names the agent's DNS at `dns_addr`, or None when
@@ -27,41 +31,62 @@ pub fn resolv_conf(dns_addr: SocketAddr) -> Option<String> {
     ))
 }
 
-/// Writes `text` to `exec-resolv.conf` in `data_dir` and binds it over
-/// `/etc/resolv.conf` in a new private mount namespace of this process (the
-/// command `exec` becomes inherits it; nothing else sees it).
-pub fn use_resolver(data_dir: &Path, text: &str) -> io::Result<()> {
-    std::fs::create_dir_all(data_dir)?;
-    let file = data_dir.join("exec-resolv.conf");
-    std::fs::write(&file, text)?;
-    // SAFETY: unshare and mount take no pointers we do not own; the CStrings
-    // outlive the calls.
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Binds `text` over `/etc/resolv.conf` in a new mount namespace of this
+/// process (the command `exec` becomes inherits it; nothing else sees it),
+/// from a file made new in `dir`. Mounts of the host made later still reach
+/// it (the namespace is the host's slave, not cut off).
+pub fn use_resolver(dir: &Path, text: &str) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let root = CString::new("/").expect("no NUL");
+    let none = std::ptr::null();
+    // SAFETY: unshare and mount get C strings that outlive the calls.
     unsafe {
-        if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let root = CString::new("/").expect("no NUL");
-        let private = libc::MS_REC | libc::MS_PRIVATE;
-        let none = std::ptr::null();
-        if libc::mount(none, root.as_ptr(), none, private, std::ptr::null()) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let source = CString::new(file.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in data_dir"))?;
-        let target = CString::new("/etc/resolv.conf").expect("no NUL");
-        let bind = libc::MS_BIND;
-        if libc::mount(
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        check(libc::mount(
+            none,
+            root.as_ptr(),
+            none,
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        ))?;
+    }
+    // Opened in the new namespace: a bind takes its source from there.
+    let path = dir.join(format!("exec-resolv-{:016x}.conf", rand::random::<u64>()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)?;
+    let bound = write_and_bind(&mut file, text);
+    // Unlinked whatever happened: a bound file lives on in the mount.
+    let _ = std::fs::remove_file(&path);
+    bound
+}
+
+fn write_and_bind(file: &mut std::fs::File, text: &str) -> io::Result<()> {
+    file.write_all(text.as_bytes())?;
+    let source = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).expect("no NUL");
+    let target = CString::new("/etc/resolv.conf").expect("no NUL");
+    let none = std::ptr::null();
+    // SAFETY: mount gets C strings that outlive the call.
+    check(unsafe {
+        libc::mount(
             source.as_ptr(),
             target.as_ptr(),
             none,
-            bind,
+            libc::MS_BIND,
             std::ptr::null(),
-        ) != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
+        )
+    })
 }
 
 #[cfg(test)]

@@ -409,8 +409,22 @@ fn ipv4(ip: IpAddr) -> Option<std::net::Ipv4Addr> {
 }
 
 impl crate::dns::DnsCatalog for ViewCatalog {
+    /// None for a service whose instances are all on external nodes: the
+    /// mesh does not carry its traffic, so names give the instances'
+    /// addresses instead.
     fn vip(&self, service: &str) -> Option<std::net::Ipv4Addr> {
-        ipv4(*self.0.read().expect("view lock").vips.get(service)?)
+        let view = self.0.read().expect("view lock");
+        let mut instances = view.instances.values().filter(|i| i.service == service);
+        let first = instances.next();
+        let external_only = first.is_some()
+            && first
+                .into_iter()
+                .chain(instances)
+                .all(|i| view.node_is_external(&i.node));
+        if external_only {
+            return None;
+        }
+        ipv4(*view.vips.get(service)?)
     }
 
     fn passing(&self, service: &str) -> Vec<crate::dns::DnsInstance> {

@@ -961,6 +961,25 @@ impl Table {
             .find_map(|end| self.prefix.get(&name[..end]).copied())
     }
 
+    /// Whether `want` is allowed on every name that starts with `under`:
+    /// the longest prefix rule covering `under` grants it, and so does every
+    /// rule (exact or prefix) for names inside.
+    fn allows_under(&self, under: &str, want: Access) -> bool {
+        let covering = self
+            .prefix
+            .iter()
+            .filter(|(p, _)| under.starts_with(p.as_str()))
+            .max_by_key(|(p, _)| p.len())
+            .map(|(_, l)| *l);
+        covering.is_some_and(|l| l.grants(want))
+            && self
+                .exact
+                .iter()
+                .chain(self.prefix.iter())
+                .filter(|(name, _)| name.starts_with(under))
+                .all(|(_, l)| l.grants(want))
+    }
+
     fn allows_all(&self, want: Access) -> bool {
         self.prefix.get("").is_some_and(|l| l.grants(want))
             && self
@@ -1135,6 +1154,16 @@ impl Authorizer {
         match self.table(kind) {
             Ok(table) => table.any_read,
             Err(level) => level.is_some_and(|l| l.grants(Access::Read)),
+        }
+    }
+
+    /// Whether `want` is allowed on every name of `kind` that starts with
+    /// `under` (Consul's check for a recursive KV delete). For operator,
+    /// acl and mesh: whether their level grants it.
+    pub fn allows_under(&self, kind: ResourceKind, under: &str, want: Access) -> bool {
+        match self.table(kind) {
+            Ok(table) => table.allows_under(under, want),
+            Err(level) => level.is_some_and(|l| l.grants(want)),
         }
     }
 
@@ -1630,6 +1659,32 @@ mod tests {
         let a = Authorizer::from_rules([&rules, &node, &policy]);
         assert_eq!(a.service("web"), Some(Level::Deny));
         assert_eq!(a.node("n"), Some(Level::Write));
+    }
+
+    #[test]
+    fn allows_under_needs_the_covering_prefix_and_every_rule_inside() {
+        let a = authz(&[r#"key_prefix "app/" { policy = "write" }"#]);
+        assert!(a.allows_under(ResourceKind::Key, "app/", Access::Write));
+        assert!(a.allows_under(ResourceKind::Key, "app/x/", Access::Write));
+        assert!(
+            !a.allows_under(ResourceKind::Key, "ap", Access::Write),
+            "app/ does not cover ap*"
+        );
+        assert!(!a.allows_under(ResourceKind::Key, "", Access::Write));
+        let inside = authz(&[
+            r#"key_prefix "app/" { policy = "write" }"#,
+            r#"key "app/secret" { policy = "read" }"#,
+        ]);
+        assert!(!inside.allows_under(ResourceKind::Key, "app/", Access::Write));
+        assert!(inside.allows_under(ResourceKind::Key, "app/", Access::Read));
+        assert!(inside.allows_under(ResourceKind::Key, "app/public/", Access::Write));
+        let denied = authz(&[
+            r#"key_prefix "" { policy = "write" }"#,
+            r#"key_prefix "app/keep/" { policy = "deny" }"#,
+        ]);
+        assert!(!denied.allows_under(ResourceKind::Key, "app/", Access::Write));
+        assert!(denied.allows_under(ResourceKind::Key, "other/", Access::Write));
+        assert!(!authz(&[]).allows_under(ResourceKind::Key, "x", Access::Read));
     }
 
     #[test]

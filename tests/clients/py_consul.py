@@ -162,6 +162,15 @@ assert c.health.service("postgres")[1] == []
 assert c.catalog.deregister("db-host") is True
 assert "db-host" not in [n["Node"] for n in c.catalog.nodes()[1]]
 
+# A recursive delete takes the tree and nothing beside it.
+c.kv.put("py/tree/1", "x")
+c.kv.put("py/tree/2", "y")
+c.kv.put("py/treehouse", "z")
+assert c.kv.delete("py/tree/", recurse=True) is True
+assert c.kv.get("py/tree/", recurse=True)[1] is None
+out["tree_kept"] = c.kv.get("py/treehouse")[1]["Value"].decode()
+c.kv.delete("py/treehouse")
+
 # Intentions.
 assert c.connect.intentions.upsert("web", "pyapp", action="deny") is True
 out["web_to_pyapp_allowed"] = c.connect.intentions.check("web", "pyapp")

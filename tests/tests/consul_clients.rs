@@ -90,6 +90,7 @@ fn py_consul_through_the_agent() -> anyhow::Result<()> {
         serde_json::json!({"node": "db-host", "address": "10.9.0.5", "external": "true"})
     );
     assert_eq!(summary["agent_node_register"], "refused");
+    assert_eq!(summary["tree_kept"], "z");
     assert_eq!(summary["web_to_pyapp_allowed"], false);
     assert_eq!(summary["weak_write"], "refused");
     // Nothing the weak token tried landed, and the session's lock went

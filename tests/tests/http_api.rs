@@ -293,8 +293,36 @@ fn kv_intentions_and_config_entries_in_consuls_shapes() -> anyhow::Result<()> {
         404,
         "a refused put wrote nothing"
     );
-    let recurse = http("DELETE", "/v1/kv/app/?recurse", None)?;
-    assert_eq!(recurse.status, 400, "{}", recurse.body);
+    // A recursive delete: the tree, nothing beside it, and only for a
+    // token that may write every key in it.
+    for key in ["tree/1", "tree/sub/2", "tree/secret", "treehouse"] {
+        assert_eq!(
+            http("PUT", &format!("/v1/kv/{key}"), Some(b"v"))?.json()?,
+            true
+        );
+    }
+    let partial = cluster.token_with_rules(
+        "tree-but-secret",
+        r#"key_prefix "tree/" { policy = "write" }
+key "tree/secret" { policy = "read" }"#,
+    )?;
+    let refused = cluster.http(1, "DELETE", "/v1/kv/tree/?recurse", Some(&partial), None)?;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert_eq!(
+        http("GET", "/v1/kv/tree/1", None)?.status,
+        200,
+        "nothing deleted"
+    );
+    let cas = http("DELETE", "/v1/kv/tree/?recurse&cas=3", None)?;
+    assert_eq!(cas.status, 400, "{}", cas.body);
+    assert_eq!(http("DELETE", "/v1/kv/tree/?recurse", None)?.json()?, true);
+    assert_eq!(http("GET", "/v1/kv/tree/?recurse", None)?.status, 404);
+    assert_eq!(
+        http("GET", "/v1/kv/treehouse", None)?.status,
+        200,
+        "beside the tree"
+    );
+    assert_eq!(http("DELETE", "/v1/kv/treehouse", None)?.json()?, true);
     let big = vec![b'x'; 3 << 20];
     assert_eq!(http("PUT", "/v1/kv/app/big", Some(&big))?.status, 413);
     let cas = http("PUT", "/v1/kv/app/c?cas=x", Some(b"v"))?;
@@ -1503,6 +1531,38 @@ service "postgres" { policy = "write" }"#,
         .filter_map(|c| c["Status"].as_str())
         .collect();
     assert!(statuses.contains(&"warning"), "{pg}");
+
+    // Another service's writer cannot take pg-1 over by its id.
+    let other = cluster.token_with_rules(
+        "db-host-other",
+        r#"node "db-host" { policy = "write" }
+service "other" { policy = "write" }"#,
+    )?;
+    let steal = r#"{"Node": "db-host", "Address": "10.9.0.5",
+        "Service": {"ID": "pg-1", "Service": "other", "Port": 6000}}"#;
+    let reply = put(&other, "/v1/catalog/register", steal)?;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    // Nor may an agent's registration carry the external mark.
+    let marked = rt.block_on(async {
+        let mut admin = CatalogClient::new(cluster.channel(1).await?);
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("external-node".to_string(), "true".to_string());
+        anyhow::Ok(
+            admin
+                .register_node(proto::RegisterNodeRequest {
+                    node: Some(proto::Node {
+                        name: "agent-node".into(),
+                        address: "10.9.0.6".into(),
+                        datacenter: "dc1".into(),
+                        meta,
+                        ..Default::default()
+                    }),
+                })
+                .await,
+        )
+    })?;
+    let status = marked.expect_err("an agent's node marked external");
+    assert!(status.message().contains("external-node"), "{status:?}");
 
     // The agent's node is its agent's.
     let takeover = r#"{"Node": "agent-node", "Address": "10.6.6.6"}"#;

@@ -147,7 +147,19 @@ pub fn decide(
                 return Decision::NxDomain;
             }
             let Some(vip) = catalog.vip(service) else {
-                return Decision::NxDomain;
+                // No virtual IP (a service of external nodes only): its
+                // instances, reached directly.
+                let found = catalog.passing(service);
+                if found.is_empty() {
+                    return Decision::NxDomain;
+                }
+                return match query_type {
+                    RecordType::A | RecordType::ANY => {
+                        Decision::Addresses(found.iter().map(|i| i.address).collect())
+                    }
+                    RecordType::SRV => srv(found, catalog, zone, domain),
+                    _ => Decision::NoData,
+                };
             };
             match query_type {
                 RecordType::A | RecordType::ANY => Decision::Address(vip),
@@ -273,6 +285,15 @@ mod tests {
             }
         }
         fn passing(&self, service: &str) -> Vec<DnsInstance> {
+            if service == "pg" {
+                // On an external node: no virtual IP.
+                return vec![DnsInstance {
+                    node: "db-host".into(),
+                    address: Ipv4Addr::new(10, 9, 0, 5),
+                    port: 5432,
+                    tags: vec![],
+                }];
+            }
             if service != "api" {
                 return Vec::new();
             }
@@ -304,6 +325,20 @@ mod tests {
 
     fn d(name: &str, t: RecordType) -> Decision {
         decide(name, t, &TestCatalog, &Zone::default())
+    }
+
+    #[test]
+    fn a_service_without_a_virtual_ip_is_its_instances() {
+        assert_eq!(
+            d("pg.service.weft", RecordType::A),
+            Decision::Addresses(vec![Ipv4Addr::new(10, 9, 0, 5)])
+        );
+        assert!(
+            matches!(d("pg.service.weft", RecordType::SRV), Decision::Srv(_)),
+            "{:?}",
+            d("pg.service.weft", RecordType::SRV)
+        );
+        assert_eq!(d("nothing.service.weft", RecordType::A), Decision::NxDomain);
     }
 
     #[test]

@@ -40,11 +40,14 @@ pub enum KvCmd {
         #[arg(default_value = "")]
         prefix: String,
     },
-    /// Remove a key.
+    /// Remove a key, or with --recurse every key that starts with KEY
+    /// (which needs write on all of them).
     Delete {
         key: String,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "recurse")]
         cas: Option<u64>,
+        #[arg(long)]
+        recurse: bool,
     },
 }
 
@@ -174,10 +177,11 @@ pub async fn run(ctx: &Ctx, cmd: KvCmd) -> anyhow::Result<Outcome> {
             let json = json!(list.entries.iter().map(entry_json).collect::<Vec<_>>());
             output::print(ctx, &["KEY", "BYTES", "INDEX"], rows, json);
         }
-        KvCmd::Delete { key, cas } => {
+        KvCmd::Delete { key, cas, recurse } => {
             let req = KvDeleteRequest {
                 key: key.clone(),
                 cas,
+                recurse,
             };
             let index = ctx
                 .call(|ch| {
@@ -187,7 +191,12 @@ pub async fn run(ctx: &Ctx, cmd: KvCmd) -> anyhow::Result<Outcome> {
                 .await?
                 .into_inner()
                 .index;
-            written(ctx, &format!("{key} deleted"), index);
+            let what = if recurse {
+                format!("keys under {key:?} deleted")
+            } else {
+                format!("{key} deleted")
+            };
+            written(ctx, &what, index);
         }
     }
     Ok(Outcome::Ok)

@@ -103,6 +103,24 @@ impl Caller {
         Err(self.denied(format!("{} on every {kind:?}", access_name(want)).to_lowercase()))
     }
 
+    /// PERMISSION_DENIED unless `want` holds for every name of `kind` that
+    /// starts with `under`.
+    pub fn require_under(
+        &self,
+        kind: ResourceKind,
+        under: &str,
+        want: Access,
+    ) -> Result<(), Status> {
+        if self.authz.allows_under(kind, under, want) {
+            return Ok(());
+        }
+        Err(self.denied(format!(
+            "{} on every {} under {under:?}",
+            access_name(want),
+            format!("{kind:?}").to_lowercase()
+        )))
+    }
+
     /// PERMISSION_DENIED unless this is a management token.
     pub fn require_management(&self) -> Result<(), Status> {
         if self.authz.is_management() {

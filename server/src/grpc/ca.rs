@@ -103,15 +103,23 @@ impl Ca for CaApi {
                 || s.instances
                     .get(&r.node)
                     .is_some_and(|m| m.values().any(|i| i.service == r.service));
-            Some((s.ca.clone(), node.datacenter.clone(), on_node))
+            let external = weft_api::catalog_register::is_external(node);
+            Some((s.ca.clone(), node.datacenter.clone(), on_node, external))
         })
         .await?;
-        let Some((ca, dc, on_node)) = found else {
+        let Some((ca, dc, on_node, external)) = found else {
             return Err(Status::permission_denied(format!(
                 "node {:?} is not registered",
                 r.node
             )));
         };
+        if external && r.service.is_empty() {
+            // No agent runs it: a node identity would be an agent's.
+            return Err(Status::permission_denied(format!(
+                "node {:?} is external (registered through the catalog API): no node certificate",
+                r.node
+            )));
+        }
         if !on_node {
             return Err(Status::permission_denied(format!(
                 "service {:?} is not registered on node {:?}: no certificate for it",

@@ -206,6 +206,14 @@ impl Catalog for CatalogApi {
         let caller = caller(&self.0, &req).await?;
         let instance = req.into_inner().instance.unwrap_or_default();
         caller.require(Resource::Service(&instance.service), Access::Write)?;
+        require_replaced_service(
+            &self.0,
+            &caller,
+            &instance.node,
+            &instance.id,
+            &instance.service,
+        )
+        .await?;
         let instance = instance_from_proto(instance).map_err(invalid)?;
         validate_service_instance(&instance).map_err(invalid)?;
         let what = format!(
@@ -326,5 +334,29 @@ impl Catalog for CatalogApi {
         service
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("service {name:?} is not registered")))
+    }
+}
+
+/// As in Consul: replacing an instance that is another service's needs
+/// write on that service too (else one service's writer could take over
+/// another's instance by its id).
+pub(crate) async fn require_replaced_service(
+    node: &Arc<ServerNode>,
+    caller: &Caller,
+    on: &str,
+    id: &str,
+    service: &str,
+) -> Result<(), Status> {
+    let (on, id) = (on.to_string(), id.to_string());
+    let existing = read(node, None, move |s| {
+        s.instances
+            .get(&on)
+            .and_then(|m| m.get(&id))
+            .map(|i| i.service.clone())
+    })
+    .await?;
+    match existing {
+        Some(old) if old != service => caller.require(Resource::Service(&old), Access::Write),
+        _ => Ok(()),
     }
 }

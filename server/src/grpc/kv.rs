@@ -118,6 +118,18 @@ impl Kv for KvApi {
     ) -> Result<Response<proto::WriteResult>, Status> {
         let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
+        if r.recurse {
+            caller.require_under(ResourceKind::Key, &r.key, Access::Write)?;
+            if r.cas.is_some() {
+                return Err(invalid("cas: not with a recursive delete"));
+            }
+            if !r.key.is_empty() {
+                validate_key(&r.key).map_err(invalid)?;
+            }
+            let what = format!("kv delete tree {:?}", r.key);
+            let cmd = Command::KvDeleteTree { prefix: r.key };
+            return Ok(Response::new(write(&self.0, &caller, &what, cmd).await?));
+        }
         caller.require(Resource::Key(&r.key), Access::Write)?;
         validate_key(&r.key).map_err(invalid)?;
         let what = format!("kv delete {}", r.key);

@@ -2,22 +2,25 @@
 //! Consul's shapes, for external nodes (nodes no agent runs; see
 //! `weft_api::catalog_register`). Registering needs `node:write` on the node
 //! and `service:write` on its service; deregistering `node:write` (and
-//! `service:write` for one instance), as in Consul. A node an agent runs is
-//! its agent's: the catalog API neither registers over it nor removes it
-//! (409). The writes go through the gRPC catalog service with the caller's
-//! token, so they are validated and authorized as `weft` would.
+//! `service:write` for one instance, and write on the service of an
+//! instance replaced), as in Consul. A node an agent runs is its agent's:
+//! the catalog API neither registers over it nor removes it (409), and the
+//! state refuses the write too if an agent's node took the name meanwhile.
+//! A registration is one Raft write (the node and its instance, or
+//! nothing); removals go through the gRPC catalog service with the caller's
+//! token. Removing what is gone already answers `true`, as Consul does.
 use std::sync::Arc;
 
 use hyper::{Method, StatusCode};
 use weft_api::acl::{Access, Resource};
 use weft_api::catalog::Node;
 use weft_api::catalog_register::{is_external, parse_deregister, parse_register};
-use weft_api::convert::{instance_to_proto, node_to_proto};
 use weft_api::proto::{self, catalog_server::Catalog as _};
 
 use super::{json, only, Answer, Call, HttpError};
 use crate::grpc::catalog::CatalogApi;
 use crate::node::ServerNode;
+use crate::state::Command;
 
 pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str) -> Answer {
     only(call, Method::PUT)?;
@@ -66,19 +69,23 @@ async fn register(node: &Arc<ServerNode>, call: &Call) -> Answer {
     let name = r.node.name.clone();
     let existing = crate::grpc::read(node, call.read(), |s| s.nodes.get(&name).cloned()).await?;
     external_or_absent(&name, existing.as_ref())?;
-    let api = CatalogApi(node.clone());
-    if existing.is_none() || !r.skip_node_update {
-        let req = proto::RegisterNodeRequest {
-            node: Some(node_to_proto(&r.node)),
-        };
-        api.register_node(call.grpc(req)).await?;
+    if let Some(i) = &r.instance {
+        crate::grpc::catalog::require_replaced_service(node, &caller, &i.node, &i.id, &i.service)
+            .await?;
     }
-    if let Some(instance) = &r.instance {
-        let req = proto::RegisterServiceRequest {
-            instance: Some(instance_to_proto(instance)),
-        };
-        api.register_service(call.grpc(req)).await?;
-    }
+    // `SkipNodeUpdate` keeps an existing node's address and meta.
+    let node_entry = match existing {
+        Some(old) if r.skip_node_update => old,
+        _ => r.node,
+    };
+    // One write: the node and its instance both, or neither; the state
+    // refuses it if an agent's node took the name meanwhile.
+    let what = format!("register external node {name}");
+    let cmd = Command::RegisterExternal {
+        node: node_entry,
+        instance: r.instance,
+    };
+    crate::grpc::write(node, &caller, &what, cmd).await?;
     Ok(json(StatusCode::OK, &true))
 }
 
@@ -91,10 +98,8 @@ async fn deregister(node: &Arc<ServerNode>, call: &Call) -> Answer {
     let name = d.node.clone();
     let existing = crate::grpc::read(node, call.read(), |s| s.nodes.get(&name).cloned()).await?;
     if existing.is_none() {
-        return Err(HttpError::new(
-            StatusCode::NOT_FOUND,
-            format!("no node {name:?}"),
-        ));
+        // Gone already: as Consul answers.
+        return Ok(json(StatusCode::OK, &true));
     }
     external_or_absent(&name, existing.as_ref())?;
     let api = CatalogApi(node.clone());
@@ -110,10 +115,7 @@ async fn deregister(node: &Arc<ServerNode>, call: &Call) -> Answer {
             })
             .await?;
             let Some(service) = service else {
-                return Err(HttpError::new(
-                    StatusCode::NOT_FOUND,
-                    format!("no instance {id:?} on node {name:?}"),
-                ));
+                return Ok(json(StatusCode::OK, &true));
             };
             caller.require(Resource::Service(&service), Access::Write)?;
             let req = proto::DeregisterServiceRequest { node: d.node, id };

@@ -63,17 +63,13 @@ pub async fn kv(node: &Arc<ServerNode>, call: &Call, key: &str) -> Answer {
             bool_answer(put.map(|_| ()), cas.is_some(), locking)
         }
         Method::DELETE => {
-            if call.flag("recurse")? {
-                return Err(HttpError::bad_request(
-                    "a recursive delete is not supported yet: delete the keys one by one",
-                ));
-            }
-            call.only_params(&["cas"])?;
+            call.only_params(&["cas", "recurse"])?;
             let cas = call.number::<u64>("cas")?;
             let deleted = api
                 .delete(call.grpc(proto::KvDeleteRequest {
                     key: key.to_string(),
                     cas,
+                    recurse: call.flag("recurse")?,
                 }))
                 .await;
             bool_answer(deleted.map(|_| ()), cas.is_some(), false)

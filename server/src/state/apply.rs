@@ -2,7 +2,10 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use weft_api::catalog::{validate_node, validate_service_instance, HealthStatus, ServiceInstance};
+use weft_api::catalog::{
+    validate_node, validate_service_instance, HealthStatus, Node, ServiceInstance,
+};
+use weft_api::catalog_register::{is_external, EXTERNAL_NODE_META};
 use weft_api::config_entry::{validate_entry, validate_intention_protocol};
 use weft_api::intention::{validate_intention, Intention};
 use weft_api::kv::{validate_key, KvEntry, MAX_VALUE_BYTES};
@@ -34,6 +37,11 @@ pub enum ApplyError {
 
 /// How a check-and-set mismatch's message starts.
 pub const CAS_MISMATCH: &str = "check-and-set failed";
+
+/// At most this many instances on one node.
+pub const MAX_INSTANCES_PER_NODE: usize = 1024;
+/// At most this many external nodes (registered through the catalog API).
+pub const MAX_EXTERNAL_NODES: usize = 4096;
 
 fn invalid(e: impl std::fmt::Display) -> ApplyError {
     ApplyError::Invalid(e.to_string())
@@ -116,6 +124,12 @@ impl State {
             Command::Batch(_) => Err(invalid("a batch inside a batch or a request")),
             Command::RegisterNode(mut node) => {
                 validate_node(&node).map_err(invalid)?;
+                if node.meta.contains_key(EXTERNAL_NODE_META) {
+                    return Err(invalid(format!(
+                        "meta: {EXTERNAL_NODE_META:?} is set by weft for nodes registered through \
+                         /v1/catalog/register"
+                    )));
+                }
                 node.create_index = self.nodes.get(&node.name).map_or(index, |n| n.create_index);
                 node.modify_index = index;
                 // The node's agent is registering it: it is alive. Only the
@@ -281,6 +295,25 @@ impl State {
                 self.kv_total.replace(existing.value.len() as u64, 0);
                 self.kv.remove(&key);
                 Ok(vec![Change::KvDelete(key)])
+            }
+            Command::RegisterExternal { node, instance } => {
+                self.register_external(node, instance, index)
+            }
+            Command::KvDeleteTree { prefix } => {
+                let keys: Vec<String> = self
+                    .kv
+                    .range(prefix.clone()..)
+                    .take_while(|(k, _)| k.starts_with(prefix.as_str()))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                let mut changes = Vec::with_capacity(keys.len());
+                for key in keys {
+                    if let Some(old) = self.kv.remove(&key) {
+                        self.kv_total.replace(old.value.len() as u64, 0);
+                        changes.push(Change::KvDelete(key));
+                    }
+                }
+                Ok(changes)
             }
             Command::CaInit(ca) => {
                 if self.ca.is_some() {
@@ -469,6 +502,64 @@ impl State {
         }
     }
 
+    /// An external node and its instance, all or nothing.
+    fn register_external(
+        &mut self,
+        mut node: Node,
+        instance: Option<ServiceInstance>,
+        index: u64,
+    ) -> Result<Vec<Change>, ApplyError> {
+        validate_node(&node).map_err(invalid)?;
+        if !is_external(&node) {
+            return Err(invalid(format!(
+                "meta: an external node carries {EXTERNAL_NODE_META} = \"true\""
+            )));
+        }
+        let previous = self.nodes.get(&node.name).cloned();
+        match &previous {
+            Some(p) if !is_external(p) => {
+                return Err(invalid(format!(
+                "node {:?} is run by a weft agent: the catalog API registers external nodes only",
+                node.name
+            )))
+            }
+            None => {
+                let external = self.nodes.values().filter(|n| is_external(n)).count();
+                if external >= MAX_EXTERNAL_NODES {
+                    return Err(invalid(format!(
+                        "at most {MAX_EXTERNAL_NODES} external nodes"
+                    )));
+                }
+            }
+            Some(_) => {}
+        }
+        if let Some(i) = &instance {
+            if i.node != node.name {
+                return Err(invalid("instance: on another node than the one registered"));
+            }
+        }
+        node.create_index = previous.as_ref().map_or(index, |n| n.create_index);
+        node.modify_index = index;
+        node.health = HealthStatus::Passing;
+        node.health_output = String::new();
+        self.nodes.insert(node.name.clone(), node.clone());
+        let mut changes = vec![Change::NodeUpsert(node.clone())];
+        if let Some(instance) = instance {
+            match self.register_service(instance, index) {
+                Ok(more) => changes.extend(more),
+                Err(e) => {
+                    // Nothing of the write stays.
+                    match previous {
+                        Some(p) => self.nodes.insert(p.name.clone(), p),
+                        None => self.nodes.remove(&node.name),
+                    };
+                    return Err(e);
+                }
+            }
+        }
+        Ok(changes)
+    }
+
     fn register_service(
         &mut self,
         mut instance: ServiceInstance,
@@ -477,6 +568,14 @@ impl State {
         validate_service_instance(&instance).map_err(invalid)?;
         if !self.nodes.contains_key(&instance.node) {
             return Err(ApplyError::UnknownNode(instance.node));
+        }
+        let on_node = self.instances.get(&instance.node);
+        let known = on_node.is_some_and(|m| m.contains_key(&instance.id));
+        if !known && on_node.is_some_and(|m| m.len() >= MAX_INSTANCES_PER_NODE) {
+            return Err(invalid(format!(
+                "node {:?} has {MAX_INSTANCES_PER_NODE} instances, the most a node may have",
+                instance.node
+            )));
         }
         // One address:port is one service: another service's instance there
         // would take its traffic. A node-local address (loopback,
@@ -588,6 +687,74 @@ mod tests {
             modify_index: 0,
             ..Default::default()
         }
+    }
+
+    fn external(name: &str) -> Node {
+        let mut n = node(name);
+        n.meta.insert(EXTERNAL_NODE_META.into(), "true".into());
+        n
+    }
+
+    #[test]
+    fn the_external_mark_is_the_catalog_apis_and_an_agents_node_stays_its_own() {
+        let mut s = State::default();
+        // An agent's registration may not carry the mark.
+        let reason = refused(s.apply(Command::RegisterNode(external("a")), 1).0);
+        assert!(reason.contains("external-node"), "{reason}");
+        s.apply(Command::RegisterNode(node("a")), 2);
+        // The catalog API cannot take an agent's node over.
+        let over = Command::RegisterExternal {
+            node: external("a"),
+            instance: None,
+        };
+        let reason = refused(s.apply(over, 3).0);
+        assert!(reason.contains("run by a weft agent"), "{reason}");
+        assert!(!is_external(&s.nodes["a"]));
+        // All or nothing: an instance refused leaves no new node behind.
+        s.apply(Command::RegisterService(instance("a", "db-1", "db")), 4);
+        let clash = Command::RegisterExternal {
+            node: external("ext"),
+            instance: Some(instance("ext", "x", "evil")),
+        };
+        let reason = refused(s.apply(clash, 5).0);
+        assert!(reason.contains("already service \"db\"'s"), "{reason}");
+        assert!(
+            !s.nodes.contains_key("ext"),
+            "the node went with its instance"
+        );
+        let fine = Command::RegisterExternal {
+            node: external("ext"),
+            instance: Some(ServiceInstance {
+                port: 5432,
+                ..instance("ext", "pg-1", "postgres")
+            }),
+        };
+        assert!(matches!(s.apply(fine, 6).0, CommandResult::Applied { .. }));
+        assert!(is_external(&s.nodes["ext"]));
+        // An agent may take an external node's name: the mark goes.
+        s.apply(Command::RegisterNode(node("ext")), 7);
+        assert!(!is_external(&s.nodes["ext"]));
+    }
+
+    #[test]
+    fn a_node_holds_a_bounded_number_of_instances() {
+        let mut s = State::default();
+        s.apply(Command::RegisterNode(node("a")), 1);
+        for i in 0..MAX_INSTANCES_PER_NODE {
+            let mut one = instance("a", &format!("i-{i}"), "many");
+            one.port = 1 + i as u16;
+            let r = s.apply(Command::RegisterService(one), 2 + i as u64).0;
+            assert!(matches!(r, CommandResult::Applied { .. }), "{r:?}");
+        }
+        let mut past = instance("a", "one-more", "many");
+        past.port = 60000;
+        let reason = refused(s.apply(Command::RegisterService(past), 5000).0);
+        assert!(reason.contains("the most a node may have"), "{reason}");
+        // Registering a known one again is not a new one.
+        let mut again = instance("a", "i-0", "many");
+        again.port = 1;
+        let r = s.apply(Command::RegisterService(again), 5001).0;
+        assert!(matches!(r, CommandResult::Applied { .. }), "{r:?}");
     }
 
     #[test]

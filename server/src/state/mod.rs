@@ -198,6 +198,17 @@ pub enum Command {
     /// concurrent writes): each applied in order, with an index of its own,
     /// as if each were its own entry.
     Batch(Vec<Command>),
+    /// Every key that starts with `prefix` deleted (Consul's recursive
+    /// delete); none there is no error.
+    KvDeleteTree {
+        prefix: String,
+    },
+    /// An external node (no agent runs it) and, optionally, one of its
+    /// instances, in one write: refused when an agent's node has the name.
+    RegisterExternal {
+        node: Node,
+        instance: Option<ServiceInstance>,
+    },
 }
 
 /// A lock taken or given back with a KV write.
