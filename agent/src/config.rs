@@ -51,6 +51,9 @@ pub const DEFAULT_UPGRADE_DRAIN_TIMEOUT: &str = "10m";
 /// One thread: every hop of a proxied message stays on it, which measured
 /// ~25 % lower request latency than two work-stealing threads (bench/).
 pub const DEFAULT_WORKER_THREADS: usize = 1;
+/// The shortest interval between two runs of a check.
+pub const MIN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Default interval between two runs of a check.
 pub const DEFAULT_CHECK_INTERVAL: &str = "10s";
 /// Most checks one service may have (the file's and the local API's).
@@ -819,10 +822,19 @@ fn check(field: &str, raw: &RawCheck, id: String) -> Result<CheckConfig, Invalid
             )
         })?),
     };
+    let interval = duration(&format!("{field}.interval"), &raw.interval, false)?;
+    if interval < MIN_CHECK_INTERVAL {
+        // However the check came (agent.toml, the local API): a probe a
+        // second at most, as Consul's agent.
+        return Err(invalid(
+            format!("{field}.interval"),
+            format!("{:?}: at least 1s", raw.interval),
+        ));
+    }
     Ok(CheckConfig {
         id,
         kind,
-        interval: duration(&format!("{field}.interval"), &raw.interval, false)?,
+        interval,
         timeout: duration(&format!("{field}.timeout"), &raw.timeout, false)?,
         deregister_critical_service_after,
         name,
@@ -1917,6 +1929,8 @@ data_dir = "/var/lib/weft-agent"
             ),
             "{e}"
         );
+        let e = check_err("tcp = \"h:1\"\ninterval = \"100ms\"");
+        assert!(e.contains("interval: \"100ms\": at least 1s"), "{e}");
         let e = check_err("tcp = \"h:1\"\ninterval = \"5\"");
         assert!(
             e.starts_with(

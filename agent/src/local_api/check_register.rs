@@ -29,11 +29,8 @@ use weft_api::consul_keys::{self, Schema};
 use super::{
     read_body, registrar, registration_error, require_write, text, token_of, LocalApiState,
 };
-use crate::config::{AgentConfig, MAX_CHECKS_PER_SERVICE};
+use crate::config::{AgentConfig, MAX_CHECKS_PER_SERVICE, MIN_CHECK_INTERVAL};
 use crate::registered::{RegisteredCheck, RegisteredService};
-
-/// The shortest probe interval.
-const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The keys weft takes.
 const TAKEN: &[&str] = &[
@@ -247,7 +244,7 @@ pub fn parse(body: &[u8]) -> Result<CheckRequest, CheckBodyError> {
         ));
     }
     if let Some(interval) = &check.interval {
-        if weft_api::duration::parse_duration(interval).is_ok_and(|d| d < MIN_INTERVAL) {
+        if weft_api::duration::parse_duration(interval).is_ok_and(|d| d < MIN_CHECK_INTERVAL) {
             return Err(invalid(
                 "Interval",
                 format!("{interval:?}: at least 1s, as Consul's agent probes"),
