@@ -121,8 +121,34 @@ fn tokenize(text: &str) -> Result<Vec<(usize, Tok)>, FilterError> {
     Ok(out)
 }
 
+/// The names a filter's fields go by: Consul calls them `Service.Tags` and
+/// `Service.Meta.KEY` in subsets and on `/v1/health/service`, and
+/// `ServiceTags`, `ServiceMeta.KEY` on `/v1/catalog/service`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Selectors {
+    pub tags: &'static str,
+    pub meta_prefix: &'static str,
+}
+
+/// `Service.Tags`, `Service.Meta.KEY`.
+pub const SERVICE_SELECTORS: Selectors = Selectors {
+    tags: "Service.Tags",
+    meta_prefix: "Service.Meta.",
+};
+
+/// `ServiceTags`, `ServiceMeta.KEY` (`/v1/catalog/service`'s names).
+pub const CATALOG_SELECTORS: Selectors = Selectors {
+    tags: "ServiceTags",
+    meta_prefix: "ServiceMeta.",
+};
+
 /// Parses a subset filter.
 pub fn parse_filter(text: &str) -> Result<Filter, FilterError> {
+    parse_filter_as(text, SERVICE_SELECTORS)
+}
+
+/// Parses a filter whose fields go by `sel`'s names.
+pub fn parse_filter_as(text: &str, sel: Selectors) -> Result<Filter, FilterError> {
     let tokens = tokenize(text)?;
     let end = text.chars().count() + 1;
     let mut it = tokens.into_iter().peekable();
@@ -136,11 +162,11 @@ pub fn parse_filter(text: &str) -> Result<Filter, FilterError> {
             .next()
             .ok_or_else(|| fail(end, "expected a clause after 'and'".into()))?;
         let clause = match selector {
-            Tok::Word(w) if w == "Service.Tags" => {
+            Tok::Word(w) if w == sel.tags => {
                 let (p, t) = it.next().ok_or_else(|| {
                     fail(
                         end,
-                        "expected 'contains' or 'not contains' after Service.Tags".into(),
+                        format!("expected 'contains' or 'not contains' after {}", sel.tags),
                     )
                 })?;
                 let negated = match t {
@@ -159,9 +185,10 @@ pub fn parse_filter(text: &str) -> Result<Filter, FilterError> {
                         return Err(fail(
                             p,
                             format!(
-                            "expected 'contains' or 'not contains' after Service.Tags, found {}",
-                            other.describe()
-                        ),
+                                "expected 'contains' or 'not contains' after {}, found {}",
+                                sel.tags,
+                                other.describe()
+                            ),
                         ))
                     }
                 };
@@ -172,10 +199,13 @@ pub fn parse_filter(text: &str) -> Result<Filter, FilterError> {
                     Clause::TagsContains(tag)
                 }
             }
-            Tok::Word(w) if w.starts_with("Service.Meta.") => {
-                let key = w["Service.Meta.".len()..].to_string();
+            Tok::Word(w) if w.starts_with(sel.meta_prefix) => {
+                let key = w[sel.meta_prefix.len()..].to_string();
                 if key.is_empty() {
-                    return Err(fail(pos, "missing metadata key after Service.Meta.".into()));
+                    return Err(fail(
+                        pos,
+                        format!("missing metadata key after {}", sel.meta_prefix),
+                    ));
                 }
                 let (p, op) = it
                     .next()
@@ -199,7 +229,9 @@ pub fn parse_filter(text: &str) -> Result<Filter, FilterError> {
                 return Err(fail(
                     pos,
                     format!(
-                        "expected Service.Meta.KEY or Service.Tags, found {}",
+                        "expected {}KEY or {}, found {} (weft filters on these only)",
+                        sel.meta_prefix,
+                        sel.tags,
                         other.describe()
                     ),
                 ))
@@ -374,6 +406,23 @@ mod tests {
     #[test]
     fn errors_have_positions() {
         let e = |t: &str| parse_filter(t).unwrap_err();
+        let catalog = parse_filter_as(
+            "ServiceMeta.zone == z1 and ServiceTags not contains old",
+            CATALOG_SELECTORS,
+        )
+        .unwrap();
+        assert_eq!(
+            catalog,
+            parse_filter("Service.Meta.zone == z1 and Service.Tags not contains old").unwrap(),
+            "the catalog's names for the same clauses"
+        );
+        let wrong = parse_filter_as("Service.Tags contains x", CATALOG_SELECTORS).unwrap_err();
+        assert!(
+            wrong
+                .message
+                .contains("expected ServiceMeta.KEY or ServiceTags"),
+            "{wrong}"
+        );
         assert_eq!(e("Service.Name == api").position, 1);
         assert!(e("Service.Name == api")
             .message
@@ -409,7 +458,8 @@ mod tests {
         );
         assert_eq!(
             e("x").to_string(),
-            "at position 1: expected Service.Meta.KEY or Service.Tags, found \"x\""
+            "at position 1: expected Service.Meta.KEY or Service.Tags, found \"x\" \
+             (weft filters on these only)"
         );
     }
 

@@ -532,6 +532,7 @@ fn catalog_health_and_the_uis_summaries() -> anyhow::Result<()> {
                         address: format!("10.0.0.{}", &node[1..]),
                         port,
                         tags: vec!["v1".into()],
+                        meta: [("zone".to_string(), format!("z{}", &node[1..]))].into(),
                         health: proto::Health::Passing as i32,
                         ..Default::default()
                     }),
@@ -582,6 +583,27 @@ fn catalog_health_and_the_uis_summaries() -> anyhow::Result<()> {
     let passing = http("/v1/health/service/api?passing")?;
     assert_eq!(passing.as_array().map(Vec::len), Some(1), "{passing}");
     assert_eq!(passing[0]["Service"]["ID"], "api-1");
+
+    // ?filter, in Consul's names for each endpoint.
+    let zone2 = http("/v1/health/service/api?filter=Service.Meta.zone%20%3D%3D%20z2")?;
+    assert_eq!(zone2.as_array().map(Vec::len), Some(1), "{zone2}");
+    assert_eq!(zone2[0]["Service"]["ID"], "api-2");
+    let zone1 = http("/v1/catalog/service/api?filter=ServiceMeta.zone%20%3D%3D%20z1%20and%20ServiceTags%20contains%20v1")?;
+    assert_eq!(zone1.as_array().map(Vec::len), Some(1), "{zone1}");
+    assert_eq!(zone1[0]["ServiceID"], "api-1");
+    let bad = cluster.http(
+        1,
+        "GET",
+        "/v1/health/service/api?filter=Node.Meta.rack%20%3D%3D%20r1",
+        m,
+        None,
+    )?;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(
+        bad.body.contains("weft filters on these only"),
+        "{}",
+        bad.body
+    );
 
     let listed = http("/v1/catalog/service/api")?;
     assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");

@@ -14,6 +14,7 @@ use hyper::Method;
 use serde_json::{json, Value};
 use weft_api::acl::{Access, Resource, ResourceKind};
 use weft_api::catalog::{HealthStatus, Node, ServiceInstance};
+use weft_api::filter::{parse_filter_as, Filter, Selectors, CATALOG_SELECTORS, SERVICE_SELECTORS};
 
 use super::{json_at, only, Answer, Call, HttpError};
 use crate::grpc::auth::Caller;
@@ -65,12 +66,14 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str) -> Answer {
         return Ok(json_at(index, &nodes));
     }
     if let Some(name) = path.strip_prefix("/v1/catalog/service/") {
-        call.only_params(&[])?;
+        call.only_params(&["filter"])?;
+        let filter = filter(call, CATALOG_SELECTORS)?;
         let caller = service_reader(node, call, name).await?;
         let (entries, index) = crate::grpc::read(node, call.read(), |s| {
             let entries: Vec<Value> = s
                 .instances_of(name)
                 .filter(|i| may_read_instance(&caller, i))
+                .filter(|i| filter.matches(i))
                 .map(|i| catalog_entry(s, i))
                 .collect();
             (entries, s.index)
@@ -159,13 +162,15 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str) -> Answer {
         return Ok(json_at(index, &checks));
     }
     if let Some(name) = path.strip_prefix("/v1/health/service/") {
-        call.only_params(&["passing"])?;
+        call.only_params(&["passing", "filter"])?;
+        let filter = filter(call, SERVICE_SELECTORS)?;
         let caller = service_reader(node, call, name).await?;
         let passing_only = call.flag("passing")?;
         let (entries, index) = crate::grpc::read(node, call.read(), |s| {
             let entries: Vec<Value> = s
                 .instances_of(name)
                 .filter(|i| may_read_instance(&caller, i))
+                .filter(|i| filter.matches(i))
                 .filter(|i| !passing_only || effective_health(s, i) == HealthStatus::Passing)
                 .map(|i| health_entry(s, i))
                 .collect();
@@ -175,6 +180,16 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str) -> Answer {
         return Ok(json_at(index, &entries));
     }
     Err(HttpError::not_found())
+}
+
+/// The request's `?filter=`, in the part of Consul's filter language weft
+/// takes (tags and service meta, joined with `and`; see
+/// `weft_api::filter`), with the endpoint's names for them. Anything else
+/// is refused with where it fails, never ignored.
+fn filter(call: &Call, names: Selectors) -> Result<Filter, HttpError> {
+    let text = call.query("filter").unwrap_or_default();
+    parse_filter_as(text, names)
+        .map_err(|e| HttpError::bad_request(format!("filter {text:?}: {e}")))
 }
 
 fn node_json(n: &Node) -> Value {
