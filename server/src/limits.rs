@@ -1,8 +1,8 @@
 //! Limits that keep a cluster alive: how many KV keys, how many KV bytes in
-//! all, how large one config entry, how many routes one router. Each is a
-//! server setting (`--max-kv-keys`, `--max-kv-bytes`,
-//! `--max-config-entry-bytes`, `--max-routes-per-router`, or the settings
-//! file); a write past one is refused with RESOURCE_EXHAUSTED naming the
+//! all, how large one config entry, how many routes one router, how many
+//! intentions. Each is a server setting (`--max-kv-keys`, `--max-kv-bytes`,
+//! `--max-config-entry-bytes`, `--max-routes-per-router`,
+//! `--max-intentions`, or the settings file); a write past one is refused with RESOURCE_EXHAUSTED naming the
 //! limit and its setting. One value is at most 512 KiB whatever the
 //! settings (`weft_api::kv::MAX_VALUE_BYTES`).
 //!
@@ -19,6 +19,7 @@ pub const DEFAULT_MAX_KV_KEYS: usize = 100_000;
 pub const DEFAULT_MAX_KV_BYTES: u64 = 256 * 1024 * 1024;
 pub const DEFAULT_MAX_CONFIG_ENTRY_BYTES: usize = 2 * 1024 * 1024;
 pub const DEFAULT_MAX_ROUTES_PER_ROUTER: usize = 1_000;
+pub const DEFAULT_MAX_INTENTIONS: usize = 50_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -26,6 +27,7 @@ pub struct Limits {
     pub kv_bytes: u64,
     pub config_entry_bytes: usize,
     pub routes_per_router: usize,
+    pub intentions: usize,
 }
 
 impl Default for Limits {
@@ -35,6 +37,7 @@ impl Default for Limits {
             kv_bytes: DEFAULT_MAX_KV_BYTES,
             config_entry_bytes: DEFAULT_MAX_CONFIG_ENTRY_BYTES,
             routes_per_router: DEFAULT_MAX_ROUTES_PER_ROUTER,
+            intentions: DEFAULT_MAX_INTENTIONS,
         }
     }
 }
@@ -55,6 +58,11 @@ pub enum LimitError {
     ConfigEntryBytes { size: usize, limit: usize },
     #[error("the router has {routes} routes, over the limit of {limit} (--max-routes-per-router)")]
     Routes { routes: usize, limit: usize },
+    #[error(
+        "the cluster would hold {would} intentions, over its limit of {limit} \
+         (--max-intentions): delete some or raise it"
+    )]
+    Intentions { would: usize, limit: usize },
 }
 
 impl From<LimitError> for tonic::Status {
@@ -86,6 +94,51 @@ impl Limits {
             });
         }
         Ok(())
+    }
+
+    /// Whether the intentions of `destination` may become `count` (one
+    /// upserted: the old count plus one if the pair is new; an entry of
+    /// service-intentions: its sources). Fewer than before always may.
+    pub fn check_intentions(
+        &self,
+        state: &State,
+        destination: &str,
+        count: usize,
+    ) -> Result<(), LimitError> {
+        let (mut all, mut of_destination) = (0, 0);
+        for i in state.all_intentions() {
+            all += 1;
+            of_destination += usize::from(i.destination == destination);
+        }
+        let would = all - of_destination + count;
+        if would > self.intentions && count > of_destination {
+            return Err(LimitError::Intentions {
+                would,
+                limit: self.intentions,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether upserting the intention `source => destination` fits.
+    pub fn check_intention_upsert(
+        &self,
+        state: &State,
+        source: &str,
+        destination: &str,
+    ) -> Result<(), LimitError> {
+        let exists = state
+            .intentions
+            .get(source)
+            .is_some_and(|m| m.contains_key(destination));
+        if exists {
+            return Ok(());
+        }
+        let of_destination = state
+            .all_intentions()
+            .filter(|i| i.destination == destination)
+            .count();
+        self.check_intentions(state, destination, of_destination + 1)
     }
 
     /// Whether a config entry of `document_len` bytes fits (checked before
@@ -188,5 +241,39 @@ mod tests {
         assert!(limits.check_entry(&router(1)).is_ok());
         let e = limits.check_entry(&router(2)).unwrap_err();
         assert!(e.to_string().contains("--max-routes-per-router"), "{e}");
+    }
+
+    #[test]
+    fn intentions_are_bounded_and_fewer_always_fit() {
+        use weft_api::intention::{Intention, IntentionAction};
+        let mut s = State::default();
+        for (src, dst) in [("a", "api"), ("b", "api"), ("a", "db")] {
+            let i = Intention::l4(src, dst, IntentionAction::Allow);
+            s.intentions
+                .entry(src.to_string())
+                .or_default()
+                .insert(dst.to_string(), i);
+        }
+        let limits = Limits {
+            intentions: 3,
+            ..Limits::default()
+        };
+        let e = limits.check_intention_upsert(&s, "c", "api").unwrap_err();
+        assert!(e.to_string().contains("--max-intentions"), "{e}");
+        assert_eq!(
+            limits.check_intention_upsert(&s, "a", "api"),
+            Ok(()),
+            "there already"
+        );
+        // api's two replaced by one, or by two: fine; by three: over.
+        assert_eq!(limits.check_intentions(&s, "api", 1), Ok(()));
+        assert_eq!(limits.check_intentions(&s, "api", 2), Ok(()));
+        assert!(limits.check_intentions(&s, "api", 3).is_err());
+        // Already over (a lowered limit): shrinking still fits.
+        let tight = Limits {
+            intentions: 1,
+            ..Limits::default()
+        };
+        assert_eq!(tight.check_intentions(&s, "api", 1), Ok(()));
     }
 }

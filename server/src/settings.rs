@@ -87,6 +87,9 @@ pub struct Args {
     /// Routes of one service-router at most (1000).
     #[arg(long)]
     pub max_routes_per_router: Option<usize>,
+    /// Intentions in the cluster at most (50000).
+    #[arg(long)]
+    pub max_intentions: Option<usize>,
     /// A TOML file with the same settings.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -106,6 +109,7 @@ pub struct FileSettings {
     pub max_kv_bytes: Option<u64>,
     pub max_config_entry_bytes: Option<usize>,
     pub max_routes_per_router: Option<usize>,
+    pub max_intentions: Option<usize>,
     pub data_dir: Option<PathBuf>,
     pub raft_addr: Option<SocketAddr>,
     pub grpc_addr: Option<SocketAddr>,
@@ -334,12 +338,17 @@ impl Settings {
                 .max_routes_per_router
                 .or(file.max_routes_per_router)
                 .unwrap_or(defaults.routes_per_router),
+            intentions: args
+                .max_intentions
+                .or(file.max_intentions)
+                .unwrap_or(defaults.intentions),
         };
         for (name, value) in [
             ("max_kv_keys", limits.kv_keys as u64),
             ("max_kv_bytes", limits.kv_bytes),
             ("max_config_entry_bytes", limits.config_entry_bytes as u64),
             ("max_routes_per_router", limits.routes_per_router as u64),
+            ("max_intentions", limits.intentions as u64),
         ] {
             if value == 0 {
                 return Err(SettingsError::Invalid(format!(

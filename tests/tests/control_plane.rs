@@ -508,8 +508,19 @@ fn writes_past_a_limit_are_refused_naming_it() -> anyhow::Result<()> {
             "300",
             "--max-routes-per-router",
             "1",
+            "--max-intentions",
+            "2",
         ],
     )?;
+    cluster.cli(&["intention", "create", "web", "api", "--allow"])?;
+    cluster.cli(&["intention", "create", "web", "db", "--deny"])?;
+    let err = refused(
+        &cluster,
+        &["intention", "create", "admin", "api", "--allow"],
+    );
+    assert!(err.contains("--max-intentions"), "{err}");
+    // Changing one that is there is not a new one.
+    cluster.cli(&["intention", "create", "web", "api", "--deny"])?;
     for key in ["a", "b", "c"] {
         cluster.cli(&["kv", "put", key, "x"])?;
     }

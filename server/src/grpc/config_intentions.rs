@@ -65,6 +65,10 @@ pub async fn write(
     let entry = si::from_document(doc).map_err(invalid)?;
     require(caller, &entry.name, Access::Write)?;
     let intentions = entry.to_intentions().map_err(invalid)?;
+    {
+        let state = node.shared.state.read().expect("state lock");
+        (node.limits).check_intentions(&state, &entry.name, intentions.len())?;
+    }
     let what = format!("config {}/{}", si::KIND, entry.name);
     let cmd = Command::ReplaceIntentions {
         destination: entry.name,

@@ -56,6 +56,14 @@ impl Intentions for IntentionsApi {
         require(&caller, &intention.destination, Access::Write)?;
         let intention = intention_from_proto(intention).map_err(invalid)?;
         validate_intention(&intention).map_err(invalid)?;
+        {
+            let state = self.0.shared.state.read().expect("state lock");
+            (self.0.limits).check_intention_upsert(
+                &state,
+                &intention.source,
+                &intention.destination,
+            )?;
+        }
         let what = format!(
             "intention {} => {}",
             intention.source, intention.destination
