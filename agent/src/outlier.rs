@@ -181,35 +181,35 @@ impl Outliers {
         ejected_at(&instances, source, addr, now).is_some()
     }
 
-    /// The candidates of one choice of `source` that are not ejected at
-    /// `now`, with at most `max_percent` of them left out (at least one),
-    /// or all of them when every one is.
-    pub fn filter<T: Copy>(
+    /// Which of one choice's `candidates` (by address) `source` may use at
+    /// `now`: those not ejected, with at most `max_percent` of them left
+    /// out (at least one, the earliest ejected), or all of them when every
+    /// one is.
+    pub fn allowed(
         &self,
         source: &str,
-        candidates: &[(SocketAddr, T)],
+        candidates: &[SocketAddr],
         now: Instant,
         max_percent: u32,
-    ) -> Vec<(SocketAddr, T)> {
+    ) -> Vec<bool> {
         let instances = self.instances.lock().expect("outliers lock");
-        let mut ejected: Vec<(Instant, SocketAddr)> = candidates
+        let mut ejected: Vec<(Instant, usize)> = candidates
             .iter()
-            .filter_map(|(addr, _)| Some((ejected_at(&instances, source, *addr, now)?, *addr)))
+            .enumerate()
+            .filter_map(|(k, addr)| Some((ejected_at(&instances, source, *addr, now)?, k)))
             .collect();
         let cap = (candidates.len() * max_percent as usize / 100).max(1);
         // The earliest ejected stay out; later ones past the cap come back.
         ejected.sort();
         ejected.truncate(cap);
-        let healthy: Vec<_> = candidates
-            .iter()
-            .copied()
-            .filter(|(addr, _)| !ejected.iter().any(|(_, e)| e == addr))
-            .collect();
-        if healthy.is_empty() {
-            candidates.to_vec()
-        } else {
-            healthy
+        let mut allowed = vec![true; candidates.len()];
+        for (_, k) in &ejected {
+            allowed[*k] = false;
         }
+        if !allowed.contains(&true) {
+            allowed.fill(true);
+        }
+        allowed
     }
 }
 

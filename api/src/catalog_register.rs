@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 use crate::catalog::{
     validate_node, validate_service_instance, HealthStatus, Node, ServiceInstance,
 };
-use crate::consul_keys::{normalize, Schema};
+use crate::consul_keys::{is_go_zero, normalize, Schema};
 
 /// The node meta that marks a node as external (consul-esm's convention).
 pub const EXTERNAL_NODE_META: &str = "external-node";
@@ -122,25 +122,13 @@ pub struct Deregistration {
     pub service_id: Option<String>,
 }
 
-/// Whether `v` is a Go zero value (or null).
-fn is_zero(v: &Value) -> bool {
-    match v {
-        Value::Null => true,
-        Value::Bool(b) => !b,
-        Value::Number(n) => n.as_f64() == Some(0.0),
-        Value::String(s) => s.is_empty(),
-        Value::Array(a) => a.is_empty(),
-        Value::Object(o) => o.is_empty(),
-    }
-}
-
 /// The object at `doc`, its keys normalized, zero values dropped, and
 /// Consul's keys weft does not do refused (`path` names it in errors).
 fn object(doc: Value, path: &str) -> Result<Map<String, Value>, RegisterError> {
     let Value::Object(mut map) = doc else {
         return Err(RegisterError::Decode(format!("{path}: want a JSON object")));
     };
-    map.retain(|_, v| !is_zero(v));
+    map.retain(|_, v| !is_go_zero(v));
     let mut keys: Vec<&String> = map.keys().collect();
     keys.sort();
     for key in keys {

@@ -219,32 +219,42 @@ impl UpstreamConfig {
     /// (A field an override sets wins; the others come from the defaults,
     /// as Consul merges them.)
     pub fn for_upstream(&self, service: &str) -> Option<UpstreamSettings<'_>> {
-        let defaults = self.defaults.as_ref().map(|d| UpstreamSettings {
-            connect_timeout_ms: d.connect_timeout_ms,
-            limits: d.limits.as_ref(),
-            passive_health_check: d.passive_health_check.as_ref(),
-        });
+        let defaults = self.defaults.as_ref().map(UpstreamDefaults::settings);
         let Some(o) = self.overrides.iter().find(|o| o.name == service) else {
             return defaults;
         };
-        let base = defaults.unwrap_or(UpstreamSettings {
-            connect_timeout_ms: None,
-            limits: None,
-            passive_health_check: None,
-        });
+        let (o, base) = (o.settings(), defaults.unwrap_or_default());
         Some(UpstreamSettings {
             connect_timeout_ms: o.connect_timeout_ms.or(base.connect_timeout_ms),
-            limits: o.limits.as_ref().or(base.limits),
-            passive_health_check: o
-                .passive_health_check
-                .as_ref()
-                .or(base.passive_health_check),
+            limits: o.limits.or(base.limits),
+            passive_health_check: o.passive_health_check.or(base.passive_health_check),
         })
     }
 }
 
+impl UpstreamDefaults {
+    pub fn settings(&self) -> UpstreamSettings<'_> {
+        UpstreamSettings {
+            connect_timeout_ms: self.connect_timeout_ms,
+            limits: self.limits.as_ref(),
+            passive_health_check: self.passive_health_check.as_ref(),
+        }
+    }
+}
+
+impl UpstreamOverride {
+    /// What this override sets (without the defaults).
+    pub fn settings(&self) -> UpstreamSettings<'_> {
+        UpstreamSettings {
+            connect_timeout_ms: self.connect_timeout_ms,
+            limits: self.limits.as_ref(),
+            passive_health_check: self.passive_health_check.as_ref(),
+        }
+    }
+}
+
 /// The upstream settings that apply to one (caller, upstream) pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct UpstreamSettings<'a> {
     pub connect_timeout_ms: Option<u64>,
     pub limits: Option<&'a Limits>,
@@ -962,12 +972,7 @@ fn validate_defaults(d: &ServiceDefaults) -> Result<(), ConfigEntryError> {
         return Ok(());
     };
     if let Some(defaults) = &config.defaults {
-        let settings = UpstreamSettings {
-            connect_timeout_ms: defaults.connect_timeout_ms,
-            limits: defaults.limits.as_ref(),
-            passive_health_check: defaults.passive_health_check.as_ref(),
-        };
-        validate_upstream("UpstreamConfig.Defaults", settings)?;
+        validate_upstream("UpstreamConfig.Defaults", defaults.settings())?;
     }
     if config.overrides.len() > MAX_UPSTREAM_OVERRIDES {
         return Err(invalid(
@@ -984,12 +989,7 @@ fn validate_defaults(d: &ServiceDefaults) -> Result<(), ConfigEntryError> {
                 format!("{:?} is overridden twice", o.name),
             ));
         }
-        let settings = UpstreamSettings {
-            connect_timeout_ms: o.connect_timeout_ms,
-            limits: o.limits.as_ref(),
-            passive_health_check: o.passive_health_check.as_ref(),
-        };
-        validate_upstream(&field, settings)?;
+        validate_upstream(&field, o.settings())?;
     }
     Ok(())
 }

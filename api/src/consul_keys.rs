@@ -48,6 +48,20 @@ pub enum KeyError {
     Tenancy { key: String, value: String },
 }
 
+/// Whether `v` is a Go zero value (`null`, `false`, `0`, `""`, `[]`, `{}`):
+/// what Go clients send for fields they leave unset, which Consul reads as
+/// absent.
+pub fn is_go_zero(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+    }
+}
+
 /// The folded form keys are compared in: lower case, no underscores.
 pub fn fold(key: &str) -> String {
     key.chars()

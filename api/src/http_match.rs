@@ -346,31 +346,15 @@ fn validate_query_param(field: &str, q: &QueryParamMatch) -> Result<(), HttpMatc
     if q.name.is_empty() {
         return Err(err(format!("{field}.Name"), "must not be empty"));
     }
-    let kinds: Vec<&str> = [
-        ("Present", q.present),
-        ("Exact", q.exact.is_some()),
-        ("Regex", q.regex.is_some()),
-    ]
-    .iter()
-    .filter(|(_, set)| *set)
-    .map(|(n, _)| *n)
-    .collect();
-    match kinds.len() {
-        0 => Err(err(field, "one of Present, Exact or Regex is required")),
-        1 => {
-            if let Some(pattern) = &q.regex {
-                compile_full_match(&format!("{field}.Regex"), pattern)?;
-            }
-            Ok(())
-        }
-        _ => Err(err(
-            field,
-            format!(
-                "only one of Present, Exact or Regex may be set (found {})",
-                kinds.join(", ")
-            ),
-        )),
-    }
+    one_kind(
+        field,
+        &[
+            ("Present", q.present),
+            ("Exact", q.exact.is_some()),
+            ("Regex", q.regex.is_some()),
+        ],
+        q.regex.as_deref(),
+    )
 }
 
 /// Checks one header rule: a valid name and exactly one of Present (true), Exact,
@@ -388,24 +372,40 @@ pub fn validate_header_match(field: &str, h: &HeaderMatch) -> Result<(), HttpMat
             ),
         ));
     }
-    let kinds: Vec<&str> = [
-        ("Present", h.present),
-        ("Exact", h.exact.is_some()),
-        ("Prefix", h.prefix.is_some()),
-        ("Suffix", h.suffix.is_some()),
-        ("Regex", h.regex.is_some()),
-    ]
-    .iter()
-    .filter(|(_, set)| *set)
-    .map(|(n, _)| *n)
-    .collect();
-    match kinds.len() {
-        0 => Err(err(
-            field,
-            "one of Present, Exact, Prefix, Suffix or Regex is required",
-        )),
+    one_kind(
+        field,
+        &[
+            ("Present", h.present),
+            ("Exact", h.exact.is_some()),
+            ("Prefix", h.prefix.is_some()),
+            ("Suffix", h.suffix.is_some()),
+            ("Regex", h.regex.is_some()),
+        ],
+        h.regex.as_deref(),
+    )
+}
+
+/// Checks that exactly one of a rule's `kinds` is set, and that its
+/// `regex`, if that is the one, compiles.
+fn one_kind(
+    field: &str,
+    kinds: &[(&str, bool)],
+    regex: Option<&str>,
+) -> Result<(), HttpMatchError> {
+    let names: Vec<&str> = kinds
+        .iter()
+        .filter(|(_, set)| *set)
+        .map(|(n, _)| *n)
+        .collect();
+    let all: Vec<&str> = kinds.iter().map(|(n, _)| *n).collect();
+    let listed = match all.split_last() {
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    match names.len() {
+        0 => Err(err(field, format!("one of {listed} is required"))),
         1 => {
-            if let Some(pattern) = &h.regex {
+            if let Some(pattern) = regex {
                 compile_full_match(&format!("{field}.Regex"), pattern)?;
             }
             Ok(())
@@ -413,8 +413,8 @@ pub fn validate_header_match(field: &str, h: &HeaderMatch) -> Result<(), HttpMat
         _ => Err(err(
             field,
             format!(
-                "only one of Present, Exact, Prefix, Suffix or Regex may be set (found {})",
-                kinds.join(", ")
+                "only one of {listed} may be set (found {})",
+                names.join(", ")
             ),
         )),
     }

@@ -400,7 +400,7 @@ fn every_service_speaks_http(docs: &Docs, entry: &ConfigEntry) -> anyhow::Result
     Ok(())
 }
 
-fn web_speaks_http(docs: &Docs, entry: &ConfigEntry) -> anyhow::Result<()> {
+fn web_speaks_http(_: &Docs, entry: &ConfigEntry) -> anyhow::Result<()> {
     let mut set = EntrySet::new();
     set.insert(entry.clone());
     ensure!(set.protocol("web") == Protocol::Http);
@@ -408,7 +408,6 @@ fn web_speaks_http(docs: &Docs, entry: &ConfigEntry) -> anyhow::Result<()> {
         set.protocol("other") == Protocol::Tcp,
         "without the proxy-defaults"
     );
-    let _ = docs;
     Ok(())
 }
 
@@ -515,7 +514,7 @@ fn half_to_web_half_to_web_rewrite(docs: &Docs, entry: &ConfigEntry) -> anyhow::
     Ok(())
 }
 
-fn v1_by_default_by_meta_version(docs: &Docs, entry: &ConfigEntry) -> anyhow::Result<()> {
+fn v1_by_default_by_meta_version(_: &Docs, entry: &ConfigEntry) -> anyhow::Result<()> {
     let mut set = EntrySet::new();
     set.insert(entry.clone());
     let target = route_request(&set, "web", &get("/"), 0.0);
@@ -526,7 +525,6 @@ fn v1_by_default_by_meta_version(docs: &Docs, entry: &ConfigEntry) -> anyhow::Re
         .map(|i| i.id.as_str())
         .collect();
     ensure!(ids == ["w1"], "{ids:?}");
-    let _ = docs;
     Ok(())
 }
 

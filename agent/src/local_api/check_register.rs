@@ -116,18 +116,6 @@ fn invalid(field: &'static str, message: impl Into<String>) -> CheckBodyError {
     }
 }
 
-/// Whether `v` is what a Go client sends for a field it leaves unset.
-fn is_zero(v: &Value) -> bool {
-    match v {
-        Value::Null => true,
-        Value::Bool(b) => !b,
-        Value::Number(n) => n.as_f64() == Some(0.0),
-        Value::String(s) => s.is_empty(),
-        Value::Array(a) => a.is_empty(),
-        Value::Object(o) => o.is_empty(),
-    }
-}
-
 /// Takes a string field out of `map`; `None` when absent or empty.
 fn string(
     map: &mut Map<String, Value>,
@@ -172,7 +160,7 @@ pub fn parse(body: &[u8]) -> Result<CheckRequest, CheckBodyError> {
     keys.sort();
     for key in keys {
         if NOT_SUPPORTED.contains(&key.as_str()) {
-            if !is_zero(&map[key]) {
+            if !consul_keys::is_go_zero(&map[key]) {
                 return Err(CheckBodyError::NotSupported(key.clone()));
             }
         } else if !TAKEN.contains(&key.as_str()) {

@@ -123,33 +123,29 @@ fn at_most_max_ejection_percent_are_left_out_but_always_one() {
         max_failures: 1,
         ..POLICY
     };
-    let candidates: Vec<(SocketAddr, u16)> = (0..10).map(|p| (addr(p), p)).collect();
+    let candidates: Vec<SocketAddr> = (0..10).map(addr).collect();
     for (i, port) in [3, 1, 7].into_iter().enumerate() {
         fail(&o, addr(port), one, t0 + Duration::from_millis(i as u64));
     }
     let now = t0 + secs(1);
     let out = |pct| {
-        let kept = o.filter("web", &candidates, now, pct);
-        let mut left: Vec<u16> = candidates
-            .iter()
-            .filter(|c| !kept.contains(c))
-            .map(|(_, p)| *p)
-            .collect();
-        left.sort();
-        left
+        let allowed = o.allowed("web", &candidates, now, pct);
+        (0..10u16)
+            .filter(|p| !allowed[*p as usize])
+            .collect::<Vec<u16>>()
     };
     assert_eq!(out(10), vec![3], "10% of 10 is one: the earliest ejected");
     assert_eq!(out(0), vec![3], "always one");
     assert_eq!(out(20), vec![1, 3]);
     assert_eq!(out(100), vec![1, 3, 7]);
     assert_eq!(
-        o.filter("api", &candidates, now, 100).len(),
-        10,
+        o.allowed("api", &candidates, now, 100),
+        vec![true; 10],
         "another caller"
     );
     // Every candidate ejected: all of them, rather than none.
-    let two = [(addr(1), 1), (addr(3), 3)];
-    assert_eq!(o.filter("web", &two, now, 100), two.to_vec());
+    let two = [addr(1), addr(3)];
+    assert_eq!(o.allowed("web", &two, now, 100), vec![true, true]);
 }
 
 #[test]

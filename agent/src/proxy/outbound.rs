@@ -137,12 +137,12 @@ pub fn pick(
         .filter(|i| !view.node_is_external(&i.node))
         .filter_map(|i| Some((i.socket_addr()?, i.node.as_str())))
         .collect();
+    let addrs: Vec<SocketAddr> = all.iter().map(|(a, _)| *a).collect();
     // Ejections count only while the caller asks for them.
     let allowed: Vec<bool> = match view.ejection_policy(source, upstream) {
         Some(policy) => {
             let now = std::time::Instant::now();
-            let kept = (ctx.outliers).filter(source, &all, now, policy.max_ejection_percent);
-            all.iter().map(|c| kept.contains(c)).collect()
+            (ctx.outliers).allowed(source, &addrs, now, policy.max_ejection_percent)
         }
         None => vec![true; all.len()],
     };
@@ -152,7 +152,6 @@ pub fn pick(
             .map(|(a, _)| in_flight.get(a).copied().unwrap_or(0))
             .collect()
     };
-    let addrs: Vec<SocketAddr> = all.iter().map(|(a, _)| *a).collect();
     let policy = view.load_balancer(service);
     let draw = || rand::random::<u32>() as usize;
     let pick = (ctx.balancer)
