@@ -4,7 +4,8 @@
 //! * the nightly toolchain and its rust-src component (eBPF is built with
 //!   `-Z build-std=core`);
 //! * Debian packages: LLVM 22 (for bpf-linker), and the tools the tests and
-//!   benchmarks drive (iproute2, openssl, tcpdump, curl, iperf3, haproxy, wrk,
+//!   benchmarks drive (iproute2, openssl, tcpdump, curl, python3 and
+//!   python3-venv, iperf3, haproxy, wrk,
 //!   sslscan, prometheus for promtool, dig, chromium and chromium-driver for
 //!   the web UI's browser test);
 //! * bpf-linker, built against Debian's LLVM 22;
@@ -30,6 +31,11 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("openssl", "certificate checks in tests"),
     ("tcpdump", "packet captures in tests"),
     ("curl", "HTTP clients in tests and the demo"),
+    (
+        "python3",
+        "scripts in tests (py-consul's, a connection holder, a stand-in DNS upstream)",
+    ),
+    ("python3-venv", "the virtualenv py-consul is installed into"),
     ("iperf3", "bulk throughput in benchmarks"),
     ("haproxy", "the mTLS proxy baseline in benchmarks"),
     ("wrk", "HTTP load in benchmarks"),
