@@ -175,6 +175,22 @@ pub struct AgentConfig {
     /// `server.<datacenter>.weft` unless set.
     pub tls_server_name: String,
     pub services: Vec<ServiceConfig>,
+    /// A mesh gateway run by this agent (`[gateway]`), if any.
+    pub gateway: Option<GatewayConfig>,
+}
+
+/// `[gateway]`: this agent is also its datacenter's mesh gateway. It
+/// listens on both addresses and registers as service `mesh-gateway`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GatewayConfig {
+    /// Where this datacenter's agents and servers reach it: it forwards
+    /// their connections to other datacenters' gateways, and theirs to
+    /// local nodes and servers.
+    pub lan_address: SocketAddr,
+    /// Where other datacenters' gateways reach it (advertised to them).
+    /// Connections arriving here only go to this datacenter's nodes and
+    /// servers, never on to a third datacenter.
+    pub wan_address: SocketAddr,
 }
 
 /// What happens to a mesh workload's connection to a destination outside
@@ -444,6 +460,41 @@ struct RawConfig {
     tls_server_name: Option<String>,
     #[serde(default)]
     service: Vec<RawService>,
+    #[serde(default)]
+    gateway: Option<RawGateway>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    lan_address: String,
+    wan_address: String,
+}
+
+/// `[gateway]`: two distinct, advertisable `IP:PORT` addresses.
+fn gateway(raw: &RawGateway) -> Result<GatewayConfig, Invalid> {
+    let addr = |field: &str, value: &str| -> Result<SocketAddr, Invalid> {
+        let a = socket_addr(field, value)?;
+        if a.ip().is_unspecified() || a.port() == 0 {
+            return Err(invalid(
+                field,
+                format!("{value:?}: a gateway's address is advertised, so it needs a definite IP and port"),
+            ));
+        }
+        Ok(a)
+    };
+    let lan_address = addr("gateway.lan_address", &raw.lan_address)?;
+    let wan_address = addr("gateway.wan_address", &raw.wan_address)?;
+    if lan_address == wan_address {
+        return Err(invalid(
+            "gateway.wan_address",
+            "must differ from lan_address: what arrives from the WAN may only reach this datacenter, which the gateway tells by the address it arrived at",
+        ));
+    }
+    Ok(GatewayConfig {
+        lan_address,
+        wan_address,
+    })
 }
 
 fn default_worker_threads() -> usize {
@@ -1113,6 +1164,7 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         ca_file: raw.ca_file,
         tls_server_name,
         services,
+        gateway: raw.gateway.as_ref().map(gateway).transpose()?,
     })
 }
 

@@ -14,6 +14,8 @@
 //! - [`file_format`]: JSON/TOML documents with positioned errors;
 //!   [`http_match`]: HTTP path/method/header rules shared by intentions and routers;
 //!   [`path`]: request paths normalized before they are matched (Envoy's rules).
+//! - [`client_hello`]: the server name of a TLS ClientHello; [`gateway`]: the
+//!   names mesh gateways route on and where each goes.
 //! - [`tls_certs`]: the operator's CA and server/client certificates for TLS (`weft tls`).
 //!
 //! The domain modules are pure: no I/O, no clocks, no global state ([`tls_certs`]
@@ -22,6 +24,7 @@
 pub mod acl;
 pub mod catalog;
 pub mod catalog_register;
+pub mod client_hello;
 pub mod config_entry;
 pub mod consul_keys;
 pub mod convert;
@@ -29,6 +32,7 @@ pub mod duration;
 pub mod exposition;
 pub mod file_format;
 pub mod filter;
+pub mod gateway;
 pub mod header_edits;
 pub mod http_match;
 pub mod intention;

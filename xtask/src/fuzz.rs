@@ -18,6 +18,7 @@ pub const TARGETS: &[&str] = &[
     "dns_message",
     "config_entry",
     "acl_rules",
+    "client_hello",
 ];
 
 /// Seconds per target when `cargo xtask test` runs them.

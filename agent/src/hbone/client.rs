@@ -43,6 +43,8 @@ pub enum HboneError {
     NoH2Alpn { node: SocketAddr },
     #[error("TLS configuration: {0}")]
     Tls(#[from] TlsError),
+    #[error("{0:?} is not a DNS name to send as SNI")]
+    ServerName(String),
     #[error("HTTP/2 with {node}: {source}")]
     H2 { node: SocketAddr, source: h2::Error },
     #[error("building CONNECT request: {0}")]
@@ -92,8 +94,8 @@ fn not_processed(e: &h2::Error) -> bool {
     e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
 }
 
-/// (source SPIFFE id, node address, the node's expected SPIFFE id).
-type PoolKey = (String, SocketAddr, Arc<str>);
+/// (source SPIFFE id, address dialed, the node's expected SPIFFE id, SNI).
+type PoolKey = (String, SocketAddr, Arc<str>, Arc<str>);
 
 /// The agent a tunnel goes through: where it listens and the SPIFFE id its
 /// certificate must carry (`spiffe://<td>/ns/default/dc/<dc>/node/<node>`),
@@ -101,8 +103,23 @@ type PoolKey = (String, SocketAddr, Arc<str>);
 /// the trust domain.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct NodePeer {
+    /// Where to dial: the node's agent, or a mesh gateway on the way to it.
     pub addr: SocketAddr,
     pub spiffe_id: Arc<str>,
+    /// The server name sent (`<node>.<dc>.node.<trust-domain>`): what
+    /// gateways route on. Not what is verified (the SPIFFE id is).
+    pub sni: Arc<str>,
+}
+
+impl NodePeer {
+    /// The agent of `node` in `dc`, dialed at `addr`.
+    pub fn new(addr: SocketAddr, trust_domain: &str, dc: &str, node: &str) -> Self {
+        NodePeer {
+            addr,
+            spiffe_id: weft_api::spiffe::node_id(trust_domain, dc, node).into(),
+            sni: weft_api::gateway::node_sni(node, dc, trust_domain).into(),
+        }
+    }
 }
 
 /// One pooled TLS+h2 connection.
@@ -277,7 +294,12 @@ impl HbonePool {
         target: SocketAddr,
     ) -> Result<HboneStream, HboneError> {
         let node = peer.addr;
-        let key: PoolKey = (source.spiffe_id.clone(), node, peer.spiffe_id.clone());
+        let key: PoolKey = (
+            source.spiffe_id.clone(),
+            node,
+            peer.spiffe_id.clone(),
+            peer.sni.clone(),
+        );
         let mut retried = false;
         loop {
             let (conn, place, fresh) = self.checkout(&key, source).await?;
@@ -352,7 +374,7 @@ impl HbonePool {
         if conns.is_empty() {
             self.prune();
         }
-        let conn = self.dial(source, key.1, &key.2).await?;
+        let conn = self.dial(source, key.1, &key.2, &key.3).await?;
         let place = conn
             .reserve(limit)
             .expect("a new connection has room for a tunnel");
@@ -387,6 +409,7 @@ impl HbonePool {
         source: &Identity,
         node: SocketAddr,
         expected: &str,
+        sni: &str,
     ) -> Result<PooledConn, HboneError> {
         let started = std::time::Instant::now();
         let tcp = TcpStream::connect(node)
@@ -395,9 +418,12 @@ impl HbonePool {
         let _ = tcp.set_nodelay(true);
         let connector =
             TlsConnector::from(tls::client_config(source, &self.inner.bundle, expected)?);
-        // The name is not checked (the SPIFFE id is); no SNI for IPs.
+        // The name is sent for gateways to route on; it is not checked
+        // (the SPIFFE id is).
+        let name = ServerName::try_from(sni.to_string())
+            .map_err(|_| HboneError::ServerName(sni.to_string()))?;
         let tls = connector
-            .connect(ServerName::IpAddress(node.ip().into()), tcp)
+            .connect(name, tcp)
             .await
             .map_err(|source| HboneError::Handshake { node, source })?;
         let session = tls.get_ref().1;

@@ -108,6 +108,7 @@ impl Node {
         NodePeer {
             addr: self.addr,
             spiffe_id: NODE_B.into(),
+            sni: "node-b.dc1.node.test.weft".into(),
         }
     }
 }
@@ -463,6 +464,7 @@ async fn broken_connection_is_evicted_and_redialed() {
     let via = NodePeer {
         addr: via,
         spiffe_id: NODE_B.into(),
+        sni: "node-b.dc1.node.test.weft".into(),
     };
     let mut first = pool.connect(&web, &via, node.echo, TIMEOUT).await.unwrap();
     round_trip(&mut first, b"one").await;
@@ -499,6 +501,7 @@ async fn connect_times_out_against_a_silent_node() {
             &NodePeer {
                 addr: silent,
                 spiffe_id: NODE_B.into(),
+                sni: "node-b.dc1.node.test.weft".into(),
             },
             silent,
             timeout,
@@ -558,6 +561,7 @@ async fn a_node_presenting_another_nodes_certificate_is_refused() {
     let meant_c = NodePeer {
         addr: node.addr,
         spiffe_id: NODE_C.into(),
+        sni: "node-c.dc1.node.test.weft".into(),
     };
     let Err(err) = pool
         .connect(&ca.identity(WEB), &meant_c, node.echo, TIMEOUT)

@@ -165,10 +165,12 @@ pub fn pick(
         OutboundError::NoInstance(format!("{service} (node {node} has no address)"))
     })?;
     Ok(Route::Tunnel {
-        node: NodePeer {
-            addr: SocketAddr::new(node_ip, ctx.inbound_port),
-            spiffe_id: weft_api::spiffe::node_id(&view.trust_domain, datacenter, node).into(),
-        },
+        node: NodePeer::new(
+            SocketAddr::new(node_ip, ctx.inbound_port),
+            &view.trust_domain,
+            datacenter,
+            node,
+        ),
         target,
     })
 }
