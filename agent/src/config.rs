@@ -191,6 +191,16 @@ pub struct GatewayConfig {
     /// Connections arriving here only go to this datacenter's nodes and
     /// servers, never on to a third datacenter.
     pub wan_address: SocketAddr,
+    /// The port the servers (the hosts of `servers`) take federation
+    /// connections on (their `--federation-addr`).
+    pub server_port: u16,
+}
+
+/// Default port of the servers' federation listener.
+pub const DEFAULT_SERVER_FEDERATION_PORT: u16 = 8302;
+
+fn default_server_federation_port() -> u16 {
+    DEFAULT_SERVER_FEDERATION_PORT
 }
 
 /// What happens to a mesh workload's connection to a destination outside
@@ -469,6 +479,8 @@ struct RawConfig {
 struct RawGateway {
     lan_address: String,
     wan_address: String,
+    #[serde(default = "default_server_federation_port")]
+    server_port: u16,
 }
 
 /// `[gateway]`: two distinct, advertisable `IP:PORT` addresses.
@@ -494,6 +506,7 @@ fn gateway(raw: &RawGateway) -> Result<GatewayConfig, Invalid> {
     Ok(GatewayConfig {
         lan_address,
         wan_address,
+        server_port: port("gateway.server_port", raw.server_port)?,
     })
 }
 
@@ -1052,6 +1065,12 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
     for (i, s) in raw.service.iter().enumerate() {
         let field = format!("service[{i}]");
         let svc_name = name(&format!("{field}.name"), &s.name)?;
+        if svc_name == weft_api::gateway::SERVICE {
+            return Err(invalid(
+                format!("{field}.name"),
+                "\"mesh-gateway\" is the name gateways register under: set [gateway] instead",
+            ));
+        }
         let id = service_id(&format!("{field}.id"), s.id.as_deref().unwrap_or(&svc_name))?;
         if let Some(first) = ids.insert(id.clone(), i) {
             let hint = if names.contains_key(&svc_name) {
@@ -1134,6 +1153,10 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
             upstreams,
         });
     }
+    let gateway = raw.gateway.as_ref().map(gateway).transpose()?;
+    if let Some(g) = &gateway {
+        services.push(gateway_service(g));
+    }
     Ok(AgentConfig {
         node_name,
         datacenter,
@@ -1164,8 +1187,28 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
         ca_file: raw.ca_file,
         tls_server_name,
         services,
-        gateway: raw.gateway.as_ref().map(gateway).transpose()?,
+        gateway,
     })
+}
+
+/// The `mesh-gateway` instance a `[gateway]` registers: at its LAN
+/// address, its WAN address in meta, healthy while its node is.
+fn gateway_service(g: &GatewayConfig) -> ServiceConfig {
+    ServiceConfig {
+        id: weft_api::gateway::SERVICE.into(),
+        name: weft_api::gateway::SERVICE.into(),
+        port: g.lan_address.port(),
+        address: g.lan_address.ip(),
+        cgroup: None,
+        tags: Vec::new(),
+        meta: [(
+            weft_api::gateway::WAN_META.to_string(),
+            g.wan_address.to_string(),
+        )]
+        .into(),
+        checks: Vec::new(),
+        upstreams: Vec::new(),
+    }
 }
 
 // ---------------------------------------------------------------------------------

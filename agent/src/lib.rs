@@ -17,6 +17,7 @@ pub mod dns;
 pub mod drain;
 pub mod ebpf;
 pub mod exec_dns;
+pub mod gateway;
 pub mod handover;
 pub mod hbone;
 pub mod health;

@@ -18,6 +18,11 @@
 //!   from a request's arrival at the L7 proxy to its response's headers
 //! - `connection_duration_seconds{source,destination}` (histogram): how long
 //!   proxied connections lived
+//! - `tunnel_dials_total`, `tunnel_handshake_duration_seconds`,
+//!   `tunnel_connections_open`, `tunnel_streams_active`: the HBONE pool
+//! - `gateway_connections_total{datacenter}`, `gateway_connections_active`,
+//!   `gateway_bytes_total{datacenter,direction}`, `gateway_refused_total{reason}`:
+//!   a mesh gateway ([`crate::gateway`])
 
 use std::fmt;
 use std::str::FromStr;
@@ -227,6 +232,7 @@ pub struct AgentMetrics {
     request_seconds: Histograms<RequestLabels>,
     connection_seconds: Histograms<ConnLabels>,
     tunnel: crate::hbone::client::TunnelMetrics,
+    gateway: crate::gateway::GatewayMetrics,
     /// Traffic per (side, source, destination) since the last report.
     traffic: std::sync::Mutex<std::collections::HashMap<(Side, String, String), PairTraffic>>,
 }
@@ -332,8 +338,11 @@ impl AgentMetrics {
             "Tunnels (HTTP/2 CONNECT streams) open now on pooled connections",
             tunnel.streams.clone(),
         );
+        let gateway = crate::gateway::GatewayMetrics::default();
+        gateway.register(&mut registry);
         AgentMetrics {
             registry,
+            gateway,
             opened: m.opened,
             closed: m.closed,
             active: m.active,
@@ -353,6 +362,10 @@ impl AgentMetrics {
     }
 
     /// What the tunnel pool counts into (see [`crate::hbone::HbonePool::with_metrics`]).
+    pub fn gateway(&self) -> crate::gateway::GatewayMetrics {
+        self.gateway.clone()
+    }
+
     pub fn tunnel(&self) -> crate::hbone::client::TunnelMetrics {
         self.tunnel.clone()
     }

@@ -355,6 +355,24 @@ pub async fn run(
     let inbound_listener = sockets.tcp("inbound", config.inbound_addr).await?;
     let mut accept_tasks = vec![tokio::spawn(server.serve(inbound_listener))];
 
+    // A mesh gateway, when this agent is one.
+    if let Some(g) = &config.gateway {
+        let gateway = crate::gateway::Gateway::new(
+            config.datacenter.clone(),
+            view.clone(),
+            config.inbound_addr.port(),
+            crate::gateway::server_addresses(&config.servers, g.server_port),
+            metrics.gateway(),
+            drain.clone(),
+        );
+        let lan = sockets.tcp("gateway-lan", g.lan_address).await?;
+        let wan = sockets.tcp("gateway-wan", g.wan_address).await?;
+        use crate::gateway::Side;
+        accept_tasks.push(tokio::spawn(gateway.clone().serve(lan, Side::Lan)));
+        accept_tasks.push(tokio::spawn(gateway.serve(wan, Side::Wan)));
+        tracing::info!(lan = %g.lan_address, wan = %g.wan_address, "mesh gateway on");
+    }
+
     let running = Arc::new(Running::new(
         path,
         current.clone(),

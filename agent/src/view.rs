@@ -41,6 +41,9 @@ pub struct View {
     pub trust_domain: String,
     pub roots_pem: Vec<String>,
     pub default_allow: bool,
+    /// Other datacenters of the federation and their gateways' WAN
+    /// addresses.
+    pub federation: BTreeMap<String, Vec<SocketAddr>>,
     /// The parts of a snapshot received so far, and its index: the servers
     /// send a large snapshot in parts, applied once the last is in.
     #[serde(skip)]
@@ -224,6 +227,11 @@ impl View {
                 i.service == service && i.health == HealthStatus::Passing && self.node_up(&i.node)
             })
             .collect()
+    }
+
+    /// The WAN addresses of datacenter `dc`'s gateways.
+    pub fn gateways_of(&self, dc: &str) -> &[SocketAddr] {
+        self.federation.get(dc).map_or(&[], Vec::as_slice)
     }
 
     /// Whether `node` was registered through the catalog API: no agent

@@ -1,0 +1,351 @@
+//! A mesh gateway (`[gateway]` in agent.toml): forwards TLS connections
+//! between datacenters by the server name (SNI) of their ClientHello,
+//! without terminating TLS. The two ends authenticate each other; the
+//! gateway reads the ClientHello and nothing after it.
+//!
+//! It listens twice:
+//! - on its LAN address, for this datacenter's agents and servers: a name
+//!   of another datacenter goes to one of that datacenter's gateways (their
+//!   WAN addresses come from the federation, in the view); a name of this
+//!   datacenter goes to the node or the servers;
+//! - on its WAN address, for other datacenters' gateways: only names of
+//!   this datacenter are taken, so a gateway is never a hop to a third
+//!   datacenter (no loops, no open relay).
+//!
+//! Where each name goes is [`weft_api::gateway::hop`]; this module does the
+//! I/O: read the hello (bounded in size and time), dial (trying the next
+//! address when one refuses), send what was read, splice.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
+use weft_api::client_hello::{self, Parsed};
+use weft_api::gateway::{hop, parse_sni, Destination, Hop};
+
+use crate::accept::AcceptErrors;
+use crate::view::View;
+
+/// How long a client has to send its whole ClientHello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one dial of the next hop may take.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Addresses tried for one connection (several gateways of a datacenter,
+/// several servers).
+pub const DIAL_ATTEMPTS: usize = 3;
+/// Connections one gateway carries at once; more are closed at accept.
+pub const MAX_CONNECTIONS: usize = 16_384;
+
+/// Which listener a connection arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Lan,
+    Wan,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("reading the ClientHello: {0}")]
+    Read(std::io::Error),
+    #[error("no ClientHello within {HELLO_TIMEOUT:?}")]
+    HelloTimeout,
+    #[error("not a TLS ClientHello: {0}")]
+    Hello(#[from] client_hello::HelloError),
+    #[error("{0}")]
+    Sni(#[from] weft_api::gateway::SniError),
+    #[error(
+        "{0} arrived from the WAN: only this datacenter's nodes and servers are reached from there"
+    )]
+    Transit(String),
+    #[error("no route to {0}")]
+    NoRoute(String),
+    #[error("dialing {what}: {error}")]
+    Dial { what: String, error: String },
+}
+
+impl GatewayError {
+    /// A short label for the refusal counter.
+    fn reason(&self) -> &'static str {
+        match self {
+            GatewayError::Read(_) => "read",
+            GatewayError::HelloTimeout => "hello_timeout",
+            GatewayError::Hello(_) => "not_tls",
+            GatewayError::Sni(_) => "unknown_name",
+            GatewayError::Transit(_) => "wan_transit",
+            GatewayError::NoRoute(_) => "no_route",
+            GatewayError::Dial { .. } => "unreachable",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DcLabels {
+    /// The datacenter the connection goes to.
+    datacenter: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DcDirectionLabels {
+    datacenter: String,
+    /// `sent` toward the destination, `received` back from it.
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// The gateway's metrics (registered by [`crate::metrics::AgentMetrics`]).
+#[derive(Debug, Clone, Default)]
+pub struct GatewayMetrics {
+    connections: Family<DcLabels, Counter>,
+    active: Family<DcLabels, Gauge>,
+    bytes: Family<DcDirectionLabels, Counter>,
+    refused: Family<ReasonLabels, Counter>,
+}
+
+impl GatewayMetrics {
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "gateway_connections",
+            "Connections the mesh gateway forwarded, by the datacenter they went to",
+            self.connections.clone(),
+        );
+        registry.register(
+            "gateway_connections_active",
+            "Connections the mesh gateway carries now, by the datacenter they go to",
+            self.active.clone(),
+        );
+        registry.register(
+            "gateway_bytes",
+            "Bytes the mesh gateway carried, by the datacenter of the destination and direction",
+            self.bytes.clone(),
+        );
+        registry.register(
+            "gateway_refused",
+            "Connections the mesh gateway closed without forwarding, by reason",
+            self.refused.clone(),
+        );
+    }
+}
+
+/// What a gateway needs: the view (nodes, other datacenters' gateways),
+/// where this datacenter's servers take federation connections, and its
+/// datacenter.
+pub struct Gateway {
+    pub datacenter: String,
+    pub view: Arc<RwLock<View>>,
+    /// Port of the agents' inbound (HBONE) listeners.
+    pub inbound_port: u16,
+    /// The servers' federation addresses (`host:port`).
+    pub servers: Vec<String>,
+    pub metrics: GatewayMetrics,
+    pub drain: Arc<crate::drain::Drain>,
+    /// Connections carried now, against [`MAX_CONNECTIONS`].
+    pub open: Arc<tokio::sync::Semaphore>,
+}
+
+impl Gateway {
+    pub fn new(
+        datacenter: String,
+        view: Arc<RwLock<View>>,
+        inbound_port: u16,
+        servers: Vec<String>,
+        metrics: GatewayMetrics,
+        drain: Arc<crate::drain::Drain>,
+    ) -> Arc<Self> {
+        Arc::new(Gateway {
+            datacenter,
+            view,
+            inbound_port,
+            servers,
+            metrics,
+            drain,
+            open: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+        })
+    }
+
+    /// Accepts on `listener` (the `side` one) until the task is stopped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, side: Side) {
+        let mut errors = AcceptErrors::new(match side {
+            Side::Lan => "gateway-lan",
+            Side::Wan => "gateway-wan",
+        });
+        let mut next_id: u64 = 0;
+        loop {
+            let (stream, peer) = errors.accept(&listener).await;
+            let Ok(permit) = self.open.clone().try_acquire_owned() else {
+                self.refuse_count("busy");
+                continue;
+            };
+            next_id += 1;
+            let span = tracing::info_span!("gateway", id = next_id, %peer, side = ?side);
+            let gateway = self.clone();
+            let tracked = self.drain.track();
+            tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    let _tracked = tracked;
+                    if let Err(e) = gateway.carry(stream, side).await {
+                        gateway.refuse_count(e.reason());
+                        tracing::debug!("refused: {e}");
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    fn refuse_count(&self, reason: &'static str) {
+        self.metrics
+            .refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Forwards one connection, or says why not.
+    async fn carry(&self, mut client: TcpStream, side: Side) -> Result<(), GatewayError> {
+        let _ = client.set_nodelay(true);
+        let (hello, destination) =
+            tokio::time::timeout(HELLO_TIMEOUT, self.read_hello(&mut client))
+                .await
+                .map_err(|_| GatewayError::HelloTimeout)??;
+        let next = hop(&destination, &self.datacenter);
+        if side == Side::Wan && matches!(next, Hop::RemoteGateway(_)) {
+            return Err(GatewayError::Transit(format!("{destination:?}")));
+        }
+        let candidates = self.candidates(&next)?;
+        let mut upstream = None;
+        let mut last = String::new();
+        for addr in candidates.iter().take(DIAL_ATTEMPTS) {
+            match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr.as_str())).await {
+                Ok(Ok(s)) => {
+                    upstream = Some(s);
+                    break;
+                }
+                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Err(_) => last = format!("{addr}: no answer within {DIAL_TIMEOUT:?}"),
+            }
+        }
+        let Some(mut upstream) = upstream else {
+            return Err(GatewayError::Dial {
+                what: format!("{next:?}"),
+                error: last,
+            });
+        };
+        let _ = upstream.set_nodelay(true);
+        let dc = DcLabels {
+            datacenter: destination.datacenter().to_string(),
+        };
+        self.metrics.connections.get_or_create(&dc).inc();
+        let active = self.metrics.active.get_or_create(&dc).clone();
+        active.inc();
+        tracing::debug!(?destination, "forwarding");
+        let result = async {
+            upstream.write_all(&hello).await?;
+            crate::splice::splice(&mut client, &mut upstream).await
+        }
+        .await;
+        active.dec();
+        let (sent, received) = match result {
+            Ok(counts) => counts,
+            Err(e) => {
+                tracing::debug!("connection ended: {e}");
+                (0, 0)
+            }
+        };
+        let bytes = |direction| DcDirectionLabels {
+            datacenter: dc.datacenter.clone(),
+            direction,
+        };
+        let hello_len = hello.len() as u64;
+        self.metrics
+            .bytes
+            .get_or_create(&bytes("sent"))
+            .inc_by(sent + hello_len);
+        self.metrics
+            .bytes
+            .get_or_create(&bytes("received"))
+            .inc_by(received);
+        Ok(())
+    }
+
+    /// Reads until a whole ClientHello is in: the bytes read, and where its
+    /// name leads.
+    async fn read_hello(
+        &self,
+        client: &mut TcpStream,
+    ) -> Result<(Vec<u8>, Destination), GatewayError> {
+        let mut buf = Vec::with_capacity(2048);
+        loop {
+            if let Parsed::Hello { server_name, .. } = client_hello::parse(&buf)? {
+                let trust_domain = self.view.read().expect("view lock").trust_domain.clone();
+                let destination = parse_sni(server_name.as_deref(), &trust_domain)?;
+                return Ok((buf, destination));
+            }
+            let mut chunk = [0u8; 4096];
+            let n = client.read(&mut chunk).await.map_err(GatewayError::Read)?;
+            if n == 0 {
+                return Err(GatewayError::Read(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The addresses to dial for `next`, in the order to try them.
+    fn candidates(&self, next: &Hop) -> Result<Vec<String>, GatewayError> {
+        let view = self.view.read().expect("view lock");
+        let mut found: Vec<String> = match next {
+            Hop::LocalNode(node) => {
+                let n = view
+                    .nodes
+                    .get(node)
+                    .filter(|n| n.datacenter == self.datacenter)
+                    .filter(|_| !view.node_is_external(node))
+                    .ok_or_else(|| GatewayError::NoRoute(format!("node {node}")))?;
+                vec![format!("{}:{}", n.address, self.inbound_port)]
+            }
+            Hop::LocalServers => self.servers.clone(),
+            Hop::RemoteGateway(dc) => view.gateways_of(dc).iter().map(|a| a.to_string()).collect(),
+        };
+        if found.is_empty() {
+            return Err(GatewayError::NoRoute(format!("{next:?}")));
+        }
+        // Spread connections over the datacenter's gateways or servers.
+        let start = rand::random::<u32>() as usize % found.len();
+        found.rotate_left(start);
+        Ok(found)
+    }
+}
+
+/// Where this datacenter's servers take federation connections: the
+/// agent's `servers` hosts at `port`.
+pub fn server_addresses(servers: &[String], port: u16) -> Vec<String> {
+    servers
+        .iter()
+        .map(|s| {
+            let host = s.rsplit_once(':').map_or(s.as_str(), |(h, _)| h);
+            format!("{host}:{port}")
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_are_reached_at_their_federation_port() {
+        assert_eq!(
+            server_addresses(&["10.0.0.1:8502".into(), "[fd00::1]:8502".into()], 8302),
+            vec!["10.0.0.1:8302".to_string(), "[fd00::1]:8302".to_string()]
+        );
+    }
+}
