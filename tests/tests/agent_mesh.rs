@@ -293,10 +293,12 @@ fn hbone_get(
     bundle: weft_agent::hbone::TrustBundle,
     target: SocketAddr,
 ) -> anyhow::Result<String> {
-    let node = weft_agent::hbone::NodePeer {
-        addr: format!("{}:15008", mesh.ip(NodeB)).parse()?,
-        spiffe_id: weft_api::spiffe::node_id(bundle.trust_domain(), "dc1", "node-b").into(),
-    };
+    let node = weft_agent::hbone::NodePeer::new(
+        format!("{}:15008", mesh.ip(NodeB)).parse()?,
+        bundle.trust_domain(),
+        "dc1",
+        "node-b",
+    );
     mesh.netns(NodeA).run(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
