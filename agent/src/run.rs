@@ -267,7 +267,23 @@ pub async fn run(
 
     let (index_tx, mut index_rx) = watch::channel(0u64);
     let follow_task = tokio::spawn(control.clone().follow(view.clone(), index_tx));
-    let bundle = wait_for_bundle(&view, &mut index_rx).await?;
+    let drain = Drain::new();
+    let mut accept_tasks = Vec::new();
+    // A gateway needs no certificate, and a secondary datacenter gets its
+    // CA through its gateways: it starts before the trust bundle is in
+    // (when upgrading, later, on the predecessor's listeners).
+    let upgrading = predecessor.is_some();
+    if !upgrading {
+        start_gateway(
+            &config,
+            &view,
+            &metrics,
+            &drain,
+            &mut sockets,
+            &mut accept_tasks,
+        )
+        .await?;
+    }
 
     // Health: write changes to the servers.
     let (health_tx, health_rx) = mpsc::unbounded_channel();
@@ -276,6 +292,7 @@ pub async fn run(
         checks.add(&s.id, &s.name, s.checks.clone());
     }
     let health_task = tokio::spawn(report_health(control.clone(), health_rx));
+    let bundle = wait_for_bundle(&view, &mut index_rx).await?;
 
     // Certificates.
     let identities = Arc::new(Identities::new(control.clone()));
@@ -295,7 +312,6 @@ pub async fn run(
         bundle.clone(),
     ));
 
-    let drain = Drain::new();
     let ctx = Arc::new(ProxyContext {
         node_name: config.node_name.clone(),
         datacenter: config.datacenter.clone(),
@@ -353,24 +369,17 @@ pub async fn run(
     }
 
     let inbound_listener = sockets.tcp("inbound", config.inbound_addr).await?;
-    let mut accept_tasks = vec![tokio::spawn(server.serve(inbound_listener))];
-
-    // A mesh gateway, when this agent is one.
-    if let Some(g) = &config.gateway {
-        let gateway = crate::gateway::Gateway::new(
-            config.datacenter.clone(),
-            view.clone(),
-            config.inbound_addr.port(),
-            crate::gateway::server_addresses(&config.servers, g.server_port),
-            metrics.gateway(),
-            drain.clone(),
-        );
-        let lan = sockets.tcp("gateway-lan", g.lan_address).await?;
-        let wan = sockets.tcp("gateway-wan", g.wan_address).await?;
-        use crate::gateway::Side;
-        accept_tasks.push(tokio::spawn(gateway.clone().serve(lan, Side::Lan)));
-        accept_tasks.push(tokio::spawn(gateway.serve(wan, Side::Wan)));
-        tracing::info!(lan = %g.lan_address, wan = %g.wan_address, "mesh gateway on");
+    accept_tasks.push(tokio::spawn(server.serve(inbound_listener)));
+    if upgrading {
+        start_gateway(
+            &config,
+            &view,
+            &metrics,
+            &drain,
+            &mut sockets,
+            &mut accept_tasks,
+        )
+        .await?;
     }
 
     let running = Arc::new(Running::new(
@@ -647,6 +656,35 @@ async fn wait_for(mut stop: watch::Receiver<bool>) {
 }
 
 /// The first trust bundle from the watch stream.
+/// Starts the mesh gateway's listeners, when this agent is one.
+async fn start_gateway(
+    config: &AgentConfig,
+    view: &Arc<RwLock<View>>,
+    metrics: &AgentMetrics,
+    drain: &Arc<Drain>,
+    sockets: &mut Sockets,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<(), RunError> {
+    let Some(g) = &config.gateway else {
+        return Ok(());
+    };
+    let gateway = crate::gateway::Gateway::new(
+        config.datacenter.clone(),
+        view.clone(),
+        config.inbound_addr.port(),
+        crate::gateway::server_addresses(&config.servers, g.server_port),
+        metrics.gateway(),
+        drain.clone(),
+    );
+    let lan = sockets.tcp("gateway-lan", g.lan_address).await?;
+    let wan = sockets.tcp("gateway-wan", g.wan_address).await?;
+    use crate::gateway::Side;
+    tasks.push(tokio::spawn(gateway.clone().serve(lan, Side::Lan)));
+    tasks.push(tokio::spawn(gateway.serve(wan, Side::Wan)));
+    tracing::info!(lan = %g.lan_address, wan = %g.wan_address, "mesh gateway on");
+    Ok(())
+}
+
 async fn wait_for_bundle(
     view: &RwLock<View>,
     index_rx: &mut watch::Receiver<u64>,

@@ -87,6 +87,7 @@ impl View {
                         earlier.intentions.extend(part.intentions);
                         earlier.config_entries.extend(part.config_entries);
                         earlier.kv.extend(part.kv);
+                        earlier.federation.extend(part.federation);
                         earlier.more = part.more;
                         earlier
                     }
@@ -123,6 +124,9 @@ impl View {
                 }
                 for e in s.config_entries {
                     next.apply_config(&e);
+                }
+                for f in &s.federation {
+                    next.apply_federation(f).map_err(bad)?;
                 }
                 if let Some(ca) = s.ca {
                     next.trust_domain = ca.trust_domain;
@@ -185,6 +189,7 @@ impl View {
                 self.trust_domain = b.trust_domain;
                 self.roots_pem = b.roots_pem;
             }
+            P::Federation(f) => self.apply_federation(&f)?,
             P::ConfigUpsert(e) => self.apply_config(&e),
             P::ConfigDelete(r) => {
                 if let Ok(kind) = r.kind.parse::<EntryKind>() {
@@ -227,6 +232,12 @@ impl View {
                 i.service == service && i.health == HealthStatus::Passing && self.node_up(&i.node)
             })
             .collect()
+    }
+
+    fn apply_federation(&mut self, f: &proto::FederationState) -> Result<(), String> {
+        let f = weft_api::federation::FederationState::from_proto(f).map_err(|e| e.to_string())?;
+        self.federation.insert(f.datacenter, f.gateways);
+        Ok(())
     }
 
     /// The WAN addresses of datacenter `dc`'s gateways.

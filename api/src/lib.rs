@@ -30,6 +30,7 @@ pub mod consul_keys;
 pub mod convert;
 pub mod duration;
 pub mod exposition;
+pub mod federation;
 pub mod file_format;
 pub mod filter;
 pub mod gateway;

@@ -124,6 +124,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         leaf_ttl_secs: settings.leaf_ttl_secs,
         peer_channels,
         datacenter: settings.datacenter.clone(),
+        primary_datacenter: settings.primary_datacenter.clone(),
         liveness: weft_server::liveness::Liveness::new(settings.node_timeout),
         limits: settings.limits,
         leader_contact: Default::default(),
@@ -148,6 +149,14 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let http_listener = TcpListener::bind(settings.http_addr)
         .await
         .with_context(|| format!("listening for http on {}", settings.http_addr))?;
+    let federation_listener = match settings.federation_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening for federation on {addr}"))?,
+        ),
+        None => None,
+    };
     let raft_addr = raft_listener.local_addr()?;
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
@@ -192,6 +201,33 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             shutdown_signal(),
         );
 
+    if let Some(listener) = federation_listener {
+        let federation_server = tonic::transport::Server::builder()
+            .add_service(weft_api::proto::federation_server::FederationServer::new(
+                weft_server::federation::FederationService::new(
+                    node.clone(),
+                    settings.primary_datacenter.clone(),
+                ),
+            ))
+            .serve_with_incoming(tls::incoming(
+                listener,
+                server_tls.federation.clone(),
+                ClientLimits::new(settings.max_conns_per_client),
+            ));
+        tokio::spawn(async move {
+            if let Err(e) = federation_server.await {
+                tracing::error!("federation listener: {e}");
+            }
+        });
+        tokio::spawn(weft_server::federation::maintain(
+            node.clone(),
+            weft_server::federation::FederationSettings {
+                primary: settings.primary_datacenter.clone(),
+                primary_gateways: settings.primary_gateways.clone(),
+                client_tls: server_tls.federation_client.clone(),
+            },
+        ));
+    }
     tokio::spawn(weft_server::cluster::form(node.clone()));
     tokio::spawn(weft_server::grpc::ca::maintain(node.clone()));
     tokio::spawn(exit_on_raft_failure(node.clone()));

@@ -63,6 +63,8 @@ pub struct ServerNode {
     /// This cluster's datacenter: nodes register in it, node identities of
     /// other datacenters grant nothing here.
     pub datacenter: String,
+    /// The federation's primary datacenter (this one when not federated).
+    pub primary_datacenter: String,
     /// Agents' heartbeats, as the leader heard them.
     pub liveness: crate::liveness::Liveness,
     /// What a write may add (checked where it is received).

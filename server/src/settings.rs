@@ -90,6 +90,22 @@ pub struct Args {
     /// Intentions in the cluster at most (50000).
     #[arg(long)]
     pub max_intentions: Option<usize>,
+    /// The federation's primary datacenter (default: this one, which then
+    /// federates with whichever secondaries report to it).
+    #[arg(long)]
+    pub primary_datacenter: Option<String>,
+    /// WAN address (IP:PORT) of a mesh gateway of the primary datacenter,
+    /// for a secondary to reach the primary's servers before it has heard
+    /// of the primary's gateways; repeat for each.
+    #[arg(long = "primary-gateway")]
+    pub primary_gateways: Vec<SocketAddr>,
+    /// Where other datacenters' servers reach this one through the mesh
+    /// gateways (mutual TLS with the servers' certificates), usually port
+    /// 8302. Set, this server federates: it keeps its datacenter's gateways
+    /// in the federation state (and a secondary reports to the primary).
+    /// Unset, it stays alone.
+    #[arg(long)]
+    pub federation_addr: Option<SocketAddr>,
     /// A TOML file with the same settings.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -110,6 +126,10 @@ pub struct FileSettings {
     pub max_config_entry_bytes: Option<usize>,
     pub max_routes_per_router: Option<usize>,
     pub max_intentions: Option<usize>,
+    pub primary_datacenter: Option<String>,
+    #[serde(default)]
+    pub primary_gateways: Vec<SocketAddr>,
+    pub federation_addr: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub raft_addr: Option<SocketAddr>,
     pub grpc_addr: Option<SocketAddr>,
@@ -184,6 +204,9 @@ pub struct Settings {
     pub tls: Option<crate::tls::TlsFiles>,
     pub max_conns_per_client: usize,
     pub limits: crate::limits::Limits,
+    pub primary_datacenter: String,
+    pub primary_gateways: Vec<SocketAddr>,
+    pub federation_addr: Option<SocketAddr>,
 }
 
 fn read_file(path: &Path) -> Result<FileSettings, SettingsError> {
@@ -356,8 +379,42 @@ impl Settings {
                 )));
             }
         }
+        let primary_datacenter = args
+            .primary_datacenter
+            .or(file.primary_datacenter)
+            .unwrap_or_else(|| datacenter.clone());
+        weft_api::names::validate_name(&primary_datacenter)
+            .map_err(|e| SettingsError::Invalid(format!("primary_datacenter: {e}")))?;
+        let primary_gateways = if args.primary_gateways.is_empty() {
+            file.primary_gateways
+        } else {
+            args.primary_gateways
+        };
+        if primary_datacenter == datacenter && !primary_gateways.is_empty() {
+            return Err(SettingsError::Invalid(
+                "primary_gateways: this server is in the primary datacenter; only secondaries name the primary's gateways".into(),
+            ));
+        }
+        if primary_datacenter != datacenter && primary_gateways.is_empty() {
+            return Err(SettingsError::Invalid(format!(
+                "primary_gateways: a secondary datacenter needs at least one WAN address of a gateway of {primary_datacenter:?} (--primary-gateway)"
+            )));
+        }
+        let grpc_addr = args
+            .grpc_addr
+            .or(file.grpc_addr)
+            .unwrap_or(([127, 0, 0, 1], 8502).into());
+        let federation_addr = args.federation_addr.or(file.federation_addr);
+        if federation_addr.is_none() && primary_datacenter != datacenter {
+            return Err(SettingsError::Invalid(
+                "federation_addr: a secondary datacenter's servers federate, so they need one (e.g. 10.0.0.1:8302)".into(),
+            ));
+        }
         Ok(Settings {
             datacenter,
+            primary_datacenter,
+            primary_gateways,
+            federation_addr,
             tls,
             max_conns_per_client,
             limits,
@@ -367,10 +424,7 @@ impl Settings {
             node_id,
             data_dir,
             raft_addr,
-            grpc_addr: args
-                .grpc_addr
-                .or(file.grpc_addr)
-                .unwrap_or(([127, 0, 0, 1], 8502).into()),
+            grpc_addr,
             http_addr: args
                 .http_addr
                 .or(file.http_addr)

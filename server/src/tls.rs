@@ -64,6 +64,85 @@ pub struct ServerTls {
     pub http: Arc<rustls::ServerConfig>,
     /// What this server presents and expects when it calls its peers.
     pub peer_client: tonic::transport::ClientTlsConfig,
+    /// The federation port: mutual TLS, the client must hold a server
+    /// certificate of some datacenter (`server.<dc>.weft`).
+    pub federation: Arc<rustls::ServerConfig>,
+    /// What this server presents when it calls another datacenter's
+    /// servers; the name to check is added per call (`server.<dc>.weft`).
+    pub federation_client: tonic::transport::ClientTlsConfig,
+}
+
+/// The datacenter a server certificate names (`server.<dc>.weft`, a DNS
+/// SAN), if it names exactly one.
+pub fn server_datacenter(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let mut dcs = cert
+        .subject_alternative_name()
+        .ok()??
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(name) => name
+                .strip_prefix("server.")
+                .and_then(|r| r.strip_suffix(".weft"))
+                .filter(|dc| weft_api::names::validate_name(dc).is_ok())
+                .map(str::to_string),
+            _ => None,
+        });
+    let dc = dcs.next()?;
+    dcs.next().is_none().then_some(dc)
+}
+
+/// Accepts client certificates that chain to the CA and name the server
+/// role of exactly one datacenter.
+#[derive(Debug)]
+struct AnyServerVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for AnyServerVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if server_datacenter(end_entity).is_none() {
+            return Err(rustls::Error::General(
+                "client certificate names no server.<dc>.weft: only servers may connect".into(),
+            ));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -327,12 +406,23 @@ impl ServerTls {
         let inner = WebPkiClientVerifier::builder_with_provider(roots, provider())
             .build()
             .map_err(config)?;
-        let verifier = Arc::new(ServerRoleVerifier { inner, role });
+        let verifier = Arc::new(ServerRoleVerifier {
+            inner: inner.clone(),
+            role,
+        });
         let mut raft = builder()?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
+            .with_single_cert(chain.clone(), key.clone_key())
             .map_err(config)?;
         raft.alpn_protocols = vec![b"h2".to_vec()];
+        let mut federation = builder()?
+            .with_client_cert_verifier(Arc::new(AnyServerVerifier { inner }))
+            .with_single_cert(chain, key)
+            .map_err(config)?;
+        federation.alpn_protocols = vec![b"h2".to_vec()];
+        let federation_client = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&ca_pem))
+            .identity(tonic::transport::Identity::from_pem(&cert_pem, &key_pem));
 
         let peer_client = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(&ca_pem))
@@ -343,6 +433,8 @@ impl ServerTls {
             raft: Arc::new(raft),
             http: Arc::new(http),
             peer_client,
+            federation: Arc::new(federation),
+            federation_client,
         })
     }
 }

@@ -15,6 +15,8 @@ pub const SLOT_SECS: u64 = 10;
 pub const KEEP_SECS: u64 = 3600;
 /// Pairs kept at most.
 pub const MAX_PAIRS: usize = 4096;
+/// Slots one pair holds at most: the current one and an hour before it.
+const KEPT_SLOTS: usize = (KEEP_SECS / SLOT_SECS) as usize + 1;
 /// Pairs one node's reports may start (as many as one report may carry).
 pub const MAX_PAIRS_PER_NODE: usize = 1024;
 
@@ -22,7 +24,7 @@ pub const MAX_PAIRS_PER_NODE: usize = 1024;
 type Pair = (String, String, String);
 
 /// One pair's traffic in one slot, compact: the names live once, in the
-/// key (112 bytes a slot, so at most 4,096 × 360 × 112 B ≈ 165 MB).
+/// key (112 bytes a slot, so at most 4,096 × 361 × 112 B ≈ 166 MB).
 #[derive(Clone, Copy, Default)]
 struct Slot {
     slot: u64,
@@ -138,6 +140,13 @@ impl TrafficStore {
                         ..Slot::default()
                     };
                     new.add(p);
+                    // Grow by doubling, but never past the slots an hour
+                    // keeps: a full deque is exactly KEPT_SLOTS long (the
+                    // default doubling would make it 512).
+                    if slots.len() == slots.capacity() {
+                        let room = KEPT_SLOTS.saturating_sub(slots.len()).max(1);
+                        slots.reserve_exact(slots.len().max(4).min(room));
+                    }
                     slots.push_back(new);
                 }
             }
@@ -300,6 +309,19 @@ mod tests {
         let (pairs, slots, _) = store.size();
         assert_eq!((pairs, slots), (1, 1));
         assert!(store.window(t0 + 30 + KEEP_SECS + SLOT_SECS, KEEP_SECS).0[0].source == "db");
+    }
+
+    #[test]
+    fn a_pair_reported_for_hours_holds_at_most_an_hours_slots() {
+        let store = TrafficStore::default();
+        let t0 = 1_000_000;
+        for i in 0..3 * KEEP_SECS / SLOT_SECS {
+            store.record(t0 + i * SLOT_SECS, "node-a", &[report("web", 1)]);
+        }
+        let inner = store.inner.lock().unwrap();
+        let kept = inner.pairs.values().next().unwrap();
+        assert_eq!(kept.slots.len(), KEPT_SLOTS);
+        assert_eq!(kept.slots.capacity(), KEPT_SLOTS, "allocated past an hour");
     }
 
     #[test]

@@ -320,6 +320,25 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts `cmd` in `netns`, its stdout and stderr appended to `log`.
+    pub fn spawn_in(netns: &Netns, cmd: &mut Command, log: PathBuf) -> anyhow::Result<Proc> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let _ns = in_netns(cmd, netns)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {:?} in {}", cmd.get_program(), netns.name()))?;
+        Ok(Proc {
+            child: Some(child),
+            log,
+        })
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
@@ -911,22 +930,7 @@ impl Mesh {
     /// Starts `cmd` in `node`, its stdout and stderr appended to `log_name` in
     /// the mesh's directory.
     pub fn spawn(&self, node: Node, cmd: &mut Command, log_name: &str) -> anyhow::Result<Proc> {
-        let log = self.path(log_name);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
-        let _ns = in_netns(cmd, self.netns(node))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()
-            .with_context(|| format!("starting {:?} in node {node:?}", cmd.get_program()))?;
-        Ok(Proc {
-            child: Some(child),
-            log,
-        })
+        Proc::spawn_in(self.netns(node), cmd, self.path(log_name))
     }
 
     /// Runs `program args…` in `node`, bounded by `limit`.

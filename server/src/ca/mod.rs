@@ -41,6 +41,8 @@ pub enum CaError {
     NameMismatch { asked: String, expected: String },
     #[error("the certificate authority is not initialized yet")]
     NotInitialized,
+    #[error("only the primary datacenter's CA holds its roots' keys")]
+    NotPrimary,
 }
 
 fn crypto(e: impl std::fmt::Display) -> CaError {
@@ -64,11 +66,54 @@ pub struct CaRoot {
 
 /// The CA's replicated state: the trust domain and the roots, the last one
 /// active.
+///
+/// In a secondary datacenter the roots are the primary's, without their
+/// keys, and leaves are signed by `intermediate`, a CA the primary's active
+/// root signed for this datacenter.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CaState {
     pub trust_domain: String,
     pub leaf_ttl_secs: u64,
     pub roots: Vec<CaRoot>,
+    #[serde(default)]
+    pub intermediate: Option<Intermediate>,
+}
+
+/// A secondary datacenter's signing CA.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Intermediate {
+    pub cert_pem: String,
+    pub key: SecretPem,
+    pub not_after: i64,
+    /// The serial of the primary's root that signed it.
+    pub root_serial: u64,
+}
+
+/// How long an intermediate is valid (it is replaced at half of it, and
+/// whenever the primary's active root changes).
+pub const INTERMEDIATE_VALIDITY_SECS: i64 = 365 * 24 * 3600;
+
+/// The URI SAN of datacenter `dc`'s intermediate: the prefix of every
+/// SPIFFE id it may sign, which peers check (see the agents' verifiers).
+pub fn intermediate_uri(trust_domain: &str, dc: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/default/dc/{dc}")
+}
+
+/// A new key and a CSR for an intermediate of `dc` (made by a secondary's
+/// leader; the key never leaves its datacenter).
+pub fn intermediate_request(trust_domain: &str, dc: &str) -> Result<(String, SecretPem), CaError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(crypto)?;
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(
+        intermediate_uri(trust_domain, dc)
+            .try_into()
+            .map_err(crypto)?,
+    )];
+    let csr = params.serialize_request(&key).map_err(crypto)?;
+    Ok((
+        csr.pem().map_err(crypto)?,
+        SecretPem::new(key.serialize_pem()),
+    ))
 }
 
 /// A signed leaf: the certificate and the chain that goes with it.
@@ -143,7 +188,95 @@ impl CaState {
             trust_domain: trust_domain.to_string(),
             leaf_ttl_secs,
             roots: vec![generate_root(trust_domain, 1, now)?],
+            intermediate: None,
         })
+    }
+
+    /// The serial of the active root.
+    pub fn active_serial(&self) -> u64 {
+        self.roots.last().map_or(0, |r| r.serial)
+    }
+
+    /// Signs, with the active root, an intermediate CA for datacenter `dc`
+    /// from its CSR: the CSR must verify and ask for exactly `dc`'s URI;
+    /// the certificate's other fields are the CA's. Only a CA that holds
+    /// its roots' keys (the primary's) can.
+    pub fn sign_intermediate(
+        &self,
+        csr_pem: &str,
+        dc: &str,
+        now: i64,
+    ) -> Result<(String, i64), CaError> {
+        let root = self.active()?;
+        if root.key.expose().is_empty() {
+            return Err(CaError::NotPrimary);
+        }
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CaError::BadCsr(e.to_string()))?;
+        let uri = intermediate_uri(&self.trust_domain, dc);
+        let asked: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|san| match san {
+                SanType::URI(u) => u.as_str().to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if asked != [uri.clone()] {
+            return Err(CaError::NameMismatch {
+                asked: asked.join(", "),
+                expected: uri,
+            });
+        }
+        let not_after = (now + INTERMEDIATE_VALIDITY_SECS).min(root.not_after);
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, &self.trust_domain);
+        dn.push(
+            DnType::CommonName,
+            format!("weft {dc} intermediate {}", root.serial),
+        );
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.subject_alt_names = vec![SanType::URI(uri.try_into().map_err(crypto)?)];
+        params.not_before = at(now - BACKDATE_SECS)?;
+        params.not_after = at(not_after)?;
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::from_pem(root.key.expose()).map_err(crypto)?;
+        let issuer = Issuer::from_ca_cert_pem(&root.cert_pem, key).map_err(crypto)?;
+        let cert = params.signed_by(&csr.public_key, &issuer).map_err(crypto)?;
+        Ok((cert.pem(), not_after))
+    }
+
+    /// The roots as a secondary keeps them: without their keys.
+    pub fn public_roots(&self) -> Vec<CaRoot> {
+        self.roots
+            .iter()
+            .map(|r| CaRoot {
+                key: SecretPem::new(String::new()),
+                ..r.clone()
+            })
+            .collect()
+    }
+
+    /// Whether a secondary holding this state needs a new intermediate:
+    /// none yet, signed by a root that is no longer the active one, or past
+    /// half of its life.
+    pub fn needs_intermediate(&self, primary_active: u64, now: i64) -> bool {
+        match &self.intermediate {
+            None => true,
+            Some(i) => {
+                let issued = i.not_after - INTERMEDIATE_VALIDITY_SECS;
+                i.root_serial != primary_active || now >= issued + INTERMEDIATE_VALIDITY_SECS / 2
+            }
+        }
     }
 
     fn active(&self) -> Result<&CaRoot, CaError> {
@@ -250,7 +383,20 @@ impl CaState {
         public_key: &impl rcgen::PublicKeyData,
         now: i64,
     ) -> Result<Leaf, CaError> {
+        if let Some(i) = &self.intermediate {
+            let key = KeyPair::from_pem(i.key.expose()).map_err(crypto)?;
+            let issuer = Issuer::from_ca_cert_pem(&i.cert_pem, key).map_err(crypto)?;
+            let cert = params.signed_by(public_key, &issuer).map_err(crypto)?;
+            return Ok(Leaf {
+                cert_pem: cert.pem(),
+                chain_pem: i.cert_pem.clone(),
+                not_after: (now + self.leaf_ttl_secs as i64).min(i.not_after),
+            });
+        }
         let root = self.active()?;
+        if root.key.expose().is_empty() {
+            return Err(CaError::NotInitialized);
+        }
         let key = KeyPair::from_pem(root.key.expose()).map_err(crypto)?;
         let issuer = Issuer::from_ca_cert_pem(&root.cert_pem, key).map_err(crypto)?;
         let cert = params.signed_by(public_key, &issuer).map_err(crypto)?;

@@ -216,3 +216,74 @@ fn a_csr_with_more_than_one_san_is_refused() {
         );
     }
 }
+
+#[test]
+fn a_secondary_signs_with_an_intermediate_the_primary_signed() {
+    let primary = ca();
+    let (csr_pem, key) = intermediate_request(TD, "dc2").unwrap();
+    let (cert_pem, not_after) = primary.sign_intermediate(&csr_pem, "dc2", NOW).unwrap();
+    assert_eq!(not_after, NOW + INTERMEDIATE_VALIDITY_SECS);
+    let secondary = CaState {
+        trust_domain: TD.into(),
+        leaf_ttl_secs: DEFAULT_LEAF_TTL_SECS,
+        roots: primary.public_roots(),
+        intermediate: Some(Intermediate {
+            cert_pem,
+            key,
+            not_after,
+            root_serial: primary.active_serial(),
+        }),
+    };
+    assert!(secondary.roots.iter().all(|r| r.key.expose().is_empty()));
+    let id = secondary.service_id("dc2", "api");
+    let leaf = secondary
+        .sign_csr(&csr(Some(&id)), &id, "api", NOW)
+        .unwrap();
+    // The leaf verifies against the primary's roots with the intermediate
+    // sent along, and not without it.
+    assert!(openssl_verifies(
+        &primary.bundle_pem(),
+        &leaf.chain_pem,
+        &leaf.cert_pem,
+        NOW
+    ));
+    assert!(!openssl_verifies(
+        &primary.bundle_pem(),
+        "",
+        &leaf.cert_pem,
+        NOW
+    ));
+    // A secondary holds no root key: it cannot sign intermediates.
+    let (other, _) = intermediate_request(TD, "dc3").unwrap();
+    assert_eq!(
+        secondary.sign_intermediate(&other, "dc3", NOW),
+        Err(CaError::NotPrimary)
+    );
+    assert!(!secondary.needs_intermediate(primary.active_serial(), NOW));
+    assert!(secondary.needs_intermediate(primary.active_serial() + 1, NOW));
+    assert!(secondary.needs_intermediate(
+        primary.active_serial(),
+        NOW + INTERMEDIATE_VALIDITY_SECS / 2
+    ));
+}
+
+#[test]
+fn an_intermediate_is_signed_only_for_the_datacenter_that_asks() {
+    let primary = ca();
+    // dc2's server asking for dc1's (or any other) prefix is refused.
+    let (csr_pem, _) = intermediate_request(TD, "dc1").unwrap();
+    assert!(matches!(
+        primary.sign_intermediate(&csr_pem, "dc2", NOW),
+        Err(CaError::NameMismatch { .. })
+    ));
+    // A CSR for another trust domain too.
+    let (csr_pem, _) = intermediate_request("other.weft", "dc2").unwrap();
+    assert!(matches!(
+        primary.sign_intermediate(&csr_pem, "dc2", NOW),
+        Err(CaError::NameMismatch { .. })
+    ));
+    assert!(matches!(
+        primary.sign_intermediate("not a csr", "dc2", NOW),
+        Err(CaError::BadCsr(_))
+    ));
+}

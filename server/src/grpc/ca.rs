@@ -180,6 +180,12 @@ impl Ca for CaApi {
     ) -> Result<Response<proto::WriteResult>, Status> {
         let caller = caller(&self.0, &req).await?;
         caller.require(Resource::Operator, Access::Write)?;
+        if self.0.primary_datacenter != self.0.datacenter {
+            return Err(Status::failed_precondition(format!(
+                "datacenter {} signs with an intermediate of the primary's root: rotate in the primary datacenter, {}",
+                self.0.datacenter, self.0.primary_datacenter
+            )));
+        }
         let ca = read(&self.0, None, |s| s.ca.clone())
             .await?
             .ok_or_else(|| ca_status(CaError::NotInitialized))?;
@@ -208,7 +214,11 @@ pub async fn maintain(node: Arc<ServerNode>) {
                 state.ca.as_ref().is_some_and(|c| c.has_expired_roots(now)),
             )
         };
-        let cmd = if !has_ca {
+        // A secondary's CA comes from the primary (crate::federation).
+        let secondary = node.primary_datacenter != node.datacenter;
+        let cmd = if !has_ca && secondary {
+            continue;
+        } else if !has_ca {
             let cluster_id = format!("{:08x}", rand::random::<u32>());
             match CaState::init(
                 &format!("{cluster_id}.weft"),

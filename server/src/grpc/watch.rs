@@ -153,6 +153,10 @@ pub fn snapshot_parts(
         let e = entry_to_proto(e);
         parts.add(e.encoded_len(), |s| s.config_entries.push(e));
     }
+    for f in state.federation.values() {
+        let f = f.to_proto();
+        parts.add(f.encoded_len(), |s| s.federation.push(f));
+    }
     if include_kv {
         for e in state.kv.values() {
             if caller.can(Resource::Key(&e.key), Access::Read) {
@@ -184,7 +188,9 @@ fn may_see(caller: &Caller, change: &Change, include_kv: bool) -> bool {
         Change::ConfigDelete { kind, name } => may_read_entry(caller, kind, name),
         Change::KvUpsert(e) => can(Resource::Key(&e.key)),
         Change::KvDelete(key) => can(Resource::Key(key)),
-        Change::CaBundle { .. } => true,
+        // Where other datacenters' gateways are: what agents and gateways
+        // route by, nothing secret.
+        Change::CaBundle { .. } | Change::Federation(_) => true,
         Change::Acl | Change::Replaced => false,
     }
 }
@@ -224,6 +230,7 @@ fn change_to_proto(change: &Change) -> Option<proto::Change> {
             trust_domain: trust_domain.clone(),
             roots_pem: roots_pem.clone(),
         }),
+        Change::Federation(f) => P::Federation(f.to_proto()),
         Change::Acl | Change::Replaced => return None,
     };
     Some(proto::Change { change: Some(c) })

@@ -315,10 +315,34 @@ impl State {
                 }
                 Ok(changes)
             }
+            Command::SetFederationState(state) => {
+                if self.federation.len() >= weft_api::federation::MAX_DATACENTERS
+                    && !self.federation.contains_key(&state.datacenter)
+                {
+                    return Err(invalid(format!(
+                        "datacenter {}: the federation has {} datacenters already, the most it takes",
+                        state.datacenter,
+                        weft_api::federation::MAX_DATACENTERS
+                    )));
+                }
+                self.federation
+                    .insert(state.datacenter.clone(), state.clone());
+                Ok(vec![Change::Federation(state)])
+            }
             Command::CaInit(ca) => {
                 if self.ca.is_some() {
                     return Err(ApplyError::Invalid(
                         "the certificate authority exists already".into(),
+                    ));
+                }
+                self.ca = Some(ca);
+                Ok(vec![self.ca_bundle_change()])
+            }
+            Command::CaFederate(ca) => {
+                if ca.intermediate.is_none() || ca.roots.iter().any(|r| !r.key.expose().is_empty())
+                {
+                    return Err(invalid(
+                        "a federated CA has an intermediate and the primary's roots without keys",
                     ));
                 }
                 self.ca = Some(ca);

@@ -15,6 +15,7 @@ pub mod sessions;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use weft_api::federation::FederationState;
 
 use serde::{Deserialize, Serialize};
 use weft_api::catalog::{HealthStatus, Node, ServiceInstance};
@@ -70,6 +71,9 @@ pub struct State {
     /// delay after the session holding them was invalidated.
     #[serde(default)]
     pub lock_delays: BTreeMap<String, i64>,
+    /// The federation's datacenters and their gateways (this one's too).
+    #[serde(default)]
+    pub federation: BTreeMap<String, FederationState>,
     /// Which instances hold each address:port: derived from `instances`,
     /// never stored, built on first use.
     #[serde(skip)]
@@ -168,6 +172,9 @@ pub enum Command {
     Restore(Box<State>),
     /// Create the CA (refused if there is one).
     CaInit(CaState),
+    /// A secondary datacenter's CA: the primary's roots and this
+    /// datacenter's intermediate, replacing what it had.
+    CaFederate(CaState),
     /// Make `root` (cross-signed by the active root) the active root.
     CaRotate {
         root: CaRoot,
@@ -194,6 +201,9 @@ pub enum Command {
         request: String,
         cmd: Box<Command>,
     },
+    /// A datacenter's gateways, from its leader (this datacenter's) or
+    /// from the primary (others').
+    SetFederationState(FederationState),
     /// Commands written together as one Raft entry (the leader groups
     /// concurrent writes): each applied in order, with an index of its own,
     /// as if each were its own entry.
@@ -266,6 +276,8 @@ pub enum Change {
         trust_domain: String,
         roots_pem: Vec<String>,
     },
+    /// A datacenter's gateways changed.
+    Federation(FederationState),
     /// ACL policies or tokens changed: a watcher re-checks its token and
     /// what it may see.
     Acl,

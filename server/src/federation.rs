@@ -1,0 +1,415 @@
+//! Federation of datacenters through mesh gateways (Consul's "WAN
+//! federation via mesh gateways").
+//!
+//! Every datacenter's leader keeps its own datacenter's state (the WAN
+//! addresses of its passing `mesh-gateway` instances) in its Raft state. A
+//! secondary's leader also calls the primary's servers every
+//! [`EXCHANGE_EVERY`] with it, and takes back every datacenter's state, so
+//! each datacenter's agents and gateways learn where the others' gateways
+//! are. Until it first hears from the primary, a secondary knows the
+//! primary's gateways from `--primary-gateway`.
+//!
+//! Servers of different datacenters only ever meet through gateways: a
+//! server dials one of its own datacenter's gateways (their LAN address,
+//! from the catalog) with SNI `server.<dc>.weft`; the gateways forward the
+//! TLS stream untouched to the other datacenter's federation port, where
+//! both ends authenticate with their server certificates. The caller's
+//! datacenter is the one its certificate names.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::{Request, Response, Status};
+use weft_api::catalog::HealthStatus;
+use weft_api::federation::FederationState;
+use weft_api::proto::federation_client::FederationClient;
+use weft_api::proto::{self, federation_server::Federation};
+
+use crate::ca::{CaRoot, CaState, Intermediate, SecretPem};
+use crate::node::ServerNode;
+use crate::state::Command;
+
+/// How often a secondary's leader reports to the primary (and its own
+/// state is refreshed from its catalog).
+pub const EXCHANGE_EVERY: Duration = Duration::from_secs(2);
+/// One exchange, dial to answer.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Who may federate, and where the primary is.
+#[derive(Debug, Clone)]
+pub struct FederationSettings {
+    pub primary: String,
+    /// WAN addresses of the primary's gateways (secondaries).
+    pub primary_gateways: Vec<SocketAddr>,
+    /// This server's certificate and the CA, for calls to other
+    /// datacenters.
+    pub client_tls: ClientTlsConfig,
+}
+
+/// The datacenter of the server that called, from its certificate.
+fn caller_datacenter<T>(req: &Request<T>) -> Result<String, Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    certs
+        .first()
+        .and_then(crate::tls::server_datacenter)
+        .ok_or_else(|| Status::unauthenticated("the client certificate names no server.<dc>.weft"))
+}
+
+/// This datacenter's state now: its passing gateways' WAN addresses.
+pub fn own_state(node: &ServerNode, now_ms: i64) -> FederationState {
+    let state = node.shared.state.read().expect("state lock");
+    let mut gateways: Vec<SocketAddr> = state
+        .instances
+        .values()
+        .flat_map(|m| m.values())
+        .filter(|i| i.service == weft_api::gateway::SERVICE && i.health == HealthStatus::Passing)
+        .filter(|i| {
+            state
+                .nodes
+                .get(&i.node)
+                .is_some_and(|n| n.health != HealthStatus::Critical)
+        })
+        .filter_map(|i| i.meta.get(weft_api::gateway::WAN_META)?.parse().ok())
+        .collect();
+    gateways.sort();
+    gateways.dedup();
+    gateways.truncate(weft_api::federation::MAX_GATEWAYS);
+    FederationState {
+        datacenter: node.datacenter.clone(),
+        gateways,
+        updated_ms: now_ms,
+    }
+}
+
+/// This datacenter's passing gateways' LAN addresses: where its servers
+/// dial to reach another datacenter.
+fn local_gateways(node: &ServerNode) -> Vec<SocketAddr> {
+    let state = node.shared.state.read().expect("state lock");
+    state
+        .instances
+        .values()
+        .flat_map(|m| m.values())
+        .filter(|i| i.service == weft_api::gateway::SERVICE && i.health == HealthStatus::Passing)
+        .filter_map(|i| i.socket_addr())
+        .collect()
+}
+
+/// A channel to datacenter `dc`'s servers through the gateway at `via`.
+pub fn channel_via(
+    tls: &ClientTlsConfig,
+    dc: &str,
+    via: SocketAddr,
+) -> Result<Channel, tonic::transport::Error> {
+    let name = weft_api::gateway::server_sni(dc);
+    let connector = tower::service_fn(move |_: http::Uri| async move {
+        let tcp = tokio::net::TcpStream::connect(via).await?;
+        let _ = tcp.set_nodelay(true);
+        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tcp))
+    });
+    Ok(Endpoint::from_shared(format!("https://{name}:8302"))?
+        .tls_config(tls.clone().domain_name(name))?
+        .connect_timeout(EXCHANGE_TIMEOUT)
+        .timeout(EXCHANGE_TIMEOUT)
+        .connect_with_connector_lazy(connector))
+}
+
+/// Writes `state` when it says something new.
+async fn store(node: &ServerNode, state: FederationState) {
+    let known = {
+        let s = node.shared.state.read().expect("state lock");
+        s.federation.get(&state.datacenter).cloned()
+    };
+    if known.is_some_and(|k| k.same_gateways(&state)) {
+        return;
+    }
+    let dc = state.datacenter.clone();
+    match node.write(Command::SetFederationState(state)).await {
+        Ok(_) => tracing::info!(datacenter = %dc, "federation state stored"),
+        Err(e) => tracing::warn!(datacenter = %dc, "storing the federation state: {e}"),
+    }
+}
+
+/// The leader's loop: keeps this datacenter's state, and a secondary's
+/// exchange with the primary.
+pub async fn maintain(node: Arc<ServerNode>, settings: FederationSettings) {
+    let mut warned = false;
+    loop {
+        tokio::time::sleep(EXCHANGE_EVERY).await;
+        if node.raft.current_leader().await != Some(node.id) {
+            continue;
+        }
+        let own = own_state(&node, now_ms());
+        store(&node, own.clone()).await;
+        if settings.primary == node.datacenter {
+            continue;
+        }
+        // Until the primary answers, its gateways are the configured ones.
+        let primary_known = {
+            let s = node.shared.state.read().expect("state lock");
+            s.federation.contains_key(&settings.primary)
+        };
+        if !primary_known {
+            let mut gateways = settings.primary_gateways.clone();
+            gateways.sort();
+            store(
+                &node,
+                FederationState {
+                    datacenter: settings.primary.clone(),
+                    gateways,
+                    updated_ms: 0,
+                },
+            )
+            .await;
+        }
+        match exchange(&node, &settings, own).await {
+            Ok(states) => {
+                warned = false;
+                for s in states {
+                    if s.datacenter != node.datacenter {
+                        store(&node, s).await;
+                    }
+                }
+                if let Err(e) = follow_primary_ca(&node, &settings).await {
+                    tracing::warn!(primary = %settings.primary, "following the primary's CA: {e}");
+                }
+            }
+            Err(e) if !warned => {
+                tracing::warn!(primary = %settings.primary, "federation exchange failed: {e}");
+                warned = true;
+            }
+            Err(e) => {
+                tracing::debug!(primary = %settings.primary, "federation exchange failed: {e}")
+            }
+        }
+    }
+}
+
+/// One exchange with the primary, through each of this datacenter's
+/// gateways in turn until one answers.
+async fn exchange(
+    node: &ServerNode,
+    settings: &FederationSettings,
+    own: FederationState,
+) -> Result<Vec<FederationState>, String> {
+    let gateways = local_gateways(node);
+    if gateways.is_empty() {
+        return Err(
+            "this datacenter has no passing mesh-gateway to reach the primary through".into(),
+        );
+    }
+    let mut last = String::new();
+    for via in gateways {
+        let channel =
+            channel_via(&settings.client_tls, &settings.primary, via).map_err(|e| e.to_string())?;
+        match FederationClient::new(channel)
+            .exchange(own.to_proto())
+            .await
+        {
+            Ok(reply) => {
+                return reply
+                    .into_inner()
+                    .states
+                    .iter()
+                    .map(|s| FederationState::from_proto(s).map_err(|e| e.to_string()))
+                    .collect();
+            }
+            Err(status) => last = format!("through {via}: {}", status.message()),
+        }
+    }
+    Err(last)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The `weft.v1.Federation` service, on the federation port.
+pub struct FederationService {
+    node: Arc<ServerNode>,
+    primary: String,
+}
+
+impl FederationService {
+    pub fn new(node: Arc<ServerNode>, primary: String) -> Self {
+        FederationService { node, primary }
+    }
+}
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    async fn exchange(
+        &self,
+        req: Request<proto::FederationState>,
+    ) -> Result<Response<proto::FederationStates>, Status> {
+        let caller = caller_datacenter(&req)?;
+        if self.node.datacenter != self.primary {
+            return Err(Status::failed_precondition(format!(
+                "datacenter {} is not the primary ({}): exchange with the primary",
+                self.node.datacenter, self.primary
+            )));
+        }
+        let state = FederationState::from_proto(req.get_ref())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if state.datacenter != caller {
+            return Err(Status::permission_denied(format!(
+                "a server of {caller} may report only {caller}'s state, not {}'s",
+                state.datacenter
+            )));
+        }
+        if caller == self.node.datacenter {
+            return Err(Status::permission_denied(
+                "the primary's own state is its leader's to keep",
+            ));
+        }
+        let state = FederationState {
+            updated_ms: now_ms(),
+            ..state
+        };
+        store(&self.node, state).await;
+        let s = self.node.shared.state.read().expect("state lock");
+        Ok(Response::new(proto::FederationStates {
+            states: s
+                .federation
+                .values()
+                .map(FederationState::to_proto)
+                .collect(),
+            primary: self.primary.clone(),
+        }))
+    }
+
+    async fn ca(
+        &self,
+        req: Request<proto::FederationCaRequest>,
+    ) -> Result<Response<proto::FederationCaReply>, Status> {
+        let caller = caller_datacenter(&req)?;
+        if self.node.datacenter != self.primary {
+            return Err(Status::failed_precondition(format!(
+                "datacenter {} is not the primary ({})",
+                self.node.datacenter, self.primary
+            )));
+        }
+        if caller == self.node.datacenter {
+            return Err(Status::permission_denied(
+                "the primary signs with its own roots, not an intermediate",
+            ));
+        }
+        let ca = {
+            let s = self.node.shared.state.read().expect("state lock");
+            s.ca.clone()
+        }
+        .ok_or_else(|| Status::unavailable("the primary's CA is not initialized yet"))?;
+        let mut reply = proto::FederationCaReply {
+            trust_domain: ca.trust_domain.clone(),
+            roots: ca
+                .roots
+                .iter()
+                .map(|r| proto::FederatedRoot {
+                    serial: r.serial,
+                    cert_pem: r.cert_pem.clone(),
+                    cross_signed_pem: r.cross_signed_pem.clone().unwrap_or_default(),
+                    not_after: r.not_after,
+                    retire_after: r.retire_after.unwrap_or(0),
+                })
+                .collect(),
+            leaf_ttl_secs: ca.leaf_ttl_secs,
+            ..Default::default()
+        };
+        let csr = &req.get_ref().csr_pem;
+        if !csr.is_empty() {
+            let (cert, not_after) = ca
+                .sign_intermediate(csr, &caller, now_ms() / 1000)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            tracing::info!(datacenter = %caller, root = ca.active_serial(), "intermediate CA signed");
+            reply.intermediate_pem = cert;
+            reply.intermediate_not_after = not_after;
+        }
+        Ok(Response::new(reply))
+    }
+}
+
+/// The primary's roots as a secondary keeps them (no keys).
+fn roots_from(reply: &proto::FederationCaReply) -> Vec<CaRoot> {
+    reply
+        .roots
+        .iter()
+        .map(|r| CaRoot {
+            serial: r.serial,
+            cert_pem: r.cert_pem.clone(),
+            key: SecretPem::new(String::new()),
+            not_after: r.not_after,
+            cross_signed_pem: (!r.cross_signed_pem.is_empty()).then(|| r.cross_signed_pem.clone()),
+            retire_after: (r.retire_after != 0).then_some(r.retire_after),
+        })
+        .collect()
+}
+
+/// A secondary's CA follows the primary's: the same trust domain and
+/// roots, and an intermediate signed by the active root, renewed when that
+/// root changes or at half its life.
+async fn follow_primary_ca(node: &ServerNode, settings: &FederationSettings) -> Result<(), String> {
+    let call = |csr: String| async move {
+        let mut last = String::from("no passing mesh-gateway");
+        for via in local_gateways(node) {
+            let channel = channel_via(&settings.client_tls, &settings.primary, via)
+                .map_err(|e| e.to_string())?;
+            match FederationClient::new(channel)
+                .ca(proto::FederationCaRequest {
+                    csr_pem: csr.clone(),
+                })
+                .await
+            {
+                Ok(reply) => return Ok(reply.into_inner()),
+                Err(status) => last = format!("through {via}: {}", status.message()),
+            }
+        }
+        Err(last)
+    };
+    let reply = call(String::new()).await?;
+    let roots = roots_from(&reply);
+    let primary_active = roots.last().map_or(0, |r| r.serial);
+    let current = {
+        let s = node.shared.state.read().expect("state lock");
+        s.ca.clone()
+    };
+    let now = now_ms() / 1000;
+    let same_domain = current
+        .as_ref()
+        .is_some_and(|c| c.trust_domain == reply.trust_domain);
+    let next = match current.filter(|_| same_domain) {
+        Some(c) if !c.needs_intermediate(primary_active, now) => {
+            if c.roots == roots {
+                return Ok(());
+            }
+            CaState { roots, ..c }
+        }
+        _ => {
+            let (csr, key) = crate::ca::intermediate_request(&reply.trust_domain, &node.datacenter)
+                .map_err(|e| e.to_string())?;
+            let signed = call(csr).await?;
+            let roots = roots_from(&signed);
+            CaState {
+                trust_domain: signed.trust_domain.clone(),
+                leaf_ttl_secs: signed.leaf_ttl_secs,
+                intermediate: Some(Intermediate {
+                    cert_pem: signed.intermediate_pem.clone(),
+                    key,
+                    not_after: signed.intermediate_not_after,
+                    root_serial: roots.last().map_or(0, |r| r.serial),
+                }),
+                roots,
+            }
+        }
+    };
+    let renewed = next.intermediate.as_ref().map(|i| i.root_serial);
+    node.write(Command::CaFederate(next))
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(root = ?renewed, "CA follows the primary's");
+    Ok(())
+}
