@@ -83,7 +83,16 @@ fn every_rpc_refuses_missing_bogus_and_insufficient_tokens() -> anyhow::Result<(
         cluster.token_with_rules("key-reader", r#"key_prefix "nothing/" { policy = "read" }"#)?;
     let operator_reader = cluster.token_with_rules("operator-reader", r#"operator = "read""#)?;
     let all = rpcs();
-    let api: Vec<_> = all.iter().filter(|(s, _)| s != "Raft").collect();
+    // Raft and Federation have ports of their own, for servers only.
+    let api: Vec<_> = all
+        .iter()
+        .filter(|(s, _)| s != "Raft" && s != "Federation")
+        .collect();
+    let federation: Vec<_> = all.iter().filter(|(s, _)| s == "Federation").collect();
+    assert!(
+        federation.len() >= 2,
+        "the proto parse found only {federation:?}"
+    );
     assert!(api.len() >= 39, "the proto parse found only {api:?}");
     let services: BTreeSet<&str> = api.iter().map(|(s, _)| s.as_str()).collect();
     assert_eq!(
@@ -123,6 +132,12 @@ fn every_rpc_refuses_missing_bogus_and_insufficient_tokens() -> anyhow::Result<(
             }
         }
         assert!(failures.is_empty(), "not refused:\n{}", failures.join("\n"));
+        // The API port does not serve what servers of other datacenters
+        // ask for, not even to the management token.
+        for (_, path) in &federation {
+            let code = call(cluster.channel(1).await?, path).await;
+            assert_eq!(code, Code::Unimplemented, "{path} on the API port");
+        }
         // The same calls with the management token get past the check: the
         // test can tell a refusal from a working RPC.
         let code = call(cluster.channel(1).await?, "/weft.v1.Kv/List").await;
