@@ -317,6 +317,9 @@ impl CheckKind {
 pub struct UpstreamConfig {
     pub name: String,
     pub local_port: u16,
+    /// The datacenter whose instances serve it (another of the federation,
+    /// reached through the gateways); `None`: this one's.
+    pub datacenter: Option<String>,
 }
 
 mod duration_text {
@@ -567,6 +570,8 @@ struct RawCheck {
 struct RawUpstream {
     name: String,
     local_port: u16,
+    #[serde(default)]
+    datacenter: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -1136,9 +1141,15 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
                     format!("local_port {local_port} is already used by {first}"),
                 ));
             }
+            let up_dc = match &up.datacenter {
+                Some(dc) => Some(name(&format!("{uf}.datacenter"), dc)?),
+                None => None,
+            };
             upstreams.push(UpstreamConfig {
                 name: up_name,
                 local_port,
+                // This datacenter named is this datacenter.
+                datacenter: up_dc.filter(|dc| *dc != datacenter),
             });
         }
         services.push(ServiceConfig {
@@ -1523,7 +1534,8 @@ data_dir = "/var/lib/weft-agent"
             api.upstreams,
             vec![UpstreamConfig {
                 name: "db".into(),
-                local_port: 9191
+                local_port: 9191,
+                datacenter: None,
             }]
         );
 

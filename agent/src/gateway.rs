@@ -33,14 +33,17 @@ use crate::accept::AcceptErrors;
 use crate::view::View;
 
 /// How long a client has to send its whole ClientHello.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one dial of the next hop may take.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Addresses tried for one connection (several gateways of a datacenter,
 /// several servers).
 pub const DIAL_ATTEMPTS: usize = 3;
-/// Connections one gateway carries at once; more are closed at accept.
-pub const MAX_CONNECTIONS: usize = 16_384;
+/// Connections one gateway carries at once on each listener; more are
+/// closed at accept. The WAN cannot starve the LAN, nor the other way.
+pub const MAX_CONNECTIONS: usize = 8_192;
+/// Connections one client address may hold at once on a listener.
+pub const MAX_PER_CLIENT: usize = 256;
 
 /// Which listener a connection arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +68,8 @@ pub enum GatewayError {
     Transit(String),
     #[error("no route to {0}")]
     NoRoute(String),
+    #[error("{0} leads back to this datacenter's gateways")]
+    Loop(String),
     #[error("dialing {what}: {error}")]
     Dial { what: String, error: String },
 }
@@ -79,6 +84,7 @@ impl GatewayError {
             GatewayError::Sni(_) => "unknown_name",
             GatewayError::Transit(_) => "wan_transit",
             GatewayError::NoRoute(_) => "no_route",
+            GatewayError::Loop(_) => "loop",
             GatewayError::Dial { .. } => "unreachable",
         }
     }
@@ -148,8 +154,34 @@ pub struct Gateway {
     pub servers: Vec<String>,
     pub metrics: GatewayMetrics,
     pub drain: Arc<crate::drain::Drain>,
-    /// Connections carried now, against [`MAX_CONNECTIONS`].
-    pub open: Arc<tokio::sync::Semaphore>,
+    /// Connections carried now on the LAN and the WAN listener, against
+    /// [`MAX_CONNECTIONS`] each.
+    lan_open: Arc<tokio::sync::Semaphore>,
+    wan_open: Arc<tokio::sync::Semaphore>,
+    /// Connections per client address now, against [`MAX_PER_CLIENT`].
+    per_client: PerClient,
+    /// This gateway's own listeners: never a next hop.
+    own: Vec<std::net::SocketAddr>,
+}
+
+type PerClient = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// A client's place in [`Gateway::per_client`], given back on drop.
+struct ClientSlot {
+    map: PerClient,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().expect("per-client lock");
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Gateway {
@@ -160,6 +192,7 @@ impl Gateway {
         servers: Vec<String>,
         metrics: GatewayMetrics,
         drain: Arc<crate::drain::Drain>,
+        own: Vec<std::net::SocketAddr>,
     ) -> Arc<Self> {
         Arc::new(Gateway {
             datacenter,
@@ -168,7 +201,25 @@ impl Gateway {
             servers,
             metrics,
             drain,
-            open: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            lan_open: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            wan_open: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            per_client: Arc::default(),
+            own,
+        })
+    }
+
+    /// A place for one more connection from `ip`, unless it holds
+    /// [`MAX_PER_CLIENT`] already.
+    fn client_slot(&self, ip: std::net::IpAddr) -> Option<ClientSlot> {
+        let mut map = self.per_client.lock().expect("per-client lock");
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_PER_CLIENT {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            map: self.per_client.clone(),
+            ip,
         })
     }
 
@@ -181,8 +232,16 @@ impl Gateway {
         let mut next_id: u64 = 0;
         loop {
             let (stream, peer) = errors.accept(&listener).await;
-            let Ok(permit) = self.open.clone().try_acquire_owned() else {
+            let open = match side {
+                Side::Lan => &self.lan_open,
+                Side::Wan => &self.wan_open,
+            };
+            let Ok(permit) = open.clone().try_acquire_owned() else {
                 self.refuse_count("busy");
+                continue;
+            };
+            let Some(slot) = self.client_slot(peer.ip()) else {
+                self.refuse_count("client_limit");
                 continue;
             };
             next_id += 1;
@@ -192,6 +251,7 @@ impl Gateway {
             tokio::spawn(
                 async move {
                     let _permit = permit;
+                    let _slot = slot;
                     let _tracked = tracked;
                     if let Err(e) = gateway.carry(stream, side).await {
                         gateway.refuse_count(e.reason());
@@ -308,12 +368,26 @@ impl Gateway {
                     .nodes
                     .get(node)
                     .filter(|n| n.datacenter == self.datacenter)
-                    .filter(|_| !view.node_is_external(node))
+                    .filter(|_| !view.node_is_external(node) && view.node_up(node))
                     .ok_or_else(|| GatewayError::NoRoute(format!("node {node}")))?;
                 vec![format!("{}:{}", n.address, self.inbound_port)]
             }
             Hop::LocalServers => self.servers.clone(),
-            Hop::RemoteGateway(dc) => view.gateways_of(dc).iter().map(|a| a.to_string()).collect(),
+            Hop::RemoteGateway(dc) => {
+                // Never back to a gateway of this datacenter (a federation
+                // state naming one would make a gateway dial itself).
+                let local: Vec<std::net::SocketAddr> = view
+                    .passing(weft_api::gateway::SERVICE)
+                    .iter()
+                    .filter_map(|i| i.socket_addr())
+                    .chain(self.own.iter().copied())
+                    .collect();
+                let all = view.gateways_of(dc);
+                if all.iter().any(|a| local.contains(a)) {
+                    return Err(GatewayError::Loop(format!("datacenter {dc}")));
+                }
+                all.iter().map(|a| a.to_string()).collect()
+            }
         };
         if found.is_empty() {
             return Err(GatewayError::NoRoute(format!("{next:?}")));

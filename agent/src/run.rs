@@ -398,7 +398,7 @@ pub async fn run(
         for up in &s.upstreams {
             let addr = SocketAddr::from(([127, 0, 0, 1], up.local_port));
             let listener = sockets.tcp(&upstream_name(addr), addr).await?;
-            running.serve_upstream(listener, &s.name, &up.name);
+            running.serve_upstream(listener, &s.name, &(up.name.clone(), up.datacenter.clone()));
         }
     }
 
@@ -675,6 +675,7 @@ async fn start_gateway(
         crate::gateway::server_addresses(&config.servers, g.server_port),
         metrics.gateway(),
         drain.clone(),
+        vec![g.lan_address, g.wan_address],
     );
     let lan = sockets.tcp("gateway-lan", g.lan_address).await?;
     let wan = sockets.tcp("gateway-wan", g.wan_address).await?;

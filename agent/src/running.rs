@@ -29,7 +29,7 @@ use crate::reload::{plan, Plan};
 /// One explicit upstream's accept loop.
 struct Upstream {
     source: String,
-    destination: String,
+    destination: Dest,
     task: JoinHandle<()>,
 }
 
@@ -92,7 +92,10 @@ fn upstream_addr(local_port: u16) -> SocketAddr {
 
 /// (local address, source service, destination service) of every explicit
 /// upstream in `config`.
-fn upstreams_of(config: &AgentConfig) -> BTreeMap<SocketAddr, (String, String)> {
+/// An upstream's destination: a service, and its datacenter when another's.
+type Dest = (String, Option<String>);
+
+fn upstreams_of(config: &AgentConfig) -> BTreeMap<SocketAddr, (String, Dest)> {
     config
         .services
         .iter()
@@ -100,7 +103,7 @@ fn upstreams_of(config: &AgentConfig) -> BTreeMap<SocketAddr, (String, String)> 
             s.upstreams.iter().map(|u| {
                 (
                     upstream_addr(u.local_port),
-                    (s.name.clone(), u.name.clone()),
+                    (s.name.clone(), (u.name.clone(), u.datacenter.clone())),
                 )
             })
         })
@@ -141,22 +144,22 @@ impl Running {
     }
 
     /// Serves `listener` as the upstream from `source` to `destination`.
-    pub fn serve_upstream(&self, listener: TcpListener, source: &str, destination: &str) {
+    pub fn serve_upstream(&self, listener: TcpListener, source: &str, destination: &Dest) {
         let Ok(addr) = listener.local_addr() else {
             return;
         };
-        tracing::info!(%addr, %source, %destination, "upstream listening");
+        tracing::info!(%addr, %source, destination = %destination.0, datacenter = ?destination.1, "upstream listening");
         let task = tokio::spawn(outbound::serve_upstream(
             self.ctx.clone(),
             listener,
             source.to_string(),
-            destination.to_string(),
+            destination.clone(),
         ));
         let old = self.upstreams.lock().expect("upstreams lock").insert(
             addr,
             Upstream {
                 source: source.to_string(),
-                destination: destination.to_string(),
+                destination: destination.clone(),
                 task,
             },
         );
@@ -426,7 +429,7 @@ impl Running {
             let mut upstreams = self.upstreams.lock().expect("upstreams lock");
             if let Some(u) = upstreams.get_mut(addr) {
                 if (&u.source, &u.destination) != (source, destination) {
-                    tracing::info!(%addr, %source, %destination, "upstream now carries another pair");
+                    tracing::info!(%addr, %source, destination = %destination.0, "upstream now carries another pair");
                     u.task.abort();
                     drop(upstreams);
                     self.restart_upstream(*addr, source, destination);
@@ -466,7 +469,7 @@ impl Running {
 
     /// Serves an upstream's running listener (kept among the offered
     /// sockets) for another pair.
-    fn restart_upstream(&self, addr: SocketAddr, source: &str, destination: &str) {
+    fn restart_upstream(&self, addr: SocketAddr, source: &str, destination: &Dest) {
         let name = upstream_name(addr);
         let dup = self
             .offered

@@ -44,6 +44,8 @@ pub struct View {
     /// Other datacenters of the federation and their gateways' WAN
     /// addresses.
     pub federation: BTreeMap<String, Vec<SocketAddr>>,
+    /// Other datacenters' instances (of the services this agent may read).
+    pub remote: BTreeMap<String, Vec<ServiceInstance>>,
     /// The parts of a snapshot received so far, and its index: the servers
     /// send a large snapshot in parts, applied once the last is in.
     #[serde(skip)]
@@ -88,6 +90,7 @@ impl View {
                         earlier.config_entries.extend(part.config_entries);
                         earlier.kv.extend(part.kv);
                         earlier.federation.extend(part.federation);
+                        earlier.remote.extend(part.remote);
                         earlier.more = part.more;
                         earlier
                     }
@@ -127,6 +130,9 @@ impl View {
                 }
                 for f in &s.federation {
                     next.apply_federation(f).map_err(bad)?;
+                }
+                for r in s.remote {
+                    next.apply_remote(r).map_err(bad)?;
                 }
                 if let Some(ca) = s.ca {
                     next.trust_domain = ca.trust_domain;
@@ -190,6 +196,7 @@ impl View {
                 self.roots_pem = b.roots_pem;
             }
             P::Federation(f) => self.apply_federation(&f)?,
+            P::Remote(r) => self.apply_remote(r)?,
             P::ConfigUpsert(e) => self.apply_config(&e),
             P::ConfigDelete(r) => {
                 if let Ok(kind) = r.kind.parse::<EntryKind>() {
@@ -238,6 +245,27 @@ impl View {
         let f = weft_api::federation::FederationState::from_proto(f).map_err(|e| e.to_string())?;
         self.federation.insert(f.datacenter, f.gateways);
         Ok(())
+    }
+
+    fn apply_remote(&mut self, r: proto::RemoteInstances) -> Result<(), String> {
+        let instances = r
+            .instances
+            .into_iter()
+            .map(|i| instance_from_proto(i).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.remote.insert(r.datacenter, instances);
+        Ok(())
+    }
+
+    /// The LAN address of one of this datacenter's passing gateways, for a
+    /// tunnel to another datacenter (`seed` spreads the choice).
+    pub fn local_gateway(&self, seed: usize) -> Option<SocketAddr> {
+        let gateways: Vec<SocketAddr> = self
+            .passing(weft_api::gateway::SERVICE)
+            .into_iter()
+            .filter_map(|i| i.socket_addr())
+            .collect();
+        (!gateways.is_empty()).then(|| gateways[seed % gateways.len()])
     }
 
     /// The WAN addresses of datacenter `dc`'s gateways.
@@ -343,10 +371,11 @@ impl View {
     }
 
     /// The instances that may serve requests routed to `target` (or to its
-    /// resolver's failover when it has none), and their service.
-    pub fn instances_of(&self, target: &routing::Target) -> (String, Vec<&ServiceInstance>) {
+    /// resolver's failover when it has none), their service and, when they
+    /// are another datacenter's, which.
+    pub fn instances_of(&self, target: &routing::Target) -> routing::Resolved<'_> {
         let live = self.instances.values().filter(|i| self.node_up(&i.node));
-        routing::instances_or_failover(&self.entries, target, live)
+        routing::instances_or_failover(&self.entries, target, live, &self.remote)
     }
 
     /// The circuit breaking that `source`'s service-defaults ask for on its
@@ -648,7 +677,9 @@ mod tests {
         assert!(has_splitter(&v));
         let target = v.route_target("api", &Request::new("GET", "/"), 10.0);
         assert_eq!(target.service, "api");
-        let (service, instances) = v.instances_of(&target);
+        let weft_api::routing::Resolved {
+            service, instances, ..
+        } = v.instances_of(&target);
         assert_eq!(service, "api");
         let ids: Vec<_> = instances.iter().map(|i| i.id.as_str()).collect();
         assert_eq!(ids, vec!["api-1"], "passing instances of the service");

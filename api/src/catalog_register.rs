@@ -226,7 +226,7 @@ pub fn parse_register(body: &[u8], datacenter: &str) -> Result<Registration, Reg
     let dc = string(&mut map, "Datacenter", "")?;
     if !dc.is_empty() && dc != datacenter {
         return Err(RegisterError::NotSupported(format!(
-            "Datacenter {dc:?} (this cluster is {datacenter:?}; datacenters do not federate yet)"
+            "Datacenter {dc:?} (this cluster is {datacenter:?}; register through that datacenter's servers)"
         )));
     }
     let mut meta = strings_map(&mut map, "NodeMeta", "")?;

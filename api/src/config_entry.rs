@@ -14,6 +14,7 @@
 //! ```
 
 mod keys;
+
 pub use keys::{kind_of as document_kind, name_of as document_name};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -25,6 +26,9 @@ use crate::catalog::{HealthStatus, ServiceInstance};
 use crate::duration::parse_duration;
 use crate::file_format::{parse_document, FileFormat, ParseError};
 use crate::filter::parse_filter;
+
+/// Datacenters one failover may list.
+pub const MAX_FAILOVER_DATACENTERS: usize = 16;
 use crate::header_edits::{HeaderEditError, HeaderModifiers};
 use crate::http_match::{validate_http_match, HttpMatch, HttpMatchError, Request};
 use crate::intention::Intention;
@@ -1281,10 +1285,6 @@ fn validate_resolver(r: &ServiceResolver, ctx: &impl EntryContext) -> Result<(),
         }
         if let Some(dc) = &redirect.datacenter {
             check_name("Redirect.Datacenter", dc)?;
-            return Err(invalid(
-                "Redirect.Datacenter",
-                format!("{dc:?}: not supported yet (datacenters do not federate yet)"),
-            ));
         }
         let target = redirect.service.as_deref().unwrap_or(&r.name);
         if target == r.name && redirect.datacenter.is_none() {
@@ -1323,10 +1323,13 @@ fn validate_resolver(r: &ServiceResolver, ctx: &impl EntryContext) -> Result<(),
         for (i, dc) in failover.datacenters.iter().enumerate() {
             check_name(format!("{base}.Datacenters[{i}]"), dc)?;
         }
-        if let Some(dc) = failover.datacenters.first() {
+        if failover.datacenters.len() > MAX_FAILOVER_DATACENTERS {
             return Err(invalid(
                 format!("{base}.Datacenters"),
-                format!("{dc:?}: not supported yet (datacenters do not federate yet)"),
+                format!(
+                    "{} datacenters, at most {MAX_FAILOVER_DATACENTERS}",
+                    failover.datacenters.len()
+                ),
             ));
         }
         if let Some(subset) = &failover.service_subset {

@@ -14,6 +14,8 @@ use crate::proto;
 pub const MAX_GATEWAYS: usize = 64;
 /// Datacenters one federation may hold.
 pub const MAX_DATACENTERS: usize = 256;
+/// Instances of another datacenter a datacenter keeps.
+pub const MAX_REMOTE_INSTANCES: usize = 20_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FederationState {
@@ -22,6 +24,19 @@ pub struct FederationState {
     pub gateways: Vec<SocketAddr>,
     /// When its leader reported it (unix ms).
     pub updated_ms: i64,
+}
+
+/// Whether another datacenter's gateways may be sent to `addr`: a port,
+/// and an IP that is not unspecified, loopback, link-local, multicast or
+/// broadcast (a gateway told to dial itself or the host it runs on would
+/// loop or expose it).
+pub fn advertisable(addr: &SocketAddr) -> bool {
+    let ip = addr.ip();
+    let odd = match ip {
+        std::net::IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
+        std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    addr.port() != 0 && !ip.is_unspecified() && !ip.is_loopback() && !ip.is_multicast() && !odd
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,7 +66,7 @@ impl FederationState {
             .map(|a| {
                 a.parse::<SocketAddr>()
                     .ok()
-                    .filter(|a| !a.ip().is_unspecified() && a.port() != 0)
+                    .filter(advertisable)
                     .ok_or_else(|| FederationError::Address {
                         dc: p.datacenter.clone(),
                         addr: a.clone(),
@@ -116,7 +131,17 @@ mod tests {
             FederationState::from_proto(&p("DC2", &[])),
             Err(FederationError::Datacenter(..))
         ));
-        for bad in ["x", "0.0.0.0:8443", "10.0.0.1:0", "10.0.0.1"] {
+        for bad in [
+            "x",
+            "0.0.0.0:8443",
+            "10.0.0.1:0",
+            "10.0.0.1",
+            "127.0.0.1:8443",
+            "169.254.1.1:8443",
+            "224.0.0.1:8443",
+            "[::1]:8443",
+            "[fe80::1]:8443",
+        ] {
             assert!(
                 matches!(
                     FederationState::from_proto(&p("dc2", &[bad])),

@@ -17,9 +17,12 @@
 //!    there is no subset. A subset that the resolver does not define has no
 //!    instances: traffic is refused rather than sent somewhere unintended.
 //! 6. When that leaves no instance, the resolver's `Failover` for the subset
-//!    (or for `*`) names where to go instead, within this datacenter
-//!    ([`instances_or_failover`]).
+//!    (or for `*`) names where to go instead: another service or subset
+//!    here, or in other datacenters in order ([`instances_or_failover`]).
+//!    A `Redirect.Datacenter` sends the service to another datacenter
+//!    outright.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::catalog::{HealthStatus, ServiceInstance};
@@ -36,17 +39,35 @@ use crate::http_match::Request;
 pub struct Target {
     pub service: String,
     pub subset: Option<String>,
+    /// Another datacenter (a resolver's `Redirect.Datacenter`, or an
+    /// upstream's); `None`: this one.
+    pub datacenter: Option<String>,
     pub policy: RoutePolicy,
 }
 
 impl Target {
-    fn service(service: &str) -> Self {
+    /// `service` (in `datacenter`, or this one), before any entry applies.
+    pub fn service_in(service: &str, datacenter: Option<&str>) -> Self {
         Target {
             service: service.to_string(),
             subset: None,
+            datacenter: datacenter.map(str::to_string),
             policy: RoutePolicy::default(),
         }
     }
+
+    fn service(service: &str) -> Self {
+        Self::service_in(service, None)
+    }
+}
+
+/// The instances a target resolved to: their service, their datacenter
+/// (`None`: this one) and the instances.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved<'a> {
+    pub service: String,
+    pub datacenter: Option<String>,
+    pub instances: Vec<&'a ServiceInstance>,
 }
 
 /// How one request is carried: a route destination's `RequestTimeout`,
@@ -217,7 +238,16 @@ impl RoutePolicy {
 /// Where `request` to `service` goes. `roll` is a number in `[0, 100)` for
 /// the splitter.
 pub fn route_request(entries: &EntrySet, service: &str, request: &Request, roll: f32) -> Target {
-    let mut target = Target::service(service);
+    route_request_in(entries, Target::service(service), request, roll)
+}
+
+/// [`route_request`] from `start` (a service, perhaps in another
+/// datacenter): routes and splits keep its datacenter.
+pub fn route_request_in(entries: &EntrySet, start: Target, request: &Request, roll: f32) -> Target {
+    let service = start.service.clone();
+    let service = service.as_str();
+    let datacenter = start.datacenter.clone();
+    let mut target = start;
     if let Some(ConfigEntry::ServiceRouter(router)) = entries.get(EntryKind::ServiceRouter, service)
     {
         if let Some((route, destination)) =
@@ -229,6 +259,7 @@ pub fn route_request(entries: &EntrySet, service: &str, request: &Request, roll:
                     .clone()
                     .unwrap_or_else(|| service.to_string()),
                 subset: destination.service_subset.clone(),
+                datacenter: datacenter.clone(),
                 policy: RoutePolicy::of(route),
             };
         }
@@ -251,6 +282,7 @@ pub fn route_request(entries: &EntrySet, service: &str, request: &Request, roll:
                         .clone()
                         .unwrap_or_else(|| target.service.clone()),
                     subset: split.service_subset.clone(),
+                    datacenter: datacenter.clone(),
                     policy,
                 };
             }
@@ -280,6 +312,7 @@ pub fn resolve(entries: &EntrySet, target: Target) -> Target {
         return Target {
             service,
             subset,
+            datacenter: redirect.datacenter.clone().or(target.datacenter),
             policy: target.policy,
         };
     }
@@ -313,27 +346,42 @@ pub fn instances_of<'a>(
     }
 }
 
-/// The instances of `target` or, when it has none, of the failover target
-/// its resolver names for the subset (or `*`), with the service they belong
-/// to. Failover is one step; `Datacenters` are not followed (one datacenter).
+/// The instances of `target` (this datacenter's from `local`, another's
+/// from `remote`) or, when it has none, of the failover its resolver names
+/// for the subset (or `*`): its `Service`/`ServiceSubset` in this
+/// datacenter, or in each of its `Datacenters` in order until one has an
+/// instance. Failover is one step.
 pub fn instances_or_failover<'a, I>(
     entries: &EntrySet,
     target: &Target,
-    instances: I,
-) -> (String, Vec<&'a ServiceInstance>)
+    local: I,
+    remote: &'a BTreeMap<String, Vec<ServiceInstance>>,
+) -> Resolved<'a>
 where
     I: IntoIterator<Item = &'a ServiceInstance>,
     I::IntoIter: Clone,
 {
-    let instances = instances.into_iter();
-    let found = instances_of(entries, target, instances.clone());
+    let local = local.into_iter();
+    let of = |t: &Target, dc: Option<&String>| -> Vec<&'a ServiceInstance> {
+        match dc {
+            None => instances_of(entries, t, local.clone()),
+            Some(dc) => instances_of(entries, t, remote.get(dc).into_iter().flatten()),
+        }
+    };
+    let found = of(target, target.datacenter.as_ref());
+    let resolved = |t: &Target, dc: Option<&String>, instances| Resolved {
+        service: t.service.clone(),
+        datacenter: dc.cloned(),
+        instances,
+    };
     if !found.is_empty() {
-        return (target.service.clone(), found);
+        return resolved(target, target.datacenter.as_ref(), found);
     }
+    let none = resolved(target, target.datacenter.as_ref(), Vec::new());
     let Some(ConfigEntry::ServiceResolver(resolver)) =
         entries.get(EntryKind::ServiceResolver, &target.service)
     else {
-        return (target.service.clone(), found);
+        return none;
     };
     let key = target.subset.as_deref().unwrap_or("*");
     let Some(failover) = resolver
@@ -341,24 +389,38 @@ where
         .get(key)
         .or_else(|| resolver.failover.get("*"))
     else {
-        return (target.service.clone(), found);
+        return none;
     };
-    if failover.service.is_none() && failover.service_subset.is_none() {
-        return (target.service.clone(), found);
+    let next = if failover.service.is_none() && failover.service_subset.is_none() {
+        target.clone()
+    } else {
+        resolve(
+            entries,
+            Target {
+                service: failover
+                    .service
+                    .clone()
+                    .unwrap_or_else(|| target.service.clone()),
+                subset: failover.service_subset.clone(),
+                datacenter: target.datacenter.clone(),
+                policy: target.policy.clone(),
+            },
+        )
+    };
+    if failover.datacenters.is_empty() {
+        if next == *target {
+            return none;
+        }
+        let found = of(&next, next.datacenter.as_ref());
+        return resolved(&next, next.datacenter.as_ref(), found);
     }
-    let next = resolve(
-        entries,
-        Target {
-            service: failover
-                .service
-                .clone()
-                .unwrap_or_else(|| target.service.clone()),
-            subset: failover.service_subset.clone(),
-            policy: target.policy.clone(),
-        },
-    );
-    let found = instances_of(entries, &next, instances);
-    (next.service, found)
+    for dc in &failover.datacenters {
+        let found = of(&next, Some(dc));
+        if !found.is_empty() {
+            return resolved(&next, Some(dc), found);
+        }
+    }
+    none
 }
 
 #[cfg(test)]
@@ -454,6 +516,7 @@ mod tests {
 
     fn target(service: &str, subset: Option<&str>) -> Target {
         Target {
+            datacenter: None,
             service: service.into(),
             subset: subset.map(str::to_string),
             policy: RoutePolicy::default(),
@@ -785,9 +848,14 @@ mod tests {
             instance("a2", "api", "v2", HealthStatus::Critical),
             instance("b1", "backup", "v1", HealthStatus::Passing),
         ];
+        let none = BTreeMap::new();
         let pick = |t: Target| -> (String, Vec<String>) {
-            let (service, found) = instances_or_failover(&set, &t, &all);
-            (service, found.into_iter().map(|i| i.id.clone()).collect())
+            let r = instances_or_failover(&set, &t, &all, &none);
+            assert_eq!(r.datacenter, None);
+            (
+                r.service,
+                r.instances.into_iter().map(|i| i.id.clone()).collect(),
+            )
         };
         // v2 has no healthy instance: its failover, v1.
         assert_eq!(
@@ -804,6 +872,86 @@ mod tests {
             pick(target("api", Some("v9"))),
             ("backup".into(), vec!["b1".into()])
         );
+    }
+
+    #[test]
+    fn failover_follows_datacenters_in_order_and_comes_back() {
+        let mut r = resolver();
+        if let ConfigEntry::ServiceResolver(r) = &mut r {
+            r.default_subset = None;
+            r.failover.insert(
+                "*".into(),
+                ResolverFailover {
+                    datacenters: vec!["dc2".into(), "dc3".into()],
+                    ..Default::default()
+                },
+            );
+        }
+        let set = entries(vec![r]);
+        let remote: BTreeMap<String, Vec<ServiceInstance>> = [
+            (
+                "dc2".to_string(),
+                vec![instance("r2", "api", "v1", HealthStatus::Critical)],
+            ),
+            (
+                "dc3".to_string(),
+                vec![instance("r3", "api", "v1", HealthStatus::Passing)],
+            ),
+        ]
+        .into();
+        let pick = |local: &[ServiceInstance], remote: &BTreeMap<String, Vec<ServiceInstance>>| {
+            let r = instances_or_failover(&set, &target("api", None), local, remote);
+            (
+                r.datacenter,
+                r.instances
+                    .into_iter()
+                    .map(|i| i.id.clone())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let healthy = [instance("a1", "api", "v1", HealthStatus::Passing)];
+        let failing = [instance("a1", "api", "v1", HealthStatus::Critical)];
+        // Local instances first; when they all fail, the first datacenter
+        // with a passing one (dc2's is critical); back when they pass.
+        assert_eq!(pick(&healthy, &remote), (None, vec!["a1".to_string()]));
+        assert_eq!(
+            pick(&failing, &remote),
+            (Some("dc3".to_string()), vec!["r3".to_string()])
+        );
+        let mut dc2_up = remote.clone();
+        dc2_up.get_mut("dc2").unwrap()[0].health = HealthStatus::Passing;
+        assert_eq!(
+            pick(&failing, &dc2_up),
+            (Some("dc2".to_string()), vec!["r2".to_string()])
+        );
+        assert_eq!(pick(&healthy, &dc2_up), (None, vec!["a1".to_string()]));
+        // Nowhere passing: nothing (refused, not sent anywhere else).
+        assert_eq!(pick(&failing, &BTreeMap::new()), (None, vec![]));
+    }
+
+    #[test]
+    fn a_redirect_to_another_datacenter_takes_its_instances() {
+        let redirect = ConfigEntry::ServiceResolver(ServiceResolver {
+            name: "api".into(),
+            meta: Default::default(),
+            redirect: Some(ResolverRedirect {
+                datacenter: Some("dc2".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let set = entries(vec![redirect]);
+        let t = route_request(&set, "api", &get(), 0.0);
+        assert_eq!(t.datacenter.as_deref(), Some("dc2"));
+        let local = [instance("a1", "api", "v1", HealthStatus::Passing)];
+        let remote: BTreeMap<String, Vec<ServiceInstance>> = [(
+            "dc2".to_string(),
+            vec![instance("r2", "api", "v1", HealthStatus::Passing)],
+        )]
+        .into();
+        let r = instances_or_failover(&set, &t, &local, &remote);
+        assert_eq!(r.datacenter.as_deref(), Some("dc2"));
+        assert_eq!(r.instances[0].id, "r2");
     }
 
     #[test]

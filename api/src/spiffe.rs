@@ -172,6 +172,49 @@ impl From<SpiffeId> for String {
     }
 }
 
+/// The URI SAN of the intermediate CA that signs datacenter `dc`'s leaves
+/// in a secondary datacenter: every id it signs starts with it and `/`.
+pub fn intermediate_scope(trust_domain: &str, datacenter: &str) -> String {
+    format!("{SCHEME}{trust_domain}/ns/{DEFAULT_NAMESPACE}/dc/{datacenter}")
+}
+
+/// Checks that a leaf's SPIFFE id `leaf_id` lies within the scope of every
+/// intermediate CA presented with it (DER): an intermediate whose URI SAN
+/// names a datacenter (`spiffe://<td>/ns/default/dc/<dc>`) vouches only for
+/// that datacenter's ids. So a secondary datacenter's CA, whose key its
+/// servers hold, cannot speak for another datacenter's nodes or services.
+/// Roots and cross-signed roots (URI `spiffe://<td>`) vouch for any id.
+pub fn check_issuer_scope(leaf_id: &str, intermediates: &[&[u8]]) -> Result<(), String> {
+    for der in intermediates {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| format!("an intermediate certificate cannot be read: {e}"))?;
+        let Ok(Some(san)) = cert.subject_alternative_name() else {
+            continue;
+        };
+        for name in &san.value.general_names {
+            let x509_parser::extensions::GeneralName::URI(uri) = name else {
+                continue;
+            };
+            // Only scoped URIs (with a path) limit what they sign.
+            let Some(rest) = uri.strip_prefix(SCHEME) else {
+                continue;
+            };
+            if !rest.contains('/') {
+                continue;
+            }
+            if !leaf_id
+                .strip_prefix(*uri)
+                .is_some_and(|tail| tail.starts_with('/'))
+            {
+                return Err(format!(
+                    "{leaf_id} is signed by an intermediate for {uri}, which vouches for nothing else"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -176,6 +176,21 @@ pub fn next_free_vip(cidr: &Cidr, in_use: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Add
     Ok(Ipv4Addr::from(candidate))
 }
 
+/// The virtual-IP key of `service` in another datacenter `dc`:
+/// `service.dc`. No service name has a dot, so it never meets a local
+/// service's key.
+pub fn remote_key(service: &str, dc: &str) -> String {
+    format!("{service}.{dc}")
+}
+
+/// A virtual-IP key as (service, its datacenter when another's).
+pub fn split_key(key: &str) -> (&str, Option<&str>) {
+    match key.split_once('.') {
+        Some((service, dc)) => (service, Some(dc)),
+        None => (key, None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,6 +34,10 @@ use crate::state::Command;
 /// How often a secondary's leader reports to the primary (and its own
 /// state is refreshed from its catalog).
 pub const EXCHANGE_EVERY: Duration = Duration::from_secs(2);
+/// The federation port takes this many times `--max-conns-per-client`
+/// from one address: connections arrive from gateways, each carrying many
+/// clients (which the gateway limits one by one).
+pub const CONNS_PER_GATEWAY_FACTOR: usize = 16;
 /// One exchange, dial to answer.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -66,14 +70,9 @@ pub fn own_state(node: &ServerNode, now_ms: i64) -> FederationState {
         .instances
         .values()
         .flat_map(|m| m.values())
-        .filter(|i| i.service == weft_api::gateway::SERVICE && i.health == HealthStatus::Passing)
-        .filter(|i| {
-            state
-                .nodes
-                .get(&i.node)
-                .is_some_and(|n| n.health != HealthStatus::Critical)
-        })
+        .filter(|i| gateway_instance(&state, i))
         .filter_map(|i| i.meta.get(weft_api::gateway::WAN_META)?.parse().ok())
+        .filter(weft_api::federation::advertisable)
         .collect();
     gateways.sort();
     gateways.dedup();
@@ -85,17 +84,38 @@ pub fn own_state(node: &ServerNode, now_ms: i64) -> FederationState {
     }
 }
 
-/// This datacenter's passing gateways' LAN addresses: where its servers
-/// dial to reach another datacenter.
+/// Whether `i` is a passing gateway on a live agent's node (registering
+/// `mesh-gateway` takes `service:write` on it, as in Consul; nodes
+/// registered through the catalog API run no agent and count for nothing).
+fn gateway_instance(state: &crate::state::State, i: &weft_api::catalog::ServiceInstance) -> bool {
+    i.service == weft_api::gateway::SERVICE
+        && i.health == HealthStatus::Passing
+        && state.nodes.get(&i.node).is_some_and(|n| {
+            n.health != HealthStatus::Critical && !weft_api::catalog_register::is_external(n)
+        })
+}
+
+/// Gateways a server tries, at most, for one call to another datacenter.
+const GATEWAYS_TRIED: usize = 3;
+
+/// Some of this datacenter's passing gateways' LAN addresses, in random
+/// order: where its servers dial to reach another datacenter.
 fn local_gateways(node: &ServerNode) -> Vec<SocketAddr> {
     let state = node.shared.state.read().expect("state lock");
-    state
+    let mut found: Vec<SocketAddr> = state
         .instances
         .values()
         .flat_map(|m| m.values())
-        .filter(|i| i.service == weft_api::gateway::SERVICE && i.health == HealthStatus::Passing)
+        .filter(|i| gateway_instance(&state, i))
         .filter_map(|i| i.socket_addr())
-        .collect()
+        .filter(|a| !a.ip().is_unspecified())
+        .collect();
+    if !found.is_empty() {
+        let start = rand::random::<u32>() as usize % found.len();
+        found.rotate_left(start);
+    }
+    found.truncate(GATEWAYS_TRIED);
+    found
 }
 
 /// A channel to datacenter `dc`'s servers through the gateway at `via`.
@@ -144,6 +164,7 @@ pub async fn maintain(node: Arc<ServerNode>, settings: FederationSettings) {
         }
         let own = own_state(&node, now_ms());
         store(&node, own.clone()).await;
+        fetch_remote_instances(&node, &settings).await;
         if settings.primary == node.datacenter {
             continue;
         }
@@ -176,6 +197,9 @@ pub async fn maintain(node: Arc<ServerNode>, settings: FederationSettings) {
                 if let Err(e) = follow_primary_ca(&node, &settings).await {
                     tracing::warn!(primary = %settings.primary, "following the primary's CA: {e}");
                 }
+                if let Err(e) = replicate_policy(&node, &settings).await {
+                    tracing::warn!(primary = %settings.primary, "replicating intentions and config entries: {e}");
+                }
             }
             Err(e) if !warned => {
                 tracing::warn!(primary = %settings.primary, "federation exchange failed: {e}");
@@ -184,6 +208,73 @@ pub async fn maintain(node: Arc<ServerNode>, settings: FederationSettings) {
             Err(e) => {
                 tracing::debug!(primary = %settings.primary, "federation exchange failed: {e}")
             }
+        }
+    }
+}
+
+/// Fetches every other datacenter's instances through this datacenter's
+/// gateways, and stores those that changed.
+async fn fetch_remote_instances(node: &ServerNode, settings: &FederationSettings) {
+    let others: Vec<String> = {
+        let s = node.shared.state.read().expect("state lock");
+        s.federation
+            .keys()
+            .filter(|dc| **dc != node.datacenter)
+            .cloned()
+            .collect()
+    };
+    for dc in others {
+        let fetched = async {
+            let mut last = String::from("no passing mesh-gateway");
+            for via in local_gateways(node) {
+                let channel =
+                    channel_via(&settings.client_tls, &dc, via).map_err(|e| e.to_string())?;
+                match FederationClient::new(channel)
+                    .instances(proto::Empty {})
+                    .await
+                {
+                    Ok(reply) => return Ok(reply.into_inner()),
+                    Err(status) => last = format!("through {via}: {}", status.message()),
+                }
+            }
+            Err(last)
+        };
+        let reply = match fetched.await {
+            Ok(reply) if reply.datacenter == dc => reply,
+            Ok(reply) => {
+                tracing::warn!(datacenter = %dc, answered = %reply.datacenter, "another datacenter answered for it");
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(datacenter = %dc, "fetching instances: {e}");
+                continue;
+            }
+        };
+        let mut instances = Vec::with_capacity(reply.instances.len());
+        for i in reply.instances {
+            match weft_api::convert::instance_from_proto(i) {
+                Ok(i) => instances.push(i),
+                Err(e) => tracing::warn!(datacenter = %dc, "an instance refused: {e}"),
+            }
+        }
+        instances.sort_by(|a, b| (&a.node, &a.id).cmp(&(&b.node, &b.id)));
+        let same = {
+            let s = node.shared.state.read().expect("state lock");
+            s.remote.get(&dc) == Some(&instances)
+        };
+        if same {
+            continue;
+        }
+        let count = instances.len();
+        match node
+            .write(Command::SetRemoteInstances {
+                datacenter: dc.clone(),
+                instances,
+            })
+            .await
+        {
+            Ok(_) => tracing::debug!(datacenter = %dc, count, "remote instances stored"),
+            Err(e) => tracing::warn!(datacenter = %dc, "storing remote instances: {e}"),
         }
     }
 }
@@ -283,6 +374,68 @@ impl Federation for FederationService {
         }))
     }
 
+    async fn instances(
+        &self,
+        req: Request<proto::Empty>,
+    ) -> Result<Response<proto::RemoteInstances>, Status> {
+        caller_datacenter(&req)?;
+        let s = self.node.shared.state.read().expect("state lock");
+        let mut instances = Vec::new();
+        for i in s.instances.values().flat_map(|m| m.values()) {
+            let Some(n) = s.nodes.get(&i.node) else {
+                continue;
+            };
+            // Gateways are found by the federation state; external nodes'
+            // instances have no agent to tunnel to.
+            if i.service == weft_api::gateway::SERVICE || weft_api::catalog_register::is_external(n)
+            {
+                continue;
+            }
+            if instances.len() == weft_api::federation::MAX_REMOTE_INSTANCES {
+                return Err(Status::resource_exhausted(format!(
+                    "datacenter {} has more than {} instances to share",
+                    self.node.datacenter,
+                    weft_api::federation::MAX_REMOTE_INSTANCES
+                )));
+            }
+            let mut i = i.clone();
+            if n.health == HealthStatus::Critical {
+                i.health = HealthStatus::Critical;
+            }
+            instances.push(weft_api::convert::instance_to_proto(&i));
+        }
+        Ok(Response::new(proto::RemoteInstances {
+            datacenter: self.node.datacenter.clone(),
+            instances,
+        }))
+    }
+
+    async fn policy(
+        &self,
+        req: Request<proto::Empty>,
+    ) -> Result<Response<proto::PolicySnapshot>, Status> {
+        caller_datacenter(&req)?;
+        if self.node.datacenter != self.primary {
+            return Err(Status::failed_precondition(format!(
+                "datacenter {} is not the primary ({})",
+                self.node.datacenter, self.primary
+            )));
+        }
+        let s = self.node.shared.state.read().expect("state lock");
+        Ok(Response::new(proto::PolicySnapshot {
+            intentions: s
+                .all_intentions()
+                .map(weft_api::convert::intention_to_proto)
+                .collect(),
+            config_entries: s
+                .config
+                .values()
+                .flat_map(|m| m.values())
+                .map(crate::grpc::config::entry_to_proto)
+                .collect(),
+        }))
+    }
+
     async fn ca(
         &self,
         req: Request<proto::FederationCaRequest>,
@@ -331,6 +484,76 @@ impl Federation for FederationService {
         }
         Ok(Response::new(reply))
     }
+}
+
+/// A secondary takes the primary's intentions and config entries as they
+/// are, when they differ from its own.
+async fn replicate_policy(node: &ServerNode, settings: &FederationSettings) -> Result<(), String> {
+    let mut last = String::from("no passing mesh-gateway");
+    let mut reply = None;
+    for via in local_gateways(node) {
+        let channel =
+            channel_via(&settings.client_tls, &settings.primary, via).map_err(|e| e.to_string())?;
+        match FederationClient::new(channel).policy(proto::Empty {}).await {
+            Ok(r) => {
+                reply = Some(r.into_inner());
+                break;
+            }
+            Err(status) => last = format!("through {via}: {}", status.message()),
+        }
+    }
+    let reply = reply.ok_or(last)?;
+    let mut intentions = reply
+        .intentions
+        .into_iter()
+        .map(|i| weft_api::convert::intention_from_proto(i).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut entries = reply
+        .config_entries
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<weft_api::config_entry::ConfigEntry>(&e.json)
+                .map_err(|err| format!("{} {}: {err}", e.kind, e.name))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = |i: &weft_api::intention::Intention| (i.source.clone(), i.destination.clone());
+    intentions.sort_by_key(key);
+    entries.sort_by_key(|e| (e.kind().as_str().to_string(), e.name().to_string()));
+    let same = {
+        let s = node.shared.state.read().expect("state lock");
+        let strip = |i: &weft_api::intention::Intention| weft_api::intention::Intention {
+            create_index: 0,
+            modify_index: 0,
+            ..i.clone()
+        };
+        let mut mine: Vec<_> = s.all_intentions().map(strip).collect();
+        mine.sort_by_key(key);
+        let theirs: Vec<_> = intentions.iter().map(strip).collect();
+        let mut my_entries: Vec<_> = s
+            .config
+            .values()
+            .flat_map(|m| m.values())
+            .map(|e| e.entry.clone())
+            .collect();
+        my_entries.sort_by_key(|e| (e.kind().as_str().to_string(), e.name().to_string()));
+        mine == theirs && my_entries == entries
+    };
+    if same {
+        return Ok(());
+    }
+    let (n, m) = (intentions.len(), entries.len());
+    node.write(Command::ReplacePolicy {
+        intentions,
+        entries,
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    tracing::info!(
+        intentions = n,
+        config_entries = m,
+        "replicated the primary's intentions and config entries"
+    );
+    Ok(())
 }
 
 /// The primary's roots as a secondary keeps them (no keys).
@@ -401,6 +624,7 @@ async fn follow_primary_ca(node: &ServerNode, settings: &FederationSettings) -> 
                     key,
                     not_after: signed.intermediate_not_after,
                     root_serial: roots.last().map_or(0, |r| r.serial),
+                    issued_at: now,
                 }),
                 roots,
             }

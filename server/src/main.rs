@@ -212,7 +212,14 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             .serve_with_incoming(tls::incoming(
                 listener,
                 server_tls.federation.clone(),
-                ClientLimits::new(settings.max_conns_per_client),
+                // Every connection comes from a gateway's address: the
+                // gateways limit each client, so the limit per address
+                // here is the gateways' share.
+                ClientLimits::new(
+                    settings
+                        .max_conns_per_client
+                        .saturating_mul(weft_server::federation::CONNS_PER_GATEWAY_FACTOR),
+                ),
             ));
         tokio::spawn(async move {
             if let Err(e) = federation_server.await {

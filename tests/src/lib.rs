@@ -10,6 +10,7 @@ pub mod browser;
 pub mod cgroup;
 pub mod clients;
 pub mod echo;
+pub mod federation;
 pub mod logs;
 pub mod mesh;
 pub mod netns;

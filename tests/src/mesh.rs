@@ -1414,46 +1414,53 @@ impl Mesh {
     /// directory; waits until it listens.
     pub fn capture(&self, node: Node) -> anyhow::Result<Capture> {
         let file = self.path(&format!("capture-{}.pcap", node.label()));
-        let mut cmd = Command::new("tcpdump");
-        cmd.args(["-i", VETH, "-n", "-U", "--immediate-mode", "-s", "0", "-w"])
-            .arg(&file);
-        let _ns = in_netns(&mut cmd, self.netns(node))?;
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting tcpdump")?;
-        let stderr = child.stderr.take().context("tcpdump stderr")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stderr).lines();
-            let mut seen = String::new();
-            for line in lines.by_ref().map_while(Result::ok) {
-                seen += &line;
-                seen.push('\n');
-                if line.contains("listening on") {
-                    let _ = tx.send(Ok(()));
-                    break;
-                }
+        capture_on(self.netns(node), VETH, &file)
+    }
+}
+
+/// Starts tcpdump on `iface` in `netns`, writing every packet whole to
+/// `file`; returns once it listens.
+pub fn capture_on(netns: &Netns, iface: &str, file: &std::path::Path) -> anyhow::Result<Capture> {
+    let file = file.to_path_buf();
+    let mut cmd = Command::new("tcpdump");
+    cmd.args(["-i", iface, "-n", "-U", "--immediate-mode", "-s", "0", "-w"])
+        .arg(&file);
+    let _ns = in_netns(&mut cmd, netns)?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting tcpdump")?;
+    let stderr = child.stderr.take().context("tcpdump stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut seen = String::new();
+        for line in lines.by_ref().map_while(Result::ok) {
+            seen += &line;
+            seen.push('\n');
+            if line.contains("listening on") {
+                let _ = tx.send(Ok(()));
+                break;
             }
-            let _ = tx.send(Err(seen));
-            for l in lines.map_while(Result::ok) {
-                eprintln!("tcpdump: {l}");
-            }
-        });
-        let capture = Capture {
-            proc: Proc {
-                child: Some(child),
-                log: PathBuf::new(),
-            },
-            file,
-        };
-        match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(())) => Ok(capture),
-            Ok(Err(seen)) => bail!("tcpdump did not start: {seen}"),
-            Err(_) => bail!("tcpdump did not say it listens within 10 s"),
         }
+        let _ = tx.send(Err(seen));
+        for l in lines.map_while(Result::ok) {
+            eprintln!("tcpdump: {l}");
+        }
+    });
+    let capture = Capture {
+        proc: Proc {
+            child: Some(child),
+            log: PathBuf::new(),
+        },
+        file,
+    };
+    match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(Ok(())) => Ok(capture),
+        Ok(Err(seen)) => bail!("tcpdump did not start: {seen}"),
+        Err(_) => bail!("tcpdump did not say it listens within 10 s"),
     }
 }
 

@@ -159,11 +159,12 @@ const EXAMPLES: &[(&str, Expect)] = &[
     ),
     (
         "service-resolver/resolve-virtual-upstreams",
-        Refused("Redirect.Datacenter: \"dc2\": not supported yet"),
+        Taken(web_dc2_is_web_in_dc2),
     ),
+    // Its `v2` key names a subset it does not define (Consul refuses it too).
     (
         "service-resolver/service-failover",
-        Refused("Failover.*.Datacenters: \"dc3\": not supported yet"),
+        Refused("Failover.v2: no subset \"v2\" in Subsets"),
     ),
     (
         "service-intentions/l4-all-sources",
@@ -414,6 +415,16 @@ fn web_speaks_http(_: &Docs, entry: &ConfigEntry) -> anyhow::Result<()> {
 /// The service a request to `from` is routed to (with the support entries).
 fn service_for(docs: &Docs, entry: &ConfigEntry, from: &str, request: &Request) -> String {
     route_request(&docs.set_with(entry), from, request, 0.0).service
+}
+
+fn web_dc2_is_web_in_dc2(docs: &Docs, entry: &ConfigEntry) -> anyhow::Result<()> {
+    let set = docs.set_with(entry);
+    let target = route_request(&set, "web-dc2", &get("/"), 0.0);
+    ensure!(
+        target.service == "web" && target.datacenter.as_deref() == Some("dc2"),
+        "{target:?}"
+    );
+    Ok(())
 }
 
 fn admin_paths_go_to_admin(docs: &Docs, entry: &ConfigEntry) -> anyhow::Result<()> {

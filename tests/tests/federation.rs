@@ -1,502 +1,158 @@
-//! Two datacenters federated through mesh gateways. Each datacenter is a
-//! LAN of two network namespaces: one runs its server and an agent, the
-//! other an agent that is its mesh gateway. The two gateways alone share a
-//! third link, the WAN. No namespace routes between the links (checked), so
-//! the only way between the datacenters is through the gateways.
-//!
-//! dc1 is the primary; dc2's server knows only the WAN address of dc1's
-//! gateway (`--primary-gateway`). Through the gateways dc2's leader reports
-//! its gateway to dc1's servers and learns dc1's, so each datacenter's
-//! gateway knows the other's, and a server of one datacenter is reached
-//! from the other only with a server certificate.
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+//! Two datacenters federated through mesh gateways ([`weft_tests::federation`]):
+//! dc1 the primary, dc2 a secondary that knows only the WAN address of
+//! dc1's gateway. No namespace routes between the LANs (checked), so
+//! whatever crosses goes through the gateways.
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use weft_tests::mesh::{run_bounded, wait_until, Proc};
-use weft_tests::netns::Netns;
+use weft_tests::federation::{DcSpec, Federation, DCS};
+use weft_tests::mesh::{run_bounded, wait_until};
 use weft_tests::require_root;
 use weft_tests::servers::bin;
 
-const GATEWAY_PORT: u16 = 8443;
-
-/// One datacenter: `lan` (server and a node) and `gw` (its gateway).
-struct Dc {
-    name: &'static str,
-    lan_prefix: String,
-    procs: Vec<Proc>,
-    token: String,
+/// Whether a TCP connection from `ns` to `addr` fails at once for want of
+/// a route (curl's exit 7), rather than reaching anything.
+fn unreachable_from(
+    fed: &Federation,
+    ns: &weft_tests::netns::Netns,
+    addr: &str,
+) -> anyhow::Result<bool> {
+    let out = fed.run_in(
+        ns,
+        "curl",
+        &["-s", "-m", "3", &format!("http://{addr}/")],
+        Duration::from_secs(10),
+    )?;
+    Ok(out.code() == Some(7))
 }
 
-struct Federation {
-    dcs: [Dc; 2],
-    // Drop order: processes (in dcs) first, then namespaces, then files.
-    netns: Vec<Netns>,
-    dir: tempfile::TempDir,
-    wan_prefix: String,
-    /// Set at the end of a test that passed: otherwise the logs' tails are
-    /// printed on drop.
-    passed: bool,
-}
-
-impl Drop for Federation {
-    fn drop(&mut self) {
-        for dc in &mut self.dcs {
-            dc.procs.clear();
-        }
-        if !self.passed {
-            for entry in std::fs::read_dir(self.dir.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                let path = entry.path();
-                if path.extension().is_some_and(|e| e == "log") {
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
-                    let tail: Vec<&str> = text.lines().rev().take(25).collect();
-                    eprintln!("--- {} ---", path.display());
-                    for l in tail.iter().rev() {
-                        eprintln!("{l}");
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn veth(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> anyhow::Result<()> {
-    // Each namespace may hold several links: name each end after its peer.
-    let a_if = format!("to-{}", &b.name()[b.name().len().saturating_sub(6)..]);
-    let b_if = format!("to-{}", &a.name()[a.name().len().saturating_sub(6)..]);
-    a.ip(&[
-        "link",
-        "add",
-        &a_if,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &b_if,
-        "netns",
-        &b.path().display().to_string(),
-    ])?;
-    a.ip(&["addr", "add", &format!("{a_addr}/24"), "dev", &a_if])?;
-    a.ip(&["link", "set", &a_if, "up"])?;
-    b.ip(&["addr", "add", &format!("{b_addr}/24"), "dev", &b_if])?;
-    b.ip(&["link", "set", &b_if, "up"])?;
-    Ok(())
-}
-
-impl Federation {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn lan(&self, dc: usize) -> &Netns {
-        &self.netns[dc * 2]
-    }
-
-    fn gw(&self, dc: usize) -> &Netns {
-        &self.netns[dc * 2 + 1]
-    }
-
-    fn server_ip(&self, dc: usize) -> String {
-        format!("{}.1", self.dcs[dc].lan_prefix)
-    }
-
-    fn gateway_lan(&self, dc: usize) -> String {
-        format!("{}.2:{GATEWAY_PORT}", self.dcs[dc].lan_prefix)
-    }
-
-    fn gateway_wan(&self, dc: usize) -> String {
-        format!("{}.{}:{GATEWAY_PORT}", self.wan_prefix, dc + 1)
-    }
-
-    /// Runs the `weft` CLI in dc's LAN against its server.
-    fn weft(&self, dc: usize, args: &[&str]) -> anyhow::Result<String> {
-        let d = &self.dcs[dc];
-        let mut cmd = Command::new(bin("weft"));
-        cmd.arg(format!("--addr={}:8502", self.server_ip(dc)))
-            .arg(format!("--ca-file={}", self.path("ca.pem").display()))
-            .arg(format!("--tls-server-name=server.{}.weft", d.name));
-        if !d.token.is_empty() {
-            cmd.args(["--token", &d.token]);
-        }
-        cmd.args(args);
-        let _ns = weft_tests::mesh::in_netns(&mut cmd, self.lan(dc))?;
-        let out = run_bounded(&mut cmd, Duration::from_secs(10))?;
-        ensure!(
-            out.success(),
-            "weft {args:?} in {}: {}",
-            d.name,
-            out.describe()
-        );
-        Ok(out.stdout)
-    }
-
-    fn start_server(&mut self, dc: usize) -> anyhow::Result<()> {
-        let ip = self.server_ip(dc);
-        let name = self.dcs[dc].name;
-        let dir = self.dir.path();
-        let mut cmd = Command::new(bin("weft-server"));
-        cmd.args([
-            format!("--tls-ca-file={}", dir.join("ca.pem").display()),
-            format!(
-                "--tls-cert-file={}",
-                dir.join(format!("{name}.pem")).display()
-            ),
-            format!(
-                "--tls-key-file={}",
-                dir.join(format!("{name}-key.pem")).display()
-            ),
-            format!("--datacenter={name}"),
-            "--primary-datacenter=dc1".into(),
-            "--node-id=1".into(),
-            format!("--data-dir={}", dir.join(format!("{name}-data")).display()),
-            format!("--raft-addr={ip}:8300"),
-            format!("--grpc-addr={ip}:8502"),
-            format!("--http-addr={ip}:8500"),
-            format!("--federation-addr={ip}:8302"),
-            format!("--peer=1={ip}:8300"),
-            "--default-intention=allow".into(),
-        ])
-        .env(
-            "RUST_LOG",
-            "info,openraft=warn,weft_server::federation=debug",
-        );
-        if dc == 1 {
-            cmd.arg(format!("--primary-gateway={}", self.gateway_wan(0)));
-        }
-        let proc = Proc::spawn_in(
-            self.lan(dc),
-            &mut cmd,
-            self.path(&format!("{name}-server.log")),
-        )?;
-        self.dcs[dc].procs.push(proc);
-        let token = weft_tests::servers::bootstrap_acl(Duration::from_secs(20), |args| {
-            let mut cmd = Command::new(bin("weft"));
-            cmd.arg(format!("--addr={ip}:8502"))
-                .arg(format!("--ca-file={}", dir.join("ca.pem").display()))
-                .arg(format!("--tls-server-name=server.{name}.weft"))
-                .args(args);
-            let _ns = weft_tests::mesh::in_netns(&mut cmd, self.lan(dc))?;
-            let out = run_bounded(&mut cmd, Duration::from_secs(10))?;
-            Ok((out.success(), out.stdout, out.stderr))
-        })?;
-        self.dcs[dc].token = token;
-        Ok(())
-    }
-
-    /// Starts an agent named `node` in dc (its LAN namespace, or its
-    /// gateway's with `gateway`).
-    fn start_agent(&mut self, dc: usize, node: &str, gateway: bool) -> anyhow::Result<()> {
-        let name = self.dcs[dc].name;
-        let mut args = vec![
-            "--format".to_string(),
-            "json".into(),
-            "acl".into(),
-            "token".into(),
-            "create".into(),
-            "--node-identity".into(),
-            format!("{node}:{name}"),
-        ];
-        if gateway {
-            args.extend(["--service-identity".into(), "mesh-gateway".into()]);
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let created: serde_json::Value = serde_json::from_str(&self.weft(dc, &args)?)?;
-        let secret = created["secret_id"].as_str().context("no secret_id")?;
-        let token_file = self.path(&format!("{node}.token"));
-        write_private(&token_file, secret)?;
-        let advertise = if gateway {
-            format!("{}.2", self.dcs[dc].lan_prefix)
-        } else {
-            self.server_ip(dc)
-        };
-        let mut toml = format!(
-            "node_name = {node:?}\ndatacenter = {name:?}\nservers = [\"{}:8502\"]\n\
-             advertise_addr = {advertise:?}\ndata_dir = {:?}\nebpf = false\n\
-             token_file = {:?}\nca_file = {:?}\ntls_server_name = \"server.{name}.weft\"\n",
-            self.server_ip(dc),
-            self.path(&format!("{node}-data")).display().to_string(),
-            token_file.display().to_string(),
-            self.path("ca.pem").display().to_string(),
-        );
-        if gateway {
-            toml += &format!(
-                "[gateway]\nlan_address = {:?}\nwan_address = {:?}\n",
-                self.gateway_lan(dc),
-                self.gateway_wan(dc)
-            );
-        }
-        let config = self.path(&format!("{node}.toml"));
-        std::fs::write(&config, toml)?;
-        let mut cmd = Command::new(bin("weft-agent"));
-        cmd.arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info,weft_agent::gateway=debug");
-        let ns = if gateway { self.gw(dc) } else { self.lan(dc) };
-        let proc = Proc::spawn_in(ns, &mut cmd, self.path(&format!("{node}.log")))?;
-        self.dcs[dc].procs.push(proc);
-        Ok(())
-    }
-
-    /// The federation as the agent of `ns` sees it.
-    fn agent_federation(&self, ns: &Netns) -> anyhow::Result<serde_json::Value> {
-        Ok(self.agent_view(ns)?["federation"].clone())
-    }
-
-    /// What `openssl s_client` from dc's LAN, through its gateway's LAN
-    /// address with SNI `name`, sees presented: the certificate's DNS and
-    /// URI names and the certificates sent after it (PEM), if a handshake
-    /// got that far.
-    fn presented(&self, dc: usize, name: &str) -> anyhow::Result<Option<(String, String)>> {
-        let mut cmd = Command::new("openssl");
-        cmd.args([
+/// What `openssl s_client` from dc k's LAN, through its first gateway with
+/// SNI `name`, is shown: the leaf's names and the certificates sent after
+/// it (PEM), if a handshake got that far. The leaf is left in `leaf.pem`.
+fn presented(fed: &Federation, k: usize, name: &str) -> anyhow::Result<Option<(String, String)>> {
+    let out = fed.run_in(
+        fed.lan(k),
+        "openssl",
+        &[
             "s_client",
             "-connect",
-            &self.gateway_lan(dc),
+            &fed.gateway_lan(k, 0),
             "-servername",
             name,
             "-alpn",
             "h2",
             "-showcerts",
-        ]);
-        let _ns = weft_tests::mesh::in_netns(&mut cmd, self.lan(dc))?;
-        let out = run_bounded(&mut cmd, Duration::from_secs(15))?;
-        let begin = "-----BEGIN CERTIFICATE-----";
-        let end = "-----END CERTIFICATE-----";
-        let mut pems = Vec::new();
-        let mut rest = out.stdout.as_str();
-        while let (Some(from), Some(to)) = (rest.find(begin), rest.find(end)) {
-            pems.push(format!("{}\n", &rest[from..to + end.len()]));
-            rest = &rest[to + end.len()..];
-        }
-        let Some(leaf) = pems.first() else {
-            return Ok(None);
-        };
-        let pem = self.path("presented.pem");
-        std::fs::write(&pem, leaf)?;
-        let text = run_bounded(
-            Command::new("openssl").args([
-                "x509",
-                "-in",
-                &pem.display().to_string(),
-                "-noout",
-                "-ext",
-                "subjectAltName",
-            ]),
-            Duration::from_secs(10),
-        )?;
-        Ok(Some((text.stdout, pems[1..].concat())))
+        ],
+        Duration::from_secs(15),
+    )?;
+    let (begin, end) = ("-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----");
+    let mut pems = Vec::new();
+    let mut rest = out.stdout.as_str();
+    while let (Some(from), Some(to)) = (rest.find(begin), rest.find(end)) {
+        pems.push(format!("{}\n", &rest[from..to + end.len()]));
+        rest = &rest[to + end.len()..];
     }
-
-    /// The view of the agent in `ns` (its `/config`).
-    fn agent_view(&self, ns: &Netns) -> anyhow::Result<serde_json::Value> {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-s", "-m", "5", "http://127.0.0.1:15020/config"]);
-        let _ns = weft_tests::mesh::in_netns(&mut cmd, ns)?;
-        let out = run_bounded(&mut cmd, Duration::from_secs(10))?;
-        let v: serde_json::Value = serde_json::from_str(&out.stdout)
-            .with_context(|| format!("agent /config: {}", out.describe()))?;
-        Ok(v["view"].clone())
-    }
-}
-
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?
-        .write_all(text.as_bytes())?;
-    Ok(())
-}
-
-/// Whether a TCP connection from `ns` to `addr` is refused as unroutable
-/// (no route), rather than reaching anything.
-fn unreachable_from(ns: &Netns, addr: &str) -> anyhow::Result<bool> {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-s", "-m", "3", &format!("http://{addr}/")]);
-    let _ns = weft_tests::mesh::in_netns(&mut cmd, ns)?;
-    let out = run_bounded(&mut cmd, Duration::from_secs(10))?;
-    // curl: 7 = could not connect (network unreachable at once).
-    Ok(out.code() == Some(7))
+    let Some(leaf) = pems.first() else {
+        return Ok(None);
+    };
+    let pem = fed.path("leaf.pem");
+    std::fs::write(&pem, leaf)?;
+    let text = run_bounded(
+        std::process::Command::new("openssl").args([
+            "x509",
+            "-in",
+            &pem.display().to_string(),
+            "-noout",
+            "-ext",
+            "subjectAltName",
+        ]),
+        Duration::from_secs(10),
+    )?;
+    Ok(Some((text.stdout, pems[1..].concat())))
 }
 
 #[test]
 fn two_datacenters_federate_through_their_gateways_only() -> anyhow::Result<()> {
     require_root();
-    let id = std::process::id() % 200 + 20;
-    let base = weft_tests::unique_name("fd");
-    let mut netns = Vec::new();
-    for n in ["1l", "1g", "2l", "2g"] {
-        netns.push(Netns::new(&format!("{base}{n}"))?);
-    }
-    let dir = tempfile::Builder::new().prefix("weft-fed-").tempdir()?;
-    let mut fed = Federation {
-        dcs: [
-            Dc {
-                name: "dc1",
-                lan_prefix: format!("10.81.{id}"),
-                procs: Vec::new(),
-                token: String::new(),
-            },
-            Dc {
-                name: "dc2",
-                lan_prefix: format!("10.83.{id}"),
-                procs: Vec::new(),
-                token: String::new(),
-            },
-        ],
-        netns,
-        dir,
-        wan_prefix: format!("10.82.{id}"),
-        passed: false,
+    let one_gateway = DcSpec {
+        gateways: 1,
+        ..Default::default()
     };
-    for dc in 0..2 {
-        let prefix = fed.dcs[dc].lan_prefix.clone();
-        veth(
-            fed.lan(dc),
-            &format!("{prefix}.1"),
-            fed.gw(dc),
-            &format!("{prefix}.2"),
-        )?;
-    }
-    let wan = fed.wan_prefix.clone();
-    veth(
-        fed.gw(0),
-        &format!("{wan}.1"),
-        fed.gw(1),
-        &format!("{wan}.2"),
-    )?;
+    let mut fed = Federation::start([one_gateway.clone(), one_gateway])?;
 
-    // One CA for the servers' TLS, a certificate per datacenter.
-    let ca = weft_api::tls_certs::create_ca("weft test CA", 2)?;
-    std::fs::write(fed.path("ca.pem"), &ca.cert_pem)?;
-    for name in ["dc1", "dc2"] {
-        let cert = weft_api::tls_certs::create_server_cert(&ca, name, &[], &[], 2)?;
-        std::fs::write(fed.path(&format!("{name}.pem")), &cert.cert_pem)?;
-        write_private(&fed.path(&format!("{name}-key.pem")), &cert.key_pem)?;
-    }
-
-    // The LANs do not reach each other or the WAN.
+    // The LANs do not reach each other or the WAN; a gateway does not
+    // reach the other LAN.
     let dc2_server = format!("{}:8502", fed.server_ip(1));
     ensure!(
-        unreachable_from(fed.lan(0), &dc2_server)?,
-        "dc1's LAN reaches dc2's server directly"
+        unreachable_from(&fed, fed.lan(0), &dc2_server)?,
+        "dc1's LAN reaches dc2's server"
     );
     ensure!(
-        unreachable_from(fed.lan(0), &fed.gateway_wan(1))?,
+        unreachable_from(&fed, fed.lan(0), &fed.gateway_wan(1, 0))?,
         "dc1's LAN reaches dc2's gateway's WAN address"
     );
     ensure!(
-        unreachable_from(fed.gw(0), &dc2_server)?,
-        "dc1's gateway reaches dc2's LAN: it must only go through dc2's gateway"
+        unreachable_from(&fed, fed.gateway(0, 0), &dc2_server)?,
+        "dc1's gateway reaches dc2's LAN"
     );
 
-    fed.start_server(0)?;
-    fed.start_server(1)?;
-    fed.start_agent(0, "gw1", true)?;
-    fed.start_agent(1, "gw2", true)?;
-    fed.start_agent(0, "node-a", false)?;
-    fed.start_agent(1, "node-b", false)?;
-
-    // Each side's gateway learns the other's WAN address: dc2's leader
-    // reported to dc1's servers through the gateways and took dc1's back.
-    let (wan1, wan2) = (fed.gateway_wan(0), fed.gateway_wan(1));
-    wait_until(
-        Duration::from_secs(40),
-        "both gateways to know both datacenters",
-        || {
-            let (f1, f2) = (
-                fed.agent_federation(fed.gw(0))?,
-                fed.agent_federation(fed.gw(1))?,
-            );
-            let knows = |f: &serde_json::Value, dc: &str, addr: &str| {
-                f[dc]
-                    .as_array()
-                    .is_some_and(|a| a.len() == 1 && a[0] == addr)
-            };
-            Ok((knows(&f1, "dc2", &wan2)
-                && knows(&f1, "dc1", &wan1)
-                && knows(&f2, "dc1", &wan1)
-                && knows(&f2, "dc2", &wan2))
-            .then_some(()))
-        },
-    )?;
-
-    // From dc1's LAN, through dc1's gateway, a TLS client naming dc2's
-    // servers meets dc2's server certificate (the gateways did not
-    // terminate TLS), and nothing without a server certificate gets past
-    // the handshake (openssl presents none).
-    let (seen, _) = fed
-        .presented(0, "server.dc2.weft")?
+    // From dc1's LAN, through the gateways, a TLS client naming dc2's
+    // servers meets their certificate (the gateways did not terminate
+    // TLS), and without a server certificate of its own gets nowhere.
+    let (seen, _) = presented(&fed, 0, "server.dc2.weft")?
         .context("no certificate came back from dc2's servers")?;
     ensure!(
         seen.contains("DNS:server.dc2.weft"),
         "dc2's servers presented: {seen}"
     );
-    let mut cmd = Command::new(bin("weft"));
-    cmd.args([
-        &format!("--addr={}", fed.gateway_lan(0)),
-        &format!("--ca-file={}", fed.path("ca.pem").display()),
-        "--tls-server-name=server.dc2.weft",
-        "--token",
-        &fed.dcs[1].token.clone(),
-        "catalog",
-        "services",
-    ]);
-    let _ns = weft_tests::mesh::in_netns(&mut cmd, fed.lan(0))?;
-    let out = run_bounded(&mut cmd, Duration::from_secs(15))?;
+    let out = fed.run_in(
+        fed.lan(0),
+        bin("weft"),
+        &[
+            &format!("--addr={}", fed.gateway_lan(0, 0)),
+            &format!("--ca-file={}", fed.path("ca.pem").display()),
+            "--tls-server-name=server.dc2.weft",
+            "catalog",
+            "services",
+        ],
+        Duration::from_secs(15),
+    )?;
     ensure!(
         !out.success(),
         "a client without a server certificate used dc2's servers through the gateways: {}",
         out.describe()
     );
 
-    // One trust domain: dc2 signs with an intermediate of dc1's root. dc2's
-    // node, reached from dc1's LAN through both gateways by its name,
-    // presents a certificate of dc2 that verifies against dc1's roots with
-    // the intermediate it sends.
-    let (td, roots) = wait_until(
-        Duration::from_secs(30),
-        "dc2's agents to trust dc1's roots",
-        || {
-            let (v1, v2) = (fed.agent_view(fed.lan(0))?, fed.agent_view(fed.lan(1))?);
-            let td = v1["trust_domain"].as_str().unwrap_or_default().to_string();
-            Ok((!td.is_empty()
-                && v2["trust_domain"] == v1["trust_domain"]
-                && v2["roots_pem"] == v1["roots_pem"])
-                .then(|| (td, v1["roots_pem"].clone())))
-        },
-    )?;
-    let roots: String = roots
+    // One trust domain: dc2's node, reached from dc1's LAN by its name,
+    // presents a dc2 certificate that chains to dc1's roots through the
+    // intermediate it sends.
+    let view = fed.agent_view(fed.lan(0))?;
+    let td = view["trust_domain"]
+        .as_str()
+        .context("no trust domain")?
+        .to_string();
+    let roots: String = view["roots_pem"]
         .as_array()
         .context("no roots")?
         .iter()
         .filter_map(|r| r.as_str())
         .collect();
     let node_b = format!("spiffe://{td}/ns/default/dc/dc2/node/node-b");
-    let (names, chain) = wait_until(Duration::from_secs(30), "node-b's dc2 certificate", || {
-        Ok(fed
-            .presented(0, &format!("node-b.dc2.node.{td}"))?
+    let (names, chain) = wait_until(Duration::from_secs(30), "node-b's certificate", || {
+        Ok(presented(&fed, 0, &format!("node-b.dc2.node.{td}"))?
             .filter(|(names, _)| names.contains(&node_b)))
     })?;
     ensure!(!chain.is_empty(), "node-b sent no intermediate: {names}");
     std::fs::write(fed.path("roots.pem"), &roots)?;
     std::fs::write(fed.path("chain.pem"), &chain)?;
     let verify = run_bounded(
-        Command::new("openssl").args([
+        std::process::Command::new("openssl").args([
             "verify",
             "-CAfile",
             &fed.path("roots.pem").display().to_string(),
             "-untrusted",
             &fed.path("chain.pem").display().to_string(),
-            &fed.path("presented.pem").display().to_string(),
+            &fed.path("leaf.pem").display().to_string(),
         ]),
         Duration::from_secs(10),
     )?;
@@ -505,6 +161,257 @@ fn two_datacenters_federate_through_their_gateways_only() -> anyhow::Result<()> 
         "node-b's certificate does not chain to dc1's roots: {}",
         verify.describe()
     );
+    fed.passed = true;
+    Ok(())
+}
+
+/// `api` on a node's own address, checked over HTTP every second.
+fn api_service() -> String {
+    "[[service]]\nname = \"api\"\nport = 8080\naddress = \"NODE\"\n\
+     [[service.check]]\nhttp = \"http://NODE:8080/healthz\"\ninterval = \"1s\"\ntimeout = \"500ms\"\n"
+        .to_string()
+}
+
+/// What one request through dc1's `web` upstream at `port` got: the
+/// answering instance's name, or `None` when it failed.
+fn ask(fed: &Federation, port: u16, path: &str) -> anyhow::Result<Option<String>> {
+    let out = fed.curl(
+        0,
+        &["-s", "-m", "3", &format!("http://127.0.0.1:{port}{path}")],
+    )?;
+    Ok(out
+        .success()
+        .then(|| out.stdout.trim().to_string())
+        .filter(|s| s.starts_with("instance ")))
+}
+
+/// Requests through `port` one after another (each its own connection)
+/// until `done` says so of an answer, at most `limit`: how many failed on
+/// the way, and how long it took.
+fn until_answer(
+    fed: &Federation,
+    port: u16,
+    limit: Duration,
+    done: impl Fn(&str) -> bool,
+) -> anyhow::Result<(usize, Duration)> {
+    let start = Instant::now();
+    let mut failed = 0;
+    while start.elapsed() < limit {
+        match ask(fed, port, "/")? {
+            Some(answer) if done(&answer) => return Ok((failed, start.elapsed())),
+            Some(_) => {}
+            None => failed += 1,
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("no answer as wanted through {port} within {limit:?} ({failed} failed)")
+}
+
+/// `n` requests through `port`, 100 ms apart, while `during` runs once
+/// after the first: how many failed.
+fn failures_across(
+    fed: &Federation,
+    port: u16,
+    n: usize,
+    during: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<usize> {
+    let mut failed = usize::from(ask(fed, port, "/")?.is_none());
+    during()?;
+    for _ in 1..n {
+        failed += usize::from(ask(fed, port, "/")?.is_none());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(failed)
+}
+
+#[test]
+fn dc1_reaches_dc2_through_gateways_fails_over_and_keeps_flowing() -> anyhow::Result<()> {
+    require_root();
+    let web = "[[service]]\nname = \"web\"\nport = 8000\n\
+               [[service.upstream]]\nname = \"api\"\nlocal_port = 9191\n\
+               [[service.upstream]]\nname = \"api\"\nlocal_port = 9192\ndatacenter = \"dc2\"\n";
+    let dc1 = DcSpec {
+        gateways: 1,
+        services: format!("{web}{}", api_service()),
+        service_names: vec!["web".into(), "api".into()],
+        ebpf: false,
+    };
+    let dc2 = DcSpec {
+        gateways: 2,
+        services: api_service(),
+        service_names: vec!["api".into()],
+        ebpf: false,
+    };
+    let mut fed = Federation::start([dc1, dc2])?;
+    let (api1, api2) = (
+        format!("{}:8080", fed.lan_ip(0, 1)),
+        format!("{}:8080", fed.lan_ip(1, 1)),
+    );
+    fed.workload(0, "api-dc1", &api1)?;
+    fed.workload(1, "api-dc2", &api2)?;
+    wait_until(
+        Duration::from_secs(30),
+        "dc1 to see dc2's api passing",
+        || {
+            let view = fed.agent_view(fed.lan(0))?;
+            let passing = view["remote"]["dc2"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|i| i["service"] == "api" && i["health"] == "passing")
+            });
+            Ok(passing.then_some(()))
+        },
+    )?;
+
+    // dc2's api through the upstream that names dc2; the WAN between the
+    // gateways carries only TLS: the request's path never shows.
+    let capture = fed.capture(fed.wan(), "d0g0", "wan.pcap")?;
+    let marker = "/echo/payload-7f3a9c-never-on-the-wan";
+    let answer = wait_until(Duration::from_secs(20), "an answer from dc2", || {
+        ask(&fed, 9192, marker)
+    })?;
+    ensure!(answer.contains("instance api-dc2"), "answer: {answer}");
+    let pcap = capture.finish()?;
+    ensure!(
+        pcap.count("tcp port 8443")? > 0,
+        "nothing crossed dc1's gateway's WAN link"
+    );
+    ensure!(
+        !pcap.contains(b"payload-7f3a9c"),
+        "the request's path crossed the WAN in clear ({})",
+        pcap.path.display()
+    );
+    // And dc1's own api through the plain upstream.
+    ensure!(ask(&fed, 9191, "/")?.as_deref() == Some("instance api-dc1"));
+
+    // Failover: when dc1's api fails its check, its resolver sends api to
+    // dc2, and back once it passes.
+    let resolver = fed.path("api-resolver.hcl");
+    std::fs::write(
+        &resolver,
+        "Kind = \"service-resolver\"\nName = \"api\"\nFailover = { \"*\" = { Datacenters = [\"dc2\"] } }\n",
+    )?;
+    fed.weft(0, &["config", "write", &resolver.display().to_string()])?;
+    let fail = fed.curl(0, &["-s", "-m", "3", &format!("http://{api1}/fail")])?;
+    ensure!(fail.success(), "failing api-dc1: {}", fail.describe());
+    let (to_dc2, took) = until_answer(&fed, 9191, Duration::from_secs(20), |a| {
+        a.contains("api-dc2")
+    })?;
+    let recover = fed.curl(0, &["-s", "-m", "3", &format!("http://{api1}/recover")])?;
+    ensure!(
+        recover.success(),
+        "recovering api-dc1: {}",
+        recover.describe()
+    );
+    let (to_dc1, back) = until_answer(&fed, 9191, Duration::from_secs(20), |a| {
+        a.contains("api-dc1")
+    })?;
+    eprintln!("failover to dc2: {to_dc2} failed, {took:?}; back to dc1: {to_dc1} failed, {back:?}");
+
+    // A deny intention written in the primary stops web -> api in dc2
+    // within 2 s; deleting it lets it through again.
+    fed.weft(0, &["intention", "create", "web", "api", "--deny"])?;
+    let denied_at = Instant::now();
+    wait_until(
+        Duration::from_secs(2),
+        "the deny to stop dc1 -> dc2",
+        || Ok(ask(&fed, 9192, "/")?.is_none().then_some(())),
+    )?;
+    eprintln!("deny took effect in {:?}", denied_at.elapsed());
+    fed.weft(0, &["intention", "delete", "web", "api"])?;
+    wait_until(Duration::from_secs(10), "dc1 -> dc2 again", || {
+        ask(&fed, 9192, "/")
+    })?;
+
+    // A root rotation in the primary reaches dc2; traffic to dc2 keeps
+    // flowing across it.
+    let roots_before = fed.agent_view(fed.lan(1))?["roots_pem"].clone();
+    let failed = failures_across(&fed, 9192, 60, || {
+        fed.weft(0, &["ca", "rotate"])?;
+        wait_until(Duration::from_secs(20), "dc2 to take the new root", || {
+            let v = fed.agent_view(fed.lan(1))?;
+            Ok((v["roots_pem"] != roots_before
+                && v["roots_pem"].as_array().is_some_and(|r| r.len() == 2))
+            .then_some(()))
+        })?;
+        Ok(())
+    })?;
+    eprintln!("failed across the root rotation: {failed} of 60");
+    ensure!(
+        failed == 0,
+        "{failed} requests failed across the root rotation"
+    );
+
+    // One of dc2's two gateways killed: traffic goes on through the other.
+    let failed = failures_across(&fed, 9192, 40, || fed.kill(&Federation::gateway_name(1, 0)))?;
+    eprintln!("failed across a gateway's death: {failed} of 40");
+    ensure!(
+        failed <= 2,
+        "{failed} of 40 requests failed after a gateway died"
+    );
+    let after = until_answer(&fed, 9192, Duration::from_secs(10), |a| {
+        a.contains("api-dc2")
+    })?;
+    eprintln!("after: {after:?} ({})", DCS[1]);
+    fed.passed = true;
+    Ok(())
+}
+
+/// Transparent mode: a workload of dc1 calls `api.service.dc2.weft` by
+/// name, as it would a local service; the agent's DNS answers a virtual IP
+/// dc1 gave dc2's api, its eBPF programs bring the connection to the agent,
+/// and the agent carries it through the gateways to dc2's instance.
+#[test]
+fn a_workload_calls_another_datacenters_service_by_name() -> anyhow::Result<()> {
+    require_root();
+    let dc1 = DcSpec {
+        gateways: 1,
+        services: "[[service]]\nname = \"web\"\nport = 8000\ncgroup = \"web\"\n".into(),
+        service_names: vec!["web".into()],
+        ebpf: true,
+    };
+    let dc2 = DcSpec {
+        gateways: 1,
+        services: api_service(),
+        service_names: vec!["api".into()],
+        ebpf: false,
+    };
+    let mut fed = Federation::start([dc1, dc2])?;
+    fed.workload(1, "api-dc2", &format!("{}:8080", fed.lan_ip(1, 1)))?;
+    let vip = wait_until(
+        Duration::from_secs(30),
+        "dc1 to give dc2's api a virtual IP",
+        || {
+            let view = fed.agent_view(fed.lan(0))?;
+            Ok(view["vips"]["api.dc2"].as_str().map(String::from))
+        },
+    )?;
+    let dig = fed.run_in(
+        fed.lan(0),
+        "dig",
+        &["@127.0.0.1", "+short", "api.service.dc2.weft"],
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        dig.stdout.trim() == vip,
+        "api.service.dc2.weft is {:?}, not {vip}",
+        dig.stdout
+    );
+    let answer = wait_until(
+        Duration::from_secs(30),
+        "web to reach dc2's api by name",
+        || {
+            let out = fed.exec_as(
+                0,
+                "web",
+                &["curl", "-s", "-m", "3", "http://api.service.dc2.weft:8080/"],
+            )?;
+            Ok(out
+                .success()
+                .then(|| out.stdout.trim().to_string())
+                .filter(|s| !s.is_empty()))
+        },
+    )?;
+    ensure!(answer == "instance api-dc2", "answer: {answer}");
     fed.passed = true;
     Ok(())
 }

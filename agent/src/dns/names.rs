@@ -14,8 +14,10 @@
 //! | `a.b.c.d.in-addr.arpa` (PTR) | – | – (PTR: `NAME.service.D` for a virtual IP, `NODE.node.D` for a node) |
 //!
 //! SRV targets are `NODE.node.DC.D` when the instance listens on its node's
-//! address, else `HEX.addr.DC.D`. Another datacenter's names are NXDOMAIN
-//! (datacenters do not federate yet); names outside the domains are REFUSED.
+//! address, else `HEX.addr.DC.D`. Another datacenter of the federation
+//! answers `NAME.service.DC2.D` with the virtual IP this datacenter gave that
+//! service there (its connections go through the gateways); other names of
+//! other datacenters are NXDOMAIN; names outside the domains are REFUSED.
 
 use std::net::Ipv4Addr;
 
@@ -102,6 +104,25 @@ pub fn zone_of<'a>(name: &str, zone: &'a Zone) -> Option<&'a str> {
         .map(String::as_str)
 }
 
+/// Another datacenter's name: a service's virtual IP here, if it has one.
+fn remote(labels: &[&str], dc: &str, query_type: RecordType, catalog: &dyn DnsCatalog) -> Decision {
+    let [service, "service"] = labels else {
+        return Decision::NxDomain;
+    };
+    if weft_api::names::validate_name(service).is_err()
+        || weft_api::names::validate_name(dc).is_err()
+    {
+        return Decision::NxDomain;
+    }
+    match catalog.vip(&weft_api::vip::remote_key(service, dc)) {
+        None => Decision::NxDomain,
+        Some(vip) if matches!(query_type, RecordType::A | RecordType::ANY) => {
+            Decision::Address(vip)
+        }
+        Some(_) => Decision::NoData,
+    }
+}
+
 /// Decides the answer to a question for `name` (presentation format, any
 /// case, with or without the trailing dot) of type `query_type`.
 pub fn decide(
@@ -132,7 +153,7 @@ pub fn decide(
             }
             if labels.len() >= 2 && KINDS.contains(&labels[labels.len() - 2]) {
                 if last != zone.datacenter {
-                    return Decision::NxDomain; // another datacenter
+                    return remote(&labels[..labels.len() - 1], last, query_type, catalog);
                 }
                 labels.pop();
             }
@@ -281,6 +302,7 @@ mod tests {
             match service {
                 "api" => Some(API_VIP),
                 "db" => Some(Ipv4Addr::new(240, 0, 0, 8)),
+                "api.dc2" => Some(Ipv4Addr::new(240, 0, 0, 9)),
                 _ => None,
             }
         }
@@ -353,7 +375,20 @@ mod tests {
         ] {
             assert_eq!(d(name, RecordType::A), Decision::Address(API_VIP), "{name}");
         }
-        assert_eq!(d("api.service.dc2.weft", RecordType::A), Decision::NxDomain);
+        // Another datacenter's service: the virtual IP it has here.
+        assert_eq!(
+            d("api.service.dc2.weft", RecordType::A),
+            Decision::Address(Ipv4Addr::new(240, 0, 0, 9))
+        );
+        assert_eq!(d("api.service.dc2.weft", RecordType::SRV), Decision::NoData);
+        for name in [
+            "db.service.dc2.weft",
+            "node-b.node.dc2.weft",
+            "v1.api.service.dc2.weft",
+            "api.service.DC_2.weft",
+        ] {
+            assert_eq!(d(name, RecordType::A), Decision::NxDomain, "{name}");
+        }
         assert_eq!(d("api.service.weft", RecordType::AAAA), Decision::NoData);
         assert_eq!(d("nope.service.weft", RecordType::A), Decision::NxDomain);
     }

@@ -211,6 +211,13 @@ fn check_trust_domain(leaf: &CertificateDer<'_>, trust_domain: &str) -> Result<S
     Ok(id)
 }
 
+/// A leaf signed through another datacenter's intermediate must be of
+/// that datacenter ([`weft_api::spiffe::check_issuer_scope`]).
+fn check_scope(id: &str, intermediates: &[CertificateDer<'_>]) -> Result<(), rustls::Error> {
+    let ders: Vec<&[u8]> = intermediates.iter().map(|c| c.as_ref()).collect();
+    weft_api::spiffe::check_issuer_scope(id, &ders).map_err(rustls::Error::General)
+}
+
 fn to_rustls_error(e: TlsError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
@@ -411,7 +418,9 @@ impl ClientCertVerifier for BundleClientVerifier {
         state
             .client_verifier
             .verify_client_cert(end_entity, intermediates, now)?;
-        check_trust_domain(end_entity, self.bundle.trust_domain()).map_err(to_rustls_error)?;
+        let id =
+            check_trust_domain(end_entity, self.bundle.trust_domain()).map_err(to_rustls_error)?;
+        check_scope(&id, intermediates)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -512,6 +521,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         )?;
         let id =
             check_trust_domain(end_entity, self.bundle.trust_domain()).map_err(to_rustls_error)?;
+        check_scope(&id, intermediates)?;
         if let Some(expected) = &self.expected {
             if id != *expected {
                 return Err(rustls::Error::General(format!(

@@ -24,12 +24,15 @@ pub type Upstream = Either<TcpStream, DuplexStream>;
 
 /// The source service of a tunnel, from its peer's SPIFFE id: only a
 /// service identity of this trust domain, the default namespace and this
-/// datacenter speaks for a service here (a node's own identity, or one of
-/// another namespace or datacenter, does not), checked before intentions.
+/// datacenter or another of the federation (`federated`) speaks for a
+/// service here (a node's own identity, or one of another namespace or of
+/// an unknown datacenter, does not), checked before intentions. Intentions
+/// name services, whichever datacenter they run in (as Consul's).
 pub fn source_service(
     peer_id: &str,
     trust_domain: &str,
     datacenter: &str,
+    federated: impl Fn(&str) -> bool,
 ) -> Result<String, String> {
     let id = SpiffeId::parse(peer_id).map_err(|e| e.to_string())?;
     if id.trust_domain != trust_domain {
@@ -41,9 +44,9 @@ pub fn source_service(
     if id.namespace != weft_api::spiffe::DEFAULT_NAMESPACE {
         return Err(format!("namespace {:?} is not \"default\"", id.namespace));
     }
-    if id.datacenter != datacenter {
+    if id.datacenter != datacenter && !federated(&id.datacenter) {
         return Err(format!(
-            "datacenter {:?} is not {datacenter:?}",
+            "datacenter {:?} is not {datacenter:?} nor one of its federation",
             id.datacenter
         ));
     }
@@ -62,10 +65,13 @@ pub async fn accept(
 ) -> Result<Counted<Upstream>, Refusal> {
     let source = {
         let view = ctx.view.read().expect("view lock");
-        source_service(&req.peer_id, &view.trust_domain, &ctx.datacenter).map_err(|e| {
-            tracing::info!(peer = %req.peer_id, "refused: {e}");
-            Refusal::forbidden(format!("peer {}: {e}", req.peer_id))
-        })?
+        let federated = |dc: &str| view.federation.contains_key(dc);
+        source_service(&req.peer_id, &view.trust_domain, &ctx.datacenter, federated).map_err(
+            |e| {
+                tracing::info!(peer = %req.peer_id, "refused: {e}");
+                Refusal::forbidden(format!("peer {}: {e}", req.peer_id))
+            },
+        )?
     };
     admit(ctx, source, &req.peer_id, req.target).await
 }
@@ -149,7 +155,14 @@ mod tests {
     #[test]
     fn only_a_service_of_this_trust_domain_namespace_and_datacenter_counts() {
         let ok = "spiffe://c0ffee.weft/ns/default/dc/dc1/svc/web";
-        assert_eq!(source_service(ok, TD, "dc1").unwrap(), "web");
+        let alone = |_: &str| false;
+        assert_eq!(source_service(ok, TD, "dc1", alone).unwrap(), "web");
+        // Another datacenter of the federation speaks for its services.
+        let remote = "spiffe://c0ffee.weft/ns/default/dc/dc2/svc/web";
+        assert_eq!(
+            source_service(remote, TD, "dc1", |dc| dc == "dc2").unwrap(),
+            "web"
+        );
         for (id, why) in [
             (
                 "spiffe://other.weft/ns/default/dc/dc1/svc/web",
@@ -163,7 +176,7 @@ mod tests {
             ("spiffe://c0ffee.weft/ns/default/dc/dc1/node/node-a", "svc"),
             ("spiffe://c0ffee.weft/ns/default/dc/dc1/svc/", "empty"),
         ] {
-            let e = source_service(id, TD, "dc1").unwrap_err();
+            let e = source_service(id, TD, "dc1", |dc| dc == "dc3").unwrap_err();
             assert!(e.contains(why), "{id}: {e}");
         }
     }

@@ -355,6 +355,9 @@ struct Judge {
     ctx: Arc<ProxyContext>,
     source: String,
     destination: String,
+    /// The destination's datacenter when another's (an upstream's
+    /// `datacenter`): routing starts there.
+    datacenter: Option<String>,
     protocol: Protocol,
     /// An L7 intention decides: judge each request here.
     judge_requests: bool,
@@ -455,7 +458,16 @@ impl Judge {
     ) -> Response<Body> {
         let target = {
             let view = self.ctx.view.read().expect("view lock");
-            view.route_target(&self.destination, facts, rand::random::<f32>() * 100.0)
+            let start = weft_api::routing::Target::service_in(
+                &self.destination,
+                self.datacenter.as_deref(),
+            );
+            weft_api::routing::route_request_in(
+                &view.entries,
+                start,
+                facts,
+                rand::random::<f32>() * 100.0,
+            )
         };
         let mut request = request;
         for edits in &target.policy.request_headers {
@@ -605,7 +617,11 @@ impl Judge {
     /// and whether it is one not tried yet.
     fn pick(&self, target: &Target, tries: &Tries<'_>) -> Result<(Picked, bool), AttemptError> {
         let view = self.ctx.view.read().expect("view lock");
-        let (service, mut instances) = view.instances_of(target);
+        let weft_api::routing::Resolved {
+            service,
+            datacenter,
+            mut instances,
+        } = view.instances_of(target);
         let tried = tries.failed.lock().expect("tried lock");
         let untried: Vec<_> = instances
             .iter()
@@ -635,8 +651,15 @@ impl Judge {
             upstream: &self.destination,
             service: &service,
         };
-        let route = outbound::pick(&self.ctx, &view, &instances, call, hash)
-            .map_err(|e| AttemptError::NoInstance(e.to_string()))?;
+        let route = outbound::pick(
+            &self.ctx,
+            &view,
+            &instances,
+            call,
+            hash,
+            datacenter.as_deref(),
+        )
+        .map_err(|e| AttemptError::NoInstance(e.to_string()))?;
         let timeout = view.connect_timeout(call, CONNECT_TIMEOUT);
         let addr = match &route {
             Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
@@ -855,6 +878,7 @@ where
         ctx,
         source,
         destination,
+        datacenter: None,
         protocol,
         judge_requests: true,
         forward: Forward::Instance(upstream),
@@ -871,7 +895,7 @@ pub async fn serve_routed<D>(
     downstream: D,
     protocol: Protocol,
     source: String,
-    destination: String,
+    (destination, datacenter): (String, Option<String>),
     judge_requests: bool,
     peer: Option<IpAddr>,
 ) -> Result<(), L7Error>
@@ -885,6 +909,7 @@ where
         ctx,
         source,
         destination,
+        datacenter,
         protocol,
         judge_requests,
         forward: Forward::Routed(Default::default()),

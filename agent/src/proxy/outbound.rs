@@ -65,24 +65,36 @@ pub enum OutboundError {
 pub fn route_avoiding(
     ctx: &ProxyContext,
     (source, peer): (&str, Option<IpAddr>),
-    service: &str,
+    (service, datacenter): (&str, Option<&str>),
     failed: &[SocketAddr],
 ) -> Result<Route, OutboundError> {
     let view = ctx.view.read().expect("view lock");
-    let instances: Vec<&ServiceInstance> = view
-        .passing(service)
+    // The resolver's redirect and failover (to other datacenters too)
+    // apply to connections as to requests.
+    let start = weft_api::routing::Target::service_in(service, datacenter);
+    let resolved = view.instances_of(&weft_api::routing::resolve(&view.entries, start));
+    let instances: Vec<&ServiceInstance> = resolved
+        .instances
         .into_iter()
         .filter(|i| i.socket_addr().is_none_or(|a| !failed.contains(&a)))
         .collect();
-    let hash = view.load_balancer(service).and_then(|lb| {
+    let answering = resolved.service.as_str();
+    let hash = view.load_balancer(answering).and_then(|lb| {
         weft_api::load_balancer::hash_request(&lb.hash_policies, None, peer, 0).hash
     });
     let call = Call {
         source,
         upstream: service,
-        service,
+        service: answering,
     };
-    pick(ctx, &view, &instances, call, hash)
+    pick(
+        ctx,
+        &view,
+        &instances,
+        call,
+        hash,
+        resolved.datacenter.as_deref(),
+    )
 }
 
 /// Who calls what: the calling service, the upstream it dialed (whose
@@ -124,17 +136,19 @@ pub fn pick(
     instances: &[&ServiceInstance],
     call: Call<'_>,
     hash: Option<u64>,
+    datacenter: Option<&str>,
 ) -> Result<Route, OutboundError> {
     let Call {
         source,
         upstream,
         service,
     } = call;
+    let remote = datacenter.filter(|dc| *dc != ctx.datacenter);
     // Instances of external nodes (no agent to tunnel to) are reached
-    // outside the mesh, not through it.
+    // outside the mesh, not through it (other datacenters share none).
     let all: Vec<(SocketAddr, &str)> = instances
         .iter()
-        .filter(|i| !view.node_is_external(&i.node))
+        .filter(|i| remote.is_some() || !view.node_is_external(&i.node))
         .filter_map(|i| Some((i.socket_addr()?, i.node.as_str())))
         .collect();
     let addrs: Vec<SocketAddr> = all.iter().map(|(a, _)| *a).collect();
@@ -158,6 +172,21 @@ pub fn pick(
         .choose(service, policy, (&addrs, &allowed), &loads, hash, draw)
         .ok_or_else(|| OutboundError::NoInstance(service.to_string()))?;
     let (target, node) = all[pick];
+    if let Some(dc) = remote {
+        // Another datacenter's node: through one of this datacenter's
+        // gateways, which routes by the SNI naming the node.
+        let gateway = view
+            .local_gateway(rand::random::<u32>() as usize)
+            .ok_or_else(|| {
+                OutboundError::NoInstance(format!(
+                    "{service} in {dc}: no passing mesh-gateway in this datacenter to reach it through"
+                ))
+            })?;
+        return Ok(Route::Tunnel {
+            node: NodePeer::new(gateway, &view.trust_domain, dc, node),
+            target,
+        });
+    }
     if node == ctx.node_name {
         return Ok(Route::Local(target));
     }
@@ -189,7 +218,7 @@ pub async fn carry(
     ctx: &Arc<ProxyContext>,
     mut client: TcpStream,
     source: &str,
-    destination: &str,
+    (destination, datacenter): (&str, Option<&str>),
 ) -> Result<(), NotCarried> {
     // Early deny: refuse here at once rather than after a tunnel; the
     // destination's agent checks again with its own view. Where an L7
@@ -227,6 +256,7 @@ pub async fn carry(
         let peer = client.peer_addr().ok().map(|a| a.ip());
         let client = Counted::client(client, ctx.metrics.clone(), source, destination);
         let (src, dst) = (source.to_string(), destination.to_string());
+        let dst = (dst, datacenter.map(str::to_string));
         let served =
             l7::serve_routed(ctx.clone(), client, protocol, src, dst, per_request, peer).await;
         if let Err(e) = served {
@@ -234,7 +264,7 @@ pub async fn carry(
         }
         return Ok(());
     }
-    let carried = splice_to_instance(ctx, &mut client, source, destination).await;
+    let carried = splice_to_instance(ctx, &mut client, source, (destination, datacenter)).await;
     carried.map_err(|error| refused(error, client))
 }
 
@@ -244,7 +274,7 @@ async fn splice_to_instance(
     ctx: &Arc<ProxyContext>,
     client: &mut TcpStream,
     source: &str,
-    destination: &str,
+    (destination, datacenter): (&str, Option<&str>),
 ) -> Result<(), OutboundError> {
     let _slot = ctx.take_slot(source, destination, crate::breaker::Gauge::Connections)?;
     let mut failed: Vec<SocketAddr> = Vec::new();
@@ -258,7 +288,7 @@ async fn splice_to_instance(
         CONNECT_TIMEOUT,
     );
     let (opened, _in_flight) = loop {
-        let route = match route_avoiding(ctx, (source, peer), destination, &failed) {
+        let route = match route_avoiding(ctx, (source, peer), (destination, datacenter), &failed) {
             Ok(route) => route,
             Err(e) if failed.is_empty() => return Err(e),
             Err(_) => {
@@ -368,13 +398,14 @@ pub async fn serve_upstream(
     ctx: Arc<ProxyContext>,
     listener: TcpListener,
     source: String,
-    destination: String,
+    (destination, datacenter): (String, Option<String>),
 ) {
     let mut errors = AcceptErrors::new("upstream");
     loop {
         let (stream, peer) = errors.accept(&listener).await;
         let _ = stream.set_nodelay(true);
         let (ctx, source, destination) = (ctx.clone(), source.clone(), destination.clone());
+        let datacenter = datacenter.clone();
         let span = tracing::info_span!(
             "conn",
             id = super::next_conn_id(),
@@ -385,7 +416,9 @@ pub async fn serve_upstream(
         tokio::spawn(
             async move {
                 let _tracked = ctx.drain.track();
-                if let Err(e) = carry(&ctx, stream, &source, &destination).await {
+                if let Err(e) =
+                    carry(&ctx, stream, &source, (&destination, datacenter.as_deref())).await
+                {
                     tracing::info!("{source} -> {destination}: {}", e.error);
                     if let Some(stream) = e.stream {
                         reset(stream);
@@ -443,7 +476,9 @@ pub async fn serve_redirected(
                 return reset(stream);
             };
             span.record("destination", destination.as_str());
-            if let Err(e) = carry(&ctx, stream, &found.source, &destination).await {
+            // Another datacenter's service by its virtual IP (`api.dc2`).
+            let (service, dc) = weft_api::vip::split_key(&destination);
+            if let Err(e) = carry(&ctx, stream, &found.source, (service, dc)).await {
                 tracing::info!(original = %found.original, "{} -> {destination}: {}", found.source, e.error);
                 if let Some(stream) = e.stream {
                     reset(stream);

@@ -94,7 +94,7 @@ fn what_weft_cannot_honour_is_refused_by_name() {
     );
     says(
         &format!(r#"{{{base}, "Datacenter": "dc2"}}"#),
-        "datacenters do not federate yet",
+        "register through that datacenter's servers",
     );
     says(
         &format!(r#"{{{base}, "Namespace": "team"}}"#),

@@ -214,26 +214,24 @@ Destination = { Service = "web" }
 }"#;
     let e = parse_entry_file(resolver_json, FileFormat::Json).unwrap();
     assert_eq!(validate_entry(&e, &ctx()), Ok(()));
-    // What weft parses but does not do yet is refused, never kept and
-    // ignored: another datacenter.
-    for (field, text) in [
-        (
-            "Failover.*.Datacenters",
-            r#""Failover": { "*": { "Datacenters": ["dc2"] } }"#,
-        ),
-        (
-            "Redirect.Datacenter",
-            r#""Redirect": { "Datacenter": "dc2" }"#,
-        ),
+    // Other datacenters: failover to them in order, or a redirect there.
+    for text in [
+        r#""Failover": { "*": { "Datacenters": ["dc2", "dc3"] } }"#,
+        r#""Redirect": { "Datacenter": "dc2" }"#,
+        r#""Redirect": { "Service": "web", "Datacenter": "dc2" }"#,
     ] {
         let json = format!(r#"{{ "Kind": "service-resolver", "Name": "web", {text} }}"#);
         let entry = parse_entry_file(&json, FileFormat::Json).unwrap();
-        let err = validate_entry(&entry, &ctx()).unwrap_err().to_string();
-        assert!(
-            err.starts_with(field) && err.contains("not supported yet"),
-            "{err}"
-        );
+        assert_eq!(validate_entry(&entry, &ctx()), Ok(()), "{text}");
     }
+    let many: Vec<String> = (0..17).map(|i| format!("\"dc{i}\"")).collect();
+    let json = format!(
+        r#"{{ "Kind": "service-resolver", "Name": "web", "Failover": {{ "*": {{ "Datacenters": [{}] }} }} }}"#,
+        many.join(",")
+    );
+    let entry = parse_entry_file(&json, FileFormat::Json).unwrap();
+    let err = validate_entry(&entry, &ctx()).unwrap_err().to_string();
+    assert!(err.contains("17 datacenters, at most 16"), "{err}");
     // A connect timeout is taken, within bounds.
     let timeout = |t: &str| {
         let json =

@@ -87,6 +87,10 @@ pub struct Intermediate {
     pub not_after: i64,
     /// The serial of the primary's root that signed it.
     pub root_serial: u64,
+    /// When it was signed (unix seconds): it is replaced at half of its
+    /// lifetime from then.
+    #[serde(default)]
+    pub issued_at: i64,
 }
 
 /// How long an intermediate is valid (it is replaced at half of it, and
@@ -96,7 +100,7 @@ pub const INTERMEDIATE_VALIDITY_SECS: i64 = 365 * 24 * 3600;
 /// The URI SAN of datacenter `dc`'s intermediate: the prefix of every
 /// SPIFFE id it may sign, which peers check (see the agents' verifiers).
 pub fn intermediate_uri(trust_domain: &str, dc: &str) -> String {
-    format!("spiffe://{trust_domain}/ns/default/dc/{dc}")
+    weft_api::spiffe::intermediate_scope(trust_domain, dc)
 }
 
 /// A new key and a CSR for an intermediate of `dc` (made by a secondary's
@@ -273,8 +277,8 @@ impl CaState {
         match &self.intermediate {
             None => true,
             Some(i) => {
-                let issued = i.not_after - INTERMEDIATE_VALIDITY_SECS;
-                i.root_serial != primary_active || now >= issued + INTERMEDIATE_VALIDITY_SECS / 2
+                let half = i.issued_at + (i.not_after - i.issued_at) / 2;
+                i.root_serial != primary_active || now >= half
             }
         }
     }

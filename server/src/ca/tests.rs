@@ -232,6 +232,7 @@ fn a_secondary_signs_with_an_intermediate_the_primary_signed() {
             key,
             not_after,
             root_serial: primary.active_serial(),
+            issued_at: NOW,
         }),
     };
     assert!(secondary.roots.iter().all(|r| r.key.expose().is_empty()));
@@ -265,6 +266,40 @@ fn a_secondary_signs_with_an_intermediate_the_primary_signed() {
         primary.active_serial(),
         NOW + INTERMEDIATE_VALIDITY_SECS / 2
     ));
+    // Near the root's end the intermediate is shorter, and renewed at half
+    // of what it has, not at every check.
+    let short = Intermediate {
+        not_after: NOW + 1000,
+        ..secondary.intermediate.clone().unwrap()
+    };
+    let near_end = CaState {
+        intermediate: Some(short),
+        ..secondary.clone()
+    };
+    assert!(!near_end.needs_intermediate(primary.active_serial(), NOW + 499));
+    assert!(near_end.needs_intermediate(primary.active_serial(), NOW + 500));
+    // Its leaves are dc2's: one it signs for dc1 is refused by the scope
+    // check every verifier makes.
+    let chain = der_of(&leaf.chain_pem);
+    assert_eq!(weft_api::spiffe::check_issuer_scope(&id, &[&chain]), Ok(()));
+    let dc1_node = secondary.node_id("dc1", "node-a");
+    let forged = secondary
+        .sign_csr(&csr(Some(&dc1_node)), &dc1_node, "node-a", NOW)
+        .unwrap();
+    assert!(openssl_verifies(
+        &primary.bundle_pem(),
+        &forged.chain_pem,
+        &forged.cert_pem,
+        NOW
+    ));
+    let e = weft_api::spiffe::check_issuer_scope(&dc1_node, &[&chain]).unwrap_err();
+    assert!(e.contains("vouches for nothing else"), "{e}");
+    // A root (or a cross-signed root) vouches for any id.
+    let root = der_of(&primary.roots[0].cert_pem);
+    assert_eq!(
+        weft_api::spiffe::check_issuer_scope(&dc1_node, &[&root]),
+        Ok(())
+    );
 }
 
 #[test]

@@ -191,6 +191,9 @@ fn node_certificate<T>(node: &ServerNode, req: &Request<T>) -> Option<Caller> {
     );
     let name = uri.strip_prefix(&prefix)?;
     weft_api::names::validate_name(name).ok()?;
+    // Not another datacenter's intermediate speaking for this one's node.
+    let chain: Vec<&[u8]> = certs[1..].iter().map(|c| c.as_ref()).collect();
+    weft_api::spiffe::check_issuer_scope(uri, &chain).ok()?;
     Some(Caller {
         accessor: format!("node certificate of {name}"),
         authz: Authorizer::from_rules([&weft_api::acl::node_identity_rules(name)]),

@@ -51,6 +51,12 @@ pub(crate) async fn write(
     what: &str,
     cmd: Command,
 ) -> Result<proto::WriteResult, Status> {
+    if cmd.is_policy() && node.primary_datacenter != node.datacenter {
+        return Err(Status::failed_precondition(format!(
+            "intentions and config entries are written in the primary datacenter, {}, and replicated to {}",
+            node.primary_datacenter, node.datacenter
+        )));
+    }
     // Applied once, however often it is retried: by the client with its
     // request id, or by this server (forwarding, elections) with one made
     // here.

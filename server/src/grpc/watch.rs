@@ -135,7 +135,9 @@ pub fn snapshot_parts(
         parts.add(i.encoded_len(), |s| s.instances.push(i));
     }
     for (service, vip) in &state.vips {
-        if caller.can(Resource::Service(service), Access::Read) {
+        // A remote service's key (`api.dc2`) is read as its service.
+        let (name, _) = weft_api::vip::split_key(service);
+        if caller.can(Resource::Service(name), Access::Read) {
             let v = proto::ServiceVip {
                 service: service.clone(),
                 vip: vip.to_string(),
@@ -157,6 +159,10 @@ pub fn snapshot_parts(
         let f = f.to_proto();
         parts.add(f.encoded_len(), |s| s.federation.push(f));
     }
+    for (dc, instances) in &state.remote {
+        let r = remote_to_proto(caller, dc, instances);
+        parts.add(r.encoded_len(), |s| s.remote.push(r));
+    }
     if include_kv {
         for e in state.kv.values() {
             if caller.can(Resource::Key(&e.key), Access::Read) {
@@ -166,6 +172,23 @@ pub fn snapshot_parts(
         }
     }
     parts.finish()
+}
+
+/// Another datacenter's instances as far as `caller` may read their
+/// services (the nodes are the other datacenter's).
+fn remote_to_proto(
+    caller: &Caller,
+    dc: &str,
+    instances: &[weft_api::catalog::ServiceInstance],
+) -> proto::RemoteInstances {
+    proto::RemoteInstances {
+        datacenter: dc.to_string(),
+        instances: instances
+            .iter()
+            .filter(|i| caller.can(Resource::Service(&i.service), Access::Read))
+            .map(instance_to_proto)
+            .collect(),
+    }
 }
 
 /// Whether `caller` may see `change` (KV changes only with `include_kv`).
@@ -179,7 +202,9 @@ fn may_see(caller: &Caller, change: &Change, include_kv: bool) -> bool {
         Change::InstanceDelete { node, service, .. } => {
             can(Resource::Node(node)) && can(Resource::Service(service))
         }
-        Change::VipAssigned { service, .. } => can(Resource::Service(service)),
+        Change::VipAssigned { service, .. } => {
+            can(Resource::Service(weft_api::vip::split_key(service).0))
+        }
         Change::IntentionUpsert(i) => may_access(caller, &i.destination, Access::Read),
         Change::IntentionDelete { destination, .. } => {
             may_access(caller, destination, Access::Read)
@@ -191,6 +216,8 @@ fn may_see(caller: &Caller, change: &Change, include_kv: bool) -> bool {
         // Where other datacenters' gateways are: what agents and gateways
         // route by, nothing secret.
         Change::CaBundle { .. } | Change::Federation(_) => true,
+        // Filtered by service in `changes_event`.
+        Change::Remote { .. } => true,
         Change::Acl | Change::Replaced => false,
     }
 }
@@ -231,6 +258,7 @@ fn change_to_proto(change: &Change) -> Option<proto::Change> {
             roots_pem: roots_pem.clone(),
         }),
         Change::Federation(f) => P::Federation(f.to_proto()),
+        Change::Remote { .. } => return None,
         Change::Acl | Change::Replaced => return None,
     };
     Some(proto::Change { change: Some(c) })
@@ -247,7 +275,15 @@ fn changes_event(
     let visible: Vec<proto::Change> = changes
         .iter()
         .filter(|c| may_see(caller, c, include_kv))
-        .filter_map(change_to_proto)
+        .filter_map(|c| match c {
+            Change::Remote {
+                datacenter,
+                instances,
+            } => Some(proto::Change {
+                change: Some(P::Remote(remote_to_proto(caller, datacenter, instances))),
+            }),
+            c => change_to_proto(c),
+        })
         .collect();
     (!visible.is_empty()).then_some(proto::WatchEvent {
         index,

@@ -33,7 +33,12 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str) -> Answer {
         caller.require_any_read(ResourceKind::Service)?;
         let (services, index) = crate::grpc::read(node, call.read(), |s| {
             let mut tags: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-            for name in s.vips.keys() {
+            // Remote services' virtual IPs (`api.dc2`) are not services here.
+            for name in s
+                .vips
+                .keys()
+                .filter(|n| weft_api::vip::split_key(n).1.is_none())
+            {
                 tags.entry(name.clone()).or_default();
             }
             for i in s.instances.values().flat_map(|m| m.values()) {

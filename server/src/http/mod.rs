@@ -330,7 +330,7 @@ async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, Ht
     }
     if let Some(dc) = dc.filter(|dc| *dc != node.datacenter) {
         return Err(HttpError::bad_request(format!(
-            "dc {dc:?}: this cluster is datacenter {:?}, and weft does not federate datacenters yet",
+            "dc {dc:?}: this cluster is datacenter {:?}; ask that datacenter's servers (?dc= is not forwarded yet)",
             node.datacenter
         )));
     }

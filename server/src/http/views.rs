@@ -144,7 +144,11 @@ pub fn service_rows(s: &State, caller: &Caller) -> Vec<ServiceRow> {
         nodes: BTreeSet::new(),
         tags: BTreeSet::new(),
     };
-    for name in s.vips.keys() {
+    for name in s
+        .vips
+        .keys()
+        .filter(|n| weft_api::vip::split_key(n).1.is_none())
+    {
         rows.insert(name, row(name));
     }
     for i in s.instances.values().flat_map(|m| m.values()) {

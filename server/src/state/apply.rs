@@ -6,7 +6,7 @@ use weft_api::catalog::{
     validate_node, validate_service_instance, HealthStatus, Node, ServiceInstance,
 };
 use weft_api::catalog_register::{is_external, EXTERNAL_NODE_META};
-use weft_api::config_entry::{validate_entry, validate_intention_protocol};
+use weft_api::config_entry::{validate_entry, validate_intention_protocol, ConfigEntry};
 use weft_api::intention::{validate_intention, Intention};
 use weft_api::kv::{validate_key, KvEntry, MAX_VALUE_BYTES};
 use weft_api::vip::{next_free_vip, Cidr};
@@ -338,6 +338,46 @@ impl State {
                 self.ca = Some(ca);
                 Ok(vec![self.ca_bundle_change()])
             }
+            Command::SetRemoteInstances {
+                datacenter,
+                instances,
+            } => {
+                if instances.len() > weft_api::federation::MAX_REMOTE_INSTANCES {
+                    return Err(invalid(format!(
+                        "datacenter {datacenter}: {} instances, at most {} are kept of another datacenter",
+                        instances.len(),
+                        weft_api::federation::MAX_REMOTE_INSTANCES
+                    )));
+                }
+                if !self.federation.contains_key(&datacenter) {
+                    return Err(invalid(format!(
+                        "datacenter {datacenter} is not in the federation"
+                    )));
+                }
+                // Each remote service gets a virtual IP of its own here
+                // (`api.service.dc2.weft`), kept as local ones are.
+                let mut changes = Vec::new();
+                let services: BTreeSet<&str> =
+                    instances.iter().map(|i| i.service.as_str()).collect();
+                for service in services {
+                    let key = weft_api::vip::remote_key(service, &datacenter);
+                    if !self.vips.contains_key(&key) {
+                        let vip = self.allocate_vip()?;
+                        self.vips.insert(key.clone(), vip);
+                        changes.push(Change::VipAssigned { service: key, vip });
+                    }
+                }
+                self.remote.insert(datacenter.clone(), instances.clone());
+                changes.push(Change::Remote {
+                    datacenter,
+                    instances,
+                });
+                Ok(changes)
+            }
+            Command::ReplacePolicy {
+                intentions,
+                entries,
+            } => Ok(self.replace_policy(intentions, entries, index)),
             Command::CaFederate(ca) => {
                 if ca.intermediate.is_none() || ca.roots.iter().any(|r| !r.key.expose().is_empty())
                 {
@@ -514,6 +554,84 @@ impl State {
             changes.push(self.upsert_intention(i, index));
         }
         Ok(changes)
+    }
+
+    /// A secondary's intentions and config entries become the primary's:
+    /// what is gone is deleted, what differs (indexes aside) is written,
+    /// what is the same is left as it is. Not validated again: the primary
+    /// did, against the federation's policy.
+    fn replace_policy(
+        &mut self,
+        intentions: Vec<Intention>,
+        entries: Vec<ConfigEntry>,
+        index: u64,
+    ) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let wanted: BTreeSet<(String, String)> = intentions
+            .iter()
+            .map(|i| (i.source.clone(), i.destination.clone()))
+            .collect();
+        let gone: Vec<(String, String)> = self
+            .all_intentions()
+            .map(|i| (i.source.clone(), i.destination.clone()))
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for (source, destination) in gone {
+            changes.extend(self.delete_intention(&source, &destination));
+        }
+        for i in intentions {
+            let same = self
+                .intentions
+                .get(&i.source)
+                .and_then(|m| m.get(&i.destination))
+                .is_some_and(|old| {
+                    Intention {
+                        create_index: 0,
+                        modify_index: 0,
+                        ..old.clone()
+                    } == Intention {
+                        create_index: 0,
+                        modify_index: 0,
+                        ..i.clone()
+                    }
+                });
+            if !same {
+                changes.push(self.upsert_intention(i, index));
+            }
+        }
+        let wanted: BTreeSet<(String, String)> = entries
+            .iter()
+            .map(|e| (e.kind().as_str().to_string(), e.name().to_string()))
+            .collect();
+        let gone: Vec<(String, String)> = self
+            .config
+            .iter()
+            .flat_map(|(kind, m)| m.keys().map(move |name| (kind.clone(), name.clone())))
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for (kind, name) in gone {
+            if let Some(m) = self.config.get_mut(&kind) {
+                m.remove(&name);
+            }
+            changes.push(Change::ConfigDelete { kind, name });
+        }
+        for entry in entries {
+            let (kind, name) = (entry.kind().as_str().to_string(), entry.name().to_string());
+            let by_name = self.config.entry(kind).or_default();
+            if by_name.get(&name).is_some_and(|old| old.entry == entry) {
+                continue;
+            }
+            let create_index = by_name.get(&name).map_or(index, |e| e.create_index);
+            let stored = StoredEntry {
+                entry,
+                create_index,
+                modify_index: index,
+            };
+            by_name.insert(name, stored.clone());
+            changes.push(Change::ConfigUpsert(stored));
+        }
+        self.config.retain(|_, m| !m.is_empty());
+        changes
     }
 
     fn ca_bundle_change(&self) -> Change {

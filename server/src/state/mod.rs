@@ -74,6 +74,9 @@ pub struct State {
     /// The federation's datacenters and their gateways (this one's too).
     #[serde(default)]
     pub federation: BTreeMap<String, FederationState>,
+    /// Other datacenters' instances, as the leader last fetched them.
+    #[serde(default)]
+    pub remote: BTreeMap<String, Vec<ServiceInstance>>,
     /// Which instances hold each address:port: derived from `instances`,
     /// never stored, built on first use.
     #[serde(skip)]
@@ -172,6 +175,12 @@ pub enum Command {
     Restore(Box<State>),
     /// Create the CA (refused if there is one).
     CaInit(CaState),
+    /// A secondary datacenter's intentions and config entries replaced by
+    /// the primary's (replication).
+    ReplacePolicy {
+        intentions: Vec<Intention>,
+        entries: Vec<ConfigEntry>,
+    },
     /// A secondary datacenter's CA: the primary's roots and this
     /// datacenter's intermediate, replacing what it had.
     CaFederate(CaState),
@@ -204,6 +213,11 @@ pub enum Command {
     /// A datacenter's gateways, from its leader (this datacenter's) or
     /// from the primary (others').
     SetFederationState(FederationState),
+    /// Another datacenter's instances, replacing what was known of them.
+    SetRemoteInstances {
+        datacenter: String,
+        instances: Vec<ServiceInstance>,
+    },
     /// Commands written together as one Raft entry (the leader groups
     /// concurrent writes): each applied in order, with an index of its own,
     /// as if each were its own entry.
@@ -278,11 +292,31 @@ pub enum Change {
     },
     /// A datacenter's gateways changed.
     Federation(FederationState),
+    /// Another datacenter's instances changed (all of them, replaced).
+    Remote {
+        datacenter: String,
+        instances: Vec<ServiceInstance>,
+    },
     /// ACL policies or tokens changed: a watcher re-checks its token and
     /// what it may see.
     Acl,
     /// The whole state was replaced; watchers need a new snapshot.
     Replaced,
+}
+
+impl Command {
+    /// Whether this writes intentions or config entries: the primary
+    /// datacenter's to write, which secondaries replicate.
+    pub fn is_policy(&self) -> bool {
+        matches!(
+            self,
+            Command::UpsertIntention(_)
+                | Command::DeleteIntention { .. }
+                | Command::ReplaceIntentions { .. }
+                | Command::WriteConfig(_)
+                | Command::DeleteConfig { .. }
+        )
+    }
 }
 
 impl State {
@@ -317,7 +351,12 @@ impl State {
 
     /// Every service name with an instance or a virtual IP.
     pub fn service_names(&self) -> std::collections::BTreeSet<String> {
-        let mut names: std::collections::BTreeSet<String> = self.vips.keys().cloned().collect();
+        let mut names: std::collections::BTreeSet<String> = self
+            .vips
+            .keys()
+            .filter(|n| weft_api::vip::split_key(n).1.is_none())
+            .cloned()
+            .collect();
         names.extend(
             self.instances
                 .values()
