@@ -244,7 +244,13 @@ pub fn fast_paths(
 ) -> BTreeMap<FastEntry, SocketAddr> {
     let mut entries = BTreeMap::new();
     for (service, vip) in &view.vips {
-        if view.protocol(service).is_http() || !vip.is_ipv4() {
+        // A resolver (default subset, redirect, failover) decides where the
+        // service's connections go: the agent, not the fast path.
+        let resolved = view
+            .entries
+            .get(weft_api::config_entry::EntryKind::ServiceResolver, service)
+            .is_some();
+        if resolved || view.protocol(service).is_http() || !vip.is_ipv4() {
             continue;
         }
         let Some(local) = view

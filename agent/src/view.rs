@@ -260,10 +260,14 @@ impl View {
     /// The LAN address of one of this datacenter's passing gateways, for a
     /// tunnel to another datacenter (`seed` spreads the choice).
     pub fn local_gateway(&self, seed: usize) -> Option<SocketAddr> {
+        // As the servers take them: on agents' nodes, at an address other
+        // nodes can reach.
         let gateways: Vec<SocketAddr> = self
             .passing(weft_api::gateway::SERVICE)
             .into_iter()
+            .filter(|i| !self.node_is_external(&i.node))
             .filter_map(|i| i.socket_addr())
+            .filter(weft_api::federation::advertisable)
             .collect();
         (!gateways.is_empty()).then(|| gateways[seed % gateways.len()])
     }
@@ -373,9 +377,9 @@ impl View {
     /// The instances that may serve requests routed to `target` (or to its
     /// resolver's failover when it has none), their service and, when they
     /// are another datacenter's, which.
-    pub fn instances_of(&self, target: &routing::Target) -> routing::Resolved<'_> {
+    pub fn instances_of(&self, target: &routing::Target, here: &str) -> routing::Resolved<'_> {
         let live = self.instances.values().filter(|i| self.node_up(&i.node));
-        routing::instances_or_failover(&self.entries, target, live, &self.remote)
+        routing::instances_or_failover(&self.entries, target, (live, here), &self.remote)
     }
 
     /// The circuit breaking that `source`'s service-defaults ask for on its
@@ -679,7 +683,7 @@ mod tests {
         assert_eq!(target.service, "api");
         let weft_api::routing::Resolved {
             service, instances, ..
-        } = v.instances_of(&target);
+        } = v.instances_of(&target, "dc1");
         assert_eq!(service, "api");
         let ids: Vec<_> = instances.iter().map(|i| i.id.as_str()).collect();
         assert_eq!(ids, vec!["api-1"], "passing instances of the service");

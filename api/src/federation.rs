@@ -16,6 +16,9 @@ pub const MAX_GATEWAYS: usize = 64;
 pub const MAX_DATACENTERS: usize = 256;
 /// Instances of another datacenter a datacenter keeps.
 pub const MAX_REMOTE_INSTANCES: usize = 20_000;
+/// Services of another datacenter a datacenter keeps (each takes a virtual
+/// IP here, never given back).
+pub const MAX_REMOTE_SERVICES: usize = 2_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FederationState {

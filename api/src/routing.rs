@@ -346,15 +346,17 @@ pub fn instances_of<'a>(
     }
 }
 
-/// The instances of `target` (this datacenter's from `local`, another's
-/// from `remote`) or, when it has none, of the failover its resolver names
-/// for the subset (or `*`): its `Service`/`ServiceSubset` in this
-/// datacenter, or in each of its `Datacenters` in order until one has an
-/// instance. Failover is one step.
+/// The instances of `target` (this datacenter's, `here`, from `local`,
+/// another's from `remote`) or, when it has none, of the failover its
+/// resolver names for the subset (or `*`): its `Service`/`ServiceSubset` in
+/// this datacenter, or in each of its `Datacenters` in order until one has
+/// an instance. Failover is one step. Entries come from the primary to
+/// every datacenter, so a datacenter named that is `here` means the local
+/// instances.
 pub fn instances_or_failover<'a, I>(
     entries: &EntrySet,
     target: &Target,
-    local: I,
+    (local, here): (I, &str),
     remote: &'a BTreeMap<String, Vec<ServiceInstance>>,
 ) -> Resolved<'a>
 where
@@ -362,16 +364,17 @@ where
     I::IntoIter: Clone,
 {
     let local = local.into_iter();
+    let elsewhere = |dc: Option<&String>| dc.filter(|dc| dc.as_str() != here).cloned();
     let of = |t: &Target, dc: Option<&String>| -> Vec<&'a ServiceInstance> {
-        match dc {
+        match elsewhere(dc) {
             None => instances_of(entries, t, local.clone()),
-            Some(dc) => instances_of(entries, t, remote.get(dc).into_iter().flatten()),
+            Some(dc) => instances_of(entries, t, remote.get(&dc).into_iter().flatten()),
         }
     };
     let found = of(target, target.datacenter.as_ref());
     let resolved = |t: &Target, dc: Option<&String>, instances| Resolved {
         service: t.service.clone(),
-        datacenter: dc.cloned(),
+        datacenter: elsewhere(dc),
         instances,
     };
     if !found.is_empty() {
@@ -850,7 +853,7 @@ mod tests {
         ];
         let none = BTreeMap::new();
         let pick = |t: Target| -> (String, Vec<String>) {
-            let r = instances_or_failover(&set, &t, &all, &none);
+            let r = instances_or_failover(&set, &t, (&all, "dc1"), &none);
             assert_eq!(r.datacenter, None);
             (
                 r.service,
@@ -900,7 +903,7 @@ mod tests {
         ]
         .into();
         let pick = |local: &[ServiceInstance], remote: &BTreeMap<String, Vec<ServiceInstance>>| {
-            let r = instances_or_failover(&set, &target("api", None), local, remote);
+            let r = instances_or_failover(&set, &target("api", None), (local, "dc1"), remote);
             (
                 r.datacenter,
                 r.instances
@@ -949,9 +952,14 @@ mod tests {
             vec![instance("r2", "api", "v1", HealthStatus::Passing)],
         )]
         .into();
-        let r = instances_or_failover(&set, &t, &local, &remote);
+        let r = instances_or_failover(&set, &t, (&local, "dc1"), &remote);
         assert_eq!(r.datacenter.as_deref(), Some("dc2"));
         assert_eq!(r.instances[0].id, "r2");
+        // In dc2 itself (entries are the primary's everywhere), the same
+        // redirect means dc2's own instances.
+        let none = BTreeMap::new();
+        let r = instances_or_failover(&set, &t, (&remote["dc2"], "dc2"), &none);
+        assert_eq!((r.datacenter, r.instances[0].id.as_str()), (None, "r2"));
     }
 
     #[test]

@@ -62,7 +62,10 @@ impl Ctx {
     }
 
     pub fn read_options(&self) -> Option<ReadOptions> {
-        Some(ReadOptions { stale: self.stale })
+        Some(ReadOptions {
+            stale: self.stale,
+            ..Default::default()
+        })
     }
 
     fn tls(&self) -> anyhow::Result<ClientTlsConfig> {

@@ -54,8 +54,12 @@ pub enum Format {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The servers: id, address, role, indexes.
-    Members,
+    /// The servers: id, address, role, indexes; with --wan, the
+    /// datacenters of the federation and their gateways.
+    Members {
+        #[arg(long)]
+        wan: bool,
+    },
     /// Nodes, services and instances.
     #[command(subcommand)]
     Catalog(commands::catalog::CatalogCmd),
@@ -116,7 +120,8 @@ async fn main() -> ExitCode {
     let ctx = client::Ctx::new(&cli);
     let result = match cli.command {
         Command::Tls(_) | Command::Check(_) => unreachable!("handled above"),
-        Command::Members => commands::members::run(&ctx).await,
+        Command::Members { wan: false } => commands::members::run(&ctx).await,
+        Command::Members { wan: true } => commands::members::wan(&ctx).await,
         Command::Catalog(c) => commands::catalog::run(&ctx, c).await,
         Command::Intention(c) => commands::intention::run(&ctx, c).await,
         Command::Config(c) => commands::config::run(&ctx, c).await,

@@ -31,6 +31,8 @@ pub enum AclError {
     TokenNotFound(String),
     #[error("the {GLOBAL_MANAGEMENT_NAME} policy cannot be changed or deleted")]
     BuiltinPolicy,
+    #[error("{0} is the primary datacenter's, replicated here: change it there")]
+    Replicated(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -45,6 +47,10 @@ pub struct AclPolicy {
     pub create_index: u64,
     #[serde(default)]
     pub modify_index: u64,
+    /// Copied from the primary datacenter (a secondary's copy is not
+    /// changed here).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replicated: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +77,9 @@ pub struct AclToken {
     pub create_index: u64,
     #[serde(default)]
     pub modify_index: u64,
+    /// Copied from the primary datacenter.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replicated: bool,
 }
 
 impl std::fmt::Debug for AclToken {
@@ -185,6 +194,7 @@ key_prefix "" { policy = "write" }
         .into(),
         create_index: index,
         modify_index: index,
+        replicated: false,
     }
 }
 
@@ -290,6 +300,8 @@ impl AclState {
         if p.id == GLOBAL_MANAGEMENT_ID {
             return Err(AclError::BuiltinPolicy);
         }
+        self.not_replicated_policy(&p.id)?;
+        p.replicated = false;
         validate_policy(&p)?;
         if let Some(other) = self
             .policies
@@ -312,6 +324,7 @@ impl AclState {
         if id == GLOBAL_MANAGEMENT_ID {
             return Err(AclError::BuiltinPolicy);
         }
+        self.not_replicated_policy(id)?;
         if self.policies.remove(id).is_none() {
             return Err(AclError::PolicyNotFound(id.into()));
         }
@@ -324,8 +337,112 @@ impl AclState {
 
     /// Creates or replaces a token. Its policies must exist; identities
     /// must name valid nodes, datacenters and services.
-    pub fn upsert_token(&mut self, token: AclToken, index: u64) -> Result<(), AclError> {
+    pub fn upsert_token(&mut self, mut token: AclToken, index: u64) -> Result<(), AclError> {
+        if self
+            .tokens
+            .get(&token.accessor_id)
+            .is_some_and(|t| t.replicated)
+        {
+            return Err(AclError::Replicated(format!("token {}", token.accessor_id)));
+        }
+        token.replicated = false;
         self.insert_token(token, index)
+    }
+
+    fn not_replicated_policy(&self, id: &str) -> Result<(), AclError> {
+        match self.policies.get(id) {
+            Some(p) if p.replicated => Err(AclError::Replicated(format!("policy {:?}", p.name))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The policies and tokens of this datacenter's own making (what a
+    /// primary hands its secondaries), the built-in policy aside.
+    pub fn own(&self) -> (Vec<AclPolicy>, Vec<AclToken>) {
+        (
+            self.policies
+                .values()
+                .filter(|p| !p.replicated && p.id != GLOBAL_MANAGEMENT_ID)
+                .cloned()
+                .collect(),
+            self.tokens
+                .values()
+                .filter(|t| !t.replicated)
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// What was copied from the primary, indexes aside, for comparing with
+    /// what it has now.
+    pub fn replicated(&self) -> (Vec<AclPolicy>, Vec<AclToken>) {
+        (
+            self.policies
+                .values()
+                .filter(|p| p.replicated)
+                .map(|p| AclPolicy {
+                    create_index: 0,
+                    modify_index: 0,
+                    replicated: false,
+                    ..p.clone()
+                })
+                .collect(),
+            self.tokens
+                .values()
+                .filter(|t| t.replicated)
+                .map(|t| AclToken {
+                    create_index: 0,
+                    modify_index: 0,
+                    replicated: false,
+                    ..t.clone()
+                })
+                .collect(),
+        )
+    }
+
+    /// A secondary's copy of the primary's policies and tokens becomes
+    /// `policies` and `tokens`; its own stay. One of the primary's that
+    /// would take the id, name or secret of one of this datacenter's own is
+    /// left out (and named in the answer).
+    pub fn replace_replicated(
+        &mut self,
+        policies: Vec<AclPolicy>,
+        tokens: Vec<AclToken>,
+        index: u64,
+    ) -> Vec<String> {
+        self.policies.retain(|_, p| !p.replicated);
+        self.tokens.retain(|_, t| !t.replicated);
+        self.reindex();
+        let mut skipped = Vec::new();
+        for mut p in policies {
+            let clash = p.id == GLOBAL_MANAGEMENT_ID
+                || self.policies.contains_key(&p.id)
+                || self.policies.values().any(|o| o.name == p.name);
+            if clash || validate_policy(&p).is_err() {
+                skipped.push(format!("policy {:?}", p.name));
+                continue;
+            }
+            p.replicated = true;
+            p.create_index = index;
+            p.modify_index = index;
+            self.policies.insert(p.id.clone(), p);
+        }
+        for mut t in tokens {
+            let clash = self.tokens.contains_key(&t.accessor_id)
+                || self.tokens.values().any(|o| o.secret_hash == t.secret_hash)
+                || t.secret_hash.len() != 64;
+            if clash {
+                skipped.push(format!("token {}", t.accessor_id));
+                continue;
+            }
+            t.policies.retain(|p| self.policies.contains_key(p));
+            t.replicated = true;
+            t.create_index = index;
+            t.modify_index = index;
+            self.tokens.insert(t.accessor_id.clone(), t);
+        }
+        self.reindex();
+        skipped
     }
 
     fn insert_token(&mut self, mut token: AclToken, index: u64) -> Result<(), AclError> {
@@ -381,6 +498,9 @@ impl AclState {
     }
 
     pub fn delete_token(&mut self, accessor: &str) -> Result<(), AclError> {
+        if self.tokens.get(accessor).is_some_and(|t| t.replicated) {
+            return Err(AclError::Replicated(format!("token {accessor}")));
+        }
         if self.tokens.remove(accessor).is_none() {
             return Err(AclError::TokenNotFound(accessor.into()));
         }
@@ -404,6 +524,7 @@ mod tests {
             node_identities: vec![],
             create_index: 0,
             modify_index: 0,
+            replicated: false,
         }
     }
 
@@ -463,6 +584,7 @@ mod tests {
             rules: r#"service "web" { policy = "write" }"#.into(),
             create_index: 0,
             modify_index: 0,
+            replicated: false,
         };
         acl.upsert_policy(p, 2).unwrap();
         acl.upsert_token(token("a2", "web-secret", &["p1"]), 3)
@@ -485,6 +607,7 @@ mod tests {
             rules: r#"service "web" { policy = "admin" }"#.into(),
             create_index: 0,
             modify_index: 0,
+            replicated: false,
         };
         let e = acl.upsert_policy(bad, 1).unwrap_err();
         assert!(e.to_string().contains("admin"), "{e}");
@@ -512,5 +635,59 @@ mod tests {
         assert!(!elsewhere.allows(Resource::Node("node-a"), Access::Write));
         assert!(!authz.allows(Resource::Node("node-b"), Access::Write));
         assert!(!authz.allows(Resource::Service("api"), Access::Write));
+    }
+
+    #[test]
+    fn a_secondary_keeps_its_own_and_copies_the_primarys_without_changing_them() {
+        let policy = |id: &str, name: &str| AclPolicy {
+            id: id.into(),
+            name: name.into(),
+            description: String::new(),
+            rules: r#"service_prefix "" { policy = "read" }"#.into(),
+            create_index: 0,
+            modify_index: 0,
+            replicated: false,
+        };
+        let mut dc2 = AclState::default();
+        dc2.upsert_policy(policy("p-own", "own"), 1).unwrap();
+        dc2.upsert_token(token("t-own", "own-secret", &["p-own"]), 2)
+            .unwrap();
+        let skipped = dc2.replace_replicated(
+            vec![policy("p-1", "readers"), policy("p-2", "own")],
+            vec![
+                token("t-1", "dc1-secret", &["p-1"]),
+                token("t-2", "own-secret", &[]),
+            ],
+            3,
+        );
+        // A name or a secret of dc2's own is not taken over.
+        assert_eq!(
+            skipped,
+            vec!["policy \"own\"".to_string(), "token t-2".to_string()]
+        );
+        assert!(
+            dc2.token_by_secret("dc1-secret").is_some()
+                && dc2.token_by_secret("own-secret").is_some()
+        );
+        // The copy is not changed here, dc2's own are.
+        assert!(matches!(
+            dc2.delete_policy("p-1"),
+            Err(AclError::Replicated(_))
+        ));
+        assert!(matches!(
+            dc2.delete_token("t-1"),
+            Err(AclError::Replicated(_))
+        ));
+        assert!(matches!(
+            dc2.upsert_policy(policy("p-1", "readers"), 4),
+            Err(AclError::Replicated(_))
+        ));
+        dc2.delete_token("t-own").unwrap();
+        // The next copy replaces the last: a token gone from the primary
+        // is gone here.
+        dc2.replace_replicated(vec![policy("p-1", "readers")], vec![], 5);
+        assert!(dc2.token_by_secret("dc1-secret").is_none());
+        assert_eq!(dc2.replicated().0.len(), 1);
+        assert_eq!(dc2.own().0.len(), 1);
     }
 }

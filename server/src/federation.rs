@@ -143,7 +143,12 @@ async fn store(node: &ServerNode, state: FederationState) {
         let s = node.shared.state.read().expect("state lock");
         s.federation.get(&state.datacenter).cloned()
     };
-    if known.is_some_and(|k| k.same_gateways(&state)) {
+    // Rewritten when the gateways change, or when a datacenter known only
+    // from the configuration (`--primary-gateway`, never heard from) is
+    // first heard from.
+    if known
+        .is_some_and(|k| k.same_gateways(&state) && (k.updated_ms != 0 || state.updated_ms == 0))
+    {
         return;
     }
     let dc = state.datacenter.clone();
@@ -157,6 +162,8 @@ async fn store(node: &ServerNode, state: FederationState) {
 /// exchange with the primary.
 pub async fn maintain(node: Arc<ServerNode>, settings: FederationSettings) {
     let mut warned = false;
+    // Failed fetches in a row, per other datacenter.
+    let mut unreachable: std::collections::HashMap<String, u32> = Default::default();
     loop {
         tokio::time::sleep(EXCHANGE_EVERY).await;
         if node.raft.current_leader().await != Some(node.id) {
@@ -164,7 +171,7 @@ pub async fn maintain(node: Arc<ServerNode>, settings: FederationSettings) {
         }
         let own = own_state(&node, now_ms());
         store(&node, own.clone()).await;
-        fetch_remote_instances(&node, &settings).await;
+        fetch_remote_instances(&node, &settings, &mut unreachable).await;
         if settings.primary == node.datacenter {
             continue;
         }
@@ -200,6 +207,9 @@ pub async fn maintain(node: Arc<ServerNode>, settings: FederationSettings) {
                 if let Err(e) = replicate_policy(&node, &settings).await {
                     tracing::warn!(primary = %settings.primary, "replicating intentions and config entries: {e}");
                 }
+                if let Err(e) = replicate_acl(&node, &settings).await {
+                    tracing::warn!(primary = %settings.primary, "replicating ACL policies and tokens: {e}");
+                }
             }
             Err(e) if !warned => {
                 tracing::warn!(primary = %settings.primary, "federation exchange failed: {e}");
@@ -214,7 +224,11 @@ pub async fn maintain(node: Arc<ServerNode>, settings: FederationSettings) {
 
 /// Fetches every other datacenter's instances through this datacenter's
 /// gateways, and stores those that changed.
-async fn fetch_remote_instances(node: &ServerNode, settings: &FederationSettings) {
+async fn fetch_remote_instances(
+    node: &ServerNode,
+    settings: &FederationSettings,
+    unreachable: &mut std::collections::HashMap<String, u32>,
+) {
     let others: Vec<String> = {
         let s = node.shared.state.read().expect("state lock");
         s.federation
@@ -229,10 +243,9 @@ async fn fetch_remote_instances(node: &ServerNode, settings: &FederationSettings
             for via in local_gateways(node) {
                 let channel =
                     channel_via(&settings.client_tls, &dc, via).map_err(|e| e.to_string())?;
-                match FederationClient::new(channel)
-                    .instances(proto::Empty {})
-                    .await
-                {
+                let mut client =
+                    FederationClient::new(channel).max_decoding_message_size(MAX_REPLY);
+                match client.instances(proto::Empty {}).await {
                     Ok(reply) => return Ok(reply.into_inner()),
                     Err(status) => last = format!("through {via}: {}", status.message()),
                 }
@@ -246,10 +259,16 @@ async fn fetch_remote_instances(node: &ServerNode, settings: &FederationSettings
                 continue;
             }
             Err(e) => {
-                tracing::debug!(datacenter = %dc, "fetching instances: {e}");
+                let failed = unreachable.entry(dc.clone()).or_default();
+                *failed += 1;
+                tracing::debug!(datacenter = %dc, failed = *failed, "fetching instances: {e}");
+                if *failed == STALE_AFTER {
+                    forget_health(node, &dc, &e).await;
+                }
                 continue;
             }
         };
+        unreachable.remove(&dc);
         let mut instances = Vec::with_capacity(reply.instances.len());
         for i in reply.instances {
             match weft_api::convert::instance_from_proto(i) {
@@ -276,6 +295,41 @@ async fn fetch_remote_instances(node: &ServerNode, settings: &FederationSettings
             Ok(_) => tracing::debug!(datacenter = %dc, count, "remote instances stored"),
             Err(e) => tracing::warn!(datacenter = %dc, "storing remote instances: {e}"),
         }
+    }
+}
+
+/// Failed fetches in a row after which another datacenter's instances no
+/// longer count as passing (failover must not pick a datacenter that is
+/// gone, nor prefer it to the next one).
+const STALE_AFTER: u32 = 3;
+/// The largest answer taken from another datacenter's servers.
+const MAX_REPLY: usize = 64 << 20;
+
+/// Marks every instance of `dc` critical: it could not be asked.
+async fn forget_health(node: &ServerNode, dc: &str, why: &str) {
+    let instances: Vec<_> = {
+        let s = node.shared.state.read().expect("state lock");
+        s.remote.get(dc).cloned().unwrap_or_default()
+    };
+    if instances.iter().all(|i| i.health == HealthStatus::Critical) {
+        return;
+    }
+    let instances = instances
+        .into_iter()
+        .map(|mut i| {
+            i.health = HealthStatus::Critical;
+            i
+        })
+        .collect();
+    tracing::warn!(datacenter = %dc, "its servers cannot be reached ({why}): its instances count as critical");
+    if let Err(e) = node
+        .write(Command::SetRemoteInstances {
+            datacenter: dc.to_string(),
+            instances,
+        })
+        .await
+    {
+        tracing::warn!(datacenter = %dc, "marking its instances critical: {e}");
     }
 }
 
@@ -379,34 +433,47 @@ impl Federation for FederationService {
         req: Request<proto::Empty>,
     ) -> Result<Response<proto::RemoteInstances>, Status> {
         caller_datacenter(&req)?;
-        let s = self.node.shared.state.read().expect("state lock");
-        let mut instances = Vec::new();
-        for i in s.instances.values().flat_map(|m| m.values()) {
-            let Some(n) = s.nodes.get(&i.node) else {
-                continue;
-            };
-            // Gateways are found by the federation state; external nodes'
-            // instances have no agent to tunnel to.
-            if i.service == weft_api::gateway::SERVICE || weft_api::catalog_register::is_external(n)
-            {
-                continue;
+        // The leader's state, as of now (a lagging server would answer
+        // with an old or empty catalog).
+        let node = &self.node;
+        let built = crate::grpc::read(node, Some(proto::ReadOptions::default()), |s| {
+            let mut instances = Vec::new();
+            for i in s.instances.values().flat_map(|m| m.values()) {
+                let Some(n) = s.nodes.get(&i.node) else {
+                    continue;
+                };
+                // Gateways are found by the federation state; external nodes'
+                // instances have no agent to tunnel to.
+                if i.service == weft_api::gateway::SERVICE
+                    || weft_api::catalog_register::is_external(n)
+                {
+                    continue;
+                }
+                if instances.len() == weft_api::federation::MAX_REMOTE_INSTANCES {
+                    return Err(Status::resource_exhausted(format!(
+                        "datacenter {} has more than {} instances to share",
+                        node.datacenter,
+                        weft_api::federation::MAX_REMOTE_INSTANCES
+                    )));
+                }
+                // What other datacenters route by: no check output or indexes
+                // (they would change the copy, and its Raft write, on every
+                // check run).
+                let mut i = i.clone();
+                if n.health == HealthStatus::Critical {
+                    i.health = HealthStatus::Critical;
+                }
+                i.check_output.clear();
+                i.create_index = 0;
+                i.modify_index = 0;
+                instances.push(weft_api::convert::instance_to_proto(&i));
             }
-            if instances.len() == weft_api::federation::MAX_REMOTE_INSTANCES {
-                return Err(Status::resource_exhausted(format!(
-                    "datacenter {} has more than {} instances to share",
-                    self.node.datacenter,
-                    weft_api::federation::MAX_REMOTE_INSTANCES
-                )));
-            }
-            let mut i = i.clone();
-            if n.health == HealthStatus::Critical {
-                i.health = HealthStatus::Critical;
-            }
-            instances.push(weft_api::convert::instance_to_proto(&i));
-        }
+            Ok(instances)
+        })
+        .await??;
         Ok(Response::new(proto::RemoteInstances {
-            datacenter: self.node.datacenter.clone(),
-            instances,
+            datacenter: node.datacenter.clone(),
+            instances: built,
         }))
     }
 
@@ -421,19 +488,46 @@ impl Federation for FederationService {
                 self.node.datacenter, self.primary
             )));
         }
-        let s = self.node.shared.state.read().expect("state lock");
-        Ok(Response::new(proto::PolicySnapshot {
-            intentions: s
-                .all_intentions()
-                .map(weft_api::convert::intention_to_proto)
-                .collect(),
-            config_entries: s
-                .config
-                .values()
-                .flat_map(|m| m.values())
-                .map(crate::grpc::config::entry_to_proto)
-                .collect(),
-        }))
+        // The leader's state, as of now: a lagging or just-restored server
+        // must not hand secondaries an old (or empty) policy.
+        let snapshot = crate::grpc::read(&self.node, Some(proto::ReadOptions::default()), |s| {
+            proto::PolicySnapshot {
+                intentions: s
+                    .all_intentions()
+                    .map(weft_api::convert::intention_to_proto)
+                    .collect(),
+                config_entries: s
+                    .config
+                    .values()
+                    .flat_map(|m| m.values())
+                    .map(crate::grpc::config::entry_to_proto)
+                    .collect(),
+            }
+        })
+        .await?;
+        Ok(Response::new(snapshot))
+    }
+
+    async fn acl(
+        &self,
+        req: Request<proto::Empty>,
+    ) -> Result<Response<proto::AclReplication>, Status> {
+        caller_datacenter(&req)?;
+        if self.node.datacenter != self.primary {
+            return Err(Status::failed_precondition(format!(
+                "datacenter {} is not the primary ({})",
+                self.node.datacenter, self.primary
+            )));
+        }
+        let (policies, tokens) =
+            crate::grpc::read(&self.node, Some(proto::ReadOptions::default()), |s| {
+                s.acl.own()
+            })
+            .await?;
+        let json =
+            serde_json::to_vec(&serde_json::json!({ "policies": policies, "tokens": tokens }))
+                .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(proto::AclReplication { json }))
     }
 
     async fn ca(
@@ -494,7 +588,8 @@ async fn replicate_policy(node: &ServerNode, settings: &FederationSettings) -> R
     for via in local_gateways(node) {
         let channel =
             channel_via(&settings.client_tls, &settings.primary, via).map_err(|e| e.to_string())?;
-        match FederationClient::new(channel).policy(proto::Empty {}).await {
+        let mut client = FederationClient::new(channel).max_decoding_message_size(MAX_REPLY);
+        match client.policy(proto::Empty {}).await {
             Ok(r) => {
                 reply = Some(r.into_inner());
                 break;
@@ -552,6 +647,90 @@ async fn replicate_policy(node: &ServerNode, settings: &FederationSettings) -> R
         intentions = n,
         config_entries = m,
         "replicated the primary's intentions and config entries"
+    );
+    Ok(())
+}
+
+/// A secondary copies the primary's ACL policies and tokens, when they
+/// differ from its copy; its own stay as they are.
+async fn replicate_acl(node: &ServerNode, settings: &FederationSettings) -> Result<(), String> {
+    #[derive(serde::Deserialize)]
+    struct Replicated {
+        policies: Vec<crate::acl::AclPolicy>,
+        tokens: Vec<crate::acl::AclToken>,
+    }
+    let mut last = String::from("no passing mesh-gateway");
+    let mut reply = None;
+    for via in local_gateways(node) {
+        let channel =
+            channel_via(&settings.client_tls, &settings.primary, via).map_err(|e| e.to_string())?;
+        let mut client = FederationClient::new(channel).max_decoding_message_size(MAX_REPLY);
+        match client.acl(proto::Empty {}).await {
+            Ok(r) => {
+                reply = Some(r.into_inner());
+                break;
+            }
+            Err(status) => last = format!("through {via}: {}", status.message()),
+        }
+    }
+    let reply = reply.ok_or(last)?;
+    let Replicated {
+        mut policies,
+        mut tokens,
+    } = serde_json::from_slice(&reply.json).map_err(|e| format!("the primary's ACL: {e}"))?;
+    // What would clash with this datacenter's own stays out (the state
+    // leaves it out too), so that the copy is not rewritten every round.
+    {
+        let s = node.shared.state.read().expect("state lock");
+        let (own_p, own_t) = s.acl.own();
+        policies.retain(|p| {
+            p.id != crate::acl::GLOBAL_MANAGEMENT_ID
+                && !own_p.iter().any(|o| o.id == p.id || o.name == p.name)
+        });
+        tokens.retain(|t| {
+            !own_t
+                .iter()
+                .any(|o| o.accessor_id == t.accessor_id || o.secret_hash == t.secret_hash)
+        });
+    }
+    let strip_p = |p: &crate::acl::AclPolicy| crate::acl::AclPolicy {
+        create_index: 0,
+        modify_index: 0,
+        replicated: false,
+        ..p.clone()
+    };
+    let strip_t = |t: &crate::acl::AclToken| crate::acl::AclToken {
+        create_index: 0,
+        modify_index: 0,
+        replicated: false,
+        ..t.clone()
+    };
+    let mut theirs: (Vec<_>, Vec<_>) = (
+        policies.iter().map(strip_p).collect(),
+        tokens.iter().map(strip_t).collect(),
+    );
+    theirs.0.sort_by(|a, b| a.id.cmp(&b.id));
+    theirs.1.sort_by(|a, b| a.accessor_id.cmp(&b.accessor_id));
+    let mut mine = node
+        .shared
+        .state
+        .read()
+        .expect("state lock")
+        .acl
+        .replicated();
+    mine.0.sort_by(|a, b| a.id.cmp(&b.id));
+    mine.1.sort_by(|a, b| a.accessor_id.cmp(&b.accessor_id));
+    if mine == theirs {
+        return Ok(());
+    }
+    let (p, t) = (policies.len(), tokens.len());
+    node.write(Command::ReplicateAcl { policies, tokens })
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        policies = p,
+        tokens = t,
+        "replicated the primary's ACL policies and tokens"
     );
     Ok(())
 }

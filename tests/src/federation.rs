@@ -261,6 +261,60 @@ impl Federation {
         run_bounded(&mut cmd, limit)
     }
 
+    /// `weft ARGS` in datacenter k's LAN against its server, with its
+    /// management token: what it printed, however it ended.
+    pub fn weft_out(&self, k: usize, args: &[&str]) -> anyhow::Result<Output> {
+        self.weft_as(k, &self.dcs[k].token, args)
+    }
+
+    /// `weft ARGS` in datacenter k's LAN against its server, with `token`.
+    pub fn weft_as(&self, k: usize, token: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let addr = format!("--addr={}:8502", self.server_ip(k));
+        let ca = format!("--ca-file={}", self.path("ca.pem").display());
+        let name = format!("--tls-server-name=server.{}.weft", DCS[k]);
+        let mut full = vec![addr.as_str(), ca.as_str(), name.as_str()];
+        full.extend(["--token", token]);
+        full.extend_from_slice(args);
+        self.run_in(self.lan(k), bin("weft"), &full, Duration::from_secs(15))
+    }
+
+    /// `GET path` on datacenter k's server's HTTPS API, with its
+    /// management token: the status and the body.
+    pub fn http_get(&self, k: usize, path: &str) -> anyhow::Result<(u16, String)> {
+        let host = format!("server.{}.weft", DCS[k]);
+        let resolve = format!("{host}:8500:{}", self.server_ip(k));
+        let token = format!("X-Consul-Token: {}", self.dcs[k].token);
+        let url = format!("https://{host}:8500{path}");
+        let ca = self.path("ca.pem").display().to_string();
+        let out = self.run_in(
+            self.lan(k),
+            "curl",
+            &[
+                "-s",
+                "-m",
+                "5",
+                "--cacert",
+                &ca,
+                "--resolve",
+                &resolve,
+                "-H",
+                &token,
+                "-w",
+                "\n%{http_code}",
+                &url,
+            ],
+            Duration::from_secs(10),
+        )?;
+        let (body, code) = out
+            .stdout
+            .rsplit_once('\n')
+            .context("curl printed no status")?;
+        Ok((
+            code.trim().parse().context("curl's status")?,
+            body.to_string(),
+        ))
+    }
+
     /// Runs the `weft` CLI in datacenter k's LAN against its server, with
     /// its management token.
     pub fn weft(&self, k: usize, args: &[&str]) -> anyhow::Result<String> {

@@ -283,7 +283,7 @@ fn a_node_certificate_authenticates_its_node_and_nothing_more() -> anyhow::Resul
         let as_node = connect(chain, key.serialize_pem()).await?;
         let mut catalog = CatalogClient::new(as_node.clone());
         catalog.register_node(node("node-a")).await?;
-        catalog.list_services(ReadOptions { stale: false }).await?;
+        catalog.list_services(ReadOptions::default()).await?;
         let refused = catalog.register_node(node("node-b")).await.unwrap_err();
         assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
         let refused = KvClient::new(as_node)

@@ -68,7 +68,7 @@ async fn read(target: &Target, attempt: &mut usize) -> anyhow::Result<(u64, u64)
             let mut kv = target.kv(*attempt).await?;
             let mut req = tonic::Request::new(KvGetRequest {
                 key: KEY.into(),
-                read: Some(ReadOptions { stale: false }),
+                read: Some(ReadOptions::default()),
             });
             req.set_timeout(Duration::from_secs(5));
             Ok::<_, anyhow::Error>(kv.get(req).await)

@@ -161,6 +161,61 @@ fn two_datacenters_federate_through_their_gateways_only() -> anyhow::Result<()> 
         "node-b's certificate does not chain to dc1's roots: {}",
         verify.describe()
     );
+
+    // ACLs: a policy and token made in the primary work in dc2 once
+    // replicated; dc2 cannot change them, and its own tokens stay.
+    fed.weft(
+        0,
+        &[
+            "acl",
+            "policy",
+            "create",
+            "--name",
+            "catalog-reader",
+            "--rules",
+            r#"service_prefix "" { policy = "read" }"#,
+        ],
+    )?;
+    let created: serde_json::Value = serde_json::from_str(&fed.weft(
+        0,
+        &[
+            "--format",
+            "json",
+            "acl",
+            "token",
+            "create",
+            "--policy",
+            "catalog-reader",
+        ],
+    )?)?;
+    let global = created["secret_id"]
+        .as_str()
+        .context("no secret")?
+        .to_string();
+    wait_until(Duration::from_secs(15), "dc2 to take dc1's token", || {
+        Ok(fed
+            .weft_as(1, &global, &["catalog", "services"])?
+            .success()
+            .then_some(()))
+    })?;
+    let refused = fed.weft_out(1, &["acl", "policy", "delete", "catalog-reader"])?;
+    ensure!(
+        !refused.success() && refused.stderr.contains("primary datacenter's"),
+        "dc2 deleted a replicated policy: {}",
+        refused.describe()
+    );
+    ensure!(
+        fed.weft_out(1, &["catalog", "services"])?.success(),
+        "dc2's own management token stopped working"
+    );
+    // Deleted in the primary, it stops working in dc2 too.
+    let accessor = created["accessor_id"].as_str().context("no accessor")?;
+    fed.weft(0, &["acl", "token", "delete", accessor])?;
+    wait_until(
+        Duration::from_secs(15),
+        "dc2 to drop dc1's deleted token",
+        || Ok((!fed.weft_as(1, &global, &["catalog", "services"])?.success()).then_some(())),
+    )?;
     fed.passed = true;
     Ok(())
 }
@@ -283,6 +338,57 @@ fn dc1_reaches_dc2_through_gateways_fails_over_and_keeps_flowing() -> anyhow::Re
     // And dc1's own api through the plain upstream.
     ensure!(ask(&fed, 9191, "/")?.as_deref() == Some("instance api-dc1"));
 
+    // dc1 knows dc2: `weft members --wan`, `/v1/catalog/datacenters`, and
+    // dc2's catalog and health by `--dc` and `?dc=` (from dc1's copy).
+    let wan: serde_json::Value =
+        serde_json::from_str(&fed.weft(0, &["--format", "json", "members", "--wan"])?)?;
+    let dcs = wan["datacenters"].as_array().context("no datacenters")?;
+    ensure!(dcs.len() == 2, "members --wan: {wan}");
+    ensure!(
+        dcs[0]["name"] == "dc1" && dcs[0]["primary"] == true && dcs[0]["local"] == true,
+        "{wan}"
+    );
+    ensure!(
+        dcs[1]["name"] == "dc2" && dcs[1]["gateways"].as_array().map(Vec::len) == Some(2),
+        "{wan}"
+    );
+    let (status, body) = fed.http_get(0, "/v1/catalog/datacenters")?;
+    ensure!(
+        status == 200 && body.trim() == r#"["dc1","dc2"]"#,
+        "{status} {body}"
+    );
+    let (status, body) = fed.http_get(0, "/v1/health/service/api?dc=dc2&passing")?;
+    let health: serde_json::Value =
+        serde_json::from_str(&body).with_context(|| format!("{status} {body}"))?;
+    ensure!(
+        status == 200
+            && health.as_array().map(Vec::len) == Some(1)
+            && health[0]["Node"]["Datacenter"] == "dc2"
+            && health[0]["Node"]["Node"] == "node-b",
+        "{status} {body}"
+    );
+    let (status, body) = fed.http_get(0, "/v1/kv/x?dc=dc2")?;
+    ensure!(status == 400 && body.contains("catalog"), "{status} {body}");
+    let (status, body) = fed.http_get(0, "/v1/catalog/services?dc=dc9")?;
+    ensure!(
+        status == 400 && body.contains("not a datacenter of this federation"),
+        "{status} {body}"
+    );
+    let service = fed.weft(0, &["catalog", "service", "api", "--dc", "dc2"])?;
+    ensure!(
+        service.contains("node-b") && service.contains("passing"),
+        "{service}"
+    );
+
+    // Intentions and config entries are the primary's: a secondary refuses
+    // to write them, and takes the primary's.
+    let refused = fed.weft_out(1, &["intention", "create", "web", "api", "--deny"])?;
+    ensure!(
+        !refused.success() && refused.stderr.contains("primary datacenter, dc1"),
+        "dc2 took an intention: {}",
+        refused.describe()
+    );
+
     // Failover: when dc1's api fails its check, its resolver sends api to
     // dc2, and back once it passes.
     let resolver = fed.path("api-resolver.hcl");
@@ -317,6 +423,11 @@ fn dc1_reaches_dc2_through_gateways_fails_over_and_keeps_flowing() -> anyhow::Re
         || Ok(ask(&fed, 9192, "/")?.is_none().then_some(())),
     )?;
     eprintln!("deny took effect in {:?}", denied_at.elapsed());
+    // ...and dc2 has it too (its agents enforce it as well).
+    wait_until(Duration::from_secs(10), "dc2 to replicate the deny", || {
+        let list = fed.weft(1, &["intention", "list"])?;
+        Ok((list.contains("web") && list.contains("deny")).then_some(()))
+    })?;
     fed.weft(0, &["intention", "delete", "web", "api"])?;
     wait_until(Duration::from_secs(10), "dc1 -> dc2 again", || {
         ask(&fed, 9192, "/")

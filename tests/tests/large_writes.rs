@@ -47,7 +47,10 @@ async fn len_on(cluster: &Cluster, id: u64, key: &str) -> Option<usize> {
     let entry = kv
         .get(KvGetRequest {
             key: key.into(),
-            read: Some(ReadOptions { stale: true }),
+            read: Some(ReadOptions {
+                stale: true,
+                ..Default::default()
+            }),
         })
         .await
         .ok()?;

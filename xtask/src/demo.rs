@@ -5,7 +5,9 @@
 //! server, two agents in eBPF mode and two workloads; web calls api by name,
 //! an intention denies it, and the agents' metrics show both. The demo prints
 //! every command it runs with its output, and removes everything it made at
-//! the end, also when a step fails or on Ctrl-C.
+//! the end, also when a step fails or on Ctrl-C. With `--datacenters`:
+//! two datacenters federated through mesh gateways, web reaching api in the
+//! other datacenter, and a failover there and back.
 //!
 //! xtask itself does not depend on the weft crates, so that it builds on a
 //! machine without the eBPF toolchain (which `cargo xtask setup` installs).
@@ -29,7 +31,7 @@ fn debug_dir() -> PathBuf {
     target.join("debug")
 }
 
-pub fn run() -> anyhow::Result<()> {
+pub fn run(datacenters: bool) -> anyhow::Result<()> {
     if !is_root() {
         bail!(
             "the demo loads eBPF programs and makes network namespaces and cgroups: run it as root"
@@ -43,6 +45,9 @@ pub fn run() -> anyhow::Result<()> {
     }
     let mut cmd = Command::new(&demo);
     cmd.current_dir(workspace_root());
+    if datacenters {
+        cmd.arg("--datacenters");
+    }
     eprintln!("$ {}", describe(&cmd));
     let exit = cmd.status()?;
     if !exit.success() {

@@ -38,7 +38,12 @@ enum Command {
     /// fmt, clippy, unit tests and the privileged integration tests (root).
     Test,
     /// Run the demo in network namespaces, then clean up (root).
-    Demo,
+    Demo {
+        /// Two datacenters federated through mesh gateways, and a failover
+        /// between them.
+        #[arg(long)]
+        datacenters: bool,
+    },
     /// Per-node overhead and control-plane benchmarks; results in bench/results/ (root).
     Bench {
         /// Fewer and shorter runs (under five minutes).
@@ -67,9 +72,9 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             test::run()
         }
-        Command::Demo => {
+        Command::Demo { datacenters } => {
             setup::run()?;
-            demo::run()
+            demo::run(datacenters)
         }
         Command::Bench { quick } => {
             setup::run()?;

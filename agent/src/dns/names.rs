@@ -271,8 +271,11 @@ fn ptr(reverse: &str, query_type: RecordType, catalog: &dyn DnsCatalog, zone: &Z
     }
     let ip = Ipv4Addr::new(*a, *b, *c, *d);
     let domain = zone.domains.first().map_or("weft", String::as_str);
-    let target = if let Some(service) = catalog.service_by_vip(ip) {
-        format!("{service}.service.{domain}.")
+    let target = if let Some(key) = catalog.service_by_vip(ip) {
+        match weft_api::vip::split_key(&key) {
+            (service, Some(dc)) => format!("{service}.service.{dc}.{domain}."),
+            (service, None) => format!("{service}.service.{domain}."),
+        }
     } else if let Some(node) = catalog.node_by_addr(ip) {
         format!("{node}.node.{}.{domain}.", zone.datacenter)
     } else {

@@ -621,7 +621,7 @@ impl Judge {
             service,
             datacenter,
             mut instances,
-        } = view.instances_of(target);
+        } = view.instances_of(target, &self.ctx.datacenter);
         let tried = tries.failed.lock().expect("tried lock");
         let untried: Vec<_> = instances
             .iter()

@@ -72,7 +72,10 @@ pub fn route_avoiding(
     // The resolver's redirect and failover (to other datacenters too)
     // apply to connections as to requests.
     let start = weft_api::routing::Target::service_in(service, datacenter);
-    let resolved = view.instances_of(&weft_api::routing::resolve(&view.entries, start));
+    let resolved = view.instances_of(
+        &weft_api::routing::resolve(&view.entries, start),
+        &ctx.datacenter,
+    );
     let instances: Vec<&ServiceInstance> = resolved
         .instances
         .into_iter()

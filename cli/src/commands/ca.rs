@@ -27,7 +27,10 @@ pub async fn run(ctx: &Ctx, cmd: CaCmd) -> anyhow::Result<Outcome> {
         CaCmd::Roots => {
             let read = ctx.read_options().unwrap_or_default();
             let roots = ctx
-                .call(|ch| async move { CaClient::new(ch).roots(request(ctx, read)).await })
+                .call(|ch| {
+                    let read = read.clone();
+                    async move { CaClient::new(ch).roots(request(ctx, read)).await }
+                })
                 .await?
                 .into_inner();
             match ctx.format {

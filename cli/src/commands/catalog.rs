@@ -2,7 +2,7 @@
 use clap::Subcommand;
 use serde_json::json;
 use weft_api::proto::catalog_client::CatalogClient;
-use weft_api::proto::{GetServiceRequest, Health};
+use weft_api::proto::{GetServiceRequest, Health, ReadOptions};
 
 use crate::client::{request, Ctx};
 use crate::{output, Outcome};
@@ -12,9 +12,19 @@ pub enum CatalogCmd {
     /// The registered nodes.
     Nodes,
     /// The services, their virtual IPs and instance counts.
-    Services,
+    Services {
+        /// Another datacenter of the federation (as this one last fetched
+        /// it, through the gateways).
+        #[arg(long)]
+        dc: Option<String>,
+    },
     /// One service's instances.
-    Service { name: String },
+    Service {
+        name: String,
+        /// Another datacenter of the federation.
+        #[arg(long)]
+        dc: Option<String>,
+    },
     /// Put a node in maintenance mode (critical: agents stop choosing its
     /// instances) or take it out (Consul's `maint`). Needs node:write.
     Maintenance {
@@ -80,9 +90,10 @@ pub async fn run(ctx: &Ctx, cmd: CatalogCmd) -> anyhow::Result<Outcome> {
         }
         CatalogCmd::Nodes => {
             let list = ctx
-                .call(
-                    |ch| async move { CatalogClient::new(ch).list_nodes(request(ctx, read)).await },
-                )
+                .call(|ch| {
+                    let read = read.clone();
+                    async move { CatalogClient::new(ch).list_nodes(request(ctx, read)).await }
+                })
                 .await?
                 .into_inner();
             let rows = list
@@ -110,12 +121,19 @@ pub async fn run(ctx: &Ctx, cmd: CatalogCmd) -> anyhow::Result<Outcome> {
                 json,
             );
         }
-        CatalogCmd::Services => {
+        CatalogCmd::Services { dc } => {
+            let read = ReadOptions {
+                datacenter: dc.unwrap_or_default(),
+                ..read
+            };
             let list = ctx
-                .call(|ch| async move {
-                    CatalogClient::new(ch)
-                        .list_services(request(ctx, read))
-                        .await
+                .call(|ch| {
+                    let read = read.clone();
+                    async move {
+                        CatalogClient::new(ch)
+                            .list_services(request(ctx, read))
+                            .await
+                    }
                 })
                 .await?
                 .into_inner();
@@ -137,10 +155,13 @@ pub async fn run(ctx: &Ctx, cmd: CatalogCmd) -> anyhow::Result<Outcome> {
             })).collect::<Vec<_>>());
             output::print(ctx, &["SERVICE", "VIP", "INSTANCES", "PASSING"], rows, json);
         }
-        CatalogCmd::Service { name } => {
+        CatalogCmd::Service { name, dc } => {
             let req = GetServiceRequest {
                 name,
-                read: ctx.read_options(),
+                read: ctx.read_options().map(|r| ReadOptions {
+                    datacenter: dc.unwrap_or_default(),
+                    ..r
+                }),
             };
             let svc = ctx
                 .call(|ch| {

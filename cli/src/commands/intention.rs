@@ -125,7 +125,10 @@ pub async fn run(ctx: &Ctx, cmd: IntentionCmd) -> anyhow::Result<Outcome> {
         IntentionCmd::List => {
             let read = ctx.read_options().unwrap_or_default();
             let list = ctx
-                .call(|ch| async move { IntentionsClient::new(ch).list(request(ctx, read)).await })
+                .call(|ch| {
+                    let read = read.clone();
+                    async move { IntentionsClient::new(ch).list(request(ctx, read)).await }
+                })
                 .await?
                 .into_inner();
             let mut intentions = list

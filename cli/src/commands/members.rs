@@ -44,3 +44,63 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Outcome> {
     );
     Ok(Outcome::Ok)
 }
+
+/// `weft members --wan`: the datacenters of the federation, which is the
+/// primary, their gateways and when those last changed (`never`: known
+/// only from `--primary-gateway`).
+pub async fn wan(ctx: &Ctx) -> anyhow::Result<Outcome> {
+    let list = ctx
+        .call(|ch| async move {
+            OperatorClient::new(ch)
+                .datacenters(request(ctx, Empty {}))
+                .await
+        })
+        .await?
+        .into_inner();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let age = |ms: i64| {
+        if ms == 0 {
+            "never".to_string()
+        } else {
+            format!("{}s ago", (now_ms - ms).max(0) / 1000)
+        }
+    };
+    let rows = list
+        .datacenters
+        .iter()
+        .map(|d| {
+            let role = match (d.primary, d.local) {
+                (true, true) => "primary (here)",
+                (true, false) => "primary",
+                (false, true) => "secondary (here)",
+                (false, false) => "secondary",
+            };
+            vec![
+                d.name.clone(),
+                role.to_string(),
+                d.gateways.join(","),
+                age(d.updated_ms),
+                if d.local {
+                    "-".to_string()
+                } else {
+                    d.instances.to_string()
+                },
+            ]
+        })
+        .collect();
+    let json = json!({
+        "datacenters": list.datacenters.iter().map(|d| json!({
+            "name": d.name, "primary": d.primary, "local": d.local,
+            "gateways": d.gateways, "updated_ms": d.updated_ms, "instances": d.instances,
+        })).collect::<Vec<_>>(),
+    });
+    output::print(
+        ctx,
+        &["DATACENTER", "ROLE", "GATEWAYS", "CHANGED", "INSTANCES"],
+        rows,
+        json,
+    );
+    Ok(Outcome::Ok)
+}

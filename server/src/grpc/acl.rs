@@ -177,6 +177,7 @@ pub async fn bootstrap(node: &ServerNode) -> Result<(String, Secret), Status> {
         node_identities: vec![],
         create_index: 0,
         modify_index: 0,
+        replicated: false,
     };
     let accessor = token.accessor_id.clone();
     node.write(Command::AclBootstrap(token))
@@ -225,6 +226,7 @@ impl Acl for AclApi {
             rules: p.rules,
             create_index: 0,
             modify_index: 0,
+            replicated: false,
         };
         let what = format!("acl policy {}", policy.name);
         write(&self.0, &caller, &what, Command::AclPolicyUpsert(policy)).await?;
@@ -339,6 +341,7 @@ impl Acl for AclApi {
                 .collect(),
             create_index: created,
             modify_index: 0,
+            replicated: false,
         };
         let what = format!("acl token {accessor}");
         write(&self.0, &caller, &what, Command::AclTokenUpsert(token)).await?;

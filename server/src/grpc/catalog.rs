@@ -7,6 +7,7 @@
 //! service. So a node's token (its node identity) writes only that node,
 //! and a service's token only that service. Lists are filtered to what the
 //! token may read (instances need read on their service and on their node).
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -283,7 +284,38 @@ impl Catalog for CatalogApi {
     ) -> Result<Response<proto::ServiceList>, Status> {
         let caller = caller(&self.0, &req).await?;
         caller.require_any_read(ResourceKind::Service)?;
-        let list = read(&self.0, Some(req.into_inner()), |s| proto::ServiceList {
+        let options = req.into_inner();
+        if let Some(dc) = remote_dc(&self.0, &options)? {
+            let list = read(&self.0, Some(options), |s| {
+                let mut by_name: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+                for i in s.remote.get(&dc).into_iter().flatten() {
+                    if caller.can(Resource::Service(&i.service), Access::Read) {
+                        let e = by_name.entry(i.service.as_str()).or_default();
+                        e.0 += 1;
+                        e.1 += u32::from(i.health == HealthStatus::Passing);
+                    }
+                }
+                proto::ServiceList {
+                    services: by_name
+                        .into_iter()
+                        .map(|(name, (instances, passing))| proto::ServiceSummary {
+                            vip: s
+                                .vips
+                                .get(&weft_api::vip::remote_key(name, &dc))
+                                .map(|v| v.to_string())
+                                .unwrap_or_default(),
+                            name: name.to_string(),
+                            instances,
+                            passing,
+                        })
+                        .collect(),
+                    index: s.index,
+                }
+            })
+            .await?;
+            return Ok(Response::new(list));
+        }
+        let list = read(&self.0, Some(options), |s| proto::ServiceList {
             services: s
                 .service_names()
                 .into_iter()
@@ -318,6 +350,37 @@ impl Catalog for CatalogApi {
         let r = req.into_inner();
         let name = r.name;
         caller.require(Resource::Service(&name), Access::Read)?;
+        if let Some(dc) = r
+            .read
+            .as_ref()
+            .map(|o| remote_dc(&self.0, o))
+            .transpose()?
+            .flatten()
+        {
+            let service = read(&self.0, r.read, |s| {
+                let instances: Vec<_> = s
+                    .remote
+                    .get(&dc)
+                    .into_iter()
+                    .flatten()
+                    .filter(|i| i.service == name)
+                    .map(instance_to_proto)
+                    .collect();
+                (!instances.is_empty()).then(|| proto::Service {
+                    name: name.clone(),
+                    vip: s
+                        .vips
+                        .get(&weft_api::vip::remote_key(&name, &dc))
+                        .map(|v| v.to_string())
+                        .unwrap_or_default(),
+                    instances,
+                })
+            })
+            .await?;
+            return service.map(Response::new).ok_or_else(|| {
+                Status::not_found(format!("service {name:?} has no instance in {dc}"))
+            });
+        }
         let service = read(&self.0, r.read, |s| {
             let vip = s.vips.get(&name)?;
             Some(proto::Service {
@@ -335,6 +398,28 @@ impl Catalog for CatalogApi {
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("service {name:?} is not registered")))
     }
+}
+
+/// The other datacenter a read asks for, if any: it must be one of the
+/// federation.
+fn remote_dc(node: &ServerNode, options: &proto::ReadOptions) -> Result<Option<String>, Status> {
+    let dc = options.datacenter.as_str();
+    if dc.is_empty() || dc == node.datacenter {
+        return Ok(None);
+    }
+    let known = node
+        .shared
+        .state
+        .read()
+        .expect("state lock")
+        .federation
+        .contains_key(dc);
+    if !known {
+        return Err(Status::invalid_argument(format!(
+            "datacenter {dc:?} is not a datacenter of this federation"
+        )));
+    }
+    Ok(Some(dc.to_string()))
 }
 
 /// As in Consul: replacing an instance that is another service's needs

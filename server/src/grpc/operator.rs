@@ -40,6 +40,37 @@ pub fn settle_leader(members: &mut [proto::Member]) -> u64 {
 
 #[tonic::async_trait]
 impl Operator for OperatorApi {
+    async fn datacenters(
+        &self,
+        req: Request<proto::Empty>,
+    ) -> Result<Response<proto::DatacenterList>, Status> {
+        caller(&self.0, &req)
+            .await?
+            .require(Resource::Operator, Access::Read)?;
+        let node = &self.0;
+        let s = node.shared.state.read().expect("state lock");
+        let mut names: std::collections::BTreeSet<&str> =
+            s.federation.keys().map(String::as_str).collect();
+        names.insert(node.datacenter.as_str());
+        let datacenters = names
+            .into_iter()
+            .map(|name| {
+                let state = s.federation.get(name);
+                proto::Datacenter {
+                    name: name.to_string(),
+                    primary: name == node.primary_datacenter,
+                    local: name == node.datacenter,
+                    gateways: state
+                        .map(|f| f.gateways.iter().map(|g| g.to_string()).collect())
+                        .unwrap_or_default(),
+                    updated_ms: state.map_or(0, |f| f.updated_ms),
+                    instances: s.remote.get(name).map_or(0, |r| r.len() as u32),
+                }
+            })
+            .collect();
+        Ok(Response::new(proto::DatacenterList { datacenters }))
+    }
+
     async fn members(
         &self,
         req: Request<proto::Empty>,

@@ -185,7 +185,7 @@ fn remote_to_proto(
         datacenter: dc.to_string(),
         instances: instances
             .iter()
-            .filter(|i| caller.can(Resource::Service(&i.service), Access::Read))
+            .filter(|i| may_read_instance(caller, i))
             .map(instance_to_proto)
             .collect(),
     }

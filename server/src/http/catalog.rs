@@ -27,6 +27,20 @@ pub const NODE_CHECK: &str = "serfHealth";
 
 pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str) -> Answer {
     only(call, Method::GET)?;
+    if path == "/v1/catalog/datacenters" {
+        // Consul's shape: the names, this datacenter first.
+        call.only_params(&[])?;
+        call.caller(node).await?;
+        let s = node.shared.state.read().expect("state lock");
+        let mut names = vec![node.datacenter.clone()];
+        names.extend(
+            s.federation
+                .keys()
+                .filter(|d| **d != node.datacenter)
+                .cloned(),
+        );
+        return Ok(json_at(s.index, &names));
+    }
     if path == "/v1/catalog/services" {
         call.only_params(&[])?;
         let caller = call.caller(node).await?;

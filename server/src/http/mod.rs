@@ -26,6 +26,7 @@ mod catalog_write;
 mod config;
 mod intentions;
 mod kv;
+mod remote;
 mod session;
 mod snapshot;
 mod status;
@@ -141,6 +142,8 @@ pub struct Call {
     /// blocking query's `?index=` and `?wait=`.
     stale: bool,
     block: Option<(u64, Duration)>,
+    /// `?dc=` naming another datacenter ([`remote`]).
+    remote_dc: Option<String>,
     /// See [`Call::index`].
     read_index: std::sync::atomic::AtomicU64,
     /// The share of the body budget this request's body holds.
@@ -202,7 +205,10 @@ impl Call {
     /// How to read: from this server's state with `?stale`, else
     /// linearizable (Consul's `?consistent`, which is also the default).
     pub fn read(&self) -> Option<weft_api::proto::ReadOptions> {
-        Some(weft_api::proto::ReadOptions { stale: self.stale })
+        Some(weft_api::proto::ReadOptions {
+            stale: self.stale,
+            ..Default::default()
+        })
     }
 
     /// A blocking query (`?index=N[&wait=5m]`): returns once the state's
@@ -328,11 +334,10 @@ async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, Ht
             "stale and consistent: one or the other",
         ));
     }
-    if let Some(dc) = dc.filter(|dc| *dc != node.datacenter) {
-        return Err(HttpError::bad_request(format!(
-            "dc {dc:?}: this cluster is datacenter {:?}; ask that datacenter's servers (?dc= is not forwarded yet)",
-            node.datacenter
-        )));
+    let remote_dc = dc.filter(|dc| *dc != node.datacenter);
+    if let Some(dc) = &remote_dc {
+        weft_api::names::validate_name(dc)
+            .map_err(|e| HttpError::bad_request(format!("dc {dc:?}: {e}")))?;
     }
     let block = blocking(index.as_deref(), wait.as_deref())?;
     if block.is_some() && parts.method != Method::GET {
@@ -411,6 +416,7 @@ async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, Ht
         _budget: budget,
         stale,
         block,
+        remote_dc,
         read_index: Default::default(),
     })
 }
@@ -516,6 +522,9 @@ async fn route(node: &Arc<ServerNode>, call: &Call) -> Answer {
     let index = node.shared.state.read().expect("state lock").index;
     call.read_index
         .store(index, std::sync::atomic::Ordering::Release);
+    if let Some(dc) = &call.remote_dc {
+        return remote::route(node, call, path, dc).await;
+    }
     if path == "/" || path == "/ui" || path.starts_with("/ui/") {
         return ui::asset(call);
     }

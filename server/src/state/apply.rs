@@ -354,18 +354,35 @@ impl State {
                         "datacenter {datacenter} is not in the federation"
                     )));
                 }
-                // Each remote service gets a virtual IP of its own here
-                // (`api.service.dc2.weft`), kept as local ones are.
-                let mut changes = Vec::new();
+                // Another datacenter's answer is checked as a registration
+                // here would be (names are DNS labels: no dots).
+                for i in &instances {
+                    weft_api::catalog::validate_service_instance(i).map_err(|e| {
+                        invalid(format!("datacenter {datacenter}: instance {:?}: {e}", i.id))
+                    })?;
+                }
                 let services: BTreeSet<&str> =
                     instances.iter().map(|i| i.service.as_str()).collect();
-                for service in services {
-                    let key = weft_api::vip::remote_key(service, &datacenter);
-                    if !self.vips.contains_key(&key) {
-                        let vip = self.allocate_vip()?;
-                        self.vips.insert(key.clone(), vip);
-                        changes.push(Change::VipAssigned { service: key, vip });
-                    }
+                if services.len() > weft_api::federation::MAX_REMOTE_SERVICES {
+                    return Err(invalid(format!(
+                        "datacenter {datacenter}: {} services, at most {} are kept of another datacenter",
+                        services.len(),
+                        weft_api::federation::MAX_REMOTE_SERVICES
+                    )));
+                }
+                // Each remote service gets a virtual IP of its own here
+                // (`api.service.dc2.weft`), kept as local ones are; all or
+                // none, before anything changes.
+                let new: Vec<String> = services
+                    .iter()
+                    .map(|service| weft_api::vip::remote_key(service, &datacenter))
+                    .filter(|key| !self.vips.contains_key(key))
+                    .collect();
+                let vips = self.allocate_vips(new.len())?;
+                let mut changes = Vec::new();
+                for (key, vip) in new.into_iter().zip(vips) {
+                    self.vips.insert(key.clone(), vip);
+                    changes.push(Change::VipAssigned { service: key, vip });
                 }
                 self.remote.insert(datacenter.clone(), instances.clone());
                 changes.push(Change::Remote {
@@ -378,6 +395,16 @@ impl State {
                 intentions,
                 entries,
             } => Ok(self.replace_policy(intentions, entries, index)),
+            Command::ReplicateAcl { policies, tokens } => {
+                let skipped = self.acl.replace_replicated(policies, tokens, index);
+                if !skipped.is_empty() {
+                    tracing::warn!(
+                        ?skipped,
+                        "the primary's ACL entries that clash with this datacenter's own are left out"
+                    );
+                }
+                Ok(vec![Change::Acl])
+            }
             Command::CaFederate(ca) => {
                 if ca.intermediate.is_none() || ca.roots.iter().any(|r| !r.key.expose().is_empty())
                 {
@@ -763,6 +790,26 @@ impl State {
         self.endpoints.insert(&instance);
         changes.push(Change::InstanceUpsert(instance));
         Ok(changes)
+    }
+
+    /// `n` free virtual IPs at once (one pass over those in use), or none.
+    fn allocate_vips(&self, n: usize) -> Result<Vec<Ipv4Addr>, ApplyError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let cidr = match &self.vip_cidr {
+            Some(text) => text.parse::<Cidr>().map_err(invalid)?,
+            None => Cidr::default_vip(),
+        };
+        let mut in_use: BTreeSet<Ipv4Addr> = self.vips.values().copied().collect();
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let vip = next_free_vip(&cidr, &in_use)
+                .map_err(|e| ApplyError::VipExhausted(e.to_string()))?;
+            in_use.insert(vip);
+            out.push(vip);
+        }
+        Ok(out)
     }
 
     fn allocate_vip(&self) -> Result<Ipv4Addr, ApplyError> {
@@ -1212,6 +1259,7 @@ mod tests {
             node_identities: vec![],
             create_index: 0,
             modify_index: 0,
+            replicated: false,
         };
         state.apply(Command::AclBootstrap(token), 2);
 

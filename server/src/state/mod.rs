@@ -181,6 +181,12 @@ pub enum Command {
         intentions: Vec<Intention>,
         entries: Vec<ConfigEntry>,
     },
+    /// A secondary's copy of the primary's ACL policies and tokens
+    /// replaced (its own are kept).
+    ReplicateAcl {
+        policies: Vec<crate::acl::AclPolicy>,
+        tokens: Vec<crate::acl::AclToken>,
+    },
     /// A secondary datacenter's CA: the primary's roots and this
     /// datacenter's intermediate, replacing what it had.
     CaFederate(CaState),

@@ -443,6 +443,136 @@ fn hold_for_the_ui(mesh: &Mesh, addr: &str, url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `weft-demo --datacenters`: two datacenters federated through mesh
+/// gateways (explicit mode): dc1's web reaches api in dc2 by an upstream
+/// that names dc2, and its plain api upstream fails over to dc2 when dc1's
+/// api fails, then comes back.
+fn datacenters_demo() -> anyhow::Result<()> {
+    use weft_tests::federation::{DcSpec, Federation};
+    step(
+        "starting two datacenters: dc1 (primary) and dc2, each a server, a node and a mesh gateway",
+    )?;
+    let api = "[[service]]\nname = \"api\"\nport = 8080\naddress = \"NODE\"\n\
+               [[service.check]]\nhttp = \"http://NODE:8080/healthz\"\ninterval = \"1s\"\ntimeout = \"500ms\"\n";
+    let web = "[[service]]\nname = \"web\"\nport = 8000\n\
+               [[service.upstream]]\nname = \"api\"\nlocal_port = 9191\n\
+               [[service.upstream]]\nname = \"api\"\nlocal_port = 9192\ndatacenter = \"dc2\"\n";
+    let mut fed = Federation::start([
+        DcSpec {
+            gateways: 1,
+            services: format!("{web}{api}"),
+            service_names: vec!["web".into(), "api".into()],
+            ebpf: false,
+        },
+        DcSpec {
+            gateways: 1,
+            services: api.to_string(),
+            service_names: vec!["api".into()],
+            ebpf: false,
+        },
+    ])?;
+    fed.passed = true; // the demo prints what it does; no log tails at the end
+    let (api1, api2) = (
+        format!("{}:8080", fed.lan_ip(0, 1)),
+        format!("{}:8080", fed.lan_ip(1, 1)),
+    );
+    say(&format!(
+        "dc1's LAN {}/24 and dc2's LAN {}/24 do not route to each other; only the gateways\n\
+         ({} and {}) share the WAN. dc2's server knew only dc1's gateway's WAN address.",
+        fed.lan_ip(0, 0),
+        fed.lan_ip(1, 0),
+        fed.gateway_wan(0, 0),
+        fed.gateway_wan(1, 0)
+    ));
+    fed.workload(0, "api-dc1", &api1)?;
+    fed.workload(1, "api-dc2", &api2)?;
+    for k in 0..2 {
+        let out = fed.weft(k, &["members", "--wan"])?;
+        show(
+            &format!("dc{} server", k + 1),
+            "weft members --wan",
+            &ok_output(out),
+        );
+    }
+    wait_until(Duration::from_secs(30), "dc1 to see dc2's api", || {
+        let out = fed
+            .weft(0, &["catalog", "service", "api", "--dc", "dc2"])
+            .ok();
+        Ok(out.filter(|o| o.contains("passing")).map(|_| ()))
+    })?;
+    let out = fed.weft(0, &["catalog", "service", "api", "--dc", "dc2"])?;
+    show(
+        "dc1 server",
+        "weft catalog service api --dc dc2",
+        &ok_output(out),
+    );
+
+    step("web in dc1 calls api: its own datacenter's, and dc2's through the gateways")?;
+    let ask = |port: u16| -> anyhow::Result<Output> {
+        let url = format!("http://127.0.0.1:{port}/");
+        let out = fed.curl(0, &["-s", "-m", "3", &url])?;
+        show("dc1 node-a (web)", &format!("curl {url}"), &out);
+        Ok(out)
+    };
+    ask(9191)?;
+    ask(9192)?;
+    let dig = fed.run_in(
+        fed.lan(0),
+        "dig",
+        &["@127.0.0.1", "-p", "8600", "+short", "api.service.dc2.weft"],
+        Duration::from_secs(10),
+    )?;
+    show(
+        "dc1 node-a",
+        "dig @127.0.0.1 -p 8600 +short api.service.dc2.weft",
+        &dig,
+    );
+    say("(a virtual IP dc1 gave dc2's api: in eBPF mode workloads call it by that name)");
+
+    step("failover: api's resolver sends it to dc2 when no instance passes in dc1")?;
+    let resolver = fed.path("api-resolver.hcl");
+    std::fs::write(
+        &resolver,
+        "Kind = \"service-resolver\"\nName = \"api\"\nFailover = { \"*\" = { Datacenters = [\"dc2\"] } }\n",
+    )?;
+    let out = fed.weft(0, &["config", "write", &resolver.display().to_string()])?;
+    show(
+        "dc1 server",
+        "weft config write api-resolver.hcl",
+        &ok_output(out),
+    );
+    let fail = fed.curl(0, &["-s", "-m", "3", &format!("http://{api1}/fail")])?;
+    show(
+        "dc1",
+        &format!("curl http://{api1}/fail   # api-dc1's health check now fails"),
+        &fail,
+    );
+    let to_dc2 = wait_until(Duration::from_secs(20), "api to fail over to dc2", || {
+        let out = fed.curl(0, &["-s", "-m", "3", "http://127.0.0.1:9191/"])?;
+        Ok(out.stdout.contains("api-dc2").then_some(()))
+    });
+    to_dc2?;
+    ask(9191)?;
+    let recover = fed.curl(0, &["-s", "-m", "3", &format!("http://{api1}/recover")])?;
+    show("dc1", &format!("curl http://{api1}/recover"), &recover);
+    wait_until(Duration::from_secs(20), "api to come back to dc1", || {
+        let out = fed.curl(0, &["-s", "-m", "3", "http://127.0.0.1:9191/"])?;
+        Ok(out.stdout.contains("api-dc1").then_some(()))
+    })?;
+    ask(9191)?;
+    step("done: stopping everything and removing the namespaces")?;
+    Ok(())
+}
+
+/// A successful command's output, to print with [`show`].
+fn ok_output(stdout: String) -> Output {
+    Output {
+        status: Some(std::os::unix::process::ExitStatusExt::from_raw(0)),
+        stdout,
+        stderr: String::new(),
+    }
+}
+
 fn main() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -450,11 +580,22 @@ fn main() {
         std::process::exit(2);
     }
     catch_signals();
+    let datacenters = std::env::args().any(|a| a == "--datacenters");
     println!(
-        "weft demo: a service mesh without sidecars, two nodes on this machine.\n\
-         (It cleans up after itself, also on failure or Ctrl-C.)"
+        "weft demo: a service mesh without sidecars, {} on this machine.\n\
+         (It cleans up after itself, also on failure or Ctrl-C.)",
+        if datacenters {
+            "two datacenters"
+        } else {
+            "two nodes"
+        }
     );
-    if let Err(e) = demo() {
+    let run = if datacenters {
+        datacenters_demo()
+    } else {
+        demo()
+    };
+    if let Err(e) = run {
         eprintln!("\nweft demo failed: {e:#}");
         std::process::exit(1);
     }
