@@ -417,6 +417,37 @@ impl View {
         }
     }
 
+    /// How `source`'s tunnels to another datacenter's instances of
+    /// `upstream` are dialed: its `UpstreamConfig` for the upstream, else
+    /// its service-defaults' `MeshGateway`, else proxy-defaults', else
+    /// `local`.
+    pub fn mesh_gateway_mode(
+        &self,
+        source: &str,
+        upstream: &str,
+    ) -> weft_api::config_entry::MeshGatewayMode {
+        if let Some(mode) = self
+            .upstream_settings(source, upstream)
+            .and_then(|s| s.mesh_gateway)
+        {
+            return mode;
+        }
+        if let Some(ConfigEntry::ServiceDefaults(d)) =
+            self.entries.get(EntryKind::ServiceDefaults, source)
+        {
+            if let Some(m) = &d.mesh_gateway {
+                return m.mode;
+            }
+        }
+        let global = weft_api::config_entry::PROXY_DEFAULTS_NAME;
+        match self.entries.get(EntryKind::ProxyDefaults, global) {
+            Some(ConfigEntry::ProxyDefaults(p)) => {
+                p.mesh_gateway.as_ref().map(|m| m.mode).unwrap_or_default()
+            }
+            _ => Default::default(),
+        }
+    }
+
     /// The `LoadBalancer` of `service`'s resolver, if it has one.
     pub fn load_balancer(&self, service: &str) -> Option<&LoadBalancer> {
         self.entries.resolver(service)?.load_balancer.as_ref()
@@ -792,5 +823,43 @@ mod tests {
             })],
         );
         assert!(v.apply(bad).is_err());
+    }
+
+    #[test]
+    fn the_mesh_gateway_mode_is_the_upstreams_then_the_services_then_the_meshs() {
+        use weft_api::config_entry::MeshGatewayMode::{Local, Remote};
+        let entry = |kind: &str, name: &str, json: &str| {
+            P::ConfigUpsert(proto::ConfigEntry {
+                kind: kind.into(),
+                name: name.into(),
+                json: json.into(),
+                ..Default::default()
+            })
+        };
+        let mut v = View::default();
+        assert_eq!(v.mesh_gateway_mode("web", "api"), Local, "the default");
+        v.apply(changes(
+            1,
+            vec![entry(
+                "proxy-defaults",
+                "global",
+                r#"{"Kind":"proxy-defaults","Name":"global","MeshGateway":{"Mode":"remote"}}"#,
+            )],
+        ))
+        .unwrap();
+        assert_eq!(v.mesh_gateway_mode("web", "api"), Remote, "the mesh's");
+        v.apply(changes(
+            2,
+            vec![entry(
+                "service-defaults",
+                "web",
+                r#"{"Kind":"service-defaults","Name":"web","MeshGateway":{"Mode":"local"},
+                   "UpstreamConfig":{"Overrides":[{"Name":"db","MeshGateway":{"Mode":"remote"}}]}}"#,
+            )],
+        ))
+        .unwrap();
+        assert_eq!(v.mesh_gateway_mode("web", "api"), Local, "the service's");
+        assert_eq!(v.mesh_gateway_mode("web", "db"), Remote, "the upstream's");
+        assert_eq!(v.mesh_gateway_mode("other", "api"), Remote, "the mesh's");
     }
 }

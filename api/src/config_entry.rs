@@ -98,6 +98,10 @@ pub struct ServiceDefaults {
     /// How this service's agents treat the services it calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_config: Option<UpstreamConfig>,
+    /// How this service reaches other datacenters' instances (its
+    /// upstreams' own setting wins; proxy-defaults' is the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_gateway: Option<MeshGatewayConfig>,
     /// Consul's `MutualTLSMode`: whether the service's instances accept only
     /// mutual-TLS tunnels from the mesh (`strict`, the default) or also
     /// plaintext through their agent (`permissive`, for migrations).
@@ -156,6 +160,33 @@ pub struct UpstreamDefaults {
     pub limits: Option<Limits>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub passive_health_check: Option<PassiveHealthCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_gateway: Option<MeshGatewayConfig>,
+}
+
+/// Consul's `MeshGateway`: which gateway a tunnel to another datacenter's
+/// instance is dialed to.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct MeshGatewayConfig {
+    #[serde(default)]
+    pub mode: MeshGatewayMode,
+}
+
+/// `local` (the default, also for `""`): one of this datacenter's gateways,
+/// which sends it on to the other datacenter's; `remote`: one of the other
+/// datacenter's gateways directly (the node must reach their WAN
+/// addresses). Consul's `none` (straight to the remote node) is refused:
+/// agents do not know other datacenters' node addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum MeshGatewayMode {
+    #[default]
+    #[serde(rename = "local", alias = "")]
+    Local,
+    #[serde(rename = "remote")]
+    Remote,
+    #[serde(rename = "none")]
+    None,
 }
 
 /// One of `UpstreamConfig.Overrides`: the settings for the upstream `Name`.
@@ -169,6 +200,8 @@ pub struct UpstreamOverride {
     pub limits: Option<Limits>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub passive_health_check: Option<PassiveHealthCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_gateway: Option<MeshGatewayConfig>,
 }
 
 /// Circuit breaking by limits (Consul's `Limits`, Envoy's circuit breaker
@@ -232,6 +265,7 @@ impl UpstreamConfig {
             connect_timeout_ms: o.connect_timeout_ms.or(base.connect_timeout_ms),
             limits: o.limits.or(base.limits),
             passive_health_check: o.passive_health_check.or(base.passive_health_check),
+            mesh_gateway: o.mesh_gateway.or(base.mesh_gateway),
         })
     }
 }
@@ -242,6 +276,7 @@ impl UpstreamDefaults {
             connect_timeout_ms: self.connect_timeout_ms,
             limits: self.limits.as_ref(),
             passive_health_check: self.passive_health_check.as_ref(),
+            mesh_gateway: self.mesh_gateway.as_ref().map(|m| m.mode),
         }
     }
 }
@@ -253,6 +288,7 @@ impl UpstreamOverride {
             connect_timeout_ms: self.connect_timeout_ms,
             limits: self.limits.as_ref(),
             passive_health_check: self.passive_health_check.as_ref(),
+            mesh_gateway: self.mesh_gateway.as_ref().map(|m| m.mode),
         }
     }
 }
@@ -263,6 +299,7 @@ pub struct UpstreamSettings<'a> {
     pub connect_timeout_ms: Option<u64>,
     pub limits: Option<&'a Limits>,
     pub passive_health_check: Option<&'a PassiveHealthCheck>,
+    pub mesh_gateway: Option<MeshGatewayMode>,
 }
 
 impl ServiceDefaults {
@@ -286,6 +323,9 @@ pub struct ProxyDefaults {
     pub meta: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "ProxyConfig::is_empty")]
     pub config: ProxyConfig,
+    /// The mesh's default `MeshGateway` mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_gateway: Option<MeshGatewayConfig>,
     /// Read so that it can be refused by name: a mesh-wide default mode is
     /// not supported yet (set it per service).
     #[serde(
@@ -777,7 +817,6 @@ const CONSUL_FIELDS: &[&str] = &[
     "EnvoyListenerJSON",
     "EnvoyClusterJSON",
     "TransparentProxy",
-    "MeshGateway",
     "Expose",
     "ExternalSNI",
     "BalanceInboundConnections",
@@ -948,6 +987,7 @@ fn validate_proxy_defaults(p: &ProxyDefaults) -> Result<(), ConfigEntryError> {
             "not supported by weft yet on proxy-defaults (set it in each service's service-defaults)",
         ));
     }
+    check_mesh_gateway("MeshGateway", p.mesh_gateway.as_ref().map(|m| m.mode))?;
     if let Some(ms) = p.config.connect_timeout_ms {
         if ms == 0 || ms > MAX_CONNECT_TIMEOUT.as_millis() as u64 {
             return Err(invalid(
@@ -971,7 +1011,19 @@ pub const MAX_RETRIES: u32 = 10;
 /// At most this many `UpstreamConfig.Overrides`.
 pub const MAX_UPSTREAM_OVERRIDES: usize = 256;
 
+/// `MeshGateway.Mode`: `local` or `remote` (see [`MeshGatewayMode`]).
+fn check_mesh_gateway(field: &str, mode: Option<MeshGatewayMode>) -> Result<(), ConfigEntryError> {
+    if mode == Some(MeshGatewayMode::None) {
+        return Err(invalid(
+            format!("{field}.Mode"),
+            "\"none\" (straight to the other datacenter's node) is not supported: agents do not know other datacenters' node addresses; use \"local\" or \"remote\"",
+        ));
+    }
+    Ok(())
+}
+
 fn validate_defaults(d: &ServiceDefaults) -> Result<(), ConfigEntryError> {
+    check_mesh_gateway("MeshGateway", d.mesh_gateway.as_ref().map(|m| m.mode))?;
     let Some(config) = &d.upstream_config else {
         return Ok(());
     };
@@ -999,6 +1051,7 @@ fn validate_defaults(d: &ServiceDefaults) -> Result<(), ConfigEntryError> {
 }
 
 fn validate_upstream(base: &str, s: UpstreamSettings<'_>) -> Result<(), ConfigEntryError> {
+    check_mesh_gateway(&format!("{base}.MeshGateway"), s.mesh_gateway)?;
     if let Some(ms) = s.connect_timeout_ms {
         if ms == 0 || ms > MAX_CONNECT_TIMEOUT.as_millis() as u64 {
             return Err(invalid(

@@ -40,11 +40,27 @@ pub struct DcSpec {
     /// with `cgroup = "NAME"` are mesh workloads, see
     /// [`Federation::exec_as`]) and DNS on `127.0.0.1:53` of the LAN.
     pub ebpf: bool,
+    /// A second node (`node-c` in dc1, `node-d` in dc2) in a namespace of
+    /// its own on the LAN (`.100`): its `[[service]]` blocks (`NODE` is its
+    /// address) and the services its token may register.
+    pub second_node: Option<(String, Vec<String>)>,
+}
+
+/// Where in a datacenter a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// The LAN namespace: the server and the first node.
+    Lan,
+    /// Gateway j's namespace.
+    Gateway(usize),
+    /// The second node's namespace.
+    Second,
 }
 
 struct Dc {
     lan: Netns,
     gateways: Vec<Netns>,
+    second: Option<Netns>,
     procs: Vec<(String, Proc)>,
     token: String,
 }
@@ -163,9 +179,14 @@ impl Federation {
             for j in 0..spec.gateways {
                 gateways.push(Netns::new(&format!("{base}{k}g{j}"))?);
             }
+            let second = match spec.second_node {
+                Some(_) => Some(Netns::new(&format!("{base}{k}n"))?),
+                None => None,
+            };
             dcs.push(Dc {
                 lan,
                 gateways,
+                second,
                 procs: Vec::new(),
                 token: String::new(),
             });
@@ -186,6 +207,9 @@ impl Federation {
                 link_to_bridge(gw, "lan", &fed.lan_ip(k, 2 + j), &dc.lan, &format!("g{j}"))?;
                 link_to_bridge(gw, "wan", &fed.wan_ip(k, j), &fed.wan, &format!("d{k}g{j}"))?;
             }
+            if let Some(second) = &dc.second {
+                link_to_bridge(second, "lan", &fed.lan_ip(k, 100), &dc.lan, "n2")?;
+            }
         }
         let ca = weft_api::tls_certs::create_ca("weft test CA", 2)?;
         std::fs::write(fed.path("ca.pem"), &ca.cert_pem)?;
@@ -203,6 +227,9 @@ impl Federation {
             }
             let node = if k == 0 { "node-a" } else { "node-b" };
             fed.start_node(k, node, spec)?;
+            if let Some((services, names)) = &spec.second_node {
+                fed.start_second(k, services, names)?;
+            }
         }
         fed.wait_federated()?;
         Ok(fed)
@@ -336,18 +363,24 @@ impl Federation {
         Ok(out.stdout)
     }
 
+    /// The namespace of `place` in datacenter k.
+    pub fn ns(&self, k: usize, place: Place) -> &Netns {
+        match place {
+            Place::Lan => &self.dcs[k].lan,
+            Place::Gateway(j) => &self.dcs[k].gateways[j],
+            Place::Second => self.dcs[k].second.as_ref().expect("a second node"),
+        }
+    }
+
     fn spawn(
         &mut self,
         k: usize,
-        ns: Option<usize>,
+        place: Place,
         name: &str,
         cmd: &mut Command,
     ) -> anyhow::Result<()> {
         let log = self.path(&format!("{name}.log"));
-        let ns = match ns {
-            None => &self.dcs[k].lan,
-            Some(j) => &self.dcs[k].gateways[j],
-        };
+        let ns = self.ns(k, place);
         let proc = Proc::spawn_in(ns, cmd, log)?;
         self.dcs[k].procs.push((name.to_string(), proc));
         Ok(())
@@ -403,7 +436,7 @@ impl Federation {
         if k == 1 {
             cmd.arg(format!("--primary-gateway={}", self.gateway_wan(0, 0)));
         }
-        self.spawn(k, None, &format!("{name}-server"), &mut cmd)?;
+        self.spawn(k, Place::Lan, &format!("{name}-server"), &mut cmd)?;
         let token = crate::servers::bootstrap_acl(Duration::from_secs(20), |args| {
             let mut full = vec![
                 format!("--addr={ip}:8502"),
@@ -454,13 +487,7 @@ impl Federation {
         )
     }
 
-    fn start_agent(
-        &mut self,
-        k: usize,
-        ns: Option<usize>,
-        node: &str,
-        toml: String,
-    ) -> anyhow::Result<()> {
+    fn start_agent(&mut self, k: usize, ns: Place, node: &str, toml: String) -> anyhow::Result<()> {
         let config = self.path(&format!("{node}.toml"));
         std::fs::write(&config, toml)?;
         let mut cmd = Command::new(bin("weft-agent"));
@@ -485,7 +512,7 @@ impl Federation {
                 self.gateway_lan(k, j),
                 self.gateway_wan(k, j)
             );
-        self.start_agent(k, Some(j), &node, toml)
+        self.start_agent(k, Place::Gateway(j), &node, toml)
     }
 
     fn start_node(&mut self, k: usize, node: &str, spec: &DcSpec) -> anyhow::Result<()> {
@@ -505,7 +532,19 @@ impl Federation {
         };
         let toml =
             self.agent_toml(k, node, &ip, &token) + &mode + &spec.services.replace("NODE", &ip);
-        self.start_agent(k, None, node, toml)
+        self.start_agent(k, Place::Lan, node, toml)
+    }
+
+    /// The second node's agent (explicit mode), `node-c` in dc1 and
+    /// `node-d` in dc2.
+    fn start_second(&mut self, k: usize, services: &str, names: &[String]) -> anyhow::Result<()> {
+        let node = if k == 0 { "node-c" } else { "node-d" };
+        let token = self.agent_token(k, node, names)?;
+        let ip = self.lan_ip(k, 100);
+        let toml = self.agent_toml(k, node, &ip, &token)
+            + "ebpf = false
+" + &services.replace("NODE", &ip);
+        self.start_agent(k, Place::Second, node, toml)
     }
 
     /// Runs `args` in datacenter k's LAN as a workload of `service` of its
@@ -535,9 +574,21 @@ impl Federation {
     /// Starts `weft-workload ADDR NAME` in datacenter k's LAN and waits
     /// until it answers.
     pub fn workload(&mut self, k: usize, name: &str, addr: &str) -> anyhow::Result<()> {
+        self.workload_in(k, Place::Lan, name, addr)
+    }
+
+    /// [`Federation::workload`] in `place`'s namespace (checked from the
+    /// LAN's).
+    pub fn workload_in(
+        &mut self,
+        k: usize,
+        place: Place,
+        name: &str,
+        addr: &str,
+    ) -> anyhow::Result<()> {
         let mut cmd = Command::new(bin("weft-workload"));
         cmd.args([addr, name]);
-        self.spawn(k, None, &format!("workload-{name}"), &mut cmd)?;
+        self.spawn(k, place, &format!("workload-{name}"), &mut cmd)?;
         let url = format!("http://{addr}/healthz");
         wait_until(Duration::from_secs(10), &format!("workload {name}"), || {
             Ok(self

@@ -85,7 +85,7 @@ const EXAMPLES: &[(&str, Expect)] = &[
     ),
     (
         "service-defaults/upstream-configuration",
-        Refused("MeshGateway: Consul's field, not supported"),
+        Taken(counting_through_the_remote_gateway),
     ),
     (
         "service-defaults/upstream-configuration-enterprise",
@@ -415,6 +415,28 @@ fn web_speaks_http(_: &Docs, entry: &ConfigEntry) -> anyhow::Result<()> {
 /// The service a request to `from` is routed to (with the support entries).
 fn service_for(docs: &Docs, entry: &ConfigEntry, from: &str, request: &Request) -> String {
     route_request(&docs.set_with(entry), from, request, 0.0).service
+}
+
+fn counting_through_the_remote_gateway(_: &Docs, entry: &ConfigEntry) -> anyhow::Result<()> {
+    use weft_api::config_entry::MeshGatewayMode;
+    let ConfigEntry::ServiceDefaults(d) = entry else {
+        bail!("not service-defaults: {entry:?}");
+    };
+    let counting = d.upstream("counting").context("no settings for counting")?;
+    let other = d.upstream("other").context("no default settings")?;
+    ensure!(
+        counting.mesh_gateway == Some(MeshGatewayMode::Remote),
+        "{counting:?}"
+    );
+    ensure!(
+        other.mesh_gateway == Some(MeshGatewayMode::Local),
+        "{other:?}"
+    );
+    ensure!(
+        counting.limits.and_then(|l| l.max_connections) == Some(512),
+        "the override keeps the defaults' limits: {counting:?}"
+    );
+    Ok(())
 }
 
 fn web_dc2_is_web_in_dc2(docs: &Docs, entry: &ConfigEntry) -> anyhow::Result<()> {

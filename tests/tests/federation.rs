@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use weft_tests::federation::{DcSpec, Federation, DCS};
+use weft_tests::federation::{DcSpec, Federation, Place, DCS};
 use weft_tests::mesh::{run_bounded, wait_until};
 use weft_tests::require_root;
 use weft_tests::servers::bin;
@@ -285,24 +285,27 @@ fn dc1_reaches_dc2_through_gateways_fails_over_and_keeps_flowing() -> anyhow::Re
     let web = "[[service]]\nname = \"web\"\nport = 8000\n\
                [[service.upstream]]\nname = \"api\"\nlocal_port = 9191\n\
                [[service.upstream]]\nname = \"api\"\nlocal_port = 9192\ndatacenter = \"dc2\"\n";
+    // dc1: web on node-a, api on node-c; dc2: api on node-b, two gateways.
     let dc1 = DcSpec {
         gateways: 1,
-        services: format!("{web}{}", api_service()),
-        service_names: vec!["web".into(), "api".into()],
+        services: web.to_string(),
+        service_names: vec!["web".into()],
         ebpf: false,
+        second_node: Some((api_service(), vec!["api".into()])),
     };
     let dc2 = DcSpec {
         gateways: 2,
         services: api_service(),
         service_names: vec!["api".into()],
         ebpf: false,
+        second_node: None,
     };
     let mut fed = Federation::start([dc1, dc2])?;
     let (api1, api2) = (
-        format!("{}:8080", fed.lan_ip(0, 1)),
+        format!("{}:8080", fed.lan_ip(0, 100)),
         format!("{}:8080", fed.lan_ip(1, 1)),
     );
-    fed.workload(0, "api-dc1", &api1)?;
+    fed.workload_in(0, Place::Second, "api-dc1", &api1)?;
     fed.workload(1, "api-dc2", &api2)?;
     wait_until(
         Duration::from_secs(30),
@@ -479,12 +482,14 @@ fn a_workload_calls_another_datacenters_service_by_name() -> anyhow::Result<()> 
         services: "[[service]]\nname = \"web\"\nport = 8000\ncgroup = \"web\"\n".into(),
         service_names: vec!["web".into()],
         ebpf: true,
+        second_node: None,
     };
     let dc2 = DcSpec {
         gateways: 1,
         services: api_service(),
         service_names: vec!["api".into()],
         ebpf: false,
+        second_node: None,
     };
     let mut fed = Federation::start([dc1, dc2])?;
     fed.workload(1, "api-dc2", &format!("{}:8080", fed.lan_ip(1, 1)))?;

@@ -179,8 +179,10 @@ enum Forward {
     Routed(Conns),
 }
 
-/// Kept connections to instances, by address.
-type Conns = tokio::sync::Mutex<HashMap<SocketAddr, Arc<Kept>>>;
+/// Kept connections to instances, by the way to them (a local address, or
+/// a tunnel: node and address). Not by address alone: another
+/// datacenter's instance may have the address of a local one.
+type Conns = tokio::sync::Mutex<HashMap<Route, Arc<Kept>>>;
 
 /// A kept connection to an instance, counted against the caller's
 /// `MaxConnections` for as long as it is kept or used.
@@ -730,11 +732,11 @@ impl Judge {
                 }
                 Err((e, Some(unsent))) if !new => {
                     tracing::debug!(%addr, "kept connection closed ({e}): sending on a new one");
-                    conns.lock().await.remove(&addr);
+                    conns.lock().await.remove(&picked.route);
                     request = unsent;
                 }
                 Err((e, _)) => {
-                    conns.lock().await.remove(&addr);
+                    conns.lock().await.remove(&picked.route);
                     self.ctx
                         .report(&self.source, &self.destination, addr, false);
                     return Err((AttemptError::Upstream(e), None));
@@ -754,9 +756,9 @@ impl Judge {
         picked: &Picked,
         fresh: bool,
     ) -> Result<(Arc<Kept>, bool), UpstreamError> {
-        let addr = picked.addr;
+        let key = &picked.route;
         if !fresh {
-            let kept = conns.lock().await.get(&addr).cloned();
+            let kept = conns.lock().await.get(key).cloned();
             if let Some(k) = kept {
                 if !k.upstream.is_closed().await {
                     return Ok((k, false));
@@ -765,7 +767,7 @@ impl Judge {
         }
         // A closed kept connection gives its slot back before a new one
         // takes one.
-        let stale = conns.lock().await.remove(&addr);
+        let stale = conns.lock().await.remove(key);
         drop(stale);
         let slot = (self.ctx).take_slot(&self.source, &self.destination, Gauge::Connections)?;
         let upstream = self.open(&picked.route, picked.timeout).await;
@@ -773,7 +775,7 @@ impl Judge {
             upstream: upstream.map_err(UpstreamError::Connect)?,
             _slot: slot,
         });
-        conns.lock().await.insert(addr, kept.clone());
+        conns.lock().await.insert(key.clone(), kept.clone());
         Ok((kept, true))
     }
 

@@ -29,7 +29,7 @@ use crate::view::View;
 use weft_api::catalog::ServiceInstance;
 
 /// Where a connection goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Route {
     /// An instance on this node.
     Local(SocketAddr),
@@ -177,14 +177,21 @@ pub fn pick(
     let (target, node) = all[pick];
     if let Some(dc) = remote {
         // Another datacenter's node: through one of this datacenter's
-        // gateways, which routes by the SNI naming the node.
-        let gateway = view
-            .local_gateway(rand::random::<u32>() as usize)
-            .ok_or_else(|| {
-                OutboundError::NoInstance(format!(
-                    "{service} in {dc}: no passing mesh-gateway in this datacenter to reach it through"
-                ))
-            })?;
+        // gateways (mode `local`), or straight to one of that datacenter's
+        // (`remote`); either routes by the SNI naming the node.
+        let seed = rand::random::<u32>() as usize;
+        let gateway = match view.mesh_gateway_mode(source, upstream) {
+            weft_api::config_entry::MeshGatewayMode::Remote => {
+                let theirs = view.gateways_of(dc);
+                (!theirs.is_empty()).then(|| theirs[seed % theirs.len()])
+            }
+            _ => view.local_gateway(seed),
+        }
+        .ok_or_else(|| {
+            OutboundError::NoInstance(format!(
+                "{service} in {dc}: no passing mesh-gateway to reach it through"
+            ))
+        })?;
         return Ok(Route::Tunnel {
             node: NodePeer::new(gateway, &view.trust_domain, dc, node),
             target,

@@ -10,6 +10,7 @@ fn defaults(name: &str, protocol: Protocol) -> ConfigEntry {
         meta: Default::default(),
         protocol: Some(protocol),
         upstream_config: None,
+        mesh_gateway: None,
         mutual_tls_mode: MutualTlsMode::Strict,
     })
 }
@@ -365,16 +366,16 @@ fn consuls_hcl_examples_parse_into_the_same_entries() {
 fn consuls_fields_and_kinds_weft_lacks_say_not_supported_yet() {
     for (text, says) in [
         (
-            "Kind = \"service-defaults\"\nName = \"api\"\n[UpstreamConfig.Defaults.MeshGateway]\nMode = \"local\"\n",
-            "MeshGateway: Consul's field, not supported by weft yet",
+            "Kind = \"service-defaults\"\nName = \"api\"\n[UpstreamConfig.Defaults.Expose]\nChecks = true\n",
+            "Expose: Consul's field, not supported by weft yet",
         ),
         (
             "Kind = \"service-defaults\"\nName = \"api\"\nNamespace = \"team-a\"\n",
             "Namespace \"team-a\": not supported by weft yet (only \"default\")",
         ),
         (
-            "kind = \"service-defaults\"\nname = \"api\"\n[upstream_config.defaults]\nmesh_gateway = {}\n",
-            "MeshGateway: Consul's field, not supported by weft yet",
+            "kind = \"service-defaults\"\nname = \"api\"\n[upstream_config.defaults]\nexpose = {}\n",
+            "Expose: Consul's field, not supported by weft yet",
         ),
         (
             "Kind = \"mesh\"\n",
@@ -1256,4 +1257,52 @@ fn num_retries_are_bounded() {
     assert_eq!(validate_entry(&router(MAX_RETRIES), &set), Ok(()));
     let e = validate_entry(&router(MAX_RETRIES + 1), &set).unwrap_err();
     assert_eq!(e.field(), "Routes[0].Destination.NumRetries", "{e}");
+}
+
+#[test]
+fn mesh_gateway_modes_local_and_remote_are_taken_and_none_is_refused() {
+    let entry = |text: &str| parse_entry_file(text, FileFormat::Hcl).unwrap();
+    let ok = entry(
+        "Kind = \"service-defaults\"\nName = \"web\"\nMeshGateway {\n  Mode = \"remote\"\n}\n\
+         UpstreamConfig {\n  Defaults {\n    MeshGateway {\n      Mode = \"local\"\n    }\n  }\n\
+         Overrides = [{ Name = \"api\", MeshGateway = { Mode = \"remote\" } }]\n}\n",
+    );
+    assert_eq!(validate_entry(&ok, &ctx()), Ok(()));
+    let ConfigEntry::ServiceDefaults(d) = &ok else {
+        panic!("{ok:?}")
+    };
+    assert_eq!(
+        d.mesh_gateway.as_ref().unwrap().mode,
+        MeshGatewayMode::Remote
+    );
+    // The override wins for its upstream, the defaults for the others.
+    assert_eq!(
+        d.upstream("api").unwrap().mesh_gateway,
+        Some(MeshGatewayMode::Remote)
+    );
+    assert_eq!(
+        d.upstream("db").unwrap().mesh_gateway,
+        Some(MeshGatewayMode::Local)
+    );
+    let empty =
+        entry("Kind = \"proxy-defaults\"\nName = \"global\"\nMeshGateway { Mode = \"\" }\n");
+    assert_eq!(validate_entry(&empty, &ctx()), Ok(()));
+    for (text, field) in [
+        (
+            "Kind = \"proxy-defaults\"\nName = \"global\"\nMeshGateway {\n  Mode = \"none\"\n}\n",
+            "MeshGateway.Mode",
+        ),
+        (
+            "Kind = \"service-defaults\"\nName = \"web\"\nUpstreamConfig {\n  Overrides = [{ Name = \"api\", MeshGateway = { Mode = \"none\" } }]\n}\n",
+            "UpstreamConfig.Overrides[0].MeshGateway.Mode",
+        ),
+    ] {
+        let e = validate_entry(&entry(text), &ctx()).unwrap_err().to_string();
+        assert!(e.starts_with(field) && e.contains("not supported"), "{e}");
+    }
+    assert!(parse_entry_file(
+        "Kind = \"service-defaults\"\nName = \"web\"\nMeshGateway {\n  Mode = \"sideways\"\n}\n",
+        FileFormat::Hcl
+    )
+    .is_err());
 }

@@ -448,9 +448,9 @@ fn hold_for_the_ui(mesh: &Mesh, addr: &str, url: &str) -> anyhow::Result<()> {
 /// that names dc2, and its plain api upstream fails over to dc2 when dc1's
 /// api fails, then comes back.
 fn datacenters_demo() -> anyhow::Result<()> {
-    use weft_tests::federation::{DcSpec, Federation};
+    use weft_tests::federation::{DcSpec, Federation, Place};
     step(
-        "starting two datacenters: dc1 (primary) and dc2, each a server, a node and a mesh gateway",
+        "starting two datacenters: dc1 (primary: a server, web's node, api's node, a gateway) and dc2 (a server, api's node, a gateway)",
     )?;
     let api = "[[service]]\nname = \"api\"\nport = 8080\naddress = \"NODE\"\n\
                [[service.check]]\nhttp = \"http://NODE:8080/healthz\"\ninterval = \"1s\"\ntimeout = \"500ms\"\n";
@@ -460,20 +460,22 @@ fn datacenters_demo() -> anyhow::Result<()> {
     let mut fed = Federation::start([
         DcSpec {
             gateways: 1,
-            services: format!("{web}{api}"),
-            service_names: vec!["web".into(), "api".into()],
+            services: web.to_string(),
+            service_names: vec!["web".into()],
             ebpf: false,
+            second_node: Some((api.to_string(), vec!["api".into()])),
         },
         DcSpec {
             gateways: 1,
             services: api.to_string(),
             service_names: vec!["api".into()],
             ebpf: false,
+            second_node: None,
         },
     ])?;
     fed.passed = true; // the demo prints what it does; no log tails at the end
     let (api1, api2) = (
-        format!("{}:8080", fed.lan_ip(0, 1)),
+        format!("{}:8080", fed.lan_ip(0, 100)),
         format!("{}:8080", fed.lan_ip(1, 1)),
     );
     say(&format!(
@@ -484,7 +486,7 @@ fn datacenters_demo() -> anyhow::Result<()> {
         fed.gateway_wan(0, 0),
         fed.gateway_wan(1, 0)
     ));
-    fed.workload(0, "api-dc1", &api1)?;
+    fed.workload_in(0, Place::Second, "api-dc1", &api1)?;
     fed.workload(1, "api-dc2", &api2)?;
     for k in 0..2 {
         let out = fed.weft(k, &["members", "--wan"])?;
