@@ -238,20 +238,9 @@ async fn fetch_remote_instances(
             .collect()
     };
     for dc in others {
-        let fetched = async {
-            let mut last = String::from("no passing mesh-gateway");
-            for via in local_gateways(node) {
-                let channel =
-                    channel_via(&settings.client_tls, &dc, via).map_err(|e| e.to_string())?;
-                let mut client =
-                    FederationClient::new(channel).max_decoding_message_size(MAX_REPLY);
-                match client.instances(proto::Empty {}).await {
-                    Ok(reply) => return Ok(reply.into_inner()),
-                    Err(status) => last = format!("through {via}: {}", status.message()),
-                }
-            }
-            Err(last)
-        };
+        let fetched = ask(node, settings, &dc, |mut c| async move {
+            c.instances(proto::Empty {}).await
+        });
         let reply = match fetched.await {
             Ok(reply) if reply.datacenter == dc => reply,
             Ok(reply) => {
@@ -340,28 +329,38 @@ async fn exchange(
     settings: &FederationSettings,
     own: FederationState,
 ) -> Result<Vec<FederationState>, String> {
-    let gateways = local_gateways(node);
-    if gateways.is_empty() {
-        return Err(
-            "this datacenter has no passing mesh-gateway to reach the primary through".into(),
-        );
-    }
-    let mut last = String::new();
-    for via in gateways {
-        let channel =
-            channel_via(&settings.client_tls, &settings.primary, via).map_err(|e| e.to_string())?;
-        match FederationClient::new(channel)
-            .exchange(own.to_proto())
-            .await
-        {
-            Ok(reply) => {
-                return reply
-                    .into_inner()
-                    .states
-                    .iter()
-                    .map(|s| FederationState::from_proto(s).map_err(|e| e.to_string()))
-                    .collect();
-            }
+    let own = own.to_proto();
+    let reply = ask(node, settings, &settings.primary, |mut c| {
+        let own = own.clone();
+        async move { c.exchange(own).await }
+    })
+    .await?;
+    reply
+        .states
+        .iter()
+        .map(|s| FederationState::from_proto(s).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// Calls another datacenter's servers (`dc`) through each of this
+/// datacenter's passing gateways in turn until one answers: the answer, or
+/// why none did.
+async fn ask<T, F, Fut>(
+    node: &ServerNode,
+    settings: &FederationSettings,
+    dc: &str,
+    call: F,
+) -> Result<T, String>
+where
+    F: Fn(FederationClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<Response<T>, Status>>,
+{
+    let mut last = format!("this datacenter has no passing mesh-gateway to reach {dc} through");
+    for via in local_gateways(node) {
+        let channel = channel_via(&settings.client_tls, dc, via).map_err(|e| e.to_string())?;
+        let client = FederationClient::new(channel).max_decoding_message_size(MAX_REPLY);
+        match call(client).await {
+            Ok(reply) => return Ok(reply.into_inner()),
             Err(status) => last = format!("through {via}: {}", status.message()),
         }
     }
@@ -583,21 +582,10 @@ impl Federation for FederationService {
 /// A secondary takes the primary's intentions and config entries as they
 /// are, when they differ from its own.
 async fn replicate_policy(node: &ServerNode, settings: &FederationSettings) -> Result<(), String> {
-    let mut last = String::from("no passing mesh-gateway");
-    let mut reply = None;
-    for via in local_gateways(node) {
-        let channel =
-            channel_via(&settings.client_tls, &settings.primary, via).map_err(|e| e.to_string())?;
-        let mut client = FederationClient::new(channel).max_decoding_message_size(MAX_REPLY);
-        match client.policy(proto::Empty {}).await {
-            Ok(r) => {
-                reply = Some(r.into_inner());
-                break;
-            }
-            Err(status) => last = format!("through {via}: {}", status.message()),
-        }
-    }
-    let reply = reply.ok_or(last)?;
+    let reply = ask(node, settings, &settings.primary, |mut c| async move {
+        c.policy(proto::Empty {}).await
+    })
+    .await?;
     let mut intentions = reply
         .intentions
         .into_iter()
@@ -659,21 +647,10 @@ async fn replicate_acl(node: &ServerNode, settings: &FederationSettings) -> Resu
         policies: Vec<crate::acl::AclPolicy>,
         tokens: Vec<crate::acl::AclToken>,
     }
-    let mut last = String::from("no passing mesh-gateway");
-    let mut reply = None;
-    for via in local_gateways(node) {
-        let channel =
-            channel_via(&settings.client_tls, &settings.primary, via).map_err(|e| e.to_string())?;
-        let mut client = FederationClient::new(channel).max_decoding_message_size(MAX_REPLY);
-        match client.acl(proto::Empty {}).await {
-            Ok(r) => {
-                reply = Some(r.into_inner());
-                break;
-            }
-            Err(status) => last = format!("through {via}: {}", status.message()),
-        }
-    }
-    let reply = reply.ok_or(last)?;
+    let reply = ask(node, settings, &settings.primary, |mut c| async move {
+        c.acl(proto::Empty {}).await
+    })
+    .await?;
     let Replicated {
         mut policies,
         mut tokens,
@@ -755,22 +732,11 @@ fn roots_from(reply: &proto::FederationCaReply) -> Vec<CaRoot> {
 /// roots, and an intermediate signed by the active root, renewed when that
 /// root changes or at half its life.
 async fn follow_primary_ca(node: &ServerNode, settings: &FederationSettings) -> Result<(), String> {
-    let call = |csr: String| async move {
-        let mut last = String::from("no passing mesh-gateway");
-        for via in local_gateways(node) {
-            let channel = channel_via(&settings.client_tls, &settings.primary, via)
-                .map_err(|e| e.to_string())?;
-            match FederationClient::new(channel)
-                .ca(proto::FederationCaRequest {
-                    csr_pem: csr.clone(),
-                })
-                .await
-            {
-                Ok(reply) => return Ok(reply.into_inner()),
-                Err(status) => last = format!("through {via}: {}", status.message()),
-            }
-        }
-        Err(last)
+    let call = |csr_pem: String| {
+        ask(node, settings, &settings.primary, move |mut c| {
+            let csr_pem = csr_pem.clone();
+            async move { c.ca(proto::FederationCaRequest { csr_pem }).await }
+        })
     };
     let reply = call(String::new()).await?;
     let roots = roots_from(&reply);

@@ -94,57 +94,6 @@ pub fn server_datacenter(cert: &CertificateDer<'_>) -> Option<String> {
     dcs.next().is_none().then_some(dc)
 }
 
-/// Accepts client certificates that chain to the CA and name the server
-/// role of exactly one datacenter.
-#[derive(Debug)]
-struct AnyServerVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-}
-
-impl ClientCertVerifier for AnyServerVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        if server_datacenter(end_entity).is_none() {
-            return Err(rustls::Error::General(
-                "client certificate names no server.<dc>.weft: only servers may connect".into(),
-            ));
-        }
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.to_path_buf(),
@@ -177,11 +126,12 @@ fn config(e: impl std::fmt::Display) -> TlsError {
 }
 
 /// Accepts only client certificates that chain to the CA *and* name the
-/// server role of this datacenter.
+/// server role: of this datacenter (`Some`, the Raft port), or of exactly
+/// one datacenter, any (`None`, the federation port).
 #[derive(Debug)]
 struct ServerRoleVerifier {
     inner: Arc<dyn ClientCertVerifier>,
-    role: ServerName<'static>,
+    role: Option<ServerName<'static>>,
 }
 
 impl ClientCertVerifier for ServerRoleVerifier {
@@ -197,15 +147,22 @@ impl ClientCertVerifier for ServerRoleVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
+        let Some(role) = &self.role else {
+            if server_datacenter(end_entity).is_none() {
+                return Err(rustls::Error::General(
+                    "client certificate names no server.<dc>.weft: only servers may connect".into(),
+                ));
+            }
+            return Ok(ClientCertVerified::assertion());
+        };
         let cert = webpki::EndEntityCert::try_from(end_entity)
             .map_err(|e| rustls::Error::General(format!("client certificate: {e}")))?;
-        cert.verify_is_valid_for_subject_name(&self.role)
-            .map_err(|_| {
-                rustls::Error::General(format!(
-                    "client certificate does not name {:?}: only servers may connect",
-                    self.role.to_str()
-                ))
-            })?;
+        cert.verify_is_valid_for_subject_name(role).map_err(|_| {
+            rustls::Error::General(format!(
+                "client certificate does not name {:?}: only servers may connect",
+                role.to_str()
+            ))
+        })?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -408,7 +365,7 @@ impl ServerTls {
             .map_err(config)?;
         let verifier = Arc::new(ServerRoleVerifier {
             inner: inner.clone(),
-            role,
+            role: Some(role),
         });
         let mut raft = builder()?
             .with_client_cert_verifier(verifier)
@@ -416,7 +373,7 @@ impl ServerTls {
             .map_err(config)?;
         raft.alpn_protocols = vec![b"h2".to_vec()];
         let mut federation = builder()?
-            .with_client_cert_verifier(Arc::new(AnyServerVerifier { inner }))
+            .with_client_cert_verifier(Arc::new(ServerRoleVerifier { inner, role: None }))
             .with_single_cert(chain, key)
             .map_err(config)?;
         federation.alpn_protocols = vec![b"h2".to_vec()];

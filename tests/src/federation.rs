@@ -308,9 +308,14 @@ impl Federation {
     /// `GET path` on datacenter k's server's HTTPS API, with its
     /// management token: the status and the body.
     pub fn http_get(&self, k: usize, path: &str) -> anyhow::Result<(u16, String)> {
+        self.http_get_as(k, &self.dcs[k].token, path)
+    }
+
+    /// [`Federation::http_get`] with `token` (empty: none sent).
+    pub fn http_get_as(&self, k: usize, token: &str, path: &str) -> anyhow::Result<(u16, String)> {
         let host = format!("server.{}.weft", DCS[k]);
         let resolve = format!("{host}:8500:{}", self.server_ip(k));
-        let token = format!("X-Consul-Token: {}", self.dcs[k].token);
+        let token = format!("X-Consul-Token: {token}");
         let url = format!("https://{host}:8500{path}");
         let ca = self.path("ca.pem").display().to_string();
         let out = self.run_in(

@@ -370,6 +370,40 @@ fn dc1_reaches_dc2_through_gateways_fails_over_and_keeps_flowing() -> anyhow::Re
             && health[0]["Node"]["Node"] == "node-b",
         "{status} {body}"
     );
+    // Without a token, or with one that reads no service, nothing of dc2.
+    for path in [
+        "/v1/catalog/datacenters",
+        "/v1/health/service/api?dc=dc2",
+        "/v1/catalog/services?dc=dc2",
+    ] {
+        let (status, body) = fed.http_get_as(0, "", path)?;
+        ensure!(status == 403, "{path} without a token: {status} {body}");
+    }
+    let kv_only = fed.weft(
+        0,
+        &[
+            "acl",
+            "policy",
+            "create",
+            "--name",
+            "kv-only",
+            "--rules",
+            r#"key_prefix "" { policy = "read" }"#,
+        ],
+    );
+    kv_only?;
+    let created: serde_json::Value = serde_json::from_str(&fed.weft(
+        0,
+        &[
+            "--format", "json", "acl", "token", "create", "--policy", "kv-only",
+        ],
+    )?)?;
+    let kv_token = created["secret_id"].as_str().context("no secret")?;
+    let (status, body) = fed.http_get_as(0, kv_token, "/v1/health/service/api?dc=dc2")?;
+    ensure!(
+        status == 403,
+        "dc2's api with a KV-only token: {status} {body}"
+    );
     let (status, body) = fed.http_get(0, "/v1/kv/x?dc=dc2")?;
     ensure!(status == 400 && body.contains("catalog"), "{status} {body}");
     let (status, body) = fed.http_get(0, "/v1/catalog/services?dc=dc9")?;

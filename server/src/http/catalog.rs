@@ -245,7 +245,7 @@ fn instances_on<'a>(s: &'a State, node: &str) -> impl Iterator<Item = &'a Servic
 }
 
 /// An instance as Consul's agent and catalog node views show it.
-fn service_json(i: &ServiceInstance) -> Value {
+pub(super) fn service_json(i: &ServiceInstance) -> Value {
     json!({
         "ID": i.id,
         "Service": i.service,
@@ -273,7 +273,7 @@ fn node_check(n: &Node) -> Value {
 }
 
 /// An instance's own check, `service:<id>`.
-fn service_check(i: &ServiceInstance) -> Value {
+pub(super) fn service_check(i: &ServiceInstance) -> Value {
     json!({
         "Node": i.node,
         "CheckID": format!("service:{}", i.id),

@@ -113,23 +113,7 @@ fn catalog_entry(dc: &str, i: &ServiceInstance) -> Value {
 fn health_entry(dc: &str, i: &ServiceInstance) -> Value {
     json!({
         "Node": { "Node": i.node, "Address": "", "Datacenter": dc },
-        "Service": {
-            "ID": i.id,
-            "Service": i.service,
-            "Tags": i.tags,
-            "Address": i.address,
-            "Port": i.port,
-            "Meta": i.meta,
-        },
-        "Checks": [{
-            "Node": i.node,
-            "CheckID": format!("service:{}", i.id),
-            "Name": format!("Service '{}' check", i.service),
-            "Status": i.health.as_str(),
-            "Output": i.check_output,
-            "ServiceID": i.id,
-            "ServiceName": i.service,
-            "ServiceTags": i.tags,
-        }],
+        "Service": super::catalog::service_json(i),
+        "Checks": [super::catalog::service_check(i)],
     })
 }
