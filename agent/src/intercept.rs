@@ -23,6 +23,7 @@ use std::sync::Mutex;
 use tokio::net::TcpStream;
 
 use weft_api::config_entry::MutualTlsMode;
+use weft_api::intention::Caller;
 
 use crate::config::{AgentConfig, EgressPolicy};
 use crate::ebpf::{
@@ -211,6 +212,7 @@ pub struct Interception {
     /// Whether the last sync brought every map in step with the view.
     synced: AtomicBool,
     node_name: String,
+    datacenter: String,
     outbound: SocketAddr,
 }
 
@@ -239,7 +241,7 @@ pub type FastEntry = (u32, IpAddr, Option<u16>);
 /// allow the pair. Everything else goes through the agent.
 pub fn fast_paths(
     view: &View,
-    node: &str,
+    (node, datacenter): (&str, &str),
     workloads: &[(u32, String)],
 ) -> BTreeMap<FastEntry, SocketAddr> {
     let mut entries = BTreeMap::new();
@@ -262,7 +264,10 @@ pub fn fast_paths(
             continue;
         };
         for (workload_id, source) in workloads {
-            if view.decide(source, service, None).allowed {
+            if view
+                .decide(Caller::new(source, datacenter), service, None)
+                .allowed
+            {
                 entries.insert((*workload_id, *vip, None), local);
                 entries.insert((*workload_id, local.ip(), Some(local.port())), local);
             }
@@ -333,6 +338,7 @@ impl Interception {
             permissive_installed: Mutex::new(permissive_installed),
             synced: AtomicBool::new(false),
             node_name: config.node_name.clone(),
+            datacenter: config.datacenter.clone(),
             outbound: config.outbound_addr,
         })
     }
@@ -431,7 +437,7 @@ impl Interception {
             let ids: Vec<(u32, String)> = w.names.iter().map(|(id, n)| (*id, n.clone())).collect();
             (ids, w.local_services.clone())
         };
-        let fast = fast_paths(view, &self.node_name, &workloads);
+        let fast = fast_paths(view, (&self.node_name, &self.datacenter), &workloads);
         let mut fast_installed = self.fast_installed.lock().expect("fast path lock");
         let stale: Vec<FastEntry> = fast_installed
             .iter()
@@ -665,7 +671,7 @@ mod tests {
 
     #[test]
     fn allowed_local_tcp_pairs_take_the_fast_path() {
-        let entries = fast_paths(&view(Some("allow"), None, "a"), "a", &workloads());
+        let entries = fast_paths(&view(Some("allow"), None, "a"), ("a", "dc1"), &workloads());
         let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
         assert_eq!(
             entries.get(&(1, "240.0.0.2".parse().unwrap(), None)),
@@ -676,19 +682,24 @@ mod tests {
 
     #[test]
     fn denied_remote_or_http_pairs_do_not() {
-        assert!(fast_paths(&view(Some("deny"), None, "a"), "a", &workloads()).is_empty());
+        assert!(fast_paths(&view(Some("deny"), None, "a"), ("a", "dc1"), &workloads()).is_empty());
         assert!(
-            fast_paths(&view(None, None, "a"), "a", &workloads()).is_empty(),
+            fast_paths(&view(None, None, "a"), ("a", "dc1"), &workloads()).is_empty(),
             "default deny"
         );
-        assert!(fast_paths(&view(Some("allow"), None, "b"), "a", &workloads()).is_empty());
-        assert!(fast_paths(&view(Some("allow"), Some("http"), "a"), "a", &workloads()).is_empty());
+        assert!(fast_paths(&view(Some("allow"), None, "b"), ("a", "dc1"), &workloads()).is_empty());
+        assert!(fast_paths(
+            &view(Some("allow"), Some("http"), "a"),
+            ("a", "dc1"),
+            &workloads()
+        )
+        .is_empty());
     }
 
     #[test]
     fn an_intention_change_takes_the_pair_off_the_fast_path() {
         let mut v = view(Some("allow"), None, "a");
-        assert!(!fast_paths(&v, "a", &workloads()).is_empty());
+        assert!(!fast_paths(&v, ("a", "dc1"), &workloads()).is_empty());
         let deny = proto::Intention {
             source: "web".into(),
             destination: "api".into(),
@@ -704,6 +715,6 @@ mod tests {
             })),
         })
         .unwrap();
-        assert!(fast_paths(&v, "a", &workloads()).is_empty());
+        assert!(fast_paths(&v, ("a", "dc1"), &workloads()).is_empty());
     }
 }

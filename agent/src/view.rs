@@ -13,8 +13,8 @@ use weft_api::config_entry::{ConfigEntry, EntryContext, EntryKind, EntrySet, Pro
 use weft_api::convert::{instance_from_proto, intention_from_proto, node_from_proto};
 use weft_api::duration::parse_duration;
 use weft_api::intention::{
-    evaluate, evaluate_connection, ConnectionDecision, Decision, Intention, IntentionAction,
-    Request,
+    evaluate, evaluate_connection, Caller, ConnectionDecision, Decision, Intention,
+    IntentionAction, Request,
 };
 use weft_api::load_balancer::LoadBalancer;
 use weft_api::proto::{self, change::Change as P, watch_event::Event};
@@ -338,11 +338,16 @@ impl View {
             .map(|(name, _)| name.as_str())
     }
 
-    /// The intentions' decision for `source` calling `destination`.
-    pub fn decide(&self, source: &str, destination: &str, request: Option<&Request>) -> Decision {
+    /// The intentions' decision for `caller` calling `destination`.
+    pub fn decide(
+        &self,
+        caller: Caller<'_>,
+        destination: &str,
+        request: Option<&Request>,
+    ) -> Decision {
         evaluate(
             self.intentions.values(),
-            source,
+            caller,
             destination,
             request,
             self.default_action(),
@@ -357,12 +362,12 @@ impl View {
         }
     }
 
-    /// How a connection from `source` to `destination` is judged before any
+    /// How a connection from `caller` to `destination` is judged before any
     /// request on it is seen: decided, or per HTTP request (an L7 intention).
-    pub fn decide_connection(&self, source: &str, destination: &str) -> ConnectionDecision {
+    pub fn decide_connection(&self, caller: Caller<'_>, destination: &str) -> ConnectionDecision {
         evaluate_connection(
             self.intentions.values(),
-            source,
+            caller,
             destination,
             self.default_action(),
         )
@@ -739,7 +744,10 @@ mod tests {
     fn intentions_and_the_default_decide() {
         let mut v = View::default();
         v.apply(snapshot(1)).unwrap();
-        assert!(!v.decide("web", "api", None).allowed, "default deny");
+        assert!(
+            !v.decide(Caller::new("web", "dc1"), "api", None).allowed,
+            "default deny"
+        );
         let allow = proto::Intention {
             source: "web".into(),
             destination: "api".into(),
@@ -748,7 +756,7 @@ mod tests {
         };
         v.apply(changes(2, vec![P::IntentionUpsert(allow)]))
             .unwrap();
-        assert!(v.decide("web", "api", None).allowed);
+        assert!(v.decide(Caller::new("web", "dc1"), "api", None).allowed);
         v.apply(changes(
             3,
             vec![P::IntentionDelete(proto::IntentionRef {
@@ -757,7 +765,7 @@ mod tests {
             })],
         ))
         .unwrap();
-        assert!(!v.decide("web", "api", None).allowed);
+        assert!(!v.decide(Caller::new("web", "dc1"), "api", None).allowed);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::duration::parse_duration;
 use crate::file_format::{parse_document, FileFormat, ParseError};
 use crate::filter::parse_filter;
 
-/// Datacenters one failover may list.
+/// Datacenters (or targets) one failover may list.
 pub const MAX_FAILOVER_DATACENTERS: usize = 16;
 use crate::header_edits::{HeaderEditError, HeaderModifiers};
 use crate::http_match::{validate_http_match, HttpMatch, HttpMatchError, Request};
@@ -550,6 +550,25 @@ pub struct ResolverFailover {
     pub service_subset: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub datacenters: Vec<String>,
+    /// Consul's ordered targets, each a service, subset and datacenter:
+    /// the first with a healthy instance takes the traffic. Not with
+    /// `Service`, `ServiceSubset` or `Datacenters`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<FailoverTarget>,
+}
+
+/// One of a failover's `Targets`: what it leaves out is the failing
+/// target's own (its service, this datacenter; the subset then is the
+/// service's default).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct FailoverTarget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_subset: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datacenter: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -682,7 +701,10 @@ impl ConfigEntry {
                 .redirect
                 .iter()
                 .map(|x| x.service.as_ref())
-                .chain(r.failover.values().map(|f| f.service.as_ref()))
+                .chain(r.failover.values().flat_map(|f| {
+                    std::iter::once(f.service.as_ref())
+                        .chain(f.targets.iter().map(|t| t.service.as_ref()))
+                }))
                 .collect(),
         };
         named
@@ -826,7 +848,6 @@ const CONSUL_FIELDS: &[&str] = &[
     "LocalRequestTimeoutMs",
     "MaxInboundConnections",
     "IdleTimeout",
-    "Targets",
     "SamenessGroup",
     "Peer",
     "PrioritizeByLocality",
@@ -1364,11 +1385,56 @@ fn validate_resolver(r: &ServiceResolver, ctx: &impl EntryContext) -> Result<(),
         if failover.service.is_none()
             && failover.service_subset.is_none()
             && failover.datacenters.is_empty()
+            && failover.targets.is_empty()
         {
             return Err(invalid(
                 base,
-                "one of Service, ServiceSubset or Datacenters is required",
+                "one of Service, ServiceSubset, Datacenters or Targets is required",
             ));
+        }
+        if !failover.targets.is_empty()
+            && (failover.service.is_some()
+                || failover.service_subset.is_some()
+                || !failover.datacenters.is_empty())
+        {
+            return Err(invalid(
+                format!("{base}.Targets"),
+                "not with Service, ServiceSubset or Datacenters (list each as a target)",
+            ));
+        }
+        if failover.targets.len() > MAX_FAILOVER_DATACENTERS {
+            return Err(invalid(
+                format!("{base}.Targets"),
+                format!(
+                    "{} targets, at most {MAX_FAILOVER_DATACENTERS}",
+                    failover.targets.len()
+                ),
+            ));
+        }
+        for (i, t) in failover.targets.iter().enumerate() {
+            let at = format!("{base}.Targets[{i}]");
+            if t.service.is_none() && t.service_subset.is_none() && t.datacenter.is_none() {
+                return Err(invalid(
+                    at,
+                    "one of Service, ServiceSubset or Datacenter is required",
+                ));
+            }
+            if let Some(s) = &t.service {
+                check_name(format!("{at}.Service"), s)?;
+            }
+            if let Some(dc) = &t.datacenter {
+                check_name(format!("{at}.Datacenter"), dc)?;
+            }
+            if let Some(subset) = &t.service_subset {
+                let service = t.service.as_deref().unwrap_or(&r.name);
+                check_subset(
+                    &format!("{at}.ServiceSubset"),
+                    service,
+                    subset,
+                    ctx,
+                    Some(r),
+                )?;
+            }
         }
         if let Some(s) = &failover.service {
             check_name(format!("{base}.Service"), s)?;

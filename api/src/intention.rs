@@ -1,9 +1,13 @@
 //! Intentions: which service may talk to which, and the decision for one
 //! connection or request, with Consul's rules.
 //!
-//! - Source and destination are service names or `*`. Only intentions whose pair
+//! - Source and destination are service names or `*`. A source may also
+//!   name the caller's datacenter, `web@dc2` or `*@dc2` (weft's, not
+//!   Consul's: the caller's datacenter is read from its certificate's SPIFFE
+//!   id); without one it is any datacenter's. Only intentions whose pair
 //!   matches count; the most specific one decides, with Consul's precedence numbers:
-//!   exact→exact 9, `*`→exact 8, exact→`*` 6, `*`→`*` 5. Pairs are unique, so equal
+//!   exact→exact 9, `*`→exact 8, exact→`*` 6, `*`→`*` 5, and at equal numbers
+//!   a source naming a datacenter before one that does not. Pairs are unique, so equal
 //!   precedence only happens with duplicates; then deny wins.
 //! - An L4 intention has an `Action`. An L7 intention has ordered `Permissions`
 //!   instead (never both): the first permission whose HTTP rules match the request
@@ -70,6 +74,32 @@ impl FromStr for IntentionAction {
     }
 }
 
+/// Who calls, as intentions judge it: its service and its datacenter (a
+/// local caller's is the agent's own; a peer's comes from its SPIFFE id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller<'a> {
+    pub service: &'a str,
+    pub datacenter: &'a str,
+}
+
+impl<'a> Caller<'a> {
+    pub fn new(service: &'a str, datacenter: &'a str) -> Self {
+        Caller {
+            service,
+            datacenter,
+        }
+    }
+}
+
+/// Splits an intention's source into its service (or `*`) and the
+/// datacenter it names, if any: `web@dc2` is `("web", Some("dc2"))`.
+pub fn split_source(source: &str) -> (&str, Option<&str>) {
+    match source.split_once('@') {
+        Some((service, datacenter)) => (service, Some(datacenter)),
+        None => (source, None),
+    }
+}
+
 /// One L7 rule: if the request matches `http`, `action` decides.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
@@ -120,9 +150,10 @@ impl fmt::Display for IntentionKey {
     }
 }
 
-/// Consul's precedence of a (source, destination) pair: 9, 8, 6 or 5.
+/// Consul's precedence of a (source, destination) pair: 9, 8, 6 or 5
+/// (a source's datacenter does not change it).
 pub fn precedence(source: &str, destination: &str) -> u32 {
-    match (source == WILDCARD, destination == WILDCARD) {
+    match (split_source(source).0 == WILDCARD, destination == WILDCARD) {
         (false, false) => 9,
         (true, false) => 8,
         (false, true) => 6,
@@ -176,9 +207,18 @@ impl Intention {
         precedence(&self.source, &self.destination)
     }
 
-    /// Whether it applies to traffic from `source` to `destination` (concrete names).
-    pub fn applies_to(&self, source: &str, destination: &str) -> bool {
-        (self.source == WILDCARD || self.source == source)
+    /// Its rank among intentions that apply: Consul's precedence, then
+    /// whether its source names a datacenter.
+    pub fn specificity(&self) -> (u32, bool) {
+        (self.precedence(), split_source(&self.source).1.is_some())
+    }
+
+    /// Whether it applies to traffic from `caller` to `destination` (a
+    /// concrete name).
+    pub fn applies_to(&self, caller: Caller<'_>, destination: &str) -> bool {
+        let (service, datacenter) = split_source(&self.source);
+        (service == WILDCARD || service == caller.service)
+            && datacenter.is_none_or(|dc| dc == caller.datacenter)
             && (self.destination == WILDCARD || self.destination == destination)
     }
 }
@@ -200,7 +240,7 @@ pub fn find_intention<'a>(
 pub fn sort_by_precedence(intentions: &mut [Intention]) {
     intentions.sort_by_key(|i| {
         (
-            Reverse(i.precedence()),
+            Reverse(i.specificity()),
             i.source.clone(),
             i.destination.clone(),
         )
@@ -269,12 +309,12 @@ impl fmt::Display for Decision {
 /// for L7 checks, or `None` for an L4 connection. See the module doc for the rules.
 pub fn evaluate<'a>(
     intentions: impl IntoIterator<Item = &'a Intention>,
-    source: &str,
+    caller: Caller<'_>,
     destination: &str,
     request: Option<&Request>,
     default: IntentionAction,
 ) -> Decision {
-    let deciding = deciding(intentions, source, destination);
+    let deciding = deciding(intentions, caller, destination);
     if deciding.is_empty() {
         return Decision {
             allowed: default.is_allow(),
@@ -312,11 +352,11 @@ pub enum ConnectionDecision {
 /// same precedence still denies the connection outright.
 pub fn evaluate_connection<'a>(
     intentions: impl IntoIterator<Item = &'a Intention>,
-    source: &str,
+    caller: Caller<'_>,
     destination: &str,
     default: IntentionAction,
 ) -> ConnectionDecision {
-    let deciding = deciding(intentions, source, destination);
+    let deciding = deciding(intentions, caller, destination);
     let l7 = deciding.iter().any(|i| i.is_l7());
     let l4_deny = deciding
         .iter()
@@ -324,24 +364,24 @@ pub fn evaluate_connection<'a>(
     if l7 && !l4_deny {
         return ConnectionDecision::PerRequest;
     }
-    ConnectionDecision::Decided(evaluate(deciding, source, destination, None, default))
+    ConnectionDecision::Decided(evaluate(deciding, caller, destination, None, default))
 }
 
 /// The intentions that decide for the pair: those that apply to it with the
 /// highest precedence among them (none when nothing applies).
 fn deciding<'a>(
     intentions: impl IntoIterator<Item = &'a Intention>,
-    source: &str,
+    caller: Caller<'_>,
     destination: &str,
 ) -> Vec<&'a Intention> {
     let matching: Vec<&Intention> = intentions
         .into_iter()
-        .filter(|i| i.applies_to(source, destination))
+        .filter(|i| i.applies_to(caller, destination))
         .collect();
-    let top = matching.iter().map(|i| i.precedence()).max();
+    let top = matching.iter().map(|i| i.specificity()).max();
     matching
         .into_iter()
-        .filter(|i| Some(i.precedence()) == top)
+        .filter(|i| Some(i.specificity()) == top)
         .collect()
 }
 
@@ -449,10 +489,7 @@ impl From<HttpMatchError> for IntentionError {
 /// (needed for permissions) is checked by
 /// [`crate::config_entry::validate_intention_protocol`].
 pub fn validate_intention(intention: &Intention) -> Result<(), IntentionError> {
-    validate_name_or_wildcard(&intention.source).map_err(|source| IntentionError::Name {
-        field: "Source",
-        source,
-    })?;
+    validate_source(&intention.source)?;
     validate_name_or_wildcard(&intention.destination).map_err(|source| IntentionError::Name {
         field: "Destination",
         source,
@@ -517,6 +554,23 @@ pub fn validate_intention(intention: &Intention) -> Result<(), IntentionError> {
     Ok(())
 }
 
+/// Checks an intention's source: a service name or `*`, optionally
+/// `@` a datacenter's name.
+pub fn validate_source(source: &str) -> Result<(), IntentionError> {
+    let (service, datacenter) = split_source(source);
+    validate_name_or_wildcard(service).map_err(|source| IntentionError::Name {
+        field: "Source",
+        source,
+    })?;
+    if let Some(dc) = datacenter {
+        crate::names::validate_name(dc).map_err(|source| IntentionError::Name {
+            field: "Source datacenter",
+            source,
+        })?;
+    }
+    Ok(())
+}
+
 /// The document `weft intention create SRC DST --file L7.toml` reads: a list of
 /// permissions, e.g. in TOML
 ///
@@ -541,6 +595,10 @@ pub fn parse_permissions_file(
 
 #[cfg(test)]
 mod tests {
+    /// A caller in dc1.
+    fn at(service: &str) -> Caller<'_> {
+        Caller::new(service, "dc1")
+    }
     use super::*;
     use IntentionAction::{Allow, Deny};
 
@@ -599,7 +657,7 @@ mod tests {
                         if reversed {
                             list.reverse();
                         }
-                        let got = evaluate(&list, "web", "db", None, default);
+                        let got = evaluate(&list, at("web"), "db", None, default);
                         let want = match (0..4).find(|k| mask & (1 << k) != 0) {
                             Some(k) => Decision {
                                 allowed: actions & (1 << k) != 0,
@@ -627,7 +685,7 @@ mod tests {
                 for (ha, la) in [(Allow, Deny), (Deny, Allow)] {
                     let list = vec![Intention::l4(lo.0, lo.1, la), Intention::l4(hi.0, hi.1, ha)];
                     for default in [Allow, Deny] {
-                        let d = evaluate(&list, "web", "db", None, default);
+                        let d = evaluate(&list, at("web"), "db", None, default);
                         assert_eq!(d.allowed, ha.is_allow(), "{hi:?} {ha} over {lo:?} {la}");
                         assert_eq!(d.by, by(hi.0, hi.1, None));
                     }
@@ -644,7 +702,7 @@ mod tests {
             Intention::l4("*", "other", Allow),
             Intention::l4("other", "*", Allow),
         ];
-        let d = evaluate(&list, "web", "db", None, Deny);
+        let d = evaluate(&list, at("web"), "db", None, Deny);
         assert_eq!(
             d,
             Decision {
@@ -652,7 +710,7 @@ mod tests {
                 by: DecidedBy::Default
             }
         );
-        let d = evaluate(&list, "web", "db", None, Allow);
+        let d = evaluate(&list, at("web"), "db", None, Allow);
         assert_eq!(
             d,
             Decision {
@@ -661,10 +719,10 @@ mod tests {
             }
         );
         // The wildcard ones still apply to their own pairs.
-        assert!(evaluate(&list, "x", "other", None, Deny).allowed);
-        assert!(evaluate(&list, "other", "x", None, Deny).allowed);
-        assert!(evaluate(&[], "web", "db", None, Allow).allowed);
-        assert!(!evaluate(&[], "web", "db", None, Deny).allowed);
+        assert!(evaluate(&list, at("x"), "other", None, Deny).allowed);
+        assert!(evaluate(&list, at("other"), "x", None, Deny).allowed);
+        assert!(evaluate(&[], at("web"), "db", None, Allow).allowed);
+        assert!(!evaluate(&[], at("web"), "db", None, Deny).allowed);
     }
 
     #[test]
@@ -674,21 +732,21 @@ mod tests {
                 Intention::l4("web", "db", order[0]),
                 Intention::l4("web", "db", order[1]),
             ];
-            let d = evaluate(&list, "web", "db", None, Allow);
+            let d = evaluate(&list, at("web"), "db", None, Allow);
             assert!(!d.allowed);
         }
         let list = vec![
             Intention::l4("web", "db", Allow),
             Intention::l4("web", "db", Allow),
         ];
-        assert!(evaluate(&list, "web", "db", None, Deny).allowed);
+        assert!(evaluate(&list, at("web"), "db", None, Deny).allowed);
     }
 
     #[test]
     fn connection_with_an_l7_intention_is_judged_per_request() {
         for default in [Allow, Deny] {
             assert_eq!(
-                evaluate_connection(&l7_list(), "web", "db", default),
+                evaluate_connection(&l7_list(), at("web"), "db", default),
                 ConnectionDecision::PerRequest
             );
         }
@@ -697,7 +755,7 @@ mod tests {
         list.push(Intention::l7("*", "db", vec![perm(Allow, prefix("/"))]));
         list[0] = Intention::l4("web", "db", Allow);
         assert_eq!(
-            evaluate_connection(&list, "web", "db", Deny),
+            evaluate_connection(&list, at("web"), "db", Deny),
             ConnectionDecision::Decided(Decision {
                 allowed: true,
                 by: by("web", "db", None)
@@ -705,7 +763,7 @@ mod tests {
         );
         // The L7 intention below it decides for other sources.
         assert_eq!(
-            evaluate_connection(&list, "api", "db", Deny),
+            evaluate_connection(&list, at("api"), "db", Deny),
             ConnectionDecision::PerRequest
         );
     }
@@ -723,8 +781,8 @@ mod tests {
                     })
                     .collect();
                 assert_eq!(
-                    evaluate_connection(&list, "web", "db", default),
-                    ConnectionDecision::Decided(evaluate(&list, "web", "db", None, default))
+                    evaluate_connection(&list, at("web"), "db", default),
+                    ConnectionDecision::Decided(evaluate(&list, at("web"), "db", None, default))
                 );
             }
         }
@@ -736,10 +794,70 @@ mod tests {
             Intention::l7("web", "db", vec![perm(Allow, prefix("/"))]),
             Intention::l4("web", "db", Deny),
         ];
-        match evaluate_connection(&list, "web", "db", Allow) {
+        match evaluate_connection(&list, at("web"), "db", Allow) {
             ConnectionDecision::Decided(d) => assert!(!d.allowed),
             other => panic!("expected a deny, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_source_naming_a_datacenter_applies_to_that_datacenter_s_callers_only() {
+        let from_dc2 = Caller::new("web", "dc2");
+        // `*@dc2 -> db` deny: web of dc2 refused, web of dc1 allowed by default.
+        let list = vec![Intention::l4("*@dc2", "db", Deny)];
+        assert!(!evaluate(&list, from_dc2, "db", None, Allow).allowed);
+        assert!(evaluate(&list, at("web"), "db", None, Allow).allowed);
+        // An exact source name still outranks a wildcard, whatever its datacenter.
+        let list = vec![
+            Intention::l4("*@dc2", "db", Deny),
+            Intention::l4("web", "db", Allow),
+        ];
+        assert!(evaluate(&list, from_dc2, "db", None, Deny).allowed);
+        // At equal precedence the one naming the datacenter decides, both ways.
+        let list = vec![
+            Intention::l4("web", "db", Allow),
+            Intention::l4("web@dc2", "db", Deny),
+        ];
+        let d = evaluate(&list, from_dc2, "db", None, Allow);
+        assert!(!d.allowed);
+        assert_eq!(d.to_string(), "denied by intention web@dc2 => db");
+        assert!(evaluate(&list, at("web"), "db", None, Deny).allowed);
+        let list = vec![
+            Intention::l4("web", "db", Deny),
+            Intention::l4("web@dc1", "db", Allow),
+        ];
+        assert!(evaluate(&list, at("web"), "db", None, Deny).allowed);
+        assert!(!evaluate(&list, from_dc2, "db", None, Allow).allowed);
+        // A caller whose datacenter is unknown ("" for plaintext) matches no
+        // datacenter's intention.
+        let list = vec![Intention::l4("*@dc1", "db", Allow)];
+        assert!(!evaluate(&list, Caller::new("", ""), "db", None, Deny).allowed);
+        // Sorted as evaluated: the datacenter's first among equals.
+        let mut list = vec![
+            Intention::l4("web", "db", Allow),
+            Intention::l4("web@dc2", "db", Deny),
+            Intention::l4("*@dc2", "db", Deny),
+        ];
+        sort_by_precedence(&mut list);
+        let order: Vec<&str> = list.iter().map(|i| i.source.as_str()).collect();
+        assert_eq!(order, ["web@dc2", "web", "*@dc2"]);
+        assert_eq!(list[2].precedence(), 8);
+    }
+
+    #[test]
+    fn a_source_s_datacenter_is_checked_as_a_name() {
+        let with = |source: &str| validate_intention(&Intention::l4(source, "db", Deny));
+        assert_eq!(with("web@dc2"), Ok(()));
+        assert_eq!(with("*@dc2"), Ok(()));
+        let e = with("web@DC2").unwrap_err().to_string();
+        assert!(e.starts_with("Source datacenter: bad character 'D'"), "{e}");
+        assert!(with("web@").is_err());
+        assert!(
+            with("web@*").is_err(),
+            "any datacenter is written without @"
+        );
+        assert!(with("web@dc2@dc3").is_err());
+        assert!(with("@dc2").is_err());
     }
 
     fn l7_list() -> Vec<Intention> {
@@ -755,7 +873,7 @@ mod tests {
         let list = l7_list();
         let d = evaluate(
             &list,
-            "web",
+            at("web"),
             "db",
             Some(&Request::new("GET", "/admin/x")),
             Allow,
@@ -769,7 +887,7 @@ mod tests {
         );
         let d = evaluate(
             &list,
-            "web",
+            at("web"),
             "db",
             Some(&Request::new("GET", "/users")),
             Deny,
@@ -786,7 +904,7 @@ mod tests {
         rev[0].permissions.reverse();
         let d = evaluate(
             &rev,
-            "web",
+            at("web"),
             "db",
             Some(&Request::new("GET", "/admin/x")),
             Deny,
@@ -810,7 +928,7 @@ mod tests {
         for default in [Allow, Deny] {
             let d = evaluate(
                 &list,
-                "web",
+                at("web"),
                 "db",
                 Some(&Request::new("GET", "/other")),
                 default,
@@ -831,7 +949,7 @@ mod tests {
         list.push(Intention::l4("*", "db", Allow));
         let d = evaluate(
             &list,
-            "web",
+            at("web"),
             "db",
             Some(&Request::new("GET", "/other")),
             Deny,
@@ -842,7 +960,7 @@ mod tests {
     #[test]
     fn l7_without_request_denies() {
         for default in [Allow, Deny] {
-            let d = evaluate(&l7_list(), "web", "db", None, default);
+            let d = evaluate(&l7_list(), at("web"), "db", None, default);
             assert_eq!(
                 d,
                 Decision {
@@ -854,7 +972,7 @@ mod tests {
         // ... even when a lower-precedence L4 intention would allow.
         let mut list = l7_list();
         list.push(Intention::l4("*", "*", Allow));
-        assert!(!evaluate(&list, "web", "db", None, Allow).allowed);
+        assert!(!evaluate(&list, at("web"), "db", None, Allow).allowed);
     }
 
     #[test]
@@ -865,21 +983,48 @@ mod tests {
             Intention::l4("web", "db", Deny),
         ];
         let req = Request::new("GET", "/");
-        assert!(!evaluate(&list, "web", "db", Some(&req), Allow).allowed);
-        assert!(evaluate(&list, "api", "db", Some(&req), Deny).allowed);
+        assert!(!evaluate(&list, at("web"), "db", Some(&req), Allow).allowed);
+        assert!(evaluate(&list, at("api"), "db", Some(&req), Deny).allowed);
         let list = vec![
             Intention::l7("web", "db", vec![perm(Allow, prefix("/ok"))]),
             Intention::l4("*", "*", Deny),
         ];
-        assert!(evaluate(&list, "web", "db", Some(&Request::new("GET", "/ok")), Deny).allowed);
-        assert!(!evaluate(&list, "web", "db", Some(&Request::new("GET", "/no")), Deny).allowed);
-        assert!(evaluate(&list, "web", "db", Some(&Request::new("GET", "/no")), Allow).allowed);
+        assert!(
+            evaluate(
+                &list,
+                at("web"),
+                "db",
+                Some(&Request::new("GET", "/ok")),
+                Deny
+            )
+            .allowed
+        );
+        assert!(
+            !evaluate(
+                &list,
+                at("web"),
+                "db",
+                Some(&Request::new("GET", "/no")),
+                Deny
+            )
+            .allowed
+        );
+        assert!(
+            evaluate(
+                &list,
+                at("web"),
+                "db",
+                Some(&Request::new("GET", "/no")),
+                Allow
+            )
+            .allowed
+        );
         // An L4 intention ignores the request.
         let list = vec![Intention::l4("web", "db", Allow)];
         assert!(
             evaluate(
                 &list,
-                "web",
+                at("web"),
                 "db",
                 Some(&Request::new("DELETE", "/x")),
                 Deny
@@ -894,7 +1039,16 @@ mod tests {
             Intention::l7("web", "db", vec![perm(Allow, prefix("/"))]),
             Intention::l4("web", "db", Deny),
         ];
-        assert!(!evaluate(&list, "web", "db", Some(&Request::new("GET", "/")), Allow).allowed);
+        assert!(
+            !evaluate(
+                &list,
+                at("web"),
+                "db",
+                Some(&Request::new("GET", "/")),
+                Allow
+            )
+            .allowed
+        );
     }
 
     #[test]
@@ -945,7 +1099,7 @@ mod tests {
             ],
         )];
         let check = |r: Request| {
-            let d = evaluate(&list, "web", "db", Some(&r), Deny);
+            let d = evaluate(&list, at("web"), "db", Some(&r), Deny);
             (
                 d.allowed,
                 match d.by {
@@ -991,7 +1145,13 @@ mod tests {
                 },
             )],
         )];
-        let d = evaluate(&list, "web", "db", Some(&Request::new("GET", "/")), Allow);
+        let d = evaluate(
+            &list,
+            at("web"),
+            "db",
+            Some(&Request::new("GET", "/")),
+            Allow,
+        );
         assert_eq!(
             d,
             Decision {
@@ -1002,28 +1162,37 @@ mod tests {
         // Invalid shapes that slipped past validation deny too.
         let mut both = Intention::l4("web", "db", Allow);
         both.permissions = vec![perm(Allow, prefix("/"))];
-        assert!(!evaluate(&[both], "web", "db", Some(&Request::new("GET", "/")), Allow).allowed);
+        assert!(
+            !evaluate(
+                &[both],
+                at("web"),
+                "db",
+                Some(&Request::new("GET", "/")),
+                Allow
+            )
+            .allowed
+        );
         let mut neither = Intention::l4("web", "db", Allow);
         neither.action = None;
-        assert!(!evaluate(&[neither], "web", "db", None, Allow).allowed);
+        assert!(!evaluate(&[neither], at("web"), "db", None, Allow).allowed);
     }
 
     #[test]
     fn decision_text() {
         let d = evaluate(
             &l7_list(),
-            "web",
+            at("web"),
             "db",
             Some(&Request::new("GET", "/admin")),
             Allow,
         );
         assert_eq!(d.to_string(), "denied by intention web => db, permission 0");
         assert_eq!(
-            evaluate(&[], "a", "b", None, Allow).to_string(),
+            evaluate(&[], at("a"), "b", None, Allow).to_string(),
             "allowed by default action (no intention matched)"
         );
         assert_eq!(
-            evaluate(&[Intention::l4("*", "b", Deny)], "a", "b", None, Allow).to_string(),
+            evaluate(&[Intention::l4("*", "b", Deny)], at("a"), "b", None, Allow).to_string(),
             "denied by intention * => b"
         );
         let json = serde_json::to_string(&DecidedBy::Default).unwrap();

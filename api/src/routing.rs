@@ -349,10 +349,10 @@ pub fn instances_of<'a>(
 /// The instances of `target` (this datacenter's, `here`, from `local`,
 /// another's from `remote`) or, when it has none, of the failover its
 /// resolver names for the subset (or `*`): its `Service`/`ServiceSubset` in
-/// this datacenter, or in each of its `Datacenters` in order until one has
-/// an instance. Failover is one step. Entries come from the primary to
-/// every datacenter, so a datacenter named that is `here` means the local
-/// instances.
+/// this datacenter, or in each of its `Datacenters` in order, or each of its
+/// `Targets` in order, until one has an instance. Failover is one step.
+/// Entries come from the primary to every datacenter, so a datacenter named
+/// that is `here` means the local instances.
 pub fn instances_or_failover<'a, I>(
     entries: &EntrySet,
     target: &Target,
@@ -394,33 +394,55 @@ where
     else {
         return none;
     };
-    let next = if failover.service.is_none() && failover.service_subset.is_none() {
-        target.clone()
-    } else {
-        resolve(
-            entries,
+    // Where to look, in order: (the target, the datacenter it is in).
+    let to = |service: &Option<String>, subset: &Option<String>, dc: &Option<String>| {
+        let next = if service.is_none() && subset.is_none() {
             Target {
-                service: failover
-                    .service
-                    .clone()
-                    .unwrap_or_else(|| target.service.clone()),
-                subset: failover.service_subset.clone(),
-                datacenter: target.datacenter.clone(),
-                policy: target.policy.clone(),
-            },
-        )
+                datacenter: dc.clone().or_else(|| target.datacenter.clone()),
+                ..target.clone()
+            }
+        } else {
+            resolve(
+                entries,
+                Target {
+                    service: service.clone().unwrap_or_else(|| target.service.clone()),
+                    subset: subset.clone(),
+                    datacenter: dc.clone().or_else(|| target.datacenter.clone()),
+                    policy: target.policy.clone(),
+                },
+            )
+        };
+        let dc = next.datacenter.clone();
+        (next, dc)
     };
-    if failover.datacenters.is_empty() {
-        if next == *target {
-            return none;
+    let candidates: Vec<(Target, Option<String>)> = if !failover.targets.is_empty() {
+        failover
+            .targets
+            .iter()
+            .map(|t| to(&t.service, &t.service_subset, &t.datacenter))
+            .collect()
+    } else if !failover.datacenters.is_empty() {
+        failover
+            .datacenters
+            .iter()
+            .map(|dc| {
+                to(
+                    &failover.service,
+                    &failover.service_subset,
+                    &Some(dc.clone()),
+                )
+            })
+            .collect()
+    } else {
+        vec![to(&failover.service, &failover.service_subset, &None)]
+    };
+    for (next, dc) in &candidates {
+        if next == target && elsewhere(dc.as_ref()) == elsewhere(target.datacenter.as_ref()) {
+            continue;
         }
-        let found = of(&next, next.datacenter.as_ref());
-        return resolved(&next, next.datacenter.as_ref(), found);
-    }
-    for dc in &failover.datacenters {
-        let found = of(&next, Some(dc));
+        let found = of(next, dc.as_ref());
         if !found.is_empty() {
-            return resolved(&next, Some(dc), found);
+            return resolved(next, dc.as_ref(), found);
         }
     }
     none
@@ -930,6 +952,87 @@ mod tests {
         assert_eq!(pick(&healthy, &dc2_up), (None, vec!["a1".to_string()]));
         // Nowhere passing: nothing (refused, not sent anywhere else).
         assert_eq!(pick(&failing, &BTreeMap::new()), (None, vec![]));
+    }
+
+    #[test]
+    fn failover_targets_are_tried_in_order_each_with_its_service_subset_and_datacenter() {
+        use crate::config_entry::FailoverTarget;
+        let mut r = resolver();
+        if let ConfigEntry::ServiceResolver(r) = &mut r {
+            r.failover.insert(
+                "*".into(),
+                ResolverFailover {
+                    targets: vec![
+                        // Its own v2 here, then backup in dc2, then its own
+                        // (default subset v1) in dc3.
+                        FailoverTarget {
+                            service_subset: Some("v2".into()),
+                            ..Default::default()
+                        },
+                        FailoverTarget {
+                            service: Some("backup".into()),
+                            datacenter: Some("dc2".into()),
+                            ..Default::default()
+                        },
+                        FailoverTarget {
+                            datacenter: Some("dc3".into()),
+                            ..Default::default()
+                        },
+                    ],
+                    ..Default::default()
+                },
+            );
+        }
+        let set = entries(vec![r]);
+        let pick = |local: &[ServiceInstance], remote: &BTreeMap<String, Vec<ServiceInstance>>| {
+            let r = instances_or_failover(&set, &target("api", Some("v1")), (local, "dc1"), remote);
+            let ids: Vec<String> = r.instances.iter().map(|i| i.id.clone()).collect();
+            (r.service, r.datacenter, ids)
+        };
+        let v1_down_v2_up = [
+            instance("a1", "api", "v1", HealthStatus::Critical),
+            instance("a2", "api", "v2", HealthStatus::Passing),
+        ];
+        let all_down = [
+            instance("a1", "api", "v1", HealthStatus::Critical),
+            instance("a2", "api", "v2", HealthStatus::Critical),
+        ];
+        let remote: BTreeMap<String, Vec<ServiceInstance>> = [
+            (
+                "dc2".to_string(),
+                vec![
+                    instance("b2", "backup", "v1", HealthStatus::Passing),
+                    // api in dc2 is not a target: never picked.
+                    instance("x2", "api", "v1", HealthStatus::Passing),
+                ],
+            ),
+            (
+                "dc3".to_string(),
+                vec![
+                    instance("c3", "api", "v2", HealthStatus::Passing),
+                    instance("a3", "api", "v1", HealthStatus::Passing),
+                ],
+            ),
+        ]
+        .into();
+        let s = |x: &str| x.to_string();
+        assert_eq!(
+            pick(&v1_down_v2_up, &remote),
+            (s("api"), None, vec![s("a2")])
+        );
+        assert_eq!(
+            pick(&all_down, &remote),
+            (s("backup"), Some(s("dc2")), vec![s("b2")])
+        );
+        let mut no_backup = remote.clone();
+        no_backup.get_mut("dc2").unwrap()[0].health = HealthStatus::Critical;
+        // dc3's api in the failing subset (v1), not c3 (v2).
+        assert_eq!(
+            pick(&all_down, &no_backup),
+            (s("api"), Some(s("dc3")), vec![s("a3")])
+        );
+        no_backup.remove("dc3");
+        assert_eq!(pick(&all_down, &no_backup), (s("api"), None, vec![]));
     }
 
     #[test]

@@ -224,6 +224,7 @@
       case 'topology': return { page: 'topology', nav: 'topology' };
       case 'intentions': return { page: 'intentions', nav: 'intentions' };
       case 'nodes': return { page: 'nodes', nav: 'nodes' };
+      case 'datacenters': return { page: 'datacenters', nav: 'datacenters' };
       case 'kv': return { page: 'kv', nav: 'kv', arg: safeDecode(rest || '') };
       default: return null;
     }
@@ -293,6 +294,7 @@
     topology: pageTopology,
     intentions: pageIntentions,
     nodes: pageNodes,
+    datacenters: pageDatacenters,
     kv: pageKV,
   };
 
@@ -604,7 +606,10 @@
     filter.addEventListener('input', applyFilter);
     wrap.addEventListener('click', (ev) => {
       const node = ev.target.closest && ev.target.closest('g.node');
-      if (node) location.hash = serviceHref(node.getAttribute('data-service'));
+      if (!node) return;
+      const name = node.getAttribute('data-service');
+      // Another datacenter's service (`api@dc2`): its datacenter's page.
+      location.hash = name.includes('@') ? '#/datacenters' : serviceHref(name);
     });
     live(ctx, async () => {
       const data = await api('GET', '/v1/internal/ui/topology?window=60');
@@ -830,7 +835,7 @@
     if (g && g.sig === sig && wrap.contains(g.svg)) {
       for (const [name, s] of services) {
         const n = g.nodes.get(name);
-        n.el.setAttribute('class', 'node health-' + topoHealth(s));
+        n.el.setAttribute('class', 'node health-' + topoHealth(s) + (name.includes('@') ? ' remote' : ''));
         n.title.textContent = nodeTitle(s);
       }
       for (const [key, e] of edges) {
@@ -873,11 +878,12 @@
       const s = services.get(name);
       const p = lay.pos.get(name);
       const title = svg('title', null, nodeTitle(s));
-      const el = svg('g', { class: 'node health-' + topoHealth(s), 'data-service': name, transform: `translate(${p.x},${p.y})` },
+      const remote = name.includes('@');
+      const el = svg('g', { class: 'node health-' + topoHealth(s) + (remote ? ' remote' : ''), 'data-service': name, transform: `translate(${p.x},${p.y})` },
         title,
         svg('rect', { width: NODE_W, height: NODE_H, rx: 6, ry: 6 }),
         svg('circle', { class: 'dot', cx: 13, cy: NODE_H / 2, r: 4.5 }),
-        svg('text', { x: 24, y: NODE_H / 2 + 4 }, shortName(name)));
+        svg('text', { x: 24, y: NODE_H / 2 + 4 }, shortName(remote ? name.replace('@', ' · ') : name)));
       nodeLayer.appendChild(el);
       topo.nodes.set(name, { el, title });
     }
@@ -1121,6 +1127,48 @@
       }
       if (!list.length) frag.appendChild(h('tr', null, h('td', { colspan: 6, class: 'muted' }, 'no nodes')));
       tbody.replaceChildren(frag);
+    });
+  }
+
+  // ──────────────────────── page: datacenters ────────────────────────
+
+  /** Every datacenter of the federation, with its gateways and services. */
+  function pageDatacenters(ctx) {
+    const body = h('div', { id: 'datacenters' });
+    ctx.mount(h('section', { class: 'page' },
+      h('div', { class: 'page-head' }, h('h1', null, 'Datacenters')),
+      body));
+    live(ctx, async () => {
+      const list = (await api('GET', '/v1/internal/ui/datacenters')) || [];
+      if (!ctx.alive()) return;
+      const now = Date.now();
+      const frag = document.createDocumentFragment();
+      for (const dc of list) {
+        const badges = [];
+        if (dc.Primary) badges.push(h('span', { class: 'chip chip-l7' }, 'primary'));
+        if (dc.Local) badges.push(h('span', { class: 'chip' }, 'this datacenter'));
+        const heard = dc.Local ? '' : (dc.UpdatedMs > 0
+          ? 'heard from ' + Math.max(0, Math.round((now - dc.UpdatedMs) / 1000)) + ' s ago'
+          : 'not heard from yet');
+        const gateways = (dc.Gateways || []).length
+          ? 'gateways ' + dc.Gateways.join(', ') : (dc.Local ? '' : 'no gateway known');
+        const rows = (dc.Services || []).slice().sort((a, b) => byName(a.Name, b.Name)).map((s) => {
+          const st = topoHealth(s);
+          return h('tr', { 'data-service': s.Name },
+            h('td', null, dc.Local ? h('a', { href: serviceHref(s.Name) }, s.Name) : s.Name),
+            h('td', null, String(s.InstanceCount || 0)),
+            h('td', { class: 'status status-' + (st === 'none' ? 'critical' : st) }, st === 'none' ? 'no instances' : st),
+            h('td', { class: 'mono' }, s.VIP || ''));
+        });
+        if (!rows.length) rows.push(h('tr', null, h('td', { colspan: 4, class: 'muted' }, 'no services you may read')));
+        frag.appendChild(h('div', { class: 'datacenter', 'data-datacenter': dc.Name },
+          h('h2', null, dc.Name, ' ', badges),
+          h('p', { class: 'muted' }, [gateways, heard].filter(Boolean).join(' · ')),
+          h('table', { class: 'table' },
+            h('thead', null, h('tr', null, ['Service', 'Instances', 'Health', 'Virtual IP'].map((t) => h('th', null, t)))),
+            h('tbody', null, rows))));
+      }
+      body.replaceChildren(frag);
     });
   }
 

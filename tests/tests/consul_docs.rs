@@ -137,7 +137,7 @@ const EXAMPLES: &[(&str, Expect)] = &[
     ),
     (
         "service-resolver/failover-targets-federation-and-peering",
-        Refused("Targets: Consul's field, not supported"),
+        Refused("Peer: Consul's field, not supported"),
     ),
     (
         "service-resolver/failover-to-a-namespace",
@@ -145,7 +145,7 @@ const EXAMPLES: &[(&str, Expect)] = &[
     ),
     (
         "service-resolver/failover-to-peer",
-        Refused("Targets: Consul's field, not supported"),
+        Refused("Peer: Consul's field, not supported"),
     ),
     (
         "service-resolver/prioritize-by-locality",

@@ -427,32 +427,63 @@ fn dc1_reaches_dc2_through_gateways_fails_over_and_keeps_flowing() -> anyhow::Re
     );
 
     // Failover: when dc1's api fails its check, its resolver sends api to
-    // dc2, and back once it passes.
+    // dc2, and back once it passes; once by `Datacenters`, once by Consul's
+    // `Targets`.
     let resolver = fed.path("api-resolver.hcl");
-    std::fs::write(
-        &resolver,
-        "Kind = \"service-resolver\"\nName = \"api\"\nFailover = { \"*\" = { Datacenters = [\"dc2\"] } }\n",
-    )?;
-    fed.weft(0, &["config", "write", &resolver.display().to_string()])?;
-    let fail = fed.curl(0, &["-s", "-m", "3", &format!("http://{api1}/fail")])?;
-    ensure!(fail.success(), "failing api-dc1: {}", fail.describe());
-    let (to_dc2, took) = until_answer(&fed, 9191, Duration::from_secs(20), |a| {
-        a.contains("api-dc2")
-    })?;
-    let recover = fed.curl(0, &["-s", "-m", "3", &format!("http://{api1}/recover")])?;
-    ensure!(
-        recover.success(),
-        "recovering api-dc1: {}",
-        recover.describe()
-    );
-    let (to_dc1, back) = until_answer(&fed, 9191, Duration::from_secs(20), |a| {
-        a.contains("api-dc1")
-    })?;
-    eprintln!("failover to dc2: {to_dc2} failed, {took:?}; back to dc1: {to_dc1} failed, {back:?}");
+    for failover in [
+        "Datacenters = [\"dc2\"]",
+        "Targets = [{ Service = \"api\", Datacenter = \"dc2\" }]",
+    ] {
+        std::fs::write(
+            &resolver,
+            format!(
+                "Kind = \"service-resolver\"\nName = \"api\"\nFailover = {{ \"*\" = {{ {failover} }} }}\n"
+            ),
+        )?;
+        fed.weft(0, &["config", "write", &resolver.display().to_string()])?;
+        let fail = fed.curl(0, &["-s", "-m", "3", &format!("http://{api1}/fail")])?;
+        ensure!(fail.success(), "failing api-dc1: {}", fail.describe());
+        let (to_dc2, took) = until_answer(&fed, 9191, Duration::from_secs(20), |a| {
+            a.contains("api-dc2")
+        })?;
+        let recover = fed.curl(0, &["-s", "-m", "3", &format!("http://{api1}/recover")])?;
+        ensure!(
+            recover.success(),
+            "recovering api-dc1: {}",
+            recover.describe()
+        );
+        let (to_dc1, back) = until_answer(&fed, 9191, Duration::from_secs(20), |a| {
+            a.contains("api-dc1")
+        })?;
+        eprintln!(
+            "failover ({failover}) to dc2: {to_dc2} failed, {took:?}; back to dc1: {to_dc1} failed, {back:?}"
+        );
+    }
 
-    // A deny intention written in the primary stops web -> api in dc2
-    // within 2 s; deleting it lets it through again.
-    fed.weft(0, &["intention", "create", "web", "api", "--deny"])?;
+    // Intentions judge the caller's datacenter too: a deny of dc2's web
+    // leaves dc1's web alone, once both datacenters' agents hold it...
+    fed.weft(0, &["intention", "create", "web@dc2", "api", "--deny"])?;
+    for k in 0..2 {
+        wait_until(
+            Duration::from_secs(10),
+            "the agents to hold web@dc2",
+            || {
+                let view = fed.agent_view(fed.lan(k))?;
+                Ok(view["intentions"]
+                    .to_string()
+                    .contains("web@dc2")
+                    .then_some(()))
+            },
+        )?;
+    }
+    ensure!(
+        ask(&fed, 9192, "/")?.is_some(),
+        "a deny of web@dc2 stopped dc1's web"
+    );
+    fed.weft(0, &["intention", "delete", "web@dc2", "api"])?;
+    // ...and a deny written in the primary for dc1's web stops web -> api
+    // in dc2 within 2 s; deleting it lets it through again.
+    fed.weft(0, &["intention", "create", "web@dc1", "api", "--deny"])?;
     let denied_at = Instant::now();
     wait_until(
         Duration::from_secs(2),
@@ -465,10 +496,45 @@ fn dc1_reaches_dc2_through_gateways_fails_over_and_keeps_flowing() -> anyhow::Re
         let list = fed.weft(1, &["intention", "list"])?;
         Ok((list.contains("web") && list.contains("deny")).then_some(()))
     })?;
-    fed.weft(0, &["intention", "delete", "web", "api"])?;
+    fed.weft(0, &["intention", "delete", "web@dc1", "api"])?;
     wait_until(Duration::from_secs(10), "dc1 -> dc2 again", || {
         ask(&fed, 9192, "/")
     })?;
+
+    // The UI's reads: cross-datacenter edges in both datacenters' topology
+    // (dc1 counts web -> api@dc2 at the source, dc2 web@dc1 -> api at the
+    // destination), dc2's services on dc1's Datacenters page.
+    for (k, source, destination) in [(0, "web", "api@dc2"), (1, "web@dc1", "api")] {
+        wait_until(Duration::from_secs(20), "a cross-datacenter edge", || {
+            let (status, body) = fed.http_get(k, "/v1/internal/ui/topology?window=300")?;
+            ensure!(status == 200, "{status} {body}");
+            let topology: serde_json::Value = serde_json::from_str(&body)?;
+            let edge = topology["Edges"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| e["Source"] == source && e["Destination"] == destination);
+            let remote = if k == 0 { destination } else { source };
+            let node = topology["Services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|s| s["Name"] == remote);
+            Ok(match (edge, node) {
+                (Some(e), Some(n)) if e["Allowed"] == true && n["ChecksPassing"] == 1 => Some(()),
+                _ => None,
+            })
+        })?;
+    }
+    let (status, body) = fed.http_get(0, "/v1/internal/ui/datacenters")?;
+    let dcs: serde_json::Value =
+        serde_json::from_str(&body).with_context(|| format!("{status} {body}"))?;
+    ensure!(
+        dcs[1]["Name"] == "dc2"
+            && dcs[1]["Gateways"].as_array().map(Vec::len) == Some(2)
+            && dcs[1]["Services"].to_string().contains("\"Name\":\"api\""),
+        "{dcs}"
+    );
 
     // A root rotation in the primary reaches dc2; traffic to dc2 keeps
     // flowing across it.

@@ -57,6 +57,7 @@ const GUARDED: &[(&str, &str)] = &[
     ("DELETE", "/v1/kv/app/a"),
     ("GET", "/v1/internal/ui/services"),
     ("GET", "/v1/internal/ui/nodes"),
+    ("GET", "/v1/internal/ui/datacenters"),
     ("GET", "/v1/internal/ui/topology"),
     ("GET", "/v1/internal/ui/service-topology/api"),
     ("GET", "/v1/internal/ui/traffic/api"),
@@ -687,6 +688,21 @@ fn catalog_health_and_the_uis_summaries() -> anyhow::Result<()> {
     );
     let rows = as_db("/v1/internal/ui/services")?.json()?;
     assert_eq!(rows.as_array().map(Vec::len), Some(1), "{rows}");
+    // The Datacenters page: this one alone, with what the token reads.
+    let dcs = as_db("/v1/internal/ui/datacenters")?.json()?;
+    assert_eq!(dcs.as_array().map(Vec::len), Some(1), "{dcs}");
+    assert_eq!(
+        (&dcs[0]["Local"], &dcs[0]["Primary"]),
+        (&Value::from(true), &Value::from(true)),
+        "{dcs}"
+    );
+    let names: Vec<&str> = dcs[0]["Services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["Name"].as_str())
+        .collect();
+    assert_eq!(names, ["db"], "{dcs}");
     assert_eq!(as_db("/v1/health/service/api")?.status, 403);
     let topo = as_db("/v1/internal/ui/topology")?.json()?;
     assert_eq!(topo["Services"].as_array().map(Vec::len), Some(1), "{topo}");

@@ -26,8 +26,10 @@ pub type Upstream = Either<TcpStream, DuplexStream>;
 /// service identity of this trust domain, the default namespace and this
 /// datacenter or another of the federation (`federated`) speaks for a
 /// service here (a node's own identity, or one of another namespace or of
-/// an unknown datacenter, does not), checked before intentions. Intentions
-/// name services, whichever datacenter they run in (as Consul's).
+/// an unknown datacenter, does not), checked before intentions. Another
+/// datacenter's service is labelled `name@dc`: so intentions that name a
+/// source's datacenter judge it ([`ProxyContext::caller`]), and metrics and
+/// traffic reports show where it came from.
 pub fn source_service(
     peer_id: &str,
     trust_domain: &str,
@@ -50,7 +52,11 @@ pub fn source_service(
             id.datacenter
         ));
     }
-    Ok(id.service)
+    if id.datacenter == datacenter {
+        Ok(id.service)
+    } else {
+        Ok(format!("{}@{}", id.service, id.datacenter))
+    }
 }
 
 /// The source name a plaintext (permissive) connection is judged as: no
@@ -99,7 +105,7 @@ pub async fn admit(
                 format!("no local service instance at {target}"),
             ));
         };
-        let decision = view.decide_connection(&source, &instance.service);
+        let decision = view.decide_connection(ctx.caller(&source), &instance.service);
         let protocol = view.protocol(&instance.service);
         (instance.service.clone(), decision, protocol)
     };
@@ -157,11 +163,12 @@ mod tests {
         let ok = "spiffe://c0ffee.weft/ns/default/dc/dc1/svc/web";
         let alone = |_: &str| false;
         assert_eq!(source_service(ok, TD, "dc1", alone).unwrap(), "web");
-        // Another datacenter of the federation speaks for its services.
+        // Another datacenter of the federation speaks for its services,
+        // labelled with it (intentions may name it).
         let remote = "spiffe://c0ffee.weft/ns/default/dc/dc2/svc/web";
         assert_eq!(
             source_service(remote, TD, "dc1", |dc| dc == "dc2").unwrap(),
-            "web"
+            "web@dc2"
         );
         for (id, why) in [
             (

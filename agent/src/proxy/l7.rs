@@ -237,6 +237,11 @@ struct Picked {
 #[derive(Debug, Clone, Copy)]
 struct FromInstance;
 
+/// Marks a response another datacenter's instance gave, with how metrics
+/// and traffic reports name the destination then (`api@dc2`).
+#[derive(Debug, Clone)]
+struct FromDatacenter(String);
+
 /// Largest request body kept for retries (bytes); a larger one is refused
 /// with 413 on a route that retries or has a timeout.
 const MAX_RETRIED_BODY: usize = 1024 * 1024;
@@ -383,8 +388,11 @@ impl Judge {
         let arrived = std::time::Instant::now();
         let response = self.judge_and_forward(request).await;
         let code = response.status().as_u16();
-        let (src, dst) = (&self.source, &self.destination);
-        (self.ctx.metrics).http_request(self.side(), src, dst, code, arrived.elapsed());
+        let dst = match response.extensions().get::<FromDatacenter>() {
+            Some(FromDatacenter(label)) => label,
+            None => &self.destination,
+        };
+        (self.ctx.metrics).http_request(self.side(), &self.source, dst, code, arrived.elapsed());
         response
     }
 
@@ -405,7 +413,7 @@ impl Judge {
         let facts = policy_request(&request);
         if self.judge_requests {
             let decision = self.ctx.view.read().expect("view lock").decide(
-                &self.source,
+                self.ctx.caller(&self.source),
                 &self.destination,
                 Some(&facts),
             );
@@ -663,9 +671,7 @@ impl Judge {
         )
         .map_err(|e| AttemptError::NoInstance(e.to_string()))?;
         let timeout = view.connect_timeout(call, CONNECT_TIMEOUT);
-        let addr = match &route {
-            Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
-        };
+        let addr = route.target();
         let picked = Picked {
             service,
             route,
@@ -679,11 +685,13 @@ impl Judge {
     /// `service` (another than the connection's destination).
     fn allowed_to(&self, service: &str, request: &Request<Body>) -> Result<(), AttemptError> {
         let view = self.ctx.view.read().expect("view lock");
-        let decision = match view.decide_connection(&self.source, service) {
+        let decision = match view.decide_connection(self.ctx.caller(&self.source), service) {
             ConnectionDecision::Decided(d) => d,
-            ConnectionDecision::PerRequest => {
-                view.decide(&self.source, service, Some(&policy_request(request)))
-            }
+            ConnectionDecision::PerRequest => view.decide(
+                self.ctx.caller(&self.source),
+                service,
+                Some(&policy_request(request)),
+            ),
         };
         if decision.allowed {
             return Ok(());
@@ -728,6 +736,13 @@ impl Judge {
                     let ok = !response.status().is_server_error();
                     self.ctx.report(&self.source, &self.destination, addr, ok);
                     response.extensions_mut().insert(FromInstance);
+                    if let Route::Tunnel {
+                        remote: Some(_), ..
+                    } = &picked.route
+                    {
+                        let label = picked.route.label(&self.destination);
+                        response.extensions_mut().insert(FromDatacenter(label));
+                    }
                     return Ok(response.map(BodyExt::boxed));
                 }
                 Err((e, Some(unsent))) if !new => {
@@ -791,7 +806,7 @@ impl Judge {
                 let _ = tcp.set_nodelay(true);
                 Upstream::open(tcp, self.protocol).await
             }
-            Route::Tunnel { node, target } => {
+            Route::Tunnel { node, target, .. } => {
                 let identity = self
                     .ctx
                     .identities

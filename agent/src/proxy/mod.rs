@@ -50,6 +50,20 @@ pub struct ProxyContext {
 }
 
 impl ProxyContext {
+    /// The caller a source label names, as intentions judge it: a service
+    /// of this datacenter (`web`), another datacenter's (`web@dc2`, as
+    /// inbound labels a federated peer), or no one
+    /// ([`inbound::UNAUTHENTICATED`]: no datacenter either, so only
+    /// intentions from `*` that name none apply).
+    pub fn caller<'a>(&'a self, source: &'a str) -> weft_api::intention::Caller<'a> {
+        use weft_api::intention::{split_source, Caller};
+        if source == inbound::UNAUTHENTICATED {
+            return Caller::new(source, "");
+        }
+        let (service, datacenter) = split_source(source);
+        Caller::new(service, datacenter.unwrap_or(&self.datacenter))
+    }
+
     /// Takes a slot of `gauge` for `source`'s calls to `upstream`, under
     /// `source`'s `Limits` for it; a refusal is counted and logged.
     pub fn take_slot(

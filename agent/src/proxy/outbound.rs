@@ -33,8 +33,33 @@ use weft_api::catalog::ServiceInstance;
 pub enum Route {
     /// An instance on this node.
     Local(SocketAddr),
-    /// An instance behind another node's agent.
-    Tunnel { node: NodePeer, target: SocketAddr },
+    /// An instance behind another node's agent; `remote` names the node's
+    /// datacenter when it is another one.
+    Tunnel {
+        node: NodePeer,
+        target: SocketAddr,
+        remote: Option<Arc<str>>,
+    },
+}
+
+impl Route {
+    /// The instance's address.
+    pub fn target(&self) -> SocketAddr {
+        match self {
+            Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
+        }
+    }
+
+    /// How metrics and traffic reports name `service` reached by this
+    /// route: `api`, or `api@dc2` in another datacenter.
+    pub fn label(&self, service: &str) -> String {
+        match self {
+            Route::Tunnel {
+                remote: Some(dc), ..
+            } => format!("{service}@{dc}"),
+            _ => service.to_string(),
+        }
+    }
 }
 
 /// Why a connection could not be carried.
@@ -195,6 +220,7 @@ pub fn pick(
         return Ok(Route::Tunnel {
             node: NodePeer::new(gateway, &view.trust_domain, dc, node),
             target,
+            remote: Some(dc.into()),
         });
     }
     if node == ctx.node_name {
@@ -211,6 +237,7 @@ pub fn pick(
             node,
         ),
         target,
+        remote: None,
     })
 }
 
@@ -237,7 +264,7 @@ pub async fn carry(
     let (decision, protocol) = {
         let view = ctx.view.read().expect("view lock");
         (
-            view.decide_connection(source, destination),
+            view.decide_connection(ctx.caller(source), destination),
             view.protocol(destination),
         )
     };
@@ -297,7 +324,7 @@ async fn splice_to_instance(
         },
         CONNECT_TIMEOUT,
     );
-    let (opened, _in_flight) = loop {
+    let (opened, _in_flight, label) = loop {
         let route = match route_avoiding(ctx, (source, peer), (destination, datacenter), &failed) {
             Ok(route) => route,
             Err(e) if failed.is_empty() => return Err(e),
@@ -308,12 +335,11 @@ async fn splice_to_instance(
                 )))
             }
         };
-        let target = match &route {
-            Route::Local(addr) | Route::Tunnel { target: addr, .. } => *addr,
-        };
+        let target = route.target();
+        let label = route.label(destination);
         let in_flight = InFlight::new(ctx, target);
         match open(ctx, (source, destination), route, timeout).await {
-            Ok(opened) => break (opened, in_flight),
+            Ok(opened) => break (opened, in_flight, label),
             Err(e) if e.worth_another_instance() && failed.len() + 1 < CONNECT_ATTEMPTS => {
                 tracing::debug!(%target, "{source} -> {destination}: {e}; trying another instance");
                 failed.push(target);
@@ -321,31 +347,30 @@ async fn splice_to_instance(
             Err(e) => return Err(e),
         }
     };
+    // Another datacenter's instance is counted as `api@dc2`.
     let (sent, received) = match opened {
         Opened::Local(mut upstream) => {
             let _ = upstream.set_nodelay(true);
-            ctx.metrics.conn_opened(Side::Outbound, source, destination);
+            ctx.metrics.conn_opened(Side::Outbound, source, &label);
             let started = std::time::Instant::now();
             let copied = splice(client, &mut upstream).await;
-            ctx.metrics
-                .conn_closed(source, destination, started.elapsed());
+            ctx.metrics.conn_closed(source, &label, started.elapsed());
             copied.unwrap_or_default()
         }
         Opened::Tunnel(mut tunnel) => {
-            ctx.metrics.conn_opened(Side::Outbound, source, destination);
+            ctx.metrics.conn_opened(Side::Outbound, source, &label);
             let started = std::time::Instant::now();
             let copied = splice(client, &mut tunnel).await;
-            ctx.metrics
-                .conn_closed(source, destination, started.elapsed());
+            ctx.metrics.conn_closed(source, &label, started.elapsed());
             copied.unwrap_or_default()
         }
     };
     ctx.metrics
-        .bytes(Side::Outbound, source, destination, Direction::Sent, sent);
+        .bytes(Side::Outbound, source, &label, Direction::Sent, sent);
     ctx.metrics.bytes(
         Side::Outbound,
         source,
-        destination,
+        &label,
         Direction::Received,
         received,
     );
@@ -376,7 +401,7 @@ async fn open(
             let stream = connected.map_err(|source| OutboundError::Connect { addr, source })?;
             Ok(Opened::Local(stream))
         }
-        Route::Tunnel { node, target } => {
+        Route::Tunnel { node, target, .. } => {
             let identity = ctx
                 .identities
                 .service(source)

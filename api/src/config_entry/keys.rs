@@ -55,6 +55,7 @@ const KNOWN: &[&str] = &[
     "Datacenter",
     "Failover",
     "Datacenters",
+    "Targets",
     "ConnectTimeout",
     "LoadBalancer",
     "Policy",

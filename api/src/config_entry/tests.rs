@@ -819,7 +819,7 @@ fn resolver_rules() {
     r.failover.insert("*".into(), ResolverFailover::default());
     assert_eq!(
         e(r),
-        "Failover.*: one of Service, ServiceSubset or Datacenters is required"
+        "Failover.*: one of Service, ServiceSubset, Datacenters or Targets is required"
     );
     let mut r = resolver("api", &["v1"]);
     r.failover.insert(
@@ -853,6 +853,58 @@ fn resolver_rules() {
         },
     );
     assert_eq!(ok(r), Ok(()));
+    // Failover targets: each checked, not with the other fields, bounded.
+    let target = |service: Option<&str>, subset: Option<&str>, dc: Option<&str>| FailoverTarget {
+        service: service.map(Into::into),
+        service_subset: subset.map(Into::into),
+        datacenter: dc.map(Into::into),
+    };
+    let with_targets = |targets: Vec<FailoverTarget>, datacenters: Vec<String>| {
+        let mut r = resolver("web", &[]);
+        r.failover.insert(
+            "*".into(),
+            ResolverFailover {
+                targets,
+                datacenters,
+                ..Default::default()
+            },
+        );
+        r
+    };
+    let good = vec![
+        target(None, None, Some("dc2")),
+        target(Some("api"), Some("v1"), None),
+        target(Some("api"), None, Some("dc3")),
+    ];
+    assert_eq!(ok(with_targets(good.clone(), vec![])), Ok(()));
+    assert_eq!(
+        e(with_targets(good, vec!["dc2".into()])),
+        "Failover.*.Targets: not with Service, ServiceSubset or Datacenters (list each as a target)"
+    );
+    assert_eq!(
+        e(with_targets(vec![target(None, None, None)], vec![])),
+        "Failover.*.Targets[0]: one of Service, ServiceSubset or Datacenter is required"
+    );
+    assert!(e(with_targets(
+        vec![
+            target(None, None, Some("dc2")),
+            target(None, None, Some("DC3"))
+        ],
+        vec![]
+    ))
+    .starts_with("Failover.*.Targets[1].Datacenter: bad character 'D'"));
+    assert!(e(with_targets(
+        vec![target(Some("api"), Some("v7"), None)],
+        vec![]
+    ))
+    .starts_with("Failover.*.Targets[0].ServiceSubset: subset \"v7\""));
+    assert_eq!(
+        e(with_targets(
+            vec![target(None, None, Some("dc2")); 17],
+            vec![]
+        )),
+        "Failover.*.Targets: 17 targets, at most 16"
+    );
     // Redirect.
     let mut r = resolver("web", &[]);
     r.redirect = Some(ResolverRedirect {

@@ -24,7 +24,7 @@ use crate::state::Command;
 pub struct IntentionsApi(pub Arc<ServerNode>);
 
 fn check_ref(r: &proto::IntentionRef) -> Result<(), Status> {
-    validate_name_or_wildcard(&r.source).map_err(|e| invalid(format!("source: {e}")))?;
+    weft_api::intention::validate_source(&r.source).map_err(|e| invalid(e.to_string()))?;
     validate_name_or_wildcard(&r.destination).map_err(|e| invalid(format!("destination: {e}")))
 }
 
@@ -137,7 +137,13 @@ impl Intentions for IntentionsApi {
         let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
         require(&caller, &r.destination, Access::Read)?;
-        weft_api::names::validate_name(&r.source).map_err(|e| invalid(format!("source: {e}")))?;
+        // `web`, or `web@dc2` for a caller of another datacenter.
+        let (source, source_dc) = weft_api::intention::split_source(&r.source);
+        weft_api::names::validate_name(source).map_err(|e| invalid(format!("source: {e}")))?;
+        if let Some(dc) = source_dc {
+            weft_api::names::validate_name(dc)
+                .map_err(|e| invalid(format!("source datacenter: {e}")))?;
+        }
         weft_api::names::validate_name(&r.destination)
             .map_err(|e| invalid(format!("destination: {e}")))?;
         let request = (!r.method.is_empty()).then(|| HttpRequest {
@@ -160,7 +166,7 @@ impl Intentions for IntentionsApi {
             read(&self.0, r.read, |s| s.all_intentions().cloned().collect()).await?;
         let decision = evaluate(
             &intentions,
-            &r.source,
+            weft_api::intention::Caller::new(source, source_dc.unwrap_or(&self.0.datacenter)),
             &r.destination,
             request.as_ref(),
             default,

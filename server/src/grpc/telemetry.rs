@@ -3,7 +3,9 @@
 //! - `Report` needs `node:write` on the reporting node, and every pair must
 //!   have a service of that node at the end of its side (the source for
 //!   `outbound`, the destination for `inbound`) and a registered service (or
-//!   the permissive `unauthenticated` source) at the other: an agent reports
+//!   the permissive `unauthenticated` source) at the other, which may be
+//!   another datacenter's (`web@dc1`, a service of its instances this
+//!   datacenter holds a copy of): an agent reports
 //!   what its own workloads sent or received, never other nodes' traffic or
 //!   made-up pairs. Figures past [`MAX_COUNT`], more errors than requests or
 //!   latency buckets that do not add up to the requests are refused.
@@ -14,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tonic::{Request, Response, Status};
 use weft_api::acl::{Access, Resource};
+use weft_api::intention::split_source;
 use weft_api::names::validate_name;
 use weft_api::proto::{self, telemetry_server::Telemetry};
 use weft_api::traffic;
@@ -63,7 +66,11 @@ fn check_pair(
     let what = format!("{} -> {} ({})", p.source, p.destination, p.side);
     for name in [&p.source, &p.destination] {
         if name != UNAUTHENTICATED {
-            validate_name(name).map_err(|e| invalid(format!("{what}: {name:?}: {e}")))?;
+            let (service, datacenter) = split_source(name);
+            validate_name(service).map_err(|e| invalid(format!("{what}: {name:?}: {e}")))?;
+            if let Some(dc) = datacenter {
+                validate_name(dc).map_err(|e| invalid(format!("{what}: {name:?}: {e}")))?;
+            }
         }
     }
     let (local, other) = match p.side.as_str() {
@@ -140,11 +147,18 @@ impl Telemetry for TelemetryApi {
                     .get(&report.node)
                     .is_some_and(|on| on.values().any(|i| i.service == service))
             };
-            let registered = |service: &str| {
-                state
+            let registered = |name: &str| match split_source(name) {
+                (service, None) => state
                     .instances
                     .values()
-                    .any(|on| on.values().any(|i| i.service == service))
+                    .any(|on| on.values().any(|i| i.service == service)),
+                (service, Some(dc)) => {
+                    dc != self.0.datacenter
+                        && state
+                            .remote
+                            .get(dc)
+                            .is_some_and(|all| all.iter().any(|i| i.service == service))
+                }
             };
             for p in &report.pairs {
                 check_pair(p, &report.node, on_node, registered)?;
@@ -230,9 +244,15 @@ pub async fn turn() -> Result<tokio::sync::SemaphorePermit<'static>, Status> {
 const PEER_LIMIT: Duration = Duration::from_secs(2);
 
 /// Whether `caller` may see pair `p`: read on both services (anonymous,
-/// permissive sources are the destination's to see).
+/// permissive sources are the destination's to see; another datacenter's
+/// service, `web@dc1`, is read as `web`, as its intentions are).
 pub fn may_see(caller: &super::auth::Caller, p: &proto::PairTraffic) -> bool {
-    let may_read = |s: &str| caller.authz.allows(Resource::Service(s), Access::Read);
+    let may_read = |s: &str| {
+        let service = split_source(s).0;
+        caller
+            .authz
+            .allows(Resource::Service(service), Access::Read)
+    };
     (p.source == UNAUTHENTICATED || may_read(&p.source)) && may_read(&p.destination)
 }
 
@@ -279,3 +299,44 @@ pub fn series_shape(r: &proto::SeriesRequest) -> Result<(u32, u32), Status> {
 
 /// Points one series may have.
 const MAX_POINTS: u32 = 360;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(source: &str, destination: &str, side: &str) -> proto::PairTraffic {
+        let mut p = traffic::pair(source, destination);
+        p.side = side.into();
+        p.connections = 1;
+        p
+    }
+
+    /// Node `n1` runs web; api is registered here; dc2 (a copy) has api.
+    fn check(p: &proto::PairTraffic) -> Result<(), Status> {
+        let on_node = |s: &str| s == "web";
+        let registered = |name: &str| {
+            matches!(
+                split_source(name),
+                ("api" | "web", None) | ("api", Some("dc2"))
+            )
+        };
+        check_pair(p, "n1", on_node, registered)
+    }
+
+    #[test]
+    fn another_datacenters_service_is_reported_at_the_far_end_only() {
+        assert!(check(&pair("web", "api", "outbound")).is_ok());
+        assert!(check(&pair("web", "api@dc2", "outbound")).is_ok());
+        assert!(check(&pair("api@dc2", "web", "inbound")).is_ok());
+        // Not a service that datacenter has, nor a name.
+        let e = check(&pair("web", "db@dc2", "outbound")).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        let e = check(&pair("web", "api@DC2", "outbound")).unwrap_err();
+        assert!(e.message().contains("bad character"), "{}", e.message());
+        // The reporting node's own end is always a local service.
+        let e = check(&pair("web@dc2", "api", "outbound")).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        let e = check(&pair("web", "web@dc2", "inbound")).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    }
+}

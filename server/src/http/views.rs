@@ -12,7 +12,9 @@ use serde::Serialize;
 use serde_json::json;
 use weft_api::acl::{Access, Resource, ResourceKind};
 use weft_api::catalog::HealthStatus;
-use weft_api::intention::{evaluate_connection, ConnectionDecision, Intention, IntentionAction};
+use weft_api::intention::{
+    evaluate_connection, split_source, ConnectionDecision, Intention, IntentionAction,
+};
 use weft_api::proto::{self, telemetry_server::Telemetry};
 use weft_api::traffic;
 
@@ -43,6 +45,16 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, rest: &str) -> Answer {
                     .await?;
             Ok(json_at(index, &rows))
         }
+        "datacenters" => {
+            call.only_params(&[])?;
+            let caller = call.caller(node).await?;
+            caller.require_any_read(ResourceKind::Service)?;
+            let (rows, index) = crate::grpc::read(node, call.read(), |s| {
+                (datacenter_rows(node, s, &caller), s.index)
+            })
+            .await?;
+            Ok(json_at(index, &rows))
+        }
         "nodes" => {
             call.only_params(&[])?;
             let caller = call.caller(node).await?;
@@ -56,13 +68,24 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, rest: &str) -> Answer {
             let caller = call.caller(node).await?;
             caller.require_any_read(ResourceKind::Service)?;
             let window = window(call)?;
-            let (rows, intentions, index) = crate::grpc::read(node, call.read(), |s| {
-                let intentions: Vec<Intention> = s.all_intentions().cloned().collect();
-                (service_rows(s, &caller), intentions, s.index)
-            })
-            .await?;
+            let (rows, intentions, index) =
+                crate::grpc::read(node, call.read(), |s| {
+                    let intentions: Vec<Intention> = s.all_intentions().cloned().collect();
+                    // Other datacenters' services, as edges name them (`api@dc2`).
+                    let mut rows = service_rows(s, &caller);
+                    for dc in s.remote.keys() {
+                        rows.extend(remote_service_rows(s, &caller, dc).into_iter().map(
+                            |mut r| {
+                                r.name = format!("{}@{dc}", r.name);
+                                r
+                            },
+                        ));
+                    }
+                    (rows, intentions, s.index)
+                })
+                .await?;
             let (pairs, covered) = telemetry::merged(node, window).await;
-            let judge = Judge::new(&intentions, &caller, default(node));
+            let judge = Judge::new(&intentions, &caller, default(node), &node.datacenter);
             let edges: Vec<Edge> = pairs
                 .iter()
                 .filter(|p| telemetry::may_see(&caller, p))
@@ -170,6 +193,90 @@ pub fn service_rows(s: &State, caller: &Caller) -> Vec<ServiceRow> {
         .collect()
 }
 
+/// The services of datacenter `dc` (another one) that `caller` may read,
+/// from this datacenter's copy of its instances.
+pub fn remote_service_rows(s: &State, caller: &Caller, dc: &str) -> Vec<ServiceRow> {
+    let mut rows: BTreeMap<&str, ServiceRow> = BTreeMap::new();
+    for i in s.remote.get(dc).into_iter().flatten() {
+        if !may_read_instance(caller, i) {
+            continue;
+        }
+        let r = rows.entry(&i.service).or_insert_with(|| ServiceRow {
+            name: i.service.clone(),
+            vip: (s.vips.get(&format!("{}.{dc}", i.service)))
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            instance_count: 0,
+            checks_passing: 0,
+            checks_warning: 0,
+            checks_critical: 0,
+            nodes: BTreeSet::new(),
+            tags: BTreeSet::new(),
+        });
+        r.instance_count += 1;
+        match i.health {
+            HealthStatus::Passing => r.checks_passing += 1,
+            HealthStatus::Warning => r.checks_warning += 1,
+            HealthStatus::Critical => r.checks_critical += 1,
+        }
+        r.nodes.insert(i.node.clone());
+        r.tags.extend(i.tags.iter().cloned());
+    }
+    rows.into_values().collect()
+}
+
+/// One datacenter of the federation, as the UI's Datacenters page shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct DatacenterRow {
+    name: String,
+    primary: bool,
+    local: bool,
+    /// Its gateways' WAN addresses (for a caller who may read the
+    /// `mesh-gateway` service).
+    gateways: Vec<String>,
+    /// When its leader last reported to this datacenter (unix ms; 0 for
+    /// this one).
+    updated_ms: i64,
+    services: Vec<ServiceRow>,
+}
+
+/// This datacenter and every other of the federation, with the services
+/// of each that `caller` may read.
+fn datacenter_rows(node: &ServerNode, s: &State, caller: &Caller) -> Vec<DatacenterRow> {
+    let mut names: BTreeSet<&str> = s.federation.keys().map(String::as_str).collect();
+    names.insert(&node.datacenter);
+    let gateways_visible = caller.can(Resource::Service(weft_api::gateway::SERVICE), Access::Read);
+    names
+        .into_iter()
+        .map(|name| {
+            let state = s.federation.get(name);
+            let local = name == node.datacenter;
+            DatacenterRow {
+                name: name.to_string(),
+                primary: name == node.primary_datacenter,
+                local,
+                gateways: match state {
+                    Some(f) if gateways_visible => {
+                        f.gateways.iter().map(|g| g.to_string()).collect()
+                    }
+                    _ => Vec::new(),
+                },
+                updated_ms: if local {
+                    0
+                } else {
+                    state.map_or(0, |f| f.updated_ms)
+                },
+                services: if local {
+                    service_rows(s, caller)
+                } else {
+                    remote_service_rows(s, caller, name)
+                },
+            }
+        })
+        .collect()
+}
+
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "PascalCase")]
 struct NodeRow {
@@ -232,10 +339,17 @@ pub struct Judge<'a> {
     by_destination: BTreeMap<&'a str, Vec<&'a Intention>>,
     caller: &'a Caller,
     default: IntentionAction,
+    /// This server's datacenter: a source's when it names none.
+    datacenter: &'a str,
 }
 
 impl<'a> Judge<'a> {
-    pub fn new(intentions: &'a [Intention], caller: &'a Caller, default: IntentionAction) -> Self {
+    pub fn new(
+        intentions: &'a [Intention],
+        caller: &'a Caller,
+        default: IntentionAction,
+        datacenter: &'a str,
+    ) -> Self {
         let mut by_destination: BTreeMap<&str, Vec<&Intention>> = BTreeMap::new();
         for i in intentions {
             by_destination.entry(&i.destination).or_default().push(i);
@@ -244,11 +358,18 @@ impl<'a> Judge<'a> {
             by_destination,
             caller,
             default,
+            datacenter,
         }
     }
 
-    /// What decides `source` -> `destination`: (allowed, the reason).
+    /// What decides `source` -> `destination`: (allowed, the reason). Either
+    /// may be another datacenter's (`web@dc1` as an inbound agent reports
+    /// it, `api@dc2` as an outbound one does): intentions are the same in
+    /// every datacenter, and judge the caller's datacenter too.
     fn decide(&self, source: &str, destination: &str) -> Option<(bool, String)> {
+        let (source, source_dc) = split_source(source);
+        let source = weft_api::intention::Caller::new(source, source_dc.unwrap_or(self.datacenter));
+        let destination = split_source(destination).0;
         if !crate::grpc::intentions::may_access(self.caller, destination, Access::Read) {
             return None;
         }
@@ -306,7 +427,7 @@ async fn service_topology(node: &Arc<ServerNode>, call: &Call, name: &str) -> An
     })
     .await?;
     let (pairs, covered) = telemetry::merged(node, window).await;
-    let judge = Judge::new(&intentions, &caller, default(node));
+    let judge = Judge::new(&intentions, &caller, default(node), &node.datacenter);
     let (mut up, mut down): (Vec<Edge>, Vec<Edge>) = (Vec::new(), Vec::new());
     for p in pairs
         .iter()
@@ -496,17 +617,17 @@ mod tests {
         )
         .unwrap();
         let reader = caller(r#"service_prefix "" { policy = "read" }"#);
-        let e = Judge::new(&[], &reader, IntentionAction::Allow).edge(&summary);
+        let e = Judge::new(&[], &reader, IntentionAction::Allow, "dc1").edge(&summary);
         assert_eq!(e.allowed, Some(true), "{e:?}");
         assert!(
             e.reason.as_deref().is_some_and(|r| r.contains("default")),
             "{e:?}"
         );
         let deny = [deny];
-        let e = Judge::new(&deny, &reader, IntentionAction::Allow).edge(&summary);
+        let e = Judge::new(&deny, &reader, IntentionAction::Allow, "dc1").edge(&summary);
         assert_eq!(e.allowed, Some(false));
         assert_eq!(e.reason.as_deref(), Some("denied by intention web => api"));
-        let e = Judge::new(&[l7], &reader, IntentionAction::Deny).edge(&summary);
+        let e = Judge::new(&[l7], &reader, IntentionAction::Deny, "dc1").edge(&summary);
         assert_eq!(e.allowed, Some(true));
         assert!(e
             .reason
@@ -519,11 +640,11 @@ mod tests {
             serde_json::from_str(r#"{"Source":"web","Destination":"db","Action":"allow"}"#)
                 .unwrap();
         let both = [star, other];
-        let e = Judge::new(&both, &reader, IntentionAction::Allow).edge(&summary);
+        let e = Judge::new(&both, &reader, IntentionAction::Allow, "dc1").edge(&summary);
         assert_eq!(e.reason.as_deref(), Some("denied by intention * => *"));
         // A token that may not read api's intentions learns nothing of them.
         let blind = caller(r#"service_prefix "" { policy = "read" intentions = "deny" }"#);
-        let e = Judge::new(&deny, &blind, IntentionAction::Allow).edge(&summary);
+        let e = Judge::new(&deny, &blind, IntentionAction::Allow, "dc1").edge(&summary);
         assert_eq!((e.allowed, e.reason), (None, None));
     }
 }
