@@ -123,6 +123,7 @@ pub fn channel_via(
     tls: &ClientTlsConfig,
     dc: &str,
     via: SocketAddr,
+    timeout: Duration,
 ) -> Result<Channel, tonic::transport::Error> {
     let name = weft_api::gateway::server_sni(dc);
     let connector = tower::service_fn(move |_: http::Uri| async move {
@@ -133,7 +134,7 @@ pub fn channel_via(
     Ok(Endpoint::from_shared(format!("https://{name}:8302"))?
         .tls_config(tls.clone().domain_name(name))?
         .connect_timeout(EXCHANGE_TIMEOUT)
-        .timeout(EXCHANGE_TIMEOUT)
+        .timeout(timeout)
         .connect_with_connector_lazy(connector))
 }
 
@@ -238,9 +239,12 @@ async fn fetch_remote_instances(
             .collect()
     };
     for dc in others {
-        let fetched = ask(node, settings, &dc, |mut c| async move {
-            c.instances(proto::Empty {}).await
-        });
+        let fetched = ask(
+            node,
+            &settings.client_tls,
+            (&dc, EXCHANGE_TIMEOUT),
+            |mut c| async move { c.instances(proto::Empty {}).await },
+        );
         let reply = match fetched.await {
             Ok(reply) if reply.datacenter == dc => reply,
             Ok(reply) => {
@@ -330,10 +334,15 @@ async fn exchange(
     own: FederationState,
 ) -> Result<Vec<FederationState>, String> {
     let own = own.to_proto();
-    let reply = ask(node, settings, &settings.primary, |mut c| {
-        let own = own.clone();
-        async move { c.exchange(own).await }
-    })
+    let reply = ask(
+        node,
+        &settings.client_tls,
+        (&settings.primary, EXCHANGE_TIMEOUT),
+        |mut c| {
+            let own = own.clone();
+            async move { c.exchange(own).await }
+        },
+    )
     .await?;
     reply
         .states
@@ -343,12 +352,12 @@ async fn exchange(
 }
 
 /// Calls another datacenter's servers (`dc`) through each of this
-/// datacenter's passing gateways in turn until one answers: the answer, or
-/// why none did.
+/// datacenter's passing gateways in turn until one answers within
+/// `timeout`: the answer, or why none did.
 async fn ask<T, F, Fut>(
     node: &ServerNode,
-    settings: &FederationSettings,
-    dc: &str,
+    tls: &ClientTlsConfig,
+    (dc, timeout): (&str, Duration),
     call: F,
 ) -> Result<T, String>
 where
@@ -357,7 +366,7 @@ where
 {
     let mut last = format!("this datacenter has no passing mesh-gateway to reach {dc} through");
     for via in local_gateways(node) {
-        let channel = channel_via(&settings.client_tls, dc, via).map_err(|e| e.to_string())?;
+        let channel = channel_via(tls, dc, via, timeout).map_err(|e| e.to_string())?;
         let client = FederationClient::new(channel).max_decoding_message_size(MAX_REPLY);
         match call(client).await {
             Ok(reply) => return Ok(reply.into_inner()),
@@ -371,6 +380,27 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// How long an HTTP request forwarded to another datacenter (`?dc=`) may
+/// take, beyond a blocking query's wait.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends an HTTP API request to datacenter `dc`'s servers (`?dc=`), through
+/// this datacenter's gateways: their answer, or why there is none.
+pub async fn forward(
+    node: &ServerNode,
+    dc: &str,
+    req: proto::ForwardRequest,
+) -> Result<proto::ForwardReply, String> {
+    let tls = (node.federation_tls.get())
+        .ok_or("this server is not federated (it has no --federation-addr)")?;
+    let timeout = FORWARD_TIMEOUT + Duration::from_millis(req.wait_ms);
+    ask(node, tls, (dc, timeout), |mut c| {
+        let req = req.clone();
+        async move { c.forward(req).await }
+    })
+    .await
 }
 
 /// The `weft.v1.Federation` service, on the federation port.
@@ -529,6 +559,20 @@ impl Federation for FederationService {
         Ok(Response::new(proto::AclReplication { json }))
     }
 
+    async fn forward(
+        &self,
+        req: Request<proto::ForwardRequest>,
+    ) -> Result<Response<proto::ForwardReply>, Status> {
+        let from = caller_datacenter(&req)?;
+        if from == self.node.datacenter {
+            return Err(Status::permission_denied(
+                "a request of this datacenter is not forwarded to it",
+            ));
+        }
+        let reply = crate::http::answer_forwarded(&self.node, req.into_inner()).await;
+        Ok(Response::new(reply))
+    }
+
     async fn ca(
         &self,
         req: Request<proto::FederationCaRequest>,
@@ -582,9 +626,12 @@ impl Federation for FederationService {
 /// A secondary takes the primary's intentions and config entries as they
 /// are, when they differ from its own.
 async fn replicate_policy(node: &ServerNode, settings: &FederationSettings) -> Result<(), String> {
-    let reply = ask(node, settings, &settings.primary, |mut c| async move {
-        c.policy(proto::Empty {}).await
-    })
+    let reply = ask(
+        node,
+        &settings.client_tls,
+        (&settings.primary, EXCHANGE_TIMEOUT),
+        |mut c| async move { c.policy(proto::Empty {}).await },
+    )
     .await?;
     let mut intentions = reply
         .intentions
@@ -647,9 +694,12 @@ async fn replicate_acl(node: &ServerNode, settings: &FederationSettings) -> Resu
         policies: Vec<crate::acl::AclPolicy>,
         tokens: Vec<crate::acl::AclToken>,
     }
-    let reply = ask(node, settings, &settings.primary, |mut c| async move {
-        c.acl(proto::Empty {}).await
-    })
+    let reply = ask(
+        node,
+        &settings.client_tls,
+        (&settings.primary, EXCHANGE_TIMEOUT),
+        |mut c| async move { c.acl(proto::Empty {}).await },
+    )
     .await?;
     let Replicated {
         mut policies,
@@ -733,10 +783,15 @@ fn roots_from(reply: &proto::FederationCaReply) -> Vec<CaRoot> {
 /// root changes or at half its life.
 async fn follow_primary_ca(node: &ServerNode, settings: &FederationSettings) -> Result<(), String> {
     let call = |csr_pem: String| {
-        ask(node, settings, &settings.primary, move |mut c| {
-            let csr_pem = csr_pem.clone();
-            async move { c.ca(proto::FederationCaRequest { csr_pem }).await }
-        })
+        ask(
+            node,
+            &settings.client_tls,
+            (&settings.primary, EXCHANGE_TIMEOUT),
+            move |mut c| {
+                let csr_pem = csr_pem.clone();
+                async move { c.ca(proto::FederationCaRequest { csr_pem }).await }
+            },
+        )
     };
     let reply = call(String::new()).await?;
     let roots = roots_from(&reply);

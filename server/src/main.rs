@@ -128,6 +128,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         liveness: weft_server::liveness::Liveness::new(settings.node_timeout),
         limits: settings.limits,
         leader_contact: Default::default(),
+        federation_tls: Default::default(),
         traffic: Default::default(),
         batcher: weft_server::raft::batch::Batcher::start(
             raft.clone(),
@@ -226,6 +227,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                 tracing::error!("federation listener: {e}");
             }
         });
+        let _ = node
+            .federation_tls
+            .set(server_tls.federation_client.clone());
         tokio::spawn(weft_server::federation::maintain(
             node.clone(),
             weft_server::federation::FederationSettings {

@@ -77,6 +77,9 @@ pub struct ServerNode {
     pub batcher: crate::raft::batch::Batcher,
     /// When this server last heard from a leader (for pre-vote).
     pub leader_contact: crate::raft::prevote::LeaderContact,
+    /// This server's TLS for calls to other datacenters' servers, once it
+    /// is federated (`--federation-addr`): `?dc=` forwards with it.
+    pub federation_tls: std::sync::OnceLock<tonic::transport::ClientTlsConfig>,
 }
 
 impl ServerNode {

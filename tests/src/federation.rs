@@ -311,32 +311,50 @@ impl Federation {
         self.http_get_as(k, &self.dcs[k].token, path)
     }
 
+    /// Datacenter k's management token.
+    pub fn token(&self, k: usize) -> &str {
+        &self.dcs[k].token
+    }
+
     /// [`Federation::http_get`] with `token` (empty: none sent).
     pub fn http_get_as(&self, k: usize, token: &str, path: &str) -> anyhow::Result<(u16, String)> {
+        self.http_as(k, token, ("GET", path), None)
+    }
+
+    /// `method path` with `body` on datacenter k's server's HTTPS API, with
+    /// `token` (empty: none sent): the status and the body.
+    pub fn http_as(
+        &self,
+        k: usize,
+        token: &str,
+        (method, path): (&str, &str),
+        body: Option<&str>,
+    ) -> anyhow::Result<(u16, String)> {
         let host = format!("server.{}.weft", DCS[k]);
         let resolve = format!("{host}:8500:{}", self.server_ip(k));
         let token = format!("X-Consul-Token: {token}");
         let url = format!("https://{host}:8500{path}");
         let ca = self.path("ca.pem").display().to_string();
-        let out = self.run_in(
-            self.lan(k),
-            "curl",
-            &[
-                "-s",
-                "-m",
-                "5",
-                "--cacert",
-                &ca,
-                "--resolve",
-                &resolve,
-                "-H",
-                &token,
-                "-w",
-                "\n%{http_code}",
-                &url,
-            ],
-            Duration::from_secs(10),
-        )?;
+        let mut args = vec![
+            "-s",
+            "-m",
+            "5",
+            "-X",
+            method,
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve,
+            "-H",
+            &token,
+            "-w",
+            "\n%{http_code}",
+        ];
+        if let Some(body) = body {
+            args.extend(["--data-binary", body]);
+        }
+        args.push(&url);
+        let out = self.run_in(self.lan(k), "curl", &args, Duration::from_secs(10))?;
         let (body, code) = out
             .stdout
             .rsplit_once('\n')

@@ -404,8 +404,36 @@ fn dc1_reaches_dc2_through_gateways_fails_over_and_keeps_flowing() -> anyhow::Re
         status == 403,
         "dc2's api with a KV-only token: {status} {body}"
     );
-    let (status, body) = fed.http_get(0, "/v1/kv/x?dc=dc2")?;
-    ensure!(status == 400 && body.contains("catalog"), "{status} {body}");
+    // Other endpoints are forwarded to dc2's servers, with the caller's
+    // token (the primary's, replicated there): a key written in dc2 from
+    // dc1 is dc2's, not dc1's.
+    let token = fed.token(0).to_string();
+    let (status, body) =
+        fed.http_as(0, &token, ("PUT", "/v1/kv/from-dc1?dc=dc2"), Some("hello"))?;
+    ensure!(status == 200 && body.trim() == "true", "{status} {body}");
+    let (status, body) = fed.http_get(1, "/v1/kv/from-dc1?raw")?;
+    ensure!(
+        status == 200 && body == "hello",
+        "dc2's own read: {status} {body}"
+    );
+    let (status, body) = fed.http_get(0, "/v1/kv/from-dc1?raw&dc=dc2")?;
+    ensure!(status == 200 && body == "hello", "{status} {body}");
+    let (status, body) = fed.http_get(0, "/v1/kv/from-dc1")?;
+    ensure!(status == 404, "dc1 has dc2's key: {status} {body}");
+    // Refused there as here: no token, a KV-only token writing, dc2's
+    // snapshot (each datacenter's own).
+    let (status, body) = fed.http_get_as(0, "", "/v1/kv/from-dc1?dc=dc2")?;
+    ensure!(status == 403, "no token: {status} {body}");
+    let (status, body) = fed.http_as(0, kv_token, ("PUT", "/v1/kv/x?dc=dc2"), Some("x"))?;
+    ensure!(
+        status == 403,
+        "a read-only token wrote in dc2: {status} {body}"
+    );
+    let (status, body) = fed.http_get(0, "/v1/snapshot?dc=dc2")?;
+    ensure!(
+        status == 400 && body.contains("each datacenter's own"),
+        "{status} {body}"
+    );
     let (status, body) = fed.http_get(0, "/v1/catalog/services?dc=dc9")?;
     ensure!(
         status == 400 && body.contains("not a datacenter of this federation"),

@@ -480,7 +480,109 @@ fn grpc_request<T>(secret: Option<&str>, msg: T) -> tonic::Request<T> {
 }
 
 async fn handle(node: &Arc<ServerNode>, req: Request<Incoming>) -> Reply {
-    let (answer, index) = match read_call(node, req).await {
+    respond(node, read_call(node, req).await).await
+}
+
+/// Answers a request another datacenter's server forwarded here (`?dc=`
+/// naming this datacenter), as if its client had sent it here: the same
+/// handlers, the client's token. The snapshot, bootstrap, UI and metrics
+/// are this datacenter's own and are not answered so.
+pub async fn answer_forwarded(
+    node: &Arc<ServerNode>,
+    req: weft_api::proto::ForwardRequest,
+) -> weft_api::proto::ForwardReply {
+    let reply = respond(node, forwarded_call(req)).await;
+    let (parts, body) = reply.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    weft_api::proto::ForwardReply {
+        status: u32::from(parts.status.as_u16()),
+        headers: (parts.headers.iter())
+            .filter_map(|(name, value)| {
+                Some(weft_api::proto::ForwardParam {
+                    name: name.as_str().to_string(),
+                    value: value.to_str().ok()?.to_string(),
+                })
+            })
+            .collect(),
+        body: body.to_vec(),
+    }
+}
+
+/// The [`Call`] of a forwarded request, checked as [`read_call`] checks a
+/// client's.
+fn forwarded_call(req: weft_api::proto::ForwardRequest) -> Result<Call, HttpError> {
+    if !forwardable(&req.path) {
+        return Err(HttpError::bad_request(format!(
+            "{} is not answered for another datacenter",
+            req.path
+        )));
+    }
+    let method = Method::from_bytes(req.method.as_bytes())
+        .map_err(|_| HttpError::bad_request(format!("method {:?}", req.method)))?;
+    if req.body.len() > MAX_BODY {
+        return Err(HttpError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {MAX_BODY} bytes"),
+        ));
+    }
+    let query: Vec<(String, String)> = req.query.into_iter().map(|p| (p.name, p.value)).collect();
+    for (i, (k, _)) in query.iter().enumerate() {
+        if query[..i].iter().any(|(seen, _)| seen == k) {
+            return Err(HttpError::bad_request(format!(
+                "query parameter {k:?} is given more than once"
+            )));
+        }
+        // Read options come in their own fields.
+        if matches!(k.as_str(), "dc" | "stale" | "consistent" | "index" | "wait") {
+            return Err(HttpError::bad_request(format!(
+                "query parameter {k:?} is not forwarded as such"
+            )));
+        }
+    }
+    let block = (req.index > 0).then(|| {
+        let wait = Duration::from_millis(req.wait_ms);
+        (
+            req.index,
+            if wait.is_zero() {
+                DEFAULT_WAIT
+            } else {
+                wait.min(MAX_WAIT)
+            },
+        )
+    });
+    if block.is_some() && method != Method::GET {
+        return Err(HttpError::bad_request("index and wait are for reads (GET)"));
+    }
+    Ok(Call {
+        secret: (!req.token.is_empty()).then_some(req.token),
+        method,
+        path: req.path,
+        query,
+        headers: HeaderMap::new(),
+        body: Bytes::from(req.body),
+        _budget: None,
+        stale: req.stale,
+        block,
+        remote_dc: None,
+        read_index: Default::default(),
+    })
+}
+
+/// Whether a request for `path` may be forwarded to another datacenter:
+/// the HTTP API, except what is a datacenter's own (its snapshot, its ACL
+/// bootstrap).
+pub fn forwardable(path: &str) -> bool {
+    path.starts_with("/v1/") && path != "/v1/snapshot" && path != "/v1/acl/bootstrap"
+}
+
+/// The reply to `call` (or to why it could not be read), with the headers
+/// every answer carries.
+async fn respond(node: &Arc<ServerNode>, call: Result<Call, HttpError>) -> Reply {
+    let (answer, index) = match call {
         Ok(call) => {
             let answer = route(node, &call).await;
             let index = (call.method == Method::GET).then(|| call.index());
@@ -514,6 +616,11 @@ async fn handle(node: &Arc<ServerNode>, req: Request<Incoming>) -> Reply {
 /// Which handler a path goes to.
 async fn route(node: &Arc<ServerNode>, call: &Call) -> Answer {
     let path = call.path.as_str();
+    // Another datacenter's: its servers block and answer (but for what this
+    // datacenter's copy of its catalog answers).
+    if let Some(dc) = call.remote_dc.as_ref().filter(|_| !remote::answers(path)) {
+        return remote::forward(node, call, dc).await;
+    }
     if call.block.is_some() {
         // Only a known token may hold a request open.
         call.caller(node).await?;

@@ -1,16 +1,29 @@
-//! `?dc=` for another datacenter of the federation: the catalog and health
-//! reads Consul forwards there are answered here, from this datacenter's
-//! copy of that datacenter's instances (fetched through the gateways every
-//! 2 s, `crate::federation`), as far as the caller's token may read their
-//! services. Other endpoints refuse another datacenter by name.
+//! `?dc=` for another datacenter of the federation.
+//!
+//! - The catalog and health reads of services ([`ANSWERED`]) are answered
+//!   here, from this datacenter's copy of that datacenter's instances
+//!   (fetched through the gateways every 2 s, `crate::federation`), as far
+//!   as the caller's token may read their services.
+//! - Every other endpoint of the HTTP API is forwarded, as Consul forwards
+//!   it: through this datacenter's gateways to that datacenter's servers
+//!   (`Federation.Forward`, server to server over mutual TLS), which answer
+//!   it with the caller's token. Tokens of the primary are replicated to
+//!   every datacenter, so they work there; a datacenter's local tokens do
+//!   not. A datacenter's snapshot and ACL bootstrap are its own, never
+//!   forwarded.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use http::Method;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Response, StatusCode};
+use http_body_util::Full;
 use serde_json::{json, Value};
 use weft_api::acl::{Access, Resource, ResourceKind};
 use weft_api::catalog::{HealthStatus, ServiceInstance};
+use weft_api::proto;
 
 use super::{json_at, only, Answer, Call, HttpError};
 use crate::node::ServerNode;
@@ -22,18 +35,89 @@ pub const ANSWERED: &[&str] = &[
     "/v1/health/service/",
 ];
 
-pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str, dc: &str) -> Answer {
-    only(call, Method::GET)?;
-    let caller = call.caller(node).await?;
+/// Whether this datacenter answers `path` for another one (else it is
+/// forwarded there).
+pub fn answers(path: &str) -> bool {
+    path == ANSWERED[0] || ANSWERED[1..].iter().any(|p| path.starts_with(p))
+}
+
+/// Refuses a datacenter that is not of the federation.
+fn require_known(node: &ServerNode, dc: &str) -> Result<(), HttpError> {
     let known = {
         let s = node.shared.state.read().expect("state lock");
         s.federation.contains_key(dc)
     };
-    if !known {
-        return Err(HttpError::bad_request(format!(
+    if known {
+        Ok(())
+    } else {
+        Err(HttpError::bad_request(format!(
             "dc {dc:?} is not a datacenter of this federation"
+        )))
+    }
+}
+
+/// Forwards `call` to datacenter `dc`'s servers and gives back their answer.
+pub async fn forward(node: &Arc<ServerNode>, call: &Call, dc: &str) -> Answer {
+    require_known(node, dc)?;
+    // Only for a token known here too (the primary's are everywhere): an
+    // unknown one is not worth a call across the WAN.
+    call.caller(node).await?;
+    if !super::forwardable(&call.path) {
+        return Err(HttpError::bad_request(format!(
+            "?dc={dc}: {} is each datacenter's own; ask {dc}'s servers",
+            call.path
         )));
     }
+    let (index, wait) = call.block.map_or((0, Duration::ZERO), |(i, w)| (i, w));
+    let req = proto::ForwardRequest {
+        method: call.method.as_str().to_string(),
+        path: call.path.clone(),
+        query: (call.query.iter())
+            .map(|(name, value)| proto::ForwardParam {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect(),
+        token: call.secret.clone().unwrap_or_default(),
+        body: call.body.to_vec(),
+        stale: call.stale,
+        index,
+        wait_ms: wait.as_millis() as u64,
+    };
+    let reply = crate::federation::forward(node, dc, req)
+        .await
+        .map_err(|e| {
+            HttpError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("no path to datacenter {dc}: {e}"),
+            )
+        })?;
+    let status = u16::try_from(reply.status)
+        .ok()
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .ok_or_else(|| {
+            HttpError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("datacenter {dc} answered status {}", reply.status),
+            )
+        })?;
+    let mut answer = Response::new(Full::new(Bytes::from(reply.body)));
+    *answer.status_mut() = status;
+    for p in reply.headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(p.name.as_bytes()),
+            HeaderValue::from_str(&p.value),
+        ) {
+            answer.headers_mut().append(name, value);
+        }
+    }
+    Ok(answer)
+}
+
+pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str, dc: &str) -> Answer {
+    only(call, Method::GET)?;
+    let caller = call.caller(node).await?;
+    require_known(node, dc)?;
     let readable = |i: &&ServiceInstance| caller.can(Resource::Service(&i.service), Access::Read);
     if path == "/v1/catalog/services" {
         call.only_params(&[])?;
