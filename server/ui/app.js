@@ -1148,7 +1148,7 @@
         if (dc.Primary) badges.push(h('span', { class: 'chip chip-l7' }, 'primary'));
         if (dc.Local) badges.push(h('span', { class: 'chip' }, 'this datacenter'));
         const heard = dc.Local ? '' : (dc.UpdatedMs > 0
-          ? 'heard from ' + Math.max(0, Math.round((now - dc.UpdatedMs) / 1000)) + ' s ago'
+          ? 'state last changed ' + Math.max(0, Math.round((now - dc.UpdatedMs) / 1000)) + ' s ago'
           : 'not heard from yet');
         const gateways = (dc.Gateways || []).length
           ? 'gateways ' + dc.Gateways.join(', ') : (dc.Local ? '' : 'no gateway known');

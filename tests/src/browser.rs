@@ -152,6 +152,30 @@ impl Browser {
         bail!("{what}: not within {limit:?} (last: {last})")
     }
 
+    /// Logs in to the UI's login form (showing) with `token`, and waits for
+    /// the page to name it.
+    pub async fn log_in(&self, token: &str) -> anyhow::Result<()> {
+        let input = (self.client.wait())
+            .at_most(Duration::from_secs(20))
+            .for_element(fantoccini::Locator::Css("#login-token"))
+            .await?;
+        input.clear().await?;
+        input.send_keys(token).await?;
+        (self
+            .client
+            .find(fantoccini::Locator::Css("#login-submit"))
+            .await?)
+            .click()
+            .await?;
+        self.wait_for(
+            Duration::from_secs(10),
+            "logged in",
+            "const w = document.querySelector('#whoami'); return w && w.textContent.trim() ? w.textContent : null;",
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Saves a screenshot of the window as `target/ui-screenshots/<name>.png`
     /// and returns the path.
     pub async fn screenshot(&self, name: &str) -> anyhow::Result<PathBuf> {

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
+use weft_tests::browser::Browser;
 use weft_tests::federation::{DcSpec, Federation, Place, DCS};
 use weft_tests::mesh::{run_bounded, wait_until};
 use weft_tests::require_root;
@@ -554,6 +555,11 @@ fn dc1_reaches_dc2_through_gateways_fails_over_and_keeps_flowing() -> anyhow::Re
             })
         })?;
     }
+    // The same in dc1's UI, in Chromium.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(ui_shows_dc2(&fed))?;
     let (status, body) = fed.http_get(0, "/v1/internal/ui/datacenters")?;
     let dcs: serde_json::Value =
         serde_json::from_str(&body).with_context(|| format!("{status} {body}"))?;
@@ -596,6 +602,46 @@ fn dc1_reaches_dc2_through_gateways_fails_over_and_keeps_flowing() -> anyhow::Re
     eprintln!("after: {after:?} ({})", DCS[1]);
     fed.passed = true;
     Ok(())
+}
+
+/// dc1's web UI: dc2's api drawn as another datacenter's service with
+/// web's edge to it, and dc2 with its passing api on the Datacenters page.
+async fn ui_shows_dc2(fed: &Federation) -> anyhow::Result<()> {
+    let browser = Browser::start(Some(fed.lan(0)), &fed.path("chromedriver.log")).await?;
+    let shown = async {
+        let ui = format!("https://{}:8500/ui/", fed.server_ip(0));
+        browser.client.goto(&ui).await?;
+        browser.log_in(fed.token(0)).await?;
+        browser.client.goto(&format!("{ui}#/topology")).await?;
+        let edge = browser
+            .wait_for(
+                Duration::from_secs(20),
+                "web -> api@dc2 and a dashed api · dc2 on the topology",
+                r#"const e = document.querySelector('g.edge[data-source="web"][data-destination="api@dc2"]');
+                   const n = document.querySelector('g.node.remote[data-service="api@dc2"]');
+                   return e && n && n.textContent.includes('api · dc2') ? e.getAttribute('class') : null;"#,
+            )
+            .await?;
+        ensure!(edge.to_string().contains("edge-ok"), "{edge}");
+        browser.screenshot("topology-datacenters").await?;
+        browser.client.goto(&format!("{ui}#/datacenters")).await?;
+        browser
+            .wait_for(
+                Duration::from_secs(10),
+                "dc2's api passing on the Datacenters page",
+                r#"const s = document.querySelector('div[data-datacenter="dc2"] tr[data-service="api"] td.status');
+                   return s && s.textContent.includes('passing') ? true : null;"#,
+            )
+            .await?;
+        browser.screenshot("datacenters").await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if shown.is_err() {
+        let _ = browser.screenshot("datacenters-failure").await;
+    }
+    browser.close().await?;
+    shown
 }
 
 /// Transparent mode: a workload of dc1 calls `api.service.dc2.weft` by

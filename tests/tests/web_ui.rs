@@ -150,20 +150,7 @@ async fn steps(mesh: &Mesh, browser: &Browser) -> anyhow::Result<()> {
         )
         .await?;
     eprintln!("bogus token: {refused}");
-    let token_input = c.find(fantoccini::Locator::Css("#login-token")).await?;
-    token_input.clear().await?;
-    token_input.send_keys(&mesh.token).await?;
-    c.find(fantoccini::Locator::Css("#login-submit"))
-        .await?
-        .click()
-        .await?;
-    browser
-        .wait_for(
-            Duration::from_secs(10),
-            "logged in",
-            "const w = document.querySelector('#whoami'); return w && w.textContent.trim() ? w.textContent : null;",
-        )
-        .await?;
+    browser.log_in(&mesh.token).await?;
     let token_in_url = browser.eval("return location.href;", vec![]).await?;
     ensure!(
         !token_in_url.to_string().contains(&mesh.token),

@@ -235,8 +235,8 @@ struct DatacenterRow {
     /// Its gateways' WAN addresses (for a caller who may read the
     /// `mesh-gateway` service).
     gateways: Vec<String>,
-    /// When its leader last reported to this datacenter (unix ms; 0 for
-    /// this one).
+    /// When its state (its gateways) last changed, as this datacenter
+    /// heard (unix ms; 0 for this one).
     updated_ms: i64,
     services: Vec<ServiceRow>,
 }
