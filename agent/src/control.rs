@@ -579,17 +579,22 @@ impl Control {
             let sent = async {
                 let mut telemetry =
                     proto::telemetry_client::TelemetryClient::new(self.channel().await?);
-                // The servers take at most 1,024 pairs a report.
+                // The servers take at most 1,024 pairs a report; a refused
+                // pair costs itself (they keep the rest), a chunk itself.
+                let mut first = Ok(());
                 for chunk in pairs.chunks(1024) {
-                    telemetry
+                    let sent = telemetry
                         .report(proto::TrafficReport {
                             node: self.config().node_name.clone(),
                             pairs: chunk.to_vec(),
                         })
                         .await
-                        .map_err(Self::refused("traffic report".to_string()))?;
+                        .map_err(Self::refused("traffic report".to_string()));
+                    if first.is_ok() {
+                        first = sent.map(|_| ());
+                    }
                 }
-                Ok::<_, ControlError>(())
+                first
             };
             match sent.await {
                 Ok(()) => {

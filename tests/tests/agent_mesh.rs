@@ -834,6 +834,51 @@ ServiceSubset = "v1"
     Ok(())
 }
 
+/// A TCP service's failover to another service with an instance on the
+/// caller's own node: no agent but the caller's sees that connection, so
+/// the caller's agent judges it by the intentions of the service that
+/// answers, not only of the one dialed.
+#[test]
+fn a_failover_to_a_service_on_the_callers_node_is_judged_by_its_intentions() -> anyhow::Result<()> {
+    require_root();
+    let backup = Service::new("backup", 8090)
+        .id("backup-1")
+        .address(MeshSpec::NODE_ADDR);
+    let mut mesh = Mesh::start(spec().node_b(api("api-1", 8080)).node_a(backup))?;
+    let (a, b) = (mesh.ip(NodeA), mesh.ip(NodeB));
+    mesh.workload(NodeB, "api-1", &format!("{b}:8080"))?;
+    mesh.workload(NodeA, "backup-1", &format!("{a}:8090"))?;
+    wait_for_body(&mesh, "api-1", Duration::from_secs(30))?;
+    write_entry(
+        &mesh,
+        "resolver.hcl",
+        "Kind = \"service-resolver\"\nName = \"api\"\nFailover = { \"*\" = { Service = \"backup\" } }\n",
+    )?;
+    mesh.weft(&["intention", "create", "web", "backup", "--deny"])?;
+    // api-1 fails its check: api fails over to backup, which web may not
+    // reach.
+    mesh.curl(NodeB, &format!("http://{b}:8080/fail"))?;
+    wait_until(
+        Duration::from_secs(10),
+        "web's connections to api refused",
+        || {
+            Ok(mesh
+                .curl_with(NodeA, UPSTREAM, &["-m", "2"])
+                .is_err()
+                .then_some(()))
+        },
+    )?;
+    for _ in 0..5 {
+        if let Ok(body) = mesh.curl_with(NodeA, UPSTREAM, &["-m", "2"]) {
+            anyhow::bail!("web reached {body:?} past its deny of backup");
+        }
+    }
+    // Without the deny, the failover takes web to backup.
+    mesh.weft(&["intention", "delete", "web", "backup"])?;
+    settles_on(&mesh, &[], "backup-1", 3)?;
+    Ok(())
+}
+
 /// api-1 answering on node B, and api-2 registered on node A without a
 /// check with nothing listening there, so that a connection to it is
 /// refused: returned once requests have been seen both answered and failed.

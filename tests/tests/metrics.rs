@@ -241,6 +241,23 @@ fn traffic_reports_reach_weft_top_from_every_server() -> anyhow::Result<()> {
                 .expect_err("refused");
             assert_eq!(e.code(), code, "{lie:?}: {e:?}");
         }
+        // A bad pair next to a good one costs itself alone: the answer
+        // names it, the good one is kept (2 more connections).
+        let mixed = as_a
+            .report(report(
+                "node-a",
+                vec![
+                    pair("web", "api", "outbound", 2, 0),
+                    pair("web", "ghost", "outbound", 1, 0),
+                ],
+            ))
+            .await
+            .expect_err("a made-up pair in the report");
+        assert_eq!(mixed.code(), tonic::Code::PermissionDenied, "{mixed:?}");
+        assert!(
+            mixed.message().starts_with("1 pairs refused, 1 kept"),
+            "{mixed:?}"
+        );
         // Figures that cannot be real (and would overflow sums).
         let mut huge = pair("web", "api", "outbound", 1, 0);
         huge.bytes_sent = u64::MAX;
@@ -276,12 +293,13 @@ fn traffic_reports_reach_weft_top_from_every_server() -> anyhow::Result<()> {
         (p["source"].as_str(), p["destination"].as_str()),
         (Some("web"), Some("api"))
     );
-    // 7 connections and 40 requests over the seconds covered (a minute
-    // and the part of a slot before it), counted once.
+    // 7 connections (9 at web's end, with the 2 kept from the mixed
+    // report: the larger end counts) and 40 requests over the seconds
+    // covered (a minute and the part of a slot before it), counted once.
     let covered = top["window_secs"].as_f64().context("window")?;
     assert!((60.0..=70.0).contains(&covered), "{top}");
     let total = |f: &str| p[f].as_f64().unwrap_or(-1.0) * covered;
-    assert!((total("connections_per_sec") - 7.0).abs() < 1e-6, "{top}");
+    assert!((total("connections_per_sec") - 9.0).abs() < 1e-6, "{top}");
     assert!((total("requests_per_sec") - 40.0).abs() < 1e-6, "{top}");
     assert_eq!(p["p50_ms"].as_f64(), Some(5.0), "{top}");
 
@@ -348,7 +366,7 @@ fn traffic_reports_reach_weft_top_from_every_server() -> anyhow::Result<()> {
     let points = series["Points"].as_array().context("Points")?;
     assert_eq!(points.len(), 10, "{series}");
     let sum = |f: &str| points.iter().filter_map(|p| p[f].as_u64()).sum::<u64>();
-    assert_eq!((sum("Requests"), sum("Connections")), (40, 7), "{series}");
+    assert_eq!((sum("Requests"), sum("Connections")), (40, 9), "{series}");
     let starts: Vec<u64> = points.iter().filter_map(|p| p["Start"].as_u64()).collect();
     assert!(starts.windows(2).all(|w| w[1] == w[0] + 60), "{series}");
     // The token that reads web only may not read api's traffic.

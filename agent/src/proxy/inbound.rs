@@ -52,6 +52,10 @@ pub fn source_service(
             id.datacenter
         ));
     }
+    // Names as the CA issues them (so `@` cannot be in one).
+    for part in [&id.service, &id.datacenter] {
+        weft_api::names::validate_name(part).map_err(|e| format!("{part:?}: {e}"))?;
+    }
     if id.datacenter == datacenter {
         Ok(id.service)
     } else {
@@ -92,11 +96,7 @@ pub async fn admit(
     target: std::net::SocketAddr,
 ) -> Result<Counted<Upstream>, Refusal> {
     // Metrics and logs name an unauthenticated source so.
-    let label = if source == UNAUTHENTICATED {
-        "unauthenticated"
-    } else {
-        source.as_str()
-    };
+    let label = ProxyContext::source_label(&source);
     let (destination, decision, protocol) = {
         let view = ctx.view.read().expect("view lock");
         let Some(instance) = view.local_instance(&ctx.node_name, target) else {
@@ -184,6 +184,21 @@ mod tests {
             ("spiffe://c0ffee.weft/ns/default/dc/dc1/svc/", "empty"),
         ] {
             let e = source_service(id, TD, "dc1", |dc| dc == "dc3").unwrap_err();
+            assert!(e.contains(why), "{id}: {e}");
+        }
+        // A name no CA of the federation issues (`@` would pass for
+        // another datacenter's label).
+        for (id, why) in [
+            (
+                "spiffe://c0ffee.weft/ns/default/dc/dc3/svc/web@dc1",
+                "bad character '@'",
+            ),
+            (
+                "spiffe://c0ffee.weft/ns/default/dc/DC3/svc/web",
+                "bad character 'D'",
+            ),
+        ] {
+            let e = source_service(id, TD, "dc1", |dc| dc == "dc3" || dc == "DC3").unwrap_err();
             assert!(e.contains(why), "{id}: {e}");
         }
     }

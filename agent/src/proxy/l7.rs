@@ -371,6 +371,9 @@ struct Judge {
     forward: Forward,
     /// The caller's address, for `SourceIP` hash policies.
     peer: Option<IpAddr>,
+    /// How metrics name the source and the destination
+    /// ([`ProxyContext::source_label`], [`ProxyContext::service_label`]).
+    labels: (String, String),
 }
 
 impl Judge {
@@ -388,11 +391,12 @@ impl Judge {
         let arrived = std::time::Instant::now();
         let response = self.judge_and_forward(request).await;
         let code = response.status().as_u16();
+        let (src, dst) = &self.labels;
         let dst = match response.extensions().get::<FromDatacenter>() {
             Some(FromDatacenter(label)) => label,
-            None => &self.destination,
+            None => dst,
         };
-        (self.ctx.metrics).http_request(self.side(), &self.source, dst, code, arrived.elapsed());
+        (self.ctx.metrics).http_request(self.side(), src, dst, code, arrived.elapsed());
         response
     }
 
@@ -418,7 +422,8 @@ impl Judge {
                 Some(&facts),
             );
             if !decision.allowed {
-                (self.ctx.metrics).denied(self.side(), &self.source, &self.destination);
+                let (src, dst) = &self.labels;
+                (self.ctx.metrics).denied(self.side(), src, dst);
                 tracing::info!(source = %self.source, destination = %self.destination,
                     method = %facts.method, path = %facts.path, "request refused: {decision}");
                 let reason = format!(
@@ -696,7 +701,7 @@ impl Judge {
         if decision.allowed {
             return Ok(());
         }
-        (self.ctx.metrics).denied(self.side(), &self.source, service);
+        (self.ctx.metrics).denied(self.side(), &self.labels.0, service);
         Err(AttemptError::Denied(format!(
             "{} -> {service} (failover of {}): {decision}",
             self.source, self.destination
@@ -740,7 +745,7 @@ impl Judge {
                         remote: Some(_), ..
                     } = &picked.route
                     {
-                        let label = picked.route.label(&self.destination);
+                        let label = picked.route.label(&picked.service);
                         response.extensions_mut().insert(FromDatacenter(label));
                     }
                     return Ok(response.map(BodyExt::boxed));
@@ -891,6 +896,10 @@ where
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let upstream = Upstream::open(upstream, protocol).await?;
+    let labels = (
+        ProxyContext::source_label(&source).to_string(),
+        destination.clone(),
+    );
     let judge = Judge {
         ctx,
         source,
@@ -900,6 +909,7 @@ where
         judge_requests: true,
         forward: Forward::Instance(upstream),
         peer: None,
+        labels,
     };
     serve(downstream, judge).await
 }
@@ -922,6 +932,10 @@ where
     if protocol == Protocol::Tcp {
         return Err(L7Error::NotHttp(protocol));
     }
+    let labels = (
+        ProxyContext::source_label(&source).to_string(),
+        ctx.service_label(&destination, datacenter.as_deref()),
+    );
     let judge = Judge {
         ctx,
         source,
@@ -931,6 +945,7 @@ where
         judge_requests,
         forward: Forward::Routed(Default::default()),
         peer,
+        labels,
     };
     serve(downstream, judge).await
 }

@@ -50,6 +50,25 @@ pub struct ProxyContext {
 }
 
 impl ProxyContext {
+    /// How metrics and traffic reports name a source: its label, or
+    /// `unauthenticated` for a plaintext caller.
+    pub fn source_label(source: &str) -> &str {
+        if source == inbound::UNAUTHENTICATED {
+            "unauthenticated"
+        } else {
+            source
+        }
+    }
+
+    /// How metrics and traffic reports name `service` in `datacenter`:
+    /// `api`, or `api@dc2` when that is another datacenter.
+    pub fn service_label(&self, service: &str, datacenter: Option<&str>) -> String {
+        match datacenter.filter(|dc| *dc != self.datacenter) {
+            Some(dc) => format!("{service}@{dc}"),
+            None => service.to_string(),
+        }
+    }
+
     /// The caller a source label names, as intentions judge it: a service
     /// of this datacenter (`web`), another datacenter's (`web@dc2`, as
     /// inbound labels a federated peer), or no one

@@ -84,15 +84,16 @@ pub enum OutboundError {
 }
 
 /// Picks the route for a connection from `source` at `peer` to `service`,
-/// avoiding the instances at `failed` (tried already for this connection).
-/// A resolver's hash policies hash a connection on its source address
-/// alone.
+/// avoiding the instances at `failed` (tried already for this connection),
+/// and names the service that answers (`service`, or where its resolver's
+/// redirect or failover leads). A resolver's hash policies hash a
+/// connection on its source address alone.
 pub fn route_avoiding(
     ctx: &ProxyContext,
     (source, peer): (&str, Option<IpAddr>),
     (service, datacenter): (&str, Option<&str>),
     failed: &[SocketAddr],
-) -> Result<Route, OutboundError> {
+) -> Result<(Route, String), OutboundError> {
     let view = ctx.view.read().expect("view lock");
     // The resolver's redirect and failover (to other datacenters too)
     // apply to connections as to requests.
@@ -115,14 +116,30 @@ pub fn route_avoiding(
         upstream: service,
         service: answering,
     };
-    pick(
+    // Another service answering (a redirect or failover): the intentions
+    // must let the source reach it too. (An instance of it on another node
+    // is judged there again; one on this node only here.)
+    if answering != service {
+        let refused = match view.decide_connection(ctx.caller(source), answering) {
+            ConnectionDecision::Decided(d) if !d.allowed => Some(d.to_string()),
+            ConnectionDecision::Decided(_) => None,
+            ConnectionDecision::PerRequest => {
+                Some(L7Error::NotHttp(view.protocol(answering)).to_string())
+            }
+        };
+        if let Some(reason) = refused {
+            return Err(OutboundError::Denied(format!("{answering}: {reason}")));
+        }
+    }
+    let route = pick(
         ctx,
         &view,
         &instances,
         call,
         hash,
         resolved.datacenter.as_deref(),
-    )
+    )?;
+    Ok((route, resolved.service))
 }
 
 /// Who calls what: the calling service, the upstream it dialed (whose
@@ -272,14 +289,16 @@ pub async fn carry(
         error,
         stream: Some(client),
     };
+    // An upstream of another datacenter is counted as `api@dc2`.
+    let label = ctx.service_label(destination, datacenter);
     let per_request = match decision {
         ConnectionDecision::Decided(d) if !d.allowed => {
-            ctx.metrics.denied(Side::Outbound, source, destination);
+            ctx.metrics.denied(Side::Outbound, source, &label);
             return Err(refused(OutboundError::Denied(d.to_string()), client));
         }
         ConnectionDecision::Decided(_) => false,
         ConnectionDecision::PerRequest if protocol == Protocol::Tcp => {
-            ctx.metrics.denied(Side::Outbound, source, destination);
+            ctx.metrics.denied(Side::Outbound, source, &label);
             let reason = L7Error::NotHttp(protocol).to_string();
             return Err(refused(OutboundError::Denied(reason), client));
         }
@@ -291,7 +310,7 @@ pub async fn carry(
         // and router's rules (or their defaults), as Consul's proxies do.
         // The client's connection is counted (opened, bytes, closed) here.
         let peer = client.peer_addr().ok().map(|a| a.ip());
-        let client = Counted::client(client, ctx.metrics.clone(), source, destination);
+        let client = Counted::client(client, ctx.metrics.clone(), source, &label);
         let (src, dst) = (source.to_string(), destination.to_string());
         let dst = (dst, datacenter.map(str::to_string));
         let served =
@@ -325,18 +344,19 @@ async fn splice_to_instance(
         CONNECT_TIMEOUT,
     );
     let (opened, _in_flight, label) = loop {
-        let route = match route_avoiding(ctx, (source, peer), (destination, datacenter), &failed) {
-            Ok(route) => route,
-            Err(e) if failed.is_empty() => return Err(e),
-            Err(_) => {
-                return Err(OutboundError::NoInstance(format!(
-                    "{destination} (tried {} instances)",
-                    failed.len()
-                )))
-            }
-        };
+        let (route, answering) =
+            match route_avoiding(ctx, (source, peer), (destination, datacenter), &failed) {
+                Ok(picked) => picked,
+                Err(e) if failed.is_empty() => return Err(e),
+                Err(_) => {
+                    return Err(OutboundError::NoInstance(format!(
+                        "{destination} (tried {} instances)",
+                        failed.len()
+                    )))
+                }
+            };
         let target = route.target();
-        let label = route.label(destination);
+        let label = route.label(&answering);
         let in_flight = InFlight::new(ctx, target);
         match open(ctx, (source, destination), route, timeout).await {
             Ok(opened) => break (opened, in_flight, label),

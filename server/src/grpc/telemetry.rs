@@ -8,7 +8,9 @@
 //!   datacenter holds a copy of): an agent reports
 //!   what its own workloads sent or received, never other nodes' traffic or
 //!   made-up pairs. Figures past [`MAX_COUNT`], more errors than requests or
-//!   latency buckets that do not add up to the requests are refused.
+//!   latency buckets that do not add up to the requests are refused: each
+//!   such pair alone (the answer names them), the rest of the report is
+//!   kept.
 //! - `Top` merges this server's reports with every peer's and shows the
 //!   pairs whose two services the caller may read.
 use std::sync::Arc;
@@ -33,7 +35,7 @@ const MAX_BUCKETS: usize = 64;
 /// every 5 s).
 pub const MAX_COUNT: u64 = 1 << 40;
 /// The name agents give sources they cannot identify (permissive mode).
-const UNAUTHENTICATED: &str = "unauthenticated";
+pub const UNAUTHENTICATED: &str = "unauthenticated";
 /// The widest window `Top` sums.
 const MAX_WINDOW_SECS: u32 = crate::traffic::KEEP_SECS as u32;
 
@@ -139,7 +141,7 @@ impl Telemetry for TelemetryApi {
                 report.pairs.len()
             )));
         }
-        {
+        let (kept, refused) = {
             let state = self.0.shared.state.read().expect("state lock");
             let on_node = |service: &str| {
                 state
@@ -160,14 +162,33 @@ impl Telemetry for TelemetryApi {
                             .is_some_and(|all| all.iter().any(|i| i.service == service))
                 }
             };
-            for p in &report.pairs {
-                check_pair(p, &report.node, on_node, registered)?;
+            let mut kept = Vec::with_capacity(report.pairs.len());
+            let mut refused: Option<(usize, Status)> = None;
+            for p in report.pairs {
+                match check_pair(&p, &report.node, on_node, registered) {
+                    Ok(()) => kept.push(p),
+                    Err(e) => {
+                        let (n, _) = refused.get_or_insert((0, e));
+                        *n += 1;
+                    }
+                }
             }
+            (kept, refused)
+        };
+        // One bad pair (a service deregistered a moment ago, a forged one)
+        // costs that pair, not the node's whole report.
+        self.0.traffic.record(now_secs(), &report.node, &kept);
+        match refused {
+            None => Ok(Response::new(proto::Empty {})),
+            Some((n, first)) => Err(Status::new(
+                first.code(),
+                format!(
+                    "{n} pairs refused, {} kept; the first: {}",
+                    kept.len(),
+                    first.message()
+                ),
+            )),
         }
-        self.0
-            .traffic
-            .record(now_secs(), &report.node, &report.pairs);
-        Ok(Response::new(proto::Empty {}))
     }
 
     async fn top(

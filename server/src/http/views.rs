@@ -232,11 +232,10 @@ struct DatacenterRow {
     name: String,
     primary: bool,
     local: bool,
-    /// Its gateways' WAN addresses (for a caller who may read the
-    /// `mesh-gateway` service).
+    /// Its gateways' WAN addresses (for a caller with `operator:read`).
     gateways: Vec<String>,
     /// When its state (its gateways) last changed, as this datacenter
-    /// heard (unix ms; 0 for this one).
+    /// heard (unix ms; 0 for this one, and without `operator:read`).
     updated_ms: i64,
     services: Vec<ServiceRow>,
 }
@@ -246,7 +245,9 @@ struct DatacenterRow {
 fn datacenter_rows(node: &ServerNode, s: &State, caller: &Caller) -> Vec<DatacenterRow> {
     let mut names: BTreeSet<&str> = s.federation.keys().map(String::as_str).collect();
     names.insert(&node.datacenter);
-    let gateways_visible = caller.can(Resource::Service(weft_api::gateway::SERVICE), Access::Read);
+    // Where the gateways are, and when they changed, is the operator's
+    // (as `weft members --wan`).
+    let operator = caller.can(Resource::Operator, Access::Read);
     names
         .into_iter()
         .map(|name| {
@@ -257,12 +258,10 @@ fn datacenter_rows(node: &ServerNode, s: &State, caller: &Caller) -> Vec<Datacen
                 primary: name == node.primary_datacenter,
                 local,
                 gateways: match state {
-                    Some(f) if gateways_visible => {
-                        f.gateways.iter().map(|g| g.to_string()).collect()
-                    }
+                    Some(f) if operator => f.gateways.iter().map(|g| g.to_string()).collect(),
                     _ => Vec::new(),
                 },
-                updated_ms: if local {
+                updated_ms: if local || !operator {
                     0
                 } else {
                     state.map_or(0, |f| f.updated_ms)
@@ -367,8 +366,13 @@ impl<'a> Judge<'a> {
     /// it, `api@dc2` as an outbound one does): intentions are the same in
     /// every datacenter, and judge the caller's datacenter too.
     fn decide(&self, source: &str, destination: &str) -> Option<(bool, String)> {
-        let (source, source_dc) = split_source(source);
-        let source = weft_api::intention::Caller::new(source, source_dc.unwrap_or(self.datacenter));
+        // As agents judge them: a plaintext caller has no datacenter.
+        let source = if source == telemetry::UNAUTHENTICATED {
+            weft_api::intention::Caller::new("", "")
+        } else {
+            let (service, datacenter) = split_source(source);
+            weft_api::intention::Caller::new(service, datacenter.unwrap_or(self.datacenter))
+        };
         let destination = split_source(destination).0;
         if !crate::grpc::intentions::may_access(self.caller, destination, Access::Read) {
             return None;
@@ -447,10 +451,12 @@ async fn service_topology(node: &Arc<ServerNode>, call: &Call, name: &str) -> An
         up.iter().map(|e| e.destination.clone()).collect(),
         down.iter().map(|e| e.source.clone()).collect(),
     );
+    // (A source naming a datacenter, `web@dc2`, is read as its service.)
     let named = |other: &str| {
-        other != weft_api::names::WILDCARD
+        let service = split_source(other).0;
+        service != weft_api::names::WILDCARD
             && other != name
-            && caller.can(Resource::Service(other), Access::Read)
+            && caller.can(Resource::Service(service), Access::Read)
     };
     for i in &intentions {
         if !crate::grpc::intentions::may_access(&caller, &i.destination, Access::Read) {
