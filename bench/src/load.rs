@@ -225,16 +225,27 @@ pub fn parse_iperf(stdout: &str) -> anyhow::Result<f64> {
         .context("iperf3: no end.sum_received.bits_per_second")
 }
 
-/// CPU time (user + system) of `pid` so far, in seconds.
-pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+/// CPU time (user + system) of `pid` so far in seconds, and its minor
+/// page faults so far.
+pub fn cpu_and_faults(pid: u32) -> anyhow::Result<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_stat(&stat)
+}
+
+fn parse_stat(stat: &str) -> anyhow::Result<(f64, f64)> {
     // Fields after the command name (which may hold spaces) in parentheses.
     let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15; `rest` starts at field 3.
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    // USER_HZ is 100 on every Linux architecture weft runs on.
-    Ok(ticks / 100.0)
+    let field = |n: usize| -> anyhow::Result<f64> {
+        // `rest` starts at field 3.
+        let text = fields
+            .get(n - 3)
+            .with_context(|| format!("/proc/PID/stat has no field {n}"))?;
+        Ok(text.parse::<f64>()?)
+    };
+    // minflt is field 10; utime and stime are fields 14 and 15, in ticks
+    // (USER_HZ is 100 on every Linux architecture weft runs on).
+    Ok(((field(14)? + field(15)?) / 100.0, field(10)?))
 }
 
 /// Resets the peak resident set size of `pid` (VmHWM) to its current RSS.
@@ -288,8 +299,16 @@ pub fn agent_pid(config: &Path) -> anyhow::Result<u32> {
 /// CPU (vCPU) and peak RSS of a set of processes over one load window.
 pub struct Window {
     pids: Vec<u32>,
-    cpu: Vec<f64>,
+    before: Vec<(f64, f64)>,
     start: std::time::Instant,
+}
+
+/// What one process used over a [`Window`].
+pub struct Usage {
+    /// CPU seconds per second of the window.
+    pub vcpu: f64,
+    pub peak_rss_mb: f64,
+    pub minor_faults: f64,
 }
 
 impl Window {
@@ -299,16 +318,16 @@ impl Window {
         }
         Ok(Window {
             pids: pids.to_vec(),
-            cpu: pids
+            before: pids
                 .iter()
-                .map(|p| cpu_seconds(*p))
+                .map(|p| cpu_and_faults(*p))
                 .collect::<anyhow::Result<_>>()?,
             start: std::time::Instant::now(),
         })
     }
 
-    /// Per process: (vCPU over the window, peak RSS in MB during it).
-    pub fn finish(self) -> anyhow::Result<Vec<(f64, f64)>> {
+    /// What each process used over the window.
+    pub fn finish(self) -> anyhow::Result<Vec<Usage>> {
         let secs = self
             .start
             .elapsed()
@@ -316,8 +335,15 @@ impl Window {
             .as_secs_f64();
         self.pids
             .iter()
-            .zip(&self.cpu)
-            .map(|(pid, before)| Ok(((cpu_seconds(*pid)? - before) / secs, peak_rss_mb(*pid)?)))
+            .zip(&self.before)
+            .map(|(pid, (cpu0, faults0))| {
+                let (cpu, faults) = cpu_and_faults(*pid)?;
+                Ok(Usage {
+                    vcpu: (cpu - cpu0) / secs,
+                    peak_rss_mb: peak_rss_mb(*pid)?,
+                    minor_faults: faults - faults0,
+                })
+            })
             .collect()
     }
 }
@@ -325,6 +351,14 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_fields() {
+        // A command name with spaces and parentheses, as the kernel writes it.
+        let stat = "4242 (weft (agent) x) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 75 0 0 20 0 9 0 100 0 0";
+        assert_eq!(parse_stat(stat).unwrap(), (3.25, 1234.0));
+        assert!(parse_stat("4242 (short) S 1").is_err());
+    }
 
     #[test]
     fn oha_json() {
@@ -349,7 +383,8 @@ mod tests {
     #[test]
     fn own_cpu_and_rss() {
         let pid = std::process::id();
-        assert!(cpu_seconds(pid).unwrap() >= 0.0);
+        let (cpu, faults) = cpu_and_faults(pid).unwrap();
+        assert!(cpu >= 0.0 && faults > 0.0);
         assert!(peak_rss_mb(pid).unwrap() > 0.0);
     }
 }

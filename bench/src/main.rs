@@ -21,6 +21,7 @@ mod control_plane;
 mod haproxy;
 mod load;
 mod node;
+mod quiet;
 mod report;
 mod tunnel;
 mod ui;

@@ -30,6 +30,7 @@ use weft_tests::servers::bin;
 
 use crate::haproxy::{self, Route};
 use crate::load::{self, Percentiles, Window};
+use crate::quiet;
 use crate::report::{Figure, Section};
 
 const BODY_BYTES: &str = "1024";
@@ -57,6 +58,8 @@ struct Params {
     max_secs: u64,
     conn_secs: u64,
     bulk_secs: u64,
+    /// How long a round waits for a quiet machine before it starts anyway.
+    quiet_wait: Duration,
 }
 
 /// One way from the client in node A to the workloads.
@@ -90,7 +93,15 @@ impl Target<'_> {
 type Round = BTreeMap<String, f64>;
 
 fn unit_of(metric: &str) -> &'static str {
-    if metric.contains("vCPU") {
+    if metric.contains("per GB") {
+        "CPU s/GB"
+    } else if metric.contains("faults per connection") {
+        "faults/conn"
+    } else if metric.contains("minor faults") {
+        "faults"
+    } else if metric.contains("connections total") {
+        "conn"
+    } else if metric.contains("vCPU") {
         "vCPU"
     } else if metric.contains("RSS") {
         "MB"
@@ -122,9 +133,16 @@ fn under_load(
     let window = Window::start(&t.proxies)?;
     f(out).with_context(|| format!("{}: {label}", t.name))?;
     let usage = window.finish()?;
-    for ((cpu, rss), node) in usage.into_iter().zip(["A", "B"]) {
-        out.insert(format!("{label}: proxy vCPU node {node}"), cpu);
-        out.insert(format!("{label}: proxy peak RSS node {node}"), rss);
+    for (u, node) in usage.into_iter().zip(["A", "B"]) {
+        out.insert(format!("{label}: proxy vCPU node {node}"), u.vcpu);
+        out.insert(
+            format!("{label}: proxy peak RSS node {node}"),
+            u.peak_rss_mb,
+        );
+        out.insert(
+            format!("{label}: proxy minor faults node {node}"),
+            u.minor_faults,
+        );
     }
     Ok(())
 }
@@ -197,6 +215,7 @@ fn conn_load(t: &Target, p: &Params, out: &mut Round) -> anyhow::Result<()> {
             );
         }
         out.insert("new connections".into(), r.rps);
+        out.insert("new connections total".into(), r.total);
         Ok(())
     })
 }
@@ -335,6 +354,7 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
             max_secs: 2,
             conn_secs: 2,
             bulk_secs: 2,
+            quiet_wait: Duration::from_secs(60),
         }
     } else {
         Params {
@@ -343,6 +363,7 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
             max_secs: 5,
             conn_secs: 5,
             bulk_secs: 5,
+            quiet_wait: Duration::from_secs(240),
         }
     };
     let mut notes: Vec<String> = Vec::new();
@@ -520,7 +541,20 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
 
     let mut rounds: Vec<Round> = Vec::new();
     let mut failed: BTreeMap<&str, String> = BTreeMap::new();
+    let mut loads: Vec<quiet::RoundLoad> = Vec::new();
     for round in 0..p.rounds {
+        let (start, waited, is_quiet) = quiet::wait_for_quiet(p.quiet_wait)?;
+        if is_quiet {
+            eprintln!(
+                "round {round}: load {start:.2} after waiting {:.0} s",
+                waited.as_secs_f64()
+            );
+        } else {
+            eprintln!(
+                "WARNING round {round}: NOT A QUIET MACHINE, load {start:.2} after waiting {:.0} s; starting anyway",
+                waited.as_secs_f64()
+            );
+        }
         let mut r = Round::new();
         let n = targets.len();
         for i in 0..n {
@@ -559,7 +593,19 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
             r.get("weft eBPF: 1000 rps p50").unwrap_or(&f64::NAN),
         );
         rounds.push(r);
+        loads.push(quiet::RoundLoad {
+            round,
+            start,
+            end: quiet::load_average()?,
+            waited,
+            quiet: is_quiet,
+        });
     }
+    let (load_table, load_warnings) = quiet::section(&loads, p.quiet_wait);
+    for w in &load_warnings {
+        eprintln!("WARNING {w}");
+    }
+    notes.extend(load_warnings);
     for (name, e) in &failed {
         notes.push(format!(
             "{name} failed and was left out of later rounds: {e}"
@@ -611,6 +657,51 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
                 }
             }
         }
+        // Per unit of work: CPU seconds per GB carried, page faults per
+        // new connection.
+        for cfg in [EXPLICIT, EBPF, HAPROXY] {
+            for node in ["A", "B"] {
+                for k in ["bulk 1 stream", "bulk 8 streams"] {
+                    if let (Some(vcpu), Some(gbit)) = (
+                        r.get(&format!("{cfg}: {k}: proxy vCPU node {node}")),
+                        r.get(&format!("{cfg}: {k}")),
+                    ) {
+                        derived.insert(
+                            format!("{cfg}: {k}: proxy CPU s per GB node {node}"),
+                            vcpu / (gbit / 8.0),
+                        );
+                    }
+                }
+                if let (Some(faults), Some(total)) = (
+                    r.get(&format!(
+                        "{cfg}: new connections: proxy minor faults node {node}"
+                    )),
+                    r.get(&format!("{cfg}: new connections total")),
+                ) {
+                    derived.insert(
+                        format!("{cfg}: proxy page faults per connection node {node}"),
+                        faults / total.max(1.0),
+                    );
+                }
+            }
+        }
+        if let (Some(a), Some(b)) = (
+            r.get(&format!("{EBPF}: new connections")),
+            r.get(&format!("{EXPLICIT}: new connections")),
+        ) {
+            derived.insert(format!("{EBPF}: new connections × {EXPLICIT}"), a / b);
+        }
+        // The mutual-TLS baseline the data path is held to (issue 17).
+        for cfg in [EXPLICIT, EBPF] {
+            for k in ["bulk 1 stream", "bulk 8 streams", "new connections"] {
+                if let (Some(a), Some(b)) = (
+                    r.get(&format!("{cfg}: {k}")),
+                    r.get(&format!("{HAPROXY}: {k}")),
+                ) {
+                    derived.insert(format!("{cfg}: {k} × {HAPROXY}"), a / b);
+                }
+            }
+        }
         r.extend(derived);
     }
     let mut names: Vec<String> = Vec::new();
@@ -643,8 +734,10 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
             Figure::new(n.clone(), unit, samples)
         })
         .collect();
-    let sections = summary(&figures, &targets, &notes);
-    let extra = json!({ "notes": notes, "configurations": order, "params": {
+    let mut sections = summary(&figures, &targets, &notes);
+    sections.push(Section::new("Machine load per round", load_table));
+    let round_load: Vec<Value> = loads.iter().map(quiet::RoundLoad::to_json).collect();
+    let extra = json!({ "notes": notes, "configurations": order, "round_load": round_load, "params": {
         "rounds": p.rounds, "rate_rps": RATE, "connections": CONNS, "body_bytes": 1024,
         "rate_secs": p.rate_secs, "max_rate_secs": p.max_secs, "connection_secs": p.conn_secs,
         "bulk_secs": p.bulk_secs } });
@@ -756,23 +849,13 @@ fn summary(figures: &[Figure], targets: &[Target], notes: &[String]) -> Vec<Sect
         "Median (min – max) over the rounds. Agent figures: the larger of node A's and node B's agent.\n\n\
          | target | configuration | measured | met |\n|---|---|---|---|\n",
     );
-    let check = |f: Option<&Figure>, ok: &dyn Fn(f64) -> bool| match f {
-        Some(f) if !f.samples.is_empty() => {
-            if ok(f.median()) {
-                "yes"
-            } else {
-                "**no**"
-            }
-        }
-        _ => "not measured",
-    };
     for cfg in [EXPLICIT, EBPF] {
         for (q, limit) in [("p50", 40.0), ("p99", 120.0)] {
             let name = format!("{cfg}: added latency at 1000 rps {q}");
             tgt += &format!(
                 "| cross-node added latency at 1000 rps {q} ≤ {limit} µs | {cfg} | {} µs | {} |\n",
                 spread(figures, &name, 0),
-                check(find(figures, &name), &|v| v <= limit)
+                met(find(figures, &name), &|v| v <= limit)
             );
         }
         for (what, key, limit, unit) in [
@@ -806,14 +889,14 @@ fn summary(figures: &[Figure], targets: &[Target], notes: &[String]) -> Vec<Sect
                     digits,
                     f.max()
                 )),
-                check(worst.as_ref(), &|v| v <= limit)
+                met(worst.as_ref(), &|v| v <= limit)
             );
         }
         let name = format!("{cfg}: bulk 1 stream × direct");
         tgt += &format!(
             "| one-stream bulk ≥ 0.6 × direct | {cfg} | {} × | {} |\n",
             spread(figures, &name, 2),
-            check(find(figures, &name), &|v| v >= 0.6)
+            met(find(figures, &name), &|v| v >= 0.6)
         );
     }
     for k in ["bulk 1 stream", "max rate"] {
@@ -821,13 +904,17 @@ fn summary(figures: &[Figure], targets: &[Target], notes: &[String]) -> Vec<Sect
         tgt += &format!(
             "| same-node fast path ≥ 0.95 × direct ({k}) | {EBPF} | {} × | {} |\n",
             spread(figures, &name, 2),
-            check(find(figures, &name), &|v| v >= 0.95)
+            met(find(figures, &name), &|v| v >= 0.95)
         );
     }
     let mut sections = vec![
         Section::new("Headline: each configuration next to direct", head),
         Section::new("Same node: fast path vs direct", same),
         Section::new("Targets (issue 7)", tgt),
+        Section::new(
+            "Targets (issue 17): against HAProxy",
+            issue17_targets(figures),
+        ),
     ];
     if !notes.is_empty() {
         sections.push(Section::new(
@@ -836,6 +923,96 @@ fn summary(figures: &[Figure], targets: &[Target], notes: &[String]) -> Vec<Sect
         ));
     }
     sections
+}
+
+/// Issue 17's targets: bulk against HAProxy's mutual TLS in the same
+/// rounds, CPU per GB, eBPF mode's new connections against explicit mode's
+/// and page faults per connection.
+fn issue17_targets(figures: &[Figure]) -> String {
+    let mut t = String::from(
+        "Median (min – max) over the rounds; ratios within a round. CPU per GB: the larger of node A's and node B's proxy.\n\n\
+         | target | configuration | measured | met |\n|---|---|---|---|\n",
+    );
+    for cfg in [EXPLICIT, EBPF] {
+        for (k, limit) in [("bulk 1 stream", 1.5), ("bulk 8 streams", 1.4)] {
+            let name = format!("{cfg}: {k} × {HAPROXY}");
+            t += &format!(
+                "| {k} ≥ {limit} × HAProxy | {cfg} | {} × | {} |\n",
+                spread(figures, &name, 2),
+                met(find(figures, &name), &|v| v >= limit)
+            );
+        }
+        for k in ["bulk 1 stream", "bulk 8 streams"] {
+            let ours = worst_of(
+                figures,
+                &format!("{cfg}: {k}: proxy CPU s per GB node A"),
+                &format!("{cfg}: {k}: proxy CPU s per GB node B"),
+            );
+            let theirs = worst_of(
+                figures,
+                &format!("{HAPROXY}: {k}: proxy CPU s per GB node A"),
+                &format!("{HAPROXY}: {k}: proxy CPU s per GB node B"),
+            );
+            let show = |f: &Option<Figure>| {
+                f.as_ref().map_or("not measured".to_string(), |f| {
+                    format!("{:.2} ({:.2} – {:.2})", f.median(), f.min(), f.max())
+                })
+            };
+            let met = match (&ours, &theirs) {
+                (Some(o), Some(h)) if !o.samples.is_empty() && !h.samples.is_empty() => {
+                    if o.median() < h.median() {
+                        "yes"
+                    } else {
+                        "**no**"
+                    }
+                }
+                _ => "not measured",
+            };
+            t += &format!(
+                "| CPU s per GB ({k}) below HAProxy's | {cfg} | {} vs HAProxy {} | {met} |\n",
+                show(&ours),
+                show(&theirs)
+            );
+        }
+        let faults = worst_of(
+            figures,
+            &format!("{cfg}: proxy page faults per connection node A"),
+            &format!("{cfg}: proxy page faults per connection node B"),
+        );
+        t += &format!(
+            "| about zero page faults per new connection (≤ 0.5) | {cfg} | {} | {} |\n",
+            faults
+                .as_ref()
+                .map_or("not measured".to_string(), |f| format!(
+                    "{:.2} ({:.2} – {:.2})",
+                    f.median(),
+                    f.min(),
+                    f.max()
+                )),
+            met(faults.as_ref(), &|v| v <= 0.5)
+        );
+    }
+    let name = format!("{EBPF}: new connections × {EXPLICIT}");
+    t += &format!(
+        "| new connections ≥ explicit mode's | {EBPF} | {} × | {} |\n",
+        spread(figures, &name, 2),
+        met(find(figures, &name), &|v| v >= 1.0)
+    );
+    t
+}
+
+/// Whether the median of `f` meets `ok`, as a table cell.
+fn met(f: Option<&Figure>, ok: &dyn Fn(f64) -> bool) -> &'static str {
+    match f {
+        Some(f) if !f.samples.is_empty() => {
+            if ok(f.median()) {
+                "yes"
+            } else {
+                "**no**"
+            }
+        }
+        _ => "not measured",
+    }
 }
 
 /// Per round, the larger of two figures.
