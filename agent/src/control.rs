@@ -39,6 +39,7 @@ use weft_api::proto::{
 
 use crate::backoff::{Backoff, Streak};
 use crate::config::{AgentConfig, ServiceConfig};
+use crate::shared_view::SharedView;
 use crate::view::View;
 
 /// The first and the longest wait between attempts to reach the servers.
@@ -660,16 +661,18 @@ impl Control {
             .into_inner())
     }
 
-    /// Follows the watch stream forever, applying events to `view` and
-    /// publishing the index after each. Reconnects with backoff when a stream
+    /// Follows the watch stream forever, applying events to a working copy
+    /// of the view and publishing it to `view`, and its index to
+    /// `index_tx`, after each. Reconnects with backoff when a stream
     /// breaks, resuming from the view's index; while no server answers, the
     /// view stays as it was. An outage is logged when it starts and when the
     /// stream resumes, not at every attempt.
-    pub async fn follow(self: Arc<Self>, view: Arc<RwLock<View>>, index_tx: watch::Sender<u64>) {
+    pub async fn follow(self: Arc<Self>, view: Arc<SharedView>, index_tx: watch::Sender<u64>) {
         let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_CAP);
         let mut streak = Streak::default();
+        let mut working = View::clone(&view.load());
         loop {
-            let from = view.read().expect("view lock").index;
+            let from = working.index;
             let mut subscribed = || {
                 backoff.reset();
                 if let Some((lasted, failures)) = streak.succeeded() {
@@ -681,7 +684,7 @@ impl Control {
                 }
             };
             let result = self
-                .stream_once(&view, &index_tx, from, &mut subscribed)
+                .stream_once((&mut working, &view), &index_tx, from, &mut subscribed)
                 .await;
             let e = match result {
                 Ok(()) => ControlError::Unreachable("the server ended the watch stream".into()),
@@ -700,13 +703,13 @@ impl Control {
     /// once a server took the subscription.
     async fn stream_once(
         &self,
-        view: &RwLock<View>,
+        (working, view): (&mut View, &SharedView),
         index_tx: &watch::Sender<u64>,
         from: u64,
         subscribed: &mut impl FnMut(),
     ) -> Result<(), ControlError> {
         // A snapshot half received on a stream that broke is of no use.
-        view.write().expect("view lock").drop_partial();
+        working.drop_partial();
         let channel = self.channel().await?;
         let mut stream = WatchClient::new(channel)
             .subscribe(proto::WatchRequest {
@@ -733,18 +736,15 @@ impl Control {
                 }
             };
             let index = event.index;
-            let partial = {
-                let mut v = view.write().expect("view lock");
-                if let Err(e) = v.apply(event) {
-                    tracing::error!("ignoring a bad watch event: {e}");
-                    continue;
-                }
-                v.is_partial()
-            };
-            if partial {
+            if let Err(e) = working.apply(event) {
+                tracing::error!("ignoring a bad watch event: {e}");
+                continue;
+            }
+            if working.is_partial() {
                 // More parts of a snapshot follow; nothing changed yet.
                 continue;
             }
+            view.publish(working);
             self.reconcile(view).await?;
             index_tx.send_replace(index);
         }
@@ -754,9 +754,9 @@ impl Control {
     /// (a wiped or restored server, an operator's deregistration); not
     /// before the view has caught up with the agent's own last registration,
     /// whose writes arrive one event at a time.
-    async fn reconcile(&self, view: &RwLock<View>) -> Result<(), ControlError> {
+    async fn reconcile(&self, view: &SharedView) -> Result<(), ControlError> {
         let gap = {
-            let view = view.read().expect("view lock");
+            let view = view.load();
             if view.index < self.registered_at.load(Ordering::SeqCst) {
                 return Ok(());
             }

@@ -16,7 +16,7 @@
 //! I/O: read the hello (bounded in size and time), dial (trying the next
 //! address when one refuses), send what was read, splice.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -30,7 +30,7 @@ use weft_api::client_hello::{self, Parsed};
 use weft_api::gateway::{hop, parse_sni, Destination, Hop};
 
 use crate::accept::AcceptErrors;
-use crate::view::View;
+use crate::shared_view::SharedView;
 
 /// How long a client has to send its whole ClientHello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -147,7 +147,7 @@ impl GatewayMetrics {
 /// datacenter.
 pub struct Gateway {
     pub datacenter: String,
-    pub view: Arc<RwLock<View>>,
+    pub view: Arc<SharedView>,
     /// Port of the agents' inbound (HBONE) listeners.
     pub inbound_port: u16,
     /// The servers' federation addresses (`host:port`).
@@ -187,7 +187,7 @@ impl Drop for ClientSlot {
 impl Gateway {
     pub fn new(
         datacenter: String,
-        view: Arc<RwLock<View>>,
+        view: Arc<SharedView>,
         inbound_port: u16,
         servers: Vec<String>,
         metrics: GatewayMetrics,
@@ -346,7 +346,7 @@ impl Gateway {
         let mut buf = Vec::with_capacity(2048);
         loop {
             if let Parsed::Hello { server_name, .. } = client_hello::parse(&buf)? {
-                let trust_domain = self.view.read().expect("view lock").trust_domain.clone();
+                let trust_domain = self.view.load().trust_domain.clone();
                 let destination = parse_sni(server_name.as_deref(), &trust_domain)?;
                 return Ok((buf, destination));
             }
@@ -361,7 +361,7 @@ impl Gateway {
 
     /// The addresses to dial for `next`, in the order to try them.
     fn candidates(&self, next: &Hop) -> Result<Vec<String>, GatewayError> {
-        let view = self.view.read().expect("view lock");
+        let view = self.view.load();
         let mut found: Vec<String> = match next {
             Hop::LocalNode(node) => {
                 let n = view

@@ -27,8 +27,8 @@ use weft_api::intention::Caller;
 
 use crate::config::{AgentConfig, EgressPolicy};
 use crate::ebpf::{
-    cgroup2_mount, cgroup_id, pins, CgroupError, Egress, Pins, RedirectCounters, Redirector,
-    RedirectorError,
+    cgroup2_mount, cgroup_id, pins, CgroupError, Egress, Pins, Records, RedirectCounters,
+    Redirector, RedirectorError,
 };
 use crate::view::View;
 
@@ -203,6 +203,12 @@ impl Workloads {
 
 pub struct Interception {
     redirector: Mutex<Redirector>,
+    /// The redirect records, read for every accepted connection without
+    /// the redirector's lock (which map syncs hold).
+    records: Records,
+    /// The network namespace cookie of the outbound listener's sockets
+    /// (all in the agent's namespace), read once.
+    netns_cookie: std::sync::OnceLock<u64>,
     workloads: Mutex<Workloads>,
     /// The cgroup subtree the agent manages.
     root: PathBuf,
@@ -330,6 +336,8 @@ impl Interception {
             .collect();
         let permissive_installed = redirector.permissive_ports().into_iter().collect();
         Ok(Self {
+            records: redirector.records(),
+            netns_cookie: std::sync::OnceLock::new(),
             redirector: Mutex::new(redirector),
             workloads: Mutex::new(workloads),
             root,
@@ -496,16 +504,22 @@ impl Interception {
 
     /// Who connected and where to, for a socket accepted on the outbound
     /// listener; None if the programs did not bring it.
-    pub fn lookup(&self, stream: &TcpStream) -> Result<Option<Intercepted>, InterceptError> {
-        let (peer, local) = match (stream.peer_addr(), stream.local_addr()) {
-            (Ok(p), Ok(l)) => (p, l),
-            _ => return Ok(None),
+    /// The record of `stream`, accepted on the outbound listener at `local`
+    /// from `peer`: one map lookup, no lock shared with map syncs.
+    pub fn lookup(
+        &self,
+        stream: &TcpStream,
+        (peer, local): (SocketAddr, SocketAddr),
+    ) -> Result<Option<Intercepted>, InterceptError> {
+        let netns_cookie = match self.netns_cookie.get() {
+            Some(cookie) => *cookie,
+            None => {
+                let cookie = crate::ebpf::netns_cookie(stream)
+                    .map_err(|e| InterceptError::from(RedirectorError::Socket(e)))?;
+                *self.netns_cookie.get_or_init(|| cookie)
+            }
         };
-        let orig = self
-            .redirector
-            .lock()
-            .expect("redirector lock")
-            .original_dst(stream, peer, local)?;
+        let orig = self.records.original_dst(netns_cookie, peer, local)?;
         Ok(orig.and_then(|o| {
             let source = self
                 .workloads

@@ -9,6 +9,7 @@
 pub mod accept;
 pub mod admin;
 pub mod allocator;
+pub mod background;
 pub mod backoff;
 pub mod breaker;
 pub mod config;
@@ -34,6 +35,9 @@ pub mod registered;
 pub mod reload;
 pub mod run;
 pub mod running;
+pub mod shared_view;
 pub mod splice;
 pub mod telemetry;
+#[cfg(test)]
+pub(crate) mod test_ca;
 pub mod view;

@@ -27,6 +27,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
 use crate::admin::{AdminServer, AdminState};
+use crate::background::Background;
 use crate::config::AgentConfig;
 use crate::control::{Control, ControlError};
 use crate::dns::{DnsError, DnsServer, ServiceResolver};
@@ -39,7 +40,7 @@ use crate::intercept::{InterceptError, Interception};
 use crate::metrics::{AgentMetrics, EbpfCounter, Side};
 use crate::proxy::{inbound, outbound, permissive, ProxyContext};
 use crate::running::{upstream_name, Running};
-use crate::view::View;
+use crate::shared_view::SharedView;
 
 /// How long the agent waits for the servers at start-up.
 const STARTUP_LIMIT: Duration = Duration::from_secs(60);
@@ -74,6 +75,8 @@ pub enum RunError {
     Handover(#[from] HandoverError),
     #[error("SIGHUP handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error("starting the background thread: {0}")]
+    Background(#[source] std::io::Error),
 }
 
 async fn listen(addr: SocketAddr) -> Result<TcpListener, RunError> {
@@ -201,7 +204,7 @@ pub async fn run(
     let mut hangups = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
     let current = Arc::new(RwLock::new(config.clone()));
     let metrics = Arc::new(AgentMetrics::new());
-    let view = Arc::new(RwLock::new(View::default()));
+    let view = Arc::new(SharedView::default());
     let control =
         Arc::new(Control::new(config.clone())?.counting_registrations(metrics.registrations()));
     let (ready_tx, ready_rx) = watch::channel(false);
@@ -237,7 +240,7 @@ pub async fn run(
             Arc::new(move || {
                 serde_json::json!({
                     "config": &**current.read().expect("config lock"),
-                    "view": &*view.read().expect("view lock"),
+                    "view": &*view.load(),
                 })
             })
         },
@@ -266,7 +269,10 @@ pub async fn run(
     let traffic_task = tokio::spawn(control.clone().report_traffic_forever(metrics.clone()));
 
     let (index_tx, mut index_rx) = watch::channel(0u64);
-    let follow_task = tokio::spawn(control.clone().follow(view.clone(), index_tx));
+    // The watch stream's events are applied, and the eBPF maps synced, on
+    // a thread of their own, apart from the connections.
+    let background = Background::start().map_err(RunError::Background)?;
+    let follow_task = background.spawn(control.clone().follow(view.clone(), index_tx));
     let drain = Drain::new();
     let mut accept_tasks = Vec::new();
     // A gateway needs no certificate, and a secondary datacenter gets its
@@ -443,7 +449,7 @@ pub async fn run(
     // Transparent interception: the maps follow the view, the listeners are
     // up, and only then does the lease admit mesh connections.
     if let Some(interception) = &interception {
-        interception.sync(&view.read().expect("view lock"))?;
+        interception.sync(&view.load())?;
         let listener = sockets.tcp("outbound", config.outbound_addr).await?;
         accept_tasks.push(tokio::spawn(outbound::serve_redirected(
             ctx.clone(),
@@ -453,7 +459,7 @@ pub async fn run(
         let permissive = sockets.tcp("permissive", config.permissive_addr).await?;
         interception.set_permissive_listener(&permissive)?;
         accept_tasks.push(tokio::spawn(permissive::serve(ctx.clone(), permissive)));
-        accept_tasks.push(tokio::spawn(follow_destinations(
+        accept_tasks.push(background.spawn(follow_destinations(
             view.clone(),
             index_rx.clone(),
             interception.clone(),
@@ -628,7 +634,7 @@ pub async fn run(
 /// own watch shows it, as the sources' watches then do too.
 async fn enter_maintenance(
     control: &Control,
-    view: &RwLock<View>,
+    view: &SharedView,
     mut index_rx: watch::Receiver<u64>,
     node: &str,
 ) {
@@ -638,7 +644,7 @@ async fn enter_maintenance(
         return;
     }
     let seen = tokio::time::timeout(SEEN_LIMIT, async {
-        while view.read().expect("view lock").node_up(node) {
+        while view.load().node_up(node) {
             if index_rx.changed().await.is_err() {
                 return;
             }
@@ -659,7 +665,7 @@ async fn wait_for(mut stop: watch::Receiver<bool>) {
 /// Starts the mesh gateway's listeners, when this agent is one.
 async fn start_gateway(
     config: &AgentConfig,
-    view: &Arc<RwLock<View>>,
+    view: &Arc<SharedView>,
     metrics: &AgentMetrics,
     drain: &Arc<Drain>,
     sockets: &mut Sockets,
@@ -687,13 +693,13 @@ async fn start_gateway(
 }
 
 async fn wait_for_bundle(
-    view: &RwLock<View>,
+    view: &SharedView,
     index_rx: &mut watch::Receiver<u64>,
 ) -> Result<TrustBundle, RunError> {
     let deadline = tokio::time::Instant::now() + STARTUP_LIMIT;
     loop {
         {
-            let v = view.read().expect("view lock");
+            let v = view.load();
             if !v.trust_domain.is_empty() && !v.roots_pem.is_empty() {
                 return Ok(TrustBundle::from_pem(&v.trust_domain, &v.bundle_pem())?);
             }
@@ -708,13 +714,13 @@ async fn wait_for_bundle(
 /// Keeps `bundle` equal to the servers' (root rotation): new handshakes use
 /// the new roots, open connections stay.
 async fn follow_bundle(
-    view: Arc<RwLock<View>>,
+    view: Arc<SharedView>,
     mut index_rx: watch::Receiver<u64>,
     bundle: TrustBundle,
 ) {
-    let mut current = view.read().expect("view lock").bundle_pem();
+    let mut current = view.load().bundle_pem();
     while index_rx.changed().await.is_ok() {
-        let latest = view.read().expect("view lock").bundle_pem();
+        let latest = view.load().bundle_pem();
         if latest != current && !latest.is_empty() {
             match bundle.replace_pem(&latest) {
                 Ok(()) => tracing::info!("trust bundle updated"),
@@ -727,12 +733,12 @@ async fn follow_bundle(
 
 /// Keeps the programs' destinations in step with the view.
 async fn follow_destinations(
-    view: Arc<RwLock<View>>,
+    view: Arc<SharedView>,
     mut index_rx: watch::Receiver<u64>,
     interception: Arc<Interception>,
 ) {
     while index_rx.changed().await.is_ok() {
-        let result = interception.sync(&view.read().expect("view lock"));
+        let result = interception.sync(&view.load());
         if let Err(e) = result {
             tracing::error!("updating the eBPF destinations: {e}");
         }

@@ -459,7 +459,7 @@ impl Running {
         }
         self.identities.retain_services(&names);
         if let Some(interception) = &self.interception {
-            let view = self.ctx.view.read().expect("view lock");
+            let view = self.ctx.view.load();
             interception
                 .reconfigure(new, &view)
                 .map_err(|e| Failed::After(format!("eBPF workloads: {e}")))?;

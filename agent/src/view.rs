@@ -2,16 +2,21 @@
 //! snapshot, then changes in index order. Pure data and lookups, no I/O:
 //! which instances of a service are passing, which local service listens on
 //! an address, what the intentions decide, and the trust bundle.
-use std::collections::BTreeMap;
+//!
+//! Lookups on the data path go through indexes (by virtual IP, by instance
+//! address, instances per service, intentions per destination) built once
+//! per published view ([`crate::shared_view`]), not by scanning.
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde::Serialize;
 use weft_api::catalog::{HealthStatus, Node, ServiceInstance};
+use weft_api::compiled::Compiled;
 use weft_api::config_entry::{ConfigEntry, EntryContext, EntryKind, EntrySet, Protocol};
 use weft_api::convert::{instance_from_proto, intention_from_proto, node_from_proto};
-use weft_api::duration::parse_duration;
 use weft_api::intention::{
     evaluate, evaluate_connection, Caller, ConnectionDecision, Decision, Intention,
     IntentionAction, Request,
@@ -23,6 +28,7 @@ use weft_api::routing;
 use crate::outlier::{
     EjectionPolicy, DEFAULT_EJECTION, DEFAULT_INTERVAL, DEFAULT_MAX_EJECTION_PERCENT,
 };
+use crate::shared_view::SharedView;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct View {
@@ -49,7 +55,74 @@ pub struct View {
     /// The parts of a snapshot received so far, and its index: the servers
     /// send a large snapshot in parts, applied once the last is in.
     #[serde(skip)]
-    partial: Option<(u64, proto::StateSnapshot)>,
+    pub(crate) partial: Option<(u64, proto::StateSnapshot)>,
+    #[serde(skip)]
+    lookups: Index,
+}
+
+/// (node, instance id): how the view keys an instance.
+type InstanceKey = (String, String);
+
+/// The view's lookups, built on first use from the view as it then is. A
+/// copy of the view, or a view an event changed, starts without them.
+#[derive(Default)]
+struct Index(OnceLock<Indexes>);
+
+impl Clone for Index {
+    fn clone(&self) -> Index {
+        Index::default()
+    }
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "built"
+        } else {
+            "not built"
+        })
+    }
+}
+
+#[derive(Default)]
+struct Indexes {
+    /// Virtual IP -> service.
+    by_vip: HashMap<IpAddr, String>,
+    /// Address and port -> the instances listening there.
+    by_addr: HashMap<SocketAddr, Vec<InstanceKey>>,
+    /// Service -> its instances (every health, every node).
+    by_service: HashMap<String, Vec<InstanceKey>>,
+    /// Destination (or `*`) -> the intentions naming it.
+    intentions_to: HashMap<String, Vec<(String, String)>>,
+}
+
+impl Indexes {
+    fn build(view: &View) -> Indexes {
+        let mut ix = Indexes::default();
+        for (name, vip) in &view.vips {
+            // Two services never share a virtual IP; the first by name wins.
+            ix.by_vip.entry(*vip).or_insert_with(|| name.clone());
+        }
+        for (key, i) in &view.instances {
+            ix.by_service
+                .entry(i.service.clone())
+                .or_default()
+                .push(key.clone());
+            if let Ok(ip) = i.address.parse::<IpAddr>() {
+                ix.by_addr
+                    .entry(SocketAddr::new(ip, i.port))
+                    .or_default()
+                    .push(key.clone());
+            }
+        }
+        for key in view.intentions.keys() {
+            ix.intentions_to
+                .entry(key.1.clone())
+                .or_default()
+                .push(key.clone());
+        }
+        ix
+    }
 }
 
 /// A map keyed by pairs as the list of its values (JSON keys are strings).
@@ -142,6 +215,7 @@ impl View {
             }
             Event::Changes(set) => {
                 self.partial = None;
+                self.lookups = Index::default();
                 for change in set.changes.into_iter().filter_map(|c| c.change) {
                     self.apply_change(change).map_err(bad)?;
                 }
@@ -221,6 +295,47 @@ impl View {
         }
     }
 
+    /// The view's indexes, built on first use.
+    fn indexes(&self) -> &Indexes {
+        self.lookups.0.get_or_init(|| Indexes::build(self))
+    }
+
+    /// Builds the lookups now, off the data path, so that no connection
+    /// pays for them.
+    pub fn prepare(&self) {
+        self.indexes();
+    }
+
+    /// Every instance of `service`, in a stable order.
+    pub fn instances_of_service(&self, service: &str) -> Vec<&ServiceInstance> {
+        let keys = self.indexes().by_service.get(service);
+        keys.into_iter()
+            .flatten()
+            .filter_map(|k| self.instances.get(k))
+            .collect()
+    }
+
+    /// The instances listening on `addr`.
+    fn instances_at(&self, addr: SocketAddr) -> impl Iterator<Item = &ServiceInstance> {
+        let keys = self.indexes().by_addr.get(&addr);
+        keys.into_iter()
+            .flatten()
+            .filter_map(|k| self.instances.get(k))
+    }
+
+    /// The intentions that may apply to calls to `destination`: those
+    /// naming it, and those naming `*`.
+    fn intentions_to(&self, destination: &str) -> impl Iterator<Item = &Intention> {
+        let to = &self.indexes().intentions_to;
+        let named = to.get(destination).into_iter().flatten();
+        let any = (destination != weft_api::names::WILDCARD)
+            .then(|| to.get(weft_api::names::WILDCARD))
+            .flatten();
+        named
+            .chain(any.into_iter().flatten())
+            .filter_map(|k| self.intentions.get(k))
+    }
+
     /// The protocol of `service` (tcp unless a service-defaults says otherwise).
     pub fn protocol(&self, service: &str) -> Protocol {
         EntryContext::protocol(&self.entries, service)
@@ -233,12 +348,9 @@ impl View {
 
     /// Passing instances of `service`, in a stable order.
     pub fn passing(&self, service: &str) -> Vec<&ServiceInstance> {
-        self.instances
-            .values()
-            .filter(|i| {
-                i.service == service && i.health == HealthStatus::Passing && self.node_up(&i.node)
-            })
-            .collect()
+        let mut all = self.instances_of_service(service);
+        all.retain(|i| i.health == HealthStatus::Passing && self.node_up(&i.node));
+        all
     }
 
     fn apply_federation(&mut self, f: &proto::FederationState) -> Result<(), String> {
@@ -303,27 +415,19 @@ impl View {
 
     /// The instance on `node` that listens on `target`.
     pub fn local_instance(&self, node: &str, target: SocketAddr) -> Option<&ServiceInstance> {
-        self.instances.values().find(|i| {
-            i.node == node
-                && i.port == target.port()
-                && i.address.parse::<IpAddr>().ok() == Some(target.ip())
-        })
+        self.instances_at(target).find(|i| i.node == node)
     }
 
     /// The service a workload reaches at `addr`: by virtual IP (any port) or
     /// by an instance's address and port.
     pub fn service_at(&self, addr: SocketAddr, node: &str) -> Option<&str> {
-        if let Some((name, _)) = self.vips.iter().find(|(_, vip)| **vip == addr.ip()) {
+        if let Some(name) = self.service_by_vip(addr.ip()) {
             return Some(name);
         }
         // Only instances this node's connect hook takes over (see
         // `Interception::wanted`), and only when one service is there.
         let mut services = self
-            .instances
-            .values()
-            .filter(|i| {
-                i.port == addr.port() && i.address.parse::<IpAddr>().ok() == Some(addr.ip())
-            })
+            .instances_at(addr)
             .filter(|i| i.node == node || !weft_api::catalog::is_node_local(addr.ip()))
             .map(|i| i.service.as_str());
         let first = services.next()?;
@@ -332,10 +436,7 @@ impl View {
 
     /// The service whose virtual IP is `ip`.
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&str> {
-        self.vips
-            .iter()
-            .find(|(_, vip)| **vip == ip)
-            .map(|(name, _)| name.as_str())
+        self.indexes().by_vip.get(&ip).map(String::as_str)
     }
 
     /// The intentions' decision for `caller` calling `destination`.
@@ -346,7 +447,7 @@ impl View {
         request: Option<&Request>,
     ) -> Decision {
         evaluate(
-            self.intentions.values(),
+            self.intentions_to(destination),
             caller,
             destination,
             request,
@@ -366,7 +467,7 @@ impl View {
     /// request on it is seen: decided, or per HTTP request (an L7 intention).
     pub fn decide_connection(&self, caller: Caller<'_>, destination: &str) -> ConnectionDecision {
         evaluate_connection(
-            self.intentions.values(),
+            self.intentions_to(destination),
             caller,
             destination,
             self.default_action(),
@@ -383,7 +484,11 @@ impl View {
     /// resolver's failover when it has none), their service and, when they
     /// are another datacenter's, which.
     pub fn instances_of(&self, target: &routing::Target, here: &str) -> routing::Resolved<'_> {
-        let live = self.instances.values().filter(|i| self.node_up(&i.node));
+        let live = |service: &str| {
+            let mut all = self.instances_of_service(service);
+            all.retain(|i| self.node_up(&i.node));
+            all
+        };
         routing::instances_or_failover(&self.entries, target, (live, here), &self.remote)
     }
 
@@ -393,9 +498,9 @@ impl View {
         let check = self
             .upstream_settings(source, upstream)?
             .passive_health_check?;
-        let duration = |t: &Option<String>, default| {
-            t.as_deref()
-                .and_then(|t| parse_duration(t).ok())
+        let duration = |t: &Option<Compiled<Duration>>, default| {
+            t.as_ref()
+                .and_then(|t| t.get().ok().copied())
                 .unwrap_or(default)
         };
         Some(EjectionPolicy {
@@ -458,18 +563,18 @@ impl View {
         self.entries.resolver(service)?.load_balancer.as_ref()
     }
 
-    /// How long the caller may take to open a connection to an instance of
-    /// `call.service`: that service's resolver's `ConnectTimeout`, else the
-    /// caller's `ConnectTimeoutMs` for the upstream it dialed, else
-    /// proxy-defaults' `connect_timeout_ms`, else `default`.
+    /// How long `source`, calling `upstream`, may take to open a connection
+    /// to an instance of `service` (which answers for it): that service's
+    /// resolver's `ConnectTimeout`, else the caller's `ConnectTimeoutMs` for
+    /// the upstream it dialed, else proxy-defaults' `connect_timeout_ms`,
+    /// else `default`.
     pub fn connect_timeout(
         &self,
-        call: crate::proxy::outbound::Call<'_>,
+        (source, upstream, service): (&str, &str, &str),
         default: Duration,
     ) -> Duration {
-        let service = call.service;
         let ms = self
-            .upstream_settings(call.source, call.upstream)
+            .upstream_settings(source, upstream)
             .and_then(|s| s.connect_timeout_ms)
             .or_else(|| self.entries.proxy_defaults()?.config.connect_timeout_ms);
         self.entries
@@ -485,9 +590,8 @@ impl View {
     }
 }
 
-/// The agent's view as its DNS server sees it: read under the view's lock
-/// for each question.
-pub struct ViewCatalog(pub Arc<std::sync::RwLock<View>>);
+/// The agent's view as its DNS server sees it: one snapshot per question.
+pub struct ViewCatalog(pub Arc<SharedView>);
 
 fn ipv4(ip: IpAddr) -> Option<std::net::Ipv4Addr> {
     match ip {
@@ -501,14 +605,9 @@ impl crate::dns::DnsCatalog for ViewCatalog {
     /// mesh does not carry its traffic, so names give the instances'
     /// addresses instead.
     fn vip(&self, service: &str) -> Option<std::net::Ipv4Addr> {
-        let view = self.0.read().expect("view lock");
-        let mut instances = view.instances.values().filter(|i| i.service == service);
-        let first = instances.next();
-        let external_only = first.is_some()
-            && first
-                .into_iter()
-                .chain(instances)
-                .all(|i| view.node_is_external(&i.node));
+        let view = self.0.load();
+        let all = view.instances_of_service(service);
+        let external_only = !all.is_empty() && all.iter().all(|i| view.node_is_external(&i.node));
         if external_only {
             return None;
         }
@@ -516,7 +615,7 @@ impl crate::dns::DnsCatalog for ViewCatalog {
     }
 
     fn passing(&self, service: &str) -> Vec<crate::dns::DnsInstance> {
-        let view = self.0.read().expect("view lock");
+        let view = self.0.load();
         view.passing(service)
             .into_iter()
             .filter_map(|i| {
@@ -531,23 +630,16 @@ impl crate::dns::DnsCatalog for ViewCatalog {
     }
 
     fn node(&self, node: &str) -> Option<std::net::Ipv4Addr> {
-        self.0
-            .read()
-            .expect("view lock")
-            .nodes
-            .get(node)?
-            .address
-            .parse()
-            .ok()
+        self.0.load().nodes.get(node)?.address.parse().ok()
     }
 
     fn service_by_vip(&self, ip: std::net::Ipv4Addr) -> Option<String> {
-        let view = self.0.read().expect("view lock");
+        let view = self.0.load();
         view.service_by_vip(IpAddr::V4(ip)).map(String::from)
     }
 
     fn node_by_addr(&self, ip: std::net::Ipv4Addr) -> Option<String> {
-        let view = self.0.read().expect("view lock");
+        let view = self.0.load();
         let text = ip.to_string();
         let mut nodes = view.nodes.values().filter(|n| n.address == text);
         let first = nodes.next()?;

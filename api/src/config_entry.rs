@@ -23,9 +23,10 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{HealthStatus, ServiceInstance};
-use crate::duration::parse_duration;
+use crate::compiled::Compiled;
 use crate::file_format::{parse_document, FileFormat, ParseError};
-use crate::filter::parse_filter;
+use crate::filter::Filter;
+use std::time::Duration;
 
 /// Datacenters (or targets) one failover may list.
 pub const MAX_FAILOVER_DATACENTERS: usize = 16;
@@ -235,12 +236,12 @@ pub struct PassiveHealthCheck {
     /// for a whole interval has one past ejection forgotten. 10 s when
     /// absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interval: Option<String>,
+    pub interval: Option<Compiled<Duration>>,
     /// The base ejection time; the real one is it times the number of
     /// times the instance was ejected, at most 300 s (or the base, if
     /// longer). A duration such as `"30s"`; 30 s when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base_ejection_time: Option<String>,
+    pub base_ejection_time: Option<Compiled<Duration>>,
     /// The chance, in percent, that reaching `MaxFailures` ejects (100 when
     /// absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -406,7 +407,7 @@ pub struct RouteDestination {
     pub prefix_rewrite: Option<String>,
     /// A duration such as `"5s"` (see [`crate::duration`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_timeout: Option<String>,
+    pub request_timeout: Option<Compiled<Duration>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_retries: Option<u32>,
     #[serde(default, skip_serializing_if = "is_false")]
@@ -501,7 +502,7 @@ pub struct ServiceResolver {
     /// How long opening a connection to an instance may take: a duration
     /// such as `"5s"` (5 s when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub connect_timeout: Option<String>,
+    pub connect_timeout: Option<Compiled<Duration>>,
     /// Which instance each connection or request goes to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
@@ -513,7 +514,7 @@ pub const MAX_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 impl ServiceResolver {
     /// `ConnectTimeout`, when it is set (and valid).
     pub fn connect_timeout(&self) -> Option<std::time::Duration> {
-        parse_duration(self.connect_timeout.as_deref()?).ok()
+        self.connect_timeout.as_ref()?.get().ok().copied()
     }
 }
 
@@ -522,7 +523,7 @@ impl ServiceResolver {
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 pub struct ResolverSubset {
     #[serde(default)]
-    pub filter: String,
+    pub filter: Compiled<Filter>,
     /// Only `passing` instances (otherwise `passing` and `warning`).
     #[serde(default, skip_serializing_if = "is_false")]
     pub only_passing: bool,
@@ -778,10 +779,8 @@ fn check_name(field: impl Into<String>, name: &str) -> Result<(), ConfigEntryErr
     })
 }
 
-fn check_duration(field: &str, text: &str) -> Result<(), ConfigEntryError> {
-    parse_duration(text)
-        .map(|_| ())
-        .map_err(|e| invalid(field, e.to_string()))
+fn check_duration(field: &str, d: &Compiled<Duration>) -> Result<Duration, ConfigEntryError> {
+    d.get().copied().map_err(|e| invalid(field, e))
 }
 
 /// Parses a config entry file. Errors carry line and column where the parser
@@ -1113,8 +1112,7 @@ fn validate_upstream(base: &str, s: UpstreamSettings<'_>) -> Result<(), ConfigEn
         ("Interval", &check.interval),
     ] {
         let Some(t) = value else { continue };
-        check_duration(&format!("{field}.{name}"), t)?;
-        let d = parse_duration(t).unwrap_or_default();
+        let d = check_duration(&format!("{field}.{name}"), t)?;
         if d.is_zero() || d > MAX_OUTLIER_DURATION {
             return Err(invalid(
                 format!("{field}.{name}"),
@@ -1316,8 +1314,7 @@ fn validate_splitter(s: &ServiceSplitter, ctx: &impl EntryContext) -> Result<(),
 fn validate_resolver(r: &ServiceResolver, ctx: &impl EntryContext) -> Result<(), ConfigEntryError> {
     for (name, subset) in &r.subsets {
         check_name(format!("Subsets.{name}"), name)?;
-        parse_filter(&subset.filter)
-            .map_err(|e| invalid(format!("Subsets.{name}.Filter"), e.to_string()))?;
+        (subset.filter.get()).map_err(|e| invalid(format!("Subsets.{name}.Filter"), e))?;
     }
     let defined = || {
         let names: Vec<&str> = r.subsets.keys().map(String::as_str).collect();
@@ -1463,8 +1460,7 @@ fn validate_resolver(r: &ServiceResolver, ctx: &impl EntryContext) -> Result<(),
         }
     }
     if let Some(t) = &r.connect_timeout {
-        check_duration("ConnectTimeout", t)?;
-        let limit = r.connect_timeout().unwrap_or_default();
+        let limit = check_duration("ConnectTimeout", t)?;
         if limit.is_zero() || limit > MAX_CONNECT_TIMEOUT {
             return Err(invalid(
                 "ConnectTimeout",
@@ -1554,7 +1550,7 @@ impl ResolverSubset {
             HealthStatus::Warning => !self.only_passing,
             HealthStatus::Critical => false,
         };
-        healthy && parse_filter(&self.filter).is_ok_and(|f| f.matches(instance))
+        healthy && self.filter.get().is_ok_and(|f| f.matches(instance))
     }
 }
 

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use crate::catalog::{HealthStatus, Node, ServiceInstance};
+use crate::http_match::FullMatch;
 use crate::intention::{HeaderMatch, HttpMatch, Intention, IntentionAction, Permission};
 use crate::kv::KvEntry;
 use crate::proto;
@@ -126,7 +127,7 @@ fn header_to_proto(h: &HeaderMatch) -> proto::HeaderMatch {
         exact: h.exact.clone(),
         prefix: h.prefix.clone(),
         suffix: h.suffix.clone(),
-        regex: h.regex.clone(),
+        regex: h.regex.as_ref().map(|r| r.as_str().to_string()),
         invert: h.invert,
     }
 }
@@ -138,7 +139,7 @@ fn header_from_proto(h: proto::HeaderMatch) -> HeaderMatch {
         exact: h.exact,
         prefix: h.prefix,
         suffix: h.suffix,
-        regex: h.regex,
+        regex: h.regex.map(FullMatch::from),
         invert: h.invert,
     }
 }
@@ -147,7 +148,7 @@ fn http_to_proto(m: &HttpMatch) -> proto::HttpMatch {
     proto::HttpMatch {
         path_exact: m.path_exact.clone(),
         path_prefix: m.path_prefix.clone(),
-        path_regex: m.path_regex.clone(),
+        path_regex: m.path_regex.as_ref().map(|r| r.as_str().to_string()),
         methods: m.methods.clone(),
         headers: m.headers.iter().map(header_to_proto).collect(),
     }
@@ -157,7 +158,7 @@ fn http_from_proto(m: proto::HttpMatch) -> HttpMatch {
     HttpMatch {
         path_exact: m.path_exact,
         path_prefix: m.path_prefix,
-        path_regex: m.path_regex,
+        path_regex: m.path_regex.map(FullMatch::from),
         methods: m.methods,
         headers: m.headers.into_iter().map(header_from_proto).collect(),
         // Intentions take no query rules (validate_intention refuses them).

@@ -25,6 +25,13 @@ pub enum DurationError {
 }
 
 /// Parses a duration string such as `"5s"`, `"1m30s"` or `"1.5h"`.
+/// A duration in a config entry is parsed once, when the entry is read.
+impl crate::compiled::Compile for Duration {
+    fn compile(source: &str) -> Result<Duration, String> {
+        parse_duration(source).map_err(|e| e.to_string())
+    }
+}
+
 pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     if text.is_empty() {
         return Err(DurationError::Empty);

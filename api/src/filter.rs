@@ -142,6 +142,13 @@ pub const CATALOG_SELECTORS: Selectors = Selectors {
     meta_prefix: "ServiceMeta.",
 };
 
+/// A subset's filter is parsed once, when its resolver is read.
+impl crate::compiled::Compile for Filter {
+    fn compile(source: &str) -> Result<Filter, String> {
+        parse_filter(source).map_err(|e| e.to_string())
+    }
+}
+
 /// Parses a subset filter.
 pub fn parse_filter(text: &str) -> Result<Filter, FilterError> {
     parse_filter_as(text, SERVICE_SELECTORS)

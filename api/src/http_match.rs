@@ -15,9 +15,13 @@
 //!   query parameters by name, after percent-decoding, with exactly one of
 //!   `Present`, `Exact`, `Regex`; a parameter given several times is
 //!   matched on its first value, as Envoy's query matcher does.
+//! - A regex is compiled once, when the rule is read ([`FullMatch`]), not
+//!   per request.
 
 use regex::Regex;
 use serde::{Deserialize, Serialize};
+
+use crate::compiled::{Compile, Compiled};
 
 /// HTTP methods accepted in `Methods`, uppercase.
 pub const HTTP_METHODS: [&str; 9] = [
@@ -96,7 +100,7 @@ pub struct QueryParamMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exact: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub regex: Option<String>,
+    pub regex: Option<FullMatch>,
 }
 
 impl QueryParamMatch {
@@ -110,7 +114,7 @@ impl QueryParamMatch {
         } else if let Some(exact) = &self.exact {
             value == exact
         } else if let Some(pattern) = &self.regex {
-            compile_full_match("Regex", pattern)?.is_match(value)
+            pattern.is_match("Regex", value)?
         } else {
             false
         })
@@ -131,7 +135,7 @@ pub struct HeaderMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suffix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub regex: Option<String>,
+    pub regex: Option<FullMatch>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub invert: bool,
 }
@@ -145,7 +149,7 @@ pub struct HttpMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path_regex: Option<String>,
+    pub path_regex: Option<FullMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
     #[serde(rename = "Header", default, skip_serializing_if = "Vec::is_empty")]
@@ -179,14 +183,34 @@ fn err(field: impl Into<String>, reason: impl Into<String>) -> HttpMatchError {
     }
 }
 
-/// Compiles `pattern` so that it must match a whole string.
-pub fn compile_full_match(field: &str, pattern: &str) -> Result<Regex, HttpMatchError> {
-    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
-        err(
-            field,
-            format!("invalid regex: {}", one_line(&e.to_string())),
-        )
-    })
+/// A regex that must match a whole string, compiled once when the rule is
+/// read (see [`crate::compiled`]).
+pub type FullMatch = Compiled<WholeString>;
+
+/// A regex anchored at both ends.
+#[derive(Debug, Clone)]
+pub struct WholeString(Regex);
+
+impl Compile for WholeString {
+    fn compile(source: &str) -> Result<WholeString, String> {
+        Regex::new(&format!("^(?:{source})$"))
+            .map(WholeString)
+            .map_err(|e| format!("invalid regex: {}", one_line(&e.to_string())))
+    }
+}
+
+impl Compiled<WholeString> {
+    /// The compiled regex, or why it does not compile (under `field`).
+    pub fn compiled(&self, field: &str) -> Result<&Regex, HttpMatchError> {
+        self.get()
+            .map(|w| &w.0)
+            .map_err(|reason| err(field, reason))
+    }
+
+    /// Whether the whole of `text` matches.
+    pub fn is_match(&self, field: &str, text: &str) -> Result<bool, HttpMatchError> {
+        Ok(self.compiled(field)?.is_match(text))
+    }
 }
 
 fn one_line(s: &str) -> String {
@@ -229,7 +253,7 @@ impl HttpMatch {
             }
         }
         if let Some(pattern) = &self.path_regex {
-            if !compile_full_match("PathRegex", pattern)?.is_match(&request.path) {
+            if !pattern.is_match("PathRegex", &request.path)? {
                 return Ok(false);
             }
         }
@@ -271,7 +295,7 @@ impl HeaderMatch {
         } else if let Some(suffix) = &self.suffix {
             value.ends_with(suffix.as_str())
         } else if let Some(pattern) = &self.regex {
-            compile_full_match("Regex", pattern)?.is_match(&value)
+            pattern.is_match("Regex", &value)?
         } else {
             // No rule: refused at write time; never a match.
             return Ok(false);
@@ -285,13 +309,13 @@ impl HeaderMatch {
 /// `Permissions[0].HTTP.PathRegex: invalid regex: ...`.
 pub fn validate_http_match(field: &str, m: &HttpMatch) -> Result<(), HttpMatchError> {
     let paths = [
-        ("PathExact", &m.path_exact),
-        ("PathPrefix", &m.path_prefix),
-        ("PathRegex", &m.path_regex),
+        ("PathExact", m.path_exact.is_some()),
+        ("PathPrefix", m.path_prefix.is_some()),
+        ("PathRegex", m.path_regex.is_some()),
     ];
     let set: Vec<&str> = paths
         .iter()
-        .filter(|(_, v)| v.is_some())
+        .filter(|(_, set)| *set)
         .map(|(n, _)| *n)
         .collect();
     if set.len() > 1 {
@@ -314,7 +338,7 @@ pub fn validate_http_match(field: &str, m: &HttpMatch) -> Result<(), HttpMatchEr
         }
     }
     if let Some(pattern) = &m.path_regex {
-        compile_full_match(&format!("{field}.PathRegex"), pattern)?;
+        pattern.compiled(&format!("{field}.PathRegex"))?;
     }
     for (i, method) in m.methods.iter().enumerate() {
         let f = format!("{field}.Methods[{i}]");
@@ -353,7 +377,7 @@ fn validate_query_param(field: &str, q: &QueryParamMatch) -> Result<(), HttpMatc
             ("Exact", q.exact.is_some()),
             ("Regex", q.regex.is_some()),
         ],
-        q.regex.as_deref(),
+        q.regex.as_ref(),
     )
 }
 
@@ -381,7 +405,7 @@ pub fn validate_header_match(field: &str, h: &HeaderMatch) -> Result<(), HttpMat
             ("Suffix", h.suffix.is_some()),
             ("Regex", h.regex.is_some()),
         ],
-        h.regex.as_deref(),
+        h.regex.as_ref(),
     )
 }
 
@@ -390,7 +414,7 @@ pub fn validate_header_match(field: &str, h: &HeaderMatch) -> Result<(), HttpMat
 fn one_kind(
     field: &str,
     kinds: &[(&str, bool)],
-    regex: Option<&str>,
+    regex: Option<&FullMatch>,
 ) -> Result<(), HttpMatchError> {
     let names: Vec<&str> = kinds
         .iter()
@@ -406,7 +430,7 @@ fn one_kind(
         0 => Err(err(field, format!("one of {listed} is required"))),
         1 => {
             if let Some(pattern) = regex {
-                compile_full_match(&format!("{field}.Regex"), pattern)?;
+                pattern.compiled(&format!("{field}.Regex"))?;
             }
             Ok(())
         }

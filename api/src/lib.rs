@@ -25,6 +25,7 @@ pub mod acl;
 pub mod catalog;
 pub mod catalog_register;
 pub mod client_hello;
+pub mod compiled;
 pub mod config_entry;
 pub mod consul_keys;
 pub mod convert;

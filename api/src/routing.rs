@@ -29,7 +29,6 @@ use crate::catalog::{HealthStatus, ServiceInstance};
 use crate::config_entry::{
     pick_split, select_route, ConfigEntry, EntryKind, EntrySet, RetryOn, Route,
 };
-use crate::duration::parse_duration;
 use crate::header_edits::HeaderModifiers;
 use crate::http_match::Request;
 
@@ -180,8 +179,8 @@ impl RoutePolicy {
             // Validated on write; a bad one here means no timeout.
             timeout: destination
                 .request_timeout
-                .as_deref()
-                .and_then(|t| parse_duration(t).ok()),
+                .as_ref()
+                .and_then(|t| t.get().ok().copied()),
             num_retries,
             retry_on_connect_failure: destination.retry_on_connect_failure,
             retry_on_status_codes: destination.retry_on_status_codes.clone(),
@@ -347,27 +346,22 @@ pub fn instances_of<'a>(
 }
 
 /// The instances of `target` (this datacenter's, `here`, from `local`,
-/// another's from `remote`) or, when it has none, of the failover its
+/// which gives a service's instances, another's from `remote`) or, when it has none, of the failover its
 /// resolver names for the subset (or `*`): its `Service`/`ServiceSubset` in
 /// this datacenter, or in each of its `Datacenters` in order, or each of its
 /// `Targets` in order, until one has an instance. Failover is one step.
 /// Entries come from the primary to every datacenter, so a datacenter named
 /// that is `here` means the local instances.
-pub fn instances_or_failover<'a, I>(
+pub fn instances_or_failover<'a>(
     entries: &EntrySet,
     target: &Target,
-    (local, here): (I, &str),
+    (local, here): (impl Fn(&str) -> Vec<&'a ServiceInstance>, &str),
     remote: &'a BTreeMap<String, Vec<ServiceInstance>>,
-) -> Resolved<'a>
-where
-    I: IntoIterator<Item = &'a ServiceInstance>,
-    I::IntoIter: Clone,
-{
-    let local = local.into_iter();
+) -> Resolved<'a> {
     let elsewhere = |dc: Option<&String>| dc.filter(|dc| dc.as_str() != here).cloned();
     let of = |t: &Target, dc: Option<&String>| -> Vec<&'a ServiceInstance> {
         match elsewhere(dc) {
-            None => instances_of(entries, t, local.clone()),
+            None => instances_of(entries, t, local(&t.service)),
             Some(dc) => instances_of(entries, t, remote.get(&dc).into_iter().flatten()),
         }
     };
@@ -459,6 +453,11 @@ mod tests {
     };
     use crate::http_match::{HeaderMatch, HttpMatch};
 
+    /// Instances by service, as an agent's view indexes them.
+    fn by_service<'a>(all: &'a [ServiceInstance]) -> impl Fn(&str) -> Vec<&'a ServiceInstance> {
+        move |service| all.iter().filter(|i| i.service == service).collect()
+    }
+
     fn instance(id: &str, service: &str, version: &str, health: HealthStatus) -> ServiceInstance {
         ServiceInstance {
             id: id.into(),
@@ -478,7 +477,7 @@ mod tests {
 
     fn resolver() -> ConfigEntry {
         let subset = |v: &str| ResolverSubset {
-            filter: format!("Service.Meta.version == {v}"),
+            filter: format!("Service.Meta.version == {v}").into(),
             only_passing: false,
         };
         ConfigEntry::ServiceResolver(ServiceResolver {
@@ -875,7 +874,7 @@ mod tests {
         ];
         let none = BTreeMap::new();
         let pick = |t: Target| -> (String, Vec<String>) {
-            let r = instances_or_failover(&set, &t, (&all, "dc1"), &none);
+            let r = instances_or_failover(&set, &t, (by_service(&all), "dc1"), &none);
             assert_eq!(r.datacenter, None);
             (
                 r.service,
@@ -925,7 +924,12 @@ mod tests {
         ]
         .into();
         let pick = |local: &[ServiceInstance], remote: &BTreeMap<String, Vec<ServiceInstance>>| {
-            let r = instances_or_failover(&set, &target("api", None), (local, "dc1"), remote);
+            let r = instances_or_failover(
+                &set,
+                &target("api", None),
+                (by_service(local), "dc1"),
+                remote,
+            );
             (
                 r.datacenter,
                 r.instances
@@ -985,7 +989,12 @@ mod tests {
         }
         let set = entries(vec![r]);
         let pick = |local: &[ServiceInstance], remote: &BTreeMap<String, Vec<ServiceInstance>>| {
-            let r = instances_or_failover(&set, &target("api", Some("v1")), (local, "dc1"), remote);
+            let r = instances_or_failover(
+                &set,
+                &target("api", Some("v1")),
+                (by_service(local), "dc1"),
+                remote,
+            );
             let ids: Vec<String> = r.instances.iter().map(|i| i.id.clone()).collect();
             (r.service, r.datacenter, ids)
         };
@@ -1055,13 +1064,13 @@ mod tests {
             vec![instance("r2", "api", "v1", HealthStatus::Passing)],
         )]
         .into();
-        let r = instances_or_failover(&set, &t, (&local, "dc1"), &remote);
+        let r = instances_or_failover(&set, &t, (by_service(&local), "dc1"), &remote);
         assert_eq!(r.datacenter.as_deref(), Some("dc2"));
         assert_eq!(r.instances[0].id, "r2");
         // In dc2 itself (entries are the primary's everywhere), the same
         // redirect means dc2's own instances.
         let none = BTreeMap::new();
-        let r = instances_or_failover(&set, &t, (&remote["dc2"], "dc2"), &none);
+        let r = instances_or_failover(&set, &t, (by_service(&remote["dc2"]), "dc2"), &none);
         assert_eq!((r.datacenter, r.instances[0].id.as_str()), (None, "r2"));
     }
 

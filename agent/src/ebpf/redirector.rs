@@ -119,10 +119,52 @@ pub struct Redirector {
     workloads: HashMap<MapData, u64, WorkloadInfo>,
     destinations: HashMap<MapData, DestKey, RedirectTarget>,
     fast_path: HashMap<MapData, FastKey, RedirectTarget>,
-    by_tuple: HashMap<MapData, SockTuple, OrigDst>,
+    by_tuple: Records,
     by_cookie: HashMap<MapData, u64, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
     log_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The programs' records of redirected connections, by their tuple: read
+/// (one map lookup) for every accepted connection, without the lock the
+/// map updates take.
+#[derive(Clone)]
+pub struct Records(std::sync::Arc<HashMap<MapData, SockTuple, OrigDst>>);
+
+impl Records {
+    /// The record of an accepted, redirected connection: looked up by the
+    /// workload's end (our `peer`), our end (`local`), and the network
+    /// namespace of the accepted socket (`netns_cookie`). `None` when the
+    /// connection was not redirected by these programs.
+    pub fn original_dst(
+        &self,
+        netns_cookie: u64,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Option<OriginalDst>, RedirectorError> {
+        let (peer, local) = (v4_of(peer)?, v4_of(local)?);
+        let key = SockTuple {
+            netns_cookie,
+            local_addr: [v4_word(*peer.ip()), 0, 0, 0],
+            remote_addr: [v4_word(*local.ip()), 0, 0, 0],
+            local_port: peer.port(),
+            remote_port: local.port(),
+            family: AF_INET,
+            _pad: 0,
+        };
+        match self.0.get(&key, 0) {
+            Ok(orig) => Ok(Some(OriginalDst {
+                addr: SocketAddr::new(addr_of(orig.addr, orig.family), orig.port),
+                workload_id: orig.workload_id,
+                cgroup_id: orig.cgroup_id,
+            })),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(RedirectorError::Map {
+                name: maps::ORIG_BY_TUPLE,
+                source,
+            }),
+        }
+    }
 }
 
 /// Loads program `name` of type `P` and attaches it with `attach`, which
@@ -256,7 +298,10 @@ impl Redirector {
         let workloads = take_map(&mut ebpf, maps::WORKLOADS)?;
         let destinations = take_map(&mut ebpf, maps::DESTINATIONS)?;
         let fast_path = take_map(&mut ebpf, maps::FAST_PATH)?;
-        let by_tuple = take_map(&mut ebpf, maps::ORIG_BY_TUPLE)?;
+        let by_tuple = Records(std::sync::Arc::new(take_map(
+            &mut ebpf,
+            maps::ORIG_BY_TUPLE,
+        )?));
         let by_cookie = take_map(&mut ebpf, maps::ORIG_BY_COOKIE)?;
         let counters = take_map(&mut ebpf, maps::COUNTERS)?;
         let settings = take_map(&mut ebpf, maps::AGENT)?;
@@ -540,9 +585,7 @@ impl Redirector {
         })
     }
 
-    /// The record of an accepted, redirected connection: looked up by the
-    /// workload's end (our peer), our end, and the socket's network namespace.
-    /// `None` when the connection was not redirected by these programs.
+    /// The record of an accepted, redirected connection ([`Records`]).
     pub fn original_dst<S: AsRawFd>(
         &self,
         accepted: &S,
@@ -550,33 +593,17 @@ impl Redirector {
         local: SocketAddr,
     ) -> Result<Option<OriginalDst>, RedirectorError> {
         let netns_cookie = super::netns_cookie(accepted).map_err(RedirectorError::Socket)?;
-        let (peer, local) = (v4_of(peer)?, v4_of(local)?);
-        let key = SockTuple {
-            netns_cookie,
-            local_addr: [v4_word(*peer.ip()), 0, 0, 0],
-            remote_addr: [v4_word(*local.ip()), 0, 0, 0],
-            local_port: peer.port(),
-            remote_port: local.port(),
-            family: AF_INET,
-            _pad: 0,
-        };
-        match self.by_tuple.get(&key, 0) {
-            Ok(orig) => Ok(Some(OriginalDst {
-                addr: SocketAddr::new(addr_of(orig.addr, orig.family), orig.port),
-                workload_id: orig.workload_id,
-                cgroup_id: orig.cgroup_id,
-            })),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(RedirectorError::Map {
-                name: maps::ORIG_BY_TUPLE,
-                source,
-            }),
-        }
+        self.by_tuple.original_dst(netns_cookie, peer, local)
+    }
+
+    /// The connection records, to read apart from this redirector.
+    pub fn records(&self) -> Records {
+        self.by_tuple.clone()
     }
 
     /// How many connection records the programs hold right now (both maps).
     pub fn records_held(&self) -> usize {
-        self.by_tuple.keys().count() + self.by_cookie.keys().count()
+        self.by_tuple.0.keys().count() + self.by_cookie.keys().count()
     }
 
     /// The programs' counters, summed over CPUs.

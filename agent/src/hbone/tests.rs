@@ -6,72 +6,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use super::*;
-
-const TD: &str = "test.weft";
+use crate::test_ca::TestCa;
 const WEB: &str = "spiffe://test.weft/ns/default/dc/dc1/svc/web";
 const API: &str = "spiffe://test.weft/ns/default/dc/dc1/svc/api";
 const NODE_B: &str = "spiffe://test.weft/ns/default/dc/dc1/node/node-b";
 const NODE_C: &str = "spiffe://test.weft/ns/default/dc/dc1/node/node-c";
 const TIMEOUT: Duration = Duration::from_secs(5);
-
-struct TestCa {
-    params: CertificateParams,
-    key: KeyPair,
-    pem: String,
-}
-
-impl TestCa {
-    fn new(name: &str) -> Self {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let pem = params.self_signed(&key).unwrap().pem();
-        TestCa { params, key, pem }
-    }
-
-    fn leaf_with_uris(&self, uris: &[&str]) -> (String, String) {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, "leaf");
-        params.subject_alt_names = uris
-            .iter()
-            .map(|u| SanType::URI(u.to_string().try_into().unwrap()))
-            .collect();
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let issuer = Issuer::from_params(&self.params, &self.key);
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn identity(&self, spiffe_id: &str) -> Identity {
-        let (cert, key) = self.leaf_with_uris(&[spiffe_id]);
-        Identity::from_pem(&cert, &key).unwrap()
-    }
-
-    fn bundle(&self) -> TrustBundle {
-        TrustBundle::from_pem(TD, &self.pem).unwrap()
-    }
-}
 
 /// Echoes every byte back; half-closes its write side after reading EOF.
 async fn echo_server() -> SocketAddr {

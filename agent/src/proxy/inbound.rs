@@ -10,11 +10,10 @@ use std::sync::Arc;
 use tokio::io::DuplexStream;
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
-use weft_api::config_entry::Protocol;
-use weft_api::intention::ConnectionDecision;
 
 use super::counted::Counted;
-use super::{l7, ProxyContext, CONNECT_TIMEOUT};
+use super::plan::{self, Plan};
+use super::{l7, upstream, ProxyContext, CONNECT_TIMEOUT};
 use crate::hbone::{ConnectRequest, Refusal, SpiffeId};
 use crate::metrics::Side;
 use crate::splice::SPLICE_BUFFER;
@@ -74,7 +73,7 @@ pub async fn accept(
     req: ConnectRequest,
 ) -> Result<Counted<Upstream>, Refusal> {
     let source = {
-        let view = ctx.view.read().expect("view lock");
+        let view = ctx.view.load();
         let federated = |dc: &str| view.federation.contains_key(dc);
         source_service(&req.peer_id, &view.trust_domain, &ctx.datacenter, federated).map_err(
             |e| {
@@ -97,40 +96,35 @@ pub async fn admit(
 ) -> Result<Counted<Upstream>, Refusal> {
     // Metrics and logs name an unauthenticated source so.
     let label = ProxyContext::source_label(&source);
-    let (destination, decision, protocol) = {
-        let view = ctx.view.read().expect("view lock");
+    // One snapshot of the view decides the tunnel.
+    let (destination, plan, protocol) = {
+        let view = ctx.view.load();
         let Some(instance) = view.local_instance(&ctx.node_name, target) else {
             return Err(Refusal::new(
                 404,
                 format!("no local service instance at {target}"),
             ));
         };
-        let decision = view.decide_connection(ctx.caller(&source), &instance.service);
+        let plan = plan::connection(&view, ctx.caller(&source), &instance.service);
         let protocol = view.protocol(&instance.service);
-        (instance.service.clone(), decision, protocol)
+        (instance.service.clone(), plan, protocol)
     };
-    let per_request = match decision {
-        ConnectionDecision::Decided(d) if !d.allowed => {
+    // The instance speaks for itself, HTTP or not, unless an L7 intention
+    // must judge each request.
+    let per_request = match plan {
+        Plan::Deny(reason) => {
             ctx.metrics.denied(Side::Inbound, label, &destination);
-            tracing::info!(%peer, source = label, %destination, "refused: {d}");
-            return Err(Refusal::forbidden(format!("{label} -> {destination} {d}")));
-        }
-        ConnectionDecision::Decided(_) => false,
-        ConnectionDecision::PerRequest if protocol == Protocol::Tcp => {
-            ctx.metrics.denied(Side::Inbound, label, &destination);
-            let reason = l7::L7Error::NotHttp(protocol);
             tracing::info!(%peer, source = label, %destination, "refused: {reason}");
             return Err(Refusal::forbidden(format!(
                 "{label} -> {destination}: {reason}"
             )));
         }
-        ConnectionDecision::PerRequest => true,
+        Plan::Requests { judge } => judge,
+        Plan::Bytes => false,
     };
-    let instance = tokio::time::timeout(CONNECT_TIMEOUT, crate::mark::connect(target))
+    let instance = upstream::connect_local(target, CONNECT_TIMEOUT)
         .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
         .map_err(|e| Refusal::unavailable(format!("{destination} at {target}: {e}")))?;
-    let _ = instance.set_nodelay(true);
     let upstream = if per_request {
         let (tunnel_end, proxy_end) = tokio::io::duplex(SPLICE_BUFFER);
         let (src, dst) = (source.clone(), destination.clone());

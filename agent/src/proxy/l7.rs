@@ -43,12 +43,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt;
 use weft_api::config_entry::Protocol;
-use weft_api::intention::{ConnectionDecision, Request as PolicyRequest};
+use weft_api::intention::Request as PolicyRequest;
 use weft_api::load_balancer::{hash_request, NewCookie};
 use weft_api::routing::{Answer, Attempt, RoutePolicy, Target};
 
-use super::outbound::{self, Route};
-use super::{InFlight, ProxyContext, CONNECT_TIMEOUT};
+use super::plan::{self, Call, Route};
+use super::upstream::{self, Connected};
+use super::{InFlight, ProxyContext};
 use crate::breaker::{Gauge, Overflow, Slot};
 use crate::metrics::Side;
 
@@ -57,7 +58,7 @@ type Body = BoxBody<Bytes, hyper::Error>;
 /// Why an L7 connection ended with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum L7Error {
-    #[error("service protocol {0} carries no HTTP: an L7 intention cannot judge it")]
+    #[error("{}", super::plan::not_http(*.0))]
     NotHttp(Protocol),
     #[error("HTTP handshake with the instance: {0}")]
     Upstream(hyper::Error),
@@ -416,7 +417,7 @@ impl Judge {
         }
         let facts = policy_request(&request);
         if self.judge_requests {
-            let decision = self.ctx.view.read().expect("view lock").decide(
+            let decision = self.ctx.view.load().decide(
                 self.ctx.caller(&self.source),
                 &self.destination,
                 Some(&facts),
@@ -472,7 +473,7 @@ impl Judge {
         request: Request<Incoming>,
     ) -> Response<Body> {
         let target = {
-            let view = self.ctx.view.read().expect("view lock");
+            let view = self.ctx.view.load();
             let start = weft_api::routing::Target::service_in(
                 &self.destination,
                 self.datacenter.as_deref(),
@@ -600,7 +601,7 @@ impl Judge {
         let mut failed = None;
         // A connection refused (nothing was sent) tries another instance,
         // as a plain TCP connection does, up to CONNECT_ATTEMPTS.
-        for n in 0..outbound::CONNECT_ATTEMPTS {
+        for n in 0..upstream::CONNECT_ATTEMPTS {
             let (picked, untried) = self.pick(target, tries)?;
             if n > 0 && !untried {
                 break; // every instance failed to connect
@@ -631,7 +632,7 @@ impl Judge {
     /// An instance of `target` (one not in `tries` while others remain),
     /// and whether it is one not tried yet.
     fn pick(&self, target: &Target, tries: &Tries<'_>) -> Result<(Picked, bool), AttemptError> {
-        let view = self.ctx.view.read().expect("view lock");
+        let view = self.ctx.view.load();
         let weft_api::routing::Resolved {
             service,
             datacenter,
@@ -661,12 +662,12 @@ impl Judge {
             }
             hashed.hash
         });
-        let call = outbound::Call {
+        let call = Call {
             source: &self.source,
             upstream: &self.destination,
             service: &service,
         };
-        let route = outbound::pick(
+        let route = upstream::pick(
             &self.ctx,
             &view,
             &instances,
@@ -675,7 +676,7 @@ impl Judge {
             datacenter.as_deref(),
         )
         .map_err(|e| AttemptError::NoInstance(e.to_string()))?;
-        let timeout = view.connect_timeout(call, CONNECT_TIMEOUT);
+        let timeout = call.connect_timeout(&view);
         let addr = route.target();
         let picked = Picked {
             service,
@@ -689,23 +690,16 @@ impl Judge {
     /// Refuses `request` unless the intentions let the source reach
     /// `service` (another than the connection's destination).
     fn allowed_to(&self, service: &str, request: &Request<Body>) -> Result<(), AttemptError> {
-        let view = self.ctx.view.read().expect("view lock");
-        let decision = match view.decide_connection(self.ctx.caller(&self.source), service) {
-            ConnectionDecision::Decided(d) => d,
-            ConnectionDecision::PerRequest => view.decide(
-                self.ctx.caller(&self.source),
-                service,
-                Some(&policy_request(request)),
-            ),
-        };
-        if decision.allowed {
-            return Ok(());
-        }
-        (self.ctx.metrics).denied(self.side(), &self.labels.0, service);
-        Err(AttemptError::Denied(format!(
-            "{} -> {service} (failover of {}): {decision}",
-            self.source, self.destination
-        )))
+        let view = self.ctx.view.load();
+        let caller = self.ctx.caller(&self.source);
+        let facts = policy_request(request);
+        plan::answering(&view, caller, service, Some(&facts)).map_err(|reason| {
+            (self.ctx.metrics).denied(self.side(), &self.labels.0, service);
+            AttemptError::Denied(format!(
+                "{} -> {reason} (failover of {})",
+                self.source, self.destination
+            ))
+        })
     }
 
     /// Sends `request` to the instance at `addr`: on the kept connection,
@@ -802,29 +796,10 @@ impl Judge {
     /// A new connection for requests to the instance `route` leads to,
     /// opened within `timeout`.
     async fn open(&self, route: &Route, timeout: Duration) -> Result<Upstream, String> {
-        match route {
-            Route::Local(addr) => {
-                let tcp = tokio::time::timeout(timeout, crate::mark::connect(*addr))
-                    .await
-                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-                    .map_err(|e| format!("connecting to {addr}: {e}"))?;
-                let _ = tcp.set_nodelay(true);
-                Upstream::open(tcp, self.protocol).await
-            }
-            Route::Tunnel { node, target, .. } => {
-                let identity = self
-                    .ctx
-                    .identities
-                    .service(&self.source)
-                    .map_err(|_| format!("no certificate for {}", self.source))?;
-                let tunnel = self
-                    .ctx
-                    .pool
-                    .connect(&identity, node, *target, timeout)
-                    .await
-                    .map_err(|e| format!("tunnel to {target} via {}: {e}", node.addr))?;
-                Upstream::open(tunnel, self.protocol).await
-            }
+        let connected = upstream::connect(&self.ctx, &self.source, route, timeout).await;
+        match connected.map_err(|e| e.to_string())? {
+            Connected::Local(tcp) => Upstream::open(tcp, self.protocol).await,
+            Connected::Tunnel(tunnel) => Upstream::open(tunnel, self.protocol).await,
         }
         .map_err(|e| e.to_string())
     }

@@ -9,17 +9,19 @@ pub mod inbound;
 pub mod l7;
 pub mod outbound;
 pub mod permissive;
+pub mod plan;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::hbone::HbonePool;
 use crate::identity::Identities;
 use crate::metrics::AgentMetrics;
 use crate::outlier::Outliers;
-use crate::view::View;
+use crate::shared_view::SharedView;
 
 /// How long opening a connection or tunnel may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -31,7 +33,7 @@ pub struct ProxyContext {
     pub datacenter: String,
     /// The port other agents take tunnels on (ours, and theirs).
     pub inbound_port: u16,
-    pub view: Arc<RwLock<View>>,
+    pub view: Arc<SharedView>,
     pub identities: Arc<Identities>,
     pub pool: HbonePool,
     pub metrics: Arc<AgentMetrics>,
@@ -69,6 +71,15 @@ impl ProxyContext {
         }
     }
 
+    /// Where this agent is, as plans need it.
+    pub fn here(&self) -> plan::Here<'_> {
+        plan::Here {
+            node: &self.node_name,
+            datacenter: &self.datacenter,
+            inbound_port: self.inbound_port,
+        }
+    }
+
     /// The caller a source label names, as intentions judge it: a service
     /// of this datacenter (`web`), another datacenter's (`web@dc2`, as
     /// inbound labels a federated peer), or no one
@@ -93,7 +104,7 @@ impl ProxyContext {
     ) -> Result<crate::breaker::Slot, crate::breaker::Overflow> {
         use crate::breaker::Gauge;
         let limit = {
-            let view = self.view.read().expect("view lock");
+            let view = self.view.load();
             let limits = view
                 .upstream_settings(source, upstream)
                 .and_then(|s| s.limits.copied());
@@ -116,7 +127,7 @@ impl ProxyContext {
     /// `addr` of `upstream` went, when `source`'s defaults ask for passive
     /// health checks of it.
     pub fn report(&self, source: &str, upstream: &str, addr: SocketAddr, ok: bool) {
-        let policy = (self.view.read().expect("view lock")).ejection_policy(source, upstream);
+        let policy = (self.view.load()).ejection_policy(source, upstream);
         if let Some(policy) = policy {
             let roll = rand::random::<u32>() % 100;
             if (self.outliers).record(source, addr, ok, policy, Instant::now(), roll) {
@@ -165,3 +176,6 @@ pub fn next_conn_id() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
+
+#[cfg(test)]
+mod tests;

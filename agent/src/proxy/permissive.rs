@@ -23,7 +23,7 @@ use crate::splice::splice;
 /// if its service is in permissive mode: the steering map is keyed by port,
 /// and a strict service must never take plaintext.
 pub fn instance_for(ctx: &ProxyContext, dialled: SocketAddr) -> Option<SocketAddr> {
-    let view = ctx.view.read().expect("view lock");
+    let view = ctx.view.load();
     let instance = view.local_instance(&ctx.node_name, dialled).or_else(|| {
         let mut on_port = view
             .instances

@@ -60,7 +60,8 @@ BaseEjectionTime = "10s"
         .passive_health_check
         .unwrap();
     assert_eq!(check.max_failures, 3);
-    assert_eq!(check.base_ejection_time.as_deref(), Some("10s"));
+    let base = check.base_ejection_time.as_ref().map(|t| t.as_str());
+    assert_eq!(base, Some("10s"));
     assert!(validate_entry(&entry, &EntrySet::new()).is_ok());
 
     let zero = text.replace("MaxFailures = 3", "MaxFailures = 0");
@@ -95,7 +96,7 @@ fn resolver(name: &str, subsets: &[&str]) -> ServiceResolver {
                 (
                     s.to_string(),
                     ResolverSubset {
-                        filter: format!("Service.Meta.version == {s}"),
+                        filter: format!("Service.Meta.version == {s}").into(),
                         only_passing: false,
                     },
                 )

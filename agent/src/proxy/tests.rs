@@ -1,0 +1,205 @@
+//! Two agents in one process, on loopback and without root: certificates
+//! from a test CA (fixed [`Identities`]), real TLS and HBONE between the
+//! agents, the real outbound and inbound proxies deciding from their own
+//! views. Node a (127.0.0.1) carries web's calls to api, whose instance
+//! listens on node b (127.0.0.2).
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use weft_api::proto::{self, watch_event::Event};
+
+use super::{inbound, outbound, ProxyContext};
+use crate::hbone::{HbonePool, HboneServer};
+use crate::identity::Identities;
+use crate::metrics::AgentMetrics;
+use crate::shared_view::SharedView;
+use crate::test_ca::{TestCa, TD};
+use crate::view::View;
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn spiffe(kind: &str, name: &str) -> String {
+    format!("spiffe://{TD}/ns/default/dc/dc1/{kind}/{name}")
+}
+
+/// The view both agents start from: nodes a and b, api's instance at
+/// `api` on b, and web -> api `action` (default deny).
+fn view(ca: &TestCa, api: SocketAddr, action: &str) -> View {
+    let node = |name: &str, address: &str| proto::Node {
+        name: name.into(),
+        address: address.into(),
+        datacenter: "dc1".into(),
+        ..Default::default()
+    };
+    let snapshot = proto::StateSnapshot {
+        nodes: vec![node("a", "127.0.0.1"), node("b", "127.0.0.2")],
+        instances: vec![proto::ServiceInstance {
+            id: "api-1".into(),
+            service: "api".into(),
+            node: "b".into(),
+            address: api.ip().to_string(),
+            port: api.port().into(),
+            health: proto::Health::Passing as i32,
+            ..Default::default()
+        }],
+        intentions: vec![proto::Intention {
+            source: "web".into(),
+            destination: "api".into(),
+            action: action.into(),
+            ..Default::default()
+        }],
+        ca: Some(proto::CaBundle {
+            trust_domain: TD.into(),
+            roots_pem: vec![ca.pem.clone()],
+        }),
+        ..Default::default()
+    };
+    let mut v = View::default();
+    v.apply(proto::WatchEvent {
+        index: 1,
+        event: Some(Event::Snapshot(snapshot)),
+    })
+    .unwrap();
+    v
+}
+
+/// One agent's proxy, its tasks stopped when it is dropped.
+struct Agent {
+    ctx: Arc<ProxyContext>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn agent(ca: &TestCa, node: &str, inbound_port: u16, view: View, services: &[&str]) -> Agent {
+    let identities = Identities::fixed(
+        ca.identity(&spiffe("node", node)),
+        services
+            .iter()
+            .map(|s| (s.to_string(), ca.identity(&spiffe("svc", s)))),
+    );
+    let metrics = Arc::new(AgentMetrics::new());
+    let ctx = Arc::new(ProxyContext {
+        node_name: node.into(),
+        datacenter: "dc1".into(),
+        inbound_port,
+        view: Arc::new(SharedView::new(view)),
+        identities: Arc::new(identities),
+        pool: HbonePool::with_metrics(ca.bundle(), metrics.tunnel()),
+        metrics,
+        in_flight: Mutex::new(HashMap::new()),
+        outliers: Default::default(),
+        balancer: Default::default(),
+        breakers: Default::default(),
+        drain: crate::drain::Drain::new(),
+    });
+    Agent {
+        ctx,
+        tasks: Vec::new(),
+    }
+}
+
+/// Echoes every byte back, at 127.0.0.2 (node b's workload).
+async fn echo_on_b() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Node b's agent: its inbound port (HBONE) at 127.0.0.2, judging tunnels
+/// by `view`; and the SPIFFE ids of the peers it accepted.
+async fn node_b(ca: &TestCa, view: View) -> (Agent, SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut b = agent(ca, "b", addr.port(), view, &[]);
+    let ctx = b.ctx.clone();
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let seen = peers.clone();
+    let identity = b.ctx.identities.node().unwrap();
+    let server = HboneServer::new(&identity, &ca.bundle(), move |req| {
+        inbound::accept(ctx.clone(), req)
+    })
+    .unwrap()
+    .on_tls_accept(move |peer| seen.lock().unwrap().push(peer.to_string()));
+    b.tasks.push(tokio::spawn(server.serve(listener)));
+    (b, addr, peers)
+}
+
+/// Node a's agent: web's explicit upstream for api on 127.0.0.1.
+async fn node_a(ca: &TestCa, b_inbound: SocketAddr, view: View) -> (Agent, SocketAddr) {
+    let mut a = agent(ca, "a", b_inbound.port(), view, &["web"]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = ("api".to_string(), None);
+    let serve = outbound::serve_upstream(a.ctx.clone(), listener, "web".into(), dest);
+    a.tasks.push(tokio::spawn(serve));
+    (a, addr)
+}
+
+/// Sends `data` through web's upstream and reads what comes back, until
+/// the connection ends.
+async fn call(upstream: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let exchange = async {
+        let mut tcp = TcpStream::connect(upstream).await?;
+        tcp.write_all(data).await?;
+        let mut back = vec![0; data.len()];
+        tcp.read_exact(&mut back).await?;
+        Ok(back)
+    };
+    tokio::time::timeout(LIMIT, exchange).await?
+}
+
+#[tokio::test]
+async fn a_call_crosses_two_agents_over_mutual_tls() {
+    let ca = TestCa::new("test CA");
+    let (api, echo) = echo_on_b().await;
+    let (b, b_inbound, peers) = node_b(&ca, view(&ca, api, "allow")).await;
+    let (a, upstream) = node_a(&ca, b_inbound, view(&ca, api, "allow")).await;
+
+    let back = call(upstream, b"hello through two agents").await.unwrap();
+    assert_eq!(back, b"hello through two agents");
+    // Node b saw web's certificate: the tunnel, not a direct connection.
+    assert_eq!(*peers.lock().unwrap(), vec![spiffe("svc", "web")]);
+    // Both sides counted it, under the same pair.
+    let counted = |agent: &Agent| agent.ctx.metrics.encode();
+    assert!(counted(&a).contains("source=\"web\""), "{}", counted(&a));
+    assert!(counted(&b).contains("source=\"web\""), "{}", counted(&b));
+    echo.abort();
+}
+
+#[tokio::test]
+async fn the_destinations_agent_refuses_what_its_view_denies() {
+    let ca = TestCa::new("test CA");
+    let (api, echo) = echo_on_b().await;
+    // Node a's view allows web -> api; node b's denies it: b decides.
+    let (_b, b_inbound, peers) = node_b(&ca, view(&ca, api, "deny")).await;
+    let (a, upstream) = node_a(&ca, b_inbound, view(&ca, api, "allow")).await;
+    let refused = call(upstream, b"let me in").await;
+    assert!(refused.is_err(), "node b let a denied call through");
+    // The handshake happened (b knows who asked) and was refused after it.
+    assert_eq!(*peers.lock().unwrap(), vec![spiffe("svc", "web")]);
+    // Node a's own deny refuses before any tunnel.
+    a.ctx.view.publish(&mut view(&ca, api, "deny"));
+    assert!(call(upstream, b"again").await.is_err());
+    assert_eq!(peers.lock().unwrap().len(), 1, "a denied call left node a");
+    echo.abort();
+}
