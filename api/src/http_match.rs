@@ -191,11 +191,24 @@ pub type FullMatch = Compiled<WholeString>;
 #[derive(Debug, Clone)]
 pub struct WholeString(Regex);
 
+/// The largest compiled regex weft takes (the `regex` crate's default is
+/// 10 MiB): a rule near it is a mistake or an attack, not a route.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
 impl Compile for WholeString {
     fn compile(source: &str) -> Result<WholeString, String> {
-        Regex::new(&format!("^(?:{source})$"))
+        let invalid =
+            |e: &dyn std::fmt::Display| format!("invalid regex: {}", one_line(&e.to_string()));
+        // The pattern must stand on its own: `a)|(.*` would otherwise
+        // close the anchoring group and match anything.
+        regex_syntax::Parser::new()
+            .parse(source)
+            .map_err(|e| invalid(&e))?;
+        regex::RegexBuilder::new(&format!("^(?:{source})$"))
+            .size_limit(REGEX_SIZE_LIMIT)
+            .build()
             .map(WholeString)
-            .map_err(|e| format!("invalid regex: {}", one_line(&e.to_string())))
+            .map_err(|e| invalid(&e))
     }
 }
 
@@ -670,6 +683,22 @@ mod tests {
         .unwrap_err();
         assert!(e.starts_with("HTTP.PathRegex: invalid regex: "), "{e}");
         assert!(!e.contains('\n'));
+        // A pattern that would close the anchoring group and match
+        // anything is refused, and never matches.
+        let escape = HttpMatch {
+            path_regex: Some("a)|(.*".into()),
+            ..Default::default()
+        };
+        let e = v(escape.clone()).unwrap_err();
+        assert!(e.starts_with("HTTP.PathRegex: invalid regex: "), "{e}");
+        assert!(escape.matches(&Request::new("GET", "/anything")).is_err());
+        // One too large to compile is refused by name, not compiled to 10 MiB.
+        let e = v(HttpMatch {
+            path_regex: Some("\\w{1,500}\\w{1,500}\\w{1,500}".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.starts_with("HTTP.PathRegex: invalid regex: "), "{e}");
         let e = v(HttpMatch {
             methods: vec!["get".into()],
             ..Default::default()

@@ -256,12 +256,22 @@ pub fn reset_peak_rss(pid: u32) -> anyhow::Result<()> {
 
 /// Peak resident set size of `pid` since the last reset, in MB (10^6 bytes).
 pub fn peak_rss_mb(pid: u32) -> anyhow::Result<f64> {
+    status_mb(pid, "VmHWM")
+}
+
+/// Resident set size of `pid` now, in MB.
+pub fn rss_mb(pid: u32) -> anyhow::Result<f64> {
+    status_mb(pid, "VmRSS")
+}
+
+/// A `kB` field of `/proc/PID/status`, in MB.
+fn status_mb(pid: u32, field: &str) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
-        .context("no VmHWM")?
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?
         .parse()?;
     Ok(kb * 1024.0 / 1e6)
 }
@@ -386,5 +396,6 @@ mod tests {
         let (cpu, faults) = cpu_and_faults(pid).unwrap();
         assert!(cpu >= 0.0 && faults > 0.0);
         assert!(peak_rss_mb(pid).unwrap() > 0.0);
+        assert!(rss_mb(pid).unwrap() > 0.0);
     }
 }

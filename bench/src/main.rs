@@ -19,6 +19,7 @@ use clap::{Parser, Subcommand};
 mod catalog;
 mod control_plane;
 mod haproxy;
+mod large_mesh;
 mod load;
 mod node;
 mod quiet;

@@ -29,6 +29,7 @@ use weft_tests::mesh::{wait_until, Mesh, MeshSpec, NodeA, NodeB, Output, Proc, S
 use weft_tests::servers::bin;
 
 use crate::haproxy::{self, Route};
+use crate::large_mesh;
 use crate::load::{self, Percentiles, Window};
 use crate::quiet;
 use crate::report::{Figure, Section};
@@ -60,6 +61,8 @@ struct Params {
     bulk_secs: u64,
     /// How long a round waits for a quiet machine before it starts anyway.
     quiet_wait: Duration,
+    /// Rounds in the large mesh.
+    large_rounds: usize,
 }
 
 /// One way from the client in node A to the workloads.
@@ -242,6 +245,97 @@ fn bulk_load(t: &Target, p: &Params, streams: u32, out: &mut Round) -> anyhow::R
     })
 }
 
+/// The name `--only` takes for the large-mesh rounds.
+const LARGE: &str = "large mesh";
+
+/// What the large-mesh phase measured: its rounds (figures named
+/// `CONFIGURATION (large mesh): figure`), facts (memory, fill times) and
+/// notes.
+#[derive(Default)]
+struct LargeRun {
+    rounds: Vec<Round>,
+    facts: Round,
+    notes: Vec<String>,
+}
+
+/// Fills `meshes`' servers, waits for every agent's view to hold the fill,
+/// and measures 1000 rps latency and new connections of `targets` in
+/// rounds while changes arrive; agent memory before and after.
+fn large_mesh_rounds(
+    meshes: &[&Mesh],
+    targets: &[&Target],
+    p: &Params,
+    out: &mut LargeRun,
+) -> anyhow::Result<()> {
+    let agents: Vec<(String, u32)> = meshes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| {
+            [NodeA, NodeB].map(|n| {
+                let mode = if i == 0 { "explicit" } else { "eBPF" };
+                (format!("{mode} mesh, {}", n.node_name()), m.agent_config(n))
+            })
+        })
+        .map(|(label, config)| Ok((label, load::agent_pid(&config)?)))
+        .collect::<anyhow::Result<_>>()?;
+    for (label, pid) in &agents {
+        let rss = load::rss_mb(*pid)?;
+        out.facts.insert(format!("agent RSS before, {label}"), rss);
+    }
+    for (i, mesh) in meshes.iter().enumerate() {
+        eprintln!("large mesh: filling mesh {i}");
+        let secs = large_mesh::fill(mesh)?;
+        out.facts.insert(format!("fill seconds, mesh {i}"), secs);
+        for node in [NodeA, NodeB] {
+            let secs = large_mesh::wait_for_view(mesh, node)?;
+            out.facts.insert(
+                format!("view loaded after, mesh {i} {}", node.node_name()),
+                secs,
+            );
+        }
+    }
+    for (label, pid) in &agents {
+        let rss = load::rss_mb(*pid)?;
+        out.facts
+            .insert(format!("agent RSS with the large view, {label}"), rss);
+    }
+    // Generous: every round waits for a quiet machine at most quiet_wait.
+    let per_round = targets.len() as u64 * (p.rate_secs + p.conn_secs + 30) + 60;
+    let bound = p.large_rounds as u64 * per_round;
+    let churns = meshes
+        .iter()
+        .map(|m| large_mesh::Churn::start(m, bound))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for round in 0..p.large_rounds {
+        // The churn keeps the machine busy by design: a short wait, and
+        // the load recorded.
+        let (start, _, _) = quiet::wait_for_quiet(Duration::from_secs(30))?;
+        let mut r = Round::new();
+        for i in 0..targets.len() {
+            let t = targets[(i + round) % targets.len()];
+            eprintln!("large mesh round {round}: {}", t.name);
+            let mut m = Round::new();
+            rate_load(t, p, &mut m)?;
+            conn_load(t, p, &mut m)?;
+            r.extend(
+                m.into_iter()
+                    .map(|(k, v)| (format!("{} ({LARGE}): {k}", t.name), v)),
+            );
+        }
+        out.facts
+            .insert(format!("load at the start of round {round}"), start);
+        out.rounds.push(r);
+    }
+    for (i, churn) in churns.into_iter().enumerate() {
+        let (made, late) = churn.finish()?;
+        out.notes.push(format!(
+            "large mesh {i}: {made:.0} changes arrived during its rounds ({late:.0} took longer than their tick of {} ms)",
+            1000 / large_mesh::CHANGES_PER_SECOND
+        ));
+    }
+    Ok(())
+}
+
 /// Every load against `t`, figures keyed `NAME: figure`.
 fn measure(
     t: &Target,
@@ -355,6 +449,7 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
             conn_secs: 2,
             bulk_secs: 2,
             quiet_wait: Duration::from_secs(60),
+            large_rounds: 2,
         }
     } else {
         Params {
@@ -364,6 +459,7 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
             conn_secs: 5,
             bulk_secs: 5,
             quiet_wait: Duration::from_secs(240),
+            large_rounds: 3,
         }
     };
     let mut notes: Vec<String> = Vec::new();
@@ -622,6 +718,22 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
             notes.push("the same-node client never took the fast path: its figures are the agent's same-node path".into());
         }
     }
+    // The large mesh: the same meshes, their servers filled, changes
+    // arriving, direct, explicit and eBPF measured again.
+    let mut large = LargeRun::default();
+    if wanted(LARGE) {
+        let meshes: Vec<&Mesh> = std::iter::once(&m1).chain(m2.as_ref()).collect();
+        let again: Vec<&Target> = targets
+            .iter()
+            .filter(|t| [DIRECT, EXPLICIT, EBPF].contains(&t.name) && !failed.contains_key(t.name))
+            .collect();
+        if let Err(e) = large_mesh_rounds(&meshes, &again, &p, &mut large) {
+            eprintln!("large mesh: {e:#}");
+            notes.push(format!("the large mesh was not measured in full: {e:#}"));
+        }
+        notes.append(&mut large.notes);
+    }
+    rounds.append(&mut large.rounds);
     drop(ha);
     drop(procs);
 
@@ -654,6 +766,18 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
                     r.get(&format!("{base}: {k}")),
                 ) {
                     derived.insert(format!("{cfg}: {k} × {base}"), a / b);
+                }
+            }
+        }
+        // The large mesh, within its own rounds.
+        for cfg in [EXPLICIT, EBPF] {
+            let (c, d) = (format!("{cfg} ({LARGE})"), format!("{DIRECT} ({LARGE})"));
+            for q in ["p50", "p99"] {
+                let k = format!("1000 rps {q}");
+                if let (Some(a), Some(b)) =
+                    (r.get(&format!("{c}: {k}")), r.get(&format!("{d}: {k}")))
+                {
+                    derived.insert(format!("{c}: added latency at 1000 rps {q}"), a - b);
                 }
             }
         }
@@ -736,6 +860,13 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
         .collect();
     let mut sections = summary(&figures, &targets, &notes);
     sections.push(Section::new("Machine load per round", load_table));
+    if wanted(LARGE) {
+        sections.push(large_mesh::section(
+            &figures,
+            &[EXPLICIT, EBPF],
+            &large.facts,
+        ));
+    }
     let round_load: Vec<Value> = loads.iter().map(quiet::RoundLoad::to_json).collect();
     let extra = json!({ "notes": notes, "configurations": order, "round_load": round_load, "params": {
         "rounds": p.rounds, "rate_rps": RATE, "connections": CONNS, "body_bytes": 1024,

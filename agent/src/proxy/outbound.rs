@@ -136,18 +136,19 @@ pub async fn carry(
         }
         Plan::Bytes => {
             let carried =
-                splice_to_instance(ctx, &view, &mut client, source, (destination, datacenter))
-                    .await;
+                splice_to_instance(ctx, view, &mut client, source, (destination, datacenter)).await;
             carried.map_err(|error| refused(error, client))
         }
     }
 }
 
 /// Carries a TCP connection's bytes to an instance of `destination`,
-/// trying another instance when one cannot be reached.
+/// trying another instance when one cannot be reached. The view's snapshot
+/// is let go once the instance is reached: a long connection does not keep
+/// an old view alive.
 async fn splice_to_instance(
     ctx: &Arc<ProxyContext>,
-    view: &View,
+    view: Arc<View>,
     client: &mut TcpStream,
     source: &str,
     (destination, datacenter): (&str, Option<&str>),
@@ -160,11 +161,11 @@ async fn splice_to_instance(
         upstream: destination,
         service: destination,
     }
-    .connect_timeout(view);
+    .connect_timeout(&view);
     let (opened, _in_flight, label) = loop {
         let picked = route_avoiding(
             ctx,
-            view,
+            &view,
             (source, peer),
             (destination, datacenter),
             &failed,
@@ -189,6 +190,7 @@ async fn splice_to_instance(
             Err(e) => return Err(OutboundError::Connect(Box::new(e))),
         }
     };
+    drop(view);
     // Another datacenter's instance is counted as `api@dc2`.
     ctx.metrics.conn_opened(Side::Outbound, source, &label);
     let started = std::time::Instant::now();

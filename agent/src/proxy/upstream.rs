@@ -39,7 +39,15 @@ pub fn pick(
     hash: Option<u64>,
     datacenter: Option<&str>,
 ) -> Result<Route, NoInstance> {
-    let in_flight = ctx.in_flight.lock().expect("in-flight lock");
+    // The candidates' open connections, copied: the lock is not held
+    // while picking.
+    let in_flight: std::collections::HashMap<SocketAddr, u64> = {
+        let all = ctx.in_flight.lock().expect("in-flight lock");
+        (instances.iter())
+            .filter_map(|i| i.socket_addr())
+            .filter_map(|a| Some((a, *all.get(&a)?)))
+            .collect()
+    };
     let balancing = plan::Balancing {
         outliers: &ctx.outliers,
         balancer: &ctx.balancer,

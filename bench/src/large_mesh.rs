@@ -1,0 +1,227 @@
+//! The agent in a large mesh (issue 17): the servers of the benchmark's
+//! meshes are filled (by `weft-bench-populate`, from inside the mesh) with
+//! 1,000 services, 10,000 instances on 1,000 nodes, 1,000 intentions and
+//! 100 service-routers, none of them on the benchmark's own path; while 10
+//! changes a second arrive (an instance's health, an intention's action, in
+//! turn), the configurations are measured again and set next to their
+//! small-mesh figures of the same run. The agents' memory is read before
+//! the fill and once their views hold it.
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use weft_tests::mesh::{wait_until, Mesh, Node, Proc};
+use weft_tests::servers::bin;
+
+use crate::report::{Figure, Section};
+
+/// The size of the mesh, as the issue names it.
+pub const SERVICES: usize = 1000;
+pub const PER_SERVICE: usize = 10;
+pub const NODES: usize = 1000;
+pub const INTENTIONS: usize = 1000;
+pub const ROUTERS: usize = 100;
+pub const CHANGES_PER_SECOND: u64 = 10;
+
+/// The fill may take this long.
+const FILL_LIMIT: Duration = Duration::from_secs(15 * 60);
+/// An agent's view may take this long to hold the fill.
+const VIEW_LIMIT: Duration = Duration::from_secs(120);
+
+fn populate(mesh: &Mesh, token_file: &std::path::Path) -> Vec<String> {
+    vec![
+        bin("weft-bench-populate").display().to_string(),
+        "--server".into(),
+        mesh.server_addr(),
+        "--ca-file".into(),
+        mesh.path("ca.pem").display().to_string(),
+        "--token-file".into(),
+        token_file.display().to_string(),
+    ]
+}
+
+/// The management token in a file only root reads (never on a command
+/// line).
+fn token_file(mesh: &Mesh) -> anyhow::Result<std::path::PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = mesh.path("bench-populate.token");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    std::io::Write::write_all(&mut file, mesh.token.as_bytes())?;
+    Ok(path)
+}
+
+/// Fills `mesh`'s server; the seconds it took.
+pub fn fill(mesh: &Mesh) -> anyhow::Result<f64> {
+    let token = token_file(mesh)?;
+    let mut args = populate(mesh, &token);
+    args.push("fill".into());
+    for (flag, n) in [
+        ("--nodes", NODES),
+        ("--services", SERVICES),
+        ("--per-service", PER_SERVICE),
+        ("--intentions", INTENTIONS),
+        ("--routers", ROUTERS),
+    ] {
+        args.extend([flag.to_string(), n.to_string()]);
+    }
+    let (program, rest) = args.split_first().expect("a program");
+    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+    let out = mesh.run(Node::A, program, &rest, FILL_LIMIT)?;
+    if !out.success() {
+        bail!("filling the mesh: {}", out.describe());
+    }
+    let report: Value = serde_json::from_str(out.stdout.trim())
+        .with_context(|| format!("weft-bench-populate printed {:?}", out.stdout))?;
+    report["secs"]
+        .as_f64()
+        .context("weft-bench-populate printed no secs")
+}
+
+/// Waits until `node`'s agent's view holds the fill: at least as many
+/// instances and intentions as it made.
+pub fn wait_for_view(mesh: &Mesh, node: Node) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    wait_until(
+        VIEW_LIMIT,
+        &format!("{}'s view holds the large mesh", node.node_name()),
+        || {
+            let dump = mesh.agent_config_dump(node)?;
+            let count = |k: &str| dump["view"][k].as_array().map_or(0, Vec::len);
+            Ok(
+                (count("instances") >= SERVICES * PER_SERVICE && count("intentions") >= INTENTIONS)
+                    .then_some(()),
+            )
+        },
+    )?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Changes arriving while the configurations are measured: a
+/// `weft-bench-populate churn` process, bounded in time, stopped when
+/// dropped.
+pub struct Churn {
+    proc: Proc,
+    log: std::path::PathBuf,
+}
+
+impl Churn {
+    pub fn start(mesh: &Mesh, seconds: u64) -> anyhow::Result<Churn> {
+        let token = token_file(mesh)?;
+        let args = populate(mesh, &token);
+        let mut cmd = std::process::Command::new(&args[0]);
+        cmd.args(&args[1..]).args([
+            "churn",
+            "--per-second",
+            &CHANGES_PER_SECOND.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+            "--services",
+            &SERVICES.to_string(),
+            "--intentions",
+            &INTENTIONS.to_string(),
+        ]);
+        let log_name = "bench-churn.log";
+        let proc = mesh.spawn(Node::A, &mut cmd, log_name)?;
+        Ok(Churn {
+            proc,
+            log: mesh.path(log_name),
+        })
+    }
+
+    /// Stops the churn (SIGTERM: it reports and exits) and reads its
+    /// report: the changes it made and how many ran past their tick. An
+    /// error when it ended early, failed, or reported nothing.
+    pub fn finish(mut self) -> anyhow::Result<(f64, f64)> {
+        let early = self.proc.try_wait();
+        let status = match early {
+            Some(status) => status,
+            None => (self.proc)
+                .stop(libc::SIGTERM, Duration::from_secs(10))
+                .context("the churn did not stop")?,
+        };
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        if !status.success() {
+            bail!("the churn failed ({status}): {}", text.trim());
+        }
+        if early.is_some() {
+            bail!(
+                "the churn ended before the measurements did: {}",
+                text.trim()
+            );
+        }
+        let report: Value = text
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok())
+            .with_context(|| format!("the churn reported nothing: {text:?}"))?;
+        let n = |k: &str| {
+            report[k]
+                .as_f64()
+                .with_context(|| format!("no {k} in {report}"))
+        };
+        Ok((n("changes")?, n("late")?))
+    }
+}
+
+/// The large mesh next to the small one: each configuration's added
+/// latency and new connections per second (medians over their rounds of
+/// the same run), the agents' memory, and how long filling took.
+pub fn section(
+    figures: &[Figure],
+    configs: &[&str],
+    facts: &std::collections::BTreeMap<String, f64>,
+) -> Section {
+    let median = |name: &str| {
+        figures
+            .iter()
+            .find(|f| f.name == name && !f.samples.is_empty())
+            .map(Figure::median)
+    };
+    let mut md = format!(
+        "The agents' views hold {SERVICES} services, {} instances on {NODES} nodes, {INTENTIONS} intentions and {ROUTERS} routers while {CHANGES_PER_SECOND} changes a second arrive. Medians over each phase's rounds; the target: within 10 % of the small mesh.\n\n\
+         | figure | configuration | small mesh | large mesh | large ÷ small | within 10 % |\n|---|---|---|---|---|---|\n",
+        SERVICES * PER_SERVICE
+    );
+    for cfg in configs {
+        for (metric, unit, higher_is_better) in [
+            ("added latency at 1000 rps p50", "µs", false),
+            ("added latency at 1000 rps p99", "µs", false),
+            ("new connections", "conn/s", true),
+        ] {
+            let small = median(&format!("{cfg}: {metric}"));
+            let large = median(&format!("{cfg} (large mesh): {metric}"));
+            let (ratio, met) = match (small, large) {
+                (Some(s), Some(l)) if s > 0.0 => {
+                    let r = l / s;
+                    let ok = if higher_is_better { r >= 0.9 } else { r <= 1.1 };
+                    (format!("{r:.2}"), if ok { "yes" } else { "**no**" })
+                }
+                _ => ("—".to_string(), "not measured"),
+            };
+            let show =
+                |v: Option<f64>| v.map_or("not measured".to_string(), |v| format!("{v:.0} {unit}"));
+            md += &format!(
+                "| {metric} | {cfg} | {} | {} | {ratio} | {met} |\n",
+                show(small),
+                show(large)
+            );
+        }
+    }
+    md += "\n| fact | value |\n|---|---|\n";
+    for (k, v) in facts {
+        let unit = if k.contains("RSS") {
+            "MB"
+        } else if k.starts_with("load") {
+            ""
+        } else {
+            "s"
+        };
+        md += &format!("| {k} | {v:.1} {unit} |\n");
+    }
+    Section::new("Large mesh (issue 17)", md)
+}
