@@ -423,7 +423,7 @@ impl HbonePool {
         let name = ServerName::try_from(sni.to_string())
             .map_err(|_| HboneError::ServerName(sni.to_string()))?;
         let tls = connector
-            .connect(name, tcp)
+            .connect(name, super::wire(tcp))
             .await
             .map_err(|source| HboneError::Handshake { node, source })?;
         let session = tls.get_ref().1;
@@ -440,6 +440,7 @@ impl HbonePool {
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(INITIAL_STREAM_WINDOW)
             .initial_connection_window_size(INITIAL_CONNECTION_WINDOW)
+            .max_frame_size(super::MAX_FRAME_SIZE)
             .enable_push(false)
             .handshake::<_, Bytes>(tls)
             .await

@@ -31,3 +31,18 @@ pub(crate) const INITIAL_STREAM_WINDOW: u32 = 1024 * 1024;
 pub(crate) const INITIAL_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// Concurrent tunnels one inbound connection may carry.
 pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// The largest HTTP/2 frame either end takes (the protocol's default is
+/// 16 KiB): a tunnel's 64 KiB writes go as one DATA frame each.
+pub(crate) const MAX_FRAME_SIZE: u32 = 64 * 1024;
+/// What one read from a tunnel connection's socket may take. rustls reads
+/// its records 4 KiB at a time; below it, one read takes what the socket
+/// holds (several records), so a 16 KiB record costs one syscall, not four.
+const READ_AHEAD: usize = 64 * 1024;
+
+/// A tunnel connection's socket, as TLS reads and writes it.
+pub(crate) type Wire = tokio::io::BufReader<tokio::net::TcpStream>;
+
+/// `tcp` with [`READ_AHEAD`] under TLS.
+pub(crate) fn wire(tcp: tokio::net::TcpStream) -> Wire {
+    tokio::io::BufReader::with_capacity(READ_AHEAD, tcp)
+}

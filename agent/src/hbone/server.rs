@@ -316,6 +316,7 @@ impl<H: ConnectHandler> Inner<H> {
         let mut conn = h2::server::Builder::new()
             .initial_window_size(INITIAL_STREAM_WINDOW)
             .initial_connection_window_size(INITIAL_CONNECTION_WINDOW)
+            .max_frame_size(super::MAX_FRAME_SIZE)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .handshake::<_, Bytes>(tls)
             .await?;
@@ -378,9 +379,9 @@ impl<H: ConnectHandler> Inner<H> {
     async fn handshake(
         &self,
         tcp: TcpStream,
-    ) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, String), ServerError> {
+    ) -> Result<(tokio_rustls::server::TlsStream<super::Wire>, String), ServerError> {
         let timeout = self.handshake_timeout;
-        let tls = tokio::time::timeout(timeout, self.acceptor.accept(tcp))
+        let tls = tokio::time::timeout(timeout, self.acceptor.accept(super::wire(tcp)))
             .await
             .map_err(|_| ServerError::HandshakeTimeout(timeout))?
             .map_err(ServerError::Handshake)?;
