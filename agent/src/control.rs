@@ -43,6 +43,9 @@ use crate::shared_view::SharedView;
 use crate::view::View;
 
 /// The first and the longest wait between attempts to reach the servers.
+/// At most this many events already received are applied before the
+/// view is published.
+const PUBLISH_BATCH: usize = 1000;
 const RECONNECT_BASE: Duration = Duration::from_millis(100);
 const RECONNECT_CAP: Duration = Duration::from_secs(2);
 
@@ -735,18 +738,55 @@ impl Control {
                     })
                 }
             };
-            let index = event.index;
+            let mut index = event.index;
             if let Err(e) = working.apply(event) {
                 tracing::error!("ignoring a bad watch event: {e}");
                 continue;
             }
+            // Events already here are applied before the view is published
+            // (a burst of writes costs one published view, not one each),
+            // up to PUBLISH_BATCH of them. The stream's end or error, if
+            // it comes, is dealt with once what came before is published.
+            let mut ended = None;
+            for _ in 1..PUBLISH_BATCH {
+                use futures::FutureExt;
+                let Some(next) = stream.message().now_or_never() else {
+                    break;
+                };
+                match next {
+                    Ok(Some(event)) => {
+                        let at = event.index;
+                        match working.apply(event) {
+                            Ok(()) => index = at,
+                            Err(e) => tracing::error!("ignoring a bad watch event: {e}"),
+                        }
+                    }
+                    Ok(None) => {
+                        ended = Some(Ok(()));
+                        break;
+                    }
+                    Err(status) => {
+                        ended = Some(Err(ControlError::Refused {
+                            what: "the watch stream".into(),
+                            status,
+                        }));
+                        break;
+                    }
+                }
+            }
             if working.is_partial() {
                 // More parts of a snapshot follow; nothing changed yet.
-                continue;
+                match ended {
+                    Some(end) => return end,
+                    None => continue,
+                }
             }
             view.publish(working);
             self.reconcile(view).await?;
             index_tx.send_replace(index);
+            if let Some(end) = ended {
+                return end;
+            }
         }
     }
 
@@ -902,7 +942,8 @@ tags = ["v1"]
         assert!(gap.contains("instance api-1 is missing"), "{gap}");
 
         let mut view = registered();
-        view.instances.values_mut().next().unwrap().port = 9090;
+        let first = view.instances.keys().next().unwrap().clone();
+        view.instances.get_mut(&first).unwrap().port = 9090;
         assert!(registration_gap(&cfg, &health, &view).is_some());
 
         let mut view = registered();

@@ -7,6 +7,8 @@
 //! address, instances per service, intentions per destination) built once
 //! per published view ([`crate::shared_view`]), not by scanning.
 use std::collections::{BTreeMap, HashMap};
+
+use im::OrdMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -34,13 +36,15 @@ use crate::shared_view::SharedView;
 pub struct View {
     /// Index of the last event applied.
     pub index: u64,
-    pub nodes: BTreeMap<String, Node>,
+    /// The large maps are persistent (`im`): copying the view to publish
+    /// it shares them, and a change copies only the path to what changed.
+    pub nodes: OrdMap<String, Node>,
     /// (node, instance id) -> instance
     #[serde(serialize_with = "values_as_list")]
-    pub instances: BTreeMap<(String, String), ServiceInstance>,
+    pub instances: OrdMap<(String, String), ServiceInstance>,
     pub vips: BTreeMap<String, IpAddr>,
     #[serde(serialize_with = "values_as_list")]
-    pub intentions: BTreeMap<(String, String), Intention>,
+    pub intentions: OrdMap<(String, String), Intention>,
     /// Every config entry (routers, splitters, resolvers, defaults).
     #[serde(serialize_with = "entries_as_list")]
     pub entries: EntrySet,
@@ -126,8 +130,8 @@ impl Indexes {
 }
 
 /// A map keyed by pairs as the list of its values (JSON keys are strings).
-fn values_as_list<K, V: Serialize, S: serde::Serializer>(
-    map: &BTreeMap<K, V>,
+fn values_as_list<K: Ord + Clone, V: Serialize + Clone, S: serde::Serializer>(
+    map: &OrdMap<K, V>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
     s.collect_seq(map.values())
@@ -244,7 +248,13 @@ impl View {
             }
             P::NodeDelete(name) => {
                 self.nodes.remove(&name);
-                self.instances.retain(|(node, _), _| *node != name);
+                let gone: Vec<InstanceKey> = (self.instances.keys())
+                    .filter(|(node, _)| *node == name)
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    self.instances.remove(&key);
+                }
             }
             P::InstanceUpsert(i) => {
                 let i = instance_from_proto(i).map_err(|e| e.to_string())?;
