@@ -26,6 +26,9 @@ impl Background {
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("weft-background".into())
+            // Applying a large snapshot to the view's persistent maps runs
+            // deep: room as the main thread has.
+            .stack_size(8 << 20)
             .spawn(move || {
                 // Until told to stop (or the sender is dropped).
                 let _ = runtime.block_on(stopped);
