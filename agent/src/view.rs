@@ -67,66 +67,74 @@ pub struct View {
 /// (node, instance id): how the view keys an instance.
 type InstanceKey = (String, String);
 
-/// The view's lookups, built on first use from the view as it then is. A
-/// copy of the view, or a view an event changed, starts without them.
-#[derive(Default)]
-struct Index(OnceLock<Indexes>);
-
-impl Clone for Index {
-    fn clone(&self) -> Index {
-        Index::default()
-    }
+/// The view's lookups, in three parts, each built on first use and shared
+/// by copies of the view (the published snapshots) until a change touches
+/// what it indexes: a health flip or an intention's new action keeps them
+/// all; an instance that comes, goes or moves renews the instances' part.
+#[derive(Clone, Default)]
+struct Index {
+    vips: Part<HashMap<IpAddr, String>>,
+    instances: Part<InstanceIndexes>,
+    intentions: Part<HashMap<String, Vec<(String, String)>>>,
 }
+
+/// One part of the lookups.
+type Part<T> = Arc<OnceLock<T>>;
 
 impl std::fmt::Debug for Index {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.get().is_some() {
-            "built"
-        } else {
-            "not built"
-        })
+        f.debug_struct("Index")
+            .field("vips", &self.vips.get().is_some())
+            .field("instances", &self.instances.get().is_some())
+            .field("intentions", &self.intentions.get().is_some())
+            .finish()
     }
 }
 
 #[derive(Default)]
-struct Indexes {
-    /// Virtual IP -> service.
-    by_vip: HashMap<IpAddr, String>,
+struct InstanceIndexes {
     /// Address and port -> the instances listening there.
     by_addr: HashMap<SocketAddr, Vec<InstanceKey>>,
     /// Service -> its instances (every health, every node).
     by_service: HashMap<String, Vec<InstanceKey>>,
-    /// Destination (or `*`) -> the intentions naming it.
-    intentions_to: HashMap<String, Vec<(String, String)>>,
 }
 
-impl Indexes {
-    fn build(view: &View) -> Indexes {
-        let mut ix = Indexes::default();
-        for (name, vip) in &view.vips {
-            // Two services never share a virtual IP; the first by name wins.
-            ix.by_vip.entry(*vip).or_insert_with(|| name.clone());
-        }
-        for (key, i) in &view.instances {
-            ix.by_service
-                .entry(i.service.clone())
-                .or_default()
-                .push(key.clone());
-            if let Ok(ip) = i.address.parse::<IpAddr>() {
-                ix.by_addr
-                    .entry(SocketAddr::new(ip, i.port))
-                    .or_default()
-                    .push(key.clone());
-            }
-        }
-        for key in view.intentions.keys() {
-            ix.intentions_to
-                .entry(key.1.clone())
-                .or_default()
-                .push(key.clone());
-        }
-        ix
+/// Virtual IP -> service.
+fn vip_index(view: &View) -> HashMap<IpAddr, String> {
+    let mut by_vip = HashMap::new();
+    for (name, vip) in &view.vips {
+        // Two services never share a virtual IP; the first by name wins.
+        by_vip.entry(*vip).or_insert_with(|| name.clone());
     }
+    by_vip
+}
+
+fn instance_index(view: &View) -> InstanceIndexes {
+    let mut ix = InstanceIndexes::default();
+    for (key, i) in &view.instances {
+        ix.by_service
+            .entry(i.service.clone())
+            .or_default()
+            .push(key.clone());
+        if let Some(addr) = listen_addr(i) {
+            ix.by_addr.entry(addr).or_default().push(key.clone());
+        }
+    }
+    ix
+}
+
+/// Destination (or `*`) -> the intentions naming it.
+fn intention_index(view: &View) -> HashMap<String, Vec<(String, String)>> {
+    let mut to: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    for key in view.intentions.keys() {
+        to.entry(key.1.clone()).or_default().push(key.clone());
+    }
+    to
+}
+
+/// Where an instance listens, when its address is one.
+fn listen_addr(i: &ServiceInstance) -> Option<SocketAddr> {
+    Some(SocketAddr::new(i.address.parse().ok()?, i.port))
 }
 
 /// A map keyed by pairs as the list of its values (JSON keys are strings).
@@ -219,7 +227,6 @@ impl View {
             }
             Event::Changes(set) => {
                 self.partial = None;
-                self.lookups = Index::default();
                 for change in set.changes.into_iter().filter_map(|c| c.change) {
                     self.apply_change(change).map_err(bad)?;
                 }
@@ -252,28 +259,49 @@ impl View {
                     .filter(|(node, _)| *node == name)
                     .cloned()
                     .collect();
+                if !gone.is_empty() {
+                    self.lookups.instances = Part::default();
+                }
                 for key in gone {
                     self.instances.remove(&key);
                 }
             }
             P::InstanceUpsert(i) => {
                 let i = instance_from_proto(i).map_err(|e| e.to_string())?;
-                self.instances.insert((i.node.clone(), i.id.clone()), i);
+                let key = (i.node.clone(), i.id.clone());
+                // Indexed by service and address: the same ones keep the
+                // index (a health change), others renew it.
+                let same = self.instances.get(&key).is_some_and(|old| {
+                    old.service == i.service && listen_addr(old) == listen_addr(&i)
+                });
+                if !same {
+                    self.lookups.instances = Part::default();
+                }
+                self.instances.insert(key, i);
             }
             P::InstanceDelete(r) => {
-                self.instances.remove(&(r.node, r.id));
+                if self.instances.remove(&(r.node, r.id)).is_some() {
+                    self.lookups.instances = Part::default();
+                }
             }
             P::VipAssigned(v) => {
                 let vip = v.vip.parse().map_err(|_| format!("vip {:?}", v.vip))?;
                 self.vips.insert(v.service, vip);
+                self.lookups.vips = Part::default();
             }
             P::IntentionUpsert(i) => {
                 let i = intention_from_proto(i).map_err(|e| e.to_string())?;
-                self.intentions
-                    .insert((i.source.clone(), i.destination.clone()), i);
+                let key = (i.source.clone(), i.destination.clone());
+                // Indexed by key: a new action keeps the index.
+                if !self.intentions.contains_key(&key) {
+                    self.lookups.intentions = Part::default();
+                }
+                self.intentions.insert(key, i);
             }
             P::IntentionDelete(r) => {
-                self.intentions.remove(&(r.source, r.destination));
+                if self.intentions.remove(&(r.source, r.destination)).is_some() {
+                    self.lookups.intentions = Part::default();
+                }
             }
             P::CaBundle(b) => {
                 self.trust_domain = b.trust_domain;
@@ -305,20 +333,23 @@ impl View {
         }
     }
 
-    /// The view's indexes, built on first use.
-    fn indexes(&self) -> &Indexes {
-        self.lookups.0.get_or_init(|| Indexes::build(self))
+    fn instance_indexes(&self) -> &InstanceIndexes {
+        self.lookups.instances.get_or_init(|| instance_index(self))
     }
 
-    /// Builds the lookups now, off the data path, so that no connection
-    /// pays for them.
+    /// Builds the lookups a change left to build, off the data path, so
+    /// that no connection pays for them.
     pub fn prepare(&self) {
-        self.indexes();
+        self.instance_indexes();
+        self.lookups.vips.get_or_init(|| vip_index(self));
+        self.lookups
+            .intentions
+            .get_or_init(|| intention_index(self));
     }
 
     /// Every instance of `service`, in a stable order.
     pub fn instances_of_service(&self, service: &str) -> Vec<&ServiceInstance> {
-        let keys = self.indexes().by_service.get(service);
+        let keys = self.instance_indexes().by_service.get(service);
         keys.into_iter()
             .flatten()
             .filter_map(|k| self.instances.get(k))
@@ -327,7 +358,7 @@ impl View {
 
     /// The instances listening on `addr`.
     fn instances_at(&self, addr: SocketAddr) -> impl Iterator<Item = &ServiceInstance> {
-        let keys = self.indexes().by_addr.get(&addr);
+        let keys = self.instance_indexes().by_addr.get(&addr);
         keys.into_iter()
             .flatten()
             .filter_map(|k| self.instances.get(k))
@@ -336,7 +367,10 @@ impl View {
     /// The intentions that may apply to calls to `destination`: those
     /// naming it, and those naming `*`.
     fn intentions_to(&self, destination: &str) -> impl Iterator<Item = &Intention> {
-        let to = &self.indexes().intentions_to;
+        let to = self
+            .lookups
+            .intentions
+            .get_or_init(|| intention_index(self));
         let named = to.get(destination).into_iter().flatten();
         let any = (destination != weft_api::names::WILDCARD)
             .then(|| to.get(weft_api::names::WILDCARD))
@@ -446,7 +480,8 @@ impl View {
 
     /// The service whose virtual IP is `ip`.
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&str> {
-        self.indexes().by_vip.get(&ip).map(String::as_str)
+        let by_vip = self.lookups.vips.get_or_init(|| vip_index(self));
+        by_vip.get(&ip).map(String::as_str)
     }
 
     /// The intentions' decision for `caller` calling `destination`.
@@ -723,6 +758,42 @@ mod tests {
                     .collect(),
             })),
         }
+    }
+
+    #[test]
+    fn a_health_change_keeps_the_lookups_and_a_move_renews_them() {
+        let mut v = View::default();
+        v.apply(snapshot(3)).unwrap();
+        v.prepare();
+        let built = v.lookups.instances.clone();
+        let published = v.clone();
+        // api-2 passes now: same service, same address, same index.
+        let passing = instance("b", "api-2", "api", 8081, proto::Health::Passing);
+        v.apply(changes(4, vec![P::InstanceUpsert(passing)]))
+            .unwrap();
+        assert!(Arc::ptr_eq(&built, &v.lookups.instances));
+        assert_eq!(v.passing("api").len(), 2);
+        // api-2 moves to 9090: the index is renewed and finds it there.
+        let moved = instance("b", "api-2", "api", 9090, proto::Health::Passing);
+        v.apply(changes(5, vec![P::InstanceUpsert(moved)])).unwrap();
+        assert!(!Arc::ptr_eq(&built, &v.lookups.instances));
+        let at = |view: &View, port| {
+            let addr = SocketAddr::new("10.0.0.2".parse().unwrap(), port);
+            view.local_instance("b", addr).map(|i| i.id.clone())
+        };
+        assert_eq!(at(&v, 9090).as_deref(), Some("api-2"));
+        assert_eq!(at(&v, 8081), None);
+        // The copy published before still answers as it did.
+        assert_eq!(at(&published, 8081).as_deref(), Some("api-2"));
+        assert_eq!(at(&published, 9090), None);
+        // Gone: renewed again, and not found.
+        let key = proto::InstanceRef {
+            node: "b".into(),
+            id: "api-2".into(),
+        };
+        v.apply(changes(6, vec![P::InstanceDelete(key)])).unwrap();
+        assert_eq!(at(&v, 9090), None);
+        assert_eq!(v.passing("api").len(), 1);
     }
 
     #[test]
