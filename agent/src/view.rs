@@ -116,7 +116,7 @@ fn instance_index(view: &View) -> InstanceIndexes {
             .entry(i.service.clone())
             .or_default()
             .push(key.clone());
-        if let Some(addr) = listen_addr(i) {
+        if let Some(addr) = i.socket_addr() {
             ix.by_addr.entry(addr).or_default().push(key.clone());
         }
     }
@@ -130,11 +130,6 @@ fn intention_index(view: &View) -> HashMap<String, Vec<(String, String)>> {
         to.entry(key.1.clone()).or_default().push(key.clone());
     }
     to
-}
-
-/// Where an instance listens, when its address is one.
-fn listen_addr(i: &ServiceInstance) -> Option<SocketAddr> {
-    Some(SocketAddr::new(i.address.parse().ok()?, i.port))
 }
 
 /// A map keyed by pairs as the list of its values (JSON keys are strings).
@@ -272,7 +267,7 @@ impl View {
                 // Indexed by service and address: the same ones keep the
                 // index (a health change), others renew it.
                 let same = self.instances.get(&key).is_some_and(|old| {
-                    old.service == i.service && listen_addr(old) == listen_addr(&i)
+                    old.service == i.service && old.socket_addr() == i.socket_addr()
                 });
                 if !same {
                     self.lookups.instances = Part::default();

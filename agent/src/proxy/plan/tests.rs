@@ -128,15 +128,29 @@ fn call(service: &str) -> Call<'_> {
     }
 }
 
+/// What a pick consults besides the view: no ejections, no load, unless
+/// a test sets them.
+#[derive(Default)]
+struct State {
+    outliers: Outliers,
+    balancer: Balancer,
+    in_flight: HashMap<SocketAddr, u64>,
+}
+
+impl State {
+    fn balancing(&self) -> Balancing<'_> {
+        Balancing {
+            outliers: &self.outliers,
+            balancer: &self.balancer,
+            in_flight: &self.in_flight,
+        }
+    }
+}
+
 /// A pick of `service`'s passing instances with no ejections, no load.
 fn pick_of(view: &View, service: &str, draw: usize) -> Result<Route, String> {
-    let (outliers, balancer, in_flight) =
-        (Outliers::default(), Balancer::default(), HashMap::new());
-    let balancing = Balancing {
-        outliers: &outliers,
-        balancer: &balancer,
-        in_flight: &in_flight,
-    };
+    let state = State::default();
+    let balancing = state.balancing();
     let instances = view.passing(service);
     pick(
         view,
@@ -271,13 +285,8 @@ fn another_datacenters_instance_is_reached_through_a_gateway() {
     let view = view_of(s);
     let far = instance("c", "api-9", "api", "10.9.0.3:8080", true);
     let far = weft_api::convert::instance_from_proto(far).unwrap();
-    let (outliers, balancer, in_flight) =
-        (Outliers::default(), Balancer::default(), HashMap::new());
-    let balancing = Balancing {
-        outliers: &outliers,
-        balancer: &balancer,
-        in_flight: &in_flight,
-    };
+    let state = State::default();
+    let balancing = state.balancing();
     let via = |upstream: &str| {
         let call = Call {
             source: "web",
@@ -361,7 +370,11 @@ fn an_ejected_instance_is_passed_over() {
     let view = view_of(s);
     let bad: SocketAddr = "10.0.0.2:8080".parse().unwrap();
     let now = Instant::now();
-    let outliers = Outliers::new(now);
+    let state = State {
+        outliers: Outliers::new(now),
+        ..State::default()
+    };
+    let outliers = &state.outliers;
     let policy = view
         .ejection_policy("web", "api")
         .expect("a passive health check");
@@ -369,12 +382,7 @@ fn an_ejected_instance_is_passed_over() {
         outliers.record("web", bad, false, policy, now, 0),
         "not ejected"
     );
-    let (balancer, in_flight) = (Balancer::default(), HashMap::new());
-    let balancing = Balancing {
-        outliers: &outliers,
-        balancer: &balancer,
-        in_flight: &in_flight,
-    };
+    let balancing = state.balancing();
     let instances = view.passing("api");
     for draw in 0..20 {
         let route = pick(
@@ -437,12 +445,8 @@ fn a_routed_request_reaches_the_routes_service() {
     assert_eq!(target.service, "api-canary");
     let resolved = view.instances_of(&target, "dc1");
     assert_eq!(resolved.service, "api-canary");
-    let balancing_parts = (Outliers::default(), Balancer::default(), HashMap::new());
-    let balancing = Balancing {
-        outliers: &balancing_parts.0,
-        balancer: &balancing_parts.1,
-        in_flight: &balancing_parts.2,
-    };
+    let state = State::default();
+    let balancing = state.balancing();
     let route = pick(
         &view,
         HERE,
