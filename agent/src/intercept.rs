@@ -32,6 +32,9 @@ use crate::ebpf::{
 };
 use crate::view::View;
 
+mod destinations;
+pub use destinations::{Destination, Destinations};
+
 #[derive(Debug, thiserror::Error)]
 pub enum InterceptError {
     #[error(transparent)]
@@ -212,7 +215,14 @@ pub struct Interception {
     workloads: Mutex<Workloads>,
     /// The cgroup subtree the agent manages.
     root: PathBuf,
-    installed: Mutex<BTreeSet<(IpAddr, Option<u16>)>>,
+    /// What the destinations map holds.
+    installed: Mutex<BTreeSet<Destination>>,
+    /// What the view wants taken over, as of the last sync.
+    destinations: Mutex<Destinations>,
+    /// Whether the next sync compares every destination with the map
+    /// instead of those a change touched: the first sync (a predecessor's
+    /// entries), and the one after a failed sync.
+    full_sync: AtomicBool,
     fast_installed: Mutex<BTreeMap<FastEntry, SocketAddr>>,
     permissive_installed: Mutex<BTreeSet<u16>>,
     /// Whether the last sync brought every map in step with the view.
@@ -251,7 +261,16 @@ pub fn fast_paths(
     workloads: &[(u32, String)],
 ) -> BTreeMap<FastEntry, SocketAddr> {
     let mut entries = BTreeMap::new();
-    for (service, vip) in &view.vips {
+    // Only a service with an instance on this node can take it: those,
+    // not every service of the mesh.
+    let here: BTreeSet<&str> = view
+        .instances_on(node)
+        .map(|i| i.service.as_str())
+        .collect();
+    for (service, vip) in here
+        .into_iter()
+        .filter_map(|s| Some((s, view.vips.get(s)?)))
+    {
         // A resolver (default subset, redirect, failover) decides where the
         // service's connections go: the agent, not the fast path.
         let resolved = view
@@ -342,6 +361,8 @@ impl Interception {
             workloads: Mutex::new(workloads),
             root,
             installed: Mutex::new(installed),
+            destinations: Mutex::new(Destinations::new(&config.node_name)),
+            full_sync: AtomicBool::new(true),
             fast_installed: Mutex::new(fast_installed),
             permissive_installed: Mutex::new(permissive_installed),
             synced: AtomicBool::new(false),
@@ -411,17 +432,10 @@ impl Interception {
     /// instances exactly. Another node's instance at a node-local address
     /// (loopback, link-local such as 169.254.169.254) is not taken over:
     /// that address here is this node's, not the instance's.
-    pub fn wanted(view: &View, node: &str) -> BTreeSet<(IpAddr, Option<u16>)> {
-        let mut wanted: BTreeSet<(IpAddr, Option<u16>)> =
-            view.vips.values().map(|vip| (*vip, None)).collect();
-        for instance in view.instances.values() {
-            if let Ok(ip) = instance.address.parse::<IpAddr>() {
-                if instance.node == node || !weft_api::catalog::is_node_local(ip) {
-                    wanted.insert((ip, Some(instance.port)));
-                }
-            }
-        }
-        wanted
+    pub fn wanted(view: &View, node: &str) -> BTreeSet<Destination> {
+        let mut destinations = Destinations::new(node);
+        destinations.update(view);
+        destinations.all()
     }
 
     /// Brings the destinations map in step with `view`.
@@ -431,6 +445,9 @@ impl Interception {
         // renewed: the programs refuse rather than act on stale maps.
         self.synced.store(result.is_ok(), Ordering::Release);
         if result.is_err() {
+            // What this sync was to change may be half done: the next
+            // compares everything.
+            self.full_sync.store(true, Ordering::Release);
             let _ = self.end_lease();
         }
         result
@@ -457,14 +474,24 @@ impl Interception {
             fast_installed.remove(&key);
         }
 
-        let wanted = Self::wanted(view, &self.node_name);
+        let mut destinations = self.destinations.lock().expect("destinations lock");
+        let touched = destinations.update(view);
         let mut installed = self.installed.lock().expect("installed lock");
-        let gone: Vec<_> = installed.difference(&wanted).copied().collect();
+        let candidates = if self.full_sync.swap(false, Ordering::AcqRel) {
+            let mut all = destinations.all();
+            all.extend(installed.iter().copied());
+            all
+        } else {
+            touched
+        };
+        let (new, gone): (Vec<Destination>, Vec<Destination>) = candidates
+            .into_iter()
+            .filter(|d| destinations.wants(d) != installed.contains(d))
+            .partition(|d| destinations.wants(d));
         for (ip, port) in gone {
             redirector.remove_destination(ip, port)?;
             installed.remove(&(ip, port));
         }
-        let new: Vec<_> = wanted.difference(&installed).copied().collect();
         for (ip, port) in new {
             redirector.add_destination(ip, port, self.outbound)?;
             installed.insert((ip, port));

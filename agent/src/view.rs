@@ -452,6 +452,18 @@ impl View {
         Some((n.address.parse().ok()?, n.datacenter.as_str()))
     }
 
+    /// The instances registered on `node` (the map is keyed by node first:
+    /// a range, not a scan).
+    pub fn instances_on<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> impl Iterator<Item = &'a ServiceInstance> + 'a {
+        self.instances
+            .range((node.to_string(), String::new())..)
+            .take_while(move |((n, _), _)| n == node)
+            .map(|(_, i)| i)
+    }
+
     /// The instance on `node` that listens on `target`.
     pub fn local_instance(&self, node: &str, target: SocketAddr) -> Option<&ServiceInstance> {
         self.instances_at(target).find(|i| i.node == node)

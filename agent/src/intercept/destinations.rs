@@ -1,0 +1,347 @@
+//! The destinations the programs take over, kept in step with the view by
+//! difference: a sync compares the instances the last sync saw with the
+//! view's (persistent maps share what did not change, so the comparison
+//! skips it) and names only the destinations a change may have touched.
+//! A health flip in a mesh of 10,000 instances touches none; before, every
+//! sync rebuilt and compared the whole set.
+//!
+//! Pure: no maps, no syscalls; [`super::Interception`] applies what it says.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use im::ordmap::DiffItem;
+use im::OrdMap;
+use weft_api::catalog::ServiceInstance;
+
+use crate::view::View;
+
+/// A destination the programs take over: an address and port, or a
+/// virtual IP on any port (`None`).
+pub type Destination = (IpAddr, Option<u16>);
+
+type Instances = OrdMap<(String, String), ServiceInstance>;
+
+/// What the last sync saw and what it wants taken over.
+#[derive(Debug, Clone)]
+pub struct Destinations {
+    node: String,
+    instances: Instances,
+    vips: BTreeMap<String, IpAddr>,
+    /// Destination -> how many instances or services want it (two
+    /// instances may share an address and port, on different nodes).
+    wanted: HashMap<Destination, u32>,
+}
+
+/// The destination an instance wants on node `node`: its address and port.
+/// Another node's instance at a node-local address (loopback, link-local
+/// such as 169.254.169.254) wants none: that address here is this node's.
+fn of_instance(instance: &ServiceInstance, node: &str) -> Option<Destination> {
+    let ip = instance.address.parse::<IpAddr>().ok()?;
+    (instance.node == node || !weft_api::catalog::is_node_local(ip))
+        .then_some((ip, Some(instance.port)))
+}
+
+impl Destinations {
+    /// Nothing seen yet, nothing wanted.
+    pub fn new(node: &str) -> Self {
+        Destinations {
+            node: node.to_string(),
+            instances: OrdMap::new(),
+            vips: BTreeMap::new(),
+            wanted: HashMap::new(),
+        }
+    }
+
+    /// Moves to `view` and returns the destinations whose being wanted may
+    /// have changed (ask [`Destinations::wants`]); each appears once.
+    pub fn update(&mut self, view: &View) -> BTreeSet<Destination> {
+        let mut touched = BTreeSet::new();
+        let mut changes: Vec<(Option<Destination>, Option<Destination>)> = Vec::new();
+        for item in self.instances.diff(&view.instances) {
+            let (old, new) = match item {
+                DiffItem::Add(_, new) => (None, of_instance(new, &self.node)),
+                DiffItem::Remove(_, old) => (of_instance(old, &self.node), None),
+                DiffItem::Update {
+                    old: (_, old),
+                    new: (_, new),
+                } => (of_instance(old, &self.node), of_instance(new, &self.node)),
+            };
+            if old != new {
+                changes.push((old, new));
+            }
+        }
+        if self.vips != view.vips {
+            for vip in self.vips.values() {
+                changes.push((Some((*vip, None)), None));
+            }
+            for vip in view.vips.values() {
+                changes.push((None, Some((*vip, None))));
+            }
+            self.vips = view.vips.clone();
+        }
+        for (old, new) in changes {
+            if let Some(old) = old {
+                self.release(old);
+                touched.insert(old);
+            }
+            if let Some(new) = new {
+                *self.wanted.entry(new).or_insert(0) += 1;
+                touched.insert(new);
+            }
+        }
+        self.instances = view.instances.clone();
+        touched
+    }
+
+    fn release(&mut self, destination: Destination) {
+        if let Some(count) = self.wanted.get_mut(&destination) {
+            *count -= 1;
+            if *count == 0 {
+                self.wanted.remove(&destination);
+            }
+        }
+    }
+
+    /// Whether the view last given wants `destination` taken over.
+    pub fn wants(&self, destination: &Destination) -> bool {
+        self.wanted.contains_key(destination)
+    }
+
+    /// Every destination wanted.
+    pub fn all(&self) -> BTreeSet<Destination> {
+        self.wanted.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_api::proto::{self, change::Change as P, watch_event::Event};
+
+    use super::*;
+
+    fn instance(id: &str, node: &str, address: &str, port: u32, health: proto::Health) -> P {
+        P::InstanceUpsert(proto::ServiceInstance {
+            id: id.into(),
+            service: "api".into(),
+            node: node.into(),
+            address: address.into(),
+            port,
+            health: health as i32,
+            ..Default::default()
+        })
+    }
+
+    fn apply(view: &mut View, index: u64, changes: Vec<P>) {
+        view.apply(proto::WatchEvent {
+            index,
+            event: Some(Event::Changes(proto::ChangeSet {
+                changes: changes
+                    .into_iter()
+                    .map(|c| proto::Change { change: Some(c) })
+                    .collect(),
+            })),
+        })
+        .unwrap();
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// What a full computation from `view` wants: the reference the
+    /// differences must always agree with.
+    fn from_scratch(view: &View, node: &str) -> BTreeSet<Destination> {
+        let mut d = Destinations::new(node);
+        d.update(view);
+        d.all()
+    }
+
+    #[test]
+    fn instances_and_vips_are_wanted_and_other_nodes_local_addresses_are_not() {
+        let mut v = View::default();
+        apply(
+            &mut v,
+            1,
+            vec![
+                instance("a1", "a", "10.0.0.1", 80, proto::Health::Passing),
+                instance("b1", "b", "127.0.0.1", 81, proto::Health::Passing),
+                instance("a2", "a", "fd00::2", 82, proto::Health::Critical),
+                instance("a3", "a", "not-an-address", 83, proto::Health::Passing),
+                P::VipAssigned(proto::ServiceVip {
+                    service: "api".into(),
+                    vip: "240.0.0.2".into(),
+                }),
+            ],
+        );
+        assert_eq!(
+            from_scratch(&v, "a"),
+            BTreeSet::from([
+                (ip("10.0.0.1"), Some(80)),
+                (ip("fd00::2"), Some(82)),
+                (ip("240.0.0.2"), None),
+            ]),
+            "b's loopback instance is not a's to take over; health does not matter"
+        );
+        assert!(from_scratch(&v, "b").contains(&(ip("127.0.0.1"), Some(81))));
+    }
+
+    #[test]
+    fn a_health_flip_touches_nothing_and_a_move_touches_both_ends() {
+        let mut v = View::default();
+        apply(
+            &mut v,
+            1,
+            vec![instance("a1", "a", "10.0.0.1", 80, proto::Health::Passing)],
+        );
+        let mut d = Destinations::new("a");
+        assert_eq!(d.update(&v), BTreeSet::from([(ip("10.0.0.1"), Some(80))]));
+        assert!(d.update(&v).is_empty(), "nothing changed");
+
+        apply(
+            &mut v,
+            2,
+            vec![instance("a1", "a", "10.0.0.1", 80, proto::Health::Critical)],
+        );
+        assert!(d.update(&v).is_empty(), "same address and port");
+
+        apply(
+            &mut v,
+            3,
+            vec![instance("a1", "a", "10.0.0.9", 80, proto::Health::Passing)],
+        );
+        let touched = d.update(&v);
+        assert_eq!(
+            touched,
+            BTreeSet::from([(ip("10.0.0.1"), Some(80)), (ip("10.0.0.9"), Some(80))])
+        );
+        assert!(!d.wants(&(ip("10.0.0.1"), Some(80))));
+        assert!(d.wants(&(ip("10.0.0.9"), Some(80))));
+    }
+
+    #[test]
+    fn a_shared_address_stays_wanted_until_its_last_instance_goes() {
+        let mut v = View::default();
+        apply(
+            &mut v,
+            1,
+            vec![
+                instance("x", "a", "10.0.0.5", 80, proto::Health::Passing),
+                instance("y", "b", "10.0.0.5", 80, proto::Health::Passing),
+            ],
+        );
+        let mut d = Destinations::new("a");
+        d.update(&v);
+        let shared = (ip("10.0.0.5"), Some(80));
+        apply(
+            &mut v,
+            2,
+            vec![P::InstanceDelete(proto::InstanceRef {
+                node: "a".into(),
+                id: "x".into(),
+            })],
+        );
+        assert!(d.update(&v).contains(&shared));
+        assert!(d.wants(&shared), "y still listens there");
+        apply(&mut v, 3, vec![P::NodeDelete("b".into())]);
+        d.update(&v);
+        assert!(!d.wants(&shared));
+        assert!(d.all().is_empty());
+    }
+
+    #[test]
+    fn a_vip_moved_or_a_snapshot_taken_agrees_with_a_full_computation() {
+        let mut v = View::default();
+        let mut d = Destinations::new("a");
+        let vip = |service: &str, vip: &str| {
+            P::VipAssigned(proto::ServiceVip {
+                service: service.into(),
+                vip: vip.into(),
+            })
+        };
+        apply(
+            &mut v,
+            1,
+            vec![vip("api", "240.0.0.2"), vip("db", "240.0.0.3")],
+        );
+        d.update(&v);
+        apply(&mut v, 2, vec![vip("api", "240.0.0.9")]);
+        let touched = d.update(&v);
+        assert!(touched.contains(&(ip("240.0.0.2"), None)));
+        assert!(!d.wants(&(ip("240.0.0.2"), None)));
+        assert!(d.wants(&(ip("240.0.0.3"), None)));
+        assert!(d.wants(&(ip("240.0.0.9"), None)));
+
+        // A snapshot replaces the whole view: the maps share nothing with
+        // the last one seen, and the difference is still right.
+        let mut fresh = View::default();
+        fresh
+            .apply(proto::WatchEvent {
+                index: 5,
+                event: Some(Event::Snapshot(proto::StateSnapshot {
+                    instances: vec![proto::ServiceInstance {
+                        id: "z".into(),
+                        service: "db".into(),
+                        node: "c".into(),
+                        address: "10.0.0.7".into(),
+                        port: 5432,
+                        ..Default::default()
+                    }],
+                    vips: vec![proto::ServiceVip {
+                        service: "db".into(),
+                        vip: "240.0.0.3".into(),
+                    }],
+                    ..Default::default()
+                })),
+            })
+            .unwrap();
+        d.update(&fresh);
+        assert_eq!(d.all(), from_scratch(&fresh, "a"));
+    }
+
+    /// Many random changes, each followed by an update: the kept set always
+    /// equals the set computed from scratch, and every destination whose
+    /// being wanted changed was named as touched.
+    #[test]
+    fn differences_agree_with_a_full_computation_over_random_changes() {
+        let mut v = View::default();
+        let mut d = Destinations::new("a");
+        let mut before = BTreeSet::new();
+        // A small deterministic generator: the same sequence every run.
+        let mut seed: u64 = 0x5eed;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        let addresses = ["10.0.0.1", "10.0.0.2", "127.0.0.1", "fd00::1", "bad"];
+        for index in 1..=2000 {
+            let change = match next(5) {
+                0 | 1 => instance(
+                    &format!("i{}", next(6)),
+                    ["a", "b", "c"][next(3) as usize],
+                    addresses[next(5) as usize],
+                    80 + next(2) as u32,
+                    [proto::Health::Passing, proto::Health::Critical][next(2) as usize],
+                ),
+                2 => P::InstanceDelete(proto::InstanceRef {
+                    node: ["a", "b", "c"][next(3) as usize].into(),
+                    id: format!("i{}", next(6)),
+                }),
+                3 => P::VipAssigned(proto::ServiceVip {
+                    service: format!("s{}", next(3)),
+                    vip: format!("240.0.0.{}", next(4)),
+                }),
+                _ => P::NodeDelete(["a", "b", "c"][next(3) as usize].into()),
+            };
+            apply(&mut v, index, vec![change]);
+            let touched = d.update(&v);
+            let after = from_scratch(&v, "a");
+            assert_eq!(d.all(), after, "after change {index}");
+            for changed in before.symmetric_difference(&after) {
+                assert!(touched.contains(changed), "{changed:?} at {index}");
+            }
+            before = after;
+        }
+    }
+}
