@@ -98,6 +98,30 @@ impl RaftLogReader<TypeConfig> for LogStore {
             })
             .collect()
     }
+
+    /// Entries from `start` up to `end`, stopping once they pass one
+    /// append's bytes ([`super::network::APPEND_BYTES`]; at least one
+    /// entry): replication asks for up to `max_payload_entries`, and a
+    /// follower far behind on 512 KiB values would otherwise have the
+    /// leader read and decode hundreds of megabytes per append, of which
+    /// the transport sends one.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let mut entries = Vec::new();
+        let mut bytes = 0;
+        for item in self.logs.range(index_key(start)..index_key(end)) {
+            let (_, value) = item.map_err(read_err)?;
+            bytes += value.len();
+            if !entries.is_empty() && bytes > super::network::APPEND_BYTES {
+                break;
+            }
+            entries.push(super::codec::decode(&value).map_err(read_err)?);
+        }
+        Ok(entries)
+    }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
@@ -194,5 +218,63 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.logs.remove(key).map_err(write_err)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+
+    use super::*;
+    use crate::state::Command;
+
+    /// A store holding entries 1..=count, each a KV write of `bytes` bytes.
+    fn store_with(count: u64, bytes: usize) -> (tempfile::TempDir, LogStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let store = LogStore::open(&db).unwrap();
+        for index in 1..=count {
+            let entry = Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+                payload: EntryPayload::Normal(Command::KvPut {
+                    key: format!("k{index}"),
+                    value: vec![7; bytes],
+                    cas: None,
+                    flags: 0,
+                    lock: None,
+                }),
+            };
+            let encoded = super::super::codec::encode(&entry).unwrap();
+            store.logs.insert(index_key(index), encoded).unwrap();
+        }
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn a_replication_read_stops_at_one_appends_bytes() {
+        use super::super::network::APPEND_BYTES;
+        // 256 KiB values: three and their framing fit in 1 MiB, four do not.
+        let (_dir, mut store) = store_with(20, 256 << 10);
+        let read = store.limited_get_log_entries(1, 21).await.unwrap();
+        assert_eq!(read.len(), 3);
+        assert_eq!(read[0].log_id.index, 1);
+        assert_eq!(read[2].log_id.index, 3);
+        // From the middle, the same bound.
+        let read = store.limited_get_log_entries(10, 21).await.unwrap();
+        assert_eq!(
+            read.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            [10, 11, 12]
+        );
+
+        // An entry larger than the bound alone is still read (never none).
+        let (_dir, mut store) = store_with(3, APPEND_BYTES + 1);
+        assert_eq!(store.limited_get_log_entries(2, 4).await.unwrap().len(), 1);
+
+        // Small entries: the whole range asked for, no more.
+        let (_dir, mut store) = store_with(600, 100);
+        assert_eq!(
+            store.limited_get_log_entries(1, 513).await.unwrap().len(),
+            512
+        );
     }
 }
