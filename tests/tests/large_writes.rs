@@ -172,7 +172,8 @@ fn large_values_and_entries_commit_and_a_far_behind_follower_catches_up() -> any
     let (leader_after, term_after) = leader_and_term(&cluster)?;
     ensure!(
         (leader_after, term_after) == (leader, term),
-        "leader {leader} term {term} became leader {leader_after} term {term_after}: an election"
+        "leader {leader} term {term} became leader {leader_after} term {term_after}: an election\n{}",
+        cluster.log_tails()
     );
     Ok(())
 }

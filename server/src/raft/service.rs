@@ -26,6 +26,20 @@ impl RaftService {
     /// that gives one server's address for another must not let a server
     /// answer (and be counted) twice. Peers of earlier versions name no
     /// target and are taken as before.
+    /// A leader's append or snapshot chunk counts as contact when it
+    /// arrives, as Raft resets its election timer, not once it is stored: a
+    /// large append on a busy machine can take longer to store than the
+    /// election timeout, and its follower (every follower, for a large
+    /// write) would stand for election while hearing its leader. Only a
+    /// leader's vote (committed) at least as new as this server's counts:
+    /// a deposed leader's messages do not.
+    fn heard_if_current(&self, vote: &openraft::Vote<super::NodeId>) {
+        let current = self.node.raft.metrics().borrow().vote;
+        if vote.is_committed() && *vote >= current {
+            self.node.leader_contact.heard();
+        }
+    }
+
     fn check_addressed(&self, req: &Request<RaftPayload>) -> Result<(), Status> {
         let Some(to) = req.metadata().get(RAFT_TARGET) else {
             return Ok(());
@@ -99,7 +113,9 @@ impl RaftRpc for RaftService {
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         self.check_addressed(&req)?;
-        let result = self.node.raft.append_entries(decode(req)?).await;
+        let rpc: openraft::raft::AppendEntriesRequest<super::TypeConfig> = decode(req)?;
+        self.heard_if_current(&rpc.vote);
+        let result = self.node.raft.append_entries(rpc).await;
         if matches!(&result, Ok(r) if !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_)))
         {
             self.node.leader_contact.heard();
@@ -123,6 +139,7 @@ impl RaftRpc for RaftService {
         self.check_addressed(&req)?;
         let rpc: openraft::raft::InstallSnapshotRequest<super::TypeConfig> = decode(req)?;
         let vote = rpc.vote;
+        self.heard_if_current(&vote);
         let result = self.node.raft.install_snapshot(rpc).await;
         // openraft answers a stale leader's chunk Ok too, with its own vote.
         if matches!(&result, Ok(r) if r.vote == vote) {
