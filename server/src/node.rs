@@ -11,7 +11,7 @@ use weft_api::proto::raft_client::RaftClient;
 use weft_api::proto::{Empty, RaftPayload};
 
 use crate::raft::network::PeerChannels;
-use crate::raft::service::{ForwardedResult, PeerStatus};
+use crate::raft::peer_status::PeerStatus;
 use crate::raft::sm_store::Shared;
 use crate::raft::{NodeId, Raft};
 use crate::state::{Command, CommandResult};
@@ -34,6 +34,9 @@ pub enum WriteError {
     #[error("raft: {0}")]
     Raft(String),
 }
+
+/// The outcome of a write forwarded to the leader: its index, or why not.
+pub type ForwardedResult = Result<u64, WriteError>;
 
 impl From<WriteError> for tonic::Status {
     fn from(e: WriteError) -> Self {

@@ -9,6 +9,7 @@ pub mod batch;
 pub mod codec;
 pub mod log_store;
 pub mod network;
+pub mod peer_status;
 pub mod prevote;
 pub mod service;
 pub mod sm_store;

@@ -4,13 +4,13 @@
 //! initialized (used while servers form a cluster).
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use tonic::{Request, Response, Status};
 use weft_api::proto::raft_server::Raft as RaftRpc;
 use weft_api::proto::{Empty, RaftPayload, WriteResult};
 
-use crate::node::ServerNode;
+use crate::node::{ForwardedResult, ServerNode};
 use crate::state::Command;
 
 pub struct RaftService {
@@ -22,10 +22,6 @@ impl RaftService {
         Self { node }
     }
 
-    /// Refuses a Raft message meant for another server id: a `--peer` list
-    /// that gives one server's address for another must not let a server
-    /// answer (and be counted) twice. Peers of earlier versions name no
-    /// target and are taken as before.
     /// A leader's append or snapshot chunk counts as contact when it
     /// arrives, as Raft resets its election timer, not once it is stored: a
     /// large append on a busy machine can take longer to store than the
@@ -40,6 +36,10 @@ impl RaftService {
         }
     }
 
+    /// Refuses a Raft message meant for another server id: a `--peer` list
+    /// that gives one server's address for another must not let a server
+    /// answer (and be counted) twice. Peers of earlier versions name no
+    /// target and are taken as before.
     fn check_addressed(&self, req: &Request<RaftPayload>) -> Result<(), Status> {
         let Some(to) = req.metadata().get(RAFT_TARGET) else {
             return Ok(());
@@ -56,45 +56,6 @@ impl RaftService {
 
 /// The metadata key naming the server a Raft message is for.
 pub const RAFT_TARGET: &str = "x-weft-raft-to";
-
-/// What `Status` answers: this server's view of Raft.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PeerStatus {
-    pub id: u64,
-    pub initialized: bool,
-    pub leader: Option<u64>,
-    /// "leader", "follower", "candidate", "learner" or "shutdown".
-    pub role: String,
-    pub term: u64,
-    pub last_log_index: u64,
-    pub last_applied: u64,
-    /// The term of the last log entry (for pre-vote).
-    #[serde(default)]
-    pub last_log_term: u64,
-    /// Milliseconds since this server last heard from a leader (zero when it
-    /// leads), for pre-vote. An earlier version that does not say grants
-    /// nothing.
-    #[serde(default)]
-    pub leader_silence_ms: u64,
-    /// Whether this server applies `Command::Batch` entries: the leader
-    /// batches writes only once every voter says so (a server of an earlier
-    /// version would fail on one).
-    #[serde(default)]
-    pub applies_batches: bool,
-}
-
-impl PeerStatus {
-    /// What pre-vote needs of it.
-    pub fn view(&self) -> super::prevote::PeerView {
-        super::prevote::PeerView {
-            leader_silence: std::time::Duration::from_millis(self.leader_silence_ms),
-            last_log: (self.last_log_term, self.last_log_index),
-        }
-    }
-}
-
-/// The outcome of a forwarded write: the index, or an error message.
-pub type ForwardedResult = Result<u64, crate::node::WriteError>;
 
 fn decode<T: serde::de::DeserializeOwned>(req: Request<RaftPayload>) -> Result<T, Status> {
     super::codec::decode(&req.into_inner().json)
