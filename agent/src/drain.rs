@@ -7,25 +7,24 @@
 //! calls [`Drain::start`]: HBONE connections then send GOAWAY, so that their
 //! peers open new tunnels elsewhere while the open ones run to their end,
 //! and [`Drain::wait_idle`] waits for the count to reach zero, up to a limit.
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
+use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
-/// The connections being served, and whether the agent is draining.
+/// The connections being served (tokio-util's task tracker counts them),
+/// and whether the agent is draining.
 #[derive(Debug)]
 pub struct Drain {
-    open: AtomicUsize,
-    idle: Notify,
+    connections: TaskTracker,
     draining: watch::Sender<bool>,
 }
 
 impl Default for Drain {
     fn default() -> Self {
         Self {
-            open: AtomicUsize::new(0),
-            idle: Notify::new(),
+            connections: TaskTracker::new(),
             draining: watch::channel(false).0,
         }
     }
@@ -33,14 +32,8 @@ impl Default for Drain {
 
 /// One served connection, counted until dropped.
 #[derive(Debug)]
-pub struct Tracked(Arc<Drain>);
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
+pub struct Tracked {
+    _token: TaskTrackerToken,
 }
 
 impl Drain {
@@ -50,13 +43,14 @@ impl Drain {
 
     /// Counts one more connection for as long as the result lives.
     pub fn track(self: &Arc<Self>) -> Tracked {
-        self.open.fetch_add(1, Ordering::AcqRel);
-        Tracked(self.clone())
+        Tracked {
+            _token: self.connections.token(),
+        }
     }
 
     /// Connections open now.
     pub fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
+        self.connections.len()
     }
 
     /// Tells every connection that watches [`Drain::signal`] to wind down.
@@ -70,22 +64,13 @@ impl Drain {
     }
 
     /// Waits until no connection is open, or `limit`; the connections still
-    /// open then.
+    /// open then. Connections tracked meanwhile are waited for too.
     pub async fn wait_idle(&self, limit: Duration) -> usize {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            // Register before reading the count, so that a drop in between
-            // is not missed.
-            let idle = self.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            let open = self.open();
-            if open == 0 {
-                return 0;
-            }
-            if tokio::time::timeout_at(deadline, idle).await.is_err() {
-                return self.open();
-            }
+        // A closed tracker's `wait` ends when its count reaches zero.
+        self.connections.close();
+        match tokio::time::timeout(limit, self.connections.wait()).await {
+            Ok(()) => 0,
+            Err(_) => self.open(),
         }
     }
 }
