@@ -66,12 +66,20 @@ impl Drain {
     /// Waits until no connection is open, or `limit`; the connections still
     /// open then. Connections tracked meanwhile are waited for too.
     pub async fn wait_idle(&self, limit: Duration) -> usize {
-        // A closed tracker's `wait` ends when its count reaches zero.
+        let deadline = tokio::time::Instant::now() + limit;
+        // A closed tracker's `wait` ends when its count reaches zero; a
+        // connection tracked between that and this task running is waited
+        // for in the next turn.
         self.connections.close();
-        match tokio::time::timeout(limit, self.connections.wait()).await {
-            Ok(()) => 0,
-            Err(_) => self.open(),
+        while self.open() > 0 {
+            if tokio::time::timeout_at(deadline, self.connections.wait())
+                .await
+                .is_err()
+            {
+                break;
+            }
         }
+        self.open()
     }
 }
 

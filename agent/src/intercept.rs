@@ -440,7 +440,11 @@ impl Interception {
 
     /// Brings the destinations map in step with `view`.
     pub fn sync(&self, view: &View) -> Result<(), InterceptError> {
-        let result = self.sync_maps(view);
+        // One sync at a time from start to end, its outcome recorded under
+        // the same lock: a sync that follows a failed one always sees that
+        // it must compare everything.
+        let mut redirector = self.redirector.lock().expect("redirector lock");
+        let result = self.sync_maps(&mut redirector, view);
         // Until the maps are in step with the view again, the lease is not
         // renewed: the programs refuse rather than act on stale maps.
         self.synced.store(result.is_ok(), Ordering::Release);
@@ -448,13 +452,12 @@ impl Interception {
             // What this sync was to change may be half done: the next
             // compares everything.
             self.full_sync.store(true, Ordering::Release);
-            let _ = self.end_lease();
+            let _ = redirector.end_lease();
         }
         result
     }
 
-    fn sync_maps(&self, view: &View) -> Result<(), InterceptError> {
-        let mut redirector = self.redirector.lock().expect("redirector lock");
+    fn sync_maps(&self, redirector: &mut Redirector, view: &View) -> Result<(), InterceptError> {
         // Fast-path removals first: a deny must take effect even if a later
         // step fails.
         let (workloads, local_services) = {

@@ -148,12 +148,20 @@ mod tests {
         s.parse().unwrap()
     }
 
-    /// What a full computation from `view` wants: the reference the
-    /// differences must always agree with.
+    /// What `view` wants, computed from scratch by a loop of its own (the
+    /// rule as the agent had it before syncing by difference): the
+    /// reference the differences must always agree with.
     fn from_scratch(view: &View, node: &str) -> BTreeSet<Destination> {
-        let mut d = Destinations::new(node);
-        d.update(view);
-        d.all()
+        let mut wanted: BTreeSet<Destination> =
+            view.vips.values().map(|vip| (*vip, None)).collect();
+        for instance in view.instances.values() {
+            if let Ok(ip) = instance.address.parse::<IpAddr>() {
+                if instance.node == node || !weft_api::catalog::is_node_local(ip) {
+                    wanted.insert((ip, Some(instance.port)));
+                }
+            }
+        }
+        wanted
     }
 
     #[test]
