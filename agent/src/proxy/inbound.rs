@@ -97,7 +97,7 @@ pub async fn admit(
     // Metrics and logs name an unauthenticated source so.
     let label = ProxyContext::source_label(&source);
     // One snapshot of the view decides the tunnel.
-    let (destination, plan, protocol) = {
+    let (destination, plan) = {
         let view = ctx.view.load();
         let Some(instance) = view.local_instance(&ctx.node_name, target) else {
             return Err(Refusal::new(
@@ -106,11 +106,11 @@ pub async fn admit(
             ));
         };
         let plan = plan::connection(&view, ctx.caller(&source), &instance.service);
-        let protocol = view.protocol(&instance.service);
-        (instance.service.clone(), plan, protocol)
+        (instance.service.clone(), plan)
     };
     // The instance speaks for itself, HTTP or not, unless an L7 intention
     // must judge each request.
+    // Some(protocol) when requests are judged one by one.
     let per_request = match plan {
         Plan::Deny(reason) => {
             ctx.metrics.denied(Side::Inbound, label, &destination);
@@ -119,13 +119,13 @@ pub async fn admit(
                 "{label} -> {destination}: {reason}"
             )));
         }
-        Plan::Requests { judge } => judge,
-        Plan::Bytes => false,
+        Plan::Requests { judge, protocol } => judge.then_some(protocol),
+        Plan::Bytes => None,
     };
     let instance = upstream::connect_local(target, CONNECT_TIMEOUT)
         .await
         .map_err(|e| Refusal::unavailable(format!("{destination} at {target}: {e}")))?;
-    let upstream = if per_request {
+    let upstream = if let Some(protocol) = per_request {
         let (tunnel_end, proxy_end) = tokio::io::duplex(SPLICE_BUFFER);
         let (src, dst) = (source.clone(), destination.clone());
         let ctx = ctx.clone();

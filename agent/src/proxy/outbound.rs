@@ -115,13 +115,12 @@ pub async fn carry(
             ctx.metrics.denied(Side::Outbound, source, &label);
             Err(refused(OutboundError::Denied(reason), client))
         }
-        Plan::Requests { judge } => {
+        Plan::Requests { judge, protocol } => {
             // Every HTTP service is served per request at the source:
             // balanced request by request, retried and watched for 5xx by
             // its resolver's and router's rules (or their defaults), as
             // Consul's proxies do. The client's connection is counted
             // (opened, bytes, closed) here.
-            let protocol = view.protocol(destination);
             drop(view);
             let peer = client.peer_addr().ok().map(|a| a.ip());
             let client = Counted::client(client, ctx.metrics.clone(), source, &label);

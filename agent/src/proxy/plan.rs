@@ -33,9 +33,10 @@ pub enum Plan {
     Deny(String),
     /// Bytes, as they come, to one instance.
     Bytes,
-    /// An HTTP service's requests, one by one; each judged by the
-    /// intentions when `judge` (an L7 intention decides for the pair).
-    Requests { judge: bool },
+    /// An HTTP service's requests, one by one, in its `protocol`; each
+    /// judged by the intentions when `judge` (an L7 intention decides for
+    /// the pair).
+    Requests { judge: bool, protocol: Protocol },
 }
 
 /// Why a connection that an L7 intention must judge is refused: its
@@ -49,9 +50,15 @@ pub fn connection(view: &View, caller: Caller<'_>, destination: &str) -> Plan {
     let protocol = view.protocol(destination);
     match view.decide_connection(caller, destination) {
         ConnectionDecision::Decided(d) if !d.allowed => Plan::Deny(d.to_string()),
-        ConnectionDecision::Decided(_) if protocol.is_http() => Plan::Requests { judge: false },
+        ConnectionDecision::Decided(_) if protocol.is_http() => Plan::Requests {
+            judge: false,
+            protocol,
+        },
         ConnectionDecision::Decided(_) => Plan::Bytes,
-        ConnectionDecision::PerRequest if protocol.is_http() => Plan::Requests { judge: true },
+        ConnectionDecision::PerRequest if protocol.is_http() => Plan::Requests {
+            judge: true,
+            protocol,
+        },
         ConnectionDecision::PerRequest => Plan::Deny(not_http(protocol)),
     }
 }

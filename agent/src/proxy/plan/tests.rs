@@ -193,7 +193,10 @@ fn an_allowed_tcp_service_is_carried_as_bytes_and_http_per_request() {
     assert_eq!(connection(&view, web(), "api"), Plan::Bytes);
     assert_eq!(
         connection(&view, web(), "shop"),
-        Plan::Requests { judge: false }
+        Plan::Requests {
+            judge: false,
+            protocol: Protocol::Http
+        }
     );
 }
 
@@ -206,7 +209,10 @@ fn an_l7_intention_judges_each_request_and_refuses_what_is_not_http() {
     let view = view_of(s);
     assert_eq!(
         connection(&view, web(), "shop"),
-        Plan::Requests { judge: true }
+        Plan::Requests {
+            judge: true,
+            protocol: Protocol::Http
+        }
     );
     // db speaks TCP: nothing to judge the permissions on.
     let Plan::Deny(reason) = connection(&view, web(), "db") else {
