@@ -428,16 +428,6 @@ impl Interception {
             .set_permissive_listener(listener)?)
     }
 
-    /// What should be taken over on node `node`: virtual IPs on any port,
-    /// instances exactly. Another node's instance at a node-local address
-    /// (loopback, link-local such as 169.254.169.254) is not taken over:
-    /// that address here is this node's, not the instance's.
-    pub fn wanted(view: &View, node: &str) -> BTreeSet<Destination> {
-        let mut destinations = Destinations::new(node);
-        destinations.update(view);
-        destinations.all()
-    }
-
     /// Brings the destinations map in step with `view`.
     pub fn sync(&self, view: &View) -> Result<(), InterceptError> {
         // One sync at a time from start to end, its outcome recorded under
@@ -680,7 +670,9 @@ mod tests {
             })),
         })
         .unwrap();
-        let wanted = Interception::wanted(&v, "b");
+        let mut destinations = Destinations::new("b");
+        destinations.update(&v);
+        let wanted = destinations.all();
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert!(wanted.contains(&(ip("240.0.0.2"), None)), "{wanted:?}");
         assert!(

@@ -476,7 +476,7 @@ impl View {
             return Some(name);
         }
         // Only instances this node's connect hook takes over (see
-        // `Interception::wanted`), and only when one service is there.
+        // `intercept::Destinations`), and only when one service is there.
         let mut services = self
             .instances_at(addr)
             .filter(|i| i.node == node || !weft_api::catalog::is_node_local(addr.ip()))
@@ -701,7 +701,7 @@ impl crate::dns::DnsCatalog for ViewCatalog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -755,7 +755,8 @@ mod tests {
         }
     }
 
-    fn changes(index: u64, changes: Vec<P>) -> proto::WatchEvent {
+    /// A watch event carrying `changes` at `index`.
+    pub(crate) fn changes(index: u64, changes: Vec<P>) -> proto::WatchEvent {
         proto::WatchEvent {
             index,
             event: Some(Event::Changes(proto::ChangeSet {

@@ -132,16 +132,8 @@ mod tests {
     }
 
     fn apply(view: &mut View, index: u64, changes: Vec<P>) {
-        view.apply(proto::WatchEvent {
-            index,
-            event: Some(Event::Changes(proto::ChangeSet {
-                changes: changes
-                    .into_iter()
-                    .map(|c| proto::Change { change: Some(c) })
-                    .collect(),
-            })),
-        })
-        .unwrap();
+        view.apply(crate::view::tests::changes(index, changes))
+            .unwrap();
     }
 
     fn ip(s: &str) -> IpAddr {

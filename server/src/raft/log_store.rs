@@ -223,10 +223,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
 #[cfg(test)]
 mod tests {
-    use openraft::{CommittedLeaderId, EntryPayload, LogId};
-
     use super::*;
-    use crate::state::Command;
 
     /// A store holding entries 1..=count, each a KV write of `bytes` bytes.
     fn store_with(count: u64, bytes: usize) -> (tempfile::TempDir, LogStore) {
@@ -234,16 +231,7 @@ mod tests {
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let store = LogStore::open(&db).unwrap();
         for index in 1..=count {
-            let entry = Entry {
-                log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-                payload: EntryPayload::Normal(Command::KvPut {
-                    key: format!("k{index}"),
-                    value: vec![7; bytes],
-                    cas: None,
-                    flags: 0,
-                    lock: None,
-                }),
-            };
+            let entry = super::super::network::tests::put(index, bytes);
             let encoded = super::super::codec::encode(&entry).unwrap();
             store.logs.insert(index_key(index), encoded).unwrap();
         }

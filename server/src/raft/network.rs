@@ -203,12 +203,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::state::Command;
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 
-    fn put(index: u64, bytes: usize) -> Entry<TypeConfig> {
+    /// Log entry `index`: a KV write of a `bytes`-byte value.
+    pub(crate) fn put(index: u64, bytes: usize) -> Entry<TypeConfig> {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
             payload: EntryPayload::Normal(Command::KvPut {
