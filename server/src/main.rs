@@ -82,9 +82,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         max_in_snapshot_log_to_keep: settings.raft_trailing_logs,
         // Appends are bounded in entries here and in bytes by the transport
         // (raft::network::APPEND_BYTES, 1 MiB, or one entry if larger: at
-        // most a 2 MiB config entry by default), so the largest append
-        // travels well within the heartbeat interval, which openraft also
-        // uses as the append timeout.
+        // most a 2 MiB config entry by default). openraft also uses the
+        // heartbeat interval as the append timeout; an append that takes
+        // longer goes on, and the retry waits for it (raft::network).
         max_payload_entries: 512,
         snapshot_max_chunk_size: 4 << 20,
         ..Default::default()

@@ -69,7 +69,11 @@ impl Config for ConfigApi {
         let caller = caller(&self.0, &req).await?;
         let json = req.into_inner().json;
         self.0.limits.check_entry_size(json.len())?;
-        let doc = serde_json::from_str::<serde_json::Value>(&json).ok();
+        let (json, doc) = super::off_workers(move || {
+            let doc = serde_json::from_str::<serde_json::Value>(&json).ok();
+            (json, doc)
+        })
+        .await?;
         if let Some(doc) = doc.clone().filter(is_service_intentions) {
             let done = config_intentions::write(&self.0, &caller, doc).await?;
             return Ok(Response::new(done));
@@ -87,7 +91,9 @@ impl Config for ConfigApi {
             .unwrap_or_default()
             .to_string();
         caller.require(entry_resource(&kind, &name), Access::Write)?;
-        let entry = parse_entry_file(&json, FileFormat::Json).map_err(invalid)?;
+        let entry = super::off_workers(move || parse_entry_file(&json, FileFormat::Json))
+            .await?
+            .map_err(invalid)?;
         self.0.limits.check_entry(&entry)?;
         // And the entry as parsed, whatever the document's spelling; as in
         // Consul, sending traffic to a service needs read on it.

@@ -62,9 +62,16 @@ pub async fn write(
         .unwrap_or_default()
         .to_string();
     require(caller, &named, Access::Write)?;
-    let entry = si::from_document(doc).map_err(invalid)?;
+    let entry = super::off_workers(move || si::from_document(doc))
+        .await?
+        .map_err(invalid)?;
     require(caller, &entry.name, Access::Write)?;
-    let intentions = entry.to_intentions().map_err(invalid)?;
+    let (entry, intentions) = super::off_workers(move || {
+        let intentions = entry.to_intentions();
+        (entry, intentions)
+    })
+    .await?;
+    let intentions = intentions.map_err(invalid)?;
     {
         let state = node.shared.state.read().expect("state lock");
         (node.limits).check_intentions(&state, &entry.name, intentions.len())?;

@@ -44,6 +44,21 @@ pub(crate) async fn read<T>(
     Ok(f(&state))
 }
 
+/// Runs `f`, work proportional to a request's size (parsing and judging a
+/// config entry of up to 2 MiB: tens of milliseconds, a second in a debug
+/// build), on tokio's blocking pool: on a worker thread it held up the
+/// tasks queued behind it there, Raft's heartbeats among them, and the
+/// followers of a leader reading a large entry stood for election.
+pub(crate) async fn off_workers<T, F>(f: F) -> Result<T, Status>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("judging the request: {e}")))
+}
+
 /// Applies a write for `caller`, logging the accessor that made it.
 pub(crate) async fn write(
     node: &ServerNode,
