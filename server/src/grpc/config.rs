@@ -60,6 +60,32 @@ fn check_kind(kind: &str) -> Result<(), Status> {
     kind.parse::<EntryKind>().map(|_| ()).map_err(invalid)
 }
 
+/// A written document as first read: a `service-intentions` entry (kept,
+/// to be judged as intentions), or another's kind and name as it spells
+/// them (empty when it has none, or is not JSON).
+enum Document {
+    Intentions(serde_json::Value),
+    Other { kind: String, name: String },
+}
+
+impl Document {
+    fn read(json: &str) -> Self {
+        let doc = serde_json::from_str::<serde_json::Value>(json).ok();
+        match doc {
+            Some(doc) if is_service_intentions(&doc) => Document::Intentions(doc),
+            doc => {
+                let field = |f: fn(&serde_json::Value) -> Option<&str>| {
+                    doc.as_ref().and_then(f).unwrap_or_default().to_string()
+                };
+                Document::Other {
+                    kind: field(weft_api::config_entry::document_kind),
+                    name: field(weft_api::config_entry::document_name),
+                }
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Config for ConfigApi {
     async fn write(
@@ -70,26 +96,19 @@ impl Config for ConfigApi {
         let json = req.into_inner().json;
         self.0.limits.check_entry_size(json.len())?;
         let (json, doc) = super::off_workers(move || {
-            let doc = serde_json::from_str::<serde_json::Value>(&json).ok();
+            let doc = Document::read(&json);
             (json, doc)
         })
         .await?;
-        if let Some(doc) = doc.clone().filter(is_service_intentions) {
-            let done = config_intentions::write(&self.0, &caller, doc).await?;
-            return Ok(Response::new(done));
-        }
+        let (kind, name) = match doc {
+            Document::Intentions(doc) => {
+                let done = config_intentions::write(&self.0, &caller, doc).await?;
+                return Ok(Response::new(done));
+            }
+            Document::Other { kind, name } => (kind, name),
+        };
         // The name is checked before the document is judged, so that a
         // caller without the right learns nothing from validation errors.
-        let name = doc
-            .as_ref()
-            .and_then(weft_api::config_entry::document_name)
-            .unwrap_or_default()
-            .to_string();
-        let kind = doc
-            .as_ref()
-            .and_then(weft_api::config_entry::document_kind)
-            .unwrap_or_default()
-            .to_string();
         caller.require(entry_resource(&kind, &name), Access::Write)?;
         let entry = super::off_workers(move || parse_entry_file(&json, FileFormat::Json))
             .await?

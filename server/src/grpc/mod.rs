@@ -48,16 +48,32 @@ pub(crate) async fn read<T>(
 /// config entry of up to 2 MiB: tens of milliseconds, a second in a debug
 /// build), on tokio's blocking pool: on a worker thread it held up the
 /// tasks queued behind it there, Raft's heartbeats among them, and the
-/// followers of a leader reading a large entry stood for election.
+/// followers of a leader reading a large entry stood for election. One
+/// such job runs at a time ([`JUDGING`]), so that many large requests at
+/// once cannot take every core from the workers either.
 pub(crate) async fn off_workers<T, F>(f: F) -> Result<T, Status>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
+    let _turn = tokio::time::timeout(JUDGING_WAIT, JUDGING.acquire())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(|| {
+            Status::resource_exhausted(
+                "the server is busy judging other large requests: retry shortly",
+            )
+        })?;
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Status::internal(format!("judging the request: {e}")))
 }
+
+/// Jobs of [`off_workers`] at once, all callers together; more wait their
+/// turn, up to [`JUDGING_WAIT`].
+static JUDGING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+const JUDGING_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Applies a write for `caller`, logging the accessor that made it.
 pub(crate) async fn write(

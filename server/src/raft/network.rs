@@ -185,13 +185,23 @@ struct TransportError(String);
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
+/// What a call past its deadline tells openraft.
+#[derive(Clone, Copy)]
+enum Late {
+    /// The peer is unreachable: openraft backs off (500 ms) before it
+    /// sends it anything again.
+    Unreachable,
+    /// A network error: openraft goes on at once (heartbeats included).
+    Failed,
+}
+
 /// Sends `req` to peer `target` as `method` and decodes its answer.
 async fn call<Req, Resp, E>(
     client: Option<RaftClient<Channel>>,
     target: NodeId,
     method: &'static str,
     req: &Req,
-    timeout: Duration,
+    (timeout, late): (Duration, Late),
 ) -> RpcResult<Resp, E>
 where
     Req: Serialize,
@@ -217,8 +227,8 @@ where
     };
     let reply = reply.map_err(|status| {
         let e = TransportError(format!("{method} to {target}: {}", status.message()));
-        match status.code() {
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+        match (status.code(), late) {
+            (tonic::Code::Unavailable, _) | (tonic::Code::DeadlineExceeded, Late::Unreachable) => {
                 RPCError::Unreachable(Unreachable::new(&e))
             }
             _ => RPCError::Network(NetworkError::new(&e)),
@@ -262,7 +272,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 self.target,
                 "append",
                 &rpc,
-                option.hard_ttl(),
+                (option.hard_ttl(), Late::Unreachable),
             )
             .await;
         }
@@ -276,10 +286,20 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 .truncate(entries_within(&rpc.entries, APPEND_BYTES));
             let sent = Sent::of(&rpc);
             let (client, target) = (self.client.clone(), self.target);
-            let task =
-                tokio::spawn(
-                    async move { call(client, target, "append", &rpc, APPEND_DEADLINE).await },
-                );
+            let task = tokio::spawn(
+                // A peer alive but slower than the deadline is not backed
+                // off from: its heartbeats would stop too.
+                async move {
+                    call(
+                        client,
+                        target,
+                        "append",
+                        &rpc,
+                        (APPEND_DEADLINE, Late::Failed),
+                    )
+                    .await
+                },
+            );
             // Replacing an earlier append aborts it.
             self.inflight = Some(InflightAppend { sent, task });
         }
@@ -298,12 +318,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        // A snapshot replaces whatever append was on its way.
+        self.inflight = None;
         call(
             self.client.clone(),
             self.target,
             "snapshot",
             &rpc,
-            option.hard_ttl(),
+            (option.hard_ttl(), Late::Unreachable),
         )
         .await
     }
@@ -318,7 +340,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             self.target,
             "vote",
             &rpc,
-            option.hard_ttl(),
+            (option.hard_ttl(), Late::Unreachable),
         )
         .await
     }
@@ -393,10 +415,23 @@ pub(crate) mod tests {
     }
 
     /// A peer that answers every append with success after `delay`, and
-    /// counts the appends it receives. (Only appends: a test's edge.)
+    /// counts the appends it receives and those given up before their
+    /// answer. (Only appends: a test's edge.)
     struct SlowPeer {
         delay: Duration,
         appends: Arc<std::sync::atomic::AtomicUsize>,
+        cancelled: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    /// Counts an append given up (its handler dropped) unless disarmed.
+    struct Cancelled(Option<Arc<std::sync::atomic::AtomicUsize>>);
+
+    impl Drop for Cancelled {
+        fn drop(&mut self) {
+            if let Some(count) = &self.0 {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
     }
 
     type Reply<T> = Result<tonic::Response<T>, tonic::Status>;
@@ -406,7 +441,9 @@ pub(crate) mod tests {
         async fn append_entries(&self, _: tonic::Request<RaftPayload>) -> Reply<RaftPayload> {
             self.appends
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut cancelled = Cancelled(Some(self.cancelled.clone()));
             tokio::time::sleep(self.delay).await;
+            cancelled.0 = None;
             let ok: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
                 Ok(AppendEntriesResponse::Success);
             let json = crate::raft::codec::encode(&ok).expect("encode");
@@ -469,7 +506,9 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_slow_append_is_sent_once_and_its_retries_wait_for_it() {
-        let appends = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let appends = Arc::new(AtomicUsize::new(0));
+        let cancelled = Arc::new(AtomicUsize::new(0));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(
@@ -477,6 +516,7 @@ pub(crate) mod tests {
                 .add_service(weft_api::proto::raft_server::RaftServer::new(SlowPeer {
                     delay: Duration::from_millis(350),
                     appends: appends.clone(),
+                    cancelled: cancelled.clone(),
                 }))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
@@ -488,43 +528,52 @@ pub(crate) mod tests {
             client: Some(RaftClient::new(channel)),
             inflight: None,
         };
-        let count = || appends.load(std::sync::atomic::Ordering::SeqCst);
+        let option = || RPCOption::new(Duration::from_millis(100));
 
+        // Given up on every 100 ms, answered after 350: sent once.
         let (reply, attempts) = append_as_openraft(&mut peer, &append(2, 4, 5..=7)).await;
         assert_eq!(reply, AppendEntriesResponse::Success);
         assert!(attempts >= 3, "answered after {attempts} attempts");
-        assert_eq!(count(), 1, "the peer received every retry");
+        assert_eq!(appends.load(SeqCst), 1, "the peer received the retries");
+        assert_eq!(cancelled.load(SeqCst), 0, "a retry cancelled the append");
 
-        // A retry that asks for more after the append in flight: told the
-        // sent entries succeeded, and the rest travel next.
+        // Once answered, the same append asked again is sent again.
         let (reply, _) = append_as_openraft(&mut peer, &append(2, 4, 5..=7)).await;
         assert_eq!(reply, AppendEntriesResponse::Success);
-        assert_eq!(count(), 2, "an answered append is not answered again");
-        let _first = tokio::time::timeout(
+        assert_eq!(appends.load(SeqCst), 2);
+
+        // A retry asking for more after the append in flight waits for it
+        // and is told the sent entries succeeded (the rest go next).
+        let given_up = tokio::time::timeout(
             Duration::from_millis(50),
-            peer.append_entries(
-                append(2, 7, 8..=9),
-                RPCOption::new(Duration::from_millis(100)),
-            ),
+            peer.append_entries(append(2, 7, 8..=9), option()),
         )
         .await;
+        assert!(given_up.is_err(), "answered within 50 ms");
         let (reply, _) = append_as_openraft(&mut peer, &append(2, 7, 8..=12)).await;
         let sent = Some(LogId::new(CommittedLeaderId::new(1, 1), 9));
         assert_eq!(reply, AppendEntriesResponse::PartialSuccess(sent));
-        assert_eq!(count(), 3);
+        assert_eq!(appends.load(SeqCst), 3);
 
-        // Another append replaces (aborts) the one in flight.
-        let _gone = tokio::time::timeout(
+        // Another append aborts the one in flight: the peer sees it go.
+        let given_up = tokio::time::timeout(
             Duration::from_millis(50),
-            peer.append_entries(
-                append(2, 12, 13..=13),
-                RPCOption::new(Duration::from_millis(100)),
-            ),
+            peer.append_entries(append(2, 12, 13..=13), option()),
         )
         .await;
+        assert!(given_up.is_err(), "answered within 50 ms");
         let (reply, _) = append_as_openraft(&mut peer, &append(3, 12, 13..=13)).await;
         assert_eq!(reply, AppendEntriesResponse::Success);
-        assert_eq!(count(), 5);
+        assert_eq!(appends.load(SeqCst), 5);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while cancelled.load(SeqCst) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the replaced append went on"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(cancelled.load(SeqCst), 1);
         server.abort();
     }
 
