@@ -161,20 +161,104 @@ where
     }
 }
 
+/// How large a direction's next read is: doubled after a read that filled
+/// it (up to [`Sizes::max`]), halved after a run of reads that filled less
+/// than half of it.
+#[derive(Debug)]
+struct Growth {
+    size: usize,
+    /// Reads in a row that filled less than half of `size`.
+    small_reads: u32,
+}
+
+impl Growth {
+    fn new(initial: usize) -> Self {
+        Growth {
+            size: initial,
+            small_reads: 0,
+        }
+    }
+
+    /// Grows the next read after a full one; shrinks it after a run of
+    /// small ones.
+    fn note(&mut self, n: usize, sizes: &Sizes) {
+        let size = self.size;
+        if n == size {
+            self.small_reads = 0;
+            self.size = (size * 2).min(sizes.max);
+        } else if n < size / 2 {
+            self.small_reads += 1;
+            if self.small_reads >= SMALL_READS_TO_SHRINK {
+                self.small_reads = 0;
+                self.size = (size / 2).max(sizes.initial);
+            }
+        } else {
+            self.small_reads = 0;
+        }
+    }
+
+    fn reset(&mut self, sizes: &Sizes) {
+        self.size = sizes.initial;
+        self.small_reads = 0;
+    }
+}
+
+/// Tells when a direction has read nothing for [`Sizes::idle`] (at most
+/// twice that), so that it frees its buffer.
+#[derive(Default)]
+struct Idle {
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Some read completed since the timer was (re)armed.
+    read_since_armed: bool,
+}
+
+impl Idle {
+    fn read(&mut self) {
+        self.read_since_armed = true;
+    }
+
+    fn disarm(&mut self) {
+        self.timer = None;
+    }
+
+    /// Called when the direction has nothing to read and nothing buffered:
+    /// arms the timer, and is true once a whole idle period passed without
+    /// a read (the timer is then disarmed).
+    fn poll_expired(&mut self, cx: &mut Context<'_>, sizes: &Sizes) -> bool {
+        let timer = match &mut self.timer {
+            Some(timer) => timer,
+            None => {
+                self.read_since_armed = false;
+                self.timer.insert(Box::pin(tokio::time::sleep(sizes.idle)))
+            }
+        };
+        // At most: the timer fired, is re-armed, and is pending again.
+        for _ in 0..2 {
+            if timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if self.read_since_armed {
+                self.read_since_armed = false;
+                timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + sizes.idle);
+                continue;
+            }
+            self.timer = None;
+            return true;
+        }
+        false
+    }
+}
+
 /// One direction: a reader's bytes to a writer.
 struct Direction {
     /// The heap buffer (empty: none); `buf[pos..end]` waits to be written.
     buf: Box<[u8]>,
     pos: usize,
     end: usize,
-    /// The next read's size.
-    size: usize,
-    /// Reads in a row that filled less than half of `size`.
-    small_reads: u32,
-    /// Fires when the direction may have been idle for `Sizes::idle`.
-    idle: Option<Pin<Box<Sleep>>>,
-    /// Some read completed since the idle timer was (re)armed.
-    read_since_armed: bool,
+    growth: Growth,
+    idle: Idle,
     read_done: bool,
     need_flush: bool,
     done: bool,
@@ -188,10 +272,8 @@ impl Direction {
             buf: Box::default(),
             pos: 0,
             end: 0,
-            size: initial,
-            small_reads: 0,
-            idle: None,
-            read_since_armed: false,
+            growth: Growth::new(initial),
+            idle: Idle::default(),
             read_done: false,
             need_flush: false,
             done: false,
@@ -246,7 +328,7 @@ impl Direction {
                 }
                 ready!(writer.as_mut().poll_shutdown(cx))?;
                 self.set_buffer(Box::default());
-                self.idle = None;
+                self.idle.disarm();
                 self.done = true;
                 return Poll::Ready(Ok(self.carried));
             }
@@ -282,7 +364,7 @@ impl Direction {
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
     {
-        let size = self.size;
+        let size = self.growth.size;
         if size <= sizes.initial {
             if !self.buf.is_empty() {
                 self.set_buffer(Box::default());
@@ -318,7 +400,7 @@ impl Direction {
         W: AsyncWrite + ?Sized,
     {
         let mut scratch = [MaybeUninit::<u8>::uninit(); SCRATCH];
-        let mut read = ReadBuf::uninit(&mut scratch[..self.size]);
+        let mut read = ReadBuf::uninit(&mut scratch[..self.growth.size]);
         ready!(reader.poll_read(cx, &mut read))?;
         let data = read.filled();
         if data.is_empty() {
@@ -343,8 +425,8 @@ impl Direction {
         if rest > 0 {
             // The writer is full: keep the rest (its waker is registered),
             // in a buffer the next read can use if it is to be larger.
-            let len = if self.size > sizes.initial {
-                self.size
+            let len = if self.growth.size > sizes.initial {
+                self.growth.size
             } else {
                 rest
             };
@@ -357,60 +439,25 @@ impl Direction {
         Poll::Ready(Ok(()))
     }
 
-    /// Grows the next read after a full one; shrinks it after a run of
-    /// small ones.
     fn note_read(&mut self, n: usize, sizes: &Sizes) {
-        self.read_since_armed = true;
-        let size = self.size;
-        if n == size {
-            self.small_reads = 0;
-            self.size = (size * 2).min(sizes.max);
-        } else if n < size / 2 {
-            self.small_reads += 1;
-            if self.small_reads >= SMALL_READS_TO_SHRINK {
-                self.small_reads = 0;
-                self.size = (size / 2).max(sizes.initial);
-            }
-        } else {
-            self.small_reads = 0;
-        }
+        self.idle.read();
+        self.growth.note(n, sizes);
     }
 
     /// The reader has nothing and nothing is buffered: a direction holding
     /// more than the initial size arms its idle timer, and frees its buffer
     /// when a whole idle period passed without a read.
     fn poll_idle(&mut self, cx: &mut Context<'_>, sizes: &Sizes) {
-        if self.buf.is_empty() && self.size <= sizes.initial {
-            self.idle = None;
+        if self.buf.is_empty() && self.growth.size <= sizes.initial {
+            self.idle.disarm();
             return;
         }
-        let timer = match &mut self.idle {
-            Some(timer) => timer,
-            None => {
-                self.read_since_armed = false;
-                self.idle.insert(Box::pin(tokio::time::sleep(sizes.idle)))
-            }
-        };
-        // At most: the timer fired, is re-armed, and is pending again.
-        for _ in 0..2 {
-            if timer.as_mut().poll(cx).is_pending() {
-                return;
-            }
-            if self.read_since_armed {
-                self.read_since_armed = false;
-                timer
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + sizes.idle);
-                continue;
-            }
-            self.idle = None;
-            self.size = sizes.initial;
-            self.small_reads = 0;
+        if self.idle.poll_expired(cx, sizes) {
+            self.growth.reset(sizes);
             self.set_buffer(Box::default());
             if let Some((probe, _)) = &self.probe {
                 probe.idle_releases.fetch_add(1, Ordering::Relaxed);
             }
-            return;
         }
     }
 }
@@ -418,6 +465,8 @@ impl Direction {
 fn write_zero() -> io::Error {
     io::Error::new(io::ErrorKind::WriteZero, "write zero bytes into writer")
 }
+
+pub mod tunnel;
 
 #[cfg(test)]
 mod tests;

@@ -433,8 +433,8 @@ impl<H: ConnectHandler> Inner<H> {
             }
         };
         let mut tunnel = HboneStream::new(send, body);
-        match crate::splice::splice(&mut tunnel, &mut upstream).await {
-            Ok((up, down)) => {
+        match crate::splice::tunnel::splice_tunnel(&mut upstream, &mut tunnel).await {
+            Ok((down, up)) => {
                 debug!(src = peer_id, %target, bytes_in = up, bytes_out = down, "hbone tunnel closed")
             }
             Err(e) => debug!(src = peer_id, %target, error = %e, "hbone tunnel broken"),

@@ -5,7 +5,9 @@
 //! [`crate::splice::splice`]. Writes wait for HTTP/2 flow-control
 //! capacity; received data is handed back to the peer's window as it is
 //! read. `shutdown` sends END_STREAM (a TCP half-close) and reading returns
-//! EOF when the peer's END_STREAM arrives.
+//! EOF when the peer's END_STREAM arrives. [`HboneStream::poll_send_chunk`]
+//! and [`HboneStream::poll_recv_chunk`] move data as `Bytes`, uncopied, for
+//! [`crate::splice::tunnel`].
 
 use std::io;
 use std::pin::Pin;
@@ -54,6 +56,87 @@ impl HboneStream {
     pub(crate) fn holding(mut self, place: super::client::StreamPlace) -> Self {
         self._place = Some(place);
         self
+    }
+
+    /// Bytes received and not yet read (a test's view of the window).
+    #[cfg(test)]
+    pub(crate) fn buffered(&mut self) -> usize {
+        self.pending.len() + self.recv.flow_control().used_capacity()
+    }
+
+    /// The next data received, as the DATA frame it came in (its window is
+    /// given back now); `None` once the peer's END_STREAM arrived. Data
+    /// received before an error comes before it.
+    pub(crate) fn poll_recv_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        if !self.pending.is_empty() {
+            return Poll::Ready(Ok(Some(std::mem::take(&mut self.pending))));
+        }
+        if let Some(e) = self.read_error.take() {
+            return Poll::Ready(Err(e));
+        }
+        loop {
+            if self.read_closed {
+                return Poll::Ready(Ok(None));
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    if !data.is_empty() {
+                        return Poll::Ready(Ok(Some(data)));
+                    }
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => self.read_closed = true,
+            }
+        }
+    }
+
+    /// Sends the front of `chunk` as it is (no copy), as much as the
+    /// stream's flow-control window takes now: the bytes sent, which are
+    /// gone from `chunk`.
+    pub(crate) fn poll_send_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(self.poll_send_capacity(cx, chunk.len()))?;
+        self.send
+            .send_data(chunk.split_to(n), false)
+            .map_err(h2_to_io)?;
+        Poll::Ready(Ok(n))
+    }
+
+    /// Waits until the stream may send: how many of `want` (> 0) bytes it
+    /// may send now (at least one).
+    fn poll_send_capacity(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        if self.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        self.send.reserve_capacity(want);
+        loop {
+            let capacity = self.send.capacity();
+            if capacity > 0 {
+                return Poll::Ready(Ok(capacity.min(want)));
+            }
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => {
+                    // The stream can no longer send: report why if the peer reset it.
+                    return Poll::Ready(Err(match self.send.poll_reset(cx) {
+                        Poll::Ready(Ok(reason)) => io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            format!("stream reset by peer: {reason}"),
+                        ),
+                        Poll::Ready(Err(e)) => h2_to_io(e),
+                        Poll::Pending => io::ErrorKind::BrokenPipe.into(),
+                    }));
+                }
+            }
+        }
     }
 }
 
@@ -123,39 +206,14 @@ impl AsyncWrite for HboneStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.write_closed {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-        }
-        if buf.is_empty() {
+        if buf.is_empty() && !this.write_closed {
             return Poll::Ready(Ok(0));
         }
-        let want = buf.len().min(MAX_WRITE);
-        this.send.reserve_capacity(want);
-        loop {
-            let capacity = this.send.capacity();
-            if capacity > 0 {
-                let n = capacity.min(want);
-                this.send
-                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                    .map_err(h2_to_io)?;
-                return Poll::Ready(Ok(n));
-            }
-            match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-                None => {
-                    // The stream can no longer send: report why if the peer reset it.
-                    return Poll::Ready(Err(match this.send.poll_reset(cx) {
-                        Poll::Ready(Ok(reason)) => io::Error::new(
-                            io::ErrorKind::ConnectionReset,
-                            format!("stream reset by peer: {reason}"),
-                        ),
-                        Poll::Ready(Err(e)) => h2_to_io(e),
-                        Poll::Pending => io::ErrorKind::BrokenPipe.into(),
-                    }));
-                }
-            }
-        }
+        let n = ready!(this.poll_send_capacity(cx, buf.len().min(MAX_WRITE)))?;
+        this.send
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(h2_to_io)?;
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

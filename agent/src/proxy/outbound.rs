@@ -24,6 +24,7 @@ use crate::accept::AcceptErrors;
 use crate::intercept::Interception;
 use crate::metrics::{Direction, Side};
 use crate::splice::splice;
+use crate::splice::tunnel::splice_tunnel;
 use crate::view::View;
 
 /// Why a connection could not be carried.
@@ -195,7 +196,7 @@ async fn splice_to_instance(
     let started = std::time::Instant::now();
     let copied = match opened {
         Connected::Local(mut upstream) => splice(client, &mut upstream).await,
-        Connected::Tunnel(mut tunnel) => splice(client, &mut tunnel).await,
+        Connected::Tunnel(mut tunnel) => splice_tunnel(client, &mut tunnel).await,
     };
     ctx.metrics.conn_closed(source, &label, started.elapsed());
     let (sent, received) = copied.unwrap_or_default();

@@ -14,10 +14,10 @@ use tokio::io::{
 use super::{splice, BufferProbe, Sizes, Splice};
 
 /// No test waits longer than this for anything.
-const LIMIT: Duration = Duration::from_secs(20);
+pub(super) const LIMIT: Duration = Duration::from_secs(20);
 
 /// A deterministic byte pattern, different per `seed`.
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
+pub(super) fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
         .collect()
@@ -37,14 +37,17 @@ fn spliced(pipe: usize, sizes: Sizes) -> (DuplexStream, DuplexStream, Arc<Buffer
     (client, server, probe, task)
 }
 
-async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
+pub(super) async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(LIMIT, f)
         .await
         .expect("not within the limit")
 }
 
 /// Writes `data` and half-closes, while reading the other way to the end.
-async fn exchange(mut end: DuplexStream, data: Vec<u8>) -> io::Result<Vec<u8>> {
+pub(super) async fn exchange<S>(mut end: S, data: Vec<u8>) -> io::Result<Vec<u8>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let (mut rd, mut wr) = tokio::io::split(&mut end);
     let write = async {
         wr.write_all(&data).await?;

@@ -1,0 +1,324 @@
+//! Splicing a socket and an HBONE tunnel without copying in user space.
+//!
+//! [`super::splice`] moves bytes through its own buffer, so on their way
+//! through an agent they were copied twice more than the kernel and TLS
+//! copy them: on the sending agent from the splice buffer into a fresh
+//! buffer for HTTP/2, and on the receiving agent out of HTTP/2's frames
+//! into the splice buffer. Here the socket is read into a buffer that is
+//! then handed to HTTP/2 as it is (frozen, not copied), and the tunnel's
+//! DATA frames are written to the socket as they came, several in one
+//! vectored write.
+//!
+//! The buffer the socket is read into grows, shrinks and is freed when idle
+//! as [`super::splice`]'s does (the same [`Sizes`]); half-closes and errors
+//! are carried the same way.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{write_zero, BufferProbe, Growth, Idle, Sizes, ROUNDS_PER_POLL, SCRATCH};
+use crate::hbone::HboneStream;
+
+/// At most this many received frames go into one write to the socket.
+const GATHER_FRAMES: usize = 16;
+
+/// Frames are gathered for one write until they hold this many bytes.
+const GATHER_BYTES: usize = 256 * 1024;
+
+/// Copies `socket` to `tunnel` and `tunnel` to `socket` until both
+/// directions are done; returns the bytes carried socket -> tunnel and
+/// tunnel -> socket.
+pub async fn splice_tunnel<S>(socket: &mut S, tunnel: &mut HboneStream) -> io::Result<(u64, u64)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    SpliceTunnel::new(socket, tunnel, Sizes::DEFAULT, None).await
+}
+
+/// The future of [`splice_tunnel`], with its sizes and an optional probe
+/// (direction `0`: socket -> tunnel, the read buffer; `1`: tunnel ->
+/// socket, the frames waiting to be written).
+pub struct SpliceTunnel<'a, S: ?Sized> {
+    socket: &'a mut S,
+    tunnel: &'a mut HboneStream,
+    sizes: Sizes,
+    up: Upload,
+    down: Download,
+}
+
+impl<'a, S> SpliceTunnel<'a, S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    /// A splice of `socket` and `tunnel`; `sizes.initial` is capped at
+    /// 8 KiB, as [`super::Splice`]'s.
+    pub fn new(
+        socket: &'a mut S,
+        tunnel: &'a mut HboneStream,
+        sizes: Sizes,
+        probe: Option<Arc<BufferProbe>>,
+    ) -> Self {
+        let initial = sizes.initial.clamp(1, SCRATCH);
+        let sizes = Sizes {
+            initial,
+            max: sizes.max.max(initial),
+            idle: sizes.idle,
+        };
+        SpliceTunnel {
+            socket,
+            tunnel,
+            sizes,
+            up: Upload::new(initial, probe.clone()),
+            down: Download::new(probe),
+        }
+    }
+}
+
+impl<S> Future for SpliceTunnel<'_, S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    type Output = io::Result<(u64, u64)>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let sizes = this.sizes;
+        let up = this
+            .up
+            .poll_copy(cx, &sizes, Pin::new(&mut *this.socket), this.tunnel)?;
+        let down = this
+            .down
+            .poll_copy(cx, this.tunnel, Pin::new(&mut *this.socket))?;
+        let up = ready!(up);
+        let down = ready!(down);
+        Poll::Ready(Ok((up, down)))
+    }
+}
+
+/// Socket -> tunnel: reads into `buf`'s free space, and sends what was read
+/// as a part of that same buffer.
+struct Upload {
+    /// Free space for the next read (no capacity: no buffer). Parts read
+    /// before live on, shared, until HTTP/2 has written them.
+    buf: BytesMut,
+    /// Read, not yet taken by the tunnel.
+    chunk: Bytes,
+    growth: Growth,
+    idle: Idle,
+    read_done: bool,
+    done: bool,
+    carried: u64,
+    probe: Option<Arc<BufferProbe>>,
+}
+
+impl Upload {
+    fn new(initial: usize, probe: Option<Arc<BufferProbe>>) -> Self {
+        Upload {
+            buf: BytesMut::new(),
+            chunk: Bytes::new(),
+            growth: Growth::new(initial),
+            idle: Idle::default(),
+            read_done: false,
+            done: false,
+            carried: 0,
+            probe,
+        }
+    }
+
+    fn set_buffer(&mut self, buf: BytesMut) {
+        self.buf = buf;
+        if let Some(probe) = &self.probe {
+            probe.held[0].store(self.buf.capacity(), Ordering::Relaxed);
+            probe.peak[0].fetch_max(self.buf.capacity(), Ordering::Relaxed);
+        }
+    }
+
+    fn poll_copy<S>(
+        &mut self,
+        cx: &mut Context<'_>,
+        sizes: &Sizes,
+        mut socket: Pin<&mut S>,
+        tunnel: &mut HboneStream,
+    ) -> Poll<io::Result<u64>>
+    where
+        S: AsyncRead + ?Sized,
+    {
+        if self.done {
+            return Poll::Ready(Ok(self.carried));
+        }
+        for _ in 0..ROUNDS_PER_POLL {
+            while !self.chunk.is_empty() {
+                let n = ready!(tunnel.poll_send_chunk(cx, &mut self.chunk))?;
+                self.carried += n as u64;
+            }
+            if self.read_done {
+                ready!(Pin::new(&mut *tunnel).poll_shutdown(cx))?;
+                self.set_buffer(BytesMut::new());
+                self.idle.disarm();
+                self.done = true;
+                return Poll::Ready(Ok(self.carried));
+            }
+            let size = self.growth.size;
+            if self.buf.capacity() < size {
+                self.set_buffer(BytesMut::with_capacity(size));
+            }
+            let mut space = (&mut self.buf).limit(size);
+            match tokio_util::io::poll_read_buf(socket.as_mut(), cx, &mut space) {
+                Poll::Ready(Ok(0)) => self.read_done = true,
+                Poll::Ready(Ok(n)) => {
+                    self.idle.read();
+                    self.growth.note(n, sizes);
+                    self.chunk = self.buf.split_to(n).freeze();
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    self.poll_idle(cx, sizes);
+                    return Poll::Pending;
+                }
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Nothing to read and nothing to send: frees the buffer once the
+    /// direction has been idle for `sizes.idle`.
+    fn poll_idle(&mut self, cx: &mut Context<'_>, sizes: &Sizes) {
+        if self.buf.capacity() == 0 && self.growth.size <= sizes.initial {
+            self.idle.disarm();
+            return;
+        }
+        if self.idle.poll_expired(cx, sizes) {
+            self.growth.reset(sizes);
+            self.set_buffer(BytesMut::new());
+            if let Some(probe) = &self.probe {
+                probe.idle_releases.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Tunnel -> socket: the DATA frames received, written as they are.
+struct Download {
+    frames: VecDeque<Bytes>,
+    /// Bytes in `frames`.
+    queued: usize,
+    /// The tunnel's error, returned once the frames before it are written.
+    error: Option<io::Error>,
+    read_done: bool,
+    need_flush: bool,
+    done: bool,
+    carried: u64,
+    probe: Option<Arc<BufferProbe>>,
+}
+
+impl Download {
+    fn new(probe: Option<Arc<BufferProbe>>) -> Self {
+        Download {
+            frames: VecDeque::new(),
+            queued: 0,
+            error: None,
+            read_done: false,
+            need_flush: false,
+            done: false,
+            carried: 0,
+            probe,
+        }
+    }
+
+    fn note_queued(&self) {
+        if let Some(probe) = &self.probe {
+            probe.held[1].store(self.queued, Ordering::Relaxed);
+            probe.peak[1].fetch_max(self.queued, Ordering::Relaxed);
+        }
+    }
+
+    fn poll_copy<S>(
+        &mut self,
+        cx: &mut Context<'_>,
+        tunnel: &mut HboneStream,
+        mut socket: Pin<&mut S>,
+    ) -> Poll<io::Result<u64>>
+    where
+        S: AsyncWrite + ?Sized,
+    {
+        if self.done {
+            return Poll::Ready(Ok(self.carried));
+        }
+        for _ in 0..ROUNDS_PER_POLL {
+            // Take what has arrived, up to one write's worth.
+            while !self.read_done
+                && self.error.is_none()
+                && self.frames.len() < GATHER_FRAMES
+                && self.queued < GATHER_BYTES
+            {
+                match tunnel.poll_recv_chunk(cx) {
+                    Poll::Ready(Ok(Some(frame))) => {
+                        self.queued += frame.len();
+                        self.frames.push_back(frame);
+                    }
+                    Poll::Ready(Ok(None)) => self.read_done = true,
+                    Poll::Ready(Err(e)) => self.error = Some(e),
+                    Poll::Pending => break,
+                }
+            }
+            self.note_queued();
+            if self.frames.is_empty() {
+                if let Some(e) = self.error.take() {
+                    return Poll::Ready(Err(e));
+                }
+                if self.need_flush {
+                    ready!(socket.as_mut().poll_flush(cx))?;
+                    self.need_flush = false;
+                }
+                if !self.read_done {
+                    return Poll::Pending;
+                }
+                ready!(socket.as_mut().poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(self.carried));
+            }
+            let mut slices = [IoSlice::new(&[]); GATHER_FRAMES];
+            for (slice, frame) in slices.iter_mut().zip(&self.frames) {
+                *slice = IoSlice::new(frame);
+            }
+            let count = self.frames.len().min(GATHER_FRAMES);
+            let n = ready!(socket.as_mut().poll_write_vectored(cx, &slices[..count]))?;
+            if n == 0 {
+                return Poll::Ready(Err(write_zero()));
+            }
+            self.consume(n);
+            self.carried += n as u64;
+            self.need_flush = true;
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Drops the first `n` bytes of the frames (written).
+    fn consume(&mut self, mut n: usize) {
+        self.queued -= n;
+        while n > 0 {
+            let front = self.frames.front_mut().expect("written bytes were queued");
+            if front.len() <= n {
+                n -= front.len();
+                self.frames.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+        self.note_queued();
+    }
+}
+
+#[cfg(test)]
+mod tests;
