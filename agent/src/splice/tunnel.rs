@@ -10,19 +10,26 @@
 //! vectored write.
 //!
 //! The buffer the socket is read into grows, shrinks and is freed when idle
-//! as [`super::splice`]'s does (the same [`Sizes`]); half-closes and errors
-//! are carried the same way.
+//! as [`super::splice`]'s does (the same [`Sizes`]). Reads of the initial
+//! size go to the stack and are copied out (request/response traffic holds
+//! no buffer), and so is a read that fills less than half of the buffer: a
+//! part handed to HTTP/2 keeps its whole buffer alive until it is sent, and
+//! a run of small reads queued on a slow tunnel must not each hold one.
+//! Half-closes are carried as by [`super::splice`]; when the tunnel fails
+//! while sending, what it received before is still written to the socket
+//! before the error ends the splice.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{write_zero, BufferProbe, Growth, Idle, Sizes, ROUNDS_PER_POLL, SCRATCH};
 use crate::hbone::HboneStream;
@@ -52,6 +59,9 @@ pub struct SpliceTunnel<'a, S: ?Sized> {
     sizes: Sizes,
     up: Upload,
     down: Download,
+    /// The tunnel failed while sending: returned once the other direction
+    /// has written what was received before and ended.
+    send_failed: Option<io::Error>,
 }
 
 impl<'a, S> SpliceTunnel<'a, S>
@@ -78,6 +88,7 @@ where
             sizes,
             up: Upload::new(initial, probe.clone()),
             down: Download::new(probe),
+            send_failed: None,
         }
     }
 }
@@ -91,20 +102,42 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         let sizes = this.sizes;
-        let up = this
-            .up
-            .poll_copy(cx, &sizes, Pin::new(&mut *this.socket), this.tunnel)?;
+        let up = if this.send_failed.is_some() {
+            Poll::Pending
+        } else {
+            match this
+                .up
+                .poll_copy(cx, &sizes, Pin::new(&mut *this.socket), this.tunnel)
+            {
+                Poll::Ready(Err(UploadError::Socket(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(Err(UploadError::Tunnel(e))) => {
+                    this.send_failed = Some(e);
+                    Poll::Pending
+                }
+                Poll::Ready(Ok(n)) => Poll::Ready(n),
+                Poll::Pending => Poll::Pending,
+            }
+        };
         let down = this
             .down
             .poll_copy(cx, this.tunnel, Pin::new(&mut *this.socket))?;
-        let up = ready!(up);
         let down = ready!(down);
+        if let Some(e) = this.send_failed.take() {
+            return Poll::Ready(Err(e));
+        }
+        let up = ready!(up);
         Poll::Ready(Ok((up, down)))
     }
 }
 
+/// Where an upload failed: reading the socket or sending on the tunnel.
+enum UploadError {
+    Socket(io::Error),
+    Tunnel(io::Error),
+}
+
 /// Socket -> tunnel: reads into `buf`'s free space, and sends what was read
-/// as a part of that same buffer.
+/// as a part of that same buffer (or a copy, for small reads).
 struct Upload {
     /// Free space for the next read (no capacity: no buffer). Parts read
     /// before live on, shared, until HTTP/2 has written them.
@@ -147,7 +180,7 @@ impl Upload {
         sizes: &Sizes,
         mut socket: Pin<&mut S>,
         tunnel: &mut HboneStream,
-    ) -> Poll<io::Result<u64>>
+    ) -> Poll<Result<u64, UploadError>>
     where
         S: AsyncRead + ?Sized,
     {
@@ -156,29 +189,25 @@ impl Upload {
         }
         for _ in 0..ROUNDS_PER_POLL {
             while !self.chunk.is_empty() {
-                let n = ready!(tunnel.poll_send_chunk(cx, &mut self.chunk))?;
-                self.carried += n as u64;
+                let sent = ready!(tunnel.poll_send_chunk(cx, &mut self.chunk));
+                self.carried += sent.map_err(UploadError::Tunnel)? as u64;
             }
             if self.read_done {
-                ready!(Pin::new(&mut *tunnel).poll_shutdown(cx))?;
+                let shut = ready!(Pin::new(&mut *tunnel).poll_shutdown(cx));
+                shut.map_err(UploadError::Tunnel)?;
                 self.set_buffer(BytesMut::new());
                 self.idle.disarm();
                 self.done = true;
                 return Poll::Ready(Ok(self.carried));
             }
-            let size = self.growth.size;
-            if self.buf.capacity() < size {
-                self.set_buffer(BytesMut::with_capacity(size));
-            }
-            let mut space = (&mut self.buf).limit(size);
-            match tokio_util::io::poll_read_buf(socket.as_mut(), cx, &mut space) {
-                Poll::Ready(Ok(0)) => self.read_done = true,
-                Poll::Ready(Ok(n)) => {
+            match self.poll_read_chunk(cx, sizes, socket.as_mut()) {
+                Poll::Ready(Ok(Some(chunk))) => {
                     self.idle.read();
-                    self.growth.note(n, sizes);
-                    self.chunk = self.buf.split_to(n).freeze();
+                    self.growth.note(chunk.len(), sizes);
+                    self.chunk = chunk;
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(None)) => self.read_done = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(UploadError::Socket(e))),
                 Poll::Pending => {
                     self.poll_idle(cx, sizes);
                     return Poll::Pending;
@@ -187,6 +216,51 @@ impl Upload {
         }
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// One read of the socket: what was read (`None` at its end). At the
+    /// initial size it goes to the stack and is copied out, with no heap
+    /// buffer held between reads; above it, into the buffer, handed on as
+    /// a part of it if it filled at least half of the space it was read
+    /// into (a part keeps the whole buffer alive), else copied out.
+    fn poll_read_chunk<S>(
+        &mut self,
+        cx: &mut Context<'_>,
+        sizes: &Sizes,
+        socket: Pin<&mut S>,
+    ) -> Poll<io::Result<Option<Bytes>>>
+    where
+        S: AsyncRead + ?Sized,
+    {
+        let size = self.growth.size;
+        if size <= sizes.initial {
+            if self.buf.capacity() > 0 {
+                self.set_buffer(BytesMut::new());
+            }
+            let mut scratch = [MaybeUninit::<u8>::uninit(); SCRATCH];
+            let mut read = ReadBuf::uninit(&mut scratch[..size]);
+            ready!(socket.poll_read(cx, &mut read))?;
+            let data = read.filled();
+            return Poll::Ready(Ok((!data.is_empty()).then(|| Bytes::copy_from_slice(data))));
+        }
+        if self.buf.capacity() < size {
+            self.set_buffer(BytesMut::with_capacity(size));
+        }
+        let space = self.buf.capacity().min(size);
+        let n = ready!(tokio_util::io::poll_read_buf(
+            socket,
+            cx,
+            &mut (&mut self.buf).limit(size)
+        ))?;
+        if n == 0 {
+            return Poll::Ready(Ok(None));
+        }
+        if 2 * n >= space {
+            return Poll::Ready(Ok(Some(self.buf.split_to(n).freeze())));
+        }
+        let copy = Bytes::copy_from_slice(&self.buf[..n]);
+        self.buf.clear();
+        Poll::Ready(Ok(Some(copy)))
     }
 
     /// Nothing to read and nothing to send: frees the buffer once the

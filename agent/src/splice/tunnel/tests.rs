@@ -221,6 +221,25 @@ async fn an_idle_socket_side_frees_its_read_buffer() {
 }
 
 #[tokio::test]
+async fn requests_and_responses_hold_no_read_buffer() {
+    let (mut outer, mut far, probe, task) = spliced(Sizes::DEFAULT).await;
+    for i in 0..50u8 {
+        let request = pattern(100, i);
+        outer.write_all(&request).await.unwrap();
+        let mut got = [0; 100];
+        bounded(far.read_exact(&mut got)).await.unwrap();
+        assert!(got[..] == request[..]);
+        far.write_all(&pattern(200, i)).await.unwrap();
+        let mut back = [0; 200];
+        bounded(outer.read_exact(&mut back)).await.unwrap();
+    }
+    assert_eq!(probe.peak(0), 0, "a small read took a heap buffer");
+    drop(outer);
+    drop(far);
+    let _ = bounded(task).await;
+}
+
+#[tokio::test]
 async fn a_reset_tunnel_ends_the_splice_with_an_error() {
     let (_outer, far, _, task) = spliced(Sizes::DEFAULT).await;
     // Dropped without END_STREAM: h2 resets the stream.
