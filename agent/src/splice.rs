@@ -66,6 +66,19 @@ impl Sizes {
     };
 }
 
+impl Sizes {
+    /// These sizes as a splice uses them: the first read between 1 byte
+    /// and the 8 KiB stack scratch area, the largest not below it.
+    fn bounded(self) -> Sizes {
+        let initial = self.initial.clamp(1, SCRATCH);
+        Sizes {
+            initial,
+            max: self.max.max(initial),
+            idle: self.idle,
+        }
+    }
+}
+
 impl Default for Sizes {
     fn default() -> Self {
         Sizes::DEFAULT
@@ -105,6 +118,17 @@ impl BufferProbe {
     pub fn idle_releases(&self) -> usize {
         self.idle_releases.load(Ordering::Relaxed)
     }
+
+    /// Direction `dir` holds `bytes` now.
+    fn hold(&self, dir: usize, bytes: usize) {
+        self.held[dir].store(bytes, Ordering::Relaxed);
+        self.peak[dir].fetch_max(bytes, Ordering::Relaxed);
+    }
+
+    /// A direction freed its buffer for being idle.
+    fn idle_release(&self) {
+        self.idle_releases.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The future of [`splice`], with its sizes and an optional probe.
@@ -123,12 +147,7 @@ where
 {
     /// A splice of `a` and `b`; `sizes.initial` is capped at 8 KiB.
     pub fn new(a: &'a mut A, b: &'a mut B, sizes: Sizes, probe: Option<Arc<BufferProbe>>) -> Self {
-        let initial = sizes.initial.clamp(1, SCRATCH);
-        let sizes = Sizes {
-            initial,
-            max: sizes.max.max(initial),
-            idle: sizes.idle,
-        };
+        let sizes = sizes.bounded();
         Splice {
             a,
             b,
@@ -286,8 +305,7 @@ impl Direction {
     fn set_buffer(&mut self, buf: Box<[u8]>) {
         self.buf = buf;
         if let Some((probe, dir)) = &self.probe {
-            probe.held[*dir].store(self.buf.len(), Ordering::Relaxed);
-            probe.peak[*dir].fetch_max(self.buf.len(), Ordering::Relaxed);
+            probe.hold(*dir, self.buf.len());
         }
     }
 
@@ -456,7 +474,7 @@ impl Direction {
             self.growth.reset(sizes);
             self.set_buffer(Box::default());
             if let Some((probe, _)) = &self.probe {
-                probe.idle_releases.fetch_add(1, Ordering::Relaxed);
+                probe.idle_release();
             }
         }
     }

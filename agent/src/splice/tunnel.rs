@@ -24,7 +24,6 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -76,17 +75,12 @@ where
         sizes: Sizes,
         probe: Option<Arc<BufferProbe>>,
     ) -> Self {
-        let initial = sizes.initial.clamp(1, SCRATCH);
-        let sizes = Sizes {
-            initial,
-            max: sizes.max.max(initial),
-            idle: sizes.idle,
-        };
+        let sizes = sizes.bounded();
         SpliceTunnel {
             socket,
             tunnel,
             sizes,
-            up: Upload::new(initial, probe.clone()),
+            up: Upload::new(sizes.initial, probe.clone()),
             down: Download::new(probe),
             send_failed: None,
         }
@@ -169,8 +163,7 @@ impl Upload {
     fn set_buffer(&mut self, buf: BytesMut) {
         self.buf = buf;
         if let Some(probe) = &self.probe {
-            probe.held[0].store(self.buf.capacity(), Ordering::Relaxed);
-            probe.peak[0].fetch_max(self.buf.capacity(), Ordering::Relaxed);
+            probe.hold(0, self.buf.capacity());
         }
     }
 
@@ -274,7 +267,7 @@ impl Upload {
             self.growth.reset(sizes);
             self.set_buffer(BytesMut::new());
             if let Some(probe) = &self.probe {
-                probe.idle_releases.fetch_add(1, Ordering::Relaxed);
+                probe.idle_release();
             }
         }
     }
@@ -310,8 +303,7 @@ impl Download {
 
     fn note_queued(&self) {
         if let Some(probe) = &self.probe {
-            probe.held[1].store(self.queued, Ordering::Relaxed);
-            probe.peak[1].fetch_max(self.queued, Ordering::Relaxed);
+            probe.hold(1, self.queued);
         }
     }
 
