@@ -286,10 +286,13 @@ impl Redirector {
             .iter()
             .map(|name| (*name, map_dir.join(name)))
             .collect();
+        let log_level = super::logs::kernel_level();
         let mut loader = aya::EbpfLoader::new();
         // No kernel BTF: the programs use no CO-RE relocations, and parsing
         // the kernel's BTF would triple the agent's peak memory.
         loader.btf(None);
+        // Records the agent's subscriber would drop are not written at all.
+        loader.override_global(aya_log::LEVEL, &log_level, true);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
