@@ -37,6 +37,9 @@ use crate::report::{Figure, Section};
 const BODY_BYTES: &str = "1024";
 const RATE: u32 = 1000;
 const CONNS: u32 = 4;
+/// The agents' log filter: the agent's own default, as an operator runs it
+/// (the tests' meshes log the agents' debug lines, about two per connection).
+pub const AGENT_LOG: &str = "info";
 const HTTP_PORT: u16 = 8080;
 const BULK_PORT: u16 = 5201;
 const LOCAL_HTTP_PORT: u16 = 8081;
@@ -476,7 +479,7 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
 
     // Mesh 1, explicit mode: direct, weft explicit and haproxy.
     let m1 = Mesh::start(node_b_services(
-        MeshSpec::new("allow").node_a(
+        MeshSpec::new("allow").agent_log(AGENT_LOG).node_a(
             Service::new("web", 8000)
                 .upstream("api", UP_HTTP)
                 .upstream("bulk", UP_BULK),
@@ -539,6 +542,7 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
     // Mesh 2, eBPF mode: weft eBPF and the same-node fast path.
     let m2 = Mesh::start(node_b_services(
         MeshSpec::new("allow")
+            .agent_log(AGENT_LOG)
             .ebpf()
             .node_a(Service::new("web", 8000).cgroup("web"))
             .node_a(

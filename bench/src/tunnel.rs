@@ -83,6 +83,7 @@ pub fn run(quick: bool) -> anyhow::Result<Vec<Figure>> {
     let (requests, rounds) = if quick { (500, 2) } else { (2000, 5) };
     let mut mesh = Mesh::start(
         MeshSpec::new("allow")
+            .agent_log(crate::node::AGENT_LOG)
             .node_a(Service::new("web", 8000).upstream("api", 9191))
             .node_b(
                 Service::new("api", 8080)

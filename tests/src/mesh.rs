@@ -256,6 +256,8 @@ pub struct MeshSpec {
     /// The agents' admin port on every address of their node, not only
     /// loopback ([`MeshSpec::admin_on_every_address`]).
     pub admin_anywhere: bool,
+    /// The agents' `RUST_LOG` ([`MeshSpec::agent_log`]).
+    pub agent_log: String,
 }
 
 impl MeshSpec {
@@ -272,7 +274,16 @@ impl MeshSpec {
             ebpf: false,
             server_args: Vec::new(),
             admin_anywhere: false,
+            agent_log: AGENT_LOG.to_string(),
         }
+    }
+
+    /// The agents' `RUST_LOG` filter instead of [`AGENT_LOG`] (tests read
+    /// the agents' debug lines; a benchmark runs them as an operator
+    /// would, at `info`).
+    pub fn agent_log(mut self, filter: &str) -> Self {
+        self.agent_log = filter.to_string();
+        self
     }
 
     /// Both agents serve their admin port (metrics) on `0.0.0.0:15020`, so
@@ -308,6 +319,10 @@ impl MeshSpec {
         self
     }
 }
+
+/// The agents' `RUST_LOG` in tests: their own debug lines, which some
+/// tests wait for.
+pub const AGENT_LOG: &str = "info,weft_agent=debug";
 
 /// The agents' DNS address in transparent meshes (the resolver of commands
 /// run with [`Mesh::exec_as`]).
@@ -588,6 +603,8 @@ pub struct Mesh {
     server: std::sync::Mutex<Option<Proc>>,
     /// The server's arguments, to restart it as it was.
     server_args: Vec<String>,
+    /// The agents' `RUST_LOG`.
+    agent_log: String,
     cgroups: Option<CgroupTree>,
     netns: [Netns; 2],
     dir: tempfile::TempDir,
@@ -623,6 +640,7 @@ impl Mesh {
             workloads: Vec::new(),
             server: std::sync::Mutex::new(None),
             server_args: Vec::new(),
+            agent_log: spec.agent_log.clone(),
             cgroups,
             netns,
             dir,
@@ -1120,7 +1138,7 @@ impl Mesh {
         let mut cmd = Command::new(bin("weft-agent"));
         cmd.arg("--config")
             .arg(self.agent_config(node))
-            .env("RUST_LOG", "info,weft_agent=debug")
+            .env("RUST_LOG", &self.agent_log)
             .env("RUST_LIB_BACKTRACE", "0");
         let proc = self.spawn(node, &mut cmd, &format!("agent-{}.log", node.label()))?;
         self.agents[node.index()] = Some(proc);
