@@ -279,7 +279,9 @@ impl Redirector {
     /// Loads the embedded programs into the kernel (not yet attached), with
     /// their maps pinned under `pins`: the maps a previous agent of the same
     /// build pinned there are reused as they are. Call it inside a tokio
-    /// runtime so that the programs' log records are forwarded.
+    /// runtime so that the programs' log records are forwarded, and after
+    /// the tracing subscriber is installed: the programs write records only
+    /// at the levels it keeps (none without one).
     pub fn load(pins: Pins) -> Result<Self, RedirectorError> {
         let map_dir = pins.map_dir(OBJECT)?;
         let paths: Vec<(&str, PathBuf)> = maps::ALL
@@ -292,7 +294,9 @@ impl Redirector {
         // the kernel's BTF would triple the agent's peak memory.
         loader.btf(None);
         // Records the agent's subscriber would drop are not written at all.
-        loader.override_global(aya_log::LEVEL, &log_level, true);
+        // (Not required to exist: an object without log statements has no
+        // level to set, and the forwarder copes with that too.)
+        loader.override_global(aya_log::LEVEL, &log_level, false);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
