@@ -64,9 +64,7 @@ impl Sizes {
         max: 256 * 1024,
         idle: Duration::from_secs(1),
     };
-}
 
-impl Sizes {
     /// These sizes as a splice uses them: the first read between 1 byte
     /// and the 8 KiB stack scratch area, the largest not below it.
     fn bounded(self) -> Sizes {
