@@ -425,7 +425,7 @@ pub async fn run(
 
     // DNS: the mesh's names (NAME.service.weft and Consul's other forms).
     let resolver = ServiceResolver {
-        catalog: Arc::new(crate::view::ViewCatalog(view.clone())),
+        catalog: Arc::new(crate::dns::ViewCatalog(view.clone())),
         zone: crate::dns::Zone {
             domains: config.dns_domains(),
             datacenter: config.datacenter.clone(),

@@ -30,7 +30,6 @@ use weft_api::routing;
 use crate::outlier::{
     EjectionPolicy, DEFAULT_EJECTION, DEFAULT_INTERVAL, DEFAULT_MAX_EJECTION_PERCENT,
 };
-use crate::shared_view::SharedView;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct View {
@@ -639,64 +638,6 @@ impl View {
     /// The trust bundle as one PEM text.
     pub fn bundle_pem(&self) -> String {
         self.roots_pem.concat()
-    }
-}
-
-/// The agent's view as its DNS server sees it: one snapshot per question.
-pub struct ViewCatalog(pub Arc<SharedView>);
-
-fn ipv4(ip: IpAddr) -> Option<std::net::Ipv4Addr> {
-    match ip {
-        IpAddr::V4(ip) => Some(ip),
-        IpAddr::V6(_) => None,
-    }
-}
-
-impl crate::dns::DnsCatalog for ViewCatalog {
-    /// None for a service whose instances are all on external nodes: the
-    /// mesh does not carry its traffic, so names give the instances'
-    /// addresses instead.
-    fn vip(&self, service: &str) -> Option<std::net::Ipv4Addr> {
-        let view = self.0.load();
-        let all = view.instances_of_service(service);
-        let external_only = !all.is_empty() && all.iter().all(|i| view.node_is_external(&i.node));
-        if external_only {
-            return None;
-        }
-        ipv4(*view.vips.get(service)?)
-    }
-
-    fn passing(&self, service: &str) -> Vec<crate::dns::DnsInstance> {
-        let view = self.0.load();
-        view.passing(service)
-            .into_iter()
-            .filter_map(|i| {
-                Some(crate::dns::DnsInstance {
-                    node: i.node.clone(),
-                    address: i.address.parse().ok()?,
-                    port: i.port,
-                    tags: i.tags.clone(),
-                })
-            })
-            .collect()
-    }
-
-    fn node(&self, node: &str) -> Option<std::net::Ipv4Addr> {
-        self.0.load().nodes.get(node)?.address.parse().ok()
-    }
-
-    fn service_by_vip(&self, ip: std::net::Ipv4Addr) -> Option<String> {
-        let view = self.0.load();
-        view.service_by_vip(IpAddr::V4(ip)).map(String::from)
-    }
-
-    fn node_by_addr(&self, ip: std::net::Ipv4Addr) -> Option<String> {
-        let view = self.0.load();
-        let text = ip.to_string();
-        let mut nodes = view.nodes.values().filter(|n| n.address == text);
-        let first = nodes.next()?;
-        // Two nodes at one address: no single answer.
-        nodes.next().is_none().then(|| first.name.clone())
     }
 }
 

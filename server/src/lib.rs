@@ -23,3 +23,4 @@ pub mod state;
 pub mod tls;
 pub mod traffic;
 pub mod watch;
+pub mod write_error;

@@ -138,8 +138,13 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     });
     tokio::spawn(weft_server::raft::batch::enable_when_all_apply(
         node.clone(),
+        node.batcher.clone(),
     ));
-    tokio::spawn(prevote::run(node.clone(), ELECTION));
+    tokio::spawn(prevote::run(
+        node.clone(),
+        ELECTION,
+        node.metrics.elections.clone(),
+    ));
 
     let raft_listener = TcpListener::bind(settings.raft_addr)
         .await

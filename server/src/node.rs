@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{CheckIsLeaderError, RaftError};
-use serde::{Deserialize, Serialize};
 use weft_api::proto::raft_client::RaftClient;
 use weft_api::proto::{Empty, RaftPayload};
 
@@ -19,37 +18,7 @@ use crate::state::{Command, CommandResult};
 /// How long a write or a read waits for a leader before giving up.
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize, PartialEq)]
-pub enum WriteError {
-    /// The state machine refused the command; nothing changed.
-    #[error("{0}")]
-    Refused(String),
-    #[error("no leader: {0}")]
-    NoLeader(String),
-    /// Forwarded to the leader, but no answer came back: it may or may not
-    /// have been applied. Retrying the same request (its request id) is
-    /// safe: a write is applied once.
-    #[error("outcome unknown: {0}")]
-    Unknown(String),
-    #[error("raft: {0}")]
-    Raft(String),
-}
-
-/// The outcome of a write forwarded to the leader: its index, or why not.
-pub type ForwardedResult = Result<u64, WriteError>;
-
-impl From<WriteError> for tonic::Status {
-    fn from(e: WriteError) -> Self {
-        match e {
-            WriteError::Refused(m) => tonic::Status::failed_precondition(m),
-            WriteError::NoLeader(m) => tonic::Status::unavailable(format!("no leader: {m}")),
-            WriteError::Unknown(m) => tonic::Status::unavailable(format!(
-                "outcome unknown ({m}); retrying with the same request id is safe"
-            )),
-            WriteError::Raft(m) => tonic::Status::internal(m),
-        }
-    }
-}
+pub use crate::write_error::{ForwardedResult, WriteError};
 
 pub struct ServerNode {
     pub id: NodeId,
@@ -83,6 +52,24 @@ pub struct ServerNode {
     /// This server's TLS for calls to other datacenters' servers, once it
     /// is federated (`--federation-addr`): `?dc=` forwards with it.
     pub federation_tls: std::sync::OnceLock<tonic::transport::ClientTlsConfig>,
+}
+
+impl crate::raft::Member for ServerNode {
+    fn id(&self) -> NodeId {
+        self.id
+    }
+
+    fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    fn leader_contact(&self) -> &crate::raft::prevote::LeaderContact {
+        &self.leader_contact
+    }
+
+    async fn peer_status(&self, id: NodeId) -> Option<PeerStatus> {
+        ServerNode::peer_status(self, id).await
+    }
 }
 
 impl ServerNode {

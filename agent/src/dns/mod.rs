@@ -23,6 +23,7 @@
 
 pub mod names;
 pub mod recurse;
+pub mod view_catalog;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -83,6 +84,7 @@ pub enum DnsError {
 }
 
 pub use names::{decide, Decision, DnsCatalog, DnsInstance, Srv, Zone};
+pub use view_catalog::ViewCatalog;
 
 /// What the server answers from: the mesh as the agent sees it, and the
 /// domains and datacenter it answers for.

@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use super::stream::HboneStream;
+use super::stream::{HboneStream, StreamPlace};
 use super::tls::{self, Identity, TlsError, TrustBundle, ALPN_H2};
 use super::{
     INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, MAX_CONCURRENT_STREAMS, REASON_HEADER,
@@ -162,20 +162,8 @@ impl PooledConn {
             .ok()
             .map(|_| {
                 self.streams_gauge.inc();
-                StreamPlace(self.streams.clone(), self.streams_gauge.clone())
+                StreamPlace::new(self.streams.clone(), self.streams_gauge.clone())
             })
-    }
-}
-
-/// A tunnel's place on its connection, given back when the tunnel (or the
-/// attempt to open it) ends.
-#[derive(Debug)]
-pub(crate) struct StreamPlace(Arc<AtomicUsize>, Gauge);
-
-impl Drop for StreamPlace {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-        self.1.dec();
     }
 }
 

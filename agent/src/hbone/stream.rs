@@ -11,10 +11,13 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Largest single DATA write requested at once (bytes). Each write is
@@ -36,7 +39,7 @@ pub struct HboneStream {
     /// END_STREAM has been sent.
     write_closed: bool,
     /// The tunnel's place on its pooled connection, if it has one.
-    _place: Option<super::client::StreamPlace>,
+    _place: Option<StreamPlace>,
 }
 
 impl HboneStream {
@@ -53,7 +56,7 @@ impl HboneStream {
     }
 
     /// Holds `place` on the pooled connection until the stream is dropped.
-    pub(crate) fn holding(mut self, place: super::client::StreamPlace) -> Self {
+    pub(crate) fn holding(mut self, place: StreamPlace) -> Self {
         self._place = Some(place);
         self
     }
@@ -230,5 +233,25 @@ impl AsyncWrite for HboneStream {
         this.send.reserve_capacity(0);
         this.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
         Poll::Ready(Ok(()))
+    }
+}
+
+/// A tunnel's place on its connection, given back when the tunnel (or the
+/// attempt to open it) ends.
+#[derive(Debug)]
+pub(crate) struct StreamPlace(Arc<AtomicUsize>, Gauge);
+
+impl StreamPlace {
+    /// A place already counted in `count` (the connection's tunnels) and
+    /// `gauge` (the pool's); both go down by one when it is dropped.
+    pub(crate) fn new(count: Arc<AtomicUsize>, gauge: Gauge) -> Self {
+        StreamPlace(count, gauge)
+    }
+}
+
+impl Drop for StreamPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.1.dec();
     }
 }

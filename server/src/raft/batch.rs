@@ -19,9 +19,9 @@ use openraft::error::{ClientWriteError, RaftError};
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::Raft;
-use crate::node::WriteError;
+use super::{Member, Raft};
 use crate::state::{Command, CommandResult};
+use crate::write_error::WriteError;
 
 /// Groups being committed at once: more arrive meanwhile and wait to form
 /// the next group.
@@ -81,10 +81,10 @@ impl Batcher {
 /// Enables grouping on this server once every voter, asked as leader, says
 /// it applies batches. Asks every 500 ms until then; once enabled it stays so
 /// (servers are upgraded, not downgraded, past this version).
-pub async fn enable_when_all_apply(node: Arc<crate::node::ServerNode>) {
-    while !node.batcher.enabled() {
+pub async fn enable_when_all_apply<M: Member>(node: Arc<M>, batcher: Batcher) {
+    while !batcher.enabled() {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let metrics = node.raft.metrics().borrow().clone();
+        let metrics = node.raft().metrics().borrow().clone();
         if metrics.state != openraft::ServerState::Leader {
             continue;
         }
@@ -100,7 +100,7 @@ pub async fn enable_when_all_apply(node: Arc<crate::node::ServerNode>) {
                 voters = voters.len(),
                 "every voter applies batches: grouping writes"
             );
-            node.batcher.enabled.store(true, Ordering::Relaxed);
+            batcher.enabled.store(true, Ordering::Relaxed);
         }
     }
 }

@@ -14,9 +14,27 @@ pub mod prevote;
 pub mod service;
 pub mod sm_store;
 
+use std::future::Future;
 use std::io::Cursor;
 
 use crate::state::{Command, CommandResult};
+
+/// What pre-vote ([`prevote::run`]) and the switch to batched writes
+/// ([`batch::enable_when_all_apply`]) need of the server they run in, so
+/// that they do not depend on the node (`node::ServerNode` implements it).
+pub trait Member: Send + Sync + 'static {
+    /// This server's Raft id.
+    fn id(&self) -> NodeId;
+    fn raft(&self) -> &Raft;
+    /// When this server last heard from a leader.
+    fn leader_contact(&self) -> &prevote::LeaderContact;
+    /// Voter `id`'s answer to `Status` (this server's own for its id);
+    /// `None` when it did not answer.
+    fn peer_status(
+        &self,
+        id: NodeId,
+    ) -> impl Future<Output = Option<peer_status::PeerStatus>> + Send;
+}
 
 openraft::declare_raft_types!(
     /// weft's Raft types: commands on the replicated state, u64 node ids.

@@ -11,7 +11,9 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::NodeId;
+use prometheus_client::metrics::counter::Counter;
+
+use super::{Member, NodeId};
 
 /// When this server last heard from a leader it accepts: an append or a
 /// snapshot that openraft took, or a vote it granted (which, as in Raft,
@@ -79,32 +81,37 @@ pub struct Timing {
 /// Asks the peers, after every randomized election timeout without a
 /// leader, whether they would vote for this server, and starts an election
 /// when a majority would. Runs until the server stops.
-pub async fn run(node: std::sync::Arc<crate::node::ServerNode>, timing: Timing) {
+/// `elections` counts the elections it starts.
+pub async fn run<M: Member>(node: std::sync::Arc<M>, timing: Timing, elections: Counter) {
     loop {
         let spread = timing.max.saturating_sub(timing.min).as_millis() as u64;
         let wait = timing.min + Duration::from_millis(rand::random::<u64>() % spread.max(1));
         tokio::time::sleep(wait).await;
         // openraft refuses votes for a lease of `max` after it last heard a
         // leader; asking sooner would win a pre-vote and lose the vote.
-        if node.leader_contact.silence() < timing.max {
+        if node.leader_contact().silence() < timing.max {
             continue;
         }
-        let metrics = node.raft.metrics().borrow().clone();
+        let metrics = node.raft().metrics().borrow().clone();
         if metrics.state == openraft::ServerState::Leader {
             continue;
         }
         let membership = metrics.membership_config.membership().clone();
         let voters: Vec<NodeId> = membership.voter_ids().collect();
-        if !voters.contains(&node.id) {
+        if !voters.contains(&node.id()) {
             continue;
         }
         let own_log = node
-            .raft
+            .raft()
             .data_metrics()
             .borrow()
             .last_log
             .map_or((0, 0), |id| (id.leader_id.term, id.index));
-        let peers: Vec<NodeId> = voters.iter().copied().filter(|id| *id != node.id).collect();
+        let peers: Vec<NodeId> = voters
+            .iter()
+            .copied()
+            .filter(|id| *id != node.id())
+            .collect();
         let asked = peers.iter().map(|id| node.peer_status(*id));
         let answers: Vec<PeerView> = futures::future::join_all(asked)
             .await
@@ -121,8 +128,8 @@ pub async fn run(node: std::sync::Arc<crate::node::ServerNode>, timing: Timing) 
                 answers = answers.len(),
                 "no leader heard for an election timeout and a majority agrees: starting an election"
             );
-            node.metrics.elections.inc();
-            if let Err(e) = node.raft.trigger().elect().await {
+            elections.inc();
+            if let Err(e) = node.raft().trigger().elect().await {
                 tracing::warn!("starting an election: {e}");
                 return;
             }
