@@ -250,6 +250,10 @@ fn bulk_load(t: &Target, p: &Params, streams: u32, out: &mut Round) -> anyhow::R
 
 /// The name `--only` takes for the large-mesh rounds.
 const LARGE: &str = "large mesh";
+/// At least this long after the fill before the large view's memory is
+/// read: two of the agent's heap-trim periods (`TRIM_PERIOD`,
+/// agent/src/allocator.rs).
+const TRIM_SETTLE: Duration = Duration::from_secs(10);
 
 /// What the large-mesh phase measured: its rounds (figures named
 /// `CONFIGURATION (large mesh): figure`), facts (memory, fill times) and
@@ -297,10 +301,14 @@ fn large_mesh_rounds(
             );
         }
     }
+    // Right after the fill the agents still hold what taking it in
+    // allocated and freed; their periodic heap trim gives that back within
+    // seconds. What the view itself costs is read after settling.
+    let filled = std::time::Instant::now();
     for (label, pid) in &agents {
         let rss = load::rss_mb(*pid)?;
         out.facts
-            .insert(format!("agent RSS with the large view, {label}"), rss);
+            .insert(format!("agent RSS right after the fill, {label}"), rss);
     }
     // Generous: every round waits for a quiet machine at most quiet_wait.
     let per_round = targets.len() as u64 * (p.rate_secs + p.conn_secs + 30) + 60;
@@ -319,6 +327,14 @@ fn large_mesh_rounds(
         "seconds waited to settle from the fill".into(),
         waited.as_secs_f64(),
     );
+    if let Some(rest) = TRIM_SETTLE.checked_sub(filled.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    for (label, pid) in &agents {
+        let rss = load::rss_mb(*pid)?;
+        out.facts
+            .insert(format!("agent RSS with the large view, {label}"), rss);
+    }
     for round in 0..p.large_rounds {
         // The churn keeps the machine busy by design: a short wait, and
         // the load recorded.
