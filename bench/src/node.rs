@@ -301,9 +301,10 @@ fn large_mesh_rounds(
             );
         }
     }
-    // Right after the fill the agents still hold what taking it in
-    // allocated and freed; their periodic heap trim gives that back within
-    // seconds. What the view itself costs is read after settling.
+    // Right after both meshes' fills the agents may still hold what taking
+    // them in allocated and freed (mesh 0's less surely: its fill is older);
+    // their periodic heap trim gives that back within seconds. What the view
+    // costs, under its steady churn, is read after settling.
     let filled = std::time::Instant::now();
     for (label, pid) in &agents {
         let rss = load::rss_mb(*pid)?;

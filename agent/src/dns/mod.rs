@@ -19,7 +19,7 @@
 //! [`names::decide`] (name and type → [`Decision`]) and [`respond`] (request bytes →
 //! response bytes) are pure and unit-tested; [`DnsServer`] owns the sockets and serves
 //! until the shutdown future given to [`DnsServer::serve`] completes. No input packet
-//! can make it panic or stop.
+//! can make it panic or stop. [`view_catalog`] reads the names from the agent's view.
 
 pub mod names;
 pub mod recurse;

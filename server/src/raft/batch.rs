@@ -78,9 +78,10 @@ impl Batcher {
     }
 }
 
-/// Enables grouping on this server once every voter, asked as leader, says
-/// it applies batches. Asks every 500 ms until then; once enabled it stays so
-/// (servers are upgraded, not downgraded, past this version).
+/// Enables grouping in `batcher` (this server's) once every voter, asked
+/// while `node` leads, says it applies batches. Asks every 500 ms until
+/// then; once enabled it stays so (servers are upgraded, not downgraded,
+/// past this version).
 pub async fn enable_when_all_apply<M: Member>(node: Arc<M>, batcher: Batcher) {
     while !batcher.enabled() {
         tokio::time::sleep(Duration::from_millis(500)).await;

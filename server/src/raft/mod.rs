@@ -1,5 +1,7 @@
 //! Raft for weft-server: openraft's type configuration, the sled-backed log
-//! and state-machine stores, and the gRPC transport between servers.
+//! and state-machine stores, and the gRPC transport between servers; write
+//! batching and pre-vote, which see the server they run in through
+//! [`Member`].
 
 // openraft's traits return its StorageError (224 bytes); our helpers that
 // feed them return the same type rather than boxing and unboxing it.
@@ -25,6 +27,7 @@ use crate::state::{Command, CommandResult};
 pub trait Member: Send + Sync + 'static {
     /// This server's Raft id.
     fn id(&self) -> NodeId;
+    /// This server's Raft handle.
     fn raft(&self) -> &Raft;
     /// When this server last heard from a leader.
     fn leader_contact(&self) -> &prevote::LeaderContact;
