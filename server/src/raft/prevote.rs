@@ -83,6 +83,7 @@ pub struct Timing {
 /// when a majority would. Runs until the server stops.
 /// `elections` counts the elections it starts.
 pub async fn run<M: Member>(node: std::sync::Arc<M>, timing: Timing, elections: Counter) {
+    let me = node.id();
     loop {
         let spread = timing.max.saturating_sub(timing.min).as_millis() as u64;
         let wait = timing.min + Duration::from_millis(rand::random::<u64>() % spread.max(1));
@@ -98,7 +99,7 @@ pub async fn run<M: Member>(node: std::sync::Arc<M>, timing: Timing, elections: 
         }
         let membership = metrics.membership_config.membership().clone();
         let voters: Vec<NodeId> = membership.voter_ids().collect();
-        if !voters.contains(&node.id()) {
+        if !voters.contains(&me) {
             continue;
         }
         let own_log = node
@@ -107,11 +108,7 @@ pub async fn run<M: Member>(node: std::sync::Arc<M>, timing: Timing, elections: 
             .borrow()
             .last_log
             .map_or((0, 0), |id| (id.leader_id.term, id.index));
-        let peers: Vec<NodeId> = voters
-            .iter()
-            .copied()
-            .filter(|id| *id != node.id())
-            .collect();
+        let peers: Vec<NodeId> = voters.iter().copied().filter(|id| *id != me).collect();
         let asked = peers.iter().map(|id| node.peer_status(*id));
         let answers: Vec<PeerView> = futures::future::join_all(asked)
             .await
