@@ -900,7 +900,7 @@ tags = ["v1"]
         );
         view.instances.insert(
             ("node-b".into(), "api-1".into()),
-            ServiceInstance {
+            Arc::new(ServiceInstance {
                 id: "api-1".into(),
                 service: "api".into(),
                 node: "node-b".into(),
@@ -911,7 +911,7 @@ tags = ["v1"]
                 create_index: 7,
                 modify_index: 9,
                 ..Default::default()
-            },
+            }),
         );
         view
     }
@@ -943,7 +943,7 @@ tags = ["v1"]
 
         let mut view = registered();
         let first = view.instances.keys().next().unwrap().clone();
-        view.instances.get_mut(&first).unwrap().port = 9090;
+        Arc::make_mut(view.instances.get_mut(&first).unwrap()).port = 9090;
         assert!(registration_gap(&cfg, &health, &view).is_some());
 
         let mut view = registered();

@@ -4,8 +4,11 @@
 //! an address, what the intentions decide, and the trust bundle.
 //!
 //! Lookups on the data path go through indexes (by virtual IP, by instance
-//! address, instances per service, intentions per destination) built once
-//! per published view ([`crate::shared_view`]), not by scanning.
+//! address, instances per service, intentions per destination), not by
+//! scanning. The maps and the indexes are persistent and filed change by
+//! change ([`filed`]), so a change costs about the same whatever the size of
+//! the mesh, and a published view ([`crate::shared_view`]) shares all of
+//! it with the working copy until either changes.
 use std::collections::{BTreeMap, HashMap};
 
 use im::OrdMap;
@@ -27,6 +30,9 @@ use weft_api::load_balancer::LoadBalancer;
 use weft_api::proto::{self, change::Change as P, watch_event::Event};
 use weft_api::routing;
 
+mod filed;
+use filed::Filed;
+
 use crate::outlier::{
     EjectionPolicy, DEFAULT_EJECTION, DEFAULT_INTERVAL, DEFAULT_MAX_EJECTION_PERCENT,
 };
@@ -38,15 +44,19 @@ pub struct View {
     /// The large maps are persistent (`im`): copying the view to publish
     /// it shares them, and a change copies only the path to what changed.
     pub nodes: OrdMap<String, Node>,
-    /// (node, instance id) -> instance
-    #[serde(serialize_with = "values_as_list")]
-    pub instances: OrdMap<(String, String), ServiceInstance>,
-    pub vips: BTreeMap<String, IpAddr>,
+    /// (node, instance id) -> instance; each shared, so that a change
+    /// copying the path to one instance copies none of its neighbours.
+    #[serde(serialize_with = "shared_values_as_list")]
+    pub instances: OrdMap<(String, String), Arc<ServiceInstance>>,
+    pub vips: OrdMap<String, IpAddr>,
     #[serde(serialize_with = "values_as_list")]
     pub intentions: OrdMap<(String, String), Intention>,
-    /// Every config entry (routers, splitters, resolvers, defaults).
+    /// Every config entry (routers, splitters, resolvers, defaults),
+    /// shared by the published views until one changes: operators change
+    /// entries rarely, while instances' health changes all the time, and a
+    /// published view never copies the entries' rules.
     #[serde(serialize_with = "entries_as_list")]
-    pub entries: EntrySet,
+    pub entries: Arc<EntrySet>,
     pub trust_domain: String,
     pub roots_pem: Vec<String>,
     pub default_allow: bool,
@@ -65,37 +75,46 @@ pub struct View {
 
 /// (node, instance id): how the view keys an instance.
 type InstanceKey = (String, String);
+/// (source, destination): how the view keys an intention.
+type IntentionKey = (String, String);
 
-/// The view's lookups, in three parts, each built on first use and shared
-/// by copies of the view (the published snapshots) until a change touches
-/// what it indexes: a health flip or an intention's new action keeps them
-/// all; an instance that comes, goes or moves renews the instances' part.
+/// The view's lookups. Instances (by service, by address) and intentions
+/// (by destination) are filed as each change applies, in persistent
+/// indexes a published copy shares: a change costs the same in a mesh of
+/// ten instances as in one of ten thousand. The virtual IPs' reverse map
+/// changes only when a service is first given one; it is rebuilt then,
+/// once, before the view is published ([`View::prepare`]).
 #[derive(Clone, Default)]
 struct Index {
-    vips: Part<HashMap<IpAddr, String>>,
-    instances: Part<InstanceIndexes>,
-    intentions: Part<HashMap<String, Vec<(String, String)>>>,
+    by_service: Filed<String, InstanceKey>,
+    by_addr: Filed<SocketAddr, InstanceKey>,
+    /// Destination (or `*`) -> the intentions naming it.
+    intentions_to: Filed<String, IntentionKey>,
+    vips: Arc<OnceLock<HashMap<IpAddr, String>>>,
 }
-
-/// One part of the lookups.
-type Part<T> = Arc<OnceLock<T>>;
 
 impl std::fmt::Debug for Index {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Index")
             .field("vips", &self.vips.get().is_some())
-            .field("instances", &self.instances.get().is_some())
-            .field("intentions", &self.intentions.get().is_some())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
-#[derive(Default)]
-struct InstanceIndexes {
-    /// Address and port -> the instances listening there.
-    by_addr: HashMap<SocketAddr, Vec<InstanceKey>>,
-    /// Service -> its instances (every health, every node).
-    by_service: HashMap<String, Vec<InstanceKey>>,
+impl Index {
+    fn file(&mut self, key: &InstanceKey, i: &ServiceInstance) {
+        self.by_service.add(i.service.clone(), key);
+        if let Some(addr) = i.socket_addr() {
+            self.by_addr.add(addr, key);
+        }
+    }
+
+    fn unfile(&mut self, key: &InstanceKey, i: &ServiceInstance) {
+        self.by_service.remove(i.service.as_str(), key);
+        if let Some(addr) = i.socket_addr() {
+            self.by_addr.remove(&addr, key);
+        }
+    }
 }
 
 /// Virtual IP -> service.
@@ -108,35 +127,20 @@ fn vip_index(view: &View) -> HashMap<IpAddr, String> {
     by_vip
 }
 
-fn instance_index(view: &View) -> InstanceIndexes {
-    let mut ix = InstanceIndexes::default();
-    for (key, i) in &view.instances {
-        ix.by_service
-            .entry(i.service.clone())
-            .or_default()
-            .push(key.clone());
-        if let Some(addr) = i.socket_addr() {
-            ix.by_addr.entry(addr).or_default().push(key.clone());
-        }
-    }
-    ix
-}
-
-/// Destination (or `*`) -> the intentions naming it.
-fn intention_index(view: &View) -> HashMap<String, Vec<(String, String)>> {
-    let mut to: HashMap<String, Vec<(String, String)>> = HashMap::new();
-    for key in view.intentions.keys() {
-        to.entry(key.1.clone()).or_default().push(key.clone());
-    }
-    to
-}
-
 /// A map keyed by pairs as the list of its values (JSON keys are strings).
 fn values_as_list<K: Ord + Clone, V: Serialize + Clone, S: serde::Serializer>(
     map: &OrdMap<K, V>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
     s.collect_seq(map.values())
+}
+
+/// [`values_as_list`] of shared values.
+fn shared_values_as_list<K: Ord + Clone, V: Serialize, S: serde::Serializer>(
+    map: &OrdMap<K, Arc<V>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(map.values().map(|v| &**v))
 }
 
 fn entries_as_list<S: serde::Serializer>(entries: &EntrySet, s: S) -> Result<S::Ok, S::Error> {
@@ -191,7 +195,9 @@ impl View {
                 }
                 for i in s.instances {
                     let i = instance_from_proto(i).map_err(|e| bad(e.to_string()))?;
-                    next.instances.insert((i.node.clone(), i.id.clone()), i);
+                    let key = (i.node.clone(), i.id.clone());
+                    next.lookups.file(&key, &i);
+                    next.instances.insert(key, Arc::new(i));
                 }
                 for v in s.vips {
                     next.vips.insert(
@@ -201,8 +207,9 @@ impl View {
                 }
                 for i in s.intentions {
                     let i = intention_from_proto(i).map_err(|e| bad(e.to_string()))?;
-                    next.intentions
-                        .insert((i.source.clone(), i.destination.clone()), i);
+                    let key = (i.source.clone(), i.destination.clone());
+                    next.lookups.intentions_to.add(key.1.clone(), &key);
+                    next.intentions.insert(key, i);
                 }
                 for e in s.config_entries {
                     next.apply_config(&e);
@@ -249,52 +256,60 @@ impl View {
             }
             P::NodeDelete(name) => {
                 self.nodes.remove(&name);
-                let gone: Vec<InstanceKey> = (self.instances.keys())
-                    .filter(|(node, _)| *node == name)
+                // The node's instances are the keys (name, ..), together.
+                let gone: Vec<InstanceKey> = (self.instances)
+                    .range((name.clone(), String::new())..)
+                    .map(|(key, _)| key)
+                    .take_while(|(node, _)| *node == name)
                     .cloned()
                     .collect();
-                if !gone.is_empty() {
-                    self.lookups.instances = Part::default();
-                }
                 for key in gone {
-                    self.instances.remove(&key);
+                    if let Some(old) = self.instances.remove(&key) {
+                        self.lookups.unfile(&key, &old);
+                    }
                 }
             }
             P::InstanceUpsert(i) => {
                 let i = instance_from_proto(i).map_err(|e| e.to_string())?;
                 let key = (i.node.clone(), i.id.clone());
-                // Indexed by service and address: the same ones keep the
-                // index (a health change), others renew it.
-                let same = self.instances.get(&key).is_some_and(|old| {
-                    old.service == i.service && old.socket_addr() == i.socket_addr()
-                });
-                if !same {
-                    self.lookups.instances = Part::default();
+                // Filed by service and address: a health change leaves the
+                // index as it is.
+                match self.instances.get(&key) {
+                    Some(old)
+                        if old.service == i.service && old.socket_addr() == i.socket_addr() => {}
+                    Some(old) => {
+                        self.lookups.unfile(&key, old);
+                        self.lookups.file(&key, &i);
+                    }
+                    None => self.lookups.file(&key, &i),
                 }
-                self.instances.insert(key, i);
+                self.instances.insert(key, Arc::new(i));
             }
             P::InstanceDelete(r) => {
-                if self.instances.remove(&(r.node, r.id)).is_some() {
-                    self.lookups.instances = Part::default();
+                let key = (r.node, r.id);
+                if let Some(old) = self.instances.remove(&key) {
+                    self.lookups.unfile(&key, &old);
                 }
             }
             P::VipAssigned(v) => {
                 let vip = v.vip.parse().map_err(|_| format!("vip {:?}", v.vip))?;
-                self.vips.insert(v.service, vip);
-                self.lookups.vips = Part::default();
+                if self.vips.insert(v.service, vip) != Some(vip) {
+                    self.lookups.vips = Default::default();
+                }
             }
             P::IntentionUpsert(i) => {
                 let i = intention_from_proto(i).map_err(|e| e.to_string())?;
                 let key = (i.source.clone(), i.destination.clone());
-                // Indexed by key: a new action keeps the index.
+                // Filed by key: a new action leaves the index as it is.
                 if !self.intentions.contains_key(&key) {
-                    self.lookups.intentions = Part::default();
+                    self.lookups.intentions_to.add(key.1.clone(), &key);
                 }
                 self.intentions.insert(key, i);
             }
             P::IntentionDelete(r) => {
-                if self.intentions.remove(&(r.source, r.destination)).is_some() {
-                    self.lookups.intentions = Part::default();
+                let key = (r.source, r.destination);
+                if self.intentions.remove(&key).is_some() {
+                    self.lookups.intentions_to.remove(key.1.as_str(), &key);
                 }
             }
             P::CaBundle(b) => {
@@ -306,7 +321,9 @@ impl View {
             P::ConfigUpsert(e) => self.apply_config(&e),
             P::ConfigDelete(r) => {
                 if let Ok(kind) = r.kind.parse::<EntryKind>() {
-                    self.entries.remove(kind, &r.name);
+                    if self.entries.get(kind, &r.name).is_some() {
+                        Arc::make_mut(&mut self.entries).remove(kind, &r.name);
+                    }
                 }
             }
             P::KvUpsert(_) | P::KvDelete(_) => {}
@@ -317,7 +334,7 @@ impl View {
     fn apply_config(&mut self, e: &proto::ConfigEntry) {
         match serde_json::from_str::<ConfigEntry>(&e.json) {
             Ok(entry) => {
-                self.entries.insert(entry);
+                Arc::make_mut(&mut self.entries).insert(entry);
             }
             // Written through the servers' validation, so this is a bug or a
             // newer server: the entry is left out (requests are not routed by it).
@@ -327,56 +344,42 @@ impl View {
         }
     }
 
-    fn instance_indexes(&self) -> &InstanceIndexes {
-        self.lookups.instances.get_or_init(|| instance_index(self))
-    }
-
     /// Builds the lookups a change left to build, off the data path, so
     /// that no connection pays for them.
     pub fn prepare(&self) {
-        self.instance_indexes();
         self.lookups.vips.get_or_init(|| vip_index(self));
-        self.lookups
-            .intentions
-            .get_or_init(|| intention_index(self));
     }
 
     /// Every instance of `service`, in a stable order.
     pub fn instances_of_service(&self, service: &str) -> Vec<&ServiceInstance> {
-        let keys = self.instance_indexes().by_service.get(service);
-        keys.into_iter()
-            .flatten()
-            .filter_map(|k| self.instances.get(k))
+        (self.lookups.by_service.get(service).iter())
+            .filter_map(|k| self.instances.get(k).map(|i| &**i))
             .collect()
     }
 
     /// The instances listening on `addr`.
     fn instances_at(&self, addr: SocketAddr) -> impl Iterator<Item = &ServiceInstance> {
-        let keys = self.instance_indexes().by_addr.get(&addr);
-        keys.into_iter()
-            .flatten()
-            .filter_map(|k| self.instances.get(k))
+        let keys = self.lookups.by_addr.get(&addr).iter();
+        keys.filter_map(|k| self.instances.get(k).map(|i| &**i))
     }
 
     /// The intentions that may apply to calls to `destination`: those
     /// naming it, and those naming `*`.
     fn intentions_to(&self, destination: &str) -> impl Iterator<Item = &Intention> {
-        let to = self
-            .lookups
-            .intentions
-            .get_or_init(|| intention_index(self));
-        let named = to.get(destination).into_iter().flatten();
-        let any = (destination != weft_api::names::WILDCARD)
-            .then(|| to.get(weft_api::names::WILDCARD))
-            .flatten();
-        named
-            .chain(any.into_iter().flatten())
+        let to = &self.lookups.intentions_to;
+        let any: &[IntentionKey] = if destination == weft_api::names::WILDCARD {
+            &[]
+        } else {
+            to.get(weft_api::names::WILDCARD)
+        };
+        (to.get(destination).iter())
+            .chain(any)
             .filter_map(|k| self.intentions.get(k))
     }
 
     /// The protocol of `service` (tcp unless a service-defaults says otherwise).
     pub fn protocol(&self, service: &str) -> Protocol {
-        EntryContext::protocol(&self.entries, service)
+        EntryContext::protocol(&*self.entries, service)
     }
 
     /// Whether `service` admits plaintext through its agent (permissive).
@@ -460,7 +463,7 @@ impl View {
         self.instances
             .range((node.to_string(), String::new())..)
             .take_while(move |((n, _), _)| n == node)
-            .map(|(_, i)| i)
+            .map(|(_, i)| &**i)
     }
 
     /// The instance on `node` that listens on `target`.
@@ -710,22 +713,22 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_health_change_keeps_the_lookups_and_a_move_renews_them() {
+    fn a_health_change_keeps_the_lookups_and_a_move_refiles_the_instance() {
         let mut v = View::default();
         v.apply(snapshot(3)).unwrap();
         v.prepare();
-        let built = v.lookups.instances.clone();
         let published = v.clone();
-        // api-2 passes now: same service, same address, same index.
+        // api-2 passes now: same service, same address, the same index.
         let passing = instance("b", "api-2", "api", 8081, proto::Health::Passing);
         v.apply(changes(4, vec![P::InstanceUpsert(passing)]))
             .unwrap();
-        assert!(Arc::ptr_eq(&built, &v.lookups.instances));
+        assert!(v.lookups.by_addr.same_as(&published.lookups.by_addr));
+        assert!(v.lookups.by_service.same_as(&published.lookups.by_service));
         assert_eq!(v.passing("api").len(), 2);
-        // api-2 moves to 9090: the index is renewed and finds it there.
+        // api-2 moves to 9090: filed there, and no longer at 8081.
         let moved = instance("b", "api-2", "api", 9090, proto::Health::Passing);
         v.apply(changes(5, vec![P::InstanceUpsert(moved)])).unwrap();
-        assert!(!Arc::ptr_eq(&built, &v.lookups.instances));
+        assert!(!v.lookups.by_addr.same_as(&published.lookups.by_addr));
         let at = |view: &View, port| {
             let addr = SocketAddr::new("10.0.0.2".parse().unwrap(), port);
             view.local_instance("b", addr).map(|i| i.id.clone())
@@ -933,6 +936,128 @@ pub(crate) mod tests {
         assert!(v
             .local_instance("b", "10.0.0.2:9999".parse().unwrap())
             .is_none());
+    }
+
+    /// Instances by service, by address, intentions by destination: the
+    /// ids or names each lookup gives, in its order.
+    type Answers = (Vec<Vec<String>>, Vec<Vec<String>>, Vec<Vec<String>>);
+
+    /// What the lookups must answer, found by scanning the whole view.
+    fn scanned(v: &View) -> Answers {
+        let services = ["s0", "s1", "s2"];
+        let by_service = services
+            .iter()
+            .map(|s| {
+                let all = v.instances.values().filter(|i| i.service == *s);
+                all.map(|i| i.id.clone()).collect()
+            })
+            .collect();
+        let by_addr = (0..3)
+            .map(|p| {
+                let addr = SocketAddr::new("10.0.0.2".parse().unwrap(), 8000 + p);
+                let all = v
+                    .instances
+                    .values()
+                    .filter(|i| i.socket_addr() == Some(addr));
+                all.map(|i| i.id.clone()).collect()
+            })
+            .collect();
+        let to = ["s0", "s1", "*"]
+            .iter()
+            .map(|d| {
+                let all = v
+                    .intentions
+                    .values()
+                    .filter(|i| i.destination == *d || (*d != "*" && i.destination == "*"));
+                let mut all: Vec<String> = all
+                    .map(|i| i.source.clone() + ">" + &i.destination)
+                    .collect();
+                all.sort();
+                all
+            })
+            .collect();
+        (by_service, by_addr, to)
+    }
+
+    /// What the lookups answer.
+    fn looked_up(v: &View) -> Answers {
+        let by_service = ["s0", "s1", "s2"]
+            .iter()
+            .map(|s| {
+                v.instances_of_service(s)
+                    .iter()
+                    .map(|i| i.id.clone())
+                    .collect()
+            })
+            .collect();
+        let by_addr = (0..3)
+            .map(|p| {
+                let addr = SocketAddr::new("10.0.0.2".parse().unwrap(), 8000 + p);
+                v.instances_at(addr).map(|i| i.id.clone()).collect()
+            })
+            .collect();
+        let to = ["s0", "s1", "*"]
+            .iter()
+            .map(|d| {
+                let all = v
+                    .intentions_to(d)
+                    .map(|i| i.source.clone() + ">" + &i.destination);
+                let mut all: Vec<String> = all.collect();
+                all.sort();
+                all
+            })
+            .collect();
+        (by_service, by_addr, to)
+    }
+
+    #[test]
+    fn the_lookups_filed_change_by_change_answer_as_a_scan_does() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        let mut v = View::default();
+        v.apply(snapshot(1)).unwrap();
+        let mut published: Vec<(View, _)> = Vec::new();
+        for index in 2..3000u64 {
+            let node = ["a", "b", "c"][rng.random_range(0..3)];
+            // Ids are unique per node here, so ids name instances.
+            let id = format!("{node}-{}", rng.random_range(0..6));
+            let service = ["s0", "s1", "s2"][rng.random_range(0..3)];
+            let party = |rng: &mut rand::rngs::StdRng| ["s0", "s1", "*"][rng.random_range(0..3)];
+            let change = match rng.random_range(0..10) {
+                0..=4 => P::InstanceUpsert(instance(
+                    node,
+                    &id,
+                    service,
+                    8000 + rng.random_range(0..3),
+                    proto::Health::Passing,
+                )),
+                5 | 6 => P::InstanceDelete(proto::InstanceRef {
+                    node: node.into(),
+                    id,
+                }),
+                7 => P::NodeDelete(node.into()),
+                8 => P::IntentionUpsert(proto::Intention {
+                    source: party(&mut rng).into(),
+                    destination: party(&mut rng).into(),
+                    action: "allow".into(),
+                    ..Default::default()
+                }),
+                _ => P::IntentionDelete(proto::IntentionRef {
+                    source: party(&mut rng).into(),
+                    destination: party(&mut rng).into(),
+                }),
+            };
+            v.apply(changes(index, vec![change])).unwrap();
+            assert_eq!(looked_up(&v), scanned(&v), "after change {index}");
+            if index % 100 == 0 {
+                published.push((v.clone(), looked_up(&v)));
+            }
+        }
+        // Copies published along the way still answer as they did.
+        for (copy, answers) in &published {
+            assert_eq!(&looked_up(copy), answers);
+            assert_eq!(&scanned(copy), answers);
+        }
     }
 
     #[test]

@@ -902,9 +902,10 @@ pub trait EntryContext {
 }
 
 /// A set of entries keyed by (kind, name): a ready-made [`EntryContext`].
+/// Each entry is shared: copying the set copies its keys, not the rules.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EntrySet {
-    entries: BTreeMap<(EntryKind, String), ConfigEntry>,
+    entries: BTreeMap<(EntryKind, String), std::sync::Arc<ConfigEntry>>,
 }
 
 impl EntrySet {
@@ -913,22 +914,22 @@ impl EntrySet {
     }
 
     /// Adds or replaces the entry of the same kind and name; returns the old one.
-    pub fn insert(&mut self, entry: ConfigEntry) -> Option<ConfigEntry> {
-        self.entries
-            .insert((entry.kind(), entry.name().to_string()), entry)
+    pub fn insert(&mut self, entry: ConfigEntry) -> Option<std::sync::Arc<ConfigEntry>> {
+        let key = (entry.kind(), entry.name().to_string());
+        self.entries.insert(key, std::sync::Arc::new(entry))
     }
 
     pub fn get(&self, kind: EntryKind, name: &str) -> Option<&ConfigEntry> {
-        self.entries.get(&(kind, name.to_string()))
+        self.entries.get(&(kind, name.to_string())).map(|e| &**e)
     }
 
-    pub fn remove(&mut self, kind: EntryKind, name: &str) -> Option<ConfigEntry> {
+    pub fn remove(&mut self, kind: EntryKind, name: &str) -> Option<std::sync::Arc<ConfigEntry>> {
         self.entries.remove(&(kind, name.to_string()))
     }
 
     /// All entries, ordered by kind then name.
     pub fn iter(&self) -> impl Iterator<Item = &ConfigEntry> {
-        self.entries.values()
+        self.entries.values().map(|e| &**e)
     }
 }
 

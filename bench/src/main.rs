@@ -12,6 +12,9 @@
 //! `weft-bench ui`: the web UI and the traffic summaries with 1,000
 //! services (see `ui.rs`).
 //!
+//! `weft-bench view`: what one change costs the agent's view at the large
+//! mesh's size, in process (see `view_cost.rs`).
+//!
 //! `weft-bench node`: per-node overhead (issue 7; see bench/README.md), and
 //! the control-plane figures, in bench/results/node.{md,json}.
 use clap::{Parser, Subcommand};
@@ -27,6 +30,7 @@ mod report;
 mod tunnel;
 mod ui;
 mod usage;
+mod view_cost;
 
 #[derive(Parser)]
 #[command(name = "weft-bench")]
@@ -65,6 +69,13 @@ enum Command {
     /// Chromium; writes bench/results/ui.{md,json}.
     Ui {
         /// Two rounds instead of five.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// What one change costs the agent's view with 10,000 instances (in
+    /// process, no root); writes bench/results/view.{md,json}.
+    View {
+        /// A fifth of the changes.
         #[arg(long)]
         quick: bool,
     },
@@ -117,6 +128,10 @@ fn main() -> anyhow::Result<()> {
         Command::Ui { quick } => {
             let run = ui::run(quick)?;
             report::write_doc("ui", &run.figures, &run.sections, serde_json::Value::Null)
+        }
+        Command::View { quick } => {
+            let run = view_cost::run(quick)?;
+            report::write_doc("view", &run.figures, &run.sections, serde_json::Value::Null)
         }
         Command::Tunnel { quick } => report::write("tunnel", &tunnel::run(quick)?),
     }

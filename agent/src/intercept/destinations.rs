@@ -6,7 +6,7 @@
 //! sync rebuilt and compared the whole set.
 //!
 //! Pure: no maps, no syscalls; [`super::Interception`] applies what it says.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use im::ordmap::DiffItem;
@@ -19,14 +19,14 @@ use crate::view::View;
 /// virtual IP on any port (`None`).
 pub type Destination = (IpAddr, Option<u16>);
 
-type Instances = OrdMap<(String, String), ServiceInstance>;
+type Instances = OrdMap<(String, String), std::sync::Arc<ServiceInstance>>;
 
 /// What the last sync saw and what it wants taken over.
 #[derive(Debug, Clone)]
 pub struct Destinations {
     node: String,
     instances: Instances,
-    vips: BTreeMap<String, IpAddr>,
+    vips: OrdMap<String, IpAddr>,
     /// Destination -> how many instances or services want it (two
     /// instances may share an address and port, on different nodes).
     wanted: HashMap<Destination, u32>,
@@ -47,7 +47,7 @@ impl Destinations {
         Destinations {
             node: node.to_string(),
             instances: OrdMap::new(),
-            vips: BTreeMap::new(),
+            vips: OrdMap::new(),
             wanted: HashMap::new(),
         }
     }
@@ -70,15 +70,17 @@ impl Destinations {
                 changes.push((old, new));
             }
         }
-        if self.vips != view.vips {
-            for vip in self.vips.values() {
-                changes.push((Some((*vip, None)), None));
-            }
-            for vip in view.vips.values() {
-                changes.push((None, Some((*vip, None))));
-            }
-            self.vips = view.vips.clone();
+        for item in self.vips.diff(&view.vips) {
+            changes.push(match item {
+                DiffItem::Add(_, new) => (None, Some((*new, None))),
+                DiffItem::Remove(_, old) => (Some((*old, None)), None),
+                DiffItem::Update {
+                    old: (_, old),
+                    new: (_, new),
+                } => (Some((*old, None)), Some((*new, None))),
+            });
         }
+        self.vips = view.vips.clone();
         for (old, new) in changes {
             if let Some(old) = old {
                 self.release(old);

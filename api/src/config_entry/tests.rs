@@ -995,7 +995,7 @@ fn entry_set_context() {
     assert!(c.resolver("api").is_some());
     assert!(c.resolver("db").is_none());
     let old = c.insert(defaults("api", Protocol::Http2));
-    assert_eq!(old, Some(defaults("api", Protocol::Http)));
+    assert_eq!(old.as_deref(), Some(&defaults("api", Protocol::Http)));
     assert_eq!(c.protocol("api"), Protocol::Http2);
     assert!(c.remove(EntryKind::ServiceResolver, "api").is_some());
     assert!(c.resolver("api").is_none());
