@@ -5,8 +5,11 @@
 //! load generator with latency percentiles and JSON output; from crates.io,
 //! `cargo install --locked oha`), printing present / installed like setup
 //! does. Then it builds the release binaries and runs
-//! `target/release/weft-bench node [--quick]`, which measures and writes
-//! bench/results/node.{md,json} (bench/README.md says how to read them).
+//! `target/release/weft-bench view [--quick]` (what one change costs the
+//! agent's view at the large mesh's size, in process: seconds) and
+//! `target/release/weft-bench node [--quick]`, which measure and write
+//! bench/results/view.{md,json} and node.{md,json} (bench/README.md says
+//! how to read them).
 use std::process::Command;
 
 use anyhow::bail;
@@ -31,12 +34,15 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         .map(|d| workspace_root().join(d))
         .unwrap_or_else(|| workspace_root().join("target"));
     let bench = target.join("release/weft-bench");
-    let mut cmd = Command::new(bench);
-    cmd.arg("node").current_dir(workspace_root());
-    if quick {
-        cmd.arg("--quick");
+    for what in ["view", "node"] {
+        let mut cmd = Command::new(&bench);
+        cmd.arg(what).current_dir(workspace_root());
+        if quick {
+            cmd.arg("--quick");
+        }
+        status(&mut cmd)?;
     }
-    status(&mut cmd)
+    Ok(())
 }
 
 /// `oha` on the PATH or in cargo's bin directory; installed with cargo if absent.
