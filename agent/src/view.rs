@@ -46,9 +46,11 @@ pub struct View {
     pub nodes: OrdMap<String, Node>,
     /// (node, instance id) -> instance; each shared, so that a change
     /// copying the path to one instance copies none of its neighbours.
+    /// Changed only through [`View::apply`], which files it in the lookups.
     #[serde(serialize_with = "shared_values_as_list")]
     pub instances: OrdMap<(String, String), Arc<ServiceInstance>>,
     pub vips: OrdMap<String, IpAddr>,
+    /// Changed only through [`View::apply`], which files it in the lookups.
     #[serde(serialize_with = "values_as_list")]
     pub intentions: OrdMap<(String, String), Intention>,
     /// Every config entry (routers, splitters, resolvers, defaults),
@@ -80,8 +82,10 @@ type IntentionKey = (String, String);
 
 /// The view's lookups. Instances (by service, by address) and intentions
 /// (by destination) are filed as each change applies, in persistent
-/// indexes a published copy shares: a change costs the same in a mesh of
-/// ten instances as in one of ten thousand. The virtual IPs' reverse map
+/// indexes a published copy shares: a change copies the path to its
+/// heading and that heading's list, so its cost grows with the instances
+/// of one service (or the intentions naming one destination), not with
+/// the size of the mesh. The virtual IPs' reverse map
 /// changes only when a service is first given one; it is rebuilt then,
 /// once, before the view is published ([`View::prepare`]).
 #[derive(Clone, Default)]
@@ -196,8 +200,12 @@ impl View {
                 for i in s.instances {
                     let i = instance_from_proto(i).map_err(|e| bad(e.to_string()))?;
                     let key = (i.node.clone(), i.id.clone());
+                    let i = Arc::new(i);
+                    // The same instance twice: the last one stands.
+                    if let Some(old) = next.instances.insert(key.clone(), i.clone()) {
+                        next.lookups.unfile(&key, &old);
+                    }
                     next.lookups.file(&key, &i);
-                    next.instances.insert(key, Arc::new(i));
                 }
                 for v in s.vips {
                     next.vips.insert(
@@ -1058,6 +1066,28 @@ pub(crate) mod tests {
             assert_eq!(&looked_up(copy), answers);
             assert_eq!(&scanned(copy), answers);
         }
+    }
+
+    #[test]
+    fn an_instance_twice_in_a_snapshot_is_filed_as_the_last_one() {
+        let mut event = snapshot(3);
+        if let Some(Event::Snapshot(s)) = &mut event.event {
+            s.instances
+                .push(instance("b", "api-1", "db", 9000, proto::Health::Passing));
+        }
+        let mut v = View::default();
+        v.apply(event).unwrap();
+        let ids = |list: Vec<&ServiceInstance>| -> Vec<String> {
+            list.iter().map(|i| i.id.clone()).collect()
+        };
+        assert_eq!(ids(v.instances_of_service("api")), ["api-2"]);
+        assert_eq!(ids(v.instances_of_service("db")), ["api-1"]);
+        let at = |port| SocketAddr::new("10.0.0.2".parse().unwrap(), port);
+        assert!(v.local_instance("b", at(8080)).is_none());
+        assert_eq!(
+            v.local_instance("b", at(9000)).map(|i| i.service.as_str()),
+            Some("db")
+        );
     }
 
     #[test]

@@ -89,14 +89,16 @@ fn snapshot() -> proto::WatchEvent {
 /// churn does, so no two consecutive changes touch the same thing.
 fn change(kind: Kind, n: usize) -> P {
     let s = n % SERVICES;
-    // Every pass through the services flips back.
-    let flipped = (n / SERVICES).is_multiple_of(2);
+    // Every pass through what a kind changes flips back.
+    let flipped = |period: usize| (n / period).is_multiple_of(2);
     match kind {
-        Kind::Health => P::InstanceUpsert(instance(s, 0, PER_SERVICE, NODES, !flipped)),
-        Kind::Intention => P::IntentionUpsert(intention(n % INTENTIONS, SERVICES, flipped)),
+        Kind::Health => P::InstanceUpsert(instance(s, 0, PER_SERVICE, NODES, !flipped(SERVICES))),
+        Kind::Intention => {
+            P::IntentionUpsert(intention(n % INTENTIONS, SERVICES, flipped(INTENTIONS)))
+        }
         Kind::Move => {
             let mut i = instance(s, 0, PER_SERVICE, NODES, true);
-            if flipped {
+            if flipped(SERVICES) {
                 i.port += 10_000;
             }
             P::InstanceUpsert(i)
@@ -104,7 +106,7 @@ fn change(kind: Kind, n: usize) -> P {
         Kind::Router => {
             // The same router, its prefix route's timeout changed.
             let json = router(n % ROUTERS, SERVICES)
-                .replace("\"2s\"", if flipped { "\"3s\"" } else { "\"2s\"" });
+                .replace("\"2s\"", if flipped(ROUTERS) { "\"3s\"" } else { "\"2s\"" });
             P::ConfigUpsert(config_entry(json))
         }
     }
