@@ -131,7 +131,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::View { quick } => {
             let run = view_cost::run(quick)?;
-            report::write_doc("view", &run.figures, &run.sections, serde_json::Value::Null)
+            report::write_doc("view", &run.figures, &run.sections, run.extra)
         }
         Command::Tunnel { quick } => report::write("tunnel", &tunnel::run(quick)?),
     }

@@ -10,7 +10,9 @@
 //! This is the work every agent does for every change the servers make,
 //! on its background thread: what it costs sets how much of a core a mesh
 //! changing ten times a second takes from the connections it carries.
-use std::time::Instant;
+//! Like the node benchmark's rounds, the run waits (bounded) for a quiet
+//! machine and records the load at its start and end.
+use std::time::{Duration, Instant};
 
 use weft_agent::shared_view::SharedView;
 use weft_agent::view::View;
@@ -19,6 +21,7 @@ use weft_bench::mesh_shape::{
     http_defaults, instance, intention, node_address, node_name, router, service_name,
 };
 
+use crate::quiet;
 use crate::report::{number, Figure, Section};
 
 const NODES: usize = 1000;
@@ -136,10 +139,14 @@ impl Kind {
 pub struct Run {
     pub figures: Vec<Figure>,
     pub sections: Vec<Section>,
+    /// The machine's load around the run, for the JSON results.
+    pub extra: serde_json::Value,
 }
 
 pub fn run(quick: bool) -> anyhow::Result<Run> {
     let changes = if quick { CHANGES / 5 } else { CHANGES };
+    let quiet_wait = Duration::from_secs(if quick { 60 } else { 240 });
+    let (start_load, waited, is_quiet) = quiet::wait_for_quiet(quiet_wait)?;
     let shared = SharedView::default();
     let mut working = View::default();
     let started = Instant::now();
@@ -199,8 +206,24 @@ pub fn run(quick: bool) -> anyhow::Result<Run> {
         );
         figures.push(f);
     }
+    let load = quiet::RoundLoad {
+        round: 0,
+        start: start_load,
+        end: quiet::load_average()?,
+        waited,
+        quiet: is_quiet,
+    };
+    let (mut load_md, warnings) = quiet::section(std::slice::from_ref(&load), quiet_wait);
+    for w in &warnings {
+        eprintln!("WARNING view: {w}");
+        load_md += &format!("\n**{w}**\n");
+    }
     Ok(Run {
         figures,
-        sections: vec![Section::new("One change to the large view", md)],
+        sections: vec![
+            Section::new("One change to the large view", md),
+            Section::new("Machine load", load_md),
+        ],
+        extra: serde_json::json!({ "round_load": [load.to_json()] }),
     })
 }
