@@ -478,7 +478,7 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
             max_secs: 2,
             conn_secs: 2,
             bulk_secs: 2,
-            quiet_wait: Duration::from_secs(60),
+            quiet_wait: quiet::wait_limit(quick),
             large_rounds: 3,
         }
     } else {
@@ -488,7 +488,7 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
             max_secs: 5,
             conn_secs: 5,
             bulk_secs: 5,
-            quiet_wait: Duration::from_secs(240),
+            quiet_wait: quiet::wait_limit(quick),
             large_rounds: 5,
         }
     };

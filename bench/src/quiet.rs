@@ -12,6 +12,10 @@ use serde_json::{json, Value};
 
 /// The 1-minute load average under which a round starts.
 pub const QUIET_LOAD: f64 = 0.5;
+/// The longest a round waits for a quiet machine (`--quick`: a minute).
+pub fn wait_limit(quick: bool) -> Duration {
+    Duration::from_secs(if quick { 60 } else { 240 })
+}
 /// How often the load is read while waiting.
 const POLL: Duration = Duration::from_secs(5);
 

@@ -12,7 +12,7 @@
 //! changing ten times a second takes from the connections it carries.
 //! Like the node benchmark's rounds, the run waits (bounded) for a quiet
 //! machine and records the load at its start and end.
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use weft_agent::shared_view::SharedView;
 use weft_agent::view::View;
@@ -145,7 +145,7 @@ pub struct Run {
 
 pub fn run(quick: bool) -> anyhow::Result<Run> {
     let changes = if quick { CHANGES / 5 } else { CHANGES };
-    let quiet_wait = Duration::from_secs(if quick { 60 } else { 240 });
+    let quiet_wait = quiet::wait_limit(quick);
     let (start_load, waited, is_quiet) = quiet::wait_for_quiet(quiet_wait)?;
     let shared = SharedView::default();
     let mut working = View::default();
