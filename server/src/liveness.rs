@@ -71,11 +71,16 @@ impl Liveness {
     /// The changes of node health due now, given the registered `nodes`;
     /// forgets heartbeats of nodes that are not registered. Empty when this
     /// server does not lead.
-    fn due(&self, nodes: &[Node], now: Instant) -> Vec<(String, HealthStatus, String)> {
+    fn due<'a, I>(&self, nodes: I, now: Instant) -> Vec<(String, HealthStatus, String)>
+    where
+        I: IntoIterator<Item = &'a Node> + Clone,
+    {
         let Some(since) = *self.leading_since.lock().expect("liveness lock") else {
             return Vec::new();
         };
-        let registered: HashSet<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+        let registered: HashSet<&str> = (nodes.clone().into_iter())
+            .map(|n| n.name.as_str())
+            .collect();
         let mut seen = self.seen.lock().expect("liveness lock");
         seen.retain(|name, _| registered.contains(name.as_str()));
         verdicts(nodes, &seen, since, now, self.timeout)
@@ -100,10 +105,10 @@ impl Liveness {
 impl Liveness {
     /// The instances due for deregistration: critical for longer than their
     /// `deregister_critical_after_ms`, as this leader saw them.
-    fn expired(
+    fn expired<'a>(
         &self,
-        nodes: &[Node],
-        instances: &[ServiceInstance],
+        nodes: impl IntoIterator<Item = &'a Node>,
+        instances: impl IntoIterator<Item = &'a ServiceInstance>,
         now: Instant,
     ) -> Vec<(String, String)> {
         if self.leading_since.lock().expect("liveness lock").is_none() {
@@ -118,14 +123,14 @@ impl Liveness {
 /// health, or their node's — for at least their deregistration delay,
 /// counted from when first seen critical in `since`, which this keeps (an
 /// instance seen passing again starts over).
-pub fn expired(
-    nodes: &[Node],
-    instances: &[ServiceInstance],
+pub fn expired<'a>(
+    nodes: impl IntoIterator<Item = &'a Node>,
+    instances: impl IntoIterator<Item = &'a ServiceInstance>,
     since: &mut HashMap<(String, String), Instant>,
     now: Instant,
 ) -> Vec<(String, String)> {
     let critical_nodes: HashSet<&str> = nodes
-        .iter()
+        .into_iter()
         .filter(|n| n.health == HealthStatus::Critical)
         .map(|n| n.name.as_str())
         .collect();
@@ -133,7 +138,7 @@ pub fn expired(
     let mut due = Vec::new();
     let mut watched = HashSet::new();
     for i in instances
-        .iter()
+        .into_iter()
         .filter(|i| i.deregister_critical_after_ms > 0)
     {
         let key = (i.node.clone(), i.id.clone());
@@ -156,8 +161,8 @@ pub fn expired(
 /// node silent for longer than `timeout` (counted from its last heartbeat,
 /// or from `leading_since` if later) goes critical; a node that the monitor
 /// made critical goes back to passing once heard from within `timeout`.
-pub fn verdicts(
-    nodes: &[Node],
+pub fn verdicts<'a>(
+    nodes: impl IntoIterator<Item = &'a Node>,
     seen: &HashMap<String, Instant>,
     leading_since: Instant,
     now: Instant,
@@ -167,7 +172,7 @@ pub fn verdicts(
     // External nodes (registered through the catalog API) have no agent to
     // send heartbeats: their health is what their registrations say.
     for node in nodes
-        .iter()
+        .into_iter()
         .filter(|n| !weft_api::catalog_register::is_external(n))
     {
         let last = seen
@@ -211,24 +216,18 @@ pub async fn monitor(node: Arc<ServerNode>) {
         if !leading {
             continue;
         }
-        let (nodes, instances): (Vec<Node>, Vec<ServiceInstance>) = {
+        // Decided under the state's read lock from what it holds, nothing
+        // copied: a tick costs a pass over the catalog, not a copy of it.
+        let (expired, due) = {
             let state = node.shared.state.read().expect("state lock");
-            let nodes = state
-                .nodes
-                .values()
-                .filter(|n| n.datacenter == node.datacenter)
-                .cloned()
-                .collect();
-            let instances = state
-                .instances
-                .values()
-                .flat_map(|m| m.values())
-                .filter(|i| i.deregister_critical_after_ms > 0)
-                .cloned()
-                .collect();
-            (nodes, instances)
+            let here = (state.nodes.values()).filter(|n| n.datacenter == node.datacenter);
+            let instances = state.instances.values().flat_map(|m| m.values());
+            (
+                node.liveness.expired(here.clone(), instances, now),
+                node.liveness.due(here, now),
+            )
         };
-        for (name, id) in node.liveness.expired(&nodes, &instances, now) {
+        for (name, id) in expired {
             tracing::warn!(node = %name, %id, "instance critical past its DeregisterCriticalServiceAfter: deregistering");
             let cmd = Command::DeregisterService {
                 node: name.clone(),
@@ -238,7 +237,7 @@ pub async fn monitor(node: Arc<ServerNode>) {
                 tracing::warn!(node = %name, %id, "deregistering failed: {e}");
             }
         }
-        for (name, health, output) in node.liveness.due(&nodes, now) {
+        for (name, health, output) in due {
             match health {
                 HealthStatus::Critical => tracing::warn!(node = %name, "node critical: {output}"),
                 _ => tracing::info!(node = %name, "node heard from again: passing"),
