@@ -3,9 +3,11 @@
 //! 1,000 services, 10,000 instances on 1,000 nodes, 1,000 intentions and
 //! 100 service-routers, none of them on the benchmark's own path; while 10
 //! changes a second arrive (an instance's health, an intention's action, in
-//! turn), the configurations are measured again and set next to their
-//! small-mesh figures of the same run. The agents' memory is read before
-//! the fill and once their views hold it.
+//! turn), the configurations are measured again and held to the same
+//! rounds (the same loads in the same order) run on the small mesh just
+//! before the fill. The agents' memory is read before the fill and once
+//! their views hold it; the servers' CPU per change during the rounds is
+//! reported (they run at idle priority, see `crate::priority`).
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -125,6 +127,8 @@ impl Churn {
             "--intentions",
             &INTENTIONS.to_string(),
         ]);
+        // A client of the control plane: elsewhere in a deployment.
+        crate::priority::start_idle(&mut cmd);
         let log_name = "bench-churn.log";
         let proc = mesh.spawn(Node::A, &mut cmd, log_name)?;
         Ok(Churn {
@@ -170,10 +174,14 @@ impl Churn {
 
 /// The large mesh next to the small one: each configuration's added
 /// latency and new connections per second (medians over their rounds of
-/// the same run), the agents' memory, and how long filling took.
+/// the same run) in the large mesh against the same loads in the same
+/// order on the small mesh just before the fill (`reference`, the phase's
+/// name), the small mesh's main rounds beside them; the agents' memory,
+/// and how long filling took.
 pub fn section(
     figures: &[Figure],
     configs: &[&str],
+    reference: &str,
     facts: &std::collections::BTreeMap<String, f64>,
 ) -> Section {
     let median = |name: &str| {
@@ -183,8 +191,8 @@ pub fn section(
             .map(Figure::median)
     };
     let mut md = format!(
-        "The agents' views hold {SERVICES} services, {} instances on {NODES} nodes, {INTENTIONS} intentions and {ROUTERS} routers while {CHANGES_PER_SECOND} changes a second arrive. Medians over each phase's rounds; the target: within 10 % of the small mesh.\n\n\
-         | figure | configuration | small mesh | large mesh | large ÷ small | within 10 % |\n|---|---|---|---|---|---|\n",
+        "The agents' views hold {SERVICES} services, {} instances on {NODES} nodes, {INTENTIONS} intentions and {ROUTERS} routers while {CHANGES_PER_SECOND} changes a second arrive. The same rounds (1000 rps, then new connections, each configuration in turn) ran on the small mesh just before the fill ({reference}): the large mesh is held to those; the main rounds' figures (five loads per configuration) are beside them. Medians over each phase's rounds; the target: within 10 %.\n\n\
+         | figure | configuration | small mesh, main rounds | {reference} | large mesh | large ÷ before the fill | within 10 % |\n|---|---|---|---|---|---|---|\n",
         SERVICES * PER_SERVICE
     );
     for cfg in configs {
@@ -193,7 +201,8 @@ pub fn section(
             ("added latency at 1000 rps p99", "µs", false),
             ("new connections", "conn/s", true),
         ] {
-            let small = median(&format!("{cfg}: {metric}"));
+            let main = median(&format!("{cfg}: {metric}"));
+            let small = median(&format!("{cfg} ({reference}): {metric}"));
             let large = median(&format!("{cfg} (large mesh): {metric}"));
             let (ratio, met) = match (small, large) {
                 (Some(s), Some(l)) if s > 0.0 => {
@@ -206,7 +215,8 @@ pub fn section(
             let show =
                 |v: Option<f64>| v.map_or("not measured".to_string(), |v| format!("{v:.0} {unit}"));
             md += &format!(
-                "| {metric} | {cfg} | {} | {} | {ratio} | {met} |\n",
+                "| {metric} | {cfg} | {} | {} | {} | {ratio} | {met} |\n",
+                show(main),
                 show(small),
                 show(large)
             );
@@ -216,7 +226,7 @@ pub fn section(
     for (k, v) in facts {
         let unit = if k.contains("RSS") {
             "MB"
-        } else if k.starts_with("load") {
+        } else if k.starts_with("load") || k.contains(" per change") {
             ""
         } else {
             "s"

@@ -25,6 +25,7 @@ mod haproxy;
 mod large_mesh;
 mod load;
 mod node;
+mod priority;
 mod quiet;
 mod report;
 mod tunnel;

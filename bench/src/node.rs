@@ -250,6 +250,8 @@ fn bulk_load(t: &Target, p: &Params, streams: u32, out: &mut Round) -> anyhow::R
 
 /// The name `--only` takes for the large-mesh rounds.
 const LARGE: &str = "large mesh";
+/// The phase of the large mesh's reference rounds, before the fill.
+const BEFORE_FILL: &str = "small mesh, before the fill";
 /// At least this long after the fill before the large view's memory is
 /// read: two of the agent's heap-trim periods (`TRIM_PERIOD`,
 /// agent/src/allocator.rs).
@@ -289,6 +291,9 @@ fn large_mesh_rounds(
         let rss = load::rss_mb(*pid)?;
         out.facts.insert(format!("agent RSS before, {label}"), rss);
     }
+    // The small mesh measured as the large one will be, loads and order
+    // alike, just before the fill: the large mesh's reference.
+    phase_rounds(targets, p, BEFORE_FILL, out)?;
     for (i, mesh) in meshes.iter().enumerate() {
         eprintln!("large mesh: filling mesh {i}");
         let secs = large_mesh::fill(mesh)?;
@@ -336,32 +341,60 @@ fn large_mesh_rounds(
         out.facts
             .insert(format!("agent RSS with the large view, {label}"), rss);
     }
+    let servers = meshes
+        .iter()
+        .map(|m| m.server_pid().context("a mesh's server is not running"))
+        .collect::<anyhow::Result<Vec<u32>>>()?;
+    let window = Window::start(&servers)?;
+    let began = std::time::Instant::now();
+    phase_rounds(targets, p, LARGE, out)?;
+    let secs = began.elapsed().as_secs_f64();
+    let servers_usage = window.finish()?;
+    for (i, churn) in churns.into_iter().enumerate() {
+        let (made, late) = churn.finish()?;
+        out.facts.insert(
+            format!("server CPU ms per change during the rounds, mesh {i}"),
+            servers_usage[i].vcpu * secs * 1000.0 / made.max(1.0),
+        );
+        out.notes.push(format!(
+            "large mesh {i}: {made:.0} changes arrived during its rounds ({late:.0} took longer than their tick of {} ms)",
+            1000 / large_mesh::CHANGES_PER_SECOND
+        ));
+    }
+    Ok(())
+}
+
+/// `p.large_rounds` rounds of 1000 rps latency and new connections of
+/// each of `targets`, the order rotating from round to round, figures keyed
+/// `NAME (PHASE): figure`; the load at the start of each round in `out`'s
+/// facts.
+fn phase_rounds(
+    targets: &[&Target],
+    p: &Params,
+    phase: &str,
+    out: &mut LargeRun,
+) -> anyhow::Result<()> {
     for round in 0..p.large_rounds {
-        // The churn keeps the machine busy by design: a short wait, and
-        // the load recorded.
+        // The large mesh's churn keeps the machine busy by design: a short
+        // wait, and the load recorded.
         let (start, _, _) = quiet::wait_for_quiet(Duration::from_secs(30))?;
         let mut r = Round::new();
         for i in 0..targets.len() {
             let t = targets[(i + round) % targets.len()];
-            eprintln!("large mesh round {round}: {}", t.name);
+            eprintln!("{phase} round {round}: {}", t.name);
             let mut m = Round::new();
             rate_load(t, p, &mut m)?;
             conn_load(t, p, &mut m)?;
             r.extend(
                 m.into_iter()
-                    .map(|(k, v)| (format!("{} ({LARGE}): {k}", t.name), v)),
+                    .map(|(k, v)| (format!("{} ({phase}): {k}", t.name), v)),
             );
         }
-        out.facts
-            .insert(format!("load at the start of round {round}"), start);
+        out.facts.insert(
+            format!("load at the start of round {round}, {phase}"),
+            start,
+        );
         out.rounds.push(r);
-    }
-    for (i, churn) in churns.into_iter().enumerate() {
-        let (made, late) = churn.finish()?;
-        out.notes.push(format!(
-            "large mesh {i}: {made:.0} changes arrived during its rounds ({late:.0} took longer than their tick of {} ms)",
-            1000 / large_mesh::CHANGES_PER_SECOND
-        ));
     }
     Ok(())
 }
@@ -457,6 +490,16 @@ fn wait_http(t: &Target) -> anyhow::Result<()> {
     )
 }
 
+/// `mesh`'s server at idle priority: in a deployment it runs on a machine
+/// of its own (see [`crate::priority`]).
+fn control_plane_idle(mesh: &Mesh) -> anyhow::Result<()> {
+    let pid = mesh
+        .server_pid()
+        .context("the mesh's server is not running")?;
+    crate::priority::make_idle(pid)?;
+    Ok(())
+}
+
 /// A short warm-up: pools, caches, first TLS handshakes.
 fn warm_up(t: &Target) -> anyhow::Result<()> {
     let out = t.client("oha", &load::oha_rate_args(&t.url, 200, CONNS, 1), 1)?;
@@ -504,6 +547,7 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
         false,
     ))
     .context("starting the explicit-mode mesh")?;
+    control_plane_idle(&m1)?;
     let b1 = m1.ip(NodeB);
     let mut procs: Vec<Proc> = vec![
         http_workload(&m1, NodeB, &format!("{b1}:{HTTP_PORT}"))?,
@@ -592,6 +636,7 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
         }
     };
     if let Some(m2) = &m2 {
+        control_plane_idle(m2)?;
         let (a2, b2) = (m2.ip(NodeA), m2.ip(NodeB));
         // api and bulk are mesh workloads (inbound capture guards them); the
         // same-node services stay outside the mesh's cgroups, so that the
@@ -801,8 +846,11 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
             }
         }
         // The large mesh, within its own rounds.
-        for cfg in [EXPLICIT, EBPF] {
-            let (c, d) = (format!("{cfg} ({LARGE})"), format!("{DIRECT} ({LARGE})"));
+        for (cfg, phase) in [EXPLICIT, EBPF]
+            .into_iter()
+            .flat_map(|c| [(c, LARGE), (c, BEFORE_FILL)])
+        {
+            let (c, d) = (format!("{cfg} ({phase})"), format!("{DIRECT} ({phase})"));
             for q in ["p50", "p99"] {
                 let k = format!("1000 rps {q}");
                 if let (Some(a), Some(b)) =
@@ -895,6 +943,7 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
         sections.push(large_mesh::section(
             &figures,
             &[EXPLICIT, EBPF],
+            BEFORE_FILL,
             &large.facts,
         ));
     }
