@@ -20,6 +20,9 @@
 //! own node through its virtual IP (the fast path: the connect hook sends it
 //! straight to the local instance) next to the same client outside the mesh
 //! connecting to the instance directly.
+//!
+//! The meshes' servers run at idle priority ([`crate::priority`]): in a
+//! deployment the control plane has machines of its own.
 use std::collections::BTreeMap;
 use std::time::Duration;
 
