@@ -312,7 +312,9 @@ pub async fn run(
     identities.init(&names).await?;
     let renew_task = tokio::spawn(identities.clone().renew_forever());
     let trim_task = tokio::spawn(crate::allocator::trim_after_bursts());
-    let bundle_task = tokio::spawn(follow_bundle(
+    // Woken by every published view: on the background thread, so that
+    // the serving thread is not.
+    let bundle_task = background.spawn(follow_bundle(
         view.clone(),
         index_rx.clone(),
         bundle.clone(),
