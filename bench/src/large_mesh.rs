@@ -176,12 +176,13 @@ impl Churn {
 /// latency and new connections per second (medians over their rounds of
 /// the same run) in the large mesh against the same loads in the same
 /// order on the small mesh just before the fill (`reference`, the phase's
-/// name), the small mesh's main rounds beside them; the agents' memory,
-/// and how long filling took.
+/// name), the small mesh's main rounds beside them, and the large mesh
+/// once no change arrives any more (`still`); the agents' memory, and how
+/// long filling took.
 pub fn section(
     figures: &[Figure],
     configs: &[&str],
-    reference: &str,
+    (reference, still): (&str, &str),
     facts: &std::collections::BTreeMap<String, f64>,
 ) -> Section {
     let median = |name: &str| {
@@ -191,8 +192,8 @@ pub fn section(
             .map(Figure::median)
     };
     let mut md = format!(
-        "The agents' views hold {SERVICES} services, {} instances on {NODES} nodes, {INTENTIONS} intentions and {ROUTERS} routers while {CHANGES_PER_SECOND} changes a second arrive. The same rounds (1000 rps, then new connections, each configuration in turn) ran on the small mesh just before the fill ({reference}): the large mesh is held to those; the main rounds' figures (five loads per configuration) are beside them. Medians over each phase's rounds; the target: within 10 %.\n\n\
-         | figure | configuration | small mesh, main rounds | {reference} | large mesh | large ÷ before the fill | within 10 % |\n|---|---|---|---|---|---|---|\n",
+        "The agents' views hold {SERVICES} services, {} instances on {NODES} nodes, {INTENTIONS} intentions and {ROUTERS} routers while {CHANGES_PER_SECOND} changes a second arrive. The same rounds (1000 rps, then new connections, each configuration in turn) ran on the small mesh just before the fill ({reference}): the large mesh is held to those; the main rounds' figures (five loads per configuration) are beside them, and the same rounds on the large mesh after its changes stopped ({still}): what the view's size costs apart from taking changes. Medians over each phase's rounds; the target: within 10 %.\n\n\
+         | figure | configuration | small mesh, main rounds | {reference} | large mesh | large ÷ before the fill | within 10 % | {still} | no changes ÷ before the fill |\n|---|---|---|---|---|---|---|---|---|\n",
         SERVICES * PER_SERVICE
     );
     for cfg in configs {
@@ -204,6 +205,11 @@ pub fn section(
             let main = median(&format!("{cfg}: {metric}"));
             let small = median(&format!("{cfg} ({reference}): {metric}"));
             let large = median(&format!("{cfg} (large mesh): {metric}"));
+            let quiet = median(&format!("{cfg} ({still}): {metric}"));
+            let quiet_ratio = match (small, quiet) {
+                (Some(s), Some(q)) if s > 0.0 => format!("{:.2}", q / s),
+                _ => "—".to_string(),
+            };
             let (ratio, met) = match (small, large) {
                 (Some(s), Some(l)) if s > 0.0 => {
                     let r = l / s;
@@ -215,10 +221,11 @@ pub fn section(
             let show =
                 |v: Option<f64>| v.map_or("not measured".to_string(), |v| format!("{v:.0} {unit}"));
             md += &format!(
-                "| {metric} | {cfg} | {} | {} | {} | {ratio} | {met} |\n",
+                "| {metric} | {cfg} | {} | {} | {} | {ratio} | {met} | {} | {quiet_ratio} |\n",
                 show(main),
                 show(small),
-                show(large)
+                show(large),
+                show(quiet)
             );
         }
     }

@@ -255,6 +255,8 @@ fn bulk_load(t: &Target, p: &Params, streams: u32, out: &mut Round) -> anyhow::R
 const LARGE: &str = "large mesh";
 /// The phase of the large mesh's reference rounds, before the fill.
 const BEFORE_FILL: &str = "small mesh, before the fill";
+/// The phase after the large mesh's rounds, its churn stopped.
+const LARGE_STILL: &str = "large mesh, no changes";
 /// At least this long after the fill before the large view's memory is
 /// read: two of the agent's heap-trim periods (`TRIM_PERIOD`,
 /// agent/src/allocator.rs).
@@ -364,6 +366,9 @@ fn large_mesh_rounds(
             1000 / large_mesh::CHANGES_PER_SECOND
         ));
     }
+    // The same view with no change arriving: what the view's size costs
+    // apart from what taking changes costs (the agents' and the servers').
+    phase_rounds(targets, p, LARGE_STILL, out)?;
     Ok(())
 }
 
@@ -851,7 +856,7 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
         // The large mesh, within its own rounds.
         for (cfg, phase) in [EXPLICIT, EBPF]
             .into_iter()
-            .flat_map(|c| [(c, LARGE), (c, BEFORE_FILL)])
+            .flat_map(|c| [(c, LARGE), (c, BEFORE_FILL), (c, LARGE_STILL)])
         {
             let (c, d) = (format!("{cfg} ({phase})"), format!("{DIRECT} ({phase})"));
             for q in ["p50", "p99"] {
@@ -946,7 +951,7 @@ pub fn run(quick: bool, wanted: &dyn Fn(&str) -> bool) -> anyhow::Result<NodeRes
         sections.push(large_mesh::section(
             &figures,
             &[EXPLICIT, EBPF],
-            BEFORE_FILL,
+            (BEFORE_FILL, LARGE_STILL),
             &large.facts,
         ));
     }
