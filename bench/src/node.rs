@@ -348,7 +348,7 @@ fn large_mesh_rounds(
     }
     let servers = meshes
         .iter()
-        .map(|m| m.server_pid().context("a mesh's server is not running"))
+        .map(|m| server_pid(m))
         .collect::<anyhow::Result<Vec<u32>>>()?;
     let window = Window::start(&servers)?;
     let began = std::time::Instant::now();
@@ -498,13 +498,15 @@ fn wait_http(t: &Target) -> anyhow::Result<()> {
     )
 }
 
+fn server_pid(mesh: &Mesh) -> anyhow::Result<u32> {
+    mesh.server_pid()
+        .context("the mesh's server is not running")
+}
+
 /// `mesh`'s server at idle priority: in a deployment it runs on a machine
 /// of its own (see [`crate::priority`]).
 fn control_plane_idle(mesh: &Mesh) -> anyhow::Result<()> {
-    let pid = mesh
-        .server_pid()
-        .context("the mesh's server is not running")?;
-    crate::priority::make_idle(pid)?;
+    crate::priority::make_idle(server_pid(mesh)?)?;
     Ok(())
 }
 

@@ -83,10 +83,10 @@ mod tests {
 
     #[test]
     fn a_running_process_goes_idle_once() {
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "sleep 30 & wait"])
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
             .spawn()
-            .expect("sh");
+            .expect("sleep");
         let pid = child.id();
         let changed = make_idle(pid).expect("make_idle");
         assert!(changed >= 1, "nothing changed");

@@ -940,12 +940,12 @@ impl Mesh {
             .with_context(|| format!("no virtual IP for {service}: {v}"))
     }
 
-    /// The server's gRPC address (reachable from both nodes).
     /// The server's process id, while it runs.
     pub fn server_pid(&self) -> Option<u32> {
         (self.server.lock().expect("server lock").as_ref()).and_then(Proc::pid)
     }
 
+    /// The server's gRPC address (reachable from both nodes).
     pub fn server_addr(&self) -> String {
         format!("{}:{GRPC_PORT}", self.ip(Node::A))
     }
