@@ -1,7 +1,8 @@
 //! A thread for the agent's background work, apart from the runtime that
 //! serves connections: following the servers' watch stream (applying
-//! events, building each published view's indexes) and bringing the eBPF
-//! maps in step with the view. A large snapshot being applied, or a map
+//! events, building each published view's indexes), bringing the eBPF
+//! maps in step with the view, the calls to the servers (heartbeats,
+//! health, traffic reports, certificates) and the admin endpoint. A large snapshot being applied, or a map
 //! sync's thousands of syscalls, never holds up an accept or a request.
 //! The thread runs a single-threaded tokio runtime of its own until the
 //! [`Background`] is dropped, which ends its tasks.
@@ -39,6 +40,11 @@ impl Background {
             stop: Some(stop),
             thread: Some(thread),
         })
+    }
+
+    /// The background thread's runtime.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
     }
 
     /// Runs `task` on the background thread; the handle may be awaited or

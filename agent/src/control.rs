@@ -19,9 +19,19 @@
 //! Every call is TLS to a server whose certificate chains to the configured
 //! CA and names `tls_server_name`, and carries the agent's ACL token (a
 //! token with this node's identity and its services').
+//!
+//! Calls share one connection (HTTP/2 carries them side by side), kept
+//! until a call on it fails as a broken or unanswering server would, or the
+//! agent presents a new node certificate; then the next call connects
+//! again, to the first server that answers. The watch stream has a
+//! connection of its own. A thousand agents heartbeating every two seconds
+//! would otherwise cost the servers 500 TLS handshakes a second, and each
+//! agent a handshake on every call. With [`Control::drive_on`], connecting
+//! (the handshake) and the connections' I/O run on the given runtime (the
+//! agent's background thread), not on the caller's.
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -130,6 +140,43 @@ pub type ServerChannel = InterceptedService<Channel, TokenInterceptor>;
 /// How often the agent sends the servers its per-pair traffic.
 pub const TRAFFIC_INTERVAL: Duration = Duration::from_secs(5);
 
+/// A channel to the first of `addrs` that accepts a TLS connection.
+async fn connect_first(addrs: Vec<String>, tls: ClientTlsConfig) -> Result<Channel, ControlError> {
+    let mut last = String::from("no servers configured");
+    for addr in &addrs {
+        let endpoint = match Endpoint::from_shared(format!("https://{addr}"))
+            .and_then(|e| e.tls_config(tls.clone()))
+        {
+            Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
+            Err(e) => {
+                last = format!("{addr}: {e}");
+                continue;
+            }
+        };
+        match endpoint.connect().await {
+            Ok(ch) => return Ok(ch),
+            Err(e) => last = format!("{addr}: {e:?}"),
+        }
+    }
+    Err(ControlError::Unreachable(last))
+}
+
+/// Whether a call failing with `status` says its connection is of no
+/// further use: broken, its server without a leader or not answering in
+/// time. A server's answer (denied, invalid, not found) says nothing of
+/// the connection.
+fn connection_failed(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Internal
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+    )
+}
+
 /// The servers, and the node's registration as this agent knows it.
 pub struct Control {
     addrs: Vec<String>,
@@ -153,6 +200,11 @@ pub struct Control {
     /// The index of the last registration's last write: the view is not
     /// judged before it has caught up with it.
     registered_at: AtomicU64,
+    /// The connection calls share, and the number of times it was
+    /// forgotten (a connection made before the last time is not kept).
+    shared: Mutex<(u64, Option<Channel>)>,
+    /// Where connections are made and driven; unset: the caller's runtime.
+    runtime: OnceLock<tokio::runtime::Handle>,
 }
 
 impl Control {
@@ -167,7 +219,15 @@ impl Control {
             health_writes: tokio::sync::Mutex::new(()),
             registrations: Counter::default(),
             registered_at: AtomicU64::new(0),
+            shared: Mutex::new((0, None)),
+            runtime: OnceLock::new(),
         })
+    }
+
+    /// Makes and drives connections to the servers on `runtime` from now
+    /// on (the first call wins).
+    pub fn drive_on(&self, runtime: tokio::runtime::Handle) {
+        let _ = self.runtime.set(runtime);
     }
 
     /// Counts registrations in `counter` (the agent's metrics).
@@ -220,7 +280,7 @@ impl Control {
         let answer = AclClient::new(self.connect().await?)
             .authorize(req)
             .await
-            .map_err(Self::refused(what))?
+            .map_err(self.refused(what))?
             .into_inner();
         if answer.results.len() != asked {
             return Err(ControlError::Refused {
@@ -234,42 +294,71 @@ impl Control {
         Ok(answer.results.iter().map(|r| r.allowed).collect())
     }
 
-    /// A plain channel (no token added) to the first server that accepts a
-    /// TLS connection.
+    /// The shared plain channel (no token added), connected to the first
+    /// server that accepts a TLS connection if there is none.
     async fn connect(&self) -> Result<Channel, ControlError> {
-        let mut last = String::from("no servers configured");
-        for addr in &self.addrs {
-            let tls = self.credentials.tls.read().expect("tls lock").clone();
-            let endpoint = match Endpoint::from_shared(format!("https://{addr}"))
-                .and_then(|e| e.tls_config(tls))
-            {
-                Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
-                Err(e) => {
-                    last = format!("{addr}: {e}");
-                    continue;
-                }
-            };
-            match endpoint.connect().await {
-                Ok(ch) => return Ok(ch),
-                Err(e) => last = format!("{addr}: {e:?}"),
+        let generation = {
+            let shared = self.shared.lock().expect("channel lock");
+            if let Some(ch) = &shared.1 {
+                return Ok(ch.clone());
             }
+            shared.0
+        };
+        let ch = self.connect_new().await?;
+        let mut shared = self.shared.lock().expect("channel lock");
+        // Forgotten meanwhile (a new node certificate, say): used for this
+        // call, not kept.
+        if shared.0 == generation {
+            shared.1 = Some(ch.clone());
         }
-        Err(ControlError::Unreachable(last))
+        Ok(ch)
+    }
+
+    /// Drops the shared connection: the next call connects again.
+    fn forget(&self) {
+        let mut shared = self.shared.lock().expect("channel lock");
+        shared.0 += 1;
+        shared.1 = None;
+    }
+
+    /// A new connection to the first server that accepts one, made on
+    /// [`Self::drive_on`]'s runtime if set.
+    async fn connect_new(&self) -> Result<Channel, ControlError> {
+        let tls = self.credentials.tls.read().expect("tls lock").clone();
+        let dial = connect_first(self.addrs.clone(), tls);
+        match self.runtime.get() {
+            Some(runtime) => runtime.spawn(dial).await.map_err(|e| {
+                ControlError::Unreachable(format!("the task connecting to the servers: {e}"))
+            })?,
+            None => dial.await,
+        }
     }
 
     /// Presents `cert_chain_pem` (the node certificate, renewed or not) as
     /// the TLS client certificate of later calls.
     pub fn present_node_certificate(&self, cert_chain_pem: &str, key_pem: &str) {
-        let mut tls = self.credentials.tls.write().expect("tls lock");
-        *tls = tls.clone().identity(tonic::transport::Identity::from_pem(
-            cert_chain_pem,
-            key_pem,
-        ));
+        {
+            let mut tls = self.credentials.tls.write().expect("tls lock");
+            *tls = tls.clone().identity(tonic::transport::Identity::from_pem(
+                cert_chain_pem,
+                key_pem,
+            ));
+        }
+        // The servers see the new certificate on a new connection.
+        self.forget();
     }
 
-    fn refused(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> ControlError {
+    /// The error of a call on the shared connection that failed with
+    /// `status`; forgets the connection if the failure says it is broken
+    /// or its server cannot answer (not when a server answered no).
+    fn refused(&self, what: impl Into<String>) -> impl FnOnce(tonic::Status) -> ControlError + '_ {
         let what = what.into();
-        move |status| ControlError::Refused { what, status }
+        move |status| {
+            if connection_failed(&status) {
+                self.forget();
+            }
+            ControlError::Refused { what, status }
+        }
     }
 
     /// Registers the node and every local service, with their last known
@@ -287,7 +376,7 @@ impl Control {
         let mut index = catalog
             .register_node(proto::RegisterNodeRequest { node: Some(node) })
             .await
-            .map_err(Self::refused(format!("registering node {}", cfg.node_name)))?
+            .map_err(self.refused(format!("registering node {}", cfg.node_name)))?
             .into_inner()
             .index;
         let maintenance = self.maintenance.lock().expect("maintenance lock").clone();
@@ -348,7 +437,7 @@ impl Control {
                 instance: Some(instance),
             })
             .await
-            .map_err(Self::refused(format!("registering service {}", s.id)))?
+            .map_err(self.refused(format!("registering service {}", s.id)))?
             .into_inner()
             .index)
     }
@@ -372,7 +461,7 @@ impl Control {
                 id: id.to_string(),
             })
             .await
-            .map_err(Self::refused(format!("deregistering service {id}")))?;
+            .map_err(self.refused(format!("deregistering service {id}")))?;
         self.health.lock().expect("health lock").remove(id);
         self.unsent_health.lock().expect("health lock").remove(id);
         Ok(())
@@ -401,7 +490,7 @@ impl Control {
                 name: self.config().node_name.clone(),
             })
             .await
-            .map_err(Self::refused("deregistering"))?;
+            .map_err(self.refused("deregistering"))?;
         tracing::info!(node = %self.config().node_name, "deregistered");
         Ok(())
     }
@@ -452,7 +541,7 @@ impl Control {
                 // registration carries it.
                 self.unsent_health.lock().expect("health lock").remove(id);
             }
-            return Err(Self::refused(format!("health of {id}"))(status));
+            return Err(self.refused(format!("health of {id}"))(status));
         }
         // Sent under `health_writes`: a newer state marks it unsent again
         // only after this write, and is then sent after it.
@@ -511,7 +600,7 @@ impl Control {
                 reason: reason.to_string(),
             })
             .await
-            .map_err(Self::refused("maintenance mode"))?;
+            .map_err(self.refused("maintenance mode"))?;
         Ok(())
     }
 
@@ -524,7 +613,7 @@ impl Control {
                 node: self.config().node_name.clone(),
             })
             .await
-            .map_err(Self::refused("heartbeat".to_string()))?;
+            .map_err(self.refused("heartbeat".to_string()))?;
         let ms = reply.into_inner().interval_ms.clamp(200, 30_000);
         Ok(Duration::from_millis(ms))
     }
@@ -593,7 +682,7 @@ impl Control {
                             pairs: chunk.to_vec(),
                         })
                         .await
-                        .map_err(Self::refused("traffic report".to_string()));
+                        .map_err(self.refused("traffic report".to_string()));
                     if first.is_ok() {
                         first = sent.map(|_| ());
                     }
@@ -626,11 +715,7 @@ impl Control {
             service: service.unwrap_or_default().to_string(),
         };
         let what = format!("a certificate for {}", service.unwrap_or("this node"));
-        Ok(ca
-            .sign(req)
-            .await
-            .map_err(Self::refused(what))?
-            .into_inner())
+        Ok(ca.sign(req).await.map_err(self.refused(what))?.into_inner())
     }
 
     /// Asks the CA to sign `csr_pem` for `service` on this node with
@@ -660,7 +745,7 @@ impl Control {
         Ok(CaClient::new(self.connect().await?)
             .sign(req)
             .await
-            .map_err(Self::refused(what))?
+            .map_err(self.refused(what))?
             .into_inner())
     }
 
@@ -713,14 +798,18 @@ impl Control {
     ) -> Result<(), ControlError> {
         // A snapshot half received on a stream that broke is of no use.
         working.drop_partial();
-        let channel = self.channel().await?;
+        let channel =
+            InterceptedService::new(self.connect_new().await?, self.credentials.token.clone());
         let mut stream = WatchClient::new(channel)
             .subscribe(proto::WatchRequest {
                 from_index: from,
                 include_kv: false,
             })
             .await
-            .map_err(Self::refused("a watch stream"))?
+            .map_err(|status| ControlError::Refused {
+                what: "a watch stream".into(),
+                status,
+            })?
             .into_inner();
         subscribed();
         // A registration that failed before the stream broke is retried

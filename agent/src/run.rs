@@ -207,6 +207,11 @@ pub async fn run(
     let view = Arc::new(SharedView::default());
     let control =
         Arc::new(Control::new(config.clone())?.counting_registrations(metrics.registrations()));
+    // The control plane's work (the watch stream, the eBPF map syncs,
+    // calls to the servers, the admin endpoint) runs on a thread of its
+    // own, apart from the connections.
+    let background = Background::start().map_err(RunError::Background)?;
+    control.drive_on(background.handle());
     let (ready_tx, ready_rx) = watch::channel(false);
 
     // An agent with this configuration running already: this is an
@@ -249,8 +254,8 @@ pub async fn run(
     let mut admin_task = None;
     if let (None, Some(state)) = (&predecessor, admin_state.take()) {
         let listener = sockets.tcp("admin", config.admin_addr).await?;
-        let admin = AdminServer::from_listener(listener, state)?;
-        admin_task = Some(tokio::spawn(admin.serve(wait_for(stop_rx.clone()))));
+        let stop = wait_for(stop_rx.clone());
+        admin_task = Some(serve_admin(&background, listener, state, stop).await?);
     }
 
     // Interception before anything else: adopt what an earlier agent pinned
@@ -265,13 +270,10 @@ pub async fn run(
     };
 
     control.register_retrying(STARTUP_LIMIT).await?;
-    let heartbeat_task = tokio::spawn(control.clone().heartbeat_forever());
-    let traffic_task = tokio::spawn(control.clone().report_traffic_forever(metrics.clone()));
+    let heartbeat_task = background.spawn(control.clone().heartbeat_forever());
+    let traffic_task = background.spawn(control.clone().report_traffic_forever(metrics.clone()));
 
     let (index_tx, mut index_rx) = watch::channel(0u64);
-    // The watch stream's events are applied, and the eBPF maps synced, on
-    // a thread of their own, apart from the connections.
-    let background = Background::start().map_err(RunError::Background)?;
     let follow_task = background.spawn(control.clone().follow(view.clone(), index_tx));
     let drain = Drain::new();
     let mut accept_tasks = Vec::new();
@@ -297,7 +299,7 @@ pub async fn run(
     for s in &config.services {
         checks.add(&s.id, &s.name, s.checks.clone());
     }
-    let health_task = tokio::spawn(report_health(control.clone(), health_rx));
+    let health_task = background.spawn(report_health(control.clone(), health_rx));
     let bundle = wait_for_bundle(&view, &mut index_rx).await?;
 
     // Certificates.
@@ -310,7 +312,7 @@ pub async fn run(
         .into_iter()
         .collect();
     identities.init(&names).await?;
-    let renew_task = tokio::spawn(identities.clone().renew_forever());
+    let renew_task = background.spawn(identities.clone().renew_forever());
     let trim_task = tokio::spawn(crate::allocator::trim_after_bursts());
     // Woken by every published view: on the background thread, so that
     // the serving thread is not.
@@ -372,8 +374,8 @@ pub async fn run(
     };
     if let Some(state) = admin_state.take() {
         let listener = sockets.tcp("admin", config.admin_addr).await?;
-        let admin = AdminServer::from_listener(listener, state)?;
-        admin_task = Some(tokio::spawn(admin.serve(wait_for(stop_rx.clone()))));
+        let stop = wait_for(stop_rx.clone());
+        admin_task = Some(serve_admin(&background, listener, state, stop).await?);
     }
 
     let inbound_listener = sockets.tcp("inbound", config.inbound_addr).await?;
@@ -663,7 +665,32 @@ async fn wait_for(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// The first trust bundle from the watch stream.
+/// Serves the admin endpoint on `listener` on the background thread (its
+/// socket moved to that thread's runtime) until `stop`: a scrape or a
+/// `/config` dump of a large view never holds up a connection.
+async fn serve_admin(
+    background: &Background,
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>, RunError> {
+    let addr = listener.local_addr().ok();
+    let listen_err = |source| RunError::Listen {
+        addr: addr.unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
+        source,
+    };
+    let listener = listener.into_std().map_err(listen_err)?;
+    let admin = background
+        .spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            Ok::<_, std::io::Error>(AdminServer::from_listener(listener, state))
+        })
+        .await
+        .map_err(|e| listen_err(std::io::Error::other(e)))?
+        .map_err(listen_err)??;
+    Ok(background.spawn(admin.serve(stop)))
+}
+
 /// Starts the mesh gateway's listeners, when this agent is one.
 async fn start_gateway(
     config: &AgentConfig,
@@ -694,6 +721,7 @@ async fn start_gateway(
     Ok(())
 }
 
+/// The first trust bundle from the watch stream.
 async fn wait_for_bundle(
     view: &SharedView,
     index_rx: &mut watch::Receiver<u64>,

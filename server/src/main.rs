@@ -176,6 +176,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             raft_listener,
             server_tls.raft.clone(),
             ClientLimits::new(settings.max_conns_per_client),
+            node.metrics.tls_connections("raft"),
         ));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -203,6 +204,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                 grpc_listener,
                 server_tls.api.clone(),
                 ClientLimits::new(settings.max_conns_per_client),
+                node.metrics.tls_connections("api"),
             ),
             shutdown_signal(),
         );
@@ -226,6 +228,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                         .max_conns_per_client
                         .saturating_mul(weft_server::federation::CONNS_PER_GATEWAY_FACTOR),
                 ),
+                node.metrics.tls_connections("federation"),
             ));
         tokio::spawn(async move {
             if let Err(e) = federation_server.await {

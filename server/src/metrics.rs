@@ -28,8 +28,17 @@ pub struct WriteLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of accepted TLS connections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `api` (gRPC), `http`, `raft` or `federation`.
+    pub listener: &'static str,
+}
+
 pub struct ServerMetrics {
     registry: Registry,
+    /// TLS connections accepted (handshake completed), by listener.
+    tls_connections: Family<ListenerLabels, Counter>,
     /// Seconds from handing a group of writes to Raft until applied.
     pub commit_seconds: Histogram,
     /// Writes (one per command) by outcome.
@@ -64,6 +73,7 @@ impl ServerMetrics {
         let mut registry = Registry::with_prefix("weft_server");
         let m = ServerMetrics {
             registry: Registry::default(),
+            tls_connections: Family::default(),
             // 0.5 ms to about 16 s.
             commit_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             writes: Family::default(),
@@ -106,6 +116,11 @@ impl ServerMetrics {
             "API calls by method and gRPC status code, timed until the answer (or a stream) began",
             m.rpc_seconds.clone(),
         );
+        registry.register(
+            "tls_connections",
+            "TLS connections accepted (handshake completed) by listener: api, http, raft, federation",
+            m.tls_connections.clone(),
+        );
         registry.register("raft_term", "The current Raft term", m.term.clone());
         registry.register(
             "raft_last_log_index",
@@ -130,6 +145,13 @@ impl ServerMetrics {
         self.rpc_seconds
             .get_or_create(&RpcLabels { method, code })
             .observe(took.as_secs_f64());
+    }
+
+    /// The count of TLS connections accepted on `listener`.
+    pub fn tls_connections(&self, listener: &'static str) -> Counter {
+        self.tls_connections
+            .get_or_create(&ListenerLabels { listener })
+            .clone()
     }
 
     /// Counts a write's outcome.

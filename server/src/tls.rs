@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -397,7 +398,7 @@ impl ServerTls {
 }
 
 /// TLS connections accepted on `listener`, at most `limits` at once per
-/// client address. Handshakes run on their own tasks (bounded by a
+/// client address, each counted in `accepted` once its handshake is done. Handshakes run on their own tasks (bounded by a
 /// timeout), so a slow or silent client holds up no one; failed handshakes
 /// are logged at debug and dropped. Accept errors (EMFILE and the like) back
 /// off and warn at most once a second.
@@ -405,6 +406,7 @@ pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     limits: Arc<ClientLimits>,
+    accepted: Counter,
 ) -> ReceiverStream<Result<Limited<TlsStream<TcpStream>>, io::Error>> {
     let acceptor = TlsAcceptor::from(config);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -431,9 +433,11 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let conn_tx = tx.clone();
+            let accepted = accepted.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
+                        accepted.inc();
                         let _ = conn_tx.send(Ok(Limited::new(tls, slot))).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, "tls handshake refused: {e}"),

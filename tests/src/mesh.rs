@@ -1411,6 +1411,17 @@ impl Mesh {
         Ok(out.stdout)
     }
 
+    /// The server's `/metrics` text (its HTTP port, TLS, the management
+    /// token), fetched from node A.
+    pub fn server_metrics(&self) -> anyhow::Result<String> {
+        let ip = self.ip(Node::A);
+        let resolve = format!("server.dc1.weft:8500:{ip}");
+        let ca = self.path("ca.pem").display().to_string();
+        let token = format!("X-Consul-Token: {}", self.token);
+        let extra = ["--resolve", &resolve, "--cacert", &ca, "-H", &token];
+        self.curl_with(Node::A, "https://server.dc1.weft:8500/metrics", &extra)
+    }
+
     /// The agent's `/metrics` text.
     pub fn metrics(&self, node: Node) -> anyhow::Result<String> {
         self.curl(node, &format!("http://{ADMIN}/metrics"))

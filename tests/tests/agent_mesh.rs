@@ -531,6 +531,52 @@ fn agent_restart_reregisters_node_and_traffic_resumes() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Agents call the servers over a connection they keep (the watch stream
+/// over one of its own): heartbeats, health and traffic reports do not each
+/// cost the servers a TLS handshake. Counted by the server: its accepted
+/// API connections stay as they are while both agents heartbeat.
+#[test]
+fn agents_keep_their_connections_to_the_servers() -> anyhow::Result<()> {
+    use weft_tests::mesh::metric_sum_with;
+    require_root();
+    let mesh = one_api_mesh("api-1")?;
+    let heartbeats = |text: &str| {
+        metric_sum_with(
+            text,
+            "weft_server_rpc_seconds_count",
+            &[("method", "/weft.v1.Catalog/Heartbeat")],
+        )
+    };
+    let accepted = |text: &str| {
+        metric_sum_with(
+            text,
+            "weft_server_tls_connections_total",
+            &[("listener", "api")],
+        )
+    };
+    // Each agent connects once more after it presents its node
+    // certificate: past that, two heartbeats of each.
+    let start = heartbeats(&mesh.server_metrics()?);
+    let before = wait_until(Duration::from_secs(20), "agents heartbeating", || {
+        let text = mesh.server_metrics()?;
+        Ok((heartbeats(&text) >= start + 4.0).then_some(text))
+    })?;
+    let after = wait_until(Duration::from_secs(30), "six more heartbeats", || {
+        let text = mesh.server_metrics()?;
+        Ok((heartbeats(&text) >= heartbeats(&before) + 6.0).then_some(text))
+    })?;
+    assert!(accepted(&before) >= 2.0, "{before}");
+    assert_eq!(
+        accepted(&after),
+        accepted(&before),
+        "TLS connections accepted by the server's API during {} heartbeats",
+        heartbeats(&after) - heartbeats(&before)
+    );
+    // The agents' calls still go through: node B's instance is reached.
+    wait_for_body(&mesh, "api-1", Duration::from_secs(10))?;
+    Ok(())
+}
+
 /// The HTTP status of `METHOD url` from node A (curl's `%{http_code}`).
 fn status_of(mesh: &Mesh, method: &str, url: &str, header: Option<&str>) -> anyhow::Result<u16> {
     let mut args = vec!["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-m", "2"];

@@ -61,7 +61,8 @@ pub async fn serve(
     limits: Arc<crate::conn_limit::ClientLimits>,
     node: Arc<ServerNode>,
 ) {
-    let mut incoming = crate::tls::incoming(listener, tls, limits);
+    let accepted = node.metrics.tls_connections("http");
+    let mut incoming = crate::tls::incoming(listener, tls, limits, accepted);
     while let Some(conn) = incoming.next().await {
         let Ok(stream) = conn else { continue };
         let node = node.clone();
