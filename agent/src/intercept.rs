@@ -28,7 +28,7 @@ use weft_api::intention::Caller;
 use crate::config::{AgentConfig, EgressPolicy};
 use crate::ebpf::{
     cgroup2_mount, cgroup_id, pins, CgroupError, Egress, Pins, Records, RedirectCounters,
-    Redirector, RedirectorError,
+    Redirector, RedirectorError, Settings,
 };
 use crate::view::View;
 
@@ -206,6 +206,11 @@ impl Workloads {
 
 pub struct Interception {
     redirector: Mutex<Redirector>,
+    /// The lease, renewed and ended apart from the redirector's lock (a
+    /// sync's thousands of map writes do not hold up a renewal on the
+    /// serving thread); held while a renewal reads `synced`, and by a
+    /// failed sync to end the lease, so that no renewal outlives a failure.
+    lease: Mutex<Settings>,
     /// The redirect records, read for every accepted connection without
     /// the redirector's lock (which map syncs hold).
     records: Records,
@@ -356,6 +361,7 @@ impl Interception {
         let permissive_installed = redirector.permissive_ports().into_iter().collect();
         Ok(Self {
             records: redirector.records(),
+            lease: Mutex::new(redirector.settings()),
             netns_cookie: std::sync::OnceLock::new(),
             redirector: Mutex::new(redirector),
             workloads: Mutex::new(workloads),
@@ -398,22 +404,18 @@ impl Interception {
     /// Renews the liveness lease: call every [`LEASE_RENEWAL`] once the view
     /// is loaded and synced and the outbound listener is up.
     pub fn renew_lease(&self) -> Result<(), InterceptError> {
-        let mut redirector = self.redirector.lock().expect("redirector lock");
+        let lease = self.lease.lock().expect("lease lock");
         if !self.synced.load(Ordering::Acquire) {
             // The last sync failed: keep refusing until one succeeds.
-            return Ok(redirector.end_lease()?);
+            return Ok(lease.end_lease()?);
         }
-        Ok(redirector.renew_lease(LEASE)?)
+        Ok(lease.renew_lease(LEASE)?)
     }
 
     /// Ends the lease: mesh workloads' connections are refused from now on
     /// (shutdown).
     pub fn end_lease(&self) -> Result<(), InterceptError> {
-        Ok(self
-            .redirector
-            .lock()
-            .expect("redirector lock")
-            .end_lease()?)
+        Ok(self.lease.lock().expect("lease lock").end_lease()?)
     }
 
     /// Puts the permissive listener where the sk_lookup program finds it.
@@ -442,7 +444,7 @@ impl Interception {
             // What this sync was to change may be half done: the next
             // compares everything.
             self.full_sync.store(true, Ordering::Release);
-            let _ = redirector.end_lease();
+            let _ = self.lease.lock().expect("lease lock").end_lease();
         }
         result
     }

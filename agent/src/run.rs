@@ -468,10 +468,9 @@ pub async fn run(
             index_rx.clone(),
             interception.clone(),
         )));
-        accept_tasks.push(tokio::spawn(export_ebpf_counters(
-            interception.clone(),
-            metrics.clone(),
-        )));
+        // Metrics: on the background thread (it takes the lock map syncs hold).
+        accept_tasks
+            .push(background.spawn(export_ebpf_counters(interception.clone(), metrics.clone())));
         interception.renew_lease()?;
         accept_tasks.push(tokio::spawn(renew_lease(interception.clone())));
         tracing::info!(outbound = %config.outbound_addr, permissive = %config.permissive_addr, "transparent interception on");

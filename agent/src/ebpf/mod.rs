@@ -9,5 +9,7 @@ mod socket;
 
 pub use cgroup::{cgroup2_mount, cgroup_id, CgroupError};
 pub use pins::Pins;
-pub use redirector::{Egress, OriginalDst, Records, RedirectCounters, Redirector, RedirectorError};
+pub use redirector::{
+    Egress, OriginalDst, Records, RedirectCounters, Redirector, RedirectorError, Settings,
+};
 pub use socket::netns_cookie;

@@ -113,7 +113,7 @@ pub struct RedirectCounters {
 pub struct Redirector {
     ebpf: Ebpf,
     pins: Pins,
-    settings: Array<MapData, u64>,
+    settings: Settings,
     permissive: HashMap<MapData, u32, u32>,
     permissive_listener: SockMap<MapData>,
     workloads: HashMap<MapData, u64, WorkloadInfo>,
@@ -128,6 +128,35 @@ pub struct Redirector {
 /// The programs' records of redirected connections, by their tuple: read
 /// (one map lookup) for every accepted connection, without the lock the
 /// map updates take.
+/// The programs' settings (the `AGENT` array: lease, egress policy, mark),
+/// shared with the redirector: one map write under a lock of its own.
+#[derive(Clone)]
+pub struct Settings(std::sync::Arc<std::sync::Mutex<Array<MapData, u64>>>);
+
+impl Settings {
+    /// Renews the agent's liveness lease for `lease`.
+    pub fn renew_lease(&self, lease: std::time::Duration) -> Result<(), RedirectorError> {
+        let until = monotonic_ns().saturating_add(lease.as_nanos() as u64);
+        self.set(agent::ALIVE_UNTIL, until)
+    }
+
+    /// Ends the lease at once.
+    pub fn end_lease(&self) -> Result<(), RedirectorError> {
+        self.set(agent::ALIVE_UNTIL, 0)
+    }
+
+    fn set(&self, slot: u32, value: u64) -> Result<(), RedirectorError> {
+        self.0
+            .lock()
+            .expect("settings lock")
+            .set(slot, value, 0)
+            .map_err(|source| RedirectorError::Map {
+                name: maps::AGENT,
+                source,
+            })
+    }
+}
+
 #[derive(Clone)]
 pub struct Records(std::sync::Arc<HashMap<MapData, SockTuple, OrigDst>>);
 
@@ -311,7 +340,10 @@ impl Redirector {
         )?));
         let by_cookie = take_map(&mut ebpf, maps::ORIG_BY_COOKIE)?;
         let counters = take_map(&mut ebpf, maps::COUNTERS)?;
-        let settings = take_map(&mut ebpf, maps::AGENT)?;
+        let settings = Settings(std::sync::Arc::new(std::sync::Mutex::new(take_map(
+            &mut ebpf,
+            maps::AGENT,
+        )?)));
         let permissive = take_map(&mut ebpf, maps::PERMISSIVE)?;
         let permissive_listener = take_map(&mut ebpf, maps::PERMISSIVE_LISTENER)?;
         Ok(Self {
@@ -387,13 +419,18 @@ impl Redirector {
     /// Renews the agent's liveness lease for `lease`: until then the programs
     /// send mesh connections to the agent and take the fast path.
     pub fn renew_lease(&mut self, lease: std::time::Duration) -> Result<(), RedirectorError> {
-        let until = monotonic_ns().saturating_add(lease.as_nanos() as u64);
-        self.set(agent::ALIVE_UNTIL, until)
+        self.settings.renew_lease(lease)
     }
 
     /// Ends the lease at once: from now on mesh connections are refused.
     pub fn end_lease(&mut self) -> Result<(), RedirectorError> {
-        self.set(agent::ALIVE_UNTIL, 0)
+        self.settings.end_lease()
+    }
+
+    /// The programs' settings, to renew or end the lease without this
+    /// redirector (whose lock map syncs hold).
+    pub fn settings(&self) -> Settings {
+        self.settings.clone()
     }
 
     /// Sets the egress policy and the socket mark of checked connections.
@@ -407,12 +444,7 @@ impl Redirector {
     }
 
     fn set(&mut self, slot: u32, value: u64) -> Result<(), RedirectorError> {
-        self.settings
-            .set(slot, value, 0)
-            .map_err(|source| RedirectorError::Map {
-                name: maps::AGENT,
-                source,
-            })
+        self.settings.set(slot, value)
     }
 
     /// Puts the agent's permissive listener where sk_lookup finds it.
