@@ -1,5 +1,6 @@
 //! The agent's admin HTTP server (default `127.0.0.1:15020`): `/healthz` for liveness
-//! and readiness probes, `/metrics` for Prometheus, `/config` for a JSON dump of what
+//! and readiness probes (503 until ready, and while the serving thread's
+//! [`Pulse`](crate::pulse::Pulse) is stale: this server runs on the background thread), `/metrics` for Prometheus, `/config` for a JSON dump of what
 //! the agent is running with. Plain HTTP/1.1 on hyper 1. Bound to another
 //! address than loopback (e.g. `0.0.0.0:15020`, for Prometheus to scrape
 //! every agent), it still answers `/config` to loopback peers only.
@@ -53,6 +54,8 @@ pub type ConfigDump = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 pub struct AdminState {
     /// `true` once the agent is ready to serve (then `/healthz` answers 200).
     pub ready: watch::Receiver<bool>,
+    /// The serving thread's beats: stale, `/healthz` answers 503.
+    pub serving: Arc<crate::pulse::Pulse>,
     /// Encoded on `/metrics`.
     pub metrics: Arc<AgentMetrics>,
     /// Called on `/config`.
@@ -103,10 +106,14 @@ pub fn respond(
     }
     match path {
         "/healthz" => {
-            if *state.ready.borrow() {
-                text(StatusCode::OK, PLAIN, "ok")
-            } else {
+            if !*state.ready.borrow() {
                 text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "not ready")
+            } else if state.serving.is_stale() {
+                let age = state.serving.age().as_secs();
+                let body = format!("the thread serving connections has not run for {age} s");
+                text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, body)
+            } else {
+                text(StatusCode::OK, PLAIN, "ok")
             }
         }
         "/metrics" => {
@@ -250,8 +257,11 @@ mod tests {
     fn state(ready: bool) -> (AdminState, watch::Sender<bool>) {
         let (tx, rx) = watch::channel(ready);
         let metrics = Arc::new(AgentMetrics::new());
+        let serving = Arc::new(crate::pulse::Pulse::default());
+        serving.beat();
         let st = AdminState {
             ready: rx,
+            serving,
             metrics,
             config: Arc::new(|| serde_json::json!({"node_name": "node-a", "services": []})),
         };
@@ -281,6 +291,21 @@ mod tests {
         let text = body(respond(&st, &Method::GET, "/metrics", Some("text/plain"))).await;
         assert!(text.contains("# TYPE weft_agent_connections_opened_total counter"));
         assert!(!text.contains("# EOF"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn healthz_fails_once_the_serving_thread_stops_beating() {
+        let (st, _ready) = state(true);
+        let r = respond(&st, &Method::GET, "/healthz", None);
+        assert_eq!(r.status(), StatusCode::OK);
+        tokio::time::advance(crate::pulse::STALE + std::time::Duration::from_secs(1)).await;
+        let r = respond(&st, &Method::GET, "/healthz", None);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let text = body(r).await;
+        assert!(text.contains("has not run for 6 s"), "{text}");
+        st.serving.beat();
+        let r = respond(&st, &Method::GET, "/healthz", None);
+        assert_eq!(r.status(), StatusCode::OK);
     }
 
     #[tokio::test]

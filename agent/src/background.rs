@@ -1,15 +1,16 @@
 //! A thread for the agent's background work, apart from the runtime that
 //! serves connections: following the servers' watch stream (applying
 //! events, building each published view's indexes), bringing the eBPF
-//! maps in step with the view, the calls to the servers (heartbeats,
-//! health, traffic reports, certificates) and the admin endpoint. A large snapshot being applied, or a map
-//! sync's thousands of syscalls, never holds up an accept or a request.
-//! The thread runs a single-threaded tokio runtime of its own until the
-//! [`Background`] is dropped, which ends its tasks, at a lower priority than
-//! the connections' thread ([`NICE`]): when the node's cores are busy, a
-//! watch event waits for a request, not a request for a watch event. It is
-//! still scheduled under load (a nice value, not `SCHED_IDLE`): heartbeats
-//! and the view keep going when the connections take every core.
+//! maps in step with the view, dialling and driving the connections to the
+//! servers, health and traffic reports, certificate renewals and the admin
+//! endpoint. A large snapshot being applied, or a map sync's thousands of
+//! syscalls, never holds up an accept or a request. The thread runs a
+//! single-threaded tokio runtime of its own until the [`Background`] is
+//! dropped, which ends its tasks, at a lower priority than the
+//! connections' thread ([`NICE`]): when the node's cores are busy, a watch
+//! event waits for a request, not a request for a watch event. It is still
+//! scheduled under load (a nice value, not `SCHED_IDLE`), at about a tenth
+//! of a normal thread's share of a contended core.
 use std::future::Future;
 
 use tokio::runtime::Handle;

@@ -1,6 +1,6 @@
 //! The agent's link to the servers: registering the node and its services,
 //! writing health changes, signing certificates, and following the watch
-//! stream into the agent's [`View`]. Every call goes to the first server that
+//! stream into the agent's [`View`]. Connections go to the first server that
 //! answers; a broken watch stream is resumed from the last index on the next
 //! server, with exponential backoff and jitter (capped at 2 s) while none
 //! answers, logged once per outage.
@@ -20,11 +20,12 @@
 //! CA and names `tls_server_name`, and carries the agent's ACL token (a
 //! token with this node's identity and its services').
 //!
-//! Calls share one connection (HTTP/2 carries them side by side), kept
-//! until a call on it fails as a broken or unanswering server would, or the
-//! agent presents a new node certificate; then the next call connects
-//! again, to the first server that answers. The watch stream has a
-//! connection of its own. A thousand agents heartbeating every two seconds
+//! Calls share one connection (HTTP/2 carries them side by side), each
+//! limited to [`CALL_LIMIT`], the connection pinged when idle. It is kept
+//! until a heartbeat on it fails as a broken, leaderless or silent server
+//! would, or the agent presents a new node certificate; then the next call
+//! connects again, to the first server that answers. The watch stream has
+//! a connection of its own. A thousand agents heartbeating every two seconds
 //! would otherwise cost the servers 500 TLS handshakes a second, and each
 //! agent a handshake on every call. With [`Control::drive_on`], connecting
 //! (the handshake) and the connections' I/O run on the given runtime (the
@@ -140,14 +141,43 @@ pub type ServerChannel = InterceptedService<Channel, TokenInterceptor>;
 /// How often the agent sends the servers its per-pair traffic.
 pub const TRAFFIC_INTERVAL: Duration = Duration::from_secs(5);
 
-/// A channel to the first of `addrs` that accepts a TLS connection.
-async fn connect_first(addrs: Vec<String>, tls: ClientTlsConfig) -> Result<Channel, ControlError> {
+/// How long a call on the shared connection may take before it fails
+/// (and a failed heartbeat drops the connection): well within the servers'
+/// node timeout (10 s by default), so that a server that went silent costs
+/// one missed heartbeat, not the node's health.
+pub const CALL_LIMIT: Duration = Duration::from_secs(5);
+/// HTTP/2 pings on idle connections to the servers, and how long one may
+/// go unanswered before the connection counts as broken: a server that
+/// vanished without closing (power, partition) is noticed in seconds, not
+/// when the kernel gives up on the socket.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A channel to the first of `addrs` that accepts a TLS connection, its
+/// calls limited to `call_limit`.
+async fn connect_first(
+    addrs: Vec<String>,
+    tls: ClientTlsConfig,
+    call_limit: Option<Duration>,
+) -> Result<Channel, ControlError> {
     let mut last = String::from("no servers configured");
     for addr in &addrs {
         let endpoint = match Endpoint::from_shared(format!("https://{addr}"))
             .and_then(|e| e.tls_config(tls.clone()))
         {
-            Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
+            Ok(e) => {
+                let e = e
+                    .connect_timeout(Duration::from_secs(1))
+                    .tcp_nodelay(true)
+                    .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
+                    .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                    .keep_alive_while_idle(true);
+                match call_limit {
+                    Some(limit) => e.timeout(limit),
+                    None => e,
+                }
+            }
             Err(e) => {
                 last = format!("{addr}: {e}");
                 continue;
@@ -161,7 +191,21 @@ async fn connect_first(addrs: Vec<String>, tls: ClientTlsConfig) -> Result<Chann
     Err(ControlError::Unreachable(last))
 }
 
-/// Whether a call failing with `status` says its connection is of no
+/// A workload's `token` as the `authorization` value of a call made for
+/// it. A blank one is refused here: on the agent's connection the servers
+/// would take a call without a token for the node's own.
+fn workload_token(token: &str, what: &str) -> Result<MetadataValue<Ascii>, ControlError> {
+    let refused = || ControlError::Refused {
+        what: what.to_string(),
+        status: tonic::Status::unauthenticated("ACL token not found"),
+    };
+    if token.trim().is_empty() {
+        return Err(refused());
+    }
+    format!("Bearer {token}").parse().map_err(|_| refused())
+}
+
+/// Whether a heartbeat failing with `status` says its connection is of no
 /// further use: broken, its server without a leader or not answering in
 /// time. A server's answer (denied, invalid, not found) says nothing of
 /// the connection.
@@ -203,6 +247,8 @@ pub struct Control {
     /// The connection calls share, and the number of times it was
     /// forgotten (a connection made before the last time is not kept).
     shared: Mutex<(u64, Option<Channel>)>,
+    /// Held while the shared connection is dialled.
+    dialing: tokio::sync::Mutex<()>,
     /// Where connections are made and driven; unset: the caller's runtime.
     runtime: OnceLock<tokio::runtime::Handle>,
 }
@@ -220,6 +266,7 @@ impl Control {
             registrations: Counter::default(),
             registered_at: AtomicU64::new(0),
             shared: Mutex::new((0, None)),
+            dialing: tokio::sync::Mutex::new(()),
             runtime: OnceLock::new(),
         })
     }
@@ -266,13 +313,7 @@ impl Control {
         checks: Vec<proto::AuthorizeCheck>,
     ) -> Result<Vec<bool>, ControlError> {
         let what = "an authorization".to_string();
-        let value: MetadataValue<Ascii> =
-            format!("Bearer {token}")
-                .parse()
-                .map_err(|_| ControlError::Refused {
-                    what: what.clone(),
-                    status: tonic::Status::unauthenticated("ACL token not found"),
-                })?;
+        let value = workload_token(token, &what)?;
         let asked = checks.len();
         let mut req = tonic::Request::new(proto::AuthorizeRequest { checks });
         req.set_timeout(Duration::from_secs(5));
@@ -280,7 +321,7 @@ impl Control {
         let answer = AclClient::new(self.connect().await?)
             .authorize(req)
             .await
-            .map_err(self.refused(what))?
+            .map_err(Self::refused(what))?
             .into_inner();
         if answer.results.len() != asked {
             return Err(ControlError::Refused {
@@ -297,14 +338,21 @@ impl Control {
     /// The shared plain channel (no token added), connected to the first
     /// server that accepts a TLS connection if there is none.
     async fn connect(&self) -> Result<Channel, ControlError> {
-        let generation = {
+        let kept = || {
             let shared = self.shared.lock().expect("channel lock");
-            if let Some(ch) = &shared.1 {
-                return Ok(ch.clone());
-            }
-            shared.0
+            (shared.0, shared.1.clone())
         };
-        let ch = self.connect_new().await?;
+        if let (_, Some(ch)) = kept() {
+            return Ok(ch);
+        }
+        // One dial at a time: callers that found no connection take the
+        // one the first of them made.
+        let _dialing = self.dialing.lock().await;
+        let (generation, ch) = kept();
+        if let Some(ch) = ch {
+            return Ok(ch);
+        }
+        let ch = self.connect_shared().await?;
         let mut shared = self.shared.lock().expect("channel lock");
         // Forgotten meanwhile (a new node certificate, say): used for this
         // call, not kept.
@@ -321,11 +369,17 @@ impl Control {
         shared.1 = None;
     }
 
+    /// A new connection for calls: each limited to [`CALL_LIMIT`].
+    async fn connect_shared(&self) -> Result<Channel, ControlError> {
+        self.connect_new(Some(CALL_LIMIT)).await
+    }
+
     /// A new connection to the first server that accepts one, made on
-    /// [`Self::drive_on`]'s runtime if set.
-    async fn connect_new(&self) -> Result<Channel, ControlError> {
+    /// [`Self::drive_on`]'s runtime if set; calls on it limited to
+    /// `call_limit` (a stream: its start).
+    async fn connect_new(&self, call_limit: Option<Duration>) -> Result<Channel, ControlError> {
         let tls = self.credentials.tls.read().expect("tls lock").clone();
-        let dial = connect_first(self.addrs.clone(), tls);
+        let dial = connect_first(self.addrs.clone(), tls, call_limit);
         match self.runtime.get() {
             Some(runtime) => runtime.spawn(dial).await.map_err(|e| {
                 ControlError::Unreachable(format!("the task connecting to the servers: {e}"))
@@ -348,17 +402,9 @@ impl Control {
         self.forget();
     }
 
-    /// The error of a call on the shared connection that failed with
-    /// `status`; forgets the connection if the failure says it is broken
-    /// or its server cannot answer (not when a server answered no).
-    fn refused(&self, what: impl Into<String>) -> impl FnOnce(tonic::Status) -> ControlError + '_ {
+    fn refused(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> ControlError {
         let what = what.into();
-        move |status| {
-            if connection_failed(&status) {
-                self.forget();
-            }
-            ControlError::Refused { what, status }
-        }
+        move |status| ControlError::Refused { what, status }
     }
 
     /// Registers the node and every local service, with their last known
@@ -376,7 +422,7 @@ impl Control {
         let mut index = catalog
             .register_node(proto::RegisterNodeRequest { node: Some(node) })
             .await
-            .map_err(self.refused(format!("registering node {}", cfg.node_name)))?
+            .map_err(Self::refused(format!("registering node {}", cfg.node_name)))?
             .into_inner()
             .index;
         let maintenance = self.maintenance.lock().expect("maintenance lock").clone();
@@ -437,7 +483,7 @@ impl Control {
                 instance: Some(instance),
             })
             .await
-            .map_err(self.refused(format!("registering service {}", s.id)))?
+            .map_err(Self::refused(format!("registering service {}", s.id)))?
             .into_inner()
             .index)
     }
@@ -461,7 +507,7 @@ impl Control {
                 id: id.to_string(),
             })
             .await
-            .map_err(self.refused(format!("deregistering service {id}")))?;
+            .map_err(Self::refused(format!("deregistering service {id}")))?;
         self.health.lock().expect("health lock").remove(id);
         self.unsent_health.lock().expect("health lock").remove(id);
         Ok(())
@@ -490,7 +536,7 @@ impl Control {
                 name: self.config().node_name.clone(),
             })
             .await
-            .map_err(self.refused("deregistering"))?;
+            .map_err(Self::refused("deregistering"))?;
         tracing::info!(node = %self.config().node_name, "deregistered");
         Ok(())
     }
@@ -541,7 +587,7 @@ impl Control {
                 // registration carries it.
                 self.unsent_health.lock().expect("health lock").remove(id);
             }
-            return Err(self.refused(format!("health of {id}"))(status));
+            return Err(Self::refused(format!("health of {id}"))(status));
         }
         // Sent under `health_writes`: a newer state marks it unsent again
         // only after this write, and is then sent after it.
@@ -600,7 +646,7 @@ impl Control {
                 reason: reason.to_string(),
             })
             .await
-            .map_err(self.refused("maintenance mode"))?;
+            .map_err(Self::refused("maintenance mode"))?;
         Ok(())
     }
 
@@ -613,7 +659,18 @@ impl Control {
                 node: self.config().node_name.clone(),
             })
             .await
-            .map_err(self.refused("heartbeat".to_string()))?;
+            .map_err(|status| {
+                // The heartbeat (one at a time, every few seconds) is what
+                // judges the kept connection: other calls' failures, a
+                // workload's among them, leave it be.
+                if connection_failed(&status) {
+                    self.forget();
+                }
+                ControlError::Refused {
+                    what: "heartbeat".into(),
+                    status,
+                }
+            })?;
         let ms = reply.into_inner().interval_ms.clamp(200, 30_000);
         Ok(Duration::from_millis(ms))
     }
@@ -682,7 +739,7 @@ impl Control {
                             pairs: chunk.to_vec(),
                         })
                         .await
-                        .map_err(self.refused("traffic report".to_string()));
+                        .map_err(Self::refused("traffic report".to_string()));
                     if first.is_ok() {
                         first = sent.map(|_| ());
                     }
@@ -715,7 +772,11 @@ impl Control {
             service: service.unwrap_or_default().to_string(),
         };
         let what = format!("a certificate for {}", service.unwrap_or("this node"));
-        Ok(ca.sign(req).await.map_err(self.refused(what))?.into_inner())
+        Ok(ca
+            .sign(req)
+            .await
+            .map_err(Self::refused(what))?
+            .into_inner())
     }
 
     /// Asks the CA to sign `csr_pem` for `service` on this node with
@@ -728,13 +789,7 @@ impl Control {
         service: &str,
     ) -> Result<proto::SignedLeaf, ControlError> {
         let what = format!("a certificate for {service}");
-        let value: MetadataValue<Ascii> =
-            format!("Bearer {token}")
-                .parse()
-                .map_err(|_| ControlError::Refused {
-                    what: what.clone(),
-                    status: tonic::Status::unauthenticated("ACL token not found"),
-                })?;
+        let value = workload_token(token, &what)?;
         let mut req = tonic::Request::new(proto::SignRequest {
             csr_pem,
             node: self.config().node_name.clone(),
@@ -745,7 +800,7 @@ impl Control {
         Ok(CaClient::new(self.connect().await?)
             .sign(req)
             .await
-            .map_err(self.refused(what))?
+            .map_err(Self::refused(what))?
             .into_inner())
     }
 
@@ -798,8 +853,10 @@ impl Control {
     ) -> Result<(), ControlError> {
         // A snapshot half received on a stream that broke is of no use.
         working.drop_partial();
-        let channel =
-            InterceptedService::new(self.connect_new().await?, self.credentials.token.clone());
+        let channel = InterceptedService::new(
+            self.connect_new(None).await?,
+            self.credentials.token.clone(),
+        );
         let mut stream = WatchClient::new(channel)
             .subscribe(proto::WatchRequest {
                 from_index: from,
@@ -1003,6 +1060,18 @@ tags = ["v1"]
             }),
         );
         view
+    }
+
+    #[test]
+    fn a_workload_call_without_a_usable_token_is_refused_before_it_is_sent() {
+        for token in ["", "   ", "bad\ntoken"] {
+            let Err(ControlError::Refused { status, .. }) = workload_token(token, "x") else {
+                panic!("{token:?} taken");
+            };
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{token:?}");
+        }
+        let value = workload_token("abc-123", "x").unwrap();
+        assert_eq!(value.to_str().unwrap(), "Bearer abc-123");
     }
 
     #[test]

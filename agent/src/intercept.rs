@@ -444,7 +444,10 @@ impl Interception {
             // What this sync was to change may be half done: the next
             // compares everything.
             self.full_sync.store(true, Ordering::Release);
-            let _ = self.lease.lock().expect("lease lock").end_lease();
+            if let Err(e) = self.lease.lock().expect("lease lock").end_lease() {
+                // It runs out within LEASE anyway: no renewal follows.
+                tracing::error!("ending the eBPF lease after a failed sync: {e}");
+            }
         }
         result
     }

@@ -31,6 +31,7 @@ pub mod mark;
 pub mod metrics;
 pub mod outlier;
 pub mod proxy;
+pub mod pulse;
 pub mod registered;
 pub mod reload;
 pub mod run;

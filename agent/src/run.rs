@@ -212,6 +212,10 @@ pub async fn run(
     // own, apart from the connections.
     let background = Background::start().map_err(RunError::Background)?;
     control.drive_on(background.handle());
+    // The serving thread's beats, which `/healthz` (served on the
+    // background thread) reads.
+    let serving = Arc::new(crate::pulse::Pulse::default());
+    let pulse_task = tokio::spawn(crate::pulse::beat_forever(serving.clone()));
     let (ready_tx, ready_rx) = watch::channel(false);
 
     // An agent with this configuration running already: this is an
@@ -239,6 +243,7 @@ pub async fn run(
     // after the predecessor's when taking over (it answers meanwhile).
     let mut admin_state = Some(AdminState {
         ready: ready_rx,
+        serving,
         metrics: metrics.clone(),
         config: {
             let (current, view) = (current.clone(), view.clone());
@@ -270,7 +275,10 @@ pub async fn run(
     };
 
     control.register_retrying(STARTUP_LIMIT).await?;
-    let heartbeat_task = background.spawn(control.clone().heartbeat_forever());
+    // Heartbeats from the serving thread (their connection's I/O runs on
+    // the background thread): when it hangs, the servers mark the node
+    // critical and sources stop choosing it.
+    let heartbeat_task = tokio::spawn(control.clone().heartbeat_forever());
     let traffic_task = background.spawn(control.clone().report_traffic_forever(metrics.clone()));
 
     let (index_tx, mut index_rx) = watch::channel(0u64);
@@ -613,6 +621,7 @@ pub async fn run(
         renew_task,
         bundle_task,
         trim_task,
+        pulse_task,
         heartbeat_task,
         traffic_task,
     ] {

@@ -565,7 +565,8 @@ fn agents_keep_their_connections_to_the_servers() -> anyhow::Result<()> {
         let text = mesh.server_metrics()?;
         Ok((heartbeats(&text) >= heartbeats(&before) + 6.0).then_some(text))
     })?;
-    assert!(accepted(&before) >= 2.0, "{before}");
+    // At least each agent's watch and calls.
+    assert!(accepted(&before) >= 4.0, "{before}");
     assert_eq!(
         accepted(&after),
         accepted(&before),
@@ -574,6 +575,47 @@ fn agents_keep_their_connections_to_the_servers() -> anyhow::Result<()> {
     );
     // The agents' calls still go through: node B's instance is reached.
     wait_for_body(&mesh, "api-1", Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// A server that goes silent without closing its connections (SIGSTOP: a
+/// hung host, a partition) costs the agent a heartbeat that fails within
+/// the call limit (5 s) on its kept connection, not one that waits for as
+/// long as the socket lives; heartbeats resume once the server answers.
+#[test]
+fn a_silent_server_fails_a_heartbeat_within_the_call_limit() -> anyhow::Result<()> {
+    require_root();
+    let mesh = one_api_mesh("api-1")?;
+    let pid = mesh.server_pid().context("the server's pid")? as i32;
+    /// Resumes the server however the test ends.
+    struct Resume(i32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    let from = mesh.agent_log(NodeA).len();
+    // SAFETY: kill(2) on our own child's pid.
+    ensure!(unsafe { libc::kill(pid, libc::SIGSTOP) } == 0, "SIGSTOP");
+    let resume = Resume(pid);
+    let stopped = Instant::now();
+    // Within the node timeout (10 s): the next heartbeat (2 s) and its limit.
+    wait_until(Duration::from_secs(10), "a failed heartbeat logged", || {
+        Ok(mesh.agent_log(NodeA)[from..]
+            .contains("heartbeat failed")
+            .then_some(()))
+    })?;
+    eprintln!(
+        "heartbeat failed {:?} after the server stopped",
+        stopped.elapsed()
+    );
+    drop(resume);
+    wait_until(Duration::from_secs(20), "heartbeats resumed", || {
+        Ok(mesh.agent_log(NodeA)[from..]
+            .contains("heartbeats reach the servers again")
+            .then_some(()))
+    })?;
     Ok(())
 }
 

@@ -125,9 +125,6 @@ pub struct Redirector {
     log_task: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// The programs' records of redirected connections, by their tuple: read
-/// (one map lookup) for every accepted connection, without the lock the
-/// map updates take.
 /// The programs' settings (the `AGENT` array: lease, egress policy, mark),
 /// shared with the redirector: one map write under a lock of its own.
 #[derive(Clone)]
@@ -157,6 +154,9 @@ impl Settings {
     }
 }
 
+/// The programs' records of redirected connections, by their tuple: read
+/// (one map lookup) for every accepted connection, without the lock the
+/// map updates take.
 #[derive(Clone)]
 pub struct Records(std::sync::Arc<HashMap<MapData, SockTuple, OrigDst>>);
 
