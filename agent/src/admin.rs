@@ -1,6 +1,7 @@
-//! The agent's admin HTTP server (default `127.0.0.1:15020`): `/healthz` for liveness
-//! and readiness probes (503 until ready, and while the serving thread's
-//! [`Pulse`](crate::pulse::Pulse) is stale: this server runs on the background thread), `/metrics` for Prometheus, `/config` for a JSON dump of what
+//! The agent's admin HTTP server (default `127.0.0.1:15020`): `/healthz`
+//! for liveness and readiness probes (503 until ready, and while the
+//! serving thread's [`Pulse`](crate::pulse::Pulse) is stale: this server
+//! runs on the background thread), `/metrics` for Prometheus, `/config` for a JSON dump of what
 //! the agent is running with. Plain HTTP/1.1 on hyper 1. Bound to another
 //! address than loopback (e.g. `0.0.0.0:15020`, for Prometheus to scrape
 //! every agent), it still answers `/config` to loopback peers only.

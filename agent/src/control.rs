@@ -128,7 +128,11 @@ impl Credentials {
             tls: RwLock::new(
                 ClientTlsConfig::new()
                     .ca_certificate(Certificate::from_pem(ca))
-                    .domain_name(config.tls_server_name.clone()),
+                    .domain_name(config.tls_server_name.clone())
+                    // A server that takes the TCP connection and then says
+                    // nothing (stopped, hung) is given up on, also when a
+                    // kept channel reconnects on its own.
+                    .timeout(CONNECT_LIMIT),
             ),
             token: TokenInterceptor(token),
         })
@@ -146,6 +150,9 @@ pub const TRAFFIC_INTERVAL: Duration = Duration::from_secs(5);
 /// node timeout (10 s by default), so that a server that went silent costs
 /// one missed heartbeat, not the node's health.
 pub const CALL_LIMIT: Duration = Duration::from_secs(5);
+/// How long connecting to one server (TCP, TLS, HTTP/2) may take before
+/// the next is tried.
+const CONNECT_LIMIT: Duration = Duration::from_secs(2);
 /// HTTP/2 pings on idle connections to the servers, and how long one may
 /// go unanswered before the connection counts as broken: a server that
 /// vanished without closing (power, partition) is noticed in seconds, not
@@ -153,15 +160,22 @@ pub const CALL_LIMIT: Duration = Duration::from_secs(5);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A channel to the first of `addrs` that accepts a TLS connection, its
-/// calls limited to `call_limit`.
+/// The order servers are tried in: from `first` on, around.
+fn dial_order(servers: usize, first: usize) -> impl Iterator<Item = usize> {
+    (0..servers).map(move |k| (first + k) % servers)
+}
+
+/// A channel to the first of `addrs`, from `addrs[first]` on, that accepts
+/// a TLS connection, its calls limited to `call_limit`; and which it is.
 async fn connect_first(
     addrs: Vec<String>,
+    first: usize,
     tls: ClientTlsConfig,
     call_limit: Option<Duration>,
-) -> Result<Channel, ControlError> {
+) -> Result<(usize, Channel), ControlError> {
     let mut last = String::from("no servers configured");
-    for addr in &addrs {
+    for i in dial_order(addrs.len(), first) {
+        let addr = &addrs[i];
         let endpoint = match Endpoint::from_shared(format!("https://{addr}"))
             .and_then(|e| e.tls_config(tls.clone()))
         {
@@ -169,7 +183,6 @@ async fn connect_first(
                 let e = e
                     .connect_timeout(Duration::from_secs(1))
                     .tcp_nodelay(true)
-                    .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
                     .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
                     .keep_alive_timeout(KEEPALIVE_TIMEOUT)
                     .keep_alive_while_idle(true);
@@ -183,9 +196,12 @@ async fn connect_first(
                 continue;
             }
         };
-        match endpoint.connect().await {
-            Ok(ch) => return Ok(ch),
-            Err(e) => last = format!("{addr}: {e:?}"),
+        // TCP, TLS and HTTP/2's start, bounded as a whole: the next
+        // server is tried when this one does not answer.
+        match tokio::time::timeout(CONNECT_LIMIT, endpoint.connect()).await {
+            Ok(Ok(ch)) => return Ok((i, ch)),
+            Ok(Err(e)) => last = format!("{addr}: {e:?}"),
+            Err(_) => last = format!("{addr}: no connection within {CONNECT_LIMIT:?}"),
         }
     }
     Err(ControlError::Unreachable(last))
@@ -246,7 +262,10 @@ pub struct Control {
     registered_at: AtomicU64,
     /// The connection calls share, and the number of times it was
     /// forgotten (a connection made before the last time is not kept).
-    shared: Mutex<(u64, Option<Channel>)>,
+    shared: Mutex<(u64, Option<(usize, Channel)>)>,
+    /// The server dials start from: past the one whose connection last
+    /// failed a heartbeat.
+    first_server: std::sync::atomic::AtomicUsize,
     /// Held while the shared connection is dialled.
     dialing: tokio::sync::Mutex<()>,
     /// Where connections are made and driven; unset: the caller's runtime.
@@ -266,6 +285,7 @@ impl Control {
             registrations: Counter::default(),
             registered_at: AtomicU64::new(0),
             shared: Mutex::new((0, None)),
+            first_server: std::sync::atomic::AtomicUsize::new(0),
             dialing: tokio::sync::Mutex::new(()),
             runtime: OnceLock::new(),
         })
@@ -298,7 +318,9 @@ impl Control {
         *self.config.write().expect("config lock") = config;
     }
 
-    /// A channel to the first server that accepts a TLS connection.
+    /// The kept channel (a new one to the first server that accepts a TLS
+    /// connection if there is none); a call on it fails after
+    /// [`CALL_LIMIT`] without an answer.
     pub async fn channel(&self) -> Result<ServerChannel, ControlError> {
         let ch = self.connect().await?;
         Ok(InterceptedService::new(ch, self.credentials.token.clone()))
@@ -340,7 +362,7 @@ impl Control {
     async fn connect(&self) -> Result<Channel, ControlError> {
         let kept = || {
             let shared = self.shared.lock().expect("channel lock");
-            (shared.0, shared.1.clone())
+            (shared.0, shared.1.as_ref().map(|(_, ch)| ch.clone()))
         };
         if let (_, Some(ch)) = kept() {
             return Ok(ch);
@@ -352,12 +374,12 @@ impl Control {
         if let Some(ch) = ch {
             return Ok(ch);
         }
-        let ch = self.connect_shared().await?;
+        let (server, ch) = self.connect_new(Some(CALL_LIMIT)).await?;
         let mut shared = self.shared.lock().expect("channel lock");
         // Forgotten meanwhile (a new node certificate, say): used for this
         // call, not kept.
         if shared.0 == generation {
-            shared.1 = Some(ch.clone());
+            shared.1 = Some((server, ch.clone()));
         }
         Ok(ch)
     }
@@ -369,17 +391,28 @@ impl Control {
         shared.1 = None;
     }
 
-    /// A new connection for calls: each limited to [`CALL_LIMIT`].
-    async fn connect_shared(&self) -> Result<Channel, ControlError> {
-        self.connect_new(Some(CALL_LIMIT)).await
+    /// Drops the shared connection after a heartbeat failed on it: the
+    /// next dial starts at the server after its own (a silent first server
+    /// is not waited for again by every agent that listed it first).
+    fn forget_failed(&self) {
+        let mut shared = self.shared.lock().expect("channel lock");
+        if let Some((server, _)) = shared.1.take() {
+            let next = (server + 1) % self.addrs.len().max(1);
+            self.first_server.store(next, Ordering::SeqCst);
+        }
+        shared.0 += 1;
     }
 
     /// A new connection to the first server that accepts one, made on
     /// [`Self::drive_on`]'s runtime if set; calls on it limited to
     /// `call_limit` (a stream: its start).
-    async fn connect_new(&self, call_limit: Option<Duration>) -> Result<Channel, ControlError> {
+    async fn connect_new(
+        &self,
+        call_limit: Option<Duration>,
+    ) -> Result<(usize, Channel), ControlError> {
         let tls = self.credentials.tls.read().expect("tls lock").clone();
-        let dial = connect_first(self.addrs.clone(), tls, call_limit);
+        let first = self.first_server.load(Ordering::SeqCst);
+        let dial = connect_first(self.addrs.clone(), first, tls, call_limit);
         match self.runtime.get() {
             Some(runtime) => runtime.spawn(dial).await.map_err(|e| {
                 ControlError::Unreachable(format!("the task connecting to the servers: {e}"))
@@ -653,6 +686,21 @@ impl Control {
     /// Tells the servers this node's agent is alive; returns how long to
     /// wait before the next heartbeat.
     pub async fn heartbeat(&self) -> Result<Duration, ControlError> {
+        // Connecting and the call together: a dial stuck on a silent
+        // server holds up no more than one heartbeat.
+        let limit = CALL_LIMIT + CONNECT_LIMIT;
+        match tokio::time::timeout(limit, self.heartbeat_once()).await {
+            Ok(beat) => beat,
+            Err(_) => {
+                self.forget_failed();
+                Err(ControlError::Unreachable(format!(
+                    "no heartbeat answer within {limit:?}"
+                )))
+            }
+        }
+    }
+
+    async fn heartbeat_once(&self) -> Result<Duration, ControlError> {
         let mut catalog = CatalogClient::new(self.channel().await?);
         let reply = catalog
             .heartbeat(proto::HeartbeatRequest {
@@ -664,7 +712,7 @@ impl Control {
                 // judges the kept connection: other calls' failures, a
                 // workload's among them, leave it be.
                 if connection_failed(&status) {
-                    self.forget();
+                    self.forget_failed();
                 }
                 ControlError::Refused {
                     what: "heartbeat".into(),
@@ -854,7 +902,7 @@ impl Control {
         // A snapshot half received on a stream that broke is of no use.
         working.drop_partial();
         let channel = InterceptedService::new(
-            self.connect_new(None).await?,
+            self.connect_new(None).await?.1,
             self.credentials.token.clone(),
         );
         let mut stream = WatchClient::new(channel)
@@ -1060,6 +1108,14 @@ tags = ["v1"]
             }),
         );
         view
+    }
+
+    #[test]
+    fn dials_go_around_the_servers_from_the_one_after_a_failure() {
+        assert_eq!(dial_order(3, 0).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(dial_order(3, 2).collect::<Vec<_>>(), [2, 0, 1]);
+        assert_eq!(dial_order(1, 0).collect::<Vec<_>>(), [0]);
+        assert_eq!(dial_order(0, 0).count(), 0);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! of the serving thread: a task on the serving runtime beats every
 //! [`BEAT`], and `/healthz` answers 503 once the last beat is older than
 //! [`STALE`] (a hung or starved serving thread, an accept loop that never
-//! yields). The node's heartbeats to the servers are sent from the serving
+//! yields; with `worker_threads` above one, when none of them runs). The node's heartbeats to the servers are sent from the serving
 //! thread too, so that the servers mark the node critical when it hangs.
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
