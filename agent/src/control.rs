@@ -24,7 +24,8 @@
 //! limited to [`CALL_LIMIT`], the connection pinged when idle. It is kept
 //! until a heartbeat on it fails as a broken, leaderless or silent server
 //! would, or the agent presents a new node certificate; then the next call
-//! connects again, to the first server that answers. The watch stream has
+//! connects again, to the first server that answers (after a failed
+//! heartbeat, starting past the server it failed on). The watch stream has
 //! a connection of its own. A thousand agents heartbeating every two seconds
 //! would otherwise cost the servers 500 TLS handshakes a second, and each
 //! agent a handshake on every call. With [`Control::drive_on`], connecting

@@ -208,9 +208,10 @@ pub struct Interception {
     redirector: Mutex<Redirector>,
     /// The lease, renewed and ended apart from the redirector's lock (a
     /// sync's thousands of map writes do not hold up a renewal on the
-    /// serving thread); held while a renewal reads `synced`, and by a
-    /// failed sync to end the lease, so that no renewal outlives a failure.
-    lease: Mutex<Settings>,
+    /// serving thread). A renewal reads `synced` under the lock a failed
+    /// sync ends the lease under, after storing `false`: no renewal
+    /// outlives a failure.
+    lease: Settings,
     /// The redirect records, read for every accepted connection without
     /// the redirector's lock (which map syncs hold).
     records: Records,
@@ -361,7 +362,7 @@ impl Interception {
         let permissive_installed = redirector.permissive_ports().into_iter().collect();
         Ok(Self {
             records: redirector.records(),
-            lease: Mutex::new(redirector.settings()),
+            lease: redirector.settings(),
             netns_cookie: std::sync::OnceLock::new(),
             redirector: Mutex::new(redirector),
             workloads: Mutex::new(workloads),
@@ -404,18 +405,16 @@ impl Interception {
     /// Renews the liveness lease: call every [`LEASE_RENEWAL`] once the view
     /// is loaded and synced and the outbound listener is up.
     pub fn renew_lease(&self) -> Result<(), InterceptError> {
-        let lease = self.lease.lock().expect("lease lock");
-        if !self.synced.load(Ordering::Acquire) {
-            // The last sync failed: keep refusing until one succeeds.
-            return Ok(lease.end_lease()?);
-        }
-        Ok(lease.renew_lease(LEASE)?)
+        // After a failed sync the lease ends instead: refused until one
+        // succeeds.
+        let synced = || self.synced.load(Ordering::Acquire);
+        Ok(self.lease.renew_lease_while(LEASE, synced)?)
     }
 
     /// Ends the lease: mesh workloads' connections are refused from now on
     /// (shutdown).
     pub fn end_lease(&self) -> Result<(), InterceptError> {
-        Ok(self.lease.lock().expect("lease lock").end_lease()?)
+        Ok(self.lease.end_lease()?)
     }
 
     /// Puts the permissive listener where the sk_lookup program finds it.
@@ -444,7 +443,7 @@ impl Interception {
             // What this sync was to change may be half done: the next
             // compares everything.
             self.full_sync.store(true, Ordering::Release);
-            if let Err(e) = self.lease.lock().expect("lease lock").end_lease() {
+            if let Err(e) = self.lease.end_lease() {
                 // It runs out within LEASE anyway: no renewal follows.
                 tracing::error!("ending the eBPF lease after a failed sync: {e}");
             }

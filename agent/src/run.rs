@@ -260,7 +260,8 @@ pub async fn run(
     if let (None, Some(state)) = (&predecessor, admin_state.take()) {
         let listener = sockets.tcp("admin", config.admin_addr).await?;
         let stop = wait_for(stop_rx.clone());
-        admin_task = Some(serve_admin(&background, listener, state, stop).await?);
+        admin_task =
+            Some(serve_admin(&background, listener, config.admin_addr, state, stop).await?);
     }
 
     // Interception before anything else: adopt what an earlier agent pinned
@@ -383,7 +384,8 @@ pub async fn run(
     if let Some(state) = admin_state.take() {
         let listener = sockets.tcp("admin", config.admin_addr).await?;
         let stop = wait_for(stop_rx.clone());
-        admin_task = Some(serve_admin(&background, listener, state, stop).await?);
+        admin_task =
+            Some(serve_admin(&background, listener, config.admin_addr, state, stop).await?);
     }
 
     let inbound_listener = sockets.tcp("inbound", config.inbound_addr).await?;
@@ -679,14 +681,11 @@ async fn wait_for(mut stop: watch::Receiver<bool>) {
 async fn serve_admin(
     background: &Background,
     listener: tokio::net::TcpListener,
+    addr: SocketAddr,
     state: AdminState,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<()>, RunError> {
-    let addr = listener.local_addr().ok();
-    let listen_err = |source| RunError::Listen {
-        addr: addr.unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
-        source,
-    };
+    let listen_err = |source| RunError::Listen { addr, source };
     let listener = listener.into_std().map_err(listen_err)?;
     let admin = background
         .spawn(async move {

@@ -133,8 +133,23 @@ pub struct Settings(std::sync::Arc<std::sync::Mutex<Array<MapData, u64>>>);
 impl Settings {
     /// Renews the agent's liveness lease for `lease`.
     pub fn renew_lease(&self, lease: std::time::Duration) -> Result<(), RedirectorError> {
-        let until = monotonic_ns().saturating_add(lease.as_nanos() as u64);
-        self.set(agent::ALIVE_UNTIL, until)
+        self.renew_lease_while(lease, || true)
+    }
+
+    /// Renews the lease for `lease` if `keep()` says so, else ends it;
+    /// `keep` is asked under the lock that ending the lease takes, so that
+    /// a renewal never lands after an end decided on a later answer.
+    pub fn renew_lease_while(
+        &self,
+        lease: std::time::Duration,
+        keep: impl FnOnce() -> bool,
+    ) -> Result<(), RedirectorError> {
+        let mut map = self.0.lock().expect("settings lock");
+        let until = match keep() {
+            true => monotonic_ns().saturating_add(lease.as_nanos() as u64),
+            false => 0,
+        };
+        Self::write(&mut map, agent::ALIVE_UNTIL, until)
     }
 
     /// Ends the lease at once.
@@ -143,10 +158,11 @@ impl Settings {
     }
 
     fn set(&self, slot: u32, value: u64) -> Result<(), RedirectorError> {
-        self.0
-            .lock()
-            .expect("settings lock")
-            .set(slot, value, 0)
+        Self::write(&mut self.0.lock().expect("settings lock"), slot, value)
+    }
+
+    fn write(map: &mut Array<MapData, u64>, slot: u32, value: u64) -> Result<(), RedirectorError> {
+        map.set(slot, value, 0)
             .map_err(|source| RedirectorError::Map {
                 name: maps::AGENT,
                 source,
