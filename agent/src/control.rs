@@ -1,9 +1,10 @@
 //! The agent's link to the servers: registering the node and its services,
 //! writing health changes, signing certificates, and following the watch
 //! stream into the agent's [`View`]. Connections go to the first server that
-//! answers; a broken watch stream is resumed from the last index on the next
-//! server, with exponential backoff and jitter (capped at 2 s) while none
-//! answers, logged once per outage.
+//! answers; a watch stream that ends (a server gone, or cut off from its
+//! cluster, which ends its streams) is resumed from the last index, asking
+//! the next server first, with exponential backoff and jitter (capped at
+//! 2 s) while none answers, logged once per outage.
 //!
 //! Registration is anti-entropy, not a ritual: the agent registers at start,
 //! and again only when its view of the catalog (which the watch stream keeps
@@ -375,7 +376,8 @@ impl Control {
         if let Some(ch) = ch {
             return Ok(ch);
         }
-        let (server, ch) = self.connect_new(Some(CALL_LIMIT)).await?;
+        let first = self.first_server.load(Ordering::SeqCst);
+        let (server, ch) = self.connect_new(first, Some(CALL_LIMIT)).await?;
         let mut shared = self.shared.lock().expect("channel lock");
         // Forgotten meanwhile (a new node certificate, say): used for this
         // call, not kept.
@@ -404,15 +406,15 @@ impl Control {
         shared.0 += 1;
     }
 
-    /// A new connection to the first server that accepts one, made on
-    /// [`Self::drive_on`]'s runtime if set; calls on it limited to
-    /// `call_limit` (a stream: its start).
+    /// A new connection to the first server, from `addrs[first]` on, that
+    /// accepts one, made on [`Self::drive_on`]'s runtime if set; calls on
+    /// it limited to `call_limit` (a stream: its start).
     async fn connect_new(
         &self,
+        first: usize,
         call_limit: Option<Duration>,
     ) -> Result<(usize, Channel), ControlError> {
         let tls = self.credentials.tls.read().expect("tls lock").clone();
-        let first = self.first_server.load(Ordering::SeqCst);
         let dial = connect_first(self.addrs.clone(), first, tls, call_limit);
         match self.runtime.get() {
             Some(runtime) => runtime.spawn(dial).await.map_err(|e| {
@@ -863,6 +865,8 @@ impl Control {
         let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_CAP);
         let mut streak = Streak::default();
         let mut working = View::clone(&view.load());
+        // The server the next stream is asked of first.
+        let mut first = self.first_server.load(Ordering::SeqCst);
         loop {
             let from = working.index;
             let mut subscribed = || {
@@ -876,8 +880,16 @@ impl Control {
                 }
             };
             let result = self
-                .stream_once((&mut working, &view), &index_tx, from, &mut subscribed)
+                .stream_once(
+                    (&mut working, &view),
+                    &index_tx,
+                    (from, &mut first),
+                    &mut subscribed,
+                )
                 .await;
+            // Whatever ended it (a server gone, cut off from its cluster,
+            // refusing), the next stream starts at the next server.
+            first = (first + 1) % self.addrs.len().max(1);
             let e = match result {
                 Ok(()) => ControlError::Unreachable("the server ended the watch stream".into()),
                 Err(e) => e,
@@ -891,21 +903,21 @@ impl Control {
         }
     }
 
-    /// One watch stream, from subscribing to its end. `subscribed` is called
-    /// once a server took the subscription.
+    /// One watch stream, from subscribing (at index `from`, asking the
+    /// servers from `first` on, which is left at the one that answered) to
+    /// its end. `subscribed` is called once a server took the subscription.
     async fn stream_once(
         &self,
         (working, view): (&mut View, &SharedView),
         index_tx: &watch::Sender<u64>,
-        from: u64,
+        (from, first): (u64, &mut usize),
         subscribed: &mut impl FnMut(),
     ) -> Result<(), ControlError> {
         // A snapshot half received on a stream that broke is of no use.
         working.drop_partial();
-        let channel = InterceptedService::new(
-            self.connect_new(None).await?.1,
-            self.credentials.token.clone(),
-        );
+        let (server, channel) = self.connect_new(*first, None).await?;
+        *first = server;
+        let channel = InterceptedService::new(channel, self.credentials.token.clone());
         let mut stream = WatchClient::new(channel)
             .subscribe(proto::WatchRequest {
                 from_index: from,

@@ -10,6 +10,7 @@ pub mod acl;
 pub mod ca;
 pub mod cluster;
 pub mod conn_limit;
+pub mod contact;
 pub mod federation;
 pub mod grpc;
 pub mod http;

@@ -128,6 +128,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         liveness: weft_server::liveness::Liveness::new(settings.node_timeout),
         limits: settings.limits,
         leader_contact: Default::default(),
+        contact: Default::default(),
         federation_tls: Default::default(),
         traffic: Default::default(),
         batcher: weft_server::raft::batch::Batcher::start(
@@ -145,6 +146,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         ELECTION,
         node.metrics.elections.clone(),
     ));
+    tokio::spawn(weft_server::contact::run(node.clone()));
 
     let raft_listener = TcpListener::bind(settings.raft_addr)
         .await

@@ -49,6 +49,9 @@ pub struct ServerNode {
     pub batcher: crate::raft::batch::Batcher,
     /// When this server last heard from a leader (for pre-vote).
     pub leader_contact: crate::raft::prevote::LeaderContact,
+    /// Whether this server is in contact with its cluster (watch streams
+    /// are served only while it is).
+    pub contact: crate::contact::Contact,
     /// This server's TLS for calls to other datacenters' servers, once it
     /// is federated (`--federation-addr`): `?dc=` forwards with it.
     pub federation_tls: std::sync::OnceLock<tonic::transport::ClientTlsConfig>,
@@ -109,6 +112,7 @@ impl ServerNode {
     /// Writes on this server, which must be the leader (grouped with
     /// concurrent writes, see `raft::batch`).
     pub async fn write_as_leader(&self, cmd: Command) -> ForwardedResult {
+        self.leads_in_contact()?;
         match self.batcher.write(cmd).await {
             Ok(CommandResult::Applied { index }) => Ok(index),
             Ok(CommandResult::Refused { reason }) => Err(WriteError::Refused(reason)),
@@ -138,6 +142,7 @@ impl ServerNode {
     pub async fn heartbeat(&self, node: &str) -> Result<(), WriteError> {
         match self.raft.current_leader().await {
             Some(leader) if leader == self.id => {
+                self.leads_in_contact()?;
                 self.liveness.heard(node, std::time::Instant::now());
                 Ok(())
             }
@@ -165,8 +170,24 @@ impl ServerNode {
                 self.id
             )));
         }
+        self.leads_in_contact()?;
         self.liveness.heard(node, std::time::Instant::now());
         Ok(())
+    }
+
+    /// Refuses what only a leader its quorum still answers may take: a
+    /// leader cut off from the others (which openraft does not depose
+    /// until it hears of a newer term) would take writes it cannot commit,
+    /// and heartbeats the leader the others elected never hears of.
+    fn leads_in_contact(&self) -> Result<(), WriteError> {
+        if self.contact.in_contact(self) {
+            return Ok(());
+        }
+        Err(WriteError::NoLeader(format!(
+            "server {} leads, but no quorum has answered it for {:?}",
+            self.id,
+            crate::contact::CONTACT_LIMIT
+        )))
     }
 
     fn peer_client(&self, id: NodeId) -> Result<RaftClient<tonic::transport::Channel>, WriteError> {

@@ -535,3 +535,107 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// A `weft-agent` on loopback in explicit mode, without services, following
+/// a [`Cluster`] (every server listed) with a token of its node's identity;
+/// killed on drop.
+pub struct LoopbackAgent {
+    child: Child,
+    admin: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts an agent for node `node` and waits (20 s at most) until its
+    /// view has the servers' state.
+    pub fn start_agent(&self, node: &str) -> anyhow::Result<LoopbackAgent> {
+        let dir = tempfile::Builder::new().prefix("weft-agent-").tempdir()?;
+        let token = self.token_with(&["--node-identity", &format!("{node}:dc1")])?;
+        let token_file = dir.path().join("agent.token");
+        std::fs::write(&token_file, token)?;
+        let servers: Vec<String> = self
+            .servers
+            .iter()
+            .map(|s| format!("{:?}", s.grpc_addr))
+            .collect();
+        let addr = || format!("127.0.0.1:{}", free_port());
+        let admin = addr();
+        let config = format!(
+            "node_name = {node:?}\ndatacenter = \"dc1\"\nservers = [{}]\n\
+             advertise_addr = \"127.0.0.1\"\ndata_dir = {:?}\nebpf = false\n\
+             inbound_addr = {:?}\noutbound_addr = {:?}\npermissive_addr = {:?}\n\
+             admin_addr = {admin:?}\ndns_addr = {:?}\nhttp_addr = {:?}\n\
+             token_file = {:?}\nca_file = {:?}\n",
+            servers.join(", "),
+            dir.path().join("data").display().to_string(),
+            addr(),
+            addr(),
+            addr(),
+            addr(),
+            addr(),
+            token_file.display().to_string(),
+            self.ca_file.display().to_string(),
+        );
+        let config_file = dir.path().join("agent.toml");
+        std::fs::write(&config_file, config)?;
+        let log = dir.path().join("agent.log");
+        let child = Command::new(bin("weft-agent"))
+            .arg("--config")
+            .arg(&config_file)
+            .env("RUST_LOG", "info,weft_agent=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting weft-agent")?;
+        let agent = LoopbackAgent {
+            child,
+            admin,
+            log,
+            _dir: dir,
+        };
+        crate::mesh::wait_until(Duration::from_secs(20), "the agent's view", || {
+            Ok(agent
+                .config_dump()
+                .ok()
+                .filter(|dump| dump["view"]["index"].as_u64() > Some(0))
+                .map(|_| ()))
+        })
+        .map_err(|e| e.context(format!("agent log:\n{}", agent.log())))?;
+        Ok(agent)
+    }
+
+    /// A server's Prometheus metric `name`, summed over its labels.
+    pub fn metric(&self, id: u64, name: &str) -> anyhow::Result<f64> {
+        let reply = self.http(id, "GET", "/metrics", Some(&self.token), None)?;
+        Ok(crate::mesh::metric_sum(&reply.body, name))
+    }
+}
+
+impl LoopbackAgent {
+    /// The agent's `/config` document (configuration and view).
+    pub fn config_dump(&self) -> anyhow::Result<serde_json::Value> {
+        let out = Command::new("curl")
+            .args(["-sS", "-m", "5"])
+            .arg(format!("http://{}/config", self.admin))
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "curl /config: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// What the agent has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for LoopbackAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -726,3 +726,191 @@ fn an_isolated_follower_returns_without_deposing_the_leader() -> anyhow::Result<
     );
     Ok(())
 }
+
+/// A watch stream from server `id` with the management token, past its
+/// first event (the snapshot), or the status it was refused with.
+async fn subscribed(
+    cluster: &Cluster,
+    id: u64,
+) -> anyhow::Result<Result<tonic::Streaming<weft_api::proto::WatchEvent>, tonic::Status>> {
+    let channel = cluster.channel(id).await?;
+    let request = WatchRequest {
+        from_index: 0,
+        include_kv: true,
+    };
+    let mut stream = match WatchClient::new(channel).subscribe(request).await {
+        Ok(stream) => stream.into_inner(),
+        Err(status) => return Ok(Err(status)),
+    };
+    match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+        Ok(Ok(Some(_snapshot))) => Ok(Ok(stream)),
+        Ok(Ok(None)) => bail!("server {id}'s stream ended before its snapshot"),
+        Ok(Err(status)) => Ok(Err(status)),
+        Err(_) => bail!("no snapshot from server {id} within 10 s"),
+    }
+}
+
+/// How the watch stream `stream` ends within `limit`: the status it ends
+/// with. Fails if it goes on, or delivers `key`.
+async fn stream_end(
+    stream: &mut tonic::Streaming<weft_api::proto::WatchEvent>,
+    key: &str,
+    limit: Duration,
+) -> anyhow::Result<tonic::Status> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.message()).await {
+            Err(_) => bail!("the stream was still open after {limit:?}"),
+            Ok(Ok(None)) => bail!("the stream ended without a status"),
+            Ok(Err(status)) => return Ok(status),
+            Ok(Ok(Some(event))) => {
+                if let Some(watch_event::Event::Changes(c)) = &event.event {
+                    let delivered = c.changes.iter().any(|ch| {
+                        matches!(&ch.change, Some(change::Change::KvUpsert(e)) if e.key == key)
+                    });
+                    anyhow::ensure!(!delivered, "a cut-off server delivered {key}");
+                }
+            }
+        }
+    }
+}
+
+/// A server cut off from the others holds a state that no longer moves,
+/// yet its watch streams would stay open and silent: a subscriber would
+/// miss every later change (an intention set to deny among them). A cut-off
+/// follower, and later a cut-off leader, end their streams with
+/// UNAVAILABLE and refuse new ones, so that subscribers move to a server
+/// that takes changes; back in contact, they serve again.
+#[test]
+fn a_cut_off_server_ends_its_watch_streams_and_refuses_new_ones() -> anyhow::Result<()> {
+    let cluster = Cluster::start_linked(3, &[])?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(15))?;
+    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+    let runtime = tokio::runtime::Runtime::new()?;
+    let limit = Duration::from_secs(10);
+    // What this test proves happens within `limit`, contact being judged
+    // every 0.5 s and lost after 3 s.
+    let cut_off = |id: u64, key: &str| -> anyhow::Result<()> {
+        let mut stream = runtime
+            .block_on(subscribed(&cluster, id))?
+            .map_err(|s| anyhow::anyhow!("server {id} refused a watch: {s}"))?;
+        cluster.isolate(id);
+        let started = Instant::now();
+        // The majority goes on taking writes the cut-off server never sees
+        // (written through one of the majority: a cut-off leader takes
+        // writes it cannot commit).
+        let other = (1..=3).find(|other| *other != id).expect("another server");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = cluster.cli_as(
+                cluster.grpc_addr(other),
+                &cluster.token,
+                &["kv", "put", key, "v"],
+            );
+            if out.status.success() {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the majority took no write within 20 s: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let status = runtime
+            .block_on(stream_end(&mut stream, key, limit))
+            .with_context(|| format!("server {id}, cut off:\n{}", cluster.log(id)))?;
+        let ended = started.elapsed();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().contains("out of contact"),
+            "the status should say why: {status:?}"
+        );
+        // A new subscription is refused while it is cut off.
+        let refused = runtime.block_on(subscribed(&cluster, id))?;
+        match refused {
+            Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}"),
+            Ok(_) => bail!("server {id}, cut off, took a new watch"),
+        }
+        eprintln!("server {id} cut off: its watch stream ended after {ended:?}");
+        cluster.rejoin(id);
+        // Back in contact, it serves the writes it missed.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if runtime.block_on(subscribed(&cluster, id))?.is_ok() {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "server {id} refused watches 30 s after it rejoined:\n{}",
+                cluster.log(id)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        wait_for_keys(
+            &cluster,
+            id,
+            &BTreeSet::from([key.to_string()]),
+            Duration::from_secs(30),
+        )
+    };
+    cut_off(follower, "while-follower-cut")?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(15))?;
+    cut_off(leader, "while-leader-cut")?;
+    Ok(())
+}
+
+/// An agent whose watch server is cut off from the cluster moves its watch
+/// to another server: an intention denying a pair, made by the majority
+/// meanwhile, reaches the agent's view. (Before, the cut-off server kept
+/// the stream open and silent, and the agent kept allowing the pair.)
+#[test]
+fn an_agent_follows_the_cluster_when_its_watch_server_is_cut_off() -> anyhow::Result<()> {
+    let cluster = Cluster::start_linked(3, &[])?;
+    cluster.wait_for_leader(Duration::from_secs(15))?;
+    let agent = cluster.start_agent("node-1")?;
+    let watched = weft_tests::mesh::wait_until(
+        Duration::from_secs(10),
+        "the server serving the agent's watch",
+        || {
+            let mut serving = Vec::new();
+            for id in 1..=3 {
+                if cluster.metric(id, "weft_server_watch_streams")? >= 1.0 {
+                    serving.push(id);
+                }
+            }
+            Ok((serving.len() == 1).then(|| serving[0]))
+        },
+    )?;
+    cluster.isolate(watched);
+    let cut = Instant::now();
+    let other = (1..=3).find(|id| *id != watched).expect("another server");
+    weft_tests::mesh::wait_until(Duration::from_secs(20), "a write by the majority", || {
+        let out = cluster.cli_as(
+            cluster.grpc_addr(other),
+            &cluster.token,
+            &["intention", "create", "web", "db", "--deny"],
+        );
+        Ok(out.status.success().then_some(()))
+    })?;
+    weft_tests::mesh::wait_until(
+        Duration::from_secs(20),
+        "the agent's view has the intention made while its server was cut off",
+        || {
+            let dump = agent.config_dump()?;
+            let seen = dump["view"]["intentions"].as_array().is_some_and(|all| {
+                all.iter().any(|i| {
+                    i["Source"] == "web" && i["Destination"] == "db" && i["Action"] == "deny"
+                })
+            });
+            Ok(seen.then_some(()))
+        },
+    )
+    .with_context(|| format!("agent log:\n{}", agent.log()))?;
+    eprintln!(
+        "server {watched} cut off: the agent had the new intention {:?} later",
+        cut.elapsed()
+    );
+    cluster.rejoin(watched);
+    Ok(())
+}

@@ -14,6 +14,10 @@
 //! `more = false`. When ACLs change,
 //! the stream looks its token up again: a deleted token ends the stream,
 //! otherwise a new snapshot filtered by the new rights follows.
+//!
+//! A server out of contact with its cluster ([`crate::contact`]) refuses
+//! subscriptions and ends the streams it serves with `UNAVAILABLE`: what
+//! it holds may be stale, and a subscriber resumes on another server.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +51,9 @@ impl Watch for WatchApi {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let caller = caller(&self.0, &req).await?;
         caller.require_any_read(ResourceKind::Service)?;
+        if !self.0.contact.in_contact(&self.0) {
+            return Err(out_of_contact(&self.0));
+        }
         let secret = secret_of(&req).unwrap_or_default().to_string();
         let r = req.into_inner();
         let (tx, rx) = mpsc::channel(1024);
@@ -60,6 +67,15 @@ impl Watch for WatchApi {
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// Why a server out of contact serves no watch.
+fn out_of_contact(node: &ServerNode) -> Status {
+    Status::unavailable(format!(
+        "server {} is out of contact with its cluster's leader: what it holds may be stale; \
+         subscribe to another server",
+        node.id
+    ))
 }
 
 /// Bytes of one snapshot part at most (an item larger than that gets a
@@ -382,6 +398,10 @@ async fn stream_changes(
         let event = tokio::select! {
             e = rx.recv() => e,
             _ = tx.closed() => return,
+            _ = node.contact.lost(&node) => {
+                let _ = tx.send(Err(out_of_contact(&node))).await;
+                return;
+            }
         };
         let out = match event {
             Ok(HubEvent::Changes(index, changes))
