@@ -860,13 +860,19 @@ fn a_cut_off_server_ends_its_watch_streams_and_refuses_new_ones() -> anyhow::Res
     Ok(())
 }
 
-/// An agent whose watch server is cut off from the cluster moves its watch
-/// to another server: an intention denying a pair, made by the majority
-/// meanwhile, reaches the agent's view. (Before, the cut-off server kept
-/// the stream open and silent, and the agent kept allowing the pair.)
+/// An agent whose server is cut off from the cluster moves to another: an
+/// intention denying a pair, made by the majority meanwhile, reaches the
+/// agent's view, and its node stays passing. (Before, the cut-off server
+/// kept the watch stream open and silent, so the agent kept allowing the
+/// pair; and a cut-off leader took the agent's heartbeats, so the leader
+/// the others elected never heard them and marked the node critical.)
 #[test]
-fn an_agent_follows_the_cluster_when_its_watch_server_is_cut_off() -> anyhow::Result<()> {
-    let cluster = Cluster::start_linked(3, &[])?;
+fn an_agent_follows_the_cluster_when_its_server_is_cut_off() -> anyhow::Result<()> {
+    // Above what a cut-off leader takes to refuse heartbeats (3 s without
+    // a quorum) and the agent to send its next one elsewhere.
+    let node_timeout = Duration::from_secs(6);
+    let timeout_arg = format!("--node-timeout={}s", node_timeout.as_secs());
+    let cluster = Cluster::start_linked(3, &[&timeout_arg])?;
     cluster.wait_for_leader(Duration::from_secs(15))?;
     let agent = cluster.start_agent("node-1")?;
     let watched = weft_tests::mesh::wait_until(
@@ -911,6 +917,37 @@ fn an_agent_follows_the_cluster_when_its_watch_server_is_cut_off() -> anyhow::Re
         "server {watched} cut off: the agent had the new intention {:?} later",
         cut.elapsed()
     );
+    // The servers judge silence after a node timeout (a new leader gives
+    // every node one, from its election): over two from the cut, the
+    // majority hears the agent.
+    let health = || -> anyhow::Result<String> {
+        let out = cluster.cli_as(
+            cluster.grpc_addr(other),
+            &cluster.token,
+            &["--format", "json", "catalog", "nodes"],
+        );
+        anyhow::ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let nodes: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let node = nodes
+            .as_array()
+            .and_then(|all| all.iter().find(|n| n["name"] == "node-1"))
+            .context("node-1 in the catalog")?;
+        Ok(node["health"].as_str().unwrap_or_default().to_string())
+    };
+    while cut.elapsed() < 2 * node_timeout {
+        let health = health()?;
+        anyhow::ensure!(
+            health == "passing",
+            "node-1 went {health} {:?} after its server was cut off:\n{}",
+            cut.elapsed(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
     cluster.rejoin(watched);
     Ok(())
 }
