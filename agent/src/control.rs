@@ -3,7 +3,7 @@
 //! stream into the agent's [`View`]. Connections go to the first server that
 //! answers; a watch stream that ends (a server gone, or cut off from its
 //! cluster, which ends its streams) is resumed from the last index, asking
-//! the next server first, with exponential backoff and jitter (capped at
+//! another server first, with exponential backoff and jitter (capped at
 //! 2 s) while none answers, logged once per outage.
 //!
 //! Registration is anti-entropy, not a ritual: the agent registers at start,
@@ -161,6 +161,20 @@ const CONNECT_LIMIT: Duration = Duration::from_secs(2);
 /// when the kernel gives up on the socket.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long at most an agent waits before resubscribing after a watch
+/// stream that ran ended.
+const SPREAD: Duration = Duration::from_secs(1);
+
+/// The server a new watch stream starts at after one from `server` ended:
+/// another one, drawn with `draw`, so that the agents a server dropped
+/// together spread over the others rather than all going to the next.
+fn next_watch_server(server: usize, servers: usize, draw: usize) -> usize {
+    match servers {
+        0 | 1 => 0,
+        n => (server + 1 + draw % (n - 1)) % n,
+    }
+}
 
 /// The order servers are tried in: from `first` on, around.
 fn dial_order(servers: usize, first: usize) -> impl Iterator<Item = usize> {
@@ -869,7 +883,9 @@ impl Control {
         let mut first = self.first_server.load(Ordering::SeqCst);
         loop {
             let from = working.index;
+            let mut ran = false;
             let mut subscribed = || {
+                ran = true;
                 backoff.reset();
                 if let Some((lasted, failures)) = streak.succeeded() {
                     tracing::info!(
@@ -888,8 +904,8 @@ impl Control {
                 )
                 .await;
             // Whatever ended it (a server gone, cut off from its cluster,
-            // refusing), the next stream starts at the next server.
-            first = (first + 1) % self.addrs.len().max(1);
+            // refusing), the next stream starts at another server.
+            first = next_watch_server(first, self.addrs.len(), rand::random::<u32>() as usize);
             let e = match result {
                 Ok(()) => ControlError::Unreachable("the server ended the watch stream".into()),
                 Err(e) => e,
@@ -899,7 +915,14 @@ impl Control {
             } else {
                 tracing::debug!(attempt = streak.failures(), "watch stream: {e}");
             }
-            tokio::time::sleep(backoff.next_wait()).await;
+            // A stream that ran and ended may have ended for every agent
+            // at once (its server cut off or stopping): they come back
+            // spread over a second, not in step.
+            let wait = match ran {
+                true => SPREAD.mul_f64(rand::random::<f64>()),
+                false => backoff.next_wait(),
+            };
+            tokio::time::sleep(wait).await;
         }
     }
 
@@ -1129,6 +1152,23 @@ tags = ["v1"]
         assert_eq!(dial_order(3, 2).collect::<Vec<_>>(), [2, 0, 1]);
         assert_eq!(dial_order(1, 0).collect::<Vec<_>>(), [0]);
         assert_eq!(dial_order(0, 0).count(), 0);
+    }
+
+    #[test]
+    fn a_watch_that_ended_resumes_on_another_server_drawn_evenly() {
+        // Every draw lands on another server, and the draws cover all of
+        // them equally.
+        let mut landed = [0; 5];
+        for draw in 0..400 {
+            let next = next_watch_server(2, 5, draw);
+            assert_ne!(next, 2);
+            landed[next] += 1;
+        }
+        assert_eq!(landed, [100, 100, 0, 100, 100]);
+        assert_eq!(next_watch_server(0, 2, 7), 1);
+        assert_eq!(next_watch_server(1, 2, 8), 0);
+        assert_eq!(next_watch_server(0, 1, 3), 0);
+        assert_eq!(next_watch_server(0, 0, 3), 0);
     }
 
     #[test]

@@ -1,100 +1,118 @@
-//! Whether this server is in contact with its cluster: a leader whose
-//! leadership a quorum confirmed lately, or a follower that heard from its
-//! leader lately. A server cut off from the majority (a partition, a
-//! stalled peer link) still answers its clients, but what it holds no
-//! longer moves: a watch stream from it would stay open and silent while
-//! the others take changes, an intention set to deny among them. Watch
-//! streams therefore end, and new ones are refused, while a server is out
-//! of contact (`grpc::watch`); the agents resume from another server.
+//! Whether this server is in contact with its cluster: whether what it
+//! holds is as new as what a quorum committed a moment ago. A server cut
+//! off from the majority (a partition, a stalled peer link) still answers
+//! its clients, but what it holds no longer moves: a watch stream from it
+//! would stay open and silent while the others take changes, an intention
+//! set to deny among them, and a leader cut off with it (openraft deposes
+//! a leader only when it hears of a newer term) would take writes it
+//! cannot commit and heartbeats the elected leader never hears.
 //!
-//! The judgement ([`judge`]) is pure. A subscription is judged when it
-//! comes; [`run`] judges every [`CHECK_EVERY`] and publishes the result
-//! for open streams to follow.
-use std::sync::Arc;
-use std::time::Duration;
+//! So every [`CHECK_EVERY`] each server asks for a read index, as a
+//! linearizable read does: the leader has a quorum confirm it, a follower
+//! asks its leader over the Raft port (which does the same). Once the
+//! server has applied up to that index, what it holds was current when it
+//! asked: that moment is its last confirmation. It is in contact while that
+//! is under [`CONTACT_LIMIT`] ago ([`judge`]). Leader or follower, cut off
+//! or deposed or far behind in applying, it stops being confirmed; an
+//! election in between costs nothing while the last confirmation is recent.
+//!
+//! Out of contact, a server ends its watch streams and refuses new ones
+//! (`grpc::watch`), and a leader refuses writes and heartbeats
+//! (`node::ServerNode::leads_in_contact`); the agents go to another server.
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use crate::node::ServerNode;
 
-/// How long without a confirmation (a leader) or without hearing the
-/// leader (any other server) ends this server's contact: well above an
-/// election's usual length (the leader lease of 800 ms, a pre-vote round
-/// and the vote), so that an ordinary election ends no stream.
+/// How long after its last confirmation a server is still in contact: well
+/// above an election's usual length (the leader lease of 800 ms, a
+/// pre-vote round and the vote), and well under the servers' node timeout
+/// (10 s by default), so that an agent whose heartbeats a cut-off leader
+/// refuses reaches the elected one in time.
 pub const CONTACT_LIMIT: Duration = Duration::from_secs(3);
-/// How often contact is judged for the open streams.
+/// How often a read index is asked for, and contact judged for the open
+/// streams.
 pub const CHECK_EVERY: Duration = Duration::from_millis(500);
+/// How long one read index may take.
+const ASK_LIMIT: Duration = Duration::from_secs(1);
 
-/// What this server knows of its place in the cluster at one check.
+/// Whether a server whose last confirmation was `confirmed_ago` ago (None:
+/// never since it started) is in contact.
+pub fn judge(confirmed_ago: Option<Duration>, limit: Duration) -> bool {
+    confirmed_ago.is_some_and(|ago| ago < limit)
+}
+
+/// A read index asked for at `asked`, which the server must apply up to for
+/// `asked` to count as a confirmation.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Seen {
-    /// It leads; a quorum last confirmed that `confirmed_ago` ago (winning
-    /// the election counts).
-    Leading { confirmed_ago: Duration },
-    /// It follows (or stands, or learns); `knows_leader` whether it has a
-    /// leader at all, which it last heard `silence` ago.
-    Following {
-        knows_leader: bool,
-        silence: Duration,
-    },
+pub struct Pending {
+    pub index: u64,
+    pub asked: Instant,
 }
 
-/// Whether a server that sees `seen` is in contact with its cluster.
-pub fn judge(seen: Seen, limit: Duration) -> bool {
-    match seen {
-        Seen::Leading { confirmed_ago } => confirmed_ago < limit,
-        Seen::Following {
-            knows_leader,
-            silence,
-        } => knows_leader && silence < limit,
+/// The confirmation a server has once it applied up to `applied`, given the
+/// read index still `pending` (if any) and the `answer` to the one just
+/// asked: the newest moment whose index it has applied, and what is still
+/// pending (the older one, so that a server behind keeps confirming at the
+/// pace it applies rather than never).
+pub fn confirm(
+    applied: u64,
+    pending: Option<Pending>,
+    answer: Option<Pending>,
+) -> (Option<Instant>, Option<Pending>) {
+    let mut confirmed = None;
+    let mut still = None;
+    for read in [pending, answer].into_iter().flatten() {
+        if applied >= read.index {
+            confirmed = Some(read.asked);
+        } else if still.is_none() {
+            still = Some(read);
+        }
     }
+    (confirmed, still)
 }
 
-/// This server's contact, as [`run`] last judged it (true until its
-/// first judgement).
+/// This server's contact: its last confirmation, and the last published
+/// judgement of it.
 pub struct Contact {
+    confirmed: Mutex<Option<Instant>>,
     tx: watch::Sender<bool>,
 }
 
 impl Default for Contact {
+    /// Not in contact until first confirmed.
     fn default() -> Self {
         Self {
-            tx: watch::channel(true).0,
+            confirmed: Mutex::new(None),
+            tx: watch::channel(false).0,
         }
     }
 }
 
 impl Contact {
-    /// Whether `node` (whose contact this is) is in contact at this moment.
-    pub fn in_contact(&self, node: &ServerNode) -> bool {
-        judge(self.seen(node), CONTACT_LIMIT)
+    /// Whether this server is in contact at this moment.
+    pub fn in_contact(&self) -> bool {
+        let confirmed = *self.confirmed.lock().expect("contact lock");
+        judge(confirmed.map(|at| at.elapsed()), CONTACT_LIMIT)
     }
 
-    fn seen(&self, node: &ServerNode) -> Seen {
-        let metrics = node.raft.metrics();
-        let metrics = metrics.borrow();
-        if metrics.current_leader == Some(node.id) {
-            Seen::Leading {
-                // openraft's own count, kept as the leader's appends and
-                // heartbeats are acknowledged; none yet: it has just won
-                // its election, a quorum's confirmation.
-                confirmed_ago: Duration::from_millis(metrics.millis_since_quorum_ack.unwrap_or(0)),
-            }
-        } else {
-            Seen::Following {
-                knows_leader: metrics.current_leader.is_some(),
-                silence: node.leader_contact.silence(),
-            }
-        }
+    /// How long ago this server was last confirmed, if ever.
+    pub fn confirmed_ago(&self) -> Option<Duration> {
+        self.confirmed
+            .lock()
+            .expect("contact lock")
+            .map(|at| at.elapsed())
     }
 
-    /// Completes when [`run`] judges `node` (whose contact this is) out of
-    /// contact and it still is: a stream that started in contact just
-    /// before [`run`] saw it so is not ended by [`run`]'s older judgement.
-    pub async fn lost(&self, node: &ServerNode) {
+    /// Completes when [`run`] has judged this server out of contact and it
+    /// still is: a stream that began in contact just before [`run`] saw it
+    /// so is not ended by [`run`]'s older judgement.
+    pub async fn lost(&self) {
         let mut rx = self.tx.subscribe();
         loop {
-            if !*rx.borrow_and_update() && !self.in_contact(node) {
+            if !*rx.borrow_and_update() && !self.in_contact() {
                 return;
             }
             if rx.changed().await.is_err() {
@@ -104,37 +122,83 @@ impl Contact {
         }
     }
 
-    fn set(&self, in_contact: bool) {
-        self.tx.send_if_modified(|now| {
-            let changed = *now != in_contact;
-            *now = in_contact;
-            changed
-        });
+    fn confirmed_at(&self, at: Instant) {
+        let mut confirmed = self.confirmed.lock().expect("contact lock");
+        *confirmed = Some(confirmed.map_or(at, |before| before.max(at)));
+    }
+
+    /// Publishes a judgement: every one while out of contact (so that a
+    /// stream begun between two of them is told again), a change only
+    /// while in contact (so that open streams are not woken for nothing).
+    fn publish(&self, in_contact: bool) {
+        if in_contact {
+            self.tx
+                .send_if_modified(|now| !std::mem::replace(now, true));
+        } else {
+            self.tx.send_replace(false);
+        }
     }
 }
 
-/// Checks `node`'s contact every [`CHECK_EVERY`] and publishes it in
-/// `node.contact`, logging each change. Runs until the server stops.
+/// A read index of the leader this server follows, or leads as: from
+/// openraft on the leader, over the Raft port on a follower.
+async fn read_index(node: &ServerNode) -> Option<u64> {
+    let leader = node.raft.metrics().borrow().current_leader?;
+    let ask = async {
+        if leader == node.id {
+            node.raft
+                .get_read_log_id()
+                .await
+                .ok()
+                .map(|(read, _)| read.map_or(0, |id| id.index))
+        } else {
+            node.read_index_of(leader, ASK_LIMIT).await.ok()
+        }
+    };
+    tokio::time::timeout(ASK_LIMIT, ask).await.ok().flatten()
+}
+
+/// Asks for a read index every [`CHECK_EVERY`], records confirmations in
+/// `node.contact`, and publishes the judgement (logging each change, and
+/// setting `weft_server_in_contact`). Runs until the server stops.
 pub async fn run(node: Arc<ServerNode>) {
     let contact = &node.contact;
+    let mut pending = None;
+    let mut was = false;
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let seen = contact.seen(&node);
-        let now = judge(seen, CONTACT_LIMIT);
-        if now != *contact.tx.borrow() {
+        let asked = Instant::now();
+        let answer = read_index(&node)
+            .await
+            .map(|index| Pending { index, asked });
+        let applied = node
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |id| id.index);
+        let (confirmed, still) = confirm(applied, pending, answer);
+        pending = still;
+        if let Some(at) = confirmed {
+            contact.confirmed_at(at);
+        }
+        let now = contact.in_contact();
+        if now != was {
             if now {
                 tracing::info!("in contact with the cluster: watch streams are served");
             } else {
                 tracing::warn!(
-                    ?seen,
-                    "out of contact with the cluster's leader for {CONTACT_LIMIT:?}: \
-                     watch streams end and new ones are refused until contact is back"
+                    last_confirmed = ?contact.confirmed_ago(),
+                    "out of contact with the cluster for {CONTACT_LIMIT:?}: watch streams end, \
+                     new ones are refused, and as leader writes and heartbeats are refused"
                 );
             }
+            was = now;
         }
-        contact.set(now);
+        node.metrics.in_contact.set(i64::from(now));
+        contact.publish(now);
     }
 }
 
@@ -149,27 +213,72 @@ mod tests {
     }
 
     #[test]
-    fn a_leader_is_in_contact_while_a_quorum_confirms_it() {
-        let leading = |confirmed_ago| Seen::Leading { confirmed_ago };
-        assert!(judge(leading(ms(0)), LIMIT));
-        assert!(judge(leading(ms(2_999)), LIMIT));
-        // Cut off: it still thinks it leads, no quorum answers.
-        assert!(!judge(leading(ms(3_000)), LIMIT));
+    fn in_contact_while_the_last_confirmation_is_recent() {
+        assert!(judge(Some(ms(0)), LIMIT));
+        assert!(judge(Some(ms(2_999)), LIMIT));
+        assert!(!judge(Some(ms(3_000)), LIMIT));
+        assert!(!judge(Some(Duration::from_secs(600)), LIMIT));
+        // A server that was never confirmed (started cut off, or a cluster
+        // forming) holds nothing current, however recently it started.
+        assert!(!judge(None, LIMIT));
     }
 
     #[test]
-    fn a_follower_is_in_contact_while_it_hears_its_leader() {
-        let following = |knows_leader, silence| Seen::Following {
-            knows_leader,
-            silence,
+    fn a_read_index_confirms_once_applied() {
+        let t0 = Instant::now();
+        let read = |index, after| Pending {
+            index,
+            asked: t0 + ms(after),
         };
-        assert!(judge(following(true, ms(100)), LIMIT));
-        assert!(judge(following(true, ms(2_999)), LIMIT));
-        // Cut off: pre-vote keeps its term and its leader, not its contact.
-        assert!(!judge(following(true, ms(3_000)), LIMIT));
-        assert!(!judge(following(true, Duration::from_secs(600)), LIMIT));
-        // A server that never had a leader (a cluster forming) holds
-        // nothing current, however recently it started.
-        assert!(!judge(following(false, ms(0)), LIMIT));
+        // Applied already: confirmed at the moment it was asked.
+        assert_eq!(confirm(10, None, Some(read(10, 0))), (Some(t0), None));
+        // Not applied yet: pending, nothing confirmed.
+        assert_eq!(
+            confirm(9, None, Some(read(10, 0))),
+            (None, Some(read(10, 0)))
+        );
+        // Applied later: the pending one confirms its moment, and a newer
+        // answer applied too confirms the newer moment.
+        assert_eq!(confirm(10, Some(read(10, 0)), None), (Some(t0), None));
+        assert_eq!(
+            confirm(12, Some(read(10, 0)), Some(read(12, 500))),
+            (Some(t0 + ms(500)), None)
+        );
+        // Behind: the older pending one is kept (it confirms first), the
+        // newer is dropped; no answer (cut off): nothing new.
+        assert_eq!(
+            confirm(11, Some(read(12, 0)), Some(read(20, 500))),
+            (None, Some(read(12, 0)))
+        );
+        assert_eq!(confirm(11, None, None), (None, None));
+    }
+
+    #[test]
+    fn a_confirmation_never_goes_back() {
+        let contact = Contact::default();
+        assert!(!contact.in_contact());
+        let now = Instant::now();
+        contact.confirmed_at(now);
+        contact.confirmed_at(now - Duration::from_secs(10));
+        assert!(contact.in_contact());
+    }
+
+    #[tokio::test]
+    async fn lost_completes_once_judged_out_and_still_out() {
+        let contact = Contact::default();
+        contact.confirmed_at(Instant::now());
+        contact.publish(true);
+        let lost = contact.lost();
+        tokio::pin!(lost);
+        assert!(futures::poll!(&mut lost).is_pending());
+        // An older judgement while the confirmation is recent ends nothing.
+        contact.publish(false);
+        assert!(futures::poll!(&mut lost).is_pending());
+        // Out: the confirmation is gone.
+        *contact.confirmed.lock().unwrap() = None;
+        contact.publish(false);
+        tokio::time::timeout(Duration::from_secs(1), lost)
+            .await
+            .expect("lost() completes once out of contact");
     }
 }

@@ -210,7 +210,11 @@ pub async fn monitor(node: Arc<ServerNode>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let leading = node.raft.current_leader().await == Some(node.id);
+        // A leader out of contact takes no heartbeats: it is not leading
+        // here either, and when contact returns it gives every node a full
+        // timeout again rather than judge the silence it imposed.
+        let leading =
+            node.raft.current_leader().await == Some(node.id) && node.contact.in_contact();
         let now = Instant::now();
         node.liveness.set_leading(leading.then_some(now));
         if !leading {

@@ -49,6 +49,8 @@ pub struct ServerMetrics {
     pub leader_changes: Counter,
     /// Watch streams open now.
     pub watch_streams: Gauge,
+    /// 1 while this server is in contact with its cluster (`contact`).
+    pub in_contact: Gauge,
     /// API calls by method and code, timed.
     rpc_seconds: Family<RpcLabels, Histogram, fn() -> Histogram>,
     term: Gauge,
@@ -80,6 +82,7 @@ impl ServerMetrics {
             elections: Counter::default(),
             leader_changes: Counter::default(),
             watch_streams: Gauge::default(),
+            in_contact: Gauge::default(),
             rpc_seconds: Family::new_with_constructor(rpc_buckets),
             term: Gauge::default(),
             last_log_index: Gauge::default(),
@@ -110,6 +113,11 @@ impl ServerMetrics {
             "watch_streams",
             "Watch streams open on this server",
             m.watch_streams.clone(),
+        );
+        registry.register(
+            "in_contact",
+            "1 while this server holds what its cluster committed within the last 3 s (it serves watches, and as leader takes writes and heartbeats)",
+            m.in_contact.clone(),
         );
         registry.register(
             "rpc_seconds",

@@ -180,7 +180,7 @@ impl ServerNode {
     /// until it hears of a newer term) would take writes it cannot commit,
     /// and heartbeats the leader the others elected never hears of.
     fn leads_in_contact(&self) -> Result<(), WriteError> {
-        if self.contact.in_contact(self) {
+        if self.contact.in_contact() {
             return Ok(());
         }
         Err(WriteError::NoLeader(format!(
@@ -294,6 +294,18 @@ impl ServerNode {
         }
     }
 
+    /// A read index from `leader` (over the Raft port), within `limit`.
+    pub async fn read_index_of(&self, leader: NodeId, limit: Duration) -> Result<u64, WriteError> {
+        let mut client = self.peer_client(leader)?;
+        let mut request = tonic::Request::new(Empty {});
+        request.set_timeout(limit);
+        client
+            .read_index(request)
+            .await
+            .map(|r| r.into_inner().index)
+            .map_err(|s| WriteError::NoLeader(s.message().to_string()))
+    }
+
     /// Makes a following read linearizable: waits until this server has
     /// applied everything the leader had committed when the read began.
     /// A stale read skips this.
@@ -305,14 +317,7 @@ impl ServerNode {
         loop {
             let attempt = match self.raft.current_leader().await {
                 Some(leader) if leader == self.id => self.read_index_as_leader().await,
-                Some(leader) => match self.peer_client(leader) {
-                    Ok(mut client) => client
-                        .read_index(Empty {})
-                        .await
-                        .map(|r| r.into_inner().index)
-                        .map_err(|s| WriteError::NoLeader(s.message().to_string())),
-                    Err(e) => Err(e),
-                },
+                Some(leader) => self.read_index_of(leader, LEADER_WAIT).await,
                 None => Err(WriteError::NoLeader("election in progress".into())),
             };
             match attempt {

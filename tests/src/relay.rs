@@ -64,7 +64,15 @@ impl Relay {
     }
 
     fn start_with(connect: Connect) -> io::Result<Relay> {
-        let listener = TcpListener::bind(("127.0.0.1", crate::servers::free_port()))?;
+        // A port found free can be taken before it is bound again (by a
+        // process of another test): another one is tried, a few times.
+        let mut attempt = 0;
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", crate::servers::free_port())) {
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempt < 10 => attempt += 1,
+                other => break other?,
+            }
+        };
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::default());
         let accepting = {

@@ -230,7 +230,8 @@ impl Cluster {
         if linked {
             for from in &servers {
                 for to in servers.iter().filter(|s| s.id != from.id) {
-                    let relay = crate::relay::Relay::start(to.raft_addr.parse()?)?;
+                    let relay = crate::relay::Relay::start(to.raft_addr.parse()?)
+                        .context("starting a relay between servers")?;
                     links.insert((from.id, to.id), relay);
                 }
             }
@@ -310,6 +311,21 @@ impl Cluster {
         );
         for ((from, to), relay) in &self.links {
             if *from == id || *to == id {
+                relay.cut();
+            }
+        }
+    }
+
+    /// Cuts the servers in `group` off from the others (a cluster started
+    /// with [`Cluster::start_linked`]); inside the group, and inside the
+    /// rest, servers still reach each other. [`Cluster::rejoin`] each to end it.
+    pub fn partition(&self, group: &[u64]) {
+        assert!(
+            !self.links.is_empty(),
+            "partition needs Cluster::start_linked"
+        );
+        for ((from, to), relay) in &self.links {
+            if group.contains(from) != group.contains(to) {
                 relay.cut();
             }
         }

@@ -920,26 +920,8 @@ fn an_agent_follows_the_cluster_when_its_server_is_cut_off() -> anyhow::Result<(
     // The servers judge silence after a node timeout (a new leader gives
     // every node one, from its election): over two from the cut, the
     // majority hears the agent.
-    let health = || -> anyhow::Result<String> {
-        let out = cluster.cli_as(
-            cluster.grpc_addr(other),
-            &cluster.token,
-            &["--format", "json", "catalog", "nodes"],
-        );
-        anyhow::ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let nodes: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        let node = nodes
-            .as_array()
-            .and_then(|all| all.iter().find(|n| n["name"] == "node-1"))
-            .context("node-1 in the catalog")?;
-        Ok(node["health"].as_str().unwrap_or_default().to_string())
-    };
     while cut.elapsed() < 2 * node_timeout {
-        let health = health()?;
+        let health = node_health(&cluster, other, "node-1")?;
         anyhow::ensure!(
             health == "passing",
             "node-1 went {health} {:?} after its server was cut off:\n{}",
@@ -949,5 +931,116 @@ fn an_agent_follows_the_cluster_when_its_server_is_cut_off() -> anyhow::Result<(
         std::thread::sleep(Duration::from_millis(250));
     }
     cluster.rejoin(watched);
+    Ok(())
+}
+
+/// Node `node`'s health as server `at` has it.
+fn node_health(cluster: &Cluster, at: u64, node: &str) -> anyhow::Result<String> {
+    let out = cluster.cli_as(
+        cluster.grpc_addr(at),
+        &cluster.token,
+        &["--format", "json", "catalog", "nodes"],
+    );
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nodes: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let found = nodes
+        .as_array()
+        .and_then(|all| all.iter().find(|n| n["name"] == node))
+        .with_context(|| format!("{node} in the catalog"))?;
+    Ok(found["health"].as_str().unwrap_or_default().to_string())
+}
+
+/// Five servers split two against three, the leader and a follower on the
+/// small side: the follower still hears its leader, whom the majority
+/// replaces. Its watch stream ends all the same: contact is what a quorum
+/// confirms, not whom a server hears.
+#[test]
+fn a_follower_cut_off_with_its_leader_ends_its_watch_streams() -> anyhow::Result<()> {
+    let cluster = Cluster::start_linked(5, &[])?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(15))?;
+    let follower = (1..=5).find(|id| *id != leader).expect("a follower");
+    let runtime = tokio::runtime::Runtime::new()?;
+    // Every server is confirmed within a moment of the leader's election.
+    let mut stream =
+        weft_tests::mesh::wait_until(Duration::from_secs(10), "a watch from the follower", || {
+            Ok(runtime.block_on(subscribed(&cluster, follower))?.ok())
+        })?;
+    cluster.partition(&[leader, follower]);
+    let cut = Instant::now();
+    let status = runtime
+        .block_on(stream_end(&mut stream, "-", Duration::from_secs(10)))
+        .with_context(|| format!("server {follower}:\n{}", cluster.log(follower)))?;
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    eprintln!(
+        "server {follower}, cut off with its leader {leader}: its watch ended after {:?}",
+        cut.elapsed()
+    );
+    for id in [leader, follower] {
+        cluster.rejoin(id);
+    }
+    Ok(())
+}
+
+/// A leader whose quorum stops answering for longer than the node timeout
+/// takes no heartbeats meanwhile (it cannot commit what they would decide).
+/// When its quorum returns and follows it again, it gives every node a full
+/// timeout rather than judge the silence it imposed: the agent's node stays
+/// passing. (One follower is gone for good, the other stopped and resumed:
+/// alone, the resumed one cannot win a pre-vote against a leader that
+/// answers, so the leader stays.)
+#[test]
+fn a_leader_back_in_contact_judges_no_node_by_the_silence_it_imposed() -> anyhow::Result<()> {
+    let node_timeout = Duration::from_secs(3);
+    let timeout_arg = format!("--node-timeout={}s", node_timeout.as_secs());
+    let mut cluster = Cluster::start(3, &[&timeout_arg])?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(15))?;
+    let agent = cluster.start_agent("node-1")?;
+    weft_tests::mesh::wait_until(Duration::from_secs(10), "node-1 passing", || {
+        Ok((node_health(&cluster, leader, "node-1")? == "passing").then_some(()))
+    })?;
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    cluster.kill(followers[0]);
+    let pid = cluster.pid(followers[1]).context("a follower's pid")?;
+    let signal = |sig| {
+        // SAFETY: kill(2) on a child process of this test.
+        anyhow::ensure!(unsafe { libc::kill(pid as i32, sig) } == 0, "kill {pid}");
+        Ok::<_, anyhow::Error>(())
+    };
+    signal(libc::SIGSTOP)?;
+    let stopped = Instant::now();
+    let result = weft_tests::mesh::wait_until(
+        2 * node_timeout + Duration::from_secs(5),
+        "the leader out of contact for two node timeouts",
+        || {
+            let out = cluster.metric(leader, "weft_server_in_contact")?;
+            Ok((out == 0.0 && stopped.elapsed() > 2 * node_timeout).then_some(()))
+        },
+    );
+    signal(libc::SIGCONT)?;
+    result?;
+    weft_tests::mesh::wait_until(
+        Duration::from_secs(15),
+        "the leader in contact again",
+        || Ok((cluster.metric(leader, "weft_server_in_contact")? == 1.0).then_some(())),
+    )?;
+    anyhow::ensure!(
+        cluster.leader() == Some(leader),
+        "another leader was elected; this test needs the same one"
+    );
+    let back = Instant::now();
+    while back.elapsed() < 2 * node_timeout {
+        let health = node_health(&cluster, leader, "node-1")?;
+        anyhow::ensure!(
+            health == "passing",
+            "node-1 went {health} {:?} after the leader's contact returned:\n{}",
+            back.elapsed(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
     Ok(())
 }

@@ -51,7 +51,7 @@ impl Watch for WatchApi {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let caller = caller(&self.0, &req).await?;
         caller.require_any_read(ResourceKind::Service)?;
-        if !self.0.contact.in_contact(&self.0) {
+        if !self.0.contact.in_contact() {
             return Err(out_of_contact(&self.0));
         }
         let secret = secret_of(&req).unwrap_or_default().to_string();
@@ -384,9 +384,18 @@ async fn stream_changes(
         // A subscriber resuming from an index this server has not applied yet
         // waits for it rather than going back in time.
         // (A command index, not Raft's: batches put it ahead of the log's.)
-        node.shared
+        let caught_up = node
+            .shared
             .wait_for_index(from, Duration::from_secs(10))
             .await;
+        // Still behind: a server out of contact is refused (the subscriber
+        // goes to another); one in contact holds what the cluster committed
+        // a moment ago, so the subscriber's index is of another history (a
+        // cluster that lost its data) and it gets a snapshot of this one.
+        if !caught_up && !node.contact.in_contact() {
+            let _ = tx.try_send(Err(out_of_contact(&node)));
+            return;
+        }
     }
     let (mut rx, first, mut last) = start(&node, from, &caller, include_kv);
     for event in first {
@@ -398,8 +407,10 @@ async fn stream_changes(
         let event = tokio::select! {
             e = rx.recv() => e,
             _ = tx.closed() => return,
-            _ = node.contact.lost(&node) => {
-                let _ = tx.send(Err(out_of_contact(&node))).await;
+            _ = node.contact.lost() => {
+                // Not waiting on a subscriber that does not read: if its
+                // queue is full, the stream just ends.
+                let _ = tx.try_send(Err(out_of_contact(&node)));
                 return;
             }
         };
