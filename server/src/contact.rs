@@ -19,6 +19,7 @@
 //! Out of contact, a server ends its watch streams and refuses new ones
 //! (`grpc::watch`), and a leader refuses writes and heartbeats
 //! (`node::ServerNode::leads_in_contact`); the agents go to another server.
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,26 +53,33 @@ pub struct Pending {
     pub asked: Instant,
 }
 
-/// The confirmation a server has once it applied up to `applied`, given the
-/// read index still `pending` (if any) and the `answer` to the one just
-/// asked: the newest moment whose index it has applied, and what is still
-/// pending (the older one, so that a server behind keeps confirming at the
-/// pace it applies rather than never).
+/// How many read indexes may wait to be applied: one per check over
+/// [`CONTACT_LIMIT`], so that a server behind confirms at the pace it
+/// applies, as long as it stays under the limit.
+const MAX_PENDING: usize = 6;
+
+/// Takes the `answer` to the read index just asked (if any) into `pending`
+/// (in the order asked) and returns the newest moment whose index the
+/// server, having applied up to `applied`, now holds: its confirmation.
+/// An answer lower than a pending index (a new leader's) drops the higher
+/// ones, which would otherwise hold back the confirmations after them.
 pub fn confirm(
     applied: u64,
-    pending: Option<Pending>,
+    pending: &mut VecDeque<Pending>,
     answer: Option<Pending>,
-) -> (Option<Instant>, Option<Pending>) {
-    let mut confirmed = None;
-    let mut still = None;
-    for read in [pending, answer].into_iter().flatten() {
-        if applied >= read.index {
-            confirmed = Some(read.asked);
-        } else if still.is_none() {
-            still = Some(read);
+) -> Option<Instant> {
+    if let Some(answer) = answer {
+        pending.retain(|p| p.index <= answer.index);
+        if pending.len() < MAX_PENDING {
+            pending.push_back(answer);
         }
     }
-    (confirmed, still)
+    let mut confirmed = None;
+    while let Some(first) = pending.front().filter(|p| p.index <= applied) {
+        confirmed = Some(first.asked);
+        pending.pop_front();
+    }
+    confirmed
 }
 
 /// This server's contact: its last confirmation, and the last published
@@ -141,34 +149,65 @@ impl Contact {
 }
 
 /// A read index of the leader this server follows, or leads as: from
-/// openraft on the leader, over the Raft port on a follower.
+/// openraft on the leader, over the Raft port on a follower; tried again
+/// within [`ASK_LIMIT`] (openraft gives a quorum round only its heartbeat
+/// interval, which a follower busy storing a large append can miss).
 async fn read_index(node: &ServerNode) -> Option<u64> {
-    let leader = node.raft.metrics().borrow().current_leader?;
-    let ask = async {
-        if leader == node.id {
-            node.raft
-                .get_read_log_id()
+    let deadline = tokio::time::Instant::now() + ASK_LIMIT;
+    loop {
+        let leader = node.raft.metrics().borrow().current_leader?;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let answer = if leader == node.id {
+            tokio::time::timeout(left, node.read_index_as_leader())
                 .await
-                .ok()
-                .map(|(read, _)| read.map_or(0, |id| id.index))
+                .ok()?
         } else {
-            node.read_index_of(leader, ASK_LIMIT).await.ok()
+            node.read_index_of(leader, left).await
+        };
+        match answer {
+            Ok(index) => return Some(index),
+            Err(_) if tokio::time::Instant::now() + RETRY_AFTER < deadline => {
+                tokio::time::sleep(RETRY_AFTER).await;
+            }
+            Err(_) => return None,
         }
-    };
-    tokio::time::timeout(ASK_LIMIT, ask).await.ok().flatten()
+    }
 }
 
+/// How long after a failed read index the next is asked, within one check.
+const RETRY_AFTER: Duration = Duration::from_millis(100);
+
 /// Asks for a read index every [`CHECK_EVERY`], records confirmations in
-/// `node.contact`, and publishes the judgement (logging each change, and
-/// setting `weft_server_in_contact`). Runs until the server stops.
+/// `node.contact`, and publishes the judgement before each ask and after
+/// (logging each change, and setting `weft_server_in_contact`): a stream
+/// ends at most [`CHECK_EVERY`] after contact ran out. Runs until the
+/// server stops.
 pub async fn run(node: Arc<ServerNode>) {
     let contact = &node.contact;
-    let mut pending = None;
+    let mut pending = VecDeque::new();
     let mut was = false;
+    let judge_now = |was: &mut bool| {
+        let now = contact.in_contact();
+        if now != *was {
+            if now {
+                tracing::info!("in contact with the cluster: watch streams are served");
+            } else {
+                tracing::warn!(
+                    last_confirmed = ?contact.confirmed_ago(),
+                    "out of contact with the cluster for {CONTACT_LIMIT:?}: watch streams end, \
+                     new ones are refused, and as leader writes and heartbeats are refused"
+                );
+            }
+            *was = now;
+        }
+        node.metrics.in_contact.set(i64::from(now));
+        contact.publish(now);
+    };
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        judge_now(&mut was);
         let asked = Instant::now();
         let answer = read_index(&node)
             .await
@@ -179,26 +218,10 @@ pub async fn run(node: Arc<ServerNode>) {
             .borrow()
             .last_applied
             .map_or(0, |id| id.index);
-        let (confirmed, still) = confirm(applied, pending, answer);
-        pending = still;
-        if let Some(at) = confirmed {
+        if let Some(at) = confirm(applied, &mut pending, answer) {
             contact.confirmed_at(at);
         }
-        let now = contact.in_contact();
-        if now != was {
-            if now {
-                tracing::info!("in contact with the cluster: watch streams are served");
-            } else {
-                tracing::warn!(
-                    last_confirmed = ?contact.confirmed_ago(),
-                    "out of contact with the cluster for {CONTACT_LIMIT:?}: watch streams end, \
-                     new ones are refused, and as leader writes and heartbeats are refused"
-                );
-            }
-            was = now;
-        }
-        node.metrics.in_contact.set(i64::from(now));
-        contact.publish(now);
+        judge_now(&mut was);
     }
 }
 
@@ -230,27 +253,74 @@ mod tests {
             index,
             asked: t0 + ms(after),
         };
+        let mut pending = VecDeque::new();
         // Applied already: confirmed at the moment it was asked.
-        assert_eq!(confirm(10, None, Some(read(10, 0))), (Some(t0), None));
-        // Not applied yet: pending, nothing confirmed.
+        assert_eq!(confirm(10, &mut pending, Some(read(10, 0))), Some(t0));
+        assert!(pending.is_empty());
+        // Not applied yet: pending, nothing confirmed; no answer (cut off):
+        // nothing new.
+        assert_eq!(confirm(9, &mut pending, Some(read(12, 0))), None);
+        assert_eq!(confirm(9, &mut pending, None), None);
+        assert_eq!(confirm(11, &mut pending, Some(read(14, 500))), None);
+        // Applied later, each in turn: the newest applied one confirms.
+        assert_eq!(confirm(12, &mut pending, None), Some(t0));
         assert_eq!(
-            confirm(9, None, Some(read(10, 0))),
-            (None, Some(read(10, 0)))
+            confirm(20, &mut pending, Some(read(16, 1_000))),
+            Some(t0 + ms(1_000))
         );
-        // Applied later: the pending one confirms its moment, and a newer
-        // answer applied too confirms the newer moment.
-        assert_eq!(confirm(10, Some(read(10, 0)), None), (Some(t0), None));
-        assert_eq!(
-            confirm(12, Some(read(10, 0)), Some(read(12, 500))),
-            (Some(t0 + ms(500)), None)
-        );
-        // Behind: the older pending one is kept (it confirms first), the
-        // newer is dropped; no answer (cut off): nothing new.
-        assert_eq!(
-            confirm(11, Some(read(12, 0)), Some(read(20, 500))),
-            (None, Some(read(12, 0)))
-        );
-        assert_eq!(confirm(11, None, None), (None, None));
+        assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn a_server_behind_confirms_at_the_pace_it_applies() {
+        // Every answer is 30 entries ahead; the server applies 20 per check
+        // and is 1.5 s behind: it is confirmed 1.5 s late, every check.
+        let t0 = Instant::now();
+        let mut pending = VecDeque::new();
+        let mut last = None;
+        for k in 0..20u64 {
+            let asked = t0 + ms(500 * k);
+            let applied = 20 * k;
+            let answer = Pending {
+                index: 20 * k + 60,
+                asked,
+            };
+            if let Some(at) = confirm(applied, &mut pending, Some(answer)) {
+                last = Some((asked, at));
+            }
+        }
+        let (now, confirmed) = last.expect("confirmed along the way");
+        assert_eq!(now - confirmed, ms(1_500));
+        assert!(judge(Some(now - confirmed), LIMIT));
+    }
+
+    #[test]
+    fn a_new_leaders_lower_index_drops_the_higher_pending_ones() {
+        let t0 = Instant::now();
+        let read = |index, after| Pending {
+            index,
+            asked: t0 + ms(after),
+        };
+        let mut pending = VecDeque::from([read(100, 0), read(105, 500)]);
+        assert_eq!(confirm(90, &mut pending, Some(read(95, 1_000))), None);
+        assert_eq!(pending, [read(95, 1_000)]);
+        assert_eq!(confirm(95, &mut pending, None), Some(t0 + ms(1_000)));
+    }
+
+    #[test]
+    fn pending_read_indexes_are_bounded() {
+        let t0 = Instant::now();
+        let mut pending = VecDeque::new();
+        for k in 0..20 {
+            let answer = Pending {
+                index: 100 + k,
+                asked: t0 + ms(k),
+            };
+            assert_eq!(confirm(0, &mut pending, Some(answer)), None);
+        }
+        assert_eq!(pending.len(), MAX_PENDING);
+        // The oldest are kept: they confirm first.
+        assert_eq!(pending.front().map(|p| p.index), Some(100));
     }
 
     #[test]

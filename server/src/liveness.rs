@@ -86,6 +86,26 @@ impl Liveness {
         verdicts(nodes, &seen, since, now, self.timeout)
     }
 
+    /// Moves every clock (heartbeats, the start of leading, instances
+    /// critical) forward by `gap`, a time this leader could take no
+    /// heartbeats in: nothing is judged by it.
+    pub fn resumed_after(&self, gap: Duration) {
+        for t in self.seen.lock().expect("liveness lock").values_mut() {
+            *t += gap;
+        }
+        if let Some(t) = self.leading_since.lock().expect("liveness lock").as_mut() {
+            *t += gap;
+        }
+        for t in self
+            .critical_since
+            .lock()
+            .expect("liveness lock")
+            .values_mut()
+        {
+            *t += gap;
+        }
+    }
+
     /// This server leads from `now` on (or no longer does, `None`); a new
     /// leader forgets what it knew and gives every node a full timeout.
     fn set_leading(&self, now: Option<Instant>) {
@@ -208,17 +228,29 @@ pub async fn monitor(node: Arc<ServerNode>) {
     let tick = (node.liveness.timeout() / 10).max(Duration::from_millis(100));
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut out_of_contact: Option<Instant> = None;
     loop {
         interval.tick().await;
-        // A leader out of contact takes no heartbeats: it is not leading
-        // here either, and when contact returns it gives every node a full
-        // timeout again rather than judge the silence it imposed.
-        let leading =
-            node.raft.current_leader().await == Some(node.id) && node.contact.in_contact();
+        let leading = node.raft.current_leader().await == Some(node.id);
         let now = Instant::now();
         node.liveness.set_leading(leading.then_some(now));
         if !leading {
+            out_of_contact = None;
             continue;
+        }
+        // A leader out of contact takes no heartbeats (`leads_in_contact`)
+        // and could not write a verdict: it judges nothing meanwhile, and
+        // back in contact counts the time it was out as if every node had
+        // been heard, rather than judge a silence it imposed (nor forgets
+        // what it knew: a leader that kept losing contact briefly would
+        // then never judge anyone).
+        if !node.contact.in_contact() {
+            out_of_contact.get_or_insert(now);
+            continue;
+        }
+        if let Some(since) = out_of_contact.take() {
+            node.liveness
+                .resumed_after(now.saturating_duration_since(since));
         }
         // Decided under the state's read lock from what it holds, nothing
         // copied: a tick costs a pass over the catalog, not a copy of it.
@@ -299,6 +331,29 @@ mod tests {
         assert_eq!(due.len(), 1, "{due:?}");
         assert_eq!((due[0].0.as_str(), due[0].1), ("b", HealthStatus::Critical));
         assert!(due[0].2.starts_with(SILENT), "{}", due[0].2);
+    }
+
+    #[test]
+    fn a_time_out_of_contact_counts_for_no_node() {
+        let t0 = Instant::now();
+        let liveness = Liveness::new(TIMEOUT);
+        liveness.set_leading(Some(t0));
+        liveness.heard("a", t0 + Duration::from_secs(1));
+        let nodes = [
+            node("a", HealthStatus::Passing, ""),
+            node("never-heard", HealthStatus::Passing, ""),
+        ];
+        // 20 s out of contact, then 4 s back: silent 24 s by the clock,
+        // 4 s (a) and 5 s (never heard, since the election) by what the
+        // leader could hear.
+        let back = t0 + Duration::from_secs(25);
+        assert_eq!(liveness.due(&nodes, back).len(), 2, "without the gap");
+        liveness.resumed_after(Duration::from_secs(20));
+        assert!(liveness.due(&nodes, back).is_empty());
+        // Then silence counts again.
+        let late = t0 + Duration::from_secs(32);
+        let due = liveness.due(&nodes, late);
+        assert_eq!(due.len(), 2, "{due:?}");
     }
 
     #[test]

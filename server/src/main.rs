@@ -147,6 +147,15 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         node.metrics.elections.clone(),
     ));
     tokio::spawn(weft_server::contact::run(node.clone()));
+    if settings.node_timeout < 2 * weft_server::contact::CONTACT_LIMIT {
+        tracing::warn!(
+            node_timeout = ?settings.node_timeout,
+            "the node timeout is under twice the {:?} a server may go without contact before \
+             it refuses heartbeats: in a partition, nodes whose agents heartbeat a cut-off \
+             server may be judged critical before their heartbeats reach the elected leader",
+            weft_server::contact::CONTACT_LIMIT
+        );
+    }
 
     let raft_listener = TcpListener::bind(settings.raft_addr)
         .await

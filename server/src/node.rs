@@ -283,10 +283,14 @@ impl ServerNode {
         crate::raft::codec::decode(&reply.into_inner().json).ok()
     }
 
-    /// On the leader: the index a linearizable read must wait for.
+    /// On the leader: the index a linearizable read must wait for, once a
+    /// quorum confirmed the leadership. Not waiting for this server to apply
+    /// it: the reader waits for its own apply (a follower its own, not the
+    /// leader's; `read_barrier`), and a follower's contact check
+    /// (`contact`) does not stall on a leader's slow apply.
     pub async fn read_index_as_leader(&self) -> Result<u64, WriteError> {
-        match self.raft.ensure_linearizable().await {
-            Ok(read_log_id) => Ok(read_log_id.map_or(0, |id| id.index)),
+        match self.raft.get_read_log_id().await {
+            Ok((read_log_id, _applied)) => Ok(read_log_id.map_or(0, |id| id.index)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => Err(
                 WriteError::NoLeader(format!("server {} is not the leader", self.id)),
             ),
