@@ -87,6 +87,7 @@ pub fn confirm(
 pub struct Contact {
     confirmed: Mutex<Option<Instant>>,
     tx: watch::Sender<bool>,
+    started: Instant,
 }
 
 impl Default for Contact {
@@ -95,6 +96,7 @@ impl Default for Contact {
         Self {
             confirmed: Mutex::new(None),
             tx: watch::channel(false).0,
+            started: Instant::now(),
         }
     }
 }
@@ -104,6 +106,14 @@ impl Contact {
     pub fn in_contact(&self) -> bool {
         let confirmed = *self.confirmed.lock().expect("contact lock");
         judge(confirmed.map(|at| at.elapsed()), CONTACT_LIMIT)
+    }
+
+    /// How old, at most, what this server holds is: since its last
+    /// confirmation, or since it started if never confirmed (Consul's
+    /// `X-Consul-LastContact`).
+    pub fn staleness(&self) -> Duration {
+        self.confirmed_ago()
+            .unwrap_or_else(|| self.started.elapsed())
     }
 
     /// How long ago this server was last confirmed, if ever.

@@ -727,6 +727,26 @@ fn an_isolated_follower_returns_without_deposing_the_leader() -> anyhow::Result<
     Ok(())
 }
 
+/// What a `?stale` read from server `id` says of it, by Consul's headers:
+/// whether it knows a leader, and its last contact in milliseconds.
+fn currency(cluster: &Cluster, id: u64) -> anyhow::Result<(bool, u64)> {
+    let reply = cluster.http(
+        id,
+        "GET",
+        "/v1/catalog/nodes?stale",
+        Some(&cluster.token),
+        None,
+    )?;
+    anyhow::ensure!(reply.status == 200, "{}: {}", reply.status, reply.body);
+    let known = reply
+        .header("x-consul-knownleader")
+        .context("X-Consul-KnownLeader")?;
+    let last = reply
+        .header("x-consul-lastcontact")
+        .context("X-Consul-LastContact")?;
+    Ok((known == "true", last.parse()?))
+}
+
 /// A watch stream from server `id` with the management token, past its
 /// first event (the snapshot), or the status it was refused with.
 async fn subscribed(
@@ -797,6 +817,8 @@ fn a_cut_off_server_ends_its_watch_streams_and_refuses_new_ones() -> anyhow::Res
             &format!("a watch from server {id}"),
             || Ok(runtime.block_on(subscribed(&cluster, id))?.ok()),
         )?;
+        let (known, last) = currency(&cluster, id)?;
+        assert!(known && last < 3_000, "in contact: {known}, {last} ms");
         cluster.isolate(id);
         let started = Instant::now();
         // The majority goes on taking writes the cut-off server never sees
@@ -835,6 +857,9 @@ fn a_cut_off_server_ends_its_watch_streams_and_refuses_new_ones() -> anyhow::Res
             Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}"),
             Ok(_) => bail!("server {id}, cut off, took a new watch"),
         }
+        // A `?stale` read is answered, saying how stale (Consul's headers).
+        let (known, last) = currency(&cluster, id)?;
+        assert!(!known && last >= 3_000, "cut off: {known}, {last} ms");
         eprintln!("server {id} cut off: its watch stream ended after {ended:?}");
         cluster.rejoin(id);
         // Back in contact, it serves the writes it missed.
