@@ -819,6 +819,11 @@ fn a_cut_off_server_ends_its_watch_streams_and_refuses_new_ones() -> anyhow::Res
         )?;
         let (known, last) = currency(&cluster, id)?;
         assert!(known && last < 3_000, "in contact: {known}, {last} ms");
+        // A caller without a token is refused and told nothing of it.
+        let anonymous = cluster.http(id, "GET", "/v1/catalog/nodes?stale", None, None)?;
+        assert_eq!(anonymous.status, 403, "{}", anonymous.body);
+        assert_eq!(anonymous.header("x-consul-knownleader"), None);
+        assert_eq!(anonymous.header("x-consul-lastcontact"), None);
         cluster.isolate(id);
         let started = Instant::now();
         // The majority goes on taking writes the cut-off server never sees

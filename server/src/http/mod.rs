@@ -593,26 +593,32 @@ async fn respond(node: &Arc<ServerNode>, call: Result<Call, HttpError>) -> Reply
     };
     let mut reply = answer.unwrap_or_else(|e| json(e.status, &e.message));
     // Every read's answer, a 404 too, carries the index a blocking query
-    // waits on (as Consul's do), and how current what this server holds is
-    // (Consul's clients check a `?stale` read's last contact against their
-    // `max_stale`): a known leader while in contact, and how long since the
-    // last confirmation. Another datacenter's answer keeps its own.
-    if let Some(index) = index {
-        let headers = reply.headers_mut();
-        if index > 0 {
-            headers
-                .entry("x-consul-index")
-                .or_insert(hyper::header::HeaderValue::from(index));
-        }
-        let known = if node.contact.in_contact() {
-            "true"
-        } else {
-            "false"
+    // waits on (as Consul's do).
+    if let Some(index) = index.filter(|i| *i > 0) {
+        reply
+            .headers_mut()
+            .entry("x-consul-index")
+            .or_insert(hyper::header::HeaderValue::from(index));
+    }
+    // And how current what this server holds is (Consul's clients check a
+    // `?stale` read's last contact against their `max_stale`): a known
+    // leader while in contact, and how long since the last confirmation.
+    // Another datacenter's answer keeps its own; a caller refused for its
+    // token is not told the cluster's state.
+    let refused = matches!(
+        reply.status(),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+    );
+    if index.is_some() && !refused {
+        let known = match node.contact.in_contact() {
+            true => "true",
+            false => "false",
         };
+        let last_contact = node.contact.staleness().as_millis() as u64;
+        let headers = reply.headers_mut();
         headers
             .entry("x-consul-knownleader")
             .or_insert(hyper::header::HeaderValue::from_static(known));
-        let last_contact = node.contact.staleness().as_millis() as u64;
         headers
             .entry("x-consul-lastcontact")
             .or_insert(hyper::header::HeaderValue::from(last_contact));
