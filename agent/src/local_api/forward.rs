@@ -14,6 +14,9 @@
 //! Connections are pooled (hyper-util's client, at most
 //! [`POOL_IDLE_PER_SERVER`] idle per server). A server that cannot be
 //! connected to is skipped; once a request is sent it is not sent again.
+//! Requests go first to the server that last answered, unless it said it
+//! was out of contact with its cluster (`X-Consul-KnownLeader: false`):
+//! then to the one after it.
 //! Blocking queries (`?index=`, `?wait=`) get their wait (Consul's default
 //! 5 min, at most 10 min) plus its jitter and [`BLOCKING_MARGIN`]; others
 //! [`DEFAULT_TIMEOUT`]. An answer body still streaming then ends in an
@@ -23,6 +26,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -93,6 +97,10 @@ pub struct Forwarder {
     client: Client<Connect, Full<Bytes>>,
     /// One permit per blocking query in flight.
     blocking: Arc<tokio::sync::Semaphore>,
+    /// The server requests are tried at first: the last that answered,
+    /// or the one after it if it said it is out of contact with its
+    /// cluster.
+    first: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -101,6 +109,15 @@ impl std::fmt::Debug for Forwarder {
             .field("addrs", &self.addrs)
             .finish_non_exhaustive()
     }
+}
+
+/// Whether a server's answer says it is out of contact with its cluster
+/// (`X-Consul-KnownLeader: false`): what it holds may be stale, and its
+/// reads that need the leader fail.
+fn out_of_contact(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-consul-knownleader")
+        .is_some_and(|v| v.as_bytes() == b"false")
 }
 
 /// `host:port` of the servers' HTTP API from their gRPC `HOST:PORT`s.
@@ -178,6 +195,7 @@ impl Forwarder {
             addrs,
             client,
             blocking: Arc::new(tokio::sync::Semaphore::new(MAX_BLOCKING)),
+            first: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -208,7 +226,10 @@ impl Forwarder {
             .map_or("/", |p| p.as_str())
             .to_string();
         let mut failed = Vec::new();
-        for addr in &self.addrs {
+        let n = self.addrs.len();
+        let start = self.first.load(Ordering::Relaxed);
+        for i in (0..n).map(|k| (start + k) % n) {
+            let addr = &self.addrs[i];
             let mut attempt = req.clone();
             *attempt.uri_mut() = format!("https://{addr}{target}")
                 .parse()
@@ -229,6 +250,14 @@ impl Forwarder {
                     })
                 }
                 Ok(Ok(resp)) => {
+                    // This answer goes back as it is (a request is sent
+                    // once); the next request goes first to a server in
+                    // contact, as far as this one knows.
+                    let next = match out_of_contact(resp.headers()) {
+                        true => (i + 1) % n,
+                        false => i,
+                    };
+                    self.first.store(next, Ordering::Relaxed);
                     let (mut head, body) = resp.into_parts();
                     strip_hop_by_hop(&mut head.headers);
                     let body = DeadlineBody {

@@ -52,7 +52,20 @@ impl Judge for NoOne {
 /// new CA; the CA's PEM, the port, and what the server got.
 async fn server() -> (String, u16, mpsc::UnboundedReceiver<Seen>) {
     let ca = weft_api::tls_certs::create_ca("test CA", 1).unwrap();
-    let leaf = weft_api::tls_certs::create_server_cert(&ca, "dc1", &[], &[], 1).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let rx = serve(&ca, listener, "true");
+    (ca.cert_pem, port, rx)
+}
+
+/// Serves HTTPS on `listener` with a `server.dc1.weft` certificate from
+/// `ca`, answering with `X-Consul-KnownLeader: known_leader`; what it got.
+fn serve(
+    ca: &weft_api::tls_certs::CertPair,
+    listener: TcpListener,
+    known_leader: &'static str,
+) -> mpsc::UnboundedReceiver<Seen> {
+    let leaf = weft_api::tls_certs::create_server_cert(ca, "dc1", &[], &[], 1).unwrap();
     let certs: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
             .collect::<Result<_, _>>()
@@ -67,8 +80,6 @@ async fn server() -> (String, u16, mpsc::UnboundedReceiver<Seen>) {
     .with_single_cert(certs, key)
     .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         for conn in 0.. {
@@ -107,7 +118,7 @@ async fn server() -> (String, u16, mpsc::UnboundedReceiver<Seen>) {
                             .status(StatusCode::OK)
                             .header("content-type", "application/json")
                             .header("x-consul-index", "42")
-                            .header("x-consul-knownleader", "true")
+                            .header("x-consul-knownleader", known_leader)
                             .body(Full::new(Bytes::from_static(answer.as_bytes())))
                             .unwrap();
                         Ok::<_, Infallible>(resp)
@@ -119,7 +130,7 @@ async fn server() -> (String, u16, mpsc::UnboundedReceiver<Seen>) {
             });
         }
     });
-    (ca.cert_pem, port, rx)
+    rx
 }
 
 /// A port nothing listens on.
@@ -371,4 +382,47 @@ async fn forwards_on_a_served_socket() {
         .await
         .expect("server stops")
         .unwrap();
+}
+
+#[tokio::test]
+async fn after_a_server_out_of_contact_requests_go_to_another() {
+    let ca = weft_api::tls_certs::create_ca("test CA", 1).unwrap();
+    // Two servers at one port on two loopback addresses, as servers on two
+    // hosts: the first says it is out of contact with its cluster.
+    let cut_off = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = cut_off.local_addr().unwrap().port();
+    let in_contact = TcpListener::bind(("127.0.0.2", port)).await.unwrap();
+    let mut at_cut_off = serve(&ca, cut_off, "false");
+    let mut at_in_contact = serve(&ca, in_contact, "true");
+    let (state, _dir) = state(&ca.cert_pem, &["127.0.0.1:8502", "127.0.0.2:8502"], port);
+    let get = || {
+        send(
+            &state,
+            Method::GET,
+            "/v1/catalog/services?stale",
+            &[],
+            vec![],
+        )
+    };
+    // The first request reaches the first server and its answer, saying
+    // so, goes back as it came (a request is sent once).
+    let (s, h, _) = get().await;
+    assert_eq!(
+        (s, h["x-consul-knownleader"].to_str().unwrap()),
+        (StatusCode::OK, "false")
+    );
+    assert!(at_cut_off.recv().await.is_some());
+    // The next ones go to the other, and stay there.
+    for _ in 0..3 {
+        let (s, h, _) = get().await;
+        assert_eq!(
+            (s, h["x-consul-knownleader"].to_str().unwrap()),
+            (StatusCode::OK, "true")
+        );
+        assert!(at_in_contact.recv().await.is_some());
+    }
+    assert!(
+        at_cut_off.try_recv().is_err(),
+        "the cut-off server got more"
+    );
 }
