@@ -36,6 +36,9 @@ pub const CONTACT_LIMIT: Duration = Duration::from_secs(3);
 /// How often a read index is asked for, and contact judged for the open
 /// streams.
 pub const CHECK_EVERY: Duration = Duration::from_millis(500);
+/// The staleness reported by a server never confirmed: huge, and still
+/// within what Go's clients can hold in nanoseconds (i64).
+pub const NEVER: Duration = Duration::from_secs(1 << 32);
 /// How long one read index may take.
 const ASK_LIMIT: Duration = Duration::from_secs(1);
 
@@ -87,7 +90,6 @@ pub fn confirm(
 pub struct Contact {
     confirmed: Mutex<Option<Instant>>,
     tx: watch::Sender<bool>,
-    started: Instant,
 }
 
 impl Default for Contact {
@@ -96,7 +98,6 @@ impl Default for Contact {
         Self {
             confirmed: Mutex::new(None),
             tx: watch::channel(false).0,
-            started: Instant::now(),
         }
     }
 }
@@ -108,12 +109,14 @@ impl Contact {
         judge(confirmed.map(|at| at.elapsed()), CONTACT_LIMIT)
     }
 
-    /// How old, at most, what this server holds is: since its last
-    /// confirmation, or since it started if never confirmed (Consul's
-    /// `X-Consul-LastContact`).
-    pub fn staleness(&self) -> Duration {
-        self.confirmed_ago()
-            .unwrap_or_else(|| self.started.elapsed())
+    /// Whether this server is in contact, and how old at most what it
+    /// holds is (Consul's `X-Consul-KnownLeader` and
+    /// `X-Consul-LastContact`), read once so that they agree: since the
+    /// last confirmation, or [`NEVER`] if there was none (a server
+    /// restarted on old data knows nothing of how old it is).
+    pub fn currency(&self) -> (bool, Duration) {
+        let ago = self.confirmed_ago();
+        (judge(ago, CONTACT_LIMIT), ago.unwrap_or(NEVER))
     }
 
     /// How long ago this server was last confirmed, if ever.

@@ -824,6 +824,12 @@ fn a_cut_off_server_ends_its_watch_streams_and_refuses_new_ones() -> anyhow::Res
         assert_eq!(anonymous.status, 403, "{}", anonymous.body);
         assert_eq!(anonymous.header("x-consul-knownleader"), None);
         assert_eq!(anonymous.header("x-consul-lastcontact"), None);
+        // Nor on what anyone may read, or with a token the servers do not know.
+        for token in [None, Some("not-a-token")] {
+            let status = cluster.http(id, "GET", "/v1/status/leader", token, None)?;
+            assert_eq!(status.header("x-consul-knownleader"), None, "{token:?}");
+            assert_eq!(status.header("x-consul-lastcontact"), None, "{token:?}");
+        }
         cluster.isolate(id);
         let started = Instant::now();
         // The majority goes on taking writes the cut-off server never sees

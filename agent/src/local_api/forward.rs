@@ -120,6 +120,15 @@ fn out_of_contact(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes() == b"false")
 }
 
+/// Whether `query` has a `dc` parameter (the answer may be another
+/// datacenter's, its headers that datacenter's servers').
+fn names_a_datacenter(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        q.split('&')
+            .any(|pair| pair.split('=').next() == Some("dc"))
+    })
+}
+
 /// `host:port` of the servers' HTTP API from their gRPC `HOST:PORT`s.
 pub fn http_addrs(servers: &[String], port: u16) -> Vec<String> {
     servers
@@ -225,6 +234,7 @@ impl Forwarder {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
+        let other_dc = names_a_datacenter(parts.uri.query());
         let mut failed = Vec::new();
         let n = self.addrs.len();
         let start = self.first.load(Ordering::Relaxed);
@@ -252,8 +262,9 @@ impl Forwarder {
                 Ok(Ok(resp)) => {
                     // This answer goes back as it is (a request is sent
                     // once); the next request goes first to a server in
-                    // contact, as far as this one knows.
-                    let next = match out_of_contact(resp.headers()) {
+                    // contact, as far as this one knows. Another
+                    // datacenter's answer speaks of that datacenter.
+                    let next = match !other_dc && out_of_contact(resp.headers()) {
                         true => (i + 1) % n,
                         false => i,
                     };

@@ -404,6 +404,11 @@ async fn after_a_server_out_of_contact_requests_go_to_another() {
             vec![],
         )
     };
+    // Another datacenter's answer (`?dc=`) says nothing of this one's
+    // servers: it moves nothing.
+    let (s, _, _) = send(&state, Method::GET, "/v1/status/leader?dc=dc2", &[], vec![]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(at_cut_off.recv().await.is_some());
     // The first request reaches the first server and its answer, saying
     // so, goes back as it came (a request is sent once).
     let (s, h, _) = get().await;

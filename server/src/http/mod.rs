@@ -583,13 +583,17 @@ pub fn forwardable(path: &str) -> bool {
 /// The reply to `call` (or to why it could not be read), with the headers
 /// every answer carries.
 async fn respond(node: &Arc<ServerNode>, call: Result<Call, HttpError>) -> Reply {
-    let (answer, index) = match call {
+    let (answer, index, token_valid) = match call {
         Ok(call) => {
             let answer = route(node, &call).await;
             let index = (call.method == Method::GET).then(|| call.index());
-            (answer, index)
+            let token_valid = call.secret.as_deref().is_some_and(|secret| {
+                let state = node.shared.state.read().expect("state lock");
+                state.acl.token_by_secret(secret).is_some()
+            });
+            (answer, index, token_valid)
         }
-        Err(e) => (Err(e), None),
+        Err(e) => (Err(e), None, false),
     };
     let mut reply = answer.unwrap_or_else(|e| json(e.status, &e.message));
     // Every read's answer, a 404 too, carries the index a blocking query
@@ -603,25 +607,24 @@ async fn respond(node: &Arc<ServerNode>, call: Result<Call, HttpError>) -> Reply
     // And how current what this server holds is (Consul's clients check a
     // `?stale` read's last contact against their `max_stale`): a known
     // leader while in contact, and how long since the last confirmation.
-    // Another datacenter's answer keeps its own; a caller refused for its
-    // token is not told the cluster's state.
-    let refused = matches!(
-        reply.status(),
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-    );
-    if index.is_some() && !refused {
-        let known = match node.contact.in_contact() {
+    // Only to a caller whose token the servers know: the cluster's state
+    // is not told to whoever asks. Another datacenter's answer keeps its
+    // own.
+    if index.is_some() && token_valid {
+        let (in_contact, staleness) = node.contact.currency();
+        let known = match in_contact {
             true => "true",
             false => "false",
         };
-        let last_contact = node.contact.staleness().as_millis() as u64;
         let headers = reply.headers_mut();
         headers
             .entry("x-consul-knownleader")
             .or_insert(hyper::header::HeaderValue::from_static(known));
         headers
             .entry("x-consul-lastcontact")
-            .or_insert(hyper::header::HeaderValue::from(last_contact));
+            .or_insert(hyper::header::HeaderValue::from(
+                staleness.as_millis() as u64
+            ));
     }
     let headers = reply.headers_mut();
     for (name, value) in [
