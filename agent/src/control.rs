@@ -177,7 +177,7 @@ fn next_watch_server(server: usize, servers: usize, draw: usize) -> usize {
 }
 
 /// The order servers are tried in: from `first` on, around.
-fn dial_order(servers: usize, first: usize) -> impl Iterator<Item = usize> {
+pub(crate) fn dial_order(servers: usize, first: usize) -> impl Iterator<Item = usize> {
     (0..servers).map(move |k| (first + k) % servers)
 }
 

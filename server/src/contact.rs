@@ -105,8 +105,7 @@ impl Default for Contact {
 impl Contact {
     /// Whether this server is in contact at this moment.
     pub fn in_contact(&self) -> bool {
-        let confirmed = *self.confirmed.lock().expect("contact lock");
-        judge(confirmed.map(|at| at.elapsed()), CONTACT_LIMIT)
+        judge(self.confirmed_ago(), CONTACT_LIMIT)
     }
 
     /// Whether this server is in contact, and how old at most what it
@@ -161,23 +160,14 @@ impl Contact {
     }
 }
 
-/// A read index of the leader this server follows, or leads as: from
-/// openraft on the leader, over the Raft port on a follower; tried again
-/// within [`ASK_LIMIT`] (openraft gives a quorum round only its heartbeat
+/// A read index ([`ServerNode::read_index`]), tried again within
+/// [`ASK_LIMIT`] (openraft gives a quorum round only its heartbeat
 /// interval, which a follower busy storing a large append can miss).
 async fn read_index(node: &ServerNode) -> Option<u64> {
     let deadline = tokio::time::Instant::now() + ASK_LIMIT;
     loop {
-        let leader = node.raft.metrics().borrow().current_leader?;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let answer = if leader == node.id {
-            tokio::time::timeout(left, node.read_index_as_leader())
-                .await
-                .ok()?
-        } else {
-            node.read_index_of(leader, left).await
-        };
-        match answer {
+        match node.read_index(left).await {
             Ok(index) => return Some(index),
             Err(_) if tokio::time::Instant::now() + RETRY_AFTER < deadline => {
                 tokio::time::sleep(RETRY_AFTER).await;
@@ -248,6 +238,14 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// A read index `index` asked `after` ms past `t0`.
+    fn read(t0: Instant, index: u64, after: u64) -> Pending {
+        Pending {
+            index,
+            asked: t0 + ms(after),
+        }
+    }
+
     #[test]
     fn in_contact_while_the_last_confirmation_is_recent() {
         assert!(judge(Some(ms(0)), LIMIT));
@@ -262,10 +260,7 @@ mod tests {
     #[test]
     fn a_read_index_confirms_once_applied() {
         let t0 = Instant::now();
-        let read = |index, after| Pending {
-            index,
-            asked: t0 + ms(after),
-        };
+        let read = |index, after| read(t0, index, after);
         let mut pending = VecDeque::new();
         // Applied already: confirmed at the moment it was asked.
         assert_eq!(confirm(10, &mut pending, Some(read(10, 0))), Some(t0));
@@ -310,10 +305,7 @@ mod tests {
     #[test]
     fn a_new_leaders_lower_index_drops_the_higher_pending_ones() {
         let t0 = Instant::now();
-        let read = |index, after| Pending {
-            index,
-            asked: t0 + ms(after),
-        };
+        let read = |index, after| read(t0, index, after);
         let mut pending = VecDeque::from([read(100, 0), read(105, 500)]);
         assert_eq!(confirm(90, &mut pending, Some(read(95, 1_000))), None);
         assert_eq!(pending, [read(95, 1_000)]);

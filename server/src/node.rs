@@ -298,8 +298,27 @@ impl ServerNode {
         }
     }
 
+    /// The index a linearizable read must wait for: this server's own if
+    /// it leads, else its leader's (over the Raft port), within `limit`.
+    pub async fn read_index(&self, limit: Duration) -> Result<u64, WriteError> {
+        match self.raft.current_leader().await {
+            Some(leader) if leader == self.id => {
+                tokio::time::timeout(limit, self.read_index_as_leader())
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(WriteError::NoLeader(format!(
+                            "no quorum confirmed server {} within {limit:?}",
+                            self.id
+                        )))
+                    })
+            }
+            Some(leader) => self.read_index_of(leader, limit).await,
+            None => Err(WriteError::NoLeader("election in progress".into())),
+        }
+    }
+
     /// A read index from `leader` (over the Raft port), within `limit`.
-    pub async fn read_index_of(&self, leader: NodeId, limit: Duration) -> Result<u64, WriteError> {
+    async fn read_index_of(&self, leader: NodeId, limit: Duration) -> Result<u64, WriteError> {
         let mut client = self.peer_client(leader)?;
         let mut request = tonic::Request::new(Empty {});
         request.set_timeout(limit);
@@ -319,12 +338,7 @@ impl ServerNode {
         }
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         loop {
-            let attempt = match self.raft.current_leader().await {
-                Some(leader) if leader == self.id => self.read_index_as_leader().await,
-                Some(leader) => self.read_index_of(leader, LEADER_WAIT).await,
-                None => Err(WriteError::NoLeader("election in progress".into())),
-            };
-            match attempt {
+            match self.read_index(LEADER_WAIT).await {
                 Ok(index) => {
                     self.raft
                         .wait(Some(LEADER_WAIT))

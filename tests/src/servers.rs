@@ -454,6 +454,13 @@ impl Cluster {
         cmd.args(args).output().expect("running weft")
     }
 
+    /// Runs the CLI against server `id` alone with the management token and
+    /// requires success; its output.
+    pub fn cli_on(&self, id: u64, args: &[&str]) -> anyhow::Result<String> {
+        stdout_of(args, self.cli_at(self.grpc_addr(id), args))
+            .with_context(|| format!("on server {id}"))
+    }
+
     /// A TLS gRPC channel to server `id` sending `token` (None: no token).
     pub async fn channel_as(
         &self,
@@ -494,15 +501,7 @@ impl Cluster {
 
     /// Runs the CLI against every running server (failover) and requires success.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = self.cli_at(&self.addrs(), args);
-        if !out.status.success() {
-            bail!(
-                "weft {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        stdout_of(args, self.cli_at(&self.addrs(), args))
     }
 
     /// The current leader's id, from `weft members` on any running server.
@@ -550,6 +549,18 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// The output of `weft ARGS` that ran as `out`, if it succeeded.
+fn stdout_of(args: &[&str], out: Output) -> anyhow::Result<String> {
+    if !out.status.success() {
+        bail!(
+            "weft {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A `weft-agent` on loopback in explicit mode, without services, following

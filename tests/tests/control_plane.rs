@@ -836,23 +836,9 @@ fn a_cut_off_server_ends_its_watch_streams_and_refuses_new_ones() -> anyhow::Res
         // (written through one of the majority: a cut-off leader takes
         // writes it cannot commit).
         let other = (1..=3).find(|other| *other != id).expect("another server");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = cluster.cli_as(
-                cluster.grpc_addr(other),
-                &cluster.token,
-                &["kv", "put", key, "v"],
-            );
-            if out.status.success() {
-                break;
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the majority took no write within 20 s: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        weft_tests::mesh::wait_until(Duration::from_secs(20), "a write by the majority", || {
+            Ok(cluster.cli_on(other, &["kv", "put", key, "v"]).ok())
+        })?;
         let status = runtime
             .block_on(stream_end(&mut stream, key, limit))
             .with_context(|| format!("server {id}, cut off:\n{}", cluster.log(id)))?;
@@ -931,12 +917,9 @@ fn an_agent_follows_the_cluster_when_its_server_is_cut_off() -> anyhow::Result<(
     let cut = Instant::now();
     let other = (1..=3).find(|id| *id != watched).expect("another server");
     weft_tests::mesh::wait_until(Duration::from_secs(20), "a write by the majority", || {
-        let out = cluster.cli_as(
-            cluster.grpc_addr(other),
-            &cluster.token,
-            &["intention", "create", "web", "db", "--deny"],
-        );
-        Ok(out.status.success().then_some(()))
+        Ok(cluster
+            .cli_on(other, &["intention", "create", "web", "db", "--deny"])
+            .ok())
     })?;
     weft_tests::mesh::wait_until(
         Duration::from_secs(20),
@@ -975,17 +958,8 @@ fn an_agent_follows_the_cluster_when_its_server_is_cut_off() -> anyhow::Result<(
 
 /// Node `node`'s health as server `at` has it.
 fn node_health(cluster: &Cluster, at: u64, node: &str) -> anyhow::Result<String> {
-    let out = cluster.cli_as(
-        cluster.grpc_addr(at),
-        &cluster.token,
-        &["--format", "json", "catalog", "nodes"],
-    );
-    anyhow::ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let nodes: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let out = cluster.cli_on(at, &["--format", "json", "catalog", "nodes"])?;
+    let nodes: serde_json::Value = serde_json::from_str(&out)?;
     let found = nodes
         .as_array()
         .and_then(|all| all.iter().find(|n| n["name"] == node))

@@ -238,7 +238,7 @@ impl Forwarder {
         let mut failed = Vec::new();
         let n = self.addrs.len();
         let start = self.first.load(Ordering::Relaxed);
-        for i in (0..n).map(|k| (start + k) % n) {
+        for i in crate::control::dial_order(n, start) {
             let addr = &self.addrs[i];
             let mut attempt = req.clone();
             *attempt.uri_mut() = format!("https://{addr}{target}")

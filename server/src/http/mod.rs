@@ -587,10 +587,12 @@ async fn respond(node: &Arc<ServerNode>, call: Result<Call, HttpError>) -> Reply
         Ok(call) => {
             let answer = route(node, &call).await;
             let index = (call.method == Method::GET).then(|| call.index());
-            let token_valid = call.secret.as_deref().is_some_and(|secret| {
-                let state = node.shared.state.read().expect("state lock");
-                state.acl.token_by_secret(secret).is_some()
-            });
+            // Looked up for reads only (the contact headers below).
+            let token_valid = index.is_some()
+                && call.secret.as_deref().is_some_and(|secret| {
+                    let state = node.shared.state.read().expect("state lock");
+                    state.acl.token_by_secret(secret).is_some()
+                });
             (answer, index, token_valid)
         }
         Err(e) => (Err(e), None, false),
@@ -610,7 +612,7 @@ async fn respond(node: &Arc<ServerNode>, call: Result<Call, HttpError>) -> Reply
     // Only to a caller whose token the servers know: the cluster's state
     // is not told to whoever asks. Another datacenter's answer keeps its
     // own.
-    if index.is_some() && token_valid {
+    if token_valid {
         let (in_contact, staleness) = node.contact.currency();
         let known = match in_contact {
             true => "true",
