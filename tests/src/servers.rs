@@ -574,8 +574,9 @@ pub struct LoopbackAgent {
 }
 
 impl Cluster {
-    /// Starts an agent for node `node` and waits (20 s at most) until its
-    /// view has the servers' state.
+    /// Starts an agent for node `node` and waits (20 s at most) until it is
+    /// ready (registered, its certificates signed) and its view has the
+    /// servers' state.
     pub fn start_agent(&self, node: &str) -> anyhow::Result<LoopbackAgent> {
         let dir = tempfile::Builder::new().prefix("weft-agent-").tempdir()?;
         let token = self.token_with(&["--node-identity", &format!("{node}:dc1")])?;
@@ -621,7 +622,10 @@ impl Cluster {
             log,
             _dir: dir,
         };
-        crate::mesh::wait_until(Duration::from_secs(20), "the agent's view", || {
+        crate::mesh::wait_until(Duration::from_secs(20), "the agent ready", || {
+            if !agent.log().contains("agent ready") {
+                return Ok(None);
+            }
             Ok(agent
                 .config_dump()
                 .ok()

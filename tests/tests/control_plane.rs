@@ -1007,7 +1007,9 @@ fn a_follower_cut_off_with_its_leader_ends_its_watch_streams() -> anyhow::Result
 /// answers, so the leader stays.)
 #[test]
 fn a_leader_back_in_contact_judges_no_node_by_the_silence_it_imposed() -> anyhow::Result<()> {
-    let node_timeout = Duration::from_secs(3);
+    // Room for the agent's next heartbeat once contact is back (it may
+    // first dial the stopped follower, 2 s).
+    let node_timeout = Duration::from_secs(5);
     let timeout_arg = format!("--node-timeout={}s", node_timeout.as_secs());
     let mut cluster = Cluster::start(3, &[&timeout_arg])?;
     let leader = cluster.wait_for_leader(Duration::from_secs(15))?;
