@@ -53,7 +53,7 @@ use weft_api::proto::{
 use crate::backoff::{Backoff, Streak};
 use crate::config::{AgentConfig, ServiceConfig};
 use crate::shared_view::SharedView;
-use crate::view::View;
+use crate::view::{InstanceKey, View};
 
 /// The first and the longest wait between attempts to reach the servers.
 /// At most this many events already received are applied before the
@@ -1049,7 +1049,7 @@ pub fn registration_gap(
     health: &BTreeMap<String, (HealthStatus, String)>,
     view: &View,
 ) -> Option<String> {
-    let Some(node) = view.nodes.get(&cfg.node_name) else {
+    let Some(node) = view.nodes.get(cfg.node_name.as_str()) else {
         return Some(format!("node {} is missing", cfg.node_name));
     };
     if node.address.parse().ok() != Some(cfg.advertise_addr) || node.datacenter != cfg.datacenter {
@@ -1059,7 +1059,7 @@ pub fn registration_gap(
         ));
     }
     for s in &cfg.services {
-        let key = (cfg.node_name.clone(), s.id.clone());
+        let key: InstanceKey = (cfg.node_name.as_str().into(), s.id.as_str().into());
         let Some(i) = view.instances.get(&key) else {
             let critical = health
                 .get(&s.id)
@@ -1121,12 +1121,12 @@ tags = ["v1"]
         let mut view = View::default();
         view.nodes.insert(
             "node-b".into(),
-            Node {
+            Arc::new(Node {
                 name: "node-b".into(),
                 address: "10.0.0.3".into(),
                 datacenter: "dc1".into(),
                 ..Default::default()
-            },
+            }),
         );
         view.instances.insert(
             ("node-b".into(), "api-1".into()),
@@ -1190,7 +1190,7 @@ tags = ["v1"]
         assert_eq!(registration_gap(&cfg, &health, &view), None);
         // Health differences are written as health, not as registrations.
         health.insert("api-1".into(), (HealthStatus::Critical, "down".into()));
-        view.nodes.get_mut("node-b").unwrap().health = HealthStatus::Critical;
+        Arc::make_mut(view.nodes.get_mut("node-b").unwrap()).health = HealthStatus::Critical;
         assert_eq!(registration_gap(&cfg, &health, &view), None);
     }
 
@@ -1214,7 +1214,7 @@ tags = ["v1"]
         assert!(registration_gap(&cfg, &health, &view).is_some());
 
         let mut view = registered();
-        view.nodes.get_mut("node-b").unwrap().address = "10.0.0.9".into();
+        Arc::make_mut(view.nodes.get_mut("node-b").unwrap()).address = "10.0.0.9".into();
         assert!(registration_gap(&cfg, &health, &view).is_some());
     }
 

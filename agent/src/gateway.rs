@@ -366,7 +366,7 @@ impl Gateway {
             Hop::LocalNode(node) => {
                 let n = view
                     .nodes
-                    .get(node)
+                    .get(node.as_str())
                     .filter(|n| n.datacenter == self.datacenter)
                     .filter(|_| !view.node_is_external(node) && view.node_up(node))
                     .ok_or_else(|| GatewayError::NoRoute(format!("node {node}")))?;

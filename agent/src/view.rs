@@ -43,16 +43,22 @@ pub struct View {
     pub index: u64,
     /// The large maps are persistent (`im`): copying the view to publish
     /// it shares them, and a change copies only the path to what changed.
-    pub nodes: OrdMap<String, Node>,
+    /// Their keys are shared names and their values shared records, so
+    /// that copying a path copies pointers, not text: a map's node holds
+    /// up to 64 entries, and copying the path to one instance of 10,000
+    /// once allocated and later freed two strings per neighbour (measured
+    /// in the large mesh's agents: most of a change's cost, in
+    /// `malloc_consolidate` and copies).
+    pub nodes: OrdMap<Name, Arc<Node>>,
     /// (node, instance id) -> instance; each shared, so that a change
     /// copying the path to one instance copies none of its neighbours.
     /// Changed only through [`View::apply`], which files it in the lookups.
     #[serde(serialize_with = "shared_values_as_list")]
-    pub instances: OrdMap<(String, String), Arc<ServiceInstance>>,
+    pub instances: OrdMap<InstanceKey, Arc<ServiceInstance>>,
     pub vips: OrdMap<String, IpAddr>,
     /// Changed only through [`View::apply`], which files it in the lookups.
-    #[serde(serialize_with = "values_as_list")]
-    pub intentions: OrdMap<(String, String), Intention>,
+    #[serde(serialize_with = "shared_values_as_list")]
+    pub intentions: OrdMap<IntentionKey, Arc<Intention>>,
     /// Every config entry (routers, splitters, resolvers, defaults),
     /// shared by the published views until one changes: operators change
     /// entries rarely, while instances' health changes all the time, and a
@@ -75,10 +81,25 @@ pub struct View {
     lookups: Index,
 }
 
+/// A name the view's maps share (a node, an instance id, a service).
+pub type Name = Arc<str>;
 /// (node, instance id): how the view keys an instance.
-type InstanceKey = (String, String);
+pub type InstanceKey = (Name, Name);
 /// (source, destination): how the view keys an intention.
-type IntentionKey = (String, String);
+pub type IntentionKey = (Name, Name);
+
+/// The key of `instance` in [`View::instances`].
+pub fn instance_key(instance: &ServiceInstance) -> InstanceKey {
+    (instance.node.as_str().into(), instance.id.as_str().into())
+}
+
+/// The key of `intention` in [`View::intentions`].
+fn intention_key(intention: &Intention) -> IntentionKey {
+    (
+        intention.source.as_str().into(),
+        intention.destination.as_str().into(),
+    )
+}
 
 /// The view's lookups. Instances (by service, by address) and intentions
 /// (by destination) are filed as each change applies, in persistent
@@ -90,10 +111,10 @@ type IntentionKey = (String, String);
 /// once, before the view is published ([`View::prepare`]).
 #[derive(Clone, Default)]
 struct Index {
-    by_service: Filed<String, InstanceKey>,
+    by_service: Filed<Name, InstanceKey>,
     by_addr: Filed<SocketAddr, InstanceKey>,
     /// Destination (or `*`) -> the intentions naming it.
-    intentions_to: Filed<String, IntentionKey>,
+    intentions_to: Filed<Name, IntentionKey>,
     vips: Arc<OnceLock<HashMap<IpAddr, String>>>,
 }
 
@@ -107,7 +128,7 @@ impl std::fmt::Debug for Index {
 
 impl Index {
     fn file(&mut self, key: &InstanceKey, i: &ServiceInstance) {
-        self.by_service.add(i.service.clone(), key);
+        self.by_service.add(i.service.as_str().into(), key);
         if let Some(addr) = i.socket_addr() {
             self.by_addr.add(addr, key);
         }
@@ -132,14 +153,6 @@ fn vip_index(view: &View) -> HashMap<IpAddr, String> {
 }
 
 /// A map keyed by pairs as the list of its values (JSON keys are strings).
-fn values_as_list<K: Ord + Clone, V: Serialize + Clone, S: serde::Serializer>(
-    map: &OrdMap<K, V>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    s.collect_seq(map.values())
-}
-
-/// [`values_as_list`] of shared values.
 fn shared_values_as_list<K: Ord + Clone, V: Serialize, S: serde::Serializer>(
     map: &OrdMap<K, Arc<V>>,
     s: S,
@@ -195,11 +208,11 @@ impl View {
                 };
                 for n in s.nodes {
                     let n = node_from_proto(n);
-                    next.nodes.insert(n.name.clone(), n);
+                    next.nodes.insert(n.name.as_str().into(), Arc::new(n));
                 }
                 for i in s.instances {
                     let i = instance_from_proto(i).map_err(|e| bad(e.to_string()))?;
-                    let key = (i.node.clone(), i.id.clone());
+                    let key = instance_key(&i);
                     let i = Arc::new(i);
                     // The same instance twice: the last one stands.
                     if let Some(old) = next.instances.insert(key.clone(), i.clone()) {
@@ -215,9 +228,9 @@ impl View {
                 }
                 for i in s.intentions {
                     let i = intention_from_proto(i).map_err(|e| bad(e.to_string()))?;
-                    let key = (i.source.clone(), i.destination.clone());
+                    let key = intention_key(&i);
                     next.lookups.intentions_to.add(key.1.clone(), &key);
-                    next.intentions.insert(key, i);
+                    next.intentions.insert(key, Arc::new(i));
                 }
                 for e in s.config_entries {
                     next.apply_config(&e);
@@ -260,17 +273,12 @@ impl View {
         match change {
             P::NodeUpsert(n) => {
                 let n = node_from_proto(n);
-                self.nodes.insert(n.name.clone(), n);
+                self.nodes.insert(n.name.as_str().into(), Arc::new(n));
             }
             P::NodeDelete(name) => {
-                self.nodes.remove(&name);
+                self.nodes.remove(name.as_str());
                 // The node's instances are the keys (name, ..), together.
-                let gone: Vec<InstanceKey> = (self.instances)
-                    .range((name.clone(), String::new())..)
-                    .map(|(key, _)| key)
-                    .take_while(|(node, _)| *node == name)
-                    .cloned()
-                    .collect();
+                let gone: Vec<InstanceKey> = self.on_node(&name).map(|(k, _)| k.clone()).collect();
                 for key in gone {
                     if let Some(old) = self.instances.remove(&key) {
                         self.lookups.unfile(&key, &old);
@@ -279,7 +287,7 @@ impl View {
             }
             P::InstanceUpsert(i) => {
                 let i = instance_from_proto(i).map_err(|e| e.to_string())?;
-                let key = (i.node.clone(), i.id.clone());
+                let key = instance_key(&i);
                 // Filed by service and address: a health change leaves the
                 // index as it is.
                 match self.instances.get(&key) {
@@ -294,7 +302,7 @@ impl View {
                 self.instances.insert(key, Arc::new(i));
             }
             P::InstanceDelete(r) => {
-                let key = (r.node, r.id);
+                let key: InstanceKey = (r.node.into(), r.id.into());
                 if let Some(old) = self.instances.remove(&key) {
                     self.lookups.unfile(&key, &old);
                 }
@@ -307,17 +315,17 @@ impl View {
             }
             P::IntentionUpsert(i) => {
                 let i = intention_from_proto(i).map_err(|e| e.to_string())?;
-                let key = (i.source.clone(), i.destination.clone());
+                let key = intention_key(&i);
                 // Filed by key: a new action leaves the index as it is.
                 if !self.intentions.contains_key(&key) {
                     self.lookups.intentions_to.add(key.1.clone(), &key);
                 }
-                self.intentions.insert(key, i);
+                self.intentions.insert(key, Arc::new(i));
             }
             P::IntentionDelete(r) => {
-                let key = (r.source, r.destination);
+                let key: IntentionKey = (r.source.into(), r.destination.into());
                 if self.intentions.remove(&key).is_some() {
-                    self.lookups.intentions_to.remove(key.1.as_str(), &key);
+                    self.lookups.intentions_to.remove(&*key.1, &key);
                 }
             }
             P::CaBundle(b) => {
@@ -382,7 +390,7 @@ impl View {
         };
         (to.get(destination).iter())
             .chain(any)
-            .filter_map(|k| self.intentions.get(k))
+            .filter_map(|k| self.intentions.get(k).map(|i| &**i))
     }
 
     /// The protocol of `service` (tcp unless a service-defaults says otherwise).
@@ -443,7 +451,7 @@ impl View {
     pub fn node_is_external(&self, node: &str) -> bool {
         self.nodes
             .get(node)
-            .is_some_and(weft_api::catalog_register::is_external)
+            .is_some_and(|n| weft_api::catalog_register::is_external(n))
     }
 
     /// Whether `node` is not critical at node level: its agent is heard
@@ -468,10 +476,17 @@ impl View {
         &'a self,
         node: &'a str,
     ) -> impl Iterator<Item = &'a ServiceInstance> + 'a {
-        self.instances
-            .range((node.to_string(), String::new())..)
-            .take_while(move |((n, _), _)| n == node)
-            .map(|(_, i)| &**i)
+        self.on_node(node).map(|(_, i)| &**i)
+    }
+
+    /// The instances registered on `node` with their keys: a range of the
+    /// map, which is keyed by node first.
+    fn on_node<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> impl Iterator<Item = (&'a InstanceKey, &'a Arc<ServiceInstance>)> + 'a {
+        let from: InstanceKey = (node.into(), "".into());
+        (self.instances.range(from..)).take_while(move |((n, _), _)| &**n == node)
     }
 
     /// The instance on `node` that listens on `target`.

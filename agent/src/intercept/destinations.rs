@@ -19,7 +19,7 @@ use crate::view::View;
 /// virtual IP on any port (`None`).
 pub type Destination = (IpAddr, Option<u16>);
 
-type Instances = OrdMap<(String, String), std::sync::Arc<ServiceInstance>>;
+type Instances = OrdMap<crate::view::InstanceKey, std::sync::Arc<ServiceInstance>>;
 
 /// What the last sync saw and what it wants taken over.
 #[derive(Debug, Clone)]
