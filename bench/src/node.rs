@@ -346,6 +346,21 @@ fn large_mesh_rounds(
         out.facts
             .insert(format!("agent RSS with the large view, {label}"), rss);
     }
+    // What taking the changes costs each agent, with no request to serve:
+    // its CPU over a window of churn alone, per change of its mesh.
+    let before = (agents.iter())
+        .map(|(_, pid)| load::cpu_seconds(*pid))
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    let began = std::time::Instant::now();
+    std::thread::sleep(CHURN_ALONE);
+    let changes = began.elapsed().as_secs_f64() * large_mesh::CHANGES_PER_SECOND as f64;
+    for ((label, pid), before) in agents.iter().zip(before) {
+        let used = load::cpu_seconds(*pid)? - before;
+        out.facts.insert(
+            format!("agent CPU ms per change with no load, {label}"),
+            used * 1000.0 / changes,
+        );
+    }
     let servers = meshes
         .iter()
         .map(|m| server_pid(m))
@@ -371,6 +386,9 @@ fn large_mesh_rounds(
     phase_rounds(targets, p, LARGE_STILL, out)?;
     Ok(())
 }
+
+/// How long the agents' CPU is read while only the churn runs.
+const CHURN_ALONE: Duration = Duration::from_secs(10);
 
 /// `p.large_rounds` rounds of 1000 rps latency and new connections of
 /// each of `targets`, the order rotating from round to round, figures keyed
