@@ -47,7 +47,7 @@ pub struct View {
     /// that copying a path copies pointers, not text: a map's node holds
     /// up to 64 entries, and copying the path to one instance of 10,000
     /// once allocated and later freed two strings per neighbour (measured
-    /// in the large mesh's agents: most of a change's cost, in
+    /// in the large mesh's agents: about a third of a change's cost, in
     /// `malloc_consolidate` and copies).
     pub nodes: OrdMap<Name, Arc<Node>>,
     /// (node, instance id) -> instance; each shared, so that a change
@@ -89,7 +89,7 @@ pub type InstanceKey = (Name, Name);
 pub type IntentionKey = (Name, Name);
 
 /// The key of `instance` in [`View::instances`].
-pub fn instance_key(instance: &ServiceInstance) -> InstanceKey {
+fn instance_key(instance: &ServiceInstance) -> InstanceKey {
     (instance.node.as_str().into(), instance.id.as_str().into())
 }
 
