@@ -16,6 +16,7 @@ use serde_json::Value;
 use weft_tests::mesh::{wait_until, Mesh, Node, Proc};
 use weft_tests::servers::bin;
 
+use crate::node::DIRECT;
 use crate::report::{Figure, Section};
 
 /// The size of the mesh, as the issue names it.
@@ -173,6 +174,64 @@ impl Churn {
     }
 }
 
+/// How far direct may move between phases before the comparison is
+/// called into question (the target's own tolerance).
+const DIRECT_DRIFT: f64 = 0.10;
+
+/// Direct's own figures in each phase: no weft process carries direct, so
+/// when they move by more than [`DIRECT_DRIFT`] between the reference and
+/// a large-mesh phase, the machine changed under the comparison, and the
+/// table above says so loudly instead of passing the change off as the
+/// mesh's.
+fn direct_across_phases(
+    median: &dyn Fn(&str) -> Option<f64>,
+    (reference, still): (&str, &str),
+) -> String {
+    let mut md = format!(
+        "\nDirect across the phases (no weft process carries it: a move here is the machine's).\n\n\
+         | figure | {reference} | large mesh | ÷ | {still} | ÷ |\n|---|---|---|---|---|---|\n"
+    );
+    let mut moved = Vec::new();
+    for (metric, unit) in [
+        ("1000 rps p50", "µs"),
+        ("1000 rps p99", "µs"),
+        ("new connections", "conn/s"),
+    ] {
+        let at = |phase: &str| median(&format!("{DIRECT} ({phase}): {metric}"));
+        let base = at(reference);
+        let mut row = format!(
+            "| {metric} | {} |",
+            base.map_or("not measured".into(), |v| format!("{v:.0} {unit}"))
+        );
+        for phase in ["large mesh", still] {
+            let (value, ratio) = match (base, at(phase)) {
+                (Some(b), Some(v)) if b > 0.0 => {
+                    let r = v / b;
+                    if (r - 1.0).abs() > DIRECT_DRIFT {
+                        moved.push(format!("{metric} {r:.2}× in {phase}"));
+                    }
+                    (format!("{v:.0} {unit}"), format!("{r:.2}"))
+                }
+                (_, v) => (
+                    v.map_or("not measured".into(), |v| format!("{v:.0} {unit}")),
+                    "—".into(),
+                ),
+            };
+            row += &format!(" {value} | {ratio} |");
+        }
+        md += &row;
+        md += "\n";
+    }
+    if !moved.is_empty() {
+        md += &format!(
+            "\n**WARNING: direct moved by more than {:.0} % between the phases ({}): the machine changed under the comparison, and the large mesh's ratios above measure that as much as the mesh.**\n",
+            DIRECT_DRIFT * 100.0,
+            moved.join(", ")
+        );
+    }
+    md
+}
+
 /// The large mesh next to the small one: each configuration's added
 /// latency and new connections per second (medians over their rounds of
 /// the same run) in the large mesh against the same loads in the same
@@ -230,6 +289,7 @@ pub fn section(
             );
         }
     }
+    md += &direct_across_phases(&median, (reference, still));
     md += "\n| fact | value |\n|---|---|\n";
     for (k, v) in facts {
         let unit = if k.contains("RSS") {
@@ -244,4 +304,36 @@ pub fn section(
         md += &format!("| {k} | {v:.digits$} {unit} |\n");
     }
     Section::new("Large mesh (issue 17)", md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The section of figures where direct's p50 is `p50` before the fill
+    /// and `large_p50` in the large mesh (every other figure unchanged).
+    fn section_with(p50: f64, large_p50: f64) -> String {
+        let mut figures = Vec::new();
+        for (phase, p50) in [("before", p50), ("large mesh", large_p50), ("still", p50)] {
+            let f = |metric: &str, v: f64| {
+                Figure::new(format!("{DIRECT} ({phase}): {metric}"), "", vec![v])
+            };
+            figures.push(f("1000 rps p50", p50));
+            figures.push(f("1000 rps p99", 200.0));
+            figures.push(f("new connections", 10_000.0));
+        }
+        section(&figures, &[], ("before", "still"), &Default::default()).markdown
+    }
+
+    #[test]
+    fn a_machine_that_changed_between_phases_is_called_out() {
+        let steady = section_with(50.0, 54.0);
+        assert!(steady.contains("| 1000 rps p50 | 50 µs | 54 µs | 1.08 | 50 µs | 1.00 |"));
+        assert!(!steady.contains("WARNING"), "{steady}");
+        let moved = section_with(50.0, 64.0);
+        assert!(
+            moved.contains("WARNING") && moved.contains("1000 rps p50 1.28× in large mesh"),
+            "{moved}"
+        );
+    }
 }

@@ -52,7 +52,7 @@ const UP_BULK: u16 = 9202;
 const HA_HTTP: u16 = 9301;
 const HA_BULK: u16 = 9302;
 
-const DIRECT: &str = "direct";
+pub(crate) const DIRECT: &str = "direct";
 const EXPLICIT: &str = "weft explicit";
 const EBPF: &str = "weft eBPF";
 const HAPROXY: &str = "haproxy mTLS";
