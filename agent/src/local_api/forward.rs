@@ -120,15 +120,6 @@ fn out_of_contact(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes() == b"false")
 }
 
-/// Whether `query` has a `dc` parameter (the answer may be another
-/// datacenter's, its headers that datacenter's servers').
-fn names_a_datacenter(query: Option<&str>) -> bool {
-    query.is_some_and(|q| {
-        q.split('&')
-            .any(|pair| pair.split('=').next() == Some("dc"))
-    })
-}
-
 /// `host:port` of the servers' HTTP API from their gRPC `HOST:PORT`s.
 pub fn http_addrs(servers: &[String], port: u16) -> Vec<String> {
     servers
@@ -234,7 +225,9 @@ impl Forwarder {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
-        let other_dc = names_a_datacenter(parts.uri.query());
+        // With a `dc` parameter (even a malformed one) the answer may be
+        // another datacenter's, its headers that datacenter's servers'.
+        let other_dc = !matches!(super::route::query_param(parts.uri.query(), "dc"), Ok(None));
         let mut failed = Vec::new();
         let n = self.addrs.len();
         let start = self.first.load(Ordering::Relaxed);
