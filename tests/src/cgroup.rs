@@ -5,8 +5,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::leftovers::{self, Leftover, Registration};
+
 pub struct TestCgroup {
     path: PathBuf,
+    _leftover: Registration,
 }
 
 impl TestCgroup {
@@ -17,7 +20,11 @@ impl TestCgroup {
             remove_tree(&path);
         }
         std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self { path })
+        let leftover = leftovers::register(Leftover::Cgroup(path.clone()));
+        Ok(Self {
+            path,
+            _leftover: leftover,
+        })
     }
 
     /// A test cgroup under the machine's cgroup2 mount.

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 
+use crate::leftovers::{self, Leftover, Registration, ScratchDir};
 use crate::mesh::{in_netns, run_bounded, wait_until, Output, Proc};
 use crate::netns::Netns;
 use crate::servers::bin;
@@ -69,11 +70,11 @@ pub struct Federation {
     dcs: Vec<Dc>,
     /// Transparent node agents' cgroup roots, removed (processes, pins)
     /// after the processes are gone.
-    cgroups: Vec<PathBuf>,
+    cgroups: Vec<(PathBuf, Registration)>,
     base: String,
     wan: Netns,
     subnet: u8,
-    dir: tempfile::TempDir,
+    dir: ScratchDir,
     /// Set by a test that got to its end: otherwise the logs' tails are
     /// printed on drop.
     pub passed: bool,
@@ -84,7 +85,7 @@ impl Drop for Federation {
         for dc in &mut self.dcs {
             dc.procs.clear();
         }
-        for top in &self.cgroups {
+        for (top, _) in &self.cgroups {
             crate::cgroup::remove_pins(top);
             crate::cgroup::remove_tree(top);
         }
@@ -191,7 +192,7 @@ impl Federation {
                 token: String::new(),
             });
         }
-        let dir = tempfile::Builder::new().prefix("weft-fed-").tempdir()?;
+        let dir = ScratchDir::new("weft-fed-")?;
         let mut fed = Federation {
             dcs,
             cgroups: Vec::new(),
@@ -545,7 +546,8 @@ impl Federation {
             let top = crate::cgroup::cgroup2_mount()?.join(format!("weft-{}-{k}", self.base));
             crate::cgroup::remove_tree(&top); // a leftover of an earlier run
             std::fs::create_dir(&top).with_context(|| format!("creating {}", top.display()))?;
-            self.cgroups.push(top.clone());
+            let leftover = leftovers::register(Leftover::Cgroup(top.clone()));
+            self.cgroups.push((top.clone(), leftover));
             format!(
                 "ebpf = true\ncgroup_root = {:?}\ndns_addr = \"127.0.0.1:53\"\n",
                 top.display().to_string()

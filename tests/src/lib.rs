@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod clients;
 pub mod echo;
 pub mod federation;
+pub mod leftovers;
 pub mod logs;
 pub mod mesh;
 pub mod netns;

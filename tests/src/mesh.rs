@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 
+use crate::leftovers::{self, Leftover, Registration, ScratchDir};
 use crate::netns::Netns;
 use crate::servers::bin;
 
@@ -583,6 +584,7 @@ fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
 /// every process in it is killed and the directories are removed.
 struct CgroupTree {
     top: PathBuf,
+    _leftover: Registration,
 }
 
 impl Drop for CgroupTree {
@@ -607,7 +609,7 @@ pub struct Mesh {
     agent_log: String,
     cgroups: Option<CgroupTree>,
     netns: [Netns; 2],
-    dir: tempfile::TempDir,
+    dir: ScratchDir,
     /// The management token's secret (the server's ACLs are bootstrapped
     /// at start).
     pub token: String,
@@ -624,13 +626,17 @@ impl Mesh {
             Netns::new(&format!("{base}a"))?,
             Netns::new(&format!("{base}b"))?,
         ];
-        let dir = tempfile::Builder::new().prefix("weft-mesh-").tempdir()?;
+        let dir = ScratchDir::new("weft-mesh-")?;
         let cgroups = if spec.ebpf {
             warn_unless_hosts_use_dns();
             let top = crate::cgroup::cgroup2_mount()?.join(format!("weft-{base}"));
             crate::cgroup::remove_tree(&top); // a leftover of an earlier run
             std::fs::create_dir(&top).with_context(|| format!("creating {}", top.display()))?;
-            Some(CgroupTree { top })
+            let leftover = leftovers::register(Leftover::Cgroup(top.clone()));
+            Some(CgroupTree {
+                top,
+                _leftover: leftover,
+            })
         } else {
             None
         };
@@ -1560,7 +1566,8 @@ impl Drop for Mesh {
             }
         }
         if std::env::var_os("WEFT_KEEP_MESH").is_some() {
-            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+            let spare = ScratchDir::new("weft-mesh-").expect("tempdir");
+            let dir = std::mem::replace(&mut self.dir, spare);
             eprintln!("mesh files kept in {}", dir.keep().display());
         }
     }

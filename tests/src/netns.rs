@@ -9,8 +9,11 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
+use crate::leftovers::{self, Leftover, Registration};
+
 pub struct Netns {
     name: String,
+    _leftover: Registration,
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -32,10 +35,11 @@ impl Netns {
     /// Creates namespace `name` (replacing a leftover of the same name) with
     /// its loopback up and no other interface or route.
     pub fn new(name: &str) -> anyhow::Result<Self> {
-        let _ = ip(&["netns", "del", name]);
+        let _ = delete(name);
         ip(&["netns", "add", name])?;
         let ns = Self {
             name: name.to_string(),
+            _leftover: leftovers::register(Leftover::Netns(name.to_string())),
         };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
@@ -127,9 +131,14 @@ impl Netns {
     }
 }
 
+/// Deletes namespace `name` (`ip netns del`).
+pub fn delete(name: &str) -> anyhow::Result<()> {
+    ip(&["netns", "del", name])
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
-        if let Err(e) = ip(&["netns", "del", &self.name]) {
+        if let Err(e) = delete(&self.name) {
             eprintln!("cleanup: {e}");
         }
     }

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use crate::leftovers::ScratchDir;
+
 /// A binary of the workspace, built by `cargo build --bins` (which
 /// `cargo xtask test` runs before the tests).
 pub fn bin(name: &str) -> PathBuf {
@@ -88,7 +90,7 @@ impl HttpReply {
 }
 
 pub struct Cluster {
-    _dir: tempfile::TempDir,
+    _dir: ScratchDir,
     pub servers: Vec<Server>,
     extra_args: Vec<String>,
     /// The TLS CA's certificate (PEM file) clients verify servers with.
@@ -211,7 +213,7 @@ impl Cluster {
     }
 
     fn start_with(n: u64, extra_args: &[&str], linked: bool) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
+        let dir = ScratchDir::new("weft-cluster-")?;
         let names: Vec<String> = (1..=n).map(|id| format!("server-{id}-tls")).collect();
         let tls_ca = make_tls(dir.path(), &names)?;
         let ca_file = dir.path().join("ca.pem");
@@ -570,7 +572,7 @@ pub struct LoopbackAgent {
     child: Child,
     admin: String,
     log: PathBuf,
-    _dir: tempfile::TempDir,
+    _dir: ScratchDir,
 }
 
 impl Cluster {
@@ -578,7 +580,7 @@ impl Cluster {
     /// ready (registered, its certificates signed) and its view has the
     /// servers' state.
     pub fn start_agent(&self, node: &str) -> anyhow::Result<LoopbackAgent> {
-        let dir = tempfile::Builder::new().prefix("weft-agent-").tempdir()?;
+        let dir = ScratchDir::new("weft-agent-")?;
         let token = self.token_with(&["--node-identity", &format!("{node}:dc1")])?;
         let token_file = dir.path().join("agent.token");
         std::fs::write(&token_file, token)?;

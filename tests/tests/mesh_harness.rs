@@ -1,10 +1,14 @@
 //! The two-node harness itself, without agents: the server answers the CLI
 //! inside node A, node A reaches a workload on node B across the veth, nothing
 //! routes anywhere else, and dropping the mesh removes its namespaces and
-//! processes.
+//! processes, also when a signal ends the process.
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use weft_tests::mesh::{Mesh, MeshSpec, NodeA, NodeB};
+use anyhow::Context;
+use weft_tests::mesh::{wait_until, Mesh, MeshSpec, NodeA, NodeB, Service};
 use weft_tests::require_root;
 
 #[test]
@@ -63,5 +67,101 @@ fn two_nodes_server_workload_and_cleanup() -> anyhow::Result<()> {
             "namespace {name} left behind"
         );
     }
+    Ok(())
+}
+
+/// Set for the process [`a_signal_removes_what_the_process_made`] starts.
+const HOLDER: &str = "WEFT_TEST_HOLD_A_MESH";
+
+/// Not a test of its own: the process that
+/// [`a_signal_removes_what_the_process_made`] starts and then signals. It
+/// holds a transparent mesh (agents, their eBPF pins, a workload in its
+/// cgroup) and says where its namespaces, files, cgroups and pins are.
+#[test]
+#[ignore = "run by a_signal_removes_what_the_process_made"]
+fn holds_a_mesh_until_signalled() -> anyhow::Result<()> {
+    if std::env::var_os(HOLDER).is_none() {
+        return Ok(());
+    }
+    let mut mesh = Mesh::start(
+        MeshSpec::new("allow")
+            .ebpf()
+            .node_a(Service::new("web", 8000).cgroup("web")),
+    )?;
+    mesh.spawn_as(NodeA, "web", &["sleep", "120"], "sleep.log")?;
+    let root = mesh.cgroup_root(NodeA).context("a transparent mesh")?;
+    let pins = weft_agent::ebpf::pins::default_dir(&root);
+    wait_until(Duration::from_secs(20), "the agent's pins", || {
+        Ok(pins.exists().then_some(()))
+    })?;
+    let things = [
+        format!("/run/netns/{}", mesh.netns(NodeA).name()),
+        format!("/run/netns/{}", mesh.netns(NodeB).name()),
+        mesh.path("").display().to_string(),
+        root.parent()
+            .context("the mesh's cgroup")?
+            .display()
+            .to_string(),
+        pins.display().to_string(),
+    ];
+    let agent = mesh.agent_pid(NodeA).context("agent A runs")?;
+    println!("HOLDING {agent} {}", things.join(" "));
+    std::thread::sleep(Duration::from_secs(120));
+    anyhow::bail!("not signalled within 120 s")
+}
+
+/// A test or benchmark ended by a signal (Ctrl-C, SIGTERM) drops nothing:
+/// without the leftovers watcher its namespaces, cgroups, eBPF pins and
+/// directories (which hold the mesh's tokens and keys) would stay behind.
+#[test]
+fn a_signal_removes_what_the_process_made() -> anyhow::Result<()> {
+    require_root();
+    let mut holder = Command::new(std::env::current_exe()?)
+        .args(["--exact", "holds_a_mesh_until_signalled", "--ignored"])
+        .args(["--nocapture", "--test-threads=1"])
+        .env(HOLDER, "1")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = holder.stdout.take().context("holder's stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            // The harness prints `test NAME ... ` before the test's output.
+            if let Some((_, rest)) = line.split_once("HOLDING ") {
+                let _ = tx.send(rest.to_string());
+            }
+        }
+    });
+    let signal = |child: &std::process::Child| {
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    };
+    let held = match rx.recv_timeout(Duration::from_secs(90)) {
+        Ok(line) => line,
+        Err(e) => {
+            signal(&holder);
+            anyhow::bail!("the holder did not report its mesh: {e}");
+        }
+    };
+    let mut words = held.split_whitespace();
+    let agent: i32 = words.next().context("agent pid")?.parse()?;
+    let things: Vec<PathBuf> = words.map(PathBuf::from).collect();
+    assert_eq!(things.len(), 5, "{held}");
+    for thing in &things {
+        assert!(thing.exists(), "{} missing while held", thing.display());
+    }
+
+    signal(&holder);
+    let status = wait_until(Duration::from_secs(30), "the holder to exit", || {
+        Ok(holder.try_wait()?)
+    })?;
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status}");
+    for thing in &things {
+        assert!(!thing.exists(), "{} left behind", thing.display());
+    }
+    // SAFETY: signal 0 only asks whether the process exists.
+    wait_until(Duration::from_secs(5), "the agent to die", || {
+        Ok((unsafe { libc::kill(agent, 0) } != 0).then_some(()))
+    })?;
     Ok(())
 }
