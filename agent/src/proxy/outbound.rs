@@ -92,12 +92,12 @@ pub struct NotCarried {
     pub stream: Option<TcpStream>,
 }
 
-/// Carries one accepted connection from `source` to `destination`: an HTTP
-/// service's requests one by one ([`l7::serve_routed`]), anything else as
-/// bytes to one instance.
+/// Carries one accepted connection from `source` (at `peer`, as `accept`
+/// gave it) to `destination`: an HTTP service's requests one by one
+/// ([`l7::serve_routed`]), anything else as bytes to one instance.
 pub async fn carry(
     ctx: &Arc<ProxyContext>,
-    mut client: TcpStream,
+    (mut client, peer): (TcpStream, IpAddr),
     source: &str,
     (destination, datacenter): (&str, Option<&str>),
 ) -> Result<(), NotCarried> {
@@ -123,20 +123,25 @@ pub async fn carry(
             // Consul's proxies do. The client's connection is counted
             // (opened, bytes, closed) here.
             drop(view);
-            let peer = client.peer_addr().ok().map(|a| a.ip());
             let client = Counted::client(client, ctx.metrics.clone(), source, &label);
             let (src, dst) = (source.to_string(), destination.to_string());
             let dst = (dst, datacenter.map(str::to_string));
             let served =
-                l7::serve_routed(ctx.clone(), client, protocol, src, dst, judge, peer).await;
+                l7::serve_routed(ctx.clone(), client, protocol, src, dst, judge, Some(peer)).await;
             if let Err(e) = served {
                 tracing::debug!("L7 connection ended: {e}");
             }
             Ok(())
         }
         Plan::Bytes => {
-            let carried =
-                splice_to_instance(ctx, view, &mut client, source, (destination, datacenter)).await;
+            let carried = splice_to_instance(
+                ctx,
+                view,
+                (&mut client, peer),
+                source,
+                (destination, datacenter),
+            )
+            .await;
             carried.map_err(|error| refused(error, client))
         }
     }
@@ -149,13 +154,12 @@ pub async fn carry(
 async fn splice_to_instance(
     ctx: &Arc<ProxyContext>,
     view: Arc<View>,
-    client: &mut TcpStream,
+    (client, peer): (&mut TcpStream, IpAddr),
     source: &str,
     (destination, datacenter): (&str, Option<&str>),
 ) -> Result<(), OutboundError> {
     let _slot = ctx.take_slot(source, destination, crate::breaker::Gauge::Connections)?;
     let mut failed: Vec<SocketAddr> = Vec::new();
-    let peer = client.peer_addr().ok().map(|a| a.ip());
     let timeout = Call {
         source,
         upstream: destination,
@@ -166,7 +170,7 @@ async fn splice_to_instance(
         let picked = route_avoiding(
             ctx,
             &view,
-            (source, peer),
+            (source, Some(peer)),
             (destination, datacenter),
             &failed,
         );
@@ -263,9 +267,8 @@ pub async fn serve_upstream(
         tokio::spawn(
             async move {
                 let _tracked = ctx.drain.track();
-                if let Err(e) =
-                    carry(&ctx, stream, &source, (&destination, datacenter.as_deref())).await
-                {
+                let to = (destination.as_str(), datacenter.as_deref());
+                if let Err(e) = carry(&ctx, (stream, peer.ip()), &source, to).await {
                     tracing::info!("{source} -> {destination}: {}", e.error);
                     if let Some(stream) = e.stream {
                         reset(stream);
@@ -334,7 +337,8 @@ pub async fn serve_redirected(
             span.record("destination", destination.as_str());
             // Another datacenter's service by its virtual IP (`api.dc2`).
             let (service, dc) = weft_api::vip::split_key(&destination);
-            if let Err(e) = carry(&ctx, stream, &found.source, (service, dc)).await {
+            let client = (stream, peer.ip());
+            if let Err(e) = carry(&ctx, client, &found.source, (service, dc)).await {
                 tracing::info!(original = %found.original, "{} -> {destination}: {}", found.source, e.error);
                 if let Some(stream) = e.stream {
                     reset(stream);
