@@ -16,11 +16,11 @@ impl TestCgroup {
     /// Creates `parent/name`, replacing a leftover of the same name.
     pub fn create(parent: &Path, name: &str) -> anyhow::Result<Self> {
         let path = parent.join(name);
+        let leftover = leftovers::register(Leftover::Cgroup(path.clone()));
         if path.exists() {
             remove_tree(&path);
         }
         std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        let leftover = leftovers::register(Leftover::Cgroup(path.clone()));
         Ok(Self {
             path,
             _leftover: leftover,

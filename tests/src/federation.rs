@@ -544,9 +544,9 @@ impl Federation {
         let ip = self.lan_ip(k, 1);
         let mode = if spec.ebpf {
             let top = crate::cgroup::cgroup2_mount()?.join(format!("weft-{}-{k}", self.base));
+            let leftover = leftovers::register(Leftover::Cgroup(top.clone()));
             crate::cgroup::remove_tree(&top); // a leftover of an earlier run
             std::fs::create_dir(&top).with_context(|| format!("creating {}", top.display()))?;
-            let leftover = leftovers::register(Leftover::Cgroup(top.clone()));
             self.cgroups.push((top.clone(), leftover));
             format!(
                 "ebpf = true\ncgroup_root = {:?}\ndns_addr = \"127.0.0.1:53\"\n",

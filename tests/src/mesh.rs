@@ -630,9 +630,9 @@ impl Mesh {
         let cgroups = if spec.ebpf {
             warn_unless_hosts_use_dns();
             let top = crate::cgroup::cgroup2_mount()?.join(format!("weft-{base}"));
+            let leftover = leftovers::register(Leftover::Cgroup(top.clone()));
             crate::cgroup::remove_tree(&top); // a leftover of an earlier run
             std::fs::create_dir(&top).with_context(|| format!("creating {}", top.display()))?;
-            let leftover = leftovers::register(Leftover::Cgroup(top.clone()));
             Some(CgroupTree {
                 top,
                 _leftover: leftover,

@@ -35,11 +35,12 @@ impl Netns {
     /// Creates namespace `name` (replacing a leftover of the same name) with
     /// its loopback up and no other interface or route.
     pub fn new(name: &str) -> anyhow::Result<Self> {
+        let leftover = leftovers::register(Leftover::Netns(name.to_string()));
         let _ = delete(name);
         ip(&["netns", "add", name])?;
         let ns = Self {
             name: name.to_string(),
-            _leftover: leftovers::register(Leftover::Netns(name.to_string())),
+            _leftover: leftover,
         };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)

@@ -76,7 +76,8 @@ const HOLDER: &str = "WEFT_TEST_HOLD_A_MESH";
 /// Not a test of its own: the process that
 /// [`a_signal_removes_what_the_process_made`] starts and then signals. It
 /// holds a transparent mesh (agents, their eBPF pins, a workload in its
-/// cgroup) and says where its namespaces, files, cgroups and pins are.
+/// cgroup) and a child of its own that nothing else would end (no parent
+/// death signal, in no cgroup), and says where all of them are.
 #[test]
 #[ignore = "run by a_signal_removes_what_the_process_made"]
 fn holds_a_mesh_until_signalled() -> anyhow::Result<()> {
@@ -89,6 +90,7 @@ fn holds_a_mesh_until_signalled() -> anyhow::Result<()> {
             .node_a(Service::new("web", 8000).cgroup("web")),
     )?;
     mesh.spawn_as(NodeA, "web", &["sleep", "120"], "sleep.log")?;
+    let mut plain = Command::new("sleep").arg("120").spawn()?;
     let root = mesh.cgroup_root(NodeA).context("a transparent mesh")?;
     let pins = weft_agent::ebpf::pins::default_dir(&root);
     wait_until(Duration::from_secs(20), "the agent's pins", || {
@@ -105,24 +107,56 @@ fn holds_a_mesh_until_signalled() -> anyhow::Result<()> {
         pins.display().to_string(),
     ];
     let agent = mesh.agent_pid(NodeA).context("agent A runs")?;
-    println!("HOLDING {agent} {}", things.join(" "));
+    println!("HOLDING {agent} {} {}", plain.id(), things.join(" "));
     std::thread::sleep(Duration::from_secs(120));
+    let _ = plain.kill();
+    let _ = plain.wait();
     anyhow::bail!("not signalled within 120 s")
+}
+
+/// Whether process `pid` runs (a zombie does not).
+fn alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
+}
+
+/// Sends SIGTERM to the holder unless it was reaped, and waits (bounded)
+/// for it: a test that stops early leaves no mesh behind either.
+struct Holder(std::process::Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = wait_until(Duration::from_secs(30), "the holder to exit", || {
+                Ok(self.0.try_wait()?)
+            });
+        }
+    }
 }
 
 /// A test or benchmark ended by a signal (Ctrl-C, SIGTERM) drops nothing:
 /// without the leftovers watcher its namespaces, cgroups, eBPF pins and
-/// directories (which hold the mesh's tokens and keys) would stay behind.
+/// directories (which hold the mesh's tokens and keys) would stay behind,
+/// and so would a child process that nothing else ends.
 #[test]
 fn a_signal_removes_what_the_process_made() -> anyhow::Result<()> {
     require_root();
-    let mut holder = Command::new(std::env::current_exe()?)
-        .args(["--exact", "holds_a_mesh_until_signalled", "--ignored"])
-        .args(["--nocapture", "--test-threads=1"])
-        .env(HOLDER, "1")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let stdout = holder.stdout.take().context("holder's stdout")?;
+    let mut holder = Holder(
+        Command::new(std::env::current_exe()?)
+            .args(["--exact", "holds_a_mesh_until_signalled", "--ignored"])
+            .args(["--nocapture", "--test-threads=1"])
+            .env(HOLDER, "1")
+            .stdout(Stdio::piped())
+            .spawn()?,
+    );
+    let stdout = holder.0.stdout.take().context("holder's stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -132,36 +166,36 @@ fn a_signal_removes_what_the_process_made() -> anyhow::Result<()> {
             }
         }
     });
-    let signal = |child: &std::process::Child| {
-        // SAFETY: kill has no memory preconditions.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    };
-    let held = match rx.recv_timeout(Duration::from_secs(90)) {
-        Ok(line) => line,
-        Err(e) => {
-            signal(&holder);
-            anyhow::bail!("the holder did not report its mesh: {e}");
-        }
-    };
+    let held = rx
+        .recv_timeout(Duration::from_secs(90))
+        .context("the holder did not report its mesh")?;
     let mut words = held.split_whitespace();
-    let agent: i32 = words.next().context("agent pid")?.parse()?;
+    let processes = [
+        words.next().context("agent pid")?.to_string(),
+        words.next().context("plain child's pid")?.to_string(),
+    ];
     let things: Vec<PathBuf> = words.map(PathBuf::from).collect();
     assert_eq!(things.len(), 5, "{held}");
     for thing in &things {
         assert!(thing.exists(), "{} missing while held", thing.display());
     }
+    for pid in &processes {
+        assert!(alive(pid), "process {pid} not running while held");
+    }
 
-    signal(&holder);
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(holder.0.id() as i32, libc::SIGTERM) };
     let status = wait_until(Duration::from_secs(30), "the holder to exit", || {
-        Ok(holder.try_wait()?)
+        Ok(holder.0.try_wait()?)
     })?;
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status}");
     for thing in &things {
         assert!(!thing.exists(), "{} left behind", thing.display());
     }
-    // SAFETY: signal 0 only asks whether the process exists.
-    wait_until(Duration::from_secs(5), "the agent to die", || {
-        Ok((unsafe { libc::kill(agent, 0) } != 0).then_some(()))
-    })?;
+    for pid in &processes {
+        wait_until(Duration::from_secs(5), "the held processes to end", || {
+            Ok((!alive(pid)).then_some(()))
+        })?;
+    }
     Ok(())
 }
