@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 
-use crate::leftovers::{self, Leftover, Registration, ScratchDir};
+use crate::cgroup::TestCgroup;
+use crate::leftovers::ScratchDir;
 use crate::mesh::{in_netns, run_bounded, wait_until, Output, Proc};
 use crate::netns::Netns;
 use crate::servers::bin;
@@ -70,7 +71,7 @@ pub struct Federation {
     dcs: Vec<Dc>,
     /// Transparent node agents' cgroup roots, removed (processes, pins)
     /// after the processes are gone.
-    cgroups: Vec<(PathBuf, Registration)>,
+    cgroups: Vec<TestCgroup>,
     base: String,
     wan: Netns,
     subnet: u8,
@@ -85,10 +86,7 @@ impl Drop for Federation {
         for dc in &mut self.dcs {
             dc.procs.clear();
         }
-        for (top, _) in &self.cgroups {
-            crate::cgroup::remove_pins(top);
-            crate::cgroup::remove_tree(top);
-        }
+        self.cgroups.clear();
         if self.passed {
             return;
         }
@@ -543,14 +541,12 @@ impl Federation {
         let token = self.agent_token(k, node, &spec.service_names)?;
         let ip = self.lan_ip(k, 1);
         let mode = if spec.ebpf {
-            let top = crate::cgroup::cgroup2_mount()?.join(format!("weft-{}-{k}", self.base));
-            let leftover = leftovers::register(Leftover::Cgroup(top.clone()));
-            crate::cgroup::remove_tree(&top); // a leftover of an earlier run
-            std::fs::create_dir(&top).with_context(|| format!("creating {}", top.display()))?;
-            self.cgroups.push((top.clone(), leftover));
+            let top = TestCgroup::under_root(&format!("weft-{}-{k}", self.base))?;
+            let root = top.path().to_path_buf();
+            self.cgroups.push(top);
             format!(
                 "ebpf = true\ncgroup_root = {:?}\ndns_addr = \"127.0.0.1:53\"\n",
-                top.display().to_string()
+                root.display().to_string()
             )
         } else {
             "ebpf = false\n".to_string()

@@ -147,7 +147,8 @@ impl ScratchDir {
 }
 
 /// Whether `what` is registered now.
-pub fn is_registered(what: &Leftover) -> bool {
+#[cfg(test)]
+fn is_registered(what: &Leftover) -> bool {
     registered().values().any(|w| w == what)
 }
 

@@ -43,7 +43,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 
-use crate::leftovers::{self, Leftover, Registration, ScratchDir};
+use crate::cgroup::TestCgroup;
+use crate::leftovers::ScratchDir;
 use crate::netns::Netns;
 use crate::servers::bin;
 
@@ -579,21 +580,6 @@ fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// The cgroup subtree of a transparent mesh (`<cgroup2 mount>/<unique>`,
-/// one `a`/`b` below it per node): on drop the agents' eBPF pins are removed,
-/// every process in it is killed and the directories are removed.
-struct CgroupTree {
-    top: PathBuf,
-    _leftover: Registration,
-}
-
-impl Drop for CgroupTree {
-    fn drop(&mut self) {
-        crate::cgroup::remove_pins(&self.top);
-        crate::cgroup::remove_tree(&self.top);
-    }
-}
-
 pub struct Mesh {
     subnet: u8,
     // Field order is drop order: processes first, then cgroups, then
@@ -607,7 +593,10 @@ pub struct Mesh {
     server_args: Vec<String>,
     /// The agents' `RUST_LOG`.
     agent_log: String,
-    cgroups: Option<CgroupTree>,
+    /// A transparent mesh's cgroup subtree (`<cgroup2 mount>/<unique>`,
+    /// one `a`/`b` below it per node): on drop the agents' eBPF pins are
+    /// removed, every process in it is killed and the directories go.
+    cgroups: Option<TestCgroup>,
     netns: [Netns; 2],
     dir: ScratchDir,
     /// The management token's secret (the server's ACLs are bootstrapped
@@ -629,14 +618,7 @@ impl Mesh {
         let dir = ScratchDir::new("weft-mesh-")?;
         let cgroups = if spec.ebpf {
             warn_unless_hosts_use_dns();
-            let top = crate::cgroup::cgroup2_mount()?.join(format!("weft-{base}"));
-            let leftover = leftovers::register(Leftover::Cgroup(top.clone()));
-            crate::cgroup::remove_tree(&top); // a leftover of an earlier run
-            std::fs::create_dir(&top).with_context(|| format!("creating {}", top.display()))?;
-            Some(CgroupTree {
-                top,
-                _leftover: leftover,
-            })
+            Some(TestCgroup::under_root(&format!("weft-{base}"))?)
         } else {
             None
         };
@@ -818,7 +800,7 @@ impl Mesh {
 
     /// Node's `cgroup_root` in a transparent mesh (the agent creates it).
     pub fn cgroup_root(&self, node: Node) -> Option<PathBuf> {
-        self.cgroups.as_ref().map(|c| c.top.join(node.label()))
+        self.cgroups.as_ref().map(|c| c.path().join(node.label()))
     }
 
     /// The `resolv.conf` that commands run by [`Mesh::exec_as`] and
