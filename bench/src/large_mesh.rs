@@ -237,8 +237,9 @@ fn direct_across_phases(
 /// the same run) in the large mesh against the same loads in the same
 /// order on the small mesh just before the fill (`reference`, the phase's
 /// name), the small mesh's main rounds beside them, and the large mesh
-/// once no change arrives any more (`still`); the agents' memory, and how
-/// long filling took.
+/// with no change arriving (`still`, measured in each round right after
+/// the same loads with changes); the agents' memory, and how long filling
+/// took.
 pub fn section(
     figures: &[Figure],
     configs: &[&str],
@@ -252,7 +253,7 @@ pub fn section(
             .map(Figure::median)
     };
     let mut md = format!(
-        "The agents' views hold {SERVICES} services, {} instances on {NODES} nodes, {INTENTIONS} intentions and {ROUTERS} routers while {CHANGES_PER_SECOND} changes a second arrive. The same rounds (1000 rps, then new connections, each configuration in turn) ran on the small mesh just before the fill ({reference}): the large mesh is held to those; the main rounds' figures (five loads per configuration) are beside them, and the same rounds on the large mesh after its changes stopped ({still}): what the view's size costs apart from taking changes. Medians over each phase's rounds; the target: within 10 %.\n\n\
+        "The agents' views hold {SERVICES} services, {} instances on {NODES} nodes, {INTENTIONS} intentions and {ROUTERS} routers while {CHANGES_PER_SECOND} changes a second arrive. The same rounds (1000 rps, then new connections, each configuration in turn) ran on the small mesh just before the fill ({reference}): the large mesh is held to those; the main rounds' figures (five loads per configuration) are beside them, and the same loads on the large mesh with its changes stopped ({still}), in each round right after those with changes, so that time and the machine's drift fall on both alike: what the view's size costs apart from taking changes. Medians over each phase's rounds; the target: within 10 %.\n\n\
          | figure | configuration | small mesh, main rounds | {reference} | large mesh | large ÷ before the fill | within 10 % | {still} | no changes ÷ before the fill |\n|---|---|---|---|---|---|---|---|---|\n",
         SERVICES * PER_SERVICE
     );

@@ -274,7 +274,8 @@ struct LargeRun {
 
 /// Fills `meshes`' servers, waits for every agent's view to hold the fill,
 /// and measures 1000 rps latency and new connections of `targets` in
-/// rounds while changes arrive; agent memory before and after.
+/// rounds, each first while changes arrive and then with them stopped;
+/// agent memory before and after.
 fn large_mesh_rounds(
     meshes: &[&Mesh],
     targets: &[&Target],
@@ -323,11 +324,13 @@ fn large_mesh_rounds(
     }
     // Generous: every round waits for a quiet machine at most quiet_wait.
     let per_round = targets.len() as u64 * (p.rate_secs + p.conn_secs + 30) + 60;
-    let bound = p.quiet_wait.as_secs() + p.large_rounds as u64 * per_round;
-    let churns = meshes
-        .iter()
-        .map(|m| large_mesh::Churn::start(m, bound))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let bound = p.quiet_wait.as_secs() + per_round;
+    let start_churns = || -> anyhow::Result<Vec<large_mesh::Churn>> {
+        (meshes.iter())
+            .map(|m| large_mesh::Churn::start(m, bound))
+            .collect()
+    };
+    let churns = start_churns()?;
     // The fill is a burst (servers writing and compacting, agents taking
     // 10,000 writes) and not what is measured: the steady churn is. Let
     // the machine settle, as every round does, before the first round.
@@ -361,29 +364,47 @@ fn large_mesh_rounds(
             used * 1000.0 / changes,
         );
     }
+    for churn in churns {
+        churn.finish()?;
+    }
     let servers = meshes
         .iter()
         .map(|m| server_pid(m))
         .collect::<anyhow::Result<Vec<u32>>>()?;
-    let window = Window::start(&servers)?;
-    let began = std::time::Instant::now();
-    phase_rounds(targets, p, LARGE, out)?;
-    let secs = began.elapsed().as_secs_f64();
-    let servers_usage = window.finish()?;
-    for (i, churn) in churns.into_iter().enumerate() {
-        let (made, late) = churn.finish()?;
+    // Each round measures every target with changes arriving, then again
+    // with them stopped: the time since the fill and whatever the machine
+    // does meanwhile fall on both alike, and the difference is what taking
+    // the changes costs (the agents' and the servers').
+    let mut made = vec![0.0; meshes.len()];
+    let mut late = vec![0.0; meshes.len()];
+    let mut server_cpu_ms = vec![0.0; meshes.len()];
+    for round in 0..p.large_rounds {
+        let churns = start_churns()?;
+        let window = Window::start(&servers)?;
+        let began = std::time::Instant::now();
+        one_round(targets, p, (LARGE, round), out)?;
+        let secs = began.elapsed().as_secs_f64();
+        let usage = window.finish()?;
+        for (i, churn) in churns.into_iter().enumerate() {
+            let (m, l) = churn.finish()?;
+            made[i] += m;
+            late[i] += l;
+            server_cpu_ms[i] += usage[i].vcpu * secs * 1000.0;
+        }
+        one_round(targets, p, (LARGE_STILL, round), out)?;
+    }
+    for i in 0..meshes.len() {
         out.facts.insert(
             format!("server CPU ms per change during the rounds, mesh {i}"),
-            servers_usage[i].vcpu * secs * 1000.0 / made.max(1.0),
+            server_cpu_ms[i] / made[i].max(1.0),
         );
         out.notes.push(format!(
-            "large mesh {i}: {made:.0} changes arrived during its rounds ({late:.0} took longer than their tick of {} ms)",
+            "large mesh {i}: {:.0} changes arrived during its rounds ({:.0} took longer than their tick of {} ms)",
+            made[i],
+            late[i],
             1000 / large_mesh::CHANGES_PER_SECOND
         ));
     }
-    // The same view with no change arriving: what the view's size costs
-    // apart from what taking changes costs (the agents' and the servers').
-    phase_rounds(targets, p, LARGE_STILL, out)?;
     Ok(())
 }
 
@@ -401,27 +422,40 @@ fn phase_rounds(
     out: &mut LargeRun,
 ) -> anyhow::Result<()> {
     for round in 0..p.large_rounds {
-        // The large mesh's churn keeps the machine busy by design: a short
-        // wait, and the load recorded.
-        let (start, _, _) = quiet::wait_for_quiet(Duration::from_secs(30))?;
-        let mut r = Round::new();
-        for i in 0..targets.len() {
-            let t = targets[(i + round) % targets.len()];
-            eprintln!("{phase} round {round}: {}", t.name);
-            let mut m = Round::new();
-            rate_load(t, p, &mut m)?;
-            conn_load(t, p, &mut m)?;
-            r.extend(
-                m.into_iter()
-                    .map(|(k, v)| (format!("{} ({phase}): {k}", t.name), v)),
-            );
-        }
-        out.facts.insert(
-            format!("load at the start of round {round}, {phase}"),
-            start,
-        );
-        out.rounds.push(r);
+        one_round(targets, p, (phase, round), out)?;
     }
+    Ok(())
+}
+
+/// Round `round` of `phase`: 1000 rps latency and new connections of each
+/// of `targets`, the order rotating from round to round, figures keyed
+/// `NAME (PHASE): figure`; the load at its start in `out`'s facts.
+fn one_round(
+    targets: &[&Target],
+    p: &Params,
+    (phase, round): (&str, usize),
+    out: &mut LargeRun,
+) -> anyhow::Result<()> {
+    // The large mesh's churn keeps the machine busy by design: a short
+    // wait, and the load recorded.
+    let (start, _, _) = quiet::wait_for_quiet(Duration::from_secs(30))?;
+    let mut r = Round::new();
+    for i in 0..targets.len() {
+        let t = targets[(i + round) % targets.len()];
+        eprintln!("{phase} round {round}: {}", t.name);
+        let mut m = Round::new();
+        rate_load(t, p, &mut m)?;
+        conn_load(t, p, &mut m)?;
+        r.extend(
+            m.into_iter()
+                .map(|(k, v)| (format!("{} ({phase}): {k}", t.name), v)),
+        );
+    }
+    out.facts.insert(
+        format!("load at the start of round {round}, {phase}"),
+        start,
+    );
+    out.rounds.push(r);
     Ok(())
 }
 
