@@ -47,6 +47,7 @@ use weft_api::intention::Request as PolicyRequest;
 use weft_api::load_balancer::{hash_request, NewCookie};
 use weft_api::routing::{Answer, Attempt, RoutePolicy, Target};
 
+use super::hop_headers;
 use super::plan::{self, Call, Route};
 use super::upstream::{self, Connected};
 use super::{InFlight, ProxyContext};
@@ -267,7 +268,10 @@ impl AttemptError {
         let status = match self {
             AttemptError::NoInstance(_) => StatusCode::SERVICE_UNAVAILABLE,
             AttemptError::Connect(_) | AttemptError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            AttemptError::Denied(_) => StatusCode::FORBIDDEN,
+            AttemptError::Denied(_) => {
+                tracing::info!(%destination, "routed request refused: {self}");
+                return plain(StatusCode::FORBIDDEN, ACCESS_DENIED.into());
+            }
             AttemptError::Overflow(_) => return overloaded(destination, self),
         };
         tracing::info!(%destination, "routed request failed: {self}");
@@ -415,6 +419,7 @@ impl Judge {
                 return plain(StatusCode::BAD_REQUEST, format!("{e}\n"));
             }
         }
+        let websocket = hop_headers::strip(request.headers_mut());
         let facts = policy_request(&request);
         if self.judge_requests {
             let decision = self.ctx.view.load().decide(
@@ -427,16 +432,14 @@ impl Judge {
                 (self.ctx.metrics).denied(self.side(), src, dst);
                 tracing::info!(source = %self.source, destination = %self.destination,
                     method = %facts.method, path = %facts.path, "request refused: {decision}");
-                let reason = format!(
-                    "{} -> {} {} {}: {decision}\n",
-                    self.source, self.destination, facts.method, facts.path
-                );
-                return plain(StatusCode::FORBIDDEN, reason);
+                // Which intention and permission decided is the
+                // operator's to know (logged above), not the caller's.
+                return plain(StatusCode::FORBIDDEN, ACCESS_DENIED.into());
             }
         }
         // An upgrade (WebSocket): once the instance answers 101, both
         // connections are handed over and their bytes copied both ways.
-        let client_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+        let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut request));
         let mut response = match &self.forward {
             Forward::Instance(upstream) => self.send(upstream, request).await,
             Forward::Routed(conns) => self.route(conns, &facts, request).await,
@@ -833,6 +836,10 @@ async fn splice_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upg
         tracing::debug!("upgraded connection ended: {e}");
     }
 }
+
+/// The body of a request the intentions refuse, as Envoy's RBAC filter
+/// answers it: the reason is logged, not told to the caller.
+const ACCESS_DENIED: &str = "RBAC: access denied\n";
 
 /// 503 for a request refused at a circuit breaker's limit, marked as
 /// Envoy marks it (`x-envoy-overloaded: true`).

@@ -5,6 +5,7 @@
 //! or an eBPF redirect) does not matter here.
 
 pub mod counted;
+pub mod hop_headers;
 pub mod inbound;
 pub mod l7;
 pub mod outbound;

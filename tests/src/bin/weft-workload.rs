@@ -10,8 +10,9 @@
 //!   process);
 //! - `/headers`: 200 with `instance NAME` and then each `x-` header it
 //!   received as `name: value`, in arrival order (to see header changes);
-//! - `/upgrade`: 101 to an echo protocol (as a WebSocket handshake), then
-//!   every byte comes back;
+//! - `/upgrade` with an `Upgrade` header: 101 to the protocol it names (as
+//!   a WebSocket handshake, whatever the protocol), then every byte comes
+//!   back; without one, as anything else;
 //! - anything else: 200 with the body `instance NAME\n`.
 //!
 //! It prints `listening on ADDR` to stdout once it accepts connections.
@@ -72,6 +73,7 @@ fn serve(
         let mut content_length = 0usize;
         let mut close = version == "HTTP/1.0";
         let mut x_headers = String::new();
+        let mut upgrade = None;
         loop {
             let mut line = String::new();
             if reader.read_line(&mut line)? == 0 {
@@ -94,6 +96,8 @@ fn serve(
                     content_length = v.parse().unwrap_or(0);
                 } else if k == "connection" {
                     close = v == "close";
+                } else if k == "upgrade" {
+                    upgrade = Some(v);
                 }
             }
         }
@@ -104,11 +108,12 @@ fn serve(
             )?;
         }
         let route = path.split('?').next().unwrap_or("/");
-        if route == "/upgrade" {
-            // Switches to an echo protocol: every byte after the 101 comes
-            // back, until the client closes.
+        if let (Some(protocol), "/upgrade") = (&upgrade, route) {
+            // Switches to whatever was asked, as an echo: every byte after
+            // the 101 comes back, until the client closes.
             writer.write_all(
-                b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+                format!("HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {protocol}\r\n\r\n")
+                    .as_bytes(),
             )?;
             let mut buf = [0u8; 4096];
             loop {
