@@ -75,6 +75,10 @@ pub enum RegistrationError {
         "service {0:?} is defined in the agent's configuration file: remove it there and reload"
     )]
     InFile(String),
+    /// The id's registration changed between the caller's permission check
+    /// and the change.
+    #[error("the registration of {0:?} changed meanwhile: try again")]
+    Changed(String),
     /// Valid, but the servers refused it or could not be reached.
     #[error("{0}")]
     Failed(String),
@@ -279,30 +283,47 @@ impl Running {
         registered.iter().find(|r| r.id() == id).cloned()
     }
 
-    /// Registers `service` on this node (replacing one of the same id that
-    /// was registered the same way), and keeps it in the data dir.
-    pub async fn register(&self, service: RegisteredService) -> Result<String, RegistrationError> {
+    /// Registers `service` on this node, replacing one of the same id that
+    /// was registered the same way if it is an instance of `replacing`
+    /// (none: there must be none), and keeps it in the data dir.
+    pub async fn register(
+        &self,
+        service: RegisteredService,
+        replacing: Option<String>,
+    ) -> Result<String, RegistrationError> {
         let _one = self.reloading.lock().await;
         let mut kept = self.kept();
-        kept.services.retain(|r| r.id() != service.id());
+        let id = service.id().to_string();
+        let current = kept.services.iter().find(|r| r.id() == id);
+        if current.map(|r| &r.name) != replacing.as_ref() {
+            return Err(RegistrationError::Changed(id));
+        }
+        kept.services.retain(|r| r.id() != id);
         kept.services.push(service);
         self.switch_kept(kept).await
     }
 
-    /// Deregisters the service registered through the local API as `id`.
-    pub async fn deregister(&self, id: &str) -> Result<String, RegistrationError> {
+    /// Deregisters the instance registered through the local API as `id`,
+    /// if it is (still) an instance of `name`.
+    pub async fn deregister(&self, id: &str, name: &str) -> Result<String, RegistrationError> {
         let _one = self.reloading.lock().await;
         let mut kept = self.kept();
-        let before = kept.services.len();
-        kept.services.retain(|r| r.id() != id);
-        if kept.services.len() == before {
-            return Err(if self.config().services.iter().any(|s| s.id == id) {
-                RegistrationError::InFile(id.to_string())
-            } else {
-                RegistrationError::NotFound(id.to_string())
-            });
+        match kept.services.iter().find(|r| r.id() == id) {
+            None => return Err(self.not_registered(id)),
+            Some(r) if r.name != name => return Err(RegistrationError::Changed(id.to_string())),
+            Some(_) => {}
         }
+        kept.services.retain(|r| r.id() != id);
         self.switch_kept(kept).await
+    }
+
+    /// Why `id` is not registered through the local API.
+    pub fn not_registered(&self, id: &str) -> RegistrationError {
+        if self.config().services.iter().any(|s| s.id == id) {
+            RegistrationError::InFile(id.to_string())
+        } else {
+            RegistrationError::NotFound(id.to_string())
+        }
     }
 
     /// Runs the file with `kept` and keeps it in the data dir.

@@ -352,8 +352,11 @@ where
     let id = req.check.check_id.clone().unwrap_or_default();
     checks.push(req.check);
     service.checks = checks;
+    // The same registration with its checks changed: only if it is still
+    // of the service the caller may write.
+    let name = service.name.clone();
     let done = registrar
-        .register(service)
+        .register(service, Some(name))
         .await
         .map_err(registration_error)?;
     tracing::info!(check = %id, service = %req.service_id, "check registered through the local API: {done}");
@@ -400,8 +403,11 @@ pub(super) async fn deregister(state: &LocalApiState, parts: &Parts, check_id: S
         return Err(unknown());
     }
     service.checks = checks;
+    // The same registration with its checks changed: only if it is still
+    // of the service the caller may write.
+    let name = service.name.clone();
     let done = registrar
-        .register(service)
+        .register(service, Some(name))
         .await
         .map_err(registration_error)?;
     tracing::info!(check = %check_id, service = %info.service_id, "check deregistered through the local API: {done}");

@@ -109,8 +109,20 @@ pub type RegistrarFuture<'a> = std::pin::Pin<
 
 /// Who adds and removes local services (the running agent).
 pub trait Registrar: Send + Sync {
-    fn register(&self, service: RegisteredService) -> RegistrarFuture<'_>;
-    fn deregister(&self, id: String) -> RegistrarFuture<'_>;
+    /// Registers `service`, replacing the registration of its id if it is
+    /// of service `replacing` (the name the caller was allowed to write);
+    /// [`Changed`](crate::running::RegistrationError::Changed) when the id's
+    /// registration is not (or no longer) what the caller was allowed.
+    fn register(
+        &self,
+        service: RegisteredService,
+        replacing: Option<String>,
+    ) -> RegistrarFuture<'_>;
+    /// Deregisters `id` if it is still an instance of `name`.
+    fn deregister(&self, id: String, name: String) -> RegistrarFuture<'_>;
+    /// Why `id` is not registered through this API: defined in the file, or
+    /// unknown. Changes nothing.
+    fn not_registered(&self, id: &str) -> crate::running::RegistrationError;
     /// The service name of an instance registered through this API.
     fn registered_name(&self, id: &str) -> Option<String>;
     /// The registration of an instance registered through this API.
@@ -129,11 +141,18 @@ pub trait Registrar: Send + Sync {
 }
 
 impl Registrar for crate::running::Running {
-    fn register(&self, service: RegisteredService) -> RegistrarFuture<'_> {
-        Box::pin(crate::running::Running::register(self, service))
+    fn register(
+        &self,
+        service: RegisteredService,
+        replacing: Option<String>,
+    ) -> RegistrarFuture<'_> {
+        Box::pin(crate::running::Running::register(self, service, replacing))
     }
-    fn deregister(&self, id: String) -> RegistrarFuture<'_> {
-        Box::pin(async move { crate::running::Running::deregister(self, &id).await })
+    fn deregister(&self, id: String, name: String) -> RegistrarFuture<'_> {
+        Box::pin(async move { crate::running::Running::deregister(self, &id, &name).await })
+    }
+    fn not_registered(&self, id: &str) -> crate::running::RegistrationError {
+        crate::running::Running::not_registered(self, id)
     }
     fn registered_name(&self, id: &str) -> Option<String> {
         crate::running::Running::registered_name(self, id)
@@ -436,6 +455,7 @@ fn registration_error(e: crate::running::RegistrationError) -> Response<Full<Byt
     let status = match &e {
         E::Invalid(_) | E::InFile(_) => StatusCode::BAD_REQUEST,
         E::NotFound(_) | E::CheckNotFound(_) => StatusCode::NOT_FOUND,
+        E::Changed(_) => StatusCode::CONFLICT,
         E::Failed(_) => StatusCode::BAD_GATEWAY,
     };
     text(status, e.to_string())
@@ -463,8 +483,14 @@ where
     })?;
     require_write(state, &token, &service.name, "service registration").await?;
     let id = service.id().to_string();
+    // Replacing another service's instance of the same id takes the right
+    // to write that one too (as Consul's agent asks).
+    let replacing = registrar.registered_name(&id);
+    if let Some(other) = replacing.as_ref().filter(|n| **n != service.name) {
+        require_write(state, &token, other, "replacing a service registration").await?;
+    }
     let done = registrar
-        .register(service)
+        .register(service, replacing)
         .await
         .map_err(registration_error)?;
     tracing::info!(service = %id, "registered through the local API: {done}");
@@ -481,16 +507,14 @@ async fn service_deregister(
     let registrar = registrar(state)?;
     let token = token_of(parts, "deregistering a service")?;
     let Some(name) = registrar.registered_name(&id) else {
-        // Found in the file, or nowhere: the registrar says which.
-        return Err(registration_error(
-            registrar.deregister(id).await.err().unwrap_or_else(|| {
-                crate::running::RegistrationError::Failed("deregistered meanwhile".into())
-            }),
-        ));
+        // Found in the file, or nowhere: nothing to change either way.
+        return Err(registration_error(registrar.not_registered(&id)));
     };
     require_write(state, &token, &name, "service deregistration").await?;
+    // Only the instance of the service the caller may write: one
+    // re-registered meanwhile under another name stays.
     let done = registrar
-        .deregister(id.clone())
+        .deregister(id.clone(), name)
         .await
         .map_err(registration_error)?;
     tracing::info!(service = %id, "deregistered through the local API: {done}");

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use super::*;
 use crate::config::{CheckConfig, CheckKind};
 use crate::health::HealthUpdate;
+use crate::running::RegistrationError;
 
 /// Token rights by token: `resource:access:segment` each; unknown tokens
 /// are "ACL not found".
@@ -648,14 +649,33 @@ async fn leaves_are_signed_with_the_callers_token() {
 struct Registrations(Mutex<Vec<RegisteredService>>);
 
 impl Registrar for Registrations {
-    fn register(&self, service: RegisteredService) -> RegistrarFuture<'_> {
+    fn register(
+        &self,
+        service: RegisteredService,
+        replacing: Option<String>,
+    ) -> RegistrarFuture<'_> {
         let mut all = self.0.lock().unwrap();
+        let current = all.iter().find(|r| r.id() == service.id());
+        if current.map(|r| &r.name) != replacing.as_ref() {
+            let changed = RegistrationError::Changed(service.id().to_string());
+            return Box::pin(async { Err(changed) });
+        }
         all.retain(|r| r.id() != service.id());
         all.push(service);
         Box::pin(async { Ok("registered".to_string()) })
     }
-    fn deregister(&self, _id: String) -> RegistrarFuture<'_> {
-        Box::pin(async { Ok("deregistered".to_string()) })
+    fn deregister(&self, id: String, name: String) -> RegistrarFuture<'_> {
+        let mut all = self.0.lock().unwrap();
+        let before = all.len();
+        all.retain(|r| r.id() != id || r.name != name);
+        let answer = match all.len() < before {
+            true => Ok("deregistered".to_string()),
+            false => Err(RegistrationError::Changed(id)),
+        };
+        Box::pin(async { answer })
+    }
+    fn not_registered(&self, id: &str) -> RegistrationError {
+        RegistrationError::NotFound(id.to_string())
     }
     fn registered_name(&self, id: &str) -> Option<String> {
         self.registration(id).map(|r| r.name)
@@ -690,6 +710,7 @@ async fn checks_join_their_services_registration_up_to_the_limit() {
     registrations
         .register(
             RegisteredService::from_json(br#"{"ID":"db-1","Name":"db","Port":5432}"#).unwrap(),
+            None,
         )
         .await
         .unwrap();
@@ -740,4 +761,61 @@ async fn checks_join_their_services_registration_up_to_the_limit() {
     );
     let (s, _) = put(&state, register, &db_w, &huge).await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+/// One service's token cannot take over or remove another service's
+/// instance: registering `db-1` again as web takes the right to write db
+/// too; a deregistration is authorized before anything changes (an id
+/// registered nowhere, asked with a made-up token, changes nothing and
+/// reaches no registrar); and a registration is replaced or removed only
+/// while it is of the service the caller was allowed.
+#[tokio::test]
+async fn a_registration_changes_only_with_the_right_to_write_its_service() {
+    let f = fixture().await;
+    let registrations = Arc::new(Registrations::default());
+    let state = f.state.clone().with_registrar(registrations.clone());
+    let register = "/v1/agent/service/register";
+    let as_token = |t: &'static str| [("x-consul-token", t)];
+    let db = r#"{"ID":"db-1","Name":"db","Port":5432}"#;
+    let (s, b) = put(&state, register, &as_token("db-w"), db).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+
+    let as_web = r#"{"ID":"db-1","Name":"web","Port":8080}"#;
+    let (s, b) = put(&state, register, &as_token("web-w"), as_web).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    assert_eq!(registrations.registered_name("db-1").as_deref(), Some("db"));
+
+    let deregister = "/v1/agent/service/deregister/db-1";
+    let (s, b) = put(&state, deregister, &as_token("web-w"), "").await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    let (s, b) = put(
+        &state,
+        "/v1/agent/service/deregister/web-9",
+        &as_token("x"),
+        "",
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    assert_eq!(registrations.registered_name("db-1").as_deref(), Some("db"));
+
+    // Re-registered under another name between the check and the change:
+    // refused, and the new registration stays.
+    let changed = registrations.deregister("db-1".into(), "web".into()).await;
+    assert!(
+        matches!(changed, Err(RegistrationError::Changed(_))),
+        "{changed:?}"
+    );
+    let replaced = (registrations.register(
+        RegisteredService::from_json(as_web.as_bytes()).unwrap(),
+        None,
+    ))
+    .await;
+    assert!(
+        matches!(replaced, Err(RegistrationError::Changed(_))),
+        "{replaced:?}"
+    );
+
+    let (s, b) = put(&state, deregister, &as_token("db-w"), "").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(registrations.registered_name("db-1"), None);
 }
