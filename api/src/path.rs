@@ -13,7 +13,11 @@
 //!    servers. Escapes of unreserved characters (`A-Z a-z 0-9 - . _ ~`) are
 //!    decoded; any other escape is kept, its hex digits upper-cased.
 //! 3. Runs of `/` become one.
-//! 4. Dot segments are removed (RFC 3986 section 5.2.4); `..` above the root
+//! 4. A dot segment with parameters (`..;x`, `.;`, the `;` escaped or not)
+//!    is refused: servers that drop a segment's parameters before resolving
+//!    dot segments (Tomcat, Spring) read `/public/..;/admin` as `/admin`,
+//!    while to the rules it is under `/public/`.
+//! 5. Dot segments are removed (RFC 3986 section 5.2.4); `..` above the root
 //!    stays at the root.
 use std::borrow::Cow;
 
@@ -28,6 +32,8 @@ pub enum PathError {
     BadEscape(usize),
     #[error("the path holds an encoded '/' or '\\' ({0}), which is refused")]
     EscapedSlash(String),
+    #[error("the path holds a dot segment with parameters ({0:?}), which servers resolve differently; refused")]
+    DotSegmentParameters(String),
 }
 
 fn is_unreserved(b: u8) -> bool {
@@ -68,6 +74,9 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
     }
     let decoded = decode(path)?;
     let merged = merge_slashes(&decoded);
+    if let Some(segment) = dot_segment_with_parameters(&merged) {
+        return Err(PathError::DotSegmentParameters(segment.to_string()));
+    }
     let normal = remove_dot_segments(&merged);
     if normal == path {
         Ok(Cow::Borrowed(path))
@@ -126,7 +135,17 @@ fn merge_slashes(path: &str) -> String {
     out
 }
 
-/// Step 4, on a path that starts with `/`. A final `.` or `..` leaves a
+/// Step 4: the first segment of `path` (decoded) that is `.` or `..`
+/// followed by parameters (`;`, or `;` escaped as `%3B`).
+fn dot_segment_with_parameters(path: &str) -> Option<&str> {
+    path.split('/').find(|segment| {
+        let head = segment.split(';').next().unwrap_or_default();
+        let head = head.split("%3B").next().unwrap_or_default();
+        head.len() < segment.len() && matches!(head, "." | "..")
+    })
+}
+
+/// Step 5, on a path that starts with `/`. A final `.` or `..` leaves a
 /// trailing slash (`/a/b/..` is `/a/`), as RFC 3986 does.
 fn remove_dot_segments(path: &str) -> String {
     let mut kept: Vec<&str> = Vec::new();
@@ -243,6 +262,33 @@ mod tests {
         assert_eq!(normalize_path("admin"), Err(PathError::NotOriginForm));
         assert_eq!(normalize_path("*"), Err(PathError::NotOriginForm));
         assert_eq!(normalize_path(""), Err(PathError::NotOriginForm));
+    }
+
+    #[test]
+    fn dot_segments_with_parameters_are_refused() {
+        for path in [
+            "/public/..;/admin",
+            "/public/..;x=1/admin",
+            "/public/.;/admin",
+            "/public/%2e%2e;/admin",
+            "/public/..%3b/admin",
+            "/public/%2E%2E%3B/admin",
+            "/..;",
+        ] {
+            assert!(
+                matches!(
+                    normalize_path(path),
+                    Err(PathError::DotSegmentParameters(_))
+                ),
+                "{path}: {:?}",
+                normalize_path(path)
+            );
+        }
+        // Parameters on other segments, and dots that are not a segment
+        // of their own, stay.
+        for path in ["/a;b/c", "/a/...;/b", "/a/..x;/b", "/a/b;..", "/v1;v=2/x"] {
+            assert_eq!(norm(path), path);
+        }
     }
 
     #[test]
