@@ -650,6 +650,67 @@ fn l7_intention_is_enforced_for_a_same_node_instance_too() -> anyhow::Result<()>
     l7_intention_cycle(&mesh, "api-a")
 }
 
+/// A route's rewrite cannot carry a request past an L7 intention to an
+/// instance on the source's own node, where no second agent judges it: the
+/// request is judged as it is sent. web may reach anything of api but
+/// `/admin`; a router sends `/v1/...` to api as `/...` (`/v1/admin`, which
+/// the intention does not name, reached the instance as `/admin`), and
+/// `/v2...` as `/...` too, its rewritten path normalized (`/v2/admin` became
+/// `//admin`, which servers read as `/admin`).
+#[test]
+fn a_rewritten_request_to_a_same_node_instance_is_judged_as_sent() -> anyhow::Result<()> {
+    require_root();
+    let mut mesh = Mesh::start(spec().node_a(api("api-a", 8080)))?;
+    let a = mesh.ip(NodeA);
+    mesh.workload(NodeA, "api-a", &format!("{a}:8080"))?;
+    wait_for_body(&mesh, "api-a", Duration::from_secs(30))?;
+    write_entry(&mesh, "api-defaults.toml", API_IS_HTTP)?;
+    let l7 = mesh.path("web-api-l7.toml");
+    std::fs::write(
+        &l7,
+        r#"
+[[Permissions]]
+Action = "deny"
+HTTP = { PathPrefix = "/admin" }
+
+[[Permissions]]
+Action = "allow"
+HTTP = { PathPrefix = "/" }
+"#,
+    )?;
+    let l7 = l7.display().to_string();
+    mesh.weft(&["intention", "create", "web", "api", "--file", &l7])?;
+    write_entry(
+        &mesh,
+        "router.toml",
+        r#"
+Kind = "service-router"
+Name = "api"
+[[Routes]]
+Match = { HTTP = { PathPrefix = "/v1/" } }
+Destination = { Service = "api", PrefixRewrite = "/" }
+
+[[Routes]]
+Match = { HTTP = { PathPrefix = "/v2" } }
+Destination = { Service = "api", PrefixRewrite = "/" }
+"#,
+    )?;
+    let public = format!("{UPSTREAM}v1/echo/public");
+    wait_until(Duration::from_secs(20), "the route rewrites", || {
+        let body = mesh
+            .curl_with(NodeA, &public, &["-m", "2"])
+            .unwrap_or_default();
+        Ok((body == "instance api-a got /echo/public\n").then_some(()))
+    })?;
+    let body = mesh.curl_with(NodeA, &format!("{UPSTREAM}v2/echo/public"), &["-m", "2"])?;
+    ensure!(body == "instance api-a got /echo/public\n", "{body:?}");
+    for path in ["v1/admin", "v1/admin/users", "v1/./admin", "v2/admin"] {
+        let status = status_of(&mesh, "GET", &format!("{UPSTREAM}{path}"), None)?;
+        ensure!(status == 403, "{path}: {status}\n{}", agent_logs(&mesh));
+    }
+    Ok(())
+}
+
 /// Makes api an HTTP service, writes an L7 intention web => api and checks
 /// request by request that only what its permissions allow reaches
 /// `instance`; then deletes it and checks that the default applies again.

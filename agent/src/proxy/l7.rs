@@ -524,6 +524,17 @@ impl Judge {
     ) -> Response<Body> {
         let mut request = request;
         if let Some(path) = target.policy.rewritten(request.uri().path()) {
+            // The rewritten path is normalized as a request's is: the
+            // instance and whoever judges it next see the same path.
+            let path = match weft_api::path::normalize_path(&path) {
+                Ok(normal) => normal.into_owned(),
+                Err(e) => {
+                    return plain(
+                        StatusCode::BAD_REQUEST,
+                        format!("PrefixRewrite gives a bad path {path:?}: {e}\n"),
+                    )
+                }
+            };
             match with_path(request.uri(), &path) {
                 Ok(uri) => *request.uri_mut() = uri,
                 Err(e) => {
@@ -609,9 +620,13 @@ impl Judge {
             if n > 0 && !untried {
                 break; // every instance failed to connect
             }
-            if picked.service != self.destination {
-                // A resolver's failover or redirect: the intentions decide
-                // for the service that answers, here as on its node.
+            // A resolver's failover or redirect: the intentions decide for
+            // the service that answers, here as on its node. An instance on
+            // this node: no agent after this one judges the request, so it
+            // is judged here as it is sent (rewritten, its headers edited),
+            // as a tunnelled one is by the instance's agent.
+            let local = matches!(picked.route, Route::Local(_));
+            if picked.service != self.destination || local {
                 self.allowed_to(&picked.service, &request)?;
             }
             let addr = picked.addr;
@@ -690,18 +705,20 @@ impl Judge {
         Ok((picked, fresh))
     }
 
-    /// Refuses `request` unless the intentions let the source reach
-    /// `service` (another than the connection's destination).
+    /// Refuses `request`, as it is sent, unless the intentions let the
+    /// source reach `service` (the connection's destination, or another
+    /// answering for it).
     fn allowed_to(&self, service: &str, request: &Request<Body>) -> Result<(), AttemptError> {
         let view = self.ctx.view.load();
         let caller = self.ctx.caller(&self.source);
         let facts = policy_request(request);
         plan::answering(&view, caller, service, Some(&facts)).map_err(|reason| {
             (self.ctx.metrics).denied(self.side(), &self.labels.0, service);
-            AttemptError::Denied(format!(
-                "{} -> {reason} (failover of {})",
-                self.source, self.destination
-            ))
+            let of = match service == self.destination {
+                true => String::new(),
+                false => format!(" (failover of {})", self.destination),
+            };
+            AttemptError::Denied(format!("{} -> {reason}{of}", self.source))
         })
     }
 
