@@ -44,6 +44,11 @@ pub const DIAL_ATTEMPTS: usize = 3;
 pub const MAX_CONNECTIONS: usize = 8_192;
 /// Connections one client address may hold at once on a listener.
 pub const MAX_PER_CLIENT: usize = 256;
+/// How long a connection lasts once one side closed: what a gateway
+/// carries is TLS, whose ends close together, and a client that keeps a
+/// connection open after the next hop left it (a hop that refused its
+/// handshake) must not hold its place for good.
+pub const HALF_CLOSED_LIMIT: Duration = Duration::from_secs(30);
 
 /// Which listener a connection arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,7 +315,10 @@ impl Gateway {
         tracing::debug!(?destination, "forwarding");
         let result = async {
             upstream.write_all(&hello).await?;
-            crate::splice::splice(&mut client, &mut upstream).await
+            let sizes = crate::splice::Sizes::DEFAULT;
+            crate::splice::Splice::new(&mut client, &mut upstream, sizes, None)
+                .half_closed_limit(HALF_CLOSED_LIMIT)
+                .await
         }
         .await;
         active.dec();

@@ -17,6 +17,10 @@
 //! end, everything read is written and flushed and the other side's write
 //! half is shut down; the other direction keeps going until its own end.
 //! The first error of either direction ends the splice with that error.
+//! A splice may bound how long a half-closed connection lasts
+//! ([`Splice::half_closed_limit`]): the gateway's, whose clients need no
+//! credentials, so that a client that never closes cannot hold a
+//! connection whose other side is gone.
 
 use std::future::Future;
 use std::io;
@@ -136,6 +140,14 @@ pub struct Splice<'a, A: ?Sized, B: ?Sized> {
     sizes: Sizes,
     a_to_b: Direction,
     b_to_a: Direction,
+    half_closed: Option<HalfClosed>,
+}
+
+/// How long one direction may go on once the other has ended, and the
+/// timer started when it did.
+struct HalfClosed {
+    limit: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<'a, A, B> Splice<'a, A, B>
@@ -152,7 +164,15 @@ where
             sizes,
             a_to_b: Direction::new(sizes.initial, probe.clone().map(|p| (p, 0))),
             b_to_a: Direction::new(sizes.initial, probe.map(|p| (p, 1))),
+            half_closed: None,
         }
+    }
+
+    /// Once one direction has ended, the other has `limit` to end too;
+    /// then the splice ends with a `TimedOut` error.
+    pub fn half_closed_limit(mut self, limit: Duration) -> Self {
+        self.half_closed = Some(HalfClosed { limit, timer: None });
+        self
     }
 }
 
@@ -172,6 +192,18 @@ where
         let b_to_a =
             this.b_to_a
                 .poll_copy(cx, &sizes, Pin::new(&mut *this.b), Pin::new(&mut *this.a))?;
+        if let Some(half) = &mut this.half_closed {
+            if a_to_b.is_ready() != b_to_a.is_ready() {
+                let limit = half.limit;
+                let timer = (half.timer).get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("one side closed and the other did not within {limit:?}"),
+                    )));
+                }
+            }
+        }
         let a_to_b = ready!(a_to_b);
         let b_to_a = ready!(b_to_a);
         Poll::Ready(Ok((a_to_b, b_to_a)))

@@ -393,3 +393,50 @@ async fn many_idle_splices_hold_no_buffers() {
         bounded(task).await.unwrap().unwrap();
     }
 }
+
+/// With a half-closed limit, a connection whose one side closed and whose
+/// other side stays open and silent ends once the limit passes (a gateway's
+/// client holding a connection its upstream left); a half-close that is
+/// answered in time ends as always; without a limit it is kept.
+#[tokio::test(start_paused = true)]
+async fn a_half_closed_limit_ends_a_connection_the_other_side_keeps_open() {
+    let run = |limit: Option<Duration>| {
+        let (client, mut a) = duplex(1024);
+        let (mut b, server) = duplex(1024);
+        let task = tokio::spawn(async move {
+            let splice = Splice::new(&mut a, &mut b, Sizes::DEFAULT, None);
+            match limit {
+                Some(limit) => splice.half_closed_limit(limit).await,
+                None => splice.await,
+            }
+        });
+        (client, server, task)
+    };
+    let limit = LIMIT / 4;
+    // The upstream closes; the client stays silent.
+    let (client, server, task) = run(Some(limit));
+    drop(server);
+    let started = tokio::time::Instant::now();
+    let ended = bounded(task).await.unwrap().unwrap_err();
+    assert_eq!(ended.kind(), io::ErrorKind::TimedOut, "{ended}");
+    assert!(started.elapsed() >= limit, "{:?}", started.elapsed());
+    drop(client);
+
+    // Both close within the limit: the splice ends as it always does.
+    let (mut client, mut server, task) = run(Some(limit));
+    client.write_all(b"bye").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    server.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"bye");
+    tokio::time::sleep(limit / 2).await;
+    server.shutdown().await.unwrap();
+    assert_eq!(bounded(task).await.unwrap().unwrap(), (3, 0));
+
+    // No limit: the half-closed connection is kept.
+    let (_client, server, task) = run(None);
+    drop(server);
+    tokio::time::sleep(limit * 4).await;
+    assert!(!task.is_finished());
+    task.abort();
+}
