@@ -500,12 +500,15 @@ pub fn outgoing(parts: &http::request::Parts, body: Bytes) -> Result<Request<Ful
     Ok(req)
 }
 
+/// `query`'s parameters, decoded as the servers decode them (so that
+/// `%69ndex` is `index` here too).
+fn parameters(query: Option<&str>) -> form_urlencoded::Parse<'_> {
+    form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+}
+
 /// Whether `query` makes a blocking query (`index` or `wait` given).
 pub fn is_blocking(query: Option<&str>) -> bool {
-    query.unwrap_or_default().split('&').any(|pair| {
-        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-        key == "index" || key == "wait"
-    })
+    parameters(query).any(|(key, _)| key == "index" || key == "wait")
 }
 
 /// How long a request with `query` may take: a blocking query (`index` or
@@ -515,11 +518,8 @@ pub fn timeout_for(query: Option<&str>) -> Duration {
     if !is_blocking(query) {
         return DEFAULT_TIMEOUT;
     }
-    let wait = query
-        .unwrap_or_default()
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("wait="))
-        .and_then(|v| super::route::percent_decode(v, true))
+    let wait = parameters(query)
+        .find_map(|(key, value)| (key == "wait").then_some(value))
         .and_then(|v| parse_duration(&v));
     let wait = wait
         .filter(|w| !w.is_zero())
@@ -613,6 +613,13 @@ mod tests {
         assert!(timeout_for(Some("index=1&wait=10m")) > Duration::from_secs(600));
         assert!(is_blocking(Some("a=1&index")) && is_blocking(Some("wait=5s")));
         assert!(!is_blocking(Some("indexes=1&waiting")) && !is_blocking(None));
+        // Escaped as the servers read them: a blocking query all the same,
+        // which takes a blocking slot and its wait.
+        assert!(is_blocking(Some("%69ndex=1")) && is_blocking(Some("w%61it=5s")));
+        assert_eq!(
+            timeout_for(Some("%69ndex=42&%77ait=30%73")),
+            blocking(Duration::from_secs(30))
+        );
     }
 
     #[test]
