@@ -341,7 +341,7 @@ where
             .register_check(req.service_id.clone(), req.check)
             .await
             .map_err(registration_error)?;
-        tracing::info!(check = %id, service = %req.service_id, "check registered through the local API: {done}");
+        tracing::info!(check = ?id, service = ?req.service_id, "check registered through the local API: {done}");
         return Ok(text(StatusCode::OK, ""));
     };
     require_write(state, &token, &service.name, "check registration").await?;
@@ -359,7 +359,7 @@ where
         .register(service, Some(name))
         .await
         .map_err(registration_error)?;
-    tracing::info!(check = %id, service = %req.service_id, "check registered through the local API: {done}");
+    tracing::info!(check = ?id, service = ?req.service_id, "check registered through the local API: {done}");
     Ok(text(StatusCode::OK, ""))
 }
 
@@ -392,7 +392,7 @@ pub(super) async fn deregister(state: &LocalApiState, parts: &Parts, check_id: S
             .deregister_check(check_id.clone())
             .await
             .map_err(registration_error)?;
-        tracing::info!(check = %check_id, service = %info.service_id, "check deregistered through the local API: {done}");
+        tracing::info!(check = ?check_id, service = ?info.service_id, "check deregistered through the local API: {done}");
         return Ok(text(StatusCode::OK, ""));
     };
     let config = state.current_config();
@@ -410,7 +410,7 @@ pub(super) async fn deregister(state: &LocalApiState, parts: &Parts, check_id: S
         .register(service, Some(name))
         .await
         .map_err(registration_error)?;
-    tracing::info!(check = %check_id, service = %info.service_id, "check deregistered through the local API: {done}");
+    tracing::info!(check = ?check_id, service = ?info.service_id, "check deregistered through the local API: {done}");
     Ok(text(StatusCode::OK, ""))
 }
 

@@ -493,7 +493,7 @@ where
         .register(service, replacing)
         .await
         .map_err(registration_error)?;
-    tracing::info!(service = %id, "registered through the local API: {done}");
+    tracing::info!(service = ?id, "registered through the local API: {done}");
     Ok(text(StatusCode::OK, ""))
 }
 
@@ -517,7 +517,7 @@ async fn service_deregister(
         .deregister(id.clone(), name)
         .await
         .map_err(registration_error)?;
-    tracing::info!(service = %id, "deregistered through the local API: {done}");
+    tracing::info!(service = ?id, "deregistered through the local API: {done}");
     Ok(text(StatusCode::OK, ""))
 }
 
@@ -579,7 +579,7 @@ where
 {
     let query = parts.uri.query();
     let refused = |status: StatusCode, why: String| {
-        tracing::info!(check = %check_id, status = status.as_u16(), "check update refused: {why}");
+        tracing::info!(check = ?check_id, status = status.as_u16(), "check update refused: {why}");
         text(status, why)
     };
     let token = match route::token(&parts.headers, query) {
@@ -637,7 +637,7 @@ where
     }
     match state.checks.update_ttl(&check_id, status, output) {
         Ok(()) => {
-            tracing::debug!(check = %check_id, service = %check.service_id, %status, "TTL check updated");
+            tracing::debug!(check = ?check_id, service = ?check.service_id, %status, "TTL check updated");
             Ok(text(StatusCode::OK, ""))
         }
         Err(e @ HealthError::NotTtl { .. }) => Err(refused(StatusCode::BAD_REQUEST, e.to_string())),
