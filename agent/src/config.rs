@@ -281,6 +281,11 @@ pub struct CheckConfig {
     /// start); `None`: critical until the first update.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<HealthStatus>,
+    /// Added through the local API (with the service, or to a service of
+    /// the file), not written in the file: its probes are the workload's
+    /// connections, not the agent's ([`crate::mark::of_workload`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub through_api: bool,
 }
 
 /// What a check probes.
@@ -370,22 +375,36 @@ impl AgentConfig {
         })?;
         let text = text + &crate::registered::as_toml(&registered.services);
         let config = Self::parse(&text, &file)?;
-        if registered.checks.is_empty() {
-            return Ok(config);
-        }
-        let merged =
-            crate::registered::merge_checks(&text, &config, &registered.checks).map_err(|e| {
-                ConfigError::Invalid {
+        let mut merged = if registered.checks.is_empty() {
+            config.clone()
+        } else {
+            let merged = crate::registered::merge_checks(&text, &config, &registered.checks)
+                .map_err(|e| ConfigError::Invalid {
                     file: file.clone(),
                     line: None,
                     field: "service.check".into(),
                     message: format!("checks added through the local API: {e}"),
-                }
-            })?;
-        Self::parse(
-            &merged,
-            &format!("{file} with the checks added through the local API"),
-        )
+                })?;
+            Self::parse(
+                &merged,
+                &format!("{file} with the checks added through the local API"),
+            )?
+        };
+        // The checks of services registered through the API, and those
+        // added after a file service's own (merge_checks appends them).
+        for service in &mut merged.services {
+            let registered_here = registered.services.iter().any(|r| r.id() == service.id);
+            let from_file = match registered_here {
+                true => 0,
+                false => (config.services.iter())
+                    .find(|s| s.id == service.id)
+                    .map_or(0, |s| s.checks.len()),
+            };
+            for check in service.checks.iter_mut().skip(from_file) {
+                check.through_api = true;
+            }
+        }
+        Ok(merged)
     }
 
     /// Parses and validates `text`; `file` names it in error messages.
@@ -909,6 +928,7 @@ fn check(field: &str, raw: &RawCheck, id: String) -> Result<CheckConfig, Invalid
         name,
         notes,
         status,
+        through_api: false,
     })
 }
 
@@ -1520,6 +1540,7 @@ data_dir = "/var/lib/weft-agent"
                 name: None,
                 notes: None,
                 status: None,
+                through_api: false,
             }
         );
         assert_eq!(

@@ -187,6 +187,12 @@ impl Workloads {
             }
             cgroups.insert(cgroup, id);
         }
+        crate::mark::set_workloads(
+            (config.services.iter())
+                .filter(|s| s.cgroup.is_some())
+                .map(|s| (s.id.clone(), ids[&s.id]))
+                .collect(),
+        );
         self.names = config
             .services
             .iter()

@@ -5,8 +5,17 @@
 //! agent marks every connection it opens (to instances, for health checks).
 //! Setting a mark needs CAP_NET_ADMIN, so no unprivileged process can forge
 //! one; marks do not cross hosts.
+//!
+//! What a workload asks the agent to connect to (a health check added
+//! through the local API) is not the agent's own connection: it carries the
+//! workload's own mark ([`of_workload`]), which inbound capture admits only
+//! to that workload's sockets, as it admits the workload reaching itself
+//! over loopback; a service without a cgroup gets no mark, and reaches no
+//! mesh workload at all.
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -23,13 +32,37 @@ pub fn get() -> u32 {
     MARK.load(Ordering::Relaxed)
 }
 
+/// The workload id of each local service with a cgroup, by service id.
+static WORKLOADS: Mutex<BTreeMap<String, u32>> = Mutex::new(BTreeMap::new());
+
+/// Sets the workload ids [`of_workload`] gives marks for.
+pub fn set_workloads(ids: BTreeMap<String, u32>) {
+    *WORKLOADS.lock().unwrap_or_else(|p| p.into_inner()) = ids;
+}
+
+/// The mark of a connection made for service `service_id`'s workload at
+/// its asking: the agent's mark with the workload's id (the workload's own
+/// mark), 0 when the service has no cgroup or no mark is set.
+pub fn of_workload(service_id: &str) -> u32 {
+    let mark = get();
+    let workloads = WORKLOADS.lock().unwrap_or_else(|p| p.into_inner());
+    match (mark, workloads.get(service_id)) {
+        (0, _) | (_, None) => 0,
+        (mark, Some(id)) => mark | id,
+    }
+}
+
 /// Connects to `addr` with the agent's mark, if one is set.
 pub async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    connect_with(addr, get()).await
+}
+
+/// Connects to `addr` with `mark` (0: none).
+pub async fn connect_with(addr: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    let mark = get();
     if mark != 0 {
         set_mark(&socket, mark)?;
     }

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use weft_tests::mesh::{wait_until, Mesh, MeshSpec, NodeA, NodeB, Output, Service};
+use weft_tests::mesh::{wait_until, Mesh, MeshSpec, NodeA, NodeB, Output, Service, AGENT_HTTP};
 use weft_tests::require_root;
 
 const API_URL: &str = "http://api.service.weft:8080/";
@@ -518,5 +518,92 @@ fn a_socket_reused_after_the_fast_path_keeps_no_mark() -> anyhow::Result<()> {
         let out = mesh.exec_as(NodeA, "web", &[&probe, "connect-reuse", &local, &victim])?;
         refused(&format!("a reused fast-path socket to {victim}"), &out)?;
     }
+    Ok(())
+}
+
+/// `PUT http://127.0.0.1:8500{path}` in node B with `token`: code and body.
+fn put_on_b(mesh: &Mesh, path: &str, token: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    let url = format!("http://{AGENT_HTTP}{path}");
+    let header = format!("X-Consul-Token: {token}");
+    let args = [
+        "-sS",
+        "-m",
+        "15",
+        "-X",
+        "PUT",
+        "-w",
+        "\n%{http_code}",
+        "-H",
+        &header,
+        "--data-binary",
+        body,
+        &url,
+    ];
+    let out = mesh.curl_raw(NodeB, &args)?;
+    ensure!(out.success(), "curl {url}: {}", out.describe());
+    let (body, code) =
+        (out.stdout.rsplit_once('\n')).with_context(|| format!("curl output {:?}", out.stdout))?;
+    Ok((code.trim().parse()?, body.to_string()))
+}
+
+/// Check `check_id` in node B's `/v1/agent/checks`, once it has run:
+/// status and output.
+fn check_result(mesh: &Mesh, token: &str, check_id: &str) -> anyhow::Result<(String, String)> {
+    let url = format!("http://{AGENT_HTTP}/v1/agent/checks");
+    let header = format!("X-Consul-Token: {token}");
+    wait_until(
+        Duration::from_secs(20),
+        &format!("check {check_id} run"),
+        || {
+            let out = mesh.curl_raw(NodeB, &["-sS", "-m", "5", "-H", &header, &url])?;
+            let checks: serde_json::Value = serde_json::from_str(&out.stdout)
+                .with_context(|| format!("agent checks: {}", out.describe()))?;
+            let check = &checks[check_id];
+            let (status, output) = (check["Status"].as_str(), check["Output"].as_str());
+            Ok(match (status, output) {
+                (Some(s), Some(o)) if !o.is_empty() => Some((s.to_string(), o.to_string())),
+                _ => None,
+            })
+        },
+    )
+    .map_err(|e| e.context(agent_logs(mesh)))
+}
+
+/// A health check is a connection the agent makes, and the agent's mark
+/// lets a connection past inbound capture. A check a workload adds through
+/// the local API (its token may write only its own service) is the
+/// workload's connection, not the agent's: aimed at another workload
+/// (api's port, which web's intentions may not even reach), it is refused
+/// in the kernel and the check is critical; aimed at the workload's own
+/// port it passes, as the workload reaching itself does.
+#[test]
+fn a_check_added_through_the_local_api_reaches_only_its_own_workload() -> anyhow::Result<()> {
+    require_root();
+    let mesh = start(spec())?;
+    let target = format!("http://{}:8080/healthz", mesh.ip(NodeB));
+    // evil: registered through node B's API, no cgroup of its own.
+    mesh.grant_agent_services(NodeB, &["evil"])?;
+    let evil = mesh.service_token(&["evil"])?;
+    let register = format!(
+        r#"{{"ID":"evil-1","Name":"evil","Port":9999,"Check":{{"HTTP":"{target}","Interval":"1s","Timeout":"1s"}}}}"#
+    );
+    let (code, body) = put_on_b(&mesh, "/v1/agent/service/register", &evil, &register)?;
+    ensure!(code == 200, "register evil-1: {code} {body}");
+    let (status, output) = check_result(&mesh, &evil, "service:evil-1")?;
+    ensure!(
+        status == "critical" && !output.contains("200"),
+        "evil's check reached api's workload: {status} {output}"
+    );
+
+    // api's own token adds the same check to api-1, whose workload (cgroup
+    // api) listens there: it passes.
+    let api = mesh.service_token(&["api"])?;
+    let own = format!(
+        r#"{{"Name":"own","CheckID":"api-own","ServiceID":"api-1","HTTP":"{target}","Interval":"1s","Timeout":"1s"}}"#
+    );
+    let (code, body) = put_on_b(&mesh, "/v1/agent/check/register", &api, &own)?;
+    ensure!(code == 200, "api's own check: {code} {body}");
+    let (status, output) = check_result(&mesh, &api, "api-own")?;
+    ensure!(status == "passing", "api's own check: {status} {output}");
     Ok(())
 }

@@ -18,20 +18,21 @@ use crate::config::CheckKind;
 /// The `User-Agent` of HTTP checks.
 pub const USER_AGENT: &str = concat!("weft-agent/", env!("CARGO_PKG_VERSION"), " health-check");
 
-/// Runs one probe of `kind` within `timeout`. TTL checks are not probed: `None`.
-pub async fn probe(kind: &CheckKind, timeout: Duration) -> Option<CheckResult> {
+/// Runs one probe of `kind` within `timeout`, its connections marked with
+/// `mark` (0: none; see [`crate::mark`]). TTL checks are not probed: `None`.
+pub async fn probe(kind: &CheckKind, timeout: Duration, mark: u32) -> Option<CheckResult> {
     let result = match kind {
-        CheckKind::Http { url } => tokio::time::timeout(timeout, http_get(url))
+        CheckKind::Http { url } => tokio::time::timeout(timeout, http_get(url, mark))
             .await
             .map(|r| http_result(url, r))
             .unwrap_or_else(|_| timeout_result(&format!("HTTP GET {url}"), timeout)),
-        CheckKind::Tcp { addr } => tokio::time::timeout(timeout, tcp_connect(addr))
+        CheckKind::Tcp { addr } => tokio::time::timeout(timeout, tcp_connect(addr, mark))
             .await
             .map(|r| tcp_result(addr, r))
             .unwrap_or_else(|_| timeout_result(&format!("TCP connect {addr}"), timeout)),
         CheckKind::Grpc { addr, service } => {
             let target = grpc_target(addr, service);
-            match tokio::time::timeout(timeout, grpc_check(addr, service)).await {
+            match tokio::time::timeout(timeout, grpc_check(addr, service, mark)).await {
                 Ok(Ok(status)) => grpc_result(&target, Ok(status)),
                 Ok(Err(e)) => grpc_result(&target, Err(e)),
                 Err(_) => timeout_result(&format!("gRPC health {target}"), timeout),
@@ -51,7 +52,7 @@ fn grpc_target(addr: &str, service: &str) -> String {
 }
 
 /// `GET url` over a fresh HTTP/1.1 connection; the response code.
-pub async fn http_get(url: &str) -> Result<StatusCode, String> {
+pub async fn http_get(url: &str, mark: u32) -> Result<StatusCode, String> {
     let uri: Uri = url.parse().map_err(|e| format!("invalid URL: {e}"))?;
     if uri.scheme_str() != Some("http") {
         return Err("only http:// URLs are supported".into());
@@ -65,7 +66,7 @@ pub async fn http_get(url: &str) -> Result<StatusCode, String> {
         .trim_start_matches('[')
         .trim_end_matches(']');
     let port = authority.port_u16().unwrap_or(80);
-    let stream = connect_marked(host, port)
+    let stream = connect_marked(host, port, mark)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
@@ -94,9 +95,9 @@ pub async fn http_get(url: &str) -> Result<StatusCode, String> {
 }
 
 /// Opens and closes a TCP connection to `addr` (`HOST:PORT`).
-pub async fn tcp_connect(addr: &str) -> Result<(), String> {
+pub async fn tcp_connect(addr: &str, mark: u32) -> Result<(), String> {
     let (host, port) = host_port(addr)?;
-    connect_marked(host, port)
+    connect_marked(host, port, mark)
         .await
         .map(drop)
         .map_err(|e| e.to_string())
@@ -112,19 +113,19 @@ fn host_port(addr: &str) -> Result<(&str, u16), String> {
         .ok_or_else(|| format!("{addr:?} is not HOST:PORT"))
 }
 
-/// Connects to the first address `host` resolves to, with the agent's
-/// socket mark, so that the check passes inbound capture as the agent's
-/// own connections do.
-async fn connect_marked(host: &str, port: u16) -> std::io::Result<TcpStream> {
+/// Connects to the first address `host` resolves to, with `mark`: the
+/// agent's, so that a check of the file passes inbound capture as the
+/// agent's own connections do; a workload's own for a check it added.
+async fn connect_marked(host: &str, port: u16, mark: u32) -> std::io::Result<TcpStream> {
     let addr = tokio::net::lookup_host((host, port))
         .await?
         .next()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
-    crate::mark::connect(addr).await
+    crate::mark::connect_with(addr, mark).await
 }
 
 /// `grpc.health.v1.Health/Check` for `service` at `addr`; the serving status name.
-pub async fn grpc_check(addr: &str, service: &str) -> Result<&'static str, String> {
+pub async fn grpc_check(addr: &str, service: &str, mark: u32) -> Result<&'static str, String> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| format!("invalid address: {e}"))?;
     let (host, port) = host_port(addr)?;
@@ -132,7 +133,7 @@ pub async fn grpc_check(addr: &str, service: &str) -> Result<&'static str, Strin
     let connector = tower::service_fn(move |_: http::Uri| {
         let host = host.clone();
         async move {
-            connect_marked(&host, port)
+            connect_marked(&host, port, mark)
                 .await
                 .map(hyper_util::rt::TokioIo::new)
         }

@@ -159,9 +159,11 @@ impl CheckRunner {
                     ttls.insert(i, state);
                 }
                 kind => {
+                    // A check the workload added probes as the workload.
+                    let asked_by = check.through_api.then(|| service_id.clone());
                     tasks.spawn(probe_loop(
                         i,
-                        kind.clone(),
+                        (kind.clone(), asked_by),
                         check.interval,
                         check.timeout,
                         events.clone(),
@@ -270,9 +272,11 @@ impl CheckRunner {
     }
 }
 
+/// Probes check `index` (`kind`, added through the local API by the
+/// workload of service `asked_by` when set) every `interval`.
 async fn probe_loop(
     index: usize,
-    kind: CheckKind,
+    (kind, asked_by): (CheckKind, Option<String>),
     interval: Duration,
     timeout: Duration,
     events: mpsc::UnboundedSender<Event>,
@@ -281,7 +285,12 @@ async fn probe_loop(
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let Some(result) = probe(&kind, timeout).await else {
+        // Read at each probe: the workload's id may come after the check.
+        let mark = match &asked_by {
+            Some(service_id) => crate::mark::of_workload(service_id),
+            None => crate::mark::get(),
+        };
+        let Some(result) = probe(&kind, timeout, mark).await else {
             return;
         };
         if events.send(Event::Result(index, result)).is_err() {

@@ -66,6 +66,7 @@ fn check(id: &str, kind: CheckKind) -> CheckConfig {
         name: None,
         notes: None,
         status: None,
+        through_api: false,
     }
 }
 

@@ -30,6 +30,7 @@ fn check(kind: CheckKind, interval_ms: u64, timeout_ms: u64) -> CheckConfig {
         name: None,
         notes: None,
         status: None,
+        through_api: false,
     }
 }
 
@@ -318,6 +319,7 @@ async fn ttl_check_with_an_initial_status_starts_there_and_expires() {
     let checks = HealthChecks::new(tx);
     let ttl = CheckConfig {
         status: Some(HealthStatus::Passing),
+        through_api: false,
         ..ttl_check("service:worker-2", 300)
     };
     checks.add("worker-2", "worker", vec![ttl]);
