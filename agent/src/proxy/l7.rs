@@ -371,8 +371,6 @@ struct Judge {
     /// `datacenter`): routing starts there.
     datacenter: Option<String>,
     protocol: Protocol,
-    /// An L7 intention decides: judge each request here.
-    judge_requests: bool,
     forward: Forward,
     /// The caller's address, for `SourceIP` hash policies.
     peer: Option<IpAddr>,
@@ -421,21 +419,22 @@ impl Judge {
         }
         let websocket = hop_headers::strip(request.headers_mut());
         let facts = policy_request(&request);
-        if self.judge_requests {
-            let decision = self.ctx.view.load().decide(
-                self.ctx.caller(&self.source),
-                &self.destination,
-                Some(&facts),
-            );
-            if !decision.allowed {
-                let (src, dst) = &self.labels;
-                (self.ctx.metrics).denied(self.side(), src, dst);
-                tracing::info!(source = %self.source, destination = %self.destination,
-                    method = %facts.method, path = %facts.path, "request refused: {decision}");
-                // Which intention and permission decided is the
-                // operator's to know (logged above), not the caller's.
-                return plain(StatusCode::FORBIDDEN, ACCESS_DENIED.into());
-            }
+        // Every request, also where an L4 intention allowed the connection
+        // when it opened: a deny (or an L7 intention) written since applies
+        // from the connection's next request on.
+        let decision = self.ctx.view.load().decide(
+            self.ctx.caller(&self.source),
+            &self.destination,
+            Some(&facts),
+        );
+        if !decision.allowed {
+            let (src, dst) = &self.labels;
+            (self.ctx.metrics).denied(self.side(), src, dst);
+            tracing::info!(source = %self.source, destination = %self.destination,
+                method = %facts.method, path = %facts.path, "request refused: {decision}");
+            // Which intention and permission decided is the
+            // operator's to know (logged above), not the caller's.
+            return plain(StatusCode::FORBIDDEN, ACCESS_DENIED.into());
         }
         // An upgrade (WebSocket): once the instance answers 101, both
         // connections are handed over and their bytes copied both ways.
@@ -905,7 +904,6 @@ where
         destination,
         datacenter: None,
         protocol,
-        judge_requests: true,
         forward: Forward::Instance(upstream),
         peer: None,
         labels,
@@ -913,16 +911,14 @@ where
     serve(downstream, judge).await
 }
 
-/// Serves `downstream` as HTTP of `protocol`, routing every request from
-/// `source` to `destination` on its own; `judge_requests` when an L7
-/// intention decides the pair.
+/// Serves `downstream` as HTTP of `protocol`, judging and routing every
+/// request from `source` to `destination` on its own.
 pub async fn serve_routed<D>(
     ctx: Arc<ProxyContext>,
     downstream: D,
     protocol: Protocol,
     source: String,
     (destination, datacenter): (String, Option<String>),
-    judge_requests: bool,
     peer: Option<IpAddr>,
 ) -> Result<(), L7Error>
 where
@@ -941,7 +937,6 @@ where
         destination,
         datacenter,
         protocol,
-        judge_requests,
         forward: Forward::Routed(Default::default()),
         peer,
         labels,

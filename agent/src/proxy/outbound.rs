@@ -116,7 +116,7 @@ pub async fn carry(
             ctx.metrics.denied(Side::Outbound, source, &label);
             Err(refused(OutboundError::Denied(reason), client))
         }
-        Plan::Requests { judge, protocol } => {
+        Plan::Requests { protocol, .. } => {
             // Every HTTP service is served per request at the source:
             // balanced request by request, retried and watched for 5xx by
             // its resolver's and router's rules (or their defaults), as
@@ -127,7 +127,7 @@ pub async fn carry(
             let (src, dst) = (source.to_string(), destination.to_string());
             let dst = (dst, datacenter.map(str::to_string));
             let served =
-                l7::serve_routed(ctx.clone(), client, protocol, src, dst, judge, Some(peer)).await;
+                l7::serve_routed(ctx.clone(), client, protocol, src, dst, Some(peer)).await;
             if let Err(e) = served {
                 tracing::debug!("L7 connection ended: {e}");
             }

@@ -4,9 +4,8 @@
 //! here; the I/O around the answer lives in [`super::outbound`],
 //! [`super::inbound`], [`super::l7`] and [`super::upstream`].
 //!
-//! - [`connection`]: refused, bytes to one instance, or HTTP served request
-//!   by request (and judged request by request where an L7 intention
-//!   decides).
+//! - [`connection`]: refused, bytes to one instance, or HTTP served and
+//!   judged request by request.
 //! - [`answering`]: the policy gate for a service that answers in place of
 //!   the one dialed (a resolver's redirect or failover).
 //! - [`candidates`] and [`route`]: which instances a connection may go to,
@@ -33,9 +32,10 @@ pub enum Plan {
     Deny(String),
     /// Bytes, as they come, to one instance.
     Bytes,
-    /// An HTTP service's requests, one by one, in its `protocol`; each
-    /// judged by the intentions when `judge` (an L7 intention decides for
-    /// the pair).
+    /// An HTTP service's requests, one by one, in its `protocol`. The
+    /// source's agent judges each against the view of its moment; `judge`:
+    /// an L7 intention decides for the pair, so the destination's agent
+    /// serves and judges them too (otherwise it carries their bytes).
     Requests { judge: bool, protocol: Protocol },
 }
 

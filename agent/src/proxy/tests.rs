@@ -30,6 +30,11 @@ fn spiffe(kind: &str, name: &str) -> String {
 /// The view both agents start from: nodes a and b, api's instance at
 /// `api` on b, and web -> api `action` (default deny).
 fn view(ca: &TestCa, api: SocketAddr, action: &str) -> View {
+    view_with(ca, api, action, Vec::new())
+}
+
+/// [`view`] with config `entries`.
+fn view_with(ca: &TestCa, api: SocketAddr, action: &str, entries: Vec<proto::ConfigEntry>) -> View {
     let node = |name: &str, address: &str| proto::Node {
         name: name.into(),
         address: address.into(),
@@ -57,6 +62,7 @@ fn view(ca: &TestCa, api: SocketAddr, action: &str) -> View {
             trust_domain: TD.into(),
             roots_pem: vec![ca.pem.clone()],
         }),
+        config_entries: entries,
         ..Default::default()
     };
     let mut v = View::default();
@@ -202,4 +208,92 @@ async fn the_destinations_agent_refuses_what_its_view_denies() {
     assert!(call(upstream, b"again").await.is_err());
     assert_eq!(peers.lock().unwrap().len(), 1, "a denied call left node a");
     echo.abort();
+}
+
+/// api as an HTTP service (`service-defaults`).
+fn api_is_http() -> Vec<proto::ConfigEntry> {
+    let json = r#"{"Kind":"service-defaults","Name":"api","Protocol":"http"}"#;
+    vec![proto::ConfigEntry {
+        kind: "service-defaults".into(),
+        name: "api".into(),
+        json: json.into(),
+        ..Default::default()
+    }]
+}
+
+/// An HTTP/1.1 server at 127.0.0.2 answering every request on a kept-alive
+/// connection with 200 `ok`.
+async fn http_on_b() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = tcp.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+                        if tcp.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Sends one GET on `tcp` and reads its answer's status line (the body is
+/// at most the 3 bytes `ok\n` or a short refusal, read with the head).
+async fn get(tcp: &mut TcpStream) -> String {
+    let exchange = async {
+        tcp.write_all(b"GET /x HTTP/1.1\r\nHost: api\r\n\r\n")
+            .await?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tcp.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        std::io::Result::Ok(
+            String::from_utf8_lossy(&got)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        )
+    };
+    tokio::time::timeout(LIMIT, exchange)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// A deny written while an HTTP connection is open applies to its next
+/// request: the connection opened under an L4 allow, which needs no
+/// per-request rule, but the source's agent judges every request against
+/// the view of its moment.
+#[tokio::test]
+async fn a_deny_applies_to_the_next_request_on_an_open_http_connection() {
+    let ca = TestCa::new("test CA");
+    let (api, server) = http_on_b().await;
+    let (_b, b_inbound, _) = node_b(&ca, view_with(&ca, api, "allow", api_is_http())).await;
+    let (a, upstream) = node_a(&ca, b_inbound, view_with(&ca, api, "allow", api_is_http())).await;
+    let mut tcp = TcpStream::connect(upstream).await.unwrap();
+    assert_eq!(get(&mut tcp).await, "HTTP/1.1 200 OK");
+    a.ctx
+        .view
+        .publish(&mut view_with(&ca, api, "deny", api_is_http()));
+    assert_eq!(get(&mut tcp).await, "HTTP/1.1 403 Forbidden");
+    server.abort();
 }
