@@ -72,20 +72,27 @@ pub enum L7Error {
 /// that are not UTF-8 are matched in their lossy form) and the query's
 /// parameters, decoded.
 pub fn policy_request<B>(request: &Request<B>) -> PolicyRequest {
+    let mut headers: Vec<(String, String)> = (request.headers().iter())
+        .map(|(name, value)| {
+            (
+                name.as_str().to_string(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    // HTTP/2 names the host in `:authority` and usually sends no `Host`:
+    // rules on `host` see it all the same.
+    if let (Some(authority), false) = (
+        request.uri().authority(),
+        request.headers().contains_key(http::header::HOST),
+    ) {
+        headers.push(("host".into(), authority.as_str().into()));
+    }
     PolicyRequest {
         query: weft_api::http_match::parse_query(request.uri().query().unwrap_or("")),
         method: request.method().as_str().to_ascii_uppercase(),
         path: request.uri().path().to_string(),
-        headers: request
-            .headers()
-            .iter()
-            .map(|(name, value)| {
-                (
-                    name.as_str().to_string(),
-                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
+        headers,
     }
 }
 
@@ -347,6 +354,24 @@ fn is_refused_stream(e: &hyper::Error) -> bool {
     false
 }
 
+/// Makes an HTTP/1 `request`'s `Host` its target's authority when the
+/// target is in absolute form: a proxy uses the target's authority and
+/// ignores a `Host` that differs (RFC 9112 3.2.2), so that rules on `host`
+/// and the instance see the same name. (HTTP/2's `:authority` is the
+/// target's authority; [`policy_request`] shows it as `host`.)
+fn host_from_authority<B>(request: &mut Request<B>) -> Result<(), String> {
+    if request.version() >= http::Version::HTTP_2 {
+        return Ok(());
+    }
+    let Some(authority) = request.uri().authority() else {
+        return Ok(());
+    };
+    let value = http::HeaderValue::from_str(authority.as_str())
+        .map_err(|e| format!("authority {:?}: {e}", authority.as_str()))?;
+    request.headers_mut().insert(http::header::HOST, value);
+    Ok(())
+}
+
 /// `uri` with its path replaced by `path` (the query kept).
 fn with_path(uri: &http::Uri, path: &str) -> Result<http::Uri, http::Error> {
     let path_and_query = match uri.query() {
@@ -418,6 +443,9 @@ impl Judge {
             }
         }
         let websocket = hop_headers::strip(request.headers_mut());
+        if let Err(e) = host_from_authority(&mut request) {
+            return plain(StatusCode::BAD_REQUEST, format!("{e}\n"));
+        }
         let facts = policy_request(&request);
         // Every request, also where an L4 intention allowed the connection
         // when it opened: a deny (or an L7 intention) written since applies
@@ -1003,6 +1031,43 @@ mod tests {
     }
 
     #[test]
+    fn the_targets_authority_is_the_host_rules_see() {
+        let host = |r: &Request<()>| {
+            (r.headers().get_all(http::header::HOST).iter())
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        // HTTP/1.1 absolute form naming one host, Host another.
+        let mut absolute = Request::builder()
+            .uri("http://admin.internal/x")
+            .header("host", "public")
+            .body(())
+            .unwrap();
+        host_from_authority(&mut absolute).unwrap();
+        assert_eq!(host(&absolute), ["admin.internal"]);
+        // HTTP/2: `:authority`, no Host; the request stays as it is.
+        let mut h2 = Request::builder()
+            .uri("https://admin.internal:8443/x")
+            .version(http::Version::HTTP_2)
+            .body(())
+            .unwrap();
+        host_from_authority(&mut h2).unwrap();
+        assert!(host(&h2).is_empty());
+        let facts = policy_request(&h2);
+        assert!(facts
+            .headers
+            .contains(&("host".to_string(), "admin.internal:8443".to_string())));
+        // Origin form: Host stays as it came.
+        let mut origin = Request::builder()
+            .uri("/x")
+            .header("host", "public")
+            .body(())
+            .unwrap();
+        host_from_authority(&mut origin).unwrap();
+        assert_eq!(host(&origin), ["public"]);
+    }
+
+    #[test]
     fn policy_request_takes_method_path_and_headers() {
         let request = Request::builder()
             .method("get")
@@ -1021,6 +1086,7 @@ mod tests {
                 ("x-user".to_string(), "alice".to_string()),
                 ("x-user".to_string(), "bob".to_string()),
                 ("x-raw".to_string(), "\u{fffd}\u{fffd}".to_string()),
+                ("host".to_string(), "api:8080".to_string()),
             ]
         );
     }
