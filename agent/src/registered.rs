@@ -184,7 +184,36 @@ impl RegisteredService {
         let bad = |e: &dyn std::fmt::Display| RegisteredError::Body(e.to_string());
         let mut doc: serde_json::Value = serde_json::from_slice(body).map_err(|e| bad(&e))?;
         weft_api::consul_keys::normalize(&mut doc, &REGISTRATION_KEYS).map_err(|e| bad(&e))?;
-        serde_json::from_value(doc).map_err(|e| bad(&e))
+        let service: RegisteredService = serde_json::from_value(doc).map_err(|e| bad(&e))?;
+        service.check_ids_are_its_own()?;
+        Ok(service)
+    }
+
+    /// The agent names a service's checks `service:<id>` and
+    /// `service:<id>:<n>`: a registration may use those of its own id, not
+    /// another service's (which would shadow that service's checks, and
+    /// refuse its registration or the agent's file for the duplicate).
+    fn check_ids_are_its_own(&self) -> Result<(), RegisteredError> {
+        let own = format!("service:{}", self.id());
+        for id in (self.check.iter().chain(&self.checks)).filter_map(|c| c.check_id.as_deref()) {
+            let Some(rest) = id.strip_prefix(&own) else {
+                if id.starts_with("service:") {
+                    return Err(RegisteredError::Body(format!(
+                        "CheckID {id:?}: ids beginning with \"service:\" name the agent's checks of a service; this one is not {own:?}'s"
+                    )));
+                }
+                continue;
+            };
+            let numbered = rest
+                .strip_prefix(':')
+                .is_some_and(|n| n.parse::<u32>().is_ok());
+            if !rest.is_empty() && !numbered {
+                return Err(RegisteredError::Body(format!(
+                    "CheckID {id:?}: ids beginning with \"service:\" name the agent's checks of a service; this one is not {own:?}'s"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The service id (Consul: the name when there is no ID).
@@ -369,6 +398,34 @@ fn save_json<T: Serialize>(
 mod tests {
     use super::*;
     use crate::config::AgentConfig;
+
+    #[test]
+    fn a_registration_takes_no_other_services_check_ids() {
+        for id in [
+            "service:web-1",
+            "service:web-1:1",
+            "service:db-1x",
+            "service:db-1:x",
+        ] {
+            let body = format!(
+                r#"{{"ID":"db-1","Name":"db","Port":1,"Checks":[{{"CheckID":"{id}","TTL":"10s"}}]}}"#
+            );
+            let e = RegisteredService::from_json(body.as_bytes()).unwrap_err();
+            assert!(
+                e.to_string().contains("is not \"service:db-1\"'s"),
+                "{id}: {e}"
+            );
+        }
+        for id in ["service:db-1", "service:db-1:2", "beat"] {
+            let body = format!(
+                r#"{{"ID":"db-1","Name":"db","Port":1,"Check":{{"CheckID":"{id}","TTL":"10s"}}}}"#
+            );
+            assert!(
+                RegisteredService::from_json(body.as_bytes()).is_ok(),
+                "{id}"
+            );
+        }
+    }
 
     const BASE: &str = r#"
 node_name = "node-a"
