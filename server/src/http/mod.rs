@@ -302,13 +302,7 @@ async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, Ht
         form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
             .into_owned()
             .collect();
-    for (i, (k, _)) in query.iter().enumerate() {
-        if query[..i].iter().any(|(seen, _)| seen == k) {
-            return Err(HttpError::bad_request(format!(
-                "query parameter {k:?} is given more than once"
-            )));
-        }
-    }
+    once_each(&query)?;
     let (mut stale, mut consistent, mut index, mut wait, mut dc) = (false, false, None, None, None);
     let mut query = query;
     let mut refused = None;
@@ -513,6 +507,31 @@ pub async fn answer_forwarded(
     }
 }
 
+/// The most query parameters a request may have: no endpoint takes more
+/// than a handful.
+const MAX_QUERY_PARAMETERS: usize = 32;
+
+/// Refuses a query with more than [`MAX_QUERY_PARAMETERS`] parameters or
+/// one given twice (checked before any token is looked at: in time linear
+/// in the query).
+fn once_each(query: &[(String, String)]) -> Result<(), HttpError> {
+    if query.len() > MAX_QUERY_PARAMETERS {
+        return Err(HttpError::bad_request(format!(
+            "{} query parameters: at most {MAX_QUERY_PARAMETERS}",
+            query.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(query.len());
+    for (k, _) in query {
+        if !seen.insert(k.as_str()) {
+            return Err(HttpError::bad_request(format!(
+                "query parameter {k:?} is given more than once"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The [`Call`] of a forwarded request, checked as [`read_call`] checks a
 /// client's.
 fn forwarded_call(req: weft_api::proto::ForwardRequest) -> Result<Call, HttpError> {
@@ -531,12 +550,8 @@ fn forwarded_call(req: weft_api::proto::ForwardRequest) -> Result<Call, HttpErro
         ));
     }
     let query: Vec<(String, String)> = req.query.into_iter().map(|p| (p.name, p.value)).collect();
-    for (i, (k, _)) in query.iter().enumerate() {
-        if query[..i].iter().any(|(seen, _)| seen == k) {
-            return Err(HttpError::bad_request(format!(
-                "query parameter {k:?} is given more than once"
-            )));
-        }
+    once_each(&query)?;
+    for (k, _) in &query {
         // Read options come in their own fields.
         if matches!(k.as_str(), "dc" | "stale" | "consistent" | "index" | "wait") {
             return Err(HttpError::bad_request(format!(
@@ -586,20 +601,23 @@ async fn respond(node: &Arc<ServerNode>, call: Result<Call, HttpError>) -> Reply
     let (answer, index, token_valid) = match call {
         Ok(call) => {
             let answer = route(node, &call).await;
-            let index = (call.method == Method::GET).then(|| call.index());
-            // Looked up for reads only (the contact headers below).
-            let token_valid = index.is_some()
+            let read = call.method == Method::GET;
+            // Looked up for reads only (the index and contact headers below).
+            let token_valid = read
                 && call.secret.as_deref().is_some_and(|secret| {
                     let state = node.shared.state.read().expect("state lock");
                     state.acl.token_by_secret(secret).is_some()
                 });
+            // The index tells how fast the cluster writes: to known tokens
+            // only.
+            let index = token_valid.then(|| call.index());
             (answer, index, token_valid)
         }
         Err(e) => (Err(e), None, false),
     };
     let mut reply = answer.unwrap_or_else(|e| json(e.status, &e.message));
-    // Every read's answer, a 404 too, carries the index a blocking query
-    // waits on (as Consul's do).
+    // Every read's answer to a known token, a 404 too, carries the index a
+    // blocking query waits on (as Consul's do).
     if let Some(index) = index.filter(|i| *i > 0) {
         reply
             .headers_mut()
@@ -729,5 +747,32 @@ pub fn only(call: &Call, method: Method) -> Result<(), HttpError> {
         Ok(())
     } else {
         Err(HttpError::method_not_allowed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(keys: impl Iterator<Item = String>) -> Vec<(String, String)> {
+        keys.map(|k| (k, String::new())).collect()
+    }
+
+    #[test]
+    fn a_query_has_few_parameters_each_once() {
+        let fine = query((0..MAX_QUERY_PARAMETERS).map(|i| format!("k{i}")));
+        assert!(once_each(&fine).is_ok());
+        let twice = query(["index", "wait", "index"].map(String::from).into_iter());
+        let e = once_each(&twice).unwrap_err();
+        assert!(
+            e.to_string().contains("\"index\" is given more than once"),
+            "{e}"
+        );
+        // What a 64 KiB request target holds: about 18,000 distinct keys,
+        // which a pairwise check compared 10^8 times before any token was
+        // looked at. Refused by their count.
+        let flood = query((0..18_000).map(|i| format!("{i:x}")));
+        let e = once_each(&flood).unwrap_err();
+        assert!(e.to_string().contains("18000 query parameters"), "{e}");
     }
 }

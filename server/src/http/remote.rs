@@ -58,10 +58,11 @@ fn require_known(node: &ServerNode, dc: &str) -> Result<(), HttpError> {
 
 /// Forwards `call` to datacenter `dc`'s servers and gives back their answer.
 pub async fn forward(node: &Arc<ServerNode>, call: &Call, dc: &str) -> Answer {
-    require_known(node, dc)?;
     // Only for a token known here too (the primary's are everywhere): an
-    // unknown one is not worth a call across the WAN.
+    // unknown one is not worth a call across the WAN, and does not learn
+    // which datacenters there are.
     call.caller(node).await?;
+    require_known(node, dc)?;
     if !super::forwardable(&call.path) {
         return Err(HttpError::bad_request(format!(
             "?dc={dc}: {} is each datacenter's own; ask {dc}'s servers",
