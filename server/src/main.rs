@@ -24,6 +24,11 @@ const ELECTION: prevote::Timing = prevote::Timing {
     max: Duration::from_millis(800),
 };
 
+/// HTTP/2 streams one connection may have open at once on each of the
+/// server's ports (tonic leaves it unlimited): with the per-address
+/// connection limit, what one peer can make the server hold is bounded.
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -182,6 +187,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
         .max_encoding_message_size(MAX_RAFT_MESSAGE);
     let raft_server = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(raft_service)
         .serve_with_incoming(tls::incoming(
             raft_listener,
@@ -196,6 +202,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .await;
     let api = weft_server::grpc::services(node.clone());
     let api_server = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(weft_server::grpc::rpc_metrics::RpcMetricsLayer(
             node.metrics.clone(),
         ))
@@ -222,6 +229,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 
     if let Some(listener) = federation_listener {
         let federation_server = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .add_service(weft_api::proto::federation_server::FederationServer::new(
                 weft_server::federation::FederationService::new(
                     node.clone(),

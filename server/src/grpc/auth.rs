@@ -238,6 +238,49 @@ impl tonic::service::Interceptor for KnownToken {
     }
 }
 
+/// A tonic interceptor that refuses, from the headers alone, a request
+/// that carries no credential: neither a well-formed token nor a node
+/// certificate of this cluster. Nobody without one makes the server read
+/// and buffer a message (up to its decoding limit) only to be refused
+/// after it. A token this server does not know yet passes: the handler
+/// looks it up once more after a read barrier ([`caller`]).
+#[derive(Clone)]
+pub struct Credentialed(pub Arc<ServerNode>);
+
+impl tonic::service::Interceptor for Credentialed {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        credentialed(&req, || node_certificate(&self.0, &req).is_some())?;
+        Ok(req)
+    }
+}
+
+/// Whether `req` presents a well-formed token, or else a node certificate
+/// (`node_certificate`, asked only then).
+fn credentialed<T>(
+    req: &Request<T>,
+    node_certificate: impl FnOnce() -> bool,
+) -> Result<(), Status> {
+    if token_presented(req)?.is_some() || node_certificate() {
+        Ok(())
+    } else {
+        Err(Status::unauthenticated(
+            "no ACL token: pass one with --token or WEFT_TOKEN",
+        ))
+    }
+}
+
+/// The token a request presents: none when it has no `authorization`
+/// metadata; refused when it has one that is not `Bearer <token>` (it does
+/// not fall back to the connection's certificate).
+fn token_presented<T>(req: &Request<T>) -> Result<Option<&str>, Status> {
+    if req.metadata().get(TOKEN_METADATA).is_none() {
+        return Ok(None);
+    }
+    secret_of(req).map(Some).ok_or_else(|| {
+        Status::unauthenticated("the authorization metadata is not \"Bearer <token>\"")
+    })
+}
+
 /// Authenticates a request. A token this server does not know yet may have
 /// been created through another server a moment ago: it is looked up once
 /// more after a linearizable read barrier before it is refused (one such
@@ -250,7 +293,7 @@ pub async fn caller<T>(node: &ServerNode, req: &Request<T>) -> Result<Caller, St
 }
 
 async fn authenticate<T>(node: &ServerNode, req: &Request<T>) -> Result<Caller, Status> {
-    let Some(secret) = secret_of(req) else {
+    let Some(secret) = token_presented(req)? else {
         // No token: an agent's node certificate speaks for its node.
         if let Some(caller) = node_certificate(node, req) {
             return Ok(caller);
@@ -268,4 +311,44 @@ async fn authenticate<T>(node: &ServerNode, req: &Request<T>) -> Result<Caller, 
         }
     }
     Err(Status::unauthenticated("ACL token not found"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_authorization(value: Option<&str>) -> Request<()> {
+        let mut req = Request::new(());
+        if let Some(v) = value {
+            req.metadata_mut()
+                .insert(TOKEN_METADATA, v.parse().unwrap());
+        }
+        req
+    }
+
+    /// Without a token or a node certificate a request is refused from its
+    /// headers, before its message is read; a malformed token is refused
+    /// rather than read as no token (which would let the connection's
+    /// certificate speak instead); a token the server may not know yet
+    /// passes on to the handler's lookup.
+    #[test]
+    fn a_request_without_a_credential_is_refused_from_its_headers() {
+        let code = |r: Result<(), Status>| r.err().map(|s| s.code());
+        let unauthenticated = Some(tonic::Code::Unauthenticated);
+        assert_eq!(
+            code(credentialed(&with_authorization(None), || false)),
+            unauthenticated
+        );
+        assert_eq!(code(credentialed(&with_authorization(None), || true)), None);
+        for malformed in ["abc", "Basic abc", "Bearer ", "bearer abc"] {
+            let req = with_authorization(Some(malformed));
+            assert_eq!(
+                code(credentialed(&req, || true)),
+                unauthenticated,
+                "{malformed:?}"
+            );
+        }
+        let req = with_authorization(Some("Bearer made-up"));
+        assert_eq!(code(credentialed(&req, || false)), None);
+    }
 }

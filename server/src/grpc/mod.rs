@@ -107,43 +107,75 @@ pub(crate) async fn write(
     Ok(proto::WriteResult { index })
 }
 
+/// A service whose requests without any credential are refused from their
+/// headers ([`auth::Credentialed`]).
+pub type Credentialed<S> = tonic::service::interceptor::InterceptedService<S, auth::Credentialed>;
+
 /// Every API service of one server, ready to be added to a tonic router.
+/// All but ACL (whose bootstrap takes no token) refuse a request without a
+/// credential before reading its message.
 pub struct ApiServices {
-    pub catalog: proto::catalog_server::CatalogServer<catalog::CatalogApi>,
-    pub intentions: proto::intentions_server::IntentionsServer<intentions::IntentionsApi>,
-    pub config: proto::config_server::ConfigServer<config::ConfigApi>,
-    pub kv: proto::kv_server::KvServer<kv::KvApi>,
-    pub session: proto::session_server::SessionServer<session::SessionApi>,
+    pub catalog: Credentialed<proto::catalog_server::CatalogServer<catalog::CatalogApi>>,
+    pub intentions:
+        Credentialed<proto::intentions_server::IntentionsServer<intentions::IntentionsApi>>,
+    pub config: Credentialed<proto::config_server::ConfigServer<config::ConfigApi>>,
+    pub kv: Credentialed<proto::kv_server::KvServer<kv::KvApi>>,
+    pub session: Credentialed<proto::session_server::SessionServer<session::SessionApi>>,
     /// Snapshots are large: unknown tokens are refused from the headers,
     /// before a message is read.
     pub operator: tonic::service::interceptor::InterceptedService<
         proto::operator_server::OperatorServer<operator::OperatorApi>,
         auth::KnownToken,
     >,
-    pub watch: proto::watch_server::WatchServer<watch::WatchApi>,
-    pub ca: proto::ca_server::CaServer<ca::CaApi>,
+    pub watch: Credentialed<proto::watch_server::WatchServer<watch::WatchApi>>,
+    pub ca: Credentialed<proto::ca_server::CaServer<ca::CaApi>>,
     pub acl: proto::acl_server::AclServer<acl::AclApi>,
-    pub telemetry: proto::telemetry_server::TelemetryServer<telemetry::TelemetryApi>,
+    pub telemetry: Credentialed<proto::telemetry_server::TelemetryServer<telemetry::TelemetryApi>>,
 }
 
 pub fn services(node: Arc<ServerNode>) -> ApiServices {
+    let checked = || auth::Credentialed(node.clone());
     ApiServices {
-        catalog: proto::catalog_server::CatalogServer::new(catalog::CatalogApi(node.clone())),
-        intentions: proto::intentions_server::IntentionsServer::new(intentions::IntentionsApi(
-            node.clone(),
-        )),
-        config: proto::config_server::ConfigServer::new(config::ConfigApi(node.clone())),
-        kv: proto::kv_server::KvServer::new(kv::KvApi(node.clone())),
-        session: proto::session_server::SessionServer::new(session::SessionApi(node.clone())),
+        catalog: Credentialed::new(
+            proto::catalog_server::CatalogServer::new(catalog::CatalogApi(node.clone())),
+            checked(),
+        ),
+        intentions: Credentialed::new(
+            proto::intentions_server::IntentionsServer::new(intentions::IntentionsApi(
+                node.clone(),
+            )),
+            checked(),
+        ),
+        config: Credentialed::new(
+            proto::config_server::ConfigServer::new(config::ConfigApi(node.clone())),
+            checked(),
+        ),
+        kv: Credentialed::new(
+            proto::kv_server::KvServer::new(kv::KvApi(node.clone())),
+            checked(),
+        ),
+        session: Credentialed::new(
+            proto::session_server::SessionServer::new(session::SessionApi(node.clone())),
+            checked(),
+        ),
         operator: tonic::service::interceptor::InterceptedService::new(
             proto::operator_server::OperatorServer::new(operator::OperatorApi(node.clone()))
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
             auth::KnownToken(node.clone()),
         ),
-        watch: proto::watch_server::WatchServer::new(watch::WatchApi(node.clone())),
-        ca: proto::ca_server::CaServer::new(ca::CaApi(node.clone())),
+        watch: Credentialed::new(
+            proto::watch_server::WatchServer::new(watch::WatchApi(node.clone())),
+            checked(),
+        ),
+        ca: Credentialed::new(
+            proto::ca_server::CaServer::new(ca::CaApi(node.clone())),
+            checked(),
+        ),
         acl: proto::acl_server::AclServer::new(acl::AclApi(node.clone())),
-        telemetry: proto::telemetry_server::TelemetryServer::new(telemetry::TelemetryApi(node)),
+        telemetry: Credentialed::new(
+            proto::telemetry_server::TelemetryServer::new(telemetry::TelemetryApi(node.clone())),
+            checked(),
+        ),
     }
 }
