@@ -677,6 +677,10 @@ fn an_isolated_follower_returns_without_deposing_the_leader() -> anyhow::Result<
     let (_, before) = members_at(&cluster, leader)?;
     let term = before.iter().find(|m| m.0 == leader).context("leader")?.2;
     let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+    // The follower answers with the token only once it holds it (a read
+    // barrier otherwise): cut off before, it could never learn it, and
+    // would refuse the token it is asked with below.
+    members_at(&cluster, follower)?;
 
     cluster.isolate(follower);
     // Ten election timeouts and more cut off, while the other two go on
