@@ -230,8 +230,8 @@ fn a_rotation_reaches_watchers_with_both_roots() -> anyhow::Result<()> {
 /// An agent authenticates with its node's token, then with the node
 /// certificate it got with it: presented as the TLS client certificate
 /// without any token, the certificate is the node's identity (its node,
-/// read on services), nothing more; a service certificate counts for
-/// nothing.
+/// read on services), nothing more: it gets no certificate, not even its
+/// own renewal; a service certificate counts for nothing.
 #[test]
 fn a_node_certificate_authenticates_its_node_and_nothing_more() -> anyhow::Result<()> {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -285,6 +285,20 @@ fn a_node_certificate_authenticates_its_node_and_nothing_more() -> anyhow::Resul
         catalog.register_node(node("node-a")).await?;
         catalog.list_services(ReadOptions::default()).await?;
         let refused = catalog.register_node(node("node-b")).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        // Nor does it renew itself: a stolen node certificate would
+        // otherwise outlive the token an operator deleted.
+        let renewal = SignRequest {
+            csr_pem: CertificateParams::default()
+                .serialize_request(&key)?
+                .pem()?,
+            node: "node-a".into(),
+            service: String::new(),
+        };
+        let refused = CaClient::new(as_node.clone())
+            .sign(renewal)
+            .await
+            .unwrap_err();
         assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
         let refused = KvClient::new(as_node)
             .get(KvGetRequest {

@@ -436,6 +436,7 @@ mod tests {
             accessor: "a1".into(),
             authz: Authorizer::from_rules([&policy]),
             request: None,
+            by_certificate: false,
         }
     }
 

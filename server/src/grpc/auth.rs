@@ -25,6 +25,8 @@ pub struct Caller {
     /// The client's id of this request (`x-weft-request-id`): a write
     /// retried with it is applied once (see `state::sessions`).
     pub request: Option<String>,
+    /// Authenticated by a node certificate, not a token.
+    pub by_certificate: bool,
 }
 
 /// The metadata key that names a request for exactly-once writes.
@@ -149,6 +151,7 @@ pub fn resolve_in(state: &State, datacenter: &str, secret: &str) -> Option<Calle
         accessor: token.accessor_id.clone(),
         authz: state.acl.authorizer(token, datacenter),
         request: None,
+        by_certificate: false,
     })
 }
 
@@ -198,6 +201,7 @@ fn node_certificate<T>(node: &ServerNode, req: &Request<T>) -> Option<Caller> {
         accessor: format!("node certificate of {name}"),
         authz: Authorizer::from_rules([&weft_api::acl::node_identity_rules(name)]),
         request: None,
+        by_certificate: true,
     })
 }
 

@@ -85,6 +85,13 @@ impl Ca for CaApi {
     ) -> Result<Response<proto::SignedLeaf>, Status> {
         let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
+        if caller.by_certificate {
+            // A certificate that renewed itself would outlive the token an
+            // operator revokes: certificates come for tokens only.
+            return Err(Status::permission_denied(
+                "a node certificate does not get certificates: sign with the node's token",
+            ));
+        }
         if r.service.is_empty() {
             caller.require(Resource::Node(&r.node), Access::Write)?;
         } else {

@@ -520,6 +520,7 @@ mod tests {
             accessor: "t".into(),
             authz: Authorizer::from_rules([&parse_rules(rules).unwrap()]),
             request: None,
+            by_certificate: false,
         }
     }
 
