@@ -148,7 +148,7 @@ pub struct Call {
     /// See [`Call::index`].
     read_index: std::sync::atomic::AtomicU64,
     /// The share of the body budget this request's body holds.
-    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+    _budget: Option<BodyPermit>,
 }
 
 impl Call {
@@ -376,11 +376,14 @@ async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, Ht
         // A restore has a budget of its own (one at a time), so that other
         // writers' bodies cannot starve an operator's restore.
         let budget = if snapshot {
-            SNAPSHOT_BUDGET.clone().try_acquire_owned()
+            (SNAPSHOT_BUDGET.clone().try_acquire_owned().ok()).map(|permit| BodyPermit {
+                _permit: permit,
+                counted: None,
+            })
         } else {
-            BODY_BUDGET.clone().try_acquire_many_owned(kib(wanted))
+            body_permit(&caller.accessor, kib(wanted))
         };
-        let budget = budget.map_err(|_| {
+        let budget = budget.ok_or_else(|| {
             HttpError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many request bodies in flight: retry shortly",
@@ -453,7 +456,73 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Request bodies held at once, all connections together, in KiB (64 MiB):
 /// a write over it is refused with 503 until others are done.
 static BODY_BUDGET: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
-    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(64 * 1024)));
+    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET_KIB as usize)));
+const BODY_BUDGET_KIB: u32 = 64 * 1024;
+
+/// What one token's bodies may hold of [`BODY_BUDGET`] at once: an eighth,
+/// so that no one token (one that may write nothing at all included:
+/// rights are judged once the body is in) can hold every writer off by
+/// declaring large bodies and sending none.
+const PER_TOKEN_KIB: u32 = BODY_BUDGET_KIB / 8;
+
+/// Bodies of at most this many KiB (a session renewal, a check update, most
+/// KV writes) come out of [`SMALL_BODIES`] instead, which large ones
+/// cannot exhaust.
+const SMALL_BODY_KIB: u32 = 4;
+
+/// Small bodies held at once, in KiB (1 MiB).
+static SMALL_BODIES: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
+    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(1024)));
+
+/// KiB of [`BODY_BUDGET`] each token holds now, by accessor.
+static HELD_BY_TOKEN: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, u32>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// A body's place in the budgets, given back on drop.
+pub(crate) struct BodyPermit {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// The accessor and KiB counted in [`HELD_BY_TOKEN`].
+    counted: Option<(String, u32)>,
+}
+
+impl Drop for BodyPermit {
+    fn drop(&mut self) {
+        if let Some((accessor, kib)) = self.counted.take() {
+            let mut held = HELD_BY_TOKEN.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = held.get_mut(&accessor) {
+                *n = n.saturating_sub(kib);
+                if *n == 0 {
+                    held.remove(&accessor);
+                }
+            }
+        }
+    }
+}
+
+/// A place for a body of `kib` KiB from `accessor`: from the small bodies'
+/// budget, or from the shared one within the token's share. None when
+/// there is no room now.
+fn body_permit(accessor: &str, kib: u32) -> Option<BodyPermit> {
+    if kib <= SMALL_BODY_KIB {
+        let permit = SMALL_BODIES.clone().try_acquire_many_owned(kib).ok()?;
+        return Some(BodyPermit {
+            _permit: permit,
+            counted: None,
+        });
+    }
+    let mut held = HELD_BY_TOKEN.lock().unwrap_or_else(|p| p.into_inner());
+    let now = held.get(accessor).copied().unwrap_or(0);
+    if now + kib > PER_TOKEN_KIB {
+        return None;
+    }
+    let permit = BODY_BUDGET.clone().try_acquire_many_owned(kib).ok()?;
+    *held.entry(accessor.to_string()).or_insert(0) += kib;
+    Some(BodyPermit {
+        _permit: permit,
+        counted: Some((accessor.to_string(), kib)),
+    })
+}
 
 /// Snapshot bodies held at once: one.
 static SNAPSHOT_BUDGET: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
@@ -774,5 +843,27 @@ mod tests {
         let flood = query((0..18_000).map(|i| format!("{i:x}")));
         let e = once_each(&flood).unwrap_err();
         assert!(e.to_string().contains("18000 query parameters"), "{e}");
+    }
+
+    /// One token declaring large bodies and sending none holds at most its
+    /// share: another token still gets room, and small bodies (a session
+    /// renewal) come out of their own budget whatever large ones hold.
+    #[test]
+    fn no_one_token_holds_the_body_budget() {
+        let large = 2048;
+        let mut held = Vec::new();
+        while let Some(p) = body_permit("stalling", large) {
+            held.push(p);
+        }
+        assert_eq!(held.len() as u32, PER_TOKEN_KIB / large);
+        let other = body_permit("writer", large);
+        assert!(other.is_some(), "another token found no room");
+        let small = body_permit("stalling", 1);
+        assert!(small.is_some(), "a small body found no room");
+        drop(held);
+        assert!(
+            body_permit("stalling", large).is_some(),
+            "the share came back"
+        );
     }
 }
