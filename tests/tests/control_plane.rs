@@ -1063,3 +1063,71 @@ fn a_leader_back_in_contact_judges_no_node_by_the_silence_it_imposed() -> anyhow
     }
     Ok(())
 }
+
+/// One token (not a management one) holds at most 16 watch streams open on
+/// a server: each costs a snapshot of what the token may read, held while
+/// its client does not read. The 17th is refused; a stream whose client
+/// goes gives its place back; the management token is not limited.
+#[test]
+fn a_token_holds_a_bounded_number_of_watch_streams() -> anyhow::Result<()> {
+    const LIMIT: usize = 16;
+    let cluster = Cluster::start(1, &[])?;
+    let rules = r#"service_prefix "" { policy = "read" }"#;
+    cluster.cli(&[
+        "acl", "policy", "create", "--name", "reader", "--rules", rules,
+    ])?;
+    let out = cluster.cli(&[
+        "--format", "json", "acl", "token", "create", "--policy", "reader",
+    ])?;
+    let token: serde_json::Value = serde_json::from_str(&out)?;
+    let token = token["secret_id"]
+        .as_str()
+        .context("secret_id")?
+        .to_string();
+    let request = || WatchRequest {
+        from_index: 0,
+        include_kv: false,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let channel = cluster.channel_as(1, Some(&token)).await?;
+        let mut open = Vec::new();
+        for _ in 0..LIMIT {
+            open.push(
+                WatchClient::new(channel.clone())
+                    .subscribe(request())
+                    .await?,
+            );
+        }
+        let refused = WatchClient::new(channel.clone())
+            .subscribe(request())
+            .await
+            .err()
+            .context("a 17th watch stream of one token was opened")?;
+        anyhow::ensure!(
+            refused.code() == tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        drop(open.pop());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match WatchClient::new(channel.clone()).subscribe(request()).await {
+                Ok(stream) => break open.push(stream),
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => bail!("a closed stream's place did not come back: {e:?}"),
+            }
+        }
+        let management = cluster.channel(1).await?;
+        let mut operator = Vec::new();
+        for _ in 0..=LIMIT {
+            operator.push(
+                WatchClient::new(management.clone())
+                    .subscribe(request())
+                    .await?,
+            );
+        }
+        Ok(())
+    })
+}

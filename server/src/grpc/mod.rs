@@ -165,7 +165,10 @@ pub fn services(node: Arc<ServerNode>) -> ApiServices {
             auth::KnownToken(node.clone()),
         ),
         watch: Credentialed::new(
-            proto::watch_server::WatchServer::new(watch::WatchApi(node.clone())),
+            proto::watch_server::WatchServer::new(watch::WatchApi(
+                node.clone(),
+                watch::WatchSlots::default(),
+            )),
             checked(),
         ),
         ca: Credentialed::new(

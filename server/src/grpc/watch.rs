@@ -37,7 +37,51 @@ use crate::node::ServerNode;
 use crate::state::{Change, State};
 use crate::watch::HubEvent;
 
-pub struct WatchApi(pub Arc<ServerNode>);
+pub struct WatchApi(pub Arc<ServerNode>, pub WatchSlots);
+
+/// Watch streams one token (but a management token) may hold open on one
+/// server at once. An agent holds one; each stream costs a snapshot of
+/// what the token may read, held while its client does not read it.
+pub const WATCHES_PER_TOKEN: usize = 16;
+
+/// The watch streams each token holds open on this server, by accessor.
+#[derive(Clone, Default)]
+pub struct WatchSlots(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+
+/// One open watch stream of a token, given back on drop.
+pub struct WatchSlot {
+    slots: WatchSlots,
+    accessor: String,
+}
+
+impl WatchSlots {
+    /// A place for one more stream of `accessor`, unless it holds
+    /// [`WATCHES_PER_TOKEN`] already.
+    pub fn take(&self, accessor: &str) -> Option<WatchSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(accessor.to_string()).or_insert(0);
+        if *n >= WATCHES_PER_TOKEN {
+            return None;
+        }
+        *n += 1;
+        Some(WatchSlot {
+            slots: self.clone(),
+            accessor: accessor.to_string(),
+        })
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.accessor) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.accessor);
+            }
+        }
+    }
+}
 
 type EventSender = mpsc::Sender<Result<proto::WatchEvent, Status>>;
 
@@ -54,17 +98,24 @@ impl Watch for WatchApi {
         if !self.0.contact.in_contact() {
             return Err(out_of_contact(&self.0));
         }
+        let slot = match caller.authz.is_management() {
+            true => None,
+            false => Some(self.1.take(&caller.accessor).ok_or_else(|| {
+                Status::resource_exhausted(format!(
+                    "token {} holds {WATCHES_PER_TOKEN} watch streams on this server already",
+                    caller.accessor
+                ))
+            })?),
+        };
         let secret = secret_of(&req).unwrap_or_default().to_string();
         let r = req.into_inner();
+        let node = self.0.clone();
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(stream_changes(
-            self.0.clone(),
-            r.from_index,
-            r.include_kv,
-            tx,
-            caller,
-            secret,
-        ));
+        tokio::spawn(async move {
+            // Held for as long as the stream is served.
+            let _slot = slot;
+            stream_changes(node, r.from_index, r.include_kv, tx, caller, secret).await;
+        });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
