@@ -348,21 +348,6 @@ pub fn validate_http_match(field: &str, m: &HttpMatch) -> Result<(), HttpMatchEr
                     format!("{path:?} must start with '/'"),
                 ));
             }
-            // Requests are matched after normalization: a rule on a path no
-            // normalized request has would never match, and a deny on it
-            // would let every request through.
-            match crate::path::normalize_path(path) {
-                Ok(normal) if normal == path.as_str() => {}
-                Ok(normal) => {
-                    return Err(err(
-                        format!("{field}.{name}"),
-                        format!(
-                            "{path:?} is matched against normalized paths: write it as {normal:?}"
-                        ),
-                    ))
-                }
-                Err(e) => return Err(err(format!("{field}.{name}"), format!("{path:?}: {e}"))),
-            }
         }
     }
     if let Some(pattern) = &m.path_regex {
@@ -691,36 +676,6 @@ mod tests {
             .unwrap_err(),
             "HTTP.PathExact: \"\" must start with '/'"
         );
-        // Paths no normalized request has: a deny on them would never fire.
-        for (path, normal) in [
-            ("/files/%7euser", "/files/~user"),
-            ("/a//b", "/a/b"),
-            ("/x/../admin", "/admin"),
-            ("/%61dmin/", "/admin/"),
-        ] {
-            let e = v(HttpMatch {
-                path_prefix: Some(path.into()),
-                ..Default::default()
-            })
-            .unwrap_err();
-            assert!(e.contains(&format!("write it as {normal:?}")), "{e}");
-        }
-        let e = v(HttpMatch {
-            path_exact: Some("/a%2Fb".into()),
-            ..Default::default()
-        })
-        .unwrap_err();
-        assert!(
-            e.starts_with("HTTP.PathExact: \"/a%2Fb\": the path holds an encoded"),
-            "{e}"
-        );
-        for path in ["/", "/api/", "/a%3Fb", "/v1;x/"] {
-            let ok = v(HttpMatch {
-                path_prefix: Some(path.into()),
-                ..Default::default()
-            });
-            assert!(ok.is_ok(), "{path}: {ok:?}");
-        }
         let e = v(HttpMatch {
             path_regex: Some("(".into()),
             ..Default::default()
