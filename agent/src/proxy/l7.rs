@@ -354,18 +354,37 @@ fn is_refused_stream(e: &hyper::Error) -> bool {
     false
 }
 
-/// Makes an HTTP/1 `request`'s `Host` its target's authority when the
-/// target is in absolute form: a proxy uses the target's authority and
-/// ignores a `Host` that differs (RFC 9112 3.2.2), so that rules on `host`
-/// and the instance see the same name. (HTTP/2's `:authority` is the
-/// target's authority; [`policy_request`] shows it as `host`.)
+/// One host for `request`, the one rules and the instance see: an HTTP/1
+/// request in absolute form takes its target's authority as `Host` (a
+/// proxy ignores a `Host` that differs, RFC 9112 3.2.2); an HTTP/2
+/// request's `Host`, if any, must be its `:authority` (RFC 9113 8.3.1;
+/// [`policy_request`] shows `:authority` as `host`). Refused: more than one
+/// `Host`, and an authority with user information (`u@admin.internal`,
+/// which a rule on `admin.internal` does not match and servers read as
+/// that host).
 fn host_from_authority<B>(request: &mut Request<B>) -> Result<(), String> {
-    if request.version() >= http::Version::HTTP_2 {
-        return Ok(());
+    if request.headers().get_all(http::header::HOST).iter().count() > 1 {
+        return Err("the request has more than one Host".into());
     }
     let Some(authority) = request.uri().authority() else {
         return Ok(());
     };
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "the request's authority {:?} holds user information, which is refused",
+            authority.as_str()
+        ));
+    }
+    if request.version() >= http::Version::HTTP_2 {
+        let host = request.headers().get(http::header::HOST);
+        if host.is_some_and(|h| {
+            !h.as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        }) {
+            return Err("the request's Host differs from its :authority".into());
+        }
+        return Ok(());
+    }
     let value = http::HeaderValue::from_str(authority.as_str())
         .map_err(|e| format!("authority {:?}: {e}", authority.as_str()))?;
     request.headers_mut().insert(http::header::HOST, value);
@@ -1057,6 +1076,28 @@ mod tests {
         assert!(facts
             .headers
             .contains(&("host".to_string(), "admin.internal:8443".to_string())));
+        // HTTP/2 with a Host that is not its :authority, two Hosts, user
+        // information: refused.
+        let mut two = Request::builder()
+            .uri("https://admin.internal/x")
+            .version(http::Version::HTTP_2)
+            .header("host", "public")
+            .body(())
+            .unwrap();
+        assert!(host_from_authority(&mut two).is_err());
+        let mut hosts = Request::builder()
+            .uri("/x")
+            .header("host", "public")
+            .header("host", "admin.internal")
+            .body(())
+            .unwrap();
+        assert!(host_from_authority(&mut hosts).is_err());
+        let mut userinfo = Request::builder()
+            .uri("http://u@admin.internal/x")
+            .header("host", "u@admin.internal")
+            .body(())
+            .unwrap();
+        assert!(host_from_authority(&mut userinfo).is_err());
         // Origin form: Host stays as it came.
         let mut origin = Request::builder()
             .uri("/x")
