@@ -44,10 +44,10 @@ pub const DIAL_ATTEMPTS: usize = 3;
 pub const MAX_CONNECTIONS: usize = 8_192;
 /// Connections one client address may hold at once on a listener.
 pub const MAX_PER_CLIENT: usize = 256;
-/// How long a connection lasts once one side closed: what a gateway
-/// carries is TLS, whose ends close together, and a client that keeps a
-/// connection open after the next hop left it (a hop that refused its
-/// handshake) must not hold its place for good.
+/// How long a connection may stay silent once one side closed: what a
+/// gateway carries is TLS, whose ends close together, and a client that
+/// keeps a connection open after the next hop left it (a hop that refused
+/// its handshake) must not hold its place for good.
 pub const HALF_CLOSED_LIMIT: Duration = Duration::from_secs(30);
 
 /// Which listener a connection arrived on.

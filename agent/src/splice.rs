@@ -17,7 +17,7 @@
 //! end, everything read is written and flushed and the other side's write
 //! half is shut down; the other direction keeps going until its own end.
 //! The first error of either direction ends the splice with that error.
-//! A splice may bound how long a half-closed connection lasts
+//! A splice may bound how long a half-closed connection stays silent
 //! ([`Splice::half_closed_limit`]): the gateway's, whose clients need no
 //! credentials, so that a client that never closes cannot hold a
 //! connection whose other side is gone.
@@ -143,11 +143,12 @@ pub struct Splice<'a, A: ?Sized, B: ?Sized> {
     half_closed: Option<HalfClosed>,
 }
 
-/// How long one direction may go on once the other has ended, and the
-/// timer started when it did.
+/// How long the direction left may go without carrying a byte once the
+/// other has ended; the timer, and the bytes carried when it was armed.
 struct HalfClosed {
     limit: Duration,
     timer: Option<Pin<Box<Sleep>>>,
+    carried: u64,
 }
 
 impl<'a, A, B> Splice<'a, A, B>
@@ -168,10 +169,15 @@ where
         }
     }
 
-    /// Once one direction has ended, the other has `limit` to end too;
-    /// then the splice ends with a `TimedOut` error.
+    /// Once one direction has ended, the other may go on while it carries
+    /// data; `limit` without a byte ends the splice with a `TimedOut`
+    /// error.
     pub fn half_closed_limit(mut self, limit: Duration) -> Self {
-        self.half_closed = Some(HalfClosed { limit, timer: None });
+        self.half_closed = Some(HalfClosed {
+            limit,
+            timer: None,
+            carried: 0,
+        });
         self
     }
 }
@@ -195,11 +201,17 @@ where
         if let Some(half) = &mut this.half_closed {
             if a_to_b.is_ready() != b_to_a.is_ready() {
                 let limit = half.limit;
+                let carried = this.a_to_b.carried + this.b_to_a.carried;
+                if carried != half.carried {
+                    // Data still moves: the silence starts again.
+                    half.carried = carried;
+                    half.timer = None;
+                }
                 let timer = (half.timer).get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
                 if timer.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        format!("one side closed and the other did not within {limit:?}"),
+                        format!("one side closed and the other carried nothing for {limit:?}"),
                     )));
                 }
             }

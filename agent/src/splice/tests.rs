@@ -396,8 +396,9 @@ async fn many_idle_splices_hold_no_buffers() {
 
 /// With a half-closed limit, a connection whose one side closed and whose
 /// other side stays open and silent ends once the limit passes (a gateway's
-/// client holding a connection its upstream left); a half-close that is
-/// answered in time ends as always; without a limit it is kept.
+/// client holding a connection its upstream left); one whose other side
+/// still sends goes on; a half-close that is answered in time ends as
+/// always; without a limit it is kept.
 #[tokio::test(start_paused = true)]
 async fn a_half_closed_limit_ends_a_connection_the_other_side_keeps_open() {
     let run = |limit: Option<Duration>| {
@@ -421,6 +422,22 @@ async fn a_half_closed_limit_ends_a_connection_the_other_side_keeps_open() {
     assert_eq!(ended.kind(), io::ErrorKind::TimedOut, "{ended}");
     assert!(started.elapsed() >= limit, "{:?}", started.elapsed());
     drop(client);
+
+    // The upstream closes; the client goes on sending for three limits,
+    // then stops: the splice ends a limit after its last byte.
+    let (mut client, mut server, task) = run(Some(limit));
+    server.shutdown().await.unwrap();
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < limit * 3 {
+        client.write_all(b"x").await.unwrap();
+        let mut byte = [0u8; 1];
+        server.read_exact(&mut byte).await.unwrap();
+        tokio::time::sleep(limit / 2).await;
+    }
+    assert!(!task.is_finished(), "cut while data moved");
+    let ended = bounded(task).await.unwrap().unwrap_err();
+    assert_eq!(ended.kind(), io::ErrorKind::TimedOut, "{ended}");
+    drop((client, server));
 
     // Both close within the limit: the splice ends as it always does.
     let (mut client, mut server, task) = run(Some(limit));
