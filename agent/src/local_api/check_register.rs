@@ -405,7 +405,7 @@ pub(super) async fn deregister(state: &LocalApiState, parts: &Parts, check_id: S
     service.checks = checks;
     // The same registration with its checks changed: only if it is still
     // of the service the caller may write.
-    let name = service.name.clone();
+    let name = info.service_name.clone();
     let done = registrar
         .register(service, Some(name))
         .await
