@@ -372,7 +372,10 @@ async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, Ht
         if snapshot {
             caller.require_management()?;
         }
-        let wanted = declared.map_or(max_body, |n| n as usize);
+        // What the client says it sends (a request with neither length nor
+        // chunks has no body: hyper knows it as exactly 0).
+        let exact = hyper::body::Body::size_hint(&body).exact();
+        let wanted = declared.or(exact).map_or(max_body, |n| n as usize);
         // A restore has a budget of its own (one at a time), so that other
         // writers' bodies cannot starve an operator's restore.
         let budget = if snapshot {
@@ -381,7 +384,7 @@ async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, Ht
                 counted: None,
             })
         } else {
-            body_permit(&caller.accessor, kib(wanted))
+            body_permit(&caller.accessor, wanted)
         };
         let budget = budget.ok_or_else(|| {
             HttpError::new(
@@ -465,62 +468,64 @@ const BODY_BUDGET_KIB: u32 = 64 * 1024;
 /// declaring large bodies and sending none.
 const PER_TOKEN_KIB: u32 = BODY_BUDGET_KIB / 8;
 
-/// Bodies of at most this many KiB (a session renewal, a check update, most
-/// KV writes) come out of [`SMALL_BODIES`] instead, which large ones
+/// Bodies of at most this many bytes (a session renewal, a check update,
+/// most KV writes) come out of [`SMALL_BODIES`] instead, which large ones
 /// cannot exhaust.
-const SMALL_BODY_KIB: u32 = 4;
+const SMALL_BODY_BYTES: usize = 4 * 1024;
 
-/// Small bodies held at once, in KiB (1 MiB).
+/// Small bodies held at once, in KiB (1 MiB), of which one token holds at
+/// most an eighth too.
 static SMALL_BODIES: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
-    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(1024)));
+    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(SMALL_BODIES_KIB as usize)));
+const SMALL_BODIES_KIB: u32 = 1024;
 
-/// KiB of [`BODY_BUDGET`] each token holds now, by accessor.
+/// KiB each token holds now, by (small budget or not, accessor).
 static HELD_BY_TOKEN: std::sync::LazyLock<
-    std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    std::sync::Mutex<std::collections::HashMap<(bool, String), u32>>,
 > = std::sync::LazyLock::new(Default::default);
 
 /// A body's place in the budgets, given back on drop.
 pub(crate) struct BodyPermit {
     _permit: tokio::sync::OwnedSemaphorePermit,
-    /// The accessor and KiB counted in [`HELD_BY_TOKEN`].
-    counted: Option<(String, u32)>,
+    /// The key and KiB counted in [`HELD_BY_TOKEN`].
+    counted: Option<((bool, String), u32)>,
 }
 
 impl Drop for BodyPermit {
     fn drop(&mut self) {
-        if let Some((accessor, kib)) = self.counted.take() {
+        if let Some((key, kib)) = self.counted.take() {
             let mut held = HELD_BY_TOKEN.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(n) = held.get_mut(&accessor) {
+            if let Some(n) = held.get_mut(&key) {
                 *n = n.saturating_sub(kib);
                 if *n == 0 {
-                    held.remove(&accessor);
+                    held.remove(&key);
                 }
             }
         }
     }
 }
 
-/// A place for a body of `kib` KiB from `accessor`: from the small bodies'
-/// budget, or from the shared one within the token's share. None when
+/// A place for a body of `bytes` from `accessor`: from the small bodies'
+/// budget or the shared one, within the token's share of it. None when
 /// there is no room now.
-fn body_permit(accessor: &str, kib: u32) -> Option<BodyPermit> {
-    if kib <= SMALL_BODY_KIB {
-        let permit = SMALL_BODIES.clone().try_acquire_many_owned(kib).ok()?;
-        return Some(BodyPermit {
-            _permit: permit,
-            counted: None,
-        });
-    }
+fn body_permit(accessor: &str, bytes: usize) -> Option<BodyPermit> {
+    let small = bytes <= SMALL_BODY_BYTES;
+    let (pool, share) = match small {
+        true => (&SMALL_BODIES, SMALL_BODIES_KIB / 8),
+        false => (&BODY_BUDGET, PER_TOKEN_KIB),
+    };
+    let kib = kib(bytes);
+    let key = (small, accessor.to_string());
     let mut held = HELD_BY_TOKEN.lock().unwrap_or_else(|p| p.into_inner());
-    let now = held.get(accessor).copied().unwrap_or(0);
-    if now + kib > PER_TOKEN_KIB {
+    let now = held.get(&key).copied().unwrap_or(0);
+    if now + kib > share {
         return None;
     }
-    let permit = BODY_BUDGET.clone().try_acquire_many_owned(kib).ok()?;
-    *held.entry(accessor.to_string()).or_insert(0) += kib;
+    let permit = (*pool).clone().try_acquire_many_owned(kib).ok()?;
+    *held.entry(key.clone()).or_insert(0) += kib;
     Some(BodyPermit {
         _permit: permit,
-        counted: Some((accessor.to_string(), kib)),
+        counted: Some((key, kib)),
     })
 }
 
@@ -850,16 +855,28 @@ mod tests {
     /// renewal) come out of their own budget whatever large ones hold.
     #[test]
     fn no_one_token_holds_the_body_budget() {
-        let large = 2048;
+        let large = 2047 * 1024;
         let mut held = Vec::new();
         while let Some(p) = body_permit("stalling", large) {
             held.push(p);
         }
-        assert_eq!(held.len() as u32, PER_TOKEN_KIB / large);
+        assert_eq!(held.len() as u32, PER_TOKEN_KIB / kib(large));
         let other = body_permit("writer", large);
         assert!(other.is_some(), "another token found no room");
-        let small = body_permit("stalling", 1);
-        assert!(small.is_some(), "a small body found no room");
+        // Small bodies: a budget of their own, of which one token holds an
+        // eighth too; a body of exactly 4 KiB is a small one.
+        let mut small = Vec::new();
+        while let Some(p) = body_permit("stalling", SMALL_BODY_BYTES) {
+            small.push(p);
+        }
+        assert_eq!(
+            small.len() as u32,
+            SMALL_BODIES_KIB / 8 / kib(SMALL_BODY_BYTES)
+        );
+        assert!(
+            body_permit("renewer", 0).is_some(),
+            "a renewal found no room"
+        );
         drop(held);
         assert!(
             body_permit("stalling", large).is_some(),
