@@ -40,11 +40,13 @@ use crate::watch::HubEvent;
 pub struct WatchApi(pub Arc<ServerNode>, pub WatchSlots);
 
 /// Watch streams one token (but a management token) may hold open on one
-/// server at once. An agent holds one; each stream costs a snapshot of
+/// server at once from one address. An agent holds one (agents sharing a
+/// token come from their own addresses); each stream costs a snapshot of
 /// what the token may read, held while its client does not read it.
 pub const WATCHES_PER_TOKEN: usize = 16;
 
-/// The watch streams each token holds open on this server, by accessor.
+/// The watch streams each token holds open on this server, by accessor and
+/// client address.
 #[derive(Clone, Default)]
 pub struct WatchSlots(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
 
@@ -55,8 +57,8 @@ pub struct WatchSlot {
 }
 
 impl WatchSlots {
-    /// A place for one more stream of `accessor`, unless it holds
-    /// [`WATCHES_PER_TOKEN`] already.
+    /// A place for one more stream of `accessor` (with the client's
+    /// address), unless it holds [`WATCHES_PER_TOKEN`] already.
     pub fn take(&self, accessor: &str) -> Option<WatchSlot> {
         let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let n = open.entry(accessor.to_string()).or_insert(0);
@@ -98,11 +100,15 @@ impl Watch for WatchApi {
         if !self.0.contact.in_contact() {
             return Err(out_of_contact(&self.0));
         }
+        let from = req
+            .remote_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
         let slot = match caller.authz.is_management() {
             true => None,
-            false => Some(self.1.take(&caller.accessor).ok_or_else(|| {
+            false => Some(self.1.take(&format!("{} from {from}", caller.accessor)).ok_or_else(|| {
                 Status::resource_exhausted(format!(
-                    "token {} holds {WATCHES_PER_TOKEN} watch streams on this server already",
+                    "token {} holds {WATCHES_PER_TOKEN} watch streams from {from} on this server already",
                     caller.accessor
                 ))
             })?),
