@@ -206,6 +206,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .layer(weft_server::grpc::rpc_metrics::RpcMetricsLayer(
             node.metrics.clone(),
         ))
+        .layer(weft_server::grpc::known_token::KnownTokenLayer(
+            node.clone(),
+        ))
         .add_service(health_service)
         .add_service(api.catalog)
         .add_service(api.intentions)

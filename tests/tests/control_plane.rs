@@ -1131,3 +1131,51 @@ fn a_token_holds_a_bounded_number_of_watch_streams() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// A call with a made-up token is refused from its headers, before its
+/// message is read: the message announced here (4 MiB) never comes, and
+/// the refusal comes all the same. (tonic reads a whole message before a
+/// handler runs: anyone could otherwise make a server hold 4 MiB per
+/// stream without any credential.)
+#[test]
+fn a_made_up_token_is_refused_before_its_message_is_read() -> anyhow::Result<()> {
+    use tower::{Service, ServiceExt};
+    let cluster = Cluster::start(1, &[])?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let mut channel = cluster.channel_as(1, None).await?;
+        // A gRPC message prefix announcing 4 MiB - 1 bytes, and nothing more.
+        let (tx, rx) = tokio::sync::mpsc::channel::<
+            Result<hyper::body::Frame<bytes::Bytes>, tonic::Status>,
+        >(1);
+        tx.send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(&[
+            0, 0, 0x3f, 0xff, 0xff,
+        ]))))
+        .await?;
+        let body = tonic::body::Body::new(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ));
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("https://{}/weft.v1.Kv/Put", cluster.grpc_addr(1)))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("authorization", "Bearer made-up")
+            .body(body)?;
+        let call = channel.ready().await?.call(request);
+        let response = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .context("no answer while the message was still to come")??;
+        let status = response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .context("no grpc-status in the answer's headers")?;
+        anyhow::ensure!(
+            status == (tonic::Code::Unauthenticated as i32).to_string(),
+            "grpc-status {status}"
+        );
+        drop(tx);
+        Ok(())
+    })
+}

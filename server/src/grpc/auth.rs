@@ -306,15 +306,27 @@ async fn authenticate<T>(node: &ServerNode, req: &Request<T>) -> Result<Caller, 
             "no ACL token: pass one with --token or WEFT_TOKEN",
         ));
     };
+    resolve_or_look_again(node, secret)
+        .await
+        .ok_or_else(|| Status::unauthenticated("ACL token not found"))
+}
+
+/// The caller `secret` stands for: looked up, and once more after a read
+/// barrier (one such barrier at a time per `UNKNOWN_TOKEN_GAP`) when this
+/// server does not know it yet.
+async fn resolve_or_look_again(node: &ServerNode, secret: &str) -> Option<Caller> {
     if let Some(caller) = resolve(node, secret) {
-        return Ok(caller);
+        return Some(caller);
     }
     if may_look_again() && node.read_barrier(false).await.is_ok() {
-        if let Some(caller) = resolve(node, secret) {
-            return Ok(caller);
-        }
+        return resolve(node, secret);
     }
-    Err(Status::unauthenticated("ACL token not found"))
+    None
+}
+
+/// Whether this cluster knows `secret` (see [`resolve_or_look_again`]).
+pub async fn token_known(node: &ServerNode, secret: &str) -> bool {
+    resolve_or_look_again(node, secret).await.is_some()
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod config;
 mod config_intentions;
 pub mod intentions;
+pub mod known_token;
 pub mod kv;
 pub mod operator;
 pub mod rpc_metrics;
