@@ -156,6 +156,12 @@ struct Workloads {
     cgroups: BTreeMap<u64, u32>,
     /// (service name, port) of every local service.
     local_services: Vec<(String, u16)>,
+    /// The names of the local services with a cgroup (mesh workloads).
+    captured: BTreeSet<String>,
+    /// The explicit upstream listeners of mesh workloads, sent to
+    /// themselves in the programs' map so that a connection to one comes
+    /// with a record of who made it ([`Interception::captures`]).
+    upstream_listeners: BTreeSet<Destination>,
     /// The last workload id given (see [`assign_ids`]).
     last: u32,
 }
@@ -206,6 +212,20 @@ impl Workloads {
             .iter()
             .map(|s| (s.name.clone(), s.port))
             .collect();
+        let workloads = config.services.iter().filter(|s| s.cgroup.is_some());
+        self.captured = workloads.clone().map(|s| s.name.clone()).collect();
+        let listeners: BTreeSet<Destination> = workloads
+            .flat_map(|s| &s.upstreams)
+            .map(|u| (IpAddr::from([127, 0, 0, 1]), Some(u.local_port)))
+            .collect();
+        for (ip, port) in self.upstream_listeners.difference(&listeners) {
+            redirector.remove_destination(*ip, *port)?;
+        }
+        for (ip, port) in listeners.difference(&self.upstream_listeners) {
+            let to_itself = SocketAddr::new(*ip, port.unwrap_or_default());
+            redirector.add_destination(*ip, *port, to_itself)?;
+        }
+        self.upstream_listeners = listeners;
         Ok(())
     }
 }
@@ -460,10 +480,10 @@ impl Interception {
     fn sync_maps(&self, redirector: &mut Redirector, view: &View) -> Result<(), InterceptError> {
         // Fast-path removals first: a deny must take effect even if a later
         // step fails.
-        let (workloads, local_services) = {
+        let (workloads, local_services, listeners) = {
             let w = self.workloads.lock().expect("workloads lock");
             let ids: Vec<(u32, String)> = w.names.iter().map(|(id, n)| (*id, n.clone())).collect();
-            (ids, w.local_services.clone())
+            (ids, w.local_services.clone(), w.upstream_listeners.clone())
         };
         let fast = fast_paths(view, (&self.node_name, &self.datacenter), &workloads);
         let mut fast_installed = self.fast_installed.lock().expect("fast path lock");
@@ -487,8 +507,11 @@ impl Interception {
         } else {
             touched
         };
+        // Upstream listeners' entries are the workloads' (`place`), not the
+        // view's.
         let (new, gone): (Vec<Destination>, Vec<Destination>) = candidates
             .into_iter()
+            .filter(|d| !listeners.contains(d))
             .filter(|d| destinations.wants(d) != installed.contains(d))
             .partition(|d| destinations.wants(d));
         for (ip, port) in gone {
@@ -530,6 +553,15 @@ impl Interception {
             );
         }
         Ok(())
+    }
+
+    /// Whether `service` is a mesh workload (has a cgroup): its explicit
+    /// upstream listeners take only its own workload's connections, which
+    /// the programs bring with a record ([`Interception::lookup`]).
+    pub fn captures(&self, service: &str) -> bool {
+        (self.workloads.lock().expect("workloads lock"))
+            .captured
+            .contains(service)
     }
 
     /// Who connected and where to, for a socket accepted on the outbound

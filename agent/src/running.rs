@@ -158,6 +158,7 @@ impl Running {
             listener,
             source.to_string(),
             destination.clone(),
+            self.interception.clone(),
         ));
         let old = self.upstreams.lock().expect("upstreams lock").insert(
             addr,

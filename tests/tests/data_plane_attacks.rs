@@ -607,3 +607,54 @@ fn a_check_added_through_the_local_api_reaches_only_its_own_workload() -> anyhow
     ensure!(status == "passing", "api's own check: {status} {output}");
     Ok(())
 }
+
+/// In transparent mode an explicit upstream listener of a mesh workload
+/// (web's `127.0.0.1:9191` to api) takes only web's own connections: the
+/// programs send a connection to it on to itself with a record of who made
+/// it, and the agent resets any other. Before, any process on the node (a
+/// process outside the mesh, or another workload that may not call api)
+/// was carried to api as web.
+#[test]
+fn an_upstream_listener_takes_only_its_own_workloads_connections() -> anyhow::Result<()> {
+    require_root();
+    let spec = MeshSpec::new("deny")
+        .ebpf()
+        .node_a(
+            Service::new("web", 8000)
+                .cgroup("web")
+                .upstream("api", 9191),
+        )
+        .node_a(Service::new("evil", 8001).cgroup("evil"))
+        .node_b(
+            Service::new("api", 8080)
+                .id("api-1")
+                .cgroup("api")
+                .address(MeshSpec::NODE_ADDR)
+                .healthz_check("1s"),
+        );
+    let mesh = start(spec)?;
+    let upstream = "http://127.0.0.1:9191/";
+    wait_until(Duration::from_secs(20), "web through its upstream", || {
+        Ok(mesh
+            .curl_as(NodeA, "web", upstream, &["-m", "2"])
+            .ok()
+            .filter(|body| body == "instance api-1\n"))
+    })
+    .map_err(|e| e.context(agent_logs(&mesh)))?;
+    let evil = mesh.exec_as(NodeA, "evil", &curl_args(upstream))?;
+    refused("another workload through web's upstream listener", &evil)?;
+    let outside = mesh.run(
+        NodeA,
+        "curl",
+        &curl_args(upstream)[1..],
+        Duration::from_secs(10),
+    )?;
+    refused(
+        "a process outside the mesh through web's upstream listener",
+        &outside,
+    )?;
+    // And web's own still passes.
+    let body = mesh.curl_as(NodeA, "web", upstream, &["-m", "2"])?;
+    ensure!(body == "instance api-1\n", "{body:?}");
+    Ok(())
+}

@@ -244,16 +244,39 @@ pub fn reset(stream: TcpStream) {
 }
 
 /// Serves an explicit upstream: every connection to `listener` belongs to
-/// `source` and goes to `destination`.
+/// `source` and goes to `destination`. With `interception`, the upstream
+/// of a mesh workload takes only that workload's connections (the
+/// programs' record names who connected); anything else on the node would
+/// otherwise be carried as `source`.
 pub async fn serve_upstream(
     ctx: Arc<ProxyContext>,
     listener: TcpListener,
     source: String,
     (destination, datacenter): (String, Option<String>),
+    interception: Option<Arc<Interception>>,
 ) {
     let mut errors = AcceptErrors::new("upstream");
+    let Ok(local) = listener.local_addr() else {
+        return;
+    };
     loop {
         let (stream, peer) = errors.accept(&listener).await;
+        if let Some(records) = interception.as_ref().filter(|i| i.captures(&source)) {
+            match records.lookup(&stream, (peer, local)) {
+                Ok(Some(found)) if found.source == source => {}
+                Ok(found) => {
+                    let from = found.map(|f| f.source);
+                    tracing::info!(%peer, %local, ?from, "upstream of {source}: not {source}'s workload; reset");
+                    reset(stream);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, %local, "upstream of {source}: reading the redirect record: {e}");
+                    reset(stream);
+                    continue;
+                }
+            }
+        }
         let _ = stream.set_nodelay(true);
         let (ctx, source, destination) = (ctx.clone(), source.clone(), destination.clone());
         let datacenter = datacenter.clone();

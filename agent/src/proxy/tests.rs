@@ -156,7 +156,7 @@ async fn node_a(ca: &TestCa, b_inbound: SocketAddr, view: View) -> (Agent, Socke
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let dest = ("api".to_string(), None);
-    let serve = outbound::serve_upstream(a.ctx.clone(), listener, "web".into(), dest);
+    let serve = outbound::serve_upstream(a.ctx.clone(), listener, "web".into(), dest, None);
     a.tasks.push(tokio::spawn(serve));
     (a, addr)
 }
