@@ -44,6 +44,25 @@ pub const DIAL_ATTEMPTS: usize = 3;
 pub const MAX_CONNECTIONS: usize = 8_192;
 /// Connections one client address may hold at once on a listener.
 pub const MAX_PER_CLIENT: usize = 256;
+/// How many times [`MAX_PER_CLIENT`] another datacenter's gateway may hold
+/// on the WAN listener: it carries its whole datacenter's connections, so
+/// that one unauthenticated host there filling its own share on that
+/// gateway's LAN side cannot use up the datacenter's.
+pub const REMOTE_GATEWAY_FACTOR: usize = 16;
+
+/// The connections `ip` may hold at once on the `side` listener: more for
+/// another datacenter's gateway (by the federation's addresses) on the WAN.
+pub fn per_client_limit(
+    side: Side,
+    ip: std::net::IpAddr,
+    federation: &std::collections::BTreeMap<String, Vec<std::net::SocketAddr>>,
+) -> usize {
+    let gateway = || federation.values().flatten().any(|a| a.ip() == ip);
+    match side {
+        Side::Wan if gateway() => MAX_PER_CLIENT * REMOTE_GATEWAY_FACTOR,
+        _ => MAX_PER_CLIENT,
+    }
+}
 /// How long a connection may stay silent once one side closed: what a
 /// gateway carries is TLS, whose ends close together, and a client that
 /// keeps a connection open after the next hop left it (a hop that refused
@@ -213,12 +232,12 @@ impl Gateway {
         })
     }
 
-    /// A place for one more connection from `ip`, unless it holds
-    /// [`MAX_PER_CLIENT`] already.
-    fn client_slot(&self, ip: std::net::IpAddr) -> Option<ClientSlot> {
+    /// A place for one more connection from `ip`, unless it holds `limit`
+    /// already.
+    fn client_slot(&self, ip: std::net::IpAddr, limit: usize) -> Option<ClientSlot> {
         let mut map = self.per_client.lock().expect("per-client lock");
         let n = map.entry(ip).or_insert(0);
-        if *n >= MAX_PER_CLIENT {
+        if *n >= limit {
             return None;
         }
         *n += 1;
@@ -245,7 +264,8 @@ impl Gateway {
                 self.refuse_count("busy");
                 continue;
             };
-            let Some(slot) = self.client_slot(peer.ip()) else {
+            let limit = per_client_limit(side, peer.ip(), &self.view.load().federation);
+            let Some(slot) = self.client_slot(peer.ip(), limit) else {
                 self.refuse_count("client_limit");
                 continue;
             };
@@ -422,6 +442,25 @@ pub fn server_addresses(servers: &[String], port: u16) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn another_datacenters_gateway_holds_more_connections_on_the_wan_only() {
+        let federation = [("dc2".to_string(), vec!["192.0.2.7:8443".parse().unwrap()])]
+            .into_iter()
+            .collect();
+        let gateway: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+        let stranger: std::net::IpAddr = "192.0.2.8".parse().unwrap();
+        let wan = MAX_PER_CLIENT * REMOTE_GATEWAY_FACTOR;
+        assert_eq!(per_client_limit(Side::Wan, gateway, &federation), wan);
+        assert_eq!(
+            per_client_limit(Side::Wan, stranger, &federation),
+            MAX_PER_CLIENT
+        );
+        assert_eq!(
+            per_client_limit(Side::Lan, gateway, &federation),
+            MAX_PER_CLIENT
+        );
+    }
 
     #[test]
     fn servers_are_reached_at_their_federation_port() {
