@@ -1,10 +1,10 @@
-//! Hop-by-hop headers (RFC 9110 §7.6.1) of a request the agent forwards:
-//! what `Connection` names, and `Connection`, `Keep-Alive`,
+//! Hop-by-hop headers (RFC 9110 §7.6.1) of the requests and answers the
+//! agent forwards: what `Connection` names, and `Connection`, `Keep-Alive`,
 //! `Proxy-Connection`, `TE` (but `trailers`), `Upgrade` and
-//! `HTTP2-Settings` themselves, belong to the connection the request came
-//! on, not to the one the agent sends it on. They are removed before the
-//! request is judged, so that the intentions and the instance see the same
-//! headers.
+//! `HTTP2-Settings` themselves, belong to the connection a message came
+//! on, not to the one the agent sends it on. They are removed from a
+//! request before it is judged, so that the intentions and the instance
+//! see the same headers, and from an answer before it goes back.
 //!
 //! The one upgrade carried is WebSocket's, as Consul's proxies carry it:
 //! once the instance answers 101, the agent copies bytes both ways without
@@ -62,6 +62,25 @@ pub fn strip(headers: &mut HeaderMap) -> bool {
         headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
     }
     websocket
+}
+
+/// Removes the hop-by-hop headers of an instance's answer (but a 101's,
+/// which the upgrade needs): they are about the agent's connection to the
+/// instance, not the client's (an instance's `Connection: close` must not
+/// close the client's kept connection).
+pub fn strip_response(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = (headers.get_all(CONNECTION).iter())
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|token| String::from_utf8_lossy(token).trim().to_ascii_lowercase())
+        .filter(|token| !KEPT.contains(&token.as_str()))
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in ALWAYS {
+        headers.remove(name);
+    }
 }
 
 #[cfg(test)]
@@ -147,6 +166,19 @@ mod tests {
         ]);
         assert!(!strip(&mut h));
         assert_eq!(names(&h), ["content-length", "host"]);
+    }
+
+    #[test]
+    fn an_answers_connection_headers_stay_with_its_connection() {
+        let mut h = headers(&[
+            ("connection", "close, x-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-hop", "1"),
+            ("content-length", "3"),
+            ("x-kept", "1"),
+        ]);
+        strip_response(&mut h);
+        assert_eq!(names(&h), ["content-length", "x-kept"]);
     }
 
     #[test]

@@ -490,6 +490,9 @@ impl Judge {
             Forward::Instance(upstream) => self.send(upstream, request).await,
             Forward::Routed(conns) => self.route(conns, &facts, request).await,
         };
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            hop_headers::strip_response(response.headers_mut());
+        }
         if let Some(client) = client_upgrade {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let upstream = hyper::upgrade::on(&mut response);
