@@ -3,7 +3,12 @@
 //! `--max-conns-per-client` connections at once, counted from accept to
 //! close, so that one host cannot take every file descriptor of a server.
 //! A connection over the limit is closed at once, before its handshake.
+//!
+//! The same count, by any key and weight, bounds what one token holds:
+//! its watch streams (`grpc::watch`), its share of the HTTP body budget
+//! (`http`).
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -16,12 +21,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// The default connections a client may hold per port.
 pub const DEFAULT_MAX_CONNS_PER_CLIENT: usize = 100;
 
-pub struct ClientLimits {
+/// What each key (a client address by default) holds now, against `max`.
+pub struct ClientLimits<K: Eq + Hash + Clone = IpAddr> {
     max: usize,
-    open: Mutex<HashMap<IpAddr, usize>>,
+    open: Mutex<HashMap<K, usize>>,
 }
 
-impl ClientLimits {
+impl<K: Eq + Hash + Clone> ClientLimits<K> {
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
             max,
@@ -29,40 +35,52 @@ impl ClientLimits {
         })
     }
 
-    /// A slot for one more connection from `ip`, or None at the limit.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
-        let mut open = self.open.lock().expect("client limits lock");
-        let n = open.entry(ip).or_insert(0);
-        if *n >= self.max {
+    /// A slot for one more connection from `key`, or None at the limit.
+    pub fn admit(self: &Arc<Self>, key: K) -> Option<Slot<K>> {
+        self.admit_weighing(key, 1)
+    }
+
+    /// A slot weighing `weight` for `key`, or None when it would take
+    /// `key` past the limit.
+    pub fn admit_weighing(self: &Arc<Self>, key: K, weight: usize) -> Option<Slot<K>> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(key.clone()).or_insert(0);
+        if *n + weight > self.max {
+            if *n == 0 {
+                open.remove(&key);
+            }
             return None;
         }
-        *n += 1;
+        *n += weight;
         Some(Slot {
             limits: self.clone(),
-            ip,
+            key,
+            weight,
         })
     }
 
-    /// Connections `ip` holds now.
-    pub fn open(&self, ip: IpAddr) -> usize {
-        let open = self.open.lock().expect("client limits lock");
-        open.get(&ip).copied().unwrap_or(0)
+    /// What `key` holds now.
+    pub fn open(&self, key: &K) -> usize {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.get(key).copied().unwrap_or(0)
     }
 }
 
-/// One admitted connection; dropping it gives the place back.
-pub struct Slot {
-    limits: Arc<ClientLimits>,
-    ip: IpAddr,
+/// One admitted connection (or what a slot weighs); dropping it gives the
+/// place back.
+pub struct Slot<K: Eq + Hash + Clone = IpAddr> {
+    limits: Arc<ClientLimits<K>>,
+    key: K,
+    weight: usize,
 }
 
-impl Drop for Slot {
+impl<K: Eq + Hash + Clone> Drop for Slot<K> {
     fn drop(&mut self) {
-        let mut open = self.limits.open.lock().expect("client limits lock");
-        if let Some(n) = open.get_mut(&self.ip) {
-            *n -= 1;
+        let mut open = self.limits.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n = n.saturating_sub(self.weight);
             if *n == 0 {
-                open.remove(&self.ip);
+                open.remove(&self.key);
             }
         }
     }
@@ -168,7 +186,7 @@ mod tests {
         assert!(limits.admit(a).is_none(), "a third is over the limit");
         assert!(limits.admit(b).is_some(), "another client is not affected");
         drop(first);
-        assert_eq!(limits.open(a), 1);
+        assert_eq!(limits.open(&a), 1);
         assert!(
             limits.admit(a).is_some(),
             "a closed connection frees its place"

@@ -166,10 +166,7 @@ pub fn services(node: Arc<ServerNode>) -> ApiServices {
             auth::KnownToken(node.clone()),
         ),
         watch: Credentialed::new(
-            proto::watch_server::WatchServer::new(watch::WatchApi(
-                node.clone(),
-                watch::WatchSlots::default(),
-            )),
+            proto::watch_server::WatchServer::new(watch::WatchApi::new(node.clone())),
             checked(),
         ),
         ca: Credentialed::new(

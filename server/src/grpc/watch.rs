@@ -33,57 +33,26 @@ use super::auth::{caller, resolve_in, secret_of, Caller};
 use super::catalog::may_read_instance;
 use super::config::{entry_to_proto, may_read_entry};
 use super::intentions::may_access;
+use crate::conn_limit::ClientLimits;
 use crate::node::ServerNode;
 use crate::state::{Change, State};
 use crate::watch::HubEvent;
 
-pub struct WatchApi(pub Arc<ServerNode>, pub WatchSlots);
+/// The watch API, and the streams each token holds open on this server
+/// (by accessor and client address, against [`WATCHES_PER_TOKEN`]).
+pub struct WatchApi(pub Arc<ServerNode>, pub Arc<ClientLimits<String>>);
+
+impl WatchApi {
+    pub fn new(node: Arc<ServerNode>) -> WatchApi {
+        WatchApi(node, ClientLimits::new(WATCHES_PER_TOKEN))
+    }
+}
 
 /// Watch streams one token (but a management token) may hold open on one
 /// server at once from one address. An agent holds one (agents sharing a
 /// token come from their own addresses); each stream costs a snapshot of
 /// what the token may read, held while its client does not read it.
 pub const WATCHES_PER_TOKEN: usize = 16;
-
-/// The watch streams each token holds open on this server, by accessor and
-/// client address.
-#[derive(Clone, Default)]
-pub struct WatchSlots(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
-
-/// One open watch stream of a token, given back on drop.
-pub struct WatchSlot {
-    slots: WatchSlots,
-    accessor: String,
-}
-
-impl WatchSlots {
-    /// A place for one more stream of `accessor` (with the client's
-    /// address), unless it holds [`WATCHES_PER_TOKEN`] already.
-    pub fn take(&self, accessor: &str) -> Option<WatchSlot> {
-        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(accessor.to_string()).or_insert(0);
-        if *n >= WATCHES_PER_TOKEN {
-            return None;
-        }
-        *n += 1;
-        Some(WatchSlot {
-            slots: self.clone(),
-            accessor: accessor.to_string(),
-        })
-    }
-}
-
-impl Drop for WatchSlot {
-    fn drop(&mut self) {
-        let mut open = self.slots.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.accessor) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.accessor);
-            }
-        }
-    }
-}
 
 type EventSender = mpsc::Sender<Result<proto::WatchEvent, Status>>;
 
@@ -106,7 +75,7 @@ impl Watch for WatchApi {
             .unwrap_or_default();
         let slot = match caller.authz.is_management() {
             true => None,
-            false => Some(self.1.take(&format!("{} from {from}", caller.accessor)).ok_or_else(|| {
+            false => Some(self.1.admit(format!("{} from {from}", caller.accessor)).ok_or_else(|| {
                 Status::resource_exhausted(format!(
                     "token {} holds {WATCHES_PER_TOKEN} watch streams from {from} on this server already",
                     caller.accessor

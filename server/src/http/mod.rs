@@ -47,6 +47,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 
+use crate::conn_limit::{ClientLimits, Slot};
 use crate::grpc::auth::{Caller, TOKEN_METADATA};
 use crate::node::ServerNode;
 
@@ -58,7 +59,7 @@ pub const MAX_BODY: usize = 2 << 20;
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    limits: Arc<crate::conn_limit::ClientLimits>,
+    limits: Arc<ClientLimits>,
     node: Arc<ServerNode>,
 ) {
     let accepted = node.metrics.tls_connections("http");
@@ -381,7 +382,7 @@ async fn read_call(node: &ServerNode, req: Request<Incoming>) -> Result<Call, Ht
         let budget = if snapshot {
             (SNAPSHOT_BUDGET.clone().try_acquire_owned().ok()).map(|permit| BodyPermit {
                 _permit: permit,
-                counted: None,
+                _share: None,
             })
         } else {
             body_permit(&caller.accessor, wanted)
@@ -479,53 +480,33 @@ static SMALL_BODIES: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
     std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(SMALL_BODIES_KIB as usize)));
 const SMALL_BODIES_KIB: u32 = 1024;
 
-/// KiB each token holds now, by (small budget or not, accessor).
-static HELD_BY_TOKEN: std::sync::LazyLock<
-    std::sync::Mutex<std::collections::HashMap<(bool, String), u32>>,
-> = std::sync::LazyLock::new(Default::default);
+/// KiB of [`BODY_BUDGET`] and of [`SMALL_BODIES`] each token holds now, by
+/// accessor, against its share of each.
+static HELD_BY_TOKEN: std::sync::LazyLock<Arc<ClientLimits<String>>> =
+    std::sync::LazyLock::new(|| ClientLimits::new(PER_TOKEN_KIB as usize));
+static SMALL_HELD_BY_TOKEN: std::sync::LazyLock<Arc<ClientLimits<String>>> =
+    std::sync::LazyLock::new(|| ClientLimits::new(SMALL_BODIES_KIB as usize / 8));
 
 /// A body's place in the budgets, given back on drop.
 pub(crate) struct BodyPermit {
     _permit: tokio::sync::OwnedSemaphorePermit,
-    /// The key and KiB counted in [`HELD_BY_TOKEN`].
-    counted: Option<((bool, String), u32)>,
-}
-
-impl Drop for BodyPermit {
-    fn drop(&mut self) {
-        if let Some((key, kib)) = self.counted.take() {
-            let mut held = HELD_BY_TOKEN.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(n) = held.get_mut(&key) {
-                *n = n.saturating_sub(kib);
-                if *n == 0 {
-                    held.remove(&key);
-                }
-            }
-        }
-    }
+    _share: Option<Slot<String>>,
 }
 
 /// A place for a body of `bytes` from `accessor`: from the small bodies'
 /// budget or the shared one, within the token's share of it. None when
 /// there is no room now.
 fn body_permit(accessor: &str, bytes: usize) -> Option<BodyPermit> {
-    let small = bytes <= SMALL_BODY_BYTES;
-    let (pool, share) = match small {
-        true => (&SMALL_BODIES, SMALL_BODIES_KIB / 8),
-        false => (&BODY_BUDGET, PER_TOKEN_KIB),
+    let (pool, held) = match bytes <= SMALL_BODY_BYTES {
+        true => (&SMALL_BODIES, &SMALL_HELD_BY_TOKEN),
+        false => (&BODY_BUDGET, &HELD_BY_TOKEN),
     };
     let kib = kib(bytes);
-    let key = (small, accessor.to_string());
-    let mut held = HELD_BY_TOKEN.lock().unwrap_or_else(|p| p.into_inner());
-    let now = held.get(&key).copied().unwrap_or(0);
-    if now + kib > share {
-        return None;
-    }
+    let share = held.admit_weighing(accessor.to_string(), kib as usize)?;
     let permit = (*pool).clone().try_acquire_many_owned(kib).ok()?;
-    *held.entry(key.clone()).or_insert(0) += kib;
     Some(BodyPermit {
         _permit: permit,
-        counted: Some((key, kib)),
+        _share: Some(share),
     })
 }
 
