@@ -139,9 +139,19 @@ impl Caller {
 
 /// The secret a request carries, if any.
 pub fn secret_of<T>(req: &Request<T>) -> Option<&str> {
-    let value = req.metadata().get(TOKEN_METADATA)?.to_str().ok()?;
+    bearer_secret(req.metadata().get(TOKEN_METADATA)?.to_str().ok()?)
+}
+
+/// The secret of an `authorization` value `Bearer <secret>`, if it is one.
+pub fn bearer_secret(value: &str) -> Option<&str> {
     let secret = value.strip_prefix("Bearer ")?.trim();
     (!secret.is_empty()).then_some(secret)
+}
+
+/// Why a call that presents an `authorization` that is not a token is
+/// refused (it does not fall back to the connection's certificate).
+pub fn malformed_token() -> Status {
+    Status::unauthenticated("the authorization metadata is not \"Bearer <token>\"")
 }
 
 /// The caller a secret stands for in `state`, on a server of `datacenter`.
@@ -280,9 +290,7 @@ fn token_presented<T>(req: &Request<T>) -> Result<Option<&str>, Status> {
     if req.metadata().get(TOKEN_METADATA).is_none() {
         return Ok(None);
     }
-    secret_of(req).map(Some).ok_or_else(|| {
-        Status::unauthenticated("the authorization metadata is not \"Bearer <token>\"")
-    })
+    secret_of(req).map(Some).ok_or_else(malformed_token)
 }
 
 /// Authenticates a request. A token this server does not know yet may have

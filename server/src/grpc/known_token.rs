@@ -61,19 +61,12 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let node = self.node.clone();
         Box::pin(async move {
-            let presented = req.headers().get(auth::TOKEN_METADATA).map(|v| {
-                v.to_str()
-                    .ok()
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-            });
+            let presented = (req.headers().get(auth::TOKEN_METADATA))
+                .map(|v| v.to_str().ok().and_then(auth::bearer_secret));
             let refused = match presented {
                 None => None,
-                Some(None) => Some(tonic::Status::unauthenticated(
-                    "the authorization metadata is not \"Bearer <token>\"",
-                )),
-                Some(Some(secret)) if auth::token_known(&node, &secret).await => None,
+                Some(None) => Some(auth::malformed_token()),
+                Some(Some(secret)) if auth::token_known(&node, secret).await => None,
                 Some(Some(_)) => Some(tonic::Status::unauthenticated("ACL token not found")),
             };
             match refused {
