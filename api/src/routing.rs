@@ -232,6 +232,12 @@ impl RoutePolicy {
     pub fn is_plain(&self) -> bool {
         self.timeout.is_none() && self.num_retries == 0
     }
+
+    /// Whether a request leaves changed (its path rewritten or its
+    /// headers edited): judged before, it is not what is sent.
+    pub fn changes_request(&self) -> bool {
+        self.rewrite.is_some() || !self.request_headers.is_empty()
+    }
 }
 
 /// Where `request` to `service` goes. `roll` is a number in `[0, 100)` for

@@ -671,11 +671,12 @@ impl Judge {
             }
             // A resolver's failover or redirect: the intentions decide for
             // the service that answers, here as on its node. An instance on
-            // this node: no agent after this one judges the request, so it
-            // is judged here as it is sent (rewritten, its headers edited),
-            // as a tunnelled one is by the instance's agent.
+            // this node: no agent after this one judges the request, so a
+            // request the route changed (rewritten, its headers edited) is
+            // judged again as it is sent, as a tunnelled one is by the
+            // instance's agent.
             let local = matches!(picked.route, Route::Local(_));
-            if picked.service != self.destination || local {
+            if picked.service != self.destination || (local && target.policy.changes_request()) {
                 self.allowed_to(&picked.service, &request)?;
             }
             let addr = picked.addr;
