@@ -375,8 +375,14 @@ impl AgentConfig {
         })?;
         let text = text + &crate::registered::as_toml(&registered.services);
         let config = Self::parse(&text, &file)?;
+        // How many checks each service has before the API's are appended
+        // (none of a service registered through the API is the file's).
+        let from_file: std::collections::HashMap<String, usize> = (config.services.iter())
+            .filter(|s| !registered.services.iter().any(|r| r.id() == s.id))
+            .map(|s| (s.id.clone(), s.checks.len()))
+            .collect();
         let mut merged = if registered.checks.is_empty() {
-            config.clone()
+            config
         } else {
             let merged = crate::registered::merge_checks(&text, &config, &registered.checks)
                 .map_err(|e| ConfigError::Invalid {
@@ -393,14 +399,8 @@ impl AgentConfig {
         // The checks of services registered through the API, and those
         // added after a file service's own (merge_checks appends them).
         for service in &mut merged.services {
-            let registered_here = registered.services.iter().any(|r| r.id() == service.id);
-            let from_file = match registered_here {
-                true => 0,
-                false => (config.services.iter())
-                    .find(|s| s.id == service.id)
-                    .map_or(0, |s| s.checks.len()),
-            };
-            for check in service.checks.iter_mut().skip(from_file) {
+            let skip = from_file.get(&service.id).copied().unwrap_or(0);
+            for check in service.checks.iter_mut().skip(skip) {
                 check.through_api = true;
             }
         }

@@ -194,22 +194,18 @@ impl RegisteredService {
     /// another service's (which would shadow that service's checks, and
     /// refuse its registration or the agent's file for the duplicate).
     fn check_ids_are_its_own(&self) -> Result<(), RegisteredError> {
-        let own = format!("service:{}", self.id());
+        let own = self.id();
         for id in (self.check.iter().chain(&self.checks)).filter_map(|c| c.check_id.as_deref()) {
-            let Some(rest) = id.strip_prefix(&own) else {
-                if id.starts_with("service:") {
-                    return Err(RegisteredError::Body(format!(
-                        "CheckID {id:?}: ids beginning with \"service:\" name the agent's checks of a service; this one is not {own:?}'s"
-                    )));
-                }
+            let Some(named) = id.strip_prefix("service:") else {
                 continue;
             };
-            let numbered = rest
-                .strip_prefix(':')
-                .is_some_and(|n| n.parse::<u32>().is_ok());
-            if !rest.is_empty() && !numbered {
+            let numbered = |rest: &str| {
+                rest.strip_prefix(':')
+                    .is_some_and(|n| n.parse::<u32>().is_ok())
+            };
+            if named != own && !named.strip_prefix(own).is_some_and(numbered) {
                 return Err(RegisteredError::Body(format!(
-                    "CheckID {id:?}: ids beginning with \"service:\" name the agent's checks of a service; this one is not {own:?}'s"
+                    "CheckID {id:?}: ids beginning with \"service:\" name the agent's checks of a service; this one is not \"service:{own}\"'s"
                 )));
             }
         }

@@ -32,25 +32,14 @@ const KEPT: [&str; 3] = ["host", "content-length", "transfer-encoding"];
 /// WebSocket upgrade, whose `Connection: upgrade` and `Upgrade: websocket`
 /// are then all that is kept of them.
 pub fn strip(headers: &mut HeaderMap) -> bool {
-    let named: Vec<String> = (headers.get_all(CONNECTION).iter())
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(|token| String::from_utf8_lossy(token).trim().to_ascii_lowercase())
-        .filter(|token| !token.is_empty())
-        .collect();
+    let named = connection_tokens(headers);
     let websocket = named.iter().any(|t| t == "upgrade") && {
         let mut offered = headers.get_all(UPGRADE).iter();
         let first = offered.next();
         offered.next().is_none()
             && first.is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"))
     };
-    for name in named.iter().map(String::as_str).chain(ALWAYS) {
-        if KEPT.contains(&name) {
-            continue;
-        }
-        if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-            headers.remove(name);
-        }
-    }
+    remove_named(headers, &named);
     // TE is hop-by-hop too; `trailers` alone says the client takes
     // trailers, which gRPC requires on every hop.
     let trailers_only = (headers.get_all(TE).iter()).all(|v| v.as_bytes() == b"trailers");
@@ -69,17 +58,27 @@ pub fn strip(headers: &mut HeaderMap) -> bool {
 /// instance, not the client's (an instance's `Connection: close` must not
 /// close the client's kept connection).
 pub fn strip_response(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = (headers.get_all(CONNECTION).iter())
+    remove_named(headers, &connection_tokens(headers));
+}
+
+/// The header names `Connection` lists, lower-cased.
+fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+    (headers.get_all(CONNECTION).iter())
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .map(|token| String::from_utf8_lossy(token).trim().to_ascii_lowercase())
-        .filter(|token| !KEPT.contains(&token.as_str()))
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in ALWAYS {
-        headers.remove(name);
+        .filter(|token| !token.is_empty())
+        .collect()
+}
+
+/// Removes the headers `named` (but [`KEPT`] ones) and [`ALWAYS`].
+fn remove_named(headers: &mut HeaderMap, named: &[String]) {
+    for name in named.iter().map(String::as_str).chain(ALWAYS) {
+        if KEPT.contains(&name) {
+            continue;
+        }
+        if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+            headers.remove(name);
+        }
     }
 }
 

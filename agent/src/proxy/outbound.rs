@@ -261,25 +261,9 @@ pub async fn serve_upstream(
     };
     loop {
         let (stream, peer) = errors.accept(&listener).await;
-        if let Some(records) = interception.as_ref().filter(|i| i.captures(&source)) {
-            match records.lookup(&stream, (peer, local)) {
-                Ok(Some(found)) if found.source == source => {}
-                Ok(found) => {
-                    let from = found.map(|f| f.source);
-                    tracing::info!(%peer, %local, ?from, "upstream of {source}: not {source}'s workload; reset");
-                    reset(stream);
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(%peer, %local, "upstream of {source}: reading the redirect record: {e}");
-                    reset(stream);
-                    continue;
-                }
-            }
-        }
         let _ = stream.set_nodelay(true);
         let (ctx, source, destination) = (ctx.clone(), source.clone(), destination.clone());
-        let datacenter = datacenter.clone();
+        let (datacenter, interception) = (datacenter.clone(), interception.clone());
         let span = tracing::info_span!(
             "conn",
             id = super::next_conn_id(),
@@ -290,6 +274,20 @@ pub async fn serve_upstream(
         tokio::spawn(
             async move {
                 let _tracked = ctx.drain.track();
+                if let Some(records) = interception.filter(|i| i.captures(&source)) {
+                    match records.lookup(&stream, (peer, local)) {
+                        Ok(Some(found)) if found.source == source => {}
+                        Ok(found) => {
+                            let from = found.map(|f| f.source);
+                            tracing::info!(%local, ?from, "not {source}'s workload; reset");
+                            return reset(stream);
+                        }
+                        Err(e) => {
+                            tracing::warn!(%local, "reading the redirect record: {e}; reset");
+                            return reset(stream);
+                        }
+                    }
+                }
                 let to = (destination.as_str(), datacenter.as_deref());
                 if let Err(e) = carry(&ctx, (stream, peer.ip()), &source, to).await {
                     tracing::info!("{source} -> {destination}: {}", e.error);

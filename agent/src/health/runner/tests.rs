@@ -319,7 +319,6 @@ async fn ttl_check_with_an_initial_status_starts_there_and_expires() {
     let checks = HealthChecks::new(tx);
     let ttl = CheckConfig {
         status: Some(HealthStatus::Passing),
-        through_api: false,
         ..ttl_check("service:worker-2", 300)
     };
     checks.add("worker-2", "worker", vec![ttl]);
