@@ -1372,6 +1372,33 @@ impl Mesh {
         Ok(pid)
     }
 
+    /// `METHOD http://127.0.0.1:8500{path}` (the agent's local API) in
+    /// `node` with curl, with `token` and `body` if given: the status code
+    /// and the body.
+    pub fn local_api(
+        &self,
+        node: Node,
+        (method, path): (&str, &str),
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> anyhow::Result<(u16, String)> {
+        let url = format!("http://{AGENT_HTTP}{path}");
+        let header = token.map(|t| format!("X-Consul-Token: {t}"));
+        let mut args = vec!["-sS", "-m", "15", "-X", method, "-w", "\n%{http_code}"];
+        if let Some(h) = &header {
+            args.extend(["-H", h]);
+        }
+        if let Some(b) = body {
+            args.extend(["-H", "Content-Type: application/json", "--data-binary", b]);
+        }
+        args.push(&url);
+        let out = self.curl_raw(node, &args)?;
+        ensure!(out.success(), "curl {url}: {}", out.describe());
+        let (body, code) = (out.stdout.rsplit_once('\n'))
+            .with_context(|| format!("curl output {:?}", out.stdout))?;
+        Ok((code.trim().parse()?, body.to_string()))
+    }
+
     /// `curl ARGS…` in `node` (15 s at most).
     pub fn curl_raw(&self, node: Node, args: &[&str]) -> anyhow::Result<Output> {
         self.run(node, "curl", args, Duration::from_secs(15))

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use serde_json::Value;
-use weft_tests::mesh::{wait_until, Mesh, MeshSpec, NodeA, Service, AGENT_HTTP};
+use weft_tests::mesh::{wait_until, Mesh, MeshSpec, NodeA, Service};
 use weft_tests::require_root;
 
 const STEP: Duration = Duration::from_secs(20);
@@ -34,23 +34,7 @@ fn call(
     token: Option<&str>,
     body: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
-    let url = format!("http://{AGENT_HTTP}{path}");
-    let header = token.map(|t| format!("X-Consul-Token: {t}"));
-    let mut args = vec!["-sS", "-m", "15", "-X", method, "-w", "\n%{http_code}"];
-    if let Some(h) = &header {
-        args.extend(["-H", h]);
-    }
-    if let Some(b) = body {
-        args.extend(["-H", "Content-Type: application/json", "--data-binary", b]);
-    }
-    args.push(&url);
-    let out = mesh.curl_raw(NodeA, &args)?;
-    ensure!(out.success(), "curl {url}: {}", out.describe());
-    let (body, code) = out
-        .stdout
-        .rsplit_once('\n')
-        .with_context(|| format!("curl output {:?}", out.stdout))?;
-    Ok((code.trim().parse()?, body.to_string()))
+    mesh.local_api(NodeA, (method, path), token, body)
 }
 
 fn put(mesh: &Mesh, path: &str, token: Option<&str>, body: &str) -> anyhow::Result<(u16, String)> {

@@ -643,11 +643,26 @@ fn l7_intention_judges_every_request_by_method_path_and_header() -> anyhow::Resu
 fn l7_intention_is_enforced_for_a_same_node_instance_too() -> anyhow::Result<()> {
     require_root();
     // api's only instance is on web's node: the source agent judges requests.
+    let mesh = same_node_api_mesh()?;
+    l7_intention_cycle(&mesh, "api-a")
+}
+
+/// The mesh with api's only instance, `api-a`, on web's node A, answering.
+fn same_node_api_mesh() -> anyhow::Result<Mesh> {
     let mut mesh = Mesh::start(spec().node_a(api("api-a", 8080)))?;
     let a = mesh.ip(NodeA);
     mesh.workload(NodeA, "api-a", &format!("{a}:8080"))?;
     wait_for_body(&mesh, "api-a", Duration::from_secs(30))?;
-    l7_intention_cycle(&mesh, "api-a")
+    Ok(mesh)
+}
+
+/// Writes the L7 intention web => api with `permissions` (TOML).
+fn l7_intention(mesh: &Mesh, permissions: &str) -> anyhow::Result<()> {
+    let l7 = mesh.path("web-api-l7.toml");
+    std::fs::write(&l7, permissions)?;
+    let l7 = l7.display().to_string();
+    mesh.weft(&["intention", "create", "web", "api", "--file", &l7])?;
+    Ok(())
 }
 
 /// A route's rewrite cannot carry a request past an L7 intention to an
@@ -660,14 +675,10 @@ fn l7_intention_is_enforced_for_a_same_node_instance_too() -> anyhow::Result<()>
 #[test]
 fn a_rewritten_request_to_a_same_node_instance_is_judged_as_sent() -> anyhow::Result<()> {
     require_root();
-    let mut mesh = Mesh::start(spec().node_a(api("api-a", 8080)))?;
-    let a = mesh.ip(NodeA);
-    mesh.workload(NodeA, "api-a", &format!("{a}:8080"))?;
-    wait_for_body(&mesh, "api-a", Duration::from_secs(30))?;
+    let mesh = same_node_api_mesh()?;
     write_entry(&mesh, "api-defaults.toml", API_IS_HTTP)?;
-    let l7 = mesh.path("web-api-l7.toml");
-    std::fs::write(
-        &l7,
+    l7_intention(
+        &mesh,
         r#"
 [[Permissions]]
 Action = "deny"
@@ -678,8 +689,6 @@ Action = "allow"
 HTTP = { PathPrefix = "/" }
 "#,
     )?;
-    let l7 = l7.display().to_string();
-    mesh.weft(&["intention", "create", "web", "api", "--file", &l7])?;
     write_entry(
         &mesh,
         "router.toml",
@@ -717,9 +726,8 @@ Destination = { Service = "api", PrefixRewrite = "/" }
 fn l7_intention_cycle(mesh: &Mesh, instance: &str) -> anyhow::Result<()> {
     write_entry(mesh, "api-defaults.toml", API_IS_HTTP)?;
     // web may GET under /public, and POST only with x-env: prod; nothing else.
-    let l7 = mesh.path("web-api-l7.toml");
-    std::fs::write(
-        &l7,
+    l7_intention(
+        mesh,
         r#"
 [[Permissions]]
 Action = "allow"
@@ -736,14 +744,6 @@ Action = "deny"
 HTTP = { PathPrefix = "/" }
 "#,
     )?;
-    mesh.weft(&[
-        "intention",
-        "create",
-        "web",
-        "api",
-        "--file",
-        &l7.display().to_string(),
-    ])?;
     let private = format!("{UPSTREAM}private");
     wait_until(
         Duration::from_secs(5),

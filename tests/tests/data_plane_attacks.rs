@@ -523,27 +523,7 @@ fn a_socket_reused_after_the_fast_path_keeps_no_mark() -> anyhow::Result<()> {
 
 /// `PUT http://127.0.0.1:8500{path}` in node B with `token`: code and body.
 fn put_on_b(mesh: &Mesh, path: &str, token: &str, body: &str) -> anyhow::Result<(u16, String)> {
-    let url = format!("http://{AGENT_HTTP}{path}");
-    let header = format!("X-Consul-Token: {token}");
-    let args = [
-        "-sS",
-        "-m",
-        "15",
-        "-X",
-        "PUT",
-        "-w",
-        "\n%{http_code}",
-        "-H",
-        &header,
-        "--data-binary",
-        body,
-        &url,
-    ];
-    let out = mesh.curl_raw(NodeB, &args)?;
-    ensure!(out.success(), "curl {url}: {}", out.describe());
-    let (body, code) =
-        (out.stdout.rsplit_once('\n')).with_context(|| format!("curl output {:?}", out.stdout))?;
-    Ok((code.trim().parse()?, body.to_string()))
+    mesh.local_api(NodeB, ("PUT", path), Some(token), Some(body))
 }
 
 /// Check `check_id` in node B's `/v1/agent/checks`, once it has run:
