@@ -7,7 +7,8 @@
 //!   fast path, a redirect to the agent for mesh destinations (`DESTINATIONS`:
 //!   virtual IPs and registered instances, IPv4 and IPv6), the `egress`
 //!   policy for everything else, and a refusal when no live agent renews its
-//!   lease in `AGENT` (the mesh fails closed when the agent is gone).
+//!   lease in `AGENT` or no socket with the agent's mark listens where the
+//!   connection would go (the mesh fails closed when the agent is gone).
 //! * `weft_sockops` (sockops) moves the redirect record to a map keyed by the
 //!   connection's 4-tuple and netns cookie once the connection is established,
 //!   so that the agent can look up each accepted socket, and removes it again
@@ -31,13 +32,14 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE, BPF_TCP_LISTEN,
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as bpf_sock_tuple_ipv4,
+        BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_LISTEN,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt, bpf_skb_ancestor_cgroup_id,
-        bpf_skb_cgroup_id,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt, bpf_sk_lookup_tcp, bpf_sk_release,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
@@ -266,6 +268,49 @@ fn destination(mut key: DestKey) -> Option<RedirectTarget> {
     unsafe { DESTINATIONS.get(key) }.copied()
 }
 
+/// Whether the socket listening at `target`, in the connecting socket's
+/// network namespace, carries the agent's mark: the agent marks the ports
+/// it takes connections on, and setting a mark needs CAP_NET_ADMIN. After a
+/// crash, while the lease runs, a process that bound the agent's port first
+/// would otherwise be sent every redirected connection, in plaintext. (The
+/// one way a workload gets a socket with this mark, the fast path, leaves
+/// it in the workload's cgroup: listening there, inbound capture refuses
+/// the unmarked connections sent to it.)
+#[inline(always)]
+fn agent_listens(ctx: &SockAddrContext, target: &RedirectTarget, mark: u32) -> bool {
+    // Looked up as a connection from the target's own address and port 0,
+    // which no established socket has: only a listener matches, and the
+    // sk_lookup program leaves a connection from this host alone.
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple_ipv4 {
+                saddr: target.addr[0],
+                daddr: target.addr[0],
+                sport: 0,
+                dport: target.port.to_be(),
+            },
+        },
+    };
+    // SAFETY: a valid context and tuple; the IPv4 part's size says which.
+    let sk = unsafe {
+        bpf_sk_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            core::mem::size_of::<bpf_sock_tuple_ipv4>() as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a socket the lookup returned, released right after.
+    let listening = unsafe { (*sk).mark };
+    // SAFETY: releases the reference the lookup took.
+    unsafe { bpf_sk_release(sk.cast()) };
+    mark != 0 && listening == mark
+}
+
 /// Decides a mesh workload's connect() to `key`: the same-node fast path, a
 /// redirect to the agent (recording the original destination under the
 /// socket cookie), the egress policy, or a refusal when no live agent can
@@ -331,7 +376,7 @@ fn steer(ctx: &SockAddrContext, key: DestKey, loopback: bool) -> Steer {
         count(counter::EGRESS_ALLOWED);
         return Steer::Leave;
     };
-    if !alive {
+    if !alive || !agent_listens(ctx, &target, mark) {
         count(counter::NO_AGENT);
         return Steer::Refuse;
     }

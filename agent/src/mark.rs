@@ -69,6 +69,17 @@ pub async fn connect_with(addr: SocketAddr, mark: u32) -> std::io::Result<TcpStr
     socket.connect(addr).await
 }
 
+/// Gives a listening socket of the agent its mark (nothing when no mark is
+/// set). The connect hook sends a workload's connection to one of the
+/// agent's ports only while the socket listening there carries the mark:
+/// a process that binds the port after the agent is gone gets nothing.
+pub fn listener(socket: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
+    match get() {
+        0 => Ok(()),
+        mark => set_mark(socket, mark),
+    }
+}
+
 fn set_mark(socket: &impl std::os::fd::AsRawFd, mark: u32) -> std::io::Result<()> {
     // SAFETY: a valid fd and a 4-byte value of the advertised length.
     let rc = unsafe {

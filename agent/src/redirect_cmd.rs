@@ -65,7 +65,11 @@ pub async fn run(args: RedirectArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| weft_agent::ebpf::pins::default_dir(&args.cgroup_root));
     let _unpin = Unpin(pin_dir.clone());
     let mut redirector = Redirector::load(Pins::open(&pin_dir)?)?;
-    redirector.configure(Egress::Allow, weft_agent::config::DEFAULT_SOCKET_MARK)?;
+    let mark = weft_agent::config::DEFAULT_SOCKET_MARK;
+    redirector.configure(Egress::Allow, mark)?;
+    // The programs redirect only to a listener with the mark.
+    weft_agent::mark::set(mark);
+    weft_agent::mark::listener(&listener).context("marking the listener")?;
     for (i, dir) in args.workload_cgroups.iter().enumerate() {
         let id = cgroup_id(dir)?;
         redirector.add_workload(id, i as u32 + 1)?;

@@ -418,6 +418,7 @@ pub async fn run(
         for up in &s.upstreams {
             let addr = SocketAddr::from(([127, 0, 0, 1], up.local_port));
             let listener = sockets.tcp(&upstream_name(addr), addr).await?;
+            crate::mark::listener(&listener).map_err(|source| RunError::Listen { addr, source })?;
             running.serve_upstream(listener, &s.name, &(up.name.clone(), up.datacenter.clone()));
         }
     }
@@ -465,6 +466,10 @@ pub async fn run(
     if let Some(interception) = &interception {
         interception.sync(&view.load())?;
         let listener = sockets.tcp("outbound", config.outbound_addr).await?;
+        crate::mark::listener(&listener).map_err(|source| RunError::Listen {
+            addr: config.outbound_addr,
+            source,
+        })?;
         accept_tasks.push(tokio::spawn(outbound::serve_redirected(
             ctx.clone(),
             listener,

@@ -387,6 +387,8 @@ impl Running {
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| Failed::Before(format!("upstream port {addr}: {e}")))?;
+            crate::mark::listener(&listener)
+                .map_err(|e| Failed::Before(format!("marking upstream port {addr}: {e}")))?;
             bound.push((*addr, listener));
         }
         // Registered first: the CA signs only for services on this node.

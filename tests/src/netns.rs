@@ -89,6 +89,19 @@ impl Netns {
         Ok(tokio::net::TcpListener::from_std(listener)?)
     }
 
+    /// A listener standing in for the agent's: it carries the agent's
+    /// default socket mark, since the programs redirect only to a socket
+    /// that does.
+    pub fn listen_as_agent(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> anyhow::Result<tokio::net::TcpListener> {
+        let listener = self.listen(addr)?;
+        weft_agent::mark::set(weft_agent::config::DEFAULT_SOCKET_MARK);
+        weft_agent::mark::listener(&listener)?;
+        Ok(listener)
+    }
+
     /// Starts `cmd` inside this namespace and, when given, inside the cgroup-v2
     /// directory `cgroup`. The child is killed if its handle is dropped.
     pub fn spawn(

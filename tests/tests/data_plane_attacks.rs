@@ -343,6 +343,54 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_admits_nothing_before_its_vie
     Ok(())
 }
 
+/// The attack: node A's agent crashes, and a local process outside the
+/// mesh binds the agent's outbound port before anything else does. For the
+/// rest of the lease the programs still send web's connections to that
+/// port, so the process would read web's traffic in plaintext. The connect
+/// hook sends a connection to the agent's port only when the socket
+/// listening there carries the agent's mark: this one is refused.
+#[test]
+fn a_process_that_takes_the_agents_port_after_a_crash_gets_no_connection() -> anyhow::Result<()> {
+    require_root();
+    let mut mesh = start(spec())?;
+    let vip_url = format!("http://{}:8080/", mesh.vip("api")?);
+    wait_for_api(&mesh, &vip_url)?;
+    let probe = weft_tests::servers::bin("weft-probe");
+    let port = weft_agent::config::DEFAULT_OUTBOUND_ADDR;
+
+    let killed = Instant::now();
+    mesh.kill_agent(NodeA);
+    let log = mesh.path("taker.log");
+    let _taker = mesh.spawn(
+        NodeA,
+        std::process::Command::new(&probe).args(["listen-in-place", port, "5"]),
+        "taker.log",
+    )?;
+    wait_until(Duration::from_secs(2), "the agent's port taken", || {
+        Ok(std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("listening")
+            .then_some(()))
+    })?;
+    let out = mesh.exec_as(NodeA, "web", &curl_args(&vip_url))?;
+    let tried = killed.elapsed();
+    // Renewed every LEASE_RENEWAL, the lease runs at least LEASE minus that
+    // from the kill: only an attempt inside it shows anything.
+    let sure = weft_agent::intercept::LEASE - weft_agent::intercept::LEASE_RENEWAL;
+    ensure!(
+        tried < sure,
+        "the attempt came {tried:?} after the kill, too late to be sure the lease still ran ({sure:?})"
+    );
+    let taken = std::fs::read_to_string(&log)?;
+    ensure!(
+        !taken.contains("accepted"),
+        "web's connection reached the process on the agent's port {tried:?} after the kill: {taken}"
+    );
+    refused("web to api's VIP with the agent's port taken", &out)?;
+    eprintln!("the process on the agent's port got nothing ({tried:?} after the kill): {taken}");
+    Ok(())
+}
+
 #[test]
 fn egress_deny_refuses_destinations_outside_the_mesh_and_uninstall_detaches() -> anyhow::Result<()>
 {

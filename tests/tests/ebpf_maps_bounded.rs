@@ -21,7 +21,7 @@ async fn records_do_not_outlive_their_connections() -> anyhow::Result<()> {
     let netns = Netns::new(&unique_name("bound"))?;
     let root = TestCgroup::under_root(&unique_name("bound"))?;
     let workload = root.child("web")?;
-    let proxy = netns.listen("127.0.0.1:0".parse()?)?;
+    let proxy = netns.listen_as_agent("127.0.0.1:0".parse()?)?;
     let proxy_addr = proxy.local_addr()?;
 
     let mut redirector = Redirector::load(weft_agent::ebpf::Pins::open(

@@ -55,15 +55,23 @@ async fn connect4_redirects_workload_and_records_original_destination() -> anyho
     let workload = root.child("web")?;
     let outsider = root.child("other")?;
 
-    let proxy = netns.listen("127.0.0.1:0".parse()?)?;
+    let proxy = netns.listen_as_agent("127.0.0.1:0".parse()?)?;
     let proxy_addr = proxy.local_addr()?;
     let real = netns.listen(REAL_DEST.parse()?)?;
+    // Where the agent's port would be if a process without its mark had
+    // taken it.
+    let unmarked = netns.listen("127.0.0.1:0".parse()?)?;
 
     let mut redirector = Redirector::load(weft_agent::ebpf::Pins::open(
         &weft_agent::ebpf::pins::default_dir(root.path()),
     )?)?;
     redirector.add_workload(workload.id()?, 7)?;
     redirector.add_destination(Ipv4Addr::new(10, 99, 0, 1).into(), Some(8080), proxy_addr)?;
+    redirector.add_destination(
+        Ipv4Addr::new(10, 99, 0, 1).into(),
+        Some(8081),
+        unmarked.local_addr()?,
+    )?;
     redirector.attach(root.path())?;
     // The test stands in for the agent: it configures and holds the lease.
     redirector.configure(
@@ -115,7 +123,25 @@ async fn connect4_redirects_workload_and_records_original_destination() -> anyho
     let out = client.wait_with_output().await?;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "real:hello");
 
+    // A taken-over destination whose redirect target's listener lacks the
+    // agent's mark: the connect is refused, and that listener gets nothing.
+    let out = probe(&netns, &workload, "10.99.0.1:8081")?
+        .wait_with_output()
+        .await?;
+    assert!(
+        !out.status.success(),
+        "a connection was redirected to an unmarked listener: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), unmarked.accept())
+            .await
+            .is_err(),
+        "the unmarked listener accepted a connection"
+    );
+
     let counters = redirector.counters()?;
+    assert_eq!(counters.no_agent, 1, "{counters:?}");
     assert_eq!(counters.redirected, 2, "{counters:?}");
     assert_eq!(counters.rekeyed, 2, "{counters:?}");
 

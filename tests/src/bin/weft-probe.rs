@@ -13,6 +13,10 @@
 //! * `weft-probe connect-dstopts IPV6 IFNAME PORT` connects over IPv6 with a
 //!   Destination Options extension header on every packet (root only), sends
 //!   an HTTP/1.0 GET and prints the answer: a SYN a header parser might miss.
+//! * `weft-probe listen-in-place ADDR SECONDS` (an attacker waiting for a
+//!   port): binds ADDR as soon as it is free (retrying while it is taken),
+//!   listens, prints `listening` and, if a connection comes within SECONDS,
+//!   prints `accepted:` and the first line it sent; exits 1 when none came.
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
@@ -54,10 +58,24 @@ fn main() {
         }
         return;
     }
+    if let (Some("listen-in-place"), Some(addr), Some(seconds)) =
+        (args.first().map(String::as_str), args.get(1), args.get(2))
+    {
+        let seconds: u64 = seconds.parse().unwrap_or(0);
+        match listen_in_place(addr, Duration::from_secs(seconds)) {
+            Ok(first_bytes) => println!("accepted: {first_bytes}"),
+            Err(e) => {
+                eprintln!("weft-probe: listening on {addr}: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     let (Some("connect"), Some(addr)) = (args.first().map(String::as_str), args.get(1)) else {
         eprintln!(
             "usage: weft-probe connect ADDR [TEXT] | connect-many ADDR N | \
-             connect-reuse FIRST SECOND | connect-dstopts IPV6 IFNAME PORT"
+             connect-reuse FIRST SECOND | connect-dstopts IPV6 IFNAME PORT | \
+             listen-in-place ADDR SECONDS"
         );
         std::process::exit(2);
     };
@@ -191,6 +209,93 @@ fn raw_connect(fd: libc::c_int, addr: &libc::sockaddr_in) -> std::io::Result<()>
     Ok(())
 }
 
+/// `connect(AF_UNSPEC)`: dissolves `fd`'s association, keeping the socket.
+fn dissolve(fd: libc::c_int) -> std::io::Result<()> {
+    let unspec = libc::sockaddr {
+        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+        sa_data: [0; 14],
+    };
+    // SAFETY: a valid sockaddr of the advertised length.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            &unspec,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// An IPv4 socket bound to `addr` (retried until `limit` while it is in
+/// use), listening; the first line of the first connection within `limit`.
+fn listen_in_place(addr: &str, limit: Duration) -> std::io::Result<String> {
+    use std::os::fd::FromRawFd;
+    let addr: std::net::SocketAddrV4 = addr
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
+    let deadline = std::time::Instant::now() + limit;
+    // SAFETY: plain socket creation; the fd is owned by the listener below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    let sockaddr = sockaddr_in(addr);
+    loop {
+        // SAFETY: a valid sockaddr_in of the advertised length.
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                (&sockaddr as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EADDRINUSE) || std::time::Instant::now() >= deadline {
+            return Err(e);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: a bound socket.
+    if unsafe { libc::listen(fd, 16) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    println!("listening");
+    std::io::stdout().flush()?;
+    listener.set_nonblocking(true)?;
+    let (mut stream, _) = loop {
+        match listener.accept() {
+            Ok(accepted) => break accepted,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "nothing accepted",
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = [0u8; 256];
+    let n = stream.read(&mut buf).unwrap_or(0);
+    Ok(String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string())
+}
+
 /// One IPv4 socket: connected to `first` (and that connection waited for),
 /// dissolved with `connect(AF_UNSPEC)`, connected to `second`; 2 s limits.
 fn connect_reuse(first: &str, second: &str) -> std::io::Result<String> {
@@ -210,21 +315,7 @@ fn connect_reuse(first: &str, second: &str) -> std::io::Result<String> {
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     raw_connect(fd, &sockaddr_in(first))?;
-    let unspec = libc::sockaddr {
-        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
-        sa_data: [0; 14],
-    };
-    // SAFETY: a valid sockaddr of the advertised length.
-    let rc = unsafe {
-        libc::connect(
-            fd,
-            &unspec,
-            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    dissolve(fd)?;
     raw_connect(fd, &sockaddr_in(second))?;
     stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
     let mut reply = String::new();
