@@ -2,9 +2,17 @@
 //! for liveness and readiness probes (503 until ready, and while the
 //! serving thread's [`Pulse`](crate::pulse::Pulse) is stale: this server
 //! runs on the background thread), `/metrics` for Prometheus, `/config` for a JSON dump of what
-//! the agent is running with. Plain HTTP/1.1 on hyper 1. Bound to another
-//! address than loopback (e.g. `0.0.0.0:15020`, for Prometheus to scrape
-//! every agent), it still answers `/config` to loopback peers only.
+//! the agent is running with. Plain HTTP/1.1 on hyper 1.
+//!
+//! `/config` holds the whole view (every instance, intention and config
+//! entry the node may read), so it is answered only to a loopback peer
+//! with an ACL token that has `operator:read` (asked of the servers, as the
+//! local API asks them), one dump at a time, built off the server's thread.
+//! Bound to another address than loopback (e.g. `0.0.0.0:15020`, for
+//! Prometheus to scrape every agent), the server still answers `/config`
+//! to loopback peers only. At most [`MAX_ADMIN_CONNECTIONS`] connections
+//! are open at once, each for at most [`ADMIN_CONNECTION_LIFETIME`]: a
+//! client that stops reading holds neither memory nor a slot for long.
 //!
 //! [`respond`] decides the answer to a request from the [`AdminState`] alone (pure and
 //! unit-tested); [`AdminServer`] accepts connections and stops gracefully when the
@@ -23,14 +31,22 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::local_api::authz::{Judge, JudgeError, Right};
 use crate::metrics::AgentMetrics;
 use weft_api::exposition;
 
 /// How long open admin connections get to finish once shutdown starts.
 pub const ADMIN_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// Most admin connections open at once; a connection past them is closed
+/// as it is accepted.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// How long one admin connection may stay open (a scraper's keep-alive
+/// connection included: it opens another); past it the connection ends
+/// after its current answer, or at once if that answer is not being read.
+pub const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Admin server errors.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +77,10 @@ pub struct AdminState {
     pub metrics: Arc<AgentMetrics>,
     /// Called on `/config`.
     pub config: ConfigDump,
+    /// Whether a `/config` caller's token has `operator:read`.
+    pub judge: Arc<dyn Judge>,
+    /// One `/config` dump at a time.
+    pub dumping: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -82,18 +102,23 @@ fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respo
     resp
 }
 
+const PLAIN: &str = "text/plain; charset=utf-8";
+
+/// What [`respond`] decided.
+#[derive(Debug)]
+pub enum Answer {
+    /// This response.
+    Now(Response<Full<Bytes>>),
+    /// A `GET /config`: the caller's rights decide ([`config_dump`]).
+    ConfigDump,
+}
+
 /// The response to `method path` (the query string already removed);
 /// `accept` (the request's Accept header) picks the metrics format.
-pub fn respond(
-    state: &AdminState,
-    method: &Method,
-    path: &str,
-    accept: Option<&str>,
-) -> Response<Full<Bytes>> {
-    const PLAIN: &str = "text/plain; charset=utf-8";
+pub fn respond(state: &AdminState, method: &Method, path: &str, accept: Option<&str>) -> Answer {
     let known = matches!(path, "/healthz" | "/metrics" | "/config");
     if !known {
-        return text(StatusCode::NOT_FOUND, PLAIN, "not found\n");
+        return Answer::Now(text(StatusCode::NOT_FOUND, PLAIN, "not found\n"));
     }
     if method != Method::GET && method != Method::HEAD {
         let mut resp = text(
@@ -103,9 +128,9 @@ pub fn respond(
         );
         resp.headers_mut()
             .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
-        return resp;
+        return Answer::Now(resp);
     }
-    match path {
+    Answer::Now(match path {
         "/healthz" => {
             if !*state.ready.borrow() {
                 text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "not ready")
@@ -125,17 +150,72 @@ pub fn respond(
                 .insert(header::VARY, header::HeaderValue::from_static("accept"));
             resp
         }
-        _ => {
-            let doc = (state.config)();
-            match serde_json::to_vec_pretty(&doc) {
-                Ok(body) => text(StatusCode::OK, "application/json", body),
-                Err(e) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    PLAIN,
-                    format!("cannot encode the configuration: {e}\n"),
-                ),
-            }
+        _ => return Answer::ConfigDump,
+    })
+}
+
+/// The `/config` answer for `peer` presenting `token` (from the request's
+/// `X-Consul-Token`, `Authorization: Bearer` or `?token=`).
+pub async fn config_dump(
+    state: &AdminState,
+    peer: SocketAddr,
+    token: Result<Option<String>, crate::local_api::route::RouteError>,
+) -> Response<Full<Bytes>> {
+    let refused = |status, why: &str| text(status, PLAIN, format!("{why}\n"));
+    if !peer.ip().to_canonical().is_loopback() {
+        return refused(
+            StatusCode::FORBIDDEN,
+            "/config is served to loopback peers only",
+        );
+    }
+    let token = match token {
+        Ok(Some(token)) => token,
+        Ok(None) => {
+            return refused(
+                StatusCode::FORBIDDEN,
+                "Permission denied: /config needs an ACL token with operator:read \
+                 (send X-Consul-Token or Authorization: Bearer)",
+            )
         }
+        Err(_) => return refused(StatusCode::BAD_REQUEST, "malformed ACL token"),
+    };
+    let right = Right::operator_read();
+    match state
+        .judge
+        .authorize(&token, std::slice::from_ref(&right))
+        .await
+    {
+        Ok(answers) if answers == [true] => {}
+        Ok(_) => {
+            return refused(
+                StatusCode::FORBIDDEN,
+                "Permission denied: the token lacks operator:read",
+            )
+        }
+        Err(JudgeError::UnknownToken) => return refused(StatusCode::FORBIDDEN, "ACL not found"),
+        Err(e) => return refused(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+    let Ok(_one) = state.dumping.clone().try_acquire_owned() else {
+        return refused(
+            StatusCode::TOO_MANY_REQUESTS,
+            "a /config dump is being made; ask again when it is done",
+        );
+    };
+    let build = state.config.clone();
+    // Megabytes for a large view: off the background thread's tasks.
+    let encoded = tokio::task::spawn_blocking(move || serde_json::to_vec_pretty(&build())).await;
+    match encoded {
+        Ok(Ok(body)) => text(StatusCode::OK, "application/json", body),
+        Ok(Err(e)) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            PLAIN,
+            format!("cannot encode the configuration: {e}\n"),
+        ),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            PLAIN,
+            format!("building the configuration: {e}\n"),
+        ),
     }
 }
 
@@ -180,15 +260,23 @@ impl AdminServer {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut conns = JoinSet::new();
         let mut accept_errors = crate::accept::AcceptErrors::new("admin");
+        let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            tracing::debug!(%peer, "admin: {MAX_ADMIN_CONNECTIONS} connections open, closing a new one");
+                            continue;
+                        };
                         let state = self.state.clone();
                         let stop = stop_rx.clone();
-                        conns.spawn(serve_conn(stream, peer, state, stop));
+                        conns.spawn(async move {
+                            serve_conn(stream, peer, state, stop).await;
+                            drop(slot);
+                        });
                     }
                     Err(e) => accept_errors.failed(&e).await,
                 },
@@ -218,16 +306,15 @@ async fn serve_conn(
             .headers()
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok());
-        let resp = if req.uri().path() == "/config" && !peer.ip().to_canonical().is_loopback() {
-            text(
-                StatusCode::FORBIDDEN,
-                "text/plain; charset=utf-8",
-                "/config is served to loopback peers only\n",
-            )
-        } else {
-            respond(&state, req.method(), req.uri().path(), accept)
-        };
-        async move { Ok::<_, Infallible>(resp) }
+        let answer = respond(&state, req.method(), req.uri().path(), accept);
+        let token = crate::local_api::route::token(req.headers(), req.uri().query());
+        let state = state.clone();
+        async move {
+            Ok::<_, Infallible>(match answer {
+                Answer::Now(resp) => resp,
+                Answer::ConfigDump => config_dump(&state, peer, token).await,
+            })
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -244,6 +331,17 @@ async fn serve_conn(
             conn.as_mut().graceful_shutdown();
             conn.await
         }
+        () = tokio::time::sleep(ADMIN_CONNECTION_LIFETIME) => {
+            conn.as_mut().graceful_shutdown();
+            // An answer nobody reads would hold the connection for good.
+            match tokio::time::timeout(ADMIN_DRAIN_TIMEOUT, conn).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::debug!(%peer, "admin: connection past its lifetime, closed");
+                    return;
+                }
+            }
+        }
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "admin: connection ended with an error");
@@ -255,6 +353,29 @@ mod tests {
     use super::*;
     use http_body_util::{BodyExt, Empty};
 
+    /// Tokens and whether each has operator:read; others are unknown.
+    struct Tokens(&'static [(&'static str, bool)]);
+
+    impl Judge for Tokens {
+        fn authorize<'a>(
+            &'a self,
+            token: &'a str,
+            rights: &'a [Right],
+        ) -> futures::future::BoxFuture<'a, Result<Vec<bool>, JudgeError>> {
+            let answer = match self.0.iter().find(|(t, _)| *t == token) {
+                Some((_, operator)) => Ok(rights
+                    .iter()
+                    .map(|r| *operator && *r == Right::operator_read())
+                    .collect()),
+                None => Err(JudgeError::UnknownToken),
+            };
+            Box::pin(async move { answer })
+        }
+    }
+
+    const OPERATOR: &str = "operator-token";
+    const READER: &str = "service-reader";
+
     fn state(ready: bool) -> (AdminState, watch::Sender<bool>) {
         let (tx, rx) = watch::channel(ready);
         let metrics = Arc::new(AgentMetrics::new());
@@ -265,8 +386,17 @@ mod tests {
             serving,
             metrics,
             config: Arc::new(|| serde_json::json!({"node_name": "node-a", "services": []})),
+            judge: Arc::new(Tokens(&[(OPERATOR, true), (READER, false)])),
+            dumping: Arc::new(Semaphore::new(1)),
         };
         (st, tx)
+    }
+
+    fn now(answer: Answer) -> Response<Full<Bytes>> {
+        match answer {
+            Answer::Now(resp) => resp,
+            Answer::ConfigDump => panic!("not answered at once: a config dump"),
+        }
     }
 
     async fn body(resp: Response<Full<Bytes>>) -> String {
@@ -279,17 +409,23 @@ mod tests {
         let (st, _tx) = state(true);
         st.metrics
             .conn_opened(crate::metrics::Side::Outbound, "web", "api");
-        let om = respond(
+        let om = now(respond(
             &st,
             &Method::GET,
             "/metrics",
             Some("application/openmetrics-text;version=1.0.0;q=0.5,text/plain;q=0.3"),
-        );
+        ));
         assert_eq!(om.headers()[header::CONTENT_TYPE], exposition::OPENMETRICS);
         let om = body(om).await;
         assert!(om.ends_with("# EOF\n"), "{om}");
         assert!(om.contains("# TYPE weft_agent_connections_opened counter"));
-        let text = body(respond(&st, &Method::GET, "/metrics", Some("text/plain"))).await;
+        let text = body(now(respond(
+            &st,
+            &Method::GET,
+            "/metrics",
+            Some("text/plain"),
+        )))
+        .await;
         assert!(text.contains("# TYPE weft_agent_connections_opened_total counter"));
         assert!(!text.contains("# EOF"));
     }
@@ -297,36 +433,83 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn healthz_fails_once_the_serving_thread_stops_beating() {
         let (st, _ready) = state(true);
-        let r = respond(&st, &Method::GET, "/healthz", None);
+        let r = now(respond(&st, &Method::GET, "/healthz", None));
         assert_eq!(r.status(), StatusCode::OK);
         tokio::time::advance(crate::pulse::STALE + std::time::Duration::from_secs(1)).await;
-        let r = respond(&st, &Method::GET, "/healthz", None);
+        let r = now(respond(&st, &Method::GET, "/healthz", None));
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         let text = body(r).await;
         assert!(text.contains("has not run for 6 s"), "{text}");
         st.serving.beat();
-        let r = respond(&st, &Method::GET, "/healthz", None);
+        let r = now(respond(&st, &Method::GET, "/healthz", None));
         assert_eq!(r.status(), StatusCode::OK);
     }
 
     #[tokio::test]
     async fn respond_routes() {
         let (st, tx) = state(false);
-        let r = respond(&st, &Method::GET, "/healthz", None);
+        let r = now(respond(&st, &Method::GET, "/healthz", None));
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         tx.send(true).unwrap();
-        let r = respond(&st, &Method::GET, "/healthz", None);
+        let r = now(respond(&st, &Method::GET, "/healthz", None));
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(body(r).await, "ok");
-        let r = respond(&st, &Method::POST, "/healthz", None);
+        let r = now(respond(&st, &Method::POST, "/healthz", None));
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(r.headers()[header::ALLOW], "GET, HEAD");
-        let r = respond(&st, &Method::GET, "/nope", None);
+        let r = now(respond(&st, &Method::GET, "/nope", None));
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
-        let r = respond(&st, &Method::GET, "/config", None);
+        assert!(matches!(
+            respond(&st, &Method::GET, "/config", None),
+            Answer::ConfigDump
+        ));
+        let r = now(respond(&st, &Method::DELETE, "/config", None));
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[tokio::test]
+    async fn the_config_dump_needs_a_loopback_peer_with_operator_read() {
+        let (st, _ready) = state(true);
+        let local: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let remote: SocketAddr = "10.0.0.9:40000".parse().unwrap();
+        let token = |t: &str| Ok(Some(t.to_string()));
+        let cases = [
+            (local, Ok(None), StatusCode::FORBIDDEN, "needs an ACL token"),
+            (
+                local,
+                token("made-up"),
+                StatusCode::FORBIDDEN,
+                "ACL not found",
+            ),
+            (
+                local,
+                token(READER),
+                StatusCode::FORBIDDEN,
+                "lacks operator:read",
+            ),
+            (
+                remote,
+                token(OPERATOR),
+                StatusCode::FORBIDDEN,
+                "loopback peers only",
+            ),
+        ];
+        for (peer, token, status, why) in cases {
+            let r = config_dump(&st, peer, token).await;
+            assert_eq!(r.status(), status, "{why}");
+            let text = body(r).await;
+            assert!(text.contains(why), "{text}");
+            assert!(!text.contains("node-a"), "{text}");
+        }
+        let r = config_dump(&st, local, token(OPERATOR)).await;
+        assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
         let v: serde_json::Value = serde_json::from_str(&body(r).await).unwrap();
         assert_eq!(v["node_name"], "node-a");
+        // One dump at a time.
+        let _making = st.dumping.clone().try_acquire_owned().unwrap();
+        let r = config_dump(&st, local, token(OPERATOR)).await;
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     }
 
     /// GET `path` from `addr` with a hyper client; returns status and body.
@@ -401,10 +584,9 @@ mod tests {
             assert!(b.contains(want), "missing {want:?} in\n{b}");
         }
 
-        let (s, ct, b) = get(addr, "/config").await;
-        assert_eq!((s, ct.as_str()), (StatusCode::OK, "application/json"));
-        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
-        assert_eq!(v["node_name"], "node-a");
+        // No token: refused (the token's rights are the unit test's).
+        let (s, _, b) = get(addr, "/config").await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
 
         let (s, _, _) = get(addr, "/").await;
         assert_eq!(s, StatusCode::NOT_FOUND);
@@ -450,6 +632,106 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    /// Reads until the server closes, for at most 5 s: whether it did.
+    async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 64 * 1024];
+        let read_all = async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read_all)
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_limit_are_closed_and_a_freed_slot_is_used_again() {
+        let (st, _ready) = state(true);
+        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap(), st)
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async {
+            let _ = stop_rx.await;
+        }));
+        // Connections that send nothing hold every slot.
+        let mut held = Vec::new();
+        for _ in 0..MAX_ADMIN_CONNECTIONS {
+            held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(
+            closed_by_server(&mut extra).await,
+            "a connection past the limit stays open"
+        );
+        drop(held.pop());
+        // The freed slot is seen once the server notices the close.
+        let mut served = false;
+        for _ in 0..50 {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            if let Ok((mut sender, conn)) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+            {
+                tokio::spawn(conn);
+                let req = Request::get("/healthz")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                if let Ok(resp) = sender.send_request(req).await {
+                    served = resp.status() == StatusCode::OK;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(served, "no connection served after a slot was freed");
+        stop_tx.send(()).unwrap();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_nobody_reads_ends_with_the_connections_lifetime() {
+        use tokio::io::AsyncWriteExt;
+        let (mut st, _ready) = state(true);
+        // An answer far larger than the sockets' buffers.
+        st.config = Arc::new(|| serde_json::json!({"big": "x".repeat(32 << 20)}));
+        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap(), st)
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async {
+            let _ = stop_rx.await;
+        }));
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request =
+            format!("GET /config HTTP/1.1\r\nhost: {addr}\r\nx-consul-token: {OPERATOR}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        // Not read: the server's write stalls until the lifetime (the
+        // paused clock jumps to it when nothing else is ready).
+        tokio::time::sleep(ADMIN_CONNECTION_LIFETIME + ADMIN_DRAIN_TIMEOUT).await;
+        let mut received = 0usize;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            use tokio::io::AsyncReadExt;
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received += n,
+            }
+        }
+        assert!(
+            received < 32 << 20,
+            "the whole answer came ({received} bytes): the connection was not cut"
+        );
+        stop_tx.send(()).unwrap();
+        task.await.unwrap();
     }
 
     #[tokio::test]

@@ -239,6 +239,8 @@ pub async fn run(
         offered: Arc::new(Mutex::new(Vec::new())),
     };
 
+    // Tokens are judged by the servers, for /config and the local API.
+    let judge = Arc::new(crate::local_api::authz::ServerJudge::new(control.clone()));
     // Admin first, so that /healthz answers (503) while the rest starts;
     // after the predecessor's when taking over (it answers meanwhile).
     let mut admin_state = Some(AdminState {
@@ -254,6 +256,8 @@ pub async fn run(
                 })
             })
         },
+        judge: judge.clone(),
+        dumping: Arc::new(tokio::sync::Semaphore::new(1)),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut admin_task = None;
@@ -426,7 +430,6 @@ pub async fn run(
     // Local HTTP API: workloads update their TTL checks and register
     // services (crate::local_api).
     running.set_registered(registered);
-    let judge = Arc::new(crate::local_api::authz::ServerJudge::new(control.clone()));
     // Other /v1/ requests go to the servers' HTTPS API with the caller's token.
     let forwarder = Arc::new(crate::local_api::forward::Forwarder::from_config(&config)?);
     let api_state = crate::local_api::LocalApiState::new(checks.clone(), judge)

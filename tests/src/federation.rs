@@ -624,12 +624,20 @@ impl Federation {
         self.run_in(self.lan(k), "curl", args, Duration::from_secs(20))
     }
 
-    /// The view of the agent whose admin listens in `ns`.
-    pub fn agent_view(&self, ns: &Netns) -> anyhow::Result<serde_json::Value> {
+    /// The view of datacenter k's agent whose admin listens in `ns`, asked
+    /// with k's management token (`/config` needs `operator:read`).
+    pub fn agent_view(&self, k: usize, ns: &Netns) -> anyhow::Result<serde_json::Value> {
         let out = self.run_in(
             ns,
             "curl",
-            &["-s", "-m", "5", "http://127.0.0.1:15020/config"],
+            &[
+                "-s",
+                "-m",
+                "5",
+                "-H",
+                &format!("X-Consul-Token: {}", self.token(k)),
+                "http://127.0.0.1:15020/config",
+            ],
             Duration::from_secs(10),
         )?;
         let v: serde_json::Value = serde_json::from_str(&out.stdout)
@@ -652,7 +660,7 @@ impl Federation {
             "the datacenters to know each other",
             || {
                 for k in 0..2 {
-                    let f = &self.agent_view(self.gateway(k, 0))?["federation"];
+                    let f = &self.agent_view(k, self.gateway(k, 0))?["federation"];
                     for (other, addrs) in wans.iter().enumerate() {
                         let mut known: Vec<String> = f[DCS[other]]
                             .as_array()
@@ -670,7 +678,10 @@ impl Federation {
                         }
                     }
                 }
-                let (v1, v2) = (self.agent_view(self.lan(0))?, self.agent_view(self.lan(1))?);
+                let (v1, v2) = (
+                    self.agent_view(0, self.lan(0))?,
+                    self.agent_view(1, self.lan(1))?,
+                );
                 Ok((!v1["roots_pem"].as_array().is_none_or(|r| r.is_empty())
                     && v2["roots_pem"] == v1["roots_pem"]
                     && v2["trust_domain"] == v1["trust_domain"])

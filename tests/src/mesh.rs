@@ -1032,9 +1032,11 @@ impl Mesh {
     }
 
     /// Node's agent's `/config` document: its configuration and its view
-    /// (`view.nodes`, `view.instances`, `view.intentions`, `view.index`…).
+    /// (`view.nodes`, `view.instances`, `view.intentions`, `view.index`…),
+    /// asked with the management token (it needs `operator:read`).
     pub fn agent_config_dump(&self, node: Node) -> anyhow::Result<serde_json::Value> {
-        let text = self.curl(node, &format!("http://{ADMIN}/config"))?;
+        let header = format!("X-Consul-Token: {}", self.token);
+        let text = self.curl_with(node, &format!("http://{ADMIN}/config"), &["-H", &header])?;
         serde_json::from_str(&text).with_context(|| format!("agent /config: {text:?}"))
     }
 

@@ -571,6 +571,8 @@ fn stdout_of(args: &[&str], out: Output) -> anyhow::Result<String> {
 pub struct LoopbackAgent {
     child: Child,
     admin: String,
+    /// The cluster's management token, for `/config`.
+    token: String,
     log: PathBuf,
     _dir: ScratchDir,
 }
@@ -621,6 +623,7 @@ impl Cluster {
         let agent = LoopbackAgent {
             child,
             admin,
+            token: self.token.clone(),
             log,
             _dir: dir,
         };
@@ -649,7 +652,8 @@ impl LoopbackAgent {
     /// The agent's `/config` document (configuration and view).
     pub fn config_dump(&self) -> anyhow::Result<serde_json::Value> {
         let out = Command::new("curl")
-            .args(["-sS", "-m", "5"])
+            .args(["-sS", "-m", "5", "--fail", "-H"])
+            .arg(format!("X-Consul-Token: {}", self.token))
             .arg(format!("http://{}/config", self.admin))
             .output()?;
         anyhow::ensure!(

@@ -87,9 +87,16 @@ fn intention_deny_refuses_within_a_second_and_delete_restores() -> anyhow::Resul
     assert!(mesh.metric(NodeA, "weft_agent_connections_opened_total")? >= 1.0);
     // What a scraper without OpenMetrics reads, with traffic counted.
     weft_tests::promtool_check(&mesh.metrics(NodeA)?)?;
-    // `/config`: the running configuration and the view, as JSON.
-    let config = mesh.curl(NodeA, &format!("http://{}/config", weft_tests::mesh::ADMIN))?;
-    let config: serde_json::Value = serde_json::from_str(&config).context("/config")?;
+    // `/config`: the running configuration and the view, as JSON, to a
+    // token with operator:read only.
+    let url = format!("http://{}/config", weft_tests::mesh::ADMIN);
+    let anonymous = mesh.curl_raw(NodeA, &["-sS", "-m", "5", "-w", "%{http_code}", &url])?;
+    ensure!(
+        anonymous.stdout.ends_with("403") && !anonymous.stdout.contains("instances"),
+        "/config without a token: {}",
+        anonymous.describe()
+    );
+    let config = mesh.agent_config_dump(NodeA)?;
     ensure!(config["config"]["node_name"].is_string(), "{config}");
     let instances = config["view"]["instances"]
         .as_array()

@@ -127,7 +127,7 @@ fn two_datacenters_federate_through_their_gateways_only() -> anyhow::Result<()> 
     // One trust domain: dc2's node, reached from dc1's LAN by its name,
     // presents a dc2 certificate that chains to dc1's roots through the
     // intermediate it sends.
-    let view = fed.agent_view(fed.lan(0))?;
+    let view = fed.agent_view(0, fed.lan(0))?;
     let td = view["trust_domain"]
         .as_str()
         .context("no trust domain")?
@@ -312,7 +312,7 @@ fn dc1_reaches_dc2_through_gateways_fails_over_and_keeps_flowing() -> anyhow::Re
         Duration::from_secs(30),
         "dc1 to see dc2's api passing",
         || {
-            let view = fed.agent_view(fed.lan(0))?;
+            let view = fed.agent_view(0, fed.lan(0))?;
             let passing = view["remote"]["dc2"].as_array().is_some_and(|a| {
                 a.iter()
                     .any(|i| i["service"] == "api" && i["health"] == "passing")
@@ -497,7 +497,7 @@ fn dc1_reaches_dc2_through_gateways_fails_over_and_keeps_flowing() -> anyhow::Re
             Duration::from_secs(10),
             "the agents to hold web@dc2",
             || {
-                let view = fed.agent_view(fed.lan(k))?;
+                let view = fed.agent_view(k, fed.lan(k))?;
                 Ok(view["intentions"]
                     .to_string()
                     .contains("web@dc2")
@@ -572,11 +572,11 @@ fn dc1_reaches_dc2_through_gateways_fails_over_and_keeps_flowing() -> anyhow::Re
 
     // A root rotation in the primary reaches dc2; traffic to dc2 keeps
     // flowing across it.
-    let roots_before = fed.agent_view(fed.lan(1))?["roots_pem"].clone();
+    let roots_before = fed.agent_view(1, fed.lan(1))?["roots_pem"].clone();
     let failed = failures_across(&fed, 9192, 60, || {
         fed.weft(0, &["ca", "rotate"])?;
         wait_until(Duration::from_secs(20), "dc2 to take the new root", || {
-            let v = fed.agent_view(fed.lan(1))?;
+            let v = fed.agent_view(1, fed.lan(1))?;
             Ok((v["roots_pem"] != roots_before
                 && v["roots_pem"].as_array().is_some_and(|r| r.len() == 2))
             .then_some(()))
@@ -671,7 +671,7 @@ fn a_workload_calls_another_datacenters_service_by_name() -> anyhow::Result<()> 
         Duration::from_secs(30),
         "dc1 to give dc2's api a virtual IP",
         || {
-            let view = fed.agent_view(fed.lan(0))?;
+            let view = fed.agent_view(0, fed.lan(0))?;
             Ok(view["vips"]["api.dc2"].as_str().map(String::from))
         },
     )?;

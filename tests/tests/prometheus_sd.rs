@@ -186,7 +186,8 @@ fn prometheus_discovers_and_scrapes_every_agent() -> anyhow::Result<()> {
     nodes.sort();
     assert_eq!(nodes, [NodeA.node_name(), NodeB.node_name()], "{v}");
 
-    // The admin port on the network serves metrics, not the configuration.
+    // The admin port on the network serves metrics, not the configuration,
+    // even to a token that may read it.
     let b = mesh.ip(NodeB);
     let config_from_a = mesh.curl_raw(
         NodeA,
@@ -198,6 +199,8 @@ fn prometheus_discovers_and_scrapes_every_agent() -> anyhow::Result<()> {
             "/dev/null",
             "-w",
             "%{http_code}",
+            "-H",
+            &format!("X-Consul-Token: {}", mesh.token),
             &format!("http://{b}:15020/config"),
         ],
     )?;

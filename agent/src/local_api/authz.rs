@@ -70,6 +70,14 @@ impl Right {
             access: "read",
         }
     }
+    /// `operator:read` (a global right: no segment).
+    pub fn operator_read() -> Right {
+        Right {
+            resource: "operator",
+            segment: String::new(),
+            access: "read",
+        }
+    }
     pub fn node_read(node: &str) -> Right {
         Right {
             resource: "node",
