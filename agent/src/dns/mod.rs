@@ -64,7 +64,8 @@ const UDP_RECV_BUF: usize = 4096;
 const HEADER_LEN: usize = 12;
 /// Open TCP connections beyond this are closed at once.
 pub const MAX_TCP_CONNECTIONS: usize = 128;
-/// A TCP connection that sends nothing for this long is closed.
+/// A TCP connection that sends nothing, or does not take an answer, for
+/// this long is closed.
 pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// DNS server errors.
@@ -510,8 +511,9 @@ impl Drop for IdleConn {
 }
 
 /// Answers the length-prefixed queries of one TCP connection (RFC 1035 4.2.2) until
-/// the client closes it, goes idle, sends something unreadable, or is evicted
-/// while waiting because every slot is taken.
+/// the client closes it, goes idle, sends something unreadable, does not
+/// read its answers, or is evicted while waiting (for a query, or for the
+/// client to take an answer) because every slot is taken.
 async fn serve_tcp(
     mut stream: TcpStream,
     resolver: ServiceResolver,
@@ -550,8 +552,16 @@ async fn serve_tcp(
         let mut framed = Vec::with_capacity(reply.len() + 2);
         framed.extend_from_slice(&len.to_be_bytes());
         framed.extend_from_slice(&reply);
-        if stream.write_all(&framed).await.is_err() {
-            return;
+        // A client that does not read its answers is as idle as one that
+        // sends nothing: it may be evicted, and it is closed in time.
+        conn.set_waiting(true);
+        tokio::select! {
+            written = tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.write_all(&framed)) => {
+                if !matches!(written, Ok(Ok(()))) {
+                    return;
+                }
+            }
+            () = conn.evict.notified() => return,
         }
     }
 }
@@ -1089,6 +1099,47 @@ mod tests {
             .await
             .expect("the oldest idle connection was not closed");
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    /// A client that sends queries and never reads the answers: once the
+    /// sockets' buffers are full the server's write waits, and the
+    /// connection is closed after TCP_IDLE_TIMEOUT, its slot freed.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_does_not_read_its_answers_is_closed() {
+        let (addr, stop, task) = start().await;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let (mut reader, mut writer) = stream.into_split();
+        let query = query_bytes("api.service.weft.", RecordType::A);
+        let mut framed = u16::try_from(query.len()).unwrap().to_be_bytes().to_vec();
+        framed.extend_from_slice(&query);
+        // Queries until the server stops taking them (its answers are not
+        // read), or the server closes the connection. Bounded either way.
+        let sent = async {
+            for n in 0..1_000_000u32 {
+                if writer.write_all(&framed).await.is_err() {
+                    return n;
+                }
+            }
+            u32::MAX
+        };
+        let sent = tokio::time::timeout(TCP_IDLE_TIMEOUT * 3, sent).await;
+        // The writes stopped because the server closed the connection; the
+        // paused clock went past the server's limit while they waited.
+        assert!(matches!(sent, Ok(n) if n < u32::MAX), "{sent:?}");
+        let mut rest = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), reader.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(read, Ok(Ok(_)) | Ok(Err(_))),
+            "the server kept the connection"
+        );
         stop.send(()).unwrap();
         tokio::time::timeout(Duration::from_secs(5), task)
             .await
