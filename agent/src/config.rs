@@ -707,9 +707,17 @@ fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, Invalid> {
 
 /// `recursors`: `IP` (port 53) or `IP:PORT` each, at most
 /// [`crate::dns::recurse::MAX_RECURSORS`], never the agent's own DNS address
-/// (it would forward to itself).
+/// (it would forward to itself), and only with `dns_addr` on loopback.
 fn recursors(values: &[String], dns_addr: SocketAddr) -> Result<Vec<SocketAddr>, Invalid> {
     use crate::dns::recurse::MAX_RECURSORS;
+    if !values.is_empty() && !dns_addr.ip().to_canonical().is_loopback() {
+        return Err(invalid(
+            "recursors",
+            format!(
+                "with dns_addr {dns_addr} off loopback the agent would resolve any name for anyone who reaches it (an open resolver): bind dns_addr to a loopback address, e.g. \"127.0.0.1:53\""
+            ),
+        ));
+    }
     if values.len() > MAX_RECURSORS {
         return Err(invalid(
             "recursors",
@@ -1989,6 +1997,18 @@ data_dir = "/var/lib/weft-agent"
         let many = ["\"10.0.0.1\""; 9].join(", ");
         let e = err(&format!("recursors = [{many}]\n{MINIMAL}"));
         assert!(e.contains("at most 8"), "{e}");
+        // Off loopback, recursion would serve the network: refused.
+        for dns_addr in ["0.0.0.0:53", "10.77.0.2:8600", "[::]:53"] {
+            let e = err(&format!(
+                "dns_addr = {dns_addr:?}\nrecursors = [\"10.0.0.53\"]\n{MINIMAL}"
+            ));
+            assert!(
+                e.contains("recursors: with dns_addr") && e.contains("open resolver"),
+                "{dns_addr}: {e}"
+            );
+            let c = parse(&format!("dns_addr = {dns_addr:?}\n{MINIMAL}")).unwrap();
+            assert!(c.recursors.is_empty());
+        }
     }
 
     #[test]
