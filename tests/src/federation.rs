@@ -293,15 +293,21 @@ impl Federation {
         self.weft_as(k, &self.dcs[k].token, args)
     }
 
-    /// `weft ARGS` in datacenter k's LAN against its server, with `token`.
+    /// `weft ARGS` in datacenter k's LAN against its server, with `token`
+    /// (empty: none).
     pub fn weft_as(&self, k: usize, token: &str, args: &[&str]) -> anyhow::Result<Output> {
-        let addr = format!("--addr={}:8502", self.server_ip(k));
-        let ca = format!("--ca-file={}", self.path("ca.pem").display());
-        let name = format!("--tls-server-name=server.{}.weft", DCS[k]);
-        let mut full = vec![addr.as_str(), ca.as_str(), name.as_str()];
-        full.extend(["--token", token]);
-        full.extend_from_slice(args);
-        self.run_in(self.lan(k), bin("weft"), &full, Duration::from_secs(15))
+        let mut cmd = Command::new(bin("weft"));
+        cmd.arg(format!("--addr={}:8502", self.server_ip(k)))
+            .arg(format!("--ca-file={}", self.path("ca.pem").display()))
+            .arg(format!("--tls-server-name=server.{}.weft", DCS[k]))
+            .args(args)
+            .env_remove("WEFT_TOKEN");
+        // In the environment, not on the command line (see Mesh::weft_as).
+        if !token.is_empty() {
+            cmd.env("WEFT_TOKEN", token);
+        }
+        let _ns = in_netns(&mut cmd, self.lan(k))?;
+        run_bounded(&mut cmd, Duration::from_secs(15))
     }
 
     /// `GET path` on datacenter k's server's HTTPS API, with its
@@ -367,15 +373,7 @@ impl Federation {
     /// Runs the `weft` CLI in datacenter k's LAN against its server, with
     /// its management token.
     pub fn weft(&self, k: usize, args: &[&str]) -> anyhow::Result<String> {
-        let addr = format!("--addr={}:8502", self.server_ip(k));
-        let ca = format!("--ca-file={}", self.path("ca.pem").display());
-        let name = format!("--tls-server-name=server.{}.weft", DCS[k]);
-        let mut full = vec![addr.as_str(), ca.as_str(), name.as_str()];
-        if !self.dcs[k].token.is_empty() {
-            full.extend(["--token", self.dcs[k].token.as_str()]);
-        }
-        full.extend_from_slice(args);
-        let out = self.run_in(self.lan(k), bin("weft"), &full, Duration::from_secs(15))?;
+        let out = self.weft_as(k, &self.dcs[k].token, args)?;
         ensure!(
             out.success(),
             "weft {args:?} in {}: {}",

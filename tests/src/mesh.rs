@@ -1043,14 +1043,8 @@ impl Mesh {
     /// Runs the `weft` CLI (inside node A) against the server, with the
     /// management token.
     pub fn weft_raw(&self, args: &[&str]) -> anyhow::Result<Output> {
-        let addr = format!("--addr={}", self.server_addr());
-        let ca = format!("--ca-file={}", self.path("ca.pem").display());
-        let mut full = vec![addr.as_str(), ca.as_str()];
-        if !self.token.is_empty() {
-            full.extend(["--token", self.token.as_str()]);
-        }
-        full.extend_from_slice(args);
-        self.run(Node::A, bin("weft"), &full, Duration::from_secs(10))
+        let token = (!self.token.is_empty()).then_some(self.token.as_str());
+        self.weft_as(Node::A, token, args)
     }
 
     /// Runs the `weft` CLI in `node` against the server with `token` (None:
@@ -1061,14 +1055,18 @@ impl Mesh {
         token: Option<&str>,
         args: &[&str],
     ) -> anyhow::Result<Output> {
-        let addr = format!("--addr={}", self.server_addr());
-        let ca = format!("--ca-file={}", self.path("ca.pem").display());
-        let mut full = vec![addr.as_str(), ca.as_str()];
+        let mut cmd = Command::new(bin("weft"));
+        cmd.arg(format!("--addr={}", self.server_addr()))
+            .arg(format!("--ca-file={}", self.path("ca.pem").display()))
+            .args(args)
+            .env_remove("WEFT_TOKEN");
+        // In the environment, which only its user reads, not on the command
+        // line, which every local user does.
         if let Some(token) = token {
-            full.extend(["--token", token]);
+            cmd.env("WEFT_TOKEN", token);
         }
-        full.extend_from_slice(args);
-        self.run(node, bin("weft"), &full, Duration::from_secs(10))
+        let _ns = in_netns(&mut cmd, self.netns(node))?;
+        run_bounded(&mut cmd, Duration::from_secs(10))
     }
 
     /// Runs the `weft` CLI and requires success; returns its stdout.
