@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use crate::catalog::{HealthStatus, Node, ServiceInstance};
-use crate::http_match::FullMatch;
+use crate::http_match::{FullMatch, RulePath};
 use crate::intention::{HeaderMatch, HttpMatch, Intention, IntentionAction, Permission};
 use crate::kv::KvEntry;
 use crate::proto;
@@ -146,8 +146,8 @@ fn header_from_proto(h: proto::HeaderMatch) -> HeaderMatch {
 
 fn http_to_proto(m: &HttpMatch) -> proto::HttpMatch {
     proto::HttpMatch {
-        path_exact: m.path_exact.clone(),
-        path_prefix: m.path_prefix.clone(),
+        path_exact: m.path_exact.as_ref().map(|p| p.as_str().to_string()),
+        path_prefix: m.path_prefix.as_ref().map(|p| p.as_str().to_string()),
         path_regex: m.path_regex.as_ref().map(|r| r.as_str().to_string()),
         methods: m.methods.clone(),
         headers: m.headers.iter().map(header_to_proto).collect(),
@@ -156,8 +156,8 @@ fn http_to_proto(m: &HttpMatch) -> proto::HttpMatch {
 
 fn http_from_proto(m: proto::HttpMatch) -> HttpMatch {
     HttpMatch {
-        path_exact: m.path_exact,
-        path_prefix: m.path_prefix,
+        path_exact: m.path_exact.map(RulePath::from),
+        path_prefix: m.path_prefix.map(RulePath::from),
         path_regex: m.path_regex.map(FullMatch::from),
         methods: m.methods,
         headers: m.headers.into_iter().map(header_from_proto).collect(),

@@ -145,9 +145,9 @@ pub struct HeaderMatch {
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 pub struct HttpMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path_exact: Option<String>,
+    pub path_exact: Option<RulePath>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path_prefix: Option<String>,
+    pub path_prefix: Option<RulePath>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_regex: Option<FullMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -180,6 +180,36 @@ fn err(field: impl Into<String>, reason: impl Into<String>) -> HttpMatchError {
     HttpMatchError {
         field: field.into(),
         reason: reason.into(),
+    }
+}
+
+/// A rule's `PathExact` or `PathPrefix`, written as the operator wrote it
+/// and compared in its normalized form (see [`NormalPath`]).
+pub type RulePath = Compiled<NormalPath>;
+
+/// A rule path normalized as requests' paths are ([`crate::path`]): the
+/// proxy judges and routes a request by its normalized path, so a rule
+/// written `/a//b` or `/x/../admin` is about `/a/b` and `/admin`; compared
+/// as written it would match no request, and a deny on it would let every
+/// request through. A rule path that normalization refuses (an encoded
+/// `/`, `..;`) is one no request can have: it matches nothing, as any
+/// request with such a path is refused before it is judged.
+#[derive(Debug, Clone)]
+pub struct NormalPath(String);
+
+impl Compile for NormalPath {
+    fn compile(source: &str) -> Result<NormalPath, String> {
+        crate::path::normalize_path(source)
+            .map(|p| NormalPath(p.into_owned()))
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Compiled<NormalPath> {
+    /// The normalized path, or None when no normalized request path can
+    /// be it or start with it.
+    pub fn normal(&self) -> Option<&str> {
+        self.get().ok().map(|p| p.0.as_str())
     }
 }
 
@@ -246,6 +276,9 @@ impl HttpMatch {
     /// not compile (which [`validate_http_match`] refuses at write time).
     pub fn matches(&self, request: &Request) -> Result<bool, HttpMatchError> {
         if let Some(exact) = &self.path_exact {
+            let Some(exact) = exact.normal() else {
+                return Ok(false);
+            };
             let same = if self.case_insensitive {
                 request.path.eq_ignore_ascii_case(exact)
             } else {
@@ -256,6 +289,9 @@ impl HttpMatch {
             }
         }
         if let Some(prefix) = &self.path_prefix {
+            let Some(prefix) = prefix.normal() else {
+                return Ok(false);
+            };
             let starts = match request.path.get(..prefix.len()) {
                 Some(head) if self.case_insensitive => head.eq_ignore_ascii_case(prefix),
                 Some(head) => head == prefix,
@@ -342,7 +378,7 @@ pub fn validate_http_match(field: &str, m: &HttpMatch) -> Result<(), HttpMatchEr
     }
     for (name, value) in [("PathExact", &m.path_exact), ("PathPrefix", &m.path_prefix)] {
         if let Some(path) = value {
-            if !path.starts_with('/') {
+            if !path.as_str().starts_with('/') {
                 return Err(err(
                     format!("{field}.{name}"),
                     format!("{path:?} must start with '/'"),
@@ -500,6 +536,61 @@ mod tests {
         // The regex must match the whole path.
         assert!(!m(|h| h.path_regex = Some("/api".into())));
         assert!(!m(|h| h.path_regex = Some("users".into())));
+    }
+
+    /// Requests are judged by their normalized paths, so rule paths are
+    /// compared in their normalized form: written as-is, a deny on `/a//b`
+    /// or `/x/../admin` would match no request and let every one through.
+    #[test]
+    fn rule_paths_are_compared_normalized() {
+        let m = |path: &str, f: &dyn Fn(&mut HttpMatch)| {
+            let mut h = HttpMatch::default();
+            f(&mut h);
+            h.matches(&Request::new("GET", path)).unwrap()
+        };
+        for (rule, request) in [
+            ("/a//b", "/a/b"),
+            ("/x/../admin", "/admin"),
+            ("/files/%7euser", "/files/~user"),
+            ("/%61dmin", "/admin"),
+            ("/api/./v1", "/api/v1"),
+        ] {
+            assert!(
+                m(request, &|h| h.path_exact = Some(rule.into())),
+                "PathExact {rule} against {request}"
+            );
+            assert!(
+                m(&format!("{request}/more"), &|h| h.path_prefix =
+                    Some(rule.into())),
+                "PathPrefix {rule} against {request}/more"
+            );
+            // Still written as the operator wrote it.
+            let h = HttpMatch {
+                path_prefix: Some(rule.into()),
+                ..Default::default()
+            };
+            assert_eq!(
+                serde_json::to_value(&h).unwrap()["PathPrefix"],
+                serde_json::json!(rule)
+            );
+        }
+        assert!(!m("/admin", &|h| h.path_exact = Some("/x/../admin/y".into())));
+        // No normalized path has an encoded slash or `..;`: such a rule
+        // matches nothing (requests with them are refused before).
+        for rule in ["/a%2Fb", "/public/..;/admin"] {
+            for request in ["/a/b", "/a%2Fb", "/admin", "/public/..;/admin"] {
+                assert!(!m(request, &|h| h.path_exact = Some(rule.into())), "{rule}");
+                assert!(
+                    !m(request, &|h| h.path_prefix = Some(rule.into())),
+                    "{rule}"
+                );
+            }
+        }
+        // A case-insensitive route compares normalized forms too.
+        assert!(m("/API/v1", &|h| {
+            h.path_prefix = Some("/api//".into());
+            h.case_insensitive = true;
+        }));
     }
 
     #[test]
@@ -770,7 +861,7 @@ mod tests {
             r#"{"PathPrefix":"/a","Methods":["GET"],"Header":[{"Name":"x","Exact":"1","Invert":true}]}"#,
         )
         .unwrap();
-        assert_eq!(h.path_prefix.as_deref(), Some("/a"));
+        assert_eq!(h.path_prefix.as_ref().map(|p| p.as_str()), Some("/a"));
         assert!(h.headers[0].invert);
         let json = serde_json::to_string(&h).unwrap();
         assert_eq!(

@@ -164,7 +164,10 @@ impl RoutePolicy {
             .route_match
             .as_ref()
             .and_then(|m| m.http.as_ref())
-            .and_then(|h| h.path_prefix.clone().or_else(|| h.path_exact.clone()));
+            .and_then(|h| h.path_prefix.as_ref().or(h.path_exact.as_ref()))
+            // Requests' paths are normalized: what a route matched of one,
+            // and cuts, is its rule's normalized path.
+            .and_then(|p| p.normal().map(str::to_string));
         let has_condition = destination.retry_on_connect_failure
             || !destination.retry_on_status_codes.is_empty()
             || !destination.retry_on.is_empty();
@@ -654,6 +657,17 @@ mod tests {
             "a case-insensitive match is cut too"
         );
         assert_eq!(policy.rewritten("/other"), None);
+        // A rule written unnormalized matched the request's normalized
+        // path: its normalized form is what is cut.
+        let mut unnormal = route.clone();
+        if let Some(http) = unnormal.route_match.as_mut().and_then(|m| m.http.as_mut()) {
+            http.path_prefix = Some("/v2//".into());
+        }
+        let policy_of_unnormal = RoutePolicy::of(&unnormal);
+        assert_eq!(
+            policy_of_unnormal.rewritten("/v2/users/7").as_deref(),
+            Some("/users/7")
+        );
         assert!(policy.is_plain(), "a rewrite keeps no body");
         assert_eq!(RoutePolicy::default().rewritten("/v2/x"), None);
     }

@@ -309,7 +309,10 @@ fn consuls_hcl_examples_parse_into_the_same_entries() {
         .as_ref()
         .and_then(|m| m.http.as_ref())
         .unwrap();
-    assert_eq!(first.path_prefix.as_deref(), Some("/admin"));
+    assert_eq!(
+        first.path_prefix.as_ref().map(|p| p.as_str()),
+        Some("/admin")
+    );
     let second = r.routes[1]
         .route_match
         .as_ref()
