@@ -110,8 +110,18 @@ fn main() -> anyhow::Result<()> {
                 Err(e) => tracing::warn!("raising the open files limit: {e}"),
             }
             let config = weft_agent::config::AgentConfig::load(&path)?;
-            // Services and checks registered through the local API before a restart.
-            let registered = weft_agent::registered::load_all(&config.data_dir)?;
+            // Services and checks registered through the local API before a
+            // restart, but for those the file now defines.
+            let (registered, gone) =
+                weft_agent::registered::load_all(&config.data_dir)?.yielding_to(&config);
+            if !gone.is_empty() {
+                tracing::warn!(
+                    ids = ?gone,
+                    "the configuration file now defines these: their registrations through the local API are dropped"
+                );
+                weft_agent::registered::save(&config.data_dir, &registered.services)?;
+                weft_agent::registered::save_checks(&config.data_dir, &registered.checks)?;
+            }
             let config = if registered == Default::default() {
                 config
             } else {

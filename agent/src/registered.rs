@@ -177,6 +177,44 @@ struct TomlCheck<'a> {
     status: Option<&'a str>,
 }
 
+impl Registered {
+    /// What is kept once the operator's file `file` has its say: a service
+    /// whose id the file now defines is the file's (as Consul's agent lets
+    /// its configuration replace a registration of the same id), so the
+    /// API's registration of it goes, with the checks added to it; so does a
+    /// check added to a file service under an id the file now gives one of
+    /// its own checks. Without this the file could not be loaded at all, and
+    /// the agent would not start. Returns the ids of what went.
+    pub fn yielding_to(&self, file: &crate::config::AgentConfig) -> (Registered, Vec<String>) {
+        let services: std::collections::HashSet<&str> =
+            file.services.iter().map(|s| s.id.as_str()).collect();
+        let checks: std::collections::HashSet<&str> = (file.services.iter())
+            .flat_map(|s| s.checks.iter().map(|c| c.id.as_str()))
+            .collect();
+        let mut gone = Vec::new();
+        let mut kept = Registered::default();
+        for service in &self.services {
+            if services.contains(service.id()) {
+                gone.push(service.id().to_string());
+            } else {
+                kept.services.push(service.clone());
+            }
+        }
+        for check in &self.checks {
+            let its_service_went = gone.iter().any(|id| *id == check.service_id);
+            let id_taken = (check.check.check_id.as_deref()).is_some_and(|id| checks.contains(id));
+            if its_service_went || id_taken {
+                if id_taken {
+                    gone.extend(check.check.check_id.clone());
+                }
+            } else {
+                kept.checks.push(check.clone());
+            }
+        }
+        (kept, gone)
+    }
+}
+
 impl RegisteredService {
     /// Parses a request body, its keys read as Consul's agent reads them
     /// (any case, snake_case); an unknown field is named.
@@ -464,6 +502,59 @@ port = 8000
         // web's upstream stays web's.
         assert_eq!(config.services[0].upstreams.len(), 1);
         assert!(config.services[1].upstreams.is_empty());
+    }
+
+    #[test]
+    fn the_file_takes_the_ids_it_defines_from_the_apis_registrations() {
+        let added = |service: &str, json: &[u8]| ApiCheck {
+            service_id: service.into(),
+            check: serde_json::from_slice(json).unwrap(),
+        };
+        let cache = RegisteredService::from_json(br#"{"ID":"cache-1","Name":"cache","Port":6379}"#)
+            .unwrap();
+        let registered = Registered {
+            services: vec![db(), cache],
+            checks: vec![
+                added("db-1", br#"{"CheckID":"db-extra","TTL":"5s"}"#),
+                added(
+                    "web",
+                    br#"{"CheckID":"web-port","TCP":"127.0.0.1:8000","Interval":"5s"}"#,
+                ),
+                added("web", br#"{"CheckID":"web-ttl","TTL":"5s"}"#),
+            ],
+        };
+        // Nothing in common: everything stays.
+        let file = AgentConfig::parse(BASE, "agent.toml").unwrap();
+        assert_eq!(
+            registered.yielding_to(&file),
+            (registered.clone(), Vec::new())
+        );
+        // The operator writes db-1 into the file, with a check named as one
+        // added to web: the file's are kept, the API's go.
+        let text = format!(
+            "{BASE}[[service]]\nid = \"db-1\"\nname = \"db\"\nport = 6432\n  [[service.check]]\n  id = \"web-port\"\n  ttl = \"30s\"\n"
+        );
+        let file = AgentConfig::parse(&text, "agent.toml").unwrap();
+        let (kept, gone) = registered.yielding_to(&file);
+        assert_eq!(gone, ["db-1", "web-port"]);
+        let services: Vec<&str> = kept.services.iter().map(|s| s.id()).collect();
+        assert_eq!(services, ["cache-1"]);
+        let checks: Vec<Option<&str>> = (kept.checks.iter())
+            .map(|c| c.check.check_id.as_deref())
+            .collect();
+        assert_eq!(checks, [Some("web-ttl")]);
+        // What is kept loads with the file (the whole registration did not).
+        assert!(AgentConfig::parse(
+            &format!("{text}{}", as_toml(&registered.services)),
+            "agent.toml"
+        )
+        .is_err());
+        let merged = merge_checks(
+            &format!("{text}{}", as_toml(&kept.services)),
+            &file,
+            &kept.checks,
+        );
+        assert!(merged.is_ok(), "{merged:?}");
     }
 
     #[test]

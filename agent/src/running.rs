@@ -185,7 +185,15 @@ impl Running {
     /// for the operator, or why nothing was applied.
     pub async fn reload(&self) -> Result<String, String> {
         let _one = self.reloading.lock().await;
-        let kept = self.kept();
+        let file = AgentConfig::load(&self.path).map_err(|e| e.to_string())?;
+        let (kept, gone) = self.kept().yielding_to(&file);
+        if !gone.is_empty() {
+            tracing::warn!(
+                ids = ?gone,
+                "the configuration file now defines these: their registrations through the local API are dropped"
+            );
+            return self.switch_kept(kept).await.map_err(|e| e.to_string());
+        }
         let new =
             AgentConfig::load_with_registered(&self.path, &kept).map_err(|e| e.to_string())?;
         let summary = self.switch(new).await?;

@@ -382,3 +382,66 @@ fn services_register_and_deregister_through_the_local_api() -> anyhow::Result<()
     );
     Ok(())
 }
+
+/// The operator's file wins over a registration through the local API of
+/// the same id, as with Consul's agent: a workload registers db-1, then the
+/// operator writes db-1 into agent.toml. The reload takes the file's db-1
+/// (before, it was refused for the duplicate id, and the agent would not
+/// start again with that file), and so does a restart.
+#[test]
+fn a_file_service_takes_the_place_of_an_api_registration_of_its_id() -> anyhow::Result<()> {
+    require_root();
+    let mut mesh = Mesh::start(MeshSpec::new("allow").node_a(Service::new("web", 8000)))?;
+    mesh.grant_agent_services(NodeA, &["db"])?;
+    let db_token = mesh.service_token(&["db"])?;
+    let port_of_db_1 = |mesh: &Mesh| -> anyhow::Result<Option<u64>> {
+        let v = mesh.weft_json(&["catalog", "service", "db"])?;
+        Ok(v["instances"].as_array().and_then(|a| {
+            a.iter()
+                .find(|i| i["id"] == "db-1")
+                .and_then(|i| i["port"].as_u64())
+        }))
+    };
+    let db = r#"{"ID":"db-1","Name":"db","Port":5432}"#;
+    let (code, body) = put_json(&mesh, "/v1/agent/service/register", Some(&db_token), db)?;
+    ensure!(code == 200, "register: {code} {body}");
+    wait_until(STEP, "the API's db-1 in the catalog", || {
+        Ok((port_of_db_1(&mesh)? == Some(5432)).then_some(()))
+    })?;
+
+    let config = mesh.agent_config(NodeA);
+    let mut text = std::fs::read_to_string(&config)?;
+    text += "\n[[service]]\nid = \"db-1\"\nname = \"db\"\nport = 6432\n";
+    std::fs::write(&config, text)?;
+    let out = mesh.run(
+        NodeA,
+        bin("weft-agent"),
+        &[
+            "reload",
+            "--config",
+            config.to_str().context("config path")?,
+        ],
+        Duration::from_secs(30),
+    )?;
+    ensure!(out.success(), "reload: {}", out.describe());
+    wait_until(STEP, "the file's db-1 in the catalog", || {
+        Ok((port_of_db_1(&mesh)? == Some(6432)).then_some(()))
+    })?;
+    // It is the file's now: not the API's to remove.
+    let (code, body) = put_json(
+        &mesh,
+        "/v1/agent/service/deregister/db-1",
+        Some(&db_token),
+        "",
+    )?;
+    ensure!(
+        code == 400 && body.contains("configuration file"),
+        "deregistering the file's db-1: {code} {body}"
+    );
+
+    mesh.restart_agent(NodeA)?;
+    wait_until(STEP, "the file's db-1 after a restart", || {
+        Ok((port_of_db_1(&mesh)? == Some(6432)).then_some(()))
+    })?;
+    Ok(())
+}
