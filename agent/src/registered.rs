@@ -201,7 +201,7 @@ impl Registered {
             }
         }
         for check in &self.checks {
-            let its_service_went = gone.iter().any(|id| *id == check.service_id);
+            let its_service_went = gone.contains(&check.service_id);
             let id_taken = (check.check.check_id.as_deref()).is_some_and(|id| checks.contains(id));
             if its_service_went || id_taken {
                 if id_taken {
