@@ -34,12 +34,12 @@ use aya_ebpf::{
     bindings::{
         bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as bpf_sock_tuple_ipv4,
         BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_LISTEN,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_LISTEN,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt, bpf_sk_lookup_tcp, bpf_sk_release,
-        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_setsockopt, bpf_sk_lookup_tcp,
+        bpf_sk_release, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
@@ -270,12 +270,12 @@ fn destination(mut key: DestKey) -> Option<RedirectTarget> {
 
 /// Whether the socket listening at `target`, in the connecting socket's
 /// network namespace, carries the agent's mark: the agent marks the ports
-/// it takes connections on, and setting a mark needs CAP_NET_ADMIN. After a
+/// it takes connections on, and setting a mark needs CAP_NET_ADMIN or CAP_NET_RAW. After a
 /// crash, while the lease runs, a process that bound the agent's port first
 /// would otherwise be sent every redirected connection, in plaintext. (The
-/// one way a workload gets a socket with this mark, the fast path, leaves
-/// it in the workload's cgroup: listening there, inbound capture refuses
-/// the unmarked connections sent to it.)
+/// one way a workload gets a socket with this mark, the fast path, gives it
+/// for that connection only: the mark goes when the connection does, see
+/// [`on_close`], so the socket cannot be made to listen with it.)
 #[inline(always)]
 fn agent_listens(ctx: &SockAddrContext, target: &RedirectTarget, mark: u32) -> bool {
     // Looked up as a connection from the target's own address and port 0,
@@ -481,11 +481,40 @@ pub fn weft_sk_lookup(ctx: SkLookupContext) -> u32 {
 #[sock_ops]
 pub fn weft_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
         _ => {}
     }
     0
+}
+
+/// The socket's `SO_MARK` (0 when it cannot be read).
+#[inline(always)]
+fn socket_mark(ctx: &SockOpsContext) -> u32 {
+    let mut value: u32 = 0;
+    // SAFETY: a valid context and a 4-byte buffer of the advertised size.
+    unsafe {
+        bpf_getsockopt(
+            ctx.as_ptr(),
+            SOL_SOCKET,
+            SO_MARK,
+            (&mut value as *mut u32).cast(),
+            4,
+        );
+    }
+    value
+}
+
+/// A workload's socket that the fast path gave the agent's mark is watched
+/// from its connect on, so that the mark goes with its connection (see
+/// [`on_close`]).
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
+    let mark = setting(agent::MARK) as u32;
+    if mark != 0 && socket_mark(ctx) == mark {
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
 }
 
 /// The IPv4 addresses of the connection (local, remote): plain IPv4, or an
@@ -557,6 +586,26 @@ fn on_established(ctx: &SockOpsContext) {
 
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
+    // The fast path's mark is for the one connection the connect hook
+    // checked. A socket dissolved with connect(AF_UNSPEC) keeps its mark,
+    // and the hook, which decides by the calling process's cgroup, leaves
+    // it alone in a process outside the mesh that the socket was handed
+    // to; listening, it would pass for the agent's listener. So the mark
+    // goes when the connection does.
+    let mark = setting(agent::MARK) as u32;
+    if mark != 0 && socket_mark(ctx) == mark {
+        let mut none: u32 = 0;
+        // SAFETY: a valid context and a 4-byte value of the advertised size.
+        unsafe {
+            bpf_setsockopt(
+                ctx.as_ptr(),
+                SOL_SOCKET,
+                SO_MARK,
+                (&mut none as *mut u32).cast(),
+                4,
+            );
+        }
+    }
     let Some(ends) = v4_ends(ctx) else {
         return;
     };

@@ -3,7 +3,7 @@
 //! With transparent interception on, the eBPF inbound capture lets a
 //! connection attempt reach a mesh workload only if it carries this mark: the
 //! agent marks every connection it opens (to instances, for health checks).
-//! Setting a mark needs CAP_NET_ADMIN, so no unprivileged process can forge
+//! Setting a mark needs CAP_NET_ADMIN or CAP_NET_RAW, so no unprivileged process can forge
 //! one; marks do not cross hosts.
 //!
 //! What a workload asks the agent to connect to (a health check added

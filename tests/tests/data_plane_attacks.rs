@@ -566,6 +566,30 @@ fn a_socket_reused_after_the_fast_path_keeps_no_mark() -> anyhow::Result<()> {
         let out = mesh.exec_as(NodeA, "web", &[&probe, "connect-reuse", &local, &victim])?;
         refused(&format!("a reused fast-path socket to {victim}"), &out)?;
     }
+    // The same socket handed to a process outside the mesh (the probe moves
+    // itself out of web's cgroup, into this test's, between the connects).
+    // The connect hook decides by the caller's cgroup and leaves such a
+    // caller alone: the mark must be gone with the first connection.
+    let own = std::fs::read_to_string("/proc/self/cgroup")?;
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("this process's cgroup-v2 path")?;
+    let outside = weft_agent::ebpf::cgroup2_mount()?
+        .join(own.trim_start_matches('/'))
+        .join("cgroup.procs");
+    let outside = outside.to_str().context("cgroup path")?;
+    for victim in ["0.0.0.0:8060".to_string(), format!("{a}:8060")] {
+        let out = mesh.exec_as(
+            NodeA,
+            "web",
+            &[&probe, "connect-reuse", &local, &victim, &outside],
+        )?;
+        refused(
+            &format!("a fast-path socket handed out of the mesh, to {victim}"),
+            &out,
+        )?;
+    }
     Ok(())
 }
 

@@ -6,10 +6,12 @@
 //! * `weft-probe connect-many ADDR N` makes N short connections one after
 //!   another (each waits for the peer to close first, so no TIME_WAIT piles
 //!   up on this side) and prints how many succeeded.
-//! * `weft-probe connect-reuse FIRST SECOND` connects to FIRST, dissolves
-//!   the connection with `connect(AF_UNSPEC)`, then connects the same socket
-//!   to SECOND, sends an HTTP/1.0 GET and prints the answer: whatever the
-//!   socket kept from the first connect goes with it.
+//! * `weft-probe connect-reuse FIRST SECOND [CGROUP_PROCS]` connects to
+//!   FIRST, dissolves the connection with `connect(AF_UNSPEC)`, then (moved
+//!   into the cgroup whose `cgroup.procs` is given, as a socket handed to
+//!   another process would be) connects the same socket to SECOND, sends an
+//!   HTTP/1.0 GET and prints the answer: whatever the socket kept from the
+//!   first connect goes with it.
 //! * `weft-probe connect-dstopts IPV6 IFNAME PORT` connects over IPv6 with a
 //!   Destination Options extension header on every packet (root only), sends
 //!   an HTTP/1.0 GET and prints the answer: a SYN a header parser might miss.
@@ -34,7 +36,7 @@ fn main() {
     if let (Some("connect-reuse"), Some(first), Some(second)) =
         (args.first().map(String::as_str), args.get(1), args.get(2))
     {
-        match connect_reuse(first, second) {
+        match connect_reuse(first, second, args.get(3).map(String::as_str)) {
             Ok(reply) => print!("{reply}"),
             Err(e) => {
                 eprintln!("weft-probe: {first} then {second}: {e}");
@@ -74,7 +76,7 @@ fn main() {
     let (Some("connect"), Some(addr)) = (args.first().map(String::as_str), args.get(1)) else {
         eprintln!(
             "usage: weft-probe connect ADDR [TEXT] | connect-many ADDR N | \
-             connect-reuse FIRST SECOND | connect-dstopts IPV6 IFNAME PORT | \
+             connect-reuse FIRST SECOND [CGROUP_PROCS] | connect-dstopts IPV6 IFNAME PORT | \
              listen-in-place ADDR SECONDS"
         );
         std::process::exit(2);
@@ -297,8 +299,9 @@ fn listen_in_place(addr: &str, limit: Duration) -> std::io::Result<String> {
 }
 
 /// One IPv4 socket: connected to `first` (and that connection waited for),
-/// dissolved with `connect(AF_UNSPEC)`, connected to `second`; 2 s limits.
-fn connect_reuse(first: &str, second: &str) -> std::io::Result<String> {
+/// dissolved with `connect(AF_UNSPEC)`, connected to `second` (from the
+/// cgroup of `move_to`, a `cgroup.procs` file, when given); 2 s limits.
+fn connect_reuse(first: &str, second: &str, move_to: Option<&str>) -> std::io::Result<String> {
     use std::os::fd::FromRawFd;
     let parse = |a: &str| -> std::io::Result<std::net::SocketAddrV4> {
         a.parse()
@@ -316,6 +319,11 @@ fn connect_reuse(first: &str, second: &str) -> std::io::Result<String> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     raw_connect(fd, &sockaddr_in(first))?;
     dissolve(fd)?;
+    if let Some(procs) = move_to {
+        // Never created: a path that is no cgroup file is an error.
+        let mut file = std::fs::OpenOptions::new().write(true).open(procs)?;
+        file.write_all(std::process::id().to_string().as_bytes())?;
+    }
     raw_connect(fd, &sockaddr_in(second))?;
     stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
     let mut reply = String::new();
