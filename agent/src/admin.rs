@@ -7,7 +7,8 @@
 //! `/config` holds the whole view (every instance, intention and config
 //! entry the node may read), so it is answered only to a loopback peer
 //! with an ACL token that has `operator:read` (asked of the servers, as the
-//! local API asks them), one dump at a time, built off the server's thread.
+//! local API asks them), one at a time (the question and the dump), built
+//! off the server's thread.
 //! Bound to another address than loopback (e.g. `0.0.0.0:15020`, for
 //! Prometheus to scrape every agent), the server still answers `/config`
 //! to loopback peers only. At most [`MAX_ADMIN_CONNECTIONS`] connections
@@ -179,6 +180,14 @@ pub async fn config_dump(
         }
         Err(_) => return refused(StatusCode::BAD_REQUEST, "malformed ACL token"),
     };
+    // One dump at a time, taken before the servers are asked: callers with
+    // made-up tokens queue no more than one question at a time here.
+    let Ok(_one) = state.dumping.clone().try_acquire_owned() else {
+        return refused(
+            StatusCode::TOO_MANY_REQUESTS,
+            "a /config dump is being made; ask again when it is done",
+        );
+    };
     let right = Right::operator_read();
     match state
         .judge
@@ -195,12 +204,6 @@ pub async fn config_dump(
         Err(JudgeError::UnknownToken) => return refused(StatusCode::FORBIDDEN, "ACL not found"),
         Err(e) => return refused(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
-    let Ok(_one) = state.dumping.clone().try_acquire_owned() else {
-        return refused(
-            StatusCode::TOO_MANY_REQUESTS,
-            "a /config dump is being made; ask again when it is done",
-        );
-    };
     let build = state.config.clone();
     // Megabytes for a large view: off the background thread's tasks.
     let encoded = tokio::task::spawn_blocking(move || serde_json::to_vec_pretty(&build())).await;

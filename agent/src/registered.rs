@@ -182,8 +182,8 @@ impl Registered {
     /// whose id the file now defines is the file's (as Consul's agent lets
     /// its configuration replace a registration of the same id), so the
     /// API's registration of it goes, with the checks added to it; so does a
-    /// check added to a file service under an id the file now gives one of
-    /// its own checks. Without this the file could not be loaded at all, and
+    /// registration with a check whose id the file now gives one of its own
+    /// checks, and a check added to a file service under such an id. Without this the file could not be loaded at all, and
     /// the agent would not start. Returns the ids of what went.
     pub fn yielding_to(&self, file: &crate::config::AgentConfig) -> (Registered, Vec<String>) {
         let services: std::collections::HashSet<&str> =
@@ -194,7 +194,11 @@ impl Registered {
         let mut gone = Vec::new();
         let mut kept = Registered::default();
         for service in &self.services {
-            if services.contains(service.id()) {
+            let inline = service.check.iter().chain(&service.checks);
+            let check_taken = inline
+                .filter_map(|c| c.check_id.as_deref())
+                .any(|id| checks.contains(id));
+            if services.contains(service.id()) || check_taken {
                 gone.push(service.id().to_string());
             } else {
                 kept.services.push(service.clone());
@@ -512,8 +516,12 @@ port = 8000
         };
         let cache = RegisteredService::from_json(br#"{"ID":"cache-1","Name":"cache","Port":6379}"#)
             .unwrap();
+        let queue = RegisteredService::from_json(
+            br#"{"ID":"queue-1","Name":"queue","Port":5672,"Check":{"CheckID":"web-port","TTL":"5s"}}"#,
+        )
+        .unwrap();
         let registered = Registered {
-            services: vec![db(), cache],
+            services: vec![db(), cache, queue],
             checks: vec![
                 added("db-1", br#"{"CheckID":"db-extra","TTL":"5s"}"#),
                 added(
@@ -536,7 +544,7 @@ port = 8000
         );
         let file = AgentConfig::parse(&text, "agent.toml").unwrap();
         let (kept, gone) = registered.yielding_to(&file);
-        assert_eq!(gone, ["db-1", "web-port"]);
+        assert_eq!(gone, ["db-1", "queue-1", "web-port"]);
         let services: Vec<&str> = kept.services.iter().map(|s| s.id()).collect();
         assert_eq!(services, ["cache-1"]);
         let checks: Vec<Option<&str>> = (kept.checks.iter())

@@ -193,14 +193,17 @@ pub type RulePath = Compiled<NormalPath>;
 /// as written it would match no request, and a deny on it would let every
 /// request through. A rule path that normalization refuses (an encoded
 /// `/`, `..;`) is one no request can have: it matches nothing, as any
-/// request with such a path is refused before it is judged.
+/// request with such a path is refused before it is judged. So does one
+/// with a `..` segment: resolved, `/public/..` would become `/`, a rule on
+/// every path where the text as written matched none
+/// ([`crate::path::normalize_rule_path`]).
 #[derive(Debug, Clone)]
 pub struct NormalPath(String);
 
 impl Compile for NormalPath {
     fn compile(source: &str) -> Result<NormalPath, String> {
-        crate::path::normalize_path(source)
-            .map(|p| NormalPath(p.into_owned()))
+        crate::path::normalize_rule_path(source)
+            .map(NormalPath)
             .map_err(|e| e.to_string())
     }
 }
@@ -550,7 +553,6 @@ mod tests {
         };
         for (rule, request) in [
             ("/a//b", "/a/b"),
-            ("/x/../admin", "/admin"),
             ("/files/%7euser", "/files/~user"),
             ("/%61dmin", "/admin"),
             ("/api/./v1", "/api/v1"),
@@ -574,11 +576,24 @@ mod tests {
                 serde_json::json!(rule)
             );
         }
-        assert!(!m("/admin", &|h| h.path_exact = Some("/x/../admin/y".into())));
         // No normalized path has an encoded slash or `..;`: such a rule
-        // matches nothing (requests with them are refused before).
-        for rule in ["/a%2Fb", "/public/..;/admin"] {
-            for request in ["/a/b", "/a%2Fb", "/admin", "/public/..;/admin"] {
+        // matches nothing (requests with them are refused before). Nor does
+        // a rule with `..`: resolved, it would stand for paths above it.
+        for rule in [
+            "/a%2Fb",
+            "/public/..;/admin",
+            "/public/..",
+            "/public/%2e%2e/",
+            "/x/../admin",
+        ] {
+            for request in [
+                "/a/b",
+                "/a%2Fb",
+                "/admin",
+                "/public/..;/admin",
+                "/",
+                "/public/x",
+            ] {
                 assert!(!m(request, &|h| h.path_exact = Some(rule.into())), "{rule}");
                 assert!(
                     !m(request, &|h| h.path_prefix = Some(rule.into())),

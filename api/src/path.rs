@@ -34,6 +34,8 @@ pub enum PathError {
     EscapedSlash(String),
     #[error("the path holds a dot segment with parameters ({0:?}), which servers resolve differently; refused")]
     DotSegmentParameters(String),
+    #[error("a rule path with a '..' segment would stand for a path above it")]
+    DotDotInRule,
 }
 
 fn is_unreserved(b: u8) -> bool {
@@ -83,6 +85,22 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
     } else {
         Ok(Cow::Owned(normal))
     }
+}
+
+/// A rule's path (`PathExact`, `PathPrefix`) in the form requests' paths
+/// are compared in: normalized as [`normalize_path`] does, but refused when
+/// it holds a `..` segment. Resolving one would move the rule up the tree
+/// (a prefix `/public/..` would become `/`, every path) where, as written,
+/// it matched no normalized path at all.
+pub fn normalize_rule_path(path: &str) -> Result<String, PathError> {
+    if !path.starts_with('/') {
+        return Err(PathError::NotOriginForm);
+    }
+    let merged = merge_slashes(&decode(path)?);
+    if merged.split('/').any(|segment| segment == "..") {
+        return Err(PathError::DotDotInRule);
+    }
+    Ok(normalize_path(&merged)?.into_owned())
 }
 
 /// Step 2: checks every byte and escape; decodes unreserved escapes.
