@@ -583,7 +583,7 @@ fn a_socket_reused_after_the_fast_path_keeps_no_mark() -> anyhow::Result<()> {
         let out = mesh.exec_as(
             NodeA,
             "web",
-            &[&probe, "connect-reuse", &local, &victim, &outside],
+            &[&probe, "connect-reuse", &local, &victim, outside],
         )?;
         refused(
             &format!("a fast-path socket handed out of the mesh, to {victim}"),
