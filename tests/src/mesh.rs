@@ -1035,7 +1035,7 @@ impl Mesh {
     /// (`view.nodes`, `view.instances`, `view.intentions`, `view.index`…),
     /// asked with the management token (it needs `operator:read`).
     pub fn agent_config_dump(&self, node: Node) -> anyhow::Result<serde_json::Value> {
-        let header = format!("X-Consul-Token: {}", self.token);
+        let header = self.token_header(&self.token)?;
         let text = self.curl_with(node, &format!("http://{ADMIN}/config"), &["-H", &header])?;
         serde_json::from_str(&text).with_context(|| format!("agent /config: {text:?}"))
     }
@@ -1372,6 +1372,27 @@ impl Mesh {
         Ok(pid)
     }
 
+    /// curl's `-H` argument that sends `token` as `X-Consul-Token`: `@` and
+    /// a 0600 file holding the header, so that the token is not on the
+    /// command line, where every local user reads it.
+    pub fn token_header(&self, token: &str) -> anyhow::Result<String> {
+        use std::hash::{Hash, Hasher};
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        token.hash(&mut hasher);
+        let path = self.path(&format!("token-{:016x}.header", hasher.finish()));
+        if !path.exists() {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            writeln!(file, "X-Consul-Token: {token}")?;
+        }
+        Ok(format!("@{}", path.display()))
+    }
+
     /// `METHOD http://127.0.0.1:8500{path}` (the agent's local API) in
     /// `node` with curl, with `token` and `body` if given: the status code
     /// and the body.
@@ -1383,7 +1404,7 @@ impl Mesh {
         body: Option<&str>,
     ) -> anyhow::Result<(u16, String)> {
         let url = format!("http://{AGENT_HTTP}{path}");
-        let header = token.map(|t| format!("X-Consul-Token: {t}"));
+        let header = token.map(|t| self.token_header(t)).transpose()?;
         let mut args = vec!["-sS", "-m", "15", "-X", method, "-w", "\n%{http_code}"];
         if let Some(h) = &header {
             args.extend(["-H", h]);
@@ -1432,7 +1453,7 @@ impl Mesh {
         let ip = self.ip(Node::A);
         let resolve = format!("server.dc1.weft:8500:{ip}");
         let ca = self.path("ca.pem").display().to_string();
-        let token = format!("X-Consul-Token: {}", self.token);
+        let token = self.token_header(&self.token)?;
         let extra = ["--resolve", &resolve, "--cacert", &ca, "-H", &token];
         self.curl_with(Node::A, "https://server.dc1.weft:8500/metrics", &extra)
     }
