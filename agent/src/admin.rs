@@ -309,13 +309,19 @@ async fn serve_conn(
             .headers()
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok());
-        let answer = respond(&state, req.method(), req.uri().path(), accept);
-        let token = crate::local_api::route::token(req.headers(), req.uri().query());
-        let state = state.clone();
+        // Only a config dump reads the token and needs the state after
+        // this call; probes and scrapes are answered as they are.
+        let dump = match respond(&state, req.method(), req.uri().path(), accept) {
+            Answer::Now(resp) => Err(resp),
+            Answer::ConfigDump => Ok((
+                state.clone(),
+                crate::local_api::route::token(req.headers(), req.uri().query()),
+            )),
+        };
         async move {
-            Ok::<_, Infallible>(match answer {
-                Answer::Now(resp) => resp,
-                Answer::ConfigDump => config_dump(&state, peer, token).await,
+            Ok::<_, Infallible>(match dump {
+                Err(resp) => resp,
+                Ok((state, token)) => config_dump(&state, peer, token).await,
             })
         }
     });
@@ -400,6 +406,25 @@ mod tests {
             Answer::Now(resp) => resp,
             Answer::ConfigDump => panic!("not answered at once: a config dump"),
         }
+    }
+
+    /// Serves `st` on a free loopback port until the sender is used.
+    async fn serving(
+        st: AdminState,
+    ) -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap(), st)
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async {
+            let _ = stop_rx.await;
+        }));
+        (addr, stop_tx, task)
     }
 
     async fn body(resp: Response<Full<Bytes>>) -> String {
@@ -541,14 +566,7 @@ mod tests {
     async fn serves_every_path_and_shuts_down() {
         let (st, ready) = state(false);
         let metrics = st.metrics.clone();
-        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap(), st)
-            .await
-            .unwrap();
-        let addr = server.local_addr();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(async {
-            let _ = stop_rx.await;
-        }));
+        let (addr, stop_tx, task) = serving(st).await;
 
         let (s, _, b) = get(addr, "/healthz").await;
         assert_eq!(
@@ -605,14 +623,7 @@ mod tests {
     #[tokio::test]
     async fn shutdown_with_an_idle_keepalive_connection_is_prompt() {
         let (st, _ready) = state(true);
-        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap(), st)
-            .await
-            .unwrap();
-        let addr = server.local_addr();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(async {
-            let _ = stop_rx.await;
-        }));
+        let (addr, stop_tx, task) = serving(st).await;
         // An idle keep-alive connection left open by a client.
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -657,14 +668,7 @@ mod tests {
     #[tokio::test]
     async fn connections_past_the_limit_are_closed_and_a_freed_slot_is_used_again() {
         let (st, _ready) = state(true);
-        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap(), st)
-            .await
-            .unwrap();
-        let addr = server.local_addr();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(async {
-            let _ = stop_rx.await;
-        }));
+        let (addr, stop_tx, task) = serving(st).await;
         // Connections that send nothing hold every slot.
         let mut held = Vec::new();
         for _ in 0..MAX_ADMIN_CONNECTIONS {
@@ -705,14 +709,7 @@ mod tests {
         let (mut st, _ready) = state(true);
         // An answer far larger than the sockets' buffers.
         st.config = Arc::new(|| serde_json::json!({"big": "x".repeat(32 << 20)}));
-        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap(), st)
-            .await
-            .unwrap();
-        let addr = server.local_addr();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(async {
-            let _ = stop_rx.await;
-        }));
+        let (addr, stop_tx, task) = serving(st).await;
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         let request =
             format!("GET /config HTTP/1.1\r\nhost: {addr}\r\nx-consul-token: {OPERATOR}\r\n\r\n");
