@@ -25,10 +25,17 @@ pub use tls::{peer_spiffe_id, Identity, SpiffeId, TlsError, TrustBundle};
 /// Response header carrying why a tunnel was refused.
 pub const REASON_HEADER: &str = "x-weft-reason";
 
-/// HTTP/2 stream window: how much one tunnel may have in flight.
-pub(crate) const INITIAL_STREAM_WINDOW: u32 = 1024 * 1024;
-/// HTTP/2 connection window, shared by all tunnels of a connection.
-pub(crate) const INITIAL_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// HTTP/2 stream window: how much one tunnel may have in flight, and so
+/// the most a receiving agent holds for a workload that does not read.
+/// A sender runs ahead of the receiving agent by at most this: at 1 GB/s,
+/// 4 MiB lasts 4 ms, longer than a receiving agent waits for a core on a
+/// busy node. At 1 MiB the sending agent slept about a fifth of a
+/// one-stream transfer, waiting for window (bench/README.md, "The HTTP/2
+/// windows, and the sending agent's waits").
+pub(crate) const INITIAL_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// HTTP/2 connection window, shared by all tunnels of a connection: four
+/// streams' windows.
+pub(crate) const INITIAL_CONNECTION_WINDOW: u32 = 4 * INITIAL_STREAM_WINDOW;
 /// Concurrent tunnels one inbound connection may carry.
 pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 1000;
 /// The largest HTTP/2 frame either end takes (the protocol's default is

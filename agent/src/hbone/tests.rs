@@ -154,7 +154,7 @@ async fn tunnel_echoes_bytes() {
         b"hello hbone"
     );
     // More than one stream window's worth, so flow control must turn over.
-    let big: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| i as u8).collect();
+    let big: Vec<u8> = (0..3 * INITIAL_STREAM_WINDOW).map(|i| i as u8).collect();
     let (mut r, mut w) = tokio::io::split(stream);
     let sent = big.clone();
     let writer = tokio::spawn(async move {
