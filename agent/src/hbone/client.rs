@@ -410,10 +410,11 @@ impl HbonePool {
         // (the SPIFFE id is).
         let name = ServerName::try_from(sni.to_string())
             .map_err(|_| HboneError::ServerName(sni.to_string()))?;
-        let tls = connector
+        let mut tls = connector
             .connect(name, super::wire(tcp))
             .await
             .map_err(|source| HboneError::Handshake { node, source })?;
+        tls.get_mut().1.set_buffer_limit(Some(super::TLS_WRITE));
         let session = tls.get_ref().1;
         if session.alpn_protocol() != Some(ALPN_H2) {
             return Err(HboneError::NoH2Alpn { node });

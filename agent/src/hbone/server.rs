@@ -381,10 +381,11 @@ impl<H: ConnectHandler> Inner<H> {
         tcp: TcpStream,
     ) -> Result<(tokio_rustls::server::TlsStream<super::Wire>, String), ServerError> {
         let timeout = self.handshake_timeout;
-        let tls = tokio::time::timeout(timeout, self.acceptor.accept(super::wire(tcp)))
+        let mut tls = tokio::time::timeout(timeout, self.acceptor.accept(super::wire(tcp)))
             .await
             .map_err(|_| ServerError::HandshakeTimeout(timeout))?
             .map_err(ServerError::Handshake)?;
+        tls.get_mut().1.set_buffer_limit(Some(super::TLS_WRITE));
         let (_, session) = tls.get_ref();
         if session.alpn_protocol() != Some(ALPN_H2) {
             return Err(ServerError::NoH2Alpn);
