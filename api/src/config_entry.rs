@@ -31,7 +31,9 @@ use std::time::Duration;
 /// Datacenters (or targets) one failover may list.
 pub const MAX_FAILOVER_DATACENTERS: usize = 16;
 use crate::header_edits::{HeaderEditError, HeaderModifiers};
-use crate::http_match::{validate_http_match, HttpMatch, HttpMatchError, Request};
+use crate::http_match::{
+    check_rule_paths, validate_http_match, HttpMatch, HttpMatchError, Request,
+};
 use crate::intention::Intention;
 use crate::load_balancer::LoadBalancer;
 use crate::names::{validate_name, NameError, WILDCARD};
@@ -1186,6 +1188,20 @@ fn check_subset(
             ),
         ))
     }
+}
+
+/// Refuses router routes whose `PathExact` or `PathPrefix` no request can
+/// have ([`check_rule_paths`]). The servers' API calls it on every write,
+/// after [`validate_entry`]; Raft's apply does not.
+pub fn check_entry_paths(entry: &ConfigEntry) -> Result<(), ConfigEntryError> {
+    if let ConfigEntry::ServiceRouter(r) = entry {
+        for (i, route) in r.routes.iter().enumerate() {
+            if let Some(http) = route.route_match.as_ref().and_then(|m| m.http.as_ref()) {
+                check_rule_paths(&format!("Routes[{i}].Match.HTTP"), http)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn validate_router(r: &ServiceRouter, ctx: &impl EntryContext) -> Result<(), ConfigEntryError> {

@@ -216,6 +216,27 @@ impl Compiled<NormalPath> {
     }
 }
 
+/// Refuses a `PathExact` or `PathPrefix` that no normalized request path
+/// can be or start with (see [`NormalPath`]): accepted, such a rule would
+/// match nothing, and a deny on it would let everything through. Called
+/// where rules are written (the servers' API), not by
+/// [`validate_http_match`], which also runs when a Raft entry is applied or
+/// a snapshot loaded: a rule stored before this check existed still loads,
+/// and matches nothing.
+pub fn check_rule_paths(field: &str, m: &HttpMatch) -> Result<(), HttpMatchError> {
+    for (name, value) in [("PathExact", &m.path_exact), ("PathPrefix", &m.path_prefix)] {
+        if let Some(path) = value {
+            path.get().map_err(|reason| {
+                err(
+                    format!("{field}.{name}"),
+                    format!("{:?}: {reason}", path.as_str()),
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// A regex that must match a whole string, compiled once when the rule is
 /// read (see [`crate::compiled`]).
 pub type FullMatch = Compiled<WholeString>;
@@ -606,6 +627,46 @@ mod tests {
             h.path_prefix = Some("/api//".into());
             h.case_insensitive = true;
         }));
+    }
+
+    #[test]
+    fn a_write_of_a_rule_path_no_request_can_have_is_refused() {
+        let check = |f: &dyn Fn(&mut HttpMatch)| {
+            let mut h = HttpMatch::default();
+            f(&mut h);
+            check_rule_paths("Permissions[0].HTTP", &h)
+        };
+        for rule in ["/a//b", "/%61dmin", "/api/./v1", "/"] {
+            assert_eq!(
+                check(&|h| h.path_exact = Some(rule.into())),
+                Ok(()),
+                "{rule}"
+            );
+            assert_eq!(
+                check(&|h| h.path_prefix = Some(rule.into())),
+                Ok(()),
+                "{rule}"
+            );
+        }
+        for (rule, says) in [
+            ("/public/..", "'..' segment"),
+            ("/x/../admin", "'..' segment"),
+            ("/public/%2e%2e/", "'..' segment"),
+            ("/a%2Fb", "encoded '/'"),
+            ("/public/..;/admin", "dot segment with parameters"),
+            ("/a b", "may not hold"),
+        ] {
+            let e = check(&|h| h.path_prefix = Some(rule.into())).unwrap_err();
+            assert_eq!(e.field, "Permissions[0].HTTP.PathPrefix");
+            assert!(
+                e.reason.contains(says) && e.reason.contains(rule),
+                "{rule}: {e}"
+            );
+            let e = check(&|h| h.path_exact = Some(rule.into())).unwrap_err();
+            assert_eq!(e.field, "Permissions[0].HTTP.PathExact", "{rule}");
+        }
+        // Regexes are not paths: validate_http_match compiles them.
+        assert_eq!(check(&|h| h.path_regex = Some("/x/..".into())), Ok(()));
     }
 
     #[test]

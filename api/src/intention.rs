@@ -28,7 +28,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::file_format::{parse_document, FileFormat, ParseError};
-use crate::http_match::validate_http_match;
+use crate::http_match::{check_rule_paths, validate_http_match};
 pub use crate::http_match::{HeaderMatch, HttpMatch, HttpMatchError, Request};
 use crate::names::{validate_name_or_wildcard, NameError, WILDCARD};
 
@@ -483,6 +483,16 @@ impl From<HttpMatchError> for IntentionError {
             reason: e.reason,
         }
     }
+}
+
+/// Refuses permissions whose `PathExact` or `PathPrefix` no request can
+/// have ([`check_rule_paths`]). The servers' API calls it on every write,
+/// after [`validate_intention`]; Raft's apply does not.
+pub fn check_intention_paths(intention: &Intention) -> Result<(), IntentionError> {
+    for (i, permission) in intention.permissions.iter().enumerate() {
+        check_rule_paths(&format!("Permissions[{i}].HTTP"), &permission.http)?;
+    }
+    Ok(())
 }
 
 /// Checks an intention before it is written. Whether the destination speaks HTTP

@@ -403,6 +403,15 @@ key "tree/secret" { policy = "read" }"#,
             br#"{"Permissions":[{"Action":"allow","HTTP":{"PathRegex":"("}}]}"#,
             "PathRegex",
         ),
+        // Paths no request can have: a deny on them would deny nothing.
+        (
+            br#"{"Permissions":[{"Action":"deny","HTTP":{"PathPrefix":"/admin/.."}}]}"#,
+            "Permissions[0].HTTP.PathPrefix",
+        ),
+        (
+            br#"{"Permissions":[{"Action":"deny","HTTP":{"PathExact":"/a%2Fb"}}]}"#,
+            "Permissions[0].HTTP.PathExact",
+        ),
     ] {
         let bad = http(
             "PUT",
@@ -1364,6 +1373,10 @@ fn service_intentions_entries_are_the_intentions_of_their_destination() -> anyho
             r#"{"Kind":"service-intentions","Name":"db","Sources":[{"Name":"x","Action":"allow"},{"Name":"x","Action":"deny"}]}"#,
             "named twice",
         ),
+        (
+            r#"{"Kind":"service-intentions","Name":"db","Sources":[{"Name":"x","Permissions":[{"Action":"deny","HTTP":{"PathPrefix":"/admin/.."}}]}]}"#,
+            "Permissions[0].HTTP.PathPrefix",
+        ),
     ] {
         let (status, reply) = call("PUT", "/v1/config", Some(body))?;
         assert!(
@@ -1467,6 +1480,16 @@ fn proxy_defaults_need_mesh_rights_and_give_services_their_protocol() -> anyhow:
     // Now api speaks HTTP by the mesh's default: its router is taken.
     let taken = put(m, router)?;
     assert_eq!(taken.status, 200, "{}", taken.body);
+    // A route on a path no request can have is refused when written.
+    let upward = r#"{"Kind": "service-router", "Name": "api",
+        "Routes": [{"Match": {"HTTP": {"PathPrefix": "/v2/.."}}}]}"#;
+    let refused = put(m, upward)?;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(
+        refused.body.contains("Routes[0].Match.HTTP.PathPrefix"),
+        "{}",
+        refused.body
+    );
     // Deleting it takes mesh write too.
     let del = |token: &str| {
         cluster.http(

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use weft_api::acl::{Access, Resource, ResourceKind};
-use weft_api::config_entry::{parse_entry_file, EntryKind, StoredEntry};
+use weft_api::config_entry::{check_entry_paths, parse_entry_file, EntryKind, StoredEntry};
 use weft_api::file_format::FileFormat;
 use weft_api::proto::{self, config_server::Config};
 use weft_api::service_intentions::{self as si, is_service_intentions};
@@ -113,6 +113,7 @@ impl Config for ConfigApi {
         let entry = super::off_workers(move || parse_entry_file(&json, FileFormat::Json))
             .await?
             .map_err(invalid)?;
+        check_entry_paths(&entry).map_err(invalid)?;
         self.0.limits.check_entry(&entry)?;
         // And the entry as parsed, whatever the document's spelling; as in
         // Consul, sending traffic to a service needs read on it.

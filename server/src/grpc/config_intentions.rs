@@ -4,7 +4,7 @@
 //! its destination, as the intentions themselves do.
 use tonic::Status;
 use weft_api::acl::Access;
-use weft_api::intention::Intention;
+use weft_api::intention::{check_intention_paths, Intention};
 use weft_api::proto;
 use weft_api::service_intentions::{self as si, ServiceIntentions};
 
@@ -72,6 +72,10 @@ pub async fn write(
     })
     .await?;
     let intentions = intentions.map_err(invalid)?;
+    for intention in &intentions {
+        check_intention_paths(intention)
+            .map_err(|e| invalid(format!("Sources (Name {:?}): {e}", intention.source)))?;
+    }
     {
         let state = node.shared.state.read().expect("state lock");
         (node.limits).check_intentions(&state, &entry.name, intentions.len())?;

@@ -11,7 +11,8 @@ use tonic::{Request, Response, Status};
 use weft_api::acl::{Access, Resource, ResourceKind};
 use weft_api::convert::{intention_from_proto, intention_to_proto};
 use weft_api::intention::{
-    evaluate, validate_intention, DecidedBy, Intention, IntentionAction, Request as HttpRequest,
+    check_intention_paths, evaluate, validate_intention, DecidedBy, Intention, IntentionAction,
+    Request as HttpRequest,
 };
 use weft_api::names::validate_name_or_wildcard;
 use weft_api::proto::{self, intentions_server::Intentions};
@@ -56,6 +57,7 @@ impl Intentions for IntentionsApi {
         require(&caller, &intention.destination, Access::Write)?;
         let intention = intention_from_proto(intention).map_err(invalid)?;
         validate_intention(&intention).map_err(invalid)?;
+        check_intention_paths(&intention).map_err(invalid)?;
         {
             let state = self.0.shared.state.read().expect("state lock");
             (self.0.limits).check_intention_upsert(
