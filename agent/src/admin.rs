@@ -12,8 +12,9 @@
 //! Bound to another address than loopback (e.g. `0.0.0.0:15020`, for
 //! Prometheus to scrape every agent), the server still answers `/config`
 //! to loopback peers only. At most [`MAX_ADMIN_CONNECTIONS`] connections
-//! are open at once, each for at most [`ADMIN_CONNECTION_LIFETIME`]: a
-//! client that stops reading holds neither memory nor a slot for long.
+//! are open at once ([`LOOPBACK_RESERVE`] of them for loopback peers only),
+//! each for at most [`ADMIN_CONNECTION_LIFETIME`]: a client that stops
+//! reading holds neither memory nor a slot for long.
 //!
 //! [`respond`] decides the answer to a request from the [`AdminState`] alone (pure and
 //! unit-tested); [`AdminServer`] accepts connections and stops gracefully when the
@@ -21,7 +22,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::local_api::authz::{Judge, JudgeError, Right};
@@ -44,6 +45,10 @@ pub const ADMIN_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most admin connections open at once; a connection past them is closed
 /// as it is accepted.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// Of [`MAX_ADMIN_CONNECTIONS`], how many only loopback peers may take:
+/// with `admin_addr` off loopback (for scrapers), other hosts holding every
+/// slot would otherwise fail the node's own probes of `/healthz`.
+pub const LOOPBACK_RESERVE: usize = 16;
 /// How long one admin connection may stay open (a scraper's keep-alive
 /// connection included: it opens another); past it the connection ends
 /// after its current answer, or at once if that answer is not being read.
@@ -263,15 +268,15 @@ impl AdminServer {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut conns = JoinSet::new();
         let mut accept_errors = crate::accept::AcceptErrors::new("admin");
-        let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+        let slots = Slots::new();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let Ok(slot) = slots.clone().try_acquire_owned() else {
-                            tracing::debug!(%peer, "admin: {MAX_ADMIN_CONNECTIONS} connections open, closing a new one");
+                        let Some(slot) = slots.admit(peer.ip()) else {
+                            tracing::debug!(%peer, "admin: no connection slot free to this peer, closing its new one");
                             continue;
                         };
                         let state = self.state.clone();
@@ -295,6 +300,43 @@ impl AdminServer {
         {
             conns.abort_all();
         }
+    }
+}
+
+/// The admin server's connection slots: any peer takes one of the shared
+/// ones, only a loopback peer one of the [`LOOPBACK_RESERVE`].
+struct Slots {
+    all: Arc<Semaphore>,
+    shared: Arc<Semaphore>,
+}
+
+/// A connection's place, given back when it is dropped.
+struct Slot {
+    _all: OwnedSemaphorePermit,
+    _shared: Option<OwnedSemaphorePermit>,
+}
+
+impl Slots {
+    fn new() -> Self {
+        Slots {
+            all: Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
+            shared: Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS - LOOPBACK_RESERVE)),
+        }
+    }
+
+    /// A slot for a new connection from `peer`, or None if none is free
+    /// to it.
+    fn admit(&self, peer: IpAddr) -> Option<Slot> {
+        let shared = if peer.to_canonical().is_loopback() {
+            None
+        } else {
+            Some(self.shared.clone().try_acquire_owned().ok()?)
+        };
+        let all = self.all.clone().try_acquire_owned().ok()?;
+        Some(Slot {
+            _all: all,
+            _shared: shared,
+        })
     }
 }
 
@@ -701,6 +743,50 @@ mod tests {
         assert!(served, "no connection served after a slot was freed");
         stop_tx.send(()).unwrap();
         task.await.unwrap();
+    }
+
+    #[test]
+    fn other_hosts_cannot_take_the_slots_kept_for_loopback() {
+        let slots = Slots::new();
+        let remote: IpAddr = "10.0.0.9".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.9".parse().unwrap();
+        let mut shared: Vec<Slot> = (0..MAX_ADMIN_CONNECTIONS - LOOPBACK_RESERVE)
+            .map(|i| {
+                slots
+                    .admit(remote)
+                    .unwrap_or_else(|| panic!("shared slot {i}"))
+            })
+            .collect();
+        assert!(
+            slots.admit(remote).is_none(),
+            "another host took a reserved slot"
+        );
+        assert!(
+            slots.admit(mapped).is_none(),
+            "a v4-mapped address is that host"
+        );
+        let mut reserved: Vec<Slot> = ["127.0.0.1", "::1", "::ffff:127.0.0.1", "127.0.0.2"]
+            .iter()
+            .cycle()
+            .take(LOOPBACK_RESERVE)
+            .map(|ip| slots.admit(ip.parse().unwrap()).expect("a reserved slot"))
+            .collect();
+        assert!(
+            slots.admit("127.0.0.1".parse().unwrap()).is_none(),
+            "past the limit"
+        );
+        // A shared slot given back is another host's to take again.
+        drop(shared.pop());
+        let back = slots.admit(remote).expect("the freed shared slot");
+        assert!(slots.admit(remote).is_none());
+        // A reserved slot given back is loopback's only.
+        drop(reserved.pop());
+        assert!(
+            slots.admit(remote).is_none(),
+            "a freed reserved slot went to a host"
+        );
+        assert!(slots.admit("::1".parse().unwrap()).is_some());
+        drop(back);
     }
 
     #[tokio::test(start_paused = true)]
