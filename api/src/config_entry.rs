@@ -1191,8 +1191,8 @@ fn check_subset(
 }
 
 /// Refuses router routes whose `PathExact` or `PathPrefix` no request can
-/// have ([`check_rule_paths`]). The servers' API calls it on every write,
-/// after [`validate_entry`]; Raft's apply does not.
+/// have ([`check_rule_paths`]). The servers' API calls it on every write;
+/// Raft's apply, which runs [`validate_entry`], does not.
 pub fn check_entry_paths(entry: &ConfigEntry) -> Result<(), ConfigEntryError> {
     if let ConfigEntry::ServiceRouter(r) = entry {
         for (i, route) in r.routes.iter().enumerate() {

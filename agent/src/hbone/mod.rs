@@ -47,8 +47,8 @@ pub(crate) const MAX_FRAME_SIZE: u32 = 64 * 1024;
 /// the first half while the sender seals the second, on another core. One
 /// stream carried 1.19x and eight 1.06x as much as with 64 KiB writes; 16
 /// KiB writes (one record each) carried less than 32 KiB ones, and one
-/// write a frame (128 KiB) was slower than all (bench/README.md, "The HTTP/2 windows,
-/// and the sending agent's waits").
+/// write a frame (128 KiB) was slower than all (bench/README.md, "The
+/// HTTP/2 windows, and the sending agent's waits").
 pub(crate) const TLS_WRITE: usize = 32 * 1024;
 /// What one read from a tunnel connection's socket may take. rustls reads
 /// its records 4 KiB at a time; below it, one read takes what the socket
