@@ -337,7 +337,7 @@ impl Federation {
     ) -> anyhow::Result<(u16, String)> {
         let host = format!("server.{}.weft", DCS[k]);
         let resolve = format!("{host}:8500:{}", self.server_ip(k));
-        let token = format!("X-Consul-Token: {token}");
+        let token = crate::mesh::token_header_in(self.dir.path(), token)?;
         let url = format!("https://{host}:8500{path}");
         let ca = self.path("ca.pem").display().to_string();
         let mut args = vec![
@@ -633,7 +633,7 @@ impl Federation {
                 "-m",
                 "5",
                 "-H",
-                &format!("X-Consul-Token: {}", self.token(k)),
+                &crate::mesh::token_header_in(self.dir.path(), self.token(k))?,
                 "http://127.0.0.1:15020/config",
             ],
             Duration::from_secs(10),

@@ -1376,21 +1376,7 @@ impl Mesh {
     /// a 0600 file holding the header, so that the token is not on the
     /// command line, where every local user reads it.
     pub fn token_header(&self, token: &str) -> anyhow::Result<String> {
-        use std::hash::{Hash, Hasher};
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        token.hash(&mut hasher);
-        let path = self.path(&format!("token-{:016x}.header", hasher.finish()));
-        if !path.exists() {
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)?;
-            writeln!(file, "X-Consul-Token: {token}")?;
-        }
-        Ok(format!("@{}", path.display()))
+        token_header_in(self.dir.path(), token)
     }
 
     /// `METHOD http://127.0.0.1:8500{path}` (the agent's local API) in
@@ -1601,4 +1587,25 @@ impl Drop for Mesh {
             eprintln!("mesh files kept in {}", dir.keep().display());
         }
     }
+}
+
+/// curl's `-H` argument that sends `token` as `X-Consul-Token`: `@` and a
+/// 0600 file in `dir` holding the header, so that the token is not on the
+/// command line, where every local user reads it.
+pub fn token_header_in(dir: &std::path::Path, token: &str) -> anyhow::Result<String> {
+    use std::hash::{Hash, Hasher};
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    token.hash(&mut hasher);
+    let path = dir.join(format!("token-{:016x}.header", hasher.finish()));
+    if !path.exists() {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        writeln!(file, "X-Consul-Token: {token}")?;
+    }
+    Ok(format!("@{}", path.display()))
 }

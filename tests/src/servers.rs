@@ -395,7 +395,8 @@ impl Cluster {
             .arg(&headers)
             .args(["-o", "-", "-w", "\n%{http_code}"]);
         if let Some(token) = token {
-            cmd.args(["-H", &format!("X-Consul-Token: {token}")]);
+            cmd.arg("-H")
+                .arg(crate::mesh::token_header_in(dir.path(), token)?);
         }
         if let Some(body) = body {
             std::fs::write(&data, body)?;
@@ -653,7 +654,7 @@ impl LoopbackAgent {
     pub fn config_dump(&self) -> anyhow::Result<serde_json::Value> {
         let out = Command::new("curl")
             .args(["-sS", "-m", "5", "--fail", "-H"])
-            .arg(format!("X-Consul-Token: {}", self.token))
+            .arg(crate::mesh::token_header_in(self._dir.path(), &self.token)?)
             .arg(format!("http://{}/config", self.admin))
             .output()?;
         anyhow::ensure!(
