@@ -4,8 +4,13 @@
 //!
 //! - Regexes (RE2-like syntax of the `regex` crate) must match the whole path or
 //!   header value, as Envoy's `safe_regex` does.
-//! - Header names compare case-insensitively; several values of one header are
-//!   joined with `,` before matching.
+//! - Header names compare case-insensitively. Routes read a header given
+//!   several times as its values joined with `,` (Envoy's reading). L7
+//!   intentions cannot know how the instance will read it (the first value,
+//!   the last, or all joined), so they read it every way ([`Repeated`]): a
+//!   deny rule matches when any reading matches, an allow rule only when
+//!   every reading does. Sending `X-User: admin` twice neither hides it from
+//!   a deny on `admin` nor smuggles it past an allow on `reader`.
 //! - A header rule has exactly one of `Present`, `Exact`, `Prefix`, `Suffix`,
 //!   `Regex`. `Invert` negates the rule, but a missing header only ever matches a
 //!   `Present` rule with `Invert` (Envoy: an absent header never matches a value
@@ -68,18 +73,37 @@ impl Request {
 
     /// All values of header `name` (case-insensitive) joined with `,`; `None` if absent.
     pub fn header(&self, name: &str) -> Option<String> {
-        let values: Vec<&str> = self
-            .headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect();
+        let values = self.header_values(name);
         if values.is_empty() {
             None
         } else {
             Some(values.join(","))
         }
     }
+
+    /// Every value of header `name` (case-insensitive), in arrival order.
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// How a header rule reads a header the request gives more than once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repeated {
+    /// The values joined with `,`, as Envoy reads them (routes).
+    Joined,
+    /// A match when the joined values or any single value matches: how a
+    /// deny rule reads them, so that no reading the instance may take
+    /// escapes it.
+    AnyReading,
+    /// A match only when the joined values and every single value match:
+    /// how an allow rule reads them, so that no reading the instance may
+    /// take is let in unchecked.
+    EveryReading,
 }
 
 /// The parameters of a raw query string, percent-decoded (`+` is a
@@ -299,6 +323,16 @@ impl HttpMatch {
     /// Whether `request` satisfies every rule. Errors only for a regex that does
     /// not compile (which [`validate_http_match`] refuses at write time).
     pub fn matches(&self, request: &Request) -> Result<bool, HttpMatchError> {
+        self.matches_read(request, Repeated::Joined)
+    }
+
+    /// [`matches`](Self::matches), with repeated headers read as `repeated`
+    /// says (how L7 intentions judge; see the module doc).
+    pub fn matches_read(
+        &self,
+        request: &Request,
+        repeated: Repeated,
+    ) -> Result<bool, HttpMatchError> {
         if let Some(exact) = &self.path_exact {
             let Some(exact) = exact.normal() else {
                 return Ok(false);
@@ -335,7 +369,7 @@ impl HttpMatch {
         }
         for (i, header) in self.headers.iter().enumerate() {
             if !header
-                .matches(request)
+                .matches_read(request, repeated)
                 .map_err(|e| err(format!("Header[{i}].{}", e.field), e.reason))?
             {
                 return Ok(false);
@@ -354,21 +388,61 @@ impl HttpMatch {
 }
 
 impl HeaderMatch {
-    /// Whether `request` satisfies this header rule (see the module doc).
+    /// Whether `request` satisfies this header rule, several values of the
+    /// header joined (see the module doc).
     pub fn matches(&self, request: &Request) -> Result<bool, HttpMatchError> {
-        let Some(value) = request.header(&self.name) else {
+        self.matches_read(request, Repeated::Joined)
+    }
+
+    /// Whether `request` satisfies this header rule, a repeated header read
+    /// as `repeated` says.
+    pub fn matches_read(
+        &self,
+        request: &Request,
+        repeated: Repeated,
+    ) -> Result<bool, HttpMatchError> {
+        let values = request.header_values(&self.name);
+        if values.is_empty() {
             return Ok(self.present && self.invert);
-        };
+        }
+        let joined = self.reads(&values.join(","))?;
+        if values.len() == 1 {
+            return Ok(joined);
+        }
+        match repeated {
+            Repeated::Joined => Ok(joined),
+            Repeated::AnyReading => {
+                for value in values {
+                    if self.reads(value)? {
+                        return Ok(true);
+                    }
+                }
+                Ok(joined)
+            }
+            Repeated::EveryReading => {
+                for value in values {
+                    if !self.reads(value)? {
+                        return Ok(false);
+                    }
+                }
+                Ok(joined)
+            }
+        }
+    }
+
+    /// Whether the rule, `Invert` applied, holds for one reading of the
+    /// header.
+    fn reads(&self, value: &str) -> Result<bool, HttpMatchError> {
         let hit = if self.present {
             true
         } else if let Some(exact) = &self.exact {
-            value == *exact
+            value == exact
         } else if let Some(prefix) = &self.prefix {
             value.starts_with(prefix.as_str())
         } else if let Some(suffix) = &self.suffix {
             value.ends_with(suffix.as_str())
         } else if let Some(pattern) = &self.regex {
-            pattern.is_match("Regex", &value)?
+            pattern.is_match("Regex", value)?
         } else {
             // No rule: refused at write time; never a match.
             return Ok(false);
@@ -682,6 +756,51 @@ mod tests {
         h.path_prefix = Some("/x".into());
         assert!(!h.matches(&Request::new("GET", "/")).unwrap());
         assert!(h.matches(&Request::new("GET", "/xy")).unwrap());
+    }
+
+    #[test]
+    fn a_repeated_header_is_read_as_the_rule_needs() {
+        use Repeated::*;
+        let r = Request::new("GET", "/")
+            .with_header("X-A", "1")
+            .with_header("x-a", "2");
+        let rule = |exact: &str, invert| HeaderMatch {
+            exact: Some(exact.into()),
+            invert,
+            ..header("x-a")
+        };
+        let read = |h: HeaderMatch, how| h.matches_read(&r, how).unwrap();
+        // Joined (routes, Envoy): only `1,2` matches.
+        assert!(read(rule("1,2", false), Joined));
+        assert!(!read(rule("1", false), Joined));
+        // Any reading: the joined value or either one.
+        for value in ["1,2", "1", "2"] {
+            assert!(read(rule(value, false), AnyReading), "{value}");
+        }
+        assert!(!read(rule("3", false), AnyReading));
+        // Every reading: no single value is both `1` and `2`.
+        for value in ["1,2", "1", "2"] {
+            assert!(!read(rule(value, false), EveryReading), "{value}");
+        }
+        assert!(read(
+            HeaderMatch {
+                present: true,
+                ..header("x-a")
+            },
+            EveryReading
+        ));
+        // Inverted: `not 1` holds on the reading `2` and the joined one.
+        assert!(read(rule("1", true), AnyReading));
+        assert!(!read(rule("1", true), EveryReading));
+        assert!(read(rule("3", true), EveryReading));
+        // One value reads the same every way; an absent header as before.
+        let one = Request::new("GET", "/").with_header("x-a", "1");
+        for how in [Joined, AnyReading, EveryReading] {
+            assert!(rule("1", false).matches_read(&one, how).unwrap());
+            assert!(!rule("1", false)
+                .matches_read(&Request::new("GET", "/"), how)
+                .unwrap());
+        }
     }
 
     #[test]

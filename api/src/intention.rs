@@ -28,7 +28,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::file_format::{parse_document, FileFormat, ParseError};
-use crate::http_match::{check_rule_paths, validate_http_match};
+use crate::http_match::{check_rule_paths, validate_http_match, Repeated};
 pub use crate::http_match::{HeaderMatch, HttpMatch, HttpMatchError, Request};
 use crate::names::{validate_name_or_wildcard, NameError, WILDCARD};
 
@@ -413,7 +413,14 @@ fn decide_one(
                 };
             };
             for (i, permission) in intention.permissions.iter().enumerate() {
-                match permission.http.matches(request) {
+                // A repeated header is read every way the instance might:
+                // a deny matches on any reading, an allow needs all.
+                let repeated = if permission.action.is_allow() {
+                    Repeated::EveryReading
+                } else {
+                    Repeated::AnyReading
+                };
+                match permission.http.matches_read(request, repeated) {
                     Ok(true) => {
                         return Decision {
                             allowed: permission.action.is_allow(),
@@ -1140,6 +1147,77 @@ mod tests {
         );
         // Envoy: a missing header does not match an inverted value rule.
         assert_eq!(check(Request::new("GET", "/admin/x")), (false, None));
+    }
+
+    /// The attack: a header sent twice was read joined (`admin,admin`), so
+    /// a deny on `admin` missed it while the instance, reading the first
+    /// value, saw `admin`; and an allow on `reader` missed nothing of
+    /// `reader` + `admin` read the other way round.
+    #[test]
+    fn a_repeated_header_neither_escapes_a_deny_nor_slips_past_an_allow() {
+        let header = |name: &str, exact: &str, invert: bool| HeaderMatch {
+            name: name.into(),
+            exact: Some(exact.into()),
+            invert,
+            ..Default::default()
+        };
+        let on = |headers| HttpMatch {
+            headers,
+            ..Default::default()
+        };
+        let list = vec![Intention::l7(
+            "web",
+            "db",
+            vec![
+                perm(Deny, on(vec![header("x-user", "admin", false)])),
+                perm(Allow, on(vec![header("x-role", "reader", false)])),
+                perm(Allow, on(vec![header("x-env", "prod", true)])),
+            ],
+        )];
+        let allowed = |headers: &[(&str, &str)]| {
+            let mut r = Request::new("GET", "/");
+            for (name, value) in headers {
+                r = r.with_header(*name, *value);
+            }
+            let d = evaluate(&list, at("web"), "db", Some(&r), Deny);
+            (d.allowed, d.by)
+        };
+        let by = |i| DecidedBy::Intention {
+            source: "web".into(),
+            destination: "db".into(),
+            permission_index: Some(i),
+        };
+        let fell_through = DecidedBy::NoPermissionMatched {
+            source: "web".into(),
+            destination: "db".into(),
+        };
+        // One value: as before.
+        assert_eq!(allowed(&[("x-user", "admin")]), (false, by(0)));
+        assert_eq!(allowed(&[("x-role", "reader")]), (true, by(1)));
+        // The deny sees `admin` whichever value the instance reads.
+        for values in [["admin", "admin"], ["admin", "guest"], ["guest", "admin"]] {
+            let sent = [
+                ("x-user", values[0]),
+                ("X-User", values[1]),
+                ("x-role", "reader"),
+            ];
+            assert_eq!(allowed(&sent), (false, by(0)), "{values:?}");
+        }
+        // The allow needs `reader` however the instance reads them.
+        assert_eq!(
+            allowed(&[("x-role", "reader"), ("x-role", "admin")]),
+            (false, fell_through.clone())
+        );
+        assert_eq!(
+            allowed(&[("x-role", "admin"), ("x-role", "reader")]),
+            (false, fell_through.clone())
+        );
+        // Inverted: `x-env` not `prod` on every reading.
+        assert_eq!(allowed(&[("x-env", "dev")]), (true, by(2)));
+        assert_eq!(
+            allowed(&[("x-env", "dev"), ("x-env", "prod")]),
+            (false, fell_through)
+        );
     }
 
     #[test]

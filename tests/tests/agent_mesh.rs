@@ -628,9 +628,14 @@ fn a_silent_server_fails_a_heartbeat_within_the_call_limit() -> anyhow::Result<(
 
 /// The HTTP status of `METHOD url` from node A (curl's `%{http_code}`).
 fn status_of(mesh: &Mesh, method: &str, url: &str, header: Option<&str>) -> anyhow::Result<u16> {
+    status_with(mesh, method, url, header.as_slice())
+}
+
+/// [`status_of`] with every header of `headers` sent, repeats included.
+fn status_with(mesh: &Mesh, method: &str, url: &str, headers: &[&str]) -> anyhow::Result<u16> {
     let mut args = vec!["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-m", "2"];
     args.extend(["-X", method]);
-    if let Some(h) = header {
+    for h in headers {
         args.extend(["-H", h]);
     }
     args.push(url);
@@ -732,10 +737,15 @@ Destination = { Service = "api", PrefixRewrite = "/" }
 /// `instance`; then deletes it and checks that the default applies again.
 fn l7_intention_cycle(mesh: &Mesh, instance: &str) -> anyhow::Result<()> {
     write_entry(mesh, "api-defaults.toml", API_IS_HTTP)?;
-    // web may GET under /public, and POST only with x-env: prod; nothing else.
+    // web may GET under /public, and POST only with x-env: prod; nothing
+    // else, and nothing as x-user admin.
     l7_intention(
         mesh,
         r#"
+[[Permissions]]
+Action = "deny"
+HTTP = { Header = [ { Name = "x-user", Exact = "admin" } ] }
+
 [[Permissions]]
 Action = "allow"
 HTTP = { PathPrefix = "/public", Methods = ["GET"] }
@@ -771,6 +781,16 @@ HTTP = { PathPrefix = "/" }
     assert_eq!(status_of(mesh, "POST", &private, Some("x-env: prod"))?, 200);
     assert_eq!(status_of(mesh, "POST", &private, Some("x-env: dev"))?, 403);
     assert_eq!(status_of(mesh, "GET", &private, None)?, 403);
+    // A header sent twice is judged on every reading the instance may take
+    // (read joined, `admin,admin` escaped the deny on `admin`).
+    assert_eq!(status_of(mesh, "GET", &public, Some("x-user: guest"))?, 200);
+    for users in [["admin", "admin"], ["guest", "admin"]] {
+        let sent = users.map(|u| format!("x-user: {u}"));
+        let sent: Vec<&str> = sent.iter().map(String::as_str).collect();
+        assert_eq!(status_with(mesh, "GET", &public, &sent)?, 403, "{users:?}");
+    }
+    let prod_and_dev = ["x-env: prod", "x-env: dev"];
+    assert_eq!(status_with(mesh, "POST", &private, &prod_and_dev)?, 403);
     // The caller learns only that it was refused (as from Envoy); which
     // intention and permission decided is in the agents' logs.
     let out = mesh.curl_raw(NodeA, &["-sS", "-m", "2", &private])?;
@@ -781,14 +801,14 @@ HTTP = { PathPrefix = "/" }
     );
     let logs = mesh.agent_log(NodeA) + &mesh.agent_log(NodeB);
     ensure!(
-        logs.contains("intention web => api, permission 2"),
+        logs.contains("intention web => api, permission 3"),
         "the refusal's reason is not logged: {}",
         agent_logs(mesh)
     );
     let denied = denials(mesh)? - denied_before;
     ensure!(
-        denied >= 5.0,
-        "5 refused requests counted as {denied} denials"
+        denied >= 8.0,
+        "8 refused requests counted as {denied} denials"
     );
     let requests = |code| -> anyhow::Result<f64> {
         let labels = [("source", "web"), ("destination", "api"), ("code", code)];
