@@ -30,6 +30,7 @@ use weft_api::client_hello::{self, Parsed};
 use weft_api::gateway::{hop, parse_sni, Destination, Hop};
 
 use crate::accept::AcceptErrors;
+use crate::admission::Places;
 use crate::shared_view::SharedView;
 
 /// How long a client has to send its whole ClientHello.
@@ -179,33 +180,11 @@ pub struct Gateway {
     pub metrics: GatewayMetrics,
     pub drain: Arc<crate::drain::Drain>,
     /// Connections carried now on the LAN and the WAN listener, against
-    /// [`MAX_CONNECTIONS`] each.
-    lan_open: Arc<tokio::sync::Semaphore>,
-    wan_open: Arc<tokio::sync::Semaphore>,
-    /// Connections per client address now, against [`MAX_PER_CLIENT`].
-    per_client: PerClient,
+    /// [`MAX_CONNECTIONS`] each and [`per_client_limit`] per client.
+    lan_places: Places,
+    wan_places: Places,
     /// This gateway's own listeners: never a next hop.
     own: Vec<std::net::SocketAddr>,
-}
-
-type PerClient = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
-
-/// A client's place in [`Gateway::per_client`], given back on drop.
-struct ClientSlot {
-    map: PerClient,
-    ip: std::net::IpAddr,
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        let mut map = self.map.lock().expect("per-client lock");
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
 }
 
 impl Gateway {
@@ -225,25 +204,9 @@ impl Gateway {
             servers,
             metrics,
             drain,
-            lan_open: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
-            wan_open: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
-            per_client: Arc::default(),
+            lan_places: Places::new(MAX_CONNECTIONS),
+            wan_places: Places::new(MAX_CONNECTIONS),
             own,
-        })
-    }
-
-    /// A place for one more connection from `ip`, unless it holds `limit`
-    /// already.
-    fn client_slot(&self, ip: std::net::IpAddr, limit: usize) -> Option<ClientSlot> {
-        let mut map = self.per_client.lock().expect("per-client lock");
-        let n = map.entry(ip).or_insert(0);
-        if *n >= limit {
-            return None;
-        }
-        *n += 1;
-        Some(ClientSlot {
-            map: self.per_client.clone(),
-            ip,
         })
     }
 
@@ -256,18 +219,17 @@ impl Gateway {
         let mut next_id: u64 = 0;
         loop {
             let (stream, peer) = errors.accept(&listener).await;
-            let open = match side {
-                Side::Lan => &self.lan_open,
-                Side::Wan => &self.wan_open,
-            };
-            let Ok(permit) = open.clone().try_acquire_owned() else {
-                self.refuse_count("busy");
-                continue;
+            let places = match side {
+                Side::Lan => &self.lan_places,
+                Side::Wan => &self.wan_places,
             };
             let limit = per_client_limit(side, peer.ip(), &self.view.load().federation);
-            let Some(slot) = self.client_slot(peer.ip(), limit) else {
-                self.refuse_count("client_limit");
-                continue;
+            let place = match places.admit(peer.ip(), limit) {
+                Ok(place) => place,
+                Err(refused) => {
+                    self.refuse_count(refused.reason());
+                    continue;
+                }
             };
             next_id += 1;
             let span = tracing::info_span!("gateway", id = next_id, %peer, side = ?side);
@@ -275,8 +237,7 @@ impl Gateway {
             let tracked = self.drain.track();
             tokio::spawn(
                 async move {
-                    let _permit = permit;
-                    let _slot = slot;
+                    let _place = place;
                     let _tracked = tracked;
                     if let Err(e) = gateway.carry(stream, side).await {
                         gateway.refuse_count(e.reason());

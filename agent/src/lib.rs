@@ -8,6 +8,7 @@
 
 pub mod accept;
 pub mod admin;
+pub mod admission;
 pub mod allocator;
 pub mod background;
 pub mod backoff;

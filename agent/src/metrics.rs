@@ -202,6 +202,11 @@ struct TlsLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusedLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct EbpfLabels {
     event: EbpfCounter,
 }
@@ -227,6 +232,7 @@ pub struct AgentMetrics {
     ejections: Family<EjectionLabels, Counter>,
     overflows: Family<OverflowLabels, Counter>,
     tls_failures: Family<TlsLabels, Counter>,
+    inbound_refused: Family<RefusedLabels, Counter>,
     ebpf: Family<EbpfLabels, Counter>,
     registrations: Counter,
     request_seconds: Histograms<RequestLabels>,
@@ -298,6 +304,11 @@ impl AgentMetrics {
             m.tls_failures.clone(),
         );
         registry.register(
+            "inbound_connections_refused",
+            "Connections to the inbound (HBONE) port closed at accept for want of a place, by reason (busy, client_limit, handshakes_busy, handshakes_client_limit)",
+            m.inbound_refused.clone(),
+        );
+        registry.register(
             "ebpf_events",
             "Counters read from the eBPF programs' maps",
             m.ebpf.clone(),
@@ -352,6 +363,7 @@ impl AgentMetrics {
             ejections: m.ejections,
             overflows: m.overflows,
             tls_failures: m.tls_failures,
+            inbound_refused: m.inbound_refused,
             ebpf: m.ebpf,
             registrations: m.registrations,
             request_seconds: m.request_seconds,
@@ -492,6 +504,14 @@ impl AgentMetrics {
             .inc();
     }
 
+    /// A connection to the inbound port was closed at accept; `reason` is
+    /// one of the server's four labels.
+    pub fn inbound_refused(&self, reason: &'static str) {
+        self.inbound_refused
+            .get_or_create(&RefusedLabels { reason })
+            .inc();
+    }
+
     /// Sets an eBPF counter to the value read from its map (the kernel's counter is
     /// the source of truth; a lower value reads as a counter reset).
     pub fn set_ebpf_counter(&self, counter: EbpfCounter, value: u64) {
@@ -537,6 +557,7 @@ struct AgentMetricsParts {
     ejections: Family<EjectionLabels, Counter>,
     overflows: Family<OverflowLabels, Counter>,
     tls_failures: Family<TlsLabels, Counter>,
+    inbound_refused: Family<RefusedLabels, Counter>,
     ebpf: Family<EbpfLabels, Counter>,
     registrations: Counter,
     request_seconds: Histograms<RequestLabels>,
@@ -555,6 +576,7 @@ impl Default for AgentMetricsParts {
             ejections: Family::default(),
             overflows: Family::default(),
             tls_failures: Family::default(),
+            inbound_refused: Family::default(),
             ebpf: Family::default(),
             registrations: Counter::default(),
             request_seconds: Family::new_with_constructor(request_buckets),

@@ -356,6 +356,7 @@ pub async fn run(
         .ok_or(IdentityError::Unknown("node".into()))?;
     let inbound_ctx = ctx.clone();
     let failure_metrics = metrics.clone();
+    let refused_metrics = metrics.clone();
     // The node certificate is looked up at every handshake: a renewed one
     // is presented from the moment it is there.
     let current_node: crate::hbone::tls::CurrentIdentity = {
@@ -369,6 +370,7 @@ pub async fn run(
         tracing::info!(peer = %f.peer, "inbound TLS handshake failed: {}", f.reason);
         failure_metrics.tls_failure(Side::Inbound, short_reason(&f.reason));
     })
+    .on_refused(move |reason| refused_metrics.inbound_refused(reason))
     .draining(drain.clone());
 
     // Everything but the listeners is ready: take the predecessor's.

@@ -292,6 +292,99 @@ fn foreign_identity(mesh: &Mesh, spiffe_id: &str) -> anyhow::Result<(String, Str
     Ok((chain, std::fs::read_to_string(mesh.path("foreign.key"))?))
 }
 
+/// A leaf for web from the mesh's CA, and the mesh's trust bundle.
+fn web_identity(
+    mesh: &Mesh,
+) -> anyhow::Result<(weft_agent::hbone::Identity, weft_agent::hbone::TrustBundle)> {
+    let leaf = mesh.weft_json(&["ca", "leaf", "web"])?;
+    let roots = mesh.weft(&["ca", "roots"])?;
+    let spiffe_id = leaf["spiffe_id"].as_str().context("leaf spiffe_id")?;
+    let trust_domain = spiffe_id
+        .strip_prefix("spiffe://")
+        .and_then(|s| s.split('/').next())
+        .context("trust domain")?;
+    let bundle = weft_agent::hbone::TrustBundle::from_pem(trust_domain, &roots)?;
+    let chain = format!(
+        "{}{}",
+        leaf["cert_pem"].as_str().unwrap_or_default(),
+        leaf["chain_pem"].as_str().unwrap_or_default()
+    );
+    let identity = weft_agent::hbone::Identity::from_pem(
+        &chain,
+        leaf["key_pem"].as_str().unwrap_or_default(),
+    )?;
+    Ok((identity, bundle))
+}
+
+/// The attack: a host that reaches node B's inbound port, with no
+/// certificate, opens connections and never starts their handshakes. Each
+/// held a task and a descriptor for the 10 s handshake timeout, without
+/// limit, until the agent had no descriptor left for anyone. Now the host
+/// holds its source's 32 handshakes; the rest are closed at accept and
+/// counted, and a peer from another address still gets its tunnel.
+#[test]
+fn a_host_without_credentials_holds_its_share_of_handshakes_and_no_more() -> anyhow::Result<()> {
+    use std::io::{ErrorKind, Read};
+    require_root();
+    let mesh = one_api_mesh("api-1")?;
+    let (outsider, b) = mesh.outsider()?;
+    let inbound: SocketAddr = format!("{b}:15008").parse()?;
+    let refused = || {
+        let labels = [("reason", "handshakes_client_limit")];
+        mesh.metric_with(
+            NodeB,
+            "weft_agent_inbound_connections_refused_total",
+            &labels,
+        )
+    };
+    let before = refused()?;
+    let (held, open, closed) = outsider.run(move || -> anyhow::Result<_> {
+        let mut held = Vec::new();
+        for _ in 0..40 {
+            held.push(std::net::TcpStream::connect_timeout(
+                &inbound,
+                Duration::from_secs(2),
+            )?);
+        }
+        // The agent accepts in order: the first 32 wait for a ClientHello
+        // that never comes, the others are closed at once.
+        let mut closed = 0;
+        for conn in &held[32..] {
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            match (&*conn).read(&mut [0u8; 1]) {
+                Ok(0) => closed += 1,
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => closed += 1,
+                other => anyhow::bail!("a connection past the share: {other:?}"),
+            }
+        }
+        let mut open = 0;
+        for conn in &held[..32] {
+            conn.set_nonblocking(true)?;
+            if let Err(e) = (&*conn).read(&mut [0u8; 1]) {
+                if e.kind() == ErrorKind::WouldBlock {
+                    open += 1;
+                }
+            }
+        }
+        Ok((held, open, closed))
+    })??;
+    assert_eq!((open, closed), (32, 8), "held open, closed at accept");
+    let counted = wait_until(Duration::from_secs(3), "8 refusals counted", || {
+        let now = refused()?;
+        Ok((now >= before + 8.0).then_some(now - before))
+    })?;
+    assert_eq!(counted, 8.0);
+
+    // While the host holds its share, a peer from node A's address
+    // completes a handshake and gets a tunnel.
+    let (web, bundle) = web_identity(&mesh)?;
+    let target: SocketAddr = format!("{}:8080", mesh.ip(NodeB)).parse()?;
+    let response = hbone_get(&mesh, web, bundle, target)?;
+    assert!(response.contains("instance api-1"), "{response}");
+    drop(held);
+    Ok(())
+}
+
 /// Opens an HBONE tunnel from node A to `target` through node B's agent as
 /// `identity`, sends `GET /` and returns the response.
 fn hbone_get(
@@ -335,27 +428,8 @@ fn inbound_refuses_foreign_and_missing_client_certificates() -> anyhow::Result<(
     let target: SocketAddr = format!("{}:8080", mesh.ip(NodeB)).parse()?;
 
     // The mesh's own CA: a leaf for web gets through (the control).
-    let leaf = mesh.weft_json(&["ca", "leaf", "web"])?;
-    let roots = mesh.weft(&["ca", "roots"])?;
-    let spiffe_id = leaf["spiffe_id"]
-        .as_str()
-        .context("leaf spiffe_id")?
-        .to_string();
-    let trust_domain = spiffe_id
-        .strip_prefix("spiffe://")
-        .and_then(|s| s.split('/').next())
-        .context("trust domain")?
-        .to_string();
-    let bundle = weft_agent::hbone::TrustBundle::from_pem(&trust_domain, &roots)?;
-    let chain = format!(
-        "{}{}",
-        leaf["cert_pem"].as_str().unwrap_or_default(),
-        leaf["chain_pem"].as_str().unwrap_or_default()
-    );
-    let good = weft_agent::hbone::Identity::from_pem(
-        &chain,
-        leaf["key_pem"].as_str().unwrap_or_default(),
-    )?;
+    let (good, bundle) = web_identity(&mesh)?;
+    let spiffe_id = good.spiffe_id.clone();
     let response = hbone_get(&mesh, good.clone(), bundle.clone(), target)
         .context("a tunnel with the mesh CA's certificate")?;
     assert!(response.contains("instance api-1"), "{response}");

@@ -16,8 +16,8 @@ mod tests;
 
 pub use client::{HboneError, HbonePool, NodePeer};
 pub use server::{
-    classify, Classified, ConnectHandler, ConnectRequest, HboneServer, Refusal, ServerError,
-    TlsFailure,
+    classify, Classified, ConnectHandler, ConnectRequest, HboneServer, InboundLimits, Refusal,
+    ServerError, TlsFailure,
 };
 pub use stream::HboneStream;
 pub use tls::{peer_spiffe_id, Identity, SpiffeId, TlsError, TrustBundle};

@@ -10,6 +10,14 @@
 //!
 //! Handshake failures never panic: they are logged and reported through the
 //! `on_tls_failure` hook (for metrics).
+//!
+//! Anyone who reaches the port can open TCP connections to it, so places
+//! are taken at accept ([`InboundLimits`], [`crate::admission`]): so many
+//! connections at once, so many of them still in their handshake (which
+//! no credential has yet paid for), each also per source. A connection
+//! that finds no place is closed at once and reported through
+//! `on_refused`; one host opening connections it never completes holds
+//! its share of handshakes, not the agent's descriptors.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,9 +36,50 @@ use super::tls::{self, Identity, TlsError, TrustBundle, ALPN_H2};
 use super::{
     INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, MAX_CONCURRENT_STREAMS, REASON_HEADER,
 };
+use crate::admission::{Place, Places, Refused};
 
 /// Default time a peer gets to complete the TLS handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many inbound connections the server holds at once, in all and per
+/// source (an IPv4 address, an IPv6 /64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboundLimits {
+    /// Connections at once, handshaking or carrying tunnels. Each carries
+    /// up to [`MAX_CONCURRENT_STREAMS`] tunnels, and a peer opens one per
+    /// source identity and node (more past that many tunnels).
+    pub connections: usize,
+    /// Connections one source may hold. Another datacenter's tunnels all
+    /// come from this datacenter's gateway, one per remote identity.
+    pub connections_per_source: usize,
+    /// Connections in their TLS handshake at once: a peer completes one in
+    /// milliseconds; one that does not holds its place for the handshake
+    /// timeout.
+    pub handshakes: usize,
+    /// Handshakes one source may have under way.
+    pub handshakes_per_source: usize,
+}
+
+impl Default for InboundLimits {
+    fn default() -> Self {
+        InboundLimits {
+            connections: 8_192,
+            connections_per_source: 1_024,
+            handshakes: 256,
+            handshakes_per_source: 32,
+        }
+    }
+}
+
+/// The label a connection refused at accept is counted under.
+fn refusal_label(handshake: bool, refused: Refused) -> &'static str {
+    match (handshake, refused) {
+        (false, Refused::Busy) => "busy",
+        (false, Refused::SourceLimit) => "client_limit",
+        (true, Refused::Busy) => "handshakes_busy",
+        (true, Refused::SourceLimit) => "handshakes_client_limit",
+    }
+}
 
 /// Errors of one inbound connection.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +173,7 @@ pub struct TlsFailure {
 
 type FailureHook = Arc<dyn Fn(&TlsFailure) + Send + Sync>;
 type AcceptHook = Arc<dyn Fn(&str) + Send + Sync>;
+type RefusedHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 
 struct Inner<H> {
     acceptor: TlsAcceptor,
@@ -132,7 +182,9 @@ struct Inner<H> {
     handshake_timeout: Duration,
     on_tls_failure: Option<FailureHook>,
     on_tls_accept: Option<AcceptHook>,
+    on_refused: Option<RefusedHook>,
     drain: Option<Arc<crate::drain::Drain>>,
+    limits: InboundLimits,
 }
 
 /// The inbound HBONE server: configure it, then [`serve`](Self::serve) a
@@ -216,7 +268,9 @@ impl<H: ConnectHandler> HboneServer<H> {
                 handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
                 on_tls_failure: None,
                 on_tls_accept: None,
+                on_refused: None,
                 drain: None,
+                limits: InboundLimits::default(),
             },
         })
     }
@@ -231,6 +285,21 @@ impl<H: ConnectHandler> HboneServer<H> {
     /// Called with the peer's SPIFFE id for every completed handshake.
     pub fn on_tls_accept(mut self, hook: impl Fn(&str) + Send + Sync + 'static) -> Self {
         self.inner.on_tls_accept = Some(Arc::new(hook));
+        self
+    }
+
+    /// Called for every connection closed at accept for want of a place,
+    /// with why: `busy`, `client_limit` (connections) or
+    /// `handshakes_busy`, `handshakes_client_limit`.
+    pub fn on_refused(mut self, hook: impl Fn(&'static str) + Send + Sync + 'static) -> Self {
+        self.inner.on_refused = Some(Arc::new(hook));
+        self
+    }
+
+    /// How many connections the server holds at once (the default is
+    /// [`InboundLimits::default`]).
+    pub fn limits(mut self, limits: InboundLimits) -> Self {
+        self.inner.limits = limits;
         self
     }
 
@@ -252,12 +321,35 @@ impl<H: ConnectHandler> HboneServer<H> {
     /// outlive this future if it is dropped.
     pub async fn serve(self, listener: TcpListener) {
         let inner = Arc::new(self.inner);
+        let limits = inner.limits;
+        let connections = Places::new(limits.connections);
+        let handshakes = Places::new(limits.handshakes);
         let mut errors = crate::accept::AcceptErrors::new("hbone");
         loop {
             let (tcp, peer) = errors.accept(&listener).await;
+            let places = connections
+                .admit(peer.ip(), limits.connections_per_source)
+                .map_err(|r| refusal_label(false, r))
+                .and_then(|connection| {
+                    let handshake = handshakes
+                        .admit(peer.ip(), limits.handshakes_per_source)
+                        .map_err(|r| refusal_label(true, r))?;
+                    Ok((connection, handshake))
+                });
+            let (connection, handshake) = match places {
+                Ok(places) => places,
+                Err(label) => {
+                    debug!(%peer, reason = label, "hbone: no place for the connection, closing it");
+                    if let Some(hook) = &inner.on_refused {
+                        hook(label);
+                    }
+                    continue;
+                }
+            };
             let inner = inner.clone();
             tokio::spawn(async move {
-                if let Err(e) = inner.serve_connection(tcp, peer).await {
+                let _connection = connection;
+                if let Err(e) = inner.serve_connection(tcp, peer, handshake).await {
                     debug!(%peer, error = %e, "hbone connection ended");
                 }
             });
@@ -281,6 +373,7 @@ impl<H: ConnectHandler> Inner<H> {
         self: &Arc<Self>,
         tcp: TcpStream,
         peer: SocketAddr,
+        handshake_place: Place,
     ) -> Result<(), ServerError> {
         let _ = tcp.set_nodelay(true);
         let _tracked = self.drain.as_ref().map(|d| d.track());
@@ -290,7 +383,9 @@ impl<H: ConnectHandler> Inner<H> {
         };
         tokio::pin!(draining);
         let mut winding_down = false;
-        let (tls, peer_id) = match self.handshake(tcp).await {
+        let handshake = self.handshake(tcp).await;
+        drop(handshake_place);
+        let (tls, peer_id) = match handshake {
             Ok(ok) => ok,
             Err(e) => {
                 self.tls_failure(peer, &e);

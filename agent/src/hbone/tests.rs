@@ -45,6 +45,8 @@ struct Node {
     accepted: Arc<AtomicUsize>,
     failures: Arc<Mutex<Vec<TlsFailure>>>,
     peers: Arc<Mutex<Vec<String>>>,
+    /// Why connections were closed at accept.
+    refused: Arc<Mutex<Vec<&'static str>>>,
     task: JoinHandle<()>,
 }
 
@@ -66,6 +68,10 @@ impl Drop for Node {
 }
 
 async fn start_node(ca: &TestCa) -> Node {
+    start_node_with(ca, InboundLimits::default()).await
+}
+
+async fn start_node_with(ca: &TestCa, limits: InboundLimits) -> Node {
     let echo = echo_server().await;
     let bundle = ca.bundle();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -86,13 +92,16 @@ async fn start_node(ca: &TestCa) -> Node {
                 .map_err(|e| Refusal::unavailable(e.to_string()))
         }
     };
-    let (acc, fail) = (accepted.clone(), failures.clone());
+    let refused = Arc::new(Mutex::new(Vec::new()));
+    let (acc, fail, refuse) = (accepted.clone(), failures.clone(), refused.clone());
     let server = HboneServer::new(&ca.identity(NODE_B), &bundle, handler)
         .unwrap()
+        .limits(limits)
         .on_tls_accept(move |_| {
             acc.fetch_add(1, Ordering::SeqCst);
         })
-        .on_tls_failure(move |f| fail.lock().unwrap().push(f.clone()));
+        .on_tls_failure(move |f| fail.lock().unwrap().push(f.clone()))
+        .on_refused(move |reason| refuse.lock().unwrap().push(reason));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(server.serve(listener));
@@ -103,6 +112,7 @@ async fn start_node(ca: &TestCa) -> Node {
         accepted,
         failures,
         peers,
+        refused,
         task,
     }
 }
@@ -602,4 +612,87 @@ fn a_session_lasts_until_the_first_of_its_certificates_expires() {
     let garbage = rustls::pki_types::CertificateDer::from(vec![1u8, 2, 3]);
     assert_eq!(tls::not_after(&garbage), None);
     assert_eq!(tls::session_deadline(Some(&garbage), None), None);
+}
+
+/// A TCP connection to `to` from the loopback address `from`.
+async fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// Whether the server closed `tcp` (it sent nothing, so a read ends).
+async fn closed_by_server(tcp: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1];
+    matches!(
+        tokio::time::timeout(TIMEOUT, tcp.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+/// The attack: TCP connections to the inbound port that never start their
+/// handshake, which anyone who reaches the port can open. Each held a task
+/// and a descriptor for the handshake timeout, without limit: enough of
+/// them took every descriptor the agent may open. Now one source holds its
+/// share of handshakes and all sources the server's, the next connection
+/// is closed at accept, and the places come back when they close.
+#[tokio::test]
+async fn connections_that_never_handshake_hold_their_share_and_no_more() {
+    let ca = TestCa::new("ca");
+    let limits = InboundLimits {
+        connections: 100,
+        connections_per_source: 100,
+        handshakes: 4,
+        handshakes_per_source: 3,
+    };
+    let node = start_node_with(&ca, limits).await;
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(connect_from("127.0.0.1", node.addr).await);
+    }
+    // The accept loop takes connections in order: the fourth from the same
+    // source finds its source's share taken.
+    let mut fourth = connect_from("127.0.0.1", node.addr).await;
+    assert!(closed_by_server(&mut fourth).await, "held, not closed");
+    assert_eq!(*node.refused.lock().unwrap(), ["handshakes_client_limit"]);
+
+    // A peer from another source completes its handshake meanwhile.
+    let config = tls::client_config(&ca.identity(WEB), &node.bundle, NODE_B).unwrap();
+    let name = ServerName::try_from("node-b.dc1.node.test.weft").unwrap();
+    let tcp = connect_from("127.0.0.2", node.addr).await;
+    let _peer = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("another source's handshake");
+    assert!(eventually(|| node.accepted.load(Ordering::SeqCst) == 1).await);
+
+    // Its handshake done, it holds no handshake place: a third source takes
+    // the last one, and a fourth finds none.
+    silent.push(connect_from("127.0.0.3", node.addr).await);
+    let mut over = connect_from("127.0.0.4", node.addr).await;
+    assert!(closed_by_server(&mut over).await, "held, not closed");
+    assert_eq!(
+        *node.refused.lock().unwrap(),
+        ["handshakes_client_limit", "handshakes_busy"]
+    );
+
+    // Closed, the silent connections give their places back: a peer from
+    // the first source gets its tunnel.
+    drop(silent);
+    let pool = HbonePool::new(ca.bundle());
+    let mut tunnel = None;
+    for _ in 0..100 {
+        match pool
+            .connect(&ca.identity(WEB), &node.peer(), node.echo, TIMEOUT)
+            .await
+        {
+            Ok(t) => {
+                tunnel = Some(t);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let mut tunnel = tunnel.expect("a tunnel once the silent connections closed");
+    assert_eq!(round_trip(&mut tunnel, b"back").await, b"back");
 }
