@@ -203,6 +203,8 @@ struct TlsLabels {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RefusedLabels {
+    /// `inbound` (HBONE) or `permissive`.
+    listener: &'static str,
     reason: &'static str,
 }
 
@@ -305,7 +307,7 @@ impl AgentMetrics {
         );
         registry.register(
             "inbound_connections_refused",
-            "Connections to the inbound (HBONE) port closed at accept for want of a place, by reason (busy, client_limit, handshakes_busy, handshakes_client_limit)",
+            "Connections from other hosts closed at accept for want of a place, by listener (inbound, permissive) and reason (busy, client_limit; inbound also handshakes_busy, handshakes_client_limit)",
             m.inbound_refused.clone(),
         );
         registry.register(
@@ -504,11 +506,11 @@ impl AgentMetrics {
             .inc();
     }
 
-    /// A connection to the inbound port was closed at accept; `reason` is
-    /// one of the server's four labels.
-    pub fn inbound_refused(&self, reason: &'static str) {
+    /// A connection from another host was closed at accept on `listener`
+    /// (`inbound` or `permissive`); `reason` is a fixed label.
+    pub fn inbound_refused(&self, listener: &'static str, reason: &'static str) {
         self.inbound_refused
-            .get_or_create(&RefusedLabels { reason })
+            .get_or_create(&RefusedLabels { listener, reason })
             .inc();
     }
 

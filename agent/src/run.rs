@@ -370,7 +370,7 @@ pub async fn run(
         tracing::info!(peer = %f.peer, "inbound TLS handshake failed: {}", f.reason);
         failure_metrics.tls_failure(Side::Inbound, short_reason(&f.reason));
     })
-    .on_refused(move |reason| refused_metrics.inbound_refused(reason))
+    .on_refused(move |reason| refused_metrics.inbound_refused("inbound", reason))
     .draining(drain.clone());
 
     // Everything but the listeners is ready: take the predecessor's.

@@ -330,7 +330,10 @@ fn a_host_without_credentials_holds_its_share_of_handshakes_and_no_more() -> any
     let (outsider, b) = mesh.outsider()?;
     let inbound: SocketAddr = format!("{b}:15008").parse()?;
     let refused = || {
-        let labels = [("reason", "handshakes_client_limit")];
+        let labels = [
+            ("listener", "inbound"),
+            ("reason", "handshakes_client_limit"),
+        ];
         mesh.metric_with(
             NodeB,
             "weft_agent_inbound_connections_refused_total",

@@ -243,6 +243,58 @@ fn permissive_mode_admits_plaintext_only_through_the_agent() -> anyhow::Result<(
         opened >= 1.0,
         "plaintext connections are not counted: {opened}"
     );
+    // One host holds at most 256 plaintext connections through the agent:
+    // node A opens 260 and keeps them; those past its share are closed at
+    // accept, and counted.
+    let labels = [("listener", "permissive"), ("reason", "client_limit")];
+    let counter = "weft_agent_inbound_connections_refused_total";
+    let refused_before = mesh.metric_with(NodeB, counter, &labels)?;
+    let target: std::net::SocketAddr = format!("{}:8080", mesh.ip(NodeB)).parse()?;
+    let (held, open, closed) = mesh.netns(NodeA).run(move || -> anyhow::Result<_> {
+        use std::io::{ErrorKind, Read};
+        let mut held = Vec::new();
+        for _ in 0..260 {
+            held.push(std::net::TcpStream::connect_timeout(
+                &target,
+                Duration::from_secs(2),
+            )?);
+        }
+        // The agent accepts in order: the last four find the share taken
+        // and are closed (waited for); the others are carried to the
+        // workload, which waits for a request (checked without waiting).
+        for (i, conn) in held.iter().enumerate() {
+            if i < 256 {
+                conn.set_nonblocking(true)?;
+            } else {
+                conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            }
+        }
+        let (mut open, mut closed) = (0, 0);
+        for conn in &held {
+            match (&*conn).read(&mut [0u8; 1]) {
+                Ok(0) => closed += 1,
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => closed += 1,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    open += 1
+                }
+                other => anyhow::bail!("a plaintext connection answered {other:?}"),
+            }
+        }
+        Ok((held, open, closed))
+    })??;
+    ensure!(
+        open <= 256 && closed >= 1,
+        "one host held {open} plaintext connections ({closed} closed)"
+    );
+    let counted = wait_until(Duration::from_secs(3), "the refusals counted", || {
+        let now = mesh.metric_with(NodeB, counter, &labels)? - refused_before;
+        Ok((now >= closed as f64).then_some(now))
+    })?;
+    ensure!(
+        counted == closed as f64,
+        "{closed} closed, {counted} counted"
+    );
+    drop(held);
     // Even with `*` allowed, the permissive listener itself serves only
     // what sk_lookup steered to it: a direct connection names no instance.
     refused(

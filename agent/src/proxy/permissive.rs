@@ -5,6 +5,8 @@
 //! the one the client dialled; the connection is judged with an
 //! unauthenticated source (only intentions from `*`, and the default, can
 //! allow it), counted, and carried to the instance with the agent's mark.
+//! Anyone who reaches the port can connect, so each connection takes a
+//! place at accept ([`MAX_CONNECTIONS`], [`MAX_PER_SOURCE`]).
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -15,6 +17,7 @@ use weft_api::config_entry::MutualTlsMode;
 use super::outbound::reset;
 use super::{inbound, ProxyContext};
 use crate::accept::AcceptErrors;
+use crate::admission::Places;
 use crate::splice::splice;
 
 /// The local instance a plaintext connection to `dialled` is for: the one
@@ -39,11 +42,26 @@ pub fn instance_for(ctx: &ProxyContext, dialled: SocketAddr) -> Option<SocketAdd
     instance.socket_addr()
 }
 
+/// Plaintext connections the listener carries at once (each costs the
+/// agent two descriptors); more are closed at accept.
+pub const MAX_CONNECTIONS: usize = 8_192;
+/// Plaintext connections one source (an address, an IPv6 /64) may hold.
+pub const MAX_PER_SOURCE: usize = 256;
+
 /// Serves the permissive listener until the task is dropped.
 pub async fn serve(ctx: Arc<ProxyContext>, listener: TcpListener) {
     let mut errors = AcceptErrors::new("permissive");
+    let places = Places::new(MAX_CONNECTIONS);
     loop {
         let (stream, peer) = errors.accept(&listener).await;
+        let place = match places.admit(peer.ip(), MAX_PER_SOURCE) {
+            Ok(place) => place,
+            Err(refused) => {
+                tracing::debug!(%peer, "permissive: no place for the connection ({refused}), closing it");
+                ctx.metrics.inbound_refused("permissive", refused.reason());
+                continue;
+            }
+        };
         let ctx = ctx.clone();
         let Ok(dialled) = stream.local_addr() else {
             reset(stream);
@@ -51,6 +69,7 @@ pub async fn serve(ctx: Arc<ProxyContext>, listener: TcpListener) {
         };
         let span = tracing::info_span!("permissive", %peer, %dialled);
         let conn = async move {
+            let _place = place;
             let _tracked = ctx.drain.track();
             let mut stream = stream;
             let _ = stream.set_nodelay(true);
