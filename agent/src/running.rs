@@ -196,10 +196,16 @@ impl Running {
         }
         let new =
             AgentConfig::load_with_registered(&self.path, &kept).map_err(|e| e.to_string())?;
-        let summary = self.switch(new).await?;
+        let summary = match self.switch(new).await {
+            Ok(summary) => Ok(summary),
+            Err(Failed::Before(why)) => return Err(why),
+            // The new configuration runs: its orphans go all the same.
+            Err(Failed::After(why)) => Err(why),
+        };
+        let what = summary.as_ref().unwrap_or_else(|why| why);
         self.drop_orphan_checks(&kept)
-            .map_err(|e| format!("{summary}, but {e}"))?;
-        Ok(summary)
+            .map_err(|e| format!("{what}, but {e}"))?;
+        summary
     }
 
     /// What is registered through the local API now.
@@ -340,30 +346,40 @@ impl Running {
         let new = AgentConfig::load_with_registered(&self.path, &kept)
             .map_err(|e| RegistrationError::Invalid(e.to_string()))?;
         let data_dir = new.data_dir.clone();
-        let summary = self.switch(new).await.map_err(RegistrationError::Failed)?;
+        let summary = match self.switch(new).await {
+            Ok(summary) => Ok(summary),
+            Err(Failed::Before(why)) => return Err(RegistrationError::Failed(why)),
+            // Past the point of no return the registrations run: they are
+            // kept (and saved) as when all went well, or the next change
+            // would start from the list before this one and drop them.
+            Err(Failed::After(why)) => Err(why),
+        };
+        let what = summary.as_ref().unwrap_or_else(|why| why);
         *self.registered.lock().expect("registered lock") = kept.services.clone();
         *self.api_checks.lock().expect("checks lock") = kept.checks.clone();
         let keeping = |e: crate::registered::RegisteredError| {
-            RegistrationError::Failed(format!("{summary}, but keeping it: {e}"))
+            RegistrationError::Failed(format!("{what}, but keeping it: {e}"))
         };
         crate::registered::save(&data_dir, &kept.services).map_err(keeping)?;
         crate::registered::save_checks(&data_dir, &kept.checks).map_err(keeping)?;
         self.drop_orphan_checks(&kept)
-            .map_err(|e| RegistrationError::Failed(format!("{summary}, but {e}")))?;
-        Ok(summary)
+            .map_err(|e| RegistrationError::Failed(format!("{what}, but {e}")))?;
+        summary.map_err(RegistrationError::Failed)
     }
 
-    /// Makes `new` the running configuration.
-    async fn switch(&self, new: AgentConfig) -> Result<String, String> {
+    /// Makes `new` the running configuration. `Failed::After` says what
+    /// was applied and which last step failed: `new` runs all the same.
+    async fn switch(&self, new: AgentConfig) -> Result<String, Failed> {
         let old = self.config();
-        let plan = plan(&old, &new).map_err(|e| format!("{}: {e}", self.path.display()))?;
+        let plan = plan(&old, &new)
+            .map_err(|e| Failed::Before(format!("{}: {e}", self.path.display())))?;
         if plan.is_empty() {
             return Ok(plan.summary());
         }
         let new = Arc::new(new);
         let applied = self.apply(&old, &new, &plan).await;
         if let Err(Failed::Before(why)) = applied {
-            return Err(why);
+            return Err(Failed::Before(why));
         }
         // Past the point of no return the new configuration is the running
         // one, even if a last step failed: the next reload starts from what
@@ -372,7 +388,7 @@ impl Running {
         let summary = plan.summary();
         if let Err(Failed::After(why)) = applied {
             tracing::error!(%summary, "configuration reloaded, but {why}");
-            return Err(format!("{summary} applied, but {why}"));
+            return Err(Failed::After(format!("{summary} applied, but {why}")));
         }
         tracing::info!(%summary, "configuration reloaded");
         Ok(summary)
