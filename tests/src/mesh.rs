@@ -1379,6 +1379,12 @@ impl Mesh {
         token_header_in(self.dir.path(), token)
     }
 
+    /// curl's `-H` argument for the header line `line` (`Name: value`),
+    /// from a 0600 file in the mesh's directory (see [`header_file_in`]).
+    pub fn header_arg(&self, line: &str) -> anyhow::Result<String> {
+        header_file_in(self.dir.path(), line)
+    }
+
     /// `METHOD http://127.0.0.1:8500{path}` (the agent's local API) in
     /// `node` with curl, with `token` and `body` if given: the status code
     /// and the body.
@@ -1593,19 +1599,26 @@ impl Drop for Mesh {
 /// 0600 file in `dir` holding the header, so that the token is not on the
 /// command line, where every local user reads it.
 pub fn token_header_in(dir: &std::path::Path, token: &str) -> anyhow::Result<String> {
+    header_file_in(dir, &format!("X-Consul-Token: {token}"))
+}
+
+/// curl's `-H` argument for the header line `line`: `@` and a 0600 file in
+/// `dir` holding it, so that a secret in it (a token, a bearer) is not on
+/// the command line, where every local user reads it.
+pub fn header_file_in(dir: &std::path::Path, line: &str) -> anyhow::Result<String> {
     use std::hash::{Hash, Hasher};
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    token.hash(&mut hasher);
-    let path = dir.join(format!("token-{:016x}.header", hasher.finish()));
+    line.hash(&mut hasher);
+    let path = dir.join(format!("header-{:016x}", hasher.finish()));
     if !path.exists() {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        writeln!(file, "X-Consul-Token: {token}")?;
+        writeln!(file, "{line}")?;
     }
     Ok(format!("@{}", path.display()))
 }

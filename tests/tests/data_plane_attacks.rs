@@ -654,7 +654,7 @@ fn put_on_b(mesh: &Mesh, path: &str, token: &str, body: &str) -> anyhow::Result<
 /// status and output.
 fn check_result(mesh: &Mesh, token: &str, check_id: &str) -> anyhow::Result<(String, String)> {
     let url = format!("http://{AGENT_HTTP}/v1/agent/checks");
-    let header = format!("X-Consul-Token: {token}");
+    let header = mesh.token_header(token)?;
     wait_until(
         Duration::from_secs(20),
         &format!("check {check_id} run"),

@@ -17,8 +17,13 @@ fn get(cluster: &Cluster, path: &str, headers: &[String]) -> anyhow::Result<(u16
         .arg(&cluster.ca_file)
         .args(["--resolve", &format!("server.dc1.weft:{port}:127.0.0.1")])
         .args(["-w", "\n%{http_code} %{content_type}"]);
+    // From 0600 files: the tokens are not on curl's command line.
+    let dir = cluster
+        .ca_file
+        .parent()
+        .context("the cluster's directory")?;
     for h in headers {
-        cmd.args(["-H", h]);
+        cmd.args(["-H", &weft_tests::mesh::header_file_in(dir, h)?]);
     }
     let Output {
         status,

@@ -52,7 +52,7 @@ fn prometheus_discovers_and_scrapes_every_agent() -> anyhow::Result<()> {
                 "10",
                 "-f",
                 "-H",
-                &format!("X-Consul-Token: {token}"),
+                &mesh.token_header(&token)?,
                 &url,
             ],
         )?;
@@ -200,7 +200,7 @@ fn prometheus_discovers_and_scrapes_every_agent() -> anyhow::Result<()> {
             "-w",
             "%{http_code}",
             "-H",
-            &format!("X-Consul-Token: {}", mesh.token),
+            &mesh.token_header(&mesh.token)?,
             &format!("http://{b}:15020/config"),
         ],
     )?;

@@ -57,7 +57,11 @@ fn put_with(
     if let Some(body) = body {
         args.extend(["--data-binary", body]);
     }
-    for h in headers {
+    // From 0600 files: the tokens are not on curl's command line.
+    let files = (headers.iter())
+        .map(|h| mesh.header_arg(h))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for h in &files {
         args.extend(["-H", h]);
     }
     args.push(&url);
@@ -76,13 +80,10 @@ fn weft_check(
     token: Option<&str>,
     args: &[&str],
 ) -> anyhow::Result<weft_tests::mesh::Output> {
-    let mut full = Vec::new();
-    if let Some(t) = token {
-        full.extend(["--token", t]);
-    }
-    full.push("check");
+    // The token in the CLI's environment, not on its command line.
+    let mut full = vec!["check"];
     full.extend_from_slice(args);
-    mesh.run(NodeA, bin("weft"), &full, Duration::from_secs(15))
+    mesh.weft_as(NodeA, token, &full)
 }
 
 #[test]

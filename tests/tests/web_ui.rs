@@ -15,24 +15,16 @@ use serde_json::Value;
 use weft_tests::browser::Browser;
 use weft_tests::mesh::{wait_until, Mesh, MeshSpec, NodeA, NodeB, Service};
 use weft_tests::require_root;
-use weft_tests::servers::bin;
 
 const UPSTREAM: &str = "http://127.0.0.1:9191/";
 /// How long the traffic loop may run at most.
 const TRAFFIC_LIMIT: Duration = Duration::from_secs(240);
 
-/// `weft --token T check VERB service:api-1` in node B, against its agent.
+/// `weft check VERB service:api-1` in node B with `token` (in the CLI's
+/// environment), against its agent.
 fn api_check(mesh: &Mesh, token: &str, verb: &str, note: &str) -> anyhow::Result<()> {
-    let args = [
-        "--token",
-        token,
-        "check",
-        verb,
-        "service:api-1",
-        "--note",
-        note,
-    ];
-    let out = mesh.run(NodeB, bin("weft"), &args, Duration::from_secs(15))?;
+    let args = ["check", verb, "service:api-1", "--note", note];
+    let out = mesh.weft_as(NodeB, Some(token), &args)?;
     ensure!(out.success(), "weft check {verb}: {}", out.describe());
     Ok(())
 }
