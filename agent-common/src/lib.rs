@@ -10,6 +10,9 @@
 /// Address family values, as in `AF_INET` / `AF_INET6`.
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
+/// Protocol values of [`AgentPort`], as `IPPROTO_TCP` / `IPPROTO_UDP`.
+pub const PROTO_TCP: u16 = 6;
+pub const PROTO_UDP: u16 = 17;
 
 /// Map names, shared so that the loader and the programs cannot drift apart.
 pub mod maps {
@@ -34,8 +37,12 @@ pub mod maps {
     pub const PERMISSIVE: &str = "PERMISSIVE";
     /// Sockmap holding the agent's permissive listener at index 0.
     pub const PERMISSIVE_LISTENER: &str = "PERMISSIVE_LISTENER";
+    /// `AgentPort -> 1`: the agent's own local ports (local API, DNS,
+    /// admin), which a connect() or sendmsg() reaches only while a socket
+    /// with the agent's mark is bound there.
+    pub const AGENT_PORTS: &str = "AGENT_PORTS";
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         WORKLOADS,
         DESTINATIONS,
         ORIG_BY_COOKIE,
@@ -45,6 +52,7 @@ pub mod maps {
         AGENT,
         PERMISSIVE,
         PERMISSIVE_LISTENER,
+        AGENT_PORTS,
     ];
 }
 
@@ -72,8 +80,9 @@ pub mod programs {
     pub const SOCKOPS: &str = "weft_sockops";
     pub const INGRESS: &str = "weft_ingress";
     pub const SK_LOOKUP: &str = "weft_sk_lookup";
+    pub const SENDMSG4: &str = "weft_sendmsg4";
     /// Every program, in the order they are attached.
-    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SOCKOPS, INGRESS, SK_LOOKUP];
+    pub const ALL: [&str; 6] = [CONNECT4, CONNECT6, SOCKOPS, INGRESS, SK_LOOKUP, SENDMSG4];
 }
 
 /// Indexes into the `COUNTERS` per-CPU array.
@@ -99,8 +108,11 @@ pub mod counter {
     pub const INBOUND_REFUSED: u32 = 8;
     /// Plaintext connections to permissive services steered to the agent.
     pub const PERMISSIVE_STEERED: u32 = 9;
+    /// connect() and sendmsg() calls to one of the agent's own ports
+    /// refused: no socket with the agent's mark was bound there.
+    pub const AGENT_PORT_REFUSED: u32 = 10;
     /// Number of counters.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 /// A mesh workload's cgroup, as the agent registered it.
@@ -122,6 +134,19 @@ pub struct DestKey {
     pub addr: [u32; 4],
     pub port: u16,
     pub family: u16,
+}
+
+/// One of the agent's own ports, in the network namespace it serves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AgentPort {
+    /// The namespace's cookie (`SO_NETNS_COOKIE`).
+    pub netns_cookie: u64,
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u16,
 }
 
 /// A (source workload, destination) pair for the same-node fast path.
@@ -180,4 +205,5 @@ mod pod {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::SockTuple {}
     unsafe impl aya::Pod for super::FastKey {}
+    unsafe impl aya::Pod for super::AgentPort {}
 }

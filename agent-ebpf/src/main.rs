@@ -23,6 +23,12 @@
 //!   address they dial) to ports of services in permissive mode to the
 //!   agent's permissive listener; with no listener (agent gone) they are
 //!   refused.
+//! * The agent's own local ports (`AGENT_PORTS`: local API, DNS, admin) are
+//!   reached, by any process in the agent's network namespace, only while a
+//!   socket with the agent's mark is bound there: connect4 checks TCP and
+//!   connected UDP, `weft_sendmsg4` (cgroup/sendmsg4) unconnected UDP. A
+//!   process that binds one after the agent crashed hears nothing of what
+//!   workloads send the agent (tokens, DNS queries).
 //!
 //! Every decision is made from maps the agent fills; nothing is hard-coded.
 // On the host (clippy, `cargo check --workspace`) this is an ordinary binary
@@ -39,7 +45,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
         bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_setsockopt, bpf_sk_lookup_tcp,
-        bpf_sk_release, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
@@ -48,11 +54,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use weft_agent_common::{
-    agent, counter, DestKey, FastKey, OrigDst, RedirectTarget, SockTuple, WorkloadInfo, AF_INET,
-    AF_INET6,
+    agent, counter, AgentPort, DestKey, FastKey, OrigDst, RedirectTarget, SockTuple, WorkloadInfo,
+    AF_INET, AF_INET6, PROTO_TCP, PROTO_UDP,
 };
 
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
 /// Let the connect() go on; pass the packet.
 const ALLOW: i32 = 1;
@@ -91,6 +98,9 @@ static PERMISSIVE: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
 #[map(name = "PERMISSIVE_LISTENER")]
 static PERMISSIVE_LISTENER: SockMap = SockMap::with_max_entries(1, 0);
+
+#[map(name = "AGENT_PORTS")]
+static AGENT_PORTS: HashMap<AgentPort, u32> = HashMap::with_max_entries(16, 0);
 
 #[inline(always)]
 fn count(index: u32) {
@@ -157,17 +167,58 @@ fn mark_socket(ctx: &SockAddrContext, mark: u32) {
     }
 }
 
+/// Whether `addr:port` (`protocol`) is one of the agent's own ports in the
+/// caller's network namespace with no socket of the agent bound there: a
+/// connect() or sendmsg() to it would reach whoever took the port.
+#[inline(always)]
+fn agent_port_taken(ctx: &SockAddrContext, addr: u32, port: u16, protocol: u16) -> bool {
+    // SAFETY: the context pointer is valid for this program type.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let key = AgentPort {
+        netns_cookie,
+        addr,
+        port,
+        protocol,
+    };
+    // SAFETY: values in this map are plain data written by the agent.
+    if unsafe { AGENT_PORTS.get(key) }.is_none() {
+        return false;
+    }
+    let target = RedirectTarget {
+        addr: [addr, 0, 0, 0],
+        port,
+        family: AF_INET,
+    };
+    if agent_bound(ctx, &target, protocol, setting(agent::MARK) as u32) {
+        return false;
+    }
+    count(counter::AGENT_PORT_REFUSED);
+    true
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn weft_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the whole call.
     let sa = unsafe { &mut *ctx.sock_addr };
+    let ip = sa.user_ip4;
+    let port = u16::from_be(sa.user_port as u16);
+    if sa.type_ == SOCK_DGRAM {
+        // A connected UDP socket (glibc's resolver connects its queries).
+        return if agent_port_taken(&ctx, ip, port, PROTO_UDP) {
+            REFUSE
+        } else {
+            ALLOW
+        };
+    }
     if sa.type_ != SOCK_STREAM {
         return ALLOW;
     }
-    let ip = sa.user_ip4;
+    if agent_port_taken(&ctx, ip, port, PROTO_TCP) {
+        return REFUSE;
+    }
     let key = DestKey {
         addr: [ip, 0, 0, 0],
-        port: u16::from_be(sa.user_port as u16),
+        port,
         family: AF_INET,
     };
     // 127.0.0.0/8: the first byte in network order is the low byte here.
@@ -212,6 +263,9 @@ pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
     ];
     let port = u16::from_be(sa.user_port as u16);
     let mapped = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED;
+    if mapped && agent_port_taken(&ctx, ip6[3], port, PROTO_TCP) {
+        return REFUSE;
+    }
     let (key, loopback) = if mapped {
         let key = DestKey {
             addr: [ip6[3], 0, 0, 0],
@@ -278,6 +332,13 @@ fn destination(mut key: DestKey) -> Option<RedirectTarget> {
 /// [`on_close`], so the socket cannot be made to listen with it.)
 #[inline(always)]
 fn agent_listens(ctx: &SockAddrContext, target: &RedirectTarget, mark: u32) -> bool {
+    agent_bound(ctx, target, PROTO_TCP, mark)
+}
+
+/// [`agent_listens`] for `protocol`: for UDP, whether the socket bound at
+/// `target` carries the mark.
+#[inline(always)]
+fn agent_bound(ctx: &SockAddrContext, target: &RedirectTarget, protocol: u16, mark: u32) -> bool {
     // Looked up as a connection from the target's own address and port 0,
     // which no established socket has: only a listener matches, and the
     // sk_lookup program leaves a connection from this host alone.
@@ -291,15 +352,15 @@ fn agent_listens(ctx: &SockAddrContext, target: &RedirectTarget, mark: u32) -> b
             },
         },
     };
+    let size = core::mem::size_of::<bpf_sock_tuple_ipv4>() as u32;
+    let netns = BPF_F_CURRENT_NETNS as u64;
     // SAFETY: a valid context and tuple; the IPv4 part's size says which.
     let sk = unsafe {
-        bpf_sk_lookup_tcp(
-            ctx.as_ptr(),
-            &mut tuple,
-            core::mem::size_of::<bpf_sock_tuple_ipv4>() as u32,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
+        if protocol == PROTO_UDP {
+            bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, netns, 0)
+        } else {
+            bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, netns, 0)
+        }
     };
     if sk.is_null() {
         return false;
@@ -475,6 +536,20 @@ pub fn weft_sk_lookup(ctx: SkLookupContext) -> u32 {
             count(counter::INBOUND_REFUSED);
             SK_DROP
         }
+    }
+}
+
+/// Unconnected UDP (`sendto`, as musl's resolver sends its queries): a
+/// datagram for one of the agent's own ports goes only to the agent.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn weft_sendmsg4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands us a valid bpf_sock_addr for the whole call.
+    let sa = unsafe { &*ctx.sock_addr };
+    let port = u16::from_be(sa.user_port as u16);
+    if agent_port_taken(&ctx, sa.user_ip4, port, PROTO_UDP) {
+        REFUSE
+    } else {
+        ALLOW
     }
 }
 

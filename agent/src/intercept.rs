@@ -455,6 +455,23 @@ impl Interception {
             .set_permissive_listener(listener)?)
     }
 
+    /// Makes `ports` (address, `PROTO_TCP`/`PROTO_UDP`) the agent's own in
+    /// the network namespace `socket` lives in: from now on, and after the
+    /// agent is gone, they are reached only while a socket with the agent's
+    /// mark is bound there.
+    pub fn set_agent_ports<S: std::os::fd::AsRawFd>(
+        &self,
+        socket: &S,
+        ports: &[(std::net::SocketAddr, u16)],
+    ) -> Result<(), InterceptError> {
+        let cookie = crate::ebpf::netns_cookie(socket).map_err(RedirectorError::Socket)?;
+        Ok(self
+            .redirector
+            .lock()
+            .expect("redirector lock")
+            .set_agent_ports(cookie, ports)?)
+    }
+
     /// Brings the destinations map in step with `view`.
     pub fn sync(&self, view: &View) -> Result<(), InterceptError> {
         // One sync at a time from start to end, its outcome recorded under

@@ -11,7 +11,8 @@
 //! - `intention_denials_total{source,destination}`
 //! - `tls_handshake_failures_total{side="inbound"|"outbound",reason}`
 //! - `ebpf_events_total{event="redirected"|"rekeyed"|"closed"|"fast_path"|
-//!   "egress_allowed"|"egress_denied"|"no_agent"|"inbound_refused"|"permissive_steered"}`
+//!   "egress_allowed"|"egress_denied"|"no_agent"|"inbound_refused"|"permissive_steered"|
+//!   "agent_port_refused"}`
 //! - `registrations_total`: registrations of the node and its services the
 //!   servers took (one at start; again only when the catalog lost them)
 //! - `http_request_duration_seconds{source,destination,code}` (histogram):
@@ -95,11 +96,14 @@ pub enum EbpfCounter {
     InboundRefused,
     /// Plaintext connections to permissive services steered to the agent.
     PermissiveSteered,
+    /// Connections and datagrams to one of the agent's own ports refused:
+    /// no socket of the agent was bound there.
+    AgentPortRefused,
 }
 
 impl EbpfCounter {
     /// All counters, in a fixed order.
-    pub const ALL: [EbpfCounter; 9] = [
+    pub const ALL: [EbpfCounter; 10] = [
         EbpfCounter::Redirected,
         EbpfCounter::Rekeyed,
         EbpfCounter::Closed,
@@ -109,6 +113,7 @@ impl EbpfCounter {
         EbpfCounter::NoAgent,
         EbpfCounter::InboundRefused,
         EbpfCounter::PermissiveSteered,
+        EbpfCounter::AgentPortRefused,
     ];
 }
 
@@ -160,6 +165,7 @@ label_value!(EbpfCounter {
     NoAgent => "no_agent",
     InboundRefused => "inbound_refused",
     PermissiveSteered => "permissive_steered",
+    AgentPortRefused => "agent_port_refused",
 });
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

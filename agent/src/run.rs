@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -77,6 +77,8 @@ pub enum RunError {
     Signal(#[source] std::io::Error),
     #[error("starting the background thread: {0}")]
     Background(#[source] std::io::Error),
+    #[error("the {0} socket has no address to guard")]
+    OwnPort(&'static str),
 }
 
 async fn listen(addr: SocketAddr) -> Result<TcpListener, RunError> {
@@ -121,6 +123,62 @@ impl Sockets {
             .push((name.to_string(), dup));
         Ok(())
     }
+}
+
+/// The agent's own local ports, by the name their sockets are offered
+/// under: what workloads and local tools send the agent there (tokens, DNS
+/// queries) must not reach a process that took the port after a crash.
+const OWN_PORTS: [(&str, u16); 4] = [
+    ("http", weft_agent_common::PROTO_TCP),
+    ("dns-tcp", weft_agent_common::PROTO_TCP),
+    ("dns-udp", weft_agent_common::PROTO_UDP),
+    ("admin", weft_agent_common::PROTO_TCP),
+];
+
+/// Gives the sockets of [`OWN_PORTS`] the agent's mark and tells the
+/// programs where they are: from then on (and after the agent is gone)
+/// those ports are reached only while a socket with the mark is bound
+/// there.
+fn guard_own_ports(
+    interception: &Interception,
+    offered: &Mutex<Vec<(String, OwnedFd)>>,
+) -> Result<(), RunError> {
+    use nix::sys::socket::{getsockname, SockaddrStorage};
+    let offered = offered.lock().expect("sockets lock");
+    let mut ports = Vec::new();
+    for (name, protocol) in OWN_PORTS {
+        for (_, fd) in offered.iter().filter(|(n, _)| n == name) {
+            let addr = getsockname::<SockaddrStorage>(fd.as_raw_fd())
+                .ok()
+                .and_then(|a| {
+                    a.as_sockaddr_in()
+                        .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                        .or_else(|| {
+                            a.as_sockaddr_in6()
+                                .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+                        })
+                });
+            let Some(addr) = addr else {
+                return Err(RunError::OwnPort(name));
+            };
+            crate::mark::listener(fd).map_err(|source| RunError::Listen { addr, source })?;
+            if addr.ip().to_canonical().is_ipv4() {
+                ports.push((addr, protocol));
+            } else {
+                tracing::warn!(%addr, "{name}: an IPv6 port is not guarded after a crash (IPv4 only)");
+            }
+        }
+    }
+    let any = offered
+        .first()
+        .map(|(_, fd)| fd)
+        .ok_or(RunError::OwnPort("any"))?;
+    interception.set_agent_ports(any, &ports)?;
+    tracing::debug!(
+        ?ports,
+        "the agent's own ports are reached only while it holds them"
+    );
+    Ok(())
 }
 
 /// Whether a socket bound at `bound` serves the configured `addr` (port 0:
@@ -491,6 +549,7 @@ pub async fn run(
         // Metrics: on the background thread (it takes the lock map syncs hold).
         accept_tasks
             .push(background.spawn(export_ebpf_counters(interception.clone(), metrics.clone())));
+        guard_own_ports(interception, &sockets.offered)?;
         interception.renew_lease()?;
         accept_tasks.push(tokio::spawn(renew_lease(interception.clone())));
         tracing::info!(outbound = %config.outbound_addr, permissive = %config.permissive_addr, "transparent interception on");
@@ -818,6 +877,7 @@ async fn export_ebpf_counters(interception: Arc<Interception>, metrics: Arc<Agen
             metrics.set_ebpf_counter(EbpfCounter::NoAgent, c.no_agent);
             metrics.set_ebpf_counter(EbpfCounter::InboundRefused, c.inbound_refused);
             metrics.set_ebpf_counter(EbpfCounter::PermissiveSteered, c.permissive_steered);
+            metrics.set_ebpf_counter(EbpfCounter::AgentPortRefused, c.agent_port_refused);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

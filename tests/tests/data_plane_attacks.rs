@@ -9,7 +9,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use weft_tests::mesh::{wait_until, Mesh, MeshSpec, NodeA, NodeB, Output, Service, AGENT_HTTP};
+use weft_tests::mesh::{
+    wait_until, Mesh, MeshSpec, NodeA, NodeB, Output, Service, AGENT_HTTP, EBPF_DNS,
+};
 use weft_tests::require_root;
 
 const API_URL: &str = "http://api.service.weft:8080/";
@@ -400,9 +402,11 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_admits_nothing_before_its_vie
 /// rest of the lease the programs still send web's connections to that
 /// port, so the process would read web's traffic in plaintext. The connect
 /// hook sends a connection to the agent's port only when the socket
-/// listening there carries the agent's mark: this one is refused.
+/// listening there carries the agent's mark: this one is refused. The same
+/// for the agent's local API and DNS ports, where web (and any process)
+/// would otherwise send its token and its queries to the taker.
 #[test]
-fn a_process_that_takes_the_agents_port_after_a_crash_gets_no_connection() -> anyhow::Result<()> {
+fn a_process_that_takes_the_agents_ports_after_a_crash_hears_nothing() -> anyhow::Result<()> {
     require_root();
     let mut mesh = start(spec())?;
     let vip_url = format!("http://{}:8080/", mesh.vip("api")?);
@@ -440,6 +444,76 @@ fn a_process_that_takes_the_agents_port_after_a_crash_gets_no_connection() -> an
     );
     refused("web to api's VIP with the agent's port taken", &out)?;
     eprintln!("the process on the agent's port got nothing ({tried:?} after the kill): {taken}");
+
+    // The agent's own ports, its local API (which takes tokens) and DNS,
+    // taken by a process after the crash: they hear nothing from web nor
+    // from a process under the agent's cgroup root that is no workload (by
+    // default the root is the cgroup2 mount: every process of the host),
+    // for as long as the programs stay pinned (no lease involved).
+    let spawn_taker = |args: &[&str], log: &str| {
+        let mut cmd = std::process::Command::new(&probe);
+        cmd.args(args);
+        mesh.spawn(NodeA, &mut cmd, log)
+    };
+    let _api_taker = spawn_taker(&["listen-in-place", AGENT_HTTP, "20"], "api-taker.log")?;
+    let _dns_taker = spawn_taker(&["udp-in-place", EBPF_DNS, "20"], "dns-taker.log")?;
+    wait_until(
+        Duration::from_secs(5),
+        "the API and DNS ports taken",
+        || {
+            let listening = |log| mesh.log(log).contains("listening");
+            Ok((listening("api-taker.log") && listening("dns-taker.log")).then_some(()))
+        },
+    )?;
+    let bystander = mesh
+        .cgroup_root(NodeA)
+        .context("ebpf mesh")?
+        .join("bystander");
+    std::fs::create_dir(&bystander)?;
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec \"$@\"",
+        bystander.display()
+    );
+    let as_bystander = |args: &[&str]| {
+        let mut argv = vec!["-c", script.as_str(), "sh"];
+        argv.extend(args);
+        mesh.run(NodeA, "sh", &argv, Duration::from_secs(10))
+    };
+    let token = mesh.token_header(&mesh.token)?;
+    let url = format!("http://{AGENT_HTTP}/v1/agent/self");
+    let curl = ["curl", "-sS", "-m", "2", "-H", &token, &url];
+    let probe = probe.to_str().context("probe path")?;
+    let udp = |how| vec![probe, "send-udp", EBPF_DNS, how];
+    let attempts = [
+        ("the local API's port", curl.to_vec(), "Couldn't connect"),
+        (
+            "the DNS port, connected UDP",
+            udp("connected"),
+            "not permitted",
+        ),
+        (
+            "the DNS port, unconnected UDP",
+            udp("unconnected"),
+            "not permitted",
+        ),
+    ];
+    for (what, args, refusal) in &attempts {
+        for (who, out) in [
+            ("web", mesh.exec_as(NodeA, "web", args)?),
+            ("a process that is no workload", as_bystander(args)?),
+        ] {
+            ensure!(
+                !out.success() && out.stderr.contains(refusal),
+                "{who} to {what}, taken, was not refused: {}",
+                out.describe()
+            );
+        }
+    }
+    let (api_taken, dns_taken) = (mesh.log("api-taker.log"), mesh.log("dns-taker.log"));
+    ensure!(
+        !api_taken.contains("accepted") && !dns_taken.contains("received"),
+        "a process on the agent's ports heard from its clients: {api_taken} / {dns_taken}"
+    );
     Ok(())
 }
 

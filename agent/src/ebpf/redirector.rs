@@ -20,8 +20,8 @@ use aya::programs::{
 };
 use aya::Ebpf;
 use weft_agent_common::{
-    agent, counter, maps, programs, DestKey, FastKey, OrigDst, RedirectTarget, SockTuple,
-    WorkloadInfo, AF_INET, AF_INET6,
+    agent, counter, maps, programs, AgentPort, DestKey, FastKey, OrigDst, RedirectTarget,
+    SockTuple, WorkloadInfo, AF_INET, AF_INET6,
 };
 
 use super::pins::{PinError, Pins};
@@ -107,6 +107,9 @@ pub struct RedirectCounters {
     pub inbound_refused: u64,
     /// Plaintext connections to permissive services steered to the agent.
     pub permissive_steered: u64,
+    /// connect() and sendmsg() calls to one of the agent's own ports with
+    /// no socket of the agent bound there.
+    pub agent_port_refused: u64,
 }
 
 /// weft's loaded eBPF programs and their maps.
@@ -116,6 +119,7 @@ pub struct Redirector {
     settings: Settings,
     permissive: HashMap<MapData, u32, u32>,
     permissive_listener: SockMap<MapData>,
+    agent_ports: HashMap<MapData, AgentPort, u32>,
     workloads: HashMap<MapData, u64, WorkloadInfo>,
     destinations: HashMap<MapData, DestKey, RedirectTarget>,
     fast_path: HashMap<MapData, FastKey, RedirectTarget>,
@@ -362,12 +366,14 @@ impl Redirector {
         )?)));
         let permissive = take_map(&mut ebpf, maps::PERMISSIVE)?;
         let permissive_listener = take_map(&mut ebpf, maps::PERMISSIVE_LISTENER)?;
+        let agent_ports = take_map(&mut ebpf, maps::AGENT_PORTS)?;
         Ok(Self {
             ebpf,
             pins,
             settings,
             permissive,
             permissive_listener,
+            agent_ports,
             workloads,
             destinations,
             fast_path,
@@ -378,7 +384,7 @@ impl Redirector {
         })
     }
 
-    /// Attaches the programs: connect4, connect6, sockops and the inbound
+    /// Attaches the programs: connect4, connect6, sendmsg4, sockops and the inbound
     /// capture to the cgroup-v2 directory `root` (they then see every socket
     /// of every process in its subtree), sk_lookup to this process's network
     /// namespace. Each link is pinned, and only then are the links of an
@@ -395,7 +401,7 @@ impl Redirector {
         // so `Single` here means "no flags", not "exclusive".
         let single = CgroupAttachMode::Single;
         let mut attached: Vec<(&'static str, FdLink)> = Vec::new();
-        for name in [programs::CONNECT4, programs::CONNECT6] {
+        for name in [programs::CONNECT4, programs::CONNECT6, programs::SENDMSG4] {
             let link = attach_program(&mut self.ebpf, name, |p: &mut CgroupSockAddr| {
                 let id = p.attach(&cgroup, single)?;
                 Ok(p.take_link(id)?.try_into())
@@ -684,8 +690,63 @@ impl Redirector {
             no_agent: read(counter::NO_AGENT)?,
             inbound_refused: read(counter::INBOUND_REFUSED)?,
             permissive_steered: read(counter::PERMISSIVE_STEERED)?,
+            agent_port_refused: read(counter::AGENT_PORT_REFUSED)?,
         })
     }
+
+    /// Makes `ports` (address and `PROTO_TCP`/`PROTO_UDP`) the agent's own
+    /// ports in the network namespace `netns_cookie`, in place of whatever
+    /// an earlier agent put there: connect() and sendmsg() reach them only
+    /// while a socket with the agent's mark is bound there.
+    pub fn set_agent_ports(
+        &mut self,
+        netns_cookie: u64,
+        ports: &[(SocketAddr, u16)],
+    ) -> Result<(), RedirectorError> {
+        let map_err = |source| RedirectorError::Map {
+            name: maps::AGENT_PORTS,
+            source,
+        };
+        let wanted = agent_port_keys(netns_cookie, ports)?;
+        let stale: Vec<AgentPort> = (self.agent_ports.keys())
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for key in stale {
+            absent_is_removed(self.agent_ports.remove(&key)).map_err(map_err)?;
+        }
+        for key in wanted {
+            self.agent_ports.insert(key, 1, 0).map_err(map_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// The map keys of the agent's own ports: IPv4 (a v4-mapped address as
+/// IPv4); an address bound on every interface (`0.0.0.0`) is guarded where
+/// local clients reach it, on `127.0.0.1`.
+fn agent_port_keys(
+    netns_cookie: u64,
+    ports: &[(SocketAddr, u16)],
+) -> Result<Vec<AgentPort>, RedirectorError> {
+    let mut keys = Vec::new();
+    for (addr, protocol) in ports {
+        let v4 = match addr.ip().to_canonical() {
+            IpAddr::V4(v4) if v4.is_unspecified() => Ipv4Addr::LOCALHOST,
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(v6) => return Err(RedirectorError::NotIpv4(IpAddr::V6(v6))),
+        };
+        let key = AgentPort {
+            netns_cookie,
+            addr: v4_word(v4),
+            port: addr.port(),
+            protocol: *protocol,
+        };
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    Ok(keys)
 }
 
 impl Drop for Redirector {
@@ -729,6 +790,33 @@ fn dest_key(ip: IpAddr, port: Option<u16>) -> Result<DestKey, RedirectorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weft_agent_common::{PROTO_TCP, PROTO_UDP};
+
+    #[test]
+    fn the_agents_ports_are_keyed_as_the_programs_read_them() {
+        let ports = [
+            ("127.0.0.1:8500".parse().unwrap(), PROTO_TCP),
+            ("127.0.0.1:53".parse().unwrap(), PROTO_TCP),
+            ("127.0.0.1:53".parse().unwrap(), PROTO_UDP),
+            ("0.0.0.0:15020".parse().unwrap(), PROTO_TCP),
+            ("[::ffff:127.0.0.1]:8500".parse().unwrap(), PROTO_TCP),
+        ];
+        let keys = agent_port_keys(7, &ports).unwrap();
+        // The mapped 8500 is the same key as the plain one.
+        assert_eq!(keys.len(), 4);
+        assert!(keys.iter().all(|k| k.netns_cookie == 7));
+        assert_eq!(keys[0].addr.to_ne_bytes(), [127, 0, 0, 1]);
+        assert_eq!((keys[0].port, keys[0].protocol), (8500, PROTO_TCP));
+        assert_eq!((keys[2].port, keys[2].protocol), (53, PROTO_UDP));
+        // Every interface: guarded where local clients reach it.
+        assert_eq!(keys[3].addr.to_ne_bytes(), [127, 0, 0, 1]);
+        assert_eq!(keys[3].port, 15020);
+        let v6 = [("[::1]:8500".parse().unwrap(), PROTO_TCP)];
+        assert!(matches!(
+            agent_port_keys(7, &v6),
+            Err(RedirectorError::NotIpv4(_))
+        ));
+    }
 
     #[test]
     fn keys_carry_ipv4_ipv6_and_mapped_addresses_as_the_programs_read_them() {

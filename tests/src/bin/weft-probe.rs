@@ -19,6 +19,12 @@
 //!   port): binds ADDR as soon as it is free (retrying while it is taken),
 //!   listens, prints `listening` and, if a connection comes within SECONDS,
 //!   prints `accepted:` and the first line it sent; exits 1 when none came.
+//! * `weft-probe udp-in-place ADDR SECONDS`: the same for UDP: binds ADDR
+//!   as soon as it is free, prints `listening` and, if a datagram comes
+//!   within SECONDS, prints `received:` and its size; exits 1 when none came.
+//! * `weft-probe send-udp ADDR connected|unconnected`: sends one datagram to
+//!   ADDR, from a socket connected to it (as glibc's resolver sends) or with
+//!   `sendto` (as musl's does), and exits 1 with the error if it is refused.
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
@@ -60,6 +66,31 @@ fn main() {
         }
         return;
     }
+    if let (Some("udp-in-place"), Some(addr), Some(seconds)) =
+        (args.first().map(String::as_str), args.get(1), args.get(2))
+    {
+        let seconds: u64 = seconds.parse().unwrap_or(0);
+        match udp_in_place(addr, Duration::from_secs(seconds)) {
+            Ok(size) => println!("received: {size} bytes"),
+            Err(e) => {
+                eprintln!("weft-probe: UDP on {addr}: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+    if let (Some("send-udp"), Some(addr), Some(how)) =
+        (args.first().map(String::as_str), args.get(1), args.get(2))
+    {
+        match send_udp(addr, how == "connected") {
+            Ok(()) => println!("sent"),
+            Err(e) => {
+                eprintln!("weft-probe: UDP to {addr} ({how}): {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if let (Some("listen-in-place"), Some(addr), Some(seconds)) =
         (args.first().map(String::as_str), args.get(1), args.get(2))
     {
@@ -77,7 +108,8 @@ fn main() {
         eprintln!(
             "usage: weft-probe connect ADDR [TEXT] | connect-many ADDR N | \
              connect-reuse FIRST SECOND [CGROUP_PROCS] | connect-dstopts IPV6 IFNAME PORT | \
-             listen-in-place ADDR SECONDS"
+             listen-in-place ADDR SECONDS | udp-in-place ADDR SECONDS | \
+             send-udp ADDR connected|unconnected"
         );
         std::process::exit(2);
     };
@@ -296,6 +328,43 @@ fn listen_in_place(addr: &str, limit: Duration) -> std::io::Result<String> {
         .next()
         .unwrap_or("")
         .to_string())
+}
+
+/// A UDP socket bound to `addr` (retried until `limit` while it is in
+/// use); the size of the first datagram within `limit`.
+fn udp_in_place(addr: &str, limit: Duration) -> std::io::Result<usize> {
+    let deadline = std::time::Instant::now() + limit;
+    let socket = loop {
+        match std::net::UdpSocket::bind(addr) {
+            Ok(socket) => break socket,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(e);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    println!("listening");
+    std::io::stdout().flush()?;
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    socket.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+    let mut buf = [0u8; 2048];
+    let (n, _) = socket.recv_from(&mut buf)?;
+    Ok(n)
+}
+
+/// One datagram to `addr`, from a connected socket or with `sendto`.
+fn send_udp(addr: &str, connected: bool) -> std::io::Result<()> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    if connected {
+        socket.connect(addr)?;
+        socket.send(b"weft-probe")?;
+    } else {
+        socket.send_to(b"weft-probe", addr)?;
+    }
+    Ok(())
 }
 
 /// One IPv4 socket: connected to `first` (and that connection waited for),
