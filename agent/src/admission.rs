@@ -4,13 +4,14 @@
 //! work is done for it, so that one host cannot hold every descriptor of
 //! the agent, nor a few hosts every place.
 //!
-//! Sources are counted by address; IPv6 sources by their /64, the block a
-//! single host is usually handed (counted by address, one host could fill
-//! every place from addresses of its own). A v4-mapped IPv6 address is
+//! Sources are counted by address, IPv6 ones too: a whole subnet often
+//! shares one /64 (a cloud subnet is one), and counted by /64 every node
+//! in it would share one source's places. A host with many IPv6 addresses
+//! of its own is bounded by the total instead. A v4-mapped IPv6 address is
 //! counted as the IPv4 one.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -105,16 +106,10 @@ impl Drop for Place {
     }
 }
 
-/// What a peer's places are counted under: its IPv4 address, or its IPv6
-/// /64.
+/// What a peer's places are counted under: its address (a v4-mapped one
+/// as IPv4).
 fn source_of(peer: IpAddr) -> IpAddr {
-    match peer.to_canonical() {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(Ipv6Addr::from(bits))
-        }
-    }
+    peer.to_canonical()
 }
 
 #[cfg(test)]
@@ -164,15 +159,15 @@ mod tests {
     }
 
     #[test]
-    fn an_ipv6_host_is_counted_by_its_64_and_a_mapped_v4_as_v4() {
+    fn ipv6_sources_are_counted_by_address_and_a_mapped_v4_as_v4() {
         let places = Places::new(10);
-        let _one = places.admit(ip("2001:db8:1:2::1"), 2).unwrap();
-        let _two = places.admit(ip("2001:db8:1:2:ffff::9"), 2).unwrap();
+        // Two nodes of one /64 (a cloud subnet) are two sources.
+        let _one = places.admit(ip("2001:db8:1:2::1"), 1).unwrap();
+        let _two = places.admit(ip("2001:db8:1:2::2"), 1).unwrap();
         assert_eq!(
-            places.admit(ip("2001:db8:1:2:abcd::7"), 2).unwrap_err(),
+            places.admit(ip("2001:db8:1:2::1"), 1).unwrap_err(),
             Refused::SourceLimit
         );
-        assert!(places.admit(ip("2001:db8:1:3::1"), 2).is_ok());
         let _v4 = places.admit(ip("10.0.0.1"), 1).unwrap();
         assert_eq!(
             places.admit(ip("::ffff:10.0.0.1"), 1).unwrap_err(),

@@ -429,6 +429,12 @@ pub async fn run(
         failure_metrics.tls_failure(Side::Inbound, short_reason(&f.reason));
     })
     .on_refused(move |reason| refused_metrics.inbound_refused("inbound", reason))
+    // The nodes of the view (gateways among them) have places of their
+    // own: hosts outside the mesh cannot take them.
+    .known_sources({
+        let view = view.clone();
+        move |ip| view.load().knows_node_address(ip)
+    })
     .draining(drain.clone());
 
     // Everything but the listeners is ready: take the predecessor's.

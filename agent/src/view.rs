@@ -115,6 +115,9 @@ struct Index {
     by_addr: Filed<SocketAddr, InstanceKey>,
     /// Destination (or `*`) -> the intentions naming it.
     intentions_to: Filed<Name, IntentionKey>,
+    /// A node's address -> the nodes registered there (the inbound port
+    /// gives sources the view knows places of their own).
+    node_addrs: Filed<IpAddr, Name>,
     vips: Arc<OnceLock<HashMap<IpAddr, String>>>,
 }
 
@@ -127,6 +130,20 @@ impl std::fmt::Debug for Index {
 }
 
 impl Index {
+    fn file_node(&mut self, node: &Node) {
+        if let Ok(ip) = node.address.parse::<IpAddr>() {
+            self.node_addrs
+                .add(ip.to_canonical(), &node.name.as_str().into());
+        }
+    }
+
+    fn unfile_node(&mut self, node: &Node) {
+        if let Ok(ip) = node.address.parse::<IpAddr>() {
+            self.node_addrs
+                .remove(&ip.to_canonical(), &node.name.as_str().into());
+        }
+    }
+
     fn file(&mut self, key: &InstanceKey, i: &ServiceInstance) {
         self.by_service.add(i.service.as_str().into(), key);
         if let Some(addr) = i.socket_addr() {
@@ -207,8 +224,7 @@ impl View {
                     ..View::default()
                 };
                 for n in s.nodes {
-                    let n = node_from_proto(n);
-                    next.nodes.insert(n.name.as_str().into(), Arc::new(n));
+                    next.upsert_node(node_from_proto(n));
                 }
                 for i in s.instances {
                     let i = instance_from_proto(i).map_err(|e| bad(e.to_string()))?;
@@ -271,12 +287,11 @@ impl View {
 
     fn apply_change(&mut self, change: P) -> Result<(), String> {
         match change {
-            P::NodeUpsert(n) => {
-                let n = node_from_proto(n);
-                self.nodes.insert(n.name.as_str().into(), Arc::new(n));
-            }
+            P::NodeUpsert(n) => self.upsert_node(node_from_proto(n)),
             P::NodeDelete(name) => {
-                self.nodes.remove(name.as_str());
+                if let Some(old) = self.nodes.remove(name.as_str()) {
+                    self.lookups.unfile_node(&old);
+                }
                 // The node's instances are the keys (name, ..), together.
                 let gone: Vec<InstanceKey> = self.on_node(&name).map(|(k, _)| k.clone()).collect();
                 for key in gone {
@@ -468,6 +483,22 @@ impl View {
     pub fn node_addr(&self, node: &str) -> Option<(IpAddr, &str)> {
         let n = self.nodes.get(node)?;
         Some((n.address.parse().ok()?, n.datacenter.as_str()))
+    }
+
+    /// Puts `node` in the view (the same name again: the last one stands),
+    /// filed under its address.
+    fn upsert_node(&mut self, node: Node) {
+        if let Some(old) = self.nodes.remove(node.name.as_str()) {
+            self.lookups.unfile_node(&old);
+        }
+        self.lookups.file_node(&node);
+        self.nodes.insert(node.name.as_str().into(), Arc::new(node));
+    }
+
+    /// Whether `ip` is the address of a node in the view (a v4-mapped
+    /// address as IPv4): one lookup.
+    pub fn knows_node_address(&self, ip: IpAddr) -> bool {
+        !self.lookups.node_addrs.get(&ip.to_canonical()).is_empty()
     }
 
     /// The instances registered on `node` (the map is keyed by node first:
@@ -877,6 +908,36 @@ pub(crate) mod tests {
         };
         v.apply(changes(7, vec![P::ConfigDelete(gone)])).unwrap();
         assert!(!has_splitter(&v));
+    }
+
+    #[test]
+    fn node_addresses_follow_nodes_joining_moving_and_leaving() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let node = |name: &str, address: &str| proto::Node {
+            name: name.into(),
+            address: address.into(),
+            datacenter: "dc1".into(),
+            ..Default::default()
+        };
+        let mut v = View::default();
+        v.apply(snapshot(5)).unwrap();
+        assert!(v.knows_node_address(ip("10.0.0.2")));
+        assert!(v.knows_node_address(ip("::ffff:10.0.0.2")));
+        assert!(!v.knows_node_address(ip("10.0.0.3")));
+        // c joins at b's address, then b moves: the address stays known
+        // while one node is there.
+        v.apply(changes(6, vec![P::NodeUpsert(node("c", "10.0.0.2"))]))
+            .unwrap();
+        v.apply(changes(7, vec![P::NodeUpsert(node("b", "10.0.0.3"))]))
+            .unwrap();
+        assert!(v.knows_node_address(ip("10.0.0.2")));
+        assert!(v.knows_node_address(ip("10.0.0.3")));
+        v.apply(changes(8, vec![P::NodeDelete("c".into())]))
+            .unwrap();
+        assert!(!v.knows_node_address(ip("10.0.0.2")));
+        v.apply(changes(9, vec![P::NodeDelete("b".into())]))
+            .unwrap();
+        assert!(!v.knows_node_address(ip("10.0.0.3")));
     }
 
     #[test]

@@ -13,11 +13,13 @@
 //!
 //! Anyone who reaches the port can open TCP connections to it, so places
 //! are taken at accept ([`InboundLimits`], [`crate::admission`]): so many
-//! connections at once, so many of them still in their handshake (which
-//! no credential has yet paid for), each also per source. A connection
-//! that finds no place is closed at once and reported through
-//! `on_refused`; one host opening connections it never completes holds
-//! its share of handshakes, not the agent's descriptors.
+//! connections at once and per source, with separate places for sources
+//! the view knows (`known_sources`) and for all others. A connection that
+//! finds no place is closed at once and reported through `on_refused`:
+//! hosts outside the mesh opening connections they never complete hold
+//! the few places for unknown sources, not the agent's descriptors nor
+//! the nodes' places. Once TLS is done, the HTTP/2 preface must follow
+//! within the handshake timeout too.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -36,48 +38,50 @@ use super::tls::{self, Identity, TlsError, TrustBundle, ALPN_H2};
 use super::{
     INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, MAX_CONCURRENT_STREAMS, REASON_HEADER,
 };
-use crate::admission::{Place, Places, Refused};
+use crate::admission::{Places, Refused};
 
 /// Default time a peer gets to complete the TLS handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How many inbound connections the server holds at once, in all and per
-/// source (an IPv4 address, an IPv6 /64).
+/// How many inbound connections the server holds at once. Sources the
+/// view knows (nodes, gateways) and other addresses draw on separate
+/// places, so that hosts outside the mesh, which anyone can be, cannot
+/// take the places of its nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InboundLimits {
-    /// Connections at once, handshaking or carrying tunnels. Each carries
-    /// up to [`MAX_CONCURRENT_STREAMS`] tunnels, and a peer opens one per
-    /// source identity and node (more past that many tunnels).
-    pub connections: usize,
-    /// Connections one source may hold. Another datacenter's tunnels all
-    /// come from this datacenter's gateway, one per remote identity.
-    pub connections_per_source: usize,
-    /// Connections in their TLS handshake at once: a peer completes one in
-    /// milliseconds; one that does not holds its place for the handshake
-    /// timeout.
-    pub handshakes: usize,
-    /// Handshakes one source may have under way.
-    pub handshakes_per_source: usize,
+    /// Connections at once from known sources. Each carries up to
+    /// [`MAX_CONCURRENT_STREAMS`] tunnels, and a peer opens one per source
+    /// identity and node (more past that many tunnels).
+    pub known: usize,
+    /// Connections one known source may hold. Another datacenter's
+    /// tunnels all come from this datacenter's gateway, one per remote
+    /// identity and node.
+    pub known_per_source: usize,
+    /// Connections at once from sources the view does not know: only a
+    /// node that joined a moment ago has a certificate among them.
+    pub unknown: usize,
+    /// Connections one unknown source may hold.
+    pub unknown_per_source: usize,
 }
 
 impl Default for InboundLimits {
     fn default() -> Self {
         InboundLimits {
-            connections: 8_192,
-            connections_per_source: 1_024,
-            handshakes: 256,
-            handshakes_per_source: 32,
+            known: 8_192,
+            known_per_source: 1_024,
+            unknown: 256,
+            unknown_per_source: 16,
         }
     }
 }
 
 /// The label a connection refused at accept is counted under.
-fn refusal_label(handshake: bool, refused: Refused) -> &'static str {
-    match (handshake, refused) {
-        (false, Refused::Busy) => "busy",
-        (false, Refused::SourceLimit) => "client_limit",
-        (true, Refused::Busy) => "handshakes_busy",
-        (true, Refused::SourceLimit) => "handshakes_client_limit",
+fn refusal_label(known: bool, refused: Refused) -> &'static str {
+    match (known, refused) {
+        (true, Refused::Busy) => "busy",
+        (true, Refused::SourceLimit) => "client_limit",
+        (false, Refused::Busy) => "unknown_busy",
+        (false, Refused::SourceLimit) => "unknown_client_limit",
     }
 }
 
@@ -174,6 +178,7 @@ pub struct TlsFailure {
 type FailureHook = Arc<dyn Fn(&TlsFailure) + Send + Sync>;
 type AcceptHook = Arc<dyn Fn(&str) + Send + Sync>;
 type RefusedHook = Arc<dyn Fn(&'static str) + Send + Sync>;
+type KnownSources = Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>;
 
 struct Inner<H> {
     acceptor: TlsAcceptor,
@@ -185,6 +190,7 @@ struct Inner<H> {
     on_refused: Option<RefusedHook>,
     drain: Option<Arc<crate::drain::Drain>>,
     limits: InboundLimits,
+    known_sources: Option<KnownSources>,
 }
 
 /// The inbound HBONE server: configure it, then [`serve`](Self::serve) a
@@ -271,6 +277,7 @@ impl<H: ConnectHandler> HboneServer<H> {
                 on_refused: None,
                 drain: None,
                 limits: InboundLimits::default(),
+                known_sources: None,
             },
         })
     }
@@ -289,8 +296,8 @@ impl<H: ConnectHandler> HboneServer<H> {
     }
 
     /// Called for every connection closed at accept for want of a place,
-    /// with why: `busy`, `client_limit` (connections) or
-    /// `handshakes_busy`, `handshakes_client_limit`.
+    /// with why: `busy`, `client_limit` (a known source),
+    /// `unknown_busy`, `unknown_client_limit` (another).
     pub fn on_refused(mut self, hook: impl Fn(&'static str) + Send + Sync + 'static) -> Self {
         self.inner.on_refused = Some(Arc::new(hook));
         self
@@ -300,6 +307,17 @@ impl<H: ConnectHandler> HboneServer<H> {
     /// [`InboundLimits::default`]).
     pub fn limits(mut self, limits: InboundLimits) -> Self {
         self.inner.limits = limits;
+        self
+    }
+
+    /// Which source addresses take the places of known sources (the
+    /// agent's: the nodes of its view). Without it every source is
+    /// unknown.
+    pub fn known_sources(
+        mut self,
+        known: impl Fn(std::net::IpAddr) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.inner.known_sources = Some(Arc::new(known));
         self
     }
 
@@ -322,23 +340,20 @@ impl<H: ConnectHandler> HboneServer<H> {
     pub async fn serve(self, listener: TcpListener) {
         let inner = Arc::new(self.inner);
         let limits = inner.limits;
-        let connections = Places::new(limits.connections);
-        let handshakes = Places::new(limits.handshakes);
+        let known_places = Places::new(limits.known);
+        let unknown_places = Places::new(limits.unknown);
         let mut errors = crate::accept::AcceptErrors::new("hbone");
         loop {
             let (tcp, peer) = errors.accept(&listener).await;
-            let places = connections
-                .admit(peer.ip(), limits.connections_per_source)
-                .map_err(|r| refusal_label(false, r))
-                .and_then(|connection| {
-                    let handshake = handshakes
-                        .admit(peer.ip(), limits.handshakes_per_source)
-                        .map_err(|r| refusal_label(true, r))?;
-                    Ok((connection, handshake))
-                });
-            let (connection, handshake) = match places {
-                Ok(places) => places,
-                Err(label) => {
+            let known = inner.known_sources.as_ref().is_some_and(|k| k(peer.ip()));
+            let (places, per_source) = match known {
+                true => (&known_places, limits.known_per_source),
+                false => (&unknown_places, limits.unknown_per_source),
+            };
+            let place = match places.admit(peer.ip(), per_source) {
+                Ok(place) => place,
+                Err(refused) => {
+                    let label = refusal_label(known, refused);
                     debug!(%peer, reason = label, "hbone: no place for the connection, closing it");
                     if let Some(hook) = &inner.on_refused {
                         hook(label);
@@ -348,8 +363,8 @@ impl<H: ConnectHandler> HboneServer<H> {
             };
             let inner = inner.clone();
             tokio::spawn(async move {
-                let _connection = connection;
-                if let Err(e) = inner.serve_connection(tcp, peer, handshake).await {
+                let _place = place;
+                if let Err(e) = inner.serve_connection(tcp, peer).await {
                     debug!(%peer, error = %e, "hbone connection ended");
                 }
             });
@@ -373,7 +388,6 @@ impl<H: ConnectHandler> Inner<H> {
         self: &Arc<Self>,
         tcp: TcpStream,
         peer: SocketAddr,
-        handshake_place: Place,
     ) -> Result<(), ServerError> {
         let _ = tcp.set_nodelay(true);
         let _tracked = self.drain.as_ref().map(|d| d.track());
@@ -383,9 +397,7 @@ impl<H: ConnectHandler> Inner<H> {
         };
         tokio::pin!(draining);
         let mut winding_down = false;
-        let handshake = self.handshake(tcp).await;
-        drop(handshake_place);
-        let (tls, peer_id) = match handshake {
+        let (tls, peer_id) = match self.handshake(tcp).await {
             Ok(ok) => ok,
             Err(e) => {
                 self.tls_failure(peer, &e);
@@ -408,13 +420,18 @@ impl<H: ConnectHandler> Inner<H> {
         }
         let peer_id: Arc<str> = Arc::from(peer_id);
 
-        let mut conn = h2::server::Builder::new()
+        // A peer that completed TLS and never sends the HTTP/2 preface
+        // holds its place for no longer than a handshake may take.
+        let h2_handshake = h2::server::Builder::new()
             .initial_window_size(INITIAL_STREAM_WINDOW)
             .initial_connection_window_size(INITIAL_CONNECTION_WINDOW)
             .max_frame_size(super::MAX_FRAME_SIZE)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .handshake::<_, Bytes>(tls)
-            .await?;
+            .handshake::<_, Bytes>(tls);
+        let timeout = self.handshake_timeout;
+        let mut conn = tokio::time::timeout(timeout, h2_handshake)
+            .await
+            .map_err(|_| ServerError::HandshakeTimeout(timeout))??;
         loop {
             let next = tokio::select! {
                 next = conn.accept() => next,

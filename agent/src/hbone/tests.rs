@@ -68,10 +68,15 @@ impl Drop for Node {
 }
 
 async fn start_node(ca: &TestCa) -> Node {
-    start_node_with(ca, InboundLimits::default()).await
+    start_node_with(ca, InboundLimits::default(), |_| true).await
 }
 
-async fn start_node_with(ca: &TestCa, limits: InboundLimits) -> Node {
+/// A node with `limits`, taking the sources `known` says as known.
+async fn start_node_with(
+    ca: &TestCa,
+    limits: InboundLimits,
+    known: impl Fn(std::net::IpAddr) -> bool + Send + Sync + 'static,
+) -> Node {
     let echo = echo_server().await;
     let bundle = ca.bundle();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -97,6 +102,7 @@ async fn start_node_with(ca: &TestCa, limits: InboundLimits) -> Node {
     let server = HboneServer::new(&ca.identity(NODE_B), &bundle, handler)
         .unwrap()
         .limits(limits)
+        .known_sources(known)
         .on_tls_accept(move |_| {
             acc.fetch_add(1, Ordering::SeqCst);
         })
@@ -633,48 +639,48 @@ async fn closed_by_server(tcp: &mut TcpStream) -> bool {
 /// The attack: TCP connections to the inbound port that never start their
 /// handshake, which anyone who reaches the port can open. Each held a task
 /// and a descriptor for the handshake timeout, without limit: enough of
-/// them took every descriptor the agent may open. Now one source holds its
-/// share of handshakes and all sources the server's, the next connection
-/// is closed at accept, and the places come back when they close.
+/// them took every descriptor the agent may open. Now a source outside the
+/// view holds its share of the places for unknown sources, all of them
+/// together hold those places and no more, and a node the view knows still
+/// gets in while they are all taken. Closed, they give their places back.
 #[tokio::test]
 async fn connections_that_never_handshake_hold_their_share_and_no_more() {
     let ca = TestCa::new("ca");
     let limits = InboundLimits {
-        connections: 100,
-        connections_per_source: 100,
-        handshakes: 4,
-        handshakes_per_source: 3,
+        known: 100,
+        known_per_source: 100,
+        unknown: 4,
+        unknown_per_source: 3,
     };
-    let node = start_node_with(&ca, limits).await;
+    let known: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let node = start_node_with(&ca, limits, move |ip| ip == known).await;
     let mut silent = Vec::new();
     for _ in 0..3 {
         silent.push(connect_from("127.0.0.1", node.addr).await);
     }
     // The accept loop takes connections in order: the fourth from the same
-    // source finds its source's share taken.
+    // source finds its share taken.
     let mut fourth = connect_from("127.0.0.1", node.addr).await;
     assert!(closed_by_server(&mut fourth).await, "held, not closed");
-    assert_eq!(*node.refused.lock().unwrap(), ["handshakes_client_limit"]);
+    assert_eq!(*node.refused.lock().unwrap(), ["unknown_client_limit"]);
+    // Another unknown source takes the last place; a third finds none.
+    silent.push(connect_from("127.0.0.3", node.addr).await);
+    let mut over = connect_from("127.0.0.4", node.addr).await;
+    assert!(closed_by_server(&mut over).await, "held, not closed");
+    assert_eq!(
+        *node.refused.lock().unwrap(),
+        ["unknown_client_limit", "unknown_busy"]
+    );
 
-    // A peer from another source completes its handshake meanwhile.
+    // A node the view knows completes its handshake meanwhile.
     let config = tls::client_config(&ca.identity(WEB), &node.bundle, NODE_B).unwrap();
     let name = ServerName::try_from("node-b.dc1.node.test.weft").unwrap();
     let tcp = connect_from("127.0.0.2", node.addr).await;
     let _peer = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
-        .expect("another source's handshake");
+        .expect("a known source's handshake");
     assert!(eventually(|| node.accepted.load(Ordering::SeqCst) == 1).await);
-
-    // Its handshake done, it holds no handshake place: a third source takes
-    // the last one, and a fourth finds none.
-    silent.push(connect_from("127.0.0.3", node.addr).await);
-    let mut over = connect_from("127.0.0.4", node.addr).await;
-    assert!(closed_by_server(&mut over).await, "held, not closed");
-    assert_eq!(
-        *node.refused.lock().unwrap(),
-        ["handshakes_client_limit", "handshakes_busy"]
-    );
 
     // Closed, the silent connections give their places back: a peer from
     // the first source gets its tunnel.
@@ -695,4 +701,66 @@ async fn connections_that_never_handshake_hold_their_share_and_no_more() {
     }
     let mut tunnel = tunnel.expect("a tunnel once the silent connections closed");
     assert_eq!(round_trip(&mut tunnel, b"back").await, b"back");
+}
+
+/// A peer that completes TLS and then sends nothing (no HTTP/2 preface)
+/// is let go after the handshake timeout, its place with it.
+#[tokio::test]
+async fn a_peer_silent_after_tls_is_let_go() {
+    let ca = TestCa::new("ca");
+    let limits = InboundLimits {
+        unknown: 1,
+        unknown_per_source: 1,
+        ..InboundLimits::default()
+    };
+    let echo = echo_server().await;
+    let bundle = ca.bundle();
+    let server = HboneServer::new(
+        &ca.identity(NODE_B),
+        &bundle,
+        move |_req: ConnectRequest| async move {
+            TcpStream::connect(echo)
+                .await
+                .map_err(|e| Refusal::unavailable(e.to_string()))
+        },
+    )
+    .unwrap()
+    .limits(limits)
+    .handshake_timeout(Duration::from_millis(300));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _task = AbortOnDrop(tokio::spawn(server.serve(listener)));
+    let config = tls::client_config(&ca.identity(WEB), &bundle, NODE_B).unwrap();
+    let name = ServerName::try_from("node-b.dc1.node.test.weft").unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut quiet = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("TLS");
+    // The server's HTTP/2 SETTINGS arrive, then, with no preface from us,
+    // the connection ends.
+    let mut sink = Vec::new();
+    let ended = tokio::time::timeout(TIMEOUT, quiet.read_to_end(&mut sink)).await;
+    assert!(ended.is_ok(), "still open after the handshake timeout");
+    // Its one place is free again: a real peer gets a tunnel.
+    let pool = HbonePool::new(ca.bundle());
+    let peer = NodePeer {
+        addr,
+        spiffe_id: NODE_B.into(),
+        sni: "node-b.dc1.node.test.weft".into(),
+    };
+    let mut tunnel = pool
+        .connect(&ca.identity(WEB), &peer, echo, TIMEOUT)
+        .await
+        .expect("a tunnel on the freed place");
+    assert_eq!(round_trip(&mut tunnel, b"back").await, b"back");
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

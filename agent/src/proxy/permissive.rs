@@ -45,7 +45,7 @@ pub fn instance_for(ctx: &ProxyContext, dialled: SocketAddr) -> Option<SocketAdd
 /// Plaintext connections the listener carries at once (each costs the
 /// agent two descriptors); more are closed at accept.
 pub const MAX_CONNECTIONS: usize = 8_192;
-/// Plaintext connections one source (an address, an IPv6 /64) may hold.
+/// Plaintext connections one source address may hold.
 pub const MAX_PER_SOURCE: usize = 256;
 
 /// Serves the permissive listener until the task is dropped.
