@@ -81,8 +81,11 @@ pub mod programs {
     pub const INGRESS: &str = "weft_ingress";
     pub const SK_LOOKUP: &str = "weft_sk_lookup";
     pub const SENDMSG4: &str = "weft_sendmsg4";
+    pub const SENDMSG6: &str = "weft_sendmsg6";
     /// Every program, in the order they are attached.
-    pub const ALL: [&str; 6] = [CONNECT4, CONNECT6, SOCKOPS, INGRESS, SK_LOOKUP, SENDMSG4];
+    pub const ALL: [&str; 7] = [
+        CONNECT4, CONNECT6, SOCKOPS, INGRESS, SK_LOOKUP, SENDMSG4, SENDMSG6,
+    ];
 }
 
 /// Indexes into the `COUNTERS` per-CPU array.

@@ -25,10 +25,14 @@
 //!   refused.
 //! * The agent's own local ports (`AGENT_PORTS`: local API, DNS, admin) are
 //!   reached, by any process in the agent's network namespace, only while a
-//!   socket with the agent's mark is bound there: connect4 checks TCP and
-//!   connected UDP, `weft_sendmsg4` (cgroup/sendmsg4) unconnected UDP. A
-//!   process that binds one after the agent crashed hears nothing of what
-//!   workloads send the agent (tokens, DNS queries).
+//!   socket with the agent's mark is bound there: connect4 and connect6
+//!   check TCP and connected UDP, `weft_sendmsg4` and `weft_sendmsg6`
+//!   (cgroup/sendmsg4, sendmsg6) unconnected UDP; an IPv6 socket's
+//!   v4-mapped address counts as the IPv4 one, and `[::1]` at one of those
+//!   ports is refused (the agent is on 127.0.0.1; a client trying
+//!   `localhost` as `::1` first would reach whoever bound it). A process
+//!   that binds one after the agent crashed hears nothing of what workloads
+//!   send the agent (tokens, DNS queries).
 //!
 //! Every decision is made from maps the agent fills; nothing is hard-coded.
 // On the host (clippy, `cargo check --workspace`) this is an ordinary binary
@@ -168,10 +172,9 @@ fn mark_socket(ctx: &SockAddrContext, mark: u32) {
 }
 
 /// Whether `addr:port` (`protocol`) is one of the agent's own ports in the
-/// caller's network namespace with no socket of the agent bound there: a
-/// connect() or sendmsg() to it would reach whoever took the port.
+/// caller's network namespace.
 #[inline(always)]
-fn agent_port_taken(ctx: &SockAddrContext, addr: u32, port: u16, protocol: u16) -> bool {
+fn is_agent_port(ctx: &SockAddrContext, addr: u32, port: u16, protocol: u16) -> bool {
     // SAFETY: the context pointer is valid for this program type.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let key = AgentPort {
@@ -181,7 +184,38 @@ fn agent_port_taken(ctx: &SockAddrContext, addr: u32, port: u16, protocol: u16) 
         protocol,
     };
     // SAFETY: values in this map are plain data written by the agent.
-    if unsafe { AGENT_PORTS.get(key) }.is_none() {
+    unsafe { AGENT_PORTS.get(key) }.is_some()
+}
+
+/// `127.0.0.1` as the kernel hands an IPv4 address (network order, read on
+/// a little-endian host).
+const V4_LOCALHOST: u32 = 0x0100_007f;
+
+/// [`agent_port_taken`] for an IPv6 destination: a v4-mapped address is
+/// the IPv4 one; `[::1]` at a port the agent holds on 127.0.0.1 is never
+/// the agent's.
+#[inline(always)]
+fn agent_port_taken6(ctx: &SockAddrContext, ip6: [u32; 4], port: u16, protocol: u16) -> bool {
+    if ip6[0] != 0 || ip6[1] != 0 {
+        return false;
+    }
+    if ip6[2] == V4_MAPPED {
+        return agent_port_taken(ctx, ip6[3], port, protocol);
+    }
+    if ip6[2] == 0 && ip6[3] == V6_LOOPBACK_LAST && is_agent_port(ctx, V4_LOCALHOST, port, protocol)
+    {
+        count(counter::AGENT_PORT_REFUSED);
+        return true;
+    }
+    false
+}
+
+/// Whether `addr:port` (`protocol`) is one of the agent's own ports in the
+/// caller's network namespace with no socket of the agent bound there: a
+/// connect() or sendmsg() to it would reach whoever took the port.
+#[inline(always)]
+fn agent_port_taken(ctx: &SockAddrContext, addr: u32, port: u16, protocol: u16) -> bool {
+    if !is_agent_port(ctx, addr, port, protocol) {
         return false;
     }
     let target = RedirectTarget {
@@ -252,9 +286,6 @@ const V6_LOOPBACK_LAST: u32 = 0x0100_0000;
 pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the whole call.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM {
-        return ALLOW;
-    }
     let ip6 = [
         sa.user_ip6[0],
         sa.user_ip6[1],
@@ -262,10 +293,18 @@ pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
         sa.user_ip6[3],
     ];
     let port = u16::from_be(sa.user_port as u16);
-    let mapped = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED;
-    if mapped && agent_port_taken(&ctx, ip6[3], port, PROTO_TCP) {
+    let protocol = match sa.type_ {
+        SOCK_STREAM => PROTO_TCP,
+        SOCK_DGRAM => PROTO_UDP,
+        _ => return ALLOW,
+    };
+    if agent_port_taken6(&ctx, ip6, port, protocol) {
         return REFUSE;
     }
+    if sa.type_ != SOCK_STREAM {
+        return ALLOW;
+    }
+    let mapped = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED;
     let (key, loopback) = if mapped {
         let key = DestKey {
             addr: [ip6[3], 0, 0, 0],
@@ -547,6 +586,25 @@ pub fn weft_sendmsg4(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &*ctx.sock_addr };
     let port = u16::from_be(sa.user_port as u16);
     if agent_port_taken(&ctx, sa.user_ip4, port, PROTO_UDP) {
+        REFUSE
+    } else {
+        ALLOW
+    }
+}
+
+/// [`weft_sendmsg4`] for IPv6 sockets (v4-mapped destinations, `[::1]`).
+#[cgroup_sock_addr(sendmsg6)]
+pub fn weft_sendmsg6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands us a valid bpf_sock_addr for the whole call.
+    let sa = unsafe { &*ctx.sock_addr };
+    let ip6 = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
+    let port = u16::from_be(sa.user_port as u16);
+    if agent_port_taken6(&ctx, ip6, port, PROTO_UDP) {
         REFUSE
     } else {
         ALLOW

@@ -108,6 +108,9 @@ impl Sockets {
             // predecessor.
             _ => listen(addr).await?,
         };
+        if OWN_PORTS.iter().any(|(own, _)| *own == name) {
+            crate::mark::listener(&listener).map_err(listen_err)?;
+        }
         self.offer(name, listener.as_fd(), addr)?;
         Ok(listener)
     }
@@ -135,10 +138,11 @@ const OWN_PORTS: [(&str, u16); 4] = [
     ("admin", weft_agent_common::PROTO_TCP),
 ];
 
-/// Gives the sockets of [`OWN_PORTS`] the agent's mark and tells the
-/// programs where they are: from then on (and after the agent is gone)
-/// those ports are reached only while a socket with the mark is bound
-/// there.
+/// Tells the programs where the sockets of [`OWN_PORTS`] are (marked
+/// where they were bound, and here again): from then on, and after the
+/// agent is gone, those ports are reached only while a socket with the
+/// mark is bound there. Until then an earlier agent's entries stand, which
+/// the sockets, marked from the start, pass.
 fn guard_own_ports(
     interception: &Interception,
     offered: &Mutex<Vec<(String, OwnedFd)>>,
@@ -319,6 +323,11 @@ pub async fn run(
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut admin_task = None;
+    // The agent's own ports carry its mark from the moment they are bound:
+    // the programs an earlier agent pinned let callers reach them only so.
+    if config.ebpf {
+        crate::mark::set(config.socket_mark);
+    }
     if let (None, Some(state)) = (&predecessor, admin_state.take()) {
         let listener = sockets.tcp("admin", config.admin_addr).await?;
         let stop = wait_for(stop_rx.clone());
@@ -526,6 +535,12 @@ pub async fn run(
         _ => DnsServer::bind(config.dns_addr, resolver).await?,
     };
     let (udp, tcp) = dns.sockets();
+    for socket in [udp, tcp] {
+        crate::mark::listener(&socket).map_err(|source| RunError::Listen {
+            addr: config.dns_addr,
+            source,
+        })?;
+    }
     sockets.offer("dns-udp", udp, config.dns_addr)?;
     sockets.offer("dns-tcp", tcp, config.dns_addr)?;
     let dns_task = tokio::spawn(dns.serve(wait_for(stop_rx.clone())));

@@ -397,6 +397,57 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_admits_nothing_before_its_vie
     Ok(())
 }
 
+/// Starts `weft-probe ARGS` in node A (an attacker waiting for a port),
+/// logging to `log`, and waits until it listens.
+fn spawn_taker(mesh: &Mesh, args: &[&str], log: &str) -> anyhow::Result<weft_tests::mesh::Proc> {
+    let mut cmd = std::process::Command::new(weft_tests::servers::bin("weft-probe"));
+    cmd.args(args);
+    let taker = mesh.spawn(NodeA, &mut cmd, log)?;
+    wait_until(
+        Duration::from_secs(5),
+        &format!("{args:?} listening"),
+        || Ok(mesh.log(log).contains("listening").then_some(())),
+    )?;
+    Ok(taker)
+}
+
+/// Runs `args` in node A as a process under the agent's cgroup root that
+/// is no workload (in production the root is the cgroup2 mount: every
+/// process of the host).
+fn as_bystander(mesh: &Mesh, args: &[&str]) -> anyhow::Result<Output> {
+    let dir = mesh
+        .cgroup_root(NodeA)
+        .context("ebpf mesh")?
+        .join("bystander");
+    if !dir.exists() {
+        std::fs::create_dir(&dir)?;
+    }
+    let script = format!("echo $$ > {}/cgroup.procs && exec \"$@\"", dir.display());
+    let mut argv = vec!["-c", script.as_str(), "sh"];
+    argv.extend(args);
+    mesh.run(NodeA, "sh", &argv, Duration::from_secs(10))
+}
+
+/// Each attempt (what, command, the error it must fail with), made by web
+/// and by a process that is no workload, is refused.
+fn all_refused(mesh: &Mesh, attempts: &[(&str, Vec<String>, &str)]) -> anyhow::Result<()> {
+    for (what, args, refusal) in attempts {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let args = args.as_slice();
+        for (who, out) in [
+            ("web", mesh.exec_as(NodeA, "web", args)?),
+            ("a process that is no workload", as_bystander(mesh, args)?),
+        ] {
+            ensure!(
+                !out.success() && out.stderr.contains(refusal),
+                "{who} to {what} was not refused: {}",
+                out.describe()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The attack: node A's agent crashes, and a local process outside the
 /// mesh binds the agent's outbound port before anything else does. For the
 /// rest of the lease the programs still send web's connections to that
@@ -404,7 +455,9 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_admits_nothing_before_its_vie
 /// hook sends a connection to the agent's port only when the socket
 /// listening there carries the agent's mark: this one is refused. The same
 /// for the agent's local API and DNS ports, where web (and any process)
-/// would otherwise send its token and its queries to the taker.
+/// would otherwise send its token and its queries to the taker; and, with
+/// the agent running, for `[::1]` at those ports, which anyone may bind and
+/// a client trying `localhost` as `::1` first would reach.
 #[test]
 fn a_process_that_takes_the_agents_ports_after_a_crash_hears_nothing() -> anyhow::Result<()> {
     require_root();
@@ -412,14 +465,60 @@ fn a_process_that_takes_the_agents_ports_after_a_crash_hears_nothing() -> anyhow
     let vip_url = format!("http://{}:8080/", mesh.vip("api")?);
     wait_for_api(&mesh, &vip_url)?;
     let probe = weft_tests::servers::bin("weft-probe");
-    let port = weft_agent::config::DEFAULT_OUTBOUND_ADDR;
+    let probe = probe.to_str().context("probe path")?;
+    let token = mesh.token_header(&mesh.token)?;
+    let curl = |url: &str| -> Vec<String> {
+        ["curl", "-sS", "-m", "2", "-H", &token, url]
+            .map(String::from)
+            .to_vec()
+    };
+    let udp = |to: &str, how: &str| -> Vec<String> {
+        [probe, "send-udp", to, how].map(String::from).to_vec()
+    };
+    let api = format!("http://{AGENT_HTTP}/v1/agent/self");
+    let (api6, dns6) = ("http://[::1]:8500/v1/agent/self", "[::1]:53");
 
+    // With the agent running: [::1] at its ports is another process's.
+    let _api6_taker = spawn_taker(&mesh, &["listen-in-place", "[::1]:8500", "60"], "api6.log")?;
+    let _dns6_taker = spawn_taker(&mesh, &["udp-in-place", dns6, "60"], "dns6.log")?;
+    let attempts6 = [
+        (
+            "[::1] at the local API's port",
+            curl(api6),
+            "Couldn't connect",
+        ),
+        (
+            "[::1] at the DNS port, connected",
+            udp(dns6, "connected"),
+            "not permitted",
+        ),
+        (
+            "[::1] at the DNS port, unconnected",
+            udp(dns6, "unconnected"),
+            "not permitted",
+        ),
+    ];
+    all_refused(&mesh, &attempts6)?;
+    let (api6_heard, dns6_heard) = (mesh.log("api6.log"), mesh.log("dns6.log"));
+    ensure!(
+        !api6_heard.contains("accepted") && !dns6_heard.contains("received"),
+        "a process on [::1] at the agent's ports heard its clients: {api6_heard} / {dns6_heard}"
+    );
+    // 127.0.0.1 is the agent's, and answers.
+    let answered = mesh.exec_as(
+        NodeA,
+        "web",
+        &["curl", "-sS", "-m", "2", "-H", &token, &api],
+    )?;
+    ensure!(answered.success(), "the local API: {}", answered.describe());
+
+    let port = weft_agent::config::DEFAULT_OUTBOUND_ADDR;
     let killed = Instant::now();
     mesh.kill_agent(NodeA);
     let log = mesh.path("taker.log");
     let _taker = mesh.spawn(
         NodeA,
-        std::process::Command::new(&probe).args(["listen-in-place", port, "5"]),
+        std::process::Command::new(probe).args(["listen-in-place", port, "5"]),
         "taker.log",
     )?;
     wait_until(Duration::from_secs(2), "the agent's port taken", || {
@@ -446,69 +545,43 @@ fn a_process_that_takes_the_agents_ports_after_a_crash_hears_nothing() -> anyhow
     eprintln!("the process on the agent's port got nothing ({tried:?} after the kill): {taken}");
 
     // The agent's own ports, its local API (which takes tokens) and DNS,
-    // taken by a process after the crash: they hear nothing from web nor
-    // from a process under the agent's cgroup root that is no workload (by
-    // default the root is the cgroup2 mount: every process of the host),
-    // for as long as the programs stay pinned (no lease involved).
-    let spawn_taker = |args: &[&str], log: &str| {
-        let mut cmd = std::process::Command::new(&probe);
-        cmd.args(args);
-        mesh.spawn(NodeA, &mut cmd, log)
-    };
-    let _api_taker = spawn_taker(&["listen-in-place", AGENT_HTTP, "20"], "api-taker.log")?;
-    let _dns_taker = spawn_taker(&["udp-in-place", EBPF_DNS, "20"], "dns-taker.log")?;
-    wait_until(
-        Duration::from_secs(5),
-        "the API and DNS ports taken",
-        || {
-            let listening = |log| mesh.log(log).contains("listening");
-            Ok((listening("api-taker.log") && listening("dns-taker.log")).then_some(()))
-        },
+    // taken by a process after the crash: they hear nothing, for as long
+    // as the programs stay pinned (no lease involved), IPv4 or v4-mapped.
+    let _api_taker = spawn_taker(
+        &mesh,
+        &["listen-in-place", AGENT_HTTP, "20"],
+        "api-taker.log",
     )?;
-    let bystander = mesh
-        .cgroup_root(NodeA)
-        .context("ebpf mesh")?
-        .join("bystander");
-    std::fs::create_dir(&bystander)?;
-    let script = format!(
-        "echo $$ > {}/cgroup.procs && exec \"$@\"",
-        bystander.display()
-    );
-    let as_bystander = |args: &[&str]| {
-        let mut argv = vec!["-c", script.as_str(), "sh"];
-        argv.extend(args);
-        mesh.run(NodeA, "sh", &argv, Duration::from_secs(10))
-    };
-    let token = mesh.token_header(&mesh.token)?;
-    let url = format!("http://{AGENT_HTTP}/v1/agent/self");
-    let curl = ["curl", "-sS", "-m", "2", "-H", &token, &url];
-    let probe = probe.to_str().context("probe path")?;
-    let udp = |how| vec![probe, "send-udp", EBPF_DNS, how];
+    let _dns_taker = spawn_taker(&mesh, &["udp-in-place", EBPF_DNS, "20"], "dns-taker.log")?;
+    let mapped = "[::ffff:127.0.0.1]:53";
     let attempts = [
-        ("the local API's port", curl.to_vec(), "Couldn't connect"),
         (
-            "the DNS port, connected UDP",
-            udp("connected"),
+            "the local API's port, taken",
+            curl(&api),
+            "Couldn't connect",
+        ),
+        (
+            "the DNS port, taken, connected UDP",
+            udp(EBPF_DNS, "connected"),
             "not permitted",
         ),
         (
-            "the DNS port, unconnected UDP",
-            udp("unconnected"),
+            "the DNS port, taken, unconnected UDP",
+            udp(EBPF_DNS, "unconnected"),
+            "not permitted",
+        ),
+        (
+            "the DNS port, taken, v4-mapped",
+            udp(mapped, "unconnected"),
+            "not permitted",
+        ),
+        (
+            "the DNS port, taken, v4-mapped, connected",
+            udp(mapped, "connected"),
             "not permitted",
         ),
     ];
-    for (what, args, refusal) in &attempts {
-        for (who, out) in [
-            ("web", mesh.exec_as(NodeA, "web", args)?),
-            ("a process that is no workload", as_bystander(args)?),
-        ] {
-            ensure!(
-                !out.success() && out.stderr.contains(refusal),
-                "{who} to {what}, taken, was not refused: {}",
-                out.describe()
-            );
-        }
-    }
+    all_refused(&mesh, &attempts)?;
     let (api_taken, dns_taken) = (mesh.log("api-taker.log"), mesh.log("dns-taker.log"));
     ensure!(
         !api_taken.contains("accepted") && !dns_taken.contains("received"),

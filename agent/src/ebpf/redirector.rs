@@ -401,7 +401,12 @@ impl Redirector {
         // so `Single` here means "no flags", not "exclusive".
         let single = CgroupAttachMode::Single;
         let mut attached: Vec<(&'static str, FdLink)> = Vec::new();
-        for name in [programs::CONNECT4, programs::CONNECT6, programs::SENDMSG4] {
+        for name in [
+            programs::CONNECT4,
+            programs::CONNECT6,
+            programs::SENDMSG4,
+            programs::SENDMSG6,
+        ] {
             let link = attach_program(&mut self.ebpf, name, |p: &mut CgroupSockAddr| {
                 let id = p.attach(&cgroup, single)?;
                 Ok(p.take_link(id)?.try_into())

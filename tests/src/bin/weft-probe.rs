@@ -267,10 +267,16 @@ fn dissolve(fd: libc::c_int) -> std::io::Result<()> {
 /// use), listening; the first line of the first connection within `limit`.
 fn listen_in_place(addr: &str, limit: Duration) -> std::io::Result<String> {
     use std::os::fd::FromRawFd;
-    let addr: std::net::SocketAddrV4 = addr
-        .parse()
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
     let deadline = std::time::Instant::now() + limit;
+    if let Ok(v6) = addr.parse::<std::net::SocketAddrV6>() {
+        // An IPv6 address nobody holds: bound at once.
+        let listener = std::net::TcpListener::bind(v6)?;
+        println!("listening");
+        std::io::stdout().flush()?;
+        return first_line(listener, deadline);
+    }
+    let addr: std::net::SocketAddrV4 = addr.parse().map_err(|e| invalid(format!("{e}")))?;
     // SAFETY: plain socket creation; the fd is owned by the listener below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
     if fd < 0 {
@@ -303,6 +309,15 @@ fn listen_in_place(addr: &str, limit: Duration) -> std::io::Result<String> {
     }
     println!("listening");
     std::io::stdout().flush()?;
+    first_line(listener, deadline)
+}
+
+/// The first line of the first connection `listener` accepts before
+/// `deadline`.
+fn first_line(
+    listener: std::net::TcpListener,
+    deadline: std::time::Instant,
+) -> std::io::Result<String> {
     listener.set_nonblocking(true)?;
     let (mut stream, _) = loop {
         match listener.accept() {
@@ -355,9 +370,18 @@ fn udp_in_place(addr: &str, limit: Duration) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// One datagram to `addr`, from a connected socket or with `sendto`.
+/// One datagram to `addr`, from a connected socket or with `sendto` (an
+/// IPv6 socket for an IPv6 address, v4-mapped ones included).
 fn send_udp(addr: &str, connected: bool) -> std::io::Result<()> {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let target: SocketAddr = addr
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let local = if target.is_ipv6() {
+        "[::]:0"
+    } else {
+        "127.0.0.1:0"
+    };
+    let socket = std::net::UdpSocket::bind(local)?;
     if connected {
         socket.connect(addr)?;
         socket.send(b"weft-probe")?;
