@@ -6,11 +6,13 @@
 //!   header value, as Envoy's `safe_regex` does.
 //! - Header names compare case-insensitively. Routes read a header given
 //!   several times as its values joined with `,` (Envoy's reading). L7
-//!   intentions cannot know how the instance will read it (the first value,
-//!   the last, or all joined), so they read it every way ([`Repeated`]): a
-//!   deny rule matches when any reading matches, an allow rule only when
-//!   every reading does. Sending `X-User: admin` twice neither hides it from
-//!   a deny on `admin` nor smuggles it past an allow on `reader`.
+//!   intentions cannot know how the instance will read a header, so they
+//!   read it every way it might ([`Repeated`], [`readings`]): a deny rule
+//!   matches when any reading matches, an allow rule only when every
+//!   reading does. Sending `X-User: admin` twice (or as `X_User`, which
+//!   servers that map names CGI-style read as `x-user`, or padded with
+//!   spaces, which HTTP/2 lets through) neither hides it from a deny on
+//!   `admin` nor smuggles it past an allow on `reader`.
 //! - A header rule has exactly one of `Present`, `Exact`, `Prefix`, `Suffix`,
 //!   `Regex`. `Invert` negates the rule, but a missing header only ever matches a
 //!   `Present` rule with `Invert` (Envoy: an absent header never matches a value
@@ -89,6 +91,68 @@ impl Request {
             .map(|(_, v)| v.as_str())
             .collect()
     }
+
+    /// [`header_values`](Self::header_values), `_` and `-` in names taken
+    /// as the same (CGI-style servers read `X_User` as `x-user`).
+    fn header_values_loosely(&self, name: &str) -> Vec<&str> {
+        let same = |a: &str| {
+            a.len() == name.len()
+                && a.bytes().zip(name.bytes()).all(|(x, y)| {
+                    let fold = |c: u8| {
+                        if c == b'_' {
+                            b'-'
+                        } else {
+                            c.to_ascii_lowercase()
+                        }
+                    };
+                    fold(x) == fold(y)
+                })
+        };
+        self.headers
+            .iter()
+            .filter(|(k, _)| same(k))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// The readings an instance may take of header `name` sent as `values`:
+/// all joined with `,`, each value, each with the spaces and tabs around
+/// it trimmed; with `broad` (a deny's), also each element of a
+/// comma-separated value, and a `host` in lower case without its port or a
+/// trailing dot. (An allow is not read by elements: a value with a comma in
+/// it, a `User-Agent`, would fail it.)
+pub fn readings(name: &str, values: &[&str], broad: bool) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut add = |r: &str| {
+        if !out.iter().any(|o| o == r) {
+            out.push(r.to_string());
+        }
+    };
+    add(&values.join(","));
+    let ows: &[char] = &[' ', '\t'];
+    for value in values {
+        add(value);
+        add(value.trim_matches(ows));
+        if broad {
+            for element in value.split(',') {
+                add(element.trim_matches(ows));
+            }
+        }
+    }
+    if broad && name.eq_ignore_ascii_case("host") {
+        for value in values {
+            let host = value.trim_matches(ows).to_ascii_lowercase();
+            let host = match host.rsplit_once(':') {
+                Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+                    h.to_string()
+                }
+                _ => host,
+            };
+            add(host.trim_end_matches('.'));
+        }
+    }
+    out
 }
 
 /// How a header rule reads a header the request gives more than once.
@@ -96,13 +160,13 @@ impl Request {
 pub enum Repeated {
     /// The values joined with `,`, as Envoy reads them (routes).
     Joined,
-    /// A match when the joined values or any single value matches: how a
-    /// deny rule reads them, so that no reading the instance may take
-    /// escapes it.
+    /// A match when any of the header's [`readings`] (broad) matches: how
+    /// a deny rule reads them, so that no reading the instance may take
+    /// escapes it. Names match with `_` taken as `-`.
     AnyReading,
-    /// A match only when the joined values and every single value match:
+    /// A match only when every one of the header's [`readings`] matches:
     /// how an allow rule reads them, so that no reading the instance may
-    /// take is let in unchecked.
+    /// take is let in unchecked. Names match with `_` taken as `-`.
     EveryReading,
 }
 
@@ -401,31 +465,30 @@ impl HeaderMatch {
         request: &Request,
         repeated: Repeated,
     ) -> Result<bool, HttpMatchError> {
-        let values = request.header_values(&self.name);
+        let values = match repeated {
+            Repeated::Joined => request.header_values(&self.name),
+            _ => request.header_values_loosely(&self.name),
+        };
         if values.is_empty() {
             return Ok(self.present && self.invert);
         }
-        let joined = self.reads(&values.join(","))?;
-        if values.len() == 1 {
-            return Ok(joined);
-        }
         match repeated {
-            Repeated::Joined => Ok(joined),
+            Repeated::Joined => self.reads(&values.join(",")),
             Repeated::AnyReading => {
-                for value in values {
-                    if self.reads(value)? {
+                for reading in readings(&self.name, &values, true) {
+                    if self.reads(&reading)? {
                         return Ok(true);
                     }
                 }
-                Ok(joined)
+                Ok(false)
             }
             Repeated::EveryReading => {
-                for value in values {
-                    if !self.reads(value)? {
+                for reading in readings(&self.name, &values, false) {
+                    if !self.reads(&reading)? {
                         return Ok(false);
                     }
                 }
-                Ok(joined)
+                Ok(true)
             }
         }
     }
@@ -801,6 +864,58 @@ mod tests {
                 .matches_read(&Request::new("GET", "/"), how)
                 .unwrap());
         }
+    }
+
+    #[test]
+    fn a_header_is_read_the_ways_servers_read_it() {
+        use Repeated::*;
+        let rule = |name: &str, exact: &str| HeaderMatch {
+            exact: Some(exact.into()),
+            ..header(name)
+        };
+        let req = |headers: &[(&str, &str)]| {
+            let mut r = Request::new("GET", "/");
+            for (n, v) in headers {
+                r = r.with_header(*n, *v);
+            }
+            r
+        };
+        let hit = |h: &HeaderMatch, r: &Request, how| h.matches_read(r, how).unwrap();
+        let admin = rule("x-user", "admin");
+        // CGI-style names: X_User is x-user to a deny and to an allow.
+        let underscored = req(&[("X_User", "admin")]);
+        assert!(hit(&admin, &underscored, AnyReading));
+        assert!(hit(&admin, &underscored, EveryReading));
+        assert!(!hit(&admin, &underscored, Joined));
+        let both = req(&[("x-user", "admin"), ("x_user", "guest")]);
+        assert!(!hit(&admin, &both, EveryReading));
+        // Padding HTTP/2 lets through: read trimmed too.
+        let padded = req(&[("x-user", " admin\t")]);
+        assert!(hit(&admin, &padded, AnyReading));
+        assert!(!hit(&admin, &padded, EveryReading));
+        // One line holding a list: a deny reads each element, an allow
+        // does not (a User-Agent has commas).
+        let list = req(&[("x-user", "guest, admin")]);
+        assert!(hit(&admin, &list, AnyReading));
+        let agent = req(&[("user-agent", "Mozilla/5.0 (KHTML, like Gecko)")]);
+        let mozilla = HeaderMatch {
+            prefix: Some("Mozilla/".into()),
+            ..header("user-agent")
+        };
+        assert!(hit(&mozilla, &agent, EveryReading));
+        // A host in another case, with a port or a trailing dot, to a deny.
+        let internal = rule("host", "admin.internal");
+        for host in ["ADMIN.internal", "admin.internal.", "admin.internal:8080"] {
+            assert!(
+                hit(&internal, &req(&[("Host", host)]), AnyReading),
+                "{host}"
+            );
+        }
+        assert!(!hit(
+            &internal,
+            &req(&[("Host", "admin.internal.evil")]),
+            AnyReading
+        ));
     }
 
     #[test]

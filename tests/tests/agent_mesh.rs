@@ -866,6 +866,10 @@ HTTP = { PathPrefix = "/" }
     }
     let prod_and_dev = ["x-env: prod", "x-env: dev"];
     assert_eq!(status_with(mesh, "POST", &private, &prod_and_dev)?, 403);
+    // Nor as the name CGI-style servers read as x-user, nor in a list.
+    for sent in ["X_User: admin", "x-user: guest, admin"] {
+        assert_eq!(status_of(mesh, "GET", &public, Some(sent))?, 403, "{sent}");
+    }
     // The caller learns only that it was refused (as from Envoy); which
     // intention and permission decided is in the agents' logs.
     let out = mesh.curl_raw(NodeA, &["-sS", "-m", "2", &private])?;
@@ -882,8 +886,8 @@ HTTP = { PathPrefix = "/" }
     );
     let denied = denials(mesh)? - denied_before;
     ensure!(
-        denied >= 8.0,
-        "8 refused requests counted as {denied} denials"
+        denied >= 10.0,
+        "10 refused requests counted as {denied} denials"
     );
     let requests = |code| -> anyhow::Result<f64> {
         let labels = [("source", "web"), ("destination", "api"), ("code", code)];
