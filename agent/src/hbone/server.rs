@@ -39,6 +39,7 @@ use super::{
     INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, MAX_CONCURRENT_STREAMS, REASON_HEADER,
 };
 use crate::admission::{Places, Refused};
+use tokio::sync::Semaphore;
 
 /// Default time a peer gets to complete the TLS handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,6 +63,10 @@ pub struct InboundLimits {
     pub unknown: usize,
     /// Connections one unknown source may hold.
     pub unknown_per_source: usize,
+    /// Tunnels one source may have open at once, over all its
+    /// connections: each costs the agent a connection to a workload, so
+    /// one node cannot take every descriptor the agent may open.
+    pub tunnels_per_source: usize,
 }
 
 impl Default for InboundLimits {
@@ -71,6 +76,7 @@ impl Default for InboundLimits {
             known_per_source: 1_024,
             unknown: 256,
             unknown_per_source: 16,
+            tunnels_per_source: 16_384,
         }
     }
 }
@@ -297,7 +303,8 @@ impl<H: ConnectHandler> HboneServer<H> {
 
     /// Called for every connection closed at accept for want of a place,
     /// with why: `busy`, `client_limit` (a known source),
-    /// `unknown_busy`, `unknown_client_limit` (another).
+    /// `unknown_busy`, `unknown_client_limit` (another); and for every
+    /// tunnel refused past `tunnels_per_source`: `tunnel_limit`.
     pub fn on_refused(mut self, hook: impl Fn(&'static str) + Send + Sync + 'static) -> Self {
         self.inner.on_refused = Some(Arc::new(hook));
         self
@@ -342,6 +349,8 @@ impl<H: ConnectHandler> HboneServer<H> {
         let limits = inner.limits;
         let known_places = Places::new(limits.known);
         let unknown_places = Places::new(limits.unknown);
+        // Bounded per source; the total is what the connections allow.
+        let tunnels = Places::new(Semaphore::MAX_PERMITS);
         let mut errors = crate::accept::AcceptErrors::new("hbone");
         loop {
             let (tcp, peer) = errors.accept(&listener).await;
@@ -362,9 +371,10 @@ impl<H: ConnectHandler> HboneServer<H> {
                 }
             };
             let inner = inner.clone();
+            let tunnels = tunnels.clone();
             tokio::spawn(async move {
                 let _place = place;
-                if let Err(e) = inner.serve_connection(tcp, peer).await {
+                if let Err(e) = inner.serve_connection(tcp, peer, tunnels).await {
                     debug!(%peer, error = %e, "hbone connection ended");
                 }
             });
@@ -388,6 +398,7 @@ impl<H: ConnectHandler> Inner<H> {
         self: &Arc<Self>,
         tcp: TcpStream,
         peer: SocketAddr,
+        tunnels: Places,
     ) -> Result<(), ServerError> {
         let _ = tcp.set_nodelay(true);
         let _tracked = self.drain.as_ref().map(|d| d.track());
@@ -470,6 +481,20 @@ impl<H: ConnectHandler> Inner<H> {
                 drop(request);
                 continue;
             }
+            let tunnel = match tunnels.admit(peer.ip(), self.limits.tunnels_per_source) {
+                Ok(place) => place,
+                Err(refused) => {
+                    debug!(%peer, peer_id = %peer_id, "hbone: {refused} (tunnels per source)");
+                    if let Some(hook) = &self.on_refused {
+                        hook("tunnel_limit");
+                    }
+                    let mut respond = respond;
+                    let limit = self.limits.tunnels_per_source;
+                    let why = format!("this source has {limit} tunnels open, the most it may");
+                    send_refusal(&mut respond, &Refusal::new(503, why));
+                    continue;
+                }
+            };
             let inner = self.clone();
             let peer_id = peer_id.clone();
             let span = tracing::info_span!(
@@ -480,6 +505,7 @@ impl<H: ConnectHandler> Inner<H> {
             );
             tokio::spawn(
                 async move {
+                    let _tunnel = tunnel;
                     inner.serve_stream(request, respond, &peer_id).await;
                 }
                 .instrument(span),

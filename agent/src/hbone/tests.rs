@@ -651,6 +651,7 @@ async fn connections_that_never_handshake_hold_their_share_and_no_more() {
         known_per_source: 100,
         unknown: 4,
         unknown_per_source: 3,
+        ..InboundLimits::default()
     };
     let known: std::net::IpAddr = "127.0.0.2".parse().unwrap();
     let node = start_node_with(&ca, limits, move |ip| ip == known).await;
@@ -763,4 +764,53 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// A source holds at most `tunnels_per_source` tunnels at once, over all
+/// its connections (each costs the agent a connection to a workload): the
+/// next is refused with 503, and one closing makes room.
+#[tokio::test]
+async fn a_source_holds_at_most_its_tunnels() {
+    let ca = TestCa::new("ca");
+    let limits = InboundLimits {
+        tunnels_per_source: 2,
+        ..InboundLimits::default()
+    };
+    let node = start_node_with(&ca, limits, |_| true).await;
+    // One tunnel a connection: the limit holds across connections.
+    let pool = HbonePool::with_streams_per_connection(ca.bundle(), 1);
+    let web = ca.identity(WEB);
+    let mut first = pool
+        .connect(&web, &node.peer(), node.echo, TIMEOUT)
+        .await
+        .unwrap();
+    let mut second = pool
+        .connect(&web, &node.peer(), node.echo, TIMEOUT)
+        .await
+        .unwrap();
+    round_trip(&mut first, b"one").await;
+    round_trip(&mut second, b"two").await;
+    match pool.connect(&web, &node.peer(), node.echo, TIMEOUT).await {
+        Err(HboneError::Refused {
+            status: 503,
+            reason,
+        }) => {
+            assert!(reason.contains("2 tunnels open"), "{reason}");
+        }
+        other => panic!("a third tunnel: {other:?}"),
+    }
+    assert_eq!(*node.refused.lock().unwrap(), ["tunnel_limit"]);
+    drop(first);
+    let mut third = None;
+    for _ in 0..100 {
+        match pool.connect(&web, &node.peer(), node.echo, TIMEOUT).await {
+            Ok(t) => {
+                third = Some(t);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let mut third = third.expect("a tunnel once one closed");
+    round_trip(&mut third, b"three").await;
 }
