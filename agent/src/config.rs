@@ -345,7 +345,51 @@ mod duration_text {
     }
 }
 
+/// Whether `ip:port` is one of `own`: the same address, or the port on an
+/// address listened on everywhere (`0.0.0.0`), or loopback where that one
+/// is loopback.
+pub fn is_among(own: &[SocketAddr], ip: IpAddr, port: u16) -> bool {
+    let ip = ip.to_canonical();
+    own.iter().any(|own| {
+        let own_ip = own.ip().to_canonical();
+        own.port() == port
+            && (own_ip == ip
+                || own_ip.is_unspecified()
+                || (own_ip.is_loopback() && ip.is_loopback()))
+    })
+}
+
 impl AgentConfig {
+    /// Every address the agent itself listens on: its API, DNS, admin,
+    /// inbound, outbound and permissive ports, its gateway's, and its
+    /// services' upstream ports (on 127.0.0.1). No instance may claim one.
+    pub fn own_addresses(&self) -> Vec<SocketAddr> {
+        let mut own = vec![
+            self.http_addr,
+            self.dns_addr,
+            self.admin_addr,
+            self.inbound_addr,
+            self.outbound_addr,
+            self.permissive_addr,
+        ];
+        if let Some(g) = &self.gateway {
+            own.extend([g.lan_address, g.wan_address]);
+        }
+        for s in &self.services {
+            for up in &s.upstreams {
+                own.push(SocketAddr::from(([127, 0, 0, 1], up.local_port)));
+            }
+        }
+        own
+    }
+
+    /// Whether `ip:port` is one of [`own_addresses`](Self::own_addresses):
+    /// the same address, or the port on an address the agent listens on
+    /// everywhere (`0.0.0.0`), or loopback where the agent's is loopback.
+    pub fn is_own_address(&self, ip: IpAddr, port: u16) -> bool {
+        is_among(&self.own_addresses(), ip, port)
+    }
+
     /// The DNS domains, the main one first.
     pub fn dns_domains(&self) -> Vec<String> {
         let mut domains = vec![self.dns_domain.clone()];

@@ -394,7 +394,7 @@ impl Interception {
             workloads: Mutex::new(workloads),
             root,
             installed: Mutex::new(installed),
-            destinations: Mutex::new(Destinations::new(&config.node_name)),
+            destinations: Mutex::new(Destinations::new(&config.node_name, config.own_addresses())),
             full_sync: AtomicBool::new(true),
             fast_installed: Mutex::new(fast_installed),
             permissive_installed: Mutex::new(permissive_installed),
@@ -729,7 +729,7 @@ mod tests {
             })),
         })
         .unwrap();
-        let mut destinations = Destinations::new("b");
+        let mut destinations = Destinations::new("b", Vec::new());
         destinations.update(&v);
         let wanted = destinations.all();
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();

@@ -22,10 +22,13 @@
 //! refused by name rather than ignored.
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::config::AgentConfig;
 
 /// The file, in the data directory.
 pub const FILE_NAME: &str = "services.json";
@@ -250,6 +253,35 @@ impl RegisteredService {
                     "CheckID {id:?}: ids beginning with \"service:\" name the agent's checks of a service; this one is not \"service:{own}\"'s"
                 )));
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses an address a registration through the local API may not
+    /// take. In transparent mode an instance's address is taken over for
+    /// the mesh's workloads, so a workload that may register its own
+    /// service could otherwise claim any address: the agent's own ports
+    /// (workloads' tokens would go to its instances), a link-local one
+    /// (the cloud metadata service), or another host's. Allowed: loopback
+    /// and this node's address, at a port that is not the agent's.
+    pub fn check_address(&self, config: &AgentConfig) -> Result<(), String> {
+        let text = self.address.as_deref().unwrap_or("127.0.0.1");
+        let ip: IpAddr = text
+            .parse()
+            .map_err(|_| format!("Address {text:?} is not an IP address"))?;
+        let ip = ip.to_canonical();
+        let node = config.advertise_addr.to_canonical();
+        if !(ip.is_loopback() || ip == node) {
+            return Err(format!(
+                "Address {text}: the local API registers this node's instances, at loopback or {node}; \
+                 register another host's service through the servers' catalog API"
+            ));
+        }
+        if config.is_own_address(ip, self.port) {
+            return Err(format!(
+                "Address {text}, Port {}: that is one of the agent's own ports",
+                self.port
+            ));
         }
         Ok(())
     }

@@ -306,6 +306,9 @@ impl Running {
         service: RegisteredService,
         replacing: Option<String>,
     ) -> Result<String, RegistrationError> {
+        service
+            .check_address(&self.config())
+            .map_err(RegistrationError::Invalid)?;
         let _one = self.reloading.lock().await;
         let mut kept = self.kept();
         let id = service.id().to_string();

@@ -318,6 +318,32 @@ fn services_register_and_deregister_through_the_local_api() -> anyhow::Result<()
         code == 400 && body.contains("Connect"),
         "unknown field: {code} {body}"
     );
+    // The attack: claiming an address, which transparent mode takes over
+    // for the node's workloads. The agent's own API port (workloads would
+    // send their tokens to db's instances), the cloud metadata address,
+    // another host's address: refused, naming why.
+    for (claim, why) in [
+        (r#""Port":8500"#, "the agent's own ports"),
+        (
+            r#""Port":15020,"Address":"127.0.0.1""#,
+            "the agent's own ports",
+        ),
+        (
+            r#""Port":80,"Address":"169.254.169.254""#,
+            "this node's instances",
+        ),
+        (
+            r#""Port":5432,"Address":"10.99.0.7""#,
+            "this node's instances",
+        ),
+    ] {
+        let body = format!(r#"{{"ID":"db-claim","Name":"db",{claim}}}"#);
+        let (code, answer) = put_json(&mesh, "/v1/agent/service/register", Some(&db_token), &body)?;
+        ensure!(
+            code == 400 && answer.contains(why),
+            "claiming {claim}: {code} {answer}"
+        );
+    }
     ensure!(
         registered(&mesh)?.is_empty(),
         "a refused registration left {:?}",

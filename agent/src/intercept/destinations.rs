@@ -25,6 +25,9 @@ type Instances = OrdMap<crate::view::InstanceKey, std::sync::Arc<ServiceInstance
 #[derive(Debug, Clone)]
 pub struct Destinations {
     node: String,
+    /// The agent's own addresses: never taken over, whatever instance
+    /// claims one.
+    own: Vec<std::net::SocketAddr>,
     instances: Instances,
     vips: OrdMap<String, IpAddr>,
     /// Destination -> how many instances or services want it (two
@@ -35,17 +38,27 @@ pub struct Destinations {
 /// The destination an instance wants on node `node`: its address and port.
 /// Another node's instance at a node-local address (loopback, link-local
 /// such as 169.254.169.254) wants none: that address here is this node's.
-fn of_instance(instance: &ServiceInstance, node: &str) -> Option<Destination> {
+/// Nor does one at the agent's own ports (`own`): workloads' tokens and
+/// queries for the agent would go to that service's instances.
+fn of_instance(
+    instance: &ServiceInstance,
+    node: &str,
+    own: &[std::net::SocketAddr],
+) -> Option<Destination> {
     let ip = instance.address.parse::<IpAddr>().ok()?;
-    (instance.node == node || !weft_api::catalog::is_node_local(ip))
-        .then_some((ip, Some(instance.port)))
+    let here = instance.node == node;
+    if here && crate::config::is_among(own, ip, instance.port) {
+        return None;
+    }
+    (here || !weft_api::catalog::is_node_local(ip)).then_some((ip, Some(instance.port)))
 }
 
 impl Destinations {
     /// Nothing seen yet, nothing wanted.
-    pub fn new(node: &str) -> Self {
+    pub fn new(node: &str, own: Vec<std::net::SocketAddr>) -> Self {
         Destinations {
             node: node.to_string(),
+            own,
             instances: OrdMap::new(),
             vips: OrdMap::new(),
             wanted: HashMap::new(),
@@ -59,12 +72,15 @@ impl Destinations {
         let mut changes: Vec<(Option<Destination>, Option<Destination>)> = Vec::new();
         for item in self.instances.diff(&view.instances) {
             let (old, new) = match item {
-                DiffItem::Add(_, new) => (None, of_instance(new, &self.node)),
-                DiffItem::Remove(_, old) => (of_instance(old, &self.node), None),
+                DiffItem::Add(_, new) => (None, of_instance(new, &self.node, &self.own)),
+                DiffItem::Remove(_, old) => (of_instance(old, &self.node, &self.own), None),
                 DiffItem::Update {
                     old: (_, old),
                     new: (_, new),
-                } => (of_instance(old, &self.node), of_instance(new, &self.node)),
+                } => (
+                    of_instance(old, &self.node, &self.own),
+                    of_instance(new, &self.node, &self.own),
+                ),
             };
             if old != new {
                 changes.push((old, new));
@@ -188,6 +204,32 @@ mod tests {
     }
 
     #[test]
+    fn an_instance_at_the_agents_own_ports_is_never_taken_over() {
+        let mut v = View::default();
+        apply(
+            &mut v,
+            1,
+            vec![
+                // The local API, claimed as given and as another loopback
+                // address; the admin port, which listens everywhere.
+                instance("claim1", "a", "127.0.0.1", 8500, proto::Health::Passing),
+                instance("claim2", "a", "127.0.0.2", 8500, proto::Health::Passing),
+                instance("claim3", "a", "10.0.0.1", 15020, proto::Health::Passing),
+                instance("fine", "a", "127.0.0.1", 8080, proto::Health::Passing),
+            ],
+        );
+        let own = vec![
+            "127.0.0.1:8500".parse().unwrap(),
+            "0.0.0.0:15020".parse().unwrap(),
+        ];
+        let mut d = Destinations::new("a", own);
+        assert_eq!(
+            d.update(&v),
+            BTreeSet::from([(ip("127.0.0.1"), Some(8080))])
+        );
+    }
+
+    #[test]
     fn a_health_flip_touches_nothing_and_a_move_touches_both_ends() {
         let mut v = View::default();
         apply(
@@ -195,7 +237,7 @@ mod tests {
             1,
             vec![instance("a1", "a", "10.0.0.1", 80, proto::Health::Passing)],
         );
-        let mut d = Destinations::new("a");
+        let mut d = Destinations::new("a", Vec::new());
         assert_eq!(d.update(&v), BTreeSet::from([(ip("10.0.0.1"), Some(80))]));
         assert!(d.update(&v).is_empty(), "nothing changed");
 
@@ -231,7 +273,7 @@ mod tests {
                 instance("y", "b", "10.0.0.5", 80, proto::Health::Passing),
             ],
         );
-        let mut d = Destinations::new("a");
+        let mut d = Destinations::new("a", Vec::new());
         d.update(&v);
         let shared = (ip("10.0.0.5"), Some(80));
         apply(
@@ -253,7 +295,7 @@ mod tests {
     #[test]
     fn a_vip_moved_or_a_snapshot_taken_agrees_with_a_full_computation() {
         let mut v = View::default();
-        let mut d = Destinations::new("a");
+        let mut d = Destinations::new("a", Vec::new());
         let vip = |service: &str, vip: &str| {
             P::VipAssigned(proto::ServiceVip {
                 service: service.into(),
@@ -306,7 +348,7 @@ mod tests {
     #[test]
     fn differences_agree_with_a_full_computation_over_random_changes() {
         let mut v = View::default();
-        let mut d = Destinations::new("a");
+        let mut d = Destinations::new("a", Vec::new());
         let mut before = BTreeSet::new();
         // A small deterministic generator: the same sequence every run.
         let mut seed: u64 = 0x5eed;
