@@ -41,8 +41,11 @@ pub mod maps {
     /// admin), which a connect() or sendmsg() reaches only while a socket
     /// with the agent's mark is bound there.
     pub const AGENT_PORTS: &str = "AGENT_PORTS";
+    /// `socket cookie -> mark`: a fast-path socket's mark, put on when the
+    /// kernel sends its SYN (sockops), not at connect().
+    pub const FAST_PENDING: &str = "FAST_PENDING";
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         WORKLOADS,
         DESTINATIONS,
         ORIG_BY_COOKIE,
@@ -53,6 +56,7 @@ pub mod maps {
         PERMISSIVE,
         PERMISSIVE_LISTENER,
         AGENT_PORTS,
+        FAST_PENDING,
     ];
 }
 

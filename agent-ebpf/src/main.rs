@@ -106,6 +106,9 @@ static PERMISSIVE_LISTENER: SockMap = SockMap::with_max_entries(1, 0);
 #[map(name = "AGENT_PORTS")]
 static AGENT_PORTS: HashMap<AgentPort, u32> = HashMap::with_max_entries(16, 0);
 
+#[map(name = "FAST_PENDING")]
+static FAST_PENDING: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
+
 #[inline(always)]
 fn count(index: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
@@ -417,6 +420,11 @@ fn agent_bound(ctx: &SockAddrContext, target: &RedirectTarget, protocol: u16, ma
 /// check it. `loopback`: the destination is on the loopback network.
 #[inline(always)]
 fn steer(ctx: &SockAddrContext, key: DestKey, loopback: bool) -> Steer {
+    // A mark waiting from an earlier connect of this socket (one that failed
+    // before its SYN) is not for this one, whoever makes it.
+    // SAFETY: the context pointer is valid for this program type.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = FAST_PENDING.remove(&cookie);
     // SAFETY: helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: helper with a plain integer argument.
@@ -447,7 +455,14 @@ fn steer(ctx: &SockAddrContext, key: DestKey, loopback: bool) -> Steer {
             }
         };
         if let Some(target) = direct {
-            mark_socket(ctx, mark);
+            // The mark goes on when the kernel sends the SYN (sockops,
+            // [`on_connect`]): a connect that fails before it (a 4-tuple
+            // taken) would leave a marked socket that no connection's end
+            // unmarks, to be handed out of the mesh.
+            mark_socket(ctx, 0);
+            if FAST_PENDING.insert(&cookie, &mark, 0).is_err() {
+                return Steer::Refuse;
+            }
             count(counter::FAST_PATH);
             return Steer::To(target);
         }
@@ -639,15 +654,30 @@ fn socket_mark(ctx: &SockOpsContext) -> u32 {
     value
 }
 
-/// A workload's socket that the fast path gave the agent's mark is watched
-/// from its connect on, so that the mark goes with its connection (see
-/// [`on_close`]).
+/// A workload's socket the connect hook sent on the fast path gets the
+/// agent's mark now, as the kernel sends its SYN, and is watched from here
+/// on, so that the mark goes with its connection (see [`on_close`]).
 #[inline(always)]
 fn on_connect(ctx: &SockOpsContext) {
-    let mark = setting(agent::MARK) as u32;
-    if mark != 0 && socket_mark(ctx) == mark {
-        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    // SAFETY: the context pointer is valid for this program type.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: plain data written by the connect hook.
+    let Some(mark) = (unsafe { FAST_PENDING.get(&cookie) }).copied() else {
+        return;
+    };
+    let _ = FAST_PENDING.remove(&cookie);
+    let mut value = mark;
+    // SAFETY: a valid context and a 4-byte value of the advertised size.
+    unsafe {
+        bpf_setsockopt(
+            ctx.as_ptr(),
+            SOL_SOCKET,
+            SO_MARK,
+            (&mut value as *mut u32).cast(),
+            4,
+        );
     }
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
 /// The IPv4 addresses of the connection (local, remote): plain IPv4, or an

@@ -791,6 +791,26 @@ fn a_socket_reused_after_the_fast_path_keeps_no_mark() -> anyhow::Result<()> {
             &out,
         )?;
     }
+    // A socket whose fast-path connect failed before the kernel sent its
+    // SYN (bound to the port of another connection to the same place), so
+    // that no connection ended to take a mark off it, handed out of the
+    // mesh: it must carry no mark either.
+    for victim in ["0.0.0.0:8060".to_string(), format!("{a}:8060")] {
+        let out = mesh.exec_as(
+            NodeA,
+            "web",
+            &[&probe, "connect-collide", &local, &victim, outside],
+        )?;
+        ensure!(
+            !out.stderr.contains("did not collide"),
+            "the probe's second connect did not fail: {}",
+            out.describe()
+        );
+        refused(
+            &format!("a socket whose fast-path connect failed, out of the mesh, to {victim}"),
+            &out,
+        )?;
+    }
     Ok(())
 }
 

@@ -12,6 +12,12 @@
 //!   another process would be) connects the same socket to SECOND, sends an
 //!   HTTP/1.0 GET and prints the answer: whatever the socket kept from the
 //!   first connect goes with it.
+//! * `weft-probe connect-collide FIRST SECOND [CGROUP_PROCS]`: connects one
+//!   socket to FIRST, then a second socket bound to the same local port
+//!   (`SO_REUSEADDR` on both) to FIRST too, which fails (the same 4-tuple);
+//!   then (moved into the cgroup whose `cgroup.procs` is given) connects
+//!   that second socket to SECOND, sends an HTTP/1.0 GET and prints the
+//!   answer: whatever the failed connect left on the socket goes with it.
 //! * `weft-probe connect-dstopts IPV6 IFNAME PORT` connects over IPv6 with a
 //!   Destination Options extension header on every packet (root only), sends
 //!   an HTTP/1.0 GET and prints the answer: a SYN a header parser might miss.
@@ -46,6 +52,18 @@ fn main() {
             Ok(reply) => print!("{reply}"),
             Err(e) => {
                 eprintln!("weft-probe: {first} then {second}: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+    if let (Some("connect-collide"), Some(first), Some(second)) =
+        (args.first().map(String::as_str), args.get(1), args.get(2))
+    {
+        match connect_collide(first, second, args.get(3).map(String::as_str)) {
+            Ok(reply) => print!("{reply}"),
+            Err(e) => {
+                eprintln!("weft-probe: {first}, collided, then {second}: {e}");
                 std::process::exit(1);
             }
         }
@@ -241,6 +259,85 @@ fn raw_connect(fd: libc::c_int, addr: &libc::sockaddr_in) -> std::io::Result<()>
         }
     }
     Ok(())
+}
+
+/// An IPv4 TCP socket with `SO_REUSEADDR`, bound to `0.0.0.0:port`.
+fn reusable_socket(port: u16) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket creation; the fd is owned by the TcpStream below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: a valid fd and an int of the advertised size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let local = sockaddr_in(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::UNSPECIFIED,
+        port,
+    ));
+    // SAFETY: a valid sockaddr_in of the advertised length.
+    let rc = unsafe {
+        libc::bind(
+            fd,
+            (&local as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    Ok(stream)
+}
+
+/// See `connect-collide` in the module doc; 2 s limits.
+fn connect_collide(first: &str, second: &str, move_to: Option<&str>) -> std::io::Result<String> {
+    use std::os::fd::AsRawFd;
+    let parse = |a: &str| -> std::io::Result<std::net::SocketAddrV4> {
+        a.parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{a}: {e}")))
+    };
+    let (first, second) = (parse(first)?, parse(second)?);
+    let one = reusable_socket(0)?;
+    raw_connect(one.as_raw_fd(), &sockaddr_in(first))?;
+    let port = match one.local_addr()? {
+        SocketAddr::V4(v4) => v4.port(),
+        SocketAddr::V6(v6) => v6.port(),
+    };
+    let mut two = reusable_socket(port)?;
+    match raw_connect(two.as_raw_fd(), &sockaddr_in(first)) {
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {}
+        other => {
+            return Err(std::io::Error::other(format!(
+                "the second connect to {first} did not collide: {other:?}"
+            )))
+        }
+    }
+    if let Some(procs) = move_to {
+        let mut file = std::fs::OpenOptions::new().write(true).open(procs)?;
+        file.write_all(std::process::id().to_string().as_bytes())?;
+    }
+    raw_connect(two.as_raw_fd(), &sockaddr_in(second))?;
+    two.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut reply = String::new();
+    two.read_to_string(&mut reply)?;
+    drop(one);
+    Ok(reply)
 }
 
 /// `connect(AF_UNSPEC)`: dissolves `fd`'s association, keeping the socket.
