@@ -424,7 +424,7 @@ fn steer(ctx: &SockAddrContext, key: DestKey, loopback: bool) -> Steer {
     // before its SYN) is not for this one, whoever makes it.
     // SAFETY: the context pointer is valid for this program type.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = FAST_PENDING.remove(&cookie);
+    let _ = FAST_PENDING.remove(cookie);
     // SAFETY: helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: helper with a plain integer argument.
@@ -460,7 +460,7 @@ fn steer(ctx: &SockAddrContext, key: DestKey, loopback: bool) -> Steer {
             // taken) would leave a marked socket that no connection's end
             // unmarks, to be handed out of the mesh.
             mark_socket(ctx, 0);
-            if FAST_PENDING.insert(&cookie, &mark, 0).is_err() {
+            if FAST_PENDING.insert(cookie, mark, 0).is_err() {
                 return Steer::Refuse;
             }
             count(counter::FAST_PATH);
@@ -662,10 +662,10 @@ fn on_connect(ctx: &SockOpsContext) {
     // SAFETY: the context pointer is valid for this program type.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: plain data written by the connect hook.
-    let Some(mark) = (unsafe { FAST_PENDING.get(&cookie) }).copied() else {
+    let Some(mark) = (unsafe { FAST_PENDING.get(cookie) }).copied() else {
         return;
     };
-    let _ = FAST_PENDING.remove(&cookie);
+    let _ = FAST_PENDING.remove(cookie);
     let mut value = mark;
     // SAFETY: a valid context and a 4-byte value of the advertised size.
     unsafe {
