@@ -95,6 +95,47 @@ pub struct RegisteredService {
     pub checks: Vec<RegisteredCheck>,
 }
 
+impl RegisteredCheck {
+    /// Refuses a target a check added through the local API may not probe.
+    /// The agent probes from its own cgroup, which the egress policy does
+    /// not hold, and reports what it found: a check could otherwise carry
+    /// a workload's data out of an `egress = "deny"` node, or scan the
+    /// network for it. Allowed: the service's own address, loopback and
+    /// this node's address, as IP addresses or `localhost`.
+    pub fn check_target(&self, service: IpAddr, config: &AgentConfig) -> Result<(), String> {
+        let (field, host) = if let Some(url) = &self.http {
+            let uri: http::Uri = url
+                .parse()
+                .map_err(|e| format!("HTTP {url:?} is not a URL: {e}"))?;
+            ("HTTP", uri.host().unwrap_or_default().to_string())
+        } else if let Some(addr) = self.tcp.as_ref().or(self.grpc.as_ref()) {
+            let field = if self.tcp.is_some() { "TCP" } else { "GRPC" };
+            let addr = addr.split('/').next().unwrap_or_default();
+            let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+            (field, host.to_string())
+        } else {
+            return Ok(());
+        };
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let allowed = bare.eq_ignore_ascii_case("localhost")
+            || bare.parse::<IpAddr>().is_ok_and(|ip| {
+                let ip = ip.to_canonical();
+                ip.is_loopback()
+                    || ip == service.to_canonical()
+                    || ip == config.advertise_addr.to_canonical()
+            });
+        if allowed {
+            Ok(())
+        } else {
+            Err(format!(
+                "{field}: a check added through the local API probes its service's own address \
+                 ({service}), loopback or this node's ({}), not {host:?}",
+                config.advertise_addr
+            ))
+        }
+    }
+}
+
 /// One check of a registered service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "PascalCase")]
@@ -282,6 +323,20 @@ impl RegisteredService {
                 "Address {text}, Port {}: that is one of the agent's own ports",
                 self.port
             ));
+        }
+        Ok(())
+    }
+
+    /// [`check_address`](Self::check_address), and each of its checks'
+    /// targets ([`RegisteredCheck::check_target`]).
+    pub fn check_addresses(&self, config: &AgentConfig) -> Result<(), String> {
+        self.check_address(config)?;
+        let text = self.address.as_deref().unwrap_or("127.0.0.1");
+        let own: IpAddr = text
+            .parse()
+            .map_err(|_| format!("Address {text:?} is not an IP address"))?;
+        for check in self.check.iter().chain(&self.checks) {
+            check.check_target(own, config)?;
         }
         Ok(())
     }

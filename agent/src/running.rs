@@ -258,6 +258,14 @@ impl Running {
         service_id: &str,
         check: RegisteredCheck,
     ) -> Result<String, RegistrationError> {
+        let config = self.config();
+        let address = (config.services.iter())
+            .find(|s| s.id == service_id)
+            .map(|s| s.address)
+            .ok_or_else(|| self.not_registered(service_id))?;
+        check
+            .check_target(address, &config)
+            .map_err(RegistrationError::Invalid)?;
         let _one = self.reloading.lock().await;
         let mut kept = self.kept();
         // Only this service's check of that id is replaced.
@@ -307,7 +315,7 @@ impl Running {
         replacing: Option<String>,
     ) -> Result<String, RegistrationError> {
         service
-            .check_address(&self.config())
+            .check_addresses(&self.config())
             .map_err(RegistrationError::Invalid)?;
         let _one = self.reloading.lock().await;
         let mut kept = self.kept();

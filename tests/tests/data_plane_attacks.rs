@@ -878,6 +878,30 @@ fn a_check_added_through_the_local_api_reaches_only_its_own_workload() -> anyhow
     ensure!(code == 200, "api's own check: {code} {body}");
     let (status, output) = check_result(&mesh, &api, "api-own")?;
     ensure!(status == "passing", "api's own check: {status} {output}");
+
+    // The agent probes from outside every workload's cgroup, where the
+    // egress policy does not hold: a check elsewhere than its service, the
+    // loopback or the node would carry data out, or scan the network.
+    for probe in [
+        r#""HTTP":"http://10.99.0.7/leak?data=secret""#,
+        r#""TCP":"example.com:443""#,
+        r#""GRPC":"[fd00::7]:50051/x""#,
+    ] {
+        let check = format!(
+            r#"{{"Name":"out","CheckID":"api-out","ServiceID":"api-1",{probe},"Interval":"1s"}}"#
+        );
+        let (code, body) = put_on_b(&mesh, "/v1/agent/check/register", &api, &check)?;
+        ensure!(
+            code == 400 && body.contains("probes its service's own address"),
+            "a check at {probe}: {code} {body}"
+        );
+    }
+    let claim = r#"{"ID":"evil-2","Name":"evil","Port":9998,"Check":{"TCP":"10.99.0.7:22","Interval":"1s"}}"#;
+    let (code, body) = put_on_b(&mesh, "/v1/agent/service/register", &evil, claim)?;
+    ensure!(
+        code == 400 && body.contains("probes its service's own address"),
+        "a registration with a check elsewhere: {code} {body}"
+    );
     Ok(())
 }
 
