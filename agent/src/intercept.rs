@@ -213,8 +213,11 @@ impl Workloads {
             .map(|s| (s.name.clone(), s.port))
             .collect();
         let workloads = config.services.iter().filter(|s| s.cgroup.is_some());
-        self.captured = workloads.clone().map(|s| s.name.clone()).collect();
-        let listeners: BTreeSet<Destination> = workloads
+        self.captured = workloads.map(|s| s.name.clone()).collect();
+        // Every service's listeners, captured or not: a mesh workload's
+        // connection to one arrives with a record naming it, and is
+        // carried only as that service.
+        let listeners: BTreeSet<Destination> = (config.services.iter())
             .flat_map(|s| &s.upstreams)
             .map(|u| (IpAddr::from([127, 0, 0, 1]), Some(u.local_port)))
             .collect();

@@ -910,7 +910,9 @@ fn a_check_added_through_the_local_api_reaches_only_its_own_workload() -> anyhow
 /// programs send a connection to it on to itself with a record of who made
 /// it, and the agent resets any other. Before, any process on the node (a
 /// process outside the mesh, or another workload that may not call api)
-/// was carried to api as web.
+/// was carried to api as web. A service without a cgroup (`batch`, whose
+/// processes are no mesh workloads) keeps its listener for the node's
+/// processes, as in explicit mode, but no mesh workload is carried as it.
 #[test]
 fn an_upstream_listener_takes_only_its_own_workloads_connections() -> anyhow::Result<()> {
     require_root();
@@ -922,6 +924,7 @@ fn an_upstream_listener_takes_only_its_own_workloads_connections() -> anyhow::Re
                 .upstream("api", 9191),
         )
         .node_a(Service::new("evil", 8001).cgroup("evil"))
+        .node_a(Service::new("batch", 8002).upstream("api", 9292))
         .node_b(
             Service::new("api", 8080)
                 .id("api-1")
@@ -953,5 +956,24 @@ fn an_upstream_listener_takes_only_its_own_workloads_connections() -> anyhow::Re
     // And web's own still passes.
     let body = mesh.curl_as(NodeA, "web", upstream, &["-m", "2"])?;
     ensure!(body == "instance api-1\n", "{body:?}");
+
+    // batch may call api; the node's processes reach api through batch's
+    // listener, a mesh workload does not.
+    mesh.weft(&["intention", "create", "batch", "api", "--allow"])?;
+    let batch = "http://127.0.0.1:9292/";
+    wait_until(Duration::from_secs(20), "batch's listener", || {
+        let out = mesh.run(
+            NodeA,
+            "curl",
+            &curl_args(batch)[1..],
+            Duration::from_secs(10),
+        )?;
+        Ok((out.stdout == "instance api-1\n").then_some(()))
+    })?;
+    let evil = mesh.exec_as(NodeA, "evil", &curl_args(batch))?;
+    refused(
+        "a workload through the listener of a service without a cgroup",
+        &evil,
+    )?;
     Ok(())
 }

@@ -274,9 +274,14 @@ pub async fn serve_upstream(
         tokio::spawn(
             async move {
                 let _tracked = ctx.drain.track();
-                if let Some(records) = interception.filter(|i| i.captures(&source)) {
+                // A mesh workload's connection comes with a record: it is
+                // carried only as its own service. Without one (a process
+                // that is no workload) only a service without a cgroup's
+                // listener takes it, as in explicit mode.
+                if let Some(records) = interception {
                     match records.lookup(&stream, (peer, local)) {
                         Ok(Some(found)) if found.source == source => {}
+                        Ok(None) if !records.captures(&source) => {}
                         Ok(found) => {
                             let from = found.map(|f| f.source);
                             tracing::info!(%local, ?from, "not {source}'s workload; reset");
