@@ -666,6 +666,12 @@ fn on_connect(ctx: &SockOpsContext) {
         return;
     };
     let _ = FAST_PENDING.remove(cookie);
+    // A SYN sent long after its connect() (a deferred Fast Open connect
+    // sends it at the first write) goes unmarked once no live agent vouches
+    // for the maps the connect hook read: inbound capture refuses it.
+    if !agent_alive() {
+        return;
+    }
     let mut value = mark;
     // SAFETY: a valid context and a 4-byte value of the advertised size.
     unsafe {

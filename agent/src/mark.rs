@@ -80,6 +80,11 @@ pub fn listener(socket: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
     }
 }
 
+/// Gives `socket` the mark `mark`, whatever [`get`] says.
+pub fn set_on(socket: &impl std::os::fd::AsRawFd, mark: u32) -> std::io::Result<()> {
+    set_mark(socket, mark)
+}
+
 fn set_mark(socket: &impl std::os::fd::AsRawFd, mark: u32) -> std::io::Result<()> {
     // SAFETY: a valid fd and a 4-byte value of the advertised length.
     let rc = unsafe {

@@ -93,6 +93,32 @@ async fn listen(addr: SocketAddr) -> Result<TcpListener, RunError> {
 struct Sockets {
     inherited: Inherited,
     offered: Arc<Mutex<Vec<(String, OwnedFd)>>>,
+    own_mark: OwnMark,
+}
+
+/// The mark the agent's own sockets ([`OWN_PORTS`]) carry from the moment
+/// they are bound, in either mode: the programs an earlier transparent-mode
+/// agent pinned (until `weft-agent uninstall`) let callers reach those
+/// ports only so. An explicit-mode agent may lack the privilege to mark
+/// (CAP_NET_ADMIN); its sockets then stay unmarked.
+#[derive(Clone, Copy)]
+struct OwnMark {
+    mark: u32,
+    /// Transparent mode: failing to mark is an error.
+    required: bool,
+}
+
+impl OwnMark {
+    fn apply(self, socket: &impl AsRawFd, addr: SocketAddr) -> Result<(), RunError> {
+        match crate::mark::set_on(socket, self.mark) {
+            Ok(()) => Ok(()),
+            Err(source) if self.required => Err(RunError::Listen { addr, source }),
+            Err(e) => {
+                tracing::debug!(%addr, "not marking the agent's own socket: {e}");
+                Ok(())
+            }
+        }
+    }
 }
 
 impl Sockets {
@@ -109,7 +135,7 @@ impl Sockets {
             _ => listen(addr).await?,
         };
         if OWN_PORTS.iter().any(|(own, _)| *own == name) {
-            crate::mark::listener(&listener).map_err(listen_err)?;
+            self.own_mark.apply(&listener, addr)?;
         }
         self.offer(name, listener.as_fd(), addr)?;
         Ok(listener)
@@ -299,6 +325,10 @@ pub async fn run(
     let mut sockets = Sockets {
         inherited: Inherited::default(),
         offered: Arc::new(Mutex::new(Vec::new())),
+        own_mark: OwnMark {
+            mark: config.socket_mark,
+            required: config.ebpf,
+        },
     };
 
     // Tokens are judged by the servers, for /config and the local API.
@@ -323,11 +353,6 @@ pub async fn run(
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut admin_task = None;
-    // The agent's own ports carry its mark from the moment they are bound:
-    // the programs an earlier agent pinned let callers reach them only so.
-    if config.ebpf {
-        crate::mark::set(config.socket_mark);
-    }
     if let (None, Some(state)) = (&predecessor, admin_state.take()) {
         let listener = sockets.tcp("admin", config.admin_addr).await?;
         let stop = wait_for(stop_rx.clone());
@@ -408,7 +433,8 @@ pub async fn run(
         inbound_port: config.inbound_addr.port(),
         view: view.clone(),
         identities: identities.clone(),
-        pool: HbonePool::with_metrics(bundle.clone(), metrics.tunnel()),
+        pool: HbonePool::with_metrics(bundle.clone(), metrics.tunnel())
+            .leaving_from(config.advertise_addr),
         metrics: metrics.clone(),
         in_flight: Mutex::new(HashMap::new()),
         outliers: Default::default(),
@@ -536,10 +562,7 @@ pub async fn run(
     };
     let (udp, tcp) = dns.sockets();
     for socket in [udp, tcp] {
-        crate::mark::listener(&socket).map_err(|source| RunError::Listen {
-            addr: config.dns_addr,
-            source,
-        })?;
+        sockets.own_mark.apply(&socket, config.dns_addr)?;
     }
     sockets.offer("dns-udp", udp, config.dns_addr)?;
     sockets.offer("dns-tcp", tcp, config.dns_addr)?;

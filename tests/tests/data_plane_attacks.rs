@@ -794,7 +794,9 @@ fn a_socket_reused_after_the_fast_path_keeps_no_mark() -> anyhow::Result<()> {
     // A socket whose fast-path connect failed before the kernel sent its
     // SYN (bound to the port of another connection to the same place), so
     // that no connection ended to take a mark off it, handed out of the
-    // mesh: it must carry no mark either.
+    // mesh: it must carry no mark either. (The probe's first connect takes
+    // the fast path: counted below, so the collision is the fast path's.)
+    let fast_before = mesh.metric_with(NodeA, EBPF_EVENTS, &[("event", "fast_path")])?;
     for victim in ["0.0.0.0:8060".to_string(), format!("{a}:8060")] {
         let out = mesh.exec_as(
             NodeA,
@@ -811,6 +813,7 @@ fn a_socket_reused_after_the_fast_path_keeps_no_mark() -> anyhow::Result<()> {
             &out,
         )?;
     }
+    wait_event_above(&mesh, NodeA, "fast_path", fast_before)?;
     Ok(())
 }
 

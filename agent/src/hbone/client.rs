@@ -206,6 +206,33 @@ struct PoolInner {
     /// Tunnels per connection: the servers' MAX_CONCURRENT_STREAMS.
     streams_per_connection: usize,
     metrics: TunnelMetrics,
+    /// The address connections leave from, when it is one of this host's:
+    /// the node's registered address, which peers give the places of the
+    /// view's nodes (on a host with several addresses the kernel might
+    /// pick another, which peers would take for a stranger's).
+    from: Option<std::net::IpAddr>,
+}
+
+/// Connects to `node` from `from` when this host has that address (and
+/// `node` is of its family); from whatever address the kernel picks
+/// otherwise.
+async fn connect_from(
+    from: Option<std::net::IpAddr>,
+    node: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let Some(from) = from.filter(|f| f.is_ipv4() == node.is_ipv4()) else {
+        return TcpStream::connect(node).await;
+    };
+    let socket = match node {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    match socket.bind(SocketAddr::new(from, 0)) {
+        Ok(()) => socket.connect(node).await,
+        // Not this host's address (NAT): the kernel's choice.
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => TcpStream::connect(node).await,
+        Err(e) => Err(e),
+    }
 }
 
 /// Pooled HBONE connections to other nodes. Cloning shares the pool.
@@ -239,7 +266,19 @@ impl HbonePool {
                 streams_per_connection: MAX_CONCURRENT_STREAMS as usize,
                 dials: AtomicU64::new(0),
                 metrics,
+                from: None,
             }),
+        }
+    }
+
+    /// A pool whose connections leave from `ip` (the node's advertised
+    /// address) where this host has it; from whatever address the kernel
+    /// picks where it does not (behind NAT).
+    pub fn leaving_from(self, ip: std::net::IpAddr) -> Self {
+        let mut inner = Arc::into_inner(self.inner).expect("a new pool is not shared");
+        inner.from = (!ip.is_unspecified()).then_some(ip);
+        HbonePool {
+            inner: Arc::new(inner),
         }
     }
 
@@ -400,7 +439,7 @@ impl HbonePool {
         sni: &str,
     ) -> Result<PooledConn, HboneError> {
         let started = std::time::Instant::now();
-        let tcp = TcpStream::connect(node)
+        let tcp = connect_from(self.inner.from, node)
             .await
             .map_err(|source| HboneError::Dial { node, source })?;
         let _ = tcp.set_nodelay(true);

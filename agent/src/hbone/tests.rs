@@ -814,3 +814,35 @@ async fn a_source_holds_at_most_its_tunnels() {
     let mut third = third.expect("a tunnel once one closed");
     round_trip(&mut third, b"three").await;
 }
+
+/// Tunnel connections leave from the node's registered address where the
+/// host has it (a peer gives the view's nodes places of their own, by
+/// source address), and from the kernel's choice where it does not (NAT).
+#[tokio::test]
+async fn connections_leave_from_the_nodes_address_where_the_host_has_it() {
+    let ca = TestCa::new("ca");
+    let node = start_node(&ca).await;
+    let web = ca.identity(WEB);
+    for (from, seen) in [("127.0.0.2", "127.0.0.2"), ("192.0.2.1", "127.0.0.1")] {
+        let pool = HbonePool::new(ca.bundle()).leaving_from(from.parse().unwrap());
+        // A plain listener stands for the peer: what it accepts shows the
+        // connection's source (the dial then fails its TLS, as it may).
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = tokio::spawn(async move { listener.accept().await.map(|(_, p)| p) });
+        let _ = pool
+            .connect(
+                &web,
+                &NodePeer {
+                    addr,
+                    spiffe_id: NODE_B.into(),
+                    sni: "node-b.dc1.node.test.weft".into(),
+                },
+                node.echo,
+                Duration::from_millis(300),
+            )
+            .await;
+        let peer = accepted.await.unwrap().unwrap();
+        assert_eq!(peer.ip().to_string(), seen, "leaving from {from}");
+    }
+}
