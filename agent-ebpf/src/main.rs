@@ -158,9 +158,9 @@ fn agent_alive() -> bool {
     until != 0 && unsafe { bpf_ktime_get_ns() } < until
 }
 
-/// Sets `SO_MARK` on the socket being connected.
+/// Sets `SO_MARK` on the context's socket (a connect hook's, or sockops').
 #[inline(always)]
-fn mark_socket(ctx: &SockAddrContext, mark: u32) {
+fn mark_socket(ctx: &impl EbpfContext, mark: u32) {
     let mut value = mark;
     // SAFETY: a valid context and a 4-byte value of the advertised size.
     unsafe {
@@ -672,17 +672,7 @@ fn on_connect(ctx: &SockOpsContext) {
     if !agent_alive() {
         return;
     }
-    let mut value = mark;
-    // SAFETY: a valid context and a 4-byte value of the advertised size.
-    unsafe {
-        bpf_setsockopt(
-            ctx.as_ptr(),
-            SOL_SOCKET,
-            SO_MARK,
-            (&mut value as *mut u32).cast(),
-            4,
-        );
-    }
+    mark_socket(ctx, mark);
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
@@ -763,17 +753,7 @@ fn on_close(ctx: &SockOpsContext) {
     // goes when the connection does.
     let mark = setting(agent::MARK) as u32;
     if mark != 0 && socket_mark(ctx) == mark {
-        let mut none: u32 = 0;
-        // SAFETY: a valid context and a 4-byte value of the advertised size.
-        unsafe {
-            bpf_setsockopt(
-                ctx.as_ptr(),
-                SOL_SOCKET,
-                SO_MARK,
-                (&mut none as *mut u32).cast(),
-                4,
-            );
-        }
+        mark_socket(ctx, 0);
     }
     let Some(ends) = v4_ends(ctx) else {
         return;

@@ -165,7 +165,7 @@ const OWN_PORTS: [(&str, u16); 4] = [
 ];
 
 /// Tells the programs where the sockets of [`OWN_PORTS`] are (marked
-/// where they were bound, and here again): from then on, and after the
+/// where they were bound, [`OwnMark`]): from then on, and after the
 /// agent is gone, those ports are reached only while a socket with the
 /// mark is bound there. Until then an earlier agent's entries stand, which
 /// the sockets, marked from the start, pass.
@@ -191,7 +191,6 @@ fn guard_own_ports(
             let Some(addr) = addr else {
                 return Err(RunError::OwnPort(name));
             };
-            crate::mark::listener(fd).map_err(|source| RunError::Listen { addr, source })?;
             if addr.ip().to_canonical().is_ipv4() {
                 ports.push((addr, protocol));
             } else {

@@ -687,20 +687,7 @@ async fn connections_that_never_handshake_hold_their_share_and_no_more() {
     // the first source gets its tunnel.
     drop(silent);
     let pool = HbonePool::new(ca.bundle());
-    let mut tunnel = None;
-    for _ in 0..100 {
-        match pool
-            .connect(&ca.identity(WEB), &node.peer(), node.echo, TIMEOUT)
-            .await
-        {
-            Ok(t) => {
-                tunnel = Some(t);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-    let mut tunnel = tunnel.expect("a tunnel once the silent connections closed");
+    let mut tunnel = tunnel_once_freed(&pool, &ca.identity(WEB), &node).await;
     assert_eq!(round_trip(&mut tunnel, b"back").await, b"back");
 }
 
@@ -801,17 +788,7 @@ async fn a_source_holds_at_most_its_tunnels() {
     }
     assert_eq!(*node.refused.lock().unwrap(), ["tunnel_limit"]);
     drop(first);
-    let mut third = None;
-    for _ in 0..100 {
-        match pool.connect(&web, &node.peer(), node.echo, TIMEOUT).await {
-            Ok(t) => {
-                third = Some(t);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-    let mut third = third.expect("a tunnel once one closed");
+    let mut third = tunnel_once_freed(&pool, &web, &node).await;
     round_trip(&mut third, b"three").await;
 }
 
@@ -845,4 +822,17 @@ async fn connections_leave_from_the_nodes_address_where_the_host_has_it() {
         let peer = accepted.await.unwrap().unwrap();
         assert_eq!(peer.ip().to_string(), seen, "leaving from {from}");
     }
+}
+
+/// A tunnel to `node`'s echo server, tried up to 100 times 20 ms apart: the
+/// server gives a place back once it sees the connection or tunnel that
+/// held it close.
+async fn tunnel_once_freed(pool: &HbonePool, source: &Identity, node: &Node) -> HboneStream {
+    for _ in 0..100 {
+        if let Ok(tunnel) = pool.connect(source, &node.peer(), node.echo, TIMEOUT).await {
+            return tunnel;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no tunnel in 100 tries once the place was freed");
 }
