@@ -427,6 +427,12 @@ impl Interception {
             for gone in before.difference(&workloads.cgroups.keys().copied().collect()) {
                 redirector.remove_workload(*gone)?;
             }
+            // Upstream ports added or moved are the agent's own from now on:
+            // an instance of this node claiming one is no longer taken over.
+            let mut destinations = self.destinations.lock().expect("destinations lock");
+            if !destinations.set_own(config.own_addresses()).is_empty() {
+                self.full_sync.store(true, Ordering::Release);
+            }
         }
         self.sync(view)
     }

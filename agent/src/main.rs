@@ -119,6 +119,14 @@ fn main() -> anyhow::Result<()> {
                     ids = ?gone,
                     "the configuration file now defines these: their registrations through the local API are dropped"
                 );
+            }
+            // Held to the local API's rules of today, which may be stricter
+            // than those they were registered under.
+            let (registered, refused) = registered.admitted_by(&config);
+            for why in &refused {
+                tracing::warn!("a registration kept from before is dropped: {why}");
+            }
+            if !gone.is_empty() || !refused.is_empty() {
                 weft_agent::registered::save(&config.data_dir, &registered.services)?;
                 weft_agent::registered::save_checks(&config.data_dir, &registered.checks)?;
             }

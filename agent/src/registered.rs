@@ -261,6 +261,42 @@ impl Registered {
         }
         (kept, gone)
     }
+
+    /// What the local API's rules of today admit of what was kept: each
+    /// service's address and its checks' targets
+    /// ([`RegisteredService::check_addresses`]), and each check added to a
+    /// file service ([`RegisteredCheck::check_target`]), against the file
+    /// `file`. Registrations kept by an agent of before those rules (or
+    /// before a reload gave the agent a port one claims) would otherwise
+    /// be taken over or probed on every start. Returns what is refused,
+    /// each with its reason.
+    pub fn admitted_by(&self, file: &AgentConfig) -> (Registered, Vec<String>) {
+        let mut refused = Vec::new();
+        let mut kept = Registered::default();
+        for service in &self.services {
+            match service.check_addresses(file) {
+                Ok(()) => kept.services.push(service.clone()),
+                Err(why) => refused.push(format!("service {}: {why}", service.id())),
+            }
+        }
+        for check in &self.checks {
+            let address = (file.services.iter())
+                .find(|s| s.id == check.service_id)
+                .map(|s| s.address);
+            // A check of a service the file no longer has is the
+            // configuration's to refuse, by name, as before.
+            let verdict = address.map_or(Ok(()), |a| check.check.check_target(a, file));
+            match verdict {
+                Ok(()) => kept.checks.push(check.clone()),
+                Err(why) => refused.push(format!(
+                    "check {} of {}: {why}",
+                    check.check.check_id.as_deref().unwrap_or("(no id)"),
+                    check.service_id
+                )),
+            }
+        }
+        (kept, refused)
+    }
 }
 
 impl RegisteredService {
@@ -575,6 +611,47 @@ port = 8000
                  "Checks":[{"CheckID":"db-tcp","TCP":"127.0.0.1:5432","Interval":"5s"}]}"#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn kept_registrations_are_held_to_todays_rules_at_start() {
+        let file = AgentConfig::parse(BASE, "agent.toml").unwrap();
+        let service = |json: &str| RegisteredService::from_json(json.as_bytes()).unwrap();
+        let check = |json: &str| ApiCheck {
+            service_id: "web".into(),
+            check: serde_json::from_str(json).unwrap(),
+        };
+        let kept = Registered {
+            services: vec![
+                db(),
+                // web's upstream port, the metadata service, and a check
+                // probing another host.
+                service(r#"{"ID":"thief","Name":"thief","Port":9191}"#),
+                service(r#"{"ID":"meta","Name":"meta","Address":"169.254.169.254","Port":80}"#),
+                service(
+                    r#"{"ID":"scan","Name":"scan","Port":7000,
+                        "Check":{"TCP":"10.9.9.9:22","Interval":"5s"}}"#,
+                ),
+            ],
+            checks: vec![
+                check(r#"{"CheckID":"ok","HTTP":"http://127.0.0.1:8000/health","Interval":"5s"}"#),
+                check(r#"{"CheckID":"out","HTTP":"http://10.9.9.9/","Interval":"5s"}"#),
+            ],
+        };
+        let (admitted, refused) = kept.admitted_by(&file);
+        let ids: Vec<&str> = admitted.services.iter().map(|s| s.id()).collect();
+        assert_eq!(ids, ["db-1"]);
+        assert_eq!(admitted.checks, vec![kept.checks[0].clone()]);
+        assert_eq!(refused.len(), 4, "{refused:?}");
+        for (said, why) in refused.iter().zip([
+            "service thief: ",
+            "service meta: Address 169.254.169.254",
+            "service scan: ",
+            "check out of web: ",
+        ]) {
+            assert!(said.starts_with(why), "{said}");
+        }
+        assert!(refused[0].contains("agent's own ports"), "{}", refused[0]);
     }
 
     #[test]

@@ -672,7 +672,7 @@ impl Mesh {
                  admin_addr = {:?}\nhttp_addr = {AGENT_HTTP:?}\ntoken_file = {:?}\nca_file = {:?}\n{}\n",
                 node.node_name(),
                 mesh.ip(Node::A),
-                mesh.path(&format!("agent-{}-data", node.label())),
+                mesh.agent_data_dir(node),
                 if spec.admin_anywhere { ADMIN_ANYWHERE } else { ADMIN },
                 token_file.display().to_string(),
                 mesh.path("ca.pem").display().to_string(),
@@ -791,6 +791,11 @@ impl Mesh {
 
     pub fn agent_config(&self, node: Node) -> PathBuf {
         self.path(&format!("agent-{}.toml", node.label()))
+    }
+
+    /// node's agent's `data_dir` (what it keeps across restarts).
+    pub fn agent_data_dir(&self, node: Node) -> PathBuf {
+        self.path(&format!("agent-{}-data", node.label()))
     }
 
     /// Whether the agents run in transparent mode ([`MeshSpec::ebpf`]).

@@ -368,14 +368,41 @@ fn services_register_and_deregister_through_the_local_api() -> anyhow::Result<()
     ensure!(code == 200, "pass: {code} {body}");
     wait_health(&mesh, "db", "passing", "up")?;
 
-    // Kept across a restart of the agent.
-    mesh.restart_agent(NodeA)?;
+    // Kept across a restart of the agent; a kept registration the rules
+    // above refuse (as one kept by an agent of before them) is dropped at
+    // start, saying why, and not kept again.
+    mesh.stop_agent(NodeA)?;
+    let kept_file = mesh.agent_data_dir(NodeA).join("services.json");
+    let mut kept: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&kept_file)?)?;
+    let mut claim = kept.first().context("db-1 kept")?.clone();
+    claim["ID"] = "db-claim".into();
+    claim["Port"] = 8500.into();
+    kept.push(claim);
+    std::fs::write(&kept_file, serde_json::to_vec(&kept)?)?;
+    mesh.start_agent(NodeA)?;
+    mesh.wait_agent_ready(NodeA, STEP)?;
     wait_until(STEP, "db-1 registered again after the restart", || {
         Ok(registered(&mesh)?
             .iter()
             .any(|(id, _, _)| id == "db-1")
             .then_some(()))
     })?;
+    ensure!(
+        !registered(&mesh)?.iter().any(|(id, _, _)| id == "db-claim"),
+        "the claim was registered: {:?}",
+        registered(&mesh)?
+    );
+    let log = mesh.agent_log(NodeA);
+    ensure!(
+        log.contains("a registration kept from before is dropped: service db-claim")
+            && log.contains("the agent's own ports"),
+        "no word of the dropped claim:\n{}",
+        mesh.agent_log_tail(NodeA, 20)
+    );
+    ensure!(
+        !std::fs::read_to_string(&kept_file)?.contains("db-claim"),
+        "the claim is still kept"
+    );
 
     // A file service is not the API's to remove; a stranger may not remove db.
     let (code, body) = put_json(

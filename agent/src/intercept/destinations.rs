@@ -68,7 +68,6 @@ impl Destinations {
     /// Moves to `view` and returns the destinations whose being wanted may
     /// have changed (ask [`Destinations::wants`]); each appears once.
     pub fn update(&mut self, view: &View) -> BTreeSet<Destination> {
-        let mut touched = BTreeSet::new();
         let mut changes: Vec<(Option<Destination>, Option<Destination>)> = Vec::new();
         for item in self.instances.diff(&view.instances) {
             let (old, new) = match item {
@@ -97,6 +96,17 @@ impl Destinations {
             });
         }
         self.vips = view.vips.clone();
+        self.instances = view.instances.clone();
+        self.count(changes)
+    }
+
+    /// Counts each `(was wanted, is wanted)` pair and returns every
+    /// destination named.
+    fn count(
+        &mut self,
+        changes: Vec<(Option<Destination>, Option<Destination>)>,
+    ) -> BTreeSet<Destination> {
+        let mut touched = BTreeSet::new();
         for (old, new) in changes {
             if let Some(old) = old {
                 self.release(old);
@@ -107,8 +117,24 @@ impl Destinations {
                 touched.insert(new);
             }
         }
-        self.instances = view.instances.clone();
         touched
+    }
+
+    /// Takes the agent's own addresses after a reload (an upstream port
+    /// added or moved) and returns the destinations whose being wanted may
+    /// have changed: an instance of this node that claims a port the agent
+    /// took since is no longer taken over, and one at a port it gave up is.
+    pub fn set_own(&mut self, own: Vec<std::net::SocketAddr>) -> BTreeSet<Destination> {
+        let mut changes = Vec::new();
+        for instance in self.instances.values() {
+            let old = of_instance(instance, &self.node, &self.own);
+            let new = of_instance(instance, &self.node, &own);
+            if old != new {
+                changes.push((old, new));
+            }
+        }
+        self.own = own;
+        self.count(changes)
     }
 
     fn release(&mut self, destination: Destination) {
@@ -227,6 +253,36 @@ mod tests {
             d.update(&v),
             BTreeSet::from([(ip("127.0.0.1"), Some(8080))])
         );
+    }
+
+    #[test]
+    fn a_port_the_agent_takes_by_reload_is_given_up_by_the_instance_claiming_it() {
+        let mut v = View::default();
+        apply(
+            &mut v,
+            1,
+            vec![
+                instance("claim", "a", "127.0.0.1", 9292, proto::Health::Passing),
+                instance("other", "b", "10.0.0.2", 9292, proto::Health::Passing),
+            ],
+        );
+        let api: std::net::SocketAddr = "127.0.0.1:8500".parse().unwrap();
+        let mut d = Destinations::new("a", vec![api]);
+        d.update(&v);
+        let claim = (ip("127.0.0.1"), Some(9292));
+        assert!(d.wants(&claim));
+        // A reload adds an upstream listener at 127.0.0.1:9292.
+        let touched = d.set_own(vec![api, "127.0.0.1:9292".parse().unwrap()]);
+        assert_eq!(touched, BTreeSet::from([claim]));
+        assert!(!d.wants(&claim), "the agent's new port is not taken over");
+        assert!(d.wants(&(ip("10.0.0.2"), Some(9292))), "another node's is");
+        // The same own addresses again change nothing; giving the port up
+        // hands it back.
+        assert!(d
+            .set_own(vec![api, "127.0.0.1:9292".parse().unwrap()])
+            .is_empty());
+        assert_eq!(d.set_own(vec![api]), BTreeSet::from([claim]));
+        assert!(d.wants(&claim));
     }
 
     #[test]
