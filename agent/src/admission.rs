@@ -4,17 +4,30 @@
 //! work is done for it, so that one host cannot hold every descriptor of
 //! the agent, nor a few hosts every place.
 //!
+//! A place taken with [`Places::admit_unproven`] is for a connection that
+//! has not yet proven who it is (a TLS handshake in progress): when its
+//! source holds every place it may and opens another, the oldest of its
+//! unproven connections gives up its place ([`Place::displaced`]) to the
+//! newer one instead of the newer one being refused. A process sharing a
+//! node's address (any local user on that node) that opens connections it
+//! never completes thus cannot keep that node's agent from the places the
+//! view gives the node: the agent's connection, at the back of the queue,
+//! would have to be displaced within its handshake, a millisecond or two,
+//! by as many connections as the source's share. Once proven
+//! ([`Place::prove`]), a place is the connection's until it ends.
+//!
 //! Sources are counted by address, IPv6 ones too: a whole subnet often
 //! shares one /64 (a cloud subnet is one), and counted by /64 every node
 //! in it would share one source's places. A host with many IPv6 addresses
 //! of its own is bounded by the total instead. A v4-mapped IPv6 address is
 //! counted as the IPv4 one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Why a connection found no place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -35,13 +48,22 @@ impl Refused {
     }
 }
 
-type BySource = Arc<Mutex<HashMap<IpAddr, usize>>>;
+/// One source's places: how many it holds, and its unproven ones, oldest
+/// first, each with the signal that displaces it.
+#[derive(Debug, Default)]
+struct Source {
+    held: usize,
+    unproven: VecDeque<(u64, Arc<Notify>)>,
+}
+
+type BySource = Arc<Mutex<HashMap<IpAddr, Source>>>;
 
 /// The places of one listener (or one stage of it, such as handshakes).
 #[derive(Debug, Clone)]
 pub struct Places {
     all: Arc<Semaphore>,
     by_source: BySource,
+    next_id: Arc<AtomicU64>,
 }
 
 /// A connection's place, given back when dropped.
@@ -50,6 +72,10 @@ pub struct Place {
     _all: OwnedSemaphorePermit,
     by_source: BySource,
     source: IpAddr,
+    id: u64,
+    /// Signalled when a newer connection of the source took this place
+    /// (only while unproven).
+    displaced: Arc<Notify>,
 }
 
 impl Places {
@@ -58,12 +84,26 @@ impl Places {
         Places {
             all: Arc::new(Semaphore::new(total)),
             by_source: Arc::default(),
+            next_id: Arc::default(),
         }
     }
 
     /// A place for a connection from `peer`, unless every place is taken
     /// or its source holds `per_source` already.
     pub fn admit(&self, peer: IpAddr, per_source: usize) -> Result<Place, Refused> {
+        self.take(peer, per_source, false)
+    }
+
+    /// [`admit`](Self::admit) for a connection yet to prove who it is:
+    /// where its source holds `per_source` places and one of them is
+    /// unproven, the oldest such gives its place up (its
+    /// [`Place::displaced`] resolves) and this connection gets one. Refused
+    /// when every place is taken, or the source's are all proven.
+    pub fn admit_unproven(&self, peer: IpAddr, per_source: usize) -> Result<Place, Refused> {
+        self.take(peer, per_source, true)
+    }
+
+    fn take(&self, peer: IpAddr, per_source: usize, unproven: bool) -> Result<Place, Refused> {
         let source = source_of(peer);
         let all = self
             .all
@@ -71,18 +111,33 @@ impl Places {
             .try_acquire_owned()
             .map_err(|_| Refused::Busy)?;
         let mut by_source = self.by_source.lock().expect("places lock");
-        let held = by_source.entry(source).or_insert(0);
-        if *held >= per_source {
-            if *held == 0 {
-                by_source.remove(&source);
+        let entry = by_source.entry(source).or_default();
+        if entry.held >= per_source {
+            // The displaced connection gives its place back when its task
+            // sees the signal, so the source holds one more for that long.
+            let oldest = unproven.then(|| entry.unproven.pop_front()).flatten();
+            match oldest {
+                Some((_, displaced)) => displaced.notify_one(),
+                None => {
+                    if entry.held == 0 {
+                        by_source.remove(&source);
+                    }
+                    return Err(Refused::SourceLimit);
+                }
             }
-            return Err(Refused::SourceLimit);
         }
-        *held += 1;
+        entry.held += 1;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let displaced = Arc::new(Notify::new());
+        if unproven {
+            entry.unproven.push_back((id, displaced.clone()));
+        }
         Ok(Place {
             _all: all,
             by_source: self.by_source.clone(),
             source,
+            id,
+            displaced,
         })
     }
 
@@ -90,16 +145,35 @@ impl Places {
     #[cfg(test)]
     fn taken(&self, peer: IpAddr) -> usize {
         let by_source = self.by_source.lock().expect("places lock");
-        by_source.get(&source_of(peer)).copied().unwrap_or(0)
+        by_source.get(&source_of(peer)).map_or(0, |s| s.held)
+    }
+}
+
+impl Place {
+    /// The connection proved who it is (its TLS handshake is done): its
+    /// place is no longer given up to a newer connection of its source.
+    pub fn prove(&self) {
+        let mut by_source = self.by_source.lock().expect("places lock");
+        if let Some(source) = by_source.get_mut(&self.source) {
+            source.unproven.retain(|(id, _)| *id != self.id);
+        }
+    }
+
+    /// Resolves when a newer connection of the same source took this
+    /// unproven place: the connection must end. Never for a proven place,
+    /// or one taken with [`Places::admit`].
+    pub async fn displaced(&self) {
+        self.displaced.notified().await
     }
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
         let mut by_source = self.by_source.lock().expect("places lock");
-        if let Some(held) = by_source.get_mut(&self.source) {
-            *held -= 1;
-            if *held == 0 {
+        if let Some(source) = by_source.get_mut(&self.source) {
+            source.held -= 1;
+            source.unproven.retain(|(id, _)| *id != self.id);
+            if source.held == 0 {
                 by_source.remove(&self.source);
             }
         }
@@ -156,6 +230,64 @@ mod tests {
             assert_eq!(places.admit(a, 1).unwrap_err(), Refused::SourceLimit);
         }
         assert!(places.admit(ip("10.0.0.2"), 1).is_ok());
+    }
+
+    /// Whether `place` was displaced (without waiting).
+    fn was_displaced(place: &Place) -> bool {
+        use std::future::Future;
+        let fut = std::pin::pin!(place.displaced());
+        let waker = std::task::Waker::noop();
+        fut.poll(&mut std::task::Context::from_waker(waker))
+            .is_ready()
+    }
+
+    #[test]
+    fn the_oldest_unproven_place_of_a_source_gives_way_to_a_newer_one() {
+        let places = Places::new(10);
+        let a = ip("10.0.0.1");
+        let first = places.admit_unproven(a, 2).unwrap();
+        let second = places.admit_unproven(a, 2).unwrap();
+        let third = places.admit_unproven(a, 2).unwrap();
+        assert!(was_displaced(&first), "the oldest gives way");
+        assert!(!was_displaced(&second) && !was_displaced(&third));
+        drop(first);
+        assert_eq!(places.taken(a), 2);
+        // Proven places do not give way: with both proven the source is
+        // refused as before.
+        second.prove();
+        third.prove();
+        assert_eq!(
+            places.admit_unproven(a, 2).unwrap_err(),
+            Refused::SourceLimit
+        );
+        // One unproven among proven ones is the one that gives way.
+        drop(second);
+        let fourth = places.admit_unproven(a, 2).unwrap();
+        let fifth = places.admit_unproven(a, 2).unwrap();
+        assert!(was_displaced(&fourth) && !was_displaced(&third) && !was_displaced(&fifth));
+        // Another source's places are never taken.
+        let b = places.admit_unproven(ip("10.0.0.2"), 2).unwrap();
+        drop(fourth);
+        let _sixth = places.admit_unproven(a, 2).unwrap();
+        assert!(!was_displaced(&b));
+        // Places taken with `admit` never give way.
+        let c = ip("10.0.0.3");
+        let held = places.admit(c, 1).unwrap();
+        assert_eq!(
+            places.admit_unproven(c, 1).unwrap_err(),
+            Refused::SourceLimit
+        );
+        assert!(!was_displaced(&held));
+    }
+
+    #[test]
+    fn a_full_listener_displaces_nothing() {
+        let places = Places::new(2);
+        let a = ip("10.0.0.1");
+        let first = places.admit_unproven(a, 2).unwrap();
+        let _other = places.admit_unproven(ip("10.0.0.2"), 2).unwrap();
+        assert_eq!(places.admit_unproven(a, 2).unwrap_err(), Refused::Busy);
+        assert!(!was_displaced(&first));
     }
 
     #[test]

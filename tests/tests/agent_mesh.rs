@@ -320,9 +320,10 @@ fn web_identity(
 /// certificate, opens connections and never starts their handshakes. Each
 /// held a task and a descriptor for the 10 s handshake timeout, without
 /// limit, until the agent had no descriptor left for anyone. Now a host the
-/// view does not know holds 16 of the places for unknown sources; the rest
-/// are closed at accept and counted, and node A, which the view knows,
-/// still gets its tunnel.
+/// view does not know holds 16 of the places for unknown sources: each
+/// newer connection takes the place of its oldest one still in its
+/// handshake, which is closed and counted, and node A, which the view
+/// knows, still gets its tunnel.
 #[test]
 fn a_host_outside_the_view_holds_its_share_and_no_more() -> anyhow::Result<()> {
     use std::io::{ErrorKind, Read};
@@ -331,7 +332,7 @@ fn a_host_outside_the_view_holds_its_share_and_no_more() -> anyhow::Result<()> {
     let (outsider, b) = mesh.outsider()?;
     let inbound: SocketAddr = format!("{b}:15008").parse()?;
     let refused = || {
-        let labels = [("listener", "inbound"), ("reason", "unknown_client_limit")];
+        let labels = [("listener", "inbound"), ("reason", "displaced")];
         mesh.metric_with(
             NodeB,
             "weft_agent_inbound_connections_refused_total",
@@ -347,19 +348,19 @@ fn a_host_outside_the_view_holds_its_share_and_no_more() -> anyhow::Result<()> {
                 Duration::from_secs(2),
             )?);
         }
-        // The agent accepts in order: the first 16 wait for a ClientHello
-        // that never comes, the others are closed at once.
+        // The agent accepts in order: the 17th takes the first one's place,
+        // and so on; the last 16 wait for a ClientHello that never comes.
         let mut closed = 0;
-        for conn in &held[16..] {
+        for conn in &held[..24] {
             conn.set_read_timeout(Some(Duration::from_secs(5)))?;
             match (&*conn).read(&mut [0u8; 1]) {
                 Ok(0) => closed += 1,
                 Err(e) if e.kind() == ErrorKind::ConnectionReset => closed += 1,
-                other => anyhow::bail!("a connection past the share: {other:?}"),
+                other => anyhow::bail!("an older connection: {other:?}"),
             }
         }
         let mut open = 0;
-        for conn in &held[..16] {
+        for conn in &held[24..] {
             conn.set_nonblocking(true)?;
             if let Err(e) = (&*conn).read(&mut [0u8; 1]) {
                 if e.kind() == ErrorKind::WouldBlock {
@@ -369,7 +370,7 @@ fn a_host_outside_the_view_holds_its_share_and_no_more() -> anyhow::Result<()> {
         }
         Ok((held, open, closed))
     })??;
-    assert_eq!((open, closed), (16, 24), "held open, closed at accept");
+    assert_eq!((open, closed), (16, 24), "held open, displaced");
     let counted = wait_until(Duration::from_secs(3), "24 refusals counted", || {
         let now = refused()?;
         Ok((now >= before + 24.0).then_some(now - before))

@@ -18,8 +18,12 @@
 //! finds no place is closed at once and reported through `on_refused`:
 //! hosts outside the mesh opening connections they never complete hold
 //! the few places for unknown sources, not the agent's descriptors nor
-//! the nodes' places. Once TLS is done, the HTTP/2 preface must follow
-//! within the handshake timeout too.
+//! the nodes' places. A connection still in its TLS handshake gives its
+//! place up to a newer one from its source when that source holds all it
+//! may (see [`crate::admission`]): a local user on a node who opens
+//! connections it never completes cannot keep that node's agent out. Once
+//! TLS is done, the HTTP/2 preface must follow within the handshake
+//! timeout too.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -98,6 +102,8 @@ pub enum ServerError {
     Handshake(std::io::Error),
     #[error("TLS handshake timed out after {0:?}")]
     HandshakeTimeout(Duration),
+    #[error("gave its place up to a newer connection of its source before completing TLS")]
+    Displaced,
     #[error("peer did not negotiate ALPN h2")]
     NoH2Alpn,
     #[error("peer identity: {0}")]
@@ -303,8 +309,9 @@ impl<H: ConnectHandler> HboneServer<H> {
 
     /// Called for every connection closed at accept for want of a place,
     /// with why: `busy`, `client_limit` (a known source),
-    /// `unknown_busy`, `unknown_client_limit` (another); and for every
-    /// tunnel refused past `tunnels_per_source`: `tunnel_limit`.
+    /// `unknown_busy`, `unknown_client_limit` (another); for every
+    /// connection that gave its place up in its handshake: `displaced`; and
+    /// for every tunnel refused past `tunnels_per_source`: `tunnel_limit`.
     pub fn on_refused(mut self, hook: impl Fn(&'static str) + Send + Sync + 'static) -> Self {
         self.inner.on_refused = Some(Arc::new(hook));
         self
@@ -359,7 +366,7 @@ impl<H: ConnectHandler> HboneServer<H> {
                 true => (&known_places, limits.known_per_source),
                 false => (&unknown_places, limits.unknown_per_source),
             };
-            let place = match places.admit(peer.ip(), per_source) {
+            let place = match places.admit_unproven(peer.ip(), per_source) {
                 Ok(place) => place,
                 Err(refused) => {
                     let label = refusal_label(known, refused);
@@ -373,8 +380,7 @@ impl<H: ConnectHandler> HboneServer<H> {
             let inner = inner.clone();
             let tunnels = tunnels.clone();
             tokio::spawn(async move {
-                let _place = place;
-                if let Err(e) = inner.serve_connection(tcp, peer, tunnels).await {
+                if let Err(e) = inner.serve_connection(tcp, peer, place, tunnels).await {
                     debug!(%peer, error = %e, "hbone connection ended");
                 }
             });
@@ -398,6 +404,7 @@ impl<H: ConnectHandler> Inner<H> {
         self: &Arc<Self>,
         tcp: TcpStream,
         peer: SocketAddr,
+        place: crate::admission::Place,
         tunnels: Places,
     ) -> Result<(), ServerError> {
         let _ = tcp.set_nodelay(true);
@@ -408,13 +415,25 @@ impl<H: ConnectHandler> Inner<H> {
         };
         tokio::pin!(draining);
         let mut winding_down = false;
-        let (tls, peer_id) = match self.handshake(tcp).await {
+        let handshake = tokio::select! {
+            result = self.handshake(tcp) => result,
+            () = place.displaced() => {
+                debug!(%peer, "hbone: a newer connection of the source took this one's place in its handshake");
+                if let Some(hook) = &self.on_refused {
+                    hook("displaced");
+                }
+                return Err(ServerError::Displaced);
+            }
+        };
+        let (tls, peer_id) = match handshake {
             Ok(ok) => ok,
             Err(e) => {
                 self.tls_failure(peer, &e);
                 return Err(e);
             }
         };
+        // The peer proved who it is: its place is its own until it ends.
+        place.prove();
         // No new tunnels once the peer's certificate has expired: the
         // connection is told to go away (open tunnels run to their end).
         let (_, session) = tls.get_ref();

@@ -659,19 +659,18 @@ async fn connections_that_never_handshake_hold_their_share_and_no_more() {
     for _ in 0..3 {
         silent.push(connect_from("127.0.0.1", node.addr).await);
     }
-    // The accept loop takes connections in order: the fourth from the same
-    // source finds its share taken.
-    let mut fourth = connect_from("127.0.0.1", node.addr).await;
-    assert!(closed_by_server(&mut fourth).await, "held, not closed");
-    assert_eq!(*node.refused.lock().unwrap(), ["unknown_client_limit"]);
+    // The accept loop takes connections in order: a fourth from the same
+    // source finds its share taken, and the oldest of the three, still in
+    // its handshake, gives its place up to it.
+    let fourth = connect_from("127.0.0.1", node.addr).await;
+    assert!(closed_by_server(&mut silent[0]).await, "the oldest held on");
+    assert_eq!(*node.refused.lock().unwrap(), ["displaced"]);
+    silent[0] = fourth;
     // Another unknown source takes the last place; a third finds none.
     silent.push(connect_from("127.0.0.3", node.addr).await);
     let mut over = connect_from("127.0.0.4", node.addr).await;
     assert!(closed_by_server(&mut over).await, "held, not closed");
-    assert_eq!(
-        *node.refused.lock().unwrap(),
-        ["unknown_client_limit", "unknown_busy"]
-    );
+    assert_eq!(*node.refused.lock().unwrap(), ["displaced", "unknown_busy"]);
 
     // A node the view knows completes its handshake meanwhile.
     let config = tls::client_config(&ca.identity(WEB), &node.bundle, NODE_B).unwrap();
@@ -689,6 +688,49 @@ async fn connections_that_never_handshake_hold_their_share_and_no_more() {
     let pool = HbonePool::new(ca.bundle());
     let mut tunnel = tunnel_once_freed(&pool, &ca.identity(WEB), &node).await;
     assert_eq!(round_trip(&mut tunnel, b"back").await, b"back");
+}
+
+/// The attack: a local user on a node (whose connections leave from the
+/// node's address) opens connections to a peer's inbound port and never
+/// completes them, holding every place the peer gives that node: the
+/// node's agent found none for its tunnels. Now the oldest connection still
+/// in its handshake gives its place up to a newer one: the agent's gets in,
+/// and, proven, keeps its place however many more the user opens.
+#[tokio::test]
+async fn a_local_user_on_a_node_cannot_keep_its_agent_out() {
+    let ca = TestCa::new("ca");
+    let limits = InboundLimits {
+        known_per_source: 4,
+        ..InboundLimits::default()
+    };
+    let node = start_node_with(&ca, limits, |_| true).await;
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(connect_from("127.0.0.1", node.addr).await);
+    }
+    let pool = HbonePool::new(ca.bundle());
+    let web = ca.identity(WEB);
+    let mut tunnel = pool
+        .connect(&web, &node.peer(), node.echo, TIMEOUT)
+        .await
+        .expect("the node's agent gets a place");
+    assert_eq!(round_trip(&mut tunnel, b"in").await, b"in");
+    assert!(closed_by_server(&mut silent[0]).await, "the oldest held on");
+    assert_eq!(*node.refused.lock().unwrap(), ["displaced"]);
+    for _ in 0..8 {
+        silent.push(connect_from("127.0.0.1", node.addr).await);
+    }
+    assert!(
+        eventually(|| node.refused.lock().unwrap().len() == 9).await,
+        "{:?}",
+        node.refused.lock().unwrap()
+    );
+    assert_eq!(round_trip(&mut tunnel, b"still").await, b"still");
+    let mut second = pool
+        .connect(&web, &node.peer(), node.echo, TIMEOUT)
+        .await
+        .expect("another tunnel on the proven connection");
+    assert_eq!(round_trip(&mut second, b"two").await, b"two");
 }
 
 /// A peer that completes TLS and then sends nothing (no HTTP/2 preface)
