@@ -337,19 +337,28 @@ fn wait_ca(cluster: &Cluster) -> anyhow::Result<()> {
 
 /// A node's token (its node identity) writes only its node: it registers
 /// node-a and reports health of node-a's instances, and nothing of node-b;
-/// it registers no service. A service's token (`service "web" write`)
-/// registers, deregisters and reports web's instances, and nothing of api.
+/// it registers no service. An instance needs both `node:write` on its node
+/// and `service:write` on its service (node-a's agent's token, with web's
+/// identity, registers, reports and removes web on node-a). The attack: a
+/// service's token alone (`service "web" write`, as a workload holds)
+/// placed web's instances on any node at any address, where that node's
+/// agent took the address over for its workloads (the metadata service's,
+/// a database's) and tunnels reached it; and it reported or removed web's
+/// instances on every node. All refused now, as is anything of api.
 #[test]
 fn node_and_service_tokens_write_only_their_own() -> anyhow::Result<()> {
     use proto::catalog_client::CatalogClient;
     let cluster = Cluster::start(1, &[])?;
     let node_a = cluster.token_with(&["--node-identity", "node-a:dc1"])?;
+    let agent_a =
+        cluster.token_with(&["--node-identity", "node-a:dc1", "--service-identity", "web"])?;
     let web = cluster.token_with_rules("web-only", r#"service "web" { policy = "write" }"#)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let mut admin = CatalogClient::new(cluster.channel(1).await?);
         let mut as_a = CatalogClient::new(cluster.channel_as(1, Some(&node_a)).await?);
         let mut as_web = CatalogClient::new(cluster.channel_as(1, Some(&web)).await?);
+        let mut as_agent_a = CatalogClient::new(cluster.channel_as(1, Some(&agent_a)).await?);
         let node = |name: &str| proto::RegisterNodeRequest {
             node: Some(proto::Node {
                 name: name.into(),
@@ -387,9 +396,17 @@ fn node_and_service_tokens_write_only_their_own() -> anyhow::Result<()> {
         as_a.register_node(node("node-a")).await?;
         admin.register_service(instance("node-a", "db")).await?;
         as_a.update_health(health("node-a", "db")).await?;
-        // The service's token: its service, on any registered node.
-        as_web.register_service(instance("node-a", "web")).await?;
-        as_web.update_health(health("node-a", "web")).await?;
+        // The agent's token: its node's instances of its services.
+        as_agent_a
+            .register_service(instance("node-a", "web"))
+            .await?;
+        as_agent_a.update_health(health("node-a", "web")).await?;
+        let mut at_metadata = instance("node-b", "web");
+        if let Some(i) = at_metadata.instance.as_mut() {
+            i.id = "web-meta".into();
+            i.address = "169.254.169.254".into();
+            i.port = 80;
+        }
 
         for (what, status) in [
             (
@@ -416,6 +433,28 @@ fn node_and_service_tokens_write_only_their_own() -> anyhow::Result<()> {
                 "web registers api",
                 as_web
                     .register_service(instance("node-b", "api"))
+                    .await
+                    .err(),
+            ),
+            (
+                "web's token places web on node-b at the metadata address",
+                as_web.register_service(at_metadata).await.err(),
+            ),
+            (
+                "web's token places web on node-a",
+                as_web.register_service(instance("node-a", "web")).await.err(),
+            ),
+            (
+                "web's token reports node-a's web",
+                as_web.update_health(health("node-a", "web")).await.err(),
+            ),
+            (
+                "web's token removes node-a's web",
+                as_web
+                    .deregister_service(proto::DeregisterServiceRequest {
+                        node: "node-a".into(),
+                        id: "web".into(),
+                    })
                     .await
                     .err(),
             ),
@@ -450,7 +489,7 @@ fn node_and_service_tokens_write_only_their_own() -> anyhow::Result<()> {
             .into_inner();
         assert_eq!(api.instances.len(), 1);
         assert_ne!(api.instances[0].check_output, "forged");
-        as_web
+        as_agent_a
             .deregister_service(proto::DeregisterServiceRequest {
                 node: "node-a".into(),
                 id: "web".into(),

@@ -34,30 +34,13 @@ pub(crate) fn may_read_instance(caller: &Caller, instance: &ServiceInstance) -> 
         && caller.can(Resource::Node(&instance.node), Access::Read)
 }
 
-/// `node:write` on `node`, or `service:write` on the service of instance
-/// `id` there (looked up in this server's state; an unknown instance needs
-/// the node right).
-fn require_instance_write(
-    node: &ServerNode,
-    caller: &Caller,
-    node_name: &str,
-    id: &str,
-) -> Result<(), Status> {
-    if caller.can(Resource::Node(node_name), Access::Write) {
-        return Ok(());
-    }
-    let service = {
-        let state = node.shared.state.read().expect("state lock");
-        state
-            .instances
-            .get(node_name)
-            .and_then(|m| m.get(id))
-            .map(|i| i.service.clone())
-    };
-    match service {
-        Some(service) => caller.require(Resource::Service(&service), Access::Write),
-        None => caller.require(Resource::Node(node_name), Access::Write),
-    }
+/// What changes a node's instances (their health, their removal):
+/// `node:write` on the node, as for Consul's catalog. A service's token
+/// alone is not enough: it would report the health of, or remove, its
+/// service's instances on every other node, which their agents would not
+/// notice until their own checks changed.
+fn require_instance_write(caller: &Caller, node_name: &str) -> Result<(), Status> {
+    caller.require(Resource::Node(node_name), Access::Write)
 }
 
 /// An instance's health as clients see it: critical, whatever its own
@@ -206,6 +189,13 @@ impl Catalog for CatalogApi {
     ) -> Result<Response<proto::WriteResult>, Status> {
         let caller = caller(&self.0, &req).await?;
         let instance = req.into_inner().instance.unwrap_or_default();
+        // Both, as Consul's catalog asks: `node:write` because an instance
+        // placed on a node is taken over by that node's agent for its
+        // workloads and reached by the tunnels its peers open there (a
+        // service's token alone put its instances on any node, at any
+        // address: the metadata service's, a database's, the node's own
+        // loopback ports), and `service:write` for the name.
+        caller.require(Resource::Node(&instance.node), Access::Write)?;
         caller.require(Resource::Service(&instance.service), Access::Write)?;
         require_replaced_service(
             &self.0,
@@ -232,7 +222,7 @@ impl Catalog for CatalogApi {
     ) -> Result<Response<proto::WriteResult>, Status> {
         let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
-        require_instance_write(&self.0, &caller, &r.node, &r.id)?;
+        require_instance_write(&caller, &r.node)?;
         let what = format!("deregister instance {} on node {}", r.id, r.node);
         let cmd = Command::DeregisterService {
             node: r.node,
@@ -247,7 +237,7 @@ impl Catalog for CatalogApi {
     ) -> Result<Response<proto::WriteResult>, Status> {
         let caller = caller(&self.0, &req).await?;
         let r = req.into_inner();
-        require_instance_write(&self.0, &caller, &r.node, &r.id)?;
+        require_instance_write(&caller, &r.node)?;
         let health = health_from_proto(r.health).map_err(invalid)?;
         let what = format!("health of {} on node {}", r.id, r.node);
         let cmd = Command::UpdateHealth {
