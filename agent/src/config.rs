@@ -563,10 +563,10 @@ fn gateway(raw: &RawGateway) -> Result<GatewayConfig, Invalid> {
     };
     let lan_address = addr("gateway.lan_address", &raw.lan_address)?;
     let wan_address = addr("gateway.wan_address", &raw.wan_address)?;
-    if lan_address == wan_address {
+    if lan_address.ip().to_canonical() == wan_address.ip().to_canonical() {
         return Err(invalid(
             "gateway.wan_address",
-            "must differ from lan_address: what arrives from the WAN may only reach this datacenter, which the gateway tells by the address it arrived at",
+            "must be on another IP than lan_address: what arrives from the WAN may only reach this datacenter, which the gateway tells by the address it arrived at, and on one IP the LAN port is as reachable from the WAN (a relay to every datacenter)",
         ));
     }
     Ok(GatewayConfig {
@@ -1495,6 +1495,27 @@ servers = ["10.77.0.1:8502"]
 advertise_addr = "10.77.0.2"
 data_dir = "/var/lib/weft-agent"
 "#;
+
+    #[test]
+    fn a_gateways_lan_and_wan_addresses_are_on_different_ips() {
+        let with = |lan: &str, wan: &str| {
+            parse(&format!(
+                "{MINIMAL}\n[gateway]\nlan_address = {lan:?}\nwan_address = {wan:?}\n"
+            ))
+        };
+        for (lan, wan) in [
+            ("10.77.0.2:8443", "10.77.0.2:8443"),
+            ("203.0.113.5:8443", "203.0.113.5:8444"),
+            ("[::ffff:203.0.113.5]:8443", "203.0.113.5:8444"),
+        ] {
+            let e = with(lan, wan).unwrap_err().to_string();
+            assert!(
+                e.contains("gateway.wan_address") && e.contains("another IP"),
+                "{lan} {wan}: {e}"
+            );
+        }
+        assert!(with("10.77.0.2:8443", "203.0.113.5:8443").is_ok());
+    }
 
     fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
         AgentConfig::parse(text, "agent.toml")

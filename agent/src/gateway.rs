@@ -365,14 +365,20 @@ impl Gateway {
             Hop::RemoteGateway(dc) => {
                 // Never back to a gateway of this datacenter (a federation
                 // state naming one would make a gateway dial itself).
+                // Compared in canonical form: a mapped IPv6 address is the
+                // IPv4 one.
+                let canonical = |a: std::net::SocketAddr| {
+                    std::net::SocketAddr::new(a.ip().to_canonical(), a.port())
+                };
                 let local: Vec<std::net::SocketAddr> = view
                     .passing(weft_api::gateway::SERVICE)
                     .iter()
                     .filter_map(|i| i.socket_addr())
                     .chain(self.own.iter().copied())
+                    .map(canonical)
                     .collect();
                 let all = view.gateways_of(dc);
-                if all.iter().any(|a| local.contains(a)) {
+                if all.iter().any(|a| local.contains(&canonical(*a))) {
                     return Err(GatewayError::Loop(format!("datacenter {dc}")));
                 }
                 all.iter().map(|a| a.to_string()).collect()

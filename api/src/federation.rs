@@ -32,9 +32,10 @@ pub struct FederationState {
 /// Whether another datacenter's gateways may be sent to `addr`: a port,
 /// and an IP that is not unspecified, loopback, link-local, multicast or
 /// broadcast (a gateway told to dial itself or the host it runs on would
-/// loop or expose it).
+/// loop or expose it). An IPv4-mapped IPv6 address is judged as the IPv4
+/// one (`[::ffff:127.0.0.1]` is loopback).
 pub fn advertisable(addr: &SocketAddr) -> bool {
-    let ip = addr.ip();
+    let ip = addr.ip().to_canonical();
     let odd = match ip {
         std::net::IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
         std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
@@ -67,8 +68,11 @@ impl FederationState {
             .gateways
             .iter()
             .map(|a| {
+                // Kept in canonical form, so that a mapped address compares
+                // equal to the IPv4 one (the gateways' loop check).
                 a.parse::<SocketAddr>()
                     .ok()
+                    .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
                     .filter(advertisable)
                     .ok_or_else(|| FederationError::Address {
                         dc: p.datacenter.clone(),
@@ -144,6 +148,9 @@ mod tests {
             "224.0.0.1:8443",
             "[::1]:8443",
             "[fe80::1]:8443",
+            "[::ffff:127.0.0.1]:15020",
+            "[::ffff:169.254.169.254]:80",
+            "[::ffff:0.0.0.0]:8443",
         ] {
             assert!(
                 matches!(
@@ -153,6 +160,12 @@ mod tests {
                 "{bad}"
             );
         }
+        // A mapped address that is fine is kept as the IPv4 one.
+        let mapped = FederationState::from_proto(&p("dc2", &["[::ffff:10.0.0.7]:8443"])).unwrap();
+        assert_eq!(
+            mapped.gateways,
+            ["10.0.0.7:8443".parse::<SocketAddr>().unwrap()]
+        );
         let many: Vec<String> = (0..65).map(|i| format!("10.0.1.{i}:8443")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         assert!(matches!(

@@ -442,7 +442,10 @@ fn node_and_service_tokens_write_only_their_own() -> anyhow::Result<()> {
             ),
             (
                 "web's token places web on node-a",
-                as_web.register_service(instance("node-a", "web")).await.err(),
+                as_web
+                    .register_service(instance("node-a", "web"))
+                    .await
+                    .err(),
             ),
             (
                 "web's token reports node-a's web",
