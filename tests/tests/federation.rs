@@ -440,6 +440,13 @@ fn dc1_reaches_dc2_through_gateways_fails_over_and_keeps_flowing() -> anyhow::Re
         status == 400 && body.contains("not a datacenter of this federation"),
         "{status} {body}"
     );
+    // A secondary's own token (dc2's bootstrap token here) works nowhere
+    // else: dc2's servers do not send its secret to dc1.
+    let (status, body) = fed.http_get(1, "/v1/kv/from-dc1?dc=dc1")?;
+    ensure!(
+        status == 403 && body.contains("datacenter dc2's own"),
+        "dc2's own token sent to dc1: {status} {body}"
+    );
     let service = fed.weft(0, &["catalog", "service", "api", "--dc", "dc2"])?;
     ensure!(
         service.contains("node-b") && service.contains("passing"),

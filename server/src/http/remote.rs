@@ -56,13 +56,43 @@ fn require_known(node: &ServerNode, dc: &str) -> Result<(), HttpError> {
     }
 }
 
+/// Refuses to send a secondary's own token (its bootstrap token, its
+/// agents' tokens) to another datacenter: it works nowhere else, and a
+/// server there would learn a secret of this one. The primary's tokens,
+/// replicated everywhere, are the ones a call to another datacenter
+/// carries.
+fn require_global(node: &ServerNode, caller: &crate::grpc::auth::Caller) -> Result<(), HttpError> {
+    if node.datacenter == node.primary_datacenter {
+        return Ok(());
+    }
+    let replicated = {
+        let s = node.shared.state.read().expect("state lock");
+        s.acl
+            .tokens
+            .get(&caller.accessor)
+            .is_some_and(|t| t.replicated)
+    };
+    if replicated {
+        Ok(())
+    } else {
+        Err(HttpError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this token is datacenter {}'s own: it is not sent to other datacenters (use one made in the primary, {})",
+                node.datacenter, node.primary_datacenter
+            ),
+        ))
+    }
+}
+
 /// Forwards `call` to datacenter `dc`'s servers and gives back their answer.
 pub async fn forward(node: &Arc<ServerNode>, call: &Call, dc: &str) -> Answer {
     // Only for a token known here too (the primary's are everywhere): an
     // unknown one is not worth a call across the WAN, and does not learn
     // which datacenters there are.
-    call.caller(node).await?;
+    let caller = call.caller(node).await?;
     require_known(node, dc)?;
+    require_global(node, &caller)?;
     if !super::forwardable(&call.path) {
         return Err(HttpError::bad_request(format!(
             "?dc={dc}: {} is each datacenter's own; ask {dc}'s servers",
