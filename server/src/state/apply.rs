@@ -371,13 +371,27 @@ impl State {
                     )));
                 }
                 // Each remote service gets a virtual IP of its own here
-                // (`api.service.dc2.weft`), kept as local ones are; all or
-                // none, before anything changes.
-                let new: Vec<String> = services
+                // (`api.service.dc2.weft`), kept as local ones are, up to
+                // MAX_REMOTE_VIPS for the datacenter; all or none, before
+                // anything changes.
+                let held = (self.vips.keys())
+                    .filter(|key| weft_api::vip::split_key(key).1 == Some(datacenter.as_str()))
+                    .count();
+                let room = weft_api::federation::MAX_REMOTE_VIPS.saturating_sub(held);
+                let wanting: Vec<String> = services
                     .iter()
                     .map(|service| weft_api::vip::remote_key(service, &datacenter))
                     .filter(|key| !self.vips.contains_key(key))
                     .collect();
+                if wanting.len() > room {
+                    tracing::warn!(
+                        datacenter = %datacenter,
+                        held,
+                        without = wanting.len() - room,
+                        "another datacenter's services have taken every virtual IP kept for them: new ones get none"
+                    );
+                }
+                let new: Vec<String> = wanting.into_iter().take(room).collect();
                 let vips = self.allocate_vips(new.len())?;
                 let mut changes = Vec::new();
                 for (key, vip) in new.into_iter().zip(vips) {
@@ -923,6 +937,46 @@ mod tests {
         // An agent may take an external node's name: the mark goes.
         s.apply(Command::RegisterNode(node("ext")), 7);
         assert!(!is_external(&s.nodes["ext"]));
+    }
+
+    /// The attack: another datacenter answers with new service names each
+    /// time. Each took a virtual IP here for good; now that datacenter's
+    /// hold at most MAX_REMOTE_VIPS, and its answers are still taken.
+    #[test]
+    fn another_datacenters_services_hold_a_bounded_number_of_virtual_ips() {
+        use weft_api::federation::{FederationState, MAX_REMOTE_SERVICES, MAX_REMOTE_VIPS};
+        let mut s = State::default();
+        let dc2 = FederationState {
+            datacenter: "dc2".into(),
+            gateways: vec!["10.9.0.1:8443".parse().unwrap()],
+            updated_ms: 1,
+        };
+        s.apply(Command::SetFederationState(dc2), 1);
+        let rounds = MAX_REMOTE_VIPS / MAX_REMOTE_SERVICES + 2;
+        for round in 0..rounds {
+            let instances = (0..MAX_REMOTE_SERVICES)
+                .map(|i| {
+                    let mut one = instance("n", &format!("i-{i}"), &format!("s{round}x{i}"));
+                    one.port = 1 + i as u16;
+                    one
+                })
+                .collect();
+            let r = s.apply(
+                Command::SetRemoteInstances {
+                    datacenter: "dc2".into(),
+                    instances,
+                },
+                2 + round as u64,
+            );
+            assert!(matches!(r.0, CommandResult::Applied { .. }), "{:?}", r.0);
+            assert_eq!(s.remote["dc2"].len(), MAX_REMOTE_SERVICES);
+        }
+        let held = s.vips.keys().filter(|k| k.ends_with(".dc2")).count();
+        assert_eq!(held, MAX_REMOTE_VIPS);
+        // A local service still gets one.
+        s.apply(Command::RegisterNode(node("a")), 100);
+        s.apply(Command::RegisterService(instance("a", "web-1", "web")), 101);
+        assert!(s.vips.contains_key("web"));
     }
 
     #[test]
