@@ -28,8 +28,10 @@ pub struct ServerNode {
     pub peers: BTreeMap<NodeId, String>,
     /// The intention default this server applies ("allow" in dev mode).
     pub default_allow: bool,
-    /// Lifetime of leaf certificates, fixed when the CA is created.
-    pub leaf_ttl_secs: u64,
+    /// Lifetime of leaf certificates as the operator set it (`--leaf-ttl`),
+    /// None when not set: the CA is created with it (72 h when None), and
+    /// while this server leads it writes a new setting into the CA.
+    pub leaf_ttl_secs: Option<u64>,
     /// Mutual-TLS channels to peers (forwarded writes, read index, status).
     pub peer_channels: PeerChannels,
     /// This cluster's datacenter: nodes register in it, node identities of

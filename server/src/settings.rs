@@ -65,7 +65,9 @@ pub struct Args {
     /// The range virtual IPs come from.
     #[arg(long)]
     pub vip_cidr: Option<String>,
-    /// Lifetime of leaf certificates (e.g. "72h"), fixed when the CA is created.
+    /// Lifetime of leaf certificates (e.g. "72h"; 72 h when never set): the
+    /// CA is created with it, and a leader started with another writes it
+    /// into the CA (leaves signed from then on have it).
     #[arg(long)]
     pub leaf_ttl: Option<String>,
     /// How long a node's agent may stay silent before its node and every
@@ -160,6 +162,9 @@ pub enum SettingsError {
 
 /// The shortest leaf lifetime: agents renew at about half of it.
 pub const MIN_LEAF_TTL_SECS: u64 = 10;
+/// The longest leaf lifetime (a year, as Consul's): a stolen leaf is
+/// good for its whole lifetime.
+pub const MAX_LEAF_TTL_SECS: u64 = 365 * 24 * 3600;
 /// Default silence after which a node goes critical.
 pub const DEFAULT_NODE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Shortest node timeout: heartbeats every 200 ms at most.
@@ -196,7 +201,8 @@ pub struct Settings {
     pub snapshot_threshold: u64,
     pub raft_trailing_logs: u64,
     pub vip_cidr: Option<String>,
-    pub leaf_ttl_secs: u64,
+    /// `--leaf-ttl`, if set.
+    pub leaf_ttl_secs: Option<u64>,
     /// Silence after which a node goes critical.
     pub node_timeout: std::time::Duration,
     pub datacenter: String,
@@ -294,9 +300,15 @@ impl Settings {
                          (agents renew at half the lifetime)"
                     )));
                 }
-                secs
+                if secs > MAX_LEAF_TTL_SECS {
+                    return Err(SettingsError::Invalid(format!(
+                        "leaf_ttl: {text:?} is longer than a year ({MAX_LEAF_TTL_SECS} s): \
+                         a stolen leaf is good for its whole lifetime"
+                    )));
+                }
+                Some(secs)
             }
-            None => crate::ca::DEFAULT_LEAF_TTL_SECS,
+            None => None,
         };
         let node_timeout = match args.node_timeout.or(file.node_timeout) {
             Some(text) => {
@@ -395,6 +407,11 @@ impl Settings {
                 "primary_gateways: this server is in the primary datacenter; only secondaries name the primary's gateways".into(),
             ));
         }
+        if primary_datacenter != datacenter && leaf_ttl_secs.is_some() {
+            return Err(SettingsError::Invalid(format!(
+                "leaf_ttl: a secondary datacenter's CA, leaf lifetime included, comes from the primary: set it on {primary_datacenter:?}'s servers"
+            )));
+        }
         if primary_datacenter != datacenter && primary_gateways.is_empty() {
             return Err(SettingsError::Invalid(format!(
                 "primary_gateways: a secondary datacenter needs at least one WAN address of a gateway of {primary_datacenter:?} (--primary-gateway)"
@@ -469,6 +486,35 @@ mod tests {
         "--tls-key-file",
         "s-key.pem",
     ];
+
+    #[test]
+    fn a_leaf_ttl_is_bounded_and_the_primarys_to_set() {
+        let s = Settings::resolve(args(&["--dev", "--leaf-ttl", "1h"])).unwrap();
+        assert_eq!(s.leaf_ttl_secs, Some(3600));
+        assert_eq!(
+            Settings::resolve(args(&["--dev"])).unwrap().leaf_ttl_secs,
+            None
+        );
+        for (ttl, says) in [("5s", "shorter than"), ("9000h", "longer than a year")] {
+            let e = Settings::resolve(args(&["--dev", "--leaf-ttl", ttl])).unwrap_err();
+            assert!(e.to_string().contains(says), "{ttl}: {e}");
+        }
+        let e = Settings::resolve(args(&[
+            "--dev",
+            "--datacenter",
+            "dc2",
+            "--primary-datacenter",
+            "dc1",
+            "--primary-gateway",
+            "10.0.0.1:8443",
+            "--federation-addr",
+            "127.0.0.1:8302",
+            "--leaf-ttl",
+            "1h",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("comes from the primary"), "{e}");
+    }
 
     #[test]
     fn production_defaults_to_deny_and_needs_a_data_dir() {

@@ -342,6 +342,12 @@ impl Cluster {
         }
     }
 
+    /// The extra flags every server is started with from now on (a
+    /// restart with another setting).
+    pub fn set_extra_args(&mut self, extra_args: &[&str]) {
+        self.extra_args = extra_args.iter().map(|s| s.to_string()).collect();
+    }
+
     /// SIGKILLs server `id`.
     pub fn kill(&mut self, id: u64) {
         if let Some(mut child) = self.servers[(id - 1) as usize].child.take() {

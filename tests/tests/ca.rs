@@ -92,6 +92,44 @@ fn operator_leaf_shows_spiffe_id_usages_and_validity() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether an operator leaf for web signed now expires within `secs`.
+fn leaf_expires_within(cluster: &Cluster, secs: u64) -> anyhow::Result<bool> {
+    let out = cluster.cli(&["ca", "leaf", "web"])?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("leaf.pem"), &out)?;
+    let check = Command::new("openssl")
+        .args(["x509", "-noout", "-checkend", &secs.to_string(), "-in"])
+        .arg(dir.path().join("leaf.pem"))
+        .output()?;
+    // openssl says 0 when the certificate outlives the period.
+    Ok(!check.status.success())
+}
+
+/// The operator's answer to a leaked leaf: the servers restarted with a
+/// shorter `--leaf-ttl`. It was read only when the CA was created, so the
+/// leaves went on being signed for 72 h and nothing said so. Now the leader
+/// writes it into the CA, and the next leaves have it.
+#[test]
+fn a_new_leaf_ttl_holds_for_the_leaves_signed_after_it() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(1, &[])?;
+    wait_for_ca(&cluster)?;
+    assert!(!leaf_expires_within(&cluster, 24 * 3600)?, "72 h at first");
+    cluster.kill(1);
+    cluster.set_extra_args(&["--leaf-ttl=1h"]);
+    cluster.start_server(1)?;
+    weft_tests::mesh::wait_until(Duration::from_secs(20), "a leaf of 1 h", || {
+        Ok(leaf_expires_within(&cluster, 2 * 3600)
+            .unwrap_or(false)
+            .then_some(()))
+    })
+    .map_err(|e| e.context(cluster.log(1)))?;
+    assert!(
+        cluster.log(1).contains("--leaf-ttl from now on"),
+        "the change is not logged"
+    );
+    Ok(())
+}
+
 #[test]
 fn csrs_are_signed_only_for_services_on_the_requesting_node() -> anyhow::Result<()> {
     let cluster = Cluster::start(1, &[])?;

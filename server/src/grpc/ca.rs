@@ -205,22 +205,29 @@ impl Ca for CaApi {
     }
 }
 
-/// Runs on every server: whichever leads creates the CA when there is none
-/// and drops retired roots from the bundle.
+/// Runs on every server: whichever leads creates the CA when there is none,
+/// gives it its `--leaf-ttl` when that differs, and drops retired roots
+/// from the bundle.
 pub async fn maintain(node: Arc<ServerNode>) {
     loop {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         if node.raft.current_leader().await != Some(node.id) {
             continue;
         }
-        let (has_ca, expired) = {
+        let (has_ca, expired, ttl) = {
             let state = node.shared.state.read().expect("state lock");
             let now = unix_now();
             (
                 state.ca.is_some(),
                 state.ca.as_ref().is_some_and(|c| c.has_expired_roots(now)),
+                state.ca.as_ref().map(|c| c.leaf_ttl_secs),
             )
         };
+        // An operator's new `--leaf-ttl` (a shorter one after a leak, say)
+        // holds from the next signing on, not only for a new CA.
+        let wanted_ttl = node
+            .leaf_ttl_secs
+            .filter(|wanted| ttl.is_some_and(|t| t != *wanted));
         // A secondary's CA comes from the primary (crate::federation).
         let secondary = node.primary_datacenter != node.datacenter;
         let cmd = if !has_ca && secondary {
@@ -229,7 +236,8 @@ pub async fn maintain(node: Arc<ServerNode>) {
             let cluster_id = format!("{:08x}", rand::random::<u32>());
             match CaState::init(
                 &format!("{cluster_id}.weft"),
-                node.leaf_ttl_secs,
+                node.leaf_ttl_secs
+                    .unwrap_or(crate::ca::DEFAULT_LEAF_TTL_SECS),
                 unix_now(),
             ) {
                 Ok(ca) => Command::CaInit(ca),
@@ -238,14 +246,24 @@ pub async fn maintain(node: Arc<ServerNode>) {
                     continue;
                 }
             }
+        } else if let (Some(secs), false) = (wanted_ttl, secondary) {
+            Command::CaLeafTtl { secs }
         } else if expired {
             Command::CaPrune { now: unix_now() }
         } else {
             tokio::time::sleep(std::time::Duration::from_secs(5)).await;
             continue;
         };
+        let what = match &cmd {
+            Command::CaLeafTtl { secs } => Some(*secs),
+            _ => None,
+        };
         match node.write(cmd).await {
             Ok(index) if !has_ca => tracing::info!(index, "certificate authority created"),
+            Ok(_) if what.is_some() => tracing::info!(
+                leaf_ttl_secs = what,
+                "leaves are signed with this server's --leaf-ttl from now on"
+            ),
             Ok(_) => tracing::info!("retired CA roots removed from the bundle"),
             Err(e) => tracing::debug!("CA maintenance: {e}"),
         }

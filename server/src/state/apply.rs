@@ -456,6 +456,13 @@ impl State {
                 }
                 Ok(vec![self.ca_bundle_change()])
             }
+            Command::CaLeafTtl { secs } => {
+                let Some(ca) = &mut self.ca else {
+                    return Err(invalid("no certificate authority yet".to_string()));
+                };
+                ca.leaf_ttl_secs = secs;
+                Ok(Vec::new())
+            }
             Command::SessionCreate(session) => self.create_session(session, index),
             Command::SessionDestroy { id, now_ms } => {
                 if !self.lock_sessions.contains_key(&id) {

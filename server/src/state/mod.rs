@@ -199,6 +199,10 @@ pub enum Command {
     CaPrune {
         now: i64,
     },
+    /// Leaves signed from now on live `secs` (the leader's `--leaf-ttl`).
+    CaLeafTtl {
+        secs: u64,
+    },
     /// The first management token (refused once bootstrapped).
     AclBootstrap(AclToken),
     AclPolicyUpsert(AclPolicy),
