@@ -386,9 +386,43 @@ fn now_ms() -> i64 {
 /// take, beyond a blocking query's wait.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// HTTP requests one server forwards to other datacenters at once. Each is
+/// a connection through a gateway of this datacenter, which gives one
+/// source address 256 places: unbounded, blocking queries with any known
+/// token (`?dc=dc2&index=…&wait=10m`) took them all, and the federation's
+/// own calls from this server (the other datacenters' instances, the
+/// primary's intentions and ACLs) found none.
+pub const MAX_FORWARDS: usize = 64;
+
+static FORWARDS: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
+    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS)));
+
+/// Why a request was not forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("{MAX_FORWARDS} requests of this server are with other datacenters already: try again later")]
+    Busy,
+    #[error("{0}")]
+    NoAnswer(String),
+}
+
 /// Sends an HTTP API request to datacenter `dc`'s servers (`?dc=`), through
 /// this datacenter's gateways: their answer, or why there is none.
 pub async fn forward(
+    node: &ServerNode,
+    dc: &str,
+    req: proto::ForwardRequest,
+) -> Result<proto::ForwardReply, ForwardError> {
+    let _slot = FORWARDS
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ForwardError::Busy)?;
+    forward_now(node, dc, req)
+        .await
+        .map_err(ForwardError::NoAnswer)
+}
+
+async fn forward_now(
     node: &ServerNode,
     dc: &str,
     req: proto::ForwardRequest,

@@ -447,6 +447,33 @@ fn dc1_reaches_dc2_through_gateways_fails_over_and_keeps_flowing() -> anyhow::Re
         status == 403 && body.contains("datacenter dc2's own"),
         "dc2's own token sent to dc1: {status} {body}"
     );
+    // Blocking queries forwarded at once hold at most MAX_FORWARDS (64) of
+    // the server's connections through its gateway (256 places a source):
+    // the rest are told 429, not queued, and the server's own federation
+    // calls keep their places.
+    let answers: Vec<u16> = std::thread::scope(|scope| {
+        let asks: Vec<_> = (0..80)
+            .map(|_| {
+                scope.spawn(|| {
+                    fed.http_get(0, "/v1/kv/from-dc1?dc=dc2&index=999999999&wait=8s")
+                        .map(|(status, _)| status)
+                })
+            })
+            .collect();
+        asks.into_iter()
+            .map(|a| a.join().expect("a forwarding thread"))
+            .collect::<anyhow::Result<_>>()
+    })?;
+    let busy = answers.iter().filter(|s| **s == 429).count();
+    ensure!(
+        busy >= 16 && answers.iter().all(|s| *s == 429 || *s == 200),
+        "80 blocking queries at once: {answers:?}"
+    );
+    let (status, body) = fed.http_get(0, "/v1/kv/from-dc1?raw&dc=dc2")?;
+    ensure!(
+        status == 200 && body == "hello",
+        "after them: {status} {body}"
+    );
     let service = fed.weft(0, &["catalog", "service", "api", "--dc", "dc2"])?;
     ensure!(
         service.contains("node-b") && service.contains("passing"),

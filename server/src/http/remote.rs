@@ -117,11 +117,14 @@ pub async fn forward(node: &Arc<ServerNode>, call: &Call, dc: &str) -> Answer {
     };
     let reply = crate::federation::forward(node, dc, req)
         .await
-        .map_err(|e| {
-            HttpError::new(
+        .map_err(|e| match e {
+            crate::federation::ForwardError::Busy => {
+                HttpError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+            }
+            crate::federation::ForwardError::NoAnswer(why) => HttpError::new(
                 StatusCode::BAD_GATEWAY,
-                format!("no path to datacenter {dc}: {e}"),
-            )
+                format!("no path to datacenter {dc}: {why}"),
+            ),
         })?;
     let status = u16::try_from(reply.status)
         .ok()
