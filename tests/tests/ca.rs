@@ -269,7 +269,8 @@ fn a_rotation_reaches_watchers_with_both_roots() -> anyhow::Result<()> {
 /// certificate it got with it: presented as the TLS client certificate
 /// without any token, the certificate is the node's identity (its node,
 /// read on services), nothing more: it gets no certificate, not even its
-/// own renewal; a service certificate counts for nothing.
+/// own renewal; a service certificate counts for nothing; and once the
+/// node is deregistered, nothing at all.
 #[test]
 fn a_node_certificate_authenticates_its_node_and_nothing_more() -> anyhow::Result<()> {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -346,6 +347,20 @@ fn a_node_certificate_authenticates_its_node_and_nothing_more() -> anyhow::Resul
             .await
             .unwrap_err();
         assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
+        // The operator takes node-a out (deregisters it): the certificate,
+        // taken from it, no longer speaks for it (it registered node-a
+        // again, at any address, for the rest of its lifetime).
+        CatalogClient::new(cluster.channel(1).await?)
+            .deregister_node(weft_api::proto::DeregisterNodeRequest {
+                name: "node-a".into(),
+            })
+            .await?;
+        let refused = catalog.register_node(node("node-a")).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+        // Its token registers it again, and the certificate speaks for it.
+        with_token.register_node(node("node-a")).await?;
+        catalog.register_node(node("node-a")).await?;
 
         // A service certificate (an operator leaf) is no node's identity.
         let out = cluster.cli(&["--format", "json", "ca", "leaf", "web"])?;

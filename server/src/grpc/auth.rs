@@ -174,8 +174,8 @@ fn resolve(node: &ServerNode, secret: &str) -> Option<Caller> {
 /// certificate of this cluster's mesh CA (the TLS layer checked the chain)
 /// whose SPIFFE id is `spiffe://<td>/ns/default/dc/<this dc>/node/<node>`
 /// gets that node's identity (write on the node, read on services and
-/// nodes), as the node's token would. Any other certificate counts for
-/// nothing.
+/// nodes), as the node's token would, while the node is in the catalog.
+/// Any other certificate counts for nothing.
 fn node_certificate<T>(node: &ServerNode, req: &Request<T>) -> Option<Caller> {
     let certs = req.peer_certs()?;
     let leaf = certs.first()?;
@@ -194,16 +194,26 @@ fn node_certificate<T>(node: &ServerNode, req: &Request<T>) -> Option<Caller> {
     if uris.next().is_some() {
         return None;
     }
-    let trust_domain = {
-        let state = node.shared.state.read().expect("state lock");
-        state.ca.as_ref()?.trust_domain.clone()
-    };
+    let state = node.shared.state.read().expect("state lock");
+    let trust_domain = &state.ca.as_ref()?.trust_domain;
     let prefix = format!(
         "spiffe://{trust_domain}/ns/default/dc/{}/node/",
         node.datacenter
     );
     let name = uri.strip_prefix(&prefix)?;
     weft_api::names::validate_name(name).ok()?;
+    // Only while the node is in the catalog: deregistering it (with its
+    // token deleted) is how an operator takes a node out, and a certificate
+    // taken from it must not go on writing its node (registering it again
+    // at any address, its maintenance) for the rest of its lifetime.
+    if !state.nodes.contains_key(name) {
+        tracing::info!(
+            node = name,
+            "a node certificate of a node not in the catalog: refused"
+        );
+        return None;
+    }
+    drop(state);
     // Not another datacenter's intermediate speaking for this one's node.
     let chain: Vec<&[u8]> = certs[1..].iter().map(|c| c.as_ref()).collect();
     weft_api::spiffe::check_issuer_scope(uri, &chain).ok()?;
