@@ -73,6 +73,8 @@ pub struct Place {
     by_source: BySource,
     source: IpAddr,
     id: u64,
+    /// Taken with [`Places::admit_unproven`].
+    unproven: bool,
     /// Signalled when a newer connection of the source took this place
     /// (only while unproven).
     displaced: Arc<Notify>,
@@ -137,6 +139,7 @@ impl Places {
             by_source: self.by_source.clone(),
             source,
             id,
+            unproven,
             displaced,
         })
     }
@@ -152,11 +155,20 @@ impl Places {
 impl Place {
     /// The connection proved who it is (its TLS handshake is done): its
     /// place is no longer given up to a newer connection of its source.
-    pub fn prove(&self) {
-        let mut by_source = self.by_source.lock().expect("places lock");
-        if let Some(source) = by_source.get_mut(&self.source) {
-            source.unproven.retain(|(id, _)| *id != self.id);
+    /// False when a newer one took it meanwhile (its handshake ended as it
+    /// was displaced): the connection must end all the same, or the source
+    /// would hold one more than its share. Call once.
+    pub fn prove(&self) -> bool {
+        if !self.unproven {
+            return true;
         }
+        let mut by_source = self.by_source.lock().expect("places lock");
+        let Some(source) = by_source.get_mut(&self.source) else {
+            return false;
+        };
+        let before = source.unproven.len();
+        source.unproven.retain(|(id, _)| *id != self.id);
+        source.unproven.len() < before
     }
 
     /// Resolves when a newer connection of the same source took this
@@ -254,8 +266,7 @@ mod tests {
         assert_eq!(places.taken(a), 2);
         // Proven places do not give way: with both proven the source is
         // refused as before.
-        second.prove();
-        third.prove();
+        assert!(second.prove() && third.prove());
         assert_eq!(
             places.admit_unproven(a, 2).unwrap_err(),
             Refused::SourceLimit
@@ -270,9 +281,15 @@ mod tests {
         drop(fourth);
         let _sixth = places.admit_unproven(a, 2).unwrap();
         assert!(!was_displaced(&b));
+        // A place displaced as its handshake ended cannot be proven.
+        let d = ip("10.0.0.4");
+        let racing = places.admit_unproven(d, 1).unwrap();
+        let _newer = places.admit_unproven(d, 1).unwrap();
+        assert!(!racing.prove(), "displaced, then proven");
         // Places taken with `admit` never give way.
         let c = ip("10.0.0.3");
         let held = places.admit(c, 1).unwrap();
+        assert!(held.prove());
         assert_eq!(
             places.admit_unproven(c, 1).unwrap_err(),
             Refused::SourceLimit

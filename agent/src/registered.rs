@@ -280,12 +280,26 @@ impl Registered {
             }
         }
         for check in &self.checks {
+            // Its service: one of the file's, or one registered here.
             let address = (file.services.iter())
                 .find(|s| s.id == check.service_id)
-                .map(|s| s.address);
-            // A check of a service the file no longer has is the
-            // configuration's to refuse, by name, as before.
-            let verdict = address.map_or(Ok(()), |a| check.check.check_target(a, file));
+                .map(|s| Ok(s.address))
+                .or_else(|| {
+                    (kept.services.iter())
+                        .find(|s| s.id() == check.service_id)
+                        .map(|s| {
+                            let text = s.address.as_deref().unwrap_or("127.0.0.1");
+                            text.parse::<IpAddr>()
+                                .map_err(|_| format!("Address {text:?} is not an IP address"))
+                        })
+                });
+            let verdict = match address {
+                Some(Ok(a)) => check.check.check_target(a, file),
+                Some(Err(why)) => Err(why),
+                // A service that is gone: a later registration of its id
+                // would take the check over, never held to these rules.
+                None => Err(format!("service {:?} is no longer here", check.service_id)),
+            };
             match verdict {
                 Ok(()) => kept.checks.push(check.clone()),
                 Err(why) => refused.push(format!(
@@ -636,18 +650,33 @@ port = 8000
             checks: vec![
                 check(r#"{"CheckID":"ok","HTTP":"http://127.0.0.1:8000/health","Interval":"5s"}"#),
                 check(r#"{"CheckID":"out","HTTP":"http://10.9.9.9/","Interval":"5s"}"#),
+                ApiCheck {
+                    service_id: "db-1".into(),
+                    check: serde_json::from_str(
+                        r#"{"CheckID":"db-ok","TCP":"127.0.0.1:5432","Interval":"5s"}"#,
+                    )
+                    .unwrap(),
+                },
+                ApiCheck {
+                    service_id: "gone".into(),
+                    check: serde_json::from_str(r#"{"CheckID":"orphan","TTL":"10s"}"#).unwrap(),
+                },
             ],
         };
         let (admitted, refused) = kept.admitted_by(&file);
         let ids: Vec<&str> = admitted.services.iter().map(|s| s.id()).collect();
         assert_eq!(ids, ["db-1"]);
-        assert_eq!(admitted.checks, vec![kept.checks[0].clone()]);
-        assert_eq!(refused.len(), 4, "{refused:?}");
+        assert_eq!(
+            admitted.checks,
+            vec![kept.checks[0].clone(), kept.checks[2].clone()]
+        );
+        assert_eq!(refused.len(), 5, "{refused:?}");
         for (said, why) in refused.iter().zip([
             "service thief: ",
             "service meta: Address 169.254.169.254",
             "service scan: ",
             "check out of web: ",
+            "check orphan of gone: service \"gone\" is no longer here",
         ]) {
             assert!(said.starts_with(why), "{said}");
         }

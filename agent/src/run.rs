@@ -431,6 +431,7 @@ pub async fn run(
         datacenter: config.datacenter.clone(),
         inbound_port: config.inbound_addr.port(),
         view: view.clone(),
+        own: arc_swap::ArcSwap::from_pointee(config.own_addresses()),
         identities: identities.clone(),
         pool: HbonePool::with_metrics(bundle.clone(), metrics.tunnel())
             .leaving_from(config.advertise_addr),

@@ -192,6 +192,14 @@ impl Running {
                 ids = ?gone,
                 "the configuration file now defines these: their registrations through the local API are dropped"
             );
+        }
+        // Held to the rules against the new file: a port it gives the agent
+        // (an upstream listener) is no instance's any more.
+        let (kept, refused) = kept.admitted_by(&file);
+        for why in &refused {
+            tracing::warn!("a registration through the local API is dropped: {why}");
+        }
+        if !gone.is_empty() || !refused.is_empty() {
             return self.switch_kept(kept).await.map_err(|e| e.to_string());
         }
         let new =
@@ -395,7 +403,8 @@ impl Running {
         // Past the point of no return the new configuration is the running
         // one, even if a last step failed: the next reload starts from what
         // runs (its upstream ports are bound, its services registered).
-        *self.config.write().expect("config lock") = new;
+        *self.config.write().expect("config lock") = new.clone();
+        self.ctx.own.store(Arc::new(new.own_addresses()));
         let summary = plan.summary();
         if let Err(Failed::After(why)) = applied {
             tracing::error!(%summary, "configuration reloaded, but {why}");

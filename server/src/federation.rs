@@ -393,26 +393,65 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 /// own calls from this server (the other datacenters' instances, the
 /// primary's intentions and ACLs) found none.
 pub const MAX_FORWARDS: usize = 64;
+/// Of those, what one token may hold: one caller's blocking queries do not
+/// take the others' share.
+pub const MAX_FORWARDS_PER_TOKEN: usize = 8;
 
 static FORWARDS: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
     std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS)));
+
+static FORWARDS_BY_TOKEN: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, usize>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// One token's forwarded request in flight, counted until dropped.
+struct TokenForward(String);
+
+impl TokenForward {
+    fn take(accessor: &str) -> Option<Self> {
+        let mut by_token = FORWARDS_BY_TOKEN.lock().expect("forwards lock");
+        let held = by_token.entry(accessor.to_string()).or_insert(0);
+        if *held >= MAX_FORWARDS_PER_TOKEN {
+            return None;
+        }
+        *held += 1;
+        Some(TokenForward(accessor.to_string()))
+    }
+}
+
+impl Drop for TokenForward {
+    fn drop(&mut self) {
+        let mut by_token = FORWARDS_BY_TOKEN.lock().expect("forwards lock");
+        if let Some(held) = by_token.get_mut(&self.0) {
+            *held -= 1;
+            if *held == 0 {
+                by_token.remove(&self.0);
+            }
+        }
+    }
+}
 
 /// Why a request was not forwarded.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
     #[error("{MAX_FORWARDS} requests of this server are with other datacenters already: try again later")]
     Busy,
+    #[error("this token has {MAX_FORWARDS_PER_TOKEN} requests with other datacenters already: try again later")]
+    TokenBusy,
     #[error("{0}")]
     NoAnswer(String),
 }
 
-/// Sends an HTTP API request to datacenter `dc`'s servers (`?dc=`), through
-/// this datacenter's gateways: their answer, or why there is none.
+/// Sends an HTTP API request of the token `accessor` to datacenter `dc`'s
+/// servers (`?dc=`), through this datacenter's gateways: their answer, or
+/// why there is none.
 pub async fn forward(
     node: &ServerNode,
     dc: &str,
     req: proto::ForwardRequest,
+    accessor: &str,
 ) -> Result<proto::ForwardReply, ForwardError> {
+    let _token = TokenForward::take(accessor).ok_or(ForwardError::TokenBusy)?;
     let _slot = FORWARDS
         .clone()
         .try_acquire_owned()
@@ -840,10 +879,15 @@ async fn follow_primary_ca(node: &ServerNode, settings: &FederationSettings) -> 
         .is_some_and(|c| c.trust_domain == reply.trust_domain);
     let next = match current.filter(|_| same_domain) {
         Some(c) if !c.needs_intermediate(primary_active, now) => {
-            if c.roots == roots {
+            // The leaf lifetime is the primary's too (`--leaf-ttl` there).
+            if c.roots == roots && c.leaf_ttl_secs == reply.leaf_ttl_secs {
                 return Ok(());
             }
-            CaState { roots, ..c }
+            CaState {
+                roots,
+                leaf_ttl_secs: reply.leaf_ttl_secs,
+                ..c
+            }
         }
         _ => {
             let (csr, key) = crate::ca::intermediate_request(&reply.trust_domain, &node.datacenter)

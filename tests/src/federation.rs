@@ -335,15 +335,39 @@ impl Federation {
         (method, path): (&str, &str),
         body: Option<&str>,
     ) -> anyhow::Result<(u16, String)> {
+        self.http_within(k, token, (method, path), body, 5)
+    }
+
+    /// `GET path` with `token` on datacenter k's server, given up to
+    /// `max_secs` (a blocking query): the status and the body.
+    pub fn http_get_within(
+        &self,
+        k: usize,
+        token: &str,
+        path: &str,
+        max_secs: u64,
+    ) -> anyhow::Result<(u16, String)> {
+        self.http_within(k, token, ("GET", path), None, max_secs)
+    }
+
+    fn http_within(
+        &self,
+        k: usize,
+        token: &str,
+        (method, path): (&str, &str),
+        body: Option<&str>,
+        max_secs: u64,
+    ) -> anyhow::Result<(u16, String)> {
         let host = format!("server.{}.weft", DCS[k]);
         let resolve = format!("{host}:8500:{}", self.server_ip(k));
         let token = crate::mesh::token_header_in(self.dir.path(), token)?;
         let url = format!("https://{host}:8500{path}");
         let ca = self.path("ca.pem").display().to_string();
+        let max = max_secs.to_string();
         let mut args = vec![
             "-s",
             "-m",
-            "5",
+            &max,
             "-X",
             method,
             "--cacert",
@@ -359,7 +383,12 @@ impl Federation {
             args.extend(["--data-binary", body]);
         }
         args.push(&url);
-        let out = self.run_in(self.lan(k), "curl", &args, Duration::from_secs(10))?;
+        let out = self.run_in(
+            self.lan(k),
+            "curl",
+            &args,
+            Duration::from_secs(max_secs + 5),
+        )?;
         let (body, code) = out
             .stdout
             .rsplit_once('\n')

@@ -448,26 +448,58 @@ fn dc1_reaches_dc2_through_gateways_fails_over_and_keeps_flowing() -> anyhow::Re
         "dc2's own token sent to dc1: {status} {body}"
     );
     // Blocking queries forwarded at once hold at most MAX_FORWARDS (64) of
-    // the server's connections through its gateway (256 places a source):
-    // the rest are told 429, not queued, and the server's own federation
-    // calls keep their places.
-    let answers: Vec<u16> = std::thread::scope(|scope| {
-        let asks: Vec<_> = (0..80)
-            .map(|_| {
-                scope.spawn(|| {
-                    fed.http_get(0, "/v1/kv/from-dc1?dc=dc2&index=999999999&wait=8s")
-                        .map(|(status, _)| status)
+    // the server's connections through its gateway (256 places a source),
+    // and one token at most 8 of those: the rest are told 429, not queued,
+    // and the server's own federation calls keep their places.
+    let mut tokens = vec![kv_token.to_string()];
+    for _ in 0..9 {
+        let created: serde_json::Value = serde_json::from_str(&fed.weft(
+            0,
+            &[
+                "--format", "json", "acl", "token", "create", "--policy", "kv-only",
+            ],
+        )?)?;
+        tokens.push(
+            created["secret_id"]
+                .as_str()
+                .context("no secret")?
+                .to_string(),
+        );
+    }
+    for token in &tokens {
+        wait_until(Duration::from_secs(20), "the token copied to dc2", || {
+            let (status, _) = fed.http_get_as(0, token, "/v1/kv/from-dc1?dc=dc2")?;
+            Ok((status == 200).then_some(()))
+        })?;
+    }
+    // Each waits 15 s: long enough that all of them are open at once.
+    let blocking = "/v1/kv/from-dc1?dc=dc2&index=999999999&wait=15s";
+    let shared = &fed;
+    let ask_all = |asks: Vec<&str>| -> anyhow::Result<Vec<u16>> {
+        std::thread::scope(|scope| {
+            let running: Vec<_> = (asks.into_iter())
+                .map(|token| {
+                    scope.spawn(move || shared.http_get_within(0, token, blocking, 25).map(|a| a.0))
                 })
-            })
-            .collect();
-        asks.into_iter()
-            .map(|a| a.join().expect("a forwarding thread"))
-            .collect::<anyhow::Result<_>>()
-    })?;
-    let busy = answers.iter().filter(|s| **s == 429).count();
+                .collect();
+            running
+                .into_iter()
+                .map(|a| a.join().expect("a forwarding thread"))
+                .collect()
+        })
+    };
+    let count = |answers: &[u16], status: u16| answers.iter().filter(|s| **s == status).count();
+    // Ten tokens, eight queries each: 64 forwarded, 16 refused.
+    let answers = ask_all(tokens.iter().flat_map(|t| [t.as_str(); 8]).collect())?;
     ensure!(
-        busy >= 16 && answers.iter().all(|s| *s == 429 || *s == 200),
-        "80 blocking queries at once: {answers:?}"
+        count(&answers, 200) == 64 && count(&answers, 429) == 16,
+        "80 blocking queries of ten tokens: {answers:?}"
+    );
+    // One token, twenty queries: eight forwarded.
+    let answers = ask_all(vec![tokens[0].as_str(); 20])?;
+    ensure!(
+        count(&answers, 200) == 8 && count(&answers, 429) == 12,
+        "20 blocking queries of one token: {answers:?}"
     );
     let (status, body) = fed.http_get(0, "/v1/kv/from-dc1?raw&dc=dc2")?;
     ensure!(

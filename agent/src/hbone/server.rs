@@ -415,15 +415,17 @@ impl<H: ConnectHandler> Inner<H> {
         };
         tokio::pin!(draining);
         let mut winding_down = false;
-        let handshake = tokio::select! {
-            result = self.handshake(tcp) => result,
-            () = place.displaced() => {
-                debug!(%peer, "hbone: a newer connection of the source took this one's place in its handshake");
-                if let Some(hook) = &self.on_refused {
-                    hook("displaced");
-                }
-                return Err(ServerError::Displaced);
+        let displaced = |inner: &Self| {
+            debug!(%peer, "hbone: a newer connection of the source took this one's place in its handshake");
+            if let Some(hook) = &inner.on_refused {
+                hook("displaced");
             }
+            ServerError::Displaced
+        };
+        let handshake = tokio::select! {
+            biased;
+            () = place.displaced() => return Err(displaced(self)),
+            result = self.handshake(tcp) => result,
         };
         let (tls, peer_id) = match handshake {
             Ok(ok) => ok,
@@ -432,8 +434,11 @@ impl<H: ConnectHandler> Inner<H> {
                 return Err(e);
             }
         };
-        // The peer proved who it is: its place is its own until it ends.
-        place.prove();
+        // The peer proved who it is: its place is its own until it ends,
+        // unless a newer connection took it as the handshake ended.
+        if !place.prove() {
+            return Err(displaced(self));
+        }
         // No new tunnels once the peer's certificate has expired: the
         // connection is told to go away (open tunnels run to their end).
         let (_, session) = tls.get_ref();

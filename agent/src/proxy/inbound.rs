@@ -96,6 +96,12 @@ pub async fn admit(
 ) -> Result<Counted<Upstream>, Refusal> {
     // Metrics and logs name an unauthenticated source so.
     let label = ProxyContext::source_label(&source);
+    if crate::config::is_among(&ctx.own.load(), target.ip(), target.port()) {
+        tracing::warn!(%peer, source = label, %target, "refused: a tunnel to one of the agent's own ports");
+        return Err(Refusal::forbidden(format!(
+            "{target} is one of this agent's own ports"
+        )));
+    }
     // One snapshot of the view decides the tunnel.
     let (destination, plan) = {
         let view = ctx.view.load();

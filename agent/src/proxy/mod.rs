@@ -35,6 +35,10 @@ pub struct ProxyContext {
     /// The port other agents take tunnels on (ours, and theirs).
     pub inbound_port: u16,
     pub view: Arc<SharedView>,
+    /// The agent's own addresses ([`crate::config::AgentConfig::own_addresses`],
+    /// kept current by reloads): a tunnel never reaches one, whatever
+    /// instance the catalog has there.
+    pub own: arc_swap::ArcSwap<Vec<SocketAddr>>,
     pub identities: Arc<Identities>,
     pub pool: HbonePool,
     pub metrics: Arc<AgentMetrics>,

@@ -101,6 +101,7 @@ fn agent(ca: &TestCa, node: &str, inbound_port: u16, view: View, services: &[&st
         datacenter: "dc1".into(),
         inbound_port,
         view: Arc::new(SharedView::new(view)),
+        own: Default::default(),
         identities: Arc::new(identities),
         pool: HbonePool::with_metrics(ca.bundle(), metrics.tunnel()),
         metrics,
@@ -207,6 +208,34 @@ async fn the_destinations_agent_refuses_what_its_view_denies() {
     a.ctx.view.publish(&mut view(&ca, api, "deny"));
     assert!(call(upstream, b"again").await.is_err());
     assert_eq!(peers.lock().unwrap().len(), 1, "a denied call left node a");
+    echo.abort();
+}
+
+/// The attack: an instance in the catalog at one of node b's agent's own
+/// ports (its local API, admin, an upstream listener), which a tunnel then
+/// reached from the agent itself: the admin's loopback-only `/config`, or
+/// the listener's service carrying the caller. Refused, whatever the
+/// catalog says, and the ports follow the agent's configuration.
+#[tokio::test]
+async fn a_tunnel_never_reaches_the_agents_own_ports() {
+    let ca = TestCa::new("test CA");
+    let (api, echo) = echo_on_b().await;
+    let (b, b_inbound, peers) = node_b(&ca, view(&ca, api, "allow")).await;
+    let (_a, upstream) = node_a(&ca, b_inbound, view(&ca, api, "allow")).await;
+    b.ctx.own.store(Arc::new(vec![api]));
+    assert!(
+        call(upstream, b"to the agent").await.is_err(),
+        "a tunnel reached the agent's own port"
+    );
+    assert_eq!(
+        peers.lock().unwrap().len(),
+        1,
+        "refused after the handshake"
+    );
+    // Given up (a reload moved the port), the instance there is reached.
+    b.ctx.own.store(Arc::new(Vec::new()));
+    let back = call(upstream, b"to api").await.unwrap();
+    assert_eq!(back, b"to api");
     echo.abort();
 }
 

@@ -115,10 +115,10 @@ pub async fn forward(node: &Arc<ServerNode>, call: &Call, dc: &str) -> Answer {
         index,
         wait_ms: wait.as_millis() as u64,
     };
-    let reply = crate::federation::forward(node, dc, req)
+    let reply = crate::federation::forward(node, dc, req, &caller.accessor)
         .await
         .map_err(|e| match e {
-            crate::federation::ForwardError::Busy => {
+            crate::federation::ForwardError::Busy | crate::federation::ForwardError::TokenBusy => {
                 HttpError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
             }
             crate::federation::ForwardError::NoAnswer(why) => HttpError::new(
