@@ -553,7 +553,8 @@ struct RawGateway {
 fn gateway(raw: &RawGateway) -> Result<GatewayConfig, Invalid> {
     let addr = |field: &str, value: &str| -> Result<SocketAddr, Invalid> {
         let a = socket_addr(field, value)?;
-        if a.ip().is_unspecified() || a.port() == 0 {
+        // `[::ffff:0.0.0.0]` binds every IPv4 address as 0.0.0.0 does.
+        if a.ip().to_canonical().is_unspecified() || a.port() == 0 {
             return Err(invalid(
                 field,
                 format!("{value:?}: a gateway's address is advertised, so it needs a definite IP and port"),
@@ -1515,6 +1516,8 @@ data_dir = "/var/lib/weft-agent"
             );
         }
         assert!(with("10.77.0.2:8443", "203.0.113.5:8443").is_ok());
+        let e = with("[::ffff:0.0.0.0]:8443", "203.0.113.5:8443").unwrap_err();
+        assert!(e.to_string().contains("definite IP"), "{e}");
     }
 
     fn parse(text: &str) -> Result<AgentConfig, ConfigError> {

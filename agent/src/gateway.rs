@@ -58,7 +58,10 @@ pub fn per_client_limit(
     ip: std::net::IpAddr,
     federation: &std::collections::BTreeMap<String, Vec<std::net::SocketAddr>>,
 ) -> usize {
-    let gateway = || federation.values().flatten().any(|a| a.ip() == ip);
+    // Compared canonically: on a dual-stack socket an IPv4 peer arrives
+    // v4-mapped, and federation states hold IPv4 addresses as such.
+    let ip = ip.to_canonical();
+    let gateway = || (federation.values().flatten()).any(|a| a.ip().to_canonical() == ip);
     match side {
         Side::Wan if gateway() => MAX_PER_CLIENT * REMOTE_GATEWAY_FACTOR,
         _ => MAX_PER_CLIENT,
@@ -419,6 +422,9 @@ mod tests {
         let stranger: std::net::IpAddr = "192.0.2.8".parse().unwrap();
         let wan = MAX_PER_CLIENT * REMOTE_GATEWAY_FACTOR;
         assert_eq!(per_client_limit(Side::Wan, gateway, &federation), wan);
+        // As a dual-stack socket gives it.
+        let mapped: std::net::IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(per_client_limit(Side::Wan, mapped, &federation), wan);
         assert_eq!(
             per_client_limit(Side::Wan, stranger, &federation),
             MAX_PER_CLIENT

@@ -230,6 +230,7 @@ impl ServerNode {
             last_log_term: last_log.map_or(0, |id| id.leader_id.term),
             leader_silence_ms: leader_silence.as_millis() as u64,
             applies_batches: true,
+            applies_leaf_ttl: true,
         }
     }
 

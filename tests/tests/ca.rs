@@ -358,6 +358,17 @@ fn a_node_certificate_authenticates_its_node_and_nothing_more() -> anyhow::Resul
             .await?;
         let refused = catalog.register_node(node("node-a")).await.unwrap_err();
         assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+        // Nor for an external node of that name (no agent's).
+        let reply = cluster.http(
+            1,
+            "PUT",
+            "/v1/catalog/register",
+            Some(&cluster.token),
+            Some(br#"{"Node": "node-a", "Address": "10.0.0.1"}"#),
+        )?;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let refused = catalog.register_node(node("node-a")).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
         // Its token registers it again, and the certificate speaks for it.
         with_token.register_node(node("node-a")).await?;
         catalog.register_node(node("node-a")).await?;

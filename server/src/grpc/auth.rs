@@ -206,10 +206,14 @@ fn node_certificate<T>(node: &ServerNode, req: &Request<T>) -> Option<Caller> {
     // token deleted) is how an operator takes a node out, and a certificate
     // taken from it must not go on writing its node (registering it again
     // at any address, its maintenance) for the rest of its lifetime.
-    if !state.nodes.contains_key(name) {
+    // An external node (registered through the catalog API) of that name
+    // is no agent's: no certificate speaks for it.
+    let registered =
+        (state.nodes.get(name)).is_some_and(|n| !weft_api::catalog_register::is_external(n));
+    if !registered {
         tracing::info!(
             node = name,
-            "a node certificate of a node not in the catalog: refused"
+            "a node certificate of a node no agent has in the catalog: refused"
         );
         return None;
     }

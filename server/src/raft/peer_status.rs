@@ -29,6 +29,10 @@ pub struct PeerStatus {
     /// version would fail on one).
     #[serde(default)]
     pub applies_batches: bool,
+    /// Whether this server applies `Command::CaLeafTtl`: the leader writes
+    /// one only once every voter says so.
+    #[serde(default)]
+    pub applies_leaf_ttl: bool,
 }
 
 impl PeerStatus {

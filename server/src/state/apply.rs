@@ -374,22 +374,32 @@ impl State {
                 // (`api.service.dc2.weft`), kept as local ones are, up to
                 // MAX_REMOTE_VIPS for the datacenter; all or none, before
                 // anything changes.
-                let held = (self.vips.keys())
-                    .filter(|key| weft_api::vip::split_key(key).1 == Some(datacenter.as_str()))
-                    .count();
-                let room = weft_api::federation::MAX_REMOTE_VIPS.saturating_sub(held);
                 let wanting: Vec<String> = services
                     .iter()
                     .map(|service| weft_api::vip::remote_key(service, &datacenter))
                     .filter(|key| !self.vips.contains_key(key))
                     .collect();
+                let held = if wanting.is_empty() {
+                    0
+                } else {
+                    (self.vips.keys())
+                        .filter(|key| weft_api::vip::split_key(key).1 == Some(datacenter.as_str()))
+                        .count()
+                };
+                let cap = weft_api::federation::MAX_REMOTE_VIPS;
+                let room = cap.saturating_sub(held);
                 if wanting.len() > room {
-                    tracing::warn!(
-                        datacenter = %datacenter,
-                        held,
-                        without = wanting.len() - room,
-                        "another datacenter's services have taken every virtual IP kept for them: new ones get none"
-                    );
+                    // Loud once, as the datacenter reaches its bound (each
+                    // answer after would say it again every 2 s).
+                    if held < cap {
+                        tracing::warn!(
+                            datacenter = %datacenter,
+                            without = wanting.len() - room,
+                            "another datacenter's services have taken every virtual IP kept for them ({cap}): new ones get none"
+                        );
+                    } else {
+                        tracing::debug!(datacenter = %datacenter, without = wanting.len(), "no virtual IP left for another datacenter's new services");
+                    }
                 }
                 let new: Vec<String> = wanting.into_iter().take(room).collect();
                 let vips = self.allocate_vips(new.len())?;
