@@ -266,6 +266,10 @@ impl Running {
         service_id: &str,
         check: RegisteredCheck,
     ) -> Result<String, RegistrationError> {
+        // Checked under the lock reloads take, against the configuration
+        // that runs: a reload between a check and the switch would
+        // otherwise see a registration it never held to its rules.
+        let _one = self.reloading.lock().await;
         let config = self.config();
         let address = (config.services.iter())
             .find(|s| s.id == service_id)
@@ -274,7 +278,6 @@ impl Running {
         check
             .check_target(address, &config)
             .map_err(RegistrationError::Invalid)?;
-        let _one = self.reloading.lock().await;
         let mut kept = self.kept();
         // Only this service's check of that id is replaced.
         kept.checks
@@ -322,10 +325,11 @@ impl Running {
         service: RegisteredService,
         replacing: Option<String>,
     ) -> Result<String, RegistrationError> {
+        // Under the reload lock, as for checks.
+        let _one = self.reloading.lock().await;
         service
             .check_addresses(&self.config())
             .map_err(RegistrationError::Invalid)?;
-        let _one = self.reloading.lock().await;
         let mut kept = self.kept();
         let id = service.id().to_string();
         let current = kept.services.iter().find(|r| r.id() == id);
@@ -396,8 +400,15 @@ impl Running {
             return Ok(plan.summary());
         }
         let new = Arc::new(new);
+        // The new upstream ports are the agent's before they listen (the
+        // kernel queues connections from the bind on): both sets while the
+        // switch runs, the old alone if it fails before its end.
+        let mut both = old.own_addresses();
+        both.extend(new.own_addresses());
+        self.ctx.own.store(Arc::new(both));
         let applied = self.apply(&old, &new, &plan).await;
         if let Err(Failed::Before(why)) = applied {
+            self.ctx.own.store(Arc::new(old.own_addresses()));
             return Err(Failed::Before(why));
         }
         // Past the point of no return the new configuration is the running

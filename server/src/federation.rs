@@ -394,8 +394,9 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 /// primary's intentions and ACLs) found none.
 pub const MAX_FORWARDS: usize = 64;
 /// Of those, what one token may hold: one caller's blocking queries do not
-/// take the others' share.
-pub const MAX_FORWARDS_PER_TOKEN: usize = 8;
+/// take the others' share (a quarter: clients sharing a token, as a fleet
+/// of Prometheus servers may, still get 16 at once).
+pub const MAX_FORWARDS_PER_TOKEN: usize = MAX_FORWARDS / 4;
 
 static FORWARDS: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
     std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS)));

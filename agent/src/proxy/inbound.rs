@@ -96,12 +96,6 @@ pub async fn admit(
 ) -> Result<Counted<Upstream>, Refusal> {
     // Metrics and logs name an unauthenticated source so.
     let label = ProxyContext::source_label(&source);
-    if crate::config::is_among(&ctx.own.load(), target.ip(), target.port()) {
-        tracing::warn!(%peer, source = label, %target, "refused: a tunnel to one of the agent's own ports");
-        return Err(Refusal::forbidden(format!(
-            "{target} is one of this agent's own ports"
-        )));
-    }
     // One snapshot of the view decides the tunnel.
     let (destination, plan) = {
         let view = ctx.view.load();
@@ -111,6 +105,14 @@ pub async fn admit(
                 format!("no local service instance at {target}"),
             ));
         };
+        // Looked at after the instance, so that a peer learns nothing of
+        // the agent's ports by probing (404 wherever no instance is).
+        if crate::config::is_among(&ctx.own.load(), target.ip(), target.port()) {
+            tracing::warn!(%peer, source = label, %target, service = %instance.service, "refused: an instance in the catalog at one of the agent's own ports");
+            return Err(Refusal::forbidden(format!(
+                "{target} is one of this agent's own ports"
+            )));
+        }
         let plan = plan::connection(&view, ctx.caller(&source), &instance.service);
         (instance.service.clone(), plan)
     };
