@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 use rcgen::{CertificateParams, KeyPair, SanType};
 use tonic::Code;
 use weft_api::proto::ca_client::CaClient;
@@ -127,6 +127,68 @@ fn a_new_leaf_ttl_holds_for_the_leaves_signed_after_it() -> anyhow::Result<()> {
         cluster.log(1).contains("--leaf-ttl from now on"),
         "the change is not logged"
     );
+    Ok(())
+}
+
+/// The attack: a token deleted on the leader still got certificates from a
+/// follower that had not yet applied the deletion, since the token was
+/// checked against the follower's state before its read barrier. Now it is
+/// judged again once the barrier has brought the follower up to date.
+#[test]
+fn a_token_deleted_on_the_leader_gets_nothing_from_a_lagging_follower() -> anyhow::Result<()> {
+    use weft_api::proto::IssueLeafRequest;
+    let cluster = Cluster::start_linked(3, &[])?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(15))?;
+    wait_for_ca(&cluster)?;
+    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+    cluster.cli(&[
+        "acl",
+        "policy",
+        "create",
+        "--name",
+        "web-leaf",
+        "--rules",
+        r#"service "web" { policy = "write" }"#,
+    ])?;
+    let created: serde_json::Value = serde_json::from_str(&cluster.cli(&[
+        "--format", "json", "acl", "token", "create", "--policy", "web-leaf",
+    ])?)?;
+    let secret = created["secret_id"].as_str().context("secret")?.to_string();
+    let accessor = created["accessor_id"]
+        .as_str()
+        .context("accessor")?
+        .to_string();
+    let rt = tokio::runtime::Runtime::new()?;
+    let client = rt.block_on(cluster.channel_as(follower, Some(&secret)))?;
+    let leaf = move || {
+        let mut ca = CaClient::new(client.clone());
+        async move {
+            ca.issue_leaf(IssueLeafRequest {
+                service: "web".into(),
+                datacenter: String::new(),
+            })
+            .await
+        }
+    };
+    // The follower knows the token and signs for it.
+    rt.block_on(leaf())?;
+    cluster.isolate(follower);
+    let out = cluster.cli_at(
+        cluster.grpc_addr(leader),
+        &["acl", "token", "delete", &accessor],
+    );
+    ensure!(
+        out.status.success(),
+        "delete: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Asked while cut off: its own state still has the token, and its read
+    // barrier waits for the leader, which it hears again a moment later.
+    let asked = rt.spawn(leaf());
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.rejoin(follower);
+    let refused = rt.block_on(asked)?.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
     Ok(())
 }
 

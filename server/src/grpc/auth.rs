@@ -307,6 +307,22 @@ fn token_presented<T>(req: &Request<T>) -> Result<Option<&str>, Status> {
     secret_of(req).map(Some).ok_or_else(malformed_token)
 }
 
+/// The caller again, from this server's state as it is now: called after a
+/// read barrier brought the state up to the leader's, it sees a token
+/// deleted, or its policies narrowed, a moment before on the leader, which
+/// the first check (from what this server had applied, a follower lagging)
+/// did not. `secret` is the request's token (None: authenticated by its
+/// certificate, kept as it was).
+pub fn again(node: &ServerNode, secret: Option<&str>, caller: Caller) -> Result<Caller, Status> {
+    let Some(secret) = secret else {
+        return Ok(caller);
+    };
+    let mut now = resolve(node, secret)
+        .ok_or_else(|| Status::unauthenticated("ACL token not found (deleted meanwhile)"))?;
+    now.request = caller.request;
+    Ok(now)
+}
+
 /// Authenticates a request. A token this server does not know yet may have
 /// been created through another server a moment ago: it is looked up once
 /// more after a linearizable read barrier before it is refused (one such

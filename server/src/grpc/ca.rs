@@ -84,6 +84,7 @@ impl Ca for CaApi {
         req: Request<proto::SignRequest>,
     ) -> Result<Response<proto::SignedLeaf>, Status> {
         let caller = caller(&self.0, &req).await?;
+        let secret = super::auth::secret_of(&req).map(str::to_owned);
         let r = req.into_inner();
         if caller.by_certificate {
             // A certificate that renewed itself would outlive the token an
@@ -92,14 +93,17 @@ impl Ca for CaApi {
                 "a node certificate does not get certificates: sign with the node's token",
             ));
         }
-        if r.service.is_empty() {
-            caller.require(Resource::Node(&r.node), Access::Write)?;
-        } else {
-            // A service identity is the service's, wherever it runs:
-            // service:write on it is what Consul asks and what IssueLeaf
-            // asks; the service must still be on the node named.
-            caller.require(Resource::Service(&r.service), Access::Write)?;
-        }
+        let rights = |caller: &super::auth::Caller| {
+            if r.service.is_empty() {
+                caller.require(Resource::Node(&r.node), Access::Write)
+            } else {
+                // A service identity is the service's, wherever it runs:
+                // service:write on it is what Consul asks and what IssueLeaf
+                // asks; the service must still be on the node named.
+                caller.require(Resource::Service(&r.service), Access::Write)
+            }
+        };
+        rights(&caller)?;
         validate_name(&r.node).map_err(|e| invalid(format!("node: {e}")))?;
         if !r.service.is_empty() {
             validate_name(&r.service).map_err(|e| invalid(format!("service: {e}")))?;
@@ -114,6 +118,10 @@ impl Ca for CaApi {
             Some((s.ca.clone(), node.datacenter.clone(), on_node, external))
         })
         .await?;
+        // The read barrier brought this server up to the leader: the token
+        // is judged again as it is now.
+        let caller = super::auth::again(&self.0, secret.as_deref(), caller)?;
+        rights(&caller)?;
         let Some((ca, dc, on_node, external)) = found else {
             return Err(Status::permission_denied(format!(
                 "node {:?} is not registered",
@@ -151,6 +159,7 @@ impl Ca for CaApi {
         req: Request<proto::IssueLeafRequest>,
     ) -> Result<Response<proto::SignedLeaf>, Status> {
         let caller = caller(&self.0, &req).await?;
+        let secret = super::auth::secret_of(&req).map(str::to_owned);
         let r = req.into_inner();
         caller.require(Resource::Service(&r.service), Access::Write)?;
         validate_name(&r.service).map_err(|e| invalid(format!("service: {e}")))?;
@@ -168,6 +177,9 @@ impl Ca for CaApi {
         let ca = read(&self.0, None, |s| s.ca.clone())
             .await?
             .ok_or_else(|| ca_status(CaError::NotInitialized))?;
+        // Judged again after the read barrier, as Sign does.
+        let caller = super::auth::again(&self.0, secret.as_deref(), caller)?;
+        caller.require(Resource::Service(&r.service), Access::Write)?;
         let spiffe_id = ca.service_id(&dc, &r.service);
         let (leaf, key) = ca
             .issue_leaf(&spiffe_id, &r.service, unix_now())
