@@ -73,11 +73,9 @@ pub struct Place {
     by_source: BySource,
     source: IpAddr,
     id: u64,
-    /// Taken with [`Places::admit_unproven`].
-    unproven: bool,
-    /// Signalled when a newer connection of the source took this place
-    /// (only while unproven).
-    displaced: Arc<Notify>,
+    /// Signalled when a newer connection of the source took this place;
+    /// None for a place taken with [`Places::admit`], which never gives way.
+    displaced: Option<Arc<Notify>>,
 }
 
 impl Places {
@@ -130,16 +128,16 @@ impl Places {
         }
         entry.held += 1;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let displaced = Arc::new(Notify::new());
-        if unproven {
-            entry.unproven.push_back((id, displaced.clone()));
-        }
+        let displaced = unproven.then(|| {
+            let signal = Arc::new(Notify::new());
+            entry.unproven.push_back((id, signal.clone()));
+            signal
+        });
         Ok(Place {
             _all: all,
             by_source: self.by_source.clone(),
             source,
             id,
-            unproven,
             displaced,
         })
     }
@@ -159,7 +157,7 @@ impl Place {
     /// was displaced): the connection must end all the same, or the source
     /// would hold one more than its share. Call once.
     pub fn prove(&self) -> bool {
-        if !self.unproven {
+        if self.displaced.is_none() {
             return true;
         }
         let mut by_source = self.by_source.lock().expect("places lock");
@@ -175,7 +173,10 @@ impl Place {
     /// unproven place: the connection must end. Never for a proven place,
     /// or one taken with [`Places::admit`].
     pub async fn displaced(&self) {
-        self.displaced.notified().await
+        match &self.displaced {
+            Some(signal) => signal.notified().await,
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -184,7 +185,9 @@ impl Drop for Place {
         let mut by_source = self.by_source.lock().expect("places lock");
         if let Some(source) = by_source.get_mut(&self.source) {
             source.held -= 1;
-            source.unproven.retain(|(id, _)| *id != self.id);
+            if self.displaced.is_some() {
+                source.unproven.retain(|(id, _)| *id != self.id);
+            }
             if source.held == 0 {
                 by_source.remove(&self.source);
             }

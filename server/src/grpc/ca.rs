@@ -253,11 +253,14 @@ pub async fn maintain(node: Arc<ServerNode>) {
         };
         // An operator's new `--leaf-ttl` (a shorter one after a leak, say)
         // holds from the next signing on, not only for a new CA.
-        let wanted_ttl = node
-            .leaf_ttl_secs
-            .filter(|wanted| ttl.is_some_and(|t| t != *wanted));
         // A secondary's CA comes from the primary (crate::federation).
         let secondary = node.primary_datacenter != node.datacenter;
+        let new_ttl = match node.leaf_ttl_secs {
+            Some(wanted) if !secondary && ttl.is_some_and(|t| t != wanted) => {
+                every_voter_applies_leaf_ttl(&node).await.then_some(wanted)
+            }
+            _ => None,
+        };
         let cmd = if !has_ca && secondary {
             continue;
         } else if !has_ca {
@@ -274,11 +277,7 @@ pub async fn maintain(node: Arc<ServerNode>) {
                     continue;
                 }
             }
-        } else if let (Some(secs), false, true) = (
-            wanted_ttl,
-            secondary,
-            wanted_ttl.is_some() && every_voter_applies_leaf_ttl(&node).await,
-        ) {
+        } else if let Some(secs) = new_ttl {
             Command::CaLeafTtl { secs }
         } else if expired {
             Command::CaPrune { now: unix_now() }
@@ -286,14 +285,10 @@ pub async fn maintain(node: Arc<ServerNode>) {
             tokio::time::sleep(std::time::Duration::from_secs(5)).await;
             continue;
         };
-        let what = match &cmd {
-            Command::CaLeafTtl { secs } => Some(*secs),
-            _ => None,
-        };
         match node.write(cmd).await {
             Ok(index) if !has_ca => tracing::info!(index, "certificate authority created"),
-            Ok(_) if what.is_some() => tracing::info!(
-                leaf_ttl_secs = what,
+            Ok(_) if new_ttl.is_some() => tracing::info!(
+                leaf_ttl_secs = new_ttl,
                 "leaves are signed with this server's --leaf-ttl from now on"
             ),
             Ok(_) => tracing::info!("retired CA roots removed from the bundle"),
