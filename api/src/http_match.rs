@@ -13,6 +13,15 @@
 //!   servers that map names CGI-style read as `x-user`, or padded with
 //!   spaces, which HTTP/2 lets through) neither hides it from a deny on
 //!   `admin` nor smuggles it past an allow on `reader`.
+//! - The path and the method are read the same way by intentions
+//!   ([`path_readings`], [`method_readings`]): the path as sent and without
+//!   the parameters of its segments (`/admin;x/users`, which Tomcat, Jetty
+//!   and Spring serve as `/admin/users`), the method as sent and as the
+//!   override headers (`X-HTTP-Method-Override`, …) and `_method` name it;
+//!   for a deny also the path with a final `/` added or removed, compared
+//!   without regard to case (servers that route without regard to either),
+//!   and `GET` for a `HEAD` (servers run a GET handler for HEAD). A deny
+//!   matches if any reading does, an allow only if all do.
 //! - A header rule has exactly one of `Present`, `Exact`, `Prefix`, `Suffix`,
 //!   `Regex`. `Invert` negates the rule, but a missing header only ever matches a
 //!   `Present` rule with `Invert` (Envoy: an absent header never matches a value
@@ -24,6 +33,8 @@
 //!   matched on its first value, as Envoy's query matcher does.
 //! - A regex is compiled once, when the rule is read ([`FullMatch`]), not
 //!   per request.
+
+use std::borrow::Cow;
 
 use regex::Regex;
 use serde::{Deserialize, Serialize};
@@ -95,25 +106,24 @@ impl Request {
     /// [`header_values`](Self::header_values), `_` and `-` in names taken
     /// as the same (CGI-style servers read `X_User` as `x-user`).
     fn header_values_loosely(&self, name: &str) -> Vec<&str> {
-        let same = |a: &str| {
-            a.len() == name.len()
-                && a.bytes().zip(name.bytes()).all(|(x, y)| {
-                    let fold = |c: u8| {
-                        if c == b'_' {
-                            b'-'
-                        } else {
-                            c.to_ascii_lowercase()
-                        }
-                    };
-                    fold(x) == fold(y)
-                })
-        };
         self.headers
             .iter()
-            .filter(|(k, _)| same(k))
+            .filter(|(k, _)| same_name_loosely(k, name))
             .map(|(_, v)| v.as_str())
             .collect()
     }
+}
+
+/// Header names `a` and `b` alike but for ASCII case and `_` for `-`.
+fn same_name_loosely(a: &str, b: &str) -> bool {
+    let fold = |c: u8| {
+        if c == b'_' {
+            b'-'
+        } else {
+            c.to_ascii_lowercase()
+        }
+    };
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
 }
 
 /// The readings an instance may take of header `name` sent as `values`:
@@ -151,6 +161,82 @@ pub fn readings(name: &str, values: &[&str], broad: bool) -> Vec<String> {
             };
             add(host.trim_end_matches('.'));
         }
+    }
+    out
+}
+
+/// Headers and the query parameter frameworks take as the request's real
+/// method (Express's `method-override`, Rails and Laravel, Symfony, …).
+const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+const METHOD_OVERRIDE_PARAM: &str = "_method";
+
+/// The readings an instance may take of a request's (normalized) path: as
+/// it is, and with each segment's parameters cut (`/admin;x=1/users` is
+/// `/admin/users` to Tomcat, Jetty and Spring); with `broad` (a deny's)
+/// also each with a final `/` added or removed (servers that route without
+/// regard to it). A deny also compares them without regard to case
+/// ([`HttpMatch::matches_read`]). The first reading is the path itself.
+pub fn path_readings(path: &str, broad: bool) -> Vec<Cow<'_, str>> {
+    let mut out = vec![Cow::Borrowed(path)];
+    let add = |out: &mut Vec<Cow<'_, str>>, reading: String| {
+        if !out.iter().any(|o| *o == reading) {
+            out.push(Cow::Owned(reading));
+        }
+    };
+    if path.contains(';') {
+        let cut: Vec<&str> = (path.split('/'))
+            .map(|segment| segment.split(';').next().unwrap_or(""))
+            .collect();
+        let cut = cut.join("/");
+        // A segment that was only parameters leaves `//`: merged, as the
+        // path was.
+        let cut = match crate::path::normalize_path(&cut) {
+            Ok(normal) => normal.into_owned(),
+            Err(_) => cut,
+        };
+        add(&mut out, cut);
+    }
+    if broad {
+        for i in 0..out.len() {
+            let toggled = match out[i].strip_suffix('/') {
+                Some("") => continue,
+                Some(without) => without.to_string(),
+                None => format!("{}/", out[i]),
+            };
+            add(&mut out, toggled);
+        }
+    }
+    out
+}
+
+/// The readings an instance may take of a request's method: as sent, and
+/// as each method-override header (`_` for `-` in its name too) or
+/// `_method` query parameter names it (upper case); with `broad` (a
+/// deny's) also `GET` for a `HEAD`, whose handler most servers run for it.
+/// The first reading is the method itself. (A `_method` in a form body is
+/// not read: bodies are not judged.)
+pub fn method_readings(request: &Request, broad: bool) -> Vec<Cow<'_, str>> {
+    let mut out = vec![Cow::Borrowed(request.method.as_str())];
+    let overrides = (request.headers.iter())
+        .filter(|(name, _)| (METHOD_OVERRIDE_HEADERS.iter()).any(|h| same_name_loosely(h, name)))
+        .flat_map(|(_, value)| value.split(','))
+        .chain(
+            (request.query.iter())
+                .filter(|(name, _)| name == METHOD_OVERRIDE_PARAM)
+                .map(|(_, value)| value.as_str()),
+        );
+    for value in overrides {
+        let method = value.trim_matches([' ', '\t']).to_ascii_uppercase();
+        if !method.is_empty() && !out.iter().any(|o| *o == method) {
+            out.push(Cow::Owned(method));
+        }
+    }
+    if broad && out.iter().any(|m| m == "HEAD") && !out.iter().any(|m| m == "GET") {
+        out.push(Cow::Borrowed("GET"));
     }
     out
 }
@@ -397,39 +483,32 @@ impl HttpMatch {
         request: &Request,
         repeated: Repeated,
     ) -> Result<bool, HttpMatchError> {
-        if let Some(exact) = &self.path_exact {
-            let Some(exact) = exact.normal() else {
-                return Ok(false);
+        let has_path_rule =
+            self.path_exact.is_some() || self.path_prefix.is_some() || self.path_regex.is_some();
+        if has_path_rule {
+            let paths = match repeated {
+                Repeated::Joined => vec![Cow::Borrowed(request.path.as_str())],
+                Repeated::AnyReading => path_readings(&request.path, true),
+                Repeated::EveryReading => path_readings(&request.path, false),
             };
-            let same = if self.case_insensitive {
-                request.path.eq_ignore_ascii_case(exact)
-            } else {
-                request.path == *exact
-            };
-            if !same {
+            // A deny reads the path without regard to case too (servers
+            // that route so): `/ADMIN/x` is under a deny of `/Admin/`.
+            let fold = repeated == Repeated::AnyReading;
+            if !holds(repeated, &paths, |path| self.path_matches(path, fold))? {
                 return Ok(false);
             }
         }
-        if let Some(prefix) = &self.path_prefix {
-            let Some(prefix) = prefix.normal() else {
-                return Ok(false);
+        if !self.methods.is_empty() {
+            let methods = match repeated {
+                Repeated::Joined => vec![Cow::Borrowed(request.method.as_str())],
+                Repeated::AnyReading => method_readings(request, true),
+                Repeated::EveryReading => method_readings(request, false),
             };
-            let starts = match request.path.get(..prefix.len()) {
-                Some(head) if self.case_insensitive => head.eq_ignore_ascii_case(prefix),
-                Some(head) => head == prefix,
-                None => false,
-            };
-            if !starts {
+            let listed =
+                |method: &str| Ok::<_, HttpMatchError>(self.methods.iter().any(|m| m == method));
+            if !holds(repeated, &methods, listed)? {
                 return Ok(false);
             }
-        }
-        if let Some(pattern) = &self.path_regex {
-            if !pattern.is_match("PathRegex", &request.path)? {
-                return Ok(false);
-            }
-        }
-        if !self.methods.is_empty() && !self.methods.contains(&request.method) {
-            return Ok(false);
         }
         for (i, header) in self.headers.iter().enumerate() {
             if !header
@@ -444,6 +523,76 @@ impl HttpMatch {
                 .matches(request)
                 .map_err(|e| err(format!("QueryParam[{i}].{}", e.field), e.reason))?
             {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Whether `test` holds for the readings as `repeated` asks: for any of
+/// them (a deny's), or for all (an allow's, and the one reading of a route).
+fn holds(
+    repeated: Repeated,
+    readings: &[Cow<'_, str>],
+    test: impl Fn(&str) -> Result<bool, HttpMatchError>,
+) -> Result<bool, HttpMatchError> {
+    if repeated == Repeated::AnyReading {
+        for reading in readings {
+            if test(reading)? {
+                return Ok(true);
+            }
+        }
+        return Ok(false);
+    }
+    for reading in readings {
+        if !test(reading)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+impl HttpMatch {
+    /// Whether one reading of the path satisfies `PathExact`, `PathPrefix`
+    /// and `PathRegex` (those set); with `fold`, without regard to ASCII
+    /// case (a regex: on the path as it is or in lower case).
+    fn path_matches(&self, path: &str, fold: bool) -> Result<bool, HttpMatchError> {
+        // A route's `CaseInsensitive` is about its exact and prefix paths.
+        let fold_paths = fold || self.case_insensitive;
+        if let Some(exact) = &self.path_exact {
+            let Some(exact) = exact.normal() else {
+                return Ok(false);
+            };
+            let same = if fold_paths {
+                path.eq_ignore_ascii_case(exact)
+            } else {
+                path == exact
+            };
+            if !same {
+                return Ok(false);
+            }
+        }
+        if let Some(prefix) = &self.path_prefix {
+            let Some(prefix) = prefix.normal() else {
+                return Ok(false);
+            };
+            let starts = match path.get(..prefix.len()) {
+                Some(head) if fold_paths => head.eq_ignore_ascii_case(prefix),
+                Some(head) => head == prefix,
+                None => false,
+            };
+            if !starts {
+                return Ok(false);
+            }
+        }
+        if let Some(pattern) = &self.path_regex {
+            let lower = || path.to_ascii_lowercase();
+            let hit = pattern.is_match("PathRegex", path)?
+                || (fold
+                    && path.bytes().any(|b| b.is_ascii_uppercase())
+                    && pattern.is_match("PathRegex", &lower())?);
+            if !hit {
                 return Ok(false);
             }
         }
@@ -483,7 +632,10 @@ impl HeaderMatch {
                 Ok(false)
             }
             Repeated::EveryReading => {
-                for reading in readings(&self.name, &values, false) {
+                // An inverted allow ("not admin") must hold for each list
+                // element too: `reader, admin` is admin to a server that
+                // takes the last element.
+                for reading in readings(&self.name, &values, self.invert) {
                     if !self.reads(&reading)? {
                         return Ok(false);
                     }
@@ -916,6 +1068,115 @@ mod tests {
             &req(&[("Host", "admin.internal.evil")]),
             AnyReading
         ));
+    }
+
+    #[test]
+    fn a_path_is_read_the_ways_servers_read_it() {
+        use Repeated::*;
+        let rule = |f: fn(&mut HttpMatch)| {
+            let mut h = HttpMatch::default();
+            f(&mut h);
+            h
+        };
+        let hit = |h: &HttpMatch, path: &str, how| {
+            h.matches_read(&Request::new("GET", path), how).unwrap()
+        };
+        let admin_prefix = rule(|h| h.path_prefix = Some("/admin/".into()));
+        let admin_exact = rule(|h| h.path_exact = Some("/admin".into()));
+        let admin_regex = rule(|h| h.path_regex = Some("/admin(/.*)?".into()));
+        // Segment parameters (Tomcat, Jetty, Spring cut them), another case
+        // (Express, ASP.NET), a final slash added or removed: a deny holds.
+        for path in [
+            "/admin;x=1/users",
+            "/admin;/users",
+            "/ADMIN/users",
+            "/Admin;jsessionid=1/users",
+            "/admin",
+        ] {
+            assert!(hit(&admin_prefix, path, AnyReading), "prefix {path}");
+            assert!(!hit(&admin_prefix, path, Joined), "route {path}");
+        }
+        for path in ["/admin/", "/admin;", "/ADMIN", "/admin;x/"] {
+            assert!(hit(&admin_exact, path, AnyReading), "exact {path}");
+        }
+        for path in ["/admin;x/users", "/AdMiN"] {
+            assert!(hit(&admin_regex, path, AnyReading), "regex {path}");
+        }
+        // A deny written with capitals holds in any case too.
+        let capital = rule(|h| h.path_prefix = Some("/Admin/".into()));
+        for path in ["/ADMIN/x", "/admin/x", "/Admin;x/y"] {
+            assert!(hit(&capital, path, AnyReading), "{path}");
+        }
+        // Not more than that: other paths stay out of the deny.
+        for path in ["/administrators", "/public/admin", "/", "/;admin"] {
+            assert!(!hit(&admin_prefix, path, AnyReading), "{path}");
+        }
+        // An allow holds only if the path both as sent and without
+        // parameters is allowed; case and the final slash are as written.
+        let public = rule(|h| h.path_prefix = Some("/public/".into()));
+        assert!(hit(&public, "/public/a;v=1/b", EveryReading));
+        assert!(!hit(&public, "/public;x/../admin", EveryReading));
+        assert!(!hit(&public, "/x;/public/", EveryReading));
+        assert!(!hit(&public, "/PUBLIC/a", EveryReading));
+        let login = rule(|h| h.path_exact = Some("/login".into()));
+        assert!(hit(&login, "/login", EveryReading));
+        assert!(!hit(&login, "/login;jsessionid=1", EveryReading));
+        assert!(!hit(&login, "/login/", EveryReading));
+        let upper = rule(|h| h.path_exact = Some("/Api/V1".into()));
+        assert!(hit(&upper, "/Api/V1", EveryReading));
+        assert_eq!(path_readings("/", true), ["/"]);
+        assert_eq!(path_readings("/a", false), ["/a"]);
+        assert_eq!(path_readings("/;x/a", false), ["/;x/a", "/a"]);
+    }
+
+    #[test]
+    fn a_method_is_read_the_ways_servers_read_it() {
+        use Repeated::*;
+        let delete = HttpMatch {
+            methods: vec!["DELETE".into()],
+            ..Default::default()
+        };
+        let get = HttpMatch {
+            methods: vec!["GET".into()],
+            ..Default::default()
+        };
+        let hit = |h: &HttpMatch, r: &Request, how| h.matches_read(r, how).unwrap();
+        // An override header or `_method` names the method frameworks act on.
+        for r in [
+            Request::new("POST", "/").with_header("X-HTTP-Method-Override", "DELETE"),
+            Request::new("POST", "/").with_header("x-http-method", " delete"),
+            Request::new("POST", "/").with_header("X-Method-Override", "PUT, DELETE"),
+            Request::new("POST", "/").with_header("X_HTTP_Method_Override", "DELETE"),
+            Request::new("POST", "/").with_query("_method=delete"),
+        ] {
+            assert!(hit(&delete, &r, AnyReading), "{r:?}");
+            assert!(!hit(&delete, &r, Joined), "{r:?}");
+        }
+        let overridden = Request::new("GET", "/").with_header("X-HTTP-Method-Override", "DELETE");
+        assert!(
+            !hit(&get, &overridden, EveryReading),
+            "an allow of GET is not one of DELETE"
+        );
+        assert!(hit(&get, &Request::new("GET", "/"), EveryReading));
+        // A deny of GET holds for HEAD; an allow of GET does not let HEAD in.
+        let head = Request::new("HEAD", "/");
+        assert!(hit(&get, &head, AnyReading));
+        assert!(!hit(&get, &head, EveryReading));
+        assert!(!hit(&delete, &head, AnyReading));
+    }
+
+    #[test]
+    fn an_inverted_allow_holds_for_every_element_of_a_list() {
+        use Repeated::*;
+        let not_admin = HeaderMatch {
+            exact: Some("admin".into()),
+            invert: true,
+            ..header("x-role")
+        };
+        let listed = Request::new("GET", "/").with_header("x-role", "reader, admin");
+        assert!(!not_admin.matches_read(&listed, EveryReading).unwrap());
+        let reader = Request::new("GET", "/").with_header("x-role", "reader, writer");
+        assert!(not_admin.matches_read(&reader, EveryReading).unwrap());
     }
 
     #[test]

@@ -17,6 +17,8 @@
 //!    is refused: servers that drop a segment's parameters before resolving
 //!    dot segments (Tomcat, Spring) read `/public/..;/admin` as `/admin`,
 //!    while to the rules it is under `/public/`.
+//!    So is a segment of parameters only (`;x`) with a `..` after it:
+//!    cut to nothing and merged away, it shifts what the `..` removes.
 //! 5. Dot segments are removed (RFC 3986 section 5.2.4); `..` above the root
 //!    stays at the root.
 use std::borrow::Cow;
@@ -36,6 +38,8 @@ pub enum PathError {
     DotSegmentParameters(String),
     #[error("a rule path with a '..' segment would stand for a path above it")]
     DotDotInRule,
+    #[error("the path holds a segment of parameters only ({0:?}) before a '..' segment, which servers resolve differently; refused")]
+    ParametersOnlySegment(String),
 }
 
 fn is_unreserved(b: u8) -> bool {
@@ -78,6 +82,9 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
     let merged = merge_slashes(&decoded);
     if let Some(segment) = dot_segment_with_parameters(&merged) {
         return Err(PathError::DotSegmentParameters(segment.to_string()));
+    }
+    if let Some(segment) = parameters_only_before_dot_dot(&merged) {
+        return Err(PathError::ParametersOnlySegment(segment.to_string()));
     }
     let normal = remove_dot_segments(&merged);
     if normal == path {
@@ -161,6 +168,17 @@ fn dot_segment_with_parameters(path: &str) -> Option<&str> {
         let head = head.split("%3B").next().unwrap_or_default();
         head.len() < segment.len() && matches!(head, "." | "..")
     })
+}
+
+/// Step 4, also: a segment of parameters only (`;`, `;x`) followed, later
+/// in the path, by a `..`. A server that cuts each segment's parameters
+/// first (Tomcat, Spring) is left with an empty segment, which it merges
+/// away, and its `..` then takes the segment before: `/public/;/../admin`
+/// is `/admin` to it and `/public/admin` resolved as written.
+fn parameters_only_before_dot_dot(path: &str) -> Option<&str> {
+    let mut segments = path.split('/');
+    let found = segments.find(|s| s.starts_with(';'))?;
+    segments.any(|s| s == "..").then_some(found)
 }
 
 /// Step 5, on a path that starts with `/`. A final `.` or `..` leaves a
@@ -306,6 +324,32 @@ mod tests {
         // of their own, stay.
         for path in ["/a;b/c", "/a/...;/b", "/a/..x;/b", "/a/b;..", "/v1;v=2/x"] {
             assert_eq!(norm(path), path);
+        }
+    }
+
+    #[test]
+    fn a_segment_of_parameters_only_before_a_dot_dot_is_refused() {
+        // Tomcat cuts `;` and `;x` to nothing and merges them away: its
+        // `..` then removes `public`, where resolved as written it removes
+        // the parameters.
+        for path in [
+            "/public/;/../admin",
+            "/public/;x=1/../admin/users",
+            "/a/;/b/../../c",
+        ] {
+            assert!(
+                matches!(
+                    normalize_path(path),
+                    Err(PathError::ParametersOnlySegment(_))
+                ),
+                "{path}: {:?}",
+                normalize_path(path)
+            );
+        }
+        // Without a `..` after it (a session id on a directory's URL), or
+        // with the `..` before it, it stays.
+        for path in ["/app/;jsessionid=ABC", "/a/;x/b", "/a/../;x"] {
+            assert!(normalize_path(path).is_ok(), "{path}");
         }
     }
 

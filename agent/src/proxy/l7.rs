@@ -359,22 +359,30 @@ fn is_refused_stream(e: &hyper::Error) -> bool {
 /// proxy ignores a `Host` that differs, RFC 9112 3.2.2); an HTTP/2
 /// request's `Host`, if any, must be its `:authority` (RFC 9113 8.3.1;
 /// [`policy_request`] shows `:authority` as `host`). Refused: more than one
-/// `Host`, and an authority with user information (`u@admin.internal`,
-/// which a rule on `admin.internal` does not match and servers read as
-/// that host).
+/// `Host`, an HTTP/1.1 request without one (RFC 9112 3.2), and a host with
+/// user information (`u@admin.internal`) or a port that is not a number
+/// (`admin.internal:`, `admin.internal:x`): a rule on `admin.internal`
+/// does not match those, and servers read them as that host.
 fn host_from_authority<B>(request: &mut Request<B>) -> Result<(), String> {
-    if request.headers().get_all(http::header::HOST).iter().count() > 1 {
+    let mut hosts = request.headers().get_all(http::header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
         return Err("the request has more than one Host".into());
     }
+    if let Some(host) = host {
+        check_host(&String::from_utf8_lossy(host.as_bytes()))?;
+    }
     let Some(authority) = request.uri().authority() else {
+        if host.is_none() && request.version() == http::Version::HTTP_11 {
+            return Err("an HTTP/1.1 request needs a Host".into());
+        }
         return Ok(());
     };
     if authority.as_str().contains('@') {
-        return Err(format!(
-            "the request's authority {:?} holds user information, which is refused",
-            authority.as_str()
-        ));
+        // Not repeated: user information is a password as often as not.
+        return Err("the request's authority holds user information, which is refused".into());
     }
+    check_host(authority.as_str())?;
     if request.version() >= http::Version::HTTP_2 {
         let host = request.headers().get(http::header::HOST);
         if host.is_some_and(|h| {
@@ -388,6 +396,68 @@ fn host_from_authority<B>(request: &mut Request<B>) -> Result<(), String> {
     let value = http::HeaderValue::from_str(authority.as_str())
         .map_err(|e| format!("authority {:?}: {e}", authority.as_str()))?;
     request.headers_mut().insert(http::header::HOST, value);
+    Ok(())
+}
+
+/// A `Host` value (or an authority) is `host[:port]` with a host of
+/// letters, digits, `-._~` or sub-delimiters (no escapes: a server that
+/// decodes `admin%2Einternal` sees a host the rules did not), or an IP
+/// literal in brackets, and a port of 1 to 5 digits.
+fn check_host(value: &str) -> Result<(), String> {
+    // A value with user information is not repeated (it may hold a password).
+    let shown = if value.contains('@') { "…" } else { value };
+    let bad = |why: &str| Err(format!("Host {shown:?}: {why}"));
+    let port_ok = |port: &str| {
+        !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit())
+    };
+    if let Some(rest) = value.strip_prefix('[') {
+        let Some((literal, after)) = rest.split_once(']') else {
+            return bad("an IP literal without its ']'");
+        };
+        if literal.parse::<std::net::Ipv6Addr>().is_err() {
+            return bad("not an IPv6 literal");
+        }
+        return match after {
+            "" => Ok(()),
+            _ if after.strip_prefix(':').is_some_and(port_ok) => Ok(()),
+            _ => bad("the port is not a number"),
+        };
+    }
+    let (host, port) = match value.split_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (value, None),
+    };
+    if port.is_some_and(|p| !port_ok(p)) {
+        return bad("the port is not a number");
+    }
+    if host.is_empty() {
+        return bad("no host");
+    }
+    let allowed = |b: u8| {
+        b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'.' | b'_' | b'~')
+            || matches!(
+                b,
+                b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
+            )
+    };
+    match host.bytes().find(|b| !allowed(*b)) {
+        Some(b'@') => bad("user information is refused"),
+        Some(b) => bad(&format!("{:?} is not allowed in a host", b as char)),
+        None => Ok(()),
+    }
+}
+
+/// The method as sent, upper case: methods are case-sensitive (RFC 9110
+/// 9.1), so `get` is not `GET` to the rules, while some servers treat it
+/// as GET. Refused rather than judged as one and served as the other.
+fn check_method(method: &http::Method) -> Result<(), String> {
+    if method.as_str().bytes().any(|b| b.is_ascii_lowercase()) {
+        return Err(format!(
+            "method {:?}: methods are upper case; refused",
+            method.as_str()
+        ));
+    }
     Ok(())
 }
 
@@ -462,7 +532,11 @@ impl Judge {
             }
         }
         let websocket = hop_headers::strip(request.headers_mut());
-        if let Err(e) = host_from_authority(&mut request) {
+        if let Err(e) =
+            check_method(request.method()).and_then(|()| host_from_authority(&mut request))
+        {
+            tracing::info!(source = %self.source, destination = %self.destination,
+                "request refused: {e}");
             return plain(StatusCode::BAD_REQUEST, format!("{e}\n"));
         }
         let facts = policy_request(&request);
@@ -483,23 +557,50 @@ impl Judge {
             // operator's to know (logged above), not the caller's.
             return plain(StatusCode::FORBIDDEN, ACCESS_DENIED.into());
         }
-        // An upgrade (WebSocket): once the instance answers 101, both
-        // connections are handed over and their bytes copied both ways.
-        let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut request));
+        // An upgrade (WebSocket): once the instance completes the
+        // handshake, both connections are handed over and their bytes
+        // copied both ways.
+        let client_upgrade = websocket
+            .is_some()
+            .then(|| hyper::upgrade::on(&mut request));
         let mut response = match &self.forward {
             Forward::Instance(upstream) => self.send(upstream, request).await,
             Forward::Routed(conns) => self.route(conns, &facts, request).await,
         };
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             hop_headers::strip_response(response.headers_mut());
+            return response;
         }
-        if let Some(client) = client_upgrade {
-            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let completed = (websocket.as_ref())
+            .filter(|keys| hop_headers::completes_websocket(&keys.upstream, response.headers()));
+        match (client_upgrade, completed) {
+            (Some(client), Some(keys)) => {
+                // The client's key was not the instance's: its accept value.
+                let accept = hop_headers::websocket_accept(&keys.client);
+                response
+                    .headers_mut()
+                    .insert("sec-websocket-accept", accept);
                 let upstream = hyper::upgrade::on(&mut response);
                 tokio::spawn(splice_upgraded(client, upstream));
+                response
+            }
+            // Dropped, the answer takes the instance's connection with it.
+            _ => {
+                tracing::info!(source = %self.source, destination = %self.destination,
+                    method = %facts.method, path = %facts.path,
+                    "the instance answered 101 without completing a WebSocket handshake: refused");
+                let mut refused = plain(
+                    StatusCode::BAD_GATEWAY,
+                    "the instance switched protocols without completing a WebSocket handshake\n"
+                        .into(),
+                );
+                (refused.headers_mut()).insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+                refused
             }
         }
-        response
     }
 
     async fn send(&self, upstream: &Upstream, request: Request<Incoming>) -> Response<Body> {
@@ -1110,6 +1211,64 @@ mod tests {
             .unwrap();
         host_from_authority(&mut origin).unwrap();
         assert_eq!(host(&origin), ["public"]);
+    }
+
+    #[test]
+    fn a_host_is_a_name_or_an_address_and_a_port() {
+        for good in [
+            "api",
+            "api:8080",
+            "admin.internal",
+            "10.0.0.1:80",
+            "[::1]",
+            "[::1]:8443",
+            "xn--bcher-kva.example",
+        ] {
+            assert_eq!(check_host(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "admin.internal:",
+            "admin.internal:x",
+            "admin.internal:123456",
+            "u@admin.internal",
+            "u:p@admin.internal",
+            "admin internal",
+            "admin.internal/x",
+            "admin%2Einternal",
+            "",
+            ":80",
+            "[::1",
+            "[not-v6]",
+            "[::1]x",
+            "[::1]:",
+        ] {
+            assert!(check_host(bad).is_err(), "{bad}");
+        }
+        // In a request: HTTP/1.1 needs one; HTTP/1.0 may have none.
+        let mut none = Request::builder().uri("/x").body(()).unwrap();
+        assert!(host_from_authority(&mut none).is_err());
+        let mut old = Request::builder()
+            .uri("/x")
+            .version(http::Version::HTTP_10)
+            .body(())
+            .unwrap();
+        host_from_authority(&mut old).unwrap();
+        let mut odd = Request::builder()
+            .uri("/x")
+            .header("host", "admin.internal:")
+            .body(())
+            .unwrap();
+        assert!(host_from_authority(&mut odd).is_err());
+    }
+
+    #[test]
+    fn a_method_in_lower_case_is_refused() {
+        assert!(check_method(&http::Method::GET).is_ok());
+        assert!(check_method(&http::Method::from_bytes(b"PURGE").unwrap()).is_ok());
+        for lower in ["get", "Get", "delete"] {
+            let method = http::Method::from_bytes(lower.as_bytes()).unwrap();
+            assert!(check_method(&method).is_err(), "{lower}");
+        }
     }
 
     #[test]

@@ -35,6 +35,22 @@ fn view(ca: &TestCa, api: SocketAddr, action: &str) -> View {
 
 /// [`view`] with config `entries`.
 fn view_with(ca: &TestCa, api: SocketAddr, action: &str, entries: Vec<proto::ConfigEntry>) -> View {
+    let intention = proto::Intention {
+        source: "web".into(),
+        destination: "api".into(),
+        action: action.into(),
+        ..Default::default()
+    };
+    view_of(ca, api, intention, entries)
+}
+
+/// [`view_with`] with web -> api's `intention` as given.
+fn view_of(
+    ca: &TestCa,
+    api: SocketAddr,
+    intention: proto::Intention,
+    entries: Vec<proto::ConfigEntry>,
+) -> View {
     let node = |name: &str, address: &str| proto::Node {
         name: name.into(),
         address: address.into(),
@@ -52,12 +68,7 @@ fn view_with(ca: &TestCa, api: SocketAddr, action: &str, entries: Vec<proto::Con
             health: proto::Health::Passing as i32,
             ..Default::default()
         }],
-        intentions: vec![proto::Intention {
-            source: "web".into(),
-            destination: "api".into(),
-            action: action.into(),
-            ..Default::default()
-        }],
+        intentions: vec![intention],
         ca: Some(proto::CaBundle {
             trust_domain: TD.into(),
             roots_pem: vec![ca.pem.clone()],
@@ -324,5 +335,126 @@ async fn a_deny_applies_to_the_next_request_on_an_open_http_connection() {
         .view
         .publish(&mut view_with(&ca, api, "deny", api_is_http()));
     assert_eq!(get(&mut tcp).await, "HTTP/1.1 403 Forbidden");
+    server.abort();
+}
+
+/// api's instance for the upgrade attack: a server that answers `101`
+/// without switching (a status echo, like httpbin's `/status/101`, or a
+/// mock answering with the headers the caller names: here the accept value
+/// of the key the client sent, which the client knows) to the request for
+/// `/status/101` and 200 to any other, reading on as HTTP all the while;
+/// the paths it was asked for.
+async fn status_echo_on_b() -> (SocketAddr, JoinHandle<()>, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let paths = Arc::new(Mutex::new(Vec::new()));
+    let seen = paths.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = tcp.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&got[..end]).to_string();
+                        got.drain(..end + 4);
+                        let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                        seen.lock().unwrap().push(path.clone());
+                        let answer: &[u8] = if path == "/status/101" {
+                            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                              Connection: Upgrade\r\n\
+                              Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n"
+                        };
+                        if tcp.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, task, paths)
+}
+
+/// web may GET api's `/status/` paths and nothing else.
+fn only_status(ca: &TestCa, api: SocketAddr) -> View {
+    let intention = proto::Intention {
+        source: "web".into(),
+        destination: "api".into(),
+        permissions: vec![proto::Permission {
+            action: "allow".into(),
+            http: Some(proto::HttpMatch {
+                path_prefix: Some("/status/".into()),
+                methods: vec!["GET".into()],
+                ..Default::default()
+            }),
+        }],
+        ..Default::default()
+    };
+    view_of(ca, api, intention, api_is_http())
+}
+
+/// The upgrade attack: an allowed request answered with a 101 that is no
+/// handshake must not turn web's connection into a raw one to the
+/// instance, over which a request the intention refuses would reach it
+/// unjudged.
+#[tokio::test]
+async fn a_101_that_is_no_handshake_opens_no_raw_connection_past_the_intentions() {
+    let ca = TestCa::new("test CA");
+    let (api, server, paths) = status_echo_on_b().await;
+    let (_b, b_inbound, _) = node_b(&ca, only_status(&ca, api)).await;
+    let (_a, upstream) = node_a(&ca, b_inbound, only_status(&ca, api)).await;
+    let mut tcp = TcpStream::connect(upstream).await.unwrap();
+    let attack = async {
+        tcp.write_all(
+            b"GET /status/101 HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\n\
+              Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+              Sec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await?;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tcp.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+        }
+        // What the attacker sends next, were the connection raw.
+        let _ = tcp
+            .write_all(b"DELETE /admin/users/1 HTTP/1.1\r\nHost: api\r\n\r\n")
+            .await;
+        // Its answer: a refusal, or the connection closed.
+        let mut next = Vec::new();
+        while !next.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => next.extend_from_slice(&buf[..n]),
+            }
+        }
+        std::io::Result::Ok((
+            String::from_utf8_lossy(&answer).to_string(),
+            String::from_utf8_lossy(&next).to_string(),
+        ))
+    };
+    let (answer, next) = tokio::time::timeout(LIMIT, attack).await.unwrap().unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 502"),
+        "the bare 101 was passed on: {answer:?}"
+    );
+    assert!(
+        next.is_empty() || next.starts_with("HTTP/1.1 403"),
+        "the next request: {next:?}"
+    );
+    let asked = paths.lock().unwrap().clone();
+    assert_eq!(asked, ["/status/101"], "the instance was asked {asked:?}");
     server.abort();
 }

@@ -10,9 +10,9 @@
 //!   process);
 //! - `/headers`: 200 with `instance NAME` and then each `x-` header it
 //!   received as `name: value`, in arrival order (to see header changes);
-//! - `/upgrade` with an `Upgrade` header: 101 to the protocol it names (as
-//!   a WebSocket handshake, whatever the protocol), then every byte comes
-//!   back; without one, as anything else;
+//! - `/upgrade` with an `Upgrade` header: 101 to the protocol it names
+//!   (with the `Sec-WebSocket-Accept` of a `Sec-WebSocket-Key` it was
+//!   sent), then every byte comes back; without one, as anything else;
 //! - anything else: 200 with the body `instance NAME\n`.
 //!
 //! It prints `listening on ADDR` to stdout once it accepts connections.
@@ -74,6 +74,7 @@ fn serve(
         let mut close = version == "HTTP/1.0";
         let mut x_headers = String::new();
         let mut upgrade = None;
+        let mut websocket_key: Option<String> = None;
         loop {
             let mut line = String::new();
             if reader.read_line(&mut line)? == 0 {
@@ -90,6 +91,9 @@ fn serve(
                         k.trim().to_ascii_lowercase(),
                         v.trim()
                     ));
+                }
+                if k.trim().eq_ignore_ascii_case("sec-websocket-key") {
+                    websocket_key = Some(v.trim().to_string());
                 }
                 let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_ascii_lowercase());
                 if k == "content-length" {
@@ -110,9 +114,14 @@ fn serve(
         let route = path.split('?').next().unwrap_or("/");
         if let (Some(protocol), "/upgrade") = (&upgrade, route) {
             // Switches to whatever was asked, as an echo: every byte after
-            // the 101 comes back, until the client closes.
+            // the 101 comes back, until the client closes. With a
+            // `Sec-WebSocket-Key`, the 101 completes RFC 6455's handshake.
+            let accept = websocket_key
+                .as_deref()
+                .map(|key| format!("sec-websocket-accept: {}\r\n", websocket_accept(key)))
+                .unwrap_or_default();
             writer.write_all(
-                format!("HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {protocol}\r\n\r\n")
+                format!("HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {protocol}\r\n{accept}\r\n")
                     .as_bytes(),
             )?;
             let mut buf = [0u8; 4096];
@@ -163,4 +172,14 @@ fn serve(
             return Ok(());
         }
     }
+}
+
+/// RFC 6455's `Sec-WebSocket-Accept` for `key`: the base64 SHA-1 of the key
+/// and the protocol's GUID.
+fn websocket_accept(key: &str) -> String {
+    use base64::Engine;
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    hash.update(key.as_bytes());
+    hash.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(hash.finish())
 }
