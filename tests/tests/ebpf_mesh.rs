@@ -137,7 +137,7 @@ fn web_reaches_api_by_name_through_dns_vip_and_tunnel() -> anyhow::Result<()> {
 #[test]
 fn processes_outside_mesh_cgroups_are_not_redirected() -> anyhow::Result<()> {
     require_root();
-    let mesh = start(spec("allow"))?;
+    let mut mesh = start(spec("allow"))?;
     let vip = mesh.vip("api")?;
     let direct = format!("http://{}:8080/", mesh.ip(NodeB));
 
@@ -186,6 +186,44 @@ fn processes_outside_mesh_cgroups_are_not_redirected() -> anyhow::Result<()> {
     );
     wait_event_above(&mesh, "redirected", redirected)?;
     ensure!(opened(&mesh, "web", "api")? > opened_before);
+
+    // An external node's instance (registered through the catalog, no
+    // agent runs it) is reached directly from web's cgroup too: no agent
+    // can carry it, so taking its address over would only cut web off
+    // from it (and a token that may register an external node, from any
+    // address it names).
+    let b = mesh.ip(NodeB);
+    mesh.workload(NodeB, "db-1", &format!("{b}:8090"))?;
+    let register = format!(
+        r#"{{"Node": "db-host", "Address": "{b}",
+            "Service": {{"ID": "db-1", "Service": "db", "Address": "{b}", "Port": 8090}}}}"#
+    );
+    let token = mesh.token.clone();
+    let (status, body) = mesh.local_api(
+        NodeA,
+        ("PUT", "/v1/catalog/register"),
+        Some(&token),
+        Some(&register),
+    )?;
+    ensure!(status == 200, "registering db-host: {status} {body}");
+    // Node A's agent has it in its view once its DNS answers for it.
+    wait_until(
+        Duration::from_secs(10),
+        "db.service.weft in node A's DNS",
+        || {
+            let out = mesh.run_with_mesh_dns(
+                NodeA,
+                &["getent", "ahostsv4", "db.service.weft"],
+                Duration::from_secs(10),
+            )?;
+            Ok((out.success() && out.stdout.contains(&b)).then_some(()))
+        },
+    )?;
+    let db = format!("http://{b}:8090/");
+    for _ in 0..3 {
+        let body = mesh.curl_as(NodeA, "web", &db, &["-m", "2"])?;
+        ensure!(body == "instance db-1\n", "web -> db-host: {body:?}");
+    }
     Ok(())
 }
 

@@ -20,6 +20,7 @@ use crate::view::View;
 pub type Destination = (IpAddr, Option<u16>);
 
 type Instances = OrdMap<crate::view::InstanceKey, std::sync::Arc<ServiceInstance>>;
+type Nodes = OrdMap<crate::view::Name, std::sync::Arc<weft_api::catalog::Node>>;
 
 /// What the last sync saw and what it wants taken over.
 #[derive(Debug, Clone)]
@@ -29,6 +30,8 @@ pub struct Destinations {
     /// claims one.
     own: Vec<std::net::SocketAddr>,
     instances: Instances,
+    /// The nodes as the last sync saw them: whether one is external.
+    nodes: Nodes,
     vips: OrdMap<String, IpAddr>,
     /// Destination -> how many instances or services want it (two
     /// instances may share an address and port, on different nodes).
@@ -39,18 +42,33 @@ pub struct Destinations {
 /// Another node's instance at a node-local address (loopback, link-local
 /// such as 169.254.169.254) wants none: that address here is this node's.
 /// Nor does one at the agent's own ports (`own`): workloads' tokens and
-/// queries for the agent would go to that service's instances.
+/// queries for the agent would go to that service's instances. Nor does
+/// one on an external node (registered through the catalog, no agent):
+/// the mesh has no tunnel to it, so taking its address over would only
+/// cut workloads off from it, and a token that may register an external
+/// node would cut them off from any address it names.
 fn of_instance(
     instance: &ServiceInstance,
     node: &str,
     own: &[std::net::SocketAddr],
+    external: bool,
 ) -> Option<Destination> {
+    if external {
+        return None;
+    }
     let ip = instance.address.parse::<IpAddr>().ok()?;
     let here = instance.node == node;
     if here && crate::config::is_among(own, ip, instance.port) {
         return None;
     }
     (here || !weft_api::catalog::is_node_local(ip)).then_some((ip, Some(instance.port)))
+}
+
+/// Whether `name` is an external node in `nodes`.
+fn external(nodes: &Nodes, name: &str) -> bool {
+    nodes
+        .get(name)
+        .is_some_and(|n| weft_api::catalog_register::is_external(n))
 }
 
 impl Destinations {
@@ -60,6 +78,7 @@ impl Destinations {
             node: node.to_string(),
             own,
             instances: OrdMap::new(),
+            nodes: OrdMap::new(),
             vips: OrdMap::new(),
             wanted: HashMap::new(),
         }
@@ -69,22 +88,51 @@ impl Destinations {
     /// have changed (ask [`Destinations::wants`]); each appears once.
     pub fn update(&mut self, view: &View) -> BTreeSet<Destination> {
         let mut changes: Vec<(Option<Destination>, Option<Destination>)> = Vec::new();
+        let was = |name: &str| external(&self.nodes, name);
+        let is = |name: &str| external(&view.nodes, name);
+        let (node, own) = (&self.node, &self.own);
         for item in self.instances.diff(&view.instances) {
             let (old, new) = match item {
-                DiffItem::Add(_, new) => (None, of_instance(new, &self.node, &self.own)),
-                DiffItem::Remove(_, old) => (of_instance(old, &self.node, &self.own), None),
+                DiffItem::Add(_, new) => (None, of_instance(new, node, own, is(&new.node))),
+                DiffItem::Remove(_, old) => (of_instance(old, node, own, was(&old.node)), None),
                 DiffItem::Update {
                     old: (_, old),
                     new: (_, new),
                 } => (
-                    of_instance(old, &self.node, &self.own),
-                    of_instance(new, &self.node, &self.own),
+                    of_instance(old, node, own, was(&old.node)),
+                    of_instance(new, node, own, is(&new.node)),
                 ),
             };
             if old != new {
                 changes.push((old, new));
             }
         }
+        // A node that became external, or stopped being: its instances the
+        // diff above did not name (unchanged) change what they want.
+        for item in self.nodes.diff(&view.nodes) {
+            let name = match item {
+                DiffItem::Add(name, _) | DiffItem::Remove(name, _) => name,
+                DiffItem::Update { new: (name, _), .. } => name,
+            };
+            if was(name) == is(name) {
+                continue;
+            }
+            for instance in view.instances_on(name) {
+                let key: crate::view::InstanceKey =
+                    (instance.node.as_str().into(), instance.id.as_str().into());
+                let unchanged = self
+                    .instances
+                    .get(&key)
+                    .is_some_and(|old| **old == *instance);
+                if unchanged {
+                    changes.push((
+                        of_instance(instance, node, own, was(name)),
+                        of_instance(instance, node, own, is(name)),
+                    ));
+                }
+            }
+        }
+        self.nodes = view.nodes.clone();
         for item in self.vips.diff(&view.vips) {
             changes.push(match item {
                 DiffItem::Add(_, new) => (None, Some((*new, None))),
@@ -127,8 +175,9 @@ impl Destinations {
     pub fn set_own(&mut self, own: Vec<std::net::SocketAddr>) -> BTreeSet<Destination> {
         let mut changes = Vec::new();
         for instance in self.instances.values() {
-            let old = of_instance(instance, &self.node, &self.own);
-            let new = of_instance(instance, &self.node, &own);
+            let external = external(&self.nodes, &instance.node);
+            let old = of_instance(instance, &self.node, &self.own, external);
+            let new = of_instance(instance, &self.node, &own, external);
             if old != new {
                 changes.push((old, new));
             }
@@ -191,6 +240,9 @@ mod tests {
         let mut wanted: BTreeSet<Destination> =
             view.vips.values().map(|vip| (*vip, None)).collect();
         for instance in view.instances.values() {
+            if view.node_is_external(&instance.node) {
+                continue;
+            }
             if let Ok(ip) = instance.address.parse::<IpAddr>() {
                 if instance.node == node || !weft_api::catalog::is_node_local(ip) {
                     wanted.insert((ip, Some(instance.port)));
@@ -316,6 +368,58 @@ mod tests {
         );
         assert!(!d.wants(&(ip("10.0.0.1"), Some(80))));
         assert!(d.wants(&(ip("10.0.0.9"), Some(80))));
+    }
+
+    fn node(name: &str, external: bool) -> P {
+        let meta = if external {
+            [("external-node".to_string(), "true".to_string())].into()
+        } else {
+            Default::default()
+        };
+        P::NodeUpsert(proto::Node {
+            name: name.into(),
+            address: "10.0.0.50".into(),
+            meta,
+            ..Default::default()
+        })
+    }
+
+    /// An external node's instance (registered through the catalog, no
+    /// agent to tunnel to) is not taken over: it would only cut workloads
+    /// off from the address it names, any address.
+    #[test]
+    fn an_external_nodes_instances_are_not_taken_over() {
+        let mut v = View::default();
+        let db = (ip("10.0.0.50"), Some(5432));
+        apply(
+            &mut v,
+            1,
+            vec![
+                node("x", true),
+                instance("db-1", "x", "10.0.0.50", 5432, proto::Health::Passing),
+            ],
+        );
+        let mut d = Destinations::new("a", Vec::new());
+        d.update(&v);
+        assert!(!d.wants(&db));
+        assert_eq!(d.all(), from_scratch(&v, "a"));
+        // The node name taken by an agent: its instance is the mesh's.
+        apply(&mut v, 2, vec![node("x", false)]);
+        assert_eq!(d.update(&v), BTreeSet::from([db]));
+        assert!(d.wants(&db));
+        assert_eq!(d.all(), from_scratch(&v, "a"));
+        // External again, and the instance moved in the same sync.
+        apply(
+            &mut v,
+            3,
+            vec![
+                node("x", true),
+                instance("db-1", "x", "10.0.0.51", 5432, proto::Health::Passing),
+            ],
+        );
+        d.update(&v);
+        assert!(d.all().is_empty(), "{:?}", d.all());
+        assert_eq!(d.all(), from_scratch(&v, "a"));
     }
 
     #[test]
