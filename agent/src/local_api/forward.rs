@@ -448,8 +448,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The query without its `token` parameter, and that token (the servers
-/// take tokens only in headers).
+/// The query without its `token` parameter (its name percent-encoded or
+/// not), and that token (the servers take tokens only in headers).
 pub fn take_query_token(query: Option<&str>) -> (Option<String>, Option<String>) {
     let Some(query) = query else {
         return (None, None);
@@ -459,7 +459,10 @@ pub fn take_query_token(query: Option<&str>) -> (Option<String>, Option<String>)
         .split('&')
         .filter(|pair| {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            if key == "token" {
+            // `%74oken` is `token` to the servers, which would refuse it
+            // as a parameter: the secret would travel in the URL.
+            let key = super::route::percent_decode(key, true);
+            if key.as_deref() == Some("token") {
                 if token.is_none() {
                     token = super::route::percent_decode(value, true);
                 }
@@ -633,6 +636,15 @@ mod tests {
         assert_eq!(
             take_query_token(Some("tokens=x")),
             (Some("tokens=x".into()), None)
+        );
+        // An encoded name is the same parameter: never left in the URL.
+        assert_eq!(
+            take_query_token(Some("%74oken=SECRET&recurse")),
+            (Some("recurse".into()), Some("SECRET".into()))
+        );
+        assert_eq!(
+            take_query_token(Some("t%6Fken=SECRET")),
+            (None, Some("SECRET".into()))
         );
     }
 

@@ -207,6 +207,15 @@ pub(super) async fn leaf(state: &LocalApiState, parts: &Parts, service: &str) ->
         header::HeaderValue::from_static("application/json"),
     );
     headers.insert("x-consul-index", header::HeaderValue::from(index));
+    // The answer holds a private key: no cache keeps it.
+    headers.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
     Ok(resp)
 }
 

@@ -31,6 +31,9 @@
 //!   `service:read` on), `/v1/agent/members` (the servers' catalog nodes,
 //!   read with the caller's token): Consul's JSON ([`agent_views`]).
 //! - Any other `/v1/agent/...`: 404, not supported by weft yet.
+//! - A request from a web page (`Origin`, `Sec-Fetch-Site`) or to a host
+//!   name other than `localhost` (DNS rebinding): 403 before anything else
+//!   ([`browser`]).
 //! - Every other `/v1/...` request is forwarded to the servers' HTTPS API
 //!   with the caller's own token, never the agent's ([`forward`]): catalog,
 //!   health, kv, session, connect, config, acl, status. Its answer streams
@@ -43,6 +46,7 @@
 
 pub mod agent_views;
 pub mod authz;
+pub mod browser;
 pub mod check_register;
 pub mod forward;
 pub mod leaf;
@@ -344,6 +348,9 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (parts, body) = req.into_parts();
+    if let Some(why) = browser::refusal(&parts.headers) {
+        return boxed(text(StatusCode::FORBIDDEN, why));
+    }
     let target_len = parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
     if target_len > MAX_URI_BYTES {
         return boxed(text(

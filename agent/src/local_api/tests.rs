@@ -177,6 +177,31 @@ async fn pass_warn_fail_and_update_with_a_writer_token() {
 }
 
 #[tokio::test]
+async fn requests_a_web_page_makes_are_refused_before_anything_is_asked() {
+    let mut f = fixture().await;
+    let uri = format!("{API_TTL}?token=api-w");
+    for headers in [
+        // DNS rebinding: the page's own name, now resolving to 127.0.0.1.
+        &[("host", "rebound.attacker.example:8500")][..],
+        // A cross-site form or fetch to the agent's address.
+        &[
+            ("host", "127.0.0.1:8500"),
+            ("origin", "https://attacker.example"),
+        ],
+        &[("host", "127.0.0.1:8500"), ("sec-fetch-site", "cross-site")],
+    ] {
+        let (status, body) = put(&f.state, &uri, headers, "").await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{headers:?}: {body}");
+        unchanged(&mut f.updates).await;
+    }
+    assert_eq!(f.table.calls.load(Ordering::SeqCst), 0, "no token judged");
+    // The same request from a client addressing the agent is served.
+    let headers = [("host", "127.0.0.1:8500")];
+    assert_eq!(put(&f.state, &uri, &headers, "").await.0, StatusCode::OK);
+    assert_eq!(next(&mut f.updates).await.status, HealthStatus::Passing);
+}
+
+#[tokio::test]
 async fn refused_attempts_change_nothing() {
     let mut f = fixture().await;
     let fail = "/v1/agent/check/fail/service:web?note=owned";

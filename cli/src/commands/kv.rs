@@ -138,16 +138,16 @@ pub async fn run(ctx: &Ctx, cmd: KvCmd) -> anyhow::Result<Outcome> {
         }
         KvCmd::List { prefix } => {
             // Page after page: a large store never comes in one message.
+            // A page may hold nothing and still name where the list goes
+            // on (the servers examine so many keys a page): the next page
+            // starts where the last one says, not after its last entry.
             let mut list = weft_api::proto::KvList::default();
+            let mut after = String::new();
             loop {
                 let req = KvListRequest {
                     prefix: prefix.clone(),
                     read: ctx.read_options(),
-                    after: list
-                        .entries
-                        .last()
-                        .map(|e| e.key.clone())
-                        .unwrap_or_default(),
+                    after: after.clone(),
                     limit: 0,
                 };
                 let page = ctx
@@ -162,6 +162,7 @@ pub async fn run(ctx: &Ctx, cmd: KvCmd) -> anyhow::Result<Outcome> {
                 if page.next.is_empty() {
                     break;
                 }
+                after = page.next;
             }
             let rows = list
                 .entries

@@ -94,14 +94,9 @@ impl Kv for KvApi {
             };
             let keys =
                 s.kv.range::<String, _>((from, Unbounded))
-                    .take_while(|(k, _)| k.starts_with(&r.prefix))
-                    .filter(|(k, _)| caller.can(Resource::Key(k), Access::Read));
-            let mut page = Page::new(limit, LIST_PAGE_BYTES);
-            for (_, entry) in keys {
-                if !page.add(kv_to_proto(entry)) {
-                    break;
-                }
-            }
+                    .take_while(|(k, _)| k.starts_with(&r.prefix));
+            let readable = |key: &str| caller.can(Resource::Key(key), Access::Read);
+            let page = Page::fill(limit, keys, readable);
             proto::KvList {
                 next: page.next(),
                 entries: page.entries,
@@ -145,6 +140,8 @@ impl Kv for KvApi {
 pub const LIST_PAGE_ENTRIES: usize = 1000;
 /// Bytes of one page at most (one larger entry still gets a page).
 pub const LIST_PAGE_BYTES: usize = 1 << 20;
+/// Most keys one page of a list examines, readable by the token or not.
+pub const LIST_PAGE_EXAMINED: usize = 10 * LIST_PAGE_ENTRIES;
 
 /// One page of a list: entries until the count or the byte bound is reached.
 struct Page {
@@ -154,6 +151,8 @@ struct Page {
     byte_limit: usize,
     /// A key left out: the list goes on after the last one taken.
     full: bool,
+    /// Keys left unexamined: the list goes on after this one.
+    resume: Option<String>,
 }
 
 impl Page {
@@ -164,7 +163,33 @@ impl Page {
             limit,
             byte_limit,
             full: false,
+            resume: None,
         }
+    }
+
+    /// A page of `limit` entries at most of `keys` (in order) that are
+    /// `readable`. A token that reads few of many keys would otherwise walk
+    /// them all in one read of the state (which holds the lock the Raft
+    /// apply needs): a page examines at most [`LIST_PAGE_EXAMINED`] keys,
+    /// and the list goes on after the last.
+    fn fill<'a>(
+        limit: usize,
+        keys: impl Iterator<Item = (&'a String, &'a weft_api::kv::KvEntry)>,
+        readable: impl Fn(&str) -> bool,
+    ) -> Page {
+        let mut page = Page::new(limit, LIST_PAGE_BYTES);
+        let mut examined: Option<&String> = None;
+        for (n, (key, entry)) in keys.enumerate() {
+            if let (LIST_PAGE_EXAMINED, Some(last)) = (n, examined) {
+                page.resume = Some(last.clone());
+                break;
+            }
+            examined = Some(key);
+            if readable(key) && !page.add(kv_to_proto(entry)) {
+                break;
+            }
+        }
+        page
     }
 
     /// Takes `entry` if there is room; false once the page is full.
@@ -184,6 +209,9 @@ impl Page {
 
     /// Where the next page starts, when there is one.
     fn next(&self) -> String {
+        if let Some(key) = &self.resume {
+            return key.clone();
+        }
         match (self.full, self.entries.last()) {
             (true, Some(last)) => last.key.clone(),
             _ => String::new(),
@@ -216,5 +244,39 @@ mod tests {
         let mut p = Page::new(10, 100);
         assert!(p.add(entry("a", 1)));
         assert_eq!(p.next(), "", "the last page");
+    }
+
+    #[test]
+    fn a_page_examines_a_bounded_number_of_keys_readable_or_not() {
+        let kv: std::collections::BTreeMap<String, weft_api::kv::KvEntry> = (0..25_000)
+            .map(|i| {
+                let key = format!("k/{i:05}");
+                let entry = weft_api::kv::KvEntry {
+                    key: key.clone(),
+                    ..Default::default()
+                };
+                (key, entry)
+            })
+            .collect();
+        // A token that reads one key in 10,000: the first page stops after
+        // LIST_PAGE_EXAMINED keys with the one it found, and says where
+        // the list goes on.
+        let readable = |k: &str| k.ends_with("0000") || k.ends_with("9999");
+        let page = Page::fill(LIST_PAGE_ENTRIES, kv.iter(), readable);
+        let keys: Vec<&str> = page.entries.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["k/00000", "k/09999"]);
+        assert_eq!(page.next(), "k/09999");
+        let rest = kv.range::<String, _>((
+            std::ops::Bound::Excluded(page.next()),
+            std::ops::Bound::Unbounded,
+        ));
+        let page = Page::fill(LIST_PAGE_ENTRIES, rest, readable);
+        let keys: Vec<&str> = page.entries.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["k/10000", "k/19999"]);
+        assert_eq!(page.next(), "k/19999");
+        // A token that reads everything fills a page before the bound.
+        let page = Page::fill(LIST_PAGE_ENTRIES, kv.iter(), |_| true);
+        assert_eq!(page.entries.len(), LIST_PAGE_ENTRIES);
+        assert_eq!(page.next(), "k/00999");
     }
 }

@@ -160,7 +160,13 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str) -> Answer {
             }
         };
         let caller = call.caller(node).await?;
+        // Every check is a node's (instances are read with their node): a
+        // token that reads no node gets none, without a walk over all.
+        let any = caller.can_read_any(ResourceKind::Node);
         let (checks, index) = crate::grpc::read(node, call.read(), |s| {
+            if !any {
+                return (Vec::new(), s.index);
+            }
             let in_state = |h: HealthStatus| wanted.is_none_or(|w| w == h);
             let nodes = s
                 .nodes

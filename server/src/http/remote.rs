@@ -26,6 +26,7 @@ use weft_api::catalog::{HealthStatus, ServiceInstance};
 use weft_api::proto;
 
 use super::{json_at, only, Answer, Call, HttpError};
+use crate::grpc::catalog::may_read_instance;
 use crate::node::ServerNode;
 
 /// The endpoints answered for another datacenter.
@@ -152,7 +153,9 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str, dc: &str) ->
     only(call, Method::GET)?;
     let caller = call.caller(node).await?;
     require_known(node, dc)?;
-    let readable = |i: &&ServiceInstance| caller.can(Resource::Service(&i.service), Access::Read);
+    // As for this datacenter's catalog: an instance is read with its
+    // service and its node (node rules name nodes in every datacenter).
+    let readable = |i: &&ServiceInstance| may_read_instance(&caller, i);
     if path == "/v1/catalog/services" {
         call.only_params(&[])?;
         caller
@@ -160,11 +163,14 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str, dc: &str) ->
             .map_err(HttpError::from)?;
         let (services, index) = crate::grpc::read(node, call.read(), |s| {
             let mut tags: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-            for i in s.remote.get(dc).into_iter().flatten().filter(readable) {
-                tags.entry(i.service.clone())
-                    .or_default()
-                    .extend(i.tags.iter().cloned());
+            for i in s.remote.get(dc).into_iter().flatten() {
+                let service = tags.entry(i.service.clone()).or_default();
+                // Tags of instances on nodes the token cannot read stay out.
+                if readable(&i) {
+                    service.extend(i.tags.iter().cloned());
+                }
             }
+            tags.retain(|name, _| caller.can(Resource::Service(name), Access::Read));
             (tags, s.index)
         })
         .await?;
@@ -195,6 +201,7 @@ pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str, dc: &str) ->
             .into_iter()
             .flatten()
             .filter(|i| i.service == name)
+            .filter(readable)
             .filter(|i| !passing_only || i.health == HealthStatus::Passing)
             .map(|i| {
                 if health {
