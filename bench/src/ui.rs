@@ -285,7 +285,7 @@ async fn browse(
     rounds: usize,
 ) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let c = &browser.client;
-    c.goto(ui).await?;
+    browser.goto(ui).await?;
     browser
         .wait_for(
             Duration::from_secs(20),

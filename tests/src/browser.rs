@@ -126,6 +126,37 @@ impl Browser {
         Ok(browser)
     }
 
+    /// Opens `url`, once more (up to three times in all) when Chromium
+    /// shows its `ERR_NETWORK_CHANGED` page instead: it cuts a navigation
+    /// off so when its network service believes the interfaces changed
+    /// under it. `web_ui` got that page twice, right after a full suite on
+    /// a busy machine, with nothing in weft touching the namespace's
+    /// interfaces; what Chromium saw change was not found. Any other error
+    /// page is the page the test gets.
+    pub async fn goto(&self, url: &str) -> anyhow::Result<()> {
+        const NETWORK_CHANGED: &str = "ERR_NETWORK_CHANGED";
+        for attempt in 1..=3 {
+            let cut_off = match self.client.goto(url).await {
+                Ok(()) => {
+                    let text = self
+                        .eval(
+                            "return document.body ? document.body.innerText : '';",
+                            vec![],
+                        )
+                        .await?;
+                    text.as_str().is_some_and(|t| t.contains(NETWORK_CHANGED))
+                }
+                Err(e) if e.to_string().contains(NETWORK_CHANGED) => true,
+                Err(e) => return Err(e.into()),
+            };
+            if !cut_off {
+                return Ok(());
+            }
+            eprintln!("browser: {url}: {NETWORK_CHANGED} (attempt {attempt} of 3)");
+        }
+        bail!("{url}: Chromium said {NETWORK_CHANGED} three times")
+    }
+
     /// Runs `script` (a function body; `arguments` are `args`) in the page.
     pub async fn eval(&self, script: &str, args: Vec<Value>) -> anyhow::Result<Value> {
         Ok(self.client.execute(script, args).await?)

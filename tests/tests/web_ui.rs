@@ -119,7 +119,7 @@ async fn steps(mesh: &Mesh, browser: &Browser) -> anyhow::Result<()> {
     let ui = format!("https://{}:8500/ui/", mesh.ip(NodeA));
     let c = &browser.client;
     let started = Instant::now();
-    c.goto(&ui).await?;
+    browser.goto(&ui).await?;
 
     // Log in with a token; a wrong one is refused first.
     let token_input = c
