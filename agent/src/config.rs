@@ -419,6 +419,21 @@ impl AgentConfig {
         })?;
         let text = text + &crate::registered::as_toml(&registered.services);
         let config = Self::parse(&text, &file)?;
+        if config.token.is_some() {
+            // The token in the file: the file is a secret's.
+            let refused = |message: String| ConfigError::Invalid {
+                file: file.clone(),
+                line: None,
+                field: "token".into(),
+                message,
+            };
+            let meta = std::fs::metadata(path).map_err(|e| refused(e.to_string()))?;
+            crate::private_file::check(path, &meta).map_err(|e| {
+                refused(format!(
+                    "{e}, or move the token to a token_file of mode 600"
+                ))
+            })?;
+        }
         // How many checks each service has before the API's are appended
         // (none of a service registered through the API is the file's).
         let from_file: std::collections::HashMap<String, usize> = (config.services.iter())

@@ -99,8 +99,8 @@ impl Credentials {
         let fail = |m: String| ControlError::Credentials(m);
         let token = match (&config.token, &config.token_file) {
             (Some(t), _) => t.expose().trim().to_string(),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| fail(format!("token_file {}: {e}", path.display())))?
+            (None, Some(path)) => crate::private_file::read(path)
+                .map_err(|e| fail(format!("token_file: {e}")))?
                 .trim()
                 .to_string(),
             (None, None) => std::env::var("WEFT_TOKEN")

@@ -31,6 +31,7 @@ pub mod local_api;
 pub mod mark;
 pub mod metrics;
 pub mod outlier;
+pub mod private_file;
 pub mod proxy;
 pub mod pulse;
 pub mod registered;

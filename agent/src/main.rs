@@ -179,7 +179,12 @@ fn exec(config: &std::path::Path, service: &str, command: &[String]) -> anyhow::
     std::fs::write(&procs, std::process::id().to_string())
         .with_context(|| format!("joining {}", procs.display()))?;
     let (program, args) = command.split_first().context("no command given")?;
-    let err = std::process::Command::new(program).args(args).exec();
+    // The agent's token, if it came from the environment, is not the
+    // workload's.
+    let err = std::process::Command::new(program)
+        .args(args)
+        .env_remove("WEFT_TOKEN")
+        .exec();
     Err(anyhow::anyhow!("running {program}: {err}"))
 }
 

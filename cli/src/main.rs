@@ -4,7 +4,7 @@
 //! talks to the local agent's HTTP API instead.
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 mod client;
 mod commands;
@@ -22,9 +22,14 @@ pub struct Cli {
         global = true
     )]
     addr: Vec<String>,
-    /// ACL token sent to the servers.
+    /// ACL token sent to the servers (every local user sees a command
+    /// line: prefer WEFT_TOKEN or --token-file).
     #[arg(long, env = "WEFT_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// File holding the ACL token: taken over WEFT_TOKEN, but not over a
+    /// --token given on the command line.
+    #[arg(long, env = "WEFT_TOKEN_FILE", global = true)]
+    token_file: Option<std::path::PathBuf>,
     /// PEM file of the CA that signed the servers' TLS certificates.
     #[arg(long, env = "WEFT_CACERT", global = true)]
     ca_file: Option<std::path::PathBuf>,
@@ -100,7 +105,21 @@ pub enum Outcome {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let token_given = matches.value_source("token") == Some(clap::parser::ValueSource::CommandLine);
+    if let (Some(path), false) = (cli.token_file.take(), token_given) {
+        match std::fs::read_to_string(&path) {
+            Ok(token) => cli.token = Some(token.trim().to_string()),
+            Err(e) => {
+                eprintln!("error: --token-file {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     // Local commands: no server context, no network.
     if let Command::Tls(c) = cli.command {
         return exit_code(commands::tls::run(c, cli.format), false);

@@ -336,6 +336,27 @@ fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
+    // A directory someone else made (a pre-created /tmp/weft-1) stays
+    // theirs to open again, and to read the CA's keys from: refused, as is
+    // a symbolic link of theirs to one of ours.
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let own = unsafe { libc::geteuid() };
+    let read = |meta: std::io::Result<std::fs::Metadata>| {
+        meta.with_context(|| format!("reading {}", dir.display()))
+    };
+    for (what, meta) in [
+        ("symbolic link", read(std::fs::symlink_metadata(dir))?),
+        ("directory", read(std::fs::metadata(dir))?),
+    ] {
+        anyhow::ensure!(
+            meta.uid() == own || meta.uid() == 0,
+            "--data-dir {}: the {what} belongs to uid {}, not this server's ({own}); \
+             it would hold the CA's keys",
+            dir.display(),
+            meta.uid()
+        );
+    }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("making {} private (0700)", dir.display()))
 }

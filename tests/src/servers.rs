@@ -592,7 +592,7 @@ impl Cluster {
         let dir = ScratchDir::new("weft-agent-")?;
         let token = self.token_with(&["--node-identity", &format!("{node}:dc1")])?;
         let token_file = dir.path().join("agent.token");
-        std::fs::write(&token_file, token)?;
+        crate::federation::write_private(&token_file, &token)?;
         let servers: Vec<String> = self
             .servers
             .iter()

@@ -1553,7 +1553,8 @@ print(rest.decode().strip())
 "#;
 
 /// An HTTP service's WebSocket upgrade goes through the per-request proxy:
-/// the 101 comes back and then bytes flow both ways. Any other upgrade is
+/// the 101 that completes the handshake comes back and then bytes flow
+/// both ways. Any other upgrade is
 /// not carried: an allowed request offering `h2c` (which would turn the
 /// connection into HTTP/2 whose requests no intention judges, with an
 /// instance that switches to whatever it is asked) reaches the instance as
@@ -1570,7 +1571,12 @@ fn only_a_websocket_upgrade_passes_through_an_http_service() -> anyhow::Result<(
         ensure!(out.success(), "{}", out.describe());
         Ok(out.stdout.lines().map(str::to_string).collect())
     };
-    let websocket = ["Connection: Upgrade", "Upgrade: websocket"];
+    let websocket = [
+        "Connection: Upgrade",
+        "Upgrade: websocket",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    ];
     let lines = wait_until(
         Duration::from_secs(10),
         "an upgraded connection echoes",
@@ -1602,6 +1608,12 @@ fn only_a_websocket_upgrade_passes_through_an_http_service() -> anyhow::Result<(
     ensure!(
         lines.first().is_some_and(|l| l.starts_with("HTTP/1.1 200")),
         "an upgrade offering more than WebSocket was carried: {lines:?}"
+    );
+    // A WebSocket upgrade without its key is no handshake either.
+    let lines = upgrade(&["Connection: Upgrade", "Upgrade: websocket"])?;
+    ensure!(
+        lines.first().is_some_and(|l| l.starts_with("HTTP/1.1 200")),
+        "an upgrade without a Sec-WebSocket-Key was carried: {lines:?}"
     );
     Ok(())
 }
@@ -1854,7 +1866,7 @@ fn node_identity(
         &format!("{node_name}:dc1"),
     ])?;
     let token_file = mesh.path(&format!("{node_name}.token"));
-    std::fs::write(
+    weft_tests::federation::write_private(
         &token_file,
         token["secret_id"].as_str().context("no secret_id")?,
     )?;

@@ -43,9 +43,9 @@ fn an_outsider_cannot_mint_register_or_snapshot_its_way_in() -> anyhow::Result<(
 
     // 2. A rogue agent registering api at its own address.
     let rogue = mesh.path("rogue.toml");
-    std::fs::write(
+    weft_tests::federation::write_private(
         &rogue,
-        format!(
+        &format!(
             "node_name = \"rogue\"\ndatacenter = \"dc1\"\nservers = [\"{}\"]\n\
              advertise_addr = \"{}\"\ndata_dir = {:?}\nebpf = false\n\
              inbound_addr = \"0.0.0.0:25008\"\noutbound_addr = \"127.0.0.1:25001\"\n\

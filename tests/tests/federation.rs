@@ -405,6 +405,43 @@ fn dc1_reaches_dc2_through_gateways_fails_over_and_keeps_flowing() -> anyhow::Re
         status == 403,
         "dc2's api with a KV-only token: {status} {body}"
     );
+    // A token that reads api but no node sees none of api's instances
+    // there, as here (their node names, addresses and tags are the nodes').
+    fed.weft(
+        0,
+        &[
+            "acl",
+            "policy",
+            "create",
+            "--name",
+            "api-only",
+            "--rules",
+            r#"service "api" { policy = "read" }"#,
+        ],
+    )?;
+    let created: serde_json::Value = serde_json::from_str(&fed.weft(
+        0,
+        &[
+            "--format", "json", "acl", "token", "create", "--policy", "api-only",
+        ],
+    )?)?;
+    let api_only = created["secret_id"].as_str().context("no secret")?;
+    for path in [
+        "/v1/health/service/api?dc=dc2",
+        "/v1/catalog/service/api?dc=dc2",
+    ] {
+        let (status, body) = fed.http_get_as(0, api_only, path)?;
+        ensure!(
+            status == 200 && body.trim() == "[]",
+            "{path} with a token reading no node: {status} {body}"
+        );
+    }
+    let (status, body) = fed.http_get_as(0, api_only, "/v1/catalog/services?dc=dc2")?;
+    ensure!(
+        status == 200
+            && serde_json::from_str::<serde_json::Value>(&body)?["api"] == serde_json::json!([]),
+        "dc2's services with a token reading no node: {status} {body}"
+    );
     // Other endpoints are forwarded to dc2's servers, with the caller's
     // token (the primary's, replicated there): a key written in dc2 from
     // dc1 is dc2's, not dc1's.
@@ -677,7 +714,7 @@ async fn ui_shows_dc2(fed: &Federation) -> anyhow::Result<()> {
     let browser = Browser::start(Some(fed.lan(0)), &fed.path("chromedriver.log")).await?;
     let shown = async {
         let ui = format!("https://{}:8500/ui/", fed.server_ip(0));
-        browser.client.goto(&ui).await?;
+        browser.goto(&ui).await?;
         browser.log_in(fed.token(0)).await?;
         browser.client.goto(&format!("{ui}#/topology")).await?;
         let edge = browser

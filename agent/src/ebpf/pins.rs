@@ -86,14 +86,17 @@ fn ensure_bpffs() -> Result<(), PinError> {
         return Ok(());
     }
     let (src, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
-    // SAFETY: valid C strings; no data.
+    // Its root is the world's to write in otherwise (1777): any user could
+    // make the pin directory first, and own it.
+    let options = c"mode=0700";
+    // SAFETY: valid C strings; the data is a C string of options.
     let rc = unsafe {
         libc::mount(
             src.as_ptr(),
             target.as_ptr(),
             fstype.as_ptr(),
             0,
-            std::ptr::null(),
+            options.as_ptr().cast(),
         )
     };
     if rc != 0 {
@@ -122,7 +125,18 @@ impl Pins {
         if !is_bpffs(dir)? {
             return Err(PinError::NotBpffs(dir.to_path_buf()));
         }
-        use std::os::unix::fs::PermissionsExt;
+        // A pin directory another user made first is theirs to unpin from
+        // (and the mesh fails open when the agent is gone): refused.
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let owner = std::fs::metadata(dir).map_err(io(dir))?.uid();
+        // SAFETY: geteuid has no preconditions.
+        let own = unsafe { libc::geteuid() };
+        if owner != own {
+            return Err(io(dir)(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("the pin directory belongs to uid {owner}, not this agent's ({own})"),
+            )));
+        }
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
         Ok(Self {
             base: dir.to_path_buf(),

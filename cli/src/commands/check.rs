@@ -65,12 +65,31 @@ fn target(verb: &str, id: &str, note: Option<&str>) -> String {
     t
 }
 
+/// The agent's API is plain HTTP on loopback: the token would travel in
+/// clear text to any other address (and `WEFT_TOKEN` is often an
+/// operator's).
+fn on_loopback(addr: &str) -> anyhow::Result<()> {
+    let loopback = match addr.parse::<std::net::SocketAddr>() {
+        Ok(a) => a.ip().to_canonical().is_loopback(),
+        Err(_) => addr
+            .rsplit_once(':')
+            .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost")),
+    };
+    if !loopback {
+        anyhow::bail!(
+            "--agent-addr {addr:?}: the agent's local API is plain HTTP on loopback \
+             (127.0.0.1:8500); the token is not sent to another address in clear text"
+        );
+    }
+    Ok(())
+}
+
 /// The error for a refusal by the agent.
 fn refusal(status: StatusCode, body: &str, has_token: bool) -> anyhow::Error {
     let body = body.trim();
     match status {
         StatusCode::FORBIDDEN if !has_token => {
-            anyhow!("permission denied: {body} (pass --token or set WEFT_TOKEN)")
+            anyhow!("permission denied: {body} (set WEFT_TOKEN or pass --token-file)")
         }
         StatusCode::FORBIDDEN => anyhow!("permission denied: {body}"),
         StatusCode::NOT_FOUND => anyhow!("not found: {body}"),
@@ -86,6 +105,9 @@ pub async fn run(cmd: CheckCmd, token: Option<&str>, format: Format) -> anyhow::
         CheckCmd::Fail(u) => ("fail", "critical", u),
     };
     let addr = u.agent_addr.trim();
+    if token.is_some() {
+        on_loopback(addr)?;
+    }
     let path = target(verb, &u.id, u.note.as_deref());
     let exchange = async {
         let stream = tokio::net::TcpStream::connect(addr)
@@ -161,6 +183,27 @@ mod tests {
     }
 
     #[test]
+    fn the_token_goes_to_loopback_only() {
+        for addr in [
+            "127.0.0.1:8500",
+            "[::1]:8500",
+            "localhost:8500",
+            "127.0.0.2:18500",
+        ] {
+            assert!(on_loopback(addr).is_ok(), "{addr}");
+        }
+        for addr in [
+            "10.0.0.5:8500",
+            "agent.example:8500",
+            "0.0.0.0:8500",
+            "[::]:8500",
+        ] {
+            let e = on_loopback(addr).unwrap_err().to_string();
+            assert!(e.contains("clear text"), "{addr}: {e}");
+        }
+    }
+
+    #[test]
     fn refusals_are_one_line_and_hint_at_the_token() {
         let e = refusal(
             StatusCode::FORBIDDEN,
@@ -169,7 +212,7 @@ mod tests {
         );
         assert_eq!(
             e.to_string(),
-            "permission denied: Permission denied: no ACL token (pass --token or set WEFT_TOKEN)"
+            "permission denied: Permission denied: no ACL token (set WEFT_TOKEN or pass --token-file)"
         );
         let e = refusal(StatusCode::NOT_FOUND, "Unknown check ID \"x\"\n", true);
         assert_eq!(e.to_string(), "not found: Unknown check ID \"x\"");

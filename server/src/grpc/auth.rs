@@ -256,7 +256,7 @@ impl tonic::service::Interceptor for KnownToken {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         let Some(secret) = secret_of(&req) else {
             return Err(Status::unauthenticated(
-                "no ACL token: pass one with --token or WEFT_TOKEN",
+                "no ACL token: set WEFT_TOKEN or pass --token-file",
             ));
         };
         match resolve(&self.0, secret) {
@@ -292,7 +292,7 @@ fn credentialed<T>(
         Ok(())
     } else {
         Err(Status::unauthenticated(
-            "no ACL token: pass one with --token or WEFT_TOKEN",
+            "no ACL token: set WEFT_TOKEN or pass --token-file",
         ))
     }
 }
@@ -341,7 +341,7 @@ async fn authenticate<T>(node: &ServerNode, req: &Request<T>) -> Result<Caller, 
             return Ok(caller);
         }
         return Err(Status::unauthenticated(
-            "no ACL token: pass one with --token or WEFT_TOKEN",
+            "no ACL token: set WEFT_TOKEN or pass --token-file",
         ));
     };
     resolve_or_look_again(node, secret)

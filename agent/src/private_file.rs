@@ -1,0 +1,89 @@
+//! Files that hold a secret the agent reads (its `token_file`, or a
+//! configuration with a `token` in it): refused unless only their owner,
+//! the agent's own user or root, may read or write them, as ssh treats
+//! private keys. A token file left at the usual 0644 hands every local user the
+//! node's identity and its services' (enough to have their certificates
+//! signed), and one owned by another user is that user's to replace.
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Why a secret's file is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivateFileError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} holds a secret that group or others may read or write (mode {mode:04o}): `chmod 600` it", path.display())]
+    Exposed { path: PathBuf, mode: u32 },
+    #[error("{} holds a secret and belongs to uid {owner}, not this agent's ({own}): `chown` it", path.display())]
+    Owner { path: PathBuf, owner: u32, own: u32 },
+}
+
+/// Checks the file `meta` describes (at `path`): no access for group or
+/// others, owned by this process's user (or root).
+pub fn check(path: &Path, meta: &std::fs::Metadata) -> Result<(), PrivateFileError> {
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(PrivateFileError::Exposed {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    // SAFETY: geteuid has no preconditions.
+    let own = unsafe { libc::geteuid() };
+    // Root's file is as safe as root is.
+    if meta.uid() != own && meta.uid() != 0 {
+        return Err(PrivateFileError::Owner {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            own,
+        });
+    }
+    Ok(())
+}
+
+/// The contents of the secret's file at `path`, once [`check`]ed (the
+/// file opened is the one checked).
+pub fn read(path: &Path) -> Result<String, PrivateFileError> {
+    use std::io::Read;
+    let io = |source| PrivateFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    check(path, &file.metadata().map_err(io)?)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(io)?;
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn only_a_file_its_owner_alone_may_read_holds_a_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.token");
+        std::fs::write(&path, "secret\n").unwrap();
+        for mode in [0o644, 0o640, 0o604, 0o660, 0o602] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = read(&path).unwrap_err();
+            assert!(
+                matches!(e, PrivateFileError::Exposed { mode: m, .. } if m == mode),
+                "{mode:o}: {e}"
+            );
+            assert!(e.to_string().contains("chmod 600"), "{e}");
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(read(&path).unwrap(), "secret\n", "{mode:o}");
+        }
+        let missing = read(&dir.path().join("none")).unwrap_err();
+        assert!(matches!(missing, PrivateFileError::Io { .. }), "{missing}");
+    }
+}
