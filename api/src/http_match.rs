@@ -174,11 +174,21 @@ const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
 ];
 const METHOD_OVERRIDE_PARAM: &str = "_method";
 
+/// `_method`, or a name PHP reads as it (a first ` `, `.` or `[` becomes
+/// `_` there: `?.method=DELETE` is Laravel's `_method`).
+fn is_method_param(name: &str) -> bool {
+    name == METHOD_OVERRIDE_PARAM
+        || name
+            .strip_suffix("method")
+            .is_some_and(|head| matches!(head, " " | "." | "["))
+}
+
 /// The readings an instance may take of a request's (normalized) path: as
 /// it is, and with each segment's parameters cut (`/admin;x=1/users` is
-/// `/admin/users` to Tomcat, Jetty and Spring); with `broad` (a deny's)
-/// also each with a final `/` added or removed (servers that route without
-/// regard to it). A deny also compares them without regard to case
+/// `/admin/users` to Tomcat, Jetty and Spring; `;` escaped too); with
+/// `broad` (a deny's) also without a format suffix on the last segment
+/// (`/admin.json`), and each with a final `/` added or removed (servers
+/// that route without regard to it). A deny also compares them without regard to case
 /// ([`HttpMatch::matches_read`]). The first reading is the path itself.
 pub fn path_readings(path: &str, broad: bool) -> Vec<Cow<'_, str>> {
     let mut out = vec![Cow::Borrowed(path)];
@@ -187,9 +197,14 @@ pub fn path_readings(path: &str, broad: bool) -> Vec<Cow<'_, str>> {
             out.push(Cow::Owned(reading));
         }
     };
-    if path.contains(';') {
+    // `%3B` too: a server in front (nginx) may decode it before one that
+    // cuts parameters (Tomcat) reads the path.
+    if path.contains(';') || path.contains("%3B") {
         let cut: Vec<&str> = (path.split('/'))
-            .map(|segment| segment.split(';').next().unwrap_or(""))
+            .map(|segment| {
+                let segment = segment.split(';').next().unwrap_or("");
+                segment.split("%3B").next().unwrap_or("")
+            })
             .collect();
         let cut = cut.join("/");
         // A segment that was only parameters leaves `//`: merged, as the
@@ -201,6 +216,15 @@ pub fn path_readings(path: &str, broad: bool) -> Vec<Cow<'_, str>> {
         add(&mut out, cut);
     }
     if broad {
+        // A format suffix on the last segment (`/admin.json`), which Rails
+        // and older Spring route to `/admin`.
+        for i in 0..out.len() {
+            let last = out[i].rsplit('/').next().unwrap_or("");
+            if let Some(dot) = last.rfind('.').filter(|&d| d > 0) {
+                let without = out[i][..out[i].len() - (last.len() - dot)].to_string();
+                add(&mut out, without);
+            }
+        }
         for i in 0..out.len() {
             let toggled = match out[i].strip_suffix('/') {
                 Some("") => continue,
@@ -226,7 +250,7 @@ pub fn method_readings(request: &Request, broad: bool) -> Vec<Cow<'_, str>> {
         .flat_map(|(_, value)| value.split(','))
         .chain(
             (request.query.iter())
-                .filter(|(name, _)| name == METHOD_OVERRIDE_PARAM)
+                .filter(|(name, _)| is_method_param(name))
                 .map(|(_, value)| value.as_str()),
         );
     for value in overrides {
@@ -415,9 +439,13 @@ pub fn check_rule_paths(field: &str, m: &HttpMatch) -> Result<(), HttpMatchError
 /// read (see [`crate::compiled`]).
 pub type FullMatch = Compiled<WholeString>;
 
-/// A regex anchored at both ends.
+/// A regex anchored at both ends; and, compiled the first time a deny
+/// reads a path without regard to case, the same without regard to case.
 #[derive(Debug, Clone)]
-pub struct WholeString(Regex);
+pub struct WholeString {
+    exact: Regex,
+    folded: std::sync::OnceLock<Result<Regex, String>>,
+}
 
 /// The largest compiled regex weft takes (the `regex` crate's default is
 /// 10 MiB): a rule near it is a mistake or an attack, not a route.
@@ -435,7 +463,10 @@ impl Compile for WholeString {
         regex::RegexBuilder::new(&format!("^(?:{source})$"))
             .size_limit(REGEX_SIZE_LIMIT)
             .build()
-            .map(WholeString)
+            .map(|exact| WholeString {
+                exact,
+                folded: std::sync::OnceLock::new(),
+            })
             .map_err(|e| invalid(&e))
     }
 }
@@ -444,13 +475,29 @@ impl Compiled<WholeString> {
     /// The compiled regex, or why it does not compile (under `field`).
     pub fn compiled(&self, field: &str) -> Result<&Regex, HttpMatchError> {
         self.get()
-            .map(|w| &w.0)
+            .map(|w| &w.exact)
             .map_err(|reason| err(field, reason))
     }
 
     /// Whether the whole of `text` matches.
     pub fn is_match(&self, field: &str, text: &str) -> Result<bool, HttpMatchError> {
         Ok(self.compiled(field)?.is_match(text))
+    }
+
+    /// Whether the whole of `text` matches without regard to case.
+    pub fn is_match_ignoring_case(&self, field: &str, text: &str) -> Result<bool, HttpMatchError> {
+        let whole = self.get().map_err(|reason| err(field, reason))?;
+        let folded = whole.folded.get_or_init(|| {
+            regex::RegexBuilder::new(whole.exact.as_str())
+                .case_insensitive(true)
+                .size_limit(REGEX_SIZE_LIMIT)
+                .build()
+                .map_err(|e| one_line(&e.to_string()))
+        });
+        match folded {
+            Ok(regex) => Ok(regex.is_match(text)),
+            Err(reason) => Err(err(field, reason.clone())),
+        }
     }
 }
 
@@ -587,11 +634,10 @@ impl HttpMatch {
             }
         }
         if let Some(pattern) = &self.path_regex {
-            let lower = || path.to_ascii_lowercase();
-            let hit = pattern.is_match("PathRegex", path)?
-                || (fold
-                    && path.bytes().any(|b| b.is_ascii_uppercase())
-                    && pattern.is_match("PathRegex", &lower())?);
+            let hit = match fold {
+                true => pattern.is_match_ignoring_case("PathRegex", path)?,
+                false => pattern.is_match("PathRegex", path)?,
+            };
             if !hit {
                 return Ok(false);
             }
@@ -1102,11 +1148,21 @@ mod tests {
         for path in ["/admin;x/users", "/AdMiN"] {
             assert!(hit(&admin_regex, path, AnyReading), "regex {path}");
         }
-        // A deny written with capitals holds in any case too.
+        // A deny written with capitals holds in any case too, a regex's
+        // as well.
         let capital = rule(|h| h.path_prefix = Some("/Admin/".into()));
         for path in ["/ADMIN/x", "/admin/x", "/Admin;x/y"] {
             assert!(hit(&capital, path, AnyReading), "{path}");
         }
+        let capital_regex = rule(|h| h.path_regex = Some("/Admin/.*".into()));
+        assert!(hit(&capital_regex, "/admin/x", AnyReading));
+        assert!(!hit(&capital_regex, "/admin/x", EveryReading));
+        // `;` escaped (a server in front may decode it), and a format
+        // suffix (Rails, older Spring), to a deny.
+        assert!(hit(&admin_prefix, "/admin%3Bx/users", AnyReading));
+        assert!(hit(&admin_exact, "/admin.json", AnyReading));
+        assert!(!hit(&admin_exact, "/admin.json", EveryReading));
+        assert!(!hit(&admin_exact, "/administrators.json", AnyReading));
         // Not more than that: other paths stay out of the deny.
         for path in ["/administrators", "/public/admin", "/", "/;admin"] {
             assert!(!hit(&admin_prefix, path, AnyReading), "{path}");
@@ -1148,6 +1204,10 @@ mod tests {
             Request::new("POST", "/").with_header("X-Method-Override", "PUT, DELETE"),
             Request::new("POST", "/").with_header("X_HTTP_Method_Override", "DELETE"),
             Request::new("POST", "/").with_query("_method=delete"),
+            // PHP reads `.method`, ` method`, `[method` as `_method`.
+            Request::new("POST", "/").with_query(".method=DELETE"),
+            Request::new("POST", "/").with_query("+method=DELETE"),
+            Request::new("POST", "/").with_query("%5Bmethod=DELETE"),
         ] {
             assert!(hit(&delete, &r, AnyReading), "{r:?}");
             assert!(!hit(&delete, &r, Joined), "{r:?}");

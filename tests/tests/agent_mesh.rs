@@ -1526,8 +1526,9 @@ time.sleep(60)
 }
 
 /// A raw client of web's upstream for api: an upgrade request to `/upgrade`
-/// with `headers`, then a line sent; prints the status line and whatever
-/// came back after the head.
+/// with `headers`, then a line sent; prints the status line, whatever
+/// came back after the head, and the head's `Sec-WebSocket-Accept` (lower
+/// case).
 const UPGRADE_CLIENT: &str = r#"
 import socket, sys
 crlf = b"\r\n"
@@ -1548,8 +1549,10 @@ while not rest.endswith(b"\n"):
     if not chunk:
         break
     rest += chunk
+accept = [l for l in head.split(crlf + crlf)[0].split(crlf) if l.lower().startswith(b"sec-websocket-accept:")]
 print(status.decode())
 print(rest.decode().strip())
+print(b",".join(accept).decode().lower())
 "#;
 
 /// An HTTP service's WebSocket upgrade goes through the per-request proxy:
@@ -1588,9 +1591,13 @@ fn only_a_websocket_upgrade_passes_through_an_http_service() -> anyhow::Result<(
                 .then_some(lines))
         },
     )?;
+    // The client gets the accept value of its own key (RFC 6455's
+    // example), though each agent sent the next hop a key of its own.
     ensure!(
         lines.first().is_some_and(|l| l.starts_with("HTTP/1.1 101"))
-            && lines.get(1).map(String::as_str) == Some("ping over the upgraded connection"),
+            && lines.get(1).map(String::as_str) == Some("ping over the upgraded connection")
+            && lines.get(2).map(String::as_str)
+                == Some("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
         "{lines:?}"
     );
     let h2c = [

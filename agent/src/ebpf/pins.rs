@@ -125,17 +125,27 @@ impl Pins {
         if !is_bpffs(dir)? {
             return Err(PinError::NotBpffs(dir.to_path_buf()));
         }
-        // A pin directory another user made first is theirs to unpin from
-        // (and the mesh fails open when the agent is gone): refused.
+        // A pin directory another user made first, or one inside a
+        // directory of theirs, is theirs to unpin from or move aside (and
+        // the mesh fails open when the agent is gone): refused. Checked
+        // from the pin directory up to the bpffs root.
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
-        let owner = std::fs::metadata(dir).map_err(io(dir))?.uid();
         // SAFETY: geteuid has no preconditions.
         let own = unsafe { libc::geteuid() };
-        if owner != own {
-            return Err(io(dir)(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!("the pin directory belongs to uid {owner}, not this agent's ({own})"),
-            )));
+        for ancestor in dir.ancestors() {
+            if !is_bpffs(ancestor)? {
+                break;
+            }
+            let owner = std::fs::metadata(ancestor).map_err(io(ancestor))?.uid();
+            if owner != own && owner != 0 {
+                return Err(io(dir)(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} belongs to uid {owner}, not this agent's ({own}) nor root's",
+                        ancestor.display()
+                    ),
+                )));
+            }
         }
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
         Ok(Self {

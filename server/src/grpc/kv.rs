@@ -85,26 +85,48 @@ impl Kv for KvApi {
             0 => LIST_PAGE_ENTRIES,
             n => (n as usize).min(LIST_PAGE_ENTRIES),
         };
-        let list = read(&self.0, r.read, |s| {
-            use std::ops::Bound::{Excluded, Included, Unbounded};
-            let from = if r.after.is_empty() || r.after < r.prefix {
-                Included(r.prefix.clone())
-            } else {
-                Excluded(r.after.clone())
-            };
-            let keys =
-                s.kv.range::<String, _>((from, Unbounded))
-                    .take_while(|(k, _)| k.starts_with(&r.prefix));
-            let readable = |key: &str| caller.can(Resource::Key(key), Access::Read);
-            let page = Page::fill(limit, keys, readable);
-            proto::KvList {
-                next: page.next(),
-                entries: page.entries,
-                index: s.index,
+        // A token that reads few of many keys walks them all for a page:
+        // in chunks of LIST_CHUNK_EXAMINED keys, each one read of the
+        // state (whose lock the Raft apply needs), the first after the
+        // read barrier (the later ones need none: the first made the read
+        // as recent as the caller asked). Where a chunk stopped stays
+        // here: a cursor the caller saw would name a key it may not read.
+        let readable = |key: &str| caller.can(Resource::Key(key), Access::Read);
+        let mut page = Page::new(limit, LIST_PAGE_BYTES);
+        let mut after = r.after.clone();
+        let mut options = r.read;
+        let stale = proto::ReadOptions {
+            stale: true,
+            ..Default::default()
+        };
+        let index = loop {
+            let now = options.replace(stale.clone());
+            let (cut, index) = read(&self.0, now, |s| {
+                use std::ops::Bound::{Excluded, Included, Unbounded};
+                let from = if after.is_empty() || after < r.prefix {
+                    Included(r.prefix.clone())
+                } else {
+                    Excluded(after.clone())
+                };
+                let keys =
+                    s.kv.range::<String, _>((from, Unbounded))
+                        .take_while(|(k, _)| k.starts_with(&r.prefix));
+                (page.fill(keys, readable), s.index)
+            })
+            .await?;
+            match cut {
+                Some(last) => {
+                    after = last;
+                    tokio::task::yield_now().await;
+                }
+                None => break index,
             }
-        })
-        .await?;
-        Ok(Response::new(list))
+        };
+        Ok(Response::new(proto::KvList {
+            next: page.next(),
+            entries: page.entries,
+            index,
+        }))
     }
 
     async fn delete(
@@ -140,8 +162,9 @@ impl Kv for KvApi {
 pub const LIST_PAGE_ENTRIES: usize = 1000;
 /// Bytes of one page at most (one larger entry still gets a page).
 pub const LIST_PAGE_BYTES: usize = 1 << 20;
-/// Most keys one page of a list examines, readable by the token or not.
-pub const LIST_PAGE_EXAMINED: usize = 10 * LIST_PAGE_ENTRIES;
+/// Most keys one read of the state examines for a list, readable by the
+/// token or not (a page takes as many such reads as it needs).
+pub const LIST_CHUNK_EXAMINED: usize = 10 * LIST_PAGE_ENTRIES;
 
 /// One page of a list: entries until the count or the byte bound is reached.
 struct Page {
@@ -151,8 +174,6 @@ struct Page {
     byte_limit: usize,
     /// A key left out: the list goes on after the last one taken.
     full: bool,
-    /// Keys left unexamined: the list goes on after this one.
-    resume: Option<String>,
 }
 
 impl Page {
@@ -163,33 +184,29 @@ impl Page {
             limit,
             byte_limit,
             full: false,
-            resume: None,
         }
     }
 
-    /// A page of `limit` entries at most of `keys` (in order) that are
-    /// `readable`. A token that reads few of many keys would otherwise walk
-    /// them all in one read of the state (which holds the lock the Raft
-    /// apply needs): a page examines at most [`LIST_PAGE_EXAMINED`] keys,
-    /// and the list goes on after the last.
+    /// Adds the `readable` ones of `keys` (in order) until the page is
+    /// full or [`LIST_CHUNK_EXAMINED`] keys were examined: then the last
+    /// key examined, where the next chunk goes on (None: the page is done,
+    /// full or at the keys' end).
     fn fill<'a>(
-        limit: usize,
+        &mut self,
         keys: impl Iterator<Item = (&'a String, &'a weft_api::kv::KvEntry)>,
         readable: impl Fn(&str) -> bool,
-    ) -> Page {
-        let mut page = Page::new(limit, LIST_PAGE_BYTES);
+    ) -> Option<String> {
         let mut examined: Option<&String> = None;
         for (n, (key, entry)) in keys.enumerate() {
-            if let (LIST_PAGE_EXAMINED, Some(last)) = (n, examined) {
-                page.resume = Some(last.clone());
-                break;
+            if let (LIST_CHUNK_EXAMINED, Some(last)) = (n, examined) {
+                return Some(last.clone());
             }
             examined = Some(key);
-            if readable(key) && !page.add(kv_to_proto(entry)) {
-                break;
+            if readable(key) && !self.add(kv_to_proto(entry)) {
+                return None;
             }
         }
-        page
+        None
     }
 
     /// Takes `entry` if there is room; false once the page is full.
@@ -209,9 +226,6 @@ impl Page {
 
     /// Where the next page starts, when there is one.
     fn next(&self) -> String {
-        if let Some(key) = &self.resume {
-            return key.clone();
-        }
         match (self.full, self.entries.last()) {
             (true, Some(last)) => last.key.clone(),
             _ => String::new(),
@@ -247,7 +261,7 @@ mod tests {
     }
 
     #[test]
-    fn a_page_examines_a_bounded_number_of_keys_readable_or_not() {
+    fn a_chunk_examines_a_bounded_number_of_keys_and_the_page_names_only_readable_ones() {
         let kv: std::collections::BTreeMap<String, weft_api::kv::KvEntry> = (0..25_000)
             .map(|i| {
                 let key = format!("k/{i:05}");
@@ -258,25 +272,50 @@ mod tests {
                 (key, entry)
             })
             .collect();
-        // A token that reads one key in 10,000: the first page stops after
-        // LIST_PAGE_EXAMINED keys with the one it found, and says where
-        // the list goes on.
+        let from = |after: &str| {
+            kv.range::<String, _>((
+                std::ops::Bound::Excluded(after.to_string()),
+                std::ops::Bound::Unbounded,
+            ))
+        };
+        // A token that reads one key in 10,000: each chunk stops after
+        // LIST_CHUNK_EXAMINED keys and the next goes on after it, into the
+        // same page; the page's end names a key the token read, never one
+        // of the others.
         let readable = |k: &str| k.ends_with("0000") || k.ends_with("9999");
-        let page = Page::fill(LIST_PAGE_ENTRIES, kv.iter(), readable);
+        let mut page = Page::new(LIST_PAGE_ENTRIES, LIST_PAGE_BYTES);
+        let cut = page.fill(kv.iter(), readable);
+        assert_eq!(cut.as_deref(), Some("k/09999"));
+        let cut = page.fill(from("k/09999"), readable);
+        assert_eq!(cut.as_deref(), Some("k/19999"));
+        assert_eq!(page.fill(from("k/19999"), readable), None);
         let keys: Vec<&str> = page.entries.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["k/00000", "k/09999"]);
-        assert_eq!(page.next(), "k/09999");
-        let rest = kv.range::<String, _>((
-            std::ops::Bound::Excluded(page.next()),
-            std::ops::Bound::Unbounded,
-        ));
-        let page = Page::fill(LIST_PAGE_ENTRIES, rest, readable);
-        let keys: Vec<&str> = page.entries.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["k/10000", "k/19999"]);
-        assert_eq!(page.next(), "k/19999");
-        // A token that reads everything fills a page before the bound.
-        let page = Page::fill(LIST_PAGE_ENTRIES, kv.iter(), |_| true);
+        assert_eq!(
+            keys,
+            ["k/00000", "k/09999", "k/10000", "k/19999", "k/20000"]
+        );
+        assert_eq!(page.next(), "", "the last page");
+        // A page filled within a chunk ends at its last entry.
+        let mut page = Page::new(LIST_PAGE_ENTRIES, LIST_PAGE_BYTES);
+        assert_eq!(page.fill(kv.iter(), |_| true), None);
         assert_eq!(page.entries.len(), LIST_PAGE_ENTRIES);
         assert_eq!(page.next(), "k/00999");
+        // A token that reads none: chunk after chunk, an empty last page.
+        let mut page = Page::new(LIST_PAGE_ENTRIES, LIST_PAGE_BYTES);
+        let mut after: Option<String> = None;
+        let mut chunks = 0;
+        loop {
+            chunks += 1;
+            let cut = match &after {
+                None => page.fill(kv.iter(), |_| false),
+                Some(a) => page.fill(from(a), |_| false),
+            };
+            match cut {
+                Some(last) => after = Some(last),
+                None => break,
+            }
+        }
+        assert_eq!(chunks, 3);
+        assert!(page.entries.is_empty() && page.next().is_empty());
     }
 }
