@@ -174,13 +174,12 @@ const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
 ];
 const METHOD_OVERRIDE_PARAM: &str = "_method";
 
-/// `_method`, or a name PHP reads as it (a first ` `, `.` or `[` becomes
-/// `_` there: `?.method=DELETE` is Laravel's `_method`).
+/// `_method`, or a name PHP reads as it (it drops leading spaces and
+/// reads `.` as `_`: `?.method=DELETE` and `?+_method=DELETE` are
+/// Laravel's `_method`).
 fn is_method_param(name: &str) -> bool {
-    name == METHOD_OVERRIDE_PARAM
-        || name
-            .strip_suffix("method")
-            .is_some_and(|head| matches!(head, " " | "." | "["))
+    let name = name.trim_start_matches(' ');
+    name == METHOD_OVERRIDE_PARAM || name == ".method"
 }
 
 /// The readings an instance may take of a request's (normalized) path: as
@@ -216,25 +215,38 @@ pub fn path_readings(path: &str, broad: bool) -> Vec<Cow<'_, str>> {
         add(&mut out, cut);
     }
     if broad {
-        // A format suffix on the last segment (`/admin.json`), which Rails
-        // and older Spring route to `/admin`.
+        // A final `/` added or removed (servers that route without regard
+        // to it), then a format suffix cut from the last segment at its
+        // last and at its first dot (`/admin.json`, `/admin.x.json`: Rails
+        // and older Spring route both to `/admin`), then the slash again.
+        toggle_final_slash(&mut out, &add);
         for i in 0..out.len() {
             let last = out[i].rsplit('/').next().unwrap_or("");
-            if let Some(dot) = last.rfind('.').filter(|&d| d > 0) {
-                let without = out[i][..out[i].len() - (last.len() - dot)].to_string();
+            let head = out[i].len() - last.len();
+            let cuts = [last.rfind('.'), last.find('.')];
+            for dot in cuts.into_iter().flatten().filter(|&d| d > 0) {
+                let without = out[i][..head + dot].to_string();
                 add(&mut out, without);
             }
         }
-        for i in 0..out.len() {
-            let toggled = match out[i].strip_suffix('/') {
-                Some("") => continue,
-                Some(without) => without.to_string(),
-                None => format!("{}/", out[i]),
-            };
-            add(&mut out, toggled);
-        }
+        toggle_final_slash(&mut out, &add);
     }
     out
+}
+
+/// Adds each of `out`'s readings with a final `/` added or removed (but `/`).
+fn toggle_final_slash<'p>(
+    out: &mut Vec<Cow<'p, str>>,
+    add: &impl Fn(&mut Vec<Cow<'p, str>>, String),
+) {
+    for i in 0..out.len() {
+        let toggled = match out[i].strip_suffix('/') {
+            Some("") => continue,
+            Some(without) => without.to_string(),
+            None => format!("{}/", out[i]),
+        };
+        add(out, toggled);
+    }
 }
 
 /// The readings an instance may take of a request's method: as sent, and
@@ -444,7 +456,10 @@ pub type FullMatch = Compiled<WholeString>;
 #[derive(Debug, Clone)]
 pub struct WholeString {
     exact: Regex,
-    folded: std::sync::OnceLock<Result<Regex, String>>,
+    /// None when the folded form does not compile (Unicode case folding
+    /// can take it past the size limit): the path is then matched in
+    /// lower case instead.
+    folded: std::sync::OnceLock<Option<Regex>>,
 }
 
 /// The largest compiled regex weft takes (the `regex` crate's default is
@@ -492,12 +507,12 @@ impl Compiled<WholeString> {
                 .case_insensitive(true)
                 .size_limit(REGEX_SIZE_LIMIT)
                 .build()
-                .map_err(|e| one_line(&e.to_string()))
+                .ok()
         });
-        match folded {
-            Ok(regex) => Ok(regex.is_match(text)),
-            Err(reason) => Err(err(field, reason.clone())),
-        }
+        Ok(match folded {
+            Some(regex) => regex.is_match(text),
+            None => whole.exact.is_match(&text.to_ascii_lowercase()),
+        })
     }
 }
 
@@ -634,10 +649,10 @@ impl HttpMatch {
             }
         }
         if let Some(pattern) = &self.path_regex {
-            let hit = match fold {
-                true => pattern.is_match_ignoring_case("PathRegex", path)?,
-                false => pattern.is_match("PathRegex", path)?,
-            };
+            // Folded as well as exact: under `(?i)` a negated class such
+            // as `[^A-Z]` excludes the lower case too.
+            let hit = pattern.is_match("PathRegex", path)?
+                || (fold && pattern.is_match_ignoring_case("PathRegex", path)?);
             if !hit {
                 return Ok(false);
             }
@@ -1163,6 +1178,12 @@ mod tests {
         assert!(hit(&admin_exact, "/admin.json", AnyReading));
         assert!(!hit(&admin_exact, "/admin.json", EveryReading));
         assert!(!hit(&admin_exact, "/administrators.json", AnyReading));
+        for path in ["/admin.x.json", "/admin.json/", "/ADMIN.JSON"] {
+            assert!(hit(&admin_exact, path, AnyReading), "{path}");
+        }
+        // A negated class keeps its meaning: folding is added, not swapped.
+        let no_capitals = rule(|h| h.path_regex = Some("/files/[^A-Z]+".into()));
+        assert!(hit(&no_capitals, "/files/abc", AnyReading));
         // Not more than that: other paths stay out of the deny.
         for path in ["/administrators", "/public/admin", "/", "/;admin"] {
             assert!(!hit(&admin_prefix, path, AnyReading), "{path}");
@@ -1204,10 +1225,10 @@ mod tests {
             Request::new("POST", "/").with_header("X-Method-Override", "PUT, DELETE"),
             Request::new("POST", "/").with_header("X_HTTP_Method_Override", "DELETE"),
             Request::new("POST", "/").with_query("_method=delete"),
-            // PHP reads `.method`, ` method`, `[method` as `_method`.
+            // PHP reads `.method` and ` _method` as `_method`.
             Request::new("POST", "/").with_query(".method=DELETE"),
-            Request::new("POST", "/").with_query("+method=DELETE"),
-            Request::new("POST", "/").with_query("%5Bmethod=DELETE"),
+            Request::new("POST", "/").with_query("+_method=DELETE"),
+            Request::new("POST", "/").with_query("%20%20.method=DELETE"),
         ] {
             assert!(hit(&delete, &r, AnyReading), "{r:?}");
             assert!(!hit(&delete, &r, Joined), "{r:?}");

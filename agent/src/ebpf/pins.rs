@@ -132,11 +132,25 @@ impl Pins {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         // SAFETY: geteuid has no preconditions.
         let own = unsafe { libc::geteuid() };
-        for ancestor in dir.ancestors() {
+        // The directory as the kernel resolves it, each part as it is (a
+        // link of another user's, re-pointed later, would move the pins).
+        let real = std::fs::canonicalize(dir).map_err(io(dir))?;
+        if real != dir {
+            return Err(io(dir)(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "not the directory's own path (it is {}): give an absolute path without symbolic links",
+                    real.display()
+                ),
+            )));
+        }
+        for ancestor in real.ancestors() {
             if !is_bpffs(ancestor)? {
                 break;
             }
-            let owner = std::fs::metadata(ancestor).map_err(io(ancestor))?.uid();
+            let owner = std::fs::symlink_metadata(ancestor)
+                .map_err(io(ancestor))?
+                .uid();
             if owner != own && owner != 0 {
                 return Err(io(dir)(std::io::Error::new(
                     std::io::ErrorKind::PermissionDenied,

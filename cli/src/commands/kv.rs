@@ -138,9 +138,7 @@ pub async fn run(ctx: &Ctx, cmd: KvCmd) -> anyhow::Result<Outcome> {
         }
         KvCmd::List { prefix } => {
             // Page after page: a large store never comes in one message.
-            // A page may hold nothing and still name where the list goes
-            // on (the servers examine so many keys a page): the next page
-            // starts where the last one says, not after its last entry.
+            // The next page starts where the last one says.
             let mut list = weft_api::proto::KvList::default();
             let mut after = String::new();
             loop {

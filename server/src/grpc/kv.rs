@@ -99,7 +99,8 @@ impl Kv for KvApi {
             stale: true,
             ..Default::default()
         };
-        let index = loop {
+        let mut first_index = None;
+        for _ in 0..LIST_CHUNKS {
             let now = options.replace(stale.clone());
             let (cut, index) = read(&self.0, now, |s| {
                 use std::ops::Bound::{Excluded, Included, Unbounded};
@@ -114,19 +115,30 @@ impl Kv for KvApi {
                 (page.fill(keys, readable), s.index)
             })
             .await?;
+            // The first chunk's index: the later ones' may be newer than
+            // what the page holds from the first (never higher than what
+            // the answer reflects).
+            let index = *first_index.get_or_insert(index);
             match cut {
                 Some(last) => {
                     after = last;
                     tokio::task::yield_now().await;
                 }
-                None => break index,
+                None => {
+                    return Ok(Response::new(proto::KvList {
+                        next: page.next(),
+                        entries: page.entries,
+                        index,
+                    }))
+                }
             }
-        };
-        Ok(Response::new(proto::KvList {
-            next: page.next(),
-            entries: page.entries,
-            index,
-        }))
+        }
+        Err(Status::resource_exhausted(format!(
+            "more than {} keys under {:?} before a page of what this token may read: \
+             list a narrower prefix",
+            LIST_CHUNKS * LIST_CHUNK_EXAMINED,
+            r.prefix
+        )))
     }
 
     async fn delete(
@@ -165,6 +177,9 @@ pub const LIST_PAGE_BYTES: usize = 1 << 20;
 /// Most keys one read of the state examines for a list, readable by the
 /// token or not (a page takes as many such reads as it needs).
 pub const LIST_CHUNK_EXAMINED: usize = 10 * LIST_PAGE_ENTRIES;
+/// Most such reads for one page: a token that reads too few of the keys
+/// under a prefix to fill a page from 100,000 is asked for a narrower one.
+pub const LIST_CHUNKS: usize = 10;
 
 /// One page of a list: entries until the count or the byte bound is reached.
 struct Page {
