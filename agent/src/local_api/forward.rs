@@ -20,9 +20,11 @@
 //! Blocking queries (`?index=`, `?wait=`) get their wait (Consul's default
 //! 5 min, at most 10 min) plus its jitter and [`BLOCKING_MARGIN`]; others
 //! [`DEFAULT_TIMEOUT`]. An answer body still streaming then ends in an
-//! error. At most [`MAX_BLOCKING`] blocking queries are forwarded at once
-//! (429 beyond), so that held-open queries cannot take every connection of
-//! the local API from the workloads' check updates.
+//! error. At most [`MAX_BLOCKING`] blocking queries are forwarded at once,
+//! and [`MAX_BLOCKING_PER_TOKEN`] of one token (429 beyond; see
+//! [`super::blocking`]), so that held-open queries cannot take every
+//! connection of the local API from the workloads' check updates, nor one
+//! token every place from the others.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -57,9 +59,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(10 * 60);
 pub const BLOCKING_MARGIN: Duration = Duration::from_secs(30);
 /// How long connecting (TCP and TLS) to one server may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Blocking queries forwarded at once, at most: half the local API's
-/// connections.
-pub const MAX_BLOCKING: usize = super::MAX_CONNECTIONS / 2;
+pub use super::blocking::{MAX_BLOCKING, MAX_BLOCKING_PER_TOKEN};
 
 /// Why a request got no answer from the servers.
 #[derive(Debug, thiserror::Error)]
@@ -79,9 +79,10 @@ pub enum ForwardError {
     /// No answer within the request's time (504).
     #[error("the server {addr} did not answer within {timeout:?}")]
     TimedOut { addr: String, timeout: Duration },
-    /// As many blocking queries as allowed are open already (429).
-    #[error("{MAX_BLOCKING} blocking queries are open through this agent already; retry later")]
-    TooManyBlocking,
+    /// As many blocking queries as allowed are open already, for the node
+    /// or for the token (429).
+    #[error("{0}")]
+    TooManyBlocking(#[from] super::blocking::Full),
 }
 
 /// Idle connections to one server kept for reuse, and for how long (the
@@ -95,8 +96,8 @@ pub struct Forwarder {
     /// `HOST:PORT` of each server's HTTP API, in the order tried.
     addrs: Vec<String>,
     client: Client<Connect, Full<Bytes>>,
-    /// One permit per blocking query in flight.
-    blocking: Arc<tokio::sync::Semaphore>,
+    /// The places of the blocking queries in flight.
+    blocking: super::blocking::BlockingPlaces,
     /// The server requests are tried at first: the last that answered,
     /// or the one after it if it said it is out of contact with its
     /// cluster.
@@ -194,7 +195,7 @@ impl Forwarder {
         Ok(Forwarder {
             addrs,
             client,
-            blocking: Arc::new(tokio::sync::Semaphore::new(MAX_BLOCKING)),
+            blocking: Default::default(),
             first: Arc::new(AtomicUsize::new(0)),
         })
     }
@@ -210,12 +211,7 @@ impl Forwarder {
     ) -> Result<Response<DeadlineBody>, ForwardError> {
         let timeout = timeout_for(parts.uri.query());
         let permit = match is_blocking(parts.uri.query()) {
-            true => Some(
-                self.blocking
-                    .clone()
-                    .try_acquire_owned()
-                    .map_err(|_| ForwardError::TooManyBlocking)?,
-            ),
+            true => Some(self.blocking.take(caller_token(parts).as_deref())?),
             false => None,
         };
         let deadline = tokio::time::Instant::now() + timeout;
@@ -384,7 +380,7 @@ pub struct DeadlineBody {
     deadline: Pin<Box<tokio::time::Sleep>>,
     timeout: Duration,
     /// A blocking query's place, held until its answer has streamed.
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    _permit: Option<super::blocking::BlockingPlace>,
 }
 
 impl hyper::body::Body for DeadlineBody {
@@ -445,6 +441,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for name in HOP_BY_HOP {
         headers.remove(name);
+    }
+}
+
+/// The token a request carries, as the servers will read it: the
+/// `X-Consul-Token` header, else `Authorization: Bearer`, else `?token=`.
+fn caller_token(parts: &http::request::Parts) -> Option<String> {
+    match super::route::token(&parts.headers, None) {
+        Ok(Some(token)) => Some(token),
+        _ => take_query_token(parts.uri.query()).1,
     }
 }
 

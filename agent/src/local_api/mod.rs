@@ -46,6 +46,7 @@
 
 pub mod agent_views;
 pub mod authz;
+pub mod blocking;
 pub mod browser;
 pub mod check_register;
 pub mod forward;
@@ -699,7 +700,7 @@ fn forward_status(e: &ForwardError) -> StatusCode {
         ForwardError::BadRequest(_) => StatusCode::BAD_REQUEST,
         ForwardError::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
         ForwardError::TimedOut { .. } => StatusCode::GATEWAY_TIMEOUT,
-        ForwardError::TooManyBlocking => StatusCode::TOO_MANY_REQUESTS,
+        ForwardError::TooManyBlocking(_) => StatusCode::TOO_MANY_REQUESTS,
         ForwardError::Failed { .. } | ForwardError::Setup(_) => StatusCode::BAD_GATEWAY,
     }
 }
