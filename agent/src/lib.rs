@@ -10,6 +10,7 @@ pub mod accept;
 pub mod admin;
 pub mod admission;
 pub mod allocator;
+pub mod authority;
 pub mod background;
 pub mod backoff;
 pub mod breaker;

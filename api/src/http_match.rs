@@ -187,8 +187,9 @@ fn is_method_param(name: &str) -> bool {
 /// `/admin/users` to Tomcat, Jetty and Spring; `;` escaped too); with
 /// `broad` (a deny's) also without a format suffix on the last segment
 /// (`/admin.json`), and each with a final `/` added or removed (servers
-/// that route without regard to it). A deny also compares them without regard to case
-/// ([`HttpMatch::matches_read`]). The first reading is the path itself.
+/// that route without regard to it). A deny also compares them without
+/// regard to case ([`HttpMatch::matches_read`]). The first reading is the
+/// path itself.
 pub fn path_readings(path: &str, broad: bool) -> Vec<Cow<'_, str>> {
     let mut out = vec![Cow::Borrowed(path)];
     let add = |out: &mut Vec<Cow<'_, str>>, reading: String| {
@@ -547,28 +548,30 @@ impl HttpMatch {
     ) -> Result<bool, HttpMatchError> {
         let has_path_rule =
             self.path_exact.is_some() || self.path_prefix.is_some() || self.path_regex.is_some();
+        // A deny reads the path without regard to case too (servers that
+        // route so): `/ADMIN/x` is under a deny of `/Admin/`.
+        let broad = repeated == Repeated::AnyReading;
         if has_path_rule {
-            let paths = match repeated {
-                Repeated::Joined => vec![Cow::Borrowed(request.path.as_str())],
-                Repeated::AnyReading => path_readings(&request.path, true),
-                Repeated::EveryReading => path_readings(&request.path, false),
+            let paths_hold = match repeated {
+                // A route reads the path once, as it is.
+                Repeated::Joined => self.path_matches(&request.path, false)?,
+                _ => holds(repeated, &path_readings(&request.path, broad), |path| {
+                    self.path_matches(path, broad)
+                })?,
             };
-            // A deny reads the path without regard to case too (servers
-            // that route so): `/ADMIN/x` is under a deny of `/Admin/`.
-            let fold = repeated == Repeated::AnyReading;
-            if !holds(repeated, &paths, |path| self.path_matches(path, fold))? {
+            if !paths_hold {
                 return Ok(false);
             }
         }
         if !self.methods.is_empty() {
-            let methods = match repeated {
-                Repeated::Joined => vec![Cow::Borrowed(request.method.as_str())],
-                Repeated::AnyReading => method_readings(request, true),
-                Repeated::EveryReading => method_readings(request, false),
+            let listed = |method: &str| self.methods.iter().any(|m| m == method);
+            let methods_hold = match repeated {
+                Repeated::Joined => listed(&request.method),
+                _ => holds(repeated, &method_readings(request, broad), |m| {
+                    Ok(listed(m))
+                })?,
             };
-            let listed =
-                |method: &str| Ok::<_, HttpMatchError>(self.methods.iter().any(|m| m == method));
-            if !holds(repeated, &methods, listed)? {
+            if !methods_hold {
                 return Ok(false);
             }
         }
@@ -590,35 +593,10 @@ impl HttpMatch {
         }
         Ok(true)
     }
-}
 
-/// Whether `test` holds for the readings as `repeated` asks: for any of
-/// them (a deny's), or for all (an allow's, and the one reading of a route).
-fn holds(
-    repeated: Repeated,
-    readings: &[Cow<'_, str>],
-    test: impl Fn(&str) -> Result<bool, HttpMatchError>,
-) -> Result<bool, HttpMatchError> {
-    if repeated == Repeated::AnyReading {
-        for reading in readings {
-            if test(reading)? {
-                return Ok(true);
-            }
-        }
-        return Ok(false);
-    }
-    for reading in readings {
-        if !test(reading)? {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
-impl HttpMatch {
     /// Whether one reading of the path satisfies `PathExact`, `PathPrefix`
-    /// and `PathRegex` (those set); with `fold`, without regard to ASCII
-    /// case (a regex: on the path as it is or in lower case).
+    /// and `PathRegex` (those set); with `fold`, also without regard to
+    /// ASCII case (a regex: as written or through its case-insensitive copy).
     fn path_matches(&self, path: &str, fold: bool) -> Result<bool, HttpMatchError> {
         // A route's `CaseInsensitive` is about its exact and prefix paths.
         let fold_paths = fold || self.case_insensitive;
@@ -659,6 +637,29 @@ impl HttpMatch {
         }
         Ok(true)
     }
+}
+
+/// Whether `test` holds for the readings as `repeated` asks: for any of
+/// them (a deny's), or for all (an allow's).
+fn holds(
+    repeated: Repeated,
+    readings: &[Cow<'_, str>],
+    test: impl Fn(&str) -> Result<bool, HttpMatchError>,
+) -> Result<bool, HttpMatchError> {
+    if repeated == Repeated::AnyReading {
+        for reading in readings {
+            if test(reading)? {
+                return Ok(true);
+            }
+        }
+        return Ok(false);
+    }
+    for reading in readings {
+        if !test(reading)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 impl HeaderMatch {

@@ -45,30 +45,15 @@ pub fn refusal(headers: &HeaderMap) -> Option<String> {
 /// `host[:port]` where host is an IPv4 address, a bracketed IPv6 address or
 /// `localhost` (any case, with or without a final dot).
 fn is_address_or_localhost(value: &str) -> bool {
-    let (host, port) = if let Some(rest) = value.strip_prefix('[') {
-        match rest.split_once(']') {
-            Some((v6, port)) => match v6.parse::<std::net::Ipv6Addr>() {
-                Ok(_) => return port.is_empty() || is_port(port.strip_prefix(':')),
-                Err(_) => return false,
-            },
-            None => return false,
+    match crate::authority::split(value) {
+        Ok((crate::authority::Host::V6(_), _)) => true,
+        Ok((crate::authority::Host::Name(host), _)) => {
+            host.parse::<std::net::Ipv4Addr>().is_ok()
+                || host.eq_ignore_ascii_case("localhost")
+                || host.eq_ignore_ascii_case("localhost.")
         }
-    } else {
-        match value.rsplit_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (value, None),
-        }
-    };
-    if port.is_some() && !is_port(port) {
-        return false;
+        Err(_) => false,
     }
-    host.parse::<std::net::Ipv4Addr>().is_ok()
-        || host.eq_ignore_ascii_case("localhost")
-        || host.eq_ignore_ascii_case("localhost.")
-}
-
-fn is_port(port: Option<&str>) -> bool {
-    port.is_some_and(|p| !p.is_empty() && p.len() <= 5 && p.parse::<u16>().is_ok())
 }
 
 #[cfg(test)]

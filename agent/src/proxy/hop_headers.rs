@@ -62,12 +62,7 @@ pub struct WebSocketKeys {
 /// key is replaced with the agent's.
 pub fn strip(headers: &mut HeaderMap) -> Option<WebSocketKeys> {
     let named = connection_tokens(headers);
-    let websocket = named.iter().any(|t| t == "upgrade") && {
-        let mut offered = headers.get_all(UPGRADE).iter();
-        let first = offered.next();
-        offered.next().is_none()
-            && first.is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"))
-    };
+    let websocket = named.iter().any(|t| t == "upgrade") && says_websocket(headers);
     remove_named(headers, &named);
     // After the removal: a key `Connection` named is no key.
     let key = websocket.then(|| websocket_key(headers)).flatten();
@@ -98,13 +93,8 @@ pub fn websocket_accept(key: &HeaderValue) -> HeaderValue {
 /// The request's one `Sec-WebSocket-Key`, when it is 16 bytes in base64
 /// and the request's one `Sec-WebSocket-Version` is 13.
 fn websocket_key(headers: &HeaderMap) -> Option<HeaderValue> {
-    let one = |name: &str| {
-        let mut values = headers.get_all(name).iter();
-        let first = values.next();
-        values.next().is_none().then_some(first).flatten()
-    };
-    let version = one("sec-websocket-version")?;
-    let key = one("sec-websocket-key")?;
+    let version = only_value(headers, "sec-websocket-version")?;
+    let key = only_value(headers, "sec-websocket-key")?;
     let decoded = STANDARD.decode(key.as_bytes().trim_ascii()).ok()?;
     (version.as_bytes().trim_ascii() == b"13" && decoded.len() == 16).then(|| key.clone())
 }
@@ -114,17 +104,25 @@ fn websocket_key(headers: &HeaderMap) -> Option<HeaderValue> {
 /// `upgrade`, and `Sec-WebSocket-Accept` the base64 SHA-1 of the key and
 /// RFC 6455's GUID.
 pub fn completes_websocket(key: &HeaderValue, answer: &HeaderMap) -> bool {
-    let upgrade = answer.get_all(UPGRADE).iter().count() == 1
-        && answer
-            .get(UPGRADE)
-            .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"));
     let connection = connection_tokens(answer).iter().any(|t| t == "upgrade");
     let expected = websocket_accept(key);
-    let accepted = answer.get_all("sec-websocket-accept").iter().count() == 1
-        && answer
-            .get("sec-websocket-accept")
-            .is_some_and(|v| v.as_bytes().trim_ascii() == expected.as_bytes());
-    upgrade && connection && accepted
+    let accepted = only_value(answer, "sec-websocket-accept")
+        .is_some_and(|v| v.as_bytes().trim_ascii() == expected.as_bytes());
+    says_websocket(answer) && connection && accepted
+}
+
+/// Whether `headers` has one `Upgrade`, and it is `websocket`.
+fn says_websocket(headers: &HeaderMap) -> bool {
+    only_value(headers, UPGRADE.as_str())
+        .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"))
+}
+
+/// The value of header `name` when it is given once (None: absent, or
+/// given more than once).
+fn only_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h HeaderValue> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    values.next().is_none().then_some(first).flatten()
 }
 
 /// Removes the hop-by-hop headers of an instance's answer (but a 101's,

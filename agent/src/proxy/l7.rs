@@ -378,10 +378,7 @@ fn host_from_authority<B>(request: &mut Request<B>) -> Result<(), String> {
         }
         return Ok(());
     };
-    if authority.as_str().contains('@') {
-        // Not repeated: user information is a password as often as not.
-        return Err("the request's authority holds user information, which is refused".into());
-    }
+    // User information (`u@admin.internal`) among what is refused.
     check_host(authority.as_str())?;
     if request.version() >= http::Version::HTTP_2 {
         let host = request.headers().get(http::header::HOST);
@@ -407,32 +404,11 @@ fn check_host(value: &str) -> Result<(), String> {
     // A value with user information is not repeated (it may hold a password).
     let shown = if value.contains('@') { "…" } else { value };
     let bad = |why: &str| Err(format!("Host {shown:?}: {why}"));
-    let port_ok = |port: &str| {
-        !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit())
+    let name = match crate::authority::split(value) {
+        Ok((crate::authority::Host::Name(name), _)) => name,
+        Ok((crate::authority::Host::V6(_), _)) => return Ok(()),
+        Err(why) => return bad(why),
     };
-    if let Some(rest) = value.strip_prefix('[') {
-        let Some((literal, after)) = rest.split_once(']') else {
-            return bad("an IP literal without its ']'");
-        };
-        if literal.parse::<std::net::Ipv6Addr>().is_err() {
-            return bad("not an IPv6 literal");
-        }
-        return match after {
-            "" => Ok(()),
-            _ if after.strip_prefix(':').is_some_and(port_ok) => Ok(()),
-            _ => bad("the port is not a number"),
-        };
-    }
-    let (host, port) = match value.split_once(':') {
-        Some((host, port)) => (host, Some(port)),
-        None => (value, None),
-    };
-    if port.is_some_and(|p| !port_ok(p)) {
-        return bad("the port is not a number");
-    }
-    if host.is_empty() {
-        return bad("no host");
-    }
     let allowed = |b: u8| {
         b.is_ascii_alphanumeric()
             || matches!(b, b'-' | b'.' | b'_' | b'~')
@@ -441,7 +417,7 @@ fn check_host(value: &str) -> Result<(), String> {
                 b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
             )
     };
-    match host.bytes().find(|b| !allowed(*b)) {
+    match name.bytes().find(|b| !allowed(*b)) {
         Some(b'@') => bad("user information is refused"),
         Some(b) => bad(&format!("{:?} is not allowed in a host", b as char)),
         None => Ok(()),
