@@ -259,6 +259,16 @@ impl AclState {
             .or_else(|| self.policies.values().find(|p| p.name == id_or_name))
     }
 
+    /// A number that changes whenever what `token` may do changes: the
+    /// latest index at which the token or one of its linked policies was
+    /// written (`u64::MAX` for a linked policy that is gone). Indexes only
+    /// grow, so a token and policies unchanged since give the same number.
+    pub fn rights_epoch(&self, token: &AclToken) -> u64 {
+        (token.policies.iter())
+            .map(|id| self.policies.get(id).map_or(u64::MAX, |p| p.modify_index))
+            .fold(token.modify_index, u64::max)
+    }
+
     /// What `token` may do in `datacenter` (node identities of other
     /// datacenters grant nothing there).
     pub fn authorizer(&self, token: &AclToken, datacenter: &str) -> Authorizer {
@@ -320,7 +330,9 @@ impl AclState {
         Ok(())
     }
 
-    pub fn delete_policy(&mut self, id: &str) -> Result<(), AclError> {
+    /// Deletes a policy at `index`, unlinking it from the tokens that
+    /// linked it (which are thereby written at `index`).
+    pub fn delete_policy(&mut self, id: &str, index: u64) -> Result<(), AclError> {
         if id == GLOBAL_MANAGEMENT_ID {
             return Err(AclError::BuiltinPolicy);
         }
@@ -329,7 +341,10 @@ impl AclState {
             return Err(AclError::PolicyNotFound(id.into()));
         }
         for t in self.tokens.values_mut() {
-            t.policies.retain(|p| p != id);
+            if t.policies.iter().any(|p| p == id) {
+                t.policies.retain(|p| p != id);
+                t.modify_index = index;
+            }
         }
         self.reindex();
         Ok(())
@@ -614,7 +629,7 @@ mod tests {
         let e = acl.upsert_token(token("a", "s", &["nope"]), 2).unwrap_err();
         assert_eq!(e, AclError::PolicyNotFound("nope".into()));
         assert_eq!(
-            acl.delete_policy(GLOBAL_MANAGEMENT_ID),
+            acl.delete_policy(GLOBAL_MANAGEMENT_ID, 9),
             Err(AclError::BuiltinPolicy)
         );
     }
@@ -671,7 +686,7 @@ mod tests {
         );
         // The copy is not changed here, dc2's own are.
         assert!(matches!(
-            dc2.delete_policy("p-1"),
+            dc2.delete_policy("p-1", 9),
             Err(AclError::Replicated(_))
         ));
         assert!(matches!(

@@ -401,6 +401,14 @@ fn a_node_certificate_authenticates_its_node_and_nothing_more() -> anyhow::Resul
             .await
             .unwrap_err();
         assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        // A watch the certificate holds lives only as long as its node.
+        let mut watch = WatchClient::new(as_node.clone())
+            .subscribe(WatchRequest {
+                from_index: 0,
+                include_kv: false,
+            })
+            .await?
+            .into_inner();
         let refused = KvClient::new(as_node)
             .get(KvGetRequest {
                 key: "secret".into(),
@@ -420,6 +428,20 @@ fn a_node_certificate_authenticates_its_node_and_nothing_more() -> anyhow::Resul
             .await?;
         let refused = catalog.register_node(node("node-a")).await.unwrap_err();
         assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+        // Its watch ended (it went on with the whole catalog, intentions
+        // and config entries until some unrelated ACL change).
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match watch.message().await {
+                    Ok(Some(_)) => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .context("the certificate's watch outlived its node")?;
+        let ended = ended.expect_err("the watch ended without an error");
+        assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
         // Nor for an external node of that name (no agent's).
         let reply = cluster.http(
             1,

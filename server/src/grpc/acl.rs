@@ -436,7 +436,11 @@ mod tests {
             accessor: "a1".into(),
             authz: Authorizer::from_rules([&policy]),
             request: None,
-            by_certificate: false,
+            standing: crate::state::Standing::Token {
+                accessor: "a1".into(),
+                epoch: 0,
+            },
+            valid_until: None,
         }
     }
 

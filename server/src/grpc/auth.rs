@@ -13,7 +13,7 @@ use tonic::{Request, Status};
 use weft_api::acl::{Access, Authorizer, Resource, ResourceKind};
 
 use crate::node::ServerNode;
-use crate::state::State;
+use crate::state::{Standing, State};
 
 /// The metadata key that carries the token.
 pub const TOKEN_METADATA: &str = "authorization";
@@ -25,8 +25,12 @@ pub struct Caller {
     /// The client's id of this request (`x-weft-request-id`): a write
     /// retried with it is applied once (see `state::sessions`).
     pub request: Option<String>,
-    /// Authenticated by a node certificate, not a token.
-    pub by_certificate: bool,
+    /// What the caller was judged on; a write carries it to the state
+    /// machine, which applies it only while it still holds.
+    pub standing: Standing,
+    /// Until when a node certificate speaks (its `notAfter`); None for a
+    /// token.
+    pub valid_until: Option<std::time::SystemTime>,
 }
 
 /// The metadata key that names a request for exactly-once writes.
@@ -71,6 +75,11 @@ fn access_name(want: Access) -> &'static str {
 }
 
 impl Caller {
+    /// Authenticated by a node certificate, not a token.
+    pub fn by_certificate(&self) -> bool {
+        matches!(self.standing, Standing::NodeCertificate { .. })
+    }
+
     pub fn can(&self, resource: Resource<'_>, want: Access) -> bool {
         self.authz.allows(resource, want)
     }
@@ -161,7 +170,8 @@ pub fn resolve_in(state: &State, datacenter: &str, secret: &str) -> Option<Calle
         accessor: token.accessor_id.clone(),
         authz: state.acl.authorizer(token, datacenter),
         request: None,
-        by_certificate: false,
+        standing: Standing::of_token(&state.acl, token),
+        valid_until: None,
     })
 }
 
@@ -208,16 +218,27 @@ fn node_certificate<T>(node: &ServerNode, req: &Request<T>) -> Option<Caller> {
     // at any address, its maintenance) for the rest of its lifetime.
     // An external node (registered through the catalog API) of that name
     // is no agent's: no certificate speaks for it.
-    let registered =
-        (state.nodes.get(name)).is_some_and(|n| !weft_api::catalog_register::is_external(n));
-    if !registered {
+    let Some(registered) =
+        (state.nodes.get(name)).filter(|n| !weft_api::catalog_register::is_external(n))
+    else {
         tracing::info!(
             node = name,
             "a node certificate of a node no agent has in the catalog: refused"
         );
         return None;
-    }
+    };
+    let standing = Standing::of_node(registered);
     drop(state);
+    // The handshake checked the validity period; a connection lives on
+    // past it, and each request is judged now.
+    let validity = cert.validity();
+    if !validity.is_valid() {
+        tracing::info!(node = name, "an expired node certificate: refused");
+        return None;
+    }
+    let valid_until = u64::try_from(validity.not_after.timestamp())
+        .ok()
+        .map(|secs| std::time::UNIX_EPOCH + Duration::from_secs(secs));
     // Not another datacenter's intermediate speaking for this one's node.
     let chain: Vec<&[u8]> = certs[1..].iter().map(|c| c.as_ref()).collect();
     weft_api::spiffe::check_issuer_scope(uri, &chain).ok()?;
@@ -225,7 +246,8 @@ fn node_certificate<T>(node: &ServerNode, req: &Request<T>) -> Option<Caller> {
         accessor: format!("node certificate of {name}"),
         authz: Authorizer::from_rules([&weft_api::acl::node_identity_rules(name)]),
         request: None,
-        by_certificate: true,
+        standing,
+        valid_until,
     })
 }
 

@@ -86,7 +86,7 @@ impl Ca for CaApi {
         let caller = caller(&self.0, &req).await?;
         let secret = super::auth::secret_of(&req).map(str::to_owned);
         let r = req.into_inner();
-        if caller.by_certificate {
+        if caller.by_certificate() {
             // A certificate that renewed itself would outlive the token an
             // operator revokes: certificates come for tokens only.
             return Err(Status::permission_denied(

@@ -278,8 +278,10 @@ impl Catalog for CatalogApi {
         if let Some(dc) = remote_dc(&self.0, &options)? {
             let list = read(&self.0, Some(options), |s| {
                 let mut by_name: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+                // As this datacenter's: service and node read (node rules
+                // name nodes of every datacenter).
                 for i in s.remote.get(&dc).into_iter().flatten() {
-                    if caller.can(Resource::Service(&i.service), Access::Read) {
+                    if may_read_instance(&caller, i) {
                         let e = by_name.entry(i.service.as_str()).or_default();
                         e.0 += 1;
                         e.1 += u32::from(i.health == HealthStatus::Passing);
@@ -353,7 +355,7 @@ impl Catalog for CatalogApi {
                     .get(&dc)
                     .into_iter()
                     .flatten()
-                    .filter(|i| i.service == name)
+                    .filter(|i| i.service == name && may_read_instance(&caller, i))
                     .map(instance_to_proto)
                     .collect();
                 (!instances.is_empty()).then(|| proto::Service {

@@ -24,7 +24,8 @@ use tonic::Status;
 use weft_api::proto;
 
 use crate::node::ServerNode;
-use crate::state::{Command, State};
+use crate::state::{Command, State, STANDING_CHANGED};
+use crate::write_error::WriteError;
 
 use auth::Caller;
 
@@ -99,10 +100,15 @@ pub(crate) async fn write(
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         cmd: Box::new(cmd),
+        standing: Some(caller.standing.clone()),
     };
     let index = node.write(cmd).await.map_err(|e| {
         tracing::info!(accessor = %caller.accessor, what, "write refused: {e}");
-        Status::from(e)
+        match e {
+            // A conflict to retry, not a condition of the state.
+            WriteError::Refused(why) if why == STANDING_CHANGED => Status::aborted(why),
+            e => Status::from(e),
+        }
     })?;
     tracing::info!(accessor = %caller.accessor, what, index, "write");
     Ok(proto::WriteResult { index })

@@ -35,7 +35,7 @@ use super::config::{entry_to_proto, may_read_entry};
 use super::intentions::may_access;
 use crate::conn_limit::ClientLimits;
 use crate::node::ServerNode;
-use crate::state::{Change, State};
+use crate::state::{Change, Standing, State};
 use crate::watch::HubEvent;
 
 /// The watch API, and the streams each token holds open on this server
@@ -390,6 +390,15 @@ fn resnapshot(
     Some((caller, state.index, events))
 }
 
+/// Whether `changes` take the node of the certificate `caller` was
+/// authenticated by out of the catalog.
+fn removes_certificates_node(caller: &Caller, changes: &[Change]) -> bool {
+    let Standing::NodeCertificate { node, .. } = &caller.standing else {
+        return false;
+    };
+    (changes.iter()).any(|c| matches!(c, Change::NodeDelete(name) if name == node))
+}
+
 /// Ends a stream whose token was deleted.
 async fn token_gone(tx: &EventSender) {
     let _ = tx
@@ -429,10 +438,31 @@ async fn stream_changes(
             return;
         }
     }
+    // A node certificate speaks until it expires (a stream opened just
+    // before would otherwise outlive it), and while its node stays.
+    let valid_until = caller.valid_until;
+    let expiry = async move {
+        match valid_until {
+            Some(t) => {
+                tokio::time::sleep(
+                    t.duration_since(std::time::SystemTime::now())
+                        .unwrap_or_default(),
+                )
+                .await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expiry);
     loop {
         let event = tokio::select! {
             e = rx.recv() => e,
             _ = tx.closed() => return,
+            () = &mut expiry => {
+                let gone = Status::unauthenticated("the node certificate expired");
+                let _ = tx.try_send(Err(gone));
+                return;
+            }
             _ = node.contact.lost() => {
                 // Not waiting on a subscriber that does not read: if its
                 // queue is full, the stream just ends.
@@ -451,6 +481,15 @@ async fn stream_changes(
                     }
                     None => return token_gone(&tx).await,
                 }
+            }
+            Ok(HubEvent::Changes(index, changes))
+                if index > last && removes_certificates_node(&caller, &changes) =>
+            {
+                let gone = Status::unauthenticated(
+                    "the node certificate's node left the catalog: it speaks for nothing",
+                );
+                let _ = tx.try_send(Err(gone));
+                return;
             }
             Ok(HubEvent::Changes(index, changes)) if index > last => {
                 last = index;

@@ -520,7 +520,11 @@ mod tests {
             accessor: "t".into(),
             authz: Authorizer::from_rules([&parse_rules(rules).unwrap()]),
             request: None,
-            by_certificate: false,
+            standing: crate::state::Standing::Token {
+                accessor: "t".into(),
+                epoch: 0,
+            },
+            valid_until: None,
         }
     }
 

@@ -86,6 +86,7 @@ mod tests {
                     flags: 0,
                     lock: None,
                 }),
+                standing: None,
             },
             1,
         );

@@ -11,7 +11,7 @@ use weft_api::intention::{validate_intention, Intention};
 use weft_api::kv::{validate_key, KvEntry, MAX_VALUE_BYTES};
 use weft_api::vip::{next_free_vip, Cidr};
 
-use super::{Change, Command, CommandResult, State, StoredEntry};
+use super::{Change, Command, CommandResult, State, StoredEntry, STANDING_CHANGED};
 
 /// Why a command was refused. The state is unchanged.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -87,10 +87,17 @@ impl State {
             client,
             request,
             cmd,
+            standing,
         } = cmd
         {
             if let Some(first) = self.sessions.result(&client, &request) {
                 return (first.clone(), Vec::new());
+            }
+            // Not recorded as the request's result: sent again, it is
+            // judged anew and may be applied.
+            if standing.is_some_and(|s| !self.still_stands(&s)) {
+                let reason = STANDING_CHANGED.to_string();
+                return (CommandResult::Refused { reason }, Vec::new());
             }
             let (result, changes) = match *cmd {
                 Command::Once { .. } => (
@@ -521,7 +528,7 @@ impl State {
                 Ok(vec![Change::Acl])
             }
             Command::AclPolicyDelete { id } => {
-                self.acl.delete_policy(&id).map_err(invalid)?;
+                self.acl.delete_policy(&id, index).map_err(invalid)?;
                 Ok(vec![Change::Acl])
             }
             Command::AclTokenUpsert(token) => {
@@ -797,10 +804,13 @@ impl State {
                     && other.port == instance.port
                     && other.service != instance.service
             });
-        if let Some(other) = clash {
+        // Not naming the other instance: the caller may not read it, and
+        // probing addresses would map services it may not see.
+        if clash.is_some() {
             return Err(invalid(format!(
-                "address: {}:{} is already service {:?}'s (instance {:?} on node {:?})",
-                instance.address, instance.port, other.service, other.id, other.node
+                "address: {}:{} is already another service's (an address:port belongs to one \
+                 service)",
+                instance.address, instance.port
             )));
         }
         let mut changes = Vec::new();
@@ -937,7 +947,8 @@ mod tests {
             instance: Some(instance("ext", "x", "evil")),
         };
         let reason = refused(s.apply(clash, 5).0);
-        assert!(reason.contains("already service \"db\"'s"), "{reason}");
+        assert!(reason.contains("already another service's"), "{reason}");
+        assert!(!reason.contains("db"), "names the other service: {reason}");
         assert!(
             !s.nodes.contains_key("ext"),
             "the node went with its instance"
@@ -1027,7 +1038,8 @@ mod tests {
         for (i, on) in ["a", "b"].into_iter().enumerate() {
             let evil = instance(on, "0", "evil");
             let reason = refused(s.apply(Command::RegisterService(evil), 4 + i as u64).0);
-            assert!(reason.contains("already service \"db\"'s"), "{reason}");
+            assert!(reason.contains("already another service's"), "{reason}");
+            assert!(!reason.contains("db"), "names the other service: {reason}");
         }
         // Another instance of db there, or evil elsewhere: fine.
         assert!(matches!(
@@ -1077,7 +1089,8 @@ mod tests {
         let mut restored: State = serde_json::from_str(&json).unwrap();
         assert_eq!(restored, s);
         let reason = refused(restored.apply(Command::RegisterService(evil()), 5).0);
-        assert!(reason.contains("already service \"db\"'s"), "{reason}");
+        assert!(reason.contains("already another service's"), "{reason}");
+        assert!(!reason.contains("db"), "names the other service: {reason}");
 
         // db-1 moves to another port: its old address is free.
         let mut moved = instance("a", "db-1", "db");
@@ -1384,6 +1397,7 @@ mod once_tests {
             client: client.into(),
             request: request.into(),
             cmd: Box::new(cmd),
+            standing: None,
         }
     }
 

@@ -12,6 +12,7 @@ mod endpoints;
 mod kv_total;
 mod locks;
 pub mod sessions;
+mod standing;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -32,6 +33,7 @@ use crate::ca::{CaRoot, CaState};
 
 pub use apply::{ApplyError, CAS_MISMATCH};
 pub use locks::LOCK_REFUSED;
+pub use standing::{Standing, STANDING_CHANGED};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
@@ -219,6 +221,11 @@ pub enum Command {
         client: String,
         request: String,
         cmd: Box<Command>,
+        /// What the server that received the request judged it on: `cmd`
+        /// is applied only while that still holds (see `standing`). Entries
+        /// of earlier versions have none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        standing: Option<Standing>,
     },
     /// A datacenter's gateways, from its leader (this datacenter's) or
     /// from the primary (others').
