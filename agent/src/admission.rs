@@ -8,26 +8,29 @@
 //! has not yet proven who it is (a TLS handshake in progress): when its
 //! source holds every place it may and opens another, the oldest of its
 //! unproven connections gives up its place ([`Place::displaced`]) to the
-//! newer one instead of the newer one being refused. A process sharing a
-//! node's address (any local user on that node) that opens connections it
-//! never completes thus cannot keep that node's agent from the places the
-//! view gives the node: the agent's connection, at the back of the queue,
-//! would have to be displaced within its handshake, a millisecond or two,
-//! by as many connections as the source's share. Once proven
-//! ([`Place::prove`]), a place is the connection's until it ends.
+//! newer one instead of the newer one being refused; when every place of
+//! the listener is taken, the oldest unproven connection of any source
+//! does. A process sharing a node's address (any local user on that node),
+//! or a few hosts together, that open connections they never complete thus
+//! cannot keep an agent from the places the view gives its node: the
+//! agent's connection, at the back of the queue, would have to be
+//! displaced within its handshake, a millisecond or two, by as many
+//! connections as there are places. Once proven ([`Place::prove`]), a place
+//! is the connection's until it ends.
 //!
 //! Sources are counted by address, IPv6 ones too: a whole subnet often
 //! shares one /64 (a cloud subnet is one), and counted by /64 every node
 //! in it would share one source's places. A host with many IPv6 addresses
 //! of its own is bounded by the total instead. A v4-mapped IPv6 address is
-//! counted as the IPv4 one.
+//! counted as the IPv4 one. [`Places::admit_as`] counts by any other key
+//! (an address and a peer's identity, say).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 
 /// Why a connection found no place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -48,130 +51,180 @@ impl Refused {
     }
 }
 
-/// One source's places: how many it holds, and its unproven ones, oldest
-/// first, each with the signal that displaces it.
+/// One source's places: how many it holds, and its unproven ones' ids,
+/// oldest first.
 #[derive(Debug, Default)]
 struct Source {
     held: usize,
-    unproven: VecDeque<(u64, Arc<Notify>)>,
+    unproven: VecDeque<u64>,
 }
 
-type BySource = Arc<Mutex<HashMap<IpAddr, Source>>>;
+/// Every place taken, by source, and the unproven ones, oldest first (ids
+/// grow), each with the signal that displaces it.
+#[derive(Debug)]
+struct Book<K> {
+    held: usize,
+    by_source: HashMap<K, Source>,
+    unproven: BTreeMap<u64, (K, Arc<Notify>)>,
+    next_id: u64,
+}
+
+impl<K: Hash + Eq + Clone> Book<K> {
+    /// Signals unproven place `id` to give way, and stops counting it as
+    /// unproven (it stays held until its connection drops it).
+    fn displace(&mut self, id: u64) {
+        if let Some((source, signal)) = self.unproven.remove(&id) {
+            if let Some(s) = self.by_source.get_mut(&source) {
+                s.unproven.retain(|u| *u != id);
+            }
+            signal.notify_one();
+        }
+    }
+}
 
 /// The places of one listener (or one stage of it, such as handshakes).
-#[derive(Debug, Clone)]
-pub struct Places {
-    all: Arc<Semaphore>,
-    by_source: BySource,
-    next_id: Arc<AtomicU64>,
+#[derive(Debug)]
+pub struct Places<K = IpAddr> {
+    total: usize,
+    book: Arc<Mutex<Book<K>>>,
+}
+
+impl<K> Clone for Places<K> {
+    fn clone(&self) -> Self {
+        Places {
+            total: self.total,
+            book: self.book.clone(),
+        }
+    }
 }
 
 /// A connection's place, given back when dropped.
 #[derive(Debug)]
-pub struct Place {
-    _all: OwnedSemaphorePermit,
-    by_source: BySource,
-    source: IpAddr,
+pub struct Place<K: Hash + Eq + Clone = IpAddr> {
+    book: Arc<Mutex<Book<K>>>,
+    source: K,
     id: u64,
-    /// Signalled when a newer connection of the source took this place;
-    /// None for a place taken with [`Places::admit`], which never gives way.
+    /// Signalled when a newer connection took this place; None for a place
+    /// taken with [`Places::admit`], which never gives way.
     displaced: Option<Arc<Notify>>,
 }
 
-impl Places {
-    /// Places for `total` connections at once.
-    pub fn new(total: usize) -> Self {
-        Places {
-            all: Arc::new(Semaphore::new(total)),
-            by_source: Arc::default(),
-            next_id: Arc::default(),
-        }
-    }
-
+impl Places<IpAddr> {
     /// A place for a connection from `peer`, unless every place is taken
     /// or its source holds `per_source` already.
     pub fn admit(&self, peer: IpAddr, per_source: usize) -> Result<Place, Refused> {
-        self.take(peer, per_source, false)
+        self.take(source_of(peer), per_source, false)
     }
 
     /// [`admit`](Self::admit) for a connection yet to prove who it is:
     /// where its source holds `per_source` places and one of them is
     /// unproven, the oldest such gives its place up (its
-    /// [`Place::displaced`] resolves) and this connection gets one. Refused
-    /// when every place is taken, or the source's are all proven.
+    /// [`Place::displaced`] resolves) and this connection gets one; where
+    /// every place is taken, the oldest unproven one of any source does.
+    /// Refused when the places that would have to give way are all proven.
     pub fn admit_unproven(&self, peer: IpAddr, per_source: usize) -> Result<Place, Refused> {
-        self.take(peer, per_source, true)
+        self.take(source_of(peer), per_source, true)
+    }
+}
+
+impl<K: Hash + Eq + Clone> Places<K> {
+    /// Places for `total` connections at once.
+    pub fn new(total: usize) -> Self {
+        Places {
+            total,
+            book: Arc::new(Mutex::new(Book {
+                held: 0,
+                by_source: HashMap::new(),
+                unproven: BTreeMap::new(),
+                next_id: 0,
+            })),
+        }
     }
 
-    fn take(&self, peer: IpAddr, per_source: usize, unproven: bool) -> Result<Place, Refused> {
-        let source = source_of(peer);
-        let all = self
-            .all
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Refused::Busy)?;
-        let mut by_source = self.by_source.lock().expect("places lock");
-        let entry = by_source.entry(source).or_default();
-        if entry.held >= per_source {
-            // The displaced connection gives its place back when its task
-            // sees the signal, so the source holds one more for that long.
-            let oldest = unproven.then(|| entry.unproven.pop_front()).flatten();
+    /// [`admit`](Places::admit) counted under `key` as it is.
+    pub fn admit_as(&self, key: K, per_source: usize) -> Result<Place<K>, Refused> {
+        self.take(key, per_source, false)
+    }
+
+    fn take(&self, key: K, per_source: usize, unproven: bool) -> Result<Place<K>, Refused> {
+        let mut book = self.book.lock().expect("places lock");
+        let source_held = book.by_source.get(&key).map_or(0, |s| s.held);
+        // The displaced connection gives its place back when its task sees
+        // the signal, so the count runs one over for that long.
+        if source_held >= per_source {
+            let oldest = (book.by_source.get(&key))
+                .and_then(|s| s.unproven.front().copied())
+                .filter(|_| unproven);
             match oldest {
-                Some((_, displaced)) => displaced.notify_one(),
-                None => {
-                    if entry.held == 0 {
-                        by_source.remove(&source);
-                    }
-                    return Err(Refused::SourceLimit);
-                }
+                Some(id) => book.displace(id),
+                None => return Err(Refused::SourceLimit),
+            }
+        } else if book.held >= self.total {
+            let oldest = book.unproven.keys().next().copied().filter(|_| unproven);
+            match oldest {
+                Some(id) => book.displace(id),
+                None => return Err(Refused::Busy),
             }
         }
-        entry.held += 1;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        book.held += 1;
+        let id = book.next_id;
+        book.next_id += 1;
         let displaced = unproven.then(|| {
             let signal = Arc::new(Notify::new());
-            entry.unproven.push_back((id, signal.clone()));
+            book.unproven.insert(id, (key.clone(), signal.clone()));
             signal
         });
+        let source = book.by_source.entry(key.clone()).or_default();
+        source.held += 1;
+        if unproven {
+            source.unproven.push_back(id);
+        }
         Ok(Place {
-            _all: all,
-            by_source: self.by_source.clone(),
-            source,
+            book: self.book.clone(),
+            source: key,
             id,
             displaced,
         })
     }
 
-    /// Places taken now.
+    /// Places taken now by `key`.
     #[cfg(test)]
-    fn taken(&self, peer: IpAddr) -> usize {
-        let by_source = self.by_source.lock().expect("places lock");
-        by_source.get(&source_of(peer)).map_or(0, |s| s.held)
+    fn taken_as(&self, key: &K) -> usize {
+        let book = self.book.lock().expect("places lock");
+        book.by_source.get(key).map_or(0, |s| s.held)
     }
 }
 
-impl Place {
+#[cfg(test)]
+impl Places<IpAddr> {
+    fn taken(&self, peer: IpAddr) -> usize {
+        self.taken_as(&source_of(peer))
+    }
+}
+
+impl<K: Hash + Eq + Clone> Place<K> {
     /// The connection proved who it is (its TLS handshake is done): its
-    /// place is no longer given up to a newer connection of its source.
-    /// False when a newer one took it meanwhile (its handshake ended as it
-    /// was displaced): the connection must end all the same, or the source
+    /// place is no longer given up to a newer connection. False when a
+    /// newer one took it meanwhile (its handshake ended as it was
+    /// displaced): the connection must end all the same, or its source
     /// would hold one more than its share. Call once.
     pub fn prove(&self) -> bool {
         if self.displaced.is_none() {
             return true;
         }
-        let mut by_source = self.by_source.lock().expect("places lock");
-        let Some(source) = by_source.get_mut(&self.source) else {
+        let mut book = self.book.lock().expect("places lock");
+        if book.unproven.remove(&self.id).is_none() {
             return false;
-        };
-        let before = source.unproven.len();
-        source.unproven.retain(|(id, _)| *id != self.id);
-        source.unproven.len() < before
+        }
+        if let Some(source) = book.by_source.get_mut(&self.source) {
+            source.unproven.retain(|id| *id != self.id);
+        }
+        true
     }
 
-    /// Resolves when a newer connection of the same source took this
-    /// unproven place: the connection must end. Never for a proven place,
-    /// or one taken with [`Places::admit`].
+    /// Resolves when a newer connection took this unproven place: the
+    /// connection must end. Never for a proven place, or one taken with
+    /// [`Places::admit`].
     pub async fn displaced(&self) {
         match &self.displaced {
             Some(signal) => signal.notified().await,
@@ -180,16 +233,20 @@ impl Place {
     }
 }
 
-impl Drop for Place {
+impl<K: Hash + Eq + Clone> Drop for Place<K> {
     fn drop(&mut self) {
-        let mut by_source = self.by_source.lock().expect("places lock");
-        if let Some(source) = by_source.get_mut(&self.source) {
+        let mut book = self.book.lock().expect("places lock");
+        book.held -= 1;
+        if self.displaced.is_some() {
+            book.unproven.remove(&self.id);
+        }
+        if let Some(source) = book.by_source.get_mut(&self.source) {
             source.held -= 1;
             if self.displaced.is_some() {
-                source.unproven.retain(|(id, _)| *id != self.id);
+                source.unproven.retain(|id| *id != self.id);
             }
             if source.held == 0 {
-                by_source.remove(&self.source);
+                book.by_source.remove(&self.source);
             }
         }
     }
@@ -299,14 +356,40 @@ mod tests {
         assert!(!was_displaced(&held));
     }
 
+    /// A few hosts holding every place of the listener with handshakes
+    /// they never finish do not keep others out: the oldest unproven place
+    /// of any source gives way. Proven places never do.
     #[test]
-    fn a_full_listener_displaces_nothing() {
+    fn a_full_listener_displaces_the_oldest_unproven_place_of_any_source() {
         let places = Places::new(2);
         let a = ip("10.0.0.1");
         let first = places.admit_unproven(a, 2).unwrap();
-        let _other = places.admit_unproven(ip("10.0.0.2"), 2).unwrap();
+        let second = places.admit_unproven(ip("10.0.0.2"), 2).unwrap();
+        let third = places.admit_unproven(ip("10.0.0.3"), 2).unwrap();
+        assert!(was_displaced(&first), "the oldest of all gives way");
+        assert!(!was_displaced(&second) && !was_displaced(&third));
+        assert!(!first.prove(), "displaced, then proven");
+        drop(first);
+        assert_eq!(places.taken(a), 0);
+        assert!(second.prove() && third.prove());
         assert_eq!(places.admit_unproven(a, 2).unwrap_err(), Refused::Busy);
-        assert!(!was_displaced(&first));
+        assert_eq!(places.admit(a, 2).unwrap_err(), Refused::Busy);
+        drop(second);
+        assert!(places.admit_unproven(a, 2).is_ok());
+    }
+
+    #[test]
+    fn any_key_counts() {
+        let places: Places<(IpAddr, &str)> = Places::new(10);
+        let a = ip("10.0.0.1");
+        let _web = places.admit_as((a, "web"), 1).unwrap();
+        assert_eq!(
+            places.admit_as((a, "web"), 1).unwrap_err(),
+            Refused::SourceLimit
+        );
+        let api = places.admit_as((a, "api"), 1).unwrap();
+        drop(api);
+        assert_eq!(places.taken_as(&(a, "api")), 0);
     }
 
     #[test]

@@ -313,7 +313,7 @@ impl AgentMetrics {
         );
         registry.register(
             "inbound_connections_refused",
-            "Connections from other hosts closed at accept for want of a place, and tunnels refused past a source's limit, by listener (inbound, permissive) and reason (busy, client_limit; inbound also unknown_busy, unknown_client_limit, displaced, tunnel_limit)",
+            "Connections from other hosts closed at accept for want of a place, and tunnels refused past a source's limit, by listener (inbound, permissive) and reason (busy, client_limit; inbound also unknown_busy, unknown_client_limit, displaced, identity, identity_limit, tunnel_limit)",
             m.inbound_refused.clone(),
         );
         registry.register(

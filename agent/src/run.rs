@@ -470,6 +470,15 @@ pub async fn run(
         let view = view.clone();
         move |ip| view.load().knows_node_address(ip)
     })
+    .peers({
+        let view = view.clone();
+        let datacenter = config.datacenter.clone();
+        move |peer_id| {
+            let view = view.load();
+            let federated = |dc: &str| view.federation.contains_key(dc);
+            inbound::peer_origin(peer_id, &view.trust_domain, &datacenter, federated)
+        }
+    })
     .draining(drain.clone());
 
     // Everything but the listeners is ready: take the predecessor's.

@@ -24,6 +24,15 @@
 //! connections it never completes cannot keep that node's agent out. Once
 //! TLS is done, the HTTP/2 preface must follow within the handshake
 //! timeout too.
+//!
+//! A certificate proves a peer, not that it is welcome: the `peers` check
+//! refuses, as the handshake ends, an identity no tunnel would be taken
+//! from (a node's own, another namespace's, an unknown datacenter's), and
+//! one identity holds only its share of its source's connections and
+//! tunnels ([`InboundLimits::per_identity`]): a compromised workload with
+//! its own leaf cannot take the places of its node's agent, nor, through a
+//! gateway, those of its datacenter. A connection with no tunnel for
+//! [`InboundLimits::idle`] is told to go away.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -43,7 +52,6 @@ use super::{
     INITIAL_CONNECTION_WINDOW, INITIAL_STREAM_WINDOW, MAX_CONCURRENT_STREAMS, REASON_HEADER,
 };
 use crate::admission::{Places, Refused};
-use tokio::sync::Semaphore;
 
 /// Default time a peer gets to complete the TLS handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,6 +79,19 @@ pub struct InboundLimits {
     /// connections: each costs the agent a connection to a workload, so
     /// one node cannot take every descriptor the agent may open.
     pub tunnels_per_source: usize,
+    /// Connections one identity of this datacenter may hold from one
+    /// source: a node's agent opens one per service it sends from (and a
+    /// sibling once one carries [`MAX_CONCURRENT_STREAMS`] tunnels).
+    pub per_identity: usize,
+    /// The same for an identity of another datacenter: all of them arrive
+    /// from a gateway's address, one connection per node the service runs
+    /// on there.
+    pub per_remote_identity: usize,
+    /// Tunnels one identity may have open at once from one source.
+    pub tunnels_per_identity: usize,
+    /// A connection that has had no tunnel open for this long is told to
+    /// go away (GOAWAY): a peer's pool dials again when it needs one.
+    pub idle: Duration,
 }
 
 impl Default for InboundLimits {
@@ -81,6 +102,10 @@ impl Default for InboundLimits {
             unknown: 256,
             unknown_per_source: 16,
             tunnels_per_source: 16_384,
+            per_identity: 16,
+            per_remote_identity: 256,
+            tunnels_per_identity: 4_096,
+            idle: Duration::from_secs(300),
         }
     }
 }
@@ -108,6 +133,10 @@ pub enum ServerError {
     NoH2Alpn,
     #[error("peer identity: {0}")]
     PeerIdentity(#[from] TlsError),
+    #[error("no tunnel is taken from {peer_id}: {why}")]
+    PeerRefused { peer_id: String, why: String },
+    #[error("{peer_id} holds every connection its identity may from its source")]
+    IdentityLimit { peer_id: String },
     #[error("HTTP/2: {0}")]
     H2(#[from] h2::Error),
 }
@@ -191,6 +220,17 @@ type FailureHook = Arc<dyn Fn(&TlsFailure) + Send + Sync>;
 type AcceptHook = Arc<dyn Fn(&str) + Send + Sync>;
 type RefusedHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 type KnownSources = Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>;
+type PeerCheck = Arc<dyn Fn(&str) -> Result<PeerOrigin, String> + Send + Sync>;
+
+/// Where a proven peer's identity is from, as the `peers` check sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerOrigin {
+    ThisDatacenter,
+    OtherDatacenter,
+}
+
+/// Places per source address and peer identity.
+type IdentityPlaces = Places<(std::net::IpAddr, Arc<str>)>;
 
 struct Inner<H> {
     acceptor: TlsAcceptor,
@@ -203,6 +243,7 @@ struct Inner<H> {
     drain: Option<Arc<crate::drain::Drain>>,
     limits: InboundLimits,
     known_sources: Option<KnownSources>,
+    peers: Option<PeerCheck>,
 }
 
 /// The inbound HBONE server: configure it, then [`serve`](Self::serve) a
@@ -290,6 +331,7 @@ impl<H: ConnectHandler> HboneServer<H> {
                 drain: None,
                 limits: InboundLimits::default(),
                 known_sources: None,
+                peers: None,
             },
         })
     }
@@ -310,8 +352,10 @@ impl<H: ConnectHandler> HboneServer<H> {
     /// Called for every connection closed at accept for want of a place,
     /// with why: `busy`, `client_limit` (a known source),
     /// `unknown_busy`, `unknown_client_limit` (another); for every
-    /// connection that gave its place up in its handshake: `displaced`; and
-    /// for every tunnel refused past `tunnels_per_source`: `tunnel_limit`.
+    /// connection that gave its place up in its handshake: `displaced`; for
+    /// a proven peer the `peers` check refuses: `identity`; past its
+    /// identity's share: `identity_limit`; and for every tunnel refused past
+    /// `tunnels_per_source` or `tunnels_per_identity`: `tunnel_limit`.
     pub fn on_refused(mut self, hook: impl Fn(&'static str) + Send + Sync + 'static) -> Self {
         self.inner.on_refused = Some(Arc::new(hook));
         self
@@ -332,6 +376,17 @@ impl<H: ConnectHandler> HboneServer<H> {
         known: impl Fn(std::net::IpAddr) -> bool + Send + Sync + 'static,
     ) -> Self {
         self.inner.known_sources = Some(Arc::new(known));
+        self
+    }
+
+    /// Which proven peers may open tunnels, and where their identity is
+    /// from (for its share of places): a peer it refuses is let go as the
+    /// handshake ends. Without it every peer is of this datacenter.
+    pub fn peers(
+        mut self,
+        check: impl Fn(&str) -> Result<PeerOrigin, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.inner.peers = Some(Arc::new(check));
         self
     }
 
@@ -357,7 +412,11 @@ impl<H: ConnectHandler> HboneServer<H> {
         let known_places = Places::new(limits.known);
         let unknown_places = Places::new(limits.unknown);
         // Bounded per source; the total is what the connections allow.
-        let tunnels = Places::new(Semaphore::MAX_PERMITS);
+        let tunnels = Places::new(usize::MAX);
+        let shares = Shares {
+            connections: Places::new(usize::MAX),
+            tunnels: Places::new(usize::MAX),
+        };
         let mut errors = crate::accept::AcceptErrors::new("hbone");
         loop {
             let (tcp, peer) = errors.accept(&listener).await;
@@ -379,8 +438,12 @@ impl<H: ConnectHandler> HboneServer<H> {
             };
             let inner = inner.clone();
             let tunnels = tunnels.clone();
+            let shares = shares.clone();
             tokio::spawn(async move {
-                if let Err(e) = inner.serve_connection(tcp, peer, place, tunnels).await {
+                if let Err(e) = inner
+                    .serve_connection(tcp, peer, place, tunnels, shares)
+                    .await
+                {
                     debug!(%peer, error = %e, "hbone connection ended");
                 }
             });
@@ -388,7 +451,23 @@ impl<H: ConnectHandler> HboneServer<H> {
     }
 }
 
+/// The places each peer identity has of its source's.
+#[derive(Clone)]
+struct Shares {
+    connections: IdentityPlaces,
+    tunnels: IdentityPlaces,
+}
+
+/// The most header bytes (as HTTP/2 counts them) a CONNECT may carry.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
 impl<H: ConnectHandler> Inner<H> {
+    fn refused(&self, reason: &'static str) {
+        if let Some(hook) = &self.on_refused {
+            hook(reason);
+        }
+    }
+
     fn tls_failure(&self, peer: SocketAddr, err: &ServerError) {
         warn!(%peer, local = %self.local_id, error = %err, "hbone TLS handshake rejected");
         if let Some(hook) = &self.on_tls_failure {
@@ -406,6 +485,7 @@ impl<H: ConnectHandler> Inner<H> {
         peer: SocketAddr,
         place: crate::admission::Place,
         tunnels: Places,
+        shares: Shares,
     ) -> Result<(), ServerError> {
         let _ = tcp.set_nodelay(true);
         let _tracked = self.drain.as_ref().map(|d| d.track());
@@ -439,6 +519,31 @@ impl<H: ConnectHandler> Inner<H> {
         if !place.prove() {
             return Err(displaced(self));
         }
+        let origin = match &self.peers {
+            Some(check) => check(&peer_id),
+            None => Ok(PeerOrigin::ThisDatacenter),
+        };
+        let origin = origin.map_err(|why| {
+            info!(%peer, peer_id = %peer_id, "hbone: no tunnel is taken from this identity ({why}); closing");
+            self.refused("identity");
+            ServerError::PeerRefused {
+                peer_id: peer_id.clone(),
+                why,
+            }
+        })?;
+        let share = match origin {
+            PeerOrigin::ThisDatacenter => self.limits.per_identity,
+            PeerOrigin::OtherDatacenter => self.limits.per_remote_identity,
+        };
+        let peer_id: Arc<str> = Arc::from(peer_id);
+        let identity = (peer.ip().to_canonical(), peer_id.clone());
+        let Ok(_identity_place) = shares.connections.admit_as(identity.clone(), share) else {
+            info!(%peer, peer_id = %peer_id, "hbone: the identity holds {share} connections from this source, the most it may; closing");
+            self.refused("identity_limit");
+            return Err(ServerError::IdentityLimit {
+                peer_id: peer_id.to_string(),
+            });
+        };
         // No new tunnels once the peer's certificate has expired: the
         // connection is told to go away (open tunnels run to their end).
         let (_, session) = tls.get_ref();
@@ -453,7 +558,11 @@ impl<H: ConnectHandler> Inner<H> {
         if let Some(hook) = &self.on_tls_accept {
             hook(&peer_id);
         }
-        let peer_id: Arc<str> = Arc::from(peer_id);
+        // Held by each tunnel's task: the connection is idle when only this
+        // one is left.
+        let open_tunnels = Arc::new(());
+        let idle = tokio::time::sleep(self.limits.idle);
+        tokio::pin!(idle);
 
         // A peer that completed TLS and never sends the HTTP/2 preface
         // holds its place for no longer than a handshake may take.
@@ -462,6 +571,8 @@ impl<H: ConnectHandler> Inner<H> {
             .initial_connection_window_size(INITIAL_CONNECTION_WINDOW)
             .max_frame_size(super::MAX_FRAME_SIZE)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            // A CONNECT has a few short headers; h2's default is 16 MiB.
+            .max_header_list_size(MAX_HEADER_LIST)
             .handshake::<_, Bytes>(tls);
         let timeout = self.handshake_timeout;
         let mut conn = tokio::time::timeout(timeout, h2_handshake)
@@ -470,6 +581,16 @@ impl<H: ConnectHandler> Inner<H> {
         loop {
             let next = tokio::select! {
                 next = conn.accept() => next,
+                () = &mut idle, if !going_away && !winding_down => {
+                    if Arc::strong_count(&open_tunnels) > 1 {
+                        idle.as_mut().reset(tokio::time::Instant::now() + self.limits.idle);
+                    } else {
+                        debug!(%peer, peer_id = %peer_id, "no tunnel for {:?}: GOAWAY", self.limits.idle);
+                        conn.graceful_shutdown();
+                        going_away = true;
+                    }
+                    continue;
+                }
                 () = &mut expiry, if !going_away => {
                     debug!(%peer, peer_id = %peer_id, "the peer certificate is past its notAfter: GOAWAY, no new tunnels on this connection");
                     if !winding_down {
@@ -505,20 +626,31 @@ impl<H: ConnectHandler> Inner<H> {
                 drop(request);
                 continue;
             }
-            let tunnel = match tunnels.admit(peer.ip(), self.limits.tunnels_per_source) {
-                Ok(place) => place,
-                Err(refused) => {
-                    debug!(%peer, peer_id = %peer_id, "hbone: {refused} (tunnels per source)");
-                    if let Some(hook) = &self.on_refused {
-                        hook("tunnel_limit");
-                    }
-                    let mut respond = respond;
+            idle.as_mut()
+                .reset(tokio::time::Instant::now() + self.limits.idle);
+            let per_identity = self.limits.tunnels_per_identity;
+            let admitted = tunnels
+                .admit(peer.ip(), self.limits.tunnels_per_source)
+                .map_err(|_| {
                     let limit = self.limits.tunnels_per_source;
-                    let why = format!("this source has {limit} tunnels open, the most it may");
+                    format!("this source has {limit} tunnels open, the most it may")
+                })
+                .and_then(|by_source| {
+                    let by_identity = shares.tunnels.admit_as(identity.clone(), per_identity);
+                    let why = || format!("this identity has {per_identity} tunnels open from this source, the most it may");
+                    Ok((by_source, by_identity.map_err(|_| why())?))
+                });
+            let tunnel = match admitted {
+                Ok(places) => places,
+                Err(why) => {
+                    debug!(%peer, peer_id = %peer_id, "hbone: {why}");
+                    self.refused("tunnel_limit");
+                    let mut respond = respond;
                     send_refusal(&mut respond, &Refusal::new(503, why));
                     continue;
                 }
             };
+            let open = open_tunnels.clone();
             let inner = self.clone();
             let peer_id = peer_id.clone();
             let span = tracing::info_span!(
@@ -529,7 +661,7 @@ impl<H: ConnectHandler> Inner<H> {
             );
             tokio::spawn(
                 async move {
-                    let _tunnel = tunnel;
+                    let _places = (tunnel, open);
                     inner.serve_stream(request, respond, &peer_id).await;
                 }
                 .instrument(span),

@@ -666,11 +666,14 @@ async fn connections_that_never_handshake_hold_their_share_and_no_more() {
     assert!(closed_by_server(&mut silent[0]).await, "the oldest held on");
     assert_eq!(*node.refused.lock().unwrap(), ["displaced"]);
     silent[0] = fourth;
-    // Another unknown source takes the last place; a third finds none.
+    // Another unknown source takes the last place; with every place taken,
+    // a third source's connection takes the place of the oldest still in
+    // its handshake, whatever its source.
     silent.push(connect_from("127.0.0.3", node.addr).await);
-    let mut over = connect_from("127.0.0.4", node.addr).await;
-    assert!(closed_by_server(&mut over).await, "held, not closed");
-    assert_eq!(*node.refused.lock().unwrap(), ["displaced", "unknown_busy"]);
+    let over = connect_from("127.0.0.4", node.addr).await;
+    assert!(closed_by_server(&mut silent[1]).await, "the oldest held on");
+    assert_eq!(*node.refused.lock().unwrap(), ["displaced", "displaced"]);
+    silent[1] = over;
 
     // A node the view knows completes its handshake meanwhile.
     let config = tls::client_config(&ca.identity(WEB), &node.bundle, NODE_B).unwrap();
@@ -877,4 +880,165 @@ async fn tunnel_once_freed(pool: &HbonePool, source: &Identity, node: &Node) -> 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("no tunnel in 100 tries once the place was freed");
+}
+
+/// A server whose `peers` check takes tunnels only from service identities
+/// (as the agent's does), with `limits`.
+async fn start_node_taking_services(ca: &TestCa, limits: InboundLimits) -> (Node, AbortOnDrop) {
+    let echo = echo_server().await;
+    let bundle = ca.bundle();
+    let refused = Arc::new(Mutex::new(Vec::new()));
+    let refuse = refused.clone();
+    let server = HboneServer::new(
+        &ca.identity(NODE_B),
+        &bundle,
+        move |req: ConnectRequest| async move {
+            TcpStream::connect(req.target)
+                .await
+                .map_err(|e| Refusal::unavailable(e.to_string()))
+        },
+    )
+    .unwrap()
+    .limits(limits)
+    .known_sources(|_| true)
+    .peers(|peer_id| match peer_id.contains("/svc/") {
+        true => Ok(server::PeerOrigin::ThisDatacenter),
+        false => Err("a node's identity".into()),
+    })
+    .on_refused(move |reason| refuse.lock().unwrap().push(reason));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = AbortOnDrop(tokio::spawn(server.serve(listener)));
+    let node = Node {
+        addr,
+        bundle,
+        echo,
+        accepted: Arc::default(),
+        failures: Arc::default(),
+        peers: Arc::default(),
+        refused,
+        task: tokio::spawn(async {}),
+    };
+    (node, task)
+}
+
+/// The attack: a certificate no tunnel is taken from (a node's own) held
+/// connections, and their places, for as long as it liked; refused only
+/// per stream. Now it is let go as its handshake ends.
+#[tokio::test]
+async fn a_certificate_no_tunnel_is_taken_from_holds_no_connection() {
+    let ca = TestCa::new("ca");
+    let (node, _task) = start_node_taking_services(&ca, InboundLimits::default()).await;
+    let config = tls::client_config(&ca.identity(NODE_C), &node.bundle, NODE_B).unwrap();
+    let name = ServerName::try_from("node-b.dc1.node.test.weft").unwrap();
+    let tcp = TcpStream::connect(node.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("TLS itself completes");
+    let mut sink = Vec::new();
+    let ended = tokio::time::timeout(TIMEOUT, tls.read_to_end(&mut sink)).await;
+    assert!(ended.is_ok(), "a node's certificate kept its connection");
+    assert_eq!(*node.refused.lock().unwrap(), ["identity"]);
+    // A service's certificate gets its tunnel.
+    let pool = HbonePool::new(ca.bundle());
+    let mut tunnel = pool
+        .connect(&ca.identity(WEB), &node.peer(), node.echo, TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut tunnel, b"in").await, b"in");
+}
+
+/// The attack: a compromised workload, with its own leaf, opening
+/// connections and tunnels from its node's address took every place the
+/// peer gives that node, and its agent's tunnels for other services were
+/// refused. Now one identity holds its share of its source's places and
+/// tunnels; another identity from the same source still gets in.
+#[tokio::test]
+async fn one_identity_holds_only_its_share_of_its_sources_places() {
+    let ca = TestCa::new("ca");
+    let limits = InboundLimits {
+        per_identity: 2,
+        tunnels_per_identity: 3,
+        ..InboundLimits::default()
+    };
+    let (node, _task) = start_node_taking_services(&ca, limits).await;
+    let web = ca.identity(WEB);
+    let api = ca.identity(API);
+    // Tunnels: on web's connection at most three; api's still get in.
+    let shared = HbonePool::new(ca.bundle());
+    let mut tunnels = Vec::new();
+    for _ in 0..3 {
+        let tunnel = shared.connect(&web, &node.peer(), node.echo, TIMEOUT).await;
+        tunnels.push(tunnel.expect("within web's tunnels"));
+    }
+    match shared.connect(&web, &node.peer(), node.echo, TIMEOUT).await {
+        Err(HboneError::Refused {
+            status: 503,
+            reason,
+        }) => assert!(reason.contains("this identity has 3 tunnels"), "{reason}"),
+        other => panic!("a fourth tunnel of web's: {other:?}"),
+    }
+    let mut theirs = shared
+        .connect(&api, &node.peer(), node.echo, TIMEOUT)
+        .await
+        .expect("api's tunnel");
+    assert_eq!(round_trip(&mut theirs, b"api").await, b"api");
+    drop(tunnels);
+
+    // Connections: web holds one (the shared pool's); with one tunnel a
+    // connection, its second is within its share and its third is not.
+    let one_each = HbonePool::with_streams_per_connection(ca.bundle(), 1);
+    let _second = tunnel_once_freed(&one_each, &web, &node).await;
+    let over = one_each
+        .connect(&web, &node.peer(), node.echo, TIMEOUT)
+        .await;
+    assert!(over.is_err(), "a third connection of web's");
+    assert!(eventually(|| node.refused.lock().unwrap().contains(&"identity_limit")).await);
+    // api, from the same address, is not held back by web.
+    let mut more = one_each
+        .connect(&api, &node.peer(), node.echo, TIMEOUT)
+        .await
+        .expect("api's second connection");
+    assert_eq!(round_trip(&mut more, b"api").await, b"api");
+}
+
+/// A connection with no tunnel for the idle time is told to go away (the
+/// peer's pool dials again when it needs one); one with a tunnel open is
+/// not, however long the tunnel lasts.
+#[tokio::test]
+async fn a_connection_without_tunnels_is_let_go() {
+    let ca = TestCa::new("ca");
+    let limits = InboundLimits {
+        idle: Duration::from_millis(300),
+        ..InboundLimits::default()
+    };
+    let (node, _task) = start_node_taking_services(&ca, limits).await;
+    let pool = HbonePool::new(ca.bundle());
+    let web = ca.identity(WEB);
+    let mut long = pool
+        .connect(&web, &node.peer(), node.echo, TIMEOUT)
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(round_trip(&mut long, b"on").await, b"on");
+    }
+    assert_eq!(pool.dials(), 1);
+    drop(long);
+    // Idle now: the connection is let go, and the next tunnel dials anew.
+    let mut next = None;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let tunnel = pool
+            .connect(&web, &node.peer(), node.echo, TIMEOUT)
+            .await
+            .unwrap();
+        if pool.dials() == 2 {
+            next = Some(tunnel);
+            break;
+        }
+    }
+    let mut next = next.expect("the idle connection was never let go");
+    assert_eq!(round_trip(&mut next, b"again").await, b"again");
 }

@@ -62,6 +62,24 @@ pub fn source_service(
     }
 }
 
+/// Whether tunnels are taken from `peer_id` at all ([`source_service`]),
+/// and where it is from: checked as its handshake ends, so that a
+/// certificate no tunnel would be taken from holds no connection.
+pub fn peer_origin(
+    peer_id: &str,
+    trust_domain: &str,
+    datacenter: &str,
+    federated: impl Fn(&str) -> bool,
+) -> Result<crate::hbone::server::PeerOrigin, String> {
+    use crate::hbone::server::PeerOrigin;
+    let source = source_service(peer_id, trust_domain, datacenter, federated)?;
+    // Names hold no `@`: one marks another datacenter's service.
+    Ok(match source.contains('@') {
+        true => PeerOrigin::OtherDatacenter,
+        false => PeerOrigin::ThisDatacenter,
+    })
+}
+
 /// The source name a plaintext (permissive) connection is judged as: no
 /// service is called so, so only intentions from `*` (and the default)
 /// decide it.
