@@ -163,6 +163,8 @@ async fn store(node: &ServerNode, state: FederationState) {
 /// exchange with the primary.
 pub async fn maintain(node: Arc<ServerNode>, settings: FederationSettings) {
     let mut warned = false;
+    // Failed exchanges with the primary in a row.
+    let mut exchange_failures = 0u32;
     // Failed fetches in a row, per other datacenter.
     let mut unreachable: std::collections::HashMap<String, u32> = Default::default();
     loop {
@@ -197,10 +199,21 @@ pub async fn maintain(node: Arc<ServerNode>, settings: FederationSettings) {
         match exchange(&node, &settings, own).await {
             Ok(states) => {
                 warned = false;
+                exchange_failures = 0;
                 for s in states {
-                    if s.datacenter != node.datacenter {
-                        store(&node, s).await;
+                    if s.datacenter == node.datacenter {
+                        continue;
                     }
+                    let known = {
+                        let state = node.shared.state.read().expect("state lock");
+                        state.federation.get(&s.datacenter).cloned()
+                    };
+                    if s.datacenter == settings.primary && keeps_known_gateways(known.as_ref(), &s)
+                    {
+                        tracing::debug!(primary = %settings.primary, "the primary lists no passing gateway: the known ones stay");
+                        continue;
+                    }
+                    store(&node, s).await;
                 }
                 if let Err(e) = follow_primary_ca(&node, &settings).await {
                     tracing::warn!(primary = %settings.primary, "following the primary's CA: {e}");
@@ -212,15 +225,47 @@ pub async fn maintain(node: Arc<ServerNode>, settings: FederationSettings) {
                     tracing::warn!(primary = %settings.primary, "replicating ACL policies and tokens: {e}");
                 }
             }
-            Err(e) if !warned => {
-                tracing::warn!(primary = %settings.primary, "federation exchange failed: {e}");
-                warned = true;
-            }
             Err(e) => {
-                tracing::debug!(primary = %settings.primary, "federation exchange failed: {e}")
+                exchange_failures += 1;
+                if !warned {
+                    tracing::warn!(primary = %settings.primary, "federation exchange failed: {e}");
+                    warned = true;
+                } else {
+                    tracing::debug!(primary = %settings.primary, "federation exchange failed: {e}");
+                }
+                // The gateways the primary listed last may all be gone
+                // (replaced, their addresses changed): the configured ones
+                // are tried beside them, as before the primary answered.
+                if exchange_failures % STALE_AFTER == 0 {
+                    let known = {
+                        let s = node.shared.state.read().expect("state lock");
+                        s.federation.get(&settings.primary).cloned()
+                    };
+                    if let Some(known) = known {
+                        store(&node, with_configured(known, &settings.primary_gateways)).await;
+                    }
+                }
             }
         }
     }
+}
+
+/// Whether the primary's answer lists no gateway while some are known: it
+/// lists only passing ones, and a moment without any (their agents cut off
+/// from its servers, a replacement under way) must not leave this
+/// datacenter without a way to reach it, which it would then never regain
+/// (that state lives in Raft; `--primary-gateway` is used only while
+/// nothing is known).
+fn keeps_known_gateways(known: Option<&FederationState>, answer: &FederationState) -> bool {
+    answer.gateways.is_empty() && known.is_some_and(|k| !k.gateways.is_empty())
+}
+
+/// `known`, its gateways with `configured` added (sorted, once each).
+fn with_configured(mut known: FederationState, configured: &[SocketAddr]) -> FederationState {
+    known.gateways.extend(configured.iter().copied());
+    known.gateways.sort();
+    known.gateways.dedup();
+    known
 }
 
 /// Fetches every other datacenter's instances through this datacenter's
@@ -915,4 +960,45 @@ async fn follow_primary_ca(node: &ServerNode, settings: &FederationSettings) -> 
         .map_err(|e| e.to_string())?;
     tracing::info!(root = ?renewed, "CA follows the primary's");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(gateways: &[&str]) -> FederationState {
+        FederationState {
+            datacenter: "dc1".into(),
+            gateways: gateways.iter().map(|g| g.parse().unwrap()).collect(),
+            updated_ms: 7,
+        }
+    }
+
+    /// The failure: the primary answered once while none of its gateways
+    /// passed, its empty list replaced the known one, and the secondary
+    /// never reached it again. An empty answer now leaves known gateways
+    /// alone; any other answer replaces them.
+    #[test]
+    fn an_empty_answer_leaves_the_known_gateways() {
+        let known = state(&["192.0.2.1:8443"]);
+        assert!(keeps_known_gateways(Some(&known), &state(&[])));
+        assert!(!keeps_known_gateways(
+            Some(&known),
+            &state(&["192.0.2.2:8443"])
+        ));
+        assert!(!keeps_known_gateways(None, &state(&[])));
+        assert!(!keeps_known_gateways(Some(&state(&[])), &state(&[])));
+    }
+
+    #[test]
+    fn the_configured_gateways_join_the_known_ones_once() {
+        let known = state(&["192.0.2.9:8443", "192.0.2.1:8443"]);
+        let configured: Vec<SocketAddr> = vec!["192.0.2.1:8443".parse().unwrap()];
+        let merged = with_configured(known, &configured);
+        assert_eq!(merged, state(&["192.0.2.1:8443", "192.0.2.9:8443"]));
+        let other: Vec<SocketAddr> = vec!["198.51.100.1:8443".parse().unwrap()];
+        let merged = with_configured(merged, &other);
+        assert_eq!(merged.gateways.len(), 3);
+        assert_eq!(merged.updated_ms, 7, "the primary's report time stays");
+    }
 }

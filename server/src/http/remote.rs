@@ -143,10 +143,22 @@ pub async fn forward(node: &Arc<ServerNode>, call: &Call, dc: &str) -> Answer {
             HeaderName::from_bytes(p.name.as_bytes()),
             HeaderValue::from_str(&p.value),
         ) {
-            answer.headers_mut().append(name, value);
+            if carried_from_remote(&name) {
+                answer.headers_mut().append(name, value);
+            }
         }
     }
     Ok(answer)
+}
+
+/// Whether a header of another datacenter's answer is passed on: what
+/// describes the answer (its type, Consul's index and currency headers),
+/// not what frames the connection or sets state in the caller's client
+/// (`content-length`, `transfer-encoding`, `connection`, `set-cookie`),
+/// nor what this server decides for every answer (caching, framing
+/// options).
+fn carried_from_remote(name: &HeaderName) -> bool {
+    name == hyper::header::CONTENT_TYPE || name.as_str().starts_with("x-consul-")
 }
 
 pub async fn route(node: &Arc<ServerNode>, call: &Call, path: &str, dc: &str) -> Answer {
@@ -241,4 +253,33 @@ fn health_entry(dc: &str, i: &ServiceInstance) -> Value {
         "Service": super::catalog::service_json(i),
         "Checks": [super::catalog::service_check(i)],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Another datacenter's server chose every header of its answer, and
+    /// each reached the caller: a `content-length` or `transfer-encoding`
+    /// of its own beside this server's framing, a `set-cookie`, and its
+    /// `cache-control` over this server's `no-store`. Only what describes
+    /// the answer passes.
+    #[test]
+    fn only_headers_that_describe_the_answer_pass() {
+        let passes = |n: &str| carried_from_remote(&HeaderName::from_bytes(n.as_bytes()).unwrap());
+        for name in ["content-type", "x-consul-index", "x-consul-knownleader"] {
+            assert!(passes(name), "{name}");
+        }
+        for name in [
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "set-cookie",
+            "cache-control",
+            "x-frame-options",
+            "location",
+        ] {
+            assert!(!passes(name), "{name}");
+        }
+    }
 }
