@@ -236,7 +236,7 @@ pub async fn maintain(node: Arc<ServerNode>, settings: FederationSettings) {
                 // The gateways the primary listed last may all be gone
                 // (replaced, their addresses changed): the configured ones
                 // are tried beside them, as before the primary answered.
-                if exchange_failures % STALE_AFTER == 0 {
+                if exchange_failures.is_multiple_of(STALE_AFTER) {
                     let known = {
                         let s = node.shared.state.read().expect("state lock");
                         s.federation.get(&settings.primary).cloned()
