@@ -10,7 +10,9 @@
 //! unproven connections gives up its place ([`Place::displaced`]) to the
 //! newer one instead of the newer one being refused; when every place of
 //! the listener is taken, the oldest unproven connection of any source
-//! does. A process sharing a node's address (any local user on that node),
+//! does, if it has been at it for longer than a handshake takes
+//! ([`CROSS_SOURCE_GRACE`]: many peers reconnecting at once to a nearly
+//! full listener then wait for places rather than cut each other off). A process sharing a node's address (any local user on that node),
 //! or a few hosts together, that open connections they never complete thus
 //! cannot keep an agent from the places the view gives its node: the
 //! agent's connection, at the back of the queue, would have to be
@@ -29,8 +31,13 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
+
+/// How long a connection must have been in its handshake before another
+/// source's connection may take its place on a full listener.
+pub const CROSS_SOURCE_GRACE: Duration = Duration::from_secs(1);
 
 /// Why a connection found no place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -65,7 +72,7 @@ struct Source {
 struct Book<K> {
     held: usize,
     by_source: HashMap<K, Source>,
-    unproven: BTreeMap<u64, (K, Arc<Notify>)>,
+    unproven: BTreeMap<u64, (K, Instant, Arc<Notify>)>,
     next_id: u64,
 }
 
@@ -73,7 +80,7 @@ impl<K: Hash + Eq + Clone> Book<K> {
     /// Signals unproven place `id` to give way, and stops counting it as
     /// unproven (it stays held until its connection drops it).
     fn displace(&mut self, id: u64) {
-        if let Some((source, signal)) = self.unproven.remove(&id) {
+        if let Some((source, _, signal)) = self.unproven.remove(&id) {
             if let Some(s) = self.by_source.get_mut(&source) {
                 s.unproven.retain(|u| *u != id);
             }
@@ -86,6 +93,7 @@ impl<K: Hash + Eq + Clone> Book<K> {
 #[derive(Debug)]
 pub struct Places<K = IpAddr> {
     total: usize,
+    grace: Duration,
     book: Arc<Mutex<Book<K>>>,
 }
 
@@ -93,6 +101,7 @@ impl<K> Clone for Places<K> {
     fn clone(&self) -> Self {
         Places {
             total: self.total,
+            grace: self.grace,
             book: self.book.clone(),
         }
     }
@@ -132,6 +141,7 @@ impl<K: Hash + Eq + Clone> Places<K> {
     pub fn new(total: usize) -> Self {
         Places {
             total,
+            grace: CROSS_SOURCE_GRACE,
             book: Arc::new(Mutex::new(Book {
                 held: 0,
                 by_source: HashMap::new(),
@@ -160,7 +170,9 @@ impl<K: Hash + Eq + Clone> Places<K> {
                 None => return Err(Refused::SourceLimit),
             }
         } else if book.held >= self.total {
-            let oldest = book.unproven.keys().next().copied().filter(|_| unproven);
+            let oldest = (book.unproven.iter().next())
+                .filter(|(_, (_, since, _))| unproven && since.elapsed() >= self.grace)
+                .map(|(id, _)| *id);
             match oldest {
                 Some(id) => book.displace(id),
                 None => return Err(Refused::Busy),
@@ -171,7 +183,7 @@ impl<K: Hash + Eq + Clone> Places<K> {
         book.next_id += 1;
         let displaced = unproven.then(|| {
             let signal = Arc::new(Notify::new());
-            book.unproven.insert(id, (key.clone(), signal.clone()));
+            (book.unproven).insert(id, (key.clone(), Instant::now(), signal.clone()));
             signal
         });
         let source = book.by_source.entry(key.clone()).or_default();
@@ -185,6 +197,14 @@ impl<K: Hash + Eq + Clone> Places<K> {
             id,
             displaced,
         })
+    }
+
+    /// These places, where another source's connection takes the place of
+    /// one that has been in its handshake for `grace` (tests).
+    #[cfg(test)]
+    fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
     }
 
     /// Places taken now by `key`.
@@ -361,7 +381,7 @@ mod tests {
     /// of any source gives way. Proven places never do.
     #[test]
     fn a_full_listener_displaces_the_oldest_unproven_place_of_any_source() {
-        let places = Places::new(2);
+        let places = Places::new(2).with_grace(Duration::ZERO);
         let a = ip("10.0.0.1");
         let first = places.admit_unproven(a, 2).unwrap();
         let second = places.admit_unproven(ip("10.0.0.2"), 2).unwrap();
@@ -376,6 +396,23 @@ mod tests {
         assert_eq!(places.admit(a, 2).unwrap_err(), Refused::Busy);
         drop(second);
         assert!(places.admit_unproven(a, 2).is_ok());
+    }
+
+    /// Peers reconnecting together to a nearly full listener: a handshake
+    /// just begun is not cut off by another source's newer connection (it
+    /// would be refused instead), only one at it for longer.
+    #[test]
+    fn another_sources_connection_takes_only_a_place_held_past_the_grace() {
+        let places = Places::new(1).with_grace(Duration::from_millis(50));
+        let first = places.admit_unproven(ip("10.0.0.1"), 2).unwrap();
+        assert_eq!(
+            places.admit_unproven(ip("10.0.0.2"), 2).unwrap_err(),
+            Refused::Busy
+        );
+        assert!(!was_displaced(&first));
+        std::thread::sleep(Duration::from_millis(60));
+        let _second = places.admit_unproven(ip("10.0.0.2"), 2).unwrap();
+        assert!(was_displaced(&first));
     }
 
     #[test]

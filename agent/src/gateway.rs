@@ -51,20 +51,29 @@ pub const MAX_PER_CLIENT: usize = 256;
 /// gateway's LAN side cannot use up the datacenter's.
 pub const REMOTE_GATEWAY_FACTOR: usize = 16;
 
+/// Whether `ip`, arriving on the `side` listener, is another datacenter's
+/// gateway (by the federation's addresses; only on the WAN).
+pub fn is_remote_gateway(
+    side: Side,
+    ip: std::net::IpAddr,
+    federation: &std::collections::BTreeMap<String, Vec<std::net::SocketAddr>>,
+) -> bool {
+    // Compared canonically: on a dual-stack socket an IPv4 peer arrives
+    // v4-mapped, and federation states hold IPv4 addresses as such.
+    let ip = ip.to_canonical();
+    side == Side::Wan && (federation.values().flatten()).any(|a| a.ip().to_canonical() == ip)
+}
+
 /// The connections `ip` may hold at once on the `side` listener: more for
-/// another datacenter's gateway (by the federation's addresses) on the WAN.
+/// another datacenter's gateway on the WAN.
 pub fn per_client_limit(
     side: Side,
     ip: std::net::IpAddr,
     federation: &std::collections::BTreeMap<String, Vec<std::net::SocketAddr>>,
 ) -> usize {
-    // Compared canonically: on a dual-stack socket an IPv4 peer arrives
-    // v4-mapped, and federation states hold IPv4 addresses as such.
-    let ip = ip.to_canonical();
-    let gateway = || (federation.values().flatten()).any(|a| a.ip().to_canonical() == ip);
-    match side {
-        Side::Wan if gateway() => MAX_PER_CLIENT * REMOTE_GATEWAY_FACTOR,
-        _ => MAX_PER_CLIENT,
+    match is_remote_gateway(side, ip, federation) {
+        true => MAX_PER_CLIENT * REMOTE_GATEWAY_FACTOR,
+        false => MAX_PER_CLIENT,
     }
 }
 /// How long a connection may stay silent once one side closed: what a
@@ -183,9 +192,12 @@ pub struct Gateway {
     pub metrics: GatewayMetrics,
     pub drain: Arc<crate::drain::Drain>,
     /// Connections carried now on the LAN and the WAN listener, against
-    /// [`MAX_CONNECTIONS`] each and [`per_client_limit`] per client.
+    /// [`MAX_CONNECTIONS`] each and [`per_client_limit`] per client. Other
+    /// datacenters' gateways have places of their own on the WAN: hosts
+    /// anyone may run, each filling its share, cannot take theirs.
     lan_places: Places,
     wan_places: Places,
+    remote_gateway_places: Places,
     /// This gateway's own listeners: never a next hop.
     own: Vec<std::net::SocketAddr>,
 }
@@ -209,6 +221,7 @@ impl Gateway {
             drain,
             lan_places: Places::new(MAX_CONNECTIONS),
             wan_places: Places::new(MAX_CONNECTIONS),
+            remote_gateway_places: Places::new(MAX_CONNECTIONS),
             own,
         })
     }
@@ -222,11 +235,15 @@ impl Gateway {
         let mut next_id: u64 = 0;
         loop {
             let (stream, peer) = errors.accept(&listener).await;
+            let federation = &self.view.load().federation;
             let places = match side {
                 Side::Lan => &self.lan_places,
+                Side::Wan if is_remote_gateway(side, peer.ip(), federation) => {
+                    &self.remote_gateway_places
+                }
                 Side::Wan => &self.wan_places,
             };
-            let limit = per_client_limit(side, peer.ip(), &self.view.load().federation);
+            let limit = per_client_limit(side, peer.ip(), federation);
             let place = match places.admit(peer.ip(), limit) {
                 Ok(place) => place,
                 Err(refused) => {

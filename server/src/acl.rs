@@ -259,14 +259,36 @@ impl AclState {
             .or_else(|| self.policies.values().find(|p| p.name == id_or_name))
     }
 
-    /// A number that changes whenever what `token` may do changes: the
-    /// latest index at which the token or one of its linked policies was
-    /// written (`u64::MAX` for a linked policy that is gone). Indexes only
-    /// grow, so a token and policies unchanged since give the same number.
+    /// A fingerprint of what `token` may do: a SHA-256 over what decides
+    /// it (the token's secret hash, linked policies that exist with their
+    /// rules, service and node identities). Made of content, not indexes,
+    /// so that a rewrite that changes nothing (a secondary's replication)
+    /// keeps it, and every server computes the same whatever version
+    /// applied the entries before.
     pub fn rights_epoch(&self, token: &AclToken) -> u64 {
-        (token.policies.iter())
-            .map(|id| self.policies.get(id).map_or(u64::MAX, |p| p.modify_index))
-            .fold(token.modify_index, u64::max)
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut put = |field: &str| {
+            ctx.update(&(field.len() as u64).to_be_bytes());
+            ctx.update(field.as_bytes());
+        };
+        put(&token.secret_hash);
+        for id in &token.policies {
+            if let Some(p) = self.policies.get(id) {
+                put(id);
+                put(&p.rules);
+            }
+        }
+        put("service identities");
+        token.service_identities.iter().for_each(|s| put(s));
+        put("node identities");
+        for n in &token.node_identities {
+            put(&n.node_name);
+            put(&n.datacenter);
+        }
+        let digest = ctx.finish();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest.as_ref()[..8]);
+        u64::from_be_bytes(first)
     }
 
     /// What `token` may do in `datacenter` (node identities of other
@@ -330,9 +352,7 @@ impl AclState {
         Ok(())
     }
 
-    /// Deletes a policy at `index`, unlinking it from the tokens that
-    /// linked it (which are thereby written at `index`).
-    pub fn delete_policy(&mut self, id: &str, index: u64) -> Result<(), AclError> {
+    pub fn delete_policy(&mut self, id: &str) -> Result<(), AclError> {
         if id == GLOBAL_MANAGEMENT_ID {
             return Err(AclError::BuiltinPolicy);
         }
@@ -341,10 +361,7 @@ impl AclState {
             return Err(AclError::PolicyNotFound(id.into()));
         }
         for t in self.tokens.values_mut() {
-            if t.policies.iter().any(|p| p == id) {
-                t.policies.retain(|p| p != id);
-                t.modify_index = index;
-            }
+            t.policies.retain(|p| p != id);
         }
         self.reindex();
         Ok(())
@@ -629,7 +646,7 @@ mod tests {
         let e = acl.upsert_token(token("a", "s", &["nope"]), 2).unwrap_err();
         assert_eq!(e, AclError::PolicyNotFound("nope".into()));
         assert_eq!(
-            acl.delete_policy(GLOBAL_MANAGEMENT_ID, 9),
+            acl.delete_policy(GLOBAL_MANAGEMENT_ID),
             Err(AclError::BuiltinPolicy)
         );
     }
@@ -686,7 +703,7 @@ mod tests {
         );
         // The copy is not changed here, dc2's own are.
         assert!(matches!(
-            dc2.delete_policy("p-1", 9),
+            dc2.delete_policy("p-1"),
             Err(AclError::Replicated(_))
         ));
         assert!(matches!(

@@ -231,6 +231,7 @@ impl ServerNode {
             leader_silence_ms: leader_silence.as_millis() as u64,
             applies_batches: true,
             applies_leaf_ttl: true,
+            checks_standing: true,
         }
     }
 

@@ -442,6 +442,7 @@ fn a_node_certificate_authenticates_its_node_and_nothing_more() -> anyhow::Resul
         .context("the certificate's watch outlived its node")?;
         let ended = ended.expect_err("the watch ended without an error");
         assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+        assert!(ended.message().contains("left the catalog"), "{ended:?}");
         // Nor for an external node of that name (no agent's).
         let reply = cluster.http(
             1,

@@ -87,10 +87,17 @@ pub struct InboundLimits {
     /// from a gateway's address, one connection per node the service runs
     /// on there.
     pub per_remote_identity: usize,
-    /// Tunnels one identity may have open at once from one source.
+    /// Tunnels one identity of this datacenter may have open at once from
+    /// one source.
     pub tunnels_per_identity: usize,
+    /// The same for an identity of another datacenter.
+    pub tunnels_per_remote_identity: usize,
     /// A connection that has had no tunnel open for this long is told to
-    /// go away (GOAWAY): a peer's pool dials again when it needs one.
+    /// go away (GOAWAY): a peer's pool dials again when it needs one. One
+    /// with tunnels open but no new one for this long stops counting
+    /// against its identity's connections until it takes a new one (a
+    /// connection its peer retired at a certificate renewal, whose long
+    /// tunnels run on).
     pub idle: Duration,
 }
 
@@ -103,8 +110,9 @@ impl Default for InboundLimits {
             unknown_per_source: 16,
             tunnels_per_source: 16_384,
             per_identity: 16,
-            per_remote_identity: 256,
+            per_remote_identity: 512,
             tunnels_per_identity: 4_096,
+            tunnels_per_remote_identity: 8_192,
             idle: Duration::from_secs(300),
         }
     }
@@ -537,7 +545,10 @@ impl<H: ConnectHandler> Inner<H> {
         };
         let peer_id: Arc<str> = Arc::from(peer_id);
         let identity = (peer.ip().to_canonical(), peer_id.clone());
-        let Ok(_identity_place) = shares.connections.admit_as(identity.clone(), share) else {
+        // Given up while the connection takes no new tunnel (its peer's
+        // pool retired it at a renewal, its old tunnels run on), taken
+        // again for the next one.
+        let Ok(identity_place) = shares.connections.admit_as(identity.clone(), share) else {
             info!(%peer, peer_id = %peer_id, "hbone: the identity holds {share} connections from this source, the most it may; closing");
             self.refused("identity_limit");
             return Err(ServerError::IdentityLimit {
@@ -563,6 +574,7 @@ impl<H: ConnectHandler> Inner<H> {
         let open_tunnels = Arc::new(());
         let idle = tokio::time::sleep(self.limits.idle);
         tokio::pin!(idle);
+        let mut identity_place = Some(identity_place);
 
         // A peer that completed TLS and never sends the HTTP/2 preface
         // holds its place for no longer than a handshake may take.
@@ -583,6 +595,9 @@ impl<H: ConnectHandler> Inner<H> {
                 next = conn.accept() => next,
                 () = &mut idle, if !going_away && !winding_down => {
                     if Arc::strong_count(&open_tunnels) > 1 {
+                        // Tunnels, but no new one for a while: not one of
+                        // the identity's connections in use.
+                        identity_place = None;
                         idle.as_mut().reset(tokio::time::Instant::now() + self.limits.idle);
                     } else {
                         debug!(%peer, peer_id = %peer_id, "no tunnel for {:?}: GOAWAY", self.limits.idle);
@@ -626,9 +641,21 @@ impl<H: ConnectHandler> Inner<H> {
                 drop(request);
                 continue;
             }
-            idle.as_mut()
-                .reset(tokio::time::Instant::now() + self.limits.idle);
-            let per_identity = self.limits.tunnels_per_identity;
+            let per_identity = match origin {
+                PeerOrigin::ThisDatacenter => self.limits.tunnels_per_identity,
+                PeerOrigin::OtherDatacenter => self.limits.tunnels_per_remote_identity,
+            };
+            if identity_place.is_none() {
+                identity_place = shares.connections.admit_as(identity.clone(), share).ok();
+                if identity_place.is_none() {
+                    let why = format!("this identity holds {share} connections from this source in use, the most it may: use one of those");
+                    debug!(%peer, peer_id = %peer_id, "hbone: {why}");
+                    self.refused("identity_limit");
+                    let mut respond = respond;
+                    send_refusal(&mut respond, &Refusal::new(503, why));
+                    continue;
+                }
+            }
             let admitted = tunnels
                 .admit(peer.ip(), self.limits.tunnels_per_source)
                 .map_err(|_| {
@@ -650,6 +677,8 @@ impl<H: ConnectHandler> Inner<H> {
                     continue;
                 }
             };
+            idle.as_mut()
+                .reset(tokio::time::Instant::now() + self.limits.idle);
             let open = open_tunnels.clone();
             let inner = self.clone();
             let peer_id = peer_id.clone();

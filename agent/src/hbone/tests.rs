@@ -666,13 +666,21 @@ async fn connections_that_never_handshake_hold_their_share_and_no_more() {
     assert!(closed_by_server(&mut silent[0]).await, "the oldest held on");
     assert_eq!(*node.refused.lock().unwrap(), ["displaced"]);
     silent[0] = fourth;
-    // Another unknown source takes the last place; with every place taken,
-    // a third source's connection takes the place of the oldest still in
-    // its handshake, whatever its source.
+    // Another unknown source takes the last place; a third finds none
+    // while the others' handshakes are young, and takes the place of the
+    // oldest still in its handshake, whatever its source, once that one
+    // has been at it for longer than a handshake takes.
     silent.push(connect_from("127.0.0.3", node.addr).await);
+    let mut over = connect_from("127.0.0.4", node.addr).await;
+    assert!(closed_by_server(&mut over).await, "held, not closed");
+    assert_eq!(*node.refused.lock().unwrap(), ["displaced", "unknown_busy"]);
+    tokio::time::sleep(crate::admission::CROSS_SOURCE_GRACE).await;
     let over = connect_from("127.0.0.4", node.addr).await;
     assert!(closed_by_server(&mut silent[1]).await, "the oldest held on");
-    assert_eq!(*node.refused.lock().unwrap(), ["displaced", "displaced"]);
+    assert_eq!(
+        *node.refused.lock().unwrap(),
+        ["displaced", "unknown_busy", "displaced"]
+    );
     silent[1] = over;
 
     // A node the view knows completes its handshake meanwhile.
@@ -1041,4 +1049,62 @@ async fn a_connection_without_tunnels_is_let_go() {
     }
     let mut next = next.expect("the idle connection was never let go");
     assert_eq!(round_trip(&mut next, b"again").await, b"again");
+}
+
+/// A peer's pool retires a connection at each certificate renewal and its
+/// long tunnels run on there: such a connection, taking no new tunnel for
+/// the idle time, stops counting against its identity's share, so that
+/// renewals do not use the share up. Taking a new tunnel again needs a
+/// place of the share.
+#[tokio::test]
+async fn a_connection_that_takes_no_new_tunnels_gives_its_identitys_place_back() {
+    let ca = TestCa::new("ca");
+    let limits = InboundLimits {
+        per_identity: 1,
+        idle: Duration::from_millis(300),
+        ..InboundLimits::default()
+    };
+    let (node, _task) = start_node_taking_services(&ca, limits).await;
+    let web = ca.identity(WEB);
+    // The retired connection: a tunnel kept open, nothing new on it.
+    let retired = HbonePool::new(ca.bundle());
+    let mut long = retired
+        .connect(&web, &node.peer(), node.echo, TIMEOUT)
+        .await
+        .unwrap();
+    // The renewed one: while the first is in use, one connection is web's
+    // share; once the first has taken nothing new for the idle time, the
+    // second gets its place.
+    let renewed = HbonePool::new(ca.bundle());
+    let early = renewed
+        .connect(&web, &node.peer(), node.echo, TIMEOUT)
+        .await;
+    assert!(
+        early.is_err(),
+        "a second connection within the share of one"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut fresh = tunnel_once_freed(&renewed, &web, &node).await;
+    assert_eq!(round_trip(&mut fresh, b"new").await, b"new");
+    assert_eq!(
+        round_trip(&mut long, b"old").await,
+        b"old",
+        "the old tunnel runs on"
+    );
+    // A new tunnel on the retired connection needs the share's place again.
+    match retired
+        .connect(&web, &node.peer(), node.echo, TIMEOUT)
+        .await
+    {
+        Err(HboneError::Refused {
+            status: 503,
+            reason,
+        }) => {
+            assert!(
+                reason.contains("connections from this source in use"),
+                "{reason}"
+            )
+        }
+        other => panic!("a new tunnel on the retired connection: {other:?}"),
+    }
 }

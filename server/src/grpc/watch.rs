@@ -356,13 +356,19 @@ fn snapshot_events(
 
 /// What a subscriber gets first, taken under the state's read lock together
 /// with its subscription, so that nothing falls between the two.
+/// None when the caller's standing changed since it was judged (a token
+/// deleted or changed, a certificate's node gone while the stream waited
+/// to catch up): changes from then on would not show it.
 fn start(
     node: &ServerNode,
     from: u64,
     caller: &Caller,
     include_kv: bool,
-) -> (broadcast::Receiver<HubEvent>, Vec<proto::WatchEvent>, u64) {
+) -> Option<(broadcast::Receiver<HubEvent>, Vec<proto::WatchEvent>, u64)> {
     let state = node.shared.state.read().expect("state lock");
+    if !state.still_stands(&caller.standing) {
+        return None;
+    }
     let rx = node.shared.hub.subscribe();
     let first = match (from > 0)
         .then(|| node.shared.hub.since(from, state.index))
@@ -374,7 +380,7 @@ fn start(
             .collect(),
         _ => snapshot_events(&state, node.default_allow, caller, include_kv),
     };
-    (rx, first, state.index)
+    Some((rx, first, state.index))
 }
 
 /// A new snapshot for the subscriber whose token is `secret`, as its token
@@ -432,7 +438,12 @@ async fn stream_changes(
             return;
         }
     }
-    let (mut rx, first, mut last) = start(&node, from, &caller, include_kv);
+    let Some((mut rx, first, mut last)) = start(&node, from, &caller, include_kv) else {
+        let changed =
+            "the token or node certificate changed as the stream started: subscribe again";
+        let _ = tx.try_send(Err(Status::unauthenticated(changed)));
+        return;
+    };
     for event in first {
         if tx.send(Ok(event)).await.is_err() {
             return;

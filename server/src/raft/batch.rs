@@ -10,7 +10,10 @@
 //!
 //! A leader groups writes only once every voter has said it applies
 //! batches ([`enable_when_all_apply`]): during a rolling upgrade a server of
-//! an earlier version would fail on a `Command::Batch` entry.
+//! an earlier version would fail on a `Command::Batch` entry. Likewise it
+//! keeps a write's standing (`Command::Once`) only once every voter checks
+//! it: one of an earlier version would ignore it and apply a write the
+//! others refuse.
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +22,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::peer_status::PeerStatus;
 use super::{Member, Raft};
 use crate::state::{Command, CommandResult};
 use crate::write_error::WriteError;
@@ -43,6 +47,8 @@ pub struct Batcher {
     tx: mpsc::UnboundedSender<Pending>,
     /// Every voter applies batches (until then each write is its own entry).
     enabled: Arc<AtomicBool>,
+    /// Every voter checks standings (until then writes go without one).
+    standing: Arc<AtomicBool>,
 }
 
 impl Batcher {
@@ -51,8 +57,13 @@ impl Batcher {
     pub fn start(raft: Raft, commit_seconds: Histogram) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let enabled = Arc::new(AtomicBool::new(false));
+        let standing = Arc::new(AtomicBool::new(false));
         tokio::spawn(run(raft, rx, enabled.clone(), commit_seconds));
-        Self { tx, enabled }
+        Self {
+            tx,
+            enabled,
+            standing,
+        }
     }
 
     /// Whether writes are grouped yet.
@@ -60,8 +71,18 @@ impl Batcher {
         self.enabled.load(Ordering::Relaxed)
     }
 
+    /// Whether writes keep their standing yet.
+    pub fn checks_standing(&self) -> bool {
+        self.standing.load(Ordering::Relaxed)
+    }
+
     /// Writes `cmd` (this server must lead) and returns its own result.
-    pub async fn write(&self, cmd: Command) -> Result<CommandResult, WriteError> {
+    pub async fn write(&self, mut cmd: Command) -> Result<CommandResult, WriteError> {
+        if !self.checks_standing() {
+            if let Command::Once { standing, .. } = &mut cmd {
+                *standing = None;
+            }
+        }
         if matches!(cmd, Command::Batch(_)) {
             // Only the batcher makes batches: one handed in (a forwarded
             // write) would be answered as a single write.
@@ -83,7 +104,7 @@ impl Batcher {
 /// then; once enabled it stays so (servers are upgraded, not downgraded,
 /// past this version).
 pub async fn enable_when_all_apply<M: Member>(node: Arc<M>, batcher: Batcher) {
-    while !batcher.enabled() {
+    while !(batcher.enabled() && batcher.checks_standing()) {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let metrics = node.raft().metrics().borrow().clone();
         if metrics.state != openraft::ServerState::Leader {
@@ -92,16 +113,23 @@ pub async fn enable_when_all_apply<M: Member>(node: Arc<M>, batcher: Batcher) {
         let voters: Vec<_> = metrics.membership_config.membership().voter_ids().collect();
         let asked = voters.iter().map(|id| node.peer_status(*id));
         let statuses = futures::future::join_all(asked).await;
-        let all = statuses
-            .iter()
-            .zip(&voters)
-            .all(|(s, id)| s.as_ref().is_some_and(|s| s.id == *id && s.applies_batches));
-        if all {
+        let every = |says: fn(&PeerStatus) -> bool| {
+            (statuses.iter().zip(&voters))
+                .all(|(s, id)| s.as_ref().is_some_and(|s| s.id == *id && says(s)))
+        };
+        if !batcher.enabled() && every(|s| s.applies_batches) {
             tracing::info!(
                 voters = voters.len(),
                 "every voter applies batches: grouping writes"
             );
             batcher.enabled.store(true, Ordering::Relaxed);
+        }
+        if !batcher.checks_standing() && every(|s| s.checks_standing) {
+            tracing::info!(
+                voters = voters.len(),
+                "every voter checks what a write was judged on"
+            );
+            batcher.standing.store(true, Ordering::Relaxed);
         }
     }
 }

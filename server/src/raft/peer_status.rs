@@ -33,6 +33,12 @@ pub struct PeerStatus {
     /// one only once every voter says so.
     #[serde(default)]
     pub applies_leaf_ttl: bool,
+    /// Whether this server refuses a `Command::Once` whose caller's
+    /// standing changed: the leader keeps the standing in the commands it
+    /// writes only once every voter says so (a server of an earlier version
+    /// would apply what the others refuse).
+    #[serde(default)]
+    pub checks_standing: bool,
 }
 
 impl PeerStatus {

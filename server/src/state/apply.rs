@@ -528,7 +528,7 @@ impl State {
                 Ok(vec![Change::Acl])
             }
             Command::AclPolicyDelete { id } => {
-                self.acl.delete_policy(&id, index).map_err(invalid)?;
+                self.acl.delete_policy(&id).map_err(invalid)?;
                 Ok(vec![Change::Acl])
             }
             Command::AclTokenUpsert(token) => {

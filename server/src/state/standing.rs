@@ -7,7 +7,8 @@
 //! carries its caller's [`Standing`] as the judging server saw it, and the
 //! state machine applies the write only if that standing still holds in the
 //! state the write is applied to (which every server computes alike): the
-//! token unchanged, with the same policies unchanged; the certificate's node
+//! token's rights unchanged (its policies, their rules, its identities;
+//! fingerprinted, not indexed); the certificate's node
 //! still registered by its agent, and registered no later than when the
 //! write was judged. Otherwise the write is refused and the caller sends it
 //! again, to be judged on the state as it now is.
@@ -21,7 +22,8 @@ use super::State;
 /// The credential a request was judged on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Standing {
-    /// An ACL token, its rights as of `epoch` ([`AclState::rights_epoch`]).
+    /// An ACL token, its rights as `epoch` fingerprints them
+    /// ([`AclState::rights_epoch`]).
     Token { accessor: String, epoch: u64 },
     /// A node certificate: its node as registered at `create_index`.
     NodeCertificate { node: String, create_index: u64 },
@@ -180,9 +182,19 @@ mod tests {
             CommandResult::Applied { index: 5 }
         );
 
+        // Written again as it was (a secondary's replication rewrites
+        // every policy and token it copies): the same rights.
+        s.apply(
+            Command::AclPolicyUpsert(policy("p", r#"key_prefix "app/" { policy = "write" }"#)),
+            6,
+        );
+        let same = s.acl.tokens["t"].clone();
+        s.apply(Command::AclTokenUpsert(same), 7);
+        assert!(s.still_stands(&judged), "a rewrite of the same rights");
+
         let narrowed = policy("p", r#"key_prefix "app/" { policy = "read" }"#);
-        s.apply(Command::AclPolicyUpsert(narrowed), 6);
-        refused_as_changed(s.apply(once("r2", put("app/y"), &judged), 7).0);
+        s.apply(Command::AclPolicyUpsert(narrowed), 8);
+        refused_as_changed(s.apply(once("r2", put("app/y"), &judged), 9).0);
 
         let (mut s, judged) = with_token();
         s.apply(Command::AclPolicyDelete { id: "p".into() }, 3);
