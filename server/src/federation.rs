@@ -838,6 +838,18 @@ async fn replicate_acl(node: &ServerNode, settings: &FederationSettings) -> Resu
                 .iter()
                 .any(|o| o.accessor_id == t.accessor_id || o.secret_hash == t.secret_hash)
         });
+        // A token keeps only links to policies the state will hold (as
+        // `replace_replicated` keeps them): one to a policy left out above
+        // made the copy differ from this every round, and rewrote every
+        // token, and every watch's snapshot, every 2 s.
+        let builtin = (s.acl.policies.get(crate::acl::GLOBAL_MANAGEMENT_ID)).map(|p| p.id.as_str());
+        let held: std::collections::BTreeSet<&str> = (own_p.iter().map(|p| p.id.as_str()))
+            .chain(policies.iter().map(|p| p.id.as_str()))
+            .chain(builtin)
+            .collect();
+        for t in &mut tokens {
+            t.policies.retain(|p| held.contains(p.as_str()));
+        }
     }
     let strip_p = |p: &crate::acl::AclPolicy| crate::acl::AclPolicy {
         create_index: 0,

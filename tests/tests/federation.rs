@@ -164,19 +164,26 @@ fn two_datacenters_federate_through_their_gateways_only() -> anyhow::Result<()> 
     );
 
     // ACLs: a policy and token made in the primary work in dc2 once
-    // replicated; dc2 cannot change them, and its own tokens stay.
-    fed.weft(
-        0,
-        &[
-            "acl",
-            "policy",
-            "create",
-            "--name",
-            "catalog-reader",
-            "--rules",
-            r#"service_prefix "" { policy = "read" }"#,
-        ],
-    )?;
+    // replicated; dc2 cannot change them, and its own tokens stay. A
+    // policy of dc2's own with a name the primary also uses ("clash")
+    // keeps the primary's out.
+    let policy = |at: usize, name: &str| {
+        fed.weft(
+            at,
+            &[
+                "acl",
+                "policy",
+                "create",
+                "--name",
+                name,
+                "--rules",
+                r#"service_prefix "" { policy = "read" }"#,
+            ],
+        )
+    };
+    policy(0, "catalog-reader")?;
+    policy(0, "clash")?;
+    policy(1, "clash")?;
     let created: serde_json::Value = serde_json::from_str(&fed.weft(
         0,
         &[
@@ -187,6 +194,8 @@ fn two_datacenters_federate_through_their_gateways_only() -> anyhow::Result<()> 
             "create",
             "--policy",
             "catalog-reader",
+            "--policy",
+            "clash",
         ],
     )?)?;
     let global = created["secret_id"]
@@ -199,6 +208,21 @@ fn two_datacenters_federate_through_their_gateways_only() -> anyhow::Result<()> 
             .success()
             .then_some(()))
     })?;
+    // The copy is written once, not every exchange (2 s): a token linking
+    // a policy left out differed from its copy every round, and each
+    // rewrite made every watch in dc2 start over.
+    let accessor = created["accessor_id"].as_str().context("no accessor")?;
+    let written = |fed: &Federation| -> anyhow::Result<serde_json::Value> {
+        let out = fed.weft(1, &["--format", "json", "acl", "token", "read", accessor])?;
+        Ok(serde_json::from_str::<serde_json::Value>(&out)?["modify_index"].clone())
+    };
+    let first = written(&fed)?;
+    // Three exchange rounds: long enough to see a rewrite each round.
+    std::thread::sleep(Duration::from_secs(7));
+    ensure!(
+        written(&fed)? == first,
+        "dc2 rewrote its copy of the token (modify_index {first} before)"
+    );
     let refused = fed.weft_out(1, &["acl", "policy", "delete", "catalog-reader"])?;
     ensure!(
         !refused.success() && refused.stderr.contains("primary datacenter's"),
@@ -210,7 +234,6 @@ fn two_datacenters_federate_through_their_gateways_only() -> anyhow::Result<()> 
         "dc2's own management token stopped working"
     );
     // Deleted in the primary, it stops working in dc2 too.
-    let accessor = created["accessor_id"].as_str().context("no accessor")?;
     fed.weft(0, &["acl", "token", "delete", accessor])?;
     wait_until(
         Duration::from_secs(15),

@@ -87,11 +87,9 @@ pub struct InboundLimits {
     /// from a gateway's address, one connection per node the service runs
     /// on there.
     pub per_remote_identity: usize,
-    /// Tunnels one identity of this datacenter may have open at once from
-    /// one source.
+    /// Tunnels one identity may have open at once from one source: less
+    /// than the source's, so that one cannot take them all.
     pub tunnels_per_identity: usize,
-    /// The same for an identity of another datacenter.
-    pub tunnels_per_remote_identity: usize,
     /// A connection that has had no tunnel open for this long is told to
     /// go away (GOAWAY): a peer's pool dials again when it needs one. One
     /// with tunnels open but no new one for this long stops counting
@@ -111,8 +109,7 @@ impl Default for InboundLimits {
             tunnels_per_source: 16_384,
             per_identity: 16,
             per_remote_identity: 512,
-            tunnels_per_identity: 4_096,
-            tunnels_per_remote_identity: 8_192,
+            tunnels_per_identity: 12_288,
             idle: Duration::from_secs(300),
         }
     }
@@ -641,10 +638,7 @@ impl<H: ConnectHandler> Inner<H> {
                 drop(request);
                 continue;
             }
-            let per_identity = match origin {
-                PeerOrigin::ThisDatacenter => self.limits.tunnels_per_identity,
-                PeerOrigin::OtherDatacenter => self.limits.tunnels_per_remote_identity,
-            };
+            let per_identity = self.limits.tunnels_per_identity;
             if identity_place.is_none() {
                 identity_place = shares.connections.admit_as(identity.clone(), share).ok();
                 if identity_place.is_none() {
