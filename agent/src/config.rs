@@ -412,12 +412,43 @@ impl AgentConfig {
         registered: &crate::registered::Registered,
     ) -> Result<AgentConfig, ConfigError> {
         let path = path.as_ref();
+        let text = Self::read_file(path)?;
+        Self::from_file_text(&text, path, registered)
+    }
+
+    /// The text of the configuration file at `path`, which no one but its
+    /// owner (the agent's user, or root) may write.
+    pub fn read_file(path: &Path) -> Result<String, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: file.clone(),
-            source,
+        let bytes = crate::private_file::read_trusted(path).map_err(|e| match e {
+            crate::private_file::PrivateFileError::Io { source, .. } => ConfigError::Read {
+                file: file.clone(),
+                source,
+            },
+            refused => ConfigError::Read {
+                file: file.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    refused.to_string(),
+                ),
+            },
         })?;
-        let text = text + &crate::registered::as_toml(&registered.services);
+        String::from_utf8(bytes).map_err(|_| ConfigError::Read {
+            file,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"),
+        })
+    }
+
+    /// The configuration `text` read from `path` ([`Self::read_file`]),
+    /// with `registered`: what [`Self::load_with_registered`] gives,
+    /// without reading the file again.
+    pub fn from_file_text(
+        text: &str,
+        path: &Path,
+        registered: &crate::registered::Registered,
+    ) -> Result<AgentConfig, ConfigError> {
+        let file = path.display().to_string();
+        let text = text.to_string() + &crate::registered::as_toml(&registered.services);
         let config = Self::parse(&text, &file)?;
         if config.token.is_some() {
             // The token in the file: the file is a secret's.

@@ -124,8 +124,8 @@ impl Credentials {
             .ok_or_else(|| {
                 fail("no CA to verify the servers with: set ca_file, or WEFT_CACERT".into())
             })?;
-        let ca = std::fs::read(&ca_file)
-            .map_err(|e| fail(format!("ca_file {}: {e}", ca_file.display())))?;
+        let ca = crate::private_file::read_trusted(&ca_file)
+            .map_err(|e| fail(format!("ca_file: {e}")))?;
         Ok(Credentials {
             tls: RwLock::new(
                 ClientTlsConfig::new()

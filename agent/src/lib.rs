@@ -20,6 +20,7 @@ pub mod dns;
 pub mod drain;
 pub mod ebpf;
 pub mod exec_dns;
+pub mod exec_user;
 pub mod gateway;
 pub mod handover;
 pub mod hbone;

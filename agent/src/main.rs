@@ -35,12 +35,21 @@ enum Command {
     /// as that service's workload, resolving names through the agent's DNS
     /// when `dns_addr` is on port 53 (in a private mount namespace, the
     /// agent's resolver over /etc/resolv.conf): `weft-agent exec --config
-    /// agent.toml --service web -- curl http://api.service.weft/`.
+    /// agent.toml --service web --user web -- curl http://api.service.weft/`.
     Exec {
         #[arg(long)]
         config: PathBuf,
         #[arg(long)]
         service: String,
+        /// Run the command as this user (a name or a numeric id), with its
+        /// groups and no capabilities. Without it the command runs as
+        /// whoever runs `exec` (root), which can set the agent's mark,
+        /// leave the mesh's cgroups and remove the pinned programs.
+        #[arg(long)]
+        user: Option<String>,
+        /// With --user: this group instead of the user's own.
+        #[arg(long)]
+        group: Option<String>,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -74,10 +83,17 @@ fn main() -> anyhow::Result<()> {
             Some(Command::Exec {
                 config,
                 service,
+                user,
+                group,
                 command,
             }),
             _,
-        ) => exec(&config, &service, &command),
+        ) => exec(
+            &config,
+            &service,
+            (user.as_deref(), group.as_deref()),
+            &command,
+        ),
         (Some(Command::Uninstall { config }), _) => {
             let config = weft_agent::config::AgentConfig::load(&config)?;
             let dir = weft_agent::intercept::pin_dir(&config)?;
@@ -109,7 +125,14 @@ fn main() -> anyhow::Result<()> {
                 ),
                 Err(e) => tracing::warn!("raising the open files limit: {e}"),
             }
-            let config = weft_agent::config::AgentConfig::load(&path)?;
+            // Read once: registrations through the local API run with this
+            // text until a reload reads the file again.
+            let file_text = weft_agent::config::AgentConfig::read_file(&path)?;
+            let config = weft_agent::config::AgentConfig::from_file_text(
+                &file_text,
+                &path,
+                &Default::default(),
+            )?;
             // Services and checks registered through the local API before a
             // restart, but for those the file now defines.
             let (registered, gone) =
@@ -133,12 +156,12 @@ fn main() -> anyhow::Result<()> {
             let config = if registered == Default::default() {
                 config
             } else {
-                weft_agent::config::AgentConfig::load_with_registered(&path, &registered)?
+                weft_agent::config::AgentConfig::from_file_text(&file_text, &path, &registered)?
             };
             runtime(config.worker_threads)?.block_on(weft_agent::run::run(
                 config,
                 registered,
-                path,
+                (path, file_text),
                 shutdown_signal(),
             ))?;
             Ok(())
@@ -160,9 +183,23 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Moves this process into the service's cgroup, gives it the agent's
-/// resolver, then becomes `command`.
-fn exec(config: &std::path::Path, service: &str, command: &[String]) -> anyhow::Result<()> {
+/// resolver, then becomes `command`, run as `user` (and `group`) when
+/// given.
+fn exec(
+    config: &std::path::Path,
+    service: &str,
+    (user, group): (Option<&str>, Option<&str>),
+    command: &[String],
+) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
+    use weft_agent::exec_user;
+    // Looked up before anything is changed: a name that is wrong is said
+    // before the command is in any cgroup.
+    let run_as = match (user, group) {
+        (Some(user), group) => Some(exec_user::resolve(user, group)?),
+        (None, Some(_)) => return Err(exec_user::ExecUserError::GroupWithoutUser.into()),
+        (None, None) => None,
+    };
     let config = weft_agent::config::AgentConfig::load(config)?;
     match weft_agent::exec_dns::resolv_conf(config.dns_addr) {
         Some(text) => weft_agent::exec_dns::use_resolver(&config.data_dir, &text)
@@ -179,6 +216,13 @@ fn exec(config: &std::path::Path, service: &str, command: &[String]) -> anyhow::
     std::fs::write(&procs, std::process::id().to_string())
         .with_context(|| format!("joining {}", procs.display()))?;
     let (program, args) = command.split_first().context("no command given")?;
+    match &run_as {
+        Some(run_as) => exec_user::become_user(run_as)?,
+        None if nix::unistd::Uid::effective().is_root() => eprintln!(
+            "weft-agent exec: {program} runs as root, which can set the agent's socket mark,              leave the mesh's cgroups and remove its programs: give it --user"
+        ),
+        None => {}
+    }
     // The agent's token, if it came from the environment, is not the
     // workload's.
     let err = std::process::Command::new(program)

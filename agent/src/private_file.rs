@@ -4,6 +4,12 @@
 //! private keys. A token file left at the usual 0644 hands every local user the
 //! node's identity and its services' (enough to have their certificates
 //! signed), and one owned by another user is that user's to replace.
+//!
+//! Files that decide what the agent trusts and does (agent.toml, the
+//! `ca_file` it verifies the servers with) need not be secret, but no one
+//! but their owner (the agent's user, or root) may write them: whoever can
+//! write them sends the node's token to a server of their choosing, or
+//! has the agent run checks with its socket mark ([`check_trusted`]).
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -20,6 +26,47 @@ pub enum PrivateFileError {
     Exposed { path: PathBuf, mode: u32 },
     #[error("{} holds a secret and belongs to uid {owner}, not this agent's ({own}): `chown` it", path.display())]
     Owner { path: PathBuf, owner: u32, own: u32 },
+    #[error("{} decides what the agent trusts, and group or others may write it (mode {mode:04o}): `chmod go-w` it", path.display())]
+    Writable { path: PathBuf, mode: u32 },
+    #[error("{} decides what the agent trusts and belongs to uid {owner}, not this agent's ({own}) nor root: `chown` it", path.display())]
+    Untrusted { path: PathBuf, owner: u32, own: u32 },
+}
+
+/// Checks a file that decides what the agent trusts: no one but its owner
+/// may write it, and its owner is this process's user or root.
+pub fn check_trusted(path: &Path, meta: &std::fs::Metadata) -> Result<(), PrivateFileError> {
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(PrivateFileError::Writable {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    // SAFETY: geteuid has no preconditions.
+    let own = unsafe { libc::geteuid() };
+    if meta.uid() != own && meta.uid() != 0 {
+        return Err(PrivateFileError::Untrusted {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            own,
+        });
+    }
+    Ok(())
+}
+
+/// The bytes of the file at `path` that decides what the agent trusts,
+/// once [`check_trusted`] (the file opened is the one checked).
+pub fn read_trusted(path: &Path) -> Result<Vec<u8>, PrivateFileError> {
+    use std::io::Read;
+    let io = |source| PrivateFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    check_trusted(path, &file.metadata().map_err(io)?)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(io)?;
+    Ok(bytes)
 }
 
 /// Checks the file `meta` describes (at `path`): no access for group or
@@ -64,6 +111,29 @@ pub fn read(path: &Path) -> Result<String, PrivateFileError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    /// The attack: an agent.toml (or ca_file) that another local user may
+    /// write: they point `servers` and `ca_file` at their own server, and
+    /// the agent sends it the node's token at its next start.
+    #[test]
+    fn a_file_the_agent_trusts_is_written_by_its_owner_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "x = 1\n").unwrap();
+        for mode in [0o600, 0o644, 0o444, 0o640] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(read_trusted(&path).unwrap(), b"x = 1\n", "{mode:o}");
+        }
+        for mode in [0o664, 0o646, 0o666, 0o622] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = read_trusted(&path).unwrap_err();
+            assert!(
+                matches!(e, PrivateFileError::Writable { mode: m, .. } if m == mode),
+                "{mode:o}: {e}"
+            );
+            assert!(e.to_string().contains("chmod go-w"), "{e}");
+        }
+    }
 
     #[test]
     fn only_a_file_its_owner_alone_may_read_holds_a_secret() {

@@ -279,10 +279,13 @@ enum Stop {
 }
 
 /// Runs the agent until `shutdown` completes or a successor takes over.
+/// `path` is the configuration file and `file_text` what was read of it
+/// for `config` (registrations through the local API run with that text
+/// until a reload reads the file again).
 pub async fn run(
     config: AgentConfig,
     registered: crate::registered::Registered,
-    path: PathBuf,
+    (path, file_text): (PathBuf, String),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let config = Arc::new(config);
@@ -525,6 +528,7 @@ pub async fn run(
         ctx.clone(),
         interception.clone(),
         sockets.offered.clone(),
+        file_text,
     ));
 
     // Explicit upstreams.

@@ -57,6 +57,10 @@ pub struct Running {
     registered: Mutex<Vec<RegisteredService>>,
     /// Checks added through the local API to services of the file.
     api_checks: Mutex<Vec<ApiCheck>>,
+    /// The configuration file's text as last started or reloaded: what a
+    /// registration through the local API runs with (only a reload reads
+    /// the file again, so an operator's edits wait for it).
+    file_text: Mutex<String>,
     /// One reload or registration at a time.
     reloading: tokio::sync::Mutex<()>,
 }
@@ -125,8 +129,10 @@ impl Running {
         ctx: Arc<ProxyContext>,
         interception: Option<Arc<Interception>>,
         offered: Arc<Mutex<Vec<(String, OwnedFd)>>>,
+        file_text: String,
     ) -> Self {
         Self {
+            file_text: Mutex::new(file_text),
             path,
             config,
             control,
@@ -185,7 +191,9 @@ impl Running {
     /// for the operator, or why nothing was applied.
     pub async fn reload(&self) -> Result<String, String> {
         let _one = self.reloading.lock().await;
-        let file = AgentConfig::load(&self.path).map_err(|e| e.to_string())?;
+        let text = AgentConfig::read_file(&self.path).map_err(|e| e.to_string())?;
+        let file = AgentConfig::from_file_text(&text, &self.path, &Registered::default())
+            .map_err(|e| e.to_string())?;
         let (kept, gone) = self.kept().yielding_to(&file);
         if !gone.is_empty() {
             tracing::warn!(
@@ -200,16 +208,17 @@ impl Running {
             tracing::warn!("a registration through the local API is dropped: {why}");
         }
         if !gone.is_empty() || !refused.is_empty() {
-            return self.switch_kept(kept).await.map_err(|e| e.to_string());
+            return (self.switch_kept(&text, kept).await).map_err(|e| e.to_string());
         }
         let new =
-            AgentConfig::load_with_registered(&self.path, &kept).map_err(|e| e.to_string())?;
+            AgentConfig::from_file_text(&text, &self.path, &kept).map_err(|e| e.to_string())?;
         let summary = match self.switch(new).await {
             Ok(summary) => Ok(summary),
             Err(Failed::Before(why)) => return Err(why),
             // The new configuration runs: its orphans go all the same.
             Err(Failed::After(why)) => Err(why),
         };
+        *self.file_text.lock().expect("file text lock") = text;
         let what = summary.as_ref().unwrap_or_else(|why| why);
         self.drop_orphan_checks(&kept)
             .map_err(|e| format!("{what}, but {e}"))?;
@@ -286,7 +295,7 @@ impl Running {
             service_id: service_id.to_string(),
             check,
         });
-        self.switch_kept(kept).await
+        self.switch_registered(kept).await
     }
 
     /// Removes the check added through the local API as `check_id`.
@@ -299,7 +308,7 @@ impl Running {
         if kept.checks.len() == before {
             return Err(RegistrationError::CheckNotFound(check_id.to_string()));
         }
-        self.switch_kept(kept).await
+        self.switch_registered(kept).await
     }
 
     /// The name of the service registered through the local API as `id`.
@@ -338,7 +347,7 @@ impl Running {
         }
         kept.services.retain(|r| r.id() != id);
         kept.services.push(service);
-        self.switch_kept(kept).await
+        self.switch_registered(kept).await
     }
 
     /// Deregisters the instance registered through the local API as `id`,
@@ -352,7 +361,7 @@ impl Running {
             Some(_) => {}
         }
         kept.services.retain(|r| r.id() != id);
-        self.switch_kept(kept).await
+        self.switch_registered(kept).await
     }
 
     /// Why `id` is not registered through the local API.
@@ -364,9 +373,15 @@ impl Running {
         }
     }
 
-    /// Runs the file with `kept` and keeps it in the data dir.
-    async fn switch_kept(&self, kept: Registered) -> Result<String, RegistrationError> {
-        let new = AgentConfig::load_with_registered(&self.path, &kept)
+    /// Runs the file as last started or reloaded with `kept`.
+    async fn switch_registered(&self, kept: Registered) -> Result<String, RegistrationError> {
+        let text = self.file_text.lock().expect("file text lock").clone();
+        self.switch_kept(&text, kept).await
+    }
+
+    /// Runs the file's `text` with `kept` and keeps `kept` in the data dir.
+    async fn switch_kept(&self, text: &str, kept: Registered) -> Result<String, RegistrationError> {
+        let new = AgentConfig::from_file_text(text, &self.path, &kept)
             .map_err(|e| RegistrationError::Invalid(e.to_string()))?;
         let data_dir = new.data_dir.clone();
         let summary = match self.switch(new).await {
@@ -378,6 +393,7 @@ impl Running {
             Err(Failed::After(why)) => Err(why),
         };
         let what = summary.as_ref().unwrap_or_else(|why| why);
+        *self.file_text.lock().expect("file text lock") = text.to_string();
         *self.registered.lock().expect("registered lock") = kept.services.clone();
         *self.api_checks.lock().expect("checks lock") = kept.checks.clone();
         let keeping = |e: crate::registered::RegisteredError| {

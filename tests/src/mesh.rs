@@ -826,6 +826,18 @@ impl Mesh {
         service: Option<&str>,
         args: &[&str],
     ) -> anyhow::Result<Command> {
+        self.workload_command_as(node, service, None, args)
+    }
+
+    /// [`Mesh::workload_command`], run as `user` (`weft-agent exec
+    /// --user`) when given.
+    pub fn workload_command_as(
+        &self,
+        node: Node,
+        service: Option<&str>,
+        user: Option<&str>,
+        args: &[&str],
+    ) -> anyhow::Result<Command> {
         let (program, rest) = args.split_first().context("no command given")?;
         let mut argv: Vec<std::ffi::OsString> = Vec::new();
         if let Some(service) = service {
@@ -835,7 +847,11 @@ impl Mesh {
             argv.push(bin("weft-agent").into());
             argv.extend(["exec".into(), "--config".into()]);
             argv.push(self.agent_config(node).into());
-            argv.extend(["--service".into(), service.into(), "--".into()]);
+            argv.extend(["--service".into(), service.into()]);
+            if let Some(user) = user {
+                argv.extend(["--user".into(), user.into()]);
+            }
+            argv.push("--".into());
             argv.push(program.into());
         } else {
             let script = format!(
@@ -863,6 +879,20 @@ impl Mesh {
         let mut cmd = self.workload_command(node, Some(service), args)?;
         let _ns = in_netns(&mut cmd, self.netns(node))?;
         run_bounded(&mut cmd, limit)
+    }
+
+    /// Runs `args` as a workload of `service` in `node` as `user`
+    /// (`weft-agent exec --user`), bounded by 15 s.
+    pub fn exec_as_user(
+        &self,
+        node: Node,
+        service: &str,
+        user: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Output> {
+        let mut cmd = self.workload_command_as(node, Some(service), Some(user), args)?;
+        let _ns = in_netns(&mut cmd, self.netns(node))?;
+        run_bounded(&mut cmd, Duration::from_secs(15))
     }
 
     /// [`Mesh::exec_as_with`] with a 15 s limit:

@@ -132,6 +132,30 @@ fn services_come_and_go_live_and_a_broken_file_changes_nothing() -> anyhow::Resu
         !ok && out.contains("upgrade_drain_timeout cannot change"),
         "fixed field: {out}"
     );
+    // Only a reload reads the file: a registration through the local API
+    // runs with the file as last loaded. (It read the file again, so an
+    // edit staged for a restart made every registration fail, and one
+    // staged for later went live with any workload's registration.)
+    mesh.grant_agent_services(NodeB, &["cache"])?;
+    let cache_token = mesh.service_token(&["cache"])?;
+    let cache = format!(r#"{{"ID":"cache-b","Name":"cache","Port":8083,"Address":"{b}"}}"#);
+    let (code, body) = mesh.local_api(
+        NodeB,
+        ("PUT", "/v1/agent/service/register"),
+        Some(&cache_token),
+        Some(&cache),
+    )?;
+    ensure!(
+        code == 200,
+        "registering cache with an edit staged: {code} {body}"
+    );
+    let (code, body) = mesh.local_api(
+        NodeB,
+        ("PUT", "/v1/agent/service/deregister/cache-b"),
+        Some(&cache_token),
+        None,
+    )?;
+    ensure!(code == 200, "deregistering cache: {code} {body}");
     ensure!(
         reaches(&mesh, API)? && reaches(&mesh, DB)?,
         "not serving after refused reloads"

@@ -131,6 +131,43 @@ fn web_reaches_api_by_name_through_dns_vip_and_tunnel() -> anyhow::Result<()> {
     // Carried to node B's agent (HBONE), which connected to the instance.
     let inbound = mesh.metric_with(NodeB, OPENED, &[("source", "web"), ("destination", "api")])?;
     ensure!(inbound >= 5.0, "node B saw {inbound} web->api connections");
+
+    // `exec --user`: the workload runs as that user, with no capability
+    // (as root it could set the agent's mark, leave the cgroup, remove
+    // the pins) and no new privileges, in web's cgroup, and still reaches
+    // api through the mesh.
+    let out = mesh.exec_as_user(
+        NodeA,
+        "web",
+        "nobody",
+        &[
+            "sh",
+            "-c",
+            "grep -E '^(Uid|CapEff|NoNewPrivs):' /proc/self/status; cat /proc/self/cgroup",
+        ],
+    )?;
+    let status = &out.stdout;
+    ensure!(
+        out.success()
+            && status.contains("Uid:\t65534\t65534\t65534")
+            && status.contains("CapEff:\t0000000000000000")
+            && status.contains("NoNewPrivs:\t1")
+            && status.contains("web"),
+        "exec --user nobody: {}",
+        out.describe()
+    );
+    let out = mesh.exec_as_user(NodeA, "web", "nobody", &["curl", "-sS", "-m", "5", API_URL])?;
+    ensure!(
+        out.success() && out.stdout == "instance api-1\n",
+        "curl as nobody: {}",
+        out.describe()
+    );
+    let refused = mesh.exec_as_user(NodeA, "web", "root", &["true"])?;
+    ensure!(
+        !refused.success() && refused.stderr.contains("is root"),
+        "exec --user root: {}",
+        refused.describe()
+    );
     Ok(())
 }
 
