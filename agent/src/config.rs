@@ -359,6 +359,15 @@ pub fn is_among(own: &[SocketAddr], ip: IpAddr, port: u16) -> bool {
     })
 }
 
+/// The configuration file as read: its text, and what the file was when
+/// it was read (its mode and owner, which its contents may call for
+/// checking: a `token` in it makes it a secret's).
+#[derive(Debug, Clone)]
+pub struct ConfigFile {
+    pub text: String,
+    meta: std::fs::Metadata,
+}
+
 impl AgentConfig {
     /// Every address the agent itself listens on: its API, DNS, admin,
     /// inbound, outbound and permissive ports, its gateway's, and its
@@ -412,15 +421,15 @@ impl AgentConfig {
         registered: &crate::registered::Registered,
     ) -> Result<AgentConfig, ConfigError> {
         let path = path.as_ref();
-        let text = Self::read_file(path)?;
-        Self::from_file_text(&text, path, registered)
+        let file = Self::read_file(path)?;
+        Self::from_file_text(&file, path, registered)
     }
 
-    /// The text of the configuration file at `path`, which no one but its
-    /// owner (the agent's user, or root) may write.
-    pub fn read_file(path: &Path) -> Result<String, ConfigError> {
+    /// The configuration file at `path`, which no one but its owner (the
+    /// agent's user, or root) may write.
+    pub fn read_file(path: &Path) -> Result<ConfigFile, ConfigError> {
         let file = path.display().to_string();
-        let bytes = crate::private_file::read_trusted(path).map_err(|e| match e {
+        let (bytes, meta) = crate::private_file::read_trusted(path).map_err(|e| match e {
             crate::private_file::PrivateFileError::Io { source, .. } => ConfigError::Read {
                 file: file.clone(),
                 source,
@@ -433,22 +442,23 @@ impl AgentConfig {
                 ),
             },
         })?;
-        String::from_utf8(bytes).map_err(|_| ConfigError::Read {
+        let text = String::from_utf8(bytes).map_err(|_| ConfigError::Read {
             file,
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"),
-        })
+        })?;
+        Ok(ConfigFile { text, meta })
     }
 
-    /// The configuration `text` read from `path` ([`Self::read_file`]),
+    /// The configuration file `read` from `path` ([`Self::read_file`]),
     /// with `registered`: what [`Self::load_with_registered`] gives,
     /// without reading the file again.
     pub fn from_file_text(
-        text: &str,
+        read: &ConfigFile,
         path: &Path,
         registered: &crate::registered::Registered,
     ) -> Result<AgentConfig, ConfigError> {
         let file = path.display().to_string();
-        let text = text.to_string() + &crate::registered::as_toml(&registered.services);
+        let text = read.text.clone() + &crate::registered::as_toml(&registered.services);
         let config = Self::parse(&text, &file)?;
         if config.token.is_some() {
             // The token in the file: the file is a secret's.
@@ -458,8 +468,8 @@ impl AgentConfig {
                 field: "token".into(),
                 message,
             };
-            let meta = std::fs::metadata(path).map_err(|e| refused(e.to_string()))?;
-            crate::private_file::check(path, &meta).map_err(|e| {
+            // The file as it was read, not as it is now.
+            crate::private_file::check(path, &read.meta).map_err(|e| {
                 refused(format!(
                     "{e}, or move the token to a token_file of mode 600"
                 ))

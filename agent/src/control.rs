@@ -124,7 +124,7 @@ impl Credentials {
             .ok_or_else(|| {
                 fail("no CA to verify the servers with: set ca_file, or WEFT_CACERT".into())
             })?;
-        let ca = crate::private_file::read_trusted(&ca_file)
+        let (ca, _) = crate::private_file::read_trusted(&ca_file)
             .map_err(|e| fail(format!("ca_file: {e}")))?;
         Ok(Credentials {
             tls: RwLock::new(

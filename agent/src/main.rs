@@ -133,6 +133,10 @@ fn main() -> anyhow::Result<()> {
                 &path,
                 &Default::default(),
             )?;
+            // What is in it (registrations, the control socket) is read and
+            // trusted below: only if it is this user's (or root's) alone.
+            weft_api::private_dir::create_private_dir(&config.data_dir)
+                .context("data_dir: it holds the registrations and the control socket")?;
             // Services and checks registered through the local API before a
             // restart, but for those the file now defines.
             let (registered, gone) =
@@ -219,15 +223,18 @@ fn exec(
     match &run_as {
         Some(run_as) => exec_user::become_user(run_as)?,
         None if nix::unistd::Uid::effective().is_root() => eprintln!(
-            "weft-agent exec: {program} runs as root, which can set the agent's socket mark,              leave the mesh's cgroups and remove its programs: give it --user"
+            "weft-agent exec: {program} runs as root, which can set the agent's socket mark, \
+             leave the mesh's cgroups and remove its programs: give it --user"
         ),
         None => {}
     }
     // The agent's token, if it came from the environment, is not the
     // workload's.
+    let environment = run_as.as_ref().map(|r| r.environment()).unwrap_or_default();
     let err = std::process::Command::new(program)
         .args(args)
         .env_remove("WEFT_TOKEN")
+        .envs(environment)
         .exec();
     Err(anyhow::anyhow!("running {program}: {err}"))
 }

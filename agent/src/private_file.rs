@@ -55,18 +55,20 @@ pub fn check_trusted(path: &Path, meta: &std::fs::Metadata) -> Result<(), Privat
 }
 
 /// The bytes of the file at `path` that decides what the agent trusts,
-/// once [`check_trusted`] (the file opened is the one checked).
-pub fn read_trusted(path: &Path) -> Result<Vec<u8>, PrivateFileError> {
+/// once [`check_trusted`] (the file opened is the one checked), and what
+/// the file was as it was read.
+pub fn read_trusted(path: &Path) -> Result<(Vec<u8>, std::fs::Metadata), PrivateFileError> {
     use std::io::Read;
     let io = |source| PrivateFileError::Io {
         path: path.to_path_buf(),
         source,
     };
     let mut file = std::fs::File::open(path).map_err(io)?;
-    check_trusted(path, &file.metadata().map_err(io)?)?;
+    let meta = file.metadata().map_err(io)?;
+    check_trusted(path, &meta)?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes).map_err(io)?;
-    Ok(bytes)
+    Ok((bytes, meta))
 }
 
 /// Checks the file `meta` describes (at `path`): no access for group or
@@ -122,7 +124,7 @@ mod tests {
         std::fs::write(&path, "x = 1\n").unwrap();
         for mode in [0o600, 0o644, 0o444, 0o640] {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-            assert_eq!(read_trusted(&path).unwrap(), b"x = 1\n", "{mode:o}");
+            assert_eq!(read_trusted(&path).unwrap().0, b"x = 1\n", "{mode:o}");
         }
         for mode in [0o664, 0o646, 0o666, 0o622] {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();

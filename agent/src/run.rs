@@ -285,7 +285,7 @@ enum Stop {
 pub async fn run(
     config: AgentConfig,
     registered: crate::registered::Registered,
-    (path, file_text): (PathBuf, String),
+    (path, file_text): (PathBuf, crate::config::ConfigFile),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let config = Arc::new(config);

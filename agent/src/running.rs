@@ -60,7 +60,7 @@ pub struct Running {
     /// The configuration file's text as last started or reloaded: what a
     /// registration through the local API runs with (only a reload reads
     /// the file again, so an operator's edits wait for it).
-    file_text: Mutex<String>,
+    file_text: Mutex<crate::config::ConfigFile>,
     /// One reload or registration at a time.
     reloading: tokio::sync::Mutex<()>,
 }
@@ -129,7 +129,7 @@ impl Running {
         ctx: Arc<ProxyContext>,
         interception: Option<Arc<Interception>>,
         offered: Arc<Mutex<Vec<(String, OwnedFd)>>>,
-        file_text: String,
+        file_text: crate::config::ConfigFile,
     ) -> Self {
         Self {
             file_text: Mutex::new(file_text),
@@ -380,7 +380,11 @@ impl Running {
     }
 
     /// Runs the file's `text` with `kept` and keeps `kept` in the data dir.
-    async fn switch_kept(&self, text: &str, kept: Registered) -> Result<String, RegistrationError> {
+    async fn switch_kept(
+        &self,
+        text: &crate::config::ConfigFile,
+        kept: Registered,
+    ) -> Result<String, RegistrationError> {
         let new = AgentConfig::from_file_text(text, &self.path, &kept)
             .map_err(|e| RegistrationError::Invalid(e.to_string()))?;
         let data_dir = new.data_dir.clone();
@@ -393,7 +397,7 @@ impl Running {
             Err(Failed::After(why)) => Err(why),
         };
         let what = summary.as_ref().unwrap_or_else(|why| why);
-        *self.file_text.lock().expect("file text lock") = text.to_string();
+        *self.file_text.lock().expect("file text lock") = text.clone();
         *self.registered.lock().expect("registered lock") = kept.services.clone();
         *self.api_checks.lock().expect("checks lock") = kept.checks.clone();
         let keeping = |e: crate::registered::RegisteredError| {

@@ -43,6 +43,7 @@ pub mod load_balancer;
 pub mod logging;
 pub mod names;
 pub mod path;
+pub mod private_dir;
 pub mod proto;
 pub mod routing;
 pub mod service_intentions;

@@ -432,6 +432,19 @@ impl AclState {
         )
     }
 
+    /// What [`Self::replicated`] would answer once `policies` and `tokens`
+    /// (the primary's) are replicated here: worked out (on a copy of the
+    /// state's) by
+    /// [`Self::replace_replicated`] itself, so that the two never differ.
+    pub fn into_replicated(
+        mut self,
+        policies: Vec<AclPolicy>,
+        tokens: Vec<AclToken>,
+    ) -> (Vec<AclPolicy>, Vec<AclToken>) {
+        self.replace_replicated(policies, tokens, 0);
+        self.replicated()
+    }
+
     /// A secondary's copy of the primary's policies and tokens becomes
     /// `policies` and `tokens`; its own stay. One of the primary's that
     /// would take the id, name or secret of one of this datacenter's own is

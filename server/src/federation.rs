@@ -820,64 +820,22 @@ async fn replicate_acl(node: &ServerNode, settings: &FederationSettings) -> Resu
         |mut c| async move { c.acl(proto::Empty {}).await },
     )
     .await?;
-    let Replicated {
-        mut policies,
-        mut tokens,
-    } = serde_json::from_slice(&reply.json).map_err(|e| format!("the primary's ACL: {e}"))?;
-    // What would clash with this datacenter's own stays out (the state
-    // leaves it out too), so that the copy is not rewritten every round.
-    {
+    let Replicated { policies, tokens } =
+        serde_json::from_slice(&reply.json).map_err(|e| format!("the primary's ACL: {e}"))?;
+    // Compared as the state would keep them (what clashes with this
+    // datacenter's own left out, links to policies left out dropped): a
+    // copy compared with what was received never matched when something
+    // was left out, and every token, and every watch's snapshot, was
+    // rewritten every 2 s.
+    let (acl, mut mine) = {
         let s = node.shared.state.read().expect("state lock");
-        let (own_p, own_t) = s.acl.own();
-        policies.retain(|p| {
-            p.id != crate::acl::GLOBAL_MANAGEMENT_ID
-                && !own_p.iter().any(|o| o.id == p.id || o.name == p.name)
-        });
-        tokens.retain(|t| {
-            !own_t
-                .iter()
-                .any(|o| o.accessor_id == t.accessor_id || o.secret_hash == t.secret_hash)
-        });
-        // A token keeps only links to policies the state will hold (as
-        // `replace_replicated` keeps them): one to a policy left out above
-        // made the copy differ from this every round, and rewrote every
-        // token, and every watch's snapshot, every 2 s.
-        let builtin = (s.acl.policies.get(crate::acl::GLOBAL_MANAGEMENT_ID)).map(|p| p.id.as_str());
-        let held: std::collections::BTreeSet<&str> = (own_p.iter().map(|p| p.id.as_str()))
-            .chain(policies.iter().map(|p| p.id.as_str()))
-            .chain(builtin)
-            .collect();
-        for t in &mut tokens {
-            t.policies.retain(|p| held.contains(p.as_str()));
-        }
+        (s.acl.clone(), s.acl.replicated())
+    };
+    let mut theirs = acl.into_replicated(policies.clone(), tokens.clone());
+    for side in [&mut theirs, &mut mine] {
+        side.0.sort_by(|a, b| a.id.cmp(&b.id));
+        side.1.sort_by(|a, b| a.accessor_id.cmp(&b.accessor_id));
     }
-    let strip_p = |p: &crate::acl::AclPolicy| crate::acl::AclPolicy {
-        create_index: 0,
-        modify_index: 0,
-        replicated: false,
-        ..p.clone()
-    };
-    let strip_t = |t: &crate::acl::AclToken| crate::acl::AclToken {
-        create_index: 0,
-        modify_index: 0,
-        replicated: false,
-        ..t.clone()
-    };
-    let mut theirs: (Vec<_>, Vec<_>) = (
-        policies.iter().map(strip_p).collect(),
-        tokens.iter().map(strip_t).collect(),
-    );
-    theirs.0.sort_by(|a, b| a.id.cmp(&b.id));
-    theirs.1.sort_by(|a, b| a.accessor_id.cmp(&b.accessor_id));
-    let mut mine = node
-        .shared
-        .state
-        .read()
-        .expect("state lock")
-        .acl
-        .replicated();
-    mine.0.sort_by(|a, b| a.id.cmp(&b.id));
-    mine.1.sort_by(|a, b| a.accessor_id.cmp(&b.accessor_id));
     if mine == theirs {
         return Ok(());
     }

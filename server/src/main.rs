@@ -50,7 +50,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         (None, Some(t)) => t.path().to_path_buf(),
         (None, None) => unreachable!("resolve() requires a data dir outside dev mode"),
     };
-    create_private_dir(&data_dir)?;
+    weft_api::private_dir::create_private_dir(&data_dir)
+        .with_context(|| "--data-dir: it would hold the CA's keys")?;
     let tls_files = match &settings.tls {
         Some(files) => files.clone(),
         None => tls::dev_files(&data_dir, &settings.datacenter)
@@ -325,40 +326,6 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let _ = node.raft.shutdown().await;
     drop(db);
     Ok(())
-}
-
-/// Creates the data directory 0700 (and tightens an existing one): it
-/// holds the Raft log, with the CA's private keys.
-fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
-    // A directory someone else made (a pre-created /tmp/weft-1) stays
-    // theirs to open again, and to read the CA's keys from: refused, as is
-    // a symbolic link of theirs to one of ours.
-    use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid has no preconditions.
-    let own = unsafe { libc::geteuid() };
-    let read = |meta: std::io::Result<std::fs::Metadata>| {
-        meta.with_context(|| format!("reading {}", dir.display()))
-    };
-    for (what, meta) in [
-        ("symbolic link", read(std::fs::symlink_metadata(dir))?),
-        ("directory", read(std::fs::metadata(dir))?),
-    ] {
-        anyhow::ensure!(
-            meta.uid() == own || meta.uid() == 0,
-            "--data-dir {}: the {what} belongs to uid {}, not this server's ({own}); \
-             it would hold the CA's keys",
-            dir.display(),
-            meta.uid()
-        );
-    }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("making {} private (0700)", dir.display()))
 }
 
 /// Set once this server shuts Raft down on purpose.

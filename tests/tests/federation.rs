@@ -181,9 +181,10 @@ fn two_datacenters_federate_through_their_gateways_only() -> anyhow::Result<()> 
             ],
         )
     };
+    // dc2's first: the primary's, replicated first, would take the name.
+    policy(1, "clash")?;
     policy(0, "catalog-reader")?;
     policy(0, "clash")?;
-    policy(1, "clash")?;
     let created: serde_json::Value = serde_json::from_str(&fed.weft(
         0,
         &[

@@ -146,8 +146,8 @@ impl Forwarder {
                     "no CA to verify the servers with: set ca_file, or WEFT_CACERT".into(),
                 )
             })?;
-        let ca = std::fs::read(&ca_file)
-            .map_err(|e| ForwardError::Setup(format!("ca_file {}: {e}", ca_file.display())))?;
+        let (ca, _) = crate::private_file::read_trusted(&ca_file)
+            .map_err(|e| ForwardError::Setup(format!("ca_file: {e}")))?;
         Forwarder::new(
             http_addrs(&config.servers, config.server_http_port),
             &ca,
