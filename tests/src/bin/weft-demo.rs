@@ -82,8 +82,12 @@ fn write_file(mesh: &Mesh, name: &str, text: &str) -> anyhow::Result<String> {
     Ok(path.display().to_string())
 }
 
+/// Who the demo's workloads run as: not root, as a workload should not
+/// (`weft-agent exec --user`).
+const WORKLOAD_USER: &str = "nobody";
+
 fn as_web(mesh: &Mesh, args: &[&str]) -> anyhow::Result<Output> {
-    let out = mesh.exec_as(Node::A, "web", args)?;
+    let out = mesh.exec_as_user(Node::A, "web", WORKLOAD_USER, args)?;
     show("node-a (as web)", &args.join(" "), &out);
     Ok(out)
 }
@@ -340,9 +344,10 @@ cgroup subtree ({} and …/b), and it answers DNS for NAME.service.weft on 127.0
     let admin = "http://api.service.weft:8080/admin";
     wait_until(Duration::from_secs(5), "GET /admin refused", || {
         check_interrupted()?;
-        let out = mesh.exec_as(
+        let out = mesh.exec_as_user(
             Node::A,
             "web",
+            WORKLOAD_USER,
             &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", admin],
         )?;
         Ok((out.stdout.trim() == "403").then_some(()))
@@ -386,9 +391,10 @@ cgroup subtree ({} and …/b), and it answers DNS for NAME.service.weft on 127.0
     weft(&mesh, &["config", "write", &router_file])?;
     wait_until(Duration::from_secs(5), "the canary route applies", || {
         check_interrupted()?;
-        let out = mesh.exec_as(
+        let out = mesh.exec_as_user(
             Node::A,
             "web",
+            WORKLOAD_USER,
             &["curl", "-s", "-m", "2", "-H", "x-canary: 1", url],
         )?;
         Ok((out.stdout.trim() == "instance api-2").then_some(()))
@@ -433,7 +439,12 @@ fn hold_for_the_ui(mesh: &Mesh, addr: &str, url: &str) -> anyhow::Result<()> {
             return Ok(());
         }
         if tick % 5 == 0 {
-            let _ = mesh.exec_as(Node::A, "web", &["curl", "-s", "-m", "1", url]);
+            let _ = mesh.exec_as_user(
+                Node::A,
+                "web",
+                WORKLOAD_USER,
+                &["curl", "-s", "-m", "1", url],
+            );
         }
         // SAFETY: one valid pollfd for the duration of the call.
         if unsafe { libc::poll(&mut fds, 1, 200) } > 0 {
