@@ -72,12 +72,8 @@ pub fn resolve(user: &str, group: Option<&str>) -> Result<RunAs, ExecUserError> 
     let gid = match (group, &found) {
         (Some(g), _) => {
             let named = match g.parse::<u32>() {
-                Ok(id) => Some(
-                    Group::from_gid(Gid::from_raw(id))
-                        .ok()
-                        .flatten()
-                        .map_or(Gid::from_raw(id), |g| g.gid),
-                ),
+                // A number stands for itself, in the database or not.
+                Ok(id) => Some(Gid::from_raw(id)),
                 Err(_) => Group::from_name(g).ok().flatten().map(|g| g.gid),
             };
             named.ok_or_else(|| ExecUserError::NoGroup(g.into()))?

@@ -35,29 +35,54 @@ pub enum PrivateFileError {
 /// Checks a file that decides what the agent trusts: no one but its owner
 /// may write it, and its owner is this process's user or root.
 pub fn check_trusted(path: &Path, meta: &std::fs::Metadata) -> Result<(), PrivateFileError> {
+    let path = path.to_path_buf();
     let mode = meta.mode() & 0o7777;
     if mode & 0o022 != 0 {
-        return Err(PrivateFileError::Writable {
-            path: path.to_path_buf(),
-            mode,
-        });
+        return Err(PrivateFileError::Writable { path, mode });
     }
-    // SAFETY: geteuid has no preconditions.
-    let own = unsafe { libc::geteuid() };
-    if meta.uid() != own && meta.uid() != 0 {
-        return Err(PrivateFileError::Untrusted {
-            path: path.to_path_buf(),
-            owner: meta.uid(),
-            own,
-        });
+    match weft_api::private_dir::foreign_owner(meta) {
+        Some((owner, own)) => Err(PrivateFileError::Untrusted { path, owner, own }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The bytes of the file at `path` that decides what the agent trusts,
 /// once [`check_trusted`] (the file opened is the one checked), and what
 /// the file was as it was read.
 pub fn read_trusted(path: &Path) -> Result<(Vec<u8>, std::fs::Metadata), PrivateFileError> {
+    read_checked(path, check_trusted)
+}
+
+/// Checks the file `meta` describes (at `path`): no access for group or
+/// others, owned by this process's user (or root).
+pub fn check(path: &Path, meta: &std::fs::Metadata) -> Result<(), PrivateFileError> {
+    let path = path.to_path_buf();
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(PrivateFileError::Exposed { path, mode });
+    }
+    match weft_api::private_dir::foreign_owner(meta) {
+        Some((owner, own)) => Err(PrivateFileError::Owner { path, owner, own }),
+        None => Ok(()),
+    }
+}
+
+/// The contents of the secret's file at `path`, once [`check`]ed (the
+/// file opened is the one checked).
+pub fn read(path: &Path) -> Result<String, PrivateFileError> {
+    let (bytes, _) = read_checked(path, check)?;
+    String::from_utf8(bytes).map_err(|_| PrivateFileError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"),
+    })
+}
+
+/// The bytes of the file at `path` once `check` passed on the file opened
+/// (not on a path looked up again), and what it was as it was read.
+fn read_checked(
+    path: &Path,
+    check: fn(&Path, &std::fs::Metadata) -> Result<(), PrivateFileError>,
+) -> Result<(Vec<u8>, std::fs::Metadata), PrivateFileError> {
     use std::io::Read;
     let io = |source| PrivateFileError::Io {
         path: path.to_path_buf(),
@@ -65,48 +90,10 @@ pub fn read_trusted(path: &Path) -> Result<(Vec<u8>, std::fs::Metadata), Private
     };
     let mut file = std::fs::File::open(path).map_err(io)?;
     let meta = file.metadata().map_err(io)?;
-    check_trusted(path, &meta)?;
+    check(path, &meta)?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes).map_err(io)?;
     Ok((bytes, meta))
-}
-
-/// Checks the file `meta` describes (at `path`): no access for group or
-/// others, owned by this process's user (or root).
-pub fn check(path: &Path, meta: &std::fs::Metadata) -> Result<(), PrivateFileError> {
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(PrivateFileError::Exposed {
-            path: path.to_path_buf(),
-            mode,
-        });
-    }
-    // SAFETY: geteuid has no preconditions.
-    let own = unsafe { libc::geteuid() };
-    // Root's file is as safe as root is.
-    if meta.uid() != own && meta.uid() != 0 {
-        return Err(PrivateFileError::Owner {
-            path: path.to_path_buf(),
-            owner: meta.uid(),
-            own,
-        });
-    }
-    Ok(())
-}
-
-/// The contents of the secret's file at `path`, once [`check`]ed (the
-/// file opened is the one checked).
-pub fn read(path: &Path) -> Result<String, PrivateFileError> {
-    use std::io::Read;
-    let io = |source| PrivateFileError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    check(path, &file.metadata().map_err(io)?)?;
-    let mut text = String::new();
-    file.read_to_string(&mut text).map_err(io)?;
-    Ok(text)
 }
 
 #[cfg(test)]

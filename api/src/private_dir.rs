@@ -24,6 +24,14 @@ pub enum PrivateDirError {
     },
 }
 
+/// Who owns what `meta` describes, when it is neither this process's user
+/// nor root (whose files are as safe as root is): `(owner, own)`.
+pub fn foreign_owner(meta: &std::fs::Metadata) -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions.
+    let own = unsafe { libc::geteuid() };
+    (meta.uid() != own && meta.uid() != 0).then_some((meta.uid(), own))
+}
+
 /// Creates `dir` (and its parents) if missing, checks that it (and a link
 /// at its path) belongs to this process's user or root, and makes it 0700.
 pub fn create_private_dir(dir: &Path) -> Result<(), PrivateDirError> {
@@ -36,17 +44,15 @@ pub fn create_private_dir(dir: &Path) -> Result<(), PrivateDirError> {
         .mode(0o700)
         .create(dir)
         .map_err(io)?;
-    // SAFETY: geteuid has no preconditions.
-    let own = unsafe { libc::geteuid() };
     for (what, meta) in [
         ("symbolic link", std::fs::symlink_metadata(dir).map_err(io)?),
         ("directory", std::fs::metadata(dir).map_err(io)?),
     ] {
-        if meta.uid() != own && meta.uid() != 0 {
+        if let Some((owner, own)) = foreign_owner(&meta) {
             return Err(PrivateDirError::Owner {
                 path: dir.to_path_buf(),
                 what,
-                owner: meta.uid(),
+                owner,
                 own,
             });
         }

@@ -555,11 +555,11 @@ impl AclState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use weft_api::acl::{Access, Resource};
 
-    fn token(accessor: &str, secret: &str, policies: &[&str]) -> AclToken {
+    pub(crate) fn token(accessor: &str, secret: &str, policies: &[&str]) -> AclToken {
         AclToken {
             accessor_id: accessor.into(),
             secret_hash: hash_secret(secret),

@@ -876,7 +876,15 @@ impl Mesh {
         args: &[&str],
         limit: Duration,
     ) -> anyhow::Result<Output> {
-        let mut cmd = self.workload_command(node, Some(service), args)?;
+        self.run_in(
+            node,
+            self.workload_command(node, Some(service), args)?,
+            limit,
+        )
+    }
+
+    /// Runs `cmd` in `node`'s network namespace, bounded by `limit`.
+    fn run_in(&self, node: Node, mut cmd: Command, limit: Duration) -> anyhow::Result<Output> {
         let _ns = in_netns(&mut cmd, self.netns(node))?;
         run_bounded(&mut cmd, limit)
     }
@@ -890,9 +898,8 @@ impl Mesh {
         user: &str,
         args: &[&str],
     ) -> anyhow::Result<Output> {
-        let mut cmd = self.workload_command_as(node, Some(service), Some(user), args)?;
-        let _ns = in_netns(&mut cmd, self.netns(node))?;
-        run_bounded(&mut cmd, Duration::from_secs(15))
+        let cmd = self.workload_command_as(node, Some(service), Some(user), args)?;
+        self.run_in(node, cmd, Duration::from_secs(15))
     }
 
     /// [`Mesh::exec_as_with`] with a 15 s limit:
@@ -909,9 +916,7 @@ impl Mesh {
         args: &[&str],
         limit: Duration,
     ) -> anyhow::Result<Output> {
-        let mut cmd = self.workload_command(node, None, args)?;
-        let _ns = in_netns(&mut cmd, self.netns(node))?;
-        run_bounded(&mut cmd, limit)
+        self.run_in(node, self.workload_command(node, None, args)?, limit)
     }
 
     /// `GET url` with curl as a workload of `service` (5 s limit, names
@@ -989,8 +994,7 @@ impl Mesh {
     ) -> anyhow::Result<Output> {
         let mut cmd = Command::new(program);
         cmd.args(args);
-        let _ns = in_netns(&mut cmd, self.netns(node))?;
-        run_bounded(&mut cmd, limit)
+        self.run_in(node, cmd, limit)
     }
 
     fn start_server(&mut self, default_intention: &str, extra: &[String]) -> anyhow::Result<()> {
@@ -1100,8 +1104,7 @@ impl Mesh {
         if let Some(token) = token {
             cmd.env("WEFT_TOKEN", token);
         }
-        let _ns = in_netns(&mut cmd, self.netns(node))?;
-        run_bounded(&mut cmd, Duration::from_secs(10))
+        self.run_in(node, cmd, Duration::from_secs(10))
     }
 
     /// Runs the `weft` CLI and requires success; returns its stdout.

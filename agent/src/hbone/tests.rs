@@ -77,6 +77,19 @@ async fn start_node_with(
     limits: InboundLimits,
     known: impl Fn(std::net::IpAddr) -> bool + Send + Sync + 'static,
 ) -> Node {
+    start_node_checking(ca, limits, known, |_| {
+        Ok(server::PeerOrigin::ThisDatacenter)
+    })
+    .await
+}
+
+/// [`start_node_with`], taking tunnels only from the peers `takes` takes.
+async fn start_node_checking(
+    ca: &TestCa,
+    limits: InboundLimits,
+    known: impl Fn(std::net::IpAddr) -> bool + Send + Sync + 'static,
+    takes: impl Fn(&str) -> Result<server::PeerOrigin, String> + Send + Sync + 'static,
+) -> Node {
     let echo = echo_server().await;
     let bundle = ca.bundle();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -103,6 +116,7 @@ async fn start_node_with(
         .unwrap()
         .limits(limits)
         .known_sources(known)
+        .peers(takes)
         .on_tls_accept(move |_| {
             acc.fetch_add(1, Ordering::SeqCst);
         })
@@ -890,44 +904,14 @@ async fn tunnel_once_freed(pool: &HbonePool, source: &Identity, node: &Node) -> 
     panic!("no tunnel in 100 tries once the place was freed");
 }
 
-/// A server whose `peers` check takes tunnels only from service identities
+/// A node whose `peers` check takes tunnels only from service identities
 /// (as the agent's does), with `limits`.
-async fn start_node_taking_services(ca: &TestCa, limits: InboundLimits) -> (Node, AbortOnDrop) {
-    let echo = echo_server().await;
-    let bundle = ca.bundle();
-    let refused = Arc::new(Mutex::new(Vec::new()));
-    let refuse = refused.clone();
-    let server = HboneServer::new(
-        &ca.identity(NODE_B),
-        &bundle,
-        move |req: ConnectRequest| async move {
-            TcpStream::connect(req.target)
-                .await
-                .map_err(|e| Refusal::unavailable(e.to_string()))
-        },
-    )
-    .unwrap()
-    .limits(limits)
-    .known_sources(|_| true)
-    .peers(|peer_id| match peer_id.contains("/svc/") {
+async fn start_node_taking_services(ca: &TestCa, limits: InboundLimits) -> Node {
+    let services = |peer_id: &str| match peer_id.contains("/svc/") {
         true => Ok(server::PeerOrigin::ThisDatacenter),
         false => Err("a node's identity".into()),
-    })
-    .on_refused(move |reason| refuse.lock().unwrap().push(reason));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = AbortOnDrop(tokio::spawn(server.serve(listener)));
-    let node = Node {
-        addr,
-        bundle,
-        echo,
-        accepted: Arc::default(),
-        failures: Arc::default(),
-        peers: Arc::default(),
-        refused,
-        task: tokio::spawn(async {}),
     };
-    (node, task)
+    start_node_checking(ca, limits, |_| true, services).await
 }
 
 /// The attack: a certificate no tunnel is taken from (a node's own) held
@@ -936,7 +920,7 @@ async fn start_node_taking_services(ca: &TestCa, limits: InboundLimits) -> (Node
 #[tokio::test]
 async fn a_certificate_no_tunnel_is_taken_from_holds_no_connection() {
     let ca = TestCa::new("ca");
-    let (node, _task) = start_node_taking_services(&ca, InboundLimits::default()).await;
+    let node = start_node_taking_services(&ca, InboundLimits::default()).await;
     let config = tls::client_config(&ca.identity(NODE_C), &node.bundle, NODE_B).unwrap();
     let name = ServerName::try_from("node-b.dc1.node.test.weft").unwrap();
     let tcp = TcpStream::connect(node.addr).await.unwrap();
@@ -970,7 +954,7 @@ async fn one_identity_holds_only_its_share_of_its_sources_places() {
         tunnels_per_identity: 3,
         ..InboundLimits::default()
     };
-    let (node, _task) = start_node_taking_services(&ca, limits).await;
+    let node = start_node_taking_services(&ca, limits).await;
     let web = ca.identity(WEB);
     let api = ca.identity(API);
     // Tunnels: on web's connection at most three; api's still get in.
@@ -1021,7 +1005,7 @@ async fn a_connection_without_tunnels_is_let_go() {
         idle: Duration::from_millis(300),
         ..InboundLimits::default()
     };
-    let (node, _task) = start_node_taking_services(&ca, limits).await;
+    let node = start_node_taking_services(&ca, limits).await;
     let pool = HbonePool::new(ca.bundle());
     let web = ca.identity(WEB);
     let mut long = pool
@@ -1064,7 +1048,7 @@ async fn a_connection_that_takes_no_new_tunnels_gives_its_identitys_place_back()
         idle: Duration::from_millis(300),
         ..InboundLimits::default()
     };
-    let (node, _task) = start_node_taking_services(&ca, limits).await;
+    let node = start_node_taking_services(&ca, limits).await;
     let web = ca.identity(WEB);
     // The retired connection: a tunnel kept open, nothing new on it.
     let retired = HbonePool::new(ca.bundle());
@@ -1083,7 +1067,6 @@ async fn a_connection_that_takes_no_new_tunnels_gives_its_identitys_place_back()
         early.is_err(),
         "a second connection within the share of one"
     );
-    tokio::time::sleep(Duration::from_millis(700)).await;
     let mut fresh = tunnel_once_freed(&renewed, &web, &node).await;
     assert_eq!(round_trip(&mut fresh, b"new").await, b"new");
     assert_eq!(

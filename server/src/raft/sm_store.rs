@@ -250,7 +250,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::state::Command;
     use openraft::{CommittedLeaderId, Entry};
@@ -262,7 +262,7 @@ mod tests {
         }
     }
 
-    fn put(key: &str) -> Command {
+    pub(crate) fn put(key: &str) -> Command {
         Command::KvPut {
             key: key.into(),
             value: b"v".to_vec(),

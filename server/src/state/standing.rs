@@ -71,7 +71,9 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::acl::tests::token;
     use crate::acl::AclPolicy;
+    use crate::raft::sm_store::tests::put;
     use crate::state::{Command, CommandResult};
 
     fn policy(id: &str, rules: &str) -> AclPolicy {
@@ -83,30 +85,6 @@ mod tests {
             create_index: 0,
             modify_index: 0,
             replicated: false,
-        }
-    }
-
-    fn token(accessor: &str, secret: &str, policies: &[&str]) -> AclToken {
-        AclToken {
-            accessor_id: accessor.into(),
-            secret_hash: crate::acl::hash_secret(secret),
-            description: String::new(),
-            policies: policies.iter().map(|p| p.to_string()).collect(),
-            service_identities: vec![],
-            node_identities: vec![],
-            create_index: 0,
-            modify_index: 0,
-            replicated: false,
-        }
-    }
-
-    fn put(key: &str) -> Command {
-        Command::KvPut {
-            key: key.into(),
-            value: b"v".to_vec(),
-            cas: None,
-            flags: 0,
-            lock: None,
         }
     }
 
