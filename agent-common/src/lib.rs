@@ -20,6 +20,8 @@ pub mod maps {
     pub const WORKLOADS: &str = "WORKLOADS";
     /// `DestKey -> RedirectTarget`: destinations that are taken over.
     pub const DESTINATIONS: &str = "DESTINATIONS";
+    /// How many destinations `DESTINATIONS` holds at most.
+    pub const DESTINATIONS_CAPACITY: u32 = 65_536;
     /// `socket cookie -> OrigDst`: written by connect4/6, read by sockops.
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
     /// `SockTuple -> OrigDst`: written by sockops once a connection is up.

@@ -80,7 +80,8 @@ const LOOPBACK_IFINDEX: u32 = 1;
 static WORKLOADS: HashMap<u64, WorkloadInfo> = HashMap::with_max_entries(4096, 0);
 
 #[map(name = "DESTINATIONS")]
-static DESTINATIONS: HashMap<DestKey, RedirectTarget> = HashMap::with_max_entries(65536, 0);
+static DESTINATIONS: HashMap<DestKey, RedirectTarget> =
+    HashMap::with_max_entries(weft_agent_common::maps::DESTINATIONS_CAPACITY, 0);
 
 #[map(name = "ORIG_BY_COOKIE")]
 static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use tokio::net::TcpStream;
@@ -262,6 +262,8 @@ pub struct Interception {
     permissive_installed: Mutex<BTreeSet<u16>>,
     /// Whether the last sync brought every map in step with the view.
     synced: AtomicBool,
+    /// Destinations the last sync found no room for in the map.
+    left_out: AtomicUsize,
     node_name: String,
     datacenter: String,
     outbound: SocketAddr,
@@ -402,6 +404,7 @@ impl Interception {
             fast_installed: Mutex::new(fast_installed),
             permissive_installed: Mutex::new(permissive_installed),
             synced: AtomicBool::new(false),
+            left_out: AtomicUsize::new(0),
             node_name: config.node_name.clone(),
             datacenter: config.datacenter.clone(),
             outbound: config.outbound_addr,
@@ -544,9 +547,35 @@ impl Interception {
             redirector.remove_destination(ip, port)?;
             installed.remove(&(ip, port));
         }
+        let mut left_out = 0usize;
         for (ip, port) in new {
-            redirector.add_destination(ip, port, self.outbound)?;
-            installed.insert((ip, port));
+            match redirector.add_destination(ip, port, self.outbound) {
+                Ok(()) => {
+                    installed.insert((ip, port));
+                }
+                // No room: this destination is not taken over, and the rest
+                // of the node goes on (a failed sync would end the lease, and
+                // the programs would refuse every workload's connection).
+                // Not carried by the mesh is still closed: a virtual IP leads
+                // nowhere, and an instance refuses plaintext from other hosts.
+                Err(e) if e.is_map_full() => left_out += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let before = self.left_out.swap(left_out, Ordering::Relaxed);
+        if left_out > 0 {
+            // Tried again at every sync until removals make room.
+            self.full_sync.store(true, Ordering::Release);
+            if left_out != before {
+                tracing::error!(
+                    left_out,
+                    installed = installed.len(),
+                    "the eBPF destinations map is full: workloads' connections to these \
+                     destinations are not taken over"
+                );
+            }
+        } else if before > 0 {
+            tracing::info!("every destination is taken over again");
         }
 
         for (key, target) in &fast {
@@ -579,6 +608,11 @@ impl Interception {
             );
         }
         Ok(())
+    }
+
+    /// How many destinations the last sync found no room for in the map.
+    pub fn destinations_left_out(&self) -> usize {
+        self.left_out.load(Ordering::Relaxed)
     }
 
     /// Whether `service` is a mesh workload (has a cgroup): its explicit

@@ -13,6 +13,8 @@
 //! - `ebpf_events_total{event="redirected"|"rekeyed"|"closed"|"fast_path"|
 //!   "egress_allowed"|"egress_denied"|"no_agent"|"inbound_refused"|"permissive_steered"|
 //!   "agent_port_refused"}`
+//! - `ebpf_destinations_left_out` (gauge): destinations the full eBPF map
+//!   had no room for at the last sync (not taken over)
 //! - `registrations_total`: registrations of the node and its services the
 //!   servers took (one at start; again only when the catalog lost them)
 //! - `http_request_duration_seconds{source,destination,code}` (histogram):
@@ -242,6 +244,7 @@ pub struct AgentMetrics {
     tls_failures: Family<TlsLabels, Counter>,
     inbound_refused: Family<RefusedLabels, Counter>,
     ebpf: Family<EbpfLabels, Counter>,
+    destinations_left_out: Gauge,
     registrations: Counter,
     request_seconds: Histograms<RequestLabels>,
     connection_seconds: Histograms<ConnLabels>,
@@ -322,6 +325,11 @@ impl AgentMetrics {
             m.ebpf.clone(),
         );
         registry.register(
+            "ebpf_destinations_left_out",
+            "Destinations the full eBPF destinations map had no room for at the last sync: workloads' connections to them are not taken over",
+            m.destinations_left_out.clone(),
+        );
+        registry.register(
             "http_request_duration_seconds",
             "Time from a request's arrival at the L7 proxy to its response's headers, by source and destination service and response status",
             m.request_seconds.clone(),
@@ -373,6 +381,7 @@ impl AgentMetrics {
             tls_failures: m.tls_failures,
             inbound_refused: m.inbound_refused,
             ebpf: m.ebpf,
+            destinations_left_out: m.destinations_left_out,
             registrations: m.registrations,
             request_seconds: m.request_seconds,
             connection_seconds: m.connection_seconds,
@@ -529,6 +538,12 @@ impl AgentMetrics {
             .store(value, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Destinations the eBPF map had no room for at the last sync.
+    pub fn set_destinations_left_out(&self, count: usize) {
+        self.destinations_left_out
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
     /// [`Self::set_ebpf_counter`] by name: `redirected`, `rekeyed`, `closed`, `fast_path`.
     pub fn set_ebpf_counter_by_name(&self, name: &str, value: u64) -> Result<(), MetricsError> {
         self.set_ebpf_counter(name.parse()?, value);
@@ -567,6 +582,7 @@ struct AgentMetricsParts {
     tls_failures: Family<TlsLabels, Counter>,
     inbound_refused: Family<RefusedLabels, Counter>,
     ebpf: Family<EbpfLabels, Counter>,
+    destinations_left_out: Gauge,
     registrations: Counter,
     request_seconds: Histograms<RequestLabels>,
     connection_seconds: Histograms<ConnLabels>,
@@ -586,6 +602,7 @@ impl Default for AgentMetricsParts {
             tls_failures: Family::default(),
             inbound_refused: Family::default(),
             ebpf: Family::default(),
+            destinations_left_out: Gauge::default(),
             registrations: Counter::default(),
             request_seconds: Family::new_with_constructor(request_buckets),
             connection_seconds: Family::new_with_constructor(connection_buckets),

@@ -936,6 +936,7 @@ async fn export_ebpf_counters(interception: Arc<Interception>, metrics: Arc<Agen
             metrics.set_ebpf_counter(EbpfCounter::PermissiveSteered, c.permissive_steered);
             metrics.set_ebpf_counter(EbpfCounter::AgentPortRefused, c.agent_port_refused);
         }
+        metrics.set_destinations_left_out(interception.destinations_left_out());
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

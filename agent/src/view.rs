@@ -328,6 +328,11 @@ impl View {
                     self.lookups.vips = Default::default();
                 }
             }
+            P::VipReleased(v) => {
+                if self.vips.remove(&v.service).is_some() {
+                    self.lookups.vips = Default::default();
+                }
+            }
             P::IntentionUpsert(i) => {
                 let i = intention_from_proto(i).map_err(|e| e.to_string())?;
                 let key = intention_key(&i);
@@ -1004,6 +1009,18 @@ pub(crate) mod tests {
         );
         assert_eq!(v.service_at("10.0.0.2:1".parse().unwrap(), "a"), None);
         assert_eq!(v.service_at("240.0.0.8:80".parse().unwrap(), "a"), None);
+
+        // Given back: the address names no service any more.
+        v.apply(changes(
+            3,
+            vec![P::VipReleased(proto::ServiceVip {
+                service: "api".into(),
+                vip: "240.0.0.7".into(),
+            })],
+        ))
+        .unwrap();
+        assert_eq!(v.service_at("240.0.0.7:80".parse().unwrap(), "a"), None);
+        assert!(!v.vips.contains_key("api"));
     }
 
     #[test]

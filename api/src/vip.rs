@@ -1,5 +1,7 @@
 //! Virtual IPs for services: IPv4 CIDR parsing and a pure allocator that picks the
-//! lowest free host address of a block (by default `240.0.0.0/4`).
+//! first free host address of a block (by default `240.0.0.0/4`) at or after a
+//! cursor, so that an address given back is given again only once the block
+//! has none other.
 //!
 //! The network address and the broadcast address of the block are never handed out,
 //! so a `/31` or `/32` block has no usable addresses.
@@ -152,6 +154,19 @@ impl fmt::Display for Cidr {
 /// address and is not in `in_use`. Addresses in `in_use` outside the block are
 /// ignored.
 pub fn next_free_vip(cidr: &Cidr, in_use: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Addr, VipError> {
+    next_free_vip_from(cidr, in_use, None)
+}
+
+/// The first address of `cidr` at or after `from` that is neither the
+/// network nor the broadcast address and is not in `in_use`, wrapping round
+/// to the block's first host address; from the first host address when
+/// `from` is None or outside the block. Addresses in `in_use` outside the
+/// block are ignored.
+pub fn next_free_vip_from(
+    cidr: &Cidr,
+    in_use: &BTreeSet<Ipv4Addr>,
+    from: Option<Ipv4Addr>,
+) -> Result<Ipv4Addr, VipError> {
     let exhausted = || VipError::Exhausted {
         cidr: *cidr,
         in_use: in_use.iter().filter(|ip| cidr.contains(**ip)).count(),
@@ -161,19 +176,34 @@ pub fn next_free_vip(cidr: &Cidr, in_use: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Add
     }
     let first = u32::from(cidr.network) + 1;
     let last = u32::from(cidr.broadcast()) - 1;
-    let mut candidate = first;
-    for used in in_use.range(Ipv4Addr::from(first)..=Ipv4Addr::from(last)) {
+    let start = from
+        .map(u32::from)
+        .filter(|f| (first..=last).contains(f))
+        .unwrap_or(first);
+    first_free(in_use, start, last)
+        .or_else(|| first_free(in_use, first, start.checked_sub(1)?))
+        .map(Ipv4Addr::from)
+        .ok_or_else(exhausted)
+}
+
+/// The lowest address from `lo` to `hi` (inclusive) not in `in_use`.
+fn first_free(in_use: &BTreeSet<Ipv4Addr>, lo: u32, hi: u32) -> Option<u32> {
+    if lo > hi {
+        return None;
+    }
+    let mut candidate = lo;
+    for used in in_use.range(Ipv4Addr::from(lo)..=Ipv4Addr::from(hi)) {
         let used = u32::from(*used);
         if used > candidate {
             break;
         }
         // used == candidate: the set is sorted, so the next candidate is used + 1.
-        if used == last {
-            return Err(exhausted());
+        if used == hi {
+            return None;
         }
         candidate = used + 1;
     }
-    Ok(Ipv4Addr::from(candidate))
+    Some(candidate)
 }
 
 /// The virtual-IP key of `service` in another datacenter `dc`:
@@ -262,6 +292,53 @@ mod tests {
         // Addresses outside the block do not matter.
         used.insert(ip("10.0.0.1"));
         assert_eq!(next_free_vip(&c, &used), Ok(ip("240.0.0.5")));
+    }
+
+    #[test]
+    fn allocates_from_the_cursor_and_wraps_round() {
+        let c: Cidr = "10.0.0.0/29".parse().unwrap(); // hosts .1 to .6
+        let mut used: BTreeSet<Ipv4Addr> = [ip("10.0.0.1"), ip("10.0.0.4")].into();
+        // From the cursor on, skipping what is in use.
+        assert_eq!(
+            next_free_vip_from(&c, &used, Some(ip("10.0.0.4"))),
+            Ok(ip("10.0.0.5"))
+        );
+        assert_eq!(
+            next_free_vip_from(&c, &used, Some(ip("10.0.0.2"))),
+            Ok(ip("10.0.0.2"))
+        );
+        // Past the block's last host: round to its first free one.
+        used.extend([ip("10.0.0.5"), ip("10.0.0.6")]);
+        assert_eq!(
+            next_free_vip_from(&c, &used, Some(ip("10.0.0.5"))),
+            Ok(ip("10.0.0.2"))
+        );
+        // A cursor outside the block, or the network or broadcast address,
+        // starts at the first host.
+        for from in [ip("10.0.1.0"), ip("10.0.0.0"), ip("10.0.0.7")] {
+            assert_eq!(
+                next_free_vip_from(&c, &used, Some(from)),
+                Ok(ip("10.0.0.2"))
+            );
+        }
+        used.extend([ip("10.0.0.2"), ip("10.0.0.3")]);
+        for from in [None, Some(ip("10.0.0.1")), Some(ip("10.0.0.6"))] {
+            assert_eq!(
+                next_free_vip_from(&c, &used, from),
+                Err(VipError::Exhausted { cidr: c, in_use: 6 })
+            );
+        }
+        // The whole default block, from its very last host.
+        let d = Cidr::default_vip();
+        assert_eq!(
+            next_free_vip_from(&d, &BTreeSet::new(), Some(ip("255.255.255.254"))),
+            Ok(ip("255.255.255.254"))
+        );
+        let last: BTreeSet<Ipv4Addr> = [ip("255.255.255.254")].into();
+        assert_eq!(
+            next_free_vip_from(&d, &last, Some(ip("255.255.255.254"))),
+            Ok(ip("240.0.0.1"))
+        );
     }
 
     #[test]

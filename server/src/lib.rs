@@ -23,5 +23,6 @@ pub mod settings;
 pub mod state;
 pub mod tls;
 pub mod traffic;
+pub mod vip_release;
 pub mod watch;
 pub mod write_error;

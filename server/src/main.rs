@@ -128,6 +128,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             .collect(),
         default_allow: settings.default_allow,
         leaf_ttl_secs: settings.leaf_ttl_secs,
+        vip_release_after: settings.vip_release_after,
         peer_channels,
         datacenter: settings.datacenter.clone(),
         primary_datacenter: settings.primary_datacenter.clone(),
@@ -272,6 +273,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     tokio::spawn(weft_server::cluster::form(node.clone()));
     tokio::spawn(weft_server::grpc::ca::maintain(node.clone()));
+    tokio::spawn(weft_server::vip_release::run(node.clone()));
     tokio::spawn(exit_on_raft_failure(node.clone()));
     tokio::spawn(weft_server::liveness::monitor(node.clone()));
     tokio::spawn(weft_server::grpc::session::reap(node.clone()));

@@ -28,6 +28,9 @@ pub struct ServerNode {
     pub peers: BTreeMap<NodeId, String>,
     /// The intention default this server applies ("allow" in dev mode).
     pub default_allow: bool,
+    /// How long a virtual IP nothing holds is kept before the leader gives
+    /// it back (`--vip-release-after`).
+    pub vip_release_after: Duration,
     /// Lifetime of leaf certificates as the operator set it (`--leaf-ttl`),
     /// None when not set: the CA is created with it (72 h when None), and
     /// while this server leads it writes a new setting into the CA.
@@ -232,6 +235,7 @@ impl ServerNode {
             applies_batches: true,
             applies_leaf_ttl: true,
             checks_standing: true,
+            releases_vips: true,
         }
     }
 
@@ -285,6 +289,18 @@ impl ServerNode {
         req.set_timeout(Duration::from_millis(800));
         let reply = client.status(req).await.ok()?;
         crate::raft::codec::decode(&reply.into_inner().json).ok()
+    }
+
+    /// Whether every voter answers `Status` and `says` holds of its answer:
+    /// what the leader asks before writing a command that a server of an
+    /// earlier version, in a rolling upgrade, would not apply alike.
+    pub async fn every_voter_says(&self, says: fn(&PeerStatus) -> bool) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        let voters: Vec<_> = metrics.membership_config.membership().voter_ids().collect();
+        let statuses =
+            futures::future::join_all(voters.iter().map(|id| self.peer_status(*id))).await;
+        (statuses.iter().zip(&voters))
+            .all(|(s, id)| s.as_ref().is_some_and(|s| s.id == *id && says(s)))
     }
 
     /// On the leader: the index a linearizable read must wait for, once a

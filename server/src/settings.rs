@@ -74,6 +74,12 @@ pub struct Args {
     /// instance on it count as critical (e.g. "10s", the default).
     #[arg(long)]
     pub node_timeout: Option<String>,
+    /// How long a service's virtual IP is kept once nothing holds it (no
+    /// instance left; e.g. "1m", the default, from 1s to 168h) before the
+    /// leader gives it back; the service gets it again if it returns before
+    /// another service needed it.
+    #[arg(long)]
+    pub vip_release_after: Option<String>,
     /// Connections one client address may hold at once on each port.
     #[arg(long)]
     pub max_conns_per_client: Option<usize>,
@@ -144,6 +150,7 @@ pub struct FileSettings {
     pub vip_cidr: Option<String>,
     pub leaf_ttl: Option<String>,
     pub node_timeout: Option<String>,
+    pub vip_release_after: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +176,9 @@ pub const MAX_LEAF_TTL_SECS: u64 = 365 * 24 * 3600;
 pub const DEFAULT_NODE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Shortest node timeout: heartbeats every 200 ms at most.
 pub const MIN_NODE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// The shortest and longest `vip_release_after`.
+pub const MIN_VIP_RELEASE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+pub const MAX_VIP_RELEASE_AFTER: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
 
 fn parse_peer(s: &str) -> Result<(u64, SocketAddr), String> {
     let (id, addr) = s
@@ -205,6 +215,8 @@ pub struct Settings {
     pub leaf_ttl_secs: Option<u64>,
     /// Silence after which a node goes critical.
     pub node_timeout: std::time::Duration,
+    /// How long a virtual IP nothing holds is kept.
+    pub vip_release_after: std::time::Duration,
     pub datacenter: String,
     /// None only in dev mode, which makes its own.
     pub tls: Option<crate::tls::TlsFiles>,
@@ -324,6 +336,20 @@ impl Settings {
             }
             None => DEFAULT_NODE_TIMEOUT,
         };
+        let vip_release_after = match args.vip_release_after.or(file.vip_release_after) {
+            Some(text) => {
+                let after = weft_api::duration::parse_duration(&text)
+                    .map_err(|e| SettingsError::Invalid(format!("vip_release_after: {e}")))?;
+                if !(MIN_VIP_RELEASE_AFTER..=MAX_VIP_RELEASE_AFTER).contains(&after) {
+                    return Err(SettingsError::Invalid(format!(
+                        "vip_release_after: {text:?} is not from {MIN_VIP_RELEASE_AFTER:?} \
+                         to {MAX_VIP_RELEASE_AFTER:?}"
+                    )));
+                }
+                after
+            }
+            None => crate::vip_release::DEFAULT_RELEASE_AFTER,
+        };
         let datacenter = args
             .datacenter
             .or(file.datacenter)
@@ -437,6 +463,7 @@ impl Settings {
             limits,
             leaf_ttl_secs,
             node_timeout,
+            vip_release_after,
             dev: args.dev,
             node_id,
             data_dir,
@@ -486,6 +513,21 @@ mod tests {
         "--tls-key-file",
         "s-key.pem",
     ];
+
+    #[test]
+    fn vip_release_after_is_a_bounded_duration() {
+        let s = Settings::resolve(args(&["--dev"])).unwrap();
+        assert_eq!(
+            s.vip_release_after,
+            crate::vip_release::DEFAULT_RELEASE_AFTER
+        );
+        let s = Settings::resolve(args(&["--dev", "--vip-release-after", "5s"])).unwrap();
+        assert_eq!(s.vip_release_after, std::time::Duration::from_secs(5));
+        for bad in ["500ms", "169h", "soon"] {
+            let e = Settings::resolve(args(&["--dev", "--vip-release-after", bad])).unwrap_err();
+            assert!(e.to_string().contains("vip_release_after"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn a_leaf_ttl_is_bounded_and_the_primarys_to_set() {

@@ -84,3 +84,56 @@ async fn records_do_not_outlive_their_connections() -> anyhow::Result<()> {
     assert_eq!(redirector.counters()?.closed, CONNECTIONS);
     Ok(())
 }
+
+/// A view that wants more destinations than the map holds (a mesh past
+/// 65,536 addresses, or a token that may register instances making it so):
+/// the agent takes over what fits, says how many it left out, and keeps its
+/// lease, so the node's workloads go on reaching the rest. Before, the sync
+/// failed, the agent ended its lease, and the programs refused every mesh
+/// workload's connection on the node, again after every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_destinations_map_leaves_out_the_rest_and_keeps_the_lease() -> anyhow::Result<()> {
+    use weft_agent::intercept::Interception;
+    use weft_api::proto::{self, watch_event::Event};
+    const OVER: u32 = 100;
+    require_root();
+    let root = TestCgroup::under_root(&unique_name("full"))?;
+    let text = format!(
+        "node_name = \"n\"\ndatacenter = \"dc1\"\nservers = [\"127.0.0.1:1\"]\n\
+         ebpf = true\ncgroup_root = {:?}\n",
+        root.path().display().to_string()
+    );
+    let config = weft_agent::config::AgentConfig::parse(&text, "test.toml")?;
+    let interception = Interception::start(&config, None)?;
+
+    // One virtual IP per service, as many as the map holds and OVER more.
+    let capacity = weft_agent::ebpf::DESTINATIONS_CAPACITY;
+    let view_of = |services: u32| {
+        let mut view = weft_agent::view::View::default();
+        let vips = (0..services)
+            .map(|n| proto::ServiceVip {
+                service: format!("s{n}"),
+                vip: Ipv4Addr::from(u32::from(Ipv4Addr::new(240, 0, 0, 1)) + n).to_string(),
+            })
+            .collect();
+        let snapshot = proto::StateSnapshot {
+            vips,
+            ..Default::default()
+        };
+        view.apply(proto::WatchEvent {
+            index: 1,
+            event: Some(Event::Snapshot(snapshot)),
+        })
+        .map(|()| view)
+    };
+    interception.sync(&view_of(capacity + OVER)?)?;
+    assert_eq!(interception.destinations_left_out(), OVER as usize);
+    interception.renew_lease()?;
+
+    // Fewer wanted: the removals make room and nothing is left out.
+    interception.sync(&view_of(capacity - 1)?)?;
+    assert_eq!(interception.destinations_left_out(), 0);
+    interception.renew_lease()?;
+    interception.end_lease()?;
+    Ok(())
+}

@@ -380,3 +380,75 @@ fn stopping_the_agent_fails_closed_and_restart_restores() -> anyhow::Result<()> 
     wait_for(&mesh, API_URL, "api-1", Duration::from_secs(5))?;
     Ok(())
 }
+
+/// A service whose last instance went gives its virtual IP back once the
+/// servers' `--vip-release-after` passed: the name stops resolving and the
+/// address stops being taken over on the nodes (in the eBPF map of every
+/// agent: before, a VIP stayed there for every name ever registered, and
+/// 65,536 of them failed every agent's sync). Another new service does not
+/// get the address; the service, when it comes back, does.
+#[test]
+fn a_departed_services_virtual_ip_is_given_back_and_kept_for_it() -> anyhow::Result<()> {
+    require_root();
+    let mut mesh = start(spec("allow").server_arg("--vip-release-after=2s"))?;
+    mesh.grant_agent_services(NodeB, &["cache", "other"])?;
+    let token = mesh.service_token(&["cache", "other"])?;
+    let b = mesh.ip(NodeB);
+    mesh.workload(NodeB, "cache-1", &format!("{b}:8081"))?;
+    let register = |id: &str, name: &str, port: u16| -> anyhow::Result<()> {
+        let body = format!(r#"{{"ID":"{id}","Name":"{name}","Address":"{b}","Port":{port}}}"#);
+        let path = "/v1/agent/service/register";
+        let (code, answer) = mesh.local_api(NodeB, ("PUT", path), Some(&token), Some(&body))?;
+        ensure!(code == 200, "register {id}: {code} {answer}");
+        Ok(())
+    };
+    register("cache-1", "cache", 8081)?;
+    wait_for(
+        &mesh,
+        "http://cache.service.weft:8081/",
+        "cache-1",
+        Duration::from_secs(30),
+    )?;
+    let vip = mesh.vip("cache")?;
+    let by_vip = format!("http://{vip}:8081/");
+
+    let path = "/v1/agent/service/deregister/cache-1";
+    let (code, answer) = mesh.local_api(NodeB, ("PUT", path), Some(&token), None)?;
+    ensure!(code == 200, "deregister cache-1: {code} {answer}");
+    // Until it is given back the agent takes the connection (and resets it:
+    // no instance); after, nothing takes the address over and node A, with
+    // no default route, has no way to it: curl's "could not connect" (7).
+    wait_until(
+        Duration::from_secs(30),
+        &format!("{vip} no longer taken over"),
+        || {
+            let out = mesh.exec_as(NodeA, "web", &["curl", "-sS", "-m", "2", &by_vip])?;
+            Ok((out.code() == Some(7)).then_some(()))
+        },
+    )
+    .map_err(|e| e.context(agent_logs(&mesh)))?;
+    ensure!(mesh.vip("cache").is_err(), "cache still has a virtual IP");
+    let out = mesh.exec_as(NodeA, "web", &["getent", "hosts", "cache.service.weft"])?;
+    ensure!(
+        !out.success(),
+        "cache.service.weft still resolves: {}",
+        out.describe()
+    );
+
+    register("other-1", "other", 8082)?;
+    let other = wait_until(Duration::from_secs(10), "other's virtual IP", || {
+        Ok(mesh.vip("other").ok())
+    })?;
+    ensure!(
+        other != vip,
+        "a new service got {vip}, which cache gave back"
+    );
+
+    register("cache-1", "cache", 8081)?;
+    wait_for(&mesh, &by_vip, "cache-1", Duration::from_secs(30))?;
+    ensure!(
+        mesh.vip("cache")? == vip,
+        "cache came back to another address"
+    );
+    Ok(())
+}

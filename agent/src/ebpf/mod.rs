@@ -13,3 +13,4 @@ pub use redirector::{
     Egress, OriginalDst, Records, RedirectCounters, Redirector, RedirectorError, Settings,
 };
 pub use socket::netns_cookie;
+pub use weft_agent_common::maps::DESTINATIONS_CAPACITY;

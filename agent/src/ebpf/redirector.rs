@@ -78,6 +78,16 @@ pub enum RedirectorError {
     },
 }
 
+impl RedirectorError {
+    /// Whether a map had no room for a new entry (`E2BIG`).
+    pub fn is_map_full(&self) -> bool {
+        matches!(self, RedirectorError::Map {
+            source: aya::maps::MapError::SyscallError(e),
+            ..
+        } if e.io_error.raw_os_error() == Some(libc::E2BIG))
+    }
+}
+
 /// What the programs recorded about a redirected connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OriginalDst {

@@ -217,22 +217,6 @@ impl Ca for CaApi {
     }
 }
 
-/// Whether every voter says it applies `Command::CaLeafTtl`: a server of an
-/// earlier version, in a rolling upgrade, would fail on one.
-async fn every_voter_applies_leaf_ttl(node: &ServerNode) -> bool {
-    let metrics = node.raft.metrics().borrow().clone();
-    let voters: Vec<_> = metrics.membership_config.membership().voter_ids().collect();
-    let statuses = futures::future::join_all(voters.iter().map(|id| node.peer_status(*id))).await;
-    let all = statuses.iter().zip(&voters).all(|(s, id)| {
-        s.as_ref()
-            .is_some_and(|s| s.id == *id && s.applies_leaf_ttl)
-    });
-    if !all {
-        tracing::debug!("a voter does not yet apply leaf-lifetime changes: --leaf-ttl waits");
-    }
-    all
-}
-
 /// Runs on every server: whichever leads creates the CA when there is none,
 /// gives it its `--leaf-ttl` when that differs, and drops retired roots
 /// from the bundle.
@@ -257,7 +241,15 @@ pub async fn maintain(node: Arc<ServerNode>) {
         let secondary = node.primary_datacenter != node.datacenter;
         let new_ttl = match node.leaf_ttl_secs {
             Some(wanted) if !secondary && ttl.is_some_and(|t| t != wanted) => {
-                every_voter_applies_leaf_ttl(&node).await.then_some(wanted)
+                // A server of an earlier version, in a rolling upgrade,
+                // would fail on the command.
+                let all = node.every_voter_says(|s| s.applies_leaf_ttl).await;
+                if !all {
+                    tracing::debug!(
+                        "a voter does not yet apply leaf-lifetime changes: --leaf-ttl waits"
+                    );
+                }
+                all.then_some(wanted)
             }
             _ => None,
         };

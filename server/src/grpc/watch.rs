@@ -244,7 +244,7 @@ fn may_see(caller: &Caller, change: &Change, include_kv: bool) -> bool {
         Change::InstanceDelete { node, service, .. } => {
             can(Resource::Node(node)) && can(Resource::Service(service))
         }
-        Change::VipAssigned { service, .. } => {
+        Change::VipAssigned { service, .. } | Change::VipReleased { service, .. } => {
             can(Resource::Service(weft_api::vip::split_key(service).0))
         }
         Change::IntentionUpsert(i) => may_access(caller, &i.destination, Access::Read),
@@ -274,6 +274,10 @@ fn change_to_proto(change: &Change) -> Option<proto::Change> {
             id: id.clone(),
         }),
         Change::VipAssigned { service, vip } => P::VipAssigned(proto::ServiceVip {
+            service: service.clone(),
+            vip: vip.to_string(),
+        }),
+        Change::VipReleased { service, vip } => P::VipReleased(proto::ServiceVip {
             service: service.clone(),
             vip: vip.to_string(),
         }),

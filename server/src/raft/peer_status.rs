@@ -39,6 +39,11 @@ pub struct PeerStatus {
     /// would apply what the others refuse).
     #[serde(default)]
     pub checks_standing: bool,
+    /// Whether this server applies `Command::ReleaseVips`: the leader gives
+    /// virtual IPs back only once every voter says so (a server of an
+    /// earlier version would fail on one, and allocate new ones otherwise).
+    #[serde(default)]
+    pub releases_vips: bool,
 }
 
 impl PeerStatus {

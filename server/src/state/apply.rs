@@ -1,6 +1,5 @@
 //! `State::apply`: the deterministic effect of each command.
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
 
 use weft_api::catalog::{
     validate_node, validate_service_instance, HealthStatus, Node, ServiceInstance,
@@ -9,7 +8,6 @@ use weft_api::catalog_register::{is_external, EXTERNAL_NODE_META};
 use weft_api::config_entry::{validate_entry, validate_intention_protocol, ConfigEntry};
 use weft_api::intention::{validate_intention, Intention};
 use weft_api::kv::{validate_key, KvEntry, MAX_VALUE_BYTES};
-use weft_api::vip::{next_free_vip, Cidr};
 
 use super::{Change, Command, CommandResult, State, StoredEntry, STANDING_CHANGED};
 
@@ -409,12 +407,7 @@ impl State {
                     }
                 }
                 let new: Vec<String> = wanting.into_iter().take(room).collect();
-                let vips = self.allocate_vips(new.len())?;
-                let mut changes = Vec::new();
-                for (key, vip) in new.into_iter().zip(vips) {
-                    self.vips.insert(key.clone(), vip);
-                    changes.push(Change::VipAssigned { service: key, vip });
-                }
+                let mut changes = self.assign_vips(new)?;
                 self.remote.insert(datacenter.clone(), instances.clone());
                 changes.push(Change::Remote {
                     datacenter,
@@ -473,6 +466,7 @@ impl State {
                 }
                 Ok(vec![self.ca_bundle_change()])
             }
+            Command::ReleaseVips { keys } => self.release_vips(keys, index),
             Command::CaLeafTtl { secs } => {
                 let Some(ca) = &mut self.ca else {
                     return Err(invalid("no certificate authority yet".to_string()));
@@ -815,12 +809,7 @@ impl State {
         }
         let mut changes = Vec::new();
         if !self.vips.contains_key(&instance.service) {
-            let vip = self.allocate_vip()?;
-            self.vips.insert(instance.service.clone(), vip);
-            changes.push(Change::VipAssigned {
-                service: instance.service.clone(),
-                vip,
-            });
+            changes = self.assign_vips(vec![instance.service.clone()])?;
         }
         let by_id = self.instances.entry(instance.node.clone()).or_default();
         instance.create_index = by_id.get(&instance.id).map_or(index, |i| i.create_index);
@@ -831,35 +820,6 @@ impl State {
         self.endpoints.insert(&instance);
         changes.push(Change::InstanceUpsert(instance));
         Ok(changes)
-    }
-
-    /// `n` free virtual IPs at once (one pass over those in use), or none.
-    fn allocate_vips(&self, n: usize) -> Result<Vec<Ipv4Addr>, ApplyError> {
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        let cidr = match &self.vip_cidr {
-            Some(text) => text.parse::<Cidr>().map_err(invalid)?,
-            None => Cidr::default_vip(),
-        };
-        let mut in_use: BTreeSet<Ipv4Addr> = self.vips.values().copied().collect();
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..n {
-            let vip = next_free_vip(&cidr, &in_use)
-                .map_err(|e| ApplyError::VipExhausted(e.to_string()))?;
-            in_use.insert(vip);
-            out.push(vip);
-        }
-        Ok(out)
-    }
-
-    fn allocate_vip(&self) -> Result<Ipv4Addr, ApplyError> {
-        let cidr = match &self.vip_cidr {
-            Some(text) => text.parse::<Cidr>().map_err(invalid)?,
-            None => Cidr::default_vip(),
-        };
-        let in_use: BTreeSet<Ipv4Addr> = self.vips.values().copied().collect();
-        next_free_vip(&cidr, &in_use).map_err(|e| ApplyError::VipExhausted(e.to_string()))
     }
 }
 

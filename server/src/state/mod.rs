@@ -13,6 +13,7 @@ mod kv_total;
 mod locks;
 pub mod sessions;
 mod standing;
+mod vips;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -34,6 +35,7 @@ use crate::ca::{CaRoot, CaState};
 pub use apply::{ApplyError, CAS_MISMATCH};
 pub use locks::LOCK_REFUSED;
 pub use standing::{Standing, STANDING_CHANGED};
+pub use vips::{ReleasedVip, ReleasedVips, MAX_RELEASED_VIPS, MAX_RELEASE_BATCH};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
@@ -50,7 +52,8 @@ pub struct State {
     pub nodes: BTreeMap<String, Node>,
     /// node name -> instance id -> instance
     pub instances: BTreeMap<String, BTreeMap<String, ServiceInstance>>,
-    /// service name -> virtual IP, allocated once and kept.
+    /// service name (or `service.dc`) -> virtual IP, while something holds
+    /// it (see `vips.rs`).
     pub vips: BTreeMap<String, Ipv4Addr>,
     /// source -> destination -> intention
     pub intentions: BTreeMap<String, BTreeMap<String, Intention>>,
@@ -79,6 +82,13 @@ pub struct State {
     /// Other datacenters' instances, as the leader last fetched them.
     #[serde(default)]
     pub remote: BTreeMap<String, Vec<ServiceInstance>>,
+    /// Virtual IPs given back, kept for the services that had them.
+    #[serde(default)]
+    pub released_vips: ReleasedVips,
+    /// Where the next new virtual IP is looked for: past the last one
+    /// given (None: from the block's first address).
+    #[serde(default)]
+    pub vip_next: Option<Ipv4Addr>,
     /// Which instances hold each address:port: derived from `instances`,
     /// never stored, built on first use.
     #[serde(skip)]
@@ -250,6 +260,11 @@ pub enum Command {
         node: Node,
         instance: Option<ServiceInstance>,
     },
+    /// These keys' virtual IPs given back, those that nothing holds when
+    /// it is applied (the leader's `crate::vip_release` writes it).
+    ReleaseVips {
+        keys: Vec<String>,
+    },
 }
 
 /// A lock taken or given back with a KV write.
@@ -287,6 +302,11 @@ pub enum Change {
         service: String,
     },
     VipAssigned {
+        service: String,
+        vip: Ipv4Addr,
+    },
+    /// A virtual IP given back (`service` as in `VipAssigned`).
+    VipReleased {
         service: String,
         vip: Ipv4Addr,
     },
