@@ -264,6 +264,12 @@ pub struct Interception {
     synced: AtomicBool,
     /// Destinations the last sync found no room for in the map.
     left_out: AtomicUsize,
+    /// The configured egress policy, and whether it is held at deny
+    /// because destinations are left out.
+    egress: Egress,
+    egress_held: AtomicBool,
+    /// The mark of checked connections, as configured.
+    mark: u32,
     node_name: String,
     datacenter: String,
     outbound: SocketAddr,
@@ -272,6 +278,13 @@ pub struct Interception {
 /// The liveness lease the agent renews: past it, with no renewal, the
 /// programs refuse mesh workloads' connections.
 pub const LEASE: std::time::Duration = std::time::Duration::from_secs(3);
+/// Entries of the destinations map kept for upstream listeners (placed
+/// apart from syncs, and at start against what a predecessor left): the
+/// view's destinations fill at most the rest.
+pub const LISTENER_ROOM: usize = 1024;
+/// How many of the view's destinations the map takes.
+pub const VIEW_DESTINATIONS: usize = crate::ebpf::DESTINATIONS_CAPACITY as usize - LISTENER_ROOM;
+
 /// How often the lease is renewed.
 pub const LEASE_RENEWAL: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -405,6 +418,9 @@ impl Interception {
             permissive_installed: Mutex::new(permissive_installed),
             synced: AtomicBool::new(false),
             left_out: AtomicUsize::new(0),
+            egress,
+            egress_held: AtomicBool::new(false),
+            mark: config.socket_mark,
             node_name: config.node_name.clone(),
             datacenter: config.datacenter.clone(),
             outbound: config.outbound_addr,
@@ -547,18 +563,25 @@ impl Interception {
             redirector.remove_destination(ip, port)?;
             installed.remove(&(ip, port));
         }
-        let mut left_out = 0usize;
-        for (ip, port) in new {
+        // What does not fit is left out and the rest of the node goes on:
+        // a failed sync would end the lease, and the programs would refuse
+        // every workload's connection. A destination left out is not taken
+        // over, so while any is, egress is refused (a workload's connection
+        // to it would otherwise leave unchecked, to a service without
+        // inbound capture or a node without eBPF).
+        let room = VIEW_DESTINATIONS.saturating_sub(installed.len());
+        let mut left_out = new.len().saturating_sub(room);
+        self.hold_egress(redirector, left_out > 0)?;
+        for (ip, port) in new.into_iter().take(room) {
             match redirector.add_destination(ip, port, self.outbound) {
                 Ok(()) => {
                     installed.insert((ip, port));
                 }
-                // No room: this destination is not taken over, and the rest
-                // of the node goes on (a failed sync would end the lease, and
-                // the programs would refuse every workload's connection).
-                // Not carried by the mesh is still closed: a virtual IP leads
-                // nowhere, and an instance refuses plaintext from other hosts.
-                Err(e) if e.is_map_full() => left_out += 1,
+                // Upstream listeners' entries took more than their room.
+                Err(e) if e.is_map_full() => {
+                    left_out += 1;
+                    self.hold_egress(redirector, true)?;
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -571,11 +594,15 @@ impl Interception {
                     left_out,
                     installed = installed.len(),
                     "the eBPF destinations map is full: workloads' connections to these \
-                     destinations are not taken over"
+                     destinations are not taken over, and to destinations outside the mesh \
+                     are refused until they are"
                 );
             }
-        } else if before > 0 {
-            tracing::info!("every destination is taken over again");
+        } else {
+            self.hold_egress(redirector, false)?;
+            if before > 0 {
+                tracing::info!("every destination is taken over again");
+            }
         }
 
         for (key, target) in &fast {
@@ -610,9 +637,26 @@ impl Interception {
         Ok(())
     }
 
+    /// Refuses egress while `held` (destinations are left out), else
+    /// applies the configured policy; writes only on a change.
+    fn hold_egress(&self, redirector: &mut Redirector, held: bool) -> Result<(), InterceptError> {
+        if self.egress == Egress::Deny || self.egress_held.load(Ordering::Relaxed) == held {
+            return Ok(());
+        }
+        let egress = if held { Egress::Deny } else { self.egress };
+        redirector.configure(egress, self.mark)?;
+        self.egress_held.store(held, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// How many destinations the last sync found no room for in the map.
     pub fn destinations_left_out(&self) -> usize {
         self.left_out.load(Ordering::Relaxed)
+    }
+
+    /// Whether the lease runs now, and the egress policy in force.
+    pub fn programs_state(&self) -> Result<(bool, Egress), InterceptError> {
+        Ok((self.lease.lease_runs()?, self.lease.egress()?))
     }
 
     /// Whether `service` is a mesh workload (has a cgroup): its explicit

@@ -17,14 +17,16 @@ pub const MAX_DATACENTERS: usize = 256;
 /// Instances of another datacenter a datacenter keeps.
 pub const MAX_REMOTE_INSTANCES: usize = 20_000;
 /// Services of another datacenter a datacenter keeps (each takes a virtual
-/// IP here, never given back).
+/// IP here, given back once that datacenter no longer lists it).
 pub const MAX_REMOTE_SERVICES: usize = 2_000;
-/// Virtual IPs a datacenter gives another datacenter's services in all:
-/// a service that leaves keeps its address (clients may still hold it),
-/// so without a bound another datacenter whose service names come and go
-/// (a compromised server there, or a tenant renaming services) would fill
-/// this datacenter's range and make every new address cost more. Past it,
-/// a new service of that datacenter gets no virtual IP here.
+/// Virtual IPs a datacenter gives another datacenter's services at once:
+/// a service that leaves keeps its address for the servers'
+/// `--vip-release-after` (clients may still hold it), so without a bound
+/// another datacenter whose service names come and go (a compromised server
+/// there, or a tenant renaming services) would take more and more of this
+/// datacenter's range. Past it, a new service of that datacenter gets no
+/// virtual IP here until others are given back and its listing next
+/// changes.
 pub const MAX_REMOTE_VIPS: usize = 2 * MAX_REMOTE_SERVICES;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

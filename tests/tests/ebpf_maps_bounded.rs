@@ -87,13 +87,15 @@ async fn records_do_not_outlive_their_connections() -> anyhow::Result<()> {
 
 /// A view that wants more destinations than the map holds (a mesh past
 /// 65,536 addresses, or a token that may register instances making it so):
-/// the agent takes over what fits, says how many it left out, and keeps its
+/// the agent takes over what fits, says how many it left out, refuses
+/// egress meanwhile (a destination left out is not checked), and keeps its
 /// lease, so the node's workloads go on reaching the rest. Before, the sync
 /// failed, the agent ended its lease, and the programs refused every mesh
 /// workload's connection on the node, again after every change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_destinations_map_leaves_out_the_rest_and_keeps_the_lease() -> anyhow::Result<()> {
-    use weft_agent::intercept::Interception;
+    use weft_agent::ebpf::Egress;
+    use weft_agent::intercept::{Interception, VIEW_DESTINATIONS};
     use weft_api::proto::{self, watch_event::Event};
     const OVER: u32 = 100;
     require_root();
@@ -106,8 +108,9 @@ async fn a_full_destinations_map_leaves_out_the_rest_and_keeps_the_lease() -> an
     let config = weft_agent::config::AgentConfig::parse(&text, "test.toml")?;
     let interception = Interception::start(&config, None)?;
 
-    // One virtual IP per service, as many as the map holds and OVER more.
-    let capacity = weft_agent::ebpf::DESTINATIONS_CAPACITY;
+    // One virtual IP per service, as many as the map takes of the view's
+    // and OVER more.
+    let capacity = VIEW_DESTINATIONS as u32;
     let view_of = |services: u32| {
         let mut view = weft_agent::view::View::default();
         let vips = (0..services)
@@ -129,11 +132,15 @@ async fn a_full_destinations_map_leaves_out_the_rest_and_keeps_the_lease() -> an
     interception.sync(&view_of(capacity + OVER)?)?;
     assert_eq!(interception.destinations_left_out(), OVER as usize);
     interception.renew_lease()?;
+    assert_eq!(interception.programs_state()?, (true, Egress::Deny));
 
-    // Fewer wanted: the removals make room and nothing is left out.
+    // Fewer wanted: the removals make room, nothing is left out, and the
+    // configured egress (allow) holds again.
     interception.sync(&view_of(capacity - 1)?)?;
     assert_eq!(interception.destinations_left_out(), 0);
     interception.renew_lease()?;
+    assert_eq!(interception.programs_state()?, (true, Egress::Allow));
     interception.end_lease()?;
+    assert!(!interception.programs_state()?.0);
     Ok(())
 }

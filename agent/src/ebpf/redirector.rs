@@ -171,6 +171,28 @@ impl Settings {
         self.set(agent::ALIVE_UNTIL, 0)
     }
 
+    /// Whether the lease runs now: the programs take the agent for alive.
+    pub fn lease_runs(&self) -> Result<bool, RedirectorError> {
+        Ok(self.get(agent::ALIVE_UNTIL)? > monotonic_ns())
+    }
+
+    /// The egress policy the programs apply now.
+    pub fn egress(&self) -> Result<Egress, RedirectorError> {
+        Ok(match self.get(agent::EGRESS)? {
+            agent::EGRESS_DENY => Egress::Deny,
+            _ => Egress::Allow,
+        })
+    }
+
+    fn get(&self, slot: u32) -> Result<u64, RedirectorError> {
+        (self.0.lock().expect("settings lock"))
+            .get(&slot, 0)
+            .map_err(|source| RedirectorError::Map {
+                name: maps::AGENT,
+                source,
+            })
+    }
+
     fn set(&self, slot: u32, value: u64) -> Result<(), RedirectorError> {
         Self::write(&mut self.0.lock().expect("settings lock"), slot, value)
     }

@@ -47,56 +47,102 @@ pub struct ReleasedVip {
 }
 
 /// Virtual IPs given back, by the key they had (a service name, or
-/// `service.dc` for another datacenter's).
+/// `service.dc` for another datacenter's), with indexes by age and by
+/// address (derived, never stored) so that keeping, forgetting and the
+/// oldest entry cost a logarithm of its size, not a pass over it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ReleasedVips(BTreeMap<String, ReleasedVip>);
+#[serde(
+    from = "BTreeMap<String, ReleasedVip>",
+    into = "BTreeMap<String, ReleasedVip>"
+)]
+pub struct ReleasedVips {
+    by_key: BTreeMap<String, ReleasedVip>,
+    by_age: BTreeSet<(u64, String)>,
+    by_vip: BTreeMap<Ipv4Addr, String>,
+}
+
+impl From<BTreeMap<String, ReleasedVip>> for ReleasedVips {
+    fn from(stored: BTreeMap<String, ReleasedVip>) -> Self {
+        let mut book = ReleasedVips::default();
+        for (key, r) in stored {
+            book.insert(key, r);
+        }
+        book
+    }
+}
+
+impl From<ReleasedVips> for BTreeMap<String, ReleasedVip> {
+    fn from(book: ReleasedVips) -> Self {
+        book.by_key
+    }
+}
 
 impl ReleasedVips {
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.by_key.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.by_key.is_empty()
     }
 
     /// The address `key` gave back, if it is still kept.
     pub fn get(&self, key: &str) -> Option<&ReleasedVip> {
-        self.0.get(key)
+        self.by_key.get(key)
     }
 
     fn addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
-        self.0.values().map(|r| r.vip)
+        self.by_vip.keys().copied()
     }
 
-    /// The key that gave back the address `taken` does not hold and was
-    /// given back first (by index, then key).
-    fn oldest_free(&self, taken: &BTreeSet<Ipv4Addr>) -> Option<(&str, Ipv4Addr)> {
-        (self.0.iter())
-            .filter(|(_, r)| !taken.contains(&r.vip))
-            .min_by_key(|(key, r)| (r.index, key.as_str()))
-            .map(|(key, r)| (key.as_str(), r.vip))
+    /// The highest address kept in `cidr`.
+    fn highest_in(&self, cidr: &Cidr) -> Option<Ipv4Addr> {
+        let block = cidr.network()..=cidr.broadcast();
+        self.by_vip.range(block).next_back().map(|(vip, _)| *vip)
+    }
+
+    /// The address given back first (by index, then key) that `taken`
+    /// does not hold.
+    fn oldest_free(&self, taken: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+        (self.by_age.iter())
+            .map(|(_, key)| self.by_key[key].vip)
+            .find(|vip| !taken.contains(vip))
+    }
+
+    fn insert(&mut self, key: String, r: ReleasedVip) {
+        self.remove_key(&key);
+        if let Some(other) = self.by_vip.get(&r.vip).cloned() {
+            self.remove_key(&other);
+        }
+        self.by_age.insert((r.index, key.clone()));
+        self.by_vip.insert(r.vip, key.clone());
+        self.by_key.insert(key, r);
+    }
+
+    fn remove_key(&mut self, key: &str) {
+        if let Some(r) = self.by_key.remove(key) {
+            self.by_age.remove(&(r.index, key.to_string()));
+            self.by_vip.remove(&r.vip);
+        }
     }
 
     /// Keeps `vip` for `key`, forgetting the oldest past the bound.
     fn keep(&mut self, key: String, vip: Ipv4Addr, index: u64) {
-        self.0.insert(key, ReleasedVip { vip, index });
-        let over = self.0.len().saturating_sub(MAX_RELEASED_VIPS);
-        if over > 0 {
-            let mut by_age: Vec<(u64, String)> =
-                (self.0.iter()).map(|(k, r)| (r.index, k.clone())).collect();
-            by_age.sort_unstable();
-            for (_, key) in by_age.into_iter().take(over) {
-                self.0.remove(&key);
-            }
+        self.insert(key, ReleasedVip { vip, index });
+        while self.by_key.len() > MAX_RELEASED_VIPS {
+            let Some((_, oldest)) = self.by_age.first().cloned() else {
+                break;
+            };
+            self.remove_key(&oldest);
         }
     }
 
     /// Forgets what `key` gave back and any entry of address `vip`.
     fn forget(&mut self, key: &str, vip: Ipv4Addr) {
-        self.0.remove(key);
-        self.0.retain(|_, r| r.vip != vip);
+        self.remove_key(key);
+        if let Some(other) = self.by_vip.get(&vip).cloned() {
+            self.remove_key(&other);
+        }
     }
 }
 
@@ -110,11 +156,24 @@ impl State {
         }
     }
 
+    /// Where the next new address is looked for: past the last one given.
+    /// A state without a cursor (one of an earlier version, which gave
+    /// addresses lowest first and none back) has every address up to its
+    /// highest in use: past that is where a server that kept a cursor
+    /// looks too, so that servers whose states came either way agree.
+    fn vip_cursor(&self, cidr: &Cidr) -> Option<Ipv4Addr> {
+        self.vip_next.or_else(|| {
+            let in_use = (self.vips.values().copied()).filter(|vip| cidr.contains(*vip));
+            let highest = in_use.chain(self.released_vips.highest_in(cidr)).max()?;
+            Some(Ipv4Addr::from(u32::from(highest).wrapping_add(1)))
+        })
+    }
+
     /// Gives each of `keys` (none of which holds one) a virtual IP: its own
-    /// address back when it gave one back that no one took since, else the
-    /// next free one after the cursor that is not kept for another key; when
-    /// the block has no such address left, the one given back first. All or
-    /// none: on an error nothing changed.
+    /// address back when it gave one back that is still in the block and no
+    /// one took since, else the next free one after the cursor that is not
+    /// kept for another key; when the block has no such address left, the
+    /// one given back first. All or none: on an error nothing changed.
     pub(super) fn assign_vips(&mut self, keys: Vec<String>) -> Result<Vec<Change>, ApplyError> {
         if keys.is_empty() {
             return Ok(Vec::new());
@@ -126,12 +185,12 @@ impl State {
             .copied()
             .chain(self.released_vips.addresses())
             .collect();
-        let mut cursor = self.vip_next;
+        let mut cursor = self.vip_cursor(&cidr);
         let mut given = Vec::with_capacity(keys.len());
         for key in keys {
             let own = (self.released_vips.get(&key))
                 .map(|r| r.vip)
-                .filter(|vip| !taken.contains(vip));
+                .filter(|vip| cidr.contains(*vip) && !taken.contains(vip));
             let vip = match own {
                 Some(vip) => vip,
                 None => match next_free_vip_from(&cidr, &unavailable, cursor) {
@@ -140,7 +199,7 @@ impl State {
                         vip
                     }
                     Err(e) => match self.released_vips.oldest_free(&taken) {
-                        Some((_, vip)) if cidr.contains(vip) => vip,
+                        Some(vip) if cidr.contains(vip) => vip,
                         _ => return Err(ApplyError::VipExhausted(e.to_string())),
                     },
                 },
@@ -204,6 +263,14 @@ impl State {
                 "{} virtual IPs to give back in one write, at most {MAX_RELEASE_BATCH}",
                 keys.len()
             )));
+        }
+        // From the first address given back on, every server keeps the
+        // cursor: one whose state came from an earlier version's snapshot
+        // would otherwise look past the highest address left, which the
+        // others' cursors are already past.
+        if self.vip_next.is_none() {
+            let cidr = self.vip_block()?;
+            self.vip_next = self.vip_cursor(&cidr);
         }
         let unused: BTreeSet<String> = self.unused_vips().into_iter().collect();
         let mut changes = Vec::new();
@@ -440,6 +507,15 @@ mod tests {
         assert_eq!(book.len(), MAX_RELEASED_VIPS);
         assert!(book.get("s0").is_none() && book.get("s2").is_none());
         assert!(book.get("s3").is_some());
+        assert_eq!(book.oldest_free(&BTreeSet::new()), Some(Ipv4Addr::from(3)));
+        // A key kept again moves to the young end; an address given to
+        // another key is forgotten for the first.
+        book.keep("s3".into(), Ipv4Addr::from(3), 1_000_000);
+        assert_eq!(book.oldest_free(&BTreeSet::new()), Some(Ipv4Addr::from(4)));
+        book.forget("s5", Ipv4Addr::from(4));
+        assert!(book.get("s4").is_none() && book.get("s5").is_none());
+        assert_eq!(book.by_age.len(), book.len());
+        assert_eq!(book.by_vip.len(), book.len());
         let s = State::default();
         let mut s2 = s.clone();
         let (result, _) = s2.apply(
@@ -456,13 +532,50 @@ mod tests {
 
     #[test]
     fn a_state_of_an_earlier_version_loads_with_nothing_given_back() {
+        use crate::raft::codec;
         let s = with(&["web"]);
-        let mut value = serde_json::to_value(&s).unwrap();
+        let mut value: serde_json::Value =
+            rmp_serde::from_slice(&codec::encode(&s).unwrap()).unwrap();
         let map = value.as_object_mut().unwrap();
-        map.remove("released_vips");
-        map.remove("vip_next");
-        let back: State = serde_json::from_value(value).unwrap();
+        assert!(map.remove("released_vips").is_some() && map.remove("vip_next").is_some());
+        let back: State = codec::decode(&codec::encode(&value).unwrap()).unwrap();
         assert!(back.released_vips.is_empty() && back.vip_next.is_none());
         assert_eq!(back.vips, s.vips);
+
+        // The book goes through the codec with its indexes rebuilt.
+        let mut s = with(&["web", "api"]);
+        s.apply(deregister("a", "web"), 3);
+        s.apply(release(&["web"]), 4);
+        let back: State = codec::decode(&codec::encode(&s).unwrap()).unwrap();
+        assert_eq!(back.released_vips, s.released_vips);
+        assert_eq!(back.vip_next, s.vip_next);
+    }
+
+    /// One server's state came from an earlier version's snapshot (no
+    /// cursor), another's applied the same writes with this version (a
+    /// cursor): they give the same addresses, also once the highest
+    /// address given back is forgotten.
+    #[test]
+    fn servers_with_and_without_a_cursor_give_the_same_addresses() {
+        let mut kept = State {
+            vip_cidr: Some("10.9.0.0/28".into()), // hosts .1 to .14
+            ..State::default()
+        };
+        kept.apply(node("a"), 1);
+        for n in 1..=7u16 {
+            kept.apply(instance("a", &format!("s{n}"), &format!("s{n}"), n), 2);
+        }
+        kept.apply(deregister("a", "s7"), 3);
+        assert_eq!(kept.vip_next, Some(ip("10.9.0.8")));
+        let mut loaded = kept.clone();
+        loaded.vip_next = None;
+        for s in [&mut kept, &mut loaded] {
+            s.apply(release(&["s7"]), 5);
+            // Forgotten, as past the bound.
+            s.released_vips = ReleasedVips::default();
+            s.apply(instance("a", "s8", "s8", 8), 6);
+        }
+        assert_eq!(kept.vips, loaded.vips);
+        assert_eq!(loaded.vips["s8"], ip("10.9.0.8"), "not the forgotten .7");
     }
 }
