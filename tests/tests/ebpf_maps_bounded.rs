@@ -100,8 +100,10 @@ async fn a_full_destinations_map_leaves_out_the_rest_and_keeps_the_lease() -> an
     const OVER: u32 = 100;
     require_root();
     let root = TestCgroup::under_root(&unique_name("full"))?;
+    // Parsed only: nothing reads the data directory, token or CA here.
     let text = format!(
         "node_name = \"n\"\ndatacenter = \"dc1\"\nservers = [\"127.0.0.1:1\"]\n\
+         advertise_addr = \"127.0.0.1\"\ndata_dir = \"/nonexistent\"\n\
          ebpf = true\ncgroup_root = {:?}\n",
         root.path().display().to_string()
     );

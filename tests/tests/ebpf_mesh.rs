@@ -417,17 +417,22 @@ fn a_departed_services_virtual_ip_is_given_back_and_kept_for_it() -> anyhow::Res
     ensure!(code == 200, "deregister cache-1: {code} {answer}");
     // Until it is given back the agent takes the connection (and resets it:
     // no instance); after, nothing takes the address over and node A, with
-    // no default route, has no way to it: curl's "could not connect" (7).
+    // no default route, has no way to it.
     wait_until(
         Duration::from_secs(30),
         &format!("{vip} no longer taken over"),
         || {
-            let out = mesh.exec_as(NodeA, "web", &["curl", "-sS", "-m", "2", &by_vip])?;
-            Ok((out.code() == Some(7)).then_some(()))
+            let out = mesh.exec_as(NodeA, "web", &["curl", "-v", "-sS", "-m", "2", &by_vip])?;
+            Ok(out.stderr.contains("Network is unreachable").then_some(()))
         },
     )
     .map_err(|e| e.context(agent_logs(&mesh)))?;
-    ensure!(mesh.vip("cache").is_err(), "cache still has a virtual IP");
+    let left = mesh.weft_raw(&["catalog", "service", "cache"])?;
+    ensure!(
+        !left.success() && left.stderr.contains("not registered"),
+        "cache still listed: {}",
+        left.describe()
+    );
     let out = mesh.exec_as(NodeA, "web", &["getent", "hosts", "cache.service.weft"])?;
     ensure!(
         !out.success(),
