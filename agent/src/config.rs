@@ -27,6 +27,9 @@ pub const DEFAULT_OUTBOUND_ADDR: &str = "127.0.0.1:15001";
 /// Services one agent takes: workload ids (1..=4095) fit in the low 12
 /// bits of the socket mark.
 pub const MAX_SERVICES: usize = 4095;
+/// Upstream listeners of all services together at most: the eBPF
+/// destinations map keeps this many entries for them.
+pub const MAX_UPSTREAM_LISTENERS: usize = 1024;
 /// Shortest `deregister_critical_service_after` (Consul's minimum is a
 /// minute; shorter values are for tests and demos).
 pub const MIN_DEREGISTER_CRITICAL_AFTER: Duration = Duration::from_secs(1);
@@ -1270,6 +1273,15 @@ fn validate(raw: RawConfig) -> Result<AgentConfig, Invalid> {
                     format!("local_port {local_port} is already used by {first}"),
                 ));
             }
+            if local_ports.len() > MAX_UPSTREAM_LISTENERS {
+                return Err(invalid(
+                    uf,
+                    format!(
+                        "more than {MAX_UPSTREAM_LISTENERS} upstreams on the node (the eBPF \
+                         destinations map keeps that many places for their listeners)"
+                    ),
+                ));
+            }
             let up_dc = match &up.datacenter {
                 Some(dc) => Some(name(&format!("{uf}.datacenter"), dc)?),
                 None => None,
@@ -2024,6 +2036,26 @@ data_dir = "/var/lib/weft-agent"
         ));
         assert!(
             e.starts_with("agent.toml:21: service[1].upstream[1].local_port: local_port 9000 is already used by service[0].upstream[0]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn upstream_listeners_are_bounded_by_their_room_in_the_map() {
+        let upstreams = |n: usize| {
+            let mut text = "[[service]]\nname = \"a\"\nport = 1\n".to_string();
+            for i in 0..n {
+                text += &format!(
+                    "[[service.upstream]]\nname = \"b\"\nlocal_port = {}\n",
+                    10_000 + i
+                );
+            }
+            with(&text)
+        };
+        parse(&upstreams(MAX_UPSTREAM_LISTENERS)).unwrap();
+        let e = err(&upstreams(MAX_UPSTREAM_LISTENERS + 1));
+        assert!(
+            e.contains("service[0].upstream[1024]: more than 1024 upstreams on the node"),
             "{e}"
         );
     }

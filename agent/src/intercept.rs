@@ -264,12 +264,9 @@ pub struct Interception {
     synced: AtomicBool,
     /// Destinations the last sync found no room for in the map.
     left_out: AtomicUsize,
-    /// The configured egress policy, and whether it is held at deny
-    /// because destinations are left out.
+    /// The configured egress policy (held at deny while destinations are
+    /// left out).
     egress: Egress,
-    egress_held: AtomicBool,
-    /// The mark of checked connections, as configured.
-    mark: u32,
     node_name: String,
     datacenter: String,
     outbound: SocketAddr,
@@ -281,7 +278,7 @@ pub const LEASE: std::time::Duration = std::time::Duration::from_secs(3);
 /// Entries of the destinations map kept for upstream listeners (placed
 /// apart from syncs, and at start against what a predecessor left): the
 /// view's destinations fill at most the rest.
-pub const LISTENER_ROOM: usize = 1024;
+pub const LISTENER_ROOM: usize = crate::config::MAX_UPSTREAM_LISTENERS;
 /// How many of the view's destinations the map takes.
 pub const VIEW_DESTINATIONS: usize = crate::ebpf::DESTINATIONS_CAPACITY as usize - LISTENER_ROOM;
 
@@ -373,10 +370,15 @@ impl Interception {
         // A predecessor's lease may still run (a crash a moment ago): this
         // agent has no view yet, so nothing is admitted until it renews. A
         // predecessor that hands over renews it until this agent serves.
+        // A predecessor handing over keeps serving on the maps it synced,
+        // egress held at deny included if it left destinations out: the
+        // policy is this agent's to write from its first sync on.
         if taking_over.is_none() {
             redirector.end_lease()?;
+            redirector.configure(egress, config.socket_mark)?;
+        } else {
+            redirector.set_mark(config.socket_mark)?;
         }
-        redirector.configure(egress, config.socket_mark)?;
         crate::mark::set(config.socket_mark);
         // A successor keeps its predecessor's workload ids: the records of
         // connections made meanwhile name their source by id.
@@ -419,8 +421,6 @@ impl Interception {
             synced: AtomicBool::new(false),
             left_out: AtomicUsize::new(0),
             egress,
-            egress_held: AtomicBool::new(false),
-            mark: config.socket_mark,
             node_name: config.node_name.clone(),
             datacenter: config.datacenter.clone(),
             outbound: config.outbound_addr,
@@ -638,14 +638,14 @@ impl Interception {
     }
 
     /// Refuses egress while `held` (destinations are left out), else
-    /// applies the configured policy; writes only on a change.
+    /// applies the configured policy. Compared with what the programs have,
+    /// not with what this agent last wrote: during a handover the
+    /// predecessor writes the same slot.
     fn hold_egress(&self, redirector: &mut Redirector, held: bool) -> Result<(), InterceptError> {
-        if self.egress == Egress::Deny || self.egress_held.load(Ordering::Relaxed) == held {
-            return Ok(());
+        let wanted = if held { Egress::Deny } else { self.egress };
+        if self.lease.egress()? != wanted {
+            redirector.set_egress(wanted)?;
         }
-        let egress = if held { Egress::Deny } else { self.egress };
-        redirector.configure(egress, self.mark)?;
-        self.egress_held.store(held, Ordering::Relaxed);
         Ok(())
     }
 

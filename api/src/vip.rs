@@ -81,6 +81,12 @@ impl Cidr {
         u32::from(ip) & self.mask() == u32::from(self.network)
     }
 
+    /// Whether `ip` is one of the block's host addresses (neither its
+    /// network nor its broadcast address): one a service may be given.
+    pub fn contains_host(&self, ip: Ipv4Addr) -> bool {
+        self.contains(ip) && ip != self.network && ip != self.broadcast()
+    }
+
     /// How many addresses can be allocated (all but network and broadcast).
     pub fn usable_hosts(&self) -> u64 {
         let size = 1u64 << (32 - u32::from(self.prefix_len));
@@ -367,6 +373,15 @@ mod tests {
         // The broadcast address being "in use" changes nothing.
         used.insert(ip("10.0.0.3"));
         assert!(next_free_vip(&c, &used).is_err());
+    }
+
+    #[test]
+    fn host_addresses_are_inside_but_not_the_ends() {
+        let c: Cidr = "10.0.0.0/30".parse().unwrap();
+        assert!(c.contains_host(ip("10.0.0.1")) && c.contains_host(ip("10.0.0.2")));
+        for not in ["10.0.0.0", "10.0.0.3", "10.0.0.4"] {
+            assert!(!c.contains_host(ip(not)), "{not}");
+        }
     }
 
     #[test]

@@ -136,6 +136,15 @@ async fn a_full_destinations_map_leaves_out_the_rest_and_keeps_the_lease() -> an
     interception.renew_lease()?;
     assert_eq!(interception.programs_state()?, (true, Egress::Deny));
 
+    // A successor taking over (an upgrade in place) leaves the hold as it
+    // finds it until its own first sync, which keeps it.
+    let successor = Interception::start(&config, Some(&interception.workload_ids()))?;
+    assert_eq!(successor.programs_state()?, (true, Egress::Deny));
+    successor.sync(&view_of(capacity + OVER)?)?;
+    assert_eq!(successor.destinations_left_out(), OVER as usize);
+    assert_eq!(successor.programs_state()?, (true, Egress::Deny));
+    drop(successor);
+
     // Fewer wanted: the removals make room, nothing is left out, and the
     // configured egress (allow) holds again.
     interception.sync(&view_of(capacity - 1)?)?;

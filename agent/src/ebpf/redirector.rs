@@ -494,11 +494,21 @@ impl Redirector {
 
     /// Sets the egress policy and the socket mark of checked connections.
     pub fn configure(&mut self, egress: Egress, mark: u32) -> Result<(), RedirectorError> {
+        self.set_egress(egress)?;
+        self.set_mark(mark)
+    }
+
+    /// Sets the egress policy alone.
+    pub fn set_egress(&mut self, egress: Egress) -> Result<(), RedirectorError> {
         let egress = match egress {
             Egress::Allow => agent::EGRESS_ALLOW,
             Egress::Deny => agent::EGRESS_DENY,
         };
-        self.set(agent::EGRESS, egress)?;
+        self.set(agent::EGRESS, egress)
+    }
+
+    /// Sets the socket mark of checked connections alone.
+    pub fn set_mark(&mut self, mark: u32) -> Result<(), RedirectorError> {
         self.set(agent::MARK, u64::from(mark))
     }
 

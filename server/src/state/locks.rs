@@ -198,17 +198,8 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::register_node as node;
     use crate::state::{Command, CommandResult};
-    use weft_api::catalog::Node;
-
-    fn node(name: &str) -> Command {
-        Command::RegisterNode(Node {
-            name: name.into(),
-            address: "10.0.0.1".into(),
-            datacenter: "dc1".into(),
-            ..Default::default()
-        })
-    }
 
     fn session(id: &str, node: &str, behavior: Behavior, ttl: Option<u64>) -> Command {
         Command::SessionCreate(Session {

@@ -37,6 +37,18 @@ pub use locks::LOCK_REFUSED;
 pub use standing::{Standing, STANDING_CHANGED};
 pub use vips::{ReleasedVip, ReleasedVips, MAX_RELEASED_VIPS, MAX_RELEASE_BATCH};
 
+/// The registration of an agent's node `name` in dc1 at 10.0.0.1, for the
+/// state's tests.
+#[cfg(test)]
+fn register_node(name: &str) -> Command {
+    Command::RegisterNode(Node {
+        name: name.into(),
+        address: "10.0.0.1".into(),
+        datacenter: "dc1".into(),
+        ..Default::default()
+    })
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
     /// Index of the last applied command: the Raft entry's index, or past

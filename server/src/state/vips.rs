@@ -101,12 +101,12 @@ impl ReleasedVips {
         self.by_vip.range(block).next_back().map(|(vip, _)| *vip)
     }
 
-    /// The address given back first (by index, then key) that `taken`
-    /// does not hold.
-    fn oldest_free(&self, taken: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+    /// The host address of `cidr` given back first (by index, then key)
+    /// that `taken` does not hold.
+    fn oldest_free(&self, cidr: &Cidr, taken: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
         (self.by_age.iter())
             .map(|(_, key)| self.by_key[key].vip)
-            .find(|vip| !taken.contains(vip))
+            .find(|vip| cidr.contains_host(*vip) && !taken.contains(vip))
     }
 
     fn insert(&mut self, key: String, r: ReleasedVip) {
@@ -190,7 +190,7 @@ impl State {
         for key in keys {
             let own = (self.released_vips.get(&key))
                 .map(|r| r.vip)
-                .filter(|vip| cidr.contains(*vip) && !taken.contains(vip));
+                .filter(|vip| cidr.contains_host(*vip) && !taken.contains(vip));
             let vip = match own {
                 Some(vip) => vip,
                 None => match next_free_vip_from(&cidr, &unavailable, cursor) {
@@ -198,9 +198,9 @@ impl State {
                         cursor = Some(Ipv4Addr::from(u32::from(vip).wrapping_add(1)));
                         vip
                     }
-                    Err(e) => match self.released_vips.oldest_free(&taken) {
-                        Some(vip) if cidr.contains(vip) => vip,
-                        _ => return Err(ApplyError::VipExhausted(e.to_string())),
+                    Err(e) => match self.released_vips.oldest_free(&cidr, &taken) {
+                        Some(vip) => vip,
+                        None => return Err(ApplyError::VipExhausted(e.to_string())),
                     },
                 },
             };
@@ -290,17 +290,8 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Command;
-    use weft_api::catalog::{HealthStatus, Node, ServiceInstance};
-
-    fn node(name: &str) -> Command {
-        Command::RegisterNode(Node {
-            name: name.into(),
-            address: "10.0.0.1".into(),
-            datacenter: "dc1".into(),
-            ..Default::default()
-        })
-    }
+    use crate::state::{register_node as node, Command};
+    use weft_api::catalog::{HealthStatus, ServiceInstance};
 
     fn instance(node: &str, id: &str, service: &str, port: u16) -> Command {
         Command::RegisterService(ServiceInstance {
@@ -445,6 +436,28 @@ mod tests {
     }
 
     #[test]
+    fn an_address_kept_outside_the_block_now_is_not_given() {
+        let mut s = with(&["web", "api"]);
+        s.apply(deregister("a", "web"), 3);
+        s.apply(deregister("a", "api"), 3);
+        s.apply(release(&["web", "api"]), 4);
+        s.vip_cidr = Some("10.9.1.0/30".into()); // hosts .1 and .2
+        s.apply(instance("a", "web-2", "web", 8000), 5);
+        assert_eq!(s.vips["web"], ip("10.9.1.1"));
+        // The block full: api's address, kept outside it, is no fallback.
+        assert_eq!(
+            s.released_vips.get("api").map(|r| r.vip),
+            Some(ip("10.9.0.2"))
+        );
+        s.apply(instance("a", "db", "db", 9000), 6);
+        let (result, _) = s.apply(instance("a", "mq", "mq", 9001), 7);
+        assert!(
+            matches!(&result, crate::state::CommandResult::Refused { reason } if reason.contains("no free virtual IP")),
+            "{result:?}"
+        );
+    }
+
+    #[test]
     fn new_addresses_move_on_through_the_block() {
         let mut s = with(&["a1", "a2"]);
         s.apply(deregister("a", "a1"), 3);
@@ -507,11 +520,18 @@ mod tests {
         assert_eq!(book.len(), MAX_RELEASED_VIPS);
         assert!(book.get("s0").is_none() && book.get("s2").is_none());
         assert!(book.get("s3").is_some());
-        assert_eq!(book.oldest_free(&BTreeSet::new()), Some(Ipv4Addr::from(3)));
+        let all = Cidr::new(Ipv4Addr::from(0), 0).unwrap();
+        assert_eq!(
+            book.oldest_free(&all, &BTreeSet::new()),
+            Some(Ipv4Addr::from(3))
+        );
         // A key kept again moves to the young end; an address given to
         // another key is forgotten for the first.
         book.keep("s3".into(), Ipv4Addr::from(3), 1_000_000);
-        assert_eq!(book.oldest_free(&BTreeSet::new()), Some(Ipv4Addr::from(4)));
+        assert_eq!(
+            book.oldest_free(&all, &BTreeSet::new()),
+            Some(Ipv4Addr::from(4))
+        );
         book.forget("s5", Ipv4Addr::from(4));
         assert!(book.get("s4").is_none() && book.get("s5").is_none());
         assert_eq!(book.by_age.len(), book.len());
