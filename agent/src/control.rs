@@ -15,7 +15,9 @@
 //! back with their data therefore see no writes from the agents at all; a
 //! server that lost the data gets exactly one registration per agent. Health
 //! changes that could not be written while no server answered are written
-//! once heartbeats get through again.
+//! once heartbeats get through again, and an instance whose health in the
+//! view is not what its checks last said (a server restored from an older
+//! snapshot) has it written again ([`health_gaps`]).
 //!
 //! Every call is TLS to a server whose certificate chains to the configured
 //! CA and names `tls_server_name`, and carries the agent's ACL token (a
@@ -276,6 +278,9 @@ pub struct Control {
     /// The index of the last registration's last write: the view is not
     /// judged before it has caught up with it.
     registered_at: AtomicU64,
+    /// The index of the last health write: the view's health is not
+    /// compared with the checks' before it has caught up with it.
+    health_written_at: AtomicU64,
     /// The connection calls share, and the number of times it was
     /// forgotten (a connection made before the last time is not kept).
     shared: Mutex<(u64, Option<(usize, Channel)>)>,
@@ -300,6 +305,7 @@ impl Control {
             health_writes: tokio::sync::Mutex::new(()),
             registrations: Counter::default(),
             registered_at: AtomicU64::new(0),
+            health_written_at: AtomicU64::new(0),
             shared: Mutex::new((0, None)),
             first_server: std::sync::atomic::AtomicUsize::new(0),
             dialing: tokio::sync::Mutex::new(()),
@@ -626,6 +632,9 @@ impl Control {
                 output: output.clone(),
             })
             .await;
+        if let Ok(result) = &written {
+            (self.health_written_at).fetch_max(result.get_ref().index, Ordering::SeqCst);
+        }
         if let Err(status) = written {
             use tonic::Code;
             if matches!(
@@ -1035,9 +1044,65 @@ impl Control {
         if let Some(gap) = gap {
             tracing::warn!("{gap} in the catalog; registering again");
             self.register().await?;
+            return Ok(());
+        }
+        // The registration stands, but an instance's health in it may not
+        // be what its checks last said (a server restored from an older
+        // snapshot, say): written again, or the servers would keep an
+        // instance out of rotation, or in it, until its checks next change.
+        let stale = {
+            let view = view.load();
+            if view.index < self.health_written_at.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            health_gaps(
+                &self.config(),
+                &self.health.lock().expect("health lock"),
+                &self.unsent_health.lock().expect("health lock"),
+                &view,
+            )
+        };
+        for (id, listed, known) in stale {
+            tracing::warn!(
+                service = %id,
+                "health in the catalog is {listed}, its checks say {known}: writing it again"
+            );
+            self.unsent_health
+                .lock()
+                .expect("health lock")
+                .insert(id.clone());
+            self.send_health(&id).await?;
         }
         Ok(())
     }
+}
+
+/// Pure: the local instances (id, health in `view`, last known health)
+/// whose health in `view` is not the last known one (`health`), leaving out
+/// those with a write still to send (`unsent`) and those `view` lacks (a
+/// registration's business).
+pub fn health_gaps(
+    cfg: &AgentConfig,
+    health: &BTreeMap<String, (HealthStatus, String)>,
+    unsent: &BTreeSet<String>,
+    view: &View,
+) -> Vec<(String, HealthStatus, HealthStatus)> {
+    let mut gaps = Vec::new();
+    for s in &cfg.services {
+        let Some((known, _)) = health.get(&s.id) else {
+            continue;
+        };
+        if unsent.contains(&s.id) {
+            continue;
+        }
+        let key: InstanceKey = (cfg.node_name.as_str().into(), s.id.as_str().into());
+        if let Some(i) = view.instances.get(&key) {
+            if i.health != *known {
+                gaps.push((s.id.clone(), i.health, *known));
+            }
+        }
+    }
+    gaps
 }
 
 /// Pure: why the registration of `cfg`'s node in `view` is not what the
@@ -1144,6 +1209,36 @@ tags = ["v1"]
             }),
         );
         view
+    }
+
+    #[test]
+    fn health_the_catalog_lost_is_found_and_a_pending_write_is_not() {
+        let cfg = config();
+        let view = registered(); // api-1 passing
+        let mut health = BTreeMap::new();
+        let mut unsent = BTreeSet::new();
+        // Nothing known yet: nothing to compare.
+        assert!(health_gaps(&cfg, &health, &unsent, &view).is_empty());
+        health.insert("api-1".to_string(), (HealthStatus::Passing, "ok".into()));
+        assert!(health_gaps(&cfg, &health, &unsent, &view).is_empty());
+        // The checks say critical, the catalog still passing.
+        health.insert("api-1".to_string(), (HealthStatus::Critical, "down".into()));
+        assert_eq!(
+            health_gaps(&cfg, &health, &unsent, &view),
+            [(
+                "api-1".to_string(),
+                HealthStatus::Passing,
+                HealthStatus::Critical
+            )]
+        );
+        // A write on its way: not written twice.
+        unsent.insert("api-1".to_string());
+        assert!(health_gaps(&cfg, &health, &unsent, &view).is_empty());
+        // An instance the catalog lacks is the registration's business.
+        unsent.clear();
+        let mut empty = registered();
+        empty.instances.clear();
+        assert!(health_gaps(&cfg, &health, &unsent, &empty).is_empty());
     }
 
     #[test]

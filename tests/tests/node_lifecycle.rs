@@ -268,3 +268,66 @@ fn maintenance_takes_a_node_out_of_rotation_until_lifted() -> anyhow::Result<()>
     ensure!(node_health(&mesh, "node-b")? == "passing");
     Ok(())
 }
+
+/// api-b's health in the catalog, as `weft catalog service api` shows it.
+fn api_b_health(mesh: &Mesh) -> anyhow::Result<String> {
+    let instances = mesh.catalog_instances("api")?;
+    (instances.into_iter())
+        .find(|(id, _, _)| id == "api-b")
+        .map(|(_, _, health)| health)
+        .context("api-b not in the catalog")
+}
+
+/// A server restored from a snapshot taken while an instance was critical
+/// lists it critical again, while its checks have passed since: the agent
+/// sees the catalog's health differ from its checks and writes it again.
+/// Before, nothing was written until the checks next changed, and the
+/// instance stayed out of rotation.
+#[test]
+fn health_a_restored_server_lost_is_written_again() -> anyhow::Result<()> {
+    require_root();
+    let spec = MeshSpec::new("allow")
+        .node_a(Service::new("web", 8000).upstream("api", 9191))
+        .node_b(
+            Service::new("api", 8080)
+                .id("api-b")
+                .address(MeshSpec::NODE_ADDR)
+                .healthz_check("1s"),
+        );
+    let mut mesh = Mesh::start(spec)?;
+    wait_until(
+        Duration::from_secs(20),
+        "api-b critical (no workload)",
+        || Ok((api_b_health(&mesh)? == "critical").then_some(())),
+    )?;
+    let snapshot = mesh.path("critical.snap");
+    let snapshot = snapshot.to_str().context("snapshot path")?;
+    mesh.weft(&["snapshot", "save", snapshot])?;
+
+    let b = mesh.ip(NodeB);
+    mesh.workload(NodeB, "api-b", &format!("{b}:8080"))?;
+    wait_until(Duration::from_secs(20), "web reaches api-b", || {
+        Ok((ask(&mesh).as_deref() == Some("api-b")).then_some(()))
+    })?;
+
+    mesh.weft(&["snapshot", "restore", snapshot])?;
+    let restored = Instant::now();
+    wait_until(
+        Duration::from_secs(20),
+        "api-b passing again after the restore",
+        || Ok((api_b_health(&mesh)? == "passing").then_some(())),
+    )
+    .map_err(|e| e.context(mesh.agent_log_tail(NodeB, 20)))?;
+    wait_until(Duration::from_secs(10), "web reaches api-b again", || {
+        Ok((ask(&mesh).as_deref() == Some("api-b")).then_some(()))
+    })?;
+    eprintln!(
+        "api-b back in rotation {:?} after the restore",
+        restored.elapsed()
+    );
+    ensure!(
+        mesh.agent_log_tail(NodeB, 50).contains("writing it again"),
+        "node B's agent did not say it wrote api-b's health again"
+    );
+    Ok(())
+}
