@@ -281,6 +281,9 @@ pub struct Control {
     /// The index of the last health write: the view's health is not
     /// compared with the checks' before it has caught up with it.
     health_written_at: AtomicU64,
+    /// Health written again that the servers refused, by instance: not
+    /// tried again for the same status (every view event would).
+    rewrite_refused: Mutex<BTreeMap<String, HealthStatus>>,
     /// The connection calls share, and the number of times it was
     /// forgotten (a connection made before the last time is not kept).
     shared: Mutex<(u64, Option<(usize, Channel)>)>,
@@ -306,6 +309,7 @@ impl Control {
             registrations: Counter::default(),
             registered_at: AtomicU64::new(0),
             health_written_at: AtomicU64::new(0),
+            rewrite_refused: Mutex::new(BTreeMap::new()),
             shared: Mutex::new((0, None)),
             first_server: std::sync::atomic::AtomicUsize::new(0),
             dialing: tokio::sync::Mutex::new(()),
@@ -634,6 +638,7 @@ impl Control {
             .await;
         if let Ok(result) = &written {
             (self.health_written_at).fetch_max(result.get_ref().index, Ordering::SeqCst);
+            self.rewrite_refused.lock().expect("health lock").remove(id);
         }
         if let Err(status) = written {
             use tonic::Code;
@@ -1063,6 +1068,11 @@ impl Control {
             )
         };
         for (id, listed, known) in stale {
+            let refused =
+                self.rewrite_refused.lock().expect("health lock").get(&id) == Some(&known);
+            if refused {
+                continue;
+            }
             tracing::warn!(
                 service = %id,
                 "health in the catalog is {listed}, its checks say {known}: writing it again"
@@ -1071,7 +1081,23 @@ impl Control {
                 .lock()
                 .expect("health lock")
                 .insert(id.clone());
-            self.send_health(&id).await?;
+            // Not the watch's error: a write that fails is sent again with
+            // the heartbeats, and one refused is not tried again for this
+            // status.
+            if let Err(e) = self.send_health(&id).await {
+                tracing::warn!(service = %id, "writing health again: {e}");
+                let unsent = self
+                    .unsent_health
+                    .lock()
+                    .expect("health lock")
+                    .contains(&id);
+                if !unsent {
+                    self.rewrite_refused
+                        .lock()
+                        .expect("health lock")
+                        .insert(id, known);
+                }
+            }
         }
         Ok(())
     }
