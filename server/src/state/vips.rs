@@ -28,6 +28,10 @@ use super::{ApplyError, Change, State};
 /// Addresses given back that are kept for their services at most; past it
 /// the oldest are forgotten (their addresses become free like any other).
 pub const MAX_RELEASED_VIPS: usize = 16_384;
+/// Of those, the most other datacenters' services keep once the book is
+/// full: past it their oldest go first, so that another datacenter whose
+/// names come and go cannot push this datacenter's services out.
+pub const MAX_RELEASED_REMOTE_VIPS: usize = weft_api::federation::MAX_REMOTE_VIPS;
 /// Virtual IPs one `Command::ReleaseVips` gives back at most.
 pub const MAX_RELEASE_BATCH: usize = 1024;
 
@@ -58,6 +62,8 @@ pub struct ReleasedVip {
 pub struct ReleasedVips {
     by_key: BTreeMap<String, ReleasedVip>,
     by_age: BTreeSet<(u64, String)>,
+    /// Other datacenters' keys of `by_age`.
+    remote_by_age: BTreeSet<(u64, String)>,
     by_vip: BTreeMap<Ipv4Addr, String>,
 }
 
@@ -114,6 +120,9 @@ impl ReleasedVips {
         if let Some(other) = self.by_vip.get(&r.vip).cloned() {
             self.remove_key(&other);
         }
+        if split_key(&key).1.is_some() {
+            self.remote_by_age.insert((r.index, key.clone()));
+        }
         self.by_age.insert((r.index, key.clone()));
         self.by_vip.insert(r.vip, key.clone());
         self.by_key.insert(key, r);
@@ -121,16 +130,24 @@ impl ReleasedVips {
 
     fn remove_key(&mut self, key: &str) {
         if let Some(r) = self.by_key.remove(key) {
-            self.by_age.remove(&(r.index, key.to_string()));
+            let aged = (r.index, key.to_string());
+            self.remote_by_age.remove(&aged);
+            self.by_age.remove(&aged);
             self.by_vip.remove(&r.vip);
         }
     }
 
-    /// Keeps `vip` for `key`, forgetting the oldest past the bound.
+    /// Keeps `vip` for `key`, forgetting the oldest past the bound: other
+    /// datacenters' first while they hold more than their share.
     fn keep(&mut self, key: String, vip: Ipv4Addr, index: u64) {
         self.insert(key, ReleasedVip { vip, index });
         while self.by_key.len() > MAX_RELEASED_VIPS {
-            let Some((_, oldest)) = self.by_age.first().cloned() else {
+            let ages = if self.remote_by_age.len() > MAX_RELEASED_REMOTE_VIPS {
+                &self.remote_by_age
+            } else {
+                &self.by_age
+            };
+            let Some((_, oldest)) = ages.first().cloned() else {
                 break;
             };
             self.remove_key(&oldest);
@@ -536,6 +553,22 @@ mod tests {
         assert!(book.get("s4").is_none() && book.get("s5").is_none());
         assert_eq!(book.by_age.len(), book.len());
         assert_eq!(book.by_vip.len(), book.len());
+
+        // Other datacenters' keys, however many come after, leave this
+        // datacenter's all but their share of the book.
+        for n in 0..(2 * MAX_RELEASED_VIPS as u32) {
+            let vip = Ipv4Addr::from(1_000_000 + n);
+            book.keep(format!("r{n}.dc2"), vip, 2_000_000 + u64::from(n));
+        }
+        assert_eq!(book.len(), MAX_RELEASED_VIPS);
+        assert_eq!(book.remote_by_age.len(), MAX_RELEASED_REMOTE_VIPS);
+        assert_eq!(
+            book.len() - book.remote_by_age.len(),
+            MAX_RELEASED_VIPS - MAX_RELEASED_REMOTE_VIPS
+        );
+        assert!(book.get("s3").is_some(), "the oldest local kept");
+        let newest = format!("r{}.dc2", 2 * MAX_RELEASED_VIPS - 1);
+        assert!(book.get(&newest).is_some());
         let s = State::default();
         let mut s2 = s.clone();
         let (result, _) = s2.apply(
