@@ -291,15 +291,18 @@ impl ServerNode {
         crate::raft::codec::decode(&reply.into_inner().json).ok()
     }
 
-    /// Whether every voter answers `Status` and `says` holds of its answer:
-    /// what the leader asks before writing a command that a server of an
-    /// earlier version, in a rolling upgrade, would not apply alike.
-    pub async fn every_voter_says(&self, says: fn(&PeerStatus) -> bool) -> bool {
+    /// Whether every member, voters and learners alike (a learner applies
+    /// the same log), answers `Status` and `says` holds of its answer: what
+    /// the leader asks before writing a command that a server of an earlier
+    /// version, in a rolling upgrade, would not apply alike.
+    pub async fn every_server_says(&self, says: fn(&PeerStatus) -> bool) -> bool {
         let metrics = self.raft.metrics().borrow().clone();
-        let voters: Vec<_> = metrics.membership_config.membership().voter_ids().collect();
+        let members: Vec<_> = (metrics.membership_config.membership().nodes())
+            .map(|(id, _)| *id)
+            .collect();
         let statuses =
-            futures::future::join_all(voters.iter().map(|id| self.peer_status(*id))).await;
-        (statuses.iter().zip(&voters))
+            futures::future::join_all(members.iter().map(|id| self.peer_status(*id))).await;
+        (statuses.iter().zip(&members))
             .all(|(s, id)| s.as_ref().is_some_and(|s| s.id == *id && says(s)))
     }
 

@@ -62,10 +62,10 @@ pub async fn run(node: Arc<ServerNode>) {
         if due.is_empty() {
             continue;
         }
-        if !node.every_voter_says(|s| s.releases_vips).await {
+        if !node.every_server_says(|s| s.releases_vips).await {
             tracing::debug!(
                 waiting = due.len(),
-                "a voter does not yet give virtual IPs back: they are kept"
+                "a server does not yet give virtual IPs back: they are kept"
             );
             continue;
         }

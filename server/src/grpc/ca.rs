@@ -243,10 +243,10 @@ pub async fn maintain(node: Arc<ServerNode>) {
             Some(wanted) if !secondary && ttl.is_some_and(|t| t != wanted) => {
                 // A server of an earlier version, in a rolling upgrade,
                 // would fail on the command.
-                let all = node.every_voter_says(|s| s.applies_leaf_ttl).await;
+                let all = node.every_server_says(|s| s.applies_leaf_ttl).await;
                 if !all {
                     tracing::debug!(
-                        "a voter does not yet apply leaf-lifetime changes: --leaf-ttl waits"
+                        "a server does not yet apply leaf-lifetime changes: --leaf-ttl waits"
                     );
                 }
                 all.then_some(wanted)

@@ -8,10 +8,10 @@
 //! `State::apply_entry`); a group fails as a whole only when Raft does (no
 //! longer leader, shutting down), and then every writer gets that error.
 //!
-//! A leader groups writes only once every voter has said it applies
+//! A leader groups writes only once every server has said it applies
 //! batches ([`enable_when_all_apply`]): during a rolling upgrade a server of
 //! an earlier version would fail on a `Command::Batch` entry. Likewise it
-//! keeps a write's standing (`Command::Once`) only once every voter checks
+//! keeps a write's standing (`Command::Once`) only once every server checks
 //! it: one of an earlier version would ignore it and apply a write the
 //! others refuse.
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,7 +99,7 @@ impl Batcher {
     }
 }
 
-/// Enables grouping in `batcher` (this server's) once every voter, asked
+/// Enables grouping in `batcher` (this server's) once every server, asked
 /// while `node` leads, says it applies batches. Asks every 500 ms until
 /// then; once enabled it stays so (servers are upgraded, not downgraded,
 /// past this version).
@@ -110,7 +110,10 @@ pub async fn enable_when_all_apply<M: Member>(node: Arc<M>, batcher: Batcher) {
         if metrics.state != openraft::ServerState::Leader {
             continue;
         }
-        let voters: Vec<_> = metrics.membership_config.membership().voter_ids().collect();
+        // Learners too: they apply the same log.
+        let voters: Vec<_> = (metrics.membership_config.membership().nodes())
+            .map(|(id, _)| *id)
+            .collect();
         let asked = voters.iter().map(|id| node.peer_status(*id));
         let statuses = futures::future::join_all(asked).await;
         let every = |says: fn(&PeerStatus) -> bool| {
@@ -119,15 +122,15 @@ pub async fn enable_when_all_apply<M: Member>(node: Arc<M>, batcher: Batcher) {
         };
         if !batcher.enabled() && every(|s| s.applies_batches) {
             tracing::info!(
-                voters = voters.len(),
-                "every voter applies batches: grouping writes"
+                servers = voters.len(),
+                "every server applies batches: grouping writes"
             );
             batcher.enabled.store(true, Ordering::Relaxed);
         }
         if !batcher.checks_standing() && every(|s| s.checks_standing) {
             tracing::info!(
-                voters = voters.len(),
-                "every voter checks what a write was judged on"
+                servers = voters.len(),
+                "every server checks what a write was judged on"
             );
             batcher.standing.store(true, Ordering::Relaxed);
         }

@@ -25,22 +25,22 @@ pub struct PeerStatus {
     #[serde(default)]
     pub leader_silence_ms: u64,
     /// Whether this server applies `Command::Batch` entries: the leader
-    /// batches writes only once every voter says so (a server of an earlier
+    /// batches writes only once every server says so (a server of an earlier
     /// version would fail on one).
     #[serde(default)]
     pub applies_batches: bool,
     /// Whether this server applies `Command::CaLeafTtl`: the leader writes
-    /// one only once every voter says so.
+    /// one only once every server says so.
     #[serde(default)]
     pub applies_leaf_ttl: bool,
     /// Whether this server refuses a `Command::Once` whose caller's
     /// standing changed: the leader keeps the standing in the commands it
-    /// writes only once every voter says so (a server of an earlier version
+    /// writes only once every server says so (a server of an earlier version
     /// would apply what the others refuse).
     #[serde(default)]
     pub checks_standing: bool,
     /// Whether this server applies `Command::ReleaseVips`: the leader gives
-    /// virtual IPs back only once every voter says so (a server of an
+    /// virtual IPs back only once every server says so (a server of an
     /// earlier version would fail on one, and allocate new ones otherwise).
     #[serde(default)]
     pub releases_vips: bool,
