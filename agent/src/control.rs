@@ -281,9 +281,8 @@ pub struct Control {
     /// The index of the last health write: the view's health is not
     /// compared with the checks' before it has caught up with it.
     health_written_at: AtomicU64,
-    /// Health written again that the servers refused, by instance: not
-    /// tried again for the same status (every view event would).
-    rewrite_refused: Mutex<BTreeMap<String, HealthStatus>>,
+    /// When each instance's health may be written again next.
+    rewrites: Mutex<Rewrites>,
     /// The connection calls share, and the number of times it was
     /// forgotten (a connection made before the last time is not kept).
     shared: Mutex<(u64, Option<(usize, Channel)>)>,
@@ -309,7 +308,7 @@ impl Control {
             registrations: Counter::default(),
             registered_at: AtomicU64::new(0),
             health_written_at: AtomicU64::new(0),
-            rewrite_refused: Mutex::new(BTreeMap::new()),
+            rewrites: Mutex::new(Rewrites::default()),
             shared: Mutex::new((0, None)),
             first_server: std::sync::atomic::AtomicUsize::new(0),
             dialing: tokio::sync::Mutex::new(()),
@@ -625,6 +624,8 @@ impl Control {
         let _order = self.health_writes.lock().await;
         let Some((status, output)) = self.health.lock().expect("health lock").get(id).cloned()
         else {
+            // Gone (a reload removed it): nothing to send, now or later.
+            self.unsent_health.lock().expect("health lock").remove(id);
             return Ok(());
         };
         let mut catalog = CatalogClient::new(self.channel().await?);
@@ -638,7 +639,6 @@ impl Control {
             .await;
         if let Ok(result) = &written {
             (self.health_written_at).fetch_max(result.get_ref().index, Ordering::SeqCst);
-            self.rewrite_refused.lock().expect("health lock").remove(id);
         }
         if let Err(status) = written {
             use tonic::Code;
@@ -1067,39 +1067,63 @@ impl Control {
                 &view,
             )
         };
-        for (id, listed, known) in stale {
-            let refused =
-                self.rewrite_refused.lock().expect("health lock").get(&id) == Some(&known);
-            if refused {
-                continue;
-            }
+        // At most one rewrite per instance per wait, the wait doubling while
+        // the catalog keeps disagreeing: a fight (two agents of one node
+        // during an upgrade in place, whose checks start afresh) stays slow.
+        let ids: Vec<String> = stale.iter().map(|(id, _, _)| id.clone()).collect();
+        let due = (self.rewrites.lock().expect("health lock")).due(&ids, std::time::Instant::now());
+        for (id, listed, known) in stale.into_iter().filter(|(id, _, _)| due.contains(id)) {
             tracing::warn!(
                 service = %id,
                 "health in the catalog is {listed}, its checks say {known}: writing it again"
             );
-            self.unsent_health
-                .lock()
-                .expect("health lock")
-                .insert(id.clone());
-            // Not the watch's error: a write that fails is sent again with
-            // the heartbeats, and one refused is not tried again for this
-            // status.
+            // Not the watch's error, and the rest wait for the next view: a
+            // write that failed for want of a server is sent again with the
+            // heartbeats.
             if let Err(e) = self.send_health(&id).await {
                 tracing::warn!(service = %id, "writing health again: {e}");
-                let unsent = self
-                    .unsent_health
-                    .lock()
-                    .expect("health lock")
-                    .contains(&id);
-                if !unsent {
-                    self.rewrite_refused
-                        .lock()
-                        .expect("health lock")
-                        .insert(id, known);
-                }
+                break;
             }
         }
         Ok(())
+    }
+}
+
+/// The first wait between two rewrites of one instance's health, and the
+/// longest it doubles to.
+pub const REWRITE_FIRST: Duration = Duration::from_secs(10);
+pub const REWRITE_MAX: Duration = Duration::from_secs(300);
+
+/// When each instance's health may be written again: the first rewrite at
+/// once, then one per wait, the wait doubling from [`REWRITE_FIRST`] to
+/// [`REWRITE_MAX`]; an instance quiet for a whole wait after its last one
+/// starts afresh.
+#[derive(Debug, Default)]
+pub struct Rewrites {
+    next: BTreeMap<String, (std::time::Instant, Duration)>,
+}
+
+impl Rewrites {
+    /// Which of the instances `stale` at `now` may be written again.
+    pub fn due(&mut self, stale: &[String], now: std::time::Instant) -> Vec<String> {
+        self.next.retain(|_, (at, wait)| now < *at + *wait);
+        let mut due = Vec::new();
+        for id in stale {
+            match self.next.get_mut(id) {
+                Some((at, _)) if now < *at => {}
+                Some((at, wait)) => {
+                    *wait = (*wait * 2).min(REWRITE_MAX);
+                    *at = now + *wait;
+                    due.push(id.clone());
+                }
+                None => {
+                    self.next
+                        .insert(id.clone(), (now + REWRITE_FIRST, REWRITE_FIRST));
+                    due.push(id.clone());
+                }
+            }
+        }
+        due
     }
 }
 
@@ -1265,6 +1289,32 @@ tags = ["v1"]
         let mut empty = registered();
         empty.instances.clear();
         assert!(health_gaps(&cfg, &health, &unsent, &empty).is_empty());
+    }
+
+    #[test]
+    fn rewrites_of_one_instance_slow_down_and_start_afresh_after_a_quiet_wait() {
+        let t0 = std::time::Instant::now();
+        let s = |secs: u64| t0 + Duration::from_secs(secs);
+        let ids = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let mut r = Rewrites::default();
+        assert_eq!(r.due(&ids(&["a"]), s(0)), ids(&["a"]));
+        // A fight: stale again and again; once per wait, the wait doubling.
+        assert!(r.due(&ids(&["a", "b"]), s(1)).contains(&"b".to_string()));
+        assert!(r.due(&ids(&["a"]), s(9)).is_empty());
+        assert_eq!(r.due(&ids(&["a"]), s(10)), ids(&["a"])); // next wait 20 s
+        assert!(r.due(&ids(&["a"]), s(29)).is_empty());
+        assert_eq!(r.due(&ids(&["a"]), s(30)), ids(&["a"])); // next wait 40 s
+        assert!(r.due(&ids(&["a"]), s(69)).is_empty());
+        // Quiet for its whole wait after that: afresh, at once.
+        assert!(r.due(&[], s(111)).is_empty());
+        assert_eq!(r.due(&ids(&["a"]), s(111)), ids(&["a"]));
+        assert!(r.due(&ids(&["a"]), s(112)).is_empty());
+        // The wait stops doubling at REWRITE_MAX.
+        for _ in 0..8 {
+            let at = r.next["a"].0;
+            assert_eq!(r.due(&ids(&["a"]), at), ids(&["a"]));
+        }
+        assert_eq!(r.next["a"].1, REWRITE_MAX);
     }
 
     #[test]
