@@ -41,6 +41,7 @@ pub mod reload;
 pub mod run;
 pub mod running;
 pub mod shared_view;
+pub mod socket_owner;
 pub mod splice;
 pub mod telemetry;
 #[cfg(test)]

@@ -391,6 +391,18 @@ impl RegisteredService {
         Ok(())
     }
 
+    /// Where the instance listens (its Address, 127.0.0.1 when none), if
+    /// the Address is an IP address.
+    pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+        let ip: IpAddr = self
+            .address
+            .as_deref()
+            .unwrap_or("127.0.0.1")
+            .parse()
+            .ok()?;
+        Some(std::net::SocketAddr::new(ip, self.port))
+    }
+
     /// The service id (Consul: the name when there is no ID).
     pub fn id(&self) -> &str {
         self.id.as_deref().unwrap_or(&self.name)

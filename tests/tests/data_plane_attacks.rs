@@ -908,6 +908,71 @@ fn a_check_added_through_the_local_api_reaches_only_its_own_workload() -> anyhow
     Ok(())
 }
 
+/// A workload that may register its own service cannot register it at a
+/// port another user's process listens on: transparent mode takes an
+/// instance's address over for the node's workloads, and would hand their
+/// connections to a node-local daemon outside the mesh (its clients'
+/// passwords and data) to the service. A port nothing listens on yet it
+/// may still claim.
+#[test]
+fn a_workload_cannot_register_its_service_at_another_users_port() -> anyhow::Result<()> {
+    use std::os::unix::fs::chown;
+    const NOBODY: u32 = 65534;
+    require_root();
+    let mut mesh = start(spec())?;
+    // A node-local daemon outside the mesh, root's, on node B.
+    mesh.workload(NodeB, "local-db", "127.0.0.1:6390")?;
+    mesh.grant_agent_services(NodeB, &["evil"])?;
+    let evil = mesh.service_token(&["evil"])?;
+    // The workload calls as the user it runs as, its token in a file only
+    // that user reads.
+    let dir = tempfile::tempdir()?;
+    chown(dir.path(), Some(NOBODY), Some(NOBODY))?;
+    let header = weft_tests::mesh::token_header_in(dir.path(), &evil)?;
+    let file = header.strip_prefix('@').context("curl's header file")?;
+    chown(file, Some(NOBODY), Some(NOBODY))?;
+    let register = |port: u16| -> anyhow::Result<(String, String)> {
+        let body =
+            format!(r#"{{"ID":"evil-{port}","Name":"evil","Address":"127.0.0.1","Port":{port}}}"#);
+        let out = mesh.exec_as_user(
+            NodeB,
+            "api",
+            "nobody",
+            &[
+                "curl",
+                "-sS",
+                "-m",
+                "5",
+                "-X",
+                "PUT",
+                "-H",
+                &header,
+                "--data-binary",
+                &body,
+                "-w",
+                "\n%{http_code}",
+                "http://127.0.0.1:8500/v1/agent/service/register",
+            ],
+        )?;
+        let (answer, code) = out.stdout.rsplit_once('\n').context(out.describe())?;
+        Ok((code.to_string(), answer.to_string()))
+    };
+    let (code, answer) = register(6390)?;
+    ensure!(
+        code == "403" && answer.contains("another user's process"),
+        "evil at root's 127.0.0.1:6390: {code} {answer}"
+    );
+    ensure!(
+        !mesh
+            .weft(&["catalog", "service", "evil"])
+            .is_ok_and(|s| s.contains("6390")),
+        "registered anyway"
+    );
+    let (code, answer) = register(6391)?;
+    ensure!(code == "200", "evil at a free port: {code} {answer}");
+    Ok(())
+}
+
 /// In transparent mode an explicit upstream listener of a mesh workload
 /// (web's `127.0.0.1:9191` to api) takes only web's own connections: the
 /// programs send a connection to it on to itself with a record of who made

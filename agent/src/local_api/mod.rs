@@ -490,6 +490,19 @@ where
         )
     })?;
     require_write(state, &token, &service.name, "service registration").await?;
+    // The address is taken over for the node's workloads: not a port
+    // another user's process listens on (crate::socket_owner). A request
+    // that did not come on a connection (in-process) has nothing to check.
+    let claim = parts
+        .extensions
+        .get::<ApiCaller>()
+        .zip(service.socket_addr());
+    if let Some((caller, target)) = claim {
+        crate::socket_owner::check_claim(caller.peer, caller.local, target).map_err(|e| {
+            tracing::warn!(%target, "local API: registration refused: {e}");
+            text(StatusCode::FORBIDDEN, format!("Address {target}: {e}"))
+        })?;
+    }
     let id = service.id().to_string();
     // Replacing another service's instance of the same id takes the right
     // to write that one too (as Consul's agent asks).
@@ -778,14 +791,29 @@ impl LocalApi {
     }
 }
 
+/// The connection a request came on: its far end and the local API's
+/// address (a request extension).
+#[derive(Debug, Clone, Copy)]
+pub struct ApiCaller {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
 async fn serve_conn(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     state: LocalApiState,
     mut stop: watch::Receiver<bool>,
 ) {
-    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+    let caller = stream
+        .local_addr()
+        .ok()
+        .map(|local| ApiCaller { peer, local });
+    let service = service_fn(move |mut req: Request<hyper::body::Incoming>| {
         let state = state.clone();
+        if let Some(caller) = caller {
+            req.extensions_mut().insert(caller);
+        }
         async move { Ok::<_, Infallible>(handle(&state, req).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
