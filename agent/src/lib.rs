@@ -26,6 +26,7 @@ pub mod handover;
 pub mod hbone;
 pub mod health;
 pub mod identity;
+pub mod idle_conns;
 pub mod intercept;
 pub mod lb;
 pub mod limits;

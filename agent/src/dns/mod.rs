@@ -25,10 +25,9 @@ pub mod names;
 pub mod recurse;
 pub mod view_catalog;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
@@ -38,7 +37,7 @@ use hickory_proto::rr::RecordType;
 use hickory_proto::rr::{DNSClass, Name, RData, Record};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 /// The default listening address (field `dns_addr`).
@@ -373,7 +372,7 @@ impl DnsServer {
         let mut conns = JoinSet::new();
         let mut forwards = JoinSet::new();
         let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
-        let idle = IdleConns::default();
+        let idle = crate::idle_conns::IdleConns::default();
         let mut accept_errors = crate::accept::AcceptErrors::new("dns");
         loop {
             tokio::select! {
@@ -407,19 +406,8 @@ impl DnsServer {
                 },
                 accepted = self.tcp.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let slot = match slots.clone().try_acquire_owned() {
-                            Ok(slot) => Some(slot),
-                            // Full: the connection idle longest makes room.
-                            Err(_) if idle.evict_oldest() => tokio::time::timeout(
-                                EVICTION_WAIT,
-                                slots.clone().acquire_owned(),
-                            )
-                            .await
-                            .ok()
-                            .and_then(Result::ok),
-                            Err(_) => None,
-                        };
-                        match slot {
+                        // Full: the connection idle longest makes room.
+                        match idle.take_slot(&slots).await {
                             Some(slot) => {
                                 let conn = idle.register();
                                 conns.spawn(serve_tcp(stream, self.resolver.clone(), slot, conn));
@@ -438,78 +426,6 @@ impl DnsServer {
     }
 }
 
-/// How long a new connection waits for an evicted one to give up its slot.
-const EVICTION_WAIT: Duration = Duration::from_secs(1);
-
-/// The open TCP connections and since when each waits for its next query:
-/// when every slot is taken, the one waiting longest is closed for the
-/// newcomer (idle clients cannot lock TCP queries out).
-#[derive(Clone, Default)]
-struct IdleConns(Arc<Mutex<IdleState>>);
-
-#[derive(Default)]
-struct IdleState {
-    next: u64,
-    /// id -> (waiting for a query since, if it is; how to close it)
-    conns: HashMap<u64, (Option<tokio::time::Instant>, Arc<Notify>)>,
-}
-
-/// One connection's place in [`IdleConns`]; leaves it when dropped.
-struct IdleConn {
-    id: u64,
-    evict: Arc<Notify>,
-    all: IdleConns,
-}
-
-impl IdleConns {
-    fn register(&self) -> IdleConn {
-        let mut state = self.0.lock().expect("dns idle lock");
-        state.next += 1;
-        let id = state.next;
-        let evict = Arc::new(Notify::new());
-        state.conns.insert(id, (None, evict.clone()));
-        IdleConn {
-            id,
-            evict,
-            all: self.clone(),
-        }
-    }
-
-    /// Asks the connection waiting longest for a query to close; false if
-    /// none is waiting (all are busy answering).
-    fn evict_oldest(&self) -> bool {
-        let state = self.0.lock().expect("dns idle lock");
-        let oldest = state
-            .conns
-            .values()
-            .filter_map(|(since, evict)| since.map(|s| (s, evict)))
-            .min_by_key(|(since, _)| *since);
-        match oldest {
-            Some((_, evict)) => {
-                evict.notify_one();
-                true
-            }
-            None => false,
-        }
-    }
-}
-
-impl IdleConn {
-    fn set_waiting(&self, waiting: bool) {
-        let mut state = self.all.0.lock().expect("dns idle lock");
-        if let Some(entry) = state.conns.get_mut(&self.id) {
-            entry.0 = waiting.then(tokio::time::Instant::now);
-        }
-    }
-}
-
-impl Drop for IdleConn {
-    fn drop(&mut self) {
-        let mut state = self.all.0.lock().expect("dns idle lock");
-        state.conns.remove(&self.id);
-    }
-}
-
 /// Answers the length-prefixed queries of one TCP connection (RFC 1035 4.2.2) until
 /// the client closes it, goes idle, sends something unreadable, does not
 /// read its answers, or is evicted while waiting (for a query, or for the
@@ -518,7 +434,7 @@ async fn serve_tcp(
     mut stream: TcpStream,
     resolver: ServiceResolver,
     _slot: OwnedSemaphorePermit,
-    conn: IdleConn,
+    conn: crate::idle_conns::IdleConn,
 ) {
     let mut request = Vec::new();
     loop {
@@ -534,7 +450,7 @@ async fn serve_tcp(
                 Ok(Ok(())) => {}
                 Ok(Err(_)) | Err(_) => return,
             },
-            () = conn.evict.notified() => return,
+            () = conn.evicted() => return,
         }
         conn.set_waiting(false);
         let reply = match respond_or_forward(&request, Transport::Tcp, &resolver) {
@@ -561,7 +477,7 @@ async fn serve_tcp(
                     return;
                 }
             }
-            () = conn.evict.notified() => return,
+            () = conn.evicted() => return,
         }
     }
 }

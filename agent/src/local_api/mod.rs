@@ -758,6 +758,7 @@ impl LocalApi {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let idle = crate::idle_conns::IdleConns::default();
         let mut conns = JoinSet::new();
         let mut accept_errors = crate::accept::AcceptErrors::new("local API");
         tokio::pin!(shutdown);
@@ -766,14 +767,16 @@ impl LocalApi {
                 () = &mut shutdown => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let Ok(slot) = slots.clone().try_acquire_owned() else {
-                            tracing::debug!(%peer, "local API: too many connections; closing");
+                        // Full: the connection waiting longest for its
+                        // client's next request makes room (kept-alive or
+                        // held-open connections cannot lock the others out).
+                        let Some(slot) = idle.take_slot(&slots).await else {
+                            tracing::debug!(%peer, "local API: every connection busy; closing");
                             continue;
                         };
-                        let state = self.state.clone();
-                        let stop = stop_rx.clone();
+                        let (state, stop, place) = (self.state.clone(), stop_rx.clone(), idle.register());
                         conns.spawn(async move {
-                            serve_conn(stream, peer, state, stop).await;
+                            serve_conn(stream, peer, state, stop, place).await;
                             drop(slot);
                         });
                     }
@@ -804,17 +807,27 @@ async fn serve_conn(
     peer: SocketAddr,
     state: LocalApiState,
     mut stop: watch::Receiver<bool>,
+    place: crate::idle_conns::IdleConn,
 ) {
     let caller = stream
         .local_addr()
         .ok()
         .map(|local| ApiCaller { peer, local });
+    // Waiting for a request until one comes, and again after each answer.
+    let place = Arc::new(place);
+    place.set_waiting(true);
+    let serving = place.clone();
     let service = service_fn(move |mut req: Request<hyper::body::Incoming>| {
-        let state = state.clone();
+        let (state, serving) = (state.clone(), serving.clone());
         if let Some(caller) = caller {
             req.extensions_mut().insert(caller);
         }
-        async move { Ok::<_, Infallible>(handle(&state, req).await) }
+        serving.set_waiting(false);
+        async move {
+            let answer = handle(&state, req).await;
+            serving.set_waiting(true);
+            Ok::<_, Infallible>(answer)
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -828,6 +841,11 @@ async fn serve_conn(
     let result = tokio::select! {
         r = conn.as_mut() => r,
         () = stopping => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        () = place.evicted() => {
+            tracing::debug!(%peer, "local API: idle connection closed for a new one");
             conn.as_mut().graceful_shutdown();
             conn.await
         }

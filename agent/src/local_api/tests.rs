@@ -335,6 +335,53 @@ async fn serves_on_a_socket_and_stops() {
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
 
+/// Connections held open and idle (kept alive, or on purpose) by one
+/// local process take every slot; a new client still gets its answer: the
+/// one idle longest is closed for it. Before, the newcomer was closed.
+#[tokio::test]
+async fn idle_connections_make_room_for_a_new_client() {
+    let f = fixture().await;
+    let server = LocalApi::bind("127.0.0.1:0".parse().unwrap(), f.state.clone())
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(async {
+        let _ = stop_rx.await;
+    }));
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/v1/agent/self")
+        .header(header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    // Answered (this fixture has no configuration to show: 503), not
+    // closed.
+    let answered = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
+        .await
+        .expect("answered within 5 s")
+        .expect("not closed");
+    assert_eq!(answered.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // The first held connection (idle longest) was the one closed.
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut held[0], &mut byte),
+    )
+    .await
+    .expect("closed within 5 s");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    stop_tx.send(()).unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+}
+
 #[tokio::test]
 async fn bind_error_names_the_field() {
     let f = fixture().await;
