@@ -435,7 +435,7 @@ async fn serve_conn(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::{BodyExt, Empty};
+    use http_body_util::BodyExt;
 
     /// Tokens and whether each has operator:read; others are unknown.
     struct Tokens(&'static [(&'static str, bool)]);
@@ -617,16 +617,8 @@ mod tests {
 
     /// GET `path` from `addr` with a hyper client; returns status and body.
     async fn get(addr: SocketAddr, path: &str) -> (StatusCode, String, String) {
-        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let req = Request::get(path)
-            .header(header::HOST, addr.to_string())
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        let resp = sender.send_request(req).await.unwrap();
+        let mut sender = crate::test_http::connect(addr).await;
+        let resp = (sender.send_request(crate::test_http::get(addr, path)).await).unwrap();
         let status = resp.status();
         let ct = resp
             .headers()
@@ -700,14 +692,8 @@ mod tests {
         let (st, _ready) = state(true);
         let (addr, stop_tx, task) = serving(st).await;
         // An idle keep-alive connection left open by a client.
-        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let req = Request::get("/healthz")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
+        let mut sender = crate::test_http::connect(addr).await;
+        let req = crate::test_http::get(addr, "/healthz");
         assert_eq!(
             sender.send_request(req).await.unwrap().status(),
             StatusCode::OK
@@ -752,14 +738,8 @@ mod tests {
         for _ in 0..MAX_ADMIN_CONNECTIONS {
             held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
         }
-        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let req = Request::get("/healthz")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
+        let mut sender = crate::test_http::connect(addr).await;
+        let req = crate::test_http::get(addr, "/healthz");
         let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
             .await
             .expect("answered within 5 s")

@@ -47,4 +47,6 @@ pub mod splice;
 pub mod telemetry;
 #[cfg(test)]
 pub(crate) mod test_ca;
+#[cfg(test)]
+pub(crate) mod test_http;
 pub mod view;

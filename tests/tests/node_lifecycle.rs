@@ -24,6 +24,15 @@ fn node_health(mesh: &Mesh, node: &str) -> anyhow::Result<String> {
         .with_context(|| format!("node {node} not in {nodes}"))
 }
 
+/// An instance of api at its node's address on `port`, checked over HTTP
+/// every second.
+fn api(id: &str, port: u16) -> Service {
+    Service::new("api", port)
+        .id(id)
+        .address(MeshSpec::NODE_ADDR)
+        .healthz_check("1s")
+}
+
 /// One request through web's upstream: the instance that answered, or None.
 fn ask(mesh: &Mesh) -> Option<String> {
     let body = mesh.curl_with(NodeA, UPSTREAM, &["-m", "1"]).ok()?;
@@ -36,18 +45,8 @@ fn a_killed_agents_instances_leave_rotation_and_come_back_with_it() -> anyhow::R
     let spec = MeshSpec::new("allow")
         .server_arg(&format!("--node-timeout={}s", NODE_TIMEOUT.as_secs()))
         .node_a(Service::new("web", 8000).upstream("api", 9191))
-        .node_a(
-            Service::new("api", 8081)
-                .id("api-a")
-                .address(MeshSpec::NODE_ADDR)
-                .healthz_check("1s"),
-        )
-        .node_b(
-            Service::new("api", 8080)
-                .id("api-b")
-                .address(MeshSpec::NODE_ADDR)
-                .healthz_check("1s"),
-        );
+        .node_a(api("api-a", 8081))
+        .node_b(api("api-b", 8080));
     let mut mesh = Mesh::start(spec)?;
     let (a, b) = (mesh.ip(NodeA), mesh.ip(NodeB));
     mesh.workload(NodeA, "api-a", &format!("{a}:8081"))?;
@@ -138,13 +137,7 @@ fn an_instance_critical_past_its_deregister_delay_leaves_the_catalog() -> anyhow
     let spec = MeshSpec::new("allow")
         .server_arg(&format!("--node-timeout={}s", NODE_TIMEOUT.as_secs()))
         .node_a(Service::new("web", 8000).upstream("api", 9191))
-        .node_b(
-            Service::new("api", 8080)
-                .id("api-b")
-                .address(MeshSpec::NODE_ADDR)
-                .healthz_check("1s")
-                .deregister_critical_after("2s"),
-        );
+        .node_b(api("api-b", 8080).deregister_critical_after("2s"));
     let mut mesh = Mesh::start(spec)?;
     let b = mesh.ip(NodeB);
     mesh.workload(NodeB, "api-b", &format!("{b}:8080"))?;
@@ -288,12 +281,7 @@ fn health_a_restored_server_lost_is_written_again() -> anyhow::Result<()> {
     require_root();
     let spec = MeshSpec::new("allow")
         .node_a(Service::new("web", 8000).upstream("api", 9191))
-        .node_b(
-            Service::new("api", 8080)
-                .id("api-b")
-                .address(MeshSpec::NODE_ADDR)
-                .healthz_check("1s"),
-        );
+        .node_b(api("api-b", 8080));
     let mut mesh = Mesh::start(spec)?;
     wait_until(
         Duration::from_secs(20),

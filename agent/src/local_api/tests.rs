@@ -299,10 +299,16 @@ async fn unknown_and_non_ttl_checks_and_bad_requests() {
     assert_eq!(u.output.len(), crate::health::MAX_OUTPUT_BYTES);
 }
 
-#[tokio::test]
-async fn serves_on_a_socket_and_stops() {
-    let mut f = fixture().await;
-    let server = LocalApi::bind("127.0.0.1:0".parse().unwrap(), f.state.clone())
+/// `state` served on a socket of its own: its address, what stops it, and
+/// its task.
+async fn serving(
+    state: LocalApiState,
+) -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let server = LocalApi::bind("127.0.0.1:0".parse().unwrap(), state)
         .await
         .unwrap();
     let addr = server.local_addr();
@@ -310,12 +316,14 @@ async fn serves_on_a_socket_and_stops() {
     let task = tokio::spawn(server.serve(async {
         let _ = stop_rx.await;
     }));
+    (addr, stop_tx, task)
+}
 
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+#[tokio::test]
+async fn serves_on_a_socket_and_stops() {
+    let mut f = fixture().await;
+    let (addr, stop_tx, task) = serving(f.state.clone()).await;
+    let mut sender = crate::test_http::connect(addr).await;
     let req = Request::put(format!("{API_TTL}?note=up"))
         .header(header::HOST, addr.to_string())
         .header("x-consul-token", "api-w")
@@ -341,27 +349,13 @@ async fn serves_on_a_socket_and_stops() {
 #[tokio::test]
 async fn idle_connections_make_room_for_a_new_client() {
     let f = fixture().await;
-    let server = LocalApi::bind("127.0.0.1:0".parse().unwrap(), f.state.clone())
-        .await
-        .unwrap();
-    let addr = server.local_addr();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.serve(async {
-        let _ = stop_rx.await;
-    }));
+    let (addr, stop_tx, task) = serving(f.state.clone()).await;
     let mut held = Vec::new();
     for _ in 0..MAX_CONNECTIONS {
         held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
     }
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = Request::get("/v1/agent/self")
-        .header(header::HOST, addr.to_string())
-        .body(Empty::<Bytes>::new())
-        .unwrap();
+    let mut sender = crate::test_http::connect(addr).await;
+    let req = crate::test_http::get(addr, "/v1/agent/self");
     // Answered (this fixture has no configuration to show: 503), not
     // closed.
     let answered = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
