@@ -413,7 +413,12 @@ async fn serve_conn(
         () = place.evicted() => {
             tracing::debug!(%peer, "admin: idle connection closed for a local one");
             conn.as_mut().graceful_shutdown();
-            conn.await
+            // Dropped when it does not close at once (an answer the
+            // client does not read, a half-sent request).
+            match tokio::time::timeout(crate::idle_conns::EVICTED_GRACE, conn).await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
         }
         () = tokio::time::sleep(ADMIN_CONNECTION_LIFETIME) => {
             conn.as_mut().graceful_shutdown();

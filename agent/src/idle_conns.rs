@@ -15,6 +15,9 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// How long a new connection waits for an evicted one to give up its slot.
 pub const EVICTION_WAIT: Duration = Duration::from_secs(1);
+/// How long an evicted connection may take to close (an answer the client
+/// does not read, a half-sent request) before it is dropped.
+pub const EVICTED_GRACE: Duration = Duration::from_millis(500);
 
 /// The open connections of one listener and since when each waits for its
 /// client.
@@ -24,8 +27,11 @@ pub struct IdleConns(Arc<Mutex<IdleState>>);
 #[derive(Default)]
 struct IdleState {
     next: u64,
-    /// id -> (waiting for its client since, if it is; how to close it)
+    /// id -> (waiting for its client since, if it is and was not asked to
+    /// close yet; how to close it)
     conns: HashMap<u64, (Option<tokio::time::Instant>, Arc<Notify>)>,
+    /// Connections asked to close: never chosen again.
+    evicted: std::collections::HashSet<u64>,
 }
 
 /// One connection's place in [`IdleConns`]; leaves it when dropped.
@@ -69,17 +75,20 @@ impl IdleConns {
     /// Asks the connection waiting longest for its client to close; false
     /// if none is waiting (all are busy).
     fn evict_oldest(&self) -> bool {
-        let state = self.0.lock().expect("idle conns lock");
-        let oldest = (state.conns.values())
-            .filter_map(|(since, evict)| since.map(|s| (s, evict)))
-            .min_by_key(|(since, _)| *since);
-        match oldest {
-            Some((_, evict)) => {
-                evict.notify_one();
-                true
-            }
-            None => false,
+        let mut state = self.0.lock().expect("idle conns lock");
+        let oldest = (state.conns.iter())
+            .filter_map(|(id, (since, _))| since.map(|s| (s, *id)))
+            .min_by_key(|(since, _)| *since)
+            .map(|(_, id)| id);
+        let Some(id) = oldest else {
+            return false;
+        };
+        state.evicted.insert(id);
+        if let Some((since, evict)) = state.conns.get_mut(&id) {
+            *since = None;
+            evict.notify_one();
         }
+        true
     }
 }
 
@@ -88,6 +97,9 @@ impl IdleConn {
     /// it (false): only a waiting one is evicted.
     pub fn set_waiting(&self, waiting: bool) {
         let mut state = self.all.0.lock().expect("idle conns lock");
+        if state.evicted.contains(&self.id) {
+            return;
+        }
         if let Some(entry) = state.conns.get_mut(&self.id) {
             entry.0 = waiting.then(tokio::time::Instant::now);
         }
@@ -103,6 +115,7 @@ impl Drop for IdleConn {
     fn drop(&mut self) {
         let mut state = self.all.0.lock().expect("idle conns lock");
         state.conns.remove(&self.id);
+        state.evicted.remove(&self.id);
     }
 }
 
@@ -116,7 +129,8 @@ mod tests {
         let slots = Arc::new(Semaphore::new(2));
         let first = (idle.take_slot(&slots).await.unwrap(), idle.register());
         let second = (idle.take_slot(&slots).await.unwrap(), idle.register());
-        // Both busy: no room.
+        // Both busy: none is asked to close, and there is no room.
+        assert!(!idle.evict_oldest());
         assert!(idle.take_slot(&slots).await.is_none());
         first.1.set_waiting(true);
         tokio::time::advance(Duration::from_millis(10)).await;
@@ -136,5 +150,24 @@ mod tests {
         second.1.set_waiting(false);
         let _third = (third, idle.register());
         assert!(idle.take_slot(&slots).await.is_none());
+    }
+
+    /// A connection asked to close that has not (an answer its client does
+    /// not read) is not chosen again: every later newcomer would wait on it.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_asked_to_close_is_not_asked_again() {
+        let idle = IdleConns::default();
+        let (a, b) = (idle.register(), idle.register());
+        a.set_waiting(true);
+        tokio::time::advance(Duration::from_millis(10)).await;
+        b.set_waiting(true);
+        let asked = |conn: &IdleConn| futures::FutureExt::now_or_never(conn.evicted()).is_some();
+        assert!(idle.evict_oldest());
+        assert!(asked(&a) && !asked(&b), "the one waiting longest first");
+        // It says it waits again, and waited longer: b is asked all the same.
+        a.set_waiting(true);
+        assert!(idle.evict_oldest());
+        assert!(asked(&b));
+        assert!(!idle.evict_oldest(), "both asked once, none left");
     }
 }

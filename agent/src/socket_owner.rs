@@ -12,7 +12,8 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-/// `TCP_LISTEN` in the kernel's `st` column.
+/// `TCP_ESTABLISHED` and `TCP_LISTEN` in the kernel's `st` column.
+const ESTABLISHED: u8 = 0x01;
 const LISTEN: u8 = 0x0A;
 
 /// One line of `/proc/net/tcp{,6}`.
@@ -88,11 +89,13 @@ pub fn may_claim(
 ) -> Result<(), ClaimError> {
     let caller = caller.ok_or(ClaimError::UnknownCaller)?;
     let target_ip = target.ip().to_canonical();
-    let listeners = sockets.iter().filter(|s| {
-        s.state == LISTEN
-            && s.local.port() == target.port()
-            && (s.local.ip() == target_ip || s.local.ip().is_unspecified())
-    });
+    // A loopback target is every loopback address's: a client told
+    // `localhost` may try ::1 first, and 127.0.0.1 after.
+    let covers = |ip: IpAddr| {
+        ip == target_ip || ip.is_unspecified() || (target_ip.is_loopback() && ip.is_loopback())
+    };
+    let listeners = (sockets.iter())
+        .filter(|s| s.state == LISTEN && s.local.port() == target.port() && covers(s.local.ip()));
     for listener in listeners {
         if caller != 0 && listener.uid != caller {
             return Err(ClaimError::AnotherUsers(target));
@@ -101,13 +104,14 @@ pub fn may_claim(
     Ok(())
 }
 
-/// The user of the socket connected from `peer` to `local` (the far end of
-/// a connection this process accepted at `local`).
+/// The user of the established socket connected from `peer` to `local`
+/// (the far end of a connection this process accepted at `local`). A
+/// socket its owner has closed is listed as root's: not taken.
 pub fn caller_uid(sockets: &[TcpSocket], peer: SocketAddr, local: SocketAddr) -> Option<u32> {
     let (peer, local) = (canonical(peer), canonical(local));
     sockets
         .iter()
-        .find(|s| s.local == peer && s.remote == local)
+        .find(|s| s.local == peer && s.remote == local && s.state == ESTABLISHED)
         .map(|s| s.uid)
 }
 
@@ -130,13 +134,16 @@ pub fn read() -> Result<Vec<TcpSocket>, ClaimError> {
 }
 
 /// Whether the caller connected from `peer` to the local API at `local` may
-/// register an instance at `target` (see the module's doc).
-pub fn check_claim(
+/// register an instance at `target` (see the module's doc). The files are
+/// read on the blocking pool (a busy node lists many sockets).
+pub async fn check_claim(
     peer: SocketAddr,
     local: SocketAddr,
     target: SocketAddr,
 ) -> Result<(), ClaimError> {
-    let sockets = read()?;
+    let sockets = tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|e| ClaimError::Read(e.to_string()))??;
     may_claim(caller_uid(&sockets, peer, local), target, &sockets)
 }
 
@@ -149,11 +156,13 @@ mod tests {
    1: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1205 1 0 100 0 0 10 0
    2: 0100007F:2134 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 1206 1 0 20 4 30 10 -1
    3: 0100007F:D431 0100007F:2134 01 00000000:00000000 00:00000000 00000000 65534        0 1207 1 0 20 4 30 10 -1
+   4: 0100007F:D432 0100007F:2134 05 00000000:00000000 00:00000000 00000000     0        0 0 1 0 20 4 30 10 -1
    bad line
 ";
     const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 00000000000000000000000000000000:1A0B 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 2001 1 0 100 0 0 10 0
    1: 0000000000000000FFFF00000100007F:1B58 0000000000000000FFFF00000100007F:0000 0A 00000000:00000000 00:00000000 00000000   998        0 2002 1 0 100 0 0 10 0
+   2: 00000000000000000000000001000000:1F41 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000   996        0 2003 1 0 100 0 0 10 0
 ";
 
     fn a(s: &str) -> SocketAddr {
@@ -169,14 +178,15 @@ mod tests {
     #[test]
     fn reads_the_kernels_lines_in_host_byte_order() {
         let all = sockets();
-        assert_eq!(all.len(), 6, "the bad line left out: {all:?}");
+        assert_eq!(all.len(), 8, "the bad line left out: {all:?}");
         assert_eq!(all[0].local, a("127.0.0.1:6379"));
         assert_eq!((all[0].state, all[0].uid), (LISTEN, 997));
         assert_eq!(all[1].local, a("0.0.0.0:8080"));
         assert_eq!(all[3].remote, a("127.0.0.1:8500"));
-        assert_eq!(all[4].local, a("[::]:6667"));
+        assert_eq!(all[5].local, a("[::]:6667"));
         // A v4-mapped address reads as the IPv4 one.
-        assert_eq!(all[5].local, a("127.0.0.1:7000"));
+        assert_eq!(all[6].local, a("127.0.0.1:7000"));
+        assert_eq!(all[7].local, a("[::1]:8001"));
     }
 
     #[test]
@@ -189,6 +199,8 @@ mod tests {
             caller_uid(&all, a("[::ffff:127.0.0.1]:54321"), api),
             Some(65534)
         );
+        // Closed by its owner (FIN_WAIT2, listed as root's): unknown.
+        assert_eq!(caller_uid(&all, a("127.0.0.1:54322"), api), None);
     }
 
     #[test]
@@ -210,6 +222,12 @@ mod tests {
         assert_eq!(may_claim(Some(1000), a("127.0.0.1:6667"), &all), Ok(()));
         // A v4-mapped listener on 127.0.0.1:7000 (user 998).
         assert!(may_claim(nobody, a("127.0.0.1:7000"), &all).is_err());
+        // A loopback port is every loopback address's: 127.0.0.1:6379's
+        // owner holds [::1]:6379 too, and [::1]:8001's 127.0.0.1:8001;
+        // not the node's own address.
+        assert!(may_claim(nobody, a("[::1]:6379"), &all).is_err());
+        assert!(may_claim(nobody, a("127.0.0.1:8001"), &all).is_err());
+        assert_eq!(may_claim(nobody, a("10.0.0.3:6379"), &all), Ok(()));
         // Root may claim any; an unknown caller none.
         assert_eq!(may_claim(Some(0), a("127.0.0.1:6379"), &all), Ok(()));
         assert_eq!(

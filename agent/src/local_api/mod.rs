@@ -498,10 +498,12 @@ where
         .get::<ApiCaller>()
         .zip(service.socket_addr());
     if let Some((caller, target)) = claim {
-        crate::socket_owner::check_claim(caller.peer, caller.local, target).map_err(|e| {
-            tracing::warn!(%target, "local API: registration refused: {e}");
-            text(StatusCode::FORBIDDEN, format!("Address {target}: {e}"))
-        })?;
+        (crate::socket_owner::check_claim(caller.peer, caller.local, target).await).map_err(
+            |e| {
+                tracing::warn!(%target, "local API: registration refused: {e}");
+                text(StatusCode::FORBIDDEN, format!("Address {target}: {e}"))
+            },
+        )?;
     }
     let id = service.id().to_string();
     // Replacing another service's instance of the same id takes the right
@@ -847,7 +849,12 @@ async fn serve_conn(
         () = place.evicted() => {
             tracing::debug!(%peer, "local API: idle connection closed for a new one");
             conn.as_mut().graceful_shutdown();
-            conn.await
+            // Dropped when it does not close at once (an answer the
+            // client does not read, a half-sent request).
+            match tokio::time::timeout(crate::idle_conns::EVICTED_GRACE, conn).await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
         }
     };
     if let Err(e) = result {
